@@ -1,0 +1,1 @@
+"""The central hub. Arrives with its own issue."""

@@ -1,0 +1,1 @@
+"""Gossip between sites and the hub (SWIM). Arrives with its own issue."""

@@ -1,0 +1,3 @@
+from meshorch.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,228 @@
+"""The agent's HTTP API (aiohttp, JSON by orjson).
+
+Errors are JSON: ``{"error": {"code": "...", "message": "..."}}`` with a 4xx
+for bad input (nothing changed) and 503/504 when a write could not be
+committed. No write is answered 200 before it is committed and applied here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+import orjson
+from aiohttp import web
+
+from meshorch.agent import Agent
+from meshorch.errors import RemoteInputError
+from meshorch.site_state import (
+    KV_TABLE,
+    MAX_VALUE_BYTES,
+    SYSTEM_TABLE,
+    MemberRecord,
+    parse_member_request,
+    validate_host_id,
+    validate_kv_key,
+)
+from raft import Delete, Put
+from raft.errors import NotCommittedError, OutcomeUnknownError
+
+
+logger = logging.getLogger(__name__)
+
+AGENT_KEY: web.AppKey[Agent] = web.AppKey("agent")
+DEFAULT_LIST_LIMIT = 1000
+MAX_LIST_LIMIT = 10_000
+JSON = "application/json"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def json_response(data: object, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type=JSON)
+
+
+def error_response(status: int, code: str, message: str) -> web.Response:
+    return json_response({"error": {"code": code, "message": message}}, status)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return error_response(exc.status, exc.code, exc.message)
+    except RemoteInputError as exc:
+        return error_response(400, exc.code, str(exc))
+    except NotCommittedError as exc:
+        return error_response(503, "not_committed", f"{exc}; nothing was written, retry")
+    except OutcomeUnknownError as exc:
+        return error_response(504, "outcome_unknown", str(exc))
+    except web.HTTPException as exc:
+        if exc.empty_body:
+            raise
+        code = exc.reason.lower().replace(" ", "_")
+        return error_response(exc.status, code, exc.text or exc.reason)
+    except Exception:
+        logger.exception("unhandled error in %s %s", request.method, request.path)
+        return error_response(500, "internal", "internal error, see the agent log")
+
+
+def build_app(agent: Agent) -> web.Application:
+    app = web.Application(middlewares=[errors_middleware], client_max_size=MAX_VALUE_BYTES + 1)
+    app[AGENT_KEY] = agent
+    app.router.add_get("/v1/status", get_status)
+    app.router.add_get("/v1/kv/", list_keys)
+    app.router.add_get("/v1/kv", list_keys)
+    app.router.add_put("/v1/kv/{key:.+}", put_key)
+    app.router.add_get("/v1/kv/{key:.+}", get_key)
+    app.router.add_delete("/v1/kv/{key:.+}", delete_key)
+    app.router.add_get("/v1/members", list_members)
+    app.router.add_post("/v1/members", add_member)
+    app.router.add_delete("/v1/members/{host_id}", remove_member)
+    return app
+
+
+def _agent(request: web.Request) -> Agent:
+    return request.app[AGENT_KEY]
+
+
+async def get_status(request: web.Request) -> web.Response:
+    agent = _agent(request)
+    status = agent.raft.status()
+    records = {m.raft: m for m in agent.members()}
+    leader = records.get(status.leader_address or "")
+    members = [
+        records[address].to_json()
+        if address in records
+        else {"host_id": None, "raft": address, "api": None}
+        for address in status.members
+    ]
+    return json_response(
+        {
+            "site": agent.config.site,
+            "host_id": agent.config.host_id,
+            "leader": leader.host_id if leader else None,
+            "leader_raft": status.leader_address,
+            "is_leader": status.is_leader,
+            "term": status.term,
+            "commit_index": status.commit_index,
+            "applied_index": agent.raft.view.applied_index(),
+            "members": members,
+            "ready": status.ready,
+        }
+    )
+
+
+async def _consistent_read(request: web.Request) -> None:
+    consistency = request.query.get("consistency", "linearizable")
+    if consistency == "linearizable":
+        await _agent(request).raft.barrier()
+    elif consistency != "local":
+        raise ApiError(400, "bad_consistency", "consistency must be 'linearizable' or 'local'")
+
+
+def _parse_int(request: web.Request, name: str, default: int | None) -> int | None:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit():
+        raise ApiError(400, f"bad_{name}", f"{name} must be a non-negative integer")
+    return int(raw)
+
+
+async def put_key(request: web.Request) -> web.Response:
+    key = validate_kv_key(request.match_info["key"])
+    expect_index = _parse_int(request, "expect_index", None)
+    if request.content_length is not None and request.content_length > MAX_VALUE_BYTES:
+        raise ApiError(413, "value_too_large", f"values are limited to {MAX_VALUE_BYTES} bytes")
+    try:
+        value = await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise ApiError(
+            413, "value_too_large", f"values are limited to {MAX_VALUE_BYTES} bytes"
+        ) from exc
+    (result,) = await _agent(request).raft.propose([Put(KV_TABLE, key, value, expect_index)])
+    if result.error == "conflict":
+        raise ApiError(
+            409,
+            "conflict",
+            f"expect_index={expect_index} but the key is at index {result.current_index}",
+        )
+    return json_response({"index": result.index})
+
+
+async def get_key(request: web.Request) -> web.Response:
+    key = validate_kv_key(request.match_info["key"])
+    await _consistent_read(request)
+    record = _agent(request).raft.view.get(KV_TABLE, key)
+    if record is None:
+        raise ApiError(404, "not_found", "no such key")
+    return web.Response(
+        body=record.value,
+        content_type="application/octet-stream",
+        headers={"X-Meshorch-Index": str(record.mod_index)},
+    )
+
+
+async def delete_key(request: web.Request) -> web.Response:
+    key = validate_kv_key(request.match_info["key"])
+    (result,) = await _agent(request).raft.propose([Delete(KV_TABLE, key)])
+    return json_response({"index": result.index, "deleted": result.existed})
+
+
+async def list_keys(request: web.Request) -> web.Response:
+    prefix = request.query.get("prefix", "")
+    raw_prefix = validate_kv_key(prefix) if prefix else b""
+    limit = _parse_int(request, "limit", DEFAULT_LIST_LIMIT)
+    assert limit is not None
+    if not 0 < limit <= MAX_LIST_LIMIT:
+        raise ApiError(400, "bad_limit", f"limit must be 1..{MAX_LIST_LIMIT}")
+    await _consistent_read(request)
+    records, more = _agent(request).raft.view.scan(KV_TABLE, raw_prefix, limit)
+    keys = [key.decode("utf-8", errors="replace") for key, _ in records]
+    return json_response({"keys": keys, "more": more})
+
+
+async def list_members(request: web.Request) -> web.Response:
+    await _consistent_read(request)
+    return json_response({"members": [m.to_json() for m in _agent(request).members()]})
+
+
+async def add_member(request: web.Request) -> web.Response:
+    member = parse_member_request(await request.read())
+    agent = _agent(request)
+    by_id = {m.host_id: m for m in agent.members()}
+    existing = by_id.get(member.host_id)
+    if existing is not None and existing.raft != member.raft:
+        raise ApiError(409, "host_id_taken", f"{member.host_id} is already at {existing.raft}")
+    if any(m.raft == member.raft and m.host_id != member.host_id for m in by_id.values()):
+        raise ApiError(409, "address_taken", f"{member.raft} belongs to another host")
+    record = member if existing is None or member.api else existing
+    await agent.raft.propose([Put(SYSTEM_TABLE, record.key(), record.encode())])
+    if member.raft not in agent.raft.status().members:
+        await agent.raft.add_member(member.raft)
+    return json_response({"member": record.to_json()})
+
+
+async def remove_member(request: web.Request) -> web.Response:
+    host_id = validate_host_id(request.match_info["host_id"])
+    agent = _agent(request)
+    await agent.raft.barrier()
+    record = next((m for m in agent.members() if m.host_id == host_id), None)
+    if record is None:
+        raise ApiError(404, "not_found", f"no member {host_id}")
+    if record.raft == agent.config.raft_address:
+        raise ApiError(409, "is_self", "ask another member to remove this host")
+    if record.raft in agent.raft.status().members:
+        await agent.raft.remove_member(record.raft)
+    await agent.raft.propose([Delete(SYSTEM_TABLE, record.key())])
+    return json_response({"removed": MemberRecord.to_json(record)})

@@ -1,0 +1,190 @@
+"""A site of real agent processes on loopback, for the demo, tests and benchmarks.
+
+Each host is a ``meshorch agent`` subprocess with its own data dir and ports.
+Nothing here needs root.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class LocalHost:
+    host_id: str
+    api_port: int
+    raft_port: int
+    data_dir: Path
+    peers: list[str]
+    process: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    @property
+    def api(self) -> str:
+        return f"127.0.0.1:{self.api_port}"
+
+    @property
+    def raft(self) -> str:
+        return f"127.0.0.1:{self.raft_port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.api}"
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+
+@dataclass
+class LocalSite:
+    """``hosts`` agents of site ``site`` on 127.0.0.1, under ``root`` (a temp dir by default)."""
+
+    hosts: int = 3
+    site: str = "demo"
+    root: Path | None = None
+    log_level: str = "info"
+    members: list[LocalHost] = field(default_factory=list)
+    _own_root: bool = False
+
+    def __post_init__(self) -> None:
+        if self.root is None:
+            self.root = Path(tempfile.mkdtemp(prefix="meshorch-site-"))
+            self._own_root = True
+        self.password_file = self.root / "cluster.password"
+        self.password_file.write_text(secrets.token_urlsafe(32))
+        self.password_file.chmod(0o600)
+        for index in range(self.hosts):
+            self.members.append(self._new_host(f"h{index + 1}"))
+        for host in self.members:
+            host.peers = [other.raft for other in self.members if other is not host]
+
+    def _new_host(self, host_id: str) -> LocalHost:
+        assert self.root is not None
+        return LocalHost(host_id, free_port(), free_port(), self.root / host_id, [])
+
+    def host(self, host_id: str) -> LocalHost:
+        return next(h for h in self.members if h.host_id == host_id)
+
+    def start_host(self, host: LocalHost) -> None:
+        assert self.root is not None
+        command = [
+            sys.executable, "-m", "meshorch", "--log-level", self.log_level, "agent",
+            "--site", self.site, "--host-id", host.host_id,
+            "--data-dir", str(host.data_dir), "--api", host.api, "--raft", host.raft,
+            "--cluster-password-file", str(self.password_file), "--preset", "local",
+        ]  # fmt: skip
+        for peer in host.peers:
+            command += ["--peer", peer]
+        host.log_path = self.root / f"{host.host_id}.log"
+        log = open(host.log_path, "ab")  # noqa: SIM115 - the child owns it
+        host.process = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
+        log.close()
+
+    def start(self) -> None:
+        for host in self.members:
+            self.start_host(host)
+
+    def add_host(self) -> LocalHost:
+        """A new host started with every current member as its partner (not yet a member)."""
+        host = self._new_host(f"h{len(self.members) + 1}")
+        host.peers = [other.raft for other in self.members]
+        self.members.append(host)
+        self.start_host(host)
+        return host
+
+    def signal(self, host: LocalHost, sig: signal.Signals) -> None:
+        if host.process is not None and host.process.poll() is None:
+            os.kill(host.process.pid, sig)
+
+    def kill(self, host: LocalHost) -> None:
+        """SIGKILL: no chance to flush or say goodbye."""
+        self.signal(host, signal.SIGKILL)
+        if host.process is not None:
+            host.process.wait(timeout=10)
+
+    def stop_host(self, host: LocalHost, timeout_s: float = 10.0) -> None:
+        process = host.process
+        if process is None or process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGCONT)  # a paused process cannot exit
+        process.terminate()
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=timeout_s)
+
+    def stop(self) -> None:
+        for host in self.members:
+            self.stop_host(host)
+
+    def cleanup(self) -> None:
+        self.stop()
+        if self._own_root and self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def logs(self) -> str:
+        parts = []
+        for host in self.members:
+            if host.log_path and host.log_path.exists():
+                tail = host.log_path.read_text(errors="replace").splitlines()[-30:]
+                parts.append(f"--- {host.host_id} ---\n" + "\n".join(tail))
+        return "\n".join(parts)
+
+
+async def get_status(session: aiohttp.ClientSession, host: LocalHost) -> dict[str, Any] | None:
+    try:
+        async with session.get(f"{host.url}/v1/status", timeout=aiohttp.ClientTimeout(2)) as r:
+            return dict(await r.json()) if r.status == 200 else None
+    except (aiohttp.ClientError, TimeoutError):
+        return None
+
+
+async def wait_ready(
+    session: aiohttp.ClientSession,
+    hosts: list[LocalHost],
+    timeout_s: float = 30.0,
+    members: int | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Wait until every host answers ready, agrees on one leader and knows every member."""
+    expected = members if members is not None else len(hosts)
+    deadline = time.monotonic() + timeout_s
+    last: dict[str, dict[str, Any] | None] = {}
+    while time.monotonic() < deadline:
+        last = {h.host_id: await get_status(session, h) for h in hosts}
+        statuses = [s for s in last.values() if s is not None]
+        if len(statuses) == len(hosts):
+            leaders = {s["leader"] for s in statuses}
+            complete = all(
+                s["ready"]
+                and len(s["members"]) == expected
+                and all(m["host_id"] for m in s["members"])
+                for s in statuses
+            )
+            if complete and len(leaders) == 1 and None not in leaders:
+                return {k: v for k, v in last.items() if v is not None}
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"site not ready within {timeout_s}s; last statuses: {last}")

@@ -1,0 +1,43 @@
+"""A replicated state machine on pysyncobj: typed commands, a pure apply, an LMDB view.
+
+Knows nothing of applications: callers store bytes in named tables.
+"""
+
+from raft.commands import Barrier, Batch, Delete, Op, Put, decode_batch, encode_batch
+from raft.config import ConfigError, RaftConfig, local_preset
+from raft.errors import (
+    CommandDecodeError,
+    NotCommittedError,
+    OutcomeUnknownError,
+    ProposalError,
+    RaftError,
+    SnapshotError,
+)
+from raft.node import RaftNode, RaftStatus
+from raft.state_machine import OpResult, Record, apply_command
+from raft.view import StateView
+
+__all__ = [
+    "Barrier",
+    "Batch",
+    "CommandDecodeError",
+    "ConfigError",
+    "Delete",
+    "NotCommittedError",
+    "Op",
+    "OpResult",
+    "OutcomeUnknownError",
+    "ProposalError",
+    "Put",
+    "RaftConfig",
+    "RaftError",
+    "RaftNode",
+    "RaftStatus",
+    "Record",
+    "SnapshotError",
+    "StateView",
+    "apply_command",
+    "decode_batch",
+    "encode_batch",
+    "local_preset",
+]

@@ -1,0 +1,97 @@
+"""Configuration of a Raft node, with presets and validation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+MIN_PASSWORD_LENGTH = 16
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range; the message names the field."""
+
+
+@dataclass(frozen=True)
+class RaftConfig:
+    """Everything a ``RaftNode`` needs. Durations are in seconds.
+
+    ``password`` is mandatory: pysyncobj unpickles what arrives on its port,
+    so its traffic is always encrypted and authenticated with it.
+    """
+
+    self_address: str
+    data_dir: Path
+    password: str
+    partners: tuple[str, ...] = ()
+    tables: tuple[str, ...] = ("kv",)
+    bind_address: str | None = None
+    election_timeout_min_s: float = 0.4
+    election_timeout_max_s: float = 1.4
+    heartbeat_interval_s: float = 0.1
+    # A leader that hears from no majority for this long steps down, so a
+    # minority partition stops claiming leadership.
+    leader_fallback_s: float = 3.0
+    connection_timeout_s: float = 3.5
+    connection_retry_s: float = 1.0
+    compaction_min_entries: int = 20_000
+    compaction_min_interval_s: float = 600.0
+    # Group commit: many client operations travel in one Raft entry.
+    max_batch_ops: int = 512
+    max_batch_bytes: int = 1 << 20
+    max_batches_in_flight: int = 2
+    proposal_timeout_s: float = 5.0
+    status_refresh_s: float = 0.05
+    view_sync_interval_s: float = 1.0
+
+    def validate(self) -> None:
+        if len(self.password) < MIN_PASSWORD_LENGTH:
+            raise ConfigError(
+                f"password: the cluster password must be at least {MIN_PASSWORD_LENGTH} characters"
+            )
+        for name in ("self_address", *(f"partner {p}" for p in self.partners)):
+            address = self.self_address if name == "self_address" else name.split(" ", 1)[1]
+            _check_address(name, address)
+        if self.self_address in self.partners:
+            raise ConfigError("partners: must not contain the node's own address")
+        if not self.tables or any(not t or t.startswith("__") for t in self.tables):
+            raise ConfigError("tables: need at least one name, none starting with '__'")
+        if not 0 < self.heartbeat_interval_s * 3 < self.election_timeout_min_s:
+            raise ConfigError("heartbeat_interval_s: must be under a third of the election timeout")
+        if self.election_timeout_max_s <= self.election_timeout_min_s:
+            raise ConfigError("election_timeout_max_s: must exceed election_timeout_min_s")
+        if self.connection_timeout_s < self.election_timeout_max_s:
+            raise ConfigError("connection_timeout_s: must be at least election_timeout_max_s")
+        if self.leader_fallback_s <= self.heartbeat_interval_s:
+            raise ConfigError("leader_fallback_s: must exceed heartbeat_interval_s")
+        if self.max_batch_ops < 1 or self.max_batches_in_flight < 1:
+            raise ConfigError("max_batch_ops and max_batches_in_flight: must be >= 1")
+        if self.proposal_timeout_s <= 0:
+            raise ConfigError("proposal_timeout_s: must be positive")
+        if self.compaction_min_entries < 2:
+            raise ConfigError("compaction_min_entries: must be >= 2")
+
+
+def _check_address(name: str, address: str) -> None:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{name}: {address!r} is not HOST:PORT")
+
+
+def lan_preset(**overrides: object) -> dict[str, object]:
+    """Timeouts for hosts on one LAN (the default)."""
+    return dict(overrides)
+
+
+def local_preset(**overrides: object) -> dict[str, object]:
+    """Faster elections for tests and demos on loopback."""
+    values: dict[str, object] = {
+        "election_timeout_min_s": 0.3,
+        "election_timeout_max_s": 0.8,
+        "heartbeat_interval_s": 0.05,
+        "leader_fallback_s": 2.0,
+        "connection_timeout_s": 1.5,
+        "connection_retry_s": 0.3,
+    }
+    values.update(overrides)
+    return values
