@@ -27,7 +27,6 @@ from meshorch.site_state import (
 from raft import Delete, Put
 from raft.errors import NotCommittedError, OutcomeUnknownError
 
-
 logger = logging.getLogger(__name__)
 
 AGENT_KEY: web.AppKey[Agent] = web.AppKey("agent")
@@ -150,7 +149,10 @@ async def put_key(request: web.Request) -> web.Response:
         raise ApiError(
             413, "value_too_large", f"values are limited to {MAX_VALUE_BYTES} bytes"
         ) from exc
-    (result,) = await _agent(request).raft.propose([Put(KV_TABLE, key, value, expect_index)])
+    # A plain put may be retried across a leader change; a compare-and-set may not.
+    (result,) = await _agent(request).raft.propose(
+        [Put(KV_TABLE, key, value, expect_index)], idempotent=expect_index is None
+    )
     if result.error == "conflict":
         raise ApiError(
             409,
@@ -175,7 +177,7 @@ async def get_key(request: web.Request) -> web.Response:
 
 async def delete_key(request: web.Request) -> web.Response:
     key = validate_kv_key(request.match_info["key"])
-    (result,) = await _agent(request).raft.propose([Delete(KV_TABLE, key)])
+    (result,) = await _agent(request).raft.propose([Delete(KV_TABLE, key)], idempotent=True)
     return json_response({"index": result.index, "deleted": result.existed})
 
 
@@ -207,7 +209,7 @@ async def add_member(request: web.Request) -> web.Response:
     if any(m.raft == member.raft and m.host_id != member.host_id for m in by_id.values()):
         raise ApiError(409, "address_taken", f"{member.raft} belongs to another host")
     record = member if existing is None or member.api else existing
-    await agent.raft.propose([Put(SYSTEM_TABLE, record.key(), record.encode())])
+    await agent.raft.propose([Put(SYSTEM_TABLE, record.key(), record.encode())], idempotent=True)
     if member.raft not in agent.raft.status().members:
         await agent.raft.add_member(member.raft)
     return json_response({"member": record.to_json()})
@@ -224,5 +226,5 @@ async def remove_member(request: web.Request) -> web.Response:
         raise ApiError(409, "is_self", "ask another member to remove this host")
     if record.raft in agent.raft.status().members:
         await agent.raft.remove_member(record.raft)
-    await agent.raft.propose([Delete(SYSTEM_TABLE, record.key())])
+    await agent.raft.propose([Delete(SYSTEM_TABLE, record.key())], idempotent=True)
     return json_response({"removed": MemberRecord.to_json(record)})

@@ -168,8 +168,10 @@ async def wait_ready(
     hosts: list[LocalHost],
     timeout_s: float = 30.0,
     members: int | None = None,
+    not_leader: str | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Wait until every host answers ready, agrees on one leader and knows every member."""
+    """Wait until every host answers ready, agrees on one leader (other than
+    ``not_leader``) and knows every member."""
     expected = members if members is not None else len(hosts)
     deadline = time.monotonic() + timeout_s
     last: dict[str, dict[str, Any] | None] = {}
@@ -184,7 +186,7 @@ async def wait_ready(
                 and all(m["host_id"] for m in s["members"])
                 for s in statuses
             )
-            if complete and len(leaders) == 1 and None not in leaders:
+            if complete and len(leaders) == 1 and not leaders & {None, not_leader}:
                 return {k: v for k, v in last.items() if v is not None}
         await asyncio.sleep(0.1)
     raise TimeoutError(f"site not ready within {timeout_s}s; last statuses: {last}")

@@ -181,24 +181,44 @@ class RaftNode:
 
     # -- proposals ---------------------------------------------------------
 
-    async def propose(self, ops: Sequence[Op]) -> list[OpResult]:
+    async def propose(self, ops: Sequence[Op], *, idempotent: bool = False) -> list[OpResult]:
         """Commit ``ops`` atomically (in one entry) and return one result each.
 
-        Raises NotCommittedError (safe to retry) or OutcomeUnknownError.
+        Raises NotCommittedError (safe to retry) or OutcomeUnknownError. With
+        ``idempotent`` (applying the ops twice has the effect of applying them
+        once: plain puts, deletes, barriers), failed attempts are retried
+        until ``proposal_timeout_s`` has passed, which hides leader changes.
         """
         if self._stopped or self._syncobj is None or self._loop is None:
             raise NotCommittedError("node not running")
+        deadline = self._loop.time() + self.config.proposal_timeout_s
+        delay_s = 0.05
+        while True:
+            try:
+                return await self._propose_once(tuple(ops), deadline)
+            except ProposalError:
+                if not idempotent or self._stopped or self._loop.time() + delay_s >= deadline:
+                    raise
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, 0.5)
+
+    async def _propose_once(self, ops: tuple[Op, ...], deadline: float) -> list[OpResult]:
+        assert self._loop is not None
         future: asyncio.Future[list[OpResult]] = self._loop.create_future()
-        size = len(encode_batch(Batch(tuple(ops))))
-        self._pending.append(_Proposal(tuple(ops), future, size))
+        self._pending.append(_Proposal(ops, future, len(encode_batch(Batch(ops)))))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
-        return await future
+        try:
+            return await asyncio.wait_for(future, max(0.0, deadline - self._loop.time()))
+        except TimeoutError as exc:
+            raise OutcomeUnknownError(
+                f"no commit within {self.config.proposal_timeout_s:g}s (no quorum or leader lost?)"
+            ) from exc
 
     async def barrier(self) -> int:
         """Return once every entry committed before the call is applied locally."""
-        results = await self.propose([Barrier()])
+        results = await self.propose([Barrier()], idempotent=True)
         return results[0].index
 
     def _flush(self) -> None:

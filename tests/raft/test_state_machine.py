@@ -1,0 +1,85 @@
+from raft.commands import Barrier, Batch, Delete, Put, encode_batch
+from raft.state_machine import Applied, Record, Write, apply_command
+
+TABLES = ("kv", "sys")
+
+
+def run(state: dict[tuple[str, bytes], Record], index: int, *ops: object) -> Applied:
+    payload = encode_batch(Batch(tuple(ops)))  # type: ignore[arg-type]
+    applied = apply_command(payload, index, lambda t, k: state.get((t, k)), TABLES)
+    for write in applied.writes:
+        if write.record is None:
+            state.pop((write.table, write.key), None)
+        else:
+            state[(write.table, write.key)] = write.record
+    return applied
+
+
+def test_put_records_the_index_and_reports_whether_the_key_existed() -> None:
+    state: dict[tuple[str, bytes], Record] = {}
+    first = run(state, 5, Put("kv", b"k", b"v1"))
+    second = run(state, 6, Put("kv", b"k", b"v2"))
+    assert first.results[0].existed is False and first.results[0].index == 5
+    assert second.results[0].existed is True
+    assert state[("kv", b"k")] == Record(6, b"v2")
+
+
+def test_delete_of_missing_key_writes_nothing() -> None:
+    state: dict[tuple[str, bytes], Record] = {}
+    applied = run(state, 3, Delete("kv", b"nope"))
+    assert applied.writes == ()
+    assert applied.results[0].ok and not applied.results[0].existed
+
+
+def test_ops_in_one_batch_see_each_other() -> None:
+    state: dict[tuple[str, bytes], Record] = {}
+    applied = run(
+        state,
+        9,
+        Put("kv", b"k", b"a"),
+        Put("kv", b"k", b"b", expect_index=9),
+        Delete("kv", b"k"),
+        Put("kv", b"k", b"c", expect_index=0),
+    )
+    assert [r.ok for r in applied.results] == [True, True, True, True]
+    assert applied.writes == (Write("kv", b"k", Record(9, b"c")),)
+
+
+def test_compare_and_set_conflict_changes_nothing() -> None:
+    state = {("kv", b"k"): Record(4, b"old")}
+    applied = run(state, 10, Put("kv", b"k", b"new", expect_index=3))
+    result = applied.results[0]
+    assert not result.ok and result.error == "conflict" and result.current_index == 4
+    assert applied.writes == ()
+    assert state[("kv", b"k")] == Record(4, b"old")
+
+
+def test_unknown_table_is_refused_per_operation() -> None:
+    state: dict[tuple[str, bytes], Record] = {}
+    applied = run(state, 2, Put("nope", b"k", b"v"), Put("kv", b"k", b"v"), Barrier())
+    assert [r.error for r in applied.results] == ["unknown_table", None, None]
+    assert list(state) == [("kv", b"k")]
+
+
+def test_undecodable_payload_changes_nothing() -> None:
+    applied = apply_command(b"\x07garbage", 1, lambda t, k: None, TABLES)
+    assert applied == Applied((), ())
+
+
+def test_same_log_gives_same_state() -> None:
+    log = [
+        encode_batch(Batch((Put("kv", b"k%d" % (i % 7), b"v%d" % i), Delete("kv", b"k3"))))
+        for i in range(50)
+    ]
+    states = []
+    for _ in range(2):
+        state: dict[tuple[str, bytes], Record] = {}
+        for index, payload in enumerate(log, start=1):
+            applied = apply_command(payload, index, lambda t, k, s=state: s.get((t, k)), TABLES)
+            for w in applied.writes:
+                if w.record is None:
+                    state.pop((w.table, w.key), None)
+                else:
+                    state[(w.table, w.key)] = w.record
+        states.append(state)
+    assert states[0] == states[1] and ("kv", b"k3") not in states[0]

@@ -1,0 +1,61 @@
+from pathlib import Path
+
+import pytest
+
+from raft.errors import SnapshotError
+from raft.state_machine import Record, Write
+from raft.view import StateView
+
+
+def test_apply_is_atomic_with_the_index_and_survives_reopen(tmp_path: Path) -> None:
+    view = StateView(tmp_path / "v", ("kv",))
+    view.apply(7, [Write("kv", b"a", Record(7, b"1")), Write("kv", b"b", Record(7, b"2"))])
+    view.apply(8, [Write("kv", b"a", None)])
+    view.close()
+    reopened = StateView(tmp_path / "v", ("kv",))
+    assert reopened.applied_index() == 8
+    assert reopened.get("kv", b"a") is None
+    assert reopened.get("kv", b"b") == Record(7, b"2")
+    reopened.close()
+
+
+def test_scan_by_prefix_with_limit(tmp_path: Path) -> None:
+    view = StateView(tmp_path / "v", ("kv",))
+    view.apply(1, [Write("kv", k, Record(1, b"")) for k in (b"a/1", b"a/2", b"a/3", b"b/1")])
+    found, more = view.scan("kv", b"a/", 2)
+    assert [k for k, _ in found] == [b"a/1", b"a/2"] and more
+    found, more = view.scan("kv", b"a/", 10)
+    assert [k for k, _ in found] == [b"a/1", b"a/2", b"a/3"] and not more
+    assert view.scan("kv", b"z", 10) == ([], False)
+    view.close()
+
+
+def test_snapshot_installs_only_when_ahead(tmp_path: Path) -> None:
+    leader = StateView(tmp_path / "leader", ("kv", "sys"))
+    leader.apply(20, [Write("kv", b"x", Record(20, b"new")), Write("sys", b"m", Record(3, b"h"))])
+    dump = tmp_path / "dump"
+    leader.write_snapshot(dump, b"meta-20")
+
+    behind = StateView(tmp_path / "behind", ("kv", "sys"))
+    behind.apply(5, [Write("kv", b"stale", Record(5, b"old"))])
+    assert behind.restore_snapshot(dump) == b"meta-20"
+    assert behind.applied_index() == 20
+    assert behind.get("kv", b"stale") is None
+    assert behind.get("kv", b"x") == Record(20, b"new")
+    assert behind.get("sys", b"m") == Record(3, b"h")
+
+    ahead = StateView(tmp_path / "ahead", ("kv", "sys"))
+    ahead.apply(30, [Write("kv", b"mine", Record(30, b"keep"))])
+    ahead.restore_snapshot(dump)
+    assert ahead.applied_index() == 30 and ahead.get("kv", b"mine") == Record(30, b"keep")
+    for view in (leader, behind, ahead):
+        view.close()
+
+
+def test_garbage_dump_raises_a_snapshot_error(tmp_path: Path) -> None:
+    view = StateView(tmp_path / "v", ("kv",))
+    bad = tmp_path / "bad"
+    bad.write_bytes(b"not an lmdb file" * 100)
+    with pytest.raises(SnapshotError):
+        view.restore_snapshot(bad)
+    view.close()
