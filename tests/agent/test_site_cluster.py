@@ -26,9 +26,11 @@ async def get(
 
 
 async def leader_of(session: aiohttp.ClientSession, site: LocalSite) -> LocalHost:
-    statuses = await wait_ready(session, [h for h in site.members if h.process is not None
-                                          and h.process.poll() is None],
-                                members=len(site.members))
+    statuses = await wait_ready(
+        session,
+        [h for h in site.members if h.process is not None and h.process.poll() is None],
+        members=len(site.members),
+    )
     leader_id = next(iter(statuses.values()))["leader"]
     return site.host(leader_id)
 
@@ -80,6 +82,7 @@ async def test_every_acknowledged_write_survives_kill_9_of_all_hosts(
 ) -> None:
     site = ready_site
     acknowledged: dict[str, bytes] = {}
+    enough = asyncio.Event()
 
     async def writer(worker: int) -> None:
         host = site.members[worker % 3]
@@ -89,12 +92,13 @@ async def test_every_acknowledged_write_survives_kill_9_of_all_hosts(
                 async with session.put(f"{host.url}/v1/kv/{key}", data=value) as response:
                     if response.status == 200:
                         acknowledged[key] = value
+                        if len(acknowledged) >= 600:
+                            enough.set()
             except aiohttp.ClientError:
                 return
 
     writers = [asyncio.create_task(writer(w)) for w in range(12)]
-    while len(acknowledged) < 600:
-        await asyncio.sleep(0.02)
+    await asyncio.wait_for(enough.wait(), 60)
     for host in site.members:  # pull the plug on everyone mid-stream
         site.kill(host)
     await asyncio.gather(*writers)
