@@ -1,0 +1,71 @@
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+
+MESHORCH = [sys.executable, "-m", "meshorch"]
+
+
+def run(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*MESHORCH, *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def test_help_lists_the_commands() -> None:
+    result = run("--help")
+    assert result.returncode == 0
+    for command in ("agent", "demo"):
+        assert command in result.stdout
+    agent_help = run("agent", "--help")
+    assert agent_help.returncode == 0 and "--peer" in agent_help.stdout
+    assert "Example:" in agent_help.stdout
+
+
+def test_agent_lists_every_configuration_problem(tmp_path: Path) -> None:
+    result = run(
+        "agent", "--site", "Shop_1", "--host-id=-h1", "--data-dir", str(tmp_path),
+        "--api", "nowhere", "--raft", "127.0.0.1:99999",
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    for fragment in ("'Shop_1'", "'-h1'", "--api", "--raft"):
+        assert fragment in result.stderr
+
+
+def test_agent_with_peers_needs_a_cluster_password(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin"}
+    result = run(
+        "agent", "--site", "s", "--host-id", "h1", "--data-dir", str(tmp_path / "d"),
+        "--api", "127.0.0.1:1", "--raft", "127.0.0.1:2", "--peer", "127.0.0.1:3", env=env,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "cluster password is required" in result.stderr
+
+
+def test_agent_refuses_a_data_dir_of_another_site(tmp_path: Path) -> None:
+    (tmp_path / "agent.json").write_bytes(
+        orjson.dumps({"site": "other", "host_id": "h1", "raft": "127.0.0.1:2"})
+    )
+    (tmp_path / "cluster.password").write_text("p" * 32)
+    result = run(
+        "agent", "--site", "mine", "--host-id", "h1", "--data-dir", str(tmp_path),
+        "--api", "127.0.0.1:1", "--raft", "127.0.0.1:2",
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "belongs to site='other'" in result.stderr
+
+
+def test_demo_runs_a_site_and_cleans_up() -> None:
+    result = run("demo", "--exit-after", "0.5", timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Raft cluster formed" in result.stdout
+    assert re.search(r"GET on h3 \(linearizable\): 'hello from h1", result.stdout)
+    ready_rows = [line for line in result.stdout.splitlines() if line.rstrip().endswith("True")]
+    assert len(ready_rows) == 3
+    data_dir = re.search(r"data under (\S+)\)", result.stdout)
+    assert data_dir is not None and not Path(data_dir.group(1)).exists()
