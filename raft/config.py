@@ -39,7 +39,7 @@ class RaftConfig:
     # Group commit: many client operations travel in one Raft entry.
     max_batch_ops: int = 512
     max_batch_bytes: int = 1 << 20
-    max_batches_in_flight: int = 2
+    max_batches_in_flight: int = 4
     proposal_timeout_s: float = 5.0
     status_refresh_s: float = 0.05
     view_sync_interval_s: float = 1.0

@@ -415,8 +415,10 @@ class RaftNode:
         if index <= self._applied_index:
             # Journal replay after a restart: the view already holds this entry.
             return None
-        applied = apply_command(payload, index, self.view.get, self.config.tables)
-        self.view.apply(index, applied.writes)
+        tables = self.config.tables
+        applied = self.view.apply_with(
+            index, lambda read: apply_command(payload, index, read, tables)
+        )
         self._applied_index = index
         return list(applied.results)
 

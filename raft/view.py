@@ -16,13 +16,13 @@ from __future__ import annotations
 import logging
 import os
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import lmdb
 
 from raft.errors import SnapshotError
-from raft.state_machine import Record, Write
+from raft.state_machine import Applied, Reader, Record, Write
 
 logger = logging.getLogger(__name__)
 
@@ -87,14 +87,26 @@ class StateView:
 
     def apply(self, index: int, writes: Iterable[Write]) -> None:
         """Store the writes of entry ``index`` and advance the applied index, atomically."""
+        self.apply_with(index, lambda _read: Applied(tuple(writes), ()))
+
+    def apply_with(self, index: int, compute: Callable[[Reader], Applied]) -> Applied:
+        """Run ``compute`` against the current state and store the writes it returns,
+        in one write transaction together with the applied index."""
         with self._env.begin(write=True) as txn:
-            for write in writes:
+
+            def read(table: str, key: bytes) -> Record | None:
+                raw = txn.get(key, db=self._dbs[table])
+                return None if raw is None else Record.decode(raw)
+
+            applied = compute(read)
+            for write in applied.writes:
                 db = self._dbs[write.table]
                 if write.record is None:
                     txn.delete(write.key, db=db)
                 else:
                     txn.put(write.key, write.record.encode(), db=db)
             txn.put(_APPLIED_KEY, _INDEX.pack(index), db=self._meta)
+        return applied
 
     def write_snapshot(self, destination: Path, raft_meta: bytes) -> None:
         """Write a consistent copy of the view, tagged with ``raft_meta``, to a file."""

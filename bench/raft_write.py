@@ -1,0 +1,241 @@
+"""Replicated writes per second: a 3-host meshorch site against a 3-member etcd cluster.
+
+Both run on loopback and are driven through their HTTP APIs by the same
+aiohttp load generator (bench/loadgen.py): 100-byte values over a keyspace of
+1,000 keys, requests spread round-robin over the three members. etcd is
+driven through its JSON gateway (``POST /v3/kv/put``). Reported: writes/s at
+concurrency 64, p50/p99 latency at concurrency 1 and 64, the ratio
+meshorch/etcd, and each agent's resident memory after the run.
+
+    python bench/raft_write.py            # full run (about 2 minutes)
+    python bench/raft_write.py --quick    # under 45 s
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.loadgen import LoadResult, RequestFn, median, run_load  # noqa: E402
+from meshorch.localsite import LocalSite, free_port, wait_ready  # noqa: E402
+
+VALUE = b"v" * 100
+KEYSPACE = 1000
+
+
+@dataclass
+class Phase:
+    name: str
+    concurrency: int
+    duration_s: float
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def ensure_etcd() -> str:
+    found = shutil.which("etcd")
+    if found:
+        return found
+    if os.geteuid() != 0:
+        raise SystemExit("etcd not found: install the Debian package etcd-server (needs root)")
+    log("installing etcd-server (the benchmark's anchor)")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "install", "-y", "-q", "etcd-server"], check=True, env=env,
+                   stdout=subprocess.DEVNULL)  # fmt: skip
+    found = shutil.which("etcd")
+    if not found:
+        raise SystemExit("etcd-server installed but no etcd binary on PATH")
+    return found
+
+
+# -- meshorch ---------------------------------------------------------------------
+
+
+def meshorch_request(urls: list[str]) -> RequestFn:
+    async def put(session: aiohttp.ClientSession, worker: int, seq: int) -> bool:
+        url = urls[(worker + seq) % len(urls)]
+        key = (worker * 7919 + seq) % KEYSPACE
+        async with session.put(f"{url}/v1/kv/bench/{key}", data=VALUE) as response:
+            await response.read()
+            return response.status == 200
+
+    return put
+
+
+# -- etcd ---------------------------------------------------------------------------
+
+
+@contextmanager
+def etcd_cluster(binary: str, root: Path) -> Iterator[list[str]]:
+    names = ["e1", "e2", "e3"]
+    client = {n: free_port() for n in names}
+    peer = {n: free_port() for n in names}
+    initial = ",".join(f"{n}=http://127.0.0.1:{peer[n]}" for n in names)
+    processes = []
+    try:
+        for name in names:
+            command = [
+                binary, "--name", name, "--data-dir", str(root / name),
+                "--listen-client-urls", f"http://127.0.0.1:{client[name]}",
+                "--advertise-client-urls", f"http://127.0.0.1:{client[name]}",
+                "--listen-peer-urls", f"http://127.0.0.1:{peer[name]}",
+                "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer[name]}",
+                "--initial-cluster", initial, "--initial-cluster-state", "new",
+                "--initial-cluster-token", "meshorch-bench", "--logger", "zap",
+                "--log-level", "error",
+            ]  # fmt: skip
+            log_file = open(root / f"{name}.log", "wb")  # noqa: SIM115 - the child owns it
+            processes.append(subprocess.Popen(command, stdout=log_file, stderr=log_file))
+            log_file.close()
+        yield [f"http://127.0.0.1:{client[n]}" for n in names]
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+async def wait_etcd(urls: list[str], timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    body = {"key": base64.b64encode(b"bench/ready").decode(), "value": "eA=="}
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            try:
+                ok = 0
+                for url in urls:
+                    async with session.post(f"{url}/v3/kv/put", json=body) as response:
+                        ok += response.status == 200
+                if ok == len(urls):
+                    return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.2)
+    raise TimeoutError("etcd cluster not ready")
+
+
+def etcd_request(urls: list[str]) -> RequestFn:
+    value_b64 = base64.b64encode(VALUE).decode()
+    keys = [base64.b64encode(b"bench/%d" % k).decode() for k in range(KEYSPACE)]
+
+    async def put(session: aiohttp.ClientSession, worker: int, seq: int) -> bool:
+        url = urls[(worker + seq) % len(urls)]
+        body = {"key": keys[(worker * 7919 + seq) % KEYSPACE], "value": value_b64}
+        async with session.post(f"{url}/v3/kv/put", json=body) as response:
+            await response.read()
+            return response.status == 200
+
+    return put
+
+
+# -- driver -------------------------------------------------------------------------
+
+
+async def measure(request: RequestFn, phases: list[Phase], rounds: int) -> dict[str, list[LoadResult]]:
+    results: dict[str, list[LoadResult]] = {p.name: [] for p in phases}
+    for round_number in range(rounds):
+        for phase in phases:
+            result = await run_load(request, phase.concurrency, phase.duration_s, warmup_s=0.5)
+            results[phase.name].append(result)
+            log(
+                f"  round {round_number + 1} {phase.name:>5}: {result.per_second:8.0f} writes/s "
+                f"p50 {result.p50_ms:6.2f} ms p99 {result.p99_ms:6.2f} ms "
+                f"({result.failed} failed)"
+            )
+    return results
+
+
+def summarise(results: dict[str, list[LoadResult]]) -> dict[str, float]:
+    return {
+        "wps": median([r.per_second for r in results["c64"]]),
+        "c1_wps": median([r.per_second for r in results["c1"]]),
+        "c1_p50": median([r.p50_ms for r in results["c1"]]),
+        "c1_p99": median([r.p99_ms for r in results["c1"]]),
+        "c64_p50": median([r.p50_ms for r in results["c64"]]),
+        "c64_p99": median([r.p99_ms for r in results["c64"]]),
+        "failed": float(sum(r.failed for rs in results.values() for r in rs)),
+    }
+
+
+async def bench_meshorch(phases: list[Phase], rounds: int, root: Path) -> tuple[dict[str, float], list[float]]:
+    site = LocalSite(hosts=3, site="bench", root=root, log_level="warning")
+    site.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            await wait_ready(session, site.members, timeout_s=60)
+        log("meshorch: 3 agents ready")
+        results = await measure(meshorch_request([h.url for h in site.members]), phases, rounds)
+        rss = [rss_mb(h.pid) for h in site.members if h.pid is not None]
+        return summarise(results), rss
+    finally:
+        site.stop()
+
+
+async def bench_etcd(phases: list[Phase], rounds: int, root: Path) -> dict[str, float]:
+    binary = ensure_etcd()
+    with etcd_cluster(binary, root) as urls:
+        await wait_etcd(urls)
+        log("etcd: 3 members ready")
+        return summarise(await measure(etcd_request(urls), phases, rounds))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short run, under 45 s")
+    parser.add_argument("--rounds", type=int, help="alternating rounds per system (median)")
+    parser.add_argument("--duration", type=float, help="seconds per measured phase")
+    args = parser.parse_args()
+    rounds = args.rounds or (1 if args.quick else 3)
+    duration_s = args.duration or (3.0 if args.quick else 8.0)
+    phases = [Phase("c1", 1, duration_s / 2), Phase("c64", 64, duration_s)]
+    with tempfile.TemporaryDirectory(prefix="meshorch-bench-") as tmp:
+        root = Path(tmp)
+        (root / "meshorch").mkdir()
+        (root / "etcd").mkdir()
+        log(f"meshorch vs etcd, {rounds} round(s) of {duration_s:g}s at concurrency 64")
+        ours, rss = asyncio.run(bench_meshorch(phases, rounds, root / "meshorch"))
+        theirs = asyncio.run(bench_etcd(phases, rounds, root / "etcd"))
+    ratio = ours["wps"] / theirs["wps"] if theirs["wps"] else float("nan")
+    print(f"{'':10} {'writes/s c64':>13} {'c1 p50':>8} {'c1 p99':>8} {'c64 p50':>8} {'c64 p99':>8}")
+    for name, row in (("meshorch", ours), ("etcd", theirs)):
+        print(
+            f"{name:10} {row['wps']:13.0f} {row['c1_p50']:7.2f}ms {row['c1_p99']:7.2f}ms "
+            f"{row['c64_p50']:7.2f}ms {row['c64_p99']:7.2f}ms"
+        )
+    print(f"agent RSS after the run (MB): {', '.join(f'{r:.1f}' for r in rss)}")
+    print(
+        f"RESULT meshorch_wps={ours['wps']:.0f} etcd_wps={theirs['wps']:.0f} "
+        f"ratio={ratio:.2f} agent_rss_mb={max(rss):.1f}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
