@@ -32,8 +32,8 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.loadgen import LoadResult, RequestFn, median, run_load  # noqa: E402
-from meshorch.localsite import LocalSite, free_port, wait_ready  # noqa: E402
+from bench.loadgen import LoadResult, RequestFn, median, run_load
+from meshorch.localsite import LocalSite, free_port, wait_ready
 
 VALUE = b"v" * 100
 KEYSPACE = 1000
@@ -158,7 +158,9 @@ def etcd_request(urls: list[str]) -> RequestFn:
 # -- driver -------------------------------------------------------------------------
 
 
-async def measure(request: RequestFn, phases: list[Phase], rounds: int) -> dict[str, list[LoadResult]]:
+async def measure(
+    request: RequestFn, phases: list[Phase], rounds: int
+) -> dict[str, list[LoadResult]]:
     results: dict[str, list[LoadResult]] = {p.name: [] for p in phases}
     for round_number in range(rounds):
         for phase in phases:
@@ -184,7 +186,9 @@ def summarise(results: dict[str, list[LoadResult]]) -> dict[str, float]:
     }
 
 
-async def bench_meshorch(phases: list[Phase], rounds: int, root: Path) -> tuple[dict[str, float], list[float]]:
+async def bench_meshorch(
+    phases: list[Phase], rounds: int, root: Path
+) -> tuple[dict[str, float], list[float]]:
     site = LocalSite(hosts=3, site="bench", root=root, log_level="warning")
     site.start()
     try:
