@@ -1,0 +1,3 @@
+from meshorch.lab.cli import main
+
+raise SystemExit(main())
