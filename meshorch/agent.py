@@ -1,15 +1,46 @@
-"""The agent: one per host. Runs the site's Raft member and serves the site API."""
+"""The agent: one per host. Runs the site's Raft member and serves the site API.
+
+Two ways to belong to a site:
+
+* static: ``--raft`` and ``--peer`` name the Raft addresses (loopback demos,
+  tests, hosts without WireGuard);
+* mesh: the agent bootstraps a site or joins one found by mDNS with a join
+  token; Raft then runs only on its WireGuard overlay address.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
-from meshorch.agent_config import AgentConfig, check_identity
-from meshorch.site_state import MEMBER_PREFIX, SITE_TABLES, SYSTEM_TABLE, MemberRecord
+from meshorch.admission import SiteNetwork
+from meshorch.agent_config import AgentConfig, check_identity, resolve_password, store_password
+from meshorch.errors import ConfigurationError
+from meshorch.mesh import (
+    PENDING_IDENTITY_FILE,
+    Membership,
+    MeshService,
+    MeshSettings,
+    Prepared,
+    bootstrap_membership,
+    discover_existing_site,
+    join_membership,
+)
+from meshorch.site_state import (
+    MEMBER_PREFIX,
+    SITE_IDENTITY_KEY,
+    SITE_NETWORK_KEY,
+    SITE_TABLES,
+    SYSTEM_TABLE,
+    MemberRecord,
+)
+from netmesh import KeyPair, load_or_create_keypair
 from raft import Put, RaftConfig, RaftNode, local_preset
 from raft.errors import ProposalError
 
@@ -21,23 +52,24 @@ REGISTER_RETRY_S = 0.5
 class Agent:
     """Async context manager: ``async with Agent(config) as agent: ...``."""
 
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(self, config: AgentConfig, mesh: MeshSettings | None = None) -> None:
         config.validate()
-        check_identity(config)
         self.config = config
-        preset = local_preset() if config.preset == "local" else {}
-        self.raft = RaftNode(
-            RaftConfig(
-                self_address=config.raft_address,
-                partners=config.peers,
-                data_dir=config.data_dir / "raft",
-                password=config.password,
-                tables=SITE_TABLES,
-                **preset,  # type: ignore[arg-type]
-            )
-        )
+        self.mesh_settings = mesh
+        self.membership: Membership | None = None
+        self.mesh: MeshService | None = None
+        self.keypair: KeyPair | None = None
+        self.password = ""
+        self.revoked = asyncio.Event()
+        self._raft: RaftNode | None = None
         self._runner: web.AppRunner | None = None
-        self._register_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    @property
+    def raft(self) -> RaftNode:
+        if self._raft is None:
+            raise RuntimeError("the agent is not started")
+        return self._raft
 
     async def __aenter__(self) -> Agent:
         await self.start()
@@ -46,47 +78,164 @@ class Agent:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
+    # -- lifecycle ---------------------------------------------------------------
+
     async def start(self) -> None:
         from meshorch.api import build_app  # the API module imports this one
 
+        config = self.config
+        if self.mesh_settings is None:
+            check_identity(config, config.raft_address)
+            assert config.raft_address is not None
+            self.password = config.password or resolve_password(config.data_dir, None, True)
+            raft_address, partners = config.raft_address, config.peers
+        else:
+            check_identity(config, None)
+            prepared = await self._prepare_mesh(self.mesh_settings)
+            self.membership = prepared.membership
+            raft_address = prepared.membership.raft_address
+            partners = tuple(m for m in prepared.membership.raft_members if m != raft_address)
+
+        preset = local_preset() if config.preset == "local" else {}
+        self._raft = RaftNode(
+            RaftConfig(
+                self_address=raft_address,
+                partners=partners,
+                data_dir=config.data_dir / "raft",
+                password=self.password,
+                tables=SITE_TABLES,
+                **preset,  # type: ignore[arg-type]
+            )
+        )
+        if self.mesh_settings is not None and self.membership is not None:
+            assert self.keypair is not None
+            self.mesh = MeshService(
+                self.mesh_settings,
+                self.keypair,
+                self.membership,
+                self.members,
+                self._on_revoked,
+                config.api_port,
+            )
+            # WireGuard first: Raft binds to the overlay address.
+            await self.mesh.start()
         await self.raft.start()
         self._runner = web.AppRunner(build_app(self), access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.api_host, self.config.api_port)
-        await site.start()
-        self._register_task = asyncio.create_task(self._register_self(), name="register-self")
+        await web.TCPSite(self._runner, config.api_host, config.api_port).start()
+        self.spawn(self._register_self(), "register-self")
         logger.info(
             "agent %s of site %s: api http://%s, raft %s",
-            self.config.host_id,
-            self.config.site,
-            self.config.api_address,
-            self.config.raft_address,
+            config.host_id,
+            config.site,
+            config.api_address,
+            raft_address,
         )
 
     async def stop(self) -> None:
-        if self._register_task is not None:
-            self._register_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._register_task
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
         if self._runner is not None:
             await self._runner.cleanup()
-        await self.raft.stop()
+        if self._raft is not None:
+            await self._raft.stop()
+        if self.mesh is not None:
+            await self.mesh.stop()
+
+    def spawn(self, coroutine: Coroutine[Any, Any, Any], name: str) -> None:
+        """Run a background task owned by the agent (cancelled at stop)."""
+        task = asyncio.create_task(coroutine, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- mesh --------------------------------------------------------------------
+
+    async def _prepare_mesh(self, settings: MeshSettings) -> Prepared:
+        config = self.config
+        data_dir = config.data_dir
+        self.keypair = load_or_create_keypair(data_dir)
+        membership = Membership.load(data_dir)
+        if membership is not None:
+            logger.info("resuming as %s of site %s", membership.overlay_ip, membership.site)
+            prepared = Prepared(membership, None)
+        elif settings.join_token:
+            prepared = await join_membership(
+                config.site,
+                config.host_id,
+                settings,
+                self.keypair,
+                config.api_port,
+                settings.join_token,
+            )
+        elif settings.bootstrap or not await discover_existing_site(config.site, settings):
+            prepared = bootstrap_membership(config.site, config.host_id, settings, data_dir)
+        else:
+            raise ConfigurationError(
+                f"site {config.site!r} already has hosts on this LAN: pass --join-token "
+                "(from `meshorch token create` on one of them) to join it"
+            )
+        if prepared.password is not None:
+            store_password(data_dir, prepared.password)
+        self.password = prepared.password or resolve_password(data_dir, None, True)
+        prepared.membership.save(data_dir)
+        return prepared
+
+    def _on_revoked(self) -> None:
+        if not self.revoked.is_set():
+            logger.error("this host was revoked from site %s; stopping", self.config.site)
+            self.revoked.set()
+
+    # -- replicated state ----------------------------------------------------------
 
     def members(self) -> list[MemberRecord]:
         records, _ = self.raft.view.scan(SYSTEM_TABLE, MEMBER_PREFIX, 10_000)
         return [MemberRecord.decode(record.value) for _, record in records]
 
+    def _self_record(self) -> MemberRecord:
+        config = self.config
+        if self.membership is None:
+            assert config.raft_address is not None
+            return MemberRecord(config.host_id, config.raft_address, config.api_address)
+        assert self.keypair is not None and self.mesh_settings is not None
+        lan_ip = self.mesh_settings.lan_ip
+        return MemberRecord(
+            host_id=config.host_id,
+            raft=self.membership.raft_address,
+            api=f"{lan_ip}:{config.api_port}",
+            wg_public_key=self.keypair.public_key_b64,
+            overlay_ip=self.membership.overlay_ip,
+            wg_endpoint=f"{lan_ip}:{self.mesh_settings.wg_port}",
+        )
+
     async def _register_self(self) -> None:
-        """Record this host's ids and addresses in the replicated state (idempotent)."""
-        me = MemberRecord(self.config.host_id, self.config.raft_address, self.config.api_address)
+        """Record this host (and, on a new site, its identity) in the replicated state."""
+        me = self._self_record()
+        pending = self._pending_site_writes()
         while True:
             current = self.raft.view.get(SYSTEM_TABLE, me.key())
-            if current is not None and MemberRecord.decode(current.value) == me:
+            if not pending and current is not None and MemberRecord.decode(current.value) == me:
                 return
             try:
-                await self.raft.propose([Put(SYSTEM_TABLE, me.key(), me.encode())])
+                await self.raft.propose([*pending, Put(SYSTEM_TABLE, me.key(), me.encode())])
                 logger.info("registered %s in the site state", me.host_id)
-                return
+                (self.config.data_dir / PENDING_IDENTITY_FILE).unlink(missing_ok=True)
+                pending = []
             except ProposalError as exc:
                 logger.debug("registration not committed yet: %s", exc)
                 await asyncio.sleep(REGISTER_RETRY_S)
+
+    def _pending_site_writes(self) -> list[Put]:
+        """A bootstrapping host writes the site identity, network and its address claim."""
+        path: Path = self.config.data_dir / PENDING_IDENTITY_FILE
+        if self.membership is None or not path.exists():
+            return []
+        network = SiteNetwork(self.membership.overlay_network, self.membership.raft_port)
+        claim = b"ipam/" + self.membership.overlay_ip.encode()
+        return [
+            Put(SYSTEM_TABLE, SITE_IDENTITY_KEY, path.read_bytes(), expect_index=0),
+            Put(SYSTEM_TABLE, SITE_NETWORK_KEY, network.encode(), expect_index=0),
+            Put(SYSTEM_TABLE, claim, self.config.host_id.encode(), expect_index=0),
+        ]

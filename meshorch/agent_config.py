@@ -26,9 +26,9 @@ class AgentConfig:
     host_id: str
     data_dir: Path
     api_address: str
-    raft_address: str
-    peers: tuple[str, ...]
-    password: str
+    raft_address: str | None = None  # None: mesh mode, Raft on the overlay address
+    peers: tuple[str, ...] = ()
+    password: str | None = None  # None: from the data dir (or the join answer)
     preset: str = "lan"
 
     @property
@@ -45,9 +45,12 @@ class AgentConfig:
             (validate_host_id, (self.site,)),
             (validate_host_id, (self.host_id,)),
             (validate_address, ("--api", self.api_address)),
-            (validate_address, ("--raft", self.raft_address)),
             *((validate_address, ("--peer", peer)) for peer in self.peers),
         ]
+        if self.raft_address is not None:
+            checks.append((validate_address, ("--raft", self.raft_address)))
+        elif self.peers:
+            problems.append("--peer: needs --raft (or use discovery: no --peer, no --raft)")
         for check, args in checks:
             try:
                 check(*args)
@@ -55,7 +58,7 @@ class AgentConfig:
                 problems.append(str(exc).replace("host id", "name"))
         if self.raft_address in self.peers:
             problems.append("--peer: lists this agent's own --raft address")
-        if len(self.password) < MIN_PASSWORD_LENGTH:
+        if self.password is not None and len(self.password) < MIN_PASSWORD_LENGTH:
             problems.append(f"cluster password: at least {MIN_PASSWORD_LENGTH} characters")
         if self.preset not in PRESETS:
             problems.append(f"--preset: one of {', '.join(PRESETS)}")
@@ -83,18 +86,25 @@ def resolve_password(data_dir: Path, password_file: Path | None, has_peers: bool
             "a cluster password is required to join peers: pass --cluster-password-file FILE "
             f"or set {PASSWORD_ENV} (the same on every host; Raft traffic is encrypted with it)"
         )
-    data_dir.mkdir(parents=True, exist_ok=True)
-    if not stored.exists() or stored.read_text().strip() != password:
-        fd = os.open(stored, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(password + "\n")
+    store_password(data_dir, password)
     return password
 
 
-def check_identity(config: AgentConfig) -> None:
+def store_password(data_dir: Path, password: str) -> None:
+    """Keep the cluster password in the data dir (0600) so restarts need no flag."""
+    stored = data_dir / PASSWORD_FILE
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if stored.exists() and stored.read_text().strip() == password:
+        return
+    fd = os.open(stored, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(password + "\n")
+
+
+def check_identity(config: AgentConfig, raft_address: str | None) -> None:
     """Refuse a data dir that belongs to another site or host; record ours in a new one."""
     path = config.data_dir / IDENTITY_FILE
-    ours = {"site": config.site, "host_id": config.host_id, "raft": config.raft_address}
+    ours = {"site": config.site, "host_id": config.host_id, "raft": raft_address}
     if path.exists():
         try:
             recorded = orjson.loads(path.read_bytes())

@@ -8,18 +8,20 @@ committed. No write is answered 200 before it is committed and applied here.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 import orjson
 from aiohttp import web
 
+from meshorch import admission
 from meshorch.agent import Agent
 from meshorch.errors import RemoteInputError
+from meshorch.join import JoinRefused, JoinRequest
 from meshorch.site_state import (
     KV_TABLE,
     MAX_VALUE_BYTES,
     SYSTEM_TABLE,
-    MemberRecord,
     parse_member_request,
     validate_host_id,
     validate_kv_key,
@@ -87,6 +89,8 @@ def build_app(agent: Agent) -> web.Application:
     app.router.add_get("/v1/members", list_members)
     app.router.add_post("/v1/members", add_member)
     app.router.add_delete("/v1/members/{host_id}", remove_member)
+    app.router.add_post("/v1/tokens", create_token)
+    app.router.add_post("/v1/join", join)
     return app
 
 
@@ -224,7 +228,42 @@ async def remove_member(request: web.Request) -> web.Response:
         raise ApiError(404, "not_found", f"no member {host_id}")
     if record.raft == agent.config.raft_address:
         raise ApiError(409, "is_self", "ask another member to remove this host")
-    if record.raft in agent.raft.status().members:
-        await agent.raft.remove_member(record.raft)
-    await agent.raft.propose([Delete(SYSTEM_TABLE, record.key())], idempotent=True)
-    return json_response({"removed": MemberRecord.to_json(record)})
+    await admission.revoke(agent, record)
+    return json_response({"removed": record.to_json()})
+
+
+async def create_token(request: web.Request) -> web.Response:
+    """``{"ttl_s": 3600, "single_use": false}`` -> a join token for this site."""
+    try:
+        body = orjson.loads(await request.read() or b"{}")
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, "bad_json", f"the body is not JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise ApiError(400, "bad_request", "the body must be a JSON object")
+    ttl_s = body.get("ttl_s", 3600)
+    single_use = body.get("single_use", False)
+    if not isinstance(ttl_s, int | float) or isinstance(ttl_s, bool):
+        raise ApiError(400, "bad_ttl", "ttl_s must be a number of seconds")
+    if not isinstance(single_use, bool):
+        raise ApiError(400, "bad_request", "single_use must be true or false")
+    try:
+        token = await admission.create_token(_agent(request), float(ttl_s), single_use)
+    except admission.SiteNotReady as exc:
+        raise ApiError(409, exc.code, str(exc)) from exc
+    return json_response(token)
+
+
+async def join(request: web.Request) -> web.Response:
+    """A host asks to join the site (see meshorch.join for the protocol)."""
+    join_request = JoinRequest.parse(await request.read())
+    try:
+        answer = await admission.admit(_agent(request), join_request, time.time())
+    except admission.SiteNotReady as exc:
+        raise ApiError(503, exc.code, str(exc)) from exc
+    except JoinRefused as exc:
+        status = 409 if exc.code in ("host_id_taken", "used_token") else 403
+        if exc.code in ("wrong_site", "bad_request", "bad_json"):
+            status = 400
+        logger.warning("refused join of %s: %s", join_request.host_id, exc)
+        raise ApiError(status, exc.code, str(exc)) from exc
+    return json_response(answer)

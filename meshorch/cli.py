@@ -5,18 +5,32 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
+import socket
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import orjson
 import uvloop
 
 from meshorch import __version__
 from meshorch.agent_config import PASSWORD_ENV, AgentConfig, resolve_password
-from meshorch.errors import ConfigurationError
+from meshorch.errors import ConfigurationError, MeshorchError
+from meshorch.mesh import (
+    DEFAULT_OVERLAY_NETWORK,
+    DEFAULT_RAFT_PORT,
+    DEFAULT_WG_PORT,
+    MeshSettings,
+    detect_lan_ip,
+)
 
 logger = logging.getLogger("meshorch")
+
+EXIT_REVOKED = 3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,22 +53,55 @@ def build_parser() -> argparse.ArgumentParser:
         "--api 0.0.0.0:7700 --raft 10.0.0.11:7800 --peer 10.0.0.12:7800 --peer 10.0.0.13:7800",
     )
     agent.add_argument("--site", required=True, help="site name (a-z, 0-9, '-')")
-    agent.add_argument("--host-id", required=True, help="this host's id, unique in the site")
-    agent.add_argument("--data-dir", required=True, type=Path, help="state directory")
-    agent.add_argument("--api", required=True, metavar="HOST:PORT", help="HTTP API address")
-    agent.add_argument("--raft", required=True, metavar="HOST:PORT", help="Raft address")
     agent.add_argument(
+        "--host-id", default=None, help="this host's id, unique in the site (default: hostname)"
+    )
+    agent.add_argument("--data-dir", required=True, type=Path, help="state directory")
+    agent.add_argument(
+        "--api", default="0.0.0.0:7700", metavar="HOST:PORT", help="HTTP API (default %(default)s)"
+    )
+    static = agent.add_argument_group(
+        "static membership", "name the Raft addresses yourself (no WireGuard, no discovery)"
+    )
+    static.add_argument("--raft", metavar="HOST:PORT", help="this agent's Raft address")
+    static.add_argument(
         "--peer",
         action="append",
         default=[],
         metavar="HOST:PORT",
         help="Raft address of another initial member (repeat for each)",
     )
-    agent.add_argument(
+    static.add_argument(
         "--cluster-password-file",
         type=Path,
         help=f"file with the site's Raft password (else ${PASSWORD_ENV}, else the copy in "
         "the data dir; a lone first host generates one)",
+    )
+    mesh = agent.add_argument_group(
+        "mesh membership (default when --raft is not given; needs root)",
+        "find the site by mDNS, join with a token, run Raft over an automatic WireGuard mesh",
+    )
+    mesh.add_argument("--join-token", help="token from `meshorch token create` on the site")
+    mesh.add_argument(
+        "--bootstrap",
+        action="store_true",
+        help="start a new site (also done when no host of the site answers on the LAN)",
+    )
+    mesh.add_argument("--lan-ip", help="LAN address for mDNS and WireGuard (default: detected)")
+    mesh.add_argument("--wg-interface", default="meshorch0", help="WireGuard interface name")
+    mesh.add_argument("--wg-port", type=int, default=DEFAULT_WG_PORT, help="WireGuard UDP port")
+    mesh.add_argument("--raft-port", type=int, default=DEFAULT_RAFT_PORT, help="Raft TCP port")
+    mesh.add_argument(
+        "--overlay-network",
+        default=DEFAULT_OVERLAY_NETWORK,
+        help="overlay network of a new site (default %(default)s)",
+    )
+    mesh.add_argument(
+        "--discovery-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long to look for the site's hosts on the LAN",
     )
     agent.add_argument(
         "--preset",
@@ -62,6 +109,32 @@ def build_parser() -> argparse.ArgumentParser:
         default="lan",
         help="timeouts: 'lan' for real hosts, 'local' for fast elections on loopback",
     )
+
+    token = commands.add_parser("token", help="join tokens for new hosts")
+    token_commands = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    create = token_commands.add_parser(
+        "create",
+        help="create a join token on the local agent",
+        description="Create a join token. A new host started with `meshorch agent --site S "
+        "--data-dir D --join-token TOKEN` then finds the site by mDNS and joins it.",
+    )
+    create.add_argument("--site", required=True, help="the site (checked against the agent's)")
+    create.add_argument("--ttl", default="1h", help="validity: 90s, 30m, 1h, 7d (default 1h)")
+    create.add_argument("--single-use", action="store_true", help="valid for one host only")
+    create.add_argument("--api", default="127.0.0.1:7700", help="the agent to ask")
+    create.set_defaults(handler=run_token_create)
+
+    host = commands.add_parser("host", help="manage the hosts of a site")
+    host_commands = host.add_subparsers(dest="host_command", required=True, metavar="ACTION")
+    revoke = host_commands.add_parser(
+        "revoke",
+        help="cut a host from its site",
+        description="Remove a host from the site's Raft cluster and from every peer's "
+        "WireGuard mesh; it cannot join again with its old token or key.",
+    )
+    revoke.add_argument("host_id", metavar="HOST", help="the host id to revoke")
+    revoke.add_argument("--api", default="127.0.0.1:7700", help="an agent of the site to ask")
+    revoke.set_defaults(handler=run_host_revoke)
 
     demo = commands.add_parser(
         "demo",
@@ -79,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     try:
-        from meshorch.lab.cli import add_lab_commands  # type: ignore[import-not-found,unused-ignore]
+        from meshorch.lab.cli import add_lab_commands
     except ImportError:
         pass
     else:
@@ -101,10 +174,32 @@ def run_agent(args: argparse.Namespace) -> int:
     from meshorch.agent import Agent
 
     data_dir: Path = args.data_dir
-    password = resolve_password(data_dir, args.cluster_password_file, bool(args.peer))
+    host_id = args.host_id or default_host_id()
+    mesh: MeshSettings | None = None
+    password: str | None = None
+    if args.raft is not None:
+        if args.join_token or args.bootstrap:
+            raise ConfigurationError("--join-token and --bootstrap are for mesh mode, not --raft")
+        password = resolve_password(data_dir, args.cluster_password_file, bool(args.peer))
+    else:
+        if os.geteuid() != 0:
+            raise ConfigurationError(
+                "mesh mode creates a WireGuard interface and needs root; "
+                "for a site without WireGuard give --raft and --peer"
+            )
+        mesh = MeshSettings(
+            lan_ip=args.lan_ip or detect_lan_ip(),
+            wg_interface=args.wg_interface,
+            wg_port=args.wg_port,
+            raft_port=args.raft_port,
+            overlay_network=args.overlay_network,
+            join_token=args.join_token,
+            bootstrap=args.bootstrap,
+            discovery_timeout_s=args.discovery_timeout,
+        )
     config = AgentConfig(
         site=args.site,
-        host_id=args.host_id,
+        host_id=host_id,
         data_dir=data_dir,
         api_address=args.api,
         raft_address=args.raft,
@@ -113,18 +208,87 @@ def run_agent(args: argparse.Namespace) -> int:
         preset=args.preset,
     )
     config.validate()
+    revoked = False
 
     async def serve() -> None:
+        nonlocal revoked
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        async with Agent(config):
-            await stop.wait()
+        async with Agent(config, mesh) as agent:
+            stopped = asyncio.create_task(stop.wait())
+            revoked_wait = asyncio.create_task(agent.revoked.wait())
+            await asyncio.wait({stopped, revoked_wait}, return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            revoked_wait.cancel()
+            revoked = agent.revoked.is_set()
             logger.info("stopping")
 
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(serve())
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(serve())
+    except ConfigurationError:
+        raise
+    except MeshorchError as exc:  # raised while joining or bootstrapping
+        print(f"meshorch agent: {exc}", file=sys.stderr)
+        return 1
+    return EXIT_REVOKED if revoked else 0
+
+
+def default_host_id() -> str:
+    """The hostname, lowered, with anything but a-z, 0-9 and '-' made '-'."""
+    name = socket.gethostname().split(".")[0].lower()
+    cleaned = "".join(c if c.isascii() and (c.isalnum() or c == "-") else "-" for c in name)
+    return cleaned.strip("-")[:63] or "host"
+
+
+def parse_duration(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        if text and text[-1] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError as exc:
+        raise ConfigurationError(f"bad duration {text!r}: use e.g. 90s, 30m, 1h, 7d") from exc
+
+
+def _call_agent(api: str, method: str, path: str, body: object | None = None) -> dict[str, Any]:
+    import urllib.error
+    import urllib.request
+
+    data = orjson.dumps(body) if body is not None else None
+    request = urllib.request.Request(f"http://{api}{path}", data=data, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return dict(orjson.loads(response.read()))
+    except urllib.error.HTTPError as exc:
+        try:
+            error = orjson.loads(exc.read())["error"]
+            message = f"{error['code']}: {error['message']}"
+        except (ValueError, KeyError, TypeError):
+            message = str(exc)
+        raise ConfigurationError(f"the agent at {api} refused: {message}") from exc
+    except (urllib.error.URLError, OSError) as exc:
+        raise ConfigurationError(f"cannot reach the agent at {api}: {exc}") from exc
+
+
+def run_token_create(args: argparse.Namespace) -> int:
+    status = _call_agent(args.api, "GET", "/v1/status")
+    if status.get("site") != args.site:
+        raise ConfigurationError(f"the agent at {args.api} serves site {status.get('site')!r}")
+    body = {"ttl_s": parse_duration(args.ttl), "single_use": args.single_use}
+    token = _call_agent(args.api, "POST", "/v1/tokens", body)
+    expires = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(token["expires_at"]))
+    print(token["token"])
+    use = "single use" if token["single_use"] else "reusable"
+    print(f"# site {args.site}, {use}, expires {expires}", file=sys.stderr)
+    return 0
+
+
+def run_host_revoke(args: argparse.Namespace) -> int:
+    result = _call_agent(args.api, "DELETE", f"/v1/members/{args.host_id}")
+    print(f"revoked {result['removed']['host_id']}")
     return 0
 
 

@@ -17,6 +17,10 @@ KV_TABLE = "kv"
 SYSTEM_TABLE = "sys"
 SITE_TABLES = (KV_TABLE, SYSTEM_TABLE)
 MEMBER_PREFIX = b"member/"
+IPAM_PREFIX = b"ipam/"
+REVOKED_PREFIX = b"revoked/"
+SITE_IDENTITY_KEY = b"site/identity"
+SITE_NETWORK_KEY = b"site/network"
 
 MAX_KEY_BYTES = 512
 MAX_VALUE_BYTES = 512 * 1024
@@ -64,25 +68,43 @@ def validate_address(field: str, address: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class MemberRecord:
-    """A host of the site as the replicated state knows it."""
+    """A host of the site as the replicated state knows it.
+
+    The mesh fields are set for hosts that joined over the WireGuard mesh.
+    """
 
     host_id: str
     raft: str
     api: str | None
+    wg_public_key: str | None = None
+    overlay_ip: str | None = None
+    wg_endpoint: str | None = None
 
     def key(self) -> bytes:
         return MEMBER_PREFIX + self.host_id.encode()
 
     def encode(self) -> bytes:
-        return orjson.dumps({"v": 1, "host_id": self.host_id, "raft": self.raft, "api": self.api})
+        return orjson.dumps({"v": 1, **self.to_json()})
 
     @staticmethod
     def decode(raw: bytes) -> MemberRecord:
         data = orjson.loads(raw)
-        return MemberRecord(str(data["host_id"]), str(data["raft"]), data.get("api"))
+        return MemberRecord(
+            str(data["host_id"]),
+            str(data["raft"]),
+            data.get("api"),
+            data.get("wg_public_key"),
+            data.get("overlay_ip"),
+            data.get("wg_endpoint"),
+        )
 
     def to_json(self) -> dict[str, str | None]:
-        return {"host_id": self.host_id, "raft": self.raft, "api": self.api}
+        data = {"host_id": self.host_id, "raft": self.raft, "api": self.api}
+        if self.wg_public_key is not None:
+            data["wg_public_key"] = self.wg_public_key
+            data["overlay_ip"] = self.overlay_ip
+            data["wg_endpoint"] = self.wg_endpoint
+        return data
 
 
 def parse_member_request(body: bytes) -> MemberRecord:

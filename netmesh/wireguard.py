@@ -19,13 +19,13 @@ a wireguard-go interface of the same name, so lab hosts need distinct names.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import json
 import logging
 import os
 import re
 import shutil
+import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -457,37 +457,40 @@ async def run_subprocess(
     env: Mapping[str, str] | None,
     timeout_s: float,
 ) -> CommandResult:
-    """Default CommandRunner: asyncio subprocess, killed on timeout."""
-    stdin = asyncio.subprocess.PIPE if input_bytes is not None else asyncio.subprocess.DEVNULL
+    """Default CommandRunner: ``subprocess.run`` in a worker thread.
+
+    Not the event loop's subprocess support: uvloop's lets the child inherit
+    descriptors the process opened without close-on-exec (LMDB's, for one),
+    and the wireguard-go daemon would then hold our pipes open for ever.
+    """
+    return await asyncio.to_thread(_run_blocking, list(argv), input_bytes, env, timeout_s)
+
+
+def _run_blocking(
+    argv: list[str], input_bytes: bytes | None, env: Mapping[str, str] | None, timeout_s: float
+) -> CommandResult:
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=stdin,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
+        completed = subprocess.run(
+            argv,
+            input=input_bytes,
+            stdin=None if input_bytes is not None else subprocess.DEVNULL,
+            capture_output=True,
             env=dict(env) if env is not None else None,
+            timeout=timeout_s,
+            close_fds=True,
             # Own session: a daemon forked by wireguard-go must not share our
             # process group and get our terminal's signals.
             start_new_session=True,
+            check=False,
         )
+    except subprocess.TimeoutExpired:
+        return CommandResult(returncode=-9, stdout="", stderr=f"timed out after {timeout_s} s")
     except OSError as exc:
         return CommandResult(returncode=127, stdout="", stderr=str(exc))
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(input_bytes), timeout_s)
-    except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
-        return CommandResult(returncode=-9, stdout="", stderr=f"timed out after {timeout_s} s")
-    except asyncio.CancelledError:
-        # Do not leave a half-done `wg`/`ip` running after our caller gave up.
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        raise
     return CommandResult(
-        returncode=proc.returncode if proc.returncode is not None else -1,
-        stdout=out.decode("utf-8", "replace"),
-        stderr=err.decode("utf-8", "replace"),
+        returncode=completed.returncode,
+        stdout=completed.stdout.decode("utf-8", "replace"),
+        stderr=completed.stderr.decode("utf-8", "replace"),
     )
 
 

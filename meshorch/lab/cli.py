@@ -15,6 +15,7 @@ from pathlib import Path
 
 import orjson
 
+from meshorch.lab.agents import LabAgents
 from meshorch.lab.errors import LabError
 from meshorch.lab.lab import Lab
 from meshorch.lab.plan import DEFAULT_PREFIX
@@ -64,12 +65,23 @@ def _guard(fn: Handler) -> Handler:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    _lab(args).up(args.sites, args.hosts, agent_cmd=args.agent_cmd, hub_cmd=args.hub_cmd)
+    if args.agents and args.agent_cmd:
+        raise LabError("--agents and --agent-cmd exclude each other")
+    lab = _lab(args)
+    lab.up(args.sites, args.hosts, agent_cmd=args.agent_cmd, hub_cmd=args.hub_cmd)
+    if args.agents:
+        _progress("starting meshorch agents: the first host of each site bootstraps it")
+        LabAgents(lab).start_all()
+        _progress("every agent is a Raft member over the WireGuard mesh")
     return 0
 
 
 def _cmd_add_host(args: argparse.Namespace) -> int:
-    host = _lab(args).add_host(args.site)
+    lab = _lab(args)
+    host = lab.add_host(args.site)
+    agents = LabAgents(lab)
+    if agents.enabled:
+        agents.join(host.name)
     print(host.name)
     return 0
 
@@ -178,6 +190,12 @@ def add_lab_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
     )
     up.add_argument("--sites", type=int, required=True, metavar="N", help="number of sites")
     up.add_argument("--hosts", type=int, required=True, metavar="M", help="hosts per site")
+    up.add_argument(
+        "--agents",
+        action="store_true",
+        help="run meshorch agents in mesh mode: each site's first host bootstraps it, the "
+        "others join by mDNS with a token (and so do hosts added later)",
+    )
     up.add_argument(
         "--agent-cmd",
         metavar="TEMPLATE",

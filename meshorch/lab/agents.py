@@ -1,0 +1,154 @@
+"""meshorch agents on the lab's hosts, in mesh mode: no address typed anywhere.
+
+The first host of each site bootstraps it; every other host gets a join token
+from a running host (``meshorch token create`` inside that host's namespace)
+and joins by mDNS discovery. Each host keeps its data under the lab's state
+dir, so ``lab restart`` resumes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any
+
+import orjson
+
+from meshorch.lab.errors import LabError
+from meshorch.lab.lab import Lab
+from meshorch.lab.plan import HostPlan, LabPlan
+
+log = logging.getLogger(__name__)
+
+API_PORT = 7700
+AGENTS_MARKER = "agents"
+READY_TIMEOUT_S = 60.0
+
+# Runs inside a host's namespace: the site LANs are not reachable from outside.
+_HTTP_SCRIPT = """
+import sys, urllib.request, urllib.error
+method, url = sys.argv[1], sys.argv[2]
+data = sys.argv[3].encode() if len(sys.argv) > 3 else None
+req = urllib.request.Request(url, data=data, method=method)
+try:
+    with urllib.request.urlopen(req, timeout=10) as r:
+        sys.stdout.write(r.read().decode())
+except urllib.error.HTTPError as e:
+    sys.stdout.write(e.read().decode()); sys.exit(2)
+except OSError as e:
+    sys.stderr.write(str(e)); sys.exit(3)
+"""
+
+
+def wg_interface_name(plan: LabPlan, host: HostPlan) -> str:
+    # wireguard-go's control socket path is shared by all namespaces: names must differ.
+    return f"w{plan.prefix}s{host.site}h{host.index}"
+
+
+class LabAgents:
+    """Start, join and query the agents of a lab built by ``Lab``."""
+
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+
+    @property
+    def enabled(self) -> bool:
+        return (self.lab.store.lab_dir / AGENTS_MARKER).exists()
+
+    def _host(self, name: str) -> HostPlan:
+        plan = self.lab.plan
+        host = next((h for h in plan.hosts if h.name == name), None)
+        if host is None:
+            raise LabError(f"no host {name!r} in lab {self.lab.prefix}")
+        return host
+
+    def agent_argv(self, host: HostPlan, *, bootstrap: bool, token: str | None) -> list[str]:
+        plan = self.lab.plan
+        argv = [
+            sys.executable, "-m", "meshorch", "agent",
+            "--site", f"s{host.site}", "--host-id", host.name,
+            "--data-dir", str(self.lab.store.data_dir(host.name)),
+            "--api", f"{host.lan_ip}:{API_PORT}", "--lan-ip", host.lan_ip,
+            "--wg-interface", wg_interface_name(plan, host),
+        ]  # fmt: skip
+        if bootstrap:
+            argv.append("--bootstrap")
+        if token is not None:
+            argv += ["--join-token", token]
+        return argv
+
+    def start_all(self) -> None:
+        """Bootstrap every site with its first host, then join the others."""
+        self.lab.store.lab_dir.mkdir(parents=True, exist_ok=True)
+        (self.lab.store.lab_dir / AGENTS_MARKER).write_text("mesh\n")
+        plan = self.lab.plan
+        for site in plan.sites:
+            hosts = [h for h in plan.hosts if h.site == site.index]
+            first, rest = hosts[0], hosts[1:]
+            self.lab.start(first.name, self.agent_argv(first, bootstrap=True, token=None))
+            self.wait_ready(first.name)
+            token = self.create_token(first.name, single_use=False, ttl="1h") if rest else None
+            for host in rest:
+                self.lab.start(host.name, self.agent_argv(host, bootstrap=False, token=token))
+            for host in rest:
+                self.wait_ready(host.name)
+
+    def join(self, name: str, token: str | None = None) -> None:
+        """Start the agent of a new host with a fresh single-use token from its site."""
+        host = self._host(name)
+        if token is None:
+            sponsor = self.running_peer(host)
+            token = self.create_token(sponsor.name, single_use=True, ttl="10m")
+        self.lab.start(name, self.agent_argv(host, bootstrap=False, token=token))
+
+    def running_peer(self, host: HostPlan) -> HostPlan:
+        for other in self.lab.plan.hosts:
+            if other.site == host.site and other.name != host.name and self.status(other.name):
+                return other
+        raise LabError(f"no running agent in site s{host.site} to sponsor {host.name}")
+
+    def request(self, name: str, method: str, path: str, body: bytes | None = None) -> Any:
+        host = self._host(name)
+        argv = [
+            sys.executable,
+            "-c",
+            _HTTP_SCRIPT,
+            method,
+            f"http://{host.lan_ip}:{API_PORT}{path}",
+        ]
+        if body is not None:
+            argv.append(body.decode())
+        result = self.lab.run(name, argv, timeout_s=30)
+        if result.returncode == 3:
+            return None
+        try:
+            return orjson.loads(result.stdout)
+        except orjson.JSONDecodeError:
+            return None
+
+    def status(self, name: str) -> dict[str, Any] | None:
+        status = self.request(name, "GET", "/v1/status")
+        return status if isinstance(status, dict) and "site" in status else None
+
+    def wait_ready(self, name: str, timeout_s: float = READY_TIMEOUT_S) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            status = self.status(name)
+            if status and status["ready"] and any(m["host_id"] == name for m in status["members"]):
+                return status
+            time.sleep(0.2)
+        raise LabError(f"agent {name} not ready within {timeout_s:g}s; see its log")
+
+    def create_token(self, name: str, *, single_use: bool, ttl: str) -> str:
+        host = self._host(name)
+        argv = [
+            sys.executable, "-m", "meshorch", "token", "create", "--site", f"s{host.site}",
+            "--ttl", ttl, "--api", f"{host.lan_ip}:{API_PORT}",
+        ]  # fmt: skip
+        if single_use:
+            argv.append("--single-use")
+        result = self.lab.run(name, argv, timeout_s=30)
+        if result.returncode != 0:
+            raise LabError(f"token create on {name} failed: {result.stderr.strip()}")
+        return result.stdout.strip()
