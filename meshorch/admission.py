@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import orjson
 
 from meshorch.join import (
@@ -24,6 +25,7 @@ from meshorch.join import (
     SiteIdentity,
     TokenRecord,
     check_join,
+    revocation_notice,
     wrap_answer,
 )
 from meshorch.site_state import (
@@ -210,3 +212,18 @@ async def revoke(agent: Agent, record: MemberRecord) -> None:
     if record.raft in agent.raft.status().members:
         await agent.raft.remove_member(record.raft)
     await agent.raft.propose(ops, idempotent=True)
+    if record.api and record.wg_public_key:
+        agent.spawn(_notify_revoked(agent, record), f"notify-revoked-{record.host_id}")
+
+
+async def _notify_revoked(agent: Agent, record: MemberRecord) -> None:
+    """Best effort: tell the revoked host, which no longer hears from Raft, to stop."""
+    notice = revocation_notice(site_identity(agent), agent.config.site, record.host_id, time.time())
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
+            session.post(f"http://{record.api}/v1/revoked", data=notice) as response,
+        ):
+            logger.info("told %s it is revoked: %s", record.host_id, response.status)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        logger.info("could not tell %s it is revoked (%s); it is cut anyway", record.host_id, exc)

@@ -23,6 +23,7 @@ from meshorch.admission import SiteNetwork
 from meshorch.agent_config import AgentConfig, check_identity, resolve_password, store_password
 from meshorch.errors import ConfigurationError
 from meshorch.mesh import (
+    MEMBERSHIP_FILE,
     PENDING_IDENTITY_FILE,
     Membership,
     MeshService,
@@ -114,7 +115,7 @@ class Agent:
                 self.keypair,
                 self.membership,
                 self.members,
-                self._on_revoked,
+                self.on_revoked,
                 config.api_port,
             )
             # WireGuard first: Raft binds to the overlay address.
@@ -183,10 +184,14 @@ class Agent:
         prepared.membership.save(data_dir)
         return prepared
 
-    def _on_revoked(self) -> None:
-        if not self.revoked.is_set():
-            logger.error("this host was revoked from site %s; stopping", self.config.site)
-            self.revoked.set()
+    def on_revoked(self) -> None:
+        """This host was cut from its site: forget the membership and stop."""
+        if self.revoked.is_set():
+            return
+        logger.error("this host was revoked from site %s; stopping", self.config.site)
+        # A restart must go through admission again (which refuses a revoked host).
+        (self.config.data_dir / MEMBERSHIP_FILE).unlink(missing_ok=True)
+        self.revoked.set()
 
     # -- replicated state ----------------------------------------------------------
 

@@ -17,7 +17,7 @@ from aiohttp import web
 from meshorch import admission
 from meshorch.agent import Agent
 from meshorch.errors import RemoteInputError
-from meshorch.join import JoinRefused, JoinRequest
+from meshorch.join import JoinRefused, JoinRequest, check_revocation_notice
 from meshorch.site_state import (
     KV_TABLE,
     MAX_VALUE_BYTES,
@@ -91,6 +91,7 @@ def build_app(agent: Agent) -> web.Application:
     app.router.add_delete("/v1/members/{host_id}", remove_member)
     app.router.add_post("/v1/tokens", create_token)
     app.router.add_post("/v1/join", join)
+    app.router.add_post("/v1/revoked", revoked)
     return app
 
 
@@ -267,3 +268,24 @@ async def join(request: web.Request) -> web.Response:
         logger.warning("refused join of %s: %s", join_request.host_id, exc)
         raise ApiError(status, exc.code, str(exc)) from exc
     return json_response(answer)
+
+
+async def revoked(request: web.Request) -> web.Response:
+    """The site tells this host it was revoked (a notice signed by the site identity)."""
+    agent = _agent(request)
+    try:
+        identity = admission.site_identity(agent)
+    except admission.SiteNotReady as exc:
+        raise ApiError(409, exc.code, str(exc)) from exc
+    try:
+        check_revocation_notice(
+            await request.read(),
+            identity.public_key,
+            agent.config.site,
+            agent.config.host_id,
+            time.time(),
+        )
+    except JoinRefused as exc:
+        raise ApiError(403, exc.code, str(exc)) from exc
+    agent.on_revoked()
+    return json_response({"stopping": True})

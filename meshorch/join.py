@@ -334,3 +334,29 @@ def unwrap_answer(body: dict[str, Any], pinned_fingerprint: str) -> bytes:
     except (BadSignatureError, ValueError) as exc:
         raise JoinRefused("bad_signature", "the join answer's signature is invalid") from exc
     return sealed
+
+
+# -- revocation notice ------------------------------------------------------------------
+
+
+def revocation_notice(identity: SiteIdentity, site: str, host_id: str, now: float) -> bytes:
+    """Told to a revoked host so it stops at once; signed, so nobody else can forge it."""
+    body = orjson.dumps({"v": 1, "site": site, "host_id": host_id, "at": now})
+    return orjson.dumps({"body": _b64(body), "signature": _b64(identity.sign(body))})
+
+
+def check_revocation_notice(
+    raw: bytes, site_public_key: bytes, site: str, host_id: str, now: float
+) -> None:
+    """Raise JoinRefused unless ``raw`` is a fresh notice revoking ``host_id`` of ``site``."""
+    try:
+        envelope = orjson.loads(raw)
+        body = _unb64(envelope["body"])
+        VerifyKey(site_public_key).verify(body, _unb64(envelope["signature"]))
+        data = orjson.loads(body)
+    except (BadSignatureError, ValueError, KeyError, TypeError, binascii.Error) as exc:
+        raise JoinRefused("bad_notice", "not a revocation notice signed by this site") from exc
+    if data.get("site") != site or data.get("host_id") != host_id:
+        raise JoinRefused("bad_notice", "the notice is for another host")
+    if abs(now - float(data.get("at", 0))) > MAX_CLOCK_SKEW_S:
+        raise JoinRefused("bad_notice", "the notice is stale")
