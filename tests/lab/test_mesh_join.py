@@ -135,7 +135,7 @@ def test_bad_tokens_are_refused_and_change_nothing(site: LabAgents) -> None:
     host = site.lab.add_host("s1")
     site.join(host.name, token=good.encode())
     wait_until(lambda: host.name in members(site, "s1-h1"), 30, f"{host.name} admitted")
-    assert join_probe(site, good, host_id="latecomer") == (403, "used_token")
+    assert join_probe(site, good, host_id="latecomer") == (409, "used_token")
     assert "latecomer" not in members(site, "s1-h1")
 
 
