@@ -49,8 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the agent of one host (Raft member + site API)",
         description="Run the agent of one host: a member of the site's Raft cluster that "
         "serves the site API over HTTP.",
-        epilog="Example: meshorch agent --site shop1 --host-id h1 --data-dir /var/lib/meshorch "
-        "--api 0.0.0.0:7700 --raft 10.0.0.11:7800 --peer 10.0.0.12:7800 --peer 10.0.0.13:7800",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  first host of a new site (root):\n"
+        "    meshorch agent --site shop1 --data-dir /var/lib/meshorch --bootstrap\n"
+        "  another host, with a token from `meshorch token create --site shop1`:\n"
+        "    meshorch agent --site shop1 --data-dir /var/lib/meshorch --join-token mojt1...\n"
+        "  static addresses, no WireGuard:\n"
+        "    meshorch agent --site shop1 --host-id h1 --data-dir /var/lib/meshorch \\\n"
+        "      --raft 10.0.0.11:7800 --peer 10.0.0.12:7800 --peer 10.0.0.13:7800 \\\n"
+        "      --cluster-password-file /etc/meshorch/cluster.password",
     )
     agent.add_argument("--site", required=True, help="site name (a-z, 0-9, '-')")
     agent.add_argument(

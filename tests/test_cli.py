@@ -23,7 +23,7 @@ def test_help_lists_the_commands() -> None:
         assert command in result.stdout
     agent_help = run("agent", "--help")
     assert agent_help.returncode == 0 and "--peer" in agent_help.stdout
-    assert "Example:" in agent_help.stdout
+    assert "examples:" in agent_help.stdout
 
 
 def test_agent_lists_every_configuration_problem(tmp_path: Path) -> None:
