@@ -22,6 +22,7 @@ from aiohttp import web
 from meshorch.admission import SiteNetwork
 from meshorch.agent_config import AgentConfig, check_identity, resolve_password, store_password
 from meshorch.errors import ConfigurationError
+from meshorch.images import SiteImages
 from meshorch.mesh import (
     MEMBERSHIP_FILE,
     PENDING_IDENTITY_FILE,
@@ -63,6 +64,9 @@ class Agent:
         self.password = ""
         self.revoked = asyncio.Event()
         self._raft: RaftNode | None = None
+        self.images = SiteImages(
+            config.data_dir / "images", config.host_id, lambda: self.raft, self.members
+        )
         self._runner: web.AppRunner | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -125,6 +129,7 @@ class Agent:
         await self._runner.setup()
         await web.TCPSite(self._runner, config.api_host, config.api_port).start()
         self.spawn(self._register_self(), "register-self")
+        self.spawn(self.images.run(), "image-sync")
         logger.info(
             "agent %s of site %s: api http://%s, raft %s",
             config.host_id,

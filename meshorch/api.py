@@ -17,6 +17,7 @@ from aiohttp import web
 from meshorch import admission
 from meshorch.agent import Agent
 from meshorch.errors import RemoteInputError
+from meshorch.imagestore import CHUNK_BYTES, validate_digest, validate_ref
 from meshorch.join import JoinRefused, JoinRequest, check_revocation_notice
 from meshorch.site_state import (
     KV_TABLE,
@@ -92,6 +93,9 @@ def build_app(agent: Agent) -> web.Application:
     app.router.add_post("/v1/tokens", create_token)
     app.router.add_post("/v1/join", join)
     app.router.add_post("/v1/revoked", revoked)
+    app.router.add_post("/v1/images", add_image)
+    app.router.add_get("/v1/images", list_images)
+    app.router.add_get("/v1/images/blobs/{digest}", get_blob)
     return app
 
 
@@ -289,3 +293,26 @@ async def revoked(request: web.Request) -> web.Response:
         raise ApiError(403, exc.code, str(exc)) from exc
     agent.on_revoked()
     return json_response({"stopping": True})
+
+
+async def add_image(request: web.Request) -> web.Response:
+    """Body: an image archive (``podman save`` or a rootfs tar); ``?ref=name:tag``."""
+    ref = validate_ref(request.query.get("ref", ""))
+    agent = _agent(request)
+    manifest = await agent.images.add_upload(ref, request.content.iter_chunked(CHUNK_BYTES))
+    return json_response({"image": manifest.to_json()})
+
+
+async def list_images(request: web.Request) -> web.Response:
+    await _consistent_read(request)
+    agent = _agent(request)
+    return json_response({"images": agent.images.catalog(), "local": agent.images.counters()})
+
+
+async def get_blob(request: web.Request) -> web.StreamResponse:
+    digest = validate_digest(request.match_info["digest"])
+    path = _agent(request).images.blobs.path(digest)
+    if not path.exists():
+        raise ApiError(404, "not_found", f"this host does not hold {digest}")
+    # FileResponse serves HTTP Range requests, which resume broken transfers.
+    return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})

@@ -10,10 +10,11 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import uvloop
 
@@ -131,6 +132,23 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--single-use", action="store_true", help="valid for one host only")
     create.add_argument("--api", default="127.0.0.1:7700", help="the agent to ask")
     create.set_defaults(handler=run_token_create)
+
+    image = commands.add_parser("image", help="container images of a site")
+    image_commands = image.add_subparsers(dest="image_command", required=True, metavar="ACTION")
+    image_add = image_commands.add_parser(
+        "add",
+        help="add an image archive to a site",
+        description="Upload an image archive (`podman save` output, or a rootfs tar for "
+        "`podman import`) to one agent. It enters the site once; every other host copies "
+        "it from a site peer, verified by its sha256.",
+    )
+    image_add.add_argument("file", type=Path, help="the archive")
+    image_add.add_argument("--ref", required=True, help="the image's name, e.g. shop/web:1.2")
+    image_add.add_argument("--api", default="127.0.0.1:7700", help="the agent to upload to")
+    image_add.set_defaults(handler=run_image_add)
+    image_list = image_commands.add_parser("list", help="the site's images and who holds them")
+    image_list.add_argument("--api", default="127.0.0.1:7700", help="the agent to ask")
+    image_list.set_defaults(handler=run_image_list)
 
     host = commands.add_parser("host", help="manage the hosts of a site")
     host_commands = host.add_subparsers(dest="host_command", required=True, metavar="ACTION")
@@ -291,6 +309,55 @@ def run_token_create(args: argparse.Namespace) -> int:
     print(token["token"])
     use = "single use" if token["single_use"] else "reusable"
     print(f"# site {args.site}, {use}, expires {expires}", file=sys.stderr)
+    return 0
+
+
+def run_image_add(args: argparse.Namespace) -> int:
+    path: Path = args.file
+    if not path.is_file():
+        raise ConfigurationError(f"{path}: no such file")
+    size = path.stat().st_size
+
+    async def upload() -> dict[str, Any]:
+        sent = 0
+        started = time.monotonic()
+
+        async def chunks() -> AsyncIterator[bytes]:
+            nonlocal sent
+            with open(path, "rb") as handle:
+                while chunk := handle.read(1 << 20):
+                    sent += len(chunk)
+                    rate = sent / max(time.monotonic() - started, 1e-6) / 1e6
+                    print(f"\r{sent * 100 // max(size, 1):3d}% {rate:6.1f} MB/s",
+                          end="", file=sys.stderr)  # fmt: skip
+                    yield chunk
+
+        url = f"http://{args.api}/v1/images"
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(url, params={"ref": args.ref}, data=chunks()) as response,
+        ):
+            body = dict(await response.json(content_type=None))
+        print(file=sys.stderr)
+        if response.status != 200:
+            error = body.get("error", {})
+            raise ConfigurationError(f"upload refused: {error.get('code')}: {error.get('message')}")
+        return body
+
+    try:
+        body = asyncio.run(upload())
+    except aiohttp.ClientError as exc:
+        raise ConfigurationError(f"cannot reach the agent at {args.api}: {exc}") from exc
+    image = body["image"]
+    print(f"{image['ref']} {image['digest']} {image['size']} bytes")
+    return 0
+
+
+def run_image_list(args: argparse.Namespace) -> int:
+    body = _call_agent(args.api, "GET", "/v1/images")
+    for image in body["images"]:
+        holders = ", ".join(image["holders"]) or "-"
+        print(f"{image['ref']:30} {image['digest'][:19]} {image['size']:>12}  on {holders}")
     return 0
 
 

@@ -15,7 +15,8 @@ from meshorch.errors import RemoteInputError
 
 KV_TABLE = "kv"
 SYSTEM_TABLE = "sys"
-SITE_TABLES = (KV_TABLE, SYSTEM_TABLE)
+APPS_TABLE = "apps"  # applications, placements, instance status, images
+SITE_TABLES = (KV_TABLE, SYSTEM_TABLE, APPS_TABLE)
 MEMBER_PREFIX = b"member/"
 IPAM_PREFIX = b"ipam/"
 REVOKED_PREFIX = b"revoked/"

@@ -1,0 +1,210 @@
+"""The site image store: content-addressed image archives, copied between hosts.
+
+Each host keeps archives under ``blobs/sha256/<hex>``; the replicated state
+names them (``image/<ref>`` -> digest, size) and records which hosts hold
+each blob (``holder/<digest>/<host>``). An image enters the site once, at
+one host (``meshorch image add``); every other host copies it from a host
+that holds it, over the site's network, in chunks, resuming where a broken
+transfer stopped and verifying the sha256 before the blob becomes visible.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import re
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import orjson
+
+from meshorch.errors import MeshorchError, RemoteInputError
+
+logger = logging.getLogger(__name__)
+
+CHUNK_BYTES = 1 << 20
+IMAGE_PREFIX = b"image/"
+HOLDER_PREFIX = b"holder/"
+_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+_REF_RE = re.compile(r"^[a-z0-9][a-z0-9._/-]{0,127}(:[A-Za-z0-9._-]{1,64})?$")
+
+
+class ImageTransferError(MeshorchError):
+    """A blob could not be fetched from any holder, or did not match its digest."""
+
+
+def validate_digest(digest: str) -> str:
+    if not _DIGEST_RE.match(digest):
+        raise RemoteInputError("bad_digest", f"{digest!r} is not sha256:<64 hex>")
+    return digest
+
+
+def validate_ref(ref: str) -> str:
+    if not _REF_RE.match(ref):
+        raise RemoteInputError("bad_ref", f"image reference {ref!r} is not like name[:tag]")
+    return ref
+
+
+@dataclass(frozen=True)
+class ImageManifest:
+    ref: str
+    digest: str
+    size: int
+    added_by: str
+    added_at: float
+
+    def key(self) -> bytes:
+        return IMAGE_PREFIX + self.ref.encode()
+
+    def encode(self) -> bytes:
+        return orjson.dumps({"v": 1, **self.to_json()})
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "ref": self.ref,
+            "digest": self.digest,
+            "size": self.size,
+            "added_by": self.added_by,
+            "added_at": self.added_at,
+        }
+
+    @staticmethod
+    def decode(raw: bytes) -> ImageManifest:
+        data = orjson.loads(raw)
+        return ImageManifest(
+            str(data["ref"]),
+            str(data["digest"]),
+            int(data["size"]),
+            str(data["added_by"]),
+            float(data["added_at"]),
+        )
+
+
+def holder_key(digest: str, host_id: str) -> bytes:
+    return HOLDER_PREFIX + f"{digest}/{host_id}".encode()
+
+
+class BlobStore:
+    """Content-addressed files of one host. Writes go through a temp file and a rename."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._blobs = root / "blobs" / "sha256"
+        self._partial = root / "partial"
+        self._blobs.mkdir(parents=True, exist_ok=True)
+        self._partial.mkdir(parents=True, exist_ok=True)
+
+    def path(self, digest: str) -> Path:
+        return self._blobs / validate_digest(digest).removeprefix("sha256:")
+
+    def has(self, digest: str) -> bool:
+        return self.path(digest).exists()
+
+    def digests(self) -> list[str]:
+        return sorted(f"sha256:{p.name}" for p in self._blobs.iterdir())
+
+    async def add_stream(self, chunks: AsyncIterator[bytes], limit_bytes: int) -> tuple[str, int]:
+        """Store a stream; return (digest, size). Refuses more than ``limit_bytes``."""
+        hasher = hashlib.sha256()
+        size = 0
+        temp = self._partial / f"upload-{os.getpid()}-{id(chunks)}"
+        try:
+            with open(temp, "wb") as handle:
+                async for chunk in chunks:
+                    size += len(chunk)
+                    if size > limit_bytes:
+                        raise RemoteInputError(
+                            "too_large", f"images are limited to {limit_bytes} B"
+                        )
+                    hasher.update(chunk)
+                    await asyncio.to_thread(handle.write, chunk)
+            digest = f"sha256:{hasher.hexdigest()}"
+            os.replace(temp, self.path(digest))
+            return digest, size
+        finally:
+            temp.unlink(missing_ok=True)
+
+    async def add_file(self, source: Path) -> tuple[str, int]:
+        async def read() -> AsyncIterator[bytes]:
+            with open(source, "rb") as handle:
+                while chunk := await asyncio.to_thread(handle.read, CHUNK_BYTES):
+                    yield chunk
+
+        return await self.add_stream(read(), limit_bytes=1 << 40)
+
+    async def fetch(
+        self,
+        session: aiohttp.ClientSession,
+        sources: Sequence[str],
+        digest: str,
+        size: int,
+    ) -> int:
+        """Copy ``digest`` from the first source URL that serves it; return bytes fetched.
+
+        A partial download is kept and resumed (HTTP Range) from the next source.
+        """
+        if self.has(digest):
+            return 0
+        partial = self._partial / digest.removeprefix("sha256:")
+        fetched = 0
+        problems = []
+        for url in sources:
+            try:
+                fetched += await self._fetch_from(session, url, partial, size)
+            except (aiohttp.ClientError, TimeoutError, OSError, ImageTransferError) as exc:
+                problems.append(f"{url}: {exc}")
+                continue
+            if await asyncio.to_thread(_sha256_of, partial) != digest:
+                partial.unlink(missing_ok=True)
+                problems.append(f"{url}: content does not match {digest}")
+                continue
+            os.replace(partial, self.path(digest))
+            return fetched
+        raise ImageTransferError(
+            f"could not fetch {digest}: " + "; ".join(problems or ["no source"])
+        )
+
+    async def _fetch_from(
+        self, session: aiohttp.ClientSession, url: str, partial: Path, size: int
+    ) -> int:
+        have = partial.stat().st_size if partial.exists() else 0
+        if have > size:
+            partial.unlink()
+            have = 0
+        if have == size:
+            return 0
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        fetched = 0
+        async with session.get(url, headers=headers) as response:
+            if response.status not in (200, 206):
+                raise ImageTransferError(f"HTTP {response.status}")
+            if response.status == 200 and have:
+                have = 0  # the source ignored the range: start over
+            with open(partial, "r+b" if have else "wb") as handle:
+                handle.seek(have)
+                async for chunk in response.content.iter_chunked(CHUNK_BYTES):
+                    if have + fetched + len(chunk) > size:
+                        raise ImageTransferError("more bytes than the manifest says")
+                    await asyncio.to_thread(handle.write, chunk)
+                    fetched += len(chunk)
+        if have + fetched != size:
+            raise ImageTransferError(f"transfer ended at {have + fetched} of {size} bytes")
+        return fetched
+
+    def remove_partials(self) -> None:
+        for path in self._partial.iterdir():
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
+def _sha256_of(path: Path) -> str:
+    hasher = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(CHUNK_BYTES):
+            hasher.update(chunk)
+    return f"sha256:{hasher.hexdigest()}"
