@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 MAX_TOKEN_TTL_S = 30 * 24 * 3600
 ADD_MEMBER_ATTEMPTS = 20
+TOKEN_SPEND_ATTEMPTS = 8
 
 
 class SiteNotReady(JoinRefused):
@@ -119,12 +120,10 @@ async def admit(agent: Agent, request: JoinRequest, now: float) -> dict[str, str
         raise SiteNotReady("site_not_ready", "this site has no overlay network yet")
     network = SiteNetwork.decode(network_record.value)
 
-    token_key = b"token/" + request.token_id.encode()
-    token_record = view.get(SYSTEM_TABLE, token_key)
+    # The proof first: a requester without the token's secret learns nothing more.
+    token_record = view.get(SYSTEM_TABLE, b"token/" + request.token_id.encode())
     stored = TokenRecord.decode(token_record.value) if token_record else None
-    spent = check_join(request, agent.config.site, stored, now)
-    assert token_record is not None  # check_join refuses an unknown token
-
+    check_join(request, agent.config.site, stored, now)
     revoked = _revoked_keys(agent)
     if request.host_id in revoked or request.wg_public_key in revoked.values():
         raise JoinRefused("revoked_host", f"host {request.host_id} (or its key) was revoked")
@@ -132,14 +131,7 @@ async def admit(agent: Agent, request: JoinRequest, now: float) -> dict[str, str
     existing = members.get(request.host_id)
     if existing is not None and existing.wg_public_key != request.wg_public_key:
         raise JoinRefused("host_id_taken", f"host id {request.host_id} is taken by another key")
-
-    # Spend the token first: a concurrent admission with the same single-use
-    # token loses this compare-and-set.
-    (spend,) = await raft.propose(
-        [Put(SYSTEM_TABLE, token_key, spent.encode(), expect_index=token_record.mod_index)]
-    )
-    if not spend.ok:
-        raise JoinRefused("used_token", "the join token was used concurrently; get a new one")
+    await _spend_token(agent, request, now)
 
     overlay_ip = existing.overlay_ip if existing and existing.overlay_ip else None
     if overlay_ip is None:
@@ -167,6 +159,25 @@ async def admit(agent: Agent, request: JoinRequest, now: float) -> dict[str, str
     agent.spawn(_add_raft_member(agent, member), f"add-member-{member.host_id}")
     logger.info("admitted %s at %s", member.host_id, overlay_ip)
     return wrap_answer(seal(answer.encode(), request.wg_public_key), identity)
+
+
+async def _spend_token(agent: Agent, request: JoinRequest, now: float) -> None:
+    """Record the token's use by compare-and-set: of two hosts racing for a single-use
+    token one loses; hosts sharing a reusable token just retry."""
+    token_key = b"token/" + request.token_id.encode()
+    for _ in range(TOKEN_SPEND_ATTEMPTS):
+        current = agent.raft.view.get(SYSTEM_TABLE, token_key)
+        stored = TokenRecord.decode(current.value) if current else None
+        spent = check_join(request, agent.config.site, stored, now)
+        assert current is not None and stored is not None  # check_join refuses unknown tokens
+        (spend,) = await agent.raft.propose(
+            [Put(SYSTEM_TABLE, token_key, spent.encode(), expect_index=current.mod_index)]
+        )
+        if spend.ok:
+            return
+        if stored.single_use:
+            raise JoinRefused("used_token", "the single-use join token was used concurrently")
+    raise JoinRefused("busy", "too many hosts are joining with this token at once; retry")
 
 
 async def _claim_address(agent: Agent, plan: AddressPlan, request: JoinRequest) -> str:

@@ -128,6 +128,10 @@ class Agent:
         self._runner = web.AppRunner(build_app(self), access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, config.api_host, config.api_port).start()
+        if self.membership is not None and config.api_host not in ("0.0.0.0", "::"):
+            # Peers reach each other's API over the overlay (image copies, for one).
+            overlay_ip = self.membership.overlay_ip
+            await web.TCPSite(self._runner, overlay_ip, config.api_port).start()
         self.spawn(self._register_self(), "register-self")
         self.spawn(self.images.run(), "image-sync")
         logger.info(

@@ -19,6 +19,7 @@ import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
@@ -155,11 +156,12 @@ class BlobStore:
         problems = []
         for url in sources:
             try:
-                fetched += await self._fetch_from(session, url, partial, size)
+                got, actual = await self._fetch_from(session, url, partial, size)
+                fetched += got
             except (aiohttp.ClientError, TimeoutError, OSError, ImageTransferError) as exc:
                 problems.append(f"{url}: {exc}")
                 continue
-            if await asyncio.to_thread(_sha256_of, partial) != digest:
+            if actual != digest:
                 partial.unlink(missing_ok=True)
                 problems.append(f"{url}: content does not match {digest}")
                 continue
@@ -171,35 +173,49 @@ class BlobStore:
 
     async def _fetch_from(
         self, session: aiohttp.ClientSession, url: str, partial: Path, size: int
-    ) -> int:
+    ) -> tuple[int, str]:
+        """Fetch what ``partial`` lacks; return (bytes fetched, sha256 of the whole)."""
         have = partial.stat().st_size if partial.exists() else 0
         if have > size:
             partial.unlink()
             have = 0
-        if have == size:
-            return 0
-        headers = {"Range": f"bytes={have}-"} if have else {}
+        headers = {"Range": f"bytes={have}-"} if 0 < have < size else {}
+        hasher = hashlib.sha256()
         fetched = 0
+        if have == size:
+            return 0, await asyncio.to_thread(_sha256_of, partial)
         async with session.get(url, headers=headers) as response:
             if response.status not in (200, 206):
                 raise ImageTransferError(f"HTTP {response.status}")
-            if response.status == 200 and have:
+            if response.status == 200:
                 have = 0  # the source ignored the range: start over
+            elif have:
+                # Hash the kept prefix once; the rest is hashed as it arrives.
+                await asyncio.to_thread(_hash_prefix, hasher, partial, have)
             with open(partial, "r+b" if have else "wb") as handle:
                 handle.seek(have)
+                handle.truncate()
                 async for chunk in response.content.iter_chunked(CHUNK_BYTES):
                     if have + fetched + len(chunk) > size:
                         raise ImageTransferError("more bytes than the manifest says")
+                    hasher.update(chunk)
                     await asyncio.to_thread(handle.write, chunk)
                     fetched += len(chunk)
         if have + fetched != size:
             raise ImageTransferError(f"transfer ended at {have + fetched} of {size} bytes")
-        return fetched
+        return fetched, f"sha256:{hasher.hexdigest()}"
 
     def remove_partials(self) -> None:
         for path in self._partial.iterdir():
             with contextlib.suppress(OSError):
                 path.unlink()
+
+
+def _hash_prefix(hasher: Any, path: Path, length: int) -> None:
+    with open(path, "rb") as handle:
+        while length > 0 and (chunk := handle.read(min(CHUNK_BYTES, length))):
+            hasher.update(chunk)
+            length -= len(chunk)
 
 
 def _sha256_of(path: Path) -> str:

@@ -138,7 +138,12 @@ class LabAgents:
             if status and status["ready"] and any(m["host_id"] == name for m in status["members"]):
                 return status
             time.sleep(0.2)
-        raise LabError(f"agent {name} not ready within {timeout_s:g}s; see its log")
+        log_path = self.lab.store.log_path(name)
+        tail = log_path.read_text(errors="replace").splitlines()[-20:] if log_path.exists() else []
+        raise LabError(
+            f"agent {name} not ready within {timeout_s:g}s; the end of {log_path}:\n"
+            + "\n".join(tail)
+        )
 
     def create_token(self, name: str, *, single_use: bool, ttl: str) -> str:
         host = self._host(name)
