@@ -141,7 +141,8 @@ class RaftNode:
             # Send each entry at once: batching happens above, in propose().
             appendEntriesUseBatch=False,
             commandsWaitLeader=True,
-            bindAddress=self.config.bind_address,
+            # Without it pysyncobj listens on 0.0.0.0; Raft must only answer where we say.
+            bindAddress=self.config.bind_address or self.config.self_address,
             raftMinTimeout=self.config.election_timeout_min_s,
             raftMaxTimeout=self.config.election_timeout_max_s,
             appendEntriesPeriod=self.config.heartbeat_interval_s,
