@@ -1,0 +1,61 @@
+"""Runtimes: where instances actually run (podman containers or plain processes).
+
+The agent talks to a :class:`Runtime`; :class:`PodmanRuntime` runs containers
+with cgroup limits, :class:`ProcessRuntime` runs plain subprocesses (hosts
+without podman, fast tests). Errors are drawn in :mod:`meshorch.runtime.errors`.
+"""
+
+from meshorch.runtime.base import (
+    LABEL_INSTANCE,
+    LABEL_SPEC,
+    NAME_PREFIX,
+    InstanceSpec,
+    InstanceState,
+    InstanceStatus,
+    PortMapping,
+    Runtime,
+    SpecFile,
+    instance_name,
+)
+from meshorch.runtime.errors import (
+    ExecTimeout,
+    ImageError,
+    InstanceError,
+    InstanceNotFound,
+    InvalidSpec,
+    RuntimeBackendError,
+    RuntimeUnavailable,
+)
+from meshorch.runtime.images import (
+    BUSYBOX_IMAGE_REF,
+    build_busybox_rootfs,
+    ensure_busybox_image,
+)
+from meshorch.runtime.podman import PodmanRuntime
+from meshorch.runtime.process import PROCESS_IMAGE, ProcessRuntime
+
+__all__ = [
+    "BUSYBOX_IMAGE_REF",
+    "LABEL_INSTANCE",
+    "LABEL_SPEC",
+    "NAME_PREFIX",
+    "PROCESS_IMAGE",
+    "ExecTimeout",
+    "ImageError",
+    "InstanceError",
+    "InstanceNotFound",
+    "InstanceSpec",
+    "InstanceState",
+    "InstanceStatus",
+    "InvalidSpec",
+    "PodmanRuntime",
+    "PortMapping",
+    "ProcessRuntime",
+    "Runtime",
+    "RuntimeBackendError",
+    "RuntimeUnavailable",
+    "SpecFile",
+    "build_busybox_rootfs",
+    "ensure_busybox_image",
+    "instance_name",
+]

@@ -1,0 +1,534 @@
+"""A runtime of podman containers (``podman --runtime runc``).
+
+Every call is ``podman --root R --runroot RR --tmpdir RR/libpod-tmp
+--network-config-dir R/networks --runtime runc ...``: each runtime object (each
+lab host) has storage and libpod state of its own, so images really have to be
+replicated between hosts, and nothing leaks into the machine's default podman
+storage. ``--tmpdir`` and ``--network-config-dir`` are private too because
+``podman system reset`` (used by :meth:`PodmanRuntime.purge`) deletes them.
+
+Containers are named ``meshorch-{id}`` and labelled ``meshorch.instance={id}``
+and ``meshorch.spec={spec hash}``; :meth:`PodmanRuntime.list` sees only those, so
+a new runtime object (agent restart) adopts the running containers of an earlier
+one. They keep running when the agent stops: :meth:`PodmanRuntime.close` does
+nothing.
+
+Each container gets ``--ulimit nofile=1024:1024 --ulimit nproc=1024:1024``
+(without them runc cannot set the rlimits on the lab hosts), ``--pull never``
+(no registry: a missing image is an :class:`ImageError` at once, not a slow
+pull), the ``k8s-file`` log driver (``podman logs`` works without journald),
+``--memory`` with ``--memory-swap`` equal to it (the limit is hard, swap does not
+extend it) and ``--cpus`` (clamped to the host's CPU count).
+
+Network: ``--network host`` by default. The site overlay (WireGuard) is an
+interface of the host, and instances must be reachable on it; per-instance
+network isolation comes later. With host networking ports are not published:
+a ``host_port`` different from the ``container_port`` is rejected. With another
+``network`` ports are published with ``-p``.
+
+The spec's files are written under ``files_dir/meshorch-{id}/`` (default
+``R/meshorch-files``) and bind-mounted read-only; the environment goes through a
+mode-0600 ``--env-file`` so values do not appear on podman's command line.
+
+``exec`` timeout: the podman client is killed; a process it started inside the
+container may live on until it finishes by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import logging
+import math
+import os
+import re
+import shutil
+import tarfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from meshorch.runtime._proc import CommandResult, CommandTimeout, run_command
+from meshorch.runtime.base import (
+    LABEL_INSTANCE,
+    LABEL_SPEC,
+    InstanceSpec,
+    InstanceState,
+    InstanceStatus,
+    instance_name,
+)
+from meshorch.runtime.errors import (
+    ExecTimeout,
+    ImageError,
+    InstanceError,
+    InstanceNotFound,
+    InvalidSpec,
+    RuntimeBackendError,
+    RuntimeUnavailable,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ULIMITS = ("nofile=1024:1024", "nproc=1024:1024")
+DEFAULT_LOG_MAX_SIZE = "10mb"
+
+_RUNNING_STATES = frozenset({"running", "paused", "stopping"})
+_ENV_FILE_MAX_LINE = 60_000  # podman reads env files with a 64 KiB line scanner
+_NO_SUCH_CONTAINER = "no such container"
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
+def _resolve_executable(name: str, what: str) -> str:
+    if "/" in name:
+        path = Path(name)
+        if path.is_file() and os.access(path, os.X_OK):
+            return str(path)
+        raise RuntimeUnavailable(f"{what} {name!r} is not an executable file")
+    found = shutil.which(name)
+    if found is None:
+        raise RuntimeUnavailable(
+            f"{what} {name!r} not found on PATH (Debian: apt-get install podman runc)"
+        )
+    return found
+
+
+def _archive_kind(path: Path) -> str:
+    """``docker-archive``, ``oci-archive`` or ``rootfs`` (a plain filesystem tarball)."""
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            names = {name.removeprefix("./") for name in tar.getnames()}
+    except (OSError, tarfile.TarError) as exc:
+        raise ImageError(str(path), f"cannot read image archive {path}: {exc}") from exc
+    if "oci-layout" in names and "index.json" in names:
+        return "oci-archive"
+    if "manifest.json" in names:
+        return "docker-archive"
+    return "rootfs"
+
+
+def _unix_time(value: Any) -> float | None:
+    # podman reports "never" as Go's zero time, a large negative Unix time.
+    if isinstance(value, int | float) and value > 0:
+        return float(value)
+    return None
+
+
+def _mount_points_under(*dirs: Path) -> builtins.list[str]:
+    roots = [str(d.resolve()) for d in dirs]
+    points: builtins.list[str] = []
+    with open("/proc/self/mounts", encoding="utf-8") as mounts:
+        for line in mounts:
+            fields = line.split()
+            if len(fields) < 2:
+                continue
+            # /proc/self/mounts escapes space, tab, newline and backslash as octal.
+            point = _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), fields[1])
+            if any(point == r or point.startswith(r + "/") for r in roots):
+                points.append(point)
+    # Deepest first, so nested mounts come off before their parents.
+    return sorted(points, key=len, reverse=True)
+
+
+class PodmanRuntime:
+    """Runs instances as podman containers; see the module docstring."""
+
+    name = "podman"
+
+    def __init__(
+        self,
+        root: Path,
+        runroot: Path,
+        runtime: str = "runc",
+        *,
+        network: str = "host",
+        files_dir: Path | None = None,
+        podman: str = "podman",
+        ulimits: Sequence[str] = DEFAULT_ULIMITS,
+        command_timeout_s: float = 120.0,
+    ) -> None:
+        self.root = Path(root)
+        self.runroot = Path(runroot)
+        self.files_dir = Path(files_dir) if files_dir is not None else self.root / "meshorch-files"
+        for path in (self.root, self.runroot, self.files_dir):
+            # podman -v splits on ':' and --mount on ','.
+            if not path.is_absolute() or ":" in str(path) or "," in str(path):
+                raise RuntimeUnavailable(f"{path}: podman paths must be absolute, without : or ,")
+        self.network = network
+        self.ulimits = tuple(ulimits)
+        self.command_timeout_s = command_timeout_s
+        self.podman_path = _resolve_executable(podman, "podman")
+        self.runtime_path = _resolve_executable(runtime, "OCI runtime")
+        self._base = [
+            self.podman_path,
+            "--root",
+            str(self.root),
+            "--runroot",
+            str(self.runroot),
+            "--tmpdir",
+            str(self.runroot / "libpod-tmp"),
+            "--network-config-dir",
+            str(self.root / "networks"),
+            "--runtime",
+            self.runtime_path,
+        ]
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    # --- helpers --------------------------------------------------------------
+
+    async def _podman(
+        self,
+        *args: str,
+        timeout_s: float | None = None,
+        merge_stderr: bool = False,
+    ) -> CommandResult:
+        argv = [*self._base, *args]
+        logger.debug("podman %s", " ".join(args))
+        try:
+            return await run_command(
+                argv,
+                timeout_s=timeout_s if timeout_s is not None else self.command_timeout_s,
+                merge_stderr=merge_stderr,
+            )
+        except FileNotFoundError as exc:
+            raise RuntimeUnavailable(f"cannot run {self.podman_path}: {exc}") from exc
+
+    async def _podman_ok(self, *args: str, timeout_s: float | None = None) -> CommandResult:
+        try:
+            result = await self._podman(*args, timeout_s=timeout_s)
+        except CommandTimeout as exc:
+            raise RuntimeBackendError(f"podman {args[0]}: {exc}") from exc
+        if result.returncode != 0:
+            raise RuntimeBackendError(f"podman {args[0]} failed: {result.stderr_text}")
+        return result
+
+    def _lock(self, instance_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(instance_id, asyncio.Lock())
+
+    async def _inspect(self, name: str) -> dict[str, Any] | None:
+        result = await self._podman("container", "inspect", name)
+        if result.returncode != 0:
+            if _NO_SUCH_CONTAINER in result.stderr_text:
+                return None
+            raise RuntimeBackendError(f"podman inspect {name}: {result.stderr_text}")
+        data = orjson.loads(result.stdout)
+        if not isinstance(data, builtins.list) or not data:
+            return None
+        first: dict[str, Any] = data[0]
+        return first
+
+    async def inspect(self, instance_id: str) -> dict[str, Any]:
+        """``podman container inspect`` of the instance (for diagnostics and tests)."""
+        data = await self._inspect(instance_name(instance_id))
+        if data is None:
+            raise InstanceNotFound(instance_id, f"no container for {instance_id!r}")
+        return data
+
+    async def _rm(self, name: str, stop_timeout_s: float) -> None:
+        result = await self._podman(
+            "rm",
+            "--force",
+            "--time",
+            str(math.ceil(stop_timeout_s)),
+            name,
+            timeout_s=stop_timeout_s + self.command_timeout_s,
+        )
+        if result.returncode != 0:
+            raise RuntimeBackendError(f"podman rm {name}: {result.stderr_text}")
+
+    def _check_spec(self, spec: InstanceSpec) -> None:
+        if self.network == "host":
+            for port in spec.ports:
+                if port.host_port not in (None, port.container_port):
+                    raise InvalidSpec(
+                        f"{spec.instance_id}: with host networking port {port.container_port} "
+                        f"cannot be published as {port.host_port}"
+                    )
+        for spec_file in spec.files:
+            if ":" in spec_file.path or "," in spec_file.path:
+                raise InvalidSpec(f"{spec.instance_id}: podman cannot mount {spec_file.path!r}")
+
+    def _write_instance_dir(
+        self, spec: InstanceSpec
+    ) -> tuple[Path | None, builtins.list[str], builtins.list[tuple[Path, str]]]:
+        """Write files and env-file; return (env file, env args, (host, container) mounts)."""
+        directory = self.files_dir / spec.name
+        shutil.rmtree(directory, ignore_errors=True)
+        (directory / "files").mkdir(parents=True, mode=0o700)
+        mounts: builtins.list[tuple[Path, str]] = []
+        # Stored by index: the host path then never needs escaping.
+        for index, spec_file in enumerate(spec.files):
+            host_path = directory / "files" / str(index)
+            host_path.write_bytes(spec_file.content)
+            host_path.chmod(0o644)
+            mounts.append((host_path, spec_file.path))
+        lines: builtins.list[str] = []
+        env_args: builtins.list[str] = []
+        for key, value in spec.env.items():
+            line = f"{key}={value}"
+            if "\n" in value or "\r" in value or len(line) > _ENV_FILE_MAX_LINE:
+                env_args += ["--env", line]  # an env file cannot hold these
+            else:
+                lines.append(line)
+        env_file: Path | None = None
+        if lines:
+            env_file = directory / "env"
+            fd = os.open(env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write("\n".join(lines) + "\n")
+        return env_file, env_args, mounts
+
+    def _run_args(
+        self,
+        spec: InstanceSpec,
+        spec_hash: str,
+        env_file: Path | None,
+        env_args: Sequence[str],
+        mounts: Sequence[tuple[Path, str]],
+    ) -> builtins.list[str]:
+        args = [
+            "run",
+            "--detach",
+            "--name",
+            spec.name,
+            "--label",
+            f"{LABEL_INSTANCE}={spec.instance_id}",
+            "--label",
+            f"{LABEL_SPEC}={spec_hash}",
+            "--pull",
+            "never",
+            "--log-driver",
+            "k8s-file",
+            "--log-opt",
+            f"max-size={DEFAULT_LOG_MAX_SIZE}",
+            "--network",
+            self.network,
+        ]
+        for key, value in spec.labels.items():
+            args += ["--label", f"{key}={value}"]
+        if self.network != "host":
+            for port in spec.ports:
+                published = f"{port.container_port}/{port.protocol}"
+                if port.host_port is not None:
+                    published = f"{port.host_port}:{published}"
+                args += ["--publish", published]
+        for ulimit in self.ulimits:
+            args += ["--ulimit", ulimit]
+        if spec.memory_limit_bytes is not None:
+            limit = str(spec.memory_limit_bytes)
+            args += ["--memory", limit, "--memory-swap", limit]
+        if spec.cpu_limit is not None:
+            cpus = min(spec.cpu_limit, float(os.cpu_count() or 1))
+            args += ["--cpus", f"{cpus:.3f}"]
+        if env_file is not None:
+            args += ["--env-file", str(env_file)]
+        args += env_args
+        for host_path, container_path in mounts:
+            args += ["--volume", f"{host_path}:{container_path}:ro"]
+        args.append(spec.image)
+        args += spec.command
+        return args
+
+    # --- Runtime ----------------------------------------------------------------
+
+    async def start(self, spec: InstanceSpec, stop_timeout_s: float = 10) -> None:
+        """Run ``spec``; an exited container or one of another spec is replaced.
+
+        ``stop_timeout_s`` bounds the graceful stop of a container being replaced.
+        """
+        self._check_spec(spec)
+        spec_hash = spec.spec_hash
+        async with self._lock(spec.instance_id):
+            existing = await self._inspect(spec.name)
+            if existing is not None:
+                labels = (existing.get("Config") or {}).get("Labels") or {}
+                status = (existing.get("State") or {}).get("Status")
+                if status in _RUNNING_STATES and labels.get(LABEL_SPEC) == spec_hash:
+                    return
+                logger.info("replacing container %s (state %s)", spec.name, status)
+                await self._rm(spec.name, stop_timeout_s)
+            env_file, env_args, mounts = await asyncio.to_thread(self._write_instance_dir, spec)
+            args = self._run_args(spec, spec_hash, env_file, env_args, mounts)
+            try:
+                result = await self._podman(*args)
+            except CommandTimeout as exc:
+                await self._rm(spec.name, 0)
+                raise InstanceError(spec.instance_id, f"podman run: {exc}") from exc
+            if result.returncode != 0:
+                # A failed run can leave a created container behind; start clean next time.
+                await self._rm(spec.name, 0)
+                message = f"podman run {spec.name} failed: {result.stderr_text}"
+                if "image not known" in result.stderr_text:
+                    raise ImageError(spec.image, message)
+                raise InstanceError(spec.instance_id, message)
+            logger.info("started container %s (%s)", spec.name, spec.image)
+
+    async def stop(self, instance_id: str, timeout_s: float = 10) -> None:
+        name = instance_name(instance_id)
+        async with self._lock(instance_id):
+            try:
+                result = await self._podman(
+                    "stop",
+                    "--time",
+                    str(math.ceil(timeout_s)),
+                    name,
+                    timeout_s=timeout_s + self.command_timeout_s,
+                )
+            except CommandTimeout as exc:
+                raise InstanceError(instance_id, f"podman stop: {exc}") from exc
+            if result.returncode != 0 and _NO_SUCH_CONTAINER not in result.stderr_text:
+                raise InstanceError(instance_id, f"podman stop {name}: {result.stderr_text}")
+
+    async def remove(self, instance_id: str) -> None:
+        name = instance_name(instance_id)
+        async with self._lock(instance_id):
+            await self._rm(name, 0)
+            await asyncio.to_thread(shutil.rmtree, self.files_dir / name, ignore_errors=True)
+
+    async def list(self) -> builtins.list[InstanceStatus]:
+        result = await self._podman_ok(
+            "ps", "--all", "--filter", f"label={LABEL_INSTANCE}", "--format", "json"
+        )
+        containers = orjson.loads(result.stdout) if result.stdout.strip() else []
+        statuses: builtins.list[InstanceStatus] = []
+        for c in containers:
+            labels = c.get("Labels") or {}
+            instance_id = labels.get(LABEL_INSTANCE)
+            names = c.get("Names") or []
+            # Only what we created: the label and the name must agree.
+            if not instance_id or instance_name(instance_id) not in names:
+                continue
+            state = str(c.get("State", ""))
+            if state == "removing":
+                continue
+            running = state in _RUNNING_STATES
+            exited = state in ("exited", "stopped")
+            pid = c.get("Pid")
+            statuses.append(
+                InstanceStatus(
+                    instance_id=instance_id,
+                    state=InstanceState.RUNNING if running else InstanceState.EXITED,
+                    spec_hash=labels.get(LABEL_SPEC),
+                    image=c.get("Image"),
+                    exit_code=int(c.get("ExitCode", 0)) if exited else None,
+                    started_at=_unix_time(c.get("StartedAt")),
+                    finished_at=None if running else _unix_time(c.get("ExitedAt")),
+                    pid=pid if running and isinstance(pid, int) and pid > 0 else None,
+                )
+            )
+        return statuses
+
+    async def exec(self, instance_id: str, argv: Sequence[str], timeout_s: float) -> int:
+        if not argv:
+            raise InvalidSpec("exec needs a command")
+        try:
+            result = await self._podman(
+                "exec", instance_name(instance_id), *argv, timeout_s=timeout_s
+            )
+        except CommandTimeout as exc:
+            raise ExecTimeout(instance_id, f"exec in {instance_id}: {exc}") from exc
+        # 125 is podman's own failure; the command's 125 would come without "Error:".
+        if result.returncode == 125 and result.stderr_text.startswith("Error:"):
+            if _NO_SUCH_CONTAINER in result.stderr_text:
+                raise InstanceNotFound(instance_id, f"no container for {instance_id!r}")
+            raise InstanceError(instance_id, f"podman exec: {result.stderr_text}")
+        return result.returncode
+
+    async def logs(self, instance_id: str, tail: int) -> str:
+        if tail <= 0:
+            return ""
+        try:
+            result = await self._podman(
+                "logs", "--tail", str(tail), instance_name(instance_id), merge_stderr=True
+            )
+        except CommandTimeout as exc:
+            raise InstanceError(instance_id, f"podman logs: {exc}") from exc
+        text = result.stdout.decode(errors="replace")
+        if result.returncode != 0:
+            if _NO_SUCH_CONTAINER in text:
+                raise InstanceNotFound(instance_id, f"no container for {instance_id!r}")
+            raise InstanceError(instance_id, f"podman logs: {text.strip()}")
+        return text
+
+    async def has_image(self, ref: str) -> bool:
+        result = await self._podman("image", "exists", ref)
+        if result.returncode in (0, 1):
+            return result.returncode == 0
+        raise ImageError(ref, f"podman image exists {ref}: {result.stderr_text}")
+
+    async def load_image(self, archive_path: Path, ref: str) -> None:
+        """Load ``ref`` from a docker/OCI archive (``podman save``) or a rootfs tarball."""
+        archive_path = Path(archive_path)
+        kind = await asyncio.to_thread(_archive_kind, archive_path)
+        if kind == "rootfs":
+            await self.import_rootfs(archive_path, ref)
+            return
+        try:
+            result = await self._podman("load", "--input", str(archive_path))
+        except CommandTimeout as exc:
+            raise ImageError(ref, f"podman load {archive_path}: {exc}") from exc
+        if result.returncode != 0:
+            raise ImageError(ref, f"podman load {archive_path}: {result.stderr_text}")
+        loaded: builtins.list[str] = []
+        for line in result.stdout.decode(errors="replace").splitlines():
+            if line.startswith("Loaded image"):
+                loaded += [n.strip() for n in line.split(":", 1)[1].split(",") if n.strip()]
+        if not loaded:
+            raise ImageError(ref, f"podman load {archive_path} reported no image")
+        if ref not in loaded:
+            tag = await self._podman("tag", loaded[0], ref)
+            if tag.returncode != 0:
+                raise ImageError(ref, f"podman tag {loaded[0]} {ref}: {tag.stderr_text}")
+        logger.info("loaded image %s from %s (%s)", ref, archive_path, kind)
+
+    async def import_rootfs(self, tar_path: Path, ref: str) -> str:
+        """Create image ``ref`` from a filesystem tarball; returns the image id."""
+        try:
+            result = await self._podman("import", "--quiet", str(tar_path), ref)
+        except CommandTimeout as exc:
+            raise ImageError(ref, f"podman import {tar_path}: {exc}") from exc
+        if result.returncode != 0:
+            raise ImageError(ref, f"podman import {tar_path}: {result.stderr_text}")
+        image_id = result.stdout.decode().strip().splitlines()[-1]
+        logger.info("imported %s as %s (%s)", tar_path, ref, image_id)
+        return image_id
+
+    async def save_image(self, ref: str, archive_path: Path) -> None:
+        """Write ``ref`` as a docker-archive (what :meth:`load_image` reads on a peer)."""
+        archive_path = Path(archive_path)
+        partial = archive_path.with_name(archive_path.name + ".partial")
+        partial.unlink(missing_ok=True)
+        try:
+            result = await self._podman(
+                "save", "--format", "docker-archive", "--output", str(partial), ref
+            )
+        except CommandTimeout as exc:
+            raise ImageError(ref, f"podman save {ref}: {exc}") from exc
+        if result.returncode != 0:
+            partial.unlink(missing_ok=True)
+            raise ImageError(ref, f"podman save {ref}: {result.stderr_text}")
+        # Readers never see a half-written archive.
+        partial.replace(archive_path)
+
+    async def close(self) -> None:
+        """Nothing to release: containers outlive the agent and are adopted by label."""
+
+    async def purge(self) -> None:
+        """Destroy everything of this runtime: containers, images, storage directories.
+
+        For tests and lab teardown. ``podman system reset`` unmounts what the
+        storage driver mounted; anything left under the directories is unmounted
+        before they are deleted.
+        """
+        if self.root.exists():
+            await self._podman("rm", "--all", "--force", "--time", "0")
+            reset = await self._podman("system", "reset", "--force")
+            if reset.returncode != 0:
+                logger.warning("podman system reset: %s", reset.stderr_text)
+        for point in await asyncio.to_thread(_mount_points_under, self.root, self.runroot):
+            result = await run_command(["umount", "--lazy", point], timeout_s=30)
+            if result.returncode != 0:
+                logger.warning("umount %s: %s", point, result.stderr_text)
+        for path in (self.files_dir, self.root, self.runroot):
+            await asyncio.to_thread(shutil.rmtree, path, ignore_errors=True)
