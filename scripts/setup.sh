@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-LAB_PACKAGES=(iproute2 iptables nftables wireguard-go wireguard-tools procps)
+LAB_PACKAGES=(iproute2 iptables nftables wireguard-go wireguard-tools procps podman runc busybox-static)
 BENCH_PACKAGES=(etcd-server etcd-client)
 
 want_apt=()
