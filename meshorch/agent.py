@@ -21,6 +21,7 @@ from aiohttp import web
 
 from meshorch.admission import SiteNetwork
 from meshorch.agent_config import AgentConfig, check_identity, resolve_password, store_password
+from meshorch.controller import SiteController
 from meshorch.errors import ConfigurationError
 from meshorch.images import SiteImages
 from meshorch.mesh import (
@@ -34,7 +35,10 @@ from meshorch.mesh import (
     discover_existing_site,
     join_membership,
 )
+from meshorch.reconciler import HostReconciler
+from meshorch.runtime import Runtime
 from meshorch.site_state import (
+    APPS_TABLE,
     MEMBER_PREFIX,
     SITE_IDENTITY_KEY,
     SITE_NETWORK_KEY,
@@ -42,6 +46,8 @@ from meshorch.site_state import (
     SYSTEM_TABLE,
     MemberRecord,
 )
+from meshorch.workload_settings import WorkloadSettings, make_runtime
+from meshorch.workloads import encode_hostinfo, hostinfo_key
 from netmesh import KeyPair, load_or_create_keypair
 from raft import Put, RaftConfig, RaftNode, local_preset
 from raft.errors import ProposalError
@@ -54,9 +60,16 @@ REGISTER_RETRY_S = 0.5
 class Agent:
     """Async context manager: ``async with Agent(config) as agent: ...``."""
 
-    def __init__(self, config: AgentConfig, mesh: MeshSettings | None = None) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        mesh: MeshSettings | None = None,
+        workloads: WorkloadSettings | None = None,
+    ) -> None:
         config.validate()
         self.config = config
+        self.workloads = workloads or WorkloadSettings()
+        self.runtime: Runtime | None = None
         self.mesh_settings = mesh
         self.membership: Membership | None = None
         self.mesh: MeshService | None = None
@@ -134,6 +147,9 @@ class Agent:
             await web.TCPSite(self._runner, overlay_ip, config.api_port).start()
         self.spawn(self._register_self(), "register-self")
         self.spawn(self.images.run(), "image-sync")
+        self.runtime = make_runtime(self.workloads.runtime, config.data_dir)
+        self.spawn(HostReconciler(self, self.runtime).run(), "reconcile")
+        self.spawn(SiteController(self).run(), "controller")
         logger.info(
             "agent %s of site %s: api http://%s, raft %s",
             config.host_id,
@@ -150,6 +166,8 @@ class Agent:
                 await task
         if self._runner is not None:
             await self._runner.cleanup()
+        if self.runtime is not None:
+            await self.runtime.close()
         if self._raft is not None:
             await self._raft.stop()
         if self.mesh is not None:
@@ -204,6 +222,12 @@ class Agent:
 
     # -- replicated state ----------------------------------------------------------
 
+    def reachable_hosts(self) -> set[str]:
+        """Hosts this agent hears from over Raft right now (itself included)."""
+        reachable = self.raft.reachable()
+        alive = {m.host_id for m in self.members() if m.raft in reachable}
+        return alive | {self.config.host_id}
+
     def members(self) -> list[MemberRecord]:
         records, _ = self.raft.view.scan(SYSTEM_TABLE, MEMBER_PREFIX, 10_000)
         return [MemberRecord.decode(record.value) for _, record in records]
@@ -227,13 +251,22 @@ class Agent:
     async def _register_self(self) -> None:
         """Record this host (and, on a new site, its identity) in the replicated state."""
         me = self._self_record()
+        host = self.workloads.host_info(self.config.host_id)
+        info = Put(APPS_TABLE, hostinfo_key(host.host_id), encode_hostinfo(host))
         pending = self._pending_site_writes()
         while True:
             current = self.raft.view.get(SYSTEM_TABLE, me.key())
-            if not pending and current is not None and MemberRecord.decode(current.value) == me:
+            known = self.raft.view.get(APPS_TABLE, info.key)
+            if (
+                not pending
+                and current is not None
+                and MemberRecord.decode(current.value) == me
+                and known is not None
+                and known.value == info.value
+            ):
                 return
             try:
-                await self.raft.propose([*pending, Put(SYSTEM_TABLE, me.key(), me.encode())])
+                await self.raft.propose([*pending, Put(SYSTEM_TABLE, me.key(), me.encode()), info])
                 logger.info("registered %s in the site state", me.host_id)
                 (self.config.data_dir / PENDING_IDENTITY_FILE).unlink(missing_ok=True)
                 pending = []

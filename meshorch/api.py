@@ -16,16 +16,32 @@ from aiohttp import web
 
 from meshorch import admission
 from meshorch.agent import Agent
+from meshorch.appspec import AppSpec, SpecError, parse_app_spec, spec_digest, to_json
 from meshorch.errors import RemoteInputError
 from meshorch.imagestore import CHUNK_BYTES, validate_digest, validate_ref
 from meshorch.join import JoinRefused, JoinRequest, check_revocation_notice
 from meshorch.site_state import (
+    APPS_TABLE,
     KV_TABLE,
     MAX_VALUE_BYTES,
     SYSTEM_TABLE,
     parse_member_request,
     validate_host_id,
     validate_kv_key,
+)
+from meshorch.workloads import (
+    APP_PREFIX,
+    EVENT_PREFIX,
+    INST_PREFIX,
+    STATUS_PREFIX,
+    InstanceReport,
+    app_key,
+    appver_key,
+    decode_placement,
+    decode_rollout,
+    decode_spec,
+    encode_spec,
+    rollout_key,
 )
 from raft import Delete, Put
 from raft.errors import NotCommittedError, OutcomeUnknownError
@@ -93,6 +109,10 @@ def build_app(agent: Agent) -> web.Application:
     app.router.add_post("/v1/tokens", create_token)
     app.router.add_post("/v1/join", join)
     app.router.add_post("/v1/revoked", revoked)
+    app.router.add_post("/v1/apps", apply_app)
+    app.router.add_get("/v1/apps", list_apps)
+    app.router.add_get("/v1/apps/{name}", get_app)
+    app.router.add_delete("/v1/apps/{name}", delete_app)
     app.router.add_post("/v1/images", add_image)
     app.router.add_get("/v1/images", list_images)
     app.router.add_get("/v1/images/blobs/{digest}", get_blob)
@@ -316,3 +336,119 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
         raise ApiError(404, "not_found", f"this host does not hold {digest}")
     # FileResponse serves HTTP Range requests, which resume broken transfers.
     return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
+
+
+MAX_SPEC_BODY = 1 << 20
+
+
+async def apply_app(request: web.Request) -> web.Response:
+    """Body: an application spec, YAML or JSON. A new version starts a rolling upgrade."""
+    body = await request.content.read(MAX_SPEC_BODY + 1)
+    try:
+        spec = parse_app_spec(body)
+    except SpecError as exc:
+        return json_response(
+            {"error": {"code": "bad_spec", "message": str(exc), "problems": exc.problems}}, 400
+        )
+    agent = _agent(request)
+    await agent.raft.barrier()
+    view = agent.raft.view
+    encoded = encode_spec(spec)
+    known = view.get(APPS_TABLE, appver_key(spec.name, spec.version))
+    if known is not None and spec_digest(decode_spec(known.value)) != spec_digest(spec):
+        raise ApiError(
+            409,
+            "version_exists",
+            f"{spec.name} version {spec.version} exists with other content; bump the version",
+        )
+    await agent.raft.propose(
+        [
+            Put(APPS_TABLE, appver_key(spec.name, spec.version), encoded),
+            Put(APPS_TABLE, app_key(spec.name), encoded),
+        ],
+        idempotent=True,
+    )
+    return json_response({"app": spec.name, "version": spec.version, "digest": spec_digest(spec)})
+
+
+def _scan_json(agent: Agent, prefix: bytes) -> list[bytes]:
+    records, _ = agent.raft.view.scan(APPS_TABLE, prefix, 1_000_000)
+    return [r.value for _, r in records]
+
+
+def _app_view(agent: Agent, spec: AppSpec) -> dict[str, object]:
+    placements = [
+        p for p in map(decode_placement, _scan_json(agent, INST_PREFIX)) if p.app == spec.name
+    ]
+    reports = {
+        r.instance_id: r for r in map(InstanceReport.decode, _scan_json(agent, STATUS_PREFIX))
+    }
+    instances = []
+    for placement in placements:
+        report = reports.get(placement.instance_id)
+        current = report is not None and report.host_id == placement.host_id
+        instances.append(
+            {
+                "instance_id": placement.instance_id,
+                "service": placement.service,
+                "host": placement.host_id,
+                "version": placement.version,
+                "state": report.state if report and current else "pending",
+                "ready": bool(report and current and report.ready
+                              and report.version == placement.version),
+                "restarts": report.restarts if report and current else 0,
+                "message": report.message if report and current else "",
+            }
+        )  # fmt: skip
+    rollout_record = agent.raft.view.get(APPS_TABLE, rollout_key(spec.name))
+    rollout = decode_rollout(rollout_record.value) if rollout_record else None
+    return {
+        "name": spec.name,
+        "version": spec.version,
+        "digest": spec_digest(spec),
+        "instances": instances,
+        "ready": sum(1 for i in instances if i["ready"]),
+        "rollout": None
+        if rollout is None
+        else {
+            "phase": rollout.phase,
+            "from": rollout.from_version,
+            "to": rollout.to_version,
+            "reason": rollout.reason,
+        },
+    }
+
+
+async def list_apps(request: web.Request) -> web.Response:
+    await _consistent_read(request)
+    agent = _agent(request)
+    specs = [decode_spec(raw) for raw in _scan_json(agent, APP_PREFIX)]
+    return json_response({"apps": [_app_view(agent, spec) for spec in specs]})
+
+
+async def get_app(request: web.Request) -> web.Response:
+    await _consistent_read(request)
+    agent = _agent(request)
+    name = request.match_info["name"]
+    record = agent.raft.view.get(APPS_TABLE, app_key(name))
+    if record is None:
+        raise ApiError(404, "not_found", f"no application {name!r}")
+    spec = decode_spec(record.value)
+    events_prefix = EVENT_PREFIX + f"{name}/".encode()
+    events = [orjson.loads(raw) for raw in _scan_json(agent, events_prefix)][-50:]
+    for event in events:
+        event.pop("v", None)
+    return json_response({**_app_view(agent, spec), "spec": to_json(spec), "events": events})
+
+
+async def delete_app(request: web.Request) -> web.Response:
+    agent = _agent(request)
+    name = request.match_info["name"]
+    await agent.raft.barrier()
+    if agent.raft.view.get(APPS_TABLE, app_key(name)) is None:
+        raise ApiError(404, "not_found", f"no application {name!r}")
+    await agent.raft.propose(
+        [Delete(APPS_TABLE, app_key(name)), Delete(APPS_TABLE, rollout_key(name))],
+        idempotent=True,
+    )
+    return json_response({"deleted": name})

@@ -28,6 +28,7 @@ from meshorch.mesh import (
     MeshSettings,
     detect_lan_ip,
 )
+from meshorch.workload_settings import RUNTIMES, WorkloadSettings, parse_labels, parse_size
 
 logger = logging.getLogger("meshorch")
 
@@ -112,6 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long to look for the site's hosts on the LAN",
     )
+    work = agent.add_argument_group("workloads", "what this host offers to run applications")
+    work.add_argument(
+        "--runtime",
+        choices=list(RUNTIMES),
+        default="auto",
+        help="podman containers, or plain processes (auto: podman when root and installed)",
+    )
+    work.add_argument(
+        "--label", action="append", default=[], metavar="KEY=VALUE", help="a host label"
+    )
+    work.add_argument("--cpu", type=float, help="CPU cores offered (default: all)")
+    work.add_argument("--memory", help="memory offered, e.g. 2Gi (default: all)")
     agent.add_argument(
         "--preset",
         choices=["lan", "local"],
@@ -132,6 +145,30 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--single-use", action="store_true", help="valid for one host only")
     create.add_argument("--api", default="127.0.0.1:7700", help="the agent to ask")
     create.set_defaults(handler=run_token_create)
+
+    app = commands.add_parser("app", help="applications of a site")
+    app_commands = app.add_subparsers(dest="app_command", required=True, metavar="ACTION")
+    apply = app_commands.add_parser(
+        "apply",
+        help="create or upgrade an application from its spec",
+        description="Send an application spec (YAML or JSON, see docs/app-spec.md) to an "
+        "agent. A new version rolls out host by host and rolls back by itself if it fails "
+        "its health gate.",
+    )
+    apply.add_argument("-f", "--file", type=Path, required=True, help="the spec")
+    apply.add_argument("--agent", default="127.0.0.1:7700", help="an agent of the site")
+    apply.set_defaults(handler=run_app_apply)
+    app_list = app_commands.add_parser("list", help="applications and their readiness")
+    app_list.add_argument("--agent", default="127.0.0.1:7700", help="an agent of the site")
+    app_list.set_defaults(handler=run_app_list)
+    show = app_commands.add_parser("show", help="an application's instances and events")
+    show.add_argument("name")
+    show.add_argument("--agent", default="127.0.0.1:7700", help="an agent of the site")
+    show.set_defaults(handler=run_app_show)
+    delete = app_commands.add_parser("delete", help="stop and remove an application")
+    delete.add_argument("name")
+    delete.add_argument("--agent", default="127.0.0.1:7700", help="an agent of the site")
+    delete.set_defaults(handler=run_app_delete)
 
     image = commands.add_parser("image", help="container images of a site")
     image_commands = image.add_subparsers(dest="image_command", required=True, metavar="ACTION")
@@ -234,6 +271,12 @@ def run_agent(args: argparse.Namespace) -> int:
         preset=args.preset,
     )
     config.validate()
+    workloads = WorkloadSettings(
+        runtime=args.runtime,
+        cpu_millis=int(args.cpu * 1000) if args.cpu else None,
+        memory_bytes=parse_size(args.memory) if args.memory else None,
+        labels=parse_labels(args.label),
+    )
     revoked = False
 
     async def serve() -> None:
@@ -242,7 +285,7 @@ def run_agent(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        async with Agent(config, mesh) as agent:
+        async with Agent(config, mesh, workloads) as agent:
             stopped = asyncio.create_task(stop.wait())
             revoked_wait = asyncio.create_task(agent.revoked.wait())
             await asyncio.wait({stopped, revoked_wait}, return_when=asyncio.FIRST_COMPLETED)
@@ -309,6 +352,65 @@ def run_token_create(args: argparse.Namespace) -> int:
     print(token["token"])
     use = "single use" if token["single_use"] else "reusable"
     print(f"# site {args.site}, {use}, expires {expires}", file=sys.stderr)
+    return 0
+
+
+def _agent_address(text: str) -> str:
+    return text.removeprefix("http://").rstrip("/")
+
+
+def run_app_apply(args: argparse.Namespace) -> int:
+    path: Path = args.file
+    try:
+        body = path.read_bytes()
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read {path}: {exc}") from exc
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"http://{_agent_address(args.agent)}/v1/apps", data=body, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            result = orjson.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        error = orjson.loads(exc.read()).get("error", {})
+        print(f"meshorch: {path}: {error.get('message', exc)}", file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError) as exc:
+        raise ConfigurationError(f"cannot reach the agent at {args.agent}: {exc}") from exc
+    print(f"{result['app']} version {result['version']} applied ({result['digest'][:19]})")
+    return 0
+
+
+def run_app_list(args: argparse.Namespace) -> int:
+    body = _call_agent(_agent_address(args.agent), "GET", "/v1/apps")
+    print(f"{'APP':20} {'VERSION':10} {'READY':>7}  ROLLOUT")
+    for app in body["apps"]:
+        rollout = app["rollout"]
+        phase = f"{rollout['phase']} {rollout['from']}->{rollout['to']}" if rollout else "-"
+        ready = f"{app['ready']}/{len(app['instances'])}"
+        print(f"{app['name']:20} {app['version']:10} {ready:>7}  {phase}")
+    return 0
+
+
+def run_app_show(args: argparse.Namespace) -> int:
+    app = _call_agent(_agent_address(args.agent), "GET", f"/v1/apps/{args.name}")
+    print(f"{app['name']} version {app['version']}, {app['ready']} ready")
+    print(f"  {'INSTANCE':28} {'HOST':10} {'VERSION':9} {'STATE':9} READY RESTARTS")
+    for i in app["instances"]:
+        print(f"  {i['instance_id']:28} {i['host']:10} {i['version']:9} {i['state']:9} "
+              f"{i['ready']!s:5} {i['restarts']:>8}  {i['message']}")  # fmt: skip
+    for event in app["events"][-10:]:
+        when = time.strftime("%H:%M:%S", time.localtime(event["at"]))
+        print(f"  {when} {event['kind']}: {event['detail']}")
+    return 0
+
+
+def run_app_delete(args: argparse.Namespace) -> int:
+    _call_agent(_agent_address(args.agent), "DELETE", f"/v1/apps/{args.name}")
+    print(f"deleted {args.name}")
     return 0
 
 

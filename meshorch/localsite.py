@@ -65,6 +65,7 @@ class LocalSite:
     site: str = "demo"
     root: Path | None = None
     log_level: str = "info"
+    runtime: str = "process"
     members: list[LocalHost] = field(default_factory=list)
     _own_root: bool = False
 
@@ -94,6 +95,7 @@ class LocalSite:
             "--site", self.site, "--host-id", host.host_id,
             "--data-dir", str(host.data_dir), "--api", host.api, "--raft", host.raft,
             "--cluster-password-file", str(self.password_file), "--preset", "local",
+            "--runtime", self.runtime,
         ]  # fmt: skip
         for peer in host.peers:
             command += ["--peer", peer]

@@ -348,6 +348,21 @@ class RaftNode:
 
     # -- status ----------------------------------------------------------------
 
+    def reachable(self) -> frozenset[str]:
+        """Members this node has a live Raft connection to, its own address included.
+
+        A member whose process died drops its connection at once, so the leader
+        learns of a dead host well before any timeout.
+        """
+        syncobj = self._syncobj
+        if syncobj is None:
+            return frozenset()
+        try:
+            others = [n for n in syncobj.otherNodes if syncobj.isNodeConnected(n)]
+        except RuntimeError:  # the set changed under us on the pysyncobj thread
+            return frozenset({self.config.self_address})
+        return frozenset({self.config.self_address, *(n.address for n in others)})
+
     def status(self) -> RaftStatus:
         with self._status_lock:
             status = self._status

@@ -1,0 +1,176 @@
+"""The site controller: run by the Raft leader, it decides where instances run.
+
+Every tick it reads the desired applications, the hosts (their capacity and
+labels, alive when the leader hears from them over Raft), the placements and
+the instances' reports; steps each app's rolling upgrade (``meshorch.rollout``);
+runs the scheduler (``meshorch.scheduler``); and commits the differences, with
+the events, in one Raft entry. A host that dies is noticed when its Raft
+connection drops, and its instances are placed elsewhere on the next tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import orjson
+
+from meshorch.appspec import AppSpec
+from meshorch.rollout import (
+    InstanceHealth,
+    RolloutEvent,
+    RolloutState,
+    UpgradeInstance,
+    new_instance_version,
+    start_rollout,
+    step,
+)
+from meshorch.scheduler import HostInfo, Placement, schedule
+from meshorch.site_state import APPS_TABLE
+from meshorch.workloads import (
+    APP_PREFIX,
+    HOSTINFO_PREFIX,
+    INST_PREFIX,
+    ROLLOUT_PREFIX,
+    STATUS_PREFIX,
+    InstanceReport,
+    decode_hostinfo,
+    decode_placement,
+    decode_rollout,
+    decode_spec,
+    encode_placement,
+    encode_rollout,
+    event_key,
+    inst_key,
+    rollout_key,
+)
+from raft import Delete, Put
+from raft.errors import ProposalError
+
+if TYPE_CHECKING:
+    from meshorch.agent import Agent
+
+logger = logging.getLogger(__name__)
+
+TICK_S = 0.2
+GATE_TIMEOUT_S = 20.0
+MIN_READY_S = 1.0
+
+
+class SiteController:
+    def __init__(self, agent: Agent, clock: Callable[[], float] = time.time) -> None:
+        self.agent = agent
+        self.clock = clock
+        self._event_seq = itertools.count(int(clock() * 1000) * 1000)
+        self._unplaced: dict[str, str] = {}
+
+    async def run(self) -> None:
+        while True:
+            if self.agent.raft.status().is_leader:
+                try:
+                    await self.tick()
+                except ProposalError as exc:
+                    logger.warning("controller: %s", exc)
+                except Exception:
+                    logger.exception("controller tick failed")
+            await asyncio.sleep(TICK_S)
+
+    def _scan(self, prefix: bytes) -> list[bytes]:
+        records, _ = self.agent.raft.view.scan(APPS_TABLE, prefix, 1_000_000)
+        return [record.value for _, record in records]
+
+    def hosts(self) -> list[HostInfo]:
+        alive = self.agent.reachable_hosts()
+        raws = self._scan(HOSTINFO_PREFIX)
+        return [decode_hostinfo(raw, alive=raw_host in alive) for raw, raw_host in
+                ((raw, orjson.loads(raw)["host_id"]) for raw in raws)]  # fmt: skip
+
+    async def tick(self) -> None:
+        now = self.clock()
+        apps = {spec.name: spec for spec in map(decode_spec, self._scan(APP_PREFIX))}
+        current = {p.instance_id: p for p in map(decode_placement, self._scan(INST_PREFIX))}
+        reports = {r.instance_id: r for r in map(InstanceReport.decode, self._scan(STATUS_PREFIX))}
+        rollouts = {r.app: r for r in map(decode_rollout, self._scan(ROLLOUT_PREFIX))}
+        ops: list[Put | Delete] = []
+        events: list[RolloutEvent] = []
+
+        placements = dict(current)
+        for name, spec in apps.items():
+            mine = [p for p in current.values() if p.app == name]
+            state = self._rollout_for(spec, mine, rollouts.get(name), now, events)
+            if state is None:
+                continue
+            health = [_health(p, reports.get(p.instance_id)) for p in mine]
+            stepped = step(
+                state, health, now, gate_timeout_s=GATE_TIMEOUT_S, min_ready_s=MIN_READY_S
+            )
+            events.extend(stepped.events)
+            if isinstance(stepped.decision, UpgradeInstance):
+                target = placements[stepped.decision.instance_id]
+                placements[target.instance_id] = dataclasses.replace(
+                    target, version=stepped.decision.to_version
+                )
+            if stepped.state != rollouts.get(name):
+                ops.append(Put(APPS_TABLE, rollout_key(name), encode_rollout(stepped.state)))
+            rollouts[name] = stepped.state
+        for name in set(rollouts) - set(apps):
+            ops.append(Delete(APPS_TABLE, rollout_key(name)))
+
+        versions = {name: new_instance_version(r) for name, r in rollouts.items() if name in apps}
+        result = schedule(
+            list(apps.values()), self.hosts(), list(placements.values()), new_versions=versions
+        )
+        wanted = {p.instance_id: p for p in result.placements}
+        for instance_id in result.moved:
+            moved_to = f"{instance_id} to {wanted[instance_id].host_id}"
+            events.append(RolloutEvent("instance_moved", instance_id.split(".")[0], moved_to, now))
+        for unplaced in result.unplaced:
+            if self._unplaced.get(unplaced.instance_id) != unplaced.reason:
+                logger.warning("cannot place %s: %s", unplaced.instance_id, unplaced.reason)
+        self._unplaced = {u.instance_id: u.reason for u in result.unplaced}
+        for instance_id, placement in wanted.items():
+            if current.get(instance_id) != placement:
+                ops.append(Put(APPS_TABLE, inst_key(instance_id), encode_placement(placement)))
+        for instance_id in set(current) - set(wanted):
+            ops.append(Delete(APPS_TABLE, inst_key(instance_id)))
+        for event in events:
+            logger.info("%s: %s %s", event.app, event.kind, event.detail)
+            body = orjson.dumps({"v": 1, **dataclasses.asdict(event)})
+            ops.append(Put(APPS_TABLE, event_key(event.app, next(self._event_seq)), body))
+        if ops:
+            await self.agent.raft.propose(ops)
+
+    def _rollout_for(
+        self,
+        spec: AppSpec,
+        instances: list[Placement],
+        state: RolloutState | None,
+        now: float,
+        events: list[RolloutEvent],
+    ) -> RolloutState | None:
+        """The rollout to step for this app, starting one when its version changed."""
+        running = {p.version for p in instances}
+        if state is not None and state.to_version == spec.version:
+            return state if state.phase in ("upgrading", "rolling_back") else None
+        if not running or running == {spec.version}:
+            return None
+        from_version = state.from_version if state and state.phase == "rolled_back" else None
+        if from_version is None:
+            # The version most instances run is the one that worked.
+            from_version = max(running, key=lambda v: sum(p.version == v for p in instances))
+        new_state, event = start_rollout(spec.name, from_version, spec.version, now)
+        events.append(event)
+        return new_state
+
+
+def _health(placement: Placement, report: InstanceReport | None) -> InstanceHealth:
+    if report is None or report.version != placement.version:
+        return InstanceHealth(placement.instance_id, placement.version, False, False, 0.0)
+    return InstanceHealth(
+        placement.instance_id, placement.version, report.ready, report.failed, report.since
+    )

@@ -1,0 +1,78 @@
+"""What a host offers to run applications: runtime, capacity, labels."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from meshorch.errors import ConfigurationError
+from meshorch.runtime import PodmanRuntime, ProcessRuntime, Runtime
+from meshorch.scheduler import HostInfo
+
+RUNTIMES = ("auto", "podman", "process")
+
+
+def total_memory_bytes() -> int:
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    return 1 << 30
+
+
+@dataclass(frozen=True)
+class WorkloadSettings:
+    runtime: str = "auto"
+    cpu_millis: int | None = None  # None: the host's CPU count
+    memory_bytes: int | None = None  # None: the host's memory
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def host_info(self, host_id: str) -> HostInfo:
+        return HostInfo(
+            host_id,
+            dict(self.labels),
+            self.cpu_millis or (os.cpu_count() or 1) * 1000,
+            self.memory_bytes or total_memory_bytes(),
+        )
+
+
+def make_runtime(choice: str, data_dir: Path) -> Runtime:
+    """podman when asked, or for ``auto`` when podman and runc are there and we are root."""
+    if choice not in RUNTIMES:
+        raise ConfigurationError(f"--runtime: one of {', '.join(RUNTIMES)}")
+    podman_ok = shutil.which("podman") and shutil.which("runc") and os.geteuid() == 0
+    if choice == "podman" or (choice == "auto" and podman_ok):
+        return PodmanRuntime(data_dir / "podman" / "root", data_dir / "podman" / "run")
+    return ProcessRuntime(data_dir / "instances")
+
+
+def parse_labels(items: list[str]) -> dict[str, str]:
+    labels = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigurationError(f"--label {item!r}: expected KEY=VALUE")
+        labels[key] = value
+    return labels
+
+
+# Longest suffix first: "Mi" before "M".
+_UNITS = (
+    ("Ki", 1 << 10), ("Mi", 1 << 20), ("Gi", 1 << 30), ("Ti", 1 << 40),
+    ("K", 10**3), ("M", 10**6), ("G", 10**9),
+)  # fmt: skip
+
+
+def parse_size(text: str) -> int:
+    """``512Mi``, ``2Gi``, ``1G`` or plain bytes."""
+    number, factor = text, 1
+    for unit, unit_factor in _UNITS:
+        if text.endswith(unit):
+            number, factor = text[: -len(unit)], unit_factor
+            break
+    try:
+        return int(float(number) * factor)
+    except ValueError as exc:
+        raise ConfigurationError(f"bad size {text!r}: use e.g. 512Mi, 2Gi") from exc
