@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -38,13 +39,20 @@ class WorkloadSettings:
         )
 
 
+def podman_dirs(data_dir: Path) -> tuple[Path, Path]:
+    """Storage root under the data dir; the run root under /run, because podman
+    refuses a run root longer than 50 characters."""
+    digest = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:16]
+    return data_dir / "podman" / "root", Path("/run/meshorch-podman") / digest
+
+
 def make_runtime(choice: str, data_dir: Path) -> Runtime:
     """podman when asked, or for ``auto`` when podman and runc are there and we are root."""
     if choice not in RUNTIMES:
         raise ConfigurationError(f"--runtime: one of {', '.join(RUNTIMES)}")
     podman_ok = shutil.which("podman") and shutil.which("runc") and os.geteuid() == 0
     if choice == "podman" or (choice == "auto" and podman_ok):
-        return PodmanRuntime(data_dir / "podman" / "root", data_dir / "podman" / "run")
+        return PodmanRuntime(*podman_dirs(data_dir))
     return ProcessRuntime(data_dir / "instances")
 
 

@@ -157,3 +157,22 @@ class LabAgents:
         if result.returncode != 0:
             raise LabError(f"token create on {name} failed: {result.stderr.strip()}")
         return result.stdout.strip()
+
+    def purge_runtimes(self) -> None:
+        """Remove the containers and podman storage of every host (before ``down``)."""
+        import asyncio
+
+        from meshorch.runtime import PodmanRuntime, RuntimeBackendError
+        from meshorch.workload_settings import podman_dirs
+
+        async def purge_all() -> None:
+            for host in self.lab.plan.hosts:
+                data_dir = self.lab.store.data_dir(host.name)
+                if not (data_dir / "podman").exists():
+                    continue
+                try:
+                    await PodmanRuntime(*podman_dirs(data_dir)).purge()
+                except RuntimeBackendError as exc:
+                    log.warning("purging %s's containers: %s", host.name, exc)
+
+        asyncio.run(purge_all())

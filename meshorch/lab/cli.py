@@ -134,7 +134,13 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_down(args: argparse.Namespace) -> int:
-    _lab(args).down(keep_logs=args.keep_logs)
+    lab = _lab(args)
+    if lab.exists():
+        agents = LabAgents(lab)
+        if agents.enabled:
+            _progress("removing the hosts' containers and podman storage")
+            agents.purge_runtimes()
+    lab.down(keep_logs=args.keep_logs)
     return 0
 
 

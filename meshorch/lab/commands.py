@@ -32,6 +32,12 @@ def ip_netns_exec(netns: str, *argv: str) -> Argv:
     return ["ip", "netns", "exec", netns, *argv]
 
 
+def nsenter_net(netns: str, *argv: str) -> Argv:
+    """Run in the namespace's network only. ``ip netns exec`` also gives the command a
+    mount namespace with a fresh /sys, which hides the cgroup mounts runc needs."""
+    return ["nsenter", f"--net=/run/netns/{netns}", "--", *argv]
+
+
 def iptables(netns: str, *args: str) -> Argv:
     # -w: wait for the xtables lock instead of failing when another run holds it.
     return ip_netns_exec(netns, "iptables", "-w", *args)

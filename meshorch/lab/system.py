@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from meshorch.lab.commands import ip_netns_exec
+from meshorch.lab.commands import ip_netns_exec, nsenter_net
 from meshorch.lab.errors import LabCommandError, LabPrivilegeError
 from meshorch.lab.parse import parse_link_names, parse_netns_list, parse_pids, parse_proc_stat
 from meshorch.lab.state import ProcessRecord
@@ -132,12 +132,13 @@ def process_alive(record: ProcessRecord) -> bool:
 def start_process(node: str, netns: str, argv: Sequence[str], log_file: Path) -> ProcessRecord:
     """Start ``argv`` in ``netns``, detached, output appended to ``log_file``.
 
-    ``ip netns exec`` execs the command in place, so the pid is the command's own. The
+    ``nsenter`` execs the command in place, so the pid is the command's own. The
     process leads a new session, so killing its group takes its children too, and it
     outlives the CLI invocation that started it.
     """
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    full = ip_netns_exec(netns, *argv)
+    # Only the network namespace: containers started by the process need the host's cgroups.
+    full = nsenter_net(netns, *argv)
     with open(log_file, "a") as fh:
         fh.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} start: {shlex.join(argv)}\n")
     # posix_spawn rather than Popen: no Popen object to warn about a child it never waited.
