@@ -90,6 +90,8 @@ def main() -> int:
             cp_s = time.monotonic() - started
             log(f"cp to {len(hosts)} hosts one by one in {cp_s:.2f}s")
         finally:
+            if lab.exists():
+                LabAgents(lab).teardown()
             lab.down()
     print(f"image {size} bytes, {len(hosts)} hosts: spread {spread_s:.2f}s, cp {cp_s:.2f}s")
     print(

@@ -89,6 +89,8 @@ def main() -> int:
                 times.append(elapsed)
                 log(f"run {run + 1}: {host.name} joined {peers_wanted} peers in {elapsed:.2f}s")
         finally:
+            if lab.exists():
+                LabAgents(lab).teardown()
             lab.down()
     median = statistics.median(times)
     print(f"join times (s): {', '.join(f'{t:.2f}' for t in times)}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -62,6 +63,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 TICK_S = 0.25
+# A container that ignores SIGTERM (a busybox httpd as PID 1 does) is killed after this.
+STOP_GRACE_S = 2.0
 STARTUP = "#startup"  # startup probes are tracked under a suffixed id
 
 
@@ -98,8 +101,8 @@ class HostReconciler:
         self.probes = ProbeTracker()
         self._books: dict[str, _Book] = {}
         self._seen: dict[str, _Seen] = {}
-        self._reported: dict[str, InstanceReport] = {}
         self._specs: dict[tuple[str, str], AppSpec] = {}
+        self._retiring: dict[str, asyncio.Task[None]] = {}
 
     async def run(self) -> None:
         timeout = aiohttp.ClientTimeout(total=None, sock_read=30)
@@ -162,20 +165,28 @@ class HostReconciler:
     # -- one tick -----------------------------------------------------------------------
 
     async def tick(self) -> None:
+        if not self.agent.raft.status().ready:
+            return  # a host catching up must not act on placements that moved away
         wanted = self.desired()
         actual = {s.instance_id: s for s in await self.runtime.list()}
         for runtime_id, status in actual.items():
-            if runtime_id not in wanted:
-                await self._retire(runtime_id, status)
+            if runtime_id not in wanted and runtime_id not in self._retiring:
+                # In the background: a slow stop must not delay starting moved instances.
+                task = asyncio.create_task(self._retire(runtime_id, status))
+                self._retiring[runtime_id] = task
+                task.add_done_callback(functools.partial(self._retired, runtime_id))
         for runtime_id, item in wanted.items():
             await self._converge(runtime_id, item, actual.get(runtime_id))
         await self._run_probes(wanted)
         await self._report(wanted)
 
+    def _retired(self, runtime_id: str, _task: asyncio.Task[None]) -> None:
+        self._retiring.pop(runtime_id, None)
+
     async def _retire(self, runtime_id: str, status: InstanceStatus) -> None:
         logger.info("stopping %s: no longer placed here", runtime_id)
         if status.running:
-            await self.runtime.stop(runtime_id)
+            await self.runtime.stop(runtime_id, timeout_s=STOP_GRACE_S)
         with contextlib.suppress(RuntimeBackendError):
             await self.runtime.remove(runtime_id)
         self.probes.remove(runtime_id)
@@ -195,6 +206,11 @@ class HostReconciler:
     async def _converge(
         self, runtime_id: str, item: _Container, status: InstanceStatus | None
     ) -> None:
+        retiring = self._retiring.get(runtime_id)
+        if retiring is not None:  # placed here again while being stopped: let it finish
+            with contextlib.suppress(Exception):
+                await retiring
+            status = None
         now = self.clock()
         book = self._book(runtime_id, item.service)
         if status is not None and status.spec_hash == item.spec.spec_hash and status.running:
@@ -296,7 +312,7 @@ class HostReconciler:
                 book = self._books.get(runtime_id)
                 if book is not None:
                     book.message = "liveness probe failed"
-                await self.runtime.stop(runtime_id, timeout_s=5)
+                await self.runtime.stop(runtime_id, timeout_s=STOP_GRACE_S)
 
     def _started(self, runtime_id: str) -> bool:
         status = self.probes.status(runtime_id + STARTUP, ProbeKind.READINESS)
@@ -345,9 +361,12 @@ class HostReconciler:
                 instance_id, self.agent.config.host_id, placement.version, state, ready,
                 restarts, seen.since, "; ".join(messages)[:500],
             )  # fmt: skip
-            if not report.same_facts(self._reported.get(instance_id)):
+            # Compared with the replicated record, not a local cache: a report
+            # overwritten by a host that came back with stale placements is fixed.
+            stored = self.agent.raft.view.get(APPS_TABLE, status_key(instance_id))
+            known = InstanceReport.decode(stored.value) if stored else None
+            if not report.same_facts(known):
                 writes.append(Put(APPS_TABLE, status_key(instance_id), report.encode()))
-                self._reported[instance_id] = report
         if writes:
             await self.agent.raft.propose(writes, idempotent=True)
 

@@ -158,8 +158,16 @@ class LabAgents:
             raise LabError(f"token create on {name} failed: {result.stderr.strip()}")
         return result.stdout.strip()
 
+    def teardown(self) -> None:
+        """Before ``down``: stop every agent, then remove containers and podman storage
+        (a running agent would recreate its podman directories)."""
+        state, _ = self.lab.load()
+        for node in list(state.processes):
+            self.lab.kill(node)
+        self.purge_runtimes()
+
     def purge_runtimes(self) -> None:
-        """Remove the containers and podman storage of every host (before ``down``)."""
+        """Remove the containers and podman storage of every host."""
         import asyncio
 
         from meshorch.runtime import PodmanRuntime, RuntimeBackendError
@@ -176,3 +184,14 @@ class LabAgents:
                     log.warning("purging %s's containers: %s", host.name, exc)
 
         asyncio.run(purge_all())
+        self._unmount_leftovers()
+
+    def _unmount_leftovers(self) -> None:
+        """A safety net: lazily unmount anything still mounted under the lab's directory."""
+        import subprocess
+
+        root = str(self.lab.store.lab_dir.resolve()) + "/"
+        with open("/proc/self/mountinfo") as mountinfo:
+            points = [line.split()[4] for line in mountinfo]
+        for point in sorted((p for p in points if p.startswith(root)), reverse=True):
+            subprocess.run(["umount", "--lazy", point], check=False, capture_output=True)

@@ -139,7 +139,7 @@ def _cmd_down(args: argparse.Namespace) -> int:
         agents = LabAgents(lab)
         if agents.enabled:
             _progress("removing the hosts' containers and podman storage")
-            agents.purge_runtimes()
+            agents.teardown()
     lab.down(keep_logs=args.keep_logs)
     return 0
 

@@ -38,7 +38,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LabAgents, 
             if log.exists():
                 print(f"--- {host.name} ---\n" + "\n".join(log.read_text().splitlines()[-20:]))
         if lab.exists():
-            agents.purge_runtimes()
+            agents.teardown()
             lab.down()
 
 

@@ -39,6 +39,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabAgents]:
             log = lab.store.log_path(host.name)
             if log.exists():
                 print(f"--- {host.name} ---\n" + "\n".join(log.read_text().splitlines()[-15:]))
+        if lab.exists():
+            LabAgents(lab).teardown()
         lab.down()
 
 
