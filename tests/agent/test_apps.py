@@ -118,6 +118,27 @@ async def test_a_crashing_container_is_restarted_with_backoff(
     assert all(2 <= i["restarts"] <= 6 for i in web), web
 
 
+async def test_a_container_failing_liveness_is_restarted(
+    ready_site: LocalSite, session: aiohttp.ClientSession
+) -> None:
+    url = ready_site.members[0].url
+    live = APP.replace(
+        "probes:\n          readiness:",
+        'probes:\n          liveness:\n            exec: {{command: ["test", "-f", "alive"]}}'
+        "\n            period_s: 0.2\n            timeout_s: 0.2\n            failure_threshold: 2"
+        "\n          readiness:",
+    )
+    # Alive for a second, then the process hangs without its marker file.
+    hang = "touch alive; echo 1 > served; sleep 1; rm alive; exec sleep 1000"
+    await apply(session, url, live.format(version="1", web_command=hang, ready_check="true"))
+
+    def restarted(view: dict[str, Any]) -> bool:
+        web = [i for i in view["instances"] if i["service"] == "web"]
+        return len(web) == 2 and all(i["restarts"] >= 1 for i in web)
+
+    await wait_app(session, url, restarted, 40, "web restarted by its liveness probe")
+
+
 async def test_instances_of_a_killed_host_move_to_the_others(
     ready_site: LocalSite, session: aiohttp.ClientSession
 ) -> None:
@@ -150,15 +171,26 @@ async def test_upgrade_rolls_and_a_failing_version_rolls_back(
     url = ready_site.members[2].url
     await apply(session, url, spec("1"))
     await wait_app(session, url, all_ready("1"), 30, "v1 ready")
+    serving: list[int] = []
+
+    def watching(predicate: Any) -> Any:
+        def check(view: dict[str, Any]) -> bool:
+            web = [i for i in view["instances"] if i["service"] == "web"]
+            serving.append(sum(1 for i in web if i["ready"]))
+            return bool(predicate(view))
+
+        return check
+
     await apply(session, url, spec("2"))
-    await wait_app(session, url, all_ready("2"), 60, "v2 everywhere")
+    await wait_app(session, url, watching(all_ready("2")), 60, "v2 everywhere")
     await apply(session, url, spec("3", ready_check="false"))
 
     def rolled_back(view: dict[str, Any]) -> bool:
         rollout = view["rollout"]
         return bool(rollout and rollout["phase"] == "rolled_back") and all_ready("2")(view)
 
-    view = await wait_app(session, url, rolled_back, 90, "v3 rolled back to v2")
+    view = await wait_app(session, url, watching(rolled_back), 90, "v3 rolled back to v2")
+    assert len(serving) > 20 and min(serving) >= 1  # some web instance served all along
     kinds = [e["kind"] for e in view["events"]]
     assert "rollback_started" in kinds and "rollback_done" in kinds
     assert view["rollout"]["to"] == "3" and "3" in view["rollout"]["reason"]
