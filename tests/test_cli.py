@@ -65,7 +65,12 @@ def test_demo_runs_a_site_and_cleans_up() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Raft cluster formed" in result.stdout
     assert re.search(r"GET on h3 \(linearizable\): 'hello from h1", result.stdout)
-    ready_rows = [line for line in result.stdout.splitlines() if line.rstrip().endswith("True")]
-    assert len(ready_rows) == 3
+    lines = result.stdout.splitlines()
+    ready_hosts = [line for line in lines if re.match(r"\s+h\d\s+127\.0\.0\.1:\d+ .*True$", line)]
+    assert len(ready_hosts) == 3
+    ready_instances = [
+        line for line in lines if re.match(r"\s+hello\.\S+ +on h\d .*ready=True", line)
+    ]
+    assert len(ready_instances) == 3
     data_dir = re.search(r"data under (\S+)\)", result.stdout)
     assert data_dir is not None and not Path(data_dir.group(1)).exists()
