@@ -28,6 +28,7 @@ from meshorch.runtime import (
     ensure_busybox_image,
 )
 from meshorch.runtime._proc import run_command
+from meshorch.workload_settings import podman_dirs
 from tests.labutil import require_lab
 from tests.runtime.helpers import eventually, free_port, status_of, wait_exited
 
@@ -43,7 +44,8 @@ class PodmanLab:
     base: Path
 
     def runtime(self, name: str = "a") -> PodmanRuntime:
-        return PodmanRuntime(self.base / name / "root", self.base / name / "runroot")
+        # podman refuses a run root longer than 50 characters: keep it under /run.
+        return PodmanRuntime(*podman_dirs(self.base / name))
 
 
 @pytest.fixture(scope="module")
