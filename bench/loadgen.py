@@ -26,6 +26,7 @@ class LoadResult:
     ok: int
     failed: int
     latencies_s: tuple[float, ...]
+    completed: int = 0  # every request answered, warm-up and stragglers included
 
     @property
     def per_second(self) -> float:
@@ -56,7 +57,7 @@ async def run_load(
     """Drive ``request`` from ``concurrency`` workers; measure after ``warmup_s``."""
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     latencies: list[float] = []
-    counts = {"ok": 0, "failed": 0}
+    counts = {"ok": 0, "failed": 0, "completed": 0}
     async with aiohttp.ClientSession(connector=connector) as session:
         start = time.perf_counter()
         measure_from = start + warmup_s
@@ -74,6 +75,7 @@ async def run_load(
                     ok = False
                 ended = time.perf_counter()
                 sequence += 1
+                counts["completed"] += 1
                 if began >= measure_from and ended <= stop_at:
                     if ok:
                         counts["ok"] += 1
@@ -82,7 +84,14 @@ async def run_load(
                         counts["failed"] += 1
 
         await asyncio.gather(*(worker(w) for w in range(concurrency)))
-    return LoadResult(concurrency, duration_s, counts["ok"], counts["failed"], tuple(latencies))
+    return LoadResult(
+        concurrency,
+        duration_s,
+        counts["ok"],
+        counts["failed"],
+        tuple(latencies),
+        counts["completed"],
+    )
 
 
 def median(values: list[float]) -> float:

@@ -1,11 +1,13 @@
 """Replicated writes per second: a 3-host meshorch site against a 3-member etcd cluster.
 
 Both run on loopback and are driven through their HTTP APIs by the same
-aiohttp load generator (bench/loadgen.py): 100-byte values over a keyspace of
-1,000 keys, requests spread round-robin over the three members. etcd is
-driven through its JSON gateway (``POST /v3/kv/put``). Reported: writes/s at
-concurrency 64, p50/p99 latency at concurrency 1 and 64, the ratio
-meshorch/etcd, and each agent's resident memory after the run.
+aiohttp load generator (bench/loadgen.py, on uvloop): 100-byte values over a
+keyspace of 1,000 keys, requests spread round-robin over the three members.
+etcd is driven through its JSON gateway (``POST /v3/kv/put``). Reported:
+writes/s at concurrency 64, p50/p99 latency at concurrency 1 and 64, the ratio
+meshorch/etcd, each agent's resident memory after the run, and the servers'
+CPU time per write at concurrency 64, summed over the members (less sensitive
+than writes/s to whatever else the machine runs meanwhile).
 
     python bench/raft_write.py            # full run (about 2 minutes)
     python bench/raft_write.py --quick    # under 45 s
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import json
 import os
 import shutil
 import signal
@@ -25,10 +28,12 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+import uvloop
+from yarl import URL
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -77,10 +82,14 @@ def ensure_etcd() -> str:
 
 
 def meshorch_request(urls: list[str]) -> RequestFn:
+    # Request URLs are built once, so the load generator spends its time on requests.
+    targets = [
+        [URL(f"{url}/v1/kv/bench/{k}", encoded=True) for k in range(KEYSPACE)] for url in urls
+    ]
+
     async def put(session: aiohttp.ClientSession, worker: int, seq: int) -> bool:
-        url = urls[(worker + seq) % len(urls)]
-        key = (worker * 7919 + seq) % KEYSPACE
-        async with session.put(f"{url}/v1/kv/bench/{key}", data=VALUE) as response:
+        target = targets[(worker + seq) % len(targets)][(worker * 7919 + seq) % KEYSPACE]
+        async with session.put(target, data=VALUE) as response:
             await response.read()
             return response.status == 200
 
@@ -91,7 +100,7 @@ def meshorch_request(urls: list[str]) -> RequestFn:
 
 
 @contextmanager
-def etcd_cluster(binary: str, root: Path) -> Iterator[list[str]]:
+def etcd_cluster(binary: str, root: Path) -> Iterator[tuple[list[str], list[int]]]:
     names = ["e1", "e2", "e3"]
     client = {n: free_port() for n in names}
     peer = {n: free_port() for n in names}
@@ -112,7 +121,7 @@ def etcd_cluster(binary: str, root: Path) -> Iterator[list[str]]:
             log_file = open(root / f"{name}.log", "wb")  # noqa: SIM115 - the child owns it
             processes.append(subprocess.Popen(command, stdout=log_file, stderr=log_file))
             log_file.close()
-        yield [f"http://127.0.0.1:{client[n]}" for n in names]
+        yield [f"http://127.0.0.1:{client[n]}" for n in names], [p.pid for p in processes]
     finally:
         for process in processes:
             process.send_signal(signal.SIGTERM)
@@ -142,13 +151,19 @@ async def wait_etcd(urls: list[str], timeout_s: float = 30) -> None:
 
 
 def etcd_request(urls: list[str]) -> RequestFn:
+    # As for meshorch: URLs and JSON bodies are built once.
+    targets = [URL(f"{url}/v3/kv/put", encoded=True) for url in urls]
     value_b64 = base64.b64encode(VALUE).decode()
-    keys = [base64.b64encode(b"bench/%d" % k).decode() for k in range(KEYSPACE)]
+    bodies = [
+        json.dumps({"key": base64.b64encode(b"bench/%d" % k).decode(), "value": value_b64}).encode()
+        for k in range(KEYSPACE)
+    ]
+    headers = {"Content-Type": "application/json"}
 
     async def put(session: aiohttp.ClientSession, worker: int, seq: int) -> bool:
-        url = urls[(worker + seq) % len(urls)]
-        body = {"key": keys[(worker * 7919 + seq) % KEYSPACE], "value": value_b64}
-        async with session.post(f"{url}/v3/kv/put", json=body) as response:
+        target = targets[(worker + seq) % len(targets)]
+        body = bodies[(worker * 7919 + seq) % KEYSPACE]
+        async with session.post(target, data=body, headers=headers) as response:
             await response.read()
             return response.status == 200
 
@@ -158,23 +173,47 @@ def etcd_request(urls: list[str]) -> RequestFn:
 # -- driver -------------------------------------------------------------------------
 
 
+@dataclass
+class Measured:
+    results: dict[str, list[LoadResult]] = field(default_factory=dict)
+    cpu_s: float = 0.0  # the servers' CPU time during the c64 phases
+    requests: int = 0  # requests answered during the c64 phases, warm-up included
+
+    @property
+    def cpu_us_per_write(self) -> float:
+        return self.cpu_s / self.requests * 1e6 if self.requests else float("nan")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    ticks = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime + stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 async def measure(
-    request: RequestFn, phases: list[Phase], rounds: int
-) -> dict[str, list[LoadResult]]:
-    results: dict[str, list[LoadResult]] = {p.name: [] for p in phases}
+    request: RequestFn, pids: list[int], phases: list[Phase], rounds: int
+) -> Measured:
+    measured = Measured({p.name: [] for p in phases})
     for round_number in range(rounds):
         for phase in phases:
+            cpu_before = cpu_seconds(pids)
             result = await run_load(request, phase.concurrency, phase.duration_s, warmup_s=0.5)
-            results[phase.name].append(result)
+            if phase.name == "c64":
+                measured.cpu_s += cpu_seconds(pids) - cpu_before
+                measured.requests += result.completed
+            measured.results[phase.name].append(result)
             log(
                 f"  round {round_number + 1} {phase.name:>5}: {result.per_second:8.0f} writes/s "
                 f"p50 {result.p50_ms:6.2f} ms p99 {result.p99_ms:6.2f} ms "
                 f"({result.failed} failed)"
             )
-    return results
+    return measured
 
 
-def summarise(results: dict[str, list[LoadResult]]) -> dict[str, float]:
+def summarise(measured: Measured) -> dict[str, float]:
+    results = measured.results
     return {
         "wps": median([r.per_second for r in results["c64"]]),
         "c1_wps": median([r.per_second for r in results["c1"]]),
@@ -183,6 +222,7 @@ def summarise(results: dict[str, list[LoadResult]]) -> dict[str, float]:
         "c64_p50": median([r.p50_ms for r in results["c64"]]),
         "c64_p99": median([r.p99_ms for r in results["c64"]]),
         "failed": float(sum(r.failed for rs in results.values() for r in rs)),
+        "cpu_us": measured.cpu_us_per_write,
     }
 
 
@@ -195,19 +235,22 @@ async def bench_meshorch(
         async with aiohttp.ClientSession() as session:
             await wait_ready(session, site.members, timeout_s=60)
         log("meshorch: 3 agents ready")
-        results = await measure(meshorch_request([h.url for h in site.members]), phases, rounds)
-        rss = [rss_mb(h.pid) for h in site.members if h.pid is not None]
-        return summarise(results), rss
+        pids = [h.pid for h in site.members if h.pid is not None]
+        measured = await measure(
+            meshorch_request([h.url for h in site.members]), pids, phases, rounds
+        )
+        rss = [rss_mb(pid) for pid in pids]
+        return summarise(measured), rss
     finally:
         site.stop()
 
 
 async def bench_etcd(phases: list[Phase], rounds: int, root: Path) -> dict[str, float]:
     binary = ensure_etcd()
-    with etcd_cluster(binary, root) as urls:
+    with etcd_cluster(binary, root) as (urls, pids):
         await wait_etcd(urls)
         log("etcd: 3 members ready")
-        return summarise(await measure(etcd_request(urls), phases, rounds))
+        return summarise(await measure(etcd_request(urls), pids, phases, rounds))
 
 
 def main() -> int:
@@ -224,8 +267,12 @@ def main() -> int:
         (root / "meshorch").mkdir()
         (root / "etcd").mkdir()
         log(f"meshorch vs etcd, {rounds} round(s) of {duration_s:g}s at concurrency 64")
-        ours, rss = asyncio.run(bench_meshorch(phases, rounds, root / "meshorch"))
-        theirs = asyncio.run(bench_etcd(phases, rounds, root / "etcd"))
+        # The load generator runs on uvloop, as the agents do: less of the machine's
+        # CPU goes to the client, for both systems alike.
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            ours, rss = runner.run(bench_meshorch(phases, rounds, root / "meshorch"))
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            theirs = runner.run(bench_etcd(phases, rounds, root / "etcd"))
     ratio = ours["wps"] / theirs["wps"] if theirs["wps"] else float("nan")
     print(f"{'':10} {'writes/s c64':>13} {'c1 p50':>8} {'c1 p99':>8} {'c64 p50':>8} {'c64 p99':>8}")
     for name, row in (("meshorch", ours), ("etcd", theirs)):
@@ -234,6 +281,10 @@ def main() -> int:
             f"{row['c64_p50']:7.2f}ms {row['c64_p99']:7.2f}ms"
         )
     print(f"agent RSS after the run (MB): {', '.join(f'{r:.1f}' for r in rss)}")
+    print(
+        "server CPU per write at c64, all members (us): "
+        f"meshorch {ours['cpu_us']:.0f}, etcd {theirs['cpu_us']:.0f}"
+    )
     print(
         f"RESULT meshorch_wps={ours['wps']:.0f} etcd_wps={theirs['wps']:.0f} "
         f"ratio={ratio:.2f} agent_rss_mb={max(rss):.1f}"

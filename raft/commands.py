@@ -15,6 +15,7 @@ All integers are big-endian. ``expect`` is -1 for an unconditional put, 0 for
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -60,6 +61,9 @@ class Barrier:
 
 Op = Put | Delete | Barrier
 
+_BARRIER = Barrier()
+_BARRIER_OP = _OP_HEAD.pack(OpKind.BARRIER, 0) + _KEY_LEN.pack(0)
+
 
 @dataclass(frozen=True, slots=True)
 class Batch:
@@ -67,83 +71,101 @@ class Batch:
 
 
 def encode_batch(batch: Batch) -> bytes:
-    parts = [_HEADER.pack(CODEC_VERSION, len(batch.ops))]
-    for op in batch.ops:
+    return join_encoded(len(batch.ops), [encode_ops(batch.ops)])
+
+
+def encode_ops(ops: Sequence[Op]) -> bytes:
+    """The ``op*`` part of a batch: operations encoded once, to be joined later."""
+    parts: list[bytes] = []
+    append = parts.append
+    for op in ops:
         if isinstance(op, Barrier):
-            parts.append(_OP_HEAD.pack(OpKind.BARRIER, 0))
-            parts.append(_KEY_LEN.pack(0))
+            append(_BARRIER_OP)
             continue
         table = op.table.encode()
         if not table or len(table) > MAX_TABLE_NAME:
             raise ValueError(f"table name must be 1..{MAX_TABLE_NAME} bytes: {op.table!r}")
-        if len(op.key) > MAX_KEY_BYTES:
+        key = op.key
+        if len(key) > MAX_KEY_BYTES:
             raise ValueError(f"key longer than {MAX_KEY_BYTES} bytes")
-        kind = OpKind.PUT if isinstance(op, Put) else OpKind.DELETE
-        parts.append(_OP_HEAD.pack(kind, len(table)))
-        parts.append(table)
-        parts.append(_KEY_LEN.pack(len(op.key)))
-        parts.append(op.key)
         if isinstance(op, Put):
-            if len(op.value) > MAX_VALUE_BYTES:
+            value = op.value
+            if len(value) > MAX_VALUE_BYTES:
                 raise ValueError(f"value larger than {MAX_VALUE_BYTES} bytes")
             expect = -1 if op.expect_index is None else op.expect_index
-            parts.append(_PUT_BODY.pack(expect, len(op.value)))
-            parts.append(op.value)
+            append(_OP_HEAD.pack(OpKind.PUT, len(table)))
+            append(table)
+            append(_KEY_LEN.pack(len(key)))
+            append(key)
+            append(_PUT_BODY.pack(expect, len(value)))
+            append(value)
+        else:
+            append(_OP_HEAD.pack(OpKind.DELETE, len(table)))
+            append(table)
+            append(_KEY_LEN.pack(len(key)))
+            append(key)
     return b"".join(parts)
 
 
-class _Reader:
-    def __init__(self, data: bytes) -> None:
-        self._data = memoryview(data)
-        self._pos = 0
-
-    def take(self, size: int) -> bytes:
-        end = self._pos + size
-        if end > len(self._data):
-            raise CommandDecodeError("command truncated")
-        chunk = self._data[self._pos : end].tobytes()
-        self._pos = end
-        return chunk
-
-    def unpack(self, layout: struct.Struct) -> tuple[int, ...]:
-        return layout.unpack(self.take(layout.size))
-
-    @property
-    def exhausted(self) -> bool:
-        return self._pos == len(self._data)
+def join_encoded(count: int, encoded: Sequence[bytes]) -> bytes:
+    """A batch of ``count`` operations from the outputs of ``encode_ops``."""
+    return b"".join((_HEADER.pack(CODEC_VERSION, count), *encoded))
 
 
 def decode_batch(data: bytes) -> Batch:
     """Decode bytes made by ``encode_batch``; anything else raises CommandDecodeError."""
-    reader = _Reader(data)
-    version, count = reader.unpack(_HEADER)
+    try:
+        return Batch(tuple(_decode_ops(data)))
+    except struct.error as exc:  # a fixed-size field runs past the end
+        raise CommandDecodeError("command truncated") from exc
+
+
+def _decode_ops(data: bytes) -> list[Op]:
+    end = len(data)
+    version, count = _HEADER.unpack_from(data, 0)
     if version != CODEC_VERSION:
         raise CommandDecodeError(f"unsupported command version {version}")
+    pos = _HEADER.size
     ops: list[Op] = []
+    append = ops.append
+    tables: dict[bytes, str] = {}
     for _ in range(count):
-        kind, table_len = reader.unpack(_OP_HEAD)
-        table_raw = reader.take(table_len)
-        (key_len,) = reader.unpack(_KEY_LEN)
-        key = reader.take(key_len)
+        kind, table_len = _OP_HEAD.unpack_from(data, pos)
+        pos += _OP_HEAD.size
+        table_raw = data[pos : pos + table_len]
+        pos += table_len
+        (key_len,) = _KEY_LEN.unpack_from(data, pos)
+        pos += _KEY_LEN.size
+        key = data[pos : pos + key_len]
+        pos += key_len
+        if pos > end:
+            raise CommandDecodeError("command truncated")
         if kind == OpKind.BARRIER:
-            ops.append(Barrier())
+            append(_BARRIER)
             continue
-        try:
-            table = table_raw.decode()
-        except UnicodeDecodeError as exc:
-            raise CommandDecodeError("table name is not UTF-8") from exc
-        if not table:
-            raise CommandDecodeError("empty table name")
+        table = tables.get(table_raw)
+        if table is None:
+            try:
+                table = table_raw.decode()
+            except UnicodeDecodeError as exc:
+                raise CommandDecodeError("table name is not UTF-8") from exc
+            if not table:
+                raise CommandDecodeError("empty table name")
+            tables[table_raw] = table
         if kind == OpKind.PUT:
-            expect, value_len = reader.unpack(_PUT_BODY)
+            expect, value_len = _PUT_BODY.unpack_from(data, pos)
+            pos += _PUT_BODY.size
             if value_len > MAX_VALUE_BYTES:
                 raise CommandDecodeError("value too large")
-            value = reader.take(value_len)
-            ops.append(Put(table, key, value, None if expect < 0 else expect))
+            value = data[pos : pos + value_len]
+            pos += value_len
+            if pos > end:
+                raise CommandDecodeError("command truncated")
+            append(Put(table, key, value, None if expect < 0 else expect))
         elif kind == OpKind.DELETE:
-            ops.append(Delete(table, key))
+            append(Delete(table, key))
         else:
             raise CommandDecodeError(f"unknown operation kind {kind}")
-    if not reader.exhausted:
+    if pos != end:
         raise CommandDecodeError("trailing bytes after command")
-    return Batch(tuple(ops))
+    return ops

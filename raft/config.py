@@ -36,12 +36,19 @@ class RaftConfig:
     connection_retry_s: float = 1.0
     compaction_min_entries: int = 20_000
     compaction_min_interval_s: float = 600.0
-    # Group commit: many client operations travel in one Raft entry.
+    # Also compact once the entries applied since the last dump exceed this many
+    # bytes and the size of the view: pysyncobj holds its whole log in memory.
+    compaction_log_bytes: int = 2 << 20
+    # Group commit: many client operations travel in one Raft entry. With one
+    # entry in flight per node, the next batch fills up while one is committed.
     max_batch_ops: int = 512
     max_batch_bytes: int = 1 << 20
-    max_batches_in_flight: int = 4
+    max_batches_in_flight: int = 1
     proposal_timeout_s: float = 5.0
-    status_refresh_s: float = 0.05
+    # pysyncobj is ticked after every network event and proposal, and at least
+    # this often, or every heartbeat_interval_s if shorter (heartbeats, election
+    # and reconnection timers).
+    tick_interval_s: float = 0.05
     view_sync_interval_s: float = 1.0
 
     def validate(self) -> None:
@@ -66,6 +73,10 @@ class RaftConfig:
             raise ConfigError("leader_fallback_s: must exceed heartbeat_interval_s")
         if self.max_batch_ops < 1 or self.max_batches_in_flight < 1:
             raise ConfigError("max_batch_ops and max_batches_in_flight: must be >= 1")
+        if self.tick_interval_s <= 0:
+            raise ConfigError("tick_interval_s: must be positive")
+        if self.compaction_log_bytes < 0:
+            raise ConfigError("compaction_log_bytes: must be >= 0")
         if self.proposal_timeout_s <= 0:
             raise ConfigError("proposal_timeout_s: must be positive")
         if self.compaction_min_entries < 2:

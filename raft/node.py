@@ -1,42 +1,60 @@
-"""A Raft node on pysyncobj, bridged to asyncio.
+"""A Raft node on pysyncobj, driven by the asyncio event loop.
 
-pysyncobj runs consensus on its own thread. This module is the seam:
+pysyncobj keeps the Raft state; this module is the seam:
 
-* proposals go in through ``propose`` (asyncio), are grouped into one Raft
-  entry per batch (group commit), and resolve futures on the event loop with
-  ``call_soon_threadsafe`` when pysyncobj reports them applied;
-* committed entries are applied on the pysyncobj thread by the pure
-  ``apply_command`` and stored in the LMDB ``StateView``;
+* pysyncobj runs without its own thread (``autoTick=False``): its sockets, and
+  the pipe it uses to wake itself, are watched by the event loop
+  (``_LoopPoller``), and the node ticks it after every batch of socket events,
+  after every proposal and every ``tick_interval_s`` (timers: heartbeats,
+  elections, reconnections). Everything therefore runs on the event loop
+  thread: no lock, no GIL hand-over, no thread wake-ups per write;
+* proposals go in through ``propose``, are grouped into one Raft entry per
+  batch (group commit: while a node's batch is being committed, the next one
+  fills up) and resolve their futures when pysyncobj reports them applied;
+* committed entries are applied by the pure ``apply_command_indexed`` and
+  stored in the LMDB ``StateView``, one transaction per entry;
 * full dumps (log compaction, and catching up a far-behind follower) are LMDB
-  copies written and installed through pysyncobj's serializer hooks;
-* a status snapshot is refreshed from the pysyncobj thread, and leadership
-  changes are delivered to asyncio listeners.
+  copies written and installed through pysyncobj's serializer hooks; the log
+  is also compacted once it holds more bytes than a dump would, which bounds
+  its memory;
+* a status snapshot is refreshed on ticks, and leadership changes are
+  delivered to listeners.
 
-Ordering rules: a proposal's future resolves only after its entry is applied
-to this node's view, so a read after an acknowledged write sees it; a
-``barrier`` proposal therefore gives linearizable reads on any member.
+Ordering rules: a proposal's future resolves only after its entry is committed
+by a majority and applied to this node's view, so a read after an acknowledged
+write sees it; a ``barrier`` proposal therefore gives linearizable reads on any
+member.
+
+The event loop must not block for long: a stall longer than the election
+timeout looks like a dead node to the others. Slow disk work (``fsync`` of the
+view) runs in a worker thread; dumps are written synchronously, as pysyncobj
+needs them complete when its serializer returns.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import dataclasses
+import contextlib
+import errno
 import logging
+import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
+from pysyncobj.poller import POLL_EVENT_TYPE
 
-from raft.commands import Barrier, Batch, Op, encode_batch
+from raft.commands import Barrier, Op, encode_ops, join_encoded
 from raft.config import RaftConfig
 from raft.errors import NotCommittedError, OutcomeUnknownError, ProposalError, RaftError
-from raft.state_machine import OpResult, apply_command
+from raft.state_machine import OpResult, apply_command_indexed
 from raft.view import StateView
 
 logger = logging.getLogger(__name__)
@@ -48,6 +66,9 @@ _NOT_COMMITTED = {
     FAIL_REASON.NOT_LEADER: "not_leader",
     FAIL_REASON.REQUEST_DENIED: "denied",
 }
+
+_BIND_ATTEMPTS = 10
+_BIND_RETRY_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -63,23 +84,90 @@ class RaftStatus:
     has_quorum: bool
 
 
-@dataclass
+@dataclass(slots=True)
 class _Proposal:
-    ops: tuple[Op, ...]
+    count: int  # operations
+    body: bytes  # the operations, encoded once (``encode_ops``)
     future: asyncio.Future[list[OpResult]]
-    size: int
 
 
-@dataclass
+@dataclass(slots=True)
 class _InFlight:
+    batch_id: int
     proposals: list[_Proposal]
     timer: asyncio.TimerHandle | None = None
     done: bool = False
-    started: float = field(default_factory=time.monotonic)
+
+
+EventCallback = Callable[[int, int], None]
+
+
+class _LoopPoller:
+    """pysyncobj's poller interface (``subscribe``/``unsubscribe``/``poll``) on the event loop.
+
+    pysyncobj registers every socket and its wake-up pipe with ``SyncObj._poller``
+    and expects ``poll`` to dispatch their events. Here the event loop watches
+    them and dispatches each event as it comes, then asks for a tick, which is
+    what pysyncobj's own thread does after ``poll`` returns. Registrations made
+    on another thread (while ``SyncObj`` is constructed) are handed to the loop.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_event: Callable[[], None]) -> None:
+        self._loop = loop
+        self._on_event = on_event
+        self._loop_thread = threading.get_ident()
+        self._callbacks: dict[int, EventCallback] = {}
+
+    def subscribe(self, descr: int, callback: EventCallback, event_mask: int) -> None:
+        if threading.get_ident() != self._loop_thread:
+            self._loop.call_soon_threadsafe(self.subscribe, descr, callback, event_mask)
+            return
+        loop = self._loop
+        self._callbacks[descr] = callback
+        # An error or hang-up makes the socket readable; pysyncobj then sees it on recv.
+        if event_mask & (POLL_EVENT_TYPE.READ | POLL_EVENT_TYPE.ERROR):
+            loop.add_reader(descr, self._dispatch, callback, descr, POLL_EVENT_TYPE.READ)
+        else:
+            loop.remove_reader(descr)
+        if event_mask & POLL_EVENT_TYPE.WRITE:
+            loop.add_writer(descr, self._dispatch, callback, descr, POLL_EVENT_TYPE.WRITE)
+        else:
+            loop.remove_writer(descr)
+
+    def unsubscribe(self, descr: int) -> None:
+        if threading.get_ident() != self._loop_thread:
+            self._loop.call_soon_threadsafe(self.unsubscribe, descr)
+            return
+        # Events of descr already queued by the loop are dropped by _dispatch.
+        self._callbacks.pop(descr, None)
+        for remove in (self._loop.remove_writer, self._loop.remove_reader):
+            # pysyncobj closes a socket before it unsubscribes it, which some
+            # selectors report; the kernel has forgotten the descriptor anyway.
+            with contextlib.suppress(OSError):
+                remove(descr)
+
+    def poll(self, timeout: float) -> None:
+        """Nothing to wait for: the event loop has already dispatched every event."""
+
+    def close(self) -> None:
+        for descr in list(self._callbacks):
+            self.unsubscribe(descr)
+
+    def _dispatch(self, callback: EventCallback, descr: int, event: int) -> None:
+        if self._callbacks.get(descr) != callback:
+            return  # unsubscribed, or the descriptor now belongs to another connection
+        try:
+            callback(descr, event)
+        finally:
+            self._on_event()
 
 
 class _SyncObj(SyncObj):  # type: ignore[misc]
-    """The pysyncobj object; its one replicated method hands bytes to ``on_apply``."""
+    """The pysyncobj object; its one replicated method hands bytes to ``on_apply``.
+
+    Its ``_poller`` (the attribute through which pysyncobj's transport and
+    wake-up pipe register their file descriptors) is the event loop's.
+    """
 
     def __init__(
         self,
@@ -87,9 +175,20 @@ class _SyncObj(SyncObj):  # type: ignore[misc]
         partners: Sequence[str],
         conf: SyncObjConf,
         on_apply: Callable[[bytes, int], list[OpResult] | None],
+        poller: _LoopPoller,
     ) -> None:
         self._on_apply = on_apply
+        self.__dict__["_loop_poller"] = poller
         super().__init__(self_address, list(partners), conf)
+
+    @property
+    def _poller(self) -> _LoopPoller:
+        poller: _LoopPoller = self.__dict__["_loop_poller"]
+        return poller
+
+    @_poller.setter
+    def _poller(self, _ignored: object) -> None:
+        """SyncObj's constructor makes a ``select.poll`` poller: the loop's is kept."""
 
     @replicated  # type: ignore[untyped-decorator]
     def apply_entry(self, payload: bytes) -> list[OpResult] | None:
@@ -104,18 +203,25 @@ class RaftNode:
         config.validate()
         self.config = config
         self.view = StateView(config.data_dir / "view", config.tables)
+        self._tables = frozenset(config.tables)
         self._applied_index = self.view.applied_index()
         self._syncobj: _SyncObj | None = None
+        self._poller: _LoopPoller | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._pending: list[_Proposal] = []
-        self._in_flight: set[int] = set()
+        self._pending: deque[_Proposal] = deque()
         self._batches: dict[int, _InFlight] = {}
         self._next_batch = 0
         self._flush_scheduled = False
+        self._tick_scheduled = False
+        self._tick_timer: asyncio.TimerHandle | None = None
+        self._tick_interval_s = min(config.tick_interval_s, config.heartbeat_interval_s)
+        self._tick_due = 0.0
+        self._skipped_late_tick = False
         self._status = RaftStatus(config.self_address, None, 0, 0, 0, (), False, False, False)
-        self._status_lock = threading.Lock()
-        self._last_status_at = 0.0
         self._last_sync_at = time.monotonic()
+        self._sync_task: asyncio.Future[None] | None = None
+        self._log_bytes = 0  # payload bytes applied since the last dump
+        self._compaction_asked = False
         self._leader_listeners: list[Callable[[RaftStatus], None]] = []
         self._stopped = False
 
@@ -129,8 +235,10 @@ class RaftNode:
         await self.stop()
 
     async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
         data_dir = self.config.data_dir
+        # Without it pysyncobj listens on 0.0.0.0; Raft must only answer where we say.
+        bind_address = self.config.bind_address or self.config.self_address
         conf = SyncObjConf(
             password=self.config.password,
             journalFile=str(data_dir / "raft.journal"),
@@ -141,8 +249,7 @@ class RaftNode:
             # Send each entry at once: batching happens above, in propose().
             appendEntriesUseBatch=False,
             commandsWaitLeader=True,
-            # Without it pysyncobj listens on 0.0.0.0; Raft must only answer where we say.
-            bindAddress=self.config.bind_address or self.config.self_address,
+            bindAddress=bind_address,
             raftMinTimeout=self.config.election_timeout_min_s,
             raftMaxTimeout=self.config.election_timeout_max_s,
             appendEntriesPeriod=self.config.heartbeat_interval_s,
@@ -151,14 +258,31 @@ class RaftNode:
             connectionRetryTime=self.config.connection_retry_s,
             logCompactionMinEntries=self.config.compaction_min_entries,
             logCompactionMinTime=self.config.compaction_min_interval_s,
-            maxBindRetries=10,
+            # Ticked by the event loop (see _LoopPoller). Its constructor retries a
+            # failed bind in a busy loop, so the port is awaited beforehand.
+            autoTick=False,
+            maxBindRetries=1,
         )
-        # SyncObj's constructor binds the port and starts the tick thread.
-        self._syncobj = await asyncio.to_thread(
-            _SyncObj, self.config.self_address, self.config.partners, conf, self._on_apply
-        )
+        await _wait_bindable(bind_address)
+        self._poller = _LoopPoller(loop, self._schedule_tick)
+        try:
+            # The constructor derives the cluster key (PBKDF2), reads the journal and binds.
+            self._syncobj = await asyncio.to_thread(
+                _SyncObj,
+                self.config.self_address,
+                self.config.partners,
+                conf,
+                self._on_apply,
+                self._poller,
+            )
+        except BaseException:
+            # Registrations made by the failed constructor are queued on the loop.
+            loop.call_soon(self._poller.close)
+            raise
         self._syncobj.addOnTickCallback(self._on_tick)
-        self._refresh_status(force=True)
+        self._tick_due = loop.time() + self._tick_interval_s
+        self._tick_timer = loop.call_at(self._tick_due, self._periodic_tick)
+        self._status = self.status()
         logger.info(
             "raft node %s started, partners %s",
             self.config.self_address,
@@ -169,16 +293,57 @@ class RaftNode:
         if self._stopped:
             return
         self._stopped = True
+        if self._tick_timer is not None:
+            self._tick_timer.cancel()
         syncobj = self._syncobj
         if syncobj is not None:
-            await asyncio.to_thread(syncobj.destroy_synchronous)
+            syncobj.destroy()  # closes its sockets and journal at once (no tick thread)
+        if self._poller is not None:
+            self._poller.close()
         for batch in list(self._batches.values()):
             self._finish_batch(batch, None, OutcomeUnknownError("node stopped"))
         for proposal in self._pending:
             if not proposal.future.done():
                 proposal.future.set_exception(NotCommittedError("node stopped"))
         self._pending.clear()
+        if self._sync_task is not None:
+            with contextlib.suppress(Exception):
+                await self._sync_task
         self.view.close()
+
+    # -- ticking pysyncobj ---------------------------------------------------
+
+    def _schedule_tick(self) -> None:
+        """Tick soon, once however many events and proposals arrive meanwhile."""
+        if not self._tick_scheduled and self._loop is not None:
+            self._tick_scheduled = True
+            self._loop.call_soon(self._tick)
+
+    def _tick(self) -> None:
+        self._tick_scheduled = False
+        syncobj = self._syncobj
+        if syncobj is None or self._stopped:
+            return
+        try:
+            syncobj.doTick(0.0)
+        except Exception:
+            logger.exception("pysyncobj tick failed")
+
+    def _periodic_tick(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        now = loop.time()
+        late = now - self._tick_due > self._tick_interval_s
+        self._tick_due = now + self._tick_interval_s
+        self._tick_timer = loop.call_at(self._tick_due, self._periodic_tick)
+        if late and not self._skipped_late_tick:
+            # The loop was blocked for a while. Network events that piled up
+            # meanwhile (heartbeats, acks) are handled first, each followed by a
+            # tick, so that pysyncobj's timers do not fire as if the peers were silent.
+            self._skipped_late_tick = True
+            return
+        self._skipped_late_tick = False
+        self._tick()
 
     # -- proposals ---------------------------------------------------------
 
@@ -192,30 +357,41 @@ class RaftNode:
         """
         if self._stopped or self._syncobj is None or self._loop is None:
             raise NotCommittedError("node not running")
+        body = encode_ops(ops)
         deadline = self._loop.time() + self.config.proposal_timeout_s
         delay_s = 0.05
         while True:
             try:
-                return await self._propose_once(tuple(ops), deadline)
+                return await self._propose_once(len(ops), body, deadline)
             except ProposalError:
                 if not idempotent or self._stopped or self._loop.time() + delay_s >= deadline:
                     raise
             await asyncio.sleep(delay_s)
             delay_s = min(delay_s * 2, 0.5)
 
-    async def _propose_once(self, ops: tuple[Op, ...], deadline: float) -> list[OpResult]:
-        assert self._loop is not None
-        future: asyncio.Future[list[OpResult]] = self._loop.create_future()
-        self._pending.append(_Proposal(ops, future, len(encode_batch(Batch(ops)))))
+    async def _propose_once(self, count: int, body: bytes, deadline: float) -> list[OpResult]:
+        loop = self._loop
+        assert loop is not None
+        future: asyncio.Future[list[OpResult]] = loop.create_future()
+        self._pending.append(_Proposal(count, body, future))
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+            loop.call_soon(self._flush)
+        # A plain timer rather than asyncio.wait_for: far cheaper per proposal.
+        timer = loop.call_at(deadline, self._expire, future)
         try:
-            return await asyncio.wait_for(future, max(0.0, deadline - self._loop.time()))
-        except TimeoutError as exc:
-            raise OutcomeUnknownError(
-                f"no commit within {self.config.proposal_timeout_s:g}s (no quorum or leader lost?)"
-            ) from exc
+            return await future
+        finally:
+            timer.cancel()
+
+    def _expire(self, future: asyncio.Future[list[OpResult]]) -> None:
+        if not future.done():
+            future.set_exception(
+                OutcomeUnknownError(
+                    f"no commit within {self.config.proposal_timeout_s:g}s "
+                    "(no quorum or leader lost?)"
+                )
+            )
 
     async def barrier(self) -> int:
         """Return once every entry committed before the call is applied locally."""
@@ -223,30 +399,37 @@ class RaftNode:
         return results[0].index
 
     def _flush(self) -> None:
+        """Hand the pending proposals to pysyncobj, as few entries as the limits allow."""
         self._flush_scheduled = False
-        assert self._loop is not None and self._syncobj is not None
-        while self._pending and len(self._batches) < self.config.max_batches_in_flight:
-            taken: list[_Proposal] = []
+        loop = self._loop
+        syncobj = self._syncobj
+        if loop is None or syncobj is None or self._stopped:
+            return
+        pending = self._pending
+        max_ops = self.config.max_batch_ops
+        max_bytes = self.config.max_batch_bytes
+        while pending and len(self._batches) < self.config.max_batches_in_flight:
+            live: list[_Proposal] = []
             ops_count = 0
             size = 0
-            while self._pending:
-                nxt = self._pending[0]
-                too_big = size + nxt.size > self.config.max_batch_bytes
-                too_many = ops_count + len(nxt.ops) > self.config.max_batch_ops
-                if taken and (too_big or too_many):
+            while pending:
+                nxt = pending[0]
+                if nxt.future.done():  # timed out while waiting
+                    pending.popleft()
+                    continue
+                too_big = size + len(nxt.body) > max_bytes
+                too_many = ops_count + nxt.count > max_ops
+                if live and (too_big or too_many):
                     break
-                taken.append(self._pending.pop(0))
-                ops_count += len(nxt.ops)
-                size += nxt.size
-            live = [p for p in taken if not p.future.done()]
+                live.append(pending.popleft())
+                ops_count += nxt.count
+                size += len(nxt.body)
             if not live:
                 continue
-            payload = encode_batch(Batch(tuple(op for p in live for op in p.ops)))
-            batch_id = self._next_batch
+            batch = _InFlight(self._next_batch, live)
             self._next_batch += 1
-            batch = _InFlight(live)
-            self._batches[batch_id] = batch
-            batch.timer = self._loop.call_later(
+            self._batches[batch.batch_id] = batch
+            batch.timer = loop.call_later(
                 self.config.proposal_timeout_s,
                 self._finish_batch,
                 batch,
@@ -256,28 +439,21 @@ class RaftNode:
                     "(no quorum or leader lost?)"
                 ),
             )
-            self._syncobj.apply_entry(payload, callback=self._result_callback(batch_id))
+            payload = join_encoded(ops_count, [p.body for p in live])
+            syncobj.apply_entry(payload, callback=self._result_callback(batch))
+        self._schedule_tick()
 
-    def _result_callback(self, batch_id: int) -> Callable[[Any, int], None]:
-        loop = self._loop
-        assert loop is not None
-
+    def _result_callback(self, batch: _InFlight) -> Callable[[Any, int], None]:
         def on_result(result: Any, error: int) -> None:
-            # Runs on the pysyncobj thread.
-            loop.call_soon_threadsafe(self._on_batch_result, batch_id, result, error)
+            # Called by pysyncobj during a tick, on the event loop.
+            if error == FAIL_REASON.SUCCESS:
+                self._finish_batch(batch, result, None)
+            elif error in _NOT_COMMITTED:
+                self._finish_batch(batch, None, NotCommittedError(_NOT_COMMITTED[error]))
+            else:
+                self._finish_batch(batch, None, OutcomeUnknownError(f"pysyncobj failure {error}"))
 
         return on_result
-
-    def _on_batch_result(self, batch_id: int, result: Any, error: int) -> None:
-        batch = self._batches.get(batch_id)
-        if batch is None:
-            return
-        if error == FAIL_REASON.SUCCESS:
-            self._finish_batch(batch, result, None)
-        elif error in _NOT_COMMITTED:
-            self._finish_batch(batch, None, NotCommittedError(_NOT_COMMITTED[error]))
-        else:
-            self._finish_batch(batch, None, OutcomeUnknownError(f"pysyncobj failure {error}"))
 
     def _finish_batch(
         self, batch: _InFlight, results: list[OpResult] | None, error: ProposalError | None
@@ -287,14 +463,12 @@ class RaftNode:
         batch.done = True
         if batch.timer is not None:
             batch.timer.cancel()
-        for key, value in list(self._batches.items()):
-            if value is batch:
-                del self._batches[key]
+        self._batches.pop(batch.batch_id, None)
         if error is None and results is None:
             error = OutcomeUnknownError("entry applied without results (undecodable?)")
         offset = 0
         for proposal in batch.proposals:
-            count = len(proposal.ops)
+            count = proposal.count
             if not proposal.future.done():
                 if error is not None:
                     proposal.future.set_exception(error)
@@ -326,12 +500,14 @@ class RaftNode:
             future: asyncio.Future[int] = loop.create_future()
 
             def on_result(_result: Any, error: int, fut: asyncio.Future[int] = future) -> None:
-                loop.call_soon_threadsafe(_settle, fut, error)
+                if not fut.done():
+                    fut.set_result(error)
 
             if action == "add":
                 self._syncobj.addNodeToCluster(address, callback=on_result)
             else:
                 self._syncobj.removeNodeFromCluster(address, callback=on_result)
+            self._schedule_tick()
             try:
                 error = await asyncio.wait_for(future, self.config.proposal_timeout_s)
             except TimeoutError as exc:
@@ -339,7 +515,6 @@ class RaftNode:
                     f"membership change {action} {address} timed out"
                 ) from exc
             if error == FAIL_REASON.SUCCESS:
-                self._refresh_status(force=True)
                 return
             if error != FAIL_REASON.REQUEST_DENIED or loop.time() > deadline:
                 reason = _NOT_COMMITTED.get(error, f"failure {error}")
@@ -364,14 +539,22 @@ class RaftNode:
         return frozenset({self.config.self_address, *(n.address for n in others)})
 
     def status(self) -> RaftStatus:
-        with self._status_lock:
-            status = self._status
         syncobj = self._syncobj
         if syncobj is None:
-            return status
-        # Indexes are read live so a status taken after an acknowledged write shows it.
-        return dataclasses.replace(
-            status, commit_index=syncobj.raftCommitIndex, applied_index=self._applied_index
+            return self._status
+        leader = syncobj._getLeader()
+        self_address = self.config.self_address
+        leader_address = leader.address if leader is not None else None
+        return RaftStatus(
+            self_address=self_address,
+            leader_address=leader_address,
+            term=syncobj.raftCurrentTerm,
+            commit_index=syncobj.raftCommitIndex,
+            applied_index=self._applied_index,
+            members=tuple(sorted({self_address, *(n.address for n in syncobj.otherNodes)})),
+            is_leader=syncobj._isLeader(),
+            ready=syncobj.isReady() and leader_address is not None,
+            has_quorum=bool(syncobj.hasQuorum),
         )
 
     def on_leader_change(self, listener: Callable[[RaftStatus], None]) -> None:
@@ -379,43 +562,35 @@ class RaftNode:
         self._leader_listeners.append(listener)
 
     def _on_tick(self) -> None:
-        # Runs on the pysyncobj thread after every tick.
-        self._refresh_status(force=False)
-        now = time.monotonic()
-        if now - self._last_sync_at > self.config.view_sync_interval_s:
-            self._last_sync_at = now
-            self.view.sync()
-
-    def _refresh_status(self, force: bool) -> None:
+        # Called by pysyncobj at the end of every tick; keep it cheap.
         syncobj = self._syncobj
-        if syncobj is None:
-            return
-        now = time.monotonic()
+        assert syncobj is not None and self._loop is not None
         leader = syncobj._getLeader()
         leader_address = leader.address if leader is not None else None
-        term = syncobj.raftCurrentTerm
-        previous = self._status
-        changed = leader_address != previous.leader_address or term != previous.term
-        if not (force or changed or now - self._last_status_at >= self.config.status_refresh_s):
-            return
-        self._last_status_at = now
-        self_address = self.config.self_address
-        members = tuple(sorted({self_address, *(n.address for n in syncobj.otherNodes)}))
-        status = RaftStatus(
-            self_address=self_address,
-            leader_address=leader_address,
-            term=term,
-            commit_index=syncobj.raftCommitIndex,
-            applied_index=self._applied_index,
-            members=members,
-            is_leader=syncobj._isLeader(),
-            ready=syncobj.isReady() and leader_address is not None,
-            has_quorum=bool(syncobj.hasQuorum),
-        )
-        with self._status_lock:
-            self._status = status
-        if changed and self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._notify_leader_change, status)
+        if leader_address != self._status.leader_address or (
+            syncobj.raftCurrentTerm != self._status.term
+        ):
+            self._status = self.status()
+            self._loop.call_soon(self._notify_leader_change, self._status)
+        if (
+            self._log_bytes > self.config.compaction_log_bytes
+            and not self._compaction_asked
+            and self._log_bytes > self.view.size_bytes()
+        ):
+            # The log holds more than a dump of the state would: compact it, which
+            # bounds its memory (pysyncobj keeps every entry in memory until then).
+            self._compaction_asked = True
+            syncobj.forceLogCompaction()
+        now = time.monotonic()
+        if now - self._last_sync_at > self.config.view_sync_interval_s and self._sync_task is None:
+            self._last_sync_at = now
+            self._sync_task = self._loop.run_in_executor(None, self.view.sync)
+            self._sync_task.add_done_callback(self._sync_done)
+
+    def _sync_done(self, task: asyncio.Future[None]) -> None:
+        self._sync_task = None
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("syncing the view failed: %s", task.exception())
 
     def _notify_leader_change(self, status: RaftStatus) -> None:
         logger.info("leader is now %s (term %d)", status.leader_address, status.term)
@@ -425,15 +600,16 @@ class RaftNode:
             except Exception:
                 logger.exception("leader-change listener failed")
 
-    # -- pysyncobj thread: apply and dumps -------------------------------------
+    # -- apply and dumps (called by pysyncobj during a tick) -------------------
 
     def _on_apply(self, payload: bytes, index: int) -> list[OpResult] | None:
+        self._log_bytes += len(payload)
         if index <= self._applied_index:
             # Journal replay after a restart: the view already holds this entry.
             return None
-        tables = self.config.tables
-        applied = self.view.apply_with(
-            index, lambda read: apply_command(payload, index, read, tables)
+        tables = self._tables
+        applied = self.view.apply_indexed(
+            index, lambda read_index: apply_command_indexed(payload, index, read_index, tables)
         )
         self._applied_index = index
         return list(applied.results)
@@ -448,6 +624,8 @@ class RaftNode:
             }
         )
         self.view.write_snapshot(Path(filename), meta)
+        self._log_bytes = 0
+        self._compaction_asked = False
 
     def _read_dump(self, filename: str) -> tuple[Any, ...]:
         meta = orjson.loads(self.view.restore_snapshot(Path(filename)))
@@ -458,9 +636,21 @@ class RaftNode:
         return last_entry, previous_entry, list(meta["cluster"])
 
 
-def _settle(future: asyncio.Future[int], error: int) -> None:
-    if not future.done():
-        future.set_result(error)
+async def _wait_bindable(address: str) -> None:
+    """Wait until ``address`` can be bound (a previous process may still hold it)."""
+    host, _, port = address.rpartition(":")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for attempt in range(_BIND_ATTEMPTS):
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host.strip("[]"), int(port)))
+                return
+            except OSError as exc:
+                retry = exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL)
+                if not retry or attempt == _BIND_ATTEMPTS - 1:
+                    raise RaftError(f"cannot bind the raft address {address}: {exc}") from exc
+        await asyncio.sleep(_BIND_RETRY_S)
 
 
 def _entry_to_json(entry: tuple[bytes, int, int]) -> list[object]:

@@ -63,6 +63,8 @@ class Applied:
 
 
 Reader = Callable[[str, bytes], Record | None]
+# The log index that last modified (table, key), or None if the key is absent.
+IndexReader = Callable[[str, bytes], int | None]
 
 
 def apply_command(payload: bytes, index: int, read: Reader, tables: Iterable[str]) -> Applied:
@@ -72,47 +74,63 @@ def apply_command(payload: bytes, index: int, read: Reader, tables: Iterable[str
     payload that does not decode changes nothing (it can only come from a newer
     or broken peer) and yields no results.
     """
+
+    def read_index(table: str, key: bytes) -> int | None:
+        record = read(table, key)
+        return None if record is None else record.mod_index
+
+    return apply_command_indexed(payload, index, read_index, tables)
+
+
+def apply_command_indexed(
+    payload: bytes, index: int, read_index: IndexReader, tables: Iterable[str]
+) -> Applied:
+    """``apply_command`` for adapters that can look up a key's index without its value."""
     try:
         batch = decode_batch(payload)
     except CommandDecodeError as exc:
         logger.error("entry %d is not a valid command, skipped: %s", index, exc)
         return Applied((), ())
     known = frozenset(tables)
-    pending: dict[tuple[str, bytes], Record | None] = {}
-
-    def current(table: str, key: bytes) -> Record | None:
-        slot = (table, key)
-        if slot in pending:
-            return pending[slot]
-        return read(table, key)
-
+    # Writes of this entry so far: the new value, or None for a deletion.
+    pending: dict[tuple[str, bytes], bytes | None] = {}
+    # Results are immutable: the common ones are shared within the entry.
+    created = OpResult(ok=True, index=index)
+    replaced = OpResult(ok=True, index=index, existed=True)
     results: list[OpResult] = []
+    append = results.append
     for op in batch.ops:
         if isinstance(op, Barrier):
-            results.append(OpResult(ok=True, index=index))
+            append(created)
             continue
         if op.table not in known:
-            results.append(OpResult(ok=False, index=index, error="unknown_table"))
+            append(OpResult(ok=False, index=index, error="unknown_table"))
             continue
-        before = current(op.table, op.key)
-        before_index = before.mod_index if before is not None else 0
+        slot = (op.table, op.key)
+        if slot in pending:
+            before = None if pending[slot] is None else index
+        else:
+            before = read_index(op.table, op.key)
         if isinstance(op, Put):
-            if op.expect_index is not None and op.expect_index != before_index:
-                results.append(
+            if op.expect_index is not None and op.expect_index != (before or 0):
+                append(
                     OpResult(
                         ok=False,
                         index=index,
                         existed=before is not None,
                         error="conflict",
-                        current_index=before_index,
+                        current_index=before or 0,
                     )
                 )
                 continue
-            pending[(op.table, op.key)] = Record(index, op.value)
-            results.append(OpResult(ok=True, index=index, existed=before is not None))
+            pending[slot] = op.value
+            append(created if before is None else replaced)
         elif isinstance(op, Delete):
             if before is not None:
-                pending[(op.table, op.key)] = None
-            results.append(OpResult(ok=True, index=index, existed=before is not None))
-    writes = tuple(Write(table, key, record) for (table, key), record in pending.items())
+                pending[slot] = None
+            append(created if before is None else replaced)
+    writes = tuple(
+        Write(table, key, None if value is None else Record(index, value))
+        for (table, key), value in pending.items()
+    )
     return Applied(writes, tuple(results))

@@ -22,7 +22,7 @@ from pathlib import Path
 import lmdb
 
 from raft.errors import SnapshotError
-from raft.state_machine import Applied, Reader, Record, Write
+from raft.state_machine import Applied, IndexReader, Reader, Record, Write
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,11 @@ class StateView:
 
     def sync(self) -> None:
         self._env.sync(True)
+
+    def size_bytes(self) -> int:
+        """The size of the data in use (what a dump of the view would copy)."""
+        info = self._env.info()
+        return int((info["last_pgno"] + 1) * self._env.stat()["psize"])
 
     def applied_index(self) -> int:
         with self._env.begin(db=self._meta) as txn:
@@ -99,14 +104,34 @@ class StateView:
                 return None if raw is None else Record.decode(raw)
 
             applied = compute(read)
-            for write in applied.writes:
-                db = self._dbs[write.table]
-                if write.record is None:
-                    txn.delete(write.key, db=db)
-                else:
-                    txn.put(write.key, write.record.encode(), db=db)
-            txn.put(_APPLIED_KEY, _INDEX.pack(index), db=self._meta)
+            self._store(txn, index, applied.writes)
         return applied
+
+    def apply_indexed(self, index: int, compute: Callable[[IndexReader], Applied]) -> Applied:
+        """``apply_with`` for a ``compute`` that only needs the index of each key it reads
+        (``apply_command_indexed``): values are not copied out of LMDB."""
+        dbs = self._dbs
+        unpack_index = _INDEX.unpack_from
+        with self._env.begin(write=True) as txn:
+            get = txn.get
+
+            def read_index(table: str, key: bytes) -> int | None:
+                raw = get(key, db=dbs[table])
+                return None if raw is None else int(unpack_index(raw)[0])
+
+            applied = compute(read_index)
+            self._store(txn, index, applied.writes)
+        return applied
+
+    def _store(self, txn: lmdb.Transaction, index: int, writes: Iterable[Write]) -> None:
+        dbs = self._dbs
+        put = txn.put
+        for write in writes:
+            if write.record is None:
+                txn.delete(write.key, db=dbs[write.table])
+            else:
+                put(write.key, write.record.encode(), db=dbs[write.table])
+        put(_APPLIED_KEY, _INDEX.pack(index), db=self._meta)
 
     def write_snapshot(self, destination: Path, raft_meta: bytes) -> None:
         """Write a consistent copy of the view, tagged with ``raft_meta``, to a file."""
