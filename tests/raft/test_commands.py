@@ -3,7 +3,16 @@ import random
 
 import pytest
 
-from raft.commands import Barrier, Batch, Delete, Put, decode_batch, encode_batch
+from raft.commands import (
+    Barrier,
+    Batch,
+    Delete,
+    Put,
+    decode_batch,
+    encode_batch,
+    encode_ops,
+    join_encoded,
+)
 from raft.errors import CommandDecodeError
 
 
@@ -63,3 +72,10 @@ def test_encoder_refuses_oversized_fields() -> None:
         encode_batch(Batch((Put("kv", b"k" * 2000, b""),)))
     with pytest.raises(ValueError, match="table name"):
         encode_batch(Batch((Delete("", b"k"),)))
+
+
+def test_operations_encoded_apart_join_into_one_batch() -> None:
+    ops = sample_batch().ops
+    joined = join_encoded(len(ops), [encode_ops(ops[:2]), encode_ops(()), encode_ops(ops[2:])])
+    assert joined == encode_batch(Batch(ops))
+    assert decode_batch(joined) == Batch(ops)

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from raft.errors import SnapshotError
-from raft.state_machine import Record, Write
+from raft.state_machine import Applied, IndexReader, Record, Write
 from raft.view import StateView
 
 
@@ -58,4 +58,20 @@ def test_garbage_dump_raises_a_snapshot_error(tmp_path: Path) -> None:
     bad.write_bytes(b"not an lmdb file" * 100)
     with pytest.raises(SnapshotError):
         view.restore_snapshot(bad)
+    view.close()
+
+
+def test_apply_indexed_reads_indexes_and_stores_writes(tmp_path: Path) -> None:
+    view = StateView(tmp_path / "v", ("kv",))
+    view.apply(3, [Write("kv", b"a", Record(3, b"old"))])
+    seen: list[int | None] = []
+
+    def compute(read_index: IndexReader) -> Applied:
+        seen.extend([read_index("kv", b"a"), read_index("kv", b"missing")])
+        return Applied((Write("kv", b"a", Record(4, b"new")),), ())
+
+    view.apply_indexed(4, compute)
+    assert seen == [3, None]
+    assert view.get("kv", b"a") == Record(4, b"new") and view.applied_index() == 4
+    assert view.size_bytes() > 0
     view.close()
