@@ -532,10 +532,8 @@ class RaftNode:
         syncobj = self._syncobj
         if syncobj is None:
             return frozenset()
-        try:
-            others = [n for n in syncobj.otherNodes if syncobj.isNodeConnected(n)]
-        except RuntimeError:  # the set changed under us on the pysyncobj thread
-            return frozenset({self.config.self_address})
+        # pysyncobj runs on this event loop: its sets cannot change while we read them.
+        others = [n for n in syncobj.otherNodes if syncobj.isNodeConnected(n)]
         return frozenset({self.config.self_address, *(n.address for n in others)})
 
     def status(self) -> RaftStatus:
