@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -161,10 +162,13 @@ class LabAgents:
     def teardown(self) -> None:
         """Before ``down``: stop every agent, then remove containers and podman storage
         (a running agent would recreate its podman directories)."""
-        state, _ = self.lab.load()
+        state, plan = self.lab.load()
         for node in list(state.processes):
             self.lab.kill(node)
         self.purge_runtimes()
+        # A killed wireguard-go leaves its control socket behind.
+        for host in plan.hosts:
+            Path(f"/var/run/wireguard/{wg_interface_name(plan, host)}.sock").unlink(missing_ok=True)
 
     def purge_runtimes(self) -> None:
         """Remove the containers and podman storage of every host."""
