@@ -86,9 +86,8 @@ class SiteController:
 
     def hosts(self) -> list[HostInfo]:
         alive = self.agent.reachable_hosts()
-        raws = self._scan(HOSTINFO_PREFIX)
-        return [decode_hostinfo(raw, alive=raw_host in alive) for raw, raw_host in
-                ((raw, orjson.loads(raw)["host_id"]) for raw in raws)]  # fmt: skip
+        hosts = (decode_hostinfo(raw, alive=False) for raw in self._scan(HOSTINFO_PREFIX))
+        return [dataclasses.replace(h, alive=h.host_id in alive) for h in hosts]
 
     async def tick(self) -> None:
         now = self.clock()

@@ -13,7 +13,7 @@ Two pure cores, driven with explicit ``now`` (any monotonic clock, in seconds):
   resets n.
 
 And the executors that do the I/O: :func:`probe_http`, :func:`probe_tcp`,
-:func:`probe_exec`, and :func:`run_probe` for a :data:`ProbeAction`. Executors
+:func:`probe_exec` (the checks themselves are the spec's, in ``meshorch.appspec``). Executors
 never raise for an unhealthy target: they return False (and log at debug).
 """
 
@@ -105,7 +105,7 @@ class ProbeTracker:
     Typical loop::
 
         for instance_id, kind in tracker.take_due(now):
-            ok = await run_probe(...)
+            ok = await probe_http(...)  # or probe_tcp, probe_exec
             tracker.record(instance_id, kind, ok, now_after)
         sleep until tracker.next_due_at()
     """
@@ -342,37 +342,3 @@ async def probe_exec(
         logger.debug("exec probe in %s failed: %s", instance_id, exc)
         return False
     return code == 0
-
-
-@dataclass(frozen=True, slots=True)
-class HttpCheck:
-    port: int
-    path: str = "/"
-    host: str = "127.0.0.1"
-
-
-@dataclass(frozen=True, slots=True)
-class TcpCheck:
-    port: int
-    host: str = "127.0.0.1"
-
-
-@dataclass(frozen=True, slots=True)
-class ExecCheck:
-    argv: tuple[str, ...]
-
-
-ProbeAction = HttpCheck | TcpCheck | ExecCheck
-
-
-async def run_probe(
-    action: ProbeAction, runtime: Runtime, instance_id: str, timeout_s: float
-) -> bool:
-    """Run one probe action against an instance."""
-    match action:
-        case HttpCheck(port=port, path=path, host=host):
-            return await probe_http(host, port, path, timeout_s)
-        case TcpCheck(port=port, host=host):
-            return await probe_tcp(host, port, timeout_s)
-        case ExecCheck(argv=argv):
-            return await probe_exec(runtime, instance_id, argv, timeout_s)

@@ -175,10 +175,14 @@ class HostReconciler:
                 task = asyncio.create_task(self._retire(runtime_id, status))
                 self._retiring[runtime_id] = task
                 task.add_done_callback(functools.partial(self._retired, runtime_id))
-        for runtime_id, item in wanted.items():
+        started = [
             await self._converge(runtime_id, item, actual.get(runtime_id))
-        await self._run_probes(wanted)
-        await self._report(wanted)
+            for runtime_id, item in wanted.items()
+        ]
+        stopped = await self._run_probes(wanted)
+        if any(started) or stopped:  # list again only when this tick changed something
+            actual = {s.instance_id: s for s in await self.runtime.list()}
+        await self._report(wanted, actual)
 
     def _retired(self, runtime_id: str, _task: asyncio.Task[None]) -> None:
         self._retiring.pop(runtime_id, None)
@@ -205,7 +209,8 @@ class HostReconciler:
 
     async def _converge(
         self, runtime_id: str, item: _Container, status: InstanceStatus | None
-    ) -> None:
+    ) -> bool:
+        """Start what should run; True when this started (or restarted) something."""
         retiring = self._retiring.get(runtime_id)
         if retiring is not None:  # placed here again while being stopped: let it finish
             with contextlib.suppress(Exception):
@@ -214,22 +219,22 @@ class HostReconciler:
         now = self.clock()
         book = self._book(runtime_id, item.service)
         if status is not None and status.spec_hash == item.spec.spec_hash and status.running:
-            return
+            return False
         if status is not None and status.spec_hash == item.spec.spec_hash:
             # It exited: the restart policy and the backoff decide.
             policy = item.service.restart.policy
             if policy == "never" or (policy == "on-failure" and status.exit_code == 0):
                 book.gave_up = True
                 book.message = f"exited with {status.exit_code}; restart policy {policy}"
-                return
+                return False
             book.backoff.record_exit(now)
             delay = book.backoff.next_delay_s(now)
             if delay > 0:
                 book.message = f"exited with {status.exit_code}; restart in {delay:.1f}s"
-                return
+                return False
             book.restarts += 1
         if not await self._ensure_image(item, book):
-            return
+            return False
         await self.runtime.start(item.spec)
         book.backoff.record_start(now)
         book.started_hash = item.spec.spec_hash
@@ -237,6 +242,7 @@ class HostReconciler:
         book.message = ""
         self._track_probes(runtime_id, item.container, now)
         logger.info("started %s (%s)", runtime_id, item.placement.version)
+        return True
 
     async def _ensure_image(self, item: _Container, book: _Book) -> bool:
         ref = item.spec.image
@@ -279,11 +285,13 @@ class HostReconciler:
             return probes.startup
         return probes.liveness if kind == ProbeKind.LIVENESS else probes.readiness
 
-    async def _run_probes(self, wanted: dict[str, _Container]) -> None:
+    async def _run_probes(self, wanted: dict[str, _Container]) -> bool:
+        """Run the due probes; True when a failing liveness probe stopped something."""
         now = self.clock()
         due = self.probes.take_due(now)
+        stopped = False
         if not due:
-            return
+            return stopped
 
         async def run(key: str, kind: ProbeKind) -> tuple[str, ProbeKind, bool] | None:
             probe = self._probe_of(key, kind, wanted)
@@ -313,6 +321,8 @@ class HostReconciler:
                 if book is not None:
                     book.message = "liveness probe failed"
                 await self.runtime.stop(runtime_id, timeout_s=STOP_GRACE_S)
+                stopped = True
+        return stopped
 
     def _started(self, runtime_id: str) -> bool:
         status = self.probes.status(runtime_id + STARTUP, ProbeKind.READINESS)
@@ -326,8 +336,9 @@ class HostReconciler:
 
     # -- reports --------------------------------------------------------------------------
 
-    async def _report(self, wanted: dict[str, _Container]) -> None:
-        actual = {s.instance_id: s for s in await self.runtime.list()}
+    async def _report(
+        self, wanted: dict[str, _Container], actual: dict[str, InstanceStatus]
+    ) -> None:
         by_instance: dict[str, list[str]] = {}
         for runtime_id, item in wanted.items():
             by_instance.setdefault(item.placement.instance_id, []).append(runtime_id)

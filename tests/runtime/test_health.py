@@ -13,18 +13,14 @@ from aiohttp import web
 from meshorch.errors import ConfigurationError
 from meshorch.health import (
     BackoffConfig,
-    ExecCheck,
-    HttpCheck,
     ProbeConfig,
     ProbeKind,
     ProbeState,
     ProbeTracker,
     RestartBackoff,
-    TcpCheck,
     probe_exec,
     probe_http,
     probe_tcp,
-    run_probe,
 )
 from meshorch.runtime import ExecTimeout, InstanceNotFound, InstanceSpec, InstanceStatus
 from tests.runtime.helpers import free_port
@@ -228,13 +224,11 @@ async def test_probe_http(http_port: int) -> None:
     assert not await probe_http("127.0.0.1", http_port, "/missing", 5)
     assert not await probe_http("127.0.0.1", http_port, "/slow", 0.3)
     assert not await probe_http("127.0.0.1", free_port(), "/", 5)
-    assert await run_probe(HttpCheck(http_port, "/healthz"), FakeRuntime(0), "x", 5)
 
 
 async def test_probe_tcp(http_port: int) -> None:
     assert await probe_tcp("127.0.0.1", http_port, 5)
     assert not await probe_tcp("127.0.0.1", free_port(), 5)
-    assert await run_probe(TcpCheck(http_port), FakeRuntime(0), "x", 5)
 
 
 class FakeRuntime:
@@ -275,4 +269,3 @@ async def test_probe_exec() -> None:
     assert not await probe_exec(FakeRuntime(1), "i1", ["false"], 3)
     assert not await probe_exec(FakeRuntime(ExecTimeout("i1", "slow")), "i1", ["x"], 3)
     assert not await probe_exec(FakeRuntime(InstanceNotFound("i1", "gone")), "i1", ["x"], 3)
-    assert await run_probe(ExecCheck(("true",)), ok, "i1", 3)
