@@ -1,0 +1,472 @@
+"""Signed desired-state deltas: the fleet log shared by the hub and the sites (pure).
+
+The hub appends deltas to one fleet-wide log; every site walks the whole log in order
+and applies the operations of the deltas that target it. Anyone may relay a delta:
+only the signature, the version and the chain decide whether a site applies it.
+
+Wire form of one delta (an *envelope*), UTF-8 JSON::
+
+    {"body": "<the body, canonical JSON, as a string>",
+     "sigs": [{"key": "<hex Ed25519 public key>", "sig": "<hex signature of body>"}]}
+
+The body (signed bytes, exactly as carried in the envelope)::
+
+    {"v": 1, "fleet": "acme", "version": 7, "prev": "<sha256 hex of version 6's body>",
+     "issued_at": 1790000000.0, "expires_at": 1790086400.0,
+     "target": {"all": true} | {"sites": ["shop-1", ...]},
+     "ops": [{"op": "app.put", "spec": {...}}, {"op": "app.delete", "name": "web"},
+             {"op": "root.rotate", "new_key": "<hex>"}]}
+
+A site applies a delta only when (checked in this order, first failure wins):
+
+    too_large       the envelope is over MAX_DELTA_BYTES
+    malformed       not an envelope, or a body that breaks the schema (truncation lands here)
+    wrong_fleet     the body names another fleet
+    unknown_key     no signature by a key the site trusts
+    bad_signature   a trusted key's signature does not verify (or a rotation lacks the
+                    new key's signature)
+    replay          the version the site has already applied
+    rollback        older than the version the site has applied
+    gap             newer than the next version: fetch the missing ones first (not an attack)
+    chain_mismatch  ``prev`` is not the hash of the delta the site applied last
+    expired         past ``expires_at`` -- unless a later delta of the same batch is still
+                    fresh: a site that was cut off for longer than a delta's lifetime
+                    catches up through the chain, whose fresh tip vouches for it.
+
+The fleet root key is rotated by a ``root.rotate`` delta (target all) signed by the old
+root key and by the new one; from then on only the new key is trusted.
+Operations are not interpreted here: the site's applier decides what an ``app.put`` means.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from typing import Any, Literal
+
+import orjson
+from nacl.exceptions import BadSignatureError
+from nacl.signing import SigningKey, VerifyKey
+
+MAX_DELTA_BYTES = 256 * 1024
+MAX_SIGNATURES = 4
+MAX_OPS = 256
+FORMAT_VERSION = 1
+GENESIS_HASH = "0" * 64
+ROTATE_OP = "root.rotate"
+
+Reason = Literal[
+    "too_large",
+    "malformed",
+    "wrong_fleet",
+    "unknown_key",
+    "bad_signature",
+    "replay",
+    "rollback",
+    "gap",
+    "chain_mismatch",
+    "expired",
+]
+REASONS: tuple[Reason, ...] = (
+    "too_large",
+    "malformed",
+    "wrong_fleet",
+    "unknown_key",
+    "bad_signature",
+    "replay",
+    "rollback",
+    "gap",
+    "chain_mismatch",
+    "expired",
+)
+
+
+class DeltaRejected(Exception):
+    """A delta the site must not apply. ``reason`` is one of ``REASONS``."""
+
+    def __init__(self, reason: Reason, message: str, version: int | None = None) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason: Reason = reason
+        self.message = message
+        self.version = version
+
+    def to_json(self) -> dict[str, Any]:
+        return {"reason": self.reason, "message": self.message, "version": self.version}
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Which sites a delta's operations are for. ``sites`` is empty when ``all``."""
+
+    all: bool = False
+    sites: frozenset[str] = frozenset()
+
+    def includes(self, site_id: str) -> bool:
+        return self.all or site_id in self.sites
+
+    def to_json(self) -> dict[str, Any]:
+        return {"all": True} if self.all else {"sites": sorted(self.sites)}
+
+
+ALL_SITES = Target(all=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """A verified (or about to be signed) delta body."""
+
+    fleet: str
+    version: int
+    prev: str
+    issued_at: float
+    expires_at: float
+    target: Target
+    ops: tuple[Mapping[str, Any], ...]
+    digest: str = ""  # sha256 hex of the body bytes; set once encoded or parsed
+
+    def body_json(self) -> dict[str, Any]:
+        return {
+            "v": FORMAT_VERSION,
+            "fleet": self.fleet,
+            "version": self.version,
+            "prev": self.prev,
+            "issued_at": self.issued_at,
+            "expires_at": self.expires_at,
+            "target": self.target.to_json(),
+            "ops": [dict(op) for op in self.ops],
+        }
+
+    def rotation_key(self) -> str | None:
+        for op in self.ops:
+            if op.get("op") == ROTATE_OP:
+                return str(op["new_key"])
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class TrustState:
+    """What a site has applied of the fleet log, and whom it trusts. Stored in Raft."""
+
+    fleet: str
+    trusted_keys: frozenset[str]
+    version: int = 0
+    head: str = GENESIS_HASH
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "v": FORMAT_VERSION,
+            "fleet": self.fleet,
+            "trusted_keys": sorted(self.trusted_keys),
+            "version": self.version,
+            "head": self.head,
+        }
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> TrustState:
+        return TrustState(
+            fleet=str(data["fleet"]),
+            trusted_keys=frozenset(str(k) for k in data["trusted_keys"]),
+            version=int(data["version"]),
+            head=str(data["head"]),
+        )
+
+
+@dataclass(slots=True)
+class BatchResult:
+    """Deltas accepted in order, the state after them, and why the rest stopped."""
+
+    accepted: list[Delta] = field(default_factory=list)
+    state: TrustState | None = None
+    rejected: DeltaRejected | None = None
+
+
+# -- keys ---------------------------------------------------------------------------
+
+
+def key_id(key: SigningKey | VerifyKey) -> str:
+    verify_key = key.verify_key if isinstance(key, SigningKey) else key
+    return bytes(verify_key).hex()
+
+
+def parse_key_id(text: str) -> str:
+    """Validate a hex Ed25519 public key as given by an operator; returns it lower-cased."""
+    text = text.strip().lower()
+    if len(text) != 64 or not _is_hex(text):
+        raise ValueError("an Ed25519 public key is 64 hex characters")
+    return text
+
+
+@lru_cache(maxsize=64)
+def _verify_key(hex_key: str) -> VerifyKey:
+    return VerifyKey(bytes.fromhex(hex_key))
+
+
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdef" for c in text)
+
+
+# -- signing (the hub) ----------------------------------------------------------------
+
+
+def encode_body(delta: Delta) -> bytes:
+    return orjson.dumps(delta.body_json(), option=orjson.OPT_SORT_KEYS)
+
+
+def digest_of(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
+
+
+def sign(delta: Delta, keys: Sequence[SigningKey]) -> tuple[bytes, Delta]:
+    """Encode and sign; returns the envelope and the delta with its digest."""
+    if not keys:
+        raise ValueError("a delta needs at least one signature")
+    body = encode_body(delta)
+    sigs = [{"key": key_id(k), "sig": k.sign(body).signature.hex()} for k in keys]
+    envelope = orjson.dumps({"body": body.decode(), "sigs": sigs})
+    if len(envelope) > MAX_DELTA_BYTES:
+        raise ValueError(f"delta is {len(envelope)} bytes, over {MAX_DELTA_BYTES}")
+    return envelope, replace(delta, digest=digest_of(body))
+
+
+def next_delta(
+    fleet: str,
+    head_version: int,
+    head_hash: str,
+    ops: Iterable[Mapping[str, Any]],
+    target: Target,
+    now: float,
+    ttl_s: float,
+) -> Delta:
+    return Delta(
+        fleet=fleet,
+        version=head_version + 1,
+        prev=head_hash,
+        issued_at=now,
+        expires_at=now + ttl_s,
+        target=target,
+        ops=tuple(ops),
+    )
+
+
+# -- parsing and verification (the sites) ---------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Parsed:
+    delta: Delta
+    body: bytes
+    sigs: tuple[tuple[str, bytes], ...]
+
+
+def parse(raw: bytes) -> tuple[Delta, bytes, tuple[tuple[str, bytes], ...]]:
+    """Parse an envelope without trusting it. Raises DeltaRejected (too_large, malformed)."""
+    parsed = _parse(raw)
+    return parsed.delta, parsed.body, parsed.sigs
+
+
+def _malformed(message: str) -> DeltaRejected:
+    return DeltaRejected("malformed", message)
+
+
+def _parse(raw: bytes) -> _Parsed:
+    if len(raw) > MAX_DELTA_BYTES:
+        raise DeltaRejected("too_large", f"{len(raw)} bytes, the limit is {MAX_DELTA_BYTES}")
+    try:
+        envelope = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise _malformed(f"envelope is not JSON ({exc})") from None
+    if not isinstance(envelope, dict) or set(envelope) != {"body", "sigs"}:
+        raise _malformed("an envelope is an object with exactly 'body' and 'sigs'")
+    body_text, raw_sigs = envelope["body"], envelope["sigs"]
+    if not isinstance(body_text, str) or not isinstance(raw_sigs, list):
+        raise _malformed("'body' is a string and 'sigs' a list")
+    if not 1 <= len(raw_sigs) <= MAX_SIGNATURES:
+        raise _malformed(f"1 to {MAX_SIGNATURES} signatures")
+    sigs = tuple(_parse_sig(s) for s in raw_sigs)
+    body = body_text.encode()
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise _malformed(f"body is not JSON ({exc})") from None
+    return _Parsed(_parse_body(data, digest_of(body)), body, sigs)
+
+
+def _parse_sig(item: object) -> tuple[str, bytes]:
+    if not isinstance(item, dict) or set(item) != {"key", "sig"}:
+        raise _malformed("a signature is an object with exactly 'key' and 'sig'")
+    key, sig = item["key"], item["sig"]
+    if not isinstance(key, str) or len(key) != 64 or not _is_hex(key):
+        raise _malformed("a signature's key is 64 lower-case hex characters")
+    if not isinstance(sig, str) or len(sig) != 128 or not _is_hex(sig):
+        raise _malformed("a signature is 128 lower-case hex characters")
+    return key, bytes.fromhex(sig)
+
+
+_BODY_FIELDS = {"v", "fleet", "version", "prev", "issued_at", "expires_at", "target", "ops"}
+
+
+def _parse_body(data: object, digest: str) -> Delta:
+    if not isinstance(data, dict) or set(data) != _BODY_FIELDS:
+        raise _malformed(f"a body has exactly the fields {sorted(_BODY_FIELDS)}")
+    if data["v"] != FORMAT_VERSION:
+        raise _malformed(f"unsupported delta format {data['v']!r}")
+    fleet, version, prev = data["fleet"], data["version"], data["prev"]
+    if not isinstance(fleet, str) or not fleet:
+        raise _malformed("'fleet' is a non-empty string")
+    if type(version) is not int or version < 1:
+        raise _malformed("'version' is an integer >= 1")
+    if not isinstance(prev, str) or len(prev) != 64 or not _is_hex(prev):
+        raise _malformed("'prev' is a sha256 hex digest")
+    issued_at, expires_at = data["issued_at"], data["expires_at"]
+    for name, value in (("issued_at", issued_at), ("expires_at", expires_at)):
+        if type(value) not in (int, float) or value != value:  # rejects bool and NaN
+            raise _malformed(f"{name!r} is a number of seconds")
+    ops = data["ops"]
+    if not isinstance(ops, list) or len(ops) > MAX_OPS:
+        raise _malformed(f"'ops' is a list of at most {MAX_OPS}")
+    for op in ops:
+        if not isinstance(op, dict) or not isinstance(op.get("op"), str):
+            raise _malformed("each operation is an object with an 'op' string")
+    delta = Delta(
+        fleet=fleet,
+        version=version,
+        prev=prev,
+        issued_at=float(issued_at),
+        expires_at=float(expires_at),
+        target=_parse_target(data["target"]),
+        ops=tuple(ops),
+        digest=digest,
+    )
+    rotation = [op for op in ops if op["op"] == ROTATE_OP]
+    if rotation:
+        new_key = rotation[0].get("new_key")
+        if len(rotation) > 1 or not delta.target.all:
+            raise _malformed("a root rotation is the only rotation of a delta that targets all")
+        if not isinstance(new_key, str) or len(new_key) != 64 or not _is_hex(new_key):
+            raise _malformed("'new_key' is 64 lower-case hex characters")
+    return delta
+
+
+def _parse_target(target: object) -> Target:
+    if target == {"all": True}:
+        return ALL_SITES
+    if isinstance(target, dict) and set(target) == {"sites"}:
+        sites = target["sites"]
+        if isinstance(sites, list) and all(isinstance(s, str) and s for s in sites):
+            return Target(sites=frozenset(sites))
+    raise _malformed('\'target\' is {"all": true} or {"sites": [names]}')
+
+
+def _check_signatures(parsed: _Parsed, state: TrustState) -> None:
+    trusted = [(key, sig) for key, sig in parsed.sigs if key in state.trusted_keys]
+    if not trusted:
+        raise DeltaRejected(
+            "unknown_key", "not signed by a key this site trusts", parsed.delta.version
+        )
+    for key, sig in parsed.sigs:
+        if not _valid(key, sig, parsed.body):
+            raise DeltaRejected(
+                "bad_signature", f"signature by {key[:12]}... does not verify",
+                parsed.delta.version,
+            )  # fmt: skip
+    new_key = parsed.delta.rotation_key()
+    if new_key is not None and new_key not in {key for key, _ in parsed.sigs}:
+        raise DeltaRejected(
+            "bad_signature",
+            "a root rotation must also be signed by the new key",
+            parsed.delta.version,
+        )
+
+
+def _valid(key: str, sig: bytes, body: bytes) -> bool:
+    try:
+        _verify_key(key).verify(body, sig)
+    except (BadSignatureError, ValueError):
+        return False
+    return True
+
+
+def _check_order(delta: Delta, state: TrustState) -> None:
+    if delta.version == state.version:
+        if delta.digest == state.head:
+            raise DeltaRejected("replay", f"version {delta.version} is applied", delta.version)
+        raise DeltaRejected(
+            "chain_mismatch",
+            f"another delta with version {delta.version} was applied",
+            delta.version,
+        )
+    if delta.version < state.version:
+        raise DeltaRejected(
+            "rollback", f"version {delta.version} < applied {state.version}", delta.version
+        )
+    if delta.version > state.version + 1:
+        raise DeltaRejected(
+            "gap", f"version {delta.version}, next is {state.version + 1}", delta.version
+        )
+    if delta.prev != state.head:
+        raise DeltaRejected(
+            "chain_mismatch",
+            f"prev {delta.prev[:12]}... is not the applied head {state.head[:12]}...",
+            delta.version,
+        )
+
+
+def _advance(delta: Delta, state: TrustState) -> TrustState:
+    new_key = delta.rotation_key()
+    trusted = frozenset({new_key}) if new_key is not None else state.trusted_keys
+    return replace(state, version=delta.version, head=delta.digest, trusted_keys=trusted)
+
+
+def verify_chain(raw: bytes, state: TrustState) -> tuple[Delta, TrustState]:
+    """Every check but expiry. Returns the delta and the state after applying it."""
+    parsed = _parse(raw)
+    if parsed.delta.fleet != state.fleet:
+        raise DeltaRejected(
+            "wrong_fleet",
+            f"for fleet {parsed.delta.fleet!r}, this site is in {state.fleet!r}",
+            parsed.delta.version,
+        )
+    _check_signatures(parsed, state)
+    _check_order(parsed.delta, state)
+    return parsed.delta, _advance(parsed.delta, state)
+
+
+def verify(raw: bytes, state: TrustState, now: float) -> tuple[Delta, TrustState]:
+    """One delta on its own: every check, expiry included."""
+    result = verify_batch([raw], state, now)
+    if result.rejected is not None:
+        raise result.rejected
+    assert result.state is not None  # accepted one delta
+    return result.accepted[0], result.state
+
+
+def verify_batch(raws: Sequence[bytes], state: TrustState, now: float) -> BatchResult:
+    """Verify consecutive deltas; accept the longest prefix whose last delta is fresh.
+
+    Deltas past their expiry are accepted only on the way to a fresh one: the tip's
+    freshness vouches for the chain that leads to it.
+    """
+    chained: list[tuple[Delta, TrustState]] = []
+    rejected: DeltaRejected | None = None
+    current = state
+    for raw in raws:
+        try:
+            delta, current = verify_chain(raw, current)
+        except DeltaRejected as exc:
+            rejected = exc
+            break
+        chained.append((delta, current))
+    fresh = max((i for i, (d, _) in enumerate(chained) if d.expires_at > now), default=-1)
+    if fresh < len(chained) - 1:
+        stale = chained[fresh + 1][0]
+        rejected = DeltaRejected(
+            "expired", f"expired {now - stale.expires_at:.0f} s ago", stale.version
+        )
+    accepted = chained[: fresh + 1]
+    return BatchResult(
+        accepted=[d for d, _ in accepted],
+        state=accepted[-1][1] if accepted else state,
+        rejected=rejected,
+    )
