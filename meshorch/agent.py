@@ -37,6 +37,7 @@ from meshorch.mesh import (
 )
 from meshorch.reconciler import HostReconciler
 from meshorch.runtime import Runtime
+from meshorch.site_link import SiteLink
 from meshorch.site_state import (
     APPS_TABLE,
     MEMBER_PREFIX,
@@ -82,6 +83,7 @@ class Agent:
         )
         self._runner: web.AppRunner | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.site_link = SiteLink(self)
 
     @property
     def raft(self) -> RaftNode:
@@ -150,6 +152,7 @@ class Agent:
         self.runtime = make_runtime(self.workloads.runtime, config.data_dir)
         self.spawn(HostReconciler(self, self.runtime).run(), "reconcile")
         self.spawn(SiteController(self).run(), "controller")
+        self.spawn(self.site_link.run(), "fleet-link")
         logger.info(
             "agent %s of site %s: api http://%s, raft %s",
             config.host_id,

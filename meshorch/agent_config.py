@@ -11,6 +11,7 @@ from pathlib import Path
 import orjson
 
 from meshorch.errors import ConfigurationError, RemoteInputError
+from meshorch.fleet_apply import LinkConfig, check_link_config
 from meshorch.site_state import validate_address, validate_host_id
 from raft.config import MIN_PASSWORD_LENGTH
 
@@ -30,6 +31,10 @@ class AgentConfig:
     peers: tuple[str, ...] = ()
     password: str | None = None  # None: from the data dir (or the join answer)
     preset: str = "lan"
+    hub: str | None = None  # the fleet link: all of hub, fleet and fleet_key, or none
+    fleet: str | None = None
+    fleet_key: str | None = None
+    enroll_token: str | None = None
 
     @property
     def api_host(self) -> str:
@@ -62,8 +67,29 @@ class AgentConfig:
             problems.append(f"cluster password: at least {MIN_PASSWORD_LENGTH} characters")
         if self.preset not in PRESETS:
             problems.append(f"--preset: one of {', '.join(PRESETS)}")
+        problems.extend(self._fleet_problems())
         if problems:
             raise ConfigurationError("invalid agent configuration:\n  " + "\n  ".join(problems))
+
+    def _fleet_problems(self) -> list[str]:
+        given = [self.hub is not None, self.fleet is not None, self.fleet_key is not None]
+        if not any(given):
+            if self.enroll_token is not None:
+                return ["--enroll-token: needs --hub, --fleet and --fleet-key"]
+            return []
+        if not all(given):
+            return ["--hub, --fleet and --fleet-key: give all three or none"]
+        try:
+            self.fleet_link()
+        except RemoteInputError as exc:
+            return [f"fleet link: {exc}"]
+        return []
+
+    def fleet_link(self) -> LinkConfig | None:
+        """The fleet link asked for by the flags (None without ``--hub``)."""
+        if self.hub is None or self.fleet is None or self.fleet_key is None:
+            return None
+        return check_link_config(self.hub, self.fleet, self.fleet_key, self.enroll_token)
 
 
 def resolve_password(data_dir: Path, password_file: Path | None, has_peers: bool) -> str:

@@ -17,7 +17,15 @@ from aiohttp import web
 from meshorch import admission
 from meshorch.agent import Agent
 from meshorch.appspec import AppSpec, SpecError, parse_app_spec, spec_digest, to_json
+from meshorch.delta import DeltaRejected
 from meshorch.errors import RemoteInputError
+from meshorch.fleet_apply import (
+    VersionExists,
+    app_delete_ops,
+    app_put_ops,
+    app_view,
+    check_link_config,
+)
 from meshorch.imagestore import CHUNK_BYTES, validate_digest, validate_ref
 from meshorch.join import JoinRefused, JoinRequest, check_revocation_notice
 from meshorch.site_state import (
@@ -40,7 +48,6 @@ from meshorch.workloads import (
     decode_placement,
     decode_rollout,
     decode_spec,
-    encode_spec,
     rollout_key,
 )
 from raft import Delete, Put
@@ -77,6 +84,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     try:
         return await handler(request)
     except ApiError as exc:
+        if isinstance(exc, _DeltaApiError):
+            error = {"code": exc.code, "message": exc.message, "version": exc.version}
+            return json_response({"error": error}, exc.status)
         return error_response(exc.status, exc.code, exc.message)
     except RemoteInputError as exc:
         return error_response(400, exc.code, str(exc))
@@ -116,6 +126,9 @@ def build_app(agent: Agent) -> web.Application:
     app.router.add_post("/v1/images", add_image)
     app.router.add_get("/v1/images", list_images)
     app.router.add_get("/v1/images/blobs/{digest}", get_blob)
+    app.router.add_get("/v1/fleet", get_fleet)
+    app.router.add_put("/v1/fleet/link", put_fleet_link)
+    app.router.add_post("/v1/fleet/deltas", post_fleet_deltas)
     return app
 
 
@@ -352,22 +365,12 @@ async def apply_app(request: web.Request) -> web.Response:
         )
     agent = _agent(request)
     await agent.raft.barrier()
-    view = agent.raft.view
-    encoded = encode_spec(spec)
-    known = view.get(APPS_TABLE, appver_key(spec.name, spec.version))
-    if known is not None and spec_digest(decode_spec(known.value)) != spec_digest(spec):
-        raise ApiError(
-            409,
-            "version_exists",
-            f"{spec.name} version {spec.version} exists with other content; bump the version",
-        )
-    await agent.raft.propose(
-        [
-            Put(APPS_TABLE, appver_key(spec.name, spec.version), encoded),
-            Put(APPS_TABLE, app_key(spec.name), encoded),
-        ],
-        idempotent=True,
-    )
+    existing = agent.raft.view.get(APPS_TABLE, appver_key(spec.name, spec.version))
+    try:
+        ops = app_put_ops(spec, None if existing is None else existing.value)
+    except VersionExists as exc:
+        raise ApiError(409, exc.code, str(exc)) from exc
+    await agent.raft.propose(ops, idempotent=True)
     return json_response({"app": spec.name, "version": spec.version, "digest": spec_digest(spec)})
 
 
@@ -377,46 +380,13 @@ def _scan_json(agent: Agent, prefix: bytes) -> list[bytes]:
 
 
 def _app_view(agent: Agent, spec: AppSpec) -> dict[str, object]:
-    placements = [
-        p for p in map(decode_placement, _scan_json(agent, INST_PREFIX)) if p.app == spec.name
-    ]
+    placements = map(decode_placement, _scan_json(agent, INST_PREFIX))
     reports = {
         r.instance_id: r for r in map(InstanceReport.decode, _scan_json(agent, STATUS_PREFIX))
     }
-    instances = []
-    for placement in placements:
-        report = reports.get(placement.instance_id)
-        current = report is not None and report.host_id == placement.host_id
-        instances.append(
-            {
-                "instance_id": placement.instance_id,
-                "service": placement.service,
-                "host": placement.host_id,
-                "version": placement.version,
-                "state": report.state if report and current else "pending",
-                "ready": bool(report and current and report.ready
-                              and report.version == placement.version),
-                "restarts": report.restarts if report and current else 0,
-                "message": report.message if report and current else "",
-            }
-        )  # fmt: skip
     rollout_record = agent.raft.view.get(APPS_TABLE, rollout_key(spec.name))
     rollout = decode_rollout(rollout_record.value) if rollout_record else None
-    return {
-        "name": spec.name,
-        "version": spec.version,
-        "digest": spec_digest(spec),
-        "instances": instances,
-        "ready": sum(1 for i in instances if i["ready"]),
-        "rollout": None
-        if rollout is None
-        else {
-            "phase": rollout.phase,
-            "from": rollout.from_version,
-            "to": rollout.to_version,
-            "reason": rollout.reason,
-        },
-    }
+    return app_view(spec, placements, reports, rollout)
 
 
 async def list_apps(request: web.Request) -> web.Response:
@@ -447,8 +417,96 @@ async def delete_app(request: web.Request) -> web.Response:
     await agent.raft.barrier()
     if agent.raft.view.get(APPS_TABLE, app_key(name)) is None:
         raise ApiError(404, "not_found", f"no application {name!r}")
-    await agent.raft.propose(
-        [Delete(APPS_TABLE, app_key(name)), Delete(APPS_TABLE, rollout_key(name))],
-        idempotent=True,
-    )
+    await agent.raft.propose(app_delete_ops(name), idempotent=True)
     return json_response({"deleted": name})
+
+
+# -- the fleet link ------------------------------------------------------------------
+
+# Refusals that are about where the site is in the log, not about the delta itself.
+ORDER_REASONS = frozenset({"replay", "rollback", "gap", "chain_mismatch", "expired"})
+
+
+async def get_fleet(request: web.Request) -> web.Response:
+    """The site's fleet identity, link, trust state and last refusals."""
+    await _consistent_read(request)
+    return json_response(_agent(request).site_link.status_json())
+
+
+async def put_fleet_link(request: web.Request) -> web.Response:
+    """Body ``{"hub", "fleet", "root_key", "enroll_token"?}``. Never changes whom the
+    site trusts once it has a trust state: only a signed root.rotate delta does."""
+    data = _json_object(await request.read())
+    unknown = set(data) - {"hub", "fleet", "root_key", "enroll_token"}
+    if unknown:
+        raise ApiError(400, "bad_link", f"unknown fields: {', '.join(sorted(unknown))}")
+    wanted = check_link_config(
+        data.get("hub"), data.get("fleet"), data.get("root_key"), data.get("enroll_token")
+    )
+    link = _agent(request).site_link
+    try:
+        stored = await link.configure(wanted)
+    except RemoteInputError as exc:
+        status = 400 if exc.code == "bad_link" else 409
+        raise ApiError(status, exc.code, str(exc)) from exc
+    trust = link.trust_state()
+    return json_response(
+        {"link": stored.to_json(), "trust": None if trust is None else trust.to_json()}
+    )
+
+
+async def post_fleet_deltas(request: web.Request) -> web.Response:
+    """Relay deltas: one envelope, or a JSON list of envelopes, verified and applied here.
+
+    200 ``{"applied": [versions], "version", "head", "rejected"?}`` (a list may be applied
+    in part: its verified prefix); otherwise 400/409 with the refusal's reason as the code,
+    and nothing changed.
+    """
+    body = await request.read()
+    if body.lstrip()[:1] == b"[":
+        try:
+            items = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise _rejected(DeltaRejected("malformed", f"not a JSON list: {exc}")) from exc
+        raws = [orjson.dumps(item) for item in items]
+    else:
+        raws = [body]
+    if not raws:
+        raise ApiError(400, "malformed", "no delta given")
+    outcome = await _agent(request).site_link.commit(raws)
+    if outcome.conflict:
+        raise ApiError(409, "conflict", "the site applied other deltas meanwhile; retry")
+    if not outcome.applied:
+        assert outcome.rejected is not None
+        raise _rejected(outcome.rejected)
+    assert outcome.state is not None
+    answer: dict[str, object] = {
+        "applied": outcome.applied,
+        "version": outcome.state.version,
+        "head": outcome.state.head,
+        "op_errors": outcome.op_errors,
+    }
+    if outcome.rejected is not None:
+        answer["rejected"] = outcome.rejected.to_json()
+    return json_response(answer)
+
+
+def _rejected(exc: DeltaRejected) -> ApiError:
+    status = 409 if exc.reason in ORDER_REASONS else 400
+    return _DeltaApiError(status, exc)
+
+
+class _DeltaApiError(ApiError):
+    def __init__(self, status: int, exc: DeltaRejected) -> None:
+        super().__init__(status, exc.reason, exc.message)
+        self.version = exc.version
+
+
+def _json_object(body: bytes) -> dict[str, object]:
+    try:
+        data = orjson.loads(body or b"{}")
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, "bad_json", f"the body is not JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ApiError(400, "bad_request", "the body must be a JSON object")
+    return data

@@ -125,6 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     work.add_argument("--cpu", type=float, help="CPU cores offered (default: all)")
     work.add_argument("--memory", help="memory offered, e.g. 2Gi (default: all)")
+    fleet = agent.add_argument_group(
+        "fleet link", "the hub this site takes its desired state from (docs/fleet-link.md)"
+    )
+    fleet.add_argument("--hub", metavar="URL", help="the hub's URL, e.g. https://hub:7900")
+    fleet.add_argument("--fleet", metavar="NAME", help="the fleet this site belongs to")
+    fleet.add_argument(
+        "--fleet-key", metavar="HEX", help="the fleet root public key (from `meshorch hub`)"
+    )
+    fleet.add_argument(
+        "--enroll-token", metavar="TOKEN", help="single-use token binding the site key at the hub"
+    )
     agent.add_argument(
         "--preset",
         choices=["lan", "local"],
@@ -269,6 +280,10 @@ def run_agent(args: argparse.Namespace) -> int:
         peers=tuple(args.peer),
         password=password,
         preset=args.preset,
+        hub=args.hub,
+        fleet=args.fleet,
+        fleet_key=args.fleet_key,
+        enroll_token=args.enroll_token,
     )
     config.validate()
     workloads = WorkloadSettings(

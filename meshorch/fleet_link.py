@@ -1,0 +1,204 @@
+"""The site's HTTP client of the fleet link (docs/fleet-link.md), one per site.
+
+It knows nothing of agents or Raft: give it the hub URL, the site id and the site's
+signing key; it enrolls, fetches deltas (long-poll) and sends reports, every request but
+enrollment signed with ``meshorch.link_auth.sign_request``. Deltas come back as envelope
+bytes, ready for ``meshorch.delta.verify_batch``.
+
+Exceptions::
+
+    LinkError                   root (a MeshorchError)
+    ├── HubUnreachable          no answer: connection refused or reset, timeout, 5xx
+    └── RemoteLinkError         the hub answered, but not what the site asked for
+        ├── LinkRefused         a 4xx; ``status`` and ``code`` say which
+        │   └── LinkUnauthorized    401 bad_site_signature (unknown site, wrong key, clock)
+        └── BadHubAnswer        a 2xx that is not the documented JSON
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import orjson
+from nacl.signing import SigningKey
+from yarl import URL
+
+from meshorch.errors import MeshorchError
+from meshorch.link_auth import sign_request
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_WAIT_S = 20.0
+MAX_WAIT_S = 30.0
+REQUEST_TIMEOUT_S = 10.0
+MAX_ANSWER_BYTES = 512 * 1024 * 1024
+
+
+class LinkError(MeshorchError):
+    """Root of the fleet link client's errors."""
+
+
+class HubUnreachable(LinkError):
+    """The hub did not answer (network error, timeout, or a 5xx)."""
+
+
+class RemoteLinkError(LinkError):
+    """The hub answered something other than what was asked."""
+
+
+class LinkRefused(RemoteLinkError):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"hub refused ({status} {code}): {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class LinkUnauthorized(LinkRefused):
+    """401: the hub does not know this site, or not this key (or the clocks differ)."""
+
+
+class BadHubAnswer(RemoteLinkError):
+    """A successful answer that is not the documented JSON."""
+
+
+class LinkClient:
+    """``async with LinkClient(hub, site_id, key) as client: head, raws = await client.fetch(0)``.
+
+    One aiohttp session; pass ``session`` to share one (it is then not closed here).
+    """
+
+    def __init__(
+        self,
+        hub_url: str,
+        site_id: str,
+        key: SigningKey,
+        *,
+        session: aiohttp.ClientSession | None = None,
+        clock: Callable[[], float] = time.time,
+        request_timeout_s: float = REQUEST_TIMEOUT_S,
+    ) -> None:
+        self.hub_url = hub_url.rstrip("/")
+        self.site_id = site_id
+        self.key = key
+        self.clock = clock
+        self.request_timeout_s = request_timeout_s
+        self._base = URL(self.hub_url)
+        self._session = session
+        self._own_session = session is None
+
+    async def __aenter__(self) -> LinkClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._own_session and self._session is not None:
+            await self._session.close()
+        self._session = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=4), raise_for_status=False
+            )
+            self._own_session = True
+        return self._session
+
+    # -- the three calls -----------------------------------------------------------
+
+    async def enroll(self, token: str) -> str:
+        """Bind this site's public key at the hub with a single-use token; returns the id."""
+        body = orjson.dumps(
+            {"site": self.site_id, "public_key": self.key.verify_key.encode().hex(), "token": token}
+        )
+        answer = await self._request("POST", "/v1/link/enroll", "", body, signed=False)
+        site = answer.get("site")
+        if not isinstance(site, str):
+            raise BadHubAnswer(f"enroll answer without 'site': {answer!r}")
+        return site
+
+    async def fetch(
+        self, after: int, wait_s: float = DEFAULT_WAIT_S, limit: int | None = None
+    ) -> tuple[int, list[bytes]]:
+        """Deltas after version ``after`` (long-poll up to ``wait_s``): (head, envelopes)."""
+        wait = max(0, min(int(wait_s), int(MAX_WAIT_S)))
+        query = f"after={int(after)}&wait={wait}"
+        if limit is not None:
+            query += f"&limit={int(limit)}"
+        answer = await self._request(
+            "GET", "/v1/link/deltas", query, b"", timeout_s=wait + self.request_timeout_s
+        )
+        head, deltas = answer.get("head"), answer.get("deltas")
+        if type(head) is not int or not isinstance(deltas, list):
+            raise BadHubAnswer("a deltas answer is {'head': int, 'deltas': [...]}")
+        # The signature covers the body string, which re-encoding keeps.
+        return head, [orjson.dumps(envelope) for envelope in deltas]
+
+    async def report(self, report: dict[str, Any]) -> int:
+        """Send a site report; returns the hub's head version."""
+        answer = await self._request("POST", "/v1/link/report", "", orjson.dumps(report))
+        head = answer.get("head")
+        if type(head) is not int:
+            raise BadHubAnswer(f"report answer without an integer 'head': {answer!r}")
+        return head
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        query: str,
+        body: bytes,
+        *,
+        signed: bool = True,
+        timeout_s: float | None = None,
+    ) -> dict[str, Any]:
+        full_path = self._base.path.rstrip("/") + path
+        path_qs = f"{full_path}?{query}" if query else full_path
+        url = self._base.with_path(full_path, encoded=True)
+        if query:
+            url = URL(f"{url}?{query}", encoded=True)
+        headers = {"Content-Type": "application/json"}
+        if signed:
+            headers.update(
+                sign_request(self.key, self.site_id, method, path_qs, body, self.clock())
+            )
+        timeout = aiohttp.ClientTimeout(total=timeout_s or self.request_timeout_s)
+        try:
+            async with self._client().request(
+                method, url, data=body or None, headers=headers, timeout=timeout
+            ) as response:
+                raw = await response.content.read(MAX_ANSWER_BYTES)
+                status = response.status
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise HubUnreachable(f"{method} {self.hub_url}{path}: {exc!r}") from exc
+        except asyncio.CancelledError:
+            raise
+        if status >= 500:
+            raise HubUnreachable(f"{method} {path}: hub answered {status}")
+        try:
+            data = orjson.loads(raw) if raw else None
+        except orjson.JSONDecodeError:
+            data = None
+        if status >= 400:
+            code, message = _error_of(data, status)
+            cls = LinkUnauthorized if status == 401 else LinkRefused
+            raise cls(status, code, message)
+        if not isinstance(data, dict):
+            raise BadHubAnswer(f"{method} {path}: the answer is not a JSON object")
+        return data
+
+
+def _error_of(data: object, status: int) -> tuple[str, str]:
+    if isinstance(data, dict) and isinstance(data.get("error"), dict):
+        error = data["error"]
+        return str(error.get("code", status)), str(error.get("message", ""))
+    return str(status), ""
