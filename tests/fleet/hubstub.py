@@ -93,7 +93,8 @@ class StubHub:
 
     # -- endpoints -------------------------------------------------------------------
 
-    async def _authenticate(self, request: web.Request) -> str:
+    async def _authenticate(self, request: web.Request) -> web.Response | None:
+        """None when the request is signed by a known site, else the 401 answer."""
         body = await request.read()
         try:
             site = claimed_site(request.headers)
@@ -102,11 +103,11 @@ class StubHub:
                 raise LinkAuthError("unknown site")
             verify_request(key, request.headers, request.method, request.path_qs, body, time.time())
         except LinkAuthError as exc:
-            raise web.HTTPUnauthorized(
-                body=orjson.dumps({"error": {"code": "bad_site_signature", "message": str(exc)}}),
-                content_type="application/json",
-            ) from exc
-        return site
+            error = {"error": {"code": "bad_site_signature", "message": str(exc)}}
+            return web.Response(
+                body=orjson.dumps(error), status=401, content_type="application/json"
+            )
+        return None
 
     async def _enroll(self, request: web.Request) -> web.Response:
         data = orjson.loads(await request.read())
@@ -117,7 +118,9 @@ class StubHub:
         return web.json_response({"site": data["site"]})
 
     async def _deltas(self, request: web.Request) -> web.Response:
-        await self._authenticate(request)
+        refused = await self._authenticate(request)
+        if refused is not None:
+            return refused
         after = int(request.query.get("after", "0"))
         wait_s = min(float(request.query.get("wait", "25")), 30.0)
         limit = min(int(request.query.get("limit", "500")), 500)
@@ -137,6 +140,8 @@ class StubHub:
         return web.Response(body=orjson.dumps(body), content_type="application/json")
 
     async def _report(self, request: web.Request) -> web.Response:
-        await self._authenticate(request)
+        refused = await self._authenticate(request)
+        if refused is not None:
+            return refused
         self.reports.append(orjson.loads(await request.read()))
         return web.Response(body=orjson.dumps({"head": self.head}), content_type="application/json")

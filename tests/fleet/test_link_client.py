@@ -1,0 +1,84 @@
+"""LinkClient against a stub hub on loopback: enroll, signed fetch and report, errors."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from aiohttp import web
+from nacl.signing import SigningKey
+
+from meshorch.delta import TrustState, key_id, verify_batch
+from meshorch.fleet_link import (
+    BadHubAnswer,
+    HubUnreachable,
+    LinkClient,
+    LinkRefused,
+    LinkUnauthorized,
+)
+from meshorch.localsite import free_port
+from tests.fleet.hubstub import StubHub
+
+ROOT = SigningKey(b"r" * 32)
+SITE_KEY = SigningKey(b"s" * 32)
+
+
+async def test_enroll_fetch_verify_report() -> None:
+    async with StubHub("acme", ROOT) as hub, LinkClient(hub.url, "shop-1", SITE_KEY) as client:
+        with pytest.raises(LinkUnauthorized) as info:
+            await client.fetch(0, wait_s=0)
+        assert info.value.status == 401 and info.value.code == "bad_site_signature"
+        with pytest.raises(LinkRefused) as refused:
+            await client.enroll("wrong")
+        assert refused.value.status == 403
+        hub.tokens.add("tok")
+        assert await client.enroll("tok") == "shop-1"
+        assert hub.site_keys["shop-1"] == key_id(SITE_KEY)
+
+        hub.publish([])
+        hub.publish([{"op": "app.delete", "name": "web"}])
+        head, raws = await client.fetch(0, wait_s=0)
+        assert head == 2 and len(raws) == 2
+        result = verify_batch(raws, TrustState("acme", frozenset({key_id(ROOT)})), 0.0)
+        assert result.rejected is None and [d.version for d in result.accepted] == [1, 2]
+
+        # Long-poll: answered as soon as a delta is appended.
+        waiting = asyncio.create_task(client.fetch(2, wait_s=10))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()
+        hub.publish([])
+        head, raws = await asyncio.wait_for(waiting, 5)
+        assert head == 3 and len(raws) == 1
+
+        head, raws = await client.fetch(3, wait_s=0)
+        assert (head, raws) == (3, [])
+        assert await client.report({"v": 1, "site": "shop-1"}) == 3
+        assert hub.reports == [{"v": 1, "site": "shop-1"}]
+
+
+async def test_unreachable_and_bad_answers() -> None:
+    async with LinkClient(f"http://127.0.0.1:{free_port()}", "s", SITE_KEY) as client:
+        with pytest.raises(HubUnreachable):
+            await client.fetch(0, wait_s=0)
+
+    async def garbage(request: web.Request) -> web.Response:
+        return web.Response(text="not json")
+
+    async def broken(request: web.Request) -> web.Response:
+        return web.Response(status=502)
+
+    app = web.Application()
+    app.router.add_get("/v1/link/deltas", garbage)
+    app.router.add_post("/v1/link/report", broken)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        async with LinkClient(f"http://127.0.0.1:{port}", "s", SITE_KEY) as client:
+            with pytest.raises(BadHubAnswer):
+                await client.fetch(0, wait_s=0)
+            with pytest.raises(HubUnreachable):
+                await client.report({})
+    finally:
+        await runner.cleanup()
