@@ -1,0 +1,3 @@
+from central_hub.cli import main
+
+raise SystemExit(main())

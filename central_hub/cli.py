@@ -1,0 +1,145 @@
+"""``python -m central_hub``: run the central hub (the only place that configures logging)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import uvloop
+
+from central_hub.errors import HubConfigError
+from central_hub.service import DAY_S, Hub, HubConfig
+
+logger = logging.getLogger(__name__)
+
+EPILOG = """\
+examples:
+  first start: creates the data dir, the fleet root key and an admin token
+    python -m central_hub --data-dir /var/lib/meshorch-hub --listen 0.0.0.0:7800 --fleet acme
+  then, with the printed admin token:
+    TOKEN=$(cat /var/lib/meshorch-hub/admin.token)
+    curl -H "Authorization: Bearer $TOKEN" -d '{"id": "shop-1", "labels": {"region": "eu"}}' \\
+      http://HUB:7800/v1/sites
+    curl -H "Authorization: Bearer $TOKEN" \\
+      -d '{"spec": "...app spec YAML...", "placement": {"match": {"region": "eu"}}}' \\
+      http://HUB:7800/v1/apps
+  the API is described at http://HUB:7800/v1/openapi.json
+
+Sites are told the fleet name and the root public key printed at start, out of band
+(agent flags --hub URL --fleet NAME --fleet-key HEX); see docs/fleet-link.md.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m central_hub",
+        description="Run the meshorch central hub: operators declare applications and "
+        "placement over HTTP; the hub issues signed deltas that sites fetch over their own "
+        "outbound link. The hub never connects to sites.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+    )
+    parser.add_argument(
+        "--data-dir", required=True, type=Path, help="state directory (created 0700)"
+    )
+    parser.add_argument(
+        "--listen",
+        default="127.0.0.1:7800",
+        metavar="HOST:PORT",
+        help="HTTP address (default %(default)s; port 0 picks a free port)",
+    )
+    parser.add_argument(
+        "--fleet",
+        default=None,
+        help="fleet name, fixed at the first start (default 'fleet'); a later start with "
+        "another name is refused",
+    )
+    parser.add_argument(
+        "--delta-ttl",
+        type=float,
+        default=7 * DAY_S,
+        metavar="SECONDS",
+        help="lifetime of each delta (default %(default)s)",
+    )
+    parser.add_argument(
+        "--wave-timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="fail a rollout when a wave is not healthy this long after it started "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
+        "--site-stale",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="a site whose last report is older is unreachable (default %(default)s)",
+    )
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    return parser
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise HubConfigError(f"--listen {text!r} is not HOST:PORT")
+    return host, int(port)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> HubConfig:
+    host, port = parse_listen(args.listen)
+    config = HubConfig(
+        data_dir=args.data_dir,
+        host=host,
+        port=port,
+        fleet=args.fleet,
+        delta_ttl_s=args.delta_ttl,
+        wave_timeout_s=args.wave_timeout,
+        site_stale_s=args.site_stale,
+    )
+    config.validate()
+    return config
+
+
+async def serve(config: HubConfig) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with Hub(config) as hub:
+        print(f"listen: {hub.url}", flush=True)
+        print(f"fleet: {hub.fleet}", flush=True)
+        print(f"root key: {hub.root_key}", flush=True)
+        print(f"admin token: {hub.admin_token_path}", flush=True)
+        await stop.wait()
+        logger.info("stopping")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        config = config_from_args(args)
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(serve(config))
+    except HubConfigError as exc:
+        print(f"central_hub: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,44 @@
+"""Exceptions of the hub.
+
+::
+
+    HubError
+    ├── HubConfigError   bad flags, settings or data directory, found before serving
+    └── ApiError         a request answered with a JSON error (status, code, message)
+
+Parsers of remote input raise ``meshorch.errors.RemoteInputError`` (answered 400 with its
+``code``); ``InputProblems`` is the one that lists every problem found.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from meshorch.errors import RemoteInputError
+
+
+class HubError(Exception):
+    """Root of every error raised by ``central_hub``."""
+
+
+class HubConfigError(HubError):
+    """Configuration or data directory that cannot work; the message says what to change."""
+
+
+class ApiError(HubError):
+    """Answered as ``{"error": {"code": code, "message": message}}`` with ``status``."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class InputProblems(RemoteInputError):
+    """Remote input with one or more problems, every one listed in ``problems``."""
+
+    def __init__(self, code: str, what: str, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        lines = "; ".join(self.problems)
+        super().__init__(code, f"{what}: {lines}")

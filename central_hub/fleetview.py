@@ -1,0 +1,243 @@
+"""Site reports and the fleet view built from them (pure).
+
+``parse_report`` validates a site report (docs/fleet-link.md) and returns its normalised
+JSON form (known fields only), listing every problem. ``site_summary`` and ``site_detail``
+turn a site record, its latest report and the time into what operators see.
+
+Health of a site:
+
+    unknown      no report yet
+    unreachable  the latest report is older than ``stale_s``
+    degraded     an application is not healthy, a host is not alive, or the site
+                 rejected a delta within ``rejection_window_s``
+    healthy      otherwise
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from central_hub.errors import InputProblems
+from central_hub.waves import AppStatus
+
+Health = Literal["healthy", "degraded", "unreachable", "unknown"]
+REPORT_VERSION = 1
+APP_STATES = ("healthy", "progressing", "failed")
+_MAX_ITEMS = 10_000
+_MAX_TEXT = 4096
+
+
+class ReportError(InputProblems):
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("bad_report", "the site report is invalid", problems[:20])
+
+
+class _Checker:
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def obj(self, value: object, path: str) -> dict[str, Any]:
+        if isinstance(value, dict):
+            return value
+        self.problems.append(f"{path}: must be an object")
+        return {}
+
+    def items(self, value: object, path: str) -> list[Any]:
+        if isinstance(value, list) and len(value) <= _MAX_ITEMS:
+            return value
+        self.problems.append(f"{path}: must be a list of at most {_MAX_ITEMS}")
+        return []
+
+    def text(self, value: object, path: str, *, optional: bool = False) -> str:
+        if optional and value is None:
+            return ""
+        if isinstance(value, str) and len(value) <= _MAX_TEXT:
+            return value
+        self.problems.append(f"{path}: must be a string of at most {_MAX_TEXT} characters")
+        return ""
+
+    def number(self, value: object, path: str) -> float:
+        if type(value) in (int, float) and value == value:  # rejects bool and NaN
+            return float(value)  # type: ignore[arg-type]
+        self.problems.append(f"{path}: must be a number")
+        return 0.0
+
+    def integer(self, value: object, path: str, *, optional: bool = False) -> int | None:
+        if optional and value is None:
+            return None
+        if type(value) is int and value >= 0:
+            return value
+        self.problems.append(f"{path}: must be a non-negative integer")
+        return 0
+
+    def flag(self, value: object, path: str) -> bool:
+        if isinstance(value, bool):
+            return value
+        self.problems.append(f"{path}: must be true or false")
+        return False
+
+
+def parse_report(data: object, site_id: str) -> dict[str, Any]:
+    """The normalised report, or ``ReportError`` with every problem."""
+    c = _Checker()
+    report = c.obj(data, "report")
+    if report and report.get("v") != REPORT_VERSION:
+        c.problems.append(f"v: must be {REPORT_VERSION}")
+    if report and report.get("site") != site_id:
+        c.problems.append(f"site: {report.get('site')!r} is not the signing site {site_id!r}")
+    rejections = [
+        {
+            "reason": c.text(r.get("reason"), f"rejections[{i}].reason"),
+            "message": c.text(r.get("message"), f"rejections[{i}].message", optional=True),
+            "version": c.integer(r.get("version"), f"rejections[{i}].version", optional=True),
+            "at": c.number(r.get("at"), f"rejections[{i}].at"),
+        }
+        for i, raw in enumerate(c.items(report.get("rejections", []), "rejections"))
+        if (r := c.obj(raw, f"rejections[{i}]"))
+    ]
+    hosts = []
+    for i, raw in enumerate(c.items(report.get("hosts", []), "hosts")):
+        h = c.obj(raw, f"hosts[{i}]")
+        if not h:
+            continue
+        instances = []
+        for j, raw_inst in enumerate(c.items(h.get("instances", []), f"hosts[{i}].instances")):
+            path = f"hosts[{i}].instances[{j}]"
+            inst = c.obj(raw_inst, path)
+            if not inst:
+                continue
+            instances.append(
+                {
+                    "app": c.text(inst.get("app"), f"{path}.app"),
+                    "instance_id": c.text(inst.get("instance_id"), f"{path}.instance_id"),
+                    "service": c.text(inst.get("service"), f"{path}.service", optional=True),
+                    "version": c.text(inst.get("version"), f"{path}.version", optional=True),
+                    "state": c.text(inst.get("state"), f"{path}.state"),
+                    "ready": c.flag(inst.get("ready", False), f"{path}.ready"),
+                    "restarts": c.integer(inst.get("restarts", 0), f"{path}.restarts"),
+                }
+            )
+        hosts.append(
+            {
+                "host_id": c.text(h.get("host_id"), f"hosts[{i}].host_id"),
+                "alive": c.flag(h.get("alive"), f"hosts[{i}].alive"),
+                "instances": instances,
+            }
+        )
+    apps: dict[str, Any] = {}
+    raw_apps = c.obj(report.get("apps", {}), "apps")
+    if len(raw_apps) > _MAX_ITEMS:
+        c.problems.append(f"apps: at most {_MAX_ITEMS}")
+        raw_apps = {}
+    for name, raw_app in raw_apps.items():
+        a = c.obj(raw_app, f"apps.{name}")
+        state = a.get("state")
+        if a and state not in APP_STATES:
+            c.problems.append(f"apps.{name}.state: {state!r} is not one of {APP_STATES}")
+        apps[name] = {
+            "version": c.text(a.get("version"), f"apps.{name}.version"),
+            "desired": c.integer(a.get("desired", 0), f"apps.{name}.desired"),
+            "ready": c.integer(a.get("ready", 0), f"apps.{name}.ready"),
+            "state": state,
+            "message": c.text(a.get("message"), f"apps.{name}.message", optional=True),
+        }
+    normalised = {
+        "v": REPORT_VERSION,
+        "site": site_id,
+        "time": c.number(report.get("time"), "time"),
+        "applied_version": c.integer(report.get("applied_version"), "applied_version"),
+        "applied_head": c.text(report.get("applied_head"), "applied_head"),
+        "rejections": rejections,
+        "hosts": hosts,
+        "apps": apps,
+    }
+    if c.problems:
+        raise ReportError(c.problems)
+    return normalised
+
+
+def app_status(report: Mapping[str, Any] | None, app: str) -> AppStatus | None:
+    """What a (normalised) report says about one application."""
+    if report is None:
+        return None
+    status = report["apps"].get(app)
+    if status is None:
+        return None
+    return AppStatus(str(status["version"]), str(status["state"]), str(status["message"]))
+
+
+def site_health(
+    report: Mapping[str, Any] | None,
+    last_seen: float | None,
+    now: float,
+    stale_s: float,
+    rejection_window_s: float,
+) -> Health:
+    if report is None or last_seen is None:
+        return "unknown"
+    if now - last_seen > stale_s:
+        return "unreachable"
+    if any(a["state"] != "healthy" for a in report["apps"].values()):
+        return "degraded"
+    if not all(h["alive"] for h in report["hosts"]):
+        return "degraded"
+    if any(now - r["at"] <= rejection_window_s for r in report["rejections"]):
+        return "degraded"
+    return "healthy"
+
+
+def site_summary(
+    site: Mapping[str, Any],
+    report: Mapping[str, Any] | None,
+    last_seen: float | None,
+    now: float,
+    stale_s: float,
+    rejection_window_s: float,
+) -> dict[str, Any]:
+    return {
+        "id": site["id"],
+        "labels": dict(site["labels"]),
+        "enrolled": site.get("public_key") is not None,
+        "applied_version": None if report is None else report["applied_version"],
+        "head": None if report is None else report["applied_head"],
+        "last_seen": last_seen,
+        "health": site_health(report, last_seen, now, stale_s, rejection_window_s),
+    }
+
+
+def site_detail(
+    site: Mapping[str, Any],
+    report: Mapping[str, Any] | None,
+    last_seen: float | None,
+    now: float,
+    stale_s: float,
+    rejection_window_s: float,
+) -> dict[str, Any]:
+    summary = site_summary(site, report, last_seen, now, stale_s, rejection_window_s)
+    hosts = [] if report is None else report["hosts"]
+    return {
+        **summary,
+        "public_key": site.get("public_key"),
+        "apps": {} if report is None else report["apps"],
+        "hosts": [
+            {
+                "host_id": h["host_id"],
+                "alive": h["alive"],
+                "instances": [
+                    {
+                        "app": i["app"],
+                        "instance_id": i["instance_id"],
+                        "service": i["service"],
+                        "version": i["version"],
+                        "state": i["state"],
+                        "ready": i["ready"],
+                        "restarts": i["restarts"],
+                    }
+                    for i in h["instances"]
+                ],
+            }
+            for h in hosts
+        ],
+        "rejections": [] if report is None else report["rejections"],
+    }

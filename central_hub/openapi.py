@@ -1,0 +1,343 @@
+"""The OpenAPI 3.1 document of the hub's API, generated from the route table (pure).
+
+``document(routes)`` lists every route of ``central_hub.api.ROUTES`` with its auth scheme,
+query parameters, request body and answer; the shapes are the JSON schemas below.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from central_hub.api import Route
+
+Schema = dict[str, Any]
+
+
+def _ref(name: str) -> Schema:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _obj(required: Sequence[str] = (), **properties: Schema) -> Schema:
+    return {"type": "object", "properties": properties, "required": list(required)}
+
+
+def _list(item: Schema) -> Schema:
+    return {"type": "array", "items": item}
+
+
+_STR: Schema = {"type": "string"}
+_INT: Schema = {"type": "integer", "minimum": 0}
+_NUM: Schema = {"type": "number"}
+_BOOL: Schema = {"type": "boolean"}
+_HEX64: Schema = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
+_NULLABLE_NUM: Schema = {"type": ["number", "null"]}
+_ID: Schema = {"type": "string", "pattern": "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"}
+_LABELS: Schema = {"type": "object", "additionalProperties": {"type": "string"}}
+
+SCHEMAS: dict[str, Schema] = {
+    "Empty": {"type": "object"},
+    "Object": {"type": "object", "additionalProperties": True},
+    "Error": _obj(
+        ["error"],
+        error=_obj(["code", "message"], code=_STR, message=_STR, problems=_list(_STR)),
+    ),
+    "Fleet": _obj(
+        ["fleet", "root_key", "head"], fleet=_STR, root_key=_HEX64, head=_INT, head_hash=_HEX64
+    ),
+    "Rotation": _obj(
+        ["root_key", "previous_key", "version"],
+        root_key=_HEX64,
+        previous_key=_HEX64,
+        version=_INT,
+        retired_file=_STR,
+    ),
+    "Envelope": _obj(
+        ["body", "sigs"],
+        body={"type": "string", "description": "the signed delta body (canonical JSON)"},
+        sigs=_list(_obj(["key", "sig"], key=_HEX64, sig=_STR)),
+    ),
+    "DeltaList": _obj(
+        ["head", "deltas"],
+        head=_INT,
+        deltas=_list(
+            _obj(
+                ["version"],
+                version=_INT,
+                digest=_HEX64,
+                prev=_HEX64,
+                issued_at=_NUM,
+                expires_at=_NUM,
+                target={"type": "object", "description": '{"all": true} or {"sites": [ids]}'},
+                ops=_list({"type": "object"}),
+                signed_by=_list(_HEX64),
+            )
+        ),
+    ),
+    "LinkDeltas": _obj(["head", "deltas"], head=_INT, deltas=_list(_ref("Envelope"))),
+    "Head": _obj(["head"], head=_INT),
+    "EnrollRequest": _obj(["site", "public_key", "token"], site=_ID, public_key=_HEX64, token=_STR),
+    "EnrollResponse": _obj(["site"], site=_ID),
+    "SiteReport": _obj(
+        ["v", "site", "time", "applied_version", "applied_head"],
+        v={"const": 1},
+        site=_ID,
+        time=_NUM,
+        applied_version=_INT,
+        applied_head=_STR,
+        rejections=_list(_obj(["reason", "at"], reason=_STR, message=_STR, version=_INT, at=_NUM)),
+        hosts=_list(
+            _obj(
+                ["host_id", "alive"],
+                host_id=_STR,
+                alive=_BOOL,
+                instances=_list(
+                    _obj(
+                        ["app", "instance_id", "state"],
+                        app=_STR,
+                        instance_id=_STR,
+                        service=_STR,
+                        version=_STR,
+                        state=_STR,
+                        ready=_BOOL,
+                        restarts=_INT,
+                    )
+                ),
+            )
+        ),
+        apps={
+            "type": "object",
+            "additionalProperties": _obj(
+                ["version", "state"],
+                version=_STR,
+                desired=_INT,
+                ready=_INT,
+                state={"enum": ["healthy", "progressing", "failed"]},
+                message=_STR,
+            ),
+        },
+    ),
+    "TokenRequest": _obj(
+        ["role"],
+        role={"enum": ["viewer", "deployer", "admin"]},
+        tenant={"type": "string", "description": '"*" for every tenant'},
+        description=_STR,
+        expires_in_s={"type": "number", "exclusiveMinimum": 0},
+    ),
+    "Token": _obj(
+        ["id", "role", "tenant", "created_at"],
+        id=_STR,
+        role={"enum": ["viewer", "deployer", "admin"]},
+        tenant=_STR,
+        created_at=_NUM,
+        expires_at=_NULLABLE_NUM,
+        description=_STR,
+    ),
+    "NewToken": {
+        "allOf": [
+            _ref("Token"),
+            _obj(["token"], token={"type": "string", "pattern": "^mht_[0-9a-f]+_[0-9a-f]+$"}),
+        ]
+    },
+    "TokenList": _obj(["tokens"], tokens=_list(_ref("Token"))),
+    "Deleted": _obj(["deleted"], deleted=_STR),
+    "Labels": _LABELS,
+    "SiteLabels": _obj(["id", "labels"], id=_ID, labels=_LABELS),
+    "SiteRequest": _obj(["id"], id=_ID, labels=_LABELS, public_key=_HEX64),
+    "NewSite": _obj(
+        ["id", "labels", "public_key"],
+        id=_ID,
+        labels=_LABELS,
+        public_key={"type": ["string", "null"]},
+        enroll_token={"type": "string", "description": "single-use; only without public_key"},
+        enroll_expires_at=_NUM,
+    ),
+    "SiteSummary": _obj(
+        ["id", "labels", "applied_version", "head", "last_seen", "health"],
+        id=_ID,
+        labels=_LABELS,
+        enrolled=_BOOL,
+        applied_version={"type": ["integer", "null"]},
+        head={"type": ["string", "null"]},
+        last_seen=_NULLABLE_NUM,
+        health={"enum": ["healthy", "degraded", "unreachable", "unknown"]},
+    ),
+    "SiteList": _obj(["sites"], sites=_list(_ref("SiteSummary"))),
+    "SiteDetail": {
+        "allOf": [
+            _ref("SiteSummary"),
+            _obj(
+                ["hosts", "rejections", "apps"],
+                public_key={"type": ["string", "null"]},
+                hosts={"type": "array", "items": {"type": "object"}},
+                rejections={"type": "array", "items": {"type": "object"}},
+                apps={"type": "object"},
+            ),
+        ]
+    },
+    "Placement": _obj(
+        [],
+        match=_LABELS,
+        expressions=_list(
+            _obj(
+                ["key", "op"],
+                key=_STR,
+                op={"enum": ["in", "not in", "exists", "not exists"]},
+                values=_list(_STR),
+            )
+        ),
+        sites=_list(_ID),
+        max_parallel={"type": "integer", "minimum": 1, "maximum": 1000, "default": 10},
+    ),
+    "AppRequest": _obj(
+        ["spec"],
+        spec={
+            "oneOf": [{"type": "object"}, {"type": "string"}],
+            "description": "the application spec (docs/app-spec.md) as JSON or YAML/JSON text",
+        },
+        placement=_ref("Placement"),
+        tenant=_ID,
+    ),
+    "SiteProgress": _obj(
+        ["state", "message"],
+        state={"enum": ["pending", "updating", "healthy", "failed"]},
+        message=_STR,
+    ),
+    "Deployment": _obj(
+        ["id", "app", "version", "digest", "state", "reason", "waves", "wave", "progress"],
+        id=_STR,
+        app=_ID,
+        version=_STR,
+        digest=_HEX64,
+        tenant=_ID,
+        placement=_ref("Placement"),
+        state={"enum": ["running", "succeeded", "failed", "superseded"]},
+        reason=_STR,
+        waves=_list(_list(_ID)),
+        wave=_INT,
+        wave_started_at=_NUM,
+        created_at=_NUM,
+        updated_at=_NUM,
+        progress={"type": "object", "additionalProperties": _ref("SiteProgress")},
+        deltas=_list(_INT),
+    ),
+    "AppSummary": _obj(
+        ["name", "tenant", "version", "digest", "sites"],
+        name=_ID,
+        tenant=_ID,
+        version=_STR,
+        digest=_HEX64,
+        deployment={"type": ["object", "null"]},
+        sites=_list(_ID),
+    ),
+    "AppList": _obj(["apps"], apps=_list(_ref("AppSummary"))),
+    "AppDetail": _obj(
+        ["name", "spec", "placement", "deployment", "sites"],
+        name=_ID,
+        tenant=_ID,
+        version=_STR,
+        digest=_HEX64,
+        spec={"type": "object"},
+        placement=_ref("Placement"),
+        deployment={"oneOf": [_ref("Deployment"), {"type": "null"}]},
+        sites={
+            "type": "object",
+            "additionalProperties": {
+                "oneOf": [
+                    _obj(["version", "state"], version=_STR, state=_STR, message=_STR),
+                    {"type": "null"},
+                ]
+            },
+        },
+    ),
+    "AppDeleted": _obj(
+        ["deleted", "delta"], deleted=_ID, delta={"type": ["integer", "null"]}, sites=_list(_ID)
+    ),
+}
+
+_SECURITY_SCHEMES = {
+    "operatorToken": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "an operator token mht_<id>_<secret>; the operation says the least role",
+    },
+    "siteSignature": {
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-Meshorch-Signature",
+        "description": "Ed25519 signature of METHOD\\nPATH?QUERY\\nTIME\\nSHA256HEX(BODY) by "
+        "the site's key, with X-Meshorch-Site and X-Meshorch-Time (docs/fleet-link.md)",
+    },
+}
+
+_ERRORS = {
+    "none": (400,),
+    "enroll": (400, 403),
+    "site": (400, 401, 413),
+    "viewer": (400, 401, 404),
+    "deployer": (400, 401, 403, 404, 409, 413),
+    "admin": (400, 401, 403, 404, 409, 413),
+}
+
+
+def document(routes: Sequence[Route]) -> dict[str, Any]:
+    paths: dict[str, dict[str, Any]] = {}
+    for route in routes:
+        operation: dict[str, Any] = {
+            "summary": route.summary,
+            "operationId": route.handler.__name__,
+            "x-auth": route.auth,
+            "responses": {
+                str(route.status): _answer(route.response),
+                **{str(code): _answer("Error") for code in _ERRORS[route.auth]},
+            },
+        }
+        if route.auth in ("viewer", "deployer", "admin"):
+            operation["security"] = [{"operatorToken": []}]
+            operation["description"] = f"Needs a token with role {route.auth} or higher."
+        elif route.auth == "site":
+            operation["security"] = [{"siteSignature": []}]
+        else:
+            operation["security"] = []
+        parameters = [
+            {"name": name, "in": "path", "required": True, "schema": _STR}
+            for name in re.findall(r"{(\w+)}", route.path)
+        ]
+        parameters += [
+            {
+                "name": q.name,
+                "in": "query",
+                "required": False,
+                "schema": {"type": q.type},
+                "description": q.description,
+            }
+            for q in route.query
+        ]
+        if parameters:
+            operation["parameters"] = parameters
+        if route.request is not None:
+            operation["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": _ref(route.request)}},
+            }
+        paths.setdefault(route.path, {})[route.method.lower()] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "meshorch central hub",
+            "version": "1",
+            "description": "Operators declare applications and placement; sites fetch signed "
+            "deltas over their own link (docs/fleet-link.md).",
+        },
+        "paths": paths,
+        "components": {"schemas": SCHEMAS, "securitySchemes": _SECURITY_SCHEMES},
+    }
+
+
+def _answer(schema: str) -> dict[str, Any]:
+    return {
+        "description": schema,
+        "content": {"application/json": {"schema": _ref(schema)}},
+    }

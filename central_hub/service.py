@@ -1,0 +1,770 @@
+"""The hub service: configuration, life cycle, and every change to the hub's state.
+
+``Hub`` is an async context manager: entering opens (or initialises) the data directory,
+starts the HTTP API and the rollout driver; leaving stops them and closes the store::
+
+    async with Hub(HubConfig(data_dir=Path("/var/lib/meshorch-hub"), port=0)) as hub:
+        print(hub.url, hub.root_key)
+
+Ordering rules:
+
+- Every change goes through ``_transact``: under one lock, a plan reads the store, builds
+  its writes (deltas included, chained from the current head) and they are committed in
+  one LMDB transaction, flushed to disk, before the caller is answered. The plan runs in
+  a shielded task, so a caller that goes away never leaves a commit half-applied in memory.
+- A delta is visible to sites (and long-polls are woken) only after its commit is durable:
+  a delta once served is never issued differently.
+- Reports are kept in memory for the fleet view and the rollout driver and written to the
+  store without a flush.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+from aiohttp import web
+from nacl.signing import SigningKey
+
+from central_hub import deltalog, fleetview, placement, tokens, waves
+from central_hub.deltalog import Head
+from central_hub.errors import ApiError, HubConfigError
+from central_hub.model import DEFAULT_TENANT, is_id
+from central_hub.store import Store, Write, delete, put_json, version_key
+from central_hub.tokens import TokenRecord
+from meshorch.appspec import AppSpec, to_json
+from meshorch.delta import ALL_SITES, ROTATE_OP, Target, key_id
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+DAY_S = 86400.0
+ADMIN_TOKEN_FILE = "admin.token"
+STORE_DIR = "hub.lmdb"
+DEFAULT_FLEET = "fleet"
+ENROLL_PREFIX = "mhe_"
+MAX_DELTA_RESPONSE_BYTES = 8 * 1024 * 1024
+
+
+@dataclass
+class HubConfig:
+    """Settings of one hub. ``heartbeat_s`` None means ``delta_ttl_s / 4``; ``fleet`` None
+    means the stored name (``"fleet"`` on first start)."""
+
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 7800
+    fleet: str | None = None
+    delta_ttl_s: float = 7 * DAY_S
+    heartbeat_s: float | None = None
+    wave_timeout_s: float = 600.0
+    site_stale_s: float = 30.0
+    enroll_ttl_s: float = 7 * DAY_S
+    rejection_window_s: float = 600.0
+    tick_s: float = 0.2
+    max_body_bytes: int = 2 * 1024 * 1024
+    clock: Callable[[], float] = field(default=time.time)
+
+    @property
+    def heartbeat_interval_s(self) -> float:
+        return self.heartbeat_s if self.heartbeat_s is not None else self.delta_ttl_s / 4
+
+    def validate(self) -> None:
+        """Raise HubConfigError listing every problem."""
+        problems: list[str] = []
+        if not self.host:
+            problems.append("host: must not be empty")
+        if not 0 <= self.port <= 65535:
+            problems.append(f"port: {self.port} is not 0-65535")
+        if self.fleet is not None and not is_id(self.fleet):
+            problems.append(f"fleet: {self.fleet!r} must be 1-63 characters of a-z, 0-9 and '-'")
+        positive = {
+            "delta_ttl_s": self.delta_ttl_s,
+            "heartbeat_s": self.heartbeat_interval_s,
+            "wave_timeout_s": self.wave_timeout_s,
+            "site_stale_s": self.site_stale_s,
+            "enroll_ttl_s": self.enroll_ttl_s,
+            "rejection_window_s": self.rejection_window_s,
+            "tick_s": self.tick_s,
+        }
+        problems += [f"{name}: must be > 0" for name, v in positive.items() if not v > 0]
+        if self.heartbeat_interval_s >= self.delta_ttl_s:
+            problems.append("heartbeat_s: must be shorter than delta_ttl_s (the tip expires)")
+        if self.max_body_bytes < 64 * 1024:
+            problems.append("max_body_bytes: at least 65536")
+        if problems:
+            raise HubConfigError("invalid hub configuration: " + "; ".join(problems))
+
+
+class _Txn:
+    """The writes of one change, and the delta log's head as they would leave it."""
+
+    def __init__(self, hub: Hub, now: float) -> None:
+        self.hub = hub
+        self.now = now
+        self.head = hub.head
+        self.writes: list[Write] = []
+        self.after: list[Callable[[], None]] = []
+
+    def put(self, db: str, key: str, value: object) -> None:
+        self.writes.append(put_json(db, key, value))
+
+    def delete(self, db: str, key: str) -> None:
+        self.writes.append(delete(db, key))
+
+    def delta(
+        self,
+        ops: Sequence[Mapping[str, Any]],
+        target: Target,
+        keys: Sequence[SigningKey] | None = None,
+    ) -> int:
+        try:
+            envelope, head = deltalog.build_delta(
+                self.head,
+                self.hub.fleet,
+                ops,
+                target,
+                self.now,
+                self.hub.config.delta_ttl_s,
+                keys or self.hub.signing_keys,
+            )
+        except ValueError as exc:
+            raise ApiError(413, "delta_too_large", str(exc)) from None
+        self.writes.append(("deltas", version_key(head.version), envelope))
+        self.head = head
+        self.put("meta", "head", head.to_json())
+        return head.version
+
+
+class Hub:
+    """The hub service (see the module docstring)."""
+
+    def __init__(self, config: HubConfig) -> None:
+        self.config = config
+        self.fleet = ""
+        self.head = Head()
+        self.signing_keys: list[SigningKey] = []
+        self._store: Store | None = None
+        self._runner: web.AppRunner | None = None
+        self._driver: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self._rotate_lock = asyncio.Lock()
+        self._appended = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._pending: set[asyncio.Task[Any]] = set()
+        self._reports: dict[str, tuple[dict[str, Any], float]] = {}
+        self.url = ""
+
+    # -- life cycle -------------------------------------------------------------------
+
+    async def __aenter__(self) -> Hub:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def data_dir(self) -> Path:
+        return self.config.data_dir
+
+    @property
+    def admin_token_path(self) -> Path:
+        return self.data_dir / ADMIN_TOKEN_FILE
+
+    @property
+    def root_key(self) -> str:
+        return key_id(self.signing_keys[0])
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            raise RuntimeError("the hub is not started")
+        return self._store
+
+    def now(self) -> float:
+        return self.config.clock()
+
+    async def start(self) -> None:
+        from central_hub.api import build_app
+
+        self.config.validate()
+        await asyncio.to_thread(self._open)
+        try:
+            self._runner = web.AppRunner(
+                build_app(self, self.config.max_body_bytes), access_log=None, shutdown_timeout=2.0
+            )
+            await self._runner.setup()
+            site = web.TCPSite(self._runner, self.config.host, self.config.port)
+            await site.start()
+            host, port = self._runner.addresses[0][:2]
+            self.url = f"http://[{host}]:{port}" if ":" in str(host) else f"http://{host}:{port}"
+        except OSError as exc:
+            await self._close_runner_and_store()
+            raise HubConfigError(
+                f"cannot listen on {self.config.host}:{self.config.port}: {exc}"
+            ) from None
+        self._driver = asyncio.create_task(self._drive(), name="hub-rollouts")
+        logger.info(
+            "hub of fleet %r serving on %s, head %d", self.fleet, self.url, self.head.version
+        )
+
+    async def stop(self) -> None:
+        self._closing = True
+        if self._driver is not None:
+            self._driver.cancel()
+            await asyncio.gather(self._driver, return_exceptions=True)
+            self._driver = None
+        self._notify_appended()  # long-polls answer now
+        await self._close_runner_and_store()
+
+    async def _close_runner_and_store(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
+        if self._store is not None:
+            await asyncio.to_thread(self._store.close)
+            self._store = None
+
+    def _open(self) -> None:
+        """Open the data directory, initialising it on first start (runs in a thread)."""
+        data_dir = self.data_dir
+        if not data_dir.exists():
+            data_dir.mkdir(mode=0o700, parents=True)
+        elif not data_dir.is_dir():
+            raise HubConfigError(f"{data_dir} is not a directory")
+        store = Store(data_dir / STORE_DIR)
+        try:
+            fleet = store.get_json("meta", "fleet")
+            if fleet is None:
+                self._initialise(store)
+            else:
+                if self.config.fleet is not None and self.config.fleet != fleet:
+                    raise HubConfigError(
+                        f"{data_dir} holds fleet {fleet!r}, not {self.config.fleet!r}: "
+                        f"leave out --fleet or give --fleet {fleet}"
+                    )
+                root = deltalog.recover_root_key(
+                    data_dir,
+                    str(store.get_json("meta", "root_key")),
+                    int(store.get_json("meta", "rotations") or 0),
+                )
+                self.fleet = str(fleet)
+                self.signing_keys = [root]
+                self.head = Head.from_json(store.get_json("meta", "head"))
+            for record in store.values_json("reports"):
+                self._reports[record["report"]["site"]] = (record["report"], record["received_at"])
+        except BaseException:
+            store.close()
+            raise
+        self._store = store
+
+    def _initialise(self, store: Store) -> None:
+        fleet = self.config.fleet or DEFAULT_FLEET
+        root = deltalog.load_or_create_root_key(self.data_dir)
+        now = self.now()
+        text, record = tokens.new_token(
+            "admin", tokens.ALL_TENANTS, now, description="bootstrap admin token"
+        )
+        deltalog.write_secret_file(self.admin_token_path, text + "\n")
+        store.commit(
+            [
+                put_json("meta", "root_key", key_id(root)),
+                put_json("meta", "rotations", 0),
+                put_json("meta", "head", Head().to_json()),
+                put_json("meta", "deployment_seq", 0),
+                put_json("meta", "created_at", now),
+                put_json("tokens", record.id, record.to_json()),
+                put_json("meta", "fleet", fleet),  # last: marks the directory initialised
+            ],
+            sync=True,
+        )
+        self.fleet = fleet
+        self.signing_keys = [root]
+        self.head = Head()
+        logger.info("initialised fleet %r in %s", fleet, self.data_dir)
+
+    # -- changes --------------------------------------------------------------------------
+
+    async def _transact(self, plan: Callable[[_Txn], T]) -> T:
+        """Run ``plan`` under the lock and commit its writes durably (see module doc)."""
+
+        async def run() -> T:
+            async with self._lock:
+                if self._store is None:
+                    raise ApiError(503, "stopping", "the hub is stopping")
+                txn = _Txn(self, self.now())
+                result = plan(txn)
+                if txn.writes:
+                    await asyncio.to_thread(self.store.commit, txn.writes, sync=True)
+                    appended = txn.head != self.head
+                    self.head = txn.head
+                    for action in txn.after:
+                        action()
+                    if appended:
+                        self._notify_appended()
+                return result
+
+        task = asyncio.ensure_future(run())
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+        return await asyncio.shield(task)
+
+    def _notify_appended(self) -> None:
+        appended, self._appended = self._appended, asyncio.Event()
+        appended.set()
+
+    # -- tokens -----------------------------------------------------------------------
+
+    def authenticate(self, header: str | None) -> TokenRecord:
+        token_id, secret = tokens.split_token(tokens.bearer(header))
+        raw = self.store.get_json("tokens", token_id) if token_id.isalnum() else None
+        record = None if raw is None else TokenRecord.from_json(raw)
+        return tokens.check_token(record, secret, self.now())
+
+    async def create_token(self, request: tokens.TokenRequest) -> tuple[str, TokenRecord]:
+        def plan(txn: _Txn) -> tuple[str, TokenRecord]:
+            expires = None if request.expires_in_s is None else txn.now + request.expires_in_s
+            text, record = tokens.new_token(
+                request.role,
+                request.tenant,
+                txn.now,
+                expires_at=expires,
+                description=request.description,
+            )
+            txn.put("tokens", record.id, record.to_json())
+            return text, record
+
+        return await self._transact(plan)
+
+    def list_tokens(self) -> list[TokenRecord]:
+        return [TokenRecord.from_json(r) for r in self.store.values_json("tokens")]
+
+    async def delete_token(self, token_id: str) -> None:
+        def plan(txn: _Txn) -> None:
+            if not token_id.isalnum() or self.store.get_json("tokens", token_id) is None:
+                raise ApiError(404, "not_found", f"no token {token_id!r}")
+            txn.delete("tokens", token_id)
+
+        await self._transact(plan)
+
+    # -- sites ------------------------------------------------------------------------
+
+    def _site(self, site_id: str) -> dict[str, Any]:
+        record = self.store.get_json("sites", site_id) if is_id(site_id) else None
+        if record is None:
+            raise ApiError(404, "not_found", f"no site {site_id!r}")
+        return dict(record)
+
+    def site_public_key(self, site_id: str) -> str | None:
+        record = self.store.get_json("sites", site_id) if is_id(site_id) else None
+        return None if record is None else record.get("public_key")
+
+    async def register_site(
+        self, site_id: str, labels: Mapping[str, str], public_key: str | None
+    ) -> dict[str, Any]:
+        def plan(txn: _Txn) -> dict[str, Any]:
+            if self.store.get_json("sites", site_id) is not None:
+                raise ApiError(409, "site_exists", f"site {site_id!r} is registered")
+            record: dict[str, Any] = {
+                "id": site_id,
+                "labels": dict(labels),
+                "public_key": public_key,
+                "enroll_hash": None,
+                "enroll_expires_at": None,
+                "created_at": txn.now,
+            }
+            answer: dict[str, Any] = {"id": site_id, "labels": dict(labels)}
+            if public_key is None:
+                secret = os.urandom(24).hex()
+                record["enroll_hash"] = tokens.hash_secret(secret)
+                record["enroll_expires_at"] = txn.now + self.config.enroll_ttl_s
+                answer["enroll_token"] = ENROLL_PREFIX + secret
+                answer["enroll_expires_at"] = record["enroll_expires_at"]
+            answer["public_key"] = public_key
+            txn.put("sites", site_id, record)
+            return answer
+
+        return await self._transact(plan)
+
+    async def set_site_labels(self, site_id: str, labels: Mapping[str, str]) -> dict[str, Any]:
+        def plan(txn: _Txn) -> dict[str, Any]:
+            record = self._site(site_id)
+            record["labels"] = dict(labels)
+            txn.put("sites", site_id, record)
+            return {"id": site_id, "labels": dict(labels)}
+
+        return await self._transact(plan)
+
+    async def delete_site(self, site_id: str) -> None:
+        def plan(txn: _Txn) -> None:
+            self._site(site_id)
+            txn.delete("sites", site_id)
+            if self.store.get_json("reports", site_id) is not None:
+                txn.delete("reports", site_id)
+            for app in self.store.values_json("apps"):
+                dep = self._deployment_or_none(app["deployment"])
+                if dep is not None and site_id in dep.progress:
+                    dep, issue = waves.drop_site(dep, site_id, txn.now)
+                    dep = self._issue_wave(txn, app, dep, issue)
+                    txn.put("deployments", dep.id, dep.to_json())
+                if site_id in app["sites"]:
+                    app["sites"] = [s for s in app["sites"] if s != site_id]
+                    txn.put("apps", app["name"], app)
+
+            def forget_report() -> None:
+                self._reports.pop(site_id, None)
+
+            txn.after.append(forget_report)
+
+        await self._transact(plan)
+
+    async def enroll(self, site_id: str, public_key: str, token: str) -> None:
+        def plan(txn: _Txn) -> None:
+            record = self.store.get_json("sites", site_id) if is_id(site_id) else None
+            expected = None if record is None else record.get("enroll_hash")
+            secret = token[len(ENROLL_PREFIX) :] if token.startswith(ENROLL_PREFIX) else ""
+            matches = hmac.compare_digest(
+                tokens.hash_secret(secret).encode(), str(expected or "-" * 64).encode()
+            )
+            if record is None or expected is None or not matches or not secret:
+                raise ApiError(403, "bad_enroll_token", "unknown, used or wrong enrollment token")
+            if txn.now >= float(record["enroll_expires_at"]):
+                raise ApiError(403, "bad_enroll_token", "the enrollment token has expired")
+            record.update(public_key=public_key, enroll_hash=None, enroll_expires_at=None)
+            txn.put("sites", site_id, record)
+
+        await self._transact(plan)
+
+    # -- reports and the fleet view -----------------------------------------------------
+
+    async def record_report(self, site_id: str, report: dict[str, Any]) -> int:
+        now = self.now()
+        self._reports[site_id] = (report, now)
+        self._wake.set()
+
+        def persist() -> None:
+            store, latest = self._store, self._reports.get(site_id)
+            if store is not None and latest is not None:
+                record = {"report": latest[0], "received_at": latest[1]}
+                store.commit([put_json("reports", site_id, record)], sync=False)
+
+        task = asyncio.ensure_future(asyncio.to_thread(persist))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+        await asyncio.shield(task)
+        return self.head.version
+
+    def _view_args(self, site_id: str) -> tuple[dict[str, Any] | None, float | None]:
+        report, seen = self._reports.get(site_id, (None, None))
+        return report, seen
+
+    def list_sites(self) -> list[dict[str, Any]]:
+        now, c = self.now(), self.config
+        return [
+            fleetview.site_summary(
+                site, *self._view_args(site["id"]), now, c.site_stale_s, c.rejection_window_s
+            )
+            for site in self.store.values_json("sites")
+        ]
+
+    def get_site(self, site_id: str) -> dict[str, Any]:
+        c = self.config
+        return fleetview.site_detail(
+            self._site(site_id),
+            *self._view_args(site_id),
+            self.now(),
+            c.site_stale_s,
+            c.rejection_window_s,
+        )
+
+    # -- apps and deployments -------------------------------------------------------------
+
+    def _deployment_or_none(self, deployment_id: str | None) -> waves.Deployment | None:
+        if deployment_id is None:
+            return None
+        raw = self.store.get_json("deployments", deployment_id)
+        return None if raw is None else waves.Deployment.from_json(raw)
+
+    def _app(self, token: TokenRecord, name: str) -> dict[str, Any]:
+        app = self.store.get_json("apps", name) if is_id(name) else None
+        if app is None or not tokens.visible(token, app["tenant"]):
+            raise ApiError(404, "not_found", f"no application {name!r}")
+        return dict(app)
+
+    def _issue_wave(
+        self, txn: _Txn, app: dict[str, Any], dep: waves.Deployment, sites: Sequence[str]
+    ) -> waves.Deployment:
+        """Append the app.put delta of a wave; records which sites now have the app."""
+        if not sites:
+            return dep
+        version = txn.delta(
+            [{"op": "app.put", "spec": app["spec"]}], Target(sites=frozenset(sites))
+        )
+        app["sites"] = sorted(set(app["sites"]) | set(sites))
+        txn.put("apps", app["name"], app)
+        return replace(dep, deltas=(*dep.deltas, version))
+
+    async def deploy(
+        self,
+        token: TokenRecord,
+        spec: AppSpec,
+        digest: str,
+        policy: placement.Policy,
+        tenant: str | None,
+    ) -> tuple[int, dict[str, Any]]:
+        """Start a deployment; (202, deployment), or (200, the same one) when repeated."""
+        if tenant is None:
+            tenant = DEFAULT_TENANT if token.tenant == tokens.ALL_TENANTS else token.tenant
+        tokens.authorize(token, "deployer", tenant)
+
+        def plan(txn: _Txn) -> tuple[int, dict[str, Any]]:
+            app = self.store.get_json("apps", spec.name)
+            if app is not None:
+                if app["tenant"] != tenant:
+                    raise ApiError(
+                        409, "app_exists", f"application {spec.name!r} belongs to another tenant"
+                    )
+                known = app["versions"].get(spec.version)
+                if known is not None and known != digest:
+                    raise ApiError(
+                        409,
+                        "version_exists",
+                        f"version {spec.version!r} of {spec.name!r} was deployed with another "
+                        "spec: give the changed spec a new version",
+                    )
+            current = None if app is None else self._deployment_or_none(app["deployment"])
+            if (
+                current is not None
+                and current.digest == digest
+                and dict(current.placement) == policy.to_json()
+                and current.state in ("running", "succeeded")
+            ):
+                return 200, current.to_json()
+            sites = {s["id"]: s["labels"] for s in self.store.values_json("sites")}
+            targets = placement.select(policy, sites)
+            seq = int(self.store.get_json("meta", "deployment_seq") or 0) + 1
+            dep_id = f"dep-{seq}"
+            dep, first = waves.start(
+                dep_id,
+                spec.name,
+                spec.version,
+                digest,
+                tenant,
+                policy.to_json(),
+                placement.plan_waves(targets, policy.max_parallel),
+                txn.now,
+            )
+            if current is not None and current.state == "running":
+                old = waves.supersede(current, f"superseded by {dep_id}", txn.now)
+                txn.put("deployments", old.id, old.to_json())
+            had = set() if app is None else set(app["sites"])
+            removed = sorted(had - set(targets))
+            record = {
+                "name": spec.name,
+                "tenant": tenant,
+                "version": spec.version,
+                "digest": digest,
+                "spec": to_json(spec),
+                "placement": policy.to_json(),
+                "deployment": dep_id,
+                "sites": sorted(had - set(removed)),
+                "versions": {**({} if app is None else app["versions"]), spec.version: digest},
+                "created_at": txn.now if app is None else app["created_at"],
+                "updated_at": txn.now,
+            }
+            txn.put("apps", spec.name, record)
+            dep = self._issue_wave(txn, record, dep, first)
+            if removed:
+                version = txn.delta(
+                    [{"op": "app.delete", "name": spec.name}], Target(sites=frozenset(removed))
+                )
+                dep = replace(dep, deltas=(*dep.deltas, version))
+            txn.put("deployments", dep_id, dep.to_json())
+            txn.put("meta", "deployment_seq", seq)
+            txn.after.append(self._wake.set)
+            return 202, dep.to_json()
+
+        return await self._transact(plan)
+
+    def list_apps(self, token: TokenRecord) -> list[dict[str, Any]]:
+        found = []
+        for app in self.store.values_json("apps"):
+            if not tokens.visible(token, app["tenant"]):
+                continue
+            dep = self._deployment_or_none(app["deployment"])
+            found.append(
+                {
+                    "name": app["name"],
+                    "tenant": app["tenant"],
+                    "version": app["version"],
+                    "digest": app["digest"],
+                    "deployment": None if dep is None else {"id": dep.id, "state": dep.state},
+                    "sites": app["sites"],
+                }
+            )
+        return found
+
+    def get_app(self, token: TokenRecord, name: str) -> dict[str, Any]:
+        app = self._app(token, name)
+        dep = self._deployment_or_none(app["deployment"])
+        sites = sorted(set(app["sites"]) | set(() if dep is None else dep.sites))
+        status = {}
+        for site in sites:
+            found = fleetview.app_status(self._view_args(site)[0], name)
+            status[site] = (
+                None
+                if found is None
+                else {"version": found.version, "state": found.state, "message": found.message}
+            )
+        return {
+            "name": app["name"],
+            "tenant": app["tenant"],
+            "version": app["version"],
+            "digest": app["digest"],
+            "spec": app["spec"],
+            "placement": app["placement"],
+            "deployment": None if dep is None else dep.to_json(),
+            "sites": status,
+        }
+
+    async def delete_app(self, token: TokenRecord, name: str) -> dict[str, Any]:
+        def plan(txn: _Txn) -> dict[str, Any]:
+            app = self._app(token, name)
+            tokens.authorize(token, "deployer", app["tenant"])
+            dep = self._deployment_or_none(app["deployment"])
+            if dep is not None and dep.state == "running":
+                old = waves.supersede(dep, "application deleted", txn.now)
+                txn.put("deployments", old.id, old.to_json())
+            version = None
+            if app["sites"]:
+                version = txn.delta(
+                    [{"op": "app.delete", "name": name}], Target(sites=frozenset(app["sites"]))
+                )
+            txn.delete("apps", name)
+            return {"deleted": name, "delta": version, "sites": app["sites"]}
+
+        return await self._transact(plan)
+
+    def get_deployment(self, token: TokenRecord, deployment_id: str) -> dict[str, Any]:
+        dep = self._deployment_or_none(deployment_id) if deployment_id.isascii() else None
+        if dep is None or not tokens.visible(token, dep.tenant):
+            raise ApiError(404, "not_found", f"no deployment {deployment_id!r}")
+        return dep.to_json()
+
+    # -- the rollout driver and heartbeats ------------------------------------------------
+
+    async def _drive(self) -> None:
+        while True:
+            try:
+                async with asyncio.timeout(self.config.tick_s):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self._transact(self._advance)
+            except Exception:
+                logger.exception("rollout step failed; retrying on the next tick")
+
+    def _advance(self, txn: _Txn) -> None:
+        """Step every running deployment; append a heartbeat when the tip gets old."""
+        for app in self.store.values_json("apps"):
+            dep = self._deployment_or_none(app["deployment"])
+            if dep is None or dep.state != "running":
+                continue
+            statuses = {
+                site: fleetview.app_status(self._view_args(site)[0], dep.app)
+                for site in dep.waves[dep.wave]
+            }
+            stepped, issue = waves.step(dep, statuses, txn.now, self.config.wave_timeout_s)
+            if stepped == dep:
+                continue
+            stepped = self._issue_wave(txn, app, stepped, issue)
+            txn.put("deployments", stepped.id, stepped.to_json())
+            if stepped.state != "running":
+                logger.info(
+                    "deployment %s of %s: %s %s", dep.id, dep.app, stepped.state, stepped.reason
+                )
+        if (
+            txn.head.version > 0
+            and txn.now - txn.head.issued_at >= self.config.heartbeat_interval_s
+        ):
+            txn.delta([], ALL_SITES)
+
+    # -- the delta log ----------------------------------------------------------------
+
+    def fleet_info(self) -> dict[str, Any]:
+        return {
+            "fleet": self.fleet,
+            "root_key": self.root_key,
+            "head": self.head.version,
+            "head_hash": self.head.hash,
+        }
+
+    def deltas_after(self, after: int, limit: int) -> list[tuple[int, bytes]]:
+        return self.store.deltas_after(after, limit, MAX_DELTA_RESPONSE_BYTES)
+
+    async def wait_for_deltas(
+        self, after: int, wait_s: float, limit: int
+    ) -> tuple[int, list[bytes]]:
+        """Deltas after ``after``; when there is none, wait up to ``wait_s`` for one."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while self.head.version <= after and not self._closing:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            appended = self._appended
+            try:
+                async with asyncio.timeout(remaining):
+                    await appended.wait()
+            except TimeoutError:
+                break
+        head = self.head.version
+        if self._store is None:
+            return head, []
+        return head, [envelope for _, envelope in self.deltas_after(after, limit)]
+
+    async def rotate_root(self) -> dict[str, Any]:
+        """Append a root.rotate delta signed by the old and new keys; sign with the new."""
+        async with self._rotate_lock:
+            new = await asyncio.to_thread(deltalog.write_new_key, self.data_dir)
+
+            def plan(txn: _Txn) -> dict[str, Any]:
+                rotation = int(self.store.get_json("meta", "rotations") or 0) + 1
+                old = self.signing_keys[0]
+                version = txn.delta(
+                    [{"op": ROTATE_OP, "new_key": key_id(new)}], ALL_SITES, keys=[old, new]
+                )
+                txn.put("meta", "root_key", key_id(new))
+                txn.put("meta", "rotations", rotation)
+
+                def switch() -> None:
+                    deltalog.finish_rotation(self.data_dir, rotation)
+                    self.signing_keys = [new]
+
+                txn.after.append(switch)
+                return {
+                    "root_key": key_id(new),
+                    "previous_key": key_id(old),
+                    "version": version,
+                    "retired_file": deltalog.retired_name(rotation),
+                }
+
+            try:
+                return await self._transact(plan)
+            except BaseException:
+                if self._store is None or self.store.get_json("meta", "root_key") != key_id(new):
+                    (self.data_dir / deltalog.NEW_KEY_FILE).unlink(missing_ok=True)
+                raise

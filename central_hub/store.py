@@ -1,0 +1,120 @@
+"""The hub's LMDB store (an I/O adapter).
+
+One environment, ``DATA_DIR/hub.lmdb``, with named databases::
+
+    meta         fleet, root key, head of the delta log, counters      (name -> JSON)
+    tokens       operator tokens                                        (id -> JSON)
+    sites        registered sites                                       (id -> JSON)
+    apps         applications                                           (name -> JSON)
+    deployments  deployments                                            (id -> JSON)
+    deltas       the signed delta log                 (big-endian u64 version -> envelope)
+    reports      the latest report of each site                         (id -> JSON)
+
+Writes go through ``commit``: one write transaction for everything a request changes.
+The environment is opened without a sync per commit; ``commit(..., sync=True)`` flushes
+before it returns, which is what acknowledged operator writes use (reports are not synced
+one by one: a lost report is re-sent seconds later). Reads are short read transactions
+on the memory map, cheap enough for the event loop; commits can wait on the disk and are
+run in a worker thread by the service.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import orjson
+
+logger = logging.getLogger(__name__)
+
+DBS = ("meta", "tokens", "sites", "apps", "deployments", "deltas", "reports")
+DEFAULT_MAP_SIZE = 1 << 31
+_VERSION = struct.Struct(">Q")
+
+# (database, key, value); value None deletes the key.
+Write = tuple[str, bytes, bytes | None]
+
+
+def version_key(version: int) -> bytes:
+    return _VERSION.pack(version)
+
+
+def put_json(db: str, key: str, value: object) -> Write:
+    return (db, key.encode(), orjson.dumps(value))
+
+
+def delete(db: str, key: str) -> Write:
+    return (db, key.encode(), None)
+
+
+class Store:
+    def __init__(self, path: Path, map_size: int = DEFAULT_MAP_SIZE) -> None:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._env = lmdb.open(
+            str(path),
+            max_dbs=len(DBS),
+            map_size=map_size,
+            sync=False,
+            metasync=False,
+            max_readers=512,
+        )
+        self._dbs = {name: self._env.open_db(name.encode()) for name in DBS}
+
+    def close(self) -> None:
+        self._env.sync(True)
+        self._env.close()
+
+    def sync(self) -> None:
+        self._env.sync(True)
+
+    def commit(self, writes: Sequence[Write], *, sync: bool) -> None:
+        """Apply every write in one transaction; flush to disk first if ``sync``."""
+        with self._env.begin(write=True) as txn:
+            for db, key, value in writes:
+                if value is None:
+                    txn.delete(key, db=self._dbs[db])
+                else:
+                    txn.put(key, value, db=self._dbs[db])
+        if sync:
+            self._env.sync(True)
+
+    def get(self, db: str, key: bytes) -> bytes | None:
+        with self._env.begin(db=self._dbs[db]) as txn:
+            value = txn.get(key)
+        return None if value is None else bytes(value)
+
+    def get_json(self, db: str, key: str) -> Any:
+        raw = self.get(db, key.encode())
+        return None if raw is None else orjson.loads(raw)
+
+    def values_json(self, db: str) -> list[Any]:
+        with self._env.begin(db=self._dbs[db]) as txn:
+            return [orjson.loads(value) for _, value in txn.cursor()]
+
+    def keys(self, db: str) -> list[str]:
+        with self._env.begin(db=self._dbs[db]) as txn:
+            return [bytes(key).decode() for key in txn.cursor().iternext(values=False)]
+
+    def deltas_after(self, after: int, limit: int, max_bytes: int) -> list[tuple[int, bytes]]:
+        """Envelopes with version > after, in order: at most ``limit``, and no more than
+        ``max_bytes`` in all (at least one, whatever its size)."""
+        found: list[tuple[int, bytes]] = []
+        total = 0
+        with self._env.begin(db=self._dbs["deltas"]) as txn:
+            cursor = txn.cursor()
+            if not cursor.set_range(version_key(after + 1)):
+                return found
+            for key, value in _iterate(cursor):
+                if len(found) >= limit or (found and total + len(value) > max_bytes):
+                    break
+                found.append((_VERSION.unpack(key)[0], bytes(value)))
+                total += len(value)
+        return found
+
+
+def _iterate(cursor: Any) -> Iterator[tuple[bytes, bytes]]:
+    yield from cursor.iternext()

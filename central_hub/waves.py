@@ -1,0 +1,237 @@
+"""Rollout of one deployment across its sites, wave by wave (pure).
+
+All state transitions of a deployment live here; the service feeds in the sites' latest
+reports and the time and issues the deltas this module asks for::
+
+    start()  ->  running ──every site of the last wave healthy──>  succeeded
+                    │  └──a site reports failed for the version──>  failed
+                    │  └──wave_timeout_s without all healthy─────>  failed
+                    └──a newer deployment of the app / app deleted>  superseded
+
+A site of the current wave is done when its report says ``apps[name].version`` is the
+deployed version and ``state == "healthy"``. Then the next wave is issued (the caller
+appends an ``app.put`` delta targeting exactly those sites).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+State = Literal["running", "succeeded", "failed", "superseded"]
+SiteState = Literal["pending", "updating", "healthy", "failed"]
+_STATES: tuple[State, ...] = ("running", "succeeded", "failed", "superseded")
+_SITE_STATES: tuple[SiteState, ...] = ("pending", "updating", "healthy", "failed")
+
+
+@dataclass(frozen=True, slots=True)
+class AppStatus:
+    """What one site reports about one application."""
+
+    version: str
+    state: str
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SiteProgress:
+    state: SiteState = "pending"
+    message: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"state": self.state, "message": self.message}
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    id: str
+    app: str
+    version: str
+    digest: str
+    tenant: str
+    placement: Mapping[str, Any]
+    waves: tuple[tuple[str, ...], ...]
+    created_at: float
+    state: State = "running"
+    reason: str = ""
+    wave: int = 0  # index of the current wave
+    wave_started_at: float = 0.0
+    updated_at: float = 0.0
+    progress: Mapping[str, SiteProgress] = field(default_factory=dict)
+    deltas: tuple[int, ...] = ()  # versions of the deltas issued for it
+
+    @property
+    def sites(self) -> list[str]:
+        return [site for wave in self.waves for site in wave]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "app": self.app,
+            "version": self.version,
+            "digest": self.digest,
+            "tenant": self.tenant,
+            "placement": dict(self.placement),
+            "state": self.state,
+            "reason": self.reason,
+            "waves": [list(w) for w in self.waves],
+            "wave": self.wave,
+            "wave_started_at": self.wave_started_at,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "progress": {site: p.to_json() for site, p in sorted(self.progress.items())},
+            "deltas": list(self.deltas),
+        }
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> Deployment:
+        state = next(s for s in _STATES if s == data["state"])
+        progress = {
+            str(site): SiteProgress(
+                next(s for s in _SITE_STATES if s == p["state"]), str(p["message"])
+            )
+            for site, p in data["progress"].items()
+        }
+        return Deployment(
+            id=str(data["id"]),
+            app=str(data["app"]),
+            version=str(data["version"]),
+            digest=str(data["digest"]),
+            tenant=str(data["tenant"]),
+            placement=dict(data["placement"]),
+            waves=tuple(tuple(str(s) for s in w) for w in data["waves"]),
+            created_at=float(data["created_at"]),
+            state=state,
+            reason=str(data["reason"]),
+            wave=int(data["wave"]),
+            wave_started_at=float(data["wave_started_at"]),
+            updated_at=float(data["updated_at"]),
+            progress=progress,
+            deltas=tuple(int(v) for v in data["deltas"]),
+        )
+
+
+def start(
+    deployment_id: str,
+    app: str,
+    version: str,
+    digest: str,
+    tenant: str,
+    placement: Mapping[str, Any],
+    waves: Sequence[Sequence[str]],
+    now: float,
+) -> tuple[Deployment, list[str]]:
+    """A new deployment and the sites of its first wave (to issue now; may be empty)."""
+    planned = tuple(tuple(w) for w in waves if w)
+    first = list(planned[0]) if planned else []
+    progress = {site: SiteProgress() for wave in planned for site in wave}
+    progress.update({site: SiteProgress("updating") for site in first})
+    deployment = Deployment(
+        id=deployment_id,
+        app=app,
+        version=version,
+        digest=digest,
+        tenant=tenant,
+        placement=dict(placement),
+        waves=planned,
+        created_at=now,
+        state="running" if planned else "succeeded",
+        reason="" if planned else "no site matches the placement",
+        wave_started_at=now,
+        updated_at=now,
+        progress=progress,
+    )
+    return deployment, first
+
+
+def step(
+    deployment: Deployment,
+    statuses: Mapping[str, AppStatus | None],
+    now: float,
+    wave_timeout_s: float,
+) -> tuple[Deployment, list[str]]:
+    """Advance a running deployment: its new state and the sites of a wave to issue now.
+
+    ``statuses`` maps a site to its latest report of this application (None: no report).
+    """
+    if deployment.state != "running":
+        return deployment, []
+    current = deployment.waves[deployment.wave]
+    progress = dict(deployment.progress)
+    for site in current:
+        progress[site] = _site_progress(deployment, statuses.get(site))
+    changed = replace(deployment, progress=progress)
+    failed = [site for site in current if progress[site].state == "failed"]
+    if failed:
+        site = failed[0]
+        message = progress[site].message or "no message"
+        return _finish(changed, "failed", f"site {site} failed: {message}", now), []
+    waiting = [site for site in current if progress[site].state != "healthy"]
+    if not waiting:
+        if deployment.wave + 1 >= len(deployment.waves):
+            return _finish(changed, "succeeded", "", now), []
+        following = deployment.waves[deployment.wave + 1]
+        progress.update({site: SiteProgress("updating") for site in following})
+        advanced = replace(
+            changed,
+            wave=deployment.wave + 1,
+            wave_started_at=now,
+            updated_at=now,
+            progress=progress,
+        )
+        return advanced, list(following)
+    if now - deployment.wave_started_at >= wave_timeout_s:
+        reason = f"timeout waiting for sites {', '.join(waiting)}"
+        return _finish(changed, "failed", reason, now), []
+    if progress != deployment.progress:
+        changed = replace(changed, updated_at=now)
+    return changed, []
+
+
+def _site_progress(deployment: Deployment, status: AppStatus | None) -> SiteProgress:
+    if status is None or status.version != deployment.version:
+        return SiteProgress("updating")
+    if status.state == "healthy":
+        return SiteProgress("healthy")
+    if status.state == "failed":
+        return SiteProgress("failed", status.message)
+    return SiteProgress("updating", status.message)
+
+
+def _finish(deployment: Deployment, state: State, reason: str, now: float) -> Deployment:
+    return replace(deployment, state=state, reason=reason, updated_at=now)
+
+
+def supersede(deployment: Deployment, reason: str, now: float) -> Deployment:
+    """Stop a running deployment because something newer replaced it."""
+    if deployment.state != "running":
+        return deployment
+    return _finish(deployment, "superseded", reason, now)
+
+
+def drop_site(deployment: Deployment, site: str, now: float) -> tuple[Deployment, list[str]]:
+    """Forget a site removed from the fleet; returns the deployment and a wave to issue now
+    (when the site was all that was left of the current wave)."""
+    if site not in deployment.progress:
+        return deployment, []
+    kept: list[tuple[str, ...]] = []
+    index = deployment.wave
+    for i, wave in enumerate(deployment.waves):
+        rest = tuple(s for s in wave if s != site)
+        if rest:
+            kept.append(rest)
+        elif i < deployment.wave:
+            index -= 1
+    progress = {s: p for s, p in deployment.progress.items() if s != site}
+    changed = replace(deployment, waves=tuple(kept), progress=progress, updated_at=now)
+    if deployment.state != "running":
+        return replace(changed, wave=max(0, min(index, len(kept) - 1))), []
+    if deployment.waves[deployment.wave] != (site,):
+        return replace(changed, wave=index), []  # the current wave goes on without the site
+    if index >= len(kept):  # the current wave was the last and is now empty
+        return _finish(replace(changed, wave=max(0, len(kept) - 1)), "succeeded", "", now), []
+    following = kept[index]  # the current wave emptied: the next one starts now
+    progress.update({s: SiteProgress("updating") for s in following})
+    started = replace(changed, wave=index, wave_started_at=now, progress=progress)
+    return started, list(following)

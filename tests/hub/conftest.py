@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from central_hub import Hub, HubConfig
+from tests.hub.helpers import Operator, Site
+
+MakeSite = Callable[..., Awaitable[Site]]
+
+
+def hub_config(data_dir: Path, **overrides: object) -> HubConfig:
+    settings: dict[str, object] = {"port": 0, "tick_s": 0.02, **overrides}
+    return HubConfig(data_dir=data_dir, **settings)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def hub(tmp_path: Path) -> AsyncIterator[Hub]:
+    async with Hub(hub_config(tmp_path / "hub")) as running:
+        yield running
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as client:
+        yield client
+
+
+def admin_token(hub: Hub) -> str:
+    return hub.admin_token_path.read_text().strip()
+
+
+@pytest.fixture
+def admin(hub: Hub, session: aiohttp.ClientSession) -> Operator:
+    return Operator(session, hub.url, admin_token(hub))
+
+
+@pytest.fixture
+def make_site(hub: Hub, session: aiohttp.ClientSession, admin: Operator) -> MakeSite:
+    async def make(site_id: str, **labels: str) -> Site:
+        site = Site(session, hub.url, site_id, hub.fleet, hub.root_key)
+        await admin.ok(
+            "POST",
+            "/v1/sites",
+            {"id": site_id, "labels": labels, "public_key": site.public_key},
+            201,
+        )
+        return site
+
+    return make

@@ -1,0 +1,147 @@
+"""Deploy through the API; sites fetch and verify the deltas with the real protocol."""
+
+from __future__ import annotations
+
+import asyncio
+
+from central_hub import Hub
+from meshorch.delta import parse
+from tests.hub.conftest import MakeSite
+from tests.hub.helpers import Operator, healthy, spec_text
+
+
+def ops_for(site_id: str, envelopes: list[bytes]) -> list[dict[str, object]]:
+    found = []
+    for raw in envelopes:
+        delta, _, _ = parse(raw)
+        if delta.target.includes(site_id):
+            found.extend(dict(op) for op in delta.ops)
+    return found
+
+
+async def test_deploy_targets_exactly_the_matching_sites(
+    hub: Hub, admin: Operator, make_site: MakeSite
+) -> None:
+    eu1 = await make_site("shop-1", region="eu")
+    eu2 = await make_site("shop-2", region="eu")
+    us = await make_site("shop-3", region="us")
+    dep = await admin.ok(
+        "POST",
+        "/v1/apps",
+        {"spec": spec_text(), "placement": {"match": {"region": "eu"}}},
+        202,
+    )
+    assert dep["state"] == "running" and dep["waves"] == [["shop-1", "shop-2"]]
+    assert dep["progress"]["shop-1"]["state"] == "updating"
+    for site in (eu1, eu2, us):
+        result = await site.sync()  # verify_batch against the root key
+        assert [d.version for d in result.accepted] == [1]
+    again = await eu1.sync()
+    _, envelopes = await us.fetch(after=0)
+    parsed, _, sigs = parse(envelopes[0])
+    assert parsed.target.sites == frozenset({"shop-1", "shop-2"})
+    assert [key for key, _ in sigs] == [hub.root_key]
+    assert ops_for("shop-3", envelopes) == []
+    (op,) = ops_for("shop-1", envelopes)
+    assert op["op"] == "app.put" and op["spec"]["name"] == "web"  # type: ignore[index]
+    assert again.accepted == []  # nothing new on a second sync
+
+
+async def test_waves_advance_on_healthy_reports_and_succeed(
+    hub: Hub, admin: Operator, make_site: MakeSite
+) -> None:
+    sites = [await make_site(f"s{i}", tier="edge") for i in range(3)]
+    dep = await admin.ok(
+        "POST", "/v1/apps", {"spec": spec_text(), "placement": {"max_parallel": 2}}, 202
+    )
+    assert dep["waves"] == [["s0", "s1"], ["s2"]]
+    for site in sites[:2]:
+        await site.sync()
+        status, answer = await site.report({"web": healthy("1.0")})
+        assert status == 200 and answer["head"] == 1
+    dep = await wait_for(admin, dep["id"], lambda d: d["wave"] == 1)
+    assert dep["progress"]["s2"]["state"] == "updating"
+    result = await sites[2].sync()
+    delta = result.accepted[-1]
+    assert delta.target.sites == frozenset({"s2"}) and delta.ops[0]["op"] == "app.put"
+    await sites[2].report({"web": healthy("1.0")})
+    dep = await wait_for(admin, dep["id"], lambda d: d["state"] != "running")
+    assert dep["state"] == "succeeded"
+    assert dep["deltas"] == [1, 2]
+    app = await admin.ok("GET", "/v1/apps/web")
+    assert app["sites"]["s2"] == {"version": "1.0", "state": "healthy", "message": ""}
+
+
+async def test_a_failed_site_stops_the_rollout(admin: Operator, make_site: MakeSite) -> None:
+    a = await make_site("a")
+    await make_site("b")
+    dep = await admin.ok(
+        "POST", "/v1/apps", {"spec": spec_text(), "placement": {"max_parallel": 1}}, 202
+    )
+    await a.sync()
+    failed = {"version": "1.0", "desired": 1, "ready": 0, "state": "failed", "message": "oom"}
+    await a.report({"web": failed})
+    dep = await wait_for(admin, dep["id"], lambda d: d["state"] != "running")
+    assert dep["state"] == "failed"
+    assert dep["reason"] == "site a failed: oom"
+    assert dep["deltas"] == [1]  # site b never got the app
+
+
+async def test_redeploy_is_idempotent_and_versions_are_immutable(
+    admin: Operator, make_site: MakeSite
+) -> None:
+    await make_site("a")
+    first = await admin.ok("POST", "/v1/apps", {"spec": spec_text()}, 202)
+    again = await admin.ok("POST", "/v1/apps", {"spec": spec_text()}, 200)
+    assert again["id"] == first["id"]
+    status, answer = await admin.call("POST", "/v1/apps", {"spec": spec_text(port=9090)})
+    assert status == 409 and answer["error"]["code"] == "version_exists"
+    deltas = await admin.ok("GET", "/v1/deltas")
+    assert deltas["head"] == 1
+
+
+async def test_a_new_version_supersedes_and_unmatched_sites_get_a_delete(
+    admin: Operator, make_site: MakeSite
+) -> None:
+    a = await make_site("a", region="eu")
+    await make_site("b", region="us")
+    first = await admin.ok("POST", "/v1/apps", {"spec": spec_text()}, 202)
+    second = await admin.ok(
+        "POST",
+        "/v1/apps",
+        {"spec": spec_text(version="2.0"), "placement": {"match": {"region": "eu"}}},
+        202,
+    )
+    old = await admin.ok("GET", f"/v1/deployments/{first['id']}")
+    assert old["state"] == "superseded" and second["id"] in old["reason"]
+    deltas = (await admin.ok("GET", "/v1/deltas"))["deltas"]
+    assert [d["target"] for d in deltas] == [
+        {"sites": ["a", "b"]},
+        {"sites": ["a"]},
+        {"sites": ["b"]},
+    ]
+    assert deltas[2]["ops"] == [{"op": "app.delete", "name": "web"}]
+    result = await a.sync()
+    assert [d.version for d in result.accepted] == [1, 2, 3]
+
+
+async def test_delete_app_sends_app_delete_to_the_sites_that_have_it(
+    admin: Operator, make_site: MakeSite
+) -> None:
+    await make_site("a")
+    await admin.ok("POST", "/v1/apps", {"spec": spec_text()}, 202)
+    answer = await admin.ok("DELETE", "/v1/apps/web")
+    assert answer == {"deleted": "web", "delta": 2, "sites": ["a"]}
+    status, _ = await admin.call("GET", "/v1/apps/web")
+    assert status == 404
+
+
+async def wait_for(
+    admin: Operator, dep_id: str, done: object, timeout_s: float = 5.0
+) -> dict[str, object]:
+    async with asyncio.timeout(timeout_s):
+        while True:
+            dep = await admin.ok("GET", f"/v1/deployments/{dep_id}")
+            if done(dep):  # type: ignore[operator]
+                return dep  # type: ignore[no-any-return]
+            await asyncio.sleep(0.02)
