@@ -161,6 +161,7 @@ class Hub:
         self._closing = False
         self._pending: set[asyncio.Task[Any]] = set()
         self._reports: dict[str, tuple[dict[str, Any], float]] = {}
+        self.link_waiters = 0  # long-polls waiting for a delta right now
         self.url = ""
 
     # -- life cycle -------------------------------------------------------------------
@@ -726,11 +727,14 @@ class Hub:
             if remaining <= 0:
                 break
             appended = self._appended
+            self.link_waiters += 1
             try:
                 async with asyncio.timeout(remaining):
                     await appended.wait()
             except TimeoutError:
                 break
+            finally:
+                self.link_waiters -= 1
         head = self.head.version
         if self._store is None:
             return head, []

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -51,3 +52,28 @@ def make_site(hub: Hub, session: aiohttp.ClientSession, admin: Operator) -> Make
         return site
 
     return make
+
+
+class Clock:
+    """Wall-clock time plus an offset the test moves forward."""
+
+    def __init__(self) -> None:
+        self.offset_s = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset_s
+
+    def advance(self, seconds: float) -> None:
+        self.offset_s += seconds
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def clocked_hub(tmp_path: Path, clock: Clock) -> AsyncIterator[Hub]:
+    config = hub_config(tmp_path / "hub", clock=clock, wave_timeout_s=60.0, heartbeat_s=3600.0)
+    async with Hub(config) as running:
+        yield running

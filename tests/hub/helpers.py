@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -113,3 +115,24 @@ class Site:
 
 def healthy(version: str) -> dict[str, Any]:
     return {"version": version, "desired": 1, "ready": 1, "state": "healthy", "message": ""}
+
+
+async def until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    """Poll a condition of the real system (the timeout only bounds a broken test)."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            if predicate():
+                return
+            await asyncio.sleep(0.005)
+
+
+async def wait_for(
+    admin: Operator, dep_id: str, done: Callable[[dict[str, Any]], bool], timeout_s: float = 5.0
+) -> dict[str, Any]:
+    """Poll a deployment until ``done`` holds for it."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            dep: dict[str, Any] = await admin.ok("GET", f"/v1/deployments/{dep_id}")
+            if done(dep):
+                return dep
+            await asyncio.sleep(0.01)

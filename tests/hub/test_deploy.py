@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
+import aiohttp
 
 from central_hub import Hub
 from meshorch.delta import parse
-from tests.hub.conftest import MakeSite
-from tests.hub.helpers import Operator, healthy, spec_text
+from tests.hub.conftest import Clock, MakeSite, admin_token
+from tests.hub.helpers import Operator, healthy, spec_text, until, wait_for
 
 
 def ops_for(site_id: str, envelopes: list[bytes]) -> list[dict[str, object]]:
@@ -136,12 +136,20 @@ async def test_delete_app_sends_app_delete_to_the_sites_that_have_it(
     assert status == 404
 
 
-async def wait_for(
-    admin: Operator, dep_id: str, done: object, timeout_s: float = 5.0
-) -> dict[str, object]:
-    async with asyncio.timeout(timeout_s):
-        while True:
-            dep = await admin.ok("GET", f"/v1/deployments/{dep_id}")
-            if done(dep):  # type: ignore[operator]
-                return dep  # type: ignore[no-any-return]
-            await asyncio.sleep(0.02)
+async def test_wave_timeout_and_heartbeat_follow_the_injected_clock(
+    clocked_hub: Hub, clock: Clock, session: aiohttp.ClientSession
+) -> None:
+    admin = Operator(session, clocked_hub.url, admin_token(clocked_hub))
+    await admin.ok("POST", "/v1/sites", {"id": "a", "public_key": "ab" * 32}, 201)
+    await admin.ok("POST", "/v1/sites", {"id": "b", "public_key": "cd" * 32}, 201)
+    dep = await admin.ok("POST", "/v1/apps", {"spec": spec_text()}, 202)
+    assert (await admin.ok("GET", f"/v1/deployments/{dep['id']}"))["state"] == "running"
+    clock.advance(61)  # wave_timeout_s is 60
+    dep = await wait_for(admin, dep["id"], lambda d: d["state"] != "running")
+    assert dep["state"] == "failed" and dep["reason"] == "timeout waiting for sites a, b"
+    assert clocked_hub.head.version == 1
+    clock.advance(3600)  # heartbeat_s
+    await until(lambda: clocked_hub.head.version == 2)
+    (heartbeat,) = (await admin.ok("GET", "/v1/deltas?after=1"))["deltas"]
+    assert heartbeat["ops"] == [] and heartbeat["target"] == {"all": True}
+    assert heartbeat["issued_at"] >= clock() - 5
