@@ -1,0 +1,59 @@
+"""Reports and site health (pure)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from central_hub.fleetview import ReportError, parse_report, site_detail, site_health
+
+
+def report(**changes: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "v": 1, "site": "shop-1", "time": 1000.0, "applied_version": 3, "applied_head": "ab",
+        "rejections": [],
+        "hosts": [{"host_id": "h1", "alive": True, "instances": [
+            {"app": "web", "instance_id": "web-0", "service": "web", "version": "1",
+             "state": "running", "ready": True, "restarts": 2}]}],
+        "apps": {"web": {"version": "1", "desired": 1, "ready": 1, "state": "healthy",
+                         "message": ""}},
+        "extra": "ignored",
+    }  # fmt: skip
+    data.update(changes)
+    return parse_report(data, "shop-1")
+
+
+def health(parsed: dict[str, Any] | None, last_seen: float | None, now: float = 1000.0) -> str:
+    return site_health(parsed, last_seen, now, stale_s=30.0, rejection_window_s=600.0)
+
+
+def test_health() -> None:
+    assert health(None, None) == "unknown"
+    assert health(report(), 990.0) == "healthy"
+    assert health(report(), 969.0) == "unreachable"
+    sick = {"web": {"version": "1", "state": "progressing"}}
+    assert health(report(apps=sick), 990.0) == "degraded"
+    dead = [{"host_id": "h1", "alive": False, "instances": []}]
+    assert health(report(hosts=dead), 990.0) == "degraded"
+    rejected = [{"reason": "expired", "message": "m", "version": 4, "at": 900.0}]
+    assert health(report(rejections=rejected), 990.0) == "degraded"
+    assert health(report(rejections=rejected), 990.0, now=1600.0) == "unreachable"
+    assert health(report(rejections=rejected), 1590.0, now=1600.0) == "healthy"
+
+
+def test_reports_keep_known_fields_and_list_every_problem() -> None:
+    parsed = report()
+    assert "extra" not in parsed
+    detail = site_detail({"id": "shop-1", "labels": {}}, parsed, 990.0, 1000.0, 30.0, 600.0)
+    assert detail["hosts"][0]["instances"][0]["restarts"] == 2
+    with pytest.raises(ReportError) as info:
+        report(v=2, time="now", applied_version=-1, hosts=[{"alive": "yes"}], apps=[])
+    problems = "\n".join(info.value.problems)
+    for fragment in ("v:", "time:", "applied_version:", "hosts[0].host_id", "hosts[0].alive",
+                     "apps:"):  # fmt: skip
+        assert fragment in problems
+    with pytest.raises(ReportError):
+        parse_report({**report(), "site": "shop-2"}, "shop-1")
+    with pytest.raises(ReportError):
+        parse_report("garbage", "shop-1")

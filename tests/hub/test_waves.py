@@ -1,0 +1,97 @@
+"""The rollout core with injected time (pure)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from central_hub import waves
+from central_hub.waves import AppStatus, Deployment
+
+
+def started(plan: Sequence[Sequence[str]], now: float = 100.0) -> tuple[Deployment, list[str]]:
+    return waves.start("dep-1", "web", "2.0", "d" * 64, "default", {}, plan, now)
+
+
+HEALTHY = AppStatus("2.0", "healthy")
+
+
+def test_the_next_wave_waits_for_every_site_of_the_current_one() -> None:
+    dep, first = started([["a", "b"], ["c"]])
+    assert first == ["a", "b"] and dep.progress["c"].state == "pending"
+    dep, issue = waves.step(dep, {"a": HEALTHY, "b": None}, 110.0, 600.0)
+    assert issue == [] and dep.wave == 0
+    assert dep.progress["a"].state == "healthy" and dep.progress["b"].state == "updating"
+    # an old version reported healthy does not count
+    dep, issue = waves.step(dep, {"a": HEALTHY, "b": AppStatus("1.0", "healthy")}, 120.0, 600.0)
+    assert issue == []
+    dep, issue = waves.step(dep, {"a": HEALTHY, "b": HEALTHY}, 130.0, 600.0)
+    assert issue == ["c"] and dep.wave == 1 and dep.wave_started_at == 130.0
+    dep, issue = waves.step(dep, {"c": AppStatus("2.0", "progressing")}, 140.0, 600.0)
+    assert issue == [] and dep.state == "running"
+    dep, issue = waves.step(dep, {"c": HEALTHY}, 150.0, 600.0)
+    assert issue == [] and dep.state == "succeeded" and dep.updated_at == 150.0
+
+
+def test_a_failed_site_stops_the_rollout() -> None:
+    dep, _ = started([["a", "b"], ["c"]])
+    failed = AppStatus("2.0", "failed", "rolled back: crash loop")
+    dep, issue = waves.step(dep, {"a": HEALTHY, "b": failed}, 110.0, 600.0)
+    assert issue == [] and dep.state == "failed"
+    assert dep.reason == "site b failed: rolled back: crash loop"
+    assert waves.step(dep, {"a": HEALTHY, "b": HEALTHY}, 120.0, 600.0) == (dep, [])
+
+
+def test_a_failure_of_another_version_does_not_count() -> None:
+    dep, _ = started([["a"]])
+    dep, _ = waves.step(dep, {"a": AppStatus("1.0", "failed", "old")}, 110.0, 600.0)
+    assert dep.state == "running"
+
+
+def test_timeout_names_the_sites_still_waited_for() -> None:
+    dep, _ = started([["a", "b", "c"]], now=100.0)
+    statuses = {"a": HEALTHY, "b": None, "c": AppStatus("2.0", "progressing")}
+    dep, _ = waves.step(dep, statuses, 699.0, 600.0)
+    assert dep.state == "running"
+    dep, _ = waves.step(dep, statuses, 700.0, 600.0)
+    assert dep.state == "failed" and dep.reason == "timeout waiting for sites b, c"
+
+
+def test_each_wave_has_its_own_timeout() -> None:
+    dep, _ = started([["a"], ["b"]], now=0.0)
+    dep, issue = waves.step(dep, {"a": HEALTHY}, 500.0, 600.0)
+    assert issue == ["b"]
+    dep, _ = waves.step(dep, {"b": None}, 1000.0, 600.0)
+    assert dep.state == "running"  # 500 s into the second wave
+    dep, _ = waves.step(dep, {"b": None}, 1100.0, 600.0)
+    assert dep.state == "failed"
+
+
+def test_superseding_stops_a_running_deployment_only() -> None:
+    dep, _ = started([["a"]])
+    stopped = waves.supersede(dep, "superseded by dep-2", 120.0)
+    assert stopped.state == "superseded" and stopped.reason == "superseded by dep-2"
+    assert waves.step(stopped, {"a": HEALTHY}, 130.0, 600.0) == (stopped, [])
+    done, _ = waves.step(dep, {"a": HEALTHY}, 110.0, 600.0)
+    assert waves.supersede(done, "x", 120.0) is done
+
+
+def test_no_site_means_done_at_once() -> None:
+    dep, first = started([])
+    assert first == [] and dep.state == "succeeded"
+
+
+def test_dropping_the_last_site_of_a_wave_starts_the_next() -> None:
+    dep, _ = started([["a"], ["b", "c"]])
+    dep, issue = waves.drop_site(dep, "a", 150.0)
+    assert issue == ["b", "c"] and dep.waves == (("b", "c"),) and dep.wave == 0
+    assert dep.wave_started_at == 150.0
+    dep, issue = waves.drop_site(dep, "b", 160.0)
+    assert issue == [] and dep.waves == (("c",),)
+    dep, issue = waves.drop_site(dep, "c", 170.0)
+    assert dep.state == "succeeded"
+
+
+def test_deployments_round_trip_through_json() -> None:
+    dep, _ = started([["a", "b"], ["c"]])
+    dep, _ = waves.step(dep, {"a": HEALTHY, "b": AppStatus("2.0", "failed", "x")}, 1.0, 600.0)
+    assert Deployment.from_json(dep.to_json()) == dep
