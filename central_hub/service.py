@@ -161,6 +161,7 @@ class Hub:
         self._closing = False
         self._pending: set[asyncio.Task[Any]] = set()
         self._reports: dict[str, tuple[dict[str, Any], float]] = {}
+        self._active: set[str] = set()  # apps whose current deployment may be running
         self.link_waiters = 0  # long-polls waiting for a delta right now
         self.url = ""
 
@@ -263,6 +264,7 @@ class Hub:
                 self.fleet = str(fleet)
                 self.signing_keys = [root]
                 self.head = Head.from_json(store.get_json("meta", "head"))
+            self._active = set(store.keys("apps"))  # narrowed by the first rollout step
             for record in store.values_json("reports"):
                 self._reports[record["report"]["site"]] = (record["report"], record["received_at"])
         except BaseException:
@@ -321,6 +323,10 @@ class Hub:
         task.add_done_callback(self._pending.discard)
         return await asyncio.shield(task)
 
+    def _activate(self, app: str) -> None:
+        self._active.add(app)
+        self._wake.set()
+
     def _notify_appended(self) -> None:
         appended, self._appended = self._appended, asyncio.Event()
         appended.set()
@@ -329,7 +335,7 @@ class Hub:
 
     def authenticate(self, header: str | None) -> TokenRecord:
         token_id, secret = tokens.split_token(tokens.bearer(header))
-        raw = self.store.get_json("tokens", token_id) if token_id.isalnum() else None
+        raw = self.store.get_json("tokens", token_id) if _plain_key(token_id) else None
         record = None if raw is None else TokenRecord.from_json(raw)
         return tokens.check_token(record, secret, self.now())
 
@@ -353,7 +359,7 @@ class Hub:
 
     async def delete_token(self, token_id: str) -> None:
         def plan(txn: _Txn) -> None:
-            if not token_id.isalnum() or self.store.get_json("tokens", token_id) is None:
+            if not _plain_key(token_id) or self.store.get_json("tokens", token_id) is None:
                 raise ApiError(404, "not_found", f"no token {token_id!r}")
             txn.delete("tokens", token_id)
 
@@ -593,7 +599,7 @@ class Hub:
                 dep = replace(dep, deltas=(*dep.deltas, version))
             txn.put("deployments", dep_id, dep.to_json())
             txn.put("meta", "deployment_seq", seq)
-            txn.after.append(self._wake.set)
+            txn.after.append(lambda: self._activate(spec.name))
             return 202, dep.to_json()
 
         return await self._transact(plan)
@@ -658,7 +664,7 @@ class Hub:
         return await self._transact(plan)
 
     def get_deployment(self, token: TokenRecord, deployment_id: str) -> dict[str, Any]:
-        dep = self._deployment_or_none(deployment_id) if deployment_id.isascii() else None
+        dep = self._deployment_or_none(deployment_id) if _plain_key(deployment_id) else None
         if dep is None or not tokens.visible(token, dep.tenant):
             raise ApiError(404, "not_found", f"no deployment {deployment_id!r}")
         return dep.to_json()
@@ -674,15 +680,18 @@ class Hub:
                 pass
             self._wake.clear()
             try:
-                await self._transact(self._advance)
+                if self._active or self._heartbeat_due(self.head, self.now()):
+                    await self._transact(self._advance)
             except Exception:
                 logger.exception("rollout step failed; retrying on the next tick")
 
     def _advance(self, txn: _Txn) -> None:
         """Step every running deployment; append a heartbeat when the tip gets old."""
-        for app in self.store.values_json("apps"):
-            dep = self._deployment_or_none(app["deployment"])
-            if dep is None or dep.state != "running":
+        for name in sorted(self._active):
+            app = self.store.get_json("apps", name)
+            dep = None if app is None else self._deployment_or_none(app["deployment"])
+            if app is None or dep is None or dep.state != "running":
+                self._active.discard(name)
                 continue
             statuses = {
                 site: fleetview.app_status(self._view_args(site)[0], dep.app)
@@ -697,11 +706,11 @@ class Hub:
                 logger.info(
                     "deployment %s of %s: %s %s", dep.id, dep.app, stepped.state, stepped.reason
                 )
-        if (
-            txn.head.version > 0
-            and txn.now - txn.head.issued_at >= self.config.heartbeat_interval_s
-        ):
+        if self._heartbeat_due(txn.head, txn.now):
             txn.delta([], ALL_SITES)
+
+    def _heartbeat_due(self, head: Head, now: float) -> bool:
+        return head.version > 0 and now - head.issued_at >= self.config.heartbeat_interval_s
 
     # -- the delta log ----------------------------------------------------------------
 
@@ -772,3 +781,8 @@ class Hub:
                 if self._store is None or self.store.get_json("meta", "root_key") != key_id(new):
                     (self.data_dir / deltalog.NEW_KEY_FILE).unlink(missing_ok=True)
                 raise
+
+
+def _plain_key(text: str) -> bool:
+    """Whether ``text`` can be a stored id (short ASCII letters, digits and '-')."""
+    return 0 < len(text) <= 128 and text.isascii() and text.replace("-", "").isalnum()
