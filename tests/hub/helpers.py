@@ -70,13 +70,14 @@ class Site:
         self.id = site_id
         self.key = SigningKey.generate()
         self.trust = TrustState(fleet=fleet, trusted_keys=frozenset({root_key}))
+        self.clock: Callable[[], float] = time.time
 
     @property
     def public_key(self) -> str:
         return bytes(self.key.verify_key).hex()
 
     async def request(self, method: str, path_qs: str, body: bytes = b"") -> tuple[int, Any]:
-        headers = sign_request(self.key, self.id, method, path_qs, body, time.time())
+        headers = sign_request(self.key, self.id, method, path_qs, body, self.clock())
         async with self.session.request(
             method, self.url + path_qs, data=body or None, headers=headers
         ) as resp:
@@ -102,7 +103,7 @@ class Site:
         report = {
             "v": 1,
             "site": self.id,
-            "time": time.time(),
+            "time": self.clock(),
             "applied_version": self.trust.version,
             "applied_head": self.trust.head,
             "rejections": [],
