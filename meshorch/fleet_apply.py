@@ -36,7 +36,7 @@ from meshorch.workloads import (
     encode_spec,
     rollout_key,
 )
-from raft import Delete, Put
+from raft import Delete, Guard, Put
 
 SITE_KEY_KEY = b"fleet/site-key"
 LINK_KEY = b"fleet/link"
@@ -49,7 +49,7 @@ REPORT_INSTANCE_FIELDS = ("app", "instance_id", "service", "version", "state", "
 OP_ERROR_REASON = "bad_op"  # a rejection entry for an operation skipped
 
 Reader = Callable[[str, bytes], bytes | None]
-Op = Put | Delete
+Write = Put | Delete
 
 
 # -- records ---------------------------------------------------------------------------
@@ -199,7 +199,7 @@ class VersionExists(RemoteInputError):
         )
 
 
-def app_put_ops(spec: AppSpec, existing_version: bytes | None) -> list[Op]:
+def app_put_ops(spec: AppSpec, existing_version: bytes | None) -> list[Write]:
     """Writes that make ``spec`` the desired state (``existing_version``: its appver record).
 
     Raises VersionExists when that version was applied before with other content.
@@ -215,7 +215,7 @@ def app_put_ops(spec: AppSpec, existing_version: bytes | None) -> list[Op]:
     ]
 
 
-def app_delete_ops(name: str) -> list[Op]:
+def app_delete_ops(name: str) -> list[Write]:
     return [Delete(APPS_TABLE, app_key(name)), Delete(APPS_TABLE, rollout_key(name))]
 
 
@@ -239,7 +239,7 @@ class OpError:
 
 @dataclass(slots=True)
 class ApplyPlan:
-    ops: list[Op] = field(default_factory=list)
+    ops: list[Write | Guard] = field(default_factory=list)
     op_errors: list[OpError] = field(default_factory=list)
     applied: list[int] = field(default_factory=list)  # versions
     for_site: list[int] = field(default_factory=list)  # versions whose ops targeted us
@@ -280,11 +280,14 @@ def plan_apply(
             for write in writes:
                 overlay[(write.table, write.key)] = write.value if isinstance(write, Put) else None
             plan.ops.extend(writes)
-    plan.ops.append(Put(SYSTEM_TABLE, TRUST_KEY, orjson.dumps(new_state.to_json()), trust_index))
+    # All or nothing: a leader that verified against a trust record another leader has
+    # since replaced must not write the apps of deltas that are already applied.
+    guarded = [*plan.ops, Put(SYSTEM_TABLE, TRUST_KEY, orjson.dumps(new_state.to_json()))]
+    plan.ops = [Guard(SYSTEM_TABLE, TRUST_KEY, trust_index, len(guarded)), *guarded]
     return plan
 
 
-def _op_writes(op: Mapping[str, Any], read: Reader) -> list[Op]:
+def _op_writes(op: Mapping[str, Any], read: Reader) -> list[Write]:
     kind = op.get("op")
     if kind == "app.put":
         raw_spec = op.get("spec")

@@ -424,7 +424,7 @@ class SiteLink:
                     self._read,
                 )
                 results = await raft.propose(plan.ops)
-                if results[-1].error == "conflict":
+                if not results[0].ok:  # the guard: another leader applied first
                     outcome.conflict = True
                     logger.warning("fleet link: the trust state moved meanwhile; not applied")
                 else:

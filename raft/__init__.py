@@ -3,7 +3,7 @@
 Knows nothing of applications: callers store bytes in named tables.
 """
 
-from raft.commands import Barrier, Batch, Delete, Op, Put, decode_batch, encode_batch
+from raft.commands import Barrier, Batch, Delete, Guard, Op, Put, decode_batch, encode_batch
 from raft.config import ConfigError, RaftConfig, local_preset
 from raft.errors import (
     CommandDecodeError,
@@ -23,6 +23,7 @@ __all__ = [
     "CommandDecodeError",
     "ConfigError",
     "Delete",
+    "Guard",
     "NotCommittedError",
     "Op",
     "OpResult",

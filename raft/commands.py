@@ -7,9 +7,12 @@ binary format (values are raw bytes, so JSON would need base64 and be larger):
     batch   := version:u8 count:u32 op*
     op      := kind:u8 table_len:u8 table key_len:u16 key body
     body    := PUT: expect:i64 value_len:u32 value | DELETE: (nothing) | BARRIER: (nothing)
+             | GUARD: expect:i64 count:u32
 
 All integers are big-endian. ``expect`` is -1 for an unconditional put, 0 for
 "only if absent", N for "only if the key was last modified at index N".
+A GUARD applies the ``count`` operations after it only if its key's index matches
+``expect`` (same meaning): a proposal whose writes must all happen or none.
 """
 
 from __future__ import annotations
@@ -30,12 +33,14 @@ _HEADER = struct.Struct(">BI")
 _OP_HEAD = struct.Struct(">BB")
 _KEY_LEN = struct.Struct(">H")
 _PUT_BODY = struct.Struct(">qI")
+_GUARD_BODY = struct.Struct(">qI")
 
 
 class OpKind(IntEnum):
     PUT = 1
     DELETE = 2
     BARRIER = 3
+    GUARD = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +64,18 @@ class Barrier:
     """Changes nothing; once applied locally, every earlier commit is visible."""
 
 
-Op = Put | Delete | Barrier
+@dataclass(frozen=True, slots=True)
+class Guard:
+    """Apply the next ``count`` operations only if ``key`` was last modified at
+    ``expect_index`` (0: only if absent); otherwise skip them all."""
+
+    table: str
+    key: bytes
+    expect_index: int
+    count: int
+
+
+Op = Put | Delete | Barrier | Guard
 
 _BARRIER = Barrier()
 _BARRIER_OP = _OP_HEAD.pack(OpKind.BARRIER, 0) + _KEY_LEN.pack(0)
@@ -99,6 +115,14 @@ def encode_ops(ops: Sequence[Op]) -> bytes:
             append(key)
             append(_PUT_BODY.pack(expect, len(value)))
             append(value)
+        elif isinstance(op, Guard):
+            if op.expect_index < 0 or op.count < 0:
+                raise ValueError("a guard's expect_index and count are >= 0")
+            append(_OP_HEAD.pack(OpKind.GUARD, len(table)))
+            append(table)
+            append(_KEY_LEN.pack(len(key)))
+            append(key)
+            append(_GUARD_BODY.pack(op.expect_index, op.count))
         else:
             append(_OP_HEAD.pack(OpKind.DELETE, len(table)))
             append(table)
@@ -164,6 +188,12 @@ def _decode_ops(data: bytes) -> list[Op]:
             append(Put(table, key, value, None if expect < 0 else expect))
         elif kind == OpKind.DELETE:
             append(Delete(table, key))
+        elif kind == OpKind.GUARD:
+            expect, guarded = _GUARD_BODY.unpack_from(data, pos)
+            pos += _GUARD_BODY.size
+            if expect < 0:
+                raise CommandDecodeError("negative guard index")
+            append(Guard(table, key, expect, guarded))
         else:
             raise CommandDecodeError(f"unknown operation kind {kind}")
     if pos != end:

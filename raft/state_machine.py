@@ -14,7 +14,7 @@ import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from raft.commands import Barrier, Delete, Put, decode_batch
+from raft.commands import Barrier, Delete, Guard, Put, decode_batch
 from raft.errors import CommandDecodeError
 
 logger = logging.getLogger(__name__)
@@ -99,18 +99,40 @@ def apply_command_indexed(
     replaced = OpResult(ok=True, index=index, existed=True)
     results: list[OpResult] = []
     append = results.append
+    skip = 0  # operations left to skip after a failed guard
     for op in batch.ops:
+        if skip:
+            skip -= 1
+            append(OpResult(ok=False, index=index, error="guarded"))
+            continue
         if isinstance(op, Barrier):
             append(created)
             continue
         if op.table not in known:
             append(OpResult(ok=False, index=index, error="unknown_table"))
+            if isinstance(op, Guard):
+                skip = op.count
             continue
         slot = (op.table, op.key)
         if slot in pending:
             before = None if pending[slot] is None else index
         else:
             before = read_index(op.table, op.key)
+        if isinstance(op, Guard):
+            if op.expect_index != (before or 0):
+                skip = op.count
+                append(
+                    OpResult(
+                        ok=False,
+                        index=index,
+                        existed=before is not None,
+                        error="conflict",
+                        current_index=before or 0,
+                    )
+                )
+            else:
+                append(OpResult(ok=True, index=index, existed=before is not None))
+            continue
         if isinstance(op, Put):
             if op.expect_index is not None and op.expect_index != (before or 0):
                 append(

@@ -35,7 +35,7 @@ from meshorch.rollout import RolloutState
 from meshorch.scheduler import HostInfo, Placement
 from meshorch.site_state import APPS_TABLE, SYSTEM_TABLE
 from meshorch.workloads import InstanceReport, app_key, appver_key, encode_spec, rollout_key
-from raft import Delete, Put
+from raft import Delete, Guard, Put
 
 NOW = 1_790_000_000.0
 ROOT = SigningKey(b"r" * 32)
@@ -86,13 +86,15 @@ def test_app_put_for_this_site_writes_the_spec_and_the_trust_with_cas() -> None:
     deltas, state = verified(chain([{"op": "app.put", "spec": spec_json()}]))
     plan = plan_apply(deltas, state, 17, "shop-1", empty)
     encoded = encode_spec(from_json(spec_json()))
-    assert plan.ops[:2] == [
+    # One guard on the trust record read covers every write: all or nothing.
+    assert plan.ops[0] == Guard(SYSTEM_TABLE, TRUST_KEY, 17, 3)
+    assert plan.ops[1:3] == [
         Put(APPS_TABLE, appver_key("web", "1"), encoded),
         Put(APPS_TABLE, app_key("web"), encoded),
     ]
     trust_put = plan.ops[-1]
     assert isinstance(trust_put, Put)
-    assert (trust_put.table, trust_put.key, trust_put.expect_index) == (SYSTEM_TABLE, TRUST_KEY, 17)
+    assert (trust_put.table, trust_put.key) == (SYSTEM_TABLE, TRUST_KEY)
     assert TrustState.from_json(orjson.loads(trust_put.value)) == state
     assert plan.applied == [1] and plan.for_site == [1] and not plan.op_errors
 
@@ -100,14 +102,17 @@ def test_app_put_for_this_site_writes_the_spec_and_the_trust_with_cas() -> None:
 def test_first_trust_write_expects_absent_record_index() -> None:
     deltas, state = verified(chain([]))
     plan = plan_apply(deltas, state, 0, "shop-1", empty)
-    assert plan.ops == [Put(SYSTEM_TABLE, TRUST_KEY, orjson.dumps(state.to_json()), 0)]
+    assert plan.ops == [
+        Guard(SYSTEM_TABLE, TRUST_KEY, 0, 1),
+        Put(SYSTEM_TABLE, TRUST_KEY, orjson.dumps(state.to_json())),
+    ]
 
 
 def test_ops_of_a_delta_for_other_sites_are_ignored_but_the_version_advances() -> None:
     raws = chain([{"op": "app.put", "spec": spec_json()}], target=Target(sites=frozenset({"x"})))
     deltas, state = verified(raws)
     plan = plan_apply(deltas, state, 5, "shop-1", empty)
-    assert len(plan.ops) == 1 and plan.applied == [1] and plan.for_site == []
+    assert len(plan.ops) == 2 and plan.applied == [1] and plan.for_site == []
 
 
 def test_delete_and_the_overlay_of_earlier_deltas_in_the_batch() -> None:
@@ -139,7 +144,7 @@ def test_unknown_and_invalid_ops_are_skipped_and_recorded() -> None:
     plan = plan_apply(deltas, state, 5, "shop-1", empty)
     assert [e.index for e in plan.op_errors] == [0, 1, 2, 3]
     assert "unknown operation" in plan.op_errors[0].message
-    assert len(plan.ops) == 3  # the good app.put and the trust
+    assert len(plan.ops) == 4  # the guard, the good app.put and the trust
     entry = plan.op_errors[0].rejection(NOW)
     assert entry["reason"] == "bad_op" and entry["version"] == 1
 
@@ -162,7 +167,7 @@ def test_rotation_changes_trust_only_through_the_state() -> None:
     deltas, state = verified([envelope])
     assert state.trusted_keys == {key_id(new)}
     plan = plan_apply(deltas, state, 3, "shop-1", empty)
-    assert len(plan.ops) == 1 and not plan.op_errors
+    assert len(plan.ops) == 2 and not plan.op_errors
 
 
 # -- link configuration ----------------------------------------------------------------

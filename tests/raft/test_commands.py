@@ -7,6 +7,7 @@ from raft.commands import (
     Barrier,
     Batch,
     Delete,
+    Guard,
     Put,
     decode_batch,
     encode_batch,
@@ -24,6 +25,7 @@ def sample_batch() -> Batch:
             Put("sys", b"member/h1", b"{}", expect_index=42),
             Delete("kv", b"gone"),
             Barrier(),
+            Guard("sys", b"fleet/trust", 17, 2),
         )
     )
 

@@ -1,4 +1,4 @@
-from raft.commands import Barrier, Batch, Delete, Put, encode_batch
+from raft.commands import Barrier, Batch, Delete, Guard, Put, encode_batch
 from raft.state_machine import Applied, Record, Write, apply_command
 
 TABLES = ("kv", "sys")
@@ -83,3 +83,42 @@ def test_same_log_gives_same_state() -> None:
                     state[(w.table, w.key)] = w.record
         states.append(state)
     assert states[0] == states[1] and ("kv", b"k3") not in states[0]
+
+
+def test_guard_applies_its_operations_when_the_index_matches() -> None:
+    state = {("sys", b"trust"): Record(4, b"t4")}
+    applied = run(
+        state,
+        11,
+        Guard("sys", b"trust", 4, 2),
+        Put("kv", b"app", b"a"),
+        Put("sys", b"trust", b"t11"),
+    )
+    assert [r.ok for r in applied.results] == [True, True, True]
+    assert state[("kv", b"app")] == Record(11, b"a")
+    assert state[("sys", b"trust")] == Record(11, b"t11")
+
+
+def test_failed_guard_skips_exactly_its_operations() -> None:
+    state = {("sys", b"trust"): Record(7, b"t7")}
+    applied = run(
+        state,
+        12,
+        Guard("sys", b"trust", 4, 2),
+        Put("kv", b"app", b"a"),
+        Delete("sys", b"trust"),
+        Put("kv", b"other", b"o"),  # another proposal of the same entry
+    )
+    assert [r.error for r in applied.results] == ["conflict", "guarded", "guarded", None]
+    assert applied.results[0].current_index == 7
+    assert state == {("sys", b"trust"): Record(7, b"t7"), ("kv", b"other"): Record(12, b"o")}
+
+
+def test_guard_expecting_absence_and_on_unknown_table() -> None:
+    state: dict[tuple[str, bytes], Record] = {}
+    applied = run(
+        state, 3, Guard("sys", b"x", 0, 1), Put("kv", b"a", b"1"),
+        Guard("nope", b"x", 0, 1), Put("kv", b"b", b"2"),
+    )  # fmt: skip
+    assert [r.error for r in applied.results] == [None, None, "unknown_table", "guarded"]
+    assert list(state) == [("kv", b"a")]
