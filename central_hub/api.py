@@ -100,7 +100,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     try:
         return await handler(request)
     except ApiError as exc:
-        return error_response(exc.status, exc.code, exc.message)
+        response = error_response(exc.status, exc.code, exc.message)
+        if exc.status == 413:
+            response.force_close()  # do not linger reading the rest of a huge body
+        return response
     except (InputProblems, SpecError) as exc:
         return error_response(400, exc.code, str(exc), exc.problems)
     except RemoteInputError as exc:
