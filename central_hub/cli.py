@@ -20,24 +20,24 @@ logger = logging.getLogger(__name__)
 EPILOG = """\
 examples:
   first start: creates the data dir, the fleet root key and an admin token
-    python -m central_hub --data-dir /var/lib/meshorch-hub --listen 0.0.0.0:7800 --fleet acme
+    meshorch hub --data-dir /var/lib/meshorch-hub --listen 0.0.0.0:7900 --fleet acme
   then, with the printed admin token:
     TOKEN=$(cat /var/lib/meshorch-hub/admin.token)
     curl -H "Authorization: Bearer $TOKEN" -d '{"id": "shop-1", "labels": {"region": "eu"}}' \\
-      http://HUB:7800/v1/sites
+      http://HUB:7900/v1/sites
     curl -H "Authorization: Bearer $TOKEN" \\
       -d '{"spec": "...app spec YAML...", "placement": {"match": {"region": "eu"}}}' \\
-      http://HUB:7800/v1/apps
-  the API is described at http://HUB:7800/v1/openapi.json
+      http://HUB:7900/v1/apps
+  the API is described at http://HUB:7900/v1/openapi.json
 
 Sites are told the fleet name and the root public key printed at start, out of band
 (agent flags --hub URL --fleet NAME --fleet-key HEX); see docs/fleet-link.md.
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m central_hub") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m central_hub",
+        prog=prog,
         description="Run the meshorch central hub: operators declare applications and "
         "placement over HTTP; the hub issues signed deltas that sites fetch over their own "
         "outbound link. The hub never connects to sites.",
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--listen",
-        default="127.0.0.1:7800",
+        default="127.0.0.1:7900",
         metavar="HOST:PORT",
         help="HTTP address (default %(default)s; port 0 picks a free port)",
     )
@@ -132,8 +132,8 @@ async def serve(config: HubConfig) -> None:
         logger.info("stopping")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = "python -m central_hub") -> int:
+    args = build_parser(prog).parse_args(argv)
     configure_logging(args.log_level)
     try:
         config = config_from_args(args)

@@ -60,7 +60,7 @@ class HubConfig:
 
     data_dir: Path
     host: str = "127.0.0.1"
-    port: int = 7800
+    port: int = 7900
     fleet: str | None = None
     delta_ttl_s: float = 7 * DAY_S
     heartbeat_s: float | None = None

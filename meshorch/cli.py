@@ -21,6 +21,7 @@ import uvloop
 from meshorch import __version__
 from meshorch.agent_config import PASSWORD_ENV, AgentConfig, resolve_password
 from meshorch.errors import ConfigurationError, MeshorchError
+from meshorch.fleet_cli import add_fleet_commands
 from meshorch.mesh import (
     DEFAULT_OVERLAY_NETWORK,
     DEFAULT_RAFT_PORT,
@@ -212,11 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="start a 3-host site on loopback and show it working",
-        description="Start a site of agents on loopback (no root, no setup), write and read "
-        "a key through Raft, show the status, and stay up until Ctrl-C.",
+        help="start a hub and two sites on loopback, deploy an app, show where it runs",
+        description="Start a central hub and two sites of agents on loopback (no root, no "
+        "setup), register the sites, deploy a sample application through the hub with a "
+        "placement policy, show each site's progress and where the instances run, and stay "
+        "up until Ctrl-C.",
     )
-    demo.add_argument("--hosts", type=int, default=3, help="number of hosts (default 3)")
+    demo.add_argument("--hosts", type=int, default=2, help="hosts per site (default 2)")
     demo.add_argument(
         "--exit-after",
         type=float,
@@ -224,6 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="stop by itself after this many seconds once up (default: wait for Ctrl-C)",
     )
+
+    commands.add_parser(
+        "hub",
+        help="run the central hub (options: `meshorch hub --help`)",
+        add_help=False,
+    )
+    add_fleet_commands(commands)
 
     try:
         from meshorch.lab.cli import add_lab_commands
@@ -485,6 +495,12 @@ def run_host_revoke(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["hub"]:
+        # The hub sits above this package; it is imported only to run it.
+        from central_hub.cli import main as hub_main
+
+        return hub_main(argv[1:], prog="meshorch hub")
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging(args.log_level)

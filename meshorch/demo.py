@@ -1,64 +1,101 @@
-"""``meshorch demo``: a site of real agents on loopback, shown working."""
+"""``meshorch demo``: a hub and two sites of real agents on loopback, shown working.
+
+Nothing is simulated: the hub signs deltas, each site's Raft leader fetches them over its
+own outbound link, verifies them against the fleet root key, and runs the application.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import shutil
 import signal
 import sys
+import tempfile
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 
-from meshorch.localsite import LocalSite, wait_ready
+from meshorch.localsite import LocalHub, LocalSite, wait_ready
 
 
 def say(message: str) -> None:
     print(message, flush=True)
 
 
-async def _show(site: LocalSite, exit_after_s: float | None) -> None:
+SITES = {"shop-eu": {"region": "eu", "tier": "store"}, "shop-us": {"region": "us", "tier": "store"}}
+PLACEMENT = {"match": {"tier": "store"}, "max_parallel": 1}
+
+
+async def _hub_call(
+    session: aiohttp.ClientSession, hub: LocalHub, method: str, path: str, body: object = None
+) -> Any:
+    headers = {"Authorization": f"Bearer {hub.admin_token}"}
+    async with session.request(method, hub.url + path, json=body, headers=headers) as r:
+        answer = await r.json(content_type=None)
+        if r.status >= 300:
+            raise TimeoutError(f"the hub refused {method} {path}: {answer}")
+        return answer
+
+
+async def _show(root: Path, hosts: int, exit_after_s: float | None, parts: _Parts) -> None:
     async with aiohttp.ClientSession() as session:
-        say(f"[1/5] starting {site.hosts} agents on 127.0.0.1 (data under {site.root})")
+        hub = parts.hub = LocalHub(root / "hub", fleet="demo")
+        say(f"[1/6] starting the hub on {hub.url} (fleet 'demo', data under {root})")
+        hub.start()
+        root_key = await hub.wait_ready(session)
+        say(f"      fleet root key {root_key}")
+
+        say(f"[2/6] registering {len(SITES)} sites at the hub")
+        tokens = {}
+        for site_id, labels in SITES.items():
+            site = await _hub_call(session, hub, "POST", "/v1/sites",
+                                   {"id": site_id, "labels": labels})  # fmt: skip
+            tokens[site_id] = site["enroll_token"]
+            say(f"      {site_id:8} " + ", ".join(f"{k}={v}" for k, v in labels.items()))
+
+        say(f"[3/6] starting {len(SITES)} sites of {hosts} agents on 127.0.0.1, each linked "
+            "to the hub by its own outbound connection")  # fmt: skip
         started = time.monotonic()
-        statuses = await wait_ready(session, site.members, timeout_s=60)
-        leader = next(iter(statuses.values()))["leader"]
-        say(f"[2/5] Raft cluster formed in {time.monotonic() - started:.1f}s, leader {leader}")
+        for site_id in SITES:
+            local = LocalSite(hosts=hosts, site=site_id, root=root / site_id)
+            local.extra_args = ["--hub", hub.url, "--fleet", "demo", "--fleet-key", root_key,
+                                "--enroll-token", tokens[site_id]]  # fmt: skip
+            parts.sites.append(local)
+            local.start()
+        for local in parts.sites:
+            statuses = await wait_ready(session, local.members, timeout_s=60)
+            leader = next(iter(statuses.values()))["leader"]
+            say(f"      {local.site}: Raft cluster of {hosts} formed, leader {leader} "
+                f"({time.monotonic() - started:.1f}s)")  # fmt: skip
 
-        first, last = site.members[0], site.members[-1]
-        value = f"hello from {first.host_id} at {time.strftime('%H:%M:%S')}"
-        async with session.put(f"{first.url}/v1/kv/demo/greeting", data=value.encode()) as r:
-            body = await r.json()
-            say(f"[3/5] PUT demo/greeting on {first.host_id}: committed at index {body['index']}")
-        async with session.get(f"{last.url}/v1/kv/demo/greeting?consistency=linearizable") as r:
-            say(f"      GET on {last.host_id} (linearizable): {(await r.text())!r}")
+        say(f"[4/6] deploying 'hello' to placement {orjson.dumps(PLACEMENT).decode()}")
+        deployment = await _hub_call(session, hub, "POST", "/v1/apps",
+                                     {"spec": DEMO_APP, "placement": PLACEMENT})  # fmt: skip
+        say(f"      deployment {deployment['id']}, waves {deployment['waves']}")
+        deployment = await _follow(session, hub, deployment["id"], timeout_s=120)
 
-        say("[4/5] deploying an application (2 replicas on distinct hosts + 1 worker)")
-        async with session.post(f"{first.url}/v1/apps", data=DEMO_APP.encode()) as r:
-            if r.status != 200:
-                raise TimeoutError(f"the demo app was refused: {await r.text()}")
-        view = await _wait_app_ready(session, last.url, timeout_s=60)
-        for instance in view["instances"]:
-            say(
-                f"      {instance['instance_id']:22} on {instance['host']:4} "
-                f"{instance['state']:8} ready={instance['ready']}"
-            )
-        say("[5/5] status of every host:")
-        say(f"      {'host':6} {'api':17} {'leader':7} {'term':>5} {'commit':>7} ready")
-        for host in site.members:
-            async with session.get(f"{host.url}/v1/status") as r:
-                s = await r.json()
-            say(
-                f"      {s['host_id']:6} {host.api:17} {s['leader']!s:7} {s['term']:>5} "
-                f"{s['commit_index']:>7} {s['ready']}"
-            )
+        say("[5/6] where it runs (GET /v1/sites/{id} on the hub):")
+        for site_id in SITES:
+            view = await _wait_site_instances(session, hub, site_id, timeout_s=30)
+            for host in view["hosts"]:
+                for instance in host["instances"]:
+                    state = "ready" if instance["ready"] else "not ready"
+                    say(f"      {site_id:8} {instance['instance_id']:22} on {host['host_id']:3} "
+                        f"{instance['state']:8} {state}")  # fmt: skip
+        say("[6/6] the fleet view (GET /v1/sites):")
+        for site in (await _hub_call(session, hub, "GET", "/v1/sites"))["sites"]:
+            say(f"      {site['id']:8} {site['health']:9} applied delta {site['applied_version']}")
         say("")
-        say("Try it:  curl -X PUT --data-binary hi " + first.url + "/v1/kv/greeting")
-        say("         curl " + last.url + "/v1/kv/greeting")
-        say("         curl " + first.url + "/v1/status")
-        say(f"         meshorch app show hello --agent {first.api}")
+        token_file = hub.data_dir / "admin.token"
+        say(f"Try it:  export MESHORCH_HUB={hub.url} MESHORCH_TOKEN=$(cat {token_file})")
+        say("         meshorch sites;  meshorch sites shop-eu;  meshorch apps hello")
+        say(f"         curl {hub.url}/v1/openapi.json")
         if exit_after_s is None:
-            say("The site stays up until Ctrl-C.")
+            say("The hub and the sites stay up until Ctrl-C.")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -66,6 +103,40 @@ async def _show(site: LocalSite, exit_after_s: float | None) -> None:
         if exit_after_s is not None:
             loop.call_later(exit_after_s, stop.set)
         await stop.wait()
+
+
+async def _follow(
+    session: aiohttp.ClientSession, hub: LocalHub, deployment_id: str, timeout_s: float
+) -> dict[str, Any]:
+    shown: dict[str, str] = {}
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        deployment = await _hub_call(session, hub, "GET", f"/v1/deployments/{deployment_id}")
+        for site_id, progress in sorted(deployment["progress"].items()):
+            if shown.get(site_id) != progress["state"]:
+                shown[site_id] = progress["state"]
+                say(f"      {site_id:8} {progress['state']}")
+        if deployment["state"] == "succeeded":
+            say(f"      deployment {deployment['state']}")
+            return dict(deployment)
+        if deployment["state"] != "running":
+            raise TimeoutError(f"deployment {deployment['state']}: {deployment['reason']}")
+        await asyncio.sleep(0.2)
+    raise TimeoutError(f"the deployment did not finish within {timeout_s:g}s")
+
+
+async def _wait_site_instances(
+    session: aiohttp.ClientSession, hub: LocalHub, site_id: str, timeout_s: float
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        view = dict(await _hub_call(session, hub, "GET", f"/v1/sites/{site_id}"))
+        instances = [i for h in view["hosts"] for i in h["instances"]]
+        if (len(instances) == 3 and all(i["ready"] for i in instances)) or (
+            time.monotonic() > deadline
+        ):
+            return view
+        await asyncio.sleep(0.2)
 
 
 DEMO_APP = """
@@ -92,32 +163,35 @@ services:
 """
 
 
-async def _wait_app_ready(
-    session: aiohttp.ClientSession, url: str, timeout_s: float
-) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        async with session.get(f"{url}/v1/apps/hello?consistency=local") as r:
-            view = dict(await r.json()) if r.status == 200 else {}
-        instances = view.get("instances", [])
-        if len(instances) == 3 and all(i["ready"] for i in instances):
-            return view
-        await asyncio.sleep(0.2)
-    raise TimeoutError(f"the demo app was not ready within {timeout_s:g}s")
+@dataclass
+class _Parts:
+    hub: LocalHub | None = None
+    sites: list[LocalSite] = field(default_factory=list)
+
+    def logs(self) -> str:
+        hub = f"--- hub ---\n{self.hub.logs()}\n" if self.hub else ""
+        return hub + "\n".join(site.logs() for site in self.sites)
+
+    def cleanup(self) -> None:
+        for site in self.sites:
+            site.stop()
+        if self.hub is not None:
+            self.hub.stop()
 
 
-def run_demo(hosts: int = 3, exit_after_s: float | None = None) -> int:
+def run_demo(hosts: int = 2, exit_after_s: float | None = None) -> int:
     if hosts < 1:
         print("meshorch demo: --hosts must be at least 1", file=sys.stderr)
         return 2
-    site = LocalSite(hosts=hosts, site="demo")
+    root = Path(tempfile.mkdtemp(prefix="meshorch-demo-"))
+    parts = _Parts()
     try:
-        site.start()
-        asyncio.run(_show(site, exit_after_s))
-    except TimeoutError as exc:
-        print(f"meshorch demo: {exc}\n{site.logs()}", file=sys.stderr)
+        asyncio.run(_show(root, hosts, exit_after_s, parts))
+    except (TimeoutError, RuntimeError) as exc:
+        print(f"meshorch demo: {exc}\n{parts.logs()}", file=sys.stderr)
         return 1
     finally:
-        say("stopping the agents and removing their data")
-        site.cleanup()
+        say("stopping the hub and the agents, removing their data")
+        parts.cleanup()
+        shutil.rmtree(root, ignore_errors=True)
     return 0

@@ -66,6 +66,7 @@ class LocalSite:
     root: Path | None = None
     log_level: str = "info"
     runtime: str = "process"
+    extra_args: list[str] = field(default_factory=list)  # appended to every agent's command
     members: list[LocalHost] = field(default_factory=list)
     _own_root: bool = False
 
@@ -73,6 +74,7 @@ class LocalSite:
         if self.root is None:
             self.root = Path(tempfile.mkdtemp(prefix="meshorch-site-"))
             self._own_root = True
+        self.root.mkdir(parents=True, exist_ok=True)
         self.password_file = self.root / "cluster.password"
         self.password_file.write_text(secrets.token_urlsafe(32))
         self.password_file.chmod(0o600)
@@ -99,6 +101,7 @@ class LocalSite:
         ]  # fmt: skip
         for peer in host.peers:
             command += ["--peer", peer]
+        command += self.extra_args
         host.log_path = self.root / f"{host.host_id}.log"
         log = open(host.log_path, "ab")  # noqa: SIM115 - the child owns it
         host.process = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
@@ -192,3 +195,76 @@ async def wait_ready(
                 return {k: v for k, v in last.items() if v is not None}
         await asyncio.sleep(0.1)
     raise TimeoutError(f"site not ready within {timeout_s}s; last statuses: {last}")
+
+
+@dataclass
+class LocalHub:
+    """A ``meshorch hub`` subprocess on loopback, with its data under ``data_dir``."""
+
+    data_dir: Path
+    fleet: str = "demo"
+    port: int = 0
+    log_level: str = "info"
+    extra_args: list[str] = field(default_factory=list)
+    process: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.port == 0:
+            self.port = free_port()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin_token(self) -> str:
+        return (self.data_dir / "admin.token").read_text().strip()
+
+    def start(self) -> None:
+        command = [
+            sys.executable, "-m", "meshorch", "hub", "--data-dir", str(self.data_dir),
+            "--listen", f"127.0.0.1:{self.port}", "--fleet", self.fleet,
+            "--log-level", self.log_level, *self.extra_args,
+        ]  # fmt: skip
+        self.log_path = self.data_dir.parent / f"hub-{self.port}.log"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
+        self.process = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
+        log.close()
+
+    async def wait_ready(self, session: aiohttp.ClientSession, timeout_s: float = 30.0) -> str:
+        """Wait for the hub to answer; returns the fleet root public key."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"the hub exited: {self.logs()}")
+            try:
+                async with session.get(f"{self.url}/v1/fleet") as response:
+                    if response.status == 200:
+                        return str((await response.json())["root_key"])
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+        raise TimeoutError(f"the hub did not answer within {timeout_s:g}s: {self.logs()}")
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        process = self.process
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=timeout_s)
+
+    def logs(self) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-30:])

@@ -19,8 +19,13 @@ def run(
 def test_help_lists_the_commands() -> None:
     result = run("--help")
     assert result.returncode == 0
-    for command in ("agent", "demo"):
+    for command in ("agent", "demo", "hub", "deploy", "sites", "apps"):
         assert command in result.stdout
+    hub_help = run("hub", "--help")
+    assert hub_help.returncode == 0 and hub_help.stdout.startswith("usage: meshorch hub")
+    assert "--data-dir" in hub_help.stdout
+    deploy_help = run("deploy", "--help")
+    assert deploy_help.returncode == 0 and "placement:" in deploy_help.stdout
     agent_help = run("agent", "--help")
     assert agent_help.returncode == 0 and "--peer" in agent_help.stdout
     assert "examples:" in agent_help.stdout
@@ -60,17 +65,19 @@ def test_agent_refuses_a_data_dir_of_another_site(tmp_path: Path) -> None:
     assert "belongs to site='other'" in result.stderr
 
 
-def test_demo_runs_a_site_and_cleans_up() -> None:
-    result = run("demo", "--exit-after", "0.5", timeout=120)
+def test_demo_runs_a_hub_and_two_sites_and_cleans_up() -> None:
+    result = run("demo", "--exit-after", "0.5", timeout=180)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "Raft cluster formed" in result.stdout
-    assert re.search(r"GET on h3 \(linearizable\): 'hello from h1", result.stdout)
+    assert "fleet root key" in result.stdout
+    assert re.search(r"deployment dep-\d+, waves \[\['shop-eu'\], \['shop-us'\]\]", result.stdout)
+    assert "deployment succeeded" in result.stdout
     lines = result.stdout.splitlines()
-    ready_hosts = [line for line in lines if re.match(r"\s+h\d\s+127\.0\.0\.1:\d+ .*True$", line)]
-    assert len(ready_hosts) == 3
-    ready_instances = [
-        line for line in lines if re.match(r"\s+hello\.\S+ +on h\d .*ready=True", line)
-    ]
-    assert len(ready_instances) == 3
+    for site in ("shop-eu", "shop-us"):
+        running = [
+            line for line in lines
+            if re.match(rf"\s+{site}\s+hello\.\S+ +on h\d .*running\s+ready$", line)
+        ]  # fmt: skip
+        assert len(running) == 3, result.stdout
+        assert re.search(rf"\s+{site}\s+healthy\s+applied delta \d+", result.stdout)
     data_dir = re.search(r"data under (\S+)\)", result.stdout)
     assert data_dir is not None and not Path(data_dir.group(1)).exists()

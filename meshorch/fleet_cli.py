@@ -1,0 +1,239 @@
+"""Operator commands against the hub: ``meshorch deploy``, ``meshorch sites``, ``meshorch apps``.
+
+They talk HTTP to the hub's API (see ``GET /v1/openapi.json``); the hub address and the
+operator token come from flags or from ``MESHORCH_HUB`` / ``MESHORCH_TOKEN``, so a CI
+pipeline keeps the token in its secret store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import yaml
+
+from meshorch.errors import ConfigurationError
+
+HUB_ENV = "MESHORCH_HUB"
+TOKEN_ENV = "MESHORCH_TOKEN"
+EXIT_ROLLOUT_FAILED = 1
+EXIT_TIMEOUT = 4
+POLL_S = 0.5
+
+
+class HubError(ConfigurationError):
+    """The hub refused a request or could not be reached."""
+
+
+def add_fleet_commands(commands: Any) -> None:
+    deploy = commands.add_parser(
+        "deploy",
+        help="deploy an application to the fleet through the hub",
+        description="Send an application spec with its placement to the hub. The hub rolls "
+        "it out across the matching sites in waves, each gated on the sites reporting the "
+        "new version healthy. With --wait, show per-site progress and exit non-zero if the "
+        "rollout fails (1) or times out (4).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="The spec file is an application spec (docs/app-spec.md) with an optional\n"
+        "top-level `placement:` section:\n\n"
+        "  placement:\n"
+        "    match: {region: eu}            # every label must equal\n"
+        "    expressions:\n"
+        "      - {key: tier, op: in, values: [store, depot]}\n"
+        "      - {key: legacy, op: not exists}\n"
+        "    sites: [shop-1, shop-2]        # and/or an explicit list\n"
+        "    max_parallel: 5                # sites changed per wave\n\n"
+        "example (in CI):\n"
+        "  MESHORCH_TOKEN=$HUB_TOKEN meshorch deploy -f app.yaml --hub https://hub:7900 --wait",
+    )
+    deploy.add_argument("-f", "--file", type=Path, required=True, help="the spec (YAML/JSON)")
+    deploy.add_argument("--wait", action="store_true", help="follow the rollout to its end")
+    deploy.add_argument(
+        "--timeout", type=float, default=900.0, metavar="SECONDS",
+        help="with --wait: give up after this long (default %(default)s)",
+    )  # fmt: skip
+    _hub_flags(deploy)
+    deploy.set_defaults(handler=run_deploy)
+
+    sites = commands.add_parser(
+        "sites", help="the fleet's sites and their health (from the hub)",
+        description="List the sites known to the hub, or show one site's hosts and "
+        "application instances.",
+    )  # fmt: skip
+    sites.add_argument("site", nargs="?", help="a site id: show its hosts and instances")
+    _hub_flags(sites)
+    sites.set_defaults(handler=run_sites)
+
+    apps = commands.add_parser(
+        "apps", help="the fleet's applications and their rollouts (from the hub)",
+        description="List the applications the hub deploys, or show one with its status "
+        "on each site.",
+    )  # fmt: skip
+    apps.add_argument("name", nargs="?", help="an application: show it per site")
+    _hub_flags(apps)
+    apps.set_defaults(handler=run_apps)
+
+
+def _hub_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--hub", default=os.environ.get(HUB_ENV), metavar="URL",
+        help=f"the hub, e.g. http://hub:7900 (default ${HUB_ENV})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--token", default=os.environ.get(TOKEN_ENV),
+        help=f"operator token (default ${TOKEN_ENV})",
+    )  # fmt: skip
+
+
+# -- HTTP ---------------------------------------------------------------------------
+
+
+def hub_call(args: argparse.Namespace, method: str, path: str, body: object = None) -> Any:
+    """One request to the hub; raises HubError with the hub's own error message."""
+    import urllib.error
+    import urllib.request
+
+    if not args.hub:
+        raise ConfigurationError(f"give the hub with --hub URL or ${HUB_ENV}")
+    if not args.token:
+        raise ConfigurationError(f"give an operator token with --token or ${TOKEN_ENV}")
+    base = args.hub if "://" in args.hub else f"http://{args.hub}"
+    request = urllib.request.Request(
+        base.rstrip("/") + path,
+        data=None if body is None else orjson.dumps(body),
+        method=method,
+        headers={"Authorization": f"Bearer {args.token}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return orjson.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        try:
+            error = orjson.loads(raw)["error"]
+            message = f"{error['code']}: {error['message']}"
+            if error.get("problems"):
+                message += "".join(f"\n  - {p}" for p in error["problems"])
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            message = raw[:200].decode(errors="replace")
+        raise HubError(f"the hub refused ({exc.code}) {message}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise HubError(f"cannot reach the hub at {base}: {exc}") from None
+
+
+# -- deploy -------------------------------------------------------------------------
+
+
+def read_deploy_file(path: Path) -> dict[str, Any]:
+    """The spec and its placement, from one YAML or JSON file."""
+    try:
+        document = yaml.safe_load(path.read_bytes())
+    except OSError as exc:
+        raise ConfigurationError(f"{path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigurationError(f"{path}: not YAML or JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise ConfigurationError(f"{path}: an application spec is a mapping")
+    placement = document.pop("placement", None) or {}
+    return {"spec": document, "placement": placement}
+
+
+def run_deploy(args: argparse.Namespace) -> int:
+    deployment = hub_call(args, "POST", "/v1/apps", read_deploy_file(args.file))
+    waves = deployment["waves"]
+    print(
+        f"deployment {deployment['id']}: {deployment['app']} {deployment['version']} "
+        f"to {sum(len(w) for w in waves)} site(s) in {len(waves)} wave(s)"
+    )
+    if not args.wait:
+        print(f"follow it: meshorch apps {deployment['app']}")
+        return 0
+    return follow(args, deployment["id"], args.timeout)
+
+
+def follow(args: argparse.Namespace, deployment_id: str, timeout_s: float) -> int:
+    """Print each site's progress as it changes until the rollout ends."""
+    deadline = time.monotonic() + timeout_s
+    shown: dict[str, tuple[str, str]] = {}
+    while True:
+        deployment = hub_call(args, "GET", f"/v1/deployments/{deployment_id}")
+        for site, progress in sorted(deployment["progress"].items()):
+            fact = (progress["state"], progress.get("message", ""))
+            if shown.get(site) != fact:
+                shown[site] = fact
+                message = f" ({fact[1]})" if fact[1] else ""
+                print(f"  {site:24} {fact[0]}{message}", flush=True)
+        state = deployment["state"]
+        if state == "succeeded":
+            print(f"deployment {deployment_id} succeeded")
+            return 0
+        if state in ("failed", "superseded"):
+            print(f"deployment {deployment_id} {state}: {deployment['reason']}", file=sys.stderr)
+            return EXIT_ROLLOUT_FAILED
+        if time.monotonic() > deadline:
+            print(
+                f"deployment {deployment_id} still {state} after {timeout_s:.0f} s "
+                f"(wave {deployment['wave'] + 1} of {len(deployment['waves'])})",
+                file=sys.stderr,
+            )
+            return EXIT_TIMEOUT
+        time.sleep(POLL_S)
+
+
+# -- views --------------------------------------------------------------------------
+
+
+def _ago(then: float | None) -> str:
+    return "never" if then is None else f"{max(0.0, time.time() - then):.0f}s ago"
+
+
+def run_sites(args: argparse.Namespace) -> int:
+    if args.site:
+        site = hub_call(args, "GET", f"/v1/sites/{args.site}")
+        print(f"site {site['id']}: {site['health']}, applied delta {site['applied_version']}, "
+              f"last seen {_ago(site['last_seen'])}")  # fmt: skip
+        print("  labels: " + (", ".join(f"{k}={v}" for k, v in site["labels"].items()) or "-"))
+        for host in site["hosts"]:
+            print(f"  host {host['host_id']} {'alive' if host['alive'] else 'DOWN'}")
+            for i in host["instances"]:
+                ready = "ready" if i["ready"] else "not ready"
+                print(f"    {i['instance_id']:28} {i['app']} {i['version']} {i['state']} "
+                      f"{ready} restarts={i['restarts']}")  # fmt: skip
+        for rejection in site.get("rejections", []):
+            print(f"  rejected delta {rejection['version']}: {rejection['reason']}: "
+                  f"{rejection['message']}")  # fmt: skip
+        return 0
+    sites = hub_call(args, "GET", "/v1/sites")["sites"]
+    print(f"{'SITE':20} {'HEALTH':12} {'APPLIED':>8} {'LAST SEEN':>10}  LABELS")
+    for site in sites:
+        labels = ",".join(f"{k}={v}" for k, v in site["labels"].items())
+        applied = "-" if site["applied_version"] is None else site["applied_version"]
+        print(f"{site['id']:20} {site['health']:12} {applied:>8} "
+              f"{_ago(site['last_seen']):>10}  {labels}")  # fmt: skip
+    return 0
+
+
+def run_apps(args: argparse.Namespace) -> int:
+    if args.name:
+        app = hub_call(args, "GET", f"/v1/apps/{args.name}")
+        deployment = app["deployment"]
+        rollout = "-" if deployment is None else f"{deployment['state']} {deployment['reason']}"
+        print(f"{app['name']} {app['version']} (tenant {app['tenant']}): rollout {rollout}")
+        for site, status in sorted(app["sites"].items()):
+            if status is None:
+                print(f"  {site:24} no report yet")
+            else:
+                message = f" ({status['message']})" if status["message"] else ""
+                print(f"  {site:24} {status['version']} {status['state']}{message}")
+        return 0
+    apps = hub_call(args, "GET", "/v1/apps")["apps"]
+    print(f"{'APP':20} {'VERSION':10} {'ROLLOUT':12} SITES")
+    for app in apps:
+        rollout = "-" if app["deployment"] is None else app["deployment"]["state"]
+        print(f"{app['name']:20} {app['version']:10} {rollout:12} {','.join(app['sites'])}")
+    return 0
