@@ -117,7 +117,7 @@ def hub_call(args: argparse.Namespace, method: str, path: str, body: object = No
         try:
             error = orjson.loads(raw)["error"]
             message = f"{error['code']}: {error['message']}"
-            if error.get("problems"):
+            if error.get("problems") and error["problems"][0] not in message:
                 message += "".join(f"\n  - {p}" for p in error["problems"])
         except (orjson.JSONDecodeError, KeyError, TypeError):
             message = raw[:200].decode(errors="replace")
