@@ -157,6 +157,23 @@ def parse_report(data: object, site_id: str) -> dict[str, Any]:
     return normalised
 
 
+REORDER_WINDOW_S = 5.0
+
+
+def is_stale_report(
+    report: Mapping[str, Any], previous: Mapping[str, Any], previous_received_at: float, now: float
+) -> bool:
+    """A report overtaken in flight by a newer one (two requests racing, or two leaders of
+    the site overlapping for a moment): lower applied version, or same and older by the
+    site's clock. Only within a short window, so a site whose state or clock went back is
+    not ignored for long."""
+    if now - previous_received_at > REORDER_WINDOW_S:
+        return False
+    mine = (report["applied_version"], report["time"])
+    theirs = (previous["applied_version"], previous["time"])
+    return bool(mine < theirs)
+
+
 def app_status(report: Mapping[str, Any] | None, app: str) -> AppStatus | None:
     """What a (normalised) report says about one application."""
     if report is None:

@@ -457,6 +457,10 @@ class Hub:
 
     async def record_report(self, site_id: str, report: dict[str, Any]) -> int:
         now = self.now()
+        previous = self._reports.get(site_id)
+        if previous is not None and fleetview.is_stale_report(report, *previous, now):
+            logger.info("site %s: a report overtaken by a newer one, ignored", site_id)
+            return self.head.version
         self._reports[site_id] = (report, now)
         self._wake.set()
 

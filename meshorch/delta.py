@@ -41,6 +41,7 @@ Operations are not interpreted here: the site's applier decides what an ``app.pu
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -203,8 +204,11 @@ def _verify_key(hex_key: str) -> VerifyKey:
     return VerifyKey(bytes.fromhex(hex_key))
 
 
+_HEX = re.compile("[0-9a-f]*")
+
+
 def _is_hex(text: str) -> bool:
-    return all(c in "0123456789abcdef" for c in text)
+    return _HEX.fullmatch(text) is not None
 
 
 # -- signing (the hub) ----------------------------------------------------------------

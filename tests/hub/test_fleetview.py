@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from central_hub import fleetview
 from central_hub.fleetview import ReportError, parse_report, site_detail, site_health
 
 
@@ -57,3 +58,13 @@ def test_reports_keep_known_fields_and_list_every_problem() -> None:
         parse_report({**report(), "site": "shop-2"}, "shop-1")
     with pytest.raises(ReportError):
         parse_report("garbage", "shop-1")
+
+
+def test_a_report_overtaken_in_flight_is_stale_only_for_a_moment() -> None:
+    newer = {"applied_version": 5, "time": 100.0}
+    assert fleetview.is_stale_report({"applied_version": 4, "time": 101.0}, newer, 50.0, 51.0)
+    assert fleetview.is_stale_report({"applied_version": 5, "time": 99.0}, newer, 50.0, 51.0)
+    assert not fleetview.is_stale_report({"applied_version": 5, "time": 100.5}, newer, 50.0, 51.0)
+    assert not fleetview.is_stale_report({"applied_version": 6, "time": 1.0}, newer, 50.0, 51.0)
+    # A site rebuilt from scratch (version 0) is heard again after the window.
+    assert not fleetview.is_stale_report({"applied_version": 0, "time": 9.0}, newer, 50.0, 60.0)
