@@ -96,6 +96,7 @@ class Simulator:
         self.bytes_sent: list[int] = []
         self.packets_sent = 0
         self.packets_delivered = 0
+        self.nat_dropped = 0  # datagrams a NAT refused (no recent outgoing datagram)
         self._watches: dict[str, list[_Watch]] = {}
         self.crashed_at: dict[str, float] = {}
         self.dead_seen: dict[str, dict[int, float]] = {}  # crashed member -> observer -> time
@@ -250,6 +251,7 @@ class Simulator:
                 if nat is not None:
                     opened = nat.get(src)
                     if opened is None or at - opened > self.nat_mapping_timeout_s:
+                        self.nat_dropped += 1
                         continue
                 self.packets_delivered += 1
                 node.receive(at, self._ids[src], data)
