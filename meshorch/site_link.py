@@ -5,8 +5,11 @@ the replicated state. It then keeps one long-poll open (``GET /v1/link/deltas``)
 verifies what comes back against the trust state in Raft (``meshorch.delta``), commits
 the deltas (``meshorch.fleet_apply``) and reports the site every few seconds and right
 after applying. When the hub is unreachable it retries with capped, jittered backoff; the
-site keeps running what it applied last. Losing leadership or stopping the agent ends the
-session and its tasks.
+site keeps running what it applied last. A report's answer carries the hub's head: when it
+is past the applied version while a long-poll is still open, that poll's answer was lost
+(a connection that died silently, e.g. through a cut uplink and its NAT), so the poll is
+abandoned and sent again rather than left hanging until its timeout. Losing leadership
+or stopping the agent ends the session and its tasks.
 
 Deltas relayed to the agent API (``POST /v1/fleet/deltas``) go through ``commit`` too, on
 any host: the trust record's compare-and-set keeps two committers from applying twice.
@@ -81,6 +84,9 @@ REPORT_INTERVAL_S = 3.0
 BACKOFF_MIN_S = 0.25
 BACKOFF_MAX_S = 5.0  # a healed link is used again within this (plus a fetch)
 REJECTED_RETRY_S = 5.0  # after the hub served only deltas this site refuses
+# A long-poll open this long while the hub's head is past the applied version has lost
+# its answer: the hub answers a site that is behind at once.
+STALE_POLL_S = 1.0
 THREAD_VERIFY_AT = 8  # batches of more deltas are verified in a worker thread
 
 
@@ -142,6 +148,8 @@ class SiteLink:
         self.last_error: str | None = None
         self._lock = asyncio.Lock()
         self._report_now = asyncio.Event()
+        self._poll_stale = asyncio.Event()
+        self._poll_since: float | None = None  # monotonic start of the open long-poll
         self._flags_done = False
         self._enroll_refused: str | None = None  # the token the hub refused
 
@@ -325,7 +333,11 @@ class SiteLink:
                 await asyncio.sleep(IDLE_S)
                 continue
             try:
-                head, raws = await client.fetch(trust.version, self.wait_s)
+                fetched = await self._poll(client, trust.version)
+                if fetched is None:
+                    logger.info("fleet link: the hub is past version %d; poll again", trust.version)
+                    continue
+                head, raws = fetched
             except HubUnreachable as exc:
                 self._lost(exc)
                 await asyncio.sleep(backoff.next_s())
@@ -353,6 +365,33 @@ class SiteLink:
             elif outcome.rejected is not None:
                 await asyncio.sleep(REJECTED_RETRY_S)
 
+    async def _poll(self, client: LinkClient, after: int) -> tuple[int, list[bytes]] | None:
+        """One long-poll for the deltas after ``after``; None when the report loop found
+        the hub past ``after`` while the poll stayed open (its answer is lost)."""
+        self._poll_stale.clear()
+        self._poll_since = time.monotonic()
+        fetch = asyncio.ensure_future(client.fetch(after, self.wait_s))
+        stale = asyncio.ensure_future(self._poll_stale.wait())
+        try:
+            await asyncio.wait((fetch, stale), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._poll_since = None
+            stale.cancel()
+            if not fetch.done():
+                fetch.cancel()
+            await asyncio.gather(fetch, stale, return_exceptions=True)
+        if fetch.cancelled():
+            return None
+        return fetch.result()
+
+    def _check_poll(self, hub_head: int) -> None:
+        """After a report: abandon an open long-poll that should have been answered."""
+        since, trust = self._poll_since, self.trust_state()
+        if since is None or trust is None or hub_head <= trust.version:
+            return
+        if time.monotonic() - since >= STALE_POLL_S:
+            self._poll_stale.set()
+
     async def _report_loop(self, client: LinkClient) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
@@ -370,6 +409,7 @@ class SiteLink:
                 logger.warning("fleet link: report: %s", exc)
                 continue
             self._contact()
+            self._check_poll(self.hub_head)
 
     def _contact(self) -> None:
         if not self.connected:
