@@ -4,6 +4,9 @@ The first host of each site bootstraps it; every other host gets a join token
 from a running host (``meshorch token create`` inside that host's namespace)
 and joins by mDNS discovery. Each host keeps its data under the lab's state
 dir, so ``lab restart`` resumes it.
+
+``start_hub`` runs the central hub in the hub's namespace, on its WAN address; agents
+given ``FleetFlags`` link their site to it through the site's NAT router.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +28,22 @@ from meshorch.lab.plan import HostPlan, LabPlan
 log = logging.getLogger(__name__)
 
 API_PORT = 7700
+HUB_PORT = 7900
+HUB_NODE = "hub"
 AGENTS_MARKER = "agents"
 READY_TIMEOUT_S = 60.0
 
-# Runs inside a host's namespace: the site LANs are not reachable from outside.
+# Runs inside a node's namespace: the site LANs are not reachable from outside.
+# Arguments: METHOD URL [BODY [TOKEN_FILE]] (an empty BODY sends none).
 _HTTP_SCRIPT = """
 import sys, urllib.request, urllib.error
 method, url = sys.argv[1], sys.argv[2]
-data = sys.argv[3].encode() if len(sys.argv) > 3 else None
-req = urllib.request.Request(url, data=data, method=method)
+data = sys.argv[3].encode() if len(sys.argv) > 3 and sys.argv[3] else None
+headers = {"Content-Type": "application/json"}
+if len(sys.argv) > 4:
+    with open(sys.argv[4]) as f:
+        headers["Authorization"] = "Bearer " + f.read().strip()
+req = urllib.request.Request(url, data=data, method=method, headers=headers)
 try:
     with urllib.request.urlopen(req, timeout=10) as r:
         sys.stdout.write(r.read().decode())
@@ -42,16 +54,52 @@ except OSError as e:
 """
 
 
+@dataclass(frozen=True, slots=True)
+class FleetFlags:
+    """How the agents link their site to a hub: ``--hub --fleet --fleet-key`` and, per
+    site (``s1``), its ``--enroll-token``."""
+
+    hub: str
+    fleet: str
+    root_key: str
+    enroll_tokens: Mapping[str, str] = field(default_factory=dict)
+
+    def argv(self, site: str) -> list[str]:
+        argv = ["--hub", self.hub, "--fleet", self.fleet, "--fleet-key", self.root_key]
+        token = self.enroll_tokens.get(site)
+        if token is not None:
+            argv += ["--enroll-token", token]
+        return argv
+
+
+@dataclass(frozen=True, slots=True)
+class LabHub:
+    """The hub started by ``LabAgents.start_hub``."""
+
+    url: str
+    fleet: str
+    root_key: str
+    admin_token_file: Path
+
+
 def wg_interface_name(plan: LabPlan, host: HostPlan) -> str:
     # wireguard-go's control socket path is shared by all namespaces: names must differ.
     return f"w{plan.prefix}s{host.site}h{host.index}"
 
 
 class LabAgents:
-    """Start, join and query the agents of a lab built by ``Lab``."""
+    """Start, join and query the agents of a lab built by ``Lab``.
 
-    def __init__(self, lab: Lab) -> None:
+    ``runtime`` (``process``, ``podman``) is passed as the agents' ``--runtime``, and
+    ``fleet`` as their fleet link flags; both default to the agent's own defaults.
+    """
+
+    def __init__(
+        self, lab: Lab, *, runtime: str | None = None, fleet: FleetFlags | None = None
+    ) -> None:
         self.lab = lab
+        self.runtime = runtime
+        self.fleet = fleet
 
     @property
     def enabled(self) -> bool:
@@ -77,6 +125,10 @@ class LabAgents:
             argv.append("--bootstrap")
         if token is not None:
             argv += ["--join-token", token]
+        if self.runtime is not None:
+            argv += ["--runtime", self.runtime]
+        if self.fleet is not None:
+            argv += self.fleet.argv(f"s{host.site}")
         return argv
 
     def start_all(self) -> None:
@@ -110,23 +162,60 @@ class LabAgents:
         raise LabError(f"no running agent in site s{host.site} to sponsor {host.name}")
 
     def request(self, name: str, method: str, path: str, body: bytes | None = None) -> Any:
+        """Call ``name``'s agent API from inside its namespace: the decoded JSON answer
+        (also of an error status), or None when the agent does not answer."""
         host = self._host(name)
-        argv = [
-            sys.executable,
-            "-c",
-            _HTTP_SCRIPT,
-            method,
-            f"http://{host.lan_ip}:{API_PORT}{path}",
-        ]
-        if body is not None:
-            argv.append(body.decode())
-        result = self.lab.run(name, argv, timeout_s=30)
+        return self._http(name, method, f"http://{host.lan_ip}:{API_PORT}{path}", body)
+
+    def _http(
+        self, node: str, method: str, url: str, body: bytes | None, token_file: Path | None = None
+    ) -> Any:
+        argv = [sys.executable, "-c", _HTTP_SCRIPT, method, url]
+        if body is not None or token_file is not None:
+            argv.append("" if body is None else body.decode())
+        if token_file is not None:
+            argv.append(str(token_file))
+        result = self.lab.run(node, argv, timeout_s=30)
         if result.returncode == 3:
             return None
         try:
             return orjson.loads(result.stdout)
         except orjson.JSONDecodeError:
             return None
+
+    # -- the hub -------------------------------------------------------------------------
+
+    def start_hub(
+        self, fleet: str = "lab", *, extra_args: tuple[str, ...] = (), timeout_s: float = 30.0
+    ) -> LabHub:
+        """Run ``meshorch hub`` in the hub's namespace on its WAN address and wait until
+        it answers; its data and admin token live under the lab's state dir."""
+        plan = self.lab.plan
+        data_dir = self.lab.store.data_dir(HUB_NODE)
+        url = f"http://{plan.hub_ip}:{HUB_PORT}"
+        argv = [
+            sys.executable, "-m", "meshorch", "hub", "--data-dir", str(data_dir),
+            "--listen", f"{plan.hub_ip}:{HUB_PORT}", "--fleet", fleet, *extra_args,
+        ]  # fmt: skip
+        self.lab.start(HUB_NODE, argv)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            answer = self._http(HUB_NODE, "GET", f"{url}/v1/fleet", None)
+            if isinstance(answer, dict) and isinstance(answer.get("root_key"), str):
+                return LabHub(url, str(answer["fleet"]), answer["root_key"],
+                              data_dir / "admin.token")  # fmt: skip
+            time.sleep(0.2)
+        log_path = self.lab.store.log_path(HUB_NODE)
+        tail = log_path.read_text(errors="replace").splitlines()[-20:] if log_path.exists() else []
+        raise LabError(
+            f"the hub did not answer within {timeout_s:g}s; the end of {log_path}:\n"
+            + "\n".join(tail)
+        )
+
+    def hub_request(self, hub: LabHub, method: str, path: str, body: object = None) -> Any:
+        """Call the hub's API as its admin, from inside the hub's namespace."""
+        raw = None if body is None else orjson.dumps(body)
+        return self._http(HUB_NODE, method, hub.url + path, raw, hub.admin_token_file)
 
     def status(self, name: str) -> dict[str, Any] | None:
         status = self.request(name, "GET", "/v1/status")
