@@ -291,3 +291,37 @@ def test_runs_are_deterministic() -> None:
         return sim.packets_sent, sim.bytes_snapshot(), sorted(sim.dead_seen[ids[3]].items())
 
     assert run() == run()
+
+
+def test_suspicion_timeout_shrinks_with_independent_confirmations() -> None:
+    from gossip.core import _Suspicion
+
+    low, high = GossipConfig.lan().suspicion_timeouts(1000)
+    s = _Suspicion(3, 100.0, "a", 2, low, high)
+    assert s.deadline == pytest.approx(100.0 + high)
+    assert not s.confirm("a")  # the same origin again is not independent
+    assert s.confirm("b")
+    middle = s.deadline
+    assert 100.0 + low < middle < 100.0 + high
+    assert s.confirm("c")
+    assert s.deadline == pytest.approx(100.0 + low)
+    assert s.confirm("d") and s.deadline == pytest.approx(100.0 + low)  # never below the minimum
+    # Too few members to ever confirm: the minimum at once.
+    assert _Suspicion(0, 0.0, "a", 0, low, high).deadline == pytest.approx(low)
+
+
+def test_sync_starts_a_push_pull_only_when_states_differ() -> None:
+    from gossip.messages import Sync
+
+    a, b = make("a", "b", "c"), make("b", "a", "c")
+    a.tick(CONFIG.push_pull_interval_s + 1)  # its periodic anti-entropy is due
+    syncs = [(d, m) for d, m in sent_messages(a) if isinstance(m, Sync)]
+    assert syncs
+    _, sync = syncs[0]
+    send(b, "a", sync)
+    assert sent_messages(b) == []  # same members, same incarnations: nothing to exchange
+    send(b, "c", Suspect("c", 0, "x"))  # now b's view differs
+    b.outbox()
+    send(b, "a", sync)
+    pushed = [m for d, m in sent_messages(b) if d == "a"]
+    assert pushed and all(isinstance(m, PushPull) and not m.reply for m in pushed)
