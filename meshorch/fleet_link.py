@@ -141,9 +141,11 @@ class LinkClient:
         # The signature covers the body string, which re-encoding keeps.
         return head, [orjson.dumps(envelope) for envelope in deltas]
 
-    async def report(self, report: dict[str, Any]) -> int:
+    async def report(self, report: dict[str, Any], timeout_s: float | None = None) -> int:
         """Send a site report; returns the hub's head version."""
-        answer = await self._request("POST", "/v1/link/report", "", orjson.dumps(report))
+        answer = await self._request(
+            "POST", "/v1/link/report", "", orjson.dumps(report), timeout_s=timeout_s
+        )
         head = answer.get("head")
         if type(head) is not int:
             raise BadHubAnswer(f"report answer without an integer 'head': {answer!r}")

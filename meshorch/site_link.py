@@ -81,6 +81,10 @@ logger = logging.getLogger(__name__)
 IDLE_S = 0.5  # how often a follower (or an unconfigured leader) looks again
 WATCH_S = 0.25  # how soon a leader notices it is no longer one
 REPORT_INTERVAL_S = 3.0
+# A report is small: one that takes longer has met a dead connection (a cut uplink);
+# the next one is tried soon, as its answer (the hub's head) is what unblocks a lost poll.
+REPORT_TIMEOUT_S = 4.0
+REPORT_RETRY_S = 1.0
 BACKOFF_MIN_S = 0.25
 BACKOFF_MAX_S = 5.0  # a healed link is used again within this (plus a fetch)
 REJECTED_RETRY_S = 5.0  # after the hub served only deltas this site refuses
@@ -148,6 +152,7 @@ class SiteLink:
         self.last_error: str | None = None
         self._lock = asyncio.Lock()
         self._report_now = asyncio.Event()
+        self._enrolled = asyncio.Event()  # reports wait: the hub refuses an unknown site
         self._poll_stale = asyncio.Event()
         self._poll_since: float | None = None  # monotonic start of the open long-poll
         self._flags_done = False
@@ -326,6 +331,7 @@ class SiteLink:
 
     async def _fetch_loop(self, client: LinkClient, config: LinkConfig) -> None:
         await self._enroll(client, config)
+        self._enrolled.set()
         backoff = Backoff()
         while True:
             trust = self.trust_state()
@@ -393,17 +399,21 @@ class SiteLink:
             self._poll_stale.set()
 
     async def _report_loop(self, client: LinkClient) -> None:
+        await self._enrolled.wait()
+        interval_s = 0.0
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._report_now.wait(), REPORT_INTERVAL_S)
+                await asyncio.wait_for(self._report_now.wait(), interval_s)
             self._report_now.clear()
+            interval_s = REPORT_INTERVAL_S
             report = self.report()
             if report is None:
                 continue
             try:
-                self.hub_head = await client.report(report)
+                self.hub_head = await client.report(report, REPORT_TIMEOUT_S)
             except HubUnreachable as exc:
                 self._lost(exc)
+                interval_s = REPORT_RETRY_S
                 continue
             except RemoteLinkError as exc:
                 logger.warning("fleet link: report: %s", exc)
