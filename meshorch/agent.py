@@ -37,7 +37,7 @@ from meshorch.mesh import (
 )
 from meshorch.reconciler import HostReconciler
 from meshorch.runtime import Runtime
-from meshorch.site_link import SiteLink
+from meshorch.secret_service import SecretsSiteLink, SiteSecrets
 from meshorch.site_state import (
     APPS_TABLE,
     MEMBER_PREFIX,
@@ -83,7 +83,8 @@ class Agent:
         )
         self._runner: web.AppRunner | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        self.site_link = SiteLink(self)
+        self.secrets = SiteSecrets(self)
+        self.site_link = SecretsSiteLink(self)
 
     @property
     def raft(self) -> RaftNode:
@@ -149,6 +150,7 @@ class Agent:
             await web.TCPSite(self._runner, overlay_ip, config.api_port).start()
         self.spawn(self._register_self(), "register-self")
         self.spawn(self.images.run(), "image-sync")
+        self.spawn(self.secrets.run(), "secrets")
         self.runtime = make_runtime(self.workloads.runtime, config.data_dir)
         self.spawn(HostReconciler(self, self.runtime).run(), "reconcile")
         self.spawn(SiteController(self).run(), "controller")

@@ -31,6 +31,15 @@ import orjson
 import yaml
 
 from meshorch.errors import RemoteInputError
+from meshorch.secrets import (
+    DEFAULT_TENANT,
+    FILE_RULE,
+    SECRET_NAME_RULE,
+    TENANT_RULE,
+    is_secret_file,
+    is_secret_name,
+    is_tenant,
+)
 
 API_VERSION = "meshorch/v1"
 # The canonical JSON must fit in one replicated value (512 KiB) with room to spare.
@@ -156,6 +165,21 @@ class ConfigFile:
 
 
 @dataclass(frozen=True, slots=True)
+class SecretRef:
+    """A site secret delivered to the container: as a file under its secrets directory
+    (``/run/secrets/{file}`` with podman), and as an environment variable if ``env``."""
+
+    name: str
+    tenant: str = DEFAULT_TENANT
+    file: str = ""  # "": the name
+    env: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.file:
+            object.__setattr__(self, "file", self.name)
+
+
+@dataclass(frozen=True, slots=True)
 class Resources:
     """CPU in millicores, memory in bytes. No CPU limit means no CPU cap."""
 
@@ -175,6 +199,7 @@ class ContainerSpec:
     ports: tuple[PortSpec, ...] = ()
     files: tuple[ConfigFile, ...] = ()
     probes: Probes = Probes()
+    secrets: tuple[SecretRef, ...] = ()
 
     @property
     def image_is_pinned(self) -> bool:
@@ -682,7 +707,7 @@ def _service(ctx: _Ctx, value: object, path: str) -> ServiceSpec | None:
 
 
 def _container(ctx: _Ctx, value: object, path: str) -> ContainerSpec | None:
-    optional = ("command", "env", "ports", "files", "probes")
+    optional = ("command", "env", "ports", "files", "probes", "secrets")
     m = ctx.fields(value, path, ("name", "image", "resources"), optional)
     if m is None:
         return None
@@ -696,6 +721,9 @@ def _container(ctx: _Ctx, value: object, path: str) -> ContainerSpec | None:
     files = _list(ctx, m.get("files", ()), f"{path}.files", _file, _file_key)
     resources = _resources(ctx, m.get("resources"), f"{path}.resources")
     probes = _probes(ctx, m.get("probes", {}), f"{path}.probes")
+    secrets = _list(ctx, m.get("secrets", ()), f"{path}.secrets", _secret_ref, _secret_file_key)
+    if secrets and env is not None:
+        _secret_env_clashes(ctx, secrets, env, f"{path}.secrets")
     if (
         len(ctx.problems) > start
         or name is None
@@ -706,9 +734,10 @@ def _container(ctx: _Ctx, value: object, path: str) -> ContainerSpec | None:
         or ports is None
         or files is None
         or probes is None
+        or secrets is None
     ):
         return None
-    return ContainerSpec(name, image, resources, command, env, ports, files, probes)
+    return ContainerSpec(name, image, resources, command, env, ports, files, probes, secrets)
 
 
 def _port_key(port: PortSpec) -> str:
@@ -735,6 +764,48 @@ def _env(ctx: _Ctx, value: object, path: str) -> tuple[tuple[str, str], ...] | N
         if text is not None:
             pairs.append((key, text))
     return tuple(sorted(pairs)) if len(ctx.problems) == start else None
+
+
+def _secret_ref(ctx: _Ctx, value: object, path: str) -> SecretRef | None:
+    m = ctx.fields(value, path, ("name",), ("tenant", "file", "env"))
+    if m is None:
+        return None
+    start = len(ctx.problems)
+    name = _str(ctx, m.get("name"), f"{path}.name")
+    if name is not None and not is_secret_name(name):
+        ctx.bad(f"{path}.name", f"{name!r} is not a secret name: {SECRET_NAME_RULE}")
+    tenant = _str(ctx, m.get("tenant", DEFAULT_TENANT), f"{path}.tenant")
+    if tenant is not None and not is_tenant(tenant):
+        ctx.bad(f"{path}.tenant", f"{tenant!r} is not a tenant: {TENANT_RULE}")
+    file = _str(ctx, m.get("file", name), f"{path}.file")
+    if file is not None and not is_secret_file(file) and ("file" in m or is_secret_name(name)):
+        ctx.bad(f"{path}.file", f"{file!r} is not {FILE_RULE}")
+    env = _str(ctx, m.get("env"), f"{path}.env")
+    if env is not None and not _ENV_RE.fullmatch(env):
+        ctx.bad(f"{path}.env", f"{env!r} is not a variable name: A-Z, a-z, 0-9, '_'")
+    if len(ctx.problems) > start or name is None or tenant is None or file is None:
+        return None
+    return SecretRef(name, tenant, file, env)
+
+
+def _secret_file_key(ref: SecretRef) -> str:
+    return f"file {ref.file}"
+
+
+def _secret_env_clashes(
+    ctx: _Ctx, secrets: tuple[SecretRef, ...], env: tuple[tuple[str, str], ...], path: str
+) -> None:
+    names = {key for key, _ in env}
+    seen: dict[str, int] = {}
+    for i, ref in enumerate(secrets):
+        if ref.env is None:
+            continue
+        if ref.env in names:
+            ctx.bad(f"{path}[{i}].env", f"{ref.env} is also set in env")
+        elif ref.env in seen:
+            ctx.bad(f"{path}[{i}].env", f"{ref.env} is already set by {path}[{seen[ref.env]}]")
+        else:
+            seen[ref.env] = i
 
 
 def _port_spec(ctx: _Ctx, value: object, path: str) -> PortSpec | None:
@@ -957,7 +1028,7 @@ def _container_json(container: ContainerSpec) -> dict[str, object]:
         for kind in _PROBE_KINDS
         if (probe := getattr(container.probes, kind)) is not None
     }
-    return {
+    data: dict[str, object] = {
         "name": container.name,
         "image": container.image,
         "command": list(container.command),
@@ -969,6 +1040,16 @@ def _container_json(container: ContainerSpec) -> dict[str, object]:
         "resources": resources,
         "probes": probes,
     }
+    if container.secrets:  # left out when empty: the digest of older specs stays the same
+        data["secrets"] = [_secret_json(ref) for ref in container.secrets]
+    return data
+
+
+def _secret_json(ref: SecretRef) -> dict[str, object]:
+    data: dict[str, object] = {"name": ref.name, "tenant": ref.tenant, "file": ref.file}
+    if ref.env is not None:
+        data["env"] = ref.env
+    return data
 
 
 def _probe_json(probe: Probe) -> dict[str, object]:

@@ -7,6 +7,11 @@ Where the fleet link lives in the site's replicated state (``sys`` table)::
     fleet/trust         ``meshorch.delta.TrustState``: applied version, head, trusted keys
     fleet/rejections    the last ``MAX_REJECTIONS`` deltas refused (or operations skipped)
 
+Secrets operations (``secret.put``, ``secret.delete``, ``site.lockdown``, ``site.unlock``,
+``secrets.rotate``) write the ``secrets`` table: see ``meshorch.secrets.op_writes``. The
+applier cannot decrypt: a delivered secret is stored as sealed to the site's secrets key,
+and the leader's upkeep (``meshorch.secret_service``) moves it under a data key.
+
 ``plan_apply`` turns verified deltas into Raft operations: the application writes of the
 deltas that target this site and the new trust state, the latter written with a
 compare-and-set on the trust record read, so a stale leader cannot apply a delta twice or
@@ -22,6 +27,7 @@ from typing import Any
 
 import orjson
 
+from meshorch import secrets
 from meshorch.appspec import AppSpec, SpecError, from_json, spec_digest
 from meshorch.delta import Delta, TrustState, parse_key_id
 from meshorch.errors import RemoteInputError
@@ -273,7 +279,7 @@ def plan_apply(
         for index, op in enumerate(delta.ops):
             name = str(op.get("op"))
             try:
-                writes = _op_writes(op, current)
+                writes = _op_writes(op, current, site_id, delta.version)
             except RemoteInputError as exc:
                 plan.op_errors.append(OpError(delta.version, index, name, str(exc)))
                 continue
@@ -287,8 +293,10 @@ def plan_apply(
     return plan
 
 
-def _op_writes(op: Mapping[str, Any], read: Reader) -> list[Write]:
+def _op_writes(op: Mapping[str, Any], read: Reader, site_id: str, version: int) -> list[Write]:
     kind = op.get("op")
+    if kind in secrets.OPS:
+        return secrets.op_writes(op, site_id, version, read)
     if kind == "app.put":
         raw_spec = op.get("spec")
         if not isinstance(raw_spec, dict):
@@ -429,6 +437,7 @@ class SiteFacts:
     rollouts: Mapping[str, RolloutState]
     hosts: Sequence[HostInfo]  # alive as the leader sees them
     members: Collection[str] = ()  # host ids of the site's members
+    secrets_public_key: str | None = None  # hex X25519: the hub seals secrets to it
 
 
 def build_report(
@@ -461,7 +470,7 @@ def build_report(
         )
         for spec in facts.specs
     }
-    return {
+    report = {
         "v": REPORT_VERSION,
         "site": site_id,
         "time": now,
@@ -471,3 +480,6 @@ def build_report(
         "hosts": hosts,
         "apps": apps,
     }
+    if facts.secrets_public_key is not None:
+        report["secrets_public_key"] = facts.secrets_public_key
+    return report

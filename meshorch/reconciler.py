@@ -7,12 +7,19 @@ due health probes (a failing liveness probe restarts the container), stop what
 is no longer placed here, and report each instance's state into Raft when it
 changes. One instance of a service is one container per container of the
 service, named ``{instance_id}.{container}``.
+
+Secrets (docs/secrets.md): a container with ``secrets`` gets its secret files
+written to tmpfs just before it starts (and removed when it stops); when this host
+cannot deliver them (sealed, a secret missing) it is not started and its status
+says why. While the site is locked down nothing is started at all; what runs
+keeps running.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import time
@@ -45,6 +52,7 @@ from meshorch.runtime import (
     SpecFile,
 )
 from meshorch.scheduler import Placement
+from meshorch.secrets import SecretUnavailable
 from meshorch.site_state import APPS_TABLE
 from meshorch.workloads import (
     INST_PREFIX,
@@ -103,6 +111,7 @@ class HostReconciler:
         self._seen: dict[str, _Seen] = {}
         self._specs: dict[tuple[str, str], AppSpec] = {}
         self._retiring: dict[str, asyncio.Task[None]] = {}
+        self._swept = False  # secret files left by an earlier run removed
 
     async def run(self) -> None:
         timeout = aiohttp.ClientTimeout(total=None, sock_read=30)
@@ -150,6 +159,8 @@ class HostReconciler:
     ) -> InstanceSpec:
         limits = container.resources
         image = PROCESS_IMAGE if self.runtime.name == "process" else container.image
+        secrets = self.agent.secrets
+        with_secrets = bool(container.secrets)
         return InstanceSpec(
             instance_id=runtime_id,
             image=image,
@@ -160,6 +171,9 @@ class HostReconciler:
             cpu_limit=limits.cpu_limit_millis / 1000 if limits.cpu_limit_millis else None,
             memory_limit_bytes=limits.memory_limit_bytes,
             labels={"app": placement.app, "version": placement.version},
+            secrets_dir=str(secrets.instance_dir(runtime_id)) if with_secrets else None,
+            secret_env=dict.fromkeys((r.env for r in container.secrets if r.env), "(unset)"),
+            secrets_tag=secrets.versions_tag(container.secrets) if with_secrets else "",
         )
 
     # -- one tick -----------------------------------------------------------------------
@@ -169,6 +183,9 @@ class HostReconciler:
             return  # a host catching up must not act on placements that moved away
         wanted = self.desired()
         actual = {s.instance_id: s for s in await self.runtime.list()}
+        if not self._swept:
+            await asyncio.to_thread(self.agent.secrets.remove_stale, actual)
+            self._swept = True
         for runtime_id, status in actual.items():
             if runtime_id not in wanted and runtime_id not in self._retiring:
                 # In the background: a slow stop must not delay starting moved instances.
@@ -193,6 +210,7 @@ class HostReconciler:
             await self.runtime.stop(runtime_id, timeout_s=STOP_GRACE_S)
         with contextlib.suppress(RuntimeBackendError):
             await self.runtime.remove(runtime_id)
+        await asyncio.to_thread(self.agent.secrets.remove, runtime_id)
         self.probes.remove(runtime_id)
         self.probes.remove(runtime_id + STARTUP)
         self._books.pop(runtime_id, None)
@@ -220,6 +238,11 @@ class HostReconciler:
         book = self._book(runtime_id, item.service)
         if status is not None and status.spec_hash == item.spec.spec_hash and status.running:
             return False
+        try:  # nothing starts under lock-down, nor without the secrets it needs
+            self.agent.secrets.check_deliverable(item.container.secrets)
+        except SecretUnavailable as exc:
+            book.message = str(exc)
+            return False
         if status is not None and status.spec_hash == item.spec.spec_hash:
             # It exited: the restart policy and the backoff decide.
             policy = item.service.restart.policy
@@ -235,7 +258,15 @@ class HostReconciler:
             book.restarts += 1
         if not await self._ensure_image(item, book):
             return False
-        await self.runtime.start(item.spec)
+        spec = item.spec
+        if item.container.secrets:
+            try:
+                env = self.agent.secrets.materialise(runtime_id, item.container.secrets)
+            except SecretUnavailable as exc:
+                book.message = str(exc)
+                return False
+            spec = dataclasses.replace(spec, secret_env=env)
+        await self.runtime.start(spec)
         book.backoff.record_start(now)
         book.started_hash = item.spec.spec_hash
         book.gave_up = False

@@ -16,7 +16,8 @@ from meshorch.errors import RemoteInputError
 KV_TABLE = "kv"
 SYSTEM_TABLE = "sys"
 APPS_TABLE = "apps"  # applications, placements, instance status, images
-SITE_TABLES = (KV_TABLE, SYSTEM_TABLE, APPS_TABLE)
+SECRETS_TABLE = "secrets"  # keys (wrapped), secrets (encrypted), lock-down: meshorch.secrets
+SITE_TABLES = (KV_TABLE, SYSTEM_TABLE, APPS_TABLE, SECRETS_TABLE)
 MEMBER_PREFIX = b"member/"
 IPAM_PREFIX = b"ipam/"
 REVOKED_PREFIX = b"revoked/"

@@ -81,6 +81,13 @@ class InstanceSpec:
     ``cpu_limit`` in cores; ``memory_limit_bytes`` a hard limit. Construction
     validates and raises :class:`InvalidSpec`; plain tuples are accepted for
     ``ports`` and ``files`` and normalised to :class:`PortMapping`/:class:`SpecFile`.
+
+    Secrets (docs/secrets.md): ``secrets_dir`` is a host directory (on tmpfs) holding the
+    instance's secret files, mounted read-only at ``/run/secrets`` by podman and named by
+    ``$MESHORCH_SECRETS_DIR`` for a process; ``secret_env`` are environment variables
+    whose values are secret. Neither value enters :attr:`spec_hash` (only the variable
+    names and ``secrets_tag``, an opaque label of the secrets' versions), and a runtime
+    never writes ``secret_env`` below its state directory.
     """
 
     instance_id: str
@@ -92,6 +99,9 @@ class InstanceSpec:
     cpu_limit: float | None = None
     memory_limit_bytes: int | None = None
     labels: Mapping[str, str] = field(default_factory=dict, hash=False)
+    secrets_dir: str | None = None
+    secret_env: Mapping[str, str] = field(default_factory=dict, hash=False, repr=False)
+    secrets_tag: str = ""
 
     def __post_init__(self) -> None:
         # Frozen dataclass: normalise through object.__setattr__ so callers may
@@ -99,6 +109,7 @@ class InstanceSpec:
         object.__setattr__(self, "command", tuple(self.command))
         object.__setattr__(self, "env", _frozen_mapping(self.env))
         object.__setattr__(self, "labels", _frozen_mapping(self.labels))
+        object.__setattr__(self, "secret_env", _frozen_mapping(self.secret_env))
         object.__setattr__(self, "ports", tuple(PortMapping(*p) for p in self.ports))
         object.__setattr__(self, "files", tuple(SpecFile(*f) for f in self.files))
         self.validate()
@@ -117,6 +128,15 @@ class InstanceSpec:
         for key, value in self.env.items():
             if not _ENV_NAME_RE.fullmatch(key) or "\0" in value:
                 raise InvalidSpec(f"{self.instance_id}: bad environment variable {key!r}")
+        for key, value in self.secret_env.items():
+            if not _ENV_NAME_RE.fullmatch(key) or "\0" in value or key in self.env:
+                raise InvalidSpec(f"{self.instance_id}: bad secret environment variable {key!r}")
+        if self.secrets_dir is not None and (
+            not self.secrets_dir.startswith("/")
+            or posixpath.normpath(self.secrets_dir) != self.secrets_dir
+            or any(c in self.secrets_dir for c in ":,\0")
+        ):
+            raise InvalidSpec(f"{self.instance_id}: bad secrets directory {self.secrets_dir!r}")
         seen_ports: set[tuple[int, str]] = set()
         for port in self.ports:
             if port.protocol not in ("tcp", "udp"):
@@ -173,6 +193,8 @@ class InstanceSpec:
             "memory_limit_bytes": self.memory_limit_bytes,
             "labels": dict(self.labels),
         }
+        if self.secrets_dir is not None or self.secret_env or self.secrets_tag:
+            canonical["secrets"] = [self.secrets_dir, sorted(self.secret_env), self.secrets_tag]
         encoded = orjson.dumps(canonical, option=orjson.OPT_SORT_KEYS)
         return hashlib.sha256(encoded).hexdigest()
 

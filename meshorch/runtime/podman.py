@@ -30,6 +30,12 @@ The spec's files are written under ``files_dir/meshorch-{id}/`` (default
 ``R/meshorch-files``) and bind-mounted read-only; the environment goes through a
 mode-0600 ``--env-file`` so values do not appear on podman's command line.
 
+Secrets (docs/secrets.md): ``secrets_dir`` (on tmpfs, written by the agent) is
+bind-mounted read-only at ``/run/secrets``; ``secret_env`` goes through a second
+env file written next to it on tmpfs, deleted as soon as ``podman run`` returns.
+Podman itself records a container's environment in its container config under its
+``--root``: secrets wanted at rest nowhere should be files, not ``env``.
+
 ``exec`` timeout: the podman client is killed; a process it started inside the
 container may live on until it finishes by itself.
 """
@@ -76,6 +82,27 @@ DEFAULT_LOG_MAX_SIZE = "10mb"
 
 _RUNNING_STATES = frozenset({"running", "paused", "stopping"})
 _ENV_FILE_MAX_LINE = 60_000  # podman reads env files with a 64 KiB line scanner
+SECRETS_MOUNT = "/run/secrets"
+
+
+def _write_secret_env(spec: InstanceSpec) -> Path | None:
+    """The secret environment as an env file on tmpfs next to the secrets dir (0600)."""
+    if not spec.secret_env:
+        return None
+    if spec.secrets_dir is None:
+        raise InvalidSpec(f"{spec.instance_id}: secret_env needs a secrets_dir (on tmpfs)")
+    lines = []
+    for key, value in spec.secret_env.items():
+        if "\n" in value or "\r" in value or len(key) + len(value) + 1 > _ENV_FILE_MAX_LINE:
+            raise InvalidSpec(f"{spec.instance_id}: secret {key} cannot go in an env file")
+        lines.append(f"{key}={value}")
+    path = Path(spec.secrets_dir + ".env")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(lines) + "\n")
+    return path
+
+
 _NO_SUCH_CONTAINER = "no such container"
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
 
@@ -286,6 +313,7 @@ class PodmanRuntime:
         env_file: Path | None,
         env_args: Sequence[str],
         mounts: Sequence[tuple[Path, str]],
+        secret_env_file: Path | None = None,
     ) -> builtins.list[str]:
         args = [
             "run",
@@ -326,6 +354,10 @@ class PodmanRuntime:
         args += env_args
         for host_path, container_path in mounts:
             args += ["--volume", f"{host_path}:{container_path}:ro"]
+        if spec.secrets_dir is not None:
+            args += ["--volume", f"{spec.secrets_dir}:{SECRETS_MOUNT}:ro"]
+        if secret_env_file is not None:
+            args += ["--env-file", str(secret_env_file)]
         args.append(spec.image)
         args += spec.command
         return args
@@ -349,12 +381,16 @@ class PodmanRuntime:
                 logger.info("replacing container %s (state %s)", spec.name, status)
                 await self._rm(spec.name, stop_timeout_s)
             env_file, env_args, mounts = await asyncio.to_thread(self._write_instance_dir, spec)
-            args = self._run_args(spec, spec_hash, env_file, env_args, mounts)
+            secret_env_file = await asyncio.to_thread(_write_secret_env, spec)
+            args = self._run_args(spec, spec_hash, env_file, env_args, mounts, secret_env_file)
             try:
                 result = await self._podman(*args)
             except CommandTimeout as exc:
                 await self._rm(spec.name, 0)
                 raise InstanceError(spec.instance_id, f"podman run: {exc}") from exc
+            finally:
+                if secret_env_file is not None:
+                    secret_env_file.unlink(missing_ok=True)
             if result.returncode != 0:
                 # A failed run can leave a created container behind; start clean next time.
                 await self._rm(spec.name, 0)

@@ -19,7 +19,9 @@ What is and is not isolated:
   a podman host and, for tests, on a process host.
 - **Environment**: not inherited from the agent (it may hold secrets); the
   instance gets a default ``PATH``, ``MESHORCH_INSTANCE_ID``,
-  ``MESHORCH_FILES_DIR`` and the spec's ``env``.
+  ``MESHORCH_FILES_DIR``, the spec's ``env`` and ``secret_env``, and
+  ``MESHORCH_SECRETS_DIR`` (the instance's secret files, outside ``state_dir``) when
+  it has secrets.
 - **Memory**: ``memory_limit_bytes`` becomes ``RLIMIT_AS`` set in a
   ``preexec_fn``. It limits *virtual address space per process*, not resident
   memory and not the sum over the instance's processes (every child gets its own
@@ -288,7 +290,10 @@ class ProcessRuntime:
             "MESHORCH_INSTANCE_ID": spec.instance_id,
             "MESHORCH_FILES_DIR": str(files_dir),
         }
+        if spec.secrets_dir is not None:
+            env["MESHORCH_SECRETS_DIR"] = spec.secrets_dir
         env.update(spec.env)
+        env.update(spec.secret_env)  # passed to the process only, never written here
         return env
 
     # --- Runtime ------------------------------------------------------------------
