@@ -315,26 +315,23 @@ class GossipService:
             return
         node, loop = self.node, self._require_loop()
         self._state = "stopping"
-        node.leave()
-        self._flush()
-        if node.num_active() > 0 and node.pending_broadcasts() > 0 and self._leave_timeout_s > 0:
-            self._drained = loop.create_future()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._leave_timeout_s):
-                    await self._drained
-            self._drained = None
-        self._state = "stopped"
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        transport, closed = self._transport, self._closed
-        self._transport = None
-        if transport is not None:
-            transport.close()
-            if closed is not None:
+        try:
+            node.leave()
+            self._flush()
+            if node.num_active() and node.pending_broadcasts() and self._leave_timeout_s > 0:
+                self._drained = loop.create_future()
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(1.0):
-                        await closed
+                    async with asyncio.timeout(self._leave_timeout_s):
+                        await self._drained
+        finally:
+            # Also when cancelled while the leave is being disseminated.
+            self._drained = None
+            closed = self._closed
+            self.abort()
+        if closed is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await closed
         logger.debug("%s: gossip stopped", self.member_id)
 
     def abort(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -14,7 +15,7 @@ from nacl.signing import SigningKey
 from gossip import Event, EventKind, GossipConfig, LocalProtocolError, MemberState
 from gossip.auth import DatagramOpener, DatagramSealer, issue_cert
 from gossip.messages import Ping, encode_packet
-from gossip.udp import GossipService, Kind
+from gossip.udp import GossipService, Kind, address_from_meta_default, address_meta
 
 CONFIG = GossipConfig.local()
 ANCHOR = SigningKey.generate()
@@ -57,7 +58,7 @@ async def stack() -> AsyncIterator[AsyncExitStack]:
 
 async def cluster(stack: AsyncExitStack, n: int, **kw: object) -> list[GossipService]:
     """``n`` services joined through the first one's address (under the id "seed")."""
-    svcs = [await stack.enter_async_context(service(f"m{k}", **kw)) for k in range(n)]
+    svcs = [await stack.enter_async_context(service(f"m{k}", ANCHOR, **kw)) for k in range(n)]
     for s in svcs[1:]:
         s.set_addresses({"seed": svcs[0].address})
         s.join(["seed"])
@@ -286,3 +287,64 @@ async def test_stop_disseminates_the_leave(stack: AsyncExitStack) -> None:
     assert asyncio.get_running_loop().time() - t0 < 1.5
     assert svcs[1].node.pending_broadcasts() == 0
     await until(lambda: all(state_of(s, "m1") == MemberState.LEFT for s in (svcs[0], svcs[2])), 3.0)
+
+
+def test_address_meta_round_trip_and_garbage() -> None:
+    for addr in [("127.0.0.1", 7946), ("::1", 1), ("2001:db8::7", 65535)]:
+        assert address_from_meta_default(address_meta(addr)) == addr
+    for meta in [b"", b"\xff", b"host:1", b"1.2.3.4", b"1.2.3.4:0", b"1.2.3.4:99999", b"{}"]:
+        assert address_from_meta_default(meta) is None
+    with pytest.raises(ValueError):
+        address_meta(("example.com", 1))
+
+
+async def test_constructor_and_address_book_checks() -> None:
+    opener = DatagramOpener(lambda: [ANCHOR_HEX], recipient="someone-else")
+    with pytest.raises(LocalProtocolError, match="someone-else"):
+        GossipService(CONFIG, sealer("m0"), opener)
+    svc = service("m0")
+    with pytest.raises(ValueError):
+        svc.set_addresses({"seed": ("example.com", 7946)})  # names would block the loop
+    with pytest.raises(ValueError):
+        svc.set_addresses({"seed": ("127.0.0.1", 0)})
+    svc.set_addresses({"seed": ("127.0.0.1", 9)})
+    assert svc.address_of("seed") == ("127.0.0.1", 9)
+    svc.set_addresses({"other": ("::1", 9)}, replace=True)
+    assert svc.address_of("seed") is None
+    with pytest.raises(LocalProtocolError):
+        svc.send_app("other", b"not started")
+
+
+async def test_callback_errors_are_contained(stack: AsyncExitStack) -> None:
+    a, b = await cluster(stack, 2)
+
+    def broken(*_: object) -> None:
+        raise RuntimeError("owner bug")
+
+    b.on_app_message = broken
+    b.on_events = broken
+    a.send_app("m1", b"x")
+    a.publish(b"summary")
+    await until(lambda: b.stats.callback_errors >= 2, 3.0)
+    # Still serving.
+    got: list[bytes] = []
+    b.on_app_message = lambda _sender, body: got.append(body)
+    a.send_app("m1", b"y")
+    await until(lambda: got == [b"y"], 3.0)
+
+
+async def test_drop_warnings_are_rate_limited(
+    stack: AsyncExitStack, caplog: pytest.LogCaptureFixture
+) -> None:
+    svc = await stack.enter_async_context(service("m0", warn_interval_s=60.0))
+    raw = Raw()
+    try:
+        with caplog.at_level(logging.DEBUG, logger="gossip.udp"):
+            for _ in range(50):
+                raw.send(b"junk", svc.address)
+            await until(lambda: svc.stats.dropped["malformed"] == 50, 3.0)
+    finally:
+        raw.close()
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    debug = [r for r in caplog.records if r.levelno == logging.DEBUG and "dropped" in r.message]
+    assert len(warnings) == 1 and len(debug) == 50
