@@ -29,6 +29,7 @@ from meshorch.mesh import (
     MeshSettings,
     detect_lan_ip,
 )
+from meshorch.secret_cli import add_site_commands
 from meshorch.workload_settings import RUNTIMES, WorkloadSettings, parse_labels, parse_size
 
 logger = logging.getLogger("meshorch")
@@ -234,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     add_fleet_commands(commands)
+    add_site_commands(commands)
 
     try:
         from meshorch.lab.cli import add_lab_commands
