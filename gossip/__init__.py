@@ -47,9 +47,28 @@ socket. The adapter owns all of that::
   ``relay=True``. NATed members keep their mapping towards relays open, and
   everyone else probes them through the relays; see ``gossip.core``.
 
-Exceptions: see ``gossip.errors`` (``GossipError`` is the root).
+The adapter is ``gossip.udp.GossipService``; datagram authentication (member
+certificates issued by a trust anchor, per-datagram signatures, replay windows)
+is ``gossip.auth``.
+
+Exceptions: see ``gossip.errors`` (``GossipError`` is the root; ``gossip.auth.AuthError``,
+a ``RemoteProtocolError``, heads the authentication failures).
 """
 
+from gossip.auth import (
+    AuthError,
+    BadCertError,
+    BadSignatureError,
+    Certificate,
+    DatagramOpener,
+    DatagramSealer,
+    MalformedError,
+    ReplayedError,
+    StaleError,
+    issue_cert,
+    parse_cert,
+    verify_cert,
+)
 from gossip.config import GossipConfig
 from gossip.core import Event, EventKind, MemberState, MemberView, Node, Stats
 from gossip.errors import (
@@ -62,21 +81,37 @@ from gossip.errors import (
     TruncatedPacketError,
     UnsupportedVersionError,
 )
+from gossip.udp import GossipService, ServiceStats, address_meta
 
 __all__ = [
+    "AuthError",
+    "BadCertError",
+    "BadSignatureError",
+    "Certificate",
     "ConfigError",
+    "DatagramOpener",
+    "DatagramSealer",
     "Event",
     "EventKind",
     "GossipConfig",
     "GossipError",
+    "GossipService",
     "LocalProtocolError",
+    "MalformedError",
     "MalformedPacketError",
     "MemberState",
     "MemberView",
     "Node",
     "OversizedPacketError",
     "RemoteProtocolError",
+    "ReplayedError",
+    "ServiceStats",
+    "StaleError",
     "Stats",
     "TruncatedPacketError",
     "UnsupportedVersionError",
+    "address_meta",
+    "issue_cert",
+    "parse_cert",
+    "verify_cert",
 ]

@@ -460,6 +460,14 @@ class Node:
             d = timers[0][0]
         return d
 
+    def heard_from(self, now: float, member_id: str) -> None:
+        """The adapter heard from ``member_id`` outside the protocol (an authenticated NAT
+        keepalive): a NATed member is then directly reachable for a while."""
+        self._now = max(self._now, now)
+        view = self._members.get(member_id)
+        if view is not None and view.flags & FLAG_NATTED:
+            self._heard[member_id] = now
+
     def receive(self, now: float, sender_id: str, payload: bytes) -> None:
         """Handle one authenticated datagram from ``sender_id``. Never raises on bad bytes."""
         self._now = now

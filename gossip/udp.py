@@ -49,12 +49,10 @@ the NAT's UDP mapping timeout) for NATed peers it learned of from a relay; both
 sides doing so open their NATs towards each other. A punch from a member is an
 authenticated datagram, so its source address becomes that member's address.
 The core addresses a NATed member directly only within
-``config.nat_contact_window_s`` of hearing from it, and it only hears through
-``receive``, so a punch from a member the core knows as NATed is also handed to
-the core as a no-op packet (that member's current ``Alive``, which the core
-ignores as stale): the core then probes and gossips with it directly, not only
-through the relays, for as long as the punches keep coming. A punch from a
-member the core does not know only records the address.
+``config.nat_contact_window_s`` of hearing from it, so a punch is also reported
+to the core (``Node.heard_from``): the core then probes and gossips with that
+member directly, not only through the relays, for as long as the punches keep
+coming. A punch from a member the core does not know only records the address.
 
 Drops: every refused datagram is counted in ``stats.dropped[reason]`` (reasons:
 ``auth.REASONS`` and ``"oversized"``), logged at debug level, and summarised in
@@ -93,7 +91,6 @@ from gossip.auth import (
 from gossip.config import MAX_UDP_PAYLOAD, GossipConfig
 from gossip.core import Event, Node
 from gossip.errors import LocalProtocolError
-from gossip.messages import FLAG_NATTED, Alive, encode_packet
 
 logger = logging.getLogger(__name__)
 
@@ -549,12 +546,8 @@ class GossipService:
                     logger.exception("%s: on_app_message callback failed", self.member_id)
         else:
             stats.punches_in += 1
-            view = node.member(sender)
-            if view is not None and view.flags & FLAG_NATTED and body == b"":
-                # Tell the core it heard from this NATed member (see the module docs).
-                note = encode_packet([Alive(sender, view.incarnation, view.flags, view.meta)])
-                node.receive(loop.time(), sender, note)
-                self._flush()
+            if body == b"":
+                node.heard_from(loop.time(), sender)
 
     def _learn(self, sender: str, addr: Address) -> None:
         learned = self._learned
