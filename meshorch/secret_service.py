@@ -42,6 +42,7 @@ from meshorch.secrets import (
     SETTINGS_KEY,
     Indexed,
     Keys,
+    SecretRecord,
     SecretSettings,
     SecretUnavailable,
     Snapshot,
@@ -55,6 +56,7 @@ from meshorch.secrets import (
     next_step,
     open_sealed,
     seal,
+    secret_key,
     unb64,
 )
 from meshorch.site_link import SiteLink
@@ -366,14 +368,17 @@ class SiteSecrets:
     def instance_dir(self, runtime_id: str) -> Path:
         return self.root / runtime_id
 
+    def _record(self, ref: SecretRef) -> SecretRecord | None:
+        record = self.agent.raft.view.get(SECRETS_TABLE, secret_key(ref.tenant, ref.name))
+        return None if record is None else SecretRecord.decode(record.value)
+
     def versions_tag(self, refs: Sequence[SecretRef]) -> str:
         """Which version of each secret an instance gets: part of its spec hash, so a new
         version restarts it. Holds no secret material."""
-        snap = self.snapshot()
         parts = []
         for ref in refs:
-            entry = snap.secrets.get((ref.tenant, ref.name))
-            parts.append(f"{ref.tenant}/{ref.name}@{entry[0].version if entry else 0}")
+            record = self._record(ref)
+            parts.append(f"{ref.tenant}/{ref.name}@{record.version if record else 0}")
         return ",".join(parts)
 
     def check_deliverable(self, refs: Sequence[SecretRef]) -> None:
@@ -384,14 +389,17 @@ class SiteSecrets:
         if not refs:
             return
         self.keys()
-        snap = self.snapshot()
         for ref in refs:
-            entry = snap.secrets.get((ref.tenant, ref.name))
-            if entry is None:
+            record = self._record(ref)
+            if record is None:
                 raise SecretUnavailable(f"waiting for secret {ref.tenant}/{ref.name}")
-            if entry[0].state != "ready":
+            if record.state == "failed":
                 raise SecretUnavailable(
-                    f"waiting for secret {ref.tenant}/{ref.name} ({entry[0].state})"
+                    f"secret {ref.tenant}/{ref.name} is unusable: {record.message}"
+                )
+            if record.state != "ready":
+                raise SecretUnavailable(
+                    f"waiting for secret {ref.tenant}/{ref.name} (not decrypted yet)"
                 )
 
     def materialise(self, runtime_id: str, refs: Sequence[SecretRef]) -> dict[str, str]:

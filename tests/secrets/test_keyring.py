@@ -5,6 +5,7 @@ played by applying the planned operations with the real state machine."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 from typing import Any
 
 import orjson
@@ -14,7 +15,7 @@ from nacl.public import PrivateKey
 from meshorch.appspec import SecretRef, SpecError, from_json, parse_app_spec, spec_digest, to_json
 from meshorch.delta import ALL_SITES, GENESIS_HASH, Delta, TrustState
 from meshorch.errors import RemoteInputError
-from meshorch.fleet_apply import plan_apply
+from meshorch.fleet_apply import SiteFacts, build_report, plan_apply
 from meshorch.secrets import (
     LOCKDOWN_KEY,
     ROTATE_KEY,
@@ -377,3 +378,11 @@ def test_remote_input_error_codes() -> None:
     with pytest.raises(RemoteInputError) as caught:
         op_writes({"op": "secret.nope"}, SITE, 1, lambda t, k: None)
     assert caught.value.code == "unknown_op"
+
+
+def test_the_site_report_carries_the_secrets_public_key() -> None:
+    trust = TrustState("acme", frozenset({"0" * 64}))
+    facts = SiteFacts(specs=[], placements=[], reports={}, rollouts={}, hosts=[])
+    assert "secrets_public_key" not in build_report(SITE, 1.0, trust, [], facts)
+    with_key = dataclasses.replace(facts, secrets_public_key="ab" * 32)
+    assert build_report(SITE, 1.0, trust, [], with_key)["secrets_public_key"] == "ab" * 32
