@@ -112,6 +112,13 @@ async def test_delivery_rotation_and_no_plaintext(site: LocalSite, driver: Drive
     await driver.ok("PUT", driver.hosts[0], "/v1/secrets/settings", {"rotation_interval_s": 3600})
     await _restart_instance(driver, values[-1], tls_key)
 
+    # The secret files go with the instance.
+    instance = await until("the instance runs", lambda: _running(driver))
+    delivered_dir = driver.secret_file(instance, "main", "db-password").parent
+    assert delivered_dir.is_dir()
+    await driver.ok("DELETE", driver.hosts[0], "/v1/apps/shop")
+    await until("the secret files are removed", lambda: not delivered_dir.exists())
+
     # Enough other writes (one key, overwritten) for every host to compact its log.
     filler = os.urandom(300_000)
     for _ in range(12):
