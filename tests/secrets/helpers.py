@@ -78,7 +78,14 @@ class Driver:
         return dict(await self.ok("GET", host, "/v1/secrets/status?consistency=local"))
 
     async def wait_ready(self) -> None:
+        """Raft ready everywhere, and the fleet link (from the flags) in the site state."""
         await wait_ready(self.session, self.hosts, timeout_s=30)
+
+        async def configured() -> bool:
+            status, fleet = await self.call("GET", self.hosts[0], "/v1/fleet")
+            return status == 200 and fleet["trust"] is not None
+
+        await until("the fleet link is configured", configured)
 
     async def wait_unsealed(self, hosts: list[LocalHost] | None = None) -> None:
         for host in hosts or self.hosts:
