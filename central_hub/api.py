@@ -285,6 +285,10 @@ async def link_deltas(request: web.Request) -> web.Response:
     return json_response(body)
 
 
+async def link_gossip(request: web.Request) -> web.Response:
+    return json_response(_hub(request).gossip_info(_site(request)))
+
+
 async def link_report(request: web.Request) -> web.Response:
     site = _site(request)
     report = parse_report(await _read_json(request), site)
@@ -405,6 +409,10 @@ ROUTES: tuple[Route, ...] = (
                  Query("wait", "number", "hold the request up to this many seconds (0-30)"))),
     Route("POST", "/v1/link/report", link_report, "site", "A site's report of its state",
           request="SiteReport", response="Head"),
+    Route("GET", "/v1/link/gossip", link_gossip, "site",
+          "The site's gossip certificate, the hub's gossip address and the peers' public "
+          "addresses (404 gossip_disabled when the hub does not gossip)",
+          response="GossipInfo"),
     Route("POST", "/v1/tokens", create_token, "admin",
           "Create an operator token (its text is shown only in this answer)",
           request="TokenRequest", response="NewToken", status=201),

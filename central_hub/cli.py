@@ -82,16 +82,41 @@ def build_parser(prog: str = "python -m central_hub") -> argparse.ArgumentParser
         help="a site whose last report is older is unreachable (default %(default)s)",
     )
     parser.add_argument(
+        "--gossip",
+        default=None,
+        metavar="HOST:PORT",
+        help="UDP address of the hub's gossip member (default: the --listen host and port "
+        "number; UDP and TCP ports are separate)",
+    )
+    parser.add_argument(
+        "--gossip-advertise",
+        default=None,
+        metavar="HOST:PORT",
+        help="the gossip address sites are told (default: the --gossip address; with a "
+        "wildcard host, sites use the host of their hub URL)",
+    )
+    parser.add_argument(
+        "--gossip-preset",
+        default="wan",
+        choices=["wan", "lan", "local"],
+        help="gossip timers, handed to the sites (default %(default)s)",
+    )
+    parser.add_argument(
+        "--no-gossip",
+        action="store_true",
+        help="no gossip member: sites are seen through their own link only",
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
     return parser
 
 
-def parse_listen(text: str) -> tuple[str, int]:
+def parse_listen(text: str, flag: str = "--listen") -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     host = host.strip("[]")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise HubConfigError(f"--listen {text!r} is not HOST:PORT")
+        raise HubConfigError(f"{flag} {text!r} is not HOST:PORT")
     return host, int(port)
 
 
@@ -105,6 +130,14 @@ def configure_logging(level: str) -> None:
 
 def config_from_args(args: argparse.Namespace) -> HubConfig:
     host, port = parse_listen(args.listen)
+    gossip_host, gossip_port = (
+        (None, None) if args.gossip is None else parse_listen(args.gossip, "--gossip")
+    )
+    advertise = (
+        None
+        if args.gossip_advertise is None
+        else parse_listen(args.gossip_advertise, "--gossip-advertise")
+    )
     config = HubConfig(
         data_dir=args.data_dir,
         host=host,
@@ -113,6 +146,11 @@ def config_from_args(args: argparse.Namespace) -> HubConfig:
         delta_ttl_s=args.delta_ttl,
         wave_timeout_s=args.wave_timeout,
         site_stale_s=args.site_stale,
+        gossip=not args.no_gossip,
+        gossip_host=gossip_host,
+        gossip_port=gossip_port,
+        gossip_advertise=advertise,
+        gossip_preset=args.gossip_preset,
     )
     config.validate()
     return config
@@ -125,6 +163,8 @@ async def serve(config: HubConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     async with Hub(config) as hub:
         print(f"listen: {hub.url}", flush=True)
+        if hub.gossip is not None:
+            print(f"gossip: udp {hub.gossip.address}", flush=True)
         print(f"fleet: {hub.fleet}", flush=True)
         print(f"root key: {hub.root_key}", flush=True)
         print(f"admin token: {hub.admin_token_path}", flush=True)

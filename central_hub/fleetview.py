@@ -4,12 +4,18 @@
 JSON form (known fields only), listing every problem. ``site_summary`` and ``site_detail``
 turn a site record, its latest report and the time into what operators see.
 
+The view merges two sources: the site's own reports over its link, and the compact
+summaries it gossips (``central_hub.gossip``; they reach the hub through other sites when
+the site's link is down). ``last_seen`` is the newer of the two receive times,
+``applied_version`` the higher; ``seen_via`` says which source is fresh (``link`` first).
+
 Health of a site:
 
-    unknown      no report yet
-    unreachable  the latest report is older than ``stale_s``
+    unknown      no report and no gossip summary yet
+    unreachable  neither the latest report nor the latest summary is fresh (``stale_s``)
     degraded     an application is not healthy, a host is not alive, or the site
-                 rejected a delta within ``rejection_window_s``
+                 rejected a delta within ``rejection_window_s`` (by its fresh report;
+                 when only the summary is fresh: an alert, or a host down)
     healthy      otherwise
 """
 
@@ -22,6 +28,8 @@ from central_hub.errors import InputProblems
 from central_hub.waves import AppStatus
 
 Health = Literal["healthy", "degraded", "unreachable", "unknown"]
+SeenVia = Literal["link", "gossip"]
+Gossip = tuple[Mapping[str, Any], float]  # (normalised summary, received at)
 REPORT_VERSION = 1
 APP_STATES = ("healthy", "progressing", "failed")
 _MAX_ITEMS = 10_000
@@ -184,17 +192,36 @@ def app_status(report: Mapping[str, Any] | None, app: str) -> AppStatus | None:
     return AppStatus(str(status["version"]), str(status["state"]), str(status["message"]))
 
 
+def seen_via(
+    last_seen: float | None, gossip: Gossip | None, now: float, stale_s: float
+) -> SeenVia | None:
+    if last_seen is not None and now - last_seen <= stale_s:
+        return "link"
+    if gossip is not None and now - gossip[1] <= stale_s:
+        return "gossip"
+    return None
+
+
 def site_health(
     report: Mapping[str, Any] | None,
     last_seen: float | None,
     now: float,
     stale_s: float,
     rejection_window_s: float,
+    *,
+    gossip: Gossip | None = None,
 ) -> Health:
-    if report is None or last_seen is None:
+    if (report is None or last_seen is None) and gossip is None:
         return "unknown"
-    if now - last_seen > stale_s:
+    via = seen_via(None if report is None else last_seen, gossip, now, stale_s)
+    if via is None:
         return "unreachable"
+    if via == "gossip" or report is None:
+        assert gossip is not None  # via is "gossip"
+        summary = gossip[0]
+        if summary["alerts"] or summary.get("more_alerts") or summary["up"] < summary["n"]:
+            return "degraded"
+        return "healthy"
     if any(a["state"] != "healthy" for a in report["apps"].values()):
         return "degraded"
     if not all(h["alive"] for h in report["hosts"]):
@@ -211,15 +238,23 @@ def site_summary(
     now: float,
     stale_s: float,
     rejection_window_s: float,
+    *,
+    gossip: Gossip | None = None,
 ) -> dict[str, Any]:
+    applied = None if report is None else report["applied_version"]
+    seen = last_seen if report is not None else None
+    if gossip is not None:
+        applied = max(applied or 0, gossip[0]["av"])
+        seen = gossip[1] if seen is None else max(seen, gossip[1])
     return {
         "id": site["id"],
         "labels": dict(site["labels"]),
         "enrolled": site.get("public_key") is not None,
-        "applied_version": None if report is None else report["applied_version"],
+        "applied_version": applied,
         "head": None if report is None else report["applied_head"],
-        "last_seen": last_seen,
-        "health": site_health(report, last_seen, now, stale_s, rejection_window_s),
+        "last_seen": seen,
+        "seen_via": seen_via(None if report is None else last_seen, gossip, now, stale_s),
+        "health": site_health(report, last_seen, now, stale_s, rejection_window_s, gossip=gossip),
     }
 
 
@@ -230,11 +265,15 @@ def site_detail(
     now: float,
     stale_s: float,
     rejection_window_s: float,
+    *,
+    gossip: Gossip | None = None,
 ) -> dict[str, Any]:
-    summary = site_summary(site, report, last_seen, now, stale_s, rejection_window_s)
+    summary = site_summary(site, report, last_seen, now, stale_s, rejection_window_s, gossip=gossip)
     hosts = [] if report is None else report["hosts"]
     return {
         **summary,
+        "report_received_at": None if report is None else last_seen,
+        "gossip": None if gossip is None else {**gossip[0], "received_at": gossip[1]},
         "public_key": site.get("public_key"),
         "apps": {} if report is None else report["apps"],
         "hosts": [

@@ -80,6 +80,14 @@ SCHEMAS: dict[str, Schema] = {
     "Head": _obj(["head"], head=_INT),
     "EnrollRequest": _obj(["site", "public_key", "token"], site=_ID, public_key=_HEX64, token=_STR),
     "EnrollResponse": _obj(["site"], site=_ID),
+    "GossipInfo": _obj(
+        ["cert", "hub", "preset", "peers"],
+        cert={"type": "string", "description": "base64 member certificate (gossip.auth)"},
+        expires_at=_NUM,
+        hub=_obj(["id", "addr"], id=_STR, addr=_STR),
+        preset={"enum": ["wan", "lan", "local"]},
+        peers=_list(_obj(["id", "addr"], id=_ID, addr=_STR)),
+    ),
     "SiteReport": _obj(
         ["v", "site", "time", "applied_version", "applied_head"],
         v={"const": 1},
@@ -162,6 +170,7 @@ SCHEMAS: dict[str, Schema] = {
         applied_version={"type": ["integer", "null"]},
         head={"type": ["string", "null"]},
         last_seen=_NULLABLE_NUM,
+        seen_via={"enum": ["link", "gossip", None]},
         health={"enum": ["healthy", "degraded", "unreachable", "unknown"]},
     ),
     "SiteList": _obj(["sites"], sites=_list(_ref("SiteSummary"))),
@@ -171,6 +180,12 @@ SCHEMAS: dict[str, Schema] = {
             _obj(
                 ["hosts", "rejections", "apps"],
                 public_key={"type": ["string", "null"]},
+                report_received_at=_NULLABLE_NUM,
+                gossip={
+                    "type": ["object", "null"],
+                    "description": "the site's last gossip summary (docs/fleet-link.md)",
+                },
+                gossip_member={"type": ["string", "null"]},
                 hosts={"type": "array", "items": {"type": "object"}},
                 rejections={"type": "array", "items": {"type": "object"}},
                 apps={"type": "object"},

@@ -15,13 +15,16 @@ Ordering rules:
 - A delta is visible to sites (and long-polls are woken) only after its commit is durable:
   a delta once served is never issued differently.
 - Reports are kept in memory for the fleet view and the rollout driver and written to the
-  store without a flush.
+  store without a flush. Gossip summaries (``central_hub.gossip``) are kept in memory only.
+- The gossip member starts after the HTTP API and stops before it; it publishes the head
+  after every append.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import logging
 import os
 import time
@@ -36,11 +39,14 @@ from nacl.signing import SigningKey
 from central_hub import deltalog, fleetview, placement, tokens, waves
 from central_hub.deltalog import Head
 from central_hub.errors import ApiError, HubConfigError
+from central_hub.gossip import HubGossip
 from central_hub.model import DEFAULT_TENANT, is_id
 from central_hub.store import Store, Write, delete, put_json, version_key
 from central_hub.tokens import TokenRecord
 from meshorch.appspec import AppSpec, to_json
 from meshorch.delta import ALL_SITES, ROTATE_OP, Target, key_id
+from meshorch.fleet_link import GOSSIP_PRESETS
+from meshorch.site_gossip import HUB_ID
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +62,10 @@ MAX_DELTA_RESPONSE_BYTES = 8 * 1024 * 1024
 @dataclass
 class HubConfig:
     """Settings of one hub. ``heartbeat_s`` None means ``delta_ttl_s / 4``; ``fleet`` None
-    means the stored name (``"fleet"`` on first start)."""
+    means the stored name (``"fleet"`` on first start). Gossip (UDP) listens on
+    ``gossip_host`` (None: ``host``) and ``gossip_port`` (None: the same number as
+    ``port``; 0 picks a free one) and tells sites ``gossip_advertise`` (None: that address;
+    an unspecified host makes sites use their hub URL's host)."""
 
     data_dir: Path
     host: str = "127.0.0.1"
@@ -70,7 +79,18 @@ class HubConfig:
     rejection_window_s: float = 600.0
     tick_s: float = 0.2
     max_body_bytes: int = 2 * 1024 * 1024
+    gossip: bool = True
+    gossip_host: str | None = None
+    gossip_port: int | None = None
+    gossip_advertise: tuple[str, int] | None = None
+    gossip_preset: str = "wan"
+    gossip_cert_ttl_s: float = 7 * DAY_S
     clock: Callable[[], float] = field(default=time.time)
+
+    @property
+    def gossip_address(self) -> tuple[str, int]:
+        host = self.gossip_host if self.gossip_host is not None else self.host
+        return host, self.port if self.gossip_port is None else self.gossip_port
 
     @property
     def heartbeat_interval_s(self) -> float:
@@ -93,14 +113,41 @@ class HubConfig:
             "enroll_ttl_s": self.enroll_ttl_s,
             "rejection_window_s": self.rejection_window_s,
             "tick_s": self.tick_s,
+            "gossip_cert_ttl_s": self.gossip_cert_ttl_s,
         }
         problems += [f"{name}: must be > 0" for name, v in positive.items() if not v > 0]
         if self.heartbeat_interval_s >= self.delta_ttl_s:
             problems.append("heartbeat_s: must be shorter than delta_ttl_s (the tip expires)")
         if self.max_body_bytes < 64 * 1024:
             problems.append("max_body_bytes: at least 65536")
+        if self.gossip:
+            problems += _gossip_problems(self)
         if problems:
             raise HubConfigError("invalid hub configuration: " + "; ".join(problems))
+
+
+def _gossip_problems(config: HubConfig) -> list[str]:
+    problems = []
+    host, port = config.gossip_address
+    if not _is_ip(host):
+        problems.append(f"gossip: {host!r} is not an IP address (give --gossip IP:PORT)")
+    if not 0 <= port <= 65535:
+        problems.append(f"gossip: port {port} is not 0-65535")
+    if config.gossip_advertise is not None:
+        adv_host, adv_port = config.gossip_advertise
+        if not _is_ip(adv_host) or not 0 < adv_port <= 65535:
+            problems.append(f"gossip_advertise: {config.gossip_advertise!r} is not IP:PORT")
+    if config.gossip_preset not in GOSSIP_PRESETS:
+        problems.append(f"gossip_preset: one of {', '.join(GOSSIP_PRESETS)}")
+    return problems
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 class _Txn:
@@ -164,6 +211,7 @@ class Hub:
         self._active: set[str] = set()  # apps whose current deployment may be running
         self.link_waiters = 0  # long-polls waiting for a delta right now
         self.url = ""
+        self.gossip: HubGossip | None = None
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -214,6 +262,22 @@ class Hub:
             raise HubConfigError(
                 f"cannot listen on {self.config.host}:{self.config.port}: {exc}"
             ) from None
+        if self.config.gossip:
+            host, port = self.config.gossip_address
+            gossip = HubGossip(
+                self,
+                host=host,
+                port=port,
+                advertise=self.config.gossip_advertise,
+                preset=self.config.gossip_preset,
+                cert_ttl_s=self.config.gossip_cert_ttl_s,
+            )
+            try:
+                await gossip.start()
+            except OSError as exc:
+                await self._close_runner_and_store()
+                raise HubConfigError(f"cannot gossip on udp {host}:{port}: {exc}") from None
+            self.gossip = gossip
         self._driver = asyncio.create_task(self._drive(), name="hub-rollouts")
         logger.info(
             "hub of fleet %r serving on %s, head %d", self.fleet, self.url, self.head.version
@@ -226,6 +290,9 @@ class Hub:
             await asyncio.gather(self._driver, return_exceptions=True)
             self._driver = None
         self._notify_appended()  # long-polls answer now
+        gossip, self.gossip = self.gossip, None
+        if gossip is not None:
+            await gossip.stop()
         await self._close_runner_and_store()
 
     async def _close_runner_and_store(self) -> None:
@@ -330,6 +397,8 @@ class Hub:
     def _notify_appended(self) -> None:
         appended, self._appended = self._appended, asyncio.Event()
         appended.set()
+        if self.gossip is not None:
+            self.gossip.publish_head()
 
     # -- tokens -----------------------------------------------------------------------
 
@@ -431,6 +500,8 @@ class Hub:
 
             def forget_report() -> None:
                 self._reports.pop(site_id, None)
+                if self.gossip is not None:
+                    self.gossip.forget(site_id)
 
             txn.after.append(forget_report)
 
@@ -480,24 +551,47 @@ class Hub:
         report, seen = self._reports.get(site_id, (None, None))
         return report, seen
 
+    def _gossip_of(self, site_id: str) -> tuple[dict[str, Any], float] | None:
+        return None if self.gossip is None else self.gossip.summary_of(site_id)
+
     def list_sites(self) -> list[dict[str, Any]]:
         now, c = self.now(), self.config
         return [
             fleetview.site_summary(
-                site, *self._view_args(site["id"]), now, c.site_stale_s, c.rejection_window_s
+                site,
+                *self._view_args(site["id"]),
+                now,
+                c.site_stale_s,
+                c.rejection_window_s,
+                gossip=self._gossip_of(site["id"]),
             )
             for site in self.store.values_json("sites")
         ]
 
     def get_site(self, site_id: str) -> dict[str, Any]:
         c = self.config
-        return fleetview.site_detail(
+        detail = fleetview.site_detail(
             self._site(site_id),
             *self._view_args(site_id),
             self.now(),
             c.site_stale_s,
             c.rejection_window_s,
+            gossip=self._gossip_of(site_id),
         )
+        if self.gossip is not None:
+            detail["gossip_member"] = self.gossip.member_state(site_id)
+        return detail
+
+    def gossip_info(self, site_id: str) -> dict[str, Any]:
+        """``GET /v1/link/gossip`` for an authenticated site."""
+        if self.gossip is None:
+            raise ApiError(404, "gossip_disabled", "this hub does not gossip")
+        if site_id == HUB_ID:
+            raise ApiError(409, "reserved_id", f"{HUB_ID!r} is the hub's gossip id")
+        key = self.site_public_key(site_id)
+        if key is None:  # deleted since the request was verified
+            raise ApiError(404, "not_found", f"no site {site_id!r}")
+        return self.gossip.certificate_for(site_id, key)
 
     # -- apps and deployments -------------------------------------------------------------
 
@@ -683,6 +777,11 @@ class Hub:
             except TimeoutError:
                 pass
             self._wake.clear()
+            if self.gossip is not None:
+                try:
+                    self.gossip.maintain()
+                except Exception:
+                    logger.exception("gossip certificate renewal failed")
             try:
                 if self._active or self._heartbeat_due(self.head, self.now()):
                     await self._transact(self._advance)

@@ -410,6 +410,11 @@ class GossipService:
                     addr = None
         return addr
 
+    def learned_address(self, member_id: str) -> Address | None:
+        """The latest authenticated source address seen from ``member_id`` (what reaches it
+        through its NAT), or None when nothing was heard from it directly."""
+        return self._learned.get(member_id)
+
     def send_app(self, dest_id: str, payload: bytes) -> bool:
         """Send an application message; False when no address is known (it is not sent).
 

@@ -1,9 +1,10 @@
 """The site's HTTP client of the fleet link (docs/fleet-link.md), one per site.
 
 It knows nothing of agents or Raft: give it the hub URL, the site id and the site's
-signing key; it enrolls, fetches deltas (long-poll) and sends reports, every request but
-enrollment signed with ``meshorch.link_auth.sign_request``. Deltas come back as envelope
-bytes, ready for ``meshorch.delta.verify_batch``.
+signing key; it enrolls, fetches deltas (long-poll), sends reports and asks for its gossip
+membership (certificate, the hub's gossip address, peers), every request but enrollment
+signed with ``meshorch.link_auth.sign_request``. Deltas come back as envelope bytes, ready
+for ``meshorch.delta.verify_batch``.
 
 Exceptions::
 
@@ -18,9 +19,13 @@ Exceptions::
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import ipaddress
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -67,6 +72,65 @@ class BadHubAnswer(RemoteLinkError):
     """A successful answer that is not the documented JSON."""
 
 
+Address = tuple[str, int]
+GOSSIP_PRESETS = ("wan", "lan", "local")
+MAX_GOSSIP_PEERS = 256
+
+
+@dataclass(frozen=True, slots=True)
+class GossipInfo:
+    """``GET /v1/link/gossip``: this site's gossip certificate and whom to talk to.
+
+    ``hub_addr``'s host may be unspecified (``0.0.0.0``, ``::``) when the hub listens on
+    every address and advertises none: the site then uses the host of the hub's URL.
+    """
+
+    cert: bytes
+    hub_id: str
+    hub_addr: Address
+    preset: str
+    peers: Mapping[str, Address] = field(default_factory=dict)
+
+
+def parse_address(text: object) -> Address:
+    """``IP:PORT`` or ``[IPv6]:PORT`` as (host, port); ValueError otherwise."""
+    if not isinstance(text, str):
+        raise ValueError("an address is a string IP:PORT")
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{text[:80]!r} is not IP:PORT")
+    ipaddress.ip_address(host)
+    return host, int(port)
+
+
+def format_address(addr: Address) -> str:
+    host, port = addr
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_gossip_info(data: Mapping[str, Any]) -> GossipInfo:
+    """The documented answer, or BadHubAnswer; peer entries that are not valid are skipped."""
+    try:
+        cert = base64.b64decode(str(data["cert"]), validate=True)
+        hub = data["hub"]
+        hub_id, hub_addr = str(hub["id"]), parse_address(hub["addr"])
+        preset = data.get("preset", "wan")
+    except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+        raise BadHubAnswer(f"not a gossip answer: {exc}") from None
+    if preset not in GOSSIP_PRESETS or not hub_id:
+        raise BadHubAnswer(f"not a gossip answer: preset {preset!r}, hub id {hub_id!r}")
+    peers: dict[str, Address] = {}
+    raw_peers = data.get("peers", [])
+    for entry in raw_peers[:MAX_GOSSIP_PEERS] if isinstance(raw_peers, list) else []:
+        try:
+            peers[str(entry["id"])] = parse_address(entry["addr"])
+        except (KeyError, TypeError, ValueError):
+            continue
+    return GossipInfo(cert, hub_id, hub_addr, str(preset), peers)
+
+
 class LinkClient:
     """``async with LinkClient(hub, site_id, key) as client: head, raws = await client.fetch(0)``.
 
@@ -111,7 +175,7 @@ class LinkClient:
             self._own_session = True
         return self._session
 
-    # -- the three calls -----------------------------------------------------------
+    # -- the calls -------------------------------------------------------------------
 
     async def enroll(self, token: str) -> str:
         """Bind this site's public key at the hub with a single-use token; returns the id."""
@@ -150,6 +214,11 @@ class LinkClient:
         if type(head) is not int:
             raise BadHubAnswer(f"report answer without an integer 'head': {answer!r}")
         return head
+
+    async def gossip_info(self) -> GossipInfo:
+        """This site's gossip certificate, the hub's gossip address and the peers' addresses;
+        LinkRefused 404 ``gossip_disabled`` when the hub does not gossip."""
+        return parse_gossip_info(await self._request("GET", "/v1/link/gossip", "", b""))
 
     # -- plumbing ----------------------------------------------------------------------
 

@@ -13,6 +13,11 @@ or stopping the agent ends the session and its tasks.
 
 Deltas relayed to the agent API (``POST /v1/fleet/deltas``) go through ``commit`` too, on
 any host: the trust record's compare-and-set keeps two committers from applying twice.
+
+The leader's session also runs the site's gossip member (``meshorch.site_gossip``): it
+publishes the site's summary to the other sites and the hub, and fetches deltas from them
+when they announce newer ones (through ``commit`` as well). The last ``RECENT_ENVELOPES``
+applied envelopes are kept in memory to answer such requests from other sites.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import logging
 import os
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -32,7 +38,7 @@ import orjson
 from nacl.signing import SigningKey
 
 from meshorch.appspec import SpecError
-from meshorch.delta import DeltaRejected, TrustState, verify_batch
+from meshorch.delta import Delta, DeltaRejected, TrustState, verify_batch
 from meshorch.errors import RemoteInputError
 from meshorch.fleet_apply import (
     LINK_KEY,
@@ -51,12 +57,14 @@ from meshorch.fleet_apply import (
 )
 from meshorch.fleet_link import (
     DEFAULT_WAIT_S,
+    GossipInfo,
     HubUnreachable,
     LinkClient,
     LinkError,
     LinkRefused,
     RemoteLinkError,
 )
+from meshorch.site_gossip import SiteGossip
 from meshorch.site_state import APPS_TABLE, SYSTEM_TABLE
 from meshorch.workloads import (
     APP_PREFIX,
@@ -92,6 +100,7 @@ REJECTED_RETRY_S = 5.0  # after the hub served only deltas this site refuses
 # its answer: the hub answers a site that is behind at once.
 STALE_POLL_S = 1.0
 THREAD_VERIFY_AT = 8  # batches of more deltas are verified in a worker thread
+RECENT_ENVELOPES = 64  # applied envelopes kept to answer other sites' gossip requests
 
 
 class NotConfigured(RemoteInputError):
@@ -157,6 +166,10 @@ class SiteLink:
         self._poll_since: float | None = None  # monotonic start of the open long-poll
         self._flags_done = False
         self._enroll_refused: str | None = None  # the token the hub refused
+        self.gossip: SiteGossip | None = None  # the gossip member of the current session
+        self.gossip_info: GossipInfo | None = None  # the last one the hub gave
+        self._recent: OrderedDict[int, bytes] = OrderedDict()  # version -> envelope
+        self._trust_cache: tuple[bytes | None, frozenset[str]] = (None, frozenset())
 
     # -- reading the replicated state ------------------------------------------------
 
@@ -171,6 +184,36 @@ class SiteLink:
     def trust_state(self) -> TrustState | None:
         raw = self._get(TRUST_KEY)
         return None if raw is None else TrustState.from_json(orjson.loads(raw))
+
+    def trusted_keys(self) -> frozenset[str]:
+        """The root keys the trust state trusts (the gossip trust anchors); the same
+        object while the trust record does not change."""
+        raw = self._get(TRUST_KEY)
+        cached_raw, keys = self._trust_cache
+        if raw != cached_raw:
+            keys = frozenset()
+            if raw is not None:
+                keys = TrustState.from_json(orjson.loads(raw)).trusted_keys
+            self._trust_cache = (raw, keys)
+        return keys
+
+    def recent_envelopes(self, after: int) -> list[bytes]:
+        """The consecutive applied envelopes after version ``after`` kept in memory (empty
+        when the one right after ``after`` is not kept)."""
+        out: list[bytes] = []
+        version = after + 1
+        while version in self._recent:
+            out.append(self._recent[version])
+            version += 1
+        return out
+
+    async def wait_enrolled(self) -> None:
+        await self._enrolled.wait()
+
+    def nudge(self, version: int) -> None:
+        """A gossip member announced ``version``: an open long-poll that should have been
+        answered by now is abandoned and sent again."""
+        self._check_poll(version)
 
     def site_key(self) -> SigningKey | None:
         raw = self._get(SITE_KEY_KEY)
@@ -269,10 +312,12 @@ class SiteLink:
         logger.info("fleet link: connecting to %s for site %s", config.hub, self.agent.config.site)
         async with LinkClient(config.hub, self.agent.config.site, key) as client:
             self._report_now.set()
+            self.gossip = SiteGossip(self, client, self.clock)
             tasks = [
                 asyncio.create_task(self._fetch_loop(client, config), name="fleet-fetch"),
                 asyncio.create_task(self._report_loop(client), name="fleet-report"),
                 asyncio.create_task(self._watch(config), name="fleet-watch"),
+                asyncio.create_task(self.gossip.run(), name="fleet-gossip"),
             ]
             try:
                 done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -281,6 +326,7 @@ class SiteLink:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
                 self.connected = False
+                self.gossip = None
             for task in done:
                 if not task.cancelled() and task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
@@ -294,6 +340,7 @@ class SiteLink:
                 return
             current = self.link_config()
             if current is None or (current.hub, current.fleet) != (config.hub, config.fleet):
+                self.gossip_info = None  # another hub: its certificate and peers
                 return
 
     async def _enroll(self, client: LinkClient, config: LinkConfig) -> None:
@@ -480,6 +527,7 @@ class SiteLink:
                 else:
                     outcome.applied = plan.applied
                     outcome.state = result.state
+                    self._keep(raws[: len(result.accepted)], result.accepted)
                     outcome.op_errors = [e.rejection(now) for e in plan.op_errors]
                     entries.extend(outcome.op_errors)
                     for error in plan.op_errors:
@@ -500,6 +548,13 @@ class SiteLink:
         if outcome.applied:
             self._report_now.set()
         return outcome
+
+    def _keep(self, raws: Sequence[bytes], deltas: Sequence[Delta]) -> None:
+        for raw, delta in zip(raws, deltas, strict=True):
+            self._recent[delta.version] = bytes(raw)
+            self._recent.move_to_end(delta.version)
+        while len(self._recent) > RECENT_ENVELOPES:
+            self._recent.popitem(last=False)
 
     def _read(self, table: str, key: bytes) -> bytes | None:
         record = self.agent.raft.view.get(table, key)
@@ -574,6 +629,7 @@ class SiteLink:
             "last_contact": self.last_contact,
             "hub_head": self.hub_head,
             "last_error": self.last_error,
+            "gossip": None if self.gossip is None else self.gossip.status_json(),
         }
 
 

@@ -6,7 +6,9 @@ and joins by mDNS discovery. Each host keeps its data under the lab's state
 dir, so ``lab restart`` resumes it.
 
 ``start_hub`` runs the central hub in the hub's namespace, on its WAN address; agents
-given ``FleetFlags`` link their site to it through the site's NAT router.
+given ``FleetFlags`` link their site to it through the site's NAT router. The hub gossips
+(UDP, same address) only when asked (``gossip=True``): without gossip a cut-off site hears
+of nothing but through its own link, which is what the link's own tests need.
 """
 
 from __future__ import annotations
@@ -186,16 +188,23 @@ class LabAgents:
     # -- the hub -------------------------------------------------------------------------
 
     def start_hub(
-        self, fleet: str = "lab", *, extra_args: tuple[str, ...] = (), timeout_s: float = 30.0
+        self,
+        fleet: str = "lab",
+        *,
+        gossip: bool = False,
+        extra_args: tuple[str, ...] = (),
+        timeout_s: float = 30.0,
     ) -> LabHub:
         """Run ``meshorch hub`` in the hub's namespace on its WAN address and wait until
-        it answers; its data and admin token live under the lab's state dir."""
+        it answers; its data and admin token live under the lab's state dir. With
+        ``gossip`` the hub is a gossip member on UDP ``HUB_PORT`` of its WAN address."""
         plan = self.lab.plan
         data_dir = self.lab.store.data_dir(HUB_NODE)
         url = f"http://{plan.hub_ip}:{HUB_PORT}"
         argv = [
             sys.executable, "-m", "meshorch", "hub", "--data-dir", str(data_dir),
-            "--listen", f"{plan.hub_ip}:{HUB_PORT}", "--fleet", fleet, *extra_args,
+            "--listen", f"{plan.hub_ip}:{HUB_PORT}", "--fleet", fleet,
+            *(() if gossip else ("--no-gossip",)), *extra_args,
         ]  # fmt: skip
         self.lab.start(HUB_NODE, argv)
         deadline = time.monotonic() + timeout_s

@@ -1,0 +1,298 @@
+"""The hub's gossip member: a relay for sites behind NAT, and a source of fresh summaries.
+
+The hub is the member ``"hub"`` (``relay=True``: reachable by everyone, it forwards probes
+to NATed sites), signing with its own Ed25519 gossip key (``DATA_DIR/gossip.key``, 0600)
+under a certificate issued by the fleet root key, renewed before it expires and reissued
+when the root key rotates. It accepts datagrams whose certificate the current root key
+signed: those of the hub itself and of the sites (``certificate_for``, served by
+``GET /v1/link/gossip``).
+
+What it does with them:
+
+- site summaries (``summary_changed`` events) are checked against the site's registered
+  key (the summary is signed end to end, so a site relaying another's summary cannot alter
+  it), must be newer by the site's clock than the last one kept and not from the future,
+  and are kept in memory (one per registered site) with their receive time for the fleet
+  view; bad ones are counted in ``stats`` and ignored;
+- it publishes its own summary ``{"v": 1, "t": T, "head": N, "hh": HASH16}`` on every
+  append to the delta log, so sites learn of new deltas even when their link is down;
+- it answers a site's request for the deltas after a version with the envelopes that fit
+  an app message (``meshorch.site_gossip``), at most one burst per requester per 0.5 s.
+
+Every callback runs inside the event loop's datagram handling and never raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from nacl.signing import SigningKey
+
+from central_hub import deltalog
+from gossip import (
+    DatagramOpener,
+    DatagramSealer,
+    Event,
+    EventKind,
+    GossipService,
+    MemberState,
+    address_meta,
+    issue_cert,
+)
+from meshorch.fleet_link import Address, format_address
+from meshorch.site_gossip import (
+    ANSWER_INTERVAL_S,
+    HUB_ID,
+    MAX_ANSWER_DELTAS,
+    MAX_APP_BYTES,
+    MSG_REQUEST,
+    BadSummary,
+    RateLimit,
+    delta_messages,
+    gossip_config,
+    hub_summary,
+    open_summary,
+    parse_request,
+    parse_site_summary,
+    seal_summary,
+)
+
+if TYPE_CHECKING:
+    from central_hub.service import Hub
+
+logger = logging.getLogger(__name__)
+
+GOSSIP_KEY_FILE = "gossip.key"
+MAX_PEERS = 64  # peers named in one GET /v1/link/gossip answer
+FUTURE_SKEW_S = 60.0  # a summary stamped further ahead of the hub's clock is refused
+
+
+@dataclass(slots=True)
+class HubGossipStats:
+    summaries: int = 0  # site summaries kept
+    bad_summaries: int = 0  # malformed, unsigned, unknown site, from the future
+    old_summaries: int = 0  # not newer than the one kept (replays, reordering)
+    bad_messages: int = 0
+    requests_answered: int = 0
+    deltas_sent: int = 0
+    certificates: int = 0  # issued to sites
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def load_or_create_gossip_key(data_dir: Path) -> SigningKey:
+    path = data_dir / GOSSIP_KEY_FILE
+    if path.exists():
+        return deltalog.read_key(path)
+    key = SigningKey.generate()
+    deltalog.write_secret_file(path, bytes(key).hex() + "\n")
+    logger.info("created the hub's gossip key %s", path)
+    return key
+
+
+class HubGossip:
+    """The hub's member; ``start``/``stop`` are called by ``Hub``."""
+
+    def __init__(
+        self,
+        hub: Hub,
+        *,
+        host: str,
+        port: int,
+        advertise: Address | None,
+        preset: str,
+        cert_ttl_s: float,
+    ) -> None:
+        self.hub = hub
+        self.host, self.port = host, port
+        self.advertise = advertise
+        self.preset = preset
+        self.cert_ttl_s = cert_ttl_s
+        self.stats = HubGossipStats()
+        self.service: GossipService | None = None
+        self._sealer: DatagramSealer | None = None
+        self._key: SigningKey | None = None
+        self._anchor_of: str = ""
+        self._anchors: frozenset[str] = frozenset()
+        self._summaries: dict[str, tuple[dict[str, Any], float]] = {}
+        self._answers = RateLimit(ANSWER_INTERVAL_S)
+
+    # -- life cycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        hub = self.hub
+        self._key = await asyncio.to_thread(load_or_create_gossip_key, hub.data_dir)
+        sealer = DatagramSealer(HUB_ID, self._key, self._own_cert())
+        opener = DatagramOpener(self._trusted, recipient=HUB_ID)
+        meta = None if self.advertise is None else address_meta(self.advertise)
+        service = GossipService(
+            gossip_config(self.preset),
+            sealer,
+            opener,
+            host=self.host,
+            port=self.port,
+            meta=meta,
+            relay=True,
+            on_events=self._on_events,
+            on_app_message=self._on_app_message,
+            max_app_bytes=MAX_APP_BYTES,
+        )
+        await service.start()
+        self.service, self._sealer = service, sealer
+        self.publish_head()
+        logger.info("gossip member %s on udp %s", HUB_ID, self.address)
+
+    async def stop(self) -> None:
+        service, self.service = self.service, None
+        if service is not None:
+            await service.stop()
+
+    @property
+    def address(self) -> str:
+        """What sites are told: the advertised address, else the bound one."""
+        if self.advertise is not None:
+            return format_address(self.advertise)
+        if self.service is None:
+            return ""
+        return format_address(self.service.address)
+
+    def _trusted(self) -> frozenset[str]:
+        root = self.hub.root_key
+        if root != self._anchor_of:
+            self._anchor_of, self._anchors = root, frozenset({root})
+        return self._anchors
+
+    def _own_cert(self) -> bytes:
+        assert self._key is not None
+        expires = self.hub.now() + self.cert_ttl_s
+        return issue_cert(self.hub.signing_keys[0], HUB_ID, bytes(self._key.verify_key), expires)
+
+    def maintain(self) -> None:
+        """Renew the hub's certificate when half its lifetime is gone or the root rotated
+        (called by the hub's driver every tick; cheap otherwise)."""
+        sealer = self._sealer
+        if sealer is None or self.service is None:
+            return
+        cert = sealer.cert
+        rotated = cert.anchor_key.hex() != self.hub.root_key
+        if rotated or cert.expires_at - self.hub.now() < self.cert_ttl_s / 2:
+            sealer.replace_cert(self._own_cert())
+            logger.info("gossip: renewed the hub's certificate%s", " (root rotated)" * rotated)
+
+    # -- what the HTTP API and the fleet view use ------------------------------------------
+
+    def certificate_for(self, site_id: str, public_key: str) -> dict[str, Any]:
+        """The answer of ``GET /v1/link/gossip`` for an authenticated site."""
+        expires = self.hub.now() + self.cert_ttl_s
+        cert = issue_cert(self.hub.signing_keys[0], site_id, public_key, expires)
+        self.stats.certificates += 1
+        peers = []
+        service = self.service
+        if service is not None:
+            for mid, view in service.node.members().items():
+                if mid in (HUB_ID, site_id) or view.state > MemberState.SUSPECT:
+                    continue
+                addr = service.learned_address(mid)
+                if addr is not None:
+                    peers.append({"id": mid, "addr": format_address(addr)})
+                if len(peers) >= MAX_PEERS:
+                    break
+        return {
+            "cert": base64.b64encode(cert).decode(),
+            "expires_at": expires,
+            "hub": {"id": HUB_ID, "addr": self.address},
+            "preset": self.preset,
+            "peers": peers,
+        }
+
+    def summary_of(self, site_id: str) -> tuple[dict[str, Any], float] | None:
+        """The site's last gossip summary and when the hub received it."""
+        return self._summaries.get(site_id)
+
+    def forget(self, site_id: str) -> None:
+        self._summaries.pop(site_id, None)
+
+    def member_state(self, site_id: str) -> str | None:
+        service = self.service
+        view = None if service is None else service.node.member(site_id)
+        return None if view is None else view.state.name.lower()
+
+    def publish_head(self) -> None:
+        service, key = self.service, self._key
+        if service is None or key is None or not service.running:
+            return
+        head = self.hub.head
+        summary = hub_summary(head.version, head.hash, self.hub.now())
+        service.publish(seal_summary(key, HUB_ID, summary))
+
+    def status_json(self) -> dict[str, Any]:
+        service = self.service
+        members = {}
+        if service is not None:
+            for mid, view in service.node.members().items():
+                if mid != HUB_ID:
+                    members[mid] = view.state.name.lower()
+        return {
+            "address": self.address,
+            "preset": self.preset,
+            "members": members,
+            "stats": self.stats.as_dict(),
+            "service": {} if service is None else service.stats.as_dict(),
+        }
+
+    # -- callbacks ---------------------------------------------------------------------------
+
+    def _on_events(self, events: list[Event]) -> None:
+        for event in events:
+            if event.kind != EventKind.SUMMARY or event.member_id == HUB_ID:
+                continue
+            try:
+                self._keep_summary(event.member_id, event.value or b"")
+            except BadSummary as exc:
+                self.stats.bad_summaries += 1
+                logger.debug("gossip: summary of %s ignored: %s", event.member_id[:64], exc)
+
+    def _keep_summary(self, site_id: str, value: bytes) -> None:
+        public_key = self.hub.site_public_key(site_id)
+        if public_key is None:
+            raise BadSummary("not an enrolled site")
+        summary = parse_site_summary(open_summary(value, site_id, bytes.fromhex(public_key)))
+        now = self.hub.now()
+        if summary["t"] > now + FUTURE_SKEW_S:
+            raise BadSummary(f"stamped {summary['t'] - now:.0f} s in the future")
+        previous = self._summaries.get(site_id)
+        if previous is not None and summary["t"] <= previous[0]["t"]:
+            self.stats.old_summaries += 1
+            return
+        self._summaries[site_id] = (summary, now)
+        self.stats.summaries += 1
+
+    def _on_app_message(self, sender: str, body: bytes) -> None:
+        try:
+            if not body or body[0] != MSG_REQUEST:
+                raise BadSummary("the hub only answers delta requests")
+            after = parse_request(body[1:])
+        except BadSummary as exc:
+            self.stats.bad_messages += 1
+            logger.debug("gossip: app message from %s ignored: %s", sender[:64], exc)
+            return
+        self._answer(sender, after)
+
+    def _answer(self, sender: str, after: int) -> None:
+        service, hub = self.service, self.hub
+        if service is None or hub._store is None or after >= hub.head.version:
+            return
+        if not self._answers.allow(sender, hub.now()):
+            return
+        envelopes = [e for _, e in hub.deltas_after(after, MAX_ANSWER_DELTAS)]
+        messages = delta_messages(envelopes)
+        for message in messages:
+            service.send_app(sender, message)
+        self.stats.requests_answered += 1
+        self.stats.deltas_sent += len(messages)
