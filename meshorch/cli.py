@@ -19,6 +19,7 @@ import orjson
 import uvloop
 
 from meshorch import __version__
+from meshorch.agent_client import call_agent
 from meshorch.agent_config import PASSWORD_ENV, AgentConfig, resolve_password
 from meshorch.errors import ConfigurationError, MeshorchError
 from meshorch.fleet_cli import add_fleet_commands
@@ -349,32 +350,12 @@ def parse_duration(text: str) -> float:
         raise ConfigurationError(f"bad duration {text!r}: use e.g. 90s, 30m, 1h, 7d") from exc
 
 
-def _call_agent(api: str, method: str, path: str, body: object | None = None) -> dict[str, Any]:
-    import urllib.error
-    import urllib.request
-
-    data = orjson.dumps(body) if body is not None else None
-    request = urllib.request.Request(f"http://{api}{path}", data=data, method=method)
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return dict(orjson.loads(response.read()))
-    except urllib.error.HTTPError as exc:
-        try:
-            error = orjson.loads(exc.read())["error"]
-            message = f"{error['code']}: {error['message']}"
-        except (ValueError, KeyError, TypeError):
-            message = str(exc)
-        raise ConfigurationError(f"the agent at {api} refused: {message}") from exc
-    except (urllib.error.URLError, OSError) as exc:
-        raise ConfigurationError(f"cannot reach the agent at {api}: {exc}") from exc
-
-
 def run_token_create(args: argparse.Namespace) -> int:
-    status = _call_agent(args.api, "GET", "/v1/status")
+    status = call_agent(args.api, "GET", "/v1/status")
     if status.get("site") != args.site:
         raise ConfigurationError(f"the agent at {args.api} serves site {status.get('site')!r}")
     body = {"ttl_s": parse_duration(args.ttl), "single_use": args.single_use}
-    token = _call_agent(args.api, "POST", "/v1/tokens", body)
+    token = call_agent(args.api, "POST", "/v1/tokens", body)
     expires = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(token["expires_at"]))
     print(token["token"])
     use = "single use" if token["single_use"] else "reusable"
@@ -412,7 +393,7 @@ def run_app_apply(args: argparse.Namespace) -> int:
 
 
 def run_app_list(args: argparse.Namespace) -> int:
-    body = _call_agent(_agent_address(args.agent), "GET", "/v1/apps")
+    body = call_agent(_agent_address(args.agent), "GET", "/v1/apps")
     print(f"{'APP':20} {'VERSION':10} {'READY':>7}  ROLLOUT")
     for app in body["apps"]:
         rollout = app["rollout"]
@@ -423,7 +404,7 @@ def run_app_list(args: argparse.Namespace) -> int:
 
 
 def run_app_show(args: argparse.Namespace) -> int:
-    app = _call_agent(_agent_address(args.agent), "GET", f"/v1/apps/{args.name}")
+    app = call_agent(_agent_address(args.agent), "GET", f"/v1/apps/{args.name}")
     print(f"{app['name']} version {app['version']}, {app['ready']} ready")
     print(f"  {'INSTANCE':28} {'HOST':10} {'VERSION':9} {'STATE':9} READY RESTARTS")
     for i in app["instances"]:
@@ -436,7 +417,7 @@ def run_app_show(args: argparse.Namespace) -> int:
 
 
 def run_app_delete(args: argparse.Namespace) -> int:
-    _call_agent(_agent_address(args.agent), "DELETE", f"/v1/apps/{args.name}")
+    call_agent(_agent_address(args.agent), "DELETE", f"/v1/apps/{args.name}")
     print(f"deleted {args.name}")
     return 0
 
@@ -483,7 +464,7 @@ def run_image_add(args: argparse.Namespace) -> int:
 
 
 def run_image_list(args: argparse.Namespace) -> int:
-    body = _call_agent(args.api, "GET", "/v1/images")
+    body = call_agent(args.api, "GET", "/v1/images")
     for image in body["images"]:
         holders = ", ".join(image["holders"]) or "-"
         print(f"{image['ref']:30} {image['digest'][:19]} {image['size']:>12}  on {holders}")
@@ -491,7 +472,7 @@ def run_image_list(args: argparse.Namespace) -> int:
 
 
 def run_host_revoke(args: argparse.Namespace) -> int:
-    result = _call_agent(args.api, "DELETE", f"/v1/members/{args.host_id}")
+    result = call_agent(args.api, "DELETE", f"/v1/members/{args.host_id}")
     print(f"revoked {result['removed']['host_id']}")
     return 0
 

@@ -15,13 +15,10 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
-import orjson
-
+from meshorch.agent_client import call_agent
 from meshorch.errors import ConfigurationError
 
 DEFAULT_AGENT = "127.0.0.1:7700"
@@ -80,27 +77,10 @@ def _address(text: str) -> str:
     return text.removeprefix("http://").rstrip("/")
 
 
-def _call(agent: str, method: str, path: str, body: object | None = None) -> dict[str, Any]:
-    data = orjson.dumps(body) if body is not None else None
-    request = urllib.request.Request(f"http://{agent}{path}", data=data, method=method)
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return dict(orjson.loads(response.read()))
-    except urllib.error.HTTPError as exc:
-        try:
-            error = orjson.loads(exc.read())["error"]
-            message = f"{error['code']}: {error['message']}"
-        except (ValueError, KeyError, TypeError):
-            message = str(exc)
-        raise ConfigurationError(f"the agent at {agent} refused: {message}") from exc
-    except (urllib.error.URLError, OSError) as exc:
-        raise ConfigurationError(f"cannot reach the agent at {agent}: {exc}") from exc
-
-
 def _agent(args: argparse.Namespace) -> str:
     agent = _address(args.agent)
     if args.site is not None:
-        site = _call(agent, "GET", "/v1/status").get("site")
+        site = call_agent(agent, "GET", "/v1/status").get("site")
         if site != args.site:
             raise ConfigurationError(
                 f"the agent at {agent} serves site {site!r}, not {args.site!r}"
@@ -124,7 +104,7 @@ def read_key_file(path: Path) -> str:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    status = _call(_agent(args), "GET", "/v1/secrets/status")
+    status = call_agent(_agent(args), "GET", "/v1/secrets/status")
     state = "locked down" if status["locked_down"] else "sealed" if status["sealed"] else "unsealed"
     print(f"host {status['host_id']}: {state}")
     print(f"data keys {status['data_keys']} (current {status['current_data_key']}), "
@@ -135,25 +115,25 @@ def run_status(args: argparse.Namespace) -> int:
 def run_unseal(args: argparse.Namespace) -> int:
     key = read_key_file(args.key_file)
     agent = _agent(args)
-    result = _call(agent, "POST", "/v1/secrets/unseal", {"key": key})
+    result = call_agent(agent, "POST", "/v1/secrets/unseal", {"key": key})
     print(f"unsealed {agent}" if result["changed"] else f"{agent} was unsealed already")
     return 0
 
 
 def run_lockdown(args: argparse.Namespace) -> int:
-    _call(_agent(args), "POST", "/v1/secrets/lockdown", {})
+    call_agent(_agent(args), "POST", "/v1/secrets/lockdown", {})
     print("locked down: every host drops its keys; unlock, then unseal, to end it")
     return 0
 
 
 def run_unlock(args: argparse.Namespace) -> int:
-    result = _call(_agent(args), "POST", "/v1/secrets/unlock", {})
+    result = call_agent(_agent(args), "POST", "/v1/secrets/unlock", {})
     print("unlocked; unseal the site next" if result["changed"] else "the site was not locked")
     return 0
 
 
 def run_rotate(args: argparse.Namespace) -> int:
-    result = _call(_agent(args), "POST", "/v1/secrets/rotate", {})
+    result = call_agent(_agent(args), "POST", "/v1/secrets/rotate", {})
     if result["rotated"]:
         print(f"rotated: data key {result['current_data_key']} is the only one")
     else:
