@@ -6,9 +6,7 @@ failover, and reports its applications' health."""
 from __future__ import annotations
 
 import asyncio
-import inspect
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -19,6 +17,7 @@ from nacl.signing import SigningKey
 from meshorch.delta import Target, key_id
 from meshorch.localsite import LocalHost, LocalSite, free_port, get_status, wait_ready
 from tests.fleet.hubstub import StubHub
+from tests.waiting import until
 
 ROOT = SigningKey(b"r" * 32)
 SITE = "shop-1"
@@ -55,22 +54,6 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSite]:
     finally:
         local.stop()
         print(local.logs())
-
-
-async def until(what: str, check: Callable[[], Any], timeout_s: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-            if inspect.isawaitable(last):
-                last = await last
-        except (aiohttp.ClientError, TimeoutError, KeyError) as exc:
-            last = exc
-        if last:
-            return last
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"not within {timeout_s}s: {what} (last: {last!r})")
 
 
 async def leader_of(session: aiohttp.ClientSession, hosts: list[LocalHost]) -> LocalHost:

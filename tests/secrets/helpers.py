@@ -3,9 +3,7 @@ signed here and relayed to its agent API, as a hub's would be."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import inspect
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -21,6 +19,7 @@ from meshorch.localsite import LocalHost, LocalSite, free_port, wait_ready
 from meshorch.secret_service import delivery_root
 from meshorch.secrets import seal
 from tests.fleet.hubstub import StubHub
+from tests.waiting import until
 
 ROOT = SigningKey(b"r" * 32)
 SITE = "shop-1"
@@ -32,22 +31,6 @@ def new_site(root: Path, hosts: int = 3) -> LocalSite:
     extra = ["--hub", f"http://127.0.0.1:{free_port()}", "--fleet", FLEET,
              "--fleet-key", key_id(ROOT)]  # fmt: skip
     return LocalSite(hosts=hosts, site=SITE, root=root, extra_args=extra)
-
-
-async def until(what: str, check: Callable[[], Any], timeout_s: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-            if inspect.isawaitable(last):
-                last = await last
-        except (aiohttp.ClientError, TimeoutError, KeyError, ValueError, OSError) as exc:
-            last = exc
-        if last and not isinstance(last, Exception):
-            return last
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"not within {timeout_s}s: {what} (last: {last!r})")
 
 
 class Driver:
