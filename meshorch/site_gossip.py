@@ -353,6 +353,7 @@ class SiteGossip:
         self._asked_at = -math.inf
         self._ask_turn = 0
         self._behind_since: float | None = None
+        self._nudged_at = -math.inf
         self._next_punch = -math.inf
         self._info_disabled_logged = False
 
@@ -537,7 +538,9 @@ class SiteGossip:
             self._behind_since = now
         best = max(v for v, _ in ahead)
         if self.link.connected:
-            self.link.nudge(best)
+            if now - self._nudged_at >= CATCH_UP_GRACE_S:
+                self._nudged_at = now  # a member announcing nonsense costs a poll per 3 s
+                self.link.nudge(best)
             if now - self._behind_since < CATCH_UP_GRACE_S:
                 return
         if now - self._asked_at < REQUEST_INTERVAL_S:
