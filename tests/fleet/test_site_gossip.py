@@ -89,9 +89,9 @@ async def until(what: str, check: Callable[[], Any], fleet: Fleet, timeout_s: fl
             last = check()
             if inspect.isawaitable(last):
                 last = await last
-        except (aiohttp.ClientError, TimeoutError, KeyError, TypeError) as exc:
-            last = exc
-        if last:
+        except (aiohttp.ClientError, TimeoutError, KeyError, TypeError, OSError) as exc:
+            last = exc  # not yet: a system still settling
+        if last and not isinstance(last, Exception):
             return last
         await asyncio.sleep(0.1)
     raise AssertionError(f"not within {timeout_s}s: {what} (last: {last!r})\n{fleet.logs()}")
