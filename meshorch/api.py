@@ -16,10 +16,11 @@ from aiohttp import web
 
 from meshorch import admission
 from meshorch.agent import Agent
-from meshorch.appspec import AppSpec, SpecError, parse_app_spec, spec_digest, to_json
+from meshorch.appspec import SpecError, parse_app_spec, spec_digest, to_json
 from meshorch.delta import DeltaRejected
 from meshorch.errors import RemoteInputError
 from meshorch.fleet_apply import (
+    NameTaken,
     VersionExists,
     app_delete_ops,
     app_put_ops,
@@ -28,6 +29,15 @@ from meshorch.fleet_apply import (
 )
 from meshorch.imagestore import CHUNK_BYTES, validate_digest, validate_ref
 from meshorch.join import JoinRefused, JoinRequest, check_revocation_notice
+from meshorch.quotas import (
+    DEFAULT_TENANT,
+    QUOTA_PREFIX,
+    Usage,
+    check_tenant,
+    decode_quota,
+    parse_quota,
+    quota_writes,
+)
 from meshorch.secret_service import SecretsRefused, parse_unseal_key, sealed_answer
 from meshorch.secrets import parse_public_key, parse_settings
 from meshorch.site_state import (
@@ -44,12 +54,13 @@ from meshorch.workloads import (
     EVENT_PREFIX,
     INST_PREFIX,
     STATUS_PREFIX,
+    AppRecord,
     InstanceReport,
     app_key,
     appver_key,
+    decode_app,
     decode_placement,
     decode_rollout,
-    decode_spec,
     rollout_key,
 )
 from raft import Delete, Put
@@ -127,6 +138,8 @@ def build_app(agent: Agent) -> web.Application:
     app.router.add_get("/v1/apps", list_apps)
     app.router.add_get("/v1/apps/{name}", get_app)
     app.router.add_delete("/v1/apps/{name}", delete_app)
+    app.router.add_get("/v1/quotas", list_quotas)
+    app.router.add_put("/v1/quotas/{tenant}", put_quota)
     app.router.add_post("/v1/images", add_image)
     app.router.add_get("/v1/images", list_images)
     app.router.add_get("/v1/images/blobs/{digest}", get_blob)
@@ -367,8 +380,16 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
 MAX_SPEC_BODY = 1 << 20
 
 
+def _tenant_param(request: web.Request) -> str | None:
+    raw = request.query.get("tenant")
+    return None if raw is None else check_tenant(raw)
+
+
 async def apply_app(request: web.Request) -> web.Response:
-    """Body: an application spec, YAML or JSON. A new version starts a rolling upgrade."""
+    """Body: an application spec, YAML or JSON; ``?tenant=`` (default ``default``) owns it.
+    A new version starts a rolling upgrade. 409 ``name_taken`` when another tenant has an
+    app of that name, ``version_exists`` when the version was applied with other content."""
+    tenant = _tenant_param(request) or DEFAULT_TENANT
     body = await request.content.read(MAX_SPEC_BODY + 1)
     try:
         spec = parse_app_spec(body)
@@ -379,12 +400,20 @@ async def apply_app(request: web.Request) -> web.Response:
     agent = _agent(request)
     await agent.raft.barrier()
     existing = agent.raft.view.get(APPS_TABLE, appver_key(spec.name, spec.version))
+    current = agent.raft.view.get(APPS_TABLE, app_key(spec.name))
     try:
-        ops = app_put_ops(spec, None if existing is None else existing.value)
-    except VersionExists as exc:
+        ops = app_put_ops(
+            spec,
+            None if existing is None else existing.value,
+            tenant,
+            None if current is None else current.value,
+        )
+    except (VersionExists, NameTaken) as exc:
         raise ApiError(409, exc.code, str(exc)) from exc
     await agent.raft.propose(ops, idempotent=True)
-    return json_response({"app": spec.name, "version": spec.version, "digest": spec_digest(spec)})
+    return json_response(
+        {"app": spec.name, "tenant": tenant, "version": spec.version, "digest": spec_digest(spec)}
+    )
 
 
 def _scan_json(agent: Agent, prefix: bytes) -> list[bytes]:
@@ -392,46 +421,102 @@ def _scan_json(agent: Agent, prefix: bytes) -> list[bytes]:
     return [r.value for _, r in records]
 
 
-def _app_view(agent: Agent, spec: AppSpec) -> dict[str, object]:
+def _app_view(agent: Agent, record: AppRecord) -> dict[str, object]:
+    spec = record.spec
     placements = map(decode_placement, _scan_json(agent, INST_PREFIX))
     reports = {
         r.instance_id: r for r in map(InstanceReport.decode, _scan_json(agent, STATUS_PREFIX))
     }
     rollout_record = agent.raft.view.get(APPS_TABLE, rollout_key(spec.name))
     rollout = decode_rollout(rollout_record.value) if rollout_record else None
-    return app_view(spec, placements, reports, rollout)
+    return app_view(spec, placements, reports, rollout, record.tenant)
 
 
 async def list_apps(request: web.Request) -> web.Response:
+    """Every app, each with its tenant; ``?tenant=`` shows only that tenant's."""
+    tenant = _tenant_param(request)
     await _consistent_read(request)
     agent = _agent(request)
-    specs = [decode_spec(raw) for raw in _scan_json(agent, APP_PREFIX)]
-    return json_response({"apps": [_app_view(agent, spec) for spec in specs]})
+    records = [decode_app(raw) for raw in _scan_json(agent, APP_PREFIX)]
+    chosen = [r for r in records if tenant is None or r.tenant == tenant]
+    return json_response({"apps": [_app_view(agent, record) for record in chosen]})
 
 
 async def get_app(request: web.Request) -> web.Response:
     await _consistent_read(request)
     agent = _agent(request)
     name = request.match_info["name"]
-    record = agent.raft.view.get(APPS_TABLE, app_key(name))
-    if record is None:
+    stored = agent.raft.view.get(APPS_TABLE, app_key(name))
+    if stored is None:
         raise ApiError(404, "not_found", f"no application {name!r}")
-    spec = decode_spec(record.value)
+    record = decode_app(stored.value)
     events_prefix = EVENT_PREFIX + f"{name}/".encode()
     events = [orjson.loads(raw) for raw in _scan_json(agent, events_prefix)][-50:]
     for event in events:
         event.pop("v", None)
-    return json_response({**_app_view(agent, spec), "spec": to_json(spec), "events": events})
+    return json_response(
+        {**_app_view(agent, record), "spec": to_json(record.spec), "events": events}
+    )
 
 
 async def delete_app(request: web.Request) -> web.Response:
+    """``?tenant=``: only if the app is that tenant's (409 ``name_taken`` otherwise)."""
+    tenant = _tenant_param(request)
     agent = _agent(request)
     name = request.match_info["name"]
     await agent.raft.barrier()
-    if agent.raft.view.get(APPS_TABLE, app_key(name)) is None:
+    current = agent.raft.view.get(APPS_TABLE, app_key(name))
+    if current is None:
         raise ApiError(404, "not_found", f"no application {name!r}")
-    await agent.raft.propose(app_delete_ops(name), idempotent=True)
+    try:
+        ops = app_delete_ops(name, tenant, current.value)
+    except NameTaken as exc:
+        raise ApiError(409, exc.code, str(exc)) from exc
+    await agent.raft.propose(ops, idempotent=True)
     return json_response({"deleted": name})
+
+
+# -- tenant quotas (docs/app-spec.md) ------------------------------------------------
+
+MAX_QUOTA_BODY = 4096
+
+
+async def list_quotas(request: web.Request) -> web.Response:
+    """Every tenant with a quota or placed instances: its quota (null fields: unlimited,
+    ``quota`` null: none) and what its placed instances request (``used``)."""
+    await _consistent_read(request)
+    agent = _agent(request)
+    quotas = dict(map(decode_quota, _scan_json(agent, QUOTA_PREFIX)))
+    owners = {r.spec.name: r.tenant for r in map(decode_app, _scan_json(agent, APP_PREFIX))}
+    used: dict[str, Usage] = {}
+    for p in map(decode_placement, _scan_json(agent, INST_PREFIX)):
+        tenant = owners.get(p.app, DEFAULT_TENANT)
+        used[tenant] = used.get(tenant, Usage()).plus(p.cpu_millis, p.memory_bytes)
+    tenants = sorted(set(quotas) | set(used))
+    return json_response(
+        {
+            "quotas": [
+                {
+                    "tenant": tenant,
+                    "quota": quotas[tenant].to_json() if tenant in quotas else None,
+                    "used": used.get(tenant, Usage()).to_json(),
+                }
+                for tenant in tenants
+            ]
+        }
+    )
+
+
+async def put_quota(request: web.Request) -> web.Response:
+    """Body ``{"cpu_millis", "memory_bytes", "instances"}``: integers >= 0 or null
+    (unlimited); all null removes the quota. The same rules as the ``tenant.quota`` op."""
+    tenant = check_tenant(request.match_info["tenant"])
+    body = await request.content.read(MAX_QUOTA_BODY + 1)
+    if len(body) > MAX_QUOTA_BODY:
+        raise ApiError(413, "too_large", f"the body is limited to {MAX_QUOTA_BODY} bytes")
+    quota = parse_quota(_json_object(body))
+    await _agent(request).raft.propose(list(quota_writes(tenant, quota)), idempotent=True)
+    return json_response({"tenant": tenant, "quota": None if quota.unlimited else quota.to_json()})
 
 
 # -- the fleet link ------------------------------------------------------------------

@@ -6,6 +6,16 @@ the instances' reports; steps each app's rolling upgrade (``meshorch.rollout``);
 runs the scheduler (``meshorch.scheduler``); and commits the differences, with
 the events, in one Raft entry. A host that dies is noticed when its Raft
 connection drops, and its instances are placed elsewhere on the next tick.
+
+Tenants and quotas (docs/app-spec.md): the scheduler gets each app's tenant and the
+tenants' quotas. An instance it cannot place (over the quota, or no host can take it)
+gets a ``status/`` record written here (no host, state ``over_quota`` or ``unplaced``,
+the reason as its message) and an event, both only when the reason changes; the record
+goes when the instance is placed or no longer wanted. A rolling upgrade to a version
+that would take its tenant over the quota (all its instances at the new requests, with
+the tenant's other apps as placed) rolls back at once with that reason, so the rollout
+status, the app's events and the site report say why. An upgraded (or reverted)
+instance's placement takes the requests of the version it now runs.
 """
 
 from __future__ import annotations
@@ -21,6 +31,14 @@ from typing import TYPE_CHECKING
 import orjson
 
 from meshorch.appspec import AppSpec
+from meshorch.quotas import (
+    DEFAULT_TENANT,
+    QUOTA_PREFIX,
+    Quota,
+    decode_quota,
+    over_quota,
+    spec_usage,
+)
 from meshorch.rollout import (
     InstanceHealth,
     RolloutEvent,
@@ -30,7 +48,7 @@ from meshorch.rollout import (
     start_rollout,
     step,
 )
-from meshorch.scheduler import HostInfo, Placement, schedule
+from meshorch.scheduler import HostInfo, Placement, ScheduleResult, schedule
 from meshorch.site_state import APPS_TABLE
 from meshorch.workloads import (
     APP_PREFIX,
@@ -39,15 +57,17 @@ from meshorch.workloads import (
     ROLLOUT_PREFIX,
     STATUS_PREFIX,
     InstanceReport,
+    appver_key,
+    decode_app,
     decode_hostinfo,
     decode_placement,
     decode_rollout,
-    decode_spec,
     encode_placement,
     encode_rollout,
     event_key,
     inst_key,
     rollout_key,
+    status_key,
 )
 from raft import Delete, Put
 from raft.errors import ProposalError
@@ -67,7 +87,6 @@ class SiteController:
         self.agent = agent
         self.clock = clock
         self._event_seq = itertools.count(int(clock() * 1000) * 1000)
-        self._unplaced: dict[str, str] = {}
 
     async def run(self) -> None:
         while True:
@@ -91,10 +110,14 @@ class SiteController:
 
     async def tick(self) -> None:
         now = self.clock()
-        apps = {spec.name: spec for spec in map(decode_spec, self._scan(APP_PREFIX))}
+        records = [decode_app(raw) for raw in self._scan(APP_PREFIX)]
+        apps = {r.spec.name: r.spec for r in records}
+        tenants = {r.spec.name: r.tenant for r in records}
+        quotas = dict(map(decode_quota, self._scan(QUOTA_PREFIX)))
         current = {p.instance_id: p for p in map(decode_placement, self._scan(INST_PREFIX))}
         reports = {r.instance_id: r for r in map(InstanceReport.decode, self._scan(STATUS_PREFIX))}
         rollouts = {r.app: r for r in map(decode_rollout, self._scan(ROLLOUT_PREFIX))}
+        hosts = self.hosts()
         ops: list[Put | Delete] = []
         events: list[RolloutEvent] = []
 
@@ -105,14 +128,22 @@ class SiteController:
             if state is None:
                 continue
             health = [_health(p, reports.get(p.instance_id)) for p in mine]
+            blocked = None
+            if state.phase == "upgrading":
+                blocked = _version_blocked(spec, tenants, quotas, placements, hosts)
             stepped = step(
-                state, health, now, gate_timeout_s=GATE_TIMEOUT_S, min_ready_s=MIN_READY_S
+                state,
+                health,
+                now,
+                gate_timeout_s=GATE_TIMEOUT_S,
+                min_ready_s=MIN_READY_S,
+                blocked=blocked,
             )
             events.extend(stepped.events)
             if isinstance(stepped.decision, UpgradeInstance):
                 target = placements[stepped.decision.instance_id]
-                placements[target.instance_id] = dataclasses.replace(
-                    target, version=stepped.decision.to_version
+                placements[target.instance_id] = self._upgraded(
+                    target, stepped.decision.to_version, spec
                 )
             if stepped.state != rollouts.get(name):
                 ops.append(Put(APPS_TABLE, rollout_key(name), encode_rollout(stepped.state)))
@@ -122,27 +153,76 @@ class SiteController:
 
         versions = {name: new_instance_version(r) for name, r in rollouts.items() if name in apps}
         result = schedule(
-            list(apps.values()), self.hosts(), list(placements.values()), new_versions=versions
+            list(apps.values()),
+            hosts,
+            list(placements.values()),
+            new_versions=versions,
+            tenants=tenants,
+            quotas=quotas,
         )
         wanted = {p.instance_id: p for p in result.placements}
         for instance_id in result.moved:
             moved_to = f"{instance_id} to {wanted[instance_id].host_id}"
             events.append(RolloutEvent("instance_moved", instance_id.split(".")[0], moved_to, now))
-        for unplaced in result.unplaced:
-            if self._unplaced.get(unplaced.instance_id) != unplaced.reason:
-                logger.warning("cannot place %s: %s", unplaced.instance_id, unplaced.reason)
-        self._unplaced = {u.instance_id: u.reason for u in result.unplaced}
         for instance_id, placement in wanted.items():
             if current.get(instance_id) != placement:
                 ops.append(Put(APPS_TABLE, inst_key(instance_id), encode_placement(placement)))
         for instance_id in set(current) - set(wanted):
             ops.append(Delete(APPS_TABLE, inst_key(instance_id)))
+        ops.extend(self._unplaced_records(result, apps, versions, current, reports, now, events))
         for event in events:
             logger.info("%s: %s %s", event.app, event.kind, event.detail)
             body = orjson.dumps({"v": 1, **dataclasses.asdict(event)})
             ops.append(Put(APPS_TABLE, event_key(event.app, next(self._event_seq)), body))
         if ops:
             await self.agent.raft.propose(ops)
+
+    def _unplaced_records(
+        self,
+        result: ScheduleResult,
+        apps: dict[str, AppSpec],
+        versions: dict[str, str],
+        current: dict[str, Placement],
+        reports: dict[str, InstanceReport],
+        now: float,
+        events: list[RolloutEvent],
+    ) -> list[Put | Delete]:
+        """The ``status/`` records of the instances no host runs, each with its reason."""
+        writes: list[Put | Delete] = []
+        over = set(result.over_quota)
+        for instance_id, reason in result.unplaced:
+            app = instance_id.split(".")[0]
+            before = current.get(instance_id)
+            version = before.version if before else versions.get(app, apps[app].version)
+            state = "over_quota" if instance_id in over else "unplaced"
+            record = InstanceReport(instance_id, "", version, state, False, 0, now, reason)
+            if record.same_facts(reports.get(instance_id)):
+                continue
+            logger.warning("cannot place %s: %s", instance_id, reason)
+            writes.append(Put(APPS_TABLE, status_key(instance_id), record.encode()))
+            events.append(RolloutEvent(f"instance_{state}", app, f"{instance_id}: {reason}", now))
+        still = {u.instance_id for u in result.unplaced}
+        for instance_id, report in reports.items():
+            if report.unplaced and instance_id not in still:
+                writes.append(Delete(APPS_TABLE, status_key(instance_id)))
+        return writes
+
+    def _upgraded(self, placement: Placement, version: str, spec: AppSpec) -> Placement:
+        """The placement running ``version``, with that version's requests (when known)."""
+        if version == spec.version:
+            versioned: AppSpec | None = spec
+        else:
+            record = self.agent.raft.view.get(APPS_TABLE, appver_key(spec.name, version))
+            versioned = decode_app(record.value).spec if record is not None else None
+        service = versioned.service(placement.service) if versioned is not None else None
+        if service is None:
+            return dataclasses.replace(placement, version=version)
+        return dataclasses.replace(
+            placement,
+            version=version,
+            cpu_millis=service.cpu_request_millis,
+            memory_bytes=service.memory_request_bytes,
+        )
 
     def _rollout_for(
         self,
@@ -173,3 +253,24 @@ def _health(placement: Placement, report: InstanceReport | None) -> InstanceHeal
     return InstanceHealth(
         placement.instance_id, placement.version, report.ready, report.failed, report.since
     )
+
+
+def _version_blocked(
+    spec: AppSpec,
+    tenants: dict[str, str],
+    quotas: dict[str, Quota],
+    placements: dict[str, Placement],
+    hosts: list[HostInfo],
+) -> str | None:
+    """Why ``spec``'s version cannot run within its tenant's quota, or None when it can:
+    every instance it wants at its requests, with the tenant's other apps as placed."""
+    tenant = tenants.get(spec.name, DEFAULT_TENANT)
+    quota = quotas.get(tenant)
+    if quota is None:
+        return None
+    usage = spec_usage(spec, [h.labels for h in hosts if h.alive])
+    for p in placements.values():
+        if p.app != spec.name and tenants.get(p.app, DEFAULT_TENANT) == tenant:
+            usage = usage.plus(p.cpu_millis, p.memory_bytes)
+    reason = over_quota(tenant, quota, usage)
+    return None if reason is None else f"version {spec.version}: {reason}"

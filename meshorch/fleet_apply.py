@@ -7,8 +7,10 @@ Where the fleet link lives in the site's replicated state (``sys`` table)::
     fleet/trust         ``meshorch.delta.TrustState``: applied version, head, trusted keys
     fleet/rejections    the last ``MAX_REJECTIONS`` deltas refused (or operations skipped)
 
-Secrets operations (``secret.put``, ``secret.delete``, ``site.lockdown``, ``site.unlock``,
-``secrets.rotate``) write the ``secrets`` table: see ``meshorch.secrets.op_writes``. The
+Application operations (``app.put``, ``app.delete``) and ``tenant.quota`` write the
+``apps`` table (``meshorch.workloads``, ``meshorch.quotas``). Secrets operations
+(``secret.put``, ``secret.delete``, ``site.lockdown``, ``site.unlock``, ``secrets.rotate``)
+write the ``secrets`` table: see ``meshorch.secrets.op_writes``. The
 applier cannot decrypt: a delivered secret is stored as sealed to the site's secrets key,
 and the leader's upkeep (``meshorch.secret_service``) moves it under a data key.
 
@@ -27,10 +29,11 @@ from typing import Any
 
 import orjson
 
-from meshorch import secrets
+from meshorch import quotas, secrets
 from meshorch.appspec import AppSpec, SpecError, from_json, spec_digest
 from meshorch.delta import Delta, TrustState, parse_key_id
 from meshorch.errors import RemoteInputError
+from meshorch.quotas import DEFAULT_TENANT, check_tenant
 from meshorch.rollout import RolloutState
 from meshorch.scheduler import HostInfo, Placement
 from meshorch.site_state import APPS_TABLE, SYSTEM_TABLE
@@ -38,7 +41,7 @@ from meshorch.workloads import (
     InstanceReport,
     app_key,
     appver_key,
-    decode_spec,
+    decode_app,
     encode_spec,
     rollout_key,
 )
@@ -205,24 +208,53 @@ class VersionExists(RemoteInputError):
         )
 
 
-def app_put_ops(spec: AppSpec, existing_version: bytes | None) -> list[Write]:
-    """Writes that make ``spec`` the desired state (``existing_version``: its appver record).
+class NameTaken(RemoteInputError):
+    """The app name is another tenant's on this site (names are unique per site)."""
 
-    Raises VersionExists when that version was applied before with other content.
+    def __init__(self, name: str) -> None:
+        super().__init__("name_taken", f"application {name} belongs to another tenant")
+
+
+def app_put_ops(
+    spec: AppSpec,
+    existing_version: bytes | None,
+    tenant: str = DEFAULT_TENANT,
+    current: bytes | None = None,
+) -> list[Write]:
+    """Writes that make ``spec`` the desired state of ``tenant``.
+
+    ``existing_version`` is the appver record of this version, ``current`` the app record
+    (None when absent). Raises NameTaken when the app is another tenant's, VersionExists
+    when the tenant applied that version before with other content (a version another
+    tenant left behind, after deleting its app, is simply replaced).
     """
-    if existing_version is not None and spec_digest(decode_spec(existing_version)) != spec_digest(
-        spec
-    ):
-        raise VersionExists(spec)
-    encoded = encode_spec(spec)
+    if current is not None and decode_app(current).tenant != tenant:
+        raise NameTaken(spec.name)
+    if existing_version is not None:
+        before = decode_app(existing_version)
+        if before.tenant == tenant and spec_digest(before.spec) != spec_digest(spec):
+            raise VersionExists(spec)
+    encoded = encode_spec(spec, tenant)
     return [
         Put(APPS_TABLE, appver_key(spec.name, spec.version), encoded),
         Put(APPS_TABLE, app_key(spec.name), encoded),
     ]
 
 
-def app_delete_ops(name: str) -> list[Write]:
+def app_delete_ops(
+    name: str, tenant: str | None = None, current: bytes | None = None
+) -> list[Write]:
+    """Writes that forget the app; with ``tenant``, only if ``current`` (its record) is that
+    tenant's (raises NameTaken otherwise)."""
+    if tenant is not None and current is not None and decode_app(current).tenant != tenant:
+        raise NameTaken(name)
     return [Delete(APPS_TABLE, app_key(name)), Delete(APPS_TABLE, rollout_key(name))]
+
+
+def op_tenant(op: Mapping[str, Any]) -> str:
+    """The ``tenant`` of an operation, ``default`` when absent (or null)."""
+    tenant = op.get("tenant")
+    return DEFAULT_TENANT if tenant is None else check_tenant(tenant)
 
 
 # -- applying verified deltas ----------------------------------------------------------
@@ -305,12 +337,20 @@ def _op_writes(op: Mapping[str, Any], read: Reader, site_id: str, version: int) 
             spec = from_json(raw_spec)
         except SpecError as exc:
             raise RemoteInputError("bad_spec", "; ".join(exc.problems)) from exc
-        return app_put_ops(spec, read(APPS_TABLE, appver_key(spec.name, spec.version)))
+        return app_put_ops(
+            spec,
+            read(APPS_TABLE, appver_key(spec.name, spec.version)),
+            op_tenant(op),
+            read(APPS_TABLE, app_key(spec.name)),
+        )
     if kind == "app.delete":
         name = op.get("name")
         if not isinstance(name, str) or not name:
             raise RemoteInputError("bad_op", "'name' is an application name")
-        return app_delete_ops(name)
+        tenant = None if op.get("tenant") is None else op_tenant(op)
+        return app_delete_ops(name, tenant, read(APPS_TABLE, app_key(name)))
+    if kind == "tenant.quota":
+        return list(quotas.op_writes(op))
     if kind == "root.rotate":
         return []  # the trust state carries it
     raise RemoteInputError("unknown_op", f"unknown operation {kind!r}")
@@ -354,21 +394,50 @@ def rollout_json(rollout: RolloutState | None) -> dict[str, Any] | None:
     }
 
 
+def unplaced_views(
+    placements: Iterable[Placement], reports: Mapping[str, InstanceReport]
+) -> list[dict[str, Any]]:
+    """The instances the leader could not place, with why (``status/`` records it wrote)."""
+    placed = {p.instance_id for p in placements}
+    return [
+        {
+            "app": r.instance_id.split(".")[0],
+            "instance_id": r.instance_id,
+            "version": r.version,
+            "state": r.state,
+            "reason": r.message,
+        }
+        for r in sorted(reports.values(), key=lambda r: r.instance_id)
+        if r.unplaced and r.instance_id not in placed
+    ]
+
+
 def app_view(
     spec: AppSpec,
     placements: Iterable[Placement],
     reports: Mapping[str, InstanceReport],
     rollout: RolloutState | None,
+    tenant: str = DEFAULT_TENANT,
 ) -> dict[str, Any]:
-    """What the agent API shows of one application."""
+    """What the agent API shows of one application.
+
+    ``unplaced``: the instances no host can take now, or that would take the tenant over
+    its quota (``state`` ``unplaced`` or ``over_quota``), each with its ``reason``.
+    """
+    placements = list(placements)
     instances = instance_views((p for p in placements if p.app == spec.name), reports)
     for instance in instances:
         del instance["app"]
+    unplaced = [u for u in unplaced_views(placements, reports) if u["app"] == spec.name]
+    for item in unplaced:
+        del item["app"]
     return {
         "name": spec.name,
+        "tenant": tenant,
         "version": spec.version,
         "digest": spec_digest(spec),
         "instances": instances,
+        "unplaced": unplaced,
         "ready": sum(1 for i in instances if i["ready"]),
         "rollout": rollout_json(rollout),
     }
@@ -391,8 +460,14 @@ def app_health(
     instances: Sequence[Mapping[str, Any]],
     rollout: RolloutState | None,
     desired: int,
+    unplaced: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
-    """``apps[name]`` of a site report: healthy, progressing or failed (docs/fleet-link.md)."""
+    """``apps[name]`` of a site report: healthy, progressing or failed (docs/fleet-link.md).
+
+    An instance refused by its tenant's quota (``unplaced`` in state ``over_quota``) makes
+    the app ``failed``: only the operator can change that (raise the quota, shrink the
+    app). One no host can take now makes it ``progressing``, with the reason.
+    """
     ready = sum(1 for i in instances if i["ready"] and i["version"] == spec.version)
     rolled_back = (
         rollout is not None
@@ -400,6 +475,7 @@ def app_health(
         and rollout.to_version == spec.version
     )
     failed_instances = [i for i in instances if i["state"] == "failed"]
+    over_quota = [u for u in unplaced if u["state"] == "over_quota"]
     rolling = rollout is not None and rollout.phase in ("upgrading", "rolling_back")
     if rolled_back:
         state = "failed"
@@ -408,8 +484,11 @@ def app_health(
     elif failed_instances:
         state = "failed"
         message = "failed: " + ", ".join(str(i["instance_id"]) for i in failed_instances)
+    elif over_quota:
+        state, message = "failed", _not_placed(over_quota)
     elif (
         not rolling
+        and not unplaced
         and len(instances) == desired
         and ready == desired
         and all(i["version"] == spec.version for i in instances)
@@ -418,6 +497,8 @@ def app_health(
     else:
         state = "progressing"
         message = f"{ready}/{desired} ready" + (" (rollout in progress)" if rolling else "")
+        if unplaced:
+            message += "; " + _not_placed(unplaced)
     return {
         "version": spec.version,
         "desired": desired,
@@ -425,6 +506,12 @@ def app_health(
         "state": state,
         "message": message,
     }
+
+
+def _not_placed(unplaced: Sequence[Mapping[str, Any]]) -> str:
+    first = unplaced[0]
+    more = f" (and {len(unplaced) - 1} more)" if len(unplaced) > 1 else ""
+    return f"{first['instance_id']} not placed{more}: {first['reason']}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -449,6 +536,7 @@ def build_report(
 ) -> dict[str, Any]:
     """The site report of docs/fleet-link.md."""
     instances = instance_views(facts.placements, facts.reports)
+    unplaced = unplaced_views(facts.placements, facts.reports)
     alive = {h.host_id for h in facts.hosts if h.alive}
     host_ids = sorted({h.host_id for h in facts.hosts} | set(facts.members))
     hosts = [
@@ -467,6 +555,7 @@ def build_report(
             [i for i in instances if i["app"] == spec.name],
             facts.rollouts.get(spec.name),
             desired_instances(spec, facts.hosts),
+            [u for u in unplaced if u["app"] == spec.name],
         )
         for spec in facts.specs
     }

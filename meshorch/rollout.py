@@ -12,7 +12,10 @@ instance id order with not-ready instances first (replacing them costs nothing):
   version is ready, and has been for ``min_ready_s`` (the health gate).
 - ``RollBack(reason)`` comes when an instance on the new version reports ``failed``, when
   the instance being upgraded is not through the gate ``gate_timeout_s`` after it was
-  asked, or when an upgraded instance stays not ready longer than that.
+  asked, when an upgraded instance stays not ready longer than that, or when the caller
+  says the new version is ``blocked`` (the site controller: it would take the app's
+  tenant over its quota). A blocked rollout never waits: it rolls back at once, with the
+  reason, and an upgrade that had not begun ends ``rolled_back`` in the same step.
 - ``Done(rolled_back=False)`` once every instance runs the new version and is through
   the gate; ``Wait(reason)`` otherwise.
 
@@ -151,11 +154,17 @@ def step(
     *,
     gate_timeout_s: float,
     min_ready_s: float = 0.0,
+    blocked: str | None = None,
 ) -> RolloutStep:
-    """The next decision for one app's rollout; see the module docstring."""
+    """The next decision for one app's rollout; see the module docstring.
+
+    ``blocked``: why the new version cannot run at all (an upgrading rollout rolls back
+    with this reason; ignored in the other phases).
+    """
     if not 0 <= min_ready_s < gate_timeout_s:
         raise ValueError("need 0 <= min_ready_s < gate_timeout_s")
     run = _Run(state, {h.instance_id: h for h in health}, now, gate_timeout_s, min_ready_s)
+    run.blocked = blocked
     if state.phase == "upgrading":
         return run.upgrade()
     if state.phase == "rolling_back":
@@ -179,6 +188,7 @@ class _Run:
         self.now = now
         self.gate_timeout_s = gate_timeout_s
         self.min_ready_s = min_ready_s
+        self.blocked: str | None = None
         self.events: list[RolloutEvent] = []
 
     def record(self, kind: str, detail: str) -> None:
@@ -191,10 +201,12 @@ class _Run:
 
     def upgrade(self) -> RolloutStep:
         to = self.state.to_version
-        failure = self.upgrade_failure()
+        failure = self.blocked or self.upgrade_failure()
         if failure is not None:
             self.state = replace(self.state, phase="rolling_back", in_flight=None, reason=failure)
             self.record("rollback_started", failure)
+            if self.blocked and all(h.version != to for h in self.health.values()):
+                return self.roll_back()  # nothing to revert: rolled back at once
             return self.finish(RollBack(failure))
         flight = self.state.in_flight
         if flight is not None and not self.settle(flight):

@@ -37,6 +37,16 @@ memory fractions), then host id. Instances are placed per-host first (they have 
 possible host), then those that lost their host, then new ones, each group by app,
 service and index. An instance with no qualifying host is listed in ``unplaced`` with the
 count of hosts refused for each reason. Input order never changes the result.
+
+Tenant quotas (``meshorch.quotas``): every app belongs to a tenant (``tenants``, default
+``default``), and a tenant may have a quota on the sum of the CPU and memory requests of
+its placed instances and on their number, over the whole site. The quota is booked in the
+order above: kept placements first (in app, service, index order), then per-host, moved
+and new instances. An instance that would take its tenant over the quota is not placed:
+it is listed in ``unplaced`` with the reason (``tenant acme over its quota: memory 96Mi of
+64Mi``) and in ``over_quota``, and the next instances are still tried (a smaller one may
+fit). A kept placement over the quota (the quota was lowered) leaves the placements the
+same way, so the result always honours every quota.
 """
 
 from __future__ import annotations
@@ -47,6 +57,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, TypeVar
 
 from meshorch.appspec import AppSpec, ServiceSpec, format_cpu, format_memory
+from meshorch.quotas import DEFAULT_TENANT, Quota, Usage, over_quota
 
 T = TypeVar("T")
 
@@ -90,6 +101,7 @@ class ScheduleResult:
     placements: tuple[Placement, ...]  # sorted by app, service, index, host
     unplaced: tuple[Unplaced, ...]  # sorted by instance id
     moved: tuple[str, ...]  # instances that had a host in ``current`` and now have another
+    over_quota: tuple[str, ...] = ()  # unplaced because of their tenant's quota, sorted
 
 
 def instance_id(app: str, service: str, index_or_host: int | str) -> str:
@@ -102,33 +114,46 @@ def schedule(
     current: Sequence[Placement],
     *,
     new_versions: Mapping[str, str] | None = None,
+    tenants: Mapping[str, str] | None = None,
+    quotas: Mapping[str, Quota] | None = None,
 ) -> ScheduleResult:
     """Place every wanted instance; see the module docstring for the rules.
 
     ``new_versions`` maps an app name to the version its *new* instances get (the rollout
     passes its from-version while an upgrade runs); by default, the spec's version.
+    ``tenants`` maps an app name to its tenant (default ``default``), ``quotas`` a tenant
+    to its quota (none: unlimited).
     Raises ValueError when two apps or two hosts share a name.
     """
     specs = _by_unique_name(apps, lambda a: a.name, "app")
     hosts_by_id = _by_unique_name(hosts, lambda h: h.host_id, "host")
     ledger = {h.host_id: _HostLoad(h) for h in sorted(hosts, key=_host_key) if h.alive}
+    books = _QuotaBooks(tenants or {}, quotas or {})
     wanted = _wanted(specs, ledger)
-    kept, displaced = _keep_current(current, wanted, ledger)
+    kept, displaced, refused = _keep_current(current, wanted, ledger, books)
     versions = new_versions or {}
 
     placements = list(kept)
-    unplaced: list[Unplaced] = []
+    unplaced: list[Unplaced] = list(refused)
+    over = [u.instance_id for u in refused]
     moved: list[str] = []
-    kept_ids = {p.instance_id for p in kept}
+    done = {p.instance_id for p in kept} | set(over)
     for want in sorted(wanted.values(), key=lambda w: w.order(displaced)):
-        if want.instance_id in kept_ids:
+        if want.instance_id in done:
             continue
         before = displaced.get(want.instance_id)
         version = before.version if before else versions.get(want.app, specs[want.app].version)
-        placement, reason = _place(want, version, ledger)
+        cpu, memory = want.service.cpu_request_millis, want.service.memory_request_bytes
+        reason = books.refusal(want.app, cpu, memory)
+        placement = None
+        if reason is None:
+            placement, reason = _place(want, version, ledger)
+        else:
+            over.append(want.instance_id)
         if placement is None:
             unplaced.append(Unplaced(want.instance_id, _lost(before, hosts_by_id) + reason))
             continue
+        books.add(want.app, cpu, memory)
         placements.append(placement)
         if before is not None:
             moved.append(want.instance_id)
@@ -136,6 +161,7 @@ def schedule(
         tuple(sorted(placements, key=_placement_key)),
         tuple(sorted(unplaced)),
         tuple(sorted(moved)),
+        tuple(sorted(over)),
     )
 
 
@@ -184,9 +210,13 @@ def _wanted(specs: Mapping[str, AppSpec], ledger: Mapping[str, _HostLoad]) -> di
 
 
 def _keep_current(
-    current: Sequence[Placement], wanted: Mapping[str, _Want], ledger: Mapping[str, _HostLoad]
-) -> tuple[list[Placement], dict[str, Placement]]:
-    """Split current placements into kept ones and wanted ones needing a new host.
+    current: Sequence[Placement],
+    wanted: Mapping[str, _Want],
+    ledger: Mapping[str, _HostLoad],
+    books: _QuotaBooks,
+) -> tuple[list[Placement], dict[str, Placement], list[Unplaced]]:
+    """Split current placements into kept ones, wanted ones needing a new host, and ones
+    over their tenant's quota (unplaced, with the reason).
 
     Placements of unwanted instances are simply left out (dropped). When the state holds
     one instance twice, a copy on an alive host is preferred and the others dropped.
@@ -194,6 +224,7 @@ def _keep_current(
     kept: list[Placement] = []
     kept_ids: set[str] = set()
     displaced: dict[str, Placement] = {}
+    refused: dict[str, Unplaced] = {}
     ordered = sorted(current, key=lambda p: (p.host_id not in ledger, *_placement_key(p)))
     for p in ordered:
         want = wanted.get(p.instance_id)
@@ -201,13 +232,45 @@ def _keep_current(
             continue
         load = ledger.get(p.host_id)
         if load is None or _refusal(want, p.cpu_millis, p.memory_bytes, load) is not None:
-            displaced.setdefault(p.instance_id, p)
+            if p.instance_id not in refused:
+                displaced.setdefault(p.instance_id, p)
             continue
+        reason = books.refusal(p.app, p.cpu_millis, p.memory_bytes)
+        if reason is not None:
+            refused.setdefault(p.instance_id, Unplaced(p.instance_id, reason))
+            displaced.pop(p.instance_id, None)
+            continue
+        books.add(p.app, p.cpu_millis, p.memory_bytes)
         load.add(p)
         kept.append(p)
         kept_ids.add(p.instance_id)
         displaced.pop(p.instance_id, None)
-    return kept, displaced
+        refused.pop(p.instance_id, None)
+    return kept, displaced, list(refused.values())
+
+
+# --- tenant quotas ----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _QuotaBooks:
+    """What each tenant's placements request so far in this run (mutable, run-local)."""
+
+    tenants: Mapping[str, str]  # app -> tenant
+    quotas: Mapping[str, Quota]
+    used: dict[str, Usage] = field(default_factory=dict)
+
+    def tenant(self, app: str) -> str:
+        return self.tenants.get(app, DEFAULT_TENANT)
+
+    def refusal(self, app: str, cpu: int, memory: int) -> str | None:
+        tenant = self.tenant(app)
+        after = self.used.get(tenant, Usage()).plus(cpu, memory)
+        return over_quota(tenant, self.quotas.get(tenant), after)
+
+    def add(self, app: str, cpu: int, memory: int) -> None:
+        tenant = self.tenant(app)
+        self.used[tenant] = self.used.get(tenant, Usage()).plus(cpu, memory)
 
 
 # --- choosing a host --------------------------------------------------------------------

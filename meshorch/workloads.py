@@ -1,10 +1,13 @@
 """How applications live in a site's replicated state (the ``apps`` table).
 
-    app/{name}              the desired spec, canonical JSON, and its version
-    appver/{name}/{version} every version applied (rollback needs the old one)
+    app/{name}              the desired spec, canonical JSON, and its tenant (``AppRecord``)
+    appver/{name}/{version} every version applied (rollback needs the old one), same record
     rollout/{name}          the rolling upgrade in progress, if any
     inst/{instance_id}      a placement: which host runs which version
-    status/{instance_id}    what the host running it reports
+    status/{instance_id}    what the host running it reports; for an instance the leader
+                            cannot place, ``host_id`` "" and state ``unplaced`` or
+                            ``over_quota`` with the reason (written by the leader)
+    quota/{tenant}          a tenant's quota (``meshorch.quotas``)
     hostinfo/{host_id}      a host's capacity and labels
     event/{app}/{seq}       what happened (rollouts, rollbacks, moves)
 
@@ -19,6 +22,7 @@ from typing import Any
 import orjson
 
 from meshorch.appspec import AppSpec, from_json, to_json
+from meshorch.quotas import DEFAULT_TENANT
 from meshorch.rollout import InFlight, RolloutState
 from meshorch.scheduler import HostInfo, Placement
 
@@ -59,12 +63,39 @@ def event_key(app: str, seq: int) -> bytes:
     return EVENT_PREFIX + f"{app}/{seq:020d}".encode()
 
 
-def encode_spec(spec: AppSpec) -> bytes:
-    return orjson.dumps({"v": 1, "spec": to_json(spec)})
+@dataclass(frozen=True, slots=True)
+class AppRecord:
+    """An ``app/`` (or ``appver/``) record: the spec and the tenant that owns the app.
+
+    Version 2 added ``tenant``; a version 1 record (no tenant) belongs to ``default``.
+    Readers that know only version 1 still find the spec under ``spec``.
+    """
+
+    spec: AppSpec
+    tenant: str = DEFAULT_TENANT
+
+    def encode(self) -> bytes:
+        return orjson.dumps({"v": 2, "spec": to_json(self.spec), "tenant": self.tenant})
+
+    @staticmethod
+    def decode(raw: bytes) -> AppRecord:
+        data = orjson.loads(raw)
+        return AppRecord(from_json(data["spec"]), str(data.get("tenant") or DEFAULT_TENANT))
+
+
+def encode_spec(spec: AppSpec, tenant: str = DEFAULT_TENANT) -> bytes:
+    return AppRecord(spec, tenant).encode()
 
 
 def decode_spec(raw: bytes) -> AppSpec:
     return from_json(orjson.loads(raw)["spec"])
+
+
+def decode_app(raw: bytes) -> AppRecord:
+    return AppRecord.decode(raw)
+
+
+UNPLACED_STATES = frozenset({"unplaced", "over_quota"})
 
 
 def encode_placement(placement: Placement) -> bytes:
@@ -122,7 +153,7 @@ class InstanceReport:
     instance_id: str
     host_id: str
     version: str
-    state: str  # starting | running | backoff | exited | failed
+    state: str  # starting | running | backoff | exited | failed; unplaced | over_quota
     ready: bool
     restarts: int
     since: float  # when (version, ready, failed) last changed
@@ -131,6 +162,11 @@ class InstanceReport:
     @property
     def failed(self) -> bool:
         return self.state == "failed"
+
+    @property
+    def unplaced(self) -> bool:
+        """Written by the leader for an instance it cannot place (no host)."""
+        return self.host_id == "" and self.state in UNPLACED_STATES
 
     def encode(self) -> bytes:
         return orjson.dumps({"v": 1, **asdict(self)})
