@@ -97,6 +97,14 @@ def router_commands(plan: LabPlan, site: SitePlan) -> list[Argv]:
             r, "-A", "FORWARD", "-i", ROUTER_WAN_IFNAME, "-o", ROUTER_LAN_IFNAME,
             "-m", "comment", "--comment", tag, "-j", "DROP",
         ),
+        # Nor UDP to the router itself: otherwise an unsolicited datagram to its WAN address
+        # creates a conntrack entry that takes the very address pair a LAN host's reply
+        # needs, the reply is remapped to another port, and UDP hole punching fails.
+        iptables(
+            r, "-A", "INPUT", "-i", ROUTER_WAN_IFNAME, "-p", "udp",
+            "-m", "conntrack", "--ctstate", "NEW,INVALID",
+            "-m", "comment", "--comment", tag, "-j", "DROP",
+        ),
     ]  # fmt: skip
     return out
 

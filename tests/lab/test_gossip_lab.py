@@ -11,13 +11,9 @@ must show the change in s1's gossip summary within ``SEEN_WITHIN_S`` and must no
 s1 unreachable. The lab is torn down (agents, hub, namespaces, sockets, data dirs) even
 when the test fails.
 
-The site routers here also drop new traffic from the WAN addressed to the router itself,
-as a home or branch router's firewall does. The lab's routers accept it by default, and
-on Linux that defeats hole punching between two NATs: a punch that reaches the other
-router before that router's own site has sent creates a conntrack entry for exactly the
-address pair the reply mapping needs, so the site behind it is mapped to another port and
-neither side ever hears the other (with sub-millisecond latency the first punches never
-cross). Dropped packets leave no entry, and the punches meet.
+The site routers drop new traffic from the WAN addressed to themselves, as a branch
+router's firewall does (``meshorch.lab.commands``); without that, Linux conntrack defeats
+hole punching between two NATs.
 """
 
 from __future__ import annotations
@@ -31,9 +27,7 @@ import orjson
 import pytest
 
 from meshorch.lab.agents import FleetFlags, LabAgents, LabHub
-from meshorch.lab.commands import iptables, rule_tag
 from meshorch.lab.lab import Lab
-from meshorch.lab.plan import ROUTER_WAN_IFNAME
 from tests.labutil import require_lab
 
 pytestmark = pytest.mark.lab
@@ -98,25 +92,12 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str, fleet
     raise AssertionError(f"not within {timeout_s:g}s: {what}\n{fleet.logs()}")
 
 
-def firewall_routers(lab: Lab) -> None:
-    """Routers drop new traffic from the WAN to themselves (see the module docstring)."""
-    for site in lab.plan.sites:
-        lab.runner.run(
-            iptables(
-                site.router_netns, "-A", "INPUT", "-i", ROUTER_WAN_IFNAME,
-                "-m", "conntrack", "--ctstate", "NEW,INVALID",
-                "-m", "comment", "--comment", f"{rule_tag(lab.prefix)}:firewall", "-j", "DROP",
-            )
-        )  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     require_lab("wg", "wireguard-go", "iptables")
     lab = Lab(f"g{secrets.token_hex(2)}", tmp_path_factory.mktemp("lab"))
     try:
         lab.up(len(SITES), 1)
-        firewall_routers(lab)
         agents = LabAgents(lab, runtime="process")
         hub = agents.start_hub(FLEET, gossip=True, extra_args=("--site-stale", str(SITE_STALE_S)))
         tokens = {}
