@@ -212,11 +212,15 @@ class PodmanRuntime:
     ) -> CommandResult:
         argv = [*self._base, *args]
         logger.debug("podman %s", " ".join(args))
+        self.runroot.mkdir(parents=True, exist_ok=True)
         try:
             return await run_command(
                 argv,
                 timeout_s=timeout_s if timeout_s is not None else self.command_timeout_s,
                 merge_stderr=merge_stderr,
+                # conmon inherits it and writes an "oom" marker there when a container
+                # is OOM-killed: keep that in the runtime's own directory.
+                cwd=self.runroot,
             )
         except FileNotFoundError as exc:
             raise RuntimeUnavailable(f"cannot run {self.podman_path}: {exc}") from exc
