@@ -350,3 +350,34 @@ def test_no_service_ever_stops_serving_and_every_rollout_ends(
     assert all(i.ready for i in site.instances.values())
     assert run.kinds()[-1] == ("rollout_done" if healthy else "rollback_done")
     assert run.kinds().count("rollback_started") == (0 if healthy else 1)
+
+
+def test_a_blocked_version_rolls_back_at_once_with_the_reason() -> None:
+    state, _ = start_rollout("a", "1", "2", 0.0)
+    health = [InstanceHealth(f"a.web.{i}", "1", True, False, 0.0) for i in range(3)]
+    reason = "version 2: tenant acme over its quota: memory 192Mi of 128Mi"
+    stepped = step(state, health, 1.0, gate_timeout_s=GATE_S, blocked=reason)
+    assert stepped.decision == Done(rolled_back=True)
+    assert stepped.state.phase == "rolled_back" and stepped.state.reason == reason
+    assert [e.kind for e in stepped.events] == ["rollback_started", "rollback_done"]
+    assert new_instance_version(stepped.state) == "1"
+
+
+def test_a_version_blocked_midway_reverts_what_was_upgraded() -> None:
+    state, _ = start_rollout("a", "1", "2", 0.0)
+    state = replace(state, done=("a.web.0",))
+    health = [
+        InstanceHealth("a.web.0", "2", True, False, 0.0),
+        InstanceHealth("a.web.1", "1", True, False, 0.0),
+    ]
+    stepped = step(state, health, 5.0, gate_timeout_s=GATE_S, blocked="over quota")
+    assert stepped.decision == RollBack("over quota")
+    after = step(stepped.state, health, 6.0, gate_timeout_s=GATE_S)
+    assert after.decision == UpgradeInstance("a.web.0", "1")
+
+
+def test_blocked_is_ignored_once_rolling_back_or_done() -> None:
+    state, _ = start_rollout("a", "1", "2", 0.0)
+    done = replace(state, phase="done")
+    health = [InstanceHealth("a.web.0", "2", True, False, 0.0)]
+    assert step(done, health, 1.0, gate_timeout_s=GATE_S, blocked="x").decision == Done()

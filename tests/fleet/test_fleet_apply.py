@@ -23,18 +23,29 @@ from meshorch.errors import RemoteInputError
 from meshorch.fleet_apply import (
     TRUST_KEY,
     LinkConfig,
+    NameTaken,
     SiteFacts,
     VersionExists,
     app_put_ops,
+    app_view,
     build_report,
     check_link_config,
     merge_link_config,
     plan_apply,
 )
+from meshorch.quotas import Quota, decode_quota
 from meshorch.rollout import RolloutState
 from meshorch.scheduler import HostInfo, Placement
 from meshorch.site_state import APPS_TABLE, SYSTEM_TABLE
-from meshorch.workloads import InstanceReport, app_key, appver_key, encode_spec, rollout_key
+from meshorch.workloads import (
+    AppRecord,
+    InstanceReport,
+    app_key,
+    appver_key,
+    decode_app,
+    encode_spec,
+    rollout_key,
+)
 from raft import Delete, Guard, Put
 
 NOW = 1_790_000_000.0
@@ -281,3 +292,161 @@ def test_report_failed_on_rollback_or_failed_instance() -> None:
         "1", [placement(0), placement(1)], [report_of(0), report_of(1, state="failed", ready=False)]
     )
     assert report["apps"]["web"]["state"] == "failed"
+
+
+# -- tenants and quotas ----------------------------------------------------------------------
+
+
+class Table:
+    """A dict as the site's view, for ops read back by later ones."""
+
+    def __init__(self) -> None:
+        self.data: dict[tuple[str, bytes], bytes] = {}
+
+    def read(self, table: str, key: bytes) -> bytes | None:
+        return self.data.get((table, key))
+
+    def apply(self, plan_ops: list[Any]) -> None:
+        for op in plan_ops:
+            if isinstance(op, Put):
+                self.data[(op.table, op.key)] = op.value
+            elif isinstance(op, Delete):
+                self.data.pop((op.table, op.key), None)
+
+
+def test_app_put_stores_the_tenant_and_old_records_are_default() -> None:
+    deltas, state = verified(chain([{"op": "app.put", "spec": spec_json(), "tenant": "acme"}]))
+    plan = plan_apply(deltas, state, 5, "shop-1", empty)
+    assert not plan.op_errors
+    written = {op.key: op.value for op in plan.ops if isinstance(op, Put)}
+    record = decode_app(written[app_key("web")])
+    assert record.tenant == "acme" and record.spec == from_json(spec_json())
+    assert orjson.loads(written[app_key("web")])["v"] == 2
+    assert decode_app(written[appver_key("web", "1")]).tenant == "acme"
+    # A version 1 record (before tenants) belongs to "default".
+    v1 = orjson.dumps({"v": 1, "spec": spec_json()})
+    assert decode_app(v1) == AppRecord(from_json(spec_json()), "default")
+
+
+def test_an_app_name_belongs_to_one_tenant() -> None:
+    raws = chain(
+        [{"op": "app.put", "spec": spec_json("1"), "tenant": "acme"}],
+        [{"op": "app.put", "spec": spec_json("2"), "tenant": "globex"}],  # refused
+        [{"op": "app.put", "spec": spec_json("2")}],  # default tenant: refused too
+        [{"op": "app.delete", "name": "web", "tenant": "globex"}],  # refused
+        [{"op": "app.put", "spec": spec_json("2"), "tenant": "acme"}],  # its owner: fine
+        [{"op": "app.delete", "name": "web", "tenant": "acme"}],
+        [{"op": "app.put", "spec": spec_json("1", replicas=4), "tenant": "globex"}],  # free now
+    )
+    deltas, state = verified(raws)
+    table = Table()
+    plan = plan_apply(deltas, state, 5, "shop-1", table.read)
+    assert [(e.version, e.op) for e in plan.op_errors] == [
+        (2, "app.put"), (3, "app.put"), (4, "app.delete")
+    ]  # fmt: skip
+    for error in plan.op_errors:
+        assert error.message == "application web belongs to another tenant"
+        assert error.rejection(NOW)["reason"] == "bad_op"
+    table.apply(plan.ops)
+    final = decode_app(table.data[(APPS_TABLE, app_key("web"))])
+    # acme's version 1 was left behind in appver/: globex's own version 1 replaces it.
+    assert final.tenant == "globex" and final.spec.services[0].replicas == 4
+
+
+def test_app_put_ops_name_clash_and_version_check_per_tenant() -> None:
+    spec = from_json(spec_json("1"))
+    mine = encode_spec(spec, "acme")
+    with pytest.raises(NameTaken):
+        app_put_ops(spec, mine, "globex", mine)
+    assert len(app_put_ops(spec, mine, "acme", mine)) == 2
+    with pytest.raises(VersionExists):
+        app_put_ops(from_json(spec_json("1", replicas=5)), mine, "acme", mine)
+
+
+@pytest.mark.parametrize("tenant", ["", "Acme", "-acme", "a" * 64, 3, "acme/x"])
+def test_app_put_with_a_bad_tenant_is_a_bad_op(tenant: object) -> None:
+    deltas, state = verified(chain([{"op": "app.put", "spec": spec_json(), "tenant": tenant}]))
+    plan = plan_apply(deltas, state, 5, "shop-1", empty)
+    (error,) = plan.op_errors
+    assert "is not a tenant" in error.message and len(plan.ops) == 2  # the guard, the trust
+
+
+def test_tenant_quota_op_sets_and_removes_a_quota() -> None:
+    raws = chain(
+        [{"op": "tenant.quota", "tenant": "acme", "cpu_millis": 500, "memory_bytes": None,
+          "instances": 4}],
+        [{"op": "tenant.quota", "tenant": "acme", "cpu_millis": None, "memory_bytes": None,
+          "instances": None}],
+    )  # fmt: skip
+    deltas, state = verified(raws)
+    plan = plan_apply(deltas, state, 5, "shop-1", empty)
+    assert not plan.op_errors
+    put = next(op for op in plan.ops if isinstance(op, Put) and op.key == b"quota/acme")
+    assert decode_quota(put.value) == ("acme", Quota(500, None, 4))
+    assert Delete(APPS_TABLE, b"quota/acme") in plan.ops
+
+
+@pytest.mark.parametrize(
+    ("op", "message"),
+    [
+        ({"tenant": "acme", "cpu_millis": -5}, "cpu_millis: -5 is not between 0"),
+        ({"tenant": "acme", "memory_bytes": "64Mi"}, "memory_bytes: an integer or null"),
+        ({"tenant": "acme", "instances": 2.0}, "instances: an integer or null"),
+        ({"tenant": "acme", "instances": False}, "instances: an integer or null"),
+        ({"tenant": "acme", "cpus": 1}, "unknown fields: cpus"),
+        ({"cpu_millis": 1}, "tenant: None is not a tenant"),
+        ({"tenant": "ACME", "cpu_millis": 1}, "tenant: 'ACME' is not a tenant"),
+    ],
+)
+def test_bad_tenant_quota_ops_are_skipped(op: dict[str, Any], message: str) -> None:
+    deltas, state = verified(chain([{"op": "tenant.quota", **op}]))
+    plan = plan_apply(deltas, state, 5, "shop-1", empty)
+    (error,) = plan.op_errors
+    assert error.op == "tenant.quota" and message in error.message
+    assert not any(isinstance(o, Put) and o.table == APPS_TABLE for o in plan.ops)
+
+
+def unplaced_record(index: int, state: str, reason: str) -> InstanceReport:
+    return InstanceReport(f"web.main.{index}", "", "1", state, False, 0, NOW, reason)
+
+
+def test_report_failed_when_an_instance_is_over_quota() -> None:
+    reason = "tenant acme over its quota: instances 2 of 1"
+    report = site_report(
+        "1", [placement(0)], [report_of(0), unplaced_record(1, "over_quota", reason)]
+    )
+    assert report["apps"]["web"] == {
+        "version": "1", "desired": 2, "ready": 1, "state": "failed",
+        "message": f"web.main.1 not placed: {reason}",
+    }  # fmt: skip
+    # Not on any host in the report.
+    assert [i["instance_id"] for h in report["hosts"] for i in h["instances"]] == ["web.main.0"]
+
+
+def test_report_progressing_with_the_reason_when_no_host_can_take_it() -> None:
+    reason = "no host can take it (needs 100m CPU and 1Mi memory): 1 lack memory"
+    report = site_report(
+        "1", [placement(0)], [report_of(0), unplaced_record(1, "unplaced", reason)]
+    )
+    assert report["apps"]["web"]["state"] == "progressing"
+    assert report["apps"]["web"]["message"] == f"1/2 ready; web.main.1 not placed: {reason}"
+
+
+def test_a_stale_unplaced_record_of_a_placed_instance_is_ignored() -> None:
+    report = site_report(
+        "1", [placement(0), placement(1)], [report_of(0), unplaced_record(1, "over_quota", "x")]
+    )
+    assert report["apps"]["web"]["state"] == "progressing"
+    assert report["apps"]["web"]["message"] == "1/2 ready"
+
+
+def test_app_view_shows_tenant_and_unplaced_instances() -> None:
+    spec = from_json(spec_json())
+    reports = {"web.main.1": unplaced_record(1, "over_quota", "tenant acme over its quota")}
+    view = app_view(spec, [placement(0)], reports, None, "acme")
+    assert view["tenant"] == "acme"
+    assert [i["instance_id"] for i in view["instances"]] == ["web.main.0"]
+    assert view["unplaced"] == [
+        {"instance_id": "web.main.1", "version": "1", "state": "over_quota",
+         "reason": "tenant acme over its quota"}
+    ]  # fmt: skip
