@@ -31,7 +31,10 @@ HOG = ["dd", "if=/dev/zero", "of=/dev/null", "bs=256M", "count=1"]
 @pytest.fixture(
     params=["process", pytest.param("podman", marks=[pytest.mark.lab, pytest.mark.timeout(300)])]
 )
-async def runtime_site(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Site]:
+async def runtime_site(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[tuple[Site, str]]:
+    """The agent, and the image its apps use."""
     runtime: str = request.param
     if runtime == "podman":
         require_lab("podman", "runc")
@@ -51,15 +54,15 @@ async def runtime_site(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
                 return status == 200
 
             await until("the agent answers", ready, 30)
-            site.image = "process"  # type: ignore[attr-defined]
+            image = "process"
             if runtime == "podman":
                 rootfs = build_busybox_rootfs(tmp_path / "busybox-rootfs.tar")
                 async with session.post(
                     f"{site.base}/v1/images?ref={BUSYBOX_IMAGE_REF}", data=rootfs.read_bytes()
                 ) as response:
                     assert response.status == 200, await response.text()
-                site.image = BUSYBOX_IMAGE_REF  # type: ignore[attr-defined]
-            yield site
+                image = BUSYBOX_IMAGE_REF
+            yield site, image
     finally:
         if runtime == "podman":
             await PodmanRuntime(*podman_dirs(config.data_dir)).purge()
@@ -72,10 +75,9 @@ def app(name: str, image: str, command: list[str]) -> dict[str, Any]:
 
 
 async def test_the_instance_over_its_memory_limit_is_held_the_other_runs(
-    runtime_site: Site,
+    runtime_site: tuple[Site, str],
 ) -> None:
-    site = runtime_site
-    image: str = site.image  # type: ignore[attr-defined]
+    site, image = runtime_site
     prefix = [BUSYBOX] if image == "process" else []
     for tenant in ("acme", "globex"):
         status, _ = await site.call("PUT", f"/v1/quotas/{tenant}", {"memory_bytes": 128 * MI})
