@@ -6,19 +6,25 @@ registers them and ``/v1/openapi.json`` is generated from the same table.
 Errors are JSON ``{"error": {"code": "...", "message": "..."}}`` (plus ``"problems"``, a
 list, when the input had several). 4xx answers change nothing.
 
-Auth schemes:
+Auth schemes (a route's ``auth``):
 
     none       no credentials
-    viewer,    ``Authorization: Bearer mht_<id>_<secret>`` of a token with at least that
-    deployer,  role (401 ``unauthorized`` when missing, unknown or expired; 403
-    admin      ``forbidden`` when the role is too low)
+    <action>   an action of the policy table ``central_hub.authz.POLICY`` (e.g.
+               ``apps.write``): ``Authorization: Bearer mht_<id>_<secret>``; 401
+               ``unauthorized`` when missing, unknown or expired, 403 ``forbidden`` when the
+               table refuses the token's role (or a tenant token a fleet action). The
+               service then checks the object: another tenant's object answers 404.
+               (A role name given instead of an action reads as ``authz.ROLE_ACTIONS``.)
     site       a request signed by a site's identity key (docs/fleet-link.md); 401
                ``bad_site_signature`` otherwise
     enroll     unsigned; the body carries a single-use enrollment token
+
+Refused token requests (401, 403) are audited (``GET /v1/audit``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -27,7 +33,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import orjson
 from aiohttp import web
 
-from central_hub import openapi, tokens
+from central_hub import authz, openapi, tenancy, tokens
+from central_hub.audit import CALLER
 from central_hub.errors import ApiError, InputProblems
 from central_hub.fleetview import parse_report
 from central_hub.model import (
@@ -51,7 +58,7 @@ logger = logging.getLogger(__name__)
 JSON = "application/json"
 HUB_KEY: web.AppKey[Hub] = web.AppKey("hub")
 MAX_BODY_KEY: web.AppKey[int] = web.AppKey("max_body_bytes", int)
-_ROLE_OF: dict[str, tokens.Role] = {role: role for role in tokens.ROLES}
+SCHEMES = ("none", "site", "enroll")
 _TOKEN: web.RequestKey[TokenRecord] = web.RequestKey("token", TokenRecord)
 _SITE: web.RequestKey[str] = web.RequestKey("site", str)
 MAX_LINK_LIMIT = 500
@@ -59,13 +66,13 @@ DEFAULT_WAIT_S = 25.0
 MAX_WAIT_S = 30.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Auth = Literal["none", "viewer", "deployer", "admin", "site", "enroll"]
+Auth = str  # one of SCHEMES, or an action of authz.POLICY
 
 
 @dataclass(frozen=True, slots=True)
 class Query:
     name: str
-    type: Literal["integer", "number"]
+    type: Literal["integer", "number", "string"]
     description: str
 
 
@@ -145,18 +152,46 @@ def _site(request: web.Request) -> str:
 
 
 def _guarded(route: Route) -> Handler:
+    action = None if route.auth in SCHEMES else authz.action_of(route.auth)
+
     async def handler(request: web.Request) -> web.StreamResponse:
         hub = _hub(request)
-        role = _ROLE_OF.get(route.auth)
-        if role is not None:
-            token = hub.authenticate(request.headers.get("Authorization"))
-            tokens.authorize(token, role)
-            request[_TOKEN] = token
-        elif route.auth == "site":
+        if action is not None:
+            return await _with_token(hub, request, route, action)
+        if route.auth == "site":
             request[_SITE] = _verify_site(hub, request, await _read(request))
-        return await route.handler(request)
+        reset = CALLER.set((None, "sites.enroll") if route.auth == "enroll" else None)
+        try:
+            return await route.handler(request)
+        finally:
+            CALLER.reset(reset)
 
     return handler
+
+
+async def _with_token(
+    hub: Hub, request: web.Request, route: Route, action: str
+) -> web.StreamResponse:
+    token: TokenRecord | None = None
+    reset = CALLER.set(None)
+    try:
+        token = hub.authenticate(request.headers.get("Authorization"))
+        CALLER.set((token, action))
+        tokens.authorize(token, action)
+        request[_TOKEN] = token
+        return await route.handler(request)
+    except ApiError as exc:
+        if exc.status in (401, 403):
+            tenant = None if token is None else token.tenant
+            detail = f"{request.method} {request.path}: {exc.code}"
+            outcome = f"refused {exc.status}"
+            refusal = hub.audit(token, action, tenant, "request", route.path, outcome, detail)
+            if refusal is not None:
+                with contextlib.suppress(ApiError):  # the hub is stopping
+                    await refusal
+        raise
+    finally:
+        CALLER.reset(reset)
 
 
 async def _read(request: web.Request) -> bytes:
@@ -178,13 +213,14 @@ async def _read_json(request: web.Request) -> object:
 
 
 async def _read_object(request: web.Request, allowed: set[str]) -> dict[str, Any]:
-    data = await _read_json(request)
-    if not isinstance(data, dict):
-        raise ApiError(400, "bad_request", "the body must be a JSON object")
-    unknown = sorted(set(data) - allowed)
-    if unknown:
-        raise ApiError(400, "bad_request", f"unknown fields {unknown}; known: {sorted(allowed)}")
-    return data
+    """The body: a JSON object with no field outside ``allowed`` (400
+    ``field_not_allowed`` naming the others: mass assignment is refused)."""
+    return authz.only_fields(await _read_json(request), allowed, "this request")
+
+
+def _query_tenant(request: web.Request) -> str | None:
+    raw = request.query.get("tenant")
+    return None if raw is None else validate_tenant(raw)
 
 
 def _verify_site(hub: Hub, request: web.Request, body: bytes) -> str:
@@ -300,19 +336,61 @@ async def link_report(request: web.Request) -> web.Response:
 
 
 async def create_token(request: web.Request) -> web.Response:
-    wanted = tokens.parse_token_request(await _read_json(request))
-    text, record = await _hub(request).create_token(wanted)
+    caller = _token(request)
+    wanted = tokens.parse_token_request(await _read_json(request), caller)
+    text, record = await _hub(request).create_token(caller, wanted)
     return json_response({"token": text, **record.public_json()}, 201)
 
 
 async def list_tokens(request: web.Request) -> web.Response:
-    return json_response({"tokens": [t.public_json() for t in _hub(request).list_tokens()]})
+    found = _hub(request).list_tokens(_token(request), _query_tenant(request))
+    return json_response({"tokens": [t.public_json() for t in found]})
 
 
 async def delete_token(request: web.Request) -> web.Response:
     token_id = request.match_info["id"]
-    await _hub(request).delete_token(token_id)
+    await _hub(request).delete_token(_token(request), token_id)
     return json_response({"deleted": token_id})
+
+
+# -- tenants and the audit log -----------------------------------------------------------
+
+
+async def create_tenant(request: web.Request) -> web.Response:
+    tenant_id, description = tenancy.parse_tenant_request(await _read_json(request))
+    return json_response(
+        await _hub(request).create_tenant(_token(request), tenant_id, description), 201
+    )
+
+
+async def list_tenants(request: web.Request) -> web.Response:
+    return json_response({"tenants": _hub(request).list_tenants(_token(request))})
+
+
+async def get_tenant(request: web.Request) -> web.Response:
+    return json_response(_hub(request).get_tenant(_token(request), request.match_info["id"]))
+
+
+async def delete_tenant(request: web.Request) -> web.Response:
+    tenant_id = request.match_info["id"]
+    return json_response(await _hub(request).delete_tenant(_token(request), tenant_id))
+
+
+async def put_quota(request: web.Request) -> web.Response:
+    quota = tenancy.parse_quota_request(await _read_json(request))
+    tenant_id = request.match_info["id"]
+    return json_response(await _hub(request).set_quota(_token(request), tenant_id, quota))
+
+
+async def get_quota(request: web.Request) -> web.Response:
+    return json_response(_hub(request).get_quota(_token(request), request.match_info["id"]))
+
+
+async def get_audit(request: web.Request) -> web.Response:
+    after = _query_int(request, "after", 0, 0, 2**63)
+    limit = _query_int(request, "limit", 100, 1, MAX_LINK_LIMIT)
+    hub, token = _hub(request), _token(request)
+    return json_response(hub.read_audit(token, after, limit, _query_tenant(request)))
 
 
 # -- sites -----------------------------------------------------------------------------
@@ -332,7 +410,7 @@ async def list_sites(request: web.Request) -> web.Response:
 
 
 async def get_site(request: web.Request) -> web.Response:
-    return json_response(_hub(request).get_site(request.match_info["id"]))
+    return json_response(_hub(request).get_site(_token(request), request.match_info["id"]))
 
 
 async def put_site_labels(request: web.Request) -> web.Response:
@@ -370,7 +448,8 @@ async def create_app(request: web.Request) -> web.Response:
 
 
 async def list_apps(request: web.Request) -> web.Response:
-    return json_response({"apps": _hub(request).list_apps(_token(request))})
+    found = _hub(request).list_apps(_token(request), _query_tenant(request))
+    return json_response({"apps": found})
 
 
 async def get_app(request: web.Request) -> web.Response:
@@ -389,14 +468,15 @@ async def get_deployment(request: web.Request) -> web.Response:
 
 _AFTER = Query("after", "integer", "only deltas with a version greater than this")
 _LIMIT = Query("limit", "integer", "at most this many deltas (1-500)")
+_TENANT_FILTER = Query("tenant", "string", "only this tenant's (fleet-wide tokens)")
 
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/fleet", get_fleet, "none", "Fleet name, root public key, log head",
           response="Fleet"),
-    Route("POST", "/v1/fleet/rotate", rotate_root, "admin",
+    Route("POST", "/v1/fleet/rotate", rotate_root, "fleet.rotate",
           "Rotate the fleet root key (appends a root.rotate delta signed by both keys)",
           response="Rotation"),
-    Route("GET", "/v1/deltas", list_deltas, "viewer", "Inspect the delta log, decoded",
+    Route("GET", "/v1/deltas", list_deltas, "deltas.read", "Inspect the delta log, decoded",
           response="DeltaList", query=(_AFTER, _LIMIT)),
     Route("GET", "/v1/openapi.json", get_openapi, "none", "This document",
           response="Object"),
@@ -413,36 +493,61 @@ ROUTES: tuple[Route, ...] = (
           "The site's gossip certificate, the hub's gossip address and the peers' public "
           "addresses (404 gossip_disabled when the hub does not gossip)",
           response="GossipInfo"),
-    Route("POST", "/v1/tokens", create_token, "admin",
-          "Create an operator token (its text is shown only in this answer)",
-          request="TokenRequest", response="NewToken", status=201),
-    Route("GET", "/v1/tokens", list_tokens, "admin", "List tokens (no secrets)",
-          response="TokenList"),
-    Route("DELETE", "/v1/tokens/{id}", delete_token, "admin", "Revoke a token",
+    Route("POST", "/v1/tokens", create_token, "tokens.create",
+          "Create a token (its text is shown only in this answer); a tenant admin creates "
+          "tokens of its tenant, none above its role", request="TokenRequest",
+          response="NewToken", status=201),
+    Route("GET", "/v1/tokens", list_tokens, "tokens.read",
+          "List the tokens of the caller's tenant (fleet admin: all; no secrets)",
+          response="TokenList", query=(_TENANT_FILTER,)),
+    Route("DELETE", "/v1/tokens/{id}", delete_token, "tokens.delete", "Revoke a token",
           response="Deleted"),
-    Route("POST", "/v1/sites", create_site, "admin",
+    Route("POST", "/v1/tenants", create_tenant, "tenants.create", "Create a tenant",
+          request="TenantRequest", response="Tenant", status=201),
+    Route("GET", "/v1/tenants", list_tenants, "tenants.read",
+          "Tenants (fleet-wide tokens: all; others: their own)", response="TenantList"),
+    Route("GET", "/v1/tenants/{id}", get_tenant, "tenants.read", "One tenant",
+          response="Tenant"),
+    Route("DELETE", "/v1/tenants/{id}", delete_tenant, "tenants.delete",
+          "Delete a tenant and revoke its tokens (409 tenant_in_use while it owns apps or "
+          "secrets)", response="TenantDeleted"),
+    Route("PUT", "/v1/tenants/{id}/quota", put_quota, "tenants.quota",
+          "Set a tenant's quota at every site (null: unlimited); a tenant.quota delta",
+          request="Quota", response="QuotaSet"),
+    Route("GET", "/v1/tenants/{id}/quota", get_quota, "tenants.read", "A tenant's quota",
+          response="QuotaSet"),
+    Route("GET", "/v1/audit", get_audit, "audit.read",
+          "The audit log after a sequence number (tenant admin: its tenant's entries)",
+          response="AuditList",
+          query=(Query("after", "integer", "only entries with a greater sequence number"),
+                 Query("limit", "integer", "at most this many entries (1-500)"),
+                 _TENANT_FILTER)),
+    Route("POST", "/v1/sites", create_site, "sites.create",
           "Register a site (without public_key the answer has an enroll_token)",
           request="SiteRequest", response="NewSite", status=201),
-    Route("GET", "/v1/sites", list_sites, "viewer", "The fleet view: every site and its health",
+    Route("GET", "/v1/sites", list_sites, "sites.read", "The fleet view: every site and its health",
           response="SiteList"),
-    Route("GET", "/v1/sites/{id}", get_site, "viewer",
-          "One site with hosts, instances and rejections from its latest report",
+    Route("GET", "/v1/sites/{id}", get_site, "sites.read",
+          "One site with hosts, instances and rejections from its latest report (a tenant "
+          "token sees the site's health and only its tenant's apps and instances)",
           response="SiteDetail"),
-    Route("PUT", "/v1/sites/{id}/labels", put_site_labels, "admin",
+    Route("PUT", "/v1/sites/{id}/labels", put_site_labels, "sites.write",
           "Replace a site's labels (used by the next deployments)", request="Labels",
           response="SiteLabels"),
-    Route("DELETE", "/v1/sites/{id}", delete_site, "admin", "Forget a site",
+    Route("DELETE", "/v1/sites/{id}", delete_site, "sites.delete", "Forget a site",
           response="Deleted"),
-    Route("POST", "/v1/apps", create_app, "deployer",
-          "Deploy an application version with a placement policy (202 new, 200 repeated)",
+    Route("POST", "/v1/apps", create_app, "apps.write",
+          "Deploy an application version with a placement policy (202 new, 200 repeated); "
+          "tenant: the token's (a fleet-wide token may name one; default 'default')",
           request="AppRequest", response="Deployment", status=202),
-    Route("GET", "/v1/apps", list_apps, "viewer", "List applications", response="AppList"),
-    Route("GET", "/v1/apps/{name}", get_app, "viewer",
+    Route("GET", "/v1/apps", list_apps, "apps.read", "List the tenant's applications",
+          response="AppList", query=(_TENANT_FILTER,)),
+    Route("GET", "/v1/apps/{name}", get_app, "apps.read",
           "An application: spec, placement, current deployment, per-site status",
           response="AppDetail"),
-    Route("DELETE", "/v1/apps/{name}", delete_app, "deployer",
+    Route("DELETE", "/v1/apps/{name}", delete_app, "apps.delete",
           "Delete an application (app.delete delta to the sites that have it)",
           response="AppDeleted"),
-    Route("GET", "/v1/deployments/{id}", get_deployment, "viewer", "One deployment",
+    Route("GET", "/v1/deployments/{id}", get_deployment, "apps.read", "One deployment",
           response="Deployment"),
 )  # fmt: skip

@@ -10,6 +10,8 @@ import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from central_hub import authz
+
 if TYPE_CHECKING:
     from central_hub.api import Route
 
@@ -129,15 +131,15 @@ SCHEMAS: dict[str, Schema] = {
     ),
     "TokenRequest": _obj(
         ["role"],
-        role={"enum": ["viewer", "deployer", "admin"]},
-        tenant={"type": "string", "description": '"*" for every tenant'},
+        role={"enum": ["viewer", "operator", "admin"]},
+        tenant={"type": "string", "description": '"*" for every tenant (fleet admins)'},
         description=_STR,
         expires_in_s={"type": "number", "exclusiveMinimum": 0},
     ),
     "Token": _obj(
         ["id", "role", "tenant", "created_at"],
         id=_STR,
-        role={"enum": ["viewer", "deployer", "admin"]},
+        role={"enum": ["viewer", "operator", "admin"]},
         tenant=_STR,
         created_at=_NUM,
         expires_at=_NULLABLE_NUM,
@@ -150,6 +152,45 @@ SCHEMAS: dict[str, Schema] = {
         ]
     },
     "TokenList": _obj(["tokens"], tokens=_list(_ref("Token"))),
+    "TenantRequest": _obj(["id"], id=_ID, description=_STR),
+    "Tenant": _obj(
+        ["id", "description", "created_at", "quota"],
+        id=_ID,
+        description=_STR,
+        created_at=_NUM,
+        quota={"oneOf": [_ref("Quota"), {"type": "null"}]},
+    ),
+    "TenantList": _obj(["tenants"], tenants=_list(_ref("Tenant"))),
+    "TenantDeleted": _obj(["deleted"], deleted=_ID, revoked_tokens=_list(_STR)),
+    "Quota": _obj(
+        [],
+        cpu_millis={"type": ["integer", "null"], "minimum": 0},
+        memory_bytes={"type": ["integer", "null"], "minimum": 0},
+        instances={"type": ["integer", "null"], "minimum": 0},
+    ),
+    "QuotaSet": _obj(
+        ["tenant", "quota"],
+        tenant=_ID,
+        quota={"oneOf": [_ref("Quota"), {"type": "null"}]},
+        delta=_INT,
+    ),
+    "AuditEntry": _obj(
+        ["seq", "at", "actor", "action", "tenant", "object", "outcome"],
+        seq=_INT,
+        at=_NUM,
+        actor={
+            "oneOf": [
+                _obj(["token", "role", "tenant"], token=_STR, role=_STR, tenant=_STR),
+                {"type": "null"},
+            ]
+        },
+        action=_STR,
+        tenant=_STR,
+        object=_obj(["type", "id"], type=_STR, id=_STR),
+        outcome=_STR,
+        detail=_STR,
+    ),
+    "AuditList": _obj(["entries", "last"], entries=_list(_ref("AuditEntry")), last=_INT),
     "Deleted": _obj(["deleted"], deleted=_STR),
     "Labels": _LABELS,
     "SiteLabels": _obj(["id", "labels"], id=_ID, labels=_LABELS),
@@ -291,10 +332,8 @@ _ERRORS = {
     "none": (400,),
     "enroll": (400, 403),
     "site": (400, 401, 413),
-    "viewer": (400, 401, 404),
-    "deployer": (400, 401, 403, 404, 409, 413),
-    "admin": (400, 401, 403, 404, 409, 413),
 }
+_TOKEN_ERRORS = (400, 401, 403, 404, 409, 413)
 
 
 def document(routes: Sequence[Route]) -> dict[str, Any]:
@@ -306,12 +345,13 @@ def document(routes: Sequence[Route]) -> dict[str, Any]:
             "x-auth": route.auth,
             "responses": {
                 str(route.status): _answer(route.response),
-                **{str(code): _answer("Error") for code in _ERRORS[route.auth]},
+                **{str(code): _answer("Error") for code in _ERRORS.get(route.auth, _TOKEN_ERRORS)},
             },
         }
-        if route.auth in ("viewer", "deployer", "admin"):
+        if route.auth not in _ERRORS:
             operation["security"] = [{"operatorToken": []}]
-            operation["description"] = f"Needs a token with role {route.auth} or higher."
+            operation["x-action"] = authz.action_of(route.auth)
+            operation["description"] = "Needs " + authz.requirement(route.auth) + "."
         elif route.auth == "site":
             operation["security"] = [{"siteSignature": []}]
         else:

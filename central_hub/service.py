@@ -33,15 +33,18 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+import orjson
 from aiohttp import web
 from nacl.signing import SigningKey
 
-from central_hub import deltalog, fleetview, placement, tokens, waves
+from central_hub import audit, deltalog, fleetview, placement, store, tenancy, tokens, waves
+from central_hub.authz import Principal
 from central_hub.deltalog import Head
 from central_hub.errors import ApiError, HubConfigError
 from central_hub.gossip import HubGossip
 from central_hub.model import DEFAULT_TENANT, is_id
 from central_hub.store import Store, Write, delete, put_json, version_key
+from central_hub.tenancy import unknown_tenant
 from central_hub.tokens import TokenRecord
 from meshorch.appspec import AppSpec, to_json
 from meshorch.delta import ALL_SITES, ROTATE_OP, Target, key_id
@@ -57,6 +60,7 @@ STORE_DIR = "hub.lmdb"
 DEFAULT_FLEET = "fleet"
 ENROLL_PREFIX = "mhe_"
 MAX_DELTA_RESPONSE_BYTES = 8 * 1024 * 1024
+CALLER = audit.CALLER
 
 
 @dataclass
@@ -159,9 +163,36 @@ class _Txn:
         self.head = hub.head
         self.writes: list[Write] = []
         self.after: list[Callable[[], None]] = []
+        self.audit_entries: list[dict[str, Any]] = []
+
+    def audit(
+        self,
+        token: Principal | None,
+        action: str,
+        tenant: str | None,
+        object_type: str,
+        object_id: str,
+        outcome: str,
+        detail: str = "",
+    ) -> None:
+        """An audit entry committed with this transaction's writes."""
+        self.audit_entries.append(
+            audit.entry(token, action, tenant, object_type, object_id, outcome, detail, self.now)
+        )
+
+    def changed(
+        self, object_type: str, object_id: str, tenant: str | None, detail: str = ""
+    ) -> None:
+        """Audit a change made for the current request's caller (in this transaction)."""
+        caller = CALLER.get()
+        token, action = (None, "hub") if caller is None else caller
+        self.audit(token, action, tenant, object_type, object_id, "ok", detail)
 
     def put(self, db: str, key: str, value: object) -> None:
         self.writes.append(put_json(db, key, value))
+
+    def put_sequence(self, db: str, seq: int, value: object) -> None:
+        self.writes.append((db, version_key(seq), orjson.dumps(value)))
 
     def delete(self, db: str, key: str) -> None:
         self.writes.append(delete(db, key))
@@ -210,6 +241,8 @@ class Hub:
         self._reports: dict[str, tuple[dict[str, Any], float]] = {}
         self._active: set[str] = set()  # apps whose current deployment may be running
         self.link_waiters = 0  # long-polls waiting for a delta right now
+        self._txn: _Txn | None = None  # the change being planned (under the lock)
+        self._audit_seq = 0
         self.url = ""
         self.gossip: HubGossip | None = None
 
@@ -331,6 +364,8 @@ class Hub:
                 self.fleet = str(fleet)
                 self.signing_keys = [root]
                 self.head = Head.from_json(store.get_json("meta", "head"))
+            self._adopt_tenants(store)
+            self._audit_seq = store.last_sequence("audit")
             self._active = set(store.keys("apps"))  # narrowed by the first rollout step
             for record in store.values_json("reports"):
                 self._reports[record["report"]["site"]] = (record["report"], record["received_at"])
@@ -364,6 +399,18 @@ class Hub:
         self.head = Head()
         logger.info("initialised fleet %r in %s", fleet, self.data_dir)
 
+    def _adopt_tenants(self, store: Store) -> None:
+        """Tenant records for ``default`` and for every tenant the stored apps and tokens
+        name (data kept before tenants were)."""
+        named = {DEFAULT_TENANT}
+        named |= {str(app.get("tenant", DEFAULT_TENANT)) for app in store.values_json("apps")}
+        named |= {str(t["tenant"]) for t in store.values_json("tokens")}
+        missing = sorted(named - set(store.keys("tenants")) - {tokens.ALL_TENANTS})
+        now = self.now()
+        if missing:
+            writes = [put_json("tenants", t, tenancy.new_tenant(t, "", now)) for t in missing]
+            store.commit(writes, sync=True)
+
     # -- changes --------------------------------------------------------------------------
 
     async def _transact(self, plan: Callable[[_Txn], T]) -> T:
@@ -374,9 +421,20 @@ class Hub:
                 if self._store is None:
                     raise ApiError(503, "stopping", "the hub is stopping")
                 txn = _Txn(self, self.now())
-                result = plan(txn)
+                self._txn = txn
+                try:
+                    result = plan(txn)
+                finally:
+                    self._txn = None
+                if txn.writes and not txn.audit_entries and CALLER.get() is not None:
+                    txn.changed("request", "", None)  # a change its plan did not describe
+                seq = self._audit_seq
+                for entry in txn.audit_entries:
+                    seq += 1
+                    txn.put_sequence("audit", seq, {"seq": seq, **entry})
                 if txn.writes:
                     await asyncio.to_thread(self.store.commit, txn.writes, sync=True)
+                    self._audit_seq = seq
                     appended = txn.head != self.head
                     self.head = txn.head
                     for action in txn.after:
@@ -400,6 +458,118 @@ class Hub:
         if self.gossip is not None:
             self.gossip.publish_head()
 
+    # -- the audit log ----------------------------------------------------------------
+
+    def audit(
+        self,
+        token: Principal | None,
+        action: str,
+        tenant: str | None,
+        object_type: str,
+        object_id: str,
+        outcome: str,
+        detail: str = "",
+    ) -> asyncio.Future[None] | None:
+        """Append an audit entry (``central_hub.audit``). Called while a change is planned,
+        the entry joins that change's transaction (None is returned); otherwise it is
+        committed on its own, durably, by the returned future (await it to be sure)."""
+        txn = self._txn
+        if txn is not None:
+            txn.audit(token, action, tenant, object_type, object_id, outcome, detail)
+            return None
+
+        def plan(txn: _Txn) -> None:
+            txn.audit(token, action, tenant, object_type, object_id, outcome, detail)
+
+        future = asyncio.ensure_future(self._transact(plan))
+        future.add_done_callback(_log_audit_failure)
+        return future
+
+    def read_audit(
+        self, token: TokenRecord, after: int, limit: int, tenant: str | None
+    ) -> dict[str, Any]:
+        """``GET /v1/audit``: entries after ``after`` that the token's tenant may read."""
+        found = audit.select(self.store.sequence_after("audit", after), token.tenant, tenant, limit)
+        return {"entries": found, "last": self._audit_seq}
+
+    # -- tenants ------------------------------------------------------------------------
+
+    def _tenant(self, token: TokenRecord, tenant_id: str, action: str) -> dict[str, Any]:
+        what = f"tenant {tenant_id!r}"
+        record = self.store.get_json("tenants", tenant_id) if is_id(tenant_id) else None
+        tokens.authorize(token, action, tenant_id if record is None else record["id"], what=what)
+        if record is None:
+            raise ApiError(404, "not_found", f"no {what}")
+        return dict(record)
+
+    def require_tenant(self, tenant: str) -> None:
+        """400 ``unknown_tenant`` unless ``tenant`` exists (objects of unknown tenants
+        cannot be created)."""
+        if not is_id(tenant) or self.store.get_json("tenants", tenant) is None:
+            raise unknown_tenant(tenant)
+
+    async def create_tenant(
+        self, token: TokenRecord, tenant_id: str, description: str
+    ) -> dict[str, Any]:
+        tokens.authorize(token, "tenants.create")
+
+        def plan(txn: _Txn) -> dict[str, Any]:
+            if self.store.get_json("tenants", tenant_id) is not None:
+                raise ApiError(409, "tenant_exists", f"tenant {tenant_id!r} exists")
+            record = tenancy.new_tenant(tenant_id, description, txn.now)
+            txn.put("tenants", tenant_id, record)
+            txn.changed("tenant", tenant_id, tenant_id)
+            return record
+
+        return await self._transact(plan)
+
+    def list_tenants(self, token: TokenRecord) -> list[dict[str, Any]]:
+        return [t for t in self.store.values_json("tenants") if tokens.reaches(token, t["id"])]
+
+    def get_tenant(self, token: TokenRecord, tenant_id: str) -> dict[str, Any]:
+        return self._tenant(token, tenant_id, "tenants.read")
+
+    async def delete_tenant(self, token: TokenRecord, tenant_id: str) -> dict[str, Any]:
+        def plan(txn: _Txn) -> dict[str, Any]:
+            record = self._tenant(token, tenant_id, "tenants.delete")
+            if tenant_id == DEFAULT_TENANT:
+                raise ApiError(409, "default_tenant", "the tenant 'default' always exists")
+            for db in tenancy.OWNED_DBS:
+                if db in store.DBS and any(
+                    r.get("tenant") == tenant_id for r in self.store.values_json(db)
+                ):
+                    raise ApiError(
+                        409, "tenant_in_use", f"tenant {tenant_id!r} still owns {db}: delete them"
+                    )
+            held = self.store.values_json("tokens")
+            revoked = [t["id"] for t in held if t["tenant"] == tenant_id]
+            for token_id in revoked:
+                txn.delete("tokens", token_id)
+            if record.get("quota") is not None:
+                txn.delta([tenancy.quota_op(tenant_id, None)], ALL_SITES)
+            txn.delete("tenants", tenant_id)
+            txn.changed("tenant", tenant_id, tenant_id, f"revoked {len(revoked)} token(s)")
+            return {"deleted": tenant_id, "revoked_tokens": revoked}
+
+        return await self._transact(plan)
+
+    async def set_quota(
+        self, token: TokenRecord, tenant_id: str, quota: dict[str, int | None] | None
+    ) -> dict[str, Any]:
+        def plan(txn: _Txn) -> dict[str, Any]:
+            record = self._tenant(token, tenant_id, "tenants.quota")
+            record["quota"] = quota
+            txn.put("tenants", tenant_id, record)
+            version = txn.delta([tenancy.quota_op(tenant_id, quota)], ALL_SITES)
+            txn.changed("quota", tenant_id, tenant_id, f"quota {quota}")
+            return {"tenant": tenant_id, "quota": quota, "delta": version}
+
+        return await self._transact(plan)
+
+    def get_quota(self, token: TokenRecord, tenant_id: str) -> dict[str, Any]:
+        record = self._tenant(token, tenant_id, "tenants.read")
+        return {"tenant": tenant_id, "quota": record.get("quota")}
+
     # -- tokens -----------------------------------------------------------------------
 
     def authenticate(self, header: str | None) -> TokenRecord:
@@ -408,8 +578,14 @@ class Hub:
         record = None if raw is None else TokenRecord.from_json(raw)
         return tokens.check_token(record, secret, self.now())
 
-    async def create_token(self, request: tokens.TokenRequest) -> tuple[str, TokenRecord]:
+    async def create_token(
+        self, caller: TokenRecord, request: tokens.TokenRequest
+    ) -> tuple[str, TokenRecord]:
+        tokens.authorize(caller, "tokens.create", request.tenant, what="such tenant")
+
         def plan(txn: _Txn) -> tuple[str, TokenRecord]:
+            if request.tenant != tokens.ALL_TENANTS:
+                self.require_tenant(request.tenant)
             expires = None if request.expires_in_s is None else txn.now + request.expires_in_s
             text, record = tokens.new_token(
                 request.role,
@@ -419,18 +595,28 @@ class Hub:
                 description=request.description,
             )
             txn.put("tokens", record.id, record.to_json())
+            txn.changed("token", record.id, record.tenant, f"role {record.role}")
             return text, record
 
         return await self._transact(plan)
 
-    def list_tokens(self) -> list[TokenRecord]:
-        return [TokenRecord.from_json(r) for r in self.store.values_json("tokens")]
+    def list_tokens(self, caller: TokenRecord, tenant: str | None = None) -> list[TokenRecord]:
+        found = [TokenRecord.from_json(r) for r in self.store.values_json("tokens")]
+        return [
+            t
+            for t in found
+            if tokens.reaches(caller, t.tenant) and (tenant is None or t.tenant == tenant)
+        ]
 
-    async def delete_token(self, token_id: str) -> None:
+    async def delete_token(self, caller: TokenRecord, token_id: str) -> None:
         def plan(txn: _Txn) -> None:
-            if not _plain_key(token_id) or self.store.get_json("tokens", token_id) is None:
+            raw = self.store.get_json("tokens", token_id) if _plain_key(token_id) else None
+            tenant = None if raw is None else str(raw["tenant"])
+            tokens.authorize(caller, "tokens.delete", tenant, what=f"token {token_id!r}")
+            if raw is None:
                 raise ApiError(404, "not_found", f"no token {token_id!r}")
             txn.delete("tokens", token_id)
+            txn.changed("token", token_id, tenant, "revoked")
 
         await self._transact(plan)
 
@@ -469,6 +655,7 @@ class Hub:
                 answer["enroll_expires_at"] = record["enroll_expires_at"]
             answer["public_key"] = public_key
             txn.put("sites", site_id, record)
+            txn.changed("site", site_id, None)
             return answer
 
         return await self._transact(plan)
@@ -478,6 +665,7 @@ class Hub:
             record = self._site(site_id)
             record["labels"] = dict(labels)
             txn.put("sites", site_id, record)
+            txn.changed("site", site_id, None, "labels")
             return {"id": site_id, "labels": dict(labels)}
 
         return await self._transact(plan)
@@ -486,6 +674,7 @@ class Hub:
         def plan(txn: _Txn) -> None:
             self._site(site_id)
             txn.delete("sites", site_id)
+            txn.changed("site", site_id, None, "deleted")
             if self.store.get_json("reports", site_id) is not None:
                 txn.delete("reports", site_id)
             for app in self.store.values_json("apps"):
@@ -521,6 +710,7 @@ class Hub:
                 raise ApiError(403, "bad_enroll_token", "the enrollment token has expired")
             record.update(public_key=public_key, enroll_hash=None, enroll_expires_at=None)
             txn.put("sites", site_id, record)
+            txn.changed("site", site_id, None, "enrolled")
 
         await self._transact(plan)
 
@@ -568,7 +758,24 @@ class Hub:
             for site in self.store.values_json("sites")
         ]
 
-    def get_site(self, site_id: str) -> dict[str, Any]:
+    def get_site(self, token: TokenRecord, site_id: str) -> dict[str, Any]:
+        """One site. A tenant token sees the site's health, and of its hosts' instances and
+        apps only those of its tenant's applications (no gossip summary, no rejections)."""
+        detail = self._site_detail(site_id)
+        if tokens.is_fleet(token):
+            return detail
+        mine = {
+            app["name"]
+            for app in self.store.values_json("apps")
+            if tokens.reaches(token, app.get("tenant", DEFAULT_TENANT))
+        }
+        detail["apps"] = {k: v for k, v in detail["apps"].items() if k in mine}
+        for host in detail["hosts"]:
+            host["instances"] = [i for i in host["instances"] if i["app"] in mine]
+        detail.update(gossip=None, rejections=[])
+        return detail
+
+    def _site_detail(self, site_id: str) -> dict[str, Any]:
         c = self.config
         detail = fleetview.site_detail(
             self._site(site_id),
@@ -601,10 +808,13 @@ class Hub:
         raw = self.store.get_json("deployments", deployment_id)
         return None if raw is None else waves.Deployment.from_json(raw)
 
-    def _app(self, token: TokenRecord, name: str) -> dict[str, Any]:
+    def _app(self, token: TokenRecord, name: str, action: str = "apps.read") -> dict[str, Any]:
         app = self.store.get_json("apps", name) if is_id(name) else None
-        if app is None or not tokens.visible(token, app["tenant"]):
-            raise ApiError(404, "not_found", f"no application {name!r}")
+        what = f"application {name!r}"
+        if app is None:
+            raise ApiError(404, "not_found", f"no {what}")
+        app.setdefault("tenant", DEFAULT_TENANT)
+        tokens.authorize(token, action, app["tenant"], what=what)
         return dict(app)
 
     def _issue_wave(
@@ -613,9 +823,8 @@ class Hub:
         """Append the app.put delta of a wave; records which sites now have the app."""
         if not sites:
             return dep
-        version = txn.delta(
-            [{"op": "app.put", "spec": app["spec"]}], Target(sites=frozenset(sites))
-        )
+        op = {"op": "app.put", "spec": app["spec"], "tenant": app.get("tenant", DEFAULT_TENANT)}
+        version = txn.delta([op], Target(sites=frozenset(sites)))
         app["sites"] = sorted(set(app["sites"]) | set(sites))
         txn.put("apps", app["name"], app)
         return replace(dep, deltas=(*dep.deltas, version))
@@ -630,13 +839,18 @@ class Hub:
     ) -> tuple[int, dict[str, Any]]:
         """Start a deployment; (202, deployment), or (200, the same one) when repeated."""
         if tenant is None:
-            tenant = DEFAULT_TENANT if token.tenant == tokens.ALL_TENANTS else token.tenant
-        tokens.authorize(token, "deployer", tenant)
+            tenant = DEFAULT_TENANT if tokens.is_fleet(token) else token.tenant
+        elif not tokens.reaches(token, tenant):
+            raise tokens.field_not_allowed(
+                ["tenant"], f"a token of tenant {token.tenant!r} deploys to that tenant only"
+            )
+        tokens.authorize(token, "apps.write", tenant)
 
         def plan(txn: _Txn) -> tuple[int, dict[str, Any]]:
+            self.require_tenant(tenant)
             app = self.store.get_json("apps", spec.name)
             if app is not None:
-                if app["tenant"] != tenant:
+                if app.get("tenant", DEFAULT_TENANT) != tenant:
                     raise ApiError(
                         409, "app_exists", f"application {spec.name!r} belongs to another tenant"
                     )
@@ -697,15 +911,17 @@ class Hub:
                 dep = replace(dep, deltas=(*dep.deltas, version))
             txn.put("deployments", dep_id, dep.to_json())
             txn.put("meta", "deployment_seq", seq)
+            txn.changed("app", spec.name, tenant, f"deployment {dep_id} of {spec.version}")
             txn.after.append(lambda: self._activate(spec.name))
             return 202, dep.to_json()
 
         return await self._transact(plan)
 
-    def list_apps(self, token: TokenRecord) -> list[dict[str, Any]]:
+    def list_apps(self, token: TokenRecord, tenant: str | None = None) -> list[dict[str, Any]]:
         found = []
         for app in self.store.values_json("apps"):
-            if not tokens.visible(token, app["tenant"]):
+            app.setdefault("tenant", DEFAULT_TENANT)
+            if not tokens.reaches(token, app["tenant"]) or tenant not in (None, app["tenant"]):
                 continue
             dep = self._deployment_or_none(app["deployment"])
             found.append(
@@ -745,26 +961,27 @@ class Hub:
 
     async def delete_app(self, token: TokenRecord, name: str) -> dict[str, Any]:
         def plan(txn: _Txn) -> dict[str, Any]:
-            app = self._app(token, name)
-            tokens.authorize(token, "deployer", app["tenant"])
+            app = self._app(token, name, "apps.delete")
             dep = self._deployment_or_none(app["deployment"])
             if dep is not None and dep.state == "running":
                 old = waves.supersede(dep, "application deleted", txn.now)
                 txn.put("deployments", old.id, old.to_json())
             version = None
             if app["sites"]:
-                version = txn.delta(
-                    [{"op": "app.delete", "name": name}], Target(sites=frozenset(app["sites"]))
-                )
+                op = {"op": "app.delete", "name": name, "tenant": app["tenant"]}
+                version = txn.delta([op], Target(sites=frozenset(app["sites"])))
             txn.delete("apps", name)
+            txn.changed("app", name, app["tenant"], "deleted")
             return {"deleted": name, "delta": version, "sites": app["sites"]}
 
         return await self._transact(plan)
 
     def get_deployment(self, token: TokenRecord, deployment_id: str) -> dict[str, Any]:
         dep = self._deployment_or_none(deployment_id) if _plain_key(deployment_id) else None
-        if dep is None or not tokens.visible(token, dep.tenant):
-            raise ApiError(404, "not_found", f"no deployment {deployment_id!r}")
+        what = f"deployment {deployment_id!r}"
+        if dep is None:
+            raise ApiError(404, "not_found", f"no {what}")
+        tokens.authorize(token, "apps.read", dep.tenant, what=what)
         return dep.to_json()
 
     # -- the rollout driver and heartbeats ------------------------------------------------
@@ -865,6 +1082,7 @@ class Hub:
                 )
                 txn.put("meta", "root_key", key_id(new))
                 txn.put("meta", "rotations", rotation)
+                txn.changed("root_key", key_id(new), None, f"rotation {rotation}")
 
                 def switch() -> None:
                     deltalog.finish_rotation(self.data_dir, rotation)
@@ -884,6 +1102,11 @@ class Hub:
                 if self._store is None or self.store.get_json("meta", "root_key") != key_id(new):
                     (self.data_dir / deltalog.NEW_KEY_FILE).unlink(missing_ok=True)
                 raise
+
+
+def _log_audit_failure(future: asyncio.Future[None]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        logger.error("an audit entry was not written: %s", future.exception())
 
 
 def _plain_key(text: str) -> bool:

@@ -9,6 +9,8 @@ One environment, ``DATA_DIR/hub.lmdb``, with named databases::
     deployments  deployments                                            (id -> JSON)
     deltas       the signed delta log                 (big-endian u64 version -> envelope)
     reports      the latest report of each site                         (id -> JSON)
+    tenants      tenants and their quotas                               (id -> JSON)
+    audit        the audit log, append-only   (big-endian u64 sequence -> JSON entry)
 
 Writes go through ``commit``: one write transaction for everything a request changes.
 The environment is opened without a sync per commit; ``commit(..., sync=True)`` flushes
@@ -31,7 +33,9 @@ import orjson
 
 logger = logging.getLogger(__name__)
 
-DBS = ("meta", "tokens", "sites", "apps", "deployments", "deltas", "reports")
+DBS = (
+    "meta", "tokens", "sites", "apps", "deployments", "deltas", "reports", "tenants", "audit",
+)  # fmt: skip
 DEFAULT_MAP_SIZE = 1 << 31
 _VERSION = struct.Struct(">Q")
 
@@ -114,6 +118,21 @@ class Store:
                 found.append((_VERSION.unpack(key)[0], bytes(value)))
                 total += len(value)
         return found
+
+    def last_sequence(self, db: str) -> int:
+        """The highest big-endian u64 key of ``db`` (0 when empty)."""
+        with self._env.begin(db=self._dbs[db]) as txn:
+            cursor = txn.cursor()
+            return _VERSION.unpack(bytes(cursor.key()))[0] if cursor.last() else 0
+
+    def sequence_after(self, db: str, after: int) -> Iterator[Any]:
+        """JSON values of ``db`` with a u64 key above ``after``, in order (lazily)."""
+        with self._env.begin(db=self._dbs[db]) as txn:
+            cursor = txn.cursor()
+            if not cursor.set_range(version_key(after + 1)):
+                return
+            for _, value in _iterate(cursor):
+                yield orjson.loads(value)
 
 
 def _iterate(cursor: Any) -> Iterator[tuple[bytes, bytes]]:

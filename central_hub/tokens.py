@@ -1,8 +1,9 @@
-"""Operator tokens: creation, checking and the one access decision (pure).
+"""Operator tokens: creation and checking (pure).
 
 A token reads ``mht_<id>_<secret>`` (both hex). The hub stores the id, the role, the tenant
-and the sha256 of the secret, never the secret. Roles rank ``viewer < deployer < admin``;
-tenant ``"*"`` reaches every tenant. Every access check goes through ``authorize``.
+and the sha256 of the secret, never the secret. Roles are ``viewer``, ``operator`` and
+``admin`` (a stored ``deployer`` is read as ``operator``); tenant ``"*"`` reaches every
+tenant. What a token may do is decided by ``central_hub.authz`` (re-exported here).
 """
 
 from __future__ import annotations
@@ -12,16 +13,34 @@ import hmac
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
+from central_hub.authz import (
+    ALL_TENANTS,
+    ROLES,
+    Role,
+    authorize,
+    field_not_allowed,
+    is_fleet,
+    permits,
+    reaches,
+)
 from central_hub.errors import ApiError
-from central_hub.model import DEFAULT_TENANT, validate_tenant
+from central_hub.model import validate_tenant
 from meshorch.errors import RemoteInputError
 
-Role = Literal["viewer", "deployer", "admin"]
-ROLES: tuple[Role, ...] = ("viewer", "deployer", "admin")
-_RANK = {role: rank for rank, role in enumerate(ROLES)}
-ALL_TENANTS = "*"
+__all__ = [
+    "ALL_TENANTS",
+    "ROLES",
+    "Role",
+    "authorize",
+    "field_not_allowed",
+    "is_fleet",
+    "permits",
+    "reaches",
+]
+
+LEGACY_ROLES: dict[str, Role] = {"deployer": "operator"}
 PREFIX = "mht_"
 _ID_BYTES = 8
 _SECRET_BYTES = 32
@@ -72,6 +91,8 @@ def _role(value: object) -> Role:
     for role in ROLES:
         if value == role:
             return role
+    if isinstance(value, str) and value in LEGACY_ROLES:
+        return LEGACY_ROLES[value]
     raise RemoteInputError("bad_role", f"role {value!r} is not one of {', '.join(ROLES)}")
 
 
@@ -141,19 +162,6 @@ def check_token(record: TokenRecord | None, secret: str, now: float) -> TokenRec
     return record
 
 
-def authorize(record: TokenRecord, need: Role, tenant: str | None = None) -> None:
-    """403 unless ``record`` has at least role ``need`` (and reaches ``tenant`` if given)."""
-    if _RANK[record.role] < _RANK[need]:
-        raise ApiError(403, "forbidden", f"needs role {need}, the token has {record.role}")
-    if tenant is not None and record.tenant not in (ALL_TENANTS, tenant):
-        raise ApiError(403, "forbidden", f"the token cannot reach tenant {tenant!r}")
-
-
-def visible(record: TokenRecord, tenant: str) -> bool:
-    """Whether a token may see objects of ``tenant`` (for listings)."""
-    return record.tenant in (ALL_TENANTS, tenant)
-
-
 @dataclass(frozen=True, slots=True)
 class TokenRequest:
     role: Role
@@ -162,18 +170,34 @@ class TokenRequest:
     expires_in_s: float | None
 
 
-_REQUEST_FIELDS = {"role", "tenant", "description", "expires_in_s"}
+REQUEST_FIELDS = frozenset({"role", "tenant", "description", "expires_in_s"})
 
 
-def parse_token_request(data: object) -> TokenRequest:
-    """``{"role", "tenant"?, "description"?, "expires_in_s"?}`` as sent to POST /v1/tokens."""
+def parse_token_request(data: object, caller: TokenRecord) -> TokenRequest:
+    """``{"role", "tenant"?, "description"?, "expires_in_s"?}`` as sent to POST /v1/tokens.
+
+    A tenant admin creates tokens of its own tenant only (``tenant`` left out or its own);
+    a fleet-wide caller may name any tenant or ``"*"`` (left out: ``"*"`` for an admin
+    token, ``"default"`` otherwise). No caller grants a role above its own. Anything else
+    is 400 ``field_not_allowed``.
+    """
     if not isinstance(data, dict):
         raise RemoteInputError("bad_request", "the body is a JSON object")
-    unknown = sorted(set(data) - _REQUEST_FIELDS)
+    unknown = sorted(set(data) - REQUEST_FIELDS)
     if unknown:
-        raise RemoteInputError("bad_request", f"unknown fields {unknown}")
+        raise field_not_allowed(unknown, f"a token request has only {sorted(REQUEST_FIELDS)}")
     role = _role(data.get("role"))
-    tenant = data.get("tenant", ALL_TENANTS if role == "admin" else DEFAULT_TENANT)
+    if ROLES.index(role) > ROLES.index(caller.role):
+        raise field_not_allowed(["role"], f"a {caller.role} token cannot create a {role} token")
+    fleet = caller.tenant == ALL_TENANTS
+    default = caller.tenant
+    if fleet:
+        default = ALL_TENANTS if role == "admin" else "default"
+    tenant = data.get("tenant", default)
+    if not fleet and tenant != caller.tenant:
+        raise field_not_allowed(
+            ["tenant"], f"a token of tenant {caller.tenant!r} creates tokens of that tenant only"
+        )
     if tenant != ALL_TENANTS:
         tenant = validate_tenant(tenant)
     description = data.get("description", "")

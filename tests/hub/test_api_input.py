@@ -33,7 +33,7 @@ async def test_bad_bodies_are_400_and_change_nothing(
         ("POST", "/v1/apps", b'{"spec": 5}', 400, "bad_spec"),
         ("POST", "/v1/apps", b'{"spec": "name: [unclosed"}', 400, "bad_spec"),
         ("POST", "/v1/apps", b'{"spec": {"name": "web"}}', 400, "bad_spec"),
-        ("POST", "/v1/apps", b'{"spec": {}, "extra": 1}', 400, "bad_request"),
+        ("POST", "/v1/apps", b'{"spec": {}, "extra": 1}', 400, "field_not_allowed"),
         ("POST", "/v1/sites", b'{"id": "Shop_1"}', 400, "bad_site_id"),
         ("POST", "/v1/sites", b'{"id": "s", "labels": {"a": 1}}', 400, "bad_labels"),
         ("POST", "/v1/sites", b'{"id": "s", "public_key": "zz"}', 400, "bad_public_key"),

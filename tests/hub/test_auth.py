@@ -30,7 +30,7 @@ async def test_missing_malformed_and_wrong_tokens_are_401(
 async def test_roles_are_enforced(admin: Operator, make_site: MakeSite) -> None:
     await make_site("a")
     viewer = (await admin.ok("POST", "/v1/tokens", {"role": "viewer"}, 201))["token"]
-    deployer = (await admin.ok("POST", "/v1/tokens", {"role": "deployer"}, 201))["token"]
+    deployer = (await admin.ok("POST", "/v1/tokens", {"role": "operator"}, 201))["token"]
     status, answer = await admin.call("POST", "/v1/apps", {"spec": spec_text()}, token=viewer)
     assert status == 403 and answer["error"]["code"] == "forbidden"
     status, _ = await admin.call("GET", "/v1/apps", token=viewer)
@@ -70,7 +70,8 @@ async def test_expired_tokens_are_refused(
 async def test_a_tenant_token_sees_only_its_tenant(admin: Operator, make_site: MakeSite) -> None:
     await make_site("a")
     await admin.ok("POST", "/v1/apps", {"spec": spec_text()}, 202)
-    blue = (await admin.ok("POST", "/v1/tokens", {"role": "deployer", "tenant": "blue"}, 201))[
+    await admin.ok("POST", "/v1/tenants", {"id": "blue"}, 201)
+    blue = (await admin.ok("POST", "/v1/tokens", {"role": "operator", "tenant": "blue"}, 201))[
         "token"
     ]
     status, answer = await admin.call("GET", "/v1/apps", token=blue)
@@ -80,7 +81,7 @@ async def test_a_tenant_token_sees_only_its_tenant(admin: Operator, make_site: M
     status, answer = await admin.call(
         "POST", "/v1/apps", {"spec": spec_text(), "tenant": "default"}, token=blue
     )
-    assert status == 403
+    assert status == 400 and answer["error"]["code"] == "field_not_allowed"
     status, answer = await admin.call("POST", "/v1/apps", {"spec": spec_text(name="b")}, token=blue)
     assert status == 202 and answer["tenant"] == "blue"
 
@@ -105,16 +106,29 @@ def test_secrets_are_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) 
     assert all(len(a) == len(b) == 64 for a, b in calls)
 
 
-def test_authorize_ranks_roles_and_tenants() -> None:
+def test_authorize_follows_the_policy_table() -> None:
     _, viewer = tokens.new_token("viewer", "blue", 0.0)
     _, admin = tokens.new_token("admin", "*", 0.0)
-    tokens.authorize(viewer, "viewer", "blue")
+    _, blue_admin = tokens.new_token("admin", "blue", 0.0)
+    tokens.authorize(viewer, "apps.read", "blue")
     with pytest.raises(ApiError) as info:
-        tokens.authorize(viewer, "deployer")
+        tokens.authorize(viewer, "apps.write")
     assert info.value.status == 403
-    with pytest.raises(ApiError):
-        tokens.authorize(viewer, "viewer", "red")
-    tokens.authorize(admin, "admin", "red")
+    with pytest.raises(ApiError) as info:
+        tokens.authorize(viewer, "apps.read", "red")
+    assert info.value.status == 404  # another tenant's object is as good as absent
+    tokens.authorize(admin, "tenants.create")
+    tokens.authorize(admin, "apps.delete", "red")
+    with pytest.raises(ApiError) as info:
+        tokens.authorize(blue_admin, "tenants.create")  # a fleet action
+    assert info.value.status == 403
+
+
+def test_stored_deployer_tokens_are_operators() -> None:
+    _, record = tokens.new_token("operator", "blue", 0.0)
+    legacy = tokens.TokenRecord.from_json({**record.to_json(), "role": "deployer"})
+    assert legacy.role == "operator"
+    tokens.authorize(legacy, "apps.write", "blue")
 
 
 async def test_files_are_private(hub: Hub) -> None:
