@@ -45,6 +45,7 @@ from central_hub.model import (
 )
 from central_hub.placement import parse_policy
 from central_hub.tokens import TokenRecord
+from central_hub.vault import parse_report_secrets
 from meshorch.appspec import SpecError, parse_app_spec, spec_digest
 from meshorch.delta import DeltaRejected, parse
 from meshorch.errors import RemoteInputError
@@ -327,7 +328,9 @@ async def link_gossip(request: web.Request) -> web.Response:
 
 async def link_report(request: web.Request) -> web.Response:
     site = _site(request)
-    report = parse_report(await _read_json(request), site)
+    data = await _read_json(request)
+    report = parse_report(data, site)
+    report.update(parse_report_secrets(data))  # the secrets part (central_hub.vault)
     head = await _hub(request).record_report(site, report)
     return json_response({"head": head})
 
@@ -551,3 +554,8 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/deployments/{id}", get_deployment, "apps.read", "One deployment",
           response="Deployment"),
 )  # fmt: skip
+
+# The vault's routes (secrets, lock-down, escrow) are declared with their handlers.
+from central_hub.vault_api import VAULT_ROUTES  # noqa: E402
+
+ROUTES += VAULT_ROUTES

@@ -328,6 +328,42 @@ _SECURITY_SCHEMES = {
     },
 }
 
+# The vault's shapes (central_hub.vault_api): secrets, lock-down, escrow.
+_SECRET_SITE = _obj(
+    ["state"], sent_version={"type": ["integer", "null"]}, delta={"type": ["integer", "null"]},
+    site_version={"type": ["integer", "null"]}, state=_STR,
+)  # fmt: skip
+SCHEMAS.update(
+    {
+        "SecretRequest": _obj(
+            ["name"], name=_STR, value=_STR, value_b64=_STR, tenant=_ID,
+            placement=_ref("Placement"),
+        ),
+        "Secret": _obj(
+            ["tenant", "name", "version"], tenant=_ID, name=_STR, version=_INT,
+            placement={"type": "object"}, created_at=_NUM, updated_at=_NUM,
+            targets=_list(_ID), sites={"type": "object", "additionalProperties": _SECRET_SITE},
+        ),
+        "SecretList": _obj(["secrets"], secrets=_list(_ref("Secret"))),
+        "SecretDeleted": _obj(
+            ["deleted", "tenant"], deleted=_STR, tenant=_ID,
+            delta={"type": ["integer", "null"]}, sites=_list(_ID),
+        ),
+        "SiteOp": _obj(["site", "op", "delta"], site=_ID, op=_STR, delta=_INT, locked_down=_BOOL),
+        "UnsealApproval": _obj(
+            ["site", "expires_at"], site=_ID, approved_at=_NUM, expires_at=_NUM, by=_STR
+        ),
+        "EscrowKey": _obj(
+            ["public_key", "signature", "signed_by"], public_key=_HEX64, signature=_STR,
+            signed_by=_HEX64, escrowed={"type": ["string", "null"]},
+            unseal_approved=_BOOL, locked_down=_BOOL,
+        ),
+        "EscrowUpload": _obj(["sealed", "ssk_public"], sealed=_STR, ssk_public=_HEX64),
+        "UnsealRequest": _obj(["public_key"], public_key=_HEX64),
+        "SealedKey": _obj(["sealed_key"], sealed_key=_STR),
+    }
+)  # fmt: skip
+
 _ERRORS = {
     "none": (400,),
     "enroll": (400, 403),

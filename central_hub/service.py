@@ -46,6 +46,7 @@ from central_hub.model import DEFAULT_TENANT, is_id
 from central_hub.store import Store, Write, delete, put_json, version_key
 from central_hub.tenancy import unknown_tenant
 from central_hub.tokens import TokenRecord
+from central_hub.vault import VaultService
 from meshorch.appspec import AppSpec, to_json
 from meshorch.delta import ALL_SITES, ROTATE_OP, Target, key_id
 from meshorch.fleet_link import GOSSIP_PRESETS
@@ -245,6 +246,7 @@ class Hub:
         self._audit_seq = 0
         self.url = ""
         self.gossip: HubGossip | None = None
+        self.vault = VaultService(self)
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -345,6 +347,7 @@ class Hub:
             data_dir.mkdir(mode=0o700, parents=True)
         elif not data_dir.is_dir():
             raise HubConfigError(f"{data_dir} is not a directory")
+        self.vault.open()
         store = Store(data_dir / STORE_DIR)
         try:
             fleet = store.get_json("meta", "fleet")
@@ -787,6 +790,7 @@ class Hub:
         )
         if self.gossip is not None:
             detail["gossip_member"] = self.gossip.member_state(site_id)
+        detail["secrets"] = self.vault.site_view(site_id)
         return detail
 
     def gossip_info(self, site_id: str) -> dict[str, Any]:
@@ -1004,6 +1008,11 @@ class Hub:
                     await self._transact(self._advance)
             except Exception:
                 logger.exception("rollout step failed; retrying on the next tick")
+            try:
+                if self.vault.needs_distribution():
+                    await self._transact(self.vault.distribute)
+            except Exception:
+                logger.exception("secret distribution failed; retrying on the next tick")
 
     def _advance(self, txn: _Txn) -> None:
         """Step every running deployment; append a heartbeat when the tip gets old."""

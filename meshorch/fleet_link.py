@@ -220,6 +220,27 @@ class LinkClient:
         LinkRefused 404 ``gossip_disabled`` when the hub does not gossip."""
         return parse_gossip_info(await self._request("GET", "/v1/link/gossip", "", b""))
 
+    async def escrow_key(self) -> dict[str, Any]:
+        """The hub's escrow key with its root-key signature and this site's escrow state
+        (``GET /v1/link/escrow-key``; ``meshorch.site_escrow.verify_escrow_key`` checks it)."""
+        return await self._request("GET", "/v1/link/escrow-key", "", b"")
+
+    async def escrow(self, sealed: str, ssk_public: str) -> dict[str, Any]:
+        """Escrow the site's unseal key (base64 of a SealedBox to the escrow key)."""
+        body = orjson.dumps({"sealed": sealed, "ssk_public": ssk_public})
+        return await self._request("POST", "/v1/link/escrow", "", body)
+
+    async def unseal(self, public_key: str) -> str:
+        """The site's unseal key sealed to ``public_key`` (hex X25519), base64; LinkRefused
+        403 ``unseal_not_approved`` unless an operator approved it at the hub."""
+        answer = await self._request(
+            "POST", "/v1/link/unseal", "", orjson.dumps({"public_key": public_key})
+        )
+        sealed = answer.get("sealed_key")
+        if not isinstance(sealed, str):
+            raise BadHubAnswer("an unseal answer is {'sealed_key': base64}")
+        return sealed
+
     # -- plumbing ----------------------------------------------------------------------
 
     async def _request(

@@ -64,6 +64,7 @@ from meshorch.fleet_link import (
     LinkRefused,
     RemoteLinkError,
 )
+from meshorch.site_escrow import SiteEscrow
 from meshorch.site_gossip import SiteGossip
 from meshorch.site_state import APPS_TABLE, SYSTEM_TABLE
 from meshorch.workloads import (
@@ -318,6 +319,7 @@ class SiteLink:
                 asyncio.create_task(self._report_loop(client), name="fleet-report"),
                 asyncio.create_task(self._watch(config), name="fleet-watch"),
                 asyncio.create_task(self.gossip.run(), name="fleet-gossip"),
+                asyncio.create_task(SiteEscrow(self, client).run(), name="fleet-escrow"),
             ]
             try:
                 done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -609,9 +611,25 @@ class SiteLink:
         trust = self.trust_state()
         if trust is None:
             return None
-        return build_report(
+        report = build_report(
             self.agent.config.site, self.clock(), trust, self.rejections(), self.facts()
         )
+        report["secrets_state"] = self.secrets_state()
+        return report
+
+    def secrets_state(self) -> dict[str, Any]:
+        """The site's secrets as the leader sees them, for the hub (never a value)."""
+        secrets = self.agent.secrets
+        locked = secrets.locked_down()
+        return {
+            "initialized": secrets.public_key_hex() is not None,
+            "sealed": secrets.sealed,
+            "locked_down": locked,
+            "secrets": [
+                {k: item[k] for k in ("tenant", "name", "version", "state")}
+                for item in secrets.list_json()
+            ],
+        }
 
     def status_json(self) -> dict[str, Any]:
         """What ``GET /v1/fleet`` shows (the token of the link configuration left out)."""

@@ -1,0 +1,134 @@
+"""The HTTP routes of the hub's secrets, lock-down and escrow (``central_hub.vault``).
+
+Registered from ``central_hub.api`` (``VAULT_ROUTES`` is appended to its ``ROUTES``). Every
+handler checks the token with ``central_hub.vault.check_access`` on the object it touches
+(the secret's tenant; a fleet-wide admin for a site's lock-down, unseal and rotation).
+"""
+
+from __future__ import annotations
+
+import orjson
+from aiohttp import web
+
+from central_hub import vault
+from central_hub.api import (
+    Handler,
+    Query,
+    Route,
+    _hub,
+    _read,
+    _read_json,
+    _site,
+    _token,
+    json_response,
+)
+from central_hub.errors import ApiError
+
+
+def _tenant_query(request: web.Request) -> str | None:
+    raw = request.query.get("tenant")
+    return None if raw is None else vault.check_tenant(raw)
+
+
+def _name(request: web.Request) -> str:
+    return vault.check_name(request.match_info["name"])
+
+
+async def create_secret(request: web.Request) -> web.Response:
+    wanted = vault.parse_secret_request(await _read_json(request))
+    status, answer = await _hub(request).vault.put_secret(_token(request), wanted)
+    return json_response(answer, status)
+
+
+async def list_secrets(request: web.Request) -> web.Response:
+    return json_response({"secrets": _hub(request).vault.list_secrets(_token(request))})
+
+
+async def get_secret(request: web.Request) -> web.Response:
+    hub, name, tenant = _hub(request), _name(request), _tenant_query(request)
+    return json_response(hub.vault.get_secret(_token(request), name, tenant))
+
+
+async def delete_secret(request: web.Request) -> web.Response:
+    hub, name, tenant = _hub(request), _name(request), _tenant_query(request)
+    return json_response(await hub.vault.delete_secret(_token(request), name, tenant))
+
+
+async def _empty_body(request: web.Request) -> None:
+    body = await _read(request)
+    if body.strip() in (b"", b"{}"):
+        return
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, "bad_json", f"the body is not JSON: {exc}") from None
+    if data != {}:
+        raise ApiError(400, "bad_request", "this route takes no fields: send {} or nothing")
+
+
+def _site_route(op: str) -> Handler:
+    async def handler(request: web.Request) -> web.Response:
+        await _empty_body(request)
+        hub = _hub(request)
+        return json_response(await hub.vault.site_op(_token(request), request.match_info["id"], op))
+
+    return handler
+
+
+async def approve_unseal(request: web.Request) -> web.Response:
+    await _empty_body(request)
+    hub = _hub(request)
+    return json_response(await hub.vault.approve_unseal(_token(request), request.match_info["id"]))
+
+
+async def link_escrow_key(request: web.Request) -> web.Response:
+    return json_response(_hub(request).vault.escrow_key_info(_site(request)))
+
+
+async def link_escrow(request: web.Request) -> web.Response:
+    hub = _hub(request)
+    return json_response(await hub.vault.upload_escrow(_site(request), await _read_json(request)))
+
+
+async def link_unseal(request: web.Request) -> web.Response:
+    key = vault.parse_ephemeral_key(await _read_json(request))
+    return json_response(await _hub(request).vault.unseal_request(_site(request), key))
+
+
+_TENANT = Query("tenant", "string", "the secret's tenant (default: the token's, or 'default')")
+
+VAULT_ROUTES: tuple[Route, ...] = (
+    Route("POST", "/v1/secrets", create_secret, "viewer",
+          "Create a secret or a new version of it (operator+ of its tenant); it is sealed "
+          "to each target site's key and sent in a secret.put delta (201 new, 200 update)",
+          request="SecretRequest", response="Secret", status=201),
+    Route("GET", "/v1/secrets", list_secrets, "viewer",
+          "The secrets the token's tenants can see: versions, target sites, per-site "
+          "delivery state (never a value)", response="SecretList"),
+    Route("GET", "/v1/secrets/{name}", get_secret, "viewer",
+          "One secret (never its value)", response="Secret", query=(_TENANT,)),
+    Route("DELETE", "/v1/secrets/{name}", delete_secret, "viewer",
+          "Delete a secret (secret.delete delta to the sites that have it)",
+          response="SecretDeleted", query=(_TENANT,)),
+    Route("POST", "/v1/sites/{id}/lockdown", _site_route("site.lockdown"), "admin",
+          "Lock a site down (site.lockdown delta): it drops its keys, stops serving "
+          "secrets and starts nothing until unlocked and unsealed", response="SiteOp"),
+    Route("POST", "/v1/sites/{id}/unlock", _site_route("site.unlock"), "admin",
+          "End a site's lock-down (site.unlock delta); it then needs an unseal",
+          response="SiteOp"),
+    Route("POST", "/v1/sites/{id}/secrets/rotate", _site_route("secrets.rotate"), "admin",
+          "Rotate a site's data keys now (secrets.rotate delta)", response="SiteOp"),
+    Route("POST", "/v1/sites/{id}/unseal", approve_unseal, "admin",
+          "Approve for 10 minutes one unseal of a sealed site from the hub's escrow",
+          response="UnsealApproval"),
+    Route("GET", "/v1/link/escrow-key", link_escrow_key, "site",
+          "The hub's escrow key signed by the fleet root key, and the site's escrow state",
+          response="EscrowKey"),
+    Route("POST", "/v1/link/escrow", link_escrow, "site",
+          "Escrow the site's unseal key, sealed to the hub's escrow key",
+          request="EscrowUpload", response="Object"),
+    Route("POST", "/v1/link/unseal", link_unseal, "site",
+          "The site's unseal key sealed to an ephemeral key, while an operator's approval "
+          "holds (403 unseal_not_approved otherwise)", request="UnsealRequest",
+          response="SealedKey"),
+)  # fmt: skip
