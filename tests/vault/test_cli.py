@@ -1,0 +1,52 @@
+"""``meshorch secrets ...`` and ``meshorch site ... --hub`` against a real in-process hub."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from central_hub import Hub, HubConfig
+from meshorch.cli import main
+from meshorch.delta import parse
+
+
+@pytest.fixture
+async def hub(tmp_path: Path) -> AsyncIterator[Hub]:
+    config = HubConfig(data_dir=tmp_path / "hub", port=0, gossip=False)
+    async with Hub(config) as hub:
+        yield hub
+
+
+async def run(*argv: str) -> int:
+    return await asyncio.to_thread(main, list(argv))
+
+
+async def test_cli_through_the_hub(
+    hub: Hub, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    token = hub.admin_token_path.read_text().strip()
+    monkeypatch.setenv("MESHORCH_HUB", hub.url)
+    monkeypatch.setenv("MESHORCH_TOKEN", token)
+    await hub.register_site("s1", {}, "ab" * 32)
+    value = tmp_path / "value"
+    value.write_bytes(b"\x00\xffbinary")
+    assert await run("secrets", "set", "tls.key", "--value-file", str(value)) == 0
+    assert await run("secrets", "set", "tls.key", "--value", "text") == 0
+    assert "default/tls.key version 2 -> s1" in capsys.readouterr().out
+    assert await run("secrets", "list") == 0
+    assert "default/tls.key  v2  s1: waiting_for_site_key" in capsys.readouterr().out
+
+    head = hub.head.version
+    assert await run("site", "lockdown", "s1") == 0
+    assert await run("site", "unlock", "s1", "--hub", hub.url, "--token", token) == 0
+    assert await run("site", "rotate-keys", "s1") == 0
+    ops = [parse(e)[0].ops[0]["op"] for _, e in hub.deltas_after(head, 10)]
+    assert ops == ["site.lockdown", "site.unlock", "secrets.rotate"]
+    assert await run("site", "unseal", "s1") == 2  # nothing escrowed
+    assert "no_escrow" in capsys.readouterr().err
+    assert await run("site", "lockdown") == 2  # the hub needs the site
+    assert await run("site", "lockdown", "s1", "--hub", hub.url, "--agent", "x:1") == 2
+    assert await run("secrets", "delete", "tls.key") == 0
