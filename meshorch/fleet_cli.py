@@ -1,4 +1,5 @@
-"""Operator commands against the hub: ``meshorch deploy``, ``meshorch sites``, ``meshorch apps``.
+"""Operator commands against the hub: ``meshorch deploy``, ``sites``, ``apps``, ``tenants``,
+``tokens`` and ``audit``.
 
 They talk HTTP to the hub's API (see ``GET /v1/openapi.json``); the hub address and the
 operator token come from flags or from ``MESHORCH_HUB`` / ``MESHORCH_TOKEN``, so a CI
@@ -77,6 +78,50 @@ def add_fleet_commands(commands: Any) -> None:
     apps.add_argument("name", nargs="?", help="an application: show it per site")
     _hub_flags(apps)
     apps.set_defaults(handler=run_apps)
+    _add_tenancy_commands(commands)
+
+
+def _add_tenancy_commands(commands: Any) -> None:
+    tenants = commands.add_parser(
+        "tenants", help="the hub's tenants (docs/tenants.md)",
+        description="List the tenants the token can see, or show one with its quota.",
+    )  # fmt: skip
+    tenants.add_argument("tenant", nargs="?", help="a tenant id: show it and its quota")
+    _hub_flags(tenants)
+    tenants.set_defaults(handler=run_tenants)
+
+    tokens = commands.add_parser(
+        "tokens", help="the hub's API tokens (docs/tenants.md)",
+        description="List tokens (no secrets), or create one: its text is printed once "
+        "and cannot be shown again.",
+    )  # fmt: skip
+    actions = tokens.add_subparsers(dest="tokens_command", metavar="ACTION")
+    listing = actions.add_parser("list", help="the tokens of your tenant (fleet admin: all)")
+    _hub_flags(listing)
+    listing.set_defaults(handler=run_tokens_list)
+    create = actions.add_parser("create", help="create a token and print it once")
+    create.add_argument("--role", required=True, choices=("viewer", "operator", "admin"))
+    create.add_argument(
+        "--tenant", help="its tenant ('*' fleet-wide; default: yours, for a fleet admin "
+        "'*' for an admin token and 'default' otherwise)",
+    )  # fmt: skip
+    create.add_argument("--description", default="", help="what it is for")
+    create.add_argument("--expires-in", type=float, metavar="SECONDS", help="lifetime")
+    _hub_flags(create)
+    create.set_defaults(handler=run_tokens_create)
+    _hub_flags(tokens)
+    tokens.set_defaults(handler=run_tokens_list)
+
+    audit = commands.add_parser(
+        "audit", help="the hub's audit log (admins; docs/tenants.md)",
+        description="Show the audit log: every change, refused request and secret access, "
+        "of your tenant (a fleet admin sees every tenant's).",
+    )  # fmt: skip
+    audit.add_argument("--limit", type=int, default=50, help="at most this many entries")
+    audit.add_argument("--after", type=int, default=0, metavar="SEQ", help="entries after SEQ")
+    audit.add_argument("--tenant", help="only this tenant's entries (fleet admin)")
+    _hub_flags(audit)
+    audit.set_defaults(handler=run_audit)
 
 
 def _hub_flags(parser: argparse.ArgumentParser) -> None:
@@ -236,4 +281,63 @@ def run_apps(args: argparse.Namespace) -> int:
     for app in apps:
         rollout = "-" if app["deployment"] is None else app["deployment"]["state"]
         print(f"{app['name']:20} {app['version']:10} {rollout:12} {','.join(app['sites'])}")
+    return 0
+
+
+# -- tenants, tokens, audit -----------------------------------------------------------
+
+
+def _quota_text(quota: dict[str, Any] | None) -> str:
+    if not quota:
+        return "unlimited"
+    return ", ".join(f"{k}={'-' if v is None else v}" for k, v in quota.items())
+
+
+def run_tenants(args: argparse.Namespace) -> int:
+    if args.tenant:
+        tenant = hub_call(args, "GET", f"/v1/tenants/{args.tenant}")
+        print(f"tenant {tenant['id']}: {tenant['description'] or '-'}")
+        print(f"  quota: {_quota_text(tenant['quota'])}")
+        return 0
+    print(f"{'TENANT':24} {'QUOTA':40} DESCRIPTION")
+    for tenant in hub_call(args, "GET", "/v1/tenants")["tenants"]:
+        print(f"{tenant['id']:24} {_quota_text(tenant['quota']):40} {tenant['description']}")
+    return 0
+
+
+def run_tokens_list(args: argparse.Namespace) -> int:
+    print(f"{'ID':18} {'ROLE':9} {'TENANT':20} DESCRIPTION")
+    for token in hub_call(args, "GET", "/v1/tokens")["tokens"]:
+        print(f"{token['id']:18} {token['role']:9} {token['tenant']:20} {token['description']}")
+    return 0
+
+
+def run_tokens_create(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"role": args.role, "description": args.description}
+    if args.tenant is not None:
+        body["tenant"] = args.tenant
+    if args.expires_in is not None:
+        body["expires_in_s"] = args.expires_in
+    made = hub_call(args, "POST", "/v1/tokens", body)
+    print(made["token"])
+    print(
+        f"token {made['id']}: role {made['role']}, tenant {made['tenant']} "
+        "(shown once: keep it now)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def run_audit(args: argparse.Namespace) -> int:
+    query = f"/v1/audit?after={args.after}&limit={max(1, min(args.limit, 500))}"
+    if args.tenant:
+        query += f"&tenant={args.tenant}"
+    for e in hub_call(args, "GET", query)["entries"]:
+        actor = e["actor"]
+        who = "-" if actor is None else f"{actor['token']}({actor['role']}@{actor['tenant']})"
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e["at"]))
+        obj = f"{e['object']['type']}/{e['object']['id']}"
+        detail = f" {e['detail']}" if e["detail"] else ""
+        print(f"{e['seq']:>6} {when} {who} {e['action']} [{e['tenant']}] {obj} "
+              f"{e['outcome']}{detail}")  # fmt: skip
     return 0
