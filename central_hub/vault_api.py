@@ -98,27 +98,27 @@ async def link_unseal(request: web.Request) -> web.Response:
 _TENANT = Query("tenant", "string", "the secret's tenant (default: the token's, or 'default')")
 
 VAULT_ROUTES: tuple[Route, ...] = (
-    Route("POST", "/v1/secrets", create_secret, "viewer",
+    Route("POST", "/v1/secrets", create_secret, "secrets.write",
           "Create a secret or a new version of it (operator+ of its tenant); it is sealed "
           "to each target site's key and sent in a secret.put delta (201 new, 200 update)",
           request="SecretRequest", response="Secret", status=201),
-    Route("GET", "/v1/secrets", list_secrets, "viewer",
+    Route("GET", "/v1/secrets", list_secrets, "secrets.read",
           "The secrets the token's tenants can see: versions, target sites, per-site "
           "delivery state (never a value)", response="SecretList"),
-    Route("GET", "/v1/secrets/{name}", get_secret, "viewer",
+    Route("GET", "/v1/secrets/{name}", get_secret, "secrets.read",
           "One secret (never its value)", response="Secret", query=(_TENANT,)),
-    Route("DELETE", "/v1/secrets/{name}", delete_secret, "viewer",
+    Route("DELETE", "/v1/secrets/{name}", delete_secret, "secrets.write",
           "Delete a secret (secret.delete delta to the sites that have it)",
           response="SecretDeleted", query=(_TENANT,)),
-    Route("POST", "/v1/sites/{id}/lockdown", _site_route("site.lockdown"), "admin",
+    Route("POST", "/v1/sites/{id}/lockdown", _site_route("site.lockdown"), "fleet.lockdown",
           "Lock a site down (site.lockdown delta): it drops its keys, stops serving "
           "secrets and starts nothing until unlocked and unsealed", response="SiteOp"),
-    Route("POST", "/v1/sites/{id}/unlock", _site_route("site.unlock"), "admin",
+    Route("POST", "/v1/sites/{id}/unlock", _site_route("site.unlock"), "fleet.lockdown",
           "End a site's lock-down (site.unlock delta); it then needs an unseal",
           response="SiteOp"),
-    Route("POST", "/v1/sites/{id}/secrets/rotate", _site_route("secrets.rotate"), "admin",
+    Route("POST", "/v1/sites/{id}/secrets/rotate", _site_route("secrets.rotate"), "fleet.lockdown",
           "Rotate a site's data keys now (secrets.rotate delta)", response="SiteOp"),
-    Route("POST", "/v1/sites/{id}/unseal", approve_unseal, "admin",
+    Route("POST", "/v1/sites/{id}/unseal", approve_unseal, "fleet.lockdown",
           "Approve for 10 minutes one unseal of a sealed site from the hub's escrow",
           response="UnsealApproval"),
     Route("GET", "/v1/link/escrow-key", link_escrow_key, "site",
