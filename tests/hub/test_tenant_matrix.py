@@ -108,7 +108,18 @@ async def deployment_of_a(world: World) -> tuple[str, object, str | None, bool]:
     return f"/v1/deployments/{world.deployment}", None, TA, False
 
 
+async def create_secret_of_a(world: World) -> tuple[str, object, str | None, bool]:
+    return "/v1/secrets", {"name": world.fresh("sec-of-aa"), "value": "v", "tenant": TA}, TA, True
+
+
+async def new_secret_of_a(world: World) -> tuple[str, object, str | None, bool]:
+    name = world.fresh("sec-of-aa")
+    await world.admin.ok("POST", "/v1/secrets", {"name": name, "value": "v", "tenant": TA}, 201)
+    return f"/v1/secrets/{name}?tenant={TA}", None, TA, False
+
+
 QUOTA = {"cpu_millis": 2000, "memory_bytes": None, "instances": 5}
+SECRET_A = "sec-of-aa-main"
 
 # (method, path) -> (setup, status of an allowed cell)
 CASES: dict[tuple[str, str], tuple[Setup, int]] = {
@@ -143,6 +154,18 @@ CASES: dict[tuple[str, str], tuple[Setup, int]] = {
     ("GET", "/v1/apps/{name}"): (fixed(f"/v1/apps/{APP_A}", None, TA), 200),
     ("DELETE", "/v1/apps/{name}"): (new_app_of_a, 200),
     ("GET", "/v1/deployments/{id}"): (deployment_of_a, 200),
+    ("POST", "/v1/secrets"): (create_secret_of_a, 201),
+    ("GET", "/v1/secrets"): (fixed("/v1/secrets"), 200),
+    ("GET", "/v1/secrets/{name}"): (fixed(f"/v1/secrets/{SECRET_A}?tenant={TA}", None, TA), 200),
+    ("DELETE", "/v1/secrets/{name}"): (new_secret_of_a, 200),
+    ("POST", "/v1/sites/{id}/lockdown"): (fixed("/v1/sites/site-1/lockdown", {}), 200),
+    ("POST", "/v1/sites/{id}/unlock"): (fixed("/v1/sites/site-1/unlock", {}), 200),
+    ("POST", "/v1/sites/{id}/secrets/rotate"): (fixed("/v1/sites/site-1/secrets/rotate", {}), 200),
+    # Allowed, and refused by the site's state: nothing is escrowed in this world.
+    ("POST", "/v1/sites/{id}/unseal"): (fixed("/v1/sites/site-1/unseal", {}), 409),
+    ("GET", "/v1/link/escrow-key"): (fixed("/v1/link/escrow-key"), 401),  # not signed
+    ("POST", "/v1/link/escrow"): (fixed("/v1/link/escrow", {}), 401),
+    ("POST", "/v1/link/unseal"): (fixed("/v1/link/unseal", {}), 401),
 }
 
 
@@ -178,6 +201,7 @@ async def make_world(hub: Hub, admin: Operator, make_site: MakeSite) -> World:
         body = {"role": caller.role, "tenant": caller.tenant}
         tokens[caller.name] = (await admin.ok("POST", "/v1/tokens", body, 201))["token"]
     dep = await admin.ok("POST", "/v1/apps", {"spec": spec_text(APP_A), "tenant": TA}, 202)
+    await admin.ok("POST", "/v1/secrets", {"name": SECRET_A, "value": "v", "tenant": TA}, 201)
     await admin.ok("POST", "/v1/apps", {"spec": spec_text("app-of-bb"), "tenant": TB}, 202)
     await site.sync()
     instances = [
@@ -229,7 +253,7 @@ async def test_the_tenant_matrix(hub: Hub, admin: Operator, make_site: MakeSite)
                 text = orjson.dumps(answer).decode()
                 assert TA not in text and "app-of-aa" not in text, f"tenant A leaked: {cell}"
             checked += 1
-    assert checked == len(routes) * len(CALLERS) >= 28 * 9
+    assert checked == len(routes) * len(CALLERS) >= 39 * 9
 
 
 async def call(
