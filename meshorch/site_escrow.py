@@ -37,7 +37,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-POLL_S = 1.0
+POLL_S = 1.0  # while sealed (waiting for an approval) or something is to be done
+IDLE_POLL_S = 30.0  # escrowed and unsealed: only to notice a hub that lost the key
 ESCROW_MESSAGE_PREFIX = b"meshorch-escrow-key\n"
 
 
@@ -80,32 +81,47 @@ class SiteEscrow:
     async def run(self) -> None:
         await self.link.wait_enrolled()
         while True:
+            delay_s = POLL_S
             try:
-                await self.step()
+                delay_s = await self.step()
             except LinkError as exc:
                 logger.debug("escrow: %s", exc)
             except RemoteInputError as exc:
                 logger.warning("escrow: %s", exc)
-            await asyncio.sleep(POLL_S)
+            await self._wait(delay_s)
 
-    async def step(self) -> None:
+    async def _wait(self, delay_s: float) -> None:
+        """Sleep ``delay_s``, but look again within POLL_S once this host is sealed or
+        locked down (an unseal approval must not wait for the idle period)."""
+        secrets = self.link.agent.secrets
+        waited = 0.0
+        while waited < delay_s:
+            await asyncio.sleep(POLL_S)
+            waited += POLL_S
+            if secrets.sealed or secrets.locked_down():
+                return
+
+    async def step(self) -> float:
+        """One look at the escrow; returns how long to wait before the next one (a
+        thousand idle sites must not poll the hub every second)."""
         secrets = self.link.agent.secrets
         ssk = secrets.public_key_hex()
         if ssk is None or secrets.locked_down():
-            return
+            return POLL_S  # local state only: no request to the hub
         answer = await self.client.escrow_key()
         escrow_key = verify_escrow_key(answer, self.link.trusted_keys())
         if answer.get("locked_down") is True:
-            return
+            return POLL_S
         if not secrets.sealed:
             if answer.get("escrowed") != ssk:
                 blob = secrets.escrow(escrow_key)
                 await self.client.escrow(b64(blob), ssk)
                 self.uploaded = ssk
                 logger.info("escrow: the hub holds this site's unseal key")
-            return
+            return IDLE_POLL_S
         if answer.get("unseal_approved") is True:
             await self._unseal_from_hub()
+        return POLL_S
 
     async def _unseal_from_hub(self) -> None:
         mine = PrivateKey.generate()
