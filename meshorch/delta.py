@@ -45,7 +45,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import orjson
 from nacl.exceptions import BadSignatureError
@@ -70,18 +70,7 @@ Reason = Literal[
     "chain_mismatch",
     "expired",
 ]
-REASONS: tuple[Reason, ...] = (
-    "too_large",
-    "malformed",
-    "wrong_fleet",
-    "unknown_key",
-    "bad_signature",
-    "replay",
-    "rollback",
-    "gap",
-    "chain_mismatch",
-    "expired",
-)
+REASONS: tuple[Reason, ...] = get_args(Reason)
 
 
 class DeltaRejected(Exception):
