@@ -625,14 +625,17 @@ class Hub:
 
     # -- sites ------------------------------------------------------------------------
 
+    def _site_or_none(self, site_id: str) -> dict[str, Any] | None:
+        return self.store.get_json("sites", site_id) if is_id(site_id) else None
+
     def _site(self, site_id: str) -> dict[str, Any]:
-        record = self.store.get_json("sites", site_id) if is_id(site_id) else None
+        record = self._site_or_none(site_id)
         if record is None:
             raise ApiError(404, "not_found", f"no site {site_id!r}")
         return dict(record)
 
     def site_public_key(self, site_id: str) -> str | None:
-        record = self.store.get_json("sites", site_id) if is_id(site_id) else None
+        record = self._site_or_none(site_id)
         return None if record is None else record.get("public_key")
 
     async def register_site(
@@ -701,7 +704,7 @@ class Hub:
 
     async def enroll(self, site_id: str, public_key: str, token: str) -> None:
         def plan(txn: _Txn) -> None:
-            record = self.store.get_json("sites", site_id) if is_id(site_id) else None
+            record = self._site_or_none(site_id)
             expected = None if record is None else record.get("enroll_hash")
             secret = token[len(ENROLL_PREFIX) :] if token.startswith(ENROLL_PREFIX) else ""
             matches = hmac.compare_digest(
@@ -741,8 +744,7 @@ class Hub:
         return self.head.version
 
     def _view_args(self, site_id: str) -> tuple[dict[str, Any] | None, float | None]:
-        report, seen = self._reports.get(site_id, (None, None))
-        return report, seen
+        return self._reports.get(site_id, (None, None))
 
     def _gossip_of(self, site_id: str) -> tuple[dict[str, Any], float] | None:
         return None if self.gossip is None else self.gossip.summary_of(site_id)

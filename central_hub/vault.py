@@ -719,7 +719,7 @@ class VaultService:
         escrow = self._meta(ESCROW_PREFIX + site)
         approval = self._meta(UNSEAL_PREFIX + site)
         return {
-            "locked_down": self.is_locked_down(site),
+            "locked_down": locked_down(lock, report),
             "lockdown": lock,
             "reported_locked_down": state.get("locked_down"),
             "sealed": state.get("sealed"),
