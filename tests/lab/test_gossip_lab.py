@@ -19,16 +19,14 @@ hole punching between two NATs.
 from __future__ import annotations
 
 import secrets
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
 import pytest
 
-from meshorch.lab.agents import FleetFlags, LabAgents, LabHub
-from meshorch.lab.lab import Lab
-from tests.labutil import require_lab
+from meshorch.lab.agents import LabAgents, LabHub
+from tests.lab.hub_fleet import hub_fleet, log_tails, wait_until
 
 pytestmark = pytest.mark.lab
 
@@ -73,45 +71,17 @@ class Fleet:
         return bool(member and member["address"])
 
     def logs(self) -> str:
-        lab = self.agents.lab
-        parts = []
-        for node in ("hub", *HOSTS.values()):
-            path = lab.store.log_path(node)
-            if path.exists():
-                tail = path.read_text(errors="replace").splitlines()[-25:]
-                parts.append(f"--- {node} ---\n" + "\n".join(tail))
-        return "\n".join(parts)
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str, fleet: Fleet) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout_s:
-        if predicate():
-            return time.monotonic() - start
-        time.sleep(0.1)
-    raise AssertionError(f"not within {timeout_s:g}s: {what}\n{fleet.logs()}")
+        return log_tails(self.agents.lab, HOSTS.values())
 
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    require_lab("wg", "wireguard-go", "iptables")
-    lab = Lab(f"g{secrets.token_hex(2)}", tmp_path_factory.mktemp("lab"))
-    try:
-        lab.up(len(SITES), 1)
-        agents = LabAgents(lab, runtime="process")
-        hub = agents.start_hub(FLEET, gossip=True, extra_args=("--site-stale", str(SITE_STALE_S)))
-        tokens = {}
-        for site in SITES:
-            created = agents.hub_request(hub, "POST", "/v1/sites", {"id": site})
-            assert isinstance(created, dict) and "enroll_token" in created, created
-            tokens[site] = created["enroll_token"]
-        agents.fleet = FleetFlags(hub.url, FLEET, hub.root_key, tokens)
-        agents.start_all()
+    sites: dict[str, dict[str, str]] = {site: {} for site in SITES}
+    extra_args = ("--site-stale", str(SITE_STALE_S))
+    with hub_fleet(
+        "g", tmp_path_factory.mktemp("lab"), FLEET, sites, gossip=True, extra_args=extra_args
+    ) as (agents, hub):
         yield Fleet(agents, hub)
-    finally:
-        if lab.exists():
-            LabAgents(lab).teardown()
-        lab.down()
 
 
 def test_the_hub_sees_a_site_cut_off_from_it_through_gossip(fleet: Fleet) -> None:
@@ -120,13 +90,13 @@ def test_the_hub_sees_a_site_cut_off_from_it_through_gossip(fleet: Fleet) -> Non
         lambda: all(fleet.hub_site(s)["gossip"] is not None for s in SITES),
         60,
         "every site's gossip summary at the hub",
-        fleet,
+        fleet.logs,
     )
     punched = wait_until(
         lambda: fleet.hears_directly("s1", "s2") and fleet.hears_directly("s2", "s1"),
         60,
         "s1 and s2 gossip directly through their NATs",
-        fleet,
+        fleet.logs,
     )
     print(f"s1 and s2 punched through their NATs within {punched:.1f}s of the check")
     # The address s1 hears s2 from is s2's public (router) address, not its LAN one.
@@ -142,7 +112,7 @@ def test_the_hub_sees_a_site_cut_off_from_it_through_gossip(fleet: Fleet) -> Non
             lambda: fleet.hub_site("s1")["seen_via"] == "gossip",
             SITE_STALE_S + 15,
             "the hub's report of s1 is stale, its gossip summary fresh",
-            fleet,
+            fleet.logs,
         )
         print(f"s1's report went stale at the hub {stale:.1f}s after the cut")
         detail = fleet.hub_site("s1")
@@ -156,7 +126,7 @@ def test_the_hub_sees_a_site_cut_off_from_it_through_gossip(fleet: Fleet) -> Non
             lambda: fleet.hub_site("s1")["gossip"]["na"] == apps_before + 1,
             30,  # fail with the logs after 30 s; the requirement is checked below
             "the hub sees s1's new application in its gossip summary",
-            fleet,
+            fleet.logs,
         )
         print(f"the hub saw s1's summary change {seen:.1f}s after the change (link cut)")
         assert seen <= SEEN_WITHIN_S, f"seen after {seen:.1f}s"
@@ -171,5 +141,5 @@ def test_the_hub_sees_a_site_cut_off_from_it_through_gossip(fleet: Fleet) -> Non
         lambda: fleet.hub_site("s1")["seen_via"] == "link",
         30,
         "s1 reports over its link again after the heal",
-        fleet,
+        fleet.logs,
     )

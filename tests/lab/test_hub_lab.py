@@ -9,18 +9,16 @@ hub, namespaces, wireguard-go sockets, data dirs) even when a test fails.
 
 from __future__ import annotations
 
-import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import pytest
 
-from meshorch.lab.agents import FleetFlags, LabAgents, LabHub
-from meshorch.lab.lab import Lab
-from tests.labutil import require_lab
+from meshorch.lab.agents import LabAgents, LabHub
+from tests.lab.hub_fleet import hub_fleet, log_tails, wait_until
 
 pytestmark = pytest.mark.lab
 
@@ -98,52 +96,13 @@ class Fleet:
         return settled and all(i["ready"] and i["version"] == version for i in app["instances"])
 
     def logs(self) -> str:
-        lab = self.agents.lab
-        parts = []
-        for node in ("hub", *HOSTS.values()):
-            path = lab.store.log_path(node)
-            if path.exists():
-                tail = path.read_text(errors="replace").splitlines()[-25:]
-                parts.append(f"--- {node} ---\n" + "\n".join(tail))
-        return "\n".join(parts)
-
-
-def wait_until(
-    predicate: Callable[[], bool],
-    timeout_s: float,
-    what: str,
-    fleet: Fleet,
-    start: float | None = None,
-) -> float:
-    """Seconds from ``start`` (default: now) until ``predicate`` holds."""
-    start = time.monotonic() if start is None else start
-    while time.monotonic() - start < timeout_s:
-        if predicate():
-            return time.monotonic() - start
-        time.sleep(0.1)
-    raise AssertionError(f"not within {timeout_s:g}s: {what}\n{fleet.logs()}")
+        return log_tails(self.agents.lab, HOSTS.values())
 
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    require_lab("wg", "wireguard-go", "iptables")
-    lab = Lab(f"f{secrets.token_hex(2)}", tmp_path_factory.mktemp("lab"))
-    try:
-        lab.up(len(SITES), 1)
-        agents = LabAgents(lab, runtime="process")
-        hub = agents.start_hub(FLEET)
-        tokens = {}
-        for site, labels in SITES.items():
-            created = agents.hub_request(hub, "POST", "/v1/sites", {"id": site, "labels": labels})
-            assert isinstance(created, dict) and "enroll_token" in created, created
-            tokens[site] = created["enroll_token"]
-        agents.fleet = FleetFlags(hub.url, FLEET, hub.root_key, tokens)
-        agents.start_all()
+    with hub_fleet("f", tmp_path_factory.mktemp("lab"), FLEET, SITES) as (agents, hub):
         yield Fleet(agents, hub)
-    finally:
-        if lab.exists():
-            LabAgents(lab).teardown()
-        lab.down()
 
 
 def test_a_deployment_reaches_exactly_the_matching_sites_behind_nat(fleet: Fleet) -> None:
@@ -151,7 +110,7 @@ def test_a_deployment_reaches_exactly_the_matching_sites_behind_nat(fleet: Fleet
         lambda: all((fleet.site_fleet(s) or {}).get("connected") for s in SITES),
         60,
         "every site linked to the hub through its NAT router",
-        fleet,
+        fleet.logs,
     )
     before = {site: fleet.trust_version(site) for site in SITES}
     deployment = fleet.deploy("1")
@@ -161,15 +120,15 @@ def test_a_deployment_reaches_exactly_the_matching_sites_behind_nat(fleet: Fleet
         lambda: fleet.deployment(deployment["id"])["state"] != "running",
         90,
         "the deployment finishes",
-        fleet,
+        fleet.logs,
     )
     done = fleet.deployment(deployment["id"])
     assert done["state"] == "succeeded", done
     for site in EU:
-        wait_until(partial(fleet.runs, site, "1"), 30, f"web 1 ready on {site}", fleet)
+        wait_until(partial(fleet.runs, site, "1"), 30, f"web 1 ready on {site}", fleet.logs)
     head = fleet.head()
     # s3 applies the same log (its version advances) but runs nothing of it.
-    wait_until(lambda: fleet.trust_version("s3") == head, 30, "s3 at the hub's head", fleet)
+    wait_until(lambda: fleet.trust_version("s3") == head, 30, "s3 at the hub's head", fleet.logs)
     s3_version = fleet.trust_version("s3")
     assert s3_version is not None and s3_version > (before["s3"] or 0)
     assert fleet.apps("s3") == {}
@@ -195,7 +154,7 @@ def test_a_cut_off_site_keeps_running_and_converges_within_10s_of_the_heal(
     cut = time.monotonic()
     try:
         deployment = fleet.deploy("2")
-        wait_until(lambda: fleet.runs("s2", "2"), 60, "web 2 ready on s2", fleet)
+        wait_until(lambda: fleet.runs("s2", "2"), 60, "web 2 ready on s2", fleet.logs)
         time.sleep(max(0.0, PARTITION_S - (time.monotonic() - cut)))
         # The cut-off site keeps what it runs and has heard nothing of version 2.
         assert fleet.runs("s1", "1")
@@ -211,7 +170,7 @@ def test_a_cut_off_site_keeps_running_and_converges_within_10s_of_the_heal(
         lambda: fleet.trust_version("s1") == head and fleet.runs("s1", "2"),
         30,  # fail with the logs after 30 s; the requirement is checked below
         "s1 converges after the heal",
-        fleet,
+        fleet.logs,
         start=healed,
     )
     print(f"s1 converged {elapsed:.1f}s after the heal (cut off for {healed - cut:.1f}s)")
@@ -220,8 +179,8 @@ def test_a_cut_off_site_keeps_running_and_converges_within_10s_of_the_heal(
         lambda: fleet.deployment(deployment["id"])["state"] != "running",
         30,
         "the deployment finishes",
-        fleet,
+        fleet.logs,
     )
     assert fleet.deployment(deployment["id"])["state"] == "succeeded"
-    wait_until(lambda: fleet.trust_version("s3") == head, 30, "s3 at the hub's head", fleet)
+    wait_until(lambda: fleet.trust_version("s3") == head, 30, "s3 at the hub's head", fleet.logs)
     assert fleet.apps("s3") == {}
