@@ -21,8 +21,8 @@ from meshorch.agent import Agent
 from meshorch.agent_config import AgentConfig
 from meshorch.delta import ALL_SITES, Target, key_id, next_delta, sign
 from meshorch.errors import ConfigurationError
-from meshorch.localsite import free_port
 from meshorch.workload_settings import WorkloadSettings
+from tests.agents_util import lone_agent_config
 from tests.fleet.hubstub import StubHub
 
 ROOT = SigningKey(b"r" * 32)
@@ -53,18 +53,7 @@ SPEC = {
 @pytest.fixture
 async def agent(tmp_path: Path) -> AsyncIterator[Agent]:
     # The hub URL leads nowhere: the deltas come by relay only.
-    config = AgentConfig(
-        site="relay-site",
-        host_id="h1",
-        data_dir=tmp_path / "h1",
-        api_address=f"127.0.0.1:{free_port()}",
-        raft_address=f"127.0.0.1:{free_port()}",
-        password="p" * 32,
-        preset="local",
-        hub=f"http://127.0.0.1:{free_port()}",
-        fleet="acme",
-        fleet_key=key_id(ROOT),
-    )
+    config = lone_agent_config(tmp_path, "relay-site", "acme", ROOT)
     async with Agent(config, None, WorkloadSettings(runtime="process")) as running:
         yield running
 

@@ -21,9 +21,9 @@ from nacl.signing import SigningKey
 
 from meshorch.agent import Agent
 from meshorch.agent_config import AgentConfig
-from meshorch.delta import Target, key_id
-from meshorch.localsite import free_port
+from meshorch.delta import Target
 from meshorch.workload_settings import WorkloadSettings
+from tests.agents_util import lone_agent_config
 from tests.fleet.hubstub import StubHub
 from tests.waiting import until
 
@@ -57,19 +57,7 @@ def spec(name: str, version: str = "1", replicas: int = 2, memory: str = "48Mi",
 
 
 def agent_config(tmp_path: Path) -> AgentConfig:
-    # The hub URL leads nowhere: the deltas come by relay only.
-    return AgentConfig(
-        site=SITE,
-        host_id="h1",
-        data_dir=tmp_path / "h1",
-        api_address=f"127.0.0.1:{free_port()}",
-        raft_address=f"127.0.0.1:{free_port()}",
-        password="p" * 32,
-        preset="local",
-        hub=f"http://127.0.0.1:{free_port()}",
-        fleet="acme-fleet",
-        fleet_key=key_id(ROOT),
-    )
+    return lone_agent_config(tmp_path, SITE, "acme-fleet", ROOT)
 
 
 class Site:

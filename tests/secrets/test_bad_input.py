@@ -20,11 +20,9 @@ from nacl.exceptions import CryptoError
 from nacl.public import PrivateKey, SealedBox
 
 from meshorch.agent import Agent
-from meshorch.agent_config import AgentConfig
-from meshorch.delta import key_id
-from meshorch.localsite import free_port
 from meshorch.site_state import SECRETS_TABLE
 from meshorch.workload_settings import WorkloadSettings
+from tests.agents_util import lone_agent_config
 from tests.fleet.hubstub import StubHub
 from tests.secrets.helpers import ROOT, until
 
@@ -33,18 +31,7 @@ SITE = "lone-site"
 
 @pytest.fixture
 async def agent(tmp_path: Path) -> AsyncIterator[Agent]:
-    config = AgentConfig(
-        site=SITE,
-        host_id="h1",
-        data_dir=tmp_path / "h1",
-        api_address=f"127.0.0.1:{free_port()}",
-        raft_address=f"127.0.0.1:{free_port()}",
-        password="p" * 32,
-        preset="local",
-        hub=f"http://127.0.0.1:{free_port()}",
-        fleet="acme",
-        fleet_key=key_id(ROOT),
-    )
+    config = lone_agent_config(tmp_path, SITE, "acme", ROOT)
     async with Agent(config, None, WorkloadSettings(runtime="process")) as running:
         yield running
 

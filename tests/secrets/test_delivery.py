@@ -9,30 +9,9 @@ import secrets
 import signal
 import statistics
 import time
-from collections.abc import AsyncIterator, Iterator
-
-import aiohttp
-import pytest
 
 from meshorch.localsite import LocalSite
-from tests.secrets.helpers import Driver, app_spec, new_site, scan_for, until
-
-
-@pytest.fixture
-def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSite]:
-    local = new_site(tmp_path_factory.mktemp("site"))
-    local.start()
-    try:
-        yield local
-    finally:
-        local.stop()
-        print(local.logs())
-
-
-@pytest.fixture
-async def driver(site: LocalSite) -> AsyncIterator[Driver]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
-        yield Driver(site, session)
+from tests.secrets.helpers import Driver, app_spec, scan_for, until
 
 
 async def test_delivery_rotation_and_no_plaintext(site: LocalSite, driver: Driver) -> None:

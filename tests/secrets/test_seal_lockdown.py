@@ -10,34 +10,13 @@ import base64
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-import pytest
-
 from meshorch.localsite import LocalHost, LocalSite
-from tests.secrets.helpers import Driver, app_spec, new_site, until
+from tests.secrets.helpers import Driver, app_spec, until
 
 SECRET = [{"name": "db-password", "env": "DB_PASSWORD"}]
-
-
-@pytest.fixture
-def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSite]:
-    local = new_site(tmp_path_factory.mktemp("site"))
-    local.start()
-    try:
-        yield local
-    finally:
-        local.stop()
-        print(local.logs())
-
-
-@pytest.fixture
-async def driver(site: LocalSite) -> AsyncIterator[Driver]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
-        yield Driver(site, session)
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
