@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import re
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from meshorch.errors import ConfigurationError, RemoteInputError, ServiceError
@@ -311,3 +311,97 @@ def plan_retention(
         drop_bytes += size
         remaining -= size
     return RetentionPlan(drop_events, drop_bytes)
+
+
+# -- chunks -------------------------------------------------------------------------------
+# A chunk is one producer batch as replicated and forwarded: the host it was produced
+# on, then its events back to back in the storage form (their header seq is the
+# position in the chunk; the stream sequence is the chunk's first number + position).
+
+CHUNK_VERSION = 1
+# version u8, host length u8, event count u32, newest event time f64
+_CHUNK_HEADER = struct.Struct(">BBId")
+CHUNK_HEADER_BYTES = _CHUNK_HEADER.size
+MAX_CHUNK_BYTES = 768 * 1024
+"""Producer batches are cut into chunks of at most this size (one Raft value each)."""
+MAX_HOST_BYTES = 255
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkInfo:
+    host: str
+    count: int
+    newest_time_s: float
+    size: int
+
+
+def split_chunks(
+    events: Sequence[NewEvent], max_bytes: int = MAX_CHUNK_BYTES
+) -> list[list[NewEvent]]:
+    """Cut a validated batch into runs whose chunk stays within ``max_bytes``."""
+    runs: list[list[NewEvent]] = []
+    run: list[NewEvent] = []
+    size = CHUNK_HEADER_BYTES + MAX_HOST_BYTES
+    for event in events:
+        event_size = event.encoded_size()
+        if run and size + event_size > max_bytes:
+            runs.append(run)
+            run, size = [], CHUNK_HEADER_BYTES + MAX_HOST_BYTES
+        run.append(event)
+        size += event_size
+    if run:
+        runs.append(run)
+    return runs
+
+
+def encode_chunk(host: str, events: Sequence[NewEvent]) -> bytes:
+    host_raw = host.encode()
+    if not host_raw or len(host_raw) > MAX_HOST_BYTES:
+        raise MalformedEvent(f"a chunk's host must be 1-{MAX_HOST_BYTES} bytes, got {host!r}")
+    if not events:
+        raise MalformedEvent("a chunk holds at least one event")
+    newest = max(float(e.time_s) for e in events)
+    parts = [_CHUNK_HEADER.pack(CHUNK_VERSION, len(host_raw), len(events), newest), host_raw]
+    parts.extend(encode_event(i, e) for i, e in enumerate(events))
+    return b"".join(parts)
+
+
+def chunk_info(raw: bytes) -> ChunkInfo:
+    """The header of a chunk; ``StreamStoreCorrupt`` if it is not one."""
+    if len(raw) < CHUNK_HEADER_BYTES:
+        raise StreamStoreCorrupt(f"chunk is {len(raw)} bytes, shorter than its header")
+    version, host_len, count, newest = _CHUNK_HEADER.unpack_from(raw)
+    if version != CHUNK_VERSION or count < 1 or not math.isfinite(newest):
+        raise StreamStoreCorrupt(f"chunk header is invalid (version {version}, {count} events)")
+    host_raw = raw[CHUNK_HEADER_BYTES : CHUNK_HEADER_BYTES + host_len]
+    try:
+        host = bytes(host_raw).decode()
+    except UnicodeDecodeError as exc:
+        raise StreamStoreCorrupt("chunk host is not UTF-8") from exc
+    if len(host_raw) != host_len or not host:
+        raise StreamStoreCorrupt("chunk host is truncated or empty")
+    return ChunkInfo(host, int(count), float(newest), len(raw))
+
+
+def decode_chunk(first_seq: int, raw: bytes) -> tuple[ChunkInfo, list[Event]]:
+    """The events of a chunk stored at ``first_seq``; ``StreamStoreCorrupt`` on garbage."""
+    info = chunk_info(raw)
+    pos = CHUNK_HEADER_BYTES + len(info.host.encode())
+    events: list[Event] = []
+    for position in range(info.count):
+        if len(raw) - pos < HEADER_BYTES:
+            raise StreamStoreCorrupt(f"chunk at {first_seq} is truncated at event {position}")
+        key_len, payload_len = _HEADER.unpack_from(raw, pos)[5:7]
+        end = pos + HEADER_BYTES + key_len + payload_len
+        if end > len(raw):
+            raise StreamStoreCorrupt(f"chunk at {first_seq} is truncated at event {position}")
+        event = decode_event(bytes(raw[pos:end]))
+        if event.seq != position:
+            raise StreamStoreCorrupt(f"chunk at {first_seq} has event {event.seq} at {position}")
+        events.append(
+            Event(first_seq + position, event.time_s, event.payload, event.key, event.level)
+        )
+        pos = end
+    if pos != len(raw):
+        raise StreamStoreCorrupt(f"chunk at {first_seq} has trailing bytes")
+    return info, events

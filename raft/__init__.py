@@ -3,7 +3,17 @@
 Knows nothing of applications: callers store bytes in named tables.
 """
 
-from raft.commands import Barrier, Batch, Delete, Guard, Op, Put, decode_batch, encode_batch
+from raft.commands import (
+    Append,
+    Barrier,
+    Batch,
+    Delete,
+    Guard,
+    Op,
+    Put,
+    decode_batch,
+    encode_batch,
+)
 from raft.config import ConfigError, RaftConfig, local_preset
 from raft.errors import (
     CommandDecodeError,
@@ -18,6 +28,7 @@ from raft.state_machine import OpResult, Record, apply_command
 from raft.view import StateView
 
 __all__ = [
+    "Append",
     "Barrier",
     "Batch",
     "CommandDecodeError",

@@ -7,12 +7,16 @@ binary format (values are raw bytes, so JSON would need base64 and be larger):
     batch   := version:u8 count:u32 op*
     op      := kind:u8 table_len:u8 table key_len:u16 key body
     body    := PUT: expect:i64 value_len:u32 value | DELETE: (nothing) | BARRIER: (nothing)
-             | GUARD: expect:i64 count:u32
+             | GUARD: expect:i64 count:u32 | APPEND: count:u32 value_len:u32 value
 
 All integers are big-endian. ``expect`` is -1 for an unconditional put, 0 for
 "only if absent", N for "only if the key was last modified at index N".
 A GUARD applies the ``count`` operations after it only if its key's index matches
 ``expect`` (same meaning): a proposal whose writes must all happen or none.
+An APPEND stores its value under ``key || first`` (``first`` a big-endian u64) where
+``first`` is the next number of the sequence counted at ``key``, and advances that
+counter by ``count``: any member can append to a sequence without coordination,
+the numbering is decided by the log order.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ _OP_HEAD = struct.Struct(">BB")
 _KEY_LEN = struct.Struct(">H")
 _PUT_BODY = struct.Struct(">qI")
 _GUARD_BODY = struct.Struct(">qI")
+_APPEND_BODY = struct.Struct(">II")
 
 
 class OpKind(IntEnum):
@@ -41,6 +46,7 @@ class OpKind(IntEnum):
     DELETE = 2
     BARRIER = 3
     GUARD = 4
+    APPEND = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +81,19 @@ class Guard:
     count: int
 
 
-Op = Put | Delete | Barrier | Guard
+@dataclass(frozen=True, slots=True)
+class Append:
+    """Store ``value`` under ``key || u64 first`` where ``first`` is the counter at
+    ``key`` (1 when absent), then advance the counter by ``count`` (>= 1) and its
+    byte total by ``len(value)``. The result's ``current_index`` is ``first``."""
+
+    table: str
+    key: bytes
+    value: bytes
+    count: int
+
+
+Op = Put | Delete | Barrier | Guard | Append
 
 _BARRIER = Barrier()
 _BARRIER_OP = _OP_HEAD.pack(OpKind.BARRIER, 0) + _KEY_LEN.pack(0)
@@ -114,6 +132,18 @@ def encode_ops(ops: Sequence[Op]) -> bytes:
             append(_KEY_LEN.pack(len(key)))
             append(key)
             append(_PUT_BODY.pack(expect, len(value)))
+            append(value)
+        elif isinstance(op, Append):
+            value = op.value
+            if len(value) > MAX_VALUE_BYTES:
+                raise ValueError(f"value larger than {MAX_VALUE_BYTES} bytes")
+            if op.count < 1 or len(key) + 8 > MAX_KEY_BYTES:
+                raise ValueError("an append counts >= 1 item and its key leaves room for 8 bytes")
+            append(_OP_HEAD.pack(OpKind.APPEND, len(table)))
+            append(table)
+            append(_KEY_LEN.pack(len(key)))
+            append(key)
+            append(_APPEND_BODY.pack(op.count, len(value)))
             append(value)
         elif isinstance(op, Guard):
             if op.expect_index < 0 or op.count < 0:
@@ -188,6 +218,16 @@ def _decode_ops(data: bytes) -> list[Op]:
             append(Put(table, key, value, None if expect < 0 else expect))
         elif kind == OpKind.DELETE:
             append(Delete(table, key))
+        elif kind == OpKind.APPEND:
+            items, value_len = _APPEND_BODY.unpack_from(data, pos)
+            pos += _APPEND_BODY.size
+            if value_len > MAX_VALUE_BYTES or items < 1:
+                raise CommandDecodeError("append value too large or counting no item")
+            value = data[pos : pos + value_len]
+            pos += value_len
+            if pos > end:
+                raise CommandDecodeError("command truncated")
+            append(Append(table, key, value, items))
         elif kind == OpKind.GUARD:
             expect, guarded = _GUARD_BODY.unpack_from(data, pos)
             pos += _GUARD_BODY.size

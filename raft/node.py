@@ -607,7 +607,10 @@ class RaftNode:
             return None
         tables = self._tables
         applied = self.view.apply_indexed(
-            index, lambda read_index: apply_command_indexed(payload, index, read_index, tables)
+            index,
+            lambda read_index, read_value: apply_command_indexed(
+                payload, index, read_index, tables, read_value
+            ),
         )
         self._applied_index = index
         return list(applied.results)

@@ -14,12 +14,15 @@ import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from raft.commands import Barrier, Delete, Guard, Put, decode_batch
+from raft.commands import Append, Barrier, Delete, Guard, Put, decode_batch
 from raft.errors import CommandDecodeError
 
 logger = logging.getLogger(__name__)
 
 _RECORD_HEAD = struct.Struct(">Q")
+# An append counter: the next number of the sequence and the bytes appended so far.
+_COUNTER = struct.Struct(">QQ")
+_ITEM_NUMBER = struct.Struct(">Q")
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +68,21 @@ class Applied:
 Reader = Callable[[str, bytes], Record | None]
 # The log index that last modified (table, key), or None if the key is absent.
 IndexReader = Callable[[str, bytes], int | None]
+ValueReader = Callable[[str, bytes], bytes | None]
+# The value stored at (table, key) without its index, or None if absent.
+
+
+def decode_counter(value: bytes | None) -> tuple[int, int]:
+    """(next number, bytes appended) of an append counter's stored value."""
+    if value is None:
+        return 1, 0
+    next_number, appended = _COUNTER.unpack(value)
+    return int(next_number), int(appended)
+
+
+def item_key(key: bytes, number: int) -> bytes:
+    """Where an APPEND to the sequence at ``key`` stored item ``number``."""
+    return key + _ITEM_NUMBER.pack(number)
 
 
 def apply_command(payload: bytes, index: int, read: Reader, tables: Iterable[str]) -> Applied:
@@ -79,11 +97,19 @@ def apply_command(payload: bytes, index: int, read: Reader, tables: Iterable[str
         record = read(table, key)
         return None if record is None else record.mod_index
 
-    return apply_command_indexed(payload, index, read_index, tables)
+    def read_value(table: str, key: bytes) -> bytes | None:
+        record = read(table, key)
+        return None if record is None else record.value
+
+    return apply_command_indexed(payload, index, read_index, tables, read_value)
 
 
 def apply_command_indexed(
-    payload: bytes, index: int, read_index: IndexReader, tables: Iterable[str]
+    payload: bytes,
+    index: int,
+    read_index: IndexReader,
+    tables: Iterable[str],
+    read_value: ValueReader | None = None,
 ) -> Applied:
     """``apply_command`` for adapters that can look up a key's index without its value."""
     try:
@@ -118,6 +144,16 @@ def apply_command_indexed(
             before = None if pending[slot] is None else index
         else:
             before = read_index(op.table, op.key)
+        if isinstance(op, Append):
+            if read_value is None:
+                append(OpResult(ok=False, index=index, error="unsupported"))
+                continue
+            stored = pending[slot] if slot in pending else read_value(op.table, op.key)
+            first, appended = decode_counter(stored)
+            pending[slot] = _COUNTER.pack(first + op.count, appended + len(op.value))
+            pending[(op.table, item_key(op.key, first))] = op.value
+            append(OpResult(ok=True, index=index, existed=before is not None, current_index=first))
+            continue
         if isinstance(op, Guard):
             if op.expect_index != (before or 0):
                 skip = op.count

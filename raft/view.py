@@ -22,7 +22,7 @@ from pathlib import Path
 import lmdb
 
 from raft.errors import SnapshotError
-from raft.state_machine import Applied, IndexReader, Reader, Record, Write
+from raft.state_machine import Applied, IndexReader, Reader, Record, ValueReader, Write
 
 logger = logging.getLogger(__name__)
 
@@ -73,14 +73,30 @@ class StateView:
         return None if raw is None else Record.decode(raw)
 
     def scan(
-        self, table: str, prefix: bytes, limit: int
+        self,
+        table: str,
+        prefix: bytes,
+        limit: int,
+        *,
+        start: bytes | None = None,
+        preceding: bool = False,
     ) -> tuple[list[tuple[bytes, Record]], bool]:
         """Up to ``limit`` records whose key starts with ``prefix``, in key order,
-        and whether more follow."""
+        and whether more follow. ``start`` begins at that key (or the next one);
+        with ``preceding`` the last key before ``start`` under ``prefix`` comes first
+        (the record covering ``start`` when keys are range starts)."""
         found: list[tuple[bytes, Record]] = []
+        begin = prefix if start is None or start < prefix else start
         with self._env.begin(db=self._dbs[table]) as txn:
             cursor = txn.cursor()
-            if not cursor.set_range(prefix):
+            positioned = cursor.set_range(begin)
+            if preceding and start is not None:
+                stepped = cursor.prev() if positioned else cursor.last()
+                if stepped and bytes(cursor.key()).startswith(prefix):
+                    positioned = True
+                else:  # nothing before ``start`` under the prefix: back to ``start``
+                    positioned = cursor.set_range(begin)
+            if not positioned:
                 return found, False
             for key, raw in cursor:
                 if not key.startswith(prefix):
@@ -107,7 +123,9 @@ class StateView:
             self._store(txn, index, applied.writes)
         return applied
 
-    def apply_indexed(self, index: int, compute: Callable[[IndexReader], Applied]) -> Applied:
+    def apply_indexed(
+        self, index: int, compute: Callable[[IndexReader, ValueReader], Applied]
+    ) -> Applied:
         """``apply_with`` for a ``compute`` that only needs the index of each key it reads
         (``apply_command_indexed``): values are not copied out of LMDB."""
         dbs = self._dbs
@@ -119,7 +137,11 @@ class StateView:
                 raw = get(key, db=dbs[table])
                 return None if raw is None else int(unpack_index(raw)[0])
 
-            applied = compute(read_index)
+            def read_value(table: str, key: bytes) -> bytes | None:
+                raw = get(key, db=dbs[table])
+                return None if raw is None else bytes(raw[_INDEX.size :])
+
+            applied = compute(read_index, read_value)
             self._store(txn, index, applied.writes)
         return applied
 

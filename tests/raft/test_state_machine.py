@@ -1,5 +1,15 @@
-from raft.commands import Barrier, Batch, Delete, Guard, Put, encode_batch
-from raft.state_machine import Applied, Record, Write, apply_command
+import pytest
+
+from raft.commands import Append, Barrier, Batch, Delete, Guard, Put, decode_batch, encode_batch
+from raft.state_machine import (
+    Applied,
+    Record,
+    Write,
+    apply_command,
+    apply_command_indexed,
+    decode_counter,
+    item_key,
+)
 
 TABLES = ("kv", "sys")
 
@@ -122,3 +132,38 @@ def test_guard_expecting_absence_and_on_unknown_table() -> None:
     )  # fmt: skip
     assert [r.error for r in applied.results] == [None, None, "unknown_table", "guarded"]
     assert list(state) == [("kv", b"a")]
+
+
+def test_append_numbers_items_in_log_order_and_counts_bytes() -> None:
+    state: dict[tuple[str, bytes], Record] = {}
+    first = run(state, 4, Append("kv", b"s", b"abc", 3), Append("kv", b"s", b"de", 2))
+    second = run(state, 5, Append("kv", b"s", b"f", 1), Append("kv", b"t", b"g", 1))
+    assert [r.current_index for r in first.results] == [1, 4]
+    assert [r.current_index for r in second.results] == [6, 1]
+    assert state[("kv", item_key(b"s", 1))] == Record(4, b"abc")
+    assert state[("kv", item_key(b"s", 4))] == Record(4, b"de")
+    assert state[("kv", item_key(b"s", 6))] == Record(5, b"f")
+    assert decode_counter(state[("kv", b"s")].value) == (7, 6)
+    assert decode_counter(state[("kv", b"t")].value) == (2, 1)
+
+
+def test_append_skipped_by_a_failed_guard_takes_no_number() -> None:
+    state: dict[tuple[str, bytes], Record] = {}
+    run(state, 2, Put("kv", b"g", b"x"))
+    skipped = run(state, 3, Guard("kv", b"g", 1, 1), Append("kv", b"s", b"a", 1))
+    taken = run(state, 4, Append("kv", b"s", b"b", 1))
+    assert skipped.results[1].error == "guarded"
+    assert taken.results[0].current_index == 1 and ("kv", item_key(b"s", 2)) not in state
+
+
+def test_append_without_a_value_reader_is_refused() -> None:
+    payload = encode_batch(Batch((Append("kv", b"s", b"a", 1),)))
+    applied = apply_command_indexed(payload, 1, lambda t, k: None, TABLES)
+    assert applied.writes == () and applied.results[0].error == "unsupported"
+
+
+def test_append_round_trips_and_rejects_bad_counts() -> None:
+    op = Append("kv", b"s", b"payload", 7)
+    assert decode_batch(encode_batch(Batch((op,)))).ops == (op,)
+    with pytest.raises(ValueError):
+        encode_batch(Batch((Append("kv", b"s", b"a", 0),)))

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from raft.errors import SnapshotError
-from raft.state_machine import Applied, IndexReader, Record, Write
+from raft.state_machine import Applied, IndexReader, Record, ValueReader, Write
 from raft.view import StateView
 
 
@@ -66,12 +66,30 @@ def test_apply_indexed_reads_indexes_and_stores_writes(tmp_path: Path) -> None:
     view.apply(3, [Write("kv", b"a", Record(3, b"old"))])
     seen: list[int | None] = []
 
-    def compute(read_index: IndexReader) -> Applied:
+    def compute(read_index: IndexReader, read_value: ValueReader) -> Applied:
         seen.extend([read_index("kv", b"a"), read_index("kv", b"missing")])
+        assert read_value("kv", b"a") == b"old" and read_value("kv", b"missing") is None
         return Applied((Write("kv", b"a", Record(4, b"new")),), ())
 
     view.apply_indexed(4, compute)
     assert seen == [3, None]
     assert view.get("kv", b"a") == Record(4, b"new") and view.applied_index() == 4
     assert view.size_bytes() > 0
+    view.close()
+
+
+def test_scan_from_a_start_key_with_the_record_preceding_it(tmp_path: Path) -> None:
+    view = StateView(tmp_path / "v", ("kv",))
+    keys = [b"a", b"s/1", b"s/4", b"s/7", b"t/1"]
+    view.apply(1, [Write("kv", k, Record(1, k)) for k in keys])
+
+    def scan(start: bytes, preceding: bool) -> list[bytes]:
+        return [k for k, _ in view.scan("kv", b"s/", 10, start=start, preceding=preceding)[0]]
+
+    assert scan(b"s/5", False) == [b"s/7"]
+    assert scan(b"s/5", True) == [b"s/4", b"s/7"]
+    assert scan(b"s/4", True) == [b"s/1", b"s/4", b"s/7"]
+    assert scan(b"s/0", True) == [b"s/1", b"s/4", b"s/7"]  # "a" is outside the prefix
+    assert scan(b"s/9", True) == [b"s/7"]
+    assert scan(b"s/9", False) == []
     view.close()
