@@ -47,6 +47,7 @@ from meshorch.site_state import (
     SYSTEM_TABLE,
     MemberRecord,
 )
+from meshorch.site_streams import SiteStreams
 from meshorch.workload_settings import WorkloadSettings, make_runtime
 from meshorch.workloads import encode_hostinfo, hostinfo_key
 from netmesh import KeyPair, load_or_create_keypair
@@ -85,6 +86,7 @@ class Agent:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.secrets = SiteSecrets(self)
         self.site_link = SecretsSiteLink(self)
+        self.streams = SiteStreams(lambda: self.raft, config.host_id)
 
     @property
     def raft(self) -> RaftNode:
@@ -155,6 +157,9 @@ class Agent:
         self.spawn(HostReconciler(self, self.runtime).run(), "reconcile")
         self.spawn(SiteController(self).run(), "controller")
         self.spawn(self.site_link.run(), "fleet-link")
+        self.spawn(
+            self.streams.run_retention(lambda: self.raft.status().is_leader), "stream-retention"
+        )
         logger.info(
             "agent %s of site %s: api http://%s, raft %s",
             config.host_id,

@@ -27,6 +27,7 @@ from meshorch.fleet_apply import (
     app_view,
     check_link_config,
 )
+from meshorch.http_body import read_limited
 from meshorch.imagestore import CHUNK_BYTES, validate_digest, validate_ref
 from meshorch.join import JoinRefused, JoinRequest, check_revocation_notice
 from meshorch.quotas import (
@@ -49,6 +50,7 @@ from meshorch.site_state import (
     validate_host_id,
     validate_kv_key,
 )
+from meshorch.stream_api import add_stream_routes
 from meshorch.workloads import (
     APP_PREFIX,
     EVENT_PREFIX,
@@ -155,6 +157,7 @@ def build_app(agent: Agent) -> web.Application:
     app.router.add_post("/v1/secrets/unlock", unlock)
     app.router.add_post("/v1/secrets/rotate", rotate)
     app.router.add_put("/v1/secrets/settings", put_secret_settings)
+    add_stream_routes(app, _agent)
     return app
 
 
@@ -390,7 +393,7 @@ async def apply_app(request: web.Request) -> web.Response:
     A new version starts a rolling upgrade. 409 ``name_taken`` when another tenant has an
     app of that name, ``version_exists`` when the version was applied with other content."""
     tenant = _tenant_param(request) or DEFAULT_TENANT
-    body = await request.content.read(MAX_SPEC_BODY + 1)
+    body = await read_limited(request.content, MAX_SPEC_BODY)
     try:
         spec = parse_app_spec(body)
     except SpecError as exc:
@@ -511,7 +514,7 @@ async def put_quota(request: web.Request) -> web.Response:
     """Body ``{"cpu_millis", "memory_bytes", "instances"}``: integers >= 0 or null
     (unlimited); all null removes the quota. The same rules as the ``tenant.quota`` op."""
     tenant = check_tenant(request.match_info["tenant"])
-    body = await request.content.read(MAX_QUOTA_BODY + 1)
+    body = await read_limited(request.content, MAX_QUOTA_BODY)
     if len(body) > MAX_QUOTA_BODY:
         raise ApiError(413, "too_large", f"the body is limited to {MAX_QUOTA_BODY} bytes")
     quota = parse_quota(_json_object(body))
@@ -617,7 +620,7 @@ ROTATE_WAIT_S = 10.0
 
 
 async def _small_object(request: web.Request, fields: frozenset[str]) -> dict[str, object]:
-    body = await request.content.read(MAX_SECRETS_BODY + 1)
+    body = await read_limited(request.content, MAX_SECRETS_BODY)
     if len(body) > MAX_SECRETS_BODY:
         raise ApiError(413, "too_large", f"the body is limited to {MAX_SECRETS_BODY} bytes")
     data = _json_object(body)

@@ -34,6 +34,7 @@ from nacl.signing import SigningKey
 from yarl import URL
 
 from meshorch.errors import MeshorchError
+from meshorch.http_body import read_limited
 from meshorch.link_auth import sign_request
 
 logger = logging.getLogger(__name__)
@@ -268,7 +269,7 @@ class LinkClient:
             async with self._client().request(
                 method, url, data=body or None, headers=headers, timeout=timeout
             ) as response:
-                raw = await response.content.read(MAX_ANSWER_BYTES)
+                raw = await read_limited(response.content, MAX_ANSWER_BYTES)
                 status = response.status
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise HubUnreachable(f"{method} {self.hub_url}{path}: {exc!r}") from exc
