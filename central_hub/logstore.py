@@ -1,0 +1,428 @@
+"""The hub's store of fleet logs (an I/O adapter over ``central_hub.logindex``).
+
+One LMDB environment, ``path``, with named databases::
+
+    streams   position and dropped count of each stream    site \\0 stream -> JSON
+    tail      records not yet in a segment                 u64 id -> site \\0 stream \\0 columns
+    blocks    sealed blocks (<= BLOCK_RECORDS records)     u64 id -> zlib(columns)
+    segments  the blocks of a segment, with summaries      u64 id -> JSON
+    vocab     the token index of a segment                 u64 id -> logindex.build_vocab
+
+Ingest appends a stream's new records to its *tail* (one entry per call, small entries
+merged as they pile up) and acknowledges once that is on disk. When the tails of all
+streams hold ``SEGMENT_RECORDS`` records (or ``SEGMENT_BYTES`` of text), they become a
+*segment*: every tail is cut into blocks, compressed, and the segment's vocabulary is
+written, in one transaction. Queries look up their tokens in each segment's vocabulary and
+read only the candidate blocks; the tails (bounded by the same limits) are kept in memory
+as well, and searched whole.
+
+In memory: the stream positions, the summaries of all blocks (a few hundred bytes per
+block of up to BLOCK_RECORDS records) and the tails. Vocabularies are read in place from
+the memory map for each query.
+
+Threads: one writer at a time (``ingest`` takes a lock), queries in any thread at the same
+time. Writers commit to LMDB first and then publish the new in-memory state under a short
+lock; a query takes its snapshot of that state under the same lock and reads in a
+read transaction begun after it, so it sees everything ingested before it started.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import struct
+import threading
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lmdb
+import orjson
+
+from central_hub.logindex import (
+    BlockRef,
+    BlockSummary,
+    Columns,
+    IngestResult,
+    LogGap,
+    LogHit,
+    LogPage,
+    LogQuery,
+    LogQueryError,
+    LogRecord,
+    Matcher,
+    Vocab,
+    block_tokens,
+    build_vocab,
+    concat_columns,
+    run_query,
+    split_columns,
+)
+from meshorch.streams import SEGMENT_RE, InvalidStreamName, StreamName
+
+__all__ = [
+    "IngestResult",
+    "LogGap",
+    "LogHit",
+    "LogPage",
+    "LogQuery",
+    "LogQueryError",
+    "LogRecord",
+    "LogStore",
+]
+
+logger = logging.getLogger(__name__)
+
+BLOCK_RECORDS = 4096
+BLOCK_BYTES = 1 << 20
+SEGMENT_RECORDS = 500_000
+SEGMENT_BYTES = 64 << 20
+COMPRESSION = 1  # zlib level: blocks are written once and read rarely; level 1 is cheap
+# Index entries a substring token may match in one segment before it is given up on
+# (it would select most blocks anyway, and listing them costs more than it saves).
+MAX_INDEX_ENTRIES = 20_000
+# Once the exact/prefix tokens leave this few blocks of a segment, skip the vocabulary scans.
+FEW_BLOCKS = 16
+
+_ID = struct.Struct(">Q")
+_DBS = ("streams", "tail", "blocks", "segments", "vocab")
+
+
+@dataclass(slots=True)
+class _Stream:
+    high_water: int = 0
+    dropped: int = 0
+    blocks: list[BlockRef] = field(default_factory=list)  # sealed, in seq order
+    tail: list[BlockRef] = field(default_factory=list)  # in memory (data set), in seq order
+
+    def to_json(self) -> bytes:
+        return orjson.dumps({"high_water": self.high_water, "dropped": self.dropped})
+
+
+@dataclass(frozen=True, slots=True)
+class _Segment:
+    segment_id: int
+    blocks: tuple[BlockRef, ...]  # by ordinal in the vocabulary
+
+
+def _data(ref: BlockRef) -> Columns:
+    assert ref.data is not None, "a tail entry always holds its records"
+    return ref.data
+
+
+def _stream_key(site: str, stream: str) -> bytes:
+    return f"{site}\0{stream}".encode()
+
+
+def _check_site(site: str) -> None:
+    if not isinstance(site, str) or SEGMENT_RE.fullmatch(site) is None:
+        raise ValueError(f"site {site!r} is invalid: it must be 1-63 of a-z, 0-9, '-'")
+
+
+def _check_records(records: Sequence[LogRecord]) -> None:
+    previous = 0
+    for r in records:
+        if not isinstance(r.seq, int) or r.seq <= previous:
+            raise ValueError(f"log seqs must be ascending from 1, got {r.seq!r} after {previous}")
+        previous = r.seq
+        if not isinstance(r.time_s, int | float) or not math.isfinite(r.time_s):
+            raise ValueError(f"log record {r.seq}: time_s must be finite, got {r.time_s!r}")
+        if r.level is not None and (not isinstance(r.level, int) or not 0 <= r.level <= 7):
+            raise ValueError(f"log record {r.seq}: level must be 0..7 or None, got {r.level!r}")
+        if not isinstance(r.host, str):
+            raise ValueError(f"log record {r.seq}: host must be a string")
+        if not isinstance(r.payload, bytes):
+            raise ValueError(f"log record {r.seq}: payload must be bytes")
+
+
+class LogStore:
+    """Fleet logs, durable per ``ingest`` call: a record is on disk when ``ingest``
+    returns (``flush`` only syncs once more)."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        map_size: int = 64 << 30,
+        segment_records: int = SEGMENT_RECORDS,
+        block_records: int = BLOCK_RECORDS,
+    ) -> None:
+        """``segment_records`` and ``block_records`` tune the layout (tests make them small)."""
+        self._segment_records = segment_records
+        self._block_records = block_records
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._env = lmdb.open(
+            str(path), max_dbs=len(_DBS), map_size=map_size, sync=False, metasync=False,
+            max_readers=512,
+        )  # fmt: skip
+        self._dbs = {name: self._env.open_db(name.encode()) for name in _DBS}
+        self._write_lock = threading.Lock()  # one writer at a time
+        self._state_lock = threading.Lock()  # publishing / snapshotting the in-memory state
+        self._streams: dict[tuple[str, str], _Stream] = {}
+        self._segments: list[_Segment] = []
+        self._pending_records = 0
+        self._pending_bytes = 0
+        self._next_id = 1  # block, tail entry and segment ids (one counter)
+        self._closed = False
+        self._load()
+
+    # -- opening
+
+    def _load(self) -> None:
+        with self._env.begin() as txn:
+            for key, value in txn.cursor(db=self._dbs["streams"]):
+                site, stream = bytes(key).decode().split("\0")
+                data = orjson.loads(value)
+                self._streams[(site, stream)] = _Stream(data["high_water"], data["dropped"])
+            for key, value in txn.cursor(db=self._dbs["segments"]):
+                segment_id = _ID.unpack(key)[0]
+                refs = []
+                for block_id, site, stream, summary in orjson.loads(value):
+                    ref = BlockRef(site, stream, block_id, BlockSummary.from_json(summary))
+                    refs.append(ref)
+                    self._stream(site, stream).blocks.append(ref)
+                    self._next_id = max(self._next_id, block_id + 1)
+                self._segments.append(_Segment(segment_id, tuple(refs)))
+                self._next_id = max(self._next_id, segment_id + 1)
+            for key, value in txn.cursor(db=self._dbs["tail"]):
+                tail_id = _ID.unpack(key)[0]
+                site, stream, cols = self._decode_tail(bytes(value))
+                self._stream(site, stream).tail.append(
+                    BlockRef(site, stream, tail_id, BlockSummary.of(cols), cols)
+                )
+                self._pending_records += len(cols)
+                self._pending_bytes += len(cols.text)
+                self._next_id = max(self._next_id, tail_id + 1)
+        for state in self._streams.values():
+            state.blocks.sort(key=lambda b: b.summary.first_seq)
+            state.tail.sort(key=lambda b: b.summary.first_seq)
+
+    def _stream(self, site: str, stream: str) -> _Stream:
+        return self._streams.setdefault((site, stream), _Stream())
+
+    @staticmethod
+    def _decode_tail(raw: bytes) -> tuple[str, str, Columns]:
+        site, stream, body = raw.split(b"\0", 2)
+        return site.decode(), stream.decode(), Columns.decode(body)
+
+    def close(self) -> None:
+        with self._write_lock:
+            if not self._closed:
+                self._closed = True
+                self._env.sync(True)
+                self._env.close()
+
+    def flush(self) -> None:
+        """Everything ingested is already queryable and durable; this syncs once more."""
+        with self._write_lock:
+            self._env.sync(True)
+
+    # -- positions
+
+    def positions(self, site: str) -> dict[str, int]:
+        """stream -> last seq stored, for every stream of ``site`` the hub has seen."""
+        with self._state_lock:
+            return {s: st.high_water for (t, s), st in self._streams.items() if t == site}
+
+    def dropped(self, site: str) -> dict[str, int]:
+        """stream -> seqs the site reported dropped by its retention (streams with drops)."""
+        with self._state_lock:
+            return {
+                s: st.dropped for (t, s), st in self._streams.items() if t == site and st.dropped
+            }
+
+    # -- ingest
+
+    def ingest(
+        self, site: str, stream: str, records: Sequence[LogRecord], *, dropped_through: int = 0
+    ) -> IngestResult:
+        """Store ``records`` (ascending seqs) of ``stream`` from ``site``; durable on return.
+
+        Seqs up to the stored high water are duplicates (ignored, counted). A seq after a
+        gap is accepted only when ``dropped_through`` covers the gap (the seqs in it are
+        counted as dropped); otherwise nothing is stored and ``LogGap`` says from where
+        to resend. ``dropped_through`` past the high water with no record after it moves
+        the high water there (everything up to it was dropped)."""
+        _check_site(site)
+        try:
+            StreamName.parse(stream)
+        except InvalidStreamName as exc:
+            raise ValueError(str(exc)) from None
+        _check_records(records)
+        with self._write_lock:
+            if self._closed:
+                raise ValueError("the log store is closed")
+            state = self._streams.get((site, stream))
+            high_water = 0 if state is None else state.high_water
+            fresh: list[LogRecord] = []
+            duplicates = dropped = 0
+            expected = high_water + 1
+            for record in records:
+                if record.seq <= high_water:
+                    duplicates += 1
+                    continue
+                if record.seq > expected:
+                    if dropped_through < record.seq - 1:
+                        raise LogGap(
+                            f"{site} {stream}: seq {record.seq} after {expected - 1}, and the "
+                            f"site reported drops only through {dropped_through}: resend from "
+                            f"{high_water + 1}",
+                            high_water,
+                        )
+                    dropped += record.seq - expected
+                fresh.append(record)
+                expected = record.seq + 1
+            if not fresh and dropped_through >= expected:
+                dropped += dropped_through - expected + 1
+                expected = dropped_through + 1
+            if not fresh and not dropped:
+                return IngestResult(high_water, 0, duplicates, 0)
+            self._append(site, stream, fresh, expected - 1, dropped)
+            if (
+                self._pending_records >= self._segment_records
+                or self._pending_bytes >= SEGMENT_BYTES
+            ):
+                self._write_segment()
+            return IngestResult(expected - 1, len(fresh), duplicates, dropped)
+
+    def _new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id - 1
+
+    def _append(
+        self, site: str, stream: str, fresh: list[LogRecord], high_water: int, dropped: int
+    ) -> None:
+        old = self._streams.get((site, stream)) or _Stream()
+        tail = list(old.tail)
+        removed: list[BlockRef] = []
+        if fresh:
+            cols = Columns.from_records(fresh)
+            # Merge small entries as they pile up (sizes roughly halving from the oldest),
+            # so a stream fed one record at a time keeps a few entries, not thousands.
+            while tail and tail[-1].summary.count <= len(cols):
+                previous = tail.pop()
+                removed.append(previous)
+                cols = concat_columns([_data(previous), cols])
+            tail.append(BlockRef(site, stream, self._new_id(), BlockSummary.of(cols), cols))
+        head = f"{site}\0{stream}\0".encode()
+        new = _Stream(old.high_water, old.dropped, old.blocks, tail)
+        new.high_water = high_water
+        new.dropped += dropped
+        with self._env.begin(write=True) as txn:
+            for ref in removed:
+                txn.delete(_ID.pack(ref.block_id), db=self._dbs["tail"])
+            if fresh:
+                entry = tail[-1]
+                assert entry.data is not None
+                txn.put(_ID.pack(entry.block_id), head + entry.data.encode(), db=self._dbs["tail"])
+            txn.put(_stream_key(site, stream), new.to_json(), db=self._dbs["streams"])
+        self._env.sync(True)
+        with self._state_lock:
+            self._streams[(site, stream)] = new
+        self._pending_records += len(fresh)
+        self._pending_bytes += sum(len(r.payload) + 1 for r in fresh)
+
+    def _write_segment(self) -> None:
+        """Turn every tail into sealed blocks of a new segment, with its vocabulary."""
+        segment_id = self._new_id()
+        refs: list[BlockRef] = []
+        token_sets: list[set[bytes]] = []
+        with self._env.begin(write=True) as txn:
+            for (site, stream), state in self._streams.items():
+                if not state.tail:
+                    continue
+                cols = concat_columns([_data(ref) for ref in state.tail])
+                for part in split_columns(cols, self._block_records, BLOCK_BYTES):
+                    ref = BlockRef(site, stream, self._new_id(), BlockSummary.of(part))
+                    txn.put(
+                        _ID.pack(ref.block_id),
+                        zlib.compress(part.encode(), COMPRESSION),
+                        db=self._dbs["blocks"],
+                        append=True,
+                    )
+                    refs.append(ref)
+                    token_sets.append(block_tokens(part.text))
+                for ref in state.tail:
+                    txn.delete(_ID.pack(ref.block_id), db=self._dbs["tail"])
+            summaries = [[r.block_id, r.site, r.stream, r.summary.to_json()] for r in refs]
+            key = _ID.pack(segment_id)
+            txn.put(key, orjson.dumps(summaries), db=self._dbs["segments"])
+            txn.put(key, build_vocab(token_sets), db=self._dbs["vocab"])
+        self._env.sync(True)
+        by_stream: dict[tuple[str, str], list[BlockRef]] = {}
+        for ref in refs:
+            by_stream.setdefault((ref.site, ref.stream), []).append(ref)
+        with self._state_lock:
+            for stream_key, new_blocks in by_stream.items():
+                old = self._streams[stream_key]
+                self._streams[stream_key] = _Stream(
+                    old.high_water, old.dropped, [*old.blocks, *new_blocks], []
+                )
+            self._segments = [*self._segments, _Segment(segment_id, tuple(refs))]
+        self._pending_records = 0
+        self._pending_bytes = 0
+        logger.debug("log segment %d: %d blocks", segment_id, len(refs))
+
+    # -- queries
+
+    def query(self, query: LogQuery) -> LogPage:
+        """The page of ``query``: newest first, at most ``query.limit`` hits."""
+        matcher = Matcher(query)
+        with self._state_lock:
+            streams = [
+                (key, state) for key, state in self._streams.items() if matcher.stream_ok(*key)
+            ]
+            segments = self._segments
+            txn = self._env.begin(buffers=True)
+        try:
+            blocks: list[BlockRef] = []
+            wanted = {key for key, _ in streams}
+            if matcher.terms:
+                for segment in segments:
+                    ordinals = self._candidates(txn, segment, matcher)
+                    chosen = (
+                        segment.blocks
+                        if ordinals is None
+                        else [segment.blocks[o] for o in ordinals]
+                    )
+                    blocks.extend(
+                        b for b in chosen
+                        if (b.site, b.stream) in wanted and matcher.summary_ok(b.summary)
+                    )  # fmt: skip
+                for _, state in streams:
+                    blocks.extend(b for b in state.tail if matcher.summary_ok(b.summary))
+            else:
+                for _, state in streams:
+                    blocks.extend(b for b in state.blocks if matcher.summary_ok(b.summary))
+                    blocks.extend(b for b in state.tail if matcher.summary_ok(b.summary))
+            return run_query(matcher, blocks, lambda ref: self._load_block(txn, ref))
+        finally:
+            txn.abort()
+
+    def _candidates(
+        self, txn: lmdb.Transaction, segment: _Segment, matcher: Matcher
+    ) -> list[int] | None:
+        """Ordinals of the segment's blocks that may match, None for all of them."""
+        raw = txn.get(_ID.pack(segment.segment_id), db=self._dbs["vocab"])
+        if raw is None:
+            raise RuntimeError(f"log segment {segment.segment_id} has no vocabulary")
+        vocab = Vocab(raw)
+        found: set[int] | None = None
+        for term in matcher.terms:
+            if term.linear and found is not None and len(found) <= FEW_BLOCKS:
+                break
+            ordinals = vocab.lookup(term, MAX_INDEX_ENTRIES)
+            if ordinals is not None:
+                found = ordinals if found is None else found & ordinals
+                if not found:
+                    break
+        return None if found is None else sorted(found)
+
+    def _load_block(self, txn: lmdb.Transaction, ref: BlockRef) -> Columns:
+        if ref.data is not None:
+            return ref.data
+        raw = txn.get(_ID.pack(ref.block_id), db=self._dbs["blocks"])
+        if raw is None:
+            raise RuntimeError(f"log block {ref.block_id} of {ref.site} {ref.stream} is missing")
+        return Columns.decode(zlib.decompress(raw))
