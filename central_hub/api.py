@@ -559,3 +559,7 @@ ROUTES: tuple[Route, ...] = (
 from central_hub.vault_api import VAULT_ROUTES  # noqa: E402
 
 ROUTES += VAULT_ROUTES
+
+from central_hub.logs_api import LOGS_ROUTES  # noqa: E402
+
+ROUTES += LOGS_ROUTES

@@ -88,6 +88,7 @@ POLICY: dict[str, Rule] = {
     "fleet.lockdown": Rule("fleet", _ADMIN),
     "fleet.admin": Rule("fleet", _ADMIN),
     "audit.read": Rule("tenant", _ADMIN),
+    "logs.read": Rule("tenant", _ALL),
 }
 
 # A route declared with a role name rather than an action gets the narrowest reading of it

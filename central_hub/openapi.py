@@ -364,6 +364,32 @@ SCHEMAS.update(
     }
 )  # fmt: skip
 
+# The fleet logs (central_hub.logs_api).
+SCHEMAS.update(
+    {
+        "LogPage": _obj(
+            ["logs", "next_cursor"],
+            logs=_list(_obj(
+                ["site", "stream", "seq", "time", "host", "text"], site=_ID, stream=_STR,
+                seq=_INT, time=_NUM, level={"type": ["integer", "null"]}, host=_STR, text=_STR,
+            )),
+            next_cursor={"type": ["string", "null"]}, total={"type": ["integer", "null"]},
+        ),
+        "LogStreams": _obj(["streams"], streams=_list(_obj(
+            ["site", "stream", "position", "dropped"], site=_ID, stream=_STR, position=_INT,
+            dropped=_INT,
+        ))),
+        "StreamPositions": _obj(
+            ["positions"], positions={"type": "object", "additionalProperties": _INT},
+            refused={"type": "object", "additionalProperties": _STR},
+        ),
+        "StreamPush": _obj(["streams"], streams=_list(_obj(
+            ["stream", "dropped_through", "chunks"], stream=_STR, dropped_through=_INT,
+            chunks=_list(_obj(["first", "data"], first=_INT, data=_STR)),
+        ))),
+    }
+)  # fmt: skip
+
 _ERRORS = {
     "none": (400,),
     "enroll": (400, 403),

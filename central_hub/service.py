@@ -42,6 +42,7 @@ from central_hub.authz import Principal
 from central_hub.deltalog import Head
 from central_hub.errors import ApiError, HubConfigError
 from central_hub.gossip import HubGossip
+from central_hub.logs import HubLogs
 from central_hub.model import DEFAULT_TENANT, is_id
 from central_hub.store import Store, Write, delete, put_json, version_key
 from central_hub.tenancy import unknown_tenant
@@ -247,6 +248,7 @@ class Hub:
         self.url = ""
         self.gossip: HubGossip | None = None
         self.vault = VaultService(self)
+        self.logs = HubLogs(self)
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -339,6 +341,7 @@ class Hub:
         if self._store is not None:
             await asyncio.to_thread(self._store.close)
             self._store = None
+        await asyncio.to_thread(self.logs.close)
 
     def _open(self) -> None:
         """Open the data directory, initialising it on first start (runs in a thread)."""
@@ -348,6 +351,7 @@ class Hub:
         elif not data_dir.is_dir():
             raise HubConfigError(f"{data_dir} is not a directory")
         self.vault.open()
+        self.logs.open()
         store = Store(data_dir / STORE_DIR)
         try:
             fleet = store.get_json("meta", "fleet")

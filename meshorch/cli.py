@@ -23,6 +23,7 @@ from meshorch.agent_client import call_agent
 from meshorch.agent_config import PASSWORD_ENV, AgentConfig, resolve_password
 from meshorch.errors import ConfigurationError, MeshorchError
 from meshorch.fleet_cli import add_fleet_commands
+from meshorch.logs_cli import add_logs_command
 from meshorch.mesh import (
     DEFAULT_OVERLAY_NETWORK,
     DEFAULT_RAFT_PORT,
@@ -236,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     add_fleet_commands(commands)
+    add_logs_command(commands)
     add_site_commands(commands)
 
     try:

@@ -242,6 +242,23 @@ class LinkClient:
             raise BadHubAnswer("an unseal answer is {'sealed_key': base64}")
         return sealed
 
+    async def stream_positions(self) -> dict[str, int]:
+        """The last sequence the hub stored of each of this site's streams."""
+        return _positions(await self._request("GET", "/v1/link/streams", "", b""))
+
+    async def push_streams(
+        self, streams: list[dict[str, Any]]
+    ) -> tuple[dict[str, int], dict[str, str]]:
+        """Forward stream chunks (``docs/streams.md``); returns (positions, refused): the
+        hub's position of each stream and a message for each stream it refused."""
+        answer = await self._request(
+            "POST", "/v1/link/streams", "", orjson.dumps({"streams": streams})
+        )
+        refused = answer.get("refused", {})
+        if not isinstance(refused, dict) or not all(isinstance(v, str) for v in refused.values()):
+            raise BadHubAnswer("a streams answer's 'refused' maps streams to messages")
+        return _positions(answer), refused
+
     # -- plumbing ----------------------------------------------------------------------
 
     async def _request(
@@ -288,6 +305,13 @@ class LinkClient:
         if not isinstance(data, dict):
             raise BadHubAnswer(f"{method} {path}: the answer is not a JSON object")
         return data
+
+
+def _positions(answer: dict[str, Any]) -> dict[str, int]:
+    positions = answer.get("positions")
+    if not isinstance(positions, dict) or not all(type(v) is int for v in positions.values()):
+        raise BadHubAnswer("a streams answer is {'positions': {stream: last sequence}}")
+    return positions
 
 
 def _error_of(data: object, status: int) -> tuple[str, str]:

@@ -67,6 +67,7 @@ from meshorch.fleet_link import (
 from meshorch.site_escrow import SiteEscrow
 from meshorch.site_gossip import SiteGossip
 from meshorch.site_state import APPS_TABLE, SYSTEM_TABLE
+from meshorch.stream_forward import StreamForwarder
 from meshorch.workloads import (
     APP_PREFIX,
     HOSTINFO_PREFIX,
@@ -168,6 +169,7 @@ class SiteLink:
         self._flags_done = False
         self._enroll_refused: str | None = None  # the token the hub refused
         self.gossip: SiteGossip | None = None  # the gossip member of the current session
+        self.forwarder: StreamForwarder | None = None  # the stream forwarding of the session
         self.gossip_info: GossipInfo | None = None  # the last one the hub gave
         self._recent: OrderedDict[int, bytes] = OrderedDict()  # version -> envelope
         self._trust_cache: tuple[bytes | None, frozenset[str]] = (None, frozenset())
@@ -320,6 +322,7 @@ class SiteLink:
                 asyncio.create_task(self._watch(config), name="fleet-watch"),
                 asyncio.create_task(self.gossip.run(), name="fleet-gossip"),
                 asyncio.create_task(SiteEscrow(self, client).run(), name="fleet-escrow"),
+                asyncio.create_task(self._forward_streams(client), name="fleet-streams"),
             ]
             try:
                 done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -333,6 +336,13 @@ class SiteLink:
                 if not task.cancelled() and task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
         logger.info("fleet link: session with %s ended", config.hub)
+
+    async def _forward_streams(self, client: LinkClient) -> None:
+        self.forwarder = StreamForwarder(self.agent.streams, client)
+        try:
+            await self.forwarder.run()
+        finally:
+            self.forwarder = None
 
     async def _watch(self, config: LinkConfig) -> None:
         while True:
@@ -648,6 +658,7 @@ class SiteLink:
             "hub_head": self.hub_head,
             "last_error": self.last_error,
             "gossip": None if self.gossip is None else self.gossip.status_json(),
+            "streams": None if self.forwarder is None else self.forwarder.status_json(),
         }
 
 

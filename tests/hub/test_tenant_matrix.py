@@ -166,6 +166,10 @@ CASES: dict[tuple[str, str], tuple[Setup, int]] = {
     ("GET", "/v1/link/escrow-key"): (fixed("/v1/link/escrow-key"), 401),  # not signed
     ("POST", "/v1/link/escrow"): (fixed("/v1/link/escrow", {}), 401),
     ("POST", "/v1/link/unseal"): (fixed("/v1/link/unseal", {}), 401),
+    ("GET", "/v1/logs"): (fixed(f"/v1/logs?tenant={TA}", None, TA), 200),
+    ("GET", "/v1/logs/streams"): (fixed("/v1/logs/streams"), 200),
+    ("GET", "/v1/link/streams"): (fixed("/v1/link/streams"), 401),  # not signed
+    ("POST", "/v1/link/streams"): (fixed("/v1/link/streams", {"streams": []}), 401),
 }
 
 

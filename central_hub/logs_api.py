@@ -1,0 +1,64 @@
+"""The HTTP routes of the fleet logs (``central_hub.logs``).
+
+Registered from ``central_hub.api`` (``LOGS_ROUTES`` is appended to its ``ROUTES``).
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from central_hub.api import Query, Route, _hub, _read_json, _site, _token, json_response
+
+
+async def link_stream_positions(request: web.Request) -> web.Response:
+    return json_response(await _hub(request).logs.positions(_site(request)))
+
+
+async def link_push_streams(request: web.Request) -> web.Response:
+    hub = _hub(request)
+    return json_response(await hub.logs.ingest(_site(request), await _read_json(request)))
+
+
+async def query_logs(request: web.Request) -> web.Response:
+    params = dict(request.query)
+    if len(params) != len(request.query):
+        return json_response(
+            {"error": {"code": "bad_query", "message": "each parameter may appear once"}}, 400
+        )
+    return json_response(await _hub(request).logs.query(_token(request), params))
+
+
+async def list_log_streams(request: web.Request) -> web.Response:
+    return json_response(await _hub(request).logs.streams(_token(request)))
+
+
+_LOG_QUERY = (
+    Query("tenant", "string", "only this tenant's streams (a tenant token sees only its own)"),
+    Query("site", "string", "only this site"),
+    Query("app", "string", "only this application"),
+    Query("stream", "string", "only this stream, tenant/app/name"),
+    Query("host", "string", "only events produced on this host"),
+    Query("since", "string", "from this time: unix seconds or a duration back (15m, 1h, 2d)"),
+    Query("until", "string", "before this time: unix seconds or a duration back"),
+    Query("level", "integer", "severity at most this (0-7: 3 error, 4 warning, 6 info)"),
+    Query("grep", "string", "the text contains this substring (case-sensitive)"),
+    Query("regex", "string", "the text matches this Python regular expression"),
+    Query("limit", "integer", "at most this many lines, newest first (1-1000, default 100)"),
+    Query("cursor", "string", "the next_cursor of the previous page"),
+    Query("count", "string", "'true': also count every match (total)"),
+)
+
+LOGS_ROUTES: tuple[Route, ...] = (
+    Route("GET", "/v1/logs", query_logs, "logs.read",
+          "Search the fleet's logs and events: newest first, paginated", response="LogPage",
+          query=_LOG_QUERY),
+    Route("GET", "/v1/logs/streams", list_log_streams, "logs.read",
+          "Every stream the hub holds: site, position, events the site's retention dropped",
+          response="LogStreams"),
+    Route("GET", "/v1/link/streams", link_stream_positions, "site",
+          "The last sequence the hub stored of each of the site's streams",
+          response="StreamPositions"),
+    Route("POST", "/v1/link/streams", link_push_streams, "site",
+          "Forward stream chunks; idempotent by site, stream and sequence",
+          request="StreamPush", response="StreamPositions"),
+)  # fmt: skip
