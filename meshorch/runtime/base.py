@@ -199,6 +199,41 @@ class InstanceSpec:
         return hashlib.sha256(encoded).hexdigest()
 
 
+class LogFormat(StrEnum):
+    """How a runtime writes an instance's output file."""
+
+    RAW = "raw"
+    """The bytes exactly as the instance wrote them, one stream per file."""
+    K8S_FILE = "k8s-file"
+    """Podman's k8s-file driver: ``<RFC3339Nano time> stdout|stderr F|P <text>`` per
+    record; ``P`` is a chunk of a line continued by the next record of that stream."""
+
+
+LogStream = Literal["stdout", "stderr"]
+
+
+@dataclass(frozen=True, slots=True)
+class LogFile:
+    """A file an instance's output goes to; ``stream`` is set for :attr:`LogFormat.RAW`."""
+
+    path: Path
+    format: LogFormat
+    stream: LogStream | None = None
+
+
+@runtime_checkable
+class LogFileSource(Protocol):
+    """A runtime whose instances' output can be followed in files (log capture).
+
+    A file is only appended to, except that it may be replaced by a new file at the
+    same path (rotation, an instance replaced) or removed with the instance.
+    """
+
+    def log_files(self, instance_id: str) -> builtins.list[LogFile]:
+        """Where the instance's output goes; computed, the files need not exist yet."""
+        ...
+
+
 class InstanceState(StrEnum):
     RUNNING = "running"
     EXITED = "exited"

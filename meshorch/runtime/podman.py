@@ -16,7 +16,10 @@ nothing.
 Each container gets ``--ulimit nofile=1024:1024 --ulimit nproc=1024:1024``
 (without them runc cannot set the rlimits on the lab hosts), ``--pull never``
 (no registry: a missing image is an :class:`ImageError` at once, not a slow
-pull), the ``k8s-file`` log driver (``podman logs`` works without journald),
+pull), the ``k8s-file`` log driver (``podman logs`` works without journald) writing
+to ``logs_dir/meshorch-{id}.log`` (default ``R/meshorch-logs``; a replaced container
+appends to the same file, conmon rotates it at 10 MB by replacing it, :meth:`remove`
+deletes it; :meth:`PodmanRuntime.log_files` names it for log capture),
 ``--memory`` with ``--memory-swap`` equal to it (the limit is hard, swap does not
 extend it) and ``--cpus`` (clamped to the host's CPU count).
 
@@ -63,6 +66,8 @@ from meshorch.runtime.base import (
     InstanceSpec,
     InstanceState,
     InstanceStatus,
+    LogFile,
+    LogFormat,
     instance_name,
 )
 from meshorch.runtime.errors import (
@@ -171,6 +176,7 @@ class PodmanRuntime:
         *,
         network: str = "host",
         files_dir: Path | None = None,
+        logs_dir: Path | None = None,
         podman: str = "podman",
         ulimits: Sequence[str] = DEFAULT_ULIMITS,
         command_timeout_s: float = 120.0,
@@ -178,7 +184,8 @@ class PodmanRuntime:
         self.root = Path(root)
         self.runroot = Path(runroot)
         self.files_dir = Path(files_dir) if files_dir is not None else self.root / "meshorch-files"
-        for path in (self.root, self.runroot, self.files_dir):
+        self.logs_dir = Path(logs_dir) if logs_dir is not None else self.root / "meshorch-logs"
+        for path in (self.root, self.runroot, self.files_dir, self.logs_dir):
             # podman -v splits on ':' and --mount on ','.
             if not path.is_absolute() or ":" in str(path) or "," in str(path):
                 raise RuntimeUnavailable(f"{path}: podman paths must be absolute, without : or ,")
@@ -286,6 +293,7 @@ class PodmanRuntime:
         """Write files and env-file; return (env file, env args, (host, container) mounts)."""
         directory = self.files_dir / spec.name
         shutil.rmtree(directory, ignore_errors=True)
+        self.logs_dir.mkdir(parents=True, mode=0o700, exist_ok=True)
         (directory / "files").mkdir(parents=True, mode=0o700)
         mounts: builtins.list[tuple[Path, str]] = []
         # Stored by index: the host path then never needs escaping.
@@ -334,6 +342,8 @@ class PodmanRuntime:
             "k8s-file",
             "--log-opt",
             f"max-size={DEFAULT_LOG_MAX_SIZE}",
+            "--log-opt",
+            f"path={self._log_path(spec.instance_id)}",
             "--network",
             self.network,
         ]
@@ -425,6 +435,8 @@ class PodmanRuntime:
         async with self._lock(instance_id):
             await self._rm(name, 0)
             await asyncio.to_thread(shutil.rmtree, self.files_dir / name, ignore_errors=True)
+            # podman rm leaves a log file at an explicit path behind.
+            self._log_path(instance_id).unlink(missing_ok=True)
 
     async def list(self) -> builtins.list[InstanceStatus]:
         result = await self._podman_ok(
@@ -490,6 +502,12 @@ class PodmanRuntime:
                 raise InstanceNotFound(instance_id, f"no container for {instance_id!r}")
             raise InstanceError(instance_id, f"podman logs: {text.strip()}")
         return text
+
+    def _log_path(self, instance_id: str) -> Path:
+        return self.logs_dir / f"{instance_name(instance_id)}.log"
+
+    def log_files(self, instance_id: str) -> builtins.list[LogFile]:
+        return [LogFile(self._log_path(instance_id), LogFormat.K8S_FILE)]
 
     async def has_image(self, ref: str) -> bool:
         result = await self._podman("image", "exists", ref)
@@ -570,5 +588,5 @@ class PodmanRuntime:
             result = await run_command(["umount", "--lazy", point], timeout_s=30)
             if result.returncode != 0:
                 logger.warning("umount %s: %s", point, result.stderr_text)
-        for path in (self.files_dir, self.root, self.runroot):
+        for path in (self.files_dir, self.logs_dir, self.root, self.runroot):
             await asyncio.to_thread(shutil.rmtree, path, ignore_errors=True)

@@ -7,7 +7,9 @@ directory ``{state_dir}/meshorch-{id}/`` holding:
   (``/etc/app.conf`` becomes ``files/etc/app.conf``). It is also the working
   directory, so the command should use relative paths or ``$MESHORCH_FILES_DIR``;
   there is no chroot and no mount namespace.
-- ``output.log``: stdout and stderr together; not rotated.
+- ``stdout.log`` and ``stderr.log``: the instance's output as written, one file per
+  stream (so log capture can tell them apart); not rotated. A replaced instance
+  starts new files.
 - ``state.json``: pid, boot id and process start time, to recognise the process
   after an agent restart.
 
@@ -76,7 +78,15 @@ from meshorch.runtime._proc import (
     run_command,
     session_members,
 )
-from meshorch.runtime.base import NAME_PREFIX, InstanceSpec, InstanceState, InstanceStatus
+from meshorch.runtime.base import (
+    NAME_PREFIX,
+    InstanceSpec,
+    InstanceState,
+    InstanceStatus,
+    LogFile,
+    LogFormat,
+    instance_name,
+)
 from meshorch.runtime.errors import (
     ExecTimeout,
     ImageError,
@@ -92,7 +102,8 @@ PROCESS_IMAGE = "process"
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 STATE_FILE = "state.json"
-LOG_FILE = "output.log"
+STDOUT_FILE = "stdout.log"
+STDERR_FILE = "stderr.log"
 FILES_DIR = "files"
 STATE_VERSION = 1
 
@@ -129,6 +140,16 @@ def _tail_lines(path: Path, tail: int) -> str:
             f.seek(pos)
             data = f.read(step) + data
     return b"".join(data.splitlines(keepends=True)[-tail:]).decode(errors="replace")
+
+
+def _tail_both(directory: Path, tail: int) -> str:
+    if tail <= 0:
+        return ""
+    stdout = _tail_lines(directory / STDOUT_FILE, tail).splitlines(keepends=True)
+    stderr = _tail_lines(directory / STDERR_FILE, tail).splitlines(keepends=True)
+    if stdout and stderr and not stdout[-1].endswith("\n"):
+        stdout[-1] += "\n"  # an unterminated stdout line must not swallow stderr's first
+    return "".join((stdout + stderr)[-tail:])
 
 
 @dataclass
@@ -336,15 +357,18 @@ class ProcessRuntime:
             if spec.memory_limit_bytes is not None
             else None
         )
-        with (directory / LOG_FILE).open("ab") as log:
+        with (
+            (directory / STDOUT_FILE).open("ab") as stdout,
+            (directory / STDERR_FILE).open("ab") as stderr,
+        ):
             try:
                 # preexec_fn is unsafe with threads in general; ours only calls
                 # setrlimit, which takes no lock the child could inherit held.
                 proc = subprocess.Popen(
                     builtins.list(spec.command),
                     stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
+                    stdout=stdout,
+                    stderr=stderr,
                     cwd=files_dir,
                     env=self._env(spec, files_dir),
                     close_fds=True,
@@ -434,9 +458,17 @@ class ProcessRuntime:
         return _exit_code(result.returncode)
 
     async def logs(self, instance_id: str, tail: int) -> str:
+        """The last ``tail`` lines: stdout's, then stderr's (their interleaving is unknown)."""
         await self.open()
         inst = self._get(instance_id)
-        return await asyncio.to_thread(_tail_lines, inst.directory / LOG_FILE, tail)
+        return await asyncio.to_thread(_tail_both, inst.directory, tail)
+
+    def log_files(self, instance_id: str) -> builtins.list[LogFile]:
+        directory = self.state_dir / instance_name(instance_id)
+        return [
+            LogFile(directory / STDOUT_FILE, LogFormat.RAW, "stdout"),
+            LogFile(directory / STDERR_FILE, LogFormat.RAW, "stderr"),
+        ]
 
     async def has_image(self, ref: str) -> bool:
         return True
