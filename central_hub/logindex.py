@@ -27,15 +27,17 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import importlib
 import math
 import re
 import struct
 from array import array
 from bisect import bisect_left, bisect_right
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from itertools import accumulate
+from itertools import accumulate, chain, repeat
+from operator import add, itemgetter
 from typing import Any
 
 import orjson
@@ -359,31 +361,38 @@ def block_tokens(text: bytes) -> set[bytes]:
     return set(text.translate(_TO_SPACES).split())
 
 
-# One vocabulary line: token, \x01, comma-separated block ordinals, \n. \x01 sorts before
-# every token byte, so sorting lines sorts tokens (a token before its extensions).
+# One vocabulary line: token, \x01, comma-separated block ordinals, \n.
 _SEP = b"\x01"
 _VOCAB_HEADER = struct.Struct("<I")
 
 
-def build_vocab(block_token_sets: Sequence[Iterable[bytes]]) -> bytes:
+def build_vocab(block_token_sets: Sequence[set[bytes]]) -> bytes:
     """The index of a segment whose block ``i`` has the tokens ``block_token_sets[i]``:
     entry count, line offsets (u32, one more than entries) and the sorted lines."""
-    postings: dict[bytes, list[bytes]] = {}
-    get = postings.get
+    # Every step is a C loop (set algebra, map, zip): a segment has ~1M distinct tokens.
+    seen: set[bytes] = set()
+    shared: set[bytes] = set()
+    for tokens in block_token_sets:
+        shared |= tokens & seen
+        seen |= tokens
+    del seen
+    postings: dict[bytes, list[bytes]] = {t: [] for t in shared}
+    # (token, rest of its line); a token in one block only shares the rest with its block.
+    entries: list[tuple[bytes, bytes]] = []
     for ordinal, tokens in enumerate(block_token_sets):
         label = b"%d" % ordinal
-        for token in tokens:
-            found = get(token)
-            if found is None:
-                postings[token] = [label]
-            else:
-                found.append(label)
-    lines = [t + _SEP + b",".join(postings[t]) + b"\n" for t in sorted(postings)]
-    offsets = array("I", accumulate((len(line) for line in lines), initial=0))
-    blob = b"".join(lines)
+        entries.extend(zip(tokens - shared, repeat(_SEP + label + b"\n")))
+        deque(map(list.append, map(postings.__getitem__, tokens & shared), repeat(label)), 0)
+    entries.extend((t, _SEP + b",".join(p) + b"\n") for t, p in postings.items())
+    del postings
+    # \x01 sorts before every token byte, so sorting tokens sorts lines the same.
+    entries.sort(key=itemgetter(0))
+    lengths = map(add, map(len, map(itemgetter(0), entries)), map(len, map(itemgetter(1), entries)))
+    offsets = array("I", accumulate(lengths, initial=0))
+    blob = b"".join(chain.from_iterable(entries))
     if len(blob) >= 1 << 32:
         raise ValueError("segment vocabulary larger than 4 GiB")
-    return _VOCAB_HEADER.pack(len(lines)) + offsets.tobytes() + blob
+    return _VOCAB_HEADER.pack(len(entries)) + offsets.tobytes() + blob
 
 
 @dataclass(frozen=True, slots=True)
@@ -418,9 +427,37 @@ def plan_terms(substring: str) -> list[Term]:
         if term.open_right and len(term.token) < MIN_PREFIX_TOKEN:
             continue
         terms.append(term)
-    # Exact before prefix before suffix/infix; longer first within each.
-    terms.sort(key=lambda t: (t.linear, t.open_right, -len(t.token)))
+    terms.sort(key=_term_order)
     return terms
+
+
+def _term_order(term: Term) -> tuple[bool, bool, int]:
+    """Exact before prefix before suffix/infix; longer first within each."""
+    return (term.linear, term.open_right, -len(term.token))
+
+
+def regex_literals(pattern: str) -> list[str]:
+    """Runs of literal text that every match of ``pattern`` contains: the literals of its
+    top level (groups, classes, repeats and alternations only cut the runs). Empty when
+    unsure (case-insensitive, or the parser's internals differ)."""
+    try:
+        parser: Any = importlib.import_module("re._parser")
+        parsed = parser.parse(pattern)
+        literal = parser.LITERAL
+        if parsed.state.flags & re.IGNORECASE:
+            return []
+        runs, run = [], []
+        for op, arg in parsed:
+            if op == literal:
+                run.append(chr(arg))
+            elif run:
+                runs.append("".join(run))
+                run = []
+        if run:
+            runs.append("".join(run))
+        return runs
+    except Exception:  # re's parser is internal: without it, no hint, same results
+        return []
 
 
 class Vocab:
@@ -550,9 +587,16 @@ class Matcher:
             except re.error as exc:
                 raise LogQueryError(f"regex {q.regex!r} is invalid: {exc}") from None
         self.query = q
-        self.needle = None if q.substring is None else q.substring.encode()
-        self.needle_exact = q.substring is not None and "\ufffd" not in q.substring
-        self.terms = [] if q.substring is None else plan_terms(q.substring)
+        # Text every match must contain: the substring, the regex's literal runs. The index
+        # narrows blocks with their tokens, one of them narrows records inside a block.
+        literals = [] if q.regex is None else regex_literals(q.regex)
+        if q.substring is not None:
+            literals.append(q.substring)
+        literals = [text for text in literals if "\ufffd" not in text]
+        self.terms = sorted(
+            (term for text in literals for term in plan_terms(text)), key=_term_order
+        )
+        self.needle = max((t.encode() for t in literals), key=len, default=None)
         self.has_text = q.substring is not None or q.regex is not None
         self.fingerprint = _fingerprint(q)
         self.cursor: Key | None = None if q.cursor is None else self._decode_cursor(q.cursor)
@@ -600,12 +644,9 @@ class Matcher:
     def match(self, cols: Columns, site: str, stream: str) -> list[tuple[Key, int]]:
         """Every record of the block that matches (the cursor aside), as (key, index)."""
         q = self.query
-        n = len(cols)
-        candidates: Iterable[int]
-        if self.needle is not None and self.needle_exact:
-            candidates = self._find(cols, self.needle)
-        else:
-            candidates = range(n)
+        candidates: Iterable[int] = (
+            range(len(cols)) if self.needle is None else self._find(cols, self.needle)
+        )
         times, levels, host_idx, seqs = cols.times, cols.levels, cols.host_idx, cols.seqs
         since, until, max_level = q.since, q.until, q.max_level
         host = -1

@@ -232,6 +232,11 @@ def test_regex_and_bad_regex(fleet: LogStore) -> None:
     assert seqs(hits) == list(range(19, 10, -1))  # 10 ends in "refused by upstream"
     anchored = everything(fleet, regex=r"^s1 acme/web", max_level=3)
     assert len(anchored) == 10
+    # Literal text of the regex narrows blocks, but never changes the result.
+    assert len(everything(fleet, regex=r"(?i)CONNECTION refused")) == 20
+    assert len(everything(fleet, regex=r"connection (refused|accepted) by")) == 20
+    assert len(everything(fleet, regex=r"r1x0(07|13) took")) == 2
+    assert everything(fleet, regex=r"took 4ms\nr") == []
     with pytest.raises(LogQueryError, match=r"regex .* is invalid"):
         fleet.query(LogQuery(regex="took (\\d"))
 
