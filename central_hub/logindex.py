@@ -29,15 +29,16 @@ import base64
 import hashlib
 import importlib
 import math
+import mmap
 import re
 import struct
 from array import array
 from bisect import bisect_left, bisect_right
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from itertools import accumulate, chain, repeat
-from operator import add, itemgetter
+from itertools import accumulate, islice, repeat
+from operator import le
 from typing import Any
 
 import orjson
@@ -292,6 +293,7 @@ class BlockSummary:
     max_t: float
     level_counts: tuple[int, ...]  # LEVEL_SLOTS counts: levels 0..7, then unknown
     host_counts: dict[str, int] = field(hash=False)
+    ordered: bool = False  # times never decrease with seq: the last matches are the newest
 
     @classmethod
     def of(cls, cols: Columns) -> BlockSummary:
@@ -306,6 +308,7 @@ class BlockSummary:
             max_t=max(cols.times),
             level_counts=level_counts,
             host_counts={cols.hosts[i]: c for i, c in per_index.items()},
+            ordered=all(map(le, cols.times, islice(cols.times, 1, None))),
         )
 
     def to_json(self) -> list[Any]:
@@ -317,12 +320,13 @@ class BlockSummary:
             self.max_t,
             list(self.level_counts),
             self.host_counts,
+            self.ordered,
         ]
 
     @classmethod
     def from_json(cls, data: list[Any]) -> BlockSummary:
-        first, last, count, min_t, max_t, levels, hosts = data
-        return cls(first, last, count, min_t, max_t, tuple(levels), dict(hosts))
+        first, last, count, min_t, max_t, levels, hosts, ordered = data
+        return cls(first, last, count, min_t, max_t, tuple(levels), dict(hosts), ordered)
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,7 +373,7 @@ _VOCAB_HEADER = struct.Struct("<I")
 def build_vocab(block_token_sets: Sequence[set[bytes]]) -> bytes:
     """The index of a segment whose block ``i`` has the tokens ``block_token_sets[i]``:
     entry count, line offsets (u32, one more than entries) and the sorted lines."""
-    # Every step is a C loop (set algebra, map, zip): a segment has ~1M distinct tokens.
+    # C loops (set algebra, map) wherever possible: a segment has ~1M distinct tokens.
     seen: set[bytes] = set()
     shared: set[bytes] = set()
     for tokens in block_token_sets:
@@ -377,22 +381,20 @@ def build_vocab(block_token_sets: Sequence[set[bytes]]) -> bytes:
         seen |= tokens
     del seen
     postings: dict[bytes, list[bytes]] = {t: [] for t in shared}
-    # (token, rest of its line); a token in one block only shares the rest with its block.
-    entries: list[tuple[bytes, bytes]] = []
+    lines: list[bytes] = []
     for ordinal, tokens in enumerate(block_token_sets):
         label = b"%d" % ordinal
-        entries.extend(zip(tokens - shared, repeat(_SEP + label + b"\n")))
+        lines.extend(map(bytes.__add__, tokens - shared, repeat(_SEP + label + b"\n")))
         deque(map(list.append, map(postings.__getitem__, tokens & shared), repeat(label)), 0)
-    entries.extend((t, _SEP + b",".join(p) + b"\n") for t, p in postings.items())
+    lines.extend(t + _SEP + b",".join(p) + b"\n" for t, p in postings.items())
     del postings
-    # \x01 sorts before every token byte, so sorting tokens sorts lines the same.
-    entries.sort(key=itemgetter(0))
-    lengths = map(add, map(len, map(itemgetter(0), entries)), map(len, map(itemgetter(1), entries)))
-    offsets = array("I", accumulate(lengths, initial=0))
-    blob = b"".join(chain.from_iterable(entries))
+    # \x01 sorts before every token byte, so sorting lines sorts their tokens.
+    lines.sort()
+    offsets = array("I", accumulate(map(len, lines), initial=0))
+    blob = b"".join(lines)
     if len(blob) >= 1 << 32:
         raise ValueError("segment vocabulary larger than 4 GiB")
-    return _VOCAB_HEADER.pack(len(entries)) + offsets.tobytes() + blob
+    return _VOCAB_HEADER.pack(len(lines)) + offsets.tobytes() + blob
 
 
 @dataclass(frozen=True, slots=True)
@@ -461,22 +463,28 @@ def regex_literals(pattern: str) -> list[str]:
 
 
 class Vocab:
-    """A segment's vocabulary over a buffer (bytes, or a memoryview into the store)."""
+    """A segment's vocabulary, over its bytes or a read-only map of its file (whose
+    ``find`` is as fast as ``bytes.find``)."""
 
-    __slots__ = ("_blob", "_n", "_offsets")
+    __slots__ = ("_base", "_buf", "_n", "_offsets")
 
-    def __init__(self, raw: bytes | memoryview) -> None:
-        view = memoryview(raw)
-        self._n: int = _VOCAB_HEADER.unpack_from(view)[0]
-        end = _VOCAB_HEADER.size + 4 * (self._n + 1)
-        self._offsets = view[_VOCAB_HEADER.size : end].cast("I")
-        self._blob = view[end:]
+    def __init__(self, buf: bytes | mmap.mmap) -> None:
+        self._buf = buf
+        self._n: int = _VOCAB_HEADER.unpack_from(buf)[0]
+        self._base = _VOCAB_HEADER.size + 4 * (self._n + 1)  # where the lines start
+        self._offsets = memoryview(buf)[_VOCAB_HEADER.size : self._base].cast("I")
+        if len(buf) != self._base + self._offsets[self._n]:
+            raise ValueError(f"vocabulary of {len(buf)} bytes, its header says otherwise")
+
+    def release(self) -> None:
+        """Let go of the buffer (a map cannot be closed while a view of it exists)."""
+        self._offsets.release()
 
     def __len__(self) -> int:
         return self._n
 
     def _line(self, i: int) -> bytes:
-        return bytes(self._blob[self._offsets[i] : self._offsets[i + 1]])
+        return self._buf[self._base + self._offsets[i] : self._base + self._offsets[i + 1]]
 
     def _token(self, i: int) -> bytes:
         line = self._line(i)
@@ -519,19 +527,33 @@ class Vocab:
             return found
         # Suffix (token then \x01) or infix: scan the lines, then keep hits in a token.
         needle = term.token if term.open_right else term.token + _SEP
-        pattern = re.compile(re.escape(needle))
-        offsets, entries, pos = self._offsets, 0, 0
-        while (m := pattern.search(self._blob, pos)) is not None:
-            i = bisect_right(offsets, m.start()) - 1
+        buf, base, offsets, entries = self._buf, self._base, self._offsets, 0
+        pos = buf.find(needle, base)
+        while pos != -1:
+            i = bisect_right(offsets, pos - base) - 1
             line = self._line(i)
-            pos = offsets[i + 1]  # one hit per line is enough
-            if m.start() - offsets[i] + len(term.token) > line.index(_SEP):
-                continue  # the hit is in the ordinals, not in the token
-            entries += 1
-            if entries > max_entries:
-                return None
-            self._ordinals(line, found)
+            if pos - base - offsets[i] + len(term.token) <= line.index(_SEP):
+                entries += 1
+                if entries > max_entries:
+                    return None
+                self._ordinals(line, found)
+            # else the hit is in the ordinals, not in the token
+            pos = buf.find(needle, base + offsets[i + 1])  # one hit per line is enough
         return found
+
+
+# _SEVERE[m] maps a level byte to 1 when the level is at most m (never NO_LEVEL), else 0.
+_SEVERE = [bytes(1 if v <= m else 0 for v in range(256)) for m in range(MAX_LEVEL + 1)]
+
+
+def _positions(mask: bytes) -> list[int]:
+    """Indexes of the 1 bytes of ``mask``."""
+    found = []
+    pos = mask.find(1)
+    while pos != -1:
+        found.append(pos)
+        pos = mask.find(1, pos + 1)
+    return found
 
 
 # -- queries ------------------------------------------------------------------------------
@@ -641,12 +663,28 @@ class Matcher:
 
     # -- records
 
-    def match(self, cols: Columns, site: str, stream: str) -> list[tuple[Key, int]]:
-        """Every record of the block that matches (the cursor aside), as (key, index)."""
+    def match(
+        self,
+        cols: Columns,
+        site: str,
+        stream: str,
+        *,
+        before: Key | None = None,
+        newest: int | None = None,
+    ) -> list[tuple[Key, int]]:
+        """The records of the block that match, as (key, index): all of them, or only
+        those with a key below ``before``. With ``newest`` (for blocks whose times are
+        ordered), possibly only the ``newest`` last ones."""
         q = self.query
-        candidates: Iterable[int] = (
-            range(len(cols)) if self.needle is None else self._find(cols, self.needle)
-        )
+        candidates: Sequence[int]
+        if self.needle is not None:
+            candidates = self._find(cols, self.needle)
+        elif q.max_level is not None:  # levels are one byte each: find the severe ones in C
+            candidates = _positions(cols.levels.translate(_SEVERE[q.max_level]))
+        else:
+            candidates = range(len(cols))
+        if newest is not None:
+            candidates = candidates[::-1]
         times, levels, host_idx, seqs = cols.times, cols.levels, cols.host_idx, cols.seqs
         since, until, max_level = q.since, q.until, q.max_level
         host = -1
@@ -670,7 +708,12 @@ class Matcher:
                     continue
                 if regex is not None and regex.search(text) is None:
                     continue
-            out.append(((t, site, stream, seqs[i]), i))
+            key = (t, site, stream, seqs[i])
+            if before is not None and key >= before:
+                continue
+            out.append((key, i))
+            if newest is not None and len(out) >= newest:
+                break
         return out
 
     @staticmethod
@@ -746,8 +789,11 @@ def run_query(matcher: Matcher, blocks: Sequence[BlockRef], load: Loader) -> Log
         if cursor is not None and block.lower >= cursor:
             continue
         cols = load(block)
-        found = matcher.match(cols, block.site, block.stream)
-        matched[id(block)] = len(found)
+        if matcher.query.count or not block.summary.ordered:
+            found = matcher.match(cols, block.site, block.stream)
+            matched[id(block)] = len(found)  # all of the block's matches
+        else:  # only the block's newest matches can make the page (one more: is there more?)
+            found = matcher.match(cols, block.site, block.stream, before=cursor, newest=limit + 1)
         hits.extend((key, block, cols, i) for key, i in found if cursor is None or key < cursor)
         if len(hits) >= limit:
             hits.sort(key=lambda h: h[0], reverse=True)

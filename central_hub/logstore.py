@@ -6,19 +6,23 @@ One LMDB environment, ``path``, with named databases::
     tail      records not yet in a segment                 u64 id -> site \\0 stream \\0 columns
     blocks    sealed blocks (<= BLOCK_RECORDS records)     u64 id -> zlib(columns)
     segments  the blocks of a segment, with summaries      u64 id -> JSON
-    vocab     the token index of a segment                 u64 id -> logindex.build_vocab
+
+and, next to it, ``vocab/<segment id>.vocab``: the token index of each segment
+(``logindex.build_vocab``), a file so that it is searched in place through a read-only
+map (``mmap.find`` runs at memory speed, and the page cache bounds what stays in memory).
 
 Ingest appends a stream's new records to its *tail* (one entry per call, small entries
 merged as they pile up) and acknowledges once that is on disk. When the tails of all
 streams hold ``SEGMENT_RECORDS`` records (or ``SEGMENT_BYTES`` of text), they become a
-*segment*: every tail is cut into blocks, compressed, and the segment's vocabulary is
-written, in one transaction. Queries look up their tokens in each segment's vocabulary and
-read only the candidate blocks; the tails (bounded by the same limits) are kept in memory
-as well, and searched whole.
+*segment*: every tail is cut into blocks, compressed, and written with the segment's
+summaries in one transaction, after its vocabulary file is on disk (a file without its
+segment is removed at open; a segment without its file gets it rebuilt from its blocks).
+Queries look up their tokens in each segment's vocabulary and read only the candidate
+blocks; the tails (bounded by the same limits) are kept in memory as well, and searched
+whole.
 
 In memory: the stream positions, the summaries of all blocks (a few hundred bytes per
-block of up to BLOCK_RECORDS records) and the tails. Vocabularies are read in place from
-the memory map for each query.
+block of up to BLOCK_RECORDS records) and the tails; the vocabularies are mapped.
 
 Threads: one writer at a time (``ingest`` takes a lock), queries in any thread at the same
 time. Writers commit to LMDB first and then publish the new in-memory state under a short
@@ -28,8 +32,11 @@ read transaction begun after it, so it sees everything ingested before it starte
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import mmap
+import os
 import struct
 import threading
 import zlib
@@ -76,8 +83,8 @@ logger = logging.getLogger(__name__)
 
 BLOCK_RECORDS = 4096
 BLOCK_BYTES = 1 << 20
-SEGMENT_RECORDS = 500_000
-SEGMENT_BYTES = 64 << 20
+SEGMENT_RECORDS = 200_000
+SEGMENT_BYTES = 32 << 20
 COMPRESSION = 1  # zlib level: blocks are written once and read rarely; level 1 is cheap
 # Index entries a substring token may match in one segment before it is given up on
 # (it would select most blocks anyway, and listing them costs more than it saves).
@@ -86,7 +93,7 @@ MAX_INDEX_ENTRIES = 20_000
 FEW_BLOCKS = 16
 
 _ID = struct.Struct(">Q")
-_DBS = ("streams", "tail", "blocks", "segments", "vocab")
+_DBS = ("streams", "tail", "blocks", "segments")
 
 
 @dataclass(slots=True)
@@ -104,6 +111,7 @@ class _Stream:
 class _Segment:
     segment_id: int
     blocks: tuple[BlockRef, ...]  # by ordinal in the vocabulary
+    vocab: mmap.mmap
 
 
 def _data(ref: BlockRef) -> Columns:
@@ -157,6 +165,8 @@ class LogStore:
             max_readers=512,
         )  # fmt: skip
         self._dbs = {name: self._env.open_db(name.encode()) for name in _DBS}
+        self._vocab_dir = path / "vocab"
+        self._vocab_dir.mkdir(mode=0o700, exist_ok=True)
         self._write_lock = threading.Lock()  # one writer at a time
         self._state_lock = threading.Lock()  # publishing / snapshotting the in-memory state
         self._streams: dict[tuple[str, str], _Stream] = {}
@@ -183,7 +193,8 @@ class LogStore:
                     refs.append(ref)
                     self._stream(site, stream).blocks.append(ref)
                     self._next_id = max(self._next_id, block_id + 1)
-                self._segments.append(_Segment(segment_id, tuple(refs)))
+                vocab = self._open_vocab(txn, segment_id, refs)
+                self._segments.append(_Segment(segment_id, tuple(refs), vocab))
                 self._next_id = max(self._next_id, segment_id + 1)
             for key, value in txn.cursor(db=self._dbs["tail"]):
                 tail_id = _ID.unpack(key)[0]
@@ -197,6 +208,45 @@ class LogStore:
         for state in self._streams.values():
             state.blocks.sort(key=lambda b: b.summary.first_seq)
             state.tail.sort(key=lambda b: b.summary.first_seq)
+
+        known = {self._vocab_path(segment.segment_id) for segment in self._segments}
+        for leftover in set(self._vocab_dir.iterdir()) - known:
+            logger.warning("removing %s: no segment of the log store refers to it", leftover)
+            leftover.unlink()
+
+    def _vocab_path(self, segment_id: int) -> Path:
+        return self._vocab_dir / f"{segment_id:016x}.vocab"
+
+    def _open_vocab(
+        self, txn: lmdb.Transaction, segment_id: int, refs: list[BlockRef]
+    ) -> mmap.mmap:
+        path = self._vocab_path(segment_id)
+        try:
+            with path.open("rb") as file:
+                vocab = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+            Vocab(vocab).release()  # checks its size
+            return vocab
+        except (OSError, ValueError) as exc:
+            logger.warning("log segment %d: rebuilding its vocabulary (%s)", segment_id, exc)
+        tokens = [block_tokens(self._load_block(txn, ref).text) for ref in refs]
+        return self._write_vocab(segment_id, build_vocab(tokens))
+
+    def _write_vocab(self, segment_id: int, data: bytes) -> mmap.mmap:
+        """Write a segment's vocabulary durably and map it."""
+        path = self._vocab_path(segment_id)
+        partial = path.with_suffix(".partial")
+        with partial.open("wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        partial.replace(path)
+        directory = os.open(self._vocab_dir, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+        with path.open("rb") as file:
+            return mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
 
     def _stream(self, site: str, stream: str) -> _Stream:
         return self._streams.setdefault((site, stream), _Stream())
@@ -212,6 +262,9 @@ class LogStore:
                 self._closed = True
                 self._env.sync(True)
                 self._env.close()
+                for segment in self._segments:
+                    with contextlib.suppress(BufferError):  # a query still running
+                        segment.vocab.close()
 
     def flush(self) -> None:
         """Everything ingested is already queryable and durable; this syncs once more."""
@@ -327,28 +380,26 @@ class LogStore:
         """Turn every tail into sealed blocks of a new segment, with its vocabulary."""
         segment_id = self._new_id()
         refs: list[BlockRef] = []
+        packed: list[bytes] = []
         token_sets: list[set[bytes]] = []
+        for (site, stream), state in self._streams.items():
+            if not state.tail:
+                continue
+            cols = concat_columns([_data(ref) for ref in state.tail])
+            for part in split_columns(cols, self._block_records, BLOCK_BYTES):
+                refs.append(BlockRef(site, stream, self._new_id(), BlockSummary.of(part)))
+                packed.append(zlib.compress(part.encode(), COMPRESSION))
+                token_sets.append(block_tokens(part.text))
+        vocab = self._write_vocab(segment_id, build_vocab(token_sets))
+        del token_sets
         with self._env.begin(write=True) as txn:
-            for (site, stream), state in self._streams.items():
-                if not state.tail:
-                    continue
-                cols = concat_columns([_data(ref) for ref in state.tail])
-                for part in split_columns(cols, self._block_records, BLOCK_BYTES):
-                    ref = BlockRef(site, stream, self._new_id(), BlockSummary.of(part))
-                    txn.put(
-                        _ID.pack(ref.block_id),
-                        zlib.compress(part.encode(), COMPRESSION),
-                        db=self._dbs["blocks"],
-                        append=True,
-                    )
-                    refs.append(ref)
-                    token_sets.append(block_tokens(part.text))
+            for ref, data in zip(refs, packed, strict=True):
+                txn.put(_ID.pack(ref.block_id), data, db=self._dbs["blocks"], append=True)
+            for state in self._streams.values():
                 for ref in state.tail:
                     txn.delete(_ID.pack(ref.block_id), db=self._dbs["tail"])
             summaries = [[r.block_id, r.site, r.stream, r.summary.to_json()] for r in refs]
-            key = _ID.pack(segment_id)
-            txn.put(key, orjson.dumps(summaries), db=self._dbs["segments"])
-            txn.put(key, build_vocab(token_sets), db=self._dbs["vocab"])
+            txn.put(_ID.pack(segment_id), orjson.dumps(summaries), db=self._dbs["segments"])
         self._env.sync(True)
         by_stream: dict[tuple[str, str], list[BlockRef]] = {}
         for ref in refs:
@@ -359,7 +410,7 @@ class LogStore:
                 self._streams[stream_key] = _Stream(
                     old.high_water, old.dropped, [*old.blocks, *new_blocks], []
                 )
-            self._segments = [*self._segments, _Segment(segment_id, tuple(refs))]
+            self._segments = [*self._segments, _Segment(segment_id, tuple(refs), vocab)]
         self._pending_records = 0
         self._pending_bytes = 0
         logger.debug("log segment %d: %d blocks", segment_id, len(refs))
@@ -380,7 +431,7 @@ class LogStore:
             wanted = {key for key, _ in streams}
             if matcher.terms:
                 for segment in segments:
-                    ordinals = self._candidates(txn, segment, matcher)
+                    ordinals = self._candidates(segment, matcher)
                     chosen = (
                         segment.blocks
                         if ordinals is None
@@ -400,24 +451,22 @@ class LogStore:
         finally:
             txn.abort()
 
-    def _candidates(
-        self, txn: lmdb.Transaction, segment: _Segment, matcher: Matcher
-    ) -> list[int] | None:
+    def _candidates(self, segment: _Segment, matcher: Matcher) -> list[int] | None:
         """Ordinals of the segment's blocks that may match, None for all of them."""
-        raw = txn.get(_ID.pack(segment.segment_id), db=self._dbs["vocab"])
-        if raw is None:
-            raise RuntimeError(f"log segment {segment.segment_id} has no vocabulary")
-        vocab = Vocab(raw)
-        found: set[int] | None = None
-        for term in matcher.terms:
-            if term.linear and found is not None and len(found) <= FEW_BLOCKS:
-                break
-            ordinals = vocab.lookup(term, MAX_INDEX_ENTRIES)
-            if ordinals is not None:
-                found = ordinals if found is None else found & ordinals
-                if not found:
+        vocab = Vocab(segment.vocab)
+        try:
+            found: set[int] | None = None
+            for term in matcher.terms:
+                if term.linear and found is not None and len(found) <= FEW_BLOCKS:
                     break
-        return None if found is None else sorted(found)
+                ordinals = vocab.lookup(term, MAX_INDEX_ENTRIES)
+                if ordinals is not None:
+                    found = ordinals if found is None else found & ordinals
+                    if not found:
+                        break
+            return None if found is None else sorted(found)
+        finally:
+            vocab.release()
 
     def _load_block(self, txn: lmdb.Transaction, ref: BlockRef) -> Columns:
         if ref.data is not None:

@@ -124,7 +124,13 @@ def test_reopen_keeps_records_positions_and_drops(tmp_path: Path) -> None:
     store.flush()
     before = everything(store)
     store.close()
+    # A lost vocabulary is rebuilt from the blocks; a file of no segment is removed.
+    (vocab,) = (path / "vocab").iterdir()
+    vocab.unlink()
+    orphan = path / "vocab" / "00000000deadbeef.vocab"
+    orphan.write_bytes(b"half written")
     store = LogStore(path, map_size=1 << 28, segment_records=50, block_records=8)
+    assert sorted(p.name for p in (path / "vocab").iterdir()) == [vocab.name]
     try:
         assert store.positions("s1") == {STREAM: 70, "acme/web/error": 3}
         assert store.dropped("s2") == {STREAM: 4}
@@ -350,7 +356,9 @@ def brute(records: list[tuple[str, str, LogRecord]], q: LogQuery) -> list[LogHit
     return out
 
 
-def test_queries_match_a_brute_force_filter(tmp_path: Path) -> None:
+@pytest.mark.parametrize("ordered", [False, True])
+def test_queries_match_a_brute_force_filter(tmp_path: Path, ordered: bool) -> None:
+    """Random records (times in seq order, or not) and random queries, page by page."""
     rnd = random.Random(7)
     store = LogStore(tmp_path / "logs", map_size=1 << 28, segment_records=120, block_records=16)
     stored: list[tuple[str, str, LogRecord]] = []
@@ -366,7 +374,8 @@ def test_queries_match_a_brute_force_filter(tmp_path: Path) -> None:
                 words = rnd.choices(WORDS, k=rnd.randint(0, 6))
                 text = " ".join(words) + f" id={rnd.randrange(50):x}{rnd.choice(['', '!', '.'])}"
                 payload = text.encode() + (b"\xff" if rnd.random() < 0.05 else b"")
-                r = LogRecord(positions[key], T0 + rnd.randrange(500) / 4,
+                t = T0 + (len(stored) // 3 if ordered else rnd.randrange(500)) / 4
+                r = LogRecord(positions[key], t,
                               rnd.choice([None, 0, 3, 4, 6, 7]), rnd.choice(["h1", "h2"]),
                               payload)  # fmt: skip
                 batch.append(r)
