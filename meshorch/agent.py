@@ -24,6 +24,7 @@ from meshorch.agent_config import AgentConfig, check_identity, resolve_password,
 from meshorch.controller import SiteController
 from meshorch.errors import ConfigurationError
 from meshorch.images import SiteImages
+from meshorch.log_capture import LogCapture
 from meshorch.mesh import (
     MEMBERSHIP_FILE,
     PENDING_IDENTITY_FILE,
@@ -48,6 +49,7 @@ from meshorch.site_state import (
     MemberRecord,
 )
 from meshorch.site_streams import SiteStreams
+from meshorch.streams import NewEvent, StreamName
 from meshorch.workload_settings import WorkloadSettings, make_runtime
 from meshorch.workloads import encode_hostinfo, hostinfo_key
 from netmesh import KeyPair, load_or_create_keypair
@@ -87,6 +89,7 @@ class Agent:
         self.secrets = SiteSecrets(self)
         self.site_link = SecretsSiteLink(self)
         self.streams = SiteStreams(lambda: self.raft, config.host_id)
+        self.log_capture: LogCapture | None = None
 
     @property
     def raft(self) -> RaftNode:
@@ -154,6 +157,11 @@ class Agent:
         self.spawn(self.images.run(), "image-sync")
         self.spawn(self.secrets.run(), "secrets")
         self.runtime = make_runtime(self.workloads.runtime, config.data_dir)
+        # Application output goes to the site's streams (tenant/app/logs).
+        self.log_capture = LogCapture(
+            self.runtime, config.data_dir / "log-capture", self._store_logs
+        )
+        await self.log_capture.start()
         self.spawn(HostReconciler(self, self.runtime).run(), "reconcile")
         self.spawn(SiteController(self).run(), "controller")
         self.spawn(self.site_link.run(), "fleet-link")
@@ -178,10 +186,15 @@ class Agent:
             await self._runner.cleanup()
         if self.runtime is not None:
             await self.runtime.close()
+        if self.log_capture is not None:
+            await self.log_capture.stop()  # the last lines, while Raft still runs
         if self._raft is not None:
             await self._raft.stop()
         if self.mesh is not None:
             await self.mesh.stop()
+
+    async def _store_logs(self, stream: StreamName, events: list[NewEvent]) -> None:
+        await self.streams.produce(stream, events)  # raises on failure: retried later
 
     def spawn(self, coroutine: Coroutine[Any, Any, Any], name: str) -> None:
         """Run a background task owned by the agent (cancelled at stop)."""

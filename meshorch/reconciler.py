@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
-from meshorch.appspec import AppSpec, ContainerSpec, ExecCheck, HttpCheck, Probe, ServiceSpec
+from meshorch.appspec import ContainerSpec, ExecCheck, HttpCheck, Probe, ServiceSpec
 from meshorch.health import (
     BackoffConfig,
     ProbeConfig,
@@ -56,10 +56,11 @@ from meshorch.secrets import SecretUnavailable
 from meshorch.site_state import APPS_TABLE
 from meshorch.workloads import (
     INST_PREFIX,
+    AppRecord,
     InstanceReport,
     appver_key,
+    decode_app,
     decode_placement,
-    decode_spec,
     status_key,
 )
 from raft import Put
@@ -109,7 +110,7 @@ class HostReconciler:
         self.probes = ProbeTracker()
         self._books: dict[str, _Book] = {}
         self._seen: dict[str, _Seen] = {}
-        self._specs: dict[tuple[str, str], AppSpec] = {}
+        self._specs: dict[tuple[str, str], AppRecord] = {}
         self._retiring: dict[str, asyncio.Task[None]] = {}
         self._swept = False  # secret files left by an earlier run removed
 
@@ -128,14 +129,18 @@ class HostReconciler:
 
     # -- desired ----------------------------------------------------------------------
 
-    def _app_version(self, app: str, version: str) -> AppSpec | None:
+    def _app_version(self, app: str, version: str) -> AppRecord | None:
         cached = self._specs.get((app, version))
         if cached is None:
             record = self.agent.raft.view.get(APPS_TABLE, appver_key(app, version))
             if record is None:
                 return None
-            cached = self._specs[(app, version)] = decode_spec(record.value)
+            cached = self._specs[(app, version)] = decode_app(record.value)
         return cached
+
+    def tenant_of(self, placement: Placement) -> str | None:
+        record = self._app_version(placement.app, placement.version)
+        return None if record is None else record.tenant
 
     def desired(self) -> dict[str, _Container]:
         records, _ = self.agent.raft.view.scan(APPS_TABLE, INST_PREFIX, 1_000_000)
@@ -145,7 +150,7 @@ class HostReconciler:
             if placement.host_id != self.agent.config.host_id:
                 continue
             app = self._app_version(placement.app, placement.version)
-            service = app.service(placement.service) if app else None
+            service = app.spec.service(placement.service) if app else None
             if service is None:
                 continue
             for container in service.containers:
@@ -199,7 +204,20 @@ class HostReconciler:
         stopped = await self._run_probes(wanted)
         if any(started) or stopped:  # list again only when this tick changed something
             actual = {s.instance_id: s for s in await self.runtime.list()}
+        self._capture_logs(wanted, actual)
         await self._report(wanted, actual)
+
+    def _capture_logs(
+        self, wanted: dict[str, _Container], actual: dict[str, InstanceStatus]
+    ) -> None:
+        """Follow the output of every instance here, also those found running at start."""
+        capture = self.agent.log_capture
+        if capture is None:
+            return
+        for runtime_id, item in wanted.items():
+            tenant = self.tenant_of(item.placement)
+            if runtime_id in actual and tenant is not None:
+                capture.follow(runtime_id, tenant, item.placement.app)
 
     def _retired(self, runtime_id: str, _task: asyncio.Task[None]) -> None:
         self._retiring.pop(runtime_id, None)
@@ -210,6 +228,8 @@ class HostReconciler:
             await self.runtime.stop(runtime_id, timeout_s=STOP_GRACE_S)
         with contextlib.suppress(RuntimeBackendError):
             await self.runtime.remove(runtime_id)
+        if self.agent.log_capture is not None:
+            self.agent.log_capture.forget(runtime_id)  # after draining what it wrote
         await asyncio.to_thread(self.agent.secrets.remove, runtime_id)
         self.probes.remove(runtime_id)
         self.probes.remove(runtime_id + STARTUP)

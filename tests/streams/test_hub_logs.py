@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -215,3 +217,57 @@ async def test_a_million_events_through_a_cut_uplink_and_a_killed_host(world: Wo
         assert [h.text[len(tag) + 6 : len(tag) + 10] for h in hits] == [
             f"{i:04d}" for i in range(batch)
         ], tag
+
+
+TALKER = """
+api_version: meshorch/v1
+name: talker
+version: "1"
+services:
+  - name: main
+    replicas: 2
+    containers:
+      - name: main
+        image: process
+        command:
+          - sh
+          - -c
+          - "i=0; while true; do i=$((i+1)); echo hello $i; echo oops $i >&2; sleep 0.2; done"
+        resources: {memory_limit: 32Mi, cpu_request: 0.1}
+"""
+
+
+async def test_application_output_is_captured_and_found_with_meshorch_logs(
+    world: World, tmp_path: Path
+) -> None:
+    h1 = world.site.members[0]
+    async with world.session.post(f"{h1.url}/v1/apps?tenant=acme", data=TALKER.encode()) as r:
+        assert r.status == 200, await r.text()
+
+    async def both_levels() -> bool:
+        status, page = await logs(world, app="talker", limit="1000")
+        return status == 200 and {h["level"] for h in page["logs"]} == {3, 6}
+
+    await until("talker's output at the hub", both_levels, 30)
+    _, page = await logs(world, app="talker", grep="oops", limit="1000")
+    assert page["logs"] and all(h["level"] == 3 for h in page["logs"])
+    assert all(h["stream"] == "acme/talker/logs" for h in page["logs"])
+    hosts = {h["host"] for h in page["logs"]}
+    assert hosts <= {"h1", "h2", "h3"} and hosts
+
+    base = [
+        sys.executable, "-m", "meshorch", "logs", "--hub", world.hub.url,
+        "--token", world.admin.token, "--site", SITE, "--app", "talker",
+    ]  # fmt: skip
+    command = [*base, "--grep", "hello", "--since", "10m", "--limit", "5", "--count"]
+    done = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 5 and all(" talker info   hello " in line for line in lines), lines
+    times = [line.split(" ", 1)[0] for line in lines]
+    assert times == sorted(times)  # oldest first, ending with the newest
+    assert "matching lines" in done.stderr
+    bad = await asyncio.to_thread(
+        subprocess.run, [*base, "--regex", "("], capture_output=True, text=True
+    )
+    assert bad.returncode != 0 and "bad_query" in bad.stderr
