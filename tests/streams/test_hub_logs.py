@@ -271,3 +271,51 @@ async def test_application_output_is_captured_and_found_with_meshorch_logs(
         subprocess.run, [*base, "--regex", "("], capture_output=True, text=True
     )
     assert bad.returncode != 0 and "bad_query" in bad.stderr
+
+
+async def test_retention_drops_oldest_first_and_the_hub_is_told_how_much(world: World) -> None:
+    h1, h2, _ = world.site.members
+    await world.produce(h1, POS, ["before the cut"])
+    await world.forwarded("acme/pos/logs", 1)
+    retention = {"retention": {"max_bytes": 262144, "max_age_s": None}}
+    await world.agent("PUT", h1, POS, retention)
+    aged = "/v1/streams/acme/pos/audit"
+    await world.agent("PUT", h2, aged, {"retention": {"max_bytes": None, "max_age_s": 60}})
+    world.uplink.sever()
+    filler = "z" * 500
+    for batch in range(20):
+        await world.produce(h2, POS, [f"b{batch:02d} e{i:03d} {filler}" for i in range(100)])
+    old = time.time() - 3600
+    body = {"events": [{"payload": f"old {i}", "time": old + i} for i in range(10)]}
+    await world.agent("POST", h1, f"{aged}/events", body)
+    await world.produce(h1, aged, ["fresh"])
+
+    async def trimmed() -> dict[str, Any] | None:
+        status = await world.agent("GET", h1, POS)
+        return status if status["dropped_events"] else None
+
+    status = await until("retention ran", trimmed, 20)
+    assert status["stored_bytes"] <= 262144
+    assert status["first_seq"] == status["dropped_events"] + 1  # from seq 1 on
+    assert status["dropped_unforwarded"] == status["dropped_events"] - 1  # seq 1 had arrived
+    kept = await world.agent("GET", h2, f"{POS}/events?from=0&limit=10")
+    assert kept["events"][0]["seq"] == status["first_seq"]  # oldest first
+    assert kept["events"][-1]["payload"].startswith("b")
+    audit = await until("age retention ran", lambda: _dropped(world, h1, aged, 10), 20)
+    assert audit["first_seq"] == 11 and audit["last_seq"] == 11
+
+    world.uplink.heal()
+    await world.forwarded("acme/pos/logs", status["last_seq"], timeout_s=60)
+    listed = (await world.admin.ok("GET", "/v1/logs/streams"))["streams"]
+    hub_view = {s["stream"]: s for s in listed}
+    assert hub_view["acme/pos/logs"]["dropped"] == status["dropped_unforwarded"]
+    assert hub_view["acme/pos/audit"]["dropped"] == 10
+    _, page = await logs(world, stream="acme/pos/logs", count="true", limit="1")
+    assert page["total"] == status["last_seq"] - status["dropped_unforwarded"]
+    _, page = await logs(world, stream="acme/pos/audit", since="0", limit="100")
+    assert [h["text"] for h in page["logs"]] == ["fresh"]
+
+
+async def _dropped(world: World, host: LocalHost, stream: str, count: int) -> Any:
+    status = await world.agent("GET", host, stream)
+    return status if status["dropped_events"] == count else None
