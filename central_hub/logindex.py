@@ -614,7 +614,9 @@ class Matcher:
         literals = [] if q.regex is None else regex_literals(q.regex)
         if q.substring is not None:
             literals.append(q.substring)
-        literals = [text for text in literals if "\ufffd" not in text]
+        # Decoded payloads never hold lone surrogates, and their U+FFFD may stand for bytes
+        # the index saw otherwise: such text is checked record by record only.
+        literals = [t for t in literals if "\ufffd" not in t and _encodable(t)]
         self.terms = sorted(
             (term for text in literals for term in plan_terms(text)), key=_term_order
         )
@@ -763,12 +765,21 @@ class Matcher:
         return (float(data[1]), data[2], data[3], data[4])
 
 
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _fingerprint(q: LogQuery) -> str:
     filters = [
         None if q.tenants is None else sorted(q.tenants),
         q.site, q.app, q.stream, q.host, q.since, q.until, q.max_level, q.substring, q.regex,
     ]  # fmt: skip
-    return hashlib.blake2b(orjson.dumps(filters), digest_size=6).hexdigest()
+    # repr, not JSON: it escapes lone surrogates instead of failing on them.
+    return hashlib.blake2b(repr(filters).encode(), digest_size=6).hexdigest()
 
 
 Loader = Callable[[BlockRef], Columns]

@@ -224,7 +224,11 @@ class LogStore:
         try:
             with path.open("rb") as file:
                 vocab = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
-            Vocab(vocab).release()  # checks its size
+            try:
+                Vocab(vocab).release()  # checks its size
+            except (ValueError, struct.error):
+                vocab.close()
+                raise ValueError(f"{path} is truncated") from None
             return vocab
         except (OSError, ValueError) as exc:
             logger.warning("log segment %d: rebuilding its vocabulary (%s)", segment_id, exc)

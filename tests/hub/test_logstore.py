@@ -231,6 +231,8 @@ def test_substring_whole_spanning_and_partial_tokens(fleet: LogStore) -> None:
     assert seqs(suffix) == [17]
     assert everything(fleet, substring="Connection") == []  # case-sensitive
     assert everything(fleet, substring="took 4ms r") == []  # never across records
+    assert everything(fleet, substring="took \ud800") == []  # a lone surrogate never matches
+    assert everything(fleet, regex="took \ud800|refused by") != []
 
 
 def test_regex_and_bad_regex(fleet: LogStore) -> None:
