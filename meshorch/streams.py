@@ -1,9 +1,9 @@
 """Event streams: names, the event record, retention policy and planner (pure).
 
 A stream is a durable, append-only sequence of events scoped to a tenant and an
-application, named ``tenant/app/name``. Hosts keep streams in LMDB
-(replicated by Raft: ``meshorch.site_streams``) so applications at a site have a local event bus that
-keeps accepting events while the site is cut off from the hub; a per-stream
+application, named ``tenant/app/name``. Every host keeps the site's streams in LMDB
+(replicated by Raft: ``meshorch.site_streams``), so applications at a site have a local
+event bus that keeps accepting events while the site is cut off from the hub; a per-stream
 retention policy (size and age) bounds what is kept, and whatever retention drops
 is counted and reported, never silent.
 
