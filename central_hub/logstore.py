@@ -340,7 +340,11 @@ class LogStore:
                 self._pending_records >= self._segment_records
                 or self._pending_bytes >= SEGMENT_BYTES
             ):
-                self._write_segment()
+                try:
+                    self._write_segment()
+                except (OSError, lmdb.Error):
+                    # The records are safe in the tails; the next ingest tries again.
+                    logger.exception("could not write a log segment")
             return IngestResult(expected - 1, len(fresh), duplicates, dropped)
 
     def _new_id(self) -> int:
@@ -404,7 +408,8 @@ class LogStore:
                     txn.delete(_ID.pack(ref.block_id), db=self._dbs["tail"])
             summaries = [[r.block_id, r.site, r.stream, r.summary.to_json()] for r in refs]
             txn.put(_ID.pack(segment_id), orjson.dumps(summaries), db=self._dbs["segments"])
-        self._env.sync(True)
+        # Published before the sync: memory must follow what is committed even if the sync
+        # fails (until it succeeds, a crash brings back the tails, which were durable).
         by_stream: dict[tuple[str, str], list[BlockRef]] = {}
         for ref in refs:
             by_stream.setdefault((ref.site, ref.stream), []).append(ref)
@@ -417,6 +422,7 @@ class LogStore:
             self._segments = [*self._segments, _Segment(segment_id, tuple(refs), vocab)]
         self._pending_records = 0
         self._pending_bytes = 0
+        self._env.sync(True)
         logger.debug("log segment %d: %d blocks", segment_id, len(refs))
 
     # -- queries
