@@ -14,9 +14,11 @@ I/O:
   every distinct ``[A-Za-z0-9_]+`` run of the segment's text, sorted, each with the
   ordinals of the blocks that contain it. Whole tokens and token prefixes are found by
   binary search; suffixes and infixes (the edges of a substring may cut a token) by one
-  linear scan of the vocabulary, about a tenth of the text. The index only *narrows* the
-  blocks to read: every candidate record is checked with the real substring or regex, so
-  results are exact whatever the index says.
+  linear scan of the vocabulary (2-3 times smaller than the text when most lines carry a
+  unique id, far smaller otherwise), skipped when whole tokens already leave few blocks.
+  Regexes use the index through their literal runs. The index only *narrows* the blocks
+  to read: every candidate record is checked with the real substring or regex, so results
+  are exact whatever the index says.
 - ``Matcher``: a validated ``LogQuery``; ``run_query`` turns candidate blocks into a
   page, newest first, visiting blocks by their newest possible record and stopping as
   soon as no remaining block can beat the page.
