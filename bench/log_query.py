@@ -174,11 +174,11 @@ def check(label: str, got: int, expected: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lines", type=int, default=10_000_000)
-    parser.add_argument("--sites", type=int, default=100)
+    parser.add_argument("--lines", type=int, default=10_000_000, help="log lines in all")
+    parser.add_argument("--sites", type=int, default=100, help="sites sending them")
     parser.add_argument("--batch", type=int, default=2500, help="records per ingest call")
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs of each query")
+    parser.add_argument("--keep", action="store_true", help="keep the store and the flat file")
     args = parser.parse_args()
     if shutil.which("grep") is None:
         raise SystemExit("grep is needed")
