@@ -104,6 +104,9 @@ class _Side(asyncio.Protocol):
         self.peer: _Side | None = None
         self.eof = False  # this side sent EOF (we shut down writing to the peer)
         self.early: list[bytes] = []  # read before the peer existed
+        self.out: asyncio.Transport | None = None  # the peer's transport, once joined
+        self.stats = pair.ingress.stats
+        self.counter = "bytes_in" if is_client else "bytes_out"
         self.lost = False
 
     # Both sides start paused: nothing is read until the other side exists to take it.
@@ -117,18 +120,19 @@ class _Side(asyncio.Protocol):
             self.pair.client_connected(self)
 
     def data_received(self, data: bytes) -> None:
-        peer = self.peer
-        if peer is None:
+        # The hot path: one call per read, so no lookups beyond what is needed.
+        out = self.out
+        if out is not None:
+            if not out.is_closing():
+                out.write(data)
+                self.stats[self.counter] += len(data)
+            return
+        if self.peer is None:
             # Before the join. uvloop ignores pause_reading() inside connection_made
             # (it starts reading right after), so keep what arrives and pause now.
             self.early.append(data)
             if self.transport is not None:
                 self.transport.pause_reading()
-            return
-        if peer.transport is None or peer.transport.is_closing():
-            return
-        peer.transport.write(data)
-        self.pair.count(self.is_client, len(data))
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -235,6 +239,7 @@ class _Pair:
         client = self.client
         self.backend = backend
         client.peer, backend.peer = backend, client
+        client.out, backend.out = backend.transport, client.transport
         self.ingress.stats["relayed"] += 1
         for side in (client, backend):
             early, side.early = side.early, []
@@ -249,9 +254,6 @@ class _Pair:
         for side in (client, backend):
             if side.transport is not None and not side.transport.is_closing():
                 side.transport.resume_reading()
-
-    def count(self, from_client: bool, nbytes: int) -> None:
-        self.ingress.stats["bytes_in" if from_client else "bytes_out"] += nbytes
 
     def side_lost(self, side: _Side, exc: Exception | None) -> None:
         peer = side.peer

@@ -355,10 +355,14 @@ async def test_slow_reader_does_not_make_the_ingress_buffer() -> None:
         async with ingress_for(Backends((LOCAL, port))) as ingress:
             _reader, writer = await asyncio.open_connection(LOCAL, ingress.port, limit=65536)
             # StreamReader pauses its transport past 2*limit: the client really stops reading.
-            await asyncio.sleep(1.0)
-            plateau = sent
-            await asyncio.sleep(0.5)
-            assert sent == plateau, "backend kept sending: nobody applies back-pressure"
+
+            async def stalled() -> bool:
+                before = sent
+                await asyncio.sleep(0.3)
+                return sent == before
+
+            # Fails if the backend never stops: nobody would be applying back-pressure.
+            await until("the backend blocked by back-pressure", stalled, 15)
             # Kernel buffers on three sockets plus the ingress's bounded write buffer.
             assert ingress.stats["bytes_out"] < 64 * 1024 * 1024
             stop.set()
