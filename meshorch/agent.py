@@ -21,6 +21,7 @@ from aiohttp import web
 
 from meshorch.admission import SiteNetwork
 from meshorch.agent_config import AgentConfig, check_identity, resolve_password, store_password
+from meshorch.app_network import AppNetwork, NetworkSettings
 from meshorch.controller import SiteController
 from meshorch.errors import ConfigurationError
 from meshorch.images import SiteImages
@@ -69,6 +70,7 @@ class Agent:
         config: AgentConfig,
         mesh: MeshSettings | None = None,
         workloads: WorkloadSettings | None = None,
+        network: NetworkSettings | None = None,
     ) -> None:
         config.validate()
         self.config = config
@@ -90,6 +92,7 @@ class Agent:
         self.site_link = SecretsSiteLink(self)
         self.streams = SiteStreams(lambda: self.raft, config.host_id)
         self.log_capture: LogCapture | None = None
+        self.network = AppNetwork(self, network)
 
     @property
     def raft(self) -> RaftNode:
@@ -163,6 +166,7 @@ class Agent:
         )
         await self.log_capture.start()
         self.spawn(HostReconciler(self, self.runtime).run(), "reconcile")
+        self.spawn(self.network.run(), "site-network")
         self.spawn(SiteController(self).run(), "controller")
         self.spawn(self.site_link.run(), "fleet-link")
         self.spawn(

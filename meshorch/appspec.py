@@ -232,6 +232,15 @@ class Constraint:
 
 
 @dataclass(frozen=True, slots=True)
+class Ingress:
+    """The site's ingress address forwards TCP ``port`` to ``target_port`` of the
+    service's ready instances."""
+
+    port: int
+    target_port: int
+
+
+@dataclass(frozen=True, slots=True)
 class ServiceSpec:
     name: str
     containers: tuple[ContainerSpec, ...]
@@ -239,6 +248,14 @@ class ServiceSpec:
     restart: RestartPolicy = RestartPolicy()
     constraints: tuple[Constraint, ...] = ()
     anti_affinity: bool = False
+    ingress: Ingress | None = None
+
+    @property
+    def ports(self) -> tuple[int, ...]:
+        """The TCP ports its containers listen on."""
+        return tuple(
+            p.container_port for c in self.containers for p in c.ports if p.protocol == "tcp"
+        )
 
     @property
     def per_host(self) -> bool:
@@ -669,13 +686,17 @@ def _app(ctx: _Ctx, value: object) -> AppSpec | None:
     _unique_names(ctx, m.get("services"), "services")
     if services == ():
         ctx.bad("services", "must list at least one service")
+    ingress_ports = [s.ingress.port for s in services or () if s.ingress is not None]
+    if len(ingress_ports) != len(set(ingress_ports)):
+        ctx.bad("services", "two services ask for the same ingress port")
+        return None
     if name is None or version is None or not services or api != API_VERSION:
         return None
     return AppSpec(name, version, services)
 
 
 def _service(ctx: _Ctx, value: object, path: str) -> ServiceSpec | None:
-    optional = ("replicas", "per_host", "restart", "constraints", "anti_affinity")
+    optional = ("replicas", "per_host", "restart", "constraints", "anti_affinity", "ingress")
     m = ctx.fields(value, path, ("name", "containers"), optional)
     if m is None:
         return None
@@ -694,6 +715,9 @@ def _service(ctx: _Ctx, value: object, path: str) -> ServiceSpec | None:
     restart = _restart(ctx, m.get("restart", {}), f"{path}.restart")
     constraints = _list(ctx, m.get("constraints", ()), f"{path}.constraints", _constraint)
     anti_affinity = _bool(ctx, m.get("anti_affinity", False), f"{path}.anti_affinity")
+    ingress = None
+    if m.get("ingress") is not None:
+        ingress = _ingress(ctx, m["ingress"], f"{path}.ingress", containers or ())
     if (
         len(ctx.problems) > start
         or name is None
@@ -703,7 +727,24 @@ def _service(ctx: _Ctx, value: object, path: str) -> ServiceSpec | None:
         or anti_affinity is None
     ):
         return None
-    return ServiceSpec(name, containers, replicas, restart, constraints, anti_affinity)
+    return ServiceSpec(name, containers, replicas, restart, constraints, anti_affinity, ingress)
+
+
+def _ingress(
+    ctx: _Ctx, value: object, path: str, containers: tuple[ContainerSpec, ...]
+) -> Ingress | None:
+    m = ctx.fields(value, path, ("port", "target_port"), ())
+    if m is None:
+        return None
+    port = _port(ctx, m.get("port"), f"{path}.port")
+    target = _port(ctx, m.get("target_port"), f"{path}.target_port")
+    if port is None or target is None:
+        return None
+    declared = {p.container_port for c in containers for p in c.ports if p.protocol == "tcp"}
+    if target not in declared:
+        ctx.bad(f"{path}.target_port", f"must be a TCP port a container declares, not {target}")
+        return None
+    return Ingress(port, target)
 
 
 def _container(ctx: _Ctx, value: object, path: str) -> ContainerSpec | None:
@@ -1011,6 +1052,17 @@ def _service_json(service: ServiceSpec) -> dict[str, object]:
             {"label": c.label, "op": c.op, "values": list(c.values)} for c in service.constraints
         ],
         "anti_affinity": service.anti_affinity,
+        # Left out when absent: the digest of older specs stays the same.
+        **(
+            {}
+            if service.ingress is None
+            else {
+                "ingress": {
+                    "port": service.ingress.port,
+                    "target_port": service.ingress.target_port,
+                }
+            }
+        ),
     }
 
 

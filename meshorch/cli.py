@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
@@ -21,6 +22,7 @@ import uvloop
 from meshorch import __version__
 from meshorch.agent_client import call_agent
 from meshorch.agent_config import PASSWORD_ENV, AgentConfig, resolve_password
+from meshorch.app_network import NetworkSettings, parse_host_port
 from meshorch.errors import ConfigurationError, MeshorchError
 from meshorch.fleet_cli import add_fleet_commands
 from meshorch.logs_cli import add_logs_command
@@ -129,6 +131,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     work.add_argument("--cpu", type=float, help="CPU cores offered (default: all)")
     work.add_argument("--memory", help="memory offered, e.g. 2Gi (default: all)")
+    net = agent.add_argument_group(
+        "application networking",
+        "site DNS, the ingress address, tenant isolation (docs/networking.md)",
+    )
+    net.add_argument(
+        "--dns", default="auto", metavar="IP:PORT|auto|off",
+        help="where this host answers SERVICE.APP.TENANT.site.meshorch (auto: the overlay "
+        "address, port 53, in mesh mode; off otherwise)",
+    )  # fmt: skip
+    net.add_argument(
+        "--dns-upstream", action="append", default=None, metavar="IP[:PORT]",
+        help="resolver for other names (repeatable; default: /etc/resolv.conf; 'none' refuses)",
+    )  # fmt: skip
+    net.add_argument(
+        "--ingress-address", metavar="CIDR",
+        help="the site's ingress address on the LAN, e.g. 10.1.0.200/24 (held by the leader)",
+    )  # fmt: skip
+    net.add_argument("--ingress-device", help="its interface (default: found from the subnet)")
+    net.add_argument(
+        "--isolate-tenants", choices=("auto", "on", "off"), default="auto",
+        help="run containers as their tenant's uid and block cross-tenant connections "
+        "(auto: with podman as root)",
+    )  # fmt: skip
     fleet = agent.add_argument_group(
         "fleet link", "the hub this site takes its desired state from (docs/fleet-link.md)"
     )
@@ -307,6 +332,7 @@ def run_agent(args: argparse.Namespace) -> int:
         memory_bytes=parse_size(args.memory) if args.memory else None,
         labels=parse_labels(args.label),
     )
+    network = network_settings(args)
     revoked = False
 
     async def serve() -> None:
@@ -315,7 +341,7 @@ def run_agent(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        async with Agent(config, mesh, workloads) as agent:
+        async with Agent(config, mesh, workloads, network) as agent:
             stopped = asyncio.create_task(stop.wait())
             revoked_wait = asyncio.create_task(agent.revoked.wait())
             await asyncio.wait({stopped, revoked_wait}, return_when=asyncio.FIRST_COMPLETED)
@@ -504,3 +530,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     parser.error(f"unknown command {args.command}")
     return 2
+
+
+def network_settings(args: argparse.Namespace) -> NetworkSettings:
+    if args.dns not in ("auto", "off"):
+        parse_host_port(args.dns, "--dns")
+    upstream: tuple[tuple[str, int], ...] | None = None
+    if args.dns_upstream is not None:
+        items = [u for u in args.dns_upstream if u != "none"]
+        upstream = tuple(
+            parse_host_port(u if u.count(":") == 1 else f"{u}:53", "--dns-upstream") for u in items
+        )
+    if args.ingress_address is not None:
+        try:
+            ipaddress.ip_interface(args.ingress_address)
+        except ValueError:
+            raise ConfigurationError(
+                "--ingress-address: expected a CIDR like 10.1.0.200/24, "
+                f"got {args.ingress_address!r}"
+            ) from None
+    isolate = {"auto": None, "on": True, "off": False}[args.isolate_tenants]
+    return NetworkSettings(args.dns, upstream, args.ingress_address, args.ingress_device, isolate)

@@ -67,6 +67,7 @@ class LocalSite:
     log_level: str = "info"
     runtime: str = "process"
     extra_args: list[str] = field(default_factory=list)  # appended to every agent's command
+    host_args: dict[str, list[str]] = field(default_factory=dict)  # host id -> more flags
     members: list[LocalHost] = field(default_factory=list)
     _own_root: bool = False
 
@@ -101,7 +102,7 @@ class LocalSite:
         ]  # fmt: skip
         for peer in host.peers:
             command += ["--peer", peer]
-        command += self.extra_args
+        command += self.extra_args + self.host_args.get(host.host_id, [])
         host.log_path = self.root / f"{host.host_id}.log"
         log = open(host.log_path, "ab")  # noqa: SIM115 - the child owns it
         host.process = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)

@@ -42,6 +42,7 @@ from meshorch.health import (
     probe_tcp,
 )
 from meshorch.imagestore import ImageTransferError
+from meshorch.quotas import DEFAULT_TENANT
 from meshorch.runtime import (
     PROCESS_IMAGE,
     InstanceSpec,
@@ -166,6 +167,8 @@ class HostReconciler:
         image = PROCESS_IMAGE if self.runtime.name == "process" else container.image
         secrets = self.agent.secrets
         with_secrets = bool(container.secrets)
+        network = self.agent.network
+        tenant = self.tenant_of(placement) or DEFAULT_TENANT
         return InstanceSpec(
             instance_id=runtime_id,
             image=image,
@@ -179,6 +182,9 @@ class HostReconciler:
             secrets_dir=str(secrets.instance_dir(runtime_id)) if with_secrets else None,
             secret_env=dict.fromkeys((r.env for r in container.secrets if r.env), "(unset)"),
             secrets_tag=secrets.versions_tag(container.secrets) if with_secrets else "",
+            dns_servers=network.dns_servers(self.runtime.name),
+            dns_search=network.dns_search(self.runtime.name),
+            user=network.container_uid(self.runtime.name, tenant),
         )
 
     # -- one tick -----------------------------------------------------------------------
@@ -281,7 +287,9 @@ class HostReconciler:
         spec = item.spec
         if item.container.secrets:
             try:
-                env = self.agent.secrets.materialise(runtime_id, item.container.secrets)
+                env = self.agent.secrets.materialise(
+                    runtime_id, item.container.secrets, item.spec.user
+                )
             except SecretUnavailable as exc:
                 book.message = str(exc)
                 return False

@@ -402,8 +402,12 @@ class SiteSecrets:
                     f"waiting for secret {ref.tenant}/{ref.name} (not decrypted yet)"
                 )
 
-    def materialise(self, runtime_id: str, refs: Sequence[SecretRef]) -> dict[str, str]:
+    def materialise(
+        self, runtime_id: str, refs: Sequence[SecretRef], owner_uid: int | None = None
+    ) -> dict[str, str]:
         """Write the instance's secret files; returns its secret environment variables.
+
+        ``owner_uid``: the uid the instance runs as (its tenant's); the files are its own.
 
         Raises SecretUnavailable (sealed, locked down, a secret missing or unusable).
         """
@@ -437,6 +441,9 @@ class SiteSecrets:
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o400)
             with os.fdopen(fd, "wb") as handle:
                 handle.write(value)
+        if owner_uid is not None:
+            for path in (directory, *directory.rglob("*")):
+                os.chown(path, owner_uid, owner_uid, follow_symlinks=False)
         return env
 
     def remove(self, runtime_id: str) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,11 +97,17 @@ class LabAgents:
     """
 
     def __init__(
-        self, lab: Lab, *, runtime: str | None = None, fleet: FleetFlags | None = None
+        self,
+        lab: Lab,
+        *,
+        runtime: str | None = None,
+        fleet: FleetFlags | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.lab = lab
         self.runtime = runtime
         self.fleet = fleet
+        self.extra_args = tuple(extra_args)  # more agent flags, the same for every host
 
     @property
     def enabled(self) -> bool:
@@ -131,7 +137,7 @@ class LabAgents:
             argv += ["--runtime", self.runtime]
         if self.fleet is not None:
             argv += self.fleet.argv(f"s{host.site}")
-        return argv
+        return argv + list(self.extra_args)
 
     def start_all(self) -> None:
         """Bootstrap every site with its first host, then join the others."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import builtins
 import hashlib
+import ipaddress
 import math
 import posixpath
 import re
@@ -43,6 +44,9 @@ RESERVED_LABEL_PREFIX = "meshorch."
 SPEC_HASH_VERSION = 1
 
 _INSTANCE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_DOMAIN_RE = re.compile(
+    r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*"
+)
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 
 PortProtocol = Literal["tcp", "udp"]
@@ -102,6 +106,11 @@ class InstanceSpec:
     secrets_dir: str | None = None
     secret_env: Mapping[str, str] = field(default_factory=dict, hash=False, repr=False)
     secrets_tag: str = ""
+    # Site networking (podman): the site DNS servers and search domain, and the uid
+    # the instance runs as (its tenant's: tenant isolation matches on it).
+    dns_servers: tuple[str, ...] = ()
+    dns_search: tuple[str, ...] = ()
+    user: int | None = None
 
     def __post_init__(self) -> None:
         # Frozen dataclass: normalise through object.__setattr__ so callers may
@@ -172,6 +181,16 @@ class InstanceSpec:
         for key in self.labels:
             if not key or key.startswith(RESERVED_LABEL_PREFIX) or "=" in key:
                 raise InvalidSpec(f"{self.instance_id}: bad or reserved label {key!r}")
+        for server in self.dns_servers:
+            try:
+                ipaddress.ip_address(server)
+            except ValueError:
+                raise InvalidSpec(f"{self.instance_id}: DNS server {server!r} is no IP") from None
+        for domain in self.dns_search:
+            if not _DOMAIN_RE.fullmatch(domain):
+                raise InvalidSpec(f"{self.instance_id}: bad DNS search domain {domain!r}")
+        if self.user is not None and not (isinstance(self.user, int) and 0 < self.user < 2**31):
+            raise InvalidSpec(f"{self.instance_id}: user must be a uid > 0, got {self.user!r}")
 
     @property
     def name(self) -> str:
@@ -195,6 +214,9 @@ class InstanceSpec:
         }
         if self.secrets_dir is not None or self.secret_env or self.secrets_tag:
             canonical["secrets"] = [self.secrets_dir, sorted(self.secret_env), self.secrets_tag]
+        if self.dns_servers or self.dns_search or self.user is not None:
+            # Only when set: instances without site networking keep their hash.
+            canonical["network"] = [list(self.dns_servers), list(self.dns_search), self.user]
         encoded = orjson.dumps(canonical, option=orjson.OPT_SORT_KEYS)
         return hashlib.sha256(encoded).hexdigest()
 

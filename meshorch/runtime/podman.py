@@ -355,6 +355,12 @@ class PodmanRuntime:
                 if port.host_port is not None:
                     published = f"{port.host_port}:{published}"
                 args += ["--publish", published]
+        for server in spec.dns_servers:
+            args += ["--dns", server]
+        for domain in spec.dns_search:
+            args += ["--dns-search", domain]
+        if spec.user is not None:
+            args += ["--user", f"{spec.user}:{spec.user}"]
         for ulimit in self.ulimits:
             args += ["--ulimit", ulimit]
         if spec.memory_limit_bytes is not None:

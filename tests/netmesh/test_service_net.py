@@ -1,0 +1,114 @@
+"""The site's endpoints and the DNS answers, ingress routes and isolation rules derived
+from them (pure)."""
+
+from __future__ import annotations
+
+from meshorch import service_net
+from meshorch.appspec import parse_app_spec
+from meshorch.scheduler import Placement
+from meshorch.workloads import InstanceReport
+
+SPEC = """
+api_version: meshorch/v1
+name: shop
+version: "{version}"
+services:
+  - name: web
+    replicas: 2
+    ingress: {{port: 8080, target_port: 80}}
+    containers:
+      - name: main
+        image: busybox:1
+        ports: [{{container_port: 80}}, {{container_port: 9100}}]
+        resources: {{memory_limit: 32Mi, cpu_request: 0.1}}
+  - name: db
+    containers:
+      - name: main
+        image: busybox:1
+        ports: [{{container_port: 5432}}]
+        resources: {{memory_limit: 32Mi, cpu_request: 0.1}}
+"""
+ADDRESSES = {"h1": "10.99.0.1", "h2": "10.99.0.2", "h3": "10.99.0.3"}
+
+
+def placement(instance: str, service: str, host: str, app: str = "shop") -> Placement:
+    return Placement(instance, app, service, 0, "1", host, 100, 32 << 20)
+
+
+def report(instance: str, host: str, ready: bool = True, version: str = "1") -> InstanceReport:
+    return InstanceReport(instance, host, version, "running", ready, 0, 0.0)
+
+
+def world(
+    *, web2_ready: bool = True, alive: tuple[str, ...] = ("h1", "h2", "h3")
+) -> list[service_net.Endpoint]:
+    apps = {
+        ("shop", "1"): (parse_app_spec(SPEC.format(version="1")), "acme"),
+        ("other", "1"): (
+            parse_app_spec(SPEC.format(version="1").replace("shop", "other")),
+            "globex",
+        ),
+    }
+    placements = [
+        placement("shop.web.0", "web", "h1"),
+        placement("shop.web.1", "web", "h2"),
+        placement("shop.db.0", "db", "h3"),
+        placement("other.web.0", "web", "h3", app="other"),
+    ]
+    reports = {
+        "shop.web.0": report("shop.web.0", "h1"),
+        "shop.web.1": report("shop.web.1", "h2", ready=web2_ready),
+        "shop.db.0": report("shop.db.0", "h3"),
+        "other.web.0": report("other.web.0", "h3"),
+    }
+    return service_net.build_endpoints(placements, reports, apps, ADDRESSES, alive)
+
+
+def test_dns_answers_ready_instances_on_live_hosts_only() -> None:
+    assert service_net.resolve(world(), "web", "shop", "acme") == ["10.99.0.1", "10.99.0.2"]
+    assert service_net.resolve(world(web2_ready=False), "web", "shop", "acme") == ["10.99.0.1"]
+    assert service_net.resolve(world(alive=("h3",)), "web", "shop", "acme") == []
+    assert service_net.resolve(world(), "web", "shop", "globex") is None  # not that tenant's
+    assert service_net.resolve(world(), "nope", "shop", "acme") is None
+
+
+def test_an_outdated_or_misplaced_report_is_not_ready() -> None:
+    apps = {("shop", "1"): (parse_app_spec(SPEC.format(version="1")), "acme")}
+    stale = {"shop.web.0": report("shop.web.0", "h1", version="0")}
+    moved = {"shop.web.0": report("shop.web.0", "h2")}
+    for reports in (stale, moved):
+        endpoints = service_net.build_endpoints(
+            [placement("shop.web.0", "web", "h1")], reports, apps, ADDRESSES, ADDRESSES
+        )
+        assert service_net.resolve(endpoints, "web", "shop", "acme") == []
+
+
+def test_ingress_routes_go_to_ready_backends_and_a_port_has_one_owner() -> None:
+    routes = service_net.ingress_routes(world())
+    # "other" asks for 8080 too; "other.web.0" sorts first, so it owns the port.
+    assert routes == {8080: [("10.99.0.3", 80)]}
+    endpoints = [e for e in world(web2_ready=False) if e.app == "shop"]
+    assert service_net.ingress_routes(endpoints) == {8080: [("10.99.0.1", 80)]}
+
+
+def test_isolation_rules_let_a_tenant_reach_its_own_ports_only() -> None:
+    rules = service_net.isolation_rules(world(), local_host="h3")
+    acme, globex = service_net.tenant_uid("acme"), service_net.tenant_uid("globex")
+    assert acme != globex
+    db = [r for r in rules if "5432" in r]
+    assert [r[r.index("--uid-owner") + 1] for r in db if r[1] == "10.99.0.3"] == [
+        str(acme),
+        f"{service_net.TENANT_UID_BASE}-{service_net.TENANT_UID_BASE + 99_999}",
+    ]
+    assert any(r[1] == "127.0.0.0/8" and "5432" in r for r in rules)  # local instance
+    assert not any(r[1] == "127.0.0.0/8" and r[1] == "10.99.0.1" for r in rules)
+    document = service_net.iptables_restore_input(rules)
+    assert document.startswith("*filter\n:MESHORCH-ISOLATE - [0:0]\n-F MESHORCH-ISOLATE\n")
+    assert document.endswith("COMMIT\n") and document.count("-A MESHORCH-ISOLATE") == len(rules)
+
+
+def test_tenant_uids_are_stable_and_clashes_are_found() -> None:
+    uid = service_net.tenant_uid("acme")
+    assert uid == service_net.tenant_uid("acme")
+    assert service_net.TENANT_UID_BASE <= uid < service_net.TENANT_UID_BASE + 100_000
+    assert service_net.uid_clashes(["acme", "globex", "acme"]) == []
