@@ -13,8 +13,9 @@ and target protocol address = the VIP and sender hardware address = the
 device's MAC, to the Ethernet broadcast address. Linux neighbours accept either
 to update an existing entry; other stacks prefer one or the other.
 
-Use a host prefix (``/32``) for the VIP: it then adds no route and deleting it
-never takes the host's own LAN address with it.
+A host prefix (``/32``) is the cleanest VIP: it adds no route. The LAN's prefix
+(``/24``) works too: added after the host's own address it is a secondary one,
+and deleting a secondary address leaves the primary alone.
 
 Needs root (CAP_NET_ADMIN, CAP_NET_RAW) and ``ip`` from iproute2. ``netns``
 runs everything in a named network namespace (``ip netns exec``; the raw socket
