@@ -125,6 +125,7 @@ def build_app(agent: Agent) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=MAX_VALUE_BYTES + 1)
     app[AGENT_KEY] = agent
     app.router.add_get("/v1/status", get_status)
+    app.router.add_get("/v1/ping", ping)
     app.router.add_get("/v1/kv/", list_keys)
     app.router.add_get("/v1/kv", list_keys)
     app.router.add_put("/v1/kv/{key:.+}", put_key)
@@ -163,6 +164,11 @@ def build_app(agent: Agent) -> web.Application:
 
 def _agent(request: web.Request) -> Agent:
     return request.app[AGENT_KEY]
+
+
+async def ping(_request: web.Request) -> web.Response:
+    """Liveness for peers (``meshorch.app_network``): cheap, no state read."""
+    return web.Response(status=204)
 
 
 async def get_status(request: web.Request) -> web.Response:

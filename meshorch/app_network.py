@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import aiohttp
+
 from meshorch import service_net
 from meshorch.errors import ConfigurationError
 from meshorch.ingress import Backends, Ingresses
@@ -56,6 +58,12 @@ DNS_ZONE = "site.meshorch"
 DNS_PORT = 53
 SYNC_S = 0.25
 ENDPOINTS_MAX_AGE_S = 0.2  # host liveness changes without a Raft write
+# A peer that has not answered a ping for this long is left out of DNS answers and
+# ingress backends. A dead host's TCP connections (Raft's) can take seconds to time out
+# when it vanishes without closing them (power loss, a cut link); pings say it sooner.
+PING_EVERY_S = 0.25
+PING_TIMEOUT_S = 0.5
+PEER_SILENT_S = 1.2
 IPTABLES_TIMEOUT_S = 10.0
 
 
@@ -79,6 +87,7 @@ class AppNetwork:
         self._rules: str | None = None
         self.dns: SiteDns | None = None
         self.ingress_held = False
+        self._last_ping: dict[str, float] = {}  # host id -> when it last answered a ping
 
     # -- what the reconciler asks ---------------------------------------------------------
 
@@ -116,8 +125,8 @@ class AppNetwork:
     def endpoints(self) -> list[service_net.Endpoint]:
         raft = self.agent.raft
         index = raft.view.applied_index()
-        alive = frozenset(self.agent.reachable_hosts())
         now = time.monotonic()
+        alive = frozenset(self.alive_hosts(now))
         cached = self._cache
         if (
             cached
@@ -149,6 +158,43 @@ class AppNetwork:
         self._cache = (index, alive, now, endpoints)
         return endpoints
 
+    def alive_hosts(self, now: float) -> set[str]:
+        """Hosts Raft hears from, less peers that stopped answering pings (a peer not
+        pinged yet counts as alive: Raft says so)."""
+        silent = {host for host, last in self._last_ping.items() if now - last > PEER_SILENT_S}
+        return self.agent.reachable_hosts() - silent
+
+    async def _ping_peers(self) -> None:
+        timeout = aiohttp.ClientTimeout(total=PING_TIMEOUT_S)
+        in_flight: dict[str, asyncio.Task[None]] = {}
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+
+            async def ping(host_id: str, api: str) -> None:
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError):
+                    async with session.get(f"http://{api}/v1/ping") as response:
+                        if response.status == 204:
+                            self._last_ping[host_id] = time.monotonic()
+
+            try:
+                while True:
+                    me = self.agent.config.host_id
+                    peers = {m.host_id: m.api for m in self.agent.members() if m.host_id != me}
+                    for host_id in list(self._last_ping):
+                        if host_id not in peers:
+                            del self._last_ping[host_id]
+                    now = time.monotonic()
+                    for host_id, api in peers.items():
+                        self._last_ping.setdefault(host_id, now)  # it must answer soon
+                        busy = in_flight.get(host_id)
+                        if api and (busy is None or busy.done()):
+                            # One task per peer: a dead one does not delay the others.
+                            in_flight[host_id] = asyncio.create_task(ping(host_id, api))
+                    await asyncio.sleep(PING_EVERY_S)
+            finally:
+                for task in in_flight.values():
+                    task.cancel()
+                await asyncio.gather(*in_flight.values(), return_exceptions=True)
+
     def resolve(self, service: str, app: str, tenant: str) -> list[str] | None:
         return service_net.resolve(self.endpoints(), service, app, tenant)
 
@@ -160,6 +206,9 @@ class AppNetwork:
         ingresses = Ingresses()
         vip = self._vip()
         runtime = self.agent.runtime
+        changed = asyncio.Event()  # leadership moved: act now, not at the next pass
+        self.agent.raft.on_leader_change(lambda _status: changed.set())
+        pinger = asyncio.create_task(self._ping_peers(), name="peer-pings")
         try:
             await self._start_dns()
             while True:
@@ -170,8 +219,12 @@ class AppNetwork:
                         await self._ingress(ingresses, vip)
                 except Exception as exc:  # retried at the next pass
                     logger.warning("site network: %s", exc)
-                await asyncio.sleep(SYNC_S)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), SYNC_S)
+                changed.clear()
         finally:
+            pinger.cancel()
+            await asyncio.gather(pinger, return_exceptions=True)
             await ingresses.apply({})
             if vip is not None and self.ingress_held:
                 with contextlib.suppress(Exception):
@@ -209,13 +262,15 @@ class AppNetwork:
         leader = self.agent.raft.status().is_leader
         address = str(ipaddress.ip_interface(self.settings.ingress_address or "").ip)
         if leader:
-            if not self.ingress_held:
-                await vip.claim()
+            announce = not self.ingress_held
+            if announce:
+                await vip.add()
                 self.ingress_held = True
-                logger.info("ingress address %s held by this host", address)
             routes = service_net.ingress_routes(self.endpoints())
-            desired = {(address, port): self._backends(port) for port in routes}
-            await ingresses.apply(desired)
+            await ingresses.apply({(address, port): self._backends(port) for port in routes})
+            if announce:  # listening already: neighbours' new connections land here
+                await vip.announce()
+                logger.info("ingress address %s held by this host", address)
         elif self.ingress_held:
             await ingresses.apply({})
             await vip.release()

@@ -741,7 +741,7 @@ def _ingress(
     if port is None or target is None:
         return None
     declared = {p.container_port for c in containers for p in c.ports if p.protocol == "tcp"}
-    if target not in declared:
+    if containers and target not in declared:  # (unparsed containers are reported already)
         ctx.bad(f"{path}.target_port", f"must be a TCP port a container declares, not {target}")
         return None
     return Ingress(port, target)

@@ -128,9 +128,14 @@ class Vip:
 
     async def claim(self) -> None:
         """Hold the VIP (idempotent) and announce it with gratuitous ARP."""
+        await self.add()
+        await self.announce()
+
+    async def add(self) -> None:
+        """Put the VIP on the device (idempotent), without announcing it: a caller can
+        bind listeners to it first, then ``announce``."""
         await self._ip("addr", "replace", self.address_cidr, "dev", self.device)
         logger.info("claimed %r", self)
-        await self.announce()
 
     async def release(self) -> None:
         """Stop holding the VIP; no-op if it is not on the device."""
