@@ -6,7 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-LAB_PACKAGES=(iproute2 iptables nftables wireguard-go wireguard-tools procps podman runc busybox-static)
+# chromium, chromium-driver: the hub dashboard's browser tests (tests/hub/test_dashboard.py).
+LAB_PACKAGES=(iproute2 iptables nftables wireguard-go wireguard-tools procps podman runc busybox-static
+  chromium chromium-driver)
 BENCH_PACKAGES=(etcd-server etcd-client)
 
 want_apt=()

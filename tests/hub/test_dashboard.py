@@ -1,0 +1,531 @@
+"""The hub's web dashboard: its static files over HTTP, and the page in a real browser.
+
+The hub runs in the test process with protocol-speaking sites (``tests.hub.helpers.Site``)
+that report hosts and instances, and log lines ingested into its log store. The browser
+tests drive headless Chromium with selenium (Debian ``chromium`` and ``chromium-driver``):
+missing, they skip, or fail under MESHORCH_REQUIRE_LAB=1 like the lab tests. Screenshots go
+to the test's tmp dir and, when MESHORCH_SCREENSHOTS names a directory, there too.
+
+Selenium blocks, so each browser scenario runs in a thread while the event loop serves
+the hub; the scenario changes the fleet through ``World.on_hub``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import shutil
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from central_hub import Hub, api
+from central_hub.dashboard import ASSET_DIR, ASSETS, add_dashboard
+from central_hub.logstore import LogRecord
+from tests.hub.conftest import admin_token, hub_config
+from tests.hub.helpers import Operator, Site, healthy, spec_text
+from tests.labutil import LAB_REQUIRED
+
+if TYPE_CHECKING:
+    from selenium.webdriver.remote.webdriver import WebDriver
+
+T = TypeVar("T")
+Wire = Callable[[web.Application], None]
+WAIT_S = 15.0
+NASTY_LINE = "<img src=x onerror=\"document.title='pwned'\"> not markup"
+
+
+# -- the hub, with the dashboard wired in -------------------------------------------------
+
+
+@pytest.fixture
+def wiring() -> list[Wire]:
+    """Extra routes a test adds to the hub's app (e.g. a stand-in /v1/alerts)."""
+    return []
+
+
+@pytest.fixture
+def hub_with_dashboard(monkeypatch: pytest.MonkeyPatch, wiring: list[Wire]) -> None:
+    # Until central_hub.api.build_app calls add_dashboard itself, the tests wire it in
+    # the same place; add_dashboard does nothing the second time, so this stays valid after.
+    original = api.build_app
+
+    def build(hub: Hub, max_body_bytes: int) -> web.Application:
+        app = original(hub, max_body_bytes)
+        add_dashboard(app)
+        for wire in wiring:
+            wire(app)
+        return app
+
+    monkeypatch.setattr(api, "build_app", build)
+
+
+@pytest.fixture
+async def hub(tmp_path: Path, hub_with_dashboard: None) -> AsyncIterator[Hub]:
+    async with Hub(hub_config(tmp_path / "hub", gossip=False)) as running:
+        yield running
+
+
+async def raw_get(hub: Hub, target: str) -> tuple[int, dict[str, str], bytes]:
+    """GET ``target`` exactly as written (clients normalise ``..`` away before sending)."""
+    host, port = hub.url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        raw = await reader.read()
+    finally:
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])}
+    return int(lines[0].split()[1]), headers, body
+
+
+# -- plain HTTP ------------------------------------------------------------------------------
+
+
+async def test_static_files_are_served_with_their_types(
+    hub: Hub, session: aiohttp.ClientSession
+) -> None:
+    expected = {
+        "/dashboard/": ("text/html", b'<script src="app.js"'),
+        "/dashboard/index.html": ("text/html", b"<title>meshorch hub</title>"),
+        "/dashboard/app.js": ("text/javascript", b'"use strict"'),
+        "/dashboard/style.css": ("text/css", b".tile.health-degraded"),
+    }
+    for path, (content_type, snippet) in expected.items():
+        async with session.get(hub.url + path) as resp:
+            body = await resp.read()
+            assert resp.status == 200, path
+            assert resp.content_type == content_type, path
+            assert resp.charset == "utf-8"
+            assert snippet in body, path
+            assert "script-src 'self'" in resp.headers["Content-Security-Policy"]
+            assert resp.headers["X-Content-Type-Options"] == "nosniff"
+    for path in ("/", "/dashboard"):
+        async with session.get(hub.url + path, allow_redirects=False) as resp:
+            assert (resp.status, resp.headers["Location"]) == (302, "/dashboard/"), path
+    # The API is untouched and still answers JSON.
+    async with session.get(hub.url + "/v1/fleet") as resp:
+        assert resp.status == 200 and (await resp.json())["fleet"] == hub.fleet
+
+
+async def test_nothing_but_the_assets_is_reachable(hub: Hub) -> None:
+    for target in (
+        "/dashboard/../service.py",
+        "/dashboard/../../pyproject.toml",
+        "/dashboard/%2e%2e/service.py",
+        "/dashboard/..%2fservice.py",
+        "/dashboard/%2e%2e%2fdashboard.py",
+        "/dashboard//etc/passwd",
+        "/dashboard/dashboard.py",
+        "/dashboard/../dashboard.py",
+        "/dashboard/missing.js",
+        "/dashboard/app.js/",
+        "/dashboard/APP.JS",
+        "/dashboard/.%2e/api.py",
+    ):
+        status, _, body = await raw_get(hub, target)
+        assert status in (400, 404), (target, status)
+        assert b"import " not in body and b"root:" not in body, target
+    status, _, body = await raw_get(hub, "/dashboard/missing.js")
+    assert status == 404 and b"no file 'missing.js'" in body
+
+
+def test_assets_are_self_contained_and_registration_is_idempotent() -> None:
+    for name in ASSETS:
+        text = (ASSET_DIR / name).read_text()
+        # No CDN, no remote fonts: everything the page loads comes from the hub.
+        assert "http://" not in text and "https://" not in text, name
+    app = web.Application()
+    add_dashboard(app)
+    add_dashboard(app)  # a second call (the hub wired it, a test wires it again) is harmless
+    paths = sorted(r.canonical for r in app.router.resources())
+    assert paths == ["/", "/dashboard", "/dashboard/{name}"]
+
+
+# -- the browser -----------------------------------------------------------------------------
+
+
+def require_browser() -> tuple[str, str]:
+    """Chromium and its driver; skip (fail under MESHORCH_REQUIRE_LAB=1) when missing."""
+    problems: list[str] = []
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if chromium is None:
+        problems.append("chromium not found on PATH (Debian package chromium)")
+    if driver is None:
+        problems.append("chromedriver not found on PATH (Debian package chromium-driver)")
+    if importlib.util.find_spec("selenium") is None:
+        problems.append("Python package selenium missing (pip install -e '.[test]')")
+    if chromium is not None and driver is not None and not problems:
+        return chromium, driver
+    message = "browser test prerequisites missing: " + "; ".join(problems)
+    if LAB_REQUIRED:
+        pytest.fail(message + " (MESHORCH_REQUIRE_LAB=1)", pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[WebDriver]:
+    chromium, chromedriver = require_browser()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium  # the system's: selenium downloads nothing
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",  # tests run as root in CI
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1400,1000",
+    ):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(chromedriver))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@dataclass
+class World:
+    hub: Hub
+    admin: Operator
+    sites: dict[str, Site]
+    loop: asyncio.AbstractEventLoop
+    shots: list[Path]
+    shot_dir: Path
+
+    def on_hub(self, work: Awaitable[T]) -> T:
+        """Run a coroutine on the hub's loop from the browser thread."""
+
+        async def run() -> T:
+            return await work
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(WAIT_S)
+
+    def shot(self, driver: WebDriver, name: str) -> None:
+        path = self.shot_dir / f"{name}.png"
+        assert driver.save_screenshot(str(path)), name
+        self.shots.append(path)
+        extra = os.environ.get("MESHORCH_SCREENSHOTS")
+        if extra:
+            Path(extra).mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, Path(extra) / path.name)
+
+
+def instance(app: str, iid: str, *, state: str = "running", ready: bool = True,
+             restarts: int = 0) -> dict[str, Any]:  # fmt: skip
+    return {"app": app, "instance_id": iid, "service": "web", "version": "1.0",
+            "state": state, "ready": ready, "restarts": restarts}  # fmt: skip
+
+
+def host(host_id: str, *instances: dict[str, Any], alive: bool = True) -> dict[str, Any]:
+    return {"host_id": host_id, "alive": alive, "instances": list(instances)}
+
+
+def failed(version: str) -> dict[str, Any]:
+    return {"version": version, "desired": 1, "ready": 0, "state": "failed",
+            "message": "web exited 3 times"}  # fmt: skip
+
+
+@pytest.fixture
+async def world(hub: Hub, admin: Operator, session: aiohttp.ClientSession, tmp_path: Path) -> World:
+    """Four sites: eu-1 healthy (two hosts), eu-2 degraded (a host down, web failed, a
+    rejected delta), us-1 healthy, ap-1 registered but never reported; ``web`` rolled out to
+    region eu; log lines of web at eu-1."""
+    sites: dict[str, Site] = {}
+    for site_id, region in (("eu-1", "eu"), ("eu-2", "eu"), ("us-1", "us"), ("ap-1", "ap")):
+        site = Site(session, hub.url, site_id, hub.fleet, hub.root_key)
+        body = {"id": site_id, "labels": {"region": region, "tier": "store"},
+                "public_key": site.public_key}  # fmt: skip
+        await admin.ok("POST", "/v1/sites", body, 201)
+        sites[site_id] = site
+    placement = {"match": {"region": "eu"}, "max_parallel": 1}
+    await admin.ok("POST", "/v1/apps", {"spec": spec_text(), "placement": placement}, 202)
+    now = time.time()
+    for site in sites.values():
+        await site.sync()
+    reports = {
+        "eu-1": ({"web": healthy("1.0")},
+                 [host("h1", instance("web", "web-1a", restarts=2)),
+                  host("h2", instance("web", "web-1b"))], []),
+        "eu-2": ({"web": failed("1.0")},
+                 [host("h1", instance("web", "web-2a", state="exited", ready=False,
+                                      restarts=3)),
+                  host("h2", alive=False)],
+                 [{"reason": "expired", "message": "delta 1 expired in transit", "version": 1,
+                   "at": now - 30}]),
+        "us-1": ({}, [host("h1")], []),
+    }  # fmt: skip
+    for site_id, (apps, hosts, rejections) in reports.items():
+        status, answer = await sites[site_id].report(apps, hosts=hosts, rejections=rejections)
+        assert status == 200, answer
+    lines = [
+        (6, "h1", "GET /checkout 200 in 12 ms"),
+        (3, "h1", "payment failed: card declined id=77f3"),
+        (6, "h1", NASTY_LINE),
+        (6, "h2", "only on the second host"),
+    ]
+    records = [
+        LogRecord(seq, now - 10 + seq, level, where, text.encode())
+        for seq, (level, where, text) in enumerate(lines, 1)
+    ]
+    await asyncio.to_thread(hub.logs.store.ingest, "eu-1", "default/web/logs", records)
+    shot_dir = tmp_path / "screenshots"
+    shot_dir.mkdir()
+    return World(hub, admin, sites, asyncio.get_running_loop(), [], shot_dir)
+
+
+# Helpers of the browser thread (plain selenium calls).
+
+
+def until(driver: WebDriver, what: str, check: Callable[[WebDriver], T]) -> T:
+    from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    try:
+        return WebDriverWait(driver, WAIT_S, 0.05, (StaleElementReferenceException,)).until(
+            lambda d: check(d) or None  # type: ignore[return-value]
+        )
+    except TimeoutException:
+        raise AssertionError(f"timed out waiting for {what}") from None
+
+
+def texts(driver: WebDriver, css: str) -> list[str]:
+    from selenium.webdriver.common.by import By
+
+    return [e.text for e in driver.find_elements(By.CSS_SELECTOR, css)]
+
+
+def visible(driver: WebDriver, css: str) -> bool:
+    from selenium.webdriver.common.by import By
+
+    found = driver.find_elements(By.CSS_SELECTOR, css)
+    return bool(found) and found[0].is_displayed()
+
+
+def site_rows(driver: WebDriver) -> list[str]:
+    from selenium.webdriver.common.by import By
+
+    rows = driver.find_elements(By.CSS_SELECTOR, "#sites tbody tr")
+    return [r.get_attribute("data-site") or "" for r in rows]
+
+
+def row_cells(driver: WebDriver, site: str) -> list[str]:
+    return texts(driver, f'#sites tr[data-site="{site}"] td')
+
+
+def click(driver: WebDriver, css: str, text: str | None = None) -> None:
+    from selenium.webdriver.common.by import By
+
+    def found(d: WebDriver) -> Any:
+        for element in d.find_elements(By.CSS_SELECTOR, css):
+            if text is None or element.text == text:
+                return element
+        return None
+
+    until(driver, f"{css} {text or ''}", found).click()
+
+
+def open_dashboard(driver: WebDriver, hub: Hub) -> None:
+    driver.get(hub.url + "/")
+    driver.execute_script("sessionStorage.clear()")
+    driver.get(hub.url + "/dashboard/")
+    until(driver, "the login box", lambda d: visible(d, "#token"))
+
+
+def log_in(driver: WebDriver, token: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    field = driver.find_element(By.ID, "token")
+    field.clear()
+    field.send_keys(token)
+    driver.find_element(By.ID, "login-button").click()
+
+
+def type_filter(driver: WebDriver, value: str) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    box = driver.find_element(By.ID, "filter")
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(Keys.DELETE)
+    if value:
+        box.send_keys(value)
+
+
+def script_errors(driver: WebDriver) -> list[str]:
+    """Errors the page logged, beyond the failed requests it expects (404, 401)."""
+    entries = driver.get_log("browser")  # type: ignore[no-untyped-call]
+    return [
+        str(e["message"])
+        for e in entries
+        if e.get("level") == "SEVERE" and "Failed to load resource" not in str(e["message"])
+    ]
+
+
+# Scenarios.
+
+
+def fleet_to_logs(driver: WebDriver, world: World) -> None:
+    hub = world.hub
+    open_dashboard(driver, hub)
+    world.shot(driver, "01-login")
+    log_in(driver, admin_token(hub))
+
+    until(driver, "four sites", lambda d: len(site_rows(d)) == 4)
+    assert site_rows(driver) == ["eu-2", "ap-1", "eu-1", "us-1"]  # unhealthy first, then by id
+    until(driver, "site counts", lambda d: row_cells(d, "eu-1")[3] == "2/2")
+    eu1, eu2, ap1 = row_cells(driver, "eu-1"), row_cells(driver, "eu-2"), row_cells(driver, "ap-1")
+    assert eu1[2:5] == ["healthy", "2/2", "1/1"] and "region=eu" in eu1[1]
+    assert eu2[2:5] == ["degraded", "1/2", "0/1"]
+    assert ap1[2] == "unknown" and ap1[5] == "never"
+    assert "s ago" in eu1[5]
+    groups = {g: texts(driver, f'#map .group[data-group="{g}"] .tile') for g in ("eu", "us", "ap")}
+    assert groups == {"eu": ["eu-2", "eu-1"], "us": ["us-1"], "ap": ["ap-1"]}
+    assert not visible(driver, "#alerts")  # the hub has no /v1/alerts: no panel
+    assert not visible(driver, "#login")
+    world.shot(driver, "02-fleet")
+
+    type_filter(driver, "region=us")
+    until(driver, "the filter", lambda d: site_rows(d) == ["us-1"])
+    type_filter(driver, "")
+    until(driver, "the filter cleared", lambda d: len(site_rows(d)) == 4)
+
+    # Auto-refresh: us-1 loses a host; the table shows it without a reload.
+    us1 = world.sites["us-1"]
+    world.on_hub(us1.report({}, hosts=[host("h1"), host("h2", alive=False)]))
+    until(driver, "us-1 degraded", lambda d: row_cells(d, "us-1")[2:4] == ["degraded", "1/2"])
+
+    click(driver, "#sites a.site-link", "eu-1")
+    until(driver, "eu-1's instances", lambda d: len(texts(d, "#instances tbody tr")) == 2)
+    until(driver, "eu-1's events", lambda d: "GET /checkout" in " ".join(texts(d, "#logs td")))
+    assert "h1: alive · h2: alive" in texts(driver, "#host-summary")[0]
+    world.shot(driver, "03-site")
+
+    click(driver, "#site-apps a.app-link", "web")
+    until(driver, "web's lines", lambda d: "card declined id=77f3" in " ".join(texts(d, "#logs")))
+    lines = texts(driver, "#logs td.log-text")
+    assert NASTY_LINE in lines  # shown as text, never run
+    assert driver.title == "meshorch hub"
+    assert "only on the second host" in lines
+    world.shot(driver, "04-app-at-site")
+
+    click(driver, "#instances a.instance-link", "web-1a")
+    until(driver, "the instance", lambda d: "restarts\n2" in " ".join(texts(d, "#instance-facts")))
+    until(driver, "the host's lines", lambda d: "payment failed" in " ".join(texts(d, "#logs")))
+    lines = texts(driver, "#logs td.log-text")
+    assert "payment failed: card declined id=77f3" in lines
+    assert "only on the second host" not in lines  # web-1a runs on h1
+    world.shot(driver, "05-instance-logs")
+
+    driver.get(hub.url + "/dashboard/#/site/eu-2")
+    until(driver, "eu-2's rejection", lambda d: "expired" in " ".join(texts(d, "#rejections")))
+    assert "delta 1 expired in transit" in " ".join(texts(driver, "#rejections td"))
+    world.shot(driver, "06-degraded-site")
+
+    click(driver, "#nav-apps")
+    until(driver, "the rollouts", lambda d: texts(d, '#apps tr[data-app="web"] td a') == ["web"])
+    click(driver, "#apps a.app-link", "web")
+    until(driver, "web's waves", lambda d: len(texts(d, "#waves tbody tr")) == 2)
+    assert {"eu-1", "eu-2"} == {c[0] for c in (r.split(":") for r in texts(driver, ".wave-site"))}
+    world.shot(driver, "07-rollout")
+    assert script_errors(driver) == []
+
+
+async def test_fleet_drill_down_to_instance_logs(browser: WebDriver, world: World) -> None:
+    started = time.monotonic()
+    await asyncio.to_thread(fleet_to_logs, browser, world)
+    assert len(world.shots) == 7 and all(p.stat().st_size > 1000 for p in world.shots)
+    print(f"browser scenario {time.monotonic() - started:.1f}s, screenshots in {world.shot_dir}")
+
+
+def bad_tokens(driver: WebDriver, world: World, viewer: str, revoke: Callable[[], None]) -> None:
+    open_dashboard(driver, world.hub)
+    log_in(driver, "mht_nope_nope")
+    until(driver, "the hub's refusal", lambda d: visible(d, "#login-error"))
+    assert "unknown or revoked token" in texts(driver, "#login-error")[0]
+    assert not visible(driver, "#main")
+    world.shot(driver, "08-bad-token")
+
+    log_in(driver, "not-a-token")
+    until(driver, "the format refusal", lambda d: "mht_" in texts(d, "#login-error")[0])
+
+    # A token revoked while the page is open sends the operator back to the login box.
+    log_in(driver, viewer)
+    until(driver, "the fleet", lambda d: len(site_rows(d)) == 4)
+    assert not visible(driver, "#login")
+    assert driver.execute_script("return sessionStorage.length") == 1
+    revoke()
+    until(driver, "back to login", lambda d: visible(d, "#login-error"))
+    assert "unknown or revoked token" in texts(driver, "#login-error")[0]
+    assert not visible(driver, "#main")
+    assert driver.execute_script("return sessionStorage.length") == 0
+    world.shot(driver, "09-token-revoked")
+
+
+async def test_bad_token_shows_the_hubs_message(browser: WebDriver, world: World) -> None:
+    created = await world.admin.ok("POST", "/v1/tokens", {"role": "viewer"}, 201)
+
+    def revoke() -> None:
+        world.on_hub(world.admin.ok("DELETE", f"/v1/tokens/{created['id']}"))
+
+    await asyncio.to_thread(bad_tokens, browser, world, created["token"], revoke)
+
+
+# A stand-in for the alerts route another change may add to the hub.
+
+
+@pytest.fixture
+def alerts(wiring: list[Wire]) -> list[dict[str, Any]]:
+    found = [
+        {"id": "a1", "kind": "site_unreachable", "site": "us-1", "message": "no report for 5m",
+         "since": time.time() - 300, "acknowledged": False},
+        {"id": "a2", "kind": "app_failed", "site": "eu-2", "message": "web failed",
+         "since": time.time() - 60, "acknowledged": True},
+    ]  # fmt: skip
+
+    async def list_alerts(request: web.Request) -> web.Response:
+        return api.json_response({"alerts": found})
+
+    async def ack(request: web.Request) -> web.Response:
+        for alert in found:
+            if alert["id"] == request.match_info["id"]:
+                alert["acknowledged"] = True
+        return api.json_response({"acknowledged": request.match_info["id"]})
+
+    def wire(app: web.Application) -> None:
+        app.router.add_get("/v1/alerts", list_alerts)
+        app.router.add_post("/v1/alerts/{id}/ack", ack)
+
+    wiring.append(wire)
+    return found
+
+
+def acknowledge(driver: WebDriver, world: World) -> None:
+    open_dashboard(driver, world.hub)
+    log_in(driver, admin_token(world.hub))
+    until(driver, "the alerts", lambda d: len(texts(d, "#alerts-table tbody tr")) == 2)
+    assert "no report for 5m" in texts(driver, '#alerts tr[data-alert="a1"]')[0]
+    world.shot(driver, "10-alerts")
+    click(driver, '#alerts tr[data-alert="a1"] button.ack')
+    until(driver, "a1 acknowledged", lambda d: texts(d, "#alerts button.ack") == [])
+    assert "acknowledged" in texts(driver, '#alerts tr[data-alert="a1"]')[0]
+
+
+async def test_alerts_are_shown_and_acknowledged(
+    alerts: list[dict[str, Any]], browser: WebDriver, world: World
+) -> None:
+    await asyncio.to_thread(acknowledge, browser, world)
+    assert [a["acknowledged"] for a in alerts] == [True, True]
