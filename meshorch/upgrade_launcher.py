@@ -258,6 +258,16 @@ def agent_env(base: Mapping[str, str], lib: str | None, drop: Iterable[str]) -> 
     return env
 
 
+def release_libs_in(pythonpath: str) -> list[str]:
+    """The entries of ``pythonpath`` that are installed releases' lib dirs: whichever
+    release runs, no other one may stay behind it on the path."""
+    return [
+        entry
+        for entry in pythonpath.split(os.pathsep)
+        if entry and (Path(entry).parent / "release.json").is_file()
+    ]
+
+
 def exit_status(code: int) -> int:
     """Shell-style status of a child's return code."""
     return 128 - code if code < 0 else code
@@ -360,7 +370,9 @@ def run(
         # Never keep an agent from starting: run it as we were asked to.
         _log(f"ignoring the trial: {error}")
         exec_fn(argv, env)
-    drop = [] if trial is None else [lib for lib in (trial.lib, trial.previous_lib) if lib]
+    drop = release_libs_in(env.get("PYTHONPATH", ""))
+    if trial is not None:
+        drop += [lib for lib in (trial.lib, trial.previous_lib) if lib]
     if trial is None or trial.state != "trying":
         exec_fn(argv, agent_env(env, settled_lib(trial), drop))
 
