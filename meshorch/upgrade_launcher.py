@@ -47,6 +47,7 @@ POLL_INTERVAL_S = 0.5
 HEALTH_TIMEOUT_S = 2.0
 KILL_GRACE_S = 5.0
 STDERR_TAIL_LINES = 20
+STDERR_LINE_MAX = 500  # bytes of each line kept for the trial's reason
 
 
 class TrialError(ConfigurationError):
@@ -147,11 +148,23 @@ def start_trial(
     previous_lib: Path | None,
     deadline_s: float,
     now: float | None = None,
+    force: bool = False,
 ) -> Trial:
     """Record that the next launcher start tries ``lib``; the caller then execs the
-    launcher. ``previous_lib`` is the release the caller runs (None: installed)."""
+    launcher. ``previous_lib`` is the release the caller runs (None: installed).
+
+    Refuses while a trial is in progress (the caller may be the agent on trial), unless
+    ``force``: a trial left "trying" by a launcher that was killed is re-run by the next
+    launcher start, so forcing is only for an agent started without the launcher."""
     if deadline_s <= 0:
         raise TrialError(f"trial deadline must be positive, not {deadline_s}")
+    if not force:
+        current = read_trial(data_dir)
+        if current is not None and current.state == "trying":
+            raise TrialError(
+                f"an upgrade to {current.to_version} is already on trial "
+                f"(started at {current.started_at:.0f})"
+            )
     trial = Trial(
         from_version=from_version,
         to_version=to_version,
@@ -162,6 +175,27 @@ def start_trial(
     )
     write_trial(data_dir, trial)
     return trial
+
+
+def launcher_argv(
+    data_dir: Path,
+    health_url: str,
+    agent_argv: Sequence[str] | None = None,
+    *,
+    timeout_s: float | None = None,
+    python: str = sys.executable,
+) -> list[str]:
+    """The command line an agent execs to hand over to the launcher; ``agent_argv``
+    defaults to the command line of this process (``sys.orig_argv``)."""
+    agent = list(sys.orig_argv if agent_argv is None else agent_argv)
+    if not agent:
+        raise ConfigurationError("no agent command line to restart")
+    timeout = [] if timeout_s is None else ["--timeout", f"{timeout_s:g}"]
+    return [
+        python, "-m", "meshorch.upgrade_launcher",
+        "--data-dir", str(data_dir.resolve()), "--health-url", health_url,
+        *timeout, "--", *agent,
+    ]  # fmt: skip
 
 
 def current_lib() -> Path | None:
@@ -302,7 +336,7 @@ class _StderrTail:
 
     def _pump(self) -> None:
         for line in iter(self._source.readline, b""):
-            self._lines.append(line)
+            self._lines.append(line[:STDERR_LINE_MAX])
             with contextlib.suppress(OSError):
                 self._sink(line)
 

@@ -170,6 +170,23 @@ def test_install_runs_the_release_version(good_lib: Path, releases: Path) -> Non
     assert [p.name for p in releases.iterdir() if p.name.startswith(".")] == []
 
 
+def test_a_release_knows_its_lib(good_lib: Path) -> None:
+    probe = "from meshorch.upgrade_launcher import current_lib; print(current_lib())"
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        env=release_env(good_lib),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert done.stdout.strip() == str(good_lib)
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == "None"  # the installed (here: editable) version
+
+
 def test_install_is_idempotent(good_lib: Path, wheels: dict[str, Path], releases: Path) -> None:
     marker = good_lib.parent / RELEASE_FILE
     before = marker.stat().st_mtime_ns

@@ -27,8 +27,10 @@ from meshorch.upgrade_launcher import (
     TrialError,
     Wait,
     agent_env,
+    build_parser,
     decide,
     exit_status,
+    launcher_argv,
     read_trial,
     run,
     settled_lib,
@@ -129,6 +131,39 @@ def test_trial_file_round_trip(tmp_path: Path) -> None:
         "finished_at": None,
     }
     assert sorted(p.name for p in trial_path(tmp_path).parent.iterdir()) == ["trial.json"]
+
+
+def test_one_trial_at_a_time(tmp_path: Path) -> None:
+    def start(force: bool = False) -> Trial:
+        return start_trial(
+            tmp_path,
+            from_version="1.0",
+            to_version="1.1",
+            lib=None,
+            previous_lib=None,
+            deadline_s=60,
+            force=force,
+        )
+
+    start()
+    with pytest.raises(TrialError, match="already on trial"):
+        start()
+    assert start(force=True).state == "trying"
+    write_trial(tmp_path, Trial(**{**TRIAL.__dict__, "state": "committed"}))
+    assert start().state == "trying"
+
+
+def test_launcher_argv(tmp_path: Path) -> None:
+    agent = [sys.executable, "-m", "meshorch", "agent", "--site", "s", "--data-dir", "d"]
+    argv = launcher_argv(tmp_path, "http://127.0.0.1:7700/v1/status", agent, timeout_s=90)
+    assert argv[:3] == [sys.executable, "-m", "meshorch.upgrade_launcher"]
+    options = build_parser().parse_args(argv[3:])
+    assert options.data_dir == tmp_path.resolve()
+    assert options.health_url == "http://127.0.0.1:7700/v1/status"
+    assert options.timeout == 90
+    assert options.agent == ["--", *agent]
+    # By default the command line of this very process.
+    assert launcher_argv(tmp_path, "u")[-len(sys.orig_argv) :] == sys.orig_argv
 
 
 @pytest.mark.parametrize(
@@ -350,14 +385,8 @@ class Setup:
         agent = [sys.executable, "-m", "fakeagent", mode, str(self.out), str(self.port)]
         # The launcher runs in the old agent's environment: the previous lib in front.
         env = {**os.environ, "PYTHONPATH": str(self.previous_lib)}
-        return subprocess.Popen(
-            [
-                sys.executable, "-m", "meshorch.upgrade_launcher",
-                "--data-dir", str(self.data_dir), "--health-url", self.url,
-                "--timeout", str(timeout), "--", *agent,
-            ],
-            env=env, cwd=self.out, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+        argv = launcher_argv(self.data_dir, self.url, agent, timeout_s=timeout)
+        return subprocess.Popen(argv, env=env, cwd=self.out, stderr=subprocess.PIPE, text=True)
 
     def note(self, name: str) -> dict[str, object]:
         data: dict[str, object] = json.loads((self.out / name).read_text())
