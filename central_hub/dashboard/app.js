@@ -317,8 +317,10 @@
 
   // Hosts and apps from the site's latest report, else from its gossip summary.
   function siteCounts(detail) {
-    if (!detail) return { hostsUp: null, hosts: null, appsHealthy: null, apps: null };
+    const none = { hostsUp: null, hosts: null, appsHealthy: null, apps: null };
+    if (!detail) return none;
     const gossip = obj(detail.gossip);
+    if (detail.report_received_at == null && num(gossip.n) === null) return none; // never heard from
     const hosts = list(detail.hosts).map(obj);
     const apps = Object.values(obj(detail.apps)).map(obj);
     const counts = { hostsUp: 0, hosts: 0, appsHealthy: 0, apps: 0 };
@@ -339,12 +341,13 @@
     return counts;
   }
 
+  // The agents' versions: the summary's list (several during an upgrade), else the hosts'.
   function agentVersion(site, detail) {
     const d = obj(detail);
-    const found = [site.agent_version, d.agent_version, obj(d.agent).version, obj(d.gossip).agent_version];
+    const found = [...list(site.agent_versions), site.agent_version, d.agent_version];
     for (const host of list(d.hosts)) found.push(obj(host).agent_version);
-    const versions = [...new Set(found.filter((v) => typeof v === "string" && v))];
-    return versions.length ? versions.join(", ") : null;
+    const versions = [...new Set(found.filter((v) => typeof v === "string" && v && v !== "unknown"))];
+    return versions.length ? versions.sort().join(", ") : null;
   }
 
   function ratio(a, b) {
@@ -567,7 +570,7 @@
       head.replaceChildren(siteHeader(d));
       const hostList = list(d.hosts).map(obj);
       hosts.replaceChildren(
-        h("p", { class: "muted", id: "host-summary" }, hostList.map((x) => `${text(x.host_id)}: ${x.alive === true ? "alive" : "down"}`).join(" · ") || "No hosts in the latest report."),
+        h("p", { class: "muted", id: "host-summary" }, hostList.map((x) => `${text(x.host_id)}: ${x.alive === true ? "alive" : "down"}${typeof x.agent_version === "string" ? ` (agent ${x.agent_version})` : ""}`).join(" · ") || "No hosts in the latest report."),
         table("instances", INSTANCE_HEADERS, instanceRows(siteId, d), "No instances."),
       );
       apps.replaceChildren(
