@@ -18,6 +18,7 @@ from typing import NoReturn
 
 import pytest
 
+from meshorch.localsite import LocalSite
 from meshorch.release import build_test_release, install_release
 from meshorch.upgrade_launcher import (
     Commit,
@@ -474,10 +475,22 @@ def test_stop_during_the_trial_rolls_back_without_restarting(setup: Setup) -> No
     assert settled_lib(trial) == str(setup.previous_lib.resolve())
 
 
-def test_broken_release_rolls_back_to_the_installed_agent(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def real_releases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("real-releases")
+    good = build_test_release(SOURCE, root / "wheels", "0.9.4")
+    broken = build_test_release(SOURCE, root / "wheels", "0.9.3", broken=True)
+    return {
+        "good": install_release(good, root / "releases"),
+        "broken": install_release(broken, root / "releases"),
+    }
+
+
+def test_broken_release_rolls_back_to_the_installed_agent(
+    tmp_path: Path, real_releases: dict[str, Path]
+) -> None:
     """A real broken release: `meshorch agent` exits at once, the installed one runs."""
-    wheel = build_test_release(SOURCE, tmp_path / "wheels", "0.9.3", broken=True)
-    lib = install_release(wheel, tmp_path / "releases")
+    lib = real_releases["broken"]
     data_dir = tmp_path / "data"
     start_trial(
         data_dir,
@@ -510,3 +523,72 @@ def test_write_trial_replaces_atomically(tmp_path: Path) -> None:
     trial = read_trial(tmp_path)
     assert trial is not None and trial.state == "committed"
     assert sorted(p.name for p in trial_path(tmp_path).parent.iterdir()) == ["trial.json"]
+
+
+# --- a real agent: a one-host site on 127.0.0.1 -------------------------------------------
+
+
+def real_agent(root: Path) -> tuple[list[str], Path, str]:
+    """Command line, data dir and status URL of the only agent of a one-host site."""
+    site = LocalSite(hosts=1, site="up", root=root / "site")
+    host = site.members[0]
+    command = [
+        sys.executable, "-m", "meshorch", "agent", "--site", "up", "--host-id", host.host_id,
+        "--data-dir", str(host.data_dir), "--api", host.api, "--raft", host.raft,
+        "--cluster-password-file", str(site.password_file), "--preset", "local",
+        "--runtime", "process",
+    ]  # fmt: skip
+    return command, host.data_dir, f"http://{host.api}/v1/status"
+
+
+def child_pids(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(child) for child in children]
+
+
+def pythonpath_of(pid: int) -> str | None:
+    for entry in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+        if entry.startswith(b"PYTHONPATH="):
+            return entry.split(b"=", 1)[1].decode()
+    return None
+
+
+@pytest.mark.parametrize("release", ["good", "broken"])
+def test_real_agent_upgrade(tmp_path: Path, real_releases: dict[str, Path], release: str) -> None:
+    """good: the new release comes up and is committed; broken: the installed agent takes
+    the launcher's place and becomes ready. Either way SIGTERM stops it cleanly."""
+    command, data_dir, url = real_agent(tmp_path)
+    lib = real_releases[release]
+    start_trial(
+        data_dir, from_version="0.1.0", to_version="0.9.x", lib=lib, previous_lib=None,
+        deadline_s=60,
+    )  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    log = tmp_path / "launcher.log"
+    with log.open("wb") as out:
+        launcher = subprocess.Popen(
+            launcher_argv(data_dir, url, command), env=env, stdout=out, stderr=out, cwd=tmp_path
+        )
+    try:
+        wait_for(lambda: setup_state(data_dir) != "trying", timeout=60)
+        wait_for(lambda: status_ready(url), timeout=60)
+        trial = read_trial(data_dir)
+        assert trial is not None
+        if release == "good":
+            assert trial.state == "committed", log.read_text()
+            (agent,) = child_pids(launcher.pid)
+            assert pythonpath_of(agent) == str(lib)
+        else:
+            assert trial.state == "rolled_back", log.read_text()
+            assert trial.reason is not None and "broken test release" in trial.reason
+            assert pythonpath_of(launcher.pid) is None  # the installed agent, in its place
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(30) == 0, log.read_text()[-3000:]
+    finally:
+        launcher.kill()
+        launcher.wait()
+
+
+def setup_state(data_dir: Path) -> str | None:
+    trial = read_trial(data_dir)
+    return None if trial is None else trial.state
