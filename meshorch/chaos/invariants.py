@@ -1,0 +1,156 @@
+"""What must hold after a chaos run, checked on the recorded history (pure).
+
+Records are the workload's JSON lines (``meshorch.chaos.workload``): ``kind`` put, get,
+delete or event; ``status`` ok, fail (certainly not applied) or unknown; ``call_s``,
+``return_s`` (None unless ok), ``value``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from meshorch.linearizability import DEFAULT_BUDGET_NODES, Operation, Verdict, check_history
+
+Status = Literal["pass", "fail", "unknown"]
+Record = Mapping[str, Any]
+KV_KINDS = ("put", "get", "delete")
+
+
+@dataclass(frozen=True, slots=True)
+class InvariantResult:
+    name: str
+    status: Status
+    detail: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "status": self.status, "detail": self.detail}
+
+
+def kv_operations(records: Iterable[Record]) -> list[Operation]:
+    """The KV operations the checker must consider: failed ones certainly did nothing."""
+    ops = []
+    for r in records:
+        if r["kind"] not in KV_KINDS or r["status"] == "fail":
+            continue
+        ok = r["status"] == "ok"
+        ops.append(
+            Operation(
+                key=str(r["key"]),
+                kind=r["kind"],
+                call_s=float(r["call_s"]),
+                return_s=float(r["return_s"]) if ok else None,
+                value=r.get("value"),
+                op_id=int(r["id"]),
+                client=str(r.get("client", "")),
+            )
+        )
+    return ops
+
+
+def check_linearizable(
+    records: Sequence[Record], *, budget_nodes: int = DEFAULT_BUDGET_NODES
+) -> tuple[InvariantResult, Verdict]:
+    verdict = check_history(kv_operations(records), budget_nodes=budget_nodes)
+    statuses: dict[str, Status] = {"ok": "pass", "violation": "fail", "unknown": "unknown"}
+    status = statuses[verdict.outcome]
+    detail = verdict.explanation
+    if verdict.outcome == "ok":
+        detail = f"{verdict.ops} operations on {len(verdict.keys)} key(s), {verdict.nodes} steps"
+    return InvariantResult("linearizable", status, detail), verdict
+
+
+def check_acknowledged_writes(
+    records: Sequence[Record], final_reads: Sequence[Record], keys: Sequence[str]
+) -> InvariantResult:
+    """Each key's final value is the last acknowledged write's, or that of a write not
+    finished before it started (which may have superseded it), including unknown ones."""
+    problems = []
+    final = {str(r["key"]): r.get("value") for r in final_reads if r["status"] == "ok"}
+    for key in keys:
+        if key not in final:
+            problems.append(f"{key}: no final read succeeded")
+            continue
+        writes = [
+            r for r in records if r["key"] == key and r["kind"] in ("put", "delete")
+            and r["status"] != "fail"
+        ]  # fmt: skip
+        acked = [r for r in writes if r["status"] == "ok"]
+        if not acked:
+            continue
+        last = max(acked, key=lambda r: float(r["return_s"]))
+        allowed = {
+            r.get("value") if r["kind"] == "put" else None
+            for r in writes
+            if r["return_s"] is None or float(r["return_s"]) >= float(last["call_s"])
+        }
+        if final[key] not in allowed:
+            what = f"put {last['value']!r}" if last["kind"] == "put" else "delete"
+            problems.append(
+                f"{key}: reads {final[key]!r} but the last acknowledged write (#{last['id']}, "
+                f"{what}) could only be superseded by {sorted(map(repr, allowed))}"
+            )
+    if problems:
+        return InvariantResult("acknowledged_writes_readable", "fail", "; ".join(problems))
+    return InvariantResult(
+        "acknowledged_writes_readable", "pass", f"{len(keys)} keys hold their last write"
+    )
+
+
+def check_events(records: Sequence[Record], stored: Sequence[str] | None) -> InvariantResult:
+    """Every acknowledged event is stored exactly once; an unknown one at most once; nothing
+    that was never produced."""
+    name = "events_exactly_once"
+    produced = [r for r in records if r["kind"] == "event"]
+    if stored is None:
+        if not produced:
+            return InvariantResult(name, "pass", "no events produced")
+        return InvariantResult(name, "unknown", "the stream could not be read")
+    counts = Counter(stored)
+    by_payload = {str(r["value"]): r for r in produced}
+    acked = [p for p, r in by_payload.items() if r["status"] == "ok"]
+    missing = [p for p in acked if counts[p] == 0]
+    duplicated = [p for p, n in counts.items() if n > 1]
+    foreign = [p for p in counts if p not in by_payload]
+    failed_but_stored = [p for p, r in by_payload.items() if r["status"] == "fail" and counts[p]]
+    problems = []
+    for label, items in (
+        ("acknowledged but missing", missing),
+        ("stored more than once", duplicated),
+        ("never produced", foreign),
+        ("refused but stored", failed_but_stored),
+    ):
+        if items:
+            problems.append(f"{len(items)} {label} (e.g. {', '.join(items[:3])})")
+    if problems:
+        return InvariantResult(name, "fail", "; ".join(problems))
+    unknown = sum(1 for r in by_payload.values() if r["status"] == "unknown")
+    return InvariantResult(
+        name,
+        "pass",
+        f"{len(acked)} acknowledged events stored once each; "
+        f"{len(stored)} stored in all ({unknown} produced with an unknown outcome)",
+    )
+
+
+def check_recovery(name: str, seconds: float | None, bound_s: float) -> InvariantResult:
+    if seconds is None:
+        return InvariantResult(name, "fail", f"not recovered within {bound_s:g}s")
+    if seconds > bound_s:
+        return InvariantResult(name, "fail", f"recovered in {seconds:.1f}s, over {bound_s:g}s")
+    return InvariantResult(name, "pass", f"recovered in {seconds:.1f}s (bound {bound_s:g}s)")
+
+
+def op_counts(records: Iterable[Record]) -> dict[str, dict[str, int]]:
+    counts: dict[str, dict[str, int]] = {}
+    for r in records:
+        by_status = counts.setdefault(str(r["kind"]), {"ok": 0, "fail": 0, "unknown": 0})
+        by_status[str(r["status"])] = by_status.get(str(r["status"]), 0) + 1
+    return counts
+
+
+def overall(results: Iterable[InvariantResult]) -> Status:
+    statuses = {r.status for r in results}
+    return "fail" if "fail" in statuses else "unknown" if "unknown" in statuses else "pass"

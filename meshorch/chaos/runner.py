@@ -1,0 +1,439 @@
+"""Runs chaos scenarios on a lab site (I/O: processes, namespaces, files, the clock).
+
+``ChaosLab`` brings up one lab once -- a site of three hosts behind its NAT router, the
+hub on the WAN with the site linked to it, a trivial process-runtime app -- and runs any
+number of scenarios on it, healing between them. Each scenario:
+
+1. waits until the site is healthy (every agent ready, one leader all agree on);
+2. starts the workload inside the site router's namespace (clients on the shop LAN, so
+   a host partition leaves them reaching every host);
+3. injects and heals the seeded faults at their times, then measures each fault's
+   recovery (heal -> healthy again) in the background;
+4. after the workload, heals whatever is left (also on failure or Ctrl-C), waits for the
+   site and the app, reads every key and the event stream once more;
+5. checks the invariants and writes the report (JSON), the history (JSON lines) and the
+   timeline (SVG).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import secrets
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import orjson
+
+from meshorch.chaos.faults import FaultInjector, resolve_roles
+from meshorch.chaos.invariants import (
+    check_acknowledged_writes,
+    check_events,
+    check_linearizable,
+    check_recovery,
+    op_counts,
+)
+from meshorch.chaos.report import FaultRecord, ScenarioReport, timeline_svg
+from meshorch.chaos.scenarios import get_scenario, plan_scenario
+from meshorch.lab.agents import FleetFlags, LabAgents, LabHub
+from meshorch.lab.lab import Lab
+
+log = logging.getLogger(__name__)
+
+SITE = "s1"
+FLEET = "chaos"
+APP_NAME = "chaosapp"
+APP_REPLICAS = 2
+STREAM_TENANT_APP = "chaos/wl"
+POLL_S = 0.25
+LEADER_LOOKAHEAD_S = 1.5
+
+Say = Callable[[str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class ChaosSettings:
+    """How hard the workload pushes and how long recovery may take."""
+
+    hosts: int = 3
+    clients: int = 4
+    keys: int = 6
+    events: bool = True
+    request_timeout_s: float = 8.0  # > the agent's 5 s commit timeout: 504s come back
+    recovery_timeout_s: float = 60.0
+    app_bound_s: float = 60.0
+    checker_budget: int = 2_000_000
+
+    def validate(self) -> None:
+        if self.hosts < 3:
+            raise ValueError("chaos needs at least 3 hosts (a majority must survive a fault)")
+        if self.clients < 1 or self.keys < 1:
+            raise ValueError("at least one client and one key")
+        if min(self.request_timeout_s, self.recovery_timeout_s, self.app_bound_s) <= 0:
+            raise ValueError("timeouts must be positive")
+
+
+def app_spec() -> dict[str, Any]:
+    return {
+        "api_version": "meshorch/v1",
+        "name": APP_NAME,
+        "version": "1",
+        "services": [
+            {
+                "name": "main",
+                "replicas": APP_REPLICAS,
+                "containers": [
+                    {
+                        "name": "main",
+                        "image": "process",
+                        "command": ["sh", "-c", "exec sleep 1000000"],
+                        "resources": {"memory_limit": "16Mi", "cpu_request": 0.05},
+                    }
+                ],
+            }
+        ],
+    }
+
+
+def app_converged(view: Any) -> bool:
+    if not isinstance(view, dict) or not isinstance(view.get("instances"), list):
+        return False
+    instances = view["instances"]
+    return len(instances) == APP_REPLICAS and all(i.get("ready") for i in instances)
+
+
+def site_healthy(probe: dict[str, Any], *, fleet: bool) -> bool:
+    """Every agent answers ready, exactly one claims leadership and all name it."""
+    statuses = probe.get("status") or {}
+    if not statuses or any(not s or not s.get("ready") for s in statuses.values()):
+        return False
+    leaders = [s["host_id"] for s in statuses.values() if s.get("is_leader")]
+    if len(leaders) != 1 or any(s.get("leader") != leaders[0] for s in statuses.values()):
+        return False
+    return not fleet or bool((probe.get("fleet") or {}).get("connected"))
+
+
+def leader_of(probe: dict[str, Any]) -> str | None:
+    for s in (probe.get("status") or {}).values():
+        if s and s.get("is_leader"):
+            return str(s["host_id"])
+    return None
+
+
+class ChaosLab:
+    """A lab site for chaos runs; a context manager that always tears the lab down."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        prefix: str | None = None,
+        settings: ChaosSettings | None = None,
+        say: Say | None = None,
+    ) -> None:
+        self.settings = settings or ChaosSettings()
+        self.settings.validate()
+        self.say: Say = say or (lambda message: log.info("%s", message))
+        self.lab = Lab(prefix or f"ch{secrets.token_hex(2)}", state_dir, progress=None)
+        self.agents = LabAgents(self.lab, runtime="process")
+        self.hub: LabHub | None = None
+        self.hosts: list[str] = []
+        self.addresses: list[str] = []
+        self.router_netns = ""
+
+    # -- life cycle -----------------------------------------------------------------------
+
+    def __enter__(self) -> ChaosLab:
+        self.up()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def up(self) -> None:
+        try:
+            self.say(f"building lab {self.lab.prefix}: 1 site of {self.settings.hosts} hosts + hub")
+            plan = self.lab.up(1, self.settings.hosts)
+            self.hosts = [h.name for h in plan.hosts]
+            self.addresses = [h.lan_ip for h in plan.hosts]
+            self.router_netns = plan.site(1).router_netns
+            self.say("starting the hub")
+            self.hub = self.agents.start_hub(FLEET)
+            created = self.agents.hub_request(self.hub, "POST", "/v1/sites", {"id": SITE})
+            if not isinstance(created, dict) or "enroll_token" not in created:
+                raise RuntimeError(f"the hub refused to register site {SITE}: {created}")
+            self.agents.fleet = FleetFlags(
+                self.hub.url, FLEET, self.hub.root_key, {SITE: created["enroll_token"]}
+            )
+            self.say("starting the agents (bootstrap, then joins)")
+            self.agents.start_all()
+            self.say(f"deploying {APP_NAME} ({APP_REPLICAS} process instances)")
+            answer = self.agents.request(
+                self.hosts[0], "POST", "/v1/apps", orjson.dumps(app_spec())
+            )
+            if not isinstance(answer, dict) or "error" in answer:
+                raise RuntimeError(f"deploying {APP_NAME} failed: {answer}")
+            if self.wait_for(lambda p: site_healthy(p, fleet=True) and app_converged(p["app"]),
+                             self.settings.recovery_timeout_s) is None:  # fmt: skip
+                raise RuntimeError(
+                    "the site did not become healthy (agents, leader, hub link, app) within "
+                    f"{self.settings.recovery_timeout_s:g}s; see the logs under "
+                    f"{self.lab.store.lab_dir}"
+                )
+            self.say("lab ready")
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.lab.exists():
+            try:
+                LabAgents(self.lab).teardown()
+            except Exception as exc:
+                log.error("stopping the lab's agents: %s", exc)
+        self.lab.down()
+
+    # -- talking to the site (from inside the router's namespace) -------------------------
+
+    def _worker_argv(self, mode: str, *args: str) -> list[str]:
+        return [
+            "ip", "netns", "exec", self.router_netns, sys.executable, "-m",
+            "meshorch.chaos.workload", mode, "--hosts", ",".join(self.addresses), *args,
+        ]  # fmt: skip
+
+    def probe(self) -> dict[str, Any]:
+        argv = self._worker_argv("probe", "--timeout", "2", "--app", APP_NAME, "--fleet")
+        try:
+            done = subprocess.run(argv, capture_output=True, timeout=15, check=False)
+            result: dict[str, Any] = json.loads(done.stdout)
+            return result
+        except (subprocess.TimeoutExpired, ValueError):
+            return {}
+
+    def wait_for(
+        self,
+        predicate: Callable[[dict[str, Any]], bool],
+        timeout_s: float,
+        stop: threading.Event | None = None,
+    ) -> float | None:
+        """Seconds until ``predicate(probe)`` holds; None on timeout (or ``stop``)."""
+        start = time.monotonic()
+        while time.monotonic() - start < timeout_s:
+            if stop is not None and stop.is_set():
+                return None
+            if predicate(self.probe()):
+                return time.monotonic() - start
+            time.sleep(POLL_S)
+        return None
+
+    # -- one scenario ---------------------------------------------------------------------
+
+    def run_scenario(
+        self, name: str, seed: int, duration_s: float, report_path: Path
+    ) -> ScenarioReport:
+        scenario = get_scenario(name)
+        planned = plan_scenario(name, seed, duration_s)
+        settings = self.settings
+        fleet = scenario.needs_hub
+        rng = random.Random(f"targets:{name}:{seed}")
+        report_path.parent.mkdir(parents=True, exist_ok=True)
+        history_path = report_path.with_suffix(".history.jsonl")
+        history_path.unlink(missing_ok=True)
+        plot_path = report_path.with_suffix(".svg")
+        run_id = f"{name}-{seed}-{secrets.token_hex(3)}"
+        key_prefix = f"chaos/{run_id}"
+        stream = f"{STREAM_TENANT_APP}/{run_id}" if settings.events else ""
+
+        self.say(f"[{name} seed={seed}] waiting for a healthy site")
+        if (
+            self.wait_for(lambda p: site_healthy(p, fleet=fleet), settings.recovery_timeout_s)
+            is None
+        ):
+            raise RuntimeError(f"the site is not healthy before {name}; not starting it")
+        report = ScenarioReport(name, seed, duration_s, time.time(), time.monotonic())
+        report.history_path, report.plot_path = str(history_path), str(plot_path)
+        report.faults = [FaultRecord(f.kind, f.roles, f.start_s, f.end_s) for f in planned]
+        injector = FaultInjector(self.lab, self.hosts, self.say)
+        watchers: list[tuple[threading.Thread, threading.Event]] = []
+        worker: subprocess.Popen[bytes] | None = None
+        targets: dict[int, tuple[str, ...]] = {}
+        last_heal = report.t0
+
+        def watch(record: FaultRecord, healed_at: float, stop: threading.Event) -> None:
+            took = self.wait_for(lambda p: site_healthy(p, fleet=fleet),
+                                 settings.recovery_timeout_s, stop)  # fmt: skip
+            if took is not None:
+                record.recovery_s = round(time.monotonic() - healed_at, 3)
+            elif stop.is_set():
+                record.note = "recovery not measured: the next fault began first"
+            else:
+                record.note = f"not recovered within {settings.recovery_timeout_s:g}s"
+
+        worker_log = report_path.with_suffix(".worker.log")
+        try:
+            worker_args = [
+                "--key-prefix", key_prefix, "--keys", str(settings.keys), "--stream", stream,
+                "--clients", str(settings.clients), "--duration", str(duration_s),
+                "--seed", str(seed), "--out", str(history_path),
+                "--timeout", str(settings.request_timeout_s),
+            ]  # fmt: skip
+            with open(worker_log, "wb") as log_file:
+                worker = subprocess.Popen(
+                    self._worker_argv("run", *worker_args),
+                    stdout=subprocess.DEVNULL,
+                    stderr=log_file,
+                )
+            report.t0 = time.monotonic()
+            steps = sorted(
+                [(f.start_s, 1, i) for i, f in enumerate(planned)]
+                + [(f.end_s, 0, i) for i, f in enumerate(planned)]
+            )
+            for at, inject, i in steps:
+                fault, record = planned[i], report.faults[i]
+                if inject:
+                    # Ask who leads a little ahead: a probe takes a while on a busy machine.
+                    _sleep_until(report.t0 + at - LEADER_LOOKAHEAD_S)
+                    leader = leader_of(self.probe())
+                    _sleep_until(report.t0 + at)
+                    for _, stop in watchers:
+                        stop.set()
+                    targets[i] = resolve_roles(fault.roles, self.hosts, leader, SITE, rng)
+                    record.targets = targets[i]
+                    record.start_s = round(time.monotonic() - report.t0, 3)
+                    injector.inject(fault, targets[i])
+                else:
+                    _sleep_until(report.t0 + at)
+                    injector.heal(fault, targets[i])
+                    last_heal = time.monotonic()
+                    record.end_s = round(last_heal - report.t0, 3)
+                    stop = threading.Event()
+                    thread = threading.Thread(
+                        target=watch, args=(record, last_heal, stop), daemon=True
+                    )
+                    thread.start()
+                    watchers.append((thread, stop))
+            self.say(f"[{name} seed={seed}] faults done; workload runs to {duration_s:g}s")
+            try:
+                worker.wait(timeout=max(0.0, report.t0 + duration_s - time.monotonic())
+                            + settings.request_timeout_s + 15)  # fmt: skip
+            except subprocess.TimeoutExpired:
+                report.errors.append("the workload did not stop in time; terminated")
+        except Exception as exc:
+            report.errors.append(f"{type(exc).__name__}: {exc}")
+            log.exception("scenario %s failed", name)
+        finally:
+            # Heal first, even on Ctrl-C: a lab left partitioned poisons the next scenario.
+            try:
+                injector.heal_everything()
+            except Exception as exc:
+                report.errors.append(f"healing: {exc}")
+            if worker is not None and worker.poll() is None:
+                worker.terminate()
+                try:
+                    worker.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    worker.kill()
+                    worker.wait()
+        for thread, _ in watchers:
+            thread.join(settings.recovery_timeout_s + 20)
+
+        self.say(f"[{name} seed={seed}] waiting for the site and {APP_NAME} to settle")
+        settled = self.wait_for(lambda p: site_healthy(p, fleet=fleet), settings.recovery_timeout_s)
+        app_s = self.wait_for(lambda p: app_converged(p.get("app")), settings.app_bound_s)
+        if app_s is not None:
+            report.app_recovery_s = round(time.monotonic() - last_heal, 3)
+        if settled is None:
+            report.errors.append(
+                f"the site was not healthy within {settings.recovery_timeout_s:g}s"
+            )
+
+        records = _read_history(history_path)
+        verify_args = [
+            "--key-prefix", key_prefix, "--keys", str(settings.keys), "--stream", stream,
+            "--timeout", "30",
+        ]  # fmt: skip
+        verified: dict[str, Any] = {"reads": [], "events": None, "problems": ["not run"]}
+        try:
+            done = subprocess.run(
+                self._worker_argv("verify", *verify_args), capture_output=True, timeout=120
+            )
+            verified = json.loads(done.stdout)
+        except (subprocess.TimeoutExpired, ValueError) as exc:
+            report.errors.append(f"final reads failed: {exc}")
+        report.errors += [f"final reads: {p}" for p in verified["problems"]]
+        final_reads = verified["reads"]
+        with open(history_path, "ab") as fh:
+            for r in final_reads:
+                fh.write(orjson.dumps(r) + b"\n")
+
+        self.say(f"[{name} seed={seed}] checking invariants on {len(records)} operations")
+        linear, verdict = check_linearizable([*records, *final_reads],
+                                             budget_nodes=settings.checker_budget)  # fmt: skip
+        report.linearizability = verdict.to_json()
+        keys = [f"{key_prefix}/k{i}" for i in range(settings.keys)]
+        report.invariants = [
+            linear,
+            check_acknowledged_writes(records, final_reads, keys),
+            check_events(records, verified["events"]) if settings.events else linear,
+            check_recovery("site_recovered", _max_or_none(report), settings.recovery_timeout_s),
+            check_recovery("app_desired_state", report.app_recovery_s, settings.app_bound_s),
+        ]
+        if not settings.events:
+            report.invariants.pop(2)
+        report.op_counts = op_counts(records)
+        report_path.write_bytes(orjson.dumps(report.to_json(), option=orjson.OPT_INDENT_2))
+        plot_path.write_text(timeline_svg(report, [*records, *final_reads]))
+        return report
+
+
+def _max_or_none(report: ScenarioReport) -> float | None:
+    """The slowest recovery; None when a fault that ended last never recovered."""
+    measured = [f for f in report.faults if f.start_s is not None]
+    if not measured:
+        return 0.0
+    if measured[-1].recovery_s is None:
+        return None
+    return max(report.recoveries)
+
+
+def _sleep_until(deadline: float) -> None:
+    while (left := deadline - time.monotonic()) > 0:
+        time.sleep(min(left, 0.2))  # short naps: Ctrl-C is seen at once
+
+
+def _read_history(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_bytes().splitlines():
+        try:
+            out.append(orjson.loads(line))
+        except orjson.JSONDecodeError:
+            continue  # a worker killed mid-line leaves half a line at the end
+    return out
+
+
+def run_scenarios(
+    lab: ChaosLab,
+    runs: Sequence[tuple[str, int]],
+    duration_s: float,
+    report_dir: Path,
+) -> list[ScenarioReport]:
+    """Several scenarios one after the other on the same lab."""
+    return [
+        lab.run_scenario(name, seed, duration_s, report_dir / f"{name}-seed{seed}.json")
+        for name, seed in runs
+    ]
