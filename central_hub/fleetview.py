@@ -126,13 +126,15 @@ def parse_report(data: object, site_id: str) -> dict[str, Any]:
                     "restarts": c.integer(inst.get("restarts", 0), f"{path}.restarts"),
                 }
             )
-        hosts.append(
-            {
-                "host_id": c.text(h.get("host_id"), f"hosts[{i}].host_id"),
-                "alive": c.flag(h.get("alive"), f"hosts[{i}].alive"),
-                "instances": instances,
-            }
-        )
+        host = {
+            "host_id": c.text(h.get("host_id"), f"hosts[{i}].host_id"),
+            "alive": c.flag(h.get("alive"), f"hosts[{i}].alive"),
+            "instances": instances,
+        }
+        if "agent_version" in h:  # reported since site protocol 2
+            host["agent_version"] = c.text(h["agent_version"], f"hosts[{i}].agent_version")
+            host["protocol"] = c.integer(h.get("protocol", 1), f"hosts[{i}].protocol")
+        hosts.append(host)
     apps: dict[str, Any] = {}
     raw_apps = c.obj(report.get("apps", {}), "apps")
     if len(raw_apps) > _MAX_ITEMS:
@@ -255,6 +257,10 @@ def site_summary(
         "last_seen": seen,
         "seen_via": seen_via(None if report is None else last_seen, gossip, now, stale_s),
         "health": site_health(report, last_seen, now, stale_s, rejection_window_s, gossip=gossip),
+        # Two or more during an agent upgrade; "unknown" for hosts that do not report one.
+        "agent_versions": sorted(
+            {h.get("agent_version") or "unknown" for h in (report or {}).get("hosts", [])}
+        ),
     }
 
 
@@ -280,6 +286,12 @@ def site_detail(
             {
                 "host_id": h["host_id"],
                 "alive": h["alive"],
+                # reported since site protocol 2
+                **(
+                    {"agent_version": h["agent_version"], "protocol": h["protocol"]}
+                    if "agent_version" in h
+                    else {}
+                ),
                 "instances": [
                     {
                         "app": i["app"],

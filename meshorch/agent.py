@@ -42,6 +42,7 @@ from meshorch.runtime import Runtime
 from meshorch.secret_service import SecretsSiteLink, SiteSecrets
 from meshorch.site_state import (
     APPS_TABLE,
+    DRAIN_PREFIX,
     MEMBER_PREFIX,
     SITE_IDENTITY_KEY,
     SITE_NETWORK_KEY,
@@ -254,6 +255,10 @@ class Agent:
         reachable = self.raft.reachable()
         alive = {m.host_id for m in self.members() if m.raft in reachable}
         return alive | {self.config.host_id}
+
+    def drained_hosts(self) -> set[str]:
+        records, _ = self.raft.view.scan(SYSTEM_TABLE, DRAIN_PREFIX, 10_000)
+        return {key[len(DRAIN_PREFIX) :].decode() for key, _ in records}
 
     def members(self) -> list[MemberRecord]:
         records, _ = self.raft.view.scan(SYSTEM_TABLE, MEMBER_PREFIX, 10_000)

@@ -27,9 +27,11 @@ from meshorch.fleet_apply import (
     app_view,
     check_link_config,
 )
+from meshorch.host_api import add_host_routes
 from meshorch.http_body import read_limited
 from meshorch.imagestore import CHUNK_BYTES, validate_digest, validate_ref
 from meshorch.join import JoinRefused, JoinRequest, check_revocation_notice
+from meshorch.protocol import FeatureUnavailable
 from meshorch.quotas import (
     DEFAULT_TENANT,
     QUOTA_PREFIX,
@@ -107,6 +109,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return error_response(exc.status, exc.code, str(exc))
     except RemoteInputError as exc:
         return error_response(400, exc.code, str(exc))
+    except FeatureUnavailable as exc:
+        return error_response(503, exc.code, str(exc))
     except NotCommittedError as exc:
         return error_response(503, "not_committed", f"{exc}; nothing was written, retry")
     except OutcomeUnknownError as exc:
@@ -159,6 +163,7 @@ def build_app(agent: Agent) -> web.Application:
     app.router.add_post("/v1/secrets/rotate", rotate)
     app.router.add_put("/v1/secrets/settings", put_secret_settings)
     add_stream_routes(app, _agent)
+    add_host_routes(app, _agent)
     return app
 
 

@@ -238,6 +238,29 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("host_id", metavar="HOST", help="the host id to revoke")
     revoke.add_argument("--api", default="127.0.0.1:7700", help="an agent of the site to ask")
     revoke.set_defaults(handler=run_host_revoke)
+    listing = host_commands.add_parser(
+        "list", help="the site's hosts: alive, drained, agent version, instances"
+    )
+    listing.add_argument("--api", default="127.0.0.1:7700", help="an agent of the site to ask")
+    listing.set_defaults(handler=run_host_list)
+    for name, text in (
+        ("drain", "move a host's instances to other hosts; it stays a member of the site"),
+        ("undrain", "let a drained host take work again"),
+        ("remove", "drain a host, wait until its instances run elsewhere, then revoke it"),
+    ):
+        action = host_commands.add_parser(
+            name, help=text, description=text[0].upper() + text[1:] + "."
+        )
+        action.add_argument("host_id", metavar="HOST")
+        action.add_argument("--api", default="127.0.0.1:7700", help="an agent of the site to ask")
+        if name != "undrain":
+            action.add_argument(
+                "--timeout", type=float, default=300.0, metavar="SECONDS",
+                help="how long to wait for its instances to move (default %(default)s)",
+            )  # fmt: skip
+        if name == "drain":
+            action.add_argument("--wait", action="store_true", help="wait until it runs nothing")
+        action.set_defaults(handler=HOST_ACTIONS[name])
 
     demo = commands.add_parser(
         "demo",
@@ -497,6 +520,65 @@ def run_image_list(args: argparse.Namespace) -> int:
         holders = ", ".join(image["holders"]) or "-"
         print(f"{image['ref']:30} {image['digest'][:19]} {image['size']:>12}  on {holders}")
     return 0
+
+
+def run_host_list(args: argparse.Namespace) -> int:
+    hosts = call_agent(args.api, "GET", "/v1/hosts")["hosts"]
+    print(
+        f"{'HOST':16} {'ALIVE':6} {'DRAINED':8} {'LEADER':7} {'VERSION':12} {'PROTO':6} INSTANCES"
+    )
+    for h in hosts:
+        print(
+            f"{h['host_id']:16} {'yes' if h['alive'] else 'NO':6} "
+            f"{'yes' if h['drained'] else '-':8} {'*' if h['leader'] else '':7} "
+            f"{h['agent_version'] or '?':12} {h['protocol'] or '?'!s:6} {h['instances']}"
+        )
+    return 0
+
+
+def _drain(args: argparse.Namespace, drained: bool) -> None:
+    call_agent(args.api, "PUT", f"/v1/hosts/{args.host_id}/drain", {"drained": drained})
+
+
+def _wait_empty(args: argparse.Namespace) -> bool:
+    """Wait until no instance is placed on the host; show progress."""
+    deadline = time.monotonic() + args.timeout
+    last = None
+    while time.monotonic() < deadline:
+        hosts = {h["host_id"]: h for h in call_agent(args.api, "GET", "/v1/hosts")["hosts"]}
+        count = hosts[args.host_id]["instances"] if args.host_id in hosts else 0
+        if count != last:
+            print(f"{args.host_id}: {count} instance(s) still placed here", flush=True)
+            last = count
+        if count == 0:
+            return True
+        time.sleep(0.5)
+    print(f"{args.host_id}: instances still placed after {args.timeout:g} s", file=sys.stderr)
+    return False
+
+
+def run_host_drain(args: argparse.Namespace) -> int:
+    _drain(args, True)
+    print(f"draining {args.host_id}: its instances move to other hosts")
+    return 0 if not args.wait or _wait_empty(args) else 4
+
+
+def run_host_undrain(args: argparse.Namespace) -> int:
+    _drain(args, False)
+    print(f"{args.host_id} takes work again")
+    return 0
+
+
+def run_host_remove(args: argparse.Namespace) -> int:
+    _drain(args, True)
+    if not _wait_empty(args):
+        return 4
+    result = call_agent(args.api, "DELETE", f"/v1/members/{args.host_id}")
+    print(f"removed {result['removed']['host_id']} from the site")
+    return 0
+
+
+HOST_ACTIONS = {"drain": run_host_drain, "undrain": run_host_undrain, "remove": run_host_remove}
 
 
 def run_host_revoke(args: argparse.Namespace) -> int:

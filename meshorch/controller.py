@@ -118,6 +118,12 @@ class SiteController:
         reports = {r.instance_id: r for r in map(InstanceReport.decode, self._scan(STATUS_PREFIX))}
         rollouts = {r.app: r for r in map(decode_rollout, self._scan(ROLLOUT_PREFIX))}
         hosts = self.hosts()
+        # Drained hosts stay members and alive; the scheduler just sees them as unable to
+        # run anything, so their instances move as from a dead host.
+        drained = self.agent.drained_hosts()
+        schedulable = [
+            dataclasses.replace(h, alive=False) if h.host_id in drained else h for h in hosts
+        ]
         ops: list[Put | Delete] = []
         events: list[RolloutEvent] = []
 
@@ -130,7 +136,7 @@ class SiteController:
             health = [_health(p, reports.get(p.instance_id)) for p in mine]
             blocked = None
             if state.phase == "upgrading":
-                blocked = _version_blocked(spec, tenants, quotas, placements, hosts)
+                blocked = _version_blocked(spec, tenants, quotas, placements, schedulable)
             stepped = step(
                 state,
                 health,
@@ -154,7 +160,7 @@ class SiteController:
         versions = {name: new_instance_version(r) for name, r in rollouts.items() if name in apps}
         result = schedule(
             list(apps.values()),
-            hosts,
+            schedulable,
             list(placements.values()),
             new_versions=versions,
             tenants=tenants,

@@ -538,7 +538,8 @@ def build_report(
     instances = instance_views(facts.placements, facts.reports)
     unplaced = unplaced_views(facts.placements, facts.reports)
     alive = {h.host_id for h in facts.hosts if h.alive}
-    host_ids = sorted({h.host_id for h in facts.hosts} | set(facts.members))
+    infos = {h.host_id: h for h in facts.hosts}
+    host_ids = sorted(set(infos) | set(facts.members))
     hosts = [
         {
             "host_id": host_id,
@@ -546,6 +547,11 @@ def build_report(
             "instances": [
                 {k: i[k] for k in REPORT_INSTANCE_FIELDS} for i in instances if i["host"] == host_id
             ],
+            **(
+                {}
+                if (info := infos.get(host_id)) is None
+                else {"agent_version": info.agent_version, "protocol": info.protocol}
+            ),
         }
         for host_id in host_ids
     ]

@@ -71,6 +71,8 @@ class HostInfo:
     cpu_millis: int
     memory_bytes: int
     alive: bool = True
+    agent_version: str = ""  # the meshorch release the host's agent runs
+    protocol: int = 1  # the site protocol it speaks (meshorch.protocol)
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ SITE_TABLES = (KV_TABLE, SYSTEM_TABLE, APPS_TABLE, SECRETS_TABLE, STREAMS_TABLE)
 MEMBER_PREFIX = b"member/"
 IPAM_PREFIX = b"ipam/"
 REVOKED_PREFIX = b"revoked/"
+DRAIN_PREFIX = b"drain/"  # drain/<host>: the scheduler moves work off it, keeps it a member
 SITE_IDENTITY_KEY = b"site/identity"
 SITE_NETWORK_KEY = b"site/network"
 

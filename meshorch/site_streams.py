@@ -32,7 +32,8 @@ from dataclasses import dataclass
 import orjson
 
 from meshorch.errors import ServiceError
-from meshorch.site_state import STREAMS_TABLE
+from meshorch.protocol import require
+from meshorch.site_state import APPS_TABLE, STREAMS_TABLE
 from meshorch.streams import (
     SEGMENT_RE,
     SEGMENT_RULE,
@@ -52,6 +53,7 @@ from meshorch.streams import (
     stream_name,
     validate_batch,
 )
+from meshorch.workloads import HOSTINFO_PREFIX, decode_hostinfo
 from raft import Append, Delete, Guard, Put, RaftNode
 from raft.state_machine import decode_counter, item_key
 
@@ -276,6 +278,14 @@ class SiteStreams:
             size += len(raw)
         return chunks
 
+    def host_protocols(self) -> dict[str, int]:
+        """The site protocol each registered host speaks (``meshorch.protocol``)."""
+        records, _ = self._raft().view.scan(APPS_TABLE, HOSTINFO_PREFIX, 100_000)
+        return {
+            info.host_id: info.protocol
+            for info in (decode_hostinfo(r.value, alive=True) for _, r in records)
+        }
+
     def offset(self, stream: StreamName | str, consumer: str) -> int:
         name = stream_name(stream)
         found = self._get(offset_key(name, check_consumer(consumer)))
@@ -291,6 +301,7 @@ class SiteStreams:
         batch = validate_batch(list(events))
         if not batch:
             raise MalformedEvent("a batch holds at least one event")
+        require("streams", self.host_protocols())
         ops: list[Put | Append] = []
         if self.meta(name) is None:
             # Created on first use; a concurrent creation elsewhere makes this put fail

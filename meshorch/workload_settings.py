@@ -8,7 +8,9 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from meshorch import __version__
 from meshorch.errors import ConfigurationError
+from meshorch.protocol import PROTOCOL
 from meshorch.runtime import PodmanRuntime, ProcessRuntime, Runtime
 from meshorch.scheduler import HostInfo
 
@@ -36,6 +38,8 @@ class WorkloadSettings:
             dict(self.labels),
             self.cpu_millis or (os.cpu_count() or 1) * 1000,
             self.memory_bytes or total_memory_bytes(),
+            agent_version=__version__,
+            protocol=PROTOCOL,
         )
 
 

@@ -116,6 +116,9 @@ def encode_hostinfo(host: HostInfo) -> bytes:
             "labels": dict(host.labels),
             "cpu_millis": host.cpu_millis,
             "memory_bytes": host.memory_bytes,
+            # Added with protocol 2; older readers ignore them, older writers leave them out.
+            "agent_version": host.agent_version,
+            "protocol": host.protocol,
         }
     )
 
@@ -128,6 +131,8 @@ def decode_hostinfo(raw: bytes, alive: bool) -> HostInfo:
         int(data["cpu_millis"]),
         int(data["memory_bytes"]),
         alive,
+        str(data.get("agent_version", "")),
+        int(data.get("protocol", 1)),
     )
 
 

@@ -25,6 +25,7 @@ import pytest
 
 from central_hub import Hub, HubConfig
 from central_hub.logstore import LogQuery
+from meshorch import __version__
 from meshorch.localsite import LocalHost, LocalSite, wait_ready
 from tests.hub.helpers import Operator
 from tests.streams.uplink import Uplink
@@ -154,6 +155,16 @@ async def test_events_reach_the_hub_once_in_order_and_are_searchable(world: Worl
     assert "ghost/app/logs" in leader["streams"]["refused"]
     status, page = await logs(world, grep="does%20not%20know")
     assert page["logs"] == []
+
+    # The fleet view shows every host's release (reports every 3 s).
+    async def versions() -> bool:
+        site = await world.admin.ok("GET", f"/v1/sites/{SITE}")
+        hosts = site["hosts"]
+        return len(hosts) == 3 and all(h.get("agent_version") == __version__ for h in hosts)
+
+    await until("agent versions in the fleet view", versions, 15)
+    listed = await world.admin.ok("GET", "/v1/sites")
+    assert [s["agent_versions"] for s in listed["sites"] if s["id"] == SITE] == [[__version__]]
 
     for bad in ("regex=(", "limit=0", "level=9", "since=yesterday", "cursor=garbage", "x=1"):
         status, answer = await world.admin.call("GET", f"/v1/logs?{bad}")

@@ -1,0 +1,45 @@
+"""Protocol versions of a site, and the features that wait for every host (pure).
+
+Hosts of one site may run different meshorch releases while an upgrade goes host by host
+(docs/upgrades.md). Each host records in the replicated state the site protocol it speaks
+(``PROTOCOL``); a feature whose messages an older host cannot understand is used only once
+every host speaks at least the protocol that brought it (``require``). A host that does not
+record a protocol speaks 1.
+
+Protocols:
+
+    1  the first release
+    2  Raft ``Append`` operations (event streams, docs/streams.md): a host on 1 cannot decode
+       them and would skip the entry, so its state would drift from the others'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from meshorch.errors import ServiceError
+
+PROTOCOL = 2
+FEATURES: dict[str, int] = {"streams": 2}
+
+
+class FeatureUnavailable(ServiceError):
+    """A feature some host of the site does not support yet (an upgrade is under way)."""
+
+    code = "upgrade_in_progress"
+
+
+def site_protocol(protocols: Mapping[str, int]) -> int:
+    """The protocol every host speaks (hosts -> the protocol each recorded)."""
+    return min(protocols.values(), default=PROTOCOL)
+
+
+def require(feature: str, protocols: Mapping[str, int]) -> None:
+    """Raise ``FeatureUnavailable`` naming the hosts that hold ``feature`` back."""
+    needed = FEATURES[feature]
+    behind = sorted(host for host, protocol in protocols.items() if protocol < needed)
+    if behind:
+        raise FeatureUnavailable(
+            f"{feature} needs every host on site protocol {needed}; "
+            f"{', '.join(behind)} still run an older release (upgrade in progress?)"
+        )
