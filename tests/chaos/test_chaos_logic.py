@@ -1,0 +1,177 @@
+"""The chaos suite's pure parts: schedules, role resolution, invariants, report, plot."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import xml.etree.ElementTree as ET
+from typing import Any
+
+import pytest
+
+from meshorch.chaos.faults import FaultError, resolve_roles
+from meshorch.chaos.invariants import (
+    check_acknowledged_writes,
+    check_events,
+    check_linearizable,
+    check_recovery,
+    op_counts,
+    overall,
+)
+from meshorch.chaos.report import FaultRecord, ScenarioReport, timeline_svg
+from meshorch.chaos.runner import app_converged, leader_of, site_healthy
+from meshorch.chaos.scenarios import SCENARIOS, plan_scenario
+
+HOSTS = ("s1-h1", "s1-h2", "s1-h3")
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+@pytest.mark.parametrize("duration", [8.0, 15.0, 600.0])
+def test_schedules_are_seeded_inside_the_run_and_never_overlap(name: str, duration: float) -> None:
+    for seed in range(5):
+        faults = plan_scenario(name, seed, duration)
+        assert faults == plan_scenario(name, seed, duration)
+        assert faults
+        for f in faults:
+            assert 0 < f.start_s < f.end_s < duration
+        for a, b in itertools.pairwise(faults):
+            assert a.end_s <= b.start_s
+    assert {plan_scenario(name, s, duration) for s in range(8)} != {
+        plan_scenario(name, 0, duration)
+    }
+
+
+def test_flapping_flaps() -> None:
+    assert len(plan_scenario("uplink-flapping", 1, 20.0)) >= 3
+
+
+def test_unknown_scenario_and_bad_duration() -> None:
+    with pytest.raises(ValueError, match="kill-leader"):
+        plan_scenario("nope", 1, 10)
+    with pytest.raises(ValueError, match="positive"):
+        plan_scenario("kill-leader", 1, 0)
+
+
+def test_roles_resolve_to_distinct_hosts() -> None:
+    rng = random.Random(1)
+    assert resolve_roles(("leader",), HOSTS, "s1-h2", "s1", rng) == ("s1-h2",)
+    for _ in range(20):
+        follower = resolve_roles(("follower",), HOSTS, "s1-h2", "s1", rng)[0]
+        assert follower != "s1-h2"
+        a, b = resolve_roles(("follower", "follower"), HOSTS, "s1-h2", "s1", rng)
+        assert len({a, b, "s1-h2"}) == 3
+    assert resolve_roles(("site",), HOSTS, None, "s1", rng) == ("s1",)
+    assert resolve_roles(("leader",), HOSTS, None, "s1", rng)[0] in HOSTS
+    with pytest.raises(FaultError, match="no host left"):
+        resolve_roles(("follower", "follower", "follower"), HOSTS, "s1-h1", "s1", rng)
+
+
+def rec(
+    i: int, kind: str, call: float, ret: float | None, value: str | None, status: str = "ok"
+) -> dict[str, Any]:
+    return {
+        "id": i,
+        "client": f"c{i % 2}",
+        "host": "h",
+        "key": "k" if kind != "event" else "t/a/s",
+        "kind": kind,
+        "call_s": call,
+        "end_s": ret if ret is not None else call + 8,
+        "return_s": ret if status == "ok" else None,
+        "value": value,
+        "status": status,
+    }
+
+
+def test_acknowledged_writes_must_be_readable_or_superseded() -> None:
+    records = [
+        rec(1, "put", 0, 1, "a"),
+        rec(2, "put", 2, 3, "b"),
+        rec(3, "put", 2.5, None, "c", "unknown"),
+        rec(4, "put", 4, None, "d", "fail"),
+    ]
+    for final, status in (("b", "pass"), ("c", "pass"), ("a", "fail"), ("d", "fail")):
+        reads = [rec(9, "get", 10, 11, final)]
+        result = check_acknowledged_writes(records, reads, ["k"])
+        assert result.status == status, (final, result)
+    missing = check_acknowledged_writes(records, [], ["k"])
+    assert missing.status == "fail" and "no final read" in missing.detail
+
+
+def test_failed_operations_are_left_out_of_the_history() -> None:
+    records = [rec(1, "put", 0, 1, "a"), rec(2, "put", 2, None, "b", "fail"),
+               rec(3, "get", 3, 4, "a")]  # fmt: skip
+    result, verdict = check_linearizable(records)
+    assert result.status == "pass" and verdict.ops == 2
+    records.append(rec(4, "get", 5, 6, "b"))
+    result, _ = check_linearizable(records)
+    assert result.status == "fail"
+    assert "#4" in result.detail
+
+
+def test_events_exactly_once() -> None:
+    produced = [
+        rec(1, "event", 0, 1, "e1"),
+        rec(2, "event", 0, None, "e2", "unknown"),
+        rec(3, "event", 0, None, "e3", "fail"),
+    ]
+    assert check_events(produced, ["e1"]).status == "pass"
+    assert check_events(produced, ["e1", "e2"]).status == "pass"
+    assert "missing" in check_events(produced, []).detail
+    assert "more than once" in check_events(produced, ["e1", "e1"]).detail
+    assert "never produced" in check_events(produced, ["e1", "zz"]).detail
+    assert "refused but stored" in check_events(produced, ["e1", "e3"]).detail
+    assert check_events(produced, None).status == "unknown"
+    assert check_events([], None).status == "pass"
+
+
+def test_recovery_bound_and_overall() -> None:
+    assert check_recovery("r", 3.0, 10).status == "pass"
+    assert check_recovery("r", 11.0, 10).status == "fail"
+    assert check_recovery("r", None, 10).status == "fail"
+    results = [check_recovery("a", 1, 10), check_recovery("b", None, 10)]
+    assert overall(results) == "fail"
+    assert overall(results[:1]) == "pass"
+
+
+def status(host: str, *, leader: str, ready: bool = True) -> dict[str, Any]:
+    return {"host_id": host, "leader": leader, "is_leader": host == leader, "ready": ready}
+
+
+def test_site_health_from_a_probe() -> None:
+    statuses = {h: status(h, leader="s1-h1") for h in HOSTS}
+    good: dict[str, Any] = {"status": statuses, "fleet": {"connected": True}}
+    assert site_healthy(good, fleet=True)
+    assert leader_of(good) == "s1-h1"
+    down = {**good, "status": {**statuses, "s1-h3": None}}
+    assert not site_healthy(down, fleet=False)
+    split = {"status": {h: status(h, leader=h) for h in HOSTS}}
+    assert not site_healthy(split, fleet=False)
+    assert not site_healthy({**good, "fleet": {"connected": False}}, fleet=True)
+    assert site_healthy({**good, "fleet": None}, fleet=False)
+    assert not site_healthy({}, fleet=False)
+    assert app_converged({"instances": [{"ready": True}, {"ready": True}]})
+    assert not app_converged({"instances": [{"ready": True}, {"ready": False}]})
+    assert not app_converged(None)
+
+
+def test_report_json_and_timeline_svg() -> None:
+    report = ScenarioReport("kill-leader", 3, 10.0, 0.0, t0=100.0)
+    report.faults = [FaultRecord("kill", ("leader",), 2, 5, ("s1-h1",), 2.1, 5.2, 1.5)]
+    records = [
+        rec(1, "put", 100.5, 101.0, "a"),
+        rec(2, "get", 103.0, None, None, "unknown"),
+        rec(3, "put", 104.0, 104.1, "b", "fail"),
+    ]
+    report.op_counts = op_counts(records)
+    report.invariants = [check_linearizable(records)[0], check_recovery("r", 1.5, 10)]
+    doc = report.to_json()
+    assert doc["verdict"] == "pass" and doc["recovery_max_s"] == 1.5
+    assert doc["operations"]["put"] == {"ok": 1, "fail": 1, "unknown": 0}
+    assert doc["faults"][0]["targets"] == ["s1-h1"]
+    svg = timeline_svg(report, records)
+    root = ET.fromstring(svg)  # well-formed
+    assert root.tag.endswith("svg")
+    assert svg.count("<line") >= 3 and "kill s1-h1" in svg
+    assert "#c62828" in svg and "#f9a825" in svg and "#2e7d32" in svg
+    assert "kill-leader seed=3" in report.summary()
