@@ -45,7 +45,9 @@ TrialState = Literal["trying", "committed", "rolled_back"]
 _STATES: tuple[TrialState, ...] = ("trying", "committed", "rolled_back")
 POLL_INTERVAL_S = 0.5
 HEALTH_TIMEOUT_S = 2.0
-KILL_GRACE_S = 5.0
+KILL_GRACE_S = 10.0  # a new agent that failed: TERM, then KILL after this
+STOP_GRACE_S = 60.0  # an agent asked to stop during its trial shuts down properly
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 STDERR_TAIL_LINES = 20
 STDERR_LINE_MAX = 500  # bytes of each line kept for the trial's reason
 
@@ -412,9 +414,8 @@ def run(
 
     _log(f"trying {trial.to_version} (from {trial.from_version})")
     signals = _Signals()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in FORWARDED_SIGNALS:
         signal.signal(signum, signals.handle)
-    started = time.monotonic()
     child = subprocess.Popen(
         list(argv),
         env=agent_env(env, trial.lib, drop),
@@ -427,6 +428,50 @@ def run(
     if signals.received is not None:  # arrived before the child existed
         signals.handle(signals.received, None)
 
+    try:
+        action = _supervise(trial, child, health_url, signals, timeout_s, is_ready, poll_interval_s)
+    except BaseException:
+        kill_group(child)  # never leave an agent behind that nobody supervises
+        raise
+    if isinstance(action, Commit):
+        _record(data_dir, replace(trial, state="committed", finished_at=time.time()))
+        _log(f"{trial.to_version} is ready: upgrade committed")
+        code = child.wait()  # signals are forwarded by the handler meanwhile
+        tail.text()
+        return exit_status(code)
+
+    kill_group(child, STOP_GRACE_S if not action.restart_previous else KILL_GRACE_S)
+    reason = action.reason
+    if action.restart_previous:
+        last = tail.text()
+        if last:
+            reason += f"; last stderr lines:\n{last}"
+    _record(data_dir, replace(trial, state="rolled_back", reason=reason, finished_at=time.time()))
+    _log(f"rolled back to {trial.from_version}: {action.reason}")
+    if not action.restart_previous:
+        return exit_status(child.returncode)
+    exec_fn(argv, agent_env(env, trial.previous_lib, drop))
+
+
+def _record(data_dir: Path, trial: Trial) -> None:
+    """Write the outcome; failing to is logged, not fatal: the agent matters more."""
+    try:
+        write_trial(data_dir, trial)
+    except OSError as error:
+        _log(f"cannot record the trial's outcome ({trial.state}): {error}")
+
+
+def _supervise(
+    trial: Trial,
+    child: subprocess.Popen[bytes],
+    health_url: str,
+    signals: _Signals,
+    timeout_s: float | None,
+    is_ready: Callable[[str], bool],
+    poll_interval_s: float,
+) -> Commit | Rollback:
+    """Observe the child until the decision is no longer to wait."""
+    started = time.monotonic()
     while True:
         exit_code = child.poll()
         ready = exit_code is None and signals.received is None and is_ready(health_url)
@@ -437,27 +482,8 @@ def run(
             signal_received=signals.received,
         )
         action = decide(trial, observation, timeout_s)
-        if isinstance(action, Commit):
-            write_trial(data_dir, replace(trial, state="committed", finished_at=time.time()))
-            _log(f"{trial.to_version} is ready: upgrade committed")
-            code = child.wait()  # signals are forwarded by the handler meanwhile
-            tail.text()
-            return exit_status(code)
-        if isinstance(action, Rollback):
-            kill_group(child)
-            reason = action.reason
-            if observation.signal_received is None:
-                last = tail.text()
-                if last:
-                    reason += f"; last stderr lines:\n{last}"
-            write_trial(
-                data_dir,
-                replace(trial, state="rolled_back", reason=reason, finished_at=time.time()),
-            )
-            _log(f"rolled back to {trial.from_version}: {action.reason}")
-            if not action.restart_previous:
-                return exit_status(child.returncode)
-            exec_fn(argv, agent_env(env, trial.previous_lib, drop))
+        if not isinstance(action, Wait):
+            return action
         time.sleep(poll_interval_s)
 
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -317,7 +318,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         body = json.dumps({"ready": ready}).encode()
         self.send_response(200); self.send_header("Content-Length", str(len(body)))
-        self.end_headers(); self.wfile.write(body)
+        self.end_headers(); self.wfile.write(body); self.wfile.flush()
+        if self.path == "/quit":
+            helper.kill()
+            os._exit(7)
     def log_message(self, *args):
         pass
 def on_term(signum, frame):
@@ -422,6 +426,21 @@ def test_ready_agent_is_committed_and_supervised(setup: Setup) -> None:
     trial = setup.trial()
     assert trial.state == "committed" and trial.finished_at is not None
     assert "upgrade committed" in stderr
+
+
+def test_after_the_commit_the_agent_s_exit_is_the_launcher_s(setup: Setup) -> None:
+    launcher = setup.launch("serve")
+    try:
+        wait_for(lambda: setup.trial().state == "committed")
+        with urllib.request.urlopen(setup.url.replace("/v1/status", "/quit"), timeout=5):
+            pass
+        _, stderr = launcher.communicate(timeout=15)
+    finally:
+        launcher.kill()
+    assert launcher.returncode == 7, stderr
+    # An exit after the commit is not a failed upgrade: no rollback, no previous agent.
+    assert setup.trial().state == "committed"
+    assert not (setup.out / "previous.json").exists()
 
 
 def test_agent_that_exits_is_rolled_back(setup: Setup) -> None:
