@@ -2,7 +2,7 @@
 //
 // Views (the URL hash): #/ fleet, #/site/ID, #/site/ID/app/NAME,
 // #/site/ID/app/NAME/instance/IID, #/apps, #/apps/NAME. The current view refreshes every
-// REFRESH_MS. Every string from the hub reaches the page as text (never as HTML).
+// REFRESH_MS (longer when fetching takes long). Every string from the hub reaches the page as text (never as HTML).
 "use strict";
 
 (() => {
@@ -251,6 +251,7 @@
   async function tick(gen) {
     if (gen !== state.gen || !state.token) return;
     const banner = $("#banner");
+    const started = Date.now();
     try {
       await Promise.all([state.update ? state.update() : null, updateAlerts()]);
       if (gen !== state.gen) return;
@@ -262,7 +263,9 @@
       banner.hidden = false;
       $("#status").textContent = "refresh failed";
     }
-    if (gen === state.gen && state.token) state.timer = setTimeout(() => tick(gen), REFRESH_MS);
+    // A big fleet takes long to fetch (a request per site): wait longer, not pile up.
+    const delay = Math.max(REFRESH_MS, 3 * (Date.now() - started));
+    if (gen === state.gen && state.token) state.timer = setTimeout(() => tick(gen), delay);
   }
 
   // -- alerts (an optional route: hidden while the hub answers 404) --------------------------

@@ -17,6 +17,7 @@ import importlib.util
 import os
 import re
 import shutil
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -172,6 +173,15 @@ def require_browser() -> tuple[str, str]:
     if LAB_REQUIRED:
         pytest.fail(message + " (MESHORCH_REQUIRE_LAB=1)", pytrace=False)
     pytest.skip(message)
+
+
+def test_missing_browser_skips_or_fails_under_require_lab(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(pytest.skip.Exception, match="chromium not found"):
+        require_browser()
+    monkeypatch.setattr(sys.modules[__name__], "LAB_REQUIRED", True)
+    with pytest.raises(pytest.fail.Exception, match="MESHORCH_REQUIRE_LAB=1"):
+        require_browser()
 
 
 @pytest.fixture(scope="module")
@@ -446,6 +456,11 @@ def fleet_to_logs(driver: WebDriver, world: World) -> None:
     until(driver, "web's waves", lambda d: len(texts(d, "#waves tbody tr")) == 2)
     assert {"eu-1", "eu-2"} == {c[0] for c in (r.split(":") for r in texts(driver, ".wave-site"))}
     world.shot(driver, "07-rollout")
+
+    # A page of something that does not exist says so with the hub's message.
+    driver.get(hub.url + "/dashboard/#/site/gone-site")
+    until(driver, "the banner", lambda d: visible(d, "#banner"))
+    assert "not_found: no site 'gone-site'" in texts(driver, "#banner")[0]
     assert script_errors(driver) == []
 
 
