@@ -21,7 +21,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 OpKind = Literal["put", "get", "delete", "put_if_absent"]
@@ -177,12 +177,17 @@ def check_history(
 
 
 def prune(ops: Sequence[Operation]) -> list[Operation]:
-    """Drop what cannot change the verdict: reads with an unknown outcome, and writes with an
-    unknown outcome whose value nobody read (taking effect or not is then unobservable,
-    unless a ``put_if_absent`` could see it)."""
+    """Drop or narrow what cannot change the verdict.
+
+    - Reads with an unknown outcome say nothing: dropped.
+    - A write with an unknown outcome whose value nobody read: taking effect or not is
+      unobservable (unless a ``put_if_absent`` could see it), so it is dropped.
+    - A write with an unknown outcome whose value was read, and that is the only write of
+      that value: it took effect before that read returned -- a bounded window instead of
+      "any time after the call", which keeps the search small.
+    """
     kept = [op for op in ops if not (op.kind == "get" and op.unknown)]
-    if any(op.kind == "put_if_absent" for op in kept):
-        return kept
+    has_cas = any(op.kind == "put_if_absent" for op in kept)
     first_read_return: dict[str | None, float] = {}
     for op in kept:
         if op.kind == "get" and op.return_s is not None:
@@ -190,18 +195,17 @@ def prune(ops: Sequence[Operation]) -> list[Operation]:
             first_read_return[op.value] = min(prev, op.return_s)
     writers: dict[str | None, int] = {}
     for op in kept:
-        if op.kind == "put":
+        if op.kind in ("put", "put_if_absent"):
             writers[op.value] = writers.get(op.value, 0) + 1
     out = []
     for op in kept:
-        if op.kind == "put" and op.unknown:
+        if op.kind in ("put", "put_if_absent") and op.unknown:
             if op.value not in first_read_return:
-                continue
-            if writers[op.value] == 1:
-                # The only write of a value someone read took effect before that read
-                # returned: a bounded window instead of "any time", a much smaller search.
+                if op.kind == "put" and not has_cas:
+                    continue
+            elif writers[op.value] == 1:
                 end = max(op.call_s, first_read_return[op.value])
-                op = Operation(op.key, op.kind, op.call_s, end, op.value, None, op.op_id, op.client)
+                op = replace(op, return_s=end, applied=True if op.kind == "put_if_absent" else None)
         out.append(op)
     return out
 
@@ -230,6 +234,9 @@ def check_key(
     n = len(ops)
     if n == 0:
         return KeyResult(key, "ok", 0, 0)
+    impossible = _impossible_read(key, ops)
+    if impossible is not None:
+        return impossible
     # Entries: 0 is the list head; op i's call is 2i+1, its return 2i+2. At equal times
     # calls sort first: touching operations count as concurrent (the lenient reading).
     events = []
@@ -314,6 +321,28 @@ def check_key(
         return KeyResult(key, "ok", n, nodes)
     assert failure is not None  # set on the first dead branch
     return _explain(key, ops, nodes, *failure)
+
+
+def _impossible_read(key: str, ops: Sequence[Operation]) -> KeyResult | None:
+    """A cheap first look: a read of a value no operation wrote, or whose every write was
+    called after the read returned, needs no search to be called a violation."""
+    first_call: dict[str, float] = {}
+    for op in ops:
+        if op.kind in ("put", "put_if_absent") and op.value is not None:
+            first_call[op.value] = min(first_call.get(op.value, math.inf), op.call_s)
+    for op in ops:
+        if op.kind != "get" or op.value is None or op.return_s is None:
+            continue
+        called = first_call.get(op.value)
+        if called is None:
+            why = "which no operation on this key ever wrote"
+        elif called > op.return_s:
+            why = f"which was first written by an operation called later, at {called:.3f}"
+        else:
+            continue
+        explanation = f"key {key!r}: not linearizable: {op.describe()} read a value {why}"
+        return KeyResult(key, "violation", len(ops), 0, explanation, (op.op_id,))
+    return None
 
 
 def _pending_calls(nxt: list[int], stop: int) -> list[int]:

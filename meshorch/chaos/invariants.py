@@ -1,8 +1,9 @@
 """What must hold after a chaos run, checked on the recorded history (pure).
 
 Records are the workload's JSON lines (``meshorch.chaos.workload``): ``kind`` put, get,
-delete or event; ``status`` ok, fail (certainly not applied) or unknown; ``call_s``,
-``return_s`` (None unless ok), ``value``.
+delete, put_if_absent (``applied``: true, false for a 409 conflict, null when unknown) or
+event; ``status`` ok, fail (certainly not applied) or unknown; ``call_s``, ``return_s``
+(None unless ok), ``value``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from meshorch.linearizability import DEFAULT_BUDGET_NODES, Operation, Verdict, c
 
 Status = Literal["pass", "fail", "unknown"]
 Record = Mapping[str, Any]
-KV_KINDS = ("put", "get", "delete")
+KV_KINDS = ("put", "get", "delete", "put_if_absent")
+WRITE_KINDS = ("put", "delete", "put_if_absent")
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +45,7 @@ def kv_operations(records: Iterable[Record]) -> list[Operation]:
                 call_s=float(r["call_s"]),
                 return_s=float(r["return_s"]) if ok else None,
                 value=r.get("value"),
+                applied=r.get("applied") if ok else None,
                 op_id=int(r["id"]),
                 client=str(r.get("client", "")),
             )
@@ -74,20 +77,20 @@ def check_acknowledged_writes(
             problems.append(f"{key}: no final read succeeded")
             continue
         writes = [
-            r for r in records if r["key"] == key and r["kind"] in ("put", "delete")
-            and r["status"] != "fail"
+            r for r in records if r["key"] == key and r["kind"] in WRITE_KINDS
+            and r["status"] != "fail" and r.get("applied") is not False
         ]  # fmt: skip
         acked = [r for r in writes if r["status"] == "ok"]
         if not acked:
             continue
         last = max(acked, key=lambda r: float(r["return_s"]))
         allowed = {
-            r.get("value") if r["kind"] == "put" else None
+            None if r["kind"] == "delete" else r.get("value")
             for r in writes
             if r["return_s"] is None or float(r["return_s"]) >= float(last["call_s"])
         }
         if final[key] not in allowed:
-            what = f"put {last['value']!r}" if last["kind"] == "put" else "delete"
+            what = "delete" if last["kind"] == "delete" else f"{last['kind']} {last['value']!r}"
             problems.append(
                 f"{key}: reads {final[key]!r} but the last acknowledged write (#{last['id']}, "
                 f"{what}) could only be superseded by {sorted(map(repr, allowed))}"

@@ -79,6 +79,21 @@ def test_unknown_delete_and_put_if_absent() -> None:
     assert check_history(history).outcome == "ok"
 
 
+def test_unknown_put_if_absent_that_was_read() -> None:
+    history = [
+        op(1, "put_if_absent", 0, None, "a"),
+        op(2, "get", 1, 2, "a"),
+        op(3, "put_if_absent", 3, 4, "b", applied=False),
+        op(4, "delete", 5, 6),
+        op(5, "put_if_absent", 7, 8, "c", applied=True),
+    ]
+    assert check_history(history).outcome == "ok"
+    # Applied before the read returned, so it cannot also be what a later CAS saw absent.
+    history.append(op(6, "get", 0.5, 0.6, None))
+    history.append(op(7, "put_if_absent", 9, 10, "d", applied=True))
+    assert check_history(history).outcome == "violation"
+
+
 def test_a_read_cannot_see_a_write_before_its_call() -> None:
     history = [op(1, "get", 0, 1, "a"), op(2, "put", 2, 3, "a")]
     verdict = check_history(history)
@@ -111,7 +126,11 @@ def test_lost_write() -> None:
 
 def test_read_of_a_value_never_written() -> None:
     history = [op(1, "put", 0, 1, "a"), op(2, "get", 0.5, 3, "zzz")]
-    assert check_history(history).outcome == "violation"
+    verdict = check_history(history)
+    assert verdict.outcome == "violation"
+    assert "ever wrote" in verdict.explanation and verdict.keys[0].involved == (2,)
+    future = [op(1, "get", 0, 1, "a"), op(2, "put", 2, 3, "a")]
+    assert "called later" in check_history(future).explanation
 
 
 def test_non_monotonic_reads_across_non_overlapping_ops() -> None:
@@ -147,7 +166,8 @@ def test_budget_gives_unknown_not_a_hang() -> None:
     # Many mutually concurrent writes and reads: exhaustive search is large.
     history = [op(i, "put", 0, 100, f"v{i}") for i in range(24)]
     history += [op(100 + i, "get", 1 + i, 2 + i, f"v{(i * 7) % 24}") for i in range(24)]
-    history.append(op(999, "get", 101, 102, "never"))
+    # Once every write is over the register cannot change: a violation, found only by search.
+    history += [op(998, "get", 101, 102, "v1"), op(999, "get", 103, 104, "v2")]
     result = check_key("k", history, budget_nodes=1000)
     assert result.outcome == "unknown"
     assert "1000" in result.explanation
@@ -178,12 +198,12 @@ def simulate(
     """Clients issuing operations on an atomic register: each takes effect at one instant
     between its call and its return (or, timed out, at some instant or never)."""
     planned: list[tuple[float, int, str, OpKind, str | None, float, float | None, bool]] = []
+    kinds: list[OpKind] = ["put", "get", "delete", "put_if_absent"]
     next_id = 0
     for c in range(clients):
         t = rng.random()
         for _ in range(ops_per_client):
-            kinds: list[OpKind] = ["put", "get", "delete"]
-            kind = rng.choices(kinds, [4, 5, 1])[0]
+            kind = rng.choices(kinds, [4, 5, 1, 1])[0]
             key = f"key{rng.randrange(keys)}"
             call = t + rng.random() * 0.5
             point = call + rng.random() * 2.0
@@ -194,19 +214,26 @@ def simulate(
                 applies = rng.random() < 0.5
                 point = call + rng.random() * 30.0  # maybe long after everything
             next_id += 1
-            value = f"c{c}-{next_id}" if kind == "put" else None
+            value = f"c{c}-{next_id}" if kind in ("put", "put_if_absent") else None
             planned.append((point, next_id, key, kind, value, call, ret, applies))
             t = call + 0.1 if ret is None else ret
     state: dict[str, str | None] = {}
     history = []
     for _point, op_id, key, kind, value, call, ret, applies in sorted(planned):
+        applied = None
         if kind == "put" and applies:
             state[key] = value
         elif kind == "delete" and applies:
             state[key] = None
         elif kind == "get":
             value = state.get(key)
-        history.append(Operation(key, kind, call, ret, value, None, op_id, f"c{op_id}"))
+        elif kind == "put_if_absent" and applies:
+            applied = state.get(key) is None
+            if applied:
+                state[key] = value
+            if ret is None:
+                applied = None  # the client never heard
+        history.append(Operation(key, kind, call, ret, value, applied, op_id, f"c{op_id}"))
     return sorted(history, key=lambda o: o.op_id)
 
 
