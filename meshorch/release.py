@@ -32,6 +32,8 @@ RELEASE_PACKAGES = ("meshorch", "raft", "gossip", "netmesh", "central_hub")
 RELEASE_FILE = "release.json"
 # A version is part of a directory name and of a wheel file name: keep it plain.
 _VERSION = re.compile(r"[0-9A-Za-z][0-9A-Za-z.+!_-]{0,63}")
+_MAX_UNPACKED = 256 << 20  # a release is a few MB of Python
+_MAX_METADATA = 1 << 20
 _PIP_TIMEOUT_S = 300.0
 _VERIFY_TIMEOUT_S = 60.0
 # Temporary install dirs older than this are left over from a crash.
@@ -86,6 +88,12 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _read_small(archive: zipfile.ZipFile, name: str) -> str:
+    if archive.getinfo(name).file_size > _MAX_METADATA:
+        raise ReleaseError(f"{name} is larger than {_MAX_METADATA} bytes")
+    return archive.read(name).decode("utf-8")
+
+
 def wheel_metadata(path: Path) -> ReleaseInfo:
     """Version, digest and size of a meshorch wheel; ReleaseError for anything else."""
     try:
@@ -95,6 +103,10 @@ def wheel_metadata(path: Path) -> ReleaseInfo:
             names = archive.namelist()
             for name in names:
                 _check_entry(name)
+            # pip extracts everything: refuse a zip bomb before it does.
+            unpacked = sum(item.file_size for item in archive.infolist())
+            if unpacked > _MAX_UNPACKED:
+                raise ReleaseError(f"{path.name} unpacks to {unpacked} bytes, too many")
             dist_infos = {
                 name.split("/", 1)[0]
                 for name in names
@@ -106,8 +118,8 @@ def wheel_metadata(path: Path) -> ReleaseInfo:
                 )
             dist_info = dist_infos.pop()
             try:
-                metadata_text = archive.read(f"{dist_info}/METADATA").decode("utf-8")
-                wheel_text = archive.read(f"{dist_info}/WHEEL").decode("utf-8")
+                metadata_text = _read_small(archive, f"{dist_info}/METADATA")
+                wheel_text = _read_small(archive, f"{dist_info}/WHEEL")
             except KeyError as error:
                 raise ReleaseError(f"{path.name}: {dist_info} lacks {error}") from None
     except (zipfile.BadZipFile, zipfile.LargeZipFile, UnicodeDecodeError) as error:
@@ -172,10 +184,21 @@ def _run(
 def verify_release(lib: Path, expected_version: str, *, python: str = sys.executable) -> None:
     """Check that ``lib`` in front of PYTHONPATH imports its own meshorch of that version."""
     lib = lib.resolve()
-    probe = "import json, meshorch; print(json.dumps([meshorch.__version__, meshorch.__file__]))"
+    # The agent's modules too: a release that needs a dependency this environment lacks
+    # fails here rather than when the agent restarts.
+    probe = (
+        "import json, meshorch, meshorch.cli, meshorch.agent; "
+        "print(json.dumps([meshorch.__version__, meshorch.__file__]))"
+    )
     # The lib in front of whatever else the environment has, as an agent would run it.
     env = release_env(lib)
-    out = _run([python, "-c", probe], "importing the release", _VERIFY_TIMEOUT_S, env=env, cwd=lib)
+    out = _run(
+        [python, "-c", probe],
+        f"importing the release in {lib} in this environment",
+        _VERIFY_TIMEOUT_S,
+        env=env,
+        cwd=lib,
+    )
     try:
         version, file = json.loads(out.strip().splitlines()[-1])
     except (ValueError, IndexError):

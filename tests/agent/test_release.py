@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from meshorch import release
 from meshorch.release import (
     RELEASE_FILE,
     ReleaseError,
@@ -145,6 +146,18 @@ def test_refuses_what_is_not_a_meshorch_release(
 ) -> None:
     with pytest.raises(ReleaseError, match=re.escape(message)):
         wheel_metadata(write_zip(tmp_path / "x.whl", entries))
+
+
+def test_refuses_a_zip_bomb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(release, "_MAX_UNPACKED", 100_000)  # 256 MB for real
+    path = tmp_path / "bomb.whl"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, text in meshorch_entries().items():
+            archive.writestr(name, text)
+        archive.writestr("meshorch/zeros.py", bytes(200_000))
+    assert path.stat().st_size < 10_000
+    with pytest.raises(ReleaseError, match="too many"):
+        wheel_metadata(path)
 
 
 def test_refuses_a_file_that_is_not_a_zip(tmp_path: Path) -> None:
