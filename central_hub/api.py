@@ -422,6 +422,11 @@ async def put_site_labels(request: web.Request) -> web.Response:
     return json_response(await _hub(request).set_site_labels(site, labels))
 
 
+async def decommission_site(request: web.Request) -> web.Response:
+    site = request.match_info["id"]
+    return json_response(await _hub(request).decommission_site(_token(request), site))
+
+
 async def delete_site(request: web.Request) -> web.Response:
     site = request.match_info["id"]
     await _hub(request).delete_site(site)
@@ -537,6 +542,9 @@ ROUTES: tuple[Route, ...] = (
     Route("PUT", "/v1/sites/{id}/labels", put_site_labels, "sites.write",
           "Replace a site's labels (used by the next deployments)", request="Labels",
           response="SiteLabels"),
+    Route("POST", "/v1/sites/{id}/decommission", decommission_site, "sites.delete",
+          "Decommission a site (site.decommission delta): it stops every application, wipes "
+          "its secrets and reports it; the hub then forgets the site", response="Object"),
     Route("DELETE", "/v1/sites/{id}", delete_site, "sites.delete", "Forget a site",
           response="Deleted"),
     Route("POST", "/v1/apps", create_app, "apps.write",

@@ -162,6 +162,16 @@ def parse_report(data: object, site_id: str) -> dict[str, Any]:
         "hosts": hosts,
         "apps": apps,
     }
+    ending = report.get("decommission") if report else None
+    if ending is not None:  # sent while a site.decommission runs (docs/upgrades.md)
+        d = c.obj(ending, "decommission")
+        state = d.get("state")
+        if state not in ("running", "stopping", "done"):
+            c.problems.append("decommission.state: must be running, stopping or done")
+        normalised["decommission"] = {
+            "state": state,
+            "version": c.integer(d.get("version"), "decommission.version"),
+        }
     if c.problems:
         raise ReportError(c.problems)
     return normalised

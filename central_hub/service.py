@@ -726,7 +726,28 @@ class Hub:
 
     # -- reports and the fleet view -----------------------------------------------------
 
+    async def decommission_site(self, token: TokenRecord, site_id: str) -> dict[str, Any]:
+        """Send ``site.decommission``: the site stops its work and wipes its secrets, then
+        says so in a report, and the hub forgets it (``record_report``)."""
+        tokens.authorize(token, "sites.delete")
+
+        def plan(txn: _Txn) -> dict[str, Any]:
+            record = self._site(site_id)
+            version = txn.delta([{"op": "site.decommission"}], Target(sites=frozenset({site_id})))
+            record["decommission"] = {"delta": version, "requested_at": txn.now}
+            txn.put("sites", site_id, record)
+            txn.changed("site", site_id, None, "decommissioning")
+            return {"site": site_id, "delta": version, "state": "requested"}
+
+        return await self._transact(plan)
+
     async def record_report(self, site_id: str, report: dict[str, Any]) -> int:
+        ending = report.get("decommission")
+        record = self._site_or_none(site_id)
+        if ending and ending["state"] == "done" and record and record.get("decommission"):
+            logger.warning("site %s is decommissioned: forgetting it", site_id)
+            await self.delete_site(site_id)
+            return self.head.version
         now = self.now()
         previous = self._reports.get(site_id)
         if previous is not None and fleetview.is_stale_report(report, *previous, now):

@@ -19,6 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
+from meshorch import decommission
 from meshorch.admission import SiteNetwork
 from meshorch.agent_config import AgentConfig, check_identity, resolve_password, store_password
 from meshorch.app_network import AppNetwork, NetworkSettings
@@ -168,6 +169,7 @@ class Agent:
         await self.log_capture.start()
         self.spawn(HostReconciler(self, self.runtime).run(), "reconcile")
         self.spawn(self.network.run(), "site-network")
+        self.spawn(decommission.run(self), "decommission")
         self.spawn(SiteController(self).run(), "controller")
         self.spawn(self.site_link.run(), "fleet-link")
         self.spawn(

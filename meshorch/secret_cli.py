@@ -29,7 +29,7 @@ from typing import Any
 
 from meshorch.agent_client import call_agent
 from meshorch.errors import ConfigurationError
-from meshorch.fleet_cli import HUB_ENV, TOKEN_ENV, hub_call
+from meshorch.fleet_cli import HUB_ENV, TOKEN_ENV, HubError, hub_call
 
 DEFAULT_AGENT = "127.0.0.1:7700"
 KEY_BYTES = 32
@@ -89,6 +89,16 @@ def add_site_commands(commands: Any) -> None:
         "Create a new data key, rewrap every secret to it and delete the old ones.",
     )
     rotate.set_defaults(handler=run_rotate)
+    decommission = action(
+        "decommission",
+        "stop all of a site's work, wipe its secrets, and forget it at the hub",
+        "Through the hub (--hub): the site deletes every application (its hosts stop the "
+        "instances), drops its keys and deletes every secret from its state, then reports it; "
+        "the hub then forgets the site. With --wait, follow it until the hub has forgotten it.",
+    )
+    decommission.add_argument("--wait", action="store_true", help="until the hub forgot it")
+    decommission.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS")
+    decommission.set_defaults(handler=run_decommission)
     add_secrets_commands(commands)
 
 
@@ -185,6 +195,27 @@ def run_unlock(args: argparse.Namespace) -> int:
     result = call_agent(_agent(args), "POST", "/v1/secrets/unlock", {})
     print("unlocked; unseal the site next" if result["changed"] else "the site was not locked")
     return 0
+
+
+def run_decommission(args: argparse.Namespace) -> int:
+    if not _hub_mode(args):
+        raise ConfigurationError("decommission goes through the hub: give --hub URL (and --token)")
+    answer = _site_op(args, "decommission")
+    print(f"decommission of {args.site} sent in delta {answer['delta']}", flush=True)
+    if not args.wait:
+        return 0
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        try:
+            hub_call(args, "GET", f"/v1/sites/{args.site}")
+        except HubError as exc:
+            if "(404)" in str(exc):
+                print(f"{args.site}: decommissioned; the hub has forgotten it")
+                return 0
+            raise
+        time.sleep(1.0)
+    print(f"{args.site}: not done after {args.timeout:g} s", file=sys.stderr)
+    return 4
 
 
 def run_rotate(args: argparse.Namespace) -> int:

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from nacl.signing import SigningKey
 
+from meshorch import decommission
 from meshorch.appspec import SpecError
 from meshorch.delta import Delta, DeltaRejected, TrustState, verify_batch
 from meshorch.errors import RemoteInputError
@@ -625,6 +626,9 @@ class SiteLink:
             self.agent.config.site, self.clock(), trust, self.rejections(), self.facts()
         )
         report["secrets_state"] = self.secrets_state()
+        ending = decommission.state(self.agent)
+        if ending is not None:
+            report["decommission"] = {"state": ending["state"], "version": ending["version"]}
         return report
 
     def secrets_state(self) -> dict[str, Any]:

@@ -82,6 +82,11 @@ async def new_site(world: World) -> tuple[str, object, str | None, bool]:
     return f"/v1/sites/{site}", None, None, False
 
 
+async def new_site_to_decommission(world: World) -> tuple[str, object, str | None, bool]:
+    path, _, _, _ = await new_site(world)
+    return f"{path}/decommission", {}, None, False
+
+
 async def new_app_of_a(world: World) -> tuple[str, object, str | None, bool]:
     name = world.fresh("app-of-aa")
     await world.admin.ok("POST", "/v1/apps", {"spec": spec_text(name), "tenant": TA}, 202)
@@ -149,6 +154,7 @@ CASES: dict[tuple[str, str], tuple[Setup, int]] = {
     ("GET", "/v1/sites/{id}"): (fixed("/v1/sites/site-1"), 200),
     ("PUT", "/v1/sites/{id}/labels"): (fixed("/v1/sites/site-1/labels", {"zone": "z1"}), 200),
     ("DELETE", "/v1/sites/{id}"): (new_site, 200),
+    ("POST", "/v1/sites/{id}/decommission"): (new_site_to_decommission, 200),
     ("POST", "/v1/apps"): (create_app_of_a, 202),
     ("GET", "/v1/apps"): (fixed("/v1/apps"), 200),
     ("GET", "/v1/apps/{name}"): (fixed(f"/v1/apps/{APP_A}", None, TA), 200),
