@@ -9,13 +9,17 @@ its own process, from its own (old) environment::
 With a trial in state "trying", the launcher starts the agent argv as a child with
 ``PYTHONPATH=<trial lib>`` and polls ``URL`` (``GET /v1/status``) until it answers 200
 with ``"ready": true``. Ready: the trial is committed and the launcher stays as a thin
-supervisor (forwards SIGTERM/SIGINT, exits with the agent's code). Not ready in time,
+supervisor (forwards SIGTERM/SIGINT/SIGHUP, exits with the agent's code). Not ready in time,
 or exited: the child's process group is killed, the trial is rolled back with the
 reason, and the launcher execs the same argv in the previous environment.
 
 Without a trial in state "trying" it execs the agent straight away in the environment
 the last trial settled on (committed: the new release, rolled back: the previous one,
 no trial: unchanged), so it can stay in front of the agent in a service unit.
+
+An agent supervised by a launcher (``supervised()``) hands over to a new trial by
+exiting with ``EXIT_UPGRADE`` instead of exec-ing a launcher of its own: the launcher
+then re-execs itself from that agent's release, so launchers never nest.
 """
 
 from __future__ import annotations
@@ -31,7 +35,6 @@ import sys
 import threading
 import time
 import types
-import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -49,6 +52,10 @@ KILL_GRACE_S = 10.0  # a new agent that failed: TERM, then KILL after this
 STOP_GRACE_S = 60.0  # an agent asked to stop during its trial shuts down properly
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 STDERR_TAIL_LINES = 20
+# The supervised agent's exit status for "a new trial is written, run it" (EX_TEMPFAIL).
+EXIT_UPGRADE = 75
+# Set for the supervised agent: the launcher's pid.
+LAUNCHER_ENV = "MESHORCH_UPGRADE_LAUNCHER"
 STDERR_LINE_MAX = 500  # bytes of each line kept for the trial's reason
 
 
@@ -200,6 +207,12 @@ def launcher_argv(
     ]  # fmt: skip
 
 
+def supervised() -> bool:
+    """True when this process is an agent run by a launcher that waits for it: it then
+    hands over to a new trial by exiting with EXIT_UPGRADE, not by exec-ing a launcher."""
+    return os.environ.get(LAUNCHER_ENV) == str(os.getppid())
+
+
 def current_lib() -> Path | None:
     """The release lib this process runs from, None for the installed version: the
     directory holding the imported meshorch package when it is a release's lib."""
@@ -282,6 +295,7 @@ def agent_env(base: Mapping[str, str], lib: str | None, drop: Iterable[str]) -> 
         if entry and os.path.normpath(entry) not in dropped
     ]
     env = dict(base)
+    env.pop(LAUNCHER_ENV, None)  # only the child of a supervising launcher gets it
     if lib is not None:
         entries.insert(0, lib)
         # `python -m` puts the working directory before PYTHONPATH; a source checkout
@@ -395,8 +409,11 @@ def run(
     base_env: Mapping[str, str] | None = None,
     poll_interval_s: float = POLL_INTERVAL_S,
     exec_fn: Callable[[Sequence[str], Mapping[str, str]], NoReturn] = _exec,
+    relaunch_argv: Sequence[str] | None = None,
 ) -> int:
-    """The launcher: returns the exit status, or execs the agent and does not return."""
+    """The launcher: returns the exit status, or execs the agent and does not return.
+    ``relaunch_argv`` is this launcher's command line, for an agent that hands over to
+    a new trial (EXIT_UPGRADE); without it such an exit ends the launcher."""
     if not argv:
         raise ConfigurationError("no agent command given (put it after --)")
     env = dict(os.environ if base_env is None else base_env)
@@ -418,7 +435,7 @@ def run(
         signal.signal(signum, signals.handle)
     child = subprocess.Popen(
         list(argv),
-        env=agent_env(env, trial.lib, drop),
+        env={**agent_env(env, trial.lib, drop), LAUNCHER_ENV: str(os.getpid())},
         stderr=subprocess.PIPE,
         process_group=0,  # its own group: a rollback kills its helpers too
     )
@@ -438,6 +455,11 @@ def run(
         _log(f"{trial.to_version} is ready: upgrade committed")
         code = child.wait()  # signals are forwarded by the handler meanwhile
         tail.text()
+        if code == EXIT_UPGRADE and relaunch_argv and _state(data_dir) == "trying":
+            # The agent handed over to a new trial: run it with the launcher of the
+            # release that agent ran.
+            _log("the agent hands over to a new upgrade")
+            exec_fn(relaunch_argv, agent_env(env, trial.lib, drop))
         return exit_status(code)
 
     kill_group(child, STOP_GRACE_S if not action.restart_previous else KILL_GRACE_S)
@@ -451,6 +473,15 @@ def run(
     if not action.restart_previous:
         return exit_status(child.returncode)
     exec_fn(argv, agent_env(env, trial.previous_lib, drop))
+
+
+def _state(data_dir: Path) -> TrialState | None:
+    try:
+        trial = read_trial(data_dir)
+    except TrialError as error:
+        _log(str(error))
+        return None
+    return None if trial is None else trial.state
 
 
 def _record(data_dir: Path, trial: Trial) -> None:
@@ -513,7 +544,13 @@ def main(args: Sequence[str] | None = None) -> int:
     if options.timeout is not None and options.timeout <= 0:
         raise SystemExit("upgrade launcher: --timeout must be positive")
     try:
-        return run(options.data_dir, options.health_url, argv, timeout_s=options.timeout)
+        return run(
+            options.data_dir,
+            options.health_url,
+            argv,
+            timeout_s=options.timeout,
+            relaunch_argv=sys.orig_argv,
+        )
     except ConfigurationError as error:
         raise SystemExit(f"upgrade launcher: {error}") from None
 

@@ -322,6 +322,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.path == "/quit":
             helper.kill()
             os._exit(7)
+        if self.path == "/handover":
+            from pathlib import Path
+            from meshorch.upgrade_launcher import EXIT_UPGRADE, start_trial, supervised
+            assert supervised()
+            start_trial(Path(os.environ["FAKE_DATA_DIR"]), from_version="1.1",
+                        to_version="1.2", lib=Path(os.environ["FAKE_NEXT_LIB"]),
+                        previous_lib=Path(os.environ["PYTHONPATH"]), deadline_s=30)
+            helper.kill()
+            os._exit(EXIT_UPGRADE)
     def log_message(self, *args):
         pass
 def on_term(signum, frame):
@@ -371,8 +380,13 @@ class Setup:
         self.out = root / "out"
         self.out.mkdir()
         self.new_lib = root / "releases" / "1.1" / "lib"
+        self.next_lib = root / "releases" / "1.2" / "lib"
         self.previous_lib = root / "releases" / "1.0" / "lib"
-        for lib, code in ((self.new_lib, NEW_AGENT), (self.previous_lib, PREVIOUS_AGENT)):
+        for lib, code in (
+            (self.new_lib, NEW_AGENT),
+            (self.next_lib, NEW_AGENT),
+            (self.previous_lib, PREVIOUS_AGENT),
+        ):
             lib.mkdir(parents=True)
             (lib / "fakeagent.py").write_text(code)
         self.port = free_port()
@@ -390,7 +404,12 @@ class Setup:
             )
         agent = [sys.executable, "-m", "fakeagent", mode, str(self.out), str(self.port)]
         # The launcher runs in the old agent's environment: the previous lib in front.
-        env = {**os.environ, "PYTHONPATH": str(self.previous_lib)}
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(self.previous_lib),
+            "FAKE_DATA_DIR": str(self.data_dir),
+            "FAKE_NEXT_LIB": str(self.next_lib),
+        }
         argv = launcher_argv(self.data_dir, self.url, agent, timeout_s=timeout)
         return subprocess.Popen(argv, env=env, cwd=self.out, stderr=subprocess.PIPE, text=True)
 
@@ -442,6 +461,31 @@ def test_after_the_commit_the_agent_s_exit_is_the_launcher_s(setup: Setup) -> No
     # An exit after the commit is not a failed upgrade: no rollback, no previous agent.
     assert setup.trial().state == "committed"
     assert not (setup.out / "previous.json").exists()
+
+
+def test_a_supervised_agent_hands_over_to_the_next_trial(setup: Setup) -> None:
+    """The committed agent writes a new trial and exits with EXIT_UPGRADE: the same
+    launcher process (re-exec'd) runs the next trial, no nested launchers."""
+    launcher = setup.launch("serve")
+    try:
+        wait_for(lambda: setup.trial().state == "committed")
+        first = setup.note("new.json")
+        with urllib.request.urlopen(setup.url.replace("/v1/status", "/handover"), timeout=5):
+            pass
+        wait_for(lambda: setup.trial().to_version == "1.2" and setup.trial().state == "committed")
+        second = setup.note("new.json")
+        assert second["pid"] != first["pid"]
+        assert second["pythonpath"] == str(setup.next_lib.resolve())
+        assert child_pids(launcher.pid) == [second["pid"]]  # the launcher is its parent
+        assert pythonpath_of(launcher.pid) == str(setup.new_lib.resolve())  # relaunched
+        launcher.send_signal(signal.SIGTERM)
+        _, stderr = launcher.communicate(timeout=15)
+    finally:
+        launcher.kill()
+    assert launcher.returncode == 5, stderr
+    assert "hands over to a new upgrade" in stderr
+    trial = setup.trial()
+    assert (trial.from_version, trial.previous_lib) == ("1.1", str(setup.new_lib.resolve()))
 
 
 def test_agent_that_exits_is_rolled_back(setup: Setup) -> None:
