@@ -92,6 +92,13 @@ def add_chaos_command(commands: argparse._SubParsersAction[Any]) -> None:
     run.add_argument("--keys", type=int, default=6, help="keys they share (default 6)")
     run.add_argument("--no-events", action="store_true", help="no event-stream producer")
     run.add_argument(
+        "--read-consistency",
+        choices=("linearizable", "local"),
+        default="linearizable",
+        help="how the clients read; 'local' is not linearizable: a negative control that "
+        "should end in a violation under a partition (default linearizable)",
+    )
+    run.add_argument(
         "--recovery-timeout",
         type=float,
         default=60.0,
@@ -151,6 +158,7 @@ def run_chaos(args: argparse.Namespace) -> int:
         clients=args.clients,
         keys=args.keys,
         events=not args.no_events,
+        read_consistency=args.read_consistency,
         recovery_timeout_s=args.recovery_timeout,
         app_bound_s=args.app_bound,
     )

@@ -31,8 +31,9 @@ class InvariantResult:
         return {"name": self.name, "status": self.status, "detail": self.detail}
 
 
-def kv_operations(records: Iterable[Record]) -> list[Operation]:
-    """The KV operations the checker must consider: failed ones certainly did nothing."""
+def kv_operations(records: Iterable[Record], t0: float = 0.0) -> list[Operation]:
+    """The KV operations the checker must consider: failed ones certainly did nothing.
+    Times become seconds since ``t0`` (the start of the run), as in the report."""
     ops = []
     for r in records:
         if r["kind"] not in KV_KINDS or r["status"] == "fail":
@@ -42,8 +43,8 @@ def kv_operations(records: Iterable[Record]) -> list[Operation]:
             Operation(
                 key=str(r["key"]),
                 kind=r["kind"],
-                call_s=float(r["call_s"]),
-                return_s=float(r["return_s"]) if ok else None,
+                call_s=round(float(r["call_s"]) - t0, 6),
+                return_s=round(float(r["return_s"]) - t0, 6) if ok else None,
                 value=r.get("value"),
                 applied=r.get("applied") if ok else None,
                 op_id=int(r["id"]),
@@ -54,9 +55,9 @@ def kv_operations(records: Iterable[Record]) -> list[Operation]:
 
 
 def check_linearizable(
-    records: Sequence[Record], *, budget_nodes: int = DEFAULT_BUDGET_NODES
+    records: Sequence[Record], *, t0: float = 0.0, budget_nodes: int = DEFAULT_BUDGET_NODES
 ) -> tuple[InvariantResult, Verdict]:
-    verdict = check_history(kv_operations(records), budget_nodes=budget_nodes)
+    verdict = check_history(kv_operations(records, t0), budget_nodes=budget_nodes)
     statuses: dict[str, Status] = {"ok": "pass", "violation": "fail", "unknown": "unknown"}
     status = statuses[verdict.outcome]
     detail = verdict.explanation

@@ -71,12 +71,18 @@ class ChaosSettings:
     recovery_timeout_s: float = 60.0
     app_bound_s: float = 60.0
     checker_budget: int = 2_000_000
+    # "local" reads this host's copy, not linearizable: a negative control for the checker.
+    read_consistency: str = "linearizable"
 
     def validate(self) -> None:
         if self.hosts < 3:
             raise ValueError("chaos needs at least 3 hosts (a majority must survive a fault)")
         if self.clients < 1 or self.keys < 1:
             raise ValueError("at least one client and one key")
+        if self.read_consistency not in ("linearizable", "local"):
+            raise ValueError(
+                f"read consistency is linearizable or local, not {self.read_consistency!r}"
+            )
         if min(self.request_timeout_s, self.recovery_timeout_s, self.app_bound_s) <= 0:
             raise ValueError("timeouts must be positive")
 
@@ -242,11 +248,18 @@ class ChaosLab:
     # -- one scenario ---------------------------------------------------------------------
 
     def run_scenario(
-        self, name: str, seed: int, duration_s: float, report_path: Path
+        self,
+        name: str,
+        seed: int,
+        duration_s: float,
+        report_path: Path,
+        settings: ChaosSettings | None = None,
     ) -> ScenarioReport:
+        """Run ``name`` once; ``settings`` overrides the lab's for this run only."""
         scenario = get_scenario(name)
         planned = plan_scenario(name, seed, duration_s)
-        settings = self.settings
+        settings = settings or self.settings
+        settings.validate()
         fleet = scenario.needs_hub
         rng = random.Random(f"targets:{name}:{seed}")
         report_path.parent.mkdir(parents=True, exist_ok=True)
@@ -289,6 +302,7 @@ class ChaosLab:
                 "--clients", str(settings.clients), "--duration", str(duration_s),
                 "--seed", str(seed), "--out", str(history_path),
                 "--timeout", str(settings.request_timeout_s),
+                "--read-consistency", settings.read_consistency,
             ]  # fmt: skip
             with open(worker_log, "wb") as log_file:
                 worker = subprocess.Popen(
@@ -380,7 +394,7 @@ class ChaosLab:
                 fh.write(orjson.dumps(r) + b"\n")
 
         self.say(f"[{name} seed={seed}] checking invariants on {len(records)} operations")
-        linear, verdict = check_linearizable([*records, *final_reads],
+        linear, verdict = check_linearizable([*records, *final_reads], t0=report.t0,
                                              budget_nodes=settings.checker_budget)  # fmt: skip
         report.linearizability = verdict.to_json()
         keys = [f"{key_prefix}/k{i}" for i in range(settings.keys)]

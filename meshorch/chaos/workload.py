@@ -12,7 +12,8 @@ event stream; ``probe`` answers the site's health in one JSON object. Both print
 
 How an answer is classified (``docs``: README "The site API"):
 - 2xx (and 404 for a get: absent) -> ``ok``;
-- 503 ``not_committed``, 409, other 4xx, or no connection at all -> ``fail`` (not applied);
+- 409 for a compare-and-set (``put_if_absent``, ``expect_index=0``) -> ``ok``, not applied;
+- 503 ``not_committed``, other 4xx, or no connection at all -> ``fail`` (not applied);
 - 504 ``outcome_unknown``, a timeout, a connection lost mid-request -> ``unknown``.
 """
 
@@ -72,20 +73,26 @@ async def _kv_client(
     deadline: float,
     recorder: Recorder,
     timeout_s: float,
+    read_consistency: str,
 ) -> None:
     seq = 0
     while time.monotonic() < deadline:
         host = rng.choice(hosts)
         key = rng.choice(keys)
-        kind = rng.choices(("put", "get", "delete"), (45, 45, 10))[0]
+        kind = rng.choices(("put", "get", "delete", "put_if_absent"), (40, 45, 8, 7))[0]
         seq += 1
-        value = f"{name}-{seq}" if kind == "put" else None
+        value = f"{name}-{seq}" if kind in ("put", "put_if_absent") else None
         url = f"http://{host}:{API_PORT}/v1/kv/{key}"
+        if kind == "put_if_absent":
+            url += "?expect_index=0"  # compare-and-set: only if absent
+        elif kind == "get" and read_consistency != "linearizable":
+            url += f"?consistency={read_consistency}"
         op_id = recorder.new_id()
         call = time.monotonic()
         status, detail, read = "unknown", "", None
+        applied: bool | None = None
         try:
-            method = {"put": "PUT", "get": "GET", "delete": "DELETE"}[kind]
+            method = {"put": "PUT", "get": "GET", "delete": "DELETE", "put_if_absent": "PUT"}[kind]
             data = value.encode() if value is not None else None
             async with session.request(
                 method, url, data=data, timeout=aiohttp.ClientTimeout(total=timeout_s)
@@ -94,6 +101,9 @@ async def _kv_client(
                 status, detail = _classify(kind, resp.status, body)
                 if kind == "get" and resp.status == 200:
                     read = body.decode()
+                if kind == "put_if_absent" and resp.status in (200, 409):
+                    # A conflict is an answer too: the key was present, nothing written.
+                    status, applied = "ok", resp.status == 200
         except aiohttp.ClientConnectorError as exc:
             # Never connected: the request was not sent, so nothing happened.
             status, detail = "fail", f"connect: {exc.os_error}"
@@ -111,6 +121,7 @@ async def _kv_client(
                 "end_s": end,
                 "return_s": end if status == "ok" else None,
                 "value": value if kind != "get" else read,
+                "applied": applied,
                 "status": status,
                 "detail": detail,
             }
@@ -177,7 +188,7 @@ async def run_workload(args: argparse.Namespace, out: TextIO) -> None:
         tasks = [
             _kv_client(
                 f"c{i}", session, hosts, keys, random.Random(rng.random()), deadline, recorder,
-                args.timeout,
+                args.timeout, args.read_consistency,
             )
             for i in range(args.clients)
         ]  # fmt: skip
@@ -304,6 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--duration", type=float, required=True)
             p.add_argument("--seed", type=int, default=0)
             p.add_argument("--out", required=True, help="JSON lines, one per operation")
+            p.add_argument(
+                "--read-consistency", choices=("linearizable", "local"), default="linearizable",
+                help="local reads are NOT linearizable: a control that the checker catches",
+            )  # fmt: skip
         if mode == "probe":
             p.add_argument("--app", default="")
             p.add_argument("--fleet", action="store_true")

@@ -9,6 +9,7 @@ Reports land in pytest's tmp dir; a failure message carries the summary and the 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -45,3 +46,20 @@ def test_scenario_keeps_the_invariants(
     ok_kv = sum(report.op_counts.get(k, {}).get("ok", 0) for k in ("put", "get", "delete"))
     assert ok_kv >= 20, f"too few successful operations to mean anything: {report.op_counts}"
     assert (tmp_path / "report.svg").read_text().startswith("<svg")
+
+
+@pytest.mark.timeout(180)
+def test_stale_local_reads_under_a_partition_are_caught(
+    chaos_lab: ChaosLab, tmp_path: Path
+) -> None:
+    """The negative control: reads with consistency=local are not linearizable, and the
+    isolated follower serves stale values while the majority writes on. The suite must say
+    so, or a green run above would mean nothing."""
+    settings = replace(chaos_lab.settings, read_consistency="local")
+    report = chaos_lab.run_scenario(
+        "minority-partition", 2, 12.0, tmp_path / "report.json", settings
+    )
+    linear = next(i for i in report.invariants if i.name == "linearizable")
+    assert linear.status == "fail", report.summary()
+    assert "not linearizable" in linear.detail
+    assert report.linearizability["violations"][0]["ops"]

@@ -175,3 +175,21 @@ def test_report_json_and_timeline_svg() -> None:
     assert svg.count("<line") >= 3 and "kill s1-h1" in svg
     assert "#c62828" in svg and "#f9a825" in svg and "#2e7d32" in svg
     assert "kill-leader seed=3" in report.summary()
+
+
+def test_compare_and_set_records() -> None:
+    records = [
+        {**rec(1, "put_if_absent", 0, 1, "a"), "applied": True},
+        {**rec(2, "put_if_absent", 2, 3, "b"), "applied": False},
+        {**rec(3, "put_if_absent", 4, None, "c", "unknown"), "applied": None},
+        rec(4, "get", 5, 6, "a"),
+    ]
+    result, _ = check_linearizable(records)
+    assert result.status == "pass", result.detail
+    final = [rec(9, "get", 10, 11, "b")]
+    assert check_acknowledged_writes(records, final, ["k"]).status == "fail"
+    for value in ("a", "c"):
+        final = [rec(9, "get", 10, 11, value)]
+        assert check_acknowledged_writes(records, final, ["k"]).status == "pass"
+    records[1]["applied"] = True  # a second CAS cannot apply over a present value
+    assert check_linearizable(records)[0].status == "fail"
