@@ -518,6 +518,27 @@ def _supervise(
         time.sleep(poll_interval_s)
 
 
+def close_inherited_fds() -> list[int]:
+    """Close the inheritable descriptors above stderr; return them. An agent that execs
+    the launcher leaks whatever its libraries opened without O_CLOEXEC (LMDB's data file,
+    for one); the launcher would keep them open and hand them to the previous agent on
+    a rollback. Python's own descriptors are never inheritable (PEP 446)."""
+    if "LISTEN_FDS" in os.environ:
+        return []  # socket activation: those descriptors are meant for the agent
+    closed = []
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd <= 2:
+            continue
+        try:
+            if os.get_inheritable(fd):
+                os.close(fd)
+                closed.append(fd)
+        except OSError:
+            pass  # the listing's own descriptor, already gone
+    return closed
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m meshorch.upgrade_launcher",
@@ -537,6 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(args: Sequence[str] | None = None) -> int:
+    close_inherited_fds()
     options = build_parser().parse_args(args)
     argv = list(options.agent)
     if argv[:1] == ["--"]:

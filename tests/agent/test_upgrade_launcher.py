@@ -344,9 +344,10 @@ http.server.HTTPServer(("127.0.0.1", port), Handler).serve_forever()
 # The previous agent: records that it ran, and how, then exits 0.
 PREVIOUS_AGENT = r"""
 import json, os, sys
+fds = sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
 with open(os.path.join(sys.argv[2], "previous.json"), "w") as f:
     json.dump({"pid": os.getpid(), "pythonpath": os.environ.get("PYTHONPATH"),
-               "argv": sys.argv[1:]}, f)
+               "argv": sys.argv[1:], "fds": fds}, f)
 """
 
 
@@ -392,7 +393,9 @@ class Setup:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1/status"
 
-    def launch(self, mode: str, timeout: float = 30.0, trial: bool = True) -> subprocess.Popen[str]:
+    def launch(
+        self, mode: str, timeout: float = 30.0, trial: bool = True, pass_fds: Sequence[int] = ()
+    ) -> subprocess.Popen[str]:
         if trial:
             start_trial(
                 self.data_dir,
@@ -411,7 +414,9 @@ class Setup:
             "FAKE_NEXT_LIB": str(self.next_lib),
         }
         argv = launcher_argv(self.data_dir, self.url, agent, timeout_s=timeout)
-        return subprocess.Popen(argv, env=env, cwd=self.out, stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(
+            argv, env=env, cwd=self.out, stderr=subprocess.PIPE, text=True, pass_fds=pass_fds
+        )
 
     def note(self, name: str) -> dict[str, object]:
         data: dict[str, object] = json.loads((self.out / name).read_text())
@@ -523,11 +528,17 @@ def test_agent_never_ready_is_killed_and_rolled_back(setup: Setup) -> None:
 
 
 def test_without_a_trial_the_launcher_is_the_agent(setup: Setup) -> None:
-    launcher = setup.launch("crash", trial=False)
-    _, stderr = launcher.communicate(timeout=30)
+    # A descriptor leaked by the agent that exec'd the launcher (inheritable).
+    leaked = os.open(setup.out, os.O_RDONLY)
+    try:
+        launcher = setup.launch("crash", trial=False, pass_fds=[leaked])
+        _, stderr = launcher.communicate(timeout=30)
+    finally:
+        os.close(leaked)
     assert launcher.returncode == 0, stderr
     previous = setup.note("previous.json")
     assert previous["pid"] == launcher.pid
+    assert leaked not in previous["fds"]  # type: ignore[operator]
     assert previous["pythonpath"] == str(setup.previous_lib)  # the environment, unchanged
     assert stderr == ""
 
