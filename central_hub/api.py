@@ -35,6 +35,7 @@ from aiohttp import web
 
 from central_hub import authz, openapi, tenancy, tokens
 from central_hub.audit import CALLER
+from central_hub.dashboard import add_dashboard
 from central_hub.errors import ApiError, InputProblems
 from central_hub.fleetview import parse_report
 from central_hub.model import (
@@ -134,6 +135,7 @@ def build_app(hub: Hub, max_body_bytes: int) -> web.Application:
     app[MAX_BODY_KEY] = max_body_bytes
     for route in ROUTES:
         app.router.add_route(route.method, route.path, _guarded(route))
+    add_dashboard(app)  # the web UI (not part of the API: not in ROUTES)
     return app
 
 
