@@ -14,7 +14,8 @@ How an answer is classified (``docs``: README "The site API"):
 - 2xx (and 404 for a get: absent) -> ``ok``;
 - 409 for a compare-and-set (``put_if_absent``, ``expect_index=0``) -> ``ok``, not applied;
 - 503 ``not_committed``, other 4xx, or no connection at all -> ``fail`` (not applied);
-- 504 ``outcome_unknown``, a timeout, a connection lost mid-request -> ``unknown``.
+- 504 ``outcome_unknown``, another 5xx, a timeout, a connection lost mid-request ->
+  ``unknown``.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ API_PORT = 7700
 THINK_S = (0.01, 0.05)  # pause between a client's operations: a busy, not a saturated, site
 
 
-def _classify(kind: str, status: int, body: bytes) -> tuple[str, str]:
+def classify_answer(kind: str, status: int, body: bytes) -> tuple[str, str]:
     if 200 <= status < 300 or (kind == "get" and status == 404):
         return "ok", ""
     code = ""
@@ -45,9 +46,10 @@ def _classify(kind: str, status: int, body: bytes) -> tuple[str, str]:
         code = str(json.loads(body)["error"]["code"])
     except (ValueError, KeyError, TypeError):
         code = body[:80].decode(errors="replace")
-    if status == 504:
-        return "unknown", code or "504"
-    return "fail", f"{status} {code}"
+    if 400 <= status < 500 or status == 503:
+        return "fail", f"{status} {code}"
+    # 504 outcome_unknown, or a 500 that may have come after the proposal: either way.
+    return "unknown", f"{status} {code}"
 
 
 class Recorder:
@@ -98,7 +100,7 @@ async def _kv_client(
                 method, url, data=data, timeout=aiohttp.ClientTimeout(total=timeout_s)
             ) as resp:
                 body = await resp.read()
-                status, detail = _classify(kind, resp.status, body)
+                status, detail = classify_answer(kind, resp.status, body)
                 if kind == "get" and resp.status == 200:
                     read = body.decode()
                 if kind == "put_if_absent" and resp.status in (200, 409):
@@ -153,7 +155,7 @@ async def _event_client(
                 json={"events": [{"payload": payload}]},
                 timeout=aiohttp.ClientTimeout(total=timeout_s),
             ) as resp:
-                status, detail = _classify("event", resp.status, await resp.read())
+                status, detail = classify_answer("event", resp.status, await resp.read())
         except aiohttp.ClientConnectorError as exc:
             status, detail = "fail", f"connect: {exc.os_error}"
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:

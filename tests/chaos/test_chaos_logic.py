@@ -21,6 +21,7 @@ from meshorch.chaos.invariants import (
 from meshorch.chaos.report import FaultRecord, ScenarioReport, timeline_svg
 from meshorch.chaos.runner import app_converged, leader_of, site_healthy
 from meshorch.chaos.scenarios import SCENARIOS, plan_scenario
+from meshorch.chaos.workload import classify_answer
 
 HOSTS = ("s1-h1", "s1-h2", "s1-h3")
 
@@ -193,3 +194,13 @@ def test_compare_and_set_records() -> None:
         assert check_acknowledged_writes(records, final, ["k"]).status == "pass"
     records[1]["applied"] = True  # a second CAS cannot apply over a present value
     assert check_linearizable(records)[0].status == "fail"
+
+
+def test_answers_are_classified_by_what_they_say_about_the_write() -> None:
+    error = b'{"error": {"code": "not_committed", "message": "x"}}'
+    assert classify_answer("put", 200, b"{}") == ("ok", "")
+    assert classify_answer("get", 404, b"") == ("ok", "")
+    assert classify_answer("put", 503, error) == ("fail", "503 not_committed")
+    assert classify_answer("put", 400, b"garbage")[0] == "fail"
+    assert classify_answer("put", 504, b"{}")[0] == "unknown"
+    assert classify_answer("delete", 500, b"{}")[0] == "unknown"
