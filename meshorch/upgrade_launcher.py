@@ -186,6 +186,22 @@ def start_trial(
     return trial
 
 
+def status_url(api_address: str) -> str:
+    """The local ``/v1/status`` URL of an agent listening on ``api_address`` (HOST:PORT;
+    a wildcard host is reached on loopback)."""
+    host, sep, port = api_address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigurationError(f"expected HOST:PORT, not {api_address!r}")
+    host = host.strip("[]")
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}/v1/status"
+
+
 def launcher_argv(
     data_dir: Path,
     health_url: str,

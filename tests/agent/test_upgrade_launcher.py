@@ -19,6 +19,7 @@ from typing import NoReturn
 
 import pytest
 
+from meshorch.errors import ConfigurationError
 from meshorch.localsite import LocalSite
 from meshorch.release import build_test_release, install_release
 from meshorch.upgrade_launcher import (
@@ -38,6 +39,7 @@ from meshorch.upgrade_launcher import (
     settled_lib,
     start_trial,
     status_ready,
+    status_url,
     trial_path,
     write_trial,
 )
@@ -153,6 +155,16 @@ def test_one_trial_at_a_time(tmp_path: Path) -> None:
     assert start(force=True).state == "trying"
     write_trial(tmp_path, Trial(**{**TRIAL.__dict__, "state": "committed"}))
     assert start().state == "trying"
+
+
+def test_status_url() -> None:
+    assert status_url("0.0.0.0:7700") == "http://127.0.0.1:7700/v1/status"
+    assert status_url("10.0.0.5:7700") == "http://10.0.0.5:7700/v1/status"
+    assert status_url("[::]:7700") == "http://[::1]:7700/v1/status"
+    assert status_url("[fd00::1]:80") == "http://[fd00::1]:80/v1/status"
+    assert status_url(":7700") == "http://127.0.0.1:7700/v1/status"
+    with pytest.raises(ConfigurationError):
+        status_url("7700")
 
 
 def test_launcher_argv(tmp_path: Path) -> None:
@@ -623,7 +635,7 @@ def real_agent(root: Path) -> tuple[list[str], Path, str]:
         "--cluster-password-file", str(site.password_file), "--preset", "local",
         "--runtime", "process",
     ]  # fmt: skip
-    return command, host.data_dir, f"http://{host.api}/v1/status"
+    return command, host.data_dir, status_url(host.api)
 
 
 def child_pids(pid: int) -> list[int]:
