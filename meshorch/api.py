@@ -13,8 +13,9 @@ from collections.abc import Awaitable, Callable
 
 import orjson
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
-from meshorch import admission
+from meshorch import admission, metrics
 from meshorch.agent import Agent
 from meshorch.appspec import SpecError, parse_app_spec, spec_digest, to_json
 from meshorch.delta import DeltaRejected
@@ -164,6 +165,9 @@ def build_app(agent: Agent) -> web.Application:
     app.router.add_put("/v1/secrets/settings", put_secret_settings)
     add_stream_routes(app, _agent)
     add_host_routes(app, _agent)
+    registry = CollectorRegistry()
+    registry.register(metrics.AgentCollector(agent))
+    metrics.install(app, registry, "meshorch_agent")
     return app
 
 
