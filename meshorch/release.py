@@ -23,6 +23,7 @@ import zipfile
 from dataclasses import dataclass
 from email.parser import HeaderParser
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from meshorch.errors import MeshorchError
 
@@ -356,15 +357,33 @@ def _record_hash(data: bytes) -> str:
     return f"sha256={raw.decode()}"
 
 
+def _package_files(project: Path, pyproject: dict[str, Any]) -> list[Path]:
+    """The modules of the release packages and their package data, as setuptools would
+    pick them: ``[tool.setuptools.package-data]`` globs, "*" for every package."""
+    package_data: dict[str, list[str]] = (
+        pyproject.get("tool", {}).get("setuptools", {}).get("package-data", {})
+    )
+    found: set[Path] = set()
+    for top in RELEASE_PACKAGES:
+        for directory in [project / top, *sorted((project / top).rglob("*"))]:
+            if not directory.is_dir() or directory.name == "__pycache__":
+                continue
+            found.update(directory.glob("*.py"))
+            dotted = directory.relative_to(project).as_posix().replace("/", ".")
+            for pattern in [*package_data.get("*", []), *package_data.get(dotted, [])]:
+                found.update(path for path in directory.glob(pattern) if path.is_file())
+    return sorted(path for path in found if "__pycache__" not in path.parts)
+
+
 def _write_wheel(project: Path, out_dir: Path) -> Path:
-    meta = tomllib.loads((project / "pyproject.toml").read_text())["project"]
+    pyproject = tomllib.loads((project / "pyproject.toml").read_text())
+    meta = pyproject["project"]
     name, version = meta["name"], meta["version"]
     dist_info = f"{name}-{version}.dist-info"
-    files: list[tuple[str, bytes]] = []
-    for package in RELEASE_PACKAGES:
-        for path in sorted((project / package).rglob("*")):
-            if path.is_file() and (path.suffix == ".py" or path.name == "py.typed"):
-                files.append((path.relative_to(project).as_posix(), path.read_bytes()))
+    files = [
+        (path.relative_to(project).as_posix(), path.read_bytes())
+        for path in _package_files(project, pyproject)
+    ]
     lines = [
         "Metadata-Version: 2.1",
         f"Name: {name}",

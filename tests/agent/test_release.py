@@ -100,6 +100,9 @@ def test_metadata_of_a_built_wheel(wheels: dict[str, Path]) -> None:
         assert f"{package}/__init__.py" in names
         assert f"{package}/py.typed" in names
     assert not any("__pycache__" in name for name in names)
+    # Package data ([tool.setuptools.package-data]) ships too.
+    for asset in (SOURCE / "central_hub" / "dashboard").glob("*"):
+        assert asset.relative_to(SOURCE).as_posix() in names
 
 
 def test_test_release_builds_are_reproducible(wheels: dict[str, Path], tmp_path: Path) -> None:
