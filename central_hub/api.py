@@ -32,12 +32,14 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from central_hub import authz, openapi, tenancy, tokens
 from central_hub.audit import CALLER
 from central_hub.dashboard import add_dashboard
 from central_hub.errors import ApiError, InputProblems
 from central_hub.fleetview import parse_report
+from central_hub.metrics import HubCollector
 from central_hub.model import (
     validate_labels,
     validate_public_key,
@@ -47,6 +49,7 @@ from central_hub.model import (
 from central_hub.placement import parse_policy
 from central_hub.tokens import TokenRecord
 from central_hub.vault import parse_report_secrets
+from meshorch import metrics
 from meshorch.appspec import SpecError, parse_app_spec, spec_digest
 from meshorch.delta import DeltaRejected, parse
 from meshorch.errors import RemoteInputError
@@ -136,6 +139,9 @@ def build_app(hub: Hub, max_body_bytes: int) -> web.Application:
     for route in ROUTES:
         app.router.add_route(route.method, route.path, _guarded(route))
     add_dashboard(app)  # the web UI (not part of the API: not in ROUTES)
+    registry = CollectorRegistry()
+    registry.register(HubCollector(hub))
+    metrics.install(app, registry, "meshorch_hub")  # GET /metrics, latency by route
     return app
 
 
@@ -424,6 +430,16 @@ async def put_site_labels(request: web.Request) -> web.Response:
     return json_response(await _hub(request).set_site_labels(site, labels))
 
 
+async def list_alerts(request: web.Request) -> web.Response:
+    return json_response({"alerts": _hub(request).list_alerts(_token(request))})
+
+
+async def acknowledge_alert(request: web.Request) -> web.Response:
+    await _read(request)  # no body expected; a body is ignored
+    answer = await _hub(request).acknowledge_alert(_token(request), request.match_info["id"])
+    return json_response(answer)
+
+
 async def decommission_site(request: web.Request) -> web.Response:
     site = request.match_info["id"]
     return json_response(await _hub(request).decommission_site(_token(request), site))
@@ -544,6 +560,12 @@ ROUTES: tuple[Route, ...] = (
     Route("PUT", "/v1/sites/{id}/labels", put_site_labels, "sites.write",
           "Replace a site's labels (used by the next deployments)", request="Labels",
           response="SiteLabels"),
+    Route("GET", "/v1/alerts", list_alerts, "alerts.read",
+          "Alerts: active (site offline, lagging, app unhealthy, host disk/memory) and "
+          "recently cleared", response="Alerts"),
+    Route("POST", "/v1/alerts/{id}/ack", acknowledge_alert, "alerts.ack",
+          "Acknowledge an active alert (it stays until its condition clears)",
+          response="Object"),
     Route("POST", "/v1/sites/{id}/decommission", decommission_site, "sites.delete",
           "Decommission a site (site.decommission delta): it stops every application, wipes "
           "its secrets and reports it; the hub then forgets the site", response="Object"),

@@ -89,6 +89,8 @@ POLICY: dict[str, Rule] = {
     "fleet.admin": Rule("fleet", _ADMIN),
     "audit.read": Rule("tenant", _ADMIN),
     "logs.read": Rule("tenant", _ALL),
+    "alerts.read": Rule("any", _ALL),  # a tenant token sees its apps' alerts only
+    "alerts.ack": Rule("fleet", _WRITE),
 }
 
 # A route declared with a role name rather than an action gets the narrowest reading of it

@@ -134,6 +134,14 @@ def parse_report(data: object, site_id: str) -> dict[str, Any]:
         if "agent_version" in h:  # reported since site protocol 2
             host["agent_version"] = c.text(h["agent_version"], f"hosts[{i}].agent_version")
             host["protocol"] = c.integer(h.get("protocol", 1), f"hosts[{i}].protocol")
+        use = h.get("resources")
+        if use is not None:
+            r = c.obj(use, f"hosts[{i}].resources")
+            host["resources"] = {
+                name: c.number(r.get(name), f"hosts[{i}].resources.{name}")
+                for name in ("load1", "memory_used_pct", "disk_used_pct", "at")
+                if name in r
+            }
         hosts.append(host)
     apps: dict[str, Any] = {}
     raw_apps = c.obj(report.get("apps", {}), "apps")

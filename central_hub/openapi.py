@@ -379,6 +379,10 @@ SCHEMAS.update(
             ["site", "stream", "position", "dropped"], site=_ID, stream=_STR, position=_INT,
             dropped=_INT,
         ))),
+        "Alerts": _obj(["alerts"], alerts=_list(_obj(
+            ["id", "kind", "site", "message", "since", "active", "acknowledged"], id=_STR,
+            kind=_STR, site=_ID, message=_STR, since=_NUM, active=_BOOL, acknowledged=_BOOL,
+        ))),
         "StreamPositions": _obj(
             ["positions"], positions={"type": "object", "additionalProperties": _INT},
             refused={"type": "object", "additionalProperties": _STR},

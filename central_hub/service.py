@@ -37,7 +37,18 @@ import orjson
 from aiohttp import web
 from nacl.signing import SigningKey
 
-from central_hub import audit, deltalog, fleetview, placement, store, tenancy, tokens, waves
+from central_hub import (
+    alerts,
+    audit,
+    deltalog,
+    fleetview,
+    placement,
+    store,
+    tenancy,
+    tokens,
+    waves,
+)
+from central_hub.alerts import AlertBook, Thresholds
 from central_hub.authz import Principal
 from central_hub.deltalog import Head
 from central_hub.errors import ApiError, HubConfigError
@@ -54,6 +65,8 @@ from meshorch.fleet_link import GOSSIP_PRESETS
 from meshorch.site_gossip import HUB_ID
 
 logger = logging.getLogger(__name__)
+
+ALERTS_EVERY_S = 2.0
 
 T = TypeVar("T")
 DAY_S = 86400.0
@@ -81,6 +94,7 @@ class HubConfig:
     heartbeat_s: float | None = None
     wave_timeout_s: float = 600.0
     site_stale_s: float = 30.0
+    alert_thresholds: Thresholds = field(default_factory=Thresholds)
     enroll_ttl_s: float = 7 * DAY_S
     rejection_window_s: float = 600.0
     tick_s: float = 0.2
@@ -249,6 +263,9 @@ class Hub:
         self.gossip: HubGossip | None = None
         self.vault = VaultService(self)
         self.logs = HubLogs(self)
+        self.alerts = AlertBook()
+        self._behind_since: dict[str, float] = {}  # site -> first seen behind the head
+        self._alerts_at = 0.0
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -1040,6 +1057,53 @@ class Hub:
                     await self._transact(self.vault.distribute)
             except Exception:
                 logger.exception("secret distribution failed; retrying on the next tick")
+            if self.now() - self._alerts_at >= ALERTS_EVERY_S:
+                try:
+                    self.refresh_alerts()
+                except Exception:
+                    logger.exception("alert evaluation failed; retrying on the next tick")
+
+    # -- alerts -------------------------------------------------------------------------
+
+    def refresh_alerts(self) -> None:
+        """Fire and clear alerts from the fleet view as it is now (central_hub.alerts)."""
+        now = self.now()
+        self._alerts_at = now
+        summaries = self.list_sites()
+        head = self.head.version
+        for summary in summaries:
+            site = summary["id"]
+            if (summary.get("applied_version") or 0) < head:
+                self._behind_since.setdefault(site, now)
+            else:
+                self._behind_since.pop(site, None)
+        reports = {site: report for site, (report, _) in self._reports.items()}
+        tenants = {
+            app["name"]: app.get("tenant", "default") for app in self.store.values_json("apps")
+        }
+        found = alerts.conditions(
+            summaries, reports, tenants, head, self._behind_since, now, self.config.alert_thresholds
+        )
+        self.alerts.update(found, now)
+
+    def list_alerts(self, token: TokenRecord) -> list[dict[str, Any]]:
+        tokens.authorize(token, "alerts.read")
+        self.refresh_alerts()
+        return [
+            a.to_json()
+            for a in self.alerts.listing()
+            if tokens.is_fleet(token) or (a.tenant is not None and tokens.reaches(token, a.tenant))
+        ]
+
+    async def acknowledge_alert(self, token: TokenRecord, alert_id: str) -> dict[str, Any]:
+        tokens.authorize(token, "alerts.ack")
+        alert = self.alerts.acknowledge(alert_id, token.id, self.now())
+        if alert is None:
+            raise ApiError(404, "not_found", f"no active alert {alert_id!r}")
+        done = self.audit(token, "alert.ack", alert.tenant, "alert", alert_id, "ok")
+        if done is not None:
+            await done
+        return alert.to_json()
 
     def _advance(self, txn: _Txn) -> None:
         """Step every running deployment; append a heartbeat when the tip gets old."""

@@ -13,10 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from meshorch import decommission
@@ -25,6 +27,7 @@ from meshorch.agent_config import AgentConfig, check_identity, resolve_password,
 from meshorch.app_network import AppNetwork, NetworkSettings
 from meshorch.controller import SiteController
 from meshorch.errors import ConfigurationError
+from meshorch.host_resources import sample
 from meshorch.images import SiteImages
 from meshorch.log_capture import LogCapture
 from meshorch.mesh import (
@@ -54,12 +57,14 @@ from meshorch.site_state import (
 from meshorch.site_streams import SiteStreams
 from meshorch.streams import NewEvent, StreamName
 from meshorch.workload_settings import WorkloadSettings, make_runtime
-from meshorch.workloads import encode_hostinfo, hostinfo_key
+from meshorch.workloads import HOSTRES_PREFIX, encode_hostinfo, hostinfo_key
 from netmesh import KeyPair, load_or_create_keypair
 from raft import Put, RaftConfig, RaftNode, local_preset
 from raft.errors import ProposalError
 
 logger = logging.getLogger(__name__)
+
+RESOURCES_EVERY_S = 10.0
 
 REGISTER_RETRY_S = 0.5
 
@@ -170,6 +175,7 @@ class Agent:
         self.spawn(HostReconciler(self, self.runtime).run(), "reconcile")
         self.spawn(self.network.run(), "site-network")
         self.spawn(decommission.run(self), "decommission")
+        self.spawn(self._publish_resources(), "host-resources")
         self.spawn(SiteController(self).run(), "controller")
         self.spawn(self.site_link.run(), "fleet-link")
         self.spawn(
@@ -199,6 +205,18 @@ class Agent:
             await self._raft.stop()
         if self.mesh is not None:
             await self.mesh.stop()
+
+    async def _publish_resources(self) -> None:
+        """This host's CPU, memory and disk use in the site state, for the leader's report
+        (the hub alerts on thresholds)."""
+        key = HOSTRES_PREFIX + self.config.host_id.encode()
+        while True:
+            await asyncio.sleep(RESOURCES_EVERY_S)
+            try:
+                use = sample(self.config.data_dir, time.time())
+                await self.raft.propose([Put(APPS_TABLE, key, orjson.dumps(use.to_json()))])
+            except (ProposalError, OSError) as exc:
+                logger.debug("host resources not published: %s", exc)
 
     async def _store_logs(self, stream: StreamName, events: list[NewEvent]) -> None:
         await self.streams.produce(stream, events)  # raises on failure: retried later

@@ -527,6 +527,10 @@ class SiteFacts:
     hosts: Sequence[HostInfo]  # alive as the leader sees them
     members: Collection[str] = ()  # host ids of the site's members
     secrets_public_key: str | None = None  # hex X25519: the hub seals secrets to it
+    resources: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # host -> use
+
+
+REPORT_RESOURCE_FIELDS = ("load1", "cpu_count", "memory_used_pct", "disk_used_pct", "at")
 
 
 def build_report(
@@ -553,6 +557,11 @@ def build_report(
                 {}
                 if (info := infos.get(host_id)) is None
                 else {"agent_version": info.agent_version, "protocol": info.protocol}
+            ),
+            **(
+                {}
+                if (use := facts.resources.get(host_id)) is None
+                else {"resources": {k: use[k] for k in REPORT_RESOURCE_FIELDS if k in use}}
             ),
         }
         for host_id in host_ids

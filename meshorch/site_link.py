@@ -72,6 +72,7 @@ from meshorch.stream_forward import StreamForwarder
 from meshorch.workloads import (
     APP_PREFIX,
     HOSTINFO_PREFIX,
+    HOSTRES_PREFIX,
     INST_PREFIX,
     ROLLOUT_PREFIX,
     STATUS_PREFIX,
@@ -616,6 +617,10 @@ class SiteLink:
             rollouts={r.app: r for r in map(decode_rollout, self._scan(ROLLOUT_PREFIX))},
             hosts=hosts,
             members=[m.host_id for m in self.agent.members()],
+            resources={
+                key[len(HOSTRES_PREFIX) :].decode(): orjson.loads(record.value)
+                for key, record in self.agent.raft.view.scan(APPS_TABLE, HOSTRES_PREFIX, 10_000)[0]
+            },
         )
 
     def report(self) -> dict[str, Any] | None:

@@ -32,6 +32,7 @@ ROLLOUT_PREFIX = b"rollout/"
 INST_PREFIX = b"inst/"
 STATUS_PREFIX = b"status/"
 HOSTINFO_PREFIX = b"hostinfo/"
+HOSTRES_PREFIX = b"hostres/"  # hostres/<host>: what it uses (meshorch.host_resources), JSON
 EVENT_PREFIX = b"event/"
 
 

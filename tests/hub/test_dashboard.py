@@ -28,7 +28,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from central_hub import Hub, api
+from central_hub import Hub
 from central_hub.dashboard import ASSET_DIR, ASSETS, add_dashboard
 from central_hub.logstore import LogRecord
 from tests.hub.conftest import admin_token, hub_config
@@ -39,7 +39,6 @@ if TYPE_CHECKING:
     from selenium.webdriver.remote.webdriver import WebDriver
 
 T = TypeVar("T")
-Wire = Callable[[web.Application], None]
 WAIT_S = 15.0
 NASTY_LINE = "<img src=x onerror=\"document.title='pwned'\"> not markup"
 
@@ -48,29 +47,7 @@ NASTY_LINE = "<img src=x onerror=\"document.title='pwned'\"> not markup"
 
 
 @pytest.fixture
-def wiring() -> list[Wire]:
-    """Extra routes a test adds to the hub's app (e.g. a stand-in /v1/alerts)."""
-    return []
-
-
-@pytest.fixture
-def hub_with_dashboard(monkeypatch: pytest.MonkeyPatch, wiring: list[Wire]) -> None:
-    # Until central_hub.api.build_app calls add_dashboard itself, the tests wire it in
-    # the same place; add_dashboard does nothing the second time, so this stays valid after.
-    original = api.build_app
-
-    def build(hub: Hub, max_body_bytes: int) -> web.Application:
-        app = original(hub, max_body_bytes)
-        add_dashboard(app)
-        for wire in wiring:
-            wire(app)
-        return app
-
-    monkeypatch.setattr(api, "build_app", build)
-
-
-@pytest.fixture
-async def hub(tmp_path: Path, hub_with_dashboard: None) -> AsyncIterator[Hub]:
+async def hub(tmp_path: Path) -> AsyncIterator[Hub]:
     async with Hub(hub_config(tmp_path / "hub", gossip=False)) as running:
         yield running
 
@@ -407,7 +384,7 @@ def fleet_to_logs(driver: WebDriver, world: World) -> None:
     assert "s ago" in eu1[5]
     groups = {g: texts(driver, f'#map .group[data-group="{g}"] .tile') for g in ("eu", "us", "ap")}
     assert groups == {"eu": ["eu-2", "eu-1"], "us": ["us-1"], "ap": ["ap-1"]}
-    assert not visible(driver, "#alerts")  # the hub has no /v1/alerts: no panel
+    until(driver, "the alerts panel", lambda d: visible(d, "#alerts"))
     assert not visible(driver, "#login")
     world.shot(driver, "02-fleet")
 
@@ -504,48 +481,25 @@ async def test_bad_token_shows_the_hubs_message(browser: WebDriver, world: World
     await asyncio.to_thread(bad_tokens, browser, world, created["token"], revoke)
 
 
-# A stand-in for the alerts route another change may add to the hub.
+# Alerts come from the hub itself: ap-1 has never reported (site_offline), eu-2 runs a
+# degraded app (app_unhealthy).
 
-
-@pytest.fixture
-def alerts(wiring: list[Wire]) -> list[dict[str, Any]]:
-    found = [
-        {"id": "a1", "kind": "site_unreachable", "site": "us-1", "message": "no report for 5m",
-         "since": time.time() - 300, "acknowledged": False},
-        {"id": "a2", "kind": "app_failed", "site": "eu-2", "message": "web failed",
-         "since": time.time() - 60, "acknowledged": True},
-    ]  # fmt: skip
-
-    async def list_alerts(request: web.Request) -> web.Response:
-        return api.json_response({"alerts": found})
-
-    async def ack(request: web.Request) -> web.Response:
-        for alert in found:
-            if alert["id"] == request.match_info["id"]:
-                alert["acknowledged"] = True
-        return api.json_response({"acknowledged": request.match_info["id"]})
-
-    def wire(app: web.Application) -> None:
-        app.router.add_get("/v1/alerts", list_alerts)
-        app.router.add_post("/v1/alerts/{id}/ack", ack)
-
-    wiring.append(wire)
-    return found
+OFFLINE = "site_offline:ap-1"
 
 
 def acknowledge(driver: WebDriver, world: World) -> None:
     open_dashboard(driver, world.hub)
     log_in(driver, admin_token(world.hub))
-    until(driver, "the alerts", lambda d: len(texts(d, "#alerts-table tbody tr")) == 2)
-    assert "no report for 5m" in texts(driver, '#alerts tr[data-alert="a1"]')[0]
+    row = f'#alerts tr[data-alert="{OFFLINE}"]'
+    until(driver, "the alerts", lambda d: bool(texts(d, row)))
+    assert "ap-1 is not heard from" in texts(driver, row)[0]
     world.shot(driver, "10-alerts")
-    click(driver, '#alerts tr[data-alert="a1"] button.ack')
-    until(driver, "a1 acknowledged", lambda d: texts(d, "#alerts button.ack") == [])
-    assert "acknowledged" in texts(driver, '#alerts tr[data-alert="a1"]')[0]
+    click(driver, f"{row} button.ack")
+    until(driver, "acknowledged", lambda d: "acknowledged" in texts(d, row)[0])
 
 
-async def test_alerts_are_shown_and_acknowledged(
-    alerts: list[dict[str, Any]], browser: WebDriver, world: World
-) -> None:
+async def test_alerts_are_shown_and_acknowledged(browser: WebDriver, world: World) -> None:
     await asyncio.to_thread(acknowledge, browser, world)
-    assert [a["acknowledged"] for a in alerts] == [True, True]
+    alert = world.hub.alerts.active[OFFLINE]
+    assert alert.acknowledged_by is not None
+    assert any(a.startswith("app_unhealthy:eu-2:") for a in world.hub.alerts.active)

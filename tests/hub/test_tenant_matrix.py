@@ -155,6 +155,9 @@ CASES: dict[tuple[str, str], tuple[Setup, int]] = {
     ("PUT", "/v1/sites/{id}/labels"): (fixed("/v1/sites/site-1/labels", {"zone": "z1"}), 200),
     ("DELETE", "/v1/sites/{id}"): (new_site, 200),
     ("POST", "/v1/sites/{id}/decommission"): (new_site_to_decommission, 200),
+    ("GET", "/v1/alerts"): (fixed("/v1/alerts"), 200),
+    # Allowed, and no such alert: 404 for the roles that may acknowledge.
+    ("POST", "/v1/alerts/{id}/ack"): (fixed("/v1/alerts/no-such-alert/ack", {}), 404),
     ("POST", "/v1/apps"): (create_app_of_a, 202),
     ("GET", "/v1/apps"): (fixed("/v1/apps"), 200),
     ("GET", "/v1/apps/{name}"): (fixed(f"/v1/apps/{APP_A}", None, TA), 200),

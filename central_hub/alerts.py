@@ -1,0 +1,173 @@
+"""Fleet alerts: conditions read from the fleet view, fired and cleared over time (pure).
+
+``conditions`` turns what the hub knows of each site (its summary, its last report, the
+delta head) into the conditions that hold now; ``AlertBook.update`` fires an alert when
+its condition appears, keeps it while it holds (an acknowledgement sticks until it
+clears), and clears it when the condition is gone. Ids are stable
+(``kind:site[:subject]``), so an alert that clears and comes back is a new firing.
+
+Kinds: ``site_offline`` (no report or gossip within the stale window), ``site_lagging``
+(applied delta version behind the head for longer than ``lag_s``), ``app_unhealthy`` (an
+application failed or degraded at a site), ``host_disk`` / ``host_memory`` (a host over a
+threshold).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+UNHEALTHY_APP_STATES = ("failed", "degraded")
+RESOLVED_KEPT = 200
+
+
+@dataclass(frozen=True, slots=True)
+class Thresholds:
+    disk_used_pct: float = 90.0
+    memory_used_pct: float = 95.0
+    lag_s: float = 120.0
+
+
+@dataclass(frozen=True, slots=True)
+class Condition:
+    id: str
+    kind: str
+    site: str
+    message: str
+    tenant: str | None = None  # app alerts belong to the app's tenant
+
+
+@dataclass(frozen=True, slots=True)
+class Alert:
+    id: str
+    kind: str
+    site: str
+    message: str
+    since: float
+    tenant: str | None = None
+    acknowledged_by: str | None = None
+    acknowledged_at: float | None = None
+    cleared_at: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "site": self.site,
+            "message": self.message,
+            "since": self.since,
+            "acknowledged": self.acknowledged_by is not None,
+            "acknowledged_by": self.acknowledged_by,
+            "acknowledged_at": self.acknowledged_at,
+            "cleared_at": self.cleared_at,
+            "active": self.cleared_at is None,
+        }
+
+
+def conditions(
+    summaries: Iterable[Mapping[str, Any]],
+    reports: Mapping[str, Mapping[str, Any]],
+    app_tenants: Mapping[str, str],
+    head: int,
+    lag_since: Mapping[str, float],
+    now: float,
+    thresholds: Thresholds,
+) -> list[Condition]:
+    """``lag_since``: when each site was first seen behind the head (kept by the caller)."""
+    found: list[Condition] = []
+    for summary in summaries:
+        site = str(summary["id"])
+        if summary.get("health") == "unreachable" or summary.get("last_seen") is None:
+            found.append(
+                Condition(
+                    f"site_offline:{site}", "site_offline", site, f"site {site} is not heard from"
+                )
+            )
+            continue
+        applied = summary.get("applied_version") or 0
+        behind_since = lag_since.get(site)
+        if applied < head and behind_since is not None and now - behind_since >= thresholds.lag_s:
+            found.append(
+                Condition(
+                    f"site_lagging:{site}",
+                    "site_lagging",
+                    site,
+                    f"site {site} applied delta {applied}, the head is {head} "
+                    f"(behind for {now - behind_since:.0f} s)",
+                )
+            )
+        report = reports.get(site)
+        if report is None:
+            continue
+        for app, status in report.get("apps", {}).items():
+            if status.get("state") in UNHEALTHY_APP_STATES:
+                found.append(
+                    Condition(
+                        f"app_unhealthy:{site}:{app}",
+                        "app_unhealthy",
+                        site,
+                        f"{app} at {site} is {status['state']}: {status.get('message') or '-'}",
+                        app_tenants.get(app),
+                    )
+                )
+        for host in report.get("hosts", []):
+            use = host.get("resources") or {}
+            host_id = host["host_id"]
+            for kind, field, limit in (
+                ("host_disk", "disk_used_pct", thresholds.disk_used_pct),
+                ("host_memory", "memory_used_pct", thresholds.memory_used_pct),
+            ):
+                value = use.get(field)
+                if isinstance(value, int | float) and value >= limit:
+                    what = "disk" if kind == "host_disk" else "memory"
+                    found.append(
+                        Condition(
+                            f"{kind}:{site}:{host_id}",
+                            kind,
+                            site,
+                            f"{site}/{host_id} {what} {value:.0f}% used (threshold {limit:.0f}%)",
+                        )
+                    )
+    return found
+
+
+class AlertBook:
+    """Active alerts and the recently resolved ones."""
+
+    def __init__(self) -> None:
+        self.active: dict[str, Alert] = {}
+        self.resolved: list[Alert] = []
+
+    def update(self, current: Iterable[Condition], now: float) -> None:
+        holding = {c.id: c for c in current}
+        for alert_id in [a for a in self.active if a not in holding]:
+            self.resolved.append(replace(self.active.pop(alert_id), cleared_at=now))
+        del self.resolved[:-RESOLVED_KEPT]
+        for alert_id, condition in holding.items():
+            alert = self.active.get(alert_id)
+            if alert is None:
+                self.active[alert_id] = Alert(
+                    alert_id,
+                    condition.kind,
+                    condition.site,
+                    condition.message,
+                    now,
+                    condition.tenant,
+                )
+            elif alert.message != condition.message:
+                self.active[alert_id] = replace(alert, message=condition.message)
+
+    def acknowledge(self, alert_id: str, by: str, now: float) -> Alert | None:
+        alert = self.active.get(alert_id)
+        if alert is None:
+            return None
+        self.active[alert_id] = replace(alert, acknowledged_by=by, acknowledged_at=now)
+        return self.active[alert_id]
+
+    def listing(self) -> list[Alert]:
+        """Active first (unacknowledged, then by age), then resolved, newest first."""
+        active = sorted(
+            self.active.values(), key=lambda a: (a.acknowledged_by is not None, a.since)
+        )
+        return active + list(reversed(self.resolved))
