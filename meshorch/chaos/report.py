@@ -27,6 +27,8 @@ class FaultRecord:
     end_s: float | None = None
     recovery_s: float | None = None
     note: str = ""
+    leader_before: str | None = None  # when injected
+    leader_after: str | None = None  # once recovered
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -37,6 +39,8 @@ class FaultRecord:
             "start_s": self.start_s,
             "end_s": self.end_s,
             "recovery_s": self.recovery_s,
+            "leader_before": self.leader_before,
+            "leader_after": self.leader_after,
             "note": self.note,
         }
 
@@ -98,8 +102,10 @@ class ScenarioReport:
         for f in self.faults:
             when = "not injected" if f.start_s is None else f"{f.start_s:.1f}s-{f.end_s or 0:.1f}s"
             rec = "-" if f.recovery_s is None else f"{f.recovery_s:.1f}s"
+            leaders = f"leader {f.leader_before or '?'} -> {f.leader_after or '?'}"
             lines.append(
-                f"  fault {f.kind} {','.join(f.targets)} {when}, recovered in {rec} {f.note}"
+                f"  fault {f.kind} {','.join(f.targets)} {when}, recovered in {rec}, {leaders}"
+                + (f" ({f.note})" if f.note else "")
             )
         for i in self.invariants:
             lines.append(f"  {i.status:7} {i.name}: {i.detail.splitlines()[0] if i.detail else ''}")

@@ -290,6 +290,7 @@ class ChaosLab:
                                  settings.recovery_timeout_s, stop)  # fmt: skip
             if took is not None:
                 record.recovery_s = round(time.monotonic() - healed_at, 3)
+                record.leader_after = leader_of(self.probe())
             elif stop.is_set():
                 record.note = "recovery not measured: the next fault began first"
             else:
@@ -326,6 +327,7 @@ class ChaosLab:
                         stop.set()
                     targets[i] = resolve_roles(fault.roles, self.hosts, leader, SITE, rng)
                     record.targets = targets[i]
+                    record.leader_before = leader
                     record.start_s = round(time.monotonic() - report.t0, 3)
                     injector.inject(fault, targets[i])
                 else:
