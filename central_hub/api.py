@@ -595,3 +595,7 @@ ROUTES += VAULT_ROUTES
 from central_hub.logs_api import LOGS_ROUTES  # noqa: E402
 
 ROUTES += LOGS_ROUTES
+
+from central_hub.releases import RELEASES_ROUTES  # noqa: E402
+
+ROUTES += RELEASES_ROUTES

@@ -170,6 +170,25 @@ def parse_report(data: object, site_id: str) -> dict[str, Any]:
         "hosts": hosts,
         "apps": apps,
     }
+    upgrade = report.get("agent_upgrade") if report else None
+    if upgrade is not None:  # an agent upgrade under way or finished (docs/upgrades.md)
+        u = c.obj(upgrade, "agent_upgrade")
+        failed = u.get("failed") if isinstance(u.get("failed"), dict) else None
+        normalised["agent_upgrade"] = {
+            "version": c.text(u.get("version"), "agent_upgrade.version"),
+            "state": c.text(u.get("state"), "agent_upgrade.state"),
+            "current": c.text(u.get("current"), "agent_upgrade.current", optional=True) or None,
+            "hosts_upgraded": c.integer(u.get("hosts_upgraded", 0), "agent_upgrade.hosts_upgraded"),
+            "hosts": c.integer(u.get("hosts", 0), "agent_upgrade.hosts"),
+            "failed": None
+            if failed is None
+            else {
+                "host": c.text(failed.get("host"), "agent_upgrade.failed.host"),
+                "reason": c.text(
+                    str(failed.get("reason", ""))[:400], "agent_upgrade.failed.reason"
+                ),
+            },
+        }
     ending = report.get("decommission") if report else None
     if ending is not None:  # sent while a site.decommission runs (docs/upgrades.md)
         d = c.obj(ending, "decommission")
@@ -300,6 +319,7 @@ def site_detail(
         "gossip": None if gossip is None else {**gossip[0], "received_at": gossip[1]},
         "public_key": site.get("public_key"),
         "apps": {} if report is None else report["apps"],
+        "agent_upgrade": None if report is None else report.get("agent_upgrade"),
         "hosts": [
             {
                 "host_id": h["host_id"],

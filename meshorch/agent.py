@@ -24,6 +24,7 @@ from aiohttp import web
 from meshorch import decommission
 from meshorch.admission import SiteNetwork
 from meshorch.agent_config import AgentConfig, check_identity, resolve_password, store_password
+from meshorch.agent_upgrade import AgentUpgrades
 from meshorch.app_network import AppNetwork, NetworkSettings
 from meshorch.controller import SiteController
 from meshorch.errors import ConfigurationError
@@ -100,6 +101,7 @@ class Agent:
         self.streams = SiteStreams(lambda: self.raft, config.host_id)
         self.log_capture: LogCapture | None = None
         self.network = AppNetwork(self, network)
+        self.upgrades = AgentUpgrades(self)
 
     @property
     def raft(self) -> RaftNode:
@@ -175,6 +177,7 @@ class Agent:
         self.spawn(HostReconciler(self, self.runtime).run(), "reconcile")
         self.spawn(self.network.run(), "site-network")
         self.spawn(decommission.run(self), "decommission")
+        self.spawn(self.upgrades.run(), "agent-upgrade")
         self.spawn(self._publish_resources(), "host-resources")
         self.spawn(SiteController(self).run(), "controller")
         self.spawn(self.site_link.run(), "fleet-link")

@@ -357,9 +357,10 @@ def run_agent(args: argparse.Namespace) -> int:
     )
     network = network_settings(args)
     revoked = False
+    upgrade = False
 
     async def serve() -> None:
-        nonlocal revoked
+        nonlocal revoked, upgrade
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -367,11 +368,14 @@ def run_agent(args: argparse.Namespace) -> int:
         async with Agent(config, mesh, workloads, network) as agent:
             stopped = asyncio.create_task(stop.wait())
             revoked_wait = asyncio.create_task(agent.revoked.wait())
-            await asyncio.wait({stopped, revoked_wait}, return_when=asyncio.FIRST_COMPLETED)
-            stopped.cancel()
-            revoked_wait.cancel()
+            upgrade_wait = asyncio.create_task(agent.upgrades.restart_requested.wait())
+            waits = {stopped, revoked_wait, upgrade_wait}
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for wait in waits:
+                wait.cancel()
             revoked = agent.revoked.is_set()
-            logger.info("stopping")
+            upgrade = agent.upgrades.restart_requested.is_set() and not stop.is_set()
+            logger.info("stopping" + (" to restart on a new release" if upgrade else ""))
 
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
@@ -381,7 +385,21 @@ def run_agent(args: argparse.Namespace) -> int:
     except MeshorchError as exc:  # raised while joining or bootstrapping
         print(f"meshorch agent: {exc}", file=sys.stderr)
         return 1
+    if upgrade:
+        return restart_on_release(data_dir, args.api)
     return EXIT_REVOKED if revoked else 0
+
+
+def restart_on_release(data_dir: Path, api: str) -> int:
+    """Hand over to the upgrade launcher (meshorch.upgrade_launcher): it runs the release
+    the agent put on trial, and the previous one again if that does not come up."""
+    from meshorch import upgrade_launcher
+
+    if upgrade_launcher.supervised():
+        return upgrade_launcher.EXIT_UPGRADE  # the launcher above restarts us
+    logging.shutdown()
+    argv = upgrade_launcher.launcher_argv(data_dir, upgrade_launcher.status_url(api))
+    os.execv(argv[0], argv)
 
 
 def default_host_id() -> str:

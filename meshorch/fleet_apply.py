@@ -29,7 +29,7 @@ from typing import Any
 
 import orjson
 
-from meshorch import decommission, quotas, secrets
+from meshorch import agent_upgrade, decommission, quotas, secrets
 from meshorch.appspec import AppSpec, SpecError, from_json, spec_digest
 from meshorch.delta import Delta, TrustState, parse_key_id
 from meshorch.errors import RemoteInputError
@@ -355,6 +355,8 @@ def _op_writes(op: Mapping[str, Any], read: Reader, site_id: str, version: int) 
         return []  # the trust state carries it
     if kind == decommission.OP:
         return list(decommission.op_writes(version))
+    if kind == agent_upgrade.OP:
+        return list(agent_upgrade.op_writes(dict(op), version))
     raise RemoteInputError("unknown_op", f"unknown operation {kind!r}")
 
 

@@ -45,6 +45,9 @@ REQUEST_TIMEOUT_S = 10.0
 MAX_ANSWER_BYTES = 512 * 1024 * 1024
 
 
+MAX_RELEASE_BYTES = 64 * 1024 * 1024
+
+
 class LinkError(MeshorchError):
     """Root of the fleet link client's errors."""
 
@@ -258,6 +261,22 @@ class LinkClient:
         if not isinstance(refused, dict) or not all(isinstance(v, str) for v in refused.values()):
             raise BadHubAnswer("a streams answer's 'refused' maps streams to messages")
         return _positions(answer), refused
+
+    async def fetch_release(self, digest: str) -> bytes:
+        """An agent release's wheel by its sha256 (``GET /v1/link/releases/{digest}``)."""
+        path = f"{self._base.path.rstrip('/')}/v1/link/releases/{digest}"
+        headers = sign_request(self.key, self.site_id, "GET", path, b"", self.clock())
+        url = self._base.with_path(path, encoded=True)
+        timeout = aiohttp.ClientTimeout(total=300)
+        try:
+            async with self._client().get(url, headers=headers, timeout=timeout) as response:
+                data = await read_limited(response.content, MAX_RELEASE_BYTES)
+                status = response.status
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise HubUnreachable(f"GET release {digest[:12]}: {exc!r}") from exc
+        if status != 200 or len(data) > MAX_RELEASE_BYTES:
+            raise LinkRefused(status, "release", f"the hub answered {status} for {digest[:12]}")
+        return data
 
     # -- plumbing ----------------------------------------------------------------------
 

@@ -8,11 +8,13 @@ PUT /v1/hosts/{host_id}/drain      {"drained": true|false}: move its work elsewh
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
 
+from meshorch.agent_upgrade import wheel_cache
 from meshorch.errors import RemoteInputError
 from meshorch.http_body import read_limited
 from meshorch.site_state import APPS_TABLE, DRAIN_PREFIX, SYSTEM_TABLE
@@ -29,6 +31,7 @@ def add_host_routes(app: web.Application, agent_of: Any) -> None:
     app[_AGENT_OF] = agent_of
     app.router.add_get("/v1/hosts", list_hosts)
     app.router.add_put("/v1/hosts/{host_id}/drain", put_drain)
+    app.router.add_get("/v1/releases/{digest}", get_release)
 
 
 def _agent(request: web.Request) -> Agent:
@@ -92,6 +95,17 @@ async def put_drain(request: web.Request) -> web.Response:
     op = Put(SYSTEM_TABLE, key, b"1") if data["drained"] else Delete(SYSTEM_TABLE, key)
     await agent.raft.propose([op], idempotent=True)
     return _json({"host_id": host_id, "drained": data["drained"]})
+
+
+async def get_release(request: web.Request) -> web.StreamResponse:
+    """An agent release's wheel this host holds (peers fetch it here, not from the hub)."""
+    digest = request.match_info["digest"]
+    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise RemoteInputError("bad_digest", "a release is named by its sha256, 64 hex digits")
+    path = wheel_cache(_agent(request)) / f"{digest}.whl"
+    if not path.is_file():
+        return _json({"error": {"code": "not_found", "message": "no such release here"}}, 404)
+    return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
 
 
 def _json(data: object, status: int = 200) -> web.Response:

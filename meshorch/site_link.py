@@ -631,6 +631,9 @@ class SiteLink:
             self.agent.config.site, self.clock(), trust, self.rejections(), self.facts()
         )
         report["secrets_state"] = self.secrets_state()
+        upgrade = self.agent.upgrades.state()
+        if upgrade is not None:
+            report["agent_upgrade"] = upgrade
         ending = decommission.state(self.agent)
         if ending is not None:
             report["decommission"] = {"state": ending["state"], "version": ending["version"]}

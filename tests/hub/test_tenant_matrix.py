@@ -5,14 +5,18 @@ nothing (a snapshot of the store before and after)."""
 
 from __future__ import annotations
 
+import functools
 import itertools
+import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import orjson
 
 from central_hub import Hub, api, authz
+from meshorch.release import build_test_release
 from tests.hub.conftest import MakeSite
 from tests.hub.helpers import Operator, healthy, spec_text
 
@@ -123,6 +127,17 @@ async def new_secret_of_a(world: World) -> tuple[str, object, str | None, bool]:
     return f"/v1/secrets/{name}?tenant={TA}", None, TA, False
 
 
+@functools.cache
+def release_wheel() -> bytes:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(__file__).resolve().parents[2]
+        return build_test_release(root, Path(tmp), "0.1.0+matrix").read_bytes()
+
+
+async def upload_release(world: World) -> tuple[str, object, str | None, bool]:
+    return "/v1/releases", release_wheel(), None, False
+
+
 QUOTA = {"cpu_millis": 2000, "memory_bytes": None, "instances": 5}
 SECRET_A = "sec-of-aa-main"
 
@@ -156,6 +171,10 @@ CASES: dict[tuple[str, str], tuple[Setup, int]] = {
     ("DELETE", "/v1/sites/{id}"): (new_site, 200),
     ("POST", "/v1/sites/{id}/decommission"): (new_site_to_decommission, 200),
     ("GET", "/v1/alerts"): (fixed("/v1/alerts"), 200),
+    ("POST", "/v1/releases"): (upload_release, 201),
+    ("GET", "/v1/releases"): (fixed("/v1/releases"), 200),
+    ("POST", "/v1/releases/{version}/rollout"): (fixed("/v1/releases/9.9.9/rollout", {}), 404),
+    ("GET", "/v1/link/releases/{digest}"): (fixed("/v1/link/releases/" + "ab" * 32), 401),
     # Allowed, and no such alert: 404 for the roles that may acknowledge.
     ("POST", "/v1/alerts/{id}/ack"): (fixed("/v1/alerts/no-such-alert/ack", {}), 404),
     ("POST", "/v1/apps"): (create_app_of_a, 202),
@@ -273,7 +292,7 @@ async def call(
     admin: Operator, method: str, path: str, body: object, token: str | None
 ) -> tuple[int, Any]:
     headers = {} if token is None else {"Authorization": f"Bearer {token}"}
-    data = None if body is None else orjson.dumps(body)
+    data = body if isinstance(body, bytes) else None if body is None else orjson.dumps(body)
     async with admin.session.request(method, admin.url + path, data=data, headers=headers) as r:
         return r.status, orjson.loads(await r.read())
 
