@@ -130,6 +130,19 @@ async def watch(world: World, until_done: Any, timeout_s: float) -> tuple[float,
     raise AssertionError(f"not done within {timeout_s} s: {await world.get('/v1/hosts')}")
 
 
+async def round_trips(world: World, by_version: dict[str, list[str]]) -> str:
+    """A write on a host of each release, read back linearizably on a host of the other."""
+    (old, *_), (new, *_) = (by_version[v] for v in sorted(by_version, key=lambda v: "+" in v))
+    for writer, reader in ((old, new), (new, old)):
+        url = {h.host_id: h.url for h in world.site.members}
+        value = f"from-{writer}-{time.monotonic()}".encode()
+        async with world.session.put(f"{url[writer]}/v1/kv/mixed/{writer}", data=value) as r:
+            assert r.status == 200, await r.text()
+        async with world.session.get(f"{url[reader]}/v1/kv/mixed/{writer}") as r:
+            assert r.status == 200 and await r.read() == value
+    return f"{old} <-> {new}"
+
+
 async def versions(world: World) -> dict[str, str]:
     hosts = await world.get("/v1/hosts")
     return {} if hosts is None else {h["host_id"]: h["agent_version"] for h in hosts["hosts"]}
@@ -149,17 +162,26 @@ async def test_agents_upgrade_host_by_host_and_a_broken_release_rolls_back(world
     started = time.monotonic()
     await world.upload("0.1.0+up1")
 
+    mixed_checked: list[str] = []
+
     async def upgraded() -> bool:
         hosts = await world.get("/v1/hosts")
-        return hosts is not None and all(
-            h["agent_version"] == "0.1.0+up1" and not h["drained"] for h in hosts["hosts"]
-        )
+        if hosts is None:
+            return False
+        by_version: dict[str, list[str]] = {}
+        for h in hosts["hosts"]:
+            if h["alive"] and not h["drained"]:
+                by_version.setdefault(h["agent_version"], []).append(h["host_id"])
+        if len(by_version) == 2 and not mixed_checked:
+            mixed_checked.append(await round_trips(world, by_version))
+        return all(h["agent_version"] == "0.1.0+up1" and not h["drained"] for h in hosts["hosts"])
 
     no_leader, no_app = await watch(world, upgraded, 240)
     took = time.monotonic() - started
     print(f"3-host upgrade in {took:.1f} s; longest without a leader {no_leader:.1f} s, "
           f"without a ready instance {no_app:.1f} s")  # fmt: skip
     assert no_leader < 5.0 and no_app < 5.0
+    assert mixed_checked, "never saw the site with two releases at once"
 
     async def reported(state: str) -> dict[str, Any] | None:
         detail = await world.admin.ok("GET", f"/v1/sites/{SITE}")
