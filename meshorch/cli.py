@@ -23,6 +23,7 @@ from meshorch import __version__
 from meshorch.agent_client import call_agent
 from meshorch.agent_config import PASSWORD_ENV, AgentConfig, resolve_password
 from meshorch.app_network import NetworkSettings, parse_host_port
+from meshorch.chaos.cli import add_chaos_command
 from meshorch.errors import ConfigurationError, MeshorchError
 from meshorch.fleet_cli import add_fleet_commands
 from meshorch.logs_cli import add_logs_command
@@ -286,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_fleet_commands(commands)
     add_logs_command(commands)
+    add_chaos_command(commands)
     add_site_commands(commands)
 
     try:
