@@ -265,8 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="start a hub and two sites on loopback, deploy an app, show where it runs",
-        description="Start a central hub and two sites of agents on loopback (no root, no "
+        help="start a hub and three sites on loopback, deploy an app, show where it runs",
+        description="Start a central hub and three sites of agents on loopback (no root, no "
         "setup), register the sites, deploy a sample application through the hub with a "
         "placement policy, show each site's progress and where the instances run, and stay "
         "up until Ctrl-C.",

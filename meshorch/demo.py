@@ -1,4 +1,4 @@
-"""``meshorch demo``: a hub and two sites of real agents on loopback, shown working.
+"""``meshorch demo``: a hub and three sites of real agents on loopback, shown working.
 
 Nothing is simulated: the hub signs deltas, each site's Raft leader fetches them over its
 own outbound link, verifies them against the fleet root key, and runs the application.
@@ -26,7 +26,11 @@ def say(message: str) -> None:
     print(message, flush=True)
 
 
-SITES = {"shop-eu": {"region": "eu", "tier": "store"}, "shop-us": {"region": "us", "tier": "store"}}
+SITES = {
+    "shop-eu": {"region": "eu", "tier": "store"},
+    "shop-us": {"region": "us", "tier": "store"},
+    "shop-ap": {"region": "ap", "tier": "store"},
+}
 PLACEMENT = {"match": {"tier": "store"}, "max_parallel": 1}
 
 
@@ -93,7 +97,8 @@ async def _show(root: Path, hosts: int, exit_after_s: float | None, parts: _Part
         token_file = hub.data_dir / "admin.token"
         say(f"Try it:  export MESHORCH_HUB={hub.url} MESHORCH_TOKEN=$(cat {token_file})")
         say("         meshorch sites;  meshorch sites shop-eu;  meshorch apps hello")
-        say(f"         curl {hub.url}/v1/openapi.json")
+        say(f"         curl {hub.url}/v1/openapi.json;  curl {hub.url}/metrics")
+        say(f"Dashboard: {hub.url}/  (log in with the token in {token_file})")
         if exit_after_s is None:
             say("The hub and the sites stay up until Ctrl-C.")
         stop = asyncio.Event()

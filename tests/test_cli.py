@@ -65,14 +65,16 @@ def test_agent_refuses_a_data_dir_of_another_site(tmp_path: Path) -> None:
     assert "belongs to site='other'" in result.stderr
 
 
-def test_demo_runs_a_hub_and_two_sites_and_cleans_up() -> None:
+def test_demo_runs_a_hub_and_three_sites_and_cleans_up() -> None:
     result = run("demo", "--exit-after", "0.5", timeout=180)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "fleet root key" in result.stdout
-    assert re.search(r"deployment dep-\d+, waves \[\['shop-eu'\], \['shop-us'\]\]", result.stdout)
+    waves = r"waves \[\['shop-ap'\], \['shop-eu'\], \['shop-us'\]\]"
+    assert re.search(rf"deployment dep-\d+, {waves}", result.stdout), result.stdout
+    assert re.search(r"Dashboard: http://127\.0\.0\.1:\d+/ ", result.stdout)
     assert "deployment succeeded" in result.stdout
     lines = result.stdout.splitlines()
-    for site in ("shop-eu", "shop-us"):
+    for site in ("shop-eu", "shop-us", "shop-ap"):
         running = [
             line for line in lines
             if re.match(rf"\s+{site}\s+hello\.\S+ +on h\d .*running\s+ready$", line)
