@@ -16,7 +16,8 @@ REPORT_VERSION = 1
 @dataclass(slots=True)
 class FaultRecord:
     """A fault as planned and as it happened; ``recovery_s`` from heal to a healthy site
-    (None: not measured, e.g. the next fault began first, or not recovered)."""
+    (None: not measured, e.g. the next fault began first, or not recovered), and
+    ``app_recovery_s`` from heal to the app's desired state."""
 
     kind: str
     roles: tuple[str, ...]
@@ -29,6 +30,7 @@ class FaultRecord:
     note: str = ""
     leader_before: str | None = None  # when injected
     leader_after: str | None = None  # once recovered
+    app_recovery_s: float | None = None  # heal -> the app converged again
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -39,6 +41,7 @@ class FaultRecord:
             "start_s": self.start_s,
             "end_s": self.end_s,
             "recovery_s": self.recovery_s,
+            "app_recovery_s": self.app_recovery_s,
             "leader_before": self.leader_before,
             "leader_after": self.leader_after,
             "note": self.note,
@@ -102,6 +105,8 @@ class ScenarioReport:
         for f in self.faults:
             when = "not injected" if f.start_s is None else f"{f.start_s:.1f}s-{f.end_s or 0:.1f}s"
             rec = "-" if f.recovery_s is None else f"{f.recovery_s:.1f}s"
+            if f.app_recovery_s is not None:
+                rec += f" (app {f.app_recovery_s:.1f}s)"
             leaders = f"leader {f.leader_before or '?'} -> {f.leader_after or '?'}"
             lines.append(
                 f"  fault {f.kind} {','.join(f.targets)} {when}, recovered in {rec}, {leaders}"
