@@ -4,7 +4,7 @@ an instance that fails readiness leaves the answer, and an unknown name is NXDOM
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import aiohttp
 import dns.asyncquery
@@ -51,12 +51,6 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalSite, 
     finally:
         local.stop()
         print(local.logs())
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as client:
-        yield client
 
 
 async def ask(port: int, name: str = NAME) -> dns.message.Message:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,23 +39,6 @@ services:
         command: ["sleep", "1000"]
         resources: {memory_limit: 32Mi, cpu_request: 0.1}
 """
-
-
-@pytest.fixture
-def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSite]:
-    local = LocalSite(hosts=3, site="hosts", root=tmp_path_factory.mktemp("site"))
-    local.start()
-    try:
-        yield local
-    finally:
-        local.stop()
-        print(local.logs())
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as client:
-        yield client
 
 
 async def get(session: aiohttp.ClientSession, host: LocalHost, path: str) -> Any:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import itertools
-from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 import orjson
@@ -16,23 +15,6 @@ from meshorch.localsite import LocalSite, wait_ready
 from tests.waiting import until
 
 STREAM = "/v1/streams/acme/sensors/readings"
-
-
-@pytest.fixture
-def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSite]:
-    local = LocalSite(hosts=3, site="streams", root=tmp_path_factory.mktemp("site"))
-    local.start()
-    try:
-        yield local
-    finally:
-        local.stop()
-        print(local.logs())
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as client:
-        yield client
 
 
 async def produce(
