@@ -18,6 +18,8 @@ class HostResources:
     disk_total_bytes: int  # the file system of the data directory
     disk_used_bytes: int
     at: float
+    net_rx_bytes: int = 0  # since boot, every interface but loopback
+    net_tx_bytes: int = 0
 
     @property
     def memory_used_pct(self) -> float:
@@ -45,9 +47,22 @@ def _meminfo() -> tuple[int, int]:
     return total, total - values.get("MemAvailable", values.get("MemFree", 0))
 
 
+def _net_bytes() -> tuple[int, int]:
+    rx = tx = 0
+    with open("/proc/net/dev") as dev:
+        for line in list(dev)[2:]:  # two header lines
+            name, _, counters = line.partition(":")
+            fields = counters.split()
+            if name.strip() != "lo" and len(fields) >= 9:
+                rx += int(fields[0])
+                tx += int(fields[8])
+    return rx, tx
+
+
 def sample(data_dir: Path, now: float) -> HostResources:
     total, used = _meminfo()
     disk = shutil.disk_usage(data_dir)
+    rx, tx = _net_bytes()
     return HostResources(
-        os.cpu_count() or 1, os.getloadavg()[0], total, used, disk.total, disk.used, now
+        os.cpu_count() or 1, os.getloadavg()[0], total, used, disk.total, disk.used, now, rx, tx
     )

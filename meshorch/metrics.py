@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from meshorch.host_resources import sample
@@ -92,6 +92,15 @@ class AgentCollector(Collector):
             "Data directory disk use",
             resources.disk_used_pct / 100,
         )
+        for direction, value in (
+            ("receive", resources.net_rx_bytes),
+            ("transmit", resources.net_tx_bytes),
+        ):
+            yield CounterMetricFamily(
+                f"meshorch_host_network_{direction}_bytes",
+                f"Bytes the host's interfaces {direction}d (not loopback)",
+                value=value,
+            )
 
     def _streams(self) -> Iterator[Metric]:
         backlog = GaugeMetricFamily(

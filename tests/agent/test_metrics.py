@@ -43,6 +43,7 @@ async def test_agent_metrics_show_raft_streams_instances_and_api_latency(tmp_pat
         assert metrics["meshorch_stream_backlog_events"] == [({"stream": "acme/pos/events"}, 3.0)]
         assert metrics["meshorch_stream_dropped_events"] == [({"stream": "acme/pos/events"}, 0.0)]
         assert 0 < metrics["meshorch_host_disk_used_ratio"][0][1] < 1
+        assert metrics["meshorch_host_network_receive_bytes_total"][0][1] >= 0
         produced = [
             value
             for labels, value in metrics["meshorch_agent_api_request_seconds_count"]
