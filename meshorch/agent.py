@@ -42,6 +42,7 @@ from meshorch.mesh import (
     discover_existing_site,
     join_membership,
 )
+from meshorch.pressure import PressureGuard
 from meshorch.reconciler import HostReconciler
 from meshorch.runtime import Runtime
 from meshorch.secret_service import SecretsSiteLink, SiteSecrets
@@ -179,6 +180,7 @@ class Agent:
         self.spawn(decommission.run(self), "decommission")
         self.spawn(self.upgrades.run(), "agent-upgrade")
         self.spawn(self._publish_resources(), "host-resources")
+        self.spawn(PressureGuard(self, self.workloads.evict_at_pct).run(), "pressure")
         self.spawn(SiteController(self).run(), "controller")
         self.spawn(self.site_link.run(), "fleet-link")
         self.spawn(

@@ -249,6 +249,7 @@ class ServiceSpec:
     constraints: tuple[Constraint, ...] = ()
     anti_affinity: bool = False
     ingress: Ingress | None = None
+    priority: int = 0  # a host short of memory or disk evicts lower priorities first
 
     @property
     def ports(self) -> tuple[int, ...]:
@@ -696,7 +697,15 @@ def _app(ctx: _Ctx, value: object) -> AppSpec | None:
 
 
 def _service(ctx: _Ctx, value: object, path: str) -> ServiceSpec | None:
-    optional = ("replicas", "per_host", "restart", "constraints", "anti_affinity", "ingress")
+    optional = (
+        "replicas",
+        "per_host",
+        "restart",
+        "constraints",
+        "anti_affinity",
+        "ingress",
+        "priority",
+    )
     m = ctx.fields(value, path, ("name", "containers"), optional)
     if m is None:
         return None
@@ -715,6 +724,7 @@ def _service(ctx: _Ctx, value: object, path: str) -> ServiceSpec | None:
     restart = _restart(ctx, m.get("restart", {}), f"{path}.restart")
     constraints = _list(ctx, m.get("constraints", ()), f"{path}.constraints", _constraint)
     anti_affinity = _bool(ctx, m.get("anti_affinity", False), f"{path}.anti_affinity")
+    priority = _int(ctx, m.get("priority", 0), f"{path}.priority", -1000, 1000)
     ingress = None
     if m.get("ingress") is not None:
         ingress = _ingress(ctx, m["ingress"], f"{path}.ingress", containers or ())
@@ -725,9 +735,12 @@ def _service(ctx: _Ctx, value: object, path: str) -> ServiceSpec | None:
         or restart is None
         or constraints is None
         or anti_affinity is None
+        or priority is None
     ):
         return None
-    return ServiceSpec(name, containers, replicas, restart, constraints, anti_affinity, ingress)
+    return ServiceSpec(
+        name, containers, replicas, restart, constraints, anti_affinity, ingress, priority
+    )
 
 
 def _ingress(
@@ -1052,7 +1065,8 @@ def _service_json(service: ServiceSpec) -> dict[str, object]:
             {"label": c.label, "op": c.op, "values": list(c.values)} for c in service.constraints
         ],
         "anti_affinity": service.anti_affinity,
-        # Left out when absent: the digest of older specs stays the same.
+        # Left out when absent/default: the digest of older specs stays the same.
+        **({} if service.priority == 0 else {"priority": service.priority}),
         **(
             {}
             if service.ingress is None

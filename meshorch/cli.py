@@ -132,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     work.add_argument("--cpu", type=float, help="CPU cores offered (default: all)")
     work.add_argument("--memory", help="memory offered, e.g. 2Gi (default: all)")
+    work.add_argument(
+        "--evict-at-pct", type=float, default=95.0, metavar="PCT",
+        help="disk or memory use at which this host moves its lowest-priority instances "
+        "elsewhere, one every few seconds (default %(default)s)",
+    )  # fmt: skip
     net = agent.add_argument_group(
         "application networking",
         "site DNS, the ingress address, tenant isolation (docs/networking.md)",
@@ -356,6 +361,7 @@ def run_agent(args: argparse.Namespace) -> int:
         cpu_millis=int(args.cpu * 1000) if args.cpu else None,
         memory_bytes=parse_size(args.memory) if args.memory else None,
         labels=parse_labels(args.label),
+        evict_at_pct=args.evict_at_pct,
     )
     network = network_settings(args)
     revoked = False

@@ -227,7 +227,16 @@ def _keep_current(
     kept_ids: set[str] = set()
     displaced: dict[str, Placement] = {}
     refused: dict[str, Unplaced] = {}
-    ordered = sorted(current, key=lambda p: (p.host_id not in ledger, *_placement_key(p)))
+
+    # Higher priorities are kept first: on a host that now reports less capacity (short of
+    # memory or disk) the lowest priorities are the ones that move.
+    def priority(p: Placement) -> int:
+        want = wanted.get(p.instance_id)
+        return 0 if want is None else want.service.priority
+
+    ordered = sorted(
+        current, key=lambda p: (p.host_id not in ledger, -priority(p), *_placement_key(p))
+    )
     for p in ordered:
         want = wanted.get(p.instance_id)
         if want is None or p.instance_id in kept_ids or not want.matches(p):

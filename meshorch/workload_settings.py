@@ -31,6 +31,8 @@ class WorkloadSettings:
     cpu_millis: int | None = None  # None: the host's CPU count
     memory_bytes: int | None = None  # None: the host's memory
     labels: dict[str, str] = field(default_factory=dict)
+    # Disk or memory use at which the host sheds its lowest-priority instances.
+    evict_at_pct: float = 95.0
 
     def host_info(self, host_id: str) -> HostInfo:
         return HostInfo(

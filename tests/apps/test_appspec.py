@@ -379,3 +379,16 @@ def test_any_spec_round_trips_through_canonical_json(spec: AppSpec) -> None:
 )
 def test_constraints_match_labels(constraint: Constraint, labels: dict[str, str], ok: bool) -> None:
     assert constraint.matches(labels) is ok
+
+
+def test_service_priority_is_read_validated_and_left_out_of_the_digest_when_default() -> None:
+    base = parse_app_spec(GOOD_YAML)
+    text = GOOD_YAML.replace("  - name: web\n", "  - name: web\n    priority: 7\n", 1)
+    spec = parse_app_spec(text)
+    assert spec.services[0].priority == 7 and base.services[0].priority == 0
+    assert from_json(to_json(spec)) == spec
+    assert "priority" not in to_json(base)["services"][0]  # type: ignore[index]
+    with pytest.raises(SpecError, match="priority"):
+        parse_app_spec(
+            GOOD_YAML.replace("  - name: web\n", "  - name: web\n    priority: 5000\n", 1)
+        )

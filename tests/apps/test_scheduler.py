@@ -257,3 +257,19 @@ def test_zero_replicas_and_no_hosts() -> None:
     assert schedule([app("a", svc("web", 0))], [host("h1")], []).placements == ()
     result = schedule([app("a", svc("web", 1))], [], [])
     assert result.unplaced[0].reason == "no alive host (needs 100m CPU and 64Mi memory)"
+
+
+def test_a_host_short_of_capacity_sheds_its_lowest_priority_first() -> None:
+    low = replace(svc("batch", memory=200 * MI), priority=-5)
+    high = replace(svc("pos", memory=200 * MI), priority=10)
+    normal = svc("web", memory=200 * MI)
+    apps = [app("a", low, normal, high)]
+    first = schedule(apps, [host("h1"), host("h2", memory=100 * MI)], [])
+    assert set(where(first).values()) == {"h1"}
+    # h1 now advertises one byte less than what runs on it (a host under pressure).
+    hosts = [host("h1", memory=600 * MI - 1), host("h2")]
+    second = schedule(apps, hosts, first.placements)
+    assert second.moved == ("a.batch.0",)
+    assert where(second) == {"a.batch.0": "h2", "a.web.0": "h1", "a.pos.0": "h1"}
+    third = schedule(apps, [host("h1", memory=400 * MI - 1), host("h2")], second.placements)
+    assert third.moved == ("a.web.0",) and where(third)["a.pos.0"] == "h1"
