@@ -300,6 +300,19 @@ class ChaosLab:
             else:
                 record.note = f"not recovered within {settings.recovery_timeout_s:g}s"
 
+        observers: dict[int, threading.Event] = {}
+
+        def notice(record: FaultRecord, cut_at: float, healed: threading.Event) -> None:
+            """Did the site see its hub link go down? A cut nobody saw tests nothing."""
+            took = self.wait_for(
+                lambda p: not (p.get("fleet") or {}).get("connected", True), 3600, healed
+            )
+            record.note = (
+                "the site never saw the hub link down during the cut"
+                if took is None
+                else f"the site saw the hub link down {time.monotonic() - cut_at:.1f}s into the cut"
+            )
+
         worker_log = report_path.with_suffix(".worker.log")
         try:
             worker_args = [
@@ -334,15 +347,16 @@ class ChaosLab:
                     record.leader_before = leader
                     record.start_s = round(time.monotonic() - report.t0, 3)
                     injector.inject(fault, targets[i])
-                else:
                     if fault.kind == "uplink":
-                        # Did the site notice? A cut nobody saw tests nothing.
-                        _sleep_until(report.t0 + at - LEADER_LOOKAHEAD_S)
-                        link = self.probe().get("fleet") or {}
-                        record.note = "hub link " + (
-                            "reported up during the cut" if link.get("connected") else "seen down"
-                        )
+                        observer = threading.Event()
+                        observers[i] = observer
+                        threading.Thread(
+                            target=notice, args=(record, time.monotonic(), observer), daemon=True
+                        ).start()
+                else:
                     _sleep_until(report.t0 + at)
+                    if i in observers:
+                        observers.pop(i).set()
                     injector.heal(fault, targets[i])
                     last_heal = time.monotonic()
                     record.end_s = round(last_heal - report.t0, 3)
@@ -362,6 +376,8 @@ class ChaosLab:
             report.errors.append(f"{type(exc).__name__}: {exc}")
             log.exception("scenario %s failed", name)
         finally:
+            for observer in observers.values():
+                observer.set()
             # Heal first, even on Ctrl-C: a lab left partitioned poisons the next scenario.
             try:
                 injector.heal_everything()

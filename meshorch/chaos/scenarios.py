@@ -54,22 +54,23 @@ TAIL_FRACTION = 0.3
 
 
 def _window(
-    rng: random.Random, duration_s: float, *, min_len_s: float = 1.0
+    rng: random.Random, duration_s: float, *, min_len_s: float = 1.0, long: bool = False
 ) -> tuple[float, float]:
-    """One fault interval inside the middle of the run, at a seeded position and length."""
+    """One fault interval inside the middle of the run, at a seeded position and length
+    (``long``: nearly all of the middle)."""
     lo = duration_s * LEAD_FRACTION
     hi = duration_s * (1.0 - TAIL_FRACTION)
     span = max(hi - lo, min_len_s)
-    length = max(min_len_s, span * rng.uniform(0.5, 0.9))
+    length = max(min_len_s, span * (rng.uniform(0.85, 0.95) if long else rng.uniform(0.5, 0.9)))
     start = lo + rng.uniform(0.0, max(0.0, span - length))
     return round(start, 3), round(start + length, 3)
 
 
 def _one(
-    kind: FaultKind, *targets: Role
+    kind: FaultKind, *targets: Role, long: bool = False
 ) -> Callable[[random.Random, float], tuple[PlannedFault, ...]]:
     def plan(rng: random.Random, duration_s: float) -> tuple[PlannedFault, ...]:
-        start, end = _window(rng, duration_s)
+        start, end = _window(rng, duration_s, long=long)
         return (PlannedFault(kind, targets, start, end),)
 
     return plan
@@ -121,7 +122,8 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario(
             "hub-partition",
             "the site's router drops all traffic with the hub; the site runs on",
-            _one("uplink", "site"),
+            # Long: the site's link only notices a cut after a report times out (3-7 s).
+            _one("uplink", "site", long=True),
             needs_hub=True,
         ),
         Scenario(
