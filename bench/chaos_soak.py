@@ -6,7 +6,7 @@ have passed (the scenario running then finishes). Every run's invariants are che
 (linearizable KV history, acknowledged writes and events kept, site and app recovered);
 reports, histories and timelines go to ``--report-dir``.
 
-    sudo .venv/bin/python bench/chaos_soak.py [--minutes 10] [--duration 15]
+    sudo .venv/bin/python bench/chaos_soak.py [--minutes 10] [--duration 20]
 
 Progress on stderr. Last line:
 ``RESULT ops=<int> faults=<int> violations=<int> recover_max_s=<float>`` where
@@ -41,8 +41,12 @@ def main() -> int:
         epilog="\n\n".join(__doc__.split("\n\n")[1:]),
     )
     parser.add_argument("--minutes", type=float, default=10.0, help="soak time (default 10)")
-    parser.add_argument("--duration", type=float, default=15.0,
-                        help="workload seconds per scenario (default 15)")  # fmt: skip
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=20.0,
+        help="workload seconds per scenario (default 20: a hub cut long enough to be seen)",
+    )
     parser.add_argument("--seed", type=int, default=1, help="first round's seed (default 1)")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS),
                         help="comma-separated subset, in order (default: all)")  # fmt: skip
