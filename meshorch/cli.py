@@ -613,7 +613,7 @@ def run_host_remove(args: argparse.Namespace) -> int:
     return 0
 
 
-REMOVE_ATTEMPTS = 10
+REMOVE_ATTEMPTS = 30
 HOST_ACTIONS = {"drain": run_host_drain, "undrain": run_host_undrain, "remove": run_host_remove}
 
 

@@ -154,6 +154,7 @@ def require_browser() -> tuple[str, str]:
 
 def test_missing_browser_skips_or_fails_under_require_lab(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(sys.modules[__name__], "LAB_REQUIRED", False)
     with pytest.raises(pytest.skip.Exception, match="chromium not found"):
         require_browser()
     monkeypatch.setattr(sys.modules[__name__], "LAB_REQUIRED", True)
