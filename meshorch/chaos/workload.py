@@ -13,7 +13,8 @@ event stream; ``probe`` answers the site's health in one JSON object. Both print
 How an answer is classified (``docs``: README "The site API"):
 - 2xx (and 404 for a get: absent) -> ``ok``;
 - 409 for a compare-and-set (``put_if_absent``, ``expect_index=0``) -> ``ok``, not applied;
-- 503 ``not_committed``, other 4xx, or no connection at all -> ``fail`` (not applied);
+- 503 ``not_committed``, other 4xx, or no connection at all (no attempt ever sent, see
+  ``Attempt``) -> ``fail`` (not applied);
 - 504 ``outcome_unknown``, another 5xx, a timeout, a connection lost mid-request ->
   ``unknown``.
 """
@@ -30,6 +31,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 from typing import Any, TextIO
 
 import aiohttp
@@ -50,6 +52,39 @@ def classify_answer(kind: str, status: int, body: bytes) -> tuple[str, str]:
         return "fail", f"{status} {code}"
     # 504 outcome_unknown, or a 500 that may have come after the proposal: either way.
     return "unknown", f"{status} {code}"
+
+
+def _base(host: str) -> str:
+    """``http://HOST:7700``, or ``http://HOST:PORT`` when the host names its port."""
+    return f"http://{host}" if ":" in host else f"http://{host}:{API_PORT}"
+
+
+class Attempt:
+    """Whether any attempt of a request reached the server. aiohttp resends an idempotent
+    request (PUT, DELETE, GET) once when the connection drops; if the resend then cannot
+    connect, the error says "connection refused" although the first attempt may have been
+    applied -- so a connect error means "not applied" only if nothing was ever sent."""
+
+    def __init__(self) -> None:
+        self.sent = False
+
+
+async def _on_headers_sent(_: aiohttp.ClientSession, ctx: SimpleNamespace, __: object) -> None:
+    attempt = ctx.trace_request_ctx
+    if isinstance(attempt, Attempt):
+        attempt.sent = True
+
+
+def _tracing() -> aiohttp.TraceConfig:
+    trace = aiohttp.TraceConfig()
+    trace.on_request_headers_sent.append(_on_headers_sent)
+    return trace
+
+
+def _connect_error(attempt: Attempt, exc: aiohttp.ClientConnectorError) -> tuple[str, str]:
+    if attempt.sent:
+        return "unknown", f"resent, then connect: {exc.os_error}"
+    return "fail", f"connect: {exc.os_error}"
 
 
 class Recorder:
@@ -84,7 +119,7 @@ async def _kv_client(
         kind = rng.choices(("put", "get", "delete", "put_if_absent"), (40, 45, 8, 7))[0]
         seq += 1
         value = f"{name}-{seq}" if kind in ("put", "put_if_absent") else None
-        url = f"http://{host}:{API_PORT}/v1/kv/{key}"
+        url = f"{_base(host)}/v1/kv/{key}"
         if kind == "put_if_absent":
             url += "?expect_index=0"  # compare-and-set: only if absent
         elif kind == "get" and read_consistency != "linearizable":
@@ -93,11 +128,16 @@ async def _kv_client(
         call = time.monotonic()
         status, detail, read = "unknown", "", None
         applied: bool | None = None
+        attempt = Attempt()
         try:
             method = {"put": "PUT", "get": "GET", "delete": "DELETE", "put_if_absent": "PUT"}[kind]
             data = value.encode() if value is not None else None
             async with session.request(
-                method, url, data=data, timeout=aiohttp.ClientTimeout(total=timeout_s)
+                method,
+                url,
+                data=data,
+                timeout=aiohttp.ClientTimeout(total=timeout_s),
+                trace_request_ctx=attempt,
             ) as resp:
                 body = await resp.read()
                 status, detail = classify_answer(kind, resp.status, body)
@@ -107,8 +147,7 @@ async def _kv_client(
                     # A conflict is an answer too: the key was present, nothing written.
                     status, applied = "ok", resp.status == 200
         except aiohttp.ClientConnectorError as exc:
-            # Never connected: the request was not sent, so nothing happened.
-            status, detail = "fail", f"connect: {exc.os_error}"
+            status, detail = _connect_error(attempt, exc)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             status, detail = "unknown", type(exc).__name__
         end = time.monotonic()
@@ -149,15 +188,17 @@ async def _event_client(
         op_id = recorder.new_id()
         call = time.monotonic()
         status, detail = "unknown", ""
+        attempt = Attempt()
         try:
             async with session.post(
-                f"http://{host}:{API_PORT}/v1/streams/{stream}/events",
+                f"{_base(host)}/v1/streams/{stream}/events",
                 json={"events": [{"payload": payload}]},
                 timeout=aiohttp.ClientTimeout(total=timeout_s),
+                trace_request_ctx=attempt,
             ) as resp:
                 status, detail = classify_answer("event", resp.status, await resp.read())
         except aiohttp.ClientConnectorError as exc:
-            status, detail = "fail", f"connect: {exc.os_error}"
+            status, detail = _connect_error(attempt, exc)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             status, detail = "unknown", type(exc).__name__
         end = time.monotonic()
@@ -186,7 +227,7 @@ async def run_workload(args: argparse.Namespace, out: TextIO) -> None:
     recorder = Recorder(out)
     deadline = time.monotonic() + args.duration
     connector = aiohttp.TCPConnector(limit=0, force_close=True)  # no stale pooled sockets
-    async with aiohttp.ClientSession(connector=connector) as session:
+    async with aiohttp.ClientSession(connector=connector, trace_configs=[_tracing()]) as session:
         tasks = [
             _kv_client(
                 f"c{i}", session, hosts, keys, random.Random(rng.random()), deadline, recorder,
@@ -232,7 +273,7 @@ def verify(args: argparse.Namespace) -> dict[str, Any]:
             host = hosts[attempt % len(hosts)]
             attempt += 1
             call = time.monotonic()
-            status, body = _http("GET", f"http://{host}:{API_PORT}/v1/kv/{key}", 6.0)
+            status, body = _http("GET", f"{_base(host)}/v1/kv/{key}", 6.0)
             end = time.monotonic()
             if status in (200, 404):
                 value = body.decode() if status == 200 else None
@@ -253,9 +294,7 @@ def verify(args: argparse.Namespace) -> dict[str, Any]:
         deadline = time.monotonic() + args.timeout
         while time.monotonic() < deadline:
             host = hosts[0] if not events else hosts[len(events) % len(hosts)]
-            url = (
-                f"http://{host}:{API_PORT}/v1/streams/{args.stream}/events?from={start}&limit=1000"
-            )
+            url = f"{_base(host)}/v1/streams/{args.stream}/events?from={start}&limit=1000"
             status, body = _http("GET", url, 6.0)
             if status == 404:
                 break  # the stream was never created: nothing was acknowledged either
@@ -278,7 +317,7 @@ def probe(args: argparse.Namespace) -> dict[str, Any]:
     hosts = args.hosts.split(",")
 
     def status(host: str) -> Any:
-        code, body = _http("GET", f"http://{host}:{API_PORT}/v1/status", args.timeout)
+        code, body = _http("GET", f"{_base(host)}/v1/status", args.timeout)
         return json.loads(body) if code == 200 else None
 
     with ThreadPoolExecutor(len(hosts)) as pool:
@@ -291,7 +330,7 @@ def probe(args: argparse.Namespace) -> dict[str, Any]:
     if ready and args.fleet:
         # Only the leader holds the link to the hub: ask every host, keep the leader's view.
         for host in ready:
-            code, body = _http("GET", f"http://{host}:{API_PORT}/v1/fleet", args.timeout)
+            code, body = _http("GET", f"{_base(host)}/v1/fleet", args.timeout)
             fleet = json.loads(body) if code == 200 else None
             if fleet and fleet.get("is_leader"):
                 out["fleet"] = fleet

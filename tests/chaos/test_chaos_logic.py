@@ -5,8 +5,10 @@ from __future__ import annotations
 import itertools
 import random
 import xml.etree.ElementTree as ET
+from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from meshorch.chaos.faults import FaultError, resolve_roles
@@ -21,7 +23,7 @@ from meshorch.chaos.invariants import (
 from meshorch.chaos.report import FaultRecord, ScenarioReport, timeline_svg
 from meshorch.chaos.runner import app_converged, leader_of, site_healthy
 from meshorch.chaos.scenarios import SCENARIOS, plan_scenario
-from meshorch.chaos.workload import classify_answer
+from meshorch.chaos.workload import build_parser, classify_answer, run_workload
 
 HOSTS = ("s1-h1", "s1-h2", "s1-h3")
 
@@ -204,3 +206,28 @@ def test_answers_are_classified_by_what_they_say_about_the_write() -> None:
     assert classify_answer("put", 400, b"garbage")[0] == "fail"
     assert classify_answer("put", 504, b"{}")[0] == "unknown"
     assert classify_answer("delete", 500, b"{}")[0] == "unknown"
+
+
+async def test_a_resent_request_that_cannot_connect_is_unknown_not_failed(tmp_path: Path) -> None:
+    """aiohttp resends a PUT once when the connection drops. If the server took the first
+    attempt and then died, the resend is refused: that must not be read as "not applied"."""
+    import asyncio
+
+    async def take_and_die(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        server.close()  # gone: the resend will be refused
+        writer.transport.abort()
+
+    server = await asyncio.start_server(take_and_die, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    out = tmp_path / "h.jsonl"
+    args = build_parser().parse_args(
+        ["run", "--hosts", f"127.0.0.1:{port}", "--key-prefix", "t", "--keys", "1",
+         "--clients", "1", "--duration", "0.01", "--out", str(out)]
+    )  # fmt: skip
+    with open(out, "w") as fh:
+        await run_workload(args, fh)
+    (record,) = [orjson.loads(line) for line in out.read_bytes().splitlines()]
+    assert record["kind"] == "put"  # the first operation of seed 0
+    assert record["status"] == "unknown", record
+    assert "resent" in record["detail"]
