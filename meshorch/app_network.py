@@ -65,6 +65,7 @@ PING_EVERY_S = 0.25
 PING_TIMEOUT_S = 0.5
 PEER_SILENT_S = 1.2
 IPTABLES_TIMEOUT_S = 10.0
+SIOCGIFADDR = 0x8915  # ioctl: an interface's IPv4 address (linux/sockios.h)
 
 
 @dataclass(frozen=True)
@@ -329,7 +330,8 @@ def lan_device_for(address_cidr: str) -> str:
     for _, name in socket.if_nameindex():
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             try:
-                raw = fcntl.ioctl(sock.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))
+                request = struct.pack("256s", name.encode()[:15])
+                raw = fcntl.ioctl(sock.fileno(), SIOCGIFADDR, request)
             except OSError:
                 continue
         if ipaddress.ip_address(raw[20:24]) in network:

@@ -1,9 +1,11 @@
-"""The agent's host routes: the site's hosts with their release, and draining.
+"""The agent's host routes: the site's hosts with their release, draining, releases.
 
 GET /v1/hosts                      every host: alive, drained, agent version, protocol,
                                    instances placed on it, leader
 PUT /v1/hosts/{host_id}/drain      {"drained": true|false}: move its work elsewhere (it
                                    stays a member), or let it take work again
+GET /v1/releases/{digest}          an agent release this host holds (peers upgrading
+                                   fetch it here: meshorch.agent_upgrade)
 """
 
 from __future__ import annotations
