@@ -35,7 +35,8 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from central_hub import Hub, HubConfig
-from meshorch.localsite import LocalHost, LocalSite, wait_ready
+from meshorch.localsite import LocalHost, wait_ready
+from tests.agents_util import linked_site
 from tests.streams.uplink import Uplink
 
 SITE = "bench-site"
@@ -89,11 +90,7 @@ async def run(args: argparse.Namespace, root: Path) -> tuple[float, float]:
         host, port = hub.url.removeprefix("http://").rsplit(":", 1)
         uplink = Uplink(host, int(port))
         await uplink.start()
-        site = LocalSite(hosts=3, site=SITE, root=root / "site")
-        site.extra_args = [
-            "--hub", uplink.url, "--fleet", hub.fleet, "--fleet-key", hub.root_key,
-            "--enroll-token", created["enroll_token"],
-        ]  # fmt: skip
+        site = linked_site(root / "site", hub, SITE, created["enroll_token"], via=uplink.url)
         site.start()
         try:
             await wait_ready(session, site.members, timeout_s=60)

@@ -1,4 +1,5 @@
-"""One agent on its own in the test process: the config the fleet, secret and quota tests share."""
+"""Agents for tests: one on its own in the test process (the config the fleet, secret and
+quota tests share), and a site of agents linked to an in-process hub."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ from pathlib import Path
 
 from nacl.signing import SigningKey
 
+from central_hub import Hub
 from meshorch.agent_config import AgentConfig
 from meshorch.delta import key_id
-from meshorch.localsite import free_port
+from meshorch.lab.agents import FleetFlags
+from meshorch.localsite import LocalSite, free_port
 
 
 def lone_agent_config(tmp_path: Path, site: str, fleet: str, root: SigningKey) -> AgentConfig:
@@ -25,3 +28,12 @@ def lone_agent_config(tmp_path: Path, site: str, fleet: str, root: SigningKey) -
         fleet=fleet,
         fleet_key=key_id(root),
     )
+
+
+def linked_site(
+    root: Path, hub: Hub, site_id: str, enroll_token: str, *, via: str | None = None, hosts: int = 3
+) -> LocalSite:
+    """Agents of ``site_id`` on loopback that link to ``hub`` (through ``via``, e.g. an
+    uplink relay's URL) and enroll with ``enroll_token``; not started yet."""
+    flags = FleetFlags(via or hub.url, hub.fleet, hub.root_key, {site_id: enroll_token})
+    return LocalSite(hosts=hosts, site=site_id, root=root, extra_args=flags.argv(site_id))

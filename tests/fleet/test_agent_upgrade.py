@@ -22,6 +22,7 @@ import pytest
 from central_hub import Hub, HubConfig
 from meshorch.localsite import LocalSite, wait_ready
 from meshorch.release import build_test_release
+from tests.agents_util import linked_site
 from tests.hub.helpers import Operator
 
 SITE = "shop-1"
@@ -90,11 +91,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
     ):
         admin = Operator(session, hub.url, hub.admin_token_path.read_text().strip())
         created = await admin.ok("POST", "/v1/sites", {"id": SITE}, 201)
-        site = LocalSite(hosts=3, site=SITE, root=tmp_path / "site")
-        site.extra_args = [
-            "--hub", hub.url, "--fleet", hub.fleet, "--fleet-key", hub.root_key,
-            "--enroll-token", created["enroll_token"],
-        ]  # fmt: skip
+        site = linked_site(tmp_path / "site", hub, SITE, created["enroll_token"])
         site.start()
         try:
             await wait_ready(session, site.members, timeout_s=30)

@@ -35,6 +35,7 @@ from meshorch.site_gossip import (
     request_message,
     seal_summary,
 )
+from tests.agents_util import linked_site
 from tests.hub.helpers import Operator
 
 SITES = ("s1", "s2", "s3")
@@ -120,11 +121,7 @@ async def fleet(hub_only: Fleet, tmp_path: Path) -> AsyncIterator[Fleet]:
     try:
         for site in SITES:
             created = await admin.ok("POST", "/v1/sites", {"id": site}, 201)
-            local = LocalSite(hosts=1, site=site, root=tmp_path / site)
-            local.extra_args = [
-                "--hub", hub.url, "--fleet", hub.fleet, "--fleet-key", hub.root_key,
-                "--enroll-token", created["enroll_token"],
-            ]  # fmt: skip
+            local = linked_site(tmp_path / site, hub, site, created["enroll_token"], hosts=1)
             hub_only.sites[site] = local
             local.start()
         for local in hub_only.sites.values():

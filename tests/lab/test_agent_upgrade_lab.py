@@ -18,33 +18,13 @@ import pytest
 from meshorch.lab.agents import HUB_NODE, FleetFlags, LabAgents, LabHub
 from meshorch.lab.lab import Lab
 from meshorch.release import build_test_release
+from tests.fleet.test_agent_upgrade import APP, ROOT
 from tests.lab.hub_fleet import log_tails
 from tests.labutil import require_lab
 
 pytestmark = pytest.mark.lab
 
-ROOT = Path(__file__).resolve().parents[2]
 HOSTS = ("s1-h1", "s1-h2", "s1-h3")
-APP = """
-api_version: meshorch/v1
-name: shop
-version: "1"
-services:
-  - name: web
-    replicas: 2
-    anti_affinity: true
-    containers:
-      - name: main
-        image: process
-        command: ["sh", "-c", "touch ready; exec sleep 100000"]
-        resources: {memory_limit: 32Mi, cpu_request: 0.1}
-        probes:
-          readiness:
-            exec: {command: ["sh", "-c", "test -f ready"]}
-            period_s: 0.3
-            timeout_s: 0.3
-            failure_threshold: 1
-"""
 UPLOAD = """
 import sys, urllib.request
 wheel, url, token_file = sys.argv[1:4]

@@ -27,6 +27,7 @@ from central_hub import Hub, HubConfig
 from central_hub.logstore import LogQuery
 from meshorch import __version__
 from meshorch.localsite import LocalHost, LocalSite, wait_ready
+from tests.agents_util import linked_site
 from tests.hub.helpers import Operator
 from tests.streams.uplink import Uplink
 from tests.waiting import until
@@ -84,11 +85,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
         host, port = hub.url.removeprefix("http://").rsplit(":", 1)
         uplink = Uplink(host, int(port))
         await uplink.start()
-        site = LocalSite(hosts=3, site=SITE, root=tmp_path / "site")
-        site.extra_args = [
-            "--hub", uplink.url, "--fleet", hub.fleet, "--fleet-key", hub.root_key,
-            "--enroll-token", created["enroll_token"],
-        ]  # fmt: skip
+        site = linked_site(tmp_path / "site", hub, SITE, created["enroll_token"], via=uplink.url)
         site.start()
         try:
             await wait_ready(session, site.members, timeout_s=30)

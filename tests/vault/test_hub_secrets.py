@@ -27,6 +27,7 @@ import pytest
 from central_hub import Hub, HubConfig
 from meshorch.localsite import LocalHost, LocalSite, wait_ready
 from meshorch.secret_service import delivery_root
+from tests.agents_util import linked_site
 from tests.hub.helpers import Operator
 from tests.secrets.helpers import app_spec, scan_for
 from tests.waiting import until
@@ -82,11 +83,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
     ):
         admin = Operator(session, hub.url, hub.admin_token_path.read_text().strip())
         created = await admin.ok("POST", "/v1/sites", {"id": SITE}, 201)
-        site = LocalSite(hosts=3, site=SITE, root=tmp_path / "site")
-        site.extra_args = [
-            "--hub", hub.url, "--fleet", hub.fleet, "--fleet-key", hub.root_key,
-            "--enroll-token", created["enroll_token"],
-        ]  # fmt: skip
+        site = linked_site(tmp_path / "site", hub, SITE, created["enroll_token"])
         site.start()
         try:
             await wait_ready(session, site.members, timeout_s=30)
