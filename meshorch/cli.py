@@ -599,21 +599,11 @@ def run_host_remove(args: argparse.Namespace) -> int:
     _drain(args, True)
     if not _wait_empty(args):
         return 4
-    for attempt in range(REMOVE_ATTEMPTS):
-        try:
-            result = call_agent(args.api, "DELETE", f"/v1/members/{args.host_id}")
-            break
-        except ConfigurationError as exc:
-            # Raft refuses a membership change while another one settles: nothing was
-            # written, so trying again is safe.
-            if "not_committed" not in str(exc) or attempt == REMOVE_ATTEMPTS - 1:
-                raise
-            time.sleep(1.0)
+    result = call_agent(args.api, "DELETE", f"/v1/members/{args.host_id}")
     print(f"removed {result['removed']['host_id']} from the site")
     return 0
 
 
-REMOVE_ATTEMPTS = 30
 HOST_ACTIONS = {"drain": run_host_drain, "undrain": run_host_undrain, "remove": run_host_remove}
 
 

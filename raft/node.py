@@ -68,6 +68,7 @@ _NOT_COMMITTED = {
 }
 
 _BIND_ATTEMPTS = 10
+MEMBERSHIP_RETRY_S = 25.0  # under the agent CLI's 30 s HTTP timeout
 _BIND_RETRY_S = 1.0
 
 
@@ -505,8 +506,9 @@ class RaftNode:
             raise NotCommittedError("node not running")
         loop = self._loop
         # pysyncobj refuses a change while another is uncommitted, and right
-        # after an election: retry those refusals for a while.
-        deadline = loop.time() + self.config.proposal_timeout_s * 2
+        # after an election (until the new leader's no-op is applied, which a
+        # loaded site can take seconds to do): retry those refusals for a while.
+        deadline = loop.time() + MEMBERSHIP_RETRY_S
         while True:
             future: asyncio.Future[int] = loop.create_future()
 
