@@ -417,7 +417,7 @@ async def create_site(request: web.Request) -> web.Response:
 
 
 async def list_sites(request: web.Request) -> web.Response:
-    return json_response({"sites": _hub(request).list_sites()})
+    return json_response({"sites": _hub(request).list_sites(_token(request))})
 
 
 async def get_site(request: web.Request) -> web.Response:

@@ -9,6 +9,12 @@ summaries it gossips (``central_hub.gossip``; they reach the hub through other s
 the site's link is down). ``last_seen`` is the newer of the two receive times,
 ``applied_version`` the higher; ``seen_via`` says which source is fresh (``link`` first).
 
+``counts`` (``site_counts``) sums up hosts, applications and instances for the fleet
+listing, so a client needs no request per site: from the report unless only the gossip
+summary is fresh (``source`` says which). A summary has no instances, and cannot be split
+by tenant: ``instances`` is then null, and ``apps`` too in a tenant's view. A site never
+heard from has ``counts`` null.
+
 Health of a site:
 
     unknown      no report and no gossip summary yet
@@ -21,7 +27,7 @@ Health of a site:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any, Literal
 
 from central_hub.errors import InputProblems
@@ -270,6 +276,52 @@ def site_health(
     return "healthy"
 
 
+def site_counts(
+    report: Mapping[str, Any] | None,
+    last_seen: float | None,
+    now: float,
+    stale_s: float,
+    *,
+    gossip: Gossip | None = None,
+    visible_apps: Collection[str] | None = None,
+) -> dict[str, Any] | None:
+    """Hosts (total, up), applications (total, healthy) and instances (total, ready) of
+    a site; None when it was never heard from. ``visible_apps``: count only these
+    applications and their instances (a tenant's view); None counts them all."""
+    via = seen_via(None if report is None else last_seen, gossip, now, stale_s)
+    if report is not None and via != "gossip":
+        # The report even when stale (it has instances), unless only the summary is fresh.
+        hosts = report["hosts"]
+        apps = [
+            a for name, a in report["apps"].items() if visible_apps is None or name in visible_apps
+        ]
+        instances = [
+            i
+            for h in hosts
+            for i in h["instances"]
+            if visible_apps is None or i["app"] in visible_apps
+        ]
+        return {
+            "source": "report",
+            "hosts": {"total": len(hosts), "up": sum(1 for h in hosts if h["alive"])},
+            "apps": {"total": len(apps), "healthy": sum(a["state"] == "healthy" for a in apps)},
+            "instances": {"total": len(instances), "ready": sum(i["ready"] for i in instances)},
+        }
+    if gossip is None:
+        return None
+    summary = gossip[0]
+    failed = len(summary["alerts"]) + int(summary.get("more_alerts") or 0)
+    return {
+        "source": "gossip",
+        "hosts": {"total": summary["n"], "up": summary["up"]},
+        # The summary names failed apps only: "healthy" is "not failed" here.
+        "apps": None
+        if visible_apps is not None
+        else {"total": summary["na"], "healthy": max(summary["na"] - failed, 0)},
+        "instances": None,
+    }
+
+
 def site_summary(
     site: Mapping[str, Any],
     report: Mapping[str, Any] | None,
@@ -279,6 +331,7 @@ def site_summary(
     rejection_window_s: float,
     *,
     gossip: Gossip | None = None,
+    visible_apps: Collection[str] | None = None,
 ) -> dict[str, Any]:
     applied = None if report is None else report["applied_version"]
     seen = last_seen if report is not None else None
@@ -298,6 +351,9 @@ def site_summary(
         "agent_versions": sorted(
             {h.get("agent_version") or "unknown" for h in (report or {}).get("hosts", [])}
         ),
+        "counts": site_counts(
+            report, last_seen, now, stale_s, gossip=gossip, visible_apps=visible_apps
+        ),
     }
 
 
@@ -310,8 +366,18 @@ def site_detail(
     rejection_window_s: float,
     *,
     gossip: Gossip | None = None,
+    visible_apps: Collection[str] | None = None,
 ) -> dict[str, Any]:
-    summary = site_summary(site, report, last_seen, now, stale_s, rejection_window_s, gossip=gossip)
+    summary = site_summary(
+        site,
+        report,
+        last_seen,
+        now,
+        stale_s,
+        rejection_window_s,
+        gossip=gossip,
+        visible_apps=visible_apps,
+    )
     hosts = [] if report is None else report["hosts"]
     return {
         **summary,

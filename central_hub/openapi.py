@@ -213,7 +213,31 @@ SCHEMAS: dict[str, Schema] = {
         last_seen=_NULLABLE_NUM,
         seen_via={"enum": ["link", "gossip", None]},
         health={"enum": ["healthy", "degraded", "unreachable", "unknown"]},
+        agent_versions=_list(_STR),
+        counts={
+            "oneOf": [_ref("SiteCounts"), {"type": "null"}],
+            "description": "null: the site was never heard from",
+        },
     ),
+    "SiteCounts": {
+        **_obj(
+            ["source", "hosts", "apps", "instances"],
+            source={"enum": ["report", "gossip"]},
+            hosts=_obj(["total", "up"], total=_INT, up=_INT),
+            apps={
+                "oneOf": [_obj(["total", "healthy"], total=_INT, healthy=_INT), {"type": "null"}],
+                "description": "null from gossip in a tenant's view (a summary is fleet-wide); "
+                "from gossip, healthy means not failed",
+            },
+            instances={
+                "oneOf": [_obj(["total", "ready"], total=_INT, ready=_INT), {"type": "null"}],
+                "description": "null from gossip (a summary has no instances)",
+            },
+        ),
+        "description": "From the site's latest report, or its gossip summary when only that "
+        "is fresh; a tenant token's counts cover its tenant's applications only "
+        "(docs/fleet-link.md)",
+    },
     "SiteList": _obj(["sites"], sites=_list(_ref("SiteSummary"))),
     "SiteDetail": {
         "allOf": [

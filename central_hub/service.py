@@ -791,8 +791,11 @@ class Hub:
     def _gossip_of(self, site_id: str) -> tuple[dict[str, Any], float] | None:
         return None if self.gossip is None else self.gossip.summary_of(site_id)
 
-    def list_sites(self) -> list[dict[str, Any]]:
+    def list_sites(self, token: TokenRecord | None = None) -> list[dict[str, Any]]:
+        """Every site's summary; a tenant token's ``counts`` cover its tenant's apps only
+        (None: the hub's own, fleet-wide view)."""
         now, c = self.now(), self.config
+        visible = None if token is None else self._visible_apps(token)
         return [
             fleetview.site_summary(
                 site,
@@ -801,28 +804,35 @@ class Hub:
                 c.site_stale_s,
                 c.rejection_window_s,
                 gossip=self._gossip_of(site["id"]),
+                visible_apps=visible,
             )
             for site in self.store.values_json("sites")
         ]
 
-    def get_site(self, token: TokenRecord, site_id: str) -> dict[str, Any]:
-        """One site. A tenant token sees the site's health, and of its hosts' instances and
-        apps only those of its tenant's applications (no gossip summary, no rejections)."""
-        detail = self._site_detail(site_id)
+    def _visible_apps(self, token: TokenRecord) -> set[str] | None:
+        """The applications a tenant token sees at sites (None: a fleet token, all)."""
         if tokens.is_fleet(token):
-            return detail
-        mine = {
+            return None
+        return {
             app["name"]
             for app in self.store.values_json("apps")
             if tokens.reaches(token, app.get("tenant", DEFAULT_TENANT))
         }
+
+    def get_site(self, token: TokenRecord, site_id: str) -> dict[str, Any]:
+        """One site. A tenant token sees the site's health, and of its hosts' instances and
+        apps only those of its tenant's applications (no gossip summary, no rejections)."""
+        mine = self._visible_apps(token)
+        detail = self._site_detail(site_id, mine)
+        if mine is None:
+            return detail
         detail["apps"] = {k: v for k, v in detail["apps"].items() if k in mine}
         for host in detail["hosts"]:
             host["instances"] = [i for i in host["instances"] if i["app"] in mine]
         detail.update(gossip=None, rejections=[])
         return detail
 
-    def _site_detail(self, site_id: str) -> dict[str, Any]:
+    def _site_detail(self, site_id: str, visible: set[str] | None) -> dict[str, Any]:
         c = self.config
         detail = fleetview.site_detail(
             self._site(site_id),
@@ -831,6 +841,7 @@ class Hub:
             c.site_stale_s,
             c.rejection_window_s,
             gossip=self._gossip_of(site_id),
+            visible_apps=visible,
         )
         if self.gossip is not None:
             detail["gossip_member"] = self.gossip.member_state(site_id)

@@ -9,7 +9,7 @@
   const TOKEN_KEY = "meshorch.hub.token";
   const REFRESH_MS = 5000;
   const REQUEST_TIMEOUT_MS = 15000;
-  const DETAIL_PARALLEL = 8; // site details fetched at once (the list has no counts)
+  const DETAIL_PARALLEL = 8; // app details fetched at once (the app list has no progress)
   const LOG_LIMIT = 100;
   const HEALTH_RANK = { unreachable: 0, degraded: 1, unknown: 2, healthy: 3 };
   const LEVELS = ["emerg", "alert", "crit", "error", "warning", "notice", "info", "debug"];
@@ -263,7 +263,7 @@
       banner.hidden = false;
       $("#status").textContent = "refresh failed";
     }
-    // A big fleet takes long to fetch (a request per site): wait longer, not pile up.
+    // A slow hub, or many apps (the apps view asks for each): wait longer, not pile up.
     const delay = Math.max(REFRESH_MS, 3 * (Date.now() - started));
     if (gen === state.gen && state.token) state.timer = setTimeout(() => tick(gen), delay);
   }
@@ -318,37 +318,20 @@
 
   // -- fleet -----------------------------------------------------------------------------
 
-  // Hosts and apps from the site's latest report, else from its gossip summary.
-  function siteCounts(detail) {
-    const none = { hostsUp: null, hosts: null, appsHealthy: null, apps: null };
-    if (!detail) return none;
-    const gossip = obj(detail.gossip);
-    if (detail.report_received_at == null && num(gossip.n) === null) return none; // never heard from
-    const hosts = list(detail.hosts).map(obj);
-    const apps = Object.values(obj(detail.apps)).map(obj);
-    const counts = { hostsUp: 0, hosts: 0, appsHealthy: 0, apps: 0 };
-    if (hosts.length) {
-      counts.hosts = hosts.length;
-      counts.hostsUp = hosts.filter((x) => x.alive === true).length;
-    } else if (num(gossip.n) !== null) {
-      counts.hosts = gossip.n;
-      counts.hostsUp = num(gossip.up);
-    }
-    if (apps.length) {
-      counts.apps = apps.length;
-      counts.appsHealthy = apps.filter((a) => a.state === "healthy").length;
-    } else if (num(gossip.na) !== null) {
-      counts.apps = gossip.na;
-      counts.appsHealthy = Math.max(0, gossip.na - list(gossip.alerts).length);
-    }
-    return counts;
+  // The list's counts (the site's latest report, or its gossip summary): [done, total] of
+  // hosts up, apps healthy and instances ready; null where the hub does not know.
+  function siteCounts(site) {
+    const counts = obj(site.counts);
+    const pair = (c, done) => {
+      const total = num(obj(c).total);
+      return total === null ? [null, null] : [num(obj(c)[done]), total];
+    };
+    return { hosts: pair(counts.hosts, "up"), apps: pair(counts.apps, "healthy"), instances: pair(counts.instances, "ready") };
   }
 
-  // The agents' versions: the summary's list (several during an upgrade), else the hosts'.
-  function agentVersion(site, detail) {
-    const d = obj(detail);
-    const found = [...list(site.agent_versions), site.agent_version, d.agent_version];
-    for (const host of list(d.hosts)) found.push(obj(host).agent_version);
+  // The agents' versions: the summary's list (several during an upgrade).
+  function agentVersion(site) {
+    const found = [...list(site.agent_versions), site.agent_version];
     const versions = [...new Set(found.filter((v) => typeof v === "string" && v && v !== "unknown"))];
     return versions.length ? versions.sort().join(", ") : null;
   }
@@ -387,7 +370,7 @@
       tableBox.replaceChildren(
         table(
           "sites",
-          ["Site", "Labels", "Health", "Hosts up", "Apps healthy", "Last report", "Agent", "Applied"],
+          ["Site", "Labels", "Health", "Hosts up", "Apps healthy", "Instances ready", "Last report", "Agent", "Applied"],
           shown.map((r) =>
             h(
               "tr",
@@ -395,8 +378,9 @@
               h("td", {}, h("a", { href: `#/site/${enc(r.site.id)}`, class: "site-link" }, r.site.id)),
               h("td", {}, labelChips(r.site.labels)),
               h("td", {}, badge(r.site.health)),
-              h("td", {}, ratio(r.counts.hostsUp, r.counts.hosts)),
-              h("td", {}, ratio(r.counts.appsHealthy, r.counts.apps)),
+              h("td", {}, ratio(...r.counts.hosts)),
+              h("td", {}, ratio(...r.counts.apps)),
+              h("td", {}, ratio(...r.counts.instances)),
               h("td", { title: clock(r.site.last_seen) }, age(r.site.last_seen), r.site.seen_via ? h("span", { class: "muted" }, ` via ${r.site.seen_via}`) : null),
               h("td", {}, text(r.agent)),
               h("td", {}, text(r.site.applied_version)),
@@ -452,16 +436,12 @@
     });
 
     return async () => {
+      // One request: the list carries each site's counts (a site's detail is fetched only
+      // when the operator opens it).
       const sites = list((await get("/v1/sites")).sites).map(obj).filter((s) => typeof s.id === "string");
-      const details = await mapLimit(sites, DETAIL_PARALLEL, (s) =>
-        get(`/v1/sites/${enc(s.id)}`).catch((err) => {
-          if (err.status === 401) throw err;
-          return null; // deleted meanwhile, or refused: the row shows what the list has
-        }),
-      );
-      rows = sites.map((site, i) => {
+      rows = sites.map((site) => {
         site.health = typeof site.health === "string" ? site.health : "unknown";
-        return { site, counts: siteCounts(details[i]), agent: agentVersion(site, details[i]) };
+        return { site, counts: siteCounts(site), agent: agentVersion(site) };
       });
       rows.sort((a, b) => (HEALTH_RANK[a.site.health] ?? 1.5) - (HEALTH_RANK[b.site.health] ?? 1.5) || a.site.id.localeCompare(b.site.id));
       render();

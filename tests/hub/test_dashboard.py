@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import aiohttp
 import pytest
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
 from central_hub import Hub
 from central_hub.dashboard import ASSET_DIR, ASSETS, add_dashboard
@@ -368,8 +369,26 @@ def script_errors(driver: WebDriver) -> list[str]:
 # Scenarios.
 
 
+def requests_by_route(world: World) -> dict[str, float]:
+    """The hub's own count of answered requests per route (its /metrics latency histogram)."""
+
+    async def scrape() -> str:
+        async with world.admin.session.get(world.hub.url + "/metrics") as response:
+            assert response.status == 200
+            return await response.text()
+
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(world.on_hub(scrape())):
+        for sample in family.samples:
+            if sample.name == "meshorch_hub_api_request_seconds_count":
+                route = sample.labels["route"]
+                found[route] = found.get(route, 0.0) + sample.value
+    return found
+
+
 def fleet_to_logs(driver: WebDriver, world: World) -> None:
     hub = world.hub
+    before = requests_by_route(world)
     open_dashboard(driver, hub)
     world.shot(driver, "01-login")
     log_in(driver, admin_token(hub))
@@ -378,11 +397,13 @@ def fleet_to_logs(driver: WebDriver, world: World) -> None:
     assert site_rows(driver) == ["eu-2", "ap-1", "eu-1", "us-1"]  # unhealthy first, then by id
     until(driver, "site counts", lambda d: row_cells(d, "eu-1")[3] == "2/2")
     eu1, eu2, ap1 = row_cells(driver, "eu-1"), row_cells(driver, "eu-2"), row_cells(driver, "ap-1")
-    assert eu1[2:5] == ["healthy", "2/2", "1/1"] and "region=eu" in eu1[1]
-    assert eu2[2:5] == ["degraded", "1/2", "0/1"]
-    assert ap1[2:6] == ["unknown", "—", "—", "never"]
-    assert eu1[6] in ("0.9.0", "—")  # a hub that keeps the hosts' agent versions shows them
-    assert "s ago" in eu1[5]
+    # Hosts up, apps healthy, instances ready: the counts of GET /v1/sites.
+    assert eu1[2:6] == ["healthy", "2/2", "1/1", "2/2"] and "region=eu" in eu1[1]
+    assert eu2[2:6] == ["degraded", "1/2", "0/1", "0/1"]
+    assert row_cells(driver, "us-1")[3:6] == ["1/1", "0/0", "0/0"]
+    assert ap1[2:7] == ["unknown", "—", "—", "—", "never"]
+    assert eu1[7] == "0.9.0"
+    assert "s ago" in eu1[6]
     groups = {g: texts(driver, f'#map .group[data-group="{g}"] .tile') for g in ("eu", "us", "ap")}
     assert groups == {"eu": ["eu-2", "eu-1"], "us": ["us-1"], "ap": ["ap-1"]}
     until(driver, "the alerts panel", lambda d: visible(d, "#alerts"))
@@ -398,9 +419,15 @@ def fleet_to_logs(driver: WebDriver, world: World) -> None:
     us1 = world.sites["us-1"]
     world.on_hub(us1.report({}, hosts=[host("h1"), host("h2", alive=False)]))
     until(driver, "us-1 degraded", lambda d: row_cells(d, "us-1")[2:4] == ["degraded", "1/2"])
+    # The fleet view and its refreshes asked for the list only, never for a site's detail.
+    seen = requests_by_route(world)
+    list_route, detail_route = "/v1/sites", "/v1/sites/{id}"
+    assert seen.get(detail_route, 0) == before.get(detail_route, 0)
+    assert seen[list_route] - before.get(list_route, 0) >= 3  # login, first load, a refresh
 
     click(driver, "#sites a.site-link", "eu-1")
     until(driver, "eu-1's instances", lambda d: len(texts(d, "#instances tbody tr")) == 2)
+    assert requests_by_route(world)[detail_route] > seen.get(detail_route, 0)  # drilled in
     until(driver, "eu-1's events", lambda d: "GET /checkout" in " ".join(texts(d, "#logs td")))
     assert re.fullmatch(
         r"h1: alive( \(agent 0\.9\.0\))? · h2: alive.*", texts(driver, "#host-summary")[0]

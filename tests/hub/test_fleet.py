@@ -45,6 +45,52 @@ async def test_site_list_shows_health_from_reports(
     assert detail["rejections"] == []
 
 
+def instance(app: str, iid: str, ready: bool = True) -> dict[str, object]:
+    return {"app": app, "instance_id": iid, "service": "web", "version": "1",
+            "state": "running" if ready else "starting", "ready": ready, "restarts": 0}  # fmt: skip
+
+
+async def test_site_list_counts_hosts_apps_and_instances(
+    admin: Operator, make_site: MakeSite
+) -> None:
+    for tenant in ("blue", "red"):
+        await admin.ok("POST", "/v1/tenants", {"id": tenant}, 201)
+    await admin.ok("POST", "/v1/apps", {"spec": spec_text("web"), "tenant": "blue"}, 202)
+    await admin.ok("POST", "/v1/apps", {"spec": spec_text("db"), "tenant": "red"}, 202)
+    shop = await make_site("shop")
+    await make_site("silent")
+    hosts = [
+        {"host_id": "h1", "alive": True,
+         "instances": [instance("web", "web-1"), instance("db", "db-1")]},
+        {"host_id": "h2", "alive": True, "instances": [instance("web", "web-2", ready=False)]},
+        {"host_id": "h3", "alive": False, "instances": []},
+    ]  # fmt: skip
+    sick = {**healthy("1.0"), "state": "progressing"}
+    status, answer = await shop.report({"web": sick, "db": healthy("1.0")}, hosts=hosts)
+    assert status == 200, answer
+    by_id = {s["id"]: s for s in (await admin.ok("GET", "/v1/sites"))["sites"]}
+    assert by_id["shop"]["counts"] == {
+        "source": "report",
+        "hosts": {"total": 3, "up": 2},
+        "apps": {"total": 2, "healthy": 1},
+        "instances": {"total": 3, "ready": 2},
+    }
+    assert by_id["silent"]["counts"] is None  # never heard from
+    detail = await admin.ok("GET", "/v1/sites/shop")
+    assert detail["counts"] == by_id["shop"]["counts"]
+
+    # A tenant token counts its own applications and instances only (hosts are the site's).
+    blue = await admin.ok("POST", "/v1/tokens", {"role": "viewer", "tenant": "blue"}, 201)
+    status, answer = await admin.call("GET", "/v1/sites", token=blue["token"])
+    assert status == 200, answer
+    counts = {s["id"]: s["counts"] for s in answer["sites"]}["shop"]
+    assert counts["hosts"] == {"total": 3, "up": 2}
+    assert counts["apps"] == {"total": 1, "healthy": 0}
+    assert counts["instances"] == {"total": 2, "ready": 1}
+    status, detail = await admin.call("GET", "/v1/sites/shop", token=blue["token"])
+    assert status == 200 and detail["counts"] == counts
+
+
 async def test_labels_decide_the_next_deployment(admin: Operator, make_site: MakeSite) -> None:
     await make_site("a", region="eu")
     await make_site("b", region="us")

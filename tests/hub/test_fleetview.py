@@ -68,3 +68,38 @@ def test_a_report_overtaken_in_flight_is_stale_only_for_a_moment() -> None:
     assert not fleetview.is_stale_report({"applied_version": 6, "time": 1.0}, newer, 50.0, 51.0)
     # A site rebuilt from scratch (version 0) is heard again after the window.
     assert not fleetview.is_stale_report({"applied_version": 0, "time": 9.0}, newer, 50.0, 60.0)
+
+
+def test_counts_from_the_report() -> None:
+    def inst(app: str, ready: bool) -> dict[str, Any]:
+        state = "running" if ready else "starting"
+        return {"app": app, "instance_id": f"{app}-{ready}", "service": "s", "version": "1",
+                "state": state, "ready": ready, "restarts": 0}  # fmt: skip
+
+    app = {"version": "1", "desired": 1, "ready": 1, "message": ""}
+    parsed = report(
+        hosts=[
+            {"host_id": "h1", "alive": True, "instances": [inst("web", True), inst("db", True)]},
+            {"host_id": "h2", "alive": False, "instances": [inst("web", False)]},
+        ],
+        apps={"web": {**app, "state": "progressing"}, "db": {**app, "state": "healthy"}},
+    )
+    counts = fleetview.site_counts(parsed, 990.0, 1000.0, 30.0)
+    assert counts == {
+        "source": "report",
+        "hosts": {"total": 2, "up": 1},
+        "apps": {"total": 2, "healthy": 1},
+        "instances": {"total": 3, "ready": 2},
+    }
+    # A stale report still counts (unreachable, but the last news); a tenant's view.
+    mine = fleetview.site_counts(parsed, 900.0, 1000.0, 30.0, visible_apps={"web"})
+    assert mine is not None and mine["hosts"] == {"total": 2, "up": 1}
+    assert (mine["apps"], mine["instances"]) == (
+        {"total": 1, "healthy": 0},
+        {"total": 2, "ready": 1},
+    )
+    assert fleetview.site_counts(None, None, 1000.0, 30.0) is None  # never heard from
+    summary = fleetview.site_summary({"id": "shop-1", "labels": {}}, None, None, 1000.0, 30, 600)
+    assert summary["counts"] is None
+    detail = site_detail({"id": "shop-1", "labels": {}}, parsed, 990.0, 1000.0, 30.0, 600.0)
+    assert detail["counts"] == counts

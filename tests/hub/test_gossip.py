@@ -162,6 +162,29 @@ def test_gossip_alerts_and_hosts_down_make_a_site_degraded() -> None:
     assert site_summary(SITE, None, None, 155.0, 30.0, 600.0)["health"] == "unknown"
 
 
+def test_counts_come_from_the_summary_when_only_it_is_fresh() -> None:
+    failed = parse_site_summary(
+        {**compact_summary(report({"web": app("failed"), "db": app("healthy")}), 150.0),
+         "n": 3, "up": 2}
+    )  # fmt: skip
+    view = site_summary(SITE, report(), 100.0, 160.0, 30.0, 600.0, gossip=(failed, 150.0))
+    assert view["counts"] == {
+        "source": "gossip",
+        "hosts": {"total": 3, "up": 2},
+        "apps": {"total": 2, "healthy": 1},
+        "instances": None,  # a summary has none
+    }
+    # A summary cannot be split by tenant: a tenant's view has no app count from it.
+    mine = site_summary(
+        SITE, None, None, 155.0, 30.0, 600.0, gossip=(failed, 150.0), visible_apps={"db"}
+    )
+    assert mine["counts"]["apps"] is None and mine["counts"]["hosts"]["total"] == 3
+    # A fresh report wins (it has instances).
+    fresh = site_summary(SITE, report(), 155.0, 160.0, 30.0, 600.0, gossip=(failed, 150.0))
+    assert fresh["counts"]["source"] == "report"
+    assert fresh["counts"]["instances"] == {"total": 0, "ready": 0}
+
+
 # -- GET /v1/link/gossip ---------------------------------------------------------------------
 
 
