@@ -19,26 +19,24 @@ and deleting a secondary address leaves the primary alone.
 
 Needs root (CAP_NET_ADMIN, CAP_NET_RAW) and ``ip`` from iproute2. ``netns``
 runs everything in a named network namespace (``ip netns exec``; the raw socket
-is opened after ``setns`` in a short-lived thread) and is meant for tests that
+is opened in it with ``meshorch.netns``) and is meant for tests that
 drive namespaces from outside; an agent in its host's namespace leaves it None.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import ipaddress
 import json
 import logging
-import os
 import re
 import socket
 import struct
 import subprocess
-import threading
 from collections.abc import Sequence
 
 from meshorch.errors import ConfigurationError, ServiceError
+from meshorch.netns import in_netns
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +49,6 @@ ETH_P_IP = 0x0800
 BROADCAST_MAC = b"\xff" * 6
 ARP_REQUEST = 1
 ARP_REPLY = 2
-_CLONE_NEWNET = 0x40000000
 _IFNAME_RE = re.compile(r"^[A-Za-z0-9_.=+-]{1,15}$")
 
 
@@ -210,28 +207,10 @@ def _packet_socket(device: str, netns: str | None) -> socket.socket:
     """A raw ARP socket bound to ``device`` (in ``netns`` if given)."""
     if netns is None:
         return _bound_packet_socket(device)
-    # setns() changes the calling thread only: do it in a throw-away thread so no
-    # pool thread (or the loop's) is ever left in another namespace.
-    result: list[socket.socket | BaseException] = []
-
-    def in_netns() -> None:
-        try:
-            fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
-            try:
-                _setns(fd)
-            finally:
-                os.close(fd)
-            result.append(_bound_packet_socket(device))
-        except BaseException as exc:
-            result.append(exc)
-
-    thread = threading.Thread(target=in_netns, name=f"vip-netns-{netns}", daemon=True)
-    thread.start()
-    thread.join()
-    outcome = result[0]
-    if isinstance(outcome, BaseException):
-        raise VipError(f"cannot open a packet socket on {device} in {netns}: {outcome}")
-    return outcome
+    try:
+        return in_netns(netns, lambda: _bound_packet_socket(device))
+    except OSError as exc:
+        raise VipError(f"cannot enter {netns} for a packet socket on {device}: {exc}") from exc
 
 
 def _bound_packet_socket(device: str) -> socket.socket:
@@ -245,11 +224,3 @@ def _bound_packet_socket(device: str) -> socket.socket:
         sock.close()
         raise VipError(f"cannot bind a packet socket to {device}: {exc}") from exc
     return sock
-
-
-def _setns(fd: int) -> None:
-    # os.setns arrived in Python 3.12; this project supports 3.11.
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setns(fd, _CLONE_NEWNET) != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, os.strerror(errno))
