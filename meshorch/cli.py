@@ -270,13 +270,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="start a hub and three sites on loopback, deploy an app, show where it runs",
+        help="start a hub and three sites, deploy an app, show where it runs (--lab: for real)",
         description="Start a central hub and three sites of agents on loopback (no root, no "
         "setup), register the sites, deploy a sample application through the hub with a "
-        "placement policy, show each site's progress and where the instances run, and stay "
-        "up until Ctrl-C.",
+        "placement policy, show each site's progress and where the instances run, print the "
+        "dashboard's URL, and stay up until Ctrl-C. With --lab (root, `scripts/setup.sh "
+        "--lab`) the same on network namespaces: mDNS discovery, WireGuard meshes, Raft, "
+        "podman containers, the hub behind a WAN; everything is torn down on exit.",
     )
     demo.add_argument("--hosts", type=int, default=2, help="hosts per site (default 2)")
+    demo.add_argument(
+        "--lab", action="store_true",
+        help="as root: run the sites on network namespaces (a LAN behind NAT each, the hub on a "
+        "WAN), with mDNS, WireGuard meshes and podman containers instead of loopback processes",
+    )  # fmt: skip
+    demo.add_argument(
+        "--dashboard", default="127.0.0.1:7980", metavar="HOST:PORT",
+        help="with --lab: where this machine reaches the hub and its dashboard (default "
+        "%(default)s), forwarded into the hub's namespace",
+    )  # fmt: skip
     demo.add_argument(
         "--exit-after",
         type=float,
@@ -626,6 +638,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "agent":
             return run_agent(args)
+        if args.command == "demo" and args.lab:
+            from meshorch.demo_lab import run_lab_demo
+
+            return run_lab_demo(args.hosts, args.exit_after, args.dashboard)
         if args.command == "demo":
             from meshorch.demo import run_demo
 

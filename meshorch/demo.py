@@ -14,7 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import orjson
@@ -34,8 +34,18 @@ SITES = {
 PLACEMENT = {"match": {"tier": "store"}, "max_parallel": 1}
 
 
-async def _hub_call(
-    session: aiohttp.ClientSession, hub: LocalHub, method: str, path: str, body: object = None
+class HubAccess(Protocol):
+    """Where the hub answers and the admin token to call it with."""
+
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def admin_token(self) -> str: ...
+
+
+async def hub_call(
+    session: aiohttp.ClientSession, hub: HubAccess, method: str, path: str, body: object = None
 ) -> Any:
     headers = {"Authorization": f"Bearer {hub.admin_token}"}
     async with session.request(method, hub.url + path, json=body, headers=headers) as r:
@@ -54,12 +64,7 @@ async def _show(root: Path, hosts: int, exit_after_s: float | None, parts: _Part
         say(f"      fleet root key {root_key}")
 
         say(f"[2/6] registering {len(SITES)} sites at the hub")
-        tokens = {}
-        for site_id, labels in SITES.items():
-            site = await _hub_call(session, hub, "POST", "/v1/sites",
-                                   {"id": site_id, "labels": labels})  # fmt: skip
-            tokens[site_id] = site["enroll_token"]
-            say(f"      {site_id:8} " + ", ".join(f"{k}={v}" for k, v in labels.items()))
+        tokens = await register_sites(session, hub)
 
         say(f"[3/6] starting {len(SITES)} sites of {hosts} agents on 127.0.0.1, each linked "
             "to the hub by its own outbound connection")  # fmt: skip
@@ -76,47 +81,73 @@ async def _show(root: Path, hosts: int, exit_after_s: float | None, parts: _Part
             say(f"      {local.site}: Raft cluster of {hosts} formed, leader {leader} "
                 f"({time.monotonic() - started:.1f}s)")  # fmt: skip
 
-        say(f"[4/6] deploying 'hello' to placement {orjson.dumps(PLACEMENT).decode()}")
-        deployment = await _hub_call(session, hub, "POST", "/v1/apps",
-                                     {"spec": DEMO_APP, "placement": PLACEMENT})  # fmt: skip
-        say(f"      deployment {deployment['id']}, waves {deployment['waves']}")
-        deployment = await _follow(session, hub, deployment["id"], timeout_s=120)
+        await deploy_and_show(session, hub, DEMO_APP, ("[4/6]", "[5/6]", "[6/6]"))
+        show_try_it(hub.url, hub.data_dir / "admin.token")
+        await wait_for_stop(exit_after_s)
 
-        say("[5/6] where it runs (GET /v1/sites/{id} on the hub):")
-        for site_id in SITES:
-            view = await _wait_site_instances(session, hub, site_id, timeout_s=30)
-            for host in view["hosts"]:
-                for instance in host["instances"]:
-                    state = "ready" if instance["ready"] else "not ready"
-                    say(f"      {site_id:8} {instance['instance_id']:22} on {host['host_id']:3} "
-                        f"{instance['state']:8} {state}")  # fmt: skip
-        say("[6/6] the fleet view (GET /v1/sites):")
-        for site in (await _hub_call(session, hub, "GET", "/v1/sites"))["sites"]:
-            say(f"      {site['id']:8} {site['health']:9} applied delta {site['applied_version']}")
-        say("")
-        token_file = hub.data_dir / "admin.token"
-        say(f"Try it:  export MESHORCH_HUB={hub.url} MESHORCH_TOKEN=$(cat {token_file})")
-        say("         meshorch sites;  meshorch sites shop-eu;  meshorch apps hello")
-        say(f"         curl {hub.url}/v1/openapi.json;  curl {hub.url}/metrics")
-        say(f"Dashboard: {hub.url}/  (log in with the token in {token_file})")
-        if exit_after_s is None:
-            say("The hub and the sites stay up until Ctrl-C.")
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        if exit_after_s is not None:
-            loop.call_later(exit_after_s, stop.set)
-        await stop.wait()
+
+async def register_sites(session: aiohttp.ClientSession, hub: HubAccess) -> dict[str, str]:
+    """Create ``SITES`` at the hub; their enrollment tokens by site."""
+    tokens = {}
+    for site_id, labels in SITES.items():
+        site = await hub_call(session, hub, "POST", "/v1/sites", {"id": site_id, "labels": labels})
+        tokens[site_id] = site["enroll_token"]
+        say(f"      {site_id:8} " + ", ".join(f"{k}={v}" for k, v in labels.items()))
+    return tokens
+
+
+async def deploy_and_show(
+    session: aiohttp.ClientSession, hub: HubAccess, app_yaml: str, steps: tuple[str, str, str]
+) -> None:
+    """Deploy ``app_yaml`` to ``PLACEMENT`` through the hub, follow it, show where it runs
+    and the fleet view (``steps`` number the three parts)."""
+    say(f"{steps[0]} deploying the app to placement {orjson.dumps(PLACEMENT).decode()}")
+    deployment = await hub_call(session, hub, "POST", "/v1/apps",
+                                {"spec": app_yaml, "placement": PLACEMENT})  # fmt: skip
+    say(f"      deployment {deployment['id']}, waves {deployment['waves']}")
+    await _follow(session, hub, deployment["id"], timeout_s=180)
+
+    say(f"{steps[1]} where it runs (GET /v1/sites/{{id}} on the hub):")
+    for site_id in SITES:
+        view = await _wait_site_instances(session, hub, site_id, timeout_s=60)
+        for host in view["hosts"]:
+            for instance in host["instances"]:
+                state = "ready" if instance["ready"] else "not ready"
+                say(f"      {site_id:8} {instance['instance_id']:22} on {host['host_id']:6} "
+                    f"{instance['state']:8} {state}")  # fmt: skip
+    say(f"{steps[2]} the fleet view (GET /v1/sites):")
+    for site in (await hub_call(session, hub, "GET", "/v1/sites"))["sites"]:
+        say(f"      {site['id']:8} {site['health']:9} applied delta {site['applied_version']}")
+    say("")
+
+
+def show_try_it(hub_url: str, token_file: Path) -> None:
+    say(f"Try it:  export MESHORCH_HUB={hub_url} MESHORCH_TOKEN=$(cat {token_file})")
+    say("         meshorch sites;  meshorch sites shop-eu;  meshorch apps hello")
+    say(f"         curl {hub_url}/v1/openapi.json;  curl {hub_url}/metrics")
+    say(f"Dashboard: {hub_url}/  (log in with the token in {token_file})")
+
+
+async def wait_for_stop(exit_after_s: float | None) -> None:
+    """Until Ctrl-C or SIGTERM, or ``exit_after_s`` seconds."""
+    if exit_after_s is None:
+        say("Everything stays up until Ctrl-C.")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if exit_after_s is not None:
+        loop.call_later(exit_after_s, stop.set)
+    await stop.wait()
 
 
 async def _follow(
-    session: aiohttp.ClientSession, hub: LocalHub, deployment_id: str, timeout_s: float
+    session: aiohttp.ClientSession, hub: HubAccess, deployment_id: str, timeout_s: float
 ) -> dict[str, Any]:
     shown: dict[str, str] = {}
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        deployment = await _hub_call(session, hub, "GET", f"/v1/deployments/{deployment_id}")
+        deployment = await hub_call(session, hub, "GET", f"/v1/deployments/{deployment_id}")
         for site_id, progress in sorted(deployment["progress"].items()):
             if shown.get(site_id) != progress["state"]:
                 shown[site_id] = progress["state"]
@@ -131,11 +162,11 @@ async def _follow(
 
 
 async def _wait_site_instances(
-    session: aiohttp.ClientSession, hub: LocalHub, site_id: str, timeout_s: float
+    session: aiohttp.ClientSession, hub: HubAccess, site_id: str, timeout_s: float
 ) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     while True:
-        view = dict(await _hub_call(session, hub, "GET", f"/v1/sites/{site_id}"))
+        view = dict(await hub_call(session, hub, "GET", f"/v1/sites/{site_id}"))
         instances = [i for h in view["hosts"] for i in h["instances"]]
         if (len(instances) == 3 and all(i["ready"] for i in instances)) or (
             time.monotonic() > deadline

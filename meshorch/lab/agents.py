@@ -94,6 +94,8 @@ class LabAgents:
 
     ``runtime`` (``process``, ``podman``) is passed as the agents' ``--runtime``, and
     ``fleet`` as their fleet link flags; both default to the agent's own defaults.
+    ``site_ids`` names the sites (by their index in the plan) for the agents' ``--site``;
+    the default is the plan's ``s1``, ``s2``...
     """
 
     def __init__(
@@ -103,8 +105,10 @@ class LabAgents:
         runtime: str | None = None,
         fleet: FleetFlags | None = None,
         extra_args: Sequence[str] = (),
+        site_ids: Mapping[int, str] | None = None,
     ) -> None:
         self.lab = lab
+        self.site_ids = dict(site_ids or {})
         self.runtime = runtime
         self.fleet = fleet
         self.extra_args = tuple(extra_args)  # more agent flags, the same for every host
@@ -120,11 +124,14 @@ class LabAgents:
             raise LabError(f"no host {name!r} in lab {self.lab.prefix}")
         return host
 
+    def site_id(self, host: HostPlan) -> str:
+        return self.site_ids.get(host.site, f"s{host.site}")
+
     def agent_argv(self, host: HostPlan, *, bootstrap: bool, token: str | None) -> list[str]:
         plan = self.lab.plan
         argv = [
             sys.executable, "-m", "meshorch", "agent",
-            "--site", f"s{host.site}", "--host-id", host.name,
+            "--site", self.site_id(host), "--host-id", host.name,
             "--data-dir", str(self.lab.store.data_dir(host.name)),
             "--api", f"{host.lan_ip}:{API_PORT}", "--lan-ip", host.lan_ip,
             "--wg-interface", wg_interface_name(plan, host),
@@ -136,7 +143,7 @@ class LabAgents:
         if self.runtime is not None:
             argv += ["--runtime", self.runtime]
         if self.fleet is not None:
-            argv += self.fleet.argv(f"s{host.site}")
+            argv += self.fleet.argv(self.site_id(host))
         return argv + list(self.extra_args)
 
     def start_all(self) -> None:
@@ -253,7 +260,7 @@ class LabAgents:
     def create_token(self, name: str, *, single_use: bool, ttl: str) -> str:
         host = self._host(name)
         argv = [
-            sys.executable, "-m", "meshorch", "token", "create", "--site", f"s{host.site}",
+            sys.executable, "-m", "meshorch", "token", "create", "--site", self.site_id(host),
             "--ttl", ttl, "--api", f"{host.lan_ip}:{API_PORT}",
         ]  # fmt: skip
         if single_use:
@@ -262,6 +269,18 @@ class LabAgents:
         if result.returncode != 0:
             raise LabError(f"token create on {name} failed: {result.stderr.strip()}")
         return result.stdout.strip()
+
+    def add_image(self, name: str, rootfs: Path, ref: str, timeout_s: float = 120.0) -> None:
+        """``meshorch image add`` through ``name``'s agent: the site's Raft cluster then
+        replicates the image to its other hosts."""
+        host = self._host(name)
+        argv = [
+            sys.executable, "-m", "meshorch", "image", "add", str(rootfs), "--ref", ref,
+            "--api", f"{host.lan_ip}:{API_PORT}",
+        ]  # fmt: skip
+        result = self.lab.run(name, argv, timeout_s=timeout_s)
+        if result.returncode != 0:
+            raise LabError(f"adding image {ref} on {name} failed: {result.stderr.strip()}")
 
     def teardown(self) -> None:
         """Before ``down``: stop every agent, then remove containers and podman storage

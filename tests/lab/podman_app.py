@@ -40,14 +40,7 @@ services:
 def add_busybox_image(agents: LabAgents, work: Path) -> int:
     """Build the busybox rootfs and add it at the first host; returns its size."""
     rootfs = build_busybox_rootfs(work / "busybox-rootfs.tar")
-    first = agents.lab.plan.hosts[0]
-    result = agents.lab.run(
-        first.name,
-        [sys.executable, "-m", "meshorch", "image", "add", str(rootfs),
-         "--ref", BUSYBOX_IMAGE_REF, "--api", f"{first.lan_ip}:{API_PORT}"],
-        timeout_s=120,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
+    agents.add_image(agents.lab.plan.hosts[0].name, rootfs, BUSYBOX_IMAGE_REF)
     return rootfs.stat().st_size
 
 
