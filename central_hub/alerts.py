@@ -6,6 +6,13 @@ its condition appears, keeps it while it holds (an acknowledgement sticks until 
 clears), and clears it when the condition is gone. Ids are stable
 (``kind:site[:subject]``), so an alert that clears and comes back is a new firing.
 
+The book does no I/O: ``update`` returns what changed (``Changes``: fired, cleared) and
+the service keeps the active alerts in its store (``to_record``/``from_record``), written
+on fire, acknowledgement and clear. At start ``restore`` puts them back: one whose
+condition still holds keeps its id, ``since`` and acknowledgement; one whose condition is
+gone is cleared, but only once the hub knows, i.e. its site was heard from since the
+start or ``hold_until`` has passed (a hub down for a while first sees every site stale).
+
 Kinds: ``site_offline`` (no report or gossip within the stale window), ``site_lagging``
 (applied delta version behind the head for longer than ``lag_s``), ``app_unhealthy`` (an
 application failed or degraded at a site), ``host_disk`` / ``host_memory`` (a host over a
@@ -14,12 +21,23 @@ threshold).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import hashlib
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from central_hub.errors import BadStoredRecord
+
 UNHEALTHY_APP_STATES = ("failed", "degraded")
 RESOLVED_KEPT = 200
+RECORD_VERSION = 1
+_MAX_KEY_BYTES = 400  # LMDB keys stop at 511 bytes; a host id may be longer
+
+
+def record_key(alert_id: str) -> str:
+    """The store key of an alert: its id, or a digest of a very long one."""
+    raw = alert_id.encode()
+    return alert_id if len(raw) <= _MAX_KEY_BYTES else "sha256:" + hashlib.sha256(raw).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +81,61 @@ class Alert:
             "cleared_at": self.cleared_at,
             "active": self.cleared_at is None,
         }
+
+    def to_record(self) -> dict[str, Any]:
+        """The stored form of an active alert (``from_record`` reads it back)."""
+        return {
+            "v": RECORD_VERSION,
+            "id": self.id,
+            "kind": self.kind,
+            "site": self.site,
+            "message": self.message,
+            "since": self.since,
+            "tenant": self.tenant,
+            "acknowledged_by": self.acknowledged_by,
+            "acknowledged_at": self.acknowledged_at,
+        }
+
+    @classmethod
+    def from_record(cls, key: str, data: object) -> Alert:
+        """An active alert from its stored record under ``key``, or BadStoredRecord."""
+        if not isinstance(data, dict) or data.get("v") != RECORD_VERSION:
+            raise BadStoredRecord(f"alert {key!r}: not a version {RECORD_VERSION} record")
+
+        def text(name: str, optional: bool = False) -> Any:
+            value = data.get(name)
+            if isinstance(value, str) or (optional and value is None):
+                return value
+            raise BadStoredRecord(f"alert {key!r}: {name} must be a string")
+
+        def number(name: str, optional: bool = False) -> Any:
+            value = data.get(name)
+            if type(value) in (int, float) or (optional and value is None):
+                return value
+            raise BadStoredRecord(f"alert {key!r}: {name} must be a number")
+
+        alert = cls(
+            text("id"),
+            text("kind"),
+            text("site"),
+            text("message"),
+            number("since"),
+            text("tenant", optional=True),
+            text("acknowledged_by", optional=True),
+            number("acknowledged_at", optional=True),
+        )
+        if record_key(alert.id) != key:
+            raise BadStoredRecord(f"alert {key!r}: the record is of {alert.id!r}")
+        return alert
+
+
+@dataclass(frozen=True, slots=True)
+class Changes:
+    """What an ``update`` changed, for the store: alerts fired (to keep) and cleared (to
+    forget). A changed message alone is not a change (it is recomputed on every update)."""
+
+    fired: list[Alert]
+    cleared: list[Alert]
 
 
 def conditions(
@@ -138,13 +211,36 @@ class AlertBook:
     def __init__(self) -> None:
         self.active: dict[str, Alert] = {}
         self.resolved: list[Alert] = []
+        self._restored: set[str] = set()  # put back by restore, condition not seen since
+        self._hold_until = 0.0
 
-    def update(self, current: Iterable[Condition], now: float) -> None:
+    def restore(self, stored: Iterable[Alert], hold_until: float) -> None:
+        """Alerts kept by an earlier run (see the module docstring)."""
+        for alert in stored:
+            self.active[alert.id] = alert
+            self._restored.add(alert.id)
+        self._hold_until = hold_until
+
+    def update(
+        self, current: Iterable[Condition], now: float, heard: Container[str] = ()
+    ) -> Changes:
+        """``heard``: the sites heard from since the hub started."""
+        changes = Changes([], [])
         holding = {c.id: c for c in current}
         for alert_id in [a for a in self.active if a not in holding]:
-            self.resolved.append(replace(self.active.pop(alert_id), cleared_at=now))
+            if (
+                alert_id in self._restored
+                and now < self._hold_until
+                and self.active[alert_id].site not in heard
+            ):
+                continue  # restored, and the hub does not know its site's state yet
+            self._restored.discard(alert_id)
+            cleared = replace(self.active.pop(alert_id), cleared_at=now)
+            self.resolved.append(cleared)
+            changes.cleared.append(cleared)
         del self.resolved[:-RESOLVED_KEPT]
         for alert_id, condition in holding.items():
+            self._restored.discard(alert_id)
             alert = self.active.get(alert_id)
             if alert is None:
                 self.active[alert_id] = Alert(
@@ -155,8 +251,10 @@ class AlertBook:
                     now,
                     condition.tenant,
                 )
+                changes.fired.append(self.active[alert_id])
             elif alert.message != condition.message:
                 self.active[alert_id] = replace(alert, message=condition.message)
+        return changes
 
     def acknowledge(self, alert_id: str, by: str, now: float) -> Alert | None:
         alert = self.active.get(alert_id)

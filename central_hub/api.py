@@ -564,7 +564,7 @@ ROUTES: tuple[Route, ...] = (
           "Alerts: active (site offline, lagging, app unhealthy, host disk/memory) and "
           "recently cleared", response="Alerts"),
     Route("POST", "/v1/alerts/{id}/ack", acknowledge_alert, "alerts.ack",
-          "Acknowledge an active alert (it stays until its condition clears)",
+          "Acknowledge an active alert (it stays until its condition clears, hub restarts too)",
           response="Object"),
     Route("POST", "/v1/sites/{id}/decommission", decommission_site, "sites.delete",
           "Decommission a site (site.decommission delta): it stops every application, wipes "

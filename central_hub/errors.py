@@ -4,7 +4,8 @@
 
     HubError
     ├── HubConfigError   bad flags, settings or data directory, found before serving
-    └── ApiError         a request answered with a JSON error (status, code, message)
+    ├── ApiError         a request answered with a JSON error (status, code, message)
+    └── BadStoredRecord  a stored record the hub cannot read (skipped with a warning)
 
 Parsers of remote input raise ``meshorch.errors.RemoteInputError`` (answered 400 with its
 ``code``); ``InputProblems`` is the one that lists every problem found.
@@ -42,3 +43,7 @@ class InputProblems(RemoteInputError):
         self.problems = list(problems)
         lines = "; ".join(self.problems)
         super().__init__(code, f"{what}: {lines}")
+
+
+class BadStoredRecord(HubError):
+    """A record of the store that does not parse (written by another version, or damaged)."""

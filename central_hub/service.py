@@ -18,6 +18,9 @@ Ordering rules:
   store without a flush. Gossip summaries (``central_hub.gossip``) are kept in memory only.
 - The gossip member starts after the HTTP API and stops before it; it publishes the head
   after every append.
+- Active alerts are kept in the store (``central_hub.alerts``): fired and cleared ones
+  without a flush, one write after the other under ``_alerts_lock`` (a clear never
+  overtakes its firing); an acknowledgement durably, with its audit entry, in that order too.
 """
 
 from __future__ import annotations
@@ -48,10 +51,10 @@ from central_hub import (
     tokens,
     waves,
 )
-from central_hub.alerts import AlertBook, Thresholds
+from central_hub.alerts import Alert, AlertBook, Thresholds, record_key
 from central_hub.authz import Principal
 from central_hub.deltalog import Head
-from central_hub.errors import ApiError, HubConfigError
+from central_hub.errors import ApiError, BadStoredRecord, HubConfigError
 from central_hub.gossip import HubGossip
 from central_hub.logs import HubLogs
 from central_hub.model import DEFAULT_TENANT, is_id
@@ -266,6 +269,8 @@ class Hub:
         self.alerts = AlertBook()
         self._behind_since: dict[str, float] = {}  # site -> first seen behind the head
         self._alerts_at = 0.0
+        self._alerts_lock = asyncio.Lock()
+        self._started_at = 0.0
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -393,6 +398,10 @@ class Hub:
             self._active = set(store.keys("apps"))  # narrowed by the first rollout step
             for record in store.values_json("reports"):
                 self._reports[record["report"]["site"]] = (record["report"], record["received_at"])
+            self._started_at = self.now()
+            self.alerts.restore(
+                _stored_alerts(store), hold_until=self._started_at + self.config.site_stale_s
+            )
         except BaseException:
             store.close()
             raise
@@ -1095,7 +1104,27 @@ class Hub:
         found = alerts.conditions(
             summaries, reports, tenants, head, self._behind_since, now, self.config.alert_thresholds
         )
-        self.alerts.update(found, now)
+        heard = {s["id"] for s in summaries if (s["last_seen"] or 0) >= self._started_at}
+        changes = self.alerts.update(found, now, heard)
+        writes = [put_json("alerts", record_key(a.id), a.to_record()) for a in changes.fired]
+        writes += [delete("alerts", record_key(a.id)) for a in changes.cleared]
+        if writes:
+            self._keep_alerts(writes)
+
+    def _keep_alerts(self, writes: list[Write]) -> None:
+        """Commit fired and cleared alerts in a worker thread, in order (no flush: the
+        conditions are evaluated again after a crash)."""
+
+        async def write() -> None:
+            async with self._alerts_lock:
+                store = self._store
+                if store is not None:
+                    await asyncio.to_thread(store.commit, writes, sync=False)
+
+        task = asyncio.ensure_future(write())
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+        task.add_done_callback(_log_alert_write_failure)
 
     def list_alerts(self, token: TokenRecord) -> list[dict[str, Any]]:
         tokens.authorize(token, "alerts.read")
@@ -1108,12 +1137,17 @@ class Hub:
 
     async def acknowledge_alert(self, token: TokenRecord, alert_id: str) -> dict[str, Any]:
         tokens.authorize(token, "alerts.ack")
-        alert = self.alerts.acknowledge(alert_id, token.id, self.now())
-        if alert is None:
-            raise ApiError(404, "not_found", f"no active alert {alert_id!r}")
-        done = self.audit(token, "alert.ack", alert.tenant, "alert", alert_id, "ok")
-        if done is not None:
-            await done
+
+        def plan(txn: _Txn) -> Alert:
+            alert = self.alerts.acknowledge(alert_id, token.id, txn.now)
+            if alert is None:
+                raise ApiError(404, "not_found", f"no active alert {alert_id!r}")
+            txn.put("alerts", record_key(alert_id), alert.to_record())
+            txn.audit(token, "alert.ack", alert.tenant, "alert", alert_id, "ok")
+            return alert
+
+        async with self._alerts_lock:  # after the alert's firing is written
+            alert = await self._transact(plan)
         return alert.to_json()
 
     def _advance(self, txn: _Txn) -> None:
@@ -1213,6 +1247,22 @@ class Hub:
                 if self._store is None or self.store.get_json("meta", "root_key") != key_id(new):
                     (self.data_dir / deltalog.NEW_KEY_FILE).unlink(missing_ok=True)
                 raise
+
+
+def _stored_alerts(store: Store) -> list[Alert]:
+    """The active alerts kept by the last run; a record that does not parse is skipped."""
+    found = []
+    for key, raw in store.items("alerts"):
+        try:
+            found.append(Alert.from_record(key, orjson.loads(raw)))
+        except (BadStoredRecord, orjson.JSONDecodeError) as exc:
+            logger.warning("stored alert %r skipped: %s", key[:200], exc)
+    return found
+
+
+def _log_alert_write_failure(future: asyncio.Future[None]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        logger.error("alerts were not written to the store: %s", future.exception())
 
 
 def _log_audit_failure(future: asyncio.Future[None]) -> None:

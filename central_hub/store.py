@@ -11,6 +11,7 @@ One environment, ``DATA_DIR/hub.lmdb``, with named databases::
     reports      the latest report of each site                         (id -> JSON)
     tenants      tenants and their quotas                               (id -> JSON)
     audit        the audit log, append-only   (big-endian u64 sequence -> JSON entry)
+    alerts       active alerts, with their acknowledgements                 (id -> JSON)
 
 Writes go through ``commit``: one write transaction for everything a request changes.
 The environment is opened without a sync per commit; ``commit(..., sync=True)`` flushes
@@ -35,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 DBS = (
     "meta", "tokens", "sites", "apps", "deployments", "deltas", "reports", "tenants", "audit",
+    "alerts",
 )  # fmt: skip
 DEFAULT_MAP_SIZE = 1 << 31
 _VERSION = struct.Struct(">Q")
@@ -98,6 +100,11 @@ class Store:
     def values_json(self, db: str) -> list[Any]:
         with self._env.begin(db=self._dbs[db]) as txn:
             return [orjson.loads(value) for _, value in txn.cursor()]
+
+    def items(self, db: str) -> list[tuple[str, bytes]]:
+        """Every (key, raw value) of ``db``: for records the caller parses one by one."""
+        with self._env.begin(db=self._dbs[db]) as txn:
+            return [(bytes(k).decode(errors="replace"), bytes(v)) for k, v in txn.cursor()]
 
     def keys(self, db: str) -> list[str]:
         with self._env.begin(db=self._dbs[db]) as txn:
