@@ -38,12 +38,16 @@ from meshorch.site_state import (
 )
 from netmesh import AddressPlan, seal
 from raft import Delete, Put
-from raft.errors import ProposalError
+from raft.errors import NotCommittedError, ProposalError
+from raft.node import MEMBERSHIP_RETRY_S
 
 if TYPE_CHECKING:
     from meshorch.agent import Agent
 
 logger = logging.getLogger(__name__)
+
+# Per removal attempt: pysyncobj's refusals last while a change or an election settles.
+STEP_DOWN_RETRY_S = 2.0
 
 MAX_TOKEN_TTL_S = 30 * 24 * 3600
 ADD_MEMBER_ATTEMPTS = 20
@@ -221,10 +225,43 @@ async def revoke(agent: Agent, record: MemberRecord) -> None:
     if record.overlay_ip:
         ops.append(Delete(SYSTEM_TABLE, IPAM_PREFIX + record.overlay_ip.encode()))
     if record.raft in agent.raft.status().members:
-        await agent.raft.remove_member(record.raft)
+        await _remove_from_raft(agent, record)
     await agent.raft.propose(ops, idempotent=True)
     if record.api and record.wg_public_key:
         agent.spawn(_notify_revoked(agent, record), f"notify-revoked-{record.host_id}")
+
+
+async def _remove_from_raft(agent: Agent, record: MemberRecord) -> None:
+    """pysyncobj refuses to remove the leader: a leader being removed is first asked (its
+    API, ``POST /v1/raft/step-down``) to hand leadership to another member."""
+    deadline = time.monotonic() + MEMBERSHIP_RETRY_S
+    while True:
+        if agent.raft.status().leader_address == record.raft:
+            await _ask_to_step_down(agent, record, deadline)
+        try:
+            await agent.raft.remove_member(record.raft, retry_s=STEP_DOWN_RETRY_S)
+            return
+        except NotCommittedError as exc:
+            # Refused while a change or an election settles, or because it leads.
+            if time.monotonic() > deadline:
+                raise
+            logger.info("removing %s from Raft: %s; retrying", record.host_id, exc)
+
+
+async def _ask_to_step_down(agent: Agent, record: MemberRecord, deadline: float) -> None:
+    """Best effort, then wait (until ``deadline``) for another leader."""
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3)) as session,
+            session.post(f"http://{record.api}/v1/raft/step-down") as response,
+        ):
+            logger.info("asked %s to step down: %s", record.host_id, response.status)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        logger.info("could not ask %s to step down: %s", record.host_id, exc)
+    while time.monotonic() < deadline:
+        if agent.raft.status().leader_address != record.raft:
+            return
+        await asyncio.sleep(0.1)
 
 
 async def _notify_revoked(agent: Agent, record: MemberRecord) -> None:

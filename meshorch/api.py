@@ -7,6 +7,7 @@ committed. No write is answered 200 before it is committed and applied here.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -126,6 +127,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return error_response(500, "internal", "internal error, see the agent log")
 
 
+STEP_DOWN_WAIT_S = 3.0
+
+
 def build_app(agent: Agent) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=MAX_VALUE_BYTES + 1)
     app[AGENT_KEY] = agent
@@ -139,6 +143,7 @@ def build_app(agent: Agent) -> web.Application:
     app.router.add_get("/v1/members", list_members)
     app.router.add_post("/v1/members", add_member)
     app.router.add_delete("/v1/members/{host_id}", remove_member)
+    app.router.add_post("/v1/raft/step-down", step_down)
     app.router.add_post("/v1/tokens", create_token)
     app.router.add_post("/v1/join", join)
     app.router.add_post("/v1/revoked", revoked)
@@ -312,6 +317,21 @@ async def remove_member(request: web.Request) -> web.Response:
         raise ApiError(409, "is_self", "ask another member to remove this host")
     await admission.revoke(agent, record)
     return json_response({"removed": record.to_json()})
+
+
+async def step_down(request: web.Request) -> web.Response:
+    """As leader, hand Raft leadership to a caught-up member (asked before this host is
+    removed: pysyncobj cannot remove its leader). 409 ``not_leader`` on a follower;
+    followers that lag are waited for a few seconds."""
+    agent = _agent(request)
+    deadline = time.monotonic() + STEP_DOWN_WAIT_S
+    while agent.raft.status().is_leader:
+        if agent.raft.step_down():
+            return json_response({"stepped_down": True})
+        if time.monotonic() > deadline:
+            raise ApiError(409, "no_successor", "no member is caught up enough to lead")
+        await asyncio.sleep(0.1)
+    raise ApiError(409, "not_leader", "this host does not lead the site")
 
 
 async def create_token(request: web.Request) -> web.Response:

@@ -498,17 +498,32 @@ class RaftNode:
         """Add a node (started with this cluster as partners); returns once committed."""
         await self._change_membership("add", address)
 
-    async def remove_member(self, address: str) -> None:
-        await self._change_membership("remove", address)
+    async def remove_member(self, address: str, retry_s: float = MEMBERSHIP_RETRY_S) -> None:
+        """Remove a node; returns once committed. The leader cannot be removed (pysyncobj
+        refuses): make it ``step_down`` first."""
+        await self._change_membership("remove", address, retry_s)
 
-    async def _change_membership(self, action: str, address: str) -> None:
+    def step_down(self) -> bool:
+        """As leader, hand leadership to the most caught-up connected follower (Raft's
+        TimeoutNow); False when not leader or no follower is fully caught up yet. The
+        new leader shows in ``status()`` once elected."""
+        if self._syncobj is None:
+            return False
+        outcome: list[int] = []
+        self._syncobj.transferLeadership(callback=lambda _r, error: outcome.append(error))
+        self._schedule_tick()
+        return outcome == [FAIL_REASON.SUCCESS]
+
+    async def _change_membership(
+        self, action: str, address: str, retry_s: float = MEMBERSHIP_RETRY_S
+    ) -> None:
         if self._syncobj is None or self._loop is None:
             raise NotCommittedError("node not running")
         loop = self._loop
         # pysyncobj refuses a change while another is uncommitted, and right
         # after an election (until the new leader's no-op is applied, which a
         # loaded site can take seconds to do): retry those refusals for a while.
-        deadline = loop.time() + MEMBERSHIP_RETRY_S
+        deadline = loop.time() + retry_s
         while True:
             future: asyncio.Future[int] = loop.create_future()
 

@@ -107,6 +107,34 @@ async def test_drain_undrain_and_remove_a_host(
     assert missing.returncode != 0 and "no host 'h9'" in missing.stderr
 
 
+async def test_removing_the_leader_hands_leadership_over_first(
+    site: LocalSite, session: aiohttp.ClientSession
+) -> None:
+    # pysyncobj refuses to remove its leader: the member handling the removal asks the
+    # leader to step down, then removes it under the new one.
+    statuses = await wait_ready(session, site.members)
+    leader_id = next(iter(statuses.values()))["leader"]
+    leader = next(h for h in site.members if h.host_id == leader_id)
+    asker, other = [h for h in site.members if h is not leader]
+
+    follower_answer = await session.post(f"{asker.url}/v1/raft/step-down")
+    assert follower_answer.status == 409
+    assert (await follower_answer.json())["error"]["code"] == "not_leader"
+
+    removed = await asyncio.to_thread(cli, "remove", leader_id, "--api", asker.api)
+    assert removed.returncode == 0, removed.stderr + removed.stdout
+
+    async def new_leader() -> str | None:
+        status = await get(session, other, "/v1/status")
+        return status["leader"] if status["leader"] not in (None, leader_id) else None
+
+    assert await until("a new leader", new_leader, 15) in (asker.host_id, other.host_id)
+    members = (await get(session, other, "/v1/members"))["members"]
+    assert sorted(m["host_id"] for m in members) == sorted([asker.host_id, other.host_id])
+    async with session.put(f"{other.url}/v1/kv/after", data=b"still writable") as response:
+        assert response.status == 200, await response.text()
+
+
 async def test_stream_appends_wait_until_every_host_speaks_their_protocol(tmp_path: Path) -> None:
     config = lone_agent_config(tmp_path, "gate", "fleet", SigningKey.generate())
     async with Agent(config) as agent:
