@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 import orjson
 
 from meshorch.appspec import AppSpec
+from meshorch.protocol import FeatureUnavailable
 from meshorch.quotas import (
     DEFAULT_TENANT,
     QUOTA_PREFIX,
@@ -50,6 +51,7 @@ from meshorch.rollout import (
 )
 from meshorch.scheduler import HostInfo, Placement, ScheduleResult, schedule
 from meshorch.site_state import APPS_TABLE
+from meshorch.streams import InvalidStreamName, NewEvent, StreamName
 from meshorch.workloads import (
     APP_PREFIX,
     HOSTINFO_PREFIX,
@@ -69,7 +71,7 @@ from meshorch.workloads import (
     rollout_key,
     status_key,
 )
-from raft import Delete, Put
+from raft import Append, Delete, Put
 from raft.errors import ProposalError
 
 if TYPE_CHECKING:
@@ -124,7 +126,7 @@ class SiteController:
         schedulable = [
             dataclasses.replace(h, alive=False) if h.host_id in drained else h for h in hosts
         ]
-        ops: list[Put | Delete] = []
+        ops: list[Put | Delete | Append] = []
         events: list[RolloutEvent] = []
 
         placements = dict(current)
@@ -180,6 +182,13 @@ class SiteController:
             logger.info("%s: %s %s", event.app, event.kind, event.detail)
             body = orjson.dumps({"v": 1, **dataclasses.asdict(event)})
             ops.append(Put(APPS_TABLE, event_key(event.app, next(self._event_seq)), body))
+        for stream, batch in event_batches(events, tenants).items():
+            # Also in the app's events stream, in the same entry: forwarded to the hub,
+            # searchable there. Not while a host still runs a release without streams.
+            try:
+                ops.extend(self.agent.streams.append_ops(stream, batch))
+            except FeatureUnavailable:
+                break
         if ops:
             await self.agent.raft.propose(ops)
 
@@ -280,3 +289,34 @@ def _version_blocked(
             usage = usage.plus(p.cpu_millis, p.memory_bytes)
     reason = over_quota(tenant, quota, usage)
     return None if reason is None else f"version {spec.version}: {reason}"
+
+
+# Kinds that mean an instance is not where or how it should be: warnings (syslog level 4).
+WARNING_EVENTS = frozenset({
+    "instance_unplaced", "instance_over_quota", "instance_moved", "instance_gone",
+    "instance_reverted", "revert_not_ready", "rollback_started", "rollback_done",
+})  # fmt: skip
+EVENTS_STREAM = "events"
+
+
+def event_batches(
+    events: list[RolloutEvent], tenants: dict[str, str]
+) -> dict[StreamName, list[NewEvent]]:
+    """The app events as stream events of ``TENANT/APP/events`` (text ``kind: detail``,
+    key = kind); events of apps without a known tenant or a valid stream name are left
+    to the apps table alone."""
+    batches: dict[StreamName, list[NewEvent]] = {}
+    for event in events:
+        tenant = tenants.get(event.app)
+        if tenant is None:
+            continue
+        try:
+            name = StreamName(tenant, event.app, EVENTS_STREAM)
+        except InvalidStreamName:
+            continue
+        level = 4 if event.kind in WARNING_EVENTS else 6
+        text = f"{event.kind}: {event.detail}".encode()
+        batches.setdefault(name, []).append(
+            NewEvent(text, event.at, key=event.kind.encode(), level=level)
+        )
+    return batches

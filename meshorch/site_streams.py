@@ -301,6 +301,20 @@ class SiteStreams:
         batch = validate_batch(list(events))
         if not batch:
             raise MalformedEvent("a batch holds at least one event")
+        ops = self.append_ops(name, batch)
+        meta_ops = len(ops) - sum(isinstance(op, Append) for op in ops)
+        results = await self._raft().propose(ops)
+        first_result = results[meta_ops]
+        if not all(r.ok for r in results[meta_ops:]):
+            raise ServiceError(f"append to {name} was not applied: {first_result.error}")
+        # One entry: its appends took consecutive numbers.
+        return first_result.current_index, first_result.current_index + len(batch) - 1
+
+    def append_ops(self, name: StreamName, batch: Sequence[NewEvent]) -> list[Put | Append]:
+        """The Raft operations that append a validated, non-empty ``batch`` to ``name``
+        (creating the stream on first use), for a caller that proposes them, possibly with
+        operations of its own in the same entry. Raises ``FeatureUnavailable`` while a host
+        of the site runs a release without streams."""
         require("streams", self.host_protocols())
         ops: list[Put | Append] = []
         if self.meta(name) is None:
@@ -315,16 +329,11 @@ class SiteStreams:
                 )
             )
         prefix = data_prefix(name)
-        appends = [
+        ops += [
             Append(STREAMS_TABLE, prefix, encode_chunk(self.host_id, run), len(run))
             for run in split_chunks(batch)
         ]
-        results = await self._raft().propose([*ops, *appends])
-        first_result = results[len(ops)]
-        if not all(r.ok for r in results[len(ops) :]):
-            raise ServiceError(f"append to {name} was not applied: {first_result.error}")
-        # One entry: its appends took consecutive numbers.
-        return first_result.current_index, first_result.current_index + len(batch) - 1
+        return ops
 
     async def configure(self, stream: StreamName | str, policy: RetentionPolicy) -> StreamStatus:
         """Create a stream or change its retention policy."""

@@ -52,6 +52,17 @@ async def test_the_lowest_priority_instance_leaves_first(
             states = await until("batch shed", batch_shed, 30)
             assert states.get("pos") not in (None, "unplaced"), states  # still placed here
             print("states when batch was shed:", states)
+
+            # The eviction is an event of the app's events stream too (what reaches the hub).
+            async def shed_event() -> dict[str, object] | None:
+                events_url = f"{url}/v1/streams/default/shop/events/events"
+                async with session.get(events_url, params={"from": 1}) as r:
+                    events = (await r.json()).get("events", []) if r.status == 200 else []
+                return next((e for e in events if "shop.batch.0" in e["payload"]), None)
+
+            event = await until("the eviction in default/shop/events", shed_event, 15)
+            assert event["level"] == 4, event
+            assert str(event["payload"]).startswith("instance_"), event
     finally:
         site.stop()
         print(site.logs()[-3000:])

@@ -281,6 +281,36 @@ async def test_application_output_is_captured_and_found_with_meshorch_logs(
     assert bad.returncode != 0 and "bad_query" in bad.stderr
 
 
+UNPLACEABLE = """
+api_version: meshorch/v1
+name: giant
+version: "1"
+services:
+  - name: main
+    containers:
+      - {name: main, image: process, command: ["sleep", "1000"],
+         resources: {memory_limit: 32Mi, cpu_request: 512}}
+"""
+
+
+async def test_app_events_of_the_site_are_searchable_at_the_hub(world: World) -> None:
+    # No host has 512 CPUs: the site's controller records why, as an app event that also
+    # goes to the app's events stream and on to the hub.
+    h2 = world.site.members[1]
+    async with world.session.post(f"{h2.url}/v1/apps?tenant=acme", data=UNPLACEABLE.encode()) as r:
+        assert r.status == 200, await r.text()
+
+    async def found() -> list[dict[str, Any]] | None:
+        status, page = await logs(world, stream="acme/giant/events", grep="unplaced")
+        return page["logs"] or None if status == 200 else None
+
+    hits = await until("giant's unplaced event at the hub", found, 30)
+    assert hits[0]["text"].startswith("instance_unplaced: giant.main.0: "), hits
+    assert hits[0]["level"] == 4 and hits[0]["site"] == SITE
+    status, others = await logs(world, stream="globex/giant/events")
+    assert status == 200 and others["logs"] == []
+
+
 async def test_retention_drops_oldest_first_and_the_hub_is_told_how_much(world: World) -> None:
     h1, h2, _ = world.site.members
     await world.produce(h1, POS, ["before the cut"])
