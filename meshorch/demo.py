@@ -117,7 +117,13 @@ async def deploy_and_show(
                     f"{instance['state']:8} {state}")  # fmt: skip
     say(f"{steps[2]} the fleet view (GET /v1/sites):")
     for site in (await hub_call(session, hub, "GET", "/v1/sites"))["sites"]:
-        say(f"      {site['id']:8} {site['health']:9} applied delta {site['applied_version']}")
+        counts = site["counts"] or {}
+        hosts, instances = counts.get("hosts") or {}, counts.get("instances") or {}
+        say(
+            f"      {site['id']:8} {site['health']:9} applied delta {site['applied_version']}, "
+            f"hosts up {hosts.get('up', '-')}/{hosts.get('total', '-')}, "
+            f"instances ready {instances.get('ready', '-')}/{instances.get('total', '-')}"
+        )
     say("")
 
 

@@ -254,13 +254,22 @@ def run_sites(args: argparse.Namespace) -> int:
                   f"{rejection['message']}")  # fmt: skip
         return 0
     sites = hub_call(args, "GET", "/v1/sites")["sites"]
-    print(f"{'SITE':20} {'HEALTH':12} {'APPLIED':>8} {'LAST SEEN':>10}  LABELS")
+    print(f"{'SITE':20} {'HEALTH':12} {'APPLIED':>8} {'HOSTS UP':>8} {'READY':>7} "
+          f"{'LAST SEEN':>10}  LABELS")  # fmt: skip
     for site in sites:
         labels = ",".join(f"{k}={v}" for k, v in site["labels"].items())
         applied = "-" if site["applied_version"] is None else site["applied_version"]
+        counts = site.get("counts") or {}
         print(f"{site['id']:20} {site['health']:12} {applied:>8} "
+              f"{_fraction(counts.get('hosts'), 'up'):>8} "
+              f"{_fraction(counts.get('instances'), 'ready'):>7} "
               f"{_ago(site['last_seen']):>10}  {labels}")  # fmt: skip
     return 0
+
+
+def _fraction(count: dict[str, int] | None, part: str) -> str:
+    """``2/3`` from ``{"total": 3, part: 2}``; ``-`` when the hub does not know."""
+    return "-" if not count else f"{count[part]}/{count['total']}"
 
 
 def run_apps(args: argparse.Namespace) -> int:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import subprocess
+import sys
+
 import aiohttp
 
 from central_hub import Hub
@@ -76,6 +80,14 @@ async def test_site_list_counts_hosts_apps_and_instances(
         "instances": {"total": 3, "ready": 2},
     }
     assert by_id["silent"]["counts"] is None  # never heard from
+    listed = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "meshorch", "sites", "--hub", admin.url, "--token", admin.token],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert listed.returncode == 0, listed.stderr
+    rows = {line.split()[0]: line.split()[1:5] for line in listed.stdout.splitlines()[1:]}
+    assert rows["shop"][2:] == ["2/3", "2/3"] and rows["silent"][2:] == ["-", "-"], rows
     detail = await admin.ok("GET", "/v1/sites/shop")
     assert detail["counts"] == by_id["shop"]["counts"]
 
