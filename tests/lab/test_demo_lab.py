@@ -104,6 +104,7 @@ def test_lab_demo_runs_the_fleet_for_real_and_tears_it_down(demo: Demo) -> None:
     # Each site's hosts found each other and built their WireGuard mesh.
     assert len(re.findall(r"has 1 WireGuard peer\(s\) with a handshake", output)) == 3, output
     assert len(lab_namespaces(prefix)) == 1 + 1 + 3 * (2 + 2)  # wan, hub, per site lan+router+2
+    assert len(re.findall(r"healthy .* hosts up 2/2, instances ready 3/3", output)) == 3, output
 
     # The hub in its namespace answers here, through the demo's forward.
     sites = {site["id"]: site for site in hub_get(url, token, "/v1/sites")["sites"]}
