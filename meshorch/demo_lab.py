@@ -86,6 +86,7 @@ async def _show(
     started = time.monotonic()
     say(f"[1/8] building the lab {lab.prefix}: {len(SITES)} sites of {hosts} hosts, each "
         "site a LAN behind a NAT router, the hub on a WAN (network namespaces)")  # fmt: skip
+    say(f"      state and logs under {lab.store.lab_dir}")
     plan = await asyncio.to_thread(lab.up, len(SITES), hosts)
     say(f"      built in {time.monotonic() - started:.1f}s")
 

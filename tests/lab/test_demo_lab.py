@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
-import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -20,15 +21,18 @@ from typing import Any
 import pytest
 
 from meshorch.demo_lab import LAB_TOOLS
+from meshorch.lab.agents import LabAgents
+from meshorch.lab.lab import Lab
 from tests.labutil import require_lab
 
 pytestmark = pytest.mark.lab
 
-UP_TIMEOUT_S = 420.0
+UP_TIMEOUT_S = 300.0  # under the test's own timeout, so a slow start says where it stopped
 
 
 class Demo:
-    """``meshorch demo --lab`` in a subprocess; its output lines as they come."""
+    """``meshorch demo --lab`` in a subprocess; its output lines as they come (a thread
+    reads them: select() on the pipe would miss lines already in the file's buffer)."""
 
     def __init__(self, *args: str) -> None:
         self.process = subprocess.Popen(
@@ -36,33 +40,53 @@ class Demo:
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
         self.lines: list[str] = []
+        self._incoming: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self._incoming.put(line.rstrip("\n"))
+        self._incoming.put(None)
 
     def wait_for_line(self, pattern: str, timeout_s: float) -> re.Match[str]:
-        assert self.process.stdout is not None
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([self.process.stdout], [], [], 1.0)
-            if not ready:
-                continue
-            line = self.process.stdout.readline()
-            if not line:
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self._incoming.get(timeout=left)
+            except queue.Empty:
                 break
-            self.lines.append(line.rstrip("\n"))
+            if line is None:
+                break
+            self.lines.append(line)
             found = re.search(pattern, line)
             if found:
                 return found
         raise AssertionError(f"no line matching {pattern!r}; output:\n" + "\n".join(self.lines))
 
     def interrupt(self, timeout_s: float = 120.0) -> int:
+        """Ctrl-C; the exit code once it has torn its lab down."""
         self.process.send_signal(signal.SIGINT)
-        out, _ = self.process.communicate(timeout=timeout_s)
-        self.lines += out.splitlines()
-        return self.process.returncode
+        code = self.process.wait(timeout=timeout_s)
+        while (line := self._incoming.get(timeout=10)) is not None:
+            self.lines.append(line)
+        return code
 
-    def kill(self) -> None:
+    def stop(self) -> None:
+        """After a failure: Ctrl-C (the demo tears its lab down), then kill, then take
+        the lab down from its state dir if the demo could not."""
         if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+            try:
+                self.interrupt()
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        found = [re.search(r"state and logs under (\S+)/(\w+)$", line) for line in self.lines]
+        for match in filter(None, found):
+            lab = Lab(match.group(2), Path(match.group(1)))
+            if lab.exists():
+                LabAgents(lab).teardown()
+                lab.down(keep_logs=True)
 
 
 @pytest.fixture
@@ -91,9 +115,10 @@ def demo(lab_ready: None) -> Iterator[Demo]:
     try:
         yield running
     finally:
-        running.kill()  # the demo tears its lab down on SIGINT; a hang must not outlive us
+        running.stop()
 
 
+@pytest.mark.timeout(600)
 def test_lab_demo_runs_the_fleet_for_real_and_tears_it_down(demo: Demo) -> None:
     prefix = demo.wait_for_line(r"building the lab (\w+):", 60).group(1)
     dashboard = demo.wait_for_line(r"^Dashboard: (http://\S+)/  \(log in with the token in (\S+)\)",
@@ -132,6 +157,7 @@ def test_lab_demo_runs_the_fleet_for_real_and_tears_it_down(demo: Demo) -> None:
     assert not [p for p in Path("/var/run/wireguard").glob(f"w{prefix}*")]
 
 
+@pytest.mark.timeout(600)
 def test_lab_demo_interrupted_while_building_leaves_nothing(demo: Demo) -> None:
     prefix = demo.wait_for_line(r"building the lab (\w+):", 60).group(1)
     demo.wait_for_line(r"^\[4/8\] starting the agents", UP_TIMEOUT_S)
