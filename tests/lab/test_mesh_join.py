@@ -146,20 +146,30 @@ def test_an_added_host_becomes_member_and_peer_of_all(site: LabAgents) -> None:
     started = time.monotonic()
     site.join(host.name)
 
+    seen_last: list[str] = []  # what was missing at the last look, for the failure message
+
     def joined() -> bool:
         status = site.status("s1-h1")
         everyone = {m["host_id"] for m in status["members"]} if status else set()
         if host.name not in everyone:
+            seen_last[:] = [f"s1-h1's members: {sorted(everyone)}"]
             return False
         others = everyone - {host.name}
         for other in others:
             seen = site.status(other)
             if seen is None or host.name not in [m["host_id"] for m in seen["members"]]:
+                seen_last[:] = [f"{other}'s status: {seen}"]
                 return False
         peers = wg_peers(site, host.name)
+        seen_last[:] = [f"members {sorted(everyone)}; {host.name}'s WireGuard peers {peers}"]
         return len(peers) == len(others) and all(peers.values())
 
-    wait_until(joined, 30, f"{host.name} in Raft and WireGuard everywhere")
+    try:
+        wait_until(joined, 30, f"{host.name} in Raft and WireGuard everywhere")
+    except AssertionError as exc:
+        log = site.lab.store.log_path(host.name)
+        tail = log.read_text(errors="replace").splitlines()[-30:] if log.exists() else []
+        raise AssertionError(f"{exc}; last seen: {seen_last}\n" + "\n".join(tail)) from None
     elapsed = time.monotonic() - started
     print(f"{host.name} joined in {elapsed:.1f}s (target 5 s; measured in bench/join.py)")
     for other in running_hosts(site):
