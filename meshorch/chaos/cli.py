@@ -21,8 +21,9 @@ Build a lab site (3 hosts in network namespaces behind a NAT router, the hub on 
 a 2-instance process app), run concurrent clients against the site's KV store and event
 stream from the site's LAN, inject the scenario's faults at seeded times, heal, then check:
 the KV history is linearizable, every acknowledged write is still readable (or was
-superseded), every acknowledged event is stored exactly once, the site and the app recover
-within bounds. Writes a JSON report, the history (JSON lines) and an SVG timeline.
+superseded), every acknowledged event is stored exactly once at the site and, once
+forwarded, at the hub, the site and the app recover within bounds. Writes a JSON report,
+the history (JSON lines) and an SVG timeline.
 Needs root and the lab's tools (ip, iptables, wg, wireguard-go)."""
 
 _EPILOG = """\

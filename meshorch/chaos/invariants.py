@@ -103,10 +103,11 @@ def check_acknowledged_writes(
     )
 
 
-def check_events(records: Sequence[Record], stored: Sequence[str] | None) -> InvariantResult:
+def check_events(
+    records: Sequence[Record], stored: Sequence[str] | None, name: str = "events_exactly_once"
+) -> InvariantResult:
     """Every acknowledged event is stored exactly once; an unknown one at most once; nothing
-    that was never produced."""
-    name = "events_exactly_once"
+    that was never produced. ``name``: the site's stream by default, or the hub's copy."""
     produced = [r for r in records if r["kind"] == "event"]
     if stored is None:
         if not produced:

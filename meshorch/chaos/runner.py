@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ import orjson
 
 from meshorch.chaos.faults import FaultInjector, resolve_roles
 from meshorch.chaos.invariants import (
+    InvariantResult,
     check_acknowledged_writes,
     check_events,
     check_linearizable,
@@ -184,6 +186,11 @@ class ChaosLab:
             self.agents.fleet = FleetFlags(
                 self.hub.url, FLEET, self.hub.root_key, {SITE: created["enroll_token"]}
             )
+            # The hub takes the workload's event stream only for a tenant it knows.
+            tenant = STREAM_TENANT_APP.split("/")[0]
+            answer = self.agents.hub_request(self.hub, "POST", "/v1/tenants", {"id": tenant})
+            if not isinstance(answer, dict) or answer.get("id") != tenant:
+                raise RuntimeError(f"the hub refused to create tenant {tenant}: {answer}")
             self.say("starting the agents (bootstrap, then joins)")
             self.agents.start_all()
             self.say(f"deploying {APP_NAME} ({APP_REPLICAS} process instances)")
@@ -246,6 +253,40 @@ class ChaosLab:
         return None
 
     # -- one scenario ---------------------------------------------------------------------
+
+    def _check_events_at_hub(
+        self, records: list[dict[str, Any]], stream: str, verified: dict[str, Any]
+    ) -> InvariantResult:
+        """The site forwards the stream to the hub: once it has caught up, the hub's copy
+        must hold every acknowledged event exactly once too."""
+        at_site = verified["events"]
+        if at_site is None or self.hub is None:
+            return InvariantResult(HUB_EVENTS, "unknown", "the site's stream could not be read")
+        deadline = time.monotonic() + HUB_FORWARD_BOUND_S
+        position = 0
+        while True:
+            answer = self.agents.hub_request(self.hub, "GET", "/v1/logs/streams")
+            streams = answer.get("streams", []) if isinstance(answer, dict) else []
+            position = max((s["position"] for s in streams
+                            if s["site"] == SITE and s["stream"] == stream), default=0)  # fmt: skip
+            if position >= len(at_site):
+                break
+            if time.monotonic() > deadline:
+                return InvariantResult(
+                    HUB_EVENTS, "fail", f"the hub holds {position} of the site's "
+                    f"{len(at_site)} events {HUB_FORWARD_BOUND_S:g}s after the run",
+                )  # fmt: skip
+            time.sleep(0.5)
+        texts: list[str] = []
+        cursor: str | None = None
+        while True:
+            page = self.agents.hub_request(self.hub, "GET", _hub_page_path(stream, cursor))
+            if not isinstance(page, dict) or "logs" not in page:
+                return InvariantResult(HUB_EVENTS, "unknown", f"the hub's logs: {page}")
+            texts += [str(hit["text"]) for hit in page["logs"]]
+            cursor = page.get("next_cursor")
+            if not cursor:
+                return check_events(records, texts, name=HUB_EVENTS)
 
     def run_scenario(
         self,
@@ -435,6 +476,7 @@ class ChaosLab:
         report.invariants = [linear, check_acknowledged_writes(records, final_reads, keys)]
         if settings.events:
             report.invariants.append(check_events(records, verified["events"]))
+            report.invariants.append(self._check_events_at_hub(records, stream, verified))
         report.invariants += [
             check_recovery("site_recovered", _max_or_none(report), settings.recovery_timeout_s),
             check_recovery("app_desired_state", report.app_recovery_s, settings.app_bound_s),
@@ -443,6 +485,17 @@ class ChaosLab:
         report_path.write_bytes(orjson.dumps(report.to_json(), option=orjson.OPT_INDENT_2))
         plot_path.write_text(timeline_svg(report, [*records, *final_reads]))
         return report
+
+
+HUB_EVENTS = "events_at_hub_exactly_once"
+HUB_FORWARD_BOUND_S = 60.0
+
+
+def _hub_page_path(stream: str, cursor: str | None) -> str:
+    query = {"site": SITE, "stream": stream, "limit": "1000"}
+    if cursor:
+        query["cursor"] = cursor
+    return "/v1/logs?" + urllib.parse.urlencode(query)
 
 
 def _max_or_none(report: ScenarioReport) -> float | None:

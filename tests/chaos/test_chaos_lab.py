@@ -46,6 +46,8 @@ def test_scenario_keeps_the_invariants(
     report = chaos_lab.run_scenario(scenario, seed, duration, tmp_path / "report.json")
     where = f"\nreport: {tmp_path / 'report.json'}\nlogs: {chaos_lab.lab.store.lab_dir}"
     assert report.verdict == "pass", report.summary() + where
+    checked = {i.name for i in report.invariants}
+    assert {"events_exactly_once", "events_at_hub_exactly_once"} <= checked, checked
     assert all(f.start_s is not None and f.end_s is not None for f in report.faults)
     ok_kv = sum(report.op_counts.get(k, {}).get("ok", 0) for k in ("put", "get", "delete"))
     assert ok_kv >= 20, f"too few successful operations to mean anything: {report.op_counts}"

@@ -126,6 +126,8 @@ def test_events_exactly_once() -> None:
     assert "refused but stored" in check_events(produced, ["e1", "e3"]).detail
     assert check_events(produced, None).status == "unknown"
     assert check_events([], None).status == "pass"
+    at_hub = check_events(produced, [], name="events_at_hub_exactly_once")
+    assert at_hub.name == "events_at_hub_exactly_once" and at_hub.status == "fail"
 
 
 def test_recovery_bound_and_overall() -> None:
