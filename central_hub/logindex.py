@@ -342,6 +342,7 @@ class BlockRef:
     block_id: int
     summary: BlockSummary
     data: Columns | None = None
+    size: int = 0  # bytes it takes in the store (its share of the segment's index included)
 
     @property
     def upper(self) -> Key:
@@ -352,6 +353,40 @@ class BlockRef:
     def lower(self) -> Key:
         """No record of the block sorts before this key."""
         return (self.summary.min_t, self.site, self.stream, self.summary.first_seq)
+
+
+# -- retention ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BlockUsage:
+    """What retention needs to know of a stored block (or tail entry)."""
+
+    block_id: int
+    newest_s: float  # time of its newest record
+    size: int  # bytes it takes in the store
+
+
+def expired_blocks(
+    blocks: Sequence[BlockUsage], now: float, max_age_s: float | None, max_bytes: int | None
+) -> list[int]:
+    """The ids of the blocks to drop, oldest first: every block whose newest record is
+    older than ``max_age_s``, then the oldest others while the total is over ``max_bytes``.
+
+    Oldest means by newest record (ties by id, i.e. by storage order): a block goes only
+    when all of its records are past the limit, never part of it."""
+    ordered = sorted(blocks, key=lambda b: (b.newest_s, b.block_id))
+    total = sum(b.size for b in ordered)
+    cutoff = None if max_age_s is None else now - max_age_s
+    drop: list[int] = []
+    for block in ordered:
+        too_old = cutoff is not None and block.newest_s < cutoff
+        too_big = max_bytes is not None and total > max_bytes
+        if not (too_old or too_big):
+            break  # sorted by age: every later block is younger, and the total fits
+        drop.append(block.block_id)
+        total -= block.size
+    return drop
 
 
 # -- tokens and the vocabulary ------------------------------------------------------------

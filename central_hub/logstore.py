@@ -2,10 +2,10 @@
 
 One LMDB environment, ``path``, with named databases::
 
-    streams   position and dropped count of each stream    site \\0 stream -> JSON
+    streams   position and dropped counts of each stream   site \\0 stream -> JSON
     tail      records not yet in a segment                 u64 id -> site \\0 stream \\0 columns
     blocks    sealed blocks (<= BLOCK_RECORDS records)     u64 id -> zlib(columns)
-    segments  the blocks of a segment, with summaries      u64 id -> JSON
+    segments  the blocks of a segment, with summaries      u64 id -> JSON (null: dropped)
 
 and, next to it, ``vocab/<segment id>.vocab``: the token index of each segment
 (``logindex.build_vocab``), a file so that it is searched in place through a read-only
@@ -20,6 +20,13 @@ segment is removed at open; a segment without its file gets it rebuilt from its 
 Queries look up their tokens in each segment's vocabulary and read only the candidate
 blocks; the tails (bounded by the same limits) are kept in memory as well, and searched
 whole.
+
+Retention (``apply_retention``) drops whole blocks and tail entries, oldest first
+(``logindex.expired_blocks``): a dropped block leaves a null in its segment's list, so
+the ordinals of the segment's vocabulary keep their meaning and a query never reaches
+the block again; a segment whose blocks are all dropped goes with its vocabulary file.
+Positions never move back: a stream keeps its high water (sites never resend what the
+hub dropped), and counts what retention dropped (``hub_dropped``).
 
 In memory: the stream positions, the summaries of all blocks (a few hundred bytes per
 block of up to BLOCK_RECORDS records) and the tails; the vocabularies are mapped.
@@ -41,8 +48,9 @@ import struct
 import threading
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import lmdb
 import orjson
@@ -50,6 +58,7 @@ import orjson
 from central_hub.logindex import (
     BlockRef,
     BlockSummary,
+    BlockUsage,
     Columns,
     IngestResult,
     LogGap,
@@ -63,6 +72,7 @@ from central_hub.logindex import (
     block_tokens,
     build_vocab,
     concat_columns,
+    expired_blocks,
     run_query,
     split_columns,
 )
@@ -77,6 +87,8 @@ __all__ = [
     "LogQueryError",
     "LogRecord",
     "LogStore",
+    "LogStoreStats",
+    "RetentionResult",
 ]
 
 logger = logging.getLogger(__name__)
@@ -91,6 +103,8 @@ COMPRESSION = 1  # zlib level: blocks are written once and read rarely; level 1 
 MAX_INDEX_ENTRIES = 20_000
 # Once the exact/prefix tokens leave this few blocks of a segment, skip the vocabulary scans.
 FEW_BLOCKS = 16
+# Blocks dropped per retention transaction: ingest waits for at most one of them.
+RETENTION_BATCH = 2000
 
 _ID = struct.Struct(">Q")
 _DBS = ("streams", "tail", "blocks", "segments")
@@ -99,24 +113,60 @@ _DBS = ("streams", "tail", "blocks", "segments")
 @dataclass(slots=True)
 class _Stream:
     high_water: int = 0
-    dropped: int = 0
+    dropped: int = 0  # seqs the site's retention dropped before forwarding them
     blocks: list[BlockRef] = field(default_factory=list)  # sealed, in seq order
     tail: list[BlockRef] = field(default_factory=list)  # in memory (data set), in seq order
+    hub_dropped: int = 0  # records the hub's retention dropped
 
     def to_json(self) -> bytes:
-        return orjson.dumps({"high_water": self.high_water, "dropped": self.dropped})
+        return orjson.dumps(
+            {
+                "high_water": self.high_water,
+                "dropped": self.dropped,
+                "hub_dropped": self.hub_dropped,
+            }
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class _Segment:
     segment_id: int
-    blocks: tuple[BlockRef, ...]  # by ordinal in the vocabulary
+    blocks: tuple[BlockRef | None, ...]  # by ordinal in the vocabulary; None: dropped
     vocab: mmap.mmap
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionResult:
+    blocks: int  # blocks and tail entries dropped
+    records: int
+    bytes: int
+    segments: int  # segments gone with all their blocks
+
+
+@dataclass(frozen=True, slots=True)
+class LogStoreStats:
+    stored_bytes: int  # blocks, tail entries and the blocks' share of their segment's index
+    records: int
+    blocks: int
+    hub_dropped: int  # records dropped by the hub's retention, all streams
+    site_dropped: int  # seqs the sites reported dropped, all streams
 
 
 def _data(ref: BlockRef) -> Columns:
     assert ref.data is not None, "a tail entry always holds its records"
     return ref.data
+
+
+def _with_sizes(
+    refs: list[BlockRef | None], sizes: list[int], vocab_bytes: int
+) -> list[BlockRef | None]:
+    """``refs`` with their sizes: their stored bytes plus their share of the vocabulary
+    (in proportion to their bytes), so that the sizes of all blocks add up to the store."""
+    total = sum(sizes) or 1
+    return [
+        None if ref is None else replace(ref, size=size + vocab_bytes * size // total)
+        for ref, size in zip(refs, sizes, strict=True)
+    ]
 
 
 def _stream_key(site: str, stream: str) -> bytes:
@@ -184,23 +234,31 @@ class LogStore:
             for key, value in txn.cursor(db=self._dbs["streams"]):
                 site, stream = bytes(key).decode().split("\0")
                 data = orjson.loads(value)
-                self._streams[(site, stream)] = _Stream(data["high_water"], data["dropped"])
+                self._streams[(site, stream)] = _Stream(
+                    data["high_water"], data["dropped"], hub_dropped=data.get("hub_dropped", 0)
+                )
             for key, value in txn.cursor(db=self._dbs["segments"]):
                 segment_id = _ID.unpack(key)[0]
-                refs = []
-                for block_id, site, stream, summary in orjson.loads(value):
-                    ref = BlockRef(site, stream, block_id, BlockSummary.from_json(summary))
-                    refs.append(ref)
-                    self._stream(site, stream).blocks.append(ref)
-                    self._next_id = max(self._next_id, block_id + 1)
-                vocab = self._open_vocab(txn, segment_id, refs)
-                self._segments.append(_Segment(segment_id, tuple(refs), vocab))
+                entries = orjson.loads(value)
+                for entry in entries:
+                    if entry is not None:
+                        self._next_id = max(self._next_id, entry[0] + 1)
                 self._next_id = max(self._next_id, segment_id + 1)
+                if all(entry is None for entry in entries):
+                    continue  # nothing left (retention deletes such a segment anyway)
+                refs = self._segment_refs(txn, entries)
+                vocab = self._open_vocab(txn, segment_id, refs)
+                if any(ref is not None and ref.size == 0 for ref in refs):
+                    refs = _with_sizes(refs, self._block_sizes(txn, refs), len(vocab))
+                for ref in refs:
+                    if ref is not None:
+                        self._stream(ref.site, ref.stream).blocks.append(ref)
+                self._segments.append(_Segment(segment_id, tuple(refs), vocab))
             for key, value in txn.cursor(db=self._dbs["tail"]):
                 tail_id = _ID.unpack(key)[0]
                 site, stream, cols = self._decode_tail(bytes(value))
                 self._stream(site, stream).tail.append(
-                    BlockRef(site, stream, tail_id, BlockSummary.of(cols), cols)
+                    BlockRef(site, stream, tail_id, BlockSummary.of(cols), cols, len(value))
                 )
                 self._pending_records += len(cols)
                 self._pending_bytes += len(cols.text)
@@ -214,11 +272,34 @@ class LogStore:
             logger.warning("removing %s: no segment of the log store refers to it", leftover)
             leftover.unlink()
 
+    @staticmethod
+    def _segment_refs(txn: lmdb.Transaction, entries: list[Any]) -> list[BlockRef | None]:
+        """A segment's stored list: ``[block_id, site, stream, summary, size]`` or null
+        (size missing in segments written before retention existed: 0, filled in later)."""
+        refs: list[BlockRef | None] = []
+        for entry in entries:
+            if entry is None:
+                refs.append(None)
+                continue
+            block_id, site, stream, summary, *rest = entry
+            size = rest[0] if rest else 0
+            refs.append(
+                BlockRef(site, stream, block_id, BlockSummary.from_json(summary), None, size)
+            )
+        return refs
+
+    def _block_sizes(self, txn: lmdb.Transaction, refs: list[BlockRef | None]) -> list[int]:
+        sizes = []
+        for ref in refs:
+            raw = None if ref is None else txn.get(_ID.pack(ref.block_id), db=self._dbs["blocks"])
+            sizes.append(0 if raw is None else len(raw))
+        return sizes
+
     def _vocab_path(self, segment_id: int) -> Path:
         return self._vocab_dir / f"{segment_id:016x}.vocab"
 
     def _open_vocab(
-        self, txn: lmdb.Transaction, segment_id: int, refs: list[BlockRef]
+        self, txn: lmdb.Transaction, segment_id: int, refs: list[BlockRef | None]
     ) -> mmap.mmap:
         path = self._vocab_path(segment_id)
         try:
@@ -232,7 +313,9 @@ class LogStore:
             return vocab
         except (OSError, ValueError) as exc:
             logger.warning("log segment %d: rebuilding its vocabulary (%s)", segment_id, exc)
-        tokens = [block_tokens(self._load_block(txn, ref).text) for ref in refs]
+        tokens = [
+            set() if ref is None else block_tokens(self._load_block(txn, ref).text) for ref in refs
+        ]  # a dropped block keeps its ordinal, with no token
         return self._write_vocab(segment_id, build_vocab(tokens))
 
     def _write_vocab(self, segment_id: int, data: bytes) -> mmap.mmap:
@@ -288,6 +371,136 @@ class LogStore:
             return {
                 s: st.dropped for (t, s), st in self._streams.items() if t == site and st.dropped
             }
+
+    def hub_dropped(self, site: str) -> dict[str, int]:
+        """stream -> records the hub's retention dropped (streams with drops)."""
+        with self._state_lock:
+            return {
+                s: st.hub_dropped
+                for (t, s), st in self._streams.items()
+                if t == site and st.hub_dropped
+            }
+
+    def stats(self) -> LogStoreStats:
+        with self._state_lock:
+            streams = list(self._streams.values())
+        refs = [ref for st in streams for ref in (*st.blocks, *st.tail)]
+        return LogStoreStats(
+            stored_bytes=sum(ref.size for ref in refs),
+            records=sum(ref.summary.count for ref in refs),
+            blocks=len(refs),
+            hub_dropped=sum(st.hub_dropped for st in streams),
+            site_dropped=sum(st.dropped for st in streams),
+        )
+
+    # -- retention
+
+    def apply_retention(
+        self,
+        now: float,
+        *,
+        max_age_s: float | None,
+        max_bytes: int | None,
+        batch: int = RETENTION_BATCH,
+    ) -> RetentionResult:
+        """Drop the blocks and tail entries ``expired_blocks`` selects, ``batch`` of them
+        per transaction (ingest goes on between them). Positions do not move."""
+        if max_age_s is None and max_bytes is None:
+            return RetentionResult(0, 0, 0, 0)
+        with self._state_lock:
+            usage = [
+                BlockUsage(ref.block_id, ref.summary.max_t, ref.size)
+                for st in self._streams.values()
+                for ref in (*st.blocks, *st.tail)
+            ]
+        chosen = expired_blocks(usage, now, max_age_s, max_bytes)
+        blocks = records = size = segments = 0
+        for start in range(0, len(chosen), batch):
+            with self._write_lock:
+                if self._closed:
+                    break
+                # Ids gone meanwhile (tail entries merged or sealed) are skipped: what
+                # they held is somewhere else now, and the next run looks at it again.
+                part = self._drop(set(chosen[start : start + batch]))
+            blocks, records = blocks + part.blocks, records + part.records
+            size, segments = size + part.bytes, segments + part.segments
+        if blocks:
+            logger.info(
+                "log retention dropped %d blocks (%d records, %d bytes, %d whole segments)",
+                blocks, records, size, segments,
+            )  # fmt: skip
+        return RetentionResult(blocks, records, size, segments)
+
+    def _drop(self, ids: set[int]) -> RetentionResult:
+        """Drop the blocks and tail entries ``ids`` in one transaction (under the write lock)."""
+        streams: dict[tuple[str, str], _Stream] = {}
+        dropped: list[BlockRef] = []
+        for key, state in self._streams.items():
+            blocks = [ref for ref in state.blocks if ref.block_id not in ids]
+            tail = [ref for ref in state.tail if ref.block_id not in ids]
+            if len(blocks) == len(state.blocks) and len(tail) == len(state.tail):
+                continue
+            gone = [r for r in (*state.blocks, *state.tail) if r.block_id in ids]
+            dropped.extend(gone)
+            hub_dropped = state.hub_dropped + sum(r.summary.count for r in gone)
+            streams[key] = replace(state, blocks=blocks, tail=tail, hub_dropped=hub_dropped)
+        if not dropped:
+            return RetentionResult(0, 0, 0, 0)
+        kept: list[_Segment] = []
+        rewritten: list[_Segment] = []
+        emptied: list[_Segment] = []
+        for segment in self._segments:
+            if not any(ref is not None and ref.block_id in ids for ref in segment.blocks):
+                kept.append(segment)
+                continue
+            refs = tuple(
+                None if ref is None or ref.block_id in ids else ref for ref in segment.blocks
+            )
+            if all(ref is None for ref in refs):
+                emptied.append(segment)
+            else:
+                new = _Segment(segment.segment_id, refs, segment.vocab)
+                kept.append(new)
+                rewritten.append(new)
+        # Commit and publish under the state lock: a query's snapshot and its read
+        # transaction are taken together under it, so it never lists a block its
+        # transaction cannot read. A commit of a few thousand deletes takes milliseconds.
+        with self._state_lock:
+            with self._env.begin(write=True) as txn:
+                for ref in dropped:
+                    db = self._dbs["tail" if ref.data is not None else "blocks"]
+                    txn.delete(_ID.pack(ref.block_id), db=db)
+                for segment in rewritten:
+                    entries = [
+                        None if r is None
+                        else [r.block_id, r.site, r.stream, r.summary.to_json(), r.size]
+                        for r in segment.blocks
+                    ]  # fmt: skip
+                    txn.put(_ID.pack(segment.segment_id), orjson.dumps(entries),
+                            db=self._dbs["segments"])  # fmt: skip
+                for segment in emptied:
+                    txn.delete(_ID.pack(segment.segment_id), db=self._dbs["segments"])
+                for (site, stream), state in streams.items():
+                    txn.put(_stream_key(site, stream), state.to_json(), db=self._dbs["streams"])
+            self._streams.update(streams)
+            self._segments = kept
+        for ref in dropped:
+            if ref.data is not None:
+                self._pending_records -= ref.summary.count
+                self._pending_bytes = max(
+                    0, self._pending_bytes - len(ref.data.text) - ref.summary.count
+                )
+        self._env.sync(True)
+        for segment in emptied:
+            # Not closed: a query that began before may still read it (the mapping goes
+            # with its last reference; the file's blocks when it is unmapped).
+            self._vocab_path(segment.segment_id).unlink(missing_ok=True)
+        return RetentionResult(
+            len(dropped),
+            sum(r.summary.count for r in dropped),
+            sum(r.size for r in dropped),
+            len(emptied),
+        )
 
     # -- ingest
 
@@ -365,18 +578,21 @@ class LogStore:
                 previous = tail.pop()
                 removed.append(previous)
                 cols = concat_columns([_data(previous), cols])
-            tail.append(BlockRef(site, stream, self._new_id(), BlockSummary.of(cols), cols))
         head = f"{site}\0{stream}\0".encode()
-        new = _Stream(old.high_water, old.dropped, old.blocks, tail)
+        raw = b""
+        if fresh:
+            raw = head + cols.encode()
+            tail.append(
+                BlockRef(site, stream, self._new_id(), BlockSummary.of(cols), cols, len(raw))
+            )
+        new = replace(old, blocks=old.blocks, tail=tail)
         new.high_water = high_water
         new.dropped += dropped
         with self._env.begin(write=True) as txn:
             for ref in removed:
                 txn.delete(_ID.pack(ref.block_id), db=self._dbs["tail"])
             if fresh:
-                entry = tail[-1]
-                assert entry.data is not None
-                txn.put(_ID.pack(entry.block_id), head + entry.data.encode(), db=self._dbs["tail"])
+                txn.put(_ID.pack(tail[-1].block_id), raw, db=self._dbs["tail"])
             txn.put(_stream_key(site, stream), new.to_json(), db=self._dbs["streams"])
         self._env.sync(True)
         with self._state_lock:
@@ -400,13 +616,15 @@ class LogStore:
                 token_sets.append(block_tokens(part.text))
         vocab = self._write_vocab(segment_id, build_vocab(token_sets))
         del token_sets
+        sized = _with_sizes(list(refs), [len(p) for p in packed], len(vocab))
+        refs = [ref for ref in sized if ref is not None]
         with self._env.begin(write=True) as txn:
             for ref, data in zip(refs, packed, strict=True):
                 txn.put(_ID.pack(ref.block_id), data, db=self._dbs["blocks"], append=True)
             for state in self._streams.values():
                 for ref in state.tail:
                     txn.delete(_ID.pack(ref.block_id), db=self._dbs["tail"])
-            summaries = [[r.block_id, r.site, r.stream, r.summary.to_json()] for r in refs]
+            summaries = [[r.block_id, r.site, r.stream, r.summary.to_json(), r.size] for r in refs]
             txn.put(_ID.pack(segment_id), orjson.dumps(summaries), db=self._dbs["segments"])
         # Published before the sync: memory must follow what is committed even if the sync
         # fails (until it succeeds, a crash brings back the tails, which were durable).
@@ -416,9 +634,7 @@ class LogStore:
         with self._state_lock:
             for stream_key, new_blocks in by_stream.items():
                 old = self._streams[stream_key]
-                self._streams[stream_key] = _Stream(
-                    old.high_water, old.dropped, [*old.blocks, *new_blocks], []
-                )
+                self._streams[stream_key] = replace(old, blocks=[*old.blocks, *new_blocks], tail=[])
             self._segments = [*self._segments, _Segment(segment_id, tuple(refs), vocab)]
         self._pending_records = 0
         self._pending_bytes = 0
@@ -449,7 +665,8 @@ class LogStore:
                     )
                     blocks.extend(
                         b for b in chosen
-                        if (b.site, b.stream) in wanted and matcher.summary_ok(b.summary)
+                        if b is not None  # dropped by retention
+                        and (b.site, b.stream) in wanted and matcher.summary_ok(b.summary)
                     )  # fmt: skip
                 for _, state in streams:
                     blocks.extend(b for b in state.tail if matcher.summary_ok(b.summary))
