@@ -13,6 +13,7 @@ from pathlib import Path
 import uvloop
 
 from central_hub.errors import HubConfigError
+from central_hub.logs import parse_duration
 from central_hub.service import DAY_S, Hub, HubConfig
 
 logger = logging.getLogger(__name__)
@@ -107,6 +108,20 @@ def build_parser(prog: str = "python -m central_hub") -> argparse.ArgumentParser
         help="no gossip member: sites are seen through their own link only",
     )
     parser.add_argument(
+        "--logs-max-age",
+        default="30d",
+        metavar="DURATION",
+        help="drop fleet logs older than this: seconds or 90s, 12h, 7d, 'none' to keep them "
+        "at any age (default %(default)s)",
+    )
+    parser.add_argument(
+        "--logs-max-bytes",
+        default="none",
+        metavar="SIZE",
+        help="drop the oldest fleet logs while the hub's log store is larger: bytes or "
+        "500MiB, 50GiB, 1TB (default %(default)s: no limit)",
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
     return parser
@@ -118,6 +133,52 @@ def parse_listen(text: str, flag: str = "--listen") -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise HubConfigError(f"{flag} {text!r} is not HOST:PORT")
     return host, int(port)
+
+
+def parse_age(text: str, flag: str = "--logs-max-age") -> float | None:
+    """Seconds, or a duration like the logs API's ``since`` (``90s``, ``12h``, ``7d``);
+    ``none`` for no limit."""
+    if text.lower() == "none":
+        return None
+    try:
+        value: float | None = float(text)
+    except ValueError:
+        value = parse_duration(text)
+    if value is None or not 0 < value < float("inf"):
+        raise HubConfigError(f"{flag} {text!r} is not a duration like 3600, 12h, 7d or none")
+    return value
+
+
+# Longest suffix first ("GiB" before "B"); binary and decimal units, the "B" optional.
+_SIZE_UNITS = (
+    *(
+        (prefix + suffix, factor)
+        for prefix, factor in (
+            ("Ki", 1 << 10), ("Mi", 1 << 20), ("Gi", 1 << 30), ("Ti", 1 << 40),
+            ("K", 10**3), ("M", 10**6), ("G", 10**9), ("T", 10**12),
+        )
+        for suffix in ("B", "")
+    ),
+    ("B", 1),
+)  # fmt: skip
+
+
+def parse_bytes(text: str, flag: str = "--logs-max-bytes") -> int | None:
+    """Bytes, or a size like ``500MiB``, ``50GiB``, ``50Gi``, ``1TB``; ``none`` for no limit."""
+    if text.lower() == "none":
+        return None
+    number, factor = text, 1
+    for unit, unit_factor in _SIZE_UNITS:
+        if text.endswith(unit):
+            number, factor = text[: -len(unit)], unit_factor
+            break
+    try:
+        value = float(number) * factor
+    except ValueError:
+        value = float("nan")
+    if not 1 <= value < float("inf"):
+        raise HubConfigError(f"{flag} {text!r} is not a size like 500MiB, 50GiB or none")
+    return int(value)
 
 
 def configure_logging(level: str) -> None:
@@ -151,6 +212,8 @@ def config_from_args(args: argparse.Namespace) -> HubConfig:
         gossip_port=gossip_port,
         gossip_advertise=advertise,
         gossip_preset=args.gossip_preset,
+        logs_max_age_s=parse_age(args.logs_max_age),
+        logs_max_bytes=parse_bytes(args.logs_max_bytes),
     )
     config.validate()
     return config

@@ -4,7 +4,9 @@ Sites push chunks of their streams (``meshorch.stream_forward``) to
 ``POST /v1/link/streams``; ``parse_push`` checks the request (pure), the chunks are
 decoded with the sites' own codec, and ``central_hub.logstore.LogStore`` keeps them
 idempotently by site, stream and sequence. Operators query with ``GET /v1/logs``
-(``parse_query``): a tenant token sees only its tenant's streams.
+(``parse_query``): a tenant token sees only its tenant's streams. The hub's retention
+(``HubConfig.logs_max_age_s``, ``logs_max_bytes``) runs from the hub's tick
+(``HubLogs.apply_retention``) and drops whole blocks, oldest first.
 """
 
 from __future__ import annotations
@@ -20,7 +22,16 @@ from typing import TYPE_CHECKING, Any
 
 from central_hub import authz
 from central_hub.errors import ApiError
-from central_hub.logstore import LogGap, LogPage, LogQuery, LogQueryError, LogRecord, LogStore
+from central_hub.logstore import (
+    LogGap,
+    LogPage,
+    LogQuery,
+    LogQueryError,
+    LogRecord,
+    LogStore,
+    LogStoreStats,
+    RetentionResult,
+)
 from central_hub.tokens import TokenRecord
 from meshorch.streams import StreamError, StreamName, StreamStoreCorrupt, decode_chunk
 
@@ -97,6 +108,14 @@ def _chunk_records(name: str, chunk: object) -> list[LogRecord]:
     return [LogRecord(e.seq, e.time_s, e.level, info.host, e.payload) for e in events]
 
 
+def parse_duration(raw: str) -> float | None:
+    """Seconds of ``90s``, ``15m``, ``1h``, ``2d``, ``1h30m``; None if ``raw`` is not one."""
+    matches = list(_DURATION.finditer(raw))
+    if not matches or "".join(m.group(0) for m in matches) != raw:
+        return None
+    return sum(float(m.group(1)) * _UNIT_S[m.group(2)] for m in matches)
+
+
 def parse_time(raw: str, now: float, name: str) -> float:
     """Unix seconds, or a duration back from now: ``90s``, ``15m``, ``1h``, ``2d``, ``1h30m``."""
     try:
@@ -106,12 +125,12 @@ def parse_time(raw: str, now: float, name: str) -> float:
     else:
         if value == value and value not in (float("inf"), float("-inf")):
             return value
-    matches = list(_DURATION.finditer(raw))
-    if not matches or "".join(m.group(0) for m in matches) != raw:
+    back = parse_duration(raw)
+    if back is None:
         raise ApiError(
             400, f"bad_{name}", f"{name} is unix seconds or a duration like 90s, 15m, 1h, 2d"
         )
-    return now - sum(float(m.group(1)) * _UNIT_S[m.group(2)] for m in matches)
+    return now - back
 
 
 def parse_query(params: dict[str, str], token: TokenRecord, now: float) -> LogQuery:
@@ -193,6 +212,18 @@ class HubLogs:
             raise RuntimeError("the hub's log store is not open")
         return self._store
 
+    def apply_retention(self, now: float) -> RetentionResult:
+        """Drop what is past the hub's limits (blocking: run it in a thread)."""
+        config = self.hub.config
+        return self.store.apply_retention(
+            now, max_age_s=config.logs_max_age_s, max_bytes=config.logs_max_bytes
+        )
+
+    def stats(self) -> LogStoreStats | None:
+        """The store's figures, None when it is not open."""
+        store = self._store
+        return None if store is None else store.stats()
+
     async def positions(self, site: str) -> dict[str, Any]:
         return {"positions": await asyncio.to_thread(self.store.positions, site)}
 
@@ -236,10 +267,17 @@ class HubLogs:
             found = []
             for site in sites:
                 dropped = self.store.dropped(site)
+                hub_dropped = self.store.hub_dropped(site)
                 for stream, position in sorted(self.store.positions(site).items()):
                     if authz.reaches(token, stream.split("/", 1)[0]):
                         entry = {"site": site, "stream": stream, "position": position}
-                        found.append({**entry, "dropped": dropped.get(stream, 0)})
+                        found.append(
+                            {
+                                **entry,
+                                "dropped": dropped.get(stream, 0),
+                                "hub_dropped": hub_dropped.get(stream, 0),
+                            }
+                        )
             return found
 
         return {"streams": await asyncio.to_thread(collect)}

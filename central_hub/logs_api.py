@@ -53,7 +53,8 @@ LOGS_ROUTES: tuple[Route, ...] = (
           "Search the fleet's logs and events: newest first, paginated", response="LogPage",
           query=_LOG_QUERY),
     Route("GET", "/v1/logs/streams", list_log_streams, "logs.read",
-          "Every stream the hub holds: site, position, events the site's retention dropped",
+          "Every stream the hub holds: site, position, events the site's retention dropped "
+          "(dropped) and the hub's retention dropped (hub_dropped)",
           response="LogStreams"),
     Route("GET", "/v1/link/streams", link_stream_positions, "site",
           "The last sequence the hub stored of each of the site's streams",

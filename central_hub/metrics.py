@@ -6,7 +6,7 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -39,6 +39,24 @@ class HubCollector(Collector):
         for kind, count in sorted(Counter(a.kind for a in hub.alerts.active.values()).items()):
             alerts.add_metric([kind], count)
         yield alerts
+        logs = hub.logs.stats()
+        if logs is not None:
+            yield _gauge(
+                "meshorch_hub_logs_stored_bytes",
+                "Bytes of fleet logs the hub stores (blocks and their share of the index)",
+                logs.stored_bytes,
+            )
+            yield _gauge("meshorch_hub_logs_records", "Fleet log records stored", logs.records)
+            yield CounterMetricFamily(
+                "meshorch_hub_logs_retention_dropped_records",
+                "Fleet log records the hub's retention dropped (--logs-max-age/-bytes)",
+                value=logs.hub_dropped,
+            )
+            yield CounterMetricFamily(
+                "meshorch_hub_logs_site_dropped_records",
+                "Fleet log records the sites' retention dropped before forwarding them",
+                value=logs.site_dropped,
+            )
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

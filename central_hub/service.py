@@ -87,7 +87,9 @@ class HubConfig:
     means the stored name (``"fleet"`` on first start). Gossip (UDP) listens on
     ``gossip_host`` (None: ``host``) and ``gossip_port`` (None: the same number as
     ``port``; 0 picks a free one) and tells sites ``gossip_advertise`` (None: that address;
-    an unspecified host makes sites use their hub URL's host)."""
+    an unspecified host makes sites use their hub URL's host). Fleet logs are kept
+    ``logs_max_age_s`` and within ``logs_max_bytes`` (None: no limit), checked every
+    ``logs_retention_every_s``."""
 
     data_dir: Path
     host: str = "127.0.0.1"
@@ -108,6 +110,9 @@ class HubConfig:
     gossip_advertise: tuple[str, int] | None = None
     gossip_preset: str = "wan"
     gossip_cert_ttl_s: float = 7 * DAY_S
+    logs_max_age_s: float | None = 30 * DAY_S
+    logs_max_bytes: int | None = None
+    logs_retention_every_s: float = 60.0
     clock: Callable[[], float] = field(default=time.time)
 
     @property
@@ -137,7 +142,12 @@ class HubConfig:
             "rejection_window_s": self.rejection_window_s,
             "tick_s": self.tick_s,
             "gossip_cert_ttl_s": self.gossip_cert_ttl_s,
+            "logs_retention_every_s": self.logs_retention_every_s,
         }
+        if self.logs_max_age_s is not None:
+            positive["logs_max_age_s"] = self.logs_max_age_s
+        if self.logs_max_bytes is not None:
+            positive["logs_max_bytes"] = self.logs_max_bytes
         problems += [f"{name}: must be > 0" for name, v in positive.items() if not v > 0]
         if self.heartbeat_interval_s >= self.delta_ttl_s:
             problems.append("heartbeat_s: must be shorter than delta_ttl_s (the tip expires)")
@@ -271,6 +281,8 @@ class Hub:
         self._alerts_at = 0.0
         self._alerts_lock = asyncio.Lock()
         self._started_at = 0.0
+        self._logs_retained_at: float | None = None  # None: not yet since start
+        self._retention: asyncio.Future[None] | None = None
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -1082,6 +1094,32 @@ class Hub:
                     self.refresh_alerts()
                 except Exception:
                     logger.exception("alert evaluation failed; retrying on the next tick")
+            self._start_log_retention()
+
+    # -- fleet logs retention -------------------------------------------------------------
+
+    def _start_log_retention(self) -> None:
+        """Every ``logs_retention_every_s``, drop old fleet logs in a worker thread; the
+        rollout driver does not wait for it (dropping a large backlog takes a while)."""
+        now = self.now()
+        due = (
+            self._logs_retained_at is None
+            or now - self._logs_retained_at >= self.config.logs_retention_every_s
+        )
+        if not due or (self._retention is not None and not self._retention.done()):
+            return
+        self._logs_retained_at = now
+
+        async def run() -> None:
+            try:
+                await asyncio.to_thread(self.logs.apply_retention, now)
+            except Exception:
+                logger.exception("log retention failed; retrying at its next time")
+
+        task = asyncio.ensure_future(run())
+        self._retention = task
+        self._pending.add(task)  # awaited before the log store closes
+        task.add_done_callback(self._pending.discard)
 
     # -- alerts -------------------------------------------------------------------------
 
