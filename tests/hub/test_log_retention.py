@@ -22,6 +22,8 @@ import orjson
 import pytest
 
 from central_hub import Hub
+from central_hub.cli import build_parser, config_from_args, parse_age, parse_bytes
+from central_hub.errors import HubConfigError
 from central_hub.logindex import BlockUsage, expired_blocks
 from central_hub.logstore import LogQuery, LogRecord, LogStore
 from meshorch.streams import NewEvent, encode_chunk
@@ -80,6 +82,28 @@ def test_the_selection_is_oldest_first_and_minimal() -> None:
             too_old = age is not None and youngest.newest_s < now - age
             too_big = limit is not None and sum(b.size for b in kept) + youngest.size > limit
             assert too_old or too_big
+
+
+def test_hub_options_take_durations_and_sizes(tmp_path: Path) -> None:
+    args = build_parser().parse_args(["--data-dir", str(tmp_path)])
+    config = config_from_args(args)
+    assert (config.logs_max_age_s, config.logs_max_bytes) == (30 * 86400.0, None)
+    args = build_parser().parse_args(
+        ["--data-dir", str(tmp_path), "--logs-max-age", "12h", "--logs-max-bytes", "50GiB"]
+    )
+    config = config_from_args(args)
+    assert (config.logs_max_age_s, config.logs_max_bytes) == (43200.0, 50 << 30)
+    assert [parse_age(t) for t in ("7d", "1h30m", "90", "none")] == [604800.0, 5400.0, 90.0, None]
+    sizes = ("500MiB", "2Gi", "1TB", "1G", "4096", "none")
+    assert [parse_bytes(t) for t in sizes] == [500 << 20, 2 << 30, 10**12, 10**9, 4096, None]
+    for bad_age in ("0", "-1h", "7y", "inf", ""):
+        with pytest.raises(HubConfigError, match="--logs-max-age"):
+            parse_age(bad_age)
+    for bad_size in ("0", "-5", "GiB", "5PiB", "nan"):
+        with pytest.raises(HubConfigError, match="--logs-max-bytes"):
+            parse_bytes(bad_size)
+    with pytest.raises(HubConfigError, match="logs_max_bytes"):
+        hub_config(tmp_path, logs_max_bytes=0).validate()
 
 
 # -- a real store -------------------------------------------------------------------------
