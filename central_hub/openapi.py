@@ -400,8 +400,8 @@ SCHEMAS.update(
             next_cursor={"type": ["string", "null"]}, total={"type": ["integer", "null"]},
         ),
         "LogStreams": _obj(["streams"], streams=_list(_obj(
-            ["site", "stream", "position", "dropped"], site=_ID, stream=_STR, position=_INT,
-            dropped=_INT,
+            ["site", "stream", "position", "dropped", "hub_dropped"], site=_ID, stream=_STR,
+            position=_INT, dropped=_INT, hub_dropped=_INT,
         ))),
         "Alerts": _obj(["alerts"], alerts=_list(_obj(
             ["id", "kind", "site", "message", "since", "active", "acknowledged"], id=_STR,
