@@ -67,6 +67,18 @@ _NOT_COMMITTED = {
     FAIL_REASON.REQUEST_DENIED: "denied",
 }
 
+
+def retryable(error: ProposalError, *, idempotent: bool, read_only: bool) -> bool:
+    """May a failed proposal be sent again? One that certainly did nothing, if the caller
+    says its ops are idempotent. One whose outcome is unknown (the leader changed while a
+    follower waited for its answer: the entry may be committed) only if it writes nothing:
+    a write applied by the first attempt and again after another client's newer write to
+    the same key would undo that write (found by the chaos suite's linearizability check)."""
+    if isinstance(error, NotCommittedError):
+        return idempotent
+    return read_only
+
+
 _BIND_ATTEMPTS = 10
 MEMBERSHIP_RETRY_S = 25.0  # under the agent CLI's 30 s HTTP timeout
 _BIND_RETRY_S = 1.0
@@ -363,19 +375,22 @@ class RaftNode:
 
         Raises NotCommittedError (safe to retry) or OutcomeUnknownError. With
         ``idempotent`` (applying the ops twice has the effect of applying them
-        once: plain puts, deletes, barriers), failed attempts are retried
-        until ``proposal_timeout_s`` has passed, which hides leader changes.
+        once: plain puts, deletes, barriers), attempts that certainly did
+        nothing are retried until ``proposal_timeout_s`` has passed, which
+        hides most leader changes; see ``retryable`` for the unknown ones.
         """
         if self._stopped or self._syncobj is None or self._loop is None:
             raise NotCommittedError("node not running")
         body = encode_ops(ops)
+        read_only = all(isinstance(op, Barrier) for op in ops)
         deadline = self._loop.time() + self.config.proposal_timeout_s
         delay_s = 0.05
         while True:
             try:
                 return await self._propose_once(len(ops), body, deadline)
-            except ProposalError:
-                if not idempotent or self._stopped or self._loop.time() + delay_s >= deadline:
+            except ProposalError as exc:
+                late = self._stopped or self._loop.time() + delay_s >= deadline
+                if late or not retryable(exc, idempotent=idempotent, read_only=read_only):
                     raise
             await asyncio.sleep(delay_s)
             delay_s = min(delay_s * 2, 0.5)

@@ -218,3 +218,15 @@ def test_config_refuses_a_non_positive_tick_interval(tmp_path: Path) -> None:
 def test_config_refuses_a_short_password(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="password"):
         RaftConfig(self_address="127.0.0.1:1", data_dir=tmp_path, password="short").validate()
+
+
+def test_only_proposals_that_did_nothing_or_write_nothing_are_sent_again() -> None:
+    from raft.errors import NotCommittedError, OutcomeUnknownError
+    from raft.node import retryable
+
+    refused, unknown = NotCommittedError("not_leader"), OutcomeUnknownError("leader changed")
+    assert retryable(refused, idempotent=True, read_only=False)
+    assert not retryable(refused, idempotent=False, read_only=False)
+    # A put whose first attempt may be committed must not be applied again later.
+    assert not retryable(unknown, idempotent=True, read_only=False)
+    assert retryable(unknown, idempotent=True, read_only=True)  # a barrier writes nothing

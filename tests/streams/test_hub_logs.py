@@ -253,8 +253,12 @@ async def test_application_output_is_captured_and_found_with_meshorch_logs(
         assert r.status == 200, await r.text()
 
     async def both_levels() -> bool:
+        # Both levels, and at least the 5 "hello" lines the command below asks for.
         status, page = await logs(world, app="talker", limit="1000")
-        return status == 200 and {h["level"] for h in page["logs"]} == {3, 6}
+        if status != 200:
+            return False
+        hellos = [h for h in page["logs"] if h["text"].startswith("hello")]
+        return {h["level"] for h in page["logs"]} == {3, 6} and len(hellos) >= 5
 
     await until("talker's output at the hub", both_levels, 30)
     _, page = await logs(world, app="talker", grep="oops", limit="1000")
