@@ -99,6 +99,10 @@ class BlobStore:
         self._partial = root / "partial"
         self._blobs.mkdir(parents=True, exist_ok=True)
         self._partial.mkdir(parents=True, exist_ok=True)
+        # One download per digest at a time: two would share the partial file, the second
+        # truncating or overwriting it under the first, which verifies what it received
+        # (not the file) and could publish a corrupt blob.
+        self._fetching: dict[str, asyncio.Lock] = {}
 
     def path(self, digest: str) -> Path:
         return self._blobs / validate_digest(digest).removeprefix("sha256:")
@@ -148,7 +152,15 @@ class BlobStore:
         """Copy ``digest`` from the first source URL that serves it; return bytes fetched.
 
         A partial download is kept and resumed (HTTP Range) from the next source.
+        Concurrent calls for one digest run one after the other (the later find it there).
         """
+        # Kept after use: one small lock per image this host ever fetched.
+        async with self._fetching.setdefault(digest, asyncio.Lock()):
+            return await self._fetch(session, sources, digest, size)
+
+    async def _fetch(
+        self, session: aiohttp.ClientSession, sources: Sequence[str], digest: str, size: int
+    ) -> int:
         if self.has(digest):
             return 0
         partial = self._partial / digest.removeprefix("sha256:")

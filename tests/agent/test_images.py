@@ -144,3 +144,36 @@ async def test_a_broken_transfer_resumes_where_it_stopped(tmp_path: Path) -> Non
         assert fetched < len(data)  # only the missing part came the second time
     finally:
         await runner.cleanup()
+
+
+async def test_concurrent_fetches_of_one_blob_publish_it_intact(tmp_path: Path) -> None:
+    # The agent's image loop and its reconciler may both want an image at once; with one
+    # shared partial file the second download used to truncate the first one's file.
+    blob = os.urandom(3_000_000)
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    served = 0
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        nonlocal served
+        served += 1
+        response = web.StreamResponse()
+        await response.prepare(request)
+        for start in range(0, len(blob), 100_000):
+            await response.write(blob[start : start + 100_000])
+            await asyncio.sleep(0.005)
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/blob", slow)
+    runner, base = await serve(app)
+    try:
+        store = BlobStore(tmp_path / "store")
+        async with aiohttp.ClientSession() as session:
+            fetched = await asyncio.gather(
+                *(store.fetch(session, [f"{base}/blob"], digest, len(blob)) for _ in range(4))
+            )
+        assert store.path(digest).read_bytes() == blob
+        assert served == 1 and sorted(fetched) == [0, 0, 0, len(blob)]
+    finally:
+        await runner.cleanup()
