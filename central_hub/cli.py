@@ -15,6 +15,8 @@ import uvloop
 from central_hub.errors import HubConfigError
 from central_hub.logs import parse_duration
 from central_hub.service import DAY_S, Hub, HubConfig
+from meshorch.errors import ConfigurationError
+from meshorch.sizes import parse_size
 
 logger = logging.getLogger(__name__)
 
@@ -149,36 +151,17 @@ def parse_age(text: str, flag: str = "--logs-max-age") -> float | None:
     return value
 
 
-# Longest suffix first ("GiB" before "B"); binary and decimal units, the "B" optional.
-_SIZE_UNITS = (
-    *(
-        (prefix + suffix, factor)
-        for prefix, factor in (
-            ("Ki", 1 << 10), ("Mi", 1 << 20), ("Gi", 1 << 30), ("Ti", 1 << 40),
-            ("K", 10**3), ("M", 10**6), ("G", 10**9), ("T", 10**12),
-        )
-        for suffix in ("B", "")
-    ),
-    ("B", 1),
-)  # fmt: skip
-
-
 def parse_bytes(text: str, flag: str = "--logs-max-bytes") -> int | None:
     """Bytes, or a size like ``500MiB``, ``50GiB``, ``50Gi``, ``1TB``; ``none`` for no limit."""
     if text.lower() == "none":
         return None
-    number, factor = text, 1
-    for unit, unit_factor in _SIZE_UNITS:
-        if text.endswith(unit):
-            number, factor = text[: -len(unit)], unit_factor
-            break
     try:
-        value = float(number) * factor
-    except ValueError:
-        value = float("nan")
-    if not 1 <= value < float("inf"):
+        value = parse_size(text)
+    except ConfigurationError:
+        value = 0
+    if value < 1:
         raise HubConfigError(f"{flag} {text!r} is not a size like 500MiB, 50GiB or none")
-    return int(value)
+    return value
 
 
 def configure_logging(level: str) -> None:

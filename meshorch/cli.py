@@ -35,7 +35,8 @@ from meshorch.mesh import (
     detect_lan_ip,
 )
 from meshorch.secret_cli import add_site_commands
-from meshorch.workload_settings import RUNTIMES, WorkloadSettings, parse_labels, parse_size
+from meshorch.sizes import parse_size
+from meshorch.workload_settings import RUNTIMES, WorkloadSettings, parse_labels
 
 logger = logging.getLogger("meshorch")
 

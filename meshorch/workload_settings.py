@@ -70,23 +70,3 @@ def parse_labels(items: list[str]) -> dict[str, str]:
             raise ConfigurationError(f"--label {item!r}: expected KEY=VALUE")
         labels[key] = value
     return labels
-
-
-# Longest suffix first: "Mi" before "M".
-_UNITS = (
-    ("Ki", 1 << 10), ("Mi", 1 << 20), ("Gi", 1 << 30), ("Ti", 1 << 40),
-    ("K", 10**3), ("M", 10**6), ("G", 10**9),
-)  # fmt: skip
-
-
-def parse_size(text: str) -> int:
-    """``512Mi``, ``2Gi``, ``1G`` or plain bytes."""
-    number, factor = text, 1
-    for unit, unit_factor in _UNITS:
-        if text.endswith(unit):
-            number, factor = text[: -len(unit)], unit_factor
-            break
-    try:
-        return int(float(number) * factor)
-    except ValueError as exc:
-        raise ConfigurationError(f"bad size {text!r}: use e.g. 512Mi, 2Gi") from exc
