@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # Per removal attempt: pysyncobj's refusals last while a change or an election settles.
-STEP_DOWN_RETRY_S = 2.0
+REMOVE_ATTEMPT_S = 2.0
 
 MAX_TOKEN_TTL_S = 30 * 24 * 3600
 ADD_MEMBER_ATTEMPTS = 20
@@ -239,7 +239,7 @@ async def _remove_from_raft(agent: Agent, record: MemberRecord) -> None:
         if agent.raft.status().leader_address == record.raft:
             await _ask_to_step_down(agent, record, deadline)
         try:
-            await agent.raft.remove_member(record.raft, retry_s=STEP_DOWN_RETRY_S)
+            await agent.raft.remove_member(record.raft, retry_s=REMOVE_ATTEMPT_S)
             return
         except NotCommittedError as exc:
             # Refused while a change or an election settles, or because it leads.
