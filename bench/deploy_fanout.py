@@ -3,7 +3,7 @@
 A real hub (``meshorch hub`` subprocess: LMDB, HTTP, signing) on loopback and ``--sites``
 light sites (bench/fanout_site.py, spread over ``--workers`` processes): each site has its
 own identity key, long-polls the hub with the real ``LinkClient``, verifies every delta
-against the fleet root key with ``meshorch.delta.verify_batch`` and, when a delta puts the
+against the fleet root key with ``meshorch.fleet.delta.verify_batch`` and, when a delta puts the
 application on it, reports it applied and healthy (docs/fleet-link.md). The driver deploys
 ``--deployments`` versions of one application to every site in one wave
 (``max_parallel`` = sites, so the figure is fan-out, not wave gating), waits for every site
@@ -15,7 +15,7 @@ deployment the time until every site is done, and p50/p99 over all per-site late
 (``fanout_p99_s``) and over the per-deployment all-sites times. Target: p99 <= 5 s for 100
 sites.
 
-Also, on one core: deltas verified per second by ``meshorch.delta.verify_chain`` over a
+Also, on one core: deltas verified per second by ``meshorch.fleet.delta.verify_chain`` over a
 chain of real signed deltas (an ``app.put`` with a spec and a ``--sites`` target each),
 and the ratio to PyNaCl's raw Ed25519 ``VerifyKey.verify`` over the same bodies.
 
@@ -49,8 +49,9 @@ from nacl.signing import SigningKey, VerifyKey
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from meshorch.appspec import from_json, to_json
-from meshorch.delta import (
+from meshorch.apps.spec import from_json, to_json
+from meshorch.demo.localsite import LocalHub
+from meshorch.fleet.delta import (
     GENESIS_HASH,
     Target,
     TrustState,
@@ -60,7 +61,6 @@ from meshorch.delta import (
     sign,
     verify_chain,
 )
-from meshorch.localsite import LocalHub
 
 APP = "fanout"
 FLEET = "fanout"

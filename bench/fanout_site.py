@@ -2,8 +2,8 @@
 
 Each site is what a site's Raft leader does on the fleet link, minus Raft and runtimes:
 its own Ed25519 identity, a real ``LinkClient`` (signed requests, long-poll), real
-verification of every delta (``meshorch.delta.verify_batch`` against the fleet root key
-given out of band), ``app.put`` specs rebuilt with ``meshorch.appspec.from_json``, and
+verification of every delta (``meshorch.fleet.delta.verify_batch`` against the fleet root key
+given out of band), ``app.put`` specs rebuilt with ``meshorch.apps.spec.from_json``, and
 the site report of docs/fleet-link.md sent right after applying and every few seconds.
 "Applying" only records the version in memory; the report then says it runs healthy.
 
@@ -40,9 +40,9 @@ from nacl.signing import SigningKey
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from meshorch.appspec import SpecError, from_json
-from meshorch.delta import TrustState, verify_batch
-from meshorch.fleet_link import LinkClient, LinkError
+from meshorch.apps.spec import SpecError, from_json
+from meshorch.fleet.client import LinkClient, LinkError
+from meshorch.fleet.delta import TrustState, verify_batch
 
 REPORT_EVERY_S = 3.0
 FETCH_WAIT_S = 20.0

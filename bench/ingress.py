@@ -35,7 +35,7 @@ from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from meshorch.ingress import TcpIngress
+from meshorch.net.ingress import TcpIngress
 
 HOST = "127.0.0.1"
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok"

@@ -38,7 +38,7 @@ from yarl import URL
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.loadgen import LoadResult, RequestFn, median, run_load
-from meshorch.localsite import LocalSite, free_port, wait_ready
+from meshorch.demo.localsite import LocalSite, free_port, wait_ready
 
 VALUE = b"v" * 100
 KEYSPACE = 1000

@@ -35,7 +35,7 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from central_hub import Hub, HubConfig
-from meshorch.localsite import LocalHost, wait_ready
+from meshorch.demo.localsite import LocalHost, wait_ready
 from tests.agents_util import linked_site
 from tests.streams.uplink import Uplink
 

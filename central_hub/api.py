@@ -49,11 +49,11 @@ from central_hub.model import (
 from central_hub.placement import parse_policy
 from central_hub.tokens import TokenRecord
 from central_hub.vault import parse_report_secrets
-from meshorch import metrics
-from meshorch.appspec import SpecError, parse_app_spec, spec_digest
-from meshorch.delta import DeltaRejected, parse
+from meshorch.apps.spec import SpecError, parse_app_spec, spec_digest
 from meshorch.errors import RemoteInputError
-from meshorch.link_auth import LinkAuthError, claimed_site, verify_request
+from meshorch.fleet.delta import DeltaRejected, parse
+from meshorch.fleet.link_auth import LinkAuthError, claimed_site, verify_request
+from meshorch.site import metrics
 
 if TYPE_CHECKING:
     from central_hub.service import Hub

@@ -20,7 +20,7 @@ from typing import Any
 from nacl.signing import SigningKey
 
 from central_hub.errors import HubConfigError
-from meshorch.delta import GENESIS_HASH, Target, key_id, next_delta, sign
+from meshorch.fleet.delta import GENESIS_HASH, Target, key_id, next_delta, sign
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ What it does with them:
 - it publishes its own summary ``{"v": 1, "t": T, "head": N, "hh": HASH16}`` on every
   append to the delta log, so sites learn of new deltas even when their link is down;
 - it answers a site's request for the deltas after a version with the envelopes that fit
-  an app message (``meshorch.site_gossip``), at most one burst per requester per 0.5 s.
+  an app message (``meshorch.fleet.gossip``), at most one burst per requester per 0.5 s.
 
 Every callback runs inside the event loop's datagram handling and never raises.
 """
@@ -44,8 +44,8 @@ from gossip import (
     address_meta,
     issue_cert,
 )
-from meshorch.fleet_link import Address, format_address
-from meshorch.site_gossip import (
+from meshorch.fleet.client import Address, format_address
+from meshorch.fleet.gossip import (
     ANSWER_INTERVAL_S,
     HUB_ID,
     MAX_ANSWER_DELTAS,

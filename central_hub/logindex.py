@@ -45,7 +45,7 @@ from typing import Any
 
 import orjson
 
-from meshorch.streams import SEGMENT_RE
+from meshorch.streams.model import SEGMENT_RE
 
 # -- the public records (re-exported by central_hub.logstore) ----------------------------
 

@@ -1,6 +1,6 @@
 """The hub's fleet logs: streams forwarded by the sites, stored and queried.
 
-Sites push chunks of their streams (``meshorch.stream_forward``) to
+Sites push chunks of their streams (``meshorch.fleet.forward``) to
 ``POST /v1/link/streams``; ``parse_push`` checks the request (pure), the chunks are
 decoded with the sites' own codec, and ``central_hub.logstore.LogStore`` keeps them
 idempotently by site, stream and sequence. Operators query with ``GET /v1/logs``
@@ -33,7 +33,7 @@ from central_hub.logstore import (
     RetentionResult,
 )
 from central_hub.tokens import TokenRecord
-from meshorch.streams import StreamError, StreamName, StreamStoreCorrupt, decode_chunk
+from meshorch.streams.model import StreamError, StreamName, StreamStoreCorrupt, decode_chunk
 
 if TYPE_CHECKING:
     from central_hub.service import Hub

@@ -76,7 +76,7 @@ from central_hub.logindex import (
     run_query,
     split_columns,
 )
-from meshorch.streams import SEGMENT_RE, InvalidStreamName, StreamName
+from meshorch.streams.model import SEGMENT_RE, InvalidStreamName, StreamName
 
 __all__ = [
     "IngestResult",

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 
-from meshorch.delta import parse_key_id
 from meshorch.errors import RemoteInputError
+from meshorch.fleet.delta import parse_key_id
 
 MAX_ID = 63
 MAX_LABELS = 64

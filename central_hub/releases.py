@@ -1,9 +1,9 @@
 """Agent releases at the hub: upload a meshorch wheel, roll it out to sites by delta.
 
 ``POST /v1/releases`` (a fleet admin, the wheel as the body) checks the wheel
-(``meshorch.release.wheel_metadata``) and keeps it by its sha256; ``POST
+(``meshorch.releases.wheels.wheel_metadata``) and keeps it by its sha256; ``POST
 /v1/releases/{version}/rollout`` appends an ``agent.upgrade`` delta for the chosen sites
-(all by default), which upgrade host by host (``meshorch.agent_upgrade``);
+(all by default), which upgrade host by host (``meshorch.fleet.upgrade``);
 ``GET /v1/link/releases/{digest}`` serves the wheel to a site (signed request).
 """
 
@@ -21,8 +21,8 @@ from central_hub.api import Route, _hub, _read, _read_json, _token, json_respons
 from central_hub.errors import ApiError
 from central_hub.model import validate_site_id
 from central_hub.tokens import authorize
-from meshorch.delta import ALL_SITES, Target
-from meshorch.release import ReleaseError, wheel_metadata
+from meshorch.fleet.delta import ALL_SITES, Target
+from meshorch.releases.wheels import ReleaseError, wheel_metadata
 
 if TYPE_CHECKING:
     from central_hub.service import Hub

@@ -62,10 +62,10 @@ from central_hub.store import Store, Write, delete, put_json, version_key
 from central_hub.tenancy import unknown_tenant
 from central_hub.tokens import TokenRecord
 from central_hub.vault import VaultService
-from meshorch.appspec import AppSpec, to_json
-from meshorch.delta import ALL_SITES, ROTATE_OP, Target, key_id
-from meshorch.fleet_link import GOSSIP_PRESETS
-from meshorch.site_gossip import HUB_ID
+from meshorch.apps.spec import AppSpec, to_json
+from meshorch.fleet.client import GOSSIP_PRESETS
+from meshorch.fleet.delta import ALL_SITES, ROTATE_OP, Target, key_id
+from meshorch.fleet.gossip import HUB_ID
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from typing import Any
 from central_hub.authz import only_fields
 from central_hub.errors import ApiError
 from central_hub.model import validate_tenant
-from meshorch.quotas import QUOTA_FIELDS, parse_quota
+from meshorch.apps.quotas import QUOTA_FIELDS, parse_quota
 
 MAX_DESCRIPTION = 200
 TENANT_FIELDS = frozenset({"id", "description"})

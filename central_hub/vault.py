@@ -40,8 +40,9 @@ from central_hub import deltalog, tokens
 from central_hub.errors import ApiError, HubConfigError
 from central_hub.placement import Policy, parse_policy
 from central_hub.tokens import TokenRecord
-from meshorch.delta import Target
-from meshorch.secrets import (
+from meshorch.fleet.delta import Target
+from meshorch.fleet.escrow import escrow_message
+from meshorch.secrets.keyring import (
     DEFAULT_TENANT,
     KEY_BYTES,
     MAX_SECRET_BYTES,
@@ -56,7 +57,6 @@ from meshorch.secrets import (
     unwrap,
     wrap,
 )
-from meshorch.site_escrow import escrow_message
 
 if TYPE_CHECKING:
     from central_hub.service import Hub, _Txn

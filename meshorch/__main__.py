@@ -1,3 +1,3 @@
-from meshorch.cli import main
+from meshorch.cli.main import main
 
 raise SystemExit(main())

@@ -8,10 +8,10 @@ from pathlib import Path
 from nacl.signing import SigningKey
 
 from central_hub import Hub
-from meshorch.agent_config import AgentConfig
-from meshorch.delta import key_id
+from meshorch.demo.localsite import LocalSite, free_port
+from meshorch.fleet.delta import key_id
 from meshorch.lab.agents import FleetFlags
-from meshorch.localsite import LocalSite, free_port
+from meshorch.site.config import AgentConfig
 
 
 def lone_agent_config(tmp_path: Path, site: str, fleet: str, root: SigningKey) -> AgentConfig:

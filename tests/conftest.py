@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from meshorch.secret_service import DELIVERY_DIR, TMPFS_ROOTS
+from meshorch.secrets.service import DELIVERY_DIR, TMPFS_ROOTS
 
 
 def _delivery_dirs() -> set[Path]:

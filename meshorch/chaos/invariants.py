@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from meshorch.linearizability import DEFAULT_BUDGET_NODES, Operation, Verdict, check_history
+from meshorch.chaos.linearizability import DEFAULT_BUDGET_NODES, Operation, Verdict, check_history
 
 Status = Literal["pass", "fail", "unknown"]
 Record = Mapping[str, Any]

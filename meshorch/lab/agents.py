@@ -297,8 +297,8 @@ class LabAgents:
         """Remove the containers and podman storage of every host."""
         import asyncio
 
+        from meshorch.apps.settings import podman_dirs
         from meshorch.runtime import PodmanRuntime, RuntimeBackendError
-        from meshorch.workload_settings import podman_dirs
 
         async def purge_all() -> None:
             for host in self.lab.plan.hosts:

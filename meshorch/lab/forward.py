@@ -15,7 +15,7 @@ import socket
 from types import TracebackType
 from typing import Self
 
-from meshorch.netns import in_netns
+from meshorch.net.netns import in_netns
 
 log = logging.getLogger(__name__)
 

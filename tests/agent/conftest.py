@@ -3,7 +3,7 @@ from collections.abc import AsyncIterator, Iterator
 import aiohttp
 import pytest
 
-from meshorch.localsite import LocalSite, wait_ready
+from meshorch.demo.localsite import LocalSite, wait_ready
 
 
 @pytest.fixture

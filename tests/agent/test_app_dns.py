@@ -12,7 +12,7 @@ import dns.message
 import dns.rcode
 import pytest
 
-from meshorch.localsite import LocalSite, free_port, wait_ready
+from meshorch.demo.localsite import LocalSite, free_port, wait_ready
 from tests.waiting import until
 
 APP = """

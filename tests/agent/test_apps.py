@@ -7,7 +7,7 @@ from typing import Any
 
 import aiohttp
 
-from meshorch.localsite import LocalSite, wait_ready
+from meshorch.demo.localsite import LocalSite, wait_ready
 
 APP = """
 api_version: meshorch/v1

@@ -12,8 +12,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from meshorch.localsite import LocalSite, wait_ready
-from meshorch.site_state import MAX_VALUE_BYTES
+from meshorch.demo.localsite import LocalSite, wait_ready
+from meshorch.state.tables import MAX_VALUE_BYTES
 
 
 async def all_keys(session: aiohttp.ClientSession, site: LocalSite) -> list[list[str]]:

@@ -15,13 +15,13 @@ import pytest
 from nacl.signing import SigningKey
 
 from meshorch import __version__
-from meshorch.agent import Agent
-from meshorch.localsite import LocalHost, LocalSite, wait_ready
-from meshorch.protocol import PROTOCOL, FeatureUnavailable
-from meshorch.scheduler import HostInfo
-from meshorch.site_state import APPS_TABLE
-from meshorch.streams import NewEvent
-from meshorch.workloads import encode_hostinfo, hostinfo_key
+from meshorch.apps.records import encode_hostinfo, hostinfo_key
+from meshorch.apps.scheduler import HostInfo
+from meshorch.demo.localsite import LocalHost, LocalSite, wait_ready
+from meshorch.site.agent import Agent
+from meshorch.state.protocol import PROTOCOL, FeatureUnavailable
+from meshorch.state.tables import APPS_TABLE
+from meshorch.streams.model import NewEvent
 from raft import Delete, Put
 from tests.agents_util import lone_agent_config
 from tests.waiting import until

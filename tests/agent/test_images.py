@@ -12,8 +12,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from meshorch.imagestore import BlobStore, ImageTransferError
-from meshorch.localsite import LocalSite
+from meshorch.demo.localsite import LocalSite
+from meshorch.images.store import BlobStore, ImageTransferError
 
 
 async def catalog(session: aiohttp.ClientSession, url: str) -> dict[str, object]:

@@ -15,7 +15,7 @@ import pytest
 import uvloop
 
 from meshorch.errors import ConfigurationError
-from meshorch.ingress import (
+from meshorch.net.ingress import (
     STAT_KEYS,
     Backend,
     IngressError,

@@ -4,7 +4,8 @@ import secrets
 
 import pytest
 
-from meshorch.join import (
+from meshorch.join.mesh import Membership, MeshSettings, desired_interface
+from meshorch.join.protocol import (
     JoinRefused,
     JoinRequest,
     JoinToken,
@@ -16,8 +17,7 @@ from meshorch.join import (
     unwrap_answer,
     wrap_answer,
 )
-from meshorch.mesh import Membership, MeshSettings, desired_interface
-from meshorch.site_state import MemberRecord
+from meshorch.state.tables import MemberRecord
 from netmesh import generate_keypair, seal, unseal
 
 NOW = 1_800_000_000.0

@@ -8,7 +8,7 @@ import aiohttp
 from nacl.signing import SigningKey
 from prometheus_client.parser import text_string_to_metric_families
 
-from meshorch.agent import Agent
+from meshorch.site.agent import Agent
 from tests.agents_util import lone_agent_config
 from tests.waiting import until
 

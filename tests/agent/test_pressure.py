@@ -6,7 +6,7 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
-from meshorch.localsite import LocalSite, wait_ready
+from meshorch.demo.localsite import LocalSite, wait_ready
 from tests.waiting import until
 
 APP = """

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from meshorch import release
-from meshorch.release import (
+from meshorch.releases import wheels as release
+from meshorch.releases.wheels import (
     RELEASE_FILE,
     ReleaseError,
     build_test_release,
@@ -187,7 +187,7 @@ def test_install_runs_the_release_version(good_lib: Path, releases: Path) -> Non
 
 
 def test_a_release_knows_its_lib(good_lib: Path) -> None:
-    probe = "from meshorch.upgrade_launcher import current_lib; print(current_lib())"
+    probe = "from meshorch.releases.launcher import current_lib; print(current_lib())"
     done = subprocess.run(
         [sys.executable, "-c", probe],
         env=release_env(good_lib),

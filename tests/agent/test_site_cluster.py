@@ -5,7 +5,7 @@ import signal
 
 import aiohttp
 
-from meshorch.localsite import LocalHost, LocalSite, get_status, wait_ready
+from meshorch.demo.localsite import LocalHost, LocalSite, get_status, wait_ready
 
 
 async def put(session: aiohttp.ClientSession, host: LocalHost, key: str, value: bytes) -> int:

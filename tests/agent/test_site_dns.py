@@ -18,9 +18,9 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
-from meshorch.dns_core import Answer, Drop, Forward, handle, upstream_reply_ok
 from meshorch.errors import ConfigurationError
-from meshorch.site_dns import SiteDns, upstream_from_resolv_conf
+from meshorch.net.dns import SiteDns, upstream_from_resolv_conf
+from meshorch.net.dns_core import Answer, Drop, Forward, handle, upstream_reply_ok
 
 ZONE = "site.meshorch"
 WEB = "web.shop.acme.site.meshorch"

@@ -19,10 +19,9 @@ from typing import NoReturn
 
 import pytest
 
+from meshorch.demo.localsite import LocalSite
 from meshorch.errors import ConfigurationError
-from meshorch.localsite import LocalSite
-from meshorch.release import build_test_release, install_release
-from meshorch.upgrade_launcher import (
+from meshorch.releases.launcher import (
     Commit,
     Observation,
     Rollback,
@@ -43,6 +42,7 @@ from meshorch.upgrade_launcher import (
     trial_path,
     write_trial,
 )
+from meshorch.releases.wheels import build_test_release, install_release
 
 SOURCE = Path(__file__).resolve().parents[2]
 TRIAL = Trial(
@@ -170,7 +170,7 @@ def test_status_url() -> None:
 def test_launcher_argv(tmp_path: Path) -> None:
     agent = [sys.executable, "-m", "meshorch", "agent", "--site", "s", "--data-dir", "d"]
     argv = launcher_argv(tmp_path, "http://127.0.0.1:7700/v1/status", agent, timeout_s=90)
-    assert argv[:3] == [sys.executable, "-m", "meshorch.upgrade_launcher"]
+    assert argv[:3] == [sys.executable, "-m", "meshorch.releases.launcher"]
     options = build_parser().parse_args(argv[3:])
     assert options.data_dir == tmp_path.resolve()
     assert options.health_url == "http://127.0.0.1:7700/v1/status"
@@ -336,7 +336,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             os._exit(7)
         if self.path == "/handover":
             from pathlib import Path
-            from meshorch.upgrade_launcher import EXIT_UPGRADE, start_trial, supervised
+            from meshorch.releases.launcher import EXIT_UPGRADE, start_trial, supervised
             assert supervised()
             start_trial(Path(os.environ["FAKE_DATA_DIR"]), from_version="1.1",
                         to_version="1.2", lib=Path(os.environ["FAKE_NEXT_LIB"]),
@@ -600,7 +600,7 @@ def test_broken_release_rolls_back_to_the_installed_agent(
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run(
         [
-            sys.executable, "-m", "meshorch.upgrade_launcher", "--data-dir", str(data_dir),
+            sys.executable, "-m", "meshorch.releases.launcher", "--data-dir", str(data_dir),
             "--health-url", f"http://127.0.0.1:{free_port()}/v1/status",
             "--", sys.executable, "-m", "meshorch", "agent", "--help",
         ],

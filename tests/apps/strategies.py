@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from meshorch.appspec import (
+from meshorch.apps.scheduler import HostInfo
+from meshorch.apps.spec import (
     AppSpec,
     ConfigFile,
     Constraint,
@@ -19,7 +20,6 @@ from meshorch.appspec import (
     ServiceSpec,
     TcpCheck,
 )
-from meshorch.scheduler import HostInfo
 
 MI = 2**20
 LABELS = {"zone": ("a", "b", "c"), "disk": ("ssd", "hdd"), "gpu": ("yes",)}

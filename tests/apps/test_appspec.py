@@ -6,7 +6,7 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 
-from meshorch.appspec import (
+from meshorch.apps.spec import (
     MAX_SPEC_BYTES,
     AppSpec,
     Constraint,

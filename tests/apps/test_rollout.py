@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from meshorch.rollout import (
+from meshorch.apps.rollout import (
     Decision,
     Done,
     InFlight,

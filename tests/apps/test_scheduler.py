@@ -3,8 +3,8 @@ from dataclasses import replace
 
 import pytest
 
-from meshorch.appspec import AppSpec, Constraint, ContainerSpec, Resources, ServiceSpec
-from meshorch.scheduler import HostInfo, Placement, ScheduleResult, schedule
+from meshorch.apps.scheduler import HostInfo, Placement, ScheduleResult, schedule
+from meshorch.apps.spec import AppSpec, Constraint, ContainerSpec, Resources, ServiceSpec
 
 MI = 2**20
 

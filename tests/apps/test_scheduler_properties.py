@@ -7,8 +7,8 @@ from dataclasses import replace
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from meshorch.appspec import AppSpec
-from meshorch.scheduler import HostInfo, Placement, ScheduleResult, schedule
+from meshorch.apps.scheduler import HostInfo, Placement, ScheduleResult, schedule
+from meshorch.apps.spec import AppSpec
 from tests.apps.strategies import app_lists, host_lists
 
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-from meshorch.linearizability import Operation, OpKind, check_history, check_key
+from meshorch.chaos.linearizability import Operation, OpKind, check_history, check_key
 
 
 def op(

@@ -10,7 +10,7 @@ import orjson
 import pytest
 from nacl.signing import SigningKey
 
-from meshorch import delta as d
+from meshorch.fleet import delta as d
 
 NOW = 1_800_000_000.0
 TTL = 3600.0

@@ -6,7 +6,7 @@ import random
 
 from nacl.signing import SigningKey
 
-from meshorch import delta as d
+from meshorch.fleet import delta as d
 
 NOW = 1_800_000_000.0
 MUTATIONS = 100_000

@@ -13,8 +13,8 @@ import orjson
 from aiohttp import web
 from nacl.signing import SigningKey
 
-from meshorch.delta import ALL_SITES, GENESIS_HASH, Delta, Target, key_id, next_delta, sign
-from meshorch.link_auth import LinkAuthError, claimed_site, verify_request
+from meshorch.fleet.delta import ALL_SITES, GENESIS_HASH, Delta, Target, key_id, next_delta, sign
+from meshorch.fleet.link_auth import LinkAuthError, claimed_site, verify_request
 
 
 class StubHub:

@@ -20,8 +20,8 @@ import aiohttp
 import pytest
 
 from central_hub import Hub, HubConfig
-from meshorch.localsite import LocalSite, wait_ready
-from meshorch.release import build_test_release
+from meshorch.demo.localsite import LocalSite, wait_ready
+from meshorch.releases.wheels import build_test_release
 from tests.agents_util import linked_site
 from tests.hub.helpers import Operator
 

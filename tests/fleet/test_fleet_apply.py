@@ -8,19 +8,21 @@ import orjson
 import pytest
 from nacl.signing import SigningKey
 
-from meshorch.appspec import from_json, parse_app_spec, to_json
-from meshorch.delta import (
-    ALL_SITES,
-    GENESIS_HASH,
-    Target,
-    TrustState,
-    key_id,
-    next_delta,
-    sign,
-    verify_batch,
+from meshorch.apps.quotas import Quota, decode_quota
+from meshorch.apps.records import (
+    AppRecord,
+    InstanceReport,
+    app_key,
+    appver_key,
+    decode_app,
+    encode_spec,
+    rollout_key,
 )
+from meshorch.apps.rollout import RolloutState
+from meshorch.apps.scheduler import HostInfo, Placement
+from meshorch.apps.spec import from_json, parse_app_spec, to_json
 from meshorch.errors import RemoteInputError
-from meshorch.fleet_apply import (
+from meshorch.fleet.apply import (
     TRUST_KEY,
     LinkConfig,
     NameTaken,
@@ -33,19 +35,17 @@ from meshorch.fleet_apply import (
     merge_link_config,
     plan_apply,
 )
-from meshorch.quotas import Quota, decode_quota
-from meshorch.rollout import RolloutState
-from meshorch.scheduler import HostInfo, Placement
-from meshorch.site_state import APPS_TABLE, SYSTEM_TABLE
-from meshorch.workloads import (
-    AppRecord,
-    InstanceReport,
-    app_key,
-    appver_key,
-    decode_app,
-    encode_spec,
-    rollout_key,
+from meshorch.fleet.delta import (
+    ALL_SITES,
+    GENESIS_HASH,
+    Target,
+    TrustState,
+    key_id,
+    next_delta,
+    sign,
+    verify_batch,
 )
+from meshorch.state.tables import APPS_TABLE, SYSTEM_TABLE
 from raft import Delete, Guard, Put
 
 NOW = 1_790_000_000.0

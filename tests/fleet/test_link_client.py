@@ -8,15 +8,15 @@ import pytest
 from aiohttp import web
 from nacl.signing import SigningKey
 
-from meshorch.delta import TrustState, key_id, verify_batch
-from meshorch.fleet_link import (
+from meshorch.demo.localsite import free_port
+from meshorch.fleet.client import (
     BadHubAnswer,
     HubUnreachable,
     LinkClient,
     LinkRefused,
     LinkUnauthorized,
 )
-from meshorch.localsite import free_port
+from meshorch.fleet.delta import TrustState, key_id, verify_batch
 from tests.fleet.hubstub import StubHub
 
 ROOT = SigningKey(b"r" * 32)

@@ -17,11 +17,11 @@ import orjson
 import pytest
 from nacl.signing import SigningKey
 
-from meshorch.agent import Agent
-from meshorch.agent_config import AgentConfig
-from meshorch.delta import ALL_SITES, Target, key_id, next_delta, sign
+from meshorch.apps.settings import WorkloadSettings
 from meshorch.errors import ConfigurationError
-from meshorch.workload_settings import WorkloadSettings
+from meshorch.fleet.delta import ALL_SITES, Target, key_id, next_delta, sign
+from meshorch.site.agent import Agent
+from meshorch.site.config import AgentConfig
 from tests.agents_util import lone_agent_config
 from tests.fleet.hubstub import StubHub
 

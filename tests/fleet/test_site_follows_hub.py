@@ -14,8 +14,8 @@ import orjson
 import pytest
 from nacl.signing import SigningKey
 
-from meshorch.delta import Target, key_id
-from meshorch.localsite import LocalHost, LocalSite, free_port, get_status, wait_ready
+from meshorch.demo.localsite import LocalHost, LocalSite, free_port, get_status, wait_ready
+from meshorch.fleet.delta import Target, key_id
 from tests.fleet.hubstub import StubHub
 from tests.waiting import until
 

@@ -27,9 +27,9 @@ from nacl.signing import SigningKey
 import central_hub.api as hub_api
 from central_hub import ApiError, Hub, HubConfig
 from gossip import DatagramOpener, DatagramSealer, GossipConfig, GossipService
-from meshorch.fleet_link import LinkClient
-from meshorch.localsite import LocalSite, wait_ready
-from meshorch.site_gossip import (
+from meshorch.demo.localsite import LocalSite, wait_ready
+from meshorch.fleet.client import LinkClient
+from meshorch.fleet.gossip import (
     HUB_ID,
     MAX_APP_BYTES,
     request_message,

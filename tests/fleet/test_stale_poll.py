@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any, cast
 
-from meshorch.delta import TrustState
-from meshorch.fleet_link import LinkClient
-from meshorch.site_link import SiteLink
+from meshorch.fleet.client import LinkClient
+from meshorch.fleet.delta import TrustState
+from meshorch.fleet.site_link import SiteLink
 
 
 class HangingClient:
@@ -31,7 +31,7 @@ def link_at(version: int) -> SiteLink:
 
 
 async def test_a_poll_open_while_the_hub_is_ahead_is_abandoned(monkeypatch: Any) -> None:
-    monkeypatch.setattr("meshorch.site_link.STALE_POLL_S", 0.0)
+    monkeypatch.setattr("meshorch.fleet.site_link.STALE_POLL_S", 0.0)
     link, client = link_at(3), HangingClient()
     poll = asyncio.create_task(link._poll(cast(LinkClient, client), 3))
     await asyncio.sleep(0.01)

@@ -11,8 +11,8 @@ import aiohttp
 import orjson
 from nacl.signing import SigningKey
 
-from meshorch.delta import BatchResult, TrustState, verify_batch
-from meshorch.link_auth import sign_request
+from meshorch.fleet.delta import BatchResult, TrustState, verify_batch
+from meshorch.fleet.link_auth import sign_request
 
 SPEC_YAML = """\
 api_version: meshorch/v1

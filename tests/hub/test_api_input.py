@@ -9,7 +9,7 @@ import orjson
 
 from central_hub import Hub
 from central_hub.api import ROUTES
-from meshorch.appspec import MAX_SPEC_BYTES, parse_app_spec, to_json
+from meshorch.apps.spec import MAX_SPEC_BYTES, parse_app_spec, to_json
 from tests.hub.conftest import MakeSite
 from tests.hub.helpers import Operator, spec_text
 

@@ -15,7 +15,7 @@ from central_hub.deltalog import (
     retired_name,
     write_secret_file,
 )
-from meshorch.delta import key_id
+from meshorch.fleet.delta import key_id
 
 
 def test_config_lists_every_problem(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import aiohttp
 
 from central_hub import Hub
-from meshorch.delta import parse
+from meshorch.fleet.delta import parse
 from tests.hub.conftest import Clock, MakeSite, admin_token
 from tests.hub.helpers import Operator, healthy, spec_text, until, wait_for
 

@@ -17,8 +17,8 @@ from central_hub import Hub, HubConfig, HubConfigError
 from central_hub.cli import build_parser, config_from_args
 from central_hub.fleetview import site_detail, site_summary
 from gossip import parse_cert, verify_cert
-from meshorch.fleet_link import BadHubAnswer, parse_gossip_info
-from meshorch.site_gossip import (
+from meshorch.fleet.client import BadHubAnswer, parse_gossip_info
+from meshorch.fleet.gossip import (
     MAX_SUMMARY_BYTES,
     BadSummary,
     announced_version,
@@ -27,7 +27,7 @@ from meshorch.site_gossip import (
     parse_site_summary,
     seal_summary,
 )
-from meshorch.site_gossip import (
+from meshorch.fleet.gossip import (
     site_summary as compact_summary,
 )
 from tests.hub.conftest import MakeSite, hub_config

@@ -11,8 +11,8 @@ import orjson
 import pytest
 
 from central_hub import Hub
-from meshorch.delta import TrustState, parse, verify, verify_batch
-from meshorch.link_auth import sign_request
+from meshorch.fleet.delta import TrustState, parse, verify, verify_batch
+from meshorch.fleet.link_auth import sign_request
 from tests.hub.conftest import MakeSite
 from tests.hub.helpers import Operator, Site, healthy, spec_text, until
 

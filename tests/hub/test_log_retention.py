@@ -26,7 +26,7 @@ from central_hub.cli import build_parser, config_from_args, parse_age, parse_byt
 from central_hub.errors import HubConfigError
 from central_hub.logindex import BlockUsage, expired_blocks
 from central_hub.logstore import LogQuery, LogRecord, LogStore
-from meshorch.streams import NewEvent, encode_chunk
+from meshorch.streams.model import NewEvent, encode_chunk
 from tests.hub.conftest import Clock, admin_token, hub_config
 from tests.hub.helpers import Operator, Site
 from tests.hub.test_logstore import WORDS, brute, everything

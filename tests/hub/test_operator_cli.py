@@ -16,9 +16,9 @@ import aiohttp
 import pytest
 from nacl.signing import SigningKey
 
-from meshorch.delta import TrustState, verify_batch
-from meshorch.fleet_link import LinkClient, LinkError
-from meshorch.localsite import LocalHub
+from meshorch.demo.localsite import LocalHub
+from meshorch.fleet.client import LinkClient, LinkError
+from meshorch.fleet.delta import TrustState, verify_batch
 
 APP = """\
 api_version: meshorch/v1

@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 
 from central_hub import Hub, api, authz
-from meshorch.release import build_test_release
+from meshorch.releases.wheels import build_test_release
 from tests.hub.conftest import MakeSite
 from tests.hub.helpers import Operator, healthy, spec_text
 

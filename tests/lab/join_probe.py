@@ -14,7 +14,7 @@ import urllib.request
 
 import orjson
 
-from meshorch.join import JoinRequest
+from meshorch.join.protocol import JoinRequest
 from netmesh import generate_keypair
 
 

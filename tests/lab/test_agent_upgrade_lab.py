@@ -17,7 +17,7 @@ import pytest
 
 from meshorch.lab.agents import HUB_NODE, FleetFlags, LabAgents, LabHub
 from meshorch.lab.lab import Lab
-from meshorch.release import build_test_release
+from meshorch.releases.wheels import build_test_release
 from tests.fleet.test_agent_upgrade import APP, ROOT
 from tests.lab.hub_fleet import log_tails
 from tests.labutil import require_lab

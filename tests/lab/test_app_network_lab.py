@@ -22,11 +22,11 @@ from typing import Any
 import orjson
 import pytest
 
+from meshorch.apps.settings import podman_dirs
 from meshorch.lab.agents import LabAgents
 from meshorch.lab.lab import Lab
 from meshorch.lab.system import CommandResult
-from meshorch.service_net import tenant_uid
-from meshorch.workload_settings import podman_dirs
+from meshorch.net.services import tenant_uid
 from tests.lab.podman_app import add_busybox_image
 from tests.labutil import require_lab
 

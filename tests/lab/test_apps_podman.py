@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from meshorch.apps.settings import podman_dirs
 from meshorch.lab.agents import LabAgents
 from meshorch.lab.lab import Lab
-from meshorch.workload_settings import podman_dirs
 from tests.lab.podman_app import add_busybox_image, app_view, apply_app, wait_all_ready
 from tests.labutil import require_lab
 

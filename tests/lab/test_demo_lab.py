@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from meshorch.demo_lab import LAB_TOOLS
+from meshorch.demo.lab import LAB_TOOLS
 from meshorch.lab.agents import LabAgents
 from meshorch.lab.lab import Lab
 from tests.labutil import require_lab

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from meshorch.lab.forward import NetnsForward
-from meshorch.netns import in_netns
+from meshorch.net.netns import in_netns
 from tests.labutil import require_lab
 from tests.netmesh.labnet import LabNet
 

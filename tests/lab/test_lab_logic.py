@@ -187,7 +187,7 @@ def test_unknown_template_fails_before_building(tmp_path: Path) -> None:
 
 
 def test_lab_demo_names_what_is_missing() -> None:
-    from meshorch.demo_lab import LAB_TOOLS, missing_prerequisites
+    from meshorch.demo.lab import LAB_TOOLS, missing_prerequisites
 
     assert missing_prerequisites(0, lambda tool: f"/usr/bin/{tool}") == []
     missing = missing_prerequisites(1000, lambda tool: None if tool == "podman" else tool)
@@ -202,14 +202,14 @@ def test_lab_demo_names_what_is_missing() -> None:
      ("[::1]:80", ("::1", 80))],
 )  # fmt: skip
 def test_lab_demo_dashboard_address(text: str, expected: tuple[str, int]) -> None:
-    from meshorch.demo_lab import parse_listen
+    from meshorch.demo.lab import parse_listen
 
     assert parse_listen(text) == expected
 
 
 @pytest.mark.parametrize("text", ["", "7980", "host:", ":80", "host:http", "host:70000"])
 def test_lab_demo_refuses_bad_dashboard_addresses(text: str) -> None:
-    from meshorch.demo_lab import parse_listen
+    from meshorch.demo.lab import parse_listen
 
     with pytest.raises(ValueError, match="expected HOST:PORT"):
         parse_listen(text)

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from meshorch.join import JoinToken
+from meshorch.join.protocol import JoinToken
 from meshorch.lab.agents import API_PORT, LabAgents, wg_interface_name
 from meshorch.lab.lab import Lab
 from tests.labutil import require_lab
@@ -138,7 +138,7 @@ def test_bad_tokens_are_refused_and_change_nothing(site: LabAgents) -> None:
     site.join(host.name, token=good.encode())
     wait_until(lambda: host.name in members(site, "s1-h1"), 30, f"{host.name} admitted")
     # Ready too before the next test: a joiner that finds this host by mDNS while its API is
-    # not up yet gives up on it (meshorch.mesh tries only the peers discovered by then).
+    # not up yet gives up on it (meshorch.join.mesh tries only the peers discovered by then).
     site.wait_ready(host.name)
     assert join_probe(site, good, host_id="latecomer") == (409, "used_token")
     assert "latecomer" not in members(site, "s1-h1")

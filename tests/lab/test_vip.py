@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from meshorch.vip import Vip, VipError
+from meshorch.net.vip import Vip, VipError
 from tests.labutil import require_lab
 from tests.netmesh.labnet import LabNet, run
 

@@ -3,10 +3,10 @@ from them (pure)."""
 
 from __future__ import annotations
 
-from meshorch import service_net
-from meshorch.appspec import parse_app_spec
-from meshorch.scheduler import Placement
-from meshorch.workloads import InstanceReport
+from meshorch.apps.records import InstanceReport
+from meshorch.apps.scheduler import Placement
+from meshorch.apps.spec import parse_app_spec
+from meshorch.net import services as service_net
 
 SPEC = """
 api_version: meshorch/v1

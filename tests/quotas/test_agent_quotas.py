@@ -19,10 +19,10 @@ import orjson
 import pytest
 from nacl.signing import SigningKey
 
-from meshorch.agent import Agent
-from meshorch.agent_config import AgentConfig
-from meshorch.delta import Target
-from meshorch.workload_settings import WorkloadSettings
+from meshorch.apps.settings import WorkloadSettings
+from meshorch.fleet.delta import Target
+from meshorch.site.agent import Agent
+from meshorch.site.config import AgentConfig
 from tests.agents_util import lone_agent_config
 from tests.fleet.hubstub import StubHub
 from tests.waiting import until

@@ -16,9 +16,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from meshorch.agent import Agent
+from meshorch.apps.settings import WorkloadSettings, podman_dirs
 from meshorch.runtime import BUSYBOX_IMAGE_REF, PodmanRuntime, build_busybox_rootfs
-from meshorch.workload_settings import WorkloadSettings, podman_dirs
+from meshorch.site.agent import Agent
 from tests.labutil import require_lab
 from tests.quotas.test_agent_quotas import MI, Site, agent_config, spec
 from tests.waiting import until

@@ -9,9 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from meshorch.appspec import AppSpec
-from meshorch.errors import RemoteInputError
-from meshorch.quotas import (
+from meshorch.apps.quotas import (
     Quota,
     Usage,
     decode_quota,
@@ -22,8 +20,10 @@ from meshorch.quotas import (
     quota_writes,
     spec_usage,
 )
-from meshorch.scheduler import HostInfo, Placement, ScheduleResult, schedule
-from meshorch.site_state import APPS_TABLE
+from meshorch.apps.scheduler import HostInfo, Placement, ScheduleResult, schedule
+from meshorch.apps.spec import AppSpec
+from meshorch.errors import RemoteInputError
+from meshorch.state.tables import APPS_TABLE
 from raft import Delete, Put
 from tests.apps.strategies import app_lists, host_lists
 from tests.apps.test_scheduler import MI, app, host, svc, where

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from meshorch.localsite import free_port
+from meshorch.demo.localsite import free_port
 from raft import (
     NotCommittedError,
     OutcomeUnknownError,

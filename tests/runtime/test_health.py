@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from meshorch.errors import ConfigurationError
-from meshorch.health import (
+from meshorch.apps.health import (
     BackoffConfig,
     ProbeConfig,
     ProbeKind,
@@ -22,6 +21,7 @@ from meshorch.health import (
     probe_http,
     probe_tcp,
 )
+from meshorch.errors import ConfigurationError
 from meshorch.runtime import ExecTimeout, InstanceNotFound, InstanceSpec, InstanceStatus
 from tests.runtime.helpers import free_port
 

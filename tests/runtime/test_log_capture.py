@@ -20,8 +20,7 @@ from typing import cast
 import orjson
 import pytest
 
-from meshorch import log_capture
-from meshorch.log_capture import LogCapture
+from meshorch.apps.settings import podman_dirs
 from meshorch.runtime import (
     BUSYBOX_IMAGE_REF,
     InstanceSpec,
@@ -33,8 +32,9 @@ from meshorch.runtime import (
     ensure_busybox_image,
 )
 from meshorch.runtime.base import LogFile, LogFormat
-from meshorch.streams import NewEvent, StreamName
-from meshorch.workload_settings import podman_dirs
+from meshorch.streams import capture as log_capture
+from meshorch.streams.capture import LogCapture
+from meshorch.streams.model import NewEvent, StreamName
 from tests.labutil import require_lab
 from tests.runtime.helpers import eventually, wait_exited
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from meshorch.health import probe_exec, probe_http
+from meshorch.apps.health import probe_exec, probe_http
+from meshorch.apps.settings import podman_dirs
 from meshorch.runtime import (
     BUSYBOX_IMAGE_REF,
     ImageError,
@@ -28,7 +29,6 @@ from meshorch.runtime import (
     ensure_busybox_image,
 )
 from meshorch.runtime._proc import run_command
-from meshorch.workload_settings import podman_dirs
 from tests.labutil import require_lab
 from tests.runtime.helpers import eventually, free_port, status_of, wait_exited
 

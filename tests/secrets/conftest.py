@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Iterator
 import aiohttp
 import pytest
 
-from meshorch.localsite import LocalSite
+from meshorch.demo.localsite import LocalSite
 from tests.secrets.helpers import Driver, new_site
 
 

@@ -14,10 +14,10 @@ import orjson
 from nacl.public import PrivateKey, SealedBox
 from nacl.signing import SigningKey
 
-from meshorch.delta import Target, key_id
-from meshorch.localsite import LocalHost, LocalSite, free_port, wait_ready
-from meshorch.secret_service import delivery_root
-from meshorch.secrets import seal
+from meshorch.demo.localsite import LocalHost, LocalSite, free_port, wait_ready
+from meshorch.fleet.delta import Target, key_id
+from meshorch.secrets.keyring import seal
+from meshorch.secrets.service import delivery_root
 from tests.fleet.hubstub import StubHub
 from tests.waiting import until
 

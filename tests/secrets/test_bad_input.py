@@ -19,9 +19,9 @@ import pytest
 from nacl.exceptions import CryptoError
 from nacl.public import PrivateKey, SealedBox
 
-from meshorch.agent import Agent
-from meshorch.site_state import SECRETS_TABLE
-from meshorch.workload_settings import WorkloadSettings
+from meshorch.apps.settings import WorkloadSettings
+from meshorch.site.agent import Agent
+from meshorch.state.tables import SECRETS_TABLE
 from tests.agents_util import lone_agent_config
 from tests.fleet.hubstub import StubHub
 from tests.secrets.helpers import ROOT, until

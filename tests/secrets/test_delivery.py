@@ -10,7 +10,7 @@ import signal
 import statistics
 import time
 
-from meshorch.localsite import LocalSite
+from meshorch.demo.localsite import LocalSite
 from tests.secrets.helpers import Driver, app_spec, scan_for, until
 
 

@@ -12,11 +12,11 @@ import orjson
 import pytest
 from nacl.public import PrivateKey
 
-from meshorch.appspec import SecretRef, SpecError, from_json, parse_app_spec, spec_digest, to_json
-from meshorch.delta import ALL_SITES, GENESIS_HASH, Delta, TrustState
+from meshorch.apps.spec import SecretRef, SpecError, from_json, parse_app_spec, spec_digest, to_json
 from meshorch.errors import RemoteInputError
-from meshorch.fleet_apply import SiteFacts, build_report, plan_apply
-from meshorch.secrets import (
+from meshorch.fleet.apply import SiteFacts, build_report, plan_apply
+from meshorch.fleet.delta import ALL_SITES, GENESIS_HASH, Delta, TrustState
+from meshorch.secrets.keyring import (
     LOCKDOWN_KEY,
     ROTATE_KEY,
     Indexed,
@@ -35,7 +35,7 @@ from meshorch.secrets import (
     unwrap,
     wrap,
 )
-from meshorch.site_state import SECRETS_TABLE, SITE_TABLES
+from meshorch.state.tables import SECRETS_TABLE, SITE_TABLES
 from raft import Batch, Put, encode_batch
 from raft.state_machine import Record, apply_command
 

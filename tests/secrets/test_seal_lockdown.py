@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from meshorch.localsite import LocalHost, LocalSite
+from meshorch.demo.localsite import LocalHost, LocalSite
 from tests.secrets.helpers import Driver, app_spec, until
 
 SECRET = [{"name": "db-password", "env": "DB_PASSWORD"}]

@@ -26,7 +26,7 @@ import pytest
 from central_hub import Hub, HubConfig
 from central_hub.logstore import LogQuery
 from meshorch import __version__
-from meshorch.localsite import LocalHost, LocalSite, wait_ready
+from meshorch.demo.localsite import LocalHost, LocalSite, wait_ready
 from tests.agents_util import linked_site
 from tests.hub.helpers import Operator
 from tests.streams.uplink import Uplink

@@ -11,7 +11,7 @@ import aiohttp
 import orjson
 import pytest
 
-from meshorch.localsite import LocalSite, wait_ready
+from meshorch.demo.localsite import LocalSite, wait_ready
 from tests.waiting import until
 
 STREAM = "/v1/streams/acme/sensors/readings"

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from meshorch.errors import ConfigurationError, RemoteInputError
-from meshorch.streams import (
+from meshorch.streams.model import (
     HEADER_BYTES,
     MAX_BATCH_EVENTS,
     MAX_EVENT_BYTES,

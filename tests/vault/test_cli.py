@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from central_hub import Hub, HubConfig
-from meshorch.cli import main
-from meshorch.delta import parse
+from meshorch.cli.main import main
+from meshorch.fleet.delta import parse
 
 
 @pytest.fixture

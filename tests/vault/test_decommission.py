@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from meshorch.secret_service import delivery_root
+from meshorch.secrets.service import delivery_root
 from tests.secrets.helpers import app_spec
 from tests.vault.test_hub_secrets import (  # noqa: F401 (the fixture)
     SECRET,

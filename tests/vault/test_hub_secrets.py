@@ -25,8 +25,8 @@ import orjson
 import pytest
 
 from central_hub import Hub, HubConfig
-from meshorch.localsite import LocalHost, LocalSite, wait_ready
-from meshorch.secret_service import delivery_root
+from meshorch.demo.localsite import LocalHost, LocalSite, wait_ready
+from meshorch.secrets.service import delivery_root
 from tests.agents_util import linked_site
 from tests.hub.helpers import Operator
 from tests.secrets.helpers import app_spec, scan_for

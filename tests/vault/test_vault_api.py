@@ -16,7 +16,7 @@ from nacl.public import PrivateKey, PublicKey, SealedBox
 
 from central_hub import Hub, HubConfig
 from central_hub.vault import ESCROW_KEY_FILE, MASTER_KEY_FILE
-from meshorch.site_escrow import verify_escrow_key
+from meshorch.fleet.escrow import verify_escrow_key
 from tests.hub.helpers import Operator, Site, until
 
 SITE = "s1"

@@ -1,0 +1,340 @@
+"""The site's HTTP client of the fleet link (docs/fleet-link.md), one per site.
+
+It knows nothing of agents or Raft: give it the hub URL, the site id and the site's
+signing key; it enrolls, fetches deltas (long-poll), sends reports and asks for its gossip
+membership (certificate, the hub's gossip address, peers), every request but enrollment
+signed with ``meshorch.fleet.link_auth.sign_request``. Deltas come back as envelope bytes, ready
+for ``meshorch.fleet.delta.verify_batch``.
+
+Exceptions::
+
+    LinkError                   root (a MeshorchError)
+    ├── HubUnreachable          no answer: connection refused or reset, timeout, 5xx
+    └── RemoteLinkError         the hub answered, but not what the site asked for
+        ├── LinkRefused         a 4xx; ``status`` and ``code`` say which
+        │   └── LinkUnauthorized    401 bad_site_signature (unknown site, wrong key, clock)
+        └── BadHubAnswer        a 2xx that is not the documented JSON
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import ipaddress
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+from nacl.signing import SigningKey
+from yarl import URL
+
+from meshorch.errors import MeshorchError
+from meshorch.fleet.link_auth import sign_request
+from meshorch.http_body import read_limited
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_WAIT_S = 20.0
+MAX_WAIT_S = 30.0
+REQUEST_TIMEOUT_S = 10.0
+MAX_ANSWER_BYTES = 512 * 1024 * 1024
+
+
+MAX_RELEASE_BYTES = 64 * 1024 * 1024
+
+
+class LinkError(MeshorchError):
+    """Root of the fleet link client's errors."""
+
+
+class HubUnreachable(LinkError):
+    """The hub did not answer (network error, timeout, or a 5xx)."""
+
+
+class RemoteLinkError(LinkError):
+    """The hub answered something other than what was asked."""
+
+
+class LinkRefused(RemoteLinkError):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"hub refused ({status} {code}): {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class LinkUnauthorized(LinkRefused):
+    """401: the hub does not know this site, or not this key (or the clocks differ)."""
+
+
+class BadHubAnswer(RemoteLinkError):
+    """A successful answer that is not the documented JSON."""
+
+
+Address = tuple[str, int]
+GOSSIP_PRESETS = ("wan", "lan", "local")
+MAX_GOSSIP_PEERS = 256
+
+
+@dataclass(frozen=True, slots=True)
+class GossipInfo:
+    """``GET /v1/link/gossip``: this site's gossip certificate and whom to talk to.
+
+    ``hub_addr``'s host may be unspecified (``0.0.0.0``, ``::``) when the hub listens on
+    every address and advertises none: the site then uses the host of the hub's URL.
+    """
+
+    cert: bytes
+    hub_id: str
+    hub_addr: Address
+    preset: str
+    peers: Mapping[str, Address] = field(default_factory=dict)
+
+
+def parse_address(text: object) -> Address:
+    """``IP:PORT`` or ``[IPv6]:PORT`` as (host, port); ValueError otherwise."""
+    if not isinstance(text, str):
+        raise ValueError("an address is a string IP:PORT")
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{text[:80]!r} is not IP:PORT")
+    ipaddress.ip_address(host)
+    return host, int(port)
+
+
+def format_address(addr: Address) -> str:
+    host, port = addr
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_gossip_info(data: Mapping[str, Any]) -> GossipInfo:
+    """The documented answer, or BadHubAnswer; peer entries that are not valid are skipped."""
+    try:
+        cert = base64.b64decode(str(data["cert"]), validate=True)
+        hub = data["hub"]
+        hub_id, hub_addr = str(hub["id"]), parse_address(hub["addr"])
+        preset = data.get("preset", "wan")
+    except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+        raise BadHubAnswer(f"not a gossip answer: {exc}") from None
+    if preset not in GOSSIP_PRESETS or not hub_id:
+        raise BadHubAnswer(f"not a gossip answer: preset {preset!r}, hub id {hub_id!r}")
+    peers: dict[str, Address] = {}
+    raw_peers = data.get("peers", [])
+    for entry in raw_peers[:MAX_GOSSIP_PEERS] if isinstance(raw_peers, list) else []:
+        try:
+            peers[str(entry["id"])] = parse_address(entry["addr"])
+        except (KeyError, TypeError, ValueError):
+            continue
+    return GossipInfo(cert, hub_id, hub_addr, str(preset), peers)
+
+
+class LinkClient:
+    """``async with LinkClient(hub, site_id, key) as client: head, raws = await client.fetch(0)``.
+
+    One aiohttp session; pass ``session`` to share one (it is then not closed here).
+    """
+
+    def __init__(
+        self,
+        hub_url: str,
+        site_id: str,
+        key: SigningKey,
+        *,
+        session: aiohttp.ClientSession | None = None,
+        clock: Callable[[], float] = time.time,
+        request_timeout_s: float = REQUEST_TIMEOUT_S,
+    ) -> None:
+        self.hub_url = hub_url.rstrip("/")
+        self.site_id = site_id
+        self.key = key
+        self.clock = clock
+        self.request_timeout_s = request_timeout_s
+        self._base = URL(self.hub_url)
+        self._session = session
+        self._own_session = session is None
+
+    async def __aenter__(self) -> LinkClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._own_session and self._session is not None:
+            await self._session.close()
+        self._session = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=4), raise_for_status=False
+            )
+            self._own_session = True
+        return self._session
+
+    # -- the calls -------------------------------------------------------------------
+
+    async def enroll(self, token: str) -> str:
+        """Bind this site's public key at the hub with a single-use token; returns the id."""
+        body = orjson.dumps(
+            {"site": self.site_id, "public_key": self.key.verify_key.encode().hex(), "token": token}
+        )
+        answer = await self._request("POST", "/v1/link/enroll", "", body, signed=False)
+        site = answer.get("site")
+        if not isinstance(site, str):
+            raise BadHubAnswer(f"enroll answer without 'site': {answer!r}")
+        return site
+
+    async def fetch(
+        self, after: int, wait_s: float = DEFAULT_WAIT_S, limit: int | None = None
+    ) -> tuple[int, list[bytes]]:
+        """Deltas after version ``after`` (long-poll up to ``wait_s``): (head, envelopes)."""
+        wait = max(0, min(int(wait_s), int(MAX_WAIT_S)))
+        query = f"after={int(after)}&wait={wait}"
+        if limit is not None:
+            query += f"&limit={int(limit)}"
+        answer = await self._request(
+            "GET", "/v1/link/deltas", query, b"", timeout_s=wait + self.request_timeout_s
+        )
+        head, deltas = answer.get("head"), answer.get("deltas")
+        if type(head) is not int or not isinstance(deltas, list):
+            raise BadHubAnswer("a deltas answer is {'head': int, 'deltas': [...]}")
+        # The signature covers the body string, which re-encoding keeps.
+        return head, [orjson.dumps(envelope) for envelope in deltas]
+
+    async def report(self, report: dict[str, Any], timeout_s: float | None = None) -> int:
+        """Send a site report; returns the hub's head version."""
+        answer = await self._request(
+            "POST", "/v1/link/report", "", orjson.dumps(report), timeout_s=timeout_s
+        )
+        head = answer.get("head")
+        if type(head) is not int:
+            raise BadHubAnswer(f"report answer without an integer 'head': {answer!r}")
+        return head
+
+    async def gossip_info(self) -> GossipInfo:
+        """This site's gossip certificate, the hub's gossip address and the peers' addresses;
+        LinkRefused 404 ``gossip_disabled`` when the hub does not gossip."""
+        return parse_gossip_info(await self._request("GET", "/v1/link/gossip", "", b""))
+
+    async def escrow_key(self) -> dict[str, Any]:
+        """The hub's escrow key with its root-key signature and this site's escrow state
+        (``GET /v1/link/escrow-key``; ``meshorch.fleet.escrow.verify_escrow_key`` checks it)."""
+        return await self._request("GET", "/v1/link/escrow-key", "", b"")
+
+    async def escrow(self, sealed: str, ssk_public: str) -> dict[str, Any]:
+        """Escrow the site's unseal key (base64 of a SealedBox to the escrow key)."""
+        body = orjson.dumps({"sealed": sealed, "ssk_public": ssk_public})
+        return await self._request("POST", "/v1/link/escrow", "", body)
+
+    async def unseal(self, public_key: str) -> str:
+        """The site's unseal key sealed to ``public_key`` (hex X25519), base64; LinkRefused
+        403 ``unseal_not_approved`` unless an operator approved it at the hub."""
+        answer = await self._request(
+            "POST", "/v1/link/unseal", "", orjson.dumps({"public_key": public_key})
+        )
+        sealed = answer.get("sealed_key")
+        if not isinstance(sealed, str):
+            raise BadHubAnswer("an unseal answer is {'sealed_key': base64}")
+        return sealed
+
+    async def stream_positions(self) -> dict[str, int]:
+        """The last sequence the hub stored of each of this site's streams."""
+        return _positions(await self._request("GET", "/v1/link/streams", "", b""))
+
+    async def push_streams(
+        self, streams: list[dict[str, Any]]
+    ) -> tuple[dict[str, int], dict[str, str]]:
+        """Forward stream chunks (``docs/streams.md``); returns (positions, refused): the
+        hub's position of each stream and a message for each stream it refused."""
+        answer = await self._request(
+            "POST", "/v1/link/streams", "", orjson.dumps({"streams": streams})
+        )
+        refused = answer.get("refused", {})
+        if not isinstance(refused, dict) or not all(isinstance(v, str) for v in refused.values()):
+            raise BadHubAnswer("a streams answer's 'refused' maps streams to messages")
+        return _positions(answer), refused
+
+    async def fetch_release(self, digest: str) -> bytes:
+        """An agent release's wheel by its sha256 (``GET /v1/link/releases/{digest}``)."""
+        path = f"{self._base.path.rstrip('/')}/v1/link/releases/{digest}"
+        headers = sign_request(self.key, self.site_id, "GET", path, b"", self.clock())
+        url = self._base.with_path(path, encoded=True)
+        timeout = aiohttp.ClientTimeout(total=300)
+        try:
+            async with self._client().get(url, headers=headers, timeout=timeout) as response:
+                data = await read_limited(response.content, MAX_RELEASE_BYTES)
+                status = response.status
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise HubUnreachable(f"GET release {digest[:12]}: {exc!r}") from exc
+        if status != 200 or len(data) > MAX_RELEASE_BYTES:
+            raise LinkRefused(status, "release", f"the hub answered {status} for {digest[:12]}")
+        return data
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        query: str,
+        body: bytes,
+        *,
+        signed: bool = True,
+        timeout_s: float | None = None,
+    ) -> dict[str, Any]:
+        full_path = self._base.path.rstrip("/") + path
+        path_qs = f"{full_path}?{query}" if query else full_path
+        url = self._base.with_path(full_path, encoded=True)
+        if query:
+            url = URL(f"{url}?{query}", encoded=True)
+        headers = {"Content-Type": "application/json"}
+        if signed:
+            headers.update(
+                sign_request(self.key, self.site_id, method, path_qs, body, self.clock())
+            )
+        timeout = aiohttp.ClientTimeout(total=timeout_s or self.request_timeout_s)
+        try:
+            async with self._client().request(
+                method, url, data=body or None, headers=headers, timeout=timeout
+            ) as response:
+                raw = await read_limited(response.content, MAX_ANSWER_BYTES)
+                status = response.status
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise HubUnreachable(f"{method} {self.hub_url}{path}: {exc!r}") from exc
+        except asyncio.CancelledError:
+            raise
+        if status >= 500:
+            raise HubUnreachable(f"{method} {path}: hub answered {status}")
+        try:
+            data = orjson.loads(raw) if raw else None
+        except orjson.JSONDecodeError:
+            data = None
+        if status >= 400:
+            code, message = _error_of(data, status)
+            cls = LinkUnauthorized if status == 401 else LinkRefused
+            raise cls(status, code, message)
+        if not isinstance(data, dict):
+            raise BadHubAnswer(f"{method} {path}: the answer is not a JSON object")
+        return data
+
+
+def _positions(answer: dict[str, Any]) -> dict[str, int]:
+    positions = answer.get("positions")
+    if not isinstance(positions, dict) or not all(type(v) is int for v in positions.values()):
+        raise BadHubAnswer("a streams answer is {'positions': {stream: last sequence}}")
+    return positions
+
+
+def _error_of(data: object, status: int) -> tuple[str, str]:
+    if isinstance(data, dict) and isinstance(data.get("error"), dict):
+        error = data["error"]
+        return str(error.get("code", status)), str(error.get("message", ""))
+    return str(status), ""

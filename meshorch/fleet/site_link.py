@@ -1,0 +1,678 @@
+"""The site's end of the fleet link, run by the agent (docs/fleet-link.md).
+
+Only the site's Raft leader talks to the hub, and only once a link configuration is in
+the replicated state. It then keeps one long-poll open (``GET /v1/link/deltas``),
+verifies what comes back against the trust state in Raft (``meshorch.fleet.delta``), commits
+the deltas (``meshorch.fleet.apply``) and reports the site every few seconds and right
+after applying. When the hub is unreachable it retries with capped, jittered backoff; the
+site keeps running what it applied last. A report's answer carries the hub's head: when it
+is past the applied version while a long-poll is still open, that poll's answer was lost
+(a connection that died silently, e.g. through a cut uplink and its NAT), so the poll is
+abandoned and sent again rather than left hanging until its timeout. Losing leadership
+or stopping the agent ends the session and its tasks.
+
+Deltas relayed to the agent API (``POST /v1/fleet/deltas``) go through ``commit`` too, on
+any host: the trust record's compare-and-set keeps two committers from applying twice.
+
+The leader's session also runs the site's gossip member (``meshorch.fleet.gossip``): it
+publishes the site's summary to the other sites and the hub, and fetches deltas from them
+when they announce newer ones (through ``commit`` as well). The last ``RECENT_ENVELOPES``
+applied envelopes are kept in memory to answer such requests from other sites.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from nacl.signing import SigningKey
+
+from meshorch.apps.records import (
+    APP_PREFIX,
+    HOSTINFO_PREFIX,
+    HOSTRES_PREFIX,
+    INST_PREFIX,
+    ROLLOUT_PREFIX,
+    STATUS_PREFIX,
+    InstanceReport,
+    decode_hostinfo,
+    decode_placement,
+    decode_rollout,
+    decode_spec,
+)
+from meshorch.apps.spec import SpecError
+from meshorch.errors import RemoteInputError
+from meshorch.fleet import decommission
+from meshorch.fleet.apply import (
+    LINK_KEY,
+    REJECTIONS_KEY,
+    SITE_KEY_KEY,
+    TRUST_KEY,
+    LinkConfig,
+    SiteFacts,
+    SiteKey,
+    build_report,
+    decode_rejections,
+    encode_rejections,
+    merge_link_config,
+    plan_apply,
+    rejection_entry,
+)
+from meshorch.fleet.client import (
+    DEFAULT_WAIT_S,
+    GossipInfo,
+    HubUnreachable,
+    LinkClient,
+    LinkError,
+    LinkRefused,
+    RemoteLinkError,
+)
+from meshorch.fleet.delta import Delta, DeltaRejected, TrustState, verify_batch
+from meshorch.fleet.escrow import SiteEscrow
+from meshorch.fleet.forward import StreamForwarder
+from meshorch.fleet.gossip import SiteGossip
+from meshorch.state.tables import APPS_TABLE, SYSTEM_TABLE
+from raft import Put
+from raft.errors import ProposalError
+
+if TYPE_CHECKING:
+    from meshorch.site.agent import Agent
+
+logger = logging.getLogger(__name__)
+
+IDLE_S = 0.5  # how often a follower (or an unconfigured leader) looks again
+WATCH_S = 0.25  # how soon a leader notices it is no longer one
+REPORT_INTERVAL_S = 3.0
+# A report is small: one that takes longer has met a dead connection (a cut uplink);
+# the next one is tried soon, as its answer (the hub's head) is what unblocks a lost poll.
+REPORT_TIMEOUT_S = 4.0
+REPORT_RETRY_S = 1.0
+BACKOFF_MIN_S = 0.25
+BACKOFF_MAX_S = 5.0  # a healed link is used again within this (plus a fetch)
+REJECTED_RETRY_S = 5.0  # after the hub served only deltas this site refuses
+# A long-poll open this long while the hub's head is past the applied version has lost
+# its answer: the hub answers a site that is behind at once.
+STALE_POLL_S = 1.0
+THREAD_VERIFY_AT = 8  # batches of more deltas are verified in a worker thread
+RECENT_ENVELOPES = 64  # applied envelopes kept to answer other sites' gossip requests
+
+
+class NotConfigured(RemoteInputError):
+    def __init__(self) -> None:
+        super().__init__("not_configured", "this site has no fleet link configured")
+
+
+class ConfigConflict(RemoteInputError):
+    def __init__(self) -> None:
+        super().__init__("conflict", "the fleet configuration changed meanwhile; retry")
+
+
+@dataclass(slots=True)
+class CommitOutcome:
+    applied: list[int] = field(default_factory=list)
+    rejected: DeltaRejected | None = None
+    op_errors: list[dict[str, Any]] = field(default_factory=list)
+    state: TrustState | None = None
+    conflict: bool = False  # another committer moved the trust state first
+
+
+class Backoff:
+    """Capped exponential backoff with jitter (``rng`` injected for tests)."""
+
+    def __init__(
+        self,
+        min_s: float = BACKOFF_MIN_S,
+        max_s: float = BACKOFF_MAX_S,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self.min_s, self.max_s, self.rng = min_s, max_s, rng
+        self.failures = 0
+
+    def next_s(self) -> float:
+        base = min(self.max_s, self.min_s * 2.0**self.failures)
+        self.failures = min(self.failures + 1, 30)
+        return base * (0.5 + 0.5 * self.rng())
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+class SiteLink:
+    """The fleet link service of one agent; ``run`` is spawned by the agent."""
+
+    def __init__(
+        self,
+        agent: Agent,
+        clock: Callable[[], float] = time.time,
+        wait_s: float = DEFAULT_WAIT_S,
+    ) -> None:
+        self.agent = agent
+        self.clock = clock
+        self.wait_s = wait_s
+        self.connected = False
+        self.last_contact: float | None = None
+        self.hub_head: int | None = None
+        self.last_error: str | None = None
+        self._lock = asyncio.Lock()
+        self._report_now = asyncio.Event()
+        self._enrolled = asyncio.Event()  # reports wait: the hub refuses an unknown site
+        self._poll_stale = asyncio.Event()
+        self._poll_since: float | None = None  # monotonic start of the open long-poll
+        self._flags_done = False
+        self._enroll_refused: str | None = None  # the token the hub refused
+        self.gossip: SiteGossip | None = None  # the gossip member of the current session
+        self.forwarder: StreamForwarder | None = None  # the stream forwarding of the session
+        self.gossip_info: GossipInfo | None = None  # the last one the hub gave
+        self._recent: OrderedDict[int, bytes] = OrderedDict()  # version -> envelope
+        self._trust_cache: tuple[bytes | None, frozenset[str]] = (None, frozenset())
+
+    # -- reading the replicated state ------------------------------------------------
+
+    def _get(self, key: bytes) -> bytes | None:
+        record = self.agent.raft.view.get(SYSTEM_TABLE, key)
+        return None if record is None else record.value
+
+    def link_config(self) -> LinkConfig | None:
+        raw = self._get(LINK_KEY)
+        return None if raw is None else LinkConfig.decode(raw)
+
+    def trust_state(self) -> TrustState | None:
+        raw = self._get(TRUST_KEY)
+        return None if raw is None else TrustState.from_json(orjson.loads(raw))
+
+    def trusted_keys(self) -> frozenset[str]:
+        """The root keys the trust state trusts (the gossip trust anchors); the same
+        object while the trust record does not change."""
+        raw = self._get(TRUST_KEY)
+        cached_raw, keys = self._trust_cache
+        if raw != cached_raw:
+            keys = frozenset()
+            if raw is not None:
+                keys = TrustState.from_json(orjson.loads(raw)).trusted_keys
+            self._trust_cache = (raw, keys)
+        return keys
+
+    def recent_envelopes(self, after: int) -> list[bytes]:
+        """The consecutive applied envelopes after version ``after`` kept in memory (empty
+        when the one right after ``after`` is not kept)."""
+        out: list[bytes] = []
+        version = after + 1
+        while version in self._recent:
+            out.append(self._recent[version])
+            version += 1
+        return out
+
+    async def wait_enrolled(self) -> None:
+        await self._enrolled.wait()
+
+    def nudge(self, version: int) -> None:
+        """A gossip member announced ``version``: an open long-poll that should have been
+        answered by now is abandoned and sent again."""
+        self._check_poll(version)
+
+    def site_key(self) -> SigningKey | None:
+        raw = self._get(SITE_KEY_KEY)
+        return None if raw is None else SigningKey(SiteKey.decode(raw).seed)
+
+    def rejections(self) -> list[dict[str, Any]]:
+        return decode_rejections(self._get(REJECTIONS_KEY))
+
+    def _is_leader(self) -> bool:
+        return self.agent.raft.status().is_leader
+
+    # -- configuration -----------------------------------------------------------------
+
+    async def configure(self, wanted: LinkConfig) -> LinkConfig:
+        """Store the link configuration; the trust state starts from its root key.
+
+        Raises RemoteInputError (fleet_conflict, root_key_conflict, conflict).
+        """
+        raft = self.agent.raft
+        await raft.barrier()
+        link_record = raft.view.get(SYSTEM_TABLE, LINK_KEY)
+        trust_record = raft.view.get(SYSTEM_TABLE, TRUST_KEY)
+        current = None if link_record is None else LinkConfig.decode(link_record.value)
+        trust = (
+            None if trust_record is None else TrustState.from_json(orjson.loads(trust_record.value))
+        )
+        merged = merge_link_config(wanted, current, trust)
+        link_index = 0 if link_record is None else link_record.mod_index
+        ops = [Put(SYSTEM_TABLE, LINK_KEY, merged.encode(), link_index)]
+        if trust_record is None:
+            initial = orjson.dumps(merged.initial_trust().to_json())
+            ops.append(Put(SYSTEM_TABLE, TRUST_KEY, initial, 0))
+        results = await raft.propose(ops)
+        if any(r.error == "conflict" for r in results):
+            raise ConfigConflict()
+        if current != merged:
+            logger.info("fleet link: hub %s, fleet %s", merged.hub, merged.fleet)
+        return merged
+
+    async def _ensure_site_key(self) -> None:
+        if self._get(SITE_KEY_KEY) is not None:
+            return
+        key = SiteKey(os.urandom(32))
+        (result,) = await self.agent.raft.propose(
+            [Put(SYSTEM_TABLE, SITE_KEY_KEY, key.encode(), expect_index=0)]
+        )
+        if result.ok:
+            logger.info("created the site's fleet key %s", key_hex(SigningKey(key.seed)))
+
+    async def _ensure_flag_config(self) -> None:
+        wanted = self.agent.config.fleet_link()
+        if wanted is None or self._flags_done:
+            return
+        await self.agent.raft.barrier()
+        current = self.link_config()
+        if current is None:
+            await self.configure(wanted)
+        elif current.fleet != wanted.fleet:
+            logger.error(
+                "--fleet %s ignored: this site is already in fleet %s (change it with "
+                "PUT /v1/fleet/link only after leaving that fleet)",
+                wanted.fleet,
+                current.fleet,
+            )
+        elif (current.hub, current.root_key) != (wanted.hub, wanted.root_key):
+            logger.warning(
+                "--hub/--fleet-key differ from the link configuration in the site state "
+                "(hub %s); the site state wins, change it with PUT /v1/fleet/link",
+                current.hub,
+            )
+        self._flags_done = True
+
+    # -- the service -------------------------------------------------------------------
+
+    async def run(self) -> None:
+        while True:
+            try:
+                if self._is_leader():
+                    await self._ensure_site_key()
+                    await self._ensure_flag_config()
+                    config = self.link_config()
+                    if config is not None and self.site_key() is not None:
+                        await self._lead(config)
+                        continue
+            except (ProposalError, RemoteInputError) as exc:
+                logger.warning("fleet link: %s", exc)
+            except Exception:
+                logger.exception("fleet link failed")
+            self.connected = False
+            await asyncio.sleep(IDLE_S)
+
+    async def _lead(self, config: LinkConfig) -> None:
+        """Talk to the hub until this host is no longer the leader or the hub changes."""
+        key = self.site_key()
+        assert key is not None
+        logger.info("fleet link: connecting to %s for site %s", config.hub, self.agent.config.site)
+        async with LinkClient(config.hub, self.agent.config.site, key) as client:
+            self._report_now.set()
+            self.gossip = SiteGossip(self, client, self.clock)
+            tasks = [
+                asyncio.create_task(self._fetch_loop(client, config), name="fleet-fetch"),
+                asyncio.create_task(self._report_loop(client), name="fleet-report"),
+                asyncio.create_task(self._watch(config), name="fleet-watch"),
+                asyncio.create_task(self.gossip.run(), name="fleet-gossip"),
+                asyncio.create_task(SiteEscrow(self, client).run(), name="fleet-escrow"),
+                asyncio.create_task(self._forward_streams(client), name="fleet-streams"),
+            ]
+            try:
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                self.connected = False
+                self.gossip = None
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+        logger.info("fleet link: session with %s ended", config.hub)
+
+    async def _forward_streams(self, client: LinkClient) -> None:
+        self.forwarder = StreamForwarder(self.agent.streams, client)
+        try:
+            await self.forwarder.run()
+        finally:
+            self.forwarder = None
+
+    async def _watch(self, config: LinkConfig) -> None:
+        while True:
+            await asyncio.sleep(WATCH_S)
+            if not self._is_leader():
+                logger.info("fleet link: no longer the leader")
+                return
+            current = self.link_config()
+            if current is None or (current.hub, current.fleet) != (config.hub, config.fleet):
+                self.gossip_info = None  # another hub: its certificate and peers
+                return
+
+    async def _enroll(self, client: LinkClient, config: LinkConfig) -> None:
+        token = config.enroll_token
+        if token is None or config.enrolled or self._enroll_refused == token:
+            return
+        backoff = Backoff()
+        while True:
+            try:
+                await client.enroll(token)
+            except HubUnreachable as exc:
+                self._lost(exc)
+                await asyncio.sleep(backoff.next_s())
+                continue
+            except LinkRefused as exc:
+                # Perhaps enrolled already (by a leader that died before recording it).
+                logger.error("fleet link: enrollment refused: %s", exc)
+                self._enroll_refused = token
+                return
+            except RemoteLinkError as exc:
+                logger.warning("fleet link: enrollment: %s", exc)
+                await asyncio.sleep(backoff.next_s())
+                continue
+            break
+        self._contact()
+        logger.info("fleet link: enrolled at %s", config.hub)
+        record = self.agent.raft.view.get(SYSTEM_TABLE, LINK_KEY)
+        if record is not None:
+            stored = LinkConfig.decode(record.value)
+            if stored.enroll_token == token:
+                done = LinkConfig(stored.hub, stored.fleet, stored.root_key, token, True)
+                await self.agent.raft.propose(
+                    [Put(SYSTEM_TABLE, LINK_KEY, done.encode(), record.mod_index)]
+                )
+
+    async def _fetch_loop(self, client: LinkClient, config: LinkConfig) -> None:
+        await self._enroll(client, config)
+        self._enrolled.set()
+        backoff = Backoff()
+        while True:
+            trust = self.trust_state()
+            if trust is None:
+                await asyncio.sleep(IDLE_S)
+                continue
+            try:
+                fetched = await self._poll(client, trust.version)
+                if fetched is None:
+                    logger.info("fleet link: the hub is past version %d; poll again", trust.version)
+                    continue
+                head, raws = fetched
+            except HubUnreachable as exc:
+                self._lost(exc)
+                await asyncio.sleep(backoff.next_s())
+                continue
+            except RemoteLinkError as exc:
+                self.last_error = str(exc)
+                logger.warning("fleet link: fetch: %s", exc)
+                await asyncio.sleep(backoff.next_s())
+                continue
+            backoff.reset()
+            self._contact()
+            self.hub_head = head
+            if not raws:
+                continue
+            try:
+                outcome = await self.commit(raws)
+            except ProposalError as exc:
+                logger.warning("fleet link: not committed: %s", exc)
+                await asyncio.sleep(backoff.next_s())
+                continue
+            if outcome.applied:
+                self._report_now.set()
+            elif outcome.rejected is not None and outcome.rejected.reason == "gap":
+                await asyncio.sleep(BACKOFF_MIN_S)  # fetch again from the applied version
+            elif outcome.rejected is not None:
+                await asyncio.sleep(REJECTED_RETRY_S)
+
+    async def _poll(self, client: LinkClient, after: int) -> tuple[int, list[bytes]] | None:
+        """One long-poll for the deltas after ``after``; None when the report loop found
+        the hub past ``after`` while the poll stayed open (its answer is lost)."""
+        self._poll_stale.clear()
+        self._poll_since = time.monotonic()
+        fetch = asyncio.ensure_future(client.fetch(after, self.wait_s))
+        stale = asyncio.ensure_future(self._poll_stale.wait())
+        try:
+            await asyncio.wait((fetch, stale), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._poll_since = None
+            stale.cancel()
+            if not fetch.done():
+                fetch.cancel()
+            await asyncio.gather(fetch, stale, return_exceptions=True)
+        if fetch.cancelled():
+            return None
+        return fetch.result()
+
+    def _check_poll(self, hub_head: int) -> None:
+        """After a report: abandon an open long-poll that should have been answered."""
+        since, trust = self._poll_since, self.trust_state()
+        if since is None or trust is None or hub_head <= trust.version:
+            return
+        if time.monotonic() - since >= STALE_POLL_S:
+            self._poll_stale.set()
+
+    async def _report_loop(self, client: LinkClient) -> None:
+        await self._enrolled.wait()
+        interval_s = 0.0
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._report_now.wait(), interval_s)
+            self._report_now.clear()
+            interval_s = REPORT_INTERVAL_S
+            report = self.report()
+            if report is None:
+                continue
+            try:
+                self.hub_head = await client.report(report, REPORT_TIMEOUT_S)
+            except HubUnreachable as exc:
+                self._lost(exc)
+                interval_s = REPORT_RETRY_S
+                continue
+            except RemoteLinkError as exc:
+                logger.warning("fleet link: report: %s", exc)
+                continue
+            self._contact()
+            self._check_poll(self.hub_head)
+
+    def _contact(self) -> None:
+        if not self.connected:
+            logger.info("fleet link: connected to the hub")
+        self.connected = True
+        self.last_contact = self.clock()
+        self.last_error = None
+
+    def _lost(self, exc: LinkError) -> None:
+        if self.connected:
+            logger.warning("fleet link: hub unreachable: %s", exc)
+        self.connected = False
+        self.last_error = str(exc)
+
+    # -- committing deltas ---------------------------------------------------------------
+
+    async def commit(self, raws: Sequence[bytes]) -> CommitOutcome:
+        """Verify envelopes against the trust state in Raft and commit what passes.
+
+        Raises NotConfigured when the site has no trust state, ProposalError when Raft
+        did not commit.
+        """
+        raft = self.agent.raft
+        async with self._lock:
+            await raft.barrier()
+            record = raft.view.get(SYSTEM_TABLE, TRUST_KEY)
+            if record is None:
+                raise NotConfigured()
+            state = TrustState.from_json(orjson.loads(record.value))
+            now = self.clock()
+            if len(raws) > THREAD_VERIFY_AT:
+                result = await asyncio.to_thread(verify_batch, list(raws), state, now)
+            else:
+                result = verify_batch(raws, state, now)
+            outcome = CommitOutcome(rejected=result.rejected, state=state)
+            entries: list[dict[str, Any]] = []
+            if result.rejected is not None:
+                rejected = result.rejected
+                log = logger.info if rejected.reason == "gap" else logger.warning
+                log("fleet link: delta %s refused: %s", rejected.version, rejected)
+                if rejected.reason != "gap":
+                    entries.append(
+                        rejection_entry(rejected.reason, rejected.message, rejected.version, now)
+                    )
+            if result.accepted:
+                assert result.state is not None
+                plan = plan_apply(
+                    result.accepted,
+                    result.state,
+                    record.mod_index,
+                    self.agent.config.site,
+                    self._read,
+                )
+                results = await raft.propose(plan.ops)
+                if not results[0].ok:  # the guard: another leader applied first
+                    outcome.conflict = True
+                    logger.warning("fleet link: the trust state moved meanwhile; not applied")
+                else:
+                    outcome.applied = plan.applied
+                    outcome.state = result.state
+                    self._keep(raws[: len(result.accepted)], result.accepted)
+                    outcome.op_errors = [e.rejection(now) for e in plan.op_errors]
+                    entries.extend(outcome.op_errors)
+                    for error in plan.op_errors:
+                        logger.warning(
+                            "fleet link: delta %d op %d skipped: %s",
+                            error.version,
+                            error.index,
+                            error.message,
+                        )
+                    logger.info(
+                        "fleet link: applied versions %d..%d (ops for this site in %s)",
+                        plan.applied[0],
+                        plan.applied[-1],
+                        plan.for_site or "none",
+                    )
+            if entries:
+                await self._record(entries)
+        if outcome.applied:
+            self._report_now.set()
+        return outcome
+
+    def _keep(self, raws: Sequence[bytes], deltas: Sequence[Delta]) -> None:
+        for raw, delta in zip(raws, deltas, strict=True):
+            self._recent[delta.version] = bytes(raw)
+            self._recent.move_to_end(delta.version)
+        while len(self._recent) > RECENT_ENVELOPES:
+            self._recent.popitem(last=False)
+
+    def _read(self, table: str, key: bytes) -> bytes | None:
+        record = self.agent.raft.view.get(table, key)
+        return None if record is None else record.value
+
+    async def _record(self, entries: list[dict[str, Any]]) -> None:
+        kept = self.rejections()
+        for entry in entries:
+            last = kept[-1] if kept else None
+            if last is not None and (last["reason"], last["version"], last["message"]) == (
+                entry["reason"],
+                entry["version"],
+                entry["message"],
+            ):
+                continue  # the same refusal again (the hub keeps serving it)
+            kept.append(entry)
+        try:
+            await self.agent.raft.propose(
+                [Put(SYSTEM_TABLE, REJECTIONS_KEY, encode_rejections(kept))], idempotent=True
+            )
+        except ProposalError as exc:
+            logger.warning("fleet link: rejections not recorded: %s", exc)
+
+    # -- reporting ---------------------------------------------------------------------
+
+    def _scan(self, prefix: bytes) -> list[bytes]:
+        records, _ = self.agent.raft.view.scan(APPS_TABLE, prefix, 1_000_000)
+        return [record.value for _, record in records]
+
+    def facts(self) -> SiteFacts:
+        specs = []
+        for raw in self._scan(APP_PREFIX):
+            with contextlib.suppress(SpecError):
+                specs.append(decode_spec(raw))
+        alive = self.agent.reachable_hosts()
+        hosts = [
+            dataclasses.replace(host, alive=host.host_id in alive)
+            for host in (decode_hostinfo(raw, alive=False) for raw in self._scan(HOSTINFO_PREFIX))
+        ]
+        return SiteFacts(
+            specs=specs,
+            placements=[decode_placement(raw) for raw in self._scan(INST_PREFIX)],
+            reports={
+                r.instance_id: r for r in map(InstanceReport.decode, self._scan(STATUS_PREFIX))
+            },
+            rollouts={r.app: r for r in map(decode_rollout, self._scan(ROLLOUT_PREFIX))},
+            hosts=hosts,
+            members=[m.host_id for m in self.agent.members()],
+            resources={
+                key[len(HOSTRES_PREFIX) :].decode(): orjson.loads(record.value)
+                for key, record in self.agent.raft.view.scan(APPS_TABLE, HOSTRES_PREFIX, 10_000)[0]
+            },
+        )
+
+    def report(self) -> dict[str, Any] | None:
+        trust = self.trust_state()
+        if trust is None:
+            return None
+        report = build_report(
+            self.agent.config.site, self.clock(), trust, self.rejections(), self.facts()
+        )
+        report["secrets_state"] = self.secrets_state()
+        upgrade = self.agent.upgrades.state()
+        if upgrade is not None:
+            report["agent_upgrade"] = upgrade
+        ending = decommission.state(self.agent)
+        if ending is not None:
+            report["decommission"] = {"state": ending["state"], "version": ending["version"]}
+        return report
+
+    def secrets_state(self) -> dict[str, Any]:
+        """The site's secrets as the leader sees them, for the hub (never a value)."""
+        secrets = self.agent.secrets
+        locked = secrets.locked_down()
+        return {
+            "initialized": secrets.public_key_hex() is not None,
+            "sealed": secrets.sealed,
+            "locked_down": locked,
+            "secrets": [
+                {k: item[k] for k in ("tenant", "name", "version", "state")}
+                for item in secrets.list_json()
+            ],
+        }
+
+    def status_json(self) -> dict[str, Any]:
+        """What ``GET /v1/fleet`` shows (the token of the link configuration left out)."""
+        key = self.site_key()
+        config = self.link_config()
+        trust = self.trust_state()
+        return {
+            "site": self.agent.config.site,
+            "site_key": None if key is None else key_hex(key),
+            "link": None if config is None else config.to_json(),
+            "trust": None if trust is None else trust.to_json(),
+            "rejections": self.rejections(),
+            "is_leader": self._is_leader(),
+            "connected": self.connected,
+            "last_contact": self.last_contact,
+            "hub_head": self.hub_head,
+            "last_error": self.last_error,
+            "gossip": None if self.gossip is None else self.gossip.status_json(),
+            "streams": None if self.forwarder is None else self.forwarder.status_json(),
+        }
+
+
+def key_hex(key: SigningKey) -> str:
+    return bytes(key.verify_key).hex()

@@ -1,0 +1,119 @@
+"""The agent's side of the site image store: uploads, the catalogue, peer copies."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import aiohttp
+
+from meshorch.images.store import (
+    HOLDER_PREFIX,
+    IMAGE_PREFIX,
+    BlobStore,
+    ImageManifest,
+    ImageTransferError,
+    holder_key,
+)
+from meshorch.state.tables import APPS_TABLE, MemberRecord
+from raft import Put, RaftNode
+
+logger = logging.getLogger(__name__)
+
+MAX_IMAGE_BYTES = 8 << 30
+SYNC_INTERVAL_S = 0.5
+
+
+class SiteImages:
+    """Keeps every image of the site's catalogue on this host, copied from site peers."""
+
+    def __init__(
+        self,
+        root: Path,
+        host_id: str,
+        raft: Callable[[], RaftNode],
+        members: Callable[[], list[MemberRecord]],
+    ) -> None:
+        self.blobs = BlobStore(root)
+        self.host_id = host_id
+        self._raft = raft
+        self._members = members
+        self.uploaded_bytes = 0
+        self.fetched_bytes = 0
+        self._wake = asyncio.Event()
+
+    def counters(self) -> dict[str, int]:
+        return {"uploaded_bytes": self.uploaded_bytes, "fetched_bytes": self.fetched_bytes}
+
+    async def add_upload(self, ref: str, chunks: AsyncIterator[bytes]) -> ImageManifest:
+        """An image entering the site from outside: store it, then name it in the state."""
+        digest, size = await self.blobs.add_stream(chunks, MAX_IMAGE_BYTES)
+        self.uploaded_bytes += size
+        manifest = ImageManifest(ref, digest, size, self.host_id, time.time())
+        await self._raft().propose(
+            [
+                Put(APPS_TABLE, manifest.key(), manifest.encode()),
+                Put(APPS_TABLE, holder_key(digest, self.host_id), b""),
+            ],
+            idempotent=True,
+        )
+        logger.info("image %s (%s, %d bytes) added", ref, digest, size)
+        self._wake.set()
+        return manifest
+
+    def manifests(self) -> list[ImageManifest]:
+        records, _ = self._raft().view.scan(APPS_TABLE, IMAGE_PREFIX, 100_000)
+        return [ImageManifest.decode(r.value) for _, r in records]
+
+    def holders(self, digest: str) -> list[str]:
+        prefix = HOLDER_PREFIX + f"{digest}/".encode()
+        records, _ = self._raft().view.scan(APPS_TABLE, prefix, 100_000)
+        return [key[len(prefix) :].decode() for key, _ in records]
+
+    def catalog(self) -> list[dict[str, object]]:
+        return [{**m.to_json(), "holders": self.holders(m.digest)} for m in self.manifests()]
+
+    def blob_url(self, member: MemberRecord, digest: str) -> str:
+        # Over the overlay when there is one: encrypted and inside the site.
+        host = member.overlay_ip or (member.api or "").rpartition(":")[0]
+        port = (member.api or "").rpartition(":")[2]
+        return f"http://{host}:{port}/v1/images/blobs/{digest}"
+
+    async def ensure(self, session: aiohttp.ClientSession, manifest: ImageManifest) -> None:
+        """Have ``manifest``'s blob here (copied from a peer) and say so in the state."""
+        if not self.blobs.has(manifest.digest):
+            members = {m.host_id: m for m in self._members()}
+            holders = [h for h in self.holders(manifest.digest) if h in members]
+            random.shuffle(holders)  # spread the load over every host that has it
+            urls = [
+                self.blob_url(members[h], manifest.digest) for h in holders if h != self.host_id
+            ]
+            self.fetched_bytes += await self.blobs.fetch(
+                session, urls, manifest.digest, manifest.size
+            )
+            logger.info("copied image %s from a site peer", manifest.ref)
+        if self.host_id not in self.holders(manifest.digest):
+            await self._raft().propose(
+                [Put(APPS_TABLE, holder_key(manifest.digest, self.host_id), b"")], idempotent=True
+            )
+
+    async def run(self) -> None:
+        """Background loop: copy every catalogued image this host does not have yet."""
+        timeout = aiohttp.ClientTimeout(total=None, sock_read=30)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            while True:
+                for manifest in self.manifests():
+                    try:
+                        await self.ensure(session, manifest)
+                    except (ImageTransferError, OSError) as exc:
+                        logger.warning("image %s not copied yet: %s", manifest.ref, exc)
+                    except Exception:
+                        logger.exception("image sync of %s failed", manifest.ref)
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), SYNC_INTERVAL_S)

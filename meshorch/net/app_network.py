@@ -1,0 +1,339 @@
+"""The agent's application networking: site DNS, the ingress address, tenant isolation.
+
+Instances use their host's network; an instance is reached at its host's overlay address
+(WireGuard between hosts) and its container port. This adapter turns the replicated state
+into the site's endpoints (``meshorch.net.services``) and keeps three things in step:
+
+- the DNS server (``meshorch.net.dns``) on this host answering
+  ``SERVICE.APP.TENANT.site.meshorch`` from the endpoints on every query; containers get
+  it as their resolver (podman ``--dns``);
+- on the Raft leader only, the site's ingress address (``--ingress-address CIDR``) and a
+  TCP forwarder per ingress port to the ready instances (``meshorch.net.ingress``); losing
+  leadership releases both, the new leader claims them (gratuitous ARP moves the address);
+- with podman as root, tenant isolation: containers run as their tenant's uid and an
+  iptables chain rejects connections from one tenant's uid to another tenant's instances.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import ipaddress
+import logging
+import os
+import shutil
+import socket
+import struct
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import aiohttp
+
+from meshorch.apps.records import (
+    INST_PREFIX,
+    STATUS_PREFIX,
+    InstanceReport,
+    appver_key,
+    decode_app,
+    decode_placement,
+)
+from meshorch.apps.scheduler import Placement
+from meshorch.errors import ConfigurationError
+from meshorch.net import services as service_net
+from meshorch.net.dns import SiteDns, upstream_from_resolv_conf
+from meshorch.net.ingress import Backends, Ingresses
+from meshorch.net.vip import Vip
+from meshorch.runtime._proc import run_command
+from meshorch.state.tables import APPS_TABLE
+
+if TYPE_CHECKING:
+    from meshorch.apps.spec import AppSpec
+    from meshorch.site.agent import Agent
+
+logger = logging.getLogger(__name__)
+
+DNS_ZONE = "site.meshorch"
+DNS_PORT = 53
+SYNC_S = 0.25
+ENDPOINTS_MAX_AGE_S = 0.2  # host liveness changes without a Raft write
+# A peer that has not answered a ping for this long is left out of DNS answers and
+# ingress backends. A dead host's TCP connections (Raft's) can take seconds to time out
+# when it vanishes without closing them (power loss, a cut link); pings say it sooner.
+PING_EVERY_S = 0.25
+PING_TIMEOUT_S = 0.5
+PEER_SILENT_S = 1.2
+IPTABLES_TIMEOUT_S = 10.0
+SIOCGIFADDR = 0x8915  # ioctl: an interface's IPv4 address (linux/sockios.h)
+
+
+@dataclass(frozen=True)
+class NetworkSettings:
+    # Where this host's DNS server listens: "auto" (the overlay address, port 53, in mesh
+    # mode; none otherwise), "off", or HOST:PORT.
+    dns: str = "auto"
+    dns_upstream: tuple[tuple[str, int], ...] | None = None  # None: from /etc/resolv.conf
+    ingress_address: str | None = None  # CIDR on the site LAN, held by the leader
+    ingress_device: str | None = None  # None: the interface holding an address of its subnet
+    isolate_tenants: bool | None = None  # None: when running podman as root
+
+
+class AppNetwork:
+    def __init__(self, agent: Agent, settings: NetworkSettings | None = None) -> None:
+        self.agent = agent
+        self.settings = settings or NetworkSettings()
+        self._cache: tuple[int, frozenset[str], float, list[service_net.Endpoint]] | None = None
+        self._apps: dict[tuple[str, str], tuple[AppSpec, str]] = {}
+        self._rules: str | None = None
+        self.dns: SiteDns | None = None
+        self.ingress_held = False
+        self._last_ping: dict[str, float] = {}  # host id -> when it last answered a ping
+
+    # -- what the reconciler asks ---------------------------------------------------------
+
+    def isolating(self, runtime: str) -> bool:
+        wanted = self.settings.isolate_tenants
+        if wanted is None:
+            return (
+                runtime == "podman" and os.geteuid() == 0 and shutil.which("iptables") is not None
+            )
+        return wanted and runtime == "podman"
+
+    def dns_address(self) -> tuple[str, int] | None:
+        wanted = self.settings.dns
+        if wanted == "off":
+            return None
+        if wanted == "auto":
+            membership = self.agent.membership
+            return None if membership is None else (membership.overlay_ip, DNS_PORT)
+        return parse_host_port(wanted, "--dns")
+
+    def dns_servers(self, runtime: str) -> tuple[str, ...]:
+        address = self.dns_address()
+        if runtime != "podman" or address is None:
+            return ()
+        return (address[0],)
+
+    def dns_search(self, runtime: str) -> tuple[str, ...]:
+        return (DNS_ZONE,) if self.dns_servers(runtime) else ()
+
+    def container_uid(self, runtime: str, tenant: str) -> int | None:
+        return service_net.tenant_uid(tenant) if self.isolating(runtime) else None
+
+    # -- endpoints --------------------------------------------------------------------------
+
+    def endpoints(self) -> list[service_net.Endpoint]:
+        raft = self.agent.raft
+        index = raft.view.applied_index()
+        now = time.monotonic()
+        alive = frozenset(self.alive_hosts(now))
+        cached = self._cache
+        if (
+            cached
+            and cached[0] == index
+            and cached[1] == alive
+            and now - cached[2] < ENDPOINTS_MAX_AGE_S
+        ):
+            return cached[3]
+        view = raft.view
+        placements: list[Placement] = [
+            decode_placement(r.value) for _, r in view.scan(APPS_TABLE, INST_PREFIX, 1_000_000)[0]
+        ]
+        reports = {
+            key[len(STATUS_PREFIX) :].decode(): InstanceReport.decode(r.value)
+            for key, r in view.scan(APPS_TABLE, STATUS_PREFIX, 1_000_000)[0]
+        }
+        for placement in placements:
+            wanted = (placement.app, placement.version)
+            if wanted not in self._apps:
+                record = view.get(APPS_TABLE, appver_key(*wanted))
+                if record is not None:
+                    app = decode_app(record.value)
+                    self._apps[wanted] = (app.spec, app.tenant)
+        addresses = {
+            m.host_id: m.overlay_ip or service_net.host_address(m.raft)
+            for m in self.agent.members()
+        }
+        endpoints = service_net.build_endpoints(placements, reports, self._apps, addresses, alive)
+        self._cache = (index, alive, now, endpoints)
+        return endpoints
+
+    def alive_hosts(self, now: float) -> set[str]:
+        """Hosts Raft hears from, less peers that stopped answering pings (a peer not
+        pinged yet counts as alive: Raft says so)."""
+        silent = {host for host, last in self._last_ping.items() if now - last > PEER_SILENT_S}
+        return self.agent.reachable_hosts() - silent
+
+    async def _ping_peers(self) -> None:
+        timeout = aiohttp.ClientTimeout(total=PING_TIMEOUT_S)
+        in_flight: dict[str, asyncio.Task[None]] = {}
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+
+            async def ping(host_id: str, api: str) -> None:
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError):
+                    async with session.get(f"http://{api}/v1/ping") as response:
+                        if response.status == 204:
+                            self._last_ping[host_id] = time.monotonic()
+
+            try:
+                while True:
+                    me = self.agent.config.host_id
+                    peers = {m.host_id: m.api for m in self.agent.members() if m.host_id != me}
+                    for host_id in list(self._last_ping):
+                        if host_id not in peers:
+                            del self._last_ping[host_id]
+                    now = time.monotonic()
+                    for host_id, api in peers.items():
+                        self._last_ping.setdefault(host_id, now)  # it must answer soon
+                        busy = in_flight.get(host_id)
+                        if api and (busy is None or busy.done()):
+                            # One task per peer: a dead one does not delay the others.
+                            in_flight[host_id] = asyncio.create_task(ping(host_id, api))
+                    await asyncio.sleep(PING_EVERY_S)
+            finally:
+                for task in in_flight.values():
+                    task.cancel()
+                await asyncio.gather(*in_flight.values(), return_exceptions=True)
+
+    def resolve(self, service: str, app: str, tenant: str) -> list[str] | None:
+        return service_net.resolve(self.endpoints(), service, app, tenant)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        from meshorch.net.ingress import Ingresses
+
+        ingresses = Ingresses()
+        vip = self._vip()
+        runtime = self.agent.runtime
+        changed = asyncio.Event()  # leadership moved: act now, not at the next pass
+        self.agent.raft.on_leader_change(lambda _status: changed.set())
+        pinger = asyncio.create_task(self._ping_peers(), name="peer-pings")
+        try:
+            await self._start_dns()
+            while True:
+                try:
+                    if runtime is not None and self.isolating(runtime.name):
+                        await self._isolate()
+                    if vip is not None:
+                        await self._ingress(ingresses, vip)
+                except Exception as exc:  # retried at the next pass
+                    logger.warning("site network: %s", exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), SYNC_S)
+                changed.clear()
+        finally:
+            pinger.cancel()
+            await asyncio.gather(pinger, return_exceptions=True)
+            await ingresses.apply({})
+            if vip is not None and self.ingress_held:
+                with contextlib.suppress(Exception):
+                    await vip.release()
+            await self._stop_dns()
+
+    async def _start_dns(self) -> None:
+        address = self.dns_address()
+        if address is None:
+            return
+        from meshorch.net.dns import SiteDns
+
+        host, port = address
+        upstream = self.settings.dns_upstream
+        if upstream is None:
+            upstream = tuple(upstream_from_resolv_conf())
+        dns = SiteDns(self.resolve, host=host, port=port, zone=DNS_ZONE, upstream=upstream)
+        await dns.start()
+        self.dns = dns
+        logger.info("site DNS on %s:%d (zone %s)", host, dns.port, DNS_ZONE)
+
+    async def _stop_dns(self) -> None:
+        dns, self.dns = self.dns, None
+        if dns is not None:
+            await dns.stop()
+
+    def _vip(self) -> Vip | None:
+        address = self.settings.ingress_address
+        if address is None:
+            return None
+        device = self.settings.ingress_device or lan_device_for(address)
+        return Vip(address, device)
+
+    async def _ingress(self, ingresses: Ingresses, vip: Vip) -> None:
+        leader = self.agent.raft.status().is_leader
+        address = str(ipaddress.ip_interface(self.settings.ingress_address or "").ip)
+        if leader:
+            announce = not self.ingress_held
+            if announce:
+                await vip.add()
+                self.ingress_held = True
+            routes = service_net.ingress_routes(self.endpoints())
+            await ingresses.apply({(address, port): self._backends(port) for port in routes})
+            if announce:  # listening already: neighbours' new connections land here
+                await vip.announce()
+                logger.info("ingress address %s held by this host", address)
+        elif self.ingress_held:
+            await ingresses.apply({})
+            await vip.release()
+            self.ingress_held = False
+            logger.info("ingress address %s released (no longer the leader)", address)
+
+    def _backends(self, port: int) -> Backends:
+        def current() -> list[tuple[str, int]]:
+            return service_net.ingress_routes(self.endpoints()).get(port, [])
+
+        return current
+
+    async def _isolate(self) -> None:
+        rules = service_net.isolation_rules(self.endpoints(), self.agent.config.host_id)
+        document = service_net.iptables_restore_input(rules)
+        if document == self._rules:
+            return
+        if self._rules is None:
+            await _ensure_jump()
+        result = await run_command(
+            ["iptables-restore", "-w", "--noflush"],
+            timeout_s=IPTABLES_TIMEOUT_S,
+            input_data=document.encode(),
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"iptables-restore failed: {result.stderr_text}")
+        self._rules = document
+        logger.info("tenant isolation: %d rules", len(rules))
+
+
+async def _ensure_jump() -> None:
+    chain = service_net.ISOLATION_CHAIN
+    timeout = IPTABLES_TIMEOUT_S
+    await run_command(["iptables", "-w", "-N", chain], timeout_s=timeout)  # exists: fine
+    check = await run_command(["iptables", "-w", "-C", "OUTPUT", "-j", chain], timeout_s=timeout)
+    if check.returncode != 0:
+        await run_command(["iptables", "-w", "-I", "OUTPUT", "1", "-j", chain], timeout_s=timeout)
+
+
+def parse_host_port(text: str, flag: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        number = int(port)
+    except ValueError:
+        number = -1
+    if not sep or not 0 <= number <= 65535:
+        raise ConfigurationError(f"{flag}: expected IP:PORT, got {text!r}")
+    return host.strip("[]"), number
+
+
+def lan_device_for(address_cidr: str) -> str:
+    """The interface holding an address in the subnet of ``address_cidr``."""
+    network = ipaddress.ip_interface(address_cidr).network
+
+    for _, name in socket.if_nameindex():
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            try:
+                request = struct.pack("256s", name.encode()[:15])
+                raw = fcntl.ioctl(sock.fileno(), SIOCGIFADDR, request)
+            except OSError:
+                continue
+        if ipaddress.ip_address(raw[20:24]) in network:
+            return name
+    raise ValueError(f"no interface has an address in {network} for the ingress address")

@@ -1,0 +1,486 @@
+"""The secrets service of one agent (the I/O around ``meshorch.secrets.keyring``; docs/secrets.md).
+
+- Holds this host's keys in memory only: the KEK (unseal key), the site secrets key and
+  the data keys opened so far. Every host starts sealed.
+- Registers this host's X25519 key (``secrets-host.key`` in the data dir, 0600) in Raft,
+  so peers can seal the KEK to it.
+- On the Raft leader: creates the site's keys once (a guarded proposal: one leader wins),
+  then keeps the secrets where they should be (``meshorch.secrets.keyring.next_step``): delivered
+  secrets opened and put under the current data key, rotations, rewraps, old keys deleted.
+- While sealed: asks its peers for the KEK every ``UNSEAL_RETRY_S``
+  (``POST /v1/secrets/unseal-request``), and answers theirs when unsealed.
+- Lock-down (a record in Raft): every host drops its keys as soon as it sees it.
+- Delivery: writes an instance's secret files into a tmpfs directory outside the data dir
+  (``/dev/shm/meshorch-secrets/<hash of the data dir>/<runtime id>/``, 0700, files 0400).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import orjson
+from nacl.public import PrivateKey
+
+from meshorch.apps.spec import SecretRef
+from meshorch.errors import RemoteInputError
+from meshorch.fleet.apply import SiteFacts
+from meshorch.fleet.site_link import SiteLink
+from meshorch.secrets.keyring import (
+    KEY_BYTES,
+    LOCKDOWN_KEY,
+    ROTATE_KEY,
+    SETTINGS_KEY,
+    Indexed,
+    Keys,
+    SecretRecord,
+    SecretSettings,
+    SecretUnavailable,
+    Snapshot,
+    Tampered,
+    b64,
+    decrypt,
+    encode_flag,
+    encode_hostkey,
+    hostkey_key,
+    init_ops,
+    next_step,
+    open_sealed,
+    seal,
+    secret_key,
+    unb64,
+)
+from meshorch.state.tables import MEMBER_PREFIX, SECRETS_TABLE, SYSTEM_TABLE, validate_host_id
+from raft import Delete, Put
+from raft.errors import ProposalError
+
+if TYPE_CHECKING:
+    from meshorch.site.agent import Agent
+
+logger = logging.getLogger(__name__)
+
+HOST_KEY_FILE = "secrets-host.key"
+TICK_S = 0.25
+UNSEAL_RETRY_S = 1.0
+PEER_TIMEOUT_S = 2.0
+MAX_STEPS_PER_TICK = 16
+TMPFS_ROOTS = (Path("/dev/shm"), Path("/run"))
+DELIVERY_DIR = "meshorch-secrets"
+
+
+class SecretsRefused(RemoteInputError):
+    """A secrets request this host will not serve now; ``status`` is the HTTP status."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(code, message)
+        self.status = status
+
+
+def load_or_create_host_key(data_dir: Path) -> PrivateKey:
+    path = data_dir / HOST_KEY_FILE
+    if path.exists():
+        return PrivateKey(bytes.fromhex(path.read_text().strip()))
+    key = PrivateKey.generate()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(bytes(key).hex() + "\n")
+    return key
+
+
+def delivery_root(data_dir: Path) -> Path:
+    """Where this host's instances get their secret files: on tmpfs, outside the data dir."""
+    digest = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:16]
+    base = next((r for r in TMPFS_ROOTS if r.is_dir() and os.access(r, os.W_OK)), TMPFS_ROOTS[0])
+    return base / DELIVERY_DIR / digest
+
+
+class SiteSecrets:
+    def __init__(self, agent: Agent, clock: Callable[[], float] = time.time) -> None:
+        self.agent = agent
+        self.clock = clock
+        self.root = delivery_root(agent.config.data_dir)
+        self.host_key: PrivateKey | None = None
+        self.unsealed_by: str | None = None
+        self._keys: Keys | None = None
+        self._next_unseal_try = 0.0
+        self._lock = asyncio.Lock()
+
+    # -- state ----------------------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        records, _ = self.agent.raft.view.scan(SECRETS_TABLE, b"", 1_000_000)
+        return Snapshot.read((key, Indexed(r.mod_index, r.value)) for key, r in records)
+
+    def locked_down(self) -> bool:
+        """True while the lock-down record is in Raft; drops the keys at once if so."""
+        locked = self.agent.raft.view.get(SECRETS_TABLE, LOCKDOWN_KEY) is not None
+        if locked:
+            self.drop_keys("the site is locked down")
+        return locked
+
+    @property
+    def sealed(self) -> bool:
+        return self._keys is None
+
+    def keys(self) -> Keys:
+        """The unsealed keys; raises SecretUnavailable ("site locked down", "site sealed")."""
+        if self.locked_down():
+            raise SecretUnavailable("site locked down")
+        if self._keys is None:
+            raise SecretUnavailable("site sealed")
+        return self._keys
+
+    def drop_keys(self, why: str, level: int = logging.WARNING) -> None:
+        if self._keys is not None:
+            logger.log(level, "secrets: dropping the keys from memory: %s", why)
+            self._keys.forget()
+        self._keys = None
+        self.unsealed_by = None
+
+    def _hold(self, keys: Keys, by: str) -> None:
+        self._keys = keys
+        self.unsealed_by = by
+        logger.info("secrets: unsealed (%s)", by)
+
+    def public_key_hex(self) -> str | None:
+        keyring = self.snapshot().keyring
+        return None if keyring is None else keyring.ssk_public.hex()
+
+    def status_json(self) -> dict[str, Any]:
+        snap = self.snapshot()
+        locked = self.locked_down()
+        state = snap.dkstate
+        pending = sum(1 for s, _ in snap.secrets.values() if s.state == "sealed")
+        return {
+            "host_id": self.agent.config.host_id,
+            "initialized": snap.keyring is not None,
+            "sealed": self._keys is None,
+            "unsealed_by": self.unsealed_by,
+            "locked_down": locked,
+            "lockdown_source": snap.lockdown,
+            "public_key": None if snap.keyring is None else snap.keyring.ssk_public.hex(),
+            "data_keys": sorted(snap.dks),
+            "current_data_key": None if state is None else state.current,
+            "last_rotation": None if state is None else state.last_rotation,
+            "rotation_requested": snap.rotate_index > 0,
+            "rotation_interval_s": snap.settings.rotation_interval_s,
+            "secrets": len(snap.secrets),
+            "pending": pending,
+        }
+
+    def list_json(self) -> list[dict[str, Any]]:
+        snap = self.snapshot()
+        return [snap.secrets[k][0].to_json() for k in sorted(snap.secrets)]
+
+    # -- the service --------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self.host_key = await asyncio.to_thread(load_or_create_host_key, self.agent.config.data_dir)
+        timeout = aiohttp.ClientTimeout(total=PEER_TIMEOUT_S)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            try:
+                while True:
+                    try:
+                        await self.tick(session)
+                    except ProposalError as exc:
+                        logger.debug("secrets: not committed: %s", exc)
+                    except Exception:
+                        logger.exception("secrets tick failed")
+                    await asyncio.sleep(TICK_S)
+            finally:
+                self.drop_keys("the agent stops", logging.INFO)
+
+    async def tick(self, session: aiohttp.ClientSession) -> None:
+        raft = self.agent.raft
+        if not raft.status().ready:
+            return
+        snap = self.snapshot()
+        await self._register_host_key(snap)
+        if snap.lockdown is not None:
+            self.drop_keys("the site is locked down")
+            return
+        leader = raft.status().is_leader
+        if snap.keyring is None:
+            if leader:
+                await self._initialise()
+            return
+        if self._keys is None:
+            now = time.monotonic()
+            if now >= self._next_unseal_try:
+                self._next_unseal_try = now + UNSEAL_RETRY_S
+                await self._unseal_from_peers(session, snap)
+            return
+        if leader:
+            await self._upkeep()
+
+    async def _register_host_key(self, snap: Snapshot) -> None:
+        assert self.host_key is not None
+        public = bytes(self.host_key.public_key)
+        host_id = self.agent.config.host_id
+        if snap.hostkeys.get(host_id) != public:
+            await self.agent.raft.propose(
+                [Put(SECRETS_TABLE, hostkey_key(host_id), encode_hostkey(public))], idempotent=True
+            )
+            logger.info("secrets: registered this host's key")
+
+    async def _initialise(self) -> None:
+        kek, seed, dk = os.urandom(KEY_BYTES), os.urandom(KEY_BYTES), os.urandom(KEY_BYTES)
+        results = await self.agent.raft.propose(init_ops(kek, seed, dk, self.clock()))
+        if results[0].ok:
+            self._hold(Keys(kek, PrivateKey(seed)), "created the site's keys")
+
+    async def _upkeep(self) -> None:
+        async with self._lock:
+            for _ in range(MAX_STEPS_PER_TICK):
+                if self._keys is None or self.locked_down():
+                    return
+                step = next_step(self.snapshot(), self._keys, self.clock(), os.urandom(KEY_BYTES))
+                if step is None:
+                    return
+                results = await self.agent.raft.propose(step.ops)
+                if not results[0].ok:
+                    logger.info("secrets: %s: the state moved meanwhile, again", step.what)
+                    return
+                logger.info("secrets: %s", step.what)
+
+    async def _unseal_from_peers(self, session: aiohttp.ClientSession, snap: Snapshot) -> None:
+        assert self.host_key is not None and snap.keyring is not None
+        me = self.agent.config.host_id
+        for member in self.agent.members():
+            if member.host_id == me or member.api is None:
+                continue
+            url = f"http://{member.api}/v1/secrets/unseal-request"
+            try:
+                async with session.post(url, data=orjson.dumps({"host_id": me})) as response:
+                    if response.status != 200:
+                        continue
+                    body = await response.json()
+                blob = unb64(body.get("sealed_key"), "sealed_key", KEY_BYTES + 48)
+                keys = Keys.unseal(open_sealed(self.host_key, blob), snap.keyring)
+            except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError) as exc:
+                logger.debug("secrets: unseal from %s: %s", member.host_id, exc)
+                continue
+            except (RemoteInputError, Tampered) as exc:
+                logger.warning("secrets: %s sent a bad unseal answer: %s", member.host_id, exc)
+                continue
+            if self.locked_down():
+                return
+            self._hold(keys, f"from {member.host_id}")
+            return
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def _check_serving(self) -> Keys:
+        if self.locked_down():
+            raise SecretsRefused(409, "locked_down", "the site is locked down")
+        if self._keys is None:
+            raise SecretsRefused(503, "sealed", "this host is sealed")
+        return self._keys
+
+    def answer_unseal_request(self, host_id: object) -> bytes:
+        """The KEK sealed to ``host_id``'s registered key (only that host can open it)."""
+        if not isinstance(host_id, str):
+            raise RemoteInputError("bad_request", "host_id: a string")
+        validate_host_id(host_id)
+        keys = self._check_serving()
+        if self.agent.raft.view.get(SYSTEM_TABLE, MEMBER_PREFIX + host_id.encode()) is None:
+            raise SecretsRefused(403, "not_a_member", f"{host_id} is not a member of this site")
+        host_key = self.snapshot().hostkeys.get(host_id)
+        if host_key is None:
+            raise SecretsRefused(404, "no_host_key", f"{host_id} has not registered its key")
+        logger.info("secrets: sending the unseal key to %s, sealed to its key", host_id)
+        return seal(host_key, keys.kek)
+
+    def escrow(self, public_key: bytes) -> bytes:
+        return seal(public_key, self._check_serving().kek)
+
+    async def unseal(self, kek: bytes) -> bool:
+        """Unseal with the operator's key; False when this host was unsealed already."""
+        await self.agent.raft.barrier()
+        if self.locked_down():
+            raise SecretsRefused(409, "locked_down", "the site is locked down: unlock it first")
+        keyring = self.snapshot().keyring
+        if keyring is None:
+            raise SecretsRefused(409, "not_initialized", "the site has no secrets keys yet")
+        try:
+            keys = Keys.unseal(kek, keyring)
+        except Tampered as exc:
+            raise SecretsRefused(403, "wrong_key", "this is not the site's unseal key") from exc
+        if self._keys is not None:
+            return False
+        self._hold(keys, "the operator's key")
+        return True
+
+    async def lockdown(self, source: str) -> None:
+        await self.agent.raft.propose(
+            [Put(SECRETS_TABLE, LOCKDOWN_KEY, encode_flag(source))], idempotent=True
+        )
+        self.drop_keys("the site is locked down")
+
+    async def unlock(self) -> bool:
+        (result,) = await self.agent.raft.propose(
+            [Delete(SECRETS_TABLE, LOCKDOWN_KEY)], idempotent=True
+        )
+        return result.existed
+
+    async def request_rotation(self, source: str) -> int | None:
+        """Ask for a rotation; the current data key id before it (None: no keys yet)."""
+        await self.agent.raft.barrier()
+        state = self.snapshot().dkstate
+        if state is None:
+            raise SecretsRefused(409, "not_initialized", "the site has no secrets keys yet")
+        if self.locked_down():
+            raise SecretsRefused(409, "locked_down", "the site is locked down")
+        await self.agent.raft.propose(
+            [Put(SECRETS_TABLE, ROTATE_KEY, encode_flag(source))], idempotent=True
+        )
+        return state.current
+
+    async def rotated_since(self, before: int, timeout_s: float) -> bool:
+        """Wait until a data key newer than ``before`` is current and alone in use."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            snap = self.snapshot()
+            state = snap.dkstate
+            if state is not None and state.current > before and set(snap.dks) == {state.current}:
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
+    async def put_settings(self, settings: SecretSettings) -> None:
+        await self.agent.raft.propose(
+            [Put(SECRETS_TABLE, SETTINGS_KEY, settings.encode())], idempotent=True
+        )
+
+    # -- delivery -----------------------------------------------------------------------------
+
+    def instance_dir(self, runtime_id: str) -> Path:
+        return self.root / runtime_id
+
+    def _record(self, ref: SecretRef) -> SecretRecord | None:
+        record = self.agent.raft.view.get(SECRETS_TABLE, secret_key(ref.tenant, ref.name))
+        return None if record is None else SecretRecord.decode(record.value)
+
+    def versions_tag(self, refs: Sequence[SecretRef]) -> str:
+        """Which version of each secret an instance gets: part of its spec hash, so a new
+        version restarts it. Holds no secret material."""
+        parts = []
+        for ref in refs:
+            record = self._record(ref)
+            parts.append(f"{ref.tenant}/{ref.name}@{record.version if record else 0}")
+        return ",".join(parts)
+
+    def check_deliverable(self, refs: Sequence[SecretRef]) -> None:
+        """Raise SecretUnavailable unless an instance needing ``refs`` may start now
+        (nothing may start under lock-down). Decrypts nothing."""
+        if self.locked_down():
+            raise SecretUnavailable("site locked down")
+        if not refs:
+            return
+        self.keys()
+        for ref in refs:
+            record = self._record(ref)
+            if record is None:
+                raise SecretUnavailable(f"waiting for secret {ref.tenant}/{ref.name}")
+            if record.state == "failed":
+                raise SecretUnavailable(
+                    f"secret {ref.tenant}/{ref.name} is unusable: {record.message}"
+                )
+            if record.state != "ready":
+                raise SecretUnavailable(
+                    f"waiting for secret {ref.tenant}/{ref.name} (not decrypted yet)"
+                )
+
+    def materialise(
+        self, runtime_id: str, refs: Sequence[SecretRef], owner_uid: int | None = None
+    ) -> dict[str, str]:
+        """Write the instance's secret files; returns its secret environment variables.
+
+        ``owner_uid``: the uid the instance runs as (its tenant's); the files are its own.
+
+        Raises SecretUnavailable (sealed, locked down, a secret missing or unusable).
+        """
+        keys = self.keys()
+        snap = self.snapshot()
+        values = [(ref, decrypt(keys, snap, ref.tenant, ref.name)[0]) for ref in refs]
+        env: dict[str, str] = {}
+        for ref, value in values:
+            if ref.env is None:
+                continue
+            try:
+                text = value.decode()
+            except UnicodeDecodeError:
+                text = "\0"
+            if "\0" in text:
+                raise SecretUnavailable(
+                    f"secret {ref.tenant}/{ref.name} cannot be the environment variable "
+                    f"{ref.env}: not text without NUL"
+                )
+            env[ref.env] = text
+        directory = self.instance_dir(runtime_id)
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(parents=True, mode=0o700)
+        for parent in (directory.parent, directory.parent.parent):
+            with contextlib.suppress(OSError):
+                parent.chmod(0o700)
+        for ref, value in values:
+            target = directory / ref.file
+            for part in reversed(target.relative_to(directory).parents[:-1]):
+                (directory / part).mkdir(mode=0o700, exist_ok=True)
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o400)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(value)
+        if owner_uid is not None:
+            for path in (directory, *directory.rglob("*")):
+                os.chown(path, owner_uid, owner_uid, follow_symlinks=False)
+        return env
+
+    def remove(self, runtime_id: str) -> None:
+        shutil.rmtree(self.instance_dir(runtime_id), ignore_errors=True)
+
+    def remove_stale(self, keep: Iterable[str]) -> None:
+        """Delete the secret files of instances not in ``keep`` (left by an earlier run)."""
+        kept = set(keep)
+        if not self.root.is_dir():
+            return
+        for entry in self.root.iterdir():
+            if entry.name not in kept:
+                logger.info("secrets: removing stale secret files of %s", entry.name)
+                shutil.rmtree(entry, ignore_errors=True)
+
+
+def parse_unseal_key(data: dict[str, object]) -> bytes:
+    unknown = set(data) - {"key"}
+    if unknown:
+        raise RemoteInputError("bad_request", f"unknown fields: {', '.join(sorted(unknown))}")
+    kek = unb64(data.get("key"), "key", KEY_BYTES)
+    if len(kek) != KEY_BYTES:
+        raise RemoteInputError("bad_key", f"key: base64 of {KEY_BYTES} bytes")
+    return kek
+
+
+def sealed_answer(blob: bytes) -> dict[str, str]:
+    return {"sealed_key": b64(blob)}
+
+
+class SecretsSiteLink(SiteLink):
+    """The fleet link, with the site's secrets public key in reports and GET /v1/fleet."""
+
+    def facts(self) -> SiteFacts:
+        return dataclasses.replace(
+            super().facts(), secrets_public_key=self.agent.secrets.public_key_hex()
+        )
+
+    def status_json(self) -> dict[str, Any]:
+        return {**super().status_json(), "secrets_public_key": self.agent.secrets.public_key_hex()}

@@ -1,0 +1,345 @@
+"""The agent: one per host. Runs the site's Raft member and serves the site API.
+
+Two ways to belong to a site:
+
+* static: ``--raft`` and ``--peer`` name the Raft addresses (loopback demos,
+  tests, hosts without WireGuard);
+* mesh: the agent bootstraps a site or joins one found by mDNS with a join
+  token; Raft then runs only on its WireGuard overlay address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from meshorch.apps.controller import SiteController
+from meshorch.apps.pressure import PressureGuard
+from meshorch.apps.reconciler import HostReconciler
+from meshorch.apps.records import HOSTRES_PREFIX, encode_hostinfo, hostinfo_key
+from meshorch.apps.resources import sample
+from meshorch.apps.settings import WorkloadSettings, make_runtime
+from meshorch.errors import ConfigurationError
+from meshorch.fleet import decommission
+from meshorch.fleet.upgrade import AgentUpgrades
+from meshorch.images.service import SiteImages
+from meshorch.join.admission import SiteNetwork
+from meshorch.join.mesh import (
+    MEMBERSHIP_FILE,
+    PENDING_IDENTITY_FILE,
+    Membership,
+    MeshService,
+    MeshSettings,
+    Prepared,
+    bootstrap_membership,
+    discover_existing_site,
+    join_membership,
+)
+from meshorch.net.app_network import AppNetwork, NetworkSettings
+from meshorch.runtime import Runtime
+from meshorch.secrets.service import SecretsSiteLink, SiteSecrets
+from meshorch.site.config import AgentConfig, check_identity, resolve_password, store_password
+from meshorch.state.tables import (
+    APPS_TABLE,
+    DRAIN_PREFIX,
+    MEMBER_PREFIX,
+    SITE_IDENTITY_KEY,
+    SITE_NETWORK_KEY,
+    SITE_TABLES,
+    SYSTEM_TABLE,
+    MemberRecord,
+)
+from meshorch.streams.capture import LogCapture
+from meshorch.streams.model import NewEvent, StreamName
+from meshorch.streams.site import SiteStreams
+from netmesh import KeyPair, load_or_create_keypair
+from raft import Put, RaftConfig, RaftNode, local_preset
+from raft.errors import ProposalError
+
+logger = logging.getLogger(__name__)
+
+RESOURCES_EVERY_S = 10.0
+
+REGISTER_RETRY_S = 0.5
+
+
+class Agent:
+    """Async context manager: ``async with Agent(config) as agent: ...``."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        mesh: MeshSettings | None = None,
+        workloads: WorkloadSettings | None = None,
+        network: NetworkSettings | None = None,
+    ) -> None:
+        config.validate()
+        self.config = config
+        self.workloads = workloads or WorkloadSettings()
+        self.runtime: Runtime | None = None
+        self.mesh_settings = mesh
+        self.membership: Membership | None = None
+        self.mesh: MeshService | None = None
+        self.keypair: KeyPair | None = None
+        self.password = ""
+        self.revoked = asyncio.Event()
+        self._raft: RaftNode | None = None
+        self.images = SiteImages(
+            config.data_dir / "images", config.host_id, lambda: self.raft, self.members
+        )
+        self._runner: web.AppRunner | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.secrets = SiteSecrets(self)
+        self.site_link = SecretsSiteLink(self)
+        self.streams = SiteStreams(lambda: self.raft, config.host_id)
+        self.log_capture: LogCapture | None = None
+        self.network = AppNetwork(self, network)
+        self.upgrades = AgentUpgrades(self)
+
+    @property
+    def raft(self) -> RaftNode:
+        if self._raft is None:
+            raise RuntimeError("the agent is not started")
+        return self._raft
+
+    async def __aenter__(self) -> Agent:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        from meshorch.site.api import build_app  # the API module imports this one
+
+        config = self.config
+        if self.mesh_settings is None:
+            check_identity(config, config.raft_address)
+            assert config.raft_address is not None
+            self.password = config.password or resolve_password(config.data_dir, None, True)
+            raft_address, partners = config.raft_address, config.peers
+        else:
+            check_identity(config, None)
+            prepared = await self._prepare_mesh(self.mesh_settings)
+            self.membership = prepared.membership
+            raft_address = prepared.membership.raft_address
+            partners = tuple(m for m in prepared.membership.raft_members if m != raft_address)
+
+        preset = local_preset() if config.preset == "local" else {}
+        self._raft = RaftNode(
+            RaftConfig(
+                self_address=raft_address,
+                partners=partners,
+                data_dir=config.data_dir / "raft",
+                password=self.password,
+                tables=SITE_TABLES,
+                **preset,  # type: ignore[arg-type]
+            )
+        )
+        if self.mesh_settings is not None and self.membership is not None:
+            assert self.keypair is not None
+            self.mesh = MeshService(
+                self.mesh_settings,
+                self.keypair,
+                self.membership,
+                self.members,
+                self.on_revoked,
+                config.api_port,
+            )
+            # WireGuard first: Raft binds to the overlay address.
+            await self.mesh.start()
+        await self.raft.start()
+        self._runner = web.AppRunner(build_app(self), access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, config.api_host, config.api_port).start()
+        if self.membership is not None and config.api_host not in ("0.0.0.0", "::"):
+            # Peers reach each other's API over the overlay (image copies, for one).
+            overlay_ip = self.membership.overlay_ip
+            await web.TCPSite(self._runner, overlay_ip, config.api_port).start()
+        self.spawn(self._register_self(), "register-self")
+        self.spawn(self.images.run(), "image-sync")
+        self.spawn(self.secrets.run(), "secrets")
+        self.runtime = make_runtime(self.workloads.runtime, config.data_dir)
+        # Application output goes to the site's streams (tenant/app/logs).
+        self.log_capture = LogCapture(
+            self.runtime, config.data_dir / "log-capture", self._store_logs
+        )
+        await self.log_capture.start()
+        self.spawn(HostReconciler(self, self.runtime).run(), "reconcile")
+        self.spawn(self.network.run(), "site-network")
+        self.spawn(decommission.run(self), "decommission")
+        self.spawn(self.upgrades.run(), "agent-upgrade")
+        self.spawn(self._publish_resources(), "host-resources")
+        self.spawn(PressureGuard(self, self.workloads.evict_at_pct).run(), "pressure")
+        self.spawn(SiteController(self).run(), "controller")
+        self.spawn(self.site_link.run(), "fleet-link")
+        self.spawn(
+            self.streams.run_retention(lambda: self.raft.status().is_leader), "stream-retention"
+        )
+        logger.info(
+            "agent %s of site %s: api http://%s, raft %s",
+            config.host_id,
+            config.site,
+            config.api_address,
+            raft_address,
+        )
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self.runtime is not None:
+            await self.runtime.close()
+        if self.log_capture is not None:
+            await self.log_capture.stop()  # the last lines, while Raft still runs
+        if self._raft is not None:
+            await self._raft.stop()
+        if self.mesh is not None:
+            await self.mesh.stop()
+
+    async def _publish_resources(self) -> None:
+        """This host's CPU, memory and disk use in the site state, for the leader's report
+        (the hub alerts on thresholds)."""
+        key = HOSTRES_PREFIX + self.config.host_id.encode()
+        while True:
+            await asyncio.sleep(RESOURCES_EVERY_S)
+            try:
+                use = sample(self.config.data_dir, time.time())
+                await self.raft.propose([Put(APPS_TABLE, key, orjson.dumps(use.to_json()))])
+            except (ProposalError, OSError) as exc:
+                logger.debug("host resources not published: %s", exc)
+
+    async def _store_logs(self, stream: StreamName, events: list[NewEvent]) -> None:
+        await self.streams.produce(stream, events)  # raises on failure: retried later
+
+    def spawn(self, coroutine: Coroutine[Any, Any, Any], name: str) -> None:
+        """Run a background task owned by the agent (cancelled at stop)."""
+        task = asyncio.create_task(coroutine, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- mesh --------------------------------------------------------------------
+
+    async def _prepare_mesh(self, settings: MeshSettings) -> Prepared:
+        config = self.config
+        data_dir = config.data_dir
+        self.keypair = load_or_create_keypair(data_dir)
+        membership = Membership.load(data_dir)
+        if membership is not None:
+            logger.info("resuming as %s of site %s", membership.overlay_ip, membership.site)
+            prepared = Prepared(membership, None)
+        elif settings.join_token:
+            prepared = await join_membership(
+                config.site,
+                config.host_id,
+                settings,
+                self.keypair,
+                config.api_port,
+                settings.join_token,
+            )
+        elif settings.bootstrap or not await discover_existing_site(config.site, settings):
+            prepared = bootstrap_membership(config.site, config.host_id, settings, data_dir)
+        else:
+            raise ConfigurationError(
+                f"site {config.site!r} already has hosts on this LAN: pass --join-token "
+                "(from `meshorch token create` on one of them) to join it"
+            )
+        if prepared.password is not None:
+            store_password(data_dir, prepared.password)
+        self.password = prepared.password or resolve_password(data_dir, None, True)
+        prepared.membership.save(data_dir)
+        return prepared
+
+    def on_revoked(self) -> None:
+        """This host was cut from its site: forget the membership and stop."""
+        if self.revoked.is_set():
+            return
+        logger.error("this host was revoked from site %s; stopping", self.config.site)
+        # A restart must go through admission again (which refuses a revoked host).
+        (self.config.data_dir / MEMBERSHIP_FILE).unlink(missing_ok=True)
+        self.revoked.set()
+
+    # -- replicated state ----------------------------------------------------------
+
+    def reachable_hosts(self) -> set[str]:
+        """Hosts this agent hears from over Raft right now (itself included)."""
+        reachable = self.raft.reachable()
+        alive = {m.host_id for m in self.members() if m.raft in reachable}
+        return alive | {self.config.host_id}
+
+    def drained_hosts(self) -> set[str]:
+        records, _ = self.raft.view.scan(SYSTEM_TABLE, DRAIN_PREFIX, 10_000)
+        return {key[len(DRAIN_PREFIX) :].decode() for key, _ in records}
+
+    def members(self) -> list[MemberRecord]:
+        records, _ = self.raft.view.scan(SYSTEM_TABLE, MEMBER_PREFIX, 10_000)
+        return [MemberRecord.decode(record.value) for _, record in records]
+
+    def _self_record(self) -> MemberRecord:
+        config = self.config
+        if self.membership is None:
+            assert config.raft_address is not None
+            return MemberRecord(config.host_id, config.raft_address, config.api_address)
+        assert self.keypair is not None and self.mesh_settings is not None
+        lan_ip = self.mesh_settings.lan_ip
+        return MemberRecord(
+            host_id=config.host_id,
+            raft=self.membership.raft_address,
+            api=f"{lan_ip}:{config.api_port}",
+            wg_public_key=self.keypair.public_key_b64,
+            overlay_ip=self.membership.overlay_ip,
+            wg_endpoint=f"{lan_ip}:{self.mesh_settings.wg_port}",
+        )
+
+    async def _register_self(self) -> None:
+        """Record this host (and, on a new site, its identity) in the replicated state."""
+        me = self._self_record()
+        host = self.workloads.host_info(self.config.host_id)
+        info = Put(APPS_TABLE, hostinfo_key(host.host_id), encode_hostinfo(host))
+        pending = self._pending_site_writes()
+        while True:
+            current = self.raft.view.get(SYSTEM_TABLE, me.key())
+            known = self.raft.view.get(APPS_TABLE, info.key)
+            if (
+                not pending
+                and current is not None
+                and MemberRecord.decode(current.value) == me
+                and known is not None
+                and known.value == info.value
+            ):
+                return
+            try:
+                await self.raft.propose([*pending, Put(SYSTEM_TABLE, me.key(), me.encode()), info])
+                logger.info("registered %s in the site state", me.host_id)
+                (self.config.data_dir / PENDING_IDENTITY_FILE).unlink(missing_ok=True)
+                pending = []
+            except ProposalError as exc:
+                logger.debug("registration not committed yet: %s", exc)
+                await asyncio.sleep(REGISTER_RETRY_S)
+
+    def _pending_site_writes(self) -> list[Put]:
+        """A bootstrapping host writes the site identity, network and its address claim."""
+        path: Path = self.config.data_dir / PENDING_IDENTITY_FILE
+        if self.membership is None or not path.exists():
+            return []
+        network = SiteNetwork(self.membership.overlay_network, self.membership.raft_port)
+        claim = b"ipam/" + self.membership.overlay_ip.encode()
+        return [
+            Put(SYSTEM_TABLE, SITE_IDENTITY_KEY, path.read_bytes(), expect_index=0),
+            Put(SYSTEM_TABLE, SITE_NETWORK_KEY, network.encode(), expect_index=0),
+            Put(SYSTEM_TABLE, claim, self.config.host_id.encode(), expect_index=0),
+        ]
