@@ -49,11 +49,11 @@ from central_hub.model import (
 from central_hub.placement import parse_policy
 from central_hub.tokens import TokenRecord
 from central_hub.vault import parse_report_secrets
+from meshorch import http_metrics
 from meshorch.apps.spec import SpecError, parse_app_spec, spec_digest
 from meshorch.errors import RemoteInputError
 from meshorch.fleet.delta import DeltaRejected, parse
 from meshorch.fleet.link_auth import LinkAuthError, claimed_site, verify_request
-from meshorch.site import metrics
 
 if TYPE_CHECKING:
     from central_hub.service import Hub
@@ -141,7 +141,7 @@ def build_app(hub: Hub, max_body_bytes: int) -> web.Application:
     add_dashboard(app)  # the web UI (not part of the API: not in ROUTES)
     registry = CollectorRegistry()
     registry.register(HubCollector(hub))
-    metrics.install(app, registry, "meshorch_hub")  # GET /metrics, latency by route
+    http_metrics.install(app, registry, "meshorch_hub")  # GET /metrics, latency by route
     return app
 
 

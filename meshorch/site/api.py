@@ -16,6 +16,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from meshorch import http_metrics
 from meshorch.apps.quotas import (
     DEFAULT_TENANT,
     QUOTA_PREFIX,
@@ -173,7 +174,7 @@ def build_app(agent: Agent) -> web.Application:
     add_host_routes(app, _agent)
     registry = CollectorRegistry()
     registry.register(metrics.AgentCollector(agent))
-    metrics.install(app, registry, "meshorch_agent")
+    http_metrics.install(app, registry, "meshorch_agent")
     return app
 
 

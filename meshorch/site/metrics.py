@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -23,10 +21,6 @@ from meshorch.state.tables import APPS_TABLE
 
 if TYPE_CHECKING:
     from meshorch.site.agent import Agent
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-_REGISTRY: web.AppKey[CollectorRegistry] = web.AppKey("metrics_registry")
-_LATENCY: web.AppKey[Histogram] = web.AppKey("metrics_latency")
 
 
 def _gauge(name: str, doc: str, value: float, **labels: str) -> GaugeMetricFamily:
@@ -120,45 +114,3 @@ class AgentCollector(Collector):
             dropped.add_metric([name], status.meta.dropped_events)
         yield backlog
         yield dropped
-
-
-def latency_histogram(registry: CollectorRegistry, prefix: str) -> Histogram:
-    return Histogram(
-        f"{prefix}_api_request_seconds",
-        "API request latency by route and status class",
-        ["route", "status"],
-        registry=registry,
-        buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-    )
-
-
-def install(app: web.Application, registry: CollectorRegistry, prefix: str) -> None:
-    """``GET /metrics`` from ``registry`` and a latency histogram of every other route."""
-    app[_REGISTRY] = registry
-    app[_LATENCY] = latency_histogram(registry, prefix)
-    app.middlewares.append(_timing)
-    app.router.add_get("/metrics", _metrics)
-
-
-@web.middleware
-async def _timing(request: web.Request, handler: Handler) -> web.StreamResponse:
-    started = time.perf_counter()
-    status = 500
-    try:
-        response = await handler(request)
-        status = response.status
-        return response
-    except web.HTTPException as exc:
-        status = exc.status
-        raise
-    finally:
-        route = request.match_info.route.resource
-        name = route.canonical if route is not None else "unmatched"
-        request.app[_LATENCY].labels(name, f"{status // 100}xx").observe(
-            time.perf_counter() - started
-        )
-
-
-async def _metrics(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[_REGISTRY])
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
