@@ -25,8 +25,8 @@ import dataclasses
 import itertools
 import logging
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import orjson
 
@@ -68,14 +68,12 @@ from meshorch.apps.rollout import (
 )
 from meshorch.apps.scheduler import HostInfo, Placement, ScheduleResult, schedule
 from meshorch.apps.spec import AppSpec
+from meshorch.state.ports import Members, SiteState
 from meshorch.state.protocol import FeatureUnavailable
 from meshorch.state.tables import APPS_TABLE
 from meshorch.streams.model import InvalidStreamName, NewEvent, StreamName
 from raft import Append, Delete, Put
 from raft.errors import ProposalError
-
-if TYPE_CHECKING:
-    from meshorch.site.agent import Agent
 
 logger = logging.getLogger(__name__)
 
@@ -84,15 +82,30 @@ GATE_TIMEOUT_S = 20.0
 MIN_READY_S = 1.0
 
 
+class EventLog(Protocol):
+    """Where the controller's events go: the Raft operations that append them to a stream
+    (``meshorch.streams.site.SiteStreams``), proposed with the change they explain."""
+
+    def append_ops(self, name: StreamName, batch: Sequence[NewEvent]) -> list[Put | Append]: ...
+
+
 class SiteController:
-    def __init__(self, agent: Agent, clock: Callable[[], float] = time.time) -> None:
-        self.agent = agent
+    def __init__(
+        self,
+        site: SiteState,
+        members: Members,
+        events: EventLog,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.site = site
+        self.members = members
+        self.events = events
         self.clock = clock
         self._event_seq = itertools.count(int(clock() * 1000) * 1000)
 
     async def run(self) -> None:
         while True:
-            if self.agent.raft.status().is_leader:
+            if self.site.status().is_leader:
                 try:
                     await self.tick()
                 except ProposalError as exc:
@@ -102,11 +115,11 @@ class SiteController:
             await asyncio.sleep(TICK_S)
 
     def _scan(self, prefix: bytes) -> list[bytes]:
-        records, _ = self.agent.raft.view.scan(APPS_TABLE, prefix, 1_000_000)
+        records, _ = self.site.view.scan(APPS_TABLE, prefix, 1_000_000)
         return [record.value for _, record in records]
 
     def hosts(self) -> list[HostInfo]:
-        alive = self.agent.reachable_hosts()
+        alive = self.members.reachable_hosts()
         hosts = (decode_hostinfo(raw, alive=False) for raw in self._scan(HOSTINFO_PREFIX))
         return [dataclasses.replace(h, alive=h.host_id in alive) for h in hosts]
 
@@ -122,7 +135,7 @@ class SiteController:
         hosts = self.hosts()
         # Drained hosts stay members and alive; the scheduler just sees them as unable to
         # run anything, so their instances move as from a dead host.
-        drained = self.agent.drained_hosts()
+        drained = self.members.drained_hosts()
         schedulable = [
             dataclasses.replace(h, alive=False) if h.host_id in drained else h for h in hosts
         ]
@@ -186,11 +199,11 @@ class SiteController:
             # Also in the app's events stream, in the same entry: forwarded to the hub,
             # searchable there. Not while a host still runs a release without streams.
             try:
-                ops.extend(self.agent.streams.append_ops(stream, batch))
+                ops.extend(self.events.append_ops(stream, batch))
             except FeatureUnavailable:
                 break
         if ops:
-            await self.agent.raft.propose(ops)
+            await self.site.propose(ops)
 
     def _unplaced_records(
         self,
@@ -227,7 +240,7 @@ class SiteController:
         if version == spec.version:
             versioned: AppSpec | None = spec
         else:
-            record = self.agent.raft.view.get(APPS_TABLE, appver_key(spec.name, version))
+            record = self.site.view.get(APPS_TABLE, appver_key(spec.name, version))
             versioned = decode_app(record.value).spec if record is not None else None
         service = versioned.service(placement.service) if versioned is not None else None
         if service is None:

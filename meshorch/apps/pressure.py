@@ -16,7 +16,6 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from meshorch.apps.records import (
     INST_PREFIX,
@@ -26,12 +25,11 @@ from meshorch.apps.records import (
     hostinfo_key,
 )
 from meshorch.apps.resources import HostResources, sample
+from meshorch.apps.scheduler import HostInfo
+from meshorch.state.ports import SiteState
 from meshorch.state.tables import APPS_TABLE
 from raft import Put
 from raft.errors import ProposalError
-
-if TYPE_CHECKING:
-    from meshorch.site.agent import Agent
 
 logger = logging.getLogger(__name__)
 
@@ -43,13 +41,19 @@ Sampler = Callable[[Path, float], HostResources]
 class PressureGuard:
     def __init__(
         self,
-        agent: Agent,
+        site: SiteState,
+        host_id: str,
+        data_dir: Path,
+        normal: HostInfo,
         threshold_pct: float,
         *,
         check_s: float = CHECK_S,
         sampler: Sampler = sample,
     ) -> None:
-        self.agent = agent
+        self.site = site
+        self.host_id = host_id
+        self.data_dir = data_dir
+        self.normal = normal  # what this host offers when not short of anything
         self.threshold_pct = threshold_pct
         self.check_s = check_s
         self.sampler = sampler
@@ -64,21 +68,20 @@ class PressureGuard:
                 logger.debug("pressure check not committed: %s", exc)
 
     async def check(self) -> None:
-        agent = self.agent
-        me = agent.config.host_id
-        use = self.sampler(agent.config.data_dir, time.time())
+        site, me = self.site, self.host_id
+        use = self.sampler(self.data_dir, time.time())
         worst = max(use.disk_used_pct, use.memory_used_pct)
-        record = agent.raft.view.get(APPS_TABLE, hostinfo_key(me))
+        record = site.view.get(APPS_TABLE, hostinfo_key(me))
         if record is None:
             return
         advertised = decode_hostinfo(record.value, alive=True)
-        normal = agent.workloads.host_info(me)
+        normal = self.normal
         if worst >= self.threshold_pct:
             placed = [
                 p
                 for p in (
                     decode_placement(r.value)
-                    for _, r in agent.raft.view.scan(APPS_TABLE, INST_PREFIX, 1_000_000)[0]
+                    for _, r in site.view.scan(APPS_TABLE, INST_PREFIX, 1_000_000)[0]
                 )
                 if p.host_id == me
             ]
@@ -87,12 +90,12 @@ class PressureGuard:
                 return  # nothing to shed, or the last step is still being acted on
             why = f"disk {use.disk_used_pct:.0f}%, memory {use.memory_used_pct:.0f}% used"
             shrunk = dataclasses.replace(advertised, memory_bytes=max(committed - 1, 0))
-            await agent.raft.propose([Put(APPS_TABLE, hostinfo_key(me), encode_hostinfo(shrunk))])
+            await site.propose([Put(APPS_TABLE, hostinfo_key(me), encode_hostinfo(shrunk))])
             self.evictions += 1
             logger.warning("host pressure: %s; shedding the lowest-priority instance", why)
         elif (
             worst < self.threshold_pct - HYSTERESIS_PCT
             and advertised.memory_bytes != normal.memory_bytes
         ):
-            await agent.raft.propose([Put(APPS_TABLE, hostinfo_key(me), encode_hostinfo(normal))])
+            await site.propose([Put(APPS_TABLE, hostinfo_key(me), encode_hostinfo(normal))])
             logger.info("host pressure over: full capacity again")

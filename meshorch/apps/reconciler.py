@@ -25,7 +25,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import aiohttp
 
@@ -52,6 +52,7 @@ from meshorch.apps.records import (
 )
 from meshorch.apps.scheduler import Placement
 from meshorch.apps.spec import ContainerSpec, ExecCheck, HttpCheck, Probe, ServiceSpec
+from meshorch.images.service import SiteImages
 from meshorch.images.store import ImageTransferError
 from meshorch.runtime import (
     PROCESS_IMAGE,
@@ -63,12 +64,23 @@ from meshorch.runtime import (
     SpecFile,
 )
 from meshorch.secrets.keyring import SecretUnavailable
+from meshorch.secrets.service import SiteSecrets
+from meshorch.state.ports import SiteState
 from meshorch.state.tables import APPS_TABLE
+from meshorch.streams.capture import LogCapture
 from raft import Put
 from raft.errors import ProposalError
 
-if TYPE_CHECKING:
-    from meshorch.site.agent import Agent
+
+class ContainerNetwork(Protocol):
+    """How an instance joins the site network (``meshorch.net.app_network.AppNetwork``)."""
+
+    def dns_servers(self, runtime: str) -> tuple[str, ...]: ...
+
+    def dns_search(self, runtime: str) -> tuple[str, ...]: ...
+
+    def container_uid(self, runtime: str, tenant: str) -> int | None: ...
+
 
 logger = logging.getLogger(__name__)
 
@@ -104,9 +116,25 @@ class _Seen:
 
 
 class HostReconciler:
-    def __init__(self, agent: Agent, runtime: Runtime, clock: Callable[[], float] = time.time):
-        self.agent = agent
+    def __init__(
+        self,
+        site: SiteState,
+        host_id: str,
+        runtime: Runtime,
+        *,
+        secrets: SiteSecrets,
+        images: SiteImages,
+        network: ContainerNetwork,
+        capture: LogCapture | None,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.site = site
+        self.host_id = host_id
         self.runtime = runtime
+        self.secrets = secrets
+        self.images = images
+        self.network = network
+        self.capture = capture  # instances' output into the site's streams
         self.clock = clock
         self.probes = ProbeTracker()
         self._books: dict[str, _Book] = {}
@@ -133,7 +161,7 @@ class HostReconciler:
     def _app_version(self, app: str, version: str) -> AppRecord | None:
         cached = self._specs.get((app, version))
         if cached is None:
-            record = self.agent.raft.view.get(APPS_TABLE, appver_key(app, version))
+            record = self.site.view.get(APPS_TABLE, appver_key(app, version))
             if record is None:
                 return None
             cached = self._specs[(app, version)] = decode_app(record.value)
@@ -144,11 +172,11 @@ class HostReconciler:
         return None if record is None else record.tenant
 
     def desired(self) -> dict[str, _Container]:
-        records, _ = self.agent.raft.view.scan(APPS_TABLE, INST_PREFIX, 1_000_000)
+        records, _ = self.site.view.scan(APPS_TABLE, INST_PREFIX, 1_000_000)
         wanted: dict[str, _Container] = {}
         for _, record in records:
             placement = decode_placement(record.value)
-            if placement.host_id != self.agent.config.host_id:
+            if placement.host_id != self.host_id:
                 continue
             app = self._app_version(placement.app, placement.version)
             service = app.spec.service(placement.service) if app else None
@@ -165,9 +193,9 @@ class HostReconciler:
     ) -> InstanceSpec:
         limits = container.resources
         image = PROCESS_IMAGE if self.runtime.name == "process" else container.image
-        secrets = self.agent.secrets
+        secrets = self.secrets
         with_secrets = bool(container.secrets)
-        network = self.agent.network
+        network = self.network
         tenant = self.tenant_of(placement) or DEFAULT_TENANT
         return InstanceSpec(
             instance_id=runtime_id,
@@ -190,12 +218,12 @@ class HostReconciler:
     # -- one tick -----------------------------------------------------------------------
 
     async def tick(self) -> None:
-        if not self.agent.raft.status().ready:
+        if not self.site.status().ready:
             return  # a host catching up must not act on placements that moved away
         wanted = self.desired()
         actual = {s.instance_id: s for s in await self.runtime.list()}
         if not self._swept:
-            await asyncio.to_thread(self.agent.secrets.remove_stale, actual)
+            await asyncio.to_thread(self.secrets.remove_stale, actual)
             self._swept = True
         for runtime_id, status in actual.items():
             if runtime_id not in wanted and runtime_id not in self._retiring:
@@ -217,7 +245,7 @@ class HostReconciler:
         self, wanted: dict[str, _Container], actual: dict[str, InstanceStatus]
     ) -> None:
         """Follow the output of every instance here, also those found running at start."""
-        capture = self.agent.log_capture
+        capture = self.capture
         if capture is None:
             return
         for runtime_id, item in wanted.items():
@@ -234,9 +262,9 @@ class HostReconciler:
             await self.runtime.stop(runtime_id, timeout_s=STOP_GRACE_S)
         with contextlib.suppress(RuntimeBackendError):
             await self.runtime.remove(runtime_id)
-        if self.agent.log_capture is not None:
-            self.agent.log_capture.forget(runtime_id)  # after draining what it wrote
-        await asyncio.to_thread(self.agent.secrets.remove, runtime_id)
+        if self.capture is not None:
+            self.capture.forget(runtime_id)  # after draining what it wrote
+        await asyncio.to_thread(self.secrets.remove, runtime_id)
         self.probes.remove(runtime_id)
         self.probes.remove(runtime_id + STARTUP)
         self._books.pop(runtime_id, None)
@@ -265,7 +293,7 @@ class HostReconciler:
         if status is not None and status.spec_hash == item.spec.spec_hash and status.running:
             return False
         try:  # nothing starts under lock-down, nor without the secrets it needs
-            self.agent.secrets.check_deliverable(item.container.secrets)
+            self.secrets.check_deliverable(item.container.secrets)
         except SecretUnavailable as exc:
             book.message = str(exc)
             return False
@@ -287,9 +315,7 @@ class HostReconciler:
         spec = item.spec
         if item.container.secrets:
             try:
-                env = self.agent.secrets.materialise(
-                    runtime_id, item.container.secrets, item.spec.user
-                )
+                env = self.secrets.materialise(runtime_id, item.container.secrets, item.spec.user)
             except SecretUnavailable as exc:
                 book.message = str(exc)
                 return False
@@ -307,7 +333,7 @@ class HostReconciler:
         ref = item.spec.image
         if self.runtime.name == "process" or await self.runtime.has_image(ref):
             return True
-        images = self.agent.images
+        images = self.images
         manifest = next((m for m in images.manifests() if m.ref == ref), None)
         if manifest is None:
             book.message = f"image {ref} is not in the site's catalogue (meshorch image add)"
@@ -428,17 +454,17 @@ class HostReconciler:
             if facts != seen.facts:
                 seen.facts, seen.since = facts, now
             report = InstanceReport(
-                instance_id, self.agent.config.host_id, placement.version, state, ready,
+                instance_id, self.host_id, placement.version, state, ready,
                 restarts, seen.since, "; ".join(messages)[:500],
             )  # fmt: skip
             # Compared with the replicated record, not a local cache: a report
             # overwritten by a host that came back with stale placements is fixed.
-            stored = self.agent.raft.view.get(APPS_TABLE, status_key(instance_id))
+            stored = self.site.view.get(APPS_TABLE, status_key(instance_id))
             known = InstanceReport.decode(stored.value) if stored else None
             if not report.same_facts(known):
                 writes.append(Put(APPS_TABLE, status_key(instance_id), report.encode()))
         if writes:
-            await self.agent.raft.propose(writes, idempotent=True)
+            await self.site.propose(writes, idempotent=True)
 
 
 def _probe_config(probe: Probe) -> ProbeConfig:

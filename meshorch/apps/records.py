@@ -25,6 +25,8 @@ from meshorch.apps.quotas import DEFAULT_TENANT
 from meshorch.apps.rollout import InFlight, RolloutState
 from meshorch.apps.scheduler import HostInfo, Placement
 from meshorch.apps.spec import AppSpec, from_json, to_json
+from meshorch.state.tables import APPS_TABLE
+from raft import StateView
 
 APP_PREFIX = b"app/"
 APPVER_PREFIX = b"appver/"
@@ -191,3 +193,12 @@ class InstanceReport:
         mine.pop("since")
         theirs.pop("since")
         return mine == theirs
+
+
+def host_protocols(view: StateView) -> dict[str, int]:
+    """The site protocol each registered host speaks (``meshorch.state.protocol``)."""
+    records, _ = view.scan(APPS_TABLE, HOSTINFO_PREFIX, 100_000)
+    return {
+        info.host_id: info.protocol
+        for info in (decode_hostinfo(r.value, alive=True) for _, r in records)
+    }

@@ -36,6 +36,7 @@ from meshorch.secrets.keyring import (
     FILE_RULE,
     SECRET_NAME_RULE,
     TENANT_RULE,
+    SecretRef,
     is_secret_file,
     is_secret_name,
     is_tenant,
@@ -162,21 +163,6 @@ class ConfigFile:
 
     path: str
     content: str
-
-
-@dataclass(frozen=True, slots=True)
-class SecretRef:
-    """A site secret delivered to the container: as a file under its secrets directory
-    (``/run/secrets/{file}`` with podman), and as an environment variable if ``env``."""
-
-    name: str
-    tenant: str = DEFAULT_TENANT
-    file: str = ""  # "": the name
-    env: str | None = None
-
-    def __post_init__(self) -> None:
-        if not self.file:
-            object.__setattr__(self, "file", self.name)
 
 
 @dataclass(frozen=True, slots=True)

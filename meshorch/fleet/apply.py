@@ -45,7 +45,7 @@ from meshorch.apps.spec import AppSpec, SpecError, from_json, spec_digest
 from meshorch.errors import RemoteInputError
 from meshorch.fleet import decommission
 from meshorch.fleet import upgrade as agent_upgrade
-from meshorch.fleet.delta import Delta, TrustState, parse_key_id
+from meshorch.fleet.delta import Delta, DeltaRejected, TrustState, parse_key_id
 from meshorch.secrets import keyring as secrets
 from meshorch.state.tables import APPS_TABLE, SYSTEM_TABLE
 from raft import Delete, Guard, Put
@@ -594,3 +594,14 @@ def build_report(
     if facts.secrets_public_key is not None:
         report["secrets_public_key"] = facts.secrets_public_key
     return report
+
+
+@dataclass(slots=True)
+class CommitOutcome:
+    """What committing a batch of verified deltas did (``SiteLink.commit``)."""
+
+    applied: list[int] = field(default_factory=list)
+    rejected: DeltaRejected | None = None
+    op_errors: list[dict[str, Any]] = field(default_factory=list)
+    state: TrustState | None = None
+    conflict: bool = False  # another committer moved the trust state first

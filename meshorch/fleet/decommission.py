@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 
 from meshorch.apps.records import APP_PREFIX, INST_PREFIX
 from meshorch.secrets import keyring as secrets
+from meshorch.state.ports import SiteState
 from meshorch.state.tables import APPS_TABLE, SECRETS_TABLE, SYSTEM_TABLE
-from raft import Delete, Put
-
-if TYPE_CHECKING:
-    from meshorch.site.agent import Agent
+from raft import Delete, Put, StateView
 
 logger = logging.getLogger(__name__)
 
@@ -44,29 +42,29 @@ def op_writes(version: int) -> list[Put]:
     ]
 
 
-def state(agent: Agent) -> dict[str, Any] | None:
-    record = agent.raft.view.get(SYSTEM_TABLE, DECOMMISSION_KEY)
+def state(view: StateView) -> dict[str, Any] | None:
+    record = view.get(SYSTEM_TABLE, DECOMMISSION_KEY)
     return None if record is None else dict(orjson.loads(record.value))
 
 
-async def run(agent: Agent) -> None:
+async def run(site: SiteState) -> None:
     """The leader's part; every host runs it, only the leader acts."""
     while True:
         await asyncio.sleep(CHECK_S)
         try:
-            current = state(agent)
+            current = state(site.view)
             if current is None or current["state"] == "done":
                 continue
-            if agent.raft.status().is_leader:
-                await _step(agent, current)
+            if site.status().is_leader:
+                await _step(site, current)
         except Exception as exc:  # tried again at the next check
             logger.warning("decommission: %s", exc)
 
 
-async def _step(agent: Agent, current: dict[str, Any]) -> None:
+async def _step(site: SiteState, current: dict[str, Any]) -> None:
     """running: delete the apps and the secrets (one entry, once) -> stopping: wait until
     no instance is placed -> done."""
-    view = agent.raft.view
+    view = site.view
     if current["state"] == "running":
         apps, _ = view.scan(APPS_TABLE, APP_PREFIX, 100_000)
         ops: list[Put | Delete] = [Delete(APPS_TABLE, key) for key, _ in apps]
@@ -77,11 +75,11 @@ async def _step(agent: Agent, current: dict[str, Any]) -> None:
         stopping = orjson.dumps({**current, "state": "stopping"})
         ops.append(Put(SYSTEM_TABLE, DECOMMISSION_KEY, stopping))
         logger.warning("decommission: deleting %d applications and the site's secrets", len(apps))
-        await agent.raft.propose(ops, idempotent=True)
+        await site.propose(ops, idempotent=True)
         return
     placed, _ = view.scan(APPS_TABLE, INST_PREFIX, 1)
     if placed:
         return  # the controller is still removing placements; hosts stop their instances
     done = orjson.dumps({**current, "state": "done"})
-    await agent.raft.propose([Put(SYSTEM_TABLE, DECOMMISSION_KEY, done)], idempotent=True)
+    await site.propose([Put(SYSTEM_TABLE, DECOMMISSION_KEY, done)], idempotent=True)
     logger.warning("decommission: done; the site runs nothing and holds no secret")

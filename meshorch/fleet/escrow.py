@@ -22,7 +22,7 @@ import base64
 import binascii
 import logging
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from nacl.exceptions import BadSignatureError
 from nacl.public import PrivateKey
@@ -31,9 +31,7 @@ from nacl.signing import VerifyKey
 from meshorch.errors import RemoteInputError
 from meshorch.fleet.client import LinkClient, LinkError, LinkRefused
 from meshorch.secrets.keyring import KEY_BYTES, SEAL_OVERHEAD, Tampered, b64, open_sealed
-
-if TYPE_CHECKING:
-    from meshorch.fleet.site_link import SiteLink
+from meshorch.secrets.service import SiteSecrets
 
 logger = logging.getLogger(__name__)
 
@@ -70,11 +68,20 @@ def verify_escrow_key(answer: dict[str, Any], trusted: Iterable[str]) -> bytes:
         raise RemoteInputError("bad_escrow_key", f"the escrow key's signature: {exc}") from None
 
 
+class EnrolledLink(Protocol):
+    """What escrow needs of the link session (``meshorch.fleet.site_link.SiteLink``)."""
+
+    async def wait_enrolled(self) -> None: ...
+
+    def trusted_keys(self) -> frozenset[str]: ...
+
+
 class SiteEscrow:
     """One leader session's escrow duty (``run`` until cancelled)."""
 
-    def __init__(self, link: SiteLink, client: LinkClient) -> None:
+    def __init__(self, link: EnrolledLink, secrets: SiteSecrets, client: LinkClient) -> None:
         self.link = link
+        self.secrets = secrets
         self.client = client
         self.uploaded: str | None = None  # the secrets public key last escrowed
 
@@ -93,7 +100,7 @@ class SiteEscrow:
     async def _wait(self, delay_s: float) -> None:
         """Sleep ``delay_s``, but look again within POLL_S once this host is sealed or
         locked down (an unseal approval must not wait for the idle period)."""
-        secrets = self.link.agent.secrets
+        secrets = self.secrets
         waited = 0.0
         while waited < delay_s:
             await asyncio.sleep(POLL_S)
@@ -104,7 +111,7 @@ class SiteEscrow:
     async def step(self) -> float:
         """One look at the escrow; returns how long to wait before the next one (a
         thousand idle sites must not poll the hub every second)."""
-        secrets = self.link.agent.secrets
+        secrets = self.secrets
         ssk = secrets.public_key_hex()
         if ssk is None or secrets.locked_down():
             return POLL_S  # local state only: no request to the hub
@@ -138,5 +145,5 @@ class SiteEscrow:
         except (binascii.Error, ValueError, Tampered) as exc:
             logger.warning("escrow: a bad unseal answer from the hub: %s", exc)
             return
-        if await self.link.agent.secrets.unseal(kek):
+        if await self.secrets.unseal(kek):
             logger.info("escrow: unsealed with the key the hub held")

@@ -40,9 +40,9 @@ import math
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import orjson
@@ -60,6 +60,7 @@ from gossip import (
 )
 from gossip.errors import GossipError
 from meshorch.errors import RemoteInputError
+from meshorch.fleet.apply import CommitOutcome
 from meshorch.fleet.client import (
     GOSSIP_PRESETS,
     Address,
@@ -68,11 +69,8 @@ from meshorch.fleet.client import (
     LinkError,
     LinkRefused,
 )
-from meshorch.fleet.delta import DeltaRejected, parse
+from meshorch.fleet.delta import DeltaRejected, TrustState, parse
 from raft.errors import ProposalError
-
-if TYPE_CHECKING:
-    from meshorch.fleet.site_link import SiteLink
 
 logger = logging.getLogger(__name__)
 
@@ -327,6 +325,32 @@ class GossipStats:
 # -- the site's member -------------------------------------------------------------------
 
 
+class GossipLink(Protocol):
+    """What the gossip member uses of the link (``meshorch.fleet.site_link.SiteLink``):
+    what outlives a session, the site's identity, and the committing of deltas."""
+
+    site_id: str
+    gossip_address: tuple[str, int]  # host, port the member binds (the agent API's)
+    gossip_info: GossipInfo | None
+    connected: bool
+
+    async def wait_enrolled(self) -> None: ...
+
+    def site_key(self) -> SigningKey | None: ...
+
+    def trusted_keys(self) -> frozenset[str]: ...
+
+    def trust_state(self) -> TrustState | None: ...
+
+    def report(self) -> dict[str, Any] | None: ...
+
+    def nudge(self, version: int) -> None: ...
+
+    async def commit(self, raws: Sequence[bytes]) -> CommitOutcome: ...
+
+    def recent_envelopes(self, after: int) -> list[bytes]: ...
+
+
 class SiteGossip:
     """The gossip member of the site leader, for one link session (``run`` until cancelled).
 
@@ -335,12 +359,12 @@ class SiteGossip:
     """
 
     def __init__(
-        self, link: SiteLink, client: LinkClient, clock: Callable[[], float] = time.time
+        self, link: GossipLink, client: LinkClient, clock: Callable[[], float] = time.time
     ) -> None:
         self.link = link
         self.client = client
         self.clock = clock
-        self.site = link.agent.config.site
+        self.site = link.site_id
         self.stats = GossipStats()
         self.service: GossipService | None = None
         self._sealer: DatagramSealer | None = None
@@ -415,15 +439,15 @@ class SiteGossip:
         key = self.link.site_key()
         if key is None:
             raise ValueError("the site has no identity key yet")
-        agent_config = self.link.agent.config
+        host, port = self.link.gossip_address
         sealer = DatagramSealer(self.site, key, info.cert)
         opener = DatagramOpener(self.link.trusted_keys, recipient=self.site)
         service = GossipService(
             gossip_config(info.preset),
             sealer,
             opener,
-            host=agent_config.api_host,
-            port=agent_config.api_port,
+            host=host,
+            port=port,
             natted=True,
             on_events=self._on_events,
             on_app_message=self._on_app_message,

@@ -31,8 +31,7 @@ import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from nacl.signing import SigningKey
@@ -58,11 +57,11 @@ from meshorch.fleet.apply import (
     REJECTIONS_KEY,
     SITE_KEY_KEY,
     TRUST_KEY,
+    CommitOutcome,
     LinkConfig,
     SiteFacts,
     SiteKey,
     build_report,
-    decode_rejections,
     encode_rejections,
     merge_link_config,
     plan_apply,
@@ -77,16 +76,17 @@ from meshorch.fleet.client import (
     LinkRefused,
     RemoteLinkError,
 )
-from meshorch.fleet.delta import Delta, DeltaRejected, TrustState, verify_batch
+from meshorch.fleet.delta import Delta, TrustState, verify_batch
 from meshorch.fleet.escrow import SiteEscrow
 from meshorch.fleet.forward import StreamForwarder
 from meshorch.fleet.gossip import SiteGossip
+from meshorch.fleet.records import LinkRecords
+from meshorch.secrets.service import SiteSecrets
+from meshorch.state.ports import Members, SiteState
 from meshorch.state.tables import APPS_TABLE, SYSTEM_TABLE
+from meshorch.streams.site import SiteStreams
 from raft import Put
 from raft.errors import ProposalError
-
-if TYPE_CHECKING:
-    from meshorch.site.agent import Agent
 
 logger = logging.getLogger(__name__)
 
@@ -117,15 +117,6 @@ class ConfigConflict(RemoteInputError):
         super().__init__("conflict", "the fleet configuration changed meanwhile; retry")
 
 
-@dataclass(slots=True)
-class CommitOutcome:
-    applied: list[int] = field(default_factory=list)
-    rejected: DeltaRejected | None = None
-    op_errors: list[dict[str, Any]] = field(default_factory=list)
-    state: TrustState | None = None
-    conflict: bool = False  # another committer moved the trust state first
-
-
 class Backoff:
     """Capped exponential backoff with jitter (``rng`` injected for tests)."""
 
@@ -147,16 +138,31 @@ class Backoff:
         self.failures = 0
 
 
-class SiteLink:
+class SiteLink(LinkRecords):
     """The fleet link service of one agent; ``run`` is spawned by the agent."""
 
     def __init__(
         self,
-        agent: Agent,
+        site: SiteState,
+        members: Members,
+        *,
+        site_id: str,
+        flag_config: LinkConfig | None,
+        secrets: SiteSecrets,
+        streams: SiteStreams,
+        gossip_address: tuple[str, int],
+        upgrade_state: Callable[[], dict[str, Any] | None] = lambda: None,
         clock: Callable[[], float] = time.time,
         wait_s: float = DEFAULT_WAIT_S,
     ) -> None:
-        self.agent = agent
+        super().__init__(site)
+        self.members = members
+        self.site_id = site_id
+        self.flag_config = flag_config  # from the agent's flags, stored once on a leader
+        self.secrets = secrets
+        self.streams = streams
+        self.gossip_address = gossip_address  # the gossip member binds where the API does
+        self.upgrade_state = upgrade_state  # the agent upgrade in progress, for the report
         self.clock = clock
         self.wait_s = wait_s
         self.connected = False
@@ -174,33 +180,8 @@ class SiteLink:
         self.forwarder: StreamForwarder | None = None  # the stream forwarding of the session
         self.gossip_info: GossipInfo | None = None  # the last one the hub gave
         self._recent: OrderedDict[int, bytes] = OrderedDict()  # version -> envelope
-        self._trust_cache: tuple[bytes | None, frozenset[str]] = (None, frozenset())
 
     # -- reading the replicated state ------------------------------------------------
-
-    def _get(self, key: bytes) -> bytes | None:
-        record = self.agent.raft.view.get(SYSTEM_TABLE, key)
-        return None if record is None else record.value
-
-    def link_config(self) -> LinkConfig | None:
-        raw = self._get(LINK_KEY)
-        return None if raw is None else LinkConfig.decode(raw)
-
-    def trust_state(self) -> TrustState | None:
-        raw = self._get(TRUST_KEY)
-        return None if raw is None else TrustState.from_json(orjson.loads(raw))
-
-    def trusted_keys(self) -> frozenset[str]:
-        """The root keys the trust state trusts (the gossip trust anchors); the same
-        object while the trust record does not change."""
-        raw = self._get(TRUST_KEY)
-        cached_raw, keys = self._trust_cache
-        if raw != cached_raw:
-            keys = frozenset()
-            if raw is not None:
-                keys = TrustState.from_json(orjson.loads(raw)).trusted_keys
-            self._trust_cache = (raw, keys)
-        return keys
 
     def recent_envelopes(self, after: int) -> list[bytes]:
         """The consecutive applied envelopes after version ``after`` kept in memory (empty
@@ -220,15 +201,8 @@ class SiteLink:
         answered by now is abandoned and sent again."""
         self._check_poll(version)
 
-    def site_key(self) -> SigningKey | None:
-        raw = self._get(SITE_KEY_KEY)
-        return None if raw is None else SigningKey(SiteKey.decode(raw).seed)
-
-    def rejections(self) -> list[dict[str, Any]]:
-        return decode_rejections(self._get(REJECTIONS_KEY))
-
     def _is_leader(self) -> bool:
-        return self.agent.raft.status().is_leader
+        return self.site.status().is_leader
 
     # -- configuration -----------------------------------------------------------------
 
@@ -237,7 +211,7 @@ class SiteLink:
 
         Raises RemoteInputError (fleet_conflict, root_key_conflict, conflict).
         """
-        raft = self.agent.raft
+        raft = self.site
         await raft.barrier()
         link_record = raft.view.get(SYSTEM_TABLE, LINK_KEY)
         trust_record = raft.view.get(SYSTEM_TABLE, TRUST_KEY)
@@ -262,17 +236,17 @@ class SiteLink:
         if self._get(SITE_KEY_KEY) is not None:
             return
         key = SiteKey(os.urandom(32))
-        (result,) = await self.agent.raft.propose(
+        (result,) = await self.site.propose(
             [Put(SYSTEM_TABLE, SITE_KEY_KEY, key.encode(), expect_index=0)]
         )
         if result.ok:
             logger.info("created the site's fleet key %s", key_hex(SigningKey(key.seed)))
 
     async def _ensure_flag_config(self) -> None:
-        wanted = self.agent.config.fleet_link()
+        wanted = self.flag_config
         if wanted is None or self._flags_done:
             return
-        await self.agent.raft.barrier()
+        await self.site.barrier()
         current = self.link_config()
         if current is None:
             await self.configure(wanted)
@@ -314,16 +288,17 @@ class SiteLink:
         """Talk to the hub until this host is no longer the leader or the hub changes."""
         key = self.site_key()
         assert key is not None
-        logger.info("fleet link: connecting to %s for site %s", config.hub, self.agent.config.site)
-        async with LinkClient(config.hub, self.agent.config.site, key) as client:
+        logger.info("fleet link: connecting to %s for site %s", config.hub, self.site_id)
+        async with LinkClient(config.hub, self.site_id, key) as client:
             self._report_now.set()
             self.gossip = SiteGossip(self, client, self.clock)
+            escrow = SiteEscrow(self, self.secrets, client)
             tasks = [
                 asyncio.create_task(self._fetch_loop(client, config), name="fleet-fetch"),
                 asyncio.create_task(self._report_loop(client), name="fleet-report"),
                 asyncio.create_task(self._watch(config), name="fleet-watch"),
                 asyncio.create_task(self.gossip.run(), name="fleet-gossip"),
-                asyncio.create_task(SiteEscrow(self, client).run(), name="fleet-escrow"),
+                asyncio.create_task(escrow.run(), name="fleet-escrow"),
                 asyncio.create_task(self._forward_streams(client), name="fleet-streams"),
             ]
             try:
@@ -340,7 +315,7 @@ class SiteLink:
         logger.info("fleet link: session with %s ended", config.hub)
 
     async def _forward_streams(self, client: LinkClient) -> None:
-        self.forwarder = StreamForwarder(self.agent.streams, client)
+        self.forwarder = StreamForwarder(self.streams, client)
         try:
             await self.forwarder.run()
         finally:
@@ -381,12 +356,12 @@ class SiteLink:
             break
         self._contact()
         logger.info("fleet link: enrolled at %s", config.hub)
-        record = self.agent.raft.view.get(SYSTEM_TABLE, LINK_KEY)
+        record = self.site.view.get(SYSTEM_TABLE, LINK_KEY)
         if record is not None:
             stored = LinkConfig.decode(record.value)
             if stored.enroll_token == token:
                 done = LinkConfig(stored.hub, stored.fleet, stored.root_key, token, True)
-                await self.agent.raft.propose(
+                await self.site.propose(
                     [Put(SYSTEM_TABLE, LINK_KEY, done.encode(), record.mod_index)]
                 )
 
@@ -503,7 +478,7 @@ class SiteLink:
         Raises NotConfigured when the site has no trust state, ProposalError when Raft
         did not commit.
         """
-        raft = self.agent.raft
+        raft = self.site
         async with self._lock:
             await raft.barrier()
             record = raft.view.get(SYSTEM_TABLE, TRUST_KEY)
@@ -531,7 +506,7 @@ class SiteLink:
                     result.accepted,
                     result.state,
                     record.mod_index,
-                    self.agent.config.site,
+                    self.site_id,
                     self._read,
                 )
                 results = await raft.propose(plan.ops)
@@ -571,7 +546,7 @@ class SiteLink:
             self._recent.popitem(last=False)
 
     def _read(self, table: str, key: bytes) -> bytes | None:
-        record = self.agent.raft.view.get(table, key)
+        record = self.site.view.get(table, key)
         return None if record is None else record.value
 
     async def _record(self, entries: list[dict[str, Any]]) -> None:
@@ -586,7 +561,7 @@ class SiteLink:
                 continue  # the same refusal again (the hub keeps serving it)
             kept.append(entry)
         try:
-            await self.agent.raft.propose(
+            await self.site.propose(
                 [Put(SYSTEM_TABLE, REJECTIONS_KEY, encode_rejections(kept))], idempotent=True
             )
         except ProposalError as exc:
@@ -595,7 +570,7 @@ class SiteLink:
     # -- reporting ---------------------------------------------------------------------
 
     def _scan(self, prefix: bytes) -> list[bytes]:
-        records, _ = self.agent.raft.view.scan(APPS_TABLE, prefix, 1_000_000)
+        records, _ = self.site.view.scan(APPS_TABLE, prefix, 1_000_000)
         return [record.value for _, record in records]
 
     def facts(self) -> SiteFacts:
@@ -603,12 +578,13 @@ class SiteLink:
         for raw in self._scan(APP_PREFIX):
             with contextlib.suppress(SpecError):
                 specs.append(decode_spec(raw))
-        alive = self.agent.reachable_hosts()
+        alive = self.members.reachable_hosts()
         hosts = [
             dataclasses.replace(host, alive=host.host_id in alive)
             for host in (decode_hostinfo(raw, alive=False) for raw in self._scan(HOSTINFO_PREFIX))
         ]
         return SiteFacts(
+            secrets_public_key=self.secrets.public_key_hex(),
             specs=specs,
             placements=[decode_placement(raw) for raw in self._scan(INST_PREFIX)],
             reports={
@@ -616,10 +592,10 @@ class SiteLink:
             },
             rollouts={r.app: r for r in map(decode_rollout, self._scan(ROLLOUT_PREFIX))},
             hosts=hosts,
-            members=[m.host_id for m in self.agent.members()],
+            members=[m.host_id for m in self.members.members()],
             resources={
                 key[len(HOSTRES_PREFIX) :].decode(): orjson.loads(record.value)
-                for key, record in self.agent.raft.view.scan(APPS_TABLE, HOSTRES_PREFIX, 10_000)[0]
+                for key, record in self.site.view.scan(APPS_TABLE, HOSTRES_PREFIX, 10_000)[0]
             },
         )
 
@@ -627,21 +603,19 @@ class SiteLink:
         trust = self.trust_state()
         if trust is None:
             return None
-        report = build_report(
-            self.agent.config.site, self.clock(), trust, self.rejections(), self.facts()
-        )
+        report = build_report(self.site_id, self.clock(), trust, self.rejections(), self.facts())
         report["secrets_state"] = self.secrets_state()
-        upgrade = self.agent.upgrades.state()
+        upgrade = self.upgrade_state()
         if upgrade is not None:
             report["agent_upgrade"] = upgrade
-        ending = decommission.state(self.agent)
+        ending = decommission.state(self.site.view)
         if ending is not None:
             report["decommission"] = {"state": ending["state"], "version": ending["version"]}
         return report
 
     def secrets_state(self) -> dict[str, Any]:
         """The site's secrets as the leader sees them, for the hub (never a value)."""
-        secrets = self.agent.secrets
+        secrets = self.secrets
         locked = secrets.locked_down()
         return {
             "initialized": secrets.public_key_hex() is not None,
@@ -659,7 +633,7 @@ class SiteLink:
         config = self.link_config()
         trust = self.trust_state()
         return {
-            "site": self.agent.config.site,
+            "site": self.site_id,
             "site_key": None if key is None else key_hex(key),
             "link": None if config is None else config.to_json(),
             "trust": None if trust is None else trust.to_json(),
@@ -671,6 +645,7 @@ class SiteLink:
             "last_error": self.last_error,
             "gossip": None if self.gossip is None else self.gossip.status_json(),
             "streams": None if self.forwarder is None else self.forwarder.status_json(),
+            "secrets_public_key": self.secrets.public_key_hex(),
         }
 
 

@@ -27,21 +27,21 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import aiohttp
 import orjson
+from nacl.signing import SigningKey
 
 from meshorch import __version__
 from meshorch.apps.records import HOSTINFO_PREFIX, INST_PREFIX, decode_hostinfo, decode_placement
 from meshorch.errors import RemoteInputError
+from meshorch.fleet.client import LinkClient
 from meshorch.releases.launcher import current_lib, read_trial, start_trial
 from meshorch.releases.wheels import install_release
+from meshorch.state.ports import Members, SiteState
 from meshorch.state.tables import APPS_TABLE, DRAIN_PREFIX, SYSTEM_TABLE
 from raft import Delete, Put
-
-if TYPE_CHECKING:
-    from meshorch.site.agent import Agent
 
 logger = logging.getLogger(__name__)
 
@@ -86,18 +86,40 @@ def op_writes(op: dict[str, Any], version: int) -> list[Put]:
     return [Put(SYSTEM_TABLE, DESIRED_KEY, record)]
 
 
-def wheel_cache(agent: Agent) -> Path:
-    return agent.config.data_dir / "releases" / "wheels"
+def wheel_cache(data_dir: Path) -> Path:
+    return data_dir / "releases" / "wheels"
+
+
+class HubLink(Protocol):
+    """Where a release comes from when no peer has it (``meshorch.fleet.site_link``)."""
+
+    def hub_url(self) -> str | None: ...
+
+    def site_key(self) -> SigningKey | None: ...
 
 
 class AgentUpgrades:
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
+    def __init__(
+        self,
+        site: SiteState,
+        members: Members,
+        hub: HubLink,
+        *,
+        site_id: str,
+        host_id: str,
+        data_dir: Path,
+    ) -> None:
+        self.site = site
+        self.members = members
+        self.hub = hub
+        self.site_id = site_id
+        self.host_id = host_id
+        self.data_dir = data_dir
         self._busy = False
         self.restart_requested = asyncio.Event()  # cli: leave and exec the launcher
 
     def _read(self, key: bytes) -> dict[str, Any] | None:
-        record = self.agent.raft.view.get(SYSTEM_TABLE, key)
+        record = self.site.view.get(SYSTEM_TABLE, key)
         return None if record is None else dict(orjson.loads(record.value))
 
     def state(self) -> dict[str, Any] | None:
@@ -120,8 +142,8 @@ class AgentUpgrades:
         }
 
     def host_versions(self) -> dict[str, str]:
-        members = {m.host_id for m in self.agent.members()}
-        records, _ = self.agent.raft.view.scan(APPS_TABLE, HOSTINFO_PREFIX, 100_000)
+        members = {m.host_id for m in self.members.members()}
+        records, _ = self.site.view.scan(APPS_TABLE, HOSTINFO_PREFIX, 100_000)
         infos = (decode_hostinfo(r.value, alive=True) for _, r in records)
         return {i.host_id: i.agent_version for i in infos if i.host_id in members}
 
@@ -133,7 +155,7 @@ class AgentUpgrades:
                 if desired is None:
                     continue
                 await self._host_step(desired)
-                if self.agent.raft.status().is_leader:
+                if self.site.status().is_leader:
                     await self._leader_step(desired)
             except Exception as exc:  # tried again at the next check
                 logger.warning("agent upgrade: %s", exc)
@@ -150,9 +172,11 @@ class AgentUpgrades:
         now = time.time()
         if current is not None and current.get("version") == version:
             host = current["host"]
-            back = host in self.agent.reachable_hosts() and host not in self.agent.drained_hosts()
+            back = (
+                host in self.members.reachable_hosts() and host not in self.members.drained_hosts()
+            )
             if versions.get(host) == version and back:
-                await self.agent.raft.propose([Delete(SYSTEM_TABLE, CURRENT_KEY)])
+                await self.site.propose([Delete(SYSTEM_TABLE, CURRENT_KEY)])
                 logger.info("agent upgrade: %s runs %s", host, version)
             elif now - float(current["at"]) > HOST_TIMEOUT_S:
                 reason = f"{host} did not come back on {version} within {HOST_TIMEOUT_S:g} s"
@@ -161,17 +185,17 @@ class AgentUpgrades:
         pending = [h for h, v in sorted(versions.items()) if v != version]
         if not pending:
             if current is not None:
-                await self.agent.raft.propose([Delete(SYSTEM_TABLE, CURRENT_KEY)])
+                await self.site.propose([Delete(SYSTEM_TABLE, CURRENT_KEY)])
             return
-        me = self.agent.config.host_id
+        me = self.host_id
         host = sorted(pending, key=lambda h: (h == me, h))[0]  # the leader goes last
         record = orjson.dumps({"host": host, "version": version, "at": now})
-        await self.agent.raft.propose([Put(SYSTEM_TABLE, CURRENT_KEY, record)])
+        await self.site.propose([Put(SYSTEM_TABLE, CURRENT_KEY, record)])
         logger.info("agent upgrade: %s to %s next", host, version)
 
     async def _fail(self, host: str, version: str, reason: str) -> None:
         record = orjson.dumps({"host": host, "version": version, "reason": reason})
-        await self.agent.raft.propose(
+        await self.site.propose(
             [Put(SYSTEM_TABLE, FAILED_KEY, record), Delete(SYSTEM_TABLE, CURRENT_KEY)]
         )
         logger.error("agent upgrade to %s stopped: %s", version, reason)
@@ -179,20 +203,20 @@ class AgentUpgrades:
     # -- this host ----------------------------------------------------------------------
 
     async def _host_step(self, desired: dict[str, Any]) -> None:
-        me = self.agent.config.host_id
+        me = self.host_id
         version = desired["version"]
         current = self._read(CURRENT_KEY)
         mine = current is not None and current["host"] == me and current["version"] == version
         drain_key = DRAIN_PREFIX + me.encode()
-        drained = self.agent.raft.view.get(SYSTEM_TABLE, drain_key) is not None
-        trial = read_trial(self.agent.config.data_dir)
+        drained = self.site.view.get(SYSTEM_TABLE, drain_key) is not None
+        trial = read_trial(self.data_dir)
         if mine and trial is not None and trial.to_version == version:
             if trial.state == "rolled_back" and __version__ != version:
                 await self._fail(me, version, f"{me} rolled back: {trial.reason}")
-                await self.agent.raft.propose([Delete(SYSTEM_TABLE, drain_key)])
+                await self.site.propose([Delete(SYSTEM_TABLE, drain_key)])
                 return
             if __version__ == version and drained:
-                await self.agent.raft.propose([Delete(SYSTEM_TABLE, drain_key)])
+                await self.site.propose([Delete(SYSTEM_TABLE, drain_key)])
                 logger.info("agent upgrade: back on %s, taking work again", version)
                 return
         if mine and __version__ != version and not self._busy:
@@ -200,17 +224,16 @@ class AgentUpgrades:
             asyncio.get_running_loop().create_task(self._upgrade_self(desired))
 
     async def _upgrade_self(self, desired: dict[str, Any]) -> None:
-        agent = self.agent
-        me = agent.config.host_id
+        me = self.host_id
         release = parse_release(desired)
         try:
             wheel = await self._wheel(release)
-            await agent.raft.propose([Put(SYSTEM_TABLE, DRAIN_PREFIX + me.encode(), b"upgrade")])
+            await self.site.propose([Put(SYSTEM_TABLE, DRAIN_PREFIX + me.encode(), b"upgrade")])
             await self._drained(DRAIN_TIMEOUT_S)
-            releases = agent.config.data_dir / "releases"
+            releases = self.data_dir / "releases"
             lib = await asyncio.to_thread(install_release, wheel, releases)
             start_trial(
-                agent.config.data_dir,
+                self.data_dir,
                 from_version=__version__,
                 to_version=release.version,
                 lib=lib,
@@ -230,13 +253,13 @@ class AgentUpgrades:
             await asyncio.sleep(0.5)
 
     def _placed_here(self) -> bool:
-        me = self.agent.config.host_id
-        records, _ = self.agent.raft.view.scan(APPS_TABLE, INST_PREFIX, 1_000_000)
+        me = self.host_id
+        records, _ = self.site.view.scan(APPS_TABLE, INST_PREFIX, 1_000_000)
         return any(decode_placement(r.value).host_id == me for _, r in records)
 
     async def _wheel(self, release: Release) -> Path:
         """The release's wheel: this host's cache, a peer's, or the hub's."""
-        cache = wheel_cache(self.agent)
+        cache = wheel_cache(self.data_dir)
         path = cache / f"{release.digest}.whl"
         if path.is_file():
             return path
@@ -248,10 +271,10 @@ class AgentUpgrades:
         return path
 
     async def _from_peers(self, release: Release) -> bytes | None:
-        me = self.agent.config.host_id
+        me = self.host_id
         timeout = aiohttp.ClientTimeout(total=60)
         async with aiohttp.ClientSession(timeout=timeout) as session:
-            for member in self.agent.members():
+            for member in self.members.members():
                 if member.host_id == me or not member.api:
                     continue
                 with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError):
@@ -264,13 +287,10 @@ class AgentUpgrades:
         return None
 
     async def _from_hub(self, release: Release) -> bytes:
-        from meshorch.fleet.client import LinkClient
-
-        link = self.agent.site_link
-        config, key = link.link_config(), link.site_key()
-        if config is None or key is None:
+        hub, key = self.hub.hub_url(), self.hub.site_key()
+        if hub is None or key is None:
             raise RuntimeError("no peer has the release and the site has no hub link")
-        async with LinkClient(config.hub, self.agent.config.site, key) as client:
+        async with LinkClient(hub, self.site_id, key) as client:
             data = await client.fetch_release(release.digest)
         if not _matches(data, release):
             raise RuntimeError(f"the release from the hub does not match {release.digest}")

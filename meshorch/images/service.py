@@ -7,7 +7,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -20,8 +20,9 @@ from meshorch.images.store import (
     ImageTransferError,
     holder_key,
 )
+from meshorch.state.ports import Members, SiteState
 from meshorch.state.tables import APPS_TABLE, MemberRecord
-from raft import Put, RaftNode
+from raft import Put
 
 logger = logging.getLogger(__name__)
 
@@ -36,13 +37,13 @@ class SiteImages:
         self,
         root: Path,
         host_id: str,
-        raft: Callable[[], RaftNode],
-        members: Callable[[], list[MemberRecord]],
+        site: SiteState,
+        members: Members,
     ) -> None:
         self.blobs = BlobStore(root)
         self.host_id = host_id
-        self._raft = raft
-        self._members = members
+        self.site = site
+        self.members = members
         self.uploaded_bytes = 0
         self.fetched_bytes = 0
         self._wake = asyncio.Event()
@@ -55,7 +56,7 @@ class SiteImages:
         digest, size = await self.blobs.add_stream(chunks, MAX_IMAGE_BYTES)
         self.uploaded_bytes += size
         manifest = ImageManifest(ref, digest, size, self.host_id, time.time())
-        await self._raft().propose(
+        await self.site.propose(
             [
                 Put(APPS_TABLE, manifest.key(), manifest.encode()),
                 Put(APPS_TABLE, holder_key(digest, self.host_id), b""),
@@ -67,12 +68,12 @@ class SiteImages:
         return manifest
 
     def manifests(self) -> list[ImageManifest]:
-        records, _ = self._raft().view.scan(APPS_TABLE, IMAGE_PREFIX, 100_000)
+        records, _ = self.site.view.scan(APPS_TABLE, IMAGE_PREFIX, 100_000)
         return [ImageManifest.decode(r.value) for _, r in records]
 
     def holders(self, digest: str) -> list[str]:
         prefix = HOLDER_PREFIX + f"{digest}/".encode()
-        records, _ = self._raft().view.scan(APPS_TABLE, prefix, 100_000)
+        records, _ = self.site.view.scan(APPS_TABLE, prefix, 100_000)
         return [key[len(prefix) :].decode() for key, _ in records]
 
     def catalog(self) -> list[dict[str, object]]:
@@ -87,7 +88,7 @@ class SiteImages:
     async def ensure(self, session: aiohttp.ClientSession, manifest: ImageManifest) -> None:
         """Have ``manifest``'s blob here (copied from a peer) and say so in the state."""
         if not self.blobs.has(manifest.digest):
-            members = {m.host_id: m for m in self._members()}
+            members = {m.host_id: m for m in self.members.members()}
             holders = [h for h in self.holders(manifest.digest) if h in members]
             random.shuffle(holders)  # spread the load over every host that has it
             urls = [
@@ -98,7 +99,7 @@ class SiteImages:
             )
             logger.info("copied image %s from a site peer", manifest.ref)
         if self.host_id not in self.holders(manifest.digest):
-            await self._raft().propose(
+            await self.site.propose(
                 [Put(APPS_TABLE, holder_key(manifest.digest, self.host_id), b"")], idempotent=True
             )
 

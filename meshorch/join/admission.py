@@ -12,8 +12,9 @@ import asyncio
 import logging
 import secrets
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import aiohttp
 import orjson
@@ -28,6 +29,7 @@ from meshorch.join.protocol import (
     revocation_notice,
     wrap_answer,
 )
+from meshorch.state.ports import Members, SiteState
 from meshorch.state.tables import (
     IPAM_PREFIX,
     REVOKED_PREFIX,
@@ -40,9 +42,6 @@ from netmesh import AddressPlan, seal
 from raft import Delete, Put
 from raft.errors import NotCommittedError, ProposalError
 from raft.node import MEMBERSHIP_RETRY_S
-
-if TYPE_CHECKING:
-    from meshorch.site.agent import Agent
 
 logger = logging.getLogger(__name__)
 
@@ -72,206 +71,225 @@ class SiteNetwork:
         return SiteNetwork(str(data["network"]), int(data["raft_port"]))
 
 
-def site_identity(agent: Agent) -> SiteIdentity:
-    record = agent.raft.view.get(SYSTEM_TABLE, SITE_IDENTITY_KEY)
-    if record is None:
-        raise SiteNotReady("site_not_ready", "this site has no identity yet (not a mesh site?)")
-    return SiteIdentity.decode(record.value)
+class MembershipNode(SiteState, Protocol):
+    """The Raft member admission works through: the state, and membership changes."""
+
+    async def add_member(self, address: str) -> None: ...
+
+    async def remove_member(self, address: str, retry_s: float = ...) -> None: ...
 
 
-async def create_token(agent: Agent, ttl_s: float, single_use: bool) -> dict[str, Any]:
-    """Store a new token in the site state and return it, encoded, with its expiry."""
-    from meshorch.join.protocol import JoinToken
-
-    if not 0 < ttl_s <= MAX_TOKEN_TTL_S:
-        raise JoinRefused("bad_ttl", f"ttl must be between 1 s and {MAX_TOKEN_TTL_S} s")
-    await agent.raft.barrier()
-    identity = site_identity(agent)
-    record = TokenRecord(
-        token_id=secrets.token_hex(8),
-        secret=secrets.token_bytes(24),
-        expires_at=time.time() + ttl_s,
-        single_use=single_use,
-    )
-    await agent.raft.propose([Put(SYSTEM_TABLE, record.key(), record.encode(), expect_index=0)])
-    token = JoinToken(agent.config.site, record.token_id, record.secret, identity.fingerprint)
-    return {
-        "token": token.encode(),
-        "token_id": record.token_id,
-        "expires_at": record.expires_at,
-        "single_use": single_use,
-        "site_fingerprint": identity.fingerprint,
-    }
+Spawn = Callable[[Coroutine[Any, Any, None], str], None]
 
 
-def _revoked_keys(agent: Agent) -> dict[str, str]:
-    records, _ = agent.raft.view.scan(SYSTEM_TABLE, REVOKED_PREFIX, 100_000)
-    revoked = {}
-    for key, record in records:
-        data = orjson.loads(record.value)
-        revoked[key[len(REVOKED_PREFIX) :].decode()] = str(data.get("wg_public_key", ""))
-    return revoked
+class Admission:
+    """Join tokens, admitting hosts and revoking them, for one agent of a mesh site."""
 
+    def __init__(
+        self, node: MembershipNode, members: Members, site: str, password: str, spawn: Spawn
+    ) -> None:
+        self.node = node
+        self.members = members
+        self.site = site
+        self.password = password  # the cluster password an admitted host receives
+        self.spawn = spawn  # runs a background task the agent owns
 
-async def admit(agent: Agent, request: JoinRequest, now: float) -> dict[str, str]:
-    """Admit ``request`` into the site; return the signed, sealed answer body."""
-    raft = agent.raft
-    view = raft.view
-    await raft.barrier()
-    identity = site_identity(agent)
-    network_record = view.get(SYSTEM_TABLE, SITE_NETWORK_KEY)
-    if network_record is None:
-        raise SiteNotReady("site_not_ready", "this site has no overlay network yet")
-    network = SiteNetwork.decode(network_record.value)
+    def site_identity(self) -> SiteIdentity:
+        record = self.node.view.get(SYSTEM_TABLE, SITE_IDENTITY_KEY)
+        if record is None:
+            raise SiteNotReady("site_not_ready", "this site has no identity yet (not a mesh site?)")
+        return SiteIdentity.decode(record.value)
 
-    # The proof first: a requester without the token's secret learns nothing more.
-    token_record = view.get(SYSTEM_TABLE, b"token/" + request.token_id.encode())
-    stored = TokenRecord.decode(token_record.value) if token_record else None
-    check_join(request, agent.config.site, stored, now)
-    revoked = _revoked_keys(agent)
-    if request.host_id in revoked or request.wg_public_key in revoked.values():
-        raise JoinRefused("revoked_host", f"host {request.host_id} (or its key) was revoked")
-    members = {m.host_id: m for m in agent.members()}
-    existing = members.get(request.host_id)
-    if existing is not None and existing.wg_public_key != request.wg_public_key:
-        raise JoinRefused("host_id_taken", f"host id {request.host_id} is taken by another key")
-    await _spend_token(agent, request, now)
+    async def create_token(self, ttl_s: float, single_use: bool) -> dict[str, Any]:
+        """Store a new token in the site state and return it, encoded, with its expiry."""
+        from meshorch.join.protocol import JoinToken
 
-    overlay_ip = existing.overlay_ip if existing and existing.overlay_ip else None
-    if overlay_ip is None:
-        overlay_ip = await _claim_address(agent, AddressPlan.from_cidr(network.network), request)
-    member = MemberRecord(
-        host_id=request.host_id,
-        raft=f"{overlay_ip}:{network.raft_port}",
-        api=request.api,
-        wg_public_key=request.wg_public_key,
-        overlay_ip=overlay_ip,
-        wg_endpoint=request.wg_endpoint,
-    )
-    await raft.propose([Put(SYSTEM_TABLE, member.key(), member.encode())], idempotent=True)
-    raft_members = tuple(sorted({*raft.status().members, member.raft}))
-    answer = JoinAnswer(
-        site=agent.config.site,
-        host_id=request.host_id,
-        overlay_ip=overlay_ip,
-        overlay_network=network.network,
-        raft_port=network.raft_port,
-        raft_members=raft_members,
-        peers=tuple(m.to_json() for m in agent.members() if m.wg_public_key),
-        cluster_password=agent.password,
-    )
-    agent.spawn(_add_raft_member(agent, member), f"add-member-{member.host_id}")
-    logger.info("admitted %s at %s", member.host_id, overlay_ip)
-    return wrap_answer(seal(answer.encode(), request.wg_public_key), identity)
-
-
-async def _spend_token(agent: Agent, request: JoinRequest, now: float) -> None:
-    """Record the token's use by compare-and-set: of two hosts racing for a single-use
-    token one loses; hosts sharing a reusable token just retry."""
-    token_key = b"token/" + request.token_id.encode()
-    for _ in range(TOKEN_SPEND_ATTEMPTS):
-        current = agent.raft.view.get(SYSTEM_TABLE, token_key)
-        stored = TokenRecord.decode(current.value) if current else None
-        spent = check_join(request, agent.config.site, stored, now)
-        assert current is not None and stored is not None  # check_join refuses unknown tokens
-        (spend,) = await agent.raft.propose(
-            [Put(SYSTEM_TABLE, token_key, spent.encode(), expect_index=current.mod_index)]
+        if not 0 < ttl_s <= MAX_TOKEN_TTL_S:
+            raise JoinRefused("bad_ttl", f"ttl must be between 1 s and {MAX_TOKEN_TTL_S} s")
+        await self.node.barrier()
+        identity = self.site_identity()
+        record = TokenRecord(
+            token_id=secrets.token_hex(8),
+            secret=secrets.token_bytes(24),
+            expires_at=time.time() + ttl_s,
+            single_use=single_use,
         )
-        if spend.ok:
-            return
-        if stored.single_use:
-            raise JoinRefused("used_token", "the single-use join token was used concurrently")
-    raise JoinRefused("busy", "too many hosts are joining with this token at once; retry")
+        await self.node.propose([Put(SYSTEM_TABLE, record.key(), record.encode(), expect_index=0)])
+        token = JoinToken(self.site, record.token_id, record.secret, identity.fingerprint)
+        return {
+            "token": token.encode(),
+            "token_id": record.token_id,
+            "expires_at": record.expires_at,
+            "single_use": single_use,
+            "site_fingerprint": identity.fingerprint,
+        }
 
+    def _revoked_keys(self) -> dict[str, str]:
+        records, _ = self.node.view.scan(SYSTEM_TABLE, REVOKED_PREFIX, 100_000)
+        revoked = {}
+        for key, record in records:
+            data = orjson.loads(record.value)
+            revoked[key[len(REVOKED_PREFIX) :].decode()] = str(data.get("wg_public_key", ""))
+        return revoked
 
-async def _claim_address(agent: Agent, plan: AddressPlan, request: JoinRequest) -> str:
-    for _ in range(16):
-        records, _ = agent.raft.view.scan(SYSTEM_TABLE, IPAM_PREFIX, 1_000_000)
-        taken = {plan.validate(k[len(IPAM_PREFIX) :].decode(), set()) for k, _ in records}
-        address = str(plan.allocate(taken))
-        key = IPAM_PREFIX + address.encode()
-        (claim,) = await agent.raft.propose(
-            [Put(SYSTEM_TABLE, key, request.host_id.encode(), expect_index=0)]
+    async def admit(self, request: JoinRequest, now: float) -> dict[str, str]:
+        """Admit ``request`` into the site; return the signed, sealed answer body."""
+        raft = self.node
+        view = raft.view
+        await raft.barrier()
+        identity = self.site_identity()
+        network_record = view.get(SYSTEM_TABLE, SITE_NETWORK_KEY)
+        if network_record is None:
+            raise SiteNotReady("site_not_ready", "this site has no overlay network yet")
+        network = SiteNetwork.decode(network_record.value)
+
+        # The proof first: a requester without the token's secret learns nothing more.
+        token_record = view.get(SYSTEM_TABLE, b"token/" + request.token_id.encode())
+        stored = TokenRecord.decode(token_record.value) if token_record else None
+        check_join(request, self.site, stored, now)
+        revoked = self._revoked_keys()
+        if request.host_id in revoked or request.wg_public_key in revoked.values():
+            raise JoinRefused("revoked_host", f"host {request.host_id} (or its key) was revoked")
+        members = {m.host_id: m for m in self.members.members()}
+        existing = members.get(request.host_id)
+        if existing is not None and existing.wg_public_key != request.wg_public_key:
+            raise JoinRefused("host_id_taken", f"host id {request.host_id} is taken by another key")
+        await self._spend_token(request, now)
+
+        overlay_ip = existing.overlay_ip if existing and existing.overlay_ip else None
+        if overlay_ip is None:
+            overlay_ip = await self._claim_address(AddressPlan.from_cidr(network.network), request)
+        member = MemberRecord(
+            host_id=request.host_id,
+            raft=f"{overlay_ip}:{network.raft_port}",
+            api=request.api,
+            wg_public_key=request.wg_public_key,
+            overlay_ip=overlay_ip,
+            wg_endpoint=request.wg_endpoint,
         )
-        if claim.ok:
-            return address
-    raise JoinRefused("no_address", "could not claim an overlay address, retry")
+        await raft.propose([Put(SYSTEM_TABLE, member.key(), member.encode())], idempotent=True)
+        raft_members = tuple(sorted({*raft.status().members, member.raft}))
+        answer = JoinAnswer(
+            site=self.site,
+            host_id=request.host_id,
+            overlay_ip=overlay_ip,
+            overlay_network=network.network,
+            raft_port=network.raft_port,
+            raft_members=raft_members,
+            peers=tuple(m.to_json() for m in self.members.members() if m.wg_public_key),
+            cluster_password=self.password,
+        )
+        self.spawn(self._add_raft_member(member), f"add-member-{member.host_id}")
+        logger.info("admitted %s at %s", member.host_id, overlay_ip)
+        return wrap_answer(seal(answer.encode(), request.wg_public_key), identity)
 
+    async def _spend_token(self, request: JoinRequest, now: float) -> None:
+        """Record the token's use by compare-and-set: of two hosts racing for a single-use
+        token one loses; hosts sharing a reusable token just retry."""
+        token_key = b"token/" + request.token_id.encode()
+        for _ in range(TOKEN_SPEND_ATTEMPTS):
+            current = self.node.view.get(SYSTEM_TABLE, token_key)
+            stored = TokenRecord.decode(current.value) if current else None
+            spent = check_join(request, self.site, stored, now)
+            assert current is not None and stored is not None  # check_join refuses unknown tokens
+            (spend,) = await self.node.propose(
+                [Put(SYSTEM_TABLE, token_key, spent.encode(), expect_index=current.mod_index)]
+            )
+            if spend.ok:
+                return
+            if stored.single_use:
+                raise JoinRefused("used_token", "the single-use join token was used concurrently")
+        raise JoinRefused("busy", "too many hosts are joining with this token at once; retry")
 
-async def _add_raft_member(agent: Agent, member: MemberRecord) -> None:
-    """Grow the Raft cluster once the joiner is admitted (retried; idempotent)."""
-    for attempt in range(ADD_MEMBER_ATTEMPTS):
-        if member.raft in agent.raft.status().members:
-            return
-        current = agent.raft.view.get(SYSTEM_TABLE, member.key())
-        if current is None:
-            return  # revoked meanwhile
+    async def _claim_address(self, plan: AddressPlan, request: JoinRequest) -> str:
+        for _ in range(16):
+            records, _ = self.node.view.scan(SYSTEM_TABLE, IPAM_PREFIX, 1_000_000)
+            taken = {plan.validate(k[len(IPAM_PREFIX) :].decode(), set()) for k, _ in records}
+            address = str(plan.allocate(taken))
+            key = IPAM_PREFIX + address.encode()
+            (claim,) = await self.node.propose(
+                [Put(SYSTEM_TABLE, key, request.host_id.encode(), expect_index=0)]
+            )
+            if claim.ok:
+                return address
+        raise JoinRefused("no_address", "could not claim an overlay address, retry")
+
+    async def _add_raft_member(self, member: MemberRecord) -> None:
+        """Grow the Raft cluster once the joiner is admitted (retried; idempotent)."""
+        for attempt in range(ADD_MEMBER_ATTEMPTS):
+            if member.raft in self.node.status().members:
+                return
+            current = self.node.view.get(SYSTEM_TABLE, member.key())
+            if current is None:
+                return  # revoked meanwhile
+            try:
+                await self.node.add_member(member.raft)
+                logger.info("%s is a Raft member", member.host_id)
+                return
+            except ProposalError as exc:
+                logger.warning(
+                    "adding %s to Raft (attempt %d): %s", member.host_id, attempt + 1, exc
+                )
+                await asyncio.sleep(0.5)
+
+    async def revoke(self, record: MemberRecord) -> None:
+        """Cut a host: out of Raft, out of every peer's WireGuard, its token use spent."""
+        marker = orjson.dumps(
+            {"v": 1, "wg_public_key": record.wg_public_key or "", "at": time.time()}
+        )
+        revoked_key = REVOKED_PREFIX + record.host_id.encode()
+        ops: list[Put | Delete] = [Delete(SYSTEM_TABLE, record.key())]
+        if record.wg_public_key:
+            ops.append(Put(SYSTEM_TABLE, revoked_key, marker))
+        if record.overlay_ip:
+            ops.append(Delete(SYSTEM_TABLE, IPAM_PREFIX + record.overlay_ip.encode()))
+        if record.raft in self.node.status().members:
+            await self._remove_from_raft(record)
+        await self.node.propose(ops, idempotent=True)
+        if record.api and record.wg_public_key:
+            self.spawn(self._notify_revoked(record), f"notify-revoked-{record.host_id}")
+
+    async def _remove_from_raft(self, record: MemberRecord) -> None:
+        """pysyncobj refuses to remove the leader: a leader being removed is first asked (its
+        API, ``POST /v1/raft/step-down``) to hand leadership to another member."""
+        deadline = time.monotonic() + MEMBERSHIP_RETRY_S
+        while True:
+            if self.node.status().leader_address == record.raft:
+                await self._ask_to_step_down(record, deadline)
+            try:
+                await self.node.remove_member(record.raft, retry_s=REMOVE_ATTEMPT_S)
+                return
+            except NotCommittedError as exc:
+                # Refused while a change or an election settles, or because it leads.
+                if time.monotonic() > deadline:
+                    raise
+                logger.info("removing %s from Raft: %s; retrying", record.host_id, exc)
+
+    async def _ask_to_step_down(self, record: MemberRecord, deadline: float) -> None:
+        """Best effort, then wait (until ``deadline``) for another leader."""
         try:
-            await agent.raft.add_member(member.raft)
-            logger.info("%s is a Raft member", member.host_id)
-            return
-        except ProposalError as exc:
-            logger.warning("adding %s to Raft (attempt %d): %s", member.host_id, attempt + 1, exc)
-            await asyncio.sleep(0.5)
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3)) as session,
+                session.post(f"http://{record.api}/v1/raft/step-down") as response,
+            ):
+                logger.info("asked %s to step down: %s", record.host_id, response.status)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            logger.info("could not ask %s to step down: %s", record.host_id, exc)
+        while time.monotonic() < deadline:
+            if self.node.status().leader_address != record.raft:
+                return
+            await asyncio.sleep(0.1)
 
-
-async def revoke(agent: Agent, record: MemberRecord) -> None:
-    """Cut a host: out of Raft, out of every peer's WireGuard, its token use spent."""
-    marker = orjson.dumps({"v": 1, "wg_public_key": record.wg_public_key or "", "at": time.time()})
-    revoked_key = REVOKED_PREFIX + record.host_id.encode()
-    ops: list[Put | Delete] = [Delete(SYSTEM_TABLE, record.key())]
-    if record.wg_public_key:
-        ops.append(Put(SYSTEM_TABLE, revoked_key, marker))
-    if record.overlay_ip:
-        ops.append(Delete(SYSTEM_TABLE, IPAM_PREFIX + record.overlay_ip.encode()))
-    if record.raft in agent.raft.status().members:
-        await _remove_from_raft(agent, record)
-    await agent.raft.propose(ops, idempotent=True)
-    if record.api and record.wg_public_key:
-        agent.spawn(_notify_revoked(agent, record), f"notify-revoked-{record.host_id}")
-
-
-async def _remove_from_raft(agent: Agent, record: MemberRecord) -> None:
-    """pysyncobj refuses to remove the leader: a leader being removed is first asked (its
-    API, ``POST /v1/raft/step-down``) to hand leadership to another member."""
-    deadline = time.monotonic() + MEMBERSHIP_RETRY_S
-    while True:
-        if agent.raft.status().leader_address == record.raft:
-            await _ask_to_step_down(agent, record, deadline)
+    async def _notify_revoked(self, record: MemberRecord) -> None:
+        """Best effort: tell the revoked host, which no longer hears from Raft, to stop."""
+        notice = revocation_notice(self.site_identity(), self.site, record.host_id, time.time())
         try:
-            await agent.raft.remove_member(record.raft, retry_s=REMOVE_ATTEMPT_S)
-            return
-        except NotCommittedError as exc:
-            # Refused while a change or an election settles, or because it leads.
-            if time.monotonic() > deadline:
-                raise
-            logger.info("removing %s from Raft: %s; retrying", record.host_id, exc)
-
-
-async def _ask_to_step_down(agent: Agent, record: MemberRecord, deadline: float) -> None:
-    """Best effort, then wait (until ``deadline``) for another leader."""
-    try:
-        async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3)) as session,
-            session.post(f"http://{record.api}/v1/raft/step-down") as response,
-        ):
-            logger.info("asked %s to step down: %s", record.host_id, response.status)
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        logger.info("could not ask %s to step down: %s", record.host_id, exc)
-    while time.monotonic() < deadline:
-        if agent.raft.status().leader_address != record.raft:
-            return
-        await asyncio.sleep(0.1)
-
-
-async def _notify_revoked(agent: Agent, record: MemberRecord) -> None:
-    """Best effort: tell the revoked host, which no longer hears from Raft, to stop."""
-    notice = revocation_notice(site_identity(agent), agent.config.site, record.host_id, time.time())
-    try:
-        async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
-            session.post(f"http://{record.api}/v1/revoked", data=notice) as response,
-        ):
-            logger.info("told %s it is revoked: %s", record.host_id, response.status)
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        logger.info("could not tell %s it is revoked (%s); it is cut anyway", record.host_id, exc)
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
+                session.post(f"http://{record.api}/v1/revoked", data=notice) as response,
+            ):
+                logger.info("told %s it is revoked: %s", record.host_id, response.status)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            logger.info(
+                "could not tell %s it is revoked (%s); it is cut anyway", record.host_id, exc
+            )

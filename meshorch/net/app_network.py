@@ -26,8 +26,9 @@ import shutil
 import socket
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import aiohttp
 
@@ -46,11 +47,12 @@ from meshorch.net.dns import SiteDns, upstream_from_resolv_conf
 from meshorch.net.ingress import Backends, Ingresses
 from meshorch.net.vip import Vip
 from meshorch.runtime._proc import run_command
+from meshorch.state.ports import Members, SiteState
 from meshorch.state.tables import APPS_TABLE
+from raft import RaftStatus
 
 if TYPE_CHECKING:
     from meshorch.apps.spec import AppSpec
-    from meshorch.site.agent import Agent
 
 logger = logging.getLogger(__name__)
 
@@ -79,9 +81,28 @@ class NetworkSettings:
     isolate_tenants: bool | None = None  # None: when running podman as root
 
 
+class WatchedState(SiteState, Protocol):
+    """The replicated state, and a call when leadership moves (the ingress follows it)."""
+
+    def on_leader_change(self, listener: Callable[[RaftStatus], None]) -> None: ...
+
+
 class AppNetwork:
-    def __init__(self, agent: Agent, settings: NetworkSettings | None = None) -> None:
-        self.agent = agent
+    def __init__(
+        self,
+        site: WatchedState,
+        members: Members,
+        *,
+        host_id: str,
+        overlay_ip: str | None,
+        runtime: str,
+        settings: NetworkSettings | None = None,
+    ) -> None:
+        self.site = site
+        self.members = members
+        self.host_id = host_id
+        self.overlay_ip = overlay_ip  # None: not a mesh site, so no DNS address of its own
+        self.runtime = runtime  # the runtime's name: podman containers get DNS, isolation
         self.settings = settings or NetworkSettings()
         self._cache: tuple[int, frozenset[str], float, list[service_net.Endpoint]] | None = None
         self._apps: dict[tuple[str, str], tuple[AppSpec, str]] = {}
@@ -105,8 +126,7 @@ class AppNetwork:
         if wanted == "off":
             return None
         if wanted == "auto":
-            membership = self.agent.membership
-            return None if membership is None else (membership.overlay_ip, DNS_PORT)
+            return None if self.overlay_ip is None else (self.overlay_ip, DNS_PORT)
         return parse_host_port(wanted, "--dns")
 
     def dns_servers(self, runtime: str) -> tuple[str, ...]:
@@ -124,7 +144,7 @@ class AppNetwork:
     # -- endpoints --------------------------------------------------------------------------
 
     def endpoints(self) -> list[service_net.Endpoint]:
-        raft = self.agent.raft
+        raft = self.site
         index = raft.view.applied_index()
         now = time.monotonic()
         alive = frozenset(self.alive_hosts(now))
@@ -153,7 +173,7 @@ class AppNetwork:
                     self._apps[wanted] = (app.spec, app.tenant)
         addresses = {
             m.host_id: m.overlay_ip or service_net.host_address(m.raft)
-            for m in self.agent.members()
+            for m in self.members.members()
         }
         endpoints = service_net.build_endpoints(placements, reports, self._apps, addresses, alive)
         self._cache = (index, alive, now, endpoints)
@@ -163,7 +183,7 @@ class AppNetwork:
         """Hosts Raft hears from, less peers that stopped answering pings (a peer not
         pinged yet counts as alive: Raft says so)."""
         silent = {host for host, last in self._last_ping.items() if now - last > PEER_SILENT_S}
-        return self.agent.reachable_hosts() - silent
+        return self.members.reachable_hosts() - silent
 
     async def _ping_peers(self) -> None:
         timeout = aiohttp.ClientTimeout(total=PING_TIMEOUT_S)
@@ -178,8 +198,8 @@ class AppNetwork:
 
             try:
                 while True:
-                    me = self.agent.config.host_id
-                    peers = {m.host_id: m.api for m in self.agent.members() if m.host_id != me}
+                    me = self.host_id
+                    peers = {m.host_id: m.api for m in self.members.members() if m.host_id != me}
                     for host_id in list(self._last_ping):
                         if host_id not in peers:
                             del self._last_ping[host_id]
@@ -206,15 +226,14 @@ class AppNetwork:
 
         ingresses = Ingresses()
         vip = self._vip()
-        runtime = self.agent.runtime
         changed = asyncio.Event()  # leadership moved: act now, not at the next pass
-        self.agent.raft.on_leader_change(lambda _status: changed.set())
+        self.site.on_leader_change(lambda _status: changed.set())
         pinger = asyncio.create_task(self._ping_peers(), name="peer-pings")
         try:
             await self._start_dns()
             while True:
                 try:
-                    if runtime is not None and self.isolating(runtime.name):
+                    if self.isolating(self.runtime):
                         await self._isolate()
                     if vip is not None:
                         await self._ingress(ingresses, vip)
@@ -260,7 +279,7 @@ class AppNetwork:
         return Vip(address, device)
 
     async def _ingress(self, ingresses: Ingresses, vip: Vip) -> None:
-        leader = self.agent.raft.status().is_leader
+        leader = self.site.status().is_leader
         address = str(ipaddress.ip_interface(self.settings.ingress_address or "").ip)
         if leader:
             announce = not self.ingress_held
@@ -285,7 +304,7 @@ class AppNetwork:
         return current
 
     async def _isolate(self) -> None:
-        rules = service_net.isolation_rules(self.endpoints(), self.agent.config.host_id)
+        rules = service_net.isolation_rules(self.endpoints(), self.host_id)
         document = service_net.iptables_restore_input(rules)
         if document == self._rules:
             return

@@ -681,3 +681,18 @@ def op_writes(
         _fields(op, ())
         return [Put(SECRETS_TABLE, ROTATE_KEY, encode_flag(source))]
     raise RemoteInputError("unknown_op", f"unknown operation {kind!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class SecretRef:
+    """A site secret delivered to the container: as a file under its secrets directory
+    (``/run/secrets/{file}`` with podman), and as an environment variable if ``env``."""
+
+    name: str
+    tenant: str = DEFAULT_TENANT
+    file: str = ""  # "": the name
+    env: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.file:
+            object.__setattr__(self, "file", self.name)

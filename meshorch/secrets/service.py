@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hashlib
 import logging
 import os
@@ -26,16 +25,13 @@ import shutil
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
 import orjson
 from nacl.public import PrivateKey
 
-from meshorch.apps.spec import SecretRef
 from meshorch.errors import RemoteInputError
-from meshorch.fleet.apply import SiteFacts
-from meshorch.fleet.site_link import SiteLink
 from meshorch.secrets.keyring import (
     KEY_BYTES,
     LOCKDOWN_KEY,
@@ -44,6 +40,7 @@ from meshorch.secrets.keyring import (
     Indexed,
     Keys,
     SecretRecord,
+    SecretRef,
     SecretSettings,
     SecretUnavailable,
     Snapshot,
@@ -60,12 +57,10 @@ from meshorch.secrets.keyring import (
     secret_key,
     unb64,
 )
+from meshorch.state.ports import Members, SiteState
 from meshorch.state.tables import MEMBER_PREFIX, SECRETS_TABLE, SYSTEM_TABLE, validate_host_id
 from raft import Delete, Put
 from raft.errors import ProposalError
-
-if TYPE_CHECKING:
-    from meshorch.site.agent import Agent
 
 logger = logging.getLogger(__name__)
 
@@ -106,10 +101,21 @@ def delivery_root(data_dir: Path) -> Path:
 
 
 class SiteSecrets:
-    def __init__(self, agent: Agent, clock: Callable[[], float] = time.time) -> None:
-        self.agent = agent
+    def __init__(
+        self,
+        site: SiteState,
+        members: Members,
+        *,
+        host_id: str,
+        data_dir: Path,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.site = site
+        self.members = members
+        self.host_id = host_id
+        self.data_dir = data_dir
         self.clock = clock
-        self.root = delivery_root(agent.config.data_dir)
+        self.root = delivery_root(data_dir)
         self.host_key: PrivateKey | None = None
         self.unsealed_by: str | None = None
         self._keys: Keys | None = None
@@ -119,12 +125,12 @@ class SiteSecrets:
     # -- state ----------------------------------------------------------------------------
 
     def snapshot(self) -> Snapshot:
-        records, _ = self.agent.raft.view.scan(SECRETS_TABLE, b"", 1_000_000)
+        records, _ = self.site.view.scan(SECRETS_TABLE, b"", 1_000_000)
         return Snapshot.read((key, Indexed(r.mod_index, r.value)) for key, r in records)
 
     def locked_down(self) -> bool:
         """True while the lock-down record is in Raft; drops the keys at once if so."""
-        locked = self.agent.raft.view.get(SECRETS_TABLE, LOCKDOWN_KEY) is not None
+        locked = self.site.view.get(SECRETS_TABLE, LOCKDOWN_KEY) is not None
         if locked:
             self.drop_keys("the site is locked down")
         return locked
@@ -163,7 +169,7 @@ class SiteSecrets:
         state = snap.dkstate
         pending = sum(1 for s, _ in snap.secrets.values() if s.state == "sealed")
         return {
-            "host_id": self.agent.config.host_id,
+            "host_id": self.host_id,
             "initialized": snap.keyring is not None,
             "sealed": self._keys is None,
             "unsealed_by": self.unsealed_by,
@@ -186,7 +192,7 @@ class SiteSecrets:
     # -- the service --------------------------------------------------------------------------
 
     async def run(self) -> None:
-        self.host_key = await asyncio.to_thread(load_or_create_host_key, self.agent.config.data_dir)
+        self.host_key = await asyncio.to_thread(load_or_create_host_key, self.data_dir)
         timeout = aiohttp.ClientTimeout(total=PEER_TIMEOUT_S)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             try:
@@ -202,7 +208,7 @@ class SiteSecrets:
                 self.drop_keys("the agent stops", logging.INFO)
 
     async def tick(self, session: aiohttp.ClientSession) -> None:
-        raft = self.agent.raft
+        raft = self.site
         if not raft.status().ready:
             return
         snap = self.snapshot()
@@ -227,16 +233,16 @@ class SiteSecrets:
     async def _register_host_key(self, snap: Snapshot) -> None:
         assert self.host_key is not None
         public = bytes(self.host_key.public_key)
-        host_id = self.agent.config.host_id
+        host_id = self.host_id
         if snap.hostkeys.get(host_id) != public:
-            await self.agent.raft.propose(
+            await self.site.propose(
                 [Put(SECRETS_TABLE, hostkey_key(host_id), encode_hostkey(public))], idempotent=True
             )
             logger.info("secrets: registered this host's key")
 
     async def _initialise(self) -> None:
         kek, seed, dk = os.urandom(KEY_BYTES), os.urandom(KEY_BYTES), os.urandom(KEY_BYTES)
-        results = await self.agent.raft.propose(init_ops(kek, seed, dk, self.clock()))
+        results = await self.site.propose(init_ops(kek, seed, dk, self.clock()))
         if results[0].ok:
             self._hold(Keys(kek, PrivateKey(seed)), "created the site's keys")
 
@@ -248,7 +254,7 @@ class SiteSecrets:
                 step = next_step(self.snapshot(), self._keys, self.clock(), os.urandom(KEY_BYTES))
                 if step is None:
                     return
-                results = await self.agent.raft.propose(step.ops)
+                results = await self.site.propose(step.ops)
                 if not results[0].ok:
                     logger.info("secrets: %s: the state moved meanwhile, again", step.what)
                     return
@@ -256,8 +262,8 @@ class SiteSecrets:
 
     async def _unseal_from_peers(self, session: aiohttp.ClientSession, snap: Snapshot) -> None:
         assert self.host_key is not None and snap.keyring is not None
-        me = self.agent.config.host_id
-        for member in self.agent.members():
+        me = self.host_id
+        for member in self.members.members():
             if member.host_id == me or member.api is None:
                 continue
             url = f"http://{member.api}/v1/secrets/unseal-request"
@@ -294,7 +300,7 @@ class SiteSecrets:
             raise RemoteInputError("bad_request", "host_id: a string")
         validate_host_id(host_id)
         keys = self._check_serving()
-        if self.agent.raft.view.get(SYSTEM_TABLE, MEMBER_PREFIX + host_id.encode()) is None:
+        if self.site.view.get(SYSTEM_TABLE, MEMBER_PREFIX + host_id.encode()) is None:
             raise SecretsRefused(403, "not_a_member", f"{host_id} is not a member of this site")
         host_key = self.snapshot().hostkeys.get(host_id)
         if host_key is None:
@@ -307,7 +313,7 @@ class SiteSecrets:
 
     async def unseal(self, kek: bytes) -> bool:
         """Unseal with the operator's key; False when this host was unsealed already."""
-        await self.agent.raft.barrier()
+        await self.site.barrier()
         if self.locked_down():
             raise SecretsRefused(409, "locked_down", "the site is locked down: unlock it first")
         keyring = self.snapshot().keyring
@@ -323,26 +329,24 @@ class SiteSecrets:
         return True
 
     async def lockdown(self, source: str) -> None:
-        await self.agent.raft.propose(
+        await self.site.propose(
             [Put(SECRETS_TABLE, LOCKDOWN_KEY, encode_flag(source))], idempotent=True
         )
         self.drop_keys("the site is locked down")
 
     async def unlock(self) -> bool:
-        (result,) = await self.agent.raft.propose(
-            [Delete(SECRETS_TABLE, LOCKDOWN_KEY)], idempotent=True
-        )
+        (result,) = await self.site.propose([Delete(SECRETS_TABLE, LOCKDOWN_KEY)], idempotent=True)
         return result.existed
 
     async def request_rotation(self, source: str) -> int | None:
         """Ask for a rotation; the current data key id before it (None: no keys yet)."""
-        await self.agent.raft.barrier()
+        await self.site.barrier()
         state = self.snapshot().dkstate
         if state is None:
             raise SecretsRefused(409, "not_initialized", "the site has no secrets keys yet")
         if self.locked_down():
             raise SecretsRefused(409, "locked_down", "the site is locked down")
-        await self.agent.raft.propose(
+        await self.site.propose(
             [Put(SECRETS_TABLE, ROTATE_KEY, encode_flag(source))], idempotent=True
         )
         return state.current
@@ -359,7 +363,7 @@ class SiteSecrets:
         return False
 
     async def put_settings(self, settings: SecretSettings) -> None:
-        await self.agent.raft.propose(
+        await self.site.propose(
             [Put(SECRETS_TABLE, SETTINGS_KEY, settings.encode())], idempotent=True
         )
 
@@ -369,7 +373,7 @@ class SiteSecrets:
         return self.root / runtime_id
 
     def _record(self, ref: SecretRef) -> SecretRecord | None:
-        record = self.agent.raft.view.get(SECRETS_TABLE, secret_key(ref.tenant, ref.name))
+        record = self.site.view.get(SECRETS_TABLE, secret_key(ref.tenant, ref.name))
         return None if record is None else SecretRecord.decode(record.value)
 
     def versions_tag(self, refs: Sequence[SecretRef]) -> str:
@@ -472,15 +476,3 @@ def parse_unseal_key(data: dict[str, object]) -> bytes:
 
 def sealed_answer(blob: bytes) -> dict[str, str]:
     return {"sealed_key": b64(blob)}
-
-
-class SecretsSiteLink(SiteLink):
-    """The fleet link, with the site's secrets public key in reports and GET /v1/fleet."""
-
-    def facts(self) -> SiteFacts:
-        return dataclasses.replace(
-            super().facts(), secrets_public_key=self.agent.secrets.public_key_hex()
-        )
-
-    def status_json(self) -> dict[str, Any]:
-        return {**super().status_json(), "secrets_public_key": self.agent.secrets.public_key_hex()}

@@ -24,14 +24,16 @@ from aiohttp import web
 from meshorch.apps.controller import SiteController
 from meshorch.apps.pressure import PressureGuard
 from meshorch.apps.reconciler import HostReconciler
-from meshorch.apps.records import HOSTRES_PREFIX, encode_hostinfo, hostinfo_key
+from meshorch.apps.records import HOSTRES_PREFIX, encode_hostinfo, host_protocols, hostinfo_key
 from meshorch.apps.resources import sample
 from meshorch.apps.settings import WorkloadSettings, make_runtime
 from meshorch.errors import ConfigurationError
 from meshorch.fleet import decommission
-from meshorch.fleet.upgrade import AgentUpgrades
+from meshorch.fleet.records import LinkRecords
+from meshorch.fleet.site_link import SiteLink
+from meshorch.fleet.upgrade import AgentUpgrades, wheel_cache
 from meshorch.images.service import SiteImages
-from meshorch.join.admission import SiteNetwork
+from meshorch.join.admission import Admission, SiteNetwork
 from meshorch.join.mesh import (
     MEMBERSHIP_FILE,
     PENDING_IDENTITY_FILE,
@@ -45,12 +47,14 @@ from meshorch.join.mesh import (
 )
 from meshorch.net.app_network import AppNetwork, NetworkSettings
 from meshorch.runtime import Runtime
-from meshorch.secrets.service import SecretsSiteLink, SiteSecrets
+from meshorch.secrets.service import SiteSecrets
+from meshorch.site.api import SiteServices, build_app
 from meshorch.site.config import AgentConfig, check_identity, resolve_password, store_password
+from meshorch.site.host_api import HostRoutes
+from meshorch.site.metrics import AgentCollector
+from meshorch.state.roster import Roster
 from meshorch.state.tables import (
     APPS_TABLE,
-    DRAIN_PREFIX,
-    MEMBER_PREFIX,
     SITE_IDENTITY_KEY,
     SITE_NETWORK_KEY,
     SITE_TABLES,
@@ -72,7 +76,12 @@ REGISTER_RETRY_S = 0.5
 
 
 class Agent:
-    """Async context manager: ``async with Agent(config) as agent: ...``."""
+    """Async context manager: ``async with Agent(config) as agent: ...``.
+
+    The one place that builds the agent's services and hands each what it uses: the
+    replicated state (``meshorch.state.ports.SiteState``, the Raft node), the roster of
+    the site's hosts, and the other services it works with. None of them sees the agent.
+    """
 
     def __init__(
         self,
@@ -84,7 +93,7 @@ class Agent:
         config.validate()
         self.config = config
         self.workloads = workloads or WorkloadSettings()
-        self.runtime: Runtime | None = None
+        self.network_settings = network
         self.mesh_settings = mesh
         self.membership: Membership | None = None
         self.mesh: MeshService | None = None
@@ -92,17 +101,18 @@ class Agent:
         self.password = ""
         self.revoked = asyncio.Event()
         self._raft: RaftNode | None = None
-        self.images = SiteImages(
-            config.data_dir / "images", config.host_id, lambda: self.raft, self.members
-        )
         self._runner: web.AppRunner | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        self.secrets = SiteSecrets(self)
-        self.site_link = SecretsSiteLink(self)
-        self.streams = SiteStreams(lambda: self.raft, config.host_id)
+        self.runtime: Runtime | None = None
         self.log_capture: LogCapture | None = None
-        self.network = AppNetwork(self, network)
-        self.upgrades = AgentUpgrades(self)
+        # Built by start(), once the Raft node exists:
+        self.roster: Roster
+        self.images: SiteImages
+        self.secrets: SiteSecrets
+        self.streams: SiteStreams
+        self.site_link: SiteLink
+        self.upgrades: AgentUpgrades
+        self.network: AppNetwork
 
     @property
     def raft(self) -> RaftNode:
@@ -120,8 +130,6 @@ class Agent:
     # -- lifecycle ---------------------------------------------------------------
 
     async def start(self) -> None:
-        from meshorch.site.api import build_app  # the API module imports this one
-
         config = self.config
         if self.mesh_settings is None:
             check_identity(config, config.raft_address)
@@ -136,7 +144,7 @@ class Agent:
             partners = tuple(m for m in prepared.membership.raft_members if m != raft_address)
 
         preset = local_preset() if config.preset == "local" else {}
-        self._raft = RaftNode(
+        raft = self._raft = RaftNode(
             RaftConfig(
                 self_address=raft_address,
                 partners=partners,
@@ -146,20 +154,23 @@ class Agent:
                 **preset,  # type: ignore[arg-type]
             )
         )
+        roster = self.roster = Roster(raft, raft.reachable, config.host_id)
         if self.mesh_settings is not None and self.membership is not None:
             assert self.keypair is not None
             self.mesh = MeshService(
                 self.mesh_settings,
                 self.keypair,
                 self.membership,
-                self.members,
+                roster.members,
                 self.on_revoked,
                 config.api_port,
             )
             # WireGuard first: Raft binds to the overlay address.
             await self.mesh.start()
-        await self.raft.start()
-        self._runner = web.AppRunner(build_app(self), access_log=None)
+        await raft.start()
+        self.runtime = make_runtime(self.workloads.runtime, config.data_dir)
+        self._build_services(raft, roster, self.runtime)
+        self._runner = web.AppRunner(build_app(self._api_services(raft, roster)), access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, config.api_host, config.api_port).start()
         if self.membership is not None and config.api_host not in ("0.0.0.0", "::"):
@@ -169,29 +180,92 @@ class Agent:
         self.spawn(self._register_self(), "register-self")
         self.spawn(self.images.run(), "image-sync")
         self.spawn(self.secrets.run(), "secrets")
-        self.runtime = make_runtime(self.workloads.runtime, config.data_dir)
         # Application output goes to the site's streams (tenant/app/logs).
         self.log_capture = LogCapture(
             self.runtime, config.data_dir / "log-capture", self._store_logs
         )
         await self.log_capture.start()
-        self.spawn(HostReconciler(self, self.runtime).run(), "reconcile")
+        reconciler = HostReconciler(
+            raft,
+            config.host_id,
+            self.runtime,
+            secrets=self.secrets,
+            images=self.images,
+            network=self.network,
+            capture=self.log_capture,
+        )
+        self.spawn(reconciler.run(), "reconcile")
         self.spawn(self.network.run(), "site-network")
-        self.spawn(decommission.run(self), "decommission")
+        self.spawn(decommission.run(raft), "decommission")
         self.spawn(self.upgrades.run(), "agent-upgrade")
         self.spawn(self._publish_resources(), "host-resources")
-        self.spawn(PressureGuard(self, self.workloads.evict_at_pct).run(), "pressure")
-        self.spawn(SiteController(self).run(), "controller")
-        self.spawn(self.site_link.run(), "fleet-link")
-        self.spawn(
-            self.streams.run_retention(lambda: self.raft.status().is_leader), "stream-retention"
+        pressure = PressureGuard(
+            raft,
+            config.host_id,
+            config.data_dir,
+            self.workloads.host_info(config.host_id),
+            self.workloads.evict_at_pct,
         )
+        self.spawn(pressure.run(), "pressure")
+        self.spawn(SiteController(raft, roster, self.streams).run(), "controller")
+        self.spawn(self.site_link.run(), "fleet-link")
+        self.spawn(self.streams.run_retention(lambda: raft.status().is_leader), "stream-retention")
         logger.info(
             "agent %s of site %s: api http://%s, raft %s",
             config.host_id,
             config.site,
             config.api_address,
             raft_address,
+        )
+
+    def _build_services(self, raft: RaftNode, roster: Roster, runtime: Runtime) -> None:
+        config = self.config
+        self.images = SiteImages(config.data_dir / "images", config.host_id, raft, roster)
+        self.secrets = SiteSecrets(raft, roster, host_id=config.host_id, data_dir=config.data_dir)
+        self.streams = SiteStreams(raft, config.host_id, lambda: host_protocols(raft.view))
+        self.upgrades = AgentUpgrades(
+            raft,
+            roster,
+            LinkRecords(raft),
+            site_id=config.site,
+            host_id=config.host_id,
+            data_dir=config.data_dir,
+        )
+        self.site_link = SiteLink(
+            raft,
+            roster,
+            site_id=config.site,
+            flag_config=config.fleet_link(),
+            secrets=self.secrets,
+            streams=self.streams,
+            gossip_address=(config.api_host, config.api_port),
+            upgrade_state=self.upgrades.state,
+        )
+        self.network = AppNetwork(
+            raft,
+            roster,
+            host_id=config.host_id,
+            overlay_ip=None if self.membership is None else self.membership.overlay_ip,
+            runtime=runtime.name,
+            settings=self.network_settings,
+        )
+
+    def _api_services(self, raft: RaftNode, roster: Roster) -> SiteServices:
+        config = self.config
+        return SiteServices(
+            site_id=config.site,
+            host_id=config.host_id,
+            raft_address=config.raft_address,
+            node=raft,
+            members=roster,
+            admission=Admission(raft, roster, config.site, self.password, self.spawn),
+            secrets=self.secrets,
+            images=self.images,
+            streams=self.streams,
+            link=self.site_link,
+            hosts=HostRoutes(raft, roster, wheel_cache(config.data_dir)),
+            metrics=AgentCollector(raft, roster, self.site_link, self.streams, config.data_dir),
+            on_revoked=self.on_revoked,
         )
 
     async def stop(self) -> None:
@@ -274,20 +348,6 @@ class Agent:
         self.revoked.set()
 
     # -- replicated state ----------------------------------------------------------
-
-    def reachable_hosts(self) -> set[str]:
-        """Hosts this agent hears from over Raft right now (itself included)."""
-        reachable = self.raft.reachable()
-        alive = {m.host_id for m in self.members() if m.raft in reachable}
-        return alive | {self.config.host_id}
-
-    def drained_hosts(self) -> set[str]:
-        records, _ = self.raft.view.scan(SYSTEM_TABLE, DRAIN_PREFIX, 10_000)
-        return {key[len(DRAIN_PREFIX) :].decode() for key, _ in records}
-
-    def members(self) -> list[MemberRecord]:
-        records, _ = self.raft.view.scan(SYSTEM_TABLE, MEMBER_PREFIX, 10_000)
-        return [MemberRecord.decode(record.value) for _, record in records]
 
     def _self_record(self) -> MemberRecord:
         config = self.config

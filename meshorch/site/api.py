@@ -11,10 +11,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
 
 import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry
+from prometheus_client.registry import Collector
 
 from meshorch import http_metrics
 from meshorch.apps.quotas import (
@@ -51,16 +54,18 @@ from meshorch.fleet.apply import (
     check_link_config,
 )
 from meshorch.fleet.delta import DeltaRejected
+from meshorch.fleet.site_link import SiteLink
 from meshorch.http_body import read_limited
+from meshorch.images.service import SiteImages
 from meshorch.images.store import CHUNK_BYTES, validate_digest, validate_ref
 from meshorch.join import admission
+from meshorch.join.admission import Admission
 from meshorch.join.protocol import JoinRefused, JoinRequest, check_revocation_notice
 from meshorch.secrets.keyring import parse_public_key, parse_settings
-from meshorch.secrets.service import SecretsRefused, parse_unseal_key, sealed_answer
-from meshorch.site import metrics
-from meshorch.site.agent import Agent
-from meshorch.site.host_api import add_host_routes
+from meshorch.secrets.service import SecretsRefused, SiteSecrets, parse_unseal_key, sealed_answer
+from meshorch.site.host_api import HostRoutes, add_host_routes
 from meshorch.site.stream_api import add_stream_routes
+from meshorch.state.ports import Members, SiteState
 from meshorch.state.protocol import FeatureUnavailable
 from meshorch.state.tables import (
     APPS_TABLE,
@@ -71,12 +76,12 @@ from meshorch.state.tables import (
     validate_host_id,
     validate_kv_key,
 )
+from meshorch.streams.site import SiteStreams
 from raft import Delete, Put
 from raft.errors import NotCommittedError, OutcomeUnknownError
 
 logger = logging.getLogger(__name__)
 
-AGENT_KEY: web.AppKey[Agent] = web.AppKey("agent")
 DEFAULT_LIST_LIMIT = 1000
 MAX_LIST_LIMIT = 10_000
 JSON = "application/json"
@@ -132,9 +137,39 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 STEP_DOWN_WAIT_S = 3.0
 
 
-def build_app(agent: Agent) -> web.Application:
+class ApiNode(SiteState, Protocol):
+    """The Raft member as the API uses it: the state, adding a member, stepping down."""
+
+    async def add_member(self, address: str) -> None: ...
+
+    def step_down(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class SiteServices:
+    """What the agent's API serves from; built by the agent (``meshorch.site.agent``)."""
+
+    site_id: str
+    host_id: str
+    raft_address: str | None  # None on a mesh site: the address is the overlay's
+    node: ApiNode
+    members: Members
+    admission: Admission
+    secrets: SiteSecrets
+    images: SiteImages
+    streams: SiteStreams
+    link: SiteLink
+    hosts: HostRoutes
+    metrics: Collector
+    on_revoked: Callable[[], None]  # this host was revoked: forget the site and stop
+
+
+SERVICES: web.AppKey[SiteServices] = web.AppKey("site_services")
+
+
+def build_app(services: SiteServices) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=MAX_VALUE_BYTES + 1)
-    app[AGENT_KEY] = agent
+    app[SERVICES] = services
     app.router.add_get("/v1/status", get_status)
     app.router.add_get("/v1/ping", ping)
     app.router.add_get("/v1/kv/", list_keys)
@@ -170,16 +205,16 @@ def build_app(agent: Agent) -> web.Application:
     app.router.add_post("/v1/secrets/unlock", unlock)
     app.router.add_post("/v1/secrets/rotate", rotate)
     app.router.add_put("/v1/secrets/settings", put_secret_settings)
-    add_stream_routes(app, _agent)
-    add_host_routes(app, _agent)
+    add_stream_routes(app, services.streams)
+    add_host_routes(app, services.hosts)
     registry = CollectorRegistry()
-    registry.register(metrics.AgentCollector(agent))
+    registry.register(services.metrics)
     http_metrics.install(app, registry, "meshorch_agent")
     return app
 
 
-def _agent(request: web.Request) -> Agent:
-    return request.app[AGENT_KEY]
+def _services(request: web.Request) -> SiteServices:
+    return request.app[SERVICES]
 
 
 async def ping(_request: web.Request) -> web.Response:
@@ -188,9 +223,9 @@ async def ping(_request: web.Request) -> web.Response:
 
 
 async def get_status(request: web.Request) -> web.Response:
-    agent = _agent(request)
-    status = agent.raft.status()
-    records = {m.raft: m for m in agent.members()}
+    svc = _services(request)
+    status = svc.node.status()
+    records = {m.raft: m for m in svc.members.members()}
     leader = records.get(status.leader_address or "")
     members = [
         records[address].to_json()
@@ -200,14 +235,14 @@ async def get_status(request: web.Request) -> web.Response:
     ]
     return json_response(
         {
-            "site": agent.config.site,
-            "host_id": agent.config.host_id,
+            "site": svc.site_id,
+            "host_id": svc.host_id,
             "leader": leader.host_id if leader else None,
             "leader_raft": status.leader_address,
             "is_leader": status.is_leader,
             "term": status.term,
             "commit_index": status.commit_index,
-            "applied_index": agent.raft.view.applied_index(),
+            "applied_index": svc.node.view.applied_index(),
             "members": members,
             "ready": status.ready,
         }
@@ -217,7 +252,7 @@ async def get_status(request: web.Request) -> web.Response:
 async def _consistent_read(request: web.Request) -> None:
     consistency = request.query.get("consistency", "linearizable")
     if consistency == "linearizable":
-        await _agent(request).raft.barrier()
+        await _services(request).node.barrier()
     elif consistency != "local":
         raise ApiError(400, "bad_consistency", "consistency must be 'linearizable' or 'local'")
 
@@ -243,7 +278,7 @@ async def put_key(request: web.Request) -> web.Response:
             413, "value_too_large", f"values are limited to {MAX_VALUE_BYTES} bytes"
         ) from exc
     # A plain put may be retried across a leader change; a compare-and-set may not.
-    (result,) = await _agent(request).raft.propose(
+    (result,) = await _services(request).node.propose(
         [Put(KV_TABLE, key, value, expect_index)], idempotent=expect_index is None
     )
     if result.error == "conflict":
@@ -258,7 +293,7 @@ async def put_key(request: web.Request) -> web.Response:
 async def get_key(request: web.Request) -> web.Response:
     key = validate_kv_key(request.match_info["key"])
     await _consistent_read(request)
-    record = _agent(request).raft.view.get(KV_TABLE, key)
+    record = _services(request).node.view.get(KV_TABLE, key)
     if record is None:
         raise ApiError(404, "not_found", "no such key")
     return web.Response(
@@ -270,7 +305,7 @@ async def get_key(request: web.Request) -> web.Response:
 
 async def delete_key(request: web.Request) -> web.Response:
     key = validate_kv_key(request.match_info["key"])
-    (result,) = await _agent(request).raft.propose([Delete(KV_TABLE, key)], idempotent=True)
+    (result,) = await _services(request).node.propose([Delete(KV_TABLE, key)], idempotent=True)
     return json_response({"index": result.index, "deleted": result.existed})
 
 
@@ -282,42 +317,42 @@ async def list_keys(request: web.Request) -> web.Response:
     if not 0 < limit <= MAX_LIST_LIMIT:
         raise ApiError(400, "bad_limit", f"limit must be 1..{MAX_LIST_LIMIT}")
     await _consistent_read(request)
-    records, more = _agent(request).raft.view.scan(KV_TABLE, raw_prefix, limit)
+    records, more = _services(request).node.view.scan(KV_TABLE, raw_prefix, limit)
     keys = [key.decode("utf-8", errors="replace") for key, _ in records]
     return json_response({"keys": keys, "more": more})
 
 
 async def list_members(request: web.Request) -> web.Response:
     await _consistent_read(request)
-    return json_response({"members": [m.to_json() for m in _agent(request).members()]})
+    return json_response({"members": [m.to_json() for m in _services(request).members.members()]})
 
 
 async def add_member(request: web.Request) -> web.Response:
     member = parse_member_request(await request.read())
-    agent = _agent(request)
-    by_id = {m.host_id: m for m in agent.members()}
+    svc = _services(request)
+    by_id = {m.host_id: m for m in svc.members.members()}
     existing = by_id.get(member.host_id)
     if existing is not None and existing.raft != member.raft:
         raise ApiError(409, "host_id_taken", f"{member.host_id} is already at {existing.raft}")
     if any(m.raft == member.raft and m.host_id != member.host_id for m in by_id.values()):
         raise ApiError(409, "address_taken", f"{member.raft} belongs to another host")
     record = member if existing is None or member.api else existing
-    await agent.raft.propose([Put(SYSTEM_TABLE, record.key(), record.encode())], idempotent=True)
-    if member.raft not in agent.raft.status().members:
-        await agent.raft.add_member(member.raft)
+    await svc.node.propose([Put(SYSTEM_TABLE, record.key(), record.encode())], idempotent=True)
+    if member.raft not in svc.node.status().members:
+        await svc.node.add_member(member.raft)
     return json_response({"member": record.to_json()})
 
 
 async def remove_member(request: web.Request) -> web.Response:
     host_id = validate_host_id(request.match_info["host_id"])
-    agent = _agent(request)
-    await agent.raft.barrier()
-    record = next((m for m in agent.members() if m.host_id == host_id), None)
+    svc = _services(request)
+    await svc.node.barrier()
+    record = next((m for m in svc.members.members() if m.host_id == host_id), None)
     if record is None:
         raise ApiError(404, "not_found", f"no member {host_id}")
-    if record.raft == agent.config.raft_address:
+    if record.raft == svc.raft_address:
         raise ApiError(409, "is_self", "ask another member to remove this host")
-    await admission.revoke(agent, record)
+    await svc.admission.revoke(record)
     return json_response({"removed": record.to_json()})
 
 
@@ -325,10 +360,10 @@ async def step_down(request: web.Request) -> web.Response:
     """As leader, hand Raft leadership to a caught-up member (asked before this host is
     removed: pysyncobj cannot remove its leader). 409 ``not_leader`` on a follower;
     followers that lag are waited for a few seconds."""
-    agent = _agent(request)
+    svc = _services(request)
     deadline = time.monotonic() + STEP_DOWN_WAIT_S
-    while agent.raft.status().is_leader:
-        if agent.raft.step_down():
+    while svc.node.status().is_leader:
+        if svc.node.step_down():
             return json_response({"stepped_down": True})
         if time.monotonic() > deadline:
             raise ApiError(409, "no_successor", "no member is caught up enough to lead")
@@ -351,7 +386,7 @@ async def create_token(request: web.Request) -> web.Response:
     if not isinstance(single_use, bool):
         raise ApiError(400, "bad_request", "single_use must be true or false")
     try:
-        token = await admission.create_token(_agent(request), float(ttl_s), single_use)
+        token = await _services(request).admission.create_token(float(ttl_s), single_use)
     except admission.SiteNotReady as exc:
         raise ApiError(409, exc.code, str(exc)) from exc
     return json_response(token)
@@ -361,7 +396,7 @@ async def join(request: web.Request) -> web.Response:
     """A host asks to join the site (see meshorch.join.protocol for the protocol)."""
     join_request = JoinRequest.parse(await request.read())
     try:
-        answer = await admission.admit(_agent(request), join_request, time.time())
+        answer = await _services(request).admission.admit(join_request, time.time())
     except admission.SiteNotReady as exc:
         raise ApiError(503, exc.code, str(exc)) from exc
     except JoinRefused as exc:
@@ -375,42 +410,42 @@ async def join(request: web.Request) -> web.Response:
 
 async def revoked(request: web.Request) -> web.Response:
     """The site tells this host it was revoked (a notice signed by the site identity)."""
-    agent = _agent(request)
+    svc = _services(request)
     try:
-        identity = admission.site_identity(agent)
+        identity = svc.admission.site_identity()
     except admission.SiteNotReady as exc:
         raise ApiError(409, exc.code, str(exc)) from exc
     try:
         check_revocation_notice(
             await request.read(),
             identity.public_key,
-            agent.config.site,
-            agent.config.host_id,
+            svc.site_id,
+            svc.host_id,
             time.time(),
         )
     except JoinRefused as exc:
         raise ApiError(403, exc.code, str(exc)) from exc
-    agent.on_revoked()
+    svc.on_revoked()
     return json_response({"stopping": True})
 
 
 async def add_image(request: web.Request) -> web.Response:
     """Body: an image archive (``podman save`` or a rootfs tar); ``?ref=name:tag``."""
     ref = validate_ref(request.query.get("ref", ""))
-    agent = _agent(request)
-    manifest = await agent.images.add_upload(ref, request.content.iter_chunked(CHUNK_BYTES))
+    svc = _services(request)
+    manifest = await svc.images.add_upload(ref, request.content.iter_chunked(CHUNK_BYTES))
     return json_response({"image": manifest.to_json()})
 
 
 async def list_images(request: web.Request) -> web.Response:
     await _consistent_read(request)
-    agent = _agent(request)
-    return json_response({"images": agent.images.catalog(), "local": agent.images.counters()})
+    svc = _services(request)
+    return json_response({"images": svc.images.catalog(), "local": svc.images.counters()})
 
 
 async def get_blob(request: web.Request) -> web.StreamResponse:
     digest = validate_digest(request.match_info["digest"])
-    path = _agent(request).images.blobs.path(digest)
+    path = _services(request).images.blobs.path(digest)
     if not path.exists():
         raise ApiError(404, "not_found", f"this host does not hold {digest}")
     # FileResponse serves HTTP Range requests, which resume broken transfers.
@@ -437,10 +472,10 @@ async def apply_app(request: web.Request) -> web.Response:
         return json_response(
             {"error": {"code": "bad_spec", "message": str(exc), "problems": exc.problems}}, 400
         )
-    agent = _agent(request)
-    await agent.raft.barrier()
-    existing = agent.raft.view.get(APPS_TABLE, appver_key(spec.name, spec.version))
-    current = agent.raft.view.get(APPS_TABLE, app_key(spec.name))
+    svc = _services(request)
+    await svc.node.barrier()
+    existing = svc.node.view.get(APPS_TABLE, appver_key(spec.name, spec.version))
+    current = svc.node.view.get(APPS_TABLE, app_key(spec.name))
     try:
         ops = app_put_ops(
             spec,
@@ -450,24 +485,22 @@ async def apply_app(request: web.Request) -> web.Response:
         )
     except (VersionExists, NameTaken) as exc:
         raise ApiError(409, exc.code, str(exc)) from exc
-    await agent.raft.propose(ops, idempotent=True)
+    await svc.node.propose(ops, idempotent=True)
     return json_response(
         {"app": spec.name, "tenant": tenant, "version": spec.version, "digest": spec_digest(spec)}
     )
 
 
-def _scan_json(agent: Agent, prefix: bytes) -> list[bytes]:
-    records, _ = agent.raft.view.scan(APPS_TABLE, prefix, 1_000_000)
+def _scan_json(svc: SiteServices, prefix: bytes) -> list[bytes]:
+    records, _ = svc.node.view.scan(APPS_TABLE, prefix, 1_000_000)
     return [r.value for _, r in records]
 
 
-def _app_view(agent: Agent, record: AppRecord) -> dict[str, object]:
+def _app_view(svc: SiteServices, record: AppRecord) -> dict[str, object]:
     spec = record.spec
-    placements = map(decode_placement, _scan_json(agent, INST_PREFIX))
-    reports = {
-        r.instance_id: r for r in map(InstanceReport.decode, _scan_json(agent, STATUS_PREFIX))
-    }
-    rollout_record = agent.raft.view.get(APPS_TABLE, rollout_key(spec.name))
+    placements = map(decode_placement, _scan_json(svc, INST_PREFIX))
+    reports = {r.instance_id: r for r in map(InstanceReport.decode, _scan_json(svc, STATUS_PREFIX))}
+    rollout_record = svc.node.view.get(APPS_TABLE, rollout_key(spec.name))
     rollout = decode_rollout(rollout_record.value) if rollout_record else None
     return app_view(spec, placements, reports, rollout, record.tenant)
 
@@ -476,43 +509,41 @@ async def list_apps(request: web.Request) -> web.Response:
     """Every app, each with its tenant; ``?tenant=`` shows only that tenant's."""
     tenant = _tenant_param(request)
     await _consistent_read(request)
-    agent = _agent(request)
-    records = [decode_app(raw) for raw in _scan_json(agent, APP_PREFIX)]
+    svc = _services(request)
+    records = [decode_app(raw) for raw in _scan_json(svc, APP_PREFIX)]
     chosen = [r for r in records if tenant is None or r.tenant == tenant]
-    return json_response({"apps": [_app_view(agent, record) for record in chosen]})
+    return json_response({"apps": [_app_view(svc, record) for record in chosen]})
 
 
 async def get_app(request: web.Request) -> web.Response:
     await _consistent_read(request)
-    agent = _agent(request)
+    svc = _services(request)
     name = request.match_info["name"]
-    stored = agent.raft.view.get(APPS_TABLE, app_key(name))
+    stored = svc.node.view.get(APPS_TABLE, app_key(name))
     if stored is None:
         raise ApiError(404, "not_found", f"no application {name!r}")
     record = decode_app(stored.value)
     events_prefix = EVENT_PREFIX + f"{name}/".encode()
-    events = [orjson.loads(raw) for raw in _scan_json(agent, events_prefix)][-50:]
+    events = [orjson.loads(raw) for raw in _scan_json(svc, events_prefix)][-50:]
     for event in events:
         event.pop("v", None)
-    return json_response(
-        {**_app_view(agent, record), "spec": to_json(record.spec), "events": events}
-    )
+    return json_response({**_app_view(svc, record), "spec": to_json(record.spec), "events": events})
 
 
 async def delete_app(request: web.Request) -> web.Response:
     """``?tenant=``: only if the app is that tenant's (409 ``name_taken`` otherwise)."""
     tenant = _tenant_param(request)
-    agent = _agent(request)
+    svc = _services(request)
     name = request.match_info["name"]
-    await agent.raft.barrier()
-    current = agent.raft.view.get(APPS_TABLE, app_key(name))
+    await svc.node.barrier()
+    current = svc.node.view.get(APPS_TABLE, app_key(name))
     if current is None:
         raise ApiError(404, "not_found", f"no application {name!r}")
     try:
         ops = app_delete_ops(name, tenant, current.value)
     except NameTaken as exc:
         raise ApiError(409, exc.code, str(exc)) from exc
-    await agent.raft.propose(ops, idempotent=True)
+    await svc.node.propose(ops, idempotent=True)
     return json_response({"deleted": name})
 
 
@@ -525,11 +556,11 @@ async def list_quotas(request: web.Request) -> web.Response:
     """Every tenant with a quota or placed instances: its quota (null fields: unlimited,
     ``quota`` null: none) and what its placed instances request (``used``)."""
     await _consistent_read(request)
-    agent = _agent(request)
-    quotas = dict(map(decode_quota, _scan_json(agent, QUOTA_PREFIX)))
-    owners = {r.spec.name: r.tenant for r in map(decode_app, _scan_json(agent, APP_PREFIX))}
+    svc = _services(request)
+    quotas = dict(map(decode_quota, _scan_json(svc, QUOTA_PREFIX)))
+    owners = {r.spec.name: r.tenant for r in map(decode_app, _scan_json(svc, APP_PREFIX))}
     used: dict[str, Usage] = {}
-    for p in map(decode_placement, _scan_json(agent, INST_PREFIX)):
+    for p in map(decode_placement, _scan_json(svc, INST_PREFIX)):
         tenant = owners.get(p.app, DEFAULT_TENANT)
         used[tenant] = used.get(tenant, Usage()).plus(p.cpu_millis, p.memory_bytes)
     tenants = sorted(set(quotas) | set(used))
@@ -555,7 +586,7 @@ async def put_quota(request: web.Request) -> web.Response:
     if len(body) > MAX_QUOTA_BODY:
         raise ApiError(413, "too_large", f"the body is limited to {MAX_QUOTA_BODY} bytes")
     quota = parse_quota(_json_object(body))
-    await _agent(request).raft.propose(list(quota_writes(tenant, quota)), idempotent=True)
+    await _services(request).node.propose(list(quota_writes(tenant, quota)), idempotent=True)
     return json_response({"tenant": tenant, "quota": None if quota.unlimited else quota.to_json()})
 
 
@@ -568,7 +599,7 @@ ORDER_REASONS = frozenset({"replay", "rollback", "gap", "chain_mismatch", "expir
 async def get_fleet(request: web.Request) -> web.Response:
     """The site's fleet identity, link, trust state and last refusals."""
     await _consistent_read(request)
-    return json_response(_agent(request).site_link.status_json())
+    return json_response(_services(request).link.status_json())
 
 
 async def put_fleet_link(request: web.Request) -> web.Response:
@@ -581,7 +612,7 @@ async def put_fleet_link(request: web.Request) -> web.Response:
     wanted = check_link_config(
         data.get("hub"), data.get("fleet"), data.get("root_key"), data.get("enroll_token")
     )
-    link = _agent(request).site_link
+    link = _services(request).link
     try:
         stored = await link.configure(wanted)
     except RemoteInputError as exc:
@@ -611,7 +642,7 @@ async def post_fleet_deltas(request: web.Request) -> web.Response:
         raws = [body]
     if not raws:
         raise ApiError(400, "malformed", "no delta given")
-    outcome = await _agent(request).site_link.commit(raws)
+    outcome = await _services(request).link.commit(raws)
     if outcome.conflict:
         raise ApiError(409, "conflict", "the site applied other deltas meanwhile; retry")
     if not outcome.applied:
@@ -670,18 +701,18 @@ async def _small_object(request: web.Request, fields: frozenset[str]) -> dict[st
 async def list_secrets(request: web.Request) -> web.Response:
     """Names, versions, states and data key ids; never a value."""
     await _consistent_read(request)
-    return json_response({"secrets": _agent(request).secrets.list_json()})
+    return json_response({"secrets": _services(request).secrets.list_json()})
 
 
 async def secrets_status(request: web.Request) -> web.Response:
     await _consistent_read(request)
-    return json_response(_agent(request).secrets.status_json())
+    return json_response(_services(request).secrets.status_json())
 
 
 async def unseal_request(request: web.Request) -> web.Response:
     """A peer asks for the unseal key: answered sealed to its registered host key."""
     data = await _small_object(request, frozenset({"host_id"}))
-    blob = _agent(request).secrets.answer_unseal_request(data.get("host_id"))
+    blob = _services(request).secrets.answer_unseal_request(data.get("host_id"))
     return json_response(sealed_answer(blob))
 
 
@@ -689,7 +720,7 @@ async def unseal(request: web.Request) -> web.Response:
     """The operator's unseal key, ``{"key": base64}``; checked against the keyring."""
     data = await _small_object(request, frozenset({"key"}))
     kek = parse_unseal_key(data)
-    changed = await _agent(request).secrets.unseal(kek)
+    changed = await _services(request).secrets.unseal(kek)
     return json_response({"sealed": False, "changed": changed})
 
 
@@ -697,19 +728,19 @@ async def escrow(request: web.Request) -> web.Response:
     """The unseal key sealed to ``{"public_key": hex X25519}`` (for escrow at the hub)."""
     data = await _small_object(request, frozenset({"public_key"}))
     public_key = parse_public_key(data.get("public_key"))
-    return json_response(sealed_answer(_agent(request).secrets.escrow(public_key)))
+    return json_response(sealed_answer(_services(request).secrets.escrow(public_key)))
 
 
 async def lockdown(request: web.Request) -> web.Response:
     await _small_object(request, frozenset())
-    agent = _agent(request)
-    await agent.secrets.lockdown(f"api on {agent.config.host_id}")
+    svc = _services(request)
+    await svc.secrets.lockdown(f"api on {svc.host_id}")
     return json_response({"locked_down": True})
 
 
 async def unlock(request: web.Request) -> web.Response:
     await _small_object(request, frozenset())
-    was_locked = await _agent(request).secrets.unlock()
+    was_locked = await _services(request).secrets.unlock()
     return json_response({"locked_down": False, "changed": was_locked})
 
 
@@ -719,11 +750,11 @@ async def rotate(request: web.Request) -> web.Response:
     wait_s = data.get("wait_s", ROTATE_WAIT_S)
     if isinstance(wait_s, bool) or not isinstance(wait_s, int | float) or not 0 <= wait_s <= 60:
         raise ApiError(400, "bad_request", "wait_s: seconds, 0 to 60")
-    agent = _agent(request)
-    before = await agent.secrets.request_rotation(f"api on {agent.config.host_id}")
+    svc = _services(request)
+    before = await svc.secrets.request_rotation(f"api on {svc.host_id}")
     assert before is not None
-    done = await agent.secrets.rotated_since(before, float(wait_s))
-    status = agent.secrets.status_json()
+    done = await svc.secrets.rotated_since(before, float(wait_s))
+    status = svc.secrets.status_json()
     return json_response({"rotated": done, "current_data_key": status["current_data_key"]},
                          200 if done else 202)  # fmt: skip
 
@@ -731,5 +762,5 @@ async def rotate(request: web.Request) -> web.Response:
 async def put_secret_settings(request: web.Request) -> web.Response:
     data = await _small_object(request, frozenset({"rotation_interval_s"}))
     settings = parse_settings(data)
-    await _agent(request).secrets.put_settings(settings)
+    await _services(request).secrets.put_settings(settings)
     return json_response({"rotation_interval_s": settings.rotation_interval_s})

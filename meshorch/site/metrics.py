@@ -10,17 +10,17 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from meshorch.apps.records import STATUS_PREFIX, InstanceReport
 from meshorch.apps.resources import sample
+from meshorch.fleet.site_link import SiteLink
+from meshorch.state.ports import Members, SiteState
 from meshorch.state.tables import APPS_TABLE
-
-if TYPE_CHECKING:
-    from meshorch.site.agent import Agent
+from meshorch.streams.site import SiteStreams
 
 
 def _gauge(name: str, doc: str, value: float, **labels: str) -> GaugeMetricFamily:
@@ -30,12 +30,22 @@ def _gauge(name: str, doc: str, value: float, **labels: str) -> GaugeMetricFamil
 
 
 class AgentCollector(Collector):
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
+    def __init__(
+        self,
+        site: SiteState,
+        members: Members,
+        link: SiteLink,
+        streams: SiteStreams,
+        data_dir: Path,
+    ) -> None:
+        self.site = site
+        self.members = members
+        self.link = link
+        self.streams = streams
+        self.data_dir = data_dir
 
     def collect(self) -> Iterator[Metric]:
-        agent = self.agent
-        status = agent.raft.status()
+        status = self.site.status()
         yield _gauge("meshorch_raft_term", "Raft term", status.term)
         yield _gauge("meshorch_raft_commit_index", "Raft commit index", status.commit_index)
         yield _gauge(
@@ -44,14 +54,14 @@ class AgentCollector(Collector):
             max(status.commit_index - status.applied_index, 0),
         )
         yield _gauge("meshorch_raft_is_leader", "1 on the site's leader", int(status.is_leader))
-        members = agent.members()
+        members = self.members.members()
         yield _gauge("meshorch_site_hosts", "Hosts of the site", len(members))
         yield _gauge(
             "meshorch_site_hosts_reachable",
             "Hosts this agent hears from",
-            len(agent.reachable_hosts()),
+            len(self.members.reachable_hosts()),
         )
-        trust = agent.site_link.trust_state()
+        trust = self.link.trust_state()
         yield _gauge(
             "meshorch_delta_version_applied",
             "The fleet delta version the site applied",
@@ -62,7 +72,7 @@ class AgentCollector(Collector):
             "The site's instances by state and readiness",
             labels=["state", "ready"],
         )
-        records, _ = agent.raft.view.scan(APPS_TABLE, STATUS_PREFIX, 1_000_000)
+        records, _ = self.site.view.scan(APPS_TABLE, STATUS_PREFIX, 1_000_000)
         counts = Counter(
             (report.state, str(report.ready).lower())
             for report in (InstanceReport.decode(r.value) for _, r in records)
@@ -71,12 +81,12 @@ class AgentCollector(Collector):
             states.add_metric([state, ready], count)
         yield states
         yield from self._streams()
-        gossip = agent.site_link.gossip
+        gossip = self.link.gossip
         members_seen = 0 if gossip is None else len(gossip.status_json().get("members", {}))
         yield _gauge(
             "meshorch_gossip_members", "Other members this site's gossip knows", members_seen
         )
-        resources = sample(agent.config.data_dir, time.time())
+        resources = sample(self.data_dir, time.time())
         yield _gauge("meshorch_host_load1", "1-minute load average", resources.load1)
         yield _gauge(
             "meshorch_host_memory_used_bytes", "Memory in use", resources.memory_used_bytes
@@ -107,7 +117,7 @@ class AgentCollector(Collector):
             "Events retention dropped (cumulative)",
             labels=["stream"],
         )
-        streams = self.agent.streams
+        streams = self.streams
         for name in streams.names():
             status = streams.status(name)
             backlog.add_metric([name], max(status.last_seq - status.meta.forwarded_seq, 0))

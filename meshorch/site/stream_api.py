@@ -18,7 +18,6 @@ import base64
 import binascii
 import math
 import time
-from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import WSMsgType, web
@@ -34,10 +33,7 @@ from meshorch.streams.model import (
     RetentionPolicy,
     StreamName,
 )
-from meshorch.streams.site import DEFAULT_READ_LIMIT, MAX_READ_LIMIT, StoredEvent
-
-if TYPE_CHECKING:
-    from meshorch.site.agent import Agent
+from meshorch.streams.site import DEFAULT_READ_LIMIT, MAX_READ_LIMIT, SiteStreams, StoredEvent
 
 MAX_PRODUCE_BODY = 16 * 1024 * 1024
 MAX_WAIT_S = 60.0
@@ -46,9 +42,9 @@ _EVENT_FIELDS = frozenset({"payload", "payload_b64", "key", "level", "time"})
 _NAME = "/v1/streams/{tenant}/{app}/{name}"
 
 
-def add_stream_routes(app: web.Application, agent_of: Any) -> None:
-    """Register the routes; ``agent_of(request)`` returns the agent."""
-    app[_AGENT_OF] = agent_of
+def add_stream_routes(app: web.Application, streams: SiteStreams) -> None:
+    """Register the routes, served from ``streams``."""
+    app[_STREAMS] = streams
     app.router.add_get("/v1/streams", list_streams)
     app.router.add_get(_NAME, get_stream)
     app.router.add_put(_NAME, put_stream)
@@ -59,12 +55,11 @@ def add_stream_routes(app: web.Application, agent_of: Any) -> None:
     app.router.add_put(_NAME + "/offsets/{consumer}", put_offset)
 
 
-_AGENT_OF: web.AppKey[Any] = web.AppKey("stream_agent_of")
+_STREAMS: web.AppKey[SiteStreams] = web.AppKey("site_streams")
 
 
-def _agent(request: web.Request) -> Agent:
-    agent: Agent = request.app[_AGENT_OF](request)
-    return agent
+def _streams(request: web.Request) -> SiteStreams:
+    return request.app[_STREAMS]
 
 
 def _name(request: web.Request) -> StreamName:
@@ -161,12 +156,12 @@ def event_json(stored: StoredEvent) -> dict[str, object]:
 
 
 async def list_streams(request: web.Request) -> web.Response:
-    streams = _agent(request).streams
+    streams = _streams(request)
     return _json({"streams": [streams.status(name).to_json() for name in streams.names()]})
 
 
 async def get_stream(request: web.Request) -> web.Response:
-    return _json(_agent(request).streams.status(_name(request)).to_json())
+    return _json(_streams(request).status(_name(request)).to_json())
 
 
 async def put_stream(request: web.Request) -> web.Response:
@@ -181,7 +176,7 @@ async def put_stream(request: web.Request) -> web.Response:
         policy = RetentionPolicy.from_json(data["retention"])
     except ConfigurationError as exc:
         raise MalformedEvent(str(exc), code="bad_retention") from exc
-    status = await _agent(request).streams.configure(_name(request), policy)
+    status = await _streams(request).configure(_name(request), policy)
     return _json(status.to_json())
 
 
@@ -193,13 +188,13 @@ async def produce(request: web.Request) -> web.Response:
             f"a produce request is limited to {MAX_PRODUCE_BODY} bytes", code="batch_too_large"
         )
     events = parse_events(body, time.time())
-    first, last = await _agent(request).streams.produce(name, events)
+    first, last = await _streams(request).produce(name, events)
     return _json({"stream": str(name), "first_seq": first, "last_seq": last, "count": len(events)})
 
 
 async def consume(request: web.Request) -> web.Response:
     name = _name(request)
-    streams = _agent(request).streams
+    streams = _streams(request)
     consumer = request.query.get("consumer")
     if consumer is not None and "from" in request.query:
         raise MalformedEvent("give either from or consumer, not both")
@@ -228,7 +223,7 @@ async def consume(request: web.Request) -> web.Response:
 async def tail(request: web.Request) -> web.WebSocketResponse:
     """Send ``{"events": [...]}`` messages from ``from`` (default: new events only)."""
     name = _name(request)
-    streams = _agent(request).streams
+    streams = _streams(request)
     status = streams.status(name)
     start = _int_param(request, "from", status.last_seq + 1, 0, 2**63)
     ws = web.WebSocketResponse(heartbeat=20)
@@ -261,7 +256,7 @@ async def _until_closed(ws: web.WebSocketResponse) -> None:
 
 async def get_offset(request: web.Request) -> web.Response:
     name, consumer = _name(request), request.match_info["consumer"]
-    seq = _agent(request).streams.offset(name, consumer)
+    seq = _streams(request).offset(name, consumer)
     return _json({"stream": str(name), "consumer": consumer, "seq": seq})
 
 
@@ -274,5 +269,5 @@ async def put_offset(request: web.Request) -> web.Response:
         raise MalformedEvent(f"the body is not JSON: {exc}") from exc
     if not isinstance(data, dict) or set(data) != {"seq"}:
         raise MalformedEvent('the body must be {"seq": N}')
-    await _agent(request).streams.commit_offset(name, consumer, data["seq"])
+    await _streams(request).commit_offset(name, consumer, data["seq"])
     return _json({"stream": str(name), "consumer": consumer, "seq": data["seq"]})

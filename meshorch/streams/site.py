@@ -26,15 +26,15 @@ import asyncio
 import logging
 import struct
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import orjson
 
-from meshorch.apps.records import HOSTINFO_PREFIX, decode_hostinfo
 from meshorch.errors import ServiceError
+from meshorch.state.ports import SiteState
 from meshorch.state.protocol import require
-from meshorch.state.tables import APPS_TABLE, STREAMS_TABLE
+from meshorch.state.tables import STREAMS_TABLE
 from meshorch.streams.model import (
     SEGMENT_RE,
     SEGMENT_RULE,
@@ -54,7 +54,7 @@ from meshorch.streams.model import (
     stream_name,
     validate_batch,
 )
-from raft import Append, Delete, Guard, Put, RaftNode
+from raft import Append, Delete, Guard, Put
 from raft.state_machine import decode_counter, item_key
 
 logger = logging.getLogger(__name__)
@@ -166,21 +166,25 @@ class SiteStreams:
 
     def __init__(
         self,
-        raft: Callable[[], RaftNode],
+        site: SiteState,
         host_id: str,
+        host_protocols: Callable[[], Mapping[str, int]],
         *,
         default_policy: RetentionPolicy | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._raft = raft
+        self.site = site
         self.host_id = host_id
+        # The site protocol each registered host speaks (``meshorch.state.protocol``):
+        # streams wait until every host can decode them.
+        self.host_protocols = host_protocols
         self.default_policy = (default_policy or RetentionPolicy()).validate()
         self.clock = clock
 
     # -- reads (this host's view) -------------------------------------------------------
 
     def _get(self, key: bytes) -> tuple[int, bytes] | None:
-        record = self._raft().view.get(STREAMS_TABLE, key)
+        record = self.site.view.get(STREAMS_TABLE, key)
         return None if record is None else (record.mod_index, record.value)
 
     def meta(self, name: StreamName) -> StreamMeta | None:
@@ -188,7 +192,7 @@ class SiteStreams:
         return None if found is None else StreamMeta.decode(found[1])
 
     def names(self) -> list[str]:
-        view = self._raft().view
+        view = self.site.view
         names: list[str] = []
         start = b"m/"
         while True:
@@ -215,7 +219,7 @@ class SiteStreams:
         self, name: StreamName, from_seq: int, limit: int | None
     ) -> Iterator[tuple[int, bytes]]:
         """Chunks in order from the one holding ``from_seq`` (or the oldest)."""
-        view = self._raft().view
+        view = self.site.view
         prefix = data_prefix(name)
         start = item_key(prefix, max(from_seq, 0))
         preceding = from_seq > 0
@@ -278,14 +282,6 @@ class SiteStreams:
             size += len(raw)
         return chunks
 
-    def host_protocols(self) -> dict[str, int]:
-        """The site protocol each registered host speaks (``meshorch.state.protocol``)."""
-        records, _ = self._raft().view.scan(APPS_TABLE, HOSTINFO_PREFIX, 100_000)
-        return {
-            info.host_id: info.protocol
-            for info in (decode_hostinfo(r.value, alive=True) for _, r in records)
-        }
-
     def offset(self, stream: StreamName | str, consumer: str) -> int:
         name = stream_name(stream)
         found = self._get(offset_key(name, check_consumer(consumer)))
@@ -303,7 +299,7 @@ class SiteStreams:
             raise MalformedEvent("a batch holds at least one event")
         ops = self.append_ops(name, batch)
         meta_ops = len(ops) - sum(isinstance(op, Append) for op in ops)
-        results = await self._raft().propose(ops)
+        results = await self.site.propose(ops)
         first_result = results[meta_ops]
         if not all(r.ok for r in results[meta_ops:]):
             raise ServiceError(f"append to {name} was not applied: {first_result.error}")
@@ -352,7 +348,7 @@ class SiteStreams:
                 current.forwarded_seq,
             )
             expect = 0 if found is None else found[0]
-            (result,) = await self._raft().propose(
+            (result,) = await self.site.propose(
                 [Put(STREAMS_TABLE, meta_key(name), updated.encode(), expect_index=expect)]
             )
             if result.ok:
@@ -367,7 +363,7 @@ class SiteStreams:
                 f"offset must be an integer between 0 and the last sequence "
                 f"{status.last_seq}, got {seq!r}"
             )
-        await self._raft().propose(
+        await self.site.propose(
             [Put(STREAMS_TABLE, offset_key(name, check_consumer(consumer)), _U64.pack(seq))],
             idempotent=True,
         )
@@ -385,7 +381,7 @@ class SiteStreams:
             updated = StreamMeta(
                 meta.policy, meta.dropped_events, meta.dropped_bytes, meta.dropped_unforwarded, seq
             )
-            (result,) = await self._raft().propose(
+            (result,) = await self.site.propose(
                 [Put(STREAMS_TABLE, meta_key(name), updated.encode(), expect_index=found[0])]
             )
             if result.ok:
@@ -437,7 +433,7 @@ class SiteStreams:
             Put(STREAMS_TABLE, meta_key(name), updated.encode()),
             *(Delete(STREAMS_TABLE, item_key(prefix, first)) for first, _, _ in dropped),
         ]
-        results = await self._raft().propose(ops)
+        results = await self.site.propose(ops)
         if not results[0].ok:
             return None  # the metadata changed meanwhile: the next pass plans again
         if unforwarded:
