@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING
 
 import orjson
 from aiohttp import web
@@ -39,6 +37,7 @@ from central_hub.audit import CALLER
 from central_hub.dashboard import add_dashboard
 from central_hub.errors import ApiError, InputProblems
 from central_hub.fleetview import parse_report
+from central_hub.logs_api import LOGS_ROUTES
 from central_hub.metrics import HubCollector
 from central_hub.model import (
     validate_labels,
@@ -47,8 +46,30 @@ from central_hub.model import (
     validate_tenant,
 )
 from central_hub.placement import parse_policy
+from central_hub.releases import RELEASES_ROUTES
+from central_hub.routing import (
+    HUB_KEY,
+    MAX_BODY_KEY,
+    SITE_KEY,
+    TOKEN_KEY,
+    Handler,
+    Query,
+    Route,
+    error_response,
+    hub_of,
+    json_response,
+    query_int,
+    query_seconds,
+    query_tenant,
+    read,
+    read_json,
+    read_object,
+    site_of,
+    token_of,
+)
 from central_hub.tokens import TokenRecord
 from central_hub.vault import parse_report_secrets
+from central_hub.vault_api import VAULT_ROUTES
 from meshorch import http_metrics
 from meshorch.apps.spec import SpecError, parse_app_spec, spec_digest
 from meshorch.errors import RemoteInputError
@@ -60,51 +81,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-JSON = "application/json"
-HUB_KEY: web.AppKey[Hub] = web.AppKey("hub")
-MAX_BODY_KEY: web.AppKey[int] = web.AppKey("max_body_bytes", int)
 SCHEMES = ("none", "site", "enroll")
-_TOKEN: web.RequestKey[TokenRecord] = web.RequestKey("token", TokenRecord)
-_SITE: web.RequestKey[str] = web.RequestKey("site", str)
 MAX_LINK_LIMIT = 500
 DEFAULT_WAIT_S = 25.0
 MAX_WAIT_S = 30.0
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Auth = str  # one of SCHEMES, or an action of authz.POLICY
-
-
-@dataclass(frozen=True, slots=True)
-class Query:
-    name: str
-    type: Literal["integer", "number", "string"]
-    description: str
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    method: str
-    path: str
-    handler: Handler
-    auth: Auth
-    summary: str
-    request: str | None = None  # a schema name of openapi.SCHEMAS
-    response: str = "Empty"
-    status: int = 200
-    query: tuple[Query, ...] = ()
-
-
-def json_response(data: object, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(data), status=status, content_type=JSON)
-
-
-def error_response(
-    status: int, code: str, message: str, problems: list[str] | None = None
-) -> web.Response:
-    error: dict[str, Any] = {"code": code, "message": message}
-    if problems:
-        error["problems"] = problems
-    return json_response({"error": error}, status)
 
 
 @web.middleware
@@ -145,30 +125,18 @@ def build_app(hub: Hub, max_body_bytes: int) -> web.Application:
     return app
 
 
-# -- request helpers -------------------------------------------------------------------
-
-
-def _hub(request: web.Request) -> Hub:
-    return request.app[HUB_KEY]
-
-
-def _token(request: web.Request) -> TokenRecord:
-    return request[_TOKEN]
-
-
-def _site(request: web.Request) -> str:
-    return request[_SITE]
+# -- guards ----------------------------------------------------------------------------
 
 
 def _guarded(route: Route) -> Handler:
     action = None if route.auth in SCHEMES else authz.action_of(route.auth)
 
     async def handler(request: web.Request) -> web.StreamResponse:
-        hub = _hub(request)
+        hub = hub_of(request)
         if action is not None:
             return await _with_token(hub, request, route, action)
         if route.auth == "site":
-            request[_SITE] = _verify_site(hub, request, await _read(request))
+            request[SITE_KEY] = _verify_site(hub, request, await read(request))
         reset = CALLER.set((None, "sites.enroll") if route.auth == "enroll" else None)
         try:
             return await route.handler(request)
@@ -187,7 +155,7 @@ async def _with_token(
         token = hub.authenticate(request.headers.get("Authorization"))
         CALLER.set((token, action))
         tokens.authorize(token, action)
-        request[_TOKEN] = token
+        request[TOKEN_KEY] = token
         return await route.handler(request)
     except ApiError as exc:
         if exc.status in (401, 403):
@@ -203,35 +171,6 @@ async def _with_token(
         CALLER.reset(reset)
 
 
-async def _read(request: web.Request) -> bytes:
-    limit = request.app[MAX_BODY_KEY]
-    if request.content_length is not None and request.content_length > limit:
-        raise ApiError(413, "body_too_large", f"bodies are limited to {limit} bytes")
-    try:
-        return await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise ApiError(413, "body_too_large", f"bodies are limited to {limit} bytes") from None
-
-
-async def _read_json(request: web.Request) -> object:
-    body = await _read(request)
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise ApiError(400, "bad_json", f"the body is not JSON: {exc}") from None
-
-
-async def _read_object(request: web.Request, allowed: set[str]) -> dict[str, Any]:
-    """The body: a JSON object with no field outside ``allowed`` (400
-    ``field_not_allowed`` naming the others: mass assignment is refused)."""
-    return authz.only_fields(await _read_json(request), allowed, "this request")
-
-
-def _query_tenant(request: web.Request) -> str | None:
-    raw = request.query.get("tenant")
-    return None if raw is None else validate_tenant(raw)
-
-
 def _verify_site(hub: Hub, request: web.Request, body: bytes) -> str:
     try:
         site = claimed_site(request.headers)
@@ -244,43 +183,21 @@ def _verify_site(hub: Hub, request: web.Request, body: bytes) -> str:
     return site
 
 
-def _query_int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    if not raw.isascii() or not raw.isdigit() or not low <= int(raw) <= high:
-        raise ApiError(400, f"bad_{name}", f"{name} must be an integer from {low} to {high}")
-    return int(raw)
-
-
-def _query_seconds(request: web.Request, name: str, default: float, high: float) -> float:
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value <= high:  # also refuses NaN
-        raise ApiError(400, f"bad_{name}", f"{name} must be a number of seconds from 0 to {high}")
-    return value
-
-
 # -- fleet and deltas ------------------------------------------------------------------
 
 
 async def get_fleet(request: web.Request) -> web.Response:
-    return json_response(_hub(request).fleet_info())
+    return json_response(hub_of(request).fleet_info())
 
 
 async def rotate_root(request: web.Request) -> web.Response:
-    return json_response(await _hub(request).rotate_root())
+    return json_response(await hub_of(request).rotate_root())
 
 
 async def list_deltas(request: web.Request) -> web.Response:
-    hub = _hub(request)
-    after = _query_int(request, "after", 0, 0, 2**63)
-    limit = _query_int(request, "limit", 100, 1, MAX_LINK_LIMIT)
+    hub = hub_of(request)
+    after = query_int(request, "after", 0, 0, 2**63)
+    limit = query_int(request, "limit", 100, 1, MAX_LINK_LIMIT)
     found = []
     for version, envelope in hub.deltas_after(after, limit):
         try:
@@ -311,35 +228,35 @@ async def get_openapi(request: web.Request) -> web.Response:
 
 
 async def link_enroll(request: web.Request) -> web.Response:
-    data = await _read_object(request, {"site", "public_key", "token"})
+    data = await read_object(request, {"site", "public_key", "token"})
     site = validate_site_id(data.get("site"))
     key = validate_public_key(data.get("public_key"))
     token = data.get("token")
     if not isinstance(token, str):
         raise ApiError(403, "bad_enroll_token", "token is the site's enrollment token")
-    await _hub(request).enroll(site, key, token)
+    await hub_of(request).enroll(site, key, token)
     return json_response({"site": site})
 
 
 async def link_deltas(request: web.Request) -> web.Response:
-    after = _query_int(request, "after", 0, 0, 2**63)
-    wait_s = _query_seconds(request, "wait", DEFAULT_WAIT_S, MAX_WAIT_S)
-    limit = _query_int(request, "limit", MAX_LINK_LIMIT, 1, MAX_LINK_LIMIT)
-    head, envelopes = await _hub(request).wait_for_deltas(after, wait_s, limit)
+    after = query_int(request, "after", 0, 0, 2**63)
+    wait_s = query_seconds(request, "wait", DEFAULT_WAIT_S, MAX_WAIT_S)
+    limit = query_int(request, "limit", MAX_LINK_LIMIT, 1, MAX_LINK_LIMIT)
+    head, envelopes = await hub_of(request).wait_for_deltas(after, wait_s, limit)
     body = {"head": head, "deltas": [orjson.Fragment(e) for e in envelopes]}
     return json_response(body)
 
 
 async def link_gossip(request: web.Request) -> web.Response:
-    return json_response(_hub(request).gossip_info(_site(request)))
+    return json_response(hub_of(request).gossip_info(site_of(request)))
 
 
 async def link_report(request: web.Request) -> web.Response:
-    site = _site(request)
-    data = await _read_json(request)
+    site = site_of(request)
+    data = await read_json(request)
     report = parse_report(data, site)
     report.update(parse_report_secrets(data))  # the secrets part (central_hub.vault)
-    head = await _hub(request).record_report(site, report)
+    head = await hub_of(request).record_report(site, report)
     return json_response({"head": head})
 
 
@@ -347,20 +264,20 @@ async def link_report(request: web.Request) -> web.Response:
 
 
 async def create_token(request: web.Request) -> web.Response:
-    caller = _token(request)
-    wanted = tokens.parse_token_request(await _read_json(request), caller)
-    text, record = await _hub(request).create_token(caller, wanted)
+    caller = token_of(request)
+    wanted = tokens.parse_token_request(await read_json(request), caller)
+    text, record = await hub_of(request).create_token(caller, wanted)
     return json_response({"token": text, **record.public_json()}, 201)
 
 
 async def list_tokens(request: web.Request) -> web.Response:
-    found = _hub(request).list_tokens(_token(request), _query_tenant(request))
+    found = hub_of(request).list_tokens(token_of(request), query_tenant(request))
     return json_response({"tokens": [t.public_json() for t in found]})
 
 
 async def delete_token(request: web.Request) -> web.Response:
     token_id = request.match_info["id"]
-    await _hub(request).delete_token(_token(request), token_id)
+    await hub_of(request).delete_token(token_of(request), token_id)
     return json_response({"deleted": token_id})
 
 
@@ -368,86 +285,86 @@ async def delete_token(request: web.Request) -> web.Response:
 
 
 async def create_tenant(request: web.Request) -> web.Response:
-    tenant_id, description = tenancy.parse_tenant_request(await _read_json(request))
+    tenant_id, description = tenancy.parse_tenant_request(await read_json(request))
     return json_response(
-        await _hub(request).create_tenant(_token(request), tenant_id, description), 201
+        await hub_of(request).create_tenant(token_of(request), tenant_id, description), 201
     )
 
 
 async def list_tenants(request: web.Request) -> web.Response:
-    return json_response({"tenants": _hub(request).list_tenants(_token(request))})
+    return json_response({"tenants": hub_of(request).list_tenants(token_of(request))})
 
 
 async def get_tenant(request: web.Request) -> web.Response:
-    return json_response(_hub(request).get_tenant(_token(request), request.match_info["id"]))
+    return json_response(hub_of(request).get_tenant(token_of(request), request.match_info["id"]))
 
 
 async def delete_tenant(request: web.Request) -> web.Response:
     tenant_id = request.match_info["id"]
-    return json_response(await _hub(request).delete_tenant(_token(request), tenant_id))
+    return json_response(await hub_of(request).delete_tenant(token_of(request), tenant_id))
 
 
 async def put_quota(request: web.Request) -> web.Response:
-    quota = tenancy.parse_quota_request(await _read_json(request))
+    quota = tenancy.parse_quota_request(await read_json(request))
     tenant_id = request.match_info["id"]
-    return json_response(await _hub(request).set_quota(_token(request), tenant_id, quota))
+    return json_response(await hub_of(request).set_quota(token_of(request), tenant_id, quota))
 
 
 async def get_quota(request: web.Request) -> web.Response:
-    return json_response(_hub(request).get_quota(_token(request), request.match_info["id"]))
+    return json_response(hub_of(request).get_quota(token_of(request), request.match_info["id"]))
 
 
 async def get_audit(request: web.Request) -> web.Response:
-    after = _query_int(request, "after", 0, 0, 2**63)
-    limit = _query_int(request, "limit", 100, 1, MAX_LINK_LIMIT)
-    hub, token = _hub(request), _token(request)
-    return json_response(hub.read_audit(token, after, limit, _query_tenant(request)))
+    after = query_int(request, "after", 0, 0, 2**63)
+    limit = query_int(request, "limit", 100, 1, MAX_LINK_LIMIT)
+    hub, token = hub_of(request), token_of(request)
+    return json_response(hub.read_audit(token, after, limit, query_tenant(request)))
 
 
 # -- sites -----------------------------------------------------------------------------
 
 
 async def create_site(request: web.Request) -> web.Response:
-    data = await _read_object(request, {"id", "labels", "public_key"})
+    data = await read_object(request, {"id", "labels", "public_key"})
     site = validate_site_id(data.get("id"))
     labels = validate_labels(data.get("labels", {}))
     raw_key = data.get("public_key")
     key = None if raw_key is None else validate_public_key(raw_key)
-    return json_response(await _hub(request).register_site(site, labels, key), 201)
+    return json_response(await hub_of(request).register_site(site, labels, key), 201)
 
 
 async def list_sites(request: web.Request) -> web.Response:
-    return json_response({"sites": _hub(request).list_sites(_token(request))})
+    return json_response({"sites": hub_of(request).list_sites(token_of(request))})
 
 
 async def get_site(request: web.Request) -> web.Response:
-    return json_response(_hub(request).get_site(_token(request), request.match_info["id"]))
+    return json_response(hub_of(request).get_site(token_of(request), request.match_info["id"]))
 
 
 async def put_site_labels(request: web.Request) -> web.Response:
-    labels = validate_labels(await _read_json(request))
+    labels = validate_labels(await read_json(request))
     site = request.match_info["id"]
-    return json_response(await _hub(request).set_site_labels(site, labels))
+    return json_response(await hub_of(request).set_site_labels(site, labels))
 
 
 async def list_alerts(request: web.Request) -> web.Response:
-    return json_response({"alerts": _hub(request).list_alerts(_token(request))})
+    return json_response({"alerts": hub_of(request).list_alerts(token_of(request))})
 
 
 async def acknowledge_alert(request: web.Request) -> web.Response:
-    await _read(request)  # no body expected; a body is ignored
-    answer = await _hub(request).acknowledge_alert(_token(request), request.match_info["id"])
+    await read(request)  # no body expected; a body is ignored
+    answer = await hub_of(request).acknowledge_alert(token_of(request), request.match_info["id"])
     return json_response(answer)
 
 
 async def decommission_site(request: web.Request) -> web.Response:
     site = request.match_info["id"]
-    return json_response(await _hub(request).decommission_site(_token(request), site))
+    return json_response(await hub_of(request).decommission_site(token_of(request), site))
 
 
 async def delete_site(request: web.Request) -> web.Response:
     site = request.match_info["id"]
-    await _hub(request).delete_site(site)
+    await hub_of(request).delete_site(site)
     return json_response({"deleted": site})
 
 
@@ -455,7 +372,7 @@ async def delete_site(request: web.Request) -> web.Response:
 
 
 async def create_app(request: web.Request) -> web.Response:
-    data = await _read_object(request, {"spec", "placement", "tenant"})
+    data = await read_object(request, {"spec", "placement", "tenant"})
     raw = data.get("spec")
     if isinstance(raw, dict):
         text: str | bytes = orjson.dumps(raw)
@@ -467,29 +384,29 @@ async def create_app(request: web.Request) -> web.Response:
     policy = parse_policy(data.get("placement"))
     tenant = data.get("tenant")
     chosen = None if tenant is None else validate_tenant(tenant)
-    status, deployment = await _hub(request).deploy(
-        _token(request), spec, spec_digest(spec), policy, chosen
+    status, deployment = await hub_of(request).deploy(
+        token_of(request), spec, spec_digest(spec), policy, chosen
     )
     return json_response(deployment, status)
 
 
 async def list_apps(request: web.Request) -> web.Response:
-    found = _hub(request).list_apps(_token(request), _query_tenant(request))
+    found = hub_of(request).list_apps(token_of(request), query_tenant(request))
     return json_response({"apps": found})
 
 
 async def get_app(request: web.Request) -> web.Response:
-    return json_response(_hub(request).get_app(_token(request), request.match_info["name"]))
+    return json_response(hub_of(request).get_app(token_of(request), request.match_info["name"]))
 
 
 async def delete_app(request: web.Request) -> web.Response:
     name = request.match_info["name"]
-    return json_response(await _hub(request).delete_app(_token(request), name))
+    return json_response(await hub_of(request).delete_app(token_of(request), name))
 
 
 async def get_deployment(request: web.Request) -> web.Response:
     deployment_id = request.match_info["id"]
-    return json_response(_hub(request).get_deployment(_token(request), deployment_id))
+    return json_response(hub_of(request).get_deployment(token_of(request), deployment_id))
 
 
 _AFTER = Query("after", "integer", "only deltas with a version greater than this")
@@ -587,15 +504,5 @@ ROUTES: tuple[Route, ...] = (
           response="Deployment"),
 )  # fmt: skip
 
-# The vault's routes (secrets, lock-down, escrow) are declared with their handlers.
-from central_hub.vault_api import VAULT_ROUTES  # noqa: E402
-
-ROUTES += VAULT_ROUTES
-
-from central_hub.logs_api import LOGS_ROUTES  # noqa: E402
-
-ROUTES += LOGS_ROUTES
-
-from central_hub.releases import RELEASES_ROUTES  # noqa: E402
-
-ROUTES += RELEASES_ROUTES
+# The vault's, the logs' and the releases' routes are declared with their handlers.
+ROUTES += VAULT_ROUTES + LOGS_ROUTES + RELEASES_ROUTES

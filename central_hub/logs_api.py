@@ -1,22 +1,22 @@
 """The HTTP routes of the fleet logs (``central_hub.logs``).
 
-Registered from ``central_hub.api`` (``LOGS_ROUTES`` is appended to its ``ROUTES``).
+Registered by ``central_hub.api`` (``LOGS_ROUTES`` is appended to its ``ROUTES``).
 """
 
 from __future__ import annotations
 
 from aiohttp import web
 
-from central_hub.api import Query, Route, _hub, _read_json, _site, _token, json_response
+from central_hub.routing import Query, Route, hub_of, json_response, read_json, site_of, token_of
 
 
 async def link_stream_positions(request: web.Request) -> web.Response:
-    return json_response(await _hub(request).logs.positions(_site(request)))
+    return json_response(await hub_of(request).logs.positions(site_of(request)))
 
 
 async def link_push_streams(request: web.Request) -> web.Response:
-    hub = _hub(request)
-    return json_response(await hub.logs.ingest(_site(request), await _read_json(request)))
+    hub = hub_of(request)
+    return json_response(await hub.logs.ingest(site_of(request), await read_json(request)))
 
 
 async def query_logs(request: web.Request) -> web.Response:
@@ -25,11 +25,11 @@ async def query_logs(request: web.Request) -> web.Response:
         return json_response(
             {"error": {"code": "bad_query", "message": "each parameter may appear once"}}, 400
         )
-    return json_response(await _hub(request).logs.query(_token(request), params))
+    return json_response(await hub_of(request).logs.query(token_of(request), params))
 
 
 async def list_log_streams(request: web.Request) -> web.Response:
-    return json_response(await _hub(request).logs.streams(_token(request)))
+    return json_response(await hub_of(request).logs.streams(token_of(request)))
 
 
 _LOG_QUERY = (

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from central_hub import authz
 
 if TYPE_CHECKING:
-    from central_hub.api import Route
+    from central_hub.routing import Route
 
 Schema = dict[str, Any]
 

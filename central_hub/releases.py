@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from central_hub.api import Route, _hub, _read, _read_json, _token, json_response
 from central_hub.errors import ApiError
 from central_hub.model import validate_site_id
+from central_hub.routing import Route, hub_of, json_response, read, read_json, token_of
 from central_hub.tokens import authorize
 from meshorch.fleet.delta import ALL_SITES, Target
 from meshorch.releases.wheels import ReleaseError, wheel_metadata
@@ -46,9 +46,9 @@ def _check_wheel(body: bytes) -> dict[str, Any]:
 
 
 async def upload(request: web.Request) -> web.Response:
-    hub, token = _hub(request), _token(request)
+    hub, token = hub_of(request), token_of(request)
     authorize(token, "fleet.admin")
-    body = await _read(request)
+    body = await read(request)
     record = await asyncio.to_thread(_check_wheel, body)
     target = _dir(hub) / f"{record['digest']}.whl"
 
@@ -73,8 +73,8 @@ async def upload(request: web.Request) -> web.Response:
 
 
 async def list_releases(request: web.Request) -> web.Response:
-    hub = _hub(request)
-    authorize(_token(request), "fleet.admin")
+    hub = hub_of(request)
+    authorize(token_of(request), "fleet.admin")
     found = [
         hub.store.get_json("meta", key)
         for key in hub.store.keys("meta")
@@ -84,10 +84,10 @@ async def list_releases(request: web.Request) -> web.Response:
 
 
 async def rollout(request: web.Request) -> web.Response:
-    hub, token = _hub(request), _token(request)
+    hub, token = hub_of(request), token_of(request)
     authorize(token, "fleet.admin")
     version = request.match_info["version"]
-    data = await _read_json(request) if request.can_read_body else {}
+    data = await read_json(request) if request.can_read_body else {}
     if not isinstance(data, dict) or set(data) - {"sites"}:
         raise ApiError(400, "bad_request", 'the body is {"sites": [...]} (default: every site)')
     sites = data.get("sites")
@@ -116,7 +116,7 @@ async def rollout(request: web.Request) -> web.Response:
 
 async def link_release(request: web.Request) -> web.StreamResponse:
     digest = request.match_info["digest"]
-    path = _dir(_hub(request)) / f"{digest}.whl"
+    path = _dir(hub_of(request)) / f"{digest}.whl"
     if len(digest) != 64 or not path.is_file():
         raise ApiError(404, "not_found", "no such release")
     data = await asyncio.to_thread(path.read_bytes)

@@ -1,6 +1,6 @@
 """The HTTP routes of the hub's secrets, lock-down and escrow (``central_hub.vault``).
 
-Registered from ``central_hub.api`` (``VAULT_ROUTES`` is appended to its ``ROUTES``). Every
+Registered by ``central_hub.api`` (``VAULT_ROUTES`` is appended to its ``ROUTES``). Every
 handler checks the token with ``central_hub.vault.check_access`` on the object it touches
 (the secret's tenant; a fleet-wide admin for a site's lock-down, unseal and rotation).
 """
@@ -11,18 +11,18 @@ import orjson
 from aiohttp import web
 
 from central_hub import vault
-from central_hub.api import (
+from central_hub.errors import ApiError
+from central_hub.routing import (
     Handler,
     Query,
     Route,
-    _hub,
-    _read,
-    _read_json,
-    _site,
-    _token,
+    hub_of,
     json_response,
+    read,
+    read_json,
+    site_of,
+    token_of,
 )
-from central_hub.errors import ApiError
 
 
 def _tenant_query(request: web.Request) -> str | None:
@@ -35,27 +35,27 @@ def _name(request: web.Request) -> str:
 
 
 async def create_secret(request: web.Request) -> web.Response:
-    wanted = vault.parse_secret_request(await _read_json(request))
-    status, answer = await _hub(request).vault.put_secret(_token(request), wanted)
+    wanted = vault.parse_secret_request(await read_json(request))
+    status, answer = await hub_of(request).vault.put_secret(token_of(request), wanted)
     return json_response(answer, status)
 
 
 async def list_secrets(request: web.Request) -> web.Response:
-    return json_response({"secrets": _hub(request).vault.list_secrets(_token(request))})
+    return json_response({"secrets": hub_of(request).vault.list_secrets(token_of(request))})
 
 
 async def get_secret(request: web.Request) -> web.Response:
-    hub, name, tenant = _hub(request), _name(request), _tenant_query(request)
-    return json_response(hub.vault.get_secret(_token(request), name, tenant))
+    hub, name, tenant = hub_of(request), _name(request), _tenant_query(request)
+    return json_response(hub.vault.get_secret(token_of(request), name, tenant))
 
 
 async def delete_secret(request: web.Request) -> web.Response:
-    hub, name, tenant = _hub(request), _name(request), _tenant_query(request)
-    return json_response(await hub.vault.delete_secret(_token(request), name, tenant))
+    hub, name, tenant = hub_of(request), _name(request), _tenant_query(request)
+    return json_response(await hub.vault.delete_secret(token_of(request), name, tenant))
 
 
 async def _empty_body(request: web.Request) -> None:
-    body = await _read(request)
+    body = await read(request)
     if body.strip() in (b"", b"{}"):
         return
     try:
@@ -69,30 +69,34 @@ async def _empty_body(request: web.Request) -> None:
 def _site_route(op: str) -> Handler:
     async def handler(request: web.Request) -> web.Response:
         await _empty_body(request)
-        hub = _hub(request)
-        return json_response(await hub.vault.site_op(_token(request), request.match_info["id"], op))
+        hub = hub_of(request)
+        return json_response(
+            await hub.vault.site_op(token_of(request), request.match_info["id"], op)
+        )
 
     return handler
 
 
 async def approve_unseal(request: web.Request) -> web.Response:
     await _empty_body(request)
-    hub = _hub(request)
-    return json_response(await hub.vault.approve_unseal(_token(request), request.match_info["id"]))
+    hub = hub_of(request)
+    return json_response(
+        await hub.vault.approve_unseal(token_of(request), request.match_info["id"])
+    )
 
 
 async def link_escrow_key(request: web.Request) -> web.Response:
-    return json_response(_hub(request).vault.escrow_key_info(_site(request)))
+    return json_response(hub_of(request).vault.escrow_key_info(site_of(request)))
 
 
 async def link_escrow(request: web.Request) -> web.Response:
-    hub = _hub(request)
-    return json_response(await hub.vault.upload_escrow(_site(request), await _read_json(request)))
+    hub = hub_of(request)
+    return json_response(await hub.vault.upload_escrow(site_of(request), await read_json(request)))
 
 
 async def link_unseal(request: web.Request) -> web.Response:
-    key = vault.parse_ephemeral_key(await _read_json(request))
-    return json_response(await _hub(request).vault.unseal_request(_site(request), key))
+    key = vault.parse_ephemeral_key(await read_json(request))
+    return json_response(await hub_of(request).vault.unseal_request(site_of(request), key))
 
 
 _TENANT = Query("tenant", "string", "the secret's tenant (default: the token's, or 'default')")

@@ -1,0 +1,133 @@
+"""Route declarations and the request helpers shared by the hub's HTTP route modules.
+
+``Route`` and ``Query`` declare a route (``central_hub.api`` registers them and
+``central_hub.openapi`` documents them); the helpers read what a guarded request carries
+(the hub, the caller's token or site, a size-limited body, query parameters) and answer
+JSON. The route modules (``central_hub.api``, ``vault_api``, ``logs_api``, ``releases``)
+import from here, never from each other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import orjson
+from aiohttp import web
+
+from central_hub import authz
+from central_hub.errors import ApiError
+from central_hub.model import validate_tenant
+from central_hub.tokens import TokenRecord
+
+if TYPE_CHECKING:
+    from central_hub.service import Hub
+
+JSON = "application/json"
+HUB_KEY: web.AppKey[Hub] = web.AppKey("hub")
+MAX_BODY_KEY: web.AppKey[int] = web.AppKey("max_body_bytes", int)
+TOKEN_KEY: web.RequestKey[TokenRecord] = web.RequestKey("token", TokenRecord)
+SITE_KEY: web.RequestKey[str] = web.RequestKey("site", str)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Auth = str  # "none", "site", "enroll", or an action of authz.POLICY
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    name: str
+    type: Literal["integer", "number", "string"]
+    description: str
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    method: str
+    path: str
+    handler: Handler
+    auth: Auth
+    summary: str
+    request: str | None = None  # a schema name of openapi.SCHEMAS
+    response: str = "Empty"
+    status: int = 200
+    query: tuple[Query, ...] = ()
+
+
+def json_response(data: object, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type=JSON)
+
+
+def error_response(
+    status: int, code: str, message: str, problems: list[str] | None = None
+) -> web.Response:
+    error: dict[str, Any] = {"code": code, "message": message}
+    if problems:
+        error["problems"] = problems
+    return json_response({"error": error}, status)
+
+
+def hub_of(request: web.Request) -> Hub:
+    return request.app[HUB_KEY]
+
+
+def token_of(request: web.Request) -> TokenRecord:
+    """The caller's token (routes guarded by an action)."""
+    return request[TOKEN_KEY]
+
+
+def site_of(request: web.Request) -> str:
+    """The calling site (routes guarded by ``site``)."""
+    return request[SITE_KEY]
+
+
+async def read(request: web.Request) -> bytes:
+    """The body, at most the app's ``MAX_BODY_KEY`` bytes (413 ``body_too_large``)."""
+    limit = request.app[MAX_BODY_KEY]
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, "body_too_large", f"bodies are limited to {limit} bytes")
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise ApiError(413, "body_too_large", f"bodies are limited to {limit} bytes") from None
+
+
+async def read_json(request: web.Request) -> object:
+    body = await read(request)
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, "bad_json", f"the body is not JSON: {exc}") from None
+
+
+async def read_object(request: web.Request, allowed: set[str]) -> dict[str, Any]:
+    """The body: a JSON object with no field outside ``allowed`` (400
+    ``field_not_allowed`` naming the others: mass assignment is refused)."""
+    return authz.only_fields(await read_json(request), allowed, "this request")
+
+
+def query_tenant(request: web.Request) -> str | None:
+    raw = request.query.get("tenant")
+    return None if raw is None else validate_tenant(raw)
+
+
+def query_int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    if not raw.isascii() or not raw.isdigit() or not low <= int(raw) <= high:
+        raise ApiError(400, f"bad_{name}", f"{name} must be an integer from {low} to {high}")
+    return int(raw)
+
+
+def query_seconds(request: web.Request, name: str, default: float, high: float) -> float:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= high:  # also refuses NaN
+        raise ApiError(400, f"bad_{name}", f"{name} must be a number of seconds from 0 to {high}")
+    return value
