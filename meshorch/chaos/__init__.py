@@ -6,4 +6,7 @@ Modules: ``scenarios`` (pure fault schedules), ``faults`` (injection on the lab)
 ``workload`` (the clients, run inside the lab), ``invariants`` (pure checks),
 ``report`` (JSON and SVG timeline), ``runner`` (all of it on one lab), ``cli``.
 Kept import-light: the workload runs as ``python -m meshorch.chaos.workload``.
+
+May import lab, site and every layer below them, the foundation modules and raft, gossip,
+netmesh; not demo (its sibling) nor cli.
 """

@@ -6,6 +6,9 @@ builds it, starts processes in hosts, partitions and heals, and tears it all dow
 The CLI (``meshorch lab ...`` or ``python -m meshorch.lab``) wraps ``Lab``.
 
 Errors: see ``meshorch.lab.errors`` (root ``LabError``).
+
+May import site and every layer below it, the foundation modules and raft, gossip,
+netmesh; never demo, chaos or cli.
 """
 
 from meshorch.lab.commands import (

@@ -3,6 +3,9 @@
 The agent talks to a :class:`Runtime`; :class:`PodmanRuntime` runs containers
 with cgroup limits, :class:`ProcessRuntime` runs plain subprocesses (hosts
 without podman, fast tests). Errors are drawn in :mod:`meshorch.runtime.errors`.
+
+The bottom layer: it may import only the foundation modules (``meshorch.errors``, ...)
+and raft, gossip, netmesh, never another meshorch subpackage.
 """
 
 from meshorch.runtime.base import (
