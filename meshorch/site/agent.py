@@ -48,9 +48,10 @@ from meshorch.join.mesh import (
 from meshorch.net.app_network import AppNetwork, NetworkSettings
 from meshorch.runtime import Runtime
 from meshorch.secrets.service import SiteSecrets
-from meshorch.site.api import SiteServices, build_app
+from meshorch.site.api import build_app
 from meshorch.site.config import AgentConfig, check_identity, resolve_password, store_password
 from meshorch.site.host_api import HostRoutes
+from meshorch.site.http import SiteServices
 from meshorch.site.metrics import AgentCollector
 from meshorch.state.roster import Roster
 from meshorch.state.tables import (

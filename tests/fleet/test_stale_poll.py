@@ -24,7 +24,16 @@ class HangingClient:
 
 
 def link_at(version: int) -> SiteLink:
-    link = SiteLink(cast(Any, None))
+    nothing = cast(Any, None)  # the poll reads no state
+    link = SiteLink(
+        nothing,
+        nothing,
+        site_id="s1",
+        flag_config=None,
+        secrets=nothing,
+        streams=nothing,
+        gossip_address=("127.0.0.1", 0),
+    )
     state = TrustState("lab", frozenset(), version=version)
     link.trust_state = lambda: state  # type: ignore[method-assign]
     return link

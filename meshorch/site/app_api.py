@@ -1,0 +1,229 @@
+"""The agent's application routes: specs (apply, list, show, delete), tenant quotas, and
+the site's image catalogue (uploads and blobs peers copy).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import orjson
+from aiohttp import web
+
+from meshorch.apps.quotas import (
+    DEFAULT_TENANT,
+    QUOTA_PREFIX,
+    Usage,
+    check_tenant,
+    decode_quota,
+    parse_quota,
+    quota_writes,
+)
+from meshorch.apps.records import (
+    APP_PREFIX,
+    EVENT_PREFIX,
+    INST_PREFIX,
+    STATUS_PREFIX,
+    AppRecord,
+    InstanceReport,
+    app_key,
+    appver_key,
+    decode_app,
+    decode_placement,
+    decode_rollout,
+    rollout_key,
+)
+from meshorch.apps.spec import SpecError, parse_app_spec, spec_digest, to_json
+from meshorch.fleet.apply import (
+    NameTaken,
+    VersionExists,
+    app_delete_ops,
+    app_put_ops,
+    app_view,
+)
+from meshorch.http_body import read_limited
+from meshorch.images.store import CHUNK_BYTES, validate_digest, validate_ref
+from meshorch.site.http import (
+    ApiError,
+    SiteServices,
+    consistent_read,
+    json_object,
+    json_response,
+    services,
+)
+from meshorch.state.tables import (
+    APPS_TABLE,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def add_app_routes(app: web.Application) -> None:
+    """Register the application, quota and image routes."""
+    app.router.add_post("/v1/apps", apply_app)
+    app.router.add_get("/v1/apps", list_apps)
+    app.router.add_get("/v1/apps/{name}", get_app)
+    app.router.add_delete("/v1/apps/{name}", delete_app)
+    app.router.add_get("/v1/quotas", list_quotas)
+    app.router.add_put("/v1/quotas/{tenant}", put_quota)
+    app.router.add_post("/v1/images", add_image)
+    app.router.add_get("/v1/images", list_images)
+    app.router.add_get("/v1/images/blobs/{digest}", get_blob)
+
+
+async def add_image(request: web.Request) -> web.Response:
+    """Body: an image archive (``podman save`` or a rootfs tar); ``?ref=name:tag``."""
+    ref = validate_ref(request.query.get("ref", ""))
+    svc = services(request)
+    manifest = await svc.images.add_upload(ref, request.content.iter_chunked(CHUNK_BYTES))
+    return json_response({"image": manifest.to_json()})
+
+
+async def list_images(request: web.Request) -> web.Response:
+    await consistent_read(request)
+    svc = services(request)
+    return json_response({"images": svc.images.catalog(), "local": svc.images.counters()})
+
+
+async def get_blob(request: web.Request) -> web.StreamResponse:
+    digest = validate_digest(request.match_info["digest"])
+    path = services(request).images.blobs.path(digest)
+    if not path.exists():
+        raise ApiError(404, "not_found", f"this host does not hold {digest}")
+    # FileResponse serves HTTP Range requests, which resume broken transfers.
+    return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
+
+
+MAX_SPEC_BODY = 1 << 20
+
+
+def _tenant_param(request: web.Request) -> str | None:
+    raw = request.query.get("tenant")
+    return None if raw is None else check_tenant(raw)
+
+
+async def apply_app(request: web.Request) -> web.Response:
+    """Body: an application spec, YAML or JSON; ``?tenant=`` (default ``default``) owns it.
+    A new version starts a rolling upgrade. 409 ``name_taken`` when another tenant has an
+    app of that name, ``version_exists`` when the version was applied with other content."""
+    tenant = _tenant_param(request) or DEFAULT_TENANT
+    body = await read_limited(request.content, MAX_SPEC_BODY)
+    try:
+        spec = parse_app_spec(body)
+    except SpecError as exc:
+        return json_response(
+            {"error": {"code": "bad_spec", "message": str(exc), "problems": exc.problems}}, 400
+        )
+    svc = services(request)
+    await svc.node.barrier()
+    existing = svc.node.view.get(APPS_TABLE, appver_key(spec.name, spec.version))
+    current = svc.node.view.get(APPS_TABLE, app_key(spec.name))
+    try:
+        ops = app_put_ops(
+            spec,
+            None if existing is None else existing.value,
+            tenant,
+            None if current is None else current.value,
+        )
+    except (VersionExists, NameTaken) as exc:
+        raise ApiError(409, exc.code, str(exc)) from exc
+    await svc.node.propose(ops, idempotent=True)
+    return json_response(
+        {"app": spec.name, "tenant": tenant, "version": spec.version, "digest": spec_digest(spec)}
+    )
+
+
+def _scan_json(svc: SiteServices, prefix: bytes) -> list[bytes]:
+    records, _ = svc.node.view.scan(APPS_TABLE, prefix, 1_000_000)
+    return [r.value for _, r in records]
+
+
+def _app_view(svc: SiteServices, record: AppRecord) -> dict[str, object]:
+    spec = record.spec
+    placements = map(decode_placement, _scan_json(svc, INST_PREFIX))
+    reports = {r.instance_id: r for r in map(InstanceReport.decode, _scan_json(svc, STATUS_PREFIX))}
+    rollout_record = svc.node.view.get(APPS_TABLE, rollout_key(spec.name))
+    rollout = decode_rollout(rollout_record.value) if rollout_record else None
+    return app_view(spec, placements, reports, rollout, record.tenant)
+
+
+async def list_apps(request: web.Request) -> web.Response:
+    """Every app, each with its tenant; ``?tenant=`` shows only that tenant's."""
+    tenant = _tenant_param(request)
+    await consistent_read(request)
+    svc = services(request)
+    records = [decode_app(raw) for raw in _scan_json(svc, APP_PREFIX)]
+    chosen = [r for r in records if tenant is None or r.tenant == tenant]
+    return json_response({"apps": [_app_view(svc, record) for record in chosen]})
+
+
+async def get_app(request: web.Request) -> web.Response:
+    await consistent_read(request)
+    svc = services(request)
+    name = request.match_info["name"]
+    stored = svc.node.view.get(APPS_TABLE, app_key(name))
+    if stored is None:
+        raise ApiError(404, "not_found", f"no application {name!r}")
+    record = decode_app(stored.value)
+    events_prefix = EVENT_PREFIX + f"{name}/".encode()
+    events = [orjson.loads(raw) for raw in _scan_json(svc, events_prefix)][-50:]
+    for event in events:
+        event.pop("v", None)
+    return json_response({**_app_view(svc, record), "spec": to_json(record.spec), "events": events})
+
+
+async def delete_app(request: web.Request) -> web.Response:
+    """``?tenant=``: only if the app is that tenant's (409 ``name_taken`` otherwise)."""
+    tenant = _tenant_param(request)
+    svc = services(request)
+    name = request.match_info["name"]
+    await svc.node.barrier()
+    current = svc.node.view.get(APPS_TABLE, app_key(name))
+    if current is None:
+        raise ApiError(404, "not_found", f"no application {name!r}")
+    try:
+        ops = app_delete_ops(name, tenant, current.value)
+    except NameTaken as exc:
+        raise ApiError(409, exc.code, str(exc)) from exc
+    await svc.node.propose(ops, idempotent=True)
+    return json_response({"deleted": name})
+
+
+MAX_QUOTA_BODY = 4096
+
+
+async def list_quotas(request: web.Request) -> web.Response:
+    """Every tenant with a quota or placed instances: its quota (null fields: unlimited,
+    ``quota`` null: none) and what its placed instances request (``used``)."""
+    await consistent_read(request)
+    svc = services(request)
+    quotas = dict(map(decode_quota, _scan_json(svc, QUOTA_PREFIX)))
+    owners = {r.spec.name: r.tenant for r in map(decode_app, _scan_json(svc, APP_PREFIX))}
+    used: dict[str, Usage] = {}
+    for p in map(decode_placement, _scan_json(svc, INST_PREFIX)):
+        tenant = owners.get(p.app, DEFAULT_TENANT)
+        used[tenant] = used.get(tenant, Usage()).plus(p.cpu_millis, p.memory_bytes)
+    tenants = sorted(set(quotas) | set(used))
+    return json_response(
+        {
+            "quotas": [
+                {
+                    "tenant": tenant,
+                    "quota": quotas[tenant].to_json() if tenant in quotas else None,
+                    "used": used.get(tenant, Usage()).to_json(),
+                }
+                for tenant in tenants
+            ]
+        }
+    )
+
+
+async def put_quota(request: web.Request) -> web.Response:
+    """Body ``{"cpu_millis", "memory_bytes", "instances"}``: integers >= 0 or null
+    (unlimited); all null removes the quota. The same rules as the ``tenant.quota`` op."""
+    tenant = check_tenant(request.match_info["tenant"])
+    body = await read_limited(request.content, MAX_QUOTA_BODY)
+    if len(body) > MAX_QUOTA_BODY:
+        raise ApiError(413, "too_large", f"the body is limited to {MAX_QUOTA_BODY} bytes")
+    quota = parse_quota(json_object(body))
+    await services(request).node.propose(list(quota_writes(tenant, quota)), idempotent=True)
+    return json_response({"tenant": tenant, "quota": None if quota.unlimited else quota.to_json()})

@@ -1,0 +1,103 @@
+"""The agent's fleet routes: the link to the hub (docs/fleet-link.md) and relayed deltas."""
+
+from __future__ import annotations
+
+import logging
+
+import orjson
+from aiohttp import web
+
+from meshorch.errors import RemoteInputError
+from meshorch.fleet.apply import (
+    check_link_config,
+)
+from meshorch.fleet.delta import DeltaRejected
+from meshorch.site.http import (
+    ApiError,
+    DeltaApiError,
+    consistent_read,
+    json_object,
+    json_response,
+    services,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def add_fleet_routes(app: web.Application) -> None:
+    """Register the fleet link routes."""
+    app.router.add_get("/v1/fleet", get_fleet)
+    app.router.add_put("/v1/fleet/link", put_fleet_link)
+    app.router.add_post("/v1/fleet/deltas", post_fleet_deltas)
+
+
+ORDER_REASONS = frozenset({"replay", "rollback", "gap", "chain_mismatch", "expired"})
+
+
+async def get_fleet(request: web.Request) -> web.Response:
+    """The site's fleet identity, link, trust state and last refusals."""
+    await consistent_read(request)
+    return json_response(services(request).link.status_json())
+
+
+async def put_fleet_link(request: web.Request) -> web.Response:
+    """Body ``{"hub", "fleet", "root_key", "enroll_token"?}``. Never changes whom the
+    site trusts once it has a trust state: only a signed root.rotate delta does."""
+    data = json_object(await request.read())
+    unknown = set(data) - {"hub", "fleet", "root_key", "enroll_token"}
+    if unknown:
+        raise ApiError(400, "bad_link", f"unknown fields: {', '.join(sorted(unknown))}")
+    wanted = check_link_config(
+        data.get("hub"), data.get("fleet"), data.get("root_key"), data.get("enroll_token")
+    )
+    link = services(request).link
+    try:
+        stored = await link.configure(wanted)
+    except RemoteInputError as exc:
+        status = 400 if exc.code == "bad_link" else 409
+        raise ApiError(status, exc.code, str(exc)) from exc
+    trust = link.trust_state()
+    return json_response(
+        {"link": stored.to_json(), "trust": None if trust is None else trust.to_json()}
+    )
+
+
+async def post_fleet_deltas(request: web.Request) -> web.Response:
+    """Relay deltas: one envelope, or a JSON list of envelopes, verified and applied here.
+
+    200 ``{"applied": [versions], "version", "head", "rejected"?}`` (a list may be applied
+    in part: its verified prefix); otherwise 400/409 with the refusal's reason as the code,
+    and nothing changed.
+    """
+    body = await request.read()
+    if body.lstrip()[:1] == b"[":
+        try:
+            items = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise _rejected(DeltaRejected("malformed", f"not a JSON list: {exc}")) from exc
+        raws = [orjson.dumps(item) for item in items]
+    else:
+        raws = [body]
+    if not raws:
+        raise ApiError(400, "malformed", "no delta given")
+    outcome = await services(request).link.commit(raws)
+    if outcome.conflict:
+        raise ApiError(409, "conflict", "the site applied other deltas meanwhile; retry")
+    if not outcome.applied:
+        assert outcome.rejected is not None
+        raise _rejected(outcome.rejected)
+    assert outcome.state is not None
+    answer: dict[str, object] = {
+        "applied": outcome.applied,
+        "version": outcome.state.version,
+        "head": outcome.state.head,
+        "op_errors": outcome.op_errors,
+    }
+    if outcome.rejected is not None:
+        answer["rejected"] = outcome.rejected.to_json()
+    return json_response(answer)
+
+
+def _rejected(exc: DeltaRejected) -> ApiError:
+    status = 409 if exc.reason in ORDER_REASONS else 400
+    return DeltaApiError(status, exc)
