@@ -56,12 +56,12 @@ async def run(site: SiteState) -> None:
             if current is None or current["state"] == "done":
                 continue
             if site.status().is_leader:
-                await _step(site, current)
+                await step(site, current)
         except Exception as exc:  # tried again at the next check
             logger.warning("decommission: %s", exc)
 
 
-async def _step(site: SiteState, current: dict[str, Any]) -> None:
+async def step(site: SiteState, current: dict[str, Any]) -> None:
     """running: delete the apps and the secrets (one entry, once) -> stopping: wait until
     no instance is placed -> done."""
     view = site.view
