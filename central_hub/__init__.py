@@ -6,7 +6,8 @@ Entry points: ``Hub`` (an async context manager) with ``HubConfig``, and ``cli.m
 ``docs/fleet-link.md`` for the site link.
 """
 
+from central_hub.config import HubConfig
 from central_hub.errors import ApiError, HubConfigError, HubError
-from central_hub.service import Hub, HubConfig
+from central_hub.service import Hub
 
 __all__ = ["ApiError", "Hub", "HubConfig", "HubConfigError", "HubError"]

@@ -77,7 +77,7 @@ from meshorch.fleet.delta import DeltaRejected, parse
 from meshorch.fleet.link_auth import LinkAuthError, claimed_site, verify_request
 
 if TYPE_CHECKING:
-    from central_hub.service import Hub
+    from central_hub.parts import HubParts
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return error_response(500, "internal", "internal error, see the hub log")
 
 
-def build_app(hub: Hub, max_body_bytes: int) -> web.Application:
+def build_app(hub: HubParts, max_body_bytes: int) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=max_body_bytes)
     app[HUB_KEY] = hub
     app[MAX_BODY_KEY] = max_body_bytes
@@ -147,12 +147,12 @@ def _guarded(route: Route) -> Handler:
 
 
 async def _with_token(
-    hub: Hub, request: web.Request, route: Route, action: str
+    hub: HubParts, request: web.Request, route: Route, action: str
 ) -> web.StreamResponse:
     token: TokenRecord | None = None
     reset = CALLER.set(None)
     try:
-        token = hub.authenticate(request.headers.get("Authorization"))
+        token = hub.accounts.authenticate(request.headers.get("Authorization"))
         CALLER.set((token, action))
         tokens.authorize(token, action)
         request[TOKEN_KEY] = token
@@ -162,7 +162,9 @@ async def _with_token(
             tenant = None if token is None else token.tenant
             detail = f"{request.method} {request.path}: {exc.code}"
             outcome = f"refused {exc.status}"
-            refusal = hub.audit(token, action, tenant, "request", route.path, outcome, detail)
+            refusal = hub.ledger.audit(
+                token, action, tenant, "request", route.path, outcome, detail
+            )
             if refusal is not None:
                 with contextlib.suppress(ApiError):  # the hub is stopping
                     await refusal
@@ -171,13 +173,15 @@ async def _with_token(
         CALLER.reset(reset)
 
 
-def _verify_site(hub: Hub, request: web.Request, body: bytes) -> str:
+def _verify_site(hub: HubParts, request: web.Request, body: bytes) -> str:
     try:
         site = claimed_site(request.headers)
-        key = hub.site_public_key(site)
+        key = hub.sites.site_public_key(site)
         if key is None:
             raise LinkAuthError(f"site {site[:64]!r} is unknown or not enrolled")
-        verify_request(key, request.headers, request.method, request.raw_path, body, hub.now())
+        verify_request(
+            key, request.headers, request.method, request.raw_path, body, hub.ledger.now()
+        )
     except LinkAuthError as exc:
         raise ApiError(401, "bad_site_signature", str(exc)) from None
     return site
@@ -187,11 +191,11 @@ def _verify_site(hub: Hub, request: web.Request, body: bytes) -> str:
 
 
 async def get_fleet(request: web.Request) -> web.Response:
-    return json_response(hub_of(request).fleet_info())
+    return json_response(hub_of(request).ledger.fleet_info())
 
 
 async def rotate_root(request: web.Request) -> web.Response:
-    return json_response(await hub_of(request).rotate_root())
+    return json_response(await hub_of(request).ledger.rotate_root())
 
 
 async def list_deltas(request: web.Request) -> web.Response:
@@ -199,7 +203,7 @@ async def list_deltas(request: web.Request) -> web.Response:
     after = query_int(request, "after", 0, 0, 2**63)
     limit = query_int(request, "limit", 100, 1, MAX_LINK_LIMIT)
     found = []
-    for version, envelope in hub.deltas_after(after, limit):
+    for version, envelope in hub.ledger.deltas_after(after, limit):
         try:
             delta, _, sigs = parse(envelope)
         except DeltaRejected as exc:  # never stored by the hub; say so rather than fail
@@ -217,7 +221,7 @@ async def list_deltas(request: web.Request) -> web.Response:
                 "signed_by": [key for key, _ in sigs],
             }
         )
-    return json_response({"head": hub.head.version, "deltas": found})
+    return json_response({"head": hub.ledger.head.version, "deltas": found})
 
 
 async def get_openapi(request: web.Request) -> web.Response:
@@ -234,7 +238,7 @@ async def link_enroll(request: web.Request) -> web.Response:
     token = data.get("token")
     if not isinstance(token, str):
         raise ApiError(403, "bad_enroll_token", "token is the site's enrollment token")
-    await hub_of(request).enroll(site, key, token)
+    await hub_of(request).sites.enroll(site, key, token)
     return json_response({"site": site})
 
 
@@ -242,13 +246,13 @@ async def link_deltas(request: web.Request) -> web.Response:
     after = query_int(request, "after", 0, 0, 2**63)
     wait_s = query_seconds(request, "wait", DEFAULT_WAIT_S, MAX_WAIT_S)
     limit = query_int(request, "limit", MAX_LINK_LIMIT, 1, MAX_LINK_LIMIT)
-    head, envelopes = await hub_of(request).wait_for_deltas(after, wait_s, limit)
+    head, envelopes = await hub_of(request).ledger.wait_for_deltas(after, wait_s, limit)
     body = {"head": head, "deltas": [orjson.Fragment(e) for e in envelopes]}
     return json_response(body)
 
 
 async def link_gossip(request: web.Request) -> web.Response:
-    return json_response(hub_of(request).gossip_info(site_of(request)))
+    return json_response(hub_of(request).sites.gossip_info(site_of(request)))
 
 
 async def link_report(request: web.Request) -> web.Response:
@@ -256,7 +260,7 @@ async def link_report(request: web.Request) -> web.Response:
     data = await read_json(request)
     report = parse_report(data, site)
     report.update(parse_report_secrets(data))  # the secrets part (central_hub.vault)
-    head = await hub_of(request).record_report(site, report)
+    head = await hub_of(request).sites.record_report(site, report)
     return json_response({"head": head})
 
 
@@ -266,18 +270,18 @@ async def link_report(request: web.Request) -> web.Response:
 async def create_token(request: web.Request) -> web.Response:
     caller = token_of(request)
     wanted = tokens.parse_token_request(await read_json(request), caller)
-    text, record = await hub_of(request).create_token(caller, wanted)
+    text, record = await hub_of(request).accounts.create_token(caller, wanted)
     return json_response({"token": text, **record.public_json()}, 201)
 
 
 async def list_tokens(request: web.Request) -> web.Response:
-    found = hub_of(request).list_tokens(token_of(request), query_tenant(request))
+    found = hub_of(request).accounts.list_tokens(token_of(request), query_tenant(request))
     return json_response({"tokens": [t.public_json() for t in found]})
 
 
 async def delete_token(request: web.Request) -> web.Response:
     token_id = request.match_info["id"]
-    await hub_of(request).delete_token(token_of(request), token_id)
+    await hub_of(request).accounts.delete_token(token_of(request), token_id)
     return json_response({"deleted": token_id})
 
 
@@ -287,38 +291,44 @@ async def delete_token(request: web.Request) -> web.Response:
 async def create_tenant(request: web.Request) -> web.Response:
     tenant_id, description = tenancy.parse_tenant_request(await read_json(request))
     return json_response(
-        await hub_of(request).create_tenant(token_of(request), tenant_id, description), 201
+        await hub_of(request).accounts.create_tenant(token_of(request), tenant_id, description), 201
     )
 
 
 async def list_tenants(request: web.Request) -> web.Response:
-    return json_response({"tenants": hub_of(request).list_tenants(token_of(request))})
+    return json_response({"tenants": hub_of(request).accounts.list_tenants(token_of(request))})
 
 
 async def get_tenant(request: web.Request) -> web.Response:
-    return json_response(hub_of(request).get_tenant(token_of(request), request.match_info["id"]))
+    return json_response(
+        hub_of(request).accounts.get_tenant(token_of(request), request.match_info["id"])
+    )
 
 
 async def delete_tenant(request: web.Request) -> web.Response:
     tenant_id = request.match_info["id"]
-    return json_response(await hub_of(request).delete_tenant(token_of(request), tenant_id))
+    return json_response(await hub_of(request).accounts.delete_tenant(token_of(request), tenant_id))
 
 
 async def put_quota(request: web.Request) -> web.Response:
     quota = tenancy.parse_quota_request(await read_json(request))
     tenant_id = request.match_info["id"]
-    return json_response(await hub_of(request).set_quota(token_of(request), tenant_id, quota))
+    return json_response(
+        await hub_of(request).accounts.set_quota(token_of(request), tenant_id, quota)
+    )
 
 
 async def get_quota(request: web.Request) -> web.Response:
-    return json_response(hub_of(request).get_quota(token_of(request), request.match_info["id"]))
+    return json_response(
+        hub_of(request).accounts.get_quota(token_of(request), request.match_info["id"])
+    )
 
 
 async def get_audit(request: web.Request) -> web.Response:
     after = query_int(request, "after", 0, 0, 2**63)
     limit = query_int(request, "limit", 100, 1, MAX_LINK_LIMIT)
     hub, token = hub_of(request), token_of(request)
-    return json_response(hub.read_audit(token, after, limit, query_tenant(request)))
+    return json_response(hub.ledger.read_audit(token, after, limit, query_tenant(request)))
 
 
 # -- sites -----------------------------------------------------------------------------
@@ -330,41 +340,45 @@ async def create_site(request: web.Request) -> web.Response:
     labels = validate_labels(data.get("labels", {}))
     raw_key = data.get("public_key")
     key = None if raw_key is None else validate_public_key(raw_key)
-    return json_response(await hub_of(request).register_site(site, labels, key), 201)
+    return json_response(await hub_of(request).sites.register_site(site, labels, key), 201)
 
 
 async def list_sites(request: web.Request) -> web.Response:
-    return json_response({"sites": hub_of(request).list_sites(token_of(request))})
+    return json_response({"sites": hub_of(request).sites.list_sites(token_of(request))})
 
 
 async def get_site(request: web.Request) -> web.Response:
-    return json_response(hub_of(request).get_site(token_of(request), request.match_info["id"]))
+    return json_response(
+        hub_of(request).sites.get_site(token_of(request), request.match_info["id"])
+    )
 
 
 async def put_site_labels(request: web.Request) -> web.Response:
     labels = validate_labels(await read_json(request))
     site = request.match_info["id"]
-    return json_response(await hub_of(request).set_site_labels(site, labels))
+    return json_response(await hub_of(request).sites.set_site_labels(site, labels))
 
 
 async def list_alerts(request: web.Request) -> web.Response:
-    return json_response({"alerts": hub_of(request).list_alerts(token_of(request))})
+    return json_response({"alerts": hub_of(request).alerting.list_alerts(token_of(request))})
 
 
 async def acknowledge_alert(request: web.Request) -> web.Response:
     await read(request)  # no body expected; a body is ignored
-    answer = await hub_of(request).acknowledge_alert(token_of(request), request.match_info["id"])
+    answer = await hub_of(request).alerting.acknowledge_alert(
+        token_of(request), request.match_info["id"]
+    )
     return json_response(answer)
 
 
 async def decommission_site(request: web.Request) -> web.Response:
     site = request.match_info["id"]
-    return json_response(await hub_of(request).decommission_site(token_of(request), site))
+    return json_response(await hub_of(request).sites.decommission_site(token_of(request), site))
 
 
 async def delete_site(request: web.Request) -> web.Response:
     site = request.match_info["id"]
-    await hub_of(request).delete_site(site)
+    await hub_of(request).sites.delete_site(site)
     return json_response({"deleted": site})
 
 
@@ -384,29 +398,33 @@ async def create_app(request: web.Request) -> web.Response:
     policy = parse_policy(data.get("placement"))
     tenant = data.get("tenant")
     chosen = None if tenant is None else validate_tenant(tenant)
-    status, deployment = await hub_of(request).deploy(
+    status, deployment = await hub_of(request).deployments.deploy(
         token_of(request), spec, spec_digest(spec), policy, chosen
     )
     return json_response(deployment, status)
 
 
 async def list_apps(request: web.Request) -> web.Response:
-    found = hub_of(request).list_apps(token_of(request), query_tenant(request))
+    found = hub_of(request).deployments.list_apps(token_of(request), query_tenant(request))
     return json_response({"apps": found})
 
 
 async def get_app(request: web.Request) -> web.Response:
-    return json_response(hub_of(request).get_app(token_of(request), request.match_info["name"]))
+    return json_response(
+        hub_of(request).deployments.get_app(token_of(request), request.match_info["name"])
+    )
 
 
 async def delete_app(request: web.Request) -> web.Response:
     name = request.match_info["name"]
-    return json_response(await hub_of(request).delete_app(token_of(request), name))
+    return json_response(await hub_of(request).deployments.delete_app(token_of(request), name))
 
 
 async def get_deployment(request: web.Request) -> web.Response:
     deployment_id = request.match_info["id"]
-    return json_response(hub_of(request).get_deployment(token_of(request), deployment_id))
+    return json_response(
+        hub_of(request).deployments.get_deployment(token_of(request), deployment_id)
+    )
 
 
 _AFTER = Query("after", "integer", "only deltas with a version greater than this")

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import uvloop
 
+from central_hub.config import DAY_S, HubConfig
 from central_hub.errors import HubConfigError
 from central_hub.logs import parse_duration
-from central_hub.service import DAY_S, Hub, HubConfig
+from central_hub.service import Hub
 from meshorch.errors import ConfigurationError
 from meshorch.sizes import parse_size
 

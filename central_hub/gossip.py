@@ -27,13 +27,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from nacl.signing import SigningKey
 
 from central_hub import deltalog
+from central_hub.ledger import Ledger
 from gossip import (
     DatagramOpener,
     DatagramSealer,
@@ -61,9 +63,6 @@ from meshorch.fleet.gossip import (
     parse_site_summary,
     seal_summary,
 )
-
-if TYPE_CHECKING:
-    from central_hub.service import Hub
 
 logger = logging.getLogger(__name__)
 
@@ -97,11 +96,14 @@ def load_or_create_gossip_key(data_dir: Path) -> SigningKey:
 
 
 class HubGossip:
-    """The hub's member; ``start``/``stop`` are called by ``Hub``."""
+    """The hub's member; ``start``/``stop`` are called by ``Hub``. The ledger gives the
+    data directory (the gossip key), the root key and the head to publish, the deltas to
+    answer with, and the clock; ``site_key`` a site's enrolled public key (None: unknown)."""
 
     def __init__(
         self,
-        hub: Hub,
+        ledger: Ledger,
+        site_key: Callable[[str], str | None],
         *,
         host: str,
         port: int,
@@ -109,7 +111,8 @@ class HubGossip:
         preset: str,
         cert_ttl_s: float,
     ) -> None:
-        self.hub = hub
+        self.ledger = ledger
+        self.site_key = site_key
         self.host, self.port = host, port
         self.advertise = advertise
         self.preset = preset
@@ -126,8 +129,7 @@ class HubGossip:
     # -- life cycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        hub = self.hub
-        self._key = await asyncio.to_thread(load_or_create_gossip_key, hub.data_dir)
+        self._key = await asyncio.to_thread(load_or_create_gossip_key, self.ledger.data_dir)
         sealer = DatagramSealer(HUB_ID, self._key, self._own_cert())
         opener = DatagramOpener(self._trusted, recipient=HUB_ID)
         meta = None if self.advertise is None else address_meta(self.advertise)
@@ -163,15 +165,15 @@ class HubGossip:
         return format_address(self.service.address)
 
     def _trusted(self) -> frozenset[str]:
-        root = self.hub.root_key
+        root = self.ledger.root_key
         if root != self._anchor_of:
             self._anchor_of, self._anchors = root, frozenset({root})
         return self._anchors
 
     def _own_cert(self) -> bytes:
         assert self._key is not None
-        expires = self.hub.now() + self.cert_ttl_s
-        return issue_cert(self.hub.signing_keys[0], HUB_ID, bytes(self._key.verify_key), expires)
+        expires = self.ledger.now() + self.cert_ttl_s
+        return issue_cert(self.ledger.signing_keys[0], HUB_ID, bytes(self._key.verify_key), expires)
 
     def maintain(self) -> None:
         """Renew the hub's certificate when half its lifetime is gone or the root rotated
@@ -180,8 +182,8 @@ class HubGossip:
         if sealer is None or self.service is None:
             return
         cert = sealer.cert
-        rotated = cert.anchor_key.hex() != self.hub.root_key
-        if rotated or cert.expires_at - self.hub.now() < self.cert_ttl_s / 2:
+        rotated = cert.anchor_key.hex() != self.ledger.root_key
+        if rotated or cert.expires_at - self.ledger.now() < self.cert_ttl_s / 2:
             sealer.replace_cert(self._own_cert())
             logger.info("gossip: renewed the hub's certificate%s", " (root rotated)" * rotated)
 
@@ -189,8 +191,8 @@ class HubGossip:
 
     def certificate_for(self, site_id: str, public_key: str) -> dict[str, Any]:
         """The answer of ``GET /v1/link/gossip`` for an authenticated site."""
-        expires = self.hub.now() + self.cert_ttl_s
-        cert = issue_cert(self.hub.signing_keys[0], site_id, public_key, expires)
+        expires = self.ledger.now() + self.cert_ttl_s
+        cert = issue_cert(self.ledger.signing_keys[0], site_id, public_key, expires)
         self.stats.certificates += 1
         peers = []
         service = self.service
@@ -227,8 +229,8 @@ class HubGossip:
         service, key = self.service, self._key
         if service is None or key is None or not service.running:
             return
-        head = self.hub.head
-        summary = hub_summary(head.version, head.hash, self.hub.now())
+        head = self.ledger.head
+        summary = hub_summary(head.version, head.hash, self.ledger.now())
         service.publish(seal_summary(key, HUB_ID, summary))
 
     def status_json(self) -> dict[str, Any]:
@@ -259,11 +261,11 @@ class HubGossip:
                 logger.debug("gossip: summary of %s ignored: %s", event.member_id[:64], exc)
 
     def _keep_summary(self, site_id: str, value: bytes) -> None:
-        public_key = self.hub.site_public_key(site_id)
+        public_key = self.site_key(site_id)
         if public_key is None:
             raise BadSummary("not an enrolled site")
         summary = parse_site_summary(open_summary(value, site_id, bytes.fromhex(public_key)))
-        now = self.hub.now()
+        now = self.ledger.now()
         if summary["t"] > now + FUTURE_SKEW_S:
             raise BadSummary(f"stamped {summary['t'] - now:.0f} s in the future")
         previous = self._summaries.get(site_id)
@@ -285,12 +287,12 @@ class HubGossip:
         self._answer(sender, after)
 
     def _answer(self, sender: str, after: int) -> None:
-        service, hub = self.service, self.hub
-        if service is None or hub._store is None or after >= hub.head.version:
+        service, ledger = self.service, self.ledger
+        if service is None or not ledger.is_open or after >= ledger.head.version:
             return
-        if not self._answers.allow(sender, hub.now()):
+        if not self._answers.allow(sender, ledger.now()):
             return
-        envelopes = [e for _, e in hub.deltas_after(after, MAX_ANSWER_DELTAS)]
+        envelopes = [e for _, e in ledger.deltas_after(after, MAX_ANSWER_DELTAS)]
         messages = delta_messages(envelopes)
         for message in messages:
             service.send_app(sender, message)

@@ -23,6 +23,10 @@ I/O:
   page, newest first, visiting blocks by their newest possible record and stopping as
   soon as no remaining block can beat the page.
 - The cursor codec (opaque, tied to the query's filters).
+
+It is longer than the hub's other modules because these pieces share one block layout
+and one index format and are tested together as the query engine; split, each would
+expose its internals to the others.
 """
 
 from __future__ import annotations

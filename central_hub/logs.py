@@ -5,8 +5,9 @@ Sites push chunks of their streams (``meshorch.fleet.forward``) to
 decoded with the sites' own codec, and ``central_hub.logstore.LogStore`` keeps them
 idempotently by site, stream and sequence. Operators query with ``GET /v1/logs``
 (``parse_query``): a tenant token sees only its tenant's streams. The hub's retention
-(``HubConfig.logs_max_age_s``, ``logs_max_bytes``) runs from the hub's tick
-(``HubLogs.apply_retention``) and drops whole blocks, oldest first.
+(``HubConfig.logs_max_age_s``, ``logs_max_bytes``) is started from the hub's tick every
+``logs_retention_every_s`` (``HubLogs.start_retention``, in a worker thread) and drops
+whole blocks, oldest first.
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ import asyncio
 import base64
 import binascii
 import itertools
+import logging
 import re
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from central_hub import authz
 from central_hub.errors import ApiError
+from central_hub.ledger import Ledger
 from central_hub.logstore import (
     LogGap,
     LogPage,
@@ -35,8 +38,7 @@ from central_hub.logstore import (
 from central_hub.tokens import TokenRecord
 from meshorch.streams.model import StreamError, StreamName, StreamStoreCorrupt, decode_chunk
 
-if TYPE_CHECKING:
-    from central_hub.service import Hub
+logger = logging.getLogger(__name__)
 
 MAX_PUSH_STREAMS = 1000
 MAX_QUERY_LIMIT = 1000
@@ -190,16 +192,31 @@ def page_json(page: LogPage) -> dict[str, Any]:
     }
 
 
-class HubLogs:
-    """The hub's log store and the operations on it (one writer at a time, in a thread)."""
+@dataclass(frozen=True, slots=True)
+class LogLimits:
+    """The hub's retention of fleet logs (``HubConfig``'s settings of the same names;
+    None: no limit)."""
 
-    def __init__(self, hub: Hub) -> None:
-        self.hub = hub
+    logs_max_age_s: float | None
+    logs_max_bytes: int | None
+    logs_retention_every_s: float
+
+
+class HubLogs:
+    """The hub's log store and the operations on it (one writer at a time, in a thread).
+    The ledger gives the data directory, the known tenants and sites, the clock, and
+    tracks the retention's worker."""
+
+    def __init__(self, ledger: Ledger, limits: LogLimits) -> None:
+        self.ledger = ledger
+        self.limits = limits
         self._store: LogStore | None = None
         self._write = asyncio.Lock()
+        self._retained_at: float | None = None  # None: not yet since start
+        self._retention: asyncio.Future[None] | None = None
 
     def open(self) -> None:
-        self._store = LogStore(self.hub.data_dir / "logs")
+        self._store = LogStore(self.ledger.data_dir / "logs")
 
     def close(self) -> None:
         if self._store is not None:
@@ -214,10 +231,32 @@ class HubLogs:
 
     def apply_retention(self, now: float) -> RetentionResult:
         """Drop what is past the hub's limits (blocking: run it in a thread)."""
-        config = self.hub.config
+        limits = self.limits
         return self.store.apply_retention(
-            now, max_age_s=config.logs_max_age_s, max_bytes=config.logs_max_bytes
+            now, max_age_s=limits.logs_max_age_s, max_bytes=limits.logs_max_bytes
         )
+
+    def start_retention(self) -> None:
+        """Every ``logs_retention_every_s``, drop old fleet logs in a worker thread; the
+        rollout driver does not wait for it (dropping a large backlog takes a while)."""
+        now = self.ledger.now()
+        due = (
+            self._retained_at is None
+            or now - self._retained_at >= self.limits.logs_retention_every_s
+        )
+        if not due or (self._retention is not None and not self._retention.done()):
+            return
+        self._retained_at = now
+
+        async def run() -> None:
+            try:
+                await asyncio.to_thread(self.apply_retention, now)
+            except Exception:
+                logger.exception("log retention failed; retrying at its next time")
+
+        task = asyncio.ensure_future(run())
+        self._retention = task
+        self.ledger.track(task)  # awaited before the log store closes
 
     def stats(self) -> LogStoreStats | None:
         """The store's figures, None when it is not open."""
@@ -229,7 +268,7 @@ class HubLogs:
 
     async def ingest(self, site: str, data: object) -> dict[str, Any]:
         pushes = parse_push(data)
-        known_tenants = set(self.hub.store.keys("tenants"))
+        known_tenants = set(self.ledger.store.keys("tenants"))
         async with self._write:
             return await asyncio.to_thread(self._ingest, site, pushes, known_tenants)
 
@@ -261,7 +300,7 @@ class HubLogs:
 
     async def streams(self, token: TokenRecord) -> dict[str, Any]:
         authz.authorize(token, "logs.read")
-        sites = list(self.hub.store.keys("sites"))
+        sites = list(self.ledger.store.keys("sites"))
 
         def collect() -> list[dict[str, Any]]:
             found = []

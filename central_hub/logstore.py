@@ -35,6 +35,9 @@ Threads: one writer at a time (``ingest`` takes a lock), queries in any thread a
 time. Writers commit to LMDB first and then publish the new in-memory state under a short
 lock; a query takes its snapshot of that state under the same lock and reads in a
 read transaction begun after it, so it sees everything ingested before it started.
+
+It is over 600 lines because ingest, segmenting, retention and queries all update the
+same in-memory state under the same lock, which is the invariant this module keeps.
 """
 
 from __future__ import annotations

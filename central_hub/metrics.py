@@ -10,21 +10,21 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from central_hub.service import Hub
+    from central_hub.parts import HubParts
 
 
 class HubCollector(Collector):
-    def __init__(self, hub: Hub) -> None:
+    def __init__(self, hub: HubParts) -> None:
         self.hub = hub
 
     def collect(self) -> Iterator[Metric]:
         hub = self.hub
-        sites = hub.list_sites()
+        sites = hub.sites.list_sites()
         by_health = GaugeMetricFamily("meshorch_hub_sites", "Sites by health", labels=["health"])
         for health, count in sorted(Counter(str(s["health"]) for s in sites).items()):
             by_health.add_metric([health], count)
         yield by_health
-        head = hub.head.version
+        head = hub.ledger.head.version
         yield _gauge("meshorch_hub_delta_head", "The newest delta version", head)
         behind = GaugeMetricFamily(
             "meshorch_hub_site_deltas_behind", "Deltas a site has not applied yet", labels=["site"]
@@ -32,11 +32,15 @@ class HubCollector(Collector):
         for site in sites:
             behind.add_metric([site["id"]], max(head - (site.get("applied_version") or 0), 0))
         yield behind
-        yield _gauge("meshorch_hub_link_waiters", "Sites' long-polls open now", hub.link_waiters)
+        yield _gauge(
+            "meshorch_hub_link_waiters", "Sites' long-polls open now", hub.ledger.link_waiters
+        )
         alerts = GaugeMetricFamily(
             "meshorch_hub_alerts_active", "Active alerts by kind", labels=["kind"]
         )
-        for kind, count in sorted(Counter(a.kind for a in hub.alerts.active.values()).items()):
+        for kind, count in sorted(
+            Counter(a.kind for a in hub.alerting.book.active.values()).items()
+        ):
             alerts.add_metric([kind], count)
         yield alerts
         logs = hub.logs.stats()

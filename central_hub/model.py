@@ -19,6 +19,11 @@ def is_id(text: object) -> bool:
     return isinstance(text, str) and _ID_RE.fullmatch(text) is not None
 
 
+def plain_key(text: str) -> bool:
+    """Whether ``text`` can be a stored id (short ASCII letters, digits and '-')."""
+    return 0 < len(text) <= 128 and text.isascii() and text.replace("-", "").isalnum()
+
+
 def id_problem(field: str, text: object) -> str | None:
     if is_id(text):
         return None

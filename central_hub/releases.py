@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from central_hub.errors import ApiError
+from central_hub.ledger import Txn
 from central_hub.model import validate_site_id
 from central_hub.routing import Route, hub_of, json_response, read, read_json, token_of
 from central_hub.tokens import authorize
@@ -25,13 +26,13 @@ from meshorch.fleet.delta import ALL_SITES, Target
 from meshorch.releases.wheels import ReleaseError, wheel_metadata
 
 if TYPE_CHECKING:
-    from central_hub.service import Hub
+    from central_hub.parts import HubParts
 
 META_PREFIX = "release/"
 
 
-def _dir(hub: Hub) -> Path:
-    return hub.data_dir / "releases"
+def _dir(hub: HubParts) -> Path:
+    return hub.ledger.data_dir / "releases"
 
 
 def _check_wheel(body: bytes) -> dict[str, Any]:
@@ -60,8 +61,8 @@ async def upload(request: web.Request) -> web.Response:
 
     await asyncio.to_thread(keep)
 
-    def plan(txn: Any) -> dict[str, Any]:
-        known = hub.store.get_json("meta", META_PREFIX + record["version"])
+    def plan(txn: Txn) -> dict[str, Any]:
+        known = hub.ledger.store.get_json("meta", META_PREFIX + record["version"])
         if known is not None and known["digest"] != record["digest"]:
             raise ApiError(409, "release_exists", f"release {record['version']} has other content")
         entry = {**record, "uploaded_at": txn.now}
@@ -69,15 +70,15 @@ async def upload(request: web.Request) -> web.Response:
         txn.audit(token, "release.upload", None, "release", record["version"], "ok")
         return entry
 
-    return json_response(await hub._transact(plan), 201)
+    return json_response(await hub.ledger.transact(plan), 201)
 
 
 async def list_releases(request: web.Request) -> web.Response:
     hub = hub_of(request)
     authorize(token_of(request), "fleet.admin")
     found = [
-        hub.store.get_json("meta", key)
-        for key in hub.store.keys("meta")
+        hub.ledger.store.get_json("meta", key)
+        for key in hub.ledger.store.keys("meta")
         if key.startswith(META_PREFIX)
     ]
     return json_response({"releases": sorted(found, key=lambda r: r["uploaded_at"])})
@@ -94,8 +95,8 @@ async def rollout(request: web.Request) -> web.Response:
     if sites is not None and not (isinstance(sites, list) and sites):
         raise ApiError(400, "bad_request", "sites is a non-empty list of site ids")
 
-    def plan(txn: Any) -> dict[str, Any]:
-        release = hub.store.get_json("meta", META_PREFIX + version)
+    def plan(txn: Txn) -> dict[str, Any]:
+        release = hub.ledger.store.get_json("meta", META_PREFIX + version)
         if release is None:
             raise ApiError(404, "not_found", f"no release {version!r}: upload it first")
         if sites is None:
@@ -103,7 +104,7 @@ async def rollout(request: web.Request) -> web.Response:
         else:
             chosen = frozenset(validate_site_id(s) for s in sites)
             for site in chosen:
-                hub._site(site)
+                hub.sites.site(site)
             target = Target(sites=chosen)
         op = {"op": "agent.upgrade", "version": version, "digest": release["digest"],
               "size": release["size"]}  # fmt: skip
@@ -111,7 +112,7 @@ async def rollout(request: web.Request) -> web.Response:
         txn.audit(token, "release.rollout", None, "release", version, "ok", f"delta {delta}")
         return {"version": version, "delta": delta, "sites": sites or "all"}
 
-    return json_response(await hub._transact(plan))
+    return json_response(await hub.ledger.transact(plan))
 
 
 async def link_release(request: web.Request) -> web.StreamResponse:

@@ -22,10 +22,10 @@ from central_hub.model import validate_tenant
 from central_hub.tokens import TokenRecord
 
 if TYPE_CHECKING:
-    from central_hub.service import Hub
+    from central_hub.parts import HubParts
 
 JSON = "application/json"
-HUB_KEY: web.AppKey[Hub] = web.AppKey("hub")
+HUB_KEY: web.AppKey[HubParts] = web.AppKey("hub")
 MAX_BODY_KEY: web.AppKey[int] = web.AppKey("max_body_bytes", int)
 TOKEN_KEY: web.RequestKey[TokenRecord] = web.RequestKey("token", TokenRecord)
 SITE_KEY: web.RequestKey[str] = web.RequestKey("site", str)
@@ -67,7 +67,8 @@ def error_response(
     return json_response({"error": error}, status)
 
 
-def hub_of(request: web.Request) -> Hub:
+def hub_of(request: web.Request) -> HubParts:
+    """The parts of the hub serving the request."""
     return request.app[HUB_KEY]
 
 

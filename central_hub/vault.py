@@ -1,8 +1,9 @@
-"""The hub's side of secrets: the secret store, distribution, lock-down, escrow (docs/secrets.md).
+"""The hub's side of secrets: records, rules and keys of the vault (docs/secrets.md).
 
 Pure parts (request parsing, records, the distribution plan, what a report says about a
-site's secrets, the escrow key's signed message) are plain functions; ``HubKeys`` is the
-I/O: the two key files of the data directory.
+site's secrets, the escrow key's signed message, the access check) are plain functions;
+``HubKeys`` is the I/O: the two key files of the data directory. The service that keeps
+secrets in the store and sends them to sites is ``central_hub.vault_service``.
 
 Keys (both hex, mode 0600, created on the hub's first start):
 
@@ -31,7 +32,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from nacl.public import PrivateKey
 from nacl.signing import SigningKey
@@ -40,10 +41,8 @@ from central_hub import deltalog, tokens
 from central_hub.errors import ApiError, HubConfigError
 from central_hub.placement import Policy, parse_policy
 from central_hub.tokens import TokenRecord
-from meshorch.fleet.delta import Target
 from meshorch.fleet.escrow import escrow_message
 from meshorch.secrets.keyring import (
-    DEFAULT_TENANT,
     KEY_BYTES,
     MAX_SECRET_BYTES,
     SEAL_OVERHEAD,
@@ -57,9 +56,6 @@ from meshorch.secrets.keyring import (
     unwrap,
     wrap,
 )
-
-if TYPE_CHECKING:
-    from central_hub.service import Hub, _Txn
 
 logger = logging.getLogger(__name__)
 
@@ -425,10 +421,10 @@ def names_in(keys: Sequence[str], prefix: str) -> list[str]:
     return sorted(k for k in keys if k.startswith(prefix))
 
 
-# -- the service (I/O: the hub's store, its delta log, the key files) ----------------------
+# -- access -------------------------------------------------------------------------------
 
 
-def _fleet_wide(token: TokenRecord) -> bool:
+def fleet_wide(token: TokenRecord) -> bool:
     return token.tenant == tokens.ALL_TENANTS
 
 
@@ -437,296 +433,3 @@ def check_access(token: TokenRecord, action: str, tenant: str | None = None) -> 
     and ``secrets.write`` on a secret of ``tenant`` (another tenant's secret answers 404),
     ``fleet.lockdown`` for a site's lock-down, unlock, unseal approval and rotation."""
     tokens.authorize(token, action, tenant, what="secret")
-
-
-class VaultService:
-    """The hub's secrets: the store, distribution, lock-down, escrow (module docstring)."""
-
-    def __init__(self, hub: Hub) -> None:
-        self.hub = hub
-        self._keys: HubKeys | None = None
-
-    def open(self) -> None:
-        """Read or create the key files (in the thread that opens the data dir)."""
-        self._keys = HubKeys.load_or_create(self.hub.data_dir)
-
-    @property
-    def keys(self) -> HubKeys:
-        if self._keys is None:
-            raise ApiError(503, "stopping", "the hub is not started")
-        return self._keys
-
-    def audit(
-        self,
-        token: TokenRecord | None,
-        action: str,
-        tenant: str | None,
-        object_type: str,
-        object_id: str,
-        outcome: str = "ok",
-        detail: str = "",
-    ) -> None:
-        """The one call site of the hub's audit log for every vault change and every
-        secret or unseal-key access (called while a change is planned, the entry joins
-        that change's transaction)."""
-        self.hub.audit(token, action, tenant, object_type, object_id, outcome, detail)
-
-    # -- reading --------------------------------------------------------------------------
-
-    def _report(self, site: str) -> dict[str, Any] | None:
-        return self.hub._view_args(site)[0]
-
-    def _sites(self) -> dict[str, dict[str, str]]:
-        return {s["id"]: s["labels"] for s in self.hub.store.values_json("sites")}
-
-    def _site_keys(self, sites: Iterable[str]) -> dict[str, str | None]:
-        return {s: (self._report(s) or {}).get("secrets_public_key") for s in sites}
-
-    def _records(self) -> list[dict[str, Any]]:
-        store = self.hub.store
-        return [store.get_json("meta", k) for k in names_in(store.keys("meta"), SECRET_PREFIX)]
-
-    def _meta(self, key: str) -> Any:
-        return self.hub.store.get_json("meta", key)
-
-    def _plan(
-        self, record: Mapping[str, Any], sites: Mapping[str, Mapping[str, str]]
-    ) -> Distribution:
-        targets = targets_of(record["placement"], sites)
-        return plan_distribution(record, targets, self._site_keys(targets))
-
-    def _view(self, record: Mapping[str, Any], sites: Mapping[str, Mapping[str, str]]) -> Any:
-        targets = targets_of(record["placement"], sites)
-        return {
-            **public_secret(record),
-            "targets": targets,
-            "sites": {s: site_secret_status(record, s, self._report(s)) for s in targets},
-        }
-
-    def _tenant_of(self, token: TokenRecord, tenant: str | None) -> str:
-        if tenant is not None:
-            return tenant
-        return DEFAULT_TENANT if _fleet_wide(token) else token.tenant
-
-    def _secret(self, token: TokenRecord, tenant: str, name: str) -> dict[str, Any]:
-        check_access(token, "secrets.read", tenant)
-        record = self._meta(secret_record_key(tenant, name))
-        if record is None:
-            raise ApiError(404, "not_found", f"no secret {tenant}/{name}")
-        return dict(record)
-
-    def list_secrets(self, token: TokenRecord) -> list[dict[str, Any]]:
-        sites = self._sites()
-        return [self._view(r, sites) for r in self._records() if tokens.reaches(token, r["tenant"])]
-
-    def get_secret(self, token: TokenRecord, name: str, tenant: str | None) -> dict[str, Any]:
-        record = self._secret(token, self._tenant_of(token, tenant), name)
-        return dict(self._view(record, self._sites()))
-
-    # -- distribution ---------------------------------------------------------------------
-
-    def _distribute(
-        self, txn: _Txn, record: dict[str, Any], sites: Mapping[str, Mapping[str, str]]
-    ) -> bool:
-        plan = self._plan(record, sites)
-        if plan.put:
-            value = secret_value(self.keys.master, record)
-            to = Target(sites=frozenset(plan.put))
-            version = txn.delta([put_op(record, value, plan.put)], to)
-            for site, key in plan.put.items():
-                record["issued"][site] = {
-                    "version": record["version"],
-                    "key": key,
-                    "delta": version,
-                }
-        if plan.delete:
-            txn.delta([delete_op(record)], Target(sites=frozenset(plan.delete)))
-            for site in plan.delete:
-                del record["issued"][site]
-        return bool(plan)
-
-    def needs_distribution(self) -> bool:
-        """Whether a secret waits for a site (the driver's cheap check, outside the lock)."""
-        sites = self._sites()
-        return any(self._plan(r, sites) for r in self._records())
-
-    def distribute(self, txn: _Txn) -> None:
-        """Seal every secret to the target sites that do not have its version yet."""
-        sites = self._sites()
-        for record in self._records():
-            if self._distribute(txn, record, sites):
-                txn.put("meta", secret_record_key(record["tenant"], record["name"]), record)
-                name, version = record["name"], record["version"]
-                self.audit(None, "secrets.distribute", record["tenant"], "secret", name,
-                           detail=f"version {version} to {sorted(record['issued'])}")  # fmt: skip
-
-    async def put_secret(
-        self, token: TokenRecord, request: SecretRequest
-    ) -> tuple[int, dict[str, Any]]:
-        tenant = self._tenant_of(token, request.tenant)
-        if request.tenant is not None and not tokens.reaches(token, request.tenant):
-            # Mass assignment, as for applications: a body may not name another tenant.
-            raise tokens.field_not_allowed(
-                ["tenant"], f"a token of tenant {token.tenant!r} writes that tenant only"
-            )
-        check_access(token, "secrets.write", tenant)
-
-        def plan(txn: _Txn) -> tuple[int, dict[str, Any]]:
-            key = secret_record_key(tenant, request.name)
-            previous = self._meta(key)
-            record = new_version(previous, self.keys.master, request, tenant, txn.now)
-            sites = self._sites()
-            self._distribute(txn, record, sites)
-            txn.put("meta", key, record)
-            self.audit(token, "secrets.write", tenant, "secret", request.name,
-                       detail=f"version {record['version']}")  # fmt: skip
-            return (201 if previous is None else 200), dict(self._view(record, sites))
-
-        return await self.hub._transact(plan)
-
-    async def delete_secret(
-        self, token: TokenRecord, name: str, tenant: str | None
-    ) -> dict[str, Any]:
-        chosen = self._tenant_of(token, tenant)
-
-        def plan(txn: _Txn) -> dict[str, Any]:
-            record = self._secret(token, chosen, name)
-            check_access(token, "secrets.write", chosen)
-            sent = sorted(record["issued"])
-            version = None
-            if sent:
-                version = txn.delta([delete_op(record)], Target(sites=frozenset(sent)))
-            txn.delete("meta", secret_record_key(chosen, name))
-            self.audit(token, "secrets.delete", chosen, "secret", name)
-            return {"deleted": name, "tenant": chosen, "delta": version, "sites": sent}
-
-        return await self.hub._transact(plan)
-
-    # -- lock-down, unlock, rotation -------------------------------------------------------
-
-    def _check_site(self, site: str) -> None:
-        self.hub._site(site)  # 404 when unknown
-
-    def is_locked_down(self, site: str) -> bool:
-        return locked_down(self._meta(LOCK_PREFIX + site), self._report(site))
-
-    async def site_op(self, token: TokenRecord, site: str, op: str) -> dict[str, Any]:
-        """``site.lockdown``, ``site.unlock`` or ``secrets.rotate`` to one site."""
-        check_access(token, "fleet.lockdown")
-
-        def plan(txn: _Txn) -> dict[str, Any]:
-            self._check_site(site)
-            version = txn.delta([{"op": op}], Target(sites=frozenset({site})))
-            answer: dict[str, Any] = {"site": site, "op": op, "delta": version}
-            if op in ("site.lockdown", "site.unlock"):
-                locked = op == "site.lockdown"
-                txn.put("meta", LOCK_PREFIX + site,
-                        {"locked_down": locked, "delta": version, "at": txn.now})  # fmt: skip
-                if locked and self._meta(UNSEAL_PREFIX + site) is not None:
-                    txn.delete("meta", UNSEAL_PREFIX + site)
-                answer["locked_down"] = locked
-            self.audit(token, op, None, "site", site, detail=f"delta {version}")
-            return answer
-
-        return await self.hub._transact(plan)
-
-    # -- escrow and unseal -------------------------------------------------------------
-
-    async def approve_unseal(self, token: TokenRecord, site: str) -> dict[str, Any]:
-        check_access(token, "fleet.lockdown")
-
-        def plan(txn: _Txn) -> dict[str, Any]:
-            self._check_site(site)
-            if self.is_locked_down(site):
-                raise ApiError(409, "locked_down", f"site {site} is locked down: unlock it first")
-            if self._meta(ESCROW_PREFIX + site) is None:
-                raise ApiError(409, "no_escrow", f"the hub holds no unseal key of site {site}")
-            approval = {"approved_at": txn.now, "expires_at": txn.now + UNSEAL_APPROVAL_S,
-                        "by": token.id}  # fmt: skip
-            txn.put("meta", UNSEAL_PREFIX + site, approval)
-            self.audit(token, "site.unseal.approve", None, "site", site)
-            return {"site": site, **approval}
-
-        return await self.hub._transact(plan)
-
-    def escrow_key_info(self, site: str) -> dict[str, Any]:
-        """``GET /v1/link/escrow-key``: the escrow key signed by the fleet root key, and
-        what the hub holds for this site."""
-        public = self.keys.escrow_public_hex
-        root = self.hub.signing_keys[0]
-        escrow = self._meta(ESCROW_PREFIX + site)
-        return {
-            "public_key": public,
-            "signature": sign_escrow_key(root, public),
-            "signed_by": bytes(root.verify_key).hex(),
-            "escrowed": None if escrow is None else escrow["ssk_public"],
-            "unseal_approved": approval_valid(self._meta(UNSEAL_PREFIX + site), self.hub.now()),
-            "locked_down": self.is_locked_down(site),
-        }
-
-    async def upload_escrow(self, site: str, data: object) -> dict[str, Any]:
-        blob, ssk = parse_escrow_upload(data, self.keys.escrow)
-
-        def plan(txn: _Txn) -> dict[str, Any] | None:
-            if self.is_locked_down(site):
-                self.audit(None, "site.escrow", None, "site", site, "refused 409", "locked_down")
-                return None
-            wrapped = wrap(self.keys.master, escrow_context(site), blob)
-            txn.put("meta", ESCROW_PREFIX + site,
-                    {"wrapped": b64(wrapped), "ssk_public": ssk, "at": txn.now})  # fmt: skip
-            self.audit(None, "site.escrow", None, "site", site, detail=f"ssk {ssk[:16]}")
-            return {"site": site, "escrowed": ssk}
-
-        answer = await self.hub._transact(plan)
-        if answer is None:
-            raise ApiError(409, "locked_down", f"site {site} is locked down")
-        return answer
-
-    async def unseal_request(self, site: str, ephemeral: bytes) -> dict[str, Any]:
-        def plan(txn: _Txn) -> tuple[dict[str, Any] | None, ApiError | None]:
-            refusal = None
-            if self.is_locked_down(site):
-                refusal = ApiError(409, "locked_down", f"site {site} is locked down")
-            elif not approval_valid(self._meta(UNSEAL_PREFIX + site), txn.now):
-                why = "no operator approved an unseal of this site (within 10 min)"
-                refusal = ApiError(403, "unseal_not_approved", why)
-            escrow = self._meta(ESCROW_PREFIX + site)
-            if refusal is None and escrow is None:
-                refusal = ApiError(409, "no_escrow", "the hub holds no unseal key of this site")
-            if refusal is not None:
-                outcome = f"refused {refusal.status}"
-                self.audit(None, "site.unseal", None, "site", site, outcome, refusal.code)
-                return None, refusal
-            blob = unwrap(
-                self.keys.master, escrow_context(site), base64.b64decode(escrow["wrapped"])
-            )
-            kek = open_sealed(self.keys.escrow, blob)
-            txn.delete("meta", UNSEAL_PREFIX + site)  # one unseal per approval
-            self.audit(None, "site.unseal", None, "site", site, detail="unseal key sent")
-            return {"sealed_key": b64(seal(ephemeral, kek))}, None
-
-        answer, refusal = await self.hub._transact(plan)
-        if refusal is not None:
-            raise refusal
-        assert answer is not None
-        return answer
-
-    def site_view(self, site: str) -> dict[str, Any]:
-        """The secrets part of ``GET /v1/sites/{id}``."""
-        report = self._report(site) or {}
-        state = report.get("secrets_state") or {}
-        lock = self._meta(LOCK_PREFIX + site)
-        escrow = self._meta(ESCROW_PREFIX + site)
-        approval = self._meta(UNSEAL_PREFIX + site)
-        return {
-            "locked_down": locked_down(lock, report),
-            "lockdown": lock,
-            "reported_locked_down": state.get("locked_down"),
-            "sealed": state.get("sealed"),
-            "initialized": state.get("initialized"),
-            "public_key": report.get("secrets_public_key"),
-            "escrowed": None if escrow is None else escrow["ssk_public"],
-            "unseal_approved_until": (
-                approval["expires_at"] if approval_valid(approval, self.hub.now()) else None
-            ),
-        }

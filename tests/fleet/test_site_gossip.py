@@ -26,6 +26,7 @@ from nacl.signing import SigningKey
 
 import central_hub.api as hub_api
 from central_hub import ApiError, Hub, HubConfig
+from central_hub.parts import HubParts
 from gossip import DatagramOpener, DatagramSealer, GossipConfig, GossipService
 from meshorch.demo.localsite import LocalSite, wait_ready
 from meshorch.fleet.client import LinkClient
@@ -173,7 +174,7 @@ async def test_sites_gossip_summaries_and_a_cut_off_site_catches_up_from_neighbo
     blocked = {"s1"}
     verify = hub_api._verify_site
 
-    def refusing(hub_: Hub, request: Any, body: bytes) -> str:
+    def refusing(hub_: HubParts, request: Any, body: bytes) -> str:
         site = verify(hub_, request, body)
         if site in blocked and request.path != "/v1/link/gossip":
             raise ApiError(503, "unavailable", "refused by the test")

@@ -58,7 +58,7 @@ async def test_changes_and_refusals_are_audited_and_read_by_tenant(
         assert [e["seq"] for e in page["entries"]] == [3, 4]
         only = await admin.ok("GET", "/v1/audit?tenant=blue")
         assert len(only["entries"]) == 6
-        hub.audit(None, "secrets.read", "blue", "secret", "db-password", "ok", "by site s1")
+        hub.ledger.audit(None, "secrets.read", "blue", "secret", "db-password", "ok", "by site s1")
         await admin.ok("GET", "/v1/fleet")
     async with Hub(config) as hub:
         admin = Operator(session, hub.url, admin_token(hub))

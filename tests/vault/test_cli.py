@@ -30,7 +30,7 @@ async def test_cli_through_the_hub(
     token = hub.admin_token_path.read_text().strip()
     monkeypatch.setenv("MESHORCH_HUB", hub.url)
     monkeypatch.setenv("MESHORCH_TOKEN", token)
-    await hub.register_site("s1", {}, "ab" * 32)
+    await hub.sites.register_site("s1", {}, "ab" * 32)
     value = tmp_path / "value"
     value.write_bytes(b"\x00\xffbinary")
     assert await run("secrets", "set", "tls.key", "--value-file", str(value)) == 0

@@ -1,0 +1,276 @@
+"""Applications and their deployments (the ``apps`` and ``deployments`` databases).
+
+``Deployments`` places an application version (``central_hub.placement``), starts a
+deployment wave by wave (``central_hub.waves``, the pure state machine) and appends the
+``app.put``/``app.delete`` deltas; ``advance``, run by the hub's driver in a transaction,
+steps every running deployment from the sites' reports (``central_hub.reports``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+from central_hub import fleetview, placement, tokens, waves
+from central_hub.accounts import Accounts
+from central_hub.errors import ApiError
+from central_hub.ledger import Ledger, Txn
+from central_hub.model import DEFAULT_TENANT, is_id, plain_key
+from central_hub.reports import Reports
+from central_hub.store import Store
+from central_hub.tokens import TokenRecord
+from meshorch.apps.spec import AppSpec, to_json
+from meshorch.fleet.delta import Target
+
+logger = logging.getLogger(__name__)
+
+
+class Deployments:
+    """Applications, deployments and the rollout step (see the module docstring).
+    ``on_activate`` is called when a deployment starts (the hub wakes its driver)."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        accounts: Accounts,
+        reports: Reports,
+        wave_timeout_s: float,
+        on_activate: Callable[[], None] | None = None,
+    ) -> None:
+        self.ledger = ledger
+        self.accounts = accounts
+        self.reports = reports
+        self.wave_timeout_s = wave_timeout_s
+        self.on_activate = on_activate
+        self.active: set[str] = set()  # apps whose current deployment may be running
+
+    def restore(self, store: Store) -> None:
+        self.active = set(store.keys("apps"))  # narrowed by the first rollout step
+
+    def _activate(self, app: str) -> None:
+        self.active.add(app)
+        if self.on_activate is not None:
+            self.on_activate()
+
+    # -- reading --------------------------------------------------------------------------
+
+    def deployment_or_none(self, deployment_id: str | None) -> waves.Deployment | None:
+        if deployment_id is None:
+            return None
+        raw = self.ledger.store.get_json("deployments", deployment_id)
+        return None if raw is None else waves.Deployment.from_json(raw)
+
+    def _app(self, token: TokenRecord, name: str, action: str = "apps.read") -> dict[str, Any]:
+        app = self.ledger.store.get_json("apps", name) if is_id(name) else None
+        what = f"application {name!r}"
+        if app is None:
+            raise ApiError(404, "not_found", f"no {what}")
+        app.setdefault("tenant", DEFAULT_TENANT)
+        tokens.authorize(token, action, app["tenant"], what=what)
+        return dict(app)
+
+    def _status(self, site: str, app: str) -> waves.AppStatus | None:
+        return fleetview.app_status(self.reports.latest(site), app)
+
+    def list_apps(self, token: TokenRecord, tenant: str | None = None) -> list[dict[str, Any]]:
+        found = []
+        for app in self.ledger.store.values_json("apps"):
+            app.setdefault("tenant", DEFAULT_TENANT)
+            if not tokens.reaches(token, app["tenant"]) or tenant not in (None, app["tenant"]):
+                continue
+            dep = self.deployment_or_none(app["deployment"])
+            found.append(
+                {
+                    "name": app["name"],
+                    "tenant": app["tenant"],
+                    "version": app["version"],
+                    "digest": app["digest"],
+                    "deployment": None if dep is None else {"id": dep.id, "state": dep.state},
+                    "sites": app["sites"],
+                }
+            )
+        return found
+
+    def get_app(self, token: TokenRecord, name: str) -> dict[str, Any]:
+        app = self._app(token, name)
+        dep = self.deployment_or_none(app["deployment"])
+        sites = sorted(set(app["sites"]) | set(() if dep is None else dep.sites))
+        status = {}
+        for site in sites:
+            found = self._status(site, name)
+            status[site] = (
+                None
+                if found is None
+                else {"version": found.version, "state": found.state, "message": found.message}
+            )
+        return {
+            "name": app["name"],
+            "tenant": app["tenant"],
+            "version": app["version"],
+            "digest": app["digest"],
+            "spec": app["spec"],
+            "placement": app["placement"],
+            "deployment": None if dep is None else dep.to_json(),
+            "sites": status,
+        }
+
+    def get_deployment(self, token: TokenRecord, deployment_id: str) -> dict[str, Any]:
+        dep = self.deployment_or_none(deployment_id) if plain_key(deployment_id) else None
+        what = f"deployment {deployment_id!r}"
+        if dep is None:
+            raise ApiError(404, "not_found", f"no {what}")
+        tokens.authorize(token, "apps.read", dep.tenant, what=what)
+        return dep.to_json()
+
+    # -- changes --------------------------------------------------------------------------
+
+    def _issue_wave(
+        self, txn: Txn, app: dict[str, Any], dep: waves.Deployment, sites: Sequence[str]
+    ) -> waves.Deployment:
+        """Append the app.put delta of a wave; records which sites now have the app."""
+        if not sites:
+            return dep
+        op = {"op": "app.put", "spec": app["spec"], "tenant": app.get("tenant", DEFAULT_TENANT)}
+        version = txn.delta([op], Target(sites=frozenset(sites)))
+        app["sites"] = sorted(set(app["sites"]) | set(sites))
+        txn.put("apps", app["name"], app)
+        return replace(dep, deltas=(*dep.deltas, version))
+
+    async def deploy(
+        self,
+        token: TokenRecord,
+        spec: AppSpec,
+        digest: str,
+        policy: placement.Policy,
+        tenant: str | None,
+    ) -> tuple[int, dict[str, Any]]:
+        """Start a deployment; (202, deployment), or (200, the same one) when repeated."""
+        if tenant is None:
+            tenant = DEFAULT_TENANT if tokens.is_fleet(token) else token.tenant
+        elif not tokens.reaches(token, tenant):
+            raise tokens.field_not_allowed(
+                ["tenant"], f"a token of tenant {token.tenant!r} deploys to that tenant only"
+            )
+        tokens.authorize(token, "apps.write", tenant)
+        store = self.ledger.store
+
+        def plan(txn: Txn) -> tuple[int, dict[str, Any]]:
+            self.accounts.require_tenant(tenant)
+            app = store.get_json("apps", spec.name)
+            if app is not None:
+                if app.get("tenant", DEFAULT_TENANT) != tenant:
+                    raise ApiError(
+                        409, "app_exists", f"application {spec.name!r} belongs to another tenant"
+                    )
+                known = app["versions"].get(spec.version)
+                if known is not None and known != digest:
+                    raise ApiError(
+                        409,
+                        "version_exists",
+                        f"version {spec.version!r} of {spec.name!r} was deployed with another "
+                        "spec: give the changed spec a new version",
+                    )
+            current = None if app is None else self.deployment_or_none(app["deployment"])
+            if (
+                current is not None
+                and current.digest == digest
+                and dict(current.placement) == policy.to_json()
+                and current.state in ("running", "succeeded")
+            ):
+                return 200, current.to_json()
+            sites = {s["id"]: s["labels"] for s in store.values_json("sites")}
+            targets = placement.select(policy, sites)
+            seq = int(store.get_json("meta", "deployment_seq") or 0) + 1
+            dep_id = f"dep-{seq}"
+            dep, first = waves.start(
+                dep_id,
+                spec.name,
+                spec.version,
+                digest,
+                tenant,
+                policy.to_json(),
+                placement.plan_waves(targets, policy.max_parallel),
+                txn.now,
+            )
+            if current is not None and current.state == "running":
+                old = waves.supersede(current, f"superseded by {dep_id}", txn.now)
+                txn.put("deployments", old.id, old.to_json())
+            had = set() if app is None else set(app["sites"])
+            removed = sorted(had - set(targets))
+            record = {
+                "name": spec.name,
+                "tenant": tenant,
+                "version": spec.version,
+                "digest": digest,
+                "spec": to_json(spec),
+                "placement": policy.to_json(),
+                "deployment": dep_id,
+                "sites": sorted(had - set(removed)),
+                "versions": {**({} if app is None else app["versions"]), spec.version: digest},
+                "created_at": txn.now if app is None else app["created_at"],
+                "updated_at": txn.now,
+            }
+            txn.put("apps", spec.name, record)
+            dep = self._issue_wave(txn, record, dep, first)
+            if removed:
+                version = txn.delta(
+                    [{"op": "app.delete", "name": spec.name}], Target(sites=frozenset(removed))
+                )
+                dep = replace(dep, deltas=(*dep.deltas, version))
+            txn.put("deployments", dep_id, dep.to_json())
+            txn.put("meta", "deployment_seq", seq)
+            txn.changed("app", spec.name, tenant, f"deployment {dep_id} of {spec.version}")
+            txn.after.append(lambda: self._activate(spec.name))
+            return 202, dep.to_json()
+
+        return await self.ledger.transact(plan)
+
+    async def delete_app(self, token: TokenRecord, name: str) -> dict[str, Any]:
+        def plan(txn: Txn) -> dict[str, Any]:
+            app = self._app(token, name, "apps.delete")
+            dep = self.deployment_or_none(app["deployment"])
+            if dep is not None and dep.state == "running":
+                old = waves.supersede(dep, "application deleted", txn.now)
+                txn.put("deployments", old.id, old.to_json())
+            version = None
+            if app["sites"]:
+                op = {"op": "app.delete", "name": name, "tenant": app["tenant"]}
+                version = txn.delta([op], Target(sites=frozenset(app["sites"])))
+            txn.delete("apps", name)
+            txn.changed("app", name, app["tenant"], "deleted")
+            return {"deleted": name, "delta": version, "sites": app["sites"]}
+
+        return await self.ledger.transact(plan)
+
+    def drop_site(self, txn: Txn, site_id: str) -> None:
+        """In ``txn``: a deleted site leaves every deployment and application."""
+        for app in self.ledger.store.values_json("apps"):
+            dep = self.deployment_or_none(app["deployment"])
+            if dep is not None and site_id in dep.progress:
+                dep, issue = waves.drop_site(dep, site_id, txn.now)
+                dep = self._issue_wave(txn, app, dep, issue)
+                txn.put("deployments", dep.id, dep.to_json())
+            if site_id in app["sites"]:
+                app["sites"] = [s for s in app["sites"] if s != site_id]
+                txn.put("apps", app["name"], app)
+
+    def advance(self, txn: Txn) -> None:
+        """In ``txn``: step every running deployment (the hub's driver, every tick)."""
+        for name in sorted(self.active):
+            app = self.ledger.store.get_json("apps", name)
+            dep = None if app is None else self.deployment_or_none(app["deployment"])
+            if app is None or dep is None or dep.state != "running":
+                self.active.discard(name)
+                continue
+            statuses = {site: self._status(site, dep.app) for site in dep.waves[dep.wave]}
+            stepped, issue = waves.step(dep, statuses, txn.now, self.wave_timeout_s)
+            if stepped == dep:
+                continue
+            stepped = self._issue_wave(txn, app, stepped, issue)
+            txn.put("deployments", stepped.id, stepped.to_json())
+            if stepped.state != "running":
+                logger.info(
+                    "deployment %s of %s: %s %s", dep.id, dep.app, stepped.state, stepped.reason
+                )

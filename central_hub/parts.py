@@ -1,0 +1,57 @@
+"""The hub's parts, composed around its one ledger: what the HTTP routes are given.
+
+``HubParts`` builds each part with only what it uses (the ledger, another part, a few
+settings of ``HubConfig``) and wires the callbacks between them: a kept report or a new
+deployment wakes the hub's driver, an appended delta is published by the gossip member
+while it runs. ``central_hub.service.Hub`` opens the data directory into them, runs the
+driver and the servers; ``central_hub.api`` and the other route modules call the parts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from central_hub.accounts import Accounts
+from central_hub.alerting import Alerting
+from central_hub.config import HubConfig
+from central_hub.deployments import Deployments
+from central_hub.gossip import HubGossip
+from central_hub.ledger import Ledger
+from central_hub.logs import HubLogs, LogLimits
+from central_hub.reports import Reports
+from central_hub.sites import Sites, SiteTimes
+from central_hub.vault_service import VaultService
+
+
+class HubParts:
+    """The parts of one hub (see the module docstring). ``wake`` wakes the hub's driver;
+    ``gossip`` is the gossip member while it runs (set by ``Hub``)."""
+
+    def __init__(self, config: HubConfig, wake: Callable[[], None]) -> None:
+        c = config
+        self.gossip: HubGossip | None = None
+        self.ledger = Ledger(c.data_dir, c.clock, c.delta_ttl_s, on_append=self._appended)
+        self.accounts = Accounts(self.ledger)
+        self.reports = Reports(self.ledger, on_report=wake)
+        self.deployments = Deployments(
+            self.ledger, self.accounts, self.reports, c.wave_timeout_s, on_activate=wake
+        )
+        self.vault = VaultService(self.ledger, self.reports)
+        self.logs = HubLogs(
+            self.ledger, LogLimits(c.logs_max_age_s, c.logs_max_bytes, c.logs_retention_every_s)
+        )
+        self.sites = Sites(
+            self.ledger,
+            self.reports,
+            self.deployments,
+            SiteTimes(c.enroll_ttl_s, c.site_stale_s, c.rejection_window_s),
+            secrets=self.vault.site_view,
+            gossip=lambda: self.gossip,
+        )
+        self.alerting = Alerting(
+            self.ledger, self.reports, self.sites.list_sites, c.alert_thresholds, c.site_stale_s
+        )
+
+    def _appended(self) -> None:
+        if self.gossip is not None:
+            self.gossip.publish_head()

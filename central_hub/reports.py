@@ -1,0 +1,72 @@
+"""The latest report of each site (the ``reports`` database).
+
+Kept in memory for the fleet view, the rollout driver, the alerts and the vault, and
+written to the store without a flush (a lost report is sent again seconds later); a
+report overtaken by a newer one (``fleetview.is_stale_report``) is ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from central_hub import fleetview
+from central_hub.ledger import Ledger
+from central_hub.store import Store, put_json
+
+logger = logging.getLogger(__name__)
+
+Received = tuple[dict[str, Any], float]  # a report and when the hub received it
+
+
+class Reports:
+    """The sites' latest reports (see the module docstring). ``on_report`` is called
+    when a report is kept (the hub wakes its rollout driver)."""
+
+    def __init__(self, ledger: Ledger, on_report: Callable[[], None] | None = None) -> None:
+        self.ledger = ledger
+        self.on_report = on_report
+        self._reports: dict[str, Received] = {}
+
+    def restore(self, store: Store) -> None:
+        """The reports kept by the last run."""
+        for record in store.values_json("reports"):
+            self._reports[record["report"]["site"]] = (record["report"], record["received_at"])
+
+    def view_args(self, site_id: str) -> tuple[dict[str, Any] | None, float | None]:
+        """The site's report and when it was received (None, None: none yet)."""
+        return self._reports.get(site_id, (None, None))
+
+    def latest(self, site_id: str) -> dict[str, Any] | None:
+        return self.view_args(site_id)[0]
+
+    def all(self) -> dict[str, dict[str, Any]]:
+        """Every site's latest report."""
+        return {site: report for site, (report, _) in self._reports.items()}
+
+    def forget(self, site_id: str) -> None:
+        self._reports.pop(site_id, None)
+
+    async def record(self, site_id: str, report: dict[str, Any]) -> bool:
+        """Keep ``report`` as the site's latest (False: a newer one is kept, it is ignored)."""
+        now = self.ledger.now()
+        previous = self._reports.get(site_id)
+        if previous is not None and fleetview.is_stale_report(report, *previous, now):
+            logger.info("site %s: a report overtaken by a newer one, ignored", site_id)
+            return False
+        self._reports[site_id] = (report, now)
+        if self.on_report is not None:
+            self.on_report()
+
+        def persist() -> None:
+            latest = self._reports.get(site_id)
+            if self.ledger.is_open and latest is not None:
+                record = {"report": latest[0], "received_at": latest[1]}
+                self.ledger.store.commit([put_json("reports", site_id, record)], sync=False)
+
+        task = asyncio.ensure_future(asyncio.to_thread(persist))
+        self.ledger.track(task)
+        await asyncio.shield(task)
+        return True
