@@ -23,10 +23,12 @@ from meshorch.join.protocol import (
     JoinAnswer,
     JoinRefused,
     JoinRequest,
+    JoinToken,
     SiteIdentity,
     TokenRecord,
     check_join,
     revocation_notice,
+    token_verifier,
     wrap_answer,
 )
 from meshorch.state.ports import Members, SiteState
@@ -102,20 +104,19 @@ class Admission:
 
     async def create_token(self, ttl_s: float, single_use: bool) -> dict[str, Any]:
         """Store a new token in the site state and return it, encoded, with its expiry."""
-        from meshorch.join.protocol import JoinToken
-
         if not 0 < ttl_s <= MAX_TOKEN_TTL_S:
             raise JoinRefused("bad_ttl", f"ttl must be between 1 s and {MAX_TOKEN_TTL_S} s")
         await self.node.barrier()
         identity = self.site_identity()
+        secret = secrets.token_bytes(24)  # handed out once, in the token; never stored
         record = TokenRecord(
             token_id=secrets.token_hex(8),
-            secret=secrets.token_bytes(24),
+            verifier=token_verifier(secret),
             expires_at=time.time() + ttl_s,
             single_use=single_use,
         )
         await self.node.propose([Put(SYSTEM_TABLE, record.key(), record.encode(), expect_index=0)])
-        token = JoinToken(self.site, record.token_id, record.secret, identity.fingerprint)
+        token = JoinToken(self.site, record.token_id, secret, identity.fingerprint)
         return {
             "token": token.encode(),
             "token_id": record.token_id,

@@ -2,8 +2,10 @@
 
 A join token (``meshorch token create``) carries the site name, a token id, a
 secret and the fingerprint of the site's identity key. A joining host never
-sends the secret: it proves it holds it with an HMAC over its request (host id,
-WireGuard public key, endpoint, time, nonce). The site answers with the
+sends the secret: it signs its request (host id, WireGuard public key, endpoint,
+time, nonce) with an Ed25519 key derived from the secret. The site keeps only
+the matching public key, the token's verifier: what any member (or a stolen
+host) reads from the replicated state cannot make a join request. The site answers with the
 membership (overlay address, peers, Raft members, cluster password) sealed to
 the joiner's WireGuard key and signed with the site identity key, whose
 fingerprint the joiner checks against its token, as a k3s token pins its CA.
@@ -113,12 +115,22 @@ class JoinToken:
         return token
 
 
+def token_signing_key(secret: bytes) -> SigningKey:
+    """The key a joiner signs its request with, derived from the token's secret."""
+    return SigningKey(hashlib.sha256(b"meshorch join token v1\0" + secret).digest())
+
+
+def token_verifier(secret: bytes) -> bytes:
+    """What the site stores of a token: the public half of ``token_signing_key``."""
+    return bytes(token_signing_key(secret).verify_key)
+
+
 @dataclass(frozen=True)
 class TokenRecord:
-    """A token as the site's replicated state keeps it."""
+    """A token as the site's replicated state keeps it: its verifier, never its secret."""
 
     token_id: str
-    secret: bytes
+    verifier: bytes
     expires_at: float
     single_use: bool
     used_by: tuple[str, ...] = ()
@@ -130,9 +142,9 @@ class TokenRecord:
     def encode(self) -> bytes:
         return orjson.dumps(
             {
-                "v": 1,
+                "v": 2,
                 "id": self.token_id,
-                "secret": _b64(self.secret),
+                "verifier": _b64(self.verifier),
                 "expires_at": self.expires_at,
                 "single_use": self.single_use,
                 "used_by": list(self.used_by),
@@ -143,9 +155,16 @@ class TokenRecord:
     @staticmethod
     def decode(raw: bytes) -> TokenRecord:
         data = orjson.loads(raw)
+        # Records of the first release stored the secret itself; its verifier follows from
+        # it, and the record is stored again without it when next written.
+        verifier = (
+            _unb64(data["verifier"])
+            if "verifier" in data
+            else token_verifier(_unb64(data["secret"]))
+        )
         return TokenRecord(
             str(data["id"]),
-            _unb64(data["secret"]),
+            verifier,
             float(data["expires_at"]),
             bool(data["single_use"]),
             tuple(data.get("used_by", ())),
@@ -155,7 +174,7 @@ class TokenRecord:
     def spent_by(self, host_id: str) -> TokenRecord:
         return TokenRecord(
             self.token_id,
-            self.secret,
+            self.verifier,
             self.expires_at,
             self.single_use,
             (*self.used_by, host_id),
@@ -194,12 +213,15 @@ class JoinRequest:
         )
 
     def with_proof(self, secret: bytes) -> JoinRequest:
-        proof = hmac.new(secret, self._signed_fields(), hashlib.sha256).hexdigest()
-        return JoinRequest(**{**self.to_json(), "proof": proof})
+        signed = token_signing_key(secret).sign(self._signed_fields())
+        return JoinRequest(**{**self.to_json(), "proof": signed.signature.hex()})
 
-    def proof_valid(self, secret: bytes) -> bool:
-        expected = hmac.new(secret, self._signed_fields(), hashlib.sha256).hexdigest()
-        return hmac.compare_digest(expected, self.proof)
+    def proof_valid(self, verifier: bytes) -> bool:
+        try:
+            VerifyKey(verifier).verify(self._signed_fields(), bytes.fromhex(self.proof))
+        except (BadSignatureError, ValueError):
+            return False
+        return True
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -251,7 +273,7 @@ def check_join(
         raise JoinRefused("wrong_site", f"this is site {site!r}, not {request.site!r}")
     if record is None:
         raise JoinRefused("unknown_token", "no such join token at this site")
-    if not request.proof_valid(record.secret):
+    if not request.proof_valid(record.verifier):
         raise JoinRefused("bad_proof", "the request is not signed with the token's secret")
     if abs(now - request.timestamp) > MAX_CLOCK_SKEW_S:
         raise JoinRefused("stale_request", "the request's time is too far from the site's clock")

@@ -2,6 +2,7 @@
 
 import secrets
 
+import orjson
 import pytest
 
 from meshorch.join.mesh import Membership, MeshSettings, desired_interface
@@ -14,6 +15,7 @@ from meshorch.join.protocol import (
     check_join,
     check_revocation_notice,
     revocation_notice,
+    token_verifier,
     unwrap_answer,
     wrap_answer,
 )
@@ -25,7 +27,12 @@ IDENTITY = SiteIdentity.generate(bytes(range(32)))
 
 
 def record(**changes: object) -> TokenRecord:
-    base = {"token_id": "t1", "secret": b"s" * 24, "expires_at": NOW + 60, "single_use": True}
+    base = {
+        "token_id": "t1",
+        "verifier": token_verifier(b"s" * 24),
+        "expires_at": NOW + 60,
+        "single_use": True,
+    }
     return TokenRecord(**{**base, **changes})  # type: ignore[arg-type]
 
 
@@ -153,3 +160,36 @@ def test_desired_interface_has_every_other_member_as_a_peer() -> None:
     # Removing a member from the state removes the peer.
     smaller = desired_interface(MeshSettings(lan_ip="10.0.0.1"), me, membership, members[:2])
     assert [p.public_key for p in smaller.peers] == [other.public_key_b64]
+
+
+def test_the_site_stores_a_verifier_that_cannot_sign_a_join() -> None:
+    secret = secrets.token_bytes(24)
+    stored = TokenRecord("t1", token_verifier(secret), NOW + 60, single_use=False)
+    raw = stored.encode()
+    assert secret not in raw and b"secret" not in raw  # what every member's view holds
+    # Whoever reads the record (a stolen host) has the verifier, not a key: using it as the
+    # secret signs with another key, and the site refuses the request.
+    with pytest.raises(JoinRefused, match="not signed"):
+        check_join(request(secret=stored.verifier, token_id="t1"), "shop", stored, NOW)
+    assert check_join(request(secret=secret), "shop", TokenRecord.decode(raw), NOW).used_by == (
+        "h4",
+    )
+
+
+def test_a_first_release_record_with_its_secret_still_verifies_and_is_rewritten() -> None:
+    import base64
+
+    secret = b"s" * 24
+    legacy = orjson.dumps(
+        {
+            "v": 1,
+            "id": "t1",
+            "secret": base64.urlsafe_b64encode(secret).decode().rstrip("="),
+            "expires_at": NOW + 60,
+            "single_use": True,
+            "used_by": [],
+            "revoked": False,
+        }
+    )
+    spent = check_join(request(secret=secret), "shop", TokenRecord.decode(legacy), NOW)
+    assert b"secret" not in spent.encode() and spent.verifier == token_verifier(secret)
