@@ -12,6 +12,7 @@ from meshorch.demo.localsite import LocalSite, free_port
 from meshorch.fleet.delta import key_id
 from meshorch.lab.agents import FleetFlags
 from meshorch.site.config import AgentConfig
+from tests.agent_token import TOKEN
 
 
 def lone_agent_config(tmp_path: Path, site: str, fleet: str, root: SigningKey) -> AgentConfig:
@@ -27,7 +28,16 @@ def lone_agent_config(tmp_path: Path, site: str, fleet: str, root: SigningKey) -
         hub=f"http://127.0.0.1:{free_port()}",
         fleet=fleet,
         fleet_key=key_id(root),
+        operator_token_file=token_file(tmp_path),
     )
+
+
+def token_file(directory: Path) -> Path:
+    """A file holding the tests' admin token, for an agent's ``operator_token_file``."""
+    path = directory / "operator.token"
+    directory.mkdir(parents=True, exist_ok=True)
+    path.write_text(TOKEN + "\n")
+    return path
 
 
 def linked_site(

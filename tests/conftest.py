@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from meshorch.secrets.service import DELIVERY_DIR, TMPFS_ROOTS
+from tests import agent_token  # noqa: F401 - sets $MESHORCH_AGENT_TOKEN before any agent starts
 
 
 def _delivery_dirs() -> set[Path]:

@@ -11,8 +11,9 @@ service, named ``{instance_id}.{container}``.
 Secrets (docs/secrets.md): a container with ``secrets`` gets its secret files
 written to tmpfs just before it starts (and removed when it stops); when this host
 cannot deliver them (sealed, a secret missing) it is not started and its status
-says why. While the site is locked down nothing is started at all; what runs
-keeps running.
+says why. An app gets only its own tenant's secrets: a reference to another tenant's
+(in a record stored before the site refused them) keeps the instance from starting.
+While the site is locked down nothing is started at all; what runs keeps running.
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ from meshorch.apps.health import (
     probe_http,
     probe_tcp,
 )
-from meshorch.apps.quotas import DEFAULT_TENANT
 from meshorch.apps.records import (
     INST_PREFIX,
     AppRecord,
@@ -96,6 +96,7 @@ class _Container:
     service: ServiceSpec
     container: ContainerSpec
     spec: InstanceSpec
+    tenant: str  # the app's: the only tenant whose secrets it gets
 
 
 @dataclass
@@ -180,23 +181,22 @@ class HostReconciler:
                 continue
             app = self._app_version(placement.app, placement.version)
             service = app.spec.service(placement.service) if app else None
-            if service is None:
+            if app is None or service is None:
                 continue
             for container in service.containers:
                 runtime_id = f"{placement.instance_id}.{container.name}"
-                spec = self._instance_spec(runtime_id, placement, container)
-                wanted[runtime_id] = _Container(placement, service, container, spec)
+                spec = self._instance_spec(runtime_id, placement, container, app.tenant)
+                wanted[runtime_id] = _Container(placement, service, container, spec, app.tenant)
         return wanted
 
     def _instance_spec(
-        self, runtime_id: str, placement: Placement, container: ContainerSpec
+        self, runtime_id: str, placement: Placement, container: ContainerSpec, tenant: str
     ) -> InstanceSpec:
         limits = container.resources
         image = PROCESS_IMAGE if self.runtime.name == "process" else container.image
         secrets = self.secrets
         with_secrets = bool(container.secrets)
         network = self.network
-        tenant = self.tenant_of(placement) or DEFAULT_TENANT
         return InstanceSpec(
             instance_id=runtime_id,
             image=image,
@@ -209,7 +209,7 @@ class HostReconciler:
             labels={"app": placement.app, "version": placement.version},
             secrets_dir=str(secrets.instance_dir(runtime_id)) if with_secrets else None,
             secret_env=dict.fromkeys((r.env for r in container.secrets if r.env), "(unset)"),
-            secrets_tag=secrets.versions_tag(container.secrets) if with_secrets else "",
+            secrets_tag=secrets.versions_tag(container.secrets, tenant) if with_secrets else "",
             dns_servers=network.dns_servers(self.runtime.name),
             dns_search=network.dns_search(self.runtime.name),
             user=network.container_uid(self.runtime.name, tenant),
@@ -293,7 +293,7 @@ class HostReconciler:
         if status is not None and status.spec_hash == item.spec.spec_hash and status.running:
             return False
         try:  # nothing starts under lock-down, nor without the secrets it needs
-            self.secrets.check_deliverable(item.container.secrets)
+            self.secrets.check_deliverable(item.container.secrets, item.tenant)
         except SecretUnavailable as exc:
             book.message = str(exc)
             return False
@@ -315,7 +315,9 @@ class HostReconciler:
         spec = item.spec
         if item.container.secrets:
             try:
-                env = self.secrets.materialise(runtime_id, item.container.secrets, item.spec.user)
+                env = self.secrets.materialise(
+                    runtime_id, item.container.secrets, item.tenant, item.spec.user
+                )
             except SecretUnavailable as exc:
                 book.message = str(exc)
                 return False

@@ -83,7 +83,8 @@ class AppRecord:
     @staticmethod
     def decode(raw: bytes) -> AppRecord:
         data = orjson.loads(raw)
-        return AppRecord(from_json(data["spec"]), str(data.get("tenant") or DEFAULT_TENANT))
+        tenant = str(data.get("tenant") or DEFAULT_TENANT)
+        return AppRecord(from_json(data["spec"], tenant=tenant), tenant)
 
 
 def encode_spec(spec: AppSpec, tenant: str = DEFAULT_TENANT) -> bytes:
@@ -91,7 +92,7 @@ def encode_spec(spec: AppSpec, tenant: str = DEFAULT_TENANT) -> bytes:
 
 
 def decode_spec(raw: bytes) -> AppSpec:
-    return from_json(orjson.loads(raw)["spec"])
+    return AppRecord.decode(raw).spec
 
 
 def decode_app(raw: bytes) -> AppRecord:

@@ -12,6 +12,11 @@ field with a full example.
   valid spec, and ``from_json(to_json(spec)) == spec``.
 - ``spec_digest(spec)`` is the sha256 of the canonical JSON with sorted keys, so it does
   not change with formatting, key order or defaults written or left out.
+- A secret reference without ``tenant`` means the app's own tenant: ``parse_app_spec`` and
+  ``from_json`` take the tenant the app is put for (``default`` when not given), and the
+  canonical JSON writes it out. ``require_own_secrets(spec, tenant)`` raises
+  ``ForeignSecret`` (code ``foreign_secret``) naming every reference to another tenant's
+  secret: an app may use only its own tenant's secrets.
 
 Pure: no I/O, no clock.
 """
@@ -105,6 +110,15 @@ class SpecError(RemoteInputError):
         count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
         lines = "\n".join(f"  - {p}" for p in problems)
         super().__init__("bad_spec", f"the application spec has {count}:\n{lines}")
+
+
+class ForeignSecret(SpecError):
+    """The spec references secrets of a tenant other than the app's; ``problems`` names
+    each field (``services[0].containers[0].secrets[1].tenant: ...``)."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__(problems)
+        self.code = "foreign_secret"
 
 
 # --- the spec ---------------------------------------------------------------------------
@@ -273,8 +287,11 @@ class AppSpec:
 # --- entry points -----------------------------------------------------------------------
 
 
-def parse_app_spec(text: str | bytes) -> AppSpec:
-    """Parse a YAML or JSON spec; raise ``SpecError`` listing every problem."""
+def parse_app_spec(text: str | bytes, *, tenant: str = DEFAULT_TENANT) -> AppSpec:
+    """Parse a YAML or JSON spec; raise ``SpecError`` listing every problem.
+
+    ``tenant``: the tenant the app is put for; a secret reference without ``tenant`` is
+    that tenant's."""
     raw = text.encode("utf-8", errors="surrogatepass") if isinstance(text, str) else text
     if len(raw) > MAX_SPEC_BYTES:
         raise SpecError([f"(document): {len(raw)} bytes, the limit is {MAX_SPEC_BYTES}"])
@@ -282,7 +299,7 @@ def parse_app_spec(text: str | bytes) -> AppSpec:
         decoded = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise SpecError([f"(document): not UTF-8 ({exc.reason} at byte {exc.start})"]) from exc
-    ctx = _Ctx()
+    ctx = _Ctx(tenant)
     data = (
         _load_json(ctx, decoded) if decoded.lstrip().startswith("{") else _load_yaml(ctx, decoded)
     )
@@ -294,9 +311,30 @@ def parse_app_spec(text: str | bytes) -> AppSpec:
     return _validated(ctx, data)
 
 
-def from_json(data: Mapping[str, object]) -> AppSpec:
-    """Rebuild a spec from its canonical JSON (validated again: state may be old)."""
-    return _validated(_Ctx(), data)
+def from_json(data: Mapping[str, object], *, tenant: str = DEFAULT_TENANT) -> AppSpec:
+    """Rebuild a spec from its canonical JSON (validated again: state may be old).
+    ``tenant`` as for ``parse_app_spec`` (the canonical form names every secret's tenant)."""
+    return _validated(_Ctx(tenant), data)
+
+
+def foreign_secrets(spec: AppSpec, tenant: str) -> list[str]:
+    """A problem for each secret reference of ``spec`` to a tenant other than ``tenant``,
+    with its field path. Looks up nothing: whether that secret exists plays no part."""
+    return [
+        f"services[{i}].containers[{j}].secrets[{k}].tenant: {ref.tenant!r} is not the "
+        f"app's tenant {tenant!r}; an app may use only its own tenant's secrets"
+        for i, service in enumerate(spec.services)
+        for j, container in enumerate(service.containers)
+        for k, ref in enumerate(container.secrets)
+        if ref.tenant != tenant
+    ]
+
+
+def require_own_secrets(spec: AppSpec, tenant: str) -> None:
+    """Raise ``ForeignSecret`` unless every secret ``spec`` references is ``tenant``'s."""
+    problems = foreign_secrets(spec, tenant)
+    if problems:
+        raise ForeignSecret(problems)
 
 
 def to_json(spec: AppSpec) -> dict[str, object]:
@@ -455,8 +493,9 @@ _Checker = Callable[["_Ctx", object, str], T | None]
 
 
 class _Ctx:
-    def __init__(self) -> None:
+    def __init__(self, tenant: str = DEFAULT_TENANT) -> None:
         self.problems: list[str] = []
+        self.tenant = tenant  # the app's: a secret reference without a tenant is its
 
     def bad(self, path: str, message: str) -> None:
         self.problems.append(f"{path or '(document)'}: {message}")
@@ -814,7 +853,7 @@ def _secret_ref(ctx: _Ctx, value: object, path: str) -> SecretRef | None:
     name = _str(ctx, m.get("name"), f"{path}.name")
     if name is not None and not is_secret_name(name):
         ctx.bad(f"{path}.name", f"{name!r} is not a secret name: {SECRET_NAME_RULE}")
-    tenant = _str(ctx, m.get("tenant", DEFAULT_TENANT), f"{path}.tenant")
+    tenant = _str(ctx, m.get("tenant", ctx.tenant), f"{path}.tenant")
     if tenant is not None and not is_tenant(tenant):
         ctx.bad(f"{path}.tenant", f"{tenant!r} is not a tenant: {TENANT_RULE}")
     file = _str(ctx, m.get("file", name), f"{path}.file")

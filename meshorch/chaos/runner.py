@@ -224,7 +224,8 @@ class ChaosLab:
     def _worker_argv(self, mode: str, *args: str) -> list[str]:
         return [
             "ip", "netns", "exec", self.router_netns, sys.executable, "-m",
-            "meshorch.chaos.workload", mode, "--hosts", ",".join(self.addresses), *args,
+            "meshorch.chaos.workload", mode, "--hosts", ",".join(self.addresses),
+            "--token-file", str(self.agents.token_file), *args,
         ]  # fmt: skip
 
     def probe(self) -> dict[str, Any]:

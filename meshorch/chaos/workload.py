@@ -227,7 +227,9 @@ async def run_workload(args: argparse.Namespace, out: TextIO) -> None:
     recorder = Recorder(out)
     deadline = time.monotonic() + args.duration
     connector = aiohttp.TCPConnector(limit=0, force_close=True)  # no stale pooled sockets
-    async with aiohttp.ClientSession(connector=connector, trace_configs=[_tracing()]) as session:
+    async with aiohttp.ClientSession(
+        connector=connector, trace_configs=[_tracing()], headers=_auth(args)
+    ) as session:
         tasks = [
             _kv_client(
                 f"c{i}", session, hosts, keys, random.Random(rng.random()), deadline, recorder,
@@ -248,9 +250,20 @@ async def run_workload(args: argparse.Namespace, out: TextIO) -> None:
 # --- verify and probe: plain urllib, one short process each ------------------------------
 
 
+_HEADERS: dict[str, str] = {}  # the access token of verify and probe, set by main
+
+
+def _auth(args: argparse.Namespace) -> dict[str, str]:
+    """The agents' admin token (``--token-file``), for every request."""
+    if not args.token_file:
+        return {}
+    with open(args.token_file) as handle:
+        return {"Authorization": f"Bearer {handle.read().strip()}"}
+
+
 def _http(method: str, url: str, timeout_s: float) -> tuple[int, bytes]:
     """(status, body); status 0 when there was no answer."""
-    req = urllib.request.Request(url, method=method)
+    req = urllib.request.Request(url, method=method, headers=_HEADERS)
     try:
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:
             return int(resp.status), bytes(resp.read())
@@ -347,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(mode)
         p.add_argument("--hosts", required=True, help="agent LAN addresses, comma-separated")
         p.add_argument("--timeout", type=float, default=8.0, help="seconds per request/phase")
+        p.add_argument("--token-file", default="", help="the agents' access token")
         if mode in ("run", "verify"):
             p.add_argument("--key-prefix", required=True, help="keys are PREFIX/k0..")
             p.add_argument("--keys", type=int, default=6)
@@ -368,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _HEADERS.update(_auth(args))
     if args.mode == "run":
         with open(args.out, "a") as out:
             asyncio.run(run_workload(args, out))

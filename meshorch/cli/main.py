@@ -16,13 +16,21 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import orjson
 import uvloop
 
 from meshorch import __version__
 from meshorch.apps.settings import RUNTIMES, WorkloadSettings, parse_labels
 from meshorch.chaos.cli import add_chaos_command
-from meshorch.cli.agent_client import call_agent
+from meshorch.cli.access import add_access_commands
+from meshorch.cli.agent_client import (
+    AGENT_HELP,
+    AgentRefused,
+    agent_address,
+    auth_headers,
+    call_agent,
+    is_socket,
+    request_agent,
+)
 from meshorch.cli.fleet import add_fleet_commands
 from meshorch.cli.logs import add_logs_command
 from meshorch.cli.secrets import add_site_commands
@@ -77,6 +85,20 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--data-dir", required=True, type=Path, help="state directory")
     agent.add_argument(
         "--api", default="0.0.0.0:7700", metavar="HOST:PORT", help="HTTP API (default %(default)s)"
+    )
+    agent.add_argument(
+        "--socket",
+        type=Path,
+        metavar="PATH",
+        help="the operator socket, mode 0600: full access for whoever may open it (default "
+        "DATA_DIR/agent.sock; the CLI looks for /var/lib/meshorch/agent.sock or $MESHORCH_AGENT)",
+    )
+    agent.add_argument(
+        "--operator-token-file",
+        type=Path,
+        metavar="FILE",
+        help="an admin access token this agent accepts on --api (made there if absent); "
+        "more tokens: `meshorch access-token create`",
     )
     static = agent.add_argument_group(
         "static membership", "name the Raft addresses yourself (no WireGuard, no discovery)"
@@ -190,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--site", required=True, help="the site (checked against the agent's)")
     create.add_argument("--ttl", default="1h", help="validity: 90s, 30m, 1h, 7d (default 1h)")
     create.add_argument("--single-use", action="store_true", help="valid for one host only")
-    create.add_argument("--api", default="127.0.0.1:7700", help="the agent to ask")
+    create.add_argument("--agent", "--api", dest="api", default=None, help=AGENT_HELP)
     create.set_defaults(handler=run_token_create)
 
     app = commands.add_parser("app", help="applications of a site")
@@ -203,18 +225,18 @@ def build_parser() -> argparse.ArgumentParser:
         "its health gate.",
     )
     apply.add_argument("-f", "--file", type=Path, required=True, help="the spec")
-    apply.add_argument("--agent", default="127.0.0.1:7700", help="an agent of the site")
+    apply.add_argument("--agent", "--api", dest="agent", default=None, help=AGENT_HELP)
     apply.set_defaults(handler=run_app_apply)
     app_list = app_commands.add_parser("list", help="applications and their readiness")
-    app_list.add_argument("--agent", default="127.0.0.1:7700", help="an agent of the site")
+    app_list.add_argument("--agent", "--api", dest="agent", default=None, help=AGENT_HELP)
     app_list.set_defaults(handler=run_app_list)
     show = app_commands.add_parser("show", help="an application's instances and events")
     show.add_argument("name")
-    show.add_argument("--agent", default="127.0.0.1:7700", help="an agent of the site")
+    show.add_argument("--agent", "--api", dest="agent", default=None, help=AGENT_HELP)
     show.set_defaults(handler=run_app_show)
     delete = app_commands.add_parser("delete", help="stop and remove an application")
     delete.add_argument("name")
-    delete.add_argument("--agent", default="127.0.0.1:7700", help="an agent of the site")
+    delete.add_argument("--agent", "--api", dest="agent", default=None, help=AGENT_HELP)
     delete.set_defaults(handler=run_app_delete)
 
     image = commands.add_parser("image", help="container images of a site")
@@ -228,10 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     image_add.add_argument("file", type=Path, help="the archive")
     image_add.add_argument("--ref", required=True, help="the image's name, e.g. shop/web:1.2")
-    image_add.add_argument("--api", default="127.0.0.1:7700", help="the agent to upload to")
+    image_add.add_argument("--agent", "--api", dest="api", default=None, help=AGENT_HELP)
     image_add.set_defaults(handler=run_image_add)
     image_list = image_commands.add_parser("list", help="the site's images and who holds them")
-    image_list.add_argument("--api", default="127.0.0.1:7700", help="the agent to ask")
+    image_list.add_argument("--agent", "--api", dest="api", default=None, help=AGENT_HELP)
     image_list.set_defaults(handler=run_image_list)
 
     host = commands.add_parser("host", help="manage the hosts of a site")
@@ -243,12 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
         "WireGuard mesh; it cannot join again with its old token or key.",
     )
     revoke.add_argument("host_id", metavar="HOST", help="the host id to revoke")
-    revoke.add_argument("--api", default="127.0.0.1:7700", help="an agent of the site to ask")
+    revoke.add_argument("--agent", "--api", dest="api", default=None, help=AGENT_HELP)
     revoke.set_defaults(handler=run_host_revoke)
     listing = host_commands.add_parser(
         "list", help="the site's hosts: alive, drained, agent version, instances"
     )
-    listing.add_argument("--api", default="127.0.0.1:7700", help="an agent of the site to ask")
+    listing.add_argument("--agent", "--api", dest="api", default=None, help=AGENT_HELP)
     listing.set_defaults(handler=run_host_list)
     for name, text in (
         ("drain", "move a host's instances to other hosts; it stays a member of the site"),
@@ -259,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
             name, help=text, description=text[0].upper() + text[1:] + "."
         )
         action.add_argument("host_id", metavar="HOST")
-        action.add_argument("--api", default="127.0.0.1:7700", help="an agent of the site to ask")
+        action.add_argument("--agent", "--api", dest="api", default=None, help=AGENT_HELP)
         if name != "undrain":
             action.add_argument(
                 "--timeout", type=float, default=300.0, metavar="SECONDS",
@@ -304,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     add_fleet_commands(commands)
+    add_access_commands(commands)
     add_logs_command(commands)
     add_chaos_command(commands)
     add_site_commands(commands)
@@ -367,6 +390,8 @@ def run_agent(args: argparse.Namespace) -> int:
         fleet=args.fleet,
         fleet_key=args.fleet_key,
         enroll_token=args.enroll_token,
+        socket=args.socket,
+        operator_token_file=args.operator_token_file,
     )
     config.validate()
     workloads = WorkloadSettings(
@@ -441,20 +466,17 @@ def parse_duration(text: str) -> float:
 
 
 def run_token_create(args: argparse.Namespace) -> int:
-    status = call_agent(args.api, "GET", "/v1/status")
+    status = call_agent(agent_address(args.api), "GET", "/v1/status")
     if status.get("site") != args.site:
-        raise ConfigurationError(f"the agent at {args.api} serves site {status.get('site')!r}")
+        agent = agent_address(args.api)
+        raise ConfigurationError(f"the agent at {agent} serves site {status.get('site')!r}")
     body = {"ttl_s": parse_duration(args.ttl), "single_use": args.single_use}
-    token = call_agent(args.api, "POST", "/v1/tokens", body)
+    token = call_agent(agent_address(args.api), "POST", "/v1/tokens", body)
     expires = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(token["expires_at"]))
     print(token["token"])
     use = "single use" if token["single_use"] else "reusable"
     print(f"# site {args.site}, {use}, expires {expires}", file=sys.stderr)
     return 0
-
-
-def _agent_address(text: str) -> str:
-    return text.removeprefix("http://").rstrip("/")
 
 
 def run_app_apply(args: argparse.Namespace) -> int:
@@ -463,27 +485,19 @@ def run_app_apply(args: argparse.Namespace) -> int:
         body = path.read_bytes()
     except OSError as exc:
         raise ConfigurationError(f"cannot read {path}: {exc}") from exc
-    import urllib.error
-    import urllib.request
-
-    request = urllib.request.Request(
-        f"http://{_agent_address(args.agent)}/v1/apps", data=body, method="POST"
-    )
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            result = orjson.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        error = orjson.loads(exc.read()).get("error", {})
-        print(f"meshorch: {path}: {error.get('message', exc)}", file=sys.stderr)
+        result = request_agent(
+            agent_address(args.agent), "POST", "/v1/apps", body, content_type="application/yaml"
+        )
+    except AgentRefused as exc:
+        print(f"meshorch: {path}: {exc.detail}", file=sys.stderr)
         return 1
-    except (urllib.error.URLError, OSError) as exc:
-        raise ConfigurationError(f"cannot reach the agent at {args.agent}: {exc}") from exc
     print(f"{result['app']} version {result['version']} applied ({result['digest'][:19]})")
     return 0
 
 
 def run_app_list(args: argparse.Namespace) -> int:
-    body = call_agent(_agent_address(args.agent), "GET", "/v1/apps")
+    body = call_agent(agent_address(args.agent), "GET", "/v1/apps")
     print(f"{'APP':20} {'VERSION':10} {'READY':>7}  ROLLOUT")
     for app in body["apps"]:
         rollout = app["rollout"]
@@ -494,7 +508,7 @@ def run_app_list(args: argparse.Namespace) -> int:
 
 
 def run_app_show(args: argparse.Namespace) -> int:
-    app = call_agent(_agent_address(args.agent), "GET", f"/v1/apps/{args.name}")
+    app = call_agent(agent_address(args.agent), "GET", f"/v1/apps/{args.name}")
     print(f"{app['name']} version {app['version']}, {app['ready']} ready")
     print(f"  {'INSTANCE':28} {'HOST':10} {'VERSION':9} {'STATE':9} READY RESTARTS")
     for i in app["instances"]:
@@ -507,7 +521,7 @@ def run_app_show(args: argparse.Namespace) -> int:
 
 
 def run_app_delete(args: argparse.Namespace) -> int:
-    call_agent(_agent_address(args.agent), "DELETE", f"/v1/apps/{args.name}")
+    call_agent(agent_address(args.agent), "DELETE", f"/v1/apps/{args.name}")
     print(f"deleted {args.name}")
     return 0
 
@@ -532,9 +546,13 @@ def run_image_add(args: argparse.Namespace) -> int:
                           end="", file=sys.stderr)  # fmt: skip
                     yield chunk
 
-        url = f"http://{args.api}/v1/images"
+        agent = agent_address(args.api)
+        if is_socket(agent):
+            url, connector = "http://localhost/v1/images", aiohttp.UnixConnector(path=agent)
+        else:
+            url, connector = f"http://{agent}/v1/images", None
         async with (
-            aiohttp.ClientSession() as session,
+            aiohttp.ClientSession(connector=connector, headers=auth_headers(agent)) as session,
             session.post(url, params={"ref": args.ref}, data=chunks()) as response,
         ):
             body = dict(await response.json(content_type=None))
@@ -547,14 +565,16 @@ def run_image_add(args: argparse.Namespace) -> int:
     try:
         body = asyncio.run(upload())
     except aiohttp.ClientError as exc:
-        raise ConfigurationError(f"cannot reach the agent at {args.api}: {exc}") from exc
+        raise ConfigurationError(
+            f"cannot reach the agent at {agent_address(args.api)}: {exc}"
+        ) from exc
     image = body["image"]
     print(f"{image['ref']} {image['digest']} {image['size']} bytes")
     return 0
 
 
 def run_image_list(args: argparse.Namespace) -> int:
-    body = call_agent(args.api, "GET", "/v1/images")
+    body = call_agent(agent_address(args.api), "GET", "/v1/images")
     for image in body["images"]:
         holders = ", ".join(image["holders"]) or "-"
         print(f"{image['ref']:30} {image['digest'][:19]} {image['size']:>12}  on {holders}")
@@ -562,7 +582,7 @@ def run_image_list(args: argparse.Namespace) -> int:
 
 
 def run_host_list(args: argparse.Namespace) -> int:
-    hosts = call_agent(args.api, "GET", "/v1/hosts")["hosts"]
+    hosts = call_agent(agent_address(args.api), "GET", "/v1/hosts")["hosts"]
     print(
         f"{'HOST':16} {'ALIVE':6} {'DRAINED':8} {'LEADER':7} {'VERSION':12} {'PROTO':6} INSTANCES"
     )
@@ -576,7 +596,9 @@ def run_host_list(args: argparse.Namespace) -> int:
 
 
 def _drain(args: argparse.Namespace, drained: bool) -> None:
-    call_agent(args.api, "PUT", f"/v1/hosts/{args.host_id}/drain", {"drained": drained})
+    call_agent(
+        agent_address(args.api), "PUT", f"/v1/hosts/{args.host_id}/drain", {"drained": drained}
+    )
 
 
 def _wait_empty(args: argparse.Namespace) -> bool:
@@ -584,7 +606,10 @@ def _wait_empty(args: argparse.Namespace) -> bool:
     deadline = time.monotonic() + args.timeout
     last = None
     while time.monotonic() < deadline:
-        hosts = {h["host_id"]: h for h in call_agent(args.api, "GET", "/v1/hosts")["hosts"]}
+        hosts = {
+            h["host_id"]: h
+            for h in call_agent(agent_address(args.api), "GET", "/v1/hosts")["hosts"]
+        }
         count = hosts[args.host_id]["instances"] if args.host_id in hosts else 0
         if count != last:
             print(f"{args.host_id}: {count} instance(s) still placed here", flush=True)
@@ -612,7 +637,7 @@ def run_host_remove(args: argparse.Namespace) -> int:
     _drain(args, True)
     if not _wait_empty(args):
         return 4
-    result = call_agent(args.api, "DELETE", f"/v1/members/{args.host_id}")
+    result = call_agent(agent_address(args.api), "DELETE", f"/v1/members/{args.host_id}")
     print(f"removed {result['removed']['host_id']} from the site")
     return 0
 
@@ -621,7 +646,7 @@ HOST_ACTIONS = {"drain": run_host_drain, "undrain": run_host_undrain, "remove": 
 
 
 def run_host_revoke(args: argparse.Namespace) -> int:
-    result = call_agent(args.api, "DELETE", f"/v1/members/{args.host_id}")
+    result = call_agent(agent_address(args.api), "DELETE", f"/v1/members/{args.host_id}")
     print(f"revoked {result['removed']['host_id']}")
     return 0
 

@@ -1,10 +1,10 @@
 """``meshorch site ...`` and ``meshorch secrets ...`` (docs/secrets.md).
 
-    meshorch site status      [SITE] --agent HOST:PORT
-    meshorch site unseal      [SITE] --agent HOST:PORT --key-file FILE
-    meshorch site lockdown    [SITE] --agent HOST:PORT
-    meshorch site unlock      [SITE] --agent HOST:PORT
-    meshorch site rotate-keys [SITE] --agent HOST:PORT
+    meshorch site status      [SITE] [--agent SOCKET|HOST:PORT]
+    meshorch site unseal      [SITE] [--agent SOCKET|HOST:PORT] --key-file FILE
+    meshorch site lockdown    [SITE] [--agent SOCKET|HOST:PORT]
+    meshorch site unlock      [SITE] [--agent SOCKET|HOST:PORT]
+    meshorch site rotate-keys [SITE] [--agent SOCKET|HOST:PORT]
 
     meshorch site lockdown|unlock|unseal|rotate-keys SITE --hub URL --token T
     meshorch secrets set NAME (--value V | --value-file F) [--tenant T] --hub URL --token T
@@ -27,11 +27,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from meshorch.cli.agent_client import call_agent
+from meshorch.cli.agent_client import AGENT_HELP, agent_address, call_agent
 from meshorch.cli.fleet import HUB_ENV, TOKEN_ENV, HubError, hub_call
 from meshorch.errors import ConfigurationError
 
-DEFAULT_AGENT = "127.0.0.1:7700"
 KEY_BYTES = 32
 
 
@@ -48,9 +47,7 @@ def add_site_commands(commands: Any) -> None:
             name, help=help_text, description=description
         )
         parser.add_argument("site", nargs="?", help="the site (checked against the agent's)")
-        parser.add_argument(
-            "--agent", default=None, help=f"an agent of the site (default {DEFAULT_AGENT})"
-        )
+        parser.add_argument("--agent", default=None, help=AGENT_HELP)
         parser.add_argument(
             "--hub", default=None, metavar="URL", help=f"go through the hub (or ${HUB_ENV})"
         )
@@ -117,12 +114,8 @@ def _site_op(args: argparse.Namespace, path: str) -> dict[str, Any]:
     return dict(hub_call(args, "POST", f"/v1/sites/{args.site}/{path}", {}))
 
 
-def _address(text: str) -> str:
-    return text.removeprefix("http://").rstrip("/")
-
-
 def _agent(args: argparse.Namespace) -> str:
-    agent = _address(args.agent or DEFAULT_AGENT)
+    agent = agent_address(args.agent)
     if args.site is not None:
         site = call_agent(agent, "GET", "/v1/status").get("site")
         if site != args.site:

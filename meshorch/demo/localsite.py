@@ -23,6 +23,8 @@ from typing import Any
 
 import aiohttp
 
+from meshorch.site.access import harness_token
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -79,6 +81,11 @@ class LocalSite:
         self.password_file = self.root / "cluster.password"
         self.password_file.write_text(secrets.token_urlsafe(32))
         self.password_file.chmod(0o600)
+        # Every agent accepts this admin token on its API (--operator-token-file).
+        self.token = harness_token()
+        self.token_file = self.root / "operator.token"
+        self.token_file.write_text(self.token + "\n")
+        self.token_file.chmod(0o600)
         for index in range(self.hosts):
             self.members.append(self._new_host(f"h{index + 1}"))
         for host in self.members:
@@ -87,6 +94,15 @@ class LocalSite:
     def _new_host(self, host_id: str) -> LocalHost:
         assert self.root is not None
         return LocalHost(host_id, free_port(), free_port(), self.root / host_id, [])
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """What a request to one of the agents carries: the admin token."""
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def session(self, **options: Any) -> aiohttp.ClientSession:
+        """A client session for the agents' APIs (the admin token on every request)."""
+        return aiohttp.ClientSession(headers=self.headers, **options)
 
     def host(self, host_id: str) -> LocalHost:
         return next(h for h in self.members if h.host_id == host_id)
@@ -98,7 +114,7 @@ class LocalSite:
             "--site", self.site, "--host-id", host.host_id,
             "--data-dir", str(host.data_dir), "--api", host.api, "--raft", host.raft,
             "--cluster-password-file", str(self.password_file), "--preset", "local",
-            "--runtime", self.runtime,
+            "--runtime", self.runtime, "--operator-token-file", str(self.token_file),
         ]  # fmt: skip
         for peer in host.peers:
             command += ["--peer", peer]

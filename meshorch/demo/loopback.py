@@ -76,7 +76,8 @@ async def _show(root: Path, hosts: int, exit_after_s: float | None, parts: _Part
             parts.sites.append(local)
             local.start()
         for local in parts.sites:
-            statuses = await wait_ready(session, local.members, timeout_s=60)
+            async with local.session() as agents:
+                statuses = await wait_ready(agents, local.members, timeout_s=60)
             leader = next(iter(statuses.values()))["leader"]
             say(f"      {local.site}: Raft cluster of {hosts} formed, leader {leader} "
                 f"({time.monotonic() - started:.1f}s)")  # fmt: skip

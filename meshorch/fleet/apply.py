@@ -41,7 +41,7 @@ from meshorch.apps.records import (
 )
 from meshorch.apps.rollout import RolloutState
 from meshorch.apps.scheduler import HostInfo, Placement
-from meshorch.apps.spec import AppSpec, SpecError, from_json, spec_digest
+from meshorch.apps.spec import AppSpec, SpecError, from_json, require_own_secrets, spec_digest
 from meshorch.errors import RemoteInputError
 from meshorch.fleet import decommission
 from meshorch.fleet import upgrade as agent_upgrade
@@ -212,7 +212,11 @@ class VersionExists(RemoteInputError):
 
 
 class NameTaken(RemoteInputError):
-    """The app name is another tenant's on this site (names are unique per site)."""
+    """The app name is another tenant's on this site (names are unique per site).
+
+    Its message says so: it goes only into the site's delta rejections, which the hub
+    shows to fleet-wide tokens. The agent API answers a tenant as for any name it cannot
+    have, or as for an absent app (``meshorch.site.app_api``)."""
 
     def __init__(self, name: str) -> None:
         super().__init__("name_taken", f"application {name} belongs to another tenant")
@@ -227,10 +231,12 @@ def app_put_ops(
     """Writes that make ``spec`` the desired state of ``tenant``.
 
     ``existing_version`` is the appver record of this version, ``current`` the app record
-    (None when absent). Raises NameTaken when the app is another tenant's, VersionExists
-    when the tenant applied that version before with other content (a version another
-    tenant left behind, after deleting its app, is simply replaced).
+    (None when absent). Raises ForeignSecret (``foreign_secret``) when the spec references
+    a secret of another tenant, before anything is read; NameTaken when the app is another
+    tenant's, VersionExists when the tenant applied that version before with other content
+    (a version another tenant left behind, after deleting its app, is simply replaced).
     """
+    require_own_secrets(spec, tenant)
     if current is not None and decode_app(current).tenant != tenant:
         raise NameTaken(spec.name)
     if existing_version is not None:
@@ -336,22 +342,24 @@ def _op_writes(op: Mapping[str, Any], read: Reader, site_id: str, version: int) 
         raw_spec = op.get("spec")
         if not isinstance(raw_spec, dict):
             raise RemoteInputError("bad_op", "'spec' is an application spec object")
+        tenant = op_tenant(op)
         try:
-            spec = from_json(raw_spec)
+            spec = from_json(raw_spec, tenant=tenant)  # a secret without tenant: the app's
+            require_own_secrets(spec, tenant)
         except SpecError as exc:
-            raise RemoteInputError("bad_spec", "; ".join(exc.problems)) from exc
+            raise RemoteInputError(exc.code, "; ".join(exc.problems)) from exc
         return app_put_ops(
             spec,
             read(APPS_TABLE, appver_key(spec.name, spec.version)),
-            op_tenant(op),
+            tenant,
             read(APPS_TABLE, app_key(spec.name)),
         )
     if kind == "app.delete":
         name = op.get("name")
         if not isinstance(name, str) or not name:
             raise RemoteInputError("bad_op", "'name' is an application name")
-        tenant = None if op.get("tenant") is None else op_tenant(op)
-        return app_delete_ops(name, tenant, read(APPS_TABLE, app_key(name)))
+        owner = None if op.get("tenant") is None else op_tenant(op)
+        return app_delete_ops(name, owner, read(APPS_TABLE, app_key(name)))
     if kind == "tenant.quota":
         return list(quotas.op_writes(op))
     if kind == "root.rotate":

@@ -23,6 +23,13 @@ Wire forms (pure helpers below):
     summary value   JSON object, then a 64-byte Ed25519 signature by the member's key over
                     SUMMARY_CONTEXT + member id + 0x00 + the JSON (the hub checks a site's
                     with the site's registered key, so no member can speak for another)
+
+Both ends hand their gossip core a summary verifier (``summary_verifier``), so a summary
+whose origin signature does not check out is neither stored nor passed on, and cannot
+displace the genuine one. A site checks a member's summary with the key of the member's
+gossip certificate, known once the member's own datagrams reached it, and its own with
+its key; one whose origin it has not heard from directly it takes only from the hub (the
+hub passes on only summaries it checked against the sites' registered keys).
     app message     b"Q" + JSON {"after": N}: "send me your deltas after version N"
                     b"D" + one delta envelope, as served by the hub's link
 
@@ -40,7 +47,7 @@ import math
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -57,8 +64,10 @@ from gossip import (
     GossipConfig,
     GossipService,
     MemberState,
+    SummaryVerifier,
 )
 from gossip.errors import GossipError
+from gossip.messages import Summary
 from meshorch.errors import RemoteInputError
 from meshorch.fleet.apply import CommitOutcome
 from meshorch.fleet.client import (
@@ -143,6 +152,37 @@ def open_summary(value: bytes, member_id: str, public_key: bytes) -> dict[str, A
     except (BadSignatureError, ValueError):
         raise BadSummary(f"the summary of {member_id!r} is not signed by its key") from None
     return data
+
+
+def summary_verifier(
+    key_of: Callable[[str], bytes | None],
+    trusted_relays: Collection[str] = (),
+    on_refused: Callable[[Summary, str, str], None] | None = None,
+) -> SummaryVerifier:
+    """The gossip core's check of a summary (``gossip.core.SummaryVerifier``): signed by
+    its member's key (``key_of(member)``, None when unknown), or, when that key is
+    unknown, passed on by one of ``trusted_relays`` (members that check summaries
+    themselves before passing them on). ``on_refused(summary, sender, why)`` is told of
+    every refusal."""
+
+    def verify(summary: Summary, sender: str) -> bool:
+        member = summary.member
+        key = key_of(member)
+        if key is None:
+            if sender in trusted_relays:
+                return True
+            why = f"no key known for {member[:64]!r}"
+        else:
+            try:
+                open_summary(summary.value, member, key)
+                return True
+            except BadSummary as exc:
+                why = str(exc)
+        if on_refused is not None:
+            on_refused(summary, sender, why)
+        return False
+
+    return verify
 
 
 def _uint(data: Mapping[str, Any], name: str) -> int:
@@ -307,7 +347,7 @@ class GossipStats:
 
     summaries_published: int = 0
     summaries_heard: int = 0
-    bad_summaries: int = 0
+    bad_summaries: int = 0  # refused by the core's check (forged, unknown key), or not parsed
     bad_messages: int = 0
     requests_sent: int = 0
     requests_answered: int = 0
@@ -449,6 +489,7 @@ class SiteGossip:
             host=host,
             port=port,
             natted=True,
+            summary_verifier=self.summary_verifier(opener, info.hub_id),
             on_events=self._on_events,
             on_app_message=self._on_app_message,
             max_app_bytes=MAX_APP_BYTES,
@@ -471,6 +512,25 @@ class SiteGossip:
                     group.create_task(self._committer())
             finally:
                 self.service = self._sealer = None
+
+    def summary_verifier(self, opener: DatagramOpener, hub_id: str = HUB_ID) -> SummaryVerifier:
+        """The core's check of summaries: the site's own with its key, another member's
+        with the key of its certificate (``opener``: the member's datagrams reached us),
+        else only when the hub passed it on."""
+
+        def key_of(member: str) -> bytes | None:
+            if member == self.site:
+                key = self.link.site_key()
+                return None if key is None else bytes(key.verify_key)
+            return opener.member_key(member, self.clock())
+
+        return summary_verifier(key_of, (hub_id,), self._refused)
+
+    def _refused(self, summary: Summary, sender: str, why: str) -> None:
+        self.stats.bad_summaries += 1
+        logger.debug(
+            "gossip: summary of %s from %s refused: %s", summary.member[:64], sender[:64], why
+        )
 
     def _set_addresses(self, service: GossipService, info: GossipInfo, hub_addr: Address) -> None:
         book = {mid: addr for mid, addr in info.peers.items() if mid != self.site}

@@ -25,6 +25,7 @@ import hashlib
 import logging
 import re
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -108,7 +109,9 @@ class AgentUpgrades:
         site_id: str,
         host_id: str,
         data_dir: Path,
+        sign: Callable[[str, str], Mapping[str, str]] | None = None,
     ) -> None:
+        self.sign = sign  # proves this host to the peers it fetches a release from
         self.site = site
         self.members = members
         self.hub = hub
@@ -278,8 +281,10 @@ class AgentUpgrades:
                 if member.host_id == me or not member.api:
                     continue
                 with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError):
-                    url = f"http://{member.api}/v1/releases/{release.digest}"
-                    async with session.get(url) as response:
+                    path = f"/v1/releases/{release.digest}"
+                    headers = {} if self.sign is None else dict(self.sign("GET", path))
+                    url = f"http://{member.api}{path}"
+                    async with session.get(url, headers=headers) as response:
                         if response.status == 200:
                             data = await response.content.read(MAX_WHEEL_BYTES + 1)
                             if _matches(data, release):

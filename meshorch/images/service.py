@@ -18,6 +18,7 @@ from meshorch.images.store import (
     BlobStore,
     ImageManifest,
     ImageTransferError,
+    Signer,
     holder_key,
 )
 from meshorch.state.ports import Members, SiteState
@@ -39,11 +40,13 @@ class SiteImages:
         host_id: str,
         site: SiteState,
         members: Members,
+        sign: Signer | None = None,
     ) -> None:
         self.blobs = BlobStore(root)
         self.host_id = host_id
         self.site = site
         self.members = members
+        self.sign = sign  # proves this host to the peers it copies from
         self.uploaded_bytes = 0
         self.fetched_bytes = 0
         self._wake = asyncio.Event()
@@ -95,7 +98,7 @@ class SiteImages:
                 self.blob_url(members[h], manifest.digest) for h in holders if h != self.host_id
             ]
             self.fetched_bytes += await self.blobs.fetch(
-                session, urls, manifest.digest, manifest.size
+                session, urls, manifest.digest, manifest.size, self.sign
             )
             logger.info("copied image %s from a site peer", manifest.ref)
         if self.host_id not in self.holders(manifest.digest):

@@ -16,15 +16,19 @@ import hashlib
 import logging
 import os
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
 
 from meshorch.errors import MeshorchError, RemoteInputError
+
+# Headers proving this host to a peer, for a method and path (``PeerSigner.headers``).
+Signer = Callable[[str, str], Mapping[str, str]]
 
 logger = logging.getLogger(__name__)
 
@@ -148,18 +152,25 @@ class BlobStore:
         sources: Sequence[str],
         digest: str,
         size: int,
+        sign: Signer | None = None,
     ) -> int:
         """Copy ``digest`` from the first source URL that serves it; return bytes fetched.
+        ``sign(method, path)`` gives the headers that prove this host to its peers.
 
         A partial download is kept and resumed (HTTP Range) from the next source.
         Concurrent calls for one digest run one after the other (the later find it there).
         """
         # Kept after use: one small lock per image this host ever fetched.
         async with self._fetching.setdefault(digest, asyncio.Lock()):
-            return await self._fetch(session, sources, digest, size)
+            return await self._fetch(session, sources, digest, size, sign)
 
     async def _fetch(
-        self, session: aiohttp.ClientSession, sources: Sequence[str], digest: str, size: int
+        self,
+        session: aiohttp.ClientSession,
+        sources: Sequence[str],
+        digest: str,
+        size: int,
+        sign: Signer | None,
     ) -> int:
         if self.has(digest):
             return 0
@@ -168,7 +179,7 @@ class BlobStore:
         problems = []
         for url in sources:
             try:
-                got, actual = await self._fetch_from(session, url, partial, size)
+                got, actual = await self._fetch_from(session, url, partial, size, sign)
                 fetched += got
             except (aiohttp.ClientError, TimeoutError, OSError, ImageTransferError) as exc:
                 problems.append(f"{url}: {exc}")
@@ -184,7 +195,12 @@ class BlobStore:
         )
 
     async def _fetch_from(
-        self, session: aiohttp.ClientSession, url: str, partial: Path, size: int
+        self,
+        session: aiohttp.ClientSession,
+        url: str,
+        partial: Path,
+        size: int,
+        sign: Signer | None,
     ) -> tuple[int, str]:
         """Fetch what ``partial`` lacks; return (bytes fetched, sha256 of the whole)."""
         have = partial.stat().st_size if partial.exists() else 0
@@ -192,6 +208,8 @@ class BlobStore:
             partial.unlink()
             have = 0
         headers = {"Range": f"bytes={have}-"} if 0 < have < size else {}
+        if sign is not None:
+            headers.update(sign("GET", urlsplit(url).path))
         hasher = hashlib.sha256()
         fetched = 0
         if have == size:

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -49,6 +49,7 @@ logger = logging.getLogger(__name__)
 
 # Per removal attempt: pysyncobj's refusals last while a change or an election settles.
 REMOVE_ATTEMPT_S = 2.0
+STEP_DOWN = "/v1/raft/step-down"
 
 MAX_TOKEN_TTL_S = 30 * 24 * 3600
 ADD_MEMBER_ATTEMPTS = 20
@@ -88,8 +89,15 @@ class Admission:
     """Join tokens, admitting hosts and revoking them, for one agent of a mesh site."""
 
     def __init__(
-        self, node: MembershipNode, members: Members, site: str, password: str, spawn: Spawn
+        self,
+        node: MembershipNode,
+        members: Members,
+        site: str,
+        password: str,
+        spawn: Spawn,
+        sign: Callable[[str, str], Mapping[str, str]] | None = None,
     ) -> None:
+        self.sign = sign  # proves this host to the leader it asks to step down
         self.node = node
         self.members = members
         self.site = site
@@ -271,7 +279,10 @@ class Admission:
         try:
             async with (
                 aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3)) as session,
-                session.post(f"http://{record.api}/v1/raft/step-down") as response,
+                session.post(
+                    f"http://{record.api}/v1/raft/step-down",
+                    headers={} if self.sign is None else dict(self.sign("POST", STEP_DOWN)),
+                ) as response,
             ):
                 logger.info("asked %s to step down: %s", record.host_id, response.status)
         except (aiohttp.ClientError, TimeoutError) as exc:

@@ -26,6 +26,8 @@ import orjson
 from meshorch.lab.errors import LabError
 from meshorch.lab.lab import Lab
 from meshorch.lab.plan import HostPlan, LabPlan
+from meshorch.site.access import harness_token
+from meshorch.site.config import SOCKET_FILE
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +116,20 @@ class LabAgents:
         self.extra_args = tuple(extra_args)  # more agent flags, the same for every host
 
     @property
+    def token_file(self) -> Path:
+        """The admin token every lab agent accepts (``--operator-token-file``), made once."""
+        path = self.lab.store.lab_dir / "operator.token"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(harness_token() + "\n")
+            path.chmod(0o600)
+        return path
+
+    def socket(self, name: str) -> Path:
+        """The agent's operator socket: the lab's commands on the machine use it."""
+        return self.lab.store.data_dir(name) / SOCKET_FILE
+
+    @property
     def enabled(self) -> bool:
         return (self.lab.store.lab_dir / AGENTS_MARKER).exists()
 
@@ -135,6 +151,7 @@ class LabAgents:
             "--data-dir", str(self.lab.store.data_dir(host.name)),
             "--api", f"{host.lan_ip}:{API_PORT}", "--lan-ip", host.lan_ip,
             "--wg-interface", wg_interface_name(plan, host),
+            "--operator-token-file", str(self.token_file),
         ]  # fmt: skip
         if bootstrap:
             argv.append("--bootstrap")
@@ -180,7 +197,8 @@ class LabAgents:
         """Call ``name``'s agent API from inside its namespace: the decoded JSON answer
         (also of an error status), or None when the agent does not answer."""
         host = self._host(name)
-        return self._http(name, method, f"http://{host.lan_ip}:{API_PORT}{path}", body)
+        url = f"http://{host.lan_ip}:{API_PORT}{path}"
+        return self._http(name, method, url, body, self.token_file)
 
     def _http(
         self, node: str, method: str, url: str, body: bytes | None, token_file: Path | None = None
@@ -261,7 +279,7 @@ class LabAgents:
         host = self._host(name)
         argv = [
             sys.executable, "-m", "meshorch", "token", "create", "--site", self.site_id(host),
-            "--ttl", ttl, "--api", f"{host.lan_ip}:{API_PORT}",
+            "--ttl", ttl, "--agent", str(self.socket(name)),
         ]  # fmt: skip
         if single_use:
             argv.append("--single-use")
@@ -273,10 +291,10 @@ class LabAgents:
     def add_image(self, name: str, rootfs: Path, ref: str, timeout_s: float = 120.0) -> None:
         """``meshorch image add`` through ``name``'s agent: the site's Raft cluster then
         replicates the image to its other hosts."""
-        host = self._host(name)
+        self._host(name)  # a name the lab knows
         argv = [
             sys.executable, "-m", "meshorch", "image", "add", str(rootfs), "--ref", ref,
-            "--api", f"{host.lan_ip}:{API_PORT}",
+            "--agent", str(self.socket(name)),
         ]  # fmt: skip
         result = self.lab.run(name, argv, timeout_s=timeout_s)
         if result.returncode != 0:

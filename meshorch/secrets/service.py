@@ -23,7 +23,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -108,9 +108,11 @@ class SiteSecrets:
         *,
         host_id: str,
         data_dir: Path,
+        sign: Callable[[str, str], Mapping[str, str]] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.site = site
+        self.sign = sign  # proves this host to the peers it asks for the unseal key
         self.members = members
         self.host_id = host_id
         self.data_dir = data_dir
@@ -266,9 +268,12 @@ class SiteSecrets:
         for member in self.members.members():
             if member.host_id == me or member.api is None:
                 continue
-            url = f"http://{member.api}/v1/secrets/unseal-request"
+            path = "/v1/secrets/unseal-request"
+            url = f"http://{member.api}{path}"
+            headers = {} if self.sign is None else dict(self.sign("POST", path))
+            body = orjson.dumps({"host_id": me})
             try:
-                async with session.post(url, data=orjson.dumps({"host_id": me})) as response:
+                async with session.post(url, data=body, headers=headers) as response:
                     if response.status != 200:
                         continue
                     body = await response.json()
@@ -376,22 +381,37 @@ class SiteSecrets:
         record = self.site.view.get(SECRETS_TABLE, secret_key(ref.tenant, ref.name))
         return None if record is None else SecretRecord.decode(record.value)
 
-    def versions_tag(self, refs: Sequence[SecretRef]) -> str:
-        """Which version of each secret an instance gets: part of its spec hash, so a new
-        version restarts it. Holds no secret material."""
+    def versions_tag(self, refs: Sequence[SecretRef], tenant: str) -> str:
+        """Which version of each secret an instance of an app of ``tenant`` gets: part of
+        its spec hash, so a new version restarts it. Holds no secret material; another
+        tenant's secret is not looked up."""
         parts = []
         for ref in refs:
-            record = self._record(ref)
+            record = None if ref.tenant != tenant else self._record(ref)
             parts.append(f"{ref.tenant}/{ref.name}@{record.version if record else 0}")
         return ",".join(parts)
 
-    def check_deliverable(self, refs: Sequence[SecretRef]) -> None:
-        """Raise SecretUnavailable unless an instance needing ``refs`` may start now
-        (nothing may start under lock-down). Decrypts nothing."""
+    @staticmethod
+    def check_owned(refs: Sequence[SecretRef], tenant: str) -> None:
+        """Raise SecretUnavailable if a secret of ``refs`` is not ``tenant``'s: an app gets
+        only its own tenant's secrets. Looks nothing up, so the answer is the same whether
+        that secret exists or not."""
+        for ref in refs:
+            if ref.tenant != tenant:
+                raise SecretUnavailable(
+                    f"secret {ref.tenant}/{ref.name} refused: an app of tenant {tenant} "
+                    "gets only its own tenant's secrets"
+                )
+
+    def check_deliverable(self, refs: Sequence[SecretRef], tenant: str) -> None:
+        """Raise SecretUnavailable unless an instance of an app of ``tenant`` needing
+        ``refs`` may start now (nothing may start under lock-down; no secret of another
+        tenant is delivered). Decrypts nothing."""
         if self.locked_down():
             raise SecretUnavailable("site locked down")
         if not refs:
             return
+        self.check_owned(refs, tenant)
         self.keys()
         for ref in refs:
             record = self._record(ref)
@@ -407,14 +427,21 @@ class SiteSecrets:
                 )
 
     def materialise(
-        self, runtime_id: str, refs: Sequence[SecretRef], owner_uid: int | None = None
+        self,
+        runtime_id: str,
+        refs: Sequence[SecretRef],
+        tenant: str,
+        owner_uid: int | None = None,
     ) -> dict[str, str]:
-        """Write the instance's secret files; returns its secret environment variables.
+        """Write the secret files of an instance of an app of ``tenant``; returns its
+        secret environment variables.
 
         ``owner_uid``: the uid the instance runs as (its tenant's); the files are its own.
 
-        Raises SecretUnavailable (sealed, locked down, a secret missing or unusable).
+        Raises SecretUnavailable (sealed, locked down, a secret missing or unusable, or a
+        secret of another tenant: refused before anything is decrypted or written).
         """
+        self.check_owned(refs, tenant)
         keys = self.keys()
         snap = self.snapshot()
         values = [(ref, decrypt(keys, snap, ref.tenant, ref.name)[0]) for ref in refs]

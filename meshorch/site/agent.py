@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Coroutine
 from pathlib import Path
@@ -48,11 +49,20 @@ from meshorch.join.mesh import (
 from meshorch.net.app_network import AppNetwork, NetworkSettings
 from meshorch.runtime import Runtime
 from meshorch.secrets.service import SiteSecrets
+from meshorch.site.access import load_or_create_bootstrap
 from meshorch.site.api import build_app
-from meshorch.site.config import AgentConfig, check_identity, resolve_password, store_password
+from meshorch.site.config import (
+    MAX_SOCKET_PATH,
+    AgentConfig,
+    check_identity,
+    resolve_password,
+    store_password,
+)
+from meshorch.site.guard import Guard
 from meshorch.site.host_api import HostRoutes
 from meshorch.site.http import SiteServices
 from meshorch.site.metrics import AgentCollector
+from meshorch.state.peer_auth import PeerSigner, load_or_create_key
 from meshorch.state.roster import Roster
 from meshorch.state.tables import (
     APPS_TABLE,
@@ -114,6 +124,7 @@ class Agent:
         self.site_link: SiteLink
         self.upgrades: AgentUpgrades
         self.network: AppNetwork
+        self.signer: PeerSigner
 
     @property
     def raft(self) -> RaftNode:
@@ -156,6 +167,7 @@ class Agent:
             )
         )
         roster = self.roster = Roster(raft, raft.reachable, config.host_id)
+        self.signer = PeerSigner(config.host_id, load_or_create_key(config.data_dir))
         if self.mesh_settings is not None and self.membership is not None:
             assert self.keypair is not None
             self.mesh = MeshService(
@@ -171,8 +183,13 @@ class Agent:
         await raft.start()
         self.runtime = make_runtime(self.workloads.runtime, config.data_dir)
         self._build_services(raft, roster, self.runtime)
-        self._runner = web.AppRunner(build_app(self._api_services(raft, roster)), access_log=None)
+        bootstrap = None
+        if config.operator_token_file is not None:
+            _, bootstrap = load_or_create_bootstrap(config.operator_token_file, time.time())
+        app = build_app(self._api_services(raft, roster), Guard(raft, bootstrap))
+        self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
+        await self._listen_on_socket(config.socket_path)
         await web.TCPSite(self._runner, config.api_host, config.api_port).start()
         if self.membership is not None and config.api_host not in ("0.0.0.0", "::"):
             # Peers reach each other's API over the overlay (image copies, for one).
@@ -219,10 +236,27 @@ class Agent:
             raft_address,
         )
 
+    async def _listen_on_socket(self, path: Path) -> None:
+        """The operator surface on this host: a Unix socket only its owner may open."""
+        assert self._runner is not None
+        if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+            logger.warning("no operator socket: %s is longer than a socket path may be", path)
+            return
+        path.unlink(missing_ok=True)  # left by an agent that did not stop cleanly
+        old_umask = os.umask(0o177)  # created 0600: no window where others may connect
+        try:
+            await web.UnixSite(self._runner, str(path)).start()
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, 0o600)
+
     def _build_services(self, raft: RaftNode, roster: Roster, runtime: Runtime) -> None:
         config = self.config
-        self.images = SiteImages(config.data_dir / "images", config.host_id, raft, roster)
-        self.secrets = SiteSecrets(raft, roster, host_id=config.host_id, data_dir=config.data_dir)
+        sign = self.signer.headers
+        self.images = SiteImages(config.data_dir / "images", config.host_id, raft, roster, sign)
+        self.secrets = SiteSecrets(
+            raft, roster, host_id=config.host_id, data_dir=config.data_dir, sign=sign
+        )
         self.streams = SiteStreams(raft, config.host_id, lambda: host_protocols(raft.view))
         self.upgrades = AgentUpgrades(
             raft,
@@ -231,6 +265,7 @@ class Agent:
             site_id=config.site,
             host_id=config.host_id,
             data_dir=config.data_dir,
+            sign=sign,
         )
         self.site_link = SiteLink(
             raft,
@@ -259,7 +294,9 @@ class Agent:
             raft_address=config.raft_address,
             node=raft,
             members=roster,
-            admission=Admission(raft, roster, config.site, self.password, self.spawn),
+            admission=Admission(
+                raft, roster, config.site, self.password, self.spawn, self.signer.headers
+            ),
             secrets=self.secrets,
             images=self.images,
             streams=self.streams,
@@ -354,7 +391,12 @@ class Agent:
         config = self.config
         if self.membership is None:
             assert config.raft_address is not None
-            return MemberRecord(config.host_id, config.raft_address, config.api_address)
+            return MemberRecord(
+                config.host_id,
+                config.raft_address,
+                config.api_address,
+                peer_key=self.signer.public_key_hex,
+            )
         assert self.keypair is not None and self.mesh_settings is not None
         lan_ip = self.mesh_settings.lan_ip
         return MemberRecord(
@@ -364,6 +406,7 @@ class Agent:
             wg_public_key=self.keypair.public_key_b64,
             overlay_ip=self.membership.overlay_ip,
             wg_endpoint=f"{lan_ip}:{self.mesh_settings.wg_port}",
+            peer_key=self.signer.public_key_hex,
         )
 
     async def _register_self(self) -> None:

@@ -20,8 +20,10 @@ from prometheus_client import CollectorRegistry
 from meshorch import http_metrics
 from meshorch.errors import RemoteInputError
 from meshorch.secrets.service import SecretsRefused
+from meshorch.site.access_api import add_access_routes
 from meshorch.site.app_api import add_app_routes
 from meshorch.site.fleet_api import add_fleet_routes
+from meshorch.site.guard import Guard, caller_of
 from meshorch.site.host_api import add_host_routes
 from meshorch.site.http import (
     DEFAULT_LIST_LIMIT,
@@ -82,8 +84,11 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return error_response(500, "internal", "internal error, see the agent log")
 
 
-def build_app(services: SiteServices) -> web.Application:
-    app = web.Application(middlewares=[errors_middleware], client_max_size=MAX_VALUE_BYTES + 1)
+def build_app(services: SiteServices, guard: Guard) -> web.Application:
+    """``guard`` refuses what the caller may not do before any handler runs."""
+    app = web.Application(
+        middlewares=[errors_middleware, guard.middleware], client_max_size=MAX_VALUE_BYTES + 1
+    )
     app[SERVICES] = services
     app.router.add_get("/v1/status", get_status)
     app.router.add_get("/v1/ping", ping)
@@ -92,6 +97,7 @@ def build_app(services: SiteServices) -> web.Application:
     app.router.add_put("/v1/kv/{key:.+}", put_key)
     app.router.add_get("/v1/kv/{key:.+}", get_key)
     app.router.add_delete("/v1/kv/{key:.+}", delete_key)
+    add_access_routes(app)
     add_member_routes(app)
     add_app_routes(app)
     add_fleet_routes(app)
@@ -110,8 +116,12 @@ async def ping(_request: web.Request) -> web.Response:
 
 
 async def get_status(request: web.Request) -> web.Response:
+    """Everything for the site's operators and peers; readiness alone for anyone else (the
+    upgrade launcher of any release checks it without a credential)."""
     svc = services(request)
     status = svc.node.status()
+    if caller_of(request).kind == "anonymous":
+        return json_response({"ready": status.ready})
     records = {m.raft: m for m in svc.members.members()}
     leader = records.get(status.leader_address or "")
     members = [

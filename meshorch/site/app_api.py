@@ -32,7 +32,13 @@ from meshorch.apps.records import (
     decode_rollout,
     rollout_key,
 )
-from meshorch.apps.spec import SpecError, parse_app_spec, spec_digest, to_json
+from meshorch.apps.spec import (
+    SpecError,
+    parse_app_spec,
+    require_own_secrets,
+    spec_digest,
+    to_json,
+)
 from meshorch.fleet.apply import (
     NameTaken,
     VersionExists,
@@ -101,17 +107,31 @@ def _tenant_param(request: web.Request) -> str | None:
     return None if raw is None else check_tenant(raw)
 
 
+def _name_unavailable(name: str) -> ApiError:
+    """The answer to a put of a name the tenant cannot have: the same whoever holds it, and
+    naming nobody (app names are one namespace per site)."""
+    return ApiError(409, "name_taken", f"the application name {name!r} is not available")
+
+
+def _absent(name: str) -> ApiError:
+    return ApiError(404, "not_found", f"no application {name!r}")
+
+
 async def apply_app(request: web.Request) -> web.Response:
     """Body: an application spec, YAML or JSON; ``?tenant=`` (default ``default``) owns it.
-    A new version starts a rolling upgrade. 409 ``name_taken`` when another tenant has an
-    app of that name, ``version_exists`` when the version was applied with other content."""
+    A secret reference without ``tenant`` is that tenant's; one to another tenant's secret
+    is refused (400 ``foreign_secret``, naming the field). A new version starts a rolling
+    upgrade. 409 ``name_taken`` when the name is not available to the tenant (it is
+    another's: the answer does not say whose), ``version_exists`` when the version was
+    applied with other content."""
     tenant = _tenant_param(request) or DEFAULT_TENANT
     body = await read_limited(request.content, MAX_SPEC_BODY)
     try:
-        spec = parse_app_spec(body)
+        spec = parse_app_spec(body, tenant=tenant)
+        require_own_secrets(spec, tenant)
     except SpecError as exc:
         return json_response(
-            {"error": {"code": "bad_spec", "message": str(exc), "problems": exc.problems}}, 400
+            {"error": {"code": exc.code, "message": str(exc), "problems": exc.problems}}, 400
         )
     svc = services(request)
     await svc.node.barrier()
@@ -124,7 +144,9 @@ async def apply_app(request: web.Request) -> web.Response:
             tenant,
             None if current is None else current.value,
         )
-    except (VersionExists, NameTaken) as exc:
+    except NameTaken as exc:
+        raise _name_unavailable(spec.name) from exc
+    except VersionExists as exc:
         raise ApiError(409, exc.code, str(exc)) from exc
     await svc.node.propose(ops, idempotent=True)
     return json_response(
@@ -157,13 +179,15 @@ async def list_apps(request: web.Request) -> web.Response:
 
 
 async def get_app(request: web.Request) -> web.Response:
+    """``?tenant=``: another tenant's app answers 404, as an absent one."""
+    tenant = _tenant_param(request)
     await consistent_read(request)
     svc = services(request)
     name = request.match_info["name"]
     stored = svc.node.view.get(APPS_TABLE, app_key(name))
-    if stored is None:
-        raise ApiError(404, "not_found", f"no application {name!r}")
-    record = decode_app(stored.value)
+    record = None if stored is None else decode_app(stored.value)
+    if record is None or tenant not in (None, record.tenant):
+        raise _absent(name)
     events_prefix = EVENT_PREFIX + f"{name}/".encode()
     events = [orjson.loads(raw) for raw in _scan_json(svc, events_prefix)][-50:]
     for event in events:
@@ -172,18 +196,19 @@ async def get_app(request: web.Request) -> web.Response:
 
 
 async def delete_app(request: web.Request) -> web.Response:
-    """``?tenant=``: only if the app is that tenant's (409 ``name_taken`` otherwise)."""
+    """``?tenant=``: only if the app is that tenant's; another tenant's app answers 404,
+    as an absent one."""
     tenant = _tenant_param(request)
     svc = services(request)
     name = request.match_info["name"]
     await svc.node.barrier()
     current = svc.node.view.get(APPS_TABLE, app_key(name))
     if current is None:
-        raise ApiError(404, "not_found", f"no application {name!r}")
+        raise _absent(name)
     try:
         ops = app_delete_ops(name, tenant, current.value)
     except NameTaken as exc:
-        raise ApiError(409, exc.code, str(exc)) from exc
+        raise _absent(name) from exc
     await svc.node.propose(ops, idempotent=True)
     return json_response({"deleted": name})
 

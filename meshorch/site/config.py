@@ -18,6 +18,8 @@ from raft.config import MIN_PASSWORD_LENGTH
 PASSWORD_ENV = "MESHORCH_CLUSTER_PASSWORD"
 PASSWORD_FILE = "cluster.password"
 IDENTITY_FILE = "agent.json"
+SOCKET_FILE = "agent.sock"
+MAX_SOCKET_PATH = 107  # sun_path, less its terminating NUL
 PRESETS = ("lan", "local")
 
 
@@ -35,6 +37,12 @@ class AgentConfig:
     fleet: str | None = None
     fleet_key: str | None = None
     enroll_token: str | None = None
+    socket: Path | None = None  # the root-only operator socket; None: DATA_DIR/agent.sock
+    operator_token_file: Path | None = None  # a bootstrap admin token (made if absent)
+
+    @property
+    def socket_path(self) -> Path:
+        return self.socket if self.socket is not None else self.data_dir / SOCKET_FILE
 
     @property
     def api_host(self) -> str:
@@ -65,6 +73,8 @@ class AgentConfig:
             problems.append("--peer: lists this agent's own --raft address")
         if self.password is not None and len(self.password) < MIN_PASSWORD_LENGTH:
             problems.append(f"cluster password: at least {MIN_PASSWORD_LENGTH} characters")
+        if self.socket is not None and len(os.fsencode(self.socket)) > MAX_SOCKET_PATH:
+            problems.append(f"--socket: a path of at most {MAX_SOCKET_PATH} bytes")
         if self.preset not in PRESETS:
             problems.append(f"--preset: one of {', '.join(PRESETS)}")
         problems.extend(self._fleet_problems())

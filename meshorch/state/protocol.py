@@ -11,6 +11,8 @@ Protocols:
     1  the first release
     2  Raft ``Append`` operations (event streams, docs/streams.md): a host on 1 cannot decode
        them and would skip the entry, so its state would drift from the others'
+    3  peer requests signed by the sending host (``meshorch.state.peer_auth``): until every
+       host signs, the peer routes still take unsigned requests
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from collections.abc import Mapping
 
 from meshorch.errors import ServiceError
 
-PROTOCOL = 2
-FEATURES: dict[str, int] = {"streams": 2}
+PROTOCOL = 3
+FEATURES: dict[str, int] = {"streams": 2, "peer_auth": 3}
 
 
 class FeatureUnavailable(ServiceError):

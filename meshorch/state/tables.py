@@ -85,6 +85,7 @@ class MemberRecord:
     wg_public_key: str | None = None
     overlay_ip: str | None = None
     wg_endpoint: str | None = None
+    peer_key: str | None = None  # hex Ed25519: signs the host's peer requests
 
     def key(self) -> bytes:
         return MEMBER_PREFIX + self.host_id.encode()
@@ -102,6 +103,7 @@ class MemberRecord:
             data.get("wg_public_key"),
             data.get("overlay_ip"),
             data.get("wg_endpoint"),
+            data.get("peer_key"),
         )
 
     def to_json(self) -> dict[str, str | None]:
@@ -110,6 +112,8 @@ class MemberRecord:
             data["wg_public_key"] = self.wg_public_key
             data["overlay_ip"] = self.overlay_ip
             data["wg_endpoint"] = self.wg_endpoint
+        if self.peer_key is not None:
+            data["peer_key"] = self.peer_key
         return data
 
 

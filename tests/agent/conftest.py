@@ -4,6 +4,7 @@ import aiohttp
 import pytest
 
 from meshorch.demo.localsite import LocalSite, wait_ready
+from tests.agent_token import HEADERS
 
 
 @pytest.fixture
@@ -19,7 +20,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSite]:
 
 @pytest.fixture
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as client:
+    timeout = aiohttp.ClientTimeout(total=20)
+    async with aiohttp.ClientSession(timeout=timeout, headers=HEADERS) as client:
         yield client
 
 
