@@ -9,11 +9,13 @@ signed: those of the hub itself and of the sites (``certificate_for``, served by
 
 What it does with them:
 
-- site summaries (``summary_changed`` events) are checked against the site's registered
-  key (the summary is signed end to end, so a site relaying another's summary cannot alter
-  it), must be newer by the site's clock than the last one kept and not from the future,
-  and are kept in memory (one per registered site) with their receive time for the fleet
-  view; bad ones are counted in ``stats`` and ignored;
+- site summaries are checked against the site's registered key (the summary is signed
+  end to end, so a site relaying another's summary cannot alter it) by the gossip core
+  itself (``summary_verifier``), before it stores or passes one on: a forged one cannot
+  displace the genuine one. Those that pass (``summary_changed`` events) must be newer
+  by the site's clock than the last one kept and not from the future, and are kept in
+  memory (one per registered site) with their receive time for the fleet view; bad ones
+  are counted in ``stats`` and ignored;
 - it publishes its own summary ``{"v": 1, "t": T, "head": N, "hh": HASH16}`` on every
   append to the delta log, so sites learn of new deltas even when their link is down;
 - it answers a site's request for the deltas after a version with the envelopes that fit
@@ -43,9 +45,11 @@ from gossip import (
     EventKind,
     GossipService,
     MemberState,
+    SummaryVerifier,
     address_meta,
     issue_cert,
 )
+from gossip.messages import Summary
 from meshorch.fleet.client import Address, format_address
 from meshorch.fleet.gossip import (
     ANSWER_INTERVAL_S,
@@ -62,6 +66,7 @@ from meshorch.fleet.gossip import (
     parse_request,
     parse_site_summary,
     seal_summary,
+    summary_verifier,
 )
 
 logger = logging.getLogger(__name__)
@@ -141,6 +146,7 @@ class HubGossip:
             port=self.port,
             meta=meta,
             relay=True,
+            summary_verifier=self.summary_verifier(),
             on_events=self._on_events,
             on_app_message=self._on_app_message,
             max_app_bytes=MAX_APP_BYTES,
@@ -247,6 +253,29 @@ class HubGossip:
             "stats": self.stats.as_dict(),
             "service": {} if service is None else service.stats.as_dict(),
         }
+
+    def summary_verifier(self) -> SummaryVerifier:
+        """The gossip core's check of summaries: a site's signed with its registered key,
+        the hub's own with the hub's gossip key; anything else is refused (and counted)."""
+
+        def key_of(member: str) -> bytes | None:
+            if member == HUB_ID:
+                return None if self._key is None else bytes(self._key.verify_key)
+            public_key = self.site_key(member)
+            if public_key is None:
+                return None
+            try:
+                return bytes.fromhex(public_key)
+            except ValueError:
+                return None
+
+        return summary_verifier(key_of, on_refused=self._refused)
+
+    def _refused(self, summary: Summary, sender: str, why: str) -> None:
+        self.stats.bad_summaries += 1
+        logger.debug(
+            "gossip: summary of %s from %s refused: %s", summary.member[:64], sender[:64], why
+        )
 
     # -- callbacks ---------------------------------------------------------------------------
 

@@ -40,7 +40,11 @@ socket. The adapter owns all of that::
 * Remote bad input never raises: undecodable datagrams are counted in
   ``node.stats.malformed_dropped`` and logged at debug level. Replays of valid
   messages are harmless to the state (incarnations and summary versions only
-  move forward) but replay protection belongs to the adapter.
+  move forward) but replay protection belongs to the adapter. Incarnations and
+  versions at the wire's limit that could not be refuted are dropped too.
+* Summaries: an authenticated member can still lie about another's summary; pass
+  ``summary_verifier`` (origin signature check) to ``Node``/``GossipService`` so
+  forged ones are dropped before they are stored or relayed.
 * Shutdown: ``node.leave()``, keep ticking until ``node.pending_broadcasts()`` is
   0 (or a deadline), then stop.
 * NAT: a member behind NAT starts with ``natted=True`` and the hub with
@@ -70,7 +74,7 @@ from gossip.auth import (
     verify_cert,
 )
 from gossip.config import GossipConfig
-from gossip.core import Event, EventKind, MemberState, MemberView, Node, Stats
+from gossip.core import Event, EventKind, MemberState, MemberView, Node, Stats, SummaryVerifier
 from gossip.errors import (
     ConfigError,
     GossipError,
@@ -108,6 +112,7 @@ __all__ = [
     "ServiceStats",
     "StaleError",
     "Stats",
+    "SummaryVerifier",
     "TruncatedPacketError",
     "UnsupportedVersionError",
     "address_meta",

@@ -376,6 +376,8 @@ class DatagramOpener:
         self._certs: OrderedDict[bytes, tuple[Certificate, VerifyKey]] = OrderedDict()
         # Per sender: the highest ``window`` counters accepted, ascending.
         self._seen: OrderedDict[str, array[int]] = OrderedDict()
+        # Per sender in ``_seen``: the certificate of its last accepted datagram.
+        self._cert_of: dict[str, Certificate] = {}
         # Counters at or below this are refused from senders not in ``_seen``
         # (their entry may have been evicted): raised on eviction.
         self._floor = 0
@@ -386,6 +388,22 @@ class DatagramOpener:
 
     def cached_certs(self) -> int:
         return len(self._certs)
+
+    def member_key(self, member_id: str, now: float) -> bytes | None:
+        """The public key in the certificate of ``member_id``'s last accepted datagram,
+        if that certificate is still valid at ``now`` (a trusted anchor's, unexpired);
+        None for a member not heard from (or forgotten: bounded like the replay windows).
+
+        For checking what a member signed besides its datagrams (its gossip summary,
+        passed on by others)."""
+        cert = self._cert_of.get(member_id)
+        if cert is None:
+            return None
+        try:
+            _check_cert(cert, self._trusted_now(), now)
+        except BadCertError:
+            return None
+        return cert.public_key
 
     def _trusted_now(self) -> frozenset[bytes]:
         src = self._trusted()
@@ -442,6 +460,7 @@ class DatagramOpener:
             raise BadSignatureError(f"datagram claiming {sender!r}: bad signature") from None
 
         self._accept(sender, seen, counter)
+        self._cert_of[sender] = cert
         return Opened(sender, bytes(data[cert_end + 8 : sig_at]))
 
     def _check_fresh(self, sender: str, seen: array[int] | None, counter: int) -> None:
@@ -460,7 +479,8 @@ class DatagramOpener:
         if seen is None:
             table[sender] = array("Q", [counter])
             if len(table) > self.max_senders:
-                _, evicted = table.popitem(last=False)
+                gone, evicted = table.popitem(last=False)
+                self._cert_of.pop(gone, None)
                 self._floor = max(self._floor, evicted[-1])
             return
         table.move_to_end(sender)

@@ -49,6 +49,16 @@ Protocol (SWIM with memberlist's and Lifeguard's refinements):
   counter. Like incarnations, only the owner advances it: hearing a newer
   version of its own summary (a previous life's, or a forgery) makes it
   republish its current value above it.
+* Summary verification: the embedding may pass a ``summary_verifier`` (it knows
+  how values are signed by their origin; the core does not). A summary it
+  refuses is dropped (``stats.forged_dropped``): never stored, relayed or
+  outbid, so a member cannot displace another's summary with a forgery.
+  Without one, every summary is taken as genuine (the simulator's default).
+* Wire limits: incarnations are u32 and summary versions u64. A suspect or
+  dead at ``MAX_INCARNATION`` (which its member could not refute), news of
+  ourselves that would take a refutation or a republication beyond the limit,
+  and the like are dropped (``stats.out_of_range_dropped``); nothing a peer
+  sends makes the node raise or emit a message it cannot encode.
 * NAT: a member flagged NATed is only addressed directly by members that heard
   from it within ``nat_contact_window_s`` (its mapping towards them is open);
   others probe it through the relays (members flagged relay, the hub) with
@@ -64,7 +74,7 @@ import heapq
 import logging
 import math
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
 from enum import Enum, IntEnum
 from types import MappingProxyType
@@ -77,6 +87,8 @@ from gossip.messages import (
     COMPOUND_OVERHEAD,
     FLAG_NATTED,
     FLAG_RELAY,
+    MAX_INCARNATION,
+    MAX_SUMMARY_VERSION,
     PUSH_PULL_HEADER,
     Ack,
     Alive,
@@ -111,6 +123,14 @@ _DEDUP_TYPES = frozenset((MsgType.ALIVE, MsgType.SUMMARY))
 _CORRECTED_MAX = 4096
 _MEMBERSHIP = 0  # transmit-queue key kinds
 _SUMMARY = 1
+
+#: ``verifier(summary, sender) -> bool``: may ``summary`` (about ``summary.member``,
+#: passed on by the authenticated member ``sender``) be stored and relayed? Called
+#: only for a summary that would change something (newer than the one stored, or
+#: about this node and newer or different), before anything is stored; it should
+#: check the value's origin signature. It must be pure and quick (no I/O); an
+#: exception counts as a refusal.
+SummaryVerifier = Callable[[Summary, str], bool]
 
 # Timer kinds in the heap.
 _T_SUSPICION = 0
@@ -188,6 +208,8 @@ class Stats:
     oversized_dropped: int = 0  # longer than max_packet_bytes (not decoded)
     duplicates_skipped: int = 0  # updates received again byte for byte (not decoded)
     stale_ignored: int = 0  # older incarnation or summary version than known
+    forged_dropped: int = 0  # summaries the summary verifier refused
+    out_of_range_dropped: int = 0  # incarnation/version at the wire's limit (unrefutable)
     unknown_ignored: int = 0  # about a member we do not know
     misdirected: int = 0  # ping for another member id
     probes: int = 0
@@ -255,7 +277,8 @@ class Node:
     others cannot reach unless it sent to them; ``relay`` a reachable member
     (the hub) that forwards probes to NATed members. ``incarnation`` may be
     restored from a previous run (else a restarted member refutes its old
-    death, which works too).
+    death, which works too). ``summary_verifier`` (see ``SummaryVerifier``)
+    checks other members' summaries before they are stored or relayed.
     """
 
     def __init__(
@@ -269,6 +292,7 @@ class Node:
         natted: bool = False,
         relay: bool = False,
         incarnation: int = 0,
+        summary_verifier: SummaryVerifier | None = None,
     ) -> None:
         config.validate()
         try:
@@ -279,11 +303,14 @@ class Node:
             raise LocalProtocolError(f"meta is {len(meta)} bytes, limit {config.max_meta_bytes}")
         if natted and relay:
             raise LocalProtocolError("a relay must be reachable: it cannot be NATed")
+        if not 0 <= incarnation <= MAX_INCARNATION:
+            raise LocalProtocolError(f"incarnation out of range: {incarnation}")
         self.id = self_id
         self.config = config
         self.stats = Stats()
         self._rng = rng
         self._random = rng.random
+        self._verify_summary = summary_verifier
         self._now = now
         self._flags = (FLAG_NATTED if natted else 0) | (FLAG_RELAY if relay else 0)
         self._natted = natted
@@ -410,6 +437,8 @@ class Node:
         value = bytes(value)
         me = self._members[self.id]
         version = me.summary_version + 1
+        if version > MAX_SUMMARY_VERSION:
+            raise LocalProtocolError("summary versions are exhausted")
         self._summary = value
         self._members[self.id] = me._replace(summary_version=version, summary=value)
         self._dirty = True
@@ -498,11 +527,12 @@ class Node:
         stats.duplicates_skipped += len(bodies) - len(todo)
         for body, msg in todo:
             if body[0] in _DEDUP_TYPES:
-                unknown = stats.unknown_ignored
+                unsettled = stats.unknown_ignored + stats.forged_dropped
                 self._dispatch(sender_id, msg)
-                if stats.unknown_ignored == unknown:
+                if stats.unknown_ignored + stats.forged_dropped == unsettled:
                     # Settled (applied or stale): the same bytes again would be a no-op.
-                    # About an unknown member it may matter later, so it is not remembered.
+                    # About an unknown member, or refused by the verifier (which may
+                    # learn the origin's key later), it may matter later: not remembered.
                     if len(seen) >= _SEEN_MAX:
                         seen.clear()
                     seen[body] = None
@@ -723,6 +753,10 @@ class Node:
     def _refute(self, incarnation: int) -> None:
         me = self._members[self.id]
         inc = max(incarnation, me.incarnation) + 1
+        if inc > MAX_INCARNATION:
+            # Only reachable from the wire's limit (a peer's doing): nothing to answer with.
+            self.stats.out_of_range_dropped += 1
+            return
         self._members[self.id] = me._replace(incarnation=inc)
         self._dirty = True
         self._broadcast((_MEMBERSHIP, self.id), Alive(self.id, inc, me.flags, me.meta))
@@ -748,11 +782,17 @@ class Node:
         elif isinstance(msg, Alive):
             self._on_alive(msg)
         elif isinstance(msg, Suspect):
-            self._on_suspect(msg, sender)
+            if msg.incarnation >= MAX_INCARNATION:
+                self.stats.out_of_range_dropped += 1  # its member could not refute it
+            else:
+                self._on_suspect(msg, sender)
         elif isinstance(msg, Dead):
-            self._on_dead(msg, sender)
+            if msg.incarnation >= MAX_INCARNATION:
+                self.stats.out_of_range_dropped += 1
+            else:
+                self._on_dead(msg, sender)
         elif isinstance(msg, Summary):
-            self._on_summary(msg)
+            self._on_summary(msg, sender)
         elif isinstance(msg, PingReq):
             self._on_ping_req(sender, msg)
         elif isinstance(msg, Nack):
@@ -934,7 +974,7 @@ class Node:
         self._event(EventKind.LEFT if state == _LEFT else EventKind.DEAD, v)
         self._broadcast((_MEMBERSHIP, mid), d)
 
-    def _on_summary(self, s: Summary) -> None:
+    def _on_summary(self, s: Summary, sender: str) -> None:
         if len(s.value) > self.config.max_summary_bytes:
             self.stats.malformed_dropped += 1
             return
@@ -944,7 +984,12 @@ class Node:
             if s.version > me.summary_version or (
                 s.version == me.summary_version and s.value != (me.summary or b"")
             ):
-                # Ours from a previous life, or not ours at all: outbid it.
+                if s.version >= MAX_SUMMARY_VERSION:
+                    self.stats.out_of_range_dropped += 1  # no version left to outbid it
+                    return
+                if not self._verified(s, sender):
+                    return  # not ours: nothing to outbid
+                # Ours from a previous life (or, unverified, not ours at all): outbid it.
                 self._members[mid] = me._replace(summary_version=s.version)
                 self._dirty = True
                 if self._summary is not None and not self._left:
@@ -957,11 +1002,27 @@ class Node:
         if s.version <= cur.summary_version:
             self.stats.stale_ignored += 1
             return
+        if not self._verified(s, sender):
+            return
         v = cur._replace(summary_version=s.version, summary=s.value)
         self._members[mid] = v
         self._dirty = True
         self._event(EventKind.SUMMARY, v, s.version, s.value)
         self._broadcast((_SUMMARY, mid), s)
+
+    def _verified(self, s: Summary, sender: str) -> bool:
+        verify = self._verify_summary
+        if verify is None:
+            return True
+        try:
+            ok = verify(s, sender)
+        except Exception:
+            logger.exception("%s: the summary verifier failed on %s's", self.id, s.member)
+            ok = False
+        if not ok:
+            self.stats.forged_dropped += 1
+            logger.debug("%s: summary of %s from %s refused", self.id, s.member, sender)
+        return ok
 
     def _reap(self, mid: str) -> None:
         cur = self._members.get(mid)
@@ -1131,13 +1192,15 @@ class Node:
                 continue  # nothing new: the common case
             if e.state == _ALIVE:
                 self._on_alive(Alive(e.member, e.incarnation, e.flags, e.meta))
+            elif e.incarnation >= MAX_INCARNATION:
+                self.stats.out_of_range_dropped += 1  # a suspect/dead nobody could refute
             elif e.state == _LEFT:
                 self._on_dead(Dead(e.member, e.incarnation, e.member))
             else:
                 # A remote suspect or dead only makes us suspect (refutable).
                 self._on_suspect(Suspect(e.member, e.incarnation, sender))
             if e.summary_version:
-                self._on_summary(Summary(e.member, e.summary_version, e.summary))
+                self._on_summary(Summary(e.member, e.summary_version, e.summary), sender)
         if not pp.reply and pp.part == 0:
             for body in self._state_bodies(pp.seq, False, reply=True):
                 self._emit(sender, pack([body]))

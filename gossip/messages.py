@@ -166,6 +166,11 @@ _ENTRY = struct.Struct("!IBBQBHH")
 _U32_MAX = 0xFFFFFFFF
 _U64_MAX = 0xFFFFFFFFFFFFFFFF
 
+#: The highest incarnation the wire carries (u32): a member at it can refute no more.
+MAX_INCARNATION = _U32_MAX
+#: The highest summary version the wire carries (u64).
+MAX_SUMMARY_VERSION = _U64_MAX
+
 #: Bytes a compound packet adds around its members: version, type, count.
 COMPOUND_OVERHEAD = 3
 #: Bytes a compound packet adds per member message (its length).
@@ -491,6 +496,8 @@ __all__ = [
     "FLAG_NATTED",
     "FLAG_RELAY",
     "MAX_ID_BYTES",
+    "MAX_INCARNATION",
+    "MAX_SUMMARY_VERSION",
     "VERSION",
     "Ack",
     "Alive",

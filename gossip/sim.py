@@ -30,7 +30,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from gossip.config import GossipConfig
-from gossip.core import Event, EventKind, MemberState, MemberView, Node
+from gossip.core import Event, EventKind, MemberState, MemberView, Node, SummaryVerifier
 from gossip.messages import FLAG_NATTED, FLAG_RELAY
 
 logger = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ class Simulator:
         delay_max_s: float = 0.005,
         nat_mapping_timeout_s: float = 30.0,
         start: float = 0.0,
+        summary_verifier: SummaryVerifier | None = None,
     ) -> None:
         config.validate()
         if not 0 <= drop < 1 or not 0 <= delay_min_s <= delay_max_s:
@@ -78,6 +79,7 @@ class Simulator:
         self.delay_min_s = delay_min_s
         self.delay_max_s = delay_max_s
         self.nat_mapping_timeout_s = nat_mapping_timeout_s
+        self.summary_verifier = summary_verifier
         self.link_drop: dict[tuple[str, str], float] = {}
         self._rng = random.Random(seed)
         self._rand = self._rng.random
@@ -130,6 +132,7 @@ class Simulator:
             meta=self._meta[i],
             natted=self._natted[i],
             relay=self._relay[i],
+            summary_verifier=self.summary_verifier,
         )
         self._nodes[i] = node
         self._gen[i] += 1
@@ -212,6 +215,17 @@ class Simulator:
         node.join(seeds)
         self._after(i)
         return node
+
+    def inject(self, src: str, dest: str, data: bytes) -> None:
+        """Deliver ``data`` to ``dest`` as a datagram authenticated as ``src``'s (a member
+        misbehaving: anything its certificate lets it send), after the minimum delay.
+        Partitions and losses do not apply; a crashed ``dest`` gets nothing."""
+        i, j = self._index[src], self._index[dest]
+        if self._nodes[j] is None:
+            return
+        self._seq += 1
+        at = self.now + self.delay_min_s
+        heapq.heappush(self._heap, (at, self._seq, _DELIVER, j, (self._gen[j] << 32) | i, data))
 
     def partition(self, *groups: Iterable[str]) -> None:
         """Split the network: members in different groups cannot talk (others: group 0)."""

@@ -89,7 +89,7 @@ from gossip.auth import (
     DatagramSealer,
 )
 from gossip.config import MAX_UDP_PAYLOAD, GossipConfig
-from gossip.core import Event, Node
+from gossip.core import Event, Node, SummaryVerifier
 from gossip.errors import LocalProtocolError
 
 logger = logging.getLogger(__name__)
@@ -188,10 +188,11 @@ class GossipService:
     """A gossip member on a UDP socket. An async context manager (``start``/``stop``).
 
     ``sealer`` names the member (its id is the node's id); ``opener`` must be
-    built with ``recipient=sealer.member_id``. ``meta``, ``natted``, ``relay``
-    and ``incarnation`` go to the ``Node``. Callbacks run inside the event
-    loop's datagram and timer callbacks: they must not block (schedule work
-    instead); they may call this service (``publish``, ``send_app``, ...).
+    built with ``recipient=sealer.member_id``. ``meta``, ``natted``, ``relay``,
+    ``incarnation`` and ``summary_verifier`` go to the ``Node``. Callbacks run
+    inside the event loop's datagram and timer callbacks: they must not block
+    (schedule work instead); they may call this service (``publish``,
+    ``send_app``, ...).
     """
 
     def __init__(
@@ -206,6 +207,7 @@ class GossipService:
         natted: bool = False,
         relay: bool = False,
         incarnation: int = 0,
+        summary_verifier: SummaryVerifier | None = None,
         addresses: Mapping[str, Address] | None = None,
         on_events: Callable[[list[Event]], None] | None = None,
         on_app_message: Callable[[str, bytes], None] | None = None,
@@ -243,6 +245,7 @@ class GossipService:
             "natted": natted,
             "relay": relay,
             "incarnation": incarnation,
+            "summary_verifier": summary_verifier,
         }
         self._rng = rng if rng is not None else random.Random()
         self._book: dict[str, Address] = {}

@@ -23,6 +23,11 @@ Wire forms (pure helpers below):
     summary value   JSON object, then a 64-byte Ed25519 signature by the member's key over
                     SUMMARY_CONTEXT + member id + 0x00 + the JSON (the hub checks a site's
                     with the site's registered key, so no member can speak for another)
+    app message     b"Q" + JSON {"after": N}: "send me your deltas after version N"
+                    b"D" + one delta envelope, as served by the hub's link
+
+Remote bad input (a summary or app message that does not parse) is counted in ``stats``
+and ignored; datagram authentication is the adapter's.
 
 Both ends hand their gossip core a summary verifier (``summary_verifier``), so a summary
 whose origin signature does not check out is neither stored nor passed on, and cannot
@@ -30,11 +35,6 @@ displace the genuine one. A site checks a member's summary with the key of the m
 gossip certificate, known once the member's own datagrams reached it, and its own with
 its key; one whose origin it has not heard from directly it takes only from the hub (the
 hub passes on only summaries it checked against the sites' registered keys).
-    app message     b"Q" + JSON {"after": N}: "send me your deltas after version N"
-                    b"D" + one delta envelope, as served by the hub's link
-
-Remote bad input (a summary or app message that does not parse) is counted in ``stats``
-and ignored; datagram authentication is the adapter's.
 """
 
 from __future__ import annotations
