@@ -84,12 +84,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return error_response(500, "internal", "internal error, see the agent log")
 
 
-def build_app(services: SiteServices, guard: Guard) -> web.Application:
-    """``guard`` refuses what the caller may not do before any handler runs."""
-    app = web.Application(
-        middlewares=[errors_middleware, guard.middleware], client_max_size=MAX_VALUE_BYTES + 1
-    )
-    app[SERVICES] = services
+def add_kv_and_status_routes(app: web.Application) -> None:
+    """Register status, liveness and the key-value routes."""
     app.router.add_get("/v1/status", get_status)
     app.router.add_get("/v1/ping", ping)
     app.router.add_get("/v1/kv/", list_keys)
@@ -97,6 +93,15 @@ def build_app(services: SiteServices, guard: Guard) -> web.Application:
     app.router.add_put("/v1/kv/{key:.+}", put_key)
     app.router.add_get("/v1/kv/{key:.+}", get_key)
     app.router.add_delete("/v1/kv/{key:.+}", delete_key)
+
+
+def build_app(services: SiteServices, guard: Guard) -> web.Application:
+    """``guard`` refuses what the caller may not do before any handler runs."""
+    app = web.Application(
+        middlewares=[errors_middleware, guard.middleware], client_max_size=MAX_VALUE_BYTES + 1
+    )
+    app[SERVICES] = services
+    add_kv_and_status_routes(app)
     add_access_routes(app)
     add_member_routes(app)
     add_app_routes(app)
