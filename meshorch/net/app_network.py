@@ -96,8 +96,10 @@ class AppNetwork:
         host_id: str,
         overlay_ip: str | None,
         runtime: str,
+        agent_ports: tuple[tuple[str, int], ...] = (),
         settings: NetworkSettings | None = None,
     ) -> None:
+        self.agent_ports = agent_ports  # ("tcp", 7700)...: no tenant's container reaches them
         self.site = site
         self.members = members
         self.host_id = host_id
@@ -304,7 +306,7 @@ class AppNetwork:
         return current
 
     async def _isolate(self) -> None:
-        rules = service_net.isolation_rules(self.endpoints(), self.host_id)
+        rules = service_net.isolation_rules(self.endpoints(), self.host_id, self.agent_ports)
         document = service_net.iptables_restore_input(rules)
         if document == self._rules:
             return

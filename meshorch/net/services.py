@@ -144,15 +144,27 @@ def uid_clashes(tenants: Iterable[str]) -> list[tuple[str, str]]:
     return clashes
 
 
-def isolation_rules(endpoints: Iterable[Endpoint], local_host: str) -> list[list[str]]:
+def isolation_rules(
+    endpoints: Iterable[Endpoint],
+    local_host: str,
+    agent_ports: Iterable[tuple[str, int]] = (),
+) -> list[list[str]]:
     """iptables rules (arguments after ``-A CHAIN``) for the OUTPUT chain of every host.
 
     A socket owned by a tenant uid may connect to a tenant's instance port only if it
     is that tenant's uid; other sockets (the agent, the host) are not restricted.
-    Instances on this host are also reachable on the loopback addresses.
+    Instances on this host are also reachable on the loopback addresses. No tenant uid
+    reaches the agent's own ports (``agent_ports``: protocol and port: its API, Raft,
+    gossip, WireGuard) on any address; the site DNS is not among them.
     """
     uid_range = f"{TENANT_UID_BASE}-{TENANT_UID_BASE + TENANT_UID_SPAN - 1}"
     rules: list[list[str]] = []
+    for protocol, port in sorted(set(agent_ports)):
+        reject = ["--reject-with", "tcp-reset"] if protocol == "tcp" else []
+        rules.append(
+            ["-p", protocol, "--dport", str(port), "-m", "owner", "--uid-owner", uid_range,
+             "-j", "REJECT", *reject]
+        )  # fmt: skip
     seen: set[tuple[str, int, str]] = set()
     for e in sorted(endpoints, key=lambda e: (e.address, e.ports, e.tenant)):
         destinations = [e.address] + (["127.0.0.0/8"] if e.host_id == local_host else [])

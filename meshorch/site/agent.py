@@ -283,8 +283,17 @@ class Agent:
             host_id=config.host_id,
             overlay_ip=None if self.membership is None else self.membership.overlay_ip,
             runtime=runtime.name,
+            agent_ports=self._agent_ports(raft.status().self_address),
             settings=self.network_settings,
         )
+
+    def _agent_ports(self, raft_address: str) -> tuple[tuple[str, int], ...]:
+        """What no workload may reach: the API (and gossip on its port), Raft, WireGuard."""
+        api = self.config.api_port
+        ports = [("tcp", api), ("udp", api), ("tcp", int(raft_address.rpartition(":")[2]))]
+        if self.mesh_settings is not None:
+            ports.append(("udp", self.mesh_settings.wg_port))
+        return tuple(ports)
 
     def _api_services(self, raft: RaftNode, roster: Roster) -> SiteServices:
         config = self.config

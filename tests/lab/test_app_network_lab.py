@@ -23,7 +23,8 @@ import orjson
 import pytest
 
 from meshorch.apps.settings import podman_dirs
-from meshorch.lab.agents import LabAgents
+from meshorch.join.mesh import DEFAULT_RAFT_PORT
+from meshorch.lab.agents import API_PORT, LabAgents
 from meshorch.lab.lab import Lab
 from meshorch.lab.system import CommandResult
 from meshorch.net.services import tenant_uid
@@ -333,3 +334,23 @@ def test_garbage_on_the_dns_port_changes_nothing(site: Site) -> None:
     b_hosts = {i["host"] for i in site.view(host, "shop")["instances"] if i["service"] == "b"}
     assert sorted(answered) == sorted(site.overlay_ip(h) for h in b_hosts)
     assert site.agents.status(host) is not None  # the agent still serves
+
+
+def test_a_tenants_container_reaches_none_of_the_agents_ports(site: Site) -> None:
+    """From inside a real podman container (tenant acme's uid): the agent's API on its LAN,
+    overlay and loopback addresses and its Raft port are refused at once; the host itself
+    (not a tenant's uid) still reaches the API."""
+    shop = site.view("s1-h1", "shop")["instances"]
+    a = next(i for i in shop if i["service"] == "a")
+    caller = f"meshorch-{a['instance_id']}.caller"
+    host = a["host"]
+    lan_ip = next(h.lan_ip for h in site.agents.lab.plan.hosts if h.name == host)
+    overlay_ip = site.overlay_ip(host)
+    targets = [(lan_ip, API_PORT), (overlay_ip, API_PORT), ("127.0.0.1", API_PORT),
+               (overlay_ip, DEFAULT_RAFT_PORT)]  # fmt: skip
+    for address, port in targets:
+        refused = in_container(site, host, caller, http_get(address, port))
+        assert "HTTP/1" not in refused.stdout, (address, port, refused)
+        assert "refused" in refused.stderr, (address, port, refused)  # reset, not a timeout
+    direct = site.lab.run(host, ["sh", "-c", http_get(lan_ip, API_PORT, nc="/bin/busybox nc")])
+    assert "HTTP/1.1" in direct.stdout, direct

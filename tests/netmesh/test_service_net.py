@@ -115,3 +115,17 @@ def test_tenant_uids_are_stable_and_clashes_are_found() -> None:
     assert uid == service_net.tenant_uid("acme")
     assert service_net.TENANT_UID_BASE <= uid < service_net.TENANT_UID_BASE + 100_000
     assert service_net.uid_clashes(["acme", "globex", "acme"]) == []
+
+
+def test_no_tenant_uid_reaches_the_agents_own_ports_on_any_address() -> None:
+    agent = [("tcp", 7700), ("udp", 7700), ("tcp", 7800), ("udp", 51820)]
+    rules = service_net.isolation_rules(world(), local_host="h3", agent_ports=agent)
+    uid_range = f"{service_net.TENANT_UID_BASE}-{service_net.TENANT_UID_BASE + 99_999}"
+    first = rules[: len(agent)]  # before any rule that lets a tenant through
+    assert [(r[1], r[3]) for r in first] == [("tcp", "7700"), ("tcp", "7800"), ("udp", "7700"),
+                                             ("udp", "51820")]  # fmt: skip
+    for rule in first:
+        assert "-d" not in rule  # every address: LAN, overlay, loopback
+        assert rule[rule.index("--uid-owner") + 1] == uid_range and "REJECT" in rule
+    assert not any(r[r.index("--dport") + 1] == "53" for r in first)  # the site DNS stays
+    assert len(rules) == len(agent) + len(service_net.isolation_rules(world(), "h3"))
