@@ -17,11 +17,14 @@ from raft.commands import (
 from raft.config import ConfigError, RaftConfig, local_preset
 from raft.errors import (
     CommandDecodeError,
+    EntryTooLargeError,
     NotCommittedError,
     OutcomeUnknownError,
     ProposalError,
     RaftError,
     SnapshotError,
+    StateFullError,
+    ViewFullError,
 )
 from raft.node import RaftNode, RaftStatus
 from raft.state_machine import OpResult, Record, apply_command
@@ -34,6 +37,7 @@ __all__ = [
     "CommandDecodeError",
     "ConfigError",
     "Delete",
+    "EntryTooLargeError",
     "Guard",
     "NotCommittedError",
     "Op",
@@ -47,7 +51,9 @@ __all__ = [
     "RaftStatus",
     "Record",
     "SnapshotError",
+    "StateFullError",
     "StateView",
+    "ViewFullError",
     "apply_command",
     "decode_batch",
     "encode_batch",

@@ -6,6 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MIN_PASSWORD_LENGTH = 16
+# LMDB may need this many times the logical size of the state (half-full pages,
+# values rounded up to pages, the pages an entry rewrites kept until it commits).
+VIEW_HEADROOM = 4
 
 
 class ConfigError(ValueError):
@@ -44,6 +47,19 @@ class RaftConfig:
     max_batch_ops: int = 512
     max_batch_bytes: int = 1 << 20
     max_batches_in_flight: int = 1
+    # A proposal whose operations encode to more than this is refused before it is
+    # proposed (the largest value is 1 MiB; the agent's are at most 512 KiB). It also
+    # sizes the largest message accepted from an authenticated peer.
+    max_entry_bytes: int = 8 << 20
+    # The state budget: writes that would take the logical size of the state (keys,
+    # values and 64 bytes a record, see raft.state_machine) past this are refused
+    # with a "no_space" result. Every member must use the same value, like ``tables``.
+    max_state_bytes: int = 4 << 30
+    # The LMDB map starts at view_map_bytes and doubles as the view fills, up to
+    # max_view_bytes (at least VIEW_HEADROOM times max_state_bytes). The file only
+    # takes the disk space its data uses.
+    view_map_bytes: int = 1 << 30
+    max_view_bytes: int = 16 << 30
     proposal_timeout_s: float = 5.0
     # pysyncobj is ticked after every network event and proposal, and at least
     # this often, or every heartbeat_interval_s if shorter (heartbeats, election
@@ -81,6 +97,15 @@ class RaftConfig:
             raise ConfigError("proposal_timeout_s: must be positive")
         if self.compaction_min_entries < 2:
             raise ConfigError("compaction_min_entries: must be >= 2")
+        if not 1024 <= self.max_batch_bytes <= self.max_entry_bytes:
+            raise ConfigError("max_entry_bytes: must be at least max_batch_bytes (>= 1024)")
+        if self.max_state_bytes <= 0 or self.view_map_bytes <= 0:
+            raise ConfigError("max_state_bytes and view_map_bytes: must be positive")
+        if self.max_view_bytes < max(self.view_map_bytes, VIEW_HEADROOM * self.max_state_bytes):
+            raise ConfigError(
+                f"max_view_bytes: must be at least view_map_bytes and {VIEW_HEADROOM} "
+                "times max_state_bytes"
+            )
 
 
 def _check_address(name: str, address: str) -> None:

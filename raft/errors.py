@@ -3,8 +3,11 @@
 RaftError
 ├── CommandDecodeError      bytes that are not a valid command (local or remote)
 ├── SnapshotError           a full dump that cannot be written or read
+├── ViewFullError           the LMDB view cannot hold an entry even at its largest map
 └── ProposalError           a proposal that was not acknowledged
     ├── NotCommittedError   definitely not applied (queue full, discarded, denied)
+    │   ├── EntryTooLargeError  larger than ``max_entry_bytes``: refused, nothing proposed
+    │   └── StateFullError      would take the state past ``max_state_bytes``: refused
     └── OutcomeUnknownError may or may not be applied later (timeout, leader lost)
 """
 
@@ -23,6 +26,15 @@ class SnapshotError(RaftError):
     """A full dump could not be written or restored."""
 
 
+class ViewFullError(RaftError):
+    """The LMDB map is at ``max_view_bytes`` and still too small for an entry.
+
+    Only possible if the physical overhead of LMDB exceeds the margin the
+    configuration leaves above ``max_state_bytes``: a local condition, which the
+    node answers by stopping rather than by applying the entry differently from
+    the other members (see ``raft.state_machine``)."""
+
+
 class ProposalError(RaftError):
     """A proposed command was not acknowledged as committed."""
 
@@ -35,6 +47,20 @@ class NotCommittedError(ProposalError):
     def __init__(self, reason: str) -> None:
         super().__init__(f"command not committed: {reason}")
         self.reason = reason
+
+
+class EntryTooLargeError(NotCommittedError):
+    """The operations encode to more than ``max_entry_bytes``: nothing was proposed, and
+    sending them again will not help."""
+
+    code = "entry_too_large"
+
+
+class StateFullError(NotCommittedError):
+    """The writes would take the state past ``max_state_bytes`` (as this member sees it):
+    nothing was proposed. Deleting data makes room."""
+
+    code = "no_space"
 
 
 class OutcomeUnknownError(ProposalError):

@@ -12,7 +12,16 @@ pysyncobj keeps the Raft state; this module is the seam:
   batch (group commit: while a node's batch is being committed, the next one
   fills up) and resolve their futures when pysyncobj reports them applied;
 * committed entries are applied by the pure ``apply_command_indexed`` and
-  stored in the LMDB ``StateView``, one transaction per entry;
+  stored in the LMDB ``StateView``, one transaction per entry; the state budget
+  (``max_state_bytes``) refuses writes deterministically (``raft.state_machine``),
+  and a member whose view cannot hold an entry even at ``max_view_bytes`` stops
+  (``ViewFullError``) instead of retrying it on every tick;
+* ``propose`` refuses, before anything reaches pysyncobj, operations that encode
+  to more than ``max_entry_bytes`` (``EntryTooLargeError``) and writes the state
+  budget would refuse as this member sees it (``StateFullError``);
+* pysyncobj's connections are capped (``raft.transport``): a peer announcing a
+  message larger than the largest entry, or larger than a few KiB before it has
+  proved it knows the password, is dropped at once instead of buffered;
 * full dumps (log compaction, and catching up a far-behind follower) are LMDB
   copies written and installed through pysyncobj's serializer hooks; the log
   is also compacted once it holds more bytes than a dump would, which bounds
@@ -37,6 +46,7 @@ import asyncio
 import base64
 import contextlib
 import errno
+import functools
 import logging
 import socket
 import threading
@@ -51,10 +61,19 @@ import orjson
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
 from pysyncobj.poller import POLL_EVENT_TYPE
 
-from raft.commands import Barrier, Op, encode_ops, join_encoded
+from raft.commands import Append, Barrier, Op, Put, encode_ops, join_encoded
 from raft.config import RaftConfig
-from raft.errors import NotCommittedError, OutcomeUnknownError, ProposalError, RaftError
-from raft.state_machine import OpResult, apply_command_indexed
+from raft.errors import (
+    EntryTooLargeError,
+    NotCommittedError,
+    OutcomeUnknownError,
+    ProposalError,
+    RaftError,
+    StateFullError,
+    ViewFullError,
+)
+from raft.state_machine import NO_SPACE, OpResult, apply_command_indexed, record_cost
+from raft.transport import CappedTransport, message_cap
 from raft.view import StateView
 
 logger = logging.getLogger(__name__)
@@ -79,6 +98,10 @@ def retryable(error: ProposalError, *, idempotent: bool, read_only: bool) -> boo
     return read_only
 
 
+_BATCH_HEADER_BYTES = len(join_encoded(0, []))
+# An append stores its item under key + 8 bytes and a 16-byte counter under key.
+_ITEM_SUFFIX_BYTES = 8
+_COUNTER_BYTES = 16
 _BIND_ATTEMPTS = 10
 MEMBERSHIP_RETRY_S = 25.0  # under the agent CLI's 30 s HTTP timeout
 _BIND_RETRY_S = 1.0
@@ -189,10 +212,12 @@ class _SyncObj(SyncObj):  # type: ignore[misc]
         conf: SyncObjConf,
         on_apply: Callable[[bytes, int], list[OpResult] | None],
         poller: _LoopPoller,
+        max_message_bytes: int,
     ) -> None:
         self._on_apply = on_apply
         self.__dict__["_loop_poller"] = poller
-        super().__init__(self_address, list(partners), conf)
+        transport = functools.partial(CappedTransport, message_bytes=max_message_bytes)
+        super().__init__(self_address, list(partners), conf, transportClass=transport)
 
     @property
     def _poller(self) -> _LoopPoller:
@@ -215,7 +240,12 @@ class RaftNode:
     def __init__(self, config: RaftConfig) -> None:
         config.validate()
         self.config = config
-        self.view = StateView(config.data_dir / "view", config.tables)
+        self.view = StateView(
+            config.data_dir / "view",
+            config.tables,
+            map_size=config.view_map_bytes,
+            max_map_size=config.max_view_bytes,
+        )
         self._tables = frozenset(config.tables)
         self._applied_index = self.view.applied_index()
         self._syncobj: _SyncObj | None = None
@@ -238,6 +268,8 @@ class RaftNode:
         self._handed_over = False  # commands given to pysyncobj since the last tick
         self._leader_listeners: list[Callable[[RaftStatus], None]] = []
         self._stopped = False
+        self.failure: RaftError | None = None  # why the node stopped itself
+        self._failure_stop: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------
 
@@ -291,6 +323,7 @@ class RaftNode:
                 conf,
                 self._on_apply,
                 self._poller,
+                message_cap(self.config.max_entry_bytes, conf.appendEntriesBatchSizeBytes),
             )
         except BaseException:
             # Registrations made by the failed constructor are queued on the loop.
@@ -380,8 +413,10 @@ class RaftNode:
         hides most leader changes; see ``retryable`` for the unknown ones.
         """
         if self._stopped or self._syncobj is None or self._loop is None:
-            raise NotCommittedError("node not running")
+            reason = "node not running" if self.failure is None else f"node stopped: {self.failure}"
+            raise NotCommittedError(reason)
         body = encode_ops(ops)
+        self._check_limits(ops, body)
         read_only = all(isinstance(op, Barrier) for op in ops)
         deadline = self._loop.time() + self.config.proposal_timeout_s
         delay_s = 0.05
@@ -394,6 +429,41 @@ class RaftNode:
                     raise
             await asyncio.sleep(delay_s)
             delay_s = min(delay_s * 2, 0.5)
+
+    def _check_limits(self, ops: Sequence[Op], body: bytes) -> None:
+        """Refuse, before proposing them, operations too large for one entry and writes
+        the state budget would refuse (as this member's view sees the state: the
+        outcome at apply time, on the committed state, is what counts)."""
+        size = _BATCH_HEADER_BYTES + len(body)
+        if size > self.config.max_entry_bytes:
+            raise EntryTooLargeError(
+                f"the operations encode to {size} bytes, over max_entry_bytes "
+                f"({self.config.max_entry_bytes})"
+            )
+        # An upper bound of what the writes add: no lookup while far from the budget.
+        most = 0
+        for op in ops:
+            if isinstance(op, Put):
+                most += record_cost(len(op.key), len(op.value))
+            elif isinstance(op, Append):
+                most += record_cost(len(op.key) + _ITEM_SUFFIX_BYTES, len(op.value))
+                most += record_cost(len(op.key), _COUNTER_BYTES)
+        budget = self.config.max_state_bytes
+        if not most or self.view.logical_bytes() + most <= budget:
+            return
+        payload = join_encoded(len(ops), [body])
+        index = self._applied_index + 1
+        tables = self._tables
+        applied = self.view.evaluate(
+            lambda read_stored, read_value, used: apply_command_indexed(
+                payload, index, read_stored, tables, read_value, used_bytes=used, max_bytes=budget
+            )
+        )
+        if any(result.error == NO_SPACE for result in applied.results):
+            raise StateFullError(
+                f"the writes would take the state past max_state_bytes ({budget}; "
+                f"{self.view.logical_bytes()} in use)"
+            )
 
     async def _propose_once(self, count: int, body: bytes, deadline: float) -> list[OpResult]:
         loop = self._loop
@@ -649,14 +719,45 @@ class RaftNode:
             # Journal replay after a restart: the view already holds this entry.
             return None
         tables = self._tables
-        applied = self.view.apply_indexed(
-            index,
-            lambda read_index, read_value: apply_command_indexed(
-                payload, index, read_index, tables, read_value
-            ),
-        )
+        budget = self.config.max_state_bytes
+        try:
+            applied = self.view.apply_indexed(
+                index,
+                lambda read_stored, read_value, used: apply_command_indexed(
+                    payload,
+                    index,
+                    read_stored,
+                    tables,
+                    read_value,
+                    used_bytes=used,
+                    max_bytes=budget,
+                ),
+            )
+        except ViewFullError as exc:
+            self._fail(exc, index)
+            raise
         self._applied_index = index
         return list(applied.results)
+
+    def _fail(self, error: RaftError, index: int) -> None:
+        """Stop the node: entry ``index`` cannot be applied here, and applying it any
+        other way than the other members would make this replica diverge. The others
+        carry on; the journal replays the entry once the node restarts with room."""
+        if self.failure is not None:
+            return
+        self.failure = error
+        logger.critical(
+            "raft node %s stops: entry %d cannot be applied: %s (raise max_view_bytes "
+            "or free disk space, then restart)",
+            self.config.self_address,
+            index,
+            error,
+        )
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._stop_after_failure)
+
+    def _stop_after_failure(self) -> None:
+        self._failure_stop = asyncio.ensure_future(self.stop())
 
     def _write_dump(self, filename: str, raft_data: tuple[Any, ...]) -> None:
         last_entry, previous_entry, cluster = raft_data

@@ -5,6 +5,30 @@ through a callable and returns the writes for the adapter to store (the LMDB
 view) plus one result per operation for the proposer. The same committed log
 therefore gives the same state on every host, and this module is tested
 without pysyncobj.
+
+The state budget. The state has a *logical size*: the sum of ``record_cost``
+(key and value bytes plus ``RECORD_OVERHEAD``) over every stored record. It is a
+function of the state alone, so every member computes the same number at the
+same log index whatever its disk, page size or map size (the view keeps it up
+to date with each entry and recounts it from the records when it has none).
+Given ``max_bytes``, writes that would take the state past it are refused with
+the result ``"no_space"``:
+
+* the unit refused is an unguarded operation, or a ``Guard`` together with the
+  operations it counts (which must all happen or none): every operation of a
+  refused unit reports ``"no_space"`` and none of its writes is made;
+* a unit is refused only if it grows the state (its writes add more bytes than
+  they free) and the size after it, counting the units of the entry before it,
+  exceeds ``max_bytes``; deletes and shrinking writes therefore always apply,
+  even over budget, which is how space is made again;
+* the entry itself is applied like any other: its index advances and its
+  results are recorded.
+
+The outcome depends only on the log (the state before the entry, the entry)
+and ``max_bytes``, which like ``tables`` must be the same on every member. The
+physical size of the LMDB view never decides a result: the view grows its map
+well ahead of the budget, and a member whose map still cannot hold an entry
+stops (``ViewFullError``) rather than answer differently from the others.
 """
 
 from __future__ import annotations
@@ -23,6 +47,11 @@ _RECORD_HEAD = struct.Struct(">Q")
 # An append counter: the next number of the sequence and the bytes appended so far.
 _COUNTER = struct.Struct(">QQ")
 _ITEM_NUMBER = struct.Struct(">Q")
+
+# What a record costs against the state budget besides its key and value: its log
+# index and the storage engine's bookkeeping (about what LMDB spends per record).
+RECORD_OVERHEAD = 64
+NO_SPACE = "no_space"
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,10 +95,16 @@ class Applied:
 
 
 Reader = Callable[[str, bytes], Record | None]
-# The log index that last modified (table, key), or None if the key is absent.
-IndexReader = Callable[[str, bytes], int | None]
+# (the log index that last modified (table, key), the length of its value), or None
+# if the key is absent.
+StoredReader = Callable[[str, bytes], tuple[int, int] | None]
 ValueReader = Callable[[str, bytes], bytes | None]
 # The value stored at (table, key) without its index, or None if absent.
+
+
+def record_cost(key_len: int, value_len: int) -> int:
+    """What one record counts towards the logical size of the state."""
+    return key_len + value_len + RECORD_OVERHEAD
 
 
 def decode_counter(value: bytes | None) -> tuple[int, int]:
@@ -85,33 +120,55 @@ def item_key(key: bytes, number: int) -> bytes:
     return key + _ITEM_NUMBER.pack(number)
 
 
-def apply_command(payload: bytes, index: int, read: Reader, tables: Iterable[str]) -> Applied:
+def apply_command(
+    payload: bytes,
+    index: int,
+    read: Reader,
+    tables: Iterable[str],
+    *,
+    used_bytes: int = 0,
+    max_bytes: int | None = None,
+) -> Applied:
     """Apply the command committed at ``index``.
 
     Operations in one batch see the writes of the operations before them. A
     payload that does not decode changes nothing (it can only come from a newer
-    or broken peer) and yields no results.
+    or broken peer) and yields no results. ``used_bytes`` is the logical size of
+    the state before the entry; with ``max_bytes`` the state budget applies (see
+    the module's docstring).
     """
 
-    def read_index(table: str, key: bytes) -> int | None:
+    def read_stored(table: str, key: bytes) -> tuple[int, int] | None:
         record = read(table, key)
-        return None if record is None else record.mod_index
+        return None if record is None else (record.mod_index, len(record.value))
 
     def read_value(table: str, key: bytes) -> bytes | None:
         record = read(table, key)
         return None if record is None else record.value
 
-    return apply_command_indexed(payload, index, read_index, tables, read_value)
+    return apply_command_indexed(
+        payload,
+        index,
+        read_stored,
+        tables,
+        read_value,
+        used_bytes=used_bytes,
+        max_bytes=max_bytes,
+    )
 
 
 def apply_command_indexed(
     payload: bytes,
     index: int,
-    read_index: IndexReader,
+    read_stored: StoredReader,
     tables: Iterable[str],
     read_value: ValueReader | None = None,
+    *,
+    used_bytes: int = 0,
+    max_bytes: int | None = None,
 ) -> Applied:
-    """``apply_command`` for adapters that can look up a key's index without its value."""
+    """``apply_command`` for adapters that can look up a key's index and value length
+    without copying its value."""
     try:
         batch = decode_batch(payload)
     except CommandDecodeError as exc:
@@ -120,13 +177,59 @@ def apply_command_indexed(
     known = frozenset(tables)
     # Writes of this entry so far: the new value, or None for a deletion.
     pending: dict[tuple[str, bytes], bytes | None] = {}
+    # (slot, whether it had a pending write, that write) for each write of the current
+    # unit, to undo it.
+    undo: list[tuple[tuple[str, bytes], bool, bytes | None]] = []
     # Results are immutable: the common ones are shared within the entry.
     created = OpResult(ok=True, index=index)
     replaced = OpResult(ok=True, index=index, existed=True)
     results: list[OpResult] = []
     append = results.append
     skip = 0  # operations left to skip after a failed guard
-    for op in batch.ops:
+    grown = 0  # logical bytes added by the entry so far (negative: freed)
+    # The current unit (see the module's docstring): operations [start, end).
+    unit_start = unit_end = unit_grown = 0
+
+    def current(slot: tuple[str, bytes]) -> tuple[int | None, int | None]:
+        """(index that last modified slot, length of its value): None, None if absent."""
+        if slot in pending:
+            value = pending[slot]
+            return (None, None) if value is None else (index, len(value))
+        found = read_stored(*slot)
+        return (None, None) if found is None else found
+
+    def write(slot: tuple[str, bytes], value: bytes | None, old_len: int | None) -> None:
+        nonlocal grown
+        undo.append((slot, slot in pending, pending.get(slot)))
+        pending[slot] = value
+        if old_len is not None:
+            grown -= record_cost(len(slot[1]), old_len)
+        if value is not None:
+            grown += record_cost(len(slot[1]), len(value))
+
+    def close_unit() -> None:
+        """Refuse the unit just completed if it takes the state past the budget."""
+        nonlocal grown
+        if max_bytes is None or grown <= unit_grown or used_bytes + grown <= max_bytes:
+            return
+        while undo:
+            slot, had, before = undo.pop()
+            if had:
+                pending[slot] = before
+            else:
+                del pending[slot]
+        grown = unit_grown
+        refused = OpResult(ok=False, index=index, error=NO_SPACE)
+        results[unit_start:] = [refused] * (len(results) - unit_start)
+
+    for position, op in enumerate(batch.ops):
+        if position >= unit_end:
+            if position:
+                close_unit()
+            unit_start, unit_end, unit_grown = position, position + 1, grown
+            undo.clear()
+        if isinstance(op, Guard):
+            unit_end = max(unit_end, position + 1 + op.count)
         if skip:
             skip -= 1
             append(OpResult(ok=False, index=index, error="guarded"))
@@ -140,18 +243,16 @@ def apply_command_indexed(
                 skip = op.count
             continue
         slot = (op.table, op.key)
-        if slot in pending:
-            before = None if pending[slot] is None else index
-        else:
-            before = read_index(op.table, op.key)
+        before, old_len = current(slot)
         if isinstance(op, Append):
             if read_value is None:
                 append(OpResult(ok=False, index=index, error="unsupported"))
                 continue
             stored = pending[slot] if slot in pending else read_value(op.table, op.key)
             first, appended = decode_counter(stored)
-            pending[slot] = _COUNTER.pack(first + op.count, appended + len(op.value))
-            pending[(op.table, item_key(op.key, first))] = op.value
+            write(slot, _COUNTER.pack(first + op.count, appended + len(op.value)), old_len)
+            item = (op.table, item_key(op.key, first))
+            write(item, op.value, current(item)[1])
             append(OpResult(ok=True, index=index, existed=before is not None, current_index=first))
             continue
         if isinstance(op, Guard):
@@ -181,12 +282,14 @@ def apply_command_indexed(
                     )
                 )
                 continue
-            pending[slot] = op.value
+            write(slot, op.value, old_len)
             append(created if before is None else replaced)
         elif isinstance(op, Delete):
             if before is not None:
-                pending[slot] = None
+                write(slot, None, old_len)
             append(created if before is None else replaced)
+    if results:
+        close_unit()
     writes = tuple(
         Write(table, key, None if value is None else Record(index, value))
         for (table, key), value in pending.items()

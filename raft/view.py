@@ -9,6 +9,16 @@ the leader replaces the tables in one transaction.
 Durability: transactions are not fsynced one by one (the Raft journal is the
 source of truth and replays what the view missed); ``sync`` flushes them and is
 called periodically and at shutdown.
+
+Size: the LMDB map (the most the file may grow to) starts at ``map_size`` and
+doubles, up to ``max_map_size``, whenever the pages in use pass three quarters
+of it after a write, or when a write meets ``MDB_MAP_FULL`` (then the write is
+retried). ``set_mapsize`` needs no transaction open in the process: every
+transaction of the view is opened and closed on the event loop thread, and the
+map only grows between them. A write that still does not fit raises
+``ViewFullError``. The view also keeps the logical size of the state (see
+``raft.state_machine``) in its metadata, updated in the transaction of each
+entry, and recounts it from the records when it is missing.
 """
 
 from __future__ import annotations
@@ -16,29 +26,51 @@ from __future__ import annotations
 import logging
 import os
 import struct
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import lmdb
 
-from raft.errors import SnapshotError
-from raft.state_machine import Applied, IndexReader, Reader, Record, ValueReader, Write
+from raft.errors import SnapshotError, ViewFullError
+from raft.state_machine import (
+    Applied,
+    Reader,
+    Record,
+    StoredReader,
+    ValueReader,
+    Write,
+    record_cost,
+)
 
 logger = logging.getLogger(__name__)
 
 _META_DB = b"__raft__"
 _APPLIED_KEY = b"applied_index"
 _SNAPSHOT_KEY = b"snapshot_meta"
+_LOGICAL_KEY = b"logical_bytes"
 _INDEX = struct.Struct(">Q")
 DEFAULT_MAP_SIZE = 1 << 30
+DEFAULT_MAX_MAP_SIZE = 16 << 30
+# Grow the map once the pages in use pass this fraction of it.
+GROW_AT = 0.75
+
+T = TypeVar("T")
 
 
 class StateView:
     """Tables of (key -> Record) in one LMDB environment, plus the applied index."""
 
-    def __init__(self, path: Path, tables: Sequence[str], map_size: int = DEFAULT_MAP_SIZE) -> None:
+    def __init__(
+        self,
+        path: Path,
+        tables: Sequence[str],
+        map_size: int = DEFAULT_MAP_SIZE,
+        max_map_size: int = DEFAULT_MAX_MAP_SIZE,
+    ) -> None:
         path.mkdir(parents=True, exist_ok=True)
         self.tables = tuple(tables)
+        self.max_map_size = max(map_size, max_map_size)
         self._env = lmdb.open(
             str(path),
             max_dbs=len(self.tables) + 1,
@@ -49,6 +81,8 @@ class StateView:
         )
         self._meta = self._env.open_db(_META_DB)
         self._dbs = {name: self._env.open_db(name.encode()) for name in self.tables}
+        self._logical = self._load_logical()
+        self._maybe_grow()
 
     def close(self) -> None:
         self._env.sync(True)
@@ -61,6 +95,14 @@ class StateView:
         """The size of the data in use (what a dump of the view would copy)."""
         info = self._env.info()
         return int((info["last_pgno"] + 1) * self._env.stat()["psize"])
+
+    def map_size(self) -> int:
+        """The current size of the LMDB map: what the data may grow to before it grows."""
+        return int(self._env.info()["map_size"])
+
+    def logical_bytes(self) -> int:
+        """The logical size of the state: ``record_cost`` summed over every record."""
+        return self._logical
 
     def applied_index(self) -> int:
         with self._env.begin(db=self._meta) as txn:
@@ -108,57 +150,144 @@ class StateView:
 
     def apply(self, index: int, writes: Iterable[Write]) -> None:
         """Store the writes of entry ``index`` and advance the applied index, atomically."""
-        self.apply_with(index, lambda _read: Applied(tuple(writes), ()))
+        stored = tuple(writes)
+        self.apply_with(index, lambda _read: Applied(stored, ()))
 
     def apply_with(self, index: int, compute: Callable[[Reader], Applied]) -> Applied:
         """Run ``compute`` against the current state and store the writes it returns,
-        in one write transaction together with the applied index."""
-        with self._env.begin(write=True) as txn:
+        in one write transaction together with the applied index. ``compute`` may run
+        twice (again after the map has grown): it must not have side effects."""
 
+        def run(txn: lmdb.Transaction[bytes]) -> tuple[Applied, int]:
             def read(table: str, key: bytes) -> Record | None:
                 raw = txn.get(key, db=self._dbs[table])
                 return None if raw is None else Record.decode(raw)
 
             applied = compute(read)
-            self._store(txn, index, applied.writes)
+            return applied, self._store(txn, index, applied.writes)
+
+        applied, delta = self._write(run)
+        self._logical += delta
         return applied
 
     def apply_indexed(
-        self, index: int, compute: Callable[[IndexReader, ValueReader], Applied]
+        self, index: int, compute: Callable[[StoredReader, ValueReader, int], Applied]
     ) -> Applied:
-        """``apply_with`` for a ``compute`` that only needs the index of each key it reads
-        (``apply_command_indexed``): values are not copied out of LMDB."""
-        dbs = self._dbs
-        unpack_index = _INDEX.unpack_from
-        with self._env.begin(write=True) as txn:
-            get = txn.get
+        """``apply_with`` for a ``compute`` that only needs the index and value length of
+        each key it reads (``apply_command_indexed``), and gets the logical size of the
+        state before the entry."""
 
-            def read_index(table: str, key: bytes) -> int | None:
-                raw = get(key, db=dbs[table])
-                return None if raw is None else int(unpack_index(raw)[0])
+        def run(txn: lmdb.Transaction[bytes]) -> tuple[Applied, int]:
+            applied = compute(*self._readers(txn), self._logical)
+            return applied, self._store(txn, index, applied.writes)
 
-            def read_value(table: str, key: bytes) -> bytes | None:
-                raw = get(key, db=dbs[table])
-                return None if raw is None else bytes(raw[_INDEX.size :])
-
-            applied = compute(read_index, read_value)
-            self._store(txn, index, applied.writes)
+        applied, delta = self._write(run)
+        self._logical += delta
         return applied
 
-    def _store(self, txn: lmdb.Transaction, index: int, writes: Iterable[Write]) -> None:
+    def evaluate(self, compute: Callable[[StoredReader, ValueReader, int], Applied]) -> Applied:
+        """What ``apply_indexed`` would compute now, without storing anything."""
+        with self._env.begin() as txn:
+            return compute(*self._readers(txn), self._logical)
+
+    def _readers(self, txn: lmdb.Transaction[bytes]) -> tuple[StoredReader, ValueReader]:
         dbs = self._dbs
-        put = txn.put
+        get = txn.get
+        unpack_index = _INDEX.unpack_from
+        head = _INDEX.size
+
+        def read_stored(table: str, key: bytes) -> tuple[int, int] | None:
+            raw = get(key, db=dbs[table])
+            return None if raw is None else (int(unpack_index(raw)[0]), len(raw) - head)
+
+        def read_value(table: str, key: bytes) -> bytes | None:
+            raw = get(key, db=dbs[table])
+            return None if raw is None else bytes(raw[head:])
+
+        return read_stored, read_value
+
+    def _store(self, txn: lmdb.Transaction[bytes], index: int, writes: Iterable[Write]) -> int:
+        """Make the writes; return by how much they change the logical size."""
+        dbs = self._dbs
+        head = _INDEX.size
+        delta = 0
         for write in writes:
+            db = dbs[write.table]
             if write.record is None:
-                txn.delete(write.key, db=dbs[write.table])
+                old = txn.pop(write.key, db=db)
             else:
-                put(write.key, write.record.encode(), db=dbs[write.table])
+                old = txn.replace(write.key, write.record.encode(), db=db)
+                delta += record_cost(len(write.key), len(write.record.value))
+            if old is not None:
+                delta -= record_cost(len(write.key), len(old) - head)
+        put = txn.put
+        if delta:
+            put(_LOGICAL_KEY, _INDEX.pack(self._logical + delta), db=self._meta)
         put(_APPLIED_KEY, _INDEX.pack(index), db=self._meta)
+        return delta
+
+    def _write(self, run: Callable[[lmdb.Transaction[bytes]], T]) -> T:
+        """``run`` in a write transaction. On ``MDB_MAP_FULL`` the map grows and ``run``
+        runs again (a few times at most: the map doubles each time); ViewFullError once
+        it is at ``max_map_size``."""
+        while True:
+            try:
+                with self._env.begin(write=True) as txn:
+                    outcome = run(txn)
+            except lmdb.MapFullError as exc:
+                if not self._grow():
+                    raise ViewFullError(
+                        f"the view does not fit in its map of {self.map_size()} bytes "
+                        f"(max_view_bytes {self.max_map_size})"
+                    ) from exc
+                continue
+            self._maybe_grow()
+            return outcome
+
+    def _maybe_grow(self) -> None:
+        """Grow the map once the pages in use pass ``GROW_AT`` of it."""
+        size = self.map_size()
+        if size < self.max_map_size and self.size_bytes() > size * GROW_AT:
+            self._grow()
+
+    def _grow(self, at_least: int = 0) -> bool:
+        """Double the map (or more, to ``at_least``), up to ``max_map_size``; False if it
+        is there already. No transaction of this process may be open (see above)."""
+        current = self.map_size()
+        wanted = min(self.max_map_size, max(current * 2, at_least))
+        if wanted <= current:
+            return False
+        self._env.set_mapsize(wanted)
+        grown = self.map_size()
+        logger.info("view map grown from %d to %d bytes", current, grown)
+        return grown > current
+
+    def _load_logical(self) -> int:
+        with self._env.begin(db=self._meta) as txn:
+            raw = txn.get(_LOGICAL_KEY)
+        if raw is not None:
+            return int(_INDEX.unpack(raw)[0])
+        # A view written before the logical size was kept: count it once.
+        with self._env.begin() as txn:
+            total = sum(
+                _cost(key, raw)
+                for db in self._dbs.values()
+                for key, raw in txn.cursor(db=db).iternext()
+            )
+
+        def store(txn: lmdb.Transaction[bytes]) -> None:
+            txn.put(_LOGICAL_KEY, _INDEX.pack(total), db=self._meta)
+
+        self._write(store)
+        return total
 
     def write_snapshot(self, destination: Path, raft_meta: bytes) -> None:
         """Write a consistent copy of the view, tagged with ``raft_meta``, to a file."""
-        with self._env.begin(write=True) as txn:
+
+        def tag(txn: lmdb.Transaction[bytes]) -> None:
             txn.put(_SNAPSHOT_KEY, raft_meta, db=self._meta)
+
+        self._write(tag)
         fd = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             self._env.copyfd(fd)
@@ -194,7 +323,20 @@ class StateView:
             dump.close()
 
     def _install(self, dump: lmdb.Environment, dump_index: int) -> None:
-        with self._env.begin(write=True) as txn:
+        # The old pages are freed when the transaction commits: room for both.
+        dump_bytes = int((dump.info()["last_pgno"] + 1) * dump.stat()["psize"])
+        if self.size_bytes() + 2 * dump_bytes > self.map_size() * GROW_AT:
+            self._grow(at_least=int((self.size_bytes() + 2 * dump_bytes) / GROW_AT))
+
+        def install(txn: lmdb.Transaction[bytes]) -> int:
+            total = 0
+
+            def counted(items: Iterator[tuple[bytes, bytes]]) -> Iterator[tuple[bytes, bytes]]:
+                nonlocal total
+                for key, raw in items:
+                    total += _cost(key, raw)
+                    yield key, raw
+
             for name, db in self._dbs.items():
                 txn.drop(db, delete=False)
                 try:
@@ -202,6 +344,15 @@ class StateView:
                 except lmdb.NotFoundError:
                     continue
                 with dump.begin(db=source_db) as source_txn:
-                    txn.cursor(db=db).putmulti(source_txn.cursor().iternext(), append=True)
+                    txn.cursor(db=db).putmulti(counted(source_txn.cursor().iternext()), append=True)
+            txn.put(_LOGICAL_KEY, _INDEX.pack(total), db=self._meta)
             txn.put(_APPLIED_KEY, _INDEX.pack(dump_index), db=self._meta)
+            return total
+
+        self._logical = self._write(install)
         self._env.sync(True)
+
+
+def _cost(key: bytes, raw: bytes) -> int:
+    """``record_cost`` of a stored record (its raw value starts with the index)."""
+    return record_cost(len(key), len(raw) - _INDEX.size)

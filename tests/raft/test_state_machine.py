@@ -9,6 +9,7 @@ from raft.state_machine import (
     apply_command_indexed,
     decode_counter,
     item_key,
+    record_cost,
 )
 
 TABLES = ("kv", "sys")
@@ -167,3 +168,79 @@ def test_append_round_trips_and_rejects_bad_counts() -> None:
     assert decode_batch(encode_batch(Batch((op,)))).ops == (op,)
     with pytest.raises(ValueError):
         encode_batch(Batch((Append("kv", b"s", b"a", 0),)))
+
+
+def run_within(
+    state: dict[tuple[str, bytes], Record], index: int, budget: int, *ops: object
+) -> Applied:
+    """``run`` with the state budget, the logical size counted from ``state``."""
+    used = sum(record_cost(len(k), len(r.value)) for (_, k), r in state.items())
+    payload = encode_batch(Batch(tuple(ops)))  # type: ignore[arg-type]
+    applied = apply_command(
+        payload, index, lambda t, k: state.get((t, k)), TABLES, used_bytes=used, max_bytes=budget
+    )
+    for write in applied.writes:
+        if write.record is None:
+            state.pop((write.table, write.key), None)
+        else:
+            state[(write.table, write.key)] = write.record
+    return applied
+
+
+def test_writes_past_the_budget_are_refused_and_deletes_make_room() -> None:
+    state: dict[tuple[str, bytes], Record] = {}
+    budget = 2 * record_cost(1, 100)
+    applied = run_within(
+        state,
+        1,
+        budget,
+        Put("kv", b"a", b"x" * 100),
+        Put("kv", b"b", b"x" * 100),
+        Put("kv", b"c", b"x"),
+    )
+    assert [r.error for r in applied.results] == [None, None, "no_space"]
+    assert set(state) == {("kv", b"a"), ("kv", b"b")}
+    # Replacing a value with one no larger applies at the limit; a larger one does not.
+    applied = run_within(state, 2, budget, Put("kv", b"a", b"y" * 100), Put("kv", b"b", b"z" * 101))
+    assert [r.error for r in applied.results] == [None, "no_space"]
+    # A delete frees room for the writes after it, in the same entry.
+    applied = run_within(state, 3, budget, Delete("kv", b"a"), Put("kv", b"c", b"x" * 100))
+    assert [r.ok for r in applied.results] == [True, True]
+    assert state[("kv", b"c")] == Record(3, b"x" * 100)
+
+
+def test_deletes_apply_even_over_budget() -> None:
+    state = {("kv", b"a"): Record(1, b"x" * 500), ("kv", b"b"): Record(1, b"x" * 500)}
+    applied = run_within(state, 2, 10, Delete("kv", b"a"), Put("kv", b"b", b"small"))
+    assert [r.ok for r in applied.results] == [True, True]  # both shrink the state
+    assert run_within(state, 3, 10, Put("kv", b"c", b"")).results[0].error == "no_space"
+
+
+def test_a_guard_and_its_writes_are_refused_together() -> None:
+    state: dict[tuple[str, bytes], Record] = {}
+    budget = record_cost(1, 10) + record_cost(1, 1) + 5
+    applied = run_within(
+        state,
+        1,
+        budget,
+        Put("kv", b"a", b"x" * 10),
+        Guard("kv", b"g", 0, 2),
+        Put("kv", b"g", b"1"),
+        Put("kv", b"b", b"too much"),
+        Put("kv", b"c", b"1"),
+    )
+    assert [r.error for r in applied.results] == [None, "no_space", "no_space", "no_space", None]
+    assert set(state) == {("kv", b"a"), ("kv", b"c")}
+
+
+def test_appends_count_their_item_and_counter_against_the_budget() -> None:
+    state: dict[tuple[str, bytes], Record] = {}
+    first = record_cost(1, 16) + record_cost(9, 3)  # the counter, then item 1
+    applied = run_within(state, 1, first + record_cost(9, 3), Append("kv", b"s", b"abc", 1))
+    assert applied.results[0].ok
+    assert (
+        run_within(state, 2, first + record_cost(9, 3), Append("kv", b"s", b"def", 1)).results[0].ok
+    )
+    refused = run_within(state, 3, first + record_cost(9, 3), Append("kv", b"s", b"g", 1))
+    assert refused.results[0].error == "no_space"
+    assert decode_counter(state[("kv", b"s")].value) == (3, 6)  # no number taken

@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from raft.errors import SnapshotError
-from raft.state_machine import Applied, IndexReader, Record, ValueReader, Write
+from raft.errors import SnapshotError, ViewFullError
+from raft.state_machine import Applied, Record, StoredReader, ValueReader, Write
 from raft.view import StateView
 
 
@@ -64,15 +64,15 @@ def test_garbage_dump_raises_a_snapshot_error(tmp_path: Path) -> None:
 def test_apply_indexed_reads_indexes_and_stores_writes(tmp_path: Path) -> None:
     view = StateView(tmp_path / "v", ("kv",))
     view.apply(3, [Write("kv", b"a", Record(3, b"old"))])
-    seen: list[int | None] = []
+    seen: list[tuple[int, int] | None] = []
 
-    def compute(read_index: IndexReader, read_value: ValueReader) -> Applied:
-        seen.extend([read_index("kv", b"a"), read_index("kv", b"missing")])
+    def compute(read_stored: StoredReader, read_value: ValueReader, used: int) -> Applied:
+        seen.extend([read_stored("kv", b"a"), read_stored("kv", b"missing")])
         assert read_value("kv", b"a") == b"old" and read_value("kv", b"missing") is None
         return Applied((Write("kv", b"a", Record(4, b"new")),), ())
 
     view.apply_indexed(4, compute)
-    assert seen == [3, None]
+    assert seen == [(3, 3), None]
     assert view.get("kv", b"a") == Record(4, b"new") and view.applied_index() == 4
     assert view.size_bytes() > 0
     view.close()
@@ -93,3 +93,103 @@ def test_scan_from_a_start_key_with_the_record_preceding_it(tmp_path: Path) -> N
     assert scan(b"s/9", True) == [b"s/7"]
     assert scan(b"s/9", False) == []
     view.close()
+
+
+MIB = 1 << 20
+
+
+def test_an_entry_larger_than_the_map_grows_it_and_is_applied(tmp_path: Path) -> None:
+    view = StateView(tmp_path / "v", ("kv",), map_size=MIB, max_map_size=64 * MIB)
+    view.apply(1, [Write("kv", b"big", Record(1, b"b" * (3 * MIB)))])  # MDB_MAP_FULL first
+    assert view.map_size() >= 4 * MIB
+    assert view.applied_index() == 1 and view.get("kv", b"big") == Record(1, b"b" * (3 * MIB))
+    view.close()
+
+
+def test_a_view_at_its_largest_map_refuses_the_entry_and_keeps_its_state(
+    tmp_path: Path,
+) -> None:
+    view = StateView(tmp_path / "v", ("kv",), map_size=MIB, max_map_size=2 * MIB)
+    view.apply(1, [Write("kv", b"a", Record(1, b"1"))])
+    with pytest.raises(ViewFullError, match="max_view_bytes"):
+        view.apply(2, [Write("kv", b"big", Record(2, b"b" * (3 * MIB)))])
+    assert view.applied_index() == 1 and view.get("kv", b"big") is None
+    assert view.map_size() == 2 * MIB
+    view.apply(3, [Write("kv", b"b", Record(3, b"2"))])  # smaller entries still apply
+    assert view.applied_index() == 3
+    view.close()
+
+
+def test_the_logical_size_follows_writes_and_dumps_and_is_recounted(tmp_path: Path) -> None:
+    from raft.state_machine import record_cost
+
+    view = StateView(tmp_path / "v", ("kv", "sys"))
+    view.apply(1, [Write("kv", b"a", Record(1, b"12345")), Write("sys", b"b", Record(1, b""))])
+    view.apply(2, [Write("kv", b"a", Record(2, b"1")), Write("kv", b"c", Record(2, b"xy"))])
+    view.apply(3, [Write("sys", b"b", None), Write("kv", b"missing", None)])
+    expected = record_cost(1, 1) + record_cost(1, 2)
+    assert view.logical_bytes() == expected
+    dump = tmp_path / "dump"
+    view.write_snapshot(dump, b"meta")
+    view.close()
+    assert StateView(tmp_path / "v", ("kv", "sys")).logical_bytes() == expected
+    other = StateView(tmp_path / "other", ("kv", "sys"))
+    other.apply(1, [Write("kv", b"zzz", Record(1, b"old" * 100))])
+    other.restore_snapshot(dump)
+    assert other.logical_bytes() == expected
+    other.close()
+    # A view from before the logical size was kept: counted once when opened.
+    import lmdb
+
+    env = lmdb.open(str(tmp_path / "v"), max_dbs=3)
+    with env.begin(write=True) as txn:
+        txn.delete(b"logical_bytes", db=env.open_db(b"__raft__", txn=txn))
+    env.close()
+    assert StateView(tmp_path / "v", ("kv", "sys")).logical_bytes() == expected
+
+
+def test_replicas_with_different_maps_and_histories_reach_the_same_results(
+    tmp_path: Path,
+) -> None:
+    import random
+
+    from raft.commands import Batch, Delete, Guard, Put, encode_batch
+    from raft.state_machine import apply_command_indexed, record_cost
+
+    budget = 64 * 1024
+    small = StateView(tmp_path / "small", ("kv",), map_size=MIB, max_map_size=16 * MIB)
+    large = StateView(tmp_path / "large", ("kv",), map_size=256 * MIB, max_map_size=256 * MIB)
+    rng = random.Random(7)
+    refused = 0
+    for index in range(1, 400):
+        ops: list[object] = []
+        for _ in range(rng.randint(1, 4)):
+            key = b"k%d" % rng.randint(0, 40)
+            if rng.random() < 0.25:
+                ops.append(Delete("kv", key))
+            elif rng.random() < 0.2:
+                ops += [Guard("kv", key, 0, 1), Put("kv", key + b"g", b"v" * rng.randint(0, 9000))]
+            else:
+                ops.append(Put("kv", key, b"v" * rng.randint(0, 9000)))
+        payload = encode_batch(Batch(tuple(ops)))  # type: ignore[arg-type]
+        results = [
+            view.apply_indexed(
+                index,
+                lambda stored, value, used, payload=payload, index=index: apply_command_indexed(
+                    payload, index, stored, ("kv",), value, used_bytes=used, max_bytes=budget
+                ),
+            ).results
+            for view in (small, large)
+        ]
+        assert results[0] == results[1]
+        refused += sum(r.error == "no_space" for r in results[0])
+        if index == 200:  # one replica restarts: its logical size is read back
+            large.close()
+            large = StateView(tmp_path / "large", ("kv",), map_size=256 * MIB)
+    found, _ = small.scan("kv", b"", 1000)
+    assert found == large.scan("kv", b"", 1000)[0]
+    counted = sum(record_cost(len(k), len(r.value)) for k, r in found)
+    assert small.logical_bytes() == large.logical_bytes() == counted <= budget
+    assert refused > 10 and small.map_size() != large.map_size()
+    small.close()
+    large.close()

@@ -1,0 +1,110 @@
+"""pysyncobj's TCP transport with a cap on the size of the messages it buffers.
+
+pysyncobj frames each message with a 4-byte length (``struct 'i'``) and its
+connection (``pysyncobj.tcp_connection.TcpConnection``) reads whatever the
+socket holds into one ``bytes`` buffer, grown with ``+=``, before it looks at
+the length; only a complete message is decrypted, which is where the password
+is checked. Anyone who can reach the Raft port can therefore announce a 2 GiB
+message and send junk: the buffer grows without bound on the event loop, each
+read copying all of it again.
+
+``CappedTransport`` is pysyncobj's ``TCPTransport`` (handed to ``SyncObj`` as
+its ``transportClass``) whose connections are ``CappedTcpConnection``: after
+each read, the length of the first buffered message is checked, and the
+connection is dropped at once when it announces more than
+
+* ``handshake_bytes`` (a few KiB) while the peer has not proved it knows the
+  password: until it sent one message that decrypted (its random key,
+  ``sendRandKey``; an encrypted connection carries nothing else before);
+* ``message_bytes`` afterwards: room for the largest append-entries message
+  (a batch of ``appendEntriesBatchSizeBytes`` plus one entry of
+  ``max_entry_bytes``), encrypted.
+
+Reading also stops once the first buffered message is complete, so that it is
+parsed before more is read: the buffer never holds more than one message and
+one read (``recvBufferSize``). The check costs a few operations per read.
+
+The patch is narrow: it overrides ``TcpConnection.__processRead`` (the
+recv step, name-mangled ``_TcpConnection__processRead``) and nothing else, and
+the transport re-classes the connections it is handed (incoming ones from
+``TcpServer``, outgoing ones from ``addNode``) before any byte is read. It is
+written against pysyncobj 0.3.x.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from typing import Any
+
+from pysyncobj.tcp_connection import TcpConnection
+from pysyncobj.transport import TCPTransport
+
+logger = logging.getLogger(__name__)
+
+_LENGTH = struct.Struct("i")  # pysyncobj's framing: native byte order, signed
+# The first message of an encrypted connection is a pickled 32-byte random key,
+# compressed and encrypted: about 150 bytes.
+HANDSHAKE_MESSAGE_BYTES = 4096
+
+
+def message_cap(max_entry_bytes: int, append_batch_bytes: int) -> int:
+    """The largest message an authenticated peer sends: the entries of one append
+    (up to ``append_batch_bytes``, plus the entry that crosses it), pickled,
+    compressed (incompressible data grows a little) and encrypted (base64: 4/3)."""
+    return 2 * (append_batch_bytes + max_entry_bytes) + (1 << 20)
+
+
+class CappedTcpConnection(TcpConnection):  # type: ignore[misc]
+    """A ``TcpConnection`` that drops its peer when a message is announced too large."""
+
+    handshake_bytes = HANDSHAKE_MESSAGE_BYTES
+    message_bytes = HANDSHAKE_MESSAGE_BYTES
+
+    def _TcpConnection__processRead(self) -> bool:
+        if not TcpConnection._TcpConnection__processRead(self):
+            return False
+        buffer: bytes = self._TcpConnection__readBuffer
+        size = len(buffer)
+        if size < _LENGTH.size:
+            return True
+        length: int = _LENGTH.unpack_from(buffer)[0]
+        trusted = self.encryptor is None or self.sendRandKey is not None
+        cap = self.message_bytes if trusted else self.handshake_bytes
+        if not 0 <= length <= cap:
+            logger.warning(
+                "raft: dropped a connection announcing a %d-byte message (limit %d%s)",
+                length,
+                cap,
+                "" if trusted else ", before authentication",
+            )
+            self.disconnect()
+            return False
+        # Stop reading once the first message is complete: it is parsed first.
+        return size < _LENGTH.size + length
+
+
+class CappedTransport(TCPTransport):  # type: ignore[misc]
+    """``TCPTransport`` whose connections are ``CappedTcpConnection``s.
+
+    Built by ``SyncObj`` as ``transportClass(syncObj, selfNode, otherNodes)``:
+    bind the cap first, e.g. ``functools.partial(CappedTransport, message_bytes=...)``.
+    """
+
+    def __init__(self, *args: Any, message_bytes: int, **kwargs: Any) -> None:
+        self._message_bytes = message_bytes
+        super().__init__(*args, **kwargs)  # adds the partners: connections are made
+
+    def _cap(self, conn: TcpConnection) -> None:
+        conn.__class__ = CappedTcpConnection
+        conn.message_bytes = self._message_bytes
+
+    def _onNewIncomingConnection(self, conn: TcpConnection) -> None:
+        self._cap(conn)  # accepted a moment ago: nothing read yet
+        super()._onNewIncomingConnection(conn)
+
+    def addNode(self, node: Any) -> None:
+        super().addNode(node)
+        conn = self._connections.get(node)
+        if conn is not None and not isinstance(conn, CappedTcpConnection):
+            self._cap(conn)  # created disconnected: it connects on a later tick
