@@ -47,7 +47,8 @@ from meshorch.state.tables import (
     validate_kv_key,
 )
 from raft import Delete, Put
-from raft.errors import NotCommittedError, OutcomeUnknownError
+from raft.errors import EntryTooLargeError, NotCommittedError, OutcomeUnknownError, StateFullError
+from raft.state_machine import NO_SPACE
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return error_response(400, exc.code, str(exc))
     except FeatureUnavailable as exc:
         return error_response(503, exc.code, str(exc))
+    except EntryTooLargeError as exc:
+        return error_response(413, exc.code, f"{exc}; nothing was written")
+    except StateFullError as exc:
+        return error_response(507, exc.code, f"{exc}; nothing was written")
     except NotCommittedError as exc:
         return error_response(503, "not_committed", f"{exc}; nothing was written, retry")
     except OutcomeUnknownError as exc:
@@ -175,6 +180,8 @@ async def put_key(request: web.Request) -> web.Response:
     (result,) = await services(request).node.propose(
         [Put(KV_TABLE, key, value, expect_index)], idempotent=expect_index is None
     )
+    if result.error == NO_SPACE:
+        raise ApiError(507, NO_SPACE, "the site's state is full; nothing was written")
     if result.error == "conflict":
         raise ApiError(
             409,
