@@ -65,6 +65,10 @@ Protocol (SWIM with memberlist's and Lifeguard's refinements):
   ping-reqs, which the relays forward. A NATed member sends to every relay at
   least every ``nat_keepalive_s`` (by probing it) and gossips and push-pulls
   only with members it can reach. Relays also gossip to NATed members in turn.
+
+Its size: the whole SWIM state machine (probes, suspicion, dissemination, push-pull,
+summaries, NAT relays) is one pure object; its parts share the member table and the
+broadcast queue, and it is tested as one through the simulator.
 """
 
 from __future__ import annotations

@@ -62,6 +62,9 @@ and counted, never propagated into the event loop.
 Shutdown (``stop`` / leaving the ``async with``): ``node.leave()``, keep
 gossiping until the leave is disseminated (``node.pending_broadcasts() == 0``)
 or ``leave_timeout_s`` passes, then close the socket.
+
+Its size: one asyncio adapter around the core (socket, timers, NAT keep-alives, the leave
+handshake); split, each half would need the other's state.
 """
 
 from __future__ import annotations

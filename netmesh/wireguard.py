@@ -14,6 +14,9 @@ link is deleted). ``wg`` and ``ip`` configure both the same way.
 wireguard-go keeps its control socket at ``/var/run/wireguard/NAME.sock``,
 which network namespaces share: two namespaces on one machine cannot both run
 a wireguard-go interface of the same name, so lab hosts need distinct names.
+
+Its size: one reconciler for two backends (kernel WireGuard and wireguard-go) and the
+addressing and routes of the interface; the plan itself is pure in ``netmesh.addressing``.
 """
 
 from __future__ import annotations

@@ -38,6 +38,9 @@ The event loop must not block for long: a stall longer than the election
 timeout looks like a dead node to the others. Slow disk work (``fsync`` of the
 view) runs in a worker thread; dumps are written synchronously, as pysyncobj
 needs them complete when its serializer returns.
+
+Its size: the asyncio bridge owns pysyncobj's thread, the group commit, the retry rules
+of proposals and the membership changes, which all share one lock and one queue.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""The ``meshorch`` command line. The only place that configures logging."""
+"""The ``meshorch`` command line. The only place that configures logging.
+
+Its size: the argument parser of every agent-side command and their thin handlers; the
+hub's, the fleet's, the secrets' and the access tokens' commands live in modules beside it.
+"""
 
 from __future__ import annotations
 

@@ -35,6 +35,9 @@ displace the genuine one. A site checks a member's summary with the key of the m
 gossip certificate, known once the member's own datagrams reached it, and its own with
 its key; one whose origin it has not heard from directly it takes only from the hub (the
 hub passes on only summaries it checked against the sites' registered keys).
+
+Its size: the site's gossip member (serving, summaries, relayed deltas, the verifier of
+summaries) is one session object around ``gossip.GossipService``.
 """
 
 from __future__ import annotations

@@ -18,6 +18,10 @@ The leader's session also runs the site's gossip member (``meshorch.fleet.gossip
 publishes the site's summary to the other sites and the hub, and fetches deltas from them
 when they announce newer ones (through ``commit`` as well). The last ``RECENT_ENVELOPES``
 applied envelopes are kept in memory to answer such requests from other sites.
+
+Its size: one long-lived session with the hub (enrol, poll, report, commit, watch
+leadership) whose steps share the same connection and backoff state; the pure parts are
+in ``meshorch.fleet.apply`` and ``meshorch.fleet.records``.
 """
 
 from __future__ import annotations

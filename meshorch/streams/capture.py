@@ -33,6 +33,9 @@ Delivery:
 - An instance is drained, then forgotten with its positions, after :meth:`forget`,
   or when the runtime no longer lists it and its log files are gone.
 - A batch holds at most ``max_batch`` lines and about ``MAX_BATCH_BYTES``.
+
+Its size: one tailer per instance with rotation, truncation and restart handling, all
+sharing the positions file; the rules are small, the cases many.
 """
 
 from __future__ import annotations
