@@ -12,8 +12,8 @@ import secrets
 
 from meshorch.site.access import TOKEN_ENV, AccessToken
 
-TOKEN = os.environ.get(TOKEN_ENV) or AccessToken(
-    secrets.token_hex(8), secrets.token_bytes(32)
-).encode()
+TOKEN = (
+    os.environ.get(TOKEN_ENV) or AccessToken(secrets.token_hex(8), secrets.token_bytes(32)).encode()
+)
 os.environ[TOKEN_ENV] = TOKEN
 HEADERS = {"Authorization": f"Bearer {TOKEN}"}

@@ -12,6 +12,7 @@ from meshorch.demo.localsite import LocalSite, free_port
 from meshorch.fleet.delta import key_id
 from meshorch.lab.agents import FleetFlags
 from meshorch.site.config import AgentConfig
+from meshorch.state.peer_auth import PeerSigner, load_or_create_key
 from tests.agent_token import TOKEN
 
 
@@ -38,6 +39,12 @@ def token_file(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path.write_text(TOKEN + "\n")
     return path
+
+
+def peer_headers(data_dir: Path, host_id: str, method: str, path_qs: str) -> dict[str, str]:
+    """What a request of member ``host_id`` (its peer key in ``data_dir``) to a peer route
+    carries: the host's signature, as its agent would send it."""
+    return PeerSigner(host_id, load_or_create_key(data_dir)).headers(method, path_qs)
 
 
 def linked_site(

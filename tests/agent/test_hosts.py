@@ -23,7 +23,8 @@ from meshorch.state.protocol import PROTOCOL, FeatureUnavailable
 from meshorch.state.tables import APPS_TABLE
 from meshorch.streams.model import NewEvent
 from raft import Delete, Put
-from tests.agents_util import lone_agent_config
+from tests.agent_token import HEADERS
+from tests.agents_util import lone_agent_config, peer_headers
 from tests.waiting import until
 
 APP = """
@@ -117,9 +118,14 @@ async def test_removing_the_leader_hands_leadership_over_first(
     leader = next(h for h in site.members if h.host_id == leader_id)
     asker, other = [h for h in site.members if h is not leader]
 
-    follower_answer = await session.post(f"{asker.url}/v1/raft/step-down")
-    assert follower_answer.status == 409
-    assert (await follower_answer.json())["error"]["code"] == "not_leader"
+    # A peer route: asked as a member asks it, signed by the third host.
+    signed = peer_headers(other.data_dir, other.host_id, "POST", "/v1/raft/step-down")
+    async with (
+        aiohttp.ClientSession() as peer,
+        peer.post(f"{asker.url}/v1/raft/step-down", headers=signed) as follower_answer,
+    ):
+        assert follower_answer.status == 409
+        assert (await follower_answer.json())["error"]["code"] == "not_leader"
 
     removed = await asyncio.to_thread(cli, "remove", leader_id, "--api", asker.api)
     assert removed.returncode == 0, removed.stderr + removed.stdout
@@ -149,7 +155,7 @@ async def test_stream_appends_wait_until_every_host_speaks_their_protocol(tmp_pa
         await agent.raft.propose([Put(APPS_TABLE, hostinfo_key("h-old"), encode_hostinfo(old))])
         with pytest.raises(FeatureUnavailable, match="h-old still run an older release"):
             await agent.streams.produce("acme/app/events", [event])
-        async with aiohttp.ClientSession() as client:
+        async with aiohttp.ClientSession(headers=HEADERS) as client:
             url = f"http://{config.api_address}/v1/streams/acme/app/events/events"
             async with client.post(url, json={"events": [{"payload": "x"}]}) as response:
                 assert response.status == 503

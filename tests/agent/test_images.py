@@ -14,6 +14,7 @@ from aiohttp import web
 
 from meshorch.demo.localsite import LocalSite
 from meshorch.images.store import BlobStore, ImageTransferError
+from tests.agents_util import peer_headers
 
 
 async def catalog(session: aiohttp.ClientSession, url: str) -> dict[str, object]:
@@ -64,10 +65,16 @@ async def test_bad_image_requests_are_refused(
     url = ready_site.members[0].url
     async with session.post(f"{url}/v1/images?ref=Bad Ref!", data=b"x") as response:
         assert response.status == 400 and (await response.json())["error"]["code"] == "bad_ref"
-    async with session.get(f"{url}/v1/images/blobs/sha256:nothex") as response:
-        assert response.status == 400
-    async with session.get(f"{url}/v1/images/blobs/sha256:{'0' * 64}") as response:
-        assert response.status == 404
+    # Blobs are a peer route: asked as the other members ask, signed by h2.
+    h2 = ready_site.members[1]
+    async with aiohttp.ClientSession() as peer:
+        for path, status in [
+            ("/v1/images/blobs/sha256:nothex", 400),
+            (f"/v1/images/blobs/sha256:{'0' * 64}", 404),
+        ]:
+            headers = peer_headers(h2.data_dir, h2.host_id, "GET", path)
+            async with peer.get(url + path, headers=headers) as response:
+                assert response.status == status, path
     assert (await catalog(session, url))["images"] == []
 
 

@@ -9,6 +9,7 @@ from nacl.signing import SigningKey
 from prometheus_client.parser import text_string_to_metric_families
 
 from meshorch.site.agent import Agent
+from tests.agent_token import HEADERS
 from tests.agents_util import lone_agent_config
 from tests.waiting import until
 
@@ -29,7 +30,7 @@ async def scrape(
 
 async def test_agent_metrics_show_raft_streams_instances_and_api_latency(tmp_path: Path) -> None:
     config = lone_agent_config(tmp_path, "metrics", "fleet", SigningKey.generate())
-    async with Agent(config) as agent, aiohttp.ClientSession() as session:
+    async with Agent(config) as agent, aiohttp.ClientSession(headers=HEADERS) as session:
         await until("leader", lambda: agent.raft.status().is_leader)
         await until("registered", lambda: agent.streams.host_protocols())
         url = f"http://{config.api_address}/v1/streams/acme/pos/events/events"

@@ -34,7 +34,7 @@ async def test_the_lowest_priority_instance_leaves_first(
     site.extra_args = ["--evict-at-pct", "0.001"]  # always "over": the disk holds more
     site.start()
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        async with site.session(timeout=aiohttp.ClientTimeout(total=10)) as session:
             await wait_ready(session, site.members)
             url = site.members[0].url
             async with session.post(f"{url}/v1/apps", data=APP.encode()) as response:
