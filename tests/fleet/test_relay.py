@@ -22,6 +22,7 @@ from meshorch.errors import ConfigurationError
 from meshorch.fleet.delta import ALL_SITES, Target, key_id, next_delta, sign
 from meshorch.site.agent import Agent
 from meshorch.site.config import AgentConfig
+from tests.agent_token import HEADERS
 from tests.agents_util import lone_agent_config
 from tests.fleet.hubstub import StubHub
 
@@ -87,7 +88,8 @@ async def wait_fleet(session: aiohttp.ClientSession, base: str) -> dict[str, Any
 async def test_relay_attacks_rotation_and_link_config(agent: Agent) -> None:
     base = f"http://{agent.config.api_address}"
     hub = StubHub("acme", ROOT)  # not served: used to sign a log
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
+    timeout = aiohttp.ClientTimeout(total=20)
+    async with aiohttp.ClientSession(timeout=timeout, headers=HEADERS) as session:
         start = await wait_fleet(session, base)
         assert start["trust"]["version"] == 0
         assert start["trust"]["trusted_keys"] == [key_id(ROOT)]

@@ -69,7 +69,7 @@ async def test_site_follows_the_hub(site: LocalSite) -> None:
     hub.tokens.add("enroll-1")
     await hub.start()
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        async with site.session(timeout=aiohttp.ClientTimeout(total=10)) as session:
             await follow(site, hub, session)
     finally:
         await hub.stop()

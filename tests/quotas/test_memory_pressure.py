@@ -19,6 +19,7 @@ import pytest
 from meshorch.apps.settings import WorkloadSettings, podman_dirs
 from meshorch.runtime import BUSYBOX_IMAGE_REF, PodmanRuntime, build_busybox_rootfs
 from meshorch.site.agent import Agent
+from tests.agent_token import HEADERS
 from tests.labutil import require_lab
 from tests.quotas.test_agent_quotas import MI, Site, agent_config, spec
 from tests.waiting import until
@@ -45,7 +46,9 @@ async def runtime_site(
     try:
         async with (
             Agent(config, None, settings) as agent,
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session,
+            aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=120), headers=HEADERS
+            ) as session,
         ):
             site = Site(agent, session)
 

@@ -24,5 +24,5 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSite]:
 
 @pytest.fixture
 async def driver(site: LocalSite) -> AsyncIterator[Driver]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
+    async with site.session(timeout=aiohttp.ClientTimeout(total=20)) as session:
         yield Driver(site, session)

@@ -18,6 +18,7 @@ from meshorch.demo.localsite import LocalHost, LocalSite, free_port, wait_ready
 from meshorch.fleet.delta import Target, key_id
 from meshorch.secrets.keyring import seal
 from meshorch.secrets.service import delivery_root
+from tests.agents_util import peer_headers
 from tests.fleet.hubstub import StubHub
 from tests.waiting import until
 
@@ -50,6 +51,18 @@ class Driver:
     ) -> tuple[int, dict[str, Any]]:
         data = raw if raw is not None else None if body is None else orjson.dumps(body)
         async with self.session.request(method, f"{host.url}{path}", data=data) as response:
+            return response.status, dict(await response.json(content_type=None))
+
+    async def peer_call(
+        self, method: str, host: LocalHost, path: str, body: object, *, by: LocalHost
+    ) -> tuple[int, dict[str, Any]]:
+        """A request to a peer route of ``host``, signed by member ``by`` as its agent signs."""
+        headers = peer_headers(by.data_dir, by.host_id, method, path)
+        url, data = f"{host.url}{path}", orjson.dumps(body)
+        async with (
+            aiohttp.ClientSession(timeout=self.session.timeout) as peer,
+            peer.request(method, url, data=data, headers=headers) as response,
+        ):
             return response.status, dict(await response.json(content_type=None))
 
     async def ok(self, method: str, host: LocalHost, path: str, body: object = None) -> Any:

@@ -22,11 +22,13 @@ from nacl.public import PrivateKey, SealedBox
 from meshorch.apps.settings import WorkloadSettings
 from meshorch.site.agent import Agent
 from meshorch.state.tables import SECRETS_TABLE
-from tests.agents_util import lone_agent_config
+from tests.agent_token import HEADERS
+from tests.agents_util import lone_agent_config, peer_headers
 from tests.fleet.hubstub import StubHub
 from tests.secrets.helpers import ROOT, until
 
 SITE = "lone-site"
+PEER_ROUTES = {"/v1/secrets/unseal-request"}  # the other hosts call these, not operators
 
 
 @pytest.fixture
@@ -133,10 +135,20 @@ BAD_OPS: list[tuple[dict[str, Any], str]] = [
 
 async def test_bad_input_changes_nothing(agent: Agent, tmp_path: Path) -> None:
     base = f"http://{agent.config.api_address}"
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
+    timeout = aiohttp.ClientTimeout(total=20)
+    async with (
+        aiohttp.ClientSession(timeout=timeout, headers=HEADERS) as session,
+        aiohttp.ClientSession(timeout=timeout) as peer,
+    ):
 
         async def call(method: str, path: str, body: bytes = b"") -> tuple[int, dict[str, Any]]:
-            async with session.request(method, base + path, data=body) as response:
+            if path in PEER_ROUTES:  # signed by the host, as its peers sign theirs
+                config = agent.config
+                signed = peer_headers(config.data_dir, config.host_id, method, path)
+                request = peer.request(method, base + path, data=body, headers=signed)
+            else:
+                request = session.request(method, base + path, data=body)
+            async with request as response:
                 return response.status, dict(await response.json(content_type=None))
 
         async def unsealed() -> bool:

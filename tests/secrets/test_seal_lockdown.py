@@ -105,7 +105,11 @@ async def test_unseal_from_peers_operator_unseal_and_lockdown(
     print(f"lock-down: every host sealed {1000 * (time.monotonic() - committed):.0f} ms "
           "after the delta was committed")  # fmt: skip
     # ... the peer routes refuse, nothing new starts, no secret is delivered.
-    await refused(driver, driver.hosts[0], "/v1/secrets/unseal-request", {"host_id": "h2"})
+    h2 = driver.host("h2")
+    status, answer = await driver.peer_call(
+        "POST", driver.hosts[0], "/v1/secrets/unseal-request", {"host_id": "h2"}, by=h2
+    )
+    assert status == 409 and answer["error"]["code"] == "locked_down", (status, answer)
     await refused(driver, driver.hosts[0], "/v1/secrets/escrow", {"public_key": "ab" * 32})
     await refused(driver, driver.hosts[0], "/v1/secrets/unseal", {"key": b64(kek)})
     await driver.apply_app(app_spec("plain", []))
