@@ -36,6 +36,7 @@ from meshorch.fleet.gossip import (
     request_message,
     seal_summary,
 )
+from tests.agent_token import HEADERS
 from tests.agents_util import linked_site
 from tests.hub.helpers import Operator
 
@@ -110,7 +111,7 @@ async def hub_only(tmp_path: Path) -> AsyncIterator[Fleet]:
     )
     async with (
         Hub(config) as hub,
-        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10), headers=HEADERS) as session,
     ):
         admin = Operator(session, hub.url, hub.admin_token_path.read_text().strip())
         yield Fleet(hub, admin, session, {})

@@ -27,6 +27,7 @@ from central_hub import Hub, HubConfig
 from central_hub.logstore import LogQuery
 from meshorch import __version__
 from meshorch.demo.localsite import LocalHost, LocalSite, wait_ready
+from tests.agent_token import HEADERS
 from tests.agents_util import linked_site
 from tests.hub.helpers import Operator
 from tests.streams.uplink import Uplink
@@ -76,7 +77,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
     config = HubConfig(data_dir=tmp_path / "hub", port=0, tick_s=0.05, gossip=False)
     async with (
         Hub(config) as hub,
-        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30), headers=HEADERS) as session,
     ):
         admin = Operator(session, hub.url, hub.admin_token_path.read_text().strip())
         for tenant in ("acme", "globex"):

@@ -27,6 +27,7 @@ import pytest
 from central_hub import Hub, HubConfig
 from meshorch.demo.localsite import LocalHost, LocalSite, wait_ready
 from meshorch.secrets.service import delivery_root
+from tests.agent_token import HEADERS
 from tests.agents_util import linked_site
 from tests.hub.helpers import Operator
 from tests.secrets.helpers import app_spec, scan_for
@@ -79,7 +80,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
     config = HubConfig(data_dir=tmp_path / "hub", port=0, tick_s=0.05, gossip=False)
     async with (
         Hub(config) as hub,
-        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10), headers=HEADERS) as session,
     ):
         admin = Operator(session, hub.url, hub.admin_token_path.read_text().strip())
         created = await admin.ok("POST", "/v1/sites", {"id": SITE}, 201)
