@@ -26,15 +26,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from meshorch.lab.agents import API_PORT, LabAgents
 from meshorch.lab.lab import Lab
+from meshorch.site.access import TOKEN_ENV, harness_token
 from tests.lab.podman_app import add_busybox_image, apply_app, wait_all_ready
 
 _PROBE = """
-import json, sys, time, urllib.request
+import json, os, sys, time, urllib.request
 start, api, victim, limit = float(sys.argv[1]), sys.argv[2], sys.argv[3], float(sys.argv[4])
+headers = {"Authorization": "Bearer " + os.environ["MESHORCH_AGENT_TOKEN"]}
 while time.time() - start < limit:
     try:
-        view = json.load(urllib.request.urlopen(
-            f"http://{api}/v1/apps/shop?consistency=local", timeout=1))
+        view = json.load(urllib.request.urlopen(urllib.request.Request(
+            f"http://{api}/v1/apps/shop?consistency=local", headers=headers), timeout=1))
         instances = view["instances"]
         if len(instances) == 3 and all(i["ready"] and i["host"] != victim for i in instances):
             print(f"{time.time() - start:.3f}")
@@ -58,6 +60,9 @@ def main() -> int:
     if os.geteuid() != 0:
         log("bench/failover.py needs root: the lab creates network namespaces")
         return 2
+    # The agents' admin token: LabAgents gives it to the agents, and what runs in the
+    # hosts' namespaces (commands, probes) inherits it from the environment.
+    os.environ[TOKEN_ENV] = harness_token()
     times: list[float] = []
     with tempfile.TemporaryDirectory(prefix="meshorch-failover-") as tmp:
         work = Path(tmp)

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from meshorch.lab.agents import API_PORT, LabAgents
 from meshorch.lab.lab import Lab
+from meshorch.site.access import TOKEN_ENV, harness_token
 
 
 def log(message: str) -> None:
@@ -41,6 +42,9 @@ def main() -> int:
     if os.geteuid() != 0:
         log("bench/image_spread.py needs root: the lab creates network namespaces")
         return 2
+    # The agents' admin token: LabAgents gives it to the agents, and what runs in the
+    # hosts' namespaces (commands, probes) inherits it from the environment.
+    os.environ[TOKEN_ENV] = harness_token()
     with tempfile.TemporaryDirectory(prefix="meshorch-spread-") as tmp:
         archive = Path(tmp) / "image.tar"
         with open(archive, "wb") as handle:

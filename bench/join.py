@@ -26,14 +26,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from meshorch.lab.agents import API_PORT, LabAgents, wg_interface_name
 from meshorch.lab.lab import Lab
+from meshorch.site.access import TOKEN_ENV, harness_token
 
 _PROBE = """
-import json, subprocess, sys, time, urllib.request
+import json, os, subprocess, sys, time, urllib.request
 start, api, iface, peers_wanted, me, limit = (float(sys.argv[1]), sys.argv[2], sys.argv[3],
                                               int(sys.argv[4]), sys.argv[5], float(sys.argv[6]))
+headers = {"Authorization": "Bearer " + os.environ["MESHORCH_AGENT_TOKEN"]}
 while time.time() - start < limit:
     try:
-        status = json.load(urllib.request.urlopen(f"http://{api}/v1/status", timeout=1))
+        request = urllib.request.Request(f"http://{api}/v1/status", headers=headers)
+        status = json.load(urllib.request.urlopen(request, timeout=1))
         member = status["ready"] and any(m["host_id"] == me for m in status["members"])
         members = len(status["members"])
     except Exception:
@@ -61,6 +64,9 @@ def main() -> int:
     if os.geteuid() != 0:
         log("bench/join.py needs root: the lab creates network namespaces")
         return 2
+    # The agents' admin token: LabAgents gives it to the agents, and what runs in the
+    # hosts' namespaces (commands, probes) inherits it from the environment.
+    os.environ[TOKEN_ENV] = harness_token()
     with tempfile.TemporaryDirectory(prefix="meshorch-join-") as state:
         lab = Lab(f"b{secrets.token_hex(2)}", Path(state))
         try:

@@ -81,15 +81,16 @@ def ensure_etcd() -> str:
 # -- meshorch ---------------------------------------------------------------------
 
 
-def meshorch_request(urls: list[str]) -> RequestFn:
-    # Request URLs are built once, so the load generator spends its time on requests.
+def meshorch_request(urls: list[str], headers: dict[str, str]) -> RequestFn:
+    # Request URLs are built once, so the load generator spends its time on requests;
+    # ``headers`` carry the agents' access token.
     targets = [
         [URL(f"{url}/v1/kv/bench/{k}", encoded=True) for k in range(KEYSPACE)] for url in urls
     ]
 
     async def put(session: aiohttp.ClientSession, worker: int, seq: int) -> bool:
         target = targets[(worker + seq) % len(targets)][(worker * 7919 + seq) % KEYSPACE]
-        async with session.put(target, data=VALUE) as response:
+        async with session.put(target, data=VALUE, headers=headers) as response:
             await response.read()
             return response.status == 200
 
@@ -232,12 +233,12 @@ async def bench_meshorch(
     site = LocalSite(hosts=3, site="bench", root=root, log_level="warning")
     site.start()
     try:
-        async with aiohttp.ClientSession() as session:
+        async with site.session() as session:
             await wait_ready(session, site.members, timeout_s=60)
         log("meshorch: 3 agents ready")
         pids = [h.pid for h in site.members if h.pid is not None]
         measured = await measure(
-            meshorch_request([h.url for h in site.members]), pids, phases, rounds
+            meshorch_request([h.url for h in site.members], site.headers), pids, phases, rounds
         )
         rss = [rss_mb(pid) for pid in pids]
         return summarise(measured), rss

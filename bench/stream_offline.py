@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from central_hub import Hub, HubConfig
 from meshorch.demo.localsite import LocalHost, wait_ready
+from tests.agent_token import HEADERS
 from tests.agents_util import linked_site
 from tests.streams.uplink import Uplink
 
@@ -80,8 +81,10 @@ async def run(args: argparse.Namespace, root: Path) -> tuple[float, float]:
     config = HubConfig(data_dir=root / "hub", port=0, gossip=False)
     async with (
         Hub(config) as hub,
-        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120), headers=HEADERS) as session,
     ):
+        # The session carries the agents' token (LocalSite's, from tests.agent_token); the
+        # hub's calls carry the hub's own.
         headers = {"Authorization": "Bearer " + hub.admin_token_path.read_text().strip()}
         for path, body in (("/v1/tenants", {"id": "acme"}), ("/v1/sites", {"id": SITE})):
             async with session.post(hub.url + path, json=body, headers=headers) as response:
