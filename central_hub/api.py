@@ -394,12 +394,16 @@ async def create_app(request: web.Request) -> web.Response:
         text = raw
     else:
         raise ApiError(400, "bad_spec", "spec is an application spec: an object or YAML text")
-    spec = parse_app_spec(text)
+    chosen = data.get("tenant")
+    deployments = hub_of(request).deployments
+    # Whose app it is first: a secret reference without a tenant is the app's tenant's.
+    tenant = deployments.owner(
+        token_of(request), None if chosen is None else validate_tenant(chosen)
+    )
+    spec = parse_app_spec(text, tenant=tenant)
     policy = parse_policy(data.get("placement"))
-    tenant = data.get("tenant")
-    chosen = None if tenant is None else validate_tenant(tenant)
-    status, deployment = await hub_of(request).deployments.deploy(
-        token_of(request), spec, spec_digest(spec), policy, chosen
+    status, deployment = await deployments.deploy(
+        token_of(request), spec, spec_digest(spec), policy, tenant
     )
     return json_response(deployment, status)
 

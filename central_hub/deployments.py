@@ -15,16 +15,22 @@ from typing import Any
 
 from central_hub import fleetview, placement, tokens, waves
 from central_hub.accounts import Accounts
-from central_hub.errors import ApiError
+from central_hub.errors import ApiError, InputProblems
 from central_hub.ledger import Ledger, Txn
 from central_hub.model import DEFAULT_TENANT, is_id, plain_key
 from central_hub.reports import Reports
 from central_hub.store import Store
 from central_hub.tokens import TokenRecord
-from meshorch.apps.spec import AppSpec, to_json
+from meshorch.apps.spec import AppSpec, foreign_secrets, to_json
 from meshorch.fleet.delta import Target
 
 logger = logging.getLogger(__name__)
+
+
+def name_unavailable(name: str) -> ApiError:
+    """A new app's name that another tenant holds: 409 ``app_exists``, worded the same
+    whoever holds it and naming nobody (the tenant's own app would be updated instead)."""
+    return ApiError(409, "app_exists", f"the application name {name!r} is not available")
 
 
 class Deployments:
@@ -138,6 +144,19 @@ class Deployments:
         txn.put("apps", app["name"], app)
         return replace(dep, deltas=(*dep.deltas, version))
 
+    @staticmethod
+    def owner(token: TokenRecord, tenant: str | None) -> str:
+        """The tenant a new app of ``token`` belongs to: ``tenant`` when given (a tenant
+        token may give only its own: 400 ``field_not_allowed``), else the token's
+        (``default`` for a fleet-wide token)."""
+        if tenant is None:
+            return DEFAULT_TENANT if tokens.is_fleet(token) else token.tenant
+        if not tokens.reaches(token, tenant):
+            raise tokens.field_not_allowed(
+                ["tenant"], f"a token of tenant {token.tenant!r} deploys to that tenant only"
+            )
+        return tenant
+
     async def deploy(
         self,
         token: TokenRecord,
@@ -146,14 +165,17 @@ class Deployments:
         policy: placement.Policy,
         tenant: str | None,
     ) -> tuple[int, dict[str, Any]]:
-        """Start a deployment; (202, deployment), or (200, the same one) when repeated."""
-        if tenant is None:
-            tenant = DEFAULT_TENANT if tokens.is_fleet(token) else token.tenant
-        elif not tokens.reaches(token, tenant):
-            raise tokens.field_not_allowed(
-                ["tenant"], f"a token of tenant {token.tenant!r} deploys to that tenant only"
-            )
+        """Start a deployment; (202, deployment), or (200, the same one) when repeated.
+
+        Refused before anything is read: 400 ``foreign_secret`` when the spec references a
+        secret of another tenant (``spec`` was parsed for ``tenant``: see ``owner``).
+        A name held by another tenant answers 409 ``app_exists`` naming nobody: names
+        are one namespace at the sites (docs/tenants.md)."""
+        tenant = self.owner(token, tenant)
         tokens.authorize(token, "apps.write", tenant)
+        problems = foreign_secrets(spec, tenant)
+        if problems:
+            raise InputProblems("foreign_secret", "the application spec", problems)
         store = self.ledger.store
 
         def plan(txn: Txn) -> tuple[int, dict[str, Any]]:
@@ -161,9 +183,7 @@ class Deployments:
             app = store.get_json("apps", spec.name)
             if app is not None:
                 if app.get("tenant", DEFAULT_TENANT) != tenant:
-                    raise ApiError(
-                        409, "app_exists", f"application {spec.name!r} belongs to another tenant"
-                    )
+                    raise name_unavailable(spec.name)
                 known = app["versions"].get(spec.version)
                 if known is not None and known != digest:
                     raise ApiError(

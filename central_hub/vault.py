@@ -428,8 +428,10 @@ def fleet_wide(token: TokenRecord) -> bool:
     return token.tenant == tokens.ALL_TENANTS
 
 
-def check_access(token: TokenRecord, action: str, tenant: str | None = None) -> None:
+def check_access(
+    token: TokenRecord, action: str, tenant: str | None = None, *, what: str = "secret"
+) -> None:
     """The access decision of every vault route (``tokens.authorize``): ``secrets.read``
     and ``secrets.write`` on a secret of ``tenant`` (another tenant's secret answers 404),
     ``fleet.lockdown`` for a site's lock-down, unlock, unseal approval and rotation."""
-    tokens.authorize(token, action, tenant, what="secret")
+    tokens.authorize(token, action, tenant, what=what)

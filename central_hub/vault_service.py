@@ -123,10 +123,11 @@ class VaultService:
         return DEFAULT_TENANT if fleet_wide(token) else token.tenant
 
     def _secret(self, token: TokenRecord, tenant: str, name: str) -> dict[str, Any]:
-        check_access(token, "secrets.read", tenant)
+        what = f"secret {tenant}/{name}"  # another tenant's answers as an absent one
+        check_access(token, "secrets.read", tenant, what=what)
         record = self._meta(secret_record_key(tenant, name))
         if record is None:
-            raise ApiError(404, "not_found", f"no secret {tenant}/{name}")
+            raise ApiError(404, "not_found", f"no {what}")
         return dict(record)
 
     def list_secrets(self, token: TokenRecord) -> list[dict[str, Any]]:

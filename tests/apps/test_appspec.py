@@ -10,11 +10,14 @@ from meshorch.apps.spec import (
     MAX_SPEC_BYTES,
     AppSpec,
     Constraint,
+    ForeignSecret,
     HttpCheck,
     SpecError,
     TcpCheck,
+    foreign_secrets,
     from_json,
     parse_app_spec,
+    require_own_secrets,
     spec_digest,
     to_json,
 )
@@ -392,3 +395,58 @@ def test_service_priority_is_read_validated_and_left_out_of_the_digest_when_defa
         parse_app_spec(
             GOOD_YAML.replace("  - name: web\n", "  - name: web\n    priority: 5000\n", 1)
         )
+
+
+def _with_secrets(refs: list[dict[str, str]]) -> dict[str, object]:
+    return {
+        "api_version": "meshorch/v1",
+        "name": "grab",
+        "version": "1",
+        "services": [
+            {"name": "web", "replicas": 1, "containers": [
+                {"name": "main", "image": "busybox", "resources": {"memory_limit": "16Mi"},
+                 "secrets": refs},
+            ]},
+        ],
+    }  # fmt: skip
+
+
+def test_a_secret_without_tenant_is_the_apps_tenants() -> None:
+    doc = _with_secrets([{"name": "db-password"}, {"name": "tls", "tenant": "default"}])
+    spec = parse_app_spec(json.dumps(doc), tenant="acme")
+    refs = spec.services[0].containers[0].secrets
+    assert [(r.tenant, r.name) for r in refs] == [("acme", "db-password"), ("default", "tls")]
+    # The canonical form names it: a site of any release reads the same tenant.
+    written = to_json(spec)["services"][0]["containers"][0]["secrets"]  # type: ignore[index]
+    assert written[0] == {"name": "db-password", "tenant": "acme", "file": "db-password"}
+    assert from_json(to_json(spec), tenant="other") == spec
+    assert from_json(doc, tenant="acme") == spec
+    # Not given: the default tenant, as before (its specs keep their digest).
+    plain = parse_app_spec(json.dumps(doc))
+    assert plain.services[0].containers[0].secrets[0].tenant == "default"
+    assert spec_digest(plain) != spec_digest(spec)
+
+
+def test_foreign_secrets_are_named_by_their_field() -> None:
+    doc = _with_secrets(
+        [
+            {"name": "api-key"},
+            {"name": "db-password", "tenant": "acme"},
+            {"name": "x", "tenant": "b"},
+        ]
+    )
+    spec = parse_app_spec(json.dumps(doc), tenant="evil")
+    problems = foreign_secrets(spec, "evil")
+    assert [p.split(":")[0] for p in problems] == [
+        "services[0].containers[0].secrets[1].tenant",
+        "services[0].containers[0].secrets[2].tenant",
+    ]
+    with pytest.raises(ForeignSecret) as info:
+        require_own_secrets(spec, "evil")
+    assert info.value.code == "foreign_secret" and info.value.problems == problems
+    assert isinstance(info.value, RemoteInputError)
+    own = parse_app_spec(json.dumps(_with_secrets([{"name": "api-key"}])), tenant="evil")
+    require_own_secrets(own, "evil")  # its own: fine
+    assert foreign_secrets(own, "evil") == []
+    with pytest.raises(ForeignSecret):
+        require_own_secrets(own, "acme")

@@ -4,7 +4,8 @@ deltas signed here and relayed to its API as a hub's would be.
 - a deployment over its tenant's quota is refused with the reason, in GET /v1/apps/{name}
   and in the site report; raising the quota lets it be placed;
 - an upgrade that would go over the quota rolls back at once with the reason;
-- the app name is one tenant's; the local API (PUT/GET /v1/quotas) validates like the op.
+- the app name is one tenant's (another tenant's app answers as an absent one); the
+  local API (PUT/GET /v1/quotas) validates like the op.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from meshorch.apps.settings import WorkloadSettings
 from meshorch.fleet.delta import Target
 from meshorch.site.agent import Agent
 from meshorch.site.config import AgentConfig
+from tests.agent_token import HEADERS
 from tests.agents_util import lone_agent_config
 from tests.fleet.hubstub import StubHub
 from tests.waiting import until
@@ -71,7 +73,9 @@ class Site:
         self, method: str, path: str, body: object = None, raw: bytes | None = None
     ) -> tuple[int, dict[str, Any]]:
         data = raw if raw is not None else None if body is None else orjson.dumps(body)
-        async with self.session.request(method, self.base + path, data=data) as response:
+        async with self.session.request(
+            method, self.base + path, data=data, headers=HEADERS
+        ) as response:
             return response.status, dict(await response.json(content_type=None))
 
     async def deliver(self, *ops: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -98,7 +102,7 @@ async def site(tmp_path: Path) -> AsyncIterator[Site]:
     settings = WorkloadSettings(runtime="process", cpu_millis=4000, memory_bytes=4096 * MI)
     async with (
         Agent(config, None, settings) as agent,
-        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20), headers=HEADERS) as session,
     ):
         site = Site(agent, session)
 
@@ -149,6 +153,7 @@ async def test_over_quota_refused_with_reason_then_placed_when_raised(site: Site
     assert clash[0]["reason"] == "bad_op"
     status, body = await site.call("POST", "/v1/apps?tenant=globex", spec("web", "9"))
     assert (status, body["error"]["code"]) == (409, "name_taken")
+    assert "acme" not in body["error"]["message"] and "tenant" not in body["error"]["message"]
 
     # Raising the quota lets it be placed; the refusal goes away.
     assert await site.deliver(quota_op("acme", memory_bytes=128 * MI)) == []
@@ -231,7 +236,13 @@ async def test_local_quota_and_tenant_routes(site: Site) -> None:
     assert [(q["tenant"], q["quota"], q["used"]["instances"]) for q in listed["quotas"]] == [
         ("default", None, 1), ("globex", None, 2)
     ]  # fmt: skip
+    # Another tenant's app answers as an absent one.
     status, body = await site.call("DELETE", "/v1/apps/small?tenant=acme")
-    assert (status, body["error"]["code"]) == (409, "name_taken")
+    absent = await site.call("DELETE", "/v1/apps/nothing?tenant=acme")
+    assert (status, body) == (404, {"error": {"code": "not_found",
+                                              "message": "no application 'small'"}})  # fmt: skip
+    assert absent == (404, {"error": {"code": "not_found", "message": "no application 'nothing'"}})
+    status, body = await site.call("GET", "/v1/apps/small?tenant=acme")
+    assert (status, body["error"]["code"]) == (404, "not_found")
     status, body = await site.call("DELETE", "/v1/apps/small?tenant=globex")
     assert status == 200
