@@ -19,6 +19,9 @@ deltas that target this site and the new trust state, the latter written with a
 compare-and-set on the trust record read, so a stale leader cannot apply a delta twice or
 move the site's version backwards. ``build_report`` makes the site report of
 docs/fleet-link.md from the view; ``app_view`` is shared with the agent API.
+
+Its size: every operation a delta can carry is turned into writes here, in one pure
+place, so what a delta does at a site can be read and tested in one module.
 """
 
 from __future__ import annotations

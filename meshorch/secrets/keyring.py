@@ -24,6 +24,9 @@ Records of the ``secrets`` table (versioned JSON, orjson)::
     lockdown              present while the site is locked down
     rotate                a rotation asked for (a delta or the API)
     settings              SecretSettings: the rotation interval
+
+Its size: the whole key hierarchy (records, wrapping, sealing, the rotation and unseal
+plans) is one pure module so its invariants can be tested without I/O.
 """
 
 from __future__ import annotations

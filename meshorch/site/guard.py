@@ -35,7 +35,7 @@ from meshorch.state.tables import MEMBER_PREFIX, SYSTEM_TABLE, MemberRecord
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-_CALLER_KEY = "meshorch.caller"
+_CALLER: web.RequestKey[Caller] = web.RequestKey("meshorch_caller", Caller)
 
 JOIN_BURST = 10  # attempts a source may make at once
 JOIN_PER_S = 0.5  # then one every 2 s
@@ -81,7 +81,7 @@ class Guard:
             return await handler(request)  # 404 / 405 as aiohttp answers them
         rule = RULES.get(route_key(request.method, route.canonical))
         caller = self.caller(request)
-        request[_CALLER_KEY] = caller
+        request[_CALLER] = caller
         tenant = None
         if rule is not None and rule.tenant_from == "query":
             tenant = request.query.get("tenant")
@@ -152,7 +152,7 @@ class Guard:
 
 
 def caller_of(request: web.Request) -> Caller:
-    caller = request.get(_CALLER_KEY)
+    caller = request.get(_CALLER)
     return caller if isinstance(caller, Caller) else ANONYMOUS
 
 
