@@ -37,9 +37,9 @@ def test_stale_local_reads_under_a_partition_are_caught(
 ) -> None:
     """The negative control: reads with consistency=local are not linearizable, and the
     isolated follower serves stale values while the majority writes on. The suite must say
-    so, or a green run of the scenarios would mean nothing. A stale read needs a read of the isolated
-    host after a write elsewhere, before that client blocks on a write to the isolated
-    host: likely, not certain, so more clients and up to three seeds."""
+    so, or a green run of the scenarios would mean nothing. A stale read needs a read of
+    the isolated host after a write elsewhere, before that client blocks on a write to the
+    isolated host: likely, not certain, so more clients and up to three seeds."""
     settings = replace(chaos_lab.settings, read_consistency="local", clients=10)
     summaries = []
     for seed in (2, 5, 9):
