@@ -141,6 +141,9 @@ class Admission:
             revoked[key[len(REVOKED_PREFIX) :].decode()] = str(data.get("wg_public_key", ""))
         return revoked
 
+    def _revoked_wg_keys(self, revoked: Mapping[str, str]) -> set[str]:
+        return {key for key in revoked.values() if key}  # static-mode hosts have none
+
     async def admit(self, request: JoinRequest, now: float) -> dict[str, str]:
         """Admit ``request`` into the site; return the signed, sealed answer body."""
         raft = self.node
@@ -157,7 +160,7 @@ class Admission:
         stored = TokenRecord.decode(token_record.value) if token_record else None
         check_join(request, self.site, stored, now)
         revoked = self._revoked_keys()
-        if request.host_id in revoked or request.wg_public_key in revoked.values():
+        if request.host_id in revoked or request.wg_public_key in self._revoked_wg_keys(revoked):
             raise JoinRefused("revoked_host", f"host {request.host_id} (or its key) was revoked")
         members = {m.host_id: m for m in self.members.members()}
         existing = members.get(request.host_id)
@@ -247,9 +250,11 @@ class Admission:
             {"v": 1, "wg_public_key": record.wg_public_key or "", "at": time.time()}
         )
         revoked_key = REVOKED_PREFIX + record.host_id.encode()
-        ops: list[Put | Delete] = [Delete(SYSTEM_TABLE, record.key())]
-        if record.wg_public_key:
-            ops.append(Put(SYSTEM_TABLE, revoked_key, marker))
+        # The marker is written in static mode too: what the host knew is rotated on it.
+        ops: list[Put | Delete] = [
+            Delete(SYSTEM_TABLE, record.key()),
+            Put(SYSTEM_TABLE, revoked_key, marker),
+        ]
         if record.overlay_ip:
             ops.append(Delete(SYSTEM_TABLE, IPAM_PREFIX + record.overlay_ip.encode()))
         if record.raft in self.node.status().members:
