@@ -75,6 +75,7 @@ from raft.errors import (
     StateFullError,
     ViewFullError,
 )
+from raft.password import PasswordRing, derive
 from raft.state_machine import NO_SPACE, OpResult, apply_command_indexed, record_cost
 from raft.transport import CappedTransport, message_cap
 from raft.view import StateView
@@ -216,9 +217,11 @@ class _SyncObj(SyncObj):  # type: ignore[misc]
         on_apply: Callable[[bytes, int], list[OpResult] | None],
         poller: _LoopPoller,
         max_message_bytes: int,
+        ring: PasswordRing,
     ) -> None:
         self._on_apply = on_apply
         self.__dict__["_loop_poller"] = poller
+        self.__dict__["_password_ring"] = ring  # before the transport reads it
         transport = functools.partial(CappedTransport, message_bytes=max_message_bytes)
         super().__init__(self_address, list(partners), conf, transportClass=transport)
 
@@ -230,6 +233,13 @@ class _SyncObj(SyncObj):  # type: ignore[misc]
     @_poller.setter
     def _poller(self, _ignored: object) -> None:
         """SyncObj's constructor makes a ``select.poll`` poller: the loop's is kept."""
+
+    @property
+    def encryptor(self) -> PasswordRing:
+        """Every connection's encryptor: the ring, whose passwords change in place (the
+        conf carries no password, so pysyncobj derives no key of its own)."""
+        ring: PasswordRing = self.__dict__["_password_ring"]
+        return ring
 
     @replicated  # type: ignore[untyped-decorator]
     def apply_entry(self, payload: bytes) -> list[OpResult] | None:
@@ -273,6 +283,7 @@ class RaftNode:
         self._stopped = False
         self.failure: RaftError | None = None  # why the node stopped itself
         self._failure_stop: asyncio.Task[None] | None = None
+        self._ring: PasswordRing | None = None  # the cluster password(s), from start()
 
     # -- lifecycle -------------------------------------------------------
 
@@ -289,7 +300,7 @@ class RaftNode:
         # Without it pysyncobj listens on 0.0.0.0; Raft must only answer where we say.
         bind_address = self.config.bind_address or self.config.self_address
         conf = SyncObjConf(
-            password=self.config.password,
+            password=None,  # encryption is the ring's: see _SyncObj.encryptor
             journalFile=str(data_dir / "raft.journal"),
             fullDumpFile=str(data_dir / "raft.dump"),
             serializer=self._write_dump,
@@ -316,6 +327,9 @@ class RaftNode:
             maxBindRetries=1,
         )
         await _wait_bindable(bind_address)
+        if self._ring is None:
+            await asyncio.to_thread(derive, [self.config.password])  # PBKDF2
+            self._ring = PasswordRing(self.config.password)
         self._poller = _LoopPoller(loop, self._schedule_tick)
         try:
             # The constructor derives the cluster key (PBKDF2), reads the journal and binds.
@@ -327,6 +341,7 @@ class RaftNode:
                 self._on_apply,
                 self._poller,
                 message_cap(self.config.max_entry_bytes, conf.appendEntriesBatchSizeBytes),
+                self._ring,
             )
         except BaseException:
             # Registrations made by the failed constructor are queued on the loop.
@@ -636,6 +651,22 @@ class RaftNode:
                 reason = _NOT_COMMITTED.get(error, f"failure {error}")
                 raise NotCommittedError(f"membership change {action} {address}: {reason}")
             await asyncio.sleep(0.1)
+
+    # -- the cluster password ----------------------------------------------------
+
+    async def use_passwords(self, send: str, also_accept: Sequence[str] = ()) -> None:
+        """Send with ``send`` and accept it and ``also_accept`` from now on, on the
+        connections already open too (one step of a rolling change: raft.password)."""
+        await asyncio.to_thread(derive, [send, *also_accept])  # PBKDF2, off the loop
+        if self._ring is None:
+            self._ring = PasswordRing(send)
+        self._ring.use(send, also_accept)
+
+    def passwords(self) -> tuple[str, tuple[str, ...]]:
+        """The password this node sends with, and those it accepts."""
+        if self._ring is None:
+            return self.config.password, (self.config.password,)
+        return self._ring.sending, self._ring.accepting
 
     # -- status ----------------------------------------------------------------
 
