@@ -93,7 +93,7 @@ class Admission:
         node: MembershipNode,
         members: Members,
         site: str,
-        password: str,
+        password: Callable[[], str | None],
         spawn: Spawn,
         sign: Callable[[str, str], Mapping[str, str]] | None = None,
     ) -> None:
@@ -101,7 +101,8 @@ class Admission:
         self.node = node
         self.members = members
         self.site = site
-        self.password = password  # the cluster password an admitted host receives
+        # The cluster password an admitted host receives; None while it is being changed.
+        self.password = password
         self.spawn = spawn  # runs a background task the agent owns
 
     def site_identity(self) -> SiteIdentity:
@@ -166,6 +167,11 @@ class Admission:
         existing = members.get(request.host_id)
         if existing is not None and existing.wg_public_key != request.wg_public_key:
             raise JoinRefused("host_id_taken", f"host id {request.host_id} is taken by another key")
+        password = self.password()
+        if password is None:
+            raise SiteNotReady(
+                "password_rotation", "the site is changing its cluster password: retry shortly"
+            )
         await self._spend_token(request, now)
 
         overlay_ip = existing.overlay_ip if existing and existing.overlay_ip else None
@@ -189,7 +195,7 @@ class Admission:
             raft_port=network.raft_port,
             raft_members=raft_members,
             peers=tuple(m.to_json() for m in self.members.members() if m.wg_public_key),
-            cluster_password=self.password,
+            cluster_password=password,
         )
         self.spawn(self._add_raft_member(member), f"add-member-{member.host_id}")
         logger.info("admitted %s at %s", member.host_id, overlay_ip)

@@ -46,6 +46,7 @@ from meshorch.join.mesh import (
     discover_existing_site,
     join_membership,
 )
+from meshorch.join.password_rotation import PasswordRotation
 from meshorch.net.app_network import AppNetwork, NetworkSettings
 from meshorch.runtime import Runtime
 from meshorch.secrets.service import SiteSecrets
@@ -121,6 +122,7 @@ class Agent:
         self.images: SiteImages
         self.secrets: SiteSecrets
         self.streams: SiteStreams
+        self.password_rotation: PasswordRotation
         self.site_link: SiteLink
         self.upgrades: AgentUpgrades
         self.network: AppNetwork
@@ -198,6 +200,7 @@ class Agent:
         self.spawn(self._register_self(), "register-self")
         self.spawn(self.images.run(), "image-sync")
         self.spawn(self.secrets.run(), "secrets")
+        self.spawn(self.password_rotation.run(), "cluster-password")
         # Application output goes to the site's streams (tenant/app/logs).
         self.log_capture = LogCapture(
             self.runtime, config.data_dir / "log-capture", self._store_logs
@@ -258,6 +261,15 @@ class Agent:
             raft, roster, host_id=config.host_id, data_dir=config.data_dir, sign=sign
         )
         self.streams = SiteStreams(raft, config.host_id, lambda: host_protocols(raft.view))
+        secrets = self.secrets
+        self.password_rotation = PasswordRotation(
+            raft,
+            roster,
+            config.host_id,
+            host_key=lambda: secrets.host_key,
+            host_public_keys=lambda: secrets.snapshot().hostkeys,
+            store_password=lambda password: store_password(config.data_dir, password),
+        )
         self.upgrades = AgentUpgrades(
             raft,
             roster,
@@ -304,8 +316,14 @@ class Agent:
             node=raft,
             members=roster,
             admission=Admission(
-                raft, roster, config.site, self.password, self.spawn, self.signer.headers
+                raft,
+                roster,
+                config.site,
+                lambda: None if self.password_rotation.under_way() else raft.passwords()[0],
+                self.spawn,
+                self.signer.headers,
             ),
+            password_rotation=self.password_rotation,
             secrets=self.secrets,
             images=self.images,
             streams=self.streams,

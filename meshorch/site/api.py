@@ -152,6 +152,7 @@ async def get_status(request: web.Request) -> web.Response:
             "applied_index": svc.node.view.applied_index(),
             "members": members,
             "ready": status.ready,
+            "cluster_password": svc.password_rotation.status(),
         }
     )
 

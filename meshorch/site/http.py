@@ -18,6 +18,7 @@ from meshorch.fleet.delta import DeltaRejected
 from meshorch.fleet.site_link import SiteLink
 from meshorch.images.service import SiteImages
 from meshorch.join.admission import Admission
+from meshorch.join.password_rotation import PasswordRotation
 from meshorch.secrets.service import SiteSecrets
 from meshorch.site.host_api import HostRoutes
 from meshorch.state.ports import Members, SiteState
@@ -78,6 +79,7 @@ class SiteServices:
     node: ApiNode
     members: Members
     admission: Admission
+    password_rotation: PasswordRotation
     secrets: SiteSecrets
     images: SiteImages
     streams: SiteStreams
