@@ -15,12 +15,15 @@ record, does not open.
 
 Records of the ``secrets`` table (versioned JSON, orjson)::
 
-    ring                  Keyring: the SSK (public, wrapped private)
+    ring                  Keyring: the SSK (public, wrapped private), the SSKs it replaced
+                          (wrapped), and the revocations it accounts for
     dkstate               DataKeyState: current data key id, last rotation
     dk/{id:08d}           DataKey: a wrapped data key
     secret/{tenant}/{name} SecretRecord: "sealed" (to the SSK, as delivered), "ready"
                           (under a data key) or "failed" (could not be opened)
     hostkey/{host_id}     a host's X25519 public key (unseal answers are sealed to it)
+                          (registered by a member; a hostkey of a non-member is a host
+                          removed, that is revoked, since)
     lockdown              present while the site is locked down
     rotate                a rotation asked for (a delta or the API)
     settings              SecretSettings: the rotation interval
@@ -56,6 +59,10 @@ DEFAULT_ROTATION_INTERVAL_S = 24 * 3600.0
 MIN_ROTATION_INTERVAL_S = 1.0
 MAX_ROTATION_INTERVAL_S = 365 * 86400.0
 REWRAP_BATCH = 64  # secrets per Raft proposal
+# SSKs a rekey replaced stay (wrapped under the new KEK) this long, so a secret the hub
+# sealed to one before it learnt the new key still opens; at most this many are kept.
+PREVIOUS_SSK_KEEP_S = 3600.0
+MAX_PREVIOUS_SSKS = 4
 
 RING_KEY = b"ring"
 DKSTATE_KEY = b"dkstate"
@@ -175,6 +182,10 @@ def dk_context(dk_id: int) -> str:
     return f"meshorch/dk/{dk_id}"
 
 
+def previous_ssk_context(public: bytes) -> str:
+    return f"meshorch/ssk/{public.hex()}"
+
+
 # -- records -----------------------------------------------------------------------------
 
 
@@ -183,10 +194,31 @@ def _dumps(data: Mapping[str, Any]) -> bytes:
 
 
 @dataclass(frozen=True, slots=True)
+class PreviousSsk:
+    """An SSK a rekey replaced: its private half wrapped under the current KEK."""
+
+    public: bytes
+    wrapped: bytes
+
+    def open(self, kek: bytes) -> PrivateKey:
+        private = PrivateKey(unwrap(kek, previous_ssk_context(self.public), self.wrapped))
+        if bytes(private.public_key) != self.public:
+            raise Tampered("a previous site key's public and private halves differ")
+        return private
+
+
+@dataclass(frozen=True, slots=True)
 class Keyring:
+    """``generation`` counts rekeys; ``revoked_index`` is the Raft index of the newest
+    revocation record this keyring accounts for; ``rotated_at`` when the last rekey was."""
+
     ssk_public: bytes
     ssk_wrapped: bytes
     created_at: float
+    previous: tuple[PreviousSsk, ...] = ()
+    generation: int = 1
+    revoked_index: int = 0
+    rotated_at: float | None = None
 
     def encode(self) -> bytes:
         return _dumps(
@@ -194,16 +226,31 @@ class Keyring:
                 "ssk_public": self.ssk_public.hex(),
                 "ssk_wrapped": b64(self.ssk_wrapped),
                 "created_at": self.created_at,
+                "previous": [
+                    {"ssk_public": p.public.hex(), "ssk_wrapped": b64(p.wrapped)}
+                    for p in self.previous
+                ],
+                "generation": self.generation,
+                "revoked_index": self.revoked_index,
+                "rotated_at": self.rotated_at,
             }
         )
 
     @staticmethod
     def decode(raw: bytes) -> Keyring:
         data = orjson.loads(raw)
+        rotated_at = data.get("rotated_at")
         return Keyring(
             bytes.fromhex(data["ssk_public"]),
             base64.b64decode(data["ssk_wrapped"]),
             float(data["created_at"]),
+            tuple(
+                PreviousSsk(bytes.fromhex(p["ssk_public"]), base64.b64decode(p["ssk_wrapped"]))
+                for p in data.get("previous", ())
+            ),
+            int(data.get("generation", 1)),
+            int(data.get("revoked_index", 0)),
+            None if rotated_at is None else float(rotated_at),
         )
 
     def open(self, kek: bytes) -> PrivateKey:
@@ -426,10 +473,15 @@ class Snapshot:
 Write = Put | Delete | Guard
 
 
-def init_ops(kek: bytes, ssk_seed: bytes, dk: bytes, now: float) -> list[Write]:
-    """Create the keyring, DK 1 and the data key state, only if the site has no keyring."""
+def init_ops(
+    kek: bytes, ssk_seed: bytes, dk: bytes, now: float, revoked_index: int = 0
+) -> list[Write]:
+    """Create the keyring, DK 1 and the data key state, only if the site has no keyring
+    (``revoked_index``: the newest revocation record, which the new keys postdate)."""
     ssk = PrivateKey(ssk_seed)
-    ring = Keyring(bytes(ssk.public_key), wrap(kek, SSK_CONTEXT, bytes(ssk)), now)
+    ring = Keyring(
+        bytes(ssk.public_key), wrap(kek, SSK_CONTEXT, bytes(ssk)), now, revoked_index=revoked_index
+    )
     first = DataKey(1, wrap(kek, dk_context(1), dk), now)
     writes: list[Write] = [
         Put(SECRETS_TABLE, RING_KEY, ring.encode()),
@@ -440,16 +492,23 @@ def init_ops(kek: bytes, ssk_seed: bytes, dk: bytes, now: float) -> list[Write]:
 
 
 class Keys:
-    """The unsealed keys of one host: the KEK, the SSK and the data keys opened so far."""
+    """The unsealed keys of one host: the KEK, the SSK (and the previous ones the keyring
+    still keeps) and the data keys opened so far."""
 
-    def __init__(self, kek: bytes, ssk: PrivateKey) -> None:
+    def __init__(self, kek: bytes, ssk: PrivateKey, previous: Sequence[PrivateKey] = ()) -> None:
         self.kek = kek
         self.ssk = ssk
+        self.previous = tuple(previous)
         self._dks: dict[tuple[int, bytes], bytes] = {}
 
     @staticmethod
     def unseal(kek: bytes, keyring: Keyring) -> Keys:
-        return Keys(bytes(kek), keyring.open(kek))
+        ssk = keyring.open(kek)
+        return Keys(bytes(kek), ssk, [p.open(kek) for p in keyring.previous])
+
+    def matches(self, keyring: Keyring | None) -> bool:
+        """Whether these keys are the keyring's (not from before a rekey)."""
+        return keyring is not None and bytes(self.ssk.public_key) == keyring.ssk_public
 
     def data_key(self, dk: DataKey) -> bytes:
         cache_key = (dk.id, dk.wrapped)
@@ -506,8 +565,8 @@ def next_step(snap: Snapshot, keys: Keys, now: float, new_dk: bytes) -> Step | N
     made from a stale view changes nothing.
     """
     state = snap.dkstate
-    if snap.keyring is None or state is None:
-        return None
+    if snap.keyring is None or state is None or not keys.matches(snap.keyring):
+        return None  # no keys yet, or this host's are from before a rekey
     current = snap.dks.get(state.current)
     if current is None:
         return None  # a broken table; nothing safe to do
@@ -516,7 +575,9 @@ def next_step(snap: Snapshot, keys: Keys, now: float, new_dk: bytes) -> Step | N
     if pending:
         return Step(
             f"decrypt {len(pending)} delivered secret(s)",
-            _guarded(guard_index, [_open_pending(s, i, keys, current) for s, i in pending]),
+            _guarded(
+                guard_index, [_open_pending(s, i, keys, snap.keyring, current) for s, i in pending]
+            ),
         )
     if snap.rotation_due(now):
         new_id = max(snap.dks) + 1
@@ -547,7 +608,130 @@ def next_step(snap: Snapshot, keys: Keys, now: float, new_dk: bytes) -> Step | N
             f"delete data key(s) {', '.join(map(str, unused))}",
             [Guard(SECRETS_TABLE, DKSTATE_KEY, guard_index, len(deletes)), *deletes],
         )
+    ring = snap.keyring
+    if (
+        ring.previous
+        and ring.rotated_at is not None
+        and now - ring.rotated_at >= PREVIOUS_SSK_KEEP_S
+    ):
+        # Nothing sealed is left (opened above); one delivered later, sealed to a retired
+        # key, fails and the hub's re-delivery to the new key replaces it (op_writes).
+        put = Put(SECRETS_TABLE, RING_KEY, replace(ring, previous=()).encode())
+        return Step(
+            f"retire {len(ring.previous)} previous site key(s)",
+            [Guard(SECRETS_TABLE, RING_KEY, snap.keyring_index, 1), put],
+        )
     return None
+
+
+# -- rekey after a revocation --------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Membership:
+    """What the system table says of the hosts: the members' ids, and the revoked hosts
+    with the Raft index of their revocation record (``meshorch.state.tables``)."""
+
+    members: frozenset[str]
+    revoked: Mapping[str, int] = field(default_factory=dict)
+
+
+def rekey_reasons(snap: Snapshot, membership: Membership) -> list[str]:
+    """The hosts that may know the current KEK but are no longer members: revoked after
+    the keyring's last rekey, or holding a host key while not a member (a host removed:
+    a mesh host's revocation leaves a record, another host's only its absence)."""
+    ring = snap.keyring
+    if ring is None:
+        return []
+    hosts = {h for h, index in membership.revoked.items() if index > ring.revoked_index}
+    hosts |= {h for h in snap.hostkeys if h not in membership.members}
+    return sorted(hosts)
+
+
+@dataclass(frozen=True, slots=True)
+class Rekey:
+    """The one proposal that replaces the KEK and the SSK, the keys it makes (the
+    proposer's once committed), and the hosts to hand the new KEK to first (their host
+    keys), so no host depends on the proposer surviving the commit."""
+
+    what: str
+    ops: list[Write]
+    keys: Keys
+    recipients: dict[str, bytes]
+
+    def committed(self, results: Sequence[Any]) -> bool:
+        """Whether both guards (the keyring's, the data key state's) held."""
+        return len(results) > 1 and bool(results[0].ok) and bool(results[1].ok)
+
+
+def rekey_step(
+    snap: Snapshot,
+    keys: Keys,
+    membership: Membership,
+    now: float,
+    kek: bytes,
+    ssk_seed: bytes,
+    dk: bytes,
+) -> Rekey | None:
+    """When a host left that may know the KEK (``rekey_reasons``): a new KEK, a new SSK
+    (the old one, and those it kept, wrapped under the new KEK), every data key rewrapped
+    under the new KEK, a new current data key (``next_step`` then rewraps every secret
+    to it and deletes the old ones), and the removed hosts' host keys deleted, so no peer
+    answers their unseal requests. One proposal, guarded by the keyring's and the data
+    key state's indexes: applied whole or not at all, and never from a stale view."""
+    ring, state = snap.keyring, snap.dkstate
+    gone = rekey_reasons(snap, membership)
+    if not gone or ring is None or state is None or not keys.matches(ring):
+        return None
+    if state.current not in snap.dks:
+        return None  # a broken table; nothing safe to do
+    if len(kek) != KEY_BYTES or len(dk) != KEY_BYTES:
+        raise ValueError("new keys are 32 bytes")
+    ssk = PrivateKey(ssk_seed)
+    kept = [keys.ssk, *keys.previous][:MAX_PREVIOUS_SSKS]
+    previous = tuple(
+        PreviousSsk(bytes(k.public_key), wrap(kek, previous_ssk_context(bytes(k.public_key)),
+                                                bytes(k)))
+        for k in kept
+    )  # fmt: skip
+    revoked_index = max([ring.revoked_index, *membership.revoked.values()])
+    new_ring = Keyring(
+        bytes(ssk.public_key),
+        wrap(kek, SSK_CONTEXT, bytes(ssk)),
+        ring.created_at,
+        previous,
+        ring.generation + 1,
+        revoked_index,
+        now,
+    )
+    writes: list[Write] = [Put(SECRETS_TABLE, RING_KEY, new_ring.encode())]
+    for old in sorted(snap.dks.values(), key=lambda d: d.id):
+        try:
+            value = keys.data_key(old)
+        except Tampered:
+            continue  # unusable already; left as it is
+        rewrapped = DataKey(old.id, wrap(kek, dk_context(old.id), value), old.created_at)
+        writes.append(Put(SECRETS_TABLE, rewrapped.key(), rewrapped.encode()))
+    new_id = max(snap.dks) + 1
+    record = DataKey(new_id, wrap(kek, dk_context(new_id), dk), now)
+    writes += [
+        Put(SECRETS_TABLE, record.key(), record.encode()),
+        Put(SECRETS_TABLE, DKSTATE_KEY, DataKeyState(new_id, now).encode()),
+    ]
+    if snap.rotate_index:
+        writes.append(Delete(SECRETS_TABLE, ROTATE_KEY))
+    writes += [Delete(SECRETS_TABLE, hostkey_key(h)) for h in gone if h in snap.hostkeys]
+    inner: list[Write] = [Guard(SECRETS_TABLE, DKSTATE_KEY, snap.dkstate_index, len(writes)),
+                          *writes]  # fmt: skip
+    ops: list[Write] = [Guard(SECRETS_TABLE, RING_KEY, snap.keyring_index, len(inner)), *inner]
+    recipients = {
+        h: key for h, key in snap.hostkeys.items() if h in membership.members and h not in gone
+    }
+    what = (
+        f"rekey (generation {new_ring.generation}) after {', '.join(gone)} left: new unseal "
+        f"key, new site key, data key {new_id} replaces {state.current}"
+    )
+    return Rekey(what, ops, Keys(kek, ssk, kept), recipients)
 
 
 def _guarded(dkstate_index: int, pairs: Sequence[tuple[Guard, Put]]) -> list[Write]:
@@ -558,10 +742,10 @@ def _guarded(dkstate_index: int, pairs: Sequence[tuple[Guard, Put]]) -> list[Wri
 
 
 def _open_pending(
-    secret: SecretRecord, index: int, keys: Keys, current: DataKey
+    secret: SecretRecord, index: int, keys: Keys, keyring: Keyring, current: DataKey
 ) -> tuple[Guard, Put]:
     try:
-        value = open_sealed(keys.ssk, secret.ciphertext)
+        value = _open_with_any(keys, keyring, secret.ciphertext)
         if len(value) > MAX_SECRET_BYTES:
             raise Tampered(f"the value is over {MAX_SECRET_BYTES} bytes")
     except Tampered as exc:
@@ -572,6 +756,18 @@ def _open_pending(
         ciphertext = wrap(keys.data_key(current), context, value)
         new = replace(secret, state="ready", ciphertext=ciphertext, dk=current.id, message="")
     return _guarded_put(new, index)
+
+
+def _open_with_any(keys: Keys, keyring: Keyring, blob: bytes) -> bytes:
+    """Open a blob sealed to the SSK, or to a previous one the keyring still keeps."""
+    kept = {p.public for p in keyring.previous}
+    previous = [k for k in keys.previous if bytes(k.public_key) in kept]
+    for private in (keys.ssk, *previous):
+        try:
+            return open_sealed(private, blob)
+        except Tampered:
+            continue
+    raise Tampered("the sealed blob does not open with this site's keys")
 
 
 def _guarded_put(secret: SecretRecord, index: int) -> tuple[Guard, Put]:
@@ -666,8 +862,9 @@ def op_writes(
                 raise RemoteInputError(
                     "stale_version", f"{tenant}/{name} version {version} < stored {stored.version}"
                 )
-            if version == stored.version:
+            if version == stored.version and stored.state != "failed":
                 return []  # delivered again: already here
+            # A failed one delivered again (sealed to a newer site key) replaces it.
         record = SecretRecord(tenant, name, version, "sealed", blob)
         return [Put(SECRETS_TABLE, record.key(), record.encode())]
     if kind == DELETE_OP:

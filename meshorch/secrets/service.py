@@ -9,6 +9,11 @@
   secrets opened and put under the current data key, rotations, rewraps, old keys deleted.
 - While sealed: asks its peers for the KEK every ``UNSEAL_RETRY_S``
   (``POST /v1/secrets/unseal-request``), and answers theirs when unsealed.
+- Rekey on the leader, when a host that may know the KEK left the site (a committed
+  revocation, ``meshorch.secrets.keyring.rekey_step``): hands the new KEK, sealed to each
+  remaining host's key, to those hosts (``POST /v1/secrets/rekey``), then commits the new
+  keyring. A host whose keys no longer match the keyring switches to the KEK it was
+  handed, or drops its keys and asks its peers.
 - Lock-down (a record in Raft): every host drops its keys as soon as it sees it.
 - Delivery: writes an instance's secret files into a tmpfs directory outside the data dir
   (``/dev/shm/meshorch-secrets/<hash of the data dir>/<runtime id>/``, 0700, files 0400).
@@ -35,10 +40,15 @@ from meshorch.errors import RemoteInputError
 from meshorch.secrets.keyring import (
     KEY_BYTES,
     LOCKDOWN_KEY,
+    RING_KEY,
     ROTATE_KEY,
+    SEAL_OVERHEAD,
     SETTINGS_KEY,
     Indexed,
+    Keyring,
     Keys,
+    Membership,
+    Rekey,
     SecretRecord,
     SecretRef,
     SecretSettings,
@@ -53,12 +63,20 @@ from meshorch.secrets.keyring import (
     init_ops,
     next_step,
     open_sealed,
+    parse_public_key,
+    rekey_step,
     seal,
     secret_key,
     unb64,
 )
 from meshorch.state.ports import Members, SiteState
-from meshorch.state.tables import MEMBER_PREFIX, SECRETS_TABLE, SYSTEM_TABLE, validate_host_id
+from meshorch.state.tables import (
+    MEMBER_PREFIX,
+    REVOKED_PREFIX,
+    SECRETS_TABLE,
+    SYSTEM_TABLE,
+    validate_host_id,
+)
 from raft import Delete, Put
 from raft.errors import ProposalError
 
@@ -69,6 +87,8 @@ TICK_S = 0.25
 UNSEAL_RETRY_S = 1.0
 PEER_TIMEOUT_S = 2.0
 MAX_STEPS_PER_TICK = 16
+MAX_HOSTS = 100_000
+MAX_HANDED = 4  # new KEKs handed to this host by a leader about to rekey, kept in memory
 TMPFS_ROOTS = (Path("/dev/shm"), Path("/run"))
 DELIVERY_DIR = "meshorch-secrets"
 
@@ -121,6 +141,8 @@ class SiteSecrets:
         self.host_key: PrivateKey | None = None
         self.unsealed_by: str | None = None
         self._keys: Keys | None = None
+        # KEKs of a rekey not seen committed yet, by the new SSK's public key: memory only
+        self._handed: dict[bytes, tuple[bytes, str]] = {}
         self._next_unseal_try = 0.0
         self._lock = asyncio.Lock()
 
@@ -145,9 +167,35 @@ class SiteSecrets:
         """The unsealed keys; raises SecretUnavailable ("site locked down", "site sealed")."""
         if self.locked_down():
             raise SecretUnavailable("site locked down")
+        self._follow_rekey()
         if self._keys is None:
             raise SecretUnavailable("site sealed")
         return self._keys
+
+    def _follow_rekey(self) -> None:
+        """Keys from before a rekey open nothing of the new keyring: switch to the KEK a
+        leader handed this host for it, or drop them (the peers are asked then)."""
+        raw = self.site.view.get(SECRETS_TABLE, RING_KEY)
+        if raw is None:
+            return
+        keyring = Keyring.decode(raw.value)
+        if self._keys is not None and self._keys.matches(keyring):
+            return
+        handed = self._handed.get(keyring.ssk_public)
+        if handed is not None:
+            kek, by = handed
+            try:
+                keys = Keys.unseal(kek, keyring)
+            except Tampered:
+                logger.warning("secrets: the unseal key %s handed over does not open", by)
+            else:
+                self._handed.clear()
+                self.drop_keys("the keyring was rekeyed", logging.INFO)
+                self._hold(keys, f"rekeyed, from {by}")
+                return
+        if self._keys is not None:
+            self.drop_keys("the keyring was rekeyed; asking the peers", logging.INFO)
+            self._next_unseal_try = 0.0
 
     def drop_keys(self, why: str, level: int = logging.WARNING) -> None:
         if self._keys is not None:
@@ -168,6 +216,8 @@ class SiteSecrets:
     def status_json(self) -> dict[str, Any]:
         snap = self.snapshot()
         locked = self.locked_down()
+        if not locked:
+            self._follow_rekey()  # "sealed" must not count keys from before a rekey
         state = snap.dkstate
         pending = sum(1 for s, _ in snap.secrets.values() if s.state == "sealed")
         return {
@@ -178,6 +228,10 @@ class SiteSecrets:
             "locked_down": locked,
             "lockdown_source": snap.lockdown,
             "public_key": None if snap.keyring is None else snap.keyring.ssk_public.hex(),
+            "keyring_generation": None if snap.keyring is None else snap.keyring.generation,
+            "previous_public_keys": []
+            if snap.keyring is None
+            else [p.public.hex() for p in snap.keyring.previous],
             "data_keys": sorted(snap.dks),
             "current_data_key": None if state is None else state.current,
             "last_rotation": None if state is None else state.last_rotation,
@@ -223,6 +277,7 @@ class SiteSecrets:
             if leader:
                 await self._initialise()
             return
+        self._follow_rekey()
         if self._keys is None:
             now = time.monotonic()
             if now >= self._next_unseal_try:
@@ -230,12 +285,25 @@ class SiteSecrets:
                 await self._unseal_from_peers(session, snap)
             return
         if leader:
+            await self._rekey(session)
             await self._upkeep()
+
+    def membership(self) -> Membership:
+        """The members, and the revoked hosts with their revocation record's Raft index."""
+        view = self.site.view
+        members, _ = view.scan(SYSTEM_TABLE, MEMBER_PREFIX, MAX_HOSTS)
+        revoked, _ = view.scan(SYSTEM_TABLE, REVOKED_PREFIX, MAX_HOSTS)
+        return Membership(
+            frozenset(k[len(MEMBER_PREFIX) :].decode() for k, _ in members),
+            {k[len(REVOKED_PREFIX) :].decode(): r.mod_index for k, r in revoked},
+        )
 
     async def _register_host_key(self, snap: Snapshot) -> None:
         assert self.host_key is not None
         public = bytes(self.host_key.public_key)
         host_id = self.host_id
+        if self.site.view.get(SYSTEM_TABLE, MEMBER_PREFIX + host_id.encode()) is None:
+            return  # a host key without a member record means a host removed (a rekey)
         if snap.hostkeys.get(host_id) != public:
             await self.site.propose(
                 [Put(SECRETS_TABLE, hostkey_key(host_id), encode_hostkey(public))], idempotent=True
@@ -244,9 +312,65 @@ class SiteSecrets:
 
     async def _initialise(self) -> None:
         kek, seed, dk = os.urandom(KEY_BYTES), os.urandom(KEY_BYTES), os.urandom(KEY_BYTES)
-        results = await self.site.propose(init_ops(kek, seed, dk, self.clock()))
+        revoked = max(self.membership().revoked.values(), default=0)
+        results = await self.site.propose(init_ops(kek, seed, dk, self.clock(), revoked))
         if results[0].ok:
             self._hold(Keys(kek, PrivateKey(seed)), "created the site's keys")
+
+    async def _rekey(self, session: aiohttp.ClientSession) -> None:
+        """After a revocation: the new keys to every remaining host first, then committed."""
+        async with self._lock:
+            if self._keys is None or self.locked_down():
+                return
+            rekey = rekey_step(
+                self.snapshot(),
+                self._keys,
+                self.membership(),
+                self.clock(),
+                os.urandom(KEY_BYTES),
+                os.urandom(KEY_BYTES),
+                os.urandom(KEY_BYTES),
+            )
+            if rekey is None:
+                return
+            public = bytes(rekey.keys.ssk.public_key)
+            # Kept until seen committed: a proposal that times out may still commit.
+            self._handed = {public: (rekey.keys.kek, "this host")}
+            handed = await self._hand_over(session, rekey)
+            logger.info("secrets: the new unseal key handed to %s", ", ".join(handed) or "nobody")
+            results = await self.site.propose(rekey.ops)
+            if not rekey.committed(results):
+                logger.info("secrets: rekey: the state moved meanwhile, again")
+                return
+            self._handed.clear()
+            self.drop_keys("rekeyed", logging.DEBUG)
+            self._hold(rekey.keys, "rekeyed here")
+            logger.warning("secrets: %s", rekey.what)
+
+    async def _hand_over(self, session: aiohttp.ClientSession, rekey: Rekey) -> list[str]:
+        """Give each remaining host the new KEK sealed to its host key; the hosts that
+        took it (the others get it later from a peer, as after a restart)."""
+        path = "/v1/secrets/rekey"
+        public = bytes(rekey.keys.ssk.public_key).hex()
+
+        async def one(host_id: str, api: str, host_key: bytes) -> str | None:
+            body = {"ssk_public": public, "sealed_key": b64(seal(host_key, rekey.keys.kek))}
+            headers = {} if self.sign is None else dict(self.sign("POST", path))
+            try:
+                async with session.post(
+                    f"http://{api}{path}", data=orjson.dumps(body), headers=headers
+                ) as response:
+                    return host_id if response.status == 200 else None
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                logger.info("secrets: could not hand the new unseal key to %s: %s", host_id, exc)
+                return None
+
+        calls = [
+            one(m.host_id, m.api, rekey.recipients[m.host_id])
+            for m in self.members.members()
+            if m.host_id != self.host_id and m.api is not None and m.host_id in rekey.recipients
+        ]
+        return sorted(h for h in await asyncio.gather(*calls) if h is not None)
 
     async def _upkeep(self) -> None:
         async with self._lock:
@@ -295,16 +419,30 @@ class SiteSecrets:
     def _check_serving(self) -> Keys:
         if self.locked_down():
             raise SecretsRefused(409, "locked_down", "the site is locked down")
+        self._follow_rekey()  # never hand out a KEK from before a rekey
         if self._keys is None:
             raise SecretsRefused(503, "sealed", "this host is sealed")
         return self._keys
 
-    def answer_unseal_request(self, host_id: object) -> bytes:
-        """The KEK sealed to ``host_id``'s registered key (only that host can open it)."""
+    def answer_unseal_request(self, host_id: object, signer: str | None) -> bytes:
+        """The KEK sealed to ``host_id``'s registered key (only that host can open it).
+
+        ``signer``: the member whose peer signature the request carries (None only while
+        a host of the site does not sign yet); it must be ``host_id`` itself, so no host
+        makes this one seal the KEK to another's key.
+        """
         if not isinstance(host_id, str):
             raise RemoteInputError("bad_request", "host_id: a string")
         validate_host_id(host_id)
+        if signer is not None and signer != host_id:
+            raise SecretsRefused(
+                403,
+                "not_the_requester",
+                f"{signer} may ask for its own unseal key, not {host_id}'s",
+            )
         keys = self._check_serving()
+        if self.site.view.get(SYSTEM_TABLE, REVOKED_PREFIX + host_id.encode()) is not None:
+            raise SecretsRefused(403, "revoked", f"{host_id} was revoked from this site")
         if self.site.view.get(SYSTEM_TABLE, MEMBER_PREFIX + host_id.encode()) is None:
             raise SecretsRefused(403, "not_a_member", f"{host_id} is not a member of this site")
         host_key = self.snapshot().hostkeys.get(host_id)
@@ -315,6 +453,29 @@ class SiteSecrets:
 
     def escrow(self, public_key: bytes) -> bytes:
         return seal(public_key, self._check_serving().kek)
+
+    def accept_rekey(self, data: Mapping[str, object], sender: str | None) -> None:
+        """A leader about to rekey hands this host the new KEK, sealed to its host key.
+        Kept in memory only, and used only once a committed keyring opens with it."""
+        unknown = set(data) - {"ssk_public", "sealed_key"}
+        if unknown:
+            raise RemoteInputError("bad_request", f"unknown fields: {', '.join(sorted(unknown))}")
+        public = parse_public_key(data.get("ssk_public"), "ssk_public")
+        blob = unb64(data.get("sealed_key"), "sealed_key", KEY_BYTES + SEAL_OVERHEAD)
+        if self.locked_down():
+            raise SecretsRefused(409, "locked_down", "the site is locked down")
+        if self.host_key is None:
+            raise SecretsRefused(503, "starting", "this host's key is not loaded yet")
+        try:
+            kek = open_sealed(self.host_key, blob)
+        except Tampered as exc:
+            raise SecretsRefused(403, "wrong_key", "not sealed to this host's key") from exc
+        if len(kek) != KEY_BYTES:
+            raise RemoteInputError("bad_key", f"sealed_key: {KEY_BYTES} bytes sealed")
+        while len(self._handed) >= MAX_HANDED:
+            self._handed.pop(next(iter(self._handed)))
+        self._handed[public] = (kek, sender or "a peer")
+        self._follow_rekey()  # committed already, if this host's view is ahead
 
     async def unseal(self, kek: bytes) -> bool:
         """Unseal with the operator's key; False when this host was unsealed already."""
@@ -328,7 +489,7 @@ class SiteSecrets:
             keys = Keys.unseal(kek, keyring)
         except Tampered as exc:
             raise SecretsRefused(403, "wrong_key", "this is not the site's unseal key") from exc
-        if self._keys is not None:
+        if self._keys is not None and self._keys.matches(keyring):
             return False
         self._hold(keys, "the operator's key")
         return True

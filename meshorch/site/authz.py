@@ -8,8 +8,8 @@ Every route is on one surface:
     join      hosts that are not members yet: ``POST /v1/join`` (the token's proof is the
               authentication) and ``POST /v1/revoked`` (a notice signed by the site identity)
     peer      the other hosts of the site, each request signed by the sending host's peer key
-              (``meshorch.state.peer_auth``): image blobs, release wheels, unseal requests,
-              leadership hand-over
+              (``meshorch.state.peer_auth``): image blobs, release wheels, unseal requests
+              (for the signer's own key only), a rekey's new unseal key, leadership hand-over
     operator  people and tools: the root-only Unix socket (full access), or an access token
               (``Authorization: Bearer moat1...``) whose role allows the route's action
 
@@ -98,6 +98,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/v1/images/blobs/{digest}"): Rule("peer"),
     ("GET", "/v1/releases/{digest}"): Rule("peer"),
     ("POST", "/v1/secrets/unseal-request"): Rule("peer"),
+    ("POST", "/v1/secrets/rekey"): Rule("peer"),
     ("POST", "/v1/raft/step-down"): Rule("peer"),
     ("GET", "/metrics"): _op("site.read"),
     ("GET", "/v1/kv"): _op("kv.read"),

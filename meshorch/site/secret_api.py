@@ -9,6 +9,7 @@ from aiohttp import web
 from meshorch.http_body import read_limited
 from meshorch.secrets.keyring import parse_public_key, parse_settings
 from meshorch.secrets.service import parse_unseal_key, sealed_answer
+from meshorch.site.guard import caller_of
 from meshorch.site.http import (
     ApiError,
     consistent_read,
@@ -25,6 +26,7 @@ def add_secret_routes(app: web.Application) -> None:
     app.router.add_get("/v1/secrets", list_secrets)
     app.router.add_get("/v1/secrets/status", secrets_status)
     app.router.add_post("/v1/secrets/unseal-request", unseal_request)
+    app.router.add_post("/v1/secrets/rekey", rekey)
     app.router.add_post("/v1/secrets/unseal", unseal)
     app.router.add_post("/v1/secrets/escrow", escrow)
     app.router.add_post("/v1/secrets/lockdown", lockdown)
@@ -61,11 +63,25 @@ async def secrets_status(request: web.Request) -> web.Response:
     return json_response(services(request).secrets.status_json())
 
 
+def _peer(request: web.Request) -> str | None:
+    """The member that signed the request (None: unsigned, while the site allows it)."""
+    caller = caller_of(request)
+    return caller.name if caller.kind == "peer" else None
+
+
 async def unseal_request(request: web.Request) -> web.Response:
-    """A peer asks for the unseal key: answered sealed to its registered host key."""
+    """A peer asks for the unseal key: answered sealed to its registered host key, and
+    only to the host that signed the request."""
     data = await _small_object(request, frozenset({"host_id"}))
-    blob = services(request).secrets.answer_unseal_request(data.get("host_id"))
+    blob = services(request).secrets.answer_unseal_request(data.get("host_id"), _peer(request))
     return json_response(sealed_answer(blob))
+
+
+async def rekey(request: web.Request) -> web.Response:
+    """The leader, about to rekey, hands this host the new unseal key (sealed to it)."""
+    data = await _small_object(request, frozenset({"ssk_public", "sealed_key"}))
+    services(request).secrets.accept_rekey(data, _peer(request))
+    return json_response({"accepted": True})
 
 
 async def unseal(request: web.Request) -> web.Response:

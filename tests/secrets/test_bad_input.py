@@ -28,7 +28,10 @@ from tests.fleet.hubstub import StubHub
 from tests.secrets.helpers import ROOT, until
 
 SITE = "lone-site"
-PEER_ROUTES = {"/v1/secrets/unseal-request"}  # the other hosts call these, not operators
+PEER_ROUTES = {
+    "/v1/secrets/unseal-request",
+    "/v1/secrets/rekey",
+}  # the other hosts call these, not operators
 
 
 @pytest.fixture
@@ -52,7 +55,8 @@ BAD: list[tuple[str, str, bytes, int, str]] = [
     ("POST", "/v1/secrets/unseal-request", b"[]", 400, "bad_request"),
     ("POST", "/v1/secrets/unseal-request", b'{"host_id": 5}', 400, "bad_request"),
     ("POST", "/v1/secrets/unseal-request", b'{"host_id": "Bad_Host"}', 400, "bad_host_id"),
-    ("POST", "/v1/secrets/unseal-request", b'{"host_id": "h9"}', 403, "not_a_member"),
+    # Signed by h1: a host asks for its own unseal key only.
+    ("POST", "/v1/secrets/unseal-request", b'{"host_id": "h9"}', 403, "not_the_requester"),
     ("POST", "/v1/secrets/unseal-request", b'{"host_id": "h1", "x": 1}', 400, "bad_request"),
     (
         "POST",
