@@ -17,7 +17,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from meshorch.join.protocol import (
 from meshorch.state.tables import MemberRecord
 from netmesh import (
     AddressPlan,
+    DiscoveredPeer,
     DiscoveryTimeout,
     InterfaceSpec,
     KeyPair,
@@ -57,6 +58,8 @@ DEFAULT_WG_PORT = 51820
 KEEPALIVE_S = 25
 RECONCILE_INTERVAL_S = 0.3
 RESYNC_INTERVAL_S = 10.0
+JOIN_ROUNDS = 10  # rounds over the peers while they answer 503 (busy: retry later)
+JOIN_RETRY_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -227,43 +230,69 @@ async def join_membership(
     ).with_proof(token.secret)
     last_error = "no peer answered"
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as session:
-        for peer in sorted(peers.values(), key=lambda p: p.host):
-            url = f"http://{peer.join_endpoint}/v1/join"
-            try:
-                async with session.post(url, data=orjson.dumps(request.to_json())) as response:
-                    body = await response.json(content_type=None)
-            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-                last_error = f"{peer.host}: {exc}"
+        for attempt in range(JOIN_ROUNDS):
+            answered, last_error, busy = await _ask_peers(session, peers, request, token, keypair)
+            if answered is not None:
+                return answered
+            if busy and attempt + 1 < JOIN_ROUNDS:
+                # Every peer was busy (503: e.g. changing the cluster password): wait.
+                logger.info("could not join yet (%s); retrying", last_error)
+                await asyncio.sleep(JOIN_RETRY_S)
                 continue
-            if response.status == 200:
-                sealed = unwrap_answer(body, token.fingerprint)
-                try:
-                    answer = JoinAnswer.decode(unseal(sealed, keypair))
-                except (NetmeshError, ValueError, KeyError) as exc:
-                    raise JoinRefused("bad_answer", f"cannot open the join answer: {exc}") from exc
-                if answer.site != site or answer.host_id != host_id:
-                    raise JoinRefused("bad_answer", "the join answer is for another host")
-                logger.info("joined site %s as %s (overlay %s)", site, host_id, answer.overlay_ip)
-                return Prepared(
-                    Membership(
-                        site,
-                        host_id,
-                        answer.overlay_ip,
-                        answer.overlay_network,
-                        answer.raft_port,
-                        answer.raft_members,
-                        answer.peers,
-                    ),
-                    answer.cluster_password,
-                )
-            error = body.get("error", {}) if isinstance(body, dict) else {}
-            if 400 <= response.status < 500:
-                raise JoinRefused(
-                    str(error.get("code", "refused")),
-                    f"site {site} refused the join: {error.get('message', response.status)}",
-                )
-            last_error = f"{peer.host}: {response.status} {error.get('message', '')}"
+            break
     raise ConfigurationError(f"could not join site {site}: {last_error}")
+
+
+async def _ask_peers(
+    session: aiohttp.ClientSession,
+    peers: Mapping[str, DiscoveredPeer],
+    request: JoinRequest,
+    token: JoinToken,
+    keypair: KeyPair,
+) -> tuple[Prepared | None, str, bool]:
+    """The first peer's answer; None when no peer gave one, with why the last did not and
+    whether some peer was busy (503: worth another round)."""
+    last_error, busy = "no peer answered", False
+    for peer in sorted(peers.values(), key=lambda p: p.host):
+        url = f"http://{peer.join_endpoint}/v1/join"
+        try:
+            async with session.post(url, data=orjson.dumps(request.to_json())) as response:
+                body = await response.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            last_error = f"{peer.host}: {exc}"
+            continue
+        if response.status == 200:
+            return _opened_answer(body, request, token, keypair), "", False
+        error = body.get("error", {}) if isinstance(body, dict) else {}
+        if 400 <= response.status < 500:
+            raise JoinRefused(
+                str(error.get("code", "refused")),
+                f"site {request.site} refused the join: {error.get('message', response.status)}",
+            )
+        last_error = f"{peer.host}: {response.status} {error.get('message', '')}"
+        busy = busy or response.status == 503
+    return None, last_error, busy
+
+
+def _opened_answer(body: Any, request: JoinRequest, token: JoinToken, keypair: KeyPair) -> Prepared:
+    sealed = unwrap_answer(body, token.fingerprint)
+    try:
+        answer = JoinAnswer.decode(unseal(sealed, keypair))
+    except (NetmeshError, ValueError, KeyError) as exc:
+        raise JoinRefused("bad_answer", f"cannot open the join answer: {exc}") from exc
+    if answer.site != request.site or answer.host_id != request.host_id:
+        raise JoinRefused("bad_answer", "the join answer is for another host")
+    logger.info("joined site %s as %s (overlay %s)", answer.site, answer.host_id, answer.overlay_ip)
+    membership = Membership(
+        answer.site,
+        answer.host_id,
+        answer.overlay_ip,
+        answer.overlay_network,
+        answer.raft_port,
+        answer.raft_members,
+        answer.peers,
+    )
+    return Prepared(membership, answer.cluster_password)
 
 
 async def discover_existing_site(site: str, settings: MeshSettings) -> bool:

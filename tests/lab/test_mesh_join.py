@@ -147,37 +147,42 @@ def test_bad_tokens_are_refused_and_change_nothing(site: LabAgents) -> None:
 def test_an_added_host_becomes_member_and_peer_of_all(site: LabAgents) -> None:
     host = site.lab.add_host("s1")
     started = time.monotonic()
-    site.join(host.name)
+    join_and_wait(site, host.name)
+    elapsed = time.monotonic() - started
+    print(f"{host.name} joined in {elapsed:.1f}s (target 5 s; measured in bench/join.py)")
+
+
+def join_and_wait(site: LabAgents, name: str) -> None:
+    """Join ``name`` and wait until it is in Raft and WireGuard on every host."""
+    site.join(name)
 
     seen_last: list[str] = []  # what was missing at the last look, for the failure message
 
     def joined() -> bool:
         status = site.status("s1-h1")
         everyone = {m["host_id"] for m in status["members"]} if status else set()
-        if host.name not in everyone:
+        if name not in everyone:
             seen_last[:] = [f"s1-h1's members: {sorted(everyone)}"]
             return False
-        others = everyone - {host.name}
+        others = everyone - {name}
         for other in others:
             seen = site.status(other)
-            if seen is None or host.name not in [m["host_id"] for m in seen["members"]]:
+            if seen is None or name not in [m["host_id"] for m in seen["members"]]:
                 seen_last[:] = [f"{other}'s status: {seen}"]
                 return False
-        peers = wg_peers(site, host.name)
-        seen_last[:] = [f"members {sorted(everyone)}; {host.name}'s WireGuard peers {peers}"]
+        peers = wg_peers(site, name)
+        seen_last[:] = [f"members {sorted(everyone)}; {name}'s WireGuard peers {peers}"]
         return len(peers) == len(others) and all(peers.values())
 
     try:
-        wait_until(joined, 30, f"{host.name} in Raft and WireGuard everywhere")
+        wait_until(joined, 30, f"{name} in Raft and WireGuard everywhere")
     except AssertionError as exc:
-        log = site.lab.store.log_path(host.name)
+        log = site.lab.store.log_path(name)
         tail = log.read_text(errors="replace").splitlines()[-30:] if log.exists() else []
         raise AssertionError(f"{exc}; last seen: {seen_last}\n" + "\n".join(tail)) from None
-    elapsed = time.monotonic() - started
-    print(f"{host.name} joined in {elapsed:.1f}s (target 5 s; measured in bench/join.py)")
     for other in running_hosts(site):
-        if other != host.name:
-            assert host.name in members(site, other)
+        if other != name:
+            assert name in members(site, other)
 
 
 def test_a_revoked_host_is_cut_and_cannot_rejoin(site: LabAgents) -> None:
@@ -197,6 +202,19 @@ def test_a_revoked_host_is_cut_and_cannot_rejoin(site: LabAgents) -> None:
     )
     for host in survivors:
         assert victim not in members(site, host)
+
+    def password_changed() -> bool:
+        statuses = [site.status(h) for h in survivors]
+        return all(
+            s is not None
+            and s["cluster_password"]["generation"] >= 1
+            and s["cluster_password"]["step"] == "done"
+            and not s["cluster_password"]["waiting_for"]
+            and s["cluster_password"]["accepted"] == 1
+            for s in statuses
+        )
+
+    wait_until(password_changed, 30, "the cluster password changed on every survivor")
     record = site.lab.load()[0].processes[victim]
     from meshorch.lab.system import process_alive
 
@@ -206,6 +224,15 @@ def test_a_revoked_host_is_cut_and_cannot_rejoin(site: LabAgents) -> None:
     log = site.lab.store.log_path(victim).read_text()
     assert "refused the join" in log
     assert victim not in members(site, "s1-h1")
+
+
+def test_a_host_joins_after_the_password_changed(site: LabAgents) -> None:
+    """Admission hands out the new cluster password: the joiner talks Raft with it."""
+    host = site.lab.add_host("s1")
+    join_and_wait(site, host.name)
+    site.wait_ready(host.name)
+    status = site.status(host.name)
+    assert status is not None and status["cluster_password"]["generation"] >= 1
 
 
 def test_two_sites_on_one_lan_never_merge(site: LabAgents) -> None:
