@@ -129,6 +129,23 @@ def site_healthy(probe: dict[str, Any], *, fleet: bool) -> bool:
     return not fleet or bool((probe.get("fleet") or {}).get("connected"))
 
 
+def missing_links(probe: dict[str, Any]) -> list[str]:
+    """Raft connections down between members ("h1 -> 10.0.0.3:7800"), from every status."""
+    missing = []
+    for host, s in sorted((probe.get("status") or {}).items()):
+        if not s:
+            continue
+        reachable = set(s.get("reachable") or ())
+        missing += [f"{host} -> {m['raft']}" for m in s["members"] if m["raft"] not in reachable]
+    return missing
+
+
+def site_whole(probe: dict[str, Any], *, fleet: bool) -> bool:
+    """Healthy, and every member connected to every other: what a scenario starts from
+    (one link left down by the last one would make the next one's results its doing)."""
+    return site_healthy(probe, fleet=fleet) and not missing_links(probe)
+
+
 def leader_of(probe: dict[str, Any]) -> str | None:
     for s in (probe.get("status") or {}).values():
         if s and s.get("is_leader"):
@@ -313,11 +330,12 @@ class ChaosLab:
         stream = f"{STREAM_TENANT_APP}/{run_id}" if settings.events else ""
 
         self.say(f"[{name} seed={seed}] waiting for a healthy site")
-        if (
-            self.wait_for(lambda p: site_healthy(p, fleet=fleet), settings.recovery_timeout_s)
-            is None
-        ):
-            raise RuntimeError(f"the site is not healthy before {name}; not starting it")
+        if self.wait_for(lambda p: site_whole(p, fleet=fleet), settings.recovery_timeout_s) is None:
+            probe = self.probe()
+            raise RuntimeError(
+                f"the site is not healthy before {name}; not starting it "
+                f"(Raft links down: {', '.join(missing_links(probe)) or 'none'})"
+            )
         report = ScenarioReport(name, seed, duration_s, time.time(), time.monotonic())
         report.history_path, report.plot_path = str(history_path), str(plot_path)
         report.faults = [FaultRecord(f.kind, f.roles, f.start_s, f.end_s) for f in planned]

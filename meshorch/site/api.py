@@ -151,6 +151,8 @@ async def get_status(request: web.Request) -> web.Response:
             "commit_index": status.commit_index,
             "applied_index": svc.node.view.applied_index(),
             "members": members,
+            # Members this host has a live Raft connection to (itself included).
+            "reachable": sorted(svc.node.reachable()),
             "ready": status.ready,
             "cluster_password": svc.password_rotation.status(),
         }

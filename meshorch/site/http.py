@@ -68,6 +68,8 @@ class ApiNode(SiteState, Protocol):
 
     def step_down(self) -> bool: ...
 
+    def reachable(self) -> frozenset[str]: ...
+
 
 @dataclass(frozen=True)
 class SiteServices:

@@ -21,7 +21,7 @@ from meshorch.chaos.invariants import (
     overall,
 )
 from meshorch.chaos.report import FaultRecord, ScenarioReport, timeline_svg
-from meshorch.chaos.runner import app_converged, leader_of, site_healthy
+from meshorch.chaos.runner import app_converged, leader_of, missing_links, site_healthy, site_whole
 from meshorch.chaos.scenarios import SCENARIOS, plan_scenario
 from meshorch.chaos.workload import build_parser, classify_answer, run_workload
 
@@ -158,6 +158,22 @@ def test_site_health_from_a_probe() -> None:
     assert app_converged({"instances": [{"ready": True}, {"ready": True}]})
     assert not app_converged({"instances": [{"ready": True}, {"ready": False}]})
     assert not app_converged(None)
+
+
+def test_a_site_is_whole_only_with_every_raft_link_up() -> None:
+    members = [{"host_id": h, "raft": f"{h}:7800"} for h in HOSTS]
+    every = [m["raft"] for m in members]
+    statuses = {
+        h: {**status(h, leader="s1-h1"), "members": members, "reachable": every} for h in HOSTS
+    }
+    whole: dict[str, Any] = {"status": statuses}
+    assert site_whole(whole, fleet=False) and missing_links(whole) == []
+    cut = dict(statuses)
+    cut["s1-h2"] = {**statuses["s1-h2"], "reachable": [r for r in every if "h3" not in r]}
+    broken = {"status": cut}
+    assert site_healthy(broken, fleet=False)  # ready, one leader: healthy all the same
+    assert not site_whole(broken, fleet=False)
+    assert missing_links(broken) == ["s1-h2 -> s1-h3:7800"]
 
 
 def test_report_json_and_timeline_svg() -> None:
