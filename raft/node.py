@@ -76,7 +76,7 @@ from raft.errors import (
     ViewFullError,
 )
 from raft.password import PasswordRing, derive
-from raft.state_machine import NO_SPACE, OpResult, apply_command_indexed, record_cost
+from raft.state_machine import NO_SPACE, OpResult, apply_command_indexed, growth_bound, record_cost
 from raft.transport import CappedTransport, message_cap
 from raft.view import StateView
 
@@ -458,6 +458,10 @@ class RaftNode:
                 f"the operations encode to {size} bytes, over max_entry_bytes "
                 f"({self.config.max_entry_bytes})"
             )
+        budget = self.config.max_state_bytes
+        used = self.view.logical_bytes()
+        if used + growth_bound(len(body), len(ops)) <= budget:
+            return  # far from the budget: not even the precise bound below is needed
         # An upper bound of what the writes add: no lookup while far from the budget.
         most = 0
         for op in ops:
@@ -466,8 +470,7 @@ class RaftNode:
             elif isinstance(op, Append):
                 most += record_cost(len(op.key) + _ITEM_SUFFIX_BYTES, len(op.value))
                 most += record_cost(len(op.key), _COUNTER_BYTES)
-        budget = self.config.max_state_bytes
-        if not most or self.view.logical_bytes() + most <= budget:
+        if not most or used + most <= budget:
             return
         payload = join_encoded(len(ops), [body])
         index = self._applied_index + 1

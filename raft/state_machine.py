@@ -24,6 +24,9 @@ the result ``"no_space"``:
 * the entry itself is applied like any other: its index advances and its
   results are recorded.
 
+An entry that could not reach ``max_bytes`` even if each of its writes added a new
+record (``growth_bound``) refuses nothing, and skips the accounting.
+
 The outcome depends only on the log (the state before the entry, the entry)
 and ``max_bytes``, which like ``tables`` must be the same on every member. The
 physical size of the LMDB view never decides a result: the view grows its map
@@ -107,6 +110,18 @@ def record_cost(key_len: int, value_len: int) -> int:
     return key_len + value_len + RECORD_OVERHEAD
 
 
+# The most one operation adds besides its encoded key and value: an append stores two
+# records (its item, under key + 8 bytes, and a 16-byte counter under key).
+_MOST_PER_OP = 2 * RECORD_OVERHEAD + _ITEM_NUMBER.size + _COUNTER.size
+
+
+def growth_bound(encoded_bytes: int, ops: int) -> int:
+    """An upper bound of what ``ops`` operations encoded in ``encoded_bytes`` add to the
+    logical size of the state: each key and value is in the encoding, an append's key
+    counts twice."""
+    return 2 * encoded_bytes + ops * _MOST_PER_OP
+
+
 def decode_counter(value: bytes | None) -> tuple[int, int]:
     """(next number, bytes appended) of an append counter's stored value."""
     if value is None:
@@ -175,6 +190,10 @@ def apply_command_indexed(
         logger.error("entry %d is not a valid command, skipped: %s", index, exc)
         return Applied((), ())
     known = frozenset(tables)
+    # Far from the budget no unit can be refused: the accounting below is skipped.
+    budgeted = max_bytes is not None and (
+        used_bytes + growth_bound(len(payload), len(batch.ops)) > max_bytes
+    )
     # Writes of this entry so far: the new value, or None for a deletion.
     pending: dict[tuple[str, bytes], bytes | None] = {}
     # (slot, whether it had a pending write, that write) for each write of the current
@@ -198,7 +217,7 @@ def apply_command_indexed(
         found = read_stored(*slot)
         return (None, None) if found is None else found
 
-    def write(slot: tuple[str, bytes], value: bytes | None, old_len: int | None) -> None:
+    def budgeted_write(slot: tuple[str, bytes], value: bytes | None, old_len: int | None) -> None:
         nonlocal grown
         undo.append((slot, slot in pending, pending.get(slot)))
         pending[slot] = value
@@ -206,6 +225,11 @@ def apply_command_indexed(
             grown -= record_cost(len(slot[1]), old_len)
         if value is not None:
             grown += record_cost(len(slot[1]), len(value))
+
+    def plain_write(slot: tuple[str, bytes], value: bytes | None, _old_len: int | None) -> None:
+        pending[slot] = value
+
+    write = budgeted_write if budgeted else plain_write
 
     def close_unit() -> None:
         """Refuse the unit just completed if it takes the state past the budget."""
@@ -223,12 +247,12 @@ def apply_command_indexed(
         results[unit_start:] = [refused] * (len(results) - unit_start)
 
     for position, op in enumerate(batch.ops):
-        if position >= unit_end:
+        if budgeted and position >= unit_end:
             if position:
                 close_unit()
             unit_start, unit_end, unit_grown = position, position + 1, grown
             undo.clear()
-        if isinstance(op, Guard):
+        if budgeted and isinstance(op, Guard):
             unit_end = max(unit_end, position + 1 + op.count)
         if skip:
             skip -= 1
@@ -288,7 +312,7 @@ def apply_command_indexed(
             if before is not None:
                 write(slot, None, old_len)
             append(created if before is None else replaced)
-    if results:
+    if budgeted and results:
         close_unit()
     writes = tuple(
         Write(table, key, None if value is None else Record(index, value))

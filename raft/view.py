@@ -79,8 +79,14 @@ class StateView:
             metasync=False,
             max_readers=256,
         )
+        # Checked after every write: kept here rather than asked of LMDB each time.
+        self._page_bytes = int(self._env.stat()["psize"])
+        self._map_bytes = self.map_size()
         self._meta = self._env.open_db(_META_DB)
         self._dbs = {name: self._env.open_db(name.encode()) for name in self.tables}
+        # Bumped by every write to a table: what is derived from a table is valid while
+        # its count is unchanged (see ``changes``).
+        self._changes = dict.fromkeys(self.tables, 0)
         self._logical = self._load_logical()
         self._maybe_grow()
 
@@ -93,8 +99,7 @@ class StateView:
 
     def size_bytes(self) -> int:
         """The size of the data in use (what a dump of the view would copy)."""
-        info = self._env.info()
-        return int((info["last_pgno"] + 1) * self._env.stat()["psize"])
+        return int((self._env.info()["last_pgno"] + 1) * self._page_bytes)
 
     def map_size(self) -> int:
         """The current size of the LMDB map: what the data may grow to before it grows."""
@@ -103,6 +108,11 @@ class StateView:
     def logical_bytes(self) -> int:
         """The logical size of the state: ``record_cost`` summed over every record."""
         return self._logical
+
+    def changes(self, table: str) -> int:
+        """A count that changes whenever a record of ``table`` is written, deleted or
+        replaced by a snapshot (before the next read of the view can see it)."""
+        return self._changes[table]
 
     def applied_index(self) -> int:
         with self._env.begin(db=self._meta) as txn:
@@ -211,7 +221,9 @@ class StateView:
         dbs = self._dbs
         head = _INDEX.size
         delta = 0
+        changes = self._changes
         for write in writes:
+            changes[write.table] += 1
             db = dbs[write.table]
             if write.record is None:
                 old = txn.pop(write.key, db=db)
@@ -246,7 +258,7 @@ class StateView:
 
     def _maybe_grow(self) -> None:
         """Grow the map once the pages in use pass ``GROW_AT`` of it."""
-        size = self.map_size()
+        size = self._map_bytes
         if size < self.max_map_size and self.size_bytes() > size * GROW_AT:
             self._grow()
 
@@ -258,7 +270,7 @@ class StateView:
         if wanted <= current:
             return False
         self._env.set_mapsize(wanted)
-        grown = self.map_size()
+        grown = self._map_bytes = self.map_size()
         logger.info("view map grown from %d to %d bytes", current, grown)
         return grown > current
 
@@ -338,6 +350,7 @@ class StateView:
                     yield key, raw
 
             for name, db in self._dbs.items():
+                self._changes[name] += 1
                 txn.drop(db, delete=False)
                 try:
                     source_db = dump.open_db(name.encode(), create=False)

@@ -1,7 +1,11 @@
 """The agent API's gate: who is calling, and whether the route's rule lets them (an adapter).
 
 Runs before any handler and before any body is read: a refused request costs a header
-parse, a hash and at most one read of the local state. The caller is
+parse, a hash and at most one read of the local state. A token that passed is
+remembered by its SHA-256 (never the token itself) until the system table changes (a
+token made or revoked) or it expires: a request with a known token costs one hash, and
+a revocation still takes effect with the first request after this host applied it.
+The caller is
 
 * ``local`` on the root-only Unix socket (the file's mode is the authentication);
 * ``token`` with a valid ``Authorization: Bearer moat1...`` (``meshorch.site.access``);
@@ -14,6 +18,7 @@ The decision is ``meshorch.site.authz.decide``. Join attempts are limited per so
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import socket
 import time
@@ -26,7 +31,7 @@ from aiohttp import web
 
 from meshorch.apps.records import host_protocols
 from meshorch.site.access import RECORD_PREFIX, AccessRecord, AccessRefused, AccessToken
-from meshorch.site.authz import ANONYMOUS, LOCAL, RULES, Caller, decide, route_key
+from meshorch.site.authz import ANONYMOUS, LOCAL, RULES, Caller, Rule, decide, route_key
 from meshorch.state import peer_auth
 from meshorch.state.ports import SiteState
 from meshorch.state.protocol import FEATURES, site_protocol
@@ -40,6 +45,16 @@ _CALLER: web.RequestKey[Caller] = web.RequestKey("meshorch_caller", Caller)
 JOIN_BURST = 10  # attempts a source may make at once
 JOIN_PER_S = 0.5  # then one every 2 s
 MAX_SOURCES = 4096  # sources remembered; the oldest is forgotten first
+VERIFIED_TOKENS = 1024  # tokens remembered as verified; the oldest is forgotten first
+
+
+@dataclass(frozen=True, slots=True)
+class _Verified:
+    """A token found valid, and what its validity was checked against."""
+
+    caller: Caller
+    expires_at: float | None
+    access_changes: int  # the system table's change count then (see StateView.changes)
 
 
 @dataclass
@@ -73,13 +88,22 @@ class Guard:
         self.bootstrap = bootstrap
         self.clock = clock
         self.joins = JoinLimiter()
+        # SHA-256 of the token's text -> its verification: a request that repeats a valid
+        # token skips the parse, the record's read and decoding.
+        self._verified: dict[bytes, _Verified] = {}
+        # (method, route) -> its rule: only routes that exist get here, so it stays small.
+        self._rules: dict[tuple[str, str], Rule | None] = {}
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         route = request.match_info.route.resource
         if request.match_info.http_exception is not None or route is None:
             return await handler(request)  # 404 / 405 as aiohttp answers them
-        rule = RULES.get(route_key(request.method, route.canonical))
+        method_route = (request.method, route.canonical)
+        try:
+            rule = self._rules[method_route]
+        except KeyError:
+            rule = self._rules[method_route] = RULES.get(route_key(*method_route))
         caller = self.caller(request)
         request[_CALLER] = caller
         tenant = None
@@ -112,11 +136,33 @@ class Guard:
         return ANONYMOUS
 
     def _token_caller(self, text: str) -> Caller:
+        now = self.clock()
+        # Any write to the system table (a token made or revoked, a snapshot installed)
+        # changes the count: every remembered token is then checked again.
+        changes = self.site.view.changes(SYSTEM_TABLE)
+        digest = hashlib.sha256(text.encode()).digest()
+        known = self._verified.get(digest)
+        if (
+            known is not None
+            and known.access_changes == changes
+            and (known.expires_at is None or now < known.expires_at)
+        ):
+            return known.caller
+        caller, expires_at = self._verify(text, now)
+        if caller is ANONYMOUS:
+            self._verified.pop(digest, None)
+            return caller
+        if len(self._verified) >= VERIFIED_TOKENS:
+            del self._verified[next(iter(self._verified))]
+        self._verified[digest] = _Verified(caller, expires_at, changes)
+        return caller
+
+    def _verify(self, text: str, now: float) -> tuple[Caller, float | None]:
+        """The token's caller and expiry against the access records; ANONYMOUS if invalid."""
         try:
             token = AccessToken.parse(text)
         except AccessRefused:
-            return ANONYMOUS
-        now = self.clock()
+            return ANONYMOUS, None
         record = self.bootstrap
         if record is None or record.token_id != token.token_id:
             stored = self.site.view.get(SYSTEM_TABLE, RECORD_PREFIX + token.token_id.encode())
@@ -125,8 +171,8 @@ class Guard:
             except (ValueError, KeyError, TypeError):
                 record = None
         if record is None or not record.matches(token.secret, now):
-            return ANONYMOUS
-        return Caller("token", record.role, record.tenant, record.token_id)
+            return ANONYMOUS, None
+        return Caller("token", record.role, record.tenant, record.token_id), record.expires_at
 
     def _peer_caller(self, request: web.Request, host_id: str) -> Caller:
         stored = self.site.view.get(SYSTEM_TABLE, MEMBER_PREFIX + host_id.encode())

@@ -1,3 +1,5 @@
+import random
+
 import pytest
 
 from raft.commands import Append, Barrier, Batch, Delete, Guard, Put, decode_batch, encode_batch
@@ -8,6 +10,7 @@ from raft.state_machine import (
     apply_command,
     apply_command_indexed,
     decode_counter,
+    growth_bound,
     item_key,
     record_cost,
 )
@@ -244,3 +247,57 @@ def test_appends_count_their_item_and_counter_against_the_budget() -> None:
     refused = run_within(state, 3, first + record_cost(9, 3), Append("kv", b"s", b"g", 1))
     assert refused.results[0].error == "no_space"
     assert decode_counter(state[("kv", b"s")].value) == (3, 6)  # no number taken
+
+
+def random_ops(rng: random.Random) -> list[object]:
+    ops: list[object] = []
+    for _ in range(rng.randint(1, 12)):
+        key, value = b"k%d" % rng.randrange(8), b"v" * rng.randint(0, 300)
+        kind = rng.randrange(5)
+        if kind == 0:
+            ops.append(Delete("kv", rng.choice([key, b"s"])))
+        elif kind == 1:  # appends have keys of their own: a counter is no plain value
+            ops.append(Append("kv", b"s%d" % rng.randrange(3), value, rng.randint(1, 3)))
+        elif kind == 2:
+            ops += [Guard("kv", key, rng.choice([0, 1, 2]), 1), Put("kv", key, value)]
+        else:
+            ops.append(Put("kv", key, value, rng.choice([None, None, 0])))
+    return ops
+
+
+def logical(state: dict[tuple[str, bytes], Record]) -> int:
+    return sum(record_cost(len(k), len(r.value)) for (_, k), r in state.items())
+
+
+def apply_to(
+    state: dict[tuple[str, bytes], Record], payload: bytes, index: int, max_bytes: int
+) -> Applied:
+    return apply_command(
+        payload,
+        index,
+        lambda t, k: state.get((t, k)),
+        TABLES,
+        used_bytes=logical(state),
+        max_bytes=max_bytes,
+    )
+
+
+def test_an_entry_within_its_growth_bound_applies_as_when_counted() -> None:
+    """The shortcut (no accounting when ``growth_bound`` fits the budget) changes no
+    result: a random entry applied with its bound to spare gives what the counted path
+    gives one byte short of it, and grows the state by less than the bound."""
+    rng = random.Random(7)
+    state: dict[tuple[str, bytes], Record] = {}
+    for index in range(1, 400):
+        ops = random_ops(rng)
+        payload = encode_batch(Batch(tuple(ops)))  # type: ignore[arg-type]
+        used, bound = logical(state), growth_bound(len(payload), len(ops))
+        applied = apply_to(state, payload, index, used + bound)
+        assert apply_to(state, payload, index, used + bound - 1) == applied
+        for write in applied.writes:
+            if write.record is None:
+                state.pop((write.table, write.key), None)
+            else:
+                state[(write.table, write.key)] = write.record
+        assert logical(state) - used < bound
+    assert any(r.ok for r in applied.results) and len(state) > 5

@@ -193,3 +193,22 @@ def test_replicas_with_different_maps_and_histories_reach_the_same_results(
     assert refused > 10 and small.map_size() != large.map_size()
     small.close()
     large.close()
+
+
+def test_changes_count_the_writes_of_each_table_and_snapshots(tmp_path: Path) -> None:
+    view = StateView(tmp_path / "a", ("kv", "sys"))
+    kv, sys = view.changes("kv"), view.changes("sys")
+    view.apply(1, [Write("kv", b"k", Record(1, b"v"))])
+    assert view.changes("sys") == sys and view.changes("kv") != kv
+    view.apply(2, [Write("sys", b"access/x", Record(2, b"t"))])
+    sys = view.changes("sys")
+    view.apply(3, [Write("sys", b"access/x", None)])  # a revocation
+    assert view.changes("sys") != sys
+    leader = StateView(tmp_path / "b", ("kv", "sys"))
+    leader.apply(9, [Write("kv", b"k", Record(9, b"w"))])
+    leader.write_snapshot(tmp_path / "dump", b"meta-9")
+    sys = view.changes("sys")
+    assert view.restore_snapshot(tmp_path / "dump") == b"meta-9"
+    assert view.changes("sys") != sys and view.get("sys", b"access/x") is None
+    for each in (view, leader):
+        each.close()
