@@ -50,6 +50,7 @@ from central_hub.releases import RELEASES_ROUTES
 from central_hub.routing import (
     HUB_KEY,
     MAX_BODY_KEY,
+    SIGNER_KEY,
     SITE_KEY,
     TOKEN_KEY,
     Handler,
@@ -64,6 +65,7 @@ from central_hub.routing import (
     read,
     read_json,
     read_object,
+    signer_of,
     site_of,
     token_of,
 )
@@ -74,7 +76,13 @@ from meshorch import http_metrics
 from meshorch.apps.spec import SpecError, parse_app_spec, spec_digest
 from meshorch.errors import RemoteInputError
 from meshorch.fleet.delta import DeltaRejected, parse
-from meshorch.fleet.link_auth import LinkAuthError, claimed_site, verify_request
+from meshorch.fleet.link_auth import (
+    MAX_CLOCK_SKEW_S,
+    LinkAuthError,
+    claimed_site,
+    verify_request,
+)
+from meshorch.fleet.sitekey import MAX_ROTATION_BODY, RotationRefused, check_rotation
 
 if TYPE_CHECKING:
     from central_hub.parts import HubParts
@@ -136,7 +144,8 @@ def _guarded(route: Route) -> Handler:
         if action is not None:
             return await _with_token(hub, request, route, action)
         if route.auth == "site":
-            request[SITE_KEY] = _verify_site(hub, request, await read(request))
+            body = await read(request, route.max_body)
+            request[SITE_KEY] = _verify_site(hub, request, body)
         reset = CALLER.set((None, "sites.enroll") if route.auth == "enroll" else None)
         try:
             return await route.handler(request)
@@ -174,6 +183,8 @@ async def _with_token(
 
 
 def _verify_site(hub: HubParts, request: web.Request, body: bytes) -> str:
+    """The site, its signature checked (the key it was checked with kept on the request,
+    ``signer_of``); 401 otherwise."""
     try:
         site = claimed_site(request.headers)
         key = hub.sites.site_public_key(site)
@@ -184,6 +195,7 @@ def _verify_site(hub: HubParts, request: web.Request, body: bytes) -> str:
         )
     except LinkAuthError as exc:
         raise ApiError(401, "bad_site_signature", str(exc)) from None
+    request[SIGNER_KEY] = key
     return site
 
 
@@ -262,6 +274,20 @@ async def link_report(request: web.Request) -> web.Response:
     report.update(parse_report_secrets(data))  # the secrets part (central_hub.vault)
     head = await hub_of(request).sites.record_report(site, report)
     return json_response({"head": head})
+
+
+async def link_key(request: web.Request) -> web.Response:
+    """Move the calling site to a new key: signed by its current key (the guard), the body
+    proves possession of the new one (``meshorch.fleet.sitekey``). Checked before any write."""
+    hub, site = hub_of(request), site_of(request)
+    data = await read_json(request)
+    if not isinstance(data, dict):
+        raise ApiError(400, "bad_key_rotation", "the body is a JSON object")
+    try:
+        new_key = check_rotation(site, data, hub.ledger.now(), MAX_CLOCK_SKEW_S)
+    except RotationRefused as exc:
+        raise ApiError(400, "bad_key_rotation", str(exc)) from None
+    return json_response(await hub.sites.rotate_key(site, signer_of(request), new_key))
 
 
 # -- tokens ----------------------------------------------------------------------------
@@ -359,6 +385,12 @@ async def put_site_labels(request: web.Request) -> web.Response:
     return json_response(await hub_of(request).sites.set_site_labels(site, labels))
 
 
+async def put_site_key(request: web.Request) -> web.Response:
+    data = await read_object(request, {"public_key"})
+    key = validate_public_key(data.get("public_key"))
+    return json_response(await hub_of(request).sites.set_key(request.match_info["id"], key))
+
+
 async def list_alerts(request: web.Request) -> web.Response:
     return json_response({"alerts": hub_of(request).alerting.list_alerts(token_of(request))})
 
@@ -454,6 +486,11 @@ ROUTES: tuple[Route, ...] = (
                  Query("wait", "number", "hold the request up to this many seconds (0-30)"))),
     Route("POST", "/v1/link/report", link_report, "site", "A site's report of its state",
           request="SiteReport", response="Head"),
+    Route("POST", "/v1/link/key", link_key, "site",
+          "Move the site to a new identity key: signed by the current key, with the new "
+          "key's proof; the old key is refused from then on (409 key_reused for a key the "
+          "site had before)", request="KeyRotation", response="KeyRotated",
+          max_body=MAX_ROTATION_BODY),
     Route("GET", "/v1/link/gossip", link_gossip, "site",
           "The site's gossip certificate, the hub's gossip address and the peers' public "
           "addresses (404 gossip_disabled when the hub does not gossip)",
@@ -499,6 +536,10 @@ ROUTES: tuple[Route, ...] = (
     Route("PUT", "/v1/sites/{id}/labels", put_site_labels, "sites.write",
           "Replace a site's labels (used by the next deployments)", request="Labels",
           response="SiteLabels"),
+    Route("PUT", "/v1/sites/{id}/key", put_site_key, "sites.create",
+          "Bind a site's identity key (a site locked out by a rotation it did not make: "
+          "bind the key its `meshorch fleet status` shows pending); keys it had are refused",
+          request="SiteKey", response="KeyRotated"),
     Route("GET", "/v1/alerts", list_alerts, "alerts.read",
           "Alerts: active (site offline, lagging, app unhealthy, host disk/memory) and "
           "recently cleared", response="Alerts"),

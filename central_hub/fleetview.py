@@ -384,6 +384,8 @@ def site_detail(
         "report_received_at": None if report is None else last_seen,
         "gossip": None if gossip is None else {**gossip[0], "received_at": gossip[1]},
         "public_key": site.get("public_key"),
+        "key_rotated_at": site.get("key_rotated_at"),
+        "key_rotations": site.get("key_rotations", 0),
         "apps": {} if report is None else report["apps"],
         "agent_upgrade": None if report is None else report.get("agent_upgrade"),
         "hosts": [

@@ -5,7 +5,8 @@ to NATed sites), signing with its own Ed25519 gossip key (``DATA_DIR/gossip.key`
 under a certificate issued by the fleet root key, renewed before it expires and reissued
 when the root key rotates. It accepts datagrams whose certificate the current root key
 signed: those of the hub itself and of the sites (``certificate_for``, served by
-``GET /v1/link/gossip``).
+``GET /v1/link/gossip``), a site's only under a certificate of the key the hub holds for it
+(``SiteKeyOpener``: a certificate of a key the site rotated away from opens nothing).
 
 What it does with them:
 
@@ -39,6 +40,7 @@ from nacl.signing import SigningKey
 from central_hub import deltalog
 from central_hub.ledger import Ledger
 from gossip import (
+    BadCertError,
     DatagramOpener,
     DatagramSealer,
     Event,
@@ -49,6 +51,7 @@ from gossip import (
     address_meta,
     issue_cert,
 )
+from gossip.auth import Opened
 from gossip.messages import Summary
 from meshorch.fleet.client import Address, format_address
 from meshorch.fleet.gossip import (
@@ -88,6 +91,32 @@ class HubGossipStats:
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class SiteKeyOpener(DatagramOpener):
+    """Also drops a registered site's datagrams under a certificate of a key other than the
+    one the hub holds for it: after the site rotated its key (a revoked host kept the old
+    one), a certificate issued for the old key opens nothing at the hub."""
+
+    def __init__(
+        self,
+        trusted_anchors: Callable[[], frozenset[str]],
+        site_key: Callable[[str], str | None],
+        *,
+        recipient: str,
+    ) -> None:
+        super().__init__(trusted_anchors, recipient=recipient)
+        self._site_key = site_key
+
+    def open(self, data: bytes, now: float) -> Opened:
+        opened = super().open(data, now)
+        sender = opened.sender_id
+        if sender != HUB_ID:
+            registered = self._site_key(sender)
+            certified = self.member_key(sender, now)
+            if registered is not None and (certified is None or certified.hex() != registered):
+                raise BadCertError(f"the certificate of {sender[:64]!r} is for a key it left")
+        return opened
 
 
 def load_or_create_gossip_key(data_dir: Path) -> SigningKey:
@@ -136,7 +165,7 @@ class HubGossip:
     async def start(self) -> None:
         self._key = await asyncio.to_thread(load_or_create_gossip_key, self.ledger.data_dir)
         sealer = DatagramSealer(HUB_ID, self._key, self._own_cert())
-        opener = DatagramOpener(self._trusted, recipient=HUB_ID)
+        opener = SiteKeyOpener(self._trusted, self.site_key, recipient=HUB_ID)
         meta = None if self.advertise is None else address_meta(self.advertise)
         service = GossipService(
             gossip_config(self.preset),

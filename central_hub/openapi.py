@@ -82,6 +82,20 @@ SCHEMAS: dict[str, Schema] = {
     "Head": _obj(["head"], head=_INT),
     "EnrollRequest": _obj(["site", "public_key", "token"], site=_ID, public_key=_HEX64, token=_STR),
     "EnrollResponse": _obj(["site"], site=_ID),
+    "KeyRotation": _obj(
+        ["public_key", "time", "proof"],
+        public_key=_HEX64,
+        time=_NUM,
+        proof={
+            "type": "string",
+            "pattern": "^[0-9a-f]{128}$",
+            "description": "the new key's signature (docs/fleet-link.md)",
+        },
+    ),
+    "SiteKey": _obj(["public_key"], public_key=_HEX64),
+    "KeyRotated": _obj(
+        ["site", "public_key", "rotated"], site=_ID, public_key=_HEX64, rotated=_BOOL
+    ),
     "GossipInfo": _obj(
         ["cert", "hub", "preset", "peers"],
         cert={"type": "string", "description": "base64 member certificate (gossip.auth)"},
@@ -245,6 +259,8 @@ SCHEMAS: dict[str, Schema] = {
             _obj(
                 ["hosts", "rejections", "apps"],
                 public_key={"type": ["string", "null"]},
+                key_rotated_at=_NULLABLE_NUM,
+                key_rotations=_INT,
                 report_received_at=_NULLABLE_NUM,
                 gossip={
                     "type": ["object", "null"],

@@ -29,6 +29,8 @@ HUB_KEY: web.AppKey[HubParts] = web.AppKey("hub")
 MAX_BODY_KEY: web.AppKey[int] = web.AppKey("max_body_bytes", int)
 TOKEN_KEY: web.RequestKey[TokenRecord] = web.RequestKey("token", TokenRecord)
 SITE_KEY: web.RequestKey[str] = web.RequestKey("site", str)
+# The public key (hex) a site request was verified with.
+SIGNER_KEY: web.RequestKey[str] = web.RequestKey("site_signer", str)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Auth = str  # "none", "site", "enroll", or an action of authz.POLICY
@@ -52,6 +54,7 @@ class Route:
     response: str = "Empty"
     status: int = 200
     query: tuple[Query, ...] = ()
+    max_body: int = 0  # bytes; 0: the hub's --max-body
 
 
 def json_response(data: object, status: int = 200) -> web.Response:
@@ -82,15 +85,26 @@ def site_of(request: web.Request) -> str:
     return request[SITE_KEY]
 
 
-async def read(request: web.Request) -> bytes:
-    """The body, at most the app's ``MAX_BODY_KEY`` bytes (413 ``body_too_large``)."""
+def signer_of(request: web.Request) -> str:
+    """The public key a ``site`` route's request was verified with."""
+    return request[SIGNER_KEY]
+
+
+async def read(request: web.Request, max_bytes: int = 0) -> bytes:
+    """The body, at most ``max_bytes`` or else the app's ``MAX_BODY_KEY`` bytes (413
+    ``body_too_large``)."""
     limit = request.app[MAX_BODY_KEY]
+    if max_bytes:
+        limit = min(limit, max_bytes)
     if request.content_length is not None and request.content_length > limit:
         raise ApiError(413, "body_too_large", f"bodies are limited to {limit} bytes")
     try:
-        return await request.read()
+        body = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise ApiError(413, "body_too_large", f"bodies are limited to {limit} bytes") from None
+    if len(body) > limit:  # sent without a length
+        raise ApiError(413, "body_too_large", f"bodies are limited to {limit} bytes")
+    return body
 
 
 async def read_json(request: web.Request) -> object:

@@ -33,6 +33,7 @@ from meshorch.fleet.gossip import HUB_ID
 logger = logging.getLogger(__name__)
 
 ENROLL_PREFIX = "mhe_"
+MAX_PREVIOUS_KEYS = 32  # keys a site rotated away from, refused as its next key
 
 
 def site_or_none(store: Store, site_id: str) -> dict[str, Any] | None:
@@ -171,6 +172,65 @@ class Sites:
             txn.changed("site", site_id, None, "enrolled")
 
         await self.ledger.transact(plan)
+
+    async def rotate_key(self, site_id: str, signer: str, new_key: str) -> dict[str, Any]:
+        """Bind ``new_key`` to the site in place of ``signer``, the key the request was
+        verified with (checked again under the ledger's lock: two rotations signed by the
+        same key cannot both win). A rotation to the key already held answers success and
+        changes nothing; one back to a key the site had is refused."""
+
+        def plan(txn: Txn) -> dict[str, Any]:
+            record = self.site(site_id)
+            current = record.get("public_key")
+            if current != signer:
+                raise ApiError(401, "bad_site_signature", "the site's key changed meanwhile")
+            if new_key == current:
+                return {"site": site_id, "public_key": current, "rotated": False}
+            previous = [str(k) for k in record.get("previous_keys", [])]
+            if new_key in previous:
+                raise ApiError(409, "key_reused", "the site had this key before")
+            record.update(
+                public_key=new_key,
+                previous_keys=[*previous, current][-MAX_PREVIOUS_KEYS:],
+                key_rotated_at=txn.now,
+                key_rotations=int(record.get("key_rotations", 0)) + 1,
+            )
+            txn.put("sites", site_id, record)
+            txn.changed("site", site_id, None, f"key rotated to {new_key[:16]}")
+            return {"site": site_id, "public_key": new_key, "rotated": True}
+
+        answer = await self.ledger.transact(plan)
+        if answer["rotated"]:
+            logger.warning("site %s rotated its key to %s", site_id, new_key[:16])
+        return answer
+
+    async def set_key(self, site_id: str, public_key: str) -> dict[str, Any]:
+        """An operator binds the site's key (``PUT /v1/sites/{id}/key``): to take a site back
+        from whoever rotated its key first. Keys the site had before are refused."""
+
+        def plan(txn: Txn) -> dict[str, Any]:
+            record = self.site(site_id)
+            current = record.get("public_key")
+            if public_key == current:
+                return {"site": site_id, "public_key": current, "rotated": False}
+            previous = [str(k) for k in record.get("previous_keys", [])]
+            if public_key in previous:
+                raise ApiError(409, "key_reused", "the site had this key before")
+            if current is not None:
+                previous.append(current)
+            record.update(
+                public_key=public_key,
+                previous_keys=previous[-MAX_PREVIOUS_KEYS:],
+                enroll_hash=None,
+                enroll_expires_at=None,
+                key_rotated_at=txn.now,
+                key_rotations=int(record.get("key_rotations", 0)) + 1,
+            )
+            txn.put("sites", site_id, record)
+            txn.changed("site", site_id, None, f"key set by an operator to {public_key[:16]}")
+            return {"site": site_id, "public_key": public_key, "rotated": True}
+
+        return await self.ledger.transact(plan)
 
     async def decommission_site(self, token: TokenRecord, site_id: str) -> dict[str, Any]:
         """Send ``site.decommission``: the site stops its work and wipes its secrets, then

@@ -36,6 +36,7 @@ from meshorch.cli.agent_client import (
     request_agent,
 )
 from meshorch.cli.fleet import add_fleet_commands
+from meshorch.cli.fleetkey import add_fleet_site_commands
 from meshorch.cli.logs import add_logs_command
 from meshorch.cli.secrets import add_site_commands
 from meshorch.errors import ConfigurationError, MeshorchError
@@ -330,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     add_fleet_commands(commands)
+    add_fleet_site_commands(commands)
     add_access_commands(commands)
     add_logs_command(commands)
     add_chaos_command(commands)

@@ -262,6 +262,15 @@ class LinkClient:
             raise BadHubAnswer("a streams answer's 'refused' maps streams to messages")
         return _positions(answer), refused
 
+    async def rotate_key(self, body: bytes, key: SigningKey | None = None) -> str:
+        """Move this site to a new key (``meshorch.fleet.sitekey.rotation_body``), the request
+        signed by ``key`` (default: the client's); returns the key the hub now holds."""
+        answer = await self._request("POST", "/v1/link/key", "", body, key=key)
+        public_key = answer.get("public_key")
+        if not isinstance(public_key, str):
+            raise BadHubAnswer("a key rotation answer is {'public_key': hex, 'rotated': bool}")
+        return public_key
+
     async def fetch_release(self, digest: str) -> bytes:
         """An agent release's wheel by its sha256 (``GET /v1/link/releases/{digest}``)."""
         path = f"{self._base.path.rstrip('/')}/v1/link/releases/{digest}"
@@ -289,6 +298,7 @@ class LinkClient:
         *,
         signed: bool = True,
         timeout_s: float | None = None,
+        key: SigningKey | None = None,
     ) -> dict[str, Any]:
         full_path = self._base.path.rstrip("/") + path
         path_qs = f"{full_path}?{query}" if query else full_path
@@ -298,7 +308,7 @@ class LinkClient:
         headers = {"Content-Type": "application/json"}
         if signed:
             headers.update(
-                sign_request(self.key, self.site_id, method, path_qs, body, self.clock())
+                sign_request(key or self.key, self.site_id, method, path_qs, body, self.clock())
             )
         timeout = aiohttp.ClientTimeout(total=timeout_s or self.request_timeout_s)
         try:

@@ -84,6 +84,7 @@ from meshorch.fleet.delta import Delta, TrustState, verify_batch
 from meshorch.fleet.escrow import SiteEscrow
 from meshorch.fleet.forward import StreamForwarder
 from meshorch.fleet.gossip import SiteGossip
+from meshorch.fleet.keyrotation import SiteKeyRotation
 from meshorch.fleet.records import LinkRecords
 from meshorch.secrets.service import SiteSecrets
 from meshorch.state.ports import Members, SiteState
@@ -184,6 +185,7 @@ class SiteLink(LinkRecords):
         self.forwarder: StreamForwarder | None = None  # the stream forwarding of the session
         self.gossip_info: GossipInfo | None = None  # the last one the hub gave
         self._recent: OrderedDict[int, bytes] = OrderedDict()  # version -> envelope
+        self.key_rotation = SiteKeyRotation(site, site_id, clock)
 
     # -- reading the replicated state ------------------------------------------------
 
@@ -304,6 +306,7 @@ class SiteLink(LinkRecords):
                 asyncio.create_task(self.gossip.run(), name="fleet-gossip"),
                 asyncio.create_task(escrow.run(), name="fleet-escrow"),
                 asyncio.create_task(self._forward_streams(client), name="fleet-streams"),
+                asyncio.create_task(self._rotate_key(client), name="fleet-key"),
             ]
             try:
                 done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -324,6 +327,12 @@ class SiteLink(LinkRecords):
             await self.forwarder.run()
         finally:
             self.forwarder = None
+
+    async def _rotate_key(self, client: LinkClient) -> None:
+        """Returns when the site key changed: every task of the session signs with it."""
+        await self._enrolled.wait()
+        await self.key_rotation.run(client, Backoff())
+        logger.info("fleet link: the site key changed; starting a new session")
 
     async def _watch(self, config: LinkConfig) -> None:
         while True:
@@ -639,6 +648,7 @@ class SiteLink(LinkRecords):
         return {
             "site": self.site_id,
             "site_key": None if key is None else key_hex(key),
+            "site_key_rotation": self.key_rotation.status_json(),
             "link": None if config is None else config.to_json(),
             "trust": None if trust is None else trust.to_json(),
             "rejections": self.rejections(),

@@ -31,7 +31,7 @@ Roles and actions (``policy_rows()`` prints the table; README "Security" has it 
     secrets.read     yes    yes       yes      -
     secrets.admin    yes    -         -        -
     fleet.read       yes    yes       yes      -
-    fleet.write      yes    -         -        -
+    fleet.write      yes    -         -        -        (link, relayed deltas, key rotation)
     tokens.admin     yes    -         -        -
 
 A token of one tenant reaches only that tenant's apps and streams, and only with the tenant
@@ -123,6 +123,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/v1/fleet"): _op("fleet.read"),
     ("PUT", "/v1/fleet/link"): _op("fleet.write"),
     ("POST", "/v1/fleet/deltas"): _op("fleet.write"),
+    ("POST", "/v1/fleet/key"): _op("fleet.write"),
     ("GET", "/v1/secrets"): _op("secrets.read"),
     ("GET", "/v1/secrets/status"): _op("secrets.read"),
     ("POST", "/v1/secrets/unseal"): _op("secrets.admin"),

@@ -29,6 +29,7 @@ def add_fleet_routes(app: web.Application) -> None:
     app.router.add_get("/v1/fleet", get_fleet)
     app.router.add_put("/v1/fleet/link", put_fleet_link)
     app.router.add_post("/v1/fleet/deltas", post_fleet_deltas)
+    app.router.add_post("/v1/fleet/key", post_fleet_key)
 
 
 ORDER_REASONS = frozenset({"replay", "rollback", "gap", "chain_mismatch", "expired"})
@@ -60,6 +61,22 @@ async def put_fleet_link(request: web.Request) -> web.Response:
     return json_response(
         {"link": stored.to_json(), "trust": None if trust is None else trust.to_json()}
     )
+
+
+async def post_fleet_key(request: web.Request) -> web.Response:
+    """Rotate the site's key towards the hub now: 202 ``{"pending", "site_key"}``; the leader
+    announces the pending key and switches to it once the hub took it (``GET /v1/fleet``
+    shows ``site_key`` and ``site_key_rotation``). A pending rotation is returned as is."""
+    link = services(request).link
+    if link.link_config() is None:
+        raise ApiError(409, "not_configured", "this site has no fleet link configured")
+    try:
+        pending = await link.key_rotation.request("operator")
+    except RemoteInputError as exc:
+        raise ApiError(409, exc.code, str(exc)) from exc
+    key = link.site_key()
+    current = None if key is None else bytes(key.verify_key).hex()
+    return json_response({"pending": pending.public_hex, "site_key": current}, 202)
 
 
 async def post_fleet_deltas(request: web.Request) -> web.Response:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -91,6 +92,11 @@ async def new_site_to_decommission(world: World) -> tuple[str, object, str | Non
     return f"{path}/decommission", {}, None, False
 
 
+async def new_site_key(world: World) -> tuple[str, object, str | None, bool]:
+    path, _, _, _ = await new_site(world)
+    return f"{path}/key", {"public_key": os.urandom(32).hex()}, None, False
+
+
 async def new_app_of_a(world: World) -> tuple[str, object, str | None, bool]:
     name = world.fresh("app-of-aa")
     await world.admin.ok("POST", "/v1/apps", {"spec": spec_text(name), "tenant": TA}, 202)
@@ -154,6 +160,7 @@ CASES: dict[tuple[str, str], tuple[Setup, int]] = {
     ("GET", "/v1/link/deltas"): (fixed("/v1/link/deltas?wait=0"), 401),  # not signed
     ("POST", "/v1/link/report"): (fixed("/v1/link/report", {}), 401),
     ("GET", "/v1/link/gossip"): (fixed("/v1/link/gossip"), 401),
+    ("POST", "/v1/link/key"): (fixed("/v1/link/key", {}), 401),
     ("POST", "/v1/tokens"): (create_token_of_a, 201),
     ("GET", "/v1/tokens"): (fixed("/v1/tokens"), 200),
     ("DELETE", "/v1/tokens/{id}"): (new_token_of_a, 200),
@@ -169,6 +176,7 @@ CASES: dict[tuple[str, str], tuple[Setup, int]] = {
     ("GET", "/v1/sites/{id}"): (fixed("/v1/sites/site-1"), 200),
     ("PUT", "/v1/sites/{id}/labels"): (fixed("/v1/sites/site-1/labels", {"zone": "z1"}), 200),
     ("DELETE", "/v1/sites/{id}"): (new_site, 200),
+    ("PUT", "/v1/sites/{id}/key"): (new_site_key, 200),
     ("POST", "/v1/sites/{id}/decommission"): (new_site_to_decommission, 200),
     ("GET", "/v1/alerts"): (fixed("/v1/alerts"), 200),
     ("POST", "/v1/releases"): (upload_release, 201),
