@@ -74,7 +74,16 @@ from gossip.auth import (
     verify_cert,
 )
 from gossip.config import GossipConfig
-from gossip.core import Event, EventKind, MemberState, MemberView, Node, Stats, SummaryVerifier
+from gossip.core import (
+    Event,
+    EventKind,
+    MemberState,
+    MemberView,
+    Node,
+    Stats,
+    SummarySigner,
+    SummaryVerifier,
+)
 from gossip.errors import (
     ConfigError,
     GossipError,
@@ -112,6 +121,7 @@ __all__ = [
     "ServiceStats",
     "StaleError",
     "Stats",
+    "SummarySigner",
     "SummaryVerifier",
     "TruncatedPacketError",
     "UnsupportedVersionError",

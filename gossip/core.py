@@ -136,6 +136,12 @@ _SUMMARY = 1
 #: exception counts as a refusal.
 SummaryVerifier = Callable[[Summary, str], bool]
 
+#: ``signer(version, body) -> value``: the value disseminated for this node's summary
+#: ``body`` at ``version`` (e.g. the body and a signature over version and body, so a
+#: relay cannot attach a genuine body to a forged version). Called on every publish,
+#: including the republish that outbids a summary of this member from a previous run.
+SummarySigner = Callable[[int, bytes], bytes]
+
 # Timer kinds in the heap.
 _T_SUSPICION = 0
 _T_NACK = 1
@@ -297,6 +303,7 @@ class Node:
         relay: bool = False,
         incarnation: int = 0,
         summary_verifier: SummaryVerifier | None = None,
+        summary_signer: SummarySigner | None = None,
     ) -> None:
         config.validate()
         try:
@@ -315,6 +322,7 @@ class Node:
         self._rng = rng
         self._random = rng.random
         self._verify_summary = summary_verifier
+        self._sign_summary = summary_signer
         self._now = now
         self._flags = (FLAG_NATTED if natted else 0) | (FLAG_RELAY if relay else 0)
         self._natted = natted
@@ -431,19 +439,23 @@ class Node:
                 self._add_timer(self._now + keep, _T_REAP, v.member_id)
 
     def publish(self, value: bytes) -> int:
-        """Set this member's summary; returns its new version (disseminated from now on)."""
+        """Set this member's summary; returns its new version (disseminated from now on).
+        With a ``summary_signer``, ``value`` is the body it signs with the version."""
         if self._left:
             raise LocalProtocolError("the node has left the cluster")
+        body = bytes(value)
+        me = self._members[self.id]
+        version = me.summary_version + 1
+        if version > MAX_SUMMARY_VERSION:
+            raise LocalProtocolError("summary versions are exhausted")
+        if self._sign_summary is not None:
+            value = self._sign_summary(version, body)
         if len(value) > self.config.max_summary_bytes:
             raise LocalProtocolError(
                 f"summary is {len(value)} bytes, limit {self.config.max_summary_bytes}"
             )
         value = bytes(value)
-        me = self._members[self.id]
-        version = me.summary_version + 1
-        if version > MAX_SUMMARY_VERSION:
-            raise LocalProtocolError("summary versions are exhausted")
-        self._summary = value
+        self._summary = body
         self._members[self.id] = me._replace(summary_version=version, summary=value)
         self._dirty = True
         self._broadcast((_SUMMARY, self.id), Summary(self.id, version, value))

@@ -26,11 +26,19 @@ import heapq
 import logging
 import math
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from gossip.config import GossipConfig
-from gossip.core import Event, EventKind, MemberState, MemberView, Node, SummaryVerifier
+from gossip.core import (
+    Event,
+    EventKind,
+    MemberState,
+    MemberView,
+    Node,
+    SummarySigner,
+    SummaryVerifier,
+)
 from gossip.messages import FLAG_NATTED, FLAG_RELAY
 
 logger = logging.getLogger(__name__)
@@ -69,6 +77,7 @@ class Simulator:
         nat_mapping_timeout_s: float = 30.0,
         start: float = 0.0,
         summary_verifier: SummaryVerifier | None = None,
+        summary_signer_of: Callable[[str], SummarySigner] | None = None,
     ) -> None:
         config.validate()
         if not 0 <= drop < 1 or not 0 <= delay_min_s <= delay_max_s:
@@ -80,6 +89,7 @@ class Simulator:
         self.delay_max_s = delay_max_s
         self.nat_mapping_timeout_s = nat_mapping_timeout_s
         self.summary_verifier = summary_verifier
+        self.summary_signer_of = summary_signer_of  # member id -> its summary signer
         self.link_drop: dict[tuple[str, str], float] = {}
         self._rng = random.Random(seed)
         self._rand = self._rng.random
@@ -133,6 +143,9 @@ class Simulator:
             natted=self._natted[i],
             relay=self._relay[i],
             summary_verifier=self.summary_verifier,
+            summary_signer=None
+            if self.summary_signer_of is None
+            else self.summary_signer_of(self._ids[i]),
         )
         self._nodes[i] = node
         self._gen[i] += 1

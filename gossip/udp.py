@@ -92,7 +92,7 @@ from gossip.auth import (
     DatagramSealer,
 )
 from gossip.config import MAX_UDP_PAYLOAD, GossipConfig
-from gossip.core import Event, Node, SummaryVerifier
+from gossip.core import Event, Node, SummarySigner, SummaryVerifier
 from gossip.errors import LocalProtocolError
 
 logger = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ class GossipService:
 
     ``sealer`` names the member (its id is the node's id); ``opener`` must be
     built with ``recipient=sealer.member_id``. ``meta``, ``natted``, ``relay``,
-    ``incarnation`` and ``summary_verifier`` go to the ``Node``. Callbacks run
+    ``incarnation``, ``summary_verifier`` and ``summary_signer`` go to the ``Node``. Callbacks run
     inside the event loop's datagram and timer callbacks: they must not block
     (schedule work instead); they may call this service (``publish``,
     ``send_app``, ...).
@@ -211,6 +211,7 @@ class GossipService:
         relay: bool = False,
         incarnation: int = 0,
         summary_verifier: SummaryVerifier | None = None,
+        summary_signer: SummarySigner | None = None,
         addresses: Mapping[str, Address] | None = None,
         on_events: Callable[[list[Event]], None] | None = None,
         on_app_message: Callable[[str, bytes], None] | None = None,
@@ -249,6 +250,7 @@ class GossipService:
             "relay": relay,
             "incarnation": incarnation,
             "summary_verifier": summary_verifier,
+            "summary_signer": summary_signer,
         }
         self._rng = rng if rng is not None else random.Random()
         self._book: dict[str, Address] = {}

@@ -158,6 +158,66 @@ def test_forged_summaries_of_ourselves_are_not_outbid_when_verified() -> None:
     assert me is not None and (me.summary_version, me.summary) == (51, signed("a", b"mine"))
 
 
+# -- (a') a genuine summary replayed at a forged version ---------------------------------------
+
+
+def signed_at(member: str, version: int, body: bytes) -> bytes:
+    """The value a ``summary_signer`` makes: the body, then a signature over version and body."""
+    message = member.encode() + b"\0" + version.to_bytes(8, "big") + body
+    return body + key(member).sign(message).signature
+
+
+def verify_with_version(summary: Summary, sender: str) -> bool:
+    body, signature = summary.value[:-64], summary.value[-64:]
+    message = summary.member.encode() + b"\0" + summary.version.to_bytes(8, "big") + body
+    try:
+        key(summary.member).verify_key.verify(message, signature)
+    except (BadSignatureError, ValueError):
+        return False
+    return True
+
+
+def test_a_genuine_summary_at_a_forged_version_is_refused_when_the_version_is_signed() -> None:
+    sim = Simulator(
+        CONFIG,
+        seed=3,
+        summary_verifier=verify_with_version,
+        summary_signer_of=lambda member: lambda version, body: signed_at(member, version, body),
+    )
+    ids = sim.bootstrap(N)
+    sim.run_until(1.0)
+    victim, liar = "m00002", ids[5]
+    first = sim.publish(victim, b"v1")
+    assert sim.run_until_covered(victim, first, 1.0, timeout_s=5.0) is not None
+    genuine = summary_of(sim, liar, victim)[1]
+    assert genuine == signed_at(victim, 1, b"v1")
+
+    # The real value at a forged version, just below the last one.
+    inject(sim, liar, ids, Summary(victim, MAX_SUMMARY_VERSION - 1, genuine))
+    sim.run_for(1.0)
+    version = sim.publish(victim, b"v2")
+    assert version == 2  # not outbid by the replay: it was never taken for the victim's
+    assert sim.run_until_covered(victim, version, 1.0, timeout_s=5.0) is not None
+    for mid in ids:
+        assert summary_of(sim, mid, victim) == (2, signed_at(victim, 2, b"v2"))
+    assert total(sim, "forged_dropped") == N - 1
+
+
+def test_when_the_version_is_not_signed_a_replay_exhausts_the_members_versions() -> None:
+    """The control: values signed without their version. The victim's own old summary,
+    replayed just below the last version, is genuine to every verifier: the victim outbids
+    it with the last version there is, and can never publish again."""
+    sim, ids = cluster()
+    victim, liar = "m00002", ids[5]
+    sim.publish(victim, signed(victim, b"v1"))
+    sim.run_for(1.0)
+    inject(sim, liar, ids, Summary(victim, MAX_SUMMARY_VERSION - 1, signed(victim, b"v1")))
+    sim.run_for(1.0)
+    assert summary_of(sim, victim, victim)[0] == MAX_SUMMARY_VERSION
+    with pytest.raises(LocalProtocolError):
+        sim.publish(victim, signed(victim, b"v2"))
+
+
 # -- (b), (c) incarnations at the wire's limit -------------------------------------------------
 
 
