@@ -16,7 +16,6 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,10 +33,10 @@ from meshorch.lab.agents import HUB_PORT, FleetFlags, LabAgents, wg_interface_na
 from meshorch.lab.errors import LabError
 from meshorch.lab.forward import NetnsForward
 from meshorch.lab.lab import Lab
+from meshorch.lab.prerequisites import missing_prerequisites
 from meshorch.runtime import BUSYBOX_IMAGE_REF, RuntimeUnavailable, build_busybox_rootfs
 
 FLEET = "demo"
-LAB_TOOLS = ("ip", "wg", "wireguard-go", "iptables", "podman", "runc")
 DEFAULT_DASHBOARD = "127.0.0.1:7980"
 
 LAB_APP = f"""
@@ -53,6 +52,7 @@ services:
         image: {BUSYBOX_IMAGE_REF}
         command: ["httpd", "-f", "-p", "8080", "-h", "/www"]
         files: [{{path: /www/index.html, content: "hello from the edge"}}]
+        ports: [{{container_port: 8080}}]
         resources: {{memory_limit: 32Mi, cpu_limit: 0.5, cpu_request: 0.1}}
         probes:
           readiness: {{http: {{port: 8080, path: /}}, period_s: 1, timeout_s: 0.5}}
@@ -63,13 +63,6 @@ services:
         command: ["sh", "-c", "while true; do echo \\"tick $(date)\\"; sleep 5; done"]
         resources: {{memory_limit: 16Mi, cpu_request: 0.05}}
 """
-
-
-def missing_prerequisites(euid: int, which: Callable[[str], str | None]) -> list[str]:
-    """What stops the lab demo from running here, in words (empty: nothing)."""
-    problems = [] if euid == 0 else ["it needs root (network namespaces, WireGuard, podman)"]
-    problems += [f"{tool!r} is not installed" for tool in LAB_TOOLS if which(tool) is None]
-    return problems
 
 
 def parse_listen(text: str) -> tuple[str, int]:

@@ -1,7 +1,8 @@
 """The agent's application networking: site DNS, the ingress address, tenant isolation.
 
-Instances use their host's network; an instance is reached at its host's overlay address
-(WireGuard between hosts) and its container port. This adapter turns the replicated state
+An instance's ports are published on its host (podman: its own network namespace; the
+process runtime: the host's network); an instance is reached at its host's overlay
+address (WireGuard between hosts) and its container port. This adapter turns the replicated state
 into the site's endpoints (``meshorch.net.services``) and keeps three things in step:
 
 - the DNS server (``meshorch.net.dns``) on this host answering
@@ -10,8 +11,20 @@ into the site's endpoints (``meshorch.net.services``) and keeps three things in 
 - on the Raft leader only, the site's ingress address (``--ingress-address CIDR``) and a
   TCP forwarder per ingress port to the ready instances (``meshorch.net.ingress``); losing
   leadership releases both, the new leader claims them (gratuitous ARP moves the address);
-- with podman as root, tenant isolation: containers run as their tenant's uid and an
-  iptables chain rejects connections from one tenant's uid to another tenant's instances.
+- with podman as root, tenant isolation: containers run as their tenant's uid, each in a
+  network namespace of its own on its tenant's bridge (``meshorch.runtime.podman``), and
+  iptables chains on every host (``meshorch.net.services.bridge_isolation_rules``) reject,
+  from any tenant's bridge: the agent's ports (API, gossip, Raft, WireGuard) on every
+  address of this host and of other hosts; another tenant's instances, on this host (any
+  address, or its containers' own) and on other hosts (every address the site knows of
+  them). Allowed: the site DNS (this host's overlay address, port 53), the tenant's own
+  instances everywhere, the ingress address, and anything outside the site. A container
+  cannot reach the host's loopback at all. Traffic from the bridges is masqueraded, so
+  the host a container runs on is the only one that can tell tenants apart, and filters.
+  Containers on the host's network (podman ``network="host"``) are held by uid in OUTPUT
+  instead (``isolation_rules``). The rules stay when the agent stops: its containers go
+  on running. Without isolation (not root, no iptables) a container still cannot reach
+  the host's loopback, but gets what a stranger on the LAN gets.
 """
 
 from __future__ import annotations
@@ -305,9 +318,26 @@ class AppNetwork:
 
         return current
 
+    def host_addresses(self) -> dict[str, set[str]]:
+        """Every address the site knows of each host (overlay, LAN, API, Raft)."""
+        found: dict[str, set[str]] = {}
+        for m in self.members.members():
+            texts = [m.overlay_ip, service_net.host_address(m.raft)]
+            texts += [service_net.host_address(a) for a in (m.api, m.wg_endpoint) if a]
+            for text in texts:
+                with contextlib.suppress(ValueError):
+                    address = ipaddress.ip_address(text or "")
+                    if address.version == 4 and not (address.is_unspecified or address.is_loopback):
+                        found.setdefault(m.host_id, set()).add(str(address))
+        return found
+
     async def _isolate(self) -> None:
-        rules = service_net.isolation_rules(self.endpoints(), self.host_id, self.agent_ports)
-        document = service_net.iptables_restore_input(rules)
+        endpoints = self.endpoints()
+        rules = service_net.isolation_rules(endpoints, self.host_id, self.agent_ports)
+        bridged = service_net.bridge_isolation_rules(
+            endpoints, self.host_id, self.host_addresses(), self.agent_ports
+        )
+        document = service_net.iptables_restore_input(rules, bridged)
         if document == self._rules:
             return
         if self._rules is None:
@@ -323,13 +353,26 @@ class AppNetwork:
         logger.info("tenant isolation: %d rules", len(rules))
 
 
+_BUILT_IN = frozenset({"INPUT", "OUTPUT", "FORWARD"})
+_JUMPS = (
+    ("OUTPUT", service_net.ISOLATION_CHAIN),
+    ("INPUT", service_net.INPUT_CHAIN),
+    ("FORWARD", service_net.FORWARD_CHAIN),
+    # CNI's firewall plugin puts its jump first in FORWARD when a container starts, and
+    # accepts everything from a container there; it calls this chain before that.
+    ("CNI-ADMIN", service_net.FORWARD_CHAIN),
+)
+
+
 async def _ensure_jump() -> None:
-    chain = service_net.ISOLATION_CHAIN
     timeout = IPTABLES_TIMEOUT_S
-    await run_command(["iptables", "-w", "-N", chain], timeout_s=timeout)  # exists: fine
-    check = await run_command(["iptables", "-w", "-C", "OUTPUT", "-j", chain], timeout_s=timeout)
-    if check.returncode != 0:
-        await run_command(["iptables", "-w", "-I", "OUTPUT", "1", "-j", chain], timeout_s=timeout)
+    for hook, chain in _JUMPS:
+        for made in (hook, chain):
+            if made not in _BUILT_IN:  # a chain that exists already is fine
+                await run_command(["iptables", "-w", "-N", made], timeout_s=timeout)
+        check = await run_command(["iptables", "-w", "-C", hook, "-j", chain], timeout_s=timeout)
+        if check.returncode != 0:
+            await run_command(["iptables", "-w", "-I", hook, "1", "-j", chain], timeout_s=timeout)
 
 
 def parse_host_port(text: str, flag: str) -> tuple[str, int]:

@@ -6,12 +6,14 @@ site's *endpoints*: one per instance, with its tenant, app, service, host addres
 and whether it is ready. Everything the agent does with the network derives from them:
 
 - DNS (``meshorch.net.dns``): ``SERVICE.APP.TENANT.site.meshorch`` -> the addresses of
-  the hosts running a ready instance (instances use the host's network, so an instance is
-  reached at its host's overlay address and its container port, over WireGuard);
+  the hosts running a ready instance (an instance's ports are published on its host, so it
+  is reached at its host's overlay address and its container port, over WireGuard);
 - ingress: the site's ingress port of a service -> its ready instances' (address, port);
-- tenant isolation: a container runs as its tenant's uid (``tenant_uid``), and every host
-  rejects connections from a tenant uid to another tenant's instance ports
-  (``isolation_rules``, iptables ``owner`` match in the OUTPUT chain).
+- tenant isolation: a container runs as its tenant's uid (``tenant_uid``) in a network
+  namespace on its tenant's bridge (``tenant_bridge``), and every host rejects what comes
+  in from a tenant's bridge towards the agent's ports or another tenant's instances
+  (``bridge_isolation_rules``, iptables INPUT and FORWARD). Containers on the host's
+  network are held by their uid instead (``isolation_rules``, ``owner`` match in OUTPUT).
 """
 
 from __future__ import annotations
@@ -23,10 +25,13 @@ from dataclasses import dataclass
 from meshorch.apps.records import InstanceReport
 from meshorch.apps.scheduler import Placement
 from meshorch.apps.spec import AppSpec
+from meshorch.runtime.podman import BRIDGE_PREFIX, bridge_name
 
 TENANT_UID_BASE = 300_000
 TENANT_UID_SPAN = 100_000
-ISOLATION_CHAIN = "MESHORCH-ISOLATE"
+ISOLATION_CHAIN = "MESHORCH-ISOLATE"  # OUTPUT: containers on the host's network
+INPUT_CHAIN = "MESHORCH-ISOLATE-IN"  # INPUT: from a bridge to this host
+FORWARD_CHAIN = "MESHORCH-ISOLATE-FWD"  # FORWARD: from a bridge to anywhere else
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,9 +187,79 @@ def isolation_rules(
     return rules
 
 
-def iptables_restore_input(rules: Iterable[list[str]]) -> str:
-    """An ``iptables-restore --noflush`` document that replaces the chain's rules at once."""
-    lines = ["*filter", f":{ISOLATION_CHAIN} - [0:0]", f"-F {ISOLATION_CHAIN}"]
-    lines += [" ".join([f"-A {ISOLATION_CHAIN}", *rule]) for rule in rules]
+def tenant_bridge(tenant: str) -> str:
+    """The bridge a tenant's containers are on, on every host (podman, isolated)."""
+    return bridge_name(tenant_uid(tenant))
+
+
+def _reject(protocol: str) -> list[str]:
+    # A reset fails the caller at once, not after a timeout.
+    return ["-j", "REJECT", *(["--reject-with", "tcp-reset"] if protocol == "tcp" else [])]
+
+
+# In FORWARD a port unreachable: a reset to a connection whose destination was rewritten
+# (a published port) never reaches the caller, the ICMP error does (and reads "refused").
+_FORWARD_REJECT = ["-j", "REJECT", "--reject-with", "icmp-port-unreachable"]
+
+
+def bridge_isolation_rules(
+    endpoints: Iterable[Endpoint],
+    local_host: str,
+    host_addresses: Mapping[str, Iterable[str]],
+    agent_ports: Iterable[tuple[str, int]] = (),
+) -> dict[str, list[list[str]]]:
+    """iptables rules (arguments after ``-A CHAIN``) by chain, for containers on bridges.
+
+    ``INPUT_CHAIN``: nothing from a tenant's bridge reaches the agent's ports
+    (``agent_ports``) on any address of this host; the site DNS is not among them.
+    ``FORWARD_CHAIN``: nothing from a tenant's bridge reaches the agent's ports of another
+    host, nor, on this host, another bridge (another tenant's published ports on any
+    address of this host, or its containers' own addresses); a tenant's connections to an
+    instance on another host (``host_addresses``: every address the site knows of that
+    host) go through only if the instance is its own. Matched on the original
+    destination (conntrack), before port publishing rewrites it.
+    """
+    bridges = f"{BRIDGE_PREFIX}+"
+    head = [["-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "RETURN"],
+            ["!", "-i", bridges, "-j", "RETURN"]]  # fmt: skip
+    inbound = [list(rule) for rule in head]
+    forward = [list(rule) for rule in head]
+    for protocol, port in sorted(set(agent_ports)):
+        inbound.append(["-p", protocol, "--dport", str(port), *_reject(protocol)])
+        forward.append(
+            ["-p", protocol, "-m", "conntrack", "--ctproto", protocol,
+             "--ctorigdstport", str(port), *_FORWARD_REJECT]
+        )  # fmt: skip
+    endpoints = sorted(endpoints, key=lambda e: (e.host_id, e.ports, e.tenant))
+    for bridge in sorted({tenant_bridge(e.tenant) for e in endpoints}):
+        forward.append(["-i", bridge, "-o", bridge, "-j", "RETURN"])
+    forward.append(["-o", bridges, *_FORWARD_REJECT])
+    seen: set[tuple[str, int, str]] = set()
+    for e in endpoints:
+        if e.host_id == local_host:
+            continue  # covered above: published ports here lead to a bridge
+        for address in sorted(set(host_addresses.get(e.host_id, ())) | {e.address}):
+            for port in e.ports:
+                if (address, port, e.tenant) in seen:
+                    continue
+                seen.add((address, port, e.tenant))
+                match = ["-p", "tcp", "-m", "conntrack", "--ctproto", "tcp",
+                         "--ctorigdst", address, "--ctorigdstport", str(port)]  # fmt: skip
+                forward.append(["-i", tenant_bridge(e.tenant), *match, "-j", "RETURN"])
+                forward.append([*match, *_FORWARD_REJECT])
+    return {INPUT_CHAIN: inbound, FORWARD_CHAIN: forward}
+
+
+def iptables_restore_input(
+    rules: Iterable[list[str]], extra: Mapping[str, Iterable[list[str]]] | None = None
+) -> str:
+    """An ``iptables-restore --noflush`` document that replaces the chains' rules at once:
+    ``rules`` in ``ISOLATION_CHAIN``, ``extra`` by chain name."""
+    chains: dict[str, Iterable[list[str]]] = {ISOLATION_CHAIN: rules, **(extra or {})}
+    lines = ["*filter"]
+    lines += [f":{chain} - [0:0]" for chain in chains]
+    for chain, chain_rules in chains.items():
+        lines.append(f"-F {chain}")
+        lines += [" ".join([f"-A {chain}", *rule]) for rule in chain_rules]
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"

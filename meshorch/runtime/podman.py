@@ -23,11 +23,23 @@ deletes it; :meth:`PodmanRuntime.log_files` names it for log capture),
 ``--memory`` with ``--memory-swap`` equal to it (the limit is hard, swap does not
 extend it) and ``--cpus`` (clamped to the host's CPU count).
 
-Network: ``--network host`` by default. The site overlay (WireGuard) is an
-interface of the host, and instances must be reachable on it; per-instance
-network isolation comes later. With host networking ports are not published:
-a ``host_port`` different from the ``container_port`` is rejected. With another
-``network`` ports are published with ``-p``.
+Network: ``isolated`` by default: every container gets a network namespace of its own
+on a bridge of this runtime, one bridge per tenant uid (``--user``), named
+:func:`bridge_name` (``mo-u{uid}``; ``mo-shared`` for containers without a user). The
+runtime writes each network's CNI config itself, on the first container that needs it:
+podman picks a free subnet (``podman network create``), the runtime then renames the
+bridge so that packet filters can tell tenants apart by interface. The bridge
+masquerades outgoing traffic, so other hosts see this host's address. Ports are
+published with ``-p HOST:CONTAINER`` on every address of the host (``host_port``
+defaults to ``container_port``, so an instance is still reached at its host's address
+and its container port, and at ``127.0.0.1`` from the host itself: probes). A container
+cannot reach the host's loopback; it reaches the host's other addresses and other
+hosts through the bridge, which ``meshorch.net.app_network`` filters (agent ports,
+other tenants). ``network="host"`` keeps the host's network (ports cannot be
+remapped: a ``host_port`` different from the ``container_port`` is rejected); another
+name is an existing podman network, ports published with ``-p``. A container whose
+network is not the one wanted is replaced (label ``meshorch.network``).
+:meth:`PodmanRuntime.purge` deletes the bridges with the networks.
 
 The spec's files are written under ``files_dir/meshorch-{id}/`` (default
 ``R/meshorch-files``) and bind-mounted read-only; the environment goes through a
@@ -47,11 +59,16 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
+import fcntl
+import ipaddress
 import logging
 import math
 import os
 import re
 import shutil
+import socket
+import struct
 import tarfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -85,9 +102,21 @@ logger = logging.getLogger(__name__)
 DEFAULT_ULIMITS = ("nofile=1024:1024", "nproc=1024:1024")
 DEFAULT_LOG_MAX_SIZE = "10mb"
 
+_SIOCGIFADDR, _SIOCGIFNETMASK = 0x8915, 0x891B  # linux/sockios.h
+_CNI_ADDRESSES = Path("/var/lib/cni/networks")  # host-local IPAM: one directory per network
+ISOLATED = "isolated"
+LABEL_NETWORK = "meshorch.network"
+BRIDGE_PREFIX = "mo-"
+_NETWORK_PREFIX = "meshorch-"
 _RUNNING_STATES = frozenset({"running", "paused", "stopping"})
 _ENV_FILE_MAX_LINE = 60_000  # podman reads env files with a 64 KiB line scanner
 SECRETS_MOUNT = "/run/secrets"
+
+
+def bridge_name(user: int | None) -> str:
+    """The bridge of an isolated runtime's containers running as ``user`` (at most 15
+    characters, an interface name's limit)."""
+    return f"{BRIDGE_PREFIX}shared" if user is None else f"{BRIDGE_PREFIX}u{user}"
 
 
 def _write_secret_env(spec: InstanceSpec) -> Path | None:
@@ -110,6 +139,52 @@ def _write_secret_env(spec: InstanceSpec) -> Path | None:
 
 _NO_SUCH_CONTAINER = "no such container"
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
+def _bridge_subnet(bridge: str) -> tuple[str, str] | None:
+    """The IPv4 subnet and address of ``bridge`` in this network namespace, if it exists."""
+    if not Path("/sys/class/net", bridge).exists():
+        return None
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            request = struct.pack("256s", bridge.encode())
+            address = fcntl.ioctl(sock.fileno(), _SIOCGIFADDR, request)[20:24]
+            mask = fcntl.ioctl(sock.fileno(), _SIOCGIFNETMASK, request)[20:24]
+        except OSError:
+            return None
+    gateway = ipaddress.IPv4Address(address)
+    network = ipaddress.IPv4Network(f"{gateway}/{ipaddress.IPv4Address(mask)}", strict=False)
+    return str(network), str(gateway)
+
+
+def _forget_addresses(network: str) -> None:
+    """Delete the CNI address book of ``network`` once no address in it is taken (it is
+    shared by the runtimes of every namespace on the machine)."""
+    book = _CNI_ADDRESSES / network
+    with contextlib.suppress(OSError):
+        if all(
+            entry.name == "lock" or entry.name.startswith("last_reserved_ip")
+            for entry in book.iterdir()
+        ):
+            shutil.rmtree(book)
+
+
+def _rename_bridge(path: Path, bridge: str) -> None:
+    """Give the bridge of a CNI config written by ``podman network create`` our name."""
+    config = orjson.loads(path.read_bytes())
+    plugins = [p for p in config.get("plugins", ()) if p.get("type") == "bridge"]
+    if len(plugins) != 1:
+        raise RuntimeBackendError(f"{path}: expected one bridge plugin, found {len(plugins)}")
+    plugins[0]["bridge"] = bridge
+    existing = _bridge_subnet(bridge)
+    if existing is not None:
+        # Another runtime in this network namespace (tests) made the bridge: its subnet,
+        # or CNI refuses to give the bridge a second address.
+        subnet, gateway = existing
+        plugins[0]["ipam"]["ranges"] = [[{"subnet": subnet, "gateway": gateway}]]
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(orjson.dumps(config, option=orjson.OPT_INDENT_2))
+    partial.replace(path)
 
 
 def _resolve_executable(name: str, what: str) -> str:
@@ -174,7 +249,7 @@ class PodmanRuntime:
         runroot: Path,
         runtime: str = "runc",
         *,
-        network: str = "host",
+        network: str = ISOLATED,
         files_dir: Path | None = None,
         logs_dir: Path | None = None,
         podman: str = "podman",
@@ -208,6 +283,8 @@ class PodmanRuntime:
             self.runtime_path,
         ]
         self._locks: dict[str, asyncio.Lock] = {}
+        self._network_lock = asyncio.Lock()
+        self._networks: set[str] = set()  # isolated networks known to exist
 
     # --- helpers --------------------------------------------------------------
 
@@ -274,6 +351,33 @@ class PodmanRuntime:
         )
         if result.returncode != 0:
             raise RuntimeBackendError(f"podman rm {name}: {result.stderr_text}")
+
+    def network_of(self, spec: InstanceSpec) -> str:
+        """The podman network ``spec`` runs on."""
+        if self.network != ISOLATED:
+            return self.network
+        return _NETWORK_PREFIX + bridge_name(spec.user).removeprefix(BRIDGE_PREFIX)
+
+    def _network_file(self, name: str) -> Path:
+        return self.root / "networks" / f"{name}.conflist"
+
+    async def _ensure_network(self, spec: InstanceSpec) -> None:
+        """Create the isolated network of ``spec`` unless it exists (see the module doc)."""
+        if self.network != ISOLATED:
+            return
+        name = self.network_of(spec)
+        if name in self._networks:
+            return
+        async with self._network_lock:
+            path = self._network_file(name)
+            if not path.exists():
+                bridge = bridge_name(spec.user)
+                await self._podman_ok(
+                    "network", "create", "--label", "meshorch=1", "--disable-dns", name
+                )
+                await asyncio.to_thread(_rename_bridge, path, bridge)
+                logger.info("created network %s (bridge %s)", name, bridge)
+            self._networks.add(name)
 
     def _check_spec(self, spec: InstanceSpec) -> None:
         if self.network == "host":
@@ -345,16 +449,18 @@ class PodmanRuntime:
             "--log-opt",
             f"path={self._log_path(spec.instance_id)}",
             "--network",
-            self.network,
+            self.network_of(spec),
+            "--label",
+            f"{LABEL_NETWORK}={self.network_of(spec)}",
         ]
         for key, value in spec.labels.items():
             args += ["--label", f"{key}={value}"]
         if self.network != "host":
             for port in spec.ports:
-                published = f"{port.container_port}/{port.protocol}"
-                if port.host_port is not None:
-                    published = f"{port.host_port}:{published}"
-                args += ["--publish", published]
+                # The same port on the host by default: instances are found at their
+                # host's address and their container port.
+                host_port = port.container_port if port.host_port is None else port.host_port
+                args += ["--publish", f"{host_port}:{port.container_port}/{port.protocol}"]
         for server in spec.dns_servers:
             args += ["--dns", server]
         for domain in spec.dns_search:
@@ -396,10 +502,14 @@ class PodmanRuntime:
             if existing is not None:
                 labels = (existing.get("Config") or {}).get("Labels") or {}
                 status = (existing.get("State") or {}).get("Status")
-                if status in _RUNNING_STATES and labels.get(LABEL_SPEC) == spec_hash:
+                same = labels.get(LABEL_SPEC) == spec_hash
+                if self.network != "host":
+                    same = same and labels.get(LABEL_NETWORK) == self.network_of(spec)
+                if status in _RUNNING_STATES and same:
                     return
                 logger.info("replacing container %s (state %s)", spec.name, status)
                 await self._rm(spec.name, stop_timeout_s)
+            await self._ensure_network(spec)
             env_file, env_args, mounts = await asyncio.to_thread(self._write_instance_dir, spec)
             secret_env_file = await asyncio.to_thread(_write_secret_env, spec)
             args = self._run_args(spec, spec_hash, env_file, env_args, mounts, secret_env_file)
@@ -575,6 +685,20 @@ class PodmanRuntime:
         # Readers never see a half-written archive.
         partial.replace(archive_path)
 
+    def _bridges(self) -> builtins.list[str]:
+        """The bridges of this runtime's isolated networks."""
+        found = []
+        for path in sorted((self.root / "networks").glob(f"{_NETWORK_PREFIX}*.conflist")):
+            try:
+                config = orjson.loads(path.read_bytes())
+            except (OSError, orjson.JSONDecodeError):
+                continue
+            for plugin in config.get("plugins", ()):
+                bridge = plugin.get("bridge") if isinstance(plugin, dict) else None
+                if isinstance(bridge, str) and bridge.startswith(BRIDGE_PREFIX):
+                    found.append(bridge)
+        return found
+
     async def close(self) -> None:
         """Nothing to release: containers outlive the agent and are adopted by label."""
 
@@ -585,11 +709,20 @@ class PodmanRuntime:
         storage driver mounted; anything left under the directories is unmounted
         before they are deleted.
         """
+        bridges = await asyncio.to_thread(self._bridges)
         if self.root.exists():
             await self._podman("rm", "--all", "--force", "--time", "0")
             reset = await self._podman("system", "reset", "--force")
             if reset.returncode != 0:
                 logger.warning("podman system reset: %s", reset.stderr_text)
+        for bridge in bridges:  # CNI leaves a bridge behind when its last container goes
+            ports = Path("/sys/class/net", bridge, "brif")
+            if ports.is_dir() and not any(ports.iterdir()):  # not another runtime's in use
+                await run_command(["ip", "link", "delete", bridge], timeout_s=30)
+            await asyncio.to_thread(
+                _forget_addresses, _NETWORK_PREFIX + bridge.removeprefix(BRIDGE_PREFIX)
+            )
+        self._networks.clear()
         for point in await asyncio.to_thread(_mount_points_under, self.root, self.runroot):
             result = await run_command(["umount", "--lazy", point], timeout_s=30)
             if result.returncode != 0:

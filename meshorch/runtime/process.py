@@ -37,6 +37,11 @@ What is and is not isolated:
   (cgroups) where CPU limits matter.
 - **Ports**: no network namespace, the process binds host ports itself: a
   ``host_port`` different from ``container_port`` is rejected.
+- **User and network**: the process runs as the agent's user (root when the agent
+  is root) on the host's network: it reaches whatever the agent reaches (its API,
+  Raft and WireGuard ports, its socket and data directory), and neither tenant
+  isolation nor the site DNS applies. **Trusted workloads only**; podman is the
+  runtime for anything else.
 
 Restart of the agent: the runtime does **not** adopt instances started by an
 earlier agent process (it could not reap them or get their exit code). On

@@ -23,6 +23,7 @@ services:
         image: localhost/meshorch-busybox:1
         command: ["httpd", "-f", "-p", "8080", "-h", "/www"]
         files: [{path: /www/index.html, content: "hello from the edge"}]
+        ports: [{container_port: 8080}]
         resources: {memory_limit: 32Mi, cpu_limit: 0.5, cpu_request: 0.1}
         probes:
           readiness: {http: {port: 8080, path: /}, period_s: 0.2, timeout_s: 0.2,

@@ -2,6 +2,9 @@
 wireguard-go): service A calls service B by its DNS name across hosts over the overlay,
 a client on the site LAN reaches the ingress address, a host dies and both recover,
 tenants cannot reach each other's instances, and garbage on the DNS port changes nothing.
+Each container has a network namespace of its own on its tenant's bridge; from inside one,
+every agent port of every host is refused while the site DNS, the tenant's own instances
+and the ingress address answer.
 
 "Killing a host" kills its agent and takes its LAN link down: its containers keep running
 but nothing reaches them any more, as when a machine loses power.
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import dns.message
 import orjson
 import pytest
 
@@ -98,6 +102,51 @@ while time.time() < end:
         print(f"{start:.3f} fail {type(exc).__name__}", flush=True)
     time.sleep(0.1)
 """
+MENU = f"""
+api_version: meshorch/v1
+name: menu
+version: "1"
+services:
+  - name: m
+    containers:
+      - name: httpd
+        image: {IMAGE}
+        command: ["httpd", "-f", "-p", "8083", "-h", "/www"]
+        files: [{{path: /www/index.html, content: "menu-ok"}}]
+        ports: [{{container_port: 8083}}]
+        resources: {{memory_limit: 32Mi, cpu_request: 0.1}}
+        probes:
+          readiness: {{http: {{port: 8083, path: /}}, period_s: 0.5, timeout_s: 0.5,
+                      failure_threshold: 1}}
+"""
+# One UDP datagram from a connected socket: "answered", "refused" (ICMP port unreachable:
+# a REJECT rule, or nothing bound there) or "silent" (something bound there dropped it).
+UDP_PROBE = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(1.5)
+s.connect((sys.argv[1], int(sys.argv[2])))
+s.send(bytes.fromhex(sys.argv[3]))
+try:
+    s.recv(4096)
+    print("answered")
+except ConnectionRefusedError:
+    print("refused")
+except TimeoutError:
+    print("silent")
+"""
+# Answers every datagram on 0.0.0.0:PORT with itself.
+UDP_ECHO = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+while True:
+    data, peer = s.recvfrom(4096)
+    s.sendto(data, peer)
+"""
+# A DNS query for b.shop.acme.site.meshorch, as the probe's payload.
+DNS_QUERY = dns.message.make_query("b.shop.acme.site.meshorch.", "A").to_wire().hex()
+WG_PORT = 51820
 HOSTS = ("s1-h1", "s1-h2", "s1-h3")
 
 
@@ -175,12 +224,13 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         agents.extra_args = ("--ingress-address", f"{vip}/{subnet.prefixlen}")
         agents.start_all()
         add_busybox_image(agents, work)
-        for tenant, text in (("acme", SHOP), ("globex", VAULT)):
+        for tenant, text in (("acme", SHOP), ("globex", VAULT), ("acme", MENU)):
             answer = agents.request("s1-h1", "POST", f"/v1/apps?tenant={tenant}", text.encode())
             assert "error" not in answer, answer
         found = Site(agents, work, vip)
         found.wait_ready("s1-h1", "shop", 3)
         found.wait_ready("s1-h1", "vault", 1)
+        found.wait_ready("s1-h1", "menu", 1)
         yield found
     finally:
         for host in lab.plan.hosts if lab.exists() else []:
@@ -273,16 +323,55 @@ def test_the_ingress_address_moves_when_its_host_dies(site: Site) -> None:
     site.wait_ready(site.live(), "shop", 3)
 
 
-def in_container(site: Site, host: str, container: str, command: str) -> CommandResult:
-    """Run ``command`` inside a container's namespaces as its user (runc exec cannot join
-    the cgroups of this machine's hybrid hierarchy; nsenter needs no cgroup)."""
+def container_pid_uid(site: Site, host: str, container: str) -> tuple[str, str]:
     inspected = site.podman(host, "inspect", "--format", "{{.State.Pid}}", container)
     pid = inspected.stdout.strip()
     assert inspected.returncode == 0 and pid.isdigit(), inspected
     status = site.lab.run(host, ["cat", f"/proc/{pid}/status"]).stdout
     uid = next(line.split()[1] for line in status.splitlines() if line.startswith("Uid:"))
-    argv = ["nsenter", "-t", pid, "-m", "-u", "-i", "-p", "-S", uid, "-G", uid, "sh", "-c", command]
+    return pid, uid
+
+
+def in_container(site: Site, host: str, container: str, command: str) -> CommandResult:
+    """Run ``command`` inside a container's namespaces (its network too) as its user (runc
+    exec cannot join the cgroups of this machine's hybrid hierarchy; nsenter needs none)."""
+    pid, uid = container_pid_uid(site, host, container)
+    namespaces = ["-n", "-m", "-u", "-i", "-p"]
+    argv = ["nsenter", "-t", pid, *namespaces, "-S", uid, "-G", uid, "sh", "-c", command]
     return site.lab.run(host, argv, timeout_s=30)
+
+
+def udp_from(site: Site, host: str, container: str | None, address: str, port: int,
+             payload: str = "00") -> str:  # fmt: skip
+    """UDP_PROBE in a container's network namespace as its user (the image has no Python:
+    the host's runs there), or on the host itself when ``container`` is None."""
+    probe = [sys.executable, "-c", UDP_PROBE, address, str(port), payload]
+    if container is not None:
+        probe[0] = "/usr/bin/python3"  # the tenant's uid may not read the test's Python
+        pid, uid = container_pid_uid(site, host, container)
+        probe = ["nsenter", "-t", pid, "-n", "-S", uid, "-G", uid, *probe]
+    result = site.lab.run(host, probe, timeout_s=30)
+    assert result.returncode == 0, result
+    return result.stdout.strip()
+
+
+def ping_from_host(site: Site, host: str, address: str) -> bool:
+    """Whether the host itself gets the agent's ``GET /v1/ping`` answered at address."""
+    script = (
+        "import sys, urllib.request\n"
+        "url = f'http://{sys.argv[1]}:{sys.argv[2]}/v1/ping'\n"
+        "print(urllib.request.urlopen(url, timeout=2).status)\n"
+    )
+    argv = [sys.executable, "-c", script, address, str(API_PORT)]
+    result = site.lab.run(host, argv, timeout_s=30)
+    return result.returncode == 0 and result.stdout.strip() == "204"
+
+
+def tcp_from_host(site: Site, host: str, address: str, port: int) -> bool:
+    """Whether the host itself (its own network, as root) connects to address:port."""
+    script = "import socket, sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), 2)"
+    result = site.lab.run(host, [sys.executable, "-c", script, address, str(port)], timeout_s=30)
+    return result.returncode == 0
 
 
 def test_a_tenant_cannot_connect_to_another_tenants_instance(site: Site) -> None:
@@ -336,22 +425,86 @@ def test_garbage_on_the_dns_port_changes_nothing(site: Site) -> None:
     assert site.agents.status(host) is not None  # the agent still serves
 
 
-def test_a_tenants_container_reaches_none_of_the_agents_ports(site: Site) -> None:
-    """From inside a real podman container (tenant acme's uid): the agent's API on its LAN,
-    overlay and loopback addresses and its Raft port are refused at once; the host itself
-    (not a tenant's uid) still reaches the API."""
+def test_a_container_has_its_own_network_and_reaches_no_agent_port_of_any_host(
+    site: Site,
+) -> None:
+    """From inside a real podman container (tenant acme, on its tenant's bridge): the agent's
+    API (TCP; UDP: gossip) and Raft ports on loopback, on its host's LAN, overlay and bridge
+    gateway addresses and on every other host's LAN and overlay addresses are refused at
+    once, and WireGuard's UDP port too; each time the host itself reaches the same port.
+    Meanwhile the site DNS answers (UDP and through the resolver), the tenant's other
+    instances answer on their hosts' overlay and LAN addresses, and the ingress address
+    answers. The agent's socket is not mounted in the container."""
     shop = site.view("s1-h1", "shop")["instances"]
     a = next(i for i in shop if i["service"] == "a")
     caller = f"meshorch-{a['instance_id']}.caller"
     host = a["host"]
-    lan_ip = next(h.lan_ip for h in site.agents.lab.plan.hosts if h.name == host)
-    overlay_ip = site.overlay_ip(host)
-    targets = [(lan_ip, API_PORT), (overlay_ip, API_PORT), ("127.0.0.1", API_PORT),
-               (overlay_ip, DEFAULT_RAFT_PORT)]  # fmt: skip
-    for address, port in targets:
-        refused = in_container(site, host, caller, http_get(address, port))
-        assert "HTTP/1" not in refused.stdout, (address, port, refused)
-        assert "refused" in refused.stderr, (address, port, refused)  # reset, not a timeout
-    # The host itself (not a tenant's uid) reaches the API on its LAN address.
-    status = site.agents.status(host)
-    assert status is not None and status["host_id"] == host, status
+    lan = {h.name: h.lan_ip for h in site.lab.plan.hosts}
+    overlay = {h: site.overlay_ip(h) for h in HOSTS}
+    busybox_nc = "/bin/busybox nc"
+
+    # Its own network namespace: none of the host's addresses, a default route via a bridge.
+    look = "ip addr; ip route; find / -xdev -name 'agent.sock*' 2>/dev/null; true"
+    inside = in_container(site, host, caller, look)
+    assert inside.returncode == 0, inside
+    assert overlay[host] not in inside.stdout and lan[host] not in inside.stdout, inside
+    gateway = inside.stdout.split("default via ", 1)[1].split()[0]
+    assert "agent.sock" not in inside.stdout, inside
+    print(f"container {caller} on {host}: gateway {gateway}")
+
+    # The lab's agents serve their API on the LAN and overlay addresses (not 0.0.0.0).
+    served = [lan[host], overlay[host]]
+    served += [address for h in HOSTS if h != host for address in (lan[h], overlay[h])]
+    for address in ["127.0.0.1", gateway, *served]:
+        refused = in_container(site, host, caller, http_get(address, API_PORT))
+        assert "HTTP/1" not in refused.stdout, (address, refused)
+        assert "refused" in refused.stderr, (address, refused)  # reset, not a timeout
+        if address in served:
+            assert ping_from_host(site, host, address), address
+    for address in [overlay[h] for h in HOSTS]:  # Raft listens on the overlay only
+        raft = f"nc -w 2 {address} {DEFAULT_RAFT_PORT} </dev/null"
+        refused = in_container(site, host, caller, raft)
+        assert "refused" in refused.stderr, (address, refused)
+        assert tcp_from_host(site, host, address, DEFAULT_RAFT_PORT), address
+    # WireGuard listens on every address and drops what is not a handshake: silence from the
+    # host, an ICMP error (the reject rule) from the container.
+    for address in (lan[host], *[lan[h] for h in HOSTS if h != host]):
+        assert udp_from(site, host, caller, address, WG_PORT) == "refused", address
+        assert udp_from(site, host, None, address, WG_PORT) == "silent", address
+    # Gossip (UDP on the API port) runs only with a hub: a stand-in answers there on every
+    # address of every host, the bridge's gateway included.
+    echo = [sys.executable, "-c", UDP_ECHO, str(API_PORT)]
+    netns = [site.lab.plan.node(h).netns for h in HOSTS]
+    echoes = [subprocess.Popen(["ip", "netns", "exec", n, *echo]) for n in netns]
+    try:
+        time.sleep(0.5)
+        for address in (gateway, *served):
+            assert udp_from(site, host, None, address, API_PORT) == "answered", address
+            assert udp_from(site, host, caller, address, API_PORT) == "refused", address
+    finally:
+        for echo in echoes:
+            echo.kill()
+            echo.wait()
+
+    # What a workload is meant to use.
+    assert udp_from(site, host, caller, overlay[host], 53, DNS_QUERY) == "answered"
+    resolved = in_container(site, host, caller, "nslookup b.shop.acme.site.meshorch")
+    b_hosts = sorted({i["host"] for i in shop if i["service"] == "b"})
+    for b_host in b_hosts:
+        assert overlay[b_host] in resolved.stdout, resolved
+        for address in (overlay[b_host], lan[b_host]):
+            reached = in_container(site, host, caller, http_get(address, 8081))
+            assert "b-ok" in reached.stdout, (address, reached)
+    menu = site.view("s1-h1", "menu")["instances"][0]  # another app of the same tenant
+    for address in (overlay[menu["host"]], lan[menu["host"]]):
+        reached = in_container(site, host, caller, http_get(address, 8083))
+        assert "menu-ok" in reached.stdout, (address, reached)
+    reached = in_container(site, host, caller, http_get(site.vip, 8080))
+    assert "b-ok" in reached.stdout, reached
+    # Another tenant's instance, on every address of its host, is not.
+    vault = site.view("s1-h1", "vault")["instances"][0]
+    for address in (overlay[vault["host"]], lan[vault["host"]]):
+        refused = in_container(site, host, caller, http_get(address, 8082))
+        assert "globex-secret" not in refused.stdout and "refused" in refused.stderr, refused
+        direct = site.lab.run(host, ["sh", "-c", http_get(address, 8082, busybox_nc)])
+        assert "globex-secret" in direct.stdout, (address, direct)

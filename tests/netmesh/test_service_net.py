@@ -129,3 +129,41 @@ def test_no_tenant_uid_reaches_the_agents_own_ports_on_any_address() -> None:
         assert rule[rule.index("--uid-owner") + 1] == uid_range and "REJECT" in rule
     assert not any(r[r.index("--dport") + 1] == "53" for r in first)  # the site DNS stays
     assert len(rules) == len(agent) + len(service_net.isolation_rules(world(), "h3"))
+
+
+def test_bridge_rules_refuse_agent_ports_and_other_tenants_from_every_bridge() -> None:
+    agent = [("tcp", 7700), ("udp", 7700), ("tcp", 7800), ("udp", 51820)]
+    lan = {"h1": {"10.1.0.11"}, "h2": {"10.1.0.12"}, "h3": {"10.1.0.13"}}
+    chains = service_net.bridge_isolation_rules(world(), "h1", lan, agent)
+    inbound, forward = chains[service_net.INPUT_CHAIN], chains[service_net.FORWARD_CHAIN]
+    acme, globex = service_net.tenant_bridge("acme"), service_net.tenant_bridge("globex")
+    assert acme == f"mo-u{service_net.tenant_uid('acme')}" and len(acme) <= 15
+    # Replies pass, and only what comes from a bridge is looked at.
+    for chain in (inbound, forward):
+        assert chain[0][-1] == "RETURN" and "ESTABLISHED" in chain[0][3]
+        assert chain[1] == ["!", "-i", "mo-+", "-j", "RETURN"]
+    # INPUT: every agent port, on any address of this host; the DNS port is not among them.
+    assert [(r[1], r[3]) for r in inbound[2:]] == [("tcp", "7700"), ("tcp", "7800"),
+                                                   ("udp", "7700"), ("udp", "51820")]  # fmt: skip
+    assert all("-d" not in r and "REJECT" in r for r in inbound[2:])
+    assert not any("53" in r for r in inbound + forward)
+    # FORWARD: agent ports on other hosts, then a tenant's own bridge, then no other bridge.
+    ports = [r[r.index("--ctorigdstport") + 1] for r in forward[2:6]]
+    assert ports == ["7700", "7800", "7700", "51820"]
+    others = next(i for i, r in enumerate(forward) if r[:2] == ["-o", "mo-+"])
+    assert "REJECT" in forward[others]
+    for bridge in (acme, globex):
+        assert forward.index(["-i", bridge, "-o", bridge, "-j", "RETURN"]) < others
+    # Other hosts' instances, on each of their addresses: their tenant's bridge only.
+    db = [r for r in forward if "--ctorigdst" in r and r[r.index("--ctorigdstport") + 1] == "5432"]
+    assert {r[r.index("--ctorigdst") + 1] for r in db} == {"10.99.0.3", "10.1.0.13"}
+    for returned, rejected in zip(db[::2], db[1::2], strict=True):
+        assert returned[:2] == ["-i", acme] and returned[-1] == "RETURN"
+        assert "-i" not in rejected and "REJECT" in rejected
+    other = [r for r in forward if "--ctorigdst" in r and "-i" in r and r[1] == globex]
+    assert {r[r.index("--ctorigdstport") + 1] for r in other} == {"80", "9100"}
+    # This host's instances need no address rules: their published ports lead to a bridge.
+    assert not any("10.99.0.1" in r or "10.1.0.11" in r for r in forward)
+    document = service_net.iptables_restore_input([], chains)
+    assert ":MESHORCH-ISOLATE-IN - [0:0]" in document and "-F MESHORCH-ISOLATE-FWD" in document
+    assert document.count("-A MESHORCH-ISOLATE-FWD") == len(forward)
