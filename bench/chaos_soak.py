@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -28,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from meshorch.chaos.runner import ChaosLab, ChaosSettings
 from meshorch.chaos.scenarios import SCENARIOS
+from meshorch.lab.prerequisites import LAB_TOOLS, prerequisites_message
 
 
 def log(message: str) -> None:
@@ -52,8 +54,9 @@ def main() -> int:
                         help="comma-separated subset, in order (default: all)")  # fmt: skip
     parser.add_argument("--report-dir", type=Path, help="default: a temporary directory")
     args = parser.parse_args()
-    if os.geteuid() != 0:
-        log("bench/chaos_soak.py needs root: the lab creates network namespaces")
+    problem = prerequisites_message("bench/chaos_soak.py", os.geteuid(), shutil.which, LAB_TOOLS)
+    if problem:
+        log(problem)
         return 2
     names = [n for n in args.scenarios.split(",") if n]
     unknown = [n for n in names if n not in SCENARIOS]

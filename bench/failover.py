@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import shutil
 import statistics
 import sys
 import tempfile
@@ -26,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from meshorch.lab.agents import API_PORT, LabAgents
 from meshorch.lab.lab import Lab
+from meshorch.lab.prerequisites import MESH_TOOLS, prerequisites_message
 from meshorch.site.access import TOKEN_ENV, harness_token
 from tests.lab.podman_app import add_busybox_image, apply_app, wait_all_ready
 
@@ -57,8 +59,9 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--limit", type=float, default=60.0, help="give up on a run after (s)")
     args = parser.parse_args()
-    if os.geteuid() != 0:
-        log("bench/failover.py needs root: the lab creates network namespaces")
+    problem = prerequisites_message("bench/failover.py", os.geteuid(), shutil.which, MESH_TOOLS)
+    if problem:
+        log(problem)
         return 2
     # The agents' admin token: LabAgents gives it to the agents, and what runs in the
     # hosts' namespaces (commands, probes) inherits it from the environment.

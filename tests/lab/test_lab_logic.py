@@ -187,7 +187,7 @@ def test_unknown_template_fails_before_building(tmp_path: Path) -> None:
 
 
 def test_lab_demo_names_what_is_missing() -> None:
-    from meshorch.demo.lab import LAB_TOOLS, missing_prerequisites
+    from meshorch.lab.prerequisites import LAB_TOOLS, missing_prerequisites
 
     assert missing_prerequisites(0, lambda tool: f"/usr/bin/{tool}") == []
     missing = missing_prerequisites(1000, lambda tool: None if tool == "podman" else tool)
