@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
-from meshorch.demo.lab import LAB_TOOLS
 from meshorch.lab.agents import LabAgents
 from meshorch.lab.lab import Lab
+from meshorch.lab.prerequisites import LAB_TOOLS
 from tests.labutil import require_lab
 
 pytestmark = pytest.mark.lab
