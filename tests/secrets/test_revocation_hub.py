@@ -158,10 +158,15 @@ async def test_revoking_the_leader_rekeys_and_the_hub_follows(world: World) -> N
             open_sealed(old_ssk, blob)
 
     # The escrow holds the new unseal key: a full restart, then the hub unseals the site.
+    answer = await world.agent("POST", remaining[0], "/v1/secrets/escrow",
+                               {"public_key": bytes(mine.public_key).hex()})  # fmt: skip
+    new_kek = open_sealed(mine, base64.b64decode(answer["sealed_key"]))
     for host in remaining:
         world.site.stop_host(host)
     stored = stored_snapshot(remaining[0].data_dir)
-    assert opened_by(old_kek, stored) == []
+    assert stored.keyring is not None
+    assert opened_by(old_kek, stored) == [] and opened_by(new_kek, stored)
+    assert all(open_sealed(stored.keyring.open(new_kek), b) == v2 for b in blobs)
     for host in remaining:
         world.site.start_host(host)
     await wait_ready(world.session, remaining, timeout_s=30)

@@ -68,6 +68,14 @@ async def unseal_request(
     return await driver.peer_call("POST", to, UNSEAL, {"host_id": host_id}, by=by)
 
 
+async def kek_of(driver: Driver, host: LocalHost) -> bytes:
+    """The unseal key in ``host``'s memory (asked as an admin, through its escrow route)."""
+    mine = PrivateKey.generate()
+    body = {"public_key": bytes(mine.public_key).hex()}
+    answer = await driver.ok("POST", host, "/v1/secrets/escrow", body)
+    return open_sealed(mine, base64.b64decode(answer["sealed_key"]))
+
+
 async def file_on(driver: Driver, app: str, value: bytes, hosts: set[str]) -> bool:
     try:
         instance = await driver.instance(app)
@@ -99,13 +107,8 @@ async def test_revoking_a_host_rekeys_the_site(driver: Driver) -> None:
     status, answer = await unseal_request(driver, h1, "h3", by=h3)
     assert status == 200 and "sealed_key" in answer
 
-    # What the host to be revoked holds in memory: the unseal key (asked of it as an
-    # admin, through its escrow route).
-    mine = PrivateKey.generate()
-    answer = await driver.ok(
-        "POST", h3, "/v1/secrets/escrow", {"public_key": bytes(mine.public_key).hex()}
-    )
-    old_kek = open_sealed(mine, base64.b64decode(answer["sealed_key"]))
+    # What the host to be revoked holds in memory: the unseal key.
+    old_kek = await kek_of(driver, h3)
 
     async with driver.session.delete(f"{h1.url}/v1/members/h3") as response:
         assert response.status == 200, await response.text()
@@ -156,10 +159,13 @@ async def test_revoking_a_host_rekeys_the_site(driver: Driver) -> None:
     # the revoked host knew, and it unseals from its peer.
     instance = await driver.instance("shop")
     other = next(h for h in remaining if h.host_id != instance["host"])
+    new_kek = await kek_of(driver, other)
     driver.site.stop_host(other)
     stored = stored_snapshot(other.data_dir)
     assert stored.keyring is not None and stored.keyring.generation == 2
     assert opened_by(old_kek, stored) == []
+    assert len(opened_by(new_kek, stored)) == 2 + len(stored.dks)  # SSK, old SSK, data keys
+    assert open_sealed(stored.keyring.open(new_kek), blob) == b"v2-after"
     assert "h3" not in stored.hostkeys
     for secret, _ in stored.secrets.values():
         context = secret_context(secret.tenant, secret.name, secret.version)
