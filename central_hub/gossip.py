@@ -35,6 +35,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import orjson
 from nacl.signing import SigningKey
 
 from central_hub import deltalog
@@ -68,7 +69,7 @@ from meshorch.fleet.gossip import (
     open_summary,
     parse_request,
     parse_site_summary,
-    seal_summary,
+    summary_signer,
     summary_verifier,
 )
 
@@ -163,7 +164,7 @@ class HubGossip:
     # -- life cycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._key = await asyncio.to_thread(load_or_create_gossip_key, self.ledger.data_dir)
+        self._key = key = await asyncio.to_thread(load_or_create_gossip_key, self.ledger.data_dir)
         sealer = DatagramSealer(HUB_ID, self._key, self._own_cert())
         opener = SiteKeyOpener(self._trusted, self.site_key, recipient=HUB_ID)
         meta = None if self.advertise is None else address_meta(self.advertise)
@@ -176,6 +177,7 @@ class HubGossip:
             meta=meta,
             relay=True,
             summary_verifier=self.summary_verifier(),
+            summary_signer=summary_signer(lambda: key, HUB_ID),
             on_events=self._on_events,
             on_app_message=self._on_app_message,
             max_app_bytes=MAX_APP_BYTES,
@@ -266,7 +268,7 @@ class HubGossip:
             return
         head = self.ledger.head
         summary = hub_summary(head.version, head.hash, self.ledger.now())
-        service.publish(seal_summary(key, HUB_ID, summary))
+        service.publish(orjson.dumps(summary))  # signed with its version by summary_signer
 
     def status_json(self) -> dict[str, Any]:
         service = self.service
@@ -313,16 +315,17 @@ class HubGossip:
             if event.kind != EventKind.SUMMARY or event.member_id == HUB_ID:
                 continue
             try:
-                self._keep_summary(event.member_id, event.value or b"")
+                self._keep_summary(event.member_id, event.value or b"", event.version)
             except BadSummary as exc:
                 self.stats.bad_summaries += 1
                 logger.debug("gossip: summary of %s ignored: %s", event.member_id[:64], exc)
 
-    def _keep_summary(self, site_id: str, value: bytes) -> None:
+    def _keep_summary(self, site_id: str, value: bytes, version: int) -> None:
         public_key = self.site_key(site_id)
         if public_key is None:
             raise BadSummary("not an enrolled site")
-        summary = parse_site_summary(open_summary(value, site_id, bytes.fromhex(public_key)))
+        opened = open_summary(value, site_id, bytes.fromhex(public_key), version)
+        summary = parse_site_summary(opened)
         now = self.ledger.now()
         if summary["t"] > now + FUTURE_SKEW_S:
             raise BadSummary(f"stamped {summary['t'] - now:.0f} s in the future")

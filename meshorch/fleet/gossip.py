@@ -21,8 +21,10 @@ datagrams from members whose certificate a key of the site's trust state signed.
 Wire forms (pure helpers below):
 
     summary value   JSON object, then a 64-byte Ed25519 signature by the member's key over
-                    SUMMARY_CONTEXT + member id + 0x00 + the JSON (the hub checks a site's
-                    with the site's registered key, so no member can speak for another)
+                    SUMMARY_CONTEXT + member id + 0x00 + the gossip version (8 bytes, big
+                    endian) + the JSON (the hub checks a site's with the site's registered
+                    key, so no member can speak for another, nor replay a genuine summary at
+                    a version of its choosing)
     app message     b"Q" + JSON {"after": N}: "send me your deltas after version N"
                     b"D" + one delta envelope, as served by the hub's link
 
@@ -67,6 +69,7 @@ from gossip import (
     GossipConfig,
     GossipService,
     MemberState,
+    SummarySigner,
     SummaryVerifier,
 )
 from gossip.errors import GossipError
@@ -87,7 +90,7 @@ from raft.errors import ProposalError
 logger = logging.getLogger(__name__)
 
 HUB_ID = "hub"
-SUMMARY_CONTEXT = b"meshorch gossip summary v1\x00"
+SUMMARY_CONTEXT = b"meshorch gossip summary v2\x00"
 SIGNATURE_BYTES = 64
 SUMMARY_VERSION = 1
 MAX_SUMMARY_BYTES = 400  # signature included; GossipConfig allows 512
@@ -123,14 +126,25 @@ class BadSummary(RemoteInputError):
 # -- summaries (pure) --------------------------------------------------------------------
 
 
-def _signed_bytes(member_id: str, body: bytes) -> bytes:
-    return SUMMARY_CONTEXT + member_id.encode() + b"\x00" + body
+def _signed_bytes(member_id: str, version: int, body: bytes) -> bytes:
+    return SUMMARY_CONTEXT + member_id.encode() + b"\x00" + version.to_bytes(8, "big") + body
 
 
-def seal_summary(key: SigningKey, member_id: str, summary: Mapping[str, Any]) -> bytes:
-    """The gossip value of ``summary``: its JSON, then the member's signature."""
-    body = orjson.dumps(summary)
-    return body + key.sign(_signed_bytes(member_id, body)).signature
+def sign_body(key: SigningKey, member_id: str, version: int, body: bytes) -> bytes:
+    """The gossip value of a summary's JSON ``body`` at ``version``: it, then the signature."""
+    return body + key.sign(_signed_bytes(member_id, version, body)).signature
+
+
+def seal_summary(
+    key: SigningKey, member_id: str, summary: Mapping[str, Any], version: int
+) -> bytes:
+    """The gossip value of ``summary`` at gossip version ``version``."""
+    return sign_body(key, member_id, version, orjson.dumps(summary))
+
+
+def summary_signer(key_of: Callable[[], SigningKey], member_id: str) -> SummarySigner:
+    """The gossip core's signer of this member's summaries, with its current key."""
+    return lambda version, body: sign_body(key_of(), member_id, version, body)
 
 
 def summary_json(value: bytes) -> dict[str, Any]:
@@ -146,12 +160,14 @@ def summary_json(value: bytes) -> dict[str, Any]:
     return data
 
 
-def open_summary(value: bytes, member_id: str, public_key: bytes) -> dict[str, Any]:
-    """The JSON object of a summary signed by ``public_key`` for ``member_id``."""
+def open_summary(value: bytes, member_id: str, public_key: bytes, version: int) -> dict[str, Any]:
+    """The JSON object of a summary signed by ``public_key`` for ``member_id`` at ``version``."""
     data = summary_json(value)
     body, signature = value[:-SIGNATURE_BYTES], value[-SIGNATURE_BYTES:]
+    if not 0 <= version < 2**64:
+        raise BadSummary(f"summary version {version} out of range")
     try:
-        VerifyKey(public_key).verify(_signed_bytes(member_id, body), signature)
+        VerifyKey(public_key).verify(_signed_bytes(member_id, version, body), signature)
     except (BadSignatureError, ValueError):
         raise BadSummary(f"the summary of {member_id!r} is not signed by its key") from None
     return data
@@ -177,7 +193,7 @@ def summary_verifier(
             why = f"no key known for {member[:64]!r}"
         else:
             try:
-                open_summary(summary.value, member, key)
+                open_summary(summary.value, member, key, summary.version)
                 return True
             except BadSummary as exc:
                 why = str(exc)
@@ -493,6 +509,8 @@ class SiteGossip:
             port=port,
             natted=True,
             summary_verifier=self.summary_verifier(opener, info.hub_id),
+            # The current key: the site's key may be rotated while the service runs.
+            summary_signer=summary_signer(lambda: self.link.site_key() or key, self.site),
             on_events=self._on_events,
             on_app_message=self._on_app_message,
             max_app_bytes=MAX_APP_BYTES,
@@ -568,11 +586,11 @@ class SiteGossip:
         content = tuple((k, str(v)) for k, v in summary.items() if k != "t")
         if content == self._published and now - self._published_at < HEARTBEAT_S:
             return
-        value = seal_summary(key, self.site, summary)
-        if len(value) > MAX_SUMMARY_BYTES:
-            logger.warning("gossip: a summary of %d bytes is not published", len(value))
+        body = orjson.dumps(summary)
+        if len(body) + SIGNATURE_BYTES > MAX_SUMMARY_BYTES:
+            logger.warning("gossip: a summary of %d bytes is not published", len(body))
             return
-        service.publish(value)
+        service.publish(body)  # signed with its version by summary_signer
         self._published, self._published_at = content, now
         self.stats.summaries_published += 1
 

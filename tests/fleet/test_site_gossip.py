@@ -270,6 +270,11 @@ async def test_bad_summaries_and_app_messages_are_counted_and_ignored(hub_only: 
             rogue.publish(value)
             return lambda: stats.bad_summaries > bad
 
+        def version() -> int:  # the gossip version the rogue's next summary gets
+            me = rogue.node.member("rogue")
+            assert me is not None
+            return me.summary_version + 1
+
         good = {
             "v": 1, "t": time.time(), "av": 0, "ah": "", "apps": "0" * 16, "na": 0, "n": 1,
             "up": 1, "alerts": [],
@@ -277,16 +282,18 @@ async def test_bad_summaries_and_app_messages_are_counted_and_ignored(hub_only: 
         await until("garbage counted", published(b"\x00not a summary" * 8), fleet)
         other = SigningKey.generate()
         await until(
-            "foreign signature counted", published(seal_summary(other, "rogue", good)), fleet
+            "foreign signature counted",
+            published(seal_summary(other, "rogue", good, version())),
+            fleet,
         )
         await until(
             "bad fields counted",
-            published(seal_summary(key, "rogue", {**good, "av": -1, "t": time.time()})),
+            published(seal_summary(key, "rogue", {**good, "av": -1, "t": time.time()}, version())),
             fleet,
         )
         await until(
             "summary from the future counted",
-            published(seal_summary(key, "rogue", {**good, "t": time.time() + 3600})),
+            published(seal_summary(key, "rogue", {**good, "t": time.time() + 3600}, version())),
             fleet,
         )
         assert hub.gossip.summary_of("rogue") is None
@@ -299,7 +306,12 @@ async def test_bad_summaries_and_app_messages_are_counted_and_ignored(hub_only: 
         )
 
         # Still a working member: a good summary is kept, and a request is answered.
-        rogue.publish(seal_summary(key, "rogue", {**good, "t": time.time()}))
+        await until(
+            "a summary signed for another version counted",
+            published(seal_summary(key, "rogue", {**good, "t": time.time()}, version() + 5)),
+            fleet,
+        )
+        rogue.publish(seal_summary(key, "rogue", {**good, "t": time.time()}, version()))
         await until("the good summary is kept", lambda: hub.gossip.summary_of("rogue"), fleet)
         received: list[bytes] = []
         rogue.on_app_message = lambda sender, body: received.append(body)

@@ -322,7 +322,7 @@ def test_the_site_verifier_checks_origin_signatures() -> None:
     site = SiteGossip(cast(GossipLink, link), cast(LinkClient, None), clock=lambda: NOW)
     opener = DatagramOpener(lambda: {bytes(ROOT.verify_key)}, recipient="s1")
     verifier = site.summary_verifier(opener)
-    genuine_s2 = Summary("s2", 5, seal_summary(s2, "s2", SITE_BODY))
+    genuine_s2 = Summary("s2", 5, seal_summary(s2, "s2", SITE_BODY, 5))
 
     # s2 not heard from directly yet: its key is unknown, only the hub is believed.
     assert not verifier(genuine_s2, "s3")
@@ -333,16 +333,17 @@ def test_the_site_verifier_checks_origin_signatures() -> None:
     assert verifier(genuine_s2, "s3")
     tampered = genuine_s2.value.replace(b'"av":3', b'"av":9')
     assert tampered != genuine_s2.value
-    forged = seal_summary(SigningKey(b"x" * 32), "s2", {**SITE_BODY, "av": 10**6})
-    for value in (tampered, forged, b"garbage" * 12):
+    forged = seal_summary(SigningKey(b"x" * 32), "s2", {**SITE_BODY, "av": 10**6}, 10**6)
+    replayed = genuine_s2.value  # genuine, but signed for version 5
+    for value in (tampered, forged, replayed, b"garbage" * 12):
         assert not verifier(Summary("s2", 10**6, value), "s3")
         assert not verifier(Summary("s2", 10**6, value), HUB_ID)  # its key is known
     # Its own summary, with its own key (what a forged one of ours is told apart by).
-    assert verifier(Summary("s1", 2, seal_summary(s1, "s1", SITE_BODY)), "s2")
-    assert not verifier(Summary("s1", 2, seal_summary(s2, "s1", SITE_BODY)), "s2")
+    assert verifier(Summary("s1", 2, seal_summary(s1, "s1", SITE_BODY, 2)), "s2")
+    assert not verifier(Summary("s1", 2, seal_summary(s2, "s1", SITE_BODY, 2)), "s2")
     # Another member's summary moved to s2's name does not verify either.
-    assert not verifier(Summary("s2", 2, seal_summary(s1, "s1", SITE_BODY)), "s3")
-    assert site.stats.bad_summaries == 9
+    assert not verifier(Summary("s2", 2, seal_summary(s1, "s1", SITE_BODY, 2)), "s3")
+    assert site.stats.bad_summaries == 11
 
 
 def test_the_site_forgets_a_key_whose_certificate_expired() -> None:
@@ -354,7 +355,7 @@ def test_the_site_forgets_a_key_whose_certificate_expired() -> None:
     cert = issue_cert(ROOT, "s2", bytes(s2.verify_key), NOW + 60)
     opener.open(DatagramSealer("s2", s2, cert).seal(b"\x01hi", NOW, "s1"), NOW)
     verifier = site.summary_verifier(opener)
-    genuine = Summary("s2", 1, seal_summary(s2, "s2", SITE_BODY))
+    genuine = Summary("s2", 1, seal_summary(s2, "s2", SITE_BODY, 1))
     assert verifier(genuine, "s3")
     clock[0] = NOW + 61
     assert not verifier(genuine, "s3")
@@ -374,20 +375,21 @@ def test_the_hub_verifier_checks_sites_against_their_registered_keys() -> None:
     )
     hub._key = hub_key
     verifier = hub.summary_verifier()
-    genuine = seal_summary(s1, "s1", SITE_BODY)
+    genuine = seal_summary(s1, "s1", SITE_BODY, 1)
     assert verifier(Summary("s1", 1, genuine), "s2")
     tampered = genuine.replace(b'"up":1', b'"up":0')
     refused = [
         Summary("s1", 10**6, tampered),
-        Summary("s1", 10**6, seal_summary(SigningKey(b"x" * 32), "s1", SITE_BODY)),
+        Summary("s1", 10**6, seal_summary(SigningKey(b"x" * 32), "s1", SITE_BODY, 10**6)),
+        Summary("s1", 10**6, genuine),  # genuine, signed for version 1
         Summary("s1", 10**6, b"\x00not a summary" * 8),
-        Summary("s2", 1, seal_summary(s1, "s2", SITE_BODY)),  # not an enrolled site
-        Summary(HUB_ID, 9, seal_summary(s1, HUB_ID, hub_summary(9, "ab" * 32, NOW))),
+        Summary("s2", 1, seal_summary(s1, "s2", SITE_BODY, 1)),  # not an enrolled site
+        Summary(HUB_ID, 9, seal_summary(s1, HUB_ID, hub_summary(9, "ab" * 32, NOW), 9)),
     ]
     for summary in refused:
         assert not verifier(summary, "s1")
     # The hub's own (a previous life's, heard back) checks with its gossip key.
     assert verifier(
-        Summary(HUB_ID, 9, seal_summary(hub_key, HUB_ID, hub_summary(9, "a", NOW))), "s1"
+        Summary(HUB_ID, 9, seal_summary(hub_key, HUB_ID, hub_summary(9, "a", NOW), 9)), "s1"
     )
     assert hub.stats.bad_summaries == len(refused)

@@ -60,10 +60,10 @@ def app(state: str) -> dict[str, Any]:
 def test_the_compact_summary_stays_small_whatever_the_report() -> None:
     apps = {f"app-{i:03d}-{'x' * 50}": app("failed") for i in range(300)}
     summary = compact_summary(report(apps), 1790000000.123)
-    value = seal_summary(KEY, "s1", summary)
+    value = seal_summary(KEY, "s1", summary, 7)
     assert len(value) <= MAX_SUMMARY_BYTES
     assert summary["na"] == 300 and summary["more_alerts"] == 300 - len(summary["alerts"])
-    assert parse_site_summary(open_summary(value, "s1", bytes(KEY.verify_key))) == summary
+    assert parse_site_summary(open_summary(value, "s1", bytes(KEY.verify_key), 7)) == summary
     assert announced_version("s1", value) == 3
 
 
@@ -86,20 +86,23 @@ def test_app_changes_change_the_digest() -> None:
 )
 def test_values_that_are_not_summaries_are_refused(value: bytes) -> None:
     with pytest.raises(BadSummary):
-        open_summary(value, "s1", bytes(KEY.verify_key))
+        open_summary(value, "s1", bytes(KEY.verify_key), 1)
     with pytest.raises(BadSummary):
         announced_version("s1", value)
 
 
 def test_a_summary_only_opens_for_its_member_and_key() -> None:
-    value = seal_summary(KEY, "s1", compact_summary(report(), 1.0))
+    value = seal_summary(KEY, "s1", compact_summary(report(), 1.0), 4)
+    assert open_summary(value, "s1", bytes(KEY.verify_key), 4)
     with pytest.raises(BadSummary):
-        open_summary(value, "s2", bytes(KEY.verify_key))  # moved to another member
+        open_summary(value, "s2", bytes(KEY.verify_key), 4)  # moved to another member
     with pytest.raises(BadSummary):
-        open_summary(value, "s1", bytes(SigningKey(b"o" * 32).verify_key))
+        open_summary(value, "s1", bytes(KEY.verify_key), 5)  # to another version
+    with pytest.raises(BadSummary):
+        open_summary(value, "s1", bytes(SigningKey(b"o" * 32).verify_key), 4)
     tampered = value.replace(b'"av":3', b'"av":9')
     with pytest.raises(BadSummary):
-        open_summary(tampered, "s1", bytes(KEY.verify_key))
+        open_summary(tampered, "s1", bytes(KEY.verify_key), 4)
 
 
 @pytest.mark.parametrize(
