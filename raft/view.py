@@ -222,13 +222,18 @@ class StateView:
         head = _INDEX.size
         delta = 0
         changes = self._changes
+        # One cursor a table: Transaction.replace/pop open a cursor for every call.
+        cursors: dict[str, lmdb.Cursor[bytes]] = {}
         for write in writes:
-            changes[write.table] += 1
-            db = dbs[write.table]
+            table = write.table
+            changes[table] += 1
+            cursor = cursors.get(table)
+            if cursor is None:
+                cursor = cursors[table] = txn.cursor(db=dbs[table])
             if write.record is None:
-                old = txn.pop(write.key, db=db)
+                old = cursor.pop(write.key)
             else:
-                old = txn.replace(write.key, write.record.encode(), db=db)
+                old = cursor.replace(write.key, write.record.encode())
                 delta += record_cost(len(write.key), len(write.record.value))
             if old is not None:
                 delta -= record_cost(len(write.key), len(old) - head)
