@@ -29,7 +29,8 @@ on a bridge of this runtime, one bridge per tenant uid (``--user``), named
 runtime writes each network's CNI config itself, on the first container that needs it:
 podman picks a free subnet (``podman network create``), the runtime then renames the
 bridge so that packet filters can tell tenants apart by interface. The bridge
-masquerades outgoing traffic, so other hosts see this host's address. Ports are
+masquerades outgoing traffic, so other hosts see this host's address. The network backend
+is CNI (``--network-backend cni``; Debian: ``containernetworking-plugins``). Ports are
 published with ``-p HOST:CONTAINER`` on every address of the host (``host_port``
 defaults to ``container_port``, so an instance is still reached at its host's address
 and its container port, and at ``127.0.0.1`` from the host itself: probes). A container
@@ -282,6 +283,10 @@ class PodmanRuntime:
             "--runtime",
             self.runtime_path,
         ]
+        if network == ISOLATED:
+            # The network configs this runtime writes are CNI's (podman 4 picks netavark
+            # when it is installed).
+            self._base[1:1] = ["--network-backend", "cni"]
         self._locks: dict[str, asyncio.Lock] = {}
         self._network_lock = asyncio.Lock()
         self._networks: set[str] = set()  # isolated networks known to exist

@@ -266,6 +266,92 @@ def calls_of_a(site: Site, host: str, since: float) -> list[tuple[float, str]]:
         start = answer["next"]
 
 
+# First: the tests after it kill hosts, and a revived host may keep the ingress address.
+def test_a_container_has_its_own_network_and_reaches_no_agent_port_of_any_host(
+    site: Site,
+) -> None:
+    """From inside a real podman container (tenant acme, on its tenant's bridge): the agent's
+    API (TCP; UDP: gossip) and Raft ports on loopback, on its host's LAN, overlay and bridge
+    gateway addresses and on every other host's LAN and overlay addresses are refused at
+    once, and WireGuard's UDP port too; each time the host itself reaches the same port.
+    Meanwhile the site DNS answers (UDP and through the resolver), the tenant's other
+    instances answer on their hosts' overlay and LAN addresses, and the ingress address
+    answers. The agent's socket is not mounted in the container."""
+    shop = site.view("s1-h1", "shop")["instances"]
+    a = next(i for i in shop if i["service"] == "a")
+    caller = f"meshorch-{a['instance_id']}.caller"
+    host = a["host"]
+    lan = {h.name: h.lan_ip for h in site.lab.plan.hosts}
+    overlay = {h: site.overlay_ip(h) for h in HOSTS}
+    busybox_nc = "/bin/busybox nc"
+
+    # Its own network namespace: none of the host's addresses, a default route via a bridge.
+    look = "ip addr; ip route; find / -xdev -name 'agent.sock*' 2>/dev/null; true"
+    inside = in_container(site, host, caller, look)
+    assert inside.returncode == 0, inside
+    assert overlay[host] not in inside.stdout and lan[host] not in inside.stdout, inside
+    gateway = inside.stdout.split("default via ", 1)[1].split()[0]
+    assert "agent.sock" not in inside.stdout, inside
+    print(f"container {caller} on {host}: gateway {gateway}")
+
+    # The lab's agents serve their API on the LAN and overlay addresses (not 0.0.0.0).
+    served = [lan[host], overlay[host]]
+    served += [address for h in HOSTS if h != host for address in (lan[h], overlay[h])]
+    for address in ["127.0.0.1", gateway, *served]:
+        refused = in_container(site, host, caller, http_get(address, API_PORT))
+        assert "HTTP/1" not in refused.stdout, (address, refused)
+        assert "refused" in refused.stderr, (address, refused)  # reset, not a timeout
+        if address in served:
+            assert ping_from_host(site, host, address), address
+    for address in [overlay[h] for h in HOSTS]:  # Raft listens on the overlay only
+        raft = f"nc -w 2 {address} {DEFAULT_RAFT_PORT} </dev/null"
+        refused = in_container(site, host, caller, raft)
+        assert "refused" in refused.stderr, (address, refused)
+        assert tcp_from_host(site, host, address, DEFAULT_RAFT_PORT), address
+    # WireGuard listens on every address and drops what is not a handshake: silence from the
+    # host, an ICMP error (the reject rule) from the container.
+    for address in (lan[host], *[lan[h] for h in HOSTS if h != host]):
+        assert udp_from(site, host, caller, address, WG_PORT) == "refused", address
+        assert udp_from(site, host, None, address, WG_PORT) == "silent", address
+    # Gossip (UDP on the API port) runs only with a hub: a stand-in answers there on every
+    # address of every host, the bridge's gateway included.
+    echo = [sys.executable, "-c", UDP_ECHO, str(API_PORT)]
+    netns = [site.lab.plan.node(h).netns for h in HOSTS]
+    echoes = [subprocess.Popen(["ip", "netns", "exec", n, *echo]) for n in netns]
+    try:
+        time.sleep(0.5)
+        for address in (gateway, *served):
+            assert udp_from(site, host, None, address, API_PORT) == "answered", address
+            assert udp_from(site, host, caller, address, API_PORT) == "refused", address
+    finally:
+        for echo in echoes:
+            echo.kill()
+            echo.wait()
+
+    # What a workload is meant to use.
+    assert udp_from(site, host, caller, overlay[host], 53, DNS_QUERY) == "answered"
+    resolved = in_container(site, host, caller, "nslookup b.shop.acme.site.meshorch")
+    b_hosts = sorted({i["host"] for i in shop if i["service"] == "b"})
+    for b_host in b_hosts:
+        assert overlay[b_host] in resolved.stdout, resolved
+        for address in (overlay[b_host], lan[b_host]):
+            reached = in_container(site, host, caller, http_get(address, 8081))
+            assert "b-ok" in reached.stdout, (address, reached)
+    menu = site.view("s1-h1", "menu")["instances"][0]  # another app of the same tenant
+    for address in (overlay[menu["host"]], lan[menu["host"]]):
+        reached = in_container(site, host, caller, http_get(address, 8083))
+        assert "menu-ok" in reached.stdout, (address, reached)
+    reached = in_container(site, host, caller, http_get(site.vip, 8080))
+    assert "b-ok" in reached.stdout, reached
+    # Another tenant's instance, on every address of its host, is not.
+    vault = site.view("s1-h1", "vault")["instances"][0]
+    for address in (overlay[vault["host"]], lan[vault["host"]]):
+        refused = in_container(site, host, caller, http_get(address, 8082))
+        assert "globex-secret" not in refused.stdout and "refused" in refused.stderr, refused
+        direct = site.lab.run(host, ["sh", "-c", http_get(address, 8082, busybox_nc)])
+        assert "globex-secret" in direct.stdout, (address, direct)
+
+
 def test_a_calls_b_by_name_across_hosts_and_recovers_when_bs_host_dies(site: Site) -> None:
     instances = site.view("s1-h1", "shop")["instances"]
     a_host = next(i["host"] for i in instances if i["service"] == "a")
@@ -423,88 +509,3 @@ def test_garbage_on_the_dns_port_changes_nothing(site: Site) -> None:
     b_hosts = {i["host"] for i in site.view(host, "shop")["instances"] if i["service"] == "b"}
     assert sorted(answered) == sorted(site.overlay_ip(h) for h in b_hosts)
     assert site.agents.status(host) is not None  # the agent still serves
-
-
-def test_a_container_has_its_own_network_and_reaches_no_agent_port_of_any_host(
-    site: Site,
-) -> None:
-    """From inside a real podman container (tenant acme, on its tenant's bridge): the agent's
-    API (TCP; UDP: gossip) and Raft ports on loopback, on its host's LAN, overlay and bridge
-    gateway addresses and on every other host's LAN and overlay addresses are refused at
-    once, and WireGuard's UDP port too; each time the host itself reaches the same port.
-    Meanwhile the site DNS answers (UDP and through the resolver), the tenant's other
-    instances answer on their hosts' overlay and LAN addresses, and the ingress address
-    answers. The agent's socket is not mounted in the container."""
-    shop = site.view("s1-h1", "shop")["instances"]
-    a = next(i for i in shop if i["service"] == "a")
-    caller = f"meshorch-{a['instance_id']}.caller"
-    host = a["host"]
-    lan = {h.name: h.lan_ip for h in site.lab.plan.hosts}
-    overlay = {h: site.overlay_ip(h) for h in HOSTS}
-    busybox_nc = "/bin/busybox nc"
-
-    # Its own network namespace: none of the host's addresses, a default route via a bridge.
-    look = "ip addr; ip route; find / -xdev -name 'agent.sock*' 2>/dev/null; true"
-    inside = in_container(site, host, caller, look)
-    assert inside.returncode == 0, inside
-    assert overlay[host] not in inside.stdout and lan[host] not in inside.stdout, inside
-    gateway = inside.stdout.split("default via ", 1)[1].split()[0]
-    assert "agent.sock" not in inside.stdout, inside
-    print(f"container {caller} on {host}: gateway {gateway}")
-
-    # The lab's agents serve their API on the LAN and overlay addresses (not 0.0.0.0).
-    served = [lan[host], overlay[host]]
-    served += [address for h in HOSTS if h != host for address in (lan[h], overlay[h])]
-    for address in ["127.0.0.1", gateway, *served]:
-        refused = in_container(site, host, caller, http_get(address, API_PORT))
-        assert "HTTP/1" not in refused.stdout, (address, refused)
-        assert "refused" in refused.stderr, (address, refused)  # reset, not a timeout
-        if address in served:
-            assert ping_from_host(site, host, address), address
-    for address in [overlay[h] for h in HOSTS]:  # Raft listens on the overlay only
-        raft = f"nc -w 2 {address} {DEFAULT_RAFT_PORT} </dev/null"
-        refused = in_container(site, host, caller, raft)
-        assert "refused" in refused.stderr, (address, refused)
-        assert tcp_from_host(site, host, address, DEFAULT_RAFT_PORT), address
-    # WireGuard listens on every address and drops what is not a handshake: silence from the
-    # host, an ICMP error (the reject rule) from the container.
-    for address in (lan[host], *[lan[h] for h in HOSTS if h != host]):
-        assert udp_from(site, host, caller, address, WG_PORT) == "refused", address
-        assert udp_from(site, host, None, address, WG_PORT) == "silent", address
-    # Gossip (UDP on the API port) runs only with a hub: a stand-in answers there on every
-    # address of every host, the bridge's gateway included.
-    echo = [sys.executable, "-c", UDP_ECHO, str(API_PORT)]
-    netns = [site.lab.plan.node(h).netns for h in HOSTS]
-    echoes = [subprocess.Popen(["ip", "netns", "exec", n, *echo]) for n in netns]
-    try:
-        time.sleep(0.5)
-        for address in (gateway, *served):
-            assert udp_from(site, host, None, address, API_PORT) == "answered", address
-            assert udp_from(site, host, caller, address, API_PORT) == "refused", address
-    finally:
-        for echo in echoes:
-            echo.kill()
-            echo.wait()
-
-    # What a workload is meant to use.
-    assert udp_from(site, host, caller, overlay[host], 53, DNS_QUERY) == "answered"
-    resolved = in_container(site, host, caller, "nslookup b.shop.acme.site.meshorch")
-    b_hosts = sorted({i["host"] for i in shop if i["service"] == "b"})
-    for b_host in b_hosts:
-        assert overlay[b_host] in resolved.stdout, resolved
-        for address in (overlay[b_host], lan[b_host]):
-            reached = in_container(site, host, caller, http_get(address, 8081))
-            assert "b-ok" in reached.stdout, (address, reached)
-    menu = site.view("s1-h1", "menu")["instances"][0]  # another app of the same tenant
-    for address in (overlay[menu["host"]], lan[menu["host"]]):
-        reached = in_container(site, host, caller, http_get(address, 8083))
-        assert "menu-ok" in reached.stdout, (address, reached)
-    reached = in_container(site, host, caller, http_get(site.vip, 8080))
-    assert "b-ok" in reached.stdout, reached
-    # Another tenant's instance, on every address of its host, is not.
-    vault = site.view("s1-h1", "vault")["instances"][0]
-    for address in (overlay[vault["host"]], lan[vault["host"]]):
-        refused = in_container(site, host, caller, http_get(address, 8082))
-        assert "globex-secret" not in refused.stdout and "refused" in refused.stderr, refused
-        direct = site.lab.run(host, ["sh", "-c", http_get(address, 8082, busybox_nc)])
-        assert "globex-secret" in direct.stdout, (address, direct)
