@@ -270,7 +270,8 @@ class GossipService:
         self._node: Node | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._transport: asyncio.DatagramTransport | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None  # a TimerHandle, or a Handle (uvloop)
+        self._timer_when = math.inf
         self._last_tick = -math.inf
         self._state = "new"  # new -> running -> stopping -> stopped
         self._drained: asyncio.Future[None] | None = None
@@ -498,10 +499,13 @@ class GossipService:
             return
         when = max(deadline, self._last_tick + _MIN_TICK_GAP_S)
         if timer is not None:
-            if timer.when() == when:
+            # Our own record of the deadline: uvloop hands a plain Handle (no when()) for
+            # a time already past.
+            if self._timer_when == when:
                 return
             timer.cancel()
         self._timer = loop.call_at(when, self._on_timer)
+        self._timer_when = when
 
     def _on_timer(self) -> None:
         self._timer = None

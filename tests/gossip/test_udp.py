@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -348,3 +349,33 @@ async def test_drop_warnings_are_rate_limited(
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     debug = [r for r in caplog.records if r.levelno == logging.DEBUG and "dropped" in r.message]
     assert len(warnings) == 1 and len(debug) == 50
+
+
+def test_the_timer_re_arms_on_uvloop_when_a_deadline_is_already_past(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """uvloop answers ``call_at`` with a time already past with a plain ``Handle`` (no
+    ``when()``); re-arming the service's timer over such a handle used to raise
+    AttributeError (a busy loop makes the node's deadline pass before it is armed)."""
+    import uvloop
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        async with AsyncExitStack() as stack:
+            a, b = await cluster(stack, 2)
+            monkeypatch.setattr(a.node, "next_deadline", lambda: loop.time() - 1.0)
+            a._last_tick = -math.inf
+            a._arm()
+            assert not hasattr(a._timer, "when")  # the premise: uvloop's plain Handle
+            a._arm()  # re-armed before it ran
+            monkeypatch.undo()
+            a.publish(b"after")
+
+            def seen() -> bool:
+                view = b.node.member(a.member_id)
+                return view is not None and view.summary == b"after"
+
+            await until(seen)  # the service still works
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(run())
