@@ -83,7 +83,7 @@ class SiteEscrow:
         self.link = link
         self.secrets = secrets
         self.client = client
-        self.uploaded: str | None = None  # the secrets public key last escrowed
+        self.uploaded: str | None = None  # the secrets public key the hub holds the KEK of
 
     async def run(self) -> None:
         await self.link.wait_enrolled()
@@ -99,13 +99,14 @@ class SiteEscrow:
 
     async def _wait(self, delay_s: float) -> None:
         """Sleep ``delay_s``, but look again within POLL_S once this host is sealed or
-        locked down (an unseal approval must not wait for the idle period)."""
+        locked down (an unseal approval must not wait for the idle period), or the site's
+        key changed (a rekey: the hub's escrow must hold the new unseal key at once)."""
         secrets = self.secrets
         waited = 0.0
         while waited < delay_s:
             await asyncio.sleep(POLL_S)
             waited += POLL_S
-            if secrets.sealed or secrets.locked_down():
+            if secrets.sealed or secrets.locked_down() or secrets.public_key_hex() != self.uploaded:
                 return
 
     async def step(self) -> float:
@@ -123,8 +124,8 @@ class SiteEscrow:
             if answer.get("escrowed") != ssk:
                 blob = secrets.escrow(escrow_key)
                 await self.client.escrow(b64(blob), ssk)
-                self.uploaded = ssk
                 logger.info("escrow: the hub holds this site's unseal key")
+            self.uploaded = ssk
             return IDLE_POLL_S
         if answer.get("unseal_approved") is True:
             await self._unseal_from_hub()

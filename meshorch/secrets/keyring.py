@@ -660,8 +660,8 @@ class Rekey:
     recipients: dict[str, bytes]
 
     def committed(self, results: Sequence[Any]) -> bool:
-        """Whether both guards (the keyring's, the data key state's) held."""
-        return len(results) > 1 and bool(results[0].ok) and bool(results[1].ok)
+        """Whether the three guards (keyring, no lock-down, data key state) held."""
+        return len(results) > 2 and all(bool(r.ok) for r in results[:3])
 
 
 def rekey_step(
@@ -678,7 +678,8 @@ def rekey_step(
     under the new KEK, a new current data key (``next_step`` then rewraps every secret
     to it and deletes the old ones), and the removed hosts' host keys deleted, so no peer
     answers their unseal requests. One proposal, guarded by the keyring's and the data
-    key state's indexes: applied whole or not at all, and never from a stale view."""
+    key state's indexes and by the absence of a lock-down: applied whole or not at all, and
+    never from a stale view."""
     ring, state = snap.keyring, snap.dkstate
     gone = rekey_reasons(snap, membership)
     if not gone or ring is None or state is None or not keys.matches(ring):
@@ -721,9 +722,13 @@ def rekey_step(
     if snap.rotate_index:
         writes.append(Delete(SECRETS_TABLE, ROTATE_KEY))
     writes += [Delete(SECRETS_TABLE, hostkey_key(h)) for h in gone if h in snap.hostkeys]
-    inner: list[Write] = [Guard(SECRETS_TABLE, DKSTATE_KEY, snap.dkstate_index, len(writes)),
-                          *writes]  # fmt: skip
-    ops: list[Write] = [Guard(SECRETS_TABLE, RING_KEY, snap.keyring_index, len(inner)), *inner]
+    # Nested guards: the keyring's, then no lock-down (hosts drop their keys, the handed
+    # new KEK included: committed then, it would be in nobody's memory), then the data key
+    # state's; each counts everything after it, so all of it applies or none.
+    ops: list[Write] = list(writes)
+    for table_key, index in ((DKSTATE_KEY, snap.dkstate_index), (LOCKDOWN_KEY, 0),
+                             (RING_KEY, snap.keyring_index)):  # fmt: skip
+        ops = [Guard(SECRETS_TABLE, table_key, index, len(ops)), *ops]
     recipients = {
         h: key for h, key in snap.hostkeys.items() if h in membership.members and h not in gone
     }

@@ -202,6 +202,7 @@ class SiteSecrets:
             logger.log(level, "secrets: dropping the keys from memory: %s", why)
             self._keys.forget()
         self._keys = None
+        self._handed.clear()
         self.unsealed_by = None
 
     def _hold(self, keys: Keys, by: str) -> None:
@@ -342,10 +343,12 @@ class SiteSecrets:
             if not rekey.committed(results):
                 logger.info("secrets: rekey: the state moved meanwhile, again")
                 return
+            logger.warning("secrets: %s", rekey.what)
+            if self.locked_down():
+                return
             self._handed.clear()
             self.drop_keys("rekeyed", logging.DEBUG)
             self._hold(rekey.keys, "rekeyed here")
-            logger.warning("secrets: %s", rekey.what)
 
     async def _hand_over(self, session: aiohttp.ClientSession, rekey: Rekey) -> list[str]:
         """Give each remaining host the new KEK sealed to its host key; the hosts that

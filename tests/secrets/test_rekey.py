@@ -208,3 +208,16 @@ def test_secrets_sealed_to_the_old_site_key_still_open_then_it_retires() -> None
     # A ready one delivered again stays as it is.
     apply_delta_ops(raft, [sealed_op(ring.ssk_public, "later", b"other")], version=7)
     assert raft.snapshot().secrets[("default", "later")][0].state == "ready"
+
+
+def test_a_lockdown_between_plan_and_commit_stops_the_rekey() -> None:
+    """Every host drops its keys at a lock-down, the handed new KEK too: a rekey committed
+    then would leave the site with a KEK nobody holds."""
+    raft, keys = site_with_secrets()
+    plan = rekey_step(raft.snapshot(), keys, STAYING, 2000.0, NEW_KEK, NEW_SEED, NEW_DK)
+    assert plan is not None
+    apply_delta_ops(raft, [{"op": "site.lockdown"}], version=3)
+    before = dict(raft.data)
+    assert not plan.committed(raft.propose(plan.ops)) and raft.data == before
+    apply_delta_ops(raft, [{"op": "site.unlock"}], version=4)
+    rekey(raft, keys)
