@@ -66,8 +66,14 @@ class RaftConfig:
     # and reconnection timers).
     tick_interval_s: float = 0.05
     view_sync_interval_s: float = 1.0
+    # "power": the journal is fdatasync'd before anything it holds is acknowledged or
+    # voted on (survives a power cut); "process": pysyncobj's own (survives the process's
+    # death only). See raft.journal.
+    durability: str = "power"
 
     def validate(self) -> None:
+        if self.durability not in ("power", "process"):
+            raise ConfigError("durability: must be 'power' or 'process'")
         if len(self.password) < MIN_PASSWORD_LENGTH:
             raise ConfigError(
                 f"password: the cluster password must be at least {MIN_PASSWORD_LENGTH} characters"

@@ -75,6 +75,8 @@ from raft.errors import (
     StateFullError,
     ViewFullError,
 )
+from raft.journal import DurableJournal
+from raft.journal import register as register_journal
 from raft.password import PasswordRing, derive
 from raft.state_machine import NO_SPACE, OpResult, apply_command_indexed, growth_bound, record_cost
 from raft.transport import CappedTransport, message_cap
@@ -222,7 +224,9 @@ class _SyncObj(SyncObj):  # type: ignore[misc]
         self._on_apply = on_apply
         self.__dict__["_loop_poller"] = poller
         self.__dict__["_password_ring"] = ring  # before the transport reads it
-        transport = functools.partial(CappedTransport, message_bytes=max_message_bytes)
+        transport = functools.partial(
+            CappedTransport, message_bytes=max_message_bytes, before_send=self.sync_journal
+        )
         super().__init__(self_address, list(partners), conf, transportClass=transport)
 
     @property
@@ -233,6 +237,12 @@ class _SyncObj(SyncObj):  # type: ignore[misc]
     @_poller.setter
     def _poller(self, _ignored: object) -> None:
         """SyncObj's constructor makes a ``select.poll`` poller: the loop's is kept."""
+
+    def sync_journal(self) -> None:
+        """Put the journal on disk if it changed (a no-op unless it is durable)."""
+        journal = self.__dict__.get("_SyncObj__raftLog")  # pysyncobj's, once it made it
+        if isinstance(journal, DurableJournal):
+            journal.sync()
 
     @property
     def encryptor(self) -> PasswordRing:
@@ -326,6 +336,8 @@ class RaftNode:
             autoTick=False,
             maxBindRetries=1,
         )
+        # pysyncobj makes its journal through raft.journal's factory: durable or not.
+        register_journal(data_dir / "raft.journal", self.config.durability)  # type: ignore[arg-type]
         await _wait_bindable(bind_address)
         if self._ring is None:
             await asyncio.to_thread(derive, [self.config.password])  # PBKDF2
@@ -713,6 +725,9 @@ class RaftNode:
         # Called by pysyncobj at the end of every tick; keep it cheap.
         syncobj = self._syncobj
         assert syncobj is not None and self._loop is not None
+        # Results committed in this tick reach their callers only after it returns: the
+        # entries behind them are on disk first (a one-member cluster sends nothing).
+        syncobj.sync_journal()
         leader = syncobj._getLeader()
         leader_address = leader.address if leader is not None else None
         if leader_address != self._status.leader_address or (

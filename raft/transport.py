@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import struct
+from collections.abc import Callable
 from typing import Any
 
 from pysyncobj.tcp_connection import TcpConnection
@@ -91,9 +92,24 @@ class CappedTransport(TCPTransport):  # type: ignore[misc]
     bind the cap first, e.g. ``functools.partial(CappedTransport, message_bytes=...)``.
     """
 
-    def __init__(self, *args: Any, message_bytes: int, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        message_bytes: int,
+        before_send: Callable[[], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
         self._message_bytes = message_bytes
+        self._before_send = before_send
         super().__init__(*args, **kwargs)  # adds the partners: connections are made
+
+    def send(self, node: Any, message: Any) -> bool:
+        # Every Raft message (an append, its answer, a vote) goes out here: what it
+        # reflects must be on disk first (raft.journal.DurableJournal.sync).
+        if self._before_send is not None:
+            self._before_send()
+        sent: bool = super().send(node, message)
+        return sent
 
     def _cap(self, conn: TcpConnection) -> None:
         conn.__class__ = CappedTcpConnection

@@ -7,10 +7,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # chromium, chromium-driver: the hub dashboard's browser tests (tests/hub/test_dashboard.py).
+# strace: the durability test traces the agent's fdatasyncs (tests/agent/test_durability_strace.py).
 # containernetworking-plugins: podman's CNI bridges, one per tenant (meshorch/runtime/podman.py);
 # named so that apt does not pick netavark for podman's network stack.
 LAB_PACKAGES=(iproute2 iptables nftables wireguard-go wireguard-tools procps
-  containernetworking-plugins podman runc busybox-static chromium chromium-driver)
+  containernetworking-plugins podman runc busybox-static chromium chromium-driver strace)
 BENCH_PACKAGES=(etcd-server etcd-client)
 
 want_apt=()

@@ -205,6 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="lan",
         help="timeouts: 'lan' for real hosts, 'local' for fast elections on loopback",
     )
+    agent.add_argument(
+        "--durability",
+        choices=["power", "process"],
+        default="power",
+        help="'power' (default): a write is acknowledged once its Raft entry is fdatasync'd "
+        "on a majority, so it survives a power cut of every host; 'process': acknowledged "
+        "from the page cache (faster; survives the agent's death, not the machine's)",
+    )
 
     token = commands.add_parser("token", help="join tokens for new hosts")
     token_commands = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
@@ -392,6 +400,7 @@ def run_agent(args: argparse.Namespace) -> int:
         peers=tuple(args.peer),
         password=password,
         preset=args.preset,
+        durability=args.durability,
         hub=args.hub,
         fleet=args.fleet,
         fleet_key=args.fleet_key,

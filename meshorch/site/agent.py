@@ -165,6 +165,7 @@ class Agent:
                 data_dir=config.data_dir / "raft",
                 password=self.password,
                 tables=SITE_TABLES,
+                durability=config.durability,
                 **preset,  # type: ignore[arg-type]
             )
         )

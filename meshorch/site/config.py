@@ -33,6 +33,7 @@ class AgentConfig:
     peers: tuple[str, ...] = ()
     password: str | None = None  # None: from the data dir (or the join answer)
     preset: str = "lan"
+    durability: str = "power"  # raft.journal: "power" or "process"
     hub: str | None = None  # the fleet link: all of hub, fleet and fleet_key, or none
     fleet: str | None = None
     fleet_key: str | None = None
@@ -75,6 +76,8 @@ class AgentConfig:
             problems.append(f"cluster password: at least {MIN_PASSWORD_LENGTH} characters")
         if self.socket is not None and len(os.fsencode(self.socket)) > MAX_SOCKET_PATH:
             problems.append(f"--socket: a path of at most {MAX_SOCKET_PATH} bytes")
+        if self.durability not in ("power", "process"):
+            problems.append("--durability: 'power' or 'process'")
         if self.preset not in PRESETS:
             problems.append(f"--preset: one of {', '.join(PRESETS)}")
         problems.extend(self._fleet_problems())

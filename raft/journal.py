@@ -1,0 +1,147 @@
+"""pysyncobj's file journal, made power-safe: nothing is acknowledged before it is on disk.
+
+pysyncobj keeps its log in an mmap'd file (``pysyncobj.journal.FileJournal``) that it
+never syncs while running, and its term and vote in a ``.meta`` file written without
+fsync. After a power cut (not a process kill: the page cache survives that) a host may
+have lost entries it acknowledged, or forgotten a vote and vote twice in one term.
+
+``DurableJournal`` is the same journal (same file format, so a data directory moves
+between modes) with:
+
+* ``sync()``: one ``fdatasync`` of the journal file if anything was written since the
+  last one. The node calls it before any Raft message leaves this host (an append
+  answer, a vote, the leader's own appends: ``raft.transport``) and before a client is
+  told its write committed (``raft.node``), so a group-commit batch costs one sync;
+* the term and vote stored durably before they are used (temporary file fsync'd,
+  renamed, directory fsync'd), and the commit index too when it is saved.
+
+``durability="process"`` keeps pysyncobj's behaviour (survives the agent's death, not
+the machine's). The factory below is how pysyncobj gets the journal: it calls
+``createJournal(path)`` from its constructor, and the node registers the durability of
+its path first.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any, Literal
+
+import pysyncobj.syncobj
+from pysyncobj.journal import FileJournal, createJournal
+from pysyncobj.pickle import dumps
+
+Durability = Literal["power", "process"]
+DURABILITIES: tuple[Durability, ...] = ("power", "process")
+
+_registered: dict[str, Durability] = {}
+_lock = threading.Lock()
+
+
+def fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that after a power cut it holds the old or the new
+    content, whole: a temporary file fsync'd, renamed over it, the directory fsync'd."""
+    temporary = path.with_name(path.name + ".tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temporary, path)
+    fsync_directory(path.parent)
+
+
+class DurableJournal(FileJournal):  # type: ignore[misc]
+    """``FileJournal`` whose writes reach the disk at ``sync()``, and whose meta at once."""
+
+    def __init__(self, journal_file: str) -> None:
+        super().__init__(journal_file)
+        self._path = Path(journal_file)
+        self._dirty = False
+        self.syncs = 0  # fdatasync calls made (the benchmark reports it)
+        fsync_directory(self._path.parent)  # the journal file itself, if just created
+
+    def _fileno(self) -> int:
+        resizable = self._FileJournal__journalFile
+        fileno: int = resizable._ResizableFile__f.fileno()
+        return fileno
+
+    def sync(self) -> None:
+        """``fdatasync`` the journal if it changed since the last call (mmap'd pages are the
+        file's page cache: fdatasync writes them, and the file's size)."""
+        if self._dirty:
+            self._dirty = False
+            os.fdatasync(self._fileno())
+            self.syncs += 1
+
+    # -- what changes the file ---------------------------------------------------------
+
+    def add(self, command: bytes, idx: int, term: int) -> None:
+        super().add(command, idx, term)
+        self._dirty = True
+
+    def clear(self) -> None:
+        # Entries leave the journal only once a dump holds them: pysyncobj renamed it into
+        # place, and the rename must be on disk before they are gone.
+        fsync_directory(self._path.parent)
+        super().clear()
+        self._dirty = True
+
+    def deleteEntriesFrom(self, entryFrom: int) -> None:  # pysyncobj names them
+        super().deleteEntriesFrom(entryFrom)
+        self._dirty = True
+
+    def deleteEntriesTo(self, entryTo: int) -> None:
+        super().deleteEntriesTo(entryTo)  # clear() first: the dump's rename made durable
+        self.sync()
+
+    # -- term, vote, commit index ------------------------------------------------------
+
+    def _store_meta(self) -> None:
+        meta: dict[str, Any] = self._FileJournal__meta
+        write_durably(Path(self._FileJournal__metaStorer.getPath()), dumps(meta))
+        self._FileJournal__metaSaved = True
+
+    def setCurrentTerm(self, term: int, votedForNodeId: Any) -> None:
+        meta: dict[str, Any] = self._FileJournal__meta
+        meta["currentTerm"] = term
+        meta["votedForNodeId"] = votedForNodeId
+        self._store_meta()  # before any message that reflects them is sent
+
+    def onOneSecondTimer(self) -> None:
+        if not self._FileJournal__metaSaved:
+            self._store_meta()
+
+    def _destroy(self) -> None:
+        self.sync()
+        super()._destroy()
+
+
+def register(journal_file: Path, durability: Durability) -> None:
+    """Make the journal at ``journal_file`` one of ``durability`` (before the node starts)."""
+    if durability not in DURABILITIES:
+        raise ValueError(f"durability must be one of {', '.join(DURABILITIES)}")
+    with _lock:
+        _registered[str(journal_file)] = durability
+
+
+def _create_journal(journal_file: str | None = None) -> Any:
+    with _lock:
+        durability = _registered.get(str(journal_file)) if journal_file else None
+    if journal_file is not None and durability == "power":
+        return DurableJournal(journal_file)
+    return createJournal(journal_file)
+
+
+# pysyncobj's constructor calls the name it imported into its module.
+pysyncobj.syncobj.createJournal = _create_journal
