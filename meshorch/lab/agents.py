@@ -316,6 +316,7 @@ class LabAgents:
         import asyncio
 
         from meshorch.apps.settings import podman_dirs
+        from meshorch.lab.commands import nsenter_net
         from meshorch.runtime import PodmanRuntime, RuntimeBackendError
 
         async def purge_all() -> None:
@@ -323,8 +324,10 @@ class LabAgents:
                 data_dir = self.lab.store.data_dir(host.name)
                 if not (data_dir / "podman").exists():
                     continue
+                inside = Path("/run/netns", host.netns).exists()
+                prefix = nsenter_net(host.netns) if inside else []
                 try:
-                    await PodmanRuntime(*podman_dirs(data_dir)).purge()
+                    await PodmanRuntime(*podman_dirs(data_dir), command_prefix=prefix).purge()
                 except RuntimeBackendError as exc:
                     log.warning("purging %s's containers: %s", host.name, exc)
 

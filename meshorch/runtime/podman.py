@@ -256,6 +256,7 @@ class PodmanRuntime:
         podman: str = "podman",
         ulimits: Sequence[str] = DEFAULT_ULIMITS,
         command_timeout_s: float = 120.0,
+        command_prefix: Sequence[str] = (),
     ) -> None:
         self.root = Path(root)
         self.runroot = Path(runroot)
@@ -270,7 +271,11 @@ class PodmanRuntime:
         self.command_timeout_s = command_timeout_s
         self.podman_path = _resolve_executable(podman, "podman")
         self.runtime_path = _resolve_executable(runtime, "OCI runtime")
+        # Commands for another network namespace (a lab host's, from outside): CNI cleans
+        # up a container's network where it made it.
+        self.command_prefix = tuple(command_prefix)
         self._base = [
+            *self.command_prefix,
             self.podman_path,
             "--root",
             str(self.root),
@@ -286,7 +291,8 @@ class PodmanRuntime:
         if network == ISOLATED:
             # The network configs this runtime writes are CNI's (podman 4 picks netavark
             # when it is installed).
-            self._base[1:1] = ["--network-backend", "cni"]
+            at = len(self.command_prefix) + 1
+            self._base[at:at] = ["--network-backend", "cni"]
         self._locks: dict[str, asyncio.Lock] = {}
         self._network_lock = asyncio.Lock()
         self._networks: set[str] = set()  # isolated networks known to exist
@@ -721,9 +727,14 @@ class PodmanRuntime:
             if reset.returncode != 0:
                 logger.warning("podman system reset: %s", reset.stderr_text)
         for bridge in bridges:  # CNI leaves a bridge behind when its last container goes
+            # Here, only when no other runtime's container is on it (tests); in another
+            # namespace (a lab host's) this runtime is its only one.
             ports = Path("/sys/class/net", bridge, "brif")
-            if ports.is_dir() and not any(ports.iterdir()):  # not another runtime's in use
-                await run_command(["ip", "link", "delete", bridge], timeout_s=30)
+            unused = ports.is_dir() and not any(ports.iterdir())
+            if self.command_prefix or unused:
+                await run_command(
+                    [*self.command_prefix, "ip", "link", "delete", bridge], timeout_s=30
+                )
             await asyncio.to_thread(
                 _forget_addresses, _NETWORK_PREFIX + bridge.removeprefix(BRIDGE_PREFIX)
             )

@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 
 from meshorch.apps.settings import WorkloadSettings, podman_dirs
+from meshorch.net.app_network import NetworkSettings
 from meshorch.runtime import BUSYBOX_IMAGE_REF, PodmanRuntime, build_busybox_rootfs
 from meshorch.site.agent import Agent
 from tests.agent_token import HEADERS
@@ -45,7 +46,8 @@ async def runtime_site(
     settings = WorkloadSettings(runtime=runtime, cpu_millis=4000, memory_bytes=4096 * MI)
     try:
         async with (
-            Agent(config, None, settings) as agent,
+            # On this machine's own network: no isolation chains left behind in it.
+            Agent(config, None, settings, NetworkSettings(isolate_tenants=False)) as agent,
             aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=120), headers=HEADERS
             ) as session,

@@ -7,6 +7,7 @@ so nothing leaks into the machine's podman storage.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -125,6 +126,45 @@ async def test_http_instance_probes_and_exec(rt: PodmanRuntime) -> None:
     assert await rt.exec("web", ["sh", "-c", "echo x > /www/index.html"], 30) != 0
     with pytest.raises(InstanceNotFound):
         await rt.exec("nope", ["true"], 30)
+
+
+async def test_own_network_namespace_and_a_port_published_as_asked(rt: PodmanRuntime) -> None:
+    """A container has a network of its own: its port 8080 is published on the host port
+    the spec asks for, and the host's loopback is out of its reach."""
+    host_port = free_port()
+    spec = InstanceSpec(
+        "own-net",
+        BUSYBOX_IMAGE_REF,
+        ("httpd", "-f", "-p", "8080", "-h", "/www"),
+        files=(SpecFile("/www/index.html", b"published\n"),),
+        ports=(PortMapping(host_port, 8080, "tcp"),),
+        user=300_123,
+    )
+    await rt.start(spec)
+    await serving(host_port)  # 127.0.0.1:host_port on the host reaches the container's 8080
+    pid = str((await rt.inspect("own-net"))["State"]["Pid"])
+    assert os.readlink(f"/proc/{pid}/ns/net") != os.readlink("/proc/self/ns/net")
+    assert any(name.startswith("mo-u300123") for name in os.listdir("/sys/class/net"))
+
+    # A server on the host's loopback: the host reaches it, the container does not.
+    accepted: list[bool] = []
+
+    async def accept(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(True)
+        writer.close()
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.close()
+        inside = ["sh", "-c", f"nc -w 2 127.0.0.1 {port} </dev/null"]
+        assert await rt.exec("own-net", inside, 30) != 0
+        await asyncio.sleep(0.2)
+        assert accepted == [True]  # the host's connection only
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 async def test_limits_applied_and_memory_hog_killed(rt: PodmanRuntime) -> None:
