@@ -22,11 +22,13 @@ from raft.errors import (
     OutcomeUnknownError,
     ProposalError,
     RaftError,
+    SessionError,
     SnapshotError,
     StateFullError,
     ViewFullError,
 )
 from raft.node import RaftNode, RaftStatus
+from raft.sessions import ClientRequest
 from raft.state_machine import OpResult, Record, apply_command
 from raft.view import StateView
 
@@ -34,6 +36,7 @@ __all__ = [
     "Append",
     "Barrier",
     "Batch",
+    "ClientRequest",
     "CommandDecodeError",
     "ConfigError",
     "Delete",
@@ -50,6 +53,7 @@ __all__ = [
     "RaftNode",
     "RaftStatus",
     "Record",
+    "SessionError",
     "SnapshotError",
     "StateFullError",
     "StateView",

@@ -8,6 +8,7 @@ binary format (values are raw bytes, so JSON would need base64 and be larger):
     op      := kind:u8 table_len:u8 table key_len:u16 key body
     body    := PUT: expect:i64 value_len:u32 value | DELETE: (nothing) | BARRIER: (nothing)
              | GUARD: expect:i64 count:u32 | APPEND: count:u32 value_len:u32 value
+             | SESSION: seq:u64 floor:u64 count:u32   (table empty, key: the client id)
 
 All integers are big-endian. ``expect`` is -1 for an unconditional put, 0 for
 "only if absent", N for "only if the key was last modified at index N".
@@ -17,6 +18,8 @@ An APPEND stores its value under ``key || first`` (``first`` a big-endian u64) w
 ``first`` is the next number of the sequence counted at ``key``, and advances that
 counter by ``count``: any member can append to a sequence without coordination,
 the numbering is decided by the log order.
+A SESSION makes the ``count`` operations after it a numbered request of a client
+session (``raft.sessions``): applied at most once however often it is proposed.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ CODEC_VERSION = 1
 MAX_TABLE_NAME = 64
 MAX_KEY_BYTES = 1024
 MAX_VALUE_BYTES = 1024 * 1024
+MAX_CLIENT_BYTES = 64
+# A session's last result is stored: this bounds what one session record holds.
+MAX_SESSION_OPS = 64
 
 _HEADER = struct.Struct(">BI")
 _OP_HEAD = struct.Struct(">BB")
@@ -39,6 +45,7 @@ _KEY_LEN = struct.Struct(">H")
 _PUT_BODY = struct.Struct(">qI")
 _GUARD_BODY = struct.Struct(">qI")
 _APPEND_BODY = struct.Struct(">II")
+_SESSION_BODY = struct.Struct(">QQI")
 
 
 class OpKind(IntEnum):
@@ -47,6 +54,7 @@ class OpKind(IntEnum):
     BARRIER = 3
     GUARD = 4
     APPEND = 5
+    SESSION = 6
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +101,20 @@ class Append:
     count: int
 
 
-Op = Put | Delete | Barrier | Guard | Append
+@dataclass(frozen=True, slots=True)
+class Session:
+    """The next ``count`` operations are request ``seq`` of the session ``client``:
+    applied once, a second proposal of them answered with the first one's results.
+    ``floor`` is an applied index seen before the session's first request: no record of
+    the session can be older, which tells a new session from one that expired."""
+
+    client: bytes
+    seq: int
+    floor: int
+    count: int
+
+
+Op = Put | Delete | Barrier | Guard | Append | Session
 
 _BARRIER = Barrier()
 _BARRIER_OP = _OP_HEAD.pack(OpKind.BARRIER, 0) + _KEY_LEN.pack(0)
@@ -115,6 +136,16 @@ def encode_ops(ops: Sequence[Op]) -> bytes:
     for op in ops:
         if isinstance(op, Barrier):
             append(_BARRIER_OP)
+            continue
+        if isinstance(op, Session):
+            if not 0 < len(op.client) <= MAX_CLIENT_BYTES:
+                raise ValueError(f"a session's client id is 1..{MAX_CLIENT_BYTES} bytes")
+            if op.seq < 1 or op.floor < 0 or not 0 <= op.count <= MAX_SESSION_OPS:
+                raise ValueError(f"a session counts seq >= 1 and 0..{MAX_SESSION_OPS} operations")
+            append(_OP_HEAD.pack(OpKind.SESSION, 0))
+            append(_KEY_LEN.pack(len(op.client)))
+            append(op.client)
+            append(_SESSION_BODY.pack(op.seq, op.floor, op.count))
             continue
         table = op.table.encode()
         if not table or len(table) > MAX_TABLE_NAME:
@@ -196,6 +227,15 @@ def _decode_ops(data: bytes) -> list[Op]:
             raise CommandDecodeError("command truncated")
         if kind == OpKind.BARRIER:
             append(_BARRIER)
+            continue
+        if kind == OpKind.SESSION:
+            seq, floor, guarded = _SESSION_BODY.unpack_from(data, pos)
+            pos += _SESSION_BODY.size
+            if table_len or not 0 < key_len <= MAX_CLIENT_BYTES:
+                raise CommandDecodeError("bad session client id")
+            if seq < 1 or guarded > MAX_SESSION_OPS:
+                raise CommandDecodeError("bad session sequence or count")
+            append(Session(key, seq, floor, guarded))
             continue
         table = tables.get(table_raw)
         if table is None:

@@ -8,7 +8,8 @@ RaftError
     ├── NotCommittedError   definitely not applied (queue full, discarded, denied)
     │   ├── EntryTooLargeError  larger than ``max_entry_bytes``: refused, nothing proposed
     │   └── StateFullError      would take the state past ``max_state_bytes``: refused
-    └── OutcomeUnknownError may or may not be applied later (timeout, leader lost)
+    ├── OutcomeUnknownError may or may not be applied later (timeout, leader lost)
+    └── SessionError        a client session's request refused: expired, stale or malformed
 """
 
 from __future__ import annotations
@@ -67,3 +68,14 @@ class OutcomeUnknownError(ProposalError):
     """No answer in time: the command may still be committed later."""
 
     code = "outcome_unknown"
+
+
+class SessionError(ProposalError):
+    """A request of a client session (``raft.sessions``) was refused and changed nothing.
+    ``session_expired``: the session was dropped, so whether its earlier request was
+    applied cannot be told; ``session_stale``: a later request of the session was
+    applied already; ``bad_session``: not a request the session can make."""
+
+    def __init__(self, code: str) -> None:
+        super().__init__(f"client session refused: {code}")
+        self.code = code

@@ -64,7 +64,7 @@ import orjson
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
 from pysyncobj.poller import POLL_EVENT_TYPE
 
-from raft.commands import Append, Barrier, Op, Put, encode_ops, join_encoded
+from raft.commands import Append, Barrier, Op, Put, Session, encode_ops, join_encoded
 from raft.config import RaftConfig
 from raft.errors import (
     EntryTooLargeError,
@@ -72,12 +72,14 @@ from raft.errors import (
     OutcomeUnknownError,
     ProposalError,
     RaftError,
+    SessionError,
     StateFullError,
     ViewFullError,
 )
 from raft.journal import DurableJournal
 from raft.journal import register as register_journal
 from raft.password import PasswordRing, derive
+from raft.sessions import ClientRequest
 from raft.state_machine import NO_SPACE, OpResult, apply_command_indexed, growth_bound, record_cost
 from raft.transport import CappedTransport, message_cap
 from raft.view import StateView
@@ -263,6 +265,9 @@ class RaftNode:
     def __init__(self, config: RaftConfig) -> None:
         config.validate()
         self.config = config
+        # How long a session's request is resent for: leader changes take a few election
+        # timeouts, and resending it is safe.
+        self.session_retry_s = 2 * config.proposal_timeout_s
         self.view = StateView(
             config.data_dir / "view",
             config.tables,
@@ -433,7 +438,9 @@ class RaftNode:
 
     # -- proposals ---------------------------------------------------------
 
-    async def propose(self, ops: Sequence[Op], *, idempotent: bool = False) -> list[OpResult]:
+    async def propose(
+        self, ops: Sequence[Op], *, idempotent: bool = False, session: ClientRequest | None = None
+    ) -> list[OpResult]:
         """Commit ``ops`` atomically (in one entry) and return one result each.
 
         Raises NotCommittedError (safe to retry) or OutcomeUnknownError. With
@@ -441,21 +448,40 @@ class RaftNode:
         once: plain puts, deletes, barriers), attempts that certainly did
         nothing are retried until ``proposal_timeout_s`` has passed, which
         hides most leader changes; see ``retryable`` for the unknown ones.
+
+        With ``session`` the ops are that request of a client session
+        (``raft.sessions``), applied at most once: every failed attempt, an unknown
+        outcome included, is resent until ``session_retry_s`` has passed, and a resent
+        request already applied answers with its first results. SessionError if the
+        session refuses it.
         """
         if self._stopped or self._syncobj is None or self._loop is None:
             reason = "node not running" if self.failure is None else f"node stopped: {self.failure}"
             raise NotCommittedError(reason)
+        if session is not None:
+            ops = [Session(session.client, session.seq, session.floor, len(ops)), *ops]
         body = encode_ops(ops)
         self._check_limits(ops, body)
         read_only = all(isinstance(op, Barrier) for op in ops)
-        deadline = self._loop.time() + self.config.proposal_timeout_s
+        timeout_s = self.config.proposal_timeout_s if session is None else self.session_retry_s
+        deadline = self._loop.time() + timeout_s
         delay_s = 0.05
         while True:
             try:
-                return await self._propose_once(len(ops), body, deadline)
+                results = await self._propose_once(len(ops), body, deadline)
+                if session is None:
+                    return results
+                if results[0].error is not None:
+                    raise SessionError(results[0].error)
+                return results[1:]
+            except SessionError:
+                raise
             except ProposalError as exc:
                 late = self._stopped or self._loop.time() + delay_s >= deadline
-                if late or not retryable(exc, idempotent=idempotent, read_only=read_only):
+                safe = session is not None and not isinstance(
+                    exc, EntryTooLargeError | StateFullError
+                )
+                if late or not (safe or retryable(exc, idempotent=idempotent, read_only=read_only)):
                     raise
             await asyncio.sleep(delay_s)
             delay_s = min(delay_s * 2, 0.5)

@@ -21,6 +21,9 @@ the result ``"no_space"``:
   they free) and the size after it, counting the units of the entry before it,
   exceeds ``max_bytes``; deletes and shrinking writes therefore always apply,
   even over budget, which is how space is made again;
+* a ``Session`` and the operations it counts are one unit too; the session records
+  (``raft.sessions``) count in the size but never make a unit refused (they are
+  bounded by ``MAX_SESSIONS``), and are undone with a refused unit;
 * the entry itself is applied like any other: its index advances and its
   results are recorded.
 
@@ -41,8 +44,9 @@ import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from raft.commands import Append, Barrier, Delete, Guard, Put, decode_batch
+from raft.commands import Append, Barrier, Delete, Guard, Put, Session, decode_batch
 from raft.errors import CommandDecodeError
+from raft.sessions import BAD_SESSION, SESSIONS_TABLE, SessionRecord, Sessions, StoredResult
 
 logger = logging.getLogger(__name__)
 
@@ -208,6 +212,11 @@ def apply_command_indexed(
     grown = 0  # logical bytes added by the entry so far (negative: freed)
     # The current unit (see the module's docstring): operations [start, end).
     unit_start = unit_end = unit_grown = 0
+    # Results replayed for the operations of a duplicate or refused session request, last first.
+    replay: list[OpResult] = []
+    # The session request being applied: (first position of its operations, end position,
+    # client, seq, its record before).
+    open_session: tuple[int, int, bytes, int, SessionRecord | None] | None = None
 
     def current(slot: tuple[str, bytes]) -> tuple[int | None, int | None]:
         """(index that last modified slot, length of its value): None, None if absent."""
@@ -231,6 +240,31 @@ def apply_command_indexed(
 
     write = budgeted_write if budgeted else plain_write
 
+    def session_get(key: bytes) -> bytes | None:
+        slot = (SESSIONS_TABLE, key)
+        if slot in pending:
+            return pending[slot]
+        return None if read_value is None else read_value(SESSIONS_TABLE, key)
+
+    def session_put(key: bytes, value: bytes | None) -> None:
+        slot = (SESSIONS_TABLE, key)
+        if budgeted:  # undone with a refused unit, never counted towards refusing it
+            undo.append((slot, slot in pending, pending.get(slot)))
+        pending[slot] = value
+
+    def close_session() -> None:
+        """Record the results of the session request just applied (results and operations
+        share positions)."""
+        nonlocal open_session
+        assert open_session is not None
+        start, end, client, seq, record = open_session
+        open_session = None
+        stored = [
+            StoredResult(r.ok, r.index, r.existed, r.error, r.current_index)
+            for r in results[start:end]
+        ]
+        Sessions(index, session_get, session_put).store(client, seq, record, stored)
+
     def close_unit() -> None:
         """Refuse the unit just completed if it takes the state past the budget."""
         nonlocal grown
@@ -247,19 +281,55 @@ def apply_command_indexed(
         results[unit_start:] = [refused] * (len(results) - unit_start)
 
     for position, op in enumerate(batch.ops):
+        if open_session is not None and position >= open_session[1]:
+            close_session()
         if budgeted and position >= unit_end:
             if position:
                 close_unit()
             unit_start, unit_end, unit_grown = position, position + 1, grown
             undo.clear()
-        if budgeted and isinstance(op, Guard):
+        if budgeted and isinstance(op, Guard | Session):
             unit_end = max(unit_end, position + 1 + op.count)
+        if replay:
+            append(replay.pop())
+            continue
         if skip:
             skip -= 1
             append(OpResult(ok=False, index=index, error="guarded"))
             continue
         if isinstance(op, Barrier):
             append(created)
+            continue
+        if isinstance(op, Session):
+            count = min(op.count, len(batch.ops) - position - 1)
+            if read_value is None or open_session is not None:
+                error = "unsupported" if read_value is None else BAD_SESSION
+                refused = OpResult(ok=False, index=index, error=error)
+                append(refused)
+                replay = [refused] * count
+                continue
+            sessions = Sessions(index, session_get, session_put)
+            found = sessions.lookup(op.client, op.seq, op.floor)
+            if found.error is not None:
+                refused = OpResult(ok=False, index=index, error=found.error)
+                append(refused)
+                replay = [refused] * count
+            elif found.duplicate is not None:
+                earlier = [
+                    OpResult(r.ok, r.index, r.existed, r.error, r.current_index)
+                    for r in found.duplicate
+                ]
+                if len(earlier) != count:  # the same number for another request
+                    refused = OpResult(ok=False, index=index, error=BAD_SESSION)
+                    append(refused)
+                    replay = [refused] * count
+                    continue
+                append(OpResult(ok=True, index=index, existed=True))
+                replay = earlier[::-1]
+                sessions.store(op.client, op.seq, found.record, found.duplicate)
+            else:
+                append(created)
+                open_session = (position + 1, position + 1 + count, op.client, op.seq, found.record)
             continue
         if op.table not in known:
             append(OpResult(ok=False, index=index, error="unknown_table"))
@@ -312,6 +382,8 @@ def apply_command_indexed(
             if before is not None:
                 write(slot, None, old_len)
             append(created if before is None else replaced)
+    if open_session is not None:
+        close_session()
     if budgeted and results:
         close_unit()
     writes = tuple(

@@ -33,6 +33,7 @@ from typing import TypeVar
 import lmdb
 
 from raft.errors import SnapshotError, ViewFullError
+from raft.sessions import SESSIONS_TABLE
 from raft.state_machine import (
     Applied,
     Reader,
@@ -69,7 +70,8 @@ class StateView:
         max_map_size: int = DEFAULT_MAX_MAP_SIZE,
     ) -> None:
         path.mkdir(parents=True, exist_ok=True)
-        self.tables = tuple(tables)
+        # The client sessions' table (raft.sessions) is the state machine's own.
+        self.tables = (*tables, *(() if SESSIONS_TABLE in tables else (SESSIONS_TABLE,)))
         self.max_map_size = max(map_size, max_map_size)
         self._env = lmdb.open(
             str(path),

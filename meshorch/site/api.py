@@ -12,7 +12,9 @@ routes; the other routes live by subject in ``member_api``, ``app_api``, ``fleet
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+import re
+import secrets
+from collections.abc import Awaitable, Callable, Sequence
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -46,8 +48,15 @@ from meshorch.state.tables import (
     MAX_VALUE_BYTES,
     validate_kv_key,
 )
-from raft import Delete, Put
-from raft.errors import EntryTooLargeError, NotCommittedError, OutcomeUnknownError, StateFullError
+from raft import ClientRequest, Delete, Op, OpResult, Put
+from raft.errors import (
+    EntryTooLargeError,
+    NotCommittedError,
+    OutcomeUnknownError,
+    SessionError,
+    StateFullError,
+)
+from raft.sessions import SESSION_EXPIRED, SESSION_STALE
 from raft.state_machine import NO_SPACE
 
 logger = logging.getLogger(__name__)
@@ -98,6 +107,7 @@ def add_kv_and_status_routes(app: web.Application) -> None:
     app.router.add_put("/v1/kv/{key:.+}", put_key)
     app.router.add_get("/v1/kv/{key:.+}", get_key)
     app.router.add_delete("/v1/kv/{key:.+}", delete_key)
+    app.router.add_post("/v1/sessions", new_session)
 
 
 def build_app(services: SiteServices, guard: Guard) -> web.Application:
@@ -179,10 +189,7 @@ async def put_key(request: web.Request) -> web.Response:
         raise ApiError(
             413, "value_too_large", f"values are limited to {MAX_VALUE_BYTES} bytes"
         ) from exc
-    # A plain put may be retried across a leader change; a compare-and-set may not.
-    (result,) = await services(request).node.propose(
-        [Put(KV_TABLE, key, value, expect_index)], idempotent=expect_index is None
-    )
+    (result,) = await propose_request(request, [Put(KV_TABLE, key, value, expect_index)])
     if result.error == NO_SPACE:
         raise ApiError(507, NO_SPACE, "the site's state is full; nothing was written")
     if result.error == "conflict":
@@ -209,7 +216,7 @@ async def get_key(request: web.Request) -> web.Response:
 
 async def delete_key(request: web.Request) -> web.Response:
     key = validate_kv_key(request.match_info["key"])
-    (result,) = await services(request).node.propose([Delete(KV_TABLE, key)], idempotent=True)
+    (result,) = await propose_request(request, [Delete(KV_TABLE, key)])
     return json_response({"index": result.index, "deleted": result.existed})
 
 
@@ -224,3 +231,79 @@ async def list_keys(request: web.Request) -> web.Response:
     records, more = services(request).node.view.scan(KV_TABLE, raw_prefix, limit)
     keys = [key.decode("utf-8", errors="replace") for key, _ in records]
     return json_response({"keys": keys, "more": more})
+
+
+# A client session (raft.sessions) as clients name it: "<floor>.<token>", the floor an
+# applied index seen before the session's first request.
+CLIENT_HEADER = "X-Meshorch-Client"
+SEQ_HEADER = "X-Meshorch-Seq"
+_CLIENT_ID = re.compile(r"(\d{1,19})\.[A-Za-z0-9_-]{8,40}")
+
+
+async def new_session(request: web.Request) -> web.Response:
+    """A client id for the session headers: no Raft round, the floor is this host's
+    applied index (every later record of the session is newer)."""
+    floor = services(request).node.view.applied_index()
+    return json_response({"client": f"{floor}.{secrets.token_urlsafe(16)}", "seq": 1})
+
+
+def client_request(request: web.Request) -> tuple[ClientRequest, bool]:
+    """The caller's session request from its headers, or one made for this request alone
+    (so that resending it inside the agent is safe); True if the caller named it."""
+    client = request.headers.get(CLIENT_HEADER)
+    seq = request.headers.get(SEQ_HEADER)
+    if client is None and seq is None:
+        floor = services(request).node.view.applied_index()
+        return ClientRequest(b"agent." + secrets.token_bytes(16), 1, floor), False
+    match = _CLIENT_ID.fullmatch(client or "")
+    if match is None or seq is None or not seq.isdigit() or not 0 < int(seq) < 2**63:
+        raise ApiError(
+            400,
+            "bad_session",
+            f"{CLIENT_HEADER} (from POST /v1/sessions) and {SEQ_HEADER} (1, 2, ...: one "
+            "more for each new write) go together",
+        )
+    assert client is not None
+    return ClientRequest(client.encode(), int(seq), int(match.group(1))), True
+
+
+async def propose_request(request: web.Request, ops: Sequence[Op]) -> list[OpResult]:
+    """Commit a client's write exactly once. The node resends it under its session until
+    it gets an answer (leader changes included); what is left unknown is said in words."""
+    session, named = client_request(request)
+    node = services(request).node
+    try:
+        return await node.propose(ops, session=session)
+    except SessionError as exc:
+        raise ApiError(409, exc.code, _SESSION_REFUSALS.get(exc.code, str(exc))) from exc
+    except OutcomeUnknownError as exc:
+        if named:
+            advice = (
+                f"send it again with the same {CLIENT_HEADER} and {SEQ_HEADER} to learn its "
+                "outcome (it is applied at most once), or read the key before writing again"
+            )
+        else:
+            advice = (
+                "read the key before writing again: sent again as a new request, it could be "
+                f"applied twice ({CLIENT_HEADER} and {SEQ_HEADER} make a resend safe)"
+            )
+        raise ApiError(
+            504,
+            "outcome_unknown",
+            f"the write may or may not have been applied ({exc}); the agent resent it for "
+            f"{node.session_retry_s:g}s without getting an answer, as no majority of the site "
+            f"answered. {advice}",
+        ) from exc
+
+
+_SESSION_REFUSALS = {
+    SESSION_EXPIRED: (
+        "this write was not applied: the client session was dropped (unused for too long, "
+        "or too many sessions), so whether its earlier write was applied cannot be told; "
+        "read the key, then write with a new session (POST /v1/sessions)"
+    ),
+    SESSION_STALE: (
+        "this write was not applied: a later write of the same client session was applied "
+        "already (each new write takes the next sequence number)"
+    ),
+}

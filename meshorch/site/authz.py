@@ -106,6 +106,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/v1/kv/{key}"): _op("kv.read"),
     ("PUT", "/v1/kv/{key}"): _op("kv.write"),
     ("DELETE", "/v1/kv/{key}"): _op("kv.write"),
+    ("POST", "/v1/sessions"): _op("kv.write"),
     ("GET", "/v1/members"): _op("site.read"),
     ("POST", "/v1/members"): _op("members.write"),
     ("DELETE", "/v1/members/{host_id}"): _op("members.write"),

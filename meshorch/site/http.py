@@ -6,7 +6,7 @@ Every route module (``meshorch.site.*_api``) imports this one, never ``meshorch.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -23,6 +23,7 @@ from meshorch.secrets.service import SiteSecrets
 from meshorch.site.host_api import HostRoutes
 from meshorch.state.ports import Members, SiteState
 from meshorch.streams.site import SiteStreams
+from raft import ClientRequest, Op, OpResult
 
 JSON = "application/json"
 DEFAULT_LIST_LIMIT = 1000
@@ -62,7 +63,14 @@ def json_object(body: bytes) -> dict[str, object]:
 
 
 class ApiNode(SiteState, Protocol):
-    """The Raft member as the API uses it: the state, adding a member, stepping down."""
+    """The Raft member as the API uses it: the state, client sessions' requests (resent for
+    ``session_retry_s``), adding a member, stepping down."""
+
+    session_retry_s: float
+
+    async def propose(
+        self, ops: Sequence[Op], *, idempotent: bool = False, session: ClientRequest | None = None
+    ) -> list[OpResult]: ...
 
     async def add_member(self, address: str) -> None: ...
 
