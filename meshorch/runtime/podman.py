@@ -39,7 +39,9 @@ hosts through the bridge, which ``meshorch.net.app_network`` filters (agent port
 other tenants). ``network="host"`` keeps the host's network (ports cannot be
 remapped: a ``host_port`` different from the ``container_port`` is rejected); another
 name is an existing podman network, ports published with ``-p``. A container whose
-network is not the one wanted is replaced (label ``meshorch.network``).
+network is not the one wanted is replaced (label ``meshorch.network``; none: an earlier
+release's, on the host's network); one on the host's network where it should not be, or
+the other way round, is listed with no spec hash, so the reconciler starts it again.
 :meth:`PodmanRuntime.purge` deletes the bridges with the networks.
 
 The spec's files are written under ``files_dir/meshorch-{id}/`` (default
@@ -514,8 +516,7 @@ class PodmanRuntime:
                 labels = (existing.get("Config") or {}).get("Labels") or {}
                 status = (existing.get("State") or {}).get("Status")
                 same = labels.get(LABEL_SPEC) == spec_hash
-                if self.network != "host":
-                    same = same and labels.get(LABEL_NETWORK) == self.network_of(spec)
+                same = same and labels.get(LABEL_NETWORK, "host") == self.network_of(spec)
                 if status in _RUNNING_STATES and same:
                     return
                 logger.info("replacing container %s (state %s)", spec.name, status)
@@ -584,11 +585,17 @@ class PodmanRuntime:
             running = state in _RUNNING_STATES
             exited = state in ("exited", "stopped")
             pid = c.get("Pid")
+            spec_hash = labels.get(LABEL_SPEC)
+            if (labels.get(LABEL_NETWORK, "host") == "host") != (self.network == "host"):
+                # On the host's network and should not be, or the other way round (an
+                # earlier release's has no label): a spec unknown to the reconciler, which
+                # starts it again, so :meth:`start` replaces it.
+                spec_hash = None
             statuses.append(
                 InstanceStatus(
                     instance_id=instance_id,
                     state=InstanceState.RUNNING if running else InstanceState.EXITED,
-                    spec_hash=labels.get(LABEL_SPEC),
+                    spec_hash=spec_hash,
                     image=c.get("Image"),
                     exit_code=int(c.get("ExitCode", 0)) if exited else None,
                     started_at=_unix_time(c.get("StartedAt")),

@@ -167,6 +167,25 @@ async def test_own_network_namespace_and_a_port_published_as_asked(rt: PodmanRun
         await server.wait_closed()
 
 
+async def test_a_container_on_the_hosts_network_is_replaced_by_one_of_its_own(
+    rt: PodmanRuntime, lab: PodmanLab
+) -> None:
+    """What an earlier release started with ``--network host`` moves to its own network."""
+    port = free_port()
+    spec = httpd_spec("moved", port)
+    old = PodmanRuntime(rt.root, rt.runroot, network="host")  # same storage, as before
+    await old.start(spec)
+    await serving(port)
+    assert (await rt.inspect("moved"))["HostConfig"]["NetworkMode"] == "host"
+    status = await status_of(rt, "moved")
+    assert status is not None and status.running and status.spec_hash is None
+    await rt.start(spec)
+    await serving(port)
+    assert (await rt.inspect("moved"))["HostConfig"]["NetworkMode"] != "host"
+    status = await status_of(rt, "moved")
+    assert status is not None and status.spec_hash == spec.spec_hash
+
+
 async def test_limits_applied_and_memory_hog_killed(rt: PodmanRuntime) -> None:
     port = free_port()
     await rt.start(httpd_spec("neighbour", port, memory_limit_bytes=64 * MiB, cpu_limit=0.5))
