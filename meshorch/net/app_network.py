@@ -148,6 +148,8 @@ class AppNetwork:
         address = self.dns_address()
         if runtime != "podman" or address is None:
             return ()
+        if ipaddress.ip_address(address[0]).is_loopback:
+            return ()  # a container's loopback is its own: it would ask itself
         return (address[0],)
 
     def dns_search(self, runtime: str) -> tuple[str, ...]:
