@@ -15,15 +15,24 @@ How an answer is classified (``docs``: README "The site API"):
 - 409 for a compare-and-set (``put_if_absent``, ``expect_index=0``) -> ``ok``, not applied;
 - 503 ``not_committed``, other 4xx, or no connection at all (no attempt ever sent, see
   ``Attempt``) -> ``fail`` (not applied);
-- 504 ``outcome_unknown``, another 5xx, a timeout, a connection lost mid-request ->
-  ``unknown``.
+- 504 ``outcome_unknown``, 409 ``session_expired``, another 5xx, a timeout, a connection
+  lost mid-request -> ``unknown``.
+
+Retries: once an answer has shown it an applied index, each KV client writes under a
+client session (``X-Meshorch-Client``/``X-Meshorch-Seq``, README "The site API"), and
+resends a write whose answer was unknown to another host with the same headers, up to
+``--retries`` times: the site applies it at most once, so the resend may only turn an
+unknown outcome into a definite one. The record is the request's, from its first call
+to its last answer.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import random
 import sys
 import time
@@ -48,6 +57,8 @@ def classify_answer(kind: str, status: int, body: bytes) -> tuple[str, str]:
         code = str(json.loads(body)["error"]["code"])
     except (ValueError, KeyError, TypeError):
         code = body[:80].decode(errors="replace")
+    if code == "session_expired":  # a resend could not tell whether the first applied
+        return "unknown", f"{status} {code}"
     if 400 <= status < 500 or status == 503:
         return "fail", f"{status} {code}"
     # 504 outcome_unknown, or a 500 that may have come after the proposal: either way.
@@ -111,45 +122,40 @@ async def _kv_client(
     recorder: Recorder,
     timeout_s: float,
     read_consistency: str,
+    retries: int = 0,
 ) -> None:
     seq = 0
+    client_id: str | None = None  # the session, once an answer showed an applied index
+    session_seq = 0
     while time.monotonic() < deadline:
         host = rng.choice(hosts)
         key = rng.choice(keys)
         kind = rng.choices(("put", "get", "delete", "put_if_absent"), (40, 45, 8, 7))[0]
         seq += 1
         value = f"{name}-{seq}" if kind in ("put", "put_if_absent") else None
-        url = f"{_base(host)}/v1/kv/{key}"
+        query = ""
         if kind == "put_if_absent":
-            url += "?expect_index=0"  # compare-and-set: only if absent
+            query = "?expect_index=0"  # compare-and-set: only if absent
         elif kind == "get" and read_consistency != "linearizable":
-            url += f"?consistency={read_consistency}"
+            query = f"?consistency={read_consistency}"
+        headers: dict[str, str] = {}
+        if kind != "get" and client_id is not None:
+            session_seq += 1
+            headers = {"X-Meshorch-Client": client_id, "X-Meshorch-Seq": str(session_seq)}
         op_id = recorder.new_id()
         call = time.monotonic()
-        status, detail, read = "unknown", "", None
-        applied: bool | None = None
-        attempt = Attempt()
-        try:
-            method = {"put": "PUT", "get": "GET", "delete": "DELETE", "put_if_absent": "PUT"}[kind]
-            data = value.encode() if value is not None else None
-            async with session.request(
-                method,
-                url,
-                data=data,
-                timeout=aiohttp.ClientTimeout(total=timeout_s),
-                trace_request_ctx=attempt,
-            ) as resp:
-                body = await resp.read()
-                status, detail = classify_answer(kind, resp.status, body)
-                if kind == "get" and resp.status == 200:
-                    read = body.decode()
-                if kind == "put_if_absent" and resp.status in (200, 409):
-                    # A conflict is an answer too: the key was present, nothing written.
-                    status, applied = "ok", resp.status == 200
-        except aiohttp.ClientConnectorError as exc:
-            status, detail = _connect_error(attempt, exc)
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            status, detail = "unknown", type(exc).__name__
+        target, resent, details = host, 0, []
+        while True:
+            url = f"{_base(target)}/v1/kv/{key}{query}"
+            answer = await _kv_attempt(session, kind, url, value, headers, timeout_s)
+            status, detail, read, applied, index = answer
+            details.append(detail)
+            if index and client_id is None:
+                client_id = f"{index}.{name}-{os.urandom(8).hex()}"  # the seed's ops unchanged
+            if status != "unknown" or not headers or resent >= retries:
+                break
+            resent += 1
+            target = rng.choice([h for h in hosts if h != target] or hosts)
         end = time.monotonic()
         recorder.write(
             {
@@ -164,10 +170,54 @@ async def _kv_client(
                 "value": value if kind != "get" else read,
                 "applied": applied,
                 "status": status,
-                "detail": detail,
+                "detail": "; ".join(d for d in details if d),
+                "resent": resent,
             }
         )
         await asyncio.sleep(rng.uniform(*THINK_S))
+
+
+async def _kv_attempt(
+    session: aiohttp.ClientSession,
+    kind: str,
+    url: str,
+    value: str | None,
+    headers: dict[str, str],
+    timeout_s: float,
+) -> tuple[str, str, str | None, bool | None, int]:
+    """One request: (status, detail, the value read, whether a CAS applied, an applied index
+    the answer shows or 0)."""
+    status, detail, read = "unknown", "", None
+    applied: bool | None = None
+    index = 0
+    attempt = Attempt()
+    try:
+        method = {"put": "PUT", "get": "GET", "delete": "DELETE", "put_if_absent": "PUT"}[kind]
+        data = value.encode() if value is not None else None
+        async with session.request(
+            method,
+            url,
+            data=data,
+            headers=headers,
+            timeout=aiohttp.ClientTimeout(total=timeout_s),
+            trace_request_ctx=attempt,
+        ) as resp:
+            body = await resp.read()
+            status, detail = classify_answer(kind, resp.status, body)
+            if kind == "get" and resp.status == 200:
+                read = body.decode()
+                index = int(resp.headers.get("X-Meshorch-Index", "0") or 0)
+            elif resp.status == 200:
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    index = int(json.loads(body)["index"])
+            if kind == "put_if_absent" and resp.status in (200, 409) and status != "unknown":
+                # A conflict is an answer too: the key was present, nothing written.
+                status, applied = "ok", resp.status == 200
+    except aiohttp.ClientConnectorError as exc:
+        status, detail = _connect_error(attempt, exc)
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        status, detail = "unknown", type(exc).__name__
+    return status, detail, read, applied, index
 
 
 async def _event_client(
@@ -233,7 +283,7 @@ async def run_workload(args: argparse.Namespace, out: TextIO) -> None:
         tasks = [
             _kv_client(
                 f"c{i}", session, hosts, keys, random.Random(rng.random()), deadline, recorder,
-                args.timeout, args.read_consistency,
+                args.timeout, args.read_consistency, args.retries,
             )
             for i in range(args.clients)
         ]  # fmt: skip
@@ -369,6 +419,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--clients", type=int, default=4)
             p.add_argument("--duration", type=float, required=True)
             p.add_argument("--seed", type=int, default=0)
+            p.add_argument(
+                "--retries", type=int, default=3,
+                help="resends of a write whose outcome is unknown, under its client session",
+            )  # fmt: skip
             p.add_argument("--out", required=True, help="JSON lines, one per operation")
             p.add_argument(
                 "--read-consistency", choices=("linearizable", "local"), default="linearizable",

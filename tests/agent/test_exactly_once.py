@@ -1,0 +1,90 @@
+"""Writes that can be retried safely: the leader paused mid-write, a definite answer each time.
+
+Three real agents on loopback. A counter key is advanced by compare-and-set while the
+leader is paused (SIGSTOP) right after the write leaves; a lost answer would show as a
+504, and an answer lost and the write sent again without a session as a 409 (the first
+attempt moved the key): every answer must be a 200 and move the counter by exactly one.
+"""
+
+import asyncio
+import random
+import signal
+import time
+
+import aiohttp
+import orjson
+
+from meshorch.demo.localsite import LocalHost, LocalSite, wait_ready
+
+ROUNDS = 100
+KEY = "exactly-once/counter"
+
+
+async def read_counter(session: aiohttp.ClientSession, host: LocalHost) -> tuple[int, int]:
+    """(value, the index that last changed it); (0, 0) while absent."""
+    async with session.get(f"{host.url}/v1/kv/{KEY}") as response:
+        if response.status == 404:
+            return 0, 0
+        assert response.status == 200, await response.text()
+        return int(await response.read()), int(response.headers["X-Meshorch-Index"])
+
+
+async def cas(
+    session: aiohttp.ClientSession,
+    host: LocalHost,
+    value: int,
+    expect_index: int,
+    headers: dict[str, str],
+) -> tuple[int, str]:
+    url = f"{host.url}/v1/kv/{KEY}?expect_index={expect_index}"
+    async with session.put(url, data=b"%d" % value, headers=headers) as response:
+        return response.status, await response.text()
+
+
+async def test_leader_paused_mid_write_a_hundred_times_gets_definite_exactly_once_answers(
+    ready_site: LocalSite, session: aiohttp.ClientSession
+) -> None:
+    site = ready_site
+    rng = random.Random(19)
+    async with session.post(f"{site.members[0].url}/v1/sessions") as response:
+        assert response.status == 200, await response.text()
+        client = (await response.json())["client"]
+    seq = 0
+    counts = {"resumed_before_answer": 0, "paused_until_answer": 0, "to_leader": 0}
+    started = time.monotonic()
+    for round_ in range(ROUNDS):
+        statuses = await wait_ready(session, site.members)
+        leader = site.host(next(iter(statuses.values()))["leader"])
+        followers = [h for h in site.members if h is not leader]
+        value, index = await read_counter(session, followers[0])
+        assert value == round_, f"round {round_}: the counter is {value}"
+        # Half the writes name a session of the caller's, half rely on the agent's own.
+        headers: dict[str, str] = {}
+        if round_ % 2:
+            seq += 1
+            headers = {"X-Meshorch-Client": client, "X-Meshorch-Seq": str(seq)}
+        # Through a follower (forwarded to the leader) mostly, now and then to the leader.
+        to_leader = round_ % 5 == 4
+        target = leader if to_leader else rng.choice(followers)
+        write = asyncio.create_task(cas(session, target, value + 1, index, headers))
+        await asyncio.sleep(rng.uniform(0.0, 0.01))
+        site.signal(leader, signal.SIGSTOP)
+        try:
+            if to_leader or rng.random() < 0.5:
+                # Back before or after the others elect a new leader.
+                await asyncio.sleep(rng.uniform(0.05, 1.2))
+                site.signal(leader, signal.SIGCONT)
+                counts["to_leader" if to_leader else "resumed_before_answer"] += 1
+            else:
+                counts["paused_until_answer"] += 1
+            status, body = await write
+        finally:
+            site.signal(leader, signal.SIGCONT)
+        assert status == 200, f"round {round_} ({counts}): {status} {body}"
+        # Applied once, at the index the answer names.
+        after = await read_counter(session, rng.choice(site.members))
+        assert after == (value + 1, orjson.loads(body)["index"]), f"round {round_}: {after}"
+    final, _ = await read_counter(session, site.members[2])
+    assert final == ROUNDS
+    elapsed = time.monotonic() - started
+    print(f"{ROUNDS} rounds in {elapsed:.1f}s: {counts}")
