@@ -27,5 +27,8 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 
 @pytest.fixture
 async def ready_site(site: LocalSite, session: aiohttp.ClientSession) -> LocalSite:
-    await wait_ready(session, site.members)
+    try:
+        await wait_ready(session, site.members)
+    except TimeoutError as exc:  # say why: the hosts' own logs
+        raise TimeoutError(f"{exc}\n{site.logs()}") from None
     return site
