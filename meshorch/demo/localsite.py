@@ -219,7 +219,17 @@ async def wait_ready(
             if complete and len(leaders) == 1 and not leaders & {None, not_leader}:
                 return {k: v for k, v in last.items() if v is not None}
         await asyncio.sleep(0.1)
-    raise TimeoutError(f"site not ready within {timeout_s}s; last statuses: {last}")
+    silent = [h for h in hosts if last.get(h.host_id) is None]
+    raise TimeoutError(
+        f"site not ready within {timeout_s}s; last statuses: {last}"
+        + "".join(f"\n--- {h.host_id} (no answer) ---\n{_log_tail(h)}" for h in silent)
+    )
+
+
+def _log_tail(host: LocalHost, lines: int = 30) -> str:
+    if host.log_path is None or not host.log_path.exists():
+        return "(no log)"
+    return "\n".join(host.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
 @dataclass

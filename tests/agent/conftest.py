@@ -27,8 +27,5 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 
 @pytest.fixture
 async def ready_site(site: LocalSite, session: aiohttp.ClientSession) -> LocalSite:
-    try:
-        await wait_ready(session, site.members)
-    except TimeoutError as exc:  # say why: the hosts' own logs
-        raise TimeoutError(f"{exc}\n{site.logs()}") from None
+    await wait_ready(session, site.members)
     return site
