@@ -24,7 +24,10 @@ the KV history is linearizable, every acknowledged write is still readable (or w
 superseded), every acknowledged event is stored exactly once at the site and, once
 forwarded, at the hub, the site and the app recover within bounds. Writes a JSON report,
 the history (JSON lines) and an SVG timeline.
-Needs root and the lab's tools (ip, iptables, wg, wireguard-go)."""
+Each host's data directory is an ext4 filesystem on a loop device: the power cut drops
+whatever the host had not synced. With --durability power (the agents' default) a lost
+acknowledged write fails the run; with process it is allowed, and the report counts it.
+Needs root and the lab's tools (ip, iptables, wg, wireguard-go, losetup, mkfs.ext4)."""
 
 _EPILOG = """\
 examples:
@@ -32,6 +35,7 @@ examples:
   sudo meshorch chaos run kill-leader --seed 7 --duration 20
   sudo meshorch chaos run all --duration 15 --report-dir /tmp/chaos
   sudo meshorch chaos run majority-partition --seed 3 --report /tmp/maj.json
+  sudo meshorch chaos run power-cut --seed 2 --durability process
 """
 
 
@@ -113,6 +117,13 @@ def add_chaos_command(commands: argparse._SubParsersAction[Any]) -> None:
         metavar="S",
         help="bound on the app getting back to its desired state (default 60)",
     )
+    run.add_argument(
+        "--durability",
+        choices=("power", "process"),
+        default="power",
+        help="the agents' --durability: with 'power' an acknowledged write lost in a "
+        "power cut fails the run, with 'process' it is allowed and counted (default power)",
+    )
     run.add_argument("--prefix", help="lab prefix, 1-6 chars (default: random 'chXXXX')")
     run.add_argument(
         "--state-dir",
@@ -162,6 +173,7 @@ def run_chaos(args: argparse.Namespace) -> int:
         read_consistency=args.read_consistency,
         recovery_timeout_s=args.recovery_timeout,
         app_bound_s=args.app_bound,
+        durability=args.durability,
     )
     try:
         settings.validate()

@@ -102,9 +102,21 @@ class LossyDisk:
             raise
         self.powered = True
 
+    def flush(self) -> None:
+        """Everything written so far onto the image (``syncfs``), as a host that has been
+        up for a while has it: what a later cut loses is then only what came after."""
+        if self.powered:
+            _run(["sync", "--file-system", str(self.mount_point)])
+
     def power_cut(self) -> None:
-        """Drop everything not yet on the image, then unmount. Stop the processes that use
-        the disk first (or at least freeze them): they would only see EIO from here on."""
+        """``cut`` then ``release``: for a disk whose processes are gone or frozen."""
+        self.cut()
+        self.release()
+
+    def cut(self) -> None:
+        """Drop everything not yet on the image. From here on the filesystem answers EIO;
+        the processes that use it are to be stopped before (frozen at least) and killed
+        after, then ``release`` unmounts it."""
         if not self.powered:
             return
         fd = os.open(self.mount_point, os.O_RDONLY | os.O_DIRECTORY)
@@ -113,6 +125,9 @@ class LossyDisk:
         finally:
             os.close(fd)
         self.powered = False
+
+    def release(self) -> None:
+        """Unmount a cut disk and detach its loop device (``power_on`` attaches anew)."""
         self._unmount()
         self._detach()
 
@@ -168,6 +183,10 @@ class LossyDisks:
 
     def power_on(self, host: str) -> None:
         self.disks[host].power_on()
+
+    def flush_all(self) -> None:
+        for disk in self.disks.values():
+            disk.flush()
 
     def unpowered(self) -> list[str]:
         return sorted(h for h, d in self.disks.items() if not d.powered)

@@ -63,6 +63,7 @@ class ScenarioReport:
     app_recovery_s: float | None = None
     linearizability: dict[str, Any] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    durability: str = ""  # the agents' --durability
 
     @property
     def verdict(self) -> Status:
@@ -83,6 +84,7 @@ class ScenarioReport:
             "version": REPORT_VERSION,
             "scenario": self.scenario,
             "seed": self.seed,
+            "durability": self.durability,
             "duration_s": self.duration_s,
             "started_at": self.started_at,
             "verdict": self.verdict,
@@ -99,7 +101,9 @@ class ScenarioReport:
 
     def summary(self) -> str:
         lines = [
-            f"{self.scenario} seed={self.seed}: {self.verdict.upper()} "
+            f"{self.scenario} seed={self.seed}"
+            + (f" durability={self.durability}" if self.durability else "")
+            + f": {self.verdict.upper()} "
             f"({self.ops} operations, {len(self.faults)} fault(s))"
         ]
         for f in self.faults:
@@ -127,7 +131,8 @@ _FAULT_COLOURS = {
     "uplink": "#ce93d8",
     "kill": "#ef9a9a",
     "pause": "#ffcc80",
-    "power_cut": "#e57373",
+    "kill_all": "#e57373",
+    "power_cut": "#b71c1c",
 }
 
 

@@ -34,13 +34,17 @@ from typing import Any
 
 import orjson
 
+from meshorch.chaos.disks import DEFAULT_SIZE_MB, LossyDisks
 from meshorch.chaos.faults import FaultInjector, resolve_roles
 from meshorch.chaos.invariants import (
+    DURABILITY_MODES,
+    Durability,
     InvariantResult,
     check_acknowledged_writes,
     check_events,
     check_linearizable,
     check_recovery,
+    judge_power_cut,
     op_counts,
 )
 from meshorch.chaos.report import FaultRecord, ScenarioReport, timeline_svg
@@ -75,6 +79,16 @@ class ChaosSettings:
     checker_budget: int = 2_000_000
     # "local" reads this host's copy, not linearizable: a negative control for the checker.
     read_consistency: str = "linearizable"
+    # The agents' --durability, and so what a power cut may cost: "power", every
+    # acknowledged write synced to disk (a loss fails the run); "process", a write
+    # survives the death of the process only (a loss in a power cut is reported, allowed).
+    # The lab's agents are started with it: a run cannot change it.
+    durability: Durability = "power"
+    disk_mb: int = DEFAULT_SIZE_MB  # each host's data disk (a sparse image)
+    # Sync the hosts' disks once the lab is up, as on a site that has run for a while: a
+    # power cut then costs only what the scenario wrote. False: the setup's files (the
+    # agent's identity, keys) may not have reached the disk yet when the power goes.
+    sync_setup: bool = True
 
     def validate(self) -> None:
         if self.hosts < 3:
@@ -85,6 +99,10 @@ class ChaosSettings:
             raise ValueError(
                 f"read consistency is linearizable or local, not {self.read_consistency!r}"
             )
+        if self.durability not in DURABILITY_MODES:
+            raise ValueError(f"durability is power or process, not {self.durability!r}")
+        if self.disk_mb < 64:
+            raise ValueError(f"a host's disk needs at least 64 MiB, not {self.disk_mb}")
         if min(self.request_timeout_s, self.recovery_timeout_s, self.app_bound_s) <= 0:
             raise ValueError("timeouts must be positive")
 
@@ -168,7 +186,11 @@ class ChaosLab:
         self.settings.validate()
         self.say: Say = say or (lambda message: log.info("%s", message))
         self.lab = Lab(prefix or f"ch{secrets.token_hex(2)}", state_dir, progress=None)
-        self.agents = LabAgents(self.lab, runtime="process")
+        self.agents = LabAgents(
+            self.lab, runtime="process", extra_args=["--durability", self.settings.durability]
+        )
+        # Every host's data directory on a disk that a power cut can take unsynced data from.
+        self.disks = LossyDisks(self.lab.store.lab_dir / "disks", self.settings.disk_mb)
         self.hub: LabHub | None = None
         self.hosts: list[str] = []
         self.addresses: list[str] = []
@@ -195,6 +217,8 @@ class ChaosLab:
             self.hosts = [h.name for h in plan.hosts]
             self.addresses = [h.lan_ip for h in plan.hosts]
             self.router_netns = plan.site(1).router_netns
+            for host in self.hosts:
+                self.disks.create(host, self.lab.store.data_dir(host))
             self.say("starting the hub")
             self.hub = self.agents.start_hub(FLEET)
             created = self.agents.hub_request(self.hub, "POST", "/v1/sites", {"id": SITE})
@@ -223,18 +247,24 @@ class ChaosLab:
                     f"{self.settings.recovery_timeout_s:g}s; see the logs under "
                     f"{self.lab.store.lab_dir}"
                 )
+            if self.settings.sync_setup:
+                self.disks.flush_all()
             self.say("lab ready")
         except BaseException:
             self.close()
             raise
 
     def close(self) -> None:
-        if self.lab.exists():
-            try:
-                LabAgents(self.lab).teardown()
-            except Exception as exc:
-                log.error("stopping the lab's agents: %s", exc)
-        self.lab.down()
+        try:
+            if self.lab.exists():
+                try:
+                    LabAgents(self.lab).teardown()
+                except Exception as exc:
+                    log.error("stopping the lab's agents: %s", exc)
+            self.lab.down()
+        finally:
+            # After the lab: its processes are gone, nothing holds the disks any more.
+            self.disks.remove_all()
 
     # -- talking to the site (from inside the router's namespace) -------------------------
 
@@ -319,6 +349,11 @@ class ChaosLab:
         planned = plan_scenario(name, seed, duration_s)
         settings = settings or self.settings
         settings.validate()
+        if settings.durability != self.settings.durability:
+            raise ValueError(
+                f"the lab's agents run with --durability {self.settings.durability}; "
+                f"a run cannot expect {settings.durability}"
+            )
         fleet = scenario.needs_hub
         rng = random.Random(f"targets:{name}:{seed}")
         report_path.parent.mkdir(parents=True, exist_ok=True)
@@ -338,8 +373,9 @@ class ChaosLab:
             )
         report = ScenarioReport(name, seed, duration_s, time.time(), time.monotonic())
         report.history_path, report.plot_path = str(history_path), str(plot_path)
+        report.durability = self.settings.durability
         report.faults = [FaultRecord(f.kind, f.roles, f.start_s, f.end_s) for f in planned]
-        injector = FaultInjector(self.lab, self.hosts, self.say)
+        injector = FaultInjector(self.lab, self.hosts, self.say, self.disks)
         watchers: list[tuple[threading.Thread, threading.Event]] = []
         worker: subprocess.Popen[bytes] | None = None
         targets: dict[int, tuple[str, ...]] = {}
@@ -496,6 +532,11 @@ class ChaosLab:
         if settings.events:
             report.invariants.append(check_events(records, verified["events"]))
             report.invariants.append(self._check_events_at_hub(records, stream, verified))
+        if any(f.kind == "power_cut" for f in planned):
+            report.invariants = judge_power_cut(
+                report.invariants, settings.durability, records, final_reads, keys,
+                verified["events"] if settings.events else None,
+            )  # fmt: skip
         report.invariants += [
             check_recovery("site_recovered", _max_or_none(report), settings.recovery_timeout_s),
             check_recovery("app_desired_state", report.app_recovery_s, settings.app_bound_s),

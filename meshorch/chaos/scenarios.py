@@ -19,7 +19,10 @@ FaultKind = Literal[
     "uplink",  # cut the site from the hub (its router drops the hub)
     "kill",  # SIGKILL the agent, restart it at the end
     "pause",  # SIGSTOP the agent, SIGCONT at the end
-    "power_cut",  # SIGKILL every agent, restart them all at the end
+    "kill_all",  # SIGKILL every agent (the page cache survives), restart them all at the end
+    # Every host loses power: its processes die and its disk keeps only what reached it
+    # (what was synced, and what the kernel happened to write back); restarted at the end.
+    "power_cut",
 ]
 Role = Literal["leader", "follower", "any", "site"]
 
@@ -146,8 +149,14 @@ SCENARIOS: dict[str, Scenario] = {
             _one("pause", "leader"),
         ),
         Scenario(
+            "kill-all",
+            "kill -9 every agent of the site at once (the page cache survives), restart them",
+            _one("kill_all", "site"),
+        ),
+        Scenario(
             "power-cut",
-            "kill -9 every agent of the site at once, restart them all",
+            "every host of the site loses power at once: its processes die and what it had "
+            "not synced is gone; power back on, agents restarted",
             _one("power_cut", "site"),
         ),
     )

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from meshorch.chaos.disks import DISK_TOOLS
 from meshorch.chaos.runner import ChaosLab, ChaosSettings
 from tests.labutil import require_lab
 
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.lab
 
 @pytest.fixture(scope="module")
 def chaos_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChaosLab]:
-    require_lab("wg", "wireguard-go", "iptables")
+    require_lab("wg", "wireguard-go", "iptables", *DISK_TOOLS)
     state = tmp_path_factory.mktemp("chaos-control")
     settings = ChaosSettings(recovery_timeout_s=45.0, app_bound_s=45.0)
     with ChaosLab(state, settings=settings, say=print) as lab:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from meshorch.chaos.disks import DISK_TOOLS
 from meshorch.chaos.runner import ChaosLab, ChaosSettings
 from meshorch.chaos.scenarios import SCENARIOS
 from tests.labutil import require_lab
@@ -28,7 +29,7 @@ SEEDS = (1, 2, 3)
 
 @pytest.fixture(scope="module")
 def chaos_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChaosLab]:
-    require_lab("wg", "wireguard-go", "iptables")
+    require_lab("wg", "wireguard-go", "iptables", *DISK_TOOLS)
     state = tmp_path_factory.mktemp("chaos-lab")
     settings = ChaosSettings(recovery_timeout_s=45.0, app_bound_s=45.0)
     with ChaosLab(state, settings=settings, say=print) as lab:

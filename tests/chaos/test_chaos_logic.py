@@ -17,6 +17,7 @@ from meshorch.chaos.invariants import (
     check_events,
     check_linearizable,
     check_recovery,
+    judge_power_cut,
     op_counts,
     overall,
 )
@@ -137,6 +138,49 @@ def test_recovery_bound_and_overall() -> None:
     results = [check_recovery("a", 1, 10), check_recovery("b", None, 10)]
     assert overall(results) == "fail"
     assert overall(results[:1]) == "pass"
+
+
+def test_a_power_cut_is_judged_by_the_durability_mode() -> None:
+    """durability=power: a lost acknowledged write fails the run; process: allowed, and
+    the report counts it."""
+    records = [rec(1, "put", 0, 1, "a"), rec(2, "put", 2, 3, "b"), rec(3, "event", 0, 1, "e1"),
+               rec(4, "event", 2, 3, "e2")]  # fmt: skip
+    lost_read = [rec(9, "get", 10, 11, "a")]  # the acknowledged "b" is gone
+    results = [
+        check_acknowledged_writes(records, lost_read, ["k"]),
+        check_events(records, ["e1"]),
+        check_recovery("site_recovered", 3.0, 10),
+    ]
+    assert [r.status for r in results] == ["fail", "fail", "pass"]
+
+    power = judge_power_cut(results, "power", records, lost_read, ["k"], ["e1"])
+    assert overall(power) == "fail"
+    assert power[-1].status == "fail"
+    assert power[-1].detail.startswith("durability=power: acknowledged writes lost: 2")
+
+    process = judge_power_cut(results, "process", records, lost_read, ["k"], ["e1"])
+    assert overall(process) == "pass"
+    assert [r.status for r in process] == ["allowed", "allowed", "pass", "allowed"]
+    assert process[-1].detail.startswith(
+        "durability=process: acknowledged writes lost: 2 (allowed)"
+    )
+
+    kept_read = [rec(9, "get", 10, 11, "b")]
+    kept = [
+        check_acknowledged_writes(records, kept_read, ["k"]),
+        check_events(records, ["e1", "e2"]),
+    ]
+    for mode in ("power", "process"):
+        judged = judge_power_cut(kept, mode, records, kept_read, ["k"], ["e1", "e2"])
+        assert judged[-1].status == "pass" and "lost: 0" in judged[-1].detail, judged
+    # Not a loss: a recovery that failed, a key not read, an event stored twice.
+    slow = [check_recovery("site_recovered", None, 10)]
+    assert overall(judge_power_cut(slow, "process", records, kept_read, ["k"], None)) == "fail"
+    unread = [check_acknowledged_writes(records, [], ["k"])]
+    assert overall(judge_power_cut(unread, "process", records, [], ["k"], None)) == "fail"
+    twice = [check_events(records, ["e1", "e2", "e2"])]
+    judged = judge_power_cut(twice, "process", records, kept_read, ["k"], ["e1", "e2", "e2"])
+    assert overall(judged) == "fail"
 
 
 def status(host: str, *, leader: str, ready: bool = True) -> dict[str, Any]:
