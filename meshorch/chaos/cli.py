@@ -124,6 +124,12 @@ def add_chaos_command(commands: argparse._SubParsersAction[Any]) -> None:
         help="the agents' --durability: with 'power' an acknowledged write lost in a "
         "power cut fails the run, with 'process' it is allowed and counted (default power)",
     )
+    run.add_argument(
+        "--no-sync-setup",
+        action="store_true",
+        help="do not sync the hosts' disks once the lab is up: a power cut may then also "
+        "take what the agents wrote while joining (their identity, keys)",
+    )
     run.add_argument("--prefix", help="lab prefix, 1-6 chars (default: random 'chXXXX')")
     run.add_argument(
         "--state-dir",
@@ -174,6 +180,7 @@ def run_chaos(args: argparse.Namespace) -> int:
         recovery_timeout_s=args.recovery_timeout,
         app_bound_s=args.app_bound,
         durability=args.durability,
+        sync_setup=not args.no_sync_setup,
     )
     try:
         settings.validate()

@@ -138,6 +138,16 @@ def _only_missing_events(result: InvariantResult) -> bool:
 POWER_CUT_INVARIANT = "acknowledged_writes_survive_power_cut"
 
 
+def count_losses(
+    records: Sequence[Record],
+    final_reads: Sequence[Record],
+    keys: Sequence[str],
+    stored_events: Sequence[str] | None,
+) -> tuple[int, int]:
+    """Keys whose last acknowledged write is gone, and acknowledged events missing."""
+    return _lost_writes(records, final_reads, keys)[1], lost_events(records, stored_events)
+
+
 def judge_power_cut(
     results: Sequence[InvariantResult],
     durability: Durability,

@@ -64,6 +64,7 @@ class ScenarioReport:
     linearizability: dict[str, Any] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     durability: str = ""  # the agents' --durability
+    lost_writes: int | None = None  # acknowledged writes a power cut took (None: no cut)
 
     @property
     def verdict(self) -> Status:
@@ -85,6 +86,7 @@ class ScenarioReport:
             "scenario": self.scenario,
             "seed": self.seed,
             "durability": self.durability,
+            "acknowledged_writes_lost": self.lost_writes,
             "duration_s": self.duration_s,
             "started_at": self.started_at,
             "verdict": self.verdict,

@@ -44,6 +44,7 @@ from meshorch.chaos.invariants import (
     check_events,
     check_linearizable,
     check_recovery,
+    count_losses,
     judge_power_cut,
     op_counts,
 )
@@ -533,10 +534,11 @@ class ChaosLab:
             report.invariants.append(check_events(records, verified["events"]))
             report.invariants.append(self._check_events_at_hub(records, stream, verified))
         if any(f.kind == "power_cut" for f in planned):
+            stored = verified["events"] if settings.events else None
+            report.lost_writes = sum(count_losses(records, final_reads, keys, stored))
             report.invariants = judge_power_cut(
-                report.invariants, settings.durability, records, final_reads, keys,
-                verified["events"] if settings.events else None,
-            )  # fmt: skip
+                report.invariants, settings.durability, records, final_reads, keys, stored
+            )
         report.invariants += [
             check_recovery("site_recovered", _max_or_none(report), settings.recovery_timeout_s),
             check_recovery("app_desired_state", report.app_recovery_s, settings.app_bound_s),
