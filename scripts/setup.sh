@@ -12,6 +12,7 @@ cd "$(dirname "$0")/.."
 # named so that apt does not pick netavark for podman's network stack.
 LAB_PACKAGES=(iproute2 iptables nftables wireguard-go wireguard-tools procps
   containernetworking-plugins podman runc busybox-static chromium chromium-driver strace)
+LAB_PACKAGES+=(e2fsprogs mount)  # mkfs.ext4, losetup: the chaos power cut's lossy disks
 BENCH_PACKAGES=(etcd-server etcd-client)
 
 want_apt=()
