@@ -14,16 +14,9 @@ Knows nothing of applications. The pieces:
 Every error is a ``NetmeshError``; see ``netmesh.errors`` for the tree.
 """
 
+from typing import TYPE_CHECKING
+
 from netmesh.addressing import DEFAULT_OVERLAY_NETWORK, AddressPlan
-from netmesh.discovery import (
-    PROTOCOL_VERSION,
-    SERVICE_TYPE,
-    DiscoveredPeer,
-    PeerTable,
-    SiteDiscovery,
-    parse_peer_record,
-    record_properties,
-)
 from netmesh.errors import (
     AddressError,
     AddressInUseError,
@@ -74,6 +67,39 @@ from netmesh.wireguard import (
     parse_wg_dump,
     plan_changes,
 )
+
+if TYPE_CHECKING:
+    from netmesh.discovery import (
+        PROTOCOL_VERSION,
+        SERVICE_TYPE,
+        DiscoveredPeer,
+        PeerTable,
+        SiteDiscovery,
+        parse_peer_record,
+        record_properties,
+    )
+
+# Discovery is imported when first used: zeroconf is heavy and only mesh mode browses mDNS.
+_DISCOVERY_NAMES = frozenset(
+    {
+        "PROTOCOL_VERSION",
+        "SERVICE_TYPE",
+        "DiscoveredPeer",
+        "PeerTable",
+        "SiteDiscovery",
+        "parse_peer_record",
+        "record_properties",
+    }
+)
+
+
+def __getattr__(name: str) -> object:
+    if name in _DISCOVERY_NAMES:
+        from netmesh import discovery
+
+        return getattr(discovery, name)
+    raise AttributeError(f"module 'netmesh' has no attribute {name!r}")
+
 
 __all__ = [
     "DEFAULT_OVERLAY_NETWORK",

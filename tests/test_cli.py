@@ -1,9 +1,13 @@
+import argparse
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
+
+from meshorch.cli.main import build_parser, command_word
 
 MESHORCH = [sys.executable, "-m", "meshorch"]
 
@@ -29,6 +33,48 @@ def test_help_lists_the_commands() -> None:
     agent_help = run("agent", "--help")
     assert agent_help.returncode == 0 and "--peer" in agent_help.stdout
     assert "examples:" in agent_help.stdout
+
+
+def command_paths(
+    parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()
+) -> Iterator[tuple[str, ...]]:
+    """Every command and subcommand of ``parser``, as the words that name it."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield (*prefix, name)
+                yield from command_paths(sub, (*prefix, name))
+
+
+def test_every_command_has_its_help() -> None:
+    """Each command's module is imported only when it runs: each --help in a process of its
+    own imports what that command needs, and nothing else has loaded it before."""
+    paths = list(command_paths(build_parser()))
+    assert ("agent",) in paths and ("app", "apply") in paths and ("chaos", "run") in paths
+    processes = {
+        path: subprocess.Popen(
+            [*MESHORCH, *path, "--help"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for path in paths
+    }
+    failed = {}
+    for path, process in processes.items():
+        out, err = process.communicate(timeout=120)
+        if process.returncode != 0 or not out.startswith(f"usage: meshorch {' '.join(path)}"):
+            failed[" ".join(path)] = (process.returncode, err[-500:] or out[:200])
+    assert failed == {}
+
+
+def test_the_command_word_skips_the_global_options() -> None:
+    assert command_word(["--log-level", "debug", "agent", "--site", "s"]) == "agent"
+    assert command_word(["--log-level=debug", "app", "list"]) == "app"
+    assert command_word(["--help"]) is None
+    # The agent's parser knows only the agent command; any other word gets them all.
+    assert set(command_paths(build_parser("agent"))) == {("agent",)}
+    assert ("host", "drain") in set(command_paths(build_parser("host")))
 
 
 def test_agent_lists_every_configuration_problem(tmp_path: Path) -> None:

@@ -36,7 +36,6 @@ from decimal import Decimal
 from typing import Literal, TypeVar
 
 import orjson
-import yaml
 
 from meshorch.errors import RemoteInputError
 from meshorch.secrets.keyring import (
@@ -378,84 +377,17 @@ def _validated(ctx: _Ctx, data: object) -> AppSpec:
 # --- loading ----------------------------------------------------------------------------
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that keeps dates as strings and records duplicate keys.
-
-    ``version: 2024-05-01`` stays the string it looks like, and a key written twice is a
-    problem instead of the silent last-one-wins of YAML loaders.
-    """
-
-    duplicates: list[str]
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[object, object]:
-        seen: set[tuple[str, str]] = set()
-        for key_node, _ in node.value:
-            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
-                key = (key_node.tag, key_node.value)
-                if key in seen:
-                    line = key_node.start_mark.line + 1
-                    self.duplicates.append(f"line {line}: duplicate key {key_node.value!r}")
-                seen.add(key)
-        return dict(super().construct_mapping(node, deep=deep))
-
-
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-
-
 def _load_yaml(ctx: _Ctx, text: str) -> object:
-    loader = _Loader(text)
-    loader.duplicates = []
+    # PyYAML is imported at the first YAML spec: an agent fed JSON specs never loads it.
+    from meshorch.apps.spec_yaml import UnreadableYaml, load_yaml
+
     try:
-        node = loader.get_single_node()
-        if node is None:
-            ctx.bad("", "the document is empty")
-            return None
-        size = _expanded_size(node, {}, set())
-        if size > MAX_YAML_NODES:
-            ctx.bad("", f"expands to {size} YAML nodes, the limit is {MAX_YAML_NODES}")
-            return None
-        data = loader.construct_document(node)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        what = "; ".join(str(part) for part in (exc.context, exc.problem) if part)
-        ctx.bad("", f"not valid YAML: {where}{what}")
+        data, duplicates = load_yaml(text, MAX_YAML_NODES)
+    except UnreadableYaml as exc:
+        ctx.bad("", str(exc))
         return None
-    except (yaml.YAMLError, ValueError) as exc:
-        ctx.bad("", f"not valid YAML: {exc}")
-        return None
-    except RecursionError:
-        ctx.bad("", "nested too deeply")
-        return None
-    finally:
-        loader.dispose()
-    ctx.problems.extend(loader.duplicates)
+    ctx.problems.extend(duplicates)
     return data
-
-
-def _expanded_size(node: yaml.Node, sizes: dict[int, int], active: set[int]) -> int:
-    """Nodes in the tree once aliases are expanded; aliases share nodes, hence the memo."""
-    key = id(node)
-    if key in sizes:
-        return sizes[key]
-    if key in active:
-        raise ValueError("recursive alias")
-    active.add(key)
-    if isinstance(node, yaml.SequenceNode):
-        size = 1 + sum(_expanded_size(item, sizes, active) for item in node.value)
-    elif isinstance(node, yaml.MappingNode):
-        size = 1 + sum(
-            _expanded_size(k, sizes, active) + _expanded_size(v, sizes, active)
-            for k, v in node.value
-        )
-    else:
-        size = 1
-    active.discard(key)
-    sizes[key] = min(size, MAX_YAML_NODES + 1)  # capped so huge counts stay cheap
-    return sizes[key]
 
 
 def _load_json(ctx: _Ctx, text: str) -> object:

@@ -35,7 +35,7 @@ import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from nacl.signing import SigningKey
@@ -83,7 +83,6 @@ from meshorch.fleet.client import (
 from meshorch.fleet.delta import Delta, TrustState, verify_batch
 from meshorch.fleet.escrow import SiteEscrow
 from meshorch.fleet.forward import StreamForwarder
-from meshorch.fleet.gossip import SiteGossip
 from meshorch.fleet.keyrotation import SiteKeyRotation
 from meshorch.fleet.records import LinkRecords
 from meshorch.secrets.service import SiteSecrets
@@ -92,6 +91,9 @@ from meshorch.state.tables import APPS_TABLE, SYSTEM_TABLE
 from meshorch.streams.site import SiteStreams
 from raft import Put
 from raft.errors import ProposalError
+
+if TYPE_CHECKING:
+    from meshorch.fleet.gossip import SiteGossip
 
 logger = logging.getLogger(__name__)
 
@@ -297,6 +299,9 @@ class SiteLink(LinkRecords):
         logger.info("fleet link: connecting to %s for site %s", config.hub, self.site_id)
         async with LinkClient(config.hub, self.site_id, key) as client:
             self._report_now.set()
+            # The gossip member and its stack are loaded only on a leader linked to a hub.
+            from meshorch.fleet.gossip import SiteGossip
+
             self.gossip = SiteGossip(self, client, self.clock)
             escrow = SiteEscrow(self, self.secrets, client)
             tasks = [

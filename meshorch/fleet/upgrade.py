@@ -39,7 +39,6 @@ from meshorch.apps.records import HOSTINFO_PREFIX, INST_PREFIX, decode_hostinfo,
 from meshorch.errors import RemoteInputError
 from meshorch.fleet.client import LinkClient
 from meshorch.releases.launcher import current_lib, read_trial, start_trial
-from meshorch.releases.wheels import install_release
 from meshorch.state.ports import Members, SiteState
 from meshorch.state.tables import APPS_TABLE, DRAIN_PREFIX, SYSTEM_TABLE
 from raft import Delete, Put
@@ -234,6 +233,9 @@ class AgentUpgrades:
             await self.site.propose([Put(SYSTEM_TABLE, DRAIN_PREFIX + me.encode(), b"upgrade")])
             await self._drained(DRAIN_TIMEOUT_S)
             releases = self.data_dir / "releases"
+            # zipfile and tomllib: loaded only when a release is installed.
+            from meshorch.releases.wheels import install_release
+
             lib = await asyncio.to_thread(install_release, wheel, releases)
             start_trial(
                 self.data_dir,

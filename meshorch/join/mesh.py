@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
@@ -37,16 +37,17 @@ from meshorch.join.protocol import (
 from meshorch.state.tables import MemberRecord
 from netmesh import (
     AddressPlan,
-    DiscoveredPeer,
     DiscoveryTimeout,
     InterfaceSpec,
     KeyPair,
     NetmeshError,
     PeerSpec,
-    SiteDiscovery,
     WireGuardInterface,
     unseal,
 )
+
+if TYPE_CHECKING:
+    from netmesh.discovery import DiscoveredPeer
 
 logger = logging.getLogger(__name__)
 
@@ -206,6 +207,8 @@ async def join_membership(
     now: Callable[[], float] = time.time,
 ) -> Prepared:
     """Find the site by mDNS, present the token, unseal the answer."""
+    from netmesh.discovery import SiteDiscovery  # zeroconf: loaded in mesh mode only
+
     token = JoinToken.parse(token_text)
     if token.site != site:
         raise ConfigurationError(f"the join token is for site {token.site!r}, not {site!r}")
@@ -297,6 +300,8 @@ def _opened_answer(body: Any, request: JoinRequest, token: JoinToken, keypair: K
 
 async def discover_existing_site(site: str, settings: MeshSettings) -> bool:
     """Whether some host of ``site`` already answers on the LAN."""
+    from netmesh.discovery import SiteDiscovery  # zeroconf: loaded in mesh mode only
+
     async with SiteDiscovery(site, settings.lan_ip) as discovery:
         try:
             await discovery.wait_for_peers(1, settings.discovery_timeout_s)
@@ -320,6 +325,8 @@ class MeshService:
         on_revoked: Callable[[], None],
         api_port: int,
     ) -> None:
+        from netmesh.discovery import SiteDiscovery  # zeroconf: loaded in mesh mode only
+
         self.settings = settings
         self.keypair = keypair
         self.membership = membership

@@ -56,7 +56,6 @@ from meshorch.apps.records import (
 from meshorch.apps.scheduler import Placement
 from meshorch.errors import ConfigurationError
 from meshorch.net import services as service_net
-from meshorch.net.dns import SiteDns, upstream_from_resolv_conf
 from meshorch.net.ingress import Backends, Ingresses
 from meshorch.net.vip import Vip
 from meshorch.runtime._proc import run_command
@@ -66,6 +65,7 @@ from raft import RaftStatus
 
 if TYPE_CHECKING:
     from meshorch.apps.spec import AppSpec
+    from meshorch.net.dns import SiteDns
 
 logger = logging.getLogger(__name__)
 
@@ -272,7 +272,8 @@ class AppNetwork:
         address = self.dns_address()
         if address is None:
             return
-        from meshorch.net.dns import SiteDns
+        # dnspython: loaded only when this host serves the site's DNS.
+        from meshorch.net.dns import SiteDns, upstream_from_resolv_conf
 
         host, port = address
         upstream = self.settings.dns_upstream
