@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -47,6 +48,10 @@ _LENGTH = struct.Struct("i")  # pysyncobj's framing: native byte order, signed
 # The first message of an encrypted connection is a pickled 32-byte random key,
 # compressed and encrypted: about 150 bytes.
 HANDSHAKE_MESSAGE_BYTES = 4096
+# An incoming connection has this long to say which member it is (key exchange, then its
+# address: milliseconds for a member), and there may be this many such at once.
+IDENTIFY_S = 5.0
+MAX_UNKNOWN_CONNECTIONS = 64
 
 
 def message_cap(max_entry_bytes: int, append_batch_bytes: int) -> int:
@@ -101,6 +106,7 @@ class CappedTransport(TCPTransport):  # type: ignore[misc]
     ) -> None:
         self._message_bytes = message_bytes
         self._before_send = before_send
+        self._accepted_at: dict[TcpConnection, float] = {}  # incoming, not yet identified
         super().__init__(*args, **kwargs)  # adds the partners: connections are made
 
     def send(self, node: Any, message: Any) -> bool:
@@ -117,7 +123,42 @@ class CappedTransport(TCPTransport):  # type: ignore[misc]
 
     def _onNewIncomingConnection(self, conn: TcpConnection) -> None:
         self._cap(conn)  # accepted a moment ago: nothing read yet
+        if len(self._unknownConnections) >= MAX_UNKNOWN_CONNECTIONS:
+            # Strangers holding connections open must not exhaust the descriptors.
+            logger.warning(
+                "raft: %d connections not yet identified; dropped one more", MAX_UNKNOWN_CONNECTIONS
+            )
+            conn.disconnect()
+            return
+        self._accepted_at[conn] = time.monotonic()
         super()._onNewIncomingConnection(conn)
+
+    def _onIncomingMessageReceived(self, conn: TcpConnection, message: Any) -> None:
+        if conn.sendRandKey and (isinstance(message, list) or message == "readonly"):
+            # After the key exchange: pysyncobj's admin commands (add or remove members,
+            # hand over leadership) and read-only followers (the whole log). meshorch uses
+            # neither, and knowing the password must not be enough for them.
+            logger.warning("raft: refused a utility or read-only connection")
+            self._unknownConnections.discard(conn)
+            conn.disconnect()
+            return
+        super()._onIncomingMessageReceived(conn, message)
+
+    def _onTick(self) -> None:
+        super()._onTick()
+        self._drop_silent_strangers(time.monotonic())
+
+    def _drop_silent_strangers(self, now: float) -> None:
+        """Incoming connections that have not said which member they are within
+        ``IDENTIFY_S`` are closed (pysyncobj times a connection out only when it sends
+        to it, and it never sends to a connection that said nothing)."""
+        accepted = self._accepted_at
+        for conn in [c for c in accepted if c not in self._unknownConnections]:
+            del accepted[conn]  # identified, or gone
+        for conn, at in list(accepted.items()):
+            if now - at > IDENTIFY_S:
+                del accepted[conn]
+                conn.disconnect()
 
     def addNode(self, node: Any) -> None:
         super().addNode(node)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from raft import Delete, Guard, NotCommittedError, OpResult, Put, RaftNode
+from raft import Delete, Guard, NotCommittedError, OpResult, Put, RaftNode, transport
 from raft.errors import EntryTooLargeError, StateFullError
 from raft.state_machine import record_cost
 from raft.transport import CappedTcpConnection
@@ -303,6 +303,80 @@ async def test_every_connection_of_a_node_is_capped(tmp_path: Path) -> None:
             assert len(connections) == 2  # one outgoing, one incoming
             assert all(isinstance(c, CappedTcpConnection) for c in connections)
             assert all(c.message_bytes > 16 * MIB for c in connections)
+    finally:
+        for node in nodes:
+            await node.stop()
+
+
+def _held_open(address: str, count: int) -> list[socket.socket]:
+    host, _, port = address.rpartition(":")
+    return [socket.create_connection((host, int(port)), timeout=5) for _ in range(count)]
+
+
+def _closed_by_peer(sock: socket.socket, within_s: float) -> bool:
+    sock.settimeout(within_s)
+    try:
+        return sock.recv(1) == b""
+    except TimeoutError:
+        return False
+    except OSError:
+        return True  # reset: closed too
+
+
+async def test_silent_connections_are_closed_and_capped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stranger opening connections and saying nothing: beyond the cap they are closed at
+    once, and each is closed once its time to identify itself is up; members carry on."""
+    monkeypatch.setattr(transport, "IDENTIFY_S", 3.0)
+    monkeypatch.setattr(transport, "MAX_UNKNOWN_CONNECTIONS", 4)
+    nodes = await started(make_nodes(tmp_path, 3))
+    try:
+        socks = await asyncio.to_thread(_held_open, nodes[0].config.self_address, 10)
+        try:
+            # Beyond the cap (4 waiting at once): closed as soon as the node accepts them.
+            await asyncio.sleep(1.0)
+            early = [await asyncio.to_thread(_closed_by_peer, s, 0.1) for s in socks]
+            assert early.count(True) >= 6 and early.count(False) >= 1, early
+            await asyncio.sleep(3.0)
+            late = [await asyncio.to_thread(_closed_by_peer, s, 0.5) for s in socks]
+            assert all(late), late  # and the rest once their time to identify is up
+        finally:
+            for sock in socks:
+                sock.close()
+        for i, node in enumerate(nodes):
+            (result,) = await node.propose([Put("kv", b"still%d" % i, b"1")])
+            assert result.ok
+    finally:
+        for node in nodes:
+            await node.stop()
+
+
+async def test_pysyncobj_admin_commands_are_refused_even_with_the_password(
+    tmp_path: Path,
+) -> None:
+    """pysyncobj's utility protocol (status, add or remove a member, hand over leadership)
+    over the Raft port: refused, whoever knows the password. The members still connect."""
+    from pysyncobj.utility import TcpUtility, UtilityException
+
+    from .test_node import PASSWORD
+
+    nodes = await started(make_nodes(tmp_path, 3))
+    try:
+        await wait_for(lambda: all(len(n.reachable()) == 3 for n in nodes))
+        leader = next(n for n in nodes if n.status().is_leader)
+        members_before = leader.status().members
+        for command in (
+            ["status"],
+            ["add", "127.0.0.1:1"],
+            ["remove", nodes[1].config.self_address],
+        ):
+            utility = TcpUtility(PASSWORD, timeout=3.0)
+            with pytest.raises(UtilityException):
+                await asyncio.to_thread(utility.executeCommand, leader.config.self_address, command)
+        await asyncio.sleep(0.5)
+        assert leader.status().members == members_before
+        assert all(len(n.reachable()) == 3 for n in nodes)
     finally:
         for node in nodes:
             await node.stop()
