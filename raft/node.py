@@ -94,6 +94,12 @@ _NOT_COMMITTED = {
     FAIL_REASON.REQUEST_DENIED: "denied",
 }
 
+# Outcomes pysyncobj cannot tell, in words.
+_UNKNOWN = {
+    FAIL_REASON.LEADER_CHANGED: "the leader changed while the entry was in flight",
+    FAIL_REASON.UNKNOWN_OUTCOME: "the entry's outcome is unknown to this member",
+}
+
 
 def retryable(error: ProposalError, *, idempotent: bool, read_only: bool) -> bool:
     """May a failed proposal be sent again? One that certainly did nothing, if the caller
@@ -607,7 +613,8 @@ class RaftNode:
             elif error in _NOT_COMMITTED:
                 self._finish_batch(batch, None, NotCommittedError(_NOT_COMMITTED[error]))
             else:
-                self._finish_batch(batch, None, OutcomeUnknownError(f"pysyncobj failure {error}"))
+                why = _UNKNOWN.get(error, f"pysyncobj failure {error}")
+                self._finish_batch(batch, None, OutcomeUnknownError(why))
 
         return on_result
 

@@ -20,6 +20,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from meshorch import http_metrics
+from meshorch.apps.records import host_protocols
 from meshorch.errors import RemoteInputError
 from meshorch.secrets.service import SecretsRefused
 from meshorch.site.access_api import add_access_routes
@@ -42,7 +43,7 @@ from meshorch.site.http import (
 from meshorch.site.member_api import add_member_routes
 from meshorch.site.secret_api import add_secret_routes
 from meshorch.site.stream_api import add_stream_routes
-from meshorch.state.protocol import FeatureUnavailable
+from meshorch.state.protocol import FEATURES, FeatureUnavailable, require, site_protocol
 from meshorch.state.tables import (
     KV_TABLE,
     MAX_VALUE_BYTES,
@@ -272,6 +273,14 @@ async def propose_request(request: web.Request, ops: Sequence[Op]) -> list[OpRes
     it gets an answer (leader changes included); what is left unknown is said in words."""
     session, named = client_request(request)
     node = services(request).node
+    protocols = host_protocols(node.view)
+    if site_protocol(protocols) < FEATURES["sessions"]:
+        if named:
+            require("sessions", protocols)
+        # A host would skip the entry: the old rule, resend only what certainly did nothing
+        # (a compare-and-set not even that).
+        cas = any(isinstance(op, Put) and op.expect_index is not None for op in ops)
+        return await node.propose(ops, idempotent=not cas)
     try:
         return await node.propose(ops, session=session)
     except SessionError as exc:

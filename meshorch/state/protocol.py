@@ -13,6 +13,8 @@ Protocols:
        them and would skip the entry, so its state would drift from the others'
     3  peer requests signed by the sending host (``meshorch.state.peer_auth``): until every
        host signs, the peer routes still take unsigned requests
+    4  client sessions (``raft.sessions``): KV writes carry a Raft ``Session`` operation,
+       which a host on 3 cannot decode; until every host speaks 4 they go without one
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from collections.abc import Mapping
 
 from meshorch.errors import ServiceError
 
-PROTOCOL = 3
-FEATURES: dict[str, int] = {"streams": 2, "peer_auth": 3}
+PROTOCOL = 4
+FEATURES: dict[str, int] = {"streams": 2, "peer_auth": 3, "sessions": 4}
 
 
 class FeatureUnavailable(ServiceError):

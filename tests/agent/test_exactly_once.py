@@ -10,11 +10,22 @@ import asyncio
 import random
 import signal
 import time
+from pathlib import Path
 
 import aiohttp
 import orjson
+from nacl.signing import SigningKey
 
+from meshorch.apps.records import encode_hostinfo, hostinfo_key
+from meshorch.apps.scheduler import HostInfo
 from meshorch.demo.localsite import LocalHost, LocalSite, wait_ready
+from meshorch.site.agent import Agent
+from meshorch.state.tables import APPS_TABLE
+from raft import Delete, Put
+from raft.sessions import SESSIONS_TABLE
+from tests.agent_token import HEADERS
+from tests.agents_util import lone_agent_config
+from tests.waiting import until
 
 ROUNDS = 100
 KEY = "exactly-once/counter"
@@ -88,3 +99,34 @@ async def test_leader_paused_mid_write_a_hundred_times_gets_definite_exactly_onc
     assert final == ROUNDS
     elapsed = time.monotonic() - started
     print(f"{ROUNDS} rounds in {elapsed:.1f}s: {counts}")
+
+
+async def test_sessions_wait_until_every_host_speaks_their_protocol(tmp_path: Path) -> None:
+    """A host on protocol 3 cannot decode a session: KV writes go without one until it
+    is gone, and a caller's session headers are refused meanwhile."""
+    config = lone_agent_config(tmp_path, "gate", "fleet", SigningKey.generate())
+    async with Agent(config) as agent, aiohttp.ClientSession(headers=HEADERS) as client:
+        await until("leader", lambda: agent.raft.status().is_leader)
+        await until(
+            "registered",
+            lambda: agent.raft.view.get(APPS_TABLE, hostinfo_key("h1")) is not None,
+        )
+        base = f"http://{config.api_address}"
+
+        def sessions() -> int:
+            return len(agent.raft.view.scan(SESSIONS_TABLE, b"c", 1000)[0])
+
+        old = HostInfo("h-old", {}, 1000, 1 << 30, agent_version="0.0.9", protocol=3)
+        await agent.raft.propose([Put(APPS_TABLE, hostinfo_key("h-old"), encode_hostinfo(old))])
+        async with client.post(f"{base}/v1/sessions") as response:
+            named = {"X-Meshorch-Client": (await response.json())["client"], "X-Meshorch-Seq": "1"}
+        async with client.put(f"{base}/v1/kv/k", data=b"1") as response:
+            assert response.status == 200, await response.text()
+        async with client.put(f"{base}/v1/kv/k", data=b"2", headers=named) as response:
+            assert response.status == 503
+            assert (await response.json())["error"]["code"] == "upgrade_in_progress"
+        assert sessions() == 0
+        await agent.raft.propose([Delete(APPS_TABLE, hostinfo_key("h-old"))])
+        async with client.put(f"{base}/v1/kv/k", data=b"2", headers=named) as response:
+            assert response.status == 200, await response.text()
+        assert sessions() == 1
