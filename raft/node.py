@@ -79,7 +79,7 @@ from raft.errors import (
 from raft.journal import DurableJournal
 from raft.journal import register as register_journal
 from raft.password import PasswordRing, derive
-from raft.sessions import ClientRequest
+from raft.sessions import SESSION_REFUSALS, ClientRequest
 from raft.state_machine import NO_SPACE, OpResult, apply_command_indexed, growth_bound, record_cost
 from raft.transport import CappedTransport, message_cap
 from raft.view import StateView
@@ -477,8 +477,8 @@ class RaftNode:
                 results = await self._propose_once(len(ops), body, deadline)
                 if session is None:
                     return results
-                if results[0].error is not None:
-                    raise SessionError(results[0].error)
+                if results[0].error in SESSION_REFUSALS:  # else the ops' results say it
+                    raise SessionError(str(results[0].error))
                 return results[1:]
             except SessionError:
                 raise

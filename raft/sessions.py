@@ -38,6 +38,7 @@ _MAX_AGE_DROPS = 4
 SESSION_EXPIRED = "session_expired"
 SESSION_STALE = "session_stale"
 BAD_SESSION = "bad_session"
+SESSION_REFUSALS = frozenset({SESSION_EXPIRED, SESSION_STALE, BAD_SESSION})
 
 _RECORD = struct.Struct(">QQQ")
 _META = struct.Struct(">QQQQ")
