@@ -140,8 +140,22 @@ def store_password(data_dir: Path, password: str) -> None:
         handle.write(password + "\n")
 
 
+def lock_data_dir(data_dir: Path) -> None:
+    """The data dir is the agent's alone (mode 0700): below it are the Raft journal and
+    the LMDB view (the whole site state, the site's fleet key included), which their
+    libraries create readable by anyone who can reach them."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        data_dir.chmod(0o700)
+    except PermissionError as exc:
+        raise ConfigurationError(
+            f"--data-dir {data_dir} must belong to the agent's user: {exc}"
+        ) from exc
+
+
 def check_identity(config: AgentConfig, raft_address: str | None) -> None:
     """Refuse a data dir that belongs to another site or host; record ours in a new one."""
+    lock_data_dir(config.data_dir)
     path = config.data_dir / IDENTITY_FILE
     ours = {"site": config.site, "host_id": config.host_id, "raft": raft_address}
     if path.exists():
@@ -156,5 +170,4 @@ def check_identity(config: AgentConfig, raft_address: str | None) -> None:
                     f"not {ours[field]!r}; use another --data-dir"
                 )
         return
-    config.data_dir.mkdir(parents=True, exist_ok=True)
     path.write_bytes(orjson.dumps(ours))
