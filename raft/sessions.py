@@ -65,7 +65,11 @@ class SessionRecord:
     seq: int
     last_index: int
     position: int
-    results: tuple[StoredResult, ...]
+    encoded_results: bytes  # ``encode_results``: decoded only for a duplicate
+
+    @property
+    def results(self) -> tuple[StoredResult, ...]:
+        return decode_results(self.encoded_results)
 
 
 def encode_results(results: Sequence[StoredResult]) -> bytes:
@@ -91,13 +95,12 @@ def decode_results(raw: bytes) -> tuple[StoredResult, ...]:
 
 
 def encode_record(record: SessionRecord) -> bytes:
-    head = _RECORD.pack(record.seq, record.last_index, record.position)
-    return head + encode_results(record.results)
+    return _RECORD.pack(record.seq, record.last_index, record.position) + record.encoded_results
 
 
 def decode_record(raw: bytes) -> SessionRecord:
     seq, last_index, position = _RECORD.unpack_from(raw)
-    return SessionRecord(seq, last_index, position, decode_results(raw[_RECORD.size :]))
+    return SessionRecord(seq, last_index, position, bytes(raw[_RECORD.size :]))
 
 
 def client_key(client: bytes) -> bytes:
@@ -176,7 +179,7 @@ class Sessions:
         position = self.tail
         self.tail += 1
         self._put(_queue_key(position), client)
-        new = SessionRecord(seq, self.index, position, tuple(results))
+        new = SessionRecord(seq, self.index, position, encode_results(results))
         self._put(client_key(client), encode_record(new))
         self._evict(client)
         self._save_meta()
