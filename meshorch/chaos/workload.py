@@ -156,6 +156,10 @@ async def _kv_client(
                 break
             resent += 1
             target = rng.choice([h for h in hosts if h != target] or hosts)
+        if status == "fail" and resent:
+            # A resend refused (every host down in a power cut) says nothing of the earlier
+            # attempt, which may have been applied.
+            status, details = "unknown", [*details, "an earlier attempt's outcome is unknown"]
         end = time.monotonic()
         recorder.write(
             {

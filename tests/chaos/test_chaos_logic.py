@@ -293,3 +293,41 @@ async def test_a_resent_request_that_cannot_connect_is_unknown_not_failed(tmp_pa
     assert record["kind"] == "put"  # the first operation of seed 0
     assert record["status"] == "unknown", record
     assert "resent" in record["detail"]
+
+
+async def test_a_session_resend_refused_leaves_the_write_unknown(tmp_path: Path) -> None:
+    """A write under a client session whose connection drops is resent to another host; if
+    that one refuses the connection too (the whole site down), the first attempt may still
+    have been applied: unknown, not failed."""
+    import asyncio
+
+    async def answer_then_die(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode().lower()
+        if "x-meshorch-client:" in head:  # the first write under the session: take it, die
+            server.close()
+            writer.transport.abort()
+            return
+        length = next((int(line.split(":")[1]) for line in head.split("\r\n")
+                       if line.startswith("content-length:")), 0)  # fmt: skip
+        await reader.readexactly(length)
+        body = b'{"index": 5}'
+        head_out = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Meshorch-Index: 5\r\n"
+        writer.write(head_out + b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body))
+        writer.write(body)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer_then_die, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    out = tmp_path / "h.jsonl"
+    args = build_parser().parse_args(
+        ["run", "--hosts", f"127.0.0.1:{port}", "--key-prefix", "t", "--keys", "1",
+         "--clients", "1", "--duration", "1.0", "--retries", "1", "--out", str(out)]
+    )  # fmt: skip
+    with open(out, "w") as fh:
+        await run_workload(args, fh)
+    records = [orjson.loads(line) for line in out.read_bytes().splitlines()]
+    resent = [r for r in records if r["resent"]]
+    assert resent, records
+    assert resent[0]["status"] == "unknown", resent[0]
+    assert "earlier attempt" in resent[0]["detail"]
