@@ -130,3 +130,33 @@ async def test_sessions_wait_until_every_host_speaks_their_protocol(tmp_path: Pa
         async with client.put(f"{base}/v1/kv/k", data=b"2", headers=named) as response:
             assert response.status == 200, await response.text()
         assert sessions() == 1
+
+
+async def test_a_callers_resend_gets_the_first_answer_and_older_numbers_are_refused(
+    tmp_path: Path,
+) -> None:
+    config = lone_agent_config(tmp_path, "resend", "fleet", SigningKey.generate())
+    async with Agent(config) as agent, aiohttp.ClientSession(headers=HEADERS) as client:
+        await until("leader", lambda: agent.raft.status().is_leader)
+        base = f"http://{config.api_address}"
+        async with client.post(f"{base}/v1/sessions") as response:
+            session_id = (await response.json())["client"]
+
+        async def put(value: bytes, seq: int, query: str = "") -> tuple[int, dict[str, object]]:
+            headers = {"X-Meshorch-Client": session_id, "X-Meshorch-Seq": str(seq)}
+            url = f"{base}/v1/kv/k{query}"
+            async with client.put(url, data=value, headers=headers) as response:
+                return response.status, await response.json()
+
+        status, first = await put(b"a", 1, "?expect_index=0")
+        assert status == 200
+        # The same request again: the first answer, not a conflict, and nothing applied.
+        assert await put(b"a", 1, "?expect_index=0") == (200, first)
+        assert agent.raft.view.get("kv", b"k").mod_index == first["index"]  # type: ignore[union-attr]
+        assert (await put(b"b", 2))[0] == 200
+        status, stale = await put(b"c", 1)
+        assert status == 409 and stale["error"]["code"] == "session_stale"  # type: ignore[index]
+        assert agent.raft.view.get("kv", b"k").value == b"b"  # type: ignore[union-attr]
+        async with client.put(f"{base}/v1/kv/k", headers={"X-Meshorch-Seq": "3"}) as response:
+            assert response.status == 400
+            assert (await response.json())["error"]["code"] == "bad_session"
