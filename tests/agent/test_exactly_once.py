@@ -11,6 +11,7 @@ import random
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
@@ -142,7 +143,7 @@ async def test_a_callers_resend_gets_the_first_answer_and_older_numbers_are_refu
         async with client.post(f"{base}/v1/sessions") as response:
             session_id = (await response.json())["client"]
 
-        async def put(value: bytes, seq: int, query: str = "") -> tuple[int, dict[str, object]]:
+        async def put(value: bytes, seq: int, query: str = "") -> tuple[int, dict[str, Any]]:
             headers = {"X-Meshorch-Client": session_id, "X-Meshorch-Seq": str(seq)}
             url = f"{base}/v1/kv/k{query}"
             async with client.put(url, data=value, headers=headers) as response:
@@ -152,11 +153,13 @@ async def test_a_callers_resend_gets_the_first_answer_and_older_numbers_are_refu
         assert status == 200
         # The same request again: the first answer, not a conflict, and nothing applied.
         assert await put(b"a", 1, "?expect_index=0") == (200, first)
-        assert agent.raft.view.get("kv", b"k").mod_index == first["index"]  # type: ignore[union-attr]
+        stored = agent.raft.view.get("kv", b"k")
+        assert stored is not None and stored.mod_index == first["index"]
         assert (await put(b"b", 2))[0] == 200
         status, stale = await put(b"c", 1)
-        assert status == 409 and stale["error"]["code"] == "session_stale"  # type: ignore[index]
-        assert agent.raft.view.get("kv", b"k").value == b"b"  # type: ignore[union-attr]
+        assert status == 409 and stale["error"]["code"] == "session_stale"
+        stored = agent.raft.view.get("kv", b"k")
+        assert stored is not None and stored.value == b"b"
         async with client.put(f"{base}/v1/kv/k", headers={"X-Meshorch-Seq": "3"}) as response:
             assert response.status == 400
             assert (await response.json())["error"]["code"] == "bad_session"
