@@ -168,10 +168,15 @@ def judge_power_cut(
         "acknowledged_writes_readable": keys_lost > 0 and keys_lost == len(problems),
     }
     lost = keys_lost + events_lost
+    unread = len(problems) - keys_lost
+    events_unread = stored_events is None and any(r["kind"] == "event" for r in records)
     head = f"durability={durability}: acknowledged writes lost: {lost}"
     what = f"{keys_lost} key(s) lost their last write, {events_lost} event(s) missing"
+    if unread or events_unread:
+        # What could not be read may be lost too: say so rather than count it as kept.
+        what += f"; {unread} key(s) and {'the' if events_unread else 'no'} stream not read"
     if durability == "power":
-        status: Status = "fail" if lost else "pass"
+        status: Status = "fail" if lost else "unknown" if unread or events_unread else "pass"
         return [*results, InvariantResult(POWER_CUT_INVARIANT, status, f"{head}: {what}")]
     judged = [
         InvariantResult(r.name, "allowed", f"durability=process, power cut: {r.detail}")
@@ -179,7 +184,7 @@ def judge_power_cut(
         else r
         for r in results
     ]
-    status = "allowed" if lost else "pass"
+    status = "allowed" if lost else "unknown" if unread or events_unread else "pass"
     return [*judged, InvariantResult(POWER_CUT_INVARIANT, status, f"{head} (allowed): {what}")]
 
 

@@ -178,6 +178,9 @@ def test_a_power_cut_is_judged_by_the_durability_mode() -> None:
     assert overall(judge_power_cut(slow, "process", records, kept_read, ["k"], None)) == "fail"
     unread = [check_acknowledged_writes(records, [], ["k"])]
     assert overall(judge_power_cut(unread, "process", records, [], ["k"], None)) == "fail"
+    for mode in ("power", "process"):  # nothing read: not "0 lost", unknown
+        judged = judge_power_cut([], mode, records, [], ["k"], None)
+        assert judged[-1].status == "unknown" and "not read" in judged[-1].detail, judged
     twice = [check_events(records, ["e1", "e2", "e2"])]
     judged = judge_power_cut(twice, "process", records, kept_read, ["k"], ["e1", "e2", "e2"])
     assert overall(judged) == "fail"

@@ -4,7 +4,7 @@ its own (root).
 The positive control of the power-cut scenario: agents that acknowledge writes from the
 page cache lose some of them when every host loses power, and the suite must see it, or
 a green power-cut run with ``--durability power`` (``test_chaos_lab``) would mean
-nothing. The loss is allowed in this mode: the run passes and its report counts it.
+nothing. The loss is allowed in this mode: its report counts it.
 """
 
 from __future__ import annotations
@@ -37,20 +37,34 @@ def process_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChaosLab]:
 def test_agents_that_do_not_sync_lose_acknowledged_writes_in_a_power_cut(
     process_lab: ChaosLab, tmp_path: Path
 ) -> None:
-    """Each run passes (the loss is allowed) and says how many acknowledged writes it
-    lost; at least one of the seeds loses some (the cut comes while the clients write,
-    so nearly always the first)."""
+    """A run that lost acknowledged writes says how many, and the invariants the loss
+    breaks are "allowed", not failed; at least one of the seeds loses some (the cut comes
+    while the clients write: nearly always the first). Whether the site comes back is not
+    asked here: with a journal torn by the cut it may not (seen: pysyncobj cannot read
+    it and the agent exits at start)."""
     summaries = []
     for seed in SEEDS:
         path = tmp_path / f"power-cut-{seed}.json"
         report = process_lab.run_scenario("power-cut", seed, 8.0, path)
-        summaries.append(report.summary())
-        assert report.verdict == "pass", report.summary() + f"\nreport: {path}"
+        summaries.append(report.summary() + f"\nreport: {path}")
         judged = next(i for i in report.invariants if i.name == POWER_CUT_INVARIANT)
         assert judged.detail.startswith("durability=process: acknowledged writes lost: ")
-        if judged.status == "allowed":
-            assert "(allowed)" in judged.detail
+        if report.lost_writes:
+            assert judged.status == "allowed" and "(allowed)" in judged.detail, judged
+            broken = [i for i in report.invariants if i.name in LOSS_CHECKS]
+            assert all(i.status in ("pass", "allowed") for i in broken), report.summary()
             assert "durability=process" in report.summary()
             return
+        if report.verdict != "pass":
+            break  # the site did not come back: the next seed could not start
     pytest.fail("no acknowledged write lost in a power cut of agents that do not sync:\n"
                 + "\n".join(summaries))  # fmt: skip
+
+
+# What a lost write breaks, allowed in this mode.
+LOSS_CHECKS = (
+    "linearizable",
+    "acknowledged_writes_readable",
+    "events_exactly_once",
+    "events_at_hub_exactly_once",
+)
