@@ -242,10 +242,17 @@ _CLIENT_ID = re.compile(r"(\d{1,19})\.[A-Za-z0-9_-]{8,40}")
 
 
 async def new_session(request: web.Request) -> web.Response:
-    """A client id for the session headers: no Raft round, the floor is this host's
-    applied index (every later record of the session is newer)."""
-    floor = services(request).node.view.applied_index()
+    """A client id for the session headers: no Raft round (see ``session_floor``)."""
+    floor = session_floor(request)
     return json_response({"client": f"{floor}.{secrets.token_urlsafe(16)}", "seq": 1})
+
+
+def session_floor(request: web.Request) -> int:
+    """A new session's floor: the commit index this host knows (every entry of the session
+    comes later). Not the applied index: a host catching up would give a floor below
+    sessions dropped meanwhile, and its writes would be refused as expired."""
+    node = services(request).node
+    return max(node.view.applied_index(), node.status().commit_index)
 
 
 def client_request(request: web.Request) -> tuple[ClientRequest, bool]:
@@ -254,8 +261,7 @@ def client_request(request: web.Request) -> tuple[ClientRequest, bool]:
     client = request.headers.get(CLIENT_HEADER)
     seq = request.headers.get(SEQ_HEADER)
     if client is None and seq is None:
-        floor = services(request).node.view.applied_index()
-        return ClientRequest(b"agent." + secrets.token_bytes(16), 1, floor), False
+        return ClientRequest(b"agent." + secrets.token_bytes(16), 1, session_floor(request)), False
     match = _CLIENT_ID.fullmatch(client or "")
     if match is None or seq is None or not seq.isdigit() or not 0 < int(seq) < 2**63:
         raise ApiError(
