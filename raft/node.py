@@ -112,6 +112,14 @@ def retryable(error: ProposalError, *, idempotent: bool, read_only: bool) -> boo
     return read_only
 
 
+def final_error(error: ProposalError, earlier: OutcomeUnknownError | None) -> ProposalError:
+    """What a proposal sent more than once answers: a last attempt that certainly did
+    nothing says nothing of an earlier one whose outcome was unknown."""
+    if earlier is not None and isinstance(error, NotCommittedError):
+        return OutcomeUnknownError(f"{earlier}; sent again, then: {error.reason}")
+    return error
+
+
 _BATCH_HEADER_BYTES = len(join_encoded(0, []))
 # An append stores its item under key + 8 bytes and a 16-byte counter under key.
 _ITEM_SUFFIX_BYTES = 8
@@ -472,6 +480,7 @@ class RaftNode:
         timeout_s = self.config.proposal_timeout_s if session is None else self.session_retry_s
         deadline = self._loop.time() + timeout_s
         delay_s = 0.05
+        unknown: OutcomeUnknownError | None = None  # an earlier attempt's
         while True:
             try:
                 results = await self._propose_once(len(ops), body, deadline)
@@ -488,7 +497,12 @@ class RaftNode:
                     exc, EntryTooLargeError | StateFullError
                 )
                 if late or not (safe or retryable(exc, idempotent=idempotent, read_only=read_only)):
-                    raise
+                    error = final_error(exc, unknown)
+                    if error is exc:
+                        raise
+                    raise error from exc
+                if isinstance(exc, OutcomeUnknownError):
+                    unknown = exc
             await asyncio.sleep(delay_s)
             delay_s = min(delay_s * 2, 0.5)
 

@@ -6,7 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from raft import Append, ClientRequest, RaftNode, SessionError
+from raft import (
+    Append,
+    ClientRequest,
+    NotCommittedError,
+    OutcomeUnknownError,
+    RaftNode,
+    SessionError,
+)
+from raft.node import final_error
 from raft.sessions import SESSIONS_TABLE
 from raft.state_machine import decode_counter
 from tests.raft.test_node import make_nodes, wait_for
@@ -59,3 +67,12 @@ async def test_an_older_request_of_a_session_is_refused(cluster: list[RaftNode])
     assert refused.value.code == "session_stale"
     await cluster[2].barrier()
     assert counted(cluster[2], b"m") == 1
+
+
+def test_a_resend_that_did_nothing_leaves_an_earlier_unknown_outcome_unknown() -> None:
+    earlier = OutcomeUnknownError("the leader changed while the entry was in flight")
+    final = final_error(NotCommittedError("no_leader"), earlier)
+    assert isinstance(final, OutcomeUnknownError)
+    assert "leader changed" in str(final) and "no_leader" in str(final)
+    refused = NotCommittedError("no_leader")
+    assert final_error(refused, None) is refused
