@@ -12,7 +12,7 @@ counted, with ``process``. Reports, histories and timelines go to ``--report-dir
     sudo .venv/bin/python bench/chaos_soak.py [--minutes 10] [--duration 20]
 
 Progress on stderr. One line per mode:
-``durability=<mode> runs=<int> power_cuts=<int> acknowledged_writes_lost=<int>
+``durability=<mode> runs=<int> power_cuts=<int> acknowledged_writes_lost=<int>[ (allowed)]
 violations=<int>``, then the median recovery and the unknown verdicts, and last
 ``RESULT ops=<int> faults=<int> violations=<int> recover_max_s=<float>`` where
 ``violations`` counts failed invariants and runs that could not complete, every mode.
@@ -93,10 +93,10 @@ def main() -> int:
             soak.run(lab, names, args.seed, args.duration, minutes, report_dir / mode)
         totals.add(soak)
     for mode, soak in per_mode.items():
+        allowed = " (allowed)" if mode == "process" and soak.lost else ""
         print(
             f"durability={mode} runs={soak.runs} power_cuts={soak.power_cuts} "
-            f"acknowledged_writes_lost={soak.lost} violations={soak.violations}"
-            + (" (allowed)" if mode == "process" and soak.lost else "")
+            f"acknowledged_writes_lost={soak.lost}{allowed} violations={soak.violations}"
         )
     median = statistics.median(totals.recoveries) if totals.recoveries else 0.0
     app_median = statistics.median(totals.app_recoveries) if totals.app_recoveries else 0.0
