@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 # Per removal attempt: pysyncobj's refusals last while a change or an election settles.
 REMOVE_ATTEMPT_S = 2.0
 STEP_DOWN = "/v1/raft/step-down"
+STEP_DOWN_ASK_S = 3.0  # a leader asked to step down that still leads after this is asked again
 
 MAX_TOKEN_TTL_S = 30 * 24 * 3600
 ADD_MEMBER_ATTEMPTS = 20
@@ -286,22 +287,26 @@ class Admission:
                 logger.info("removing %s from Raft: %s; retrying", record.host_id, exc)
 
     async def _ask_to_step_down(self, record: MemberRecord, deadline: float) -> None:
-        """Best effort, then wait (until ``deadline``) for another leader."""
-        try:
-            async with (
-                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3)) as session,
-                session.post(
-                    f"http://{record.api}/v1/raft/step-down",
-                    headers={} if self.sign is None else dict(self.sign("POST", STEP_DOWN)),
-                ) as response,
-            ):
-                logger.info("asked %s to step down: %s", record.host_id, response.status)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            logger.info("could not ask %s to step down: %s", record.host_id, exc)
+        """Best effort, until ``deadline``: ask, wait a little for another leader, ask again
+        (a hand-over is refused while no follower is caught up, and an election it starts
+        can fail; one refusal must not cost the whole removal)."""
         while time.monotonic() < deadline:
-            if self.node.status().leader_address != record.raft:
-                return
-            await asyncio.sleep(0.1)
+            try:
+                async with (
+                    aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
+                    session.post(
+                        f"http://{record.api}/v1/raft/step-down",
+                        headers={} if self.sign is None else dict(self.sign("POST", STEP_DOWN)),
+                    ) as response,
+                ):
+                    logger.info("asked %s to step down: %s", record.host_id, response.status)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                logger.info("could not ask %s to step down: %s", record.host_id, exc)
+            asked_again_at = min(deadline, time.monotonic() + STEP_DOWN_ASK_S)
+            while time.monotonic() < asked_again_at:
+                if self.node.status().leader_address != record.raft:
+                    return
+                await asyncio.sleep(0.1)
 
     async def _notify_revoked(self, record: MemberRecord) -> None:
         """Best effort: tell the revoked host, which no longer hears from Raft, to stop."""
