@@ -228,9 +228,15 @@ def summarise(measured: Measured) -> dict[str, float]:
 
 
 async def bench_meshorch(
-    phases: list[Phase], rounds: int, root: Path
+    phases: list[Phase], rounds: int, root: Path, durability: str
 ) -> tuple[dict[str, float], list[float]]:
-    site = LocalSite(hosts=3, site="bench", root=root, log_level="warning")
+    site = LocalSite(
+        hosts=3,
+        site="bench",
+        root=root,
+        log_level="warning",
+        extra_args=["--durability", durability],
+    )
     site.start()
     try:
         async with site.session() as session:
@@ -259,6 +265,13 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="short run, under 45 s")
     parser.add_argument("--rounds", type=int, help="alternating rounds per system (median)")
     parser.add_argument("--duration", type=float, help="seconds per measured phase")
+    parser.add_argument(
+        "--durability",
+        choices=["power", "process"],
+        default="power",
+        help="the agents' --durability (default power: fdatasync'd before acknowledged, "
+        "as etcd's WAL is)",
+    )
     args = parser.parse_args()
     rounds = args.rounds or (1 if args.quick else 3)
     duration_s = args.duration or (3.0 if args.quick else 8.0)
@@ -267,11 +280,16 @@ def main() -> int:
         root = Path(tmp)
         (root / "meshorch").mkdir()
         (root / "etcd").mkdir()
-        log(f"meshorch vs etcd, {rounds} round(s) of {duration_s:g}s at concurrency 64")
+        log(
+            f"meshorch (--durability {args.durability}) vs etcd (WAL fsync'd), "
+            f"{rounds} round(s) of {duration_s:g}s at concurrency 64"
+        )
         # The load generator runs on uvloop, as the agents do: less of the machine's
         # CPU goes to the client, for both systems alike.
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            ours, rss = runner.run(bench_meshorch(phases, rounds, root / "meshorch"))
+            ours, rss = runner.run(
+                bench_meshorch(phases, rounds, root / "meshorch", args.durability)
+            )
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             theirs = runner.run(bench_etcd(phases, rounds, root / "etcd"))
     ratio = ours["wps"] / theirs["wps"] if theirs["wps"] else float("nan")
@@ -288,7 +306,8 @@ def main() -> int:
     )
     print(
         f"RESULT meshorch_wps={ours['wps']:.0f} etcd_wps={theirs['wps']:.0f} "
-        f"ratio={ratio:.2f} agent_rss_mb={max(rss):.1f}"
+        f"ratio={ratio:.2f} agent_rss_mb={max(rss):.1f} durability={args.durability} "
+        "etcd_durability=power"  # etcd fsyncs its WAL before it acknowledges, always
     )
     return 0
 
