@@ -185,6 +185,8 @@ class FaultInjector:
             if stuck:
                 raise FaultError(f"{host}: processes {stuck} survived SIGKILL")
             self.lab.kill(host)  # anything the lab records that was not in the namespace
+            # A child forked between the listing and the freeze.
+            kill_pids(netns_pids(self.lab.runner, plan.host(host).netns), self.lab.kill_timeout_s)
         for host in self.hosts:
             self.disks.disks[host].release()
 
