@@ -191,6 +191,7 @@ class PasswordRotation:
         while True:
             try:
                 await self.follow()
+                await self.seal_missing()
                 if self.node.status().is_leader:
                     await self.drive()
             except ProposalError as exc:
@@ -198,6 +199,29 @@ class PasswordRotation:
             except Exception:  # a bug here must not stop rotations for good
                 logger.exception("cluster password rotation failed; retrying")
             await asyncio.sleep(POLL_S)
+
+    async def seal_missing(self) -> None:
+        """Any host holding its copy seals copies for members that have none (a host that
+        joined during the rotation): the leader may be such a newcomer itself."""
+        record = self.node.view.get(SYSTEM_TABLE, ROTATION_KEY)
+        if record is None:
+            return
+        rotation = Rotation.decode(record.value)
+        key, own = self.host_key(), rotation.sealed.get(self.host_id)
+        if not rotation.under_way or key is None or own is None:
+            return
+        public_keys = self.host_public_keys()
+        missing = [h for h in self.member_ids() if h not in rotation.sealed and h in public_keys]
+        pair = open_pair(key, own) if missing else None
+        if pair is None:
+            return
+        sealed = dict(rotation.sealed)
+        sealed.update({h: seal_pair(public_keys[h], *pair) for h in missing})
+        updated = Rotation(rotation.generation, rotation.step, sealed, rotation.revoked_at)
+        await self.node.propose(
+            [Put(SYSTEM_TABLE, ROTATION_KEY, updated.encode(), expect_index=record.mod_index)],
+            idempotent=True,
+        )
 
     async def follow(self) -> None:
         """Set this host's keys from the record, keep the new password, acknowledge."""
@@ -223,37 +247,30 @@ class PasswordRotation:
             )
 
     async def drive(self) -> None:
-        """On the leader: start a rotation after a revocation, seal copies for hosts
-        that lack one, move to the next step once every member acknowledged."""
+        """On the leader: start a rotation after a revocation (once every member has a
+        host key to seal to), move to the next step once every member acknowledged."""
         await self.node.barrier()
         record = self.node.view.get(SYSTEM_TABLE, ROTATION_KEY)
         rotation = None if record is None else Rotation.decode(record.value)
         index = 0 if record is None else record.mod_index
         members = self.member_ids()
-        public_keys = self.host_public_keys()
         if rotation is None or not rotation.under_way:
             revoked_at = self.newest_revocation()
             if revoked_at <= (0.0 if rotation is None else rotation.revoked_at):
                 return
+            public_keys = self.host_public_keys()
+            if any(h not in public_keys for h in members):
+                return  # a host still registering its key: it would be left out
             old, new = self.node.passwords()[0], secrets.token_urlsafe(32)
             generation = 1 if rotation is None else rotation.generation + 1
-            sealed = {h: seal_pair(public_keys[h], old, new) for h in members if h in public_keys}
+            sealed = {h: seal_pair(public_keys[h], old, new) for h in members}
             rotation = Rotation(generation, "accept", sealed, revoked_at)
             logger.info("cluster password rotation %d: started (a host was revoked)", generation)
         else:
-            key = self.host_key()
-            own = rotation.sealed.get(self.host_id)
-            pair = None if key is None or own is None else open_pair(key, own)
-            missing = [h for h in members if h not in rotation.sealed and h in public_keys]
             step = next_step(rotation, members, self.acks())
-            if missing and pair is not None:
-                sealed = dict(rotation.sealed)
-                sealed.update({h: seal_pair(public_keys[h], *pair) for h in missing})
-                rotation = Rotation(rotation.generation, rotation.step, sealed, rotation.revoked_at)
-            elif step is not None:
-                rotation = Rotation(rotation.generation, step, rotation.sealed, rotation.revoked_at)
-            else:
+            if step is None:
                 return
+            rotation = Rotation(rotation.generation, step, rotation.sealed, rotation.revoked_at)
         await self.node.propose(
             [Put(SYSTEM_TABLE, ROTATION_KEY, rotation.encode(), expect_index=index)],
             idempotent=True,
