@@ -32,33 +32,13 @@ import pysyncobj.syncobj
 from pysyncobj.journal import FileJournal, createJournal
 from pysyncobj.pickle import dumps
 
+from raft.durable import fsync_directory, write_durably
+
 Durability = Literal["power", "process"]
 DURABILITIES: tuple[Durability, ...] = ("power", "process")
 
 _registered: dict[str, Durability] = {}
 _lock = threading.Lock()
-
-
-def fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_durably(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that after a power cut it holds the old or the new
-    content, whole: a temporary file fsync'd, renamed over it, the directory fsync'd."""
-    temporary = path.with_name(path.name + ".tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temporary, path)
-    fsync_directory(path.parent)
 
 
 class DurableJournal(FileJournal):  # type: ignore[misc]

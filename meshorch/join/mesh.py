@@ -45,6 +45,7 @@ from netmesh import (
     WireGuardInterface,
     unseal,
 )
+from raft.durable import write_durably
 
 if TYPE_CHECKING:
     from netmesh.discovery import DiscoveredPeer
@@ -98,10 +99,7 @@ class Membership:
         return ipaddress.ip_network(self.overlay_network).prefixlen
 
     def save(self, data_dir: Path) -> None:
-        path = data_dir / MEMBERSHIP_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(orjson.dumps(self.__dict__ | {"v": 1}))
-        os.replace(tmp, path)
+        write_durably(data_dir / MEMBERSHIP_FILE, orjson.dumps(self.__dict__ | {"v": 1}))
 
     @staticmethod
     def load(data_dir: Path) -> Membership | None:

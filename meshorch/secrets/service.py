@@ -78,6 +78,7 @@ from meshorch.state.tables import (
     validate_host_id,
 )
 from raft import Delete, Put
+from raft.durable import write_durably
 from raft.errors import ProposalError
 
 logger = logging.getLogger(__name__)
@@ -107,9 +108,7 @@ def load_or_create_host_key(data_dir: Path) -> PrivateKey:
         return PrivateKey(bytes.fromhex(path.read_text().strip()))
     key = PrivateKey.generate()
     data_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(bytes(key).hex() + "\n")
+    write_durably(path, (bytes(key).hex() + "\n").encode())  # whole, even after a power cut
     return key
 
 

@@ -14,6 +14,7 @@ from meshorch.errors import ConfigurationError, RemoteInputError
 from meshorch.fleet.apply import LinkConfig, check_link_config
 from meshorch.state.tables import validate_address, validate_host_id
 from raft.config import MIN_PASSWORD_LENGTH
+from raft.durable import write_durably
 
 PASSWORD_ENV = "MESHORCH_CLUSTER_PASSWORD"
 PASSWORD_FILE = "cluster.password"
@@ -135,9 +136,7 @@ def store_password(data_dir: Path, password: str) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     if stored.exists() and stored.read_text().strip() == password:
         return
-    fd = os.open(stored, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(password + "\n")
+    write_durably(stored, (password + "\n").encode())
 
 
 def lock_data_dir(data_dir: Path) -> None:
@@ -170,4 +169,4 @@ def check_identity(config: AgentConfig, raft_address: str | None) -> None:
                     f"not {ours[field]!r}; use another --data-dir"
                 )
         return
-    path.write_bytes(orjson.dumps(ours))
+    write_durably(path, orjson.dumps(ours))  # a power cut must not leave it empty

@@ -10,13 +10,14 @@ wheels) or sealed to the key the receiver has on record for the named host (unse
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
+
+from raft.durable import write_durably
 
 HOST_HEADER = "X-Meshorch-Host"
 TIME_HEADER = "X-Meshorch-Host-Time"
@@ -85,9 +86,5 @@ def load_or_create_key(data_dir: Path) -> SigningKey:
         return SigningKey(bytes.fromhex(path.read_text().strip()))
     key = SigningKey.generate()
     data_dir.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".part")
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(bytes(key).hex())
-    partial.replace(path)
+    write_durably(path, bytes(key).hex().encode())  # never an empty key after a power cut
     return key
