@@ -155,6 +155,12 @@ async def test_revoking_a_host_rotates_the_site_key_at_the_hub(linked: Linked) -
     before = (await linked.fleet_status())["site_key"]
     victim = linked.fleet.site.host("h5")
     assert await as_thief(linked, SigningKey.generate(), "GET", "/v1/link/streams") == 401
+
+    async def victim_holds_the_key() -> bool:  # its own view has applied the key's record
+        async with linked.agents.get(f"{victim.url}/v1/fleet") as response:
+            return response.status == 200 and (await response.json())["site_key"] == before
+
+    await until("the victim holds the site key", victim_holds_the_key, 20)
     await linked.revoke(victim)
     thief = stolen_key(victim)  # read once the host is stopped
     assert bytes(thief.verify_key).hex() == before
