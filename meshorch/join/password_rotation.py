@@ -249,6 +249,10 @@ class PasswordRotation:
     async def drive(self) -> None:
         """On the leader: start a rotation after a revocation (once every member has a
         host key to seal to), move to the next step once every member acknowledged."""
+        local = self.rotation()
+        idle = local is None or not local.under_way
+        if idle and self.newest_revocation() <= (0.0 if local is None else local.revoked_at):
+            return  # nothing to do here: no barrier (a log entry) twice a second for nothing
         await self.node.barrier()
         record = self.node.view.get(SYSTEM_TABLE, ROTATION_KEY)
         rotation = None if record is None else Rotation.decode(record.value)
