@@ -24,6 +24,17 @@ Reading also stops once the first buffered message is complete, so that it is
 parsed before more is read: the buffer never holds more than one message and
 one read (``recvBufferSize``). The check costs a few operations per read.
 
+The transport also
+
+* closes an incoming connection that has not said which member it is within
+  ``IDENTIFY_S`` (pysyncobj times a connection out only when it sends to it), and keeps at
+  most ``MAX_UNKNOWN_CONNECTIONS`` such connections at once;
+* refuses pysyncobj's utility commands (status, add or remove a member, hand over
+  leadership) and read-only followers, which meshorch does not use: the password alone
+  must not open them;
+* calls ``before_send`` before any message leaves (``raft.journal``: the journal is
+  fdatasync'd first when writes must survive a power cut).
+
 The patch is narrow: it overrides ``TcpConnection.__processRead`` (the
 recv step, name-mangled ``_TcpConnection__processRead``) and nothing else, and
 the transport re-classes the connections it is handed (incoming ones from
