@@ -152,7 +152,11 @@ async def as_thief(linked: Linked, key: SigningKey, method: str, path: str) -> i
 
 
 async def test_revoking_a_host_rotates_the_site_key_at_the_hub(linked: Linked) -> None:
-    before = (await linked.fleet_status())["site_key"]
+    async def site_key() -> str | None:  # made by the leader once the site is linked
+        key: str | None = (await linked.fleet_status())["site_key"]
+        return key
+
+    before = await until("the site has its fleet key", site_key, 20)
     victim = linked.fleet.site.host("h5")
     assert await as_thief(linked, SigningKey.generate(), "GET", "/v1/link/streams") == 401
 
