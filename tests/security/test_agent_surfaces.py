@@ -14,10 +14,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from meshorch import http_metrics
-from meshorch.demo.localsite import LocalSite, wait_ready
+from meshorch.demo.localsite import LocalSite
 from meshorch.site import authz
 from meshorch.site.guard import JOIN_BURST
 from meshorch.state.peer_auth import PeerSigner, load_or_create_key
+from tests.security.conftest import running_site
 
 APP = b"""
 api_version: meshorch/v1
@@ -34,20 +35,7 @@ REFUSED = {"unauthenticated", "forbidden", "peer_only"}
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSite]:
-    local = LocalSite(hosts=1, site="shop", root=tmp_path_factory.mktemp("surfaces"))
-    local.start()
-    try:
-        yield local
-    finally:
-        local.stop()
-        print(local.logs())
-
-
-@pytest.fixture
-async def admin(site: LocalSite) -> AsyncIterator[aiohttp.ClientSession]:
-    async with site.session(timeout=aiohttp.ClientTimeout(total=20)) as session:
-        await wait_ready(session, site.members)
-        yield session
+    yield from running_site(tmp_path_factory, hosts=1, name="surfaces")
 
 
 @pytest.fixture

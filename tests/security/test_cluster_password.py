@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -15,24 +15,12 @@ import pytest
 
 from meshorch.demo.localsite import LocalHost, LocalSite, get_status, wait_ready
 from tests.raft.test_password import greeting_answered
+from tests.security.conftest import running_site
 
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSite]:
-    local = LocalSite(hosts=4, site="shop", root=tmp_path_factory.mktemp("hosts"))
-    local.start()
-    try:
-        yield local
-    finally:
-        local.stop()
-        print(local.logs())
-
-
-@pytest.fixture
-async def admin(site: LocalSite) -> AsyncIterator[aiohttp.ClientSession]:
-    async with site.session(timeout=aiohttp.ClientTimeout(total=30)) as session:
-        await wait_ready(session, site.members)
-        yield session
+    yield from running_site(tmp_path_factory, hosts=4, name="hosts")
 
 
 async def rotation_of(session: aiohttp.ClientSession, host: LocalHost) -> dict[str, Any]:

@@ -6,31 +6,19 @@ import asyncio
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import aiohttp
 import pytest
 
-from meshorch.demo.localsite import LocalSite, wait_ready
+from meshorch.demo.localsite import LocalSite
 from meshorch.state.peer_auth import PeerSigner, load_or_create_key
+from tests.security.conftest import running_site
 
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSite]:
-    local = LocalSite(hosts=3, site="shop", root=tmp_path_factory.mktemp("hosts"))
-    local.start()
-    try:
-        yield local
-    finally:
-        local.stop()
-        print(local.logs())
-
-
-@pytest.fixture
-async def admin(site: LocalSite) -> AsyncIterator[aiohttp.ClientSession]:
-    async with site.session(timeout=aiohttp.ClientTimeout(total=30)) as session:
-        await wait_ready(session, site.members)
-        yield session
+    yield from running_site(tmp_path_factory, hosts=3, name="hosts")
 
 
 async def test_a_huge_length_header_on_the_raft_port_stalls_nothing(

@@ -7,31 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
 import pytest
 
-from meshorch.demo.localsite import LocalSite, wait_ready
+from meshorch.demo.localsite import LocalSite
+from tests.security.conftest import running_site
 
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSite]:
-    local = LocalSite(hosts=3, site="shop", root=tmp_path_factory.mktemp("tokens"))
-    local.start()
-    try:
-        yield local
-    finally:
-        local.stop()
-        print(local.logs())
-
-
-@pytest.fixture
-async def admin(site: LocalSite) -> AsyncIterator[aiohttp.ClientSession]:
-    async with site.session(timeout=aiohttp.ClientTimeout(total=20)) as session:
-        await wait_ready(session, site.members)
-        yield session
+    yield from running_site(tmp_path_factory, hosts=3, name="tokens")
 
 
 async def status_of(session: aiohttp.ClientSession, url: str, token: str | None = None) -> int:
