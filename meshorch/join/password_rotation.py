@@ -150,6 +150,7 @@ class PasswordRotation:
         self.host_key = host_key
         self.host_public_keys = host_public_keys
         self.store_password = store_password
+        self._followed = -1  # the rotation record (its index) this host has followed
 
     # -- reading the state -----------------------------------------------------
 
@@ -225,9 +226,12 @@ class PasswordRotation:
 
     async def follow(self) -> None:
         """Set this host's keys from the record, keep the new password, acknowledge."""
-        rotation = self.rotation()
+        record = self.node.view.get(SYSTEM_TABLE, ROTATION_KEY)
+        if record is None or record.mod_index == self._followed:
+            return  # nothing new: no unsealing twice a second
+        rotation = Rotation.decode(record.value)
         key = self.host_key()
-        if rotation is None or key is None or self.host_id not in rotation.sealed:
+        if key is None or self.host_id not in rotation.sealed:
             return
         pair = open_pair(key, rotation.sealed[self.host_id])
         if pair is None:
@@ -245,6 +249,7 @@ class PasswordRotation:
             await self.node.propose(
                 [Put(SYSTEM_TABLE, ACK_PREFIX + self.host_id.encode(), ack)], idempotent=True
             )
+        self._followed = record.mod_index  # keys set and acknowledged for this record
 
     async def drive(self) -> None:
         """On the leader: start a rotation after a revocation (once every member has a
