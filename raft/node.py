@@ -702,7 +702,8 @@ class RaftNode:
                 self._syncobj.removeNodeFromCluster(address, callback=on_result)
             self._schedule_tick()
             try:
-                error = await asyncio.wait_for(future, self.config.proposal_timeout_s)
+                async with asyncio.timeout(self.config.proposal_timeout_s):
+                    error = await future
             except TimeoutError as exc:
                 raise OutcomeUnknownError(
                     f"membership change {action} {address} timed out"

@@ -154,7 +154,8 @@ class SiteKeyRotation:
                     await self.request("revocation")
                     continue
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), WATCH_S)
+                    async with asyncio.timeout(WATCH_S):
+                        await self._wake.wait()
                 self._wake.clear()
                 continue
             if await self._announce(client, pending):

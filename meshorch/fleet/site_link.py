@@ -457,7 +457,8 @@ class SiteLink(LinkRecords):
         interval_s = 0.0
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._report_now.wait(), interval_s)
+                async with asyncio.timeout(interval_s):
+                    await self._report_now.wait()
             self._report_now.clear()
             interval_s = REPORT_INTERVAL_S
             report = self.report()

@@ -120,4 +120,5 @@ class SiteImages:
                         logger.exception("image sync of %s failed", manifest.ref)
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), SYNC_INTERVAL_S)
+                    async with asyncio.timeout(SYNC_INTERVAL_S):
+                        await self._wake.wait()

@@ -93,7 +93,8 @@ class NetnsForward:
         )
         sock.setblocking(False)
         try:
-            await asyncio.wait_for(loop.sock_connect(sock, self.target), CONNECT_TIMEOUT_S)
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                await loop.sock_connect(sock, self.target)
         except (OSError, TimeoutError) as exc:
             sock.close()
             log.warning("forward to %s:%s in %s failed: %r", *self.target, self.netns, exc)

@@ -257,7 +257,8 @@ class AppNetwork:
                 except Exception as exc:  # retried at the next pass
                     logger.warning("site network: %s", exc)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), SYNC_S)
+                    async with asyncio.timeout(SYNC_S):
+                        await changed.wait()
                 changed.clear()
         finally:
             pinger.cancel()

@@ -517,7 +517,8 @@ class LogCapture:
             self._stopping.set()
             self._wake.set()
             try:
-                await asyncio.wait_for(asyncio.shield(task), STOP_TIMEOUT_S)
+                async with asyncio.timeout(STOP_TIMEOUT_S):
+                    await asyncio.shield(task)
             except TimeoutError:
                 logger.warning("log capture did not finish within %g s", STOP_TIMEOUT_S)
                 task.cancel()
@@ -565,7 +566,8 @@ class LogCapture:
                 continue
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.poll_interval_s)
+                async with asyncio.timeout(self.poll_interval_s):
+                    await self._wake.wait()
         await self._pass(final=True)
 
     async def _pass(self, *, final: bool) -> bool:
