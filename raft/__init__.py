@@ -3,6 +3,8 @@
 Knows nothing of applications: callers store bytes in named tables.
 """
 
+# First, before pysyncobj: it stands in for pysyncobj.encryptor (see raft.fernet).
+import raft.fernet  # noqa: F401
 from raft.commands import (
     Append,
     Barrier,

@@ -23,8 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import lru_cache
 
-from cryptography.fernet import Fernet, MultiFernet
-from pysyncobj.encryptor import getEncryptor
+from raft.fernet import Fernet, MultiFernet, getEncryptor
 
 
 @lru_cache(maxsize=8)

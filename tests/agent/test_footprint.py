@@ -37,6 +37,7 @@ NEVER_IMPORTED = (
     ("meshorch.net.dns", "the site DNS only (off in static mode)"),
     ("gossip", "a leader linked to a hub only"),
     ("meshorch.releases.wheels", "installing a release only"),
+    ("cryptography", "Raft's Fernet takes AES from hashlib's libcrypto (raft.fernet)"),
 )
 
 # VmRSS of a lone static agent running one instance, measured on 2026-12-06 (Python 3.11,
