@@ -17,6 +17,8 @@ callers (the CLI, tests).
 
 Ordering rules:
 
+- The data directory's lock (``meshorch.dirlock``) comes first, before the store or any
+  file in it is opened, and goes last: a second hub on the directory refuses to start.
 - The gossip member starts after the HTTP API and stops before it; it publishes the head
   after every append.
 - The driver wakes every ``tick_s`` (sooner on a report or a new deployment): it renews the
@@ -52,6 +54,8 @@ from central_hub.parts import HubParts
 from central_hub.sites import Sites
 from central_hub.store import Store, put_json
 from central_hub.vault_service import VaultService
+from meshorch.dirlock import DataDirLock, hold
+from meshorch.errors import ConfigurationError
 from meshorch.fleet.delta import ALL_SITES, key_id
 
 logger = logging.getLogger(__name__)
@@ -71,6 +75,7 @@ class Hub:
         self.parts = HubParts(config, wake=self._wake.set)
         self._runner: web.AppRunner | None = None
         self._driver: asyncio.Task[None] | None = None
+        self._data_dir_lock: DataDirLock | None = None
 
     # -- the parts, and what callers read -------------------------------------------------
 
@@ -155,7 +160,16 @@ class Hub:
 
     async def start(self) -> None:
         self.config.validate()
-        await asyncio.to_thread(self._open)
+        try:
+            # Before anything in the data dir is opened: another hub may be serving it.
+            self._data_dir_lock = hold(self.data_dir, "meshorch hub")
+        except ConfigurationError as exc:
+            raise HubConfigError(str(exc)) from None
+        try:
+            await asyncio.to_thread(self._open)
+        except BaseException:
+            self._release_data_dir()
+            raise
         try:
             self._runner = web.AppRunner(
                 build_app(self.parts, self.config.max_body_bytes),
@@ -213,6 +227,12 @@ class Hub:
         await self.ledger.drain()
         await self.ledger.close_store()
         await asyncio.to_thread(self.logs.close)
+        self._release_data_dir()
+
+    def _release_data_dir(self) -> None:
+        lock, self._data_dir_lock = self._data_dir_lock, None
+        if lock is not None:
+            lock.release()
 
     def _open(self) -> None:
         """Open the data directory, initialising it on first start (runs in a thread)."""

@@ -32,7 +32,7 @@ from meshorch.join.mesh import (
     detect_lan_ip,
 )
 from meshorch.net.app_network import NetworkSettings, parse_host_port
-from meshorch.site.config import PASSWORD_ENV, AgentConfig, resolve_password
+from meshorch.site.config import PASSWORD_ENV, AgentConfig, lock_data_dir, resolve_password
 from meshorch.sizes import parse_size
 
 logger = logging.getLogger("meshorch")
@@ -286,9 +286,12 @@ def run_agent(args: argparse.Namespace) -> int:
     host_id = args.host_id or default_host_id()
     mesh: MeshSettings | None = None
     password: str | None = None
+    if args.raft is not None and (args.join_token or args.bootstrap):
+        raise ConfigurationError("--join-token and --bootstrap are for mesh mode, not --raft")
+    # Held until the process ends (or execs the upgrade launcher), taken before anything
+    # in the data dir is read or written: DataDirBusy if another agent runs on it.
+    data_dir_lock = lock_data_dir(data_dir)
     if args.raft is not None:
-        if args.join_token or args.bootstrap:
-            raise ConfigurationError("--join-token and --bootstrap are for mesh mode, not --raft")
         password = resolve_password(data_dir, args.cluster_password_file, bool(args.peer))
     else:
         if os.geteuid() != 0:
@@ -341,7 +344,7 @@ def run_agent(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        async with Agent(config, mesh, workloads, network) as agent:
+        async with Agent(config, mesh, workloads, network, data_dir_lock) as agent:
             modules_file = os.environ.get(DEBUG_MODULES_ENV)
             if modules_file:
                 write_modules(Path(modules_file))

@@ -28,6 +28,7 @@ from meshorch.apps.reconciler import HostReconciler
 from meshorch.apps.records import HOSTRES_PREFIX, encode_hostinfo, host_protocols, hostinfo_key
 from meshorch.apps.resources import sample
 from meshorch.apps.settings import WorkloadSettings, make_runtime
+from meshorch.dirlock import DataDirLock
 from meshorch.errors import ConfigurationError
 from meshorch.fleet import decommission
 from meshorch.fleet.records import LinkRecords
@@ -56,6 +57,7 @@ from meshorch.site.config import (
     MAX_SOCKET_PATH,
     AgentConfig,
     check_identity,
+    lock_data_dir,
     resolve_password,
     store_password,
 )
@@ -101,9 +103,14 @@ class Agent:
         mesh: MeshSettings | None = None,
         workloads: WorkloadSettings | None = None,
         network: NetworkSettings | None = None,
+        data_dir_lock: DataDirLock | None = None,
     ) -> None:
+        """``data_dir_lock``: the data dir's lock, taken by the caller (``lock_data_dir``)
+        and left to it; without it, ``start`` takes it and ``stop`` releases it."""
         config.validate()
         self.config = config
+        self._data_dir_lock = data_dir_lock
+        self._own_lock: DataDirLock | None = None
         self.workloads = workloads or WorkloadSettings()
         self.network_settings = network
         self.mesh_settings = mesh
@@ -144,6 +151,21 @@ class Agent:
     # -- lifecycle ---------------------------------------------------------------
 
     async def start(self) -> None:
+        if self._data_dir_lock is None or not self._data_dir_lock.held:
+            # Before anything else in the data dir: another agent may be running on it.
+            self._own_lock = self._data_dir_lock = lock_data_dir(self.config.data_dir)
+        try:
+            await self._start()
+        except BaseException:
+            self._release_own_lock()
+            raise
+
+    def _release_own_lock(self) -> None:
+        if self._own_lock is not None:
+            self._own_lock.release()
+            self._own_lock = self._data_dir_lock = None
+
+    async def _start(self) -> None:
         config = self.config
         if self.mesh_settings is None:
             check_identity(config, config.raft_address)
@@ -350,6 +372,7 @@ class Agent:
             await self._raft.stop()
         if self.mesh is not None:
             await self.mesh.stop()
+        self._release_own_lock()
 
     async def _publish_resources(self) -> None:
         """This host's CPU, memory and disk use in the site state, for the leader's report

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import orjson
 
+from meshorch.dirlock import DataDirLock, hold
 from meshorch.errors import ConfigurationError, RemoteInputError
 from meshorch.fleet.apply import LinkConfig, check_link_config
 from meshorch.state.tables import validate_address, validate_host_id
@@ -139,22 +140,26 @@ def store_password(data_dir: Path, password: str) -> None:
     write_durably(stored, (password + "\n").encode())
 
 
-def lock_data_dir(data_dir: Path) -> None:
-    """The data dir is the agent's alone (mode 0700): below it are the Raft journal and
-    the LMDB view (the whole site state, the site's fleet key included), which their
-    libraries create readable by anyone who can reach them."""
-    data_dir.mkdir(parents=True, exist_ok=True)
+def lock_data_dir(data_dir: Path) -> DataDirLock:
+    """The data dir is the agent's alone: no other process may use it (``meshorch.dirlock``:
+    ``DataDirBusy`` if one does; the caller holds the returned lock while it runs), and no
+    other user may read it (mode 0700): below it are the Raft journal and the LMDB view
+    (the whole site state, the site's fleet key included), which their libraries create
+    readable by anyone who can reach them."""
+    lock = hold(data_dir, "meshorch agent")
     try:
         data_dir.chmod(0o700)
     except PermissionError as exc:
+        lock.release()
         raise ConfigurationError(
             f"--data-dir {data_dir} must belong to the agent's user: {exc}"
         ) from exc
+    return lock
 
 
 def check_identity(config: AgentConfig, raft_address: str | None) -> None:
-    """Refuse a data dir that belongs to another site or host; record ours in a new one."""
-    lock_data_dir(config.data_dir)
+    """Refuse a data dir that belongs to another site or host; record ours in a new one.
+    The caller holds the data dir's lock (``lock_data_dir``)."""
     path = config.data_dir / IDENTITY_FILE
     ours = {"site": config.site, "host_id": config.host_id, "raft": raft_address}
     if path.exists():
