@@ -45,28 +45,6 @@ from netmesh.keys import (
     seal,
     unseal,
 )
-from netmesh.wireguard import (
-    Action,
-    AddAddress,
-    AddPeer,
-    CreateInterface,
-    InterfaceSpec,
-    InterfaceState,
-    PeerSpec,
-    PeerState,
-    PeerStatus,
-    RemoveAddress,
-    RemovePeer,
-    SetListenPort,
-    SetPrivateKey,
-    SetUp,
-    UpdatePeer,
-    WireGuardInterface,
-    interface_state,
-    parse_ip_addr_json,
-    parse_wg_dump,
-    plan_changes,
-)
 
 if TYPE_CHECKING:
     from netmesh.discovery import (
@@ -77,6 +55,28 @@ if TYPE_CHECKING:
         SiteDiscovery,
         parse_peer_record,
         record_properties,
+    )
+    from netmesh.wireguard import (
+        Action,
+        AddAddress,
+        AddPeer,
+        CreateInterface,
+        InterfaceSpec,
+        InterfaceState,
+        PeerSpec,
+        PeerState,
+        PeerStatus,
+        RemoveAddress,
+        RemovePeer,
+        SetListenPort,
+        SetPrivateKey,
+        SetUp,
+        UpdatePeer,
+        WireGuardInterface,
+        interface_state,
+        parse_ip_addr_json,
+        parse_wg_dump,
+        plan_changes,
     )
 
 # Discovery is imported when first used: zeroconf is heavy and only mesh mode browses mDNS.
@@ -93,11 +93,42 @@ _DISCOVERY_NAMES = frozenset(
 )
 
 
+# The interface reconciler too: only mesh mode has a WireGuard interface.
+_WIREGUARD_NAMES = frozenset(
+    {
+        "Action",
+        "AddAddress",
+        "AddPeer",
+        "CreateInterface",
+        "InterfaceSpec",
+        "InterfaceState",
+        "PeerSpec",
+        "PeerState",
+        "PeerStatus",
+        "RemoveAddress",
+        "RemovePeer",
+        "SetListenPort",
+        "SetPrivateKey",
+        "SetUp",
+        "UpdatePeer",
+        "WireGuardInterface",
+        "interface_state",
+        "parse_ip_addr_json",
+        "parse_wg_dump",
+        "plan_changes",
+    }
+)
+
+
 def __getattr__(name: str) -> object:
     if name in _DISCOVERY_NAMES:
         from netmesh import discovery
 
         return getattr(discovery, name)
+    if name in _WIREGUARD_NAMES:
+        from netmesh import wireguard
+
+        return getattr(wireguard, name)
     raise AttributeError(f"module 'netmesh' has no attribute {name!r}")
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from meshorch import __version__
 from meshorch.apps.scheduler import HostInfo
 from meshorch.errors import ConfigurationError
-from meshorch.runtime import PodmanRuntime, ProcessRuntime, Runtime
+from meshorch.runtime import ProcessRuntime, Runtime
 from meshorch.state.protocol import PROTOCOL
 
 RUNTIMES = ("auto", "podman", "process")
@@ -58,6 +58,8 @@ def make_runtime(choice: str, data_dir: Path) -> Runtime:
         raise ConfigurationError(f"--runtime: one of {', '.join(RUNTIMES)}")
     podman_ok = shutil.which("podman") and shutil.which("runc") and os.geteuid() == 0
     if choice == "podman" or (choice == "auto" and podman_ok):
+        from meshorch.runtime.podman import PodmanRuntime  # podman only (tarfile, ...)
+
         return PodmanRuntime(*podman_dirs(data_dir))
     return ProcessRuntime(data_dir / "instances")
 

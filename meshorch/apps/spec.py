@@ -26,7 +26,6 @@ message that names it; the dataclasses and their checks read best side by side.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import re
@@ -464,6 +463,8 @@ def _join(path: str, key: str) -> str:
 
 
 def _did_you_mean(key: str, known: Sequence[str]) -> str:
+    import difflib  # a misspelt key only: not loaded by an agent whose specs are right
+
     close = difflib.get_close_matches(key, known, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 

@@ -38,17 +38,15 @@ from meshorch.state.tables import MemberRecord
 from netmesh import (
     AddressPlan,
     DiscoveryTimeout,
-    InterfaceSpec,
     KeyPair,
     NetmeshError,
-    PeerSpec,
-    WireGuardInterface,
     unseal,
 )
 from raft.durable import write_durably
 
 if TYPE_CHECKING:
     from netmesh.discovery import DiscoveredPeer
+    from netmesh.wireguard import InterfaceSpec, PeerSpec
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +122,8 @@ def detect_lan_ip() -> str:
 
 
 def peer_specs(peers: Sequence[dict[str, Any] | MemberRecord], self_host: str) -> list[PeerSpec]:
+    from netmesh.wireguard import PeerSpec  # WireGuard: loaded in mesh mode only
+
     specs = []
     for peer in peers:
         data = peer.to_json() if isinstance(peer, MemberRecord) else peer
@@ -151,6 +151,8 @@ def desired_interface(
     Until this host sees its own record in the replicated state (it is still
     catching up), the peers handed over in the join answer stand in.
     """
+    from netmesh.wireguard import InterfaceSpec  # WireGuard: loaded in mesh mode only
+
     known = any(m.host_id == membership.host_id for m in members)
     peers = members if known else membership.initial_peers
     return InterfaceSpec(
@@ -324,6 +326,7 @@ class MeshService:
         api_port: int,
     ) -> None:
         from netmesh.discovery import SiteDiscovery  # zeroconf: loaded in mesh mode only
+        from netmesh.wireguard import WireGuardInterface
 
         self.settings = settings
         self.keypair = keypair

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from meshorch.apps.records import InstanceReport
 from meshorch.apps.scheduler import Placement
 from meshorch.apps.spec import AppSpec
-from meshorch.runtime.podman import BRIDGE_PREFIX, bridge_name
+from meshorch.runtime.base import BRIDGE_PREFIX, bridge_name
 
 TENANT_UID_BASE = 300_000
 TENANT_UID_SPAN = 100_000

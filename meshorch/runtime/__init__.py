@@ -8,6 +8,8 @@ The bottom layer: it may import only the foundation modules (``meshorch.errors``
 and raft, gossip, netmesh, never another meshorch subpackage.
 """
 
+from typing import TYPE_CHECKING
+
 from meshorch.runtime.base import (
     LABEL_INSTANCE,
     LABEL_SPEC,
@@ -29,13 +31,33 @@ from meshorch.runtime.errors import (
     RuntimeBackendError,
     RuntimeUnavailable,
 )
-from meshorch.runtime.images import (
-    BUSYBOX_IMAGE_REF,
-    build_busybox_rootfs,
-    ensure_busybox_image,
-)
-from meshorch.runtime.podman import PodmanRuntime
 from meshorch.runtime.process import PROCESS_IMAGE, ProcessRuntime
+
+if TYPE_CHECKING:
+    from meshorch.runtime.images import (
+        BUSYBOX_IMAGE_REF,
+        build_busybox_rootfs,
+        ensure_busybox_image,
+    )
+    from meshorch.runtime.podman import PodmanRuntime
+
+# Imported when first used: a host running processes needs neither podman nor the busybox
+# image (nor tarfile and tempfile, which they import).
+_LAZY = {
+    "BUSYBOX_IMAGE_REF": "meshorch.runtime.images",
+    "build_busybox_rootfs": "meshorch.runtime.images",
+    "ensure_busybox_image": "meshorch.runtime.images",
+    "PodmanRuntime": "meshorch.runtime.podman",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'meshorch.runtime' has no attribute {name!r}")
+
 
 __all__ = [
     "BUSYBOX_IMAGE_REF",

@@ -72,6 +72,17 @@ def instance_name(instance_id: str) -> str:
     return NAME_PREFIX + instance_id
 
 
+# The bridges of the podman runtime's isolated networks (here, not in
+# meshorch.runtime.podman: the app network names them on hosts running processes too).
+BRIDGE_PREFIX = "mo-"
+
+
+def bridge_name(user: int | None) -> str:
+    """The bridge of an isolated runtime's containers running as ``user`` (at most 15
+    characters, an interface name's limit)."""
+    return f"{BRIDGE_PREFIX}shared" if user is None else f"{BRIDGE_PREFIX}u{user}"
+
+
 def _frozen_mapping(value: Mapping[str, str]) -> Mapping[str, str]:
     return types.MappingProxyType(dict(value))
 

@@ -81,6 +81,7 @@ import orjson
 
 from meshorch.runtime._proc import CommandResult, CommandTimeout, run_command
 from meshorch.runtime.base import (
+    BRIDGE_PREFIX,
     LABEL_INSTANCE,
     LABEL_SPEC,
     InstanceSpec,
@@ -88,6 +89,7 @@ from meshorch.runtime.base import (
     InstanceStatus,
     LogFile,
     LogFormat,
+    bridge_name,
     instance_name,
 )
 from meshorch.runtime.errors import (
@@ -109,17 +111,10 @@ _SIOCGIFADDR, _SIOCGIFNETMASK = 0x8915, 0x891B  # linux/sockios.h
 _CNI_ADDRESSES = Path("/var/lib/cni/networks")  # host-local IPAM: one directory per network
 ISOLATED = "isolated"
 LABEL_NETWORK = "meshorch.network"
-BRIDGE_PREFIX = "mo-"
 _NETWORK_PREFIX = "meshorch-"
 _RUNNING_STATES = frozenset({"running", "paused", "stopping"})
 _ENV_FILE_MAX_LINE = 60_000  # podman reads env files with a 64 KiB line scanner
 SECRETS_MOUNT = "/run/secrets"
-
-
-def bridge_name(user: int | None) -> str:
-    """The bridge of an isolated runtime's containers running as ``user`` (at most 15
-    characters, an interface name's limit)."""
-    return f"{BRIDGE_PREFIX}shared" if user is None else f"{BRIDGE_PREFIX}u{user}"
 
 
 def _write_secret_env(spec: InstanceSpec) -> Path | None:

@@ -38,6 +38,11 @@ NEVER_IMPORTED = (
     ("gossip", "a leader linked to a hub only"),
     ("meshorch.releases.wheels", "installing a release only"),
     ("cryptography", "Raft's Fernet takes AES from hashlib's libcrypto (raft.fernet)"),
+    ("meshorch.runtime.podman", "the podman runtime only (this is the process runtime)"),
+    ("meshorch.runtime.images", "the podman runtime only (the busybox image)"),
+    ("tarfile", "the podman runtime only"),
+    ("netmesh.wireguard", "mesh mode only (the WireGuard interface)"),
+    ("difflib", "a misspelt spec key only (did you mean)"),
 )
 
 # VmRSS of a lone static agent running one instance, measured on 2026-12-06 (Python 3.11,
