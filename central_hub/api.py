@@ -258,9 +258,18 @@ async def link_deltas(request: web.Request) -> web.Response:
     after = query_int(request, "after", 0, 0, 2**63)
     wait_s = query_seconds(request, "wait", DEFAULT_WAIT_S, MAX_WAIT_S)
     limit = query_int(request, "limit", MAX_LINK_LIMIT, 1, MAX_LINK_LIMIT)
-    head, envelopes = await hub_of(request).ledger.wait_for_deltas(after, wait_s, limit)
+    hub = hub_of(request)
+    hub.snapshots.require_deltas_after(after)
+    head, envelopes = await hub.ledger.wait_for_deltas(after, wait_s, limit)
     body = {"head": head, "deltas": [orjson.Fragment(e) for e in envelopes]}
     return json_response(body)
+
+
+async def link_snapshot(request: web.Request) -> web.Response:
+    """The calling site's snapshot (its signature says which site: no other's can be
+    asked for), with the root rotations after ``after``."""
+    after = query_int(request, "after", 0, 0, 2**63)
+    return json_response(hub_of(request).snapshots.snapshot(site_of(request), after))
 
 
 async def link_gossip(request: web.Request) -> web.Response:
@@ -484,6 +493,12 @@ ROUTES: tuple[Route, ...] = (
           "Long-poll for deltas after a version (the site's link)", response="LinkDeltas",
           query=(_AFTER, _LIMIT,
                  Query("wait", "number", "hold the request up to this many seconds (0-30)"))),
+    Route("GET", "/v1/link/snapshot", link_snapshot, "site",
+          "The calling site's desired state at the head, signed by the fleet root key, and "
+          "the root.rotate deltas after the version it applied (docs/fleet-link.md)",
+          response="LinkSnapshot",
+          query=(Query("after", "integer", "the version the site applied: root rotations "
+                       "after it come with the snapshot"),)),
     Route("POST", "/v1/link/report", link_report, "site", "A site's report of its state",
           request="SiteReport", response="Head"),
     Route("POST", "/v1/link/key", link_key, "site",

@@ -71,6 +71,21 @@ def build_parser(prog: str = "python -m central_hub") -> argparse.ArgumentParser
         help="lifetime of each delta (default %(default)s)",
     )
     parser.add_argument(
+        "--delta-keep",
+        default="100000",
+        metavar="N|none",
+        help="compact the delta log below what every enrolled site applied, or to its last "
+        "N deltas; sites further behind catch up by signed snapshot (default %(default)s; "
+        "'none' keeps every delta)",
+    )
+    parser.add_argument(
+        "--compact-every",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how often the delta log's compaction is considered (default %(default)s)",
+    )
+    parser.add_argument(
         "--wave-timeout",
         type=float,
         default=600.0,
@@ -152,6 +167,15 @@ def parse_age(text: str, flag: str = "--logs-max-age") -> float | None:
     return value
 
 
+def parse_keep(text: str) -> int | None:
+    """``--delta-keep``: a number of deltas >= 0, or ``none``."""
+    if text.lower() == "none":
+        return None
+    if not text.isdigit():
+        raise HubConfigError(f"--delta-keep {text!r} is a number of deltas or none")
+    return int(text)
+
+
 def parse_bytes(text: str, flag: str = "--logs-max-bytes") -> int | None:
     """Bytes, or a size like ``500MiB``, ``50GiB``, ``50Gi``, ``1TB``; ``none`` for no limit."""
     if text.lower() == "none":
@@ -189,6 +213,8 @@ def config_from_args(args: argparse.Namespace) -> HubConfig:
         port=port,
         fleet=args.fleet,
         delta_ttl_s=args.delta_ttl,
+        delta_keep=parse_keep(args.delta_keep),
+        compact_every_s=args.compact_every,
         wave_timeout_s=args.wave_timeout,
         site_stale_s=args.site_stale,
         gossip=not args.no_gossip,

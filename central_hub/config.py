@@ -28,7 +28,9 @@ class HubConfig:
     ``port``; 0 picks a free one) and tells sites ``gossip_advertise`` (None: that address;
     an unspecified host makes sites use their hub URL's host). Fleet logs are kept
     ``logs_max_age_s`` and within ``logs_max_bytes`` (None: no limit), checked every
-    ``logs_retention_every_s``."""
+    ``logs_retention_every_s``. The delta log is compacted (``central_hub.snapshots``) every
+    ``compact_every_s`` below what every enrolled site applied, or to its last
+    ``delta_keep`` deltas (None: never compacted)."""
 
     data_dir: Path
     host: str = "127.0.0.1"
@@ -52,6 +54,8 @@ class HubConfig:
     logs_max_age_s: float | None = 30 * DAY_S
     logs_max_bytes: int | None = None
     logs_retention_every_s: float = 60.0
+    delta_keep: int | None = 100_000
+    compact_every_s: float = 60.0
     clock: Callable[[], float] = field(default=time.time)
 
     @property
@@ -82,7 +86,10 @@ class HubConfig:
             "tick_s": self.tick_s,
             "gossip_cert_ttl_s": self.gossip_cert_ttl_s,
             "logs_retention_every_s": self.logs_retention_every_s,
+            "compact_every_s": self.compact_every_s,
         }
+        if self.delta_keep is not None and self.delta_keep < 0:
+            problems.append("delta_keep: must be >= 0")
         if self.logs_max_age_s is not None:
             positive["logs_max_age_s"] = self.logs_max_age_s
         if self.logs_max_bytes is not None:

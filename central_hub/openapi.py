@@ -79,6 +79,12 @@ SCHEMAS: dict[str, Schema] = {
         ),
     ),
     "LinkDeltas": _obj(["head", "deltas"], head=_INT, deltas=_list(_ref("Envelope"))),
+    "LinkSnapshot": _obj(
+        ["version", "snapshot", "rotations"],
+        version=_INT,
+        snapshot=_ref("Envelope"),
+        rotations=_list(_ref("Envelope")),
+    ),
     "Head": _obj(["head"], head=_INT),
     "EnrollRequest": _obj(["site", "public_key", "token"], site=_ID, public_key=_HEX64, token=_STR),
     "EnrollResponse": _obj(["site"], site=_ID),

@@ -20,6 +20,7 @@ from central_hub.ledger import Ledger
 from central_hub.logs import HubLogs, LogLimits
 from central_hub.reports import Reports
 from central_hub.sites import Sites, SiteTimes
+from central_hub.snapshots import Snapshots
 from central_hub.vault_service import VaultService
 
 
@@ -48,6 +49,7 @@ class HubParts:
             secrets=self.vault.site_view,
             gossip=lambda: self.gossip,
         )
+        self.snapshots = Snapshots(self.ledger, self.reports, c.delta_keep, c.compact_every_s)
         self.alerting = Alerting(
             self.ledger, self.reports, self.sites.list_sites, c.alert_thresholds, c.site_stale_s
         )

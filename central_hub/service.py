@@ -24,7 +24,8 @@ Ordering rules:
 - The driver wakes every ``tick_s`` (sooner on a report or a new deployment): it renews the
   gossip certificate, steps the running deployments and appends a heartbeat when the tip
   gets old (one transaction), distributes secrets waiting for a site, evaluates the
-  alerts every ``ALERTS_EVERY_S`` and starts the fleet logs' retention when it is due.
+  alerts every ``ALERTS_EVERY_S``, starts the fleet logs' retention when it is due and
+  compacts the delta log every ``compact_every_s`` (``central_hub.snapshots``).
 - On stop, long-polls answer at once; the store closes after every pending write.
 """
 
@@ -265,6 +266,7 @@ class Hub:
             adopt_tenants(store, self.now())
             parts.deployments.restore(store)
             parts.reports.restore(store)
+            parts.snapshots.restore(store)
             parts.alerting.restore(store, started_at=self.now())
         except BaseException:
             store.close()
@@ -326,6 +328,11 @@ class Hub:
                 except Exception:
                     logger.exception("alert evaluation failed; retrying on the next tick")
             parts.logs.start_retention()
+            if parts.snapshots.due(ledger.now()):
+                try:
+                    await parts.snapshots.compact()
+                except Exception:
+                    logger.exception("delta log compaction failed; retrying later")
 
     def _advance(self, txn: Txn) -> None:
         """Step every running deployment; append a heartbeat when the tip gets old."""

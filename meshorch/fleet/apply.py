@@ -14,7 +14,8 @@ write the ``secrets`` table: see ``meshorch.secrets.keyring.op_writes``. The
 applier cannot decrypt: a delivered secret is stored as sealed to the site's secrets key,
 and the leader's upkeep (``meshorch.secrets.service``) moves it under a data key.
 
-``plan_apply`` turns verified deltas into Raft operations: the application writes of the
+``plan_apply`` turns verified deltas into Raft operations (``plan_snapshot`` a verified
+snapshot, ``meshorch.fleet.snapshot``): the application writes of the
 deltas that target this site and the new trust state, the latter written with a
 compare-and-set on the trust record read, so a stale leader cannot apply a delta twice or
 move the site's version backwards. ``build_report`` makes the site report of
@@ -49,6 +50,7 @@ from meshorch.errors import RemoteInputError
 from meshorch.fleet import decommission
 from meshorch.fleet import upgrade as agent_upgrade
 from meshorch.fleet.delta import Delta, DeltaRejected, TrustState, parse_key_id
+from meshorch.fleet.snapshot import Snapshot, SnapshotRejected
 from meshorch.secrets import keyring as secrets
 from meshorch.state.tables import APPS_TABLE, SYSTEM_TABLE
 from raft import Delete, Guard, Put
@@ -308,6 +310,41 @@ def plan_apply(
     of the trust record the deltas were verified against (the compare-and-set guard).
     """
     plan = ApplyPlan()
+    ops: list[tuple[int, int, Mapping[str, Any]]] = []
+    for delta in deltas:
+        plan.applied.append(delta.version)
+        if not delta.target.includes(site_id):
+            continue
+        plan.for_site.append(delta.version)
+        ops.extend((delta.version, index, op) for index, op in enumerate(delta.ops))
+    return _plan_ops(plan, ops, new_state, trust_index, site_id, read)
+
+
+def plan_snapshot(
+    snapshot: Snapshot,
+    new_state: TrustState,
+    trust_index: int,
+    site_id: str,
+    read: Reader,
+) -> ApplyPlan:
+    """Raft operations that make a verified snapshot the site's desired state, in one
+    proposal guarded like ``plan_apply``: each of its operations is written as a delta's
+    would be (an application it deletes is deleted, the last version of each put), then
+    the trust state at the snapshot's version and head. An operation this site refuses is
+    skipped and reported (``OpError``, its index in the snapshot)."""
+    plan = ApplyPlan(applied=[snapshot.version], for_site=[snapshot.version])
+    ops = [(item.at, index, item.op) for index, item in enumerate(snapshot.ops)]
+    return _plan_ops(plan, ops, new_state, trust_index, site_id, read)
+
+
+def _plan_ops(
+    plan: ApplyPlan,
+    ops: Iterable[tuple[int, int, Mapping[str, Any]]],
+    new_state: TrustState,
+    trust_index: int,
+    site_id: str,
+    read: Reader,
+) -> ApplyPlan:
     overlay: dict[tuple[str, bytes], bytes | None] = {}
 
     def current(table: str, key: bytes) -> bytes | None:
@@ -315,21 +352,16 @@ def plan_apply(
             return overlay[(table, key)]
         return read(table, key)
 
-    for delta in deltas:
-        plan.applied.append(delta.version)
-        if not delta.target.includes(site_id):
+    for version, index, op in ops:
+        name = str(op.get("op"))
+        try:
+            writes = _op_writes(op, current, site_id, version)
+        except RemoteInputError as exc:
+            plan.op_errors.append(OpError(version, index, name, str(exc)))
             continue
-        plan.for_site.append(delta.version)
-        for index, op in enumerate(delta.ops):
-            name = str(op.get("op"))
-            try:
-                writes = _op_writes(op, current, site_id, delta.version)
-            except RemoteInputError as exc:
-                plan.op_errors.append(OpError(delta.version, index, name, str(exc)))
-                continue
-            for write in writes:
-                overlay[(write.table, write.key)] = write.value if isinstance(write, Put) else None
-            plan.ops.extend(writes)
+        for write in writes:
+            overlay[(write.table, write.key)] = write.value if isinstance(write, Put) else None
+        plan.ops.extend(writes)
     # All or nothing: a leader that verified against a trust record another leader has
     # since replaced must not write the apps of deltas that are already applied.
     guarded = [*plan.ops, Put(SYSTEM_TABLE, TRUST_KEY, orjson.dumps(new_state.to_json()))]
@@ -616,3 +648,4 @@ class CommitOutcome:
     op_errors: list[dict[str, Any]] = field(default_factory=list)
     state: TrustState | None = None
     conflict: bool = False  # another committer moved the trust state first
+    snapshot_rejected: SnapshotRejected | None = None  # ``SiteLink.commit_snapshot``

@@ -209,6 +209,18 @@ class LinkClient:
         # The signature covers the body string, which re-encoding keeps.
         return head, [orjson.dumps(envelope) for envelope in deltas]
 
+    async def snapshot(self, after: int) -> tuple[bytes, list[bytes]]:
+        """This site's signed snapshot at the hub's head and the root rotations after
+        version ``after`` (``GET /v1/link/snapshot``): (envelope, rotation envelopes), for
+        ``meshorch.fleet.snapshot.verify_snapshot``."""
+        answer = await self._request(
+            "GET", "/v1/link/snapshot", f"after={int(after)}", b"", timeout_s=60.0
+        )
+        snapshot, rotations = answer.get("snapshot"), answer.get("rotations")
+        if not isinstance(snapshot, dict) or not isinstance(rotations, list):
+            raise BadHubAnswer("a snapshot answer is {'snapshot': {...}, 'rotations': [...]}")
+        return orjson.dumps(snapshot), [orjson.dumps(r) for r in rotations]
+
     async def report(self, report: dict[str, Any], timeout_s: float | None = None) -> int:
         """Send a site report; returns the hub's head version."""
         answer = await self._request(

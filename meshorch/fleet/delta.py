@@ -183,7 +183,7 @@ def key_id(key: SigningKey | VerifyKey) -> str:
 def parse_key_id(text: str) -> str:
     """Validate a hex Ed25519 public key as given by an operator; returns it lower-cased."""
     text = text.strip().lower()
-    if len(text) != 64 or not _is_hex(text):
+    if len(text) != 64 or not is_hex(text):
         raise ValueError("an Ed25519 public key is 64 hex characters")
     return text
 
@@ -196,7 +196,7 @@ def _verify_key(hex_key: str) -> VerifyKey:
 _HEX = re.compile("[0-9a-f]*")
 
 
-def _is_hex(text: str) -> bool:
+def is_hex(text: str) -> bool:
     return _HEX.fullmatch(text) is not None
 
 
@@ -277,7 +277,7 @@ def _parse(raw: bytes) -> _Parsed:
         raise _malformed("'body' is a string and 'sigs' a list")
     if not 1 <= len(raw_sigs) <= MAX_SIGNATURES:
         raise _malformed(f"1 to {MAX_SIGNATURES} signatures")
-    sigs = tuple(_parse_sig(s) for s in raw_sigs)
+    sigs = tuple(parse_signature(s) for s in raw_sigs)
     body = body_text.encode()
     try:
         data = orjson.loads(body)
@@ -286,13 +286,14 @@ def _parse(raw: bytes) -> _Parsed:
     return _Parsed(_parse_body(data, digest_of(body)), body, sigs)
 
 
-def _parse_sig(item: object) -> tuple[str, bytes]:
+def parse_signature(item: object) -> tuple[str, bytes]:
+    """One ``{"key", "sig"}`` entry of an envelope; DeltaRejected (malformed) otherwise."""
     if not isinstance(item, dict) or set(item) != {"key", "sig"}:
         raise _malformed("a signature is an object with exactly 'key' and 'sig'")
     key, sig = item["key"], item["sig"]
-    if not isinstance(key, str) or len(key) != 64 or not _is_hex(key):
+    if not isinstance(key, str) or len(key) != 64 or not is_hex(key):
         raise _malformed("a signature's key is 64 lower-case hex characters")
-    if not isinstance(sig, str) or len(sig) != 128 or not _is_hex(sig):
+    if not isinstance(sig, str) or len(sig) != 128 or not is_hex(sig):
         raise _malformed("a signature is 128 lower-case hex characters")
     return key, bytes.fromhex(sig)
 
@@ -310,7 +311,7 @@ def _parse_body(data: object, digest: str) -> Delta:
         raise _malformed("'fleet' is a non-empty string")
     if type(version) is not int or version < 1:
         raise _malformed("'version' is an integer >= 1")
-    if not isinstance(prev, str) or len(prev) != 64 or not _is_hex(prev):
+    if not isinstance(prev, str) or len(prev) != 64 or not is_hex(prev):
         raise _malformed("'prev' is a sha256 hex digest")
     issued_at, expires_at = data["issued_at"], data["expires_at"]
     for name, value in (("issued_at", issued_at), ("expires_at", expires_at)):
@@ -337,7 +338,7 @@ def _parse_body(data: object, digest: str) -> Delta:
         new_key = rotation[0].get("new_key")
         if len(rotation) > 1 or not delta.target.all:
             raise _malformed("a root rotation is the only rotation of a delta that targets all")
-        if not isinstance(new_key, str) or len(new_key) != 64 or not _is_hex(new_key):
+        if not isinstance(new_key, str) or len(new_key) != 64 or not is_hex(new_key):
             raise _malformed("'new_key' is 64 lower-case hex characters")
     return delta
 
@@ -353,27 +354,30 @@ def _parse_target(target: object) -> Target:
 
 
 def _check_signatures(parsed: _Parsed, state: TrustState) -> None:
-    trusted = [(key, sig) for key, sig in parsed.sigs if key in state.trusted_keys]
+    check_signatures(parsed.delta, parsed.body, parsed.sigs, state.trusted_keys)
+
+
+def check_signatures(
+    delta: Delta, body: bytes, sigs: Sequence[tuple[str, bytes]], trusted_keys: frozenset[str]
+) -> None:
+    """A trusted key signed ``body``, every signature verifies, and a rotation is signed by
+    its new key too. Raises DeltaRejected (unknown_key, bad_signature)."""
+    trusted = [(key, sig) for key, sig in sigs if key in trusted_keys]
     if not trusted:
-        raise DeltaRejected(
-            "unknown_key", "not signed by a key this site trusts", parsed.delta.version
-        )
-    for key, sig in parsed.sigs:
-        if not _valid(key, sig, parsed.body):
+        raise DeltaRejected("unknown_key", "not signed by a key this site trusts", delta.version)
+    for key, sig in sigs:
+        if not signature_valid(key, sig, body):
             raise DeltaRejected(
-                "bad_signature", f"signature by {key[:12]}... does not verify",
-                parsed.delta.version,
-            )  # fmt: skip
-    new_key = parsed.delta.rotation_key()
-    if new_key is not None and new_key not in {key for key, _ in parsed.sigs}:
+                "bad_signature", f"signature by {key[:12]}... does not verify", delta.version
+            )
+    new_key = delta.rotation_key()
+    if new_key is not None and new_key not in {key for key, _ in sigs}:
         raise DeltaRejected(
-            "bad_signature",
-            "a root rotation must also be signed by the new key",
-            parsed.delta.version,
+            "bad_signature", "a root rotation must also be signed by the new key", delta.version
         )
 
 
-def _valid(key: str, sig: bytes, body: bytes) -> bool:
+def signature_valid(key: str, sig: bytes, body: bytes) -> bool:
     try:
         _verify_key(key).verify(body, sig)
     except (BadSignatureError, ValueError):

@@ -69,6 +69,7 @@ from meshorch.fleet.apply import (
     encode_rejections,
     merge_link_config,
     plan_apply,
+    plan_snapshot,
     rejection_entry,
 )
 from meshorch.fleet.client import (
@@ -80,11 +81,12 @@ from meshorch.fleet.client import (
     LinkRefused,
     RemoteLinkError,
 )
-from meshorch.fleet.delta import Delta, TrustState, verify_batch
+from meshorch.fleet.delta import Delta, DeltaRejected, TrustState, verify_batch
 from meshorch.fleet.escrow import SiteEscrow
 from meshorch.fleet.forward import StreamForwarder
 from meshorch.fleet.keyrotation import SiteKeyRotation
 from meshorch.fleet.records import LinkRecords
+from meshorch.fleet.snapshot import SnapshotRejected, verify_snapshot
 from meshorch.secrets.service import SiteSecrets
 from meshorch.state.ports import Members, SiteState
 from meshorch.state.tables import APPS_TABLE, SYSTEM_TABLE
@@ -398,6 +400,15 @@ class SiteLink(LinkRecords):
                     logger.info("fleet link: the hub is past version %d; poll again", trust.version)
                     continue
                 head, raws = fetched
+            except LinkRefused as exc:
+                if exc.code != "compacted":
+                    self.last_error = str(exc)
+                    logger.warning("fleet link: fetch: %s", exc)
+                    await asyncio.sleep(backoff.next_s())
+                    continue
+                logger.info("fleet link: the hub compacted past version %d", trust.version)
+                await self._catch_up(client, trust, backoff)
+                continue
             except HubUnreachable as exc:
                 self._lost(exc)
                 await asyncio.sleep(backoff.next_s())
@@ -413,7 +424,7 @@ class SiteLink(LinkRecords):
             if not raws:
                 continue
             try:
-                outcome = await self.commit(raws)
+                outcome = await self.commit(raws, record_stuck=False)
             except ProposalError as exc:
                 logger.warning("fleet link: not committed: %s", exc)
                 await asyncio.sleep(backoff.next_s())
@@ -422,8 +433,99 @@ class SiteLink(LinkRecords):
                 self._report_now.set()
             elif outcome.rejected is not None and outcome.rejected.reason == "gap":
                 await asyncio.sleep(BACKOFF_MIN_S)  # fetch again from the applied version
+            elif outcome.rejected is not None and outcome.rejected.reason == "expired":
+                # The page expired and nothing fresh follows it in the page: the chain
+                # cannot vouch for it, a snapshot can.
+                await self._catch_up(client, trust, backoff, outcome.rejected)
             elif outcome.rejected is not None:
                 await asyncio.sleep(REJECTED_RETRY_S)
+
+    async def _catch_up(
+        self,
+        client: LinkClient,
+        trust: TrustState,
+        backoff: Backoff,
+        stuck: DeltaRejected | None = None,
+    ) -> None:
+        """Too far behind to follow the log: fetch this site's signed snapshot and commit
+        it; the tail follows from its version. ``stuck`` is the delta refusal that led here
+        (recorded when no snapshot can be had, e.g. from a hub without snapshots)."""
+        started = time.monotonic()
+        try:
+            raw, rotations = await client.snapshot(trust.version)
+        except HubUnreachable as exc:
+            self._lost(exc)
+            await asyncio.sleep(backoff.next_s())
+            return
+        except RemoteLinkError as exc:
+            self.last_error = f"no snapshot: {exc}"
+            logger.warning("fleet link: version %d: no snapshot: %s", trust.version, exc)
+            if stuck is not None:
+                now = self.clock()
+                await self._record(
+                    [rejection_entry(stuck.reason, stuck.message, stuck.version, now)]
+                )
+            await asyncio.sleep(REJECTED_RETRY_S)
+            return
+        self._contact()
+        try:
+            outcome = await self.commit_snapshot(raw, rotations)
+        except ProposalError as exc:
+            logger.warning("fleet link: snapshot not committed: %s", exc)
+            await asyncio.sleep(backoff.next_s())
+            return
+        if outcome.snapshot_rejected is not None:
+            await asyncio.sleep(REJECTED_RETRY_S)
+        elif outcome.applied:
+            logger.info(
+                "fleet link: caught up by snapshot from version %d to %d in %.2f s",
+                trust.version,
+                outcome.applied[0],
+                time.monotonic() - started,
+            )
+
+    async def commit_snapshot(self, raw: bytes, rotations: Sequence[bytes]) -> CommitOutcome:
+        """Verify a snapshot against the trust state in Raft and make it the site's
+        desired state in one proposal (``plan_snapshot``). A refused one changes nothing
+        but the rejections (reason ``snapshot_<reason>``). Raises NotConfigured,
+        ProposalError."""
+        raft = self.site
+        async with self._lock:
+            await raft.barrier()
+            record = raft.view.get(SYSTEM_TABLE, TRUST_KEY)
+            if record is None:
+                raise NotConfigured()
+            state = TrustState.from_json(orjson.loads(record.value))
+            now = self.clock()
+            outcome = CommitOutcome(state=state)
+            try:
+                snapshot, after = await asyncio.to_thread(
+                    verify_snapshot, raw, rotations, state, self.site_id, now
+                )
+            except SnapshotRejected as exc:
+                logger.warning("fleet link: %s", exc)
+                outcome.snapshot_rejected = exc
+                entry = rejection_entry(f"snapshot_{exc.reason}", exc.message, exc.version, now)
+                await self._record([entry])
+                return outcome
+            plan = plan_snapshot(snapshot, after, record.mod_index, self.site_id, self._read)
+            results = await raft.propose(plan.ops)
+            if not results[0].ok:
+                outcome.conflict = True
+                logger.warning("fleet link: the trust state moved meanwhile; snapshot not applied")
+                return outcome
+            outcome.applied, outcome.state = plan.applied, after
+            self._recent.clear()  # the versions skipped are not kept
+            outcome.op_errors = [e.rejection(now) for e in plan.op_errors]
+            if outcome.op_errors:
+                await self._record(outcome.op_errors)
+            logger.info(
+                "fleet link: applied the snapshot at version %d (%d operations)",
+                snapshot.version,
+                len(snapshot.ops),
+            )
+        self._report_now.set()
+        return outcome
 
     async def _poll(self, client: LinkClient, after: int) -> tuple[int, list[bytes]] | None:
         """One long-poll for the deltas after ``after``; None when the report loop found
@@ -491,8 +593,11 @@ class SiteLink(LinkRecords):
 
     # -- committing deltas ---------------------------------------------------------------
 
-    async def commit(self, raws: Sequence[bytes]) -> CommitOutcome:
+    async def commit(self, raws: Sequence[bytes], record_stuck: bool = True) -> CommitOutcome:
         """Verify envelopes against the trust state in Raft and commit what passes.
+
+        ``record_stuck`` False: an ``expired`` refusal with nothing accepted is not recorded
+        (the fetch loop catches up by snapshot, and records it if that fails).
 
         Raises NotConfigured when the site has no trust state, ProposalError when Raft
         did not commit.
@@ -515,7 +620,8 @@ class SiteLink(LinkRecords):
                 rejected = result.rejected
                 log = logger.info if rejected.reason == "gap" else logger.warning
                 log("fleet link: delta %s refused: %s", rejected.version, rejected)
-                if rejected.reason != "gap":
+                stuck = rejected.reason == "expired" and not result.accepted
+                if rejected.reason != "gap" and (record_stuck or not stuck):
                     entries.append(
                         rejection_entry(rejected.reason, rejected.message, rejected.version, now)
                     )
