@@ -45,6 +45,13 @@ NEVER_IMPORTED = (
     ("difflib", "a misspelt spec key only (did you mean)"),
 )
 
+# Never mapped into an agent process: (part of a shared object's path, why).
+NEVER_MAPPED = (
+    ("cryptography/hazmat/bindings", "Raft's Fernet takes AES from hashlib's libcrypto"),
+    ("frozenlist/_frozenlist", "the pure Python FrozenList (meshorch/__init__.py)"),
+    ("libstdc++", "loaded by frozenlist's C++ build only"),
+)
+
 # VmRSS of a lone static agent running one instance, measured on 2026-12-06 (Python 3.11,
 # x86_64): about 61 MB, from 70.5 MB before the agent stopped importing what it does not use.
 # A size check, not a timing: an agent that loads the CLI's whole import graph again
@@ -78,6 +85,11 @@ def imported_but_never(modules: list[str]) -> list[str]:
         for prefix, why in NEVER_IMPORTED
         if name == prefix or name.startswith(prefix + ".")
     ]
+
+
+def mapped_but_never(pid: int) -> list[str]:
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    return [f"{part} ({why})" for part, why in NEVER_MAPPED if part in maps]
 
 
 def vm_rss_mb(pid: int) -> float:
@@ -118,6 +130,7 @@ async def test_an_agent_imports_only_what_its_configuration_uses(
         await until("the module list", modules_file.exists, 10)
         modules = modules_file.read_text().split()
         rss_mb = vm_rss_mb(host.pid)
+        mapped = mapped_but_never(host.pid)
         print(f"agent: {len(modules)} modules, VmRSS {rss_mb:.1f} MB")
     finally:
         site.stop()
@@ -125,4 +138,5 @@ async def test_an_agent_imports_only_what_its_configuration_uses(
 
     assert "meshorch.site.agent" in modules and "raft" in modules  # the list is the agent's
     assert imported_but_never(modules) == []
+    assert mapped == []
     assert rss_mb < RSS_BOUND_MB, f"agent VmRSS {rss_mb:.1f} MB, bound {RSS_BOUND_MB} MB"
