@@ -13,6 +13,7 @@ from central_hub import store, tenancy, tokens
 from central_hub.errors import ApiError
 from central_hub.ledger import Ledger, Txn
 from central_hub.model import DEFAULT_TENANT, is_id, plain_key
+from central_hub.paging import scan_bound
 from central_hub.store import Store, put_json
 from central_hub.tenancy import unknown_tenant
 from central_hub.tokens import TokenRecord
@@ -69,8 +70,15 @@ class Accounts:
         return await self.ledger.transact(plan)
 
     def list_tenants(self, token: TokenRecord) -> list[dict[str, Any]]:
-        found = self.ledger.store.values_json("tenants")
-        return [t for t in found if tokens.reaches(token, t["id"])]
+        return self.page_tenants(token, None, 2**62)[0]
+
+    def page_tenants(
+        self, token: TokenRecord, after: str | None, limit: int
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """A page of the tenants the token reaches after id ``after`` (paging)."""
+        return self.ledger.store.page(
+            "tenants", after, lambda t: tokens.reaches(token, t["id"]), limit, scan_bound(limit)
+        )
 
     def get_tenant(self, token: TokenRecord, tenant_id: str) -> dict[str, Any]:
         return self._tenant(token, tenant_id, "tenants.read")
@@ -147,12 +155,20 @@ class Accounts:
         return await self.ledger.transact(plan)
 
     def list_tokens(self, caller: TokenRecord, tenant: str | None = None) -> list[TokenRecord]:
-        found = [TokenRecord.from_json(r) for r in self.ledger.store.values_json("tokens")]
-        return [
-            t
-            for t in found
-            if tokens.reaches(caller, t.tenant) and (tenant is None or t.tenant == tenant)
-        ]
+        return self.page_tokens(caller, tenant, None, 2**62)[0]
+
+    def page_tokens(
+        self, caller: TokenRecord, tenant: str | None, after: str | None, limit: int
+    ) -> tuple[list[TokenRecord], str | None]:
+        """A page of the tokens the caller reaches (of ``tenant`` only, when given) after
+        id ``after`` (paging)."""
+
+        def mine(record: dict[str, Any]) -> bool:
+            owner = str(record["tenant"])
+            return tokens.reaches(caller, owner) and (tenant is None or owner == tenant)
+
+        found, last = self.ledger.store.page("tokens", after, mine, limit, scan_bound(limit))
+        return [TokenRecord.from_json(r) for r in found], last
 
     async def delete_token(self, caller: TokenRecord, token_id: str) -> None:
         def plan(txn: Txn) -> None:

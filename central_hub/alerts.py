@@ -6,12 +6,15 @@ its condition appears, keeps it while it holds (an acknowledgement sticks until 
 clears), and clears it when the condition is gone. Ids are stable
 (``kind:site[:subject]``), so an alert that clears and comes back is a new firing.
 
-The book does no I/O: ``update`` returns what changed (``Changes``: fired, cleared) and
-the service keeps the active alerts in its store (``to_record``/``from_record``), written
-on fire, acknowledgement and clear. At start ``restore`` puts them back: one whose
-condition still holds keeps its id, ``since`` and acknowledgement; one whose condition is
-gone is cleared, but only once the hub knows, i.e. its site was heard from since the
-start or ``hold_until`` has passed (a hub down for a while first sees every site stale).
+``update`` takes the conditions of the whole fleet; ``update_site`` those of one site
+and touches only that site's alerts (the hub evaluates a site when its state changes:
+O(1) in the number of sites). The book does no I/O: both return what changed
+(``Changes``: fired, cleared) and the service keeps the active alerts in its store
+(``to_record``, ``from_record``), written on fire, acknowledgement and clear. At start
+``restore`` puts them back: one whose condition still holds keeps its id, ``since`` and
+acknowledgement; one whose condition is gone is cleared, but only once the hub knows,
+i.e. its site was heard from since the start or ``hold_until`` has passed (a hub down for
+a while first sees every site stale).
 
 Kinds: ``site_offline`` (no report or gossip within the stale window), ``site_lagging``
 (applied delta version behind the head for longer than ``lag_s``), ``app_unhealthy`` (an
@@ -22,7 +25,7 @@ threshold).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Container, Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -211,13 +214,14 @@ class AlertBook:
     def __init__(self) -> None:
         self.active: dict[str, Alert] = {}
         self.resolved: list[Alert] = []
+        self._of_site: dict[str, set[str]] = {}  # site -> ids of its active alerts
         self._restored: set[str] = set()  # put back by restore, condition not seen since
         self._hold_until = 0.0
 
     def restore(self, stored: Iterable[Alert], hold_until: float) -> None:
         """Alerts kept by an earlier run (see the module docstring)."""
         for alert in stored:
-            self.active[alert.id] = alert
+            self._add(alert)
             self._restored.add(alert.id)
         self._hold_until = hold_until
 
@@ -225,17 +229,58 @@ class AlertBook:
         self, current: Iterable[Condition], now: float, heard: Container[str] = ()
     ) -> Changes:
         """``heard``: the sites heard from since the hub started."""
-        changes = Changes([], [])
         holding = {c.id: c for c in current}
-        for alert_id in [a for a in self.active if a not in holding]:
+        gone = [a for a in self.active if a not in holding]
+        return self._apply(holding, gone, now, lambda site: site in heard)
+
+    def update_site(
+        self, site: str, current: Iterable[Condition], now: float, heard: bool
+    ) -> Changes:
+        """``update`` for one site: ``current`` are its conditions (of no other site), and
+        only its alerts may fire or clear. ``heard``: whether it was heard from since the
+        hub started."""
+        holding = {c.id: c for c in current}
+        gone = [a for a in self._of_site.get(site, ()) if a not in holding]
+        return self._apply(holding, gone, now, lambda _: heard)
+
+    def holds_restored(self, site: str) -> bool:
+        """Whether a restored alert of ``site`` is kept only until the hold ends."""
+        return any(a in self._restored for a in self._of_site.get(site, ()))
+
+    @property
+    def hold_until(self) -> float:
+        return self._hold_until
+
+    def _add(self, alert: Alert) -> None:
+        self.active[alert.id] = alert
+        self._of_site.setdefault(alert.site, set()).add(alert.id)
+
+    def _remove(self, alert_id: str) -> Alert:
+        alert = self.active.pop(alert_id)
+        ids = self._of_site.get(alert.site)
+        if ids is not None:
+            ids.discard(alert_id)
+            if not ids:
+                del self._of_site[alert.site]
+        return alert
+
+    def _apply(
+        self,
+        holding: Mapping[str, Condition],
+        gone: Iterable[str],
+        now: float,
+        heard: Callable[[str], bool],
+    ) -> Changes:
+        changes = Changes([], [])
+        for alert_id in list(gone):
             if (
                 alert_id in self._restored
                 and now < self._hold_until
-                and self.active[alert_id].site not in heard
+                and not heard(self.active[alert_id].site)
             ):
                 continue  # restored, and the hub does not know its site's state yet
             self._restored.discard(alert_id)
-            cleared = replace(self.active.pop(alert_id), cleared_at=now)
+            cleared = replace(self._remove(alert_id), cleared_at=now)
             self.resolved.append(cleared)
             changes.cleared.append(cleared)
         del self.resolved[:-RESOLVED_KEPT]
@@ -243,13 +288,15 @@ class AlertBook:
             self._restored.discard(alert_id)
             alert = self.active.get(alert_id)
             if alert is None:
-                self.active[alert_id] = Alert(
-                    alert_id,
-                    condition.kind,
-                    condition.site,
-                    condition.message,
-                    now,
-                    condition.tenant,
+                self._add(
+                    Alert(
+                        alert_id,
+                        condition.kind,
+                        condition.site,
+                        condition.message,
+                        now,
+                        condition.tenant,
+                    )
                 )
                 changes.fired.append(self.active[alert_id])
             elif alert.message != condition.message:

@@ -50,6 +50,8 @@ from central_hub.releases import RELEASES_ROUTES
 from central_hub.routing import (
     HUB_KEY,
     MAX_BODY_KEY,
+    PAGE_QUERIES,
+    SELECTOR_QUERY,
     SIGNER_KEY,
     SITE_KEY,
     TOKEN_KEY,
@@ -59,6 +61,7 @@ from central_hub.routing import (
     error_response,
     hub_of,
     json_response,
+    page_query,
     query_int,
     query_seconds,
     query_tenant,
@@ -310,8 +313,12 @@ async def create_token(request: web.Request) -> web.Response:
 
 
 async def list_tokens(request: web.Request) -> web.Response:
-    found = hub_of(request).accounts.list_tokens(token_of(request), query_tenant(request))
-    return json_response({"tokens": [t.public_json() for t in found]})
+    page = page_query(request, "tokens")
+    found, last = hub_of(request).accounts.page_tokens(
+        token_of(request), query_tenant(request), page.after, page.limit
+    )
+    tokens_json = [t.public_json() for t in found]
+    return json_response({"tokens": tokens_json, "next_cursor": page.next_cursor(last)})
 
 
 async def delete_token(request: web.Request) -> web.Response:
@@ -331,7 +338,9 @@ async def create_tenant(request: web.Request) -> web.Response:
 
 
 async def list_tenants(request: web.Request) -> web.Response:
-    return json_response({"tenants": hub_of(request).accounts.list_tenants(token_of(request))})
+    page = page_query(request, "tenants")
+    found, last = hub_of(request).accounts.page_tenants(token_of(request), page.after, page.limit)
+    return json_response({"tenants": found, "next_cursor": page.next_cursor(last)})
 
 
 async def get_tenant(request: web.Request) -> web.Response:
@@ -379,7 +388,11 @@ async def create_site(request: web.Request) -> web.Response:
 
 
 async def list_sites(request: web.Request) -> web.Response:
-    return json_response({"sites": hub_of(request).sites.list_sites(token_of(request))})
+    page = page_query(request, "sites", selector=True)
+    found, last = hub_of(request).sites.page_sites(
+        token_of(request), page.after, page.limit, page.selector
+    )
+    return json_response({"sites": found, "next_cursor": page.next_cursor(last)})
 
 
 async def get_site(request: web.Request) -> web.Response:
@@ -450,8 +463,11 @@ async def create_app(request: web.Request) -> web.Response:
 
 
 async def list_apps(request: web.Request) -> web.Response:
-    found = hub_of(request).deployments.list_apps(token_of(request), query_tenant(request))
-    return json_response({"apps": found})
+    page = page_query(request, "apps")
+    found, last = hub_of(request).deployments.page_apps(
+        token_of(request), query_tenant(request), page.after, page.limit
+    )
+    return json_response({"apps": found, "next_cursor": page.next_cursor(last)})
 
 
 async def get_app(request: web.Request) -> web.Response:
@@ -516,13 +532,14 @@ ROUTES: tuple[Route, ...] = (
           response="NewToken", status=201),
     Route("GET", "/v1/tokens", list_tokens, "tokens.read",
           "List the tokens of the caller's tenant (fleet admin: all; no secrets)",
-          response="TokenList", query=(_TENANT_FILTER,)),
+          response="TokenList", query=(_TENANT_FILTER, *PAGE_QUERIES)),
     Route("DELETE", "/v1/tokens/{id}", delete_token, "tokens.delete", "Revoke a token",
           response="Deleted"),
     Route("POST", "/v1/tenants", create_tenant, "tenants.create", "Create a tenant",
           request="TenantRequest", response="Tenant", status=201),
     Route("GET", "/v1/tenants", list_tenants, "tenants.read",
-          "Tenants (fleet-wide tokens: all; others: their own)", response="TenantList"),
+          "Tenants (fleet-wide tokens: all; others: their own); paginated",
+          response="TenantList", query=PAGE_QUERIES),
     Route("GET", "/v1/tenants/{id}", get_tenant, "tenants.read", "One tenant",
           response="Tenant"),
     Route("DELETE", "/v1/tenants/{id}", delete_tenant, "tenants.delete",
@@ -542,8 +559,10 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/sites", create_site, "sites.create",
           "Register a site (without public_key the answer has an enroll_token)",
           request="SiteRequest", response="NewSite", status=201),
-    Route("GET", "/v1/sites", list_sites, "sites.read", "The fleet view: every site and its health",
-          response="SiteList"),
+    Route("GET", "/v1/sites", list_sites, "sites.read",
+          "The fleet view: sites and their health, in id order, paginated (follow "
+          "next_cursor) and filtered by labels (selector)",
+          response="SiteList", query=(*PAGE_QUERIES, SELECTOR_QUERY)),
     Route("GET", "/v1/sites/{id}", get_site, "sites.read",
           "One site with hosts, instances and rejections from its latest report (a tenant "
           "token sees the site's health and only its tenant's apps and instances)",
@@ -570,8 +589,9 @@ ROUTES: tuple[Route, ...] = (
           "Deploy an application version with a placement policy (202 new, 200 repeated); "
           "tenant: the token's (a fleet-wide token may name one; default 'default')",
           request="AppRequest", response="Deployment", status=202),
-    Route("GET", "/v1/apps", list_apps, "apps.read", "List the tenant's applications",
-          response="AppList", query=(_TENANT_FILTER,)),
+    Route("GET", "/v1/apps", list_apps, "apps.read",
+          "List the tenant's applications, in name order, paginated",
+          response="AppList", query=(_TENANT_FILTER, *PAGE_QUERIES)),
     Route("GET", "/v1/apps/{name}", get_app, "apps.read",
           "An application: spec, placement, current deployment, per-site status",
           response="AppDetail"),

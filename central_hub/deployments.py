@@ -18,6 +18,7 @@ from central_hub.accounts import Accounts
 from central_hub.errors import ApiError, InputProblems
 from central_hub.ledger import Ledger, Txn
 from central_hub.model import DEFAULT_TENANT, is_id, plain_key
+from central_hub.paging import scan_bound
 from central_hub.reports import Reports
 from central_hub.store import Store
 from central_hub.tokens import TokenRecord
@@ -81,11 +82,22 @@ class Deployments:
         return fleetview.app_status(self.reports.latest(site), app)
 
     def list_apps(self, token: TokenRecord, tenant: str | None = None) -> list[dict[str, Any]]:
+        return self.page_apps(token, tenant, None, 2**62)[0]
+
+    def page_apps(
+        self, token: TokenRecord, tenant: str | None, after: str | None, limit: int
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """A page of ``GET /v1/apps`` (``central_hub.paging``): the token's tenant's
+        applications (of ``tenant`` only, when given) after name ``after``, and the last
+        name read (None: nothing follows)."""
+
+        def mine(app: dict[str, Any]) -> bool:
+            owner = app.setdefault("tenant", DEFAULT_TENANT)
+            return tokens.reaches(token, owner) and tenant in (None, owner)
+
+        apps, last = self.ledger.store.page("apps", after, mine, limit, scan_bound(limit))
         found = []
-        for app in self.ledger.store.values_json("apps"):
-            app.setdefault("tenant", DEFAULT_TENANT)
-            if not tokens.reaches(token, app["tenant"]) or tenant not in (None, app["tenant"]):
-                continue
+        for app in apps:
             dep = self.deployment_or_none(app["deployment"])
             found.append(
                 {
@@ -97,7 +109,7 @@ class Deployments:
                     "sites": app["sites"],
                 }
             )
-        return found
+        return found, last
 
     def get_app(self, token: TokenRecord, name: str) -> dict[str, Any]:
         app = self._app(token, name)

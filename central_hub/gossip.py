@@ -160,6 +160,8 @@ class HubGossip:
         self._anchors: frozenset[str] = frozenset()
         self._summaries: dict[str, tuple[dict[str, Any], float]] = {}
         self._answers = RateLimit(ANSWER_INTERVAL_S)
+        # Called with a site's id when a newer summary of it is kept (the alerts).
+        self.listeners: list[Callable[[str], None]] = []
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -335,6 +337,8 @@ class HubGossip:
             return
         self._summaries[site_id] = (summary, now)
         self.stats.summaries += 1
+        for listener in self.listeners:
+            listener(site_id)
 
     def _on_app_message(self, sender: str, body: bytes) -> None:
         try:

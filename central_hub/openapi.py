@@ -38,6 +38,18 @@ _HEX64: Schema = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
 _NULLABLE_NUM: Schema = {"type": ["number", "null"]}
 _ID: Schema = {"type": "string", "pattern": "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"}
 _LABELS: Schema = {"type": "object", "additionalProperties": {"type": "string"}}
+# The cursor of the next page of a paginated listing; null on the last page.
+_CURSOR: Schema = {"type": ["string", "null"]}
+PAGINATION = (
+    "Listings of sites, applications, tokens, tenants and secrets are paginated in key "
+    "order (keyset: a walk started before records were added or removed returns every "
+    "record present throughout exactly once): `limit` (1-1000, default 100) and `cursor`, "
+    "the `next_cursor` of the previous page, null on the last one. A cursor is opaque, "
+    "and good for its listing and the caller's tenant only (else 400 bad_cursor); a "
+    "filtered page may hold fewer than `limit` items while more follow. Sites are "
+    "filtered by labels with `selector` (key=value, key!=value, key, !key; "
+    "comma-separated, all must hold; 400 bad_selector)."
+)
 
 SCHEMAS: dict[str, Schema] = {
     "Empty": {"type": "object"},
@@ -171,7 +183,7 @@ SCHEMAS: dict[str, Schema] = {
             _obj(["token"], token={"type": "string", "pattern": "^mht_[0-9a-f]+_[0-9a-f]+$"}),
         ]
     },
-    "TokenList": _obj(["tokens"], tokens=_list(_ref("Token"))),
+    "TokenList": _obj(["tokens", "next_cursor"], tokens=_list(_ref("Token")), next_cursor=_CURSOR),
     "TenantRequest": _obj(["id"], id=_ID, description=_STR),
     "Tenant": _obj(
         ["id", "description", "created_at", "quota"],
@@ -180,7 +192,9 @@ SCHEMAS: dict[str, Schema] = {
         created_at=_NUM,
         quota={"oneOf": [_ref("Quota"), {"type": "null"}]},
     ),
-    "TenantList": _obj(["tenants"], tenants=_list(_ref("Tenant"))),
+    "TenantList": _obj(
+        ["tenants", "next_cursor"], tenants=_list(_ref("Tenant")), next_cursor=_CURSOR
+    ),
     "TenantDeleted": _obj(["deleted"], deleted=_ID, revoked_tokens=_list(_STR)),
     "Quota": _obj(
         [],
@@ -258,7 +272,9 @@ SCHEMAS: dict[str, Schema] = {
         "is fresh; a tenant token's counts cover its tenant's applications only "
         "(docs/fleet-link.md)",
     },
-    "SiteList": _obj(["sites"], sites=_list(_ref("SiteSummary"))),
+    "SiteList": _obj(
+        ["sites", "next_cursor"], sites=_list(_ref("SiteSummary")), next_cursor=_CURSOR
+    ),
     "SiteDetail": {
         "allOf": [
             _ref("SiteSummary"),
@@ -334,7 +350,7 @@ SCHEMAS: dict[str, Schema] = {
         deployment={"type": ["object", "null"]},
         sites=_list(_ID),
     ),
-    "AppList": _obj(["apps"], apps=_list(_ref("AppSummary"))),
+    "AppList": _obj(["apps", "next_cursor"], apps=_list(_ref("AppSummary")), next_cursor=_CURSOR),
     "AppDetail": _obj(
         ["name", "spec", "placement", "deployment", "sites"],
         name=_ID,
@@ -390,7 +406,9 @@ SCHEMAS.update(
             placement={"type": "object"}, created_at=_NUM, updated_at=_NUM,
             targets=_list(_ID), sites={"type": "object", "additionalProperties": _SECRET_SITE},
         ),
-        "SecretList": _obj(["secrets"], secrets=_list(_ref("Secret"))),
+        "SecretList": _obj(
+            ["secrets", "next_cursor"], secrets=_list(_ref("Secret")), next_cursor=_CURSOR
+        ),
         "SecretDeleted": _obj(
             ["deleted", "tenant"], deleted=_STR, tenant=_ID,
             delta={"type": ["integer", "null"]}, sites=_list(_ID),
@@ -496,7 +514,7 @@ def document(routes: Sequence[Route]) -> dict[str, Any]:
             "title": "meshorch central hub",
             "version": "1",
             "description": "Operators declare applications and placement; sites fetch signed "
-            "deltas over their own link (docs/fleet-link.md).",
+            "deltas over their own link (docs/fleet-link.md). " + PAGINATION,
         },
         "paths": paths,
         "components": {"schemas": SCHEMAS, "securitySchemes": _SECURITY_SCHEMES},

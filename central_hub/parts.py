@@ -50,8 +50,14 @@ class HubParts:
             gossip=lambda: self.gossip,
         )
         self.snapshots = Snapshots(self.ledger, self.reports, c.delta_keep, c.compact_every_s)
+        self.sites.listeners.append(self.vault.site_changed)
         self.alerting = Alerting(
-            self.ledger, self.reports, self.sites.list_sites, c.alert_thresholds, c.site_stale_s
+            self.ledger,
+            self.reports,
+            self.sites,
+            c.alert_thresholds,
+            hold_s=c.site_stale_s,
+            stale_s=c.site_stale_s,
         )
 
     def _appended(self) -> None:

@@ -19,16 +19,20 @@ from central_hub.store import Store, put_json
 logger = logging.getLogger(__name__)
 
 Received = tuple[dict[str, Any], float]  # a report and when the hub received it
+# Called when a report is kept: the site, its previous report (None: none), the new one.
+Listener = Callable[[str, dict[str, Any] | None, dict[str, Any]], None]
 
 
 class Reports:
     """The sites' latest reports (see the module docstring). ``on_report`` is called
-    when a report is kept (the hub wakes its rollout driver)."""
+    when a report is kept (the hub wakes its rollout driver); each of ``listeners`` with
+    the site and its previous and new reports (the alerts, the vault: O(1) each)."""
 
     def __init__(self, ledger: Ledger, on_report: Callable[[], None] | None = None) -> None:
         self.ledger = ledger
         self.on_report = on_report
         self._reports: dict[str, Received] = {}
+        self.listeners: list[Listener] = []
 
     def restore(self, store: Store) -> None:
         """The reports kept by the last run."""
@@ -57,6 +61,8 @@ class Reports:
             logger.info("site %s: a report overtaken by a newer one, ignored", site_id)
             return False
         self._reports[site_id] = (report, now)
+        for listener in self.listeners:
+            listener(site_id, None if previous is None else previous[0], report)
         if self.on_report is not None:
             self.on_report()
 

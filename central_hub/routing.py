@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import orjson
 from aiohttp import web
 
-from central_hub import authz
+from central_hub import authz, paging
 from central_hub.errors import ApiError
 from central_hub.model import validate_tenant
 from central_hub.tokens import TokenRecord
@@ -146,3 +146,62 @@ def query_seconds(request: web.Request, name: str, default: float, high: float) 
     if not 0 <= value <= high:  # also refuses NaN
         raise ApiError(400, f"bad_{name}", f"{name} must be a number of seconds from 0 to {high}")
     return value
+
+
+@dataclass(frozen=True, slots=True)
+class PageQuery:
+    """``limit``, ``cursor`` and ``selector`` of a paginated list route
+    (``central_hub.paging``), read for the caller's token."""
+
+    listing: str
+    tenant: str  # the caller's token's: a cursor is good for its tenant only
+    key: bytes
+    after: str | None
+    limit: int
+    selector: paging.Selector
+
+    def next_cursor(self, last: str | None) -> str | None:
+        """The answer's ``next_cursor`` (None on the last page)."""
+        return (
+            None if last is None else paging.make_cursor(self.key, self.listing, self.tenant, last)
+        )
+
+
+def page_query(request: web.Request, listing: str, *, selector: bool = False) -> PageQuery:
+    """The page asked for (400 ``bad_limit``, ``bad_cursor``, ``bad_selector``); a
+    ``selector`` on a listing without labels is refused."""
+    tenant = token_of(request).tenant
+    key = paging.cursor_key(hub_of(request).vault.keys.master)
+    raw_selector = request.query.get("selector")
+    if raw_selector is not None and not selector:
+        raise ApiError(400, "bad_selector", f"{listing} have no labels to select by")
+    return PageQuery(
+        listing,
+        tenant,
+        key,
+        paging.read_cursor(key, request.query.get("cursor"), listing, tenant),
+        paging.parse_limit(request.query.get("limit")),
+        paging.parse_selector(raw_selector),
+    )
+
+
+PAGE_QUERIES = (
+    Query(
+        "limit",
+        "integer",
+        f"at most this many items (1-{paging.MAX_LIMIT}, default {paging.DEFAULT_LIMIT}); a "
+        "filtered page may hold fewer while more follow",
+    ),
+    Query(
+        "cursor",
+        "string",
+        "the next_cursor of the previous page (opaque; good for this listing and the "
+        "caller's tenant only: 400 bad_cursor otherwise)",
+    ),
+)
+SELECTOR_QUERY = Query(
+    "selector",
+    "string",
+    "label selector: key=value, key!=value, key (has the label) or !key, comma-separated, "
+    "all must hold",
+)

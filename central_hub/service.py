@@ -203,6 +203,7 @@ class Hub:
             except OSError as exc:
                 await self._close_runner_and_store()
                 raise HubConfigError(f"cannot gossip on udp {host}:{port}: {exc}") from None
+            gossip.listeners.append(self.parts.alerting.mark)  # a summary moves its alerts
             self.parts.gossip = gossip
         self._driver = asyncio.create_task(self._drive(), name="hub-rollouts")
         logger.info(

@@ -24,6 +24,7 @@ from central_hub.errors import ApiError
 from central_hub.gossip import HubGossip
 from central_hub.ledger import Ledger, Txn
 from central_hub.model import DEFAULT_TENANT, is_id
+from central_hub.paging import Selector, scan_bound
 from central_hub.reports import Reports
 from central_hub.store import Store
 from central_hub.tokens import TokenRecord
@@ -87,6 +88,16 @@ class Sites:
         self.times = times
         self.secrets = secrets
         self.gossip = gossip
+        # Called with a site's id once a change of it is committed (registered, labels,
+        # key, decommission, deleted): the vault and the alerts update from it.
+        self.listeners: list[Callable[[str], None]] = []
+
+    def _changed(self, txn: Txn, site_id: str) -> None:
+        def notify() -> None:
+            for listener in self.listeners:
+                listener(site_id)
+
+        txn.after.append(notify)
 
     def site(self, site_id: str) -> dict[str, Any]:
         """The site's record; 404 when it is not registered."""
@@ -122,6 +133,7 @@ class Sites:
             answer["public_key"] = public_key
             txn.put("sites", site_id, record)
             txn.changed("site", site_id, None)
+            self._changed(txn, site_id)
             return answer
 
         return await self.ledger.transact(plan)
@@ -132,6 +144,7 @@ class Sites:
             record["labels"] = dict(labels)
             txn.put("sites", site_id, record)
             txn.changed("site", site_id, None, "labels")
+            self._changed(txn, site_id)
             return {"id": site_id, "labels": dict(labels)}
 
         return await self.ledger.transact(plan)
@@ -141,6 +154,7 @@ class Sites:
             self.site(site_id)
             txn.delete("sites", site_id)
             txn.changed("site", site_id, None, "deleted")
+            self._changed(txn, site_id)
             if self.ledger.store.get_json("reports", site_id) is not None:
                 txn.delete("reports", site_id)
             self.deployments.drop_site(txn, site_id)
@@ -170,6 +184,7 @@ class Sites:
             record.update(public_key=public_key, enroll_hash=None, enroll_expires_at=None)
             txn.put("sites", site_id, record)
             txn.changed("site", site_id, None, "enrolled")
+            self._changed(txn, site_id)
 
         await self.ledger.transact(plan)
 
@@ -197,6 +212,7 @@ class Sites:
             )
             txn.put("sites", site_id, record)
             txn.changed("site", site_id, None, f"key rotated to {new_key[:16]}")
+            self._changed(txn, site_id)
             return {"site": site_id, "public_key": new_key, "rotated": True}
 
         answer = await self.ledger.transact(plan)
@@ -228,6 +244,7 @@ class Sites:
             )
             txn.put("sites", site_id, record)
             txn.changed("site", site_id, None, f"key set by an operator to {public_key[:16]}")
+            self._changed(txn, site_id)
             return {"site": site_id, "public_key": public_key, "rotated": True}
 
         return await self.ledger.transact(plan)
@@ -243,6 +260,7 @@ class Sites:
             record["decommission"] = {"delta": version, "requested_at": txn.now}
             txn.put("sites", site_id, record)
             txn.changed("site", site_id, None, "decommissioning")
+            self._changed(txn, site_id)
             return {"site": site_id, "delta": version, "state": "requested"}
 
         return await self.ledger.transact(plan)
@@ -264,23 +282,50 @@ class Sites:
         gossip = self.gossip()
         return None if gossip is None else gossip.summary_of(site_id)
 
+    def _summary(
+        self, site: Mapping[str, Any], now: float, visible: set[str] | None
+    ) -> dict[str, Any]:
+        t = self.times
+        return fleetview.site_summary(
+            site,
+            *self.reports.view_args(site["id"]),
+            now,
+            t.site_stale_s,
+            t.rejection_window_s,
+            gossip=self._gossip_of(site["id"]),
+            visible_apps=visible,
+        )
+
     def list_sites(self, token: TokenRecord | None = None) -> list[dict[str, Any]]:
         """Every site's summary; a tenant token's ``counts`` cover its tenant's apps only
-        (None: the hub's own, fleet-wide view)."""
-        now, t = self.ledger.now(), self.times
+        (None: the hub's own, fleet-wide view). O(sites): for the metrics' scrape; the
+        API pages (``page_sites``)."""
+        now = self.ledger.now()
         visible = None if token is None else self._visible_apps(token)
         return [
-            fleetview.site_summary(
-                site,
-                *self.reports.view_args(site["id"]),
-                now,
-                t.site_stale_s,
-                t.rejection_window_s,
-                gossip=self._gossip_of(site["id"]),
-                visible_apps=visible,
-            )
-            for site in self.ledger.store.values_json("sites")
+            self._summary(site, now, visible) for site in self.ledger.store.values_json("sites")
         ]
+
+    def page_sites(
+        self, token: TokenRecord, after: str | None, limit: int, selector: Selector
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """A page of ``GET /v1/sites`` (``central_hub.paging``): the summaries of at most
+        ``limit`` sites after id ``after`` whose labels match ``selector``, and the last
+        id read (None: no site follows)."""
+        now = self.ledger.now()
+        visible = self._visible_apps(token)
+        found, last = self.ledger.store.page(
+            "sites", after, lambda site: selector.matches(site["labels"]), limit, scan_bound(limit)
+        )
+        return [self._summary(site, now, visible) for site in found], last
+
+    def summary(self, site_id: str) -> dict[str, Any] | None:
+        """One site's fleet-wide summary (None: not registered), for the alerts."""
+        site = site_or_none(self.ledger.store, site_id)
+        return None if site is None else self._summary(site, self.ledger.now(), None)
+
+    def site_ids(self) -> list[str]:
+        return self.ledger.store.keys("sites")
 
     def _visible_apps(self, token: TokenRecord) -> set[str] | None:
         """The applications a tenant token sees at sites (None: a fleet token, all)."""

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +105,58 @@ class Store:
         """Every (key, raw value) of ``db``: for records the caller parses one by one."""
         with self._env.begin(db=self._dbs[db]) as txn:
             return [(bytes(k).decode(errors="replace"), bytes(v)) for k, v in txn.cursor()]
+
+    def values_with_prefix(self, db: str, prefix: str) -> list[tuple[str, Any]]:
+        """(key, JSON value) of the keys of ``db`` starting with ``prefix``, in key order:
+        a range read, whatever else ``db`` holds."""
+        start = prefix.encode()
+        found: list[tuple[str, Any]] = []
+        with self._env.begin(db=self._dbs[db]) as txn:
+            cursor = txn.cursor()
+            if not cursor.set_range(start):
+                return found
+            for key, value in _iterate(cursor):
+                if not bytes(key).startswith(start):
+                    break
+                found.append((bytes(key).decode(errors="replace"), orjson.loads(value)))
+        return found
+
+    def page(
+        self,
+        db: str,
+        after: str | None,
+        accept: Callable[[Any], bool],
+        limit: int,
+        scan: int,
+        prefix: str = "",
+    ) -> tuple[list[Any], str | None]:
+        """Keyset pagination over ``db`` in key order: the JSON values after key ``after``
+        (None: from the first) that ``accept``, at most ``limit`` of them, reading at most
+        ``scan`` records (of keys starting with ``prefix``). The second item is where the
+        next page starts (the last key read), None when nothing follows."""
+        found: list[Any] = []
+        last: str | None = None
+        read = 0
+        with self._env.begin(db=self._dbs[db]) as txn:
+            cursor = txn.cursor()
+            first = prefix.encode()
+            start = first if after is None else max(after.encode(), first)
+            if not cursor.set_range(start):
+                return found, None
+            for key, value in _iterate(cursor):
+                if not bytes(key).startswith(first):
+                    break
+                name = bytes(key).decode(errors="replace")
+                if after is not None and bytes(key) == after.encode():
+                    continue
+                if len(found) >= limit or read >= scan:
+                    return found, last
+                read += 1
+                last = name
+                record = orjson.loads(value)
+                if accept(record):
+                    found.append(record)
+        return found, None
 
     def keys(self, db: str) -> list[str]:
         with self._env.begin(db=self._dbs[db]) as txn:

@@ -29,7 +29,7 @@ import base64
 import binascii
 import logging
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -231,10 +231,14 @@ class Distribution:
 
 
 def plan_distribution(
-    record: Mapping[str, Any], targets: Iterable[str], site_keys: Mapping[str, str | None]
+    record: Mapping[str, Any],
+    targets: Iterable[str],
+    site_keys: Mapping[str, str | None],
+    only: Collection[str] | None = None,
 ) -> Distribution:
     """Sites that should get the record's version sealed to their current key and have
-    not yet, and sites that were sent it but are no longer targets."""
+    not yet, and sites that were sent it but are no longer targets. ``only``: consider
+    these sites alone (``targets`` is then among them); None: every site."""
     wanted = set(targets)
     issued: Mapping[str, Mapping[str, Any]] = record["issued"]
     put = {}
@@ -245,7 +249,8 @@ def plan_distribution(
         sent = issued.get(site)
         if sent is None or (sent["version"], sent["key"]) != (record["version"], key):
             put[site] = key
-    delete = tuple(sorted(set(issued) - wanted))
+    gone = set(issued) - wanted
+    delete = tuple(sorted(gone if only is None else gone.intersection(only)))
     return Distribution(put, delete)
 
 

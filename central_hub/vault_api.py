@@ -13,11 +13,13 @@ from aiohttp import web
 from central_hub import vault
 from central_hub.errors import ApiError
 from central_hub.routing import (
+    PAGE_QUERIES,
     Handler,
     Query,
     Route,
     hub_of,
     json_response,
+    page_query,
     read,
     read_json,
     site_of,
@@ -41,7 +43,9 @@ async def create_secret(request: web.Request) -> web.Response:
 
 
 async def list_secrets(request: web.Request) -> web.Response:
-    return json_response({"secrets": hub_of(request).vault.list_secrets(token_of(request))})
+    page = page_query(request, "secrets")
+    found, last = hub_of(request).vault.page_secrets(token_of(request), page.after, page.limit)
+    return json_response({"secrets": found, "next_cursor": page.next_cursor(last)})
 
 
 async def get_secret(request: web.Request) -> web.Response:
@@ -108,7 +112,8 @@ VAULT_ROUTES: tuple[Route, ...] = (
           request="SecretRequest", response="Secret", status=201),
     Route("GET", "/v1/secrets", list_secrets, "secrets.read",
           "The secrets the token's tenants can see: versions, target sites, per-site "
-          "delivery state (never a value)", response="SecretList"),
+          "delivery state (never a value); paginated", response="SecretList",
+          query=PAGE_QUERIES),
     Route("GET", "/v1/secrets/{name}", get_secret, "secrets.read",
           "One secret (never its value)", response="Secret", query=(_TENANT,)),
     Route("DELETE", "/v1/secrets/{name}", delete_secret, "secrets.write",

@@ -11,12 +11,13 @@ access to a secret or an unseal key is audited in the transaction that makes it.
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 from central_hub import tokens
 from central_hub.errors import ApiError
 from central_hub.ledger import Ledger, Txn
+from central_hub.paging import scan_bound
 from central_hub.reports import Reports
 from central_hub.sites import require_site
 from central_hub.tokens import TokenRecord
@@ -36,7 +37,6 @@ from central_hub.vault import (
     escrow_context,
     fleet_wide,
     locked_down,
-    names_in,
     new_version,
     parse_escrow_upload,
     plan_distribution,
@@ -59,6 +59,25 @@ class VaultService:
         self.ledger = ledger
         self.reports = reports
         self._keys: HubKeys | None = None
+        # What distribution must look at again (the driver's check costs O(these), not
+        # O(sites)): sites whose labels, registration or reported secrets key changed
+        # (site -> a change number), and every site once after the start.
+        self._pending: dict[str, int] = {}
+        self._pending_all = 1
+        self._changes = 1
+        reports.listeners.append(self._reported)
+
+    def site_changed(self, site: str) -> None:
+        """A site was registered, deleted or relabelled (``Sites.listeners``)."""
+        self._changes += 1
+        self._pending[site] = self._changes
+
+    def _reported(
+        self, site: str, previous: Mapping[str, Any] | None, report: Mapping[str, Any]
+    ) -> None:
+        before = None if previous is None else previous.get("secrets_public_key")
+        if report.get("secrets_public_key") != before:
+            self.site_changed(site)
 
     def open(self) -> None:
         """Read or create the key files (in the thread that opens the data dir)."""
@@ -97,17 +116,29 @@ class VaultService:
         return {s: (self._report(s) or {}).get("secrets_public_key") for s in sites}
 
     def _records(self) -> list[dict[str, Any]]:
-        store = self.ledger.store
-        return [store.get_json("meta", k) for k in names_in(store.keys("meta"), SECRET_PREFIX)]
+        """Every secret's record (a range read of the ``meta`` keys of secrets)."""
+        return [dict(r) for _, r in self.ledger.store.values_with_prefix("meta", SECRET_PREFIX)]
+
+    def _some_sites(self, sites: Iterable[str]) -> dict[str, dict[str, str]]:
+        """The labels of those of ``sites`` that are registered."""
+        store, found = self.ledger.store, {}
+        for site in sites:
+            record = store.get_json("sites", site)
+            if record is not None:
+                found[site] = record["labels"]
+        return found
 
     def _meta(self, key: str) -> Any:
         return self.ledger.store.get_json("meta", key)
 
     def _plan(
-        self, record: Mapping[str, Any], sites: Mapping[str, Mapping[str, str]]
+        self,
+        record: Mapping[str, Any],
+        sites: Mapping[str, Mapping[str, str]],
+        only: Collection[str] | None = None,
     ) -> Distribution:
         targets = targets_of(record["placement"], sites)
-        return plan_distribution(record, targets, self._site_keys(targets))
+        return plan_distribution(record, targets, self._site_keys(targets), only)
 
     def _view(self, record: Mapping[str, Any], sites: Mapping[str, Mapping[str, str]]) -> Any:
         targets = targets_of(record["placement"], sites)
@@ -131,8 +162,25 @@ class VaultService:
         return dict(record)
 
     def list_secrets(self, token: TokenRecord) -> list[dict[str, Any]]:
+        return self.page_secrets(token, None, 2**62)[0]
+
+    def page_secrets(
+        self, token: TokenRecord, after: str | None, limit: int
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """A page of ``GET /v1/secrets`` (``central_hub.paging``): the secrets of the
+        token's tenants after the record key ``after``, and the last key read."""
+        found, last = self.ledger.store.page(
+            "meta",
+            after,
+            lambda r: tokens.reaches(token, r["tenant"]),
+            limit,
+            scan_bound(limit),
+            prefix=SECRET_PREFIX,
+        )
+        if not found:
+            return [], last
         sites = self._sites()
-        return [self._view(r, sites) for r in self._records() if tokens.reaches(token, r["tenant"])]
+        return [self._view(r, sites) for r in found], last
 
     def get_secret(self, token: TokenRecord, name: str, tenant: str | None) -> dict[str, Any]:
         record = self._secret(token, self._tenant_of(token, tenant), name)
@@ -141,9 +189,13 @@ class VaultService:
     # -- distribution ---------------------------------------------------------------------
 
     def _distribute(
-        self, txn: Txn, record: dict[str, Any], sites: Mapping[str, Mapping[str, str]]
+        self,
+        txn: Txn,
+        record: dict[str, Any],
+        sites: Mapping[str, Mapping[str, str]],
+        only: Collection[str] | None = None,
     ) -> bool:
-        plan = self._plan(record, sites)
+        plan = self._plan(record, sites, only)
         if plan.put:
             value = secret_value(self.keys.master, record)
             to = Target(sites=frozenset(plan.put))
@@ -160,16 +212,42 @@ class VaultService:
                 del record["issued"][site]
         return bool(plan)
 
+    def _scope(self) -> tuple[dict[str, dict[str, str]], Collection[str] | None]:
+        """The sites distribution must look at (labels) and ``only`` for the plans."""
+        if self._pending_all:
+            return self._sites(), None
+        return self._some_sites(self._pending), set(self._pending)
+
+    def _settled(self, pending_all: int, pending: Mapping[str, int]) -> None:
+        """Forget the changes looked at, unless they changed again meanwhile."""
+        if self._pending_all == pending_all:
+            self._pending_all = 0
+        for site, change in pending.items():
+            if self._pending.get(site) == change:
+                del self._pending[site]
+
     def needs_distribution(self) -> bool:
-        """Whether a secret waits for a site (the driver's cheap check, outside the lock)."""
-        sites = self._sites()
-        return any(self._plan(r, sites) for r in self._records())
+        """Whether a secret waits for a site (the driver's check, outside the lock): O(1)
+        when no site changed since the last look, O(changed sites x secrets) otherwise."""
+        if not self._pending_all and not self._pending:
+            return False
+        pending_all, pending = self._pending_all, dict(self._pending)
+        records = self._records()
+        if records:
+            sites, only = self._scope()
+            if any(self._plan(r, sites, only) for r in records):
+                return True
+        self._settled(pending_all, pending)
+        return False
 
     def distribute(self, txn: Txn) -> None:
-        """Seal every secret to the target sites that do not have its version yet."""
-        sites = self._sites()
+        """Seal every secret to the target sites that do not have its version yet (of
+        the sites changed since the last distribution)."""
+        pending_all, pending = self._pending_all, dict(self._pending)
+        sites, only = self._scope()
+        txn.after.append(lambda: self._settled(pending_all, pending))
         for record in self._records():
-            if self._distribute(txn, record, sites):
+            if self._distribute(txn, record, sites, only):
                 txn.put("meta", secret_record_key(record["tenant"], record["name"]), record)
                 name, version = record["name"], record["version"]
                 self.audit(None, "secrets.distribute", record["tenant"], "secret", name,

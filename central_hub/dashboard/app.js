@@ -155,6 +155,19 @@
 
   const get = (path) => api("GET", path);
 
+  // Every item of a paginated listing (GET path -> {key: [...], next_cursor}), page after page.
+  async function getAll(path, key) {
+    const found = [];
+    let cursor = null;
+    do {
+      const sep = path.includes("?") ? "&" : "?";
+      const page = await get(`${path}${sep}limit=1000${cursor ? `&cursor=${enc(cursor)}` : ""}`);
+      found.push(...list(page[key]));
+      cursor = typeof page.next_cursor === "string" ? page.next_cursor : null;
+    } while (cursor);
+    return found;
+  }
+
   function errorText(err) {
     if (err instanceof HubError) return `${err.code}: ${err.message}`;
     return String((err && err.message) || err);
@@ -436,9 +449,9 @@
     });
 
     return async () => {
-      // One request: the list carries each site's counts (a site's detail is fetched only
+      // One request a page: the list carries each site's counts (a site's detail is fetched only
       // when the operator opens it).
-      const sites = list((await get("/v1/sites")).sites).map(obj).filter((s) => typeof s.id === "string");
+      const sites = (await getAll("/v1/sites", "sites")).map(obj).filter((s) => typeof s.id === "string");
       rows = sites.map((site) => {
         site.health = typeof site.health === "string" ? site.health : "unknown";
         return { site, counts: siteCounts(site), agent: agentVersion(site) };
@@ -687,7 +700,7 @@
     const box = h("div", {});
     root.append(h("section", { class: "panel" }, h("h2", {}, "Applications and rollouts"), box));
     return async () => {
-      const apps = list((await get("/v1/apps")).apps).map(obj).filter((a) => typeof a.name === "string");
+      const apps = (await getAll("/v1/apps", "apps")).map(obj).filter((a) => typeof a.name === "string");
       const details = await mapLimit(apps, DETAIL_PARALLEL, (a) =>
         get(`/v1/apps/${enc(a.name)}`).catch((err) => {
           if (err.status === 401) throw err;

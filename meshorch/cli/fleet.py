@@ -67,6 +67,11 @@ def add_fleet_commands(commands: Any) -> None:
         "application instances.",
     )  # fmt: skip
     sites.add_argument("site", nargs="?", help="a site id: show its hosts and instances")
+    sites.add_argument(
+        "--selector", metavar="KEY=VALUE,...",
+        help="only sites whose labels match (key=value, key!=value, key, !key; all must hold)",
+    )  # fmt: skip
+    _page_flags(sites)
     _hub_flags(sites)
     sites.set_defaults(handler=run_sites)
 
@@ -76,6 +81,7 @@ def add_fleet_commands(commands: Any) -> None:
         "on each site.",
     )  # fmt: skip
     apps.add_argument("name", nargs="?", help="an application: show it per site")
+    _page_flags(apps)
     _hub_flags(apps)
     apps.set_defaults(handler=run_apps)
     _add_tenancy_commands(commands)
@@ -87,6 +93,7 @@ def _add_tenancy_commands(commands: Any) -> None:
         description="List the tenants the token can see, or show one with its quota.",
     )  # fmt: skip
     tenants.add_argument("tenant", nargs="?", help="a tenant id: show it and its quota")
+    _page_flags(tenants)
     _hub_flags(tenants)
     tenants.set_defaults(handler=run_tenants)
 
@@ -97,6 +104,7 @@ def _add_tenancy_commands(commands: Any) -> None:
     )  # fmt: skip
     actions = tokens.add_subparsers(dest="tokens_command", metavar="ACTION")
     listing = actions.add_parser("list", help="the tokens of your tenant (fleet admin: all)")
+    _page_flags(listing)
     _hub_flags(listing)
     listing.set_defaults(handler=run_tokens_list)
     create = actions.add_parser("create", help="create a token and print it once")
@@ -109,6 +117,7 @@ def _add_tenancy_commands(commands: Any) -> None:
     create.add_argument("--expires-in", type=float, metavar="SECONDS", help="lifetime")
     _hub_flags(create)
     create.set_defaults(handler=run_tokens_create)
+    _page_flags(tokens)
     _hub_flags(tokens)
     tokens.set_defaults(handler=run_tokens_list)
 
@@ -136,6 +145,42 @@ def _hub_flags(parser: argparse.ArgumentParser) -> None:
 
 
 # -- HTTP ---------------------------------------------------------------------------
+
+
+def _page_flags(parser: argparse.ArgumentParser) -> None:
+    """``--limit`` and ``--cursor`` of a listing (without them: every page)."""
+    parser.add_argument(
+        "--limit", type=int, metavar="N",
+        help="one page of at most N items, then the cursor of the next (default: all pages)",
+    )  # fmt: skip
+    parser.add_argument("--cursor", help="the page after this cursor (printed by --limit)")
+
+
+def hub_list(
+    args: argparse.Namespace, path: str, key: str, query: dict[str, str] | None = None
+) -> list[Any]:
+    """A paginated listing of the hub (``GET path``): every page, following ``next_cursor``;
+    with ``--limit`` or ``--cursor``, that one page, and the next cursor on stderr."""
+    from urllib.parse import urlencode
+
+    params = dict(query or {})
+    limit, cursor = getattr(args, "limit", None), getattr(args, "cursor", None)
+    one_page = limit is not None or cursor is not None
+    if limit is not None:
+        params["limit"] = str(limit)
+    found: list[Any] = []
+    while True:
+        if cursor is not None:
+            params["cursor"] = cursor
+        answer = hub_call(args, "GET", f"{path}?{urlencode(params)}" if params else path)
+        found += answer[key]
+        cursor = answer.get("next_cursor")
+        if one_page:
+            if cursor is not None:
+                print(f"more: --cursor {cursor}", file=sys.stderr)
+            return found
+        if cursor is None:
+            return found
 
 
 def hub_call(args: argparse.Namespace, method: str, path: str, body: object = None) -> Any:
@@ -253,7 +298,8 @@ def run_sites(args: argparse.Namespace) -> int:
             print(f"  rejected delta {rejection['version']}: {rejection['reason']}: "
                   f"{rejection['message']}")  # fmt: skip
         return 0
-    sites = hub_call(args, "GET", "/v1/sites")["sites"]
+    selector = {"selector": args.selector} if args.selector else {}
+    sites = hub_list(args, "/v1/sites", "sites", selector)
     print(f"{'SITE':20} {'HEALTH':12} {'APPLIED':>8} {'HOSTS UP':>8} {'READY':>7} "
           f"{'LAST SEEN':>10}  LABELS")  # fmt: skip
     for site in sites:
@@ -285,7 +331,7 @@ def run_apps(args: argparse.Namespace) -> int:
                 message = f" ({status['message']})" if status["message"] else ""
                 print(f"  {site:24} {status['version']} {status['state']}{message}")
         return 0
-    apps = hub_call(args, "GET", "/v1/apps")["apps"]
+    apps = hub_list(args, "/v1/apps", "apps")
     print(f"{'APP':20} {'VERSION':10} {'ROLLOUT':12} SITES")
     for app in apps:
         rollout = "-" if app["deployment"] is None else app["deployment"]["state"]
@@ -309,14 +355,14 @@ def run_tenants(args: argparse.Namespace) -> int:
         print(f"  quota: {_quota_text(tenant['quota'])}")
         return 0
     print(f"{'TENANT':24} {'QUOTA':40} DESCRIPTION")
-    for tenant in hub_call(args, "GET", "/v1/tenants")["tenants"]:
+    for tenant in hub_list(args, "/v1/tenants", "tenants"):
         print(f"{tenant['id']:24} {_quota_text(tenant['quota']):40} {tenant['description']}")
     return 0
 
 
 def run_tokens_list(args: argparse.Namespace) -> int:
     print(f"{'ID':18} {'ROLE':9} {'TENANT':20} DESCRIPTION")
-    for token in hub_call(args, "GET", "/v1/tokens")["tokens"]:
+    for token in hub_list(args, "/v1/tokens", "tokens"):
         print(f"{token['id']:18} {token['role']:9} {token['tenant']:20} {token['description']}")
     return 0
 

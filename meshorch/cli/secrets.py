@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from meshorch.cli.agent_client import AGENT_HELP, agent_address, call_agent
-from meshorch.cli.fleet import HUB_ENV, TOKEN_ENV, HubError, hub_call
+from meshorch.cli.fleet import HUB_ENV, TOKEN_ENV, HubError, hub_call, hub_list
 from meshorch.errors import ConfigurationError
 
 KEY_BYTES = 32
@@ -295,7 +295,7 @@ def _print_secret(secret: dict[str, Any]) -> None:
 
 
 def run_secrets_list(args: argparse.Namespace) -> int:
-    for secret in hub_call(args, "GET", "/v1/secrets")["secrets"]:
+    for secret in hub_list(args, "/v1/secrets", "secrets"):
         _print_secret(secret)
     return 0
 

@@ -231,7 +231,7 @@ async def test_deployments_a_dropped_site_lets_the_next_wave_start(ledger: Ledge
 async def test_alerting_fires_keeps_and_acknowledges(ledger: Ledger, clock: Clock) -> None:
     _, reports, _, sites = parts(ledger)
     await sites.register_site("s1", {}, "ab" * 32)
-    alerting = Alerting(ledger, reports, sites.list_sites, Thresholds(), hold_s=30.0)
+    alerting = Alerting(ledger, reports, sites, Thresholds(), hold_s=30.0)
     alerting.restore(ledger.store, started_at=clock())
     alerting.refresh()
     assert list(alerting.book.active) == ["site_offline:s1"]
@@ -240,7 +240,7 @@ async def test_alerting_fires_keeps_and_acknowledges(ledger: Ledger, clock: Cloc
     acked = await alerting.acknowledge_alert(root, "site_offline:s1")
     assert acked["acknowledged_by"] == root.id
 
-    after = Alerting(ledger, reports, sites.list_sites, Thresholds(), hold_s=30.0)
+    after = Alerting(ledger, reports, sites, Thresholds(), hold_s=30.0)
     after.restore(ledger.store, started_at=clock())
     [kept] = after.list_alerts(root)
     assert kept["id"] == "site_offline:s1" and kept["acknowledged_by"] == root.id
