@@ -46,9 +46,12 @@ def load_yaml(text: str, max_nodes: int) -> tuple[object, list[str]]:
 
     Raises ``UnreadableYaml`` when it cannot be read or expands past ``max_nodes`` nodes.
     """
-    loader = _Loader(text)
-    loader.duplicates = []
+    loader: _Loader | None = None
     try:
+        # The reader refuses control characters as it is built: inside the try, so they
+        # are an unreadable document (400), not an error of the caller (500).
+        loader = _Loader(text)
+        loader.duplicates = []
         node = loader.get_single_node()
         if node is None:
             raise UnreadableYaml("the document is empty")
@@ -68,7 +71,8 @@ def load_yaml(text: str, max_nodes: int) -> tuple[object, list[str]]:
     except RecursionError as exc:
         raise UnreadableYaml("nested too deeply") from exc
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     return data, loader.duplicates
 
 

@@ -34,6 +34,8 @@ BAD_REQUESTS = [
     ("GET", "/v1/kv/k?consistency=eventual", b"", 400, "bad_consistency"),
     ("GET", "/v1/kv/?limit=0", b"", 400, "bad_limit"),
     ("GET", "/v1/kv/?limit=abc", b"", 400, "bad_limit"),
+    # A YAML spec with a control character: refused as the YAML reader is built (was 500).
+    ("POST", "/v1/apps", b"name: a\x01b\n", 400, "bad_spec"),
     ("POST", "/v1/members", b"{not json", 400, "bad_json"),
     ("POST", "/v1/members", b"[1, 2]", 400, "bad_request"),
     ("POST", "/v1/members", b'{"host_id": "Bad_Id!", "raft": "nowhere"}', 400, "bad_request"),
