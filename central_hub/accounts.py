@@ -126,11 +126,18 @@ class Accounts:
 
     # -- tokens ---------------------------------------------------------------------------
 
-    def authenticate(self, header: str | None) -> TokenRecord:
-        token_id, secret = tokens.split_token(tokens.bearer(header))
+    def _token(self, token_id: str) -> TokenRecord | None:
         raw = self.ledger.store.get_json("tokens", token_id) if plain_key(token_id) else None
-        record = None if raw is None else TokenRecord.from_json(raw)
-        return tokens.check_token(record, secret, self.ledger.now())
+        return None if raw is None else TokenRecord.from_json(raw)
+
+    def authenticate(self, header: str | None) -> TokenRecord:
+        """The token of an ``Authorization`` header: its secret, its expiry and those of
+        its ancestors checked (``tokens.check_lineage``); 401 otherwise."""
+        token_id, secret = tokens.split_token(tokens.bearer(header))
+        now = self.ledger.now()
+        record = tokens.check_token(self._token(token_id), secret, now)
+        tokens.check_lineage(record, self._token, now)
+        return record
 
     async def create_token(
         self, caller: TokenRecord, request: tokens.TokenRequest
@@ -140,13 +147,25 @@ class Accounts:
         def plan(txn: Txn) -> tuple[str, TokenRecord]:
             if request.tenant != tokens.ALL_TENANTS:
                 self.require_tenant(request.tenant)
-            expires = None if request.expires_in_s is None else txn.now + request.expires_in_s
+            # The caller is the parent: still there (not revoked since it authenticated),
+            # and the chain below the root stays within MAX_DEPTH.
+            if self._token(caller.id) is None:
+                raise tokens.unauthorized("unknown or revoked token")
+            if tokens.check_lineage(caller, self._token, txn.now) + 1 > tokens.MAX_DEPTH:
+                raise ApiError(
+                    400,
+                    "token_chain_too_deep",
+                    f"a token is at most {tokens.MAX_DEPTH} tokens below a root token: "
+                    "create this one with a token nearer the root",
+                )
+            asked = None if request.expires_in_s is None else txn.now + request.expires_in_s
             text, record = tokens.new_token(
                 request.role,
                 request.tenant,
                 txn.now,
-                expires_at=expires,
+                expires_at=tokens.child_expiry(asked, caller),
                 description=request.description,
+                parent=caller.id,
             )
             txn.put("tokens", record.id, record.to_json())
             txn.changed("token", record.id, record.tenant, f"role {record.role}")
@@ -170,14 +189,25 @@ class Accounts:
         found, last = self.ledger.store.page("tokens", after, mine, limit, scan_bound(limit))
         return [TokenRecord.from_json(r) for r in found], last
 
-    async def delete_token(self, caller: TokenRecord, token_id: str) -> None:
-        def plan(txn: Txn) -> None:
+    async def delete_token(self, caller: TokenRecord, token_id: str) -> list[str]:
+        """Revoke the token and every token below it, in one transaction (a crash leaves
+        all of them or none); the descendants' ids are returned. Descendants are of the
+        token's tenant or narrower, so a caller that reaches the token reaches them."""
+
+        def plan(txn: Txn) -> list[str]:
             raw = self.ledger.store.get_json("tokens", token_id) if plain_key(token_id) else None
             tenant = None if raw is None else str(raw["tenant"])
             tokens.authorize(caller, "tokens.delete", tenant, what=f"token {token_id!r}")
             if raw is None:
                 raise ApiError(404, "not_found", f"no token {token_id!r}")
+            held = [TokenRecord.from_json(r) for r in self.ledger.store.values_json("tokens")]
+            below = tokens.descendants(token_id, held)
+            owners = {t.id: t.tenant for t in held}
             txn.delete("tokens", token_id)
-            txn.changed("token", token_id, tenant, "revoked")
+            txn.changed("token", token_id, tenant, f"revoked with {len(below)} descendant(s)")
+            for child in below:
+                txn.delete("tokens", child)
+                txn.changed("token", child, owners[child], f"revoked with ancestor {token_id}")
+            return below
 
-        await self.ledger.transact(plan)
+        return await self.ledger.transact(plan)

@@ -323,8 +323,8 @@ async def list_tokens(request: web.Request) -> web.Response:
 
 async def delete_token(request: web.Request) -> web.Response:
     token_id = request.match_info["id"]
-    await hub_of(request).accounts.delete_token(token_of(request), token_id)
-    return json_response({"deleted": token_id})
+    below = await hub_of(request).accounts.delete_token(token_of(request), token_id)
+    return json_response({"deleted": token_id, "revoked_descendants": below})
 
 
 # -- tenants and the audit log -----------------------------------------------------------
@@ -527,14 +527,17 @@ ROUTES: tuple[Route, ...] = (
           "addresses (404 gossip_disabled when the hub does not gossip)",
           response="GossipInfo"),
     Route("POST", "/v1/tokens", create_token, "tokens.create",
-          "Create a token (its text is shown only in this answer); a tenant admin creates "
-          "tokens of its tenant, none above its role", request="TokenRequest",
+          "Create a token (its text is shown only in this answer), a child of the calling "
+          "token: a tenant admin creates tokens of its tenant, none above its role; an "
+          "expiry past the caller's (or none) is capped to the caller's expiry; at most "
+          "8 tokens below a root (400 token_chain_too_deep)", request="TokenRequest",
           response="NewToken", status=201),
     Route("GET", "/v1/tokens", list_tokens, "tokens.read",
           "List the tokens of the caller's tenant (fleet admin: all; no secrets)",
           response="TokenList", query=(_TENANT_FILTER, *PAGE_QUERIES)),
-    Route("DELETE", "/v1/tokens/{id}", delete_token, "tokens.delete", "Revoke a token",
-          response="Deleted"),
+    Route("DELETE", "/v1/tokens/{id}", delete_token, "tokens.delete",
+          "Revoke a token and every token created below it (one transaction)",
+          response="TokenRevoked"),
     Route("POST", "/v1/tenants", create_tenant, "tenants.create", "Create a tenant",
           request="TenantRequest", response="Tenant", status=201),
     Route("GET", "/v1/tenants", list_tenants, "tenants.read",

@@ -176,6 +176,10 @@ SCHEMAS: dict[str, Schema] = {
         created_at=_NUM,
         expires_at=_NULLABLE_NUM,
         description=_STR,
+        parent={"type": ["string", "null"], "description": "the token that created it"},
+    ),
+    "TokenRevoked": _obj(
+        ["deleted", "revoked_descendants"], deleted=_STR, revoked_descendants=_list(_STR)
     ),
     "NewToken": {
         "allOf": [

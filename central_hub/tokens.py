@@ -4,6 +4,16 @@ A token reads ``mht_<id>_<secret>`` (both hex). The hub stores the id, the role,
 and the sha256 of the secret, never the secret. Roles are ``viewer``, ``operator`` and
 ``admin`` (a stored ``deployer`` is read as ``operator``); tenant ``"*"`` reaches every
 tenant. What a token may do is decided by ``central_hub.authz`` (re-exported here).
+
+Tokens form a tree: a token created with ``POST /v1/tokens`` records the id of the token
+that created it (``parent``; the bootstrap admin token and tokens kept from before have
+none). A child never outranks its parent (no role above it, no tenant beyond it:
+``parse_token_request``), never outlives it (an expiry past the parent's, or none, is
+capped to the parent's: ``child_expiry``), and dies with it: revoking a token revokes its
+descendants in the same transaction (``central_hub.accounts``), and authentication walks
+the token's ancestors (``check_lineage``: at most ``MAX_DEPTH`` reads), so a token whose
+ancestor is gone or expired is refused whatever happened to the tree in between. Chains
+are at most ``MAX_DEPTH`` tokens below a root (400 ``token_chain_too_deep`` past it).
 """
 
 from __future__ import annotations
@@ -47,6 +57,8 @@ _SECRET_BYTES = 32
 # Compared against when the token id is unknown, so both paths do the same work.
 _DUMMY_HASH = hashlib.sha256(b"no such token").hexdigest()
 MAX_DESCRIPTION = 200
+# Tokens below a root token at most: authentication reads this many ancestors at most.
+MAX_DEPTH = 8
 
 Random = Callable[[int], bytes]
 
@@ -60,6 +72,7 @@ class TokenRecord:
     created_at: float
     expires_at: float | None = None
     description: str = ""
+    parent: str | None = None  # the token that created this one (None: a root token)
 
     def public_json(self) -> dict[str, Any]:
         return {
@@ -69,6 +82,7 @@ class TokenRecord:
             "created_at": self.created_at,
             "expires_at": self.expires_at,
             "description": self.description,
+            "parent": self.parent,
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -84,6 +98,7 @@ class TokenRecord:
             created_at=float(data["created_at"]),
             expires_at=None if data.get("expires_at") is None else float(data["expires_at"]),
             description=str(data.get("description", "")),
+            parent=None if data.get("parent") is None else str(data["parent"]),
         )
 
 
@@ -107,6 +122,7 @@ def new_token(
     *,
     expires_at: float | None = None,
     description: str = "",
+    parent: str | None = None,
     rand: Random = os.urandom,
 ) -> tuple[str, TokenRecord]:
     """A new token: the text to hand out once, and the record to store."""
@@ -120,6 +136,7 @@ def new_token(
         created_at=now,
         expires_at=expires_at,
         description=description,
+        parent=parent,
     )
     return f"{PREFIX}{token_id}_{secret}", record
 
@@ -157,9 +174,56 @@ def check_token(record: TokenRecord | None, secret: str, now: float) -> TokenRec
     matches = hmac.compare_digest(hash_secret(secret).encode(), expected.encode())
     if record is None or not matches:
         raise unauthorized("unknown or revoked token")
-    if record.expires_at is not None and now >= record.expires_at:
+    if _expired(record, now):
         raise unauthorized("the token has expired")
     return record
+
+
+def _expired(record: TokenRecord, now: float) -> bool:
+    return record.expires_at is not None and now >= record.expires_at
+
+
+def check_lineage(
+    record: TokenRecord, lookup: Callable[[str], TokenRecord | None], now: float
+) -> int:
+    """The token's depth below its root (0: a root) when every ancestor is still there
+    and unexpired; 401 otherwise. Reads at most ``MAX_DEPTH`` ancestors with ``lookup``."""
+    parent = record.parent
+    for depth in range(MAX_DEPTH + 1):
+        if parent is None:
+            return depth
+        ancestor = lookup(parent)
+        if ancestor is None:
+            raise unauthorized("unknown or revoked token (a token it descends from is revoked)")
+        if _expired(ancestor, now):
+            raise unauthorized("the token has expired (a token it descends from has expired)")
+        parent = ancestor.parent
+    raise unauthorized(f"the token descends from more than {MAX_DEPTH} tokens")
+
+
+def child_expiry(requested: float | None, parent: TokenRecord) -> float | None:
+    """A child's expiry: the one asked for, capped to the parent's (None: never)."""
+    if parent.expires_at is None:
+        return requested
+    return parent.expires_at if requested is None else min(requested, parent.expires_at)
+
+
+def descendants(token_id: str, records: list[TokenRecord]) -> list[str]:
+    """Ids of every token below ``token_id`` (its children, theirs, ...), in tree order."""
+    children: dict[str, list[str]] = {}
+    for record in records:
+        if record.parent is not None:
+            children.setdefault(record.parent, []).append(record.id)
+    found: list[str] = []
+    todo = [token_id]
+    seen = {token_id}
+    while todo:
+        for child in sorted(children.get(todo.pop(), [])):
+            if child not in seen:
+                seen.add(child)
+                found.append(child)
+                todo.append(child)
+    return found
 
 
 @dataclass(frozen=True, slots=True)
