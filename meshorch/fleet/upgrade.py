@@ -38,7 +38,6 @@ from meshorch import __version__
 from meshorch.apps.records import HOSTINFO_PREFIX, INST_PREFIX, decode_hostinfo, decode_placement
 from meshorch.errors import RemoteInputError
 from meshorch.fleet.client import LinkClient
-from meshorch.releases.launcher import current_lib, read_trial, start_trial
 from meshorch.state.ports import Members, SiteState
 from meshorch.state.tables import APPS_TABLE, DRAIN_PREFIX, SYSTEM_TABLE
 from raft import Delete, Put
@@ -211,6 +210,9 @@ class AgentUpgrades:
         mine = current is not None and current["host"] == me and current["version"] == version
         drain_key = DRAIN_PREFIX + me.encode()
         drained = self.site.view.get(SYSTEM_TABLE, drain_key) is not None
+        # The launcher's module: loaded once an upgrade is asked for, not by every agent.
+        from meshorch.releases.launcher import read_trial
+
         trial = read_trial(self.data_dir)
         if mine and trial is not None and trial.to_version == version:
             if trial.state == "rolled_back" and __version__ != version:
@@ -234,6 +236,7 @@ class AgentUpgrades:
             await self._drained(DRAIN_TIMEOUT_S)
             releases = self.data_dir / "releases"
             # zipfile and tomllib: loaded only when a release is installed.
+            from meshorch.releases.launcher import current_lib, start_trial
             from meshorch.releases.wheels import install_release
 
             lib = await asyncio.to_thread(install_release, wheel, releases)

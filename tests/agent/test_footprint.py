@@ -43,6 +43,7 @@ NEVER_IMPORTED = (
     ("tarfile", "the podman runtime only"),
     ("netmesh.wireguard", "mesh mode only (the WireGuard interface)"),
     ("difflib", "a misspelt spec key only (did you mean)"),
+    ("meshorch.releases.launcher", "an agent upgrade only"),
 )
 
 # Never mapped into an agent process: (part of a shared object's path, why).
