@@ -104,6 +104,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return await handler(request)
     except ApiError as exc:
         response = error_response(exc.status, exc.code, exc.message)
+        response.headers.update(exc.headers)
         if exc.status == 413:
             response.force_close()  # do not linger reading the rest of a huge body
         return response

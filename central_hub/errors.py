@@ -13,7 +13,7 @@ Parsers of remote input raise ``meshorch.errors.RemoteInputError`` (answered 400
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from meshorch.errors import RemoteInputError
 
@@ -27,13 +27,17 @@ class HubConfigError(HubError):
 
 
 class ApiError(HubError):
-    """Answered as ``{"error": {"code": code, "message": message}}`` with ``status``."""
+    """Answered as ``{"error": {"code": code, "message": message}}`` with ``status`` (and
+    ``headers``, e.g. a 429's ``Retry-After``)."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, *, headers: Mapping[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.headers = dict(headers or {})
 
 
 class InputProblems(RemoteInputError):

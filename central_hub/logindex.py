@@ -19,6 +19,11 @@ I/O:
   Regexes use the index through their literal runs. The index only *narrows* the blocks
   to read: every candidate record is checked with the real substring or regex, so results
   are exact whatever the index says.
+- Regexes come from API callers: they run on RE2 (``google-re2``), whose matching time is
+  linear in the text (no backtracking: ``^(a+)+$`` costs what ``^a+$`` does); a pattern
+  RE2 does not take (backreferences, lookarounds) is a ``LogQueryError`` saying so. A query
+  may have a time budget (``LogQuery.budget_s``): past it the page is cut short and says
+  what was scanned (``LogPage.truncated``).
 - ``Matcher``: a validated ``LogQuery``; ``run_query`` turns candidate blocks into a
   page, newest first, visiting blocks by their newest possible record and stopping as
   soon as no remaining block can beat the page.
@@ -38,6 +43,7 @@ import math
 import mmap
 import re
 import struct
+import time
 from array import array
 from bisect import bisect_left, bisect_right
 from collections import Counter, deque
@@ -83,7 +89,12 @@ class LogGap(Exception):
 
 
 class LogQueryError(ValueError):
-    """A query that cannot be run (bad regex, limit out of range, bad cursor...)."""
+    """A query that cannot be run (bad regex, limit out of range, bad cursor...); ``code``
+    is the API's error code."""
+
+    def __init__(self, message: str, code: str = "bad_query") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,10 +108,11 @@ class LogQuery:
     until: float | None = None  # exclusive
     max_level: int | None = None  # keep level <= max_level (unknown levels excluded when set)
     substring: str | None = None  # case-sensitive substring of the payload text
-    regex: str | None = None  # Python re, searched in the payload text
+    regex: str | None = None  # RE2 syntax, searched in the payload text
     limit: int = 100  # 1..MAX_LIMIT
     cursor: str | None = None  # opaque, from a previous page's next_cursor
     count: bool = False  # also return the total number of matches (whatever the cursor)
+    budget_s: float | None = None  # stop scanning after this long (None: no limit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,10 +127,36 @@ class LogHit:
 
 
 @dataclass(frozen=True, slots=True)
+class Truncated:
+    """A query cut short by its time budget: what it had scanned by then."""
+
+    budget_s: float
+    blocks_scanned: int  # blocks read and searched (whole)
+    blocks: int  # candidate blocks of the query
+    records_scanned: int  # records checked against the filters
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "reason": f"the query's time budget of {self.budget_s:g} s was spent",
+            "budget_s": self.budget_s,
+            "blocks_scanned": self.blocks_scanned,
+            "blocks": self.blocks,
+            "records_scanned": self.records_scanned,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class LogPage:
     hits: list[LogHit]  # newest first: (time_s, site, stream, seq) descending
     next_cursor: str | None  # None when there is certainly no more
-    total: int | None  # when query.count
+    total: int | None  # when query.count (None too when truncated)
+    # Set when the budget was spent: the hits are those found in what was scanned (not
+    # necessarily the newest matches), and there is no next_cursor.
+    truncated: Truncated | None = None
+
+
+class _OutOfTime(Exception):
+    """The query's budget is spent (caught by ``run_query``)."""
 
 
 MAX_LIMIT = 1000
@@ -479,10 +517,45 @@ def _term_order(term: Term) -> tuple[bool, bool, int]:
     return (term.linear, term.open_right, -len(term.token))
 
 
+# RE2 syntax that Python's parser reads otherwise (POSIX classes, \Q..\E quoting, Unicode
+# classes, {,n}, flags Python lacks): no literal hints from such patterns.
+_RE2_ONLY = ("[:", "\\Q", "\\E", "\\p", "\\P", "\\C", "\\z", "{,", "(?U", "(?m", "(?-")
+MAX_REGEX_CHARS = 1000
+
+
+def compile_regex(pattern: str) -> Any:
+    """``pattern`` compiled by RE2 (linear-time matching); ``LogQueryError`` (code
+    ``bad_regex``) for a pattern RE2 refuses. ``re2`` is imported here, at the first
+    regex query."""
+    bad = f"regex {pattern[:100]!r} is invalid"
+    if len(pattern) > MAX_REGEX_CHARS:
+        raise LogQueryError(f"{bad}: at most {MAX_REGEX_CHARS} characters", "bad_regex")
+    if not _encodable(pattern):
+        raise LogQueryError(f"{bad}: it is not UTF-8 text (a lone surrogate)", "bad_regex")
+    import re2  # the hub's log queries only
+
+    options = re2.Options()
+    options.log_errors = False
+    try:
+        return re2.compile(pattern, options)
+    except re2.error as exc:
+        why = exc.args[0] if exc.args else exc
+        why = why.decode(errors="replace") if isinstance(why, bytes) else str(why)
+        raise LogQueryError(
+            f"{bad}: {why} (regexes run on RE2, in time linear in the text: RE2 syntax, "
+            "no backreferences and no lookahead or lookbehind)",
+            "bad_regex",
+        ) from None
+
+
 def regex_literals(pattern: str) -> list[str]:
     """Runs of literal text that every match of ``pattern`` contains: the literals of its
     top level (groups, classes, repeats and alternations only cut the runs). Empty when
-    unsure (case-insensitive, or the parser's internals differ)."""
+    unsure (case-insensitive, RE2 syntax Python's parser reads otherwise, or the
+    parser's internals differ). Only the parse of Python's ``re`` is used, never its
+    matching."""
+    if any(token in pattern for token in _RE2_ONLY):
+        return []
     try:
         parser: Any = importlib.import_module("re._parser")
         parsed = parser.parse(pattern)
@@ -641,15 +714,16 @@ class Matcher:
                 _check_name("tenant", tenant, 1)
         if q.substring is not None and (not isinstance(q.substring, str) or not q.substring):
             raise LogQueryError("substring must be a non-empty string (omit it to match all)")
-        self.regex: re.Pattern[str] | None = None
+        self.regex: Any = None  # an RE2 pattern (compile_regex)
         if q.regex is not None:
             if not isinstance(q.regex, str) or not q.regex:
                 raise LogQueryError("regex must be a non-empty string (omit it to match all)")
-            try:
-                self.regex = re.compile(q.regex)
-            except re.error as exc:
-                raise LogQueryError(f"regex {q.regex!r} is invalid: {exc}") from None
+            self.regex = compile_regex(q.regex)
+        if q.budget_s is not None and not q.budget_s > 0:
+            raise LogQueryError(f"budget_s must be > 0, got {q.budget_s!r}")
         self.query = q
+        self.deadline: float | None = None  # time.monotonic() past which scanning stops
+        self.scanned = 0  # records checked so far
         # Text every match must contain: the substring, the regex's literal runs. The index
         # narrows blocks with their tokens, one of them narrows records inside a block.
         literals = [] if q.regex is None else regex_literals(q.regex)
@@ -704,6 +778,16 @@ class Matcher:
             return s.host_counts.get(q.host, 0)
         return s.count
 
+    # -- the budget
+
+    def start_clock(self) -> None:
+        if self.query.budget_s is not None:
+            self.deadline = time.monotonic() + self.query.budget_s
+
+    def check_time(self) -> None:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise _OutOfTime
+
     # -- records
 
     def match(
@@ -736,8 +820,14 @@ class Matcher:
                 return []
             host = cols.hosts.index(q.host)
         substring, regex = q.substring, self.regex
+        deadline = self.deadline
         out = []
+        checked = 0
         for i in candidates:
+            checked += 1
+            if deadline is not None and not checked & 255 and time.monotonic() > deadline:
+                self.scanned += checked
+                raise _OutOfTime
             t = times[i]
             if (since is not None and t < since) or (until is not None and t >= until):
                 continue
@@ -757,6 +847,7 @@ class Matcher:
             out.append((key, i))
             if newest is not None and len(out) >= newest:
                 break
+        self.scanned += checked
         return out
 
     @staticmethod
@@ -828,9 +919,30 @@ Loader = Callable[[BlockRef], Columns]
 
 def run_query(matcher: Matcher, blocks: Sequence[BlockRef], load: Loader) -> LogPage:
     """The page of ``matcher``'s query among ``blocks`` (each already passed the query's
-    stream and summary tests), reading blocks with ``load`` only when needed."""
-    limit, cursor = matcher.query.limit, matcher.cursor
+    stream and summary tests), reading blocks with ``load`` only when needed; cut short
+    when the query's budget is spent (``LogPage.truncated``)."""
+    matcher.start_clock()
     hits: list[tuple[Key, BlockRef, Columns, int]] = []
+    scanned = [0]  # blocks searched whole
+    try:
+        return _run_query(matcher, blocks, load, hits, scanned)
+    except _OutOfTime:
+        budget = matcher.query.budget_s
+        assert budget is not None
+        hits.sort(key=lambda h: h[0], reverse=True)
+        del hits[matcher.query.limit :]
+        truncated = Truncated(budget, scanned[0], len(blocks), matcher.scanned)
+        return LogPage(hits=_page(hits), next_cursor=None, total=None, truncated=truncated)
+
+
+def _run_query(
+    matcher: Matcher,
+    blocks: Sequence[BlockRef],
+    load: Loader,
+    hits: list[tuple[Key, BlockRef, Columns, int]],
+    scanned: list[int],
+) -> LogPage:
+    limit, cursor = matcher.query.limit, matcher.cursor
     matched: dict[int, int] = {}  # id(block) -> its number of matches, for the count
     kth: Key | None = None  # key of the limit-th hit so far
     more = False
@@ -840,12 +952,14 @@ def run_query(matcher: Matcher, blocks: Sequence[BlockRef], load: Loader) -> Log
             break
         if cursor is not None and block.lower >= cursor:
             continue
+        matcher.check_time()
         cols = load(block)
         if matcher.query.count or not block.summary.ordered:
             found = matcher.match(cols, block.site, block.stream)
             matched[id(block)] = len(found)  # all of the block's matches
         else:  # only the block's newest matches can make the page (one more: is there more?)
             found = matcher.match(cols, block.site, block.stream, before=cursor, newest=limit + 1)
+        scanned[0] += 1
         hits.extend((key, block, cols, i) for key, i in found if cursor is None or key < cursor)
         if len(hits) >= limit:
             hits.sort(key=lambda h: h[0], reverse=True)
@@ -862,9 +976,15 @@ def run_query(matcher: Matcher, blocks: Sequence[BlockRef], load: Loader) -> Log
             if known is None:
                 known = matcher.summary_count(block.summary)
             if known is None:
+                matcher.check_time()
                 known = len(matcher.match(load(block), block.site, block.stream))
             total += known
-    page = [
+    next_cursor = matcher.encode_cursor(hits[-1][0]) if more and hits else None
+    return LogPage(hits=_page(hits), next_cursor=next_cursor, total=total)
+
+
+def _page(hits: list[tuple[Key, BlockRef, Columns, int]]) -> list[LogHit]:
+    return [
         LogHit(
             site=block.site,
             stream=block.stream,
@@ -876,5 +996,3 @@ def run_query(matcher: Matcher, blocks: Sequence[BlockRef], load: Loader) -> Log
         )
         for key, block, cols, i in hits
     ]
-    next_cursor = matcher.encode_cursor(hits[-1][0]) if more and hits else None
-    return LogPage(hits=page, next_cursor=next_cursor, total=total)

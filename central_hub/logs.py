@@ -8,6 +8,12 @@ idempotently by site, stream and sequence. Operators query with ``GET /v1/logs``
 (``HubConfig.logs_max_age_s``, ``logs_max_bytes``) is started from the hub's tick every
 ``logs_retention_every_s`` (``HubLogs.start_retention``, in a worker thread) and drops
 whole blocks, oldest first.
+
+Queries run in a thread pool of their own (``QUERY_THREADS`` threads), never in the one
+that commits the hub's LMDB store, so no query delays a write; each has a time budget
+(``QUERY_BUDGET_S``: past it the answer is cut short and says what was scanned), regexes
+run on RE2 (linear time, ``central_hub.logindex.compile_regex``), and at most
+``MAX_QUERIES`` queries run or wait at once (more: 429 with Retry-After).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import itertools
 import logging
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +49,9 @@ logger = logging.getLogger(__name__)
 
 MAX_PUSH_STREAMS = 1000
 MAX_QUERY_LIMIT = 1000
+QUERY_THREADS = 2
+QUERY_BUDGET_S = 5.0
+MAX_QUERIES = 16  # running or waiting for a thread of the pool
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(s|m|h|d)")
 _UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
@@ -135,7 +145,9 @@ def parse_time(raw: str, now: float, name: str) -> float:
     return now - back
 
 
-def parse_query(params: dict[str, str], token: TokenRecord, now: float) -> LogQuery:
+def parse_query(
+    params: dict[str, str], token: TokenRecord, now: float, budget_s: float | None = None
+) -> LogQuery:
     known = {"tenant", "site", "app", "stream", "host", "since", "until", "level", "grep",
              "regex", "limit", "cursor", "count"}  # fmt: skip
     unknown = sorted(set(params) - known)
@@ -170,6 +182,7 @@ def parse_query(params: dict[str, str], token: TokenRecord, now: float) -> LogQu
         limit=int(limit_raw),
         cursor=params.get("cursor"),
         count=params.get("count") in ("1", "true", "yes"),
+        budget_s=budget_s,
     )
 
 
@@ -189,6 +202,7 @@ def page_json(page: LogPage) -> dict[str, Any]:
         ],
         "next_cursor": page.next_cursor,
         "total": page.total,
+        "truncated": None if page.truncated is None else page.truncated.to_json(),
     }
 
 
@@ -214,11 +228,17 @@ class HubLogs:
         self._write = asyncio.Lock()
         self._retained_at: float | None = None  # None: not yet since start
         self._retention: asyncio.Future[None] | None = None
+        self.query_budget_s = QUERY_BUDGET_S
+        self._queries: ThreadPoolExecutor | None = None
+        self._queries_in_flight = 0
 
     def open(self) -> None:
         self._store = LogStore(self.ledger.data_dir / "logs")
 
     def close(self) -> None:
+        pool, self._queries = self._queries, None
+        if pool is not None:
+            pool.shutdown(wait=True)  # a query stops within its budget
         if self._store is not None:
             self._store.close()
             self._store = None
@@ -291,11 +311,25 @@ class HubLogs:
         return {"positions": positions, "refused": refused}
 
     async def query(self, token: TokenRecord, params: dict[str, str]) -> dict[str, Any]:
-        query = parse_query(params, token, time.time())
+        """``GET /v1/logs``: in the queries' own pool, within the budget (module doc)."""
+        query = parse_query(params, token, time.time(), self.query_budget_s)
+        if self._queries_in_flight >= MAX_QUERIES:
+            raise ApiError(
+                429,
+                "too_many_queries",
+                f"{MAX_QUERIES} log queries are running or waiting: retry in a moment",
+                headers={"Retry-After": "1"},
+            )
+        if self._queries is None:
+            self._queries = ThreadPoolExecutor(QUERY_THREADS, thread_name_prefix="hub-logq")
+        self._queries_in_flight += 1
         try:
-            page = await asyncio.to_thread(self.store.query, query)
+            loop = asyncio.get_running_loop()
+            page = await loop.run_in_executor(self._queries, self.store.query, query)
         except LogQueryError as exc:
-            raise ApiError(400, "bad_query", str(exc)) from None
+            raise ApiError(400, exc.code, str(exc)) from None
+        finally:
+            self._queries_in_flight -= 1
         return page_json(page)
 
     async def streams(self, token: TokenRecord) -> dict[str, Any]:

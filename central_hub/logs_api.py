@@ -42,7 +42,13 @@ _LOG_QUERY = (
     Query("until", "string", "before this time: unix seconds or a duration back"),
     Query("level", "integer", "severity at most this (0-7: 3 error, 4 warning, 6 info)"),
     Query("grep", "string", "the text contains this substring (case-sensitive)"),
-    Query("regex", "string", "the text matches this Python regular expression"),
+    Query(
+        "regex",
+        "string",
+        "the text matches this regular expression (RE2 syntax, "
+        "linear time: no backreferences or lookarounds, 400 bad_regex; at most 1000 "
+        "characters)",
+    ),
     Query("limit", "integer", "at most this many lines, newest first (1-1000, default 100)"),
     Query("cursor", "string", "the next_cursor of the previous page"),
     Query("count", "string", "'true': also count every match (total)"),
@@ -50,7 +56,9 @@ _LOG_QUERY = (
 
 LOGS_ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/logs", query_logs, "logs.read",
-          "Search the fleet's logs and events: newest first, paginated", response="LogPage",
+          "Search the fleet's logs and events: newest first, paginated; a query stops "
+          "after its time budget (5 s) and says what it scanned (truncated); 429 with "
+          "Retry-After while 16 queries run or wait", response="LogPage",
           query=_LOG_QUERY),
     Route("GET", "/v1/logs/streams", list_log_streams, "logs.read",
           "Every stream the hub holds: site, position, events the site's retention dropped "

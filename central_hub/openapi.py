@@ -442,6 +442,9 @@ SCHEMAS.update(
                 seq=_INT, time=_NUM, level={"type": ["integer", "null"]}, host=_STR, text=_STR,
             )),
             next_cursor={"type": ["string", "null"]}, total={"type": ["integer", "null"]},
+            truncated={"type": ["object", "null"], "description": "set when the query's "
+                       "time budget was spent: reason, budget_s, blocks_scanned, blocks, "
+                       "records_scanned"},
         ),
         "LogStreams": _obj(["streams"], streams=_list(_obj(
             ["site", "stream", "position", "dropped", "hub_dropped"], site=_ID, stream=_STR,

@@ -185,11 +185,11 @@ def _known_answer(encrypt: Cipher, decrypt: Cipher) -> bool:
 
 def _libcrypto_path() -> str | None:
     """The libcrypto shared library this process has loaded (hashlib's), if any."""
-    import _hashlib  # noqa: F401 - what maps libcrypto in
-
     try:
+        import _hashlib  # noqa: F401 - what maps libcrypto in
+
         maps = Path("/proc/self/maps").read_text()
-    except OSError:
+    except (ImportError, OSError):
         return None
     for line in maps.splitlines():
         path = line.split(maxsplit=5)[-1]

@@ -2,6 +2,7 @@
 format: hosts on either side of the change talk to each other during a rolling upgrade."""
 
 import base64
+import hmac
 import os
 import sys
 
@@ -66,10 +67,10 @@ def test_a_token_signed_right_but_badly_padded_is_refused() -> None:
     encrypt, _ = fernet._ciphers()
     ciphertext = encrypt(key[16:], body[9:25], b"\x02" * 16)  # padding that says 2, then 2s
     body = body[:25] + ciphertext
-    ok = body + fernet.hmac.digest(key[:16], body, "sha256")
+    ok = body + hmac.digest(key[:16], body, "sha256")
     assert Fernet(KEY).decrypt(base64.urlsafe_b64encode(ok)) == b"\x02" * 14
     body = body[:25] + encrypt(key[16:], body[9:25], b"\x03" * 15 + b"\x00")
-    bad = body + fernet.hmac.digest(key[:16], body, "sha256")
+    bad = body + hmac.digest(key[:16], body, "sha256")
     with pytest.raises(InvalidToken):
         Fernet(KEY).decrypt(base64.urlsafe_b64encode(bad))
     with pytest.raises(reference.InvalidToken):
@@ -98,3 +99,19 @@ def test_both_ciphers_give_aes_known_answer() -> None:
 def test_raft_does_not_import_cryptography() -> None:
     code = "import raft, sys; sys.exit('cryptography' in sys.modules)"
     assert os.spawnv(os.P_WAIT, sys.executable, [sys.executable, "-c", code]) == 0
+
+
+def test_without_hashlibs_libcrypto_cryptographys_aes_makes_the_same_tokens(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(fernet, "_libcrypto_ciphers", lambda: None)
+    fernet._ciphers.cache_clear()
+    try:
+        assert fernet._ciphers()[0].__module__ == fernet.__name__
+        assert "_cryptography_ciphers" in fernet._ciphers()[0].__qualname__
+        data = os.urandom(100)
+        token = Fernet(KEY).encrypt_at_time(data, 42)
+        assert reference.Fernet(KEY).decrypt(token) == data
+        assert Fernet(KEY).decrypt(reference.Fernet(KEY).encrypt(data)) == data
+    finally:
+        fernet._ciphers.cache_clear()
