@@ -54,10 +54,11 @@ NEVER_MAPPED = (
 )
 
 # VmRSS of a lone static agent running one instance, measured on 2026-12-06 (Python 3.11,
-# x86_64, OpenSSL 3.0): 49.0-49.1 MB in five runs (515 modules), from 59.7 MB (560 modules)
-# before Raft's Fernet left cryptography and podman, WireGuard, the upgrade launcher and
-# frozenlist's C++ build were left out (70.5 MB before the agent stopped importing the
-# CLI's whole graph). A size check, not a timing: about 1 MB more than today fails it.
+# x86_64, OpenSSL 3.0; kB / 1024 as vm_rss_mb counts, so MiB): 49.0-49.1 in five runs (515
+# modules), from 59.7 (560 modules) before Raft's Fernet left cryptography and podman,
+# WireGuard, the upgrade launcher and frozenlist's C++ build were left out (70.5 before the
+# agent stopped importing the CLI's whole graph). A size check, not a timing: about 1 MiB
+# more than today fails it.
 RSS_BOUND_MB = 50
 
 APP = {
