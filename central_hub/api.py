@@ -228,6 +228,7 @@ async def list_deltas(request: web.Request) -> web.Response:
         found.append(
             {
                 "version": delta.version,
+                "format": delta.format,
                 "digest": delta.digest,
                 "prev": delta.prev,
                 "issued_at": delta.issued_at,
@@ -237,7 +238,13 @@ async def list_deltas(request: web.Request) -> web.Response:
                 "signed_by": [key for key, _ in sigs],
             }
         )
-    return json_response({"head": hub.ledger.head.version, "deltas": found})
+    return json_response(
+        {
+            "head": hub.ledger.head.version,
+            "deltas": found,
+            "delta_format": hub.delta_format.status_json(),
+        }
+    )
 
 
 async def get_openapi(request: web.Request) -> web.Response:
@@ -264,7 +271,11 @@ async def link_deltas(request: web.Request) -> web.Response:
     limit = query_int(request, "limit", MAX_LINK_LIMIT, 1, MAX_LINK_LIMIT)
     hub = hub_of(request)
     hub.snapshots.require_deltas_after(after)
-    head, envelopes = await hub.ledger.wait_for_deltas(after, wait_s, limit)
+    site = site_of(request)
+    if hub.delta_format.site_ready(site):  # waits for this site's deltas only
+        head, envelopes = await hub.ledger.wait_for_site(site, after, wait_s, limit)
+    else:
+        head, envelopes = await hub.ledger.wait_for_deltas(after, wait_s, limit, site)
     body = {"head": head, "deltas": [orjson.Fragment(e) for e in envelopes]}
     return json_response(body)
 
@@ -285,8 +296,12 @@ async def link_report(request: web.Request) -> web.Response:
     data = await read_json(request)
     report = parse_report(data, site)
     report.update(parse_report_secrets(data))  # the secrets part (central_hub.vault)
-    head = await hub_of(request).sites.record_report(site, report)
-    return json_response({"head": head})
+    hub = hub_of(request)
+    head = await hub.sites.record_report(site, report)
+    if not hub.delta_format.site_ready(site):
+        return json_response({"head": head})
+    # The newest version for this site: its poll is answered at once only for those.
+    return json_response({"head": head, "site_head": hub.ledger.site_head(site)})
 
 
 async def link_key(request: web.Request) -> web.Response:

@@ -13,6 +13,7 @@ from pathlib import Path
 import uvloop
 
 from central_hub.config import DAY_S, HubConfig
+from central_hub.deltaformat import Mode, parse_mode
 from central_hub.errors import HubConfigError
 from central_hub.logs import parse_duration
 from central_hub.service import Hub
@@ -84,6 +85,15 @@ def build_parser(prog: str = "python -m central_hub") -> argparse.ArgumentParser
         default=60.0,
         metavar="SECONDS",
         help="how often the delta log's compaction is considered (default %(default)s)",
+    )
+    parser.add_argument(
+        "--delta-format",
+        default="auto",
+        metavar="auto|1|2",
+        help="format of the deltas issued: 2 sends each site only the operations of the "
+        "deltas for it (per-site views), 1 sends every site everything; auto issues 2 once "
+        "every host of every registered site runs an agent that reads it (default "
+        "%(default)s; docs/fleet-link.md)",
     )
     parser.add_argument(
         "--wave-timeout",
@@ -176,6 +186,14 @@ def parse_keep(text: str) -> int | None:
     return int(text)
 
 
+def parse_format(text: str) -> Mode:
+    """``--delta-format``: auto, 1 or 2."""
+    try:
+        return parse_mode(text)
+    except ValueError as exc:
+        raise HubConfigError(f"--delta-format {text!r}: {exc}") from None
+
+
 def parse_bytes(text: str, flag: str = "--logs-max-bytes") -> int | None:
     """Bytes, or a size like ``500MiB``, ``50GiB``, ``50Gi``, ``1TB``; ``none`` for no limit."""
     if text.lower() == "none":
@@ -215,6 +233,7 @@ def config_from_args(args: argparse.Namespace) -> HubConfig:
         delta_ttl_s=args.delta_ttl,
         delta_keep=parse_keep(args.delta_keep),
         compact_every_s=args.compact_every,
+        delta_format=parse_format(args.delta_format),
         wave_timeout_s=args.wave_timeout,
         site_stale_s=args.site_stale,
         gossip=not args.no_gossip,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from central_hub.alerts import Thresholds
+from central_hub.deltaformat import Mode
 from central_hub.errors import HubConfigError
 from central_hub.model import is_id
 from meshorch.fleet.client import GOSSIP_PRESETS
@@ -30,7 +31,8 @@ class HubConfig:
     ``logs_max_age_s`` and within ``logs_max_bytes`` (None: no limit), checked every
     ``logs_retention_every_s``. The delta log is compacted (``central_hub.snapshots``) every
     ``compact_every_s`` below what every enrolled site applied, or to its last
-    ``delta_keep`` deltas (None: never compacted)."""
+    ``delta_keep`` deltas (None: never compacted). ``delta_format`` is the format of the
+    deltas issued (``central_hub.deltaformat``: ``auto``, 1 or 2)."""
 
     data_dir: Path
     host: str = "127.0.0.1"
@@ -56,6 +58,7 @@ class HubConfig:
     logs_retention_every_s: float = 60.0
     delta_keep: int | None = 100_000
     compact_every_s: float = 60.0
+    delta_format: Mode = "auto"
     clock: Callable[[], float] = field(default=time.time)
 
     @property

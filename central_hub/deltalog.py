@@ -20,7 +20,7 @@ from typing import Any
 from nacl.signing import SigningKey
 
 from central_hub.errors import HubConfigError
-from meshorch.fleet.delta import GENESIS_HASH, Target, key_id, next_delta, sign
+from meshorch.fleet.delta import DELTA_V1, GENESIS_HASH, Target, key_id, next_delta, sign
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +54,11 @@ def build_delta(
     now: float,
     ttl_s: float,
     keys: Sequence[SigningKey],
+    format: int = DELTA_V1,
 ) -> tuple[bytes, Head]:
-    """Sign the delta after ``head``; returns the envelope and the new head."""
-    delta = next_delta(fleet, head.version, head.hash, ops, target, now, ttl_s)
+    """Sign the delta after ``head`` (of ``format``); returns the envelope (the full view)
+    and the new head."""
+    delta = next_delta(fleet, head.version, head.hash, ops, target, now, ttl_s, format)
     envelope, signed = sign(delta, keys)
     return envelope, Head(signed.version, signed.digest, now)
 

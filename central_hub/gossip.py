@@ -357,7 +357,8 @@ class HubGossip:
             return
         if not self._answers.allow(sender, ledger.now()):
             return
-        envelopes = [e for _, e in ledger.deltas_after(after, MAX_ANSWER_DELTAS)]
+        # The sender's view: no operations of the deltas that do not target it.
+        envelopes = ledger.views_after(after, MAX_ANSWER_DELTAS, sender)
         messages = delta_messages(envelopes)
         for message in messages:
             service.send_app(sender, message)

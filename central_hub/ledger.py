@@ -9,6 +9,12 @@ answered. The plan runs in a shielded task, so a caller that goes away never lea
 commit half-applied in memory. A delta is visible (``deltas_after``, long-polls woken by
 ``wait_for_deltas``, the ``on_append`` hook) only once its commit is durable.
 
+Per-site views: ``view`` is a stored delta as one site may see it (a format 2 delta that
+does not target it without its operations, ``meshorch.fleet.delta.view_for``; cached by
+version). Long-polls of sites that know such views wait for a delta that targets their site
+(or all sites): the waiters are indexed by site id, and the newest version that concerns
+each site is kept in memory (``site_head``; from the head at start for the deltas before).
+
 The ledger knows nothing of sites, applications or tenants: the hub's parts
 (``central_hub.accounts``, ``sites``, ``deployments``, ``vault_service``, ...) plan their
 changes against it.
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,12 +38,24 @@ from central_hub.deltalog import Head
 from central_hub.errors import ApiError
 from central_hub.store import Store, Write, delete, put_json, version_key
 from central_hub.tokens import TokenRecord
-from meshorch.fleet.delta import ALL_SITES, ROTATE_OP, Target, key_id
+from meshorch.fleet.delta import (
+    ALL_SITES,
+    DELTA_V1,
+    DELTA_V2,
+    ROTATE_OP,
+    DeltaRejected,
+    Target,
+    header_of,
+    key_id,
+    parse_full,
+)
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 MAX_DELTA_RESPONSE_BYTES = 8 * 1024 * 1024
+VIEW_CACHE = 4096  # deltas whose target and header are kept (per-site views)
+ALL = "*"  # the waiters' index entry of a delta that targets every site
 CALLER = audit.CALLER
 
 
@@ -50,6 +69,7 @@ class Txn:
         self.writes: list[Write] = []
         self.after: list[Callable[[], None]] = []
         self.audit_entries: list[dict[str, Any]] = []
+        self.targets: list[tuple[int, Target]] = []  # the deltas appended, for the waiters
 
     def audit(
         self,
@@ -99,10 +119,12 @@ class Txn:
                 self.now,
                 ledger.delta_ttl_s,
                 keys or ledger.signing_keys,
+                ledger.delta_format(),
             )
         except ValueError as exc:
             raise ApiError(413, "delta_too_large", str(exc)) from None
         self.writes.append(("deltas", version_key(head.version), envelope))
+        self.targets.append((head.version, target))
         self.head = head
         self.put("meta", "head", head.to_json())
         return head.version
@@ -132,6 +154,15 @@ class Ledger:
         self.closing = False
         self.pending: set[asyncio.Future[Any]] = set()  # awaited before the store closes
         self.link_waiters = 0  # long-polls waiting for a delta right now
+        # The format of the next delta (``central_hub.deltaformat`` sets it).
+        self.delta_format: Callable[[], int] = lambda: DELTA_V1
+        # Per-site views (module docstring): waiters by site id (ALL: any delta), the
+        # newest version for each site and for all, the version below which nothing is known.
+        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+        self._site_last: dict[str, int] = {}
+        self._all_last = 0
+        self._known_from = 0
+        self._views: OrderedDict[int, tuple[Target, bytes] | None] = OrderedDict()
         self._store: Store | None = None
         self._lock = asyncio.Lock()
         self._rotate_lock = asyncio.Lock()
@@ -165,6 +196,7 @@ class Ledger:
         self.fleet = fleet
         self.signing_keys = list(signing_keys)
         self.head = head
+        self._known_from = head.version
         self._audit_seq = store.last_sequence("audit")
         self._store = store
 
@@ -188,6 +220,7 @@ class Ledger:
         """The hub is stopping: long-polls answer now, and wait no more."""
         self.closing = True
         self._notify_appended()
+        self._wake(None)
 
     # -- changes --------------------------------------------------------------------------
 
@@ -218,6 +251,8 @@ class Ledger:
                     for action in txn.after:
                         action()
                     if appended:
+                        for version, target in txn.targets:
+                            self._index(version, target)
                         self._notify_appended()
                 return result
 
@@ -282,10 +317,87 @@ class Ledger:
         """Whether the tip ``head`` is old enough for an empty delta to renew it."""
         return head.version > 0 and now - head.issued_at >= interval_s
 
-    async def wait_for_deltas(
-        self, after: int, wait_s: float, limit: int
+    # -- per-site views -------------------------------------------------------------------
+
+    def _index(self, version: int, target: Target) -> None:
+        if target.all:
+            self._all_last = version
+            self._wake(None)
+            return
+        for site in target.sites:
+            self._site_last[site] = version
+            self._wake(site)
+
+    def _wake(self, site: str | None) -> None:
+        """Wake the long-polls of ``site`` and those waiting for any delta (None: all)."""
+        keys = list(self._waiters) if site is None else [site, ALL]
+        for key in keys:
+            for future in self._waiters.pop(key, ()):
+                if not future.done():
+                    future.set_result(None)
+
+    def site_head(self, site: str) -> int:
+        """The newest version that targets ``site`` or all sites (for the deltas issued
+        before this hub started: its head then)."""
+        return max(self._known_from, self._all_last, self._site_last.get(site, 0))
+
+    def view(self, version: int, raw: bytes, site: str) -> bytes:
+        """The stored delta ``version`` (``raw``) as ``site`` may see it (module docstring)."""
+        cached = self._views.get(version)
+        if cached is None and version not in self._views:
+            try:
+                parsed = parse_full(raw)
+            except DeltaRejected:  # never stored by the hub
+                cached = None
+            else:
+                delta = parsed.delta
+                cached = (delta.target, header_of(parsed)) if delta.format == DELTA_V2 else None
+            self._views[version] = cached
+            if len(self._views) > VIEW_CACHE:
+                self._views.popitem(last=False)
+        if cached is None or cached[0].includes(site):
+            return raw
+        return cached[1]
+
+    def views_after(self, after: int, limit: int, site: str) -> list[bytes]:
+        return [self.view(v, raw, site) for v, raw in self.deltas_after(after, limit)]
+
+    async def wait_for_site(
+        self, site: str, after: int, wait_s: float, limit: int
     ) -> tuple[int, list[bytes]]:
-        """Deltas after ``after``; when there is none, wait up to ``wait_s`` for one."""
+        """``site``'s long-poll: its view of the deltas after ``after``, at once when one
+        of them targets it (or all sites); otherwise after waiting up to ``wait_s`` for
+        one, with whatever was issued for other sites meanwhile (their headers)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while self.site_head(site) <= after and not self.closing:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            future: asyncio.Future[None] = loop.create_future()
+            waiters = self._waiters.setdefault(site, set())
+            waiters.add(future)
+            self.link_waiters += 1
+            try:
+                async with asyncio.timeout(remaining):
+                    await future
+            except TimeoutError:
+                break
+            finally:
+                self.link_waiters -= 1
+                waiters.discard(future)
+                if not waiters and self._waiters.get(site) is waiters:
+                    del self._waiters[site]
+        head = self.head.version
+        if self._store is None:
+            return head, []
+        return head, self.views_after(after, limit, site)
+
+    async def wait_for_deltas(
+        self, after: int, wait_s: float, limit: int, site: str | None = None
+    ) -> tuple[int, list[bytes]]:
+        """Deltas after ``after`` (``site``'s view when given); when there is none, wait up
+        to ``wait_s`` for one."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
         while self.head.version <= after and not self.closing:
@@ -304,6 +416,8 @@ class Ledger:
         head = self.head.version
         if self._store is None:
             return head, []
+        if site is not None:
+            return head, self.views_after(after, limit, site)
         return head, [envelope for _, envelope in self.deltas_after(after, limit)]
 
     async def rotate_root(self) -> dict[str, Any]:

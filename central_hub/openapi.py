@@ -72,6 +72,11 @@ SCHEMAS: dict[str, Schema] = {
         ["body", "sigs"],
         body={"type": "string", "description": "the signed delta body (canonical JSON)"},
         sigs=_list(_obj(["key", "sig"], key=_HEX64, sig=_STR)),
+        ops={
+            "type": "string",
+            "description": "format 2: the operations (canonical JSON, hashed by the body's "
+            "ops_hash); only in the deltas that target the site (docs/fleet-link.md)",
+        },
     ),
     "DeltaList": _obj(
         ["head", "deltas"],
@@ -80,6 +85,7 @@ SCHEMAS: dict[str, Schema] = {
             _obj(
                 ["version"],
                 version=_INT,
+                format={"type": "integer", "enum": [1, 2]},
                 digest=_HEX64,
                 prev=_HEX64,
                 issued_at=_NUM,
@@ -89,6 +95,13 @@ SCHEMAS: dict[str, Schema] = {
                 signed_by=_list(_HEX64),
             )
         ),
+        delta_format=_obj(
+            ["mode", "issuing"],
+            mode={"type": "string", "enum": ["auto", "1", "2"]},
+            issuing={"type": "integer", "enum": [1, 2]},
+            held_back_by=_list(_STR),
+            held_back_count=_INT,
+        ),
     ),
     "LinkDeltas": _obj(["head", "deltas"], head=_INT, deltas=_list(_ref("Envelope"))),
     "LinkSnapshot": _obj(
@@ -97,7 +110,7 @@ SCHEMAS: dict[str, Schema] = {
         snapshot=_ref("Envelope"),
         rotations=_list(_ref("Envelope")),
     ),
-    "Head": _obj(["head"], head=_INT),
+    "Head": _obj(["head"], head=_INT, site_head=_INT),
     "EnrollRequest": _obj(["site", "public_key", "token"], site=_ID, public_key=_HEX64, token=_STR),
     "EnrollResponse": _obj(["site"], site=_ID),
     "KeyRotation": _obj(

@@ -14,13 +14,14 @@ from collections.abc import Callable
 from central_hub.accounts import Accounts
 from central_hub.alerting import Alerting
 from central_hub.config import HubConfig
+from central_hub.deltaformat import DeltaFormat
 from central_hub.deployments import Deployments
 from central_hub.gossip import HubGossip
 from central_hub.ledger import Ledger
 from central_hub.logs import HubLogs, LogLimits
 from central_hub.reports import Reports
 from central_hub.sites import Sites, SiteTimes
-from central_hub.snapshots import Snapshots
+from central_hub.snapshots import Snapshots, registered_sites
 from central_hub.vault_service import VaultService
 
 
@@ -50,6 +51,13 @@ class HubParts:
             gossip=lambda: self.gossip,
         )
         self.snapshots = Snapshots(self.ledger, self.reports, c.delta_keep, c.compact_every_s)
+        self.delta_format = DeltaFormat(
+            c.delta_format,
+            lambda: registered_sites(self.ledger.store),
+            self.reports.latest,
+            c.clock,
+        )
+        self.ledger.delta_format = self.delta_format.current
         self.sites.listeners.append(self.vault.site_changed)
         self.alerting = Alerting(
             self.ledger,

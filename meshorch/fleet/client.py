@@ -156,6 +156,7 @@ class LinkClient:
         self.key = key
         self.clock = clock
         self.request_timeout_s = request_timeout_s
+        self.site_head: int | None = None  # from the last report's answer (``report``)
         self._base = URL(self.hub_url)
         self._session = session
         self._own_session = session is None
@@ -226,9 +227,12 @@ class LinkClient:
         answer = await self._request(
             "POST", "/v1/link/report", "", orjson.dumps(report), timeout_s=timeout_s
         )
-        head = answer.get("head")
+        head, site_head = answer.get("head"), answer.get("site_head")
         if type(head) is not int:
             raise BadHubAnswer(f"report answer without an integer 'head': {answer!r}")
+        # A hub serving per-site views says the newest version that concerns this site:
+        # its long-poll answers at once only for those (docs/fleet-link.md).
+        self.site_head = site_head if type(site_head) is int else None
         return head
 
     async def gossip_info(self) -> GossipInfo:

@@ -17,6 +17,18 @@ The body (signed bytes, exactly as carried in the envelope)::
      "ops": [{"op": "app.put", "spec": {...}}, {"op": "app.delete", "name": "web"},
              {"op": "root.rotate", "new_key": "<hex>"}]}
 
+Format 2 (per-site delta views): the signed body carries ``"v": 2`` and, instead of
+``ops``, ``"ops_hash"``: the sha256 hex of the operations' canonical JSON (a list, keys
+sorted). The operations travel next to the body, as that JSON in a string::
+
+    {"body": "<the body>", "sigs": [...], "ops": "<the operations, canonical JSON>"}
+
+Every site gets every delta's envelope (the chain stays one fleet-wide chain: order, no
+omission, no fork), but ``ops`` only in the deltas that target it (or all sites): for the
+others it gets the *header* (``body`` and ``sigs`` alone) and applies it as a no-op that
+advances its trust state. ``view_for`` makes the view of one site; ``full_view`` says
+whether an envelope carries its operations.
+
 A site applies a delta only when (checked in this order, first failure wins):
 
     too_large       the envelope is over MAX_DELTA_BYTES
@@ -27,6 +39,9 @@ A site applies a delta only when (checked in this order, first failure wins):
                     new key's signature)
     replay          the version the site has already applied
     rollback        older than the version the site has applied
+    ops_mismatch    (format 2) the ``ops`` carried do not hash to the signed ``ops_hash``
+    ops_missing     (format 2) a delta that targets this site came without its ``ops``
+                    (a header relayed by a site it does not target): fetch it from the hub
     gap             newer than the next version: fetch the missing ones first (not an attack)
     chain_mismatch  ``prev`` is not the hash of the delta the site applied last
     expired         past ``expires_at`` -- unless a later delta of the same batch is still
@@ -54,7 +69,10 @@ from nacl.signing import SigningKey, VerifyKey
 MAX_DELTA_BYTES = 256 * 1024
 MAX_SIGNATURES = 4
 MAX_OPS = 256
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # of the trust state, and of the first delta format
+DELTA_V1 = 1
+DELTA_V2 = 2  # per-site views: the body signs ``ops_hash``, the operations travel beside it
+DELTA_FORMATS = (DELTA_V1, DELTA_V2)
 GENESIS_HASH = "0" * 64
 ROTATE_OP = "root.rotate"
 
@@ -64,6 +82,8 @@ Reason = Literal[
     "wrong_fleet",
     "unknown_key",
     "bad_signature",
+    "ops_mismatch",
+    "ops_missing",
     "replay",
     "rollback",
     "gap",
@@ -115,18 +135,25 @@ class Delta:
     target: Target
     ops: tuple[Mapping[str, Any], ...]
     digest: str = ""  # sha256 hex of the body bytes; set once encoded or parsed
+    format: int = DELTA_V1
+    ops_hash: str = ""  # format 2: sha256 hex of ``encode_ops(ops)`` (signed)
+    has_ops: bool = True  # False: a format 2 header whose operations did not come along
 
     def body_json(self) -> dict[str, Any]:
-        return {
-            "v": FORMAT_VERSION,
+        body: dict[str, Any] = {
+            "v": self.format,
             "fleet": self.fleet,
             "version": self.version,
             "prev": self.prev,
             "issued_at": self.issued_at,
             "expires_at": self.expires_at,
             "target": self.target.to_json(),
-            "ops": [dict(op) for op in self.ops],
         }
+        if self.format == DELTA_V2:
+            body["ops_hash"] = self.ops_hash or digest_of(encode_ops(self.ops))
+        else:
+            body["ops"] = [dict(op) for op in self.ops]
+        return body
 
     def rotation_key(self) -> str | None:
         for op in self.ops:
@@ -211,13 +238,27 @@ def digest_of(body: bytes) -> str:
     return hashlib.sha256(body).hexdigest()
 
 
+def encode_ops(ops: Iterable[Mapping[str, Any]]) -> bytes:
+    """The canonical JSON of a format 2 delta's operations (what ``ops_hash`` hashes)."""
+    return orjson.dumps([dict(op) for op in ops], option=orjson.OPT_SORT_KEYS)
+
+
 def sign(delta: Delta, keys: Sequence[SigningKey]) -> tuple[bytes, Delta]:
-    """Encode and sign; returns the envelope and the delta with its digest."""
+    """Encode and sign; returns the envelope (the full view: a format 2 delta's ``ops``
+    included) and the delta with its digest."""
     if not keys:
         raise ValueError("a delta needs at least one signature")
+    if delta.format not in DELTA_FORMATS:
+        raise ValueError(f"unknown delta format {delta.format}")
+    if delta.format == DELTA_V2:
+        ops_text = encode_ops(delta.ops)
+        delta = replace(delta, ops_hash=digest_of(ops_text))
     body = encode_body(delta)
     sigs = [{"key": key_id(k), "sig": k.sign(body).signature.hex()} for k in keys]
-    envelope = orjson.dumps({"body": body.decode(), "sigs": sigs})
+    wire: dict[str, Any] = {"body": body.decode(), "sigs": sigs}
+    if delta.format == DELTA_V2:
+        wire["ops"] = ops_text.decode()
+    envelope = orjson.dumps(wire)
     if len(envelope) > MAX_DELTA_BYTES:
         raise ValueError(f"delta is {len(envelope)} bytes, over {MAX_DELTA_BYTES}")
     return envelope, replace(delta, digest=digest_of(body))
@@ -231,6 +272,7 @@ def next_delta(
     target: Target,
     now: float,
     ttl_s: float,
+    format: int = DELTA_V1,
 ) -> Delta:
     return Delta(
         fleet=fleet,
@@ -240,7 +282,37 @@ def next_delta(
         expires_at=now + ttl_s,
         target=target,
         ops=tuple(ops),
+        format=format,
     )
+
+
+# -- per-site views (format 2) -------------------------------------------------------
+
+
+def view_for(raw: bytes, site: str) -> bytes:
+    """The envelope as ``site`` may see it: a format 2 delta that does not target it
+    without its ``ops`` (the header); anything else as it is. Raises DeltaRejected
+    (too_large, malformed) for what does not parse."""
+    parsed = _parse(raw)
+    if parsed.ops_text is None or parsed.delta.target.includes(site):
+        return raw
+    return header_of(parsed)
+
+
+def parse_full(raw: bytes) -> _Parsed:
+    """Parse an envelope without trusting it (for ``header_of``). Raises DeltaRejected."""
+    return _parse(raw)
+
+
+def header_of(parsed: _Parsed) -> bytes:
+    return orjson.dumps(
+        {"body": parsed.body.decode(), "sigs": [{"key": k, "sig": s.hex()} for k, s in parsed.sigs]}
+    )
+
+
+def full_view(raw: bytes) -> bool:
+    """Whether ``raw`` carries its operations (always for format 1)."""
+    return _parse(raw).delta.has_ops
 
 
 # -- parsing and verification (the sites) ---------------------------------------------
@@ -251,6 +323,7 @@ class _Parsed:
     delta: Delta
     body: bytes
     sigs: tuple[tuple[str, bytes], ...]
+    ops_text: bytes | None = None  # format 2: the ``ops`` string carried (None: a header)
 
 
 def parse(raw: bytes) -> tuple[Delta, bytes, tuple[tuple[str, bytes], ...]]:
@@ -270,9 +343,12 @@ def _parse(raw: bytes) -> _Parsed:
         envelope = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise _malformed(f"envelope is not JSON ({exc})") from None
-    if not isinstance(envelope, dict) or set(envelope) != {"body", "sigs"}:
-        raise _malformed("an envelope is an object with exactly 'body' and 'sigs'")
+    if not isinstance(envelope, dict) or set(envelope) - {"ops"} != {"body", "sigs"}:
+        raise _malformed("an envelope is an object with 'body', 'sigs' and (format 2) 'ops'")
     body_text, raw_sigs = envelope["body"], envelope["sigs"]
+    ops_text = envelope.get("ops")
+    if ops_text is not None and not isinstance(ops_text, str):
+        raise _malformed("'ops' is a string (the operations' JSON)")
     if not isinstance(body_text, str) or not isinstance(raw_sigs, list):
         raise _malformed("'body' is a string and 'sigs' a list")
     if not 1 <= len(raw_sigs) <= MAX_SIGNATURES:
@@ -283,7 +359,8 @@ def _parse(raw: bytes) -> _Parsed:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise _malformed(f"body is not JSON ({exc})") from None
-    return _Parsed(_parse_body(data, digest_of(body)), body, sigs)
+    ops_bytes = None if ops_text is None else ops_text.encode()
+    return _Parsed(_parse_body(data, digest_of(body), ops_bytes), body, sigs, ops_bytes)
 
 
 def parse_signature(item: object) -> tuple[str, bytes]:
@@ -298,14 +375,33 @@ def parse_signature(item: object) -> tuple[str, bytes]:
     return key, bytes.fromhex(sig)
 
 
-_BODY_FIELDS = {"v", "fleet", "version", "prev", "issued_at", "expires_at", "target", "ops"}
+_HEAD_FIELDS = {"v", "fleet", "version", "prev", "issued_at", "expires_at", "target"}
+_BODY_FIELDS = {DELTA_V1: _HEAD_FIELDS | {"ops"}, DELTA_V2: _HEAD_FIELDS | {"ops_hash"}}
 
 
-def _parse_body(data: object, digest: str) -> Delta:
-    if not isinstance(data, dict) or set(data) != _BODY_FIELDS:
-        raise _malformed(f"a body has exactly the fields {sorted(_BODY_FIELDS)}")
-    if data["v"] != FORMAT_VERSION:
-        raise _malformed(f"unsupported delta format {data['v']!r}")
+def _parse_body(data: object, digest: str, ops_text: bytes | None = None) -> Delta:
+    if not isinstance(data, dict) or type(data.get("v")) is not int:
+        raise _malformed("a body is an object with an integer 'v'")
+    form = data["v"]
+    if form not in DELTA_FORMATS:
+        raise _malformed(f"unsupported delta format {form!r}")
+    if set(data) != _BODY_FIELDS[form]:
+        fields = sorted(_BODY_FIELDS[form])
+        raise _malformed(f"a format {form} body has exactly the fields {fields}")
+    ops_hash = ""
+    if form == DELTA_V2:
+        ops_hash = data["ops_hash"]
+        if not isinstance(ops_hash, str) or len(ops_hash) != 64 or not is_hex(ops_hash):
+            raise _malformed("'ops_hash' is a sha256 hex digest")
+        if ops_text is None:
+            data = {**data, "ops": []}
+        else:
+            try:
+                data = {**data, "ops": orjson.loads(ops_text)}
+            except orjson.JSONDecodeError as exc:
+                raise _malformed(f"'ops' is not JSON ({exc})") from None
+    elif ops_text is not None:
+        raise _malformed("a format 1 envelope carries its operations in the body")
     fleet, version, prev = data["fleet"], data["version"], data["prev"]
     if not isinstance(fleet, str) or not fleet:
         raise _malformed("'fleet' is a non-empty string")
@@ -332,6 +428,9 @@ def _parse_body(data: object, digest: str) -> Delta:
         target=_parse_target(data["target"]),
         ops=tuple(ops),
         digest=digest,
+        format=form,
+        ops_hash=ops_hash,
+        has_ops=form == DELTA_V1 or ops_text is not None,
     )
     rotation = [op for op in ops if op["op"] == ROTATE_OP]
     if rotation:
@@ -416,8 +515,34 @@ def _advance(delta: Delta, state: TrustState) -> TrustState:
     return replace(state, version=delta.version, head=delta.digest, trusted_keys=trusted)
 
 
-def verify_chain(raw: bytes, state: TrustState) -> tuple[Delta, TrustState]:
-    """Every check but expiry. Returns the delta and the state after applying it."""
+def _check_ops(parsed: _Parsed, site: str | None) -> Delta:
+    """A format 2 delta's operations against its signed ``ops_hash``; the delta as
+    ``site`` applies it (a header for a delta that does not target it). ``site`` None:
+    the operations must be there (the hub, a check of the full view)."""
+    delta = parsed.delta
+    if delta.format != DELTA_V2:
+        return delta
+    targeted = site is None or delta.target.includes(site)
+    if parsed.ops_text is not None:
+        if digest_of(parsed.ops_text) != delta.ops_hash:
+            raise DeltaRejected(
+                "ops_mismatch", "the operations do not match the signed ops_hash", delta.version
+            )
+        if not targeted:  # not this site's: applied (and kept, relayed) as a header
+            return replace(delta, ops=(), has_ops=False)
+        return delta
+    if targeted:
+        raise DeltaRejected(
+            "ops_missing", "a delta for this site came without its operations", delta.version
+        )
+    return delta
+
+
+def verify_chain(
+    raw: bytes, state: TrustState, site: str | None = None
+) -> tuple[Delta, TrustState]:
+    """Every check but expiry. Returns the delta (as ``site`` applies it: ``_check_ops``)
+    and the state after applying it."""
     parsed = _parse(raw)
     if parsed.delta.fleet != state.fleet:
         raise DeltaRejected(
@@ -426,21 +551,27 @@ def verify_chain(raw: bytes, state: TrustState) -> tuple[Delta, TrustState]:
             parsed.delta.version,
         )
     _check_signatures(parsed, state)
-    _check_order(parsed.delta, state)
-    return parsed.delta, _advance(parsed.delta, state)
+    delta = _check_ops(parsed, site)
+    _check_order(delta, state)
+    return delta, _advance(delta, state)
 
 
-def verify(raw: bytes, state: TrustState, now: float) -> tuple[Delta, TrustState]:
+def verify(
+    raw: bytes, state: TrustState, now: float, site: str | None = None
+) -> tuple[Delta, TrustState]:
     """One delta on its own: every check, expiry included."""
-    result = verify_batch([raw], state, now)
+    result = verify_batch([raw], state, now, site)
     if result.rejected is not None:
         raise result.rejected
     assert result.state is not None  # accepted one delta
     return result.accepted[0], result.state
 
 
-def verify_batch(raws: Sequence[bytes], state: TrustState, now: float) -> BatchResult:
-    """Verify consecutive deltas; accept the longest prefix whose last delta is fresh.
+def verify_batch(
+    raws: Sequence[bytes], state: TrustState, now: float, site: str | None = None
+) -> BatchResult:
+    """Verify consecutive deltas (for ``site``: ``verify_chain``); accept the longest
+    prefix whose last delta is fresh.
 
     Deltas past their expiry are accepted only on the way to a fresh one: the tip's
     freshness vouches for the chain that leads to it.
@@ -450,7 +581,7 @@ def verify_batch(raws: Sequence[bytes], state: TrustState, now: float) -> BatchR
     current = state
     for raw in raws:
         try:
-            delta, current = verify_chain(raw, current)
+            delta, current = verify_chain(raw, current, site)
         except DeltaRejected as exc:
             rejected = exc
             break

@@ -405,9 +405,12 @@ class GossipLink(Protocol):
 
     def nudge(self, version: int) -> None: ...
 
-    async def commit(self, raws: Sequence[bytes]) -> CommitOutcome: ...
+    @property
+    def filtered(self) -> bool: ...
 
-    def recent_envelopes(self, after: int) -> list[bytes]: ...
+    async def commit(self, raws: Sequence[bytes], record_stuck: bool = True) -> CommitOutcome: ...
+
+    def recent_envelopes(self, after: int, requester: str) -> list[bytes]: ...
 
 
 class SiteGossip:
@@ -642,6 +645,10 @@ class SiteGossip:
         if self._behind_since is None:
             self._behind_since = now
         best = max(v for v, _ in ahead)
+        if self.link.connected and self.link.filtered:
+            # The hub serves per-site views: a newer version may concern other sites
+            # only; the link brings their headers with this site's next answer.
+            return
         if self.link.connected:
             if now - self._nudged_at >= CATCH_UP_GRACE_S:
                 self._nudged_at = now  # a member announcing nonsense costs a poll per 3 s
@@ -678,7 +685,9 @@ class SiteGossip:
             if not batch:
                 continue
             try:
-                outcome = await self.link.commit(batch)
+                # An expired batch with nothing fresh after it is the link's to catch up
+                # (by snapshot, recording the refusal only if that fails), not a rejection.
+                outcome = await self.link.commit(batch, record_stuck=False)
             except (ProposalError, RemoteInputError) as exc:
                 logger.warning("gossip: relayed deltas not committed: %s", exc)
                 await asyncio.sleep(REQUEST_INTERVAL_S)
@@ -735,7 +744,7 @@ class SiteGossip:
         service = self.service
         if service is None or not self._answers.allow(sender, self.clock()):
             return
-        messages = delta_messages(self.link.recent_envelopes(after))
+        messages = delta_messages(self.link.recent_envelopes(after, sender))
         for message in messages:
             service.send_app(sender, message)
         self.stats.requests_answered += 1

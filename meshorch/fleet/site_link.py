@@ -81,7 +81,14 @@ from meshorch.fleet.client import (
     LinkRefused,
     RemoteLinkError,
 )
-from meshorch.fleet.delta import Delta, DeltaRejected, TrustState, verify_batch
+from meshorch.fleet.delta import (
+    DELTA_V2,
+    Delta,
+    DeltaRejected,
+    TrustState,
+    verify_batch,
+    view_for,
+)
 from meshorch.fleet.escrow import SiteEscrow
 from meshorch.fleet.forward import StreamForwarder
 from meshorch.fleet.keyrotation import SiteKeyRotation
@@ -177,6 +184,7 @@ class SiteLink(LinkRecords):
         self.connected = False
         self.last_contact: float | None = None
         self.hub_head: int | None = None
+        self.site_head: int | None = None  # the hub's newest version for this site
         self.last_error: str | None = None
         self._lock = asyncio.Lock()
         self._report_now = asyncio.Event()
@@ -188,18 +196,30 @@ class SiteLink(LinkRecords):
         self.gossip: SiteGossip | None = None  # the gossip member of the current session
         self.forwarder: StreamForwarder | None = None  # the stream forwarding of the session
         self.gossip_info: GossipInfo | None = None  # the last one the hub gave
-        self._recent: OrderedDict[int, bytes] = OrderedDict()  # version -> envelope
+        # version -> the envelope as applied here (this site's view) and its delta
+        self._recent: OrderedDict[int, tuple[bytes, Delta]] = OrderedDict()
         self.key_rotation = SiteKeyRotation(site, site_id, clock)
 
     # -- reading the replicated state ------------------------------------------------
 
-    def recent_envelopes(self, after: int) -> list[bytes]:
-        """The consecutive applied envelopes after version ``after`` kept in memory (empty
-        when the one right after ``after`` is not kept)."""
+    def recent_envelopes(self, after: int, requester: str) -> list[bytes]:
+        """The consecutive applied envelopes after version ``after`` kept in memory, as
+        ``requester`` may see them (``delta.view_for``: no operations of a delta that does
+        not target it); they stop before the first one kept here without the operations
+        that ``requester`` needs (a header of a delta for it, not for this site), and are
+        empty when the one right after ``after`` is not kept."""
         out: list[bytes] = []
         version = after + 1
         while version in self._recent:
-            out.append(self._recent[version])
+            raw, delta = self._recent[version]
+            if delta.format == DELTA_V2 and delta.target.includes(requester):
+                if not delta.has_ops:
+                    break  # its operations were never here: the requester asks the hub
+                out.append(raw)
+            elif delta.format == DELTA_V2 and delta.has_ops:
+                out.append(view_for(raw, requester))
+            else:
+                out.append(raw)
             version += 1
         return out
 
@@ -208,8 +228,16 @@ class SiteLink(LinkRecords):
 
     def nudge(self, version: int) -> None:
         """A gossip member announced ``version``: an open long-poll that should have been
-        answered by now is abandoned and sent again."""
-        self._check_poll(version)
+        answered by now is abandoned and sent again. Not with a hub serving per-site views
+        (``site_head`` known): a newer fleet version may concern other sites only, which
+        the poll is not answered for; the reports' ``site_head`` finds a lost answer."""
+        if self.site_head is None:
+            self._check_poll(version)
+
+    @property
+    def filtered(self) -> bool:
+        """Whether the hub serves per-site views (its poll waits for this site's deltas)."""
+        return self.site_head is not None
 
     def _is_leader(self) -> bool:
         return self.site.status().is_leader
@@ -576,7 +604,9 @@ class SiteLink(LinkRecords):
                 logger.warning("fleet link: report: %s", exc)
                 continue
             self._contact()
-            self._check_poll(self.hub_head)
+            self.site_head = client.site_head
+            # With per-site views the poll is answered at once only for this site's deltas.
+            self._check_poll(self.hub_head if self.site_head is None else self.site_head)
 
     def _contact(self) -> None:
         if not self.connected:
@@ -610,18 +640,21 @@ class SiteLink(LinkRecords):
                 raise NotConfigured()
             state = TrustState.from_json(orjson.loads(record.value))
             now = self.clock()
+            site = self.site_id
             if len(raws) > THREAD_VERIFY_AT:
-                result = await asyncio.to_thread(verify_batch, list(raws), state, now)
+                result = await asyncio.to_thread(verify_batch, list(raws), state, now, site)
             else:
-                result = verify_batch(raws, state, now)
+                result = verify_batch(raws, state, now, site)
             outcome = CommitOutcome(rejected=result.rejected, state=state)
             entries: list[dict[str, Any]] = []
             if result.rejected is not None:
                 rejected = result.rejected
-                log = logger.info if rejected.reason == "gap" else logger.warning
+                # Not attacks: a relay that lacks the next deltas, or this site's operations.
+                fetch_elsewhere = rejected.reason in ("gap", "ops_missing")
+                log = logger.info if fetch_elsewhere else logger.warning
                 log("fleet link: delta %s refused: %s", rejected.version, rejected)
                 stuck = rejected.reason == "expired" and not result.accepted
-                if rejected.reason != "gap" and (record_stuck or not stuck):
+                if not fetch_elsewhere and (record_stuck or not stuck):
                     entries.append(
                         rejection_entry(rejected.reason, rejected.message, rejected.version, now)
                     )
@@ -665,7 +698,9 @@ class SiteLink(LinkRecords):
 
     def _keep(self, raws: Sequence[bytes], deltas: Sequence[Delta]) -> None:
         for raw, delta in zip(raws, deltas, strict=True):
-            self._recent[delta.version] = bytes(raw)
+            if delta.format == DELTA_V2 and not delta.has_ops:
+                raw = view_for(raw, self.site_id)  # a relay's operations not for this site
+            self._recent[delta.version] = (bytes(raw), delta)
             self._recent.move_to_end(delta.version)
         while len(self._recent) > RECENT_ENVELOPES:
             self._recent.popitem(last=False)

@@ -32,7 +32,7 @@ def add_fleet_routes(app: web.Application) -> None:
     app.router.add_post("/v1/fleet/key", post_fleet_key)
 
 
-ORDER_REASONS = frozenset({"replay", "rollback", "gap", "chain_mismatch", "expired"})
+ORDER_REASONS = frozenset({"replay", "rollback", "gap", "chain_mismatch", "expired", "ops_missing"})
 
 
 async def get_fleet(request: web.Request) -> web.Response:

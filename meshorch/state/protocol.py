@@ -15,6 +15,9 @@ Protocols:
        host signs, the peer routes still take unsigned requests
     4  client sessions (``raft.sessions``): KV writes carry a Raft ``Session`` operation,
        which a host on 3 cannot decode; until every host speaks 4 they go without one
+    5  format 2 fleet deltas (per-site views, ``meshorch.fleet.delta``): a host on 4 refuses
+       them, so the hub issues them only once every host of every site reports 5
+       (``central_hub.deltaformat``); nothing on the site waits for it
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ from collections.abc import Mapping
 
 from meshorch.errors import ServiceError
 
-PROTOCOL = 4
-FEATURES: dict[str, int] = {"streams": 2, "peer_auth": 3, "sessions": 4}
+PROTOCOL = 5
+FEATURES: dict[str, int] = {"streams": 2, "peer_auth": 3, "sessions": 4, "delta_v2": 5}
 
 
 class FeatureUnavailable(ServiceError):

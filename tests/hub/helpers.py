@@ -93,7 +93,7 @@ class Site:
     async def sync(self) -> BatchResult:
         """Fetch and verify everything new; apply it to the trust state."""
         _, envelopes = await self.fetch()
-        result = verify_batch(envelopes, self.trust, time.time())
+        result = verify_batch(envelopes, self.trust, time.time(), self.id)
         assert result.rejected is None, result.rejected
         assert result.state is not None
         self.trust = result.state
