@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from central_hub import store, tenancy, tokens
+from central_hub.authguard import FailedAuth
 from central_hub.errors import ApiError
 from central_hub.ledger import Ledger, Txn
 from central_hub.model import DEFAULT_TENANT, is_id, plain_key
@@ -37,6 +38,7 @@ class Accounts:
 
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
+        self.failures = FailedAuth(ledger)  # failed authentications (central_hub.authguard)
 
     # -- tenants --------------------------------------------------------------------------
 

@@ -19,7 +19,11 @@ Auth schemes (a route's ``auth``):
                ``bad_site_signature`` otherwise
     enroll     unsigned; the body carries a single-use enrollment token
 
-Refused token requests (401, 403) are audited (``GET /v1/audit``).
+Refused token requests are audited (``GET /v1/audit``): a 403 (or a 401 of a recognised
+token) one entry each; a failed authentication is counted per source address and sampled
+into the log, and rate-limited per source (429 with ``Retry-After``):
+``central_hub.authguard``. It writes nothing itself, so a flood of bad tokens costs the
+hub no fsync each.
 """
 
 from __future__ import annotations
@@ -165,14 +169,18 @@ async def _with_token(
     token: TokenRecord | None = None
     reset = CALLER.set(None)
     try:
-        token = hub.accounts.authenticate(request.headers.get("Authorization"))
+        try:
+            token = hub.accounts.authenticate(request.headers.get("Authorization"))
+        except ApiError as exc:  # counted and sampled, never one audit write each
+            what = f"{request.method} {request.path}"
+            raise hub.accounts.failures.refused(request.remote, action, what, exc) from None
         CALLER.set((token, action))
         tokens.authorize(token, action)
         request[TOKEN_KEY] = token
         return await route.handler(request)
     except ApiError as exc:
-        if exc.status in (401, 403):
-            tenant = None if token is None else token.tenant
+        if token is not None and exc.status in (401, 403):
+            tenant = token.tenant
             detail = f"{request.method} {request.path}: {exc.code}"
             outcome = f"refused {exc.status}"
             refusal = hub.ledger.audit(

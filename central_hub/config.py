@@ -29,7 +29,11 @@ class HubConfig:
     ``port``; 0 picks a free one) and tells sites ``gossip_advertise`` (None: that address;
     an unspecified host makes sites use their hub URL's host). Fleet logs are kept
     ``logs_max_age_s`` and within ``logs_max_bytes`` (None: no limit), checked every
-    ``logs_retention_every_s``. The delta log is compacted (``central_hub.snapshots``) every
+    ``logs_retention_every_s``. The audit log keeps at most ``audit_max_entries`` entries
+    no older than ``audit_max_age_s`` (None: no bound; ``central_hub.audit_retention``).
+    A source address may fail ``auth_failure_burst`` authentications at once, then
+    ``auth_failure_rate_per_s``, before its failures answer 429 (``central_hub.authguard``).
+    The delta log is compacted (``central_hub.snapshots``) every
     ``compact_every_s`` below what every enrolled site applied, or to its last
     ``delta_keep`` deltas (None: never compacted). ``delta_format`` is the format of the
     deltas issued (``central_hub.deltaformat``: ``auto``, 1 or 2)."""
@@ -56,6 +60,10 @@ class HubConfig:
     logs_max_age_s: float | None = 30 * DAY_S
     logs_max_bytes: int | None = None
     logs_retention_every_s: float = 60.0
+    audit_max_entries: int | None = 1_000_000
+    audit_max_age_s: float | None = 400 * DAY_S
+    auth_failure_burst: float = 60.0
+    auth_failure_rate_per_s: float = 5.0
     delta_keep: int | None = 100_000
     compact_every_s: float = 60.0
     delta_format: Mode = "auto"
@@ -97,6 +105,12 @@ class HubConfig:
             positive["logs_max_age_s"] = self.logs_max_age_s
         if self.logs_max_bytes is not None:
             positive["logs_max_bytes"] = self.logs_max_bytes
+        positive["auth_failure_burst"] = self.auth_failure_burst
+        positive["auth_failure_rate_per_s"] = self.auth_failure_rate_per_s
+        if self.audit_max_entries is not None:
+            positive["audit_max_entries"] = self.audit_max_entries
+        if self.audit_max_age_s is not None:
+            positive["audit_max_age_s"] = self.audit_max_age_s
         problems += [f"{name}: must be > 0" for name, v in positive.items() if not v > 0]
         if self.heartbeat_interval_s >= self.delta_ttl_s:
             problems.append("heartbeat_s: must be shorter than delta_ttl_s (the tip expires)")

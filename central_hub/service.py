@@ -24,9 +24,12 @@ Ordering rules:
 - The driver wakes every ``tick_s`` (sooner on a report or a new deployment): it renews the
   gossip certificate, steps the running deployments and appends a heartbeat when the tip
   gets old (one transaction), distributes secrets waiting for a site, evaluates the
-  alerts every ``ALERTS_EVERY_S``, starts the fleet logs' retention when it is due and
+  alerts every ``ALERTS_EVERY_S``, starts the fleet logs' retention when it is due,
+  prunes the audit log (``central_hub.audit_retention``) and
   compacts the delta log every ``compact_every_s`` (``central_hub.snapshots``).
-- On stop, long-polls answer at once; the store closes after every pending write.
+- On stop, long-polls answer at once; the failed authentications counted since the last
+  sample are audited (``central_hub.authguard``); the store closes after every pending
+  write.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from central_hub.accounts import Accounts, adopt_tenants
 from central_hub.alerting import Alerting
 from central_hub.alerts import AlertBook
 from central_hub.api import build_app
+from central_hub.audit_retention import AuditRetention
 from central_hub.config import DAY_S as DAY_S
 from central_hub.config import HubConfig as HubConfig
 from central_hub.deltalog import Head
@@ -74,6 +78,11 @@ class Hub:
         self.url = ""
         self._wake = asyncio.Event()
         self.parts = HubParts(config, wake=self._wake.set)
+        self.audit_retention = AuditRetention(
+            self.parts.ledger, config.audit_max_entries, config.audit_max_age_s
+        )
+        failures = self.parts.accounts.failures
+        failures.burst, failures.rate = config.auth_failure_burst, config.auth_failure_rate_per_s
         self._runner: web.AppRunner | None = None
         self._driver: asyncio.Task[None] | None = None
         self._data_dir_lock: DataDirLock | None = None
@@ -226,6 +235,10 @@ class Hub:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        try:
+            await self.accounts.failures.flush()
+        except Exception:
+            logger.exception("failed authentications not audited at stop")
         await self.ledger.drain()
         await self.ledger.close_store()
         await asyncio.to_thread(self.logs.close)
@@ -329,6 +342,11 @@ class Hub:
                 except Exception:
                     logger.exception("alert evaluation failed; retrying on the next tick")
             parts.logs.start_retention()
+            if self.audit_retention.due(ledger.now()):
+                try:
+                    await self.audit_retention.prune()
+                except Exception:
+                    logger.exception("audit log retention failed; retrying later")
             if parts.snapshots.due(ledger.now()):
                 try:
                     await parts.snapshots.compact()

@@ -19,12 +19,24 @@ before it returns, which is what acknowledged operator writes use (reports are n
 one by one: a lost report is re-sent seconds later). Reads are short read transactions
 on the memory map, cheap enough for the event loop; commits can wait on the disk and are
 run in a worker thread by the service.
+
+The map grows before it fills: a commit that would leave the environment more than
+``GROW_AT`` full first doubles the map (``lmdb.Environment.set_mapsize``; the file stays
+sparse), and a commit that finds the map full anyway grows it and is retried once.
+``set_mapsize`` invalidates every open transaction of the process, so every transaction
+(read or write, any thread) is begun through ``_Gate``: many at once, and the growth
+alone, once the open ones are done (new ones wait for it, a few milliseconds). A
+growth that cannot have the store to itself within ``GROW_WAIT_S`` (a transaction held
+open that long) is put off to the next commit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import struct
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,6 +51,9 @@ DBS = (
     "alerts",
 )  # fmt: skip
 DEFAULT_MAP_SIZE = 1 << 31
+GROW_AT = 0.75  # of the map in use after a commit: grow first
+GROW_WAIT_S = 2.0
+_MIB = 1 << 20
 _VERSION = struct.Struct(">Q")
 
 # (database, key, value); value None deletes the key.
@@ -57,18 +72,125 @@ def delete(db: str, key: str) -> Write:
     return (db, key.encode(), None)
 
 
+class _Gate:
+    """Shared for transactions, exclusive for growing the map (module docstring)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._active = 0
+        self._growing = False
+
+    def enter(self) -> None:
+        with self._cond:
+            while self._growing:
+                self._cond.wait()
+            self._active += 1
+
+    def leave(self) -> None:
+        with self._cond:
+            self._active -= 1
+            if not self._active:
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def alone(self, timeout_s: float) -> Iterator[bool]:
+        """Yield True with no transaction open (new ones wait), False after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while self._growing:
+                self._cond.wait()
+            self._growing = True
+            while self._active and (left := deadline - time.monotonic()) > 0:
+                self._cond.wait(left)
+            alone = not self._active
+        try:
+            yield alone
+        finally:
+            with self._cond:
+                self._growing = False
+                self._cond.notify_all()
+
+
+class _GatedTxn:
+    """``with env.begin(...) as txn``, the transaction counted by the gate."""
+
+    def __init__(self, gate: _Gate, env: Any, kwargs: dict[str, Any]) -> None:
+        self._gate = gate
+        self._env = env
+        self._kwargs = kwargs
+        self._txn: Any = None
+
+    def __enter__(self) -> Any:
+        self._gate.enter()
+        try:
+            self._txn = self._env.begin(**self._kwargs)
+            return self._txn.__enter__()
+        except BaseException:
+            self._gate.leave()
+            raise
+
+    def __exit__(self, *exc: Any) -> Any:
+        try:
+            return self._txn.__exit__(*exc)
+        finally:
+            self._gate.leave()
+
+
+class _GatedEnv:
+    """The LMDB environment, its transactions begun through the gate."""
+
+    def __init__(self, env: Any) -> None:
+        self.env = env
+        self.gate = _Gate()
+
+    def begin(self, **kwargs: Any) -> _GatedTxn:
+        return _GatedTxn(self.gate, self.env, kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.env, name)
+
+
 class Store:
     def __init__(self, path: Path, map_size: int = DEFAULT_MAP_SIZE) -> None:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._env = lmdb.open(
-            str(path),
-            max_dbs=len(DBS),
-            map_size=map_size,
-            sync=False,
-            metasync=False,
-            max_readers=512,
+        self._env = _GatedEnv(
+            lmdb.open(
+                str(path),
+                max_dbs=len(DBS),
+                map_size=map_size,
+                sync=False,
+                metasync=False,
+                max_readers=512,
+            )
         )
         self._dbs = {name: self._env.open_db(name.encode()) for name in DBS}
+        self._grow_lock = threading.Lock()
+        self.grown = 0  # times the map grew since open
+
+    @property
+    def map_size(self) -> int:
+        return int(self._env.info()["map_size"])
+
+    def used_bytes(self) -> int:
+        """Bytes of the map in use (its pages up to the highest one written)."""
+        return (int(self._env.info()["last_pgno"]) + 1) * int(self._env.stat()["psize"])
+
+    def _grow(self, incoming: int, *, force: bool) -> None:
+        """Double the map (or more, for a large commit) when ``incoming`` more bytes would
+        leave it over ``GROW_AT`` full (always when ``force``)."""
+        with self._grow_lock:
+            size = self.map_size
+            want = self.used_bytes() + 2 * incoming
+            if not force and want <= size * GROW_AT:
+                return
+            new = max(2 * size, -(-int(want / GROW_AT) // _MIB) * _MIB)
+            with self._env.gate.alone(GROW_WAIT_S) as alone:
+                if not alone:
+                    logger.warning("hub store: map growth put off (a transaction is open)")
+                    return
+                self._env.env.set_mapsize(new)
+            self.grown += 1
+            logger.info("hub store: map grown from %d to %d MiB", size // _MIB, new // _MIB)
 
     def close(self) -> None:
         self._env.sync(True)
@@ -78,15 +200,25 @@ class Store:
         self._env.sync(True)
 
     def commit(self, writes: Sequence[Write], *, sync: bool) -> None:
-        """Apply every write in one transaction; flush to disk first if ``sync``."""
+        """Apply every write in one transaction; flush to disk first if ``sync``. The map
+        grows first when it would fill (module docstring)."""
+        incoming = sum(len(key) + len(value or b"") for _, key, value in writes)
+        self._grow(incoming, force=False)
+        try:
+            self._commit(writes)
+        except lmdb.MapFullError:
+            self._grow(incoming, force=True)
+            self._commit(writes)
+        if sync:
+            self._env.sync(True)
+
+    def _commit(self, writes: Sequence[Write]) -> None:
         with self._env.begin(write=True) as txn:
             for db, key, value in writes:
                 if value is None:
                     txn.delete(key, db=self._dbs[db])
                 else:
                     txn.put(key, value, db=self._dbs[db])
-        if sync:
-            self._env.sync(True)
 
     def get(self, db: str, key: bytes) -> bytes | None:
         with self._env.begin(db=self._dbs[db]) as txn:

@@ -14,7 +14,15 @@ MakeSite = Callable[..., Awaitable[Site]]
 
 
 def hub_config(data_dir: Path, **overrides: object) -> HubConfig:
-    settings: dict[str, object] = {"port": 0, "tick_s": 0.02, **overrides}
+    # Hub tests send many bad tokens from one address on purpose (the tenant matrix: every
+    # route without a token): no rate limit on failed authentications unless a test asks
+    # for one (tests/hub/test_junk_flood.py runs with the hub's defaults).
+    settings: dict[str, object] = {
+        "port": 0,
+        "tick_s": 0.02,
+        "auth_failure_burst": 1e9,
+        **overrides,
+    }
     return HubConfig(data_dir=data_dir, **settings)  # type: ignore[arg-type]
 
 

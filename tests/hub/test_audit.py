@@ -32,6 +32,7 @@ async def test_changes_and_refusals_are_audited_and_read_by_tenant(
         assert status == 202
         assert (await admin.call("DELETE", "/v1/sites/s1", token=blue))[0] == 403
         assert (await admin.call("GET", "/v1/apps", token="mht_1_2"))[0] == 401
+        await hub.accounts.failures.flush()  # failed authentications are sampled (authguard)
         assert (await admin.call("GET", "/v1/audit", token=viewer["token"]))[0] == 403
         entries = (await admin.ok("GET", "/v1/audit"))["entries"]
         assert [e["seq"] for e in entries] == list(range(1, len(entries) + 1))
@@ -48,7 +49,8 @@ async def test_changes_and_refusals_are_audited_and_read_by_tenant(
         assert entries[0]["actor"] == {"token": fleet_id, "role": "admin", "tenant": "*"}
         assert entries[4]["actor"]["token"] == made["id"]
         assert entries[4]["object"] == {"type": "app", "id": "web"}
-        assert entries[6]["actor"] is None
+        assert entries[6]["actor"] is None and entries[6]["count"] == 1
+        assert entries[6]["object"] == {"type": "source", "id": "127.0.0.1"}
         text = str(entries)
         assert blue.rsplit("_", 1)[1] not in text and "secret_hash" not in text
         status, mine = await admin.call("GET", "/v1/audit", token=blue)
