@@ -147,6 +147,9 @@ class Alerting:
         self, site: str, now: float, head: int, tenants: Mapping[str, str]
     ) -> alerts.Changes:
         """One site's conditions now, into the book; its next deadline scheduled."""
+        # Behind what concerns the site: with per-site views it gets other sites' deltas
+        # (their headers) only with its next poll answer, up to a poll's wait later.
+        head = min(head, self.ledger.site_head(site))
         summary = self.sites.summary(site)
         if summary is None:  # deleted: its alerts clear
             self._behind_since.pop(site, None)
