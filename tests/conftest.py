@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from meshorch.secrets.service import DELIVERY_DIR, TMPFS_ROOTS
+from meshorch.secrets.service import DELIVERY_DIR, TMPFS_ROOTS, delivery_root
 from tests import agent_token  # noqa: F401 - sets $MESHORCH_AGENT_TOKEN before any agent starts
 
 
@@ -21,11 +22,23 @@ def _delivery_dirs() -> set[Path]:
     return found
 
 
+def _ours(basetemp: Path) -> set[str]:
+    """The names of the delivery dirs of every data dir this session could have made
+    (each is named by a hash of its data dir's path, which lives under ``basetemp``)."""
+    return {delivery_root(Path(directory)).name for directory, _, _ in os.walk(basetemp)}
+
+
 @pytest.fixture(scope="session", autouse=True)
-def remove_secret_deliveries() -> Iterator[None]:
+def remove_secret_deliveries(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Agents killed by tests leave their secret files on tmpfs (a restarted agent would
-    sweep them); remove the ones this run created, and only those."""
+    sweep them); remove the ones this run created, and only those: another pytest run on
+    the machine may have agents running with theirs."""
     before = _delivery_dirs()
     yield
-    for path in _delivery_dirs() - before:
-        shutil.rmtree(path, ignore_errors=True)
+    new = _delivery_dirs() - before
+    if not new:
+        return
+    ours = _ours(tmp_path_factory.getbasetemp())
+    for path in new:
+        if path.name in ours:
+            shutil.rmtree(path, ignore_errors=True)
