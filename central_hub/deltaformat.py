@@ -19,8 +19,8 @@ A site whose latest report says every host speaks protocol 5 is answered as a si
 knows per-site views (``site_ready``): its long-poll answers at once only for deltas that
 target it (or all sites) and the answer to its report carries ``site_head``.
 
-The fleet-wide check reads every registered site; it is done at most every
-``RECHECK_S`` seconds, when a delta is issued.
+The registered sites are read once (when first needed); then the set of those holding
+format 2 back is kept up to date by the sites' changes and reports, O(1) each.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from meshorch.state.protocol import FEATURES
 
 Mode = Literal["auto", 1, 2]
 MODES: dict[str, Mode] = {"auto": "auto", "1": 1, "2": 2}
-RECHECK_S = 2.0
 SHOWN = 20  # sites named in the status when format 2 is held back
 V2_PROTOCOL = FEATURES["delta_v2"]
 
@@ -60,47 +59,52 @@ class DeltaFormat:
         self,
         mode: Mode,
         sites: Callable[[], Iterable[str]],
+        registered: Callable[[str], bool],
         report: Callable[[str], Mapping[str, Any] | None],
-        clock: Callable[[], float],
     ) -> None:
         self.mode: Mode = mode
-        self._sites = sites  # the registered sites' ids
+        self._sites = sites  # the registered sites' ids (read once)
+        self._registered = registered  # whether a site is registered now
         self._report = report  # a site's latest report
-        self._clock = clock
-        self._checked_at = -RECHECK_S
-        self._held_back: list[str] = []
-        self._held_count = 0
+        self._held: set[str] | None = None  # registered sites not on protocol 5 (lazy)
 
     def site_ready(self, site: str) -> bool:
         """Whether ``site`` is served as a site that knows per-site views."""
         return self.mode != DELTA_V1 and speaks_v2(self._report(site))
 
-    def _check(self) -> None:
-        now = self._clock()
-        if now - self._checked_at < RECHECK_S:
-            return
-        held = [site for site in self._sites() if not speaks_v2(self._report(site))]
-        self._held_back, self._held_count = sorted(held)[:SHOWN], len(held)
-        self._checked_at = now
+    def _held_back(self) -> set[str]:
+        if self._held is None:  # once, from the store: then kept up to date
+            self._held = {site for site in self._sites() if not speaks_v2(self._report(site))}
+        return self._held
 
-    def recheck(self) -> None:
-        """Forget the last check (a site registered or reported an older agent)."""
-        self._checked_at = -RECHECK_S
+    def site_changed(self, site: str) -> None:
+        """A site was registered, changed or deleted (``Sites.listeners``)."""
+        if self._held is None:
+            return
+        if self._registered(site) and not speaks_v2(self._report(site)):
+            self._held.add(site)
+        else:
+            self._held.discard(site)
+
+    def reported(
+        self, site: str, previous: Mapping[str, Any] | None, report: Mapping[str, Any]
+    ) -> None:
+        """A report was kept (``Reports.listeners``): O(1) unless its protocols changed."""
+        if self._held is not None and speaks_v2(previous) != speaks_v2(report):
+            self.site_changed(site)
 
     def current(self) -> int:
         """The format of the next delta."""
         if self.mode != "auto":
             return self.mode
-        self._check()
-        return DELTA_V2 if self._held_count == 0 else DELTA_V1
+        return DELTA_V2 if not self._held_back() else DELTA_V1
 
     def status_json(self) -> dict[str, Any]:
-        """``delta_format`` of ``GET /v1/fleet`` (checked now)."""
-        self.recheck()
-        current = self.current()
+        """``delta_format`` of ``GET /v1/deltas``."""
+        held = sorted(self._held_back()) if self.mode == "auto" else []
         return {
             "mode": str(self.mode),
-            "issuing": current,
-            "held_back_by": self._held_back if self.mode == "auto" else [],
-            "held_back_count": self._held_count if self.mode == "auto" else 0,
+            "issuing": self.current(),
+            "held_back_by": held[:SHOWN],
+            "held_back_count": len(held),
         }

@@ -54,10 +54,12 @@ class HubParts:
         self.delta_format = DeltaFormat(
             c.delta_format,
             lambda: registered_sites(self.ledger.store),
+            lambda site: self.ledger.store.get_json("sites", site) is not None,
             self.reports.latest,
-            c.clock,
         )
         self.ledger.delta_format = self.delta_format.current
+        self.sites.listeners.append(self.delta_format.site_changed)
+        self.reports.listeners.append(self.delta_format.reported)
         self.sites.listeners.append(self.vault.site_changed)
         self.alerting = Alerting(
             self.ledger,
