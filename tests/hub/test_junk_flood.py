@@ -62,6 +62,7 @@ async def test_ten_thousand_junk_requests_leave_the_audit_log_bounded_and_writes
             sys.executable, "-c", FLOOD, hub.url, str(JUNK),
             stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": os.getcwd()},
         )  # fmt: skip
+        flood_started = time.perf_counter()
         await asyncio.sleep(0.5)  # the flood is under way
         latencies = []
         while flood.returncode is None and len(latencies) < 40:
@@ -70,6 +71,7 @@ async def test_ten_thousand_junk_requests_leave_the_audit_log_bounded_and_writes
             latencies.append(time.perf_counter() - started)
             await asyncio.sleep(0.05)
         out, _ = await flood.communicate()
+        flood_s = time.perf_counter() - flood_started
         assert flood.returncode == 0
         result = orjson.loads(out)
         statuses = {int(k): v for k, v in result["statuses"].items()}
@@ -91,7 +93,10 @@ async def test_ten_thousand_junk_requests_leave_the_audit_log_bounded_and_writes
         assert all(e["object"] == {"type": "source", "id": "127.0.0.1"} for e in sampled)
         assert all(e["actor"] is None for e in sampled)
         written = len(answer["entries"]) - len(latencies)
-        assert written == len(sampled) <= 20, written  # not 10,000 entries
+        # One entry per sampling interval while the flood lasted (longer on a busy
+        # machine), plus the flush: not 10,000 entries.
+        bound = int(flood_s / hub.accounts.failures.every_s) + 2
+        assert written == len(sampled) <= min(bound, 200), (written, flood_s)
         assert hub.store.used_bytes() - used_before < 4 << 20
         assert hub.accounts.failures.total == JUNK
 

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from nacl.signing import SigningKey
 
@@ -142,6 +143,8 @@ async def test_ledger_refuses_changes_once_its_store_is_closed(ledger: Ledger) -
 async def test_accounts_a_deleted_tenant_takes_its_tokens(ledger: Ledger) -> None:
     accounts = Accounts(ledger)
     root = admin(ledger.now())
+    # A parent must be a stored token (the hub stores its bootstrap admin so).
+    ledger.store.commit([("tokens", root.id.encode(), orjson.dumps(root.to_json()))], sync=False)
     await accounts.create_tenant(root, "blue", "")
     wanted = TokenRequest(role="operator", tenant="blue", description="", expires_in_s=None)
     text, record = await accounts.create_token(root, wanted)
