@@ -512,6 +512,16 @@ class SiteLink(LinkRecords):
                 time.monotonic() - started,
             )
 
+    async def _trust_state(self) -> tuple[TrustState, int]:
+        """The trust state every change so far left, and its record's index (a guard for
+        the proposal that replaces it); under ``_lock``. NotConfigured when the site has
+        none yet."""
+        await self.site.barrier()
+        record = self.site.view.get(SYSTEM_TABLE, TRUST_KEY)
+        if record is None:
+            raise NotConfigured()
+        return TrustState.from_json(orjson.loads(record.value)), record.mod_index
+
     async def commit_snapshot(self, raw: bytes, rotations: Sequence[bytes]) -> CommitOutcome:
         """Verify a snapshot against the trust state in Raft and make it the site's
         desired state in one proposal (``plan_snapshot``). A refused one changes nothing
@@ -519,11 +529,7 @@ class SiteLink(LinkRecords):
         ProposalError."""
         raft = self.site
         async with self._lock:
-            await raft.barrier()
-            record = raft.view.get(SYSTEM_TABLE, TRUST_KEY)
-            if record is None:
-                raise NotConfigured()
-            state = TrustState.from_json(orjson.loads(record.value))
+            state, trust_index = await self._trust_state()
             now = self.clock()
             outcome = CommitOutcome(state=state)
             try:
@@ -536,7 +542,7 @@ class SiteLink(LinkRecords):
                 entry = rejection_entry(f"snapshot_{exc.reason}", exc.message, exc.version, now)
                 await self._record([entry])
                 return outcome
-            plan = plan_snapshot(snapshot, after, record.mod_index, self.site_id, self._read)
+            plan = plan_snapshot(snapshot, after, trust_index, self.site_id, self._read)
             results = await raft.propose(plan.ops)
             if not results[0].ok:
                 outcome.conflict = True
@@ -634,11 +640,7 @@ class SiteLink(LinkRecords):
         """
         raft = self.site
         async with self._lock:
-            await raft.barrier()
-            record = raft.view.get(SYSTEM_TABLE, TRUST_KEY)
-            if record is None:
-                raise NotConfigured()
-            state = TrustState.from_json(orjson.loads(record.value))
+            state, trust_index = await self._trust_state()
             now = self.clock()
             site = self.site_id
             if len(raws) > THREAD_VERIFY_AT:
@@ -663,7 +665,7 @@ class SiteLink(LinkRecords):
                 plan = plan_apply(
                     result.accepted,
                     result.state,
-                    record.mod_index,
+                    trust_index,
                     self.site_id,
                     self._read,
                 )

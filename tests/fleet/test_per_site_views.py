@@ -36,6 +36,7 @@ from meshorch.fleet.link_auth import sign_request
 from meshorch.site.agent import Agent
 from tests.agent_token import HEADERS
 from tests.agents_util import lone_agent_config
+from tests.fleet.test_relay import SPEC as RELAYED
 from tests.fleet.test_site_follows_hub import spec
 from tests.fleet.test_snapshot_catch_up import Fleet, app_version, caught_up, fleet_status
 from tests.hub.helpers import Site
@@ -290,24 +291,3 @@ class Chain:
         raw, signed = sign(delta, [ROOT])
         self.head, self.version = signed.digest, signed.version
         return raw
-
-
-RELAYED = {
-    "api_version": "meshorch/v1",
-    "name": "relayed",
-    "version": "1",
-    "services": [
-        {
-            "name": "main",
-            "replicas": 1,
-            "containers": [
-                {
-                    "name": "main",
-                    "image": "process",
-                    "command": ["sleep", "1000"],
-                    "resources": {"memory_limit": "32Mi", "cpu_request": 0.1},
-                }
-            ],
-        }
-    ],
-}
