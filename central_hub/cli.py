@@ -15,6 +15,14 @@ import uvloop
 from central_hub.config import DAY_S, HubConfig
 from central_hub.deltaformat import Mode, parse_mode
 from central_hub.errors import HubConfigError
+from central_hub.keyfiles import (
+    KEK_ENV,
+    Kek,
+    default_kek_path,
+    kek_from_env,
+    new_kek_file,
+    read_kek_file,
+)
 from central_hub.logs import parse_duration
 from central_hub.service import Hub
 from meshorch.errors import ConfigurationError
@@ -34,6 +42,12 @@ examples:
       -d '{"spec": "...app spec YAML...", "placement": {"match": {"region": "eu"}}}' \\
       http://HUB:7900/v1/apps
   the API is described at http://HUB:7900/v1/openapi.json
+
+Key files are sealed with a key-encryption key (--kek-file, $MESHORCH_HUB_KEK):
+    meshorch hub new-kek /etc/meshorch/hub.kek
+    meshorch hub --data-dir /var/lib/meshorch-hub --kek-file /etc/meshorch/hub.kek ...
+    meshorch hub rotate-kek --data-dir /var/lib/meshorch-hub \\
+      --old /etc/meshorch/hub.kek --new /etc/meshorch/hub-2.kek   (hub stopped)
 
 Sites are told the fleet name and the root public key printed at start, out of band
 (agent flags --hub URL --fleet NAME --fleet-key HEX); see docs/fleet-link.md.
@@ -149,10 +163,56 @@ def build_parser(prog: str = "python -m central_hub") -> argparse.ArgumentParser
         help="drop the oldest fleet logs while the hub's log store is larger: bytes or "
         "500MiB, 50GiB, 1TB (default %(default)s: no limit)",
     )
+    add_kek_flags(parser)
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
     return parser
+
+
+def add_kek_flags(parser: argparse.ArgumentParser) -> None:
+    kek = parser.add_argument_group(
+        "key-encryption key",
+        "the key files in the data dir are sealed with a KEK: 32 random bytes, hex or "
+        f"base64 (`meshorch hub new-kek PATH` makes one), from --kek-file or ${KEK_ENV}. "
+        "With neither, the hub uses DATA_DIR.kek next to the data dir, created at the "
+        "first start with a warning (keep it out of the data dir's backups)",
+    )
+    kek.add_argument("--kek-file", type=Path, metavar="PATH", help="the KEK's file")
+    kek.add_argument(
+        "--insecure-no-kek",
+        action="store_true",
+        help="keep the key files in plain text (tests only; a sealed data dir is refused)",
+    )
+
+
+def kek_from_args(args: argparse.Namespace) -> Kek | None:
+    """The KEK given (file, environment), or the default file (created if missing);
+    None with --insecure-no-kek."""
+    env = kek_from_env()
+    given = [args.kek_file is not None, env is not None, args.insecure_no_kek]
+    if sum(given) > 1:
+        raise HubConfigError(f"give one of --kek-file, ${KEK_ENV} and --insecure-no-kek")
+    if args.insecure_no_kek:
+        logger.warning("--insecure-no-kek: the key files of %s are plain text", args.data_dir)
+        return None
+    if env is not None:
+        return env
+    if args.kek_file is not None:
+        return read_kek_file(args.kek_file)
+    path = default_kek_path(args.data_dir)
+    if path.exists():
+        kek = read_kek_file(path)
+    else:
+        kek = new_kek_file(path)
+        logger.warning("created a KEK file %s", path)
+    logger.warning(
+        "NO KEK GIVEN: the key files of %s are sealed with the KEK file %s beside it; "
+        "anyone with both has every key of the fleet. Move the KEK off this disk and give "
+        "--kek-file PATH or $%s (docs: README, 'Keys at rest')",
+        args.data_dir, path, KEK_ENV,
+    )  # fmt: skip
+    return kek
 
 
 def parse_listen(text: str, flag: str = "--listen") -> tuple[str, int]:
@@ -243,6 +303,7 @@ def config_from_args(args: argparse.Namespace) -> HubConfig:
         gossip_preset=args.gossip_preset,
         logs_max_age_s=parse_age(args.logs_max_age),
         logs_max_bytes=parse_bytes(args.logs_max_bytes),
+        kek=kek_from_args(args),
     )
     config.validate()
     return config
@@ -265,6 +326,11 @@ async def serve(config: HubConfig) -> None:
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m central_hub") -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["rotate-kek"], ["new-kek"]):
+        from central_hub.kek_cli import main as kek_main
+
+        return kek_main(argv, prog)
     args = build_parser(prog).parse_args(argv)
     configure_logging(args.log_level)
     try:

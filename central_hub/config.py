@@ -15,6 +15,7 @@ from pathlib import Path
 from central_hub.alerts import Thresholds
 from central_hub.deltaformat import Mode
 from central_hub.errors import HubConfigError
+from central_hub.keyfiles import Kek
 from central_hub.model import is_id
 from meshorch.fleet.client import GOSSIP_PRESETS
 
@@ -36,7 +37,8 @@ class HubConfig:
     The delta log is compacted (``central_hub.snapshots``) every
     ``compact_every_s`` below what every enrolled site applied, or to its last
     ``delta_keep`` deltas (None: never compacted). ``delta_format`` is the format of the
-    deltas issued (``central_hub.deltaformat``: ``auto``, 1 or 2)."""
+    deltas issued (``central_hub.deltaformat``: ``auto``, 1 or 2). ``kek`` seals the key
+    files of the data directory (``central_hub.keyfiles``; None: plain text)."""
 
     data_dir: Path
     host: str = "127.0.0.1"
@@ -67,6 +69,7 @@ class HubConfig:
     delta_keep: int | None = 100_000
     compact_every_s: float = 60.0
     delta_format: Mode = "auto"
+    kek: Kek | None = None
     clock: Callable[[], float] = field(default=time.time)
 
     @property

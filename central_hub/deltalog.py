@@ -1,11 +1,12 @@
 """The fleet root key on disk and the head of the delta log.
 
 The root key is ``DATA_DIR/fleet-root.key``: the hex of the raw 32-byte Ed25519 seed, mode
-0600. A rotation is crash-safe in three steps: the new key is written to
-``fleet-root.key.new``; the ``root.rotate`` delta and the new public key are committed to
-the store in one transaction; then the old file becomes ``fleet-root.key.<n>.retired`` and
-the new one ``fleet-root.key``. ``recover_root_key`` finishes or discards a rotation that a
-crash interrupted, using the store's record of which key is the root.
+0600, sealed with the hub's KEK (``central_hub.keyfiles``). A rotation is crash-safe in
+three steps: the new key is written to ``fleet-root.key.new``; the ``root.rotate`` delta
+and the new public key are committed to the store in one transaction; then the old file
+becomes ``fleet-root.key.<n>.retired`` and the new one ``fleet-root.key``.
+``recover_root_key`` finishes or discards a rotation that a crash interrupted, using the
+store's record of which key is the root.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Any
 from nacl.signing import SigningKey
 
 from central_hub.errors import HubConfigError
+from central_hub.keyfiles import Kek, fsync_dir, read_key_text, write_key_text
+from central_hub.keyfiles import write_secret_file as write_secret_file
 from meshorch.fleet.delta import DELTA_V1, GENESIS_HASH, Target, key_id, next_delta, sign
 
 logger = logging.getLogger(__name__)
@@ -66,49 +69,27 @@ def build_delta(
 # -- key files ----------------------------------------------------------------------------
 
 
-def write_secret_file(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` (mode 0600) atomically and durably."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+def read_key(path: Path, kek: Kek | None = None, what: str = "fleet root key") -> SigningKey:
+    text = read_key_text(path, kek, what)
     try:
-        os.write(fd, text.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def read_key(path: Path) -> SigningKey:
-    try:
-        text = path.read_text().strip()
         return SigningKey(bytes.fromhex(text))
-    except (OSError, ValueError) as exc:
-        raise HubConfigError(f"cannot read the fleet root key {path}: {exc}") from None
+    except ValueError as exc:
+        raise HubConfigError(f"cannot read the {what} {path}: {exc}") from None
 
 
-def load_or_create_root_key(data_dir: Path) -> SigningKey:
+def load_or_create_root_key(data_dir: Path, kek: Kek | None = None) -> SigningKey:
     path = data_dir / KEY_FILE
     if path.exists():
-        return read_key(path)
+        return read_key(path, kek)
     key = SigningKey.generate()
-    write_secret_file(path, bytes(key).hex() + "\n")
+    write_key_text(path, bytes(key).hex() + "\n", kek)
     logger.info("created the fleet root key %s", path)
     return key
 
 
-def write_new_key(data_dir: Path) -> SigningKey:
+def write_new_key(data_dir: Path, kek: Kek | None = None) -> SigningKey:
     key = SigningKey.generate()
-    write_secret_file(data_dir / NEW_KEY_FILE, bytes(key).hex() + "\n")
+    write_key_text(data_dir / NEW_KEY_FILE, bytes(key).hex() + "\n", kek)
     return key
 
 
@@ -120,17 +101,19 @@ def finish_rotation(data_dir: Path, rotation: int) -> None:
     fsync_dir(data_dir)
 
 
-def recover_root_key(data_dir: Path, root_key: str, rotation: int) -> SigningKey:
+def recover_root_key(
+    data_dir: Path, root_key: str, rotation: int, kek: Kek | None = None
+) -> SigningKey:
     """The key whose public half is ``root_key``, finishing an interrupted rotation."""
     new_path = data_dir / NEW_KEY_FILE
     if new_path.exists():
-        if key_id(read_key(new_path)) == root_key:
+        if key_id(read_key(new_path, kek)) == root_key:
             logger.warning("finishing the root key rotation a restart interrupted")
             finish_rotation(data_dir, rotation)
         else:
             logger.warning("discarding %s of a rotation that was never committed", new_path)
             new_path.unlink()
-    key = read_key(data_dir / KEY_FILE)
+    key = read_key(data_dir / KEY_FILE, kek)
     if key_id(key) != root_key:
         raise HubConfigError(
             f"{data_dir / KEY_FILE} holds key {key_id(key)[:16]}..., but the fleet's root "

@@ -39,6 +39,7 @@ import orjson
 from nacl.signing import SigningKey
 
 from central_hub import deltalog
+from central_hub.keyfiles import Kek, write_key_text
 from central_hub.ledger import Ledger
 from gossip import (
     BadCertError,
@@ -120,12 +121,12 @@ class SiteKeyOpener(DatagramOpener):
         return opened
 
 
-def load_or_create_gossip_key(data_dir: Path) -> SigningKey:
+def load_or_create_gossip_key(data_dir: Path, kek: Kek | None = None) -> SigningKey:
     path = data_dir / GOSSIP_KEY_FILE
     if path.exists():
-        return deltalog.read_key(path)
+        return deltalog.read_key(path, kek, "hub gossip key")
     key = SigningKey.generate()
-    deltalog.write_secret_file(path, bytes(key).hex() + "\n")
+    write_key_text(path, bytes(key).hex() + "\n", kek)
     logger.info("created the hub's gossip key %s", path)
     return key
 
@@ -166,7 +167,9 @@ class HubGossip:
     # -- life cycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._key = key = await asyncio.to_thread(load_or_create_gossip_key, self.ledger.data_dir)
+        self._key = key = await asyncio.to_thread(
+            load_or_create_gossip_key, self.ledger.data_dir, self.ledger.kek
+        )
         sealer = DatagramSealer(HUB_ID, self._key, self._own_cert())
         opener = SiteKeyOpener(self._trusted, self.site_key, recipient=HUB_ID)
         meta = None if self.advertise is None else address_meta(self.advertise)

@@ -36,6 +36,7 @@ from central_hub import audit, deltalog
 from central_hub.authz import Principal
 from central_hub.deltalog import Head
 from central_hub.errors import ApiError
+from central_hub.keyfiles import Kek
 from central_hub.store import Store, Write, delete, put_json, version_key
 from central_hub.tokens import TokenRecord
 from meshorch.fleet.delta import (
@@ -145,6 +146,7 @@ class Ledger:
         on_append: Callable[[], None] | None = None,
     ) -> None:
         self.data_dir = data_dir
+        self.kek: Kek | None = None  # seals the key files (``central_hub.keyfiles``)
         self.clock = clock
         self.delta_ttl_s = delta_ttl_s
         self.on_append = on_append
@@ -423,7 +425,7 @@ class Ledger:
     async def rotate_root(self) -> dict[str, Any]:
         """Append a root.rotate delta signed by the old and new keys; sign with the new."""
         async with self._rotate_lock:
-            new = await asyncio.to_thread(deltalog.write_new_key, self.data_dir)
+            new = await asyncio.to_thread(deltalog.write_new_key, self.data_dir, self.kek)
 
             def plan(txn: Txn) -> dict[str, Any]:
                 rotation = int(self.store.get_json("meta", "rotations") or 0) + 1

@@ -33,6 +33,7 @@ class HubParts:
         c = config
         self.gossip: HubGossip | None = None
         self.ledger = Ledger(c.data_dir, c.clock, c.delta_ttl_s, on_append=self._appended)
+        self.ledger.kek = c.kek
         self.accounts = Accounts(self.ledger)
         self.reports = Reports(self.ledger, on_report=wake)
         self.deployments = Deployments(

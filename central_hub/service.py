@@ -41,7 +41,7 @@ from pathlib import Path
 from aiohttp import web
 from nacl.signing import SigningKey
 
-from central_hub import deltalog, tokens
+from central_hub import deltalog, keyfiles, tokens
 from central_hub.accounts import Accounts, adopt_tenants
 from central_hub.alerting import Alerting
 from central_hub.alerts import AlertBook
@@ -257,6 +257,11 @@ class Hub:
         elif not data_dir.is_dir():
             raise HubConfigError(f"{data_dir} is not a directory")
         parts = self.parts
+        kek = self.config.kek
+        keyfiles.recover(data_dir, kek)
+        if kek is not None:
+            keyfiles.seal_plain_files(data_dir, kek)
+        keyfiles.check_open(data_dir, kek)  # before anything is served
         parts.vault.open()
         parts.logs.open()
         store = Store(data_dir / STORE_DIR)
@@ -275,6 +280,7 @@ class Hub:
                     data_dir,
                     str(store.get_json("meta", "root_key")),
                     int(store.get_json("meta", "rotations") or 0),
+                    kek,
                 )
                 head = Head.from_json(store.get_json("meta", "head"))
             adopt_tenants(store, self.now())
@@ -289,7 +295,7 @@ class Hub:
 
     def _initialise(self, store: Store) -> tuple[str, SigningKey]:
         fleet = self.config.fleet or DEFAULT_FLEET
-        root = deltalog.load_or_create_root_key(self.data_dir)
+        root = deltalog.load_or_create_root_key(self.data_dir, self.config.kek)
         now = self.now()
         text, record = tokens.new_token(
             "admin", tokens.ALL_TENANTS, now, description="bootstrap admin token"

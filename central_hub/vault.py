@@ -37,8 +37,9 @@ from typing import Any
 from nacl.public import PrivateKey
 from nacl.signing import SigningKey
 
-from central_hub import deltalog, tokens
+from central_hub import tokens
 from central_hub.errors import ApiError, HubConfigError
+from central_hub.keyfiles import Kek, read_key_text, write_key_text
 from central_hub.placement import Policy, parse_policy
 from central_hub.tokens import TokenRecord
 from meshorch.fleet.escrow import escrow_message
@@ -74,17 +75,17 @@ MAX_REPORTED_SECRETS = 10_000
 # -- keys on disk (I/O) -------------------------------------------------------------------
 
 
-def _load_or_create(path: Path, what: str) -> bytes:
+def _load_or_create(path: Path, what: str, kek: Kek | None) -> bytes:
     if path.exists():
         try:
-            raw = bytes.fromhex(path.read_text().strip())
-        except (OSError, ValueError) as exc:
+            raw = bytes.fromhex(read_key_text(path, kek, what))
+        except ValueError as exc:
             raise HubConfigError(f"cannot read the {what} {path}: {exc}") from None
         if len(raw) != KEY_BYTES:
             raise HubConfigError(f"{path}: not a {what} (hex of {KEY_BYTES} bytes)")
         return raw
     raw = os.urandom(KEY_BYTES)
-    deltalog.write_secret_file(path, raw.hex() + "\n")
+    write_key_text(path, raw.hex() + "\n", kek)
     return raw
 
 
@@ -96,9 +97,9 @@ class HubKeys:
     escrow: PrivateKey
 
     @staticmethod
-    def load_or_create(data_dir: Path) -> HubKeys:
-        master = _load_or_create(data_dir / MASTER_KEY_FILE, "hub secrets key")
-        escrow = _load_or_create(data_dir / ESCROW_KEY_FILE, "hub escrow key")
+    def load_or_create(data_dir: Path, kek: Kek | None = None) -> HubKeys:
+        master = _load_or_create(data_dir / MASTER_KEY_FILE, "hub secrets key", kek)
+        escrow = _load_or_create(data_dir / ESCROW_KEY_FILE, "hub escrow key", kek)
         return HubKeys(master, PrivateKey(escrow))
 
     @property

@@ -81,7 +81,7 @@ class VaultService:
 
     def open(self) -> None:
         """Read or create the key files (in the thread that opens the data dir)."""
-        self._keys = HubKeys.load_or_create(self.ledger.data_dir)
+        self._keys = HubKeys.load_or_create(self.ledger.data_dir, self.ledger.kek)
 
     @property
     def keys(self) -> HubKeys:
