@@ -134,11 +134,13 @@ async def measure(size: int, reports: int, passes: int, lists: int) -> dict[str,
 
     from central_hub import Hub, HubConfig
     from central_hub.store import Store, put_json
-    from meshorch.fleet.link_auth import sign_request
+    from meshorch.fleet.link_auth import sign_request, url_host
 
     with tempfile.TemporaryDirectory(prefix="hub-report-cost-") as tmp:
         data_dir = Path(tmp) / "hub"
-        config = HubConfig(data_dir=data_dir, host="127.0.0.1", port=0, gossip=False)
+        config = HubConfig(
+            data_dir=data_dir, host="127.0.0.1", port=0, insecure_http=True, gossip=False
+        )
         async with Hub(config):
             pass  # initialises the data directory
         log(f"{size} sites: writing their records and reports")
@@ -172,7 +174,9 @@ async def measure(size: int, reports: int, passes: int, lists: int) -> dict[str,
                 async def report(site: str) -> None:
                     body = orjson.dumps(site_report(site, time.time(), 0, ""))
                     path = "/v1/link/report"
-                    headers = sign_request(keys[site], site, "POST", path, body, time.time())
+                    headers = sign_request(
+                        keys[site], site, "POST", path, body, time.time(), host=url_host(hub.url)
+                    )
                     async with session.post(hub.url + path, data=body, headers=headers) as resp:
                         assert resp.status == 200, await resp.text()
                         await resp.read()

@@ -78,7 +78,7 @@ async def hub_position(hub: Hub) -> int:
 
 
 async def run(args: argparse.Namespace, root: Path) -> tuple[float, float]:
-    config = HubConfig(data_dir=root / "hub", port=0, gossip=False)
+    config = HubConfig(data_dir=root / "hub", port=0, insecure_http=True, gossip=False)
     async with (
         Hub(config) as hub,
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120), headers=HEADERS) as session,

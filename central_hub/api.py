@@ -51,6 +51,7 @@ from central_hub.model import (
 )
 from central_hub.placement import parse_policy
 from central_hub.releases import RELEASES_ROUTES
+from central_hub.replay import NonceCache, ReplayCacheFull
 from central_hub.routing import (
     HUB_KEY,
     MAX_BODY_KEY,
@@ -87,6 +88,7 @@ from meshorch.fleet.link_auth import (
     MAX_CLOCK_SKEW_S,
     LinkAuthError,
     claimed_site,
+    is_legacy,
     verify_request,
 )
 from meshorch.fleet.sitekey import MAX_ROTATION_BODY, RotationRefused, check_rotation
@@ -100,6 +102,10 @@ SCHEMES = ("none", "site", "enroll")
 MAX_LINK_LIMIT = 500
 DEFAULT_WAIT_S = 25.0
 MAX_WAIT_S = 30.0
+NONCES_KEY = web.AppKey("nonces", NonceCache)
+# Whether format 1 site signatures (agents before nonces, replayable) are accepted on the
+# link's GET routes: the deprecation window of docs/fleet-link.md. Never on other routes.
+LEGACY_SIGNATURES_KEY = web.AppKey("legacy_signatures", bool)
 
 
 @web.middleware
@@ -128,10 +134,14 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return error_response(500, "internal", "internal error, see the hub log")
 
 
-def build_app(hub: HubParts, max_body_bytes: int) -> web.Application:
+def build_app(
+    hub: HubParts, max_body_bytes: int, legacy_signatures: bool = True
+) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=max_body_bytes)
     app[HUB_KEY] = hub
     app[MAX_BODY_KEY] = max_body_bytes
+    app[NONCES_KEY] = NonceCache()
+    app[LEGACY_SIGNATURES_KEY] = legacy_signatures
     for route in ROUTES:
         app.router.add_route(route.method, route.path, _guarded(route))
     add_dashboard(app)  # the web UI (not part of the API: not in ROUTES)
@@ -196,19 +206,56 @@ async def _with_token(
 
 def _verify_site(hub: HubParts, request: web.Request, body: bytes) -> str:
     """The site, its signature checked (the key it was checked with kept on the request,
-    ``signer_of``); 401 otherwise."""
+    ``signer_of``) and its nonce never seen before; 401 otherwise."""
+    now = hub.ledger.now()
     try:
         site = claimed_site(request.headers)
         key = hub.sites.site_public_key(site)
         if key is None:
             raise LinkAuthError(f"site {site[:64]!r} is unknown or not enrolled")
-        verify_request(
-            key, request.headers, request.method, request.raw_path, body, hub.ledger.now()
+        signed_at, nonce = verify_request(
+            key, request.headers, request.method, request.host, request.raw_path, body, now
         )
     except LinkAuthError as exc:
         raise ApiError(401, "bad_site_signature", str(exc)) from None
+    if is_legacy(request.headers):
+        if request.method != "GET" or not request.app[LEGACY_SIGNATURES_KEY]:
+            raise ApiError(
+                401,
+                "signature_outdated",
+                f"site {site!r} signs without a nonce (an agent older than the hub): the "
+                f"hub accepts that only on GET link routes during the deprecation window, "
+                f"never on {request.method} {request.path}; upgrade the site's agents",
+            )
+        _warn_legacy(site)
+    else:
+        try:
+            fresh = request.app[NONCES_KEY].check_and_add(site, nonce, signed_at, now)
+        except ReplayCacheFull as exc:
+            logger.error("site request refused: replay cache full (%s)", exc)
+            raise ApiError(503, "busy", "too many site requests in the window") from None
+        if not fresh:
+            raise ApiError(
+                401,
+                "replayed_request",
+                f"this request of site {site!r} (nonce {nonce}) was received already: a "
+                "signed request is accepted once",
+            )
     request[SIGNER_KEY] = key
     return site
+
+
+_LEGACY_WARNED: set[str] = set()
+
+
+def _warn_legacy(site: str) -> None:
+    if site not in _LEGACY_WARNED and len(_LEGACY_WARNED) < 100_000:
+        _LEGACY_WARNED.add(site)
+        logger.warning(
+            "site %s signs link requests without a nonce (an old agent): accepted on GET "
+            "link routes only until it upgrades",
+            site,
+        )
 
 
 # -- fleet and deltas ------------------------------------------------------------------

@@ -49,8 +49,14 @@ Key files are sealed with a key-encryption key (--kek-file, $MESHORCH_HUB_KEK):
     meshorch hub rotate-kek --data-dir /var/lib/meshorch-hub \\
       --old /etc/meshorch/hub.kek --new /etc/meshorch/hub-2.kek   (hub stopped)
 
-Sites are told the fleet name and the root public key printed at start, out of band
-(agent flags --hub URL --fleet NAME --fleet-key HEX); see docs/fleet-link.md.
+The API is served over TLS: with --tls-cert/--tls-key, or a self-signed certificate made
+at the first start in the data dir (tls.crt, tls.key) whose SHA-256 fingerprint is printed
+at every start: sites pin it (agent flag --hub-fingerprint), the CLI pins it on first use
+(~/.config/meshorch/known_hubs). Plain HTTP only with --insecure-http.
+
+Sites are told the fleet name, the root public key and the TLS fingerprint printed at
+start, out of band (agent flags --hub URL --fleet NAME --fleet-key HEX --hub-fingerprint
+HEX); see docs/fleet-link.md.
 """
 
 
@@ -164,10 +170,35 @@ def build_parser(prog: str = "python -m central_hub") -> argparse.ArgumentParser
         "500MiB, 50GiB, 1TB (default %(default)s: no limit)",
     )
     add_kek_flags(parser)
+    add_tls_flags(parser)
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
     return parser
+
+
+def add_tls_flags(parser: argparse.ArgumentParser) -> None:
+    tls = parser.add_argument_group(
+        "TLS",
+        "the API is served over TLS: the operator's certificate, or a self-signed one made "
+        "at the first start in the data dir (its fingerprint is printed at every start, "
+        "for sites to pin)",
+    )
+    tls.add_argument("--tls-cert", type=Path, metavar="PEM", help="certificate (chain) file")
+    tls.add_argument("--tls-key", type=Path, metavar="PEM", help="its private key file")
+    tls.add_argument(
+        "--insecure-http",
+        action="store_true",
+        help="serve plain HTTP: tokens and enrollment tokens cross the network in clear "
+        "(behind a TLS terminator, or tests)",
+    )
+    tls.add_argument(
+        "--no-legacy-link-signatures",
+        action="store_true",
+        help="refuse site requests signed without a nonce (agents older than this hub) on "
+        "every route; by default they are accepted on the link's GET routes only, so "
+        "old agents can still fetch deltas and the agent release that upgrades them",
+    )
 
 
 def add_kek_flags(parser: argparse.ArgumentParser) -> None:
@@ -303,6 +334,10 @@ def config_from_args(args: argparse.Namespace) -> HubConfig:
         gossip_preset=args.gossip_preset,
         logs_max_age_s=parse_age(args.logs_max_age),
         logs_max_bytes=parse_bytes(args.logs_max_bytes),
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        insecure_http=args.insecure_http,
+        legacy_link_signatures=not args.no_legacy_link_signatures,
         kek=kek_from_args(args),
     )
     config.validate()
@@ -316,6 +351,10 @@ async def serve(config: HubConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     async with Hub(config) as hub:
         print(f"listen: {hub.url}", flush=True)
+        if hub.tls_fingerprint is not None:
+            print(f"tls fingerprint: {hub.tls_fingerprint}", flush=True)
+        else:
+            logger.warning("--insecure-http: the API is plain HTTP, tokens travel in clear")
         if hub.gossip is not None:
             print(f"gossip: udp {hub.gossip.address}", flush=True)
         print(f"fleet: {hub.fleet}", flush=True)

@@ -34,6 +34,10 @@ class HubConfig:
     no older than ``audit_max_age_s`` (None: no bound; ``central_hub.audit_retention``).
     A source address may fail ``auth_failure_burst`` authentications at once, then
     ``auth_failure_rate_per_s``, before its failures answer 429 (``central_hub.authguard``).
+    The API is served over TLS (``central_hub.tls``): ``tls_cert``/``tls_key``, or a
+    self-signed certificate in the data dir; plain HTTP only with ``insecure_http``.
+    ``legacy_link_signatures`` accepts site signatures without a nonce (older agents) on
+    the link's GET routes (``central_hub.api``).
     The delta log is compacted (``central_hub.snapshots``) every
     ``compact_every_s`` below what every enrolled site applied, or to its last
     ``delta_keep`` deltas (None: never compacted). ``delta_format`` is the format of the
@@ -66,6 +70,10 @@ class HubConfig:
     audit_max_age_s: float | None = 400 * DAY_S
     auth_failure_burst: float = 60.0
     auth_failure_rate_per_s: float = 5.0
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    insecure_http: bool = False
+    legacy_link_signatures: bool = True
     delta_keep: int | None = 100_000
     compact_every_s: float = 60.0
     delta_format: Mode = "auto"
@@ -117,6 +125,10 @@ class HubConfig:
         problems += [f"{name}: must be > 0" for name, v in positive.items() if not v > 0]
         if self.heartbeat_interval_s >= self.delta_ttl_s:
             problems.append("heartbeat_s: must be shorter than delta_ttl_s (the tip expires)")
+        if self.insecure_http and (self.tls_cert is not None or self.tls_key is not None):
+            problems.append("insecure_http: not with a TLS certificate")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            problems.append("tls_cert, tls_key: give both or neither")
         if self.max_body_bytes < 64 * 1024:
             problems.append("max_body_bytes: at least 65536")
         if self.gossip:

@@ -58,6 +58,8 @@ from central_hub.logs import HubLogs
 from central_hub.parts import HubParts
 from central_hub.sites import Sites
 from central_hub.store import Store, put_json
+from central_hub.tls import HubTLS
+from central_hub.tls import load as load_tls
 from central_hub.vault_service import VaultService
 from meshorch.dirlock import DataDirLock, hold
 from meshorch.errors import ConfigurationError
@@ -86,6 +88,7 @@ class Hub:
         self._runner: web.AppRunner | None = None
         self._driver: asyncio.Task[None] | None = None
         self._data_dir_lock: DataDirLock | None = None
+        self.tls: HubTLS | None = None  # None: plain HTTP (``insecure_http``)
 
     # -- the parts, and what callers read -------------------------------------------------
 
@@ -150,6 +153,11 @@ class Hub:
         return self.config.data_dir
 
     @property
+    def tls_fingerprint(self) -> str | None:
+        """The SHA-256 fingerprint of the certificate served (hex), None over HTTP."""
+        return None if self.tls is None else self.tls.fingerprint
+
+    @property
     def admin_token_path(self) -> Path:
         return self.data_dir / ADMIN_TOKEN_FILE
 
@@ -180,17 +188,36 @@ class Hub:
         except BaseException:
             self._release_data_dir()
             raise
+        if not self.config.insecure_http:
+            try:
+                config = self.config
+                self.tls = await asyncio.to_thread(
+                    load_tls, self.data_dir, config.tls_cert, config.tls_key, config.host
+                )
+            except BaseException:
+                await self._close_runner_and_store()
+                raise
         try:
             self._runner = web.AppRunner(
-                build_app(self.parts, self.config.max_body_bytes),
+                build_app(
+                    self.parts,
+                    self.config.max_body_bytes,
+                    legacy_signatures=self.config.legacy_link_signatures,
+                ),
                 access_log=None,
                 shutdown_timeout=2.0,
             )
             await self._runner.setup()
-            site = web.TCPSite(self._runner, self.config.host, self.config.port)
+            context = None if self.tls is None else self.tls.context
+            site = web.TCPSite(
+                self._runner, self.config.host, self.config.port, ssl_context=context
+            )
             await site.start()
             host, port = self._runner.addresses[0][:2]
-            self.url = f"http://[{host}]:{port}" if ":" in str(host) else f"http://{host}:{port}"
+            scheme = "http" if self.tls is None else "https"
+            self.url = (
+                f"{scheme}://[{host}]:{port}" if ":" in str(host) else f"{scheme}://{host}:{port}"
+            )
         except OSError as exc:
             await self._close_runner_and_store()
             raise HubConfigError(

@@ -184,26 +184,25 @@ def hub_list(
 
 
 def hub_call(args: argparse.Namespace, method: str, path: str, body: object = None) -> Any:
-    """One request to the hub; raises HubError with the hub's own error message."""
-    import urllib.error
-    import urllib.request
+    """One request to the hub; raises HubError with the hub's own error message. Over
+    https the hub's certificate is pinned on first use (``meshorch.cli.known_hubs``)."""
+    from meshorch.cli import known_hubs
 
     if not args.hub:
         raise ConfigurationError(f"give the hub with --hub URL or ${HUB_ENV}")
     if not args.token:
         raise ConfigurationError(f"give an operator token with --token or ${TOKEN_ENV}")
-    base = args.hub if "://" in args.hub else f"http://{args.hub}"
-    request = urllib.request.Request(
-        base.rstrip("/") + path,
-        data=None if body is None else orjson.dumps(body),
-        method=method,
-        headers={"Authorization": f"Bearer {args.token}", "Content-Type": "application/json"},
-    )
+    base = args.hub if "://" in args.hub else f"https://{args.hub}"
+    headers = {"Authorization": f"Bearer {args.token}", "Content-Type": "application/json"}
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return orjson.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        raw = exc.read()
+        status, raw = known_hubs.request(
+            base, method, path, None if body is None else orjson.dumps(body), headers
+        )
+    except known_hubs.HubNotTrusted:
+        raise
+    except OSError as exc:
+        raise HubError(f"cannot reach the hub at {base}: {exc}") from None
+    if status >= 400:
         try:
             error = orjson.loads(raw)["error"]
             message = f"{error['code']}: {error['message']}"
@@ -211,9 +210,8 @@ def hub_call(args: argparse.Namespace, method: str, path: str, body: object = No
                 message += "".join(f"\n  - {p}" for p in error["problems"])
         except (orjson.JSONDecodeError, KeyError, TypeError):
             message = raw[:200].decode(errors="replace")
-        raise HubError(f"the hub refused ({exc.code}) {message}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        raise HubError(f"cannot reach the hub at {base}: {exc}") from None
+        raise HubError(f"the hub refused ({status}) {message}")
+    return orjson.loads(raw)
 
 
 # -- deploy -------------------------------------------------------------------------

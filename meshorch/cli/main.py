@@ -188,6 +188,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     fleet.add_argument(
         "--enroll-token", metavar="TOKEN", help="single-use token binding the site key at the hub"
     )
+    fleet.add_argument(
+        "--hub-fingerprint", metavar="SHA256",
+        help="pin the hub's TLS certificate: its SHA-256 fingerprint (printed by `meshorch "
+        "hub` at start); every connection to the hub checks it",
+    )  # fmt: skip
+    fleet.add_argument(
+        "--hub-ca", type=Path, metavar="PEM",
+        help="or the CA certificate that signed the hub's (default: the system's CAs)",
+    )  # fmt: skip
     agent.add_argument(
         "--preset",
         choices=["lan", "local"],
@@ -323,6 +332,8 @@ def run_agent(args: argparse.Namespace) -> int:
         fleet=args.fleet,
         fleet_key=args.fleet_key,
         enroll_token=args.enroll_token,
+        hub_fingerprint=args.hub_fingerprint,
+        hub_ca=args.hub_ca,
         socket=args.socket,
         operator_token_file=args.operator_token_file,
     )

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -234,7 +236,11 @@ def _log_tail(host: LocalHost, lines: int = 30) -> str:
 
 @dataclass
 class LocalHub:
-    """A ``meshorch hub`` subprocess on loopback, with its data under ``data_dir``."""
+    """A ``meshorch hub`` subprocess on loopback, with its data under ``data_dir``.
+
+    With ``tls`` it serves its self-signed certificate: ``fingerprint`` (known once
+    ``wait_ready`` returned) is what sites pin (``--hub-fingerprint``) and ``ssl`` what a
+    client session passes to check it; without, it runs with ``--insecure-http``."""
 
     data_dir: Path
     fleet: str = "demo"
@@ -243,6 +249,8 @@ class LocalHub:
     extra_args: list[str] = field(default_factory=list)
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    tls: bool = False
+    fingerprint: str | None = None
 
     def __post_init__(self) -> None:
         if self.port == 0:
@@ -250,7 +258,20 @@ class LocalHub:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+
+    @property
+    def ssl(self) -> aiohttp.Fingerprint | bool:
+        """The ``ssl`` argument of a request to this hub (its pinned fingerprint)."""
+        if not self.tls:
+            return True
+        if self.fingerprint is None:
+            self.fingerprint = self._read_fingerprint()
+        return aiohttp.Fingerprint(bytes.fromhex(self.fingerprint))
+
+    def _read_fingerprint(self) -> str:
+        pem = (self.data_dir / "tls.crt").read_text()
+        return hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).hexdigest()
 
     @property
     def admin_token(self) -> str:
@@ -262,6 +283,8 @@ class LocalHub:
             "--listen", f"127.0.0.1:{self.port}", "--fleet", self.fleet,
             "--log-level", self.log_level, *self.extra_args,
         ]  # fmt: skip
+        if not self.tls:
+            command.append("--insecure-http")
         self.log_path = self.data_dir.parent / f"hub-{self.port}.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
@@ -275,10 +298,12 @@ class LocalHub:
             if self.process is not None and self.process.poll() is not None:
                 raise RuntimeError(f"the hub exited: {self.logs()}")
             try:
-                async with session.get(f"{self.url}/v1/fleet") as response:
+                if self.tls and not (self.data_dir / "tls.crt").exists():
+                    raise aiohttp.ClientError("no certificate yet")
+                async with session.get(f"{self.url}/v1/fleet", ssl=self.ssl) as response:
                     if response.status == 200:
                         return str((await response.json())["root_key"])
-            except aiohttp.ClientError:
+            except (aiohttp.ClientError, OSError, ValueError):
                 pass
             await asyncio.sleep(0.1)
         raise TimeoutError(f"the hub did not answer within {timeout_s:g}s: {self.logs()}")

@@ -48,7 +48,8 @@ async def hub_call(
     session: aiohttp.ClientSession, hub: HubAccess, method: str, path: str, body: object = None
 ) -> Any:
     headers = {"Authorization": f"Bearer {hub.admin_token}"}
-    async with session.request(method, hub.url + path, json=body, headers=headers) as r:
+    ssl = getattr(hub, "ssl", True)  # a LocalHub over TLS: its pinned fingerprint
+    async with session.request(method, hub.url + path, json=body, headers=headers, ssl=ssl) as r:
         answer = await r.json(content_type=None)
         if r.status >= 300:
             raise TimeoutError(f"the hub refused {method} {path}: {answer}")
@@ -57,11 +58,13 @@ async def hub_call(
 
 async def _show(root: Path, hosts: int, exit_after_s: float | None, parts: _Parts) -> None:
     async with aiohttp.ClientSession() as session:
-        hub = parts.hub = LocalHub(root / "hub", fleet="demo")
+        hub = parts.hub = LocalHub(root / "hub", fleet="demo", tls=True)
         say(f"[1/6] starting the hub on {hub.url} (fleet 'demo', data under {root})")
         hub.start()
         root_key = await hub.wait_ready(session)
         say(f"      fleet root key {root_key}")
+        say(f"      TLS: self-signed certificate, SHA-256 fingerprint {hub.fingerprint}")
+        say("      (sites pin it with --hub-fingerprint; the CLI pins it on first use)")
 
         say(f"[2/6] registering {len(SITES)} sites at the hub")
         tokens = await register_sites(session, hub)
@@ -72,6 +75,7 @@ async def _show(root: Path, hosts: int, exit_after_s: float | None, parts: _Part
         for site_id in SITES:
             local = LocalSite(hosts=hosts, site=site_id, root=root / site_id)
             local.extra_args = ["--hub", hub.url, "--fleet", "demo", "--fleet-key", root_key,
+                                "--hub-fingerprint", str(hub.fingerprint),
                                 "--enroll-token", tokens[site_id]]  # fmt: skip
             parts.sites.append(local)
             local.start()
@@ -131,7 +135,8 @@ async def deploy_and_show(
 def show_try_it(hub_url: str, token_file: Path) -> None:
     say(f"Try it:  export MESHORCH_HUB={hub_url} MESHORCH_TOKEN=$(cat {token_file})")
     say("         meshorch sites;  meshorch sites shop-eu;  meshorch apps hello")
-    say(f"         curl {hub_url}/v1/openapi.json;  curl {hub_url}/metrics")
+    insecure = " -k" if hub_url.startswith("https:") else ""  # self-signed: see the fingerprint
+    say(f"         curl{insecure} {hub_url}/v1/openapi.json;  curl{insecure} {hub_url}/metrics")
     say(f"Dashboard: {hub_url}/  (log in with the token in {token_file})")
 
 

@@ -49,6 +49,7 @@ from meshorch.apps.spec import AppSpec, SpecError, from_json, require_own_secret
 from meshorch.errors import RemoteInputError
 from meshorch.fleet import decommission
 from meshorch.fleet import upgrade as agent_upgrade
+from meshorch.fleet.client import HubTrust, normalize_fingerprint
 from meshorch.fleet.delta import Delta, DeltaRejected, TrustState, parse_key_id
 from meshorch.fleet.snapshot import Snapshot, SnapshotRejected
 from meshorch.secrets import keyring as secrets
@@ -95,6 +96,13 @@ class LinkConfig:
     root_key: str
     enroll_token: str | None = None
     enrolled: bool = False
+    hub_fingerprint: str | None = None  # the hub's TLS certificate's SHA-256, pinned
+    hub_ca: str | None = None  # or the PEM of the CA that signed it
+
+    @property
+    def trust_tls(self) -> HubTrust:
+        """How the hub's TLS certificate is checked (``meshorch.fleet.client``)."""
+        return HubTrust(self.hub_fingerprint, self.hub_ca)
 
     def encode(self) -> bytes:
         return orjson.dumps({"v": 1, **self.to_json(with_token=True)})
@@ -105,6 +113,8 @@ class LinkConfig:
             "fleet": self.fleet,
             "root_key": self.root_key,
             "enrolled": self.enrolled,
+            "hub_fingerprint": self.hub_fingerprint,
+            "hub_ca": self.hub_ca,
         }
         if with_token:
             data["enroll_token"] = self.enroll_token
@@ -122,6 +132,8 @@ class LinkConfig:
             root_key=str(data["root_key"]),
             enroll_token=None if token is None else str(token),
             enrolled=bool(data.get("enrolled", False)),
+            hub_fingerprint=data.get("hub_fingerprint"),
+            hub_ca=data.get("hub_ca"),
         )
 
     def initial_trust(self) -> TrustState:
@@ -129,7 +141,12 @@ class LinkConfig:
 
 
 def check_link_config(
-    hub: object, fleet: object, root_key: object, enroll_token: object = None
+    hub: object,
+    fleet: object,
+    root_key: object,
+    enroll_token: object = None,
+    hub_fingerprint: object = None,
+    hub_ca: object = None,
 ) -> LinkConfig:
     """Validate a link configuration (flags or API); raises RemoteInputError listing problems."""
     problems: list[str] = []
@@ -149,11 +166,24 @@ def check_link_config(
         problems.append(f"root_key: {exc}")
     if enroll_token is not None and (not isinstance(enroll_token, str) or not enroll_token):
         problems.append("enroll_token: a non-empty string when given")
+    fingerprint = None
+    if hub_fingerprint is not None:
+        try:
+            fingerprint = normalize_fingerprint(str(hub_fingerprint))
+        except ValueError as exc:
+            problems.append(f"hub_fingerprint: {exc}")
+    if hub_ca is not None and (
+        not isinstance(hub_ca, str) or "BEGIN CERTIFICATE" not in hub_ca or len(hub_ca) > 65536
+    ):
+        problems.append("hub_ca: PEM certificates (at most 64 KiB)")
+    if fingerprint is not None and hub_ca is not None:
+        problems.append("hub_fingerprint, hub_ca: give one (a pinned certificate or its CA)")
     if problems:
         raise RemoteInputError("bad_link", "; ".join(problems))
     assert isinstance(hub, str) and isinstance(fleet, str)
     token = enroll_token if isinstance(enroll_token, str) else None
-    return LinkConfig(hub.rstrip("/"), fleet, key, token)
+    ca = hub_ca if isinstance(hub_ca, str) else None
+    return LinkConfig(hub.rstrip("/"), fleet, key, token, False, fingerprint, ca)
 
 
 def merge_link_config(
@@ -185,6 +215,8 @@ def merge_link_config(
         root_key=current.root_key,
         enroll_token=wanted.enroll_token,
         enrolled=current.enrolled and (same_token or wanted.enroll_token is None),
+        hub_fingerprint=wanted.hub_fingerprint,
+        hub_ca=wanted.hub_ca,
     )
 
 

@@ -10,6 +10,7 @@ Exceptions::
 
     LinkError                   root (a MeshorchError)
     ├── HubUnreachable          no answer: connection refused or reset, timeout, 5xx
+    │   └── HubNotTrusted       TLS: not the pinned certificate, or not signed by the CA
     └── RemoteLinkError         the hub answered, but not what the site asked for
         ├── LinkRefused         a 4xx; ``status`` and ``code`` say which
         │   └── LinkUnauthorized    401 bad_site_signature (unknown site, wrong key, clock)
@@ -21,8 +22,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import ipaddress
 import logging
+import ssl
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -34,7 +37,7 @@ from nacl.signing import SigningKey
 from yarl import URL
 
 from meshorch.errors import MeshorchError
-from meshorch.fleet.link_auth import sign_request
+from meshorch.fleet.link_auth import sign_request, url_host
 from meshorch.http_body import read_limited
 
 logger = logging.getLogger(__name__)
@@ -54,6 +57,42 @@ class LinkError(MeshorchError):
 
 class HubUnreachable(LinkError):
     """The hub did not answer (network error, timeout, or a 5xx)."""
+
+
+class HubNotTrusted(HubUnreachable):
+    """The hub's TLS certificate is not the one pinned (``--hub-fingerprint``) or not
+    signed by the hub's CA (``--hub-ca``): nothing was sent to it."""
+
+
+def normalize_fingerprint(text: str) -> str:
+    """A certificate's SHA-256 fingerprint as 64 lowercase hex digits; accepts a
+    ``sha256:`` prefix and colons (``AB:CD:...``); ValueError otherwise."""
+    value = text.strip().lower().removeprefix("sha256:").replace(":", "")
+    if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+        raise ValueError("a SHA-256 fingerprint is 64 hex digits (colons allowed)")
+    return value
+
+
+def certificate_fingerprint(der: bytes) -> str:
+    return hashlib.sha256(der).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class HubTrust:
+    """How the site checks the hub's TLS certificate: its pinned SHA-256 ``fingerprint``
+    (a self-signed hub), or the ``ca_pem`` that signed it; neither: the system's CAs."""
+
+    fingerprint: str | None = None
+    ca_pem: str | None = None
+
+    def ssl_for(self, url: URL) -> aiohttp.Fingerprint | ssl.SSLContext | bool:
+        if url.scheme != "https":
+            return True  # plain HTTP: the hub runs with --insecure-http
+        if self.fingerprint is not None:
+            return aiohttp.Fingerprint(bytes.fromhex(self.fingerprint))
+        if self.ca_pem is not None:
+            return ssl.create_default_context(cadata=self.ca_pem)
+        return True
 
 
 class RemoteLinkError(LinkError):
@@ -150,6 +189,7 @@ class LinkClient:
         session: aiohttp.ClientSession | None = None,
         clock: Callable[[], float] = time.time,
         request_timeout_s: float = REQUEST_TIMEOUT_S,
+        trust: HubTrust | None = None,
     ) -> None:
         self.hub_url = hub_url.rstrip("/")
         self.site_id = site_id
@@ -158,6 +198,10 @@ class LinkClient:
         self.request_timeout_s = request_timeout_s
         self.site_head: int | None = None  # from the last report's answer (``report``)
         self._base = URL(self.hub_url)
+        # The hub's address as this site knows it: signed, and sent as the Host header.
+        self._host = url_host(self.hub_url)
+        self.trust = trust or HubTrust()
+        self._ssl = self.trust.ssl_for(self._base)
         self._session = session
         self._own_session = session is None
 
@@ -290,15 +334,19 @@ class LinkClient:
     async def fetch_release(self, digest: str) -> bytes:
         """An agent release's wheel by its sha256 (``GET /v1/link/releases/{digest}``)."""
         path = f"{self._base.path.rstrip('/')}/v1/link/releases/{digest}"
-        headers = sign_request(self.key, self.site_id, "GET", path, b"", self.clock())
+        headers = sign_request(
+            self.key, self.site_id, "GET", path, b"", self.clock(), host=self._host
+        )
         url = self._base.with_path(path, encoded=True)
         timeout = aiohttp.ClientTimeout(total=300)
         try:
-            async with self._client().get(url, headers=headers, timeout=timeout) as response:
+            async with self._client().get(
+                url, headers=headers, timeout=timeout, ssl=self._ssl
+            ) as response:
                 data = await read_limited(response.content, MAX_RELEASE_BYTES)
                 status = response.status
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise HubUnreachable(f"GET release {digest[:12]}: {exc!r}") from exc
+            raise self._unreachable(f"GET release {digest[:12]}", exc) from exc
         if status != 200 or len(data) > MAX_RELEASE_BYTES:
             raise LinkRefused(status, "release", f"the hub answered {status} for {digest[:12]}")
         return data
@@ -324,17 +372,25 @@ class LinkClient:
         headers = {"Content-Type": "application/json"}
         if signed:
             headers.update(
-                sign_request(key or self.key, self.site_id, method, path_qs, body, self.clock())
+                sign_request(
+                    key or self.key,
+                    self.site_id,
+                    method,
+                    path_qs,
+                    body,
+                    self.clock(),
+                    host=self._host,
+                )
             )
         timeout = aiohttp.ClientTimeout(total=timeout_s or self.request_timeout_s)
         try:
             async with self._client().request(
-                method, url, data=body or None, headers=headers, timeout=timeout
+                method, url, data=body or None, headers=headers, timeout=timeout, ssl=self._ssl
             ) as response:
                 raw = await read_limited(response.content, MAX_ANSWER_BYTES)
                 status = response.status
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise HubUnreachable(f"{method} {self.hub_url}{path}: {exc!r}") from exc
+            raise self._unreachable(f"{method} {self.hub_url}{path}", exc) from exc
         except asyncio.CancelledError:
             raise
         if status >= 500:
@@ -350,6 +406,23 @@ class LinkClient:
         if not isinstance(data, dict):
             raise BadHubAnswer(f"{method} {path}: the answer is not a JSON object")
         return data
+
+    def _unreachable(self, what: str, exc: BaseException) -> HubUnreachable:
+        if isinstance(exc, aiohttp.ServerFingerprintMismatch):
+            return HubNotTrusted(
+                f"{what}: the hub at {self._host} presents a TLS certificate with SHA-256 "
+                f"fingerprint {exc.got.hex()}, not the pinned {exc.expected.hex()}: nothing "
+                "was sent. If the hub's certificate was replaced on purpose, give the site "
+                "the new fingerprint (printed by `meshorch hub` at start) with "
+                'PUT /v1/fleet/link {..., "hub_fingerprint": ...}; otherwise something '
+                "else answers at that address"
+            )
+        if isinstance(exc, aiohttp.ClientConnectorCertificateError | ssl.SSLCertVerificationError):
+            return HubNotTrusted(
+                f"{what}: the hub's TLS certificate is not trusted ({exc}): pin its "
+                "fingerprint (--hub-fingerprint) or give the CA that signed it (--hub-ca)"
+            )
+        return HubUnreachable(f"{what}: {exc!r}")
 
 
 def _positions(answer: dict[str, Any]) -> dict[str, int]:

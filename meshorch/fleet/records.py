@@ -20,6 +20,7 @@ from meshorch.fleet.apply import (
     SiteKey,
     decode_rejections,
 )
+from meshorch.fleet.client import HubTrust
 from meshorch.fleet.delta import TrustState
 from meshorch.state.ports import SiteState
 from meshorch.state.tables import SYSTEM_TABLE
@@ -41,6 +42,10 @@ class LinkRecords:
     def hub_url(self) -> str | None:
         config = self.link_config()
         return None if config is None else config.hub
+
+    def hub_trust(self) -> HubTrust:
+        config = self.link_config()
+        return HubTrust() if config is None else config.trust_tls
 
     def trust_state(self) -> TrustState | None:
         raw = self._get(TRUST_KEY)

@@ -75,6 +75,7 @@ from meshorch.fleet.apply import (
 from meshorch.fleet.client import (
     DEFAULT_WAIT_S,
     GossipInfo,
+    HubTrust,
     HubUnreachable,
     LinkClient,
     LinkError,
@@ -295,7 +296,11 @@ class SiteLink(LinkRecords):
                 wanted.fleet,
                 current.fleet,
             )
-        elif (current.hub, current.root_key) != (wanted.hub, wanted.root_key):
+        elif (current.hub, current.root_key, current.trust_tls) != (
+            wanted.hub,
+            wanted.root_key,
+            wanted.trust_tls,
+        ):
             logger.warning(
                 "--hub/--fleet-key differ from the link configuration in the site state "
                 "(hub %s); the site state wins, change it with PUT /v1/fleet/link",
@@ -327,7 +332,7 @@ class SiteLink(LinkRecords):
         key = self.site_key()
         assert key is not None
         logger.info("fleet link: connecting to %s for site %s", config.hub, self.site_id)
-        async with LinkClient(config.hub, self.site_id, key) as client:
+        async with LinkClient(config.hub, self.site_id, key, trust=config.trust_tls) as client:
             self._report_now.set()
             # The gossip member and its stack are loaded only on a leader linked to a hub.
             from meshorch.fleet.gossip import SiteGossip
@@ -376,7 +381,7 @@ class SiteLink(LinkRecords):
                 logger.info("fleet link: no longer the leader")
                 return
             current = self.link_config()
-            if current is None or (current.hub, current.fleet) != (config.hub, config.fleet):
+            if current is None or _endpoint(current) != _endpoint(config):
                 self.gossip_info = None  # another hub: its certificate and peers
                 return
 
@@ -814,3 +819,8 @@ class SiteLink(LinkRecords):
 
 def key_hex(key: SigningKey) -> str:
     return bytes(key.verify_key).hex()
+
+
+def _endpoint(config: LinkConfig) -> tuple[str, str, HubTrust]:
+    """What a link session is bound to: another hub, fleet or TLS trust ends it."""
+    return config.hub, config.fleet, config.trust_tls

@@ -37,7 +37,7 @@ from nacl.signing import SigningKey
 from meshorch import __version__
 from meshorch.apps.records import HOSTINFO_PREFIX, INST_PREFIX, decode_hostinfo, decode_placement
 from meshorch.errors import RemoteInputError
-from meshorch.fleet.client import LinkClient
+from meshorch.fleet.client import HubTrust, LinkClient
 from meshorch.state.ports import Members, SiteState
 from meshorch.state.tables import APPS_TABLE, DRAIN_PREFIX, SYSTEM_TABLE
 from raft import Delete, Put
@@ -93,6 +93,8 @@ class HubLink(Protocol):
     """Where a release comes from when no peer has it (``meshorch.fleet.site_link``)."""
 
     def hub_url(self) -> str | None: ...
+
+    def hub_trust(self) -> HubTrust: ...
 
     def site_key(self) -> SigningKey | None: ...
 
@@ -300,7 +302,7 @@ class AgentUpgrades:
         hub, key = self.hub.hub_url(), self.hub.site_key()
         if hub is None or key is None:
             raise RuntimeError("no peer has the release and the site has no hub link")
-        async with LinkClient(hub, self.site_id, key) as client:
+        async with LinkClient(hub, self.site_id, key, trust=self.hub.hub_trust()) as client:
             data = await client.fetch_release(release.digest)
         if not _matches(data, release):
             raise RuntimeError(f"the release from the hub does not match {release.digest}")

@@ -235,6 +235,7 @@ class LabAgents:
         argv = [
             sys.executable, "-m", "meshorch", "hub", "--data-dir", str(data_dir),
             "--listen", f"{plan.hub_ip}:{HUB_PORT}", "--fleet", fleet,
+            "--insecure-http",  # the lab's WAN is a namespace on this machine
             *(() if gossip else ("--no-gossip",)), *extra_args,
         ]  # fmt: skip
         self.lab.start(HUB_NODE, argv)

@@ -40,6 +40,8 @@ class AgentConfig:
     fleet: str | None = None
     fleet_key: str | None = None
     enroll_token: str | None = None
+    hub_fingerprint: str | None = None  # the hub's TLS certificate, pinned (SHA-256 hex)
+    hub_ca: Path | None = None  # or the CA that signed it (PEM file)
     socket: Path | None = None  # the root-only operator socket; None: DATA_DIR/agent.sock
     operator_token_file: Path | None = None  # a bootstrap admin token (made if absent)
 
@@ -104,7 +106,15 @@ class AgentConfig:
         """The fleet link asked for by the flags (None without ``--hub``)."""
         if self.hub is None or self.fleet is None or self.fleet_key is None:
             return None
-        return check_link_config(self.hub, self.fleet, self.fleet_key, self.enroll_token)
+        ca = None
+        if self.hub_ca is not None:
+            try:
+                ca = self.hub_ca.read_text()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise RemoteInputError("bad_link", f"--hub-ca {self.hub_ca}: {exc}") from None
+        return check_link_config(
+            self.hub, self.fleet, self.fleet_key, self.enroll_token, self.hub_fingerprint, ca
+        )
 
 
 def resolve_password(data_dir: Path, password_file: Path | None, has_peers: bool) -> str:

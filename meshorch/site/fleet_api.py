@@ -42,14 +42,22 @@ async def get_fleet(request: web.Request) -> web.Response:
 
 
 async def put_fleet_link(request: web.Request) -> web.Response:
-    """Body ``{"hub", "fleet", "root_key", "enroll_token"?}``. Never changes whom the
-    site trusts once it has a trust state: only a signed root.rotate delta does."""
+    """Body ``{"hub", "fleet", "root_key", "enroll_token"?, "hub_fingerprint"?,
+    "hub_ca"?}``. Never changes whom the site trusts once it has a trust state: only a
+    signed root.rotate delta does. The hub's TLS certificate is pinned by
+    ``hub_fingerprint`` (SHA-256 hex) or checked against ``hub_ca`` (PEM)."""
     data = json_object(await request.read())
-    unknown = set(data) - {"hub", "fleet", "root_key", "enroll_token"}
+    known = {"hub", "fleet", "root_key", "enroll_token", "hub_fingerprint", "hub_ca"}
+    unknown = set(data) - known
     if unknown:
         raise ApiError(400, "bad_link", f"unknown fields: {', '.join(sorted(unknown))}")
     wanted = check_link_config(
-        data.get("hub"), data.get("fleet"), data.get("root_key"), data.get("enroll_token")
+        data.get("hub"),
+        data.get("fleet"),
+        data.get("root_key"),
+        data.get("enroll_token"),
+        data.get("hub_fingerprint"),
+        data.get("hub_ca"),
     )
     link = services(request).link
     try:

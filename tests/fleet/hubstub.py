@@ -101,7 +101,15 @@ class StubHub:
             key = self.site_keys.get(site)
             if key is None:
                 raise LinkAuthError("unknown site")
-            verify_request(key, request.headers, request.method, request.path_qs, body, time.time())
+            verify_request(
+                key,
+                request.headers,
+                request.method,
+                request.host,
+                request.path_qs,
+                body,
+                time.time(),
+            )
         except LinkAuthError as exc:
             error = {"error": {"code": "bad_site_signature", "message": str(exc)}}
             return web.Response(

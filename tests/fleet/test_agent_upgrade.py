@@ -85,7 +85,9 @@ class World:
 
 @pytest.fixture
 async def world(tmp_path: Path) -> AsyncIterator[World]:
-    config = HubConfig(data_dir=tmp_path / "hub", port=0, tick_s=0.05, gossip=False)
+    config = HubConfig(
+        data_dir=tmp_path / "hub", port=0, insecure_http=True, tick_s=0.05, gossip=False
+    )
     async with (
         Hub(config) as hub,
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30), headers=HEADERS) as session,

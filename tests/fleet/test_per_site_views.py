@@ -32,7 +32,7 @@ from meshorch.fleet.delta import (
     sign,
     verify_batch,
 )
-from meshorch.fleet.link_auth import sign_request
+from meshorch.fleet.link_auth import sign_request, url_host
 from meshorch.site.agent import Agent
 from tests.agent_token import HEADERS
 from tests.agents_util import lone_agent_config
@@ -72,7 +72,9 @@ def probe_hosts(protocol: int) -> list[dict[str, Any]]:
 async def raw_fetch(probe: Site, after: int, wait: int = 0) -> tuple[bytes, float]:
     """The raw body of ``GET /v1/link/deltas`` as the hub sends it, and how long it took."""
     path_qs = f"/v1/link/deltas?after={after}&wait={wait}"
-    headers = sign_request(probe.key, probe.id, "GET", path_qs, b"", time.time())
+    headers = sign_request(
+        probe.key, probe.id, "GET", path_qs, b"", time.time(), host=url_host(probe.url)
+    )
     started = time.monotonic()
     async with probe.session.get(probe.url + path_qs, headers=headers) as response:
         body = await response.read()

@@ -105,6 +105,7 @@ async def hub_only(tmp_path: Path) -> AsyncIterator[Fleet]:
     config = HubConfig(
         data_dir=tmp_path / "hub",
         port=0,
+        insecure_http=True,
         tick_s=0.05,
         site_stale_s=STALE_S,
         gossip_preset="local",

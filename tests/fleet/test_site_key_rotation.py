@@ -22,7 +22,7 @@ from nacl.signing import SigningKey
 
 from meshorch.demo.localsite import LocalHost, LocalHub, LocalSite, get_status, wait_ready
 from meshorch.fleet.apply import SITE_KEY_KEY, SiteKey
-from meshorch.fleet.link_auth import sign_request
+from meshorch.fleet.link_auth import sign_request, url_host
 from meshorch.state.tables import SITE_TABLES, SYSTEM_TABLE
 from raft import StateView
 from tests.waiting import until
@@ -145,7 +145,9 @@ def stolen_key(host: LocalHost) -> SigningKey:
 
 async def as_thief(linked: Linked, key: SigningKey, method: str, path: str) -> int:
     body = b"" if method == "GET" else orjson.dumps({"v": 1, "site": SITE})
-    headers = sign_request(key, SITE, method, path, body, time.time())
+    headers = sign_request(
+        key, SITE, method, path, body, time.time(), host=url_host(linked.fleet.hub.url)
+    )
     url = linked.fleet.hub.url + path
     async with linked.hub.request(method, url, data=body or None, headers=headers) as response:
         return response.status

@@ -17,8 +17,10 @@ def hub_config(data_dir: Path, **overrides: object) -> HubConfig:
     # Hub tests send many bad tokens from one address on purpose (the tenant matrix: every
     # route without a token): no rate limit on failed authentications unless a test asks
     # for one (tests/hub/test_junk_flood.py runs with the hub's defaults).
+    # Plain HTTP, explicitly: TLS is tested in tests/hub/test_tls.py.
     settings: dict[str, object] = {
         "port": 0,
+        "insecure_http": True,
         "tick_s": 0.02,
         "auth_failure_burst": 1e9,
         **overrides,

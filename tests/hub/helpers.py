@@ -12,7 +12,7 @@ import orjson
 from nacl.signing import SigningKey
 
 from meshorch.fleet.delta import BatchResult, TrustState, verify_batch
-from meshorch.fleet.link_auth import sign_request
+from meshorch.fleet.link_auth import sign_request, url_host
 
 SPEC_YAML = """\
 api_version: meshorch/v1
@@ -77,7 +77,9 @@ class Site:
         return bytes(self.key.verify_key).hex()
 
     async def request(self, method: str, path_qs: str, body: bytes = b"") -> tuple[int, Any]:
-        headers = sign_request(self.key, self.id, method, path_qs, body, self.clock())
+        headers = sign_request(
+            self.key, self.id, method, path_qs, body, self.clock(), host=url_host(self.url)
+        )
         async with self.session.request(
             method, self.url + path_qs, data=body or None, headers=headers
         ) as resp:

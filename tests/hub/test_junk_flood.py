@@ -51,7 +51,9 @@ asyncio.run(main(sys.argv[1], int(sys.argv[2])))
 async def test_ten_thousand_junk_requests_leave_the_audit_log_bounded_and_writes_fast(
     tmp_path: Path, session: aiohttp.ClientSession
 ) -> None:
-    defaults = HubConfig(data_dir=tmp_path / "hub", port=0, gossip=False)  # rate limit on
+    defaults = HubConfig(
+        data_dir=tmp_path / "hub", port=0, insecure_http=True, gossip=False
+    )  # rate limit on
     async with Hub(defaults) as hub:
         hub.accounts.failures.every_s = 0.5
         admin = Operator(session, hub.url, admin_token(hub))

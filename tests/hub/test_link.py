@@ -12,7 +12,7 @@ import pytest
 
 from central_hub import Hub
 from meshorch.fleet.delta import TrustState, parse, verify, verify_batch
-from meshorch.fleet.link_auth import sign_request
+from meshorch.fleet.link_auth import sign_request, url_host
 from tests.hub.conftest import MakeSite
 from tests.hub.helpers import Operator, Site, healthy, spec_text, until
 
@@ -56,10 +56,13 @@ async def test_signatures_are_checked(
 ) -> None:
     site = await make_site("shop-1")
     path = "/v1/link/deltas?after=0&wait=0"
+    h = url_host(hub.url)
     cases = {
-        "other path": sign_request(site.key, "shop-1", "GET", "/v1/link/deltas", b"", time.time()),
-        "old": sign_request(site.key, "shop-1", "GET", path, b"", time.time() - 1000),
-        "unknown site": sign_request(site.key, "shop-9", "GET", path, b"", time.time()),
+        "other path": sign_request(
+            site.key, "shop-1", "GET", "/v1/link/deltas", b"", time.time(), host=h
+        ),
+        "old": sign_request(site.key, "shop-1", "GET", path, b"", time.time() - 1000, host=h),
+        "unknown site": sign_request(site.key, "shop-9", "GET", path, b"", time.time(), host=h),
         "no headers": {},
     }
     for name, headers in cases.items():
@@ -68,7 +71,9 @@ async def test_signatures_are_checked(
             assert resp.status == 401, name
             assert answer["error"]["code"] == "bad_site_signature", name
     report = orjson.dumps({"v": 1})
-    headers = sign_request(site.key, "shop-1", "POST", "/v1/link/report", report, time.time())
+    headers = sign_request(
+        site.key, "shop-1", "POST", "/v1/link/report", report, time.time(), host=h
+    )
     async with session.post(hub.url + "/v1/link/report", data=b"x" + report, headers=headers) as r:
         assert r.status == 401  # the body is covered by the signature
 

@@ -15,7 +15,7 @@ from nacl.signing import SigningKey
 
 from central_hub import Hub
 from meshorch.fleet.delta import TrustState
-from meshorch.fleet.link_auth import sign_request
+from meshorch.fleet.link_auth import sign_request, url_host
 from meshorch.fleet.snapshot import Snapshot, SnapshotRejected, sign_snapshot, verify_snapshot
 from tests.hub.conftest import admin_token, hub_config
 from tests.hub.helpers import Operator, Site, spec_text
@@ -83,13 +83,17 @@ async def test_only_the_signed_site_gets_a_snapshot(
         assert resp.status == 401
         assert (await resp.json())["error"]["code"] == "bad_site_signature"
     # blue's key claiming to be red: refused; nothing of red's answered.
-    headers = sign_request(blue_site.key, "shop-r", "GET", path, b"", time.time())
+    headers = sign_request(
+        blue_site.key, "shop-r", "GET", path, b"", time.time(), host=url_host(hub.url)
+    )
     async with session.get(hub.url + path, headers=headers) as resp:
         assert resp.status == 401
         assert b"redapp" not in await resp.read()
     # An unknown key.
     stranger = SigningKey.generate()
-    headers = sign_request(stranger, "shop-b", "GET", path, b"", time.time())
+    headers = sign_request(
+        stranger, "shop-b", "GET", path, b"", time.time(), host=url_host(hub.url)
+    )
     async with session.get(hub.url + path, headers=headers) as resp:
         assert resp.status == 401
     raw, _ = await get_snapshot(blue_site)

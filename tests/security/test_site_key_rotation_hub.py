@@ -16,7 +16,7 @@ from nacl.signing import SigningKey
 from central_hub import Hub
 from central_hub.gossip import SiteKeyOpener
 from gossip import BadCertError, DatagramSealer, issue_cert
-from meshorch.fleet.link_auth import sign_request
+from meshorch.fleet.link_auth import sign_request, url_host
 from meshorch.fleet.sitekey import rotation_body
 from tests.hub.conftest import admin_token, hub_config
 from tests.hub.helpers import Operator, Site
@@ -61,7 +61,9 @@ async def key_at_hub(hub: Hub, session: aiohttp.ClientSession) -> str:
 async def post_key(
     session: aiohttp.ClientSession, hub: Hub, body: bytes, signer: SigningKey, site: str = "shop"
 ) -> tuple[int, Any]:
-    headers = sign_request(signer, site, "POST", KEY_PATH, body, time.time())
+    headers = sign_request(
+        signer, site, "POST", KEY_PATH, body, time.time(), host=url_host(hub.url)
+    )
     async with session.post(hub.url + KEY_PATH, data=body, headers=headers) as response:
         return response.status, orjson.loads(await response.read())
 
@@ -159,7 +161,9 @@ async def test_a_replayed_rotation_is_harmless(
     first, second = SigningKey.generate(), SigningKey.generate()
     first_hex = bytes(first.verify_key).hex()
     body = rotation_body("shop", first, time.time())
-    headers = sign_request(site.key, "shop", "POST", KEY_PATH, body, time.time())
+    headers = sign_request(
+        site.key, "shop", "POST", KEY_PATH, body, time.time(), host=url_host(hub.url)
+    )
     async with session.post(hub.url + KEY_PATH, data=body, headers=headers) as response:
         assert response.status == 200
     # The very same request again (captured on the wire): its signer is no longer the key.

@@ -15,7 +15,7 @@ from meshorch.fleet.delta import parse
 
 @pytest.fixture
 async def hub(tmp_path: Path) -> AsyncIterator[Hub]:
-    config = HubConfig(data_dir=tmp_path / "hub", port=0, gossip=False)
+    config = HubConfig(data_dir=tmp_path / "hub", port=0, insecure_http=True, gossip=False)
     async with Hub(config) as hub:
         yield hub
 

@@ -24,7 +24,9 @@ SITE = "s1"
 
 @pytest.fixture
 async def env(tmp_path: Path) -> AsyncIterator[tuple[Hub, Operator, Site]]:
-    config = HubConfig(data_dir=tmp_path / "hub", port=0, tick_s=0.02, gossip=False)
+    config = HubConfig(
+        data_dir=tmp_path / "hub", port=0, insecure_http=True, tick_s=0.02, gossip=False
+    )
     async with (
         Hub(config) as hub,
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,

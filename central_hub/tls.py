@@ -1,0 +1,113 @@
+"""The hub's TLS: the operator's certificate, or one it makes itself at the first start.
+
+With ``--tls-cert``/``--tls-key`` the hub serves that certificate (a CA-signed one: sites
+give ``--hub-ca`` or trust the system's CAs). Without them it serves a self-signed
+certificate kept in the data dir (``tls.crt``, ``tls.key`` 0600), made at the first start
+and kept across restarts; its SHA-256 fingerprint, printed at every start, is what sites
+pin at enrollment (``--hub-fingerprint``) and what the CLI pins on first use
+(``meshorch.cli.known_hubs``). Plain HTTP only with ``--insecure-http``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import ipaddress
+import os
+import socket
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+from central_hub.errors import HubConfigError
+
+CERT_FILE = "tls.crt"
+KEY_FILE = "tls.key"
+SELF_SIGNED_DAYS = 3650
+
+
+@dataclass(frozen=True)
+class HubTLS:
+    context: ssl.SSLContext
+    cert_path: Path
+    fingerprint: str  # SHA-256 of the certificate (DER), hex
+    self_signed: bool
+
+
+def load(data_dir: Path, cert: Path | None, key: Path | None, host: str) -> HubTLS:
+    """The server context: the operator's files, or the data dir's self-signed pair
+    (made now if absent). Raises HubConfigError saying what is wrong."""
+    if (cert is None) != (key is None):
+        raise HubConfigError("give both --tls-cert and --tls-key, or neither")
+    self_signed = cert is None
+    if cert is None or key is None:
+        cert, key = data_dir / CERT_FILE, data_dir / KEY_FILE
+        if not cert.exists() or not key.exists():
+            _make_self_signed(cert, key, host)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert, key)
+        pem = cert.read_text()
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        raise HubConfigError(
+            f"cannot load the TLS certificate {cert} and key {key}: {exc}"
+        ) from None
+    der = ssl.PEM_cert_to_DER_cert(pem)
+    return HubTLS(context, cert, hashlib.sha256(der).hexdigest(), self_signed)
+
+
+def _make_self_signed(cert_path: Path, key_path: Path, host: str) -> None:
+    # cryptography is the hub's only: the agent never imports this module.
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "meshorch hub")])
+    names: list[x509.GeneralName] = [x509.DNSName("localhost")]
+    hostname = socket.gethostname()
+    if hostname and hostname != "localhost":
+        names.append(x509.DNSName(hostname))
+    ips = {"127.0.0.1", "::1"}
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        names.append(x509.DNSName(host))
+    else:
+        if not ipaddress.ip_address(host).is_unspecified:
+            ips.add(host)
+    names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in sorted(ips)]
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=SELF_SIGNED_DAYS))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    _write(key_path, key_pem, 0o600)
+    _write(cert_path, certificate.public_bytes(serialization.Encoding.PEM), 0o644)
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
