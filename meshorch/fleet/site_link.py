@@ -413,7 +413,7 @@ class SiteLink(LinkRecords):
         if record is not None:
             stored = LinkConfig.decode(record.value)
             if stored.enroll_token == token:
-                done = LinkConfig(stored.hub, stored.fleet, stored.root_key, token, True)
+                done = dataclasses.replace(stored, enrolled=True)
                 await self.site.propose(
                     [Put(SYSTEM_TABLE, LINK_KEY, done.encode(), record.mod_index)]
                 )
