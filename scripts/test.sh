@@ -17,4 +17,4 @@ echo "==> mypy --strict"
 echo "==> import-linter (the layering of docs/architecture.md)"
 .venv/bin/lint-imports
 echo "==> pytest"
-exec .venv/bin/pytest -ra "$@"
+exec .venv/bin/pytest -ra --durations=15 "$@"

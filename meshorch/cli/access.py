@@ -15,7 +15,13 @@ import sys
 import time
 from typing import Any
 
-from meshorch.cli.agent_client import AGENT_HELP, agent_address, call_agent
+from meshorch.cli.agent_client import (
+    add_agent_flag,
+    add_output_flag,
+    agent_address,
+    call_agent,
+    print_json,
+)
 from meshorch.errors import ConfigurationError
 from meshorch.site.authz import ROLES
 
@@ -39,8 +45,9 @@ def add_access_commands(commands: Any) -> None:
     revoke = actions.add_parser("revoke", help="revoke a token on every host at once")
     revoke.add_argument("token_id", metavar="ID")
     for sub in (create, listing, revoke):
-        sub.add_argument("--agent", default=None, help=AGENT_HELP)
+        add_agent_flag(sub)
         sub.set_defaults(handler=run_access)
+    add_output_flag(listing)
 
 
 def _seconds(text: str) -> float:
@@ -63,6 +70,8 @@ def run_access(args: argparse.Namespace) -> int:
         made = call_agent(agent, "POST", "/v1/access-tokens", body)
         print(made["token"])
         print(f"# {made['id']}: {made['role']}, {_reach(made)}, {_expiry(made)}", file=sys.stderr)
+    elif args.access_command == "list" and args.output == "json":
+        print_json(call_agent(agent, "GET", "/v1/access-tokens")["tokens"])
     elif args.access_command == "list":
         print(f"{'ID':18} {'ROLE':9} {'TENANT':16} EXPIRES")
         for token in call_agent(agent, "GET", "/v1/access-tokens")["tokens"]:

@@ -7,9 +7,12 @@ access token from ``$MESHORCH_AGENT_TOKEN`` (``meshorch access-token create``).
 
 from __future__ import annotations
 
+import argparse
 import http.client
 import os
 import socket
+import sys
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -23,6 +26,39 @@ AGENT_HELP = (
     f"the agent: its socket (default ${AGENT_ENV}, else {DEFAULT_SOCKET}) or HOST:PORT "
     f"(then with the access token in ${TOKEN_ENV})"
 )
+
+
+class _DeprecatedFlag(argparse.Action):
+    """A flag kept for old scripts: works as the one it stands for, and says so."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        print(f"meshorch: {option_string} is deprecated: use --agent", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_agent_flag(parser: argparse.ArgumentParser, dest: str = "agent") -> None:
+    """``--agent``: the address of the agent a command talks to (``--api``: its old name
+    on some commands, still taken, with a deprecation notice)."""
+    parser.add_argument("--agent", dest=dest, default=None, help=AGENT_HELP)
+    parser.add_argument("--api", dest=dest, action=_DeprecatedFlag, help=argparse.SUPPRESS)
+
+
+def add_output_flag(parser: argparse.ArgumentParser) -> None:
+    """``--output table|json`` of a listing."""
+    parser.add_argument(
+        "-o", "--output", choices=("table", "json"), default="table",
+        help="table for people (default) or json: the listing as one JSON array",
+    )  # fmt: skip
+
+
+def print_json(items: object) -> None:
+    sys.stdout.write(orjson.dumps(items, option=orjson.OPT_INDENT_2).decode() + "\n")
 
 
 class AgentRefused(ConfigurationError):

@@ -17,12 +17,14 @@ from typing import Any
 import aiohttp
 
 from meshorch.cli.agent_client import (
-    AGENT_HELP,
     AgentRefused,
+    add_agent_flag,
+    add_output_flag,
     agent_address,
     auth_headers,
     call_agent,
     is_socket,
+    print_json,
     request_agent,
 )
 from meshorch.errors import ConfigurationError
@@ -40,7 +42,7 @@ def add_agent_ops_commands(commands: argparse._SubParsersAction[Any]) -> None:
     create.add_argument("--site", required=True, help="the site (checked against the agent's)")
     create.add_argument("--ttl", default="1h", help="validity: 90s, 30m, 1h, 7d (default 1h)")
     create.add_argument("--single-use", action="store_true", help="valid for one host only")
-    create.add_argument("--agent", "--api", dest="api", default=None, help=AGENT_HELP)
+    add_agent_flag(create, "api")
     create.set_defaults(handler=run_token_create)
 
     app = commands.add_parser("app", help="applications of a site")
@@ -53,18 +55,19 @@ def add_agent_ops_commands(commands: argparse._SubParsersAction[Any]) -> None:
         "its health gate.",
     )
     apply.add_argument("-f", "--file", type=Path, required=True, help="the spec")
-    apply.add_argument("--agent", "--api", dest="agent", default=None, help=AGENT_HELP)
+    add_agent_flag(apply, "agent")
     apply.set_defaults(handler=run_app_apply)
     app_list = app_commands.add_parser("list", help="applications and their readiness")
-    app_list.add_argument("--agent", "--api", dest="agent", default=None, help=AGENT_HELP)
+    add_agent_flag(app_list, "agent")
+    add_output_flag(app_list)
     app_list.set_defaults(handler=run_app_list)
     show = app_commands.add_parser("show", help="an application's instances and events")
     show.add_argument("name")
-    show.add_argument("--agent", "--api", dest="agent", default=None, help=AGENT_HELP)
+    add_agent_flag(show, "agent")
     show.set_defaults(handler=run_app_show)
     delete = app_commands.add_parser("delete", help="stop and remove an application")
     delete.add_argument("name")
-    delete.add_argument("--agent", "--api", dest="agent", default=None, help=AGENT_HELP)
+    add_agent_flag(delete, "agent")
     delete.set_defaults(handler=run_app_delete)
 
     image = commands.add_parser("image", help="container images of a site")
@@ -78,10 +81,11 @@ def add_agent_ops_commands(commands: argparse._SubParsersAction[Any]) -> None:
     )
     image_add.add_argument("file", type=Path, help="the archive")
     image_add.add_argument("--ref", required=True, help="the image's name, e.g. shop/web:1.2")
-    image_add.add_argument("--agent", "--api", dest="api", default=None, help=AGENT_HELP)
+    add_agent_flag(image_add, "api")
     image_add.set_defaults(handler=run_image_add)
     image_list = image_commands.add_parser("list", help="the site's images and who holds them")
-    image_list.add_argument("--agent", "--api", dest="api", default=None, help=AGENT_HELP)
+    add_agent_flag(image_list, "api")
+    add_output_flag(image_list)
     image_list.set_defaults(handler=run_image_list)
 
     host = commands.add_parser("host", help="manage the hosts of a site")
@@ -93,12 +97,13 @@ def add_agent_ops_commands(commands: argparse._SubParsersAction[Any]) -> None:
         "WireGuard mesh; it cannot join again with its old token or key.",
     )
     revoke.add_argument("host_id", metavar="HOST", help="the host id to revoke")
-    revoke.add_argument("--agent", "--api", dest="api", default=None, help=AGENT_HELP)
+    add_agent_flag(revoke, "api")
     revoke.set_defaults(handler=run_host_revoke)
     listing = host_commands.add_parser(
         "list", help="the site's hosts: alive, drained, agent version, instances"
     )
-    listing.add_argument("--agent", "--api", dest="api", default=None, help=AGENT_HELP)
+    add_agent_flag(listing, "api")
+    add_output_flag(listing)
     listing.set_defaults(handler=run_host_list)
     for name, text in (
         ("drain", "move a host's instances to other hosts; it stays a member of the site"),
@@ -109,7 +114,7 @@ def add_agent_ops_commands(commands: argparse._SubParsersAction[Any]) -> None:
             name, help=text, description=text[0].upper() + text[1:] + "."
         )
         action.add_argument("host_id", metavar="HOST")
-        action.add_argument("--agent", "--api", dest="api", default=None, help=AGENT_HELP)
+        add_agent_flag(action, "api")
         if name != "undrain":
             action.add_argument(
                 "--timeout", type=float, default=300.0, metavar="SECONDS",
@@ -163,6 +168,9 @@ def run_app_apply(args: argparse.Namespace) -> int:
 
 def run_app_list(args: argparse.Namespace) -> int:
     body = call_agent(agent_address(args.agent), "GET", "/v1/apps")
+    if args.output == "json":
+        print_json(body["apps"])
+        return 0
     print(f"{'APP':20} {'VERSION':10} {'READY':>7}  ROLLOUT")
     for app in body["apps"]:
         rollout = app["rollout"]
@@ -240,6 +248,9 @@ def run_image_add(args: argparse.Namespace) -> int:
 
 def run_image_list(args: argparse.Namespace) -> int:
     body = call_agent(agent_address(args.api), "GET", "/v1/images")
+    if args.output == "json":
+        print_json(body["images"])
+        return 0
     for image in body["images"]:
         holders = ", ".join(image["holders"]) or "-"
         print(f"{image['ref']:30} {image['digest'][:19]} {image['size']:>12}  on {holders}")
@@ -248,6 +259,9 @@ def run_image_list(args: argparse.Namespace) -> int:
 
 def run_host_list(args: argparse.Namespace) -> int:
     hosts = call_agent(agent_address(args.api), "GET", "/v1/hosts")["hosts"]
+    if args.output == "json":
+        print_json(hosts)
+        return 0
     print(
         f"{'HOST':16} {'ALIVE':6} {'DRAINED':8} {'LEADER':7} {'VERSION':12} {'PROTO':6} INSTANCES"
     )

@@ -1,5 +1,5 @@
 """Operator commands against the hub: ``meshorch deploy``, ``sites``, ``apps``, ``tenants``,
-``tokens`` and ``audit``.
+``tokens`` and ``audit``. Every listing takes ``--output table|json``.
 
 They talk HTTP to the hub's API (see ``GET /v1/openapi.json``); the hub address and the
 operator token come from flags or from ``MESHORCH_HUB`` / ``MESHORCH_TOKEN``, so a CI
@@ -18,7 +18,9 @@ from typing import Any
 import orjson
 import yaml
 
+from meshorch.cli.agent_client import add_output_flag, print_json
 from meshorch.errors import ConfigurationError
+from meshorch.sizes import parse_size
 
 HUB_ENV = "MESHORCH_HUB"
 TOKEN_ENV = "MESHORCH_TOKEN"
@@ -72,6 +74,7 @@ def add_fleet_commands(commands: Any) -> None:
         help="only sites whose labels match (key=value, key!=value, key, !key; all must hold)",
     )  # fmt: skip
     _page_flags(sites)
+    add_output_flag(sites)
     _hub_flags(sites)
     sites.set_defaults(handler=run_sites)
 
@@ -82,6 +85,7 @@ def add_fleet_commands(commands: Any) -> None:
     )  # fmt: skip
     apps.add_argument("name", nargs="?", help="an application: show it per site")
     _page_flags(apps)
+    add_output_flag(apps)
     _hub_flags(apps)
     apps.set_defaults(handler=run_apps)
     _add_tenancy_commands(commands)
@@ -90,12 +94,42 @@ def add_fleet_commands(commands: Any) -> None:
 def _add_tenancy_commands(commands: Any) -> None:
     tenants = commands.add_parser(
         "tenants", help="the hub's tenants (docs/tenants.md)",
-        description="List the tenants the token can see, or show one with its quota.",
+        description="List the tenants the token can see (the default action), show one "
+        "with its quota, create or delete one (fleet admins), set its quota.",
     )  # fmt: skip
-    tenants.add_argument("tenant", nargs="?", help="a tenant id: show it and its quota")
-    _page_flags(tenants)
-    _hub_flags(tenants)
-    tenants.set_defaults(handler=run_tenants)
+    t_actions = tenants.add_subparsers(dest="tenants_command", metavar="ACTION")
+    t_list = t_actions.add_parser("list", help="the tenants your token can see")
+    t_show = t_actions.add_parser("show", help="a tenant and its quota")
+    t_show.add_argument("tenant", help="the tenant id")
+    t_create = t_actions.add_parser("create", help="create a tenant (fleet admin)")
+    t_create.add_argument("tenant", help="its id: 1-63 characters of a-z, 0-9 and '-'")
+    t_create.add_argument("--description", default="", help="who or what it is")
+    t_delete = t_actions.add_parser(
+        "delete", help="delete a tenant and revoke its tokens (refused while it owns apps "
+        "or secrets)",
+    )  # fmt: skip
+    t_delete.add_argument("tenant", help="the tenant id")
+    t_quota = t_actions.add_parser(
+        "quota", help="show a tenant's quota, or set it",
+        description="Without a limit: show the quota. With limits: set the whole quota; a "
+        "limit left out is unlimited (--unlimited: none at all).",
+    )  # fmt: skip
+    t_quota.add_argument("tenant", help="the tenant id")
+    t_quota.add_argument("--cpu-millis", type=int, metavar="N", help="CPU, in millicores")
+    t_quota.add_argument("--memory", metavar="SIZE", help="memory, e.g. 512Mi, 8Gi")
+    t_quota.add_argument("--instances", type=int, metavar="N", help="instances")
+    t_quota.add_argument("--unlimited", action="store_true", help="remove every limit")
+    for parser, handler in (
+        (t_list, run_tenants), (t_show, run_tenants), (t_create, run_tenants_create),
+        (t_delete, run_tenants_delete), (t_quota, run_tenants_quota), (tenants, run_tenants),
+    ):  # fmt: skip
+        if parser in (t_list, tenants):
+            _page_flags(parser)
+            add_output_flag(parser)
+        elif parser is t_show:
+            add_output_flag(parser)
+        _hub_flags(parser)
+        parser.set_defaults(handler=handler)
 
     tokens = commands.add_parser(
         "tokens", help="the hub's API tokens (docs/tenants.md)",
@@ -105,6 +139,7 @@ def _add_tenancy_commands(commands: Any) -> None:
     actions = tokens.add_subparsers(dest="tokens_command", metavar="ACTION")
     listing = actions.add_parser("list", help="the tokens of your tenant (fleet admin: all)")
     _page_flags(listing)
+    add_output_flag(listing)
     _hub_flags(listing)
     listing.set_defaults(handler=run_tokens_list)
     create = actions.add_parser("create", help="create a token and print it once")
@@ -117,7 +152,16 @@ def _add_tenancy_commands(commands: Any) -> None:
     create.add_argument("--expires-in", type=float, metavar="SECONDS", help="lifetime")
     _hub_flags(create)
     create.set_defaults(handler=run_tokens_create)
+    revoke = actions.add_parser(
+        "revoke", help="revoke a token, and every token created under it",
+        description="Revoke a token by its id (from `meshorch tokens list`); the tokens "
+        "it created, and theirs, are revoked with it.",
+    )  # fmt: skip
+    revoke.add_argument("token_id", metavar="ID", help="the token's id (not its secret)")
+    _hub_flags(revoke)
+    revoke.set_defaults(handler=run_tokens_revoke)
     _page_flags(tokens)
+    add_output_flag(tokens)
     _hub_flags(tokens)
     tokens.set_defaults(handler=run_tokens_list)
 
@@ -129,6 +173,7 @@ def _add_tenancy_commands(commands: Any) -> None:
     audit.add_argument("--limit", type=int, default=50, help="at most this many entries")
     audit.add_argument("--after", type=int, default=0, metavar="SEQ", help="entries after SEQ")
     audit.add_argument("--tenant", help="only this tenant's entries (fleet admin)")
+    add_output_flag(audit)
     _hub_flags(audit)
     audit.set_defaults(handler=run_audit)
 
@@ -298,6 +343,9 @@ def run_sites(args: argparse.Namespace) -> int:
         return 0
     selector = {"selector": args.selector} if args.selector else {}
     sites = hub_list(args, "/v1/sites", "sites", selector)
+    if args.output == "json":
+        print_json(sites)
+        return 0
     print(f"{'SITE':20} {'HEALTH':12} {'APPLIED':>8} {'HOSTS UP':>8} {'READY':>7} "
           f"{'LAST SEEN':>10}  LABELS")  # fmt: skip
     for site in sites:
@@ -330,6 +378,9 @@ def run_apps(args: argparse.Namespace) -> int:
                 print(f"  {site:24} {status['version']} {status['state']}{message}")
         return 0
     apps = hub_list(args, "/v1/apps", "apps")
+    if args.output == "json":
+        print_json(apps)
+        return 0
     print(f"{'APP':20} {'VERSION':10} {'ROLLOUT':12} SITES")
     for app in apps:
         rollout = "-" if app["deployment"] is None else app["deployment"]["state"]
@@ -347,20 +398,70 @@ def _quota_text(quota: dict[str, Any] | None) -> str:
 
 
 def run_tenants(args: argparse.Namespace) -> int:
-    if args.tenant:
+    if getattr(args, "tenant", None):
         tenant = hub_call(args, "GET", f"/v1/tenants/{args.tenant}")
+        if args.output == "json":
+            print_json(tenant)
+            return 0
         print(f"tenant {tenant['id']}: {tenant['description'] or '-'}")
         print(f"  quota: {_quota_text(tenant['quota'])}")
         return 0
+    tenants = hub_list(args, "/v1/tenants", "tenants")
+    if args.output == "json":
+        print_json(tenants)
+        return 0
     print(f"{'TENANT':24} {'QUOTA':40} DESCRIPTION")
-    for tenant in hub_list(args, "/v1/tenants", "tenants"):
+    for tenant in tenants:
         print(f"{tenant['id']:24} {_quota_text(tenant['quota']):40} {tenant['description']}")
     return 0
 
 
+def run_tenants_create(args: argparse.Namespace) -> int:
+    body = {"id": args.tenant, "description": args.description}
+    tenant = hub_call(args, "POST", "/v1/tenants", body)
+    print(f"created tenant {tenant['id']}")
+    return 0
+
+
+def run_tenants_delete(args: argparse.Namespace) -> int:
+    hub_call(args, "DELETE", f"/v1/tenants/{args.tenant}")
+    print(f"deleted tenant {args.tenant} (its tokens are revoked)")
+    return 0
+
+
+def run_tenants_quota(args: argparse.Namespace) -> int:
+    limits = {
+        "cpu_millis": args.cpu_millis,
+        "memory_bytes": None if args.memory is None else parse_size(args.memory),
+        "instances": args.instances,
+    }
+    given = {k: v for k, v in limits.items() if v is not None}
+    if args.unlimited and given:
+        raise ConfigurationError("--unlimited removes every limit: give no other")
+    path = f"/v1/tenants/{args.tenant}/quota"
+    if not given and not args.unlimited:
+        answer = hub_call(args, "GET", path)
+    else:
+        answer = hub_call(args, "PUT", path, given)
+    print(f"tenant {args.tenant}: quota {_quota_text(answer['quota'])}")
+    return 0
+
+
+def run_tokens_revoke(args: argparse.Namespace) -> int:
+    answer = hub_call(args, "DELETE", f"/v1/tokens/{args.token_id}")
+    below = answer.get("revoked_descendants") or []
+    extra = f", and {len(below)} token(s) created under it" if below else ""
+    print(f"revoked token {answer['deleted']}{extra}")
+    return 0
+
+
 def run_tokens_list(args: argparse.Namespace) -> int:
+    tokens = hub_list(args, "/v1/tokens", "tokens")
+    if args.output == "json":
+        print_json(tokens)
+        return 0
     print(f"{'ID':18} {'ROLE':9} {'TENANT':20} DESCRIPTION")
-    for token in hub_list(args, "/v1/tokens", "tokens"):
+    for token in tokens:
         print(f"{token['id']:18} {token['role']:9} {token['tenant']:20} {token['description']}")
     return 0
 
@@ -385,7 +486,11 @@ def run_audit(args: argparse.Namespace) -> int:
     query = f"/v1/audit?after={args.after}&limit={max(1, min(args.limit, 500))}"
     if args.tenant:
         query += f"&tenant={args.tenant}"
-    for e in hub_call(args, "GET", query)["entries"]:
+    entries = hub_call(args, "GET", query)["entries"]
+    if args.output == "json":
+        print_json(entries)
+        return 0
+    for e in entries:
         actor = e["actor"]
         who = "-" if actor is None else f"{actor['token']}({actor['role']}@{actor['tenant']})"
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e["at"]))

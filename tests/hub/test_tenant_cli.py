@@ -24,7 +24,7 @@ async def test_tenants_tokens_and_audit_from_the_command_line(hub: Hub, admin: O
     await admin.ok("PUT", "/v1/tenants/blue/quota", {"cpu_millis": 500})
     code, out, _ = await cli(hub, admin.token, "tenants")
     assert code == 0 and "blue" in out and "cpu_millis=500" in out and "default" in out
-    code, out, _ = await cli(hub, admin.token, "tenants", "blue")
+    code, out, _ = await cli(hub, admin.token, "tenants", "show", "blue")
     assert code == 0 and "Blue Ltd" in out
     code, out, err = await cli(
         hub, admin.token, "tokens", "create", "--role", "admin", "--tenant", "blue"
