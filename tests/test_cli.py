@@ -117,7 +117,7 @@ def test_demo_runs_a_hub_and_three_sites_and_cleans_up() -> None:
     assert "fleet root key" in result.stdout
     waves = r"waves \[\['shop-ap'\], \['shop-eu'\], \['shop-us'\]\]"
     assert re.search(rf"deployment dep-\d+, {waves}", result.stdout), result.stdout
-    assert re.search(r"Dashboard: http://127\.0\.0\.1:\d+/ ", result.stdout)
+    assert re.search(r"Dashboard: https://127\.0\.0\.1:\d+/ ", result.stdout)
     assert "deployment succeeded" in result.stdout
     lines = result.stdout.splitlines()
     for site in ("shop-eu", "shop-us", "shop-ap"):
