@@ -72,7 +72,14 @@ async def test_a_stranger_is_refused_every_attack_and_nothing_changes(
         (
             "PUT",
             "/v1/fleet/link",
-            {"json": {"hub": "http://evil:1", "fleet": "f", "root_key": "0"}},
+            {
+                "json": {
+                    "hub": "https://evil:1",
+                    "fleet": "f",
+                    "root_key": "0",
+                    "hub_fingerprint": "ab" * 32,
+                }
+            },
         ),
         ("POST", "/v1/members", {"json": {"host_id": "ghost", "raft": "10.9.9.9:7800"}}),
         ("POST", "/v1/tokens", {"json": {"ttl_s": 60}}),
