@@ -36,12 +36,13 @@ examples:
     meshorch hub --data-dir /var/lib/meshorch-hub --listen 0.0.0.0:7900 --fleet acme
   then, with the printed admin token:
     TOKEN=$(cat /var/lib/meshorch-hub/admin.token)
-    curl -H "Authorization: Bearer $TOKEN" -d '{"id": "shop-1", "labels": {"region": "eu"}}' \\
-      http://HUB:7900/v1/sites
-    curl -H "Authorization: Bearer $TOKEN" \\
+    CA=/var/lib/meshorch-hub/tls.crt   # the self-signed certificate (HUB: a name in it)
+    curl --cacert $CA -H "Authorization: Bearer $TOKEN" \\
+      -d '{"id": "shop-1", "labels": {"region": "eu"}}' https://HUB:7900/v1/sites
+    curl --cacert $CA -H "Authorization: Bearer $TOKEN" \\
       -d '{"spec": "...app spec YAML...", "placement": {"match": {"region": "eu"}}}' \\
-      http://HUB:7900/v1/apps
-  the API is described at http://HUB:7900/v1/openapi.json
+      https://HUB:7900/v1/apps
+  the API is described at https://HUB:7900/v1/openapi.json
 
 Key files are sealed with a key-encryption key (--kek-file, $MESHORCH_HUB_KEK):
     meshorch hub new-kek /etc/meshorch/hub.kek

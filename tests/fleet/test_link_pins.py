@@ -3,9 +3,12 @@ fields, and the hub's nonce memory (its window, its bound)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from central_hub.replay import BUCKET_S, NonceCache, ReplayCacheFull
+from meshorch.cli import known_hubs
 from meshorch.errors import RemoteInputError
 from meshorch.fleet.apply import LinkConfig, check_link_config
 from meshorch.fleet.client import normalize_fingerprint
@@ -54,3 +57,21 @@ def test_the_memory_is_bounded_by_the_window_and_the_capacity() -> None:
     with pytest.raises(ReplayCacheFull):
         full.check_and_add("s", "c", 0, 0)
     assert not full.check_and_add("s", "a", 0, 0)  # a replay is still told apart
+
+
+def test_the_cli_pin_explicit_or_first_use(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    known = tmp_path / "cfg" / "known_hubs"
+    monkeypatch.delenv(known_hubs.FINGERPRINT_ENV, raising=False)
+    known_hubs.check_pin("hub:7900", "aa" * 32, known)
+    assert "pinned the hub at hub:7900" in capsys.readouterr().err
+    known_hubs.check_pin("hub:7900", "aa" * 32, known)  # the same: quiet
+    known_hubs.check_pin("other:7900", "bb" * 32, known)  # another address: its own pin
+    with pytest.raises(known_hubs.HubNotTrusted, match=r"CERTIFICATE CHANGED.*remove the line"):
+        known_hubs.check_pin("hub:7900", "bb" * 32, known)
+    monkeypatch.setenv(known_hubs.FINGERPRINT_ENV, "SHA256:" + ":".join(["CC"] * 32))
+    known_hubs.check_pin("new:1", "cc" * 32, known)  # explicit: no first-use trust
+    with pytest.raises(known_hubs.HubNotTrusted, match="MESHORCH_HUB_FINGERPRINT"):
+        known_hubs.check_pin("new:1", "aa" * 32, known)
+    assert "new:1" not in known.read_text()
