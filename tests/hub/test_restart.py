@@ -73,7 +73,7 @@ async def hub_process(
 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, dict[str, str]]]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "central_hub", "--data-dir", str(data_dir),
-        "--listen", "127.0.0.1:0", *flags,
+        "--listen", "127.0.0.1:0", "--insecure-http", *flags,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     facts: dict[str, str] = {}
