@@ -55,10 +55,15 @@ async def test_waves_advance_on_healthy_reports_and_succeed(
         "POST", "/v1/apps", {"spec": spec_text(), "placement": {"max_parallel": 2}}, 202
     )
     assert dep["waves"] == [["s0", "s1"], ["s2"]]
+    heads = []
     for site in sites[:2]:
         await site.sync()
         status, answer = await site.report({"web": healthy("1.0")})
-        assert status == 200 and answer["head"] == 1
+        assert status == 200
+        heads.append(answer["head"])
+    # The first wave's last healthy report may advance the rollout (delta 2, for s2)
+    # before its own answer is made.
+    assert heads[0] == 1 and heads[1] in (1, 2), heads
     dep = await wait_for(admin, dep["id"], lambda d: d["wave"] == 1)
     assert dep["progress"]["s2"]["state"] == "updating"
     result = await sites[2].sync()
