@@ -4,7 +4,7 @@ Both run on loopback and are driven through their HTTP APIs by the same
 aiohttp load generator (bench/loadgen.py, on uvloop): 100-byte values over a
 keyspace of 1,000 keys, requests spread round-robin over the three members.
 etcd is driven through its JSON gateway (``POST /v3/kv/put``). Reported:
-writes/s at concurrency 64, p50/p99 latency at concurrency 1 and 64, the ratio
+writes/s at concurrency 64 and 256, p50/p99 latency at concurrency 1 and 64, the ratios
 meshorch/etcd, each agent's resident memory after the run, and the servers'
 CPU time per write at concurrency 64, summed over the members (less sensitive
 than writes/s to whatever else the machine runs meanwhile).
@@ -222,6 +222,7 @@ def summarise(measured: Measured) -> dict[str, float]:
         "c1_p99": median([r.p99_ms for r in results["c1"]]),
         "c64_p50": median([r.p50_ms for r in results["c64"]]),
         "c64_p99": median([r.p99_ms for r in results["c64"]]),
+        "c256_wps": median([r.per_second for r in results["c256"]]),
         "failed": float(sum(r.failed for rs in results.values() for r in rs)),
         "cpu_us": measured.cpu_us_per_write,
     }
@@ -275,7 +276,11 @@ def main() -> int:
     args = parser.parse_args()
     rounds = args.rounds or (1 if args.quick else 3)
     duration_s = args.duration or (3.0 if args.quick else 8.0)
-    phases = [Phase("c1", 1, duration_s / 2), Phase("c64", 64, duration_s)]
+    phases = [
+        Phase("c1", 1, duration_s / 2),
+        Phase("c64", 64, duration_s),
+        Phase("c256", 256, duration_s),
+    ]
     with tempfile.TemporaryDirectory(prefix="meshorch-bench-") as tmp:
         root = Path(tmp)
         (root / "meshorch").mkdir()
@@ -293,10 +298,15 @@ def main() -> int:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             theirs = runner.run(bench_etcd(phases, rounds, root / "etcd"))
     ratio = ours["wps"] / theirs["wps"] if theirs["wps"] else float("nan")
-    print(f"{'':10} {'writes/s c64':>13} {'c1 p50':>8} {'c1 p99':>8} {'c64 p50':>8} {'c64 p99':>8}")
+    ratio256 = ours["c256_wps"] / theirs["c256_wps"] if theirs["c256_wps"] else float("nan")
+    print(
+        f"{'':10} {'writes/s c64':>13} {'c256':>6} {'c1 p50':>8} {'c1 p99':>8} "
+        f"{'c64 p50':>8} {'c64 p99':>8}"
+    )
     for name, row in (("meshorch", ours), ("etcd", theirs)):
         print(
-            f"{name:10} {row['wps']:13.0f} {row['c1_p50']:7.2f}ms {row['c1_p99']:7.2f}ms "
+            f"{name:10} {row['wps']:13.0f} {row['c256_wps']:6.0f} {row['c1_p50']:7.2f}ms "
+            f"{row['c1_p99']:7.2f}ms "
             f"{row['c64_p50']:7.2f}ms {row['c64_p99']:7.2f}ms"
         )
     print(f"agent RSS after the run (MB): {', '.join(f'{r:.1f}' for r in rss)}")
@@ -306,7 +316,9 @@ def main() -> int:
     )
     print(
         f"RESULT meshorch_wps={ours['wps']:.0f} etcd_wps={theirs['wps']:.0f} "
-        f"ratio={ratio:.2f} agent_rss_mb={max(rss):.1f} durability={args.durability} "
+        f"ratio={ratio:.2f} ratio_c256={ratio256:.2f} c1_p50_ms={ours['c1_p50']:.2f} "
+        f"etcd_c1_p50_ms={theirs['c1_p50']:.2f} agent_rss_mb={max(rss):.1f} "
+        f"durability={args.durability} "
         "etcd_durability=power"  # etcd fsyncs its WAL before it acknowledges, always
     )
     return 0
