@@ -13,13 +13,13 @@ from __future__ import annotations
 import datetime
 import hashlib
 import ipaddress
-import os
 import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
 from central_hub.errors import HubConfigError
+from raft.durable import write_durably
 
 CERT_FILE = "tls.crt"
 KEY_FILE = "tls.key"
@@ -97,17 +97,5 @@ def _make_self_signed(cert_path: Path, key_path: Path, host: str) -> None:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    _write(key_path, key_pem, 0o600)
-    _write(cert_path, certificate.public_bytes(serialization.Encoding.PEM), 0o644)
-
-
-def _write(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    write_durably(key_path, key_pem, 0o600)
+    write_durably(cert_path, certificate.public_bytes(serialization.Encoding.PEM), 0o644)

@@ -42,6 +42,7 @@ from central_hub.errors import ApiError, HubConfigError
 from central_hub.keyfiles import Kek, read_key_text, write_key_text
 from central_hub.placement import Policy, parse_policy
 from central_hub.tokens import TokenRecord
+from meshorch.fleet.delta import is_hex
 from meshorch.fleet.escrow import escrow_message
 from meshorch.secrets.keyring import (
     KEY_BYTES,
@@ -374,7 +375,7 @@ def parse_escrow_upload(data: object, escrow: PrivateKey) -> tuple[bytes, str]:
     if len(kek) != KEY_BYTES:
         raise bad("bad_escrow", f"sealed: must hold {KEY_BYTES} bytes")
     ssk = data.get("ssk_public")
-    if not isinstance(ssk, str) or len(ssk) != 64 or not _is_hex(ssk):
+    if not isinstance(ssk, str) or len(ssk) != 64 or not is_hex(ssk):
         raise bad("bad_public_key", "ssk_public: the site's secrets public key, 64 hex")
     return blob, ssk.lower()
 
@@ -386,17 +387,9 @@ def parse_ephemeral_key(data: object) -> bytes:
     if unknown:
         raise bad("bad_request", f"unknown fields {unknown}")
     key = data.get("public_key")
-    if not isinstance(key, str) or len(key) != 64 or not _is_hex(key):
+    if not isinstance(key, str) or len(key) != 64 or not is_hex(key):
         raise bad("bad_public_key", "public_key: an X25519 public key, 64 hex characters")
     return bytes.fromhex(key)
-
-
-def _is_hex(text: str) -> bool:
-    try:
-        bytes.fromhex(text)
-    except ValueError:
-        return False
-    return True
 
 
 def approval_valid(approval: Mapping[str, Any] | None, now: float) -> bool:

@@ -25,6 +25,8 @@ from urllib.parse import urlsplit
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
+from meshorch.fleet.delta import is_hex
+
 SITE_HEADER = "X-Meshorch-Site"
 TIME_HEADER = "X-Meshorch-Time"
 NONCE_HEADER = "X-Meshorch-Nonce"
@@ -128,7 +130,7 @@ def verify_request(
         raise LinkAuthError(f"request time is {now - sent_at:+.0f} s away from the hub's clock")
     if nonce is None:
         message = _message_v1(method, path_qs, time_text, body)
-    elif len(nonce) != 2 * NONCE_BYTES or not _is_hex(nonce):
+    elif len(nonce) != 2 * NONCE_BYTES or not is_hex(nonce):
         raise LinkAuthError(f"malformed {NONCE_HEADER}: {2 * NONCE_BYTES} hex digits")
     else:
         message = _message(method, host, path_qs, time_text, nonce, body)
@@ -140,11 +142,3 @@ def verify_request(
             f"another hub address than {host[:100]!r})"
         ) from None
     return sent_at, nonce or ""
-
-
-def _is_hex(text: str) -> bool:
-    try:
-        bytes.fromhex(text)
-    except ValueError:
-        return False
-    return True
