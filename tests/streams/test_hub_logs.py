@@ -285,7 +285,7 @@ async def test_application_output_is_captured_and_found_with_meshorch_logs(
     bad = await asyncio.to_thread(
         subprocess.run, [*base, "--regex", "("], capture_output=True, text=True
     )
-    assert bad.returncode != 0 and "bad_query" in bad.stderr
+    assert bad.returncode != 0 and "bad_regex" in bad.stderr
 
 
 UNPLACEABLE = """
