@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -11,46 +10,12 @@ import pytest
 from nacl.signing import SigningKey
 
 from meshorch.fleet import delta as d
-
-NOW = 1_800_000_000.0
-TTL = 3600.0
-FLEET = "acme"
-
-
-class Log:
-    """A hub's chain, built in the test with real keys."""
-
-    def __init__(self, key: SigningKey) -> None:
-        self.key = key
-        self.envelopes: list[bytes] = []
-        self.head = d.GENESIS_HASH
-
-    def append(
-        self,
-        ops: Sequence[dict[str, Any]] = (),
-        target: d.Target = d.ALL_SITES,
-        now: float = NOW,
-        keys: Sequence[SigningKey] | None = None,
-    ) -> bytes:
-        body = d.next_delta(FLEET, len(self.envelopes), self.head, ops, target, now, TTL)
-        envelope, signed = d.sign(body, keys or [self.key])
-        self.envelopes.append(envelope)
-        self.head = signed.digest
-        return envelope
-
-
-@pytest.fixture
-def root() -> SigningKey:
-    return SigningKey(b"r" * 32)
+from tests.deltas.conftest import FLEET, NOW, TTL, Log, fresh_state
 
 
 @pytest.fixture
 def log(root: SigningKey) -> Log:
     return Log(root)
-
-
-def fresh_state(root: SigningKey) -> d.TrustState:
-    return d.TrustState(FLEET, frozenset({d.key_id(root)}))
 
 
 def rejected(raw: bytes, state: d.TrustState, now: float = NOW) -> str:

@@ -3,7 +3,6 @@ only of the deltas that target it, and every header, so the chain stays whole.""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -11,45 +10,14 @@ import pytest
 from nacl.signing import SigningKey
 
 from meshorch.fleet import delta as d
+from tests.deltas.conftest import NOW, Log, fresh_state
 
-NOW = 1_800_000_000.0
-TTL = 3600.0
-FLEET = "acme"
 SECRET_ENV = {"op": "app.put", "spec": {"name": "payroll", "env": {"DB_PASSWORD": "hunter2"}}}
-
-
-class Log:
-    def __init__(self, key: SigningKey) -> None:
-        self.key = key
-        self.envelopes: list[bytes] = []
-        self.head = d.GENESIS_HASH
-
-    def append(
-        self,
-        ops: Sequence[dict[str, Any]] = (),
-        target: d.Target = d.ALL_SITES,
-        form: int = d.DELTA_V2,
-        keys: Sequence[SigningKey] | None = None,
-    ) -> bytes:
-        body = d.next_delta(FLEET, len(self.envelopes), self.head, ops, target, NOW, TTL, form)
-        envelope, signed = d.sign(body, keys or [self.key])
-        self.envelopes.append(envelope)
-        self.head = signed.digest
-        return envelope
-
-
-@pytest.fixture
-def root() -> SigningKey:
-    return SigningKey(b"r" * 32)
 
 
 @pytest.fixture
 def log(root: SigningKey) -> Log:
-    return Log(root)
-
-
-def state_of(root: SigningKey) -> d.TrustState:
-    return d.TrustState(FLEET, frozenset({d.key_id(root)}))
+    return Log(root, d.DELTA_V2)
 
 
 def for_b() -> d.Target:
@@ -72,7 +40,7 @@ def test_a_site_not_targeted_gets_the_header_and_applies_it_as_a_no_op(
     header = d.view_for(raw, "shop-a")
     assert b"payroll" not in header and b"hunter2" not in header
     assert d.view_for(raw, "shop-b") == raw
-    delta, after = d.verify(header, state_of(root), NOW, "shop-a")
+    delta, after = d.verify(header, fresh_state(root), NOW, "shop-a")
     assert delta.ops == () and not delta.has_ops
     assert (after.version, after.head) == (1, log.head)
     # the chain goes on from the header: the next delta for A applies with its ops
@@ -88,11 +56,11 @@ def test_ops_that_do_not_match_the_hash_are_refused(log: Log, root: SigningKey) 
     envelope["ops"] = envelope["ops"].replace("hunter2", "pwned!!")
     forged = orjson.dumps(envelope)
     with pytest.raises(d.DeltaRejected) as info:
-        d.verify(forged, state_of(root), NOW, "shop-b")
+        d.verify(forged, fresh_state(root), NOW, "shop-b")
     assert info.value.reason == "ops_mismatch"
     # also when the site is not targeted: garbage is garbage
     with pytest.raises(d.DeltaRejected) as info:
-        d.verify(forged, state_of(root), NOW, "shop-a")
+        d.verify(forged, fresh_state(root), NOW, "shop-a")
     assert info.value.reason == "ops_mismatch"
 
 
@@ -100,11 +68,11 @@ def test_a_targeted_site_given_only_the_header_refuses_it(log: Log, root: Signin
     raw = log.append([SECRET_ENV], for_b())
     header = d.view_for(raw, "shop-a")
     with pytest.raises(d.DeltaRejected) as info:
-        d.verify(header, state_of(root), NOW, "shop-b")
+        d.verify(header, fresh_state(root), NOW, "shop-b")
     assert info.value.reason == "ops_missing"
     every = log.append([{"op": "tenant.quota", "tenant": "t"}], d.ALL_SITES)
     stripped = orjson.dumps({k: v for k, v in orjson.loads(every).items() if k != "ops"})
-    state = d.verify(d.view_for(raw, "shop-a"), state_of(root), NOW, "shop-a")[1]
+    state = d.verify(d.view_for(raw, "shop-a"), fresh_state(root), NOW, "shop-a")[1]
     with pytest.raises(d.DeltaRejected) as info:
         d.verify(stripped, state, NOW, "shop-a")
     assert info.value.reason == "ops_missing"
@@ -112,21 +80,21 @@ def test_a_targeted_site_given_only_the_header_refuses_it(log: Log, root: Signin
 
 def test_ops_relayed_to_a_site_not_targeted_are_dropped(log: Log, root: SigningKey) -> None:
     raw = log.append([SECRET_ENV], for_b())
-    delta, _ = d.verify(raw, state_of(root), NOW, "shop-a")
+    delta, _ = d.verify(raw, fresh_state(root), NOW, "shop-a")
     assert delta.ops == () and not delta.has_ops
 
 
 def test_a_v1_chain_followed_by_v2(log: Log, root: SigningKey) -> None:
     raws = [
-        log.append([{"op": "app.delete", "name": "x"}], d.ALL_SITES, d.DELTA_V1),
-        log.append([SECRET_ENV], for_b(), d.DELTA_V1),
+        log.append([{"op": "app.delete", "name": "x"}], d.ALL_SITES, form=d.DELTA_V1),
+        log.append([SECRET_ENV], for_b(), form=d.DELTA_V1),
         log.append([SECRET_ENV], for_b()),
         log.append([], d.ALL_SITES),
     ]
     views = [d.view_for(raw, "shop-a") for raw in raws]
     assert views[:2] == raws[:2]  # format 1 goes as it is
     assert b"hunter2" not in views[2]
-    result = d.verify_batch(views, state_of(root), NOW, "shop-a")
+    result = d.verify_batch(views, fresh_state(root), NOW, "shop-a")
     assert result.rejected is None and result.state is not None
     assert (result.state.version, result.state.head) == (4, log.head)
 
@@ -134,12 +102,12 @@ def test_a_v1_chain_followed_by_v2(log: Log, root: SigningKey) -> None:
 def test_a_v2_rotation_needs_its_ops(log: Log, root: SigningKey) -> None:
     new = SigningKey(b"n" * 32)
     raw = log.append([{"op": d.ROTATE_OP, "new_key": d.key_id(new)}], d.ALL_SITES, keys=[root, new])
-    _, after = d.verify(raw, state_of(root), NOW, "shop-a")
+    _, after = d.verify(raw, fresh_state(root), NOW, "shop-a")
     assert after.trusted_keys == {d.key_id(new)}
     # a forged header of a rotation cannot be passed off as a no-op
     stripped = orjson.dumps({k: v for k, v in orjson.loads(raw).items() if k != "ops"})
     with pytest.raises(d.DeltaRejected) as info:
-        d.verify(stripped, state_of(root), NOW, "shop-a")
+        d.verify(stripped, fresh_state(root), NOW, "shop-a")
     assert info.value.reason == "ops_missing"
 
 
@@ -157,13 +125,13 @@ def test_garbage_around_v2_is_malformed_or_mismatched(
     raw = log.append([SECRET_ENV], for_b())
     bad = orjson.dumps(mutate(orjson.loads(raw)))
     with pytest.raises(d.DeltaRejected) as info:
-        d.verify(bad, state_of(root), NOW, "shop-b")
+        d.verify(bad, fresh_state(root), NOW, "shop-b")
     assert info.value.reason in ("malformed", "ops_mismatch")
 
 
 def test_a_v1_envelope_with_ops_beside_is_malformed(log: Log, root: SigningKey) -> None:
-    raw = log.append([SECRET_ENV], for_b(), d.DELTA_V1)
+    raw = log.append([SECRET_ENV], for_b(), form=d.DELTA_V1)
     bad = orjson.dumps({**orjson.loads(raw), "ops": "[]"})
     with pytest.raises(d.DeltaRejected) as info:
-        d.verify(bad, state_of(root), NOW, "shop-b")
+        d.verify(bad, fresh_state(root), NOW, "shop-b")
     assert info.value.reason == "malformed"
