@@ -21,9 +21,10 @@ from typing import Any
 from nacl.signing import SigningKey
 
 from central_hub.errors import HubConfigError
-from central_hub.keyfiles import Kek, fsync_dir, read_key_text, write_key_text
+from central_hub.keyfiles import Kek, read_key_text, write_key_text
 from central_hub.keyfiles import write_secret_file as write_secret_file
 from meshorch.fleet.delta import DELTA_V1, GENESIS_HASH, Target, key_id, next_delta, sign
+from raft.durable import fsync_directory
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def finish_rotation(data_dir: Path, rotation: int) -> None:
     if (data_dir / KEY_FILE).exists():
         os.replace(data_dir / KEY_FILE, data_dir / retired_name(rotation))
     os.replace(data_dir / NEW_KEY_FILE, data_dir / KEY_FILE)
-    fsync_dir(data_dir)
+    fsync_directory(data_dir)
 
 
 def recover_root_key(

@@ -37,6 +37,7 @@ from nacl.exceptions import CryptoError
 from nacl.secret import SecretBox
 
 from central_hub.errors import HubConfigError
+from raft.durable import fsync_directory, write_durably
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ def new_kek_file(path: Path) -> Kek:
         os.fsync(fd)
     finally:
         os.close(fd)
-    fsync_dir(path.parent)
+    fsync_directory(path.parent)
     return Kek(raw, f"KEK file {path}")
 
 
@@ -131,10 +132,7 @@ def new_kek_file(path: Path) -> Kek:
 
 def write_secret_file(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` (mode 0600) atomically and durably."""
-    tmp = path.with_name(path.name + ".tmp")
-    write_new_file(tmp, text.encode())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    write_durably(path, text.encode(), 0o600)
 
 
 def write_new_file(path: Path, data: bytes) -> None:
@@ -143,14 +141,6 @@ def write_new_file(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -257,7 +247,7 @@ def recover(data_dir: Path, kek: Kek | None) -> None:
             logger.warning("discarding %s of a KEK rotation that did not complete", path)
             path.unlink()
         if pending:
-            fsync_dir(data_dir)
+            fsync_directory(data_dir)
         return
     target = marker.read_text().strip()
     if kek is None or kek.id != target:
@@ -271,9 +261,9 @@ def recover(data_dir: Path, kek: Kek | None) -> None:
         read_key_text(path, kek)  # each must open before any is put in place
     for path in pending:
         os.replace(path, path.with_name(path.name.removesuffix(PENDING_SUFFIX)))
-    fsync_dir(data_dir)
+    fsync_directory(data_dir)
     marker.unlink()
-    fsync_dir(data_dir)
+    fsync_directory(data_dir)
     if pending:
         logger.warning("finished the KEK rotation to %s a crash interrupted", target)
 
@@ -292,8 +282,8 @@ def rotate(data_dir: Path, old: Kek | None, new: Kek) -> list[Path]:
         write_new_file(
             path.with_name(path.name + PENDING_SUFFIX), seal_text(text + "\n", new).encode()
         )
-    fsync_dir(data_dir)
+    fsync_directory(data_dir)
     write_new_file(marker, (new.id + "\n").encode())
-    fsync_dir(data_dir)
+    fsync_directory(data_dir)
     recover(data_dir, new)
     return files
