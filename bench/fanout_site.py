@@ -41,7 +41,7 @@ from nacl.signing import SigningKey
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from meshorch.apps.spec import SpecError, from_json
-from meshorch.fleet.client import LinkClient, LinkError
+from meshorch.fleet.client import HubTrust, LinkClient, LinkError
 from meshorch.fleet.delta import TrustState, verify_batch
 
 REPORT_EVERY_S = 3.0
@@ -121,7 +121,11 @@ class LightSite:
 
 
 async def run_site(
-    site: LightSite, hub: str, connected: asyncio.Queue[str], stop: asyncio.Event
+    site: LightSite,
+    hub: str,
+    connected: asyncio.Queue[str],
+    stop: asyncio.Event,
+    trust: HubTrust | None = None,
 ) -> None:
     """The fetch loop here, the report loop in a task: as a site leader runs them, one
     report in flight at a time (right after applying, else every REPORT_EVERY_S)."""
@@ -131,7 +135,7 @@ async def run_site(
     report_now = asyncio.Event()
     report_now.set()  # the first report says the link works
 
-    async with LinkClient(hub, site.site_id, site.key) as client:
+    async with LinkClient(hub, site.site_id, site.key, trust=trust) as client:
 
         async def reporter() -> None:
             linked = False
@@ -195,7 +199,8 @@ async def main_async(args: argparse.Namespace) -> int:
     if await read_line(reader) != "GO":
         return 1
     connected: asyncio.Queue[str] = asyncio.Queue()
-    tasks = [asyncio.create_task(run_site(s, args.hub, connected, stop)) for s in sites]
+    tls = HubTrust(fingerprint=args.hub_fingerprint)
+    tasks = [asyncio.create_task(run_site(s, args.hub, connected, stop, tls)) for s in sites]
 
     async def announce_ready() -> None:
         for _ in sites:
@@ -217,7 +222,12 @@ async def main_async(args: argparse.Namespace) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--hub", required=True, help="the hub's URL")
+    parser.add_argument(
+        "--hub", required=True, help="the hub's URL (a replicated hub: URLs, comma-separated)"
+    )
+    parser.add_argument(
+        "--hub-fingerprint", default=None, help="the hub's pinned TLS certificate (SHA-256 hex)"
+    )
     parser.add_argument("--fleet", required=True, help="the fleet name")
     parser.add_argument("--root-key", required=True, help="the fleet root public key (hex)")
     parser.add_argument("--sites", required=True, help="comma-separated site ids")

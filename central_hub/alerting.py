@@ -195,7 +195,7 @@ class Alerting:
         async def write() -> None:
             async with self._lock:
                 if self.ledger.is_open:
-                    await asyncio.to_thread(self.ledger.store.commit, writes, sync=False)
+                    await self.ledger.store.apply(writes, sync=False)
 
         task = asyncio.ensure_future(write())
         self.ledger.track(task)

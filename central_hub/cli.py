@@ -24,6 +24,7 @@ from central_hub.keyfiles import (
     read_kek_file,
 )
 from central_hub.logs import parse_duration
+from central_hub.replica import HubReplica, ReplicaConfig, parse_peer
 from central_hub.service import Hub
 from meshorch.errors import ConfigurationError
 from meshorch.sizes import parse_size
@@ -172,6 +173,32 @@ def build_parser(prog: str = "python -m central_hub") -> argparse.ArgumentParser
     )
     add_kek_flags(parser)
     add_tls_flags(parser)
+    replicas = parser.add_argument_group(
+        "replicated hub",
+        "run this hub as one of 3 or 5 replicas sharing their state through Raft; any "
+        "replica serves the API and the site link (README: 'A replicated hub')",
+    )
+    replicas.add_argument(
+        "--raft",
+        default=None,
+        metavar="HOST:PORT",
+        help="this replica's Raft address (one of the --peer addresses)",
+    )
+    replicas.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        metavar="RAFT_HOST:PORT=URL",
+        help="a replica's Raft address and the URL it serves on; give one for every "
+        "replica, this one included",
+    )
+    replicas.add_argument(
+        "--durability",
+        default="power",
+        choices=["power", "process"],
+        help="the replicas' Raft journal: fsync'd before a write is acknowledged (power, "
+        "the default) or not (process)",
+    )
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
@@ -345,6 +372,32 @@ def config_from_args(args: argparse.Namespace) -> HubConfig:
     return config
 
 
+def replica_from_args(args: argparse.Namespace) -> ReplicaConfig | None:
+    if args.raft is None and not args.peer:
+        return None
+    if args.raft is None or not args.peer:
+        raise HubConfigError("a replica needs --raft and a --peer for every replica")
+    replica = ReplicaConfig(
+        args.raft, dict(parse_peer(text) for text in args.peer), args.durability
+    )
+    replica.validate()
+    return replica
+
+
+async def serve_replica(config: HubConfig, replica: ReplicaConfig) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with HubReplica(config, replica) as running:
+        print(f"listen: {running.url}", flush=True)
+        if running.tls is not None:
+            print(f"tls fingerprint: {running.tls.fingerprint}", flush=True)
+        print(f"raft: {replica.raft_address}", flush=True)
+        await stop.wait()
+        logger.info("stopping")
+
+
 async def serve(config: HubConfig) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -375,8 +428,12 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m central_hub")
     configure_logging(args.log_level)
     try:
         config = config_from_args(args)
+        replica = replica_from_args(args)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(serve(config))
+            if replica is None:
+                runner.run(serve(config))
+            else:
+                runner.run(serve_replica(config, replica))
     except HubConfigError as exc:
         print(f"central_hub: {exc}", file=sys.stderr)
         return 2

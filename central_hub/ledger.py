@@ -246,7 +246,7 @@ class Ledger:
                     seq += 1
                     txn.put_sequence("audit", seq, {"seq": seq, **entry})
                 if txn.writes:
-                    await asyncio.to_thread(self.store.commit, txn.writes, sync=True)
+                    await self.store.apply(txn.writes, sync=True)
                     self._audit_seq = seq
                     appended = txn.head != self.head
                     self.head = txn.head

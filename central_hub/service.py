@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -52,6 +53,7 @@ from central_hub.config import HubConfig as HubConfig
 from central_hub.deltalog import Head
 from central_hub.deployments import Deployments
 from central_hub.errors import HubConfigError
+from central_hub.front import forwarded_client
 from central_hub.gossip import HubGossip
 from central_hub.ledger import Ledger, Txn
 from central_hub.logs import HubLogs
@@ -75,8 +77,19 @@ DEFAULT_FLEET = "fleet"
 class Hub:
     """The hub service (see the module docstring)."""
 
-    def __init__(self, config: HubConfig) -> None:
+    def __init__(
+        self,
+        config: HubConfig,
+        *,
+        store_factory: Callable[[Path], Store] = Store,
+        forwarding_key: bytes | None = None,
+    ) -> None:
+        """``store_factory`` opens the store (a replica's is replicated); with
+        ``forwarding_key`` the client address a replica's front forwards is trusted
+        (``central_hub.front``)."""
         self.config = config
+        self._store_factory = store_factory
+        self._forwarding_key = forwarding_key
         self.url = ""
         self._wake = asyncio.Event()
         self.parts = HubParts(config, wake=self._wake.set)
@@ -198,12 +211,15 @@ class Hub:
                 await self._close_runner_and_store()
                 raise
         try:
+            app = build_app(
+                self.parts,
+                self.config.max_body_bytes,
+                legacy_signatures=self.config.legacy_link_signatures,
+            )
+            if self._forwarding_key is not None:
+                app.middlewares.insert(0, forwarded_client(self._forwarding_key))
             self._runner = web.AppRunner(
-                build_app(
-                    self.parts,
-                    self.config.max_body_bytes,
-                    legacy_signatures=self.config.legacy_link_signatures,
-                ),
+                app,
                 access_log=None,
                 shutdown_timeout=2.0,
             )
@@ -291,7 +307,7 @@ class Hub:
         keyfiles.check_open(data_dir, kek)  # before anything is served
         parts.vault.open()
         parts.logs.open()
-        store = Store(data_dir / STORE_DIR)
+        store = self._store_factory(data_dir / STORE_DIR)
         try:
             fleet = store.get_json("meta", "fleet")
             if fleet is None:

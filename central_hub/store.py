@@ -32,6 +32,7 @@ open that long) is put off to the next commit.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import struct
@@ -220,37 +221,55 @@ class Store:
                 else:
                     txn.put(key, value, db=self._dbs[db])
 
+    # -- reads (``central_hub.replicated_store`` reads other environments) -----------------
+
+    def _read(self, db: str) -> Any:
+        """A read transaction on ``db`` (``with self._read(db) as txn``)."""
+        return self._env.begin(db=self._dbs[db])
+
+    def _skip(self, db: str) -> int:
+        """Bytes before the value in each stored record of ``db``."""
+        return 0
+
+    async def apply(self, writes: Sequence[Write], *, sync: bool) -> None:
+        """``commit`` from the event loop: in a worker thread (it may wait on the disk)."""
+        await asyncio.to_thread(self.commit, writes, sync=sync)
+
     def get(self, db: str, key: bytes) -> bytes | None:
-        with self._env.begin(db=self._dbs[db]) as txn:
+        skip = self._skip(db)
+        with self._read(db) as txn:
             value = txn.get(key)
-        return None if value is None else bytes(value)
+        return None if value is None else bytes(value[skip:])
 
     def get_json(self, db: str, key: str) -> Any:
         raw = self.get(db, key.encode())
         return None if raw is None else orjson.loads(raw)
 
     def values_json(self, db: str) -> list[Any]:
-        with self._env.begin(db=self._dbs[db]) as txn:
-            return [orjson.loads(value) for _, value in txn.cursor()]
+        skip = self._skip(db)
+        with self._read(db) as txn:
+            return [orjson.loads(value[skip:]) for _, value in txn.cursor()]
 
     def items(self, db: str) -> list[tuple[str, bytes]]:
         """Every (key, raw value) of ``db``: for records the caller parses one by one."""
-        with self._env.begin(db=self._dbs[db]) as txn:
-            return [(bytes(k).decode(errors="replace"), bytes(v)) for k, v in txn.cursor()]
+        skip = self._skip(db)
+        with self._read(db) as txn:
+            return [(bytes(k).decode(errors="replace"), bytes(v[skip:])) for k, v in txn.cursor()]
 
     def values_with_prefix(self, db: str, prefix: str) -> list[tuple[str, Any]]:
         """(key, JSON value) of the keys of ``db`` starting with ``prefix``, in key order:
         a range read, whatever else ``db`` holds."""
         start = prefix.encode()
+        skip = self._skip(db)
         found: list[tuple[str, Any]] = []
-        with self._env.begin(db=self._dbs[db]) as txn:
+        with self._read(db) as txn:
             cursor = txn.cursor()
             if not cursor.set_range(start):
                 return found
             for key, value in _iterate(cursor):
                 if not bytes(key).startswith(start):
                     break
-                found.append((bytes(key).decode(errors="replace"), orjson.loads(value)))
+                found.append((bytes(key).decode(errors="replace"), orjson.loads(value[skip:])))
         return found
 
     def page(
@@ -269,7 +288,8 @@ class Store:
         found: list[Any] = []
         last: str | None = None
         read = 0
-        with self._env.begin(db=self._dbs[db]) as txn:
+        skip = self._skip(db)
+        with self._read(db) as txn:
             cursor = txn.cursor()
             first = prefix.encode()
             start = first if after is None else max(after.encode(), first)
@@ -285,13 +305,13 @@ class Store:
                     return found, last
                 read += 1
                 last = name
-                record = orjson.loads(value)
+                record = orjson.loads(value[skip:])
                 if accept(record):
                     found.append(record)
         return found, None
 
     def keys(self, db: str) -> list[str]:
-        with self._env.begin(db=self._dbs[db]) as txn:
+        with self._read(db) as txn:
             return [bytes(key).decode() for key in txn.cursor().iternext(values=False)]
 
     def deltas_after(self, after: int, limit: int, max_bytes: int) -> list[tuple[int, bytes]]:
@@ -299,11 +319,13 @@ class Store:
         ``max_bytes`` in all (at least one, whatever its size)."""
         found: list[tuple[int, bytes]] = []
         total = 0
-        with self._env.begin(db=self._dbs["deltas"]) as txn:
+        skip = self._skip("deltas")
+        with self._read("deltas") as txn:
             cursor = txn.cursor()
             if not cursor.set_range(version_key(after + 1)):
                 return found
             for key, value in _iterate(cursor):
+                value = value[skip:]
                 if len(found) >= limit or (found and total + len(value) > max_bytes):
                     break
                 found.append((_VERSION.unpack(key)[0], bytes(value)))
@@ -312,18 +334,19 @@ class Store:
 
     def last_sequence(self, db: str) -> int:
         """The highest big-endian u64 key of ``db`` (0 when empty)."""
-        with self._env.begin(db=self._dbs[db]) as txn:
+        with self._read(db) as txn:
             cursor = txn.cursor()
             return _VERSION.unpack(bytes(cursor.key()))[0] if cursor.last() else 0
 
     def sequence_after(self, db: str, after: int) -> Iterator[Any]:
         """JSON values of ``db`` with a u64 key above ``after``, in order (lazily)."""
-        with self._env.begin(db=self._dbs[db]) as txn:
+        skip = self._skip(db)
+        with self._read(db) as txn:
             cursor = txn.cursor()
             if not cursor.set_range(version_key(after + 1)):
                 return
             for _, value in _iterate(cursor):
-                yield orjson.loads(value)
+                yield orjson.loads(value[skip:])
 
 
 def _iterate(cursor: Any) -> Iterator[tuple[bytes, bytes]]:

@@ -51,6 +51,7 @@ from raft.sessions import BAD_SESSION, SESSIONS_TABLE, SessionRecord, Sessions, 
 logger = logging.getLogger(__name__)
 
 _RECORD_HEAD = struct.Struct(">Q")
+RECORD_HEAD_BYTES = _RECORD_HEAD.size
 # An append counter: the next number of the sequence and the bytes appended so far.
 _COUNTER = struct.Struct(">QQ")
 _ITEM_NUMBER = struct.Struct(">Q")

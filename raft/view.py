@@ -121,6 +121,12 @@ class StateView:
             raw = txn.get(_APPLIED_KEY)
         return 0 if raw is None else int(_INDEX.unpack(raw)[0])
 
+    def reader(self, table: str) -> tuple[lmdb.Environment, lmdb._Database]:
+        """The environment and database of ``table`` for readers that decode records
+        themselves (each value is ``Record.encode``: the index, ``RECORD_HEAD_BYTES``,
+        then the value). Read transactions only, on the event loop thread (see Size)."""
+        return self._env, self._dbs[table]
+
     def get(self, table: str, key: bytes) -> Record | None:
         with self._env.begin(db=self._dbs[table]) as txn:
             raw = txn.get(key)

@@ -140,6 +140,13 @@ class LinkConfig:
         return TrustState(fleet=self.fleet, trusted_keys=frozenset({self.root_key}))
 
 
+def _hub_urls_ok(hub: object) -> bool:
+    if not isinstance(hub, str) or len(hub) > 4096:
+        return False
+    urls = hub.split(",")
+    return all(u.strip().startswith(("http://", "https://")) and len(u.strip()) >= 8 for u in urls)
+
+
 def check_link_config(
     hub: object,
     fleet: object,
@@ -150,8 +157,10 @@ def check_link_config(
 ) -> LinkConfig:
     """Validate a link configuration (flags or API); raises RemoteInputError listing problems."""
     problems: list[str] = []
-    if not isinstance(hub, str) or not hub.startswith(("http://", "https://")) or len(hub) < 8:
-        problems.append("hub: an http:// or https:// URL")
+    if not _hub_urls_ok(hub):
+        problems.append(
+            "hub: an http:// or https:// URL (a replicated hub: its URLs, comma-separated)"
+        )
     if (
         not isinstance(fleet, str)
         or not fleet

@@ -191,19 +191,33 @@ class LinkClient:
         request_timeout_s: float = REQUEST_TIMEOUT_S,
         trust: HubTrust | None = None,
     ) -> None:
-        self.hub_url = hub_url.rstrip("/")
+        # A replicated hub: several URLs, comma-separated; a failed call moves to the next.
+        self.hub_urls = [url.strip().rstrip("/") for url in hub_url.split(",") if url.strip()]
+        if not self.hub_urls:
+            raise ValueError("no hub URL")
+        self.hub_url = self.hub_urls[0]
         self.site_id = site_id
         self.key = key
         self.clock = clock
         self.request_timeout_s = request_timeout_s
         self.site_head: int | None = None  # from the last report's answer (``report``)
+        self.trust = trust or HubTrust()
+        self._use(0)
+        self._session = session
+        self._own_session = session is None
+
+    def _use(self, index: int) -> None:
+        self._current = index % len(self.hub_urls)
+        self.hub_url = self.hub_urls[self._current]
         self._base = URL(self.hub_url)
         # The hub's address as this site knows it: signed, and sent as the Host header.
         self._host = url_host(self.hub_url)
-        self.trust = trust or HubTrust()
         self._ssl = self.trust.ssl_for(self._base)
-        self._session = session
-        self._own_session = session is None
+
+    def _fail_over(self) -> None:
+        """The next call goes to the next replica of a replicated hub (if several)."""
+        if len(self.hub_urls) > 1:
+            self._use(self._current + 1)
 
     async def __aenter__(self) -> LinkClient:
         return self
@@ -390,10 +404,13 @@ class LinkClient:
                 raw = await read_limited(response.content, MAX_ANSWER_BYTES)
                 status = response.status
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise self._unreachable(f"{method} {self.hub_url}{path}", exc) from exc
+            unreachable = self._unreachable(f"{method} {self.hub_url}{path}", exc)
+            self._fail_over()
+            raise unreachable from exc
         except asyncio.CancelledError:
             raise
         if status >= 500:
+            self._fail_over()
             raise HubUnreachable(f"{method} {path}: hub answered {status}")
         try:
             data = orjson.loads(raw) if raw else None

@@ -1,0 +1,173 @@
+"""The front of a hub replica: every request, to whichever replica is the leader.
+
+Each replica of a replicated hub (``central_hub.replica``) listens on its public address
+with this front. The leader's hub (its API, site link, dashboard) runs inside the leader
+replica on a loopback port; the front of the leader hands requests to it, the front of a
+follower to the leader's front. Operators and sites may therefore use any replica, and
+fail over between them (like Consul's servers, which forward to their leader).
+
+Trust: the hub limits failed authentications per source address, so the address of the
+client travels with a forwarded request in ``X-Meshorch-Client``, authenticated with a key
+every replica derives from the KEK (``client_header``/``trusted_client``). A header that
+does not verify is dropped: a client cannot choose the address it is counted under.
+
+Bounded: a request body larger than the hub's limit is refused here (413) before anything
+is forwarded; a request already forwarded by a replica is never forwarded again (503
+``no_leader`` instead of a loop); without a known leader, 503 ``no_leader`` with
+``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import logging
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from meshorch.http_body import read_limited
+
+logger = logging.getLogger(__name__)
+
+CLIENT_HEADER = "X-Meshorch-Client"
+# Hop-by-hop headers (RFC 9110 7.6.1) and what the proxy sets itself.
+_NOT_FORWARDED = frozenset(
+    {
+        "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+        "trailer", "transfer-encoding", "upgrade", "content-length", CLIENT_HEADER.lower(),
+    }
+)  # fmt: skip
+# A long-poll waits up to 60 s at the hub; forwarded reads may take that long.
+UPSTREAM_READ_S = 120.0
+RETRY_AFTER_S = "1"
+
+# Where a request goes: (base URL, TLS setting for aiohttp), None when no leader is known.
+Target = tuple[str, "aiohttp.Fingerprint | bool"]
+
+
+def forwarding_key(kek: bytes) -> bytes:
+    """The key replicas authenticate forwarded client addresses with."""
+    return hashlib.blake2b(kek, digest_size=32, person=b"meshorch-fwd").digest()
+
+
+def client_header(key: bytes, address: str) -> str:
+    tag = hmac.new(key, address.encode(), hashlib.sha256).hexdigest()
+    return f"{address} {tag}"
+
+
+def trusted_client(key: bytes, header: str | None) -> str | None:
+    """The client address ``header`` carries, if the key authenticates it."""
+    if not header or len(header) > 200:
+        return None
+    address, _, tag = header.partition(" ")
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        return None
+    expected = hmac.new(key, address.encode(), hashlib.sha256).hexdigest()
+    return address if hmac.compare_digest(tag, expected) else None
+
+
+def forwarded_client(key: bytes) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Middleware of the hub behind a front: the request's source is the address the
+    front authenticated (a request without one keeps its own)."""
+
+    @web.middleware
+    async def middleware(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        address = trusted_client(key, request.headers.get(CLIENT_HEADER))
+        if address is not None:
+            request = request.clone(remote=address)
+        return await handler(request)
+
+    return middleware
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    headers = {"Retry-After": RETRY_AFTER_S} if status == 503 else {}
+    return web.Response(
+        status=status,
+        body=orjson.dumps({"error": {"code": code, "message": message}}),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+class Front:
+    """The front's one handler (module docstring). ``route`` answers where a request
+    goes: ``local`` is True when the target is this replica's own hub."""
+
+    def __init__(
+        self,
+        key: bytes,
+        route: Callable[[], tuple[Target | None, bool]],
+        max_body_bytes: int,
+    ) -> None:
+        self._key = key
+        self._route = route
+        self._max_body = max_body_bytes
+        self._session: aiohttp.ClientSession | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self._max_body)
+        app.router.add_route("*", "/{tail:.*}", self.forward)
+        app.on_cleanup.append(self._close)
+        return app
+
+    async def _close(self, _app: web.Application) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0), auto_decompress=False
+            )
+        return self._session
+
+    async def forward(self, request: web.Request) -> web.StreamResponse:
+        forwarded = trusted_client(self._key, request.headers.get(CLIENT_HEADER))
+        target, local = self._route()
+        if target is None or (forwarded is not None and not local):
+            return _error(503, "no_leader", "no hub replica is the leader right now: retry")
+        body = await read_limited(request.content, self._max_body)
+        if len(body) > self._max_body:
+            return _error(413, "body_too_large", f"the body exceeds {self._max_body} bytes")
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _NOT_FORWARDED}
+        headers[CLIENT_HEADER] = client_header(self._key, forwarded or request.remote or "")
+        base, tls = target
+        timeout = aiohttp.ClientTimeout(total=None, connect=5.0, sock_read=UPSTREAM_READ_S)
+        answer: web.StreamResponse | None = None
+        try:
+            async with self._client().request(
+                request.method,
+                base + request.rel_url.raw_path_qs,
+                data=body or None,
+                headers=headers,
+                ssl=tls,
+                timeout=timeout,
+                allow_redirects=False,
+            ) as upstream:
+                answer = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+                for name, value in upstream.headers.items():
+                    if name.lower() not in _NOT_FORWARDED:
+                        answer.headers.add(name, value)
+                if upstream.headers.get("Content-Length") is not None:
+                    answer.content_length = int(upstream.headers["Content-Length"])
+                await answer.prepare(request)
+                async for chunk in upstream.content.iter_any():
+                    await answer.write(chunk)
+                await answer.write_eof()
+                return answer
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            logger.info(
+                "forwarding %s %s to %s failed: %s", request.method, request.path, base, exc
+            )
+            if answer is not None and answer.prepared:
+                return answer  # cut short: the client sees the connection end
+            return _error(503, "leader_unreachable", "the hub's leader did not answer: retry")
