@@ -181,7 +181,8 @@ def _add_tenancy_commands(commands: Any) -> None:
 def _hub_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--hub", default=os.environ.get(HUB_ENV), metavar="URL",
-        help=f"the hub, e.g. http://hub:7900 (default ${HUB_ENV})",
+        help=f"the hub, e.g. https://hub:7900; a replicated hub's URLs, comma-separated "
+        f"(default ${HUB_ENV})",
     )  # fmt: skip
     parser.add_argument(
         "--token", default=os.environ.get(TOKEN_ENV),
@@ -228,25 +229,38 @@ def hub_list(
             return found
 
 
+FAILOVER_S = 15.0  # a replicated hub elects a new leader in a few seconds
+FAILOVER_PAUSE_S = 0.5
+
+
 def hub_call(args: argparse.Namespace, method: str, path: str, body: object = None) -> Any:
     """One request to the hub; raises HubError with the hub's own error message. Over
-    https the hub's certificate is pinned on first use (``meshorch.cli.known_hubs``)."""
-    from meshorch.cli import known_hubs
-
+    https the hub's certificate is pinned on first use (``meshorch.cli.known_hubs``).
+    ``--hub`` may list a replicated hub's URLs, comma-separated: a replica that cannot be
+    reached, or that answers that the request was not applied (no leader yet, the leader
+    changed), hands the request to the next one, for up to ``FAILOVER_S``."""
     if not args.hub:
         raise ConfigurationError(f"give the hub with --hub URL or ${HUB_ENV}")
     if not args.token:
         raise ConfigurationError(f"give an operator token with --token or ${TOKEN_ENV}")
-    base = args.hub if "://" in args.hub else f"https://{args.hub}"
+    bases = [u if "://" in u else f"https://{u}" for u in args.hub.split(",") if u.strip()]
     headers = {"Authorization": f"Bearer {args.token}", "Content-Type": "application/json"}
-    try:
-        status, raw = known_hubs.request(
-            base, method, path, None if body is None else orjson.dumps(body), headers
-        )
-    except known_hubs.HubNotTrusted:
-        raise
-    except OSError as exc:
-        raise HubError(f"cannot reach the hub at {base}: {exc}") from None
+    data = None if body is None else orjson.dumps(body)
+    deadline = time.monotonic() + (FAILOVER_S if len(bases) > 1 else 0.0)
+    attempt = 0
+    while True:
+        base = bases[attempt % len(bases)].strip()
+        attempt += 1
+        last = time.monotonic() > deadline
+        try:
+            status, raw = _request_hub(base, method, path, data, headers)
+        except _Retry as retry:
+            if last:
+                raise HubError(str(retry)) from None
+            if attempt % len(bases) == 0:
+                time.sleep(FAILOVER_PAUSE_S)
+            continue
+        break
     if status >= 400:
         try:
             error = orjson.loads(raw)["error"]
@@ -257,6 +271,42 @@ def hub_call(args: argparse.Namespace, method: str, path: str, body: object = No
             message = raw[:200].decode(errors="replace")
         raise HubError(f"the hub refused ({status}) {message}")
     return orjson.loads(raw)
+
+
+class _Retry(Exception):
+    """This replica did not take the request: the next one may."""
+
+
+# 503 codes of a replicated hub that guarantee the request was not applied.
+_NOT_APPLIED = frozenset({"no_leader", "leader_unreachable", "leader_changed"})
+
+
+def _request_hub(
+    base: str, method: str, path: str, data: bytes | None, headers: dict[str, str]
+) -> tuple[int, bytes]:
+    from meshorch.cli import known_hubs
+
+    try:
+        status, raw = known_hubs.request(base, method, path, data, headers)
+    except known_hubs.HubNotTrusted:
+        raise
+    except ConnectionRefusedError as exc:  # nothing was sent
+        raise _Retry(f"cannot reach the hub at {base}: {exc}") from None
+    except OSError as exc:
+        if method == "GET":
+            raise _Retry(f"cannot reach the hub at {base}: {exc}") from None
+        raise HubError(
+            f"the hub at {base} did not answer ({exc}): the request may or may not have been "
+            "applied; look before sending it again"
+        ) from None
+    if status == 503:
+        try:
+            code = orjson.loads(raw)["error"]["code"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            code = ""
+        if code in _NOT_APPLIED:
+            raise _Retry(f"the hub at {base} answered 503 {code}")
+    return status, raw
 
 
 # -- deploy -------------------------------------------------------------------------

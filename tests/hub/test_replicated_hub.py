@@ -247,6 +247,18 @@ async def test_kill_9_of_the_leader_during_a_rollout_to_100_sites(
             for name in acknowledged:
                 status, answer = await running.call(others[1].url, "GET", f"/v1/tenants/{name}")
                 assert status == 200, (name, answer)
+            # The command line, given every replica with the dead one first, fails over.
+            cli = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "meshorch", "tenants", "--hub",
+                ",".join([leader.url, *(r.url for r in others)]), "--token", running.token,
+                "--output", "json", stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env={**os.environ, "MESHORCH_HUB_FINGERPRINT": running.fingerprint,
+                     "MESHORCH_KNOWN_HUBS": str(tmp_path / "known_hubs")},
+            )  # fmt: skip
+            out, err = await cli.communicate()
+            assert cli.returncode == 0, err.decode()
+            assert {t["id"] for t in orjson.loads(out)} >= set(acknowledged)
             # The killed replica comes back as a follower and serves the same state.
             await leader.start()
             back = await ready(running, leader.url)
