@@ -26,6 +26,8 @@ from central_hub.keyfiles import (
 from central_hub.logs import parse_duration
 from central_hub.replica import HubReplica, ReplicaConfig, parse_peer
 from central_hub.service import Hub
+from central_hub.tls import load as load_tls
+from central_hub.tls import make_self_signed
 from meshorch.errors import ConfigurationError
 from meshorch.sizes import parse_size
 
@@ -372,11 +374,44 @@ def config_from_args(args: argparse.Namespace) -> HubConfig:
     return config
 
 
+def new_cert_main(argv: Sequence[str], prog: str) -> int:
+    """``new-cert``: one self-signed certificate for the replicas of a replicated hub."""
+    parser = argparse.ArgumentParser(
+        prog=f"{prog} new-cert",
+        description="Make a self-signed TLS certificate and key for a hub's replicas: "
+        "copy both to every replica and give them with --tls-cert/--tls-key; sites and the "
+        "CLI pin its fingerprint (printed). Refuses to overwrite.",
+    )
+    parser.add_argument("--cert", type=Path, required=True, help="certificate file to write")
+    parser.add_argument("--key", type=Path, required=True, help="key file to write (0600)")
+    parser.add_argument(
+        "--host",
+        action="append",
+        required=True,
+        metavar="NAME|ADDRESS",
+        help="a name or address the replicas are reached at (repeat for each)",
+    )
+    args = parser.parse_args(argv)
+    for path in (args.cert, args.key):
+        if path.exists():
+            print(f"{prog} new-cert: {path} exists; not overwritten", file=sys.stderr)
+            return 2
+    make_self_signed(args.cert, args.key, args.host)
+    tls = load_tls(args.cert.parent, args.cert, args.key, args.host[0])
+    print(f"tls fingerprint: {tls.fingerprint}")
+    return 0
+
+
 def replica_from_args(args: argparse.Namespace) -> ReplicaConfig | None:
     if args.raft is None and not args.peer:
         return None
     if args.raft is None or not args.peer:
         raise HubConfigError("a replica needs --raft and a --peer for every replica")
+    if args.kek_file is None and kek_from_env() is None:
+        raise HubConfigError(
+            "a replicated hub needs the same KEK on every replica (--kek-file or "
+            f"${KEK_ENV}): it seals the keys the replicas share"
+        )
     replica = ReplicaConfig(
         args.raft, dict(parse_peer(text) for text in args.peer), args.durability
     )
@@ -420,6 +455,8 @@ async def serve(config: HubConfig) -> None:
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m central_hub") -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["new-cert"]:
+        return new_cert_main(argv[1:], prog)
     if argv[:1] in (["rotate-kek"], ["new-kek"]):
         from central_hub.kek_cli import main as kek_main
 
@@ -427,8 +464,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m central_hub")
     args = build_parser(prog).parse_args(argv)
     configure_logging(args.log_level)
     try:
+        replica = replica_from_args(args)  # first: it refuses a replica without a KEK
         config = config_from_args(args)
-        replica = replica_from_args(args)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             if replica is None:
                 runner.run(serve(config))

@@ -15,6 +15,7 @@ import hashlib
 import ipaddress
 import socket
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,12 @@ def load(data_dir: Path, cert: Path | None, key: Path | None, host: str) -> HubT
 
 
 def _make_self_signed(cert_path: Path, key_path: Path, host: str) -> None:
+    make_self_signed(cert_path, key_path, [host])
+
+
+def make_self_signed(cert_path: Path, key_path: Path, hosts: Sequence[str]) -> None:
+    """A self-signed certificate for ``hosts`` (names or addresses; localhost and this
+    machine's name always), and its key (0600)."""
     # cryptography is the hub's only: the agent never imports this module.
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -71,13 +78,14 @@ def _make_self_signed(cert_path: Path, key_path: Path, host: str) -> None:
     if hostname and hostname != "localhost":
         names.append(x509.DNSName(hostname))
     ips = {"127.0.0.1", "::1"}
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        names.append(x509.DNSName(host))
-    else:
-        if not ipaddress.ip_address(host).is_unspecified:
-            ips.add(host)
+    for host in hosts:
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            names.append(x509.DNSName(host))
+        else:
+            if not address.is_unspecified:
+                ips.add(host)
     names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in sorted(ips)]
     now = datetime.datetime.now(datetime.UTC)
     certificate = (
