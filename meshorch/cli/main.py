@@ -180,7 +180,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     fleet = agent.add_argument_group(
         "fleet link", "the hub this site takes its desired state from (docs/fleet-link.md)"
     )
-    fleet.add_argument("--hub", metavar="URL", help="the hub's URL, e.g. https://hub:7900")
+    fleet.add_argument(
+        "--hub",
+        metavar="URL",
+        help="the hub's URL, e.g. https://hub:7900; a replicated hub's URLs, comma-separated "
+        "(the link moves to the next one when a replica fails)",
+    )
     fleet.add_argument("--fleet", metavar="NAME", help="the fleet this site belongs to")
     fleet.add_argument(
         "--fleet-key", metavar="HEX", help="the fleet root public key (from `meshorch hub`)"
