@@ -82,3 +82,21 @@ async def test_unreachable_and_bad_answers() -> None:
                 await client.report({})
     finally:
         await runner.cleanup()
+
+
+async def test_several_hub_urls_fail_over_to_the_next() -> None:
+    """A replicated hub's URLs: a replica that cannot be reached moves the link on."""
+    async with StubHub("acme", ROOT) as hub:
+        hub.tokens.add("tok")
+        dead = f"http://127.0.0.1:{free_port()}"
+        async with LinkClient(f"{dead}, {hub.url}/", "shop-1", SITE_KEY) as client:
+            assert client.hub_urls == [dead, hub.url]
+            with pytest.raises(HubUnreachable):
+                await client.enroll("tok")  # the dead replica
+            assert client.hub_url == hub.url
+            assert await client.enroll("tok") == "shop-1"
+            hub.publish([])
+            head, raws = await client.fetch(0, wait_s=0)
+            assert head == 1 and len(raws) == 1
+    with pytest.raises(ValueError):
+        LinkClient(" , ", "shop-1", SITE_KEY)
