@@ -34,6 +34,8 @@ from meshorch.http_body import read_limited
 logger = logging.getLogger(__name__)
 
 CLIENT_HEADER = "X-Meshorch-Client"
+# On every answer of a replicated hub: the Raft address of the replica whose hub answered.
+SERVED_BY_HEADER = "X-Meshorch-Served-By"
 # Hop-by-hop headers (RFC 9110 7.6.1) and what the proxy sets itself.
 _NOT_FORWARDED = frozenset(
     {
@@ -107,8 +109,10 @@ class Front:
         key: bytes,
         route: Callable[[], tuple[Target | None, bool]],
         max_body_bytes: int,
+        name: str = "",
     ) -> None:
         self._key = key
+        self._name = name
         self._route = route
         self._max_body = max_body_bytes
         self._session: aiohttp.ClientSession | None = None
@@ -157,6 +161,8 @@ class Front:
                 for name, value in upstream.headers.items():
                     if name.lower() not in _NOT_FORWARDED:
                         answer.headers.add(name, value)
+                if local and self._name:
+                    answer.headers[SERVED_BY_HEADER] = self._name
                 if upstream.headers.get("Content-Length") is not None:
                     answer.content_length = int(upstream.headers["Content-Length"])
                 await answer.prepare(request)

@@ -171,7 +171,7 @@ class HubReplica:
             )
             # Replicas share one certificate (README): a follower pins it on the leader.
             self._peer_tls = aiohttp.Fingerprint(bytes.fromhex(self.tls.fingerprint))
-        front = Front(self._key, self._route, config.max_body_bytes)
+        front = Front(self._key, self._route, config.max_body_bytes, replica.raft_address)
         self._runner = web.AppRunner(front.app(), access_log=None, shutdown_timeout=2.0)
         await self._runner.setup()
         site = web.TCPSite(

@@ -11,6 +11,7 @@ from aiohttp import web
 
 from central_hub.front import (
     CLIENT_HEADER,
+    SERVED_BY_HEADER,
     Front,
     Target,
     client_header,
@@ -48,7 +49,7 @@ def upstream(seen: list[tuple[str, str | None, bytes]]) -> web.Application:
 
 
 def front_to(target: Callable[[], tuple[Target | None, bool]]) -> web.Application:
-    return Front(KEY, target, max_body_bytes=1024).app()
+    return Front(KEY, target, max_body_bytes=1024, name="me").app()
 
 
 async def call(
@@ -79,8 +80,9 @@ async def test_forwards_with_the_client_address_and_the_host_the_client_used() -
         serve(upstream(seen)) as hub,
         serve(front_to(lambda: ((hub, True), True))) as front,
     ):
-        status, _, body = await call(front + "/v1/x?a=1", "POST", b"payload", forged)
+        status, headers, body = await call(front + "/v1/x?a=1", "POST", b"payload", forged)
     assert status == 201 and b"hub.example:7900" in body
+    assert headers[SERVED_BY_HEADER] == "me"
     assert seen == [("/v1/x?a=1", "127.0.0.1", b"payload")]
 
 

@@ -10,10 +10,8 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import sys
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,138 +19,11 @@ from typing import Any
 import aiohttp
 import orjson
 
-from central_hub.replica import HUB_DIR
-from central_hub.tls import load as load_tls
+from bench.hubcluster import cluster, until
 from tests.hub.helpers import spec_text
 
 REPO = Path(__file__).resolve().parents[2]
 SITES = 100
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-@dataclass
-class Replica:
-    data_dir: Path
-    argv: list[str]
-    url: str
-    process: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        log = (self.data_dir.parent / f"{self.data_dir.name}.log").open("ab")
-        self.process = await asyncio.create_subprocess_exec(
-            *self.argv, stdout=asyncio.subprocess.DEVNULL, stderr=log
-        )
-        log.close()
-
-    async def kill(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            self.process.kill()
-            await self.process.wait()
-
-    async def stop(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            self.process.terminate()
-            try:
-                async with asyncio.timeout(10):
-                    await self.process.wait()
-            except TimeoutError:
-                await self.kill()
-
-
-@dataclass
-class Cluster:
-    replicas: list[Replica]
-    fingerprint: str
-    session: aiohttp.ClientSession
-    token: str = ""
-    fleet: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def urls(self) -> str:
-        return ",".join(r.url for r in self.replicas)
-
-    async def call(
-        self, url: str, method: str, path: str, body: object = None, token: str | None = None
-    ) -> tuple[int, Any]:
-        headers = {"Authorization": f"Bearer {token or self.token}"}
-        data = None if body is None else orjson.dumps(body)
-        fingerprint = aiohttp.Fingerprint(bytes.fromhex(self.fingerprint))
-        try:
-            async with self.session.request(
-                method, url + path, data=data, headers=headers, ssl=fingerprint
-            ) as resp:
-                raw = await resp.read()
-                return resp.status, orjson.loads(raw) if raw else None
-        except (aiohttp.ClientError, OSError) as exc:
-            return 0, str(exc)
-
-    async def leader_hub(self) -> Replica:
-        """The replica whose hub runs (its data dir has the hub's lock held and it answers)."""
-        for replica in self.replicas:
-            if (replica.data_dir / HUB_DIR / "admin.token").exists():
-                return replica
-        raise AssertionError("no replica initialised the fleet")
-
-
-@contextlib.asynccontextmanager
-async def cluster(tmp_path: Path, session: aiohttp.ClientSession) -> AsyncIterator[Cluster]:
-    kek = tmp_path / "kek"
-    kek.write_text(os.urandom(32).hex())
-    kek.chmod(0o600)
-    tls = load_tls(tmp_path, None, None, "127.0.0.1")  # one certificate for every replica
-    ports = [(free_port(), free_port()) for _ in range(3)]
-    peers = [f"--peer=127.0.0.1:{raft}=https://127.0.0.1:{api}" for api, raft in ports]
-    replicas = []
-    for number, (api, raft) in enumerate(ports, 1):
-        data_dir = tmp_path / f"r{number}"
-        argv = [
-            sys.executable, "-m", "central_hub", "--data-dir", str(data_dir),
-            "--listen", f"127.0.0.1:{api}", "--gossip", f"127.0.0.1:{free_port()}",
-            "--kek-file", str(kek), "--tls-cert", str(tls.cert_path),
-            "--tls-key", str(tmp_path / "tls.key"), "--raft", f"127.0.0.1:{raft}", *peers,
-        ]  # fmt: skip
-        replicas.append(Replica(data_dir, argv, f"https://127.0.0.1:{api}"))
-    running = Cluster(replicas, tls.fingerprint, session)
-    try:
-        for replica in replicas:
-            await replica.start()
-        yield running
-    finally:
-        for replica in replicas:
-            await replica.stop()
-
-
-async def until(predicate: Any, timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        got = await predicate()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.2)
-
-
-async def ready(running: Cluster, url: str) -> dict[str, Any]:
-    async def fleet() -> Any:
-        with contextlib.suppress(AssertionError):
-            running.token = (
-                ((await running.leader_hub()).data_dir / HUB_DIR / "admin.token")
-                .read_text()
-                .strip()
-            )
-        if not running.token:
-            return None
-        status, answer = await running.call(url, "GET", "/v1/fleet")
-        return answer if status == 200 else None
-
-    answer: dict[str, Any] = await until(fleet, 60, f"the replicated hub to answer at {url}")
-    return answer
 
 
 @dataclass
@@ -182,7 +53,7 @@ async def test_kill_9_of_the_leader_during_a_rollout_to_100_sites(
 ) -> None:
     async with cluster(tmp_path, session) as running:
         first = running.replicas[0].url
-        fleet = await ready(running, first)
+        fleet = await running.ready(first)
         names = [f"shop-{n:03d}" for n in range(SITES)]
         process = await asyncio.create_subprocess_exec(
             sys.executable, str(REPO / "bench" / "fanout_site.py"), "--hub", running.urls,
@@ -213,7 +84,7 @@ async def test_kill_9_of_the_leader_during_a_rollout_to_100_sites(
             # Operator writes keep coming while the leader dies: every acknowledged one
             # must survive.
             acknowledged: list[str] = []
-            leader = await running.leader_hub()
+            leader = await running.leader()
             others = [r for r in running.replicas if r is not leader]
 
             async def writes() -> None:
@@ -261,7 +132,7 @@ async def test_kill_9_of_the_leader_during_a_rollout_to_100_sites(
             assert {t["id"] for t in orjson.loads(out)} >= set(acknowledged)
             # The killed replica comes back as a follower and serves the same state.
             await leader.start()
-            back = await ready(running, leader.url)
+            back = await running.ready(leader.url)
             assert back["root_key"] == fleet["root_key"]
             status, answer = await running.call(
                 leader.url, "GET", f"/v1/tenants/{acknowledged[-1]}"
