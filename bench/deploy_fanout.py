@@ -219,6 +219,7 @@ class Collector:
     rejected: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     ready_workers: int = 0
+    reports: int = 0  # site reports the hub acknowledged (the workers' REPORTS lines)
     dead_workers: list[str] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -234,6 +235,8 @@ class Collector:
                 )
         elif parts[0] == "READY":
             self.ready_workers += 1
+        elif parts[0] == "REPORTS" and len(parts) == 2:
+            self.reports += int(parts[1])
         elif parts[0] == "REJECTED":
             self.rejected.append(line)
             log(f"{worker}: {line}")
@@ -284,31 +287,47 @@ class Deployment:
 
 
 class Admin:
-    """Operator calls to the hub with the bootstrap admin token."""
+    """Operator calls to the hub with the bootstrap admin token (``ssl``: how the hub's
+    certificate is checked, e.g. its pinned ``aiohttp.Fingerprint``)."""
 
-    def __init__(self, session: aiohttp.ClientSession, url: str, token: str) -> None:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        url: str,
+        token: str,
+        ssl: aiohttp.Fingerprint | bool = True,
+    ) -> None:
         self.session = session
         self.url = url
+        self.ssl = ssl
         self.headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
 
     async def call(self, method: str, path: str, body: object = None) -> tuple[int, Any]:
         data = None if body is None else orjson.dumps(body)
         async with self.session.request(
-            method, self.url + path, data=data, headers=self.headers
+            method, self.url + path, data=data, headers=self.headers, ssl=self.ssl
         ) as response:
             return response.status, orjson.loads(await response.read())
 
 
 async def start_workers(
-    args: argparse.Namespace, hub_url: str, root_key: str, sites: list[str], pids: list[int]
+    args: argparse.Namespace,
+    hub_url: str | Callable[[int], str],
+    root_key: str,
+    sites: list[str],
+    pids: list[int],
+    *flags: str,
 ) -> list[Worker]:
+    """``hub_url``: the hub's URL(s), or which to give worker N; ``flags`` go to every
+    worker (e.g. ``--hub-fingerprint``)."""
     count = max(1, min(args.workers, len(sites)))
     workers = []
     for index in range(count):
         share = sites[index::count]
+        url = hub_url if isinstance(hub_url, str) else hub_url(index)
         process = await asyncio.create_subprocess_exec(
-            sys.executable, str(SITE_SCRIPT), "--hub", hub_url, "--fleet", FLEET,
-            "--root-key", root_key, "--sites", ",".join(share),
+            sys.executable, str(SITE_SCRIPT), "--hub", url, "--fleet", FLEET,
+            "--root-key", root_key, "--sites", ",".join(share), *flags,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             start_new_session=True,  # Ctrl-C reaches the driver only; it stops them
         )  # fmt: skip

@@ -15,6 +15,7 @@ Protocol with the driver (one line each, on stdout; the driver writes to stdin):
     APPLIED <site> <app> <app version> <delta version> <t_fetched> <t_verified> <t_acked>
     REJECTED <site> <reason> <version>  a delta failed verification (never expected)
     ERROR <site> <message>              a link error (the site retries)
+    REPORTS <n>                         reports the hub acknowledged since the last such line
 
 ``t_*`` are ``time.time()``: the fetch answer arrived, the batch was verified and
 applied, the hub acknowledged the report carrying it. The worker exits when its stdin
@@ -45,6 +46,8 @@ from meshorch.fleet.client import HubTrust, LinkClient, LinkError
 from meshorch.fleet.delta import TrustState, verify_batch
 
 REPORT_EVERY_S = 3.0
+COUNT_EVERY_S = 2.0
+acknowledged_reports = 0  # since the last REPORTS line
 FETCH_WAIT_S = 20.0
 RETRY_S = 0.5
 
@@ -154,6 +157,8 @@ async def run_site(
                     await asyncio.sleep(RETRY_S)
                     continue
                 acked = time.time()
+                global acknowledged_reports
+                acknowledged_reports += 1
                 for app, version, delta_version, fetched, verified in carried:
                     emit("APPLIED", site.site_id, app, version, delta_version,
                          f"{fetched:.6f}", f"{verified:.6f}", f"{acked:.6f}")  # fmt: skip
@@ -212,7 +217,18 @@ async def main_async(args: argparse.Namespace) -> int:
             pass
         stop.set()
 
-    helpers = [asyncio.create_task(announce_ready()), asyncio.create_task(until_stdin_closes())]
+    async def count_reports() -> None:
+        global acknowledged_reports
+        while True:
+            await asyncio.sleep(COUNT_EVERY_S)
+            count, acknowledged_reports = acknowledged_reports, 0
+            emit("REPORTS", count)
+
+    helpers = [
+        asyncio.create_task(announce_ready()),
+        asyncio.create_task(until_stdin_closes()),
+        asyncio.create_task(count_reports()),
+    ]
     await stop.wait()
     for task in tasks + helpers:
         task.cancel()
