@@ -2,8 +2,8 @@
 
 Each replica of a replicated hub (``central_hub.replica``) listens on its public address
 with this front. The leader's hub (its API, site link, dashboard) runs inside the leader
-replica on a loopback port; the front of the leader hands requests to it, the front of a
-follower to the leader's front. Operators and sites may therefore use any replica, and
+replica; the front of the leader hands requests to its application in-process (no second
+HTTP hop), the front of a follower forwards them to the leader's front over HTTPS. Operators and sites may therefore use any replica, and
 fail over between them (like Consul's servers, which forward to their leader).
 
 Trust: the hub limits failed authentications per source address, so the address of the
@@ -102,12 +102,13 @@ def _error(status: int, code: str, message: str) -> web.Response:
 
 class Front:
     """The front's one handler (module docstring). ``route`` answers where a request
-    goes: ``local`` is True when the target is this replica's own hub."""
+    goes (the leader's URL, or this replica's hub application), and whether that is this
+    replica's own hub."""
 
     def __init__(
         self,
         key: bytes,
-        route: Callable[[], tuple[Target | None, bool]],
+        route: Callable[[], tuple[Target | web.Application | None, bool]],
         max_body_bytes: int,
         name: str = "",
     ) -> None:
@@ -139,6 +140,13 @@ class Front:
         target, local = self._route()
         if target is None or (forwarded is not None and not local):
             return _error(503, "no_leader", "no hub replica is the leader right now: retry")
+        if isinstance(target, web.Application):
+            # This replica's own hub: no second HTTP hop (its routes bound their bodies);
+            # a follower's authenticated client address is taken by its middleware.
+            response = await target._handle(request)
+            if self._name and not response.prepared:
+                response.headers[SERVED_BY_HEADER] = self._name
+            return response
         body = await read_limited(request.content, self._max_body)
         if len(body) > self._max_body:
             return _error(413, "body_too_large", f"the body exceeds {self._max_body} bytes")

@@ -6,8 +6,9 @@ log, the audit log, alerts, the sealed key files. One process per replica::
 
     RaftNode      the replicated tables (``central_hub.replicated_store``), DATA_DIR/raft
     Front         the public address: every request to the leader (``central_hub.front``)
-    Hub           only on the leader: the hub itself (API, site link, driver, gossip) on a
-                  loopback port, over the replicated store, its key files in DATA_DIR/hub
+    Hub           only on the leader: the hub itself (API, site link, driver, gossip), over
+                  the replicated store, its key files in DATA_DIR/hub; the front hands it
+                  requests in-process
 
 Leadership: when this replica becomes the Raft leader it waits until every committed
 entry is applied here (a barrier), claims the writer record (which fences out a deposed
@@ -212,9 +213,9 @@ class HubReplica:
 
     # -- where requests go ----------------------------------------------------------------
 
-    def _route(self) -> tuple[Target | None, bool]:
+    def _route(self) -> tuple[Target | web.Application | None, bool]:
         if self.hub is not None and not self._lost.is_set():
-            return (self.hub.url, True), True
+            return self.hub.app, True
         node = self._node
         leader = None if node is None else node.status().leader_address
         if leader is None or leader == self.replica.raft_address:

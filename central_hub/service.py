@@ -171,6 +171,13 @@ class Hub:
         return None if self.tls is None else self.tls.fingerprint
 
     @property
+    def app(self) -> web.Application:
+        """The HTTP application (a replica's front hands it requests in-process)."""
+        if self._runner is None:
+            raise RuntimeError("the hub is not started")
+        return self._runner.app
+
+    @property
     def admin_token_path(self) -> Path:
         return self.data_dir / ADMIN_TOKEN_FILE
 

@@ -109,3 +109,15 @@ async def test_a_dead_leader_is_a_503_that_says_retry() -> None:
     async with serve(front_to(lambda: ((gone, True), False))) as front:
         status, headers, body = await call(front + "/v1/fleet")
     assert status == 503 and b"leader_unreachable" in body and headers["Retry-After"] == "1"
+
+
+async def test_the_leaders_own_hub_is_handed_the_request_in_process() -> None:
+    seen: list[tuple[str, str | None, bytes]] = []
+    hub = upstream(seen)
+    async with serve(hub), serve(front_to(lambda: (hub, True))) as front:
+        relayed = {CLIENT_HEADER: client_header(KEY, "10.0.0.7")}  # from a follower
+        status, headers, _ = await call(front + "/v1/y", "PUT", b"body", relayed)
+        forged = {CLIENT_HEADER: client_header(forwarding_key(b"x" * 32), "10.0.0.8")}
+        await call(front + "/v1/z", "PUT", b"", forged)
+    assert status == 201 and headers[SERVED_BY_HEADER] == "me"
+    assert seen == [("/v1/y", "10.0.0.7", b"body"), ("/v1/z", "127.0.0.1", b"")]
