@@ -3,8 +3,9 @@
 Each replica of a replicated hub (``central_hub.replica``) listens on its public address
 with this front. The leader's hub (its API, site link, dashboard) runs inside the leader
 replica; the front of the leader hands requests to its application in-process (no second
-HTTP hop), the front of a follower forwards them to the leader's front over HTTPS. Operators and sites may therefore use any replica, and
-fail over between them (like Consul's servers, which forward to their leader).
+HTTP hop), the front of a follower forwards them to the leader's front over HTTPS.
+Operators and sites may therefore use any replica, and fail over between them (like
+Consul's servers, which forward to their leader).
 
 Trust: the hub limits failed authentications per source address, so the address of the
 client travels with a forwarded request in ``X-Meshorch-Client``, authenticated with a key

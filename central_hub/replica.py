@@ -48,7 +48,7 @@ from central_hub.tls import HubTLS
 from central_hub.tls import load as load_tls
 from meshorch.dirlock import DataDirLock, hold
 from meshorch.errors import ConfigurationError
-from raft.config import RaftConfig
+from raft.config import RaftConfig, datacenter_preset
 from raft.node import RaftNode
 
 logger = logging.getLogger(__name__)
@@ -161,6 +161,7 @@ class HubReplica:
                 partners=tuple(a for a in replica.peers if a != replica.raft_address),
                 tables=REPLICATED_DBS,
                 durability=replica.durability,
+                **datacenter_preset(),  # type: ignore[arg-type]
             )
         )
         (data_dir / RAFT_DIR).mkdir(mode=0o700, exist_ok=True)

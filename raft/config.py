@@ -125,6 +125,21 @@ def lan_preset(**overrides: object) -> dict[str, object]:
     return dict(overrides)
 
 
+def datacenter_preset(**overrides: object) -> dict[str, object]:
+    """Timeouts for servers that also carry heavy request load (a replicated hub): a busy
+    leader's event loop must not look like a dead one; fail-over takes a few seconds."""
+    values: dict[str, object] = {
+        "election_timeout_min_s": 2.0,
+        "election_timeout_max_s": 4.0,
+        "heartbeat_interval_s": 0.2,
+        "leader_fallback_s": 8.0,
+        "connection_timeout_s": 6.0,
+        "connection_retry_s": 1.0,
+    }
+    values.update(overrides)
+    return values
+
+
 def local_preset(**overrides: object) -> dict[str, object]:
     """Faster elections for tests and demos on loopback."""
     values: dict[str, object] = {

@@ -87,10 +87,15 @@ async def test_kill_9_of_the_leader_during_a_rollout_to_100_sites(
             leader = await running.leader()
             others = [r for r in running.replicas if r is not leader]
 
+            stop_writing = asyncio.Event()
+            attempts = 0
+
             async def writes() -> None:
-                for n in range(40):
-                    name = f"t{n}"
-                    url = others[n % 2].url
+                nonlocal attempts
+                while not stop_writing.is_set():
+                    name = f"t{attempts}"
+                    url = others[attempts % 2].url
+                    attempts += 1
                     status, _ = await running.call(url, "POST", "/v1/tenants", {"id": name})
                     if status == 201:
                         acknowledged.append(name)
@@ -98,8 +103,14 @@ async def test_kill_9_of_the_leader_during_a_rollout_to_100_sites(
 
             writer = asyncio.create_task(writes())
             await asyncio.sleep(0.8)
+            before_kill = len(acknowledged)
             await leader.kill()
             killed_at = time.monotonic()
+            # The writes go on once another replica leads.
+            await until(
+                _async(lambda: len(acknowledged) >= before_kill + 10), 60, "writes after the kill"
+            )
+            stop_writing.set()
             await writer
 
             async def succeeded() -> bool:
@@ -114,7 +125,6 @@ async def test_kill_9_of_the_leader_during_a_rollout_to_100_sites(
             assert sites.rejected == [], sites.rejected  # no site saw a chain break
             assert sorted(sites.applied) == names
             assert set(sites.applied.values()) == {"2.0"}
-            assert len(acknowledged) >= 20, acknowledged  # the writes went on
             for name in acknowledged:
                 status, answer = await running.call(others[1].url, "GET", f"/v1/tenants/{name}")
                 assert status == 200, (name, answer)
@@ -140,7 +150,7 @@ async def test_kill_9_of_the_leader_during_a_rollout_to_100_sites(
             assert status == 200, answer
             print(
                 f"rollout completed {failover_s:.1f} s after the leader's kill; "
-                f"{len(acknowledged)} of 40 operator writes acknowledged, all kept"
+                f"{len(acknowledged)} of {attempts} operator writes acknowledged, all kept"
             )
         finally:
             if process.returncode is None:
