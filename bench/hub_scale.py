@@ -75,6 +75,7 @@ def log(message: str) -> None:
 class Figures:
     sites: int
     hub_cpu_cores: float
+    sites_cpu_cores: float  # the simulators', on the same machine
     rss_mb: float
     reports_per_s: float
     api_list_p99_s: float
@@ -169,7 +170,9 @@ async def run_size(
             log(f"every site linked after {time.monotonic() - started:.1f} s; measuring")
             await asyncio.sleep(3.0)  # past the first burst of reports
             hub = replica_pids(running)
+            simulators = [worker.process.pid for worker in workers]
             cpu0, reports0, t0 = sum(map(cpu_seconds, hub)), collector.reports, time.monotonic()
+            sites_cpu0 = sum(map(cpu_seconds, simulators))
             stop = asyncio.Event()
             sampler = asyncio.create_task(sample_api(admin, sites, stop))
             await asyncio.sleep(args.measure)
@@ -177,10 +180,12 @@ async def run_size(
             latencies = await sampler
             wall = time.monotonic() - t0
             cores = (sum(map(cpu_seconds, hub)) - cpu0) / wall
+            sites_cores = (sum(map(cpu_seconds, simulators)) - sites_cpu0) / wall
             reports_per_s = (collector.reports - reports0) / wall
             memory = sum(map(rss_mb, hub))
             log(
-                f"steady state: hub {cores:.2f} cores, {memory:.0f} MB RSS, "
+                f"steady state: hub {cores:.2f} cores (the site simulators {sites_cores:.2f} of "
+                f"this machine's {os.cpu_count()}), {memory:.0f} MB RSS, "
                 f"{reports_per_s:.0f} reports/s acknowledged (sent: {sites_count / 3:.0f}/s)"
             )
             deployments = []
@@ -199,6 +204,7 @@ async def run_size(
     return Figures(
         sites=sites_count,
         hub_cpu_cores=cores,
+        sites_cpu_cores=sites_cores,
         rss_mb=memory,
         reports_per_s=reports_per_s,
         api_list_p99_s=percentile(latencies["list"], 0.99),
@@ -291,6 +297,7 @@ def main() -> int:
         f"RESULT sites={last.sites} hub_cpu_cores={last.hub_cpu_cores:.2f} "
         f"api_p99_s={last.api_p99_s:.3f} deploy_all_p99_s={last.deploy_all_p99_s:.2f} "
         f"rss_mb_per_1k_sites={last.rss_mb_per_1k:.1f} reports_per_s={last.reports_per_s:.0f} "
+        f"sites_cpu_cores={last.sites_cpu_cores:.2f} "
         f"link_errors={last.link_errors} {others}".rstrip()
     )
     return 0

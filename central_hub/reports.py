@@ -1,8 +1,10 @@
 """The latest report of each site (the ``reports`` database).
 
 Kept in memory for the fleet view, the rollout driver, the alerts and the vault, and
-written to the store without a flush (a lost report is sent again seconds later); a
-report overtaken by a newer one (``fleetview.is_stale_report``) is ignored.
+written to the store in batches: the sites whose report changed are written together
+``PERSIST_EVERY_S`` after the first of them, in one transaction without a flush, and at
+stop (``close``). A crash loses at most that much; a lost report is sent again seconds
+later. A report overtaken by a newer one (``fleetview.is_stale_report``) is ignored.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from central_hub.store import Store, put_json
 
 logger = logging.getLogger(__name__)
 
+PERSIST_EVERY_S = 1.0
 Received = tuple[dict[str, Any], float]  # a report and when the hub received it
 # Called when a report is kept: the site, its previous report (None: none), the new one.
 Listener = Callable[[str, dict[str, Any] | None, dict[str, Any]], None]
@@ -33,6 +36,8 @@ class Reports:
         self.on_report = on_report
         self._reports: dict[str, Received] = {}
         self.listeners: list[Listener] = []
+        self._unsaved: set[str] = set()  # sites whose latest report is not in the store
+        self._saving: asyncio.Task[None] | None = None
 
     def restore(self, store: Store) -> None:
         """The reports kept by the last run."""
@@ -66,13 +71,33 @@ class Reports:
         if self.on_report is not None:
             self.on_report()
 
-        def persist() -> None:
-            latest = self._reports.get(site_id)
-            if self.ledger.is_open and latest is not None:
-                record = {"report": latest[0], "received_at": latest[1]}
-                self.ledger.store.commit([put_json("reports", site_id, record)], sync=False)
-
-        task = asyncio.ensure_future(asyncio.to_thread(persist))
-        self.ledger.track(task)
-        await asyncio.shield(task)
+        self._unsaved.add(site_id)
+        if self._saving is None or self._saving.done():
+            self._saving = asyncio.ensure_future(self._save_later())
         return True
+
+    async def _save_later(self) -> None:
+        await asyncio.sleep(PERSIST_EVERY_S)
+        await self.save()
+
+    async def save(self) -> None:
+        """Write the reports received since the last save (one transaction)."""
+        unsaved, self._unsaved = self._unsaved, set()
+        writes = [
+            put_json("reports", site, {"report": received[0], "received_at": received[1]})
+            for site in sorted(unsaved)
+            if (received := self._reports.get(site)) is not None
+        ]
+        if writes and self.ledger.is_open:
+            try:
+                await self.ledger.store.apply(writes, sync=False)
+            except Exception:
+                logger.exception("site reports not saved; kept in memory")
+
+    async def close(self) -> None:
+        """Stop the timer and save what is left (the hub is stopping)."""
+        saving, self._saving = self._saving, None
+        if saving is not None and not saving.done():
+            saving.cancel()
+            await asyncio.gather(saving, return_exceptions=True)
+        await self.save()

@@ -289,6 +289,7 @@ class Hub:
             await self.accounts.failures.flush()
         except Exception:
             logger.exception("failed authentications not audited at stop")
+        await self.parts.reports.close()
         await self.ledger.drain()
         await self.ledger.close_store()
         await asyncio.to_thread(self.logs.close)
