@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from bench.hubcluster import cluster, until
+from bench.hubcluster import Cluster, cluster, until
 from tests.hub.helpers import spec_text
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,6 +49,44 @@ class Sites:
                 self.rejected.append(line.strip())
 
 
+@contextlib.asynccontextmanager
+async def light_sites(running: Cluster, names: list[str]) -> AsyncIterator[Sites]:
+    """``names`` registered at the hub and linked (each reported once), given every
+    replica's URL (bench/fanout_site.py)."""
+    fleet = running.fleet
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(REPO / "bench" / "fanout_site.py"), "--hub", running.urls,
+        "--hub-fingerprint", running.fingerprint, "--fleet", fleet["fleet"],
+        "--root-key", fleet["root_key"], "--sites", ",".join(names),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    sites = Sites(process)
+    reader = asyncio.create_task(sites.read())
+    try:
+        await until(_async(lambda: len(sites.keys) == len(names)), 30, "the sites' keys")
+        for name in names:
+            body = {"id": name, "labels": {"tier": "shop"}, "public_key": sites.keys[name]}
+            status, answer = await running.call(running.replicas[0].url, "POST", "/v1/sites", body)
+            assert status == 201, answer
+        assert process.stdin is not None
+        process.stdin.write(b"GO\n")
+        await process.stdin.drain()
+        async with asyncio.timeout(60):
+            await sites.ready.wait()
+        yield sites
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(10):
+                    await process.wait()
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+
+
 async def test_kill_9_of_the_leader_during_a_rollout_to_100_sites(
     tmp_path: Path, session: aiohttp.ClientSession
 ) -> None:
@@ -55,26 +94,7 @@ async def test_kill_9_of_the_leader_during_a_rollout_to_100_sites(
         first = running.replicas[0].url
         fleet = await running.ready(first)
         names = [f"shop-{n:03d}" for n in range(SITES)]
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, str(REPO / "bench" / "fanout_site.py"), "--hub", running.urls,
-            "--hub-fingerprint", running.fingerprint, "--fleet", fleet["fleet"],
-            "--root-key", fleet["root_key"], "--sites", ",".join(names),
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        sites = Sites(process)
-        reader = asyncio.create_task(sites.read())
-        try:
-            await until(_async(lambda: len(sites.keys) == SITES), 30, "the sites' keys")
-            for name in names:
-                body = {"id": name, "labels": {"tier": "shop"}, "public_key": sites.keys[name]}
-                status, answer = await running.call(first, "POST", "/v1/sites", body)
-                assert status == 201, answer
-            assert process.stdin is not None
-            process.stdin.write(b"GO\n")
-            await process.stdin.drain()
-            async with asyncio.timeout(60):
-                await sites.ready.wait()
-
+        async with light_sites(running, names) as sites:
             body = {"spec": spec_text("pos", "2.0"), "placement": {"max_parallel": 20}}
             status, answer = await running.call(first, "POST", "/v1/apps", body)
             assert status == 202, answer
@@ -152,17 +172,33 @@ async def test_kill_9_of_the_leader_during_a_rollout_to_100_sites(
                 f"rollout completed {failover_s:.1f} s after the leader's kill; "
                 f"{len(acknowledged)} of {attempts} operator writes acknowledged, all kept"
             )
-        finally:
-            if process.returncode is None:
-                process.send_signal(signal.SIGTERM)
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(10):
-                        await process.wait()
-                if process.returncode is None:
-                    process.kill()
-                    await process.wait()
-            reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
+
+
+async def test_a_root_key_rotation_outlives_the_leader_that_made_it(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """The new root key is replicated sealed with the rotation delta: the next leader signs
+    with it, and sites that followed the rotation accept what it signs."""
+    async with cluster(tmp_path, session) as running:
+        fleet = await running.ready(running.replicas[0].url)
+        async with light_sites(running, ["shop-a", "shop-b", "shop-c"]) as sites:
+            leader = await running.leader()
+            status, rotation = await running.call(leader.url, "POST", "/v1/fleet/rotate")
+            assert status == 200, rotation
+            assert rotation["previous_key"] == fleet["root_key"]
+            await leader.kill()
+            other = next(r for r in running.replicas if r is not leader)
+            after = await running.ready(other.url)
+            assert after["root_key"] == rotation["root_key"] != fleet["root_key"]
+            body = {"spec": spec_text("pos", "3.0"), "placement": {"max_parallel": 3}}
+            status, answer = await running.call(other.url, "POST", "/v1/apps", body)
+            assert status == 202, answer
+            await until(
+                _async(lambda: set(sites.applied.values()) == {"3.0"} and len(sites.applied) == 3),
+                60,
+                "the sites to apply a delta signed by the new leader with the new key",
+            )
+            assert sites.rejected == [], sites.rejected
 
 
 def _async(check: Any) -> Any:
