@@ -178,9 +178,19 @@ async def test_a_root_key_rotation_outlives_the_leader_that_made_it(
     tmp_path: Path, session: aiohttp.ClientSession
 ) -> None:
     """The new root key is replicated sealed with the rotation delta: the next leader signs
-    with it, and sites that followed the rotation accept what it signs."""
+    with it, and sites that followed the rotation accept what it signs. Before it, junk on
+    the replicas' Raft ports."""
     async with cluster(tmp_path, session) as running:
         fleet = await running.ready(running.replicas[0].url)
+        # A stranger's garbage on every replica's Raft port changes nothing.
+        for replica in running.replicas:
+            host, port = replica.argv[replica.argv.index("--raft") + 1].rsplit(":", 1)
+            for junk in (os.urandom(4096), b"\x00" * 64, b"GET / HTTP/1.1\r\n\r\n"):
+                with contextlib.suppress(OSError):
+                    _, writer = await asyncio.open_connection(host, int(port))
+                    writer.write(junk)
+                    await writer.drain()
+                    writer.close()
         async with light_sites(running, ["shop-a", "shop-b", "shop-c"]) as sites:
             leader = await running.leader()
             status, rotation = await running.call(leader.url, "POST", "/v1/fleet/rotate")
