@@ -39,6 +39,7 @@ from prometheus_client import CollectorRegistry
 from central_hub import authz, openapi, tenancy, tokens
 from central_hub.audit import CALLER
 from central_hub.dashboard import add_dashboard
+from central_hub.deltas_api import DELTAS_ROUTES
 from central_hub.errors import ApiError, InputProblems
 from central_hub.fleetview import parse_report
 from central_hub.logs_api import LOGS_ROUTES
@@ -677,4 +678,4 @@ ROUTES: tuple[Route, ...] = (
 )  # fmt: skip
 
 # The vault's, the logs' and the releases' routes are declared with their handlers.
-ROUTES += VAULT_ROUTES + LOGS_ROUTES + RELEASES_ROUTES
+ROUTES += VAULT_ROUTES + LOGS_ROUTES + RELEASES_ROUTES + DELTAS_ROUTES

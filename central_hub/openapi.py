@@ -478,6 +478,16 @@ SCHEMAS.update(
     }
 )  # fmt: skip
 
+# The delta log's export (central_hub.deltas_api).
+SCHEMAS["DeltaExport"] = _obj(
+    ["fleet", "root_key", "head", "head_hash", "compacted", "envelopes", "next_after"],
+    fleet=_STR, root_key=_HEX64, head=_INT, head_hash=_HEX64, compacted=_INT,
+    site={"type": ["string", "null"]},
+    envelopes=_list({"type": "string", "description": "an Envelope's JSON, byte for byte"}),
+    next_after={"type": ["integer", "null"], "description": "after= of the next page; null "
+                "at the head"},
+)  # fmt: skip
+
 _ERRORS = {
     "none": (400,),
     "enroll": (400, 403),

@@ -152,6 +152,7 @@ CASES: dict[tuple[str, str], tuple[Setup, int]] = {
     ("GET", "/v1/fleet"): (fixed("/v1/fleet"), 200),
     ("POST", "/v1/fleet/rotate"): (fixed("/v1/fleet/rotate"), 200),
     ("GET", "/v1/deltas"): (fixed("/v1/deltas"), 200),
+    ("GET", "/v1/deltas/export"): (fixed("/v1/deltas/export?site=site-1"), 200),
     ("GET", "/v1/openapi.json"): (fixed("/v1/openapi.json"), 200),
     ("POST", "/v1/link/enroll"): (
         fixed("/v1/link/enroll", {"site": "site-1", "public_key": "ab" * 32, "token": "x"}),
