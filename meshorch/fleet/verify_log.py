@@ -170,6 +170,10 @@ def verify_log(
     state = TrustState(first.fleet, start_keys, first.version - 1, first.prev)
     if not _walk(numbered, state, site, report):
         return report
+    # A log cut short cannot end trusting today's key: say that it is cut, first.
+    report.problem = _reaches(report, head, head_hash)
+    if report.problem is not None:
+        return report
     if report.anchoring == "end" and report.trusted_at_end != frozenset({root_key}):
         trusted = ", ".join(sorted(report.trusted_at_end))
         report.problem = Problem(
@@ -180,7 +184,7 @@ def verify_log(
             first.version,
         )
         return report
-    report.problem = _expiry(report.entries, at) or _reaches(report, head, head_hash)
+    report.problem = _expiry(report.entries, at)
     return report
 
 
@@ -189,12 +193,14 @@ def _walk(
 ) -> bool:
     """Verify every line in order into ``report``; False at the first problem."""
     for position, (line, raw) in enumerate(numbered):
+        misplaced = _out_of_order(numbered, position, state)
+        if misplaced is not None:  # said before its signature fails (keys rotated between)
+            report.problem = misplaced
+            return False
         try:
             delta, state = deltas.verify_chain(raw, state, site)
         except DeltaRejected as exc:
-            report.problem = _order_problem(exc, numbered, position, state) or _problem(
-                exc, line, site
-            )
+            report.problem = _order_problem(exc, line, state) or _problem(exc, line, site)
             return False
         sigs = deltas.parse(raw)[2]
         report.entries.append(Entry(line, delta, tuple(key for key, _ in sigs)))
@@ -211,32 +217,40 @@ def _problem(exc: DeltaRejected, line: int, site: str | None = None) -> Problem:
     return Problem(exc.reason, message, line, exc.version)
 
 
-def _order_problem(
-    exc: DeltaRejected, numbered: Sequence[tuple[int, bytes]], position: int, state: TrustState
-) -> Problem | None:
-    """A gap, replay or rollback told apart: a duplicate, a pair out of order, or
-    versions missing."""
-    line = numbered[position][0]
-    found = exc.version
-    if exc.reason in ("replay", "rollback") or (
-        exc.reason == "chain_mismatch" and found is not None and found <= state.version
-    ):
-        return Problem("duplicate", f"version {found} was given before", line, found)
-    if exc.reason != "gap" or found is None:
+def _version(raw: bytes) -> int | None:
+    try:
+        return deltas.parse(raw)[0].version
+    except DeltaRejected:
         return None
-    expected = state.version + 1
-    for later_line, raw in numbered[position + 1 :]:
-        try:
-            version = deltas.parse(raw)[0].version
-        except DeltaRejected:
-            continue
-        if version == expected:
+
+
+def _out_of_order(
+    numbered: Sequence[tuple[int, bytes]], position: int, state: TrustState
+) -> Problem | None:
+    """The line at ``position`` is not the next version, and the next one comes later."""
+    line, raw = numbered[position]
+    found, expected = _version(raw), state.version + 1
+    if found is None or found == expected:
+        return None
+    for later_line, later in numbered[position + 1 :]:
+        if _version(later) == expected:
             return Problem(
                 "out_of_order",
                 f"version {found} comes before version {expected} (line {later_line})",
                 line,
                 found,
             )
+    return None
+
+
+def _order_problem(exc: DeltaRejected, line: int, state: TrustState) -> Problem | None:
+    """A replay or rollback is a duplicate; a gap says which versions are missing."""
+    found = exc.version
+    if exc.reason in ("replay", "rollback"):
+        return Problem("duplicate", f"version {found} was given before", line, found)
+    if exc.reason != "gap" or found is None:
+        return None
+    expected = state.version + 1
     missing = f"{expected}" if found == expected + 1 else f"{expected} to {found - 1}"
     return Problem("gap", f"version {missing} missing before version {found}", line, found)
 
