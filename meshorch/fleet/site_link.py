@@ -65,6 +65,7 @@ from meshorch.fleet.apply import (
     LinkConfig,
     SiteFacts,
     SiteKey,
+    as_applied,
     build_report,
     encode_rejections,
     merge_link_config,
@@ -667,12 +668,17 @@ class SiteLink(LinkRecords):
                     )
             if result.accepted:
                 assert result.state is not None
+                applied = [
+                    as_applied(raw, delta, site)
+                    for raw, delta in zip(raws, result.accepted, strict=False)
+                ]
                 plan = plan_apply(
                     result.accepted,
                     result.state,
                     trust_index,
                     self.site_id,
                     self._read,
+                    applied,
                 )
                 results = await raft.propose(plan.ops)
                 if not results[0].ok:  # the guard: another leader applied first
@@ -681,7 +687,7 @@ class SiteLink(LinkRecords):
                 else:
                     outcome.applied = plan.applied
                     outcome.state = result.state
-                    self._keep(raws[: len(result.accepted)], result.accepted)
+                    self._keep(applied, result.accepted)
                     outcome.op_errors = [e.rejection(now) for e in plan.op_errors]
                     entries.extend(outcome.op_errors)
                     for error in plan.op_errors:
@@ -703,11 +709,9 @@ class SiteLink(LinkRecords):
             self._report_now.set()
         return outcome
 
-    def _keep(self, raws: Sequence[bytes], deltas: Sequence[Delta]) -> None:
-        for raw, delta in zip(raws, deltas, strict=True):
-            if delta.format == DELTA_V2 and not delta.has_ops:
-                raw = view_for(raw, self.site_id)  # a relay's operations not for this site
-            self._recent[delta.version] = (bytes(raw), delta)
+    def _keep(self, applied: Sequence[bytes], deltas: Sequence[Delta]) -> None:
+        for raw, delta in zip(applied, deltas, strict=True):
+            self._recent[delta.version] = (raw, delta)
             self._recent.move_to_end(delta.version)
         while len(self._recent) > RECENT_ENVELOPES:
             self._recent.popitem(last=False)
