@@ -76,7 +76,11 @@ class Entry:
 
     line: int
     delta: Delta
-    signed_by: tuple[str, ...]
+    envelope: bytes
+
+    @property
+    def signed_by(self) -> list[str]:
+        return [key for key, _ in deltas.parse(self.envelope)[2]]
 
     @property
     def actions(self) -> list[str]:
@@ -93,7 +97,7 @@ class Entry:
             "target": d.target.to_json(),
             "format": d.format,
             "view": "full" if d.has_ops else "header",
-            "signed_by": list(self.signed_by),
+            "signed_by": self.signed_by,
             "actions": self.actions,
         }
 
@@ -193,17 +197,19 @@ def _walk(
 ) -> bool:
     """Verify every line in order into ``report``; False at the first problem."""
     for position, (line, raw) in enumerate(numbered):
-        misplaced = _out_of_order(numbered, position, state)
-        if misplaced is not None:  # said before its signature fails (keys rotated between)
-            report.problem = misplaced
-            return False
         try:
-            delta, state = deltas.verify_chain(raw, state, site)
+            delta, after = deltas.verify_chain(raw, state, site)
         except DeltaRejected as exc:
-            report.problem = _order_problem(exc, line, state) or _problem(exc, line, site)
+            # A version out of place is said as such, even when its signature failed first
+            # (the keys rotated between), then the site's own reason.
+            report.problem = (
+                _out_of_order(numbered, position, state)
+                or _order_problem(exc, line, state)
+                or _problem(exc, line, site)
+            )
             return False
-        sigs = deltas.parse(raw)[2]
-        report.entries.append(Entry(line, delta, tuple(key for key, _ in sigs)))
+        state = after
+        report.entries.append(Entry(line, delta, raw))
         report.trusted_at_end, report.head = state.trusted_keys, state.head
     return True
 
