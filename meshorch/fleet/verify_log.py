@@ -203,8 +203,9 @@ def _walk(
             # A version out of place is said as such, even when its signature failed first
             # (the keys rotated between), then the site's own reason.
             report.problem = (
-                _out_of_order(numbered, position, state)
-                or _order_problem(exc, line, state)
+                _duplicate(exc, line)
+                or _out_of_order(numbered, position, state)
+                or _gap(exc, line, state)
                 or _problem(exc, line, site)
             )
             return False
@@ -249,11 +250,14 @@ def _out_of_order(
     return None
 
 
-def _order_problem(exc: DeltaRejected, line: int, state: TrustState) -> Problem | None:
-    """A replay or rollback is a duplicate; a gap says which versions are missing."""
+def _duplicate(exc: DeltaRejected, line: int) -> Problem | None:
+    if exc.reason not in ("replay", "rollback"):
+        return None
+    return Problem("duplicate", f"version {exc.version} was given before", line, exc.version)
+
+
+def _gap(exc: DeltaRejected, line: int, state: TrustState) -> Problem | None:
     found = exc.version
-    if exc.reason in ("replay", "rollback"):
-        return Problem("duplicate", f"version {found} was given before", line, found)
     if exc.reason != "gap" or found is None:
         return None
     expected = state.version + 1

@@ -77,6 +77,8 @@ def test_missing_and_repeated_versions(root: SigningKey) -> None:
     assert where(check([lines[0], lines[3]], root)) == ("gap", 4, 2)
     assert "version 2 to 3 missing" in str(check([lines[0], lines[3]], root).problem)
     assert where(check([lines[0], lines[1], lines[1]], root)) == ("duplicate", 2, 3)
+    assert where(check([lines[0], lines[1], lines[1], lines[2]], root)) == ("duplicate", 2, 3)
+    assert where(check([lines[0], lines[1], lines[0], lines[2]], root)) == ("duplicate", 1, 3)
 
 
 def test_a_wrong_root_key_or_a_log_forged_with_another_key(root: SigningKey) -> None:
