@@ -487,6 +487,20 @@ SCHEMAS["DeltaExport"] = _obj(
     next_after={"type": ["integer", "null"], "description": "after= of the next page; null "
                 "at the head"},
 )  # fmt: skip
+_CAUSED = _list(_INT)  # the delta versions that cause a change
+SCHEMAS["SitePending"] = _obj(
+    ["site", "applied_version", "report_age_s", "stale", "head", "complete", "apps"],
+    site=_ID, applied_version={"type": ["integer", "null"]}, report_age_s=_NULLABLE_NUM,
+    stale=_BOOL, head=_INT, scanned_through=_INT, complete=_BOOL, snapshot_first=_BOOL,
+    deltas_pending=_INT, deltas_for_site=_INT,
+    apps=_list(_obj(["app", "change", "versions"], app=_STR, tenant={"type": ["string", "null"]},
+                    change=_STR, versions=_CAUSED)),
+    secrets=_list(_obj(["secret", "change", "versions"], secret=_STR, change=_STR,
+                       versions=_CAUSED)),
+    key_rotations=_CAUSED, root_rotations=_CAUSED, decommission=_CAUSED,
+    lockdown={"type": ["object", "null"]}, agent_upgrade={"type": ["object", "null"]},
+    quotas=_list({"type": "object"}), other_ops=_list({"type": "object"}),
+)  # fmt: skip
 
 _ERRORS = {
     "none": (400,),

@@ -2,6 +2,7 @@
 
     meshorch deltas export [--since V] [--site SITE] > log.jsonl   from the hub
     meshorch deltas verify log.jsonl --root-key HEX [--at TIME]    no hub, no network
+    meshorch site diff SITE                 what the site does when it applies the rest
 
 The export is one signed envelope a line, as sites receive them (``--site``: as that site
 does); ``meshorch fleet export`` writes a site's own record in the same form, so the two
@@ -18,7 +19,7 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import orjson
 
@@ -104,6 +105,96 @@ def add_deltas_commands(commands: Any) -> None:
         help="text for people (default) or json: the whole report",
     )  # fmt: skip
     verify.set_defaults(handler=run_verify)
+
+
+def add_site_diff(actions: Any) -> None:
+    """``meshorch site diff SITE`` (an action of ``meshorch site``)."""
+    diff = actions.add_parser(
+        "diff",
+        help="what the site will do when it next applies the deltas it has not applied",
+        description="Ask the hub what SITE will do when it next applies the deltas it has "
+        "not applied yet: applications added, removed, upgraded (from which version to "
+        "which), secrets, data key rotations, lock-down, agent upgrade, quotas, "
+        "decommission, root key rotations, with the delta versions that cause each. "
+        "Computed from the site's last report and the log: as old as that report (STALE "
+        "when the site has not reported lately). A fleet-wide token is needed.",
+    )
+    diff.add_argument("site", help="the site id")
+    diff.add_argument(
+        "-o", "--output", choices=("text", "json"), default="text",
+        help="text for people (default) or json: the hub's answer",
+    )  # fmt: skip
+    diff.add_argument("--hub", default=os.environ.get(HUB_ENV), metavar="URL",
+                      help=f"the hub, e.g. http://hub:7900 (default ${HUB_ENV})")  # fmt: skip
+    diff.add_argument("--token", default=os.environ.get(TOKEN_ENV),
+                      help=f"a fleet-wide operator token (default ${TOKEN_ENV})")  # fmt: skip
+    diff.set_defaults(handler=run_site_diff)
+
+
+def run_site_diff(args: argparse.Namespace) -> int:
+    answer = hub_call(args, "GET", f"/v1/sites/{quote(args.site, safe='')}/pending")
+    if args.output == "json":
+        sys.stdout.buffer.write(orjson.dumps(answer, option=orjson.OPT_INDENT_2) + b"\n")
+        return 0
+    for line in diff_lines(answer):
+        print(line)
+    return 0
+
+
+def _caused(versions: list[int]) -> str:
+    return f"  [delta{'s' if len(versions) > 1 else ''} {', '.join(map(str, versions))}]"
+
+
+def diff_lines(p: dict[str, Any]) -> list[str]:
+    """``GET /v1/sites/{id}/pending`` for people."""
+    age = p["report_age_s"]
+    reported = "no report yet" if age is None else f"last report {age:.0f} s ago"
+    applied = "-" if p["applied_version"] is None else p["applied_version"]
+    lines = [
+        f"site {p['site']}: applied {applied}, head {p['head']}: {p['deltas_pending']} "
+        f"delta(s) pending, {p['deltas_for_site']} for this site; {reported}"
+        + (" (STALE: the site may have moved since)" if p["stale"] else "")
+    ]
+    for app in p["apps"]:
+        owner = f" ({app['tenant']})" if app["tenant"] else ""
+        change = {
+            "added": f"added, version {app['to']}",
+            "removed": f"removed (was {app['from']})",
+            "upgraded": f"upgraded {app['from']} -> {app['to']}",
+        }.get(app["change"], app["change"])
+        lines.append(f"  app {app['app']}{owner}: {change}{_caused(app['versions'])}")
+    for secret in p["secrets"]:
+        change = secret["change"]
+        if change == "rotated":
+            change = f"rotated, version {secret['from']} -> {secret['to']}"
+        lines.append(f"  secret {secret['secret']}: {change}{_caused(secret['versions'])}")
+    if p["key_rotations"]:
+        lines.append(f"  data keys rotated{_caused(p['key_rotations'])}")
+    if p["lockdown"] is not None:
+        lines.append(f"  lock-down: {p['lockdown']['change']}{_caused(p['lockdown']['versions'])}")
+    upgrade = p["agent_upgrade"]
+    if upgrade is not None:
+        running = ",".join(upgrade["from"]) or "?"
+        lines.append(f"  agent upgrade: {running} -> {upgrade['to']}{_caused(upgrade['versions'])}")
+    for quota in p["quotas"]:
+        limits = ", ".join(f"{k}={v}" for k, v in sorted(quota["to"].items())) or "unlimited"
+        lines.append(f"  quota of {quota['tenant']}: {limits}{_caused(quota['versions'])}")
+    if p["decommission"]:
+        lines.append(f"  DECOMMISSION: stops every application, wipes its secrets"
+                     f"{_caused(p['decommission'])}")  # fmt: skip
+    if p["root_rotations"]:
+        lines.append(f"  fleet root key rotated{_caused(p['root_rotations'])}")
+    for op in p["other_ops"]:
+        lines.append(f"  {op['op']} (not known to this client){_caused([op['version']])}")
+    if len(lines) == 1:
+        lines.append("  nothing changes at this site")
+    if p["snapshot_first"]:
+        lines.append("  (the site is behind the hub's compaction: it catches up by a snapshot "
+                     "first; the changes folded into it are not listed)")  # fmt: skip
+    if not p["complete"]:
+        lines.append(f"  (only the deltas through version {p['scanned_through']} were read; "
+                     "more follow)")  # fmt: skip
+    return lines
 
 
 # -- export -----------------------------------------------------------------------------
