@@ -19,10 +19,18 @@ import asyncio
 
 from aiohttp import web
 
-from central_hub import pending
+from central_hub import holds, pending
 from central_hub.errors import ApiError
 from central_hub.model import validate_site_id
-from central_hub.routing import Query, Route, hub_of, json_response, query_int
+from central_hub.routing import (
+    Query,
+    Route,
+    hub_of,
+    json_response,
+    query_int,
+    read,
+    token_of,
+)
 from meshorch.fleet.delta import Delta, DeltaRejected, parse
 
 MAX_EXPORT_LIMIT = 500
@@ -92,8 +100,23 @@ async def site_pending(request: web.Request) -> web.Response:
         scanned_through=after,
         complete=after >= head,
         snapshot_first=applied < compacted,
+        held=holds.hold_of(ledger, site),
     )
     return json_response(answer)
+
+
+async def hold_site(request: web.Request) -> web.Response:
+    site = validate_site_id(request.match_info["id"])
+    await read(request)  # no body expected; a body is ignored
+    hub = hub_of(request)
+    return json_response(await holds.set_hold(hub.ledger, site, token_of(request), True))
+
+
+async def release_site(request: web.Request) -> web.Response:
+    site = validate_site_id(request.match_info["id"])
+    await read(request)
+    hub = hub_of(request)
+    return json_response(await holds.set_hold(hub.ledger, site, token_of(request), False))
 
 
 DELTAS_ROUTES: tuple[Route, ...] = (
@@ -111,4 +134,10 @@ DELTAS_ROUTES: tuple[Route, ...] = (
           "with the delta versions causing each; from its last report (report_age_s, "
           "stale) and the log (at most 2000 deltas read: complete, scanned_through)",
           response="SitePending"),
+    Route("POST", "/v1/sites/{id}/hold", hold_site, "sites.write",
+          "Hold a site: deltas keep accumulating, the site applies none until released "
+          "(its poll answers no delta, held: true); idempotent", response="SiteHold"),
+    Route("POST", "/v1/sites/{id}/release", release_site, "sites.write",
+          "Release a held site: its next poll gets the deltas; idempotent",
+          response="SiteHold"),
 )  # fmt: skip

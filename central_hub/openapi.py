@@ -500,6 +500,12 @@ SCHEMAS["SitePending"] = _obj(
     key_rotations=_CAUSED, root_rotations=_CAUSED, decommission=_CAUSED,
     lockdown={"type": ["object", "null"]}, agent_upgrade={"type": ["object", "null"]},
     quotas=_list({"type": "object"}), other_ops=_list({"type": "object"}),
+    held={"type": ["object", "null"], "description": "since, by: the site is held"},
+)  # fmt: skip
+SCHEMAS["SiteHold"] = _obj(
+    ["site", "held"], site=_ID,
+    held={"type": ["object", "null"], "description": "since (unix seconds), by (token id); "
+          "null: not held"},
 )  # fmt: skip
 
 _ERRORS = {

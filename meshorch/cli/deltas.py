@@ -3,6 +3,7 @@
     meshorch deltas export [--since V] [--site SITE] > log.jsonl   from the hub
     meshorch deltas verify log.jsonl --root-key HEX [--at TIME]    no hub, no network
     meshorch site diff SITE                 what the site does when it applies the rest
+    meshorch site hold|release SITE         it applies nothing meanwhile
 
 The export is one signed envelope a line, as sites receive them (``--site``: as that site
 does); ``meshorch fleet export`` writes a site's own record in the same form, so the two
@@ -108,7 +109,7 @@ def add_deltas_commands(commands: Any) -> None:
 
 
 def add_site_diff(actions: Any) -> None:
-    """``meshorch site diff SITE`` (an action of ``meshorch site``)."""
+    """``meshorch site diff|hold|release SITE`` (actions of ``meshorch site``)."""
     diff = actions.add_parser(
         "diff",
         help="what the site will do when it next applies the deltas it has not applied",
@@ -129,6 +130,34 @@ def add_site_diff(actions: Any) -> None:
     diff.add_argument("--token", default=os.environ.get(TOKEN_ENV),
                       help=f"a fleet-wide operator token (default ${TOKEN_ENV})")  # fmt: skip
     diff.set_defaults(handler=run_site_diff)
+    for name, help_text, description in (
+        ("hold", "hold a site: it applies no delta until released",
+         "Hold SITE at the hub: the deltas for it keep accumulating, but the site applies "
+         "none (from the hub or relayed by other sites, once it heard of the hold) until "
+         "`meshorch site release SITE`. Review a long-offline shop with `meshorch site diff` "
+         "first. A fleet admin's token is needed."),
+        ("release", "release a held site: it applies its pending deltas",
+         "Release SITE: its next poll gets the deltas that accumulated."),
+    ):  # fmt: skip
+        parser = actions.add_parser(name, help=help_text, description=description)
+        parser.add_argument("site", help="the site id")
+        parser.add_argument("--hub", default=os.environ.get(HUB_ENV), metavar="URL",
+                            help=f"the hub (default ${HUB_ENV})")  # fmt: skip
+        parser.add_argument("--token", default=os.environ.get(TOKEN_ENV),
+                            help=f"a fleet admin's token (default ${TOKEN_ENV})")  # fmt: skip
+        parser.set_defaults(handler=run_site_hold, hold=name == "hold")
+
+
+def run_site_hold(args: argparse.Namespace) -> int:
+    action = "hold" if args.hold else "release"
+    answer = hub_call(args, "POST", f"/v1/sites/{quote(args.site, safe='')}/{action}")
+    held = answer["held"]
+    if held is None:
+        print(f"site {answer['site']} is not held: it applies its deltas")
+    else:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(held["since"]))
+        print(f"site {answer['site']} is held since {since} UTC: it applies no delta")
+    return 0
 
 
 def run_site_diff(args: argparse.Namespace) -> int:
@@ -188,6 +217,11 @@ def diff_lines(p: dict[str, Any]) -> list[str]:
         lines.append(f"  {op['op']} (not known to this client){_caused([op['version']])}")
     if len(lines) == 1:
         lines.append("  nothing changes at this site")
+    held = p.get("held")
+    if held:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(held["since"]))
+        lines.append(f"  HELD since {since} UTC: none of this happens before `meshorch site "
+                     "release`")  # fmt: skip
     if p["snapshot_first"]:
         lines.append("  (the site is behind the hub's compaction: it catches up by a snapshot "
                      "first; the changes folded into it are not listed)")  # fmt: skip

@@ -38,7 +38,9 @@ def add_site_commands(commands: Any) -> None:
     site = commands.add_parser(
         "site",
         help="a site: its secrets (unseal, lock down, unlock, rotate keys), its pending changes",
-        description="Act on the secrets of a site through one of its agents.",
+        description="Act on the secrets of a site through one of its agents (or the hub); "
+        "see what it will do when it next applies its pending deltas (diff), or hold it "
+        "until reviewed (hold, release), through the hub.",
     )
     actions = site.add_subparsers(dest="site_command", required=True, metavar="ACTION")
 

@@ -130,6 +130,15 @@ class NotConfigured(RemoteInputError):
         super().__init__("not_configured", "this site has no fleet link configured")
 
 
+class Held(RemoteInputError):
+    def __init__(self) -> None:
+        super().__init__(
+            "held",
+            "the hub holds this site: it applies no delta until the hub releases it "
+            "(meshorch site release)",
+        )
+
+
 class ConfigConflict(RemoteInputError):
     def __init__(self) -> None:
         super().__init__("conflict", "the fleet configuration changed meanwhile; retry")
@@ -188,6 +197,7 @@ class SiteLink(LinkRecords):
         self.hub_head: int | None = None
         self.site_head: int | None = None  # the hub's newest version for this site
         self.last_error: str | None = None
+        self.held = False  # the hub said it holds this site: no delta is committed
         self._lock = asyncio.Lock()
         self._report_now = asyncio.Event()
         self._enrolled = asyncio.Event()  # reports wait: the hub refuses an unknown site
@@ -454,6 +464,7 @@ class SiteLink(LinkRecords):
                 continue
             backoff.reset()
             self._contact()
+            self._set_held(client.held)
             self.hub_head = head
             if not raws:
                 continue
@@ -616,9 +627,20 @@ class SiteLink(LinkRecords):
                 logger.warning("fleet link: report: %s", exc)
                 continue
             self._contact()
+            self._set_held(client.held)
             self.site_head = client.site_head
             # With per-site views the poll is answered at once only for this site's deltas.
             self._check_poll(self.hub_head if self.site_head is None else self.site_head)
+
+    def _set_held(self, held: bool) -> None:
+        if held != self.held:
+            logger.warning(
+                "fleet link: %s",
+                "the hub holds this site: no delta is applied until it is released"
+                if held
+                else "the hub released this site",
+            )
+        self.held = held
 
     def _contact(self) -> None:
         if not self.connected:
@@ -641,9 +663,11 @@ class SiteLink(LinkRecords):
         ``record_stuck`` False: an ``expired`` refusal with nothing accepted is not recorded
         (the fetch loop catches up by snapshot, and records it if that fails).
 
-        Raises NotConfigured when the site has no trust state, ProposalError when Raft
-        did not commit.
+        Raises NotConfigured when the site has no trust state, Held while the hub holds
+        the site (relayed deltas included), ProposalError when Raft did not commit.
         """
+        if self.held:
+            raise Held()
         raft = self.site
         async with self._lock:
             state, trust_index = await self._trust_state()
@@ -814,6 +838,7 @@ class SiteLink(LinkRecords):
             "connected": self.connected,
             "last_contact": self.last_contact,
             "hub_head": self.hub_head,
+            "held": self.held,
             "last_error": self.last_error,
             "gossip": None if self.gossip is None else self.gossip.status_json(),
             "streams": None if self.forwarder is None else self.forwarder.status_json(),

@@ -201,3 +201,80 @@ async def test_who_may_see_a_sites_pending_changes(
     assert (status, answer["error"]["code"]) == (404, "not_found")
     status, answer = await admin.call("GET", "/v1/sites/Bad_Id/pending")
     assert (status, answer["error"]["code"]) == (400, "bad_site_id")
+
+
+# -- holding a site ----------------------------------------------------------------------------
+
+
+async def test_a_held_site_gets_no_delta_until_released(
+    clocked: Hub, session: aiohttp.ClientSession
+) -> None:
+    hub = clocked
+    admin = Operator(session, hub.url, admin_token(hub))
+    site = Site(session, hub.url, "shop-1", hub.fleet, hub.root_key)
+    body = {"id": "shop-1", "labels": {"shop": "one"}, "public_key": site.public_key}
+    await admin.ok("POST", "/v1/sites", body, 201)
+    app = {"spec": spec_text("web", "1.0"), "placement": {"match": {"shop": "one"}}}
+    await admin.ok("POST", "/v1/apps", app, 202)
+    await site.sync()
+    applied = site.trust.version
+    held = await admin.ok("POST", "/v1/sites/shop-1/hold")
+    assert held["site"] == "shop-1" and held["held"]["by"] == admin.token.split("_")[1]
+    assert (await admin.ok("POST", "/v1/sites/shop-1/hold"))["held"] == held["held"]  # idempotent
+    await admin.ok("POST", "/v1/apps", {**app, "spec": spec_text("web", "2.0")}, 202)
+    await admin.ok("POST", "/v1/sites/shop-1/lockdown", {})
+    assert hub.head.version == applied + 2  # the deltas accumulate
+
+    # Its poll waits, then answers nothing (it does not spin), and says why.
+    started = asyncio.get_running_loop().time()
+    status, answer = await site.request("GET", f"/v1/link/deltas?after={applied}&wait=1")
+    assert status == 200 and answer == {"head": applied, "deltas": [], "held": True}
+    assert asyncio.get_running_loop().time() - started >= 0.9
+    # Its report is answered with its own version: it does not take the poll for lost.
+    status, answer = await site.report({"web": healthy("1.0")})
+    assert answer == {"head": applied, "site_head": applied, "held": True}
+    pending = await admin.ok("GET", "/v1/sites/shop-1/pending")
+    assert pending["held"] == held["held"] and pending["deltas_for_site"] == 2
+
+    # Released: a poll held open is answered at once, the next one gets the deltas.
+    poll = asyncio.ensure_future(site.request("GET", f"/v1/link/deltas?after={applied}&wait=20"))
+    await asyncio.sleep(0.2)
+    released = await admin.ok("POST", "/v1/sites/shop-1/release")
+    assert released == {"site": "shop-1", "held": None}
+    async with asyncio.timeout(3):
+        status, answer = await poll
+    result = await site.sync()
+    assert [d.version for d in result.accepted] == [applied + 1, applied + 2]
+    status, answer = await site.report({"web": healthy("2.0")})
+    assert "held" not in answer and answer["head"] == applied + 2
+    assert (await admin.ok("GET", "/v1/sites/shop-1/pending"))["held"] is None
+    audit = (await admin.ok("GET", "/v1/audit?limit=500"))["entries"]
+    details = [e["detail"] for e in audit if e["object"] == {"type": "site", "id": "shop-1"}]
+    assert [d for d in details if d in ("held", "released")] == ["held", "released"]
+
+
+async def test_who_may_hold_a_site(clocked: Hub, session: aiohttp.ClientSession) -> None:
+    hub = clocked
+    admin = Operator(session, hub.url, admin_token(hub))
+    await admin.ok("POST", "/v1/sites", {"id": "shop-1"}, 201)
+    await admin.ok("POST", "/v1/tenants", {"id": "blue"}, 201)
+    blue = await admin.ok("POST", "/v1/tokens", {"role": "admin", "tenant": "blue"}, 201)
+    viewer = await admin.ok("POST", "/v1/tokens", {"role": "viewer", "tenant": "*"}, 201)
+    for path in ("/v1/sites/shop-1/hold", "/v1/sites/shop-1/release"):
+        async with session.post(hub.url + path) as response:
+            assert response.status == 401
+        for token in (blue["token"], viewer["token"]):
+            status, answer = await admin.call("POST", path, token=token)
+            assert (status, answer["error"]["code"]) == (403, "forbidden"), path
+    assert (await admin.ok("GET", "/v1/sites/shop-1/pending"))["held"] is None  # none took
+    status, answer = await admin.call("POST", "/v1/sites/nope/hold")
+    assert (status, answer["error"]["code"]) == (404, "not_found")
+    # The command line.
+    env = {**os.environ, "MESHORCH_HUB": hub.url, "MESHORCH_TOKEN": admin_token(hub)}
+    for action, said in (("hold", "is held since"), ("release", "is not held")):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "meshorch", "site", action, "shop-1", env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await proc.communicate()
+        assert proc.returncode == 0 and said in out.decode(), err
