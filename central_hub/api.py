@@ -334,6 +334,8 @@ async def link_deltas(request: web.Request) -> web.Response:
         head, envelopes = await hub.ledger.wait_for_site(site, after, wait_s, limit)
     else:
         head, envelopes = await hub.ledger.wait_for_deltas(after, wait_s, limit, site)
+    if holds.is_held(hub.ledger, site):  # held while the poll waited
+        return json_response(holds.held_answer(after))
     body = {"head": head, "deltas": [orjson.Fragment(e) for e in envelopes]}
     return json_response(body)
 

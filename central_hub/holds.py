@@ -4,9 +4,10 @@ An operator holds a site (``meshorch site hold SITE``: ``POST /v1/sites/{id}/hol
 review what a long-offline shop will do (``meshorch site diff``) before it does it. The
 hold is a field of the site's record (``held``: since when, by which token). While it is
 set, the site's long-poll is answered with no delta (after its wait, so the site does not
-spin) and ``"held": true``, and the answer to its reports gives its own applied version
-as the head (the site does not take the poll for lost and ask again at once); the site,
-told it is held, commits no delta from any relay either (``meshorch.fleet.site_link``).
+spin; a poll that was waiting when the hold came too) and ``"held": true``, and the
+answer to its reports gives its own applied version as the head (the site does not take
+the poll for lost and ask again at once); the site, told it is held, commits no delta
+from any relay either (``meshorch.fleet.site_link``).
 ``release`` ends it: the next poll gets the deltas.
 
 The hub cannot make a site apply what the root key did not sign, and withholding is
@@ -66,6 +67,11 @@ async def held_poll(ledger: Ledger, site: str, after: int, wait_s: float) -> dic
     # event to wait on, and one check per CHECK_S of an open poll costs nothing.
     while loop.time() < deadline and not ledger.closing and is_held(ledger, site):  # noqa: ASYNC110
         await asyncio.sleep(min(CHECK_S, max(0.0, deadline - loop.time())))
+    return held_answer(after)
+
+
+def held_answer(after: int) -> dict[str, Any]:
+    """A held site's poll answer: no delta, the head it asked after."""
     return {"head": after, "deltas": [], "held": True}
 
 

@@ -218,12 +218,18 @@ async def test_a_held_site_gets_no_delta_until_released(
     await admin.ok("POST", "/v1/apps", app, 202)
     await site.sync()
     applied = site.trust.version
+    # A poll open when the hold comes is not answered with the deltas issued after it.
+    waiting = asyncio.ensure_future(site.request("GET", f"/v1/link/deltas?after={applied}&wait=5"))
+    await asyncio.sleep(0.2)
     held = await admin.ok("POST", "/v1/sites/shop-1/hold")
     assert held["site"] == "shop-1" and held["held"]["by"] == admin.token.split("_")[1]
     assert (await admin.ok("POST", "/v1/sites/shop-1/hold"))["held"] == held["held"]  # idempotent
     await admin.ok("POST", "/v1/apps", {**app, "spec": spec_text("web", "2.0")}, 202)
     await admin.ok("POST", "/v1/sites/shop-1/lockdown", {})
     assert hub.head.version == applied + 2  # the deltas accumulate
+    async with asyncio.timeout(3):
+        status, answer = await waiting
+    assert status == 200 and answer == {"head": applied, "deltas": [], "held": True}
 
     # Its poll waits, then answers nothing (it does not spin), and says why.
     started = asyncio.get_running_loop().time()
