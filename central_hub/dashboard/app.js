@@ -588,6 +588,8 @@
     const notes = [];
     if (p.snapshot_first) notes.push(" The site is behind the hub's compaction: it catches up by a snapshot first, whose changes are not listed.");
     if (p.complete === false) notes.push(` Only the deltas through ${text(p.scanned_through)} were read.`);
+    const held = obj(p.held);
+    if (p.held) notes.push(` HELD since ${clock(held.since)}: none of this happens before the site is released (meshorch site release).`);
     box.replaceChildren(
       h("p", { id: "pending-summary" }, summary, p.stale ? " " : "", p.stale ? badge("stale", "reason") : "", notes),
       table("pending", ["Kind", "What", "Change", "Deltas"], pendingRows(p), "Nothing changes at this site."),

@@ -495,6 +495,9 @@ class SiteLink(LinkRecords):
         """Too far behind to follow the log: fetch this site's signed snapshot and commit
         it; the tail follows from its version. ``stuck`` is the delta refusal that led here
         (recorded when no snapshot can be had, e.g. from a hub without snapshots)."""
+        if self.held:  # the hub holds this site: no snapshot either
+            await asyncio.sleep(REJECTED_RETRY_S)
+            return
         started = time.monotonic()
         try:
             raw, rotations = await client.snapshot(trust.version)
@@ -543,7 +546,9 @@ class SiteLink(LinkRecords):
         """Verify a snapshot against the trust state in Raft and make it the site's
         desired state in one proposal (``plan_snapshot``). A refused one changes nothing
         but the rejections (reason ``snapshot_<reason>``). Raises NotConfigured,
-        ProposalError."""
+        ProposalError, Held."""
+        if self.held:
+            raise Held()
         raft = self.site
         async with self._lock:
             state, trust_index = await self._trust_state()

@@ -540,6 +540,7 @@ def pending_panel(driver: WebDriver, world: World, tenant_token: str) -> None:
     body = {"spec": spec_text(version="2.0"), "placement": placement}
     world.on_hub(world.admin.ok("POST", "/v1/apps", body, 202))
     world.on_hub(world.admin.ok("POST", "/v1/sites/eu-1/lockdown", {}))
+    world.on_hub(world.admin.ok("POST", "/v1/sites/eu-1/hold"))
     head = world.hub.head.version
     open_dashboard(driver, world.hub)
     log_in(driver, world.admin.token)
@@ -554,6 +555,7 @@ def pending_panel(driver: WebDriver, world: World, tenant_token: str) -> None:
         f"applied {applied} of {head}: {head - applied} delta(s) pending, 2 for this site; "
         "as of its report of "
     ), summary
+    assert "HELD since" in summary and "meshorch site release" in summary
     world.shot(driver, "10-pending")
     # A tenant's token does not see the fleet's log: the panel says so, the page stays.
     open_dashboard(driver, world.hub)
