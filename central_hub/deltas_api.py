@@ -1,4 +1,4 @@
-"""The HTTP routes of the delta log seen by operators: its export, and a site's preview.
+"""The HTTP routes of the delta log seen by operators: its export, a site's preview, holds.
 
 ``GET /v1/deltas/export`` answers the envelopes after a version exactly as the hub signed
 them (or as one site receives them, ``site=``), a page at a time, for ``meshorch deltas
@@ -8,7 +8,9 @@ most ``MAX_EXPORT_LIMIT`` envelopes and ``ledger.MAX_DELTA_RESPONSE_BYTES``.
 
 ``GET /v1/sites/{id}/pending`` previews what a site will do when it next applies the
 deltas it has not applied (``central_hub.pending``, from its last report and the log; at
-most ``MAX_PENDING_SCAN`` deltas read, in pages that yield to the loop).
+most ``MAX_PENDING_SCAN`` deltas read, in pages that yield to the loop);
+``POST /v1/sites/{id}/hold`` and ``/release`` hold a site until reviewed
+(``central_hub.holds``).
 
 Registered by ``central_hub.api`` (``DELTAS_ROUTES`` is appended to its ``ROUTES``).
 """
@@ -31,7 +33,7 @@ from central_hub.routing import (
     read,
     token_of,
 )
-from meshorch.fleet.delta import Delta, DeltaRejected, parse
+from meshorch.fleet.delta import Delta, DeltaRejected, parse, view_for
 
 MAX_EXPORT_LIMIT = 500
 MAX_PENDING_SCAN = 2000  # deltas read for one preview (a page of 500 at a time)
@@ -54,7 +56,9 @@ async def export_deltas(request: web.Request) -> web.Response:
         )
     ledger = hub.ledger
     page = ledger.deltas_after(after, limit)
-    envelopes = [raw if site is None else ledger.view(v, raw, site) for v, raw in page]
+    # view_for, not the ledger's cache of views: a long export would push the versions
+    # the sites' polls ask for out of it.
+    envelopes = [raw if site is None else view_for(raw, site) for _, raw in page]
     last = page[-1][0] if page else after
     return json_response(
         {
