@@ -8,7 +8,8 @@ Where the fleet link lives in the site's replicated state (``sys`` table)::
     fleet/rejections    the last ``MAX_REJECTIONS`` deltas refused (or operations skipped)
     fleet/applied/<v>   the envelope of version v as applied here (this site's view: a
                         format 2 delta for other sites as its header), for the last
-                        ``APPLIED_KEEP`` versions: ``meshorch fleet export`` (v: 20 digits)
+                        ``APPLIED_KEEP`` versions (a batch adds its newest
+                        ``APPLIED_BATCH_BYTES``): ``meshorch fleet export`` (v: 20 digits)
 
 Application operations (``app.put``, ``app.delete``) and ``tenant.quota`` write the
 ``apps`` table (``meshorch.apps.records``, ``meshorch.apps.quotas``). Secrets operations
@@ -74,6 +75,7 @@ APPLIED_PREFIX = b"fleet/applied/"
 # Envelopes kept: a heartbeat's header is ~0.5 KiB, an app.put's a few KiB; at most
 # 256 x MAX_DELTA_BYTES (64 MiB) in the worst case, which the hub's deltas never near.
 APPLIED_KEEP = 256
+APPLIED_BATCH_BYTES = 1024 * 1024
 MAX_REJECTIONS = 20
 REPORT_VERSION = 1
 MAX_FLEET_NAME = 128
@@ -361,7 +363,8 @@ def plan_apply(
     plan = ApplyPlan()
     if envelopes:
         versions = [delta.version for delta in deltas]
-        plan.ops.extend(record_applied(zip(versions, envelopes, strict=True), new_state.version))
+        applied = list(zip(versions, envelopes, strict=True))
+        plan.ops.extend(record_applied(applied, new_state.version))
     ops: list[tuple[int, int, Mapping[str, Any]]] = []
     for delta in deltas:
         plan.applied.append(delta.version)
@@ -410,16 +413,30 @@ def as_applied(raw: bytes, delta: Delta, site_id: str) -> bytes:
     return bytes(raw)
 
 
-def record_applied(applied: Iterable[tuple[int, bytes]], new_version: int) -> list[Write]:
-    """Keep the envelopes of the versions ``applied`` (up to ``new_version``) and forget
-    those ``APPLIED_KEEP`` versions older: the record holds the last ``APPLIED_KEEP``."""
+def record_applied(applied: Sequence[tuple[int, bytes]], new_version: int) -> list[Write]:
+    """Keep the envelopes of the versions ``applied`` (consecutive, up to ``new_version``)
+    and forget the older ones: the record is the run of the last ``APPLIED_KEEP`` versions
+    at most, of which a batch adds at most ``APPLIED_BATCH_BYTES`` (its newest: the Raft
+    entry of the batch stays well under the entry limit). After a larger batch the record
+    starts later."""
+    if not applied:
+        return []
     keep_from = new_version - APPLIED_KEEP + 1
-    writes: list[Write] = []
-    for version, envelope in applied:
-        if version >= keep_from:
-            writes.append(Put(SYSTEM_TABLE, applied_key(version), envelope))
-        if version > APPLIED_KEEP:
-            writes.append(Delete(SYSTEM_TABLE, applied_key(version - APPLIED_KEEP)))
+    kept: list[tuple[int, bytes]] = []
+    start, size = keep_from, 0  # the first version the record holds after this batch
+    for version, envelope in reversed(applied):
+        if version < keep_from:
+            break
+        if size + len(envelope) > APPLIED_BATCH_BYTES:
+            start = version + 1
+            break
+        kept.append((version, envelope))
+        size += len(envelope)
+    # What the record held before this batch: (batch_first - 1 - KEEP, batch_first - 1].
+    batch_first = applied[0][0]
+    older = range(max(1, batch_first - APPLIED_KEEP), min(start, batch_first))
+    writes: list[Write] = [Delete(SYSTEM_TABLE, applied_key(v)) for v in older]
+    writes.extend(Put(SYSTEM_TABLE, applied_key(v), e) for v, e in reversed(kept))
     return writes
 
 

@@ -11,6 +11,7 @@ import pytest
 from nacl.signing import SigningKey
 
 from meshorch.fleet.apply import (
+    APPLIED_BATCH_BYTES,
     APPLIED_KEEP,
     APPLIED_PREFIX,
     TRUST_KEY,
@@ -40,12 +41,17 @@ NOW = 1_790_000_000.0
 SITE = "shop-1"
 
 
-def log_of(count: int) -> list[bytes]:
-    """Format 2 deltas: every third for another site (its operations not this site's)."""
+def log_of(count: int, pad_from: int | None = None) -> list[bytes]:
+    """Format 2 deltas: every third for another site (its operations not this site's);
+    from version ``pad_from`` on, each for all sites and about 30 KB."""
     envelopes, head = [], GENESIS_HASH
     for version in range(1, count + 1):
         target = Target(sites=frozenset({"shop-2"})) if version % 3 == 0 else ALL_SITES
-        ops = [{"op": "tenant.quota", "tenant": "t", "cpu_millis": version}]
+        ops: list[dict[str, object]] = [
+            {"op": "tenant.quota", "tenant": "t", "cpu_millis": version}
+        ]
+        if pad_from is not None and version >= pad_from:
+            target, ops = ALL_SITES, [{"op": "note", "text": "x" * 30_000}]
         body = next_delta("acme", version - 1, head, ops, target, NOW, 3600, DELTA_V2)
         envelope, signed = sign(body, [ROOT])
         envelopes.append(envelope)
@@ -118,3 +124,27 @@ def test_a_snapshot_starts_the_record_anew() -> None:
     plan = plan_snapshot(snapshot, after, 0, SITE, table.read)
     table.apply(plan.ops)
     assert table.kept() == {}
+
+
+def test_a_batch_keeps_at_most_its_newest_megabyte_and_the_record_stays_a_run() -> None:
+    raws = log_of(200, pad_from=101)  # 100 small deltas, then 100 of ~30 KB (3 MB)
+    table = Table()
+    apply_in_batches(table, raws[:100], 100)
+    assert sorted(table.kept()) == list(range(1, 101))
+    apply_in_batches_from(table, raws, 100)
+    kept = sorted(table.kept())
+    assert kept[-1] == 200 and kept == list(range(kept[0], 201))  # a run, no hole
+    assert sum(len(v) for v in table.kept().values()) <= APPLIED_BATCH_BYTES
+    assert 20 < len(kept) < 40
+
+
+def apply_in_batches_from(table: Table, raws: list[bytes], start: int) -> None:
+    """The deltas after ``start`` in one batch, from the trust state after ``start``."""
+    state = TrustState("acme", frozenset({key_id(ROOT)}))
+    state = verify_batch(raws[:start], state, NOW, SITE).state or state
+    batch = raws[start:]
+    result = verify_batch(batch, state, NOW, SITE)
+    assert result.rejected is None and result.state is not None
+    applied = [as_applied(r, d, SITE) for r, d in zip(batch, result.accepted, strict=True)]
+    plan = plan_apply(result.accepted, result.state, 0, SITE, table.read, applied)
+    table.apply(plan.ops)
