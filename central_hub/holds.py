@@ -11,8 +11,9 @@ from any relay either (``meshorch.fleet.site_link``).
 ``release`` ends it: the next poll gets the deltas.
 
 The hub cannot make a site apply what the root key did not sign, and withholding is
-something it can always do: a hold needs no signature. What it cannot stop: deltas a
-peer site relays by gossip before the held site's first answer from the hub in a session.
+something it can always do: a hold needs no signature. A site's gossip relays wait for
+the hub's first answer of a session (10 s at most, ``site_link.relay_refusal``); what a
+hold cannot stop: deltas peers relay to a site that reaches them but not the hub.
 """
 
 from __future__ import annotations

@@ -408,7 +408,7 @@ class GossipLink(Protocol):
     @property
     def filtered(self) -> bool: ...
 
-    async def commit(self, raws: Sequence[bytes], record_stuck: bool = True) -> CommitOutcome: ...
+    async def commit_relayed(self, raws: Sequence[bytes]) -> CommitOutcome: ...
 
     def recent_envelopes(self, after: int, requester: str) -> list[bytes]: ...
 
@@ -687,7 +687,7 @@ class SiteGossip:
             try:
                 # An expired batch with nothing fresh after it is the link's to catch up
                 # (by snapshot, recording the refusal only if that fails), not a rejection.
-                outcome = await self.link.commit(batch, record_stuck=False)
+                outcome = await self.link.commit_relayed(batch)
             except (ProposalError, RemoteInputError) as exc:
                 logger.warning("gossip: relayed deltas not committed: %s", exc)
                 await asyncio.sleep(REQUEST_INTERVAL_S)

@@ -123,6 +123,7 @@ REJECTED_RETRY_S = 5.0  # after the hub served only deltas this site refuses
 STALE_POLL_S = 1.0
 THREAD_VERIFY_AT = 8  # batches of more deltas are verified in a worker thread
 RECENT_ENVELOPES = 64  # applied envelopes kept to answer other sites' gossip requests
+HUB_FIRST_S = 10.0  # gossip relays wait this long in a session for the hub's first answer
 
 
 class NotConfigured(RemoteInputError):
@@ -137,6 +138,26 @@ class Held(RemoteInputError):
             "the hub holds this site: it applies no delta until the hub releases it "
             "(meshorch site release)",
         )
+
+
+class HubFirst(RemoteInputError):
+    def __init__(self) -> None:
+        super().__init__(
+            "hub_first",
+            "waiting for the hub's first answer of this session (it may hold the site)",
+        )
+
+
+def relay_refusal(held: bool, hub_heard: bool, session_age_s: float) -> RemoteInputError | None:
+    """Why deltas relayed by gossip are not committed now (None: they may be). Held: the
+    hub said so. Early in a session: the hub has not answered yet and may be about to say
+    it holds the site (a shop back online hears its peers as soon as the hub); after
+    ``HUB_FIRST_S`` without an answer the hub is taken as unreachable, and relays count."""
+    if held:
+        return Held()
+    if not hub_heard and session_age_s < HUB_FIRST_S:
+        return HubFirst()
+    return None
 
 
 class ConfigConflict(RemoteInputError):
@@ -198,6 +219,8 @@ class SiteLink(LinkRecords):
         self.site_head: int | None = None  # the hub's newest version for this site
         self.last_error: str | None = None
         self.held = False  # the hub said it holds this site: no delta is committed
+        self._hub_heard = False  # an answer to a poll or report in this session
+        self._session_started = time.monotonic()
         self._lock = asyncio.Lock()
         self._report_now = asyncio.Event()
         self._enrolled = asyncio.Event()  # reports wait: the hub refuses an unknown site
@@ -343,6 +366,7 @@ class SiteLink(LinkRecords):
         key = self.site_key()
         assert key is not None
         logger.info("fleet link: connecting to %s for site %s", config.hub, self.site_id)
+        self._hub_heard, self._session_started = False, time.monotonic()
         async with LinkClient(config.hub, self.site_id, key, trust=config.trust_tls) as client:
             self._report_now.set()
             # The gossip member and its stack are loaded only on a leader linked to a hub.
@@ -638,6 +662,7 @@ class SiteLink(LinkRecords):
             self._check_poll(self.hub_head if self.site_head is None else self.site_head)
 
     def _set_held(self, held: bool) -> None:
+        self._hub_heard = True
         if held != self.held:
             logger.warning(
                 "fleet link: %s",
@@ -661,6 +686,15 @@ class SiteLink(LinkRecords):
         self.last_error = str(exc)
 
     # -- committing deltas ---------------------------------------------------------------
+
+    async def commit_relayed(self, raws: Sequence[bytes]) -> CommitOutcome:
+        """``commit`` for deltas a gossip peer relayed: refused while the hub holds the
+        site, and early in a session until the hub answered (``relay_refusal``)."""
+        age = time.monotonic() - self._session_started
+        refusal = relay_refusal(self.held, self._hub_heard, age)
+        if refusal is not None:
+            raise refusal
+        return await self.commit(raws, record_stuck=False)
 
     async def commit(self, raws: Sequence[bytes], record_stuck: bool = True) -> CommitOutcome:
         """Verify envelopes against the trust state in Raft and commit what passes.

@@ -1,6 +1,6 @@
 """Holding a site, with a real hub process and a real agent: while held, the deltas for it
 accumulate at the hub and the site applies none, not even when they are relayed to it
-(its agent API, as a gossip peer would); released, it catches up."""
+(its agent API); released, it catches up. And when gossip relays are let through."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 
 from meshorch.demo.localsite import LocalHub, LocalSite
+from meshorch.fleet.site_link import HUB_FIRST_S, relay_refusal
 from tests.agent_token import HEADERS
 from tests.fleet.test_site_follows_hub import spec
 from tests.fleet.test_snapshot_catch_up import Fleet, app_version, caught_up, fleet_status
@@ -96,3 +97,12 @@ async def test_a_held_site_applies_nothing_until_released(hub: LocalHub, root: P
 
 async def _is(value: Any, expected: str) -> bool:
     return await value == expected
+
+
+def test_gossip_relays_wait_for_the_hub_early_in_a_session_and_never_pass_a_hold() -> None:
+    held = relay_refusal(True, True, 100.0)
+    assert held is not None and held.code == "held"
+    early = relay_refusal(False, False, HUB_FIRST_S - 1)
+    assert early is not None and early.code == "hub_first"
+    assert relay_refusal(False, True, 0.0) is None  # the hub answered: not held
+    assert relay_refusal(False, False, HUB_FIRST_S + 1) is None  # the hub is unreachable
