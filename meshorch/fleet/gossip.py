@@ -14,8 +14,9 @@ datagrams from members whose certificate a key of the site's trust state signed.
   applied makes it wake its long-poll at the hub when the hub is reachable, and otherwise
   (or when that does not help within ``CATCH_UP_GRACE_S``) ask that member for the
   deltas after its version over app messages; the answers are verified and committed by
-  ``SiteLink.commit`` exactly as relayed deltas are: the fleet root key's signature counts,
-  not who passed them on;
+  ``SiteLink.commit_relayed`` exactly as relayed deltas are: the fleet root key's
+  signature counts, not who passed them on (not while the hub holds the site, nor before
+  the hub's first answer of a link session);
 - answers such requests from the envelopes it applied last (kept in memory by the link).
 
 Wire forms (pure helpers below):
