@@ -123,5 +123,7 @@ def _print_status(fleet: dict[str, Any]) -> None:
     print(f"site key:   {fleet.get('site_key') or '-'}")
     waiting = f"{pending['public_key']} ({pending['reason']})" if pending else "-"
     print(f"pending:    {waiting}")
+    if fleet.get("held"):
+        print("held:       yes: the hub holds this site, it applies no delta until released")
     if rotation.get("last_error"):
         print(f"last error: {rotation['last_error']}")

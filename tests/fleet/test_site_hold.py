@@ -59,6 +59,8 @@ async def test_a_held_site_applies_nothing_until_released(hub: LocalHub, root: P
                 return bool((await fleet_status(shop))["held"])
 
             await until("the site hears it is held", told, 15)
+            code, out, err = await _cli("fleet", "status", "--agent", shop.members[0].api)
+            assert code == 0 and "held:       yes" in out, err
             await fleet.call("POST", "/v1/apps", {**app, "spec": spec("2.0")})
             head = await fleet.head()
             assert head > applied
@@ -73,14 +75,9 @@ async def test_a_held_site_applies_nothing_until_released(hub: LocalHub, root: P
             status = await fleet_status(shop)
             assert status["trust"]["version"] == applied and status["held"] is True
             assert await app_version(shop, "web") == "1.0"
-            env = {**os.environ, "MESHORCH_HUB": hub.url, "MESHORCH_TOKEN": hub.admin_token}
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "meshorch", "site", "diff", "shop-1", env=env,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            )  # fmt: skip
-            out, err = await proc.communicate()
-            text = out.decode()
-            assert proc.returncode == 0, err
+            env = {"MESHORCH_HUB": hub.url, "MESHORCH_TOKEN": hub.admin_token}
+            code, text, err = await _cli("site", "diff", "shop-1", env=env)
+            assert code == 0, err
             assert (
                 f"app web (default): upgraded 1.0 -> 2.0  [delta {head}]" in text
                 and "HELD since" in text
@@ -93,6 +90,16 @@ async def test_a_held_site_applies_nothing_until_released(hub: LocalHub, root: P
         finally:
             shop.stop()
             print(shop.logs())
+
+
+async def _cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "meshorch", *args, env={**os.environ, **(env or {})},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
 
 
 async def _is(value: Any, expected: str) -> bool:
