@@ -494,6 +494,8 @@ class SiteLink(LinkRecords):
                 continue
             try:
                 outcome = await self.commit(raws, record_stuck=False)
+            except Held:  # held since this poll was answered (a report said so)
+                continue
             except ProposalError as exc:
                 logger.warning("fleet link: not committed: %s", exc)
                 await asyncio.sleep(backoff.next_s())
