@@ -36,9 +36,10 @@ import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from central_hub import authz, openapi, tenancy, tokens
+from central_hub import authz, holds, openapi, tenancy, tokens
 from central_hub.audit import CALLER
 from central_hub.dashboard import add_dashboard
+from central_hub.deltas_api import DELTAS_ROUTES
 from central_hub.errors import ApiError, InputProblems
 from central_hub.fleetview import parse_report
 from central_hub.logs_api import LOGS_ROUTES
@@ -325,12 +326,16 @@ async def link_deltas(request: web.Request) -> web.Response:
     wait_s = query_seconds(request, "wait", DEFAULT_WAIT_S, MAX_WAIT_S)
     limit = query_int(request, "limit", MAX_LINK_LIMIT, 1, MAX_LINK_LIMIT)
     hub = hub_of(request)
-    hub.snapshots.require_deltas_after(after)
     site = site_of(request)
+    if holds.is_held(hub.ledger, site):
+        return json_response(await holds.held_poll(hub.ledger, site, after, wait_s))
+    hub.snapshots.require_deltas_after(after)
     if hub.delta_format.site_ready(site):  # waits for this site's deltas only
         head, envelopes = await hub.ledger.wait_for_site(site, after, wait_s, limit)
     else:
         head, envelopes = await hub.ledger.wait_for_deltas(after, wait_s, limit, site)
+    if holds.is_held(hub.ledger, site):  # held while the poll waited
+        return json_response(holds.held_answer(after))
     body = {"head": head, "deltas": [orjson.Fragment(e) for e in envelopes]}
     return json_response(body)
 
@@ -353,6 +358,8 @@ async def link_report(request: web.Request) -> web.Response:
     report.update(parse_report_secrets(data))  # the secrets part (central_hub.vault)
     hub = hub_of(request)
     head = await hub.sites.record_report(site, report)
+    if holds.is_held(hub.ledger, site):
+        return json_response(holds.held_report_answer(report))
     if not hub.delta_format.site_ready(site):
         return json_response({"head": head})
     # The newest version for this site: its poll is answered at once only for those.
@@ -677,4 +684,4 @@ ROUTES: tuple[Route, ...] = (
 )  # fmt: skip
 
 # The vault's, the logs' and the releases' routes are declared with their handlers.
-ROUTES += VAULT_ROUTES + LOGS_ROUTES + RELEASES_ROUTES
+ROUTES += VAULT_ROUTES + LOGS_ROUTES + RELEASES_ROUTES + DELTAS_ROUTES

@@ -478,6 +478,36 @@ SCHEMAS.update(
     }
 )  # fmt: skip
 
+# The delta log's export (central_hub.deltas_api).
+SCHEMAS["DeltaExport"] = _obj(
+    ["fleet", "root_key", "head", "head_hash", "compacted", "envelopes", "next_after"],
+    fleet=_STR, root_key=_HEX64, head=_INT, head_hash=_HEX64, compacted=_INT,
+    site={"type": ["string", "null"]},
+    envelopes=_list({"type": "string", "description": "an Envelope's JSON, byte for byte"}),
+    next_after={"type": ["integer", "null"], "description": "after= of the next page; null "
+                "at the head"},
+)  # fmt: skip
+_CAUSED = _list(_INT)  # the delta versions that cause a change
+SCHEMAS["SitePending"] = _obj(
+    ["site", "applied_version", "report_age_s", "stale", "head", "complete", "apps"],
+    site=_ID, applied_version={"type": ["integer", "null"]}, report_age_s=_NULLABLE_NUM,
+    stale=_BOOL, head=_INT, scanned_through=_INT, complete=_BOOL, snapshot_first=_BOOL,
+    deltas_pending=_INT, deltas_for_site=_INT,
+    apps=_list(_obj(["app", "change", "versions"], app=_STR, tenant={"type": ["string", "null"]},
+                    change=_STR, versions=_CAUSED)),
+    secrets=_list(_obj(["secret", "change", "versions"], secret=_STR, change=_STR,
+                       versions=_CAUSED)),
+    key_rotations=_CAUSED, root_rotations=_CAUSED, decommission=_CAUSED,
+    lockdown={"type": ["object", "null"]}, agent_upgrade={"type": ["object", "null"]},
+    quotas=_list({"type": "object"}), other_ops=_list({"type": "object"}),
+    held={"type": ["object", "null"], "description": "since, by: the site is held"},
+)  # fmt: skip
+SCHEMAS["SiteHold"] = _obj(
+    ["site", "held"], site=_ID,
+    held={"type": ["object", "null"], "description": "since (unix seconds), by (token id); "
+          "null: not held"},
+)  # fmt: skip
+
 _ERRORS = {
     "none": (400,),
     "enroll": (400, 403),

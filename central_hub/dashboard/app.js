@@ -547,17 +547,68 @@
     );
   }
 
+  // What the site will do when it next applies the deltas it has not applied (GET
+  // /v1/sites/{id}/pending: fleet-wide tokens only).
+  function pendingRows(p) {
+    const caused = (versions) => list(versions).join(", ");
+    const rows = [];
+    const add = (kind, what, change, versions) => rows.push(h("tr", {}, h("td", {}, kind), h("td", {}, what), h("td", {}, change), h("td", {}, caused(versions))));
+    for (const a of list(p.apps).map(obj)) {
+      const change = { added: `added, version ${text(a.to)}`, removed: `removed (was ${text(a.from)})`, upgraded: `upgraded ${text(a.from)} → ${text(a.to)}` }[a.change] || text(a.change);
+      add("app", `${text(a.app)}${typeof a.tenant === "string" ? ` (${a.tenant})` : ""}`, change, a.versions);
+    }
+    for (const x of list(p.secrets).map(obj)) {
+      add("secret", text(x.secret), x.change === "rotated" ? `rotated, version ${text(x.from)} → ${text(x.to)}` : text(x.change), x.versions);
+    }
+    if (list(p.key_rotations).length) add("data keys", "", "rotated", p.key_rotations);
+    const lockdown = obj(p.lockdown);
+    if (p.lockdown) add("lock-down", "", text(lockdown.change), lockdown.versions);
+    const upgrade = obj(p.agent_upgrade);
+    if (p.agent_upgrade) add("agent", list(upgrade.from).join(", ") || "—", `upgrade to ${text(upgrade.to)}`, upgrade.versions);
+    for (const q of list(p.quotas).map(obj)) {
+      add("quota", text(q.tenant), Object.entries(obj(q.to)).map(([k, v]) => `${k}=${text(v)}`).join(", ") || "unlimited", q.versions);
+    }
+    if (list(p.decommission).length) add("site", "", "DECOMMISSION: stops every application, wipes its secrets", p.decommission);
+    if (list(p.root_rotations).length) add("fleet", "", "root key rotated", p.root_rotations);
+    for (const o of list(p.other_ops).map(obj)) add("other", text(o.op), "not known to this page", [o.version]);
+    return rows;
+  }
+
+  async function pendingSection(box, siteId) {
+    let p;
+    try {
+      p = await get(`/v1/sites/${enc(siteId)}/pending`);
+    } catch (err) {
+      const why = err instanceof HubError && err.status === 403 ? "Pending changes need a fleet-wide token." : errorText(err);
+      box.replaceChildren(h("p", { class: "muted", id: "pending-summary" }, why));
+      return;
+    }
+    const reported = num(p.report_age_s) === null ? "no report yet" : `as of its report of ${Math.round(p.report_age_s)} s ago`;
+    const summary = `applied ${text(p.applied_version)} of ${text(p.head)}: ${text(p.deltas_pending)} delta(s) pending, ${text(p.deltas_for_site)} for this site; ${reported}`;
+    const notes = [];
+    if (p.snapshot_first) notes.push(" The site is behind the hub's compaction: it catches up by a snapshot first, whose changes are not listed.");
+    if (p.complete === false) notes.push(` Only the deltas through ${text(p.scanned_through)} were read.`);
+    const held = obj(p.held);
+    if (p.held) notes.push(` HELD since ${clock(held.since)}: none of this happens before the site is released (meshorch site release).`);
+    box.replaceChildren(
+      h("p", { id: "pending-summary" }, summary, p.stale ? " " : "", p.stale ? badge("stale", "reason") : "", notes),
+      table("pending", ["Kind", "What", "Change", "Deltas"], pendingRows(p), "Nothing changes at this site."),
+    );
+  }
+
   function siteView(root, siteId) {
     const head = h("div", { class: "panel" });
     const hosts = h("div", {});
     const apps = h("div", {});
     const rejections = h("div", {});
     const events = h("div", {});
+    const pending = h("div", {});
     root.append(
       crumbs([siteId]),
       head,
       h("section", { class: "panel" }, h("h2", {}, "Hosts and instances"), hosts),
       h("section", { class: "panel" }, h("h2", {}, "Applications"), apps),
+      h("section", { class: "panel" }, h("h2", {}, "Pending changes"), pending),
       h("section", { class: "panel" }, h("h2", {}, "Recent rejections"), rejections),
       h("section", { class: "panel" }, h("h2", {}, "Recent events"), events),
     );
@@ -602,6 +653,7 @@
           "No rejected deltas in the latest report.",
         ),
       );
+      await pendingSection(pending, siteId);
       await logsSection(events, { site: siteId, limit: "20" }, "No events from this site at the hub.");
     };
   }

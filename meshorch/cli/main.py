@@ -228,6 +228,7 @@ def add_operator_commands(commands: argparse._SubParsersAction[argparse.Argument
     from meshorch.chaos.cli import add_chaos_command
     from meshorch.cli.access import add_access_commands
     from meshorch.cli.agent_ops import add_agent_ops_commands
+    from meshorch.cli.deltas import add_deltas_commands
     from meshorch.cli.fleet import add_fleet_commands
     from meshorch.cli.fleetkey import add_fleet_site_commands
     from meshorch.cli.logs import add_logs_command
@@ -269,6 +270,7 @@ def add_operator_commands(commands: argparse._SubParsersAction[argparse.Argument
         add_help=False,
     )
     add_fleet_commands(commands)
+    add_deltas_commands(commands)
     add_fleet_site_commands(commands)
     add_access_commands(commands)
     add_logs_command(commands)

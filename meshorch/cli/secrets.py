@@ -37,8 +37,10 @@ KEY_BYTES = 32
 def add_site_commands(commands: Any) -> None:
     site = commands.add_parser(
         "site",
-        help="secrets of a site: unseal, lock down, unlock, rotate keys",
-        description="Act on the secrets of a site through one of its agents.",
+        help="a site: its secrets (unseal, lock down, unlock, rotate keys), its pending changes",
+        description="Act on the secrets of a site through one of its agents (or the hub); "
+        "see what it will do when it next applies its pending deltas (diff), or hold it "
+        "until reviewed (hold, release), through the hub.",
     )
     actions = site.add_subparsers(dest="site_command", required=True, metavar="ACTION")
 
@@ -96,6 +98,9 @@ def add_site_commands(commands: Any) -> None:
     decommission.add_argument("--wait", action="store_true", help="until the hub forgot it")
     decommission.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS")
     decommission.set_defaults(handler=run_decommission)
+    from meshorch.cli.deltas import add_site_diff  # a view of the hub's delta log
+
+    add_site_diff(actions)
     add_secrets_commands(commands)
 
 

@@ -6,6 +6,10 @@ Where the fleet link lives in the site's replicated state (``sys`` table)::
     fleet/link          the link configuration (``LinkConfig``): hub, fleet, root key
     fleet/trust         ``meshorch.fleet.delta.TrustState``: applied version, head, trusted keys
     fleet/rejections    the last ``MAX_REJECTIONS`` deltas refused (or operations skipped)
+    fleet/applied/<v>   the envelope of version v as applied here (this site's view: a
+                        format 2 delta for other sites as its header), for the last
+                        ``APPLIED_KEEP`` versions (a batch adds its newest
+                        ``APPLIED_BATCH_BYTES``): ``meshorch fleet export`` (v: 20 digits)
 
 Application operations (``app.put``, ``app.delete``) and ``tenant.quota`` write the
 ``apps`` table (``meshorch.apps.records``, ``meshorch.apps.quotas``). Secrets operations
@@ -50,7 +54,14 @@ from meshorch.errors import RemoteInputError
 from meshorch.fleet import decommission
 from meshorch.fleet import upgrade as agent_upgrade
 from meshorch.fleet.client import HubTrust, normalize_fingerprint
-from meshorch.fleet.delta import Delta, DeltaRejected, TrustState, parse_key_id
+from meshorch.fleet.delta import (
+    DELTA_V2,
+    Delta,
+    DeltaRejected,
+    TrustState,
+    parse_key_id,
+    view_for,
+)
 from meshorch.fleet.snapshot import Snapshot, SnapshotRejected
 from meshorch.secrets import keyring as secrets
 from meshorch.state.tables import APPS_TABLE, SYSTEM_TABLE
@@ -60,6 +71,11 @@ SITE_KEY_KEY = b"fleet/site-key"
 LINK_KEY = b"fleet/link"
 TRUST_KEY = b"fleet/trust"
 REJECTIONS_KEY = b"fleet/rejections"
+APPLIED_PREFIX = b"fleet/applied/"
+# Envelopes kept: a heartbeat's header is ~0.5 KiB, an app.put's a few KiB; at most
+# 256 x MAX_DELTA_BYTES (64 MiB) in the worst case, which the hub's deltas never near.
+APPLIED_KEEP = 256
+APPLIED_BATCH_BYTES = 1024 * 1024
 MAX_REJECTIONS = 20
 REPORT_VERSION = 1
 MAX_FLEET_NAME = 128
@@ -344,13 +360,20 @@ def plan_apply(
     trust_index: int,
     site_id: str,
     read: Reader,
+    envelopes: Sequence[bytes] = (),
 ) -> ApplyPlan:
     """Raft operations that apply ``deltas`` (verified, consecutive) at this site.
 
     ``read(table, key)`` returns the current value; ``trust_index`` is the Raft index
     of the trust record the deltas were verified against (the compare-and-set guard).
+    ``envelopes`` (one per delta, as applied: ``as_applied``) are kept in the record of
+    the last ``APPLIED_KEEP`` versions, in the same guarded proposal.
     """
     plan = ApplyPlan()
+    if envelopes:
+        versions = [delta.version for delta in deltas]
+        applied = list(zip(versions, envelopes, strict=True))
+        plan.ops.extend(record_applied(applied, new_state.version))
     ops: list[tuple[int, int, Mapping[str, Any]]] = []
     for delta in deltas:
         plan.applied.append(delta.version)
@@ -374,8 +397,56 @@ def plan_snapshot(
     the trust state at the snapshot's version and head. An operation this site refuses is
     skipped and reported (``OpError``, its index in the snapshot)."""
     plan = ApplyPlan(applied=[snapshot.version], for_site=[snapshot.version])
+    # The envelopes kept lead to the versions the snapshot skips: the record starts anew.
+    before = read(SYSTEM_TABLE, TRUST_KEY)
+    applied = 0 if before is None else TrustState.from_json(orjson.loads(before)).version
+    first = max(1, applied - APPLIED_KEEP + 1)
+    plan.ops.extend(Delete(SYSTEM_TABLE, applied_key(v)) for v in range(first, applied + 1))
     ops = [(item.at, index, item.op) for index, item in enumerate(snapshot.ops)]
     return _plan_ops(plan, ops, new_state, trust_index, site_id, read)
+
+
+def applied_key(version: int) -> bytes:
+    return APPLIED_PREFIX + b"%020d" % version
+
+
+def applied_version(key: bytes) -> int:
+    return int(key[len(APPLIED_PREFIX) :])
+
+
+def as_applied(raw: bytes, delta: Delta, site_id: str) -> bytes:
+    """The envelope of ``delta`` (verified from ``raw``) as this site applied it: a format 2
+    delta that does not target it as its header, even when a relay sent the operations."""
+    if delta.format == DELTA_V2 and not delta.has_ops:
+        return view_for(raw, site_id)
+    return bytes(raw)
+
+
+def record_applied(applied: Sequence[tuple[int, bytes]], new_version: int) -> list[Write]:
+    """Keep the envelopes of the versions ``applied`` (consecutive, up to ``new_version``)
+    and forget the older ones: the record is the run of the last ``APPLIED_KEEP`` versions
+    at most, of which a batch adds at most ``APPLIED_BATCH_BYTES`` (its newest: the Raft
+    entry of the batch stays well under the entry limit). After a larger batch the record
+    starts later."""
+    if not applied:
+        return []
+    keep_from = new_version - APPLIED_KEEP + 1
+    kept: list[tuple[int, bytes]] = []
+    start, size = keep_from, 0  # the first version the record holds after this batch
+    for version, envelope in reversed(applied):
+        if version < keep_from:
+            break
+        if size + len(envelope) > APPLIED_BATCH_BYTES:
+            start = version + 1
+            break
+        kept.append((version, envelope))
+        size += len(envelope)
+    # What the record held before this batch: (batch_first - 1 - KEEP, batch_first - 1].
+    batch_first = applied[0][0]
+    older = range(max(1, batch_first - APPLIED_KEEP), min(start, batch_first))
+    writes: list[Write] = [Delete(SYSTEM_TABLE, applied_key(v)) for v in older]
+    writes.extend(Put(SYSTEM_TABLE, applied_key(v), e) for v, e in reversed(kept))
+    return writes
 
 
 def _plan_ops(

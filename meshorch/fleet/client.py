@@ -201,6 +201,7 @@ class LinkClient:
         self.clock = clock
         self.request_timeout_s = request_timeout_s
         self.site_head: int | None = None  # from the last report's answer (``report``)
+        self.held = False  # the hub holds this site (its last poll's or report's answer)
         self.trust = trust or HubTrust()
         self._use(0)
         self._session = session
@@ -265,6 +266,7 @@ class LinkClient:
         head, deltas = answer.get("head"), answer.get("deltas")
         if type(head) is not int or not isinstance(deltas, list):
             raise BadHubAnswer("a deltas answer is {'head': int, 'deltas': [...]}")
+        self.held = answer.get("held") is True
         # The signature covers the body string, which re-encoding keeps.
         return head, [orjson.dumps(envelope) for envelope in deltas]
 
@@ -291,6 +293,7 @@ class LinkClient:
         # A hub serving per-site views says the newest version that concerns this site:
         # its long-poll answers at once only for those (docs/fleet-link.md).
         self.site_head = site_head if type(site_head) is int else None
+        self.held = answer.get("held") is True
         return head
 
     async def gossip_info(self) -> GossipInfo:

@@ -14,8 +14,9 @@ datagrams from members whose certificate a key of the site's trust state signed.
   applied makes it wake its long-poll at the hub when the hub is reachable, and otherwise
   (or when that does not help within ``CATCH_UP_GRACE_S``) ask that member for the
   deltas after its version over app messages; the answers are verified and committed by
-  ``SiteLink.commit`` exactly as relayed deltas are: the fleet root key's signature counts,
-  not who passed them on;
+  ``SiteLink.commit_relayed`` exactly as relayed deltas are: the fleet root key's
+  signature counts, not who passed them on (not while the hub holds the site, nor before
+  the hub's first answer of a link session);
 - answers such requests from the envelopes it applied last (kept in memory by the link).
 
 Wire forms (pure helpers below):
@@ -408,7 +409,7 @@ class GossipLink(Protocol):
     @property
     def filtered(self) -> bool: ...
 
-    async def commit(self, raws: Sequence[bytes], record_stuck: bool = True) -> CommitOutcome: ...
+    async def commit_relayed(self, raws: Sequence[bytes]) -> CommitOutcome: ...
 
     def recent_envelopes(self, after: int, requester: str) -> list[bytes]: ...
 
@@ -687,7 +688,7 @@ class SiteGossip:
             try:
                 # An expired batch with nothing fresh after it is the link's to catch up
                 # (by snapshot, recording the refusal only if that fails), not a rejection.
-                outcome = await self.link.commit(batch, record_stuck=False)
+                outcome = await self.link.commit_relayed(batch)
             except (ProposalError, RemoteInputError) as exc:
                 logger.warning("gossip: relayed deltas not committed: %s", exc)
                 await asyncio.sleep(REQUEST_INTERVAL_S)

@@ -1,4 +1,5 @@
-"""The fleet link's records in the site state, read: link configuration, trust, site key.
+"""The fleet link's records in the site state, read: link configuration, trust, site key,
+the envelopes applied last.
 
 Shared by the link (``meshorch.fleet.site_link``) and the agent upgrades
 (``meshorch.fleet.upgrade``, which fetch a release from the hub with the site's key).
@@ -12,12 +13,16 @@ import orjson
 from nacl.signing import SigningKey
 
 from meshorch.fleet.apply import (
+    APPLIED_KEEP,
+    APPLIED_PREFIX,
     LINK_KEY,
     REJECTIONS_KEY,
     SITE_KEY_KEY,
     TRUST_KEY,
     LinkConfig,
     SiteKey,
+    applied_key,
+    applied_version,
     decode_rejections,
 )
 from meshorch.fleet.client import HubTrust
@@ -69,3 +74,10 @@ class LinkRecords:
 
     def rejections(self) -> list[dict[str, Any]]:
         return decode_rejections(self._get(REJECTIONS_KEY))
+
+    def applied_envelopes(self, after: int) -> list[tuple[int, bytes]]:
+        """The kept envelopes (``apply.APPLIED_KEEP``) of the versions after ``after``."""
+        records, _ = self.site.view.scan(
+            SYSTEM_TABLE, APPLIED_PREFIX, APPLIED_KEEP, start=applied_key(after + 1)
+        )
+        return [(applied_version(key), record.value) for key, record in records]

@@ -65,6 +65,7 @@ from meshorch.fleet.apply import (
     LinkConfig,
     SiteFacts,
     SiteKey,
+    as_applied,
     build_report,
     encode_rejections,
     merge_link_config,
@@ -122,11 +123,41 @@ REJECTED_RETRY_S = 5.0  # after the hub served only deltas this site refuses
 STALE_POLL_S = 1.0
 THREAD_VERIFY_AT = 8  # batches of more deltas are verified in a worker thread
 RECENT_ENVELOPES = 64  # applied envelopes kept to answer other sites' gossip requests
+HUB_FIRST_S = 10.0  # gossip relays wait this long in a session for the hub's first answer
 
 
 class NotConfigured(RemoteInputError):
     def __init__(self) -> None:
         super().__init__("not_configured", "this site has no fleet link configured")
+
+
+class Held(RemoteInputError):
+    def __init__(self) -> None:
+        super().__init__(
+            "held",
+            "the hub holds this site: it applies no delta until the hub releases it "
+            "(meshorch site release)",
+        )
+
+
+class HubFirst(RemoteInputError):
+    def __init__(self) -> None:
+        super().__init__(
+            "hub_first",
+            "waiting for the hub's first answer of this session (it may hold the site)",
+        )
+
+
+def relay_refusal(held: bool, hub_heard: bool, session_age_s: float) -> RemoteInputError | None:
+    """Why deltas relayed by gossip are not committed now (None: they may be). Held: the
+    hub said so. Early in a session: the hub has not answered yet and may be about to say
+    it holds the site (a shop back online hears its peers as soon as the hub); after
+    ``HUB_FIRST_S`` without an answer the hub is taken as unreachable, and relays count."""
+    if held:
+        return Held()
+    if not hub_heard and session_age_s < HUB_FIRST_S:
+        return HubFirst()
+    return None
 
 
 class ConfigConflict(RemoteInputError):
@@ -187,6 +218,9 @@ class SiteLink(LinkRecords):
         self.hub_head: int | None = None
         self.site_head: int | None = None  # the hub's newest version for this site
         self.last_error: str | None = None
+        self.held = False  # the hub said it holds this site: no delta is committed
+        self._hub_heard = False  # an answer to a poll or report in this session
+        self._session_started = time.monotonic()
         self._lock = asyncio.Lock()
         self._report_now = asyncio.Event()
         self._enrolled = asyncio.Event()  # reports wait: the hub refuses an unknown site
@@ -332,6 +366,7 @@ class SiteLink(LinkRecords):
         key = self.site_key()
         assert key is not None
         logger.info("fleet link: connecting to %s for site %s", config.hub, self.site_id)
+        self._hub_heard, self._session_started = False, time.monotonic()
         async with LinkClient(config.hub, self.site_id, key, trust=config.trust_tls) as client:
             self._report_now.set()
             # The gossip member and its stack are loaded only on a leader linked to a hub.
@@ -453,11 +488,14 @@ class SiteLink(LinkRecords):
                 continue
             backoff.reset()
             self._contact()
+            self._set_held(client.held)
             self.hub_head = head
             if not raws:
                 continue
             try:
                 outcome = await self.commit(raws, record_stuck=False)
+            except Held:  # held since this poll was answered (a report said so)
+                continue
             except ProposalError as exc:
                 logger.warning("fleet link: not committed: %s", exc)
                 await asyncio.sleep(backoff.next_s())
@@ -483,6 +521,9 @@ class SiteLink(LinkRecords):
         """Too far behind to follow the log: fetch this site's signed snapshot and commit
         it; the tail follows from its version. ``stuck`` is the delta refusal that led here
         (recorded when no snapshot can be had, e.g. from a hub without snapshots)."""
+        if self.held:  # the hub holds this site: no snapshot either
+            await asyncio.sleep(REJECTED_RETRY_S)
+            return
         started = time.monotonic()
         try:
             raw, rotations = await client.snapshot(trust.version)
@@ -531,7 +572,9 @@ class SiteLink(LinkRecords):
         """Verify a snapshot against the trust state in Raft and make it the site's
         desired state in one proposal (``plan_snapshot``). A refused one changes nothing
         but the rejections (reason ``snapshot_<reason>``). Raises NotConfigured,
-        ProposalError."""
+        ProposalError, Held."""
+        if self.held:
+            raise Held()
         raft = self.site
         async with self._lock:
             state, trust_index = await self._trust_state()
@@ -615,9 +658,21 @@ class SiteLink(LinkRecords):
                 logger.warning("fleet link: report: %s", exc)
                 continue
             self._contact()
+            self._set_held(client.held)
             self.site_head = client.site_head
             # With per-site views the poll is answered at once only for this site's deltas.
             self._check_poll(self.hub_head if self.site_head is None else self.site_head)
+
+    def _set_held(self, held: bool) -> None:
+        self._hub_heard = True
+        if held != self.held:
+            logger.warning(
+                "fleet link: %s",
+                "the hub holds this site: no delta is applied until it is released"
+                if held
+                else "the hub released this site",
+            )
+        self.held = held
 
     def _contact(self) -> None:
         if not self.connected:
@@ -634,15 +689,26 @@ class SiteLink(LinkRecords):
 
     # -- committing deltas ---------------------------------------------------------------
 
+    async def commit_relayed(self, raws: Sequence[bytes]) -> CommitOutcome:
+        """``commit`` for deltas a gossip peer relayed: refused while the hub holds the
+        site, and early in a session until the hub answered (``relay_refusal``)."""
+        age = time.monotonic() - self._session_started
+        refusal = relay_refusal(self.held, self._hub_heard, age)
+        if refusal is not None:
+            raise refusal
+        return await self.commit(raws, record_stuck=False)
+
     async def commit(self, raws: Sequence[bytes], record_stuck: bool = True) -> CommitOutcome:
         """Verify envelopes against the trust state in Raft and commit what passes.
 
         ``record_stuck`` False: an ``expired`` refusal with nothing accepted is not recorded
         (the fetch loop catches up by snapshot, and records it if that fails).
 
-        Raises NotConfigured when the site has no trust state, ProposalError when Raft
-        did not commit.
+        Raises NotConfigured when the site has no trust state, Held while the hub holds
+        the site (relayed deltas included), ProposalError when Raft did not commit.
         """
+        if self.held:
+            raise Held()
         raft = self.site
         async with self._lock:
             state, trust_index = await self._trust_state()
@@ -667,12 +733,17 @@ class SiteLink(LinkRecords):
                     )
             if result.accepted:
                 assert result.state is not None
+                applied = [
+                    as_applied(raw, delta, site)
+                    for raw, delta in zip(raws, result.accepted, strict=False)
+                ]
                 plan = plan_apply(
                     result.accepted,
                     result.state,
                     trust_index,
                     self.site_id,
                     self._read,
+                    applied,
                 )
                 results = await raft.propose(plan.ops)
                 if not results[0].ok:  # the guard: another leader applied first
@@ -681,7 +752,7 @@ class SiteLink(LinkRecords):
                 else:
                     outcome.applied = plan.applied
                     outcome.state = result.state
-                    self._keep(raws[: len(result.accepted)], result.accepted)
+                    self._keep(applied, result.accepted)
                     outcome.op_errors = [e.rejection(now) for e in plan.op_errors]
                     entries.extend(outcome.op_errors)
                     for error in plan.op_errors:
@@ -703,11 +774,9 @@ class SiteLink(LinkRecords):
             self._report_now.set()
         return outcome
 
-    def _keep(self, raws: Sequence[bytes], deltas: Sequence[Delta]) -> None:
-        for raw, delta in zip(raws, deltas, strict=True):
-            if delta.format == DELTA_V2 and not delta.has_ops:
-                raw = view_for(raw, self.site_id)  # a relay's operations not for this site
-            self._recent[delta.version] = (bytes(raw), delta)
+    def _keep(self, applied: Sequence[bytes], deltas: Sequence[Delta]) -> None:
+        for raw, delta in zip(applied, deltas, strict=True):
+            self._recent[delta.version] = (raw, delta)
             self._recent.move_to_end(delta.version)
         while len(self._recent) > RECENT_ENVELOPES:
             self._recent.popitem(last=False)
@@ -810,6 +879,7 @@ class SiteLink(LinkRecords):
             "connected": self.connected,
             "last_contact": self.last_contact,
             "hub_head": self.hub_head,
+            "held": self.held,
             "last_error": self.last_error,
             "gossip": None if self.gossip is None else self.gossip.status_json(),
             "streams": None if self.forwarder is None else self.forwarder.status_json(),

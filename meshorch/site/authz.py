@@ -125,6 +125,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("PUT", "/v1/fleet/link"): _op("fleet.write"),
     ("POST", "/v1/fleet/deltas"): _op("fleet.write"),
     ("POST", "/v1/fleet/key"): _op("fleet.write"),
+    ("GET", "/v1/fleet/applied"): _op("fleet.read"),
     ("GET", "/v1/secrets"): _op("secrets.read"),
     ("GET", "/v1/secrets/status"): _op("secrets.read"),
     ("POST", "/v1/secrets/unseal"): _op("secrets.admin"),

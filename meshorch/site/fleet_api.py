@@ -8,9 +8,7 @@ import orjson
 from aiohttp import web
 
 from meshorch.errors import RemoteInputError
-from meshorch.fleet.apply import (
-    check_link_config,
-)
+from meshorch.fleet.apply import APPLIED_KEEP, check_link_config
 from meshorch.fleet.delta import DeltaRejected
 from meshorch.site.http import (
     ApiError,
@@ -23,6 +21,8 @@ from meshorch.site.http import (
 
 logger = logging.getLogger(__name__)
 
+MAX_APPLIED_PAGE_BYTES = 8 * 1024 * 1024
+
 
 def add_fleet_routes(app: web.Application) -> None:
     """Register the fleet link routes."""
@@ -30,6 +30,7 @@ def add_fleet_routes(app: web.Application) -> None:
     app.router.add_put("/v1/fleet/link", put_fleet_link)
     app.router.add_post("/v1/fleet/deltas", post_fleet_deltas)
     app.router.add_post("/v1/fleet/key", post_fleet_key)
+    app.router.add_get("/v1/fleet/applied", get_fleet_applied)
 
 
 ORDER_REASONS = frozenset({"replay", "rollback", "gap", "chain_mismatch", "expired", "ops_missing"})
@@ -39,6 +40,38 @@ async def get_fleet(request: web.Request) -> web.Response:
     """The site's fleet identity, link, trust state and last refusals."""
     await consistent_read(request)
     return json_response(services(request).link.status_json())
+
+
+async def get_fleet_applied(request: web.Request) -> web.Response:
+    """The envelopes of the last versions applied here (``apply.APPLIED_KEEP``), after
+    ``?after=`` (default 0), as this site applied them, each a JSON string byte for byte:
+    ``{"site", "version", "head", "kept", "envelopes", "next_after"}`` (``next_after``: the
+    ``after`` of the next page, at most ``MAX_APPLIED_PAGE_BYTES`` each; null at the end)."""
+    raw = request.query.get("after", "0")
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 19:
+        raise ApiError(400, "bad_after", "after must be a version: an integer >= 0")
+    await consistent_read(request)
+    link = services(request).link
+    trust = link.trust_state()
+    if trust is None:
+        raise ApiError(409, "not_configured", "this site has no fleet link configured")
+    envelopes: list[str] = []
+    size, last = 0, None
+    for version, envelope in link.applied_envelopes(int(raw)):
+        if envelopes and size + len(envelope) > MAX_APPLIED_PAGE_BYTES:
+            break
+        envelopes.append(envelope.decode())
+        size, last = size + len(envelope), version
+    return json_response(
+        {
+            "site": link.site_id,
+            "version": trust.version,
+            "head": trust.head,
+            "kept": APPLIED_KEEP,
+            "envelopes": envelopes,
+            "next_after": last if last is not None and last < trust.version else None,
+        }
+    )
 
 
 async def put_fleet_link(request: web.Request) -> web.Response:

@@ -531,3 +531,40 @@ async def test_alerts_are_shown_and_acknowledged(browser: WebDriver, world: Worl
     alert = world.hub.alerts.active[OFFLINE]
     assert alert.acknowledged_by is not None
     assert any(a.startswith("app_unhealthy:eu-2:") for a in world.hub.alerts.active)
+
+
+def pending_panel(driver: WebDriver, world: World, tenant_token: str) -> None:
+    # eu-1 applied everything and reported web 1.0; then, unseen by it, web 2.0 for eu and a
+    # lock-down of eu-1: its page says what it will do when it next applies them.
+    placement = {"match": {"region": "eu"}, "max_parallel": 1}
+    body = {"spec": spec_text(version="2.0"), "placement": placement}
+    world.on_hub(world.admin.ok("POST", "/v1/apps", body, 202))
+    world.on_hub(world.admin.ok("POST", "/v1/sites/eu-1/lockdown", {}))
+    world.on_hub(world.admin.ok("POST", "/v1/sites/eu-1/hold"))
+    head = world.hub.head.version
+    open_dashboard(driver, world.hub)
+    log_in(driver, world.admin.token)
+    driver.get(world.hub.url + "/dashboard/#/site/eu-1")
+    until(driver, "the pending changes", lambda d: len(texts(d, "#pending tbody tr")) == 2)
+    rows = texts(driver, "#pending tbody tr")
+    assert rows[0] == f"app web (default) upgraded 1.0 → 2.0 {head - 1}", rows
+    assert rows[1] == f"lock-down lock down {head}", rows
+    summary = texts(driver, "#pending-summary")[0]
+    applied = world.sites["eu-1"].trust.version
+    assert summary.startswith(
+        f"applied {applied} of {head}: {head - applied} delta(s) pending, 2 for this site; "
+        "as of its report of "
+    ), summary
+    assert "HELD since" in summary and "meshorch site release" in summary
+    world.shot(driver, "10-pending")
+    # A tenant's token does not see the fleet's log: the panel says so, the page stays.
+    open_dashboard(driver, world.hub)
+    log_in(driver, tenant_token)
+    driver.get(world.hub.url + "/dashboard/#/site/eu-1")
+    until(driver, "the refusal", lambda d: "fleet-wide" in "".join(texts(d, "#pending-summary")))
+
+
+async def test_a_sites_pending_changes_are_shown(browser: WebDriver, world: World) -> None:
+    await world.admin.ok("POST", "/v1/tenants", {"id": "blue"}, 201)
+    made = await world.admin.ok("POST", "/v1/tokens", {"role": "viewer", "tenant": "blue"}, 201)
+    await asyncio.to_thread(pending_panel, browser, world, made["token"])

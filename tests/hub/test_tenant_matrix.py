@@ -152,6 +152,7 @@ CASES: dict[tuple[str, str], tuple[Setup, int]] = {
     ("GET", "/v1/fleet"): (fixed("/v1/fleet"), 200),
     ("POST", "/v1/fleet/rotate"): (fixed("/v1/fleet/rotate"), 200),
     ("GET", "/v1/deltas"): (fixed("/v1/deltas"), 200),
+    ("GET", "/v1/deltas/export"): (fixed("/v1/deltas/export?site=site-1"), 200),
     ("GET", "/v1/openapi.json"): (fixed("/v1/openapi.json"), 200),
     ("POST", "/v1/link/enroll"): (
         fixed("/v1/link/enroll", {"site": "site-1", "public_key": "ab" * 32, "token": "x"}),
@@ -175,6 +176,9 @@ CASES: dict[tuple[str, str], tuple[Setup, int]] = {
     ("POST", "/v1/sites"): (create_site, 201),
     ("GET", "/v1/sites"): (fixed("/v1/sites"), 200),
     ("GET", "/v1/sites/{id}"): (fixed("/v1/sites/site-1"), 200),
+    ("GET", "/v1/sites/{id}/pending"): (fixed("/v1/sites/site-1/pending"), 200),
+    ("POST", "/v1/sites/{id}/hold"): (fixed("/v1/sites/site-1/hold", {}), 200),
+    ("POST", "/v1/sites/{id}/release"): (fixed("/v1/sites/site-1/release", {}), 200),
     ("PUT", "/v1/sites/{id}/labels"): (fixed("/v1/sites/site-1/labels", {"zone": "z1"}), 200),
     ("DELETE", "/v1/sites/{id}"): (new_site, 200),
     ("PUT", "/v1/sites/{id}/key"): (new_site_key, 200),
