@@ -43,6 +43,15 @@ class ImageTransferError(MeshorchError):
     """A blob could not be fetched from any holder, or did not match its digest."""
 
 
+class BlobDigestMismatch(RemoteInputError):
+    """Content whose sha256 is not the digest it was asked for, or announced as."""
+
+    def __init__(self, expected: str, actual: str) -> None:
+        super().__init__("digest_mismatch", f"content is {actual}, expected {expected}")
+        self.expected = expected
+        self.actual = actual
+
+
 def validate_digest(digest: str) -> str:
     if not _DIGEST_RE.match(digest):
         raise RemoteInputError("bad_digest", f"{digest!r} is not sha256:<64 hex>")
@@ -117,8 +126,14 @@ class BlobStore:
     def digests(self) -> list[str]:
         return sorted(f"sha256:{p.name}" for p in self._blobs.iterdir())
 
-    async def add_stream(self, chunks: AsyncIterator[bytes], limit_bytes: int) -> tuple[str, int]:
-        """Store a stream; return (digest, size). Refuses more than ``limit_bytes``."""
+    async def add_stream(
+        self,
+        chunks: AsyncIterator[bytes],
+        limit_bytes: int,
+        expected_digest: str | None = None,
+    ) -> tuple[str, int]:
+        """Store a stream; return (digest, size). Refuses more than ``limit_bytes``, and,
+        with ``expected_digest``, content of another digest: nothing is kept then."""
         hasher = hashlib.sha256()
         size = 0
         temp = self._partial / f"upload-{os.getpid()}-{id(chunks)}"
@@ -133,10 +148,23 @@ class BlobStore:
                     hasher.update(chunk)
                     await asyncio.to_thread(handle.write, chunk)
             digest = f"sha256:{hasher.hexdigest()}"
+            if expected_digest is not None and digest != expected_digest:
+                raise BlobDigestMismatch(expected_digest, digest)
             os.replace(temp, self.path(digest))
             return digest, size
         finally:
             temp.unlink(missing_ok=True)
+
+    async def add_bytes(self, data: bytes, expected_digest: str | None = None) -> str:
+        """Store a small blob (a manifest, an index) held in memory; return its digest."""
+        digest = f"sha256:{hashlib.sha256(data).hexdigest()}"
+        if expected_digest is not None and digest != expected_digest:
+            raise BlobDigestMismatch(expected_digest, digest)
+        if not self.has(digest):
+            temp = self._partial / f"bytes-{os.getpid()}-{id(data)}"
+            await asyncio.to_thread(temp.write_bytes, data)
+            os.replace(temp, self.path(digest))
+        return digest
 
     async def add_file(self, source: Path) -> tuple[str, int]:
         async def read() -> AsyncIterator[bytes]:

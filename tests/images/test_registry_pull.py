@@ -1,0 +1,208 @@
+"""Pulling from a real registry (Debian's docker-registry, htpasswd auth) into the blob
+store, and running the pulled image with podman (lab test: root, podman, runc,
+docker-registry, htpasswd)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from meshorch.apps.settings import podman_dirs
+from meshorch.images.oci import NoMatchingPlatform
+from meshorch.images.pull import pull, write_oci_layout
+from meshorch.images.reference import parse_reference
+from meshorch.images.registry import (
+    Credentials,
+    DigestMismatch,
+    NotFound,
+    RegistryAuthError,
+    RegistryClient,
+)
+from meshorch.images.store import BlobStore
+from meshorch.runtime import InstanceSpec, PodmanRuntime
+from tests.images.registry_fixtures import (
+    HOST_PLATFORM,
+    OTHER_PLATFORM,
+    PASSWORD,
+    USER,
+    PushedImages,
+    registry_with_images,
+)
+from tests.labutil import require_lab
+from tests.runtime.helpers import wait_exited
+
+pytestmark = [pytest.mark.lab, pytest.mark.timeout(600)]
+
+GOOD = Credentials(USER, PASSWORD)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PushedImages]:
+    require_lab("podman", "runc", "docker-registry", "htpasswd")
+    with registry_with_images(tmp_path_factory.mktemp("registry")) as pushed:
+        yield pushed
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
+        yield http
+
+
+def client(
+    session: aiohttp.ClientSession, images: PushedImages, creds: Credentials | None = GOOD
+) -> RegistryClient:
+    return RegistryClient(session, images.host, creds, plain_http=True)
+
+
+def stored(store: BlobStore) -> set[str]:
+    return set(store.digests())
+
+
+async def test_pull_by_tag_pins_the_pushed_digest_and_podman_runs_it(
+    images: PushedImages, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    store = BlobStore(tmp_path / "store")
+    ref = parse_reference(f"{images.host}/lab/app:1")
+    pulled = await pull(client(session, images), ref, store, HOST_PLATFORM)
+
+    assert pulled.reference.digest == images.digests["app"]  # the tag, resolved once
+    assert pulled.reference.tag == "1"
+    assert len(pulled.manifest.layers) == 2
+    wanted = {pulled.manifest_digest, *(b.digest for b in pulled.manifest.blobs())}
+    assert stored(store) == wanted
+    assert pulled.fetched_bytes == sum(b.size for b in pulled.manifest.blobs())
+
+    runtime = PodmanRuntime(*podman_dirs(tmp_path / "host"))
+    try:
+        layout = await write_oci_layout(store, pulled, tmp_path / "layout")
+        await runtime.load_image(layout, pulled.local_name())
+        assert await runtime.has_image(pulled.local_name())
+        await runtime.start(InstanceSpec("hello", pulled.local_name(), ()))
+        await wait_exited(runtime, "hello", 60)
+        assert "hello from the registry" in await runtime.logs("hello", 10)
+    finally:
+        await runtime.purge()
+
+
+async def test_pull_by_digest_and_again_downloads_nothing(
+    images: PushedImages, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    store = BlobStore(tmp_path / "store")
+    digest = images.digests["app"]
+    ref = parse_reference(f"{images.host}/lab/app@{digest}")
+    first = await pull(client(session, images), ref, store, HOST_PLATFORM)
+    assert first.reference.digest == digest and first.manifest_digest == digest
+    assert first.fetched_bytes > 0
+    again = await pull(client(session, images), ref, store, HOST_PLATFORM)
+    assert again.fetched_bytes == 0
+    assert again.reused_bytes == first.fetched_bytes
+
+
+async def test_shared_base_layer_is_stored_once(
+    images: PushedImages, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    store = BlobStore(tmp_path / "store")
+    registry = client(session, images)
+    base = await pull(registry, parse_reference(f"{images.host}/lab/base:1"), store, HOST_PLATFORM)
+    app = await pull(registry, parse_reference(f"{images.host}/lab/app:1"), store, HOST_PLATFORM)
+
+    (base_layer,) = base.manifest.layers
+    assert app.manifest.layers[0] == base_layer  # the registry serves one layer to both
+    assert app.reused_bytes == base_layer.size  # ... and this host fetched it once
+    assert app.fetched_bytes == app.manifest.config.size + app.manifest.layers[1].size
+    every = {d for image in (base, app) for d in (image.manifest_digest,)}
+    every |= {b.digest for image in (base, app) for b in image.manifest.blobs()}
+    assert stored(store) == every  # one file per distinct blob, nothing else
+    assert store.path(base_layer.digest).stat().st_nlink == 1
+
+
+async def test_unknown_digest_is_not_found(
+    images: PushedImages, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    store = BlobStore(tmp_path / "store")
+    ref = parse_reference(f"{images.host}/lab/app@sha256:{'0' * 64}")
+    with pytest.raises(NotFound, match="MANIFEST_UNKNOWN"):
+        await pull(client(session, images), ref, store, HOST_PLATFORM)
+    with pytest.raises(NotFound):
+        await pull(
+            client(session, images),
+            parse_reference(f"{images.host}/lab/nothing:1"),
+            store,
+            HOST_PLATFORM,
+        )
+    assert stored(store) == set()
+
+
+async def test_corrupted_layer_is_refused_and_not_kept(
+    images: PushedImages, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    store = BlobStore(tmp_path / "store")
+    registry = client(session, images)
+    ref = parse_reference(f"{images.host}/lab/victim:1")
+    resolved = await registry.resolve(ref, HOST_PLATFORM)
+    own_layer = resolved.manifest.layers[-1]  # victim's alone: the others share the rest
+    data = images.storage_blob(own_layer.digest)
+    original = data.read_bytes()
+    # Same size, other bytes: the registry serves them under the layer's digest.
+    data.write_bytes(bytes(b ^ 0xFF for b in original))
+    try:
+        with pytest.raises(DigestMismatch, match=own_layer.digest):
+            await pull(registry, ref, store, HOST_PLATFORM)
+    finally:
+        data.write_bytes(original)
+    assert not store.has(own_layer.digest)
+    assert list((tmp_path / "store" / "partial").iterdir()) == []
+    pulled = await pull(registry, ref, store, HOST_PLATFORM)  # intact again: accepted
+    assert store.has(own_layer.digest) and pulled.reused_bytes > 0
+
+
+async def test_bad_or_missing_credentials_are_a_clear_error(
+    images: PushedImages, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    store = BlobStore(tmp_path / "store")
+    ref = parse_reference(f"{images.host}/lab/app:1")
+    with pytest.raises(RegistryAuthError, match="refused the credentials") as wrong:
+        await pull(client(session, images, Credentials(USER, "wrong")), ref, store, HOST_PLATFORM)
+    assert wrong.value.code == "registry_auth"
+    with pytest.raises(RegistryAuthError, match="needs credentials"):
+        await pull(client(session, images, None), ref, store, HOST_PLATFORM)
+    assert "wrong" not in repr(Credentials(USER, "wrong"))
+    assert stored(store) == set()
+    await client(session, images).ping()  # and the right ones are accepted
+
+
+async def test_manifest_list_gives_this_hosts_platform(
+    images: PushedImages, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    store = BlobStore(tmp_path / "store")
+    registry = client(session, images)
+    ref = parse_reference(f"{images.host}/lab/multi:1")
+    app = await registry.resolve(parse_reference(f"{images.host}/lab/app:1"), HOST_PLATFORM)
+    base = await registry.resolve(parse_reference(f"{images.host}/lab/base:1"), HOST_PLATFORM)
+
+    here = await pull(registry, ref, store, HOST_PLATFORM)
+    assert here.reference.digest == images.digests["multi"]  # pinned to the list
+    assert here.manifest_digest != here.reference.digest
+    assert here.manifest.config == app.manifest.config
+    elsewhere = await pull(registry, ref, store, OTHER_PLATFORM)
+    assert elsewhere.reference.digest == images.digests["multi"]
+    assert elsewhere.manifest.config == base.manifest.config
+    with pytest.raises(NoMatchingPlatform, match="windows/amd64"):
+        await registry.resolve(ref, type(HOST_PLATFORM)("windows", "amd64"))
+
+
+async def test_concurrent_pulls_of_one_image_agree(
+    images: PushedImages, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    store = BlobStore(tmp_path / "store")
+    ref = parse_reference(f"{images.host}/lab/app:1")
+    results = await asyncio.gather(
+        *(pull(client(session, images), ref, store, HOST_PLATFORM) for _ in range(3))
+    )
+    assert {r.reference.digest for r in results} == {images.digests["app"]}
+    assert list((tmp_path / "store" / "partial").iterdir()) == []
