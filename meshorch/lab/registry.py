@@ -18,6 +18,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -33,8 +34,32 @@ HTPASSWD_BINARY = "htpasswd"
 START_TIMEOUT_S = 20.0
 
 
-def registry_config(storage_dir: Path, listen: str, htpasswd: Path) -> dict[str, object]:
-    """The registry's configuration: filesystem storage, Basic auth, no extras (pure)."""
+@dataclass(frozen=True)
+class TokenAuth:
+    """Bearer tokens instead of htpasswd: the registry sends clients to ``realm`` for a
+    token, which it accepts when issued by ``issuer`` for ``service`` and signed by a key
+    whose certificate chains to ``root_cert`` (PEM)."""
+
+    realm: str
+    service: str
+    issuer: str
+    root_cert: Path
+
+
+def registry_config(
+    storage_dir: Path, listen: str, htpasswd: Path, token: TokenAuth | None = None
+) -> dict[str, object]:
+    """The registry's configuration: filesystem storage, Basic or token auth (pure)."""
+    auth: dict[str, object] = {"htpasswd": {"realm": "meshorch-lab", "path": str(htpasswd)}}
+    if token is not None:
+        auth = {
+            "token": {
+                "realm": token.realm,
+                "service": token.service,
+                "issuer": token.issuer,
+                "rootcertbundle": str(token.root_cert),
+            }
+        }
     return {
         "version": 0.1,
         "log": {"level": "warn", "accesslog": {"disabled": True}},
@@ -43,12 +68,14 @@ def registry_config(storage_dir: Path, listen: str, htpasswd: Path) -> dict[str,
             "delete": {"enabled": True},
         },
         "http": {"addr": listen, "headers": {"X-Content-Type-Options": ["nosniff"]}},
-        "auth": {"htpasswd": {"realm": "meshorch-lab", "path": str(htpasswd)}},
+        "auth": auth,
     }
 
 
 class LabRegistry:
-    """``docker-registry serve`` on ``listen`` (``host:port``), users from ``users``."""
+    """``docker-registry serve`` on ``listen`` (``host:port``), users from ``users`` (Basic
+    auth), or ``token`` auth. ``storage`` defaults to ``work_dir/storage``; two registries
+    may serve one storage (one with each kind of auth)."""
 
     def __init__(
         self,
@@ -57,11 +84,15 @@ class LabRegistry:
         users: Mapping[str, str],
         *,
         netns: str | None = None,
+        token: TokenAuth | None = None,
+        storage: Path | None = None,
     ) -> None:
         self.work_dir = Path(work_dir)
         self.listen = listen
         self.users = dict(users)
         self.netns = netns
+        self.token = token
+        self.storage = storage if storage is not None else self.work_dir / "storage"
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -79,12 +110,13 @@ class LabRegistry:
                 raise LabError(
                     f"{tool} not found (Debian: apt-get install docker-registry apache2-utils)"
                 )
-        storage = self.work_dir / "storage"
-        storage.mkdir(parents=True, exist_ok=True)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.storage.mkdir(parents=True, exist_ok=True)
         htpasswd = self.work_dir / "htpasswd"
         htpasswd.write_bytes(b"".join(_htpasswd_line(u, p) for u, p in self.users.items()))
         config = self.work_dir / "config.yml"
-        config.write_bytes(orjson.dumps(registry_config(storage, self.listen, htpasswd)))
+        document = registry_config(self.storage, self.listen, htpasswd, self.token)
+        config.write_bytes(orjson.dumps(document))
         argv: Sequence[str] = [REGISTRY_BINARY, "serve", str(config)]
         if self.netns is not None:
             argv = ["ip", "netns", "exec", self.netns, *argv]

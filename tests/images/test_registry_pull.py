@@ -10,6 +10,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from meshorch.apps.settings import podman_dirs
 from meshorch.images.oci import NoMatchingPlatform
@@ -23,6 +24,7 @@ from meshorch.images.registry import (
     RegistryClient,
 )
 from meshorch.images.store import BlobStore
+from meshorch.lab.registry import LabRegistry, TokenAuth
 from meshorch.runtime import InstanceSpec, PodmanRuntime
 from tests.images.registry_fixtures import (
     HOST_PLATFORM,
@@ -32,8 +34,9 @@ from tests.images.registry_fixtures import (
     PushedImages,
     registry_with_images,
 )
+from tests.images.token_service import ISSUER, SERVICE, TokenService
 from tests.labutil import require_lab
-from tests.runtime.helpers import wait_exited
+from tests.runtime.helpers import free_port, wait_exited
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(600)]
 
@@ -206,3 +209,52 @@ async def test_concurrent_pulls_of_one_image_agree(
     )
     assert {r.reference.digest for r in results} == {images.digests["app"]}
     assert list((tmp_path / "store" / "partial").iterdir()) == []
+
+
+@pytest.fixture
+async def token_registry(
+    images: PushedImages, tmp_path: Path
+) -> AsyncIterator[tuple[str, TokenService]]:
+    """A second registry on the same storage, with Bearer token auth from a token service."""
+    tokens = TokenService(USER, PASSWORD)
+    runner = web.AppRunner(tokens.app())
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    auth = TokenAuth(
+        f"http://127.0.0.1:{port}/token", SERVICE, ISSUER, tokens.write_cert(tmp_path / "ca.pem")
+    )
+    storage = images.registry.storage
+    registry = LabRegistry(
+        tmp_path / "token-registry", f"127.0.0.1:{free_port()}", {}, token=auth, storage=storage
+    )
+    try:
+        await asyncio.to_thread(registry.start)
+        yield registry.host, tokens
+    finally:
+        await asyncio.to_thread(registry.stop)
+        await runner.cleanup()
+
+
+async def test_bearer_token_flow_against_a_token_registry(
+    token_registry: tuple[str, TokenService], session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    host, tokens = token_registry
+    store = BlobStore(tmp_path / "store")
+    ref = parse_reference(f"{host}/lab/app:1")
+    registry = RegistryClient(session, host, GOOD, plain_http=True)
+    pulled = await pull(registry, ref, store, HOST_PLATFORM)
+    assert store.has(pulled.manifest.layers[-1].digest)
+    # One token for the repository, asked with the credentials, reused for every blob.
+    assert tokens.requests == [
+        {"scope": "repository:lab/app:pull", "service": SERVICE, "authorization": "Basic "}
+    ]
+
+    for creds, message in ((Credentials(USER, "wrong"), "refused"), (None, "refused")):
+        with pytest.raises(RegistryAuthError, match=message):
+            await RegistryClient(session, host, creds, plain_http=True).resolve(ref, HOST_PLATFORM)
+    # A token service reached over plain HTTP is refused unless the registry is plain HTTP too.
+    with pytest.raises(RegistryAuthError, match="over HTTP"):
+        await RegistryClient(session, host, GOOD)._fetch_token(
+            {"realm": "http://127.0.0.1:1/token"}, "lab/app"
+        )
