@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -53,7 +54,7 @@ from meshorch.apps.records import (
 from meshorch.apps.scheduler import Placement
 from meshorch.apps.spec import ContainerSpec, ExecCheck, HttpCheck, Probe, ServiceSpec
 from meshorch.images.service import SiteImages
-from meshorch.images.store import ImageTransferError
+from meshorch.images.store import OCI, ImageTransferError
 from meshorch.runtime import (
     PROCESS_IMAGE,
     InstanceSpec,
@@ -345,7 +346,14 @@ class HostReconciler:
         except ImageTransferError as exc:
             book.message = f"image {ref} not copied yet: {exc}"
             return False
-        await self.runtime.load_image(images.blobs.path(manifest.digest), ref)
+        if manifest.kind == OCI:
+            layout = await images.oci_layout(manifest)
+            try:
+                await self.runtime.load_image(layout, ref)
+            finally:
+                await asyncio.to_thread(shutil.rmtree, layout, True)
+        else:
+            await self.runtime.load_image(images.blobs.path(manifest.digest), ref)
         return True
 
     def _track_probes(self, runtime_id: str, container: ContainerSpec, now: float) -> None:

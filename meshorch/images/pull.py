@@ -18,7 +18,7 @@ from pathlib import Path
 
 import orjson
 
-from meshorch.images.oci import OCI_INDEX, Manifest, Platform
+from meshorch.images.oci import OCI_INDEX, BadManifest, Manifest, Platform, parse_document
 from meshorch.images.reference import ImageReference
 from meshorch.images.registry import RegistryClient, ResolvedImage
 from meshorch.images.store import BlobStore
@@ -32,8 +32,8 @@ REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
 class PulledImage:
     reference: ImageReference  # pinned: ``reference.digest`` is what was resolved
     manifest_digest: str  # this platform's manifest
-    manifest_size: int
     manifest: Manifest
+    documents: tuple[tuple[str, int], ...]  # (digest, size) of the index and the manifest
     fetched_bytes: int  # downloaded now
     reused_bytes: int  # already in the store (shared layers, an earlier pull)
 
@@ -42,6 +42,10 @@ class PulledImage:
         ref = self.reference
         digest = ref.digest or self.manifest_digest
         return f"{ref.name}:{ref.tag or digest.replace(':', '-')}"
+
+    def blob_sizes(self) -> tuple[tuple[str, int], ...]:
+        """(digest, size) of every blob of the image: documents, config, layers."""
+        return (*self.documents, *((b.digest, b.size) for b in self.manifest.blobs()))
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -73,28 +77,34 @@ async def pull(
         fetched,
         reused,
     )
-    manifest_size = store.path(resolved.manifest_digest).stat().st_size
     return PulledImage(
         resolved.reference,
         resolved.manifest_digest,
-        manifest_size,
         resolved.manifest,
+        tuple((digest, len(raw)) for digest, raw in resolved.documents),
         fetched,
         reused,
     )
 
 
-async def write_oci_layout(store: BlobStore, image: PulledImage, directory: Path) -> Path:
-    """An OCI image layout of ``image`` in ``directory`` (replaced), blobs linked from the store."""
-    await asyncio.to_thread(_write_layout, store, image, directory)
+async def write_oci_layout(
+    store: BlobStore, manifest_digest: str, name: str, directory: Path
+) -> Path:
+    """An OCI image layout in ``directory`` (replaced) of the image whose manifest is
+    ``manifest_digest`` in ``store``, named ``name``; its blobs are hard links into the store."""
+    await asyncio.to_thread(_write_layout, store, manifest_digest, name, directory)
     return directory
 
 
-def _write_layout(store: BlobStore, image: PulledImage, directory: Path) -> None:
+def _write_layout(store: BlobStore, manifest_digest: str, name: str, directory: Path) -> None:
+    raw = store.path(manifest_digest).read_bytes()
+    manifest = parse_document(raw, "")
+    if not isinstance(manifest, Manifest):
+        raise BadManifest(f"{manifest_digest} is an index, not a manifest")
     shutil.rmtree(directory, ignore_errors=True)
     blobs = directory / "blobs" / "sha256"
     blobs.mkdir(parents=True)
-    for digest in (image.manifest_digest, *(b.digest for b in image.manifest.blobs())):
+    for digest in (manifest_digest, *(b.digest for b in manifest.blobs())):
         target = blobs / digest.removeprefix("sha256:")
         if target.exists():
             continue
@@ -107,10 +117,10 @@ def _write_layout(store: BlobStore, image: PulledImage, directory: Path) -> None
         "mediaType": OCI_INDEX,
         "manifests": [
             {
-                "mediaType": image.manifest.media_type,
-                "digest": image.manifest_digest,
-                "size": image.manifest_size,
-                "annotations": {REF_NAME_ANNOTATION: image.local_name()},
+                "mediaType": manifest.media_type,
+                "digest": manifest_digest,
+                "size": len(raw),
+                "annotations": {REF_NAME_ANNOTATION: name},
             }
         ],
     }

@@ -64,28 +64,55 @@ def validate_ref(ref: str) -> str:
     return ref
 
 
+ARCHIVE = "archive"  # one blob: an archive ``podman load`` reads, or a rootfs tarball
+OCI = "oci"  # pulled from a registry: a manifest (and an index) and its blobs
+
+
 @dataclass(frozen=True)
 class ImageManifest:
+    """An image of the site's catalogue, under the reference users name it by.
+
+    An archive is the one blob ``digest``. A pulled image (``kind`` ``oci``) is pinned:
+    ``digest`` is what its tag resolved to, once, at the host that pulled it (``source``
+    is ``registry/repository@digest``); ``blobs`` are (digest, size) of its index and
+    manifest documents, config and layers, each copied to the other hosts from peers,
+    so every host runs the same bytes. ``size`` is the sum of the blobs.
+    """
+
     ref: str
     digest: str
     size: int
     added_by: str
     added_at: float
+    kind: str = ARCHIVE
+    source: str = ""
+    manifest_digest: str = ""
+    blobs: tuple[tuple[str, int], ...] = ()
 
     def key(self) -> bytes:
         return IMAGE_PREFIX + self.ref.encode()
 
     def encode(self) -> bytes:
-        return orjson.dumps({"v": 1, **self.to_json()})
+        return orjson.dumps({"v": 2, **self.to_json()})
+
+    def blob_sizes(self) -> tuple[tuple[str, int], ...]:
+        """Every blob a host needs for this image."""
+        return self.blobs if self.kind == OCI else ((self.digest, self.size),)
 
     def to_json(self) -> dict[str, object]:
-        return {
+        data: dict[str, object] = {
             "ref": self.ref,
             "digest": self.digest,
             "size": self.size,
             "added_by": self.added_by,
             "added_at": self.added_at,
+            "kind": self.kind,
         }
+        if self.kind == OCI:
+            data["source"] = self.source
+            data["manifest_digest"] = self.manifest_digest
+            data["blobs"] = [list(b) for b in self.blobs]
+        return data
 
     @staticmethod
     def decode(raw: bytes) -> ImageManifest:
@@ -96,6 +123,10 @@ class ImageManifest:
             int(data["size"]),
             str(data["added_by"]),
             float(data["added_at"]),
+            str(data.get("kind", ARCHIVE)),  # version 1 records are archives
+            str(data.get("source", "")),
+            str(data.get("manifest_digest", "")),
+            tuple((str(d), int(n)) for d, n in data.get("blobs", ())),
         )
 
 

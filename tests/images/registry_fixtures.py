@@ -32,6 +32,16 @@ class PushedImages:
     registry: LabRegistry
     work: Path
     digests: dict[str, str]  # "base", "app", "victim": manifest digests as pushed
+    podman: list[str]
+
+    def push(self, local: str, remote: str) -> str:
+        """Push ``localhost/<local>`` as ``<registry>/<remote>``; return the manifest digest."""
+        digest_file = self.work / "pushed.digest"
+        creds = ["--tls-verify=false", "--creds", f"{USER}:{PASSWORD}"]
+        target = f"{self.host}/{remote}"
+        digest_flag = ["--digestfile", str(digest_file)]
+        run([*self.podman, "push", *creds, *digest_flag, f"localhost/{local}", target])
+        return digest_file.read_text().strip()
 
     @property
     def host(self) -> str:
@@ -102,7 +112,7 @@ def registry_with_images(work: Path) -> Iterator[PushedImages]:
         run([*podman, "manifest", "push", "--all", *creds, "--digestfile", str(digest_file),
              "localhost/multi:1", f"docker://{registry.host}/lab/multi:1"])  # fmt: skip
         digests["multi"] = digest_file.read_text().strip()
-        yield PushedImages(registry, work, digests)
+        yield PushedImages(registry, work, digests, podman)
     finally:
         registry.stop()
         subprocess.run([*podman, "system", "reset", "--force"], capture_output=True, timeout=300)

@@ -82,7 +82,9 @@ async def test_pull_by_tag_pins_the_pushed_digest_and_podman_runs_it(
 
     runtime = PodmanRuntime(*podman_dirs(tmp_path / "host"))
     try:
-        layout = await write_oci_layout(store, pulled, tmp_path / "layout")
+        layout = await write_oci_layout(
+            store, pulled.manifest_digest, pulled.local_name(), tmp_path / "layout"
+        )
         await runtime.load_image(layout, pulled.local_name())
         assert await runtime.has_image(pulled.local_name())
         await runtime.start(InstanceSpec("hello", pulled.local_name(), ()))
