@@ -3,7 +3,8 @@
 ``docker-registry`` is the CNCF distribution registry. :class:`LabRegistry` writes its
 configuration (storage in a directory of its own, htpasswd users, Basic auth, plain
 HTTP on one address), starts ``docker-registry serve`` (inside a lab namespace when
-given one, e.g. the WAN's hub node) and waits until ``/v2/`` answers. The htpasswd
+given one: :meth:`LabRegistry.on_wan` puts it beside the hub) and waits until ``/v2/``
+answers. The htpasswd
 file is made by ``htpasswd -B`` (Debian: ``apache2-utils``), as the registry wants
 bcrypt. The configuration is JSON, which is YAML too.
 """
@@ -14,6 +15,7 @@ import contextlib
 import logging
 import shutil
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -26,10 +28,12 @@ from typing import Self
 import orjson
 
 from meshorch.lab.errors import LabError
+from meshorch.lab.plan import LabPlan
 
 logger = logging.getLogger(__name__)
 
 REGISTRY_BINARY = "docker-registry"
+REGISTRY_PORT = 5000  # on the hub's WAN address, in a lab
 HTPASSWD_BINARY = "htpasswd"
 START_TIMEOUT_S = 20.0
 
@@ -94,6 +98,12 @@ class LabRegistry:
         self.token = token
         self.storage = storage if storage is not None else self.work_dir / "storage"
         self._process: subprocess.Popen[bytes] | None = None
+
+    @classmethod
+    def on_wan(cls, plan: LabPlan, work_dir: Path, users: Mapping[str, str]) -> LabRegistry:
+        """A registry beside the hub, on the WAN: sites reach it through their NAT router,
+        as they would a registry on the internet."""
+        return cls(work_dir, f"{plan.hub_ip}:{REGISTRY_PORT}", users, netns=plan.hub_netns)
 
     @property
     def host(self) -> str:
@@ -186,11 +196,18 @@ def _htpasswd_line(user: str, password: str) -> bytes:
     return result.stdout.strip() + b"\n"
 
 
+_PROBE = """
+import sys, urllib.error, urllib.request
+try:
+    urllib.request.urlopen(sys.argv[1], timeout=1).close()
+except urllib.error.HTTPError as exc:
+    sys.exit(0 if exc.code == 401 else 1)
+except OSError:
+    sys.exit(1)
+"""
+
+
 def _probe_ns(netns: str, listen: str) -> bool:
-    """Whether ``/v2/`` answers inside ``netns`` (any HTTP status means up)."""
-    result = subprocess.run(
-        ["ip", "netns", "exec", netns, "busybox", "wget", "-q", "-O", "-", "-T", "1",
-         f"http://{listen}/v2/"],
-        capture_output=True, check=False, timeout=10,
-    )  # fmt: skip
-    return result.returncode == 0 or b"401" in result.stderr
+    """Whether ``/v2/`` answers inside ``netns`` (200, or 401 asking for credentials)."""
+    argv = ["ip", "netns", "exec", netns, sys.executable, "-c", _PROBE, f"http://{listen}/v2/"]
+    return subprocess.run(argv, capture_output=True, check=False, timeout=10).returncode == 0

@@ -82,11 +82,15 @@ def _build(podman: list[str], context: Path, base: str, name: str, files: dict[s
 
 
 @contextlib.contextmanager
-def registry_with_images(work: Path) -> Iterator[PushedImages]:
-    """Start the registry, build and push the images; stop and clean up at the end."""
-    registry = LabRegistry(work / "registry", f"127.0.0.1:{free_port()}", {USER: PASSWORD})
+def registry_with_images(work: Path, registry: LabRegistry | None = None) -> Iterator[PushedImages]:
+    """Start the registry (default: on loopback), build and push the images (from the
+    registry's namespace); stop and clean up at the end."""
+    if registry is None:
+        registry = LabRegistry(work / "registry", f"127.0.0.1:{free_port()}", {USER: PASSWORD})
     root, runroot = podman_dirs(work / "pusher")
     podman = podman_argv(root, runroot)
+    if registry.netns is not None:
+        podman = ["ip", "netns", "exec", registry.netns, *podman]
     try:
         registry.start()
         rootfs = build_busybox_rootfs(work / "rootfs.tar")

@@ -1,0 +1,93 @@
+"""A real registry on the lab's WAN, beside the hub (root, podman, runc, wireguard-go,
+docker-registry, htpasswd): a site behind NAT pulls through its uplink, once, and every
+host runs the pinned image in a container."""
+
+from __future__ import annotations
+
+import secrets
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+
+from meshorch.lab.agents import LabAgents
+from meshorch.lab.lab import Lab
+from meshorch.lab.registry import LabRegistry
+from tests.images.registry_fixtures import PASSWORD, USER, PushedImages, registry_with_images
+from tests.lab.podman_app import apply_app, wait_all_ready
+from tests.labutil import require_lab
+
+pytestmark = [pytest.mark.lab, pytest.mark.timeout(900)]
+
+APP = """
+api_version: meshorch/v1
+name: shop
+version: "1"
+services:
+  - name: web
+    replicas: 3
+    anti_affinity: true
+    containers:
+      - name: httpd
+        image: {image}
+        command: ["httpd", "-f", "-p", "8080", "-h", "/"]
+        ports: [{{container_port: 8080}}]
+        resources: {{memory_limit: 32Mi, cpu_limit: 0.5, cpu_request: 0.1}}
+        probes:
+          readiness: {{http: {{port: 8080, path: /hello.txt}}, period_s: 0.2, timeout_s: 0.2,
+                      failure_threshold: 1}}
+"""
+
+
+@pytest.fixture(scope="module")
+def lab_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LabAgents, PushedImages]]:
+    require_lab("wg", "wireguard-go", "iptables", "podman", "runc", "docker-registry", "htpasswd")
+    work = tmp_path_factory.mktemp("registry-lab")
+    lab = Lab(f"r{secrets.token_hex(2)}", work / "lab")
+    agents = LabAgents(lab, runtime="podman")
+    try:
+        lab.up(1, 3)
+        agents.start_all()
+        registry = LabRegistry.on_wan(lab.plan, work / "registry", {USER: PASSWORD})
+        with registry_with_images(work, registry) as pushed:
+            yield agents, pushed
+    finally:
+        if lab.exists():
+            agents.teardown()
+            lab.down()
+
+
+def test_a_site_behind_nat_pulls_once_and_every_host_runs_the_digest(
+    lab_site: tuple[LabAgents, PushedImages], tmp_path: Path
+) -> None:
+    agents, images = lab_site
+    hosts = [h.name for h in agents.lab.plan.hosts]
+    for host in hosts:
+        agents.wait_ready(host)
+    ref = f"{images.host}/lab/app:1"
+    body = {"ref": ref, "username": USER, "password": PASSWORD, "plain_http": True}
+    answer = agents.request(hosts[0], "POST", "/v1/images/pull", orjson.dumps(body))
+    assert answer and "image" in answer, answer
+    assert answer["image"]["digest"] == images.digests["app"]
+
+    apply_app(agents, tmp_path, APP.format(image=ref))
+    view = wait_all_ready(agents, hosts[0], 3, 240)
+    assert {i["host"] for i in view["instances"]} == set(hosts)
+    for host in hosts:  # each host's container serves the file the registry's image holds
+        probe = agents.lab.run(host, [sys.executable, "-c", (
+            "import urllib.request; print(urllib.request.urlopen("
+            "'http://127.0.0.1:8080/hello.txt').read().decode())")])  # fmt: skip
+        assert "hello from the registry" in probe.stdout, (host, probe.stderr)
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        counters = [agents.request(h, "GET", "/v1/images")["local"] for h in hosts]
+        if sum(c["fetched_bytes"] for c in counters) == 2 * answer["image"]["size"]:
+            break
+        time.sleep(0.3)
+    # Through the uplink once: only the first host pulled from the registry.
+    assert [c["pulled_bytes"] > 0 for c in counters] == [True, False, False], counters
+    assert sum(c["fetched_bytes"] for c in counters) == 2 * answer["image"]["size"], counters
