@@ -105,6 +105,13 @@ def add_agent_ops_commands(commands: argparse._SubParsersAction[Any]) -> None:
         "--password-stdin", action="store_true", help="read the registry password from stdin"
     )
     image_pull.add_argument(
+        "--secret",
+        metavar="NAME",
+        help='the registry credentials are the tenant\'s secret NAME: {"registry": HOST[:PORT], '
+        '"username": ..., "password": ...}, used for that registry only',
+    )
+    image_pull.add_argument("--tenant", help="the tenant of --secret (default: default)")
+    image_pull.add_argument(
         "--plain-http", action="store_true", help="the registry speaks HTTP, not HTTPS (a lab)"
     )
     add_agent_flag(image_pull, "api")
@@ -284,6 +291,12 @@ def run_image_pull(args: argparse.Namespace) -> int:
     if args.username:
         body["username"] = args.username
         body.setdefault("password", "")
+    if args.secret:
+        if args.username:
+            raise ConfigurationError("--secret or --username, not both")
+        body["secret"] = args.secret
+        if args.tenant:
+            body["tenant"] = args.tenant
     answer = request_agent(
         agent_address(args.api), "POST", "/v1/images/pull", orjson.dumps(body),
         timeout=PULL_TIMEOUT_S,

@@ -89,6 +89,38 @@ class Credentials:
         return "Basic " + base64.b64encode(raw).decode()
 
 
+class BadRegistrySecret(RemoteInputError):
+    """A secret that is not a registry's credentials, or another registry's."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("bad_registry_secret", message)
+
+
+MAX_REGISTRY_SECRET_BYTES = 16 << 10
+
+
+def credentials_from_secret(value: bytes, registry_host: str) -> Credentials:
+    """Credentials from a secret ``{"registry": HOST[:PORT], "username", "password"}``,
+    for ``registry_host`` only: a pull of an image elsewhere does not get them, so whoever
+    names the image cannot send a tenant's password to a registry of their choosing."""
+    try:
+        data = orjson.loads(value[: MAX_REGISTRY_SECRET_BYTES + 1])
+    except orjson.JSONDecodeError:
+        data = None
+    if len(value) > MAX_REGISTRY_SECRET_BYTES or not isinstance(data, dict):
+        raise BadRegistrySecret(
+            'the secret is not {"registry": HOST, "username": ..., "password": ...}'
+        )
+    registry, username, password = data.get("registry"), data.get("username"), data.get("password")
+    if not (isinstance(username, str) and username and isinstance(password, str)):
+        raise BadRegistrySecret("the secret has no username and password")
+    if not isinstance(registry, str) or registry.lower() != registry_host.lower():
+        raise BadRegistrySecret(
+            f"the secret's credentials are for another registry, not {registry_host}"
+        )
+    return Credentials(username, password)
+
+
 @dataclass(frozen=True)
 class ResolvedImage:
     """A reference resolved: the digest it names now and this platform's manifest.

@@ -50,8 +50,9 @@ from meshorch.fleet.apply import (
 from meshorch.http_body import read_limited
 from meshorch.images.oci import BadManifest, NoMatchingPlatform
 from meshorch.images.reference import parse_reference
-from meshorch.images.registry import Credentials, RegistryError
+from meshorch.images.registry import Credentials, RegistryError, credentials_from_secret
 from meshorch.images.store import CHUNK_BYTES, validate_digest, validate_ref
+from meshorch.secrets.keyring import SecretUnavailable, is_secret_name
 from meshorch.site.http import (
     ApiError,
     SiteServices,
@@ -109,13 +110,17 @@ async def pull_image(request: web.Request) -> web.Response:
         raise ApiError(400, "bad_request", "ref: an image reference is required")
     if not isinstance(plain_http, bool):
         raise ApiError(400, "bad_request", "plain_http: true or false")
+    reference = parse_reference(ref)  # refused here, before any connection, when malformed
+    svc = services(request)
     credentials = None
     if username is not None or password is not None:
         if not (isinstance(username, str) and isinstance(password, str) and username):
             raise ApiError(400, "bad_request", "username and password: strings, both or none")
         credentials = Credentials(username, password)
-    parse_reference(ref)  # refused here, before any connection, when malformed
-    svc = services(request)
+    if body.get("secret") is not None:
+        if credentials is not None:
+            raise ApiError(400, "bad_request", "secret or username and password, not both")
+        credentials = _secret_credentials(svc, body, reference.api_host)
     try:
         async with aiohttp.ClientSession(timeout=PULL_TIMEOUT) as session:
             manifest, pulled = await svc.images.pull(
@@ -124,6 +129,19 @@ async def pull_image(request: web.Request) -> web.Response:
     except (RegistryError, BadManifest, NoMatchingPlatform) as exc:
         raise ApiError(502, exc.code, f"pulling {ref}: {exc}") from exc
     return json_response({"image": manifest.to_json(), "pull": pulled.to_json()})
+
+
+def _secret_credentials(svc: SiteServices, body: dict[str, object], registry: str) -> Credentials:
+    """The registry credentials in the tenant's secret ``body["secret"]``."""
+    name, tenant = body.get("secret"), body.get("tenant", DEFAULT_TENANT)
+    if not is_secret_name(name) or not isinstance(name, str) or not isinstance(tenant, str):
+        raise ApiError(400, "bad_request", "secret: a secret's name; tenant: a tenant's")
+    check_tenant(tenant)
+    try:
+        value = svc.secrets.value(tenant, name)
+    except SecretUnavailable as exc:
+        raise ApiError(409, "secret_unavailable", str(exc)) from exc
+    return credentials_from_secret(value, registry)
 
 
 async def list_images(request: web.Request) -> web.Response:
