@@ -87,6 +87,11 @@ class SiteImages:
         records, _ = self.site.view.scan(APPS_TABLE, IMAGE_PREFIX, 100_000)
         return [ImageManifest.decode(r.value) for _, r in records]
 
+    def find(self, ref: str) -> ImageManifest | None:
+        """The catalogue's image named ``ref`` (one read, not a scan)."""
+        record = self.site.view.get(APPS_TABLE, IMAGE_PREFIX + ref.encode())
+        return None if record is None else ImageManifest.decode(record.value)
+
     def holders(self, digest: str) -> list[str]:
         prefix = HOLDER_PREFIX + f"{digest}/".encode()
         records, _ = self.site.view.scan(APPS_TABLE, prefix, 100_000)
@@ -143,7 +148,9 @@ class SiteImages:
     async def oci_layout(self, manifest: ImageManifest) -> Path:
         """A pulled image as an OCI layout the runtime loads (blobs linked, not copied)."""
         directory = self.blobs.root / "layouts" / manifest.digest.removeprefix("sha256:")
-        return await write_oci_layout(self.blobs, manifest.manifest_digest, manifest.ref, directory)
+        return await write_oci_layout(
+            self.blobs, manifest.manifest_digest, manifest.runtime_name(), directory
+        )
 
     async def ensure(self, session: aiohttp.ClientSession, manifest: ImageManifest) -> None:
         """Have ``manifest``'s blobs here (copied from peers) and say so in the state."""

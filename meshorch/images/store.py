@@ -95,6 +95,14 @@ class ImageManifest:
     def encode(self) -> bytes:
         return orjson.dumps({"v": 2, **self.to_json()})
 
+    def runtime_name(self) -> str:
+        """The name the runtime knows this image by. A pulled image's names its digest, so a
+        host that loaded an earlier digest of the same tag does not take it for this one."""
+        if self.kind != OCI:
+            return self.ref
+        name = self.source.partition("@")[0] or self.ref
+        return f"{name}:{self.digest.replace(':', '-')}"
+
     def blob_sizes(self) -> tuple[tuple[str, int], ...]:
         """Every blob a host needs for this image."""
         return self.blobs if self.kind == OCI else ((self.digest, self.size),)

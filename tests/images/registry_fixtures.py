@@ -2,7 +2,8 @@
 
 Images, built in a podman storage of their own from a static busybox rootfs:
 ``lab/base:1`` (the rootfs), ``lab/app:1`` (base + /hello.txt; its command prints it),
-``lab/victim:1`` (base + a file of its own, for the corruption test) and
+``lab/victim:1`` (base + a file of its own, for the corruption test), ``localhost/app:2``
+(another /hello.txt; built, not pushed: tests push it to move a tag) and
 ``lab/multi:1``, a manifest list of app as linux/<this host> and base as linux/s390x
 (or linux/arm64 on an s390x host).
 """
@@ -97,6 +98,8 @@ def registry_with_images(work: Path, registry: LabRegistry | None = None) -> Ite
         run([*podman, "import", "-q", str(rootfs), "localhost/base:1"])
         _build(podman, work / "ctx-app", "localhost/base:1", "localhost/app:1",
                {"hello.txt": "hello from the registry\n"})  # fmt: skip
+        _build(podman, work / "ctx-app2", "localhost/base:1", "localhost/app:2",
+               {"hello.txt": "hello again, second build\n"})  # fmt: skip
         _build(podman, work / "ctx-victim", "localhost/base:1", "localhost/victim:1",
                {"hello.txt": "victim\n", "victim.bin": "v" * 4096})  # fmt: skip
         creds = ["--tls-verify=false", "--creds", f"{USER}:{PASSWORD}"]

@@ -13,6 +13,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from meshorch.apps.settings import podman_dirs
 from meshorch.lab.agents import LabAgents
 from meshorch.lab.lab import Lab
 from meshorch.lab.registry import LabRegistry
@@ -82,6 +83,13 @@ def test_a_site_behind_nat_pulls_once_and_every_host_runs_the_digest(
             "'http://127.0.0.1:8080/hello.txt').read().decode())")])  # fmt: skip
         assert "hello from the registry" in probe.stdout, (host, probe.stderr)
 
+    digest_name = f"{images.host}/lab/app:{images.digests['app'].replace(':', '-')}"
+    for host in hosts:  # podman knows the image by the digest the site pinned
+        root, runroot = podman_dirs(agents.lab.store.data_dir(host))
+        exists = agents.lab.run(host, ["podman", "--root", str(root), "--runroot", str(runroot),
+                                       "image", "exists", digest_name])  # fmt: skip
+        assert exists.returncode == 0, (host, exists.stderr)
+
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         counters = [agents.request(h, "GET", "/v1/images")["local"] for h in hosts]
@@ -91,3 +99,31 @@ def test_a_site_behind_nat_pulls_once_and_every_host_runs_the_digest(
     # Through the uplink once: only the first host pulled from the registry.
     assert [c["pulled_bytes"] > 0 for c in counters] == [True, False, False], counters
     assert sum(c["fetched_bytes"] for c in counters) == 2 * answer["image"]["size"], counters
+
+
+def test_a_tag_pulled_again_moves_every_host_to_the_new_digest(
+    lab_site: tuple[LabAgents, PushedImages], tmp_path: Path
+) -> None:
+    agents, images = lab_site
+    hosts = [h.name for h in agents.lab.plan.hosts]
+    moved = images.push("app:2", "lab/app:1")  # the tag now names another build
+    body = {"ref": f"{images.host}/lab/app:1", "username": USER, "password": PASSWORD,
+            "plain_http": True}  # fmt: skip
+    answer = agents.request(hosts[1], "POST", "/v1/images/pull", orjson.dumps(body))
+    assert answer and answer["image"]["digest"] == moved, answer
+    assert answer["pull"]["reused_bytes"] > 0  # the base layer was here already
+
+    def serves(host: str) -> str:
+        probe = agents.lab.run(host, [sys.executable, "-c", (
+            "import urllib.request; print(urllib.request.urlopen("
+            "'http://127.0.0.1:8080/hello.txt').read().decode())")])  # fmt: skip
+        return probe.stdout
+
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        answers = {h: serves(h) for h in hosts}
+        if all("second build" in text for text in answers.values()):
+            break
+        time.sleep(1)
+    else:
+        raise AssertionError(f"not every host runs the new digest: {answers}")
