@@ -31,6 +31,7 @@ from meshorch.apps.records import (
     decode_app,
     decode_placement,
     decode_rollout,
+    host_protocols,
     rollout_key,
 )
 from meshorch.apps.spec import (
@@ -61,6 +62,7 @@ from meshorch.site.http import (
     json_response,
     services,
 )
+from meshorch.state.protocol import require
 from meshorch.state.tables import (
     APPS_TABLE,
 )
@@ -112,6 +114,7 @@ async def pull_image(request: web.Request) -> web.Response:
         raise ApiError(400, "bad_request", "plain_http: true or false")
     reference = parse_reference(ref)  # refused here, before any connection, when malformed
     svc = services(request)
+    require("oci_images", host_protocols(svc.node.view))
     credentials = None
     if username is not None or password is not None:
         if not (isinstance(username, str) and isinstance(password, str) and username):
