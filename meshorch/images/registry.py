@@ -22,7 +22,7 @@ import base64
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlencode, urlsplit
 
@@ -43,7 +43,7 @@ from meshorch.images.oci import (
     select_platform,
 )
 from meshorch.images.reference import ImageReference
-from meshorch.images.store import CHUNK_BYTES, BlobDigestMismatch, BlobStore
+from meshorch.images.store import BlobStore, ImageTransferError
 
 logger = logging.getLogger(__name__)
 
@@ -201,36 +201,41 @@ class RegistryClient:
         return (body, content_type), digest
 
     async def fetch_blob(self, repository: str, blob: Descriptor, store: BlobStore) -> int:
-        """Have ``blob`` in ``store``; return the bytes downloaded (0 if it was there)."""
+        """Have ``blob`` in ``store``; return the bytes downloaded (0 if it was there).
+
+        A transfer that breaks off leaves its partial file, and the next pull asks the
+        registry for the rest only (HTTP Range), as the site's own copies do."""
         if store.has(blob.digest):
             return 0
         path = f"/v2/{repository}/blobs/{blob.digest}"
         what = f"blob {blob.digest} of {repository}"
-        async with await self._get(path, scope=repository, headers={}) as response:
-            await self._check(response, what)
-            length = response.content_length
-            if length is not None and length != blob.size:
-                raise DigestMismatch(f"{what}: {length} B sent, the manifest says {blob.size} B")
-            try:
-                _, size = await store.add_stream(
-                    _chunks(response.content), blob.size, expected_digest=blob.digest
-                )
-            except BlobDigestMismatch as exc:
-                raise DigestMismatch(f"{what}: {exc}") from exc
-            except RemoteInputError as exc:  # more bytes than the manifest said
-                raise DigestMismatch(f"{what}: larger than the {blob.size} B declared") from exc
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                raise RegistryUnavailable(f"{what}: transfer broken: {exc}") from exc
+        # HEAD first: the auth challenge answered, and 404 or a refusal told apart.
+        async with await self._get(path, scope=repository, headers={}, method="HEAD") as head:
+            await self._check(head, what)
+        authorization = self._authorization(repository)
+        try:
+            size = await store.fetch(
+                self.session,
+                [self.base_url + path],
+                blob.digest,
+                blob.size,
+                lambda _method, _path: authorization,
+            )
+        except ImageTransferError as exc:
+            if exc.corrupt:
+                raise DigestMismatch(f"{what}: the registry sent other content ({exc})") from exc
+            raise RegistryUnavailable(f"{what}: {exc}") from exc
         logger.info("fetched %s (%d B)", what, size)
         return size
 
     async def _get(
-        self, path: str, scope: str | None, headers: Mapping[str, str]
+        self, path: str, scope: str | None, headers: Mapping[str, str], method: str = "GET"
     ) -> aiohttp.ClientResponse:
-        """GET with this scope's authorization, answering one challenge if the registry asks."""
+        """GET (or HEAD) with this scope's authorization, answering one challenge if the
+        registry asks."""
         url = self.base_url + path
         auth = self._authorization(scope)
-        response = await self._send(url, {**headers, **auth})
+        response = await self._send(method, url, {**headers, **auth})
         if response.status != 401:
             return response
         challenge_header = response.headers.get("WWW-Authenticate", "")
@@ -238,7 +243,7 @@ class RegistryClient:
         # No authorization yet, or an expired or revoked token: answer the challenge once.
         self._tokens.pop(scope or "", None)
         await self._answer_challenge(challenge_header, scope)
-        response = await self._send(url, {**headers, **self._authorization(scope)})
+        response = await self._send(method, url, {**headers, **self._authorization(scope)})
         if response.status == 401:
             response.release()
             raise RegistryAuthError(
@@ -247,9 +252,11 @@ class RegistryClient:
             )
         return response
 
-    async def _send(self, url: str, headers: Mapping[str, str]) -> aiohttp.ClientResponse:
+    async def _send(
+        self, method: str, url: str, headers: Mapping[str, str]
+    ) -> aiohttp.ClientResponse:
         try:
-            return await self.session.get(url, headers=dict(headers))
+            return await self.session.request(method, url, headers=dict(headers))
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise RegistryUnavailable(f"cannot reach {self.registry_host}: {exc}") from exc
 
@@ -336,8 +343,3 @@ def _error_detail(body: bytes) -> str:
     except (orjson.JSONDecodeError, AttributeError, TypeError):
         return ""
     return f" ({', '.join(codes)})" if codes else ""
-
-
-async def _chunks(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
-    async for chunk in content.iter_chunked(CHUNK_BYTES):
-        yield chunk

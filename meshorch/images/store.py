@@ -40,7 +40,12 @@ _REF_RE = re.compile(r"^[a-z0-9][a-z0-9._/-]{0,127}(:[A-Za-z0-9._-]{1,64})?$")
 
 
 class ImageTransferError(MeshorchError):
-    """A blob could not be fetched from any holder, or did not match its digest."""
+    """A blob could not be fetched from any holder, or did not match its digest.
+    ``corrupt``: some source sent content that is not the blob (not merely broke off)."""
+
+    def __init__(self, message: str, corrupt: bool = False) -> None:
+        super().__init__(message)
+        self.corrupt = corrupt
 
 
 class BlobDigestMismatch(RemoteInputError):
@@ -244,21 +249,24 @@ class BlobStore:
         partial = self._partial / digest.removeprefix("sha256:")
         fetched = 0
         problems = []
+        corrupt = False
         for url in sources:
             try:
                 got, actual = await self._fetch_from(session, url, partial, size, sign)
                 fetched += got
             except (aiohttp.ClientError, TimeoutError, OSError, ImageTransferError) as exc:
                 problems.append(f"{url}: {exc}")
+                corrupt = corrupt or (isinstance(exc, ImageTransferError) and exc.corrupt)
                 continue
             if actual != digest:
                 partial.unlink(missing_ok=True)
                 problems.append(f"{url}: content does not match {digest}")
+                corrupt = True
                 continue
             os.replace(partial, self.path(digest))
             return fetched
         raise ImageTransferError(
-            f"could not fetch {digest}: " + "; ".join(problems or ["no source"])
+            f"could not fetch {digest}: " + "; ".join(problems or ["no source"]), corrupt
         )
 
     async def _fetch_from(
@@ -294,7 +302,8 @@ class BlobStore:
                 handle.truncate()
                 async for chunk in response.content.iter_chunked(CHUNK_BYTES):
                     if have + fetched + len(chunk) > size:
-                        raise ImageTransferError("more bytes than the manifest says")
+                        partial.unlink(missing_ok=True)
+                        raise ImageTransferError("more bytes than the manifest says", True)
                     hasher.update(chunk)
                     await asyncio.to_thread(handle.write, chunk)
                     fetched += len(chunk)

@@ -22,6 +22,7 @@ from meshorch.images.registry import (
     NotFound,
     RegistryAuthError,
     RegistryClient,
+    RegistryUnavailable,
 )
 from meshorch.images.store import BlobStore
 from meshorch.lab.registry import LabRegistry, TokenAuth
@@ -260,3 +261,80 @@ async def test_bearer_token_flow_against_a_token_registry(
         await RegistryClient(session, host, GOOD)._fetch_token(
             {"realm": "http://127.0.0.1:1/token"}, "lab/app"
         )
+
+
+class CuttingProxy:
+    """A TCP proxy to the registry that breaks the first connection whose answers pass
+    ``cut_after`` bytes: a flaky uplink, once."""
+
+    def __init__(self, target: str, cut_after: int) -> None:
+        host, _, port = target.rpartition(":")
+        self.target = (host, int(port))
+        self.cut_after = cut_after
+        self.cuts = 0
+        self.ranges: list[bytes] = []
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        upstream_r, upstream_w = await asyncio.open_connection(*self.target)
+
+        async def up() -> None:
+            while data := await client_r.read(65536):
+                self.ranges += [line for line in data.split(b"\r\n") if line.startswith(b"Range")]
+                upstream_w.write(data)
+                await upstream_w.drain()
+
+        async def down() -> None:
+            sent = 0
+            while data := await upstream_r.read(65536):
+                if self.cuts == 0 and sent + len(data) > self.cut_after:
+                    self.cuts += 1
+                    client_w.write(data[: self.cut_after - sent])
+                    await client_w.drain()
+                    return
+                sent += len(data)
+                client_w.write(data)
+                await client_w.drain()
+
+        tasks = [asyncio.ensure_future(up()), asyncio.ensure_future(down())]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            for writer in (client_w, upstream_w):
+                writer.close()
+
+
+async def test_a_broken_layer_download_resumes_where_it_stopped(
+    images: PushedImages, tmp_path: Path
+) -> None:
+    proxy = CuttingProxy(images.host, cut_after=300_000)
+    address = await proxy.start()
+    store = BlobStore(tmp_path / "store")
+    ref = parse_reference(f"{address}/lab/base:1")
+    try:
+        # A session of its own: a broken connection is not reused.
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
+            registry = RegistryClient(http, address, GOOD, plain_http=True)
+            with pytest.raises(RegistryUnavailable):
+                await pull(registry, ref, store, HOST_PLATFORM)
+            (layer,) = (await registry.resolve(ref, HOST_PLATFORM)).manifest.layers
+            assert not store.has(layer.digest)
+            kept = (tmp_path / "store" / "partial" / layer.digest.removeprefix("sha256:")).stat()
+            assert 0 < kept.st_size < layer.size
+            pulled = await pull(registry, ref, store, HOST_PLATFORM)
+    finally:
+        await proxy.stop()
+    assert proxy.cuts == 1 and store.has(layer.digest)
+    assert proxy.ranges == [f"Range: bytes={kept.st_size}-".encode()]
+    assert pulled.fetched_bytes == layer.size - kept.st_size  # the config came the first time
