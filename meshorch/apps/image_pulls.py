@@ -133,5 +133,9 @@ class LeaderImagePulls:
             value = self.secret_value(image.tenant, image.pull_secret)
             credentials = credentials_from_secret(value, registry)
         await self.images.pull(
-            session, image.ref, credentials, plain_http=registry.lower() in self.plain_http
+            session,
+            image.ref,
+            credentials,
+            plain_http=registry.lower() in self.plain_http,
+            tenant=image.tenant if credentials is not None else "",
         )

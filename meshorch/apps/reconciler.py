@@ -194,7 +194,8 @@ class HostReconciler:
         self, runtime_id: str, placement: Placement, container: ContainerSpec, tenant: str
     ) -> InstanceSpec:
         limits = container.resources
-        image = PROCESS_IMAGE if self.runtime.name == "process" else self._image_name(container)
+        runtime_image = self._image_name(container, tenant)
+        image = PROCESS_IMAGE if self.runtime.name == "process" else runtime_image
         secrets = self.secrets
         with_secrets = bool(container.secrets)
         network = self.network
@@ -332,10 +333,10 @@ class HostReconciler:
         logger.info("started %s (%s)", runtime_id, item.placement.version)
         return True
 
-    def _image_name(self, container: ContainerSpec) -> str:
+    def _image_name(self, container: ContainerSpec, tenant: str) -> str:
         """What the runtime runs: a pulled image by the digest the site pinned (a new pull
         of the tag changes the spec hash, so the instances move to it), else the spec's."""
-        manifest = self.images.find(container.image)
+        manifest = self.images.find(container.image, tenant)
         return container.image if manifest is None else manifest.runtime_name()
 
     async def _ensure_image(self, item: _Container, book: _Book) -> bool:
@@ -344,7 +345,9 @@ class HostReconciler:
             return True
         images = self.images
         ref = item.container.image
-        manifest = images.find(ref)
+        # An image pulled with another tenant's credentials is as good as absent (and the
+        # message does not say it exists).
+        manifest = images.find(ref, item.tenant)
         if manifest is None:
             book.message = (
                 f"image {ref} is not in the site's catalogue (meshorch image add or pull)"

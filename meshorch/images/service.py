@@ -87,10 +87,14 @@ class SiteImages:
         records, _ = self.site.view.scan(APPS_TABLE, IMAGE_PREFIX, 100_000)
         return [ImageManifest.decode(r.value) for _, r in records]
 
-    def find(self, ref: str) -> ImageManifest | None:
-        """The catalogue's image named ``ref`` (one read, not a scan)."""
+    def find(self, ref: str, tenant: str | None = None) -> ImageManifest | None:
+        """The catalogue's image named ``ref`` (one read, not a scan); with ``tenant``,
+        only if that tenant's apps may run it (not pulled with another tenant's secret)."""
         record = self.site.view.get(APPS_TABLE, IMAGE_PREFIX + ref.encode())
-        return None if record is None else ImageManifest.decode(record.value)
+        manifest = None if record is None else ImageManifest.decode(record.value)
+        if manifest is not None and tenant is not None and not manifest.usable_by(tenant):
+            return None
+        return manifest
 
     def holders(self, digest: str) -> list[str]:
         prefix = HOLDER_PREFIX + f"{digest}/".encode()
@@ -113,10 +117,12 @@ class SiteImages:
         credentials: Credentials | None = None,
         *,
         plain_http: bool = False,
+        tenant: str = "",
     ) -> tuple[ImageManifest, PulledImage]:
         """Pull ``text`` (a reference as users write it) from its registry into this host's
         store and name it in the catalogue, pinned to the digest its tag has now: the other
-        hosts copy that digest from their peers, never the tag from the registry."""
+        hosts copy that digest from their peers, never the tag from the registry.
+        ``tenant``: pulled with that tenant's credentials, for its apps only."""
         ref = parse_reference(text)
         client = RegistryClient(session, ref.api_host, credentials, plain_http=plain_http)
         pulled = await pull_image(client, ref, self.blobs, self.platform)
@@ -133,6 +139,7 @@ class SiteImages:
             pinned,
             pulled.manifest_digest,
             blobs,
+            tenant,
         )
         await self.site.propose(
             [

@@ -93,6 +93,11 @@ class ImageManifest:
     source: str = ""
     manifest_digest: str = ""
     blobs: tuple[tuple[str, int], ...] = ()
+    # Pulled with a tenant's credentials: that tenant's apps alone run it ("": any app).
+    tenant: str = ""
+
+    def usable_by(self, tenant: str) -> bool:
+        return self.tenant in ("", tenant)
 
     def key(self) -> bytes:
         return IMAGE_PREFIX + self.ref.encode()
@@ -125,6 +130,8 @@ class ImageManifest:
             data["source"] = self.source
             data["manifest_digest"] = self.manifest_digest
             data["blobs"] = [list(b) for b in self.blobs]
+        if self.tenant:
+            data["tenant"] = self.tenant
         return data
 
     @staticmethod
@@ -140,6 +147,7 @@ class ImageManifest:
             str(data.get("source", "")),
             str(data.get("manifest_digest", "")),
             tuple((str(d), int(n)) for d, n in data.get("blobs", ())),
+            str(data.get("tenant", "")),
         )
 
 

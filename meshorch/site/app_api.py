@@ -120,14 +120,16 @@ async def pull_image(request: web.Request) -> web.Response:
         if not (isinstance(username, str) and isinstance(password, str) and username):
             raise ApiError(400, "bad_request", "username and password: strings, both or none")
         credentials = Credentials(username, password)
+    tenant = ""
     if body.get("secret") is not None:
         if credentials is not None:
             raise ApiError(400, "bad_request", "secret or username and password, not both")
         credentials = _secret_credentials(svc, body, reference.api_host)
+        tenant = str(body.get("tenant", DEFAULT_TENANT))  # checked by _secret_credentials
     try:
         async with aiohttp.ClientSession(timeout=PULL_TIMEOUT) as session:
             manifest, pulled = await svc.images.pull(
-                session, ref, credentials, plain_http=plain_http
+                session, ref, credentials, plain_http=plain_http, tenant=tenant
             )
     except (RegistryError, BadManifest, NoMatchingPlatform) as exc:
         raise ApiError(502, exc.code, f"pulling {ref}: {exc}") from exc

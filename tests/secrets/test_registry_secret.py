@@ -75,6 +75,7 @@ async def test_a_pull_with_the_tenants_secret(driver: Driver, images: PushedImag
     body = {"ref": ref, "secret": "regcred", "plain_http": True}
     answer = await driver.ok("POST", host, "/v1/images/pull", body)
     assert answer["image"]["digest"] == images.digests["app"]
+    assert answer["image"]["tenant"] == "default"
     assert PASSWORD not in orjson.dumps(answer).decode()
 
 
@@ -111,6 +112,7 @@ async def test_the_leader_pulls_an_apps_image_once_with_its_pull_secret(
     listed = (await driver.ok("GET", host, "/v1/images"))["images"]
     (image,) = [i for i in listed if i["ref"] == ref]
     assert image["digest"] == digest and image["source"] == f"{images.host}/lab/auto@{digest}"
+    assert image["tenant"] == "default"  # pulled with its secret: its apps alone run it
     assert other not in [i["ref"] for i in listed]  # refused: no credentials for it
     pulled = 0
     for member in driver.hosts:
