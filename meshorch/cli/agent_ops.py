@@ -87,10 +87,10 @@ def add_agent_ops_commands(commands: argparse._SubParsersAction[Any]) -> None:
     image_pull = image_commands.add_parser(
         "pull",
         help="pull an image from a registry into a site",
-        description="The agent pulls REF from its registry (OCI distribution API; the "
-        "manifest for its platform; every blob checked against its sha256) and names it "
-        "in the site's catalogue pinned to the digest the tag has now: the other hosts "
-        "copy that digest from their peers, so the site runs the same bytes everywhere. "
+        description="The agent pulls REF from its registry (OCI distribution API; the\n"
+        "manifest for its platform; every blob checked against its sha256) and names it\n"
+        "in the site's catalogue pinned to the digest the tag has now: the other hosts\n"
+        "copy that digest from their peers, so the site runs the same bytes everywhere.\n"
         "Layers shared with images already there are not downloaded again.",
         epilog="examples: meshorch image pull registry.example.com/pos/web:1.4\n"
         '  echo "$TOKEN" | meshorch image pull --username ci --password-stdin '
