@@ -100,10 +100,12 @@ class LabRegistry:
         self._process: subprocess.Popen[bytes] | None = None
 
     @classmethod
-    def on_wan(cls, plan: LabPlan, work_dir: Path, users: Mapping[str, str]) -> LabRegistry:
+    def on_wan(
+        cls, plan: LabPlan, work_dir: Path, users: Mapping[str, str], port: int = REGISTRY_PORT
+    ) -> LabRegistry:
         """A registry beside the hub, on the WAN: sites reach it through their NAT router,
         as they would a registry on the internet."""
-        return cls(work_dir, f"{plan.hub_ip}:{REGISTRY_PORT}", users, netns=plan.hub_netns)
+        return cls(work_dir, f"{plan.hub_ip}:{port}", users, netns=plan.hub_netns)
 
     @property
     def host(self) -> str:
@@ -160,6 +162,9 @@ class LabRegistry:
         except OSError:
             return False
         return True
+
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
 
     def stop(self) -> None:
         process, self._process = self._process, None

@@ -5,6 +5,7 @@ host runs the pinned image in a container."""
 from __future__ import annotations
 
 import secrets
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -127,3 +128,40 @@ def test_a_tag_pulled_again_moves_every_host_to_the_new_digest(
         time.sleep(1)
     else:
         raise AssertionError(f"not every host runs the new digest: {answers}")
+
+
+def test_lab_registry_command_serves_on_the_wan_until_stopped(
+    lab_site: tuple[LabAgents, PushedImages],
+) -> None:
+    agents, _ = lab_site
+    lab = agents.lab
+    plan = lab.plan
+    where = ["--prefix", plan.prefix, "--state-dir", str(lab.store.state_dir)]
+    command = [sys.executable, "-m", "meshorch", "lab", "registry", *where,
+               "--user", "ops", "--port", "5001"]  # fmt: skip
+    process = subprocess.Popen(
+        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdin is not None and process.stdout is not None
+        process.stdin.write("s3cret\n")
+        process.stdin.close()
+        line = process.stdout.readline()
+        assert f"registry {plan.hub_ip}:5001 (user ops" in line, line
+        probe = (
+            "import base64, sys, urllib.request, urllib.error\n"
+            f"url = 'http://{plan.hub_ip}:5001/v2/'\n"
+            "try:\n    urllib.request.urlopen(url, timeout=5)\n"
+            "except urllib.error.HTTPError as exc:\n    print(exc.code)\n"
+            "auth = 'Basic ' + base64.b64encode(b'ops:s3cret').decode()\n"
+            "print(urllib.request.urlopen(urllib.request.Request(url, headers="
+            "{'Authorization': auth}), timeout=5).status)\n"
+        )
+        site_host = plan.hosts[0].name  # behind the site's NAT router
+        answered = lab.run(site_host, [sys.executable, "-c", probe])
+        assert answered.stdout.split() == ["401", "200"], answered.stderr
+    finally:
+        process.terminate()
+        process.wait(30)
+    after = lab.run(plan.hosts[0].name, [sys.executable, "-c", probe])
+    assert "Connection refused" in after.stderr or "timed out" in after.stderr, after.stderr
