@@ -20,12 +20,18 @@ import orjson
 
 from meshorch.images.oci import OCI_INDEX, BadManifest, Manifest, Platform, parse_document
 from meshorch.images.reference import ImageReference
-from meshorch.images.registry import RegistryClient, ResolvedImage
+from meshorch.images.registry import RegistryClient, RegistryError, ResolvedImage
 from meshorch.images.store import BlobStore
 
 logger = logging.getLogger(__name__)
 
 REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
+MAX_IMAGE_BYTES = 8 << 30  # all of an image's blobs, as for an uploaded archive
+
+
+class ImageTooLarge(RegistryError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "too_large")
 
 
 @dataclass(frozen=True)
@@ -60,10 +66,19 @@ class PulledImage:
 
 
 async def pull(
-    client: RegistryClient, ref: ImageReference, store: BlobStore, platform: Platform
+    client: RegistryClient,
+    ref: ImageReference,
+    store: BlobStore,
+    platform: Platform,
+    max_bytes: int = MAX_IMAGE_BYTES,
 ) -> PulledImage:
-    """Resolve ``ref`` (a tag once, to a digest) and fetch the blobs ``store`` lacks."""
+    """Resolve ``ref`` (a tag once, to a digest) and fetch the blobs ``store`` lacks.
+    An image whose blobs add up to more than ``max_bytes`` is refused before any is
+    fetched (each blob is then held to the size its manifest declares)."""
     resolved: ResolvedImage = await client.resolve(ref, platform)
+    total = sum(blob.size for blob in resolved.manifest.blobs())
+    if total > max_bytes:
+        raise ImageTooLarge(f"{ref.canonical()} is {total} B; images are limited to {max_bytes} B")
     for digest, raw in resolved.documents:
         await store.add_bytes(raw, expected_digest=digest)
     fetched = reused = 0

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from meshorch.apps.settings import podman_dirs
 from meshorch.images.oci import NoMatchingPlatform
-from meshorch.images.pull import pull, write_oci_layout
+from meshorch.images.pull import ImageTooLarge, pull, write_oci_layout
 from meshorch.images.reference import parse_reference
 from meshorch.images.registry import (
     Credentials,
@@ -338,3 +338,14 @@ async def test_a_broken_layer_download_resumes_where_it_stopped(
     assert proxy.cuts == 1 and store.has(layer.digest)
     assert proxy.ranges == [f"Range: bytes={kept.st_size}-".encode()]
     assert pulled.fetched_bytes == layer.size - kept.st_size  # the config came the first time
+
+
+async def test_an_image_over_the_size_limit_is_refused_before_any_blob(
+    images: PushedImages, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    store = BlobStore(tmp_path / "store")
+    ref = parse_reference(f"{images.host}/lab/app:1")
+    with pytest.raises(ImageTooLarge, match="limited to 100000 B") as caught:
+        await pull(client(session, images), ref, store, HOST_PLATFORM, max_bytes=100_000)
+    assert caught.value.code == "too_large"
+    assert stored(store) == set()
