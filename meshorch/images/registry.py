@@ -34,6 +34,7 @@ from meshorch.http_body import read_limited
 from meshorch.images.oci import (
     ACCEPTED_TYPES,
     MAX_MANIFEST_BYTES,
+    BadManifest,
     Descriptor,
     Index,
     Manifest,
@@ -183,16 +184,15 @@ class RegistryClient:
     async def _manifest(self, ref: ImageReference, selector: str) -> tuple[tuple[bytes, str], str]:
         path = f"/v2/{ref.repository}/manifests/{selector}"
         headers = {"Accept": ", ".join(ACCEPTED_TYPES)}
-        what = (
-            f"manifest {ref.name}:{selector}" if ":" not in selector else f"{ref.name}@{selector}"
-        )
+        separator = "@" if selector.startswith("sha256:") else ":"
+        what = f"manifest {ref.name}{separator}{selector}"
         async with await self._get(path, scope=ref.repository, headers=headers) as response:
             await self._check(response, what)
             body = await read_limited(response.content, MAX_MANIFEST_BYTES)
             content_type = response.headers.get("Content-Type", "")
             announced = response.headers.get("Docker-Content-Digest")
         if len(body) > MAX_MANIFEST_BYTES:
-            raise RegistryError(f"{what}: manifest larger than {MAX_MANIFEST_BYTES} B")
+            raise BadManifest(f"{what}: larger than {MAX_MANIFEST_BYTES} B")
         digest = f"sha256:{hashlib.sha256(body).hexdigest()}"
         if selector.startswith("sha256:") and digest != selector:
             raise DigestMismatch(f"{what}: the registry sent content of {digest}")
