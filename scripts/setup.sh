@@ -13,6 +13,9 @@ cd "$(dirname "$0")/.."
 LAB_PACKAGES=(iproute2 iptables nftables wireguard-go wireguard-tools procps
   containernetworking-plugins podman runc busybox-static chromium chromium-driver strace)
 LAB_PACKAGES+=(e2fsprogs mount)  # mkfs.ext4, losetup: the chaos power cut's lossy disks
+# docker-registry (the CNCF distribution registry), apache2-utils (htpasswd -B): the lab's
+# real OCI registry (meshorch/lab/registry.py, tests/images/test_registry_pull.py).
+LAB_PACKAGES+=(docker-registry apache2-utils)
 BENCH_PACKAGES=(etcd-server etcd-client)
 
 want_apt=()

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -53,7 +54,7 @@ from meshorch.apps.records import (
 from meshorch.apps.scheduler import Placement
 from meshorch.apps.spec import ContainerSpec, ExecCheck, HttpCheck, Probe, ServiceSpec
 from meshorch.images.service import SiteImages
-from meshorch.images.store import ImageTransferError
+from meshorch.images.store import OCI, ImageTransferError
 from meshorch.runtime import (
     PROCESS_IMAGE,
     InstanceSpec,
@@ -193,7 +194,8 @@ class HostReconciler:
         self, runtime_id: str, placement: Placement, container: ContainerSpec, tenant: str
     ) -> InstanceSpec:
         limits = container.resources
-        image = PROCESS_IMAGE if self.runtime.name == "process" else container.image
+        runtime_image = self._image_name(container, tenant)
+        image = PROCESS_IMAGE if self.runtime.name == "process" else runtime_image
         secrets = self.secrets
         with_secrets = bool(container.secrets)
         network = self.network
@@ -331,21 +333,41 @@ class HostReconciler:
         logger.info("started %s (%s)", runtime_id, item.placement.version)
         return True
 
+    def _image_name(self, container: ContainerSpec, tenant: str) -> str:
+        """What the runtime runs: a pulled image by the digest the site pinned (a new pull
+        of the tag changes the spec hash, so the instances move to it), else the spec's."""
+        manifest = self.images.find(container.image, tenant)
+        return container.image if manifest is None else manifest.runtime_name()
+
     async def _ensure_image(self, item: _Container, book: _Book) -> bool:
-        ref = item.spec.image
-        if self.runtime.name == "process" or await self.runtime.has_image(ref):
+        name = item.spec.image
+        if self.runtime.name == "process" or await self.runtime.has_image(name):
             return True
         images = self.images
-        manifest = next((m for m in images.manifests() if m.ref == ref), None)
+        ref = item.container.image
+        # An image pulled with another tenant's credentials is as good as absent (and the
+        # message does not say it exists).
+        manifest = images.find(ref, item.tenant)
         if manifest is None:
-            book.message = f"image {ref} is not in the site's catalogue (meshorch image add)"
+            book.message = (
+                f"image {ref} is not in the site's catalogue (meshorch image add or pull)"
+            )
             return False
         try:
             await images.ensure(self._session, manifest)
         except ImageTransferError as exc:
             book.message = f"image {ref} not copied yet: {exc}"
             return False
-        await self.runtime.load_image(images.blobs.path(manifest.digest), ref)
+        if manifest.runtime_name() != name:  # pulled again since this spec was made
+            return False
+        if manifest.kind == OCI:
+            layout = await images.oci_layout(manifest)
+            try:
+                await self.runtime.load_image(layout, name)
+            finally:
+                await asyncio.to_thread(shutil.rmtree, layout, True)
+        else:
+            await self.runtime.load_image(images.blobs.path(manifest.digest), name)
         return True
 
     def _track_probes(self, runtime_id: str, container: ContainerSpec, now: float) -> None:

@@ -33,6 +33,8 @@ class WorkloadSettings:
     labels: dict[str, str] = field(default_factory=dict)
     # Disk or memory use at which the host sheds its lowest-priority instances.
     evict_at_pct: float = 95.0
+    # Registries (host:port) the site pulls from over plain HTTP, not HTTPS (a lab, a LAN).
+    plain_http_registries: tuple[str, ...] = ()
 
     def host_info(self, host_id: str) -> HostInfo:
         return HostInfo(

@@ -201,6 +201,9 @@ class ContainerSpec:
     files: tuple[ConfigFile, ...] = ()
     probes: Probes = Probes()
     secrets: tuple[SecretRef, ...] = ()
+    # The app's tenant's secret holding the registry credentials of ``image``: the site
+    # pulls the image itself when its catalogue lacks it (docs/app-spec.md).
+    pull_secret: str | None = None
 
     @property
     def image_is_pinned(self) -> bool:
@@ -722,7 +725,7 @@ def _ingress(
 
 
 def _container(ctx: _Ctx, value: object, path: str) -> ContainerSpec | None:
-    optional = ("command", "env", "ports", "files", "probes", "secrets")
+    optional = ("command", "env", "ports", "files", "probes", "secrets", "pull_secret")
     m = ctx.fields(value, path, ("name", "image", "resources"), optional)
     if m is None:
         return None
@@ -737,6 +740,10 @@ def _container(ctx: _Ctx, value: object, path: str) -> ContainerSpec | None:
     resources = _resources(ctx, m.get("resources"), f"{path}.resources")
     probes = _probes(ctx, m.get("probes", {}), f"{path}.probes")
     secrets = _list(ctx, m.get("secrets", ()), f"{path}.secrets", _secret_ref, _secret_file_key)
+    pull_secret = _str(ctx, m.get("pull_secret"), f"{path}.pull_secret")
+    if pull_secret is not None and not is_secret_name(pull_secret):
+        what = f"{pull_secret!r} is not a secret name: {SECRET_NAME_RULE}"
+        ctx.bad(f"{path}.pull_secret", what)
     if secrets and env is not None:
         _secret_env_clashes(ctx, secrets, env, f"{path}.secrets")
     if (
@@ -752,7 +759,9 @@ def _container(ctx: _Ctx, value: object, path: str) -> ContainerSpec | None:
         or secrets is None
     ):
         return None
-    return ContainerSpec(name, image, resources, command, env, ports, files, probes, secrets)
+    return ContainerSpec(
+        name, image, resources, command, env, ports, files, probes, secrets, pull_secret
+    )
 
 
 def _port_key(port: PortSpec) -> str:
@@ -1069,6 +1078,8 @@ def _container_json(container: ContainerSpec) -> dict[str, object]:
     }
     if container.secrets:  # left out when empty: the digest of older specs stays the same
         data["secrets"] = [_secret_json(ref) for ref in container.secrets]
+    if container.pull_secret is not None:  # likewise
+        data["pull_secret"] = container.pull_secret
     return data
 
 

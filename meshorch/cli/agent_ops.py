@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 
 from meshorch.cli.agent_client import (
     AgentRefused,
@@ -83,6 +84,38 @@ def add_agent_ops_commands(commands: argparse._SubParsersAction[Any]) -> None:
     image_add.add_argument("--ref", required=True, help="the image's name, e.g. shop/web:1.2")
     add_agent_flag(image_add, "api")
     image_add.set_defaults(handler=run_image_add)
+    image_pull = image_commands.add_parser(
+        "pull",
+        help="pull an image from a registry into a site",
+        description="The agent pulls REF from its registry (OCI distribution API; the\n"
+        "manifest for its platform; every blob checked against its sha256) and names it\n"
+        "in the site's catalogue pinned to the digest the tag has now: the other hosts\n"
+        "copy that digest from their peers, so the site runs the same bytes everywhere.\n"
+        "Layers shared with images already there are not downloaded again.",
+        epilog="examples: meshorch image pull registry.example.com/pos/web:1.4\n"
+        '  echo "$TOKEN" | meshorch image pull --username ci --password-stdin '
+        "registry.example.com:5000/pos/web@sha256:<64 hex>",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    image_pull.add_argument(
+        "ref", metavar="REF", help="e.g. registry.example.com:5000/pos/web:1.4, busybox:1.36"
+    )
+    image_pull.add_argument("--username", help="the registry user (else anonymous)")
+    image_pull.add_argument(
+        "--password-stdin", action="store_true", help="read the registry password from stdin"
+    )
+    image_pull.add_argument(
+        "--secret",
+        metavar="NAME",
+        help='the registry credentials are the tenant\'s secret NAME: {"registry": HOST[:PORT], '
+        '"username": ..., "password": ...}, used for that registry only',
+    )
+    image_pull.add_argument("--tenant", help="the tenant of --secret (default: default)")
+    image_pull.add_argument(
+        "--plain-http", action="store_true", help="the registry speaks HTTP, not HTTPS (a lab)"
+    )
+    add_agent_flag(image_pull, "api")
+    image_pull.set_defaults(handler=run_image_pull)
     image_list = image_commands.add_parser("list", help="the site's images and who holds them")
     add_agent_flag(image_list, "api")
     add_output_flag(image_list)
@@ -243,6 +276,34 @@ def run_image_add(args: argparse.Namespace) -> int:
         ) from exc
     image = body["image"]
     print(f"{image['ref']} {image['digest']} {image['size']} bytes")
+    return 0
+
+
+PULL_TIMEOUT_S = 3600.0  # the agent answers when every blob is here
+
+
+def run_image_pull(args: argparse.Namespace) -> int:
+    body: dict[str, object] = {"ref": args.ref, "plain_http": args.plain_http}
+    if args.password_stdin:
+        if not args.username:
+            raise ConfigurationError("--password-stdin needs --username")
+        body["password"] = sys.stdin.readline().rstrip("\n")
+    if args.username:
+        body["username"] = args.username
+        body.setdefault("password", "")
+    if args.secret:
+        if args.username:
+            raise ConfigurationError("--secret or --username, not both")
+        body["secret"] = args.secret
+        if args.tenant:
+            body["tenant"] = args.tenant
+    answer = request_agent(
+        agent_address(args.api), "POST", "/v1/images/pull", orjson.dumps(body),
+        timeout=PULL_TIMEOUT_S,
+    )  # fmt: skip
+    image, pull = answer["image"], answer["pull"]
+    print(f"{image['ref']} {image['source']} {image['size']} bytes")
+    print(f"downloaded {pull['fetched_bytes']} B, {pull['reused_bytes']} B already here")
     return 0
 
 

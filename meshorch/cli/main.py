@@ -150,6 +150,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     work.add_argument("--cpu", type=float, help="CPU cores offered (default: all)")
     work.add_argument("--memory", help="memory offered, e.g. 2Gi (default: all)")
     work.add_argument(
+        "--plain-http-registry", action="append", default=[], metavar="HOST[:PORT]",
+        help="a registry the site pulls images from over plain HTTP instead of HTTPS "
+        "(a lab or a LAN; repeat for several)",
+    )  # fmt: skip
+    work.add_argument(
         "--evict-at-pct", type=float, default=95.0, metavar="PCT",
         help="disk or memory use at which this host moves its lowest-priority instances "
         "elsewhere, one every few seconds (default %(default)s)",
@@ -351,6 +356,7 @@ def run_agent(args: argparse.Namespace) -> int:
         memory_bytes=parse_size(args.memory) if args.memory else None,
         labels=parse_labels(args.label),
         evict_at_pct=args.evict_at_pct,
+        plain_http_registries=tuple(args.plain_http_registry),
     )
     network = network_settings(args)
     revoked = False

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import platform
 import random
 import time
 from collections.abc import AsyncIterator
@@ -12,9 +13,15 @@ from pathlib import Path
 
 import aiohttp
 
+from meshorch.images.oci import platform_of_machine
+from meshorch.images.pull import PulledImage, write_oci_layout
+from meshorch.images.pull import pull as pull_image
+from meshorch.images.reference import parse_reference
+from meshorch.images.registry import Credentials, RegistryClient
 from meshorch.images.store import (
     HOLDER_PREFIX,
     IMAGE_PREFIX,
+    OCI,
     BlobStore,
     ImageManifest,
     ImageTransferError,
@@ -49,10 +56,16 @@ class SiteImages:
         self.sign = sign  # proves this host to the peers it copies from
         self.uploaded_bytes = 0
         self.fetched_bytes = 0
+        self.pulled_bytes = 0  # from registries
+        self.platform = platform_of_machine(platform.machine())
         self._wake = asyncio.Event()
 
     def counters(self) -> dict[str, int]:
-        return {"uploaded_bytes": self.uploaded_bytes, "fetched_bytes": self.fetched_bytes}
+        return {
+            "uploaded_bytes": self.uploaded_bytes,
+            "fetched_bytes": self.fetched_bytes,
+            "pulled_bytes": self.pulled_bytes,
+        }
 
     async def add_upload(self, ref: str, chunks: AsyncIterator[bytes]) -> ImageManifest:
         """An image entering the site from outside: store it, then name it in the state."""
@@ -74,6 +87,15 @@ class SiteImages:
         records, _ = self.site.view.scan(APPS_TABLE, IMAGE_PREFIX, 100_000)
         return [ImageManifest.decode(r.value) for _, r in records]
 
+    def find(self, ref: str, tenant: str | None = None) -> ImageManifest | None:
+        """The catalogue's image named ``ref`` (one read, not a scan); with ``tenant``,
+        only if that tenant's apps may run it (not pulled with another tenant's secret)."""
+        record = self.site.view.get(APPS_TABLE, IMAGE_PREFIX + ref.encode())
+        manifest = None if record is None else ImageManifest.decode(record.value)
+        if manifest is not None and tenant is not None and not manifest.usable_by(tenant):
+            return None
+        return manifest
+
     def holders(self, digest: str) -> list[str]:
         prefix = HOLDER_PREFIX + f"{digest}/".encode()
         records, _ = self.site.view.scan(APPS_TABLE, prefix, 100_000)
@@ -88,18 +110,65 @@ class SiteImages:
         port = (member.api or "").rpartition(":")[2]
         return f"http://{host}:{port}/v1/images/blobs/{digest}"
 
+    async def pull(
+        self,
+        session: aiohttp.ClientSession,
+        text: str,
+        credentials: Credentials | None = None,
+        *,
+        plain_http: bool = False,
+        tenant: str = "",
+    ) -> tuple[ImageManifest, PulledImage]:
+        """Pull ``text`` (a reference as users write it) from its registry into this host's
+        store and name it in the catalogue, pinned to the digest its tag has now: the other
+        hosts copy that digest from their peers, never the tag from the registry.
+        ``tenant``: pulled with that tenant's credentials, for its apps only."""
+        ref = parse_reference(text)
+        client = RegistryClient(session, ref.api_host, credentials, plain_http=plain_http)
+        pulled = await pull_image(client, ref, self.blobs, self.platform)
+        self.pulled_bytes += pulled.fetched_bytes
+        blobs = pulled.blob_sizes()
+        pinned = pulled.reference.pinned()
+        manifest = ImageManifest(
+            text,
+            pulled.reference.digest or pulled.manifest_digest,
+            sum(size for _, size in blobs),
+            self.host_id,
+            time.time(),
+            OCI,
+            pinned,
+            pulled.manifest_digest,
+            blobs,
+            tenant,
+        )
+        await self.site.propose(
+            [
+                Put(APPS_TABLE, manifest.key(), manifest.encode()),
+                Put(APPS_TABLE, holder_key(manifest.digest, self.host_id), b""),
+            ],
+            idempotent=True,
+        )
+        logger.info("image %s pulled as %s", text, pinned)
+        self._wake.set()
+        return manifest, pulled
+
+    async def oci_layout(self, manifest: ImageManifest) -> Path:
+        """A pulled image as an OCI layout the runtime loads (blobs linked, not copied)."""
+        directory = self.blobs.root / "layouts" / manifest.digest.removeprefix("sha256:")
+        return await write_oci_layout(
+            self.blobs, manifest.manifest_digest, manifest.runtime_name(), directory
+        )
+
     async def ensure(self, session: aiohttp.ClientSession, manifest: ImageManifest) -> None:
-        """Have ``manifest``'s blob here (copied from a peer) and say so in the state."""
-        if not self.blobs.has(manifest.digest):
+        """Have ``manifest``'s blobs here (copied from peers) and say so in the state."""
+        missing = [(d, n) for d, n in manifest.blob_sizes() if not self.blobs.has(d)]
+        if missing:
             members = {m.host_id: m for m in self.members.members()}
             holders = [h for h in self.holders(manifest.digest) if h in members]
             random.shuffle(holders)  # spread the load over every host that has it
-            urls = [
-                self.blob_url(members[h], manifest.digest) for h in holders if h != self.host_id
-            ]
-            self.fetched_bytes += await self.blobs.fetch(
-                session, urls, manifest.digest, manifest.size, self.sign
-            )
+            for digest, size in missing:
+                urls = [self.blob_url(members[h], digest) for h in holders if h != self.host_id]
+                self.fetched_bytes += await self.blobs.fetch(session, urls, digest, size, self.sign)
             logger.info("copied image %s from a site peer", manifest.ref)
         if self.host_id not in self.holders(manifest.digest):
             await self.site.propose(

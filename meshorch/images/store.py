@@ -40,7 +40,21 @@ _REF_RE = re.compile(r"^[a-z0-9][a-z0-9._/-]{0,127}(:[A-Za-z0-9._-]{1,64})?$")
 
 
 class ImageTransferError(MeshorchError):
-    """A blob could not be fetched from any holder, or did not match its digest."""
+    """A blob could not be fetched from any holder, or did not match its digest.
+    ``corrupt``: some source sent content that is not the blob (not merely broke off)."""
+
+    def __init__(self, message: str, corrupt: bool = False) -> None:
+        super().__init__(message)
+        self.corrupt = corrupt
+
+
+class BlobDigestMismatch(RemoteInputError):
+    """Content whose sha256 is not the digest it was asked for, or announced as."""
+
+    def __init__(self, expected: str, actual: str) -> None:
+        super().__init__("digest_mismatch", f"content is {actual}, expected {expected}")
+        self.expected = expected
+        self.actual = actual
 
 
 def validate_digest(digest: str) -> str:
@@ -55,28 +69,70 @@ def validate_ref(ref: str) -> str:
     return ref
 
 
+ARCHIVE = "archive"  # one blob: an archive ``podman load`` reads, or a rootfs tarball
+OCI = "oci"  # pulled from a registry: a manifest (and an index) and its blobs
+
+
 @dataclass(frozen=True)
 class ImageManifest:
+    """An image of the site's catalogue, under the reference users name it by.
+
+    An archive is the one blob ``digest``. A pulled image (``kind`` ``oci``) is pinned:
+    ``digest`` is what its tag resolved to, once, at the host that pulled it (``source``
+    is ``registry/repository@digest``); ``blobs`` are (digest, size) of its index and
+    manifest documents, config and layers, each copied to the other hosts from peers,
+    so every host runs the same bytes. ``size`` is the sum of the blobs.
+    """
+
     ref: str
     digest: str
     size: int
     added_by: str
     added_at: float
+    kind: str = ARCHIVE
+    source: str = ""
+    manifest_digest: str = ""
+    blobs: tuple[tuple[str, int], ...] = ()
+    # Pulled with a tenant's credentials: that tenant's apps alone run it ("": any app).
+    tenant: str = ""
+
+    def usable_by(self, tenant: str) -> bool:
+        return self.tenant in ("", tenant)
 
     def key(self) -> bytes:
         return IMAGE_PREFIX + self.ref.encode()
 
     def encode(self) -> bytes:
-        return orjson.dumps({"v": 1, **self.to_json()})
+        return orjson.dumps({"v": 2, **self.to_json()})
+
+    def runtime_name(self) -> str:
+        """The name the runtime knows this image by. A pulled image's names its digest, so a
+        host that loaded an earlier digest of the same tag does not take it for this one."""
+        if self.kind != OCI:
+            return self.ref
+        name = self.source.partition("@")[0] or self.ref
+        return f"{name}:{self.digest.replace(':', '-')}"
+
+    def blob_sizes(self) -> tuple[tuple[str, int], ...]:
+        """Every blob a host needs for this image."""
+        return self.blobs if self.kind == OCI else ((self.digest, self.size),)
 
     def to_json(self) -> dict[str, object]:
-        return {
+        data: dict[str, object] = {
             "ref": self.ref,
             "digest": self.digest,
             "size": self.size,
             "added_by": self.added_by,
             "added_at": self.added_at,
+            "kind": self.kind,
         }
+        if self.kind == OCI:
+            data["source"] = self.source
+            data["manifest_digest"] = self.manifest_digest
+            data["blobs"] = [list(b) for b in self.blobs]
+        if self.tenant:
+            data["tenant"] = self.tenant
+        return data
 
     @staticmethod
     def decode(raw: bytes) -> ImageManifest:
@@ -87,6 +143,11 @@ class ImageManifest:
             int(data["size"]),
             str(data["added_by"]),
             float(data["added_at"]),
+            str(data.get("kind", ARCHIVE)),  # version 1 records are archives
+            str(data.get("source", "")),
+            str(data.get("manifest_digest", "")),
+            tuple((str(d), int(n)) for d, n in data.get("blobs", ())),
+            str(data.get("tenant", "")),
         )
 
 
@@ -138,6 +199,17 @@ class BlobStore:
         finally:
             temp.unlink(missing_ok=True)
 
+    async def add_bytes(self, data: bytes, expected_digest: str | None = None) -> str:
+        """Store a small blob (a manifest, an index) held in memory; return its digest."""
+        digest = f"sha256:{hashlib.sha256(data).hexdigest()}"
+        if expected_digest is not None and digest != expected_digest:
+            raise BlobDigestMismatch(expected_digest, digest)
+        if not self.has(digest):
+            temp = self._partial / f"bytes-{os.getpid()}-{id(data)}"
+            await asyncio.to_thread(temp.write_bytes, data)
+            os.replace(temp, self.path(digest))
+        return digest
+
     async def add_file(self, source: Path) -> tuple[str, int]:
         async def read() -> AsyncIterator[bytes]:
             with open(source, "rb") as handle:
@@ -177,21 +249,24 @@ class BlobStore:
         partial = self._partial / digest.removeprefix("sha256:")
         fetched = 0
         problems = []
+        corrupt = False
         for url in sources:
             try:
                 got, actual = await self._fetch_from(session, url, partial, size, sign)
                 fetched += got
             except (aiohttp.ClientError, TimeoutError, OSError, ImageTransferError) as exc:
                 problems.append(f"{url}: {exc}")
+                corrupt = corrupt or (isinstance(exc, ImageTransferError) and exc.corrupt)
                 continue
             if actual != digest:
                 partial.unlink(missing_ok=True)
                 problems.append(f"{url}: content does not match {digest}")
+                corrupt = True
                 continue
             os.replace(partial, self.path(digest))
             return fetched
         raise ImageTransferError(
-            f"could not fetch {digest}: " + "; ".join(problems or ["no source"])
+            f"could not fetch {digest}: " + "; ".join(problems or ["no source"]), corrupt
         )
 
     async def _fetch_from(
@@ -227,7 +302,8 @@ class BlobStore:
                 handle.truncate()
                 async for chunk in response.content.iter_chunked(CHUNK_BYTES):
                     if have + fetched + len(chunk) > size:
-                        raise ImageTransferError("more bytes than the manifest says")
+                        partial.unlink(missing_ok=True)
+                        raise ImageTransferError("more bytes than the manifest says", True)
                     hasher.update(chunk)
                     await asyncio.to_thread(handle.write, chunk)
                     fetched += len(chunk)

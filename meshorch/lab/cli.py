@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -121,6 +123,36 @@ def _cmd_exec(args: argparse.Namespace) -> int:
         print("meshorch lab: error: exec needs a command after '--'", file=sys.stderr)
         return 2
     return _lab(args).exec(args.node, argv)
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _cmd_registry(args: argparse.Namespace) -> int:
+    from meshorch.lab.registry import LabRegistry  # only this command needs it
+
+    lab = _lab(args)
+    plan = lab.plan
+    password = sys.stdin.readline().rstrip("\n")
+    if not password:
+        print("meshorch lab: error: registry needs the password on stdin", file=sys.stderr)
+        return 2
+    work = lab.store.lab_dir / "registry"
+    registry = LabRegistry.on_wan(plan, work, {args.user: password}, args.port)
+    registry.start()
+    # Stopped like an interrupt, so the registry process goes with this one.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        print(f"registry {registry.host} (user {args.user}, log {registry.log_path}); "
+              "sites pull through their routers; Ctrl-C stops it", flush=True)  # fmt: skip
+        while registry.running():
+            time.sleep(0.5)
+        print(f"meshorch lab: error: the registry stopped; see {registry.log_path}",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    finally:
+        registry.stop()
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -247,6 +279,19 @@ def add_lab_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
     )
     exec_.add_argument("node", help="s1-h2, s1-r or hub")
     exec_.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...")
+
+    registry = add(
+        "registry",
+        _cmd_registry,
+        "run a real OCI registry (Debian's docker-registry) on the WAN beside the hub",
+        epilog="The registry listens on the hub's WAN address, plain HTTP, with one "
+        "htpasswd user (the password read from stdin), storage under the lab's state dir; "
+        "it runs until Ctrl-C. Push with podman from the hub's namespace, e.g.: "
+        "lab exec hub -- podman push --tls-verify=false --creds USER:PW IMAGE "
+        "HUB_IP:5000/NAME:TAG; sites pull with 'meshorch image pull --plain-http'.",
+    )
+    registry.add_argument("--user", default="lab", help="the registry user (default: lab)")
+    registry.add_argument("--port", type=int, default=5000, help="its port (default: 5000)")
 
     status = add("status", _cmd_status, "show topology, processes (alive/dead) and partitions")
     status.add_argument("--json", action="store_true", help="machine-readable output")

@@ -200,7 +200,12 @@ def _resolve_executable(name: str, what: str) -> str:
 
 
 def _archive_kind(path: Path) -> str:
-    """``docker-archive``, ``oci-archive`` or ``rootfs`` (a plain filesystem tarball)."""
+    """``docker-archive``, ``oci-archive``, ``oci-dir`` (an OCI image layout directory)
+    or ``rootfs`` (a plain filesystem tarball)."""
+    if path.is_dir():
+        if (path / "oci-layout").is_file() and (path / "index.json").is_file():
+            return "oci-dir"
+        raise ImageError(str(path), f"{path} is a directory but not an OCI image layout")
     try:
         with tarfile.open(path, "r:*") as tar:
             names = {name.removeprefix("./") for name in tar.getnames()}
@@ -645,7 +650,8 @@ class PodmanRuntime:
         raise ImageError(ref, f"podman image exists {ref}: {result.stderr_text}")
 
     async def load_image(self, archive_path: Path, ref: str) -> None:
-        """Load ``ref`` from a docker/OCI archive (``podman save``) or a rootfs tarball."""
+        """Load ``ref`` from a docker/OCI archive (``podman save``), an OCI image layout
+        directory or a rootfs tarball."""
         archive_path = Path(archive_path)
         kind = await asyncio.to_thread(_archive_kind, archive_path)
         if kind == "rootfs":

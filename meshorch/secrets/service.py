@@ -589,6 +589,13 @@ class SiteSecrets:
                     f"waiting for secret {ref.tenant}/{ref.name} (not decrypted yet)"
                 )
 
+    def value(self, tenant: str, name: str) -> bytes:
+        """One secret's value, for the agent's own use (a registry's credentials): never
+        answered to a caller. Raises SecretUnavailable (sealed, locked down, missing)."""
+        if self.locked_down():
+            raise SecretUnavailable("site locked down")
+        return decrypt(self.keys(), self.snapshot(), tenant, name)[0]
+
     def materialise(
         self,
         runtime_id: str,

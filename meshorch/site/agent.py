@@ -23,6 +23,7 @@ import orjson
 from aiohttp import web
 
 from meshorch.apps.controller import SiteController
+from meshorch.apps.image_pulls import LeaderImagePulls
 from meshorch.apps.pressure import PressureGuard
 from meshorch.apps.reconciler import HostReconciler
 from meshorch.apps.records import HOSTRES_PREFIX, encode_hostinfo, host_protocols, hostinfo_key
@@ -252,6 +253,10 @@ class Agent:
         )
         self.spawn(pressure.run(), "pressure")
         self.spawn(SiteController(raft, roster, self.streams).run(), "controller")
+        pulls = LeaderImagePulls(
+            raft, self.images, self.secrets.value, self.workloads.plain_http_registries
+        )
+        self.spawn(pulls.run(), "image-pulls")
         self.spawn(self.site_link.run(), "fleet-link")
         self.spawn(self.streams.run_retention(lambda: raft.status().is_leader), "stream-retention")
         logger.info(

@@ -1,11 +1,12 @@
 """The agent's application routes: specs (apply, list, show, delete), tenant quotas, and
-the site's image catalogue (uploads and blobs peers copy).
+the site's image catalogue (uploads, pulls from registries, and blobs peers copy).
 """
 
 from __future__ import annotations
 
 import logging
 
+import aiohttp
 import orjson
 from aiohttp import web
 
@@ -30,6 +31,7 @@ from meshorch.apps.records import (
     decode_app,
     decode_placement,
     decode_rollout,
+    host_protocols,
     rollout_key,
 )
 from meshorch.apps.spec import (
@@ -47,7 +49,11 @@ from meshorch.fleet.apply import (
     app_view,
 )
 from meshorch.http_body import read_limited
+from meshorch.images.oci import BadManifest, NoMatchingPlatform
+from meshorch.images.reference import parse_reference
+from meshorch.images.registry import Credentials, RegistryError, credentials_from_secret
 from meshorch.images.store import CHUNK_BYTES, validate_digest, validate_ref
+from meshorch.secrets.keyring import SecretUnavailable, is_secret_name
 from meshorch.site.http import (
     ApiError,
     SiteServices,
@@ -56,6 +62,7 @@ from meshorch.site.http import (
     json_response,
     services,
 )
+from meshorch.state.protocol import require
 from meshorch.state.tables import (
     APPS_TABLE,
 )
@@ -72,6 +79,7 @@ def add_app_routes(app: web.Application) -> None:
     app.router.add_get("/v1/quotas", list_quotas)
     app.router.add_put("/v1/quotas/{tenant}", put_quota)
     app.router.add_post("/v1/images", add_image)
+    app.router.add_post("/v1/images/pull", pull_image)
     app.router.add_get("/v1/images", list_images)
     app.router.add_get("/v1/images/blobs/{digest}", get_blob)
 
@@ -82,6 +90,63 @@ async def add_image(request: web.Request) -> web.Response:
     svc = services(request)
     manifest = await svc.images.add_upload(ref, request.content.iter_chunked(CHUNK_BYTES))
     return json_response({"image": manifest.to_json()})
+
+
+MAX_PULL_BODY = 16 << 10
+# Slow registries are waited for; a silent one is given up on.
+PULL_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=15, sock_connect=15, sock_read=60)
+
+
+async def pull_image(request: web.Request) -> web.Response:
+    """Body: ``{"ref": "registry/name:tag", "username"?, "password"?, "plain_http"?}``.
+    This host pulls the image and names it in the catalogue, pinned to the digest the tag
+    has now; the other hosts copy it from their peers. 502 with the registry's problem
+    (``registry_auth``, ``image_not_found``, ``digest_mismatch``, ``registry_unavailable``)."""
+    raw = await read_limited(request.content, MAX_PULL_BODY)
+    if len(raw) > MAX_PULL_BODY:
+        raise ApiError(413, "too_large", f"the body is limited to {MAX_PULL_BODY} B")
+    body = json_object(raw)
+    ref, username, password = body.get("ref"), body.get("username"), body.get("password")
+    plain_http = body.get("plain_http", False)
+    if not isinstance(ref, str):
+        raise ApiError(400, "bad_request", "ref: an image reference is required")
+    if not isinstance(plain_http, bool):
+        raise ApiError(400, "bad_request", "plain_http: true or false")
+    reference = parse_reference(ref)  # refused here, before any connection, when malformed
+    svc = services(request)
+    require("oci_images", host_protocols(svc.node.view))
+    credentials = None
+    if username is not None or password is not None:
+        if not (isinstance(username, str) and isinstance(password, str) and username):
+            raise ApiError(400, "bad_request", "username and password: strings, both or none")
+        credentials = Credentials(username, password)
+    tenant = ""
+    if body.get("secret") is not None:
+        if credentials is not None:
+            raise ApiError(400, "bad_request", "secret or username and password, not both")
+        credentials = _secret_credentials(svc, body, reference.api_host)
+        tenant = str(body.get("tenant", DEFAULT_TENANT))  # checked by _secret_credentials
+    try:
+        async with aiohttp.ClientSession(timeout=PULL_TIMEOUT) as session:
+            manifest, pulled = await svc.images.pull(
+                session, ref, credentials, plain_http=plain_http, tenant=tenant
+            )
+    except (RegistryError, BadManifest, NoMatchingPlatform) as exc:
+        raise ApiError(502, exc.code, f"pulling {ref}: {exc}") from exc
+    return json_response({"image": manifest.to_json(), "pull": pulled.to_json()})
+
+
+def _secret_credentials(svc: SiteServices, body: dict[str, object], registry: str) -> Credentials:
+    """The registry credentials in the tenant's secret ``body["secret"]``."""
+    name, tenant = body.get("secret"), body.get("tenant", DEFAULT_TENANT)
+    if not is_secret_name(name) or not isinstance(name, str) or not isinstance(tenant, str):
+        raise ApiError(400, "bad_request", "secret: a secret's name; tenant: a tenant's")
+    check_tenant(tenant)
+    try:
+        value = svc.secrets.value(tenant, name)
+    except SecretUnavailable as exc:
+        raise ApiError(409, "secret_unavailable", str(exc)) from exc
+    return credentials_from_secret(value, registry)
 
 
 async def list_images(request: web.Request) -> web.Response:

@@ -120,6 +120,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/v1/quotas"): _op("site.read"),
     ("PUT", "/v1/quotas/{tenant}"): _op("quotas.write"),
     ("POST", "/v1/images"): _op("images.write"),
+    ("POST", "/v1/images/pull"): _op("images.write"),
     ("GET", "/v1/images"): _op("images.read"),
     ("GET", "/v1/fleet"): _op("fleet.read"),
     ("PUT", "/v1/fleet/link"): _op("fleet.write"),

@@ -18,6 +18,8 @@ Protocols:
     5  format 2 fleet deltas (per-site views, ``meshorch.fleet.delta``): a host on 4 refuses
        them, so the hub issues them only once every host of every site reports 5
        (``central_hub.deltaformat``); nothing on the site waits for it
+    6  images pulled from a registry (``meshorch.images.registry``): their catalogue record
+       names several blobs, which a host on 5 would take for one archive; pulls wait
 """
 
 from __future__ import annotations
@@ -26,8 +28,14 @@ from collections.abc import Mapping
 
 from meshorch.errors import ServiceError
 
-PROTOCOL = 5
-FEATURES: dict[str, int] = {"streams": 2, "peer_auth": 3, "sessions": 4, "delta_v2": 5}
+PROTOCOL = 6
+FEATURES: dict[str, int] = {
+    "streams": 2,
+    "peer_auth": 3,
+    "sessions": 4,
+    "delta_v2": 5,
+    "oci_images": 6,
+}
 
 
 class FeatureUnavailable(ServiceError):

@@ -1,0 +1,141 @@
+"""The leader pulls the registry images the site's apps name and its catalogue lacks.
+
+An app deployed from the hub names its image as users write it
+(``registry.example.com/pos/web:1.4``). The site's Raft leader, and only it, pulls
+each such image once (``SiteImages.pull``): the tag is resolved to a digest there,
+the catalogue records it, and every host copies that digest from its peers. So the
+uplink carries each image once per site and no host drifts to another digest of the
+tag. Credentials come from the app tenant's secret named by the container's
+``pull_secret`` (``{"registry", "username", "password"}``, for that registry only).
+
+Images named ``localhost/...`` are the site's own (``meshorch image add``) and never
+pulled. A failed pull is retried with a capped exponential backoff per image; the
+instances waiting for it say so in their status (the reconciler's message).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import aiohttp
+
+from meshorch.apps.records import APP_PREFIX, AppRecord, decode_app, host_protocols
+from meshorch.errors import MeshorchError
+from meshorch.images.reference import BadReference, parse_reference
+from meshorch.images.registry import Credentials, credentials_from_secret
+from meshorch.images.service import SiteImages
+from meshorch.state.ports import SiteState
+from meshorch.state.protocol import FeatureUnavailable, require
+from meshorch.state.tables import APPS_TABLE
+
+logger = logging.getLogger(__name__)
+
+TICK_S = 2.0
+RETRY_INITIAL_S = 5.0
+RETRY_MAX_S = 300.0
+PULL_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=15, sock_connect=15, sock_read=60)
+
+# (tenant, secret name) -> the secret's value; raises when it is not available.
+SecretValue = Callable[[str, str], bytes]
+
+
+@dataclass(frozen=True)
+class WantedImage:
+    ref: str
+    tenant: str
+    pull_secret: str | None
+
+
+def pullable(ref: str) -> bool:
+    """Whether the site would pull ``ref`` from a registry by itself (not a local name)."""
+    try:
+        parsed = parse_reference(ref)
+    except BadReference:
+        return False
+    return parsed.registry != "localhost"
+
+
+def images_to_pull(apps: Iterable[AppRecord], known: Callable[[str], bool]) -> list[WantedImage]:
+    """The registry images ``apps`` name that are not ``known`` (in the catalogue), each
+    once, in the order the apps name them (pure)."""
+    wanted: dict[str, WantedImage] = {}
+    for record in apps:
+        for service in record.spec.services:
+            for container in service.containers:
+                ref = container.image
+                if ref in wanted or known(ref) or not pullable(ref):
+                    continue
+                wanted[ref] = WantedImage(ref, record.tenant, container.pull_secret)
+    return list(wanted.values())
+
+
+class LeaderImagePulls:
+    """On the Raft leader: pull what the apps need and the catalogue lacks."""
+
+    def __init__(
+        self,
+        site: SiteState,
+        images: SiteImages,
+        secret_value: SecretValue,
+        plain_http_registries: Iterable[str] = (),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.site = site
+        self.images = images
+        self.secret_value = secret_value
+        self.plain_http = frozenset(r.lower() for r in plain_http_registries)
+        self.clock = clock
+        self._retry: dict[str, tuple[float, float]] = {}  # ref -> (next attempt, delay)
+
+    async def run(self) -> None:
+        async with aiohttp.ClientSession(timeout=PULL_TIMEOUT) as session:
+            while True:
+                if self.site.status().is_leader:
+                    try:
+                        await self.tick(session)
+                    except Exception:
+                        logger.exception("image pulls failed")
+                await asyncio.sleep(TICK_S)
+
+    async def tick(self, session: aiohttp.ClientSession) -> None:
+        records, _ = self.site.view.scan(APPS_TABLE, APP_PREFIX, 1_000_000)
+        apps = [decode_app(record.value) for _, record in records]
+        wanted = images_to_pull(apps, lambda ref: self.images.find(ref) is not None)
+        if not wanted:
+            return
+        try:
+            require("oci_images", host_protocols(self.site.view))
+        except FeatureUnavailable as exc:
+            logger.info("images wait for the upgrade: %s", exc)
+            return
+        now = self.clock()
+        for image in wanted:
+            next_attempt, delay = self._retry.get(image.ref, (0.0, RETRY_INITIAL_S / 2))
+            if next_attempt > now:
+                continue
+            try:
+                await self._pull(session, image)
+            except (MeshorchError, aiohttp.ClientError, TimeoutError, OSError) as exc:
+                delay = min(delay * 2, RETRY_MAX_S)
+                self._retry[image.ref] = (self.clock() + delay, delay)
+                logger.warning("image %s not pulled (again in %.0f s): %s", image.ref, delay, exc)
+            else:
+                self._retry.pop(image.ref, None)
+
+    async def _pull(self, session: aiohttp.ClientSession, image: WantedImage) -> None:
+        registry = parse_reference(image.ref).api_host
+        credentials: Credentials | None = None
+        if image.pull_secret is not None:
+            value = self.secret_value(image.tenant, image.pull_secret)
+            credentials = credentials_from_secret(value, registry)
+        await self.images.pull(
+            session,
+            image.ref,
+            credentials,
+            plain_http=registry.lower() in self.plain_http,
+            tenant=image.tenant if credentials is not None else "",
+        )
