@@ -122,6 +122,10 @@ REJECTED_RETRY_S = 5.0  # after the hub served only deltas this site refuses
 # its answer: the hub answers a site that is behind at once.
 STALE_POLL_S = 1.0
 THREAD_VERIFY_AT = 8  # batches of more deltas are verified in a worker thread
+# One commit's envelopes: its Raft proposal carries them (the applied record) and their
+# operations (app specs), and must stay under the entry limit (8 MiB): a page the hub
+# answers (up to 8 MiB) is committed a prefix at a time.
+MAX_COMMIT_BYTES = 2 * 1024 * 1024
 RECENT_ENVELOPES = 64  # applied envelopes kept to answer other sites' gossip requests
 HUB_FIRST_S = 10.0  # gossip relays wait this long in a session for the hub's first answer
 
@@ -146,6 +150,17 @@ class HubFirst(RemoteInputError):
             "hub_first",
             "waiting for the hub's first answer of this session (it may hold the site)",
         )
+
+
+def commit_prefix(raws: Sequence[bytes], budget: int = MAX_COMMIT_BYTES) -> Sequence[bytes]:
+    """The envelopes one commit takes: the longest prefix within ``budget`` bytes (at
+    least one). The rest is fetched again after it (the poll asks from the new version)."""
+    total = 0
+    for count, raw in enumerate(raws):
+        total += len(raw)
+        if total > budget and count:
+            return raws[:count]
+    return raws
 
 
 def relay_refusal(held: bool, hub_heard: bool, session_age_s: float) -> RemoteInputError | None:
@@ -710,6 +725,7 @@ class SiteLink(LinkRecords):
         if self.held:
             raise Held()
         raft = self.site
+        raws = commit_prefix(raws)
         async with self._lock:
             state, trust_index = await self._trust_state()
             now = self.clock()
