@@ -199,6 +199,11 @@ async def run_size(
                 )
             if collector.rejected:
                 raise RuntimeError(f"sites rejected deltas: {collector.rejected[:5]}")
+        except Exception:
+            for number in range(1, len(running.replicas) + 1):
+                lines = (root / f"r{number}.log").read_text(errors="replace").splitlines()
+                log(f"--- replica r{number} log (tail) ---\n" + "\n".join(lines[-15:]))
+            raise
         finally:
             await stop_workers(workers)
     return Figures(
@@ -257,7 +262,7 @@ def main() -> int:
         except (KeyboardInterrupt, asyncio.CancelledError):
             log("interrupted: the hub and the sites are stopped")
             return 130
-        except (RuntimeError, TimeoutError, AssertionError) as exc:
+        except (RuntimeError, TimeoutError, AssertionError, aiohttp.ClientError) as exc:
             log(f"hub_scale: {exc}")
             return 1
         finally:

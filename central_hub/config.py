@@ -22,6 +22,11 @@ from meshorch.fleet.client import GOSSIP_PRESETS
 DAY_S = 86400.0
 
 
+# Connections the kernel queues before the hub accepts them: thousands of sites reconnect
+# or report at once after a deployment or a fail-over (aiohttp's default is 128).
+LISTEN_BACKLOG = 4096
+
+
 @dataclass
 class HubConfig:
     """Settings of one hub. ``heartbeat_s`` None means ``delta_ttl_s / 4``; ``fleet`` None

@@ -38,7 +38,7 @@ from dataclasses import dataclass, replace
 import aiohttp
 from aiohttp import web
 
-from central_hub.config import HubConfig
+from central_hub.config import LISTEN_BACKLOG, HubConfig
 from central_hub.errors import HubConfigError
 from central_hub.front import Front, Target, forwarding_key
 from central_hub.replicated_store import REPLICATED_DBS, ReplicatedStore
@@ -181,6 +181,7 @@ class HubReplica:
             config.host,
             config.port,
             ssl_context=None if self.tls is None else self.tls.context,
+            backlog=LISTEN_BACKLOG,
         )
         try:
             await site.start()

@@ -49,6 +49,7 @@ from central_hub.alerts import AlertBook
 from central_hub.api import build_app
 from central_hub.audit_retention import AuditRetention
 from central_hub.config import DAY_S as DAY_S
+from central_hub.config import LISTEN_BACKLOG
 from central_hub.config import HubConfig as HubConfig
 from central_hub.deltalog import Head
 from central_hub.deployments import Deployments
@@ -233,7 +234,11 @@ class Hub:
             await self._runner.setup()
             context = None if self.tls is None else self.tls.context
             site = web.TCPSite(
-                self._runner, self.config.host, self.config.port, ssl_context=context
+                self._runner,
+                self.config.host,
+                self.config.port,
+                ssl_context=context,
+                backlog=LISTEN_BACKLOG,
             )
             await site.start()
             host, port = self._runner.addresses[0][:2]
