@@ -27,7 +27,7 @@ from central_hub.fleetview import parse_report
 from central_hub.ledger import Ledger, Txn
 from central_hub.logs import HubLogs, LogLimits
 from central_hub.placement import parse_policy
-from central_hub.reports import Reports
+from central_hub.reports import PERSIST_EVERY_S, Reports
 from central_hub.sites import ENROLL_PREFIX, Sites, SiteTimes
 from central_hub.store import Store
 from central_hub.tokens import TokenRecord, TokenRequest
@@ -170,10 +170,25 @@ async def test_reports_keep_the_newest_and_come_back_from_the_store(
     assert await reports.record("s1", report("s1", applied=3, at=clock()))
     assert not await reports.record("s1", report("s1", applied=2, at=clock() + 1))
     assert woken == ["woken"]
+    # Saved in batches (a second after the first unsaved report), and at stop.
+    assert ledger.store.keys("reports") == []
+    await reports.close()
     again = Reports(ledger)
     again.restore(ledger.store)
     assert (again.latest("s1") or {})["applied_version"] == 3
     assert again.view_args("s2") == (None, None)
+
+
+async def test_reports_are_saved_a_second_after_the_first_unsaved_one(
+    ledger: Ledger, clock: Clock
+) -> None:
+    reports = Reports(ledger)
+    for site in ("s1", "s2", "s3"):
+        assert await reports.record(site, report(site, applied=1, at=clock()))
+    assert ledger.store.keys("reports") == []
+    await asyncio.sleep(PERSIST_EVERY_S + 0.5)
+    assert ledger.store.keys("reports") == ["s1", "s2", "s3"]  # in one transaction
+    await reports.close()
 
 
 # -- sites -----------------------------------------------------------------------------------
