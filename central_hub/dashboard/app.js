@@ -11,6 +11,8 @@
   const REQUEST_TIMEOUT_MS = 15000;
   const DETAIL_PARALLEL = 8; // app details fetched at once (the app list has no progress)
   const LOG_LIMIT = 100;
+  const ALERT_HISTORY = 50; // cleared alerts listed under History
+  const TREND_ROWS = 50; // fleet rows that get sparklines (one request per site and period)
   const HEALTH_RANK = { unreachable: 0, degraded: 1, unknown: 2, healthy: 3 };
   const LEVELS = ["emerg", "alert", "crit", "error", "warning", "notice", "info", "debug"];
 
@@ -20,6 +22,8 @@
     timer: null,
     gen: 0, // bumped on each navigation: a refresh of an old view stops there
     update: null,
+    trends: new Map(), // site -> {fetched (ms), data}: a site's trends change once per every_s
+    trendsRefused: false, // a tenant token: the hub refuses trends (fleet-wide tokens only)
   };
 
   // -- small helpers -------------------------------------------------------------------
@@ -283,6 +287,8 @@
 
   // -- alerts (an optional route: hidden while the hub answers 404) --------------------------
 
+  // Active alerts only; cleared ones (the hub keeps the last few hundred) go to a folded
+  // history with their clear time, so the panel never contradicts the table below it.
   async function updateAlerts() {
     const panel = $("#alerts");
     let data;
@@ -295,9 +301,10 @@
       }
       throw err;
     }
-    const alerts = list(data.alerts);
-    const rows = alerts.map((a) => {
-      const alert = obj(a);
+    const alerts = list(data.alerts).map(obj);
+    const active = alerts.filter((a) => a.active !== false);
+    const cleared = alerts.filter((a) => a.active === false).slice(0, ALERT_HISTORY);
+    const rows = active.map((alert) => {
       const acked = alert.acknowledged === true;
       const button = acked
         ? h("span", { class: "muted" }, "acknowledged")
@@ -308,13 +315,32 @@
         h("td", {}, text(alert.kind)),
         h("td", {}, alert.site ? h("a", { href: `#/site/${enc(alert.site)}` }, String(alert.site)) : "—"),
         h("td", {}, text(alert.message)),
-        h("td", {}, age(alert.since)),
+        h("td", { title: clock(alert.since) }, age(alert.since)),
         h("td", {}, button),
       );
     });
-    $("#alerts-body").replaceChildren(
-      table("alerts-table", ["Kind", "Site", "Message", "Since", ""], rows, "No alerts."),
+    const history = cleared.map((alert) =>
+      h(
+        "tr",
+        { "data-cleared": text(alert.id, "") },
+        h("td", {}, text(alert.kind)),
+        h("td", {}, alert.site ? h("a", { href: `#/site/${enc(alert.site)}` }, String(alert.site)) : "—"),
+        h("td", {}, text(alert.message)),
+        h("td", { title: clock(alert.since) }, clock(alert.since)),
+        h("td", { title: clock(alert.cleared_at) }, age(alert.cleared_at)),
+      ),
     );
+    const historyBox = $("#alerts-history");
+    const wasOpen = historyBox ? historyBox.open : false;
+    const details = h(
+      "details",
+      { id: "alerts-history", open: wasOpen },
+      h("summary", {}, `History: ${cleared.length} cleared`),
+      table("alerts-cleared", ["Kind", "Site", "Message", "Fired", "Cleared"], history, "Nothing cleared recently."),
+    );
+    const activeTable = table("alerts-table", ["Kind", "Site", "Message", "Since", ""], rows, "No active alerts.");
+    $("#alerts-body").replaceChildren(...(cleared.length ? [activeTable, details] : [activeTable]));
+    $("#alerts-title").textContent = active.length ? `Alerts (${active.length} active)` : "Alerts";
     panel.hidden = false;
   }
 
@@ -327,6 +353,131 @@
       button.disabled = false;
       if (err.status !== 401) button.after(h("span", { class: "error" }, ` ${errorText(err)}`));
     }
+  }
+
+  // -- health and trends ---------------------------------------------------------------
+
+  // A site never heard from is waiting for its agents, not offline.
+  function healthLabel(site) {
+    return site.health === "unknown" && num(site.last_seen) === null ? "awaiting first report" : text(site.health, "unknown");
+  }
+
+  function healthBadge(site) {
+    const v = text(site.health, "unknown").replace(/[^a-z0-9_-]/gi, "");
+    return h("span", { class: `badge health-${v}` }, healthLabel(site));
+  }
+
+  const SVG = "http://www.w3.org/2000/svg"; // the SVG namespace: a name, never fetched
+
+  function svg(tag, attrs) {
+    const el = document.createElementNS(SVG, tag);
+    for (const [key, value] of Object.entries(attrs)) el.setAttribute(key, String(value));
+    return el;
+  }
+
+  // An inline SVG line of `values` (null: a gap), on 0..max(floor, highest value).
+  function sparkline(values, { width, height, floor, kind, title }) {
+    const top = Math.max(floor, ...values.filter((v) => v !== null));
+    const step = values.length > 1 ? width / (values.length - 1) : 0;
+    const y = (v) => (height - 1 - ((height - 2) * v) / (top || 1)).toFixed(1);
+    const el = svg("svg", { class: `spark spark-${kind}`, width, height, viewBox: `0 0 ${width} ${height}`, role: "img", "data-points": values.filter((v) => v !== null).length });
+    const label = svg("title", {});
+    label.textContent = title;
+    el.append(label, svg("line", { class: "base", x1: 0, x2: width, y1: height - 0.5, y2: height - 0.5 }));
+    let run = [];
+    const flush = () => {
+      if (run.length > 1) el.append(svg("polyline", { points: run.join(" ") }));
+      else if (run.length === 1) el.append(svg("circle", { cx: run[0].split(",")[0], cy: run[0].split(",")[1], r: 1.5 }));
+      run = [];
+    };
+    values.forEach((v, i) => {
+      if (v === null) flush();
+      else run.push(`${(i * step).toFixed(1)},${y(v)}`);
+    });
+    flush();
+    return el;
+  }
+
+  const TREND_KINDS = [
+    ["cpu", "cpu_pct", "CPU (load per core)", "%", 100],
+    ["memory", "memory_pct", "memory", "%", 100],
+    ["disk", "disk_pct", "disk", "%", 100],
+    ["restarts", "restarts", "restarts", "", 1],
+  ];
+
+  // What a trend says in words: the latest value, the peak, or for the restart counter the
+  // restarts during the window.
+  function trendFacts(samples, field, unit) {
+    const values = samples.map((x) => num(obj(x)[field]));
+    const known = values.filter((v) => v !== null);
+    if (!known.length) return { values, now: "no data", peak: null };
+    if (field === "restarts") {
+      let rise = 0;
+      for (let i = 1; i < values.length; i++) if (values[i] !== null && values[i - 1] !== null && values[i] > values[i - 1]) rise += values[i] - values[i - 1];
+      return { values, now: `+${rise}`, peak: known[known.length - 1] };
+    }
+    return { values, now: `${Math.round(known[known.length - 1])}${unit}`, peak: `${Math.round(Math.max(...known))}${unit}` };
+  }
+
+  function trendTitle(label, f, field) {
+    if (f.peak === null) return `${label}: no data`;
+    return field === "restarts" ? `${label}: ${f.now} in the window (total ${f.peak})` : `${label}: ${f.now} now, peak ${f.peak}`;
+  }
+
+  // The site's trends, fetched again only once a new sample can exist (every_s).
+  async function trendsOf(siteId, force) {
+    const cached = state.trends.get(siteId);
+    const every = cached ? 1000 * (num(cached.data.every_s) || 30) : 0;
+    if (cached && !force && Date.now() - cached.fetched < every) return cached.data;
+    const data = await get(`/v1/sites/${enc(siteId)}/trends`);
+    state.trends.set(siteId, { fetched: Date.now(), data });
+    return data;
+  }
+
+  function trendCell(siteId) {
+    const cached = state.trends.get(siteId);
+    if (!cached) return "—";
+    const samples = list(cached.data.samples);
+    if (!samples.length) return h("span", { class: "muted", "data-trends": siteId }, "no reports yet");
+    return h(
+      "span",
+      { class: "sparks", "data-trends": siteId },
+      TREND_KINDS.map(([kind, field, label, unit, floor]) => {
+        const f = trendFacts(samples, field, unit);
+        return sparkline(f.values, { width: 56, height: 18, floor, kind, title: trendTitle(label, f, field) });
+      }),
+    );
+  }
+
+  async function trendsPanel(box, siteId) {
+    let data;
+    try {
+      data = await trendsOf(siteId, true);
+    } catch (err) {
+      if (err.status === 401) throw err;
+      const why = err instanceof HubError && err.status === 403 ? "Trends need a fleet-wide token." : errorText(err);
+      box.replaceChildren(h("p", { class: "muted", id: "trends-summary" }, why));
+      return;
+    }
+    const samples = list(data.samples);
+    const minutes = Math.round((num(data.window_s) || 3600) / 60);
+    box.replaceChildren(
+      h("p", { class: "muted", id: "trends-summary" }, samples.length ? `${samples.length} sample(s), one per ${text(data.every_s)} s at most, the last ${minutes} min; the busiest live host` : "No samples yet: the site has not reported."),
+      h(
+        "div",
+        { class: "trends", id: "trends" },
+        TREND_KINDS.map(([kind, field, label, unit, floor]) => {
+          const f = trendFacts(samples, field, unit);
+          return h(
+            "div",
+            { class: "trend", "data-kind": kind },
+            h("div", { class: "trend-label" }, label),
+            sparkline(f.values, { width: 220, height: 40, floor, kind, title: trendTitle(label, f, field) }),
+            h("div", { class: "trend-value" }, field === "restarts" && f.peak !== null ? `${f.now} in ${minutes} min` : f.now, f.peak !== null && field !== "restarts" ? h("span", { class: "muted" }, ` · peak ${f.peak}`) : null),
+          );
+        }),
+      ),
+    );
   }
 
   // -- fleet -----------------------------------------------------------------------------
@@ -378,25 +529,26 @@
       const terms = filter.value.toLowerCase().split(/\s+/).filter(Boolean);
       const shown = rows.filter((r) => matches(r, terms));
       const byHealth = {};
-      for (const r of rows) byHealth[r.site.health] = (byHealth[r.site.health] || 0) + 1;
+      for (const r of rows) byHealth[healthLabel(r.site)] = (byHealth[healthLabel(r.site)] || 0) + 1;
       summary.textContent = `${shown.length} of ${rows.length} sites · ` + Object.entries(byHealth).map(([k, v]) => `${v} ${k}`).join(", ");
       tableBox.replaceChildren(
         table(
           "sites",
-          ["Site", "Labels", "Health", "Hosts up", "Apps healthy", "Instances ready", "Last report", "Agent", "Applied"],
+          ["Site", "Labels", "Health", "Hosts up", "Apps healthy", "Instances ready", "Last report", "Agent", "Applied", "Last hour: CPU, memory, disk, restarts"],
           shown.map((r) =>
             h(
               "tr",
               { "data-site": r.site.id, class: `health-row-${r.site.health}` },
               h("td", {}, h("a", { href: `#/site/${enc(r.site.id)}`, class: "site-link" }, r.site.id)),
               h("td", {}, labelChips(r.site.labels)),
-              h("td", {}, badge(r.site.health)),
+              h("td", {}, healthBadge(r.site)),
               h("td", {}, ratio(...r.counts.hosts)),
               h("td", {}, ratio(...r.counts.apps)),
               h("td", {}, ratio(...r.counts.instances)),
               h("td", { title: clock(r.site.last_seen) }, age(r.site.last_seen), r.site.seen_via ? h("span", { class: "muted" }, ` via ${r.site.seen_via}`) : null),
               h("td", {}, text(r.agent)),
               h("td", {}, text(r.site.applied_version)),
+              h("td", { class: "nowrap" }, trendCell(r.site.id)),
             ),
           ),
           rows.length ? "No site matches the filter." : "No sites registered yet.",
@@ -432,7 +584,7 @@
                 "div",
                 { class: "tiles" },
                 members.map((r) =>
-                  h("a", { class: `tile health-${r.site.health}`, href: `#/site/${enc(r.site.id)}`, title: `${r.site.id}: ${r.site.health}`, "data-site": r.site.id }, r.site.id),
+                  h("a", { class: `tile health-${r.site.health}`, href: `#/site/${enc(r.site.id)}`, title: `${r.site.id}: ${healthLabel(r.site)}`, "data-site": r.site.id }, r.site.id),
                 ),
               ),
             ),
@@ -457,6 +609,16 @@
         return { site, counts: siteCounts(site), agent: agentVersion(site) };
       });
       rows.sort((a, b) => (HEALTH_RANK[a.site.health] ?? 1.5) - (HEALTH_RANK[b.site.health] ?? 1.5) || a.site.id.localeCompare(b.site.id));
+      render();
+      // Sparklines for the first rows (a bounded number of requests, each at most once per
+      // sample period); a tenant token is refused trends once and not asked again.
+      if (state.trendsRefused) return;
+      try {
+        await mapLimit(rows.slice(0, TREND_ROWS), DETAIL_PARALLEL, (r) => trendsOf(r.site.id, false));
+      } catch (err) {
+        if (!(err instanceof HubError) || err.status !== 403) throw err;
+        state.trendsRefused = true;
+      }
       render();
     };
   }
@@ -535,7 +697,7 @@
     return h(
       "div",
       { class: "facts" },
-      h("h2", {}, text(d.id), " ", badge(d.health)),
+      h("h2", {}, text(d.id), " ", healthBadge(d)),
       h("div", {}, labelChips(d.labels)),
       h(
         "dl",
@@ -603,9 +765,11 @@
     const rejections = h("div", {});
     const events = h("div", {});
     const pending = h("div", {});
+    const trends = h("div", {});
     root.append(
       crumbs([siteId]),
       head,
+      h("section", { class: "panel" }, h("h2", {}, "Trends (last hour)"), trends),
       h("section", { class: "panel" }, h("h2", {}, "Hosts and instances"), hosts),
       h("section", { class: "panel" }, h("h2", {}, "Applications"), apps),
       h("section", { class: "panel" }, h("h2", {}, "Pending changes"), pending),
@@ -653,6 +817,7 @@
           "No rejected deltas in the latest report.",
         ),
       );
+      await trendsPanel(trends, siteId);
       await pendingSection(pending, siteId);
       await logsSection(events, { site: siteId, limit: "20" }, "No events from this site at the hub.");
     };
@@ -812,12 +977,13 @@
       waves.replaceChildren(
         table(
           "waves",
-          ["Wave", "Sites"],
+          ["Wave", "Progress", "Sites"],
           list(dep.waves).map((wave, n) =>
             h(
               "tr",
-              { class: n === dep.wave && dep.state === "running" ? "current" : "" },
+              { class: n === dep.wave && dep.state === "running" ? "current" : "", "data-wave": n + 1 },
               h("td", {}, `${n + 1}${n === dep.wave && dep.state === "running" ? " (current)" : ""}`),
+              h("td", {}, progressBar(progressOf({ waves: [wave], progress }))),
               h("td", {}, list(wave).map((s) => {
                 const st = text(obj(progress[s]).state, "pending");
                 return h("a", { href: `#/site/${enc(s)}`, class: `wave-site badge state-${st.replace(/[^a-z]/g, "")}` }, `${s}: ${st}`);
