@@ -525,9 +525,13 @@
       return terms.every((t) => hay.includes(t));
     }
 
-    function render() {
+    function shownRows() {
       const terms = filter.value.toLowerCase().split(/\s+/).filter(Boolean);
-      const shown = rows.filter((r) => matches(r, terms));
+      return rows.filter((r) => matches(r, terms));
+    }
+
+    function render() {
+      const shown = shownRows();
       const byHealth = {};
       for (const r of rows) byHealth[healthLabel(r.site)] = (byHealth[healthLabel(r.site)] || 0) + 1;
       summary.textContent = `${shown.length} of ${rows.length} sites · ` + Object.entries(byHealth).map(([k, v]) => `${v} ${k}`).join(", ");
@@ -614,7 +618,7 @@
       // sample period); a tenant token is refused trends once and not asked again.
       if (state.trendsRefused) return;
       try {
-        await mapLimit(rows.slice(0, TREND_ROWS), DETAIL_PARALLEL, (r) => trendsOf(r.site.id, false));
+        await mapLimit(shownRows().slice(0, TREND_ROWS), DETAIL_PARALLEL, (r) => trendsOf(r.site.id, false));
       } catch (err) {
         if (!(err instanceof HubError) || err.status !== 403) throw err;
         state.trendsRefused = true;
@@ -913,6 +917,26 @@
     return h("span", { class: "progress", title: `${p.healthy} of ${p.total} sites healthy` }, h("span", { class: "bar" }, bar), ` ${p.healthy}/${p.total}`, p.failed ? h("span", { class: "bad" }, ` (${p.failed} failed)`) : null);
   }
 
+  // A small bar per wave, in order: how far the rollout got, at a glance.
+  function waveBars(dep) {
+    const d = obj(dep);
+    const progress = obj(d.progress);
+    const waves = list(d.waves);
+    const overall = progressOf(d);
+    return h(
+      "span",
+      { class: "waves", title: `${overall.healthy} of ${overall.total} sites healthy in ${waves.length} wave(s)` },
+      waves.map((wave, n) => {
+        const p = progressOf({ waves: [wave], progress });
+        const bar = h("span", { class: `fill${p.failed ? " failed" : ""}` });
+        bar.style.width = `${p.total ? Math.round((100 * (p.failed ? p.total : p.healthy)) / p.total) : 100}%`;
+        return h("span", { class: "wave-bar", "data-wave": n + 1, title: `wave ${n + 1}: ${p.healthy}/${p.total} healthy${p.failed ? `, ${p.failed} failed` : ""}` }, bar);
+      }),
+      ` ${overall.healthy}/${overall.total}`,
+      overall.failed ? h("span", { class: "bad" }, ` (${overall.failed} failed)`) : null,
+    );
+  }
+
   function appsView(root) {
     const box = h("div", {});
     root.append(h("section", { class: "panel" }, h("h2", {}, "Applications and rollouts"), box));
@@ -938,7 +962,7 @@
               h("td", {}, text(a.version)),
               h("td", {}, text(obj(a.deployment).id)),
               h("td", {}, badge(obj(a.deployment).state || "none", "state")),
-              h("td", {}, details[i] ? progressBar(progressOf(dep)) : "—"),
+              h("td", {}, details[i] ? waveBars(dep) : "—"),
               h("td", {}, String(list(a.sites).length)),
             );
           }),

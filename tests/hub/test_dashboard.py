@@ -489,6 +489,20 @@ def fleet_to_logs(driver: WebDriver, world: World) -> None:
 
     click(driver, "#nav-apps")
     until(driver, "the rollouts", lambda d: texts(d, '#apps tr[data-app="web"] td a') == ["web"])
+    # The list: a bar per wave (eu-1's full and green, eu-2's full and red).
+    until(
+        driver,
+        "web's wave bars",
+        lambda d: len(texts(d, '#apps tr[data-app="web"] .wave-bar')) == 2,
+    )
+    waves = driver.execute_script(
+        "return [...document.querySelectorAll('#apps tr[data-app=\"web\"] .wave-bar')].map(b => "
+        "[b.title, b.firstChild.style.width, b.firstChild.classList.contains('failed')])"
+    )
+    assert waves == [  # waves in site id order (central_hub/placement.py)
+        ["wave 1: 1/1 healthy", "100%", False],
+        ["wave 2: 0/1 healthy, 1 failed", "100%", True],
+    ], waves
     click(driver, "#apps a.app-link", "web")
     until(driver, "web's waves", lambda d: len(texts(d, "#waves tbody tr")) == 2)
     assert {"eu-1", "eu-2"} == {c[0] for c in (r.split(":") for r in texts(driver, ".wave-site"))}
