@@ -4,13 +4,20 @@ on a real hub fed by signed site reports, with its refusals."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 
 from central_hub import Hub
+from central_hub.fleetview import parse_report
 from central_hub.trends import TrendBook, sample_of
+from meshorch.apps import resources
+from meshorch.apps.scheduler import HostInfo
+from meshorch.fleet.apply import SiteFacts, build_report
+from meshorch.fleet.delta import TrustState
 from tests.hub.conftest import Clock, MakeSite
 from tests.hub.helpers import Operator, Site
 
@@ -149,3 +156,23 @@ async def test_a_site_never_heard_from_has_no_samples(
     await make_site("quiet")
     answer = await admin.ok("GET", "/v1/sites/quiet/trends")
     assert answer["samples"] == []
+
+
+def test_what_an_agent_reports_gives_a_full_sample(tmp_path: Path) -> None:
+    """The agent's real resource sample and report builder, through the hub's report parser:
+    cpu_count survives, so the sample has CPU, memory and disk."""
+    use = resources.sample(tmp_path, 1000.0).to_json()
+    facts = SiteFacts(
+        specs=[], placements=[], reports={}, rollouts={},
+        hosts=[HostInfo("h1", {}, 1000, 2**30, alive=True, agent_version="1", protocol=2)],
+        resources={"h1": use},
+    )  # fmt: skip
+    report = build_report("s1", 1000.0, TrustState("f", frozenset({"ab" * 32})), [], facts)
+    parsed = parse_report(orjson.loads(orjson.dumps(report)), "s1")
+    assert parsed["hosts"][0]["resources"]["cpu_count"] == use["cpu_count"]
+    s = sample_of(parsed, 1000.0)
+    assert s.cpu_pct == pytest.approx(100 * use["load1"] / use["cpu_count"], abs=0.05)
+    assert s.memory_pct == use["memory_used_pct"] and s.disk_pct == use["disk_used_pct"]
+    # A report from an agent before cpu_count was reported still parses.
+    del report["hosts"][0]["resources"]["cpu_count"]
+    assert sample_of(parse_report(report, "s1"), 1.0).cpu_pct is None
