@@ -618,7 +618,12 @@
       // sample period); a tenant token is refused trends once and not asked again.
       if (state.trendsRefused) return;
       try {
-        await mapLimit(shownRows().slice(0, TREND_ROWS), DETAIL_PARALLEL, (r) => trendsOf(r.site.id, false));
+        await mapLimit(shownRows().slice(0, TREND_ROWS), DETAIL_PARALLEL, (r) =>
+          trendsOf(r.site.id, false).catch((err) => {
+            if (err.status === 401 || err.status === 403) throw err;
+            return null; // a site deleted meanwhile, a hiccup: its cell waits for the next refresh
+          }),
+        );
       } catch (err) {
         if (!(err instanceof HubError) || err.status !== 403) throw err;
         state.trendsRefused = true;
