@@ -375,24 +375,28 @@
     return el;
   }
 
-  // An inline SVG line of `values` (null: a gap), on 0..max(floor, highest value).
-  function sparkline(values, { width, height, floor, kind, title }) {
+  // An inline SVG line of `values` at `times` (seconds), on 0..max(floor, highest value).
+  // The x axis is time: the window ends at the newest sample, so a site with ten minutes of
+  // samples fills the right sixth, and a silence longer than two periods is a gap.
+  function sparkline(values, times, { width, height, floor, kind, title, windowS, everyS, calm }) {
     const top = Math.max(floor, ...values.filter((v) => v !== null));
-    const step = values.length > 1 ? width / (values.length - 1) : 0;
+    const end = times.length ? times[times.length - 1] : 0;
+    const x = (t) => Math.max(0, width - (width * (end - t)) / windowS).toFixed(1);
     const y = (v) => (height - 1 - ((height - 2) * v) / (top || 1)).toFixed(1);
-    const el = svg("svg", { class: `spark spark-${kind}`, width, height, viewBox: `0 0 ${width} ${height}`, role: "img", "data-points": values.filter((v) => v !== null).length });
+    const known = values.filter((v) => v !== null).length;
+    const el = svg("svg", { class: `spark spark-${kind}${calm ? " calm" : ""}`, width, height, viewBox: `0 0 ${width} ${height}`, role: "img", "data-points": known });
     const label = svg("title", {});
     label.textContent = title;
     el.append(label, svg("line", { class: "base", x1: 0, x2: width, y1: height - 0.5, y2: height - 0.5 }));
     let run = [];
     const flush = () => {
-      if (run.length > 1) el.append(svg("polyline", { points: run.join(" ") }));
-      else if (run.length === 1) el.append(svg("circle", { cx: run[0].split(",")[0], cy: run[0].split(",")[1], r: 1.5 }));
+      if (run.length > 1) el.append(svg("polyline", { points: run.map(([px, py]) => `${px},${py}`).join(" ") }));
+      else if (run.length === 1) el.append(svg("circle", { cx: run[0][0], cy: run[0][1], r: 1.5 }));
       run = [];
     };
     values.forEach((v, i) => {
-      if (v === null) flush();
-      else run.push(`${(i * step).toFixed(1)},${y(v)}`);
+      if (v === null || (i > 0 && times[i] - times[i - 1] > 2 * everyS)) flush();
+      if (v !== null) run.push([x(times[i]), y(v)]);
     });
     flush();
     return el;
@@ -409,14 +413,20 @@
   // restarts during the window.
   function trendFacts(samples, field, unit) {
     const values = samples.map((x) => num(obj(x)[field]));
+    const times = samples.map((x) => num(obj(x).at) || 0);
     const known = values.filter((v) => v !== null);
-    if (!known.length) return { values, now: "no data", peak: null };
+    if (!known.length) return { values, times, now: "no data", peak: null, rise: 0 };
     if (field === "restarts") {
       let rise = 0;
       for (let i = 1; i < values.length; i++) if (values[i] !== null && values[i - 1] !== null && values[i] > values[i - 1]) rise += values[i] - values[i - 1];
-      return { values, now: `+${rise}`, peak: known[known.length - 1] };
+      return { values, times, now: `+${rise}`, peak: known[known.length - 1], rise };
     }
-    return { values, now: `${Math.round(known[known.length - 1])}${unit}`, peak: `${Math.round(Math.max(...known))}${unit}` };
+    return { values, times, now: `${Math.round(known[known.length - 1])}${unit}`, peak: `${Math.round(Math.max(...known))}${unit}`, rise: 0 };
+  }
+
+  // The time axis of a site's trends; a restart line with no restart is drawn calm, not red.
+  function trendAxis(data, f) {
+    return { windowS: num(obj(data).window_s) || 3600, everyS: num(obj(data).every_s) || 30, calm: f.peak !== null && f.rise === 0 && f.now === "+0" };
   }
 
   function trendTitle(label, f, field) {
@@ -444,7 +454,7 @@
       { class: "sparks", "data-trends": siteId },
       TREND_KINDS.map(([kind, field, label, unit, floor]) => {
         const f = trendFacts(samples, field, unit);
-        return sparkline(f.values, { width: 56, height: 18, floor, kind, title: trendTitle(label, f, field) });
+        return sparkline(f.values, f.times, { width: 56, height: 18, floor, kind, title: trendTitle(label, f, field), ...trendAxis(cached.data, f) });
       }),
     );
   }
@@ -472,7 +482,7 @@
             "div",
             { class: "trend", "data-kind": kind },
             h("div", { class: "trend-label" }, label),
-            sparkline(f.values, { width: 220, height: 40, floor, kind, title: trendTitle(label, f, field) }),
+            sparkline(f.values, f.times, { width: 220, height: 40, floor, kind, title: trendTitle(label, f, field), ...trendAxis(data, f) }),
             h("div", { class: "trend-value" }, field === "restarts" && f.peak !== null ? `${f.now} in ${minutes} min` : f.now, f.peak !== null && field !== "restarts" ? h("span", { class: "muted" }, ` · peak ${f.peak}`) : null),
           );
         }),

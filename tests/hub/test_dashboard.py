@@ -439,6 +439,11 @@ def fleet_to_logs(driver: WebDriver, world: World) -> None:
     sparks = '#sites .sparks[data-trends="eu-1"] svg.spark'
     until(driver, "eu-1's sparklines", lambda d: len(texts(d, sparks)) == 4)
     assert texts(driver, '#sites [data-trends="ap-1"]') == ["no reports yet"]
+    calm = driver.execute_script(
+        "return Object.fromEntries([...document.querySelectorAll('#sites .sparks')].map(e => "
+        "[e.dataset.trends, e.querySelector('svg.spark-restarts').classList.contains('calm')]))"
+    )
+    assert calm == {"eu-1": False, "eu-2": False, "us-1": True}  # red only where it restarted
     world.shot(driver, "02-fleet")
     world.shot(driver, "dashboard-fleet", "#main")  # docs/dashboard-fleet.png
 
@@ -703,6 +708,12 @@ def site_trends(driver: WebDriver, world: World, tenant_token: str) -> None:
         "e.querySelector('title').textContent])"
     )
     assert [p[0] for p in points] == ["120"] * 4 and all(p[1] == 1 for p in points), points
+    # Time on the x axis: an hour of samples spans the width, the newest at the right edge.
+    xs = driver.execute_script(
+        "return document.querySelector('#trends svg.spark-memory polyline')"
+        ".getAttribute('points').split(' ').map(p => parseFloat(p))"
+    )
+    assert xs[0] < 5 and xs[-1] == 220 and xs == sorted(xs), xs
     assert points[1][2] == "memory: 88% now, peak 88%"
     assert "120 sample(s), one per 30 s at most" in texts(driver, "#trends-summary")[0]
     world.shot(driver, "12-site-trends")
