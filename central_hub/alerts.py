@@ -16,7 +16,8 @@ acknowledgement; one whose condition is gone is cleared, but only once the hub k
 i.e. its site was heard from since the start or ``hold_until`` has passed (a hub down for
 a while first sees every site stale).
 
-Kinds: ``site_offline`` (no report or gossip within the stale window), ``site_lagging``
+Kinds: ``site_offline`` (no report or gossip within the stale window; a site never heard
+from since it was registered says it is awaiting its first report), ``site_lagging``
 (applied delta version behind the head for longer than ``lag_s``), ``app_unhealthy`` (an
 application failed or degraded at a site), ``host_disk`` / ``host_memory`` (a host over a
 threshold).
@@ -155,10 +156,11 @@ def conditions(
     for summary in summaries:
         site = str(summary["id"])
         if summary.get("health") == "unreachable" or summary.get("last_seen") is None:
+            # Registered before its agents started is the usual start: not "offline" yet.
+            waiting = summary.get("last_seen") is None
+            message = "is awaiting its first report" if waiting else "is not heard from"
             found.append(
-                Condition(
-                    f"site_offline:{site}", "site_offline", site, f"site {site} is not heard from"
-                )
+                Condition(f"site_offline:{site}", "site_offline", site, f"site {site} {message}")
             )
             continue
         applied = summary.get("applied_version") or 0

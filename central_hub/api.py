@@ -79,6 +79,7 @@ from central_hub.routing import (
     token_of,
 )
 from central_hub.tokens import TokenRecord
+from central_hub.trends_api import TRENDS_ROUTES
 from central_hub.vault import parse_report_secrets
 from central_hub.vault_api import VAULT_ROUTES
 from meshorch import http_metrics
@@ -685,3 +686,4 @@ ROUTES: tuple[Route, ...] = (
 
 # The vault's, the logs' and the releases' routes are declared with their handlers.
 ROUTES += VAULT_ROUTES + LOGS_ROUTES + RELEASES_ROUTES + DELTAS_ROUTES
+ROUTES += TRENDS_ROUTES

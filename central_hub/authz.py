@@ -21,6 +21,7 @@ The table (``policy_rows()`` prints it; docs/tenants.md has it too)::
     sites.write        fleet   yes    -         -
     sites.delete       fleet   yes    -         -
     sites.read         any     yes    yes       yes
+    sites.trends       fleet   yes    yes       yes
     tenants.create     fleet   yes    -         -
     tenants.delete     fleet   yes    -         -
     tenants.quota      fleet   yes    -         -
@@ -73,6 +74,7 @@ POLICY: dict[str, Rule] = {
     "sites.write": Rule("fleet", _ADMIN),
     "sites.delete": Rule("fleet", _ADMIN),
     "sites.read": Rule("any", _ALL),
+    "sites.trends": Rule("fleet", _ALL),  # hosts' use; restarts of every tenant's instances
     "tenants.create": Rule("fleet", _ADMIN),
     "tenants.delete": Rule("fleet", _ADMIN),
     "tenants.quota": Rule("fleet", _ADMIN),

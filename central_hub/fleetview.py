@@ -145,7 +145,7 @@ def parse_report(data: object, site_id: str) -> dict[str, Any]:
             r = c.obj(use, f"hosts[{i}].resources")
             host["resources"] = {
                 name: c.number(r.get(name), f"hosts[{i}].resources.{name}")
-                for name in ("load1", "memory_used_pct", "disk_used_pct", "at")
+                for name in ("load1", "cpu_count", "memory_used_pct", "disk_used_pct", "at")
                 if name in r
             }
         hosts.append(host)

@@ -10,6 +10,7 @@ driver and the servers; ``central_hub.api`` and the other route modules call the
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from central_hub.accounts import Accounts
 from central_hub.alerting import Alerting
@@ -22,6 +23,7 @@ from central_hub.logs import HubLogs, LogLimits
 from central_hub.reports import Reports
 from central_hub.sites import Sites, SiteTimes
 from central_hub.snapshots import Snapshots, registered_sites
+from central_hub.trends import TrendBook
 from central_hub.vault_service import VaultService
 
 
@@ -60,6 +62,9 @@ class HubParts:
         )
         self.ledger.delta_format = self.delta_format.current
         self.sites.listeners.append(self.delta_format.site_changed)
+        self.trends = TrendBook()
+        self.reports.listeners.append(self._sample_trend)
+        self.sites.listeners.append(self._forget_trend)
         self.reports.listeners.append(self.delta_format.reported)
         self.sites.listeners.append(self.vault.site_changed)
         self.alerting = Alerting(
@@ -70,6 +75,15 @@ class HubParts:
             hold_s=c.site_stale_s,
             stale_s=c.site_stale_s,
         )
+
+    def _sample_trend(
+        self, site: str, _previous: dict[str, Any] | None, report: dict[str, Any]
+    ) -> None:
+        self.trends.record(site, report, self.ledger.now())
+
+    def _forget_trend(self, site: str) -> None:
+        if self.ledger.store.get_json("sites", site) is None:  # deleted
+            self.trends.forget(site)
 
     def _appended(self) -> None:
         if self.gossip is not None:

@@ -119,6 +119,8 @@ def test_demo_runs_a_hub_and_three_sites_and_cleans_up() -> None:
     assert re.search(rf"deployment dep-\d+, {waves}", result.stdout), result.stdout
     assert re.search(r"Dashboard: https://127\.0\.0\.1:\d+/ ", result.stdout)
     assert "deployment succeeded" in result.stdout
+    # The app writes to stdout: its lines reach the hub (the dashboard's "Recent logs").
+    assert re.search(r"shop-\w+ +h\d +clock tick \d+: ", result.stdout), result.stdout
     lines = result.stdout.splitlines()
     for site in ("shop-eu", "shop-us", "shop-ap"):
         running = [

@@ -11,6 +11,8 @@
   const REQUEST_TIMEOUT_MS = 15000;
   const DETAIL_PARALLEL = 8; // app details fetched at once (the app list has no progress)
   const LOG_LIMIT = 100;
+  const ALERT_HISTORY = 50; // cleared alerts listed under History
+  const TREND_ROWS = 50; // fleet rows that get sparklines (one request per site and period)
   const HEALTH_RANK = { unreachable: 0, degraded: 1, unknown: 2, healthy: 3 };
   const LEVELS = ["emerg", "alert", "crit", "error", "warning", "notice", "info", "debug"];
 
@@ -20,6 +22,8 @@
     timer: null,
     gen: 0, // bumped on each navigation: a refresh of an old view stops there
     update: null,
+    trends: new Map(), // site -> {fetched (ms), data}: a site's trends change once per every_s
+    trendsRefused: false, // a tenant token: the hub refuses trends (fleet-wide tokens only)
   };
 
   // -- small helpers -------------------------------------------------------------------
@@ -283,6 +287,8 @@
 
   // -- alerts (an optional route: hidden while the hub answers 404) --------------------------
 
+  // Active alerts only; cleared ones (the hub keeps the last few hundred) go to a folded
+  // history with their clear time, so the panel never contradicts the table below it.
   async function updateAlerts() {
     const panel = $("#alerts");
     let data;
@@ -295,9 +301,10 @@
       }
       throw err;
     }
-    const alerts = list(data.alerts);
-    const rows = alerts.map((a) => {
-      const alert = obj(a);
+    const alerts = list(data.alerts).map(obj);
+    const active = alerts.filter((a) => a.active !== false);
+    const cleared = alerts.filter((a) => a.active === false).slice(0, ALERT_HISTORY);
+    const rows = active.map((alert) => {
       const acked = alert.acknowledged === true;
       const button = acked
         ? h("span", { class: "muted" }, "acknowledged")
@@ -308,13 +315,32 @@
         h("td", {}, text(alert.kind)),
         h("td", {}, alert.site ? h("a", { href: `#/site/${enc(alert.site)}` }, String(alert.site)) : "—"),
         h("td", {}, text(alert.message)),
-        h("td", {}, age(alert.since)),
+        h("td", { title: clock(alert.since) }, age(alert.since)),
         h("td", {}, button),
       );
     });
-    $("#alerts-body").replaceChildren(
-      table("alerts-table", ["Kind", "Site", "Message", "Since", ""], rows, "No alerts."),
+    const history = cleared.map((alert) =>
+      h(
+        "tr",
+        { "data-cleared": text(alert.id, "") },
+        h("td", {}, text(alert.kind)),
+        h("td", {}, alert.site ? h("a", { href: `#/site/${enc(alert.site)}` }, String(alert.site)) : "—"),
+        h("td", {}, text(alert.message)),
+        h("td", { title: clock(alert.since) }, clock(alert.since)),
+        h("td", { title: clock(alert.cleared_at) }, age(alert.cleared_at)),
+      ),
     );
+    const historyBox = $("#alerts-history");
+    const wasOpen = historyBox ? historyBox.open : false;
+    const details = h(
+      "details",
+      { id: "alerts-history", open: wasOpen },
+      h("summary", {}, `History: ${cleared.length} cleared`),
+      table("alerts-cleared", ["Kind", "Site", "Message", "Fired", "Cleared"], history, "Nothing cleared recently."),
+    );
+    const activeTable = table("alerts-table", ["Kind", "Site", "Message", "Since", ""], rows, "No active alerts.");
+    $("#alerts-body").replaceChildren(...(cleared.length ? [activeTable, details] : [activeTable]));
+    $("#alerts-title").textContent = active.length ? `Alerts (${active.length} active)` : "Alerts";
     panel.hidden = false;
   }
 
@@ -327,6 +353,141 @@
       button.disabled = false;
       if (err.status !== 401) button.after(h("span", { class: "error" }, ` ${errorText(err)}`));
     }
+  }
+
+  // -- health and trends ---------------------------------------------------------------
+
+  // A site never heard from is waiting for its agents, not offline.
+  function healthLabel(site) {
+    return site.health === "unknown" && num(site.last_seen) === null ? "awaiting first report" : text(site.health, "unknown");
+  }
+
+  function healthBadge(site) {
+    const v = text(site.health, "unknown").replace(/[^a-z0-9_-]/gi, "");
+    return h("span", { class: `badge health-${v}` }, healthLabel(site));
+  }
+
+  const SVG = "http://www.w3.org/2000/svg"; // the SVG namespace: a name, never fetched
+
+  function svg(tag, attrs) {
+    const el = document.createElementNS(SVG, tag);
+    for (const [key, value] of Object.entries(attrs)) el.setAttribute(key, String(value));
+    return el;
+  }
+
+  // An inline SVG line of `values` at `times` (seconds), on 0..max(floor, highest value).
+  // The x axis is time: the window ends at the newest sample, so a site with ten minutes of
+  // samples fills the right sixth, and a silence longer than two periods is a gap.
+  function sparkline(values, times, { width, height, floor, kind, title, windowS, everyS, calm }) {
+    const top = Math.max(floor, ...values.filter((v) => v !== null));
+    const end = times.length ? times[times.length - 1] : 0;
+    const x = (t) => Math.max(0, width - (width * (end - t)) / windowS).toFixed(1);
+    const y = (v) => (height - 1 - ((height - 2) * v) / (top || 1)).toFixed(1);
+    const known = values.filter((v) => v !== null).length;
+    const el = svg("svg", { class: `spark spark-${kind}${calm ? " calm" : ""}`, width, height, viewBox: `0 0 ${width} ${height}`, role: "img", "data-points": known });
+    const label = svg("title", {});
+    label.textContent = title;
+    el.append(label, svg("line", { class: "base", x1: 0, x2: width, y1: height - 0.5, y2: height - 0.5 }));
+    let run = [];
+    const flush = () => {
+      if (run.length > 1) el.append(svg("polyline", { points: run.map(([px, py]) => `${px},${py}`).join(" ") }));
+      else if (run.length === 1) el.append(svg("circle", { cx: run[0][0], cy: run[0][1], r: 1.5 }));
+      run = [];
+    };
+    values.forEach((v, i) => {
+      if (v === null || (i > 0 && times[i] - times[i - 1] > 2 * everyS)) flush();
+      if (v !== null) run.push([x(times[i]), y(v)]);
+    });
+    flush();
+    return el;
+  }
+
+  const TREND_KINDS = [
+    ["cpu", "cpu_pct", "CPU (load per core)", "%", 100],
+    ["memory", "memory_pct", "memory", "%", 100],
+    ["disk", "disk_pct", "disk", "%", 100],
+    ["restarts", "restarts", "restarts", "", 1],
+  ];
+
+  // What a trend says in words: the latest value, the peak, or for the restart counter the
+  // restarts during the window.
+  function trendFacts(samples, field, unit) {
+    const values = samples.map((x) => num(obj(x)[field]));
+    const times = samples.map((x) => num(obj(x).at) || 0);
+    const known = values.filter((v) => v !== null);
+    if (!known.length) return { values, times, now: "no data", peak: null, rise: 0 };
+    if (field === "restarts") {
+      let rise = 0;
+      for (let i = 1; i < values.length; i++) if (values[i] !== null && values[i - 1] !== null && values[i] > values[i - 1]) rise += values[i] - values[i - 1];
+      return { values, times, now: `+${rise}`, peak: known[known.length - 1], rise };
+    }
+    return { values, times, now: `${Math.round(known[known.length - 1])}${unit}`, peak: `${Math.round(Math.max(...known))}${unit}`, rise: 0 };
+  }
+
+  // The time axis of a site's trends; a restart line with no restart is drawn calm, not red.
+  function trendAxis(data, f) {
+    return { windowS: num(obj(data).window_s) || 3600, everyS: num(obj(data).every_s) || 30, calm: f.peak !== null && f.rise === 0 && f.now === "+0" };
+  }
+
+  function trendTitle(label, f, field) {
+    if (f.peak === null) return `${label}: no data`;
+    return field === "restarts" ? `${label}: ${f.now} in the window (total ${f.peak})` : `${label}: ${f.now} now, peak ${f.peak}`;
+  }
+
+  // The site's trends, fetched again only once a new sample can exist (every_s).
+  async function trendsOf(siteId, force) {
+    const cached = state.trends.get(siteId);
+    const every = cached ? 1000 * (num(cached.data.every_s) || 30) : 0;
+    if (cached && !force && Date.now() - cached.fetched < every) return cached.data;
+    const data = await get(`/v1/sites/${enc(siteId)}/trends`);
+    state.trends.set(siteId, { fetched: Date.now(), data });
+    return data;
+  }
+
+  function trendCell(siteId) {
+    const cached = state.trends.get(siteId);
+    if (!cached) return "—";
+    const samples = list(cached.data.samples);
+    if (!samples.length) return h("span", { class: "muted", "data-trends": siteId }, "no reports yet");
+    return h(
+      "span",
+      { class: "sparks", "data-trends": siteId },
+      TREND_KINDS.map(([kind, field, label, unit, floor]) => {
+        const f = trendFacts(samples, field, unit);
+        return sparkline(f.values, f.times, { width: 56, height: 18, floor, kind, title: trendTitle(label, f, field), ...trendAxis(cached.data, f) });
+      }),
+    );
+  }
+
+  async function trendsPanel(box, siteId) {
+    let data;
+    try {
+      data = await trendsOf(siteId, true);
+    } catch (err) {
+      if (err.status === 401) throw err;
+      const why = err instanceof HubError && err.status === 403 ? "Trends need a fleet-wide token." : errorText(err);
+      box.replaceChildren(h("p", { class: "muted", id: "trends-summary" }, why));
+      return;
+    }
+    const samples = list(data.samples);
+    const minutes = Math.round((num(data.window_s) || 3600) / 60);
+    box.replaceChildren(
+      h("p", { class: "muted", id: "trends-summary" }, samples.length ? `${samples.length} sample(s), one per ${text(data.every_s)} s at most, the last ${minutes} min; the busiest live host` : "No samples yet: the site has not reported."),
+      h(
+        "div",
+        { class: "trends", id: "trends" },
+        TREND_KINDS.map(([kind, field, label, unit, floor]) => {
+          const f = trendFacts(samples, field, unit);
+          return h(
+            "div",
+            { class: "trend", "data-kind": kind },
+            h("div", { class: "trend-label" }, label),
+            sparkline(f.values, f.times, { width: 220, height: 40, floor, kind, title: trendTitle(label, f, field), ...trendAxis(data, f) }),
+            h("div", { class: "trend-value" }, field === "restarts" && f.peak !== null ? `${f.now} in ${minutes} min` : f.now, f.peak !== null && field !== "restarts" ? h("span", { class: "muted" }, ` · peak ${f.peak}`) : null),
+          );
+        }),
+      ),
+    );
   }
 
   // -- fleet -----------------------------------------------------------------------------
@@ -374,29 +535,34 @@
       return terms.every((t) => hay.includes(t));
     }
 
-    function render() {
+    function shownRows() {
       const terms = filter.value.toLowerCase().split(/\s+/).filter(Boolean);
-      const shown = rows.filter((r) => matches(r, terms));
+      return rows.filter((r) => matches(r, terms));
+    }
+
+    function render() {
+      const shown = shownRows();
       const byHealth = {};
-      for (const r of rows) byHealth[r.site.health] = (byHealth[r.site.health] || 0) + 1;
+      for (const r of rows) byHealth[healthLabel(r.site)] = (byHealth[healthLabel(r.site)] || 0) + 1;
       summary.textContent = `${shown.length} of ${rows.length} sites · ` + Object.entries(byHealth).map(([k, v]) => `${v} ${k}`).join(", ");
       tableBox.replaceChildren(
         table(
           "sites",
-          ["Site", "Labels", "Health", "Hosts up", "Apps healthy", "Instances ready", "Last report", "Agent", "Applied"],
+          ["Site", "Labels", "Health", "Hosts up", "Apps healthy", "Instances ready", "Last report", "Agent", "Applied", "Last hour: CPU, memory, disk, restarts"],
           shown.map((r) =>
             h(
               "tr",
               { "data-site": r.site.id, class: `health-row-${r.site.health}` },
               h("td", {}, h("a", { href: `#/site/${enc(r.site.id)}`, class: "site-link" }, r.site.id)),
               h("td", {}, labelChips(r.site.labels)),
-              h("td", {}, badge(r.site.health)),
+              h("td", {}, healthBadge(r.site)),
               h("td", {}, ratio(...r.counts.hosts)),
               h("td", {}, ratio(...r.counts.apps)),
               h("td", {}, ratio(...r.counts.instances)),
               h("td", { title: clock(r.site.last_seen) }, age(r.site.last_seen), r.site.seen_via ? h("span", { class: "muted" }, ` via ${r.site.seen_via}`) : null),
               h("td", {}, text(r.agent)),
               h("td", {}, text(r.site.applied_version)),
+              h("td", { class: "nowrap" }, trendCell(r.site.id)),
             ),
           ),
           rows.length ? "No site matches the filter." : "No sites registered yet.",
@@ -432,7 +598,7 @@
                 "div",
                 { class: "tiles" },
                 members.map((r) =>
-                  h("a", { class: `tile health-${r.site.health}`, href: `#/site/${enc(r.site.id)}`, title: `${r.site.id}: ${r.site.health}`, "data-site": r.site.id }, r.site.id),
+                  h("a", { class: `tile health-${r.site.health}`, href: `#/site/${enc(r.site.id)}`, title: `${r.site.id}: ${healthLabel(r.site)}`, "data-site": r.site.id }, r.site.id),
                 ),
               ),
             ),
@@ -457,6 +623,21 @@
         return { site, counts: siteCounts(site), agent: agentVersion(site) };
       });
       rows.sort((a, b) => (HEALTH_RANK[a.site.health] ?? 1.5) - (HEALTH_RANK[b.site.health] ?? 1.5) || a.site.id.localeCompare(b.site.id));
+      render();
+      // Sparklines for the first rows (a bounded number of requests, each at most once per
+      // sample period); a tenant token is refused trends once and not asked again.
+      if (state.trendsRefused) return;
+      try {
+        await mapLimit(shownRows().slice(0, TREND_ROWS), DETAIL_PARALLEL, (r) =>
+          trendsOf(r.site.id, false).catch((err) => {
+            if (err.status === 401 || err.status === 403) throw err;
+            return null; // a site deleted meanwhile, a hiccup: its cell waits for the next refresh
+          }),
+        );
+      } catch (err) {
+        if (!(err instanceof HubError) || err.status !== 403) throw err;
+        state.trendsRefused = true;
+      }
       render();
     };
   }
@@ -535,7 +716,7 @@
     return h(
       "div",
       { class: "facts" },
-      h("h2", {}, text(d.id), " ", badge(d.health)),
+      h("h2", {}, text(d.id), " ", healthBadge(d)),
       h("div", {}, labelChips(d.labels)),
       h(
         "dl",
@@ -603,9 +784,11 @@
     const rejections = h("div", {});
     const events = h("div", {});
     const pending = h("div", {});
+    const trends = h("div", {});
     root.append(
       crumbs([siteId]),
       head,
+      h("section", { class: "panel" }, h("h2", {}, "Trends (last hour)"), trends),
       h("section", { class: "panel" }, h("h2", {}, "Hosts and instances"), hosts),
       h("section", { class: "panel" }, h("h2", {}, "Applications"), apps),
       h("section", { class: "panel" }, h("h2", {}, "Pending changes"), pending),
@@ -653,6 +836,7 @@
           "No rejected deltas in the latest report.",
         ),
       );
+      await trendsPanel(trends, siteId);
       await pendingSection(pending, siteId);
       await logsSection(events, { site: siteId, limit: "20" }, "No events from this site at the hub.");
     };
@@ -748,6 +932,26 @@
     return h("span", { class: "progress", title: `${p.healthy} of ${p.total} sites healthy` }, h("span", { class: "bar" }, bar), ` ${p.healthy}/${p.total}`, p.failed ? h("span", { class: "bad" }, ` (${p.failed} failed)`) : null);
   }
 
+  // A small bar per wave, in order: how far the rollout got, at a glance.
+  function waveBars(dep) {
+    const d = obj(dep);
+    const progress = obj(d.progress);
+    const waves = list(d.waves);
+    const overall = progressOf(d);
+    return h(
+      "span",
+      { class: "waves", title: `${overall.healthy} of ${overall.total} sites healthy in ${waves.length} wave(s)` },
+      waves.map((wave, n) => {
+        const p = progressOf({ waves: [wave], progress });
+        const bar = h("span", { class: `fill${p.failed ? " failed" : ""}` });
+        bar.style.width = `${p.total ? Math.round((100 * (p.failed ? p.total : p.healthy)) / p.total) : 100}%`;
+        return h("span", { class: "wave-bar", "data-wave": n + 1, title: `wave ${n + 1}: ${p.healthy}/${p.total} healthy${p.failed ? `, ${p.failed} failed` : ""}` }, bar);
+      }),
+      ` ${overall.healthy}/${overall.total}`,
+      overall.failed ? h("span", { class: "bad" }, ` (${overall.failed} failed)`) : null,
+    );
+  }
+
   function appsView(root) {
     const box = h("div", {});
     root.append(h("section", { class: "panel" }, h("h2", {}, "Applications and rollouts"), box));
@@ -773,7 +977,7 @@
               h("td", {}, text(a.version)),
               h("td", {}, text(obj(a.deployment).id)),
               h("td", {}, badge(obj(a.deployment).state || "none", "state")),
-              h("td", {}, details[i] ? progressBar(progressOf(dep)) : "—"),
+              h("td", {}, details[i] ? waveBars(dep) : "—"),
               h("td", {}, String(list(a.sites).length)),
             );
           }),
@@ -812,12 +1016,13 @@
       waves.replaceChildren(
         table(
           "waves",
-          ["Wave", "Sites"],
+          ["Wave", "Progress", "Sites"],
           list(dep.waves).map((wave, n) =>
             h(
               "tr",
-              { class: n === dep.wave && dep.state === "running" ? "current" : "" },
+              { class: n === dep.wave && dep.state === "running" ? "current" : "", "data-wave": n + 1 },
               h("td", {}, `${n + 1}${n === dep.wave && dep.state === "running" ? " (current)" : ""}`),
+              h("td", {}, progressBar(progressOf({ waves: [wave], progress }))),
               h("td", {}, list(wave).map((s) => {
                 const st = text(obj(progress[s]).state, "pending");
                 return h("a", { href: `#/site/${enc(s)}`, class: `wave-site badge state-${st.replace(/[^a-z]/g, "")}` }, `${s}: ${st}`);

@@ -375,10 +375,17 @@ def _ago(then: float | None) -> str:
     return "never" if then is None else f"{max(0.0, time.time() - then):.0f}s ago"
 
 
+def _health(site: dict[str, Any], short: bool = False) -> str:
+    """A site registered but never heard from waits for its agents: not "unknown"."""
+    if site["health"] == "unknown" and site["last_seen"] is None:
+        return "awaiting" if short else "awaiting first report"
+    return str(site["health"])
+
+
 def run_sites(args: argparse.Namespace) -> int:
     if args.site:
         site = hub_call(args, "GET", f"/v1/sites/{args.site}")
-        print(f"site {site['id']}: {site['health']}, applied delta {site['applied_version']}, "
+        print(f"site {site['id']}: {_health(site)}, applied delta {site['applied_version']}, "
               f"last seen {_ago(site['last_seen'])}")  # fmt: skip
         print("  labels: " + (", ".join(f"{k}={v}" for k, v in site["labels"].items()) or "-"))
         for host in site["hosts"]:
@@ -402,7 +409,7 @@ def run_sites(args: argparse.Namespace) -> int:
         labels = ",".join(f"{k}={v}" for k, v in site["labels"].items())
         applied = "-" if site["applied_version"] is None else site["applied_version"]
         counts = site.get("counts") or {}
-        print(f"{site['id']:20} {site['health']:12} {applied:>8} "
+        print(f"{site['id']:20} {_health(site, short=True):12} {applied:>8} "
               f"{_fraction(counts.get('hosts'), 'up'):>8} "
               f"{_fraction(counts.get('instances'), 'ready'):>7} "
               f"{_ago(site['last_seen']):>10}  {labels}")  # fmt: skip

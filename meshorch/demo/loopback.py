@@ -87,6 +87,7 @@ async def _show(root: Path, hosts: int, exit_after_s: float | None, parts: _Part
                 f"({time.monotonic() - started:.1f}s)")  # fmt: skip
 
         await deploy_and_show(session, hub, DEMO_APP, ("[4/6]", "[5/6]", "[6/6]"))
+        await show_app_logs(session, hub, "hello", timeout_s=30)
         show_try_it(hub.url, hub.data_dir / "admin.token")
         await wait_for_stop(exit_after_s)
 
@@ -129,6 +130,25 @@ async def deploy_and_show(
             f"hosts up {hosts.get('up', '-')}/{hosts.get('total', '-')}, "
             f"instances ready {instances.get('ready', '-')}/{instances.get('total', '-')}"
         )
+    say("")
+
+
+async def show_app_logs(
+    session: aiohttp.ClientSession, hub: HubAccess, app: str, timeout_s: float
+) -> None:
+    """The app's newest lines once the sites have forwarded some (the dashboard's "Recent
+    logs" shows the same); says so when none came within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        page = await hub_call(session, hub, "GET", f"/v1/logs?app={app}&limit=3")
+        if page["logs"] or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.5)
+    say(f"      the app's logs, forwarded to the hub (GET /v1/logs?app={app}):")
+    for line in reversed(page["logs"]):
+        say(f"      {line['site']:8} {line.get('host') or '-':4} {line['text']}")
+    if not page["logs"]:
+        say(f"      (none yet after {timeout_s:g} s)")
     say("")
 
 
@@ -198,7 +218,18 @@ services:
     containers:
       - name: main
         image: process
-        command: ["sh", "-c", "while true; do date > now; sleep 1; done"]
+        # A line every 5 s on stdout: the agents capture it, the hub's logs and the
+        # dashboard's "Recent logs" show it.
+        command:
+          - sh
+          - -c
+          - |
+            i=0
+            while true; do
+              date > now; i=$((i + 1))
+              if [ $((i % 5)) = 1 ]; then echo "clock tick $i: $(cat now)"; fi
+              sleep 1
+            done
         resources: {memory_limit: 32Mi, cpu_request: 0.05}
         probes:
           readiness: {exec: {command: ["test", "-s", "now"]}, period_s: 0.5, timeout_s: 0.4}
@@ -206,7 +237,10 @@ services:
     containers:
       - name: main
         image: process
-        command: ["sleep", "1000000"]
+        command:
+          - sh
+          - -c
+          - "echo worker started; while true; do sleep 30; echo worker: queue empty; done"
         resources: {memory_limit: 16Mi, cpu_request: 0.05}
 """
 

@@ -56,6 +56,11 @@ def test_conditions_from_the_fleet_view() -> None:
     assert kinds(conditions([summary("s1", seen=None)], {}, {}, 5, {}, 100.0, t)) == [
         "site_offline:s1"
     ]
+    # Never heard from since it was registered: awaiting its first report, not "silent".
+    [waiting] = conditions([summary("s1", "unknown", seen=None)], {}, {}, 5, {}, 100.0, t)
+    assert waiting.message == "site s1 is awaiting its first report"
+    [silent] = conditions([summary("s1", "unreachable")], {}, {}, 5, {}, 100.0, t)
+    assert silent.message == "site s1 is not heard from"
     found = conditions(
         [summary("s1")], {"s1": report(disk=91, memory=96, app_state="failed")}, {"web": "acme"}, 5,
         {}, 100.0, t,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import math
 import os
 import re
 import shutil
@@ -121,8 +122,9 @@ async def test_nothing_but_the_assets_is_reachable(hub: Hub) -> None:
 
 def test_assets_are_self_contained_and_registration_is_idempotent() -> None:
     for name in ASSETS:
-        text = (ASSET_DIR / name).read_text()
-        # No CDN, no remote fonts: everything the page loads comes from the hub.
+        # No CDN, no remote fonts: everything the page loads comes from the hub. (The SVG
+        # namespace is a name the sparklines are created in, never fetched.)
+        text = (ASSET_DIR / name).read_text().replace('"http://www.w3.org/2000/svg"', "")
         assert "http://" not in text and "https://" not in text, name
     app = web.Application()
     add_dashboard(app)
@@ -204,9 +206,15 @@ class World:
 
         return asyncio.run_coroutine_threadsafe(run(), self.loop).result(WAIT_S)
 
-    def shot(self, driver: WebDriver, name: str) -> None:
+    def shot(self, driver: WebDriver, name: str, css: str | None = None) -> None:
+        """A screenshot of the window, or of the element ``css`` only."""
+        from selenium.webdriver.common.by import By
+
         path = self.shot_dir / f"{name}.png"
-        assert driver.save_screenshot(str(path)), name
+        if css is None:
+            assert driver.save_screenshot(str(path)), name
+        else:
+            assert driver.find_element(By.CSS_SELECTOR, css).screenshot(str(path)), name
         self.shots.append(path)
         extra = os.environ.get("MESHORCH_SCREENSHOTS")
         if extra:
@@ -220,9 +228,25 @@ def instance(app: str, iid: str, *, state: str = "running", ready: bool = True,
             "state": state, "ready": ready, "restarts": restarts}  # fmt: skip
 
 
-def host(host_id: str, *instances: dict[str, Any], alive: bool = True) -> dict[str, Any]:
+def host(host_id: str, *instances: dict[str, Any], alive: bool = True,
+         use: tuple[float, float, float] = (0.4, 35.0, 42.0)) -> dict[str, Any]:  # fmt: skip
+    load1, memory, disk = use
     return {"host_id": host_id, "alive": alive, "instances": list(instances),
-            "agent_version": "0.9.0", "protocol": 2}  # fmt: skip
+            "agent_version": "0.9.0", "protocol": 2,
+            "resources": {"load1": load1, "cpu_count": 2, "memory_used_pct": memory,
+                          "disk_used_pct": disk, "at": time.time()}}  # fmt: skip
+
+
+def seed_trends(hub: Hub, site_id: str, now: float, shape: float, restarted: int) -> None:
+    """An hour of samples before now, as the hub would have kept them from the site's
+    reports (the ring takes one per 30 s: a test cannot wait an hour)."""
+    book = hub.parts.trends
+    for n in range(119, 0, -1):
+        wave = math.sin(n / 9 + shape)
+        restarts = restarted if n < 40 else 0  # restarts some 20 minutes ago
+        use = (0.6 + 0.4 * wave, 40 + 12 * wave + shape, 40 + n / 60 * shape)
+        report = {"hosts": [host("h1", instance("web", "x", restarts=restarts), use=use)]}
+        assert book.record(site_id, report, now - 30 * n)
 
 
 def failed(version: str) -> dict[str, Any]:
@@ -247,13 +271,15 @@ async def world(hub: Hub, admin: Operator, session: aiohttp.ClientSession, tmp_p
     now = time.time()
     for site in sites.values():
         await site.sync()
+    for shape, (site_id, restarted) in enumerate((("eu-1", 2), ("eu-2", 2), ("us-1", 0))):
+        seed_trends(hub, site_id, now, float(shape), restarted)
     reports = {
         "eu-1": ({"web": healthy("1.0")},
                  [host("h1", instance("web", "web-1a", restarts=2)),
                   host("h2", instance("web", "web-1b"))], []),
         "eu-2": ({"web": failed("1.0")},
                  [host("h1", instance("web", "web-2a", state="exited", ready=False,
-                                      restarts=3)),
+                                      restarts=3), use=(1.9, 88.0, 71.0)),
                   host("h2", alive=False)],
                  [{"reason": "expired", "message": "delta 1 expired in transit", "version": 1,
                    "at": now - 30}]),
@@ -401,14 +427,25 @@ def fleet_to_logs(driver: WebDriver, world: World) -> None:
     assert eu1[2:6] == ["healthy", "2/2", "1/1", "2/2"] and "region=eu" in eu1[1]
     assert eu2[2:6] == ["degraded", "1/2", "0/1", "0/1"]
     assert row_cells(driver, "us-1")[3:6] == ["1/1", "0/0", "0/0"]
-    assert ap1[2:7] == ["unknown", "—", "—", "—", "never"]
+    # Registered before its agents started: waiting, not offline.
+    assert ap1[2:7] == ["awaiting first report", "—", "—", "—", "never"]
     assert eu1[7] == "0.9.0"
     assert "s ago" in eu1[6]
     groups = {g: texts(driver, f'#map .group[data-group="{g}"] .tile') for g in ("eu", "us", "ap")}
     assert groups == {"eu": ["eu-2", "eu-1"], "us": ["us-1"], "ap": ["ap-1"]}
     until(driver, "the alerts panel", lambda d: visible(d, "#alerts"))
     assert not visible(driver, "#login")
+    # Sparklines of the last hour for every site that reported (the README's screenshot).
+    sparks = '#sites .sparks[data-trends="eu-1"] svg.spark'
+    until(driver, "eu-1's sparklines", lambda d: len(texts(d, sparks)) == 4)
+    assert texts(driver, '#sites [data-trends="ap-1"]') == ["no reports yet"]
+    calm = driver.execute_script(
+        "return Object.fromEntries([...document.querySelectorAll('#sites .sparks')].map(e => "
+        "[e.dataset.trends, e.querySelector('svg.spark-restarts').classList.contains('calm')]))"
+    )
+    assert calm == {"eu-1": False, "eu-2": False, "us-1": True}  # red only where it restarted
     world.shot(driver, "02-fleet")
+    world.shot(driver, "dashboard-fleet", "#main")  # docs/dashboard-fleet.png
 
     type_filter(driver, "region=us")
     until(driver, "the filter", lambda d: site_rows(d) == ["us-1"])
@@ -457,9 +494,36 @@ def fleet_to_logs(driver: WebDriver, world: World) -> None:
 
     click(driver, "#nav-apps")
     until(driver, "the rollouts", lambda d: texts(d, '#apps tr[data-app="web"] td a') == ["web"])
+    # The list: a bar per wave (eu-1's full and green, eu-2's full and red).
+    until(
+        driver,
+        "web's wave bars",
+        lambda d: len(texts(d, '#apps tr[data-app="web"] .wave-bar')) == 2,
+    )
+    waves = driver.execute_script(
+        "return [...document.querySelectorAll('#apps tr[data-app=\"web\"] .wave-bar')].map(b => "
+        "[b.title, b.firstChild.style.width, b.firstChild.classList.contains('failed')])"
+    )
+    assert waves == [  # waves in site id order (central_hub/placement.py)
+        ["wave 1: 1/1 healthy", "100%", False],
+        ["wave 2: 0/1 healthy, 1 failed", "100%", True],
+    ], waves
     click(driver, "#apps a.app-link", "web")
     until(driver, "web's waves", lambda d: len(texts(d, "#waves tbody tr")) == 2)
     assert {"eu-1", "eu-2"} == {c[0] for c in (r.split(":") for r in texts(driver, ".wave-site"))}
+    # A progress bar per wave: eu-1's wave is done, eu-2's failed.
+    bars = {
+        texts(driver, f'#waves tr[data-wave="{n}"] .wave-site')[0].split(":")[0]: texts(
+            driver, f'#waves tr[data-wave="{n}"] .progress'
+        )[0]
+        for n in (1, 2)
+    }
+    bars = {site: " ".join(bar.split()) for site, bar in bars.items()}  # flex items: lines
+    assert bars == {"eu-1": "1/1", "eu-2": "0/1 (1 failed)"}, bars
+    fills = driver.execute_script(
+        "return [...document.querySelectorAll('#waves .progress .fill')].map(e => e.style.width)"
+    )
+    assert sorted(fills) == ["0%", "100%"]
     world.shot(driver, "07-rollout")
 
     # A page of something that does not exist says so with the hub's message.
@@ -472,7 +536,7 @@ def fleet_to_logs(driver: WebDriver, world: World) -> None:
 async def test_fleet_drill_down_to_instance_logs(browser: WebDriver, world: World) -> None:
     started = time.monotonic()
     await asyncio.to_thread(fleet_to_logs, browser, world)
-    assert len(world.shots) == 7 and all(p.stat().st_size > 1000 for p in world.shots)
+    assert len(world.shots) == 8 and all(p.stat().st_size > 1000 for p in world.shots)
     print(f"browser scenario {time.monotonic() - started:.1f}s, screenshots in {world.shot_dir}")
 
 
@@ -509,8 +573,8 @@ async def test_bad_token_shows_the_hubs_message(browser: WebDriver, world: World
     await asyncio.to_thread(bad_tokens, browser, world, created["token"], revoke)
 
 
-# Alerts come from the hub itself: ap-1 has never reported (site_offline), eu-2 runs a
-# degraded app (app_unhealthy).
+# Alerts come from the hub itself: ap-1 has never reported (site_offline, awaiting its first
+# report), eu-2 runs a degraded app (app_unhealthy).
 
 OFFLINE = "site_offline:ap-1"
 
@@ -520,7 +584,7 @@ def acknowledge(driver: WebDriver, world: World) -> None:
     log_in(driver, admin_token(world.hub))
     row = f'#alerts tr[data-alert="{OFFLINE}"]'
     until(driver, "the alerts", lambda d: bool(texts(d, row)))
-    assert "ap-1 is not heard from" in texts(driver, row)[0]
+    assert "ap-1 is awaiting its first report" in texts(driver, row)[0]
     world.shot(driver, "10-alerts")
     click(driver, f"{row} button.ack")
     until(driver, "acknowledged", lambda d: "acknowledged" in texts(d, row)[0])
@@ -568,3 +632,102 @@ async def test_a_sites_pending_changes_are_shown(browser: WebDriver, world: Worl
     await world.admin.ok("POST", "/v1/tenants", {"id": "blue"}, 201)
     made = await world.admin.ok("POST", "/v1/tokens", {"role": "viewer", "tenant": "blue"}, 201)
     await asyncio.to_thread(pending_panel, browser, world, made["token"])
+
+
+def alert_history(driver: WebDriver, world: World) -> None:
+    open_dashboard(driver, world.hub)
+    log_in(driver, admin_token(world.hub))
+    unhealthy = "app_unhealthy:eu-2:web"
+    until(
+        driver,
+        "eu-2's alert",
+        lambda d: bool(texts(d, f'#alerts-table tr[data-alert="{unhealthy}"]')),
+    )
+    assert texts(driver, "#alerts-title") == ["Alerts (2 active)"]
+    # eu-2's app recovers: its alert clears and leaves the active list for the history.
+    eu2 = world.sites["eu-2"]
+    world.on_hub(eu2.report({"web": healthy("1.0")}, hosts=[host("h1"), host("h2")]))
+    until(
+        driver,
+        "the alert cleared",
+        lambda d: not texts(d, f'#alerts-table tr[data-alert="{unhealthy}"]'),
+    )
+    assert texts(driver, "#alerts-title") == ["Alerts (1 active)"]
+    active = driver.execute_script(
+        "return [...document.querySelectorAll('#alerts-table tbody tr')].map(r => r.dataset.alert)"
+    )
+    assert active == [OFFLINE]
+    assert (
+        "ap-1 is awaiting its first report"
+        in texts(driver, f'#alerts-table tr[data-alert="{OFFLINE}"]')[0]
+    )
+    # (Also the site_offline alerts of sites registered before they first reported, if
+    # the hub evaluated them in between: cleared, so never in the active list.)
+    [summary] = texts(driver, "#alerts-history summary")
+    assert re.fullmatch(r"History: \d+ cleared", summary), summary
+    assert not visible(driver, "#alerts-cleared")  # folded until asked for
+    click(driver, "#alerts-history summary")
+    cleared = len(texts(driver, "#alerts-cleared tbody tr"))
+    assert summary == f"History: {cleared} cleared"
+    row = texts(driver, f'#alerts-cleared tr[data-cleared="{unhealthy}"] td')
+    assert row[0] == "app_unhealthy" and row[1] == "eu-2" and "failed" in row[2]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ", row[3]), row
+    assert row[4].endswith("s ago"), row
+    # The history stays open across refreshes.
+    shown = texts(driver, "#status")[0]
+    until(driver, "a refresh", lambda d: texts(d, "#status")[0] not in (shown, "refresh failed"))
+    assert visible(driver, "#alerts-cleared")
+    world.shot(driver, "11-alert-history")
+    assert script_errors(driver) == []
+
+
+async def test_the_alerts_panel_lists_active_alerts_and_a_history(
+    browser: WebDriver, world: World
+) -> None:
+    await asyncio.to_thread(alert_history, browser, world)
+
+
+def site_trends(driver: WebDriver, world: World, tenant_token: str) -> None:
+    open_dashboard(driver, world.hub)
+    log_in(driver, admin_token(world.hub))
+    driver.get(world.hub.url + "/dashboard/#/site/eu-2")
+    until(driver, "eu-2's trends", lambda d: len(texts(d, "#trends .trend")) == 4)
+    values = {
+        kind: texts(driver, f'#trends .trend[data-kind="{kind}"] .trend-value')[0]
+        for kind in ("cpu", "memory", "disk", "restarts")
+    }
+    # Its last report: h1 at load 1.9 on 2 cores, memory 88 %, disk 71 %; three restarts
+    # now: the counter rose 0 -> 2 (seeded) -> 3, +3 within the hour.
+    assert values["cpu"].startswith("95%"), values
+    assert values["memory"] == "88% · peak 88%", values
+    assert values["disk"] == "71% · peak 71%", values
+    assert values["restarts"] == "+3 in 60 min", values
+    points = driver.execute_script(
+        "return [...document.querySelectorAll('#trends svg.spark')].map(e => "
+        "[e.dataset.points, e.querySelectorAll('polyline').length, "
+        "e.querySelector('title').textContent])"
+    )
+    assert [p[0] for p in points] == ["120"] * 4 and all(p[1] == 1 for p in points), points
+    # Time on the x axis: an hour of samples spans the width, the newest at the right edge.
+    xs = driver.execute_script(
+        "return document.querySelector('#trends svg.spark-memory polyline')"
+        ".getAttribute('points').split(' ').map(p => parseFloat(p))"
+    )
+    assert xs[0] < 5 and xs[-1] == 220 and xs == sorted(xs), xs
+    assert points[1][2] == "memory: 88% now, peak 88%"
+    assert "120 sample(s), one per 30 s at most" in texts(driver, "#trends-summary")[0]
+    world.shot(driver, "12-site-trends")
+    # A tenant's token: the hub refuses trends, the page says so and keeps the rest.
+    open_dashboard(driver, world.hub)
+    log_in(driver, tenant_token)
+    until(driver, "the fleet", lambda d: len(site_rows(d)) == 4)
+    until(driver, "no sparklines", lambda d: row_cells(d, "eu-1")[9] == "—")
+    driver.get(world.hub.url + "/dashboard/#/site/eu-1")
+    until(driver, "the refusal", lambda d: "fleet-wide" in "".join(texts(d, "#trends-summary")))
+    until(driver, "the rest of the page", lambda d: bool(texts(d, "#host-summary")))
+
+
+async def test_site_trends_are_sparklines(browser: WebDriver, world: World) -> None:
+    await world.admin.ok("POST", "/v1/tenants", {"id": "blue"}, 201)
+    made = await world.admin.ok("POST", "/v1/tokens", {"role": "viewer", "tenant": "blue"}, 201)
+    await asyncio.to_thread(site_trends, browser, world, made["token"])

@@ -157,6 +157,11 @@ async def test_deploy_times_out_when_a_site_never_reports(tmp_path: Path) -> Non
         code, out, err = await cli(hub, "deploy", "-f", str(spec), "--wait", "--timeout", "1")
         assert code == 4, out + err
         assert "still running" in err
+        # Registered, never reported: waiting for its agents, which the views say.
+        code, out, _ = await cli(hub, "sites")
+        assert code == 0 and out.splitlines()[1].split()[:2] == ["eu-1", "awaiting"], out
+        code, out, _ = await cli(hub, "sites", "eu-1")
+        assert code == 0 and out.startswith("site eu-1: awaiting first report,"), out
 
 
 @pytest.mark.parametrize(

@@ -177,6 +177,7 @@ CASES: dict[tuple[str, str], tuple[Setup, int]] = {
     ("GET", "/v1/sites"): (fixed("/v1/sites"), 200),
     ("GET", "/v1/sites/{id}"): (fixed("/v1/sites/site-1"), 200),
     ("GET", "/v1/sites/{id}/pending"): (fixed("/v1/sites/site-1/pending"), 200),
+    ("GET", "/v1/sites/{id}/trends"): (fixed("/v1/sites/site-1/trends"), 200),
     ("POST", "/v1/sites/{id}/hold"): (fixed("/v1/sites/site-1/hold", {}), 200),
     ("POST", "/v1/sites/{id}/release"): (fixed("/v1/sites/site-1/release", {}), 200),
     ("PUT", "/v1/sites/{id}/labels"): (fixed("/v1/sites/site-1/labels", {"zone": "z1"}), 200),
