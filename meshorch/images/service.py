@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
+import orjson
 
 from meshorch.images.oci import platform_of_machine
 from meshorch.images.pull import PulledImage, write_oci_layout
@@ -27,6 +28,7 @@ from meshorch.images.store import (
     ImageTransferError,
     Signer,
     holder_key,
+    idle_key,
 )
 from meshorch.state.ports import Members, SiteState
 from meshorch.state.tables import APPS_TABLE, MemberRecord
@@ -59,6 +61,10 @@ class SiteImages:
         self.pulled_bytes = 0  # from registries
         self.platform = platform_of_machine(platform.machine())
         self._wake = asyncio.Event()
+        # Images this host gave up under disk pressure: the sync loop does not copy them
+        # back (an instance placed here still has them copied, by ``ensure``).
+        self.evicted: set[str] = set()
+        self.pulls_running = 0  # a pull's blobs are stored before its record: not orphans
 
     def counters(self) -> dict[str, int]:
         return {
@@ -102,7 +108,16 @@ class SiteImages:
         return [key[len(prefix) :].decode() for key, _ in records]
 
     def catalog(self) -> list[dict[str, object]]:
-        return [{**m.to_json(), "holders": self.holders(m.digest)} for m in self.manifests()]
+        """The catalogue, with each image's holders and, when no app names it, since when
+        (``idle_since``: garbage collection removes it after the grace period)."""
+        answer = []
+        for m in self.manifests():
+            entry = {**m.to_json(), "holders": self.holders(m.digest)}
+            idle = self.site.view.get(APPS_TABLE, idle_key(m.ref))
+            if idle is not None:
+                entry["idle_since"] = orjson.loads(idle.value)
+            answer.append(entry)
+        return answer
 
     def blob_url(self, member: MemberRecord, digest: str) -> str:
         # Over the overlay when there is one: encrypted and inside the site.
@@ -118,17 +133,28 @@ class SiteImages:
         *,
         plain_http: bool = False,
         tenant: str = "",
+        pinned: bool = False,
     ) -> tuple[ImageManifest, PulledImage]:
         """Pull ``text`` (a reference as users write it) from its registry into this host's
         store and name it in the catalogue, pinned to the digest its tag has now: the other
         hosts copy that digest from their peers, never the tag from the registry.
-        ``tenant``: pulled with that tenant's credentials, for its apps only."""
+        ``tenant``: pulled with that tenant's credentials, for its apps only; ``pinned``:
+        kept by garbage collection even when no app names it."""
         ref = parse_reference(text)
         client = RegistryClient(session, ref.api_host, credentials, plain_http=plain_http)
-        pulled = await pull_image(client, ref, self.blobs, self.platform)
-        self.pulled_bytes += pulled.fetched_bytes
+        self.pulls_running += 1
+        try:
+            pulled = await pull_image(client, ref, self.blobs, self.platform)
+            self.pulled_bytes += pulled.fetched_bytes
+            return await self._record_pull(text, pulled, tenant, pinned)
+        finally:
+            self.pulls_running -= 1
+
+    async def _record_pull(
+        self, text: str, pulled: PulledImage, tenant: str, pinned: bool
+    ) -> tuple[ImageManifest, PulledImage]:
         blobs = pulled.blob_sizes()
-        pinned = pulled.reference.pinned()
+        source = pulled.reference.pinned()
         manifest = ImageManifest(
             text,
             pulled.reference.digest or pulled.manifest_digest,
@@ -136,10 +162,11 @@ class SiteImages:
             self.host_id,
             time.time(),
             OCI,
-            pinned,
+            source,
             pulled.manifest_digest,
             blobs,
             tenant,
+            pinned,
         )
         await self.site.propose(
             [
@@ -148,7 +175,7 @@ class SiteImages:
             ],
             idempotent=True,
         )
-        logger.info("image %s pulled as %s", text, pinned)
+        logger.info("image %s pulled as %s", text, source)
         self._wake.set()
         return manifest, pulled
 
@@ -181,6 +208,8 @@ class SiteImages:
         async with aiohttp.ClientSession(timeout=timeout) as session:
             while True:
                 for manifest in self.manifests():
+                    if manifest.digest in self.evicted:
+                        continue
                     try:
                         await self.ensure(session, manifest)
                     except (ImageTransferError, OSError) as exc:

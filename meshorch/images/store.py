@@ -95,6 +95,8 @@ class ImageManifest:
     blobs: tuple[tuple[str, int], ...] = ()
     # Pulled with a tenant's credentials: that tenant's apps alone run it ("": any app).
     tenant: str = ""
+    # Kept whether or not an app names it (garbage collection never removes it).
+    pinned: bool = False
 
     def usable_by(self, tenant: str) -> bool:
         return self.tenant in ("", tenant)
@@ -132,6 +134,8 @@ class ImageManifest:
             data["blobs"] = [list(b) for b in self.blobs]
         if self.tenant:
             data["tenant"] = self.tenant
+        if self.pinned:
+            data["pinned"] = True
         return data
 
     @staticmethod
@@ -148,7 +152,15 @@ class ImageManifest:
             str(data.get("manifest_digest", "")),
             tuple((str(d), int(n)) for d, n in data.get("blobs", ())),
             str(data.get("tenant", "")),
+            data.get("pinned") is True,
         )
+
+
+IDLE_PREFIX = b"imageidle/"  # imageidle/<ref> -> since when no app names it (wall clock)
+
+
+def idle_key(ref: str) -> bytes:
+    return IDLE_PREFIX + ref.encode()
 
 
 def holder_key(digest: str, host_id: str) -> bytes:
@@ -310,6 +322,29 @@ class BlobStore:
         if have + fetched != size:
             raise ImageTransferError(f"transfer ended at {have + fetched} of {size} bytes")
         return fetched, f"sha256:{hasher.hexdigest()}"
+
+    def local_blobs(self) -> dict[str, tuple[int, float]]:
+        """Every blob here: digest -> (size, mtime)."""
+        found = {}
+        for path in self._blobs.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                stat = path.stat()
+                found[f"sha256:{path.name}"] = (stat.st_size, stat.st_mtime)
+        return found
+
+    def remove(self, digest: str) -> int:
+        """Delete a blob (if here); return the bytes freed. Not while it is being fetched:
+        the caller checks ``fetching``."""
+        path = self.path(digest)
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            return 0
+        return size
+
+    def fetching(self) -> bool:
+        return any(lock.locked() for lock in self._fetching.values())
 
     def remove_partials(self) -> None:
         for path in self._partial.iterdir():

@@ -98,7 +98,8 @@ PULL_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=15, sock_connect=15, so
 
 
 async def pull_image(request: web.Request) -> web.Response:
-    """Body: ``{"ref": "registry/name:tag", "username"?, "password"?, "plain_http"?}``.
+    """Body: ``{"ref": "registry/name:tag", "username"?, "password"?, "plain_http"?, "pin"?}``
+    (``pin``: kept at the site when no app names it).
     This host pulls the image and names it in the catalogue, pinned to the digest the tag
     has now; the other hosts copy it from their peers. 502 with the registry's problem
     (``registry_auth``, ``image_not_found``, ``digest_mismatch``, ``registry_unavailable``)."""
@@ -112,6 +113,9 @@ async def pull_image(request: web.Request) -> web.Response:
         raise ApiError(400, "bad_request", "ref: an image reference is required")
     if not isinstance(plain_http, bool):
         raise ApiError(400, "bad_request", "plain_http: true or false")
+    pin = body.get("pin", False)
+    if not isinstance(pin, bool):
+        raise ApiError(400, "bad_request", "pin: true or false")
     reference = parse_reference(ref)  # refused here, before any connection, when malformed
     svc = services(request)
     require("oci_images", host_protocols(svc.node.view))
@@ -129,7 +133,7 @@ async def pull_image(request: web.Request) -> web.Response:
     try:
         async with aiohttp.ClientSession(timeout=PULL_TIMEOUT) as session:
             manifest, pulled = await svc.images.pull(
-                session, ref, credentials, plain_http=plain_http, tenant=tenant
+                session, ref, credentials, plain_http=plain_http, tenant=tenant, pinned=pin
             )
     except (RegistryError, BadManifest, NoMatchingPlatform) as exc:
         raise ApiError(502, exc.code, f"pulling {ref}: {exc}") from exc
