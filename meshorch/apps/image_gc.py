@@ -84,8 +84,6 @@ class ImageCollector:
         self.settings = settings
         self.clock = clock
         self.tick_s = tick_s
-        self.removed_bytes = 0
-        self.evicted_images = 0
 
     async def run(self) -> None:
         while True:
@@ -161,6 +159,7 @@ class ImageCollector:
         plan = plan_host(
             {} if busy else local,  # nothing deleted under a transfer
             catalogue,
+            self._used_refs(),
             self._idle_since(),
             self._needed_here(),
             self.clock(),
@@ -174,9 +173,9 @@ class ImageCollector:
                     [Delete(APPS_TABLE, holder_key(image.digest, self.host_id))], idempotent=True
                 )
         for digest in plan.remove_blobs:
-            self.removed_bytes += images.blobs.remove(digest)
+            images.removed_bytes += images.blobs.remove(digest)
         if plan.evict:
-            self.evicted_images += len(plan.evict)
+            images.evicted_images += len(plan.evict)
             logger.warning(
                 "disk pressure: gave up %s (%d B freed, %d B still over)",
                 ", ".join(i.ref for i in plan.evict),

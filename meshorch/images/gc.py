@@ -9,8 +9,8 @@ Two decisions, both from plain data and ``now`` (wall-clock seconds, shared by h
 - Each host's, :func:`plan_host`: a blob that no image of the catalogue lists is an
   orphan, deleted once older than the grace period (a pull writes blobs before its
   record is committed; the adapter also waits while a pull runs). A host under disk
-  pressure evicts its copies of images it does not need, unused ones first: idle images
-  (idle longest first), then images apps use elsewhere but no instance here (oldest
+  pressure evicts its copies of images it does not need, unused ones first: images no
+  app names (idle longest first), then images apps use elsewhere but no instance here (oldest
   first), until it is under its limit. Pinned images and images an instance of this host
   runs are never evicted; a blob shared with a kept image stays.
 """
@@ -74,15 +74,17 @@ def plan_catalogue(
 def plan_host(
     local: Mapping[str, LocalBlob],
     catalogue: Iterable[ImageManifest],
+    used_refs: frozenset[str],
     idle_since: Mapping[str, float],
     needed_here: frozenset[str],
     now: float,
     grace_s: float,
     bytes_over: int,
 ) -> HostPlan:
-    """``local``: this host's blobs by digest; ``needed_here``: refs of the images the
-    instances placed on this host run; ``bytes_over``: how far the host is over its limit
-    (0: no pressure)."""
+    """``local``: this host's blobs by digest; ``used_refs``: the images apps name;
+    ``needed_here``: those the instances placed on this host run; ``bytes_over``: how far
+    the host is over its limit (0: no pressure). An image no app names is unused even
+    before the leader records it idle."""
     images = list(catalogue)
     owners: dict[str, list[str]] = {}  # blob digest -> refs of the images listing it
     for image in images:
@@ -101,11 +103,11 @@ def plan_host(
         return not image.pinned and image.ref not in needed_here
 
     idle = sorted(
-        (i for i in images if i.ref in idle_since and evictable(i)),
-        key=lambda i: (idle_since[i.ref], i.ref),
+        (i for i in images if i.ref not in used_refs and evictable(i)),
+        key=lambda i: (idle_since.get(i.ref, now), i.ref),
     )
     elsewhere = sorted(
-        (i for i in images if i.ref not in idle_since and evictable(i)),
+        (i for i in images if i.ref in used_refs and evictable(i)),
         key=lambda i: (i.added_at, i.ref),
     )
     evicted: list[ImageManifest] = []

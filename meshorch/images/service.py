@@ -59,6 +59,8 @@ class SiteImages:
         self.uploaded_bytes = 0
         self.fetched_bytes = 0
         self.pulled_bytes = 0  # from registries
+        self.removed_bytes = 0  # by garbage collection (meshorch.apps.image_gc)
+        self.evicted_images = 0  # copies given up under disk pressure
         self.platform = platform_of_machine(platform.machine())
         self._wake = asyncio.Event()
         # Images this host gave up under disk pressure: the sync loop does not copy them
@@ -71,6 +73,8 @@ class SiteImages:
             "uploaded_bytes": self.uploaded_bytes,
             "fetched_bytes": self.fetched_bytes,
             "pulled_bytes": self.pulled_bytes,
+            "removed_bytes": self.removed_bytes,
+            "evicted_images": self.evicted_images,
         }
 
     async def add_upload(self, ref: str, chunks: AsyncIterator[bytes]) -> ImageManifest:

@@ -27,6 +27,7 @@ def image(
 WEB = image("reg/web:1", "1")
 POS = image("reg/pos:1", "2", added_at=5.0)
 TOOLS = image("reg/tools:1", "3", pinned=True)
+USED = frozenset({"reg/pos:1", "reg/old:1"})
 
 
 def test_an_image_no_app_names_is_idle_then_dropped_after_the_grace() -> None:
@@ -54,7 +55,7 @@ def test_orphan_blobs_go_after_the_grace_shared_ones_stay() -> None:
         blob("9"): LocalBlob(50, 0.0),  # listed by no image
         blob("8"): LocalBlob(70, 95.0),  # no image either, but new (a pull under way)
     }
-    plan = plan_host(local, [POS], {}, frozenset(), 100.0, 10.0, 0)
+    plan = plan_host(local, [POS], USED, {}, frozenset(), 100.0, 10.0, 0)
     assert plan.remove_blobs == (blob("9"),) and plan.freed_bytes == 50 and plan.evict == ()
 
 
@@ -63,14 +64,14 @@ def test_pressure_evicts_idle_images_first_then_the_oldest_used_elsewhere() -> N
     local = {d: LocalBlob(n, 0.0) for i in (WEB, POS, TOOLS, old) for d, n in i.blob_sizes()}
     idle = {"reg/web:1": 50.0}
     # 100 B over: the idle image's own layer is enough; the base layer is shared, kept.
-    plan = plan_host(local, [WEB, POS, TOOLS, old], idle, frozenset(), 100.0, 1000.0, 100)
+    plan = plan_host(local, [WEB, POS, TOOLS, old], USED, idle, frozenset(), 100.0, 1000.0, 100)
     assert plan.evict == (WEB,) and plan.remove_blobs == (blob("1"),)
     # 200 B over: then the image used elsewhere that came first (old), not the newer POS.
-    plan = plan_host(local, [WEB, POS, TOOLS, old], idle, frozenset(), 100.0, 1000.0, 200)
+    plan = plan_host(local, [WEB, POS, TOOLS, old], USED, idle, frozenset(), 100.0, 1000.0, 200)
     assert plan.evict == (WEB, old) and plan.short_bytes == 0
     # Far over: everything but the pinned image and what runs here; the base layer stays
     # (TOOLS and POS list it).
-    plan = plan_host(local, [WEB, POS, TOOLS, old], idle, frozenset({"reg/pos:1"}), 100.0,
+    plan = plan_host(local, [WEB, POS, TOOLS, old], USED, idle, frozenset({"reg/pos:1"}), 100.0,
                      1000.0, 10_000)  # fmt: skip
     assert plan.evict == (WEB, old)
     assert set(plan.remove_blobs) == {blob("1"), blob("4")}
@@ -81,12 +82,19 @@ def test_the_base_layer_goes_with_the_last_image_that_lists_it() -> None:
     web, pos = image("reg/web:1", "1"), image("reg/pos:1", "2")
     local = {d: LocalBlob(n, 0.0) for i in (web, pos) for d, n in i.blob_sizes()}
     idle = {"reg/web:1": 1.0, "reg/pos:1": 2.0}
-    plan = plan_host(local, [web, pos], idle, frozenset(), 100.0, 1000.0, 1100)
+    plan = plan_host(local, [web, pos], frozenset(), idle, frozenset(), 100.0, 1000.0, 1100)
     assert plan.evict == (web, pos)
     assert set(plan.remove_blobs) == {blob("1"), blob("2"), BASE} and plan.freed_bytes == 1200
 
 
+def test_an_image_no_app_names_goes_first_even_before_it_is_recorded_idle() -> None:
+    fresh = image("reg/fresh:1", "5", added_at=50.0)
+    local = {d: LocalBlob(n, 0.0) for i in (POS, fresh) for d, n in i.blob_sizes()}
+    plan = plan_host(local, [POS, fresh], USED, {}, frozenset(), 100.0, 1000.0, 1)
+    assert plan.evict == (fresh,)
+
+
 def test_nothing_to_give_up_under_no_pressure() -> None:
     local = {d: LocalBlob(n, 0.0) for d, n in WEB.blob_sizes()}
-    plan = plan_host(local, [WEB], {"reg/web:1": 0.0}, frozenset(), 1e9, 10.0, 0)
+    plan = plan_host(local, [WEB], frozenset(), {"reg/web:1": 0.0}, frozenset(), 1e9, 10.0, 0)
     assert plan.remove_blobs == () and plan.evict == ()
