@@ -127,9 +127,10 @@ class ImageCollector:
 
     async def collect_catalogue(self) -> None:
         now = self.clock()
+        used = self._used_refs()
         plan = plan_catalogue(
             self.images.manifests(),
-            self._used_refs(),
+            used,
             self._idle_since(),
             now,
             self.settings.grace_s,
@@ -138,6 +139,11 @@ class ImageCollector:
             Put(APPS_TABLE, idle_key(ref), orjson.dumps(now)) for ref in plan.mark_idle
         ]
         writes += [Delete(APPS_TABLE, idle_key(ref)) for ref in plan.clear_idle]
+        # A pull whose host is gone and that no app asks for: nobody will finish it.
+        reachable = self.images.members.reachable_hosts()
+        for pull in self.images.pulls_in_progress().values():
+            if pull.host not in reachable and pull.ref not in used:
+                writes.append(Delete(APPS_TABLE, pull.key()))
         for image in plan.drop:
             logger.info("image %s: idle past the grace period, removed", image.ref)
             writes.append(Delete(APPS_TABLE, image.key()))
@@ -165,6 +171,7 @@ class ImageCollector:
             self.clock(),
             settings.grace_s,
             0 if busy else over,
+            frozenset(d for p in images.pulls_in_progress().values() for d, _ in p.blobs),
         )
         for image in plan.evict:
             images.evicted.add(image.digest)

@@ -80,11 +80,13 @@ def plan_host(
     now: float,
     grace_s: float,
     bytes_over: int,
+    pulling: frozenset[str] = frozenset(),
 ) -> HostPlan:
     """``local``: this host's blobs by digest; ``used_refs``: the images apps name;
     ``needed_here``: those the instances placed on this host run; ``bytes_over``: how far
-    the host is over its limit (0: no pressure). An image no app names is unused even
-    before the leader records it idle."""
+    the host is over its limit (0: no pressure); ``pulling``: blobs of pulls under way
+    (not orphans yet). An image no app names is unused even before the leader records
+    it idle."""
     images = list(catalogue)
     owners: dict[str, list[str]] = {}  # blob digest -> refs of the images listing it
     for image in images:
@@ -93,7 +95,7 @@ def plan_host(
     remove: list[str] = []
     freed = 0
     for digest, blob in sorted(local.items()):
-        if digest not in owners and now - blob.mtime >= grace_s:
+        if digest not in owners and digest not in pulling and now - blob.mtime >= grace_s:
             remove.append(digest)
             freed += blob.size
     if freed >= bytes_over:

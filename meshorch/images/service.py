@@ -14,25 +14,28 @@ from pathlib import Path
 import aiohttp
 import orjson
 
-from meshorch.images.oci import platform_of_machine
+from meshorch.images.oci import Descriptor, platform_of_machine
 from meshorch.images.pull import PulledImage, write_oci_layout
 from meshorch.images.pull import pull as pull_image
 from meshorch.images.reference import parse_reference
-from meshorch.images.registry import Credentials, RegistryClient
+from meshorch.images.registry import Credentials, RegistryClient, ResolvedImage
 from meshorch.images.store import (
     HOLDER_PREFIX,
     IMAGE_PREFIX,
     OCI,
+    PULLING_PREFIX,
     BlobStore,
     ImageManifest,
     ImageTransferError,
+    PullInProgress,
     Signer,
     holder_key,
     idle_key,
+    pulling_key,
 )
 from meshorch.state.ports import Members, SiteState
 from meshorch.state.tables import APPS_TABLE, MemberRecord
-from raft import Put
+from raft import Delete, Put
 
 logger = logging.getLogger(__name__)
 
@@ -138,21 +141,88 @@ class SiteImages:
         plain_http: bool = False,
         tenant: str = "",
         pinned: bool = False,
+        resolve: str | None = None,
     ) -> tuple[ImageManifest, PulledImage]:
         """Pull ``text`` (a reference as users write it) from its registry into this host's
         store and name it in the catalogue, pinned to the digest its tag has now: the other
         hosts copy that digest from their peers, never the tag from the registry.
         ``tenant``: pulled with that tenant's credentials, for its apps only; ``pinned``:
-        kept by garbage collection even when no app names it."""
-        ref = parse_reference(text)
+        kept by garbage collection even when no app names it; ``resolve``: the reference
+        to resolve instead of ``text`` (a pull taken over: the digest the first puller
+        resolved).
+
+        Once the manifest is known the pull is recorded in the state (``PullInProgress``):
+        the other hosts copy each blob as it arrives, so a host taking the pull over gets
+        from them what was fetched and asks the registry for the rest only."""
+        ref = parse_reference(resolve or text)
         client = RegistryClient(session, ref.api_host, credentials, plain_http=plain_http)
+
+        async def announce(resolved: ResolvedImage) -> None:
+            blobs = (
+                *((d, len(raw)) for d, raw in resolved.documents),
+                *((b.digest, b.size) for b in resolved.manifest.blobs()),
+            )
+            record = PullInProgress(
+                text, self.host_id, resolved.reference.pinned(), blobs, tenant, pinned
+            )
+            await self.site.propose([Put(APPS_TABLE, record.key(), record.encode())])
+            self._wake.set()
+
+        async def from_peers(blob: Descriptor) -> None:
+            self.fetched_bytes += await self._copy_partial(session, blob.digest, blob.size, None)
+
         self.pulls_running += 1
         try:
-            pulled = await pull_image(client, ref, self.blobs, self.platform)
+            pulled = await pull_image(
+                client,
+                ref,
+                self.blobs,
+                self.platform,
+                on_resolved=announce,
+                before_blob=None if resolve is None else from_peers,
+            )
             self.pulled_bytes += pulled.fetched_bytes
             return await self._record_pull(text, pulled, tenant, pinned)
         finally:
             self.pulls_running -= 1
+
+    def partial_url(self, member: MemberRecord, digest: str) -> str:
+        return self.blob_url(member, digest).replace("/v1/images/blobs/", "/v1/images/partials/")
+
+    def pulls_in_progress(self) -> dict[str, PullInProgress]:
+        records, _ = self.site.view.scan(APPS_TABLE, PULLING_PREFIX, 100_000)
+        return {r.ref: r for r in (PullInProgress.decode(v.value) for _, v in records)}
+
+    async def _copy_partial(
+        self, session: aiohttp.ClientSession, digest: str, size: int, only: str | None
+    ) -> int:
+        """Copy what peers have of ``digest`` (whole or in part, kept as a partial file);
+        ``only``: from that host alone. Returns the bytes copied; never raises for a peer
+        that has less, or nothing."""
+        copied = 0
+        for member in self.members.members():
+            if member.host_id == self.host_id or (only is not None and member.host_id != only):
+                continue
+            url = self.partial_url(member, digest)
+            try:
+                copied += await self.blobs.fetch(session, [url], digest, size, self.sign)
+            except ImageTransferError as exc:
+                copied += exc.fetched
+            if self.blobs.has(digest):
+                break
+        return copied
+
+    async def follow_pulls(self, session: aiohttp.ClientSession) -> None:
+        """Copy what the hosts pulling images have fetched so far."""
+        live = {m.host_id for m in self.members.members()}
+        for record in self.pulls_in_progress().values():
+            if record.host == self.host_id or record.host not in live:
+                continue
+            for digest, size in record.blobs:
+                if not self.blobs.has(digest):
+                    self.fetched_bytes += await self._copy_partial(
+                        session, digest, size, record.host
+                    )
 
     async def _record_pull(
         self, text: str, pulled: PulledImage, tenant: str, pinned: bool
@@ -176,6 +246,7 @@ class SiteImages:
             [
                 Put(APPS_TABLE, manifest.key(), manifest.encode()),
                 Put(APPS_TABLE, holder_key(manifest.digest, self.host_id), b""),
+                Delete(APPS_TABLE, pulling_key(text)),
             ],
             idempotent=True,
         )
@@ -211,6 +282,10 @@ class SiteImages:
         timeout = aiohttp.ClientTimeout(total=None, sock_read=30)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             while True:
+                try:
+                    await self.follow_pulls(session)
+                except Exception:
+                    logger.exception("following image pulls failed")
                 for manifest in self.manifests():
                     if manifest.digest in self.evicted:
                         continue

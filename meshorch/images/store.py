@@ -43,9 +43,10 @@ class ImageTransferError(MeshorchError):
     """A blob could not be fetched from any holder, or did not match its digest.
     ``corrupt``: some source sent content that is not the blob (not merely broke off)."""
 
-    def __init__(self, message: str, corrupt: bool = False) -> None:
+    def __init__(self, message: str, corrupt: bool = False, fetched: int = 0) -> None:
         super().__init__(message)
         self.corrupt = corrupt
+        self.fetched = fetched  # bytes received (and kept, to resume) before it failed
 
 
 class BlobDigestMismatch(RemoteInputError):
@@ -156,6 +157,49 @@ class ImageManifest:
         )
 
 
+PULLING_PREFIX = b"imagepull/"  # imagepull/<ref> -> PullInProgress: who pulls it, what
+
+
+@dataclass(frozen=True)
+class PullInProgress:
+    """A registry pull under way at ``host``: ``source`` pins what it resolved
+    (``registry/repository@digest``), ``blobs`` what it fetches. The other hosts copy what
+    it has fetched so far; if it dies, the leader resumes the pull from that digest."""
+
+    ref: str
+    host: str
+    source: str
+    blobs: tuple[tuple[str, int], ...]
+    tenant: str = ""
+    pinned: bool = False
+
+    def key(self) -> bytes:
+        return PULLING_PREFIX + self.ref.encode()
+
+    def encode(self) -> bytes:
+        return orjson.dumps(
+            {"v": 1, "ref": self.ref, "host": self.host, "source": self.source,
+             "blobs": [list(b) for b in self.blobs], "tenant": self.tenant,
+             "pinned": self.pinned}
+        )  # fmt: skip
+
+    @staticmethod
+    def decode(raw: bytes) -> PullInProgress:
+        data = orjson.loads(raw)
+        return PullInProgress(
+            str(data["ref"]),
+            str(data["host"]),
+            str(data["source"]),
+            tuple((str(d), int(n)) for d, n in data["blobs"]),
+            str(data.get("tenant", "")),
+            data.get("pinned") is True,
+        )
+
+
+def pulling_key(ref: str) -> bytes:
+    return PULLING_PREFIX + ref.encode()
+
+
 IDLE_PREFIX = b"imageidle/"  # imageidle/<ref> -> since when no app names it (wall clock)
 
 
@@ -186,6 +230,10 @@ class BlobStore:
 
     def has(self, digest: str) -> bool:
         return self.path(digest).exists()
+
+    def partial_path(self, digest: str) -> Path:
+        """Where ``digest`` is being fetched (its bytes so far)."""
+        return self._partial / validate_digest(digest).removeprefix("sha256:")
 
     def digests(self) -> list[str]:
         return sorted(f"sha256:{p.name}" for p in self._blobs.iterdir())
@@ -258,7 +306,7 @@ class BlobStore:
     ) -> int:
         if self.has(digest):
             return 0
-        partial = self._partial / digest.removeprefix("sha256:")
+        partial = self.partial_path(digest)
         fetched = 0
         problems = []
         corrupt = False
@@ -268,7 +316,9 @@ class BlobStore:
                 fetched += got
             except (aiohttp.ClientError, TimeoutError, OSError, ImageTransferError) as exc:
                 problems.append(f"{url}: {exc}")
-                corrupt = corrupt or (isinstance(exc, ImageTransferError) and exc.corrupt)
+                if isinstance(exc, ImageTransferError):
+                    corrupt = corrupt or exc.corrupt
+                    fetched += exc.fetched
                 continue
             if actual != digest:
                 partial.unlink(missing_ok=True)
@@ -278,7 +328,7 @@ class BlobStore:
             os.replace(partial, self.path(digest))
             return fetched
         raise ImageTransferError(
-            f"could not fetch {digest}: " + "; ".join(problems or ["no source"]), corrupt
+            f"could not fetch {digest}: " + "; ".join(problems or ["no source"]), corrupt, fetched
         )
 
     async def _fetch_from(
@@ -320,7 +370,9 @@ class BlobStore:
                     await asyncio.to_thread(handle.write, chunk)
                     fetched += len(chunk)
         if have + fetched != size:
-            raise ImageTransferError(f"transfer ended at {have + fetched} of {size} bytes")
+            raise ImageTransferError(
+                f"transfer ended at {have + fetched} of {size} bytes", fetched=fetched
+            )
         return fetched, f"sha256:{hasher.hexdigest()}"
 
     def local_blobs(self) -> dict[str, tuple[int, float]]:

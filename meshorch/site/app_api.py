@@ -82,6 +82,7 @@ def add_app_routes(app: web.Application) -> None:
     app.router.add_post("/v1/images/pull", pull_image)
     app.router.add_get("/v1/images", list_images)
     app.router.add_get("/v1/images/blobs/{digest}", get_blob)
+    app.router.add_get("/v1/images/partials/{digest}", get_partial_blob)
 
 
 async def add_image(request: web.Request) -> web.Response:
@@ -166,6 +167,17 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
         raise ApiError(404, "not_found", f"this host does not hold {digest}")
     # FileResponse serves HTTP Range requests, which resume broken transfers.
     return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
+
+
+async def get_partial_blob(request: web.Request) -> web.StreamResponse:
+    """A blob as far as this host has it: whole, or the part a pull has fetched so far
+    (with HTTP Range: a peer asks for what it lacks). Peers follow a pull with it."""
+    digest = validate_digest(request.match_info["digest"])
+    blobs = services(request).images.blobs
+    for path in (blobs.path(digest), blobs.partial_path(digest)):
+        if path.exists():
+            return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
+    raise ApiError(404, "not_found", f"this host has nothing of {digest}")
 
 
 MAX_SPEC_BODY = 1 << 20

@@ -53,9 +53,10 @@ def test_orphan_blobs_go_after_the_grace_shared_ones_stay() -> None:
         BASE: LocalBlob(1000, 0.0),
         blob("2"): LocalBlob(100, 0.0),
         blob("9"): LocalBlob(50, 0.0),  # listed by no image
-        blob("8"): LocalBlob(70, 95.0),  # no image either, but new (a pull under way)
+        blob("8"): LocalBlob(70, 95.0),  # no image either, but new
+        blob("7"): LocalBlob(30, 0.0),  # old, but of a pull under way
     }
-    plan = plan_host(local, [POS], USED, {}, frozenset(), 100.0, 10.0, 0)
+    plan = plan_host(local, [POS], USED, {}, frozenset(), 100.0, 10.0, 0, frozenset({blob("7")}))
     assert plan.remove_blobs == (blob("9"),) and plan.freed_bytes == 50 and plan.evict == ()
 
 
