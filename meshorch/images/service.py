@@ -36,6 +36,7 @@ from meshorch.images.store import (
 from meshorch.state.ports import Members, SiteState
 from meshorch.state.tables import APPS_TABLE, MemberRecord
 from raft import Delete, Put
+from raft.errors import ProposalError
 
 logger = logging.getLogger(__name__)
 
@@ -183,8 +184,34 @@ class SiteImages:
             )
             self.pulled_bytes += pulled.fetched_bytes
             return await self._record_pull(text, pulled, tenant, pinned)
+        except Exception:
+            # Failed here, not dead: say so, or the leader would wait for this host forever.
+            try:
+                await self._forget_pull(text)
+            except Exception as exc:  # the pull's own error is the one to report
+                logger.warning("the record of the failed pull of %s stays: %s", text, exc)
+            raise
         finally:
             self.pulls_running -= 1
+
+    async def _forget_own_pulls(self) -> None:
+        """At start: pulls recorded as this host's were cut short by its stop (a pull
+        does not outlive the agent); left recorded, no other host would take them over."""
+        for _ in range(60):
+            try:
+                for ref, record in self.pulls_in_progress().items():
+                    if record.host == self.host_id:
+                        await self._forget_pull(ref)
+                return
+            except ProposalError as exc:  # no leader yet
+                logger.debug("stale pulls not forgotten yet: %s", exc)
+                await asyncio.sleep(1.0)
+
+    async def _forget_pull(self, ref: str) -> None:
+        record = self.pulls_in_progress().get(ref)
+        if record is None or record.host != self.host_id:
+            return
+        await self.site.propose([Delete(APPS_TABLE, pulling_key(ref))], idempotent=True)
 
     def partial_url(self, member: MemberRecord, digest: str) -> str:
         return self.blob_url(member, digest).replace("/v1/images/blobs/", "/v1/images/partials/")
@@ -280,6 +307,7 @@ class SiteImages:
     async def run(self) -> None:
         """Background loop: copy every catalogued image this host does not have yet."""
         timeout = aiohttp.ClientTimeout(total=None, sock_read=30)
+        await self._forget_own_pulls()
         async with aiohttp.ClientSession(timeout=timeout) as session:
             while True:
                 try:

@@ -157,7 +157,13 @@ def _secret_credentials(svc: SiteServices, body: dict[str, object], registry: st
 async def list_images(request: web.Request) -> web.Response:
     await consistent_read(request)
     svc = services(request)
-    return json_response({"images": svc.images.catalog(), "local": svc.images.counters()})
+    pulling = [
+        {"ref": p.ref, "host": p.host, "source": p.source}
+        for p in svc.images.pulls_in_progress().values()
+    ]
+    return json_response(
+        {"images": svc.images.catalog(), "pulling": pulling, "local": svc.images.counters()}
+    )
 
 
 async def get_blob(request: web.Request) -> web.StreamResponse:
