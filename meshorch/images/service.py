@@ -33,6 +33,7 @@ from meshorch.images.store import (
     idle_key,
     pulling_key,
 )
+from meshorch.images.swarm import fetch_from_swarm
 from meshorch.state.ports import Members, SiteState
 from meshorch.state.tables import APPS_TABLE, MemberRecord
 from raft import Delete, Put
@@ -63,6 +64,7 @@ class SiteImages:
         self.uploaded_bytes = 0
         self.fetched_bytes = 0
         self.pulled_bytes = 0  # from registries
+        self.swarm_bytes = 0  # of fetched_bytes, those fetched in pieces from several peers
         self.removed_bytes = 0  # by garbage collection (meshorch.apps.image_gc)
         self.evicted_images = 0  # copies given up under disk pressure
         self.platform = platform_of_machine(platform.machine())
@@ -77,6 +79,7 @@ class SiteImages:
             "uploaded_bytes": self.uploaded_bytes,
             "fetched_bytes": self.fetched_bytes,
             "pulled_bytes": self.pulled_bytes,
+            "swarm_bytes": self.swarm_bytes,
             "removed_bytes": self.removed_bytes,
             "evicted_images": self.evicted_images,
         }
@@ -297,6 +300,11 @@ class SiteImages:
             random.shuffle(holders)  # spread the load over every host that has it
             for digest, size in missing:
                 urls = [self.blob_url(members[h], digest) for h in holders if h != self.host_id]
+                swarm = await fetch_from_swarm(self.blobs, session, urls, digest, size, self.sign)
+                if swarm is not None:
+                    self.fetched_bytes += swarm.fetched
+                    self.swarm_bytes += swarm.fetched
+                    continue
                 self.fetched_bytes += await self.blobs.fetch(session, urls, digest, size, self.sign)
             logger.info("copied image %s from a site peer", manifest.ref)
         if self.host_id not in self.holders(manifest.digest):

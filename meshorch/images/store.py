@@ -292,9 +292,21 @@ class BlobStore:
         A partial download is kept and resumed (HTTP Range) from the next source.
         Concurrent calls for one digest run one after the other (the later find it there).
         """
-        # Kept after use: one small lock per image this host ever fetched.
-        async with self._fetching.setdefault(digest, asyncio.Lock()):
+        async with self.lock(digest):
             return await self._fetch(session, sources, digest, size, sign)
+
+    def lock(self, digest: str) -> asyncio.Lock:
+        """Held while ``digest`` is fetched (kept after use: one small lock per blob)."""
+        return self._fetching.setdefault(digest, asyncio.Lock())
+
+    async def publish(self, path: Path, digest: str) -> None:
+        """Make ``path`` the blob ``digest`` if its content is that; else delete it and
+        raise :class:`ImageTransferError` (corrupt)."""
+        actual = await asyncio.to_thread(_sha256_of, path)
+        if actual != digest:
+            path.unlink(missing_ok=True)
+            raise ImageTransferError(f"content is {actual}, expected {digest}", True)
+        os.replace(path, self.path(digest))
 
     async def _fetch(
         self,
