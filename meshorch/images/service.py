@@ -248,11 +248,16 @@ class SiteImages:
         for record in self.pulls_in_progress().values():
             if record.host == self.host_id or record.host not in live:
                 continue
+            # In the order the puller fetches them: past the first blob not whole here,
+            # the puller has nothing yet (one request per follower and round, not one per
+            # blob).
             for digest, size in record.blobs:
                 if not self.blobs.has(digest):
                     self.fetched_bytes += await self._copy_partial(
                         session, digest, size, record.host
                     )
+                    if not self.blobs.has(digest):
+                        break
 
     async def _record_pull(
         self, text: str, pulled: PulledImage, tenant: str, pinned: bool
