@@ -162,6 +162,11 @@ class ImageCollector:
         if settings.max_bytes is not None:
             over = max(over, sum(b.size for b in local.values()) - settings.max_bytes)
         busy = images.pulls_running > 0 or images.blobs.fetching()
+        pulling = frozenset(d for p in images.pulls_in_progress().values() for d, _ in p.blobs)
+        if not busy:
+            listed = {d for i in catalogue for d, _ in i.blob_sizes()} | pulling
+            for path in images.blobs.stale_partials(listed, self.clock() - settings.grace_s):
+                path.unlink(missing_ok=True)
         plan = plan_host(
             {} if busy else local,  # nothing deleted under a transfer
             catalogue,
@@ -171,7 +176,7 @@ class ImageCollector:
             self.clock(),
             settings.grace_s,
             0 if busy else over,
-            frozenset(d for p in images.pulls_in_progress().values() for d, _ in p.blobs),
+            pulling,
         )
         for image in plan.evict:
             images.evicted.add(image.digest)

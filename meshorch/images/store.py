@@ -407,6 +407,17 @@ class BlobStore:
             return 0
         return size
 
+    def stale_partials(self, listed: set[str], older_than: float) -> list[Path]:
+        """Partial files (``partial/<hex>``, ``<hex>.pieces``, uploads) of no ``listed``
+        digest, last written before ``older_than``: transfers nobody will finish."""
+        stale = []
+        for path in self._partial.iterdir():
+            digest = "sha256:" + path.name.split(".")[0]
+            with contextlib.suppress(FileNotFoundError):
+                if digest not in listed and path.stat().st_mtime < older_than:
+                    stale.append(path)
+        return stale
+
     def fetching(self) -> bool:
         return any(lock.locked() for lock in self._fetching.values())
 

@@ -7,6 +7,7 @@ up the image no app names before the one an app runs on another host."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -138,12 +139,17 @@ async def test_unused_images_leave_after_the_grace_shared_and_pinned_stay(
             return all(len(images[ref]["holders"]) == 3 for ref in (web, pos, base))
 
         await until("every host holds the three images", everywhere, 60)
+        # A transfer nobody will finish (of a blob no image lists), written long ago.
+        stale = site.members[1].data_dir / "images" / "partial" / ("9" * 64)
+        stale.write_bytes(b"half a blob")
+        os.utime(stale, (time.time() - 3600, time.time() - 3600))
         # Past the grace period, nothing goes: two images run, the third is pinned.
         await asyncio.sleep(GRACE_S + 6)
         kept = await catalogue(session, h1)
         assert set(kept) == {web, pos, base}
         assert not any("idle_since" in image for image in kept.values()), kept
         assert all(stored(h, d) for h in site.members for d in (*web_blobs, *pos_blobs))
+        assert not stale.exists()
 
         removed_at = time.time()
         await call(session, "DELETE", f"{h1.url}/v1/apps/web")
