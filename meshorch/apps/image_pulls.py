@@ -8,6 +8,11 @@ uplink carries each image once per site and no host drifts to another digest of 
 tag. Credentials come from the app tenant's secret named by the container's
 ``pull_secret`` (``{"registry", "username", "password"}``, for that registry only).
 
+A pull is recorded in the state while it runs (``PullInProgress``) and the other hosts
+copy its blobs as they arrive; if the pulling host dies, the leader takes the pull over
+from the digest it had resolved, with what the others copied, and asks the registry
+for the rest only (HTTP Range).
+
 Images named ``localhost/...`` are the site's own (``meshorch image add``) and never
 pulled. A failed pull is retried with a capped exponential backoff per image; the
 instances waiting for it say so in their status (the reconciler's message).
@@ -28,6 +33,7 @@ from meshorch.errors import MeshorchError
 from meshorch.images.reference import BadReference, parse_reference
 from meshorch.images.registry import Credentials, credentials_from_secret
 from meshorch.images.service import SiteImages
+from meshorch.images.store import PullInProgress
 from meshorch.state.ports import SiteState
 from meshorch.state.protocol import FeatureUnavailable, require
 from meshorch.state.tables import APPS_TABLE
@@ -113,12 +119,19 @@ class LeaderImagePulls:
             logger.info("images wait for the upgrade: %s", exc)
             return
         now = self.clock()
+        pulling = self.images.pulls_in_progress()
+        reachable = self.images.members.reachable_hosts()
         for image in wanted:
+            under_way = pulling.get(image.ref)
+            if under_way is not None and under_way.host in reachable - {self.images.host_id}:
+                continue  # another host pulls it; the site's uplink carries it once
             next_attempt, delay = self._retry.get(image.ref, (0.0, RETRY_INITIAL_S / 2))
             if next_attempt > now:
                 continue
+            if under_way is not None:
+                logger.info("taking over the pull of %s from %s", image.ref, under_way.host)
             try:
-                await self._pull(session, image)
+                await self._pull(session, image, under_way)
             except (MeshorchError, aiohttp.ClientError, TimeoutError, OSError) as exc:
                 delay = min(delay * 2, RETRY_MAX_S)
                 self._retry[image.ref] = (self.clock() + delay, delay)
@@ -126,7 +139,14 @@ class LeaderImagePulls:
             else:
                 self._retry.pop(image.ref, None)
 
-    async def _pull(self, session: aiohttp.ClientSession, image: WantedImage) -> None:
+    async def _pull(
+        self,
+        session: aiohttp.ClientSession,
+        image: WantedImage,
+        under_way: PullInProgress | None = None,
+    ) -> None:
+        """Pull ``image``; one ``under_way`` at a host gone is resumed: the digest it
+        resolved, the bytes the other hosts copied from it, the rest from the registry."""
         registry = parse_reference(image.ref).api_host
         credentials: Credentials | None = None
         if image.pull_secret is not None:
@@ -138,4 +158,5 @@ class LeaderImagePulls:
             credentials,
             plain_http=registry.lower() in self.plain_http,
             tenant=image.tenant if credentials is not None else "",
+            resolve=None if under_way is None else under_way.source,
         )

@@ -35,6 +35,16 @@ class WorkloadSettings:
     evict_at_pct: float = 95.0
     # Registries (host:port) the site pulls from over plain HTTP, not HTTPS (a lab, a LAN).
     plain_http_registries: tuple[str, ...] = ()
+    # Images no app names are removed after this long (unless pinned).
+    image_grace_s: float = 3600.0
+    # The most the image store may hold on this host (None: only disk use counts).
+    image_store_max_bytes: int | None = None
+
+    def validate(self) -> None:
+        if not self.image_grace_s >= 0:
+            raise ConfigurationError("--image-grace: seconds, not negative")
+        if self.image_store_max_bytes is not None and self.image_store_max_bytes < 0:
+            raise ConfigurationError("--image-store-max: a size, not negative")
 
     def host_info(self, host_id: str) -> HostInfo:
         return HostInfo(

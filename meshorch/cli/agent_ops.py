@@ -114,6 +114,12 @@ def add_agent_ops_commands(commands: argparse._SubParsersAction[Any]) -> None:
     image_pull.add_argument(
         "--plain-http", action="store_true", help="the registry speaks HTTP, not HTTPS (a lab)"
     )
+    image_pull.add_argument(
+        "--pin",
+        action="store_true",
+        help="keep the image at the site even when no application names it (else it is "
+        "removed after the agents' --image-grace)",
+    )
     add_agent_flag(image_pull, "api")
     image_pull.set_defaults(handler=run_image_pull)
     image_list = image_commands.add_parser("list", help="the site's images and who holds them")
@@ -283,7 +289,7 @@ PULL_TIMEOUT_S = 3600.0  # the agent answers when every blob is here
 
 
 def run_image_pull(args: argparse.Namespace) -> int:
-    body: dict[str, object] = {"ref": args.ref, "plain_http": args.plain_http}
+    body: dict[str, object] = {"ref": args.ref, "plain_http": args.plain_http, "pin": args.pin}
     if args.password_stdin:
         if not args.username:
             raise ConfigurationError("--password-stdin needs --username")

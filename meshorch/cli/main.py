@@ -157,7 +157,18 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     work.add_argument(
         "--evict-at-pct", type=float, default=95.0, metavar="PCT",
         help="disk or memory use at which this host moves its lowest-priority instances "
-        "elsewhere, one every few seconds (default %(default)s)",
+        "elsewhere, one every few seconds, and gives up its copies of images it does "
+        "not need, unused ones first (default %(default)s)",
+    )  # fmt: skip
+    work.add_argument(
+        "--image-grace", type=float, default=3600.0, metavar="SECONDS",
+        help="how long an image no application names stays at the site before it is "
+        "removed, unless pinned (meshorch image pull --pin) (default %(default)s)",
+    )  # fmt: skip
+    work.add_argument(
+        "--image-store-max", metavar="SIZE",
+        help="the most this host's image store may hold, e.g. 20Gi; over it, the host gives "
+        "up its copies of images it does not need, unused ones first (default: no limit)",
     )  # fmt: skip
     net = agent.add_argument_group(
         "application networking",
@@ -357,7 +368,10 @@ def run_agent(args: argparse.Namespace) -> int:
         labels=parse_labels(args.label),
         evict_at_pct=args.evict_at_pct,
         plain_http_registries=tuple(args.plain_http_registry),
+        image_grace_s=args.image_grace,
+        image_store_max_bytes=parse_size(args.image_store_max) if args.image_store_max else None,
     )
+    workloads.validate()
     network = network_settings(args)
     revoked = False
     upgrade = False

@@ -13,12 +13,20 @@ import asyncio
 import logging
 import os
 import shutil
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
 
-from meshorch.images.oci import OCI_INDEX, BadManifest, Manifest, Platform, parse_document
+from meshorch.images.oci import (
+    OCI_INDEX,
+    BadManifest,
+    Descriptor,
+    Manifest,
+    Platform,
+    parse_document,
+)
 from meshorch.images.reference import ImageReference
 from meshorch.images.registry import RegistryClient, RegistryError, ResolvedImage
 from meshorch.images.store import BlobStore
@@ -71,18 +79,28 @@ async def pull(
     store: BlobStore,
     platform: Platform,
     max_bytes: int = MAX_IMAGE_BYTES,
+    *,
+    on_resolved: Callable[[ResolvedImage], Awaitable[None]] | None = None,
+    before_blob: Callable[[Descriptor], Awaitable[None]] | None = None,
 ) -> PulledImage:
     """Resolve ``ref`` (a tag once, to a digest) and fetch the blobs ``store`` lacks.
     An image whose blobs add up to more than ``max_bytes`` is refused before any is
-    fetched (each blob is then held to the size its manifest declares)."""
+    fetched (each blob is then held to the size its manifest declares).
+    ``on_resolved`` is awaited once the manifest is known, before any blob is fetched;
+    ``before_blob`` before each blob is asked of the registry (to get it, or its start,
+    from elsewhere: the registry is then asked for the rest only)."""
     resolved: ResolvedImage = await client.resolve(ref, platform)
     total = sum(blob.size for blob in resolved.manifest.blobs())
     if total > max_bytes:
         raise ImageTooLarge(f"{ref.canonical()} is {total} B; images are limited to {max_bytes} B")
     for digest, raw in resolved.documents:
         await store.add_bytes(raw, expected_digest=digest)
+    if on_resolved is not None:
+        await on_resolved(resolved)
     fetched = reused = 0
     for blob in resolved.manifest.blobs():
+        if before_blob is not None and not store.has(blob.digest):
+            await before_blob(blob)
         got = await client.fetch_blob(ref.repository, blob, store)
         fetched += got
         reused += blob.size if got == 0 else 0

@@ -12,25 +12,32 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
+import orjson
 
-from meshorch.images.oci import platform_of_machine
+from meshorch.images.oci import Descriptor, platform_of_machine
 from meshorch.images.pull import PulledImage, write_oci_layout
 from meshorch.images.pull import pull as pull_image
 from meshorch.images.reference import parse_reference
-from meshorch.images.registry import Credentials, RegistryClient
+from meshorch.images.registry import Credentials, RegistryClient, ResolvedImage
 from meshorch.images.store import (
     HOLDER_PREFIX,
     IMAGE_PREFIX,
     OCI,
+    PULLING_PREFIX,
     BlobStore,
     ImageManifest,
     ImageTransferError,
+    PullInProgress,
     Signer,
     holder_key,
+    idle_key,
+    pulling_key,
 )
+from meshorch.images.swarm import fetch_from_swarm
 from meshorch.state.ports import Members, SiteState
 from meshorch.state.tables import APPS_TABLE, MemberRecord
-from raft import Put
+from raft import Delete, Put
+from raft.errors import ProposalError
 
 logger = logging.getLogger(__name__)
 
@@ -57,14 +64,24 @@ class SiteImages:
         self.uploaded_bytes = 0
         self.fetched_bytes = 0
         self.pulled_bytes = 0  # from registries
+        self.swarm_bytes = 0  # of fetched_bytes, those fetched in pieces from several peers
+        self.removed_bytes = 0  # by garbage collection (meshorch.apps.image_gc)
+        self.evicted_images = 0  # copies given up under disk pressure
         self.platform = platform_of_machine(platform.machine())
         self._wake = asyncio.Event()
+        # Images this host gave up under disk pressure: the sync loop does not copy them
+        # back (an instance placed here still has them copied, by ``ensure``).
+        self.evicted: set[str] = set()
+        self.pulls_running = 0  # a pull's blobs are stored before its record: not orphans
 
     def counters(self) -> dict[str, int]:
         return {
             "uploaded_bytes": self.uploaded_bytes,
             "fetched_bytes": self.fetched_bytes,
             "pulled_bytes": self.pulled_bytes,
+            "swarm_bytes": self.swarm_bytes,
+            "removed_bytes": self.removed_bytes,
+            "evicted_images": self.evicted_images,
         }
 
     async def add_upload(self, ref: str, chunks: AsyncIterator[bytes]) -> ImageManifest:
@@ -102,7 +119,16 @@ class SiteImages:
         return [key[len(prefix) :].decode() for key, _ in records]
 
     def catalog(self) -> list[dict[str, object]]:
-        return [{**m.to_json(), "holders": self.holders(m.digest)} for m in self.manifests()]
+        """The catalogue, with each image's holders and, when no app names it, since when
+        (``idle_since``: garbage collection removes it after the grace period)."""
+        answer = []
+        for m in self.manifests():
+            entry = {**m.to_json(), "holders": self.holders(m.digest)}
+            idle = self.site.view.get(APPS_TABLE, idle_key(m.ref))
+            if idle is not None:
+                entry["idle_since"] = orjson.loads(idle.value)
+            answer.append(entry)
+        return answer
 
     def blob_url(self, member: MemberRecord, digest: str) -> str:
         # Over the overlay when there is one: encrypted and inside the site.
@@ -118,17 +144,126 @@ class SiteImages:
         *,
         plain_http: bool = False,
         tenant: str = "",
+        pinned: bool = False,
+        resolve: str | None = None,
     ) -> tuple[ImageManifest, PulledImage]:
         """Pull ``text`` (a reference as users write it) from its registry into this host's
         store and name it in the catalogue, pinned to the digest its tag has now: the other
         hosts copy that digest from their peers, never the tag from the registry.
-        ``tenant``: pulled with that tenant's credentials, for its apps only."""
-        ref = parse_reference(text)
+        ``tenant``: pulled with that tenant's credentials, for its apps only; ``pinned``:
+        kept by garbage collection even when no app names it; ``resolve``: the reference
+        to resolve instead of ``text`` (a pull taken over: the digest the first puller
+        resolved).
+
+        Once the manifest is known the pull is recorded in the state (``PullInProgress``):
+        the other hosts copy each blob as it arrives, so a host taking the pull over gets
+        from them what was fetched and asks the registry for the rest only."""
+        ref = parse_reference(resolve or text)
         client = RegistryClient(session, ref.api_host, credentials, plain_http=plain_http)
-        pulled = await pull_image(client, ref, self.blobs, self.platform)
-        self.pulled_bytes += pulled.fetched_bytes
+
+        async def announce(resolved: ResolvedImage) -> None:
+            blobs = (
+                *((d, len(raw)) for d, raw in resolved.documents),
+                *((b.digest, b.size) for b in resolved.manifest.blobs()),
+            )
+            record = PullInProgress(
+                text, self.host_id, resolved.reference.pinned(), blobs, tenant, pinned
+            )
+            await self.site.propose([Put(APPS_TABLE, record.key(), record.encode())])
+            self._wake.set()
+
+        async def from_peers(blob: Descriptor) -> None:
+            self.fetched_bytes += await self._copy_partial(session, blob.digest, blob.size, None)
+
+        self.pulls_running += 1
+        try:
+            pulled = await pull_image(
+                client,
+                ref,
+                self.blobs,
+                self.platform,
+                on_resolved=announce,
+                before_blob=None if resolve is None else from_peers,
+            )
+            self.pulled_bytes += pulled.fetched_bytes
+            return await self._record_pull(text, pulled, tenant, pinned)
+        except Exception:
+            # Failed here, not dead: say so, or the leader would wait for this host forever.
+            try:
+                await self._forget_pull(text)
+            except Exception as exc:  # the pull's own error is the one to report
+                logger.warning("the record of the failed pull of %s stays: %s", text, exc)
+            raise
+        finally:
+            self.pulls_running -= 1
+
+    async def _forget_own_pulls(self) -> None:
+        """At start: pulls recorded as this host's were cut short by its stop (a pull
+        does not outlive the agent); left recorded, no other host would take them over."""
+        for _ in range(60):
+            try:
+                for ref, record in self.pulls_in_progress().items():
+                    if record.host == self.host_id:
+                        await self._forget_pull(ref)
+                return
+            except ProposalError as exc:  # no leader yet
+                logger.debug("stale pulls not forgotten yet: %s", exc)
+                await asyncio.sleep(1.0)
+
+    async def _forget_pull(self, ref: str) -> None:
+        record = self.pulls_in_progress().get(ref)
+        if record is None or record.host != self.host_id:
+            return
+        await self.site.propose([Delete(APPS_TABLE, pulling_key(ref))], idempotent=True)
+
+    def partial_url(self, member: MemberRecord, digest: str) -> str:
+        return self.blob_url(member, digest).replace("/v1/images/blobs/", "/v1/images/partials/")
+
+    def pulls_in_progress(self) -> dict[str, PullInProgress]:
+        records, _ = self.site.view.scan(APPS_TABLE, PULLING_PREFIX, 100_000)
+        return {r.ref: r for r in (PullInProgress.decode(v.value) for _, v in records)}
+
+    async def _copy_partial(
+        self, session: aiohttp.ClientSession, digest: str, size: int, only: str | None
+    ) -> int:
+        """Copy what peers have of ``digest`` (whole or in part, kept as a partial file);
+        ``only``: from that host alone. Returns the bytes copied; never raises for a peer
+        that has less, or nothing."""
+        copied = 0
+        for member in self.members.members():
+            if member.host_id == self.host_id or (only is not None and member.host_id != only):
+                continue
+            url = self.partial_url(member, digest)
+            try:
+                copied += await self.blobs.fetch(session, [url], digest, size, self.sign)
+            except ImageTransferError as exc:
+                copied += exc.fetched
+            if self.blobs.has(digest):
+                break
+        return copied
+
+    async def follow_pulls(self, session: aiohttp.ClientSession) -> None:
+        """Copy what the hosts pulling images have fetched so far."""
+        live = {m.host_id for m in self.members.members()}
+        for record in self.pulls_in_progress().values():
+            if record.host == self.host_id or record.host not in live:
+                continue
+            # In the order the puller fetches them: past the first blob not whole here,
+            # the puller has nothing yet (one request per follower and round, not one per
+            # blob).
+            for digest, size in record.blobs:
+                if not self.blobs.has(digest):
+                    self.fetched_bytes += await self._copy_partial(
+                        session, digest, size, record.host
+                    )
+                    if not self.blobs.has(digest):
+                        break
+
+    async def _record_pull(
+        self, text: str, pulled: PulledImage, tenant: str, pinned: bool
+    ) -> tuple[ImageManifest, PulledImage]:
         blobs = pulled.blob_sizes()
-        pinned = pulled.reference.pinned()
+        source = pulled.reference.pinned()
         manifest = ImageManifest(
             text,
             pulled.reference.digest or pulled.manifest_digest,
@@ -136,19 +271,21 @@ class SiteImages:
             self.host_id,
             time.time(),
             OCI,
-            pinned,
+            source,
             pulled.manifest_digest,
             blobs,
             tenant,
+            pinned,
         )
         await self.site.propose(
             [
                 Put(APPS_TABLE, manifest.key(), manifest.encode()),
                 Put(APPS_TABLE, holder_key(manifest.digest, self.host_id), b""),
+                Delete(APPS_TABLE, pulling_key(text)),
             ],
             idempotent=True,
         )
-        logger.info("image %s pulled as %s", text, pinned)
+        logger.info("image %s pulled as %s", text, source)
         self._wake.set()
         return manifest, pulled
 
@@ -168,6 +305,11 @@ class SiteImages:
             random.shuffle(holders)  # spread the load over every host that has it
             for digest, size in missing:
                 urls = [self.blob_url(members[h], digest) for h in holders if h != self.host_id]
+                swarm = await fetch_from_swarm(self.blobs, session, urls, digest, size, self.sign)
+                if swarm is not None:
+                    self.fetched_bytes += swarm.fetched
+                    self.swarm_bytes += swarm.fetched
+                    continue
                 self.fetched_bytes += await self.blobs.fetch(session, urls, digest, size, self.sign)
             logger.info("copied image %s from a site peer", manifest.ref)
         if self.host_id not in self.holders(manifest.digest):
@@ -178,9 +320,16 @@ class SiteImages:
     async def run(self) -> None:
         """Background loop: copy every catalogued image this host does not have yet."""
         timeout = aiohttp.ClientTimeout(total=None, sock_read=30)
+        await self._forget_own_pulls()
         async with aiohttp.ClientSession(timeout=timeout) as session:
             while True:
+                try:
+                    await self.follow_pulls(session)
+                except Exception:
+                    logger.exception("following image pulls failed")
                 for manifest in self.manifests():
+                    if manifest.digest in self.evicted:
+                        continue
                     try:
                         await self.ensure(session, manifest)
                     except (ImageTransferError, OSError) as exc:

@@ -43,9 +43,10 @@ class ImageTransferError(MeshorchError):
     """A blob could not be fetched from any holder, or did not match its digest.
     ``corrupt``: some source sent content that is not the blob (not merely broke off)."""
 
-    def __init__(self, message: str, corrupt: bool = False) -> None:
+    def __init__(self, message: str, corrupt: bool = False, fetched: int = 0) -> None:
         super().__init__(message)
         self.corrupt = corrupt
+        self.fetched = fetched  # bytes received (and kept, to resume) before it failed
 
 
 class BlobDigestMismatch(RemoteInputError):
@@ -95,6 +96,8 @@ class ImageManifest:
     blobs: tuple[tuple[str, int], ...] = ()
     # Pulled with a tenant's credentials: that tenant's apps alone run it ("": any app).
     tenant: str = ""
+    # Kept whether or not an app names it (garbage collection never removes it).
+    pinned: bool = False
 
     def usable_by(self, tenant: str) -> bool:
         return self.tenant in ("", tenant)
@@ -132,6 +135,8 @@ class ImageManifest:
             data["blobs"] = [list(b) for b in self.blobs]
         if self.tenant:
             data["tenant"] = self.tenant
+        if self.pinned:
+            data["pinned"] = True
         return data
 
     @staticmethod
@@ -148,7 +153,58 @@ class ImageManifest:
             str(data.get("manifest_digest", "")),
             tuple((str(d), int(n)) for d, n in data.get("blobs", ())),
             str(data.get("tenant", "")),
+            data.get("pinned") is True,
         )
+
+
+PULLING_PREFIX = b"imagepull/"  # imagepull/<ref> -> PullInProgress: who pulls it, what
+
+
+@dataclass(frozen=True)
+class PullInProgress:
+    """A registry pull under way at ``host``: ``source`` pins what it resolved
+    (``registry/repository@digest``), ``blobs`` what it fetches. The other hosts copy what
+    it has fetched so far; if it dies, the leader resumes the pull from that digest."""
+
+    ref: str
+    host: str
+    source: str
+    blobs: tuple[tuple[str, int], ...]
+    tenant: str = ""
+    pinned: bool = False
+
+    def key(self) -> bytes:
+        return PULLING_PREFIX + self.ref.encode()
+
+    def encode(self) -> bytes:
+        return orjson.dumps(
+            {"v": 1, "ref": self.ref, "host": self.host, "source": self.source,
+             "blobs": [list(b) for b in self.blobs], "tenant": self.tenant,
+             "pinned": self.pinned}
+        )  # fmt: skip
+
+    @staticmethod
+    def decode(raw: bytes) -> PullInProgress:
+        data = orjson.loads(raw)
+        return PullInProgress(
+            str(data["ref"]),
+            str(data["host"]),
+            str(data["source"]),
+            tuple((str(d), int(n)) for d, n in data["blobs"]),
+            str(data.get("tenant", "")),
+            data.get("pinned") is True,
+        )
+
+
+def pulling_key(ref: str) -> bytes:
+    return PULLING_PREFIX + ref.encode()
+
+
+IDLE_PREFIX = b"imageidle/"  # imageidle/<ref> -> since when no app names it (wall clock)
+
+
+def idle_key(ref: str) -> bytes:
+    return IDLE_PREFIX + ref.encode()
 
 
 def holder_key(digest: str, host_id: str) -> bytes:
@@ -174,6 +230,10 @@ class BlobStore:
 
     def has(self, digest: str) -> bool:
         return self.path(digest).exists()
+
+    def partial_path(self, digest: str) -> Path:
+        """Where ``digest`` is being fetched (its bytes so far)."""
+        return self._partial / validate_digest(digest).removeprefix("sha256:")
 
     def digests(self) -> list[str]:
         return sorted(f"sha256:{p.name}" for p in self._blobs.iterdir())
@@ -232,9 +292,21 @@ class BlobStore:
         A partial download is kept and resumed (HTTP Range) from the next source.
         Concurrent calls for one digest run one after the other (the later find it there).
         """
-        # Kept after use: one small lock per image this host ever fetched.
-        async with self._fetching.setdefault(digest, asyncio.Lock()):
+        async with self.lock(digest):
             return await self._fetch(session, sources, digest, size, sign)
+
+    def lock(self, digest: str) -> asyncio.Lock:
+        """Held while ``digest`` is fetched (kept after use: one small lock per blob)."""
+        return self._fetching.setdefault(digest, asyncio.Lock())
+
+    async def publish(self, path: Path, digest: str) -> None:
+        """Make ``path`` the blob ``digest`` if its content is that; else delete it and
+        raise :class:`ImageTransferError` (corrupt)."""
+        actual = await asyncio.to_thread(_sha256_of, path)
+        if actual != digest:
+            path.unlink(missing_ok=True)
+            raise ImageTransferError(f"content is {actual}, expected {digest}", True)
+        os.replace(path, self.path(digest))
 
     async def _fetch(
         self,
@@ -246,7 +318,7 @@ class BlobStore:
     ) -> int:
         if self.has(digest):
             return 0
-        partial = self._partial / digest.removeprefix("sha256:")
+        partial = self.partial_path(digest)
         fetched = 0
         problems = []
         corrupt = False
@@ -256,7 +328,9 @@ class BlobStore:
                 fetched += got
             except (aiohttp.ClientError, TimeoutError, OSError, ImageTransferError) as exc:
                 problems.append(f"{url}: {exc}")
-                corrupt = corrupt or (isinstance(exc, ImageTransferError) and exc.corrupt)
+                if isinstance(exc, ImageTransferError):
+                    corrupt = corrupt or exc.corrupt
+                    fetched += exc.fetched
                 continue
             if actual != digest:
                 partial.unlink(missing_ok=True)
@@ -266,7 +340,7 @@ class BlobStore:
             os.replace(partial, self.path(digest))
             return fetched
         raise ImageTransferError(
-            f"could not fetch {digest}: " + "; ".join(problems or ["no source"]), corrupt
+            f"could not fetch {digest}: " + "; ".join(problems or ["no source"]), corrupt, fetched
         )
 
     async def _fetch_from(
@@ -308,8 +382,44 @@ class BlobStore:
                     await asyncio.to_thread(handle.write, chunk)
                     fetched += len(chunk)
         if have + fetched != size:
-            raise ImageTransferError(f"transfer ended at {have + fetched} of {size} bytes")
+            raise ImageTransferError(
+                f"transfer ended at {have + fetched} of {size} bytes", fetched=fetched
+            )
         return fetched, f"sha256:{hasher.hexdigest()}"
+
+    def local_blobs(self) -> dict[str, tuple[int, float]]:
+        """Every blob here: digest -> (size, mtime)."""
+        found = {}
+        for path in self._blobs.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                stat = path.stat()
+                found[f"sha256:{path.name}"] = (stat.st_size, stat.st_mtime)
+        return found
+
+    def remove(self, digest: str) -> int:
+        """Delete a blob (if here); return the bytes freed. Not while it is being fetched:
+        the caller checks ``fetching``."""
+        path = self.path(digest)
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            return 0
+        return size
+
+    def stale_partials(self, listed: set[str], older_than: float) -> list[Path]:
+        """Partial files (``partial/<hex>``, ``<hex>.pieces``, uploads) of no ``listed``
+        digest, last written before ``older_than``: transfers nobody will finish."""
+        stale = []
+        for path in self._partial.iterdir():
+            digest = "sha256:" + path.name.split(".")[0]
+            with contextlib.suppress(FileNotFoundError):
+                if digest not in listed and path.stat().st_mtime < older_than:
+                    stale.append(path)
+        return stale
+
+    def fetching(self) -> bool:
+        return any(lock.locked() for lock in self._fetching.values())
 
     def remove_partials(self) -> None:
         for path in self._partial.iterdir():

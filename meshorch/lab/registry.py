@@ -51,10 +51,13 @@ class TokenAuth:
 
 
 def registry_config(
-    storage_dir: Path, listen: str, htpasswd: Path, token: TokenAuth | None = None
+    storage_dir: Path, listen: str, htpasswd: Path | None, token: TokenAuth | None = None
 ) -> dict[str, object]:
-    """The registry's configuration: filesystem storage, Basic or token auth (pure)."""
-    auth: dict[str, object] = {"htpasswd": {"realm": "meshorch-lab", "path": str(htpasswd)}}
+    """The registry's configuration: filesystem storage, Basic or token auth, or none
+    (``htpasswd`` None: anyone pulls and pushes, as from a public registry) (pure)."""
+    auth: dict[str, object] = (
+        {} if htpasswd is None else {"htpasswd": {"realm": "meshorch-lab", "path": str(htpasswd)}}
+    )
     if token is not None:
         auth = {
             "token": {
@@ -64,7 +67,7 @@ def registry_config(
                 "rootcertbundle": str(token.root_cert),
             }
         }
-    return {
+    document: dict[str, object] = {
         "version": 0.1,
         "log": {"level": "warn", "accesslog": {"disabled": True}},
         "storage": {
@@ -72,14 +75,16 @@ def registry_config(
             "delete": {"enabled": True},
         },
         "http": {"addr": listen, "headers": {"X-Content-Type-Options": ["nosniff"]}},
-        "auth": auth,
     }
+    if auth:
+        document["auth"] = auth
+    return document
 
 
 class LabRegistry:
     """``docker-registry serve`` on ``listen`` (``host:port``), users from ``users`` (Basic
-    auth), or ``token`` auth. ``storage`` defaults to ``work_dir/storage``; two registries
-    may serve one storage (one with each kind of auth)."""
+    auth), or ``token`` auth; with neither, anonymous. ``storage`` defaults to
+    ``work_dir/storage``; two registries may serve one storage (one with each kind of auth)."""
 
     def __init__(
         self,
@@ -127,7 +132,10 @@ class LabRegistry:
         htpasswd = self.work_dir / "htpasswd"
         htpasswd.write_bytes(b"".join(_htpasswd_line(u, p) for u, p in self.users.items()))
         config = self.work_dir / "config.yml"
-        document = registry_config(self.storage, self.listen, htpasswd, self.token)
+        anonymous = not self.users and self.token is None
+        document = registry_config(
+            self.storage, self.listen, None if anonymous else htpasswd, self.token
+        )
         config.write_bytes(orjson.dumps(document))
         argv: Sequence[str] = [REGISTRY_BINARY, "serve", str(config)]
         if self.netns is not None:

@@ -333,6 +333,14 @@ class Runtime(Protocol):
         """Make image ``ref`` available from an image archive or a rootfs tarball."""
         ...
 
+    async def image_names(self) -> builtins.list[str]:
+        """The names of the images the runtime keeps (``name:tag``)."""
+        ...
+
+    async def remove_image(self, ref: str) -> bool:
+        """Forget image ``ref``; False while an instance still uses it (kept then)."""
+        ...
+
     async def close(self) -> None:
         """Release the runtime (see each implementation for what happens to instances)."""
         ...

@@ -649,6 +649,21 @@ class PodmanRuntime:
             return result.returncode == 0
         raise ImageError(ref, f"podman image exists {ref}: {result.stderr_text}")
 
+    async def image_names(self) -> builtins.list[str]:
+        result = await self._podman("images", "--noheading", "--format", "{{.Repository}}:{{.Tag}}")
+        if result.returncode != 0:
+            raise ImageError("", f"podman images: {result.stderr_text}")
+        return [n for n in result.stdout.decode().split() if not n.endswith(":<none>")]
+
+    async def remove_image(self, ref: str) -> bool:
+        """``podman rmi`` without force: an image a container uses is kept (False)."""
+        result = await self._podman("rmi", ref)
+        if result.returncode == 0 or "image not known" in result.stderr_text:
+            return True
+        if "image is in use" in result.stderr_text or "in use by" in result.stderr_text:
+            return False
+        raise ImageError(ref, f"podman rmi {ref}: {result.stderr_text}")
+
     async def load_image(self, archive_path: Path, ref: str) -> None:
         """Load ``ref`` from a docker/OCI archive (``podman save``), an OCI image layout
         directory or a rootfs tarball."""

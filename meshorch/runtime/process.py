@@ -478,6 +478,12 @@ class ProcessRuntime:
     async def has_image(self, ref: str) -> bool:
         return True
 
+    async def image_names(self) -> builtins.list[str]:
+        return []
+
+    async def remove_image(self, ref: str) -> bool:
+        return True  # nothing was kept
+
     async def load_image(self, archive_path: Path, ref: str) -> None:
         if not await asyncio.to_thread(Path(archive_path).is_file):
             raise ImageError(ref, f"image archive {archive_path} not found")

@@ -23,6 +23,7 @@ import orjson
 from aiohttp import web
 
 from meshorch.apps.controller import SiteController
+from meshorch.apps.image_gc import GcSettings, ImageCollector
 from meshorch.apps.image_pulls import LeaderImagePulls
 from meshorch.apps.pressure import PressureGuard
 from meshorch.apps.reconciler import HostReconciler
@@ -252,6 +253,18 @@ class Agent:
             self.workloads.evict_at_pct,
         )
         self.spawn(pressure.run(), "pressure")
+        self.image_gc = ImageCollector(
+            raft,
+            config.host_id,
+            self.images,
+            self.runtime,
+            GcSettings(
+                self.workloads.image_grace_s,
+                self.workloads.image_store_max_bytes,
+                self.workloads.evict_at_pct,
+            ),
+        )
+        self.spawn(self.image_gc.run(), "image-gc")
         self.spawn(SiteController(raft, roster, self.streams).run(), "controller")
         pulls = LeaderImagePulls(
             raft, self.images, self.secrets.value, self.workloads.plain_http_registries

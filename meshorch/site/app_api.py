@@ -82,6 +82,7 @@ def add_app_routes(app: web.Application) -> None:
     app.router.add_post("/v1/images/pull", pull_image)
     app.router.add_get("/v1/images", list_images)
     app.router.add_get("/v1/images/blobs/{digest}", get_blob)
+    app.router.add_get("/v1/images/partials/{digest}", get_partial_blob)
 
 
 async def add_image(request: web.Request) -> web.Response:
@@ -98,7 +99,8 @@ PULL_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=15, sock_connect=15, so
 
 
 async def pull_image(request: web.Request) -> web.Response:
-    """Body: ``{"ref": "registry/name:tag", "username"?, "password"?, "plain_http"?}``.
+    """Body: ``{"ref": "registry/name:tag", "username"?, "password"?, "plain_http"?, "pin"?}``
+    (``pin``: kept at the site when no app names it).
     This host pulls the image and names it in the catalogue, pinned to the digest the tag
     has now; the other hosts copy it from their peers. 502 with the registry's problem
     (``registry_auth``, ``image_not_found``, ``digest_mismatch``, ``registry_unavailable``)."""
@@ -112,6 +114,9 @@ async def pull_image(request: web.Request) -> web.Response:
         raise ApiError(400, "bad_request", "ref: an image reference is required")
     if not isinstance(plain_http, bool):
         raise ApiError(400, "bad_request", "plain_http: true or false")
+    pin = body.get("pin", False)
+    if not isinstance(pin, bool):
+        raise ApiError(400, "bad_request", "pin: true or false")
     reference = parse_reference(ref)  # refused here, before any connection, when malformed
     svc = services(request)
     require("oci_images", host_protocols(svc.node.view))
@@ -129,7 +134,7 @@ async def pull_image(request: web.Request) -> web.Response:
     try:
         async with aiohttp.ClientSession(timeout=PULL_TIMEOUT) as session:
             manifest, pulled = await svc.images.pull(
-                session, ref, credentials, plain_http=plain_http, tenant=tenant
+                session, ref, credentials, plain_http=plain_http, tenant=tenant, pinned=pin
             )
     except (RegistryError, BadManifest, NoMatchingPlatform) as exc:
         raise ApiError(502, exc.code, f"pulling {ref}: {exc}") from exc
@@ -152,7 +157,13 @@ def _secret_credentials(svc: SiteServices, body: dict[str, object], registry: st
 async def list_images(request: web.Request) -> web.Response:
     await consistent_read(request)
     svc = services(request)
-    return json_response({"images": svc.images.catalog(), "local": svc.images.counters()})
+    pulling = [
+        {"ref": p.ref, "host": p.host, "source": p.source}
+        for p in svc.images.pulls_in_progress().values()
+    ]
+    return json_response(
+        {"images": svc.images.catalog(), "pulling": pulling, "local": svc.images.counters()}
+    )
 
 
 async def get_blob(request: web.Request) -> web.StreamResponse:
@@ -162,6 +173,17 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
         raise ApiError(404, "not_found", f"this host does not hold {digest}")
     # FileResponse serves HTTP Range requests, which resume broken transfers.
     return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
+
+
+async def get_partial_blob(request: web.Request) -> web.StreamResponse:
+    """A blob as far as this host has it: whole, or the part a pull has fetched so far
+    (with HTTP Range: a peer asks for what it lacks). Peers follow a pull with it."""
+    digest = validate_digest(request.match_info["digest"])
+    blobs = services(request).images.blobs
+    for path in (blobs.path(digest), blobs.partial_path(digest)):
+        if path.exists():
+            return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
+    raise ApiError(404, "not_found", f"this host has nothing of {digest}")
 
 
 MAX_SPEC_BODY = 1 << 20

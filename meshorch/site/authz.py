@@ -96,6 +96,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("POST", "/v1/join"): Rule("join"),
     ("POST", "/v1/revoked"): Rule("join"),
     ("GET", "/v1/images/blobs/{digest}"): Rule("peer"),
+    ("GET", "/v1/images/partials/{digest}"): Rule("peer"),
     ("GET", "/v1/releases/{digest}"): Rule("peer"),
     ("POST", "/v1/secrets/unseal-request"): Rule("peer"),
     ("POST", "/v1/secrets/rekey"): Rule("peer"),

@@ -12,9 +12,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from meshorch.demo.localsite import LocalSite
+from meshorch.demo.localsite import LocalSite, wait_ready
 from meshorch.images.store import BlobStore, ImageTransferError
 from tests.agents_util import peer_headers
+from tests.waiting import until
 
 
 async def catalog(session: aiohttp.ClientSession, url: str) -> dict[str, object]:
@@ -184,3 +185,32 @@ async def test_concurrent_fetches_of_one_blob_publish_it_intact(tmp_path: Path) 
         assert served == 1 and sorted(fetched) == [0, 0, 0, len(blob)]
     finally:
         await runner.cleanup()
+
+
+async def test_a_host_back_copies_a_large_blob_in_pieces_from_every_holder(
+    ready_site: LocalSite, session: aiohttp.ClientSession
+) -> None:
+    """h3 is away while h1 adds a 20 MiB image and h2 copies it; back, h3 finds two
+    holders and takes pieces from both at once (``swarm_bytes``)."""
+    h1, _, h3 = ready_site.members
+    ready_site.stop_host(h3)
+    data = os.urandom(20 * 1024 * 1024 + 5)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    async with session.post(f"{h1.url}/v1/images?ref=shop/big:1", data=data) as response:
+        assert response.status == 200, await response.text()
+
+    async def holders() -> list[str]:
+        images = (await catalog(session, h1.url))["images"]
+        return sorted(images[0]["holders"]) if images else []  # type: ignore[index]
+
+    async def held_by(hosts: list[str]) -> bool:
+        return await holders() == hosts
+
+    await until("h1 and h2 hold it", lambda: held_by(["h1", "h2"]), 30)
+    ready_site.start_host(h3)
+    await wait_ready(session, ready_site.members, 60)
+    await until("h3 holds it too", lambda: held_by(["h1", "h2", "h3"]), 60)
+    counters: dict[str, int] = (await catalog(session, h3.url))["local"]  # type: ignore[assignment]
+    assert counters["swarm_bytes"] == len(data) == counters["fetched_bytes"], counters
+    blob = h3.data_dir / "images" / "blobs" / "sha256" / digest.removeprefix("sha256:")
+    assert blob.read_bytes() == data

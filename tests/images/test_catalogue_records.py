@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import orjson
 
-from meshorch.images.store import OCI, ImageManifest
+from meshorch.images.store import OCI, ImageManifest, PullInProgress, pulling_key
 
 DIGEST = "sha256:" + "ab" * 32
 MANIFEST = "sha256:" + "cd" * 32
@@ -38,3 +40,18 @@ def test_an_image_pulled_with_a_tenants_secret_is_that_tenants() -> None:
     assert not pulled("acme").usable_by("other")
     assert pulled().usable_by("other")
     assert "tenant" not in pulled().to_json() and pulled("acme").to_json()["tenant"] == "acme"
+
+
+def test_a_pin_round_trips_and_an_older_record_is_not_pinned() -> None:
+    pinned = dataclasses.replace(pulled(), pinned=True)
+    assert ImageManifest.decode(pinned.encode()) == pinned
+    assert pinned.to_json()["pinned"] is True and "pinned" not in pulled().to_json()
+    assert not ImageManifest.decode(pulled().encode()).pinned
+
+
+def test_a_pull_under_way_round_trips() -> None:
+    source = f"reg.example:5000/pos/web@{DIGEST}"
+    record = PullInProgress("reg.example:5000/pos/web:1", "h2", source, ((MANIFEST, 500),),
+                            "acme", True)  # fmt: skip
+    assert PullInProgress.decode(record.encode()) == record
+    assert record.key() == pulling_key(record.ref) == b"imagepull/reg.example:5000/pos/web:1"

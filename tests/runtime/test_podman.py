@@ -310,3 +310,26 @@ async def test_image_replication_between_roots(rt: PodmanRuntime, lab: PodmanLab
     finally:
         await peer.purge()
     assert not peer.root.exists()
+
+
+async def test_an_image_in_use_is_kept_then_removed(rt: PodmanRuntime, lab: PodmanLab) -> None:
+    """What image garbage collection relies on: ``image_names`` lists what is loaded,
+    ``remove_image`` keeps an image a container uses (False) and forgets it once unused."""
+    archive = lab.base / "gc-image.tar"
+    await rt.save_image(BUSYBOX_IMAGE_REF, archive)
+    peer = lab.runtime("gc")
+    name = "registry.test/lab/app:sha256-" + "a" * 64
+    try:
+        await peer.load_image(archive, name)
+        assert await peer.remove_image(BUSYBOX_IMAGE_REF) is True  # the archive's name
+        assert await peer.image_names() == [name]
+        await peer.start(InstanceSpec("user", name, ("sh", "-c", LOOP)))
+        assert await peer.remove_image(name) is False
+        assert await peer.has_image(name)
+        await peer.remove("user")
+        assert await peer.remove_image(name) is True
+        assert not await peer.has_image(name) and name not in await peer.image_names()
+        assert await peer.remove_image(name) is True  # already gone: nothing to do
+    finally:
+        await peer.purge()
+    assert not peer.root.exists()
