@@ -10,7 +10,11 @@ import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from central_hub import authz
+from central_hub import authz, placement
+from central_hub.model import ID_PATTERN, LABEL_KEY_PATTERN, LABEL_VALUE_PATTERN, MAX_LABELS
+from central_hub.tenancy import MAX_DESCRIPTION
+from meshorch.apps.quotas import MAX_CPU_MILLIS, MAX_INSTANCES, MAX_MEMORY_BYTES
+from meshorch.secrets.keyring import MAX_SECRET_BYTES, SECRET_NAME_PATTERN
 
 if TYPE_CHECKING:
     from central_hub.routing import Route
@@ -26,8 +30,17 @@ def _obj(required: Sequence[str] = (), **properties: Schema) -> Schema:
     return {"type": "object", "properties": properties, "required": list(required)}
 
 
+def _closed(required: Sequence[str] = (), **properties: Schema) -> Schema:
+    """A request body's object: a field it does not list is refused (field_not_allowed)."""
+    return {**_obj(required, **properties), "additionalProperties": False}
+
+
 def _list(item: Schema) -> Schema:
     return {"type": "array", "items": item}
+
+
+def _pattern(regex: str, **more: Any) -> Schema:
+    return {"type": "string", "pattern": f"^(?:{regex})$", **more}
 
 
 _STR: Schema = {"type": "string"}
@@ -36,8 +49,17 @@ _NUM: Schema = {"type": "number"}
 _BOOL: Schema = {"type": "boolean"}
 _HEX64: Schema = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
 _NULLABLE_NUM: Schema = {"type": ["number", "null"]}
-_ID: Schema = {"type": "string", "pattern": "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"}
+_ID: Schema = _pattern(ID_PATTERN)
 _LABELS: Schema = {"type": "object", "additionalProperties": {"type": "string"}}
+# Labels as a request gives them (central_hub.model.label_problems).
+_LABELS_IN: Schema = {
+    "type": "object",
+    "maxProperties": MAX_LABELS,
+    "propertyNames": _pattern(LABEL_KEY_PATTERN),
+    "additionalProperties": _pattern(LABEL_VALUE_PATTERN),
+    "x-error": "bad_labels",
+}
+_DESCRIPTION: Schema = {"type": "string", "maxLength": MAX_DESCRIPTION}
 # The cursor of the next page of a paginated listing; null on the last page.
 _CURSOR: Schema = {"type": ["string", "null"]}
 PAGINATION = (
@@ -111,9 +133,14 @@ SCHEMAS: dict[str, Schema] = {
         rotations=_list(_ref("Envelope")),
     ),
     "Head": _obj(["head"], head=_INT, site_head=_INT),
-    "EnrollRequest": _obj(["site", "public_key", "token"], site=_ID, public_key=_HEX64, token=_STR),
+    "EnrollRequest": _closed(
+        ["site", "public_key", "token"],
+        site={**_ID, "x-error": "bad_site_id"},
+        public_key={**_HEX64, "x-error": "bad_public_key"},
+        token={"type": "string", "x-error": "bad_enroll_token"},
+    ),
     "EnrollResponse": _obj(["site"], site=_ID),
-    "KeyRotation": _obj(
+    "KeyRotation": _closed(
         ["public_key", "time", "proof"],
         public_key=_HEX64,
         time=_NUM,
@@ -123,7 +150,7 @@ SCHEMAS: dict[str, Schema] = {
             "description": "the new key's signature (docs/fleet-link.md)",
         },
     ),
-    "SiteKey": _obj(["public_key"], public_key=_HEX64),
+    "SiteKey": _closed(["public_key"], public_key={**_HEX64, "x-error": "bad_public_key"}),
     "KeyRotated": _obj(
         ["site", "public_key", "rotated"], site=_ID, public_key=_HEX64, rotated=_BOOL
     ),
@@ -174,12 +201,21 @@ SCHEMAS: dict[str, Schema] = {
             ),
         },
     ),
-    "TokenRequest": _obj(
+    "TokenRequest": _closed(
         ["role"],
-        role={"enum": ["viewer", "operator", "admin"]},
-        tenant={"type": "string", "description": '"*" for every tenant (fleet admins)'},
-        description=_STR,
-        expires_in_s={"type": "number", "exclusiveMinimum": 0},
+        role={"enum": ["viewer", "operator", "admin"], "x-error": "bad_role"},
+        tenant={
+            "type": "string",
+            "pattern": f"^(?:\\*|{ID_PATTERN})$",
+            "description": '"*" for every tenant (fleet admins)',
+            "x-error": "bad_tenant",
+        },
+        description=_DESCRIPTION,
+        expires_in_s={
+            "type": "number",
+            "exclusiveMinimum": 0,
+            "exclusiveMaximum": 100 * 365 * 86400,
+        },
     ),
     "Token": _obj(
         ["id", "role", "tenant", "created_at"],
@@ -201,7 +237,7 @@ SCHEMAS: dict[str, Schema] = {
         ]
     },
     "TokenList": _obj(["tokens", "next_cursor"], tokens=_list(_ref("Token")), next_cursor=_CURSOR),
-    "TenantRequest": _obj(["id"], id=_ID, description=_STR),
+    "TenantRequest": _closed(["id"], id={**_ID, "x-error": "bad_tenant"}, description=_DESCRIPTION),
     "Tenant": _obj(
         ["id", "description", "created_at", "quota"],
         id=_ID,
@@ -213,12 +249,15 @@ SCHEMAS: dict[str, Schema] = {
         ["tenants", "next_cursor"], tenants=_list(_ref("Tenant")), next_cursor=_CURSOR
     ),
     "TenantDeleted": _obj(["deleted"], deleted=_ID, revoked_tokens=_list(_STR)),
-    "Quota": _obj(
-        [],
-        cpu_millis={"type": ["integer", "null"], "minimum": 0},
-        memory_bytes={"type": ["integer", "null"], "minimum": 0},
-        instances={"type": ["integer", "null"], "minimum": 0},
-    ),
+    "Quota": {
+        **_closed(
+            [],
+            cpu_millis={"type": ["integer", "null"], "minimum": 0, "maximum": MAX_CPU_MILLIS},
+            memory_bytes={"type": ["integer", "null"], "minimum": 0, "maximum": MAX_MEMORY_BYTES},
+            instances={"type": ["integer", "null"], "minimum": 0, "maximum": MAX_INSTANCES},
+        ),
+        "x-error": "bad_quota",
+    },
     "QuotaSet": _obj(
         ["tenant", "quota"],
         tenant=_ID,
@@ -243,9 +282,14 @@ SCHEMAS: dict[str, Schema] = {
     ),
     "AuditList": _obj(["entries", "last"], entries=_list(_ref("AuditEntry")), last=_INT),
     "Deleted": _obj(["deleted"], deleted=_STR),
-    "Labels": _LABELS,
+    "Labels": _LABELS_IN,
     "SiteLabels": _obj(["id", "labels"], id=_ID, labels=_LABELS),
-    "SiteRequest": _obj(["id"], id=_ID, labels=_LABELS, public_key=_HEX64),
+    "SiteRequest": _closed(
+        ["id"],
+        id={**_ID, "x-error": "bad_site_id"},
+        labels=_LABELS_IN,
+        public_key={**_HEX64, "x-error": "bad_public_key"},
+    ),
     "NewSite": _obj(
         ["id", "labels", "public_key"],
         id=_ID,
@@ -312,28 +356,54 @@ SCHEMAS: dict[str, Schema] = {
             ),
         ]
     },
-    "Placement": _obj(
-        [],
-        match=_LABELS,
-        expressions=_list(
-            _obj(
-                ["key", "op"],
-                key=_STR,
-                op={"enum": ["in", "not in", "exists", "not exists"]},
-                values=_list(_STR),
-            )
+    "Placement": {
+        **_closed(
+            [],
+            match={**_LABELS_IN, "x-error": "bad_placement"},
+            expressions={
+                **_list(
+                    {
+                        "oneOf": [
+                            _closed(
+                                ["key", "op", "values"],
+                                key=_pattern(LABEL_KEY_PATTERN),
+                                op={"enum": ["in", "not in"]},
+                                values={
+                                    **_list(_STR),
+                                    "minItems": 1,
+                                    "maxItems": placement.MAX_VALUES,
+                                },
+                            ),
+                            _closed(
+                                ["key", "op"],
+                                key=_pattern(LABEL_KEY_PATTERN),
+                                op={"enum": ["exists", "not exists"]},
+                                values={"type": ["array", "null"], "maxItems": 0},
+                            ),
+                        ]
+                    }
+                ),
+                "maxItems": placement.MAX_EXPRESSIONS,
+            },
+            sites={**_list(_ID), "minItems": 1, "maxItems": placement.MAX_SITES},
+            max_parallel={
+                "type": "integer",
+                "minimum": 1,
+                "maximum": placement.MAX_PARALLEL,
+                "default": placement.DEFAULT_MAX_PARALLEL,
+            },
         ),
-        sites=_list(_ID),
-        max_parallel={"type": "integer", "minimum": 1, "maximum": 1000, "default": 10},
-    ),
-    "AppRequest": _obj(
+        "x-error": "bad_placement",
+    },
+    "AppRequest": _closed(
         ["spec"],
         spec={
             "oneOf": [{"type": "object"}, {"type": "string"}],
             "description": "the application spec (docs/app-spec.md) as JSON or YAML/JSON text",
+            "x-error": "bad_spec",
         },
         placement=_ref("Placement"),
-        tenant=_ID,
+        tenant={**_ID, "x-error": "bad_tenant"},
     ),
     "SiteProgress": _obj(
         ["state", "message"],
@@ -407,6 +477,7 @@ _SECURITY_SCHEMES = {
     },
 }
 
+_BASE64 = "([A-Za-z0-9+/]{4})*([A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?"
 # The vault's shapes (central_hub.vault_api): secrets, lock-down, escrow.
 _SECRET_SITE = _obj(
     ["state"], sent_version={"type": ["integer", "null"]}, delta={"type": ["integer", "null"]},
@@ -414,10 +485,20 @@ _SECRET_SITE = _obj(
 )  # fmt: skip
 SCHEMAS.update(
     {
-        "SecretRequest": _obj(
-            ["name"], name=_STR, value=_STR, value_b64=_STR, tenant=_ID,
-            placement=_ref("Placement"),
-        ),
+        "SecretRequest": {
+            **_closed(
+                ["name"], name={**_pattern(SECRET_NAME_PATTERN), "x-error": "bad_name"},
+                value={"type": "string", "minLength": 1, "maxLength": MAX_SECRET_BYTES,
+                       "description": f"UTF-8 text of 1 to {MAX_SECRET_BYTES} bytes",
+                       "x-error": "bad_value"},
+                value_b64={**_pattern(_BASE64, minLength=4,
+                                      maxLength=(MAX_SECRET_BYTES + 2) // 3 * 4),
+                           "x-error": "bad_value"},
+                tenant={**_ID, "x-error": "bad_tenant"}, placement=_ref("Placement"),
+            ),
+            "oneOf": [{"required": ["value"]}, {"required": ["value_b64"]}],
+            "x-error": "bad_value",
+        },
         "Secret": _obj(
             ["tenant", "name", "version"], tenant=_ID, name=_STR, version=_INT,
             placement={"type": "object"}, created_at=_NUM, updated_at=_NUM,
@@ -440,7 +521,7 @@ SCHEMAS.update(
             unseal_approved=_BOOL, locked_down=_BOOL,
         ),
         "EscrowUpload": _obj(["sealed", "ssk_public"], sealed=_STR, ssk_public=_HEX64),
-        "UnsealRequest": _obj(["public_key"], public_key=_HEX64),
+        "UnsealRequest": _closed(["public_key"], public_key={**_HEX64, "x-error": "bad_public_key"}),
         "SealedKey": _obj(["sealed_key"], sealed_key=_STR),
     }
 )  # fmt: skip
@@ -480,10 +561,11 @@ SCHEMAS.update(
 
 _ERRORS = {
     "none": (400,),
-    "enroll": (400, 403),
-    "site": (400, 401, 413),
+    "enroll": (400, 403, 404, 409, 413),
+    "site": (400, 401, 404, 409, 413, 503),
 }
-_TOKEN_ERRORS = (400, 401, 403, 404, 409, 413)
+# 429: failed authentications from the caller's address are rate-limited.
+_TOKEN_ERRORS = (400, 401, 403, 404, 409, 413, 429)
 
 
 def document(routes: Sequence[Route]) -> dict[str, Any]:
@@ -494,7 +576,7 @@ def document(routes: Sequence[Route]) -> dict[str, Any]:
             "operationId": route.handler.__name__,
             "x-auth": route.auth,
             "responses": {
-                str(route.status): _answer(route.response),
+                **{str(code): _answer(route.response) for code in (route.status, *route.also)},
                 **{str(code): _answer("Error") for code in _ERRORS.get(route.auth, _TOKEN_ERRORS)},
             },
         }
@@ -506,8 +588,14 @@ def document(routes: Sequence[Route]) -> dict[str, Any]:
             operation["security"] = [{"siteSignature": []}]
         else:
             operation["security"] = []
+        declared = {q.name: q for q in route.path_params}
         parameters = [
-            {"name": name, "in": "path", "required": True, "schema": _STR}
+            {
+                "name": name,
+                "in": "path",
+                "required": True,
+                "schema": declared[name].schema() if name in declared else _STR,
+            }
             for name in re.findall(r"{(\w+)}", route.path)
         ]
         parameters += [
@@ -515,7 +603,7 @@ def document(routes: Sequence[Route]) -> dict[str, Any]:
                 "name": q.name,
                 "in": "query",
                 "required": False,
-                "schema": {"type": q.type},
+                "schema": q.schema(),
                 "description": q.description,
             }
             for q in route.query

@@ -58,4 +58,4 @@ def quota_op(tenant: str, quota: dict[str, int | None] | None) -> dict[str, Any]
 
 
 def unknown_tenant(tenant: str) -> ApiError:
-    return ApiError(400, "unknown_tenant", f"no tenant {tenant!r}: a fleet admin creates it first")
+    return ApiError(404, "unknown_tenant", f"no tenant {tenant!r}: a fleet admin creates it first")
