@@ -13,6 +13,7 @@ schema), ``field_not_allowed`` for a field the schema does not have.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -21,12 +22,13 @@ from typing import Any, Literal
 
 import jsonschema_rs
 
-from central_hub.errors import ApiError
+from central_hub.errors import ApiError, InputProblems
 
 Schema = dict[str, Any]
 QueryType = Literal["integer", "number", "string"]
 
 _INTEGER_RE = re.compile(r"-?[0-9]{1,20}")
+MAX_PROBLEMS = 20  # listed in one refusal
 MAX_QUERY_VALUE = 1024  # characters of a string parameter without its own maximum
 
 
@@ -134,9 +136,16 @@ class BodyContract:
         self._validator = jsonschema_rs.Draft202012Validator(self.root, validate_formats=False)
 
     def check(self, body: object) -> None:
-        """400 naming the first field the schema refuses (nothing when it is valid)."""
-        for error in self._validator.iter_errors(body):
-            raise self._refusal(error)
+        """400 naming every field the schema refuses (at most ``MAX_PROBLEMS``), with the
+        first one's code; nothing when the body is valid."""
+        refusals = list(itertools.islice(self._validator.iter_errors(body), MAX_PROBLEMS))
+        if not refusals:
+            return
+        first = self._refusal(refusals[0])
+        if len(refusals) == 1:
+            raise first
+        problems = [self._refusal(error).message for error in refusals]
+        raise InputProblems(first.code, f"the request has {len(problems)} problems", problems)
 
     def _refusal(self, error: jsonschema_rs.ValidationError) -> ApiError:
         path = [str(part) for part in error.instance_path]

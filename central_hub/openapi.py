@@ -60,7 +60,7 @@ _LABELS_IN: Schema = {
     "additionalProperties": _pattern(LABEL_VALUE_PATTERN),
     "x-error": "bad_labels",
 }
-_DESCRIPTION: Schema = {"type": "string", "maxLength": MAX_DESCRIPTION}
+_DESCRIPTION: Schema = {"type": "string", "maxLength": MAX_DESCRIPTION, "x-error": "bad_request"}
 # The cursor of the next page of a paginated listing; null on the last page.
 _CURSOR: Schema = {"type": ["string", "null"]}
 PAGINATION = (
@@ -216,6 +216,7 @@ SCHEMAS: dict[str, Schema] = {
             "type": "number",
             "exclusiveMinimum": 0,
             "exclusiveMaximum": 100 * 365 * 86400,
+            "x-error": "bad_request",
         },
     ),
     "Token": _obj(

@@ -158,7 +158,7 @@ def page_query(request: web.Request, listing: str, *, selector: bool = False) ->
     tenant = token_of(request).tenant
     key = paging.cursor_key(hub_of(request).vault.keys.master)
     raw_selector = query_value(request, "selector")
-    if raw_selector is not None and not selector:
+    if "selector" in request.query and not selector:  # a listing that did not declare it
         raise ApiError(400, "bad_selector", f"{listing} have no labels to select by")
     return PageQuery(
         listing,

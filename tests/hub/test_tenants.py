@@ -26,7 +26,7 @@ async def test_default_exists_and_tenants_live_and_die(
     assert made["description"] == "Blue Ltd" and made["quota"] is None
     assert (await admin.call("POST", "/v1/tenants", {"id": "blue"}))[0] == 409
     status, answer = await admin.call("POST", "/v1/apps", {"spec": spec_text(), "tenant": "red"})
-    assert status == 400 and answer["error"]["code"] == "unknown_tenant"
+    assert status == 404 and answer["error"]["code"] == "unknown_tenant"
     blue = await token(admin, "operator", "blue")
     await admin.ok("POST", "/v1/apps", {"spec": spec_text(), "tenant": "blue"}, 202)
     status, answer = await admin.call("DELETE", "/v1/tenants/blue")
