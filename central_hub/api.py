@@ -226,9 +226,7 @@ async def _with_token(
             tenant = token.tenant
             detail = f"{request.method} {request.path}: {exc.code}"
             outcome = f"refused {exc.status}"
-            refusal = hub.ledger.audit(
-                token, action, tenant, "request", path, outcome, detail
-            )
+            refusal = hub.ledger.audit(token, action, tenant, "request", path, outcome, detail)
             if refusal is not None:
                 with contextlib.suppress(ApiError):  # the hub is stopping
                     await refusal
@@ -593,10 +591,20 @@ async def get_deployment(request: web.Request) -> web.Response:
 
 
 MAX_VERSION = 2**63
-_AFTER = Query("after", "integer", "only deltas with a version greater than this",
-               minimum=0, maximum=MAX_VERSION)
-_LIMIT = Query("limit", "integer", f"at most this many deltas (1-{MAX_LINK_LIMIT})",
-               minimum=1, maximum=MAX_LINK_LIMIT)
+_AFTER = Query(
+    "after",
+    "integer",
+    "only deltas with a version greater than this",
+    minimum=0,
+    maximum=MAX_VERSION,
+)
+_LIMIT = Query(
+    "limit",
+    "integer",
+    f"at most this many deltas (1-{MAX_LINK_LIMIT})",
+    minimum=1,
+    maximum=MAX_LINK_LIMIT,
+)
 _TENANT_FILTER = TENANT_QUERY
 
 ROUTES: tuple[Route, ...] = (

@@ -132,7 +132,10 @@ class BodyContract:
     """The JSON body of one route: a schema of ``schemas`` (``$ref`` resolved within)."""
 
     def __init__(self, name: str, schemas: Mapping[str, Schema]) -> None:
-        self.root: Schema = {"$ref": f"#/components/schemas/{name}", "components": {"schemas": dict(schemas)}}
+        self.root: Schema = {
+            "$ref": f"#/components/schemas/{name}",
+            "components": {"schemas": dict(schemas)},
+        }
         self._validator = jsonschema_rs.Draft202012Validator(self.root, validate_formats=False)
 
     def check(self, body: object) -> None:
@@ -159,9 +162,7 @@ class BodyContract:
                 "field_not_allowed",
                 f"{where}fields {unexpected} may not be set: {error.message}",
             )
-        code = self._code(list(error.schema_path)) or (
-            f"bad_{path[0]}" if path else "bad_request"
-        )
+        code = self._code(list(error.schema_path)) or (f"bad_{path[0]}" if path else "bad_request")
         if kind == "Required":
             missing = getattr(error.kind, "property", None)
             name = f"{field}.{missing}" if path else str(missing)

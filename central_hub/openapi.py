@@ -523,7 +523,9 @@ SCHEMAS.update(
             unseal_approved=_BOOL, locked_down=_BOOL,
         ),
         "EscrowUpload": _obj(["sealed", "ssk_public"], sealed=_STR, ssk_public=_HEX64),
-        "UnsealRequest": _closed(["public_key"], public_key={**_HEX64, "x-error": "bad_public_key"}),
+        "UnsealRequest": _closed(
+            ["public_key"], public_key={**_HEX64, "x-error": "bad_public_key"}
+        ),
         "SealedKey": _obj(["sealed_key"], sealed_key=_STR),
     }
 )  # fmt: skip

@@ -4,8 +4,8 @@
 registers it and checks its query and body against the declaration before the handler
 runs, ``central_hub.openapi`` documents the same declaration. The helpers read what a
 guarded request carries (the hub, the caller's token or site, a size-limited body, the
-checked query parameters) and answer JSON. The route modules (``central_hub.api``, ``vault_api``, ``logs_api``, ``releases``)
-import from here, never from each other.
+checked query parameters) and answer JSON. The route modules (``central_hub.api``,
+``vault_api``, ``logs_api``, ``releases``) import from here, never from each other.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import orjson
 from aiohttp import web
 
 from central_hub import authz, paging
-from central_hub.contract import Query
+from central_hub.contract import Query as Query  # re-exported: route modules declare with it
 from central_hub.errors import ApiError
 from central_hub.model import ID_PATTERN
 from central_hub.tokens import TokenRecord
@@ -197,5 +197,9 @@ SELECTOR_QUERY = Query(
     max_length=paging.MAX_SELECTOR_CHARS,
 )
 TENANT_QUERY = Query(
-    "tenant", "string", "only this tenant's (fleet-wide tokens)", pattern=ID_PATTERN, error="bad_tenant"
+    "tenant",
+    "string",
+    "only this tenant's (fleet-wide tokens)",
+    pattern=ID_PATTERN,
+    error="bad_tenant",
 )

@@ -13,7 +13,6 @@ from aiohttp import web
 from central_hub import vault
 from central_hub.errors import ApiError
 from central_hub.model import ID_PATTERN
-from meshorch.secrets.keyring import SECRET_NAME_PATTERN
 from central_hub.routing import (
     PAGE_QUERIES,
     Handler,
@@ -28,6 +27,7 @@ from central_hub.routing import (
     site_of,
     token_of,
 )
+from meshorch.secrets.keyring import SECRET_NAME_PATTERN
 
 
 def _name(request: web.Request) -> str:
@@ -101,8 +101,13 @@ async def link_unseal(request: web.Request) -> web.Response:
     return json_response(await hub_of(request).vault.unseal_request(site_of(request), key))
 
 
-_TENANT = Query("tenant", "string", "the secret's tenant (default: the token's, or 'default')",
-                pattern=ID_PATTERN, error="bad_tenant")
+_TENANT = Query(
+    "tenant",
+    "string",
+    "the secret's tenant (default: the token's, or 'default')",
+    pattern=ID_PATTERN,
+    error="bad_tenant",
+)
 
 _NAME = Query("name", "string", "the secret's name", pattern=SECRET_NAME_PATTERN)
 

@@ -150,9 +150,9 @@ def before_call(context: Any, case: Any, kwargs: dict[str, Any]) -> None:
     if case.query:
         case.query = {k: v for k, v in case.query.items() if k not in ("cursor", "regex")}
     body = case.body
-    if case.operation.label == "POST /v1/apps" and isinstance(body, dict):
-        if isinstance(body.get("spec"), str | dict):
-            case.body = {**body, "spec": spec_text("web")}
+    is_app = case.operation.label == "POST /v1/apps" and isinstance(body, dict)
+    if is_app and isinstance(body.get("spec"), str | dict):
+        case.body = {**body, "spec": spec_text("web")}
 
 
 def run_checks(schema: Any) -> tuple[list[str], int]:
