@@ -7,8 +7,11 @@ what they do not allow before the handler runs, so the document and the server c
 disagree. Bodies are checked by ``jsonschema_rs`` (Rust: no regex backtracking, a cost
 linear in the body, which the hub bounds in size).
 
-A refusal is a 400 naming the field: ``bad_<name>`` (or the ``x-error`` code of the field's
-schema), ``field_not_allowed`` for a field the schema does not have.
+A refusal is a 400 listing the problems (``problems``), under the code of the first:
+``bad_<name>`` or the ``x-error`` of the field's schema (or of an object around it);
+``field_not_allowed`` (or the object's ``x-unknown-field-error``) for a field the schema
+does not have; ``bad_request`` (or the schema's ``x-not-object-error``) for a body that is
+not an object.
 """
 
 from __future__ import annotations
@@ -132,6 +135,7 @@ class BodyContract:
     """The JSON body of one route: a schema of ``schemas`` (``$ref`` resolved within)."""
 
     def __init__(self, name: str, schemas: Mapping[str, Schema]) -> None:
+        self.name = name
         self.root: Schema = {
             "$ref": f"#/components/schemas/{name}",
             "components": {"schemas": dict(schemas)},
@@ -139,16 +143,19 @@ class BodyContract:
         self._validator = jsonschema_rs.Draft202012Validator(self.root, validate_formats=False)
 
     def check(self, body: object) -> None:
-        """400 naming every field the schema refuses (at most ``MAX_PROBLEMS``), with the
+        """400 listing every field the schema refuses (at most ``MAX_PROBLEMS``) under the
         first one's code; nothing when the body is valid."""
+        if not isinstance(body, dict):  # every request body is an object
+            where = ["components", "schemas", self.name]
+            code = self._code(where, "x-not-object-error") or "bad_request"
+            raise ApiError(400, code, "the body must be a JSON object")
         refusals = list(itertools.islice(self._validator.iter_errors(body), MAX_PROBLEMS))
         if not refusals:
             return
-        first = self._refusal(refusals[0])
-        if len(refusals) == 1:
-            raise first
-        problems = [self._refusal(error).message for error in refusals]
-        raise InputProblems(first.code, f"the request has {len(problems)} problems", problems)
+        problems = [self._refusal(error) for error in refusals]
+        raise InputProblems(
+            problems[0].code, "the request is refused", [p.message for p in problems]
+        )
 
     def _refusal(self, error: jsonschema_rs.ValidationError) -> ApiError:
         path = [str(part) for part in error.instance_path]
@@ -159,18 +166,28 @@ class BodyContract:
             where = f"{field}: " if path else ""
             return ApiError(
                 400,
-                "field_not_allowed",
+                self._code(list(error.schema_path), "x-unknown-field-error") or "field_not_allowed",
                 f"{where}fields {unexpected} may not be set: {error.message}",
             )
         code = self._code(list(error.schema_path)) or (f"bad_{path[0]}" if path else "bad_request")
         if kind == "Required":
             missing = getattr(error.kind, "property", None)
             name = f"{field}.{missing}" if path else str(missing)
-            return ApiError(400, f"bad_{missing}" if not path else code, f"{name}: is required")
+            # The missing field's own code, else its object's, else bad_<field>.
+            where = [*error.schema_path][:-1]
+            named = (
+                self._code([*where, "properties", str(missing)], only_last=True)
+                or self._code(list(error.schema_path))
+                or f"bad_{missing}"
+            )
+            return ApiError(400, named if not path else code, f"{name}: is required")
         return ApiError(400, code, f"{field}: {error.message}")
 
-    def _code(self, schema_path: list[str | int]) -> str | None:
-        """The innermost ``x-error`` along the failing keyword's path in the schema."""
+    def _code(
+        self, schema_path: list[str | int], keyword: str = "x-error", *, only_last: bool = False
+    ) -> str | None:
+        """The innermost ``keyword`` (``x-error``: a field's refusal code) along the failing
+        keyword's path in the schema."""
         node: object = self.root
         code = None
         for part in schema_path:
@@ -179,7 +196,9 @@ class BodyContract:
             elif isinstance(node, list) and isinstance(part, int) and part < len(node):
                 node = node[part]
             else:
-                break
-            if isinstance(node, dict) and isinstance(node.get("x-error"), str):
-                code = node["x-error"]
+                return code if not only_last else None
+            if isinstance(node, dict) and isinstance(node.get(keyword), str):
+                code = node[keyword]
+        if only_last:  # the node the whole path names, or nothing
+            return node.get(keyword) if isinstance(node, dict) else None
         return code

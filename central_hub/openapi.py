@@ -141,16 +141,20 @@ SCHEMAS: dict[str, Schema] = {
         token={"type": "string", "x-error": "bad_enroll_token"},
     ),
     "EnrollResponse": _obj(["site"], site=_ID),
-    "KeyRotation": _closed(
-        ["public_key", "time", "proof"],
-        public_key=_HEX64,
-        time=_NUM,
-        proof={
-            "type": "string",
-            "pattern": "^[0-9a-f]{128}$",
-            "description": "the new key's signature (docs/fleet-link.md)",
-        },
-    ),
+    "KeyRotation": {
+        **_closed(
+            ["public_key", "time", "proof"],
+            public_key=_HEX64,
+            time=_NUM,
+            proof={
+                "type": "string",
+                "pattern": "^[0-9a-f]{128}$",
+                "description": "the new key's signature (docs/fleet-link.md)",
+            },
+        ),
+        "x-error": "bad_key_rotation",
+        "x-unknown-field-error": "bad_key_rotation",
+    },
     "SiteKey": _closed(["public_key"], public_key={**_HEX64, "x-error": "bad_public_key"}),
     "KeyRotated": _obj(
         ["site", "public_key", "rotated"], site=_ID, public_key=_HEX64, rotated=_BOOL
@@ -163,45 +167,50 @@ SCHEMAS: dict[str, Schema] = {
         preset={"enum": ["wan", "lan", "local"]},
         peers=_list(_obj(["id", "addr"], id=_ID, addr=_STR)),
     ),
-    "SiteReport": _obj(
-        ["v", "site", "time", "applied_version", "applied_head"],
-        v={"const": 1},
-        site=_ID,
-        time=_NUM,
-        applied_version=_INT,
-        applied_head=_STR,
-        rejections=_list(_obj(["reason", "at"], reason=_STR, message=_STR, version=_INT, at=_NUM)),
-        hosts=_list(
-            _obj(
-                ["host_id", "alive"],
-                host_id=_STR,
-                alive=_BOOL,
-                instances=_list(
-                    _obj(
-                        ["app", "instance_id", "state"],
-                        app=_STR,
-                        instance_id=_STR,
-                        service=_STR,
-                        version=_STR,
-                        state=_STR,
-                        ready=_BOOL,
-                        restarts=_INT,
-                    )
-                ),
-            )
-        ),
-        apps={
-            "type": "object",
-            "additionalProperties": _obj(
-                ["version", "state"],
-                version=_STR,
-                desired=_INT,
-                ready=_INT,
-                state={"enum": ["healthy", "progressing", "failed"]},
-                message=_STR,
+    "SiteReport": {
+        **_obj(
+            ["v", "site", "time", "applied_version", "applied_head"],
+            v={"const": 1},
+            site=_ID,
+            time=_NUM,
+            applied_version=_INT,
+            applied_head=_STR,
+            rejections=_list(
+                _obj(["reason", "at"], reason=_STR, message=_STR, version=_INT, at=_NUM)
             ),
-        },
-    ),
+            hosts=_list(
+                _obj(
+                    ["host_id", "alive"],
+                    host_id=_STR,
+                    alive=_BOOL,
+                    instances=_list(
+                        _obj(
+                            ["app", "instance_id", "state"],
+                            app=_STR,
+                            instance_id=_STR,
+                            service=_STR,
+                            version=_STR,
+                            state=_STR,
+                            ready=_BOOL,
+                            restarts=_INT,
+                        )
+                    ),
+                )
+            ),
+            apps={
+                "type": "object",
+                "additionalProperties": _obj(
+                    ["version", "state"],
+                    version=_STR,
+                    desired=_INT,
+                    ready=_INT,
+                    state={"enum": ["healthy", "progressing", "failed"]},
+                    message=_STR,
+                ),
+            },
+        ),
+        "x-error": "bad_report",
+    },
     "TokenRequest": _closed(
         ["role"],
         role={"enum": ["viewer", "operator", "admin"], "x-error": "bad_role"},
@@ -284,7 +293,7 @@ SCHEMAS: dict[str, Schema] = {
     ),
     "AuditList": _obj(["entries", "last"], entries=_list(_ref("AuditEntry")), last=_INT),
     "Deleted": _obj(["deleted"], deleted=_STR),
-    "Labels": _LABELS_IN,
+    "Labels": {**_LABELS_IN, "x-not-object-error": "bad_labels"},
     "SiteLabels": _obj(["id", "labels"], id=_ID, labels=_LABELS),
     "SiteRequest": _closed(
         ["id"],
@@ -500,6 +509,7 @@ SCHEMAS.update(
             ),
             "oneOf": [{"required": ["value"]}, {"required": ["value_b64"]}],
             "x-error": "bad_value",
+            "x-unknown-field-error": "bad_request",
         },
         "Secret": _obj(
             ["tenant", "name", "version"], tenant=_ID, name=_STR, version=_INT,
@@ -522,10 +532,11 @@ SCHEMAS.update(
             signed_by=_HEX64, escrowed={"type": ["string", "null"]},
             unseal_approved=_BOOL, locked_down=_BOOL,
         ),
-        "EscrowUpload": _obj(["sealed", "ssk_public"], sealed=_STR, ssk_public=_HEX64),
-        "UnsealRequest": _closed(
-            ["public_key"], public_key={**_HEX64, "x-error": "bad_public_key"}
-        ),
+        "EscrowUpload": {**_obj(["sealed", "ssk_public"], sealed=_STR, ssk_public=_HEX64), "x-error": "bad_escrow"},
+        "UnsealRequest": {
+            **_closed(["public_key"], public_key={**_HEX64, "x-error": "bad_public_key"}),
+            "x-unknown-field-error": "bad_request",
+        },
         "SealedKey": _obj(["sealed_key"], sealed_key=_STR),
     }
 )  # fmt: skip
@@ -556,10 +567,10 @@ SCHEMAS.update(
             ["positions"], positions={"type": "object", "additionalProperties": _INT},
             refused={"type": "object", "additionalProperties": _STR},
         ),
-        "StreamPush": _obj(["streams"], streams=_list(_obj(
+        "StreamPush": {**_obj(["streams"], streams=_list(_obj(
             ["stream", "dropped_through", "chunks"], stream=_STR, dropped_through=_INT,
             chunks=_list(_obj(["first", "data"], first=_INT, data=_STR)),
-        ))),
+        ))), "x-error": "bad_streams"},
     }
 )  # fmt: skip
 
