@@ -146,8 +146,8 @@ class BodyContract:
         """400 listing every field the schema refuses (at most ``MAX_PROBLEMS``) under the
         first one's code; nothing when the body is valid."""
         if not isinstance(body, dict):  # every request body is an object
-            where = ["components", "schemas", self.name]
-            code = self._code(where, "x-not-object-error") or "bad_request"
+            root: list[str | int] = ["components", "schemas", self.name]
+            code = self._code(root, "x-not-object-error") or "bad_request"
             raise ApiError(400, code, "the body must be a JSON object")
         refusals = list(itertools.islice(self._validator.iter_errors(body), MAX_PROBLEMS))
         if not refusals:
@@ -174,9 +174,9 @@ class BodyContract:
             missing = getattr(error.kind, "property", None)
             name = f"{field}.{missing}" if path else str(missing)
             # The missing field's own code, else its object's, else bad_<field>.
-            where = [*error.schema_path][:-1]
+            parent: list[str | int] = [*error.schema_path][:-1]
             named = (
-                self._code([*where, "properties", str(missing)], only_last=True)
+                self._code([*parent, "properties", str(missing)], only_last=True)
                 or self._code(list(error.schema_path))
                 or f"bad_{missing}"
             )

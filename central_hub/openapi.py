@@ -532,7 +532,10 @@ SCHEMAS.update(
             signed_by=_HEX64, escrowed={"type": ["string", "null"]},
             unseal_approved=_BOOL, locked_down=_BOOL,
         ),
-        "EscrowUpload": {**_obj(["sealed", "ssk_public"], sealed=_STR, ssk_public=_HEX64), "x-error": "bad_escrow"},
+        "EscrowUpload": {
+            **_obj(["sealed", "ssk_public"], sealed=_STR, ssk_public=_HEX64),
+            "x-error": "bad_escrow",
+        },
         "UnsealRequest": {
             **_closed(["public_key"], public_key={**_HEX64, "x-error": "bad_public_key"}),
             "x-unknown-field-error": "bad_request",
