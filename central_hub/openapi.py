@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from central_hub import authz, placement
+from central_hub.fleetview import MAX_ITEMS, MAX_TEXT
+from central_hub.logs import MAX_PUSH_STREAMS
 from central_hub.model import ID_PATTERN, LABEL_KEY_PATTERN, LABEL_VALUE_PATTERN, MAX_LABELS
 from central_hub.tenancy import MAX_DESCRIPTION
 from meshorch.apps.quotas import MAX_CPU_MILLIS, MAX_INSTANCES, MAX_MEMORY_BYTES
@@ -44,7 +46,7 @@ def _pattern(regex: str, **more: Any) -> Schema:
 
 
 _STR: Schema = {"type": "string"}
-_INT: Schema = {"type": "integer", "minimum": 0}
+_INT: Schema = {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}
 _NUM: Schema = {"type": "number"}
 _BOOL: Schema = {"type": "boolean"}
 _HEX64: Schema = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
@@ -61,6 +63,15 @@ _LABELS_IN: Schema = {
     "x-error": "bad_labels",
 }
 _DESCRIPTION: Schema = {"type": "string", "maxLength": MAX_DESCRIPTION, "x-error": "bad_request"}
+# Text and lists of a site report (central_hub.fleetview).
+_TEXT: Schema = {"type": "string", "maxLength": MAX_TEXT}
+_TEXT_OR_NULL: Schema = {"type": ["string", "null"], "maxLength": MAX_TEXT}
+
+
+def _items(item: Schema) -> Schema:
+    return {**_list(item), "maxItems": MAX_ITEMS}
+
+
 # The cursor of the next page of a paginated listing; null on the last page.
 _CURSOR: Schema = {"type": ["string", "null"]}
 PAGINATION = (
@@ -167,6 +178,7 @@ SCHEMAS: dict[str, Schema] = {
         preset={"enum": ["wan", "lan", "local"]},
         peers=_list(_obj(["id", "addr"], id=_ID, addr=_STR)),
     ),
+    # A site's report, as central_hub.fleetview.parse_report reads it.
     "SiteReport": {
         **_obj(
             ["v", "site", "time", "applied_version", "applied_head"],
@@ -174,39 +186,79 @@ SCHEMAS: dict[str, Schema] = {
             site=_ID,
             time=_NUM,
             applied_version=_INT,
-            applied_head=_STR,
-            rejections=_list(
-                _obj(["reason", "at"], reason=_STR, message=_STR, version=_INT, at=_NUM)
+            applied_head=_TEXT,
+            rejections=_items(
+                _obj(
+                    ["reason", "at"],
+                    reason=_TEXT,
+                    message=_TEXT_OR_NULL,
+                    version={**_INT, "type": ["integer", "null"]},
+                    at=_NUM,
+                )
             ),
-            hosts=_list(
+            hosts=_items(
                 _obj(
                     ["host_id", "alive"],
-                    host_id=_STR,
+                    host_id=_TEXT,
                     alive=_BOOL,
-                    instances=_list(
+                    instances=_items(
                         _obj(
                             ["app", "instance_id", "state"],
-                            app=_STR,
-                            instance_id=_STR,
-                            service=_STR,
-                            version=_STR,
-                            state=_STR,
+                            app=_TEXT,
+                            instance_id=_TEXT,
+                            service=_TEXT_OR_NULL,
+                            version=_TEXT_OR_NULL,
+                            state=_TEXT,
                             ready=_BOOL,
                             restarts=_INT,
                         )
+                    ),
+                    agent_version=_TEXT,
+                    protocol=_INT,
+                    resources=_obj(
+                        [], load1=_NUM, memory_used_pct=_NUM, disk_used_pct=_NUM, at=_NUM
                     ),
                 )
             ),
             apps={
                 "type": "object",
+                "maxProperties": MAX_ITEMS,
                 "additionalProperties": _obj(
                     ["version", "state"],
-                    version=_STR,
+                    version=_TEXT,
                     desired=_INT,
                     ready=_INT,
                     state={"enum": ["healthy", "progressing", "failed"]},
-                    message=_STR,
+                    message=_TEXT_OR_NULL,
                 ),
+            },
+            agent_upgrade={
+                "oneOf": [
+                    _obj(
+                        ["version", "state"],
+                        version=_TEXT,
+                        state=_TEXT,
+                        current=_TEXT_OR_NULL,
+                        hosts_upgraded=_INT,
+                        hosts=_INT,
+                        failed={
+                            "type": ["object", "null"],
+                            "properties": {"host": _TEXT},
+                            "required": ["host"],
+                        },
+                    ),
+                    {"type": "null"},
+                ],
+            },
+            decommission={
+                "oneOf": [
+                    _obj(
+                        ["state", "version"],
+                        state={"enum": ["running", "stopping", "done"]},
+                        version=_INT,
+                    ),
+                    {"type": "null"},
+                ],
             },
         ),
         "x-error": "bad_report",
@@ -570,17 +622,23 @@ SCHEMAS.update(
             ["positions"], positions={"type": "object", "additionalProperties": _INT},
             refused={"type": "object", "additionalProperties": _STR},
         ),
-        "StreamPush": {**_obj(["streams"], streams=_list(_obj(
-            ["stream", "dropped_through", "chunks"], stream=_STR, dropped_through=_INT,
-            chunks=_list(_obj(["first", "data"], first=_INT, data=_STR)),
-        ))), "x-error": "bad_streams"},
+        "StreamPush": {**_closed(["streams"], streams={**_list(_closed(
+            ["stream", "dropped_through", "chunks"],
+            stream=_pattern(f"{ID_PATTERN}/{ID_PATTERN}/{ID_PATTERN}"), dropped_through=_INT,
+            chunks=_list(_closed(
+                ["first", "data"], first={"type": "integer", "minimum": 1},
+                data={**_pattern(_BASE64), "description": "base64 of an encoded chunk "
+                      "(meshorch.streams.model)"},
+            )),
+        )), "maxItems": MAX_PUSH_STREAMS}), "x-error": "bad_streams",
+            "x-unknown-field-error": "bad_streams"},
     }
 )  # fmt: skip
 
 _ERRORS = {
     "none": (400,),
     "enroll": (400, 403, 404, 409, 413),
-    "site": (400, 401, 404, 409, 413, 503),
+    "site": (400, 401, 403, 404, 409, 413, 503),
 }
 # 429: failed authentications from the caller's address are rate-limited.
 _TOKEN_ERRORS = (400, 401, 403, 404, 409, 413, 429)
