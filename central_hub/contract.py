@@ -2,7 +2,7 @@
 
 A route's ``Query`` parameters and its request body schema (a JSON Schema of
 ``central_hub.openapi.SCHEMAS``) are the only statement of what the route accepts:
-``central_hub.openapi`` documents them, and ``parse_query`` / ``BodyContract.check`` refuse
+``central_hub.openapi`` documents them, and ``QueryContract`` and ``BodyContract`` refuse
 what they do not allow before the handler runs, so the document and the server cannot
 disagree. Bodies are checked by ``jsonschema_rs`` (Rust: no regex backtracking, a cost
 linear in the body, which the hub bounds in size).

@@ -297,17 +297,19 @@ def before_call(context: Any, case: Any, kwargs: dict[str, Any]) -> None:
         kwargs["auth"] = RUN.signature
 
 
-def run_checks(schema: Any) -> tuple[list[str], set[str]]:
-    """Every failed check of a schemathesis run (operation, check, what went wrong), and
-    the operations that answered 2xx at least once."""
+def run_checks(schema: Any) -> tuple[list[str], set[str], int]:
+    """Every failed check of a schemathesis run (operation, check, what went wrong), the
+    operations that answered 2xx at least once, and how many requests were sent."""
     failures: list[str] = []
     reached: set[str] = set()
+    sent = 0
     for event in from_schema(schema).execute():
         if isinstance(event, events.NonFatalError | events.FatalError):
             failures.append(f"error: {event!r}")
         if not isinstance(event, events.ScenarioFinished | events.FuzzScenarioFinished):
             continue
         label = event.recorder.label
+        sent += len(event.recorder.interactions)
         for interaction in event.recorder.interactions.values():
             if interaction.response is not None and interaction.response.status_code < 300:
                 reached.add(label)
@@ -320,12 +322,16 @@ def run_checks(schema: Any) -> tuple[list[str], set[str]]:
                     response = None if interaction is None else interaction.response
                     answer = b"" if response is None else response.content[:300]
                     failures.append(f"{label}: {node.name}: {what[:500]} -> {answer!r}")
-    return failures, reached
+    return failures, reached, sent
 
 
 def test_the_api_keeps_its_document(caller: tuple[str, str, str]) -> None:
     url, name, token = caller
-    failures, reached = run_checks(_schema(url, token))
+    started = time.monotonic()
+    failures, reached, sent = run_checks(_schema(url, token))
     assert not failures, "\n".join(sorted(set(failures)))
-    print(f"{name}: {len(reached)} operations answered 2xx: {sorted(reached)}")
+    print(
+        f"\n{name}: {sent} requests in {time.monotonic() - started:.0f} s, no check failed; "
+        f"{len(reached)} operations answered 2xx: {sorted(reached)}"
+    )
     assert MUST_REACH[name] <= reached, sorted(MUST_REACH[name] - reached)
