@@ -51,7 +51,7 @@ class Accounts:
         return dict(found)
 
     def require_tenant(self, tenant: str) -> None:
-        """400 ``unknown_tenant`` unless ``tenant`` exists (objects of unknown tenants
+        """404 ``unknown_tenant`` unless ``tenant`` exists (objects of unknown tenants
         cannot be created)."""
         if not is_id(tenant) or self.ledger.store.get_json("tenants", tenant) is None:
             raise unknown_tenant(tenant)

@@ -38,6 +38,7 @@ from prometheus_client import CollectorRegistry
 
 from central_hub import authz, holds, openapi, tenancy, tokens
 from central_hub.audit import CALLER
+from central_hub.contract import BodyContract, QueryContract
 from central_hub.dashboard import add_dashboard
 from central_hub.deltas_api import DELTAS_ROUTES
 from central_hub.errors import ApiError, InputProblems
@@ -57,9 +58,11 @@ from central_hub.routing import (
     HUB_KEY,
     MAX_BODY_KEY,
     PAGE_QUERIES,
+    QUERY_KEY,
     SELECTOR_QUERY,
     SIGNER_KEY,
     SITE_KEY,
+    TENANT_QUERY,
     TOKEN_KEY,
     Handler,
     Query,
@@ -68,9 +71,7 @@ from central_hub.routing import (
     hub_of,
     json_response,
     page_query,
-    query_int,
-    query_seconds,
-    query_tenant,
+    query_value,
     read,
     read_json,
     read_object,
@@ -102,6 +103,9 @@ logger = logging.getLogger(__name__)
 
 SCHEMES = ("none", "site", "enroll")
 MAX_LINK_LIMIT = 500
+# The request line's bytes: room for every declared query parameter at its longest, even
+# percent-encoded (contract.MAX_QUERY_VALUE and the routes' own maxima).
+MAX_REQUEST_LINE = 65536
 DEFAULT_WAIT_S = 25.0
 MAX_WAIT_S = 30.0
 NONCES_KEY = web.AppKey("nonces", NonceCache)
@@ -130,7 +134,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         if exc.empty_body:
             raise
         code = exc.reason.lower().replace(" ", "_")
-        return error_response(exc.status, code, exc.text or exc.reason)
+        response = error_response(exc.status, code, exc.text or exc.reason)
+        if "Allow" in exc.headers:  # a 405 says which methods the path has (RFC 9110)
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     except Exception:
         logger.exception("unhandled error in %s %s", request.method, request.path)
         return error_response(500, "internal", "internal error, see the hub log")
@@ -139,7 +146,11 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 def build_app(
     hub: HubParts, max_body_bytes: int, legacy_signatures: bool = True
 ) -> web.Application:
-    app = web.Application(middlewares=[errors_middleware], client_max_size=max_body_bytes)
+    app = web.Application(
+        middlewares=[errors_middleware],
+        client_max_size=max_body_bytes,
+        handler_args={"max_line_size": MAX_REQUEST_LINE},
+    )
     app[HUB_KEY] = hub
     app[MAX_BODY_KEY] = max_body_bytes
     app[NONCES_KEY] = NonceCache()
@@ -157,26 +168,48 @@ def build_app(
 
 
 def _guarded(route: Route) -> Handler:
+    """The route's handler behind its auth scheme, then its declared contract: a caller
+    who may not call the route is refused before its input is even looked at, and the
+    handler runs only on input the OpenAPI document allows."""
     action = None if route.auth in SCHEMES else authz.action_of(route.auth)
+    checked = _checked(route)
 
     async def handler(request: web.Request) -> web.StreamResponse:
         hub = hub_of(request)
         if action is not None:
-            return await _with_token(hub, request, route, action)
+            return await _with_token(hub, request, route.path, checked, action)
         if route.auth == "site":
             body = await read(request, route.max_body)
             request[SITE_KEY] = _verify_site(hub, request, body)
         reset = CALLER.set((None, "sites.enroll") if route.auth == "enroll" else None)
         try:
-            return await route.handler(request)
+            return await checked(request)
         finally:
             CALLER.reset(reset)
 
     return handler
 
 
+def _checked(route: Route) -> Handler:
+    """``route.handler`` after the request's query and body are checked against the
+    route's declaration (400 naming the field)."""
+    queries = QueryContract(route.query)
+    path_params = QueryContract(route.path_params)
+    body = None if route.request is None else BodyContract(route.request, openapi.SCHEMAS)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        repeated = [name for name in set(request.query) if len(request.query.getall(name)) > 1]
+        request[QUERY_KEY] = queries.parse(request.query, repeated)
+        path_params.parse(request.match_info, ())
+        if body is not None:
+            body.check(await read_json(request, route.max_body))
+        return await route.handler(request)
+
+    return handler
+
+
 async def _with_token(
-    hub: HubParts, request: web.Request, route: Route, action: str
+    hub: HubParts, request: web.Request, path: str, handler: Handler, action: str
 ) -> web.StreamResponse:
     token: TokenRecord | None = None
     reset = CALLER.set(None)
@@ -189,15 +222,13 @@ async def _with_token(
         CALLER.set((token, action))
         tokens.authorize(token, action)
         request[TOKEN_KEY] = token
-        return await route.handler(request)
+        return await handler(request)
     except ApiError as exc:
         if token is not None and exc.status in (401, 403):
             tenant = token.tenant
             detail = f"{request.method} {request.path}: {exc.code}"
             outcome = f"refused {exc.status}"
-            refusal = hub.ledger.audit(
-                token, action, tenant, "request", route.path, outcome, detail
-            )
+            refusal = hub.ledger.audit(token, action, tenant, "request", path, outcome, detail)
             if refusal is not None:
                 with contextlib.suppress(ApiError):  # the hub is stopping
                     await refusal
@@ -273,8 +304,8 @@ async def rotate_root(request: web.Request) -> web.Response:
 
 async def list_deltas(request: web.Request) -> web.Response:
     hub = hub_of(request)
-    after = query_int(request, "after", 0, 0, 2**63)
-    limit = query_int(request, "limit", 100, 1, MAX_LINK_LIMIT)
+    after = query_value(request, "after", 0)
+    limit = query_value(request, "limit", 100)
     found = []
     for version, envelope in hub.ledger.deltas_after(after, limit):
         try:
@@ -323,9 +354,9 @@ async def link_enroll(request: web.Request) -> web.Response:
 
 
 async def link_deltas(request: web.Request) -> web.Response:
-    after = query_int(request, "after", 0, 0, 2**63)
-    wait_s = query_seconds(request, "wait", DEFAULT_WAIT_S, MAX_WAIT_S)
-    limit = query_int(request, "limit", MAX_LINK_LIMIT, 1, MAX_LINK_LIMIT)
+    after = query_value(request, "after", 0)
+    wait_s = float(query_value(request, "wait", DEFAULT_WAIT_S))
+    limit = query_value(request, "limit", MAX_LINK_LIMIT)
     hub = hub_of(request)
     site = site_of(request)
     if holds.is_held(hub.ledger, site):
@@ -344,7 +375,7 @@ async def link_deltas(request: web.Request) -> web.Response:
 async def link_snapshot(request: web.Request) -> web.Response:
     """The calling site's snapshot (its signature says which site: no other's can be
     asked for), with the root rotations after ``after``."""
-    after = query_int(request, "after", 0, 0, 2**63)
+    after = query_value(request, "after", 0)
     return json_response(hub_of(request).snapshots.snapshot(site_of(request), after))
 
 
@@ -394,7 +425,7 @@ async def create_token(request: web.Request) -> web.Response:
 async def list_tokens(request: web.Request) -> web.Response:
     page = page_query(request, "tokens")
     found, last = hub_of(request).accounts.page_tokens(
-        token_of(request), query_tenant(request), page.after, page.limit
+        token_of(request), query_value(request, "tenant"), page.after, page.limit
     )
     tokens_json = [t.public_json() for t in found]
     return json_response({"tokens": tokens_json, "next_cursor": page.next_cursor(last)})
@@ -448,10 +479,10 @@ async def get_quota(request: web.Request) -> web.Response:
 
 
 async def get_audit(request: web.Request) -> web.Response:
-    after = query_int(request, "after", 0, 0, 2**63)
-    limit = query_int(request, "limit", 100, 1, MAX_LINK_LIMIT)
+    after, limit = query_value(request, "after", 0), query_value(request, "limit", 100)
     hub, token = hub_of(request), token_of(request)
-    return json_response(hub.ledger.read_audit(token, after, limit, query_tenant(request)))
+    tenant = query_value(request, "tenant")
+    return json_response(hub.ledger.read_audit(token, after, limit, tenant))
 
 
 # -- sites -----------------------------------------------------------------------------
@@ -544,7 +575,7 @@ async def create_app(request: web.Request) -> web.Response:
 async def list_apps(request: web.Request) -> web.Response:
     page = page_query(request, "apps")
     found, last = hub_of(request).deployments.page_apps(
-        token_of(request), query_tenant(request), page.after, page.limit
+        token_of(request), query_value(request, "tenant"), page.after, page.limit
     )
     return json_response({"apps": found, "next_cursor": page.next_cursor(last)})
 
@@ -567,9 +598,22 @@ async def get_deployment(request: web.Request) -> web.Response:
     )
 
 
-_AFTER = Query("after", "integer", "only deltas with a version greater than this")
-_LIMIT = Query("limit", "integer", "at most this many deltas (1-500)")
-_TENANT_FILTER = Query("tenant", "string", "only this tenant's (fleet-wide tokens)")
+MAX_VERSION = 2**63
+_AFTER = Query(
+    "after",
+    "integer",
+    "only deltas with a version greater than this",
+    minimum=0,
+    maximum=MAX_VERSION,
+)
+_LIMIT = Query(
+    "limit",
+    "integer",
+    f"at most this many deltas (1-{MAX_LINK_LIMIT})",
+    minimum=1,
+    maximum=MAX_LINK_LIMIT,
+)
+_TENANT_FILTER = TENANT_QUERY
 
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/fleet", get_fleet, "none", "Fleet name, root public key, log head",
@@ -587,13 +631,14 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/link/deltas", link_deltas, "site",
           "Long-poll for deltas after a version (the site's link)", response="LinkDeltas",
           query=(_AFTER, _LIMIT,
-                 Query("wait", "number", "hold the request up to this many seconds (0-30)"))),
+                 Query("wait", "number", "hold the request up to this many seconds (0-30)",
+                       minimum=0, maximum=MAX_WAIT_S))),
     Route("GET", "/v1/link/snapshot", link_snapshot, "site",
           "The calling site's desired state at the head, signed by the fleet root key, and "
           "the root.rotate deltas after the version it applied (docs/fleet-link.md)",
           response="LinkSnapshot",
           query=(Query("after", "integer", "the version the site applied: root rotations "
-                       "after it come with the snapshot"),)),
+                       "after it come with the snapshot", minimum=0, maximum=MAX_VERSION),)),
     Route("POST", "/v1/link/report", link_report, "site", "A site's report of its state",
           request="SiteReport", response="Head"),
     Route("POST", "/v1/link/key", link_key, "site",
@@ -635,8 +680,10 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/audit", get_audit, "audit.read",
           "The audit log after a sequence number (tenant admin: its tenant's entries)",
           response="AuditList",
-          query=(Query("after", "integer", "only entries with a greater sequence number"),
-                 Query("limit", "integer", "at most this many entries (1-500)"),
+          query=(Query("after", "integer", "only entries with a greater sequence number",
+                       minimum=0, maximum=MAX_VERSION),
+                 Query("limit", "integer", f"at most this many entries (1-{MAX_LINK_LIMIT})",
+                       minimum=1, maximum=MAX_LINK_LIMIT),
                  _TENANT_FILTER)),
     Route("POST", "/v1/sites", create_site, "sites.create",
           "Register a site (without public_key the answer has an enroll_token)",
@@ -670,7 +717,7 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/apps", create_app, "apps.write",
           "Deploy an application version with a placement policy (202 new, 200 repeated); "
           "tenant: the token's (a fleet-wide token may name one; default 'default')",
-          request="AppRequest", response="Deployment", status=202),
+          request="AppRequest", response="Deployment", status=202, also=(200,)),
     Route("GET", "/v1/apps", list_apps, "apps.read",
           "List the tenant's applications, in name order, paginated",
           response="AppList", query=(_TENANT_FILTER, *PAGE_QUERIES)),

@@ -191,6 +191,13 @@ def field_not_allowed(fields: list[str], why: str) -> ApiError:
     return ApiError(400, "field_not_allowed", f"fields {fields} may not be set: {why}")
 
 
+def field_not_permitted(fields: list[str], why: str) -> ApiError:
+    """403 ``field_not_allowed``: a well-formed body gives a field a value its caller may
+    not (another tenant, a role above its own): refused as the caller's, not the request's,
+    fault; the request changes nothing."""
+    return ApiError(403, "field_not_allowed", f"fields {fields} may not be set: {why}")
+
+
 def only_fields(data: object, allowed: Iterable[str], what: str) -> dict[str, Any]:
     """``data`` as a JSON object having no field outside ``allowed``."""
     if not isinstance(data, dict):

@@ -159,12 +159,12 @@ class Deployments:
     @staticmethod
     def owner(token: TokenRecord, tenant: str | None) -> str:
         """The tenant a new app of ``token`` belongs to: ``tenant`` when given (a tenant
-        token may give only its own: 400 ``field_not_allowed``), else the token's
+        token may give only its own: 403 ``field_not_allowed``), else the token's
         (``default`` for a fleet-wide token)."""
         if tenant is None:
             return DEFAULT_TENANT if tokens.is_fleet(token) else token.tenant
         if not tokens.reaches(token, tenant):
-            raise tokens.field_not_allowed(
+            raise tokens.field_not_permitted(
                 ["tenant"], f"a token of tenant {token.tenant!r} deploys to that tenant only"
             )
         return tenant

@@ -38,8 +38,9 @@ SeenVia = Literal["link", "gossip"]
 Gossip = tuple[Mapping[str, Any], float]  # (normalised summary, received at)
 REPORT_VERSION = 1
 APP_STATES = ("healthy", "progressing", "failed")
-_MAX_ITEMS = 10_000
-_MAX_TEXT = 4096
+MAX_ITEMS = 10_000
+MAX_TEXT = 4096
+MAX_INTEGER = 2**63 - 1  # what orjson writes back
 
 
 class ReportError(InputProblems):
@@ -58,17 +59,17 @@ class _Checker:
         return {}
 
     def items(self, value: object, path: str) -> list[Any]:
-        if isinstance(value, list) and len(value) <= _MAX_ITEMS:
+        if isinstance(value, list) and len(value) <= MAX_ITEMS:
             return value
-        self.problems.append(f"{path}: must be a list of at most {_MAX_ITEMS}")
+        self.problems.append(f"{path}: must be a list of at most {MAX_ITEMS}")
         return []
 
     def text(self, value: object, path: str, *, optional: bool = False) -> str:
         if optional and value is None:
             return ""
-        if isinstance(value, str) and len(value) <= _MAX_TEXT:
+        if isinstance(value, str) and len(value) <= MAX_TEXT:
             return value
-        self.problems.append(f"{path}: must be a string of at most {_MAX_TEXT} characters")
+        self.problems.append(f"{path}: must be a string of at most {MAX_TEXT} characters")
         return ""
 
     def number(self, value: object, path: str) -> float:
@@ -80,9 +81,11 @@ class _Checker:
     def integer(self, value: object, path: str, *, optional: bool = False) -> int | None:
         if optional and value is None:
             return None
-        if type(value) is int and value >= 0:
+        if type(value) is float and value.is_integer():  # JSON's 3.0 is 3
+            value = int(value)
+        if type(value) is int and 0 <= value <= MAX_INTEGER:  # stored as JSON again
             return value
-        self.problems.append(f"{path}: must be a non-negative integer")
+        self.problems.append(f"{path}: must be an integer from 0 to {MAX_INTEGER}")
         return 0
 
     def flag(self, value: object, path: str) -> bool:
@@ -151,8 +154,8 @@ def parse_report(data: object, site_id: str) -> dict[str, Any]:
         hosts.append(host)
     apps: dict[str, Any] = {}
     raw_apps = c.obj(report.get("apps", {}), "apps")
-    if len(raw_apps) > _MAX_ITEMS:
-        c.problems.append(f"apps: at most {_MAX_ITEMS}")
+    if len(raw_apps) > MAX_ITEMS:
+        c.problems.append(f"apps: at most {MAX_ITEMS}")
         raw_apps = {}
     for name, raw_app in raw_apps.items():
         a = c.obj(raw_app, f"apps.{name}")

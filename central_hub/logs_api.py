@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from central_hub.logindex import MAX_LEVEL, MAX_REGEX_CHARS
+from central_hub.logs import MAX_QUERY_LIMIT
+from central_hub.model import ID_PATTERN
 from central_hub.routing import Query, Route, hub_of, json_response, read_json, site_of, token_of
 
 
@@ -32,27 +35,43 @@ async def list_log_streams(request: web.Request) -> web.Response:
     return json_response(await hub_of(request).logs.streams(token_of(request)))
 
 
+_SEGMENT = ID_PATTERN  # a stream name's part (meshorch.streams.model.SEGMENT_RE)
+_NUMBER = r"-?[0-9]+(\.[0-9]+)?"
+_TIME = rf"{_NUMBER}|([0-9]+(\.[0-9]+)?[smhd])+"  # central_hub.logs.parse_time
 _LOG_QUERY = (
-    Query("tenant", "string", "only this tenant's streams (a tenant token sees only its own)"),
-    Query("site", "string", "only this site"),
-    Query("app", "string", "only this application"),
-    Query("stream", "string", "only this stream, tenant/app/name"),
-    Query("host", "string", "only events produced on this host"),
-    Query("since", "string", "from this time: unix seconds or a duration back (15m, 1h, 2d)"),
-    Query("until", "string", "before this time: unix seconds or a duration back"),
-    Query("level", "integer", "severity at most this (0-7: 3 error, 4 warning, 6 info)"),
-    Query("grep", "string", "the text contains this substring (case-sensitive)"),
+    Query("tenant", "string", "only this tenant's streams (a tenant token sees only its own)",
+          pattern=_SEGMENT),
+    Query("site", "string", "only this site", pattern=_SEGMENT),
+    Query("app", "string", "only this application: name or tenant/name",
+          pattern=rf"{_SEGMENT}(/{_SEGMENT})?"),
+    Query("stream", "string", "only this stream, tenant/app/name",
+          pattern=rf"{_SEGMENT}/{_SEGMENT}/{_SEGMENT}"),
+    Query("host", "string", "only events produced on this host", max_length=253),
+    Query("since", "string", "from this time: unix seconds or a duration back (15m, 1h, 2d)",
+          pattern=_TIME, max_length=64),
+    Query("until", "string", "before this time: unix seconds or a duration back",
+          pattern=_TIME, max_length=64),
+    Query("level", "integer", "severity at most this (0-7: 3 error, 4 warning, 6 info)",
+          minimum=0, maximum=MAX_LEVEL),
+    Query("grep", "string", "the text contains this substring (case-sensitive)",
+          min_length=1, max_length=1000),
     Query(
         "regex",
         "string",
         "the text matches this regular expression (RE2 syntax, "
-        "linear time: no backreferences or lookarounds, 400 bad_regex; at most 1000 "
-        "characters)",
+        "linear time: no backreferences or lookarounds, 400 bad_regex; at most "
+        f"{MAX_REGEX_CHARS} characters)",
+        min_length=1,
+        max_length=MAX_REGEX_CHARS,
     ),
-    Query("limit", "integer", "at most this many lines, newest first (1-1000, default 100)"),
-    Query("cursor", "string", "the next_cursor of the previous page"),
-    Query("count", "string", "'true': also count every match (total)"),
-)
+    Query("limit", "integer",
+          f"at most this many lines, newest first (1-{MAX_QUERY_LIMIT}, default 100)",
+          minimum=1, maximum=MAX_QUERY_LIMIT),
+    Query("cursor", "string", "the next_cursor of the previous page (opaque: 400 bad_cursor "
+          "for one this hub did not give)"),
+    Query("count", "string", "'true': also count every match (total)",
+          enum=("true", "false", "1", "0", "yes", "no")),
+)  # fmt: skip
 
 LOGS_ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/logs", query_logs, "logs.read",

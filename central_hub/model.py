@@ -9,9 +9,13 @@ from meshorch.fleet.delta import parse_key_id
 
 MAX_ID = 63
 MAX_LABELS = 64
-_ID_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
-_LABEL_KEY_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._/-]{0,61}[A-Za-z0-9])?")
-_LABEL_VALUE_RE = re.compile(r"([A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?)?")
+# The patterns are also the API's (central_hub.openapi): one statement of each rule.
+ID_PATTERN = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+LABEL_KEY_PATTERN = r"[A-Za-z0-9]([A-Za-z0-9._/-]{0,61}[A-Za-z0-9])?"
+LABEL_VALUE_PATTERN = r"([A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?)?"
+_ID_RE = re.compile(ID_PATTERN)
+_LABEL_KEY_RE = re.compile(LABEL_KEY_PATTERN)
+_LABEL_VALUE_RE = re.compile(LABEL_VALUE_PATTERN)
 DEFAULT_TENANT = "default"
 
 

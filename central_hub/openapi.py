@@ -10,7 +10,13 @@ import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from central_hub import authz
+from central_hub import authz, placement
+from central_hub.fleetview import MAX_ITEMS, MAX_TEXT
+from central_hub.logs import MAX_PUSH_STREAMS
+from central_hub.model import ID_PATTERN, LABEL_KEY_PATTERN, LABEL_VALUE_PATTERN, MAX_LABELS
+from central_hub.tenancy import MAX_DESCRIPTION
+from meshorch.apps.quotas import MAX_CPU_MILLIS, MAX_INSTANCES, MAX_MEMORY_BYTES
+from meshorch.secrets.keyring import MAX_SECRET_BYTES, SECRET_NAME_PATTERN
 
 if TYPE_CHECKING:
     from central_hub.routing import Route
@@ -26,18 +32,46 @@ def _obj(required: Sequence[str] = (), **properties: Schema) -> Schema:
     return {"type": "object", "properties": properties, "required": list(required)}
 
 
+def _closed(required: Sequence[str] = (), **properties: Schema) -> Schema:
+    """A request body's object: a field it does not list is refused (field_not_allowed)."""
+    return {**_obj(required, **properties), "additionalProperties": False}
+
+
 def _list(item: Schema) -> Schema:
     return {"type": "array", "items": item}
 
 
+def _pattern(regex: str, **more: Any) -> Schema:
+    return {"type": "string", "pattern": f"^(?:{regex})$", **more}
+
+
 _STR: Schema = {"type": "string"}
-_INT: Schema = {"type": "integer", "minimum": 0}
+_INT: Schema = {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}
 _NUM: Schema = {"type": "number"}
 _BOOL: Schema = {"type": "boolean"}
 _HEX64: Schema = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
+_DIGEST: Schema = {"type": "string", "pattern": "^sha256:[0-9a-f]{64}$"}  # spec_digest
 _NULLABLE_NUM: Schema = {"type": ["number", "null"]}
-_ID: Schema = {"type": "string", "pattern": "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"}
+_ID: Schema = _pattern(ID_PATTERN)
 _LABELS: Schema = {"type": "object", "additionalProperties": {"type": "string"}}
+# Labels as a request gives them (central_hub.model.label_problems).
+_LABELS_IN: Schema = {
+    "type": "object",
+    "maxProperties": MAX_LABELS,
+    "propertyNames": _pattern(LABEL_KEY_PATTERN),
+    "additionalProperties": _pattern(LABEL_VALUE_PATTERN),
+    "x-error": "bad_labels",
+}
+_DESCRIPTION: Schema = {"type": "string", "maxLength": MAX_DESCRIPTION, "x-error": "bad_request"}
+# Text and lists of a site report (central_hub.fleetview).
+_TEXT: Schema = {"type": "string", "maxLength": MAX_TEXT}
+_TEXT_OR_NULL: Schema = {"type": ["string", "null"], "maxLength": MAX_TEXT}
+
+
+def _items(item: Schema) -> Schema:
+    return {**_list(item), "maxItems": MAX_ITEMS}
+
+
 # The cursor of the next page of a paginated listing; null on the last page.
 _CURSOR: Schema = {"type": ["string", "null"]}
 PAGINATION = (
@@ -111,19 +145,28 @@ SCHEMAS: dict[str, Schema] = {
         rotations=_list(_ref("Envelope")),
     ),
     "Head": _obj(["head"], head=_INT, site_head=_INT),
-    "EnrollRequest": _obj(["site", "public_key", "token"], site=_ID, public_key=_HEX64, token=_STR),
-    "EnrollResponse": _obj(["site"], site=_ID),
-    "KeyRotation": _obj(
-        ["public_key", "time", "proof"],
-        public_key=_HEX64,
-        time=_NUM,
-        proof={
-            "type": "string",
-            "pattern": "^[0-9a-f]{128}$",
-            "description": "the new key's signature (docs/fleet-link.md)",
-        },
+    "EnrollRequest": _closed(
+        ["site", "public_key", "token"],
+        site={**_ID, "x-error": "bad_site_id"},
+        public_key={**_HEX64, "x-error": "bad_public_key"},
+        token={"type": "string", "x-error": "bad_enroll_token"},
     ),
-    "SiteKey": _obj(["public_key"], public_key=_HEX64),
+    "EnrollResponse": _obj(["site"], site=_ID),
+    "KeyRotation": {
+        **_closed(
+            ["public_key", "time", "proof"],
+            public_key=_HEX64,
+            time=_NUM,
+            proof={
+                "type": "string",
+                "pattern": "^[0-9a-f]{128}$",
+                "description": "the new key's signature (docs/fleet-link.md)",
+            },
+        ),
+        "x-error": "bad_key_rotation",
+        "x-unknown-field-error": "bad_key_rotation",
+    },
+    "SiteKey": _closed(["public_key"], public_key={**_HEX64, "x-error": "bad_public_key"}),
     "KeyRotated": _obj(
         ["site", "public_key", "rotated"], site=_ID, public_key=_HEX64, rotated=_BOOL
     ),
@@ -135,51 +178,107 @@ SCHEMAS: dict[str, Schema] = {
         preset={"enum": ["wan", "lan", "local"]},
         peers=_list(_obj(["id", "addr"], id=_ID, addr=_STR)),
     ),
-    "SiteReport": _obj(
-        ["v", "site", "time", "applied_version", "applied_head"],
-        v={"const": 1},
-        site=_ID,
-        time=_NUM,
-        applied_version=_INT,
-        applied_head=_STR,
-        rejections=_list(_obj(["reason", "at"], reason=_STR, message=_STR, version=_INT, at=_NUM)),
-        hosts=_list(
-            _obj(
-                ["host_id", "alive"],
-                host_id=_STR,
-                alive=_BOOL,
-                instances=_list(
-                    _obj(
-                        ["app", "instance_id", "state"],
-                        app=_STR,
-                        instance_id=_STR,
-                        service=_STR,
-                        version=_STR,
-                        state=_STR,
-                        ready=_BOOL,
-                        restarts=_INT,
-                    )
-                ),
-            )
-        ),
-        apps={
-            "type": "object",
-            "additionalProperties": _obj(
-                ["version", "state"],
-                version=_STR,
-                desired=_INT,
-                ready=_INT,
-                state={"enum": ["healthy", "progressing", "failed"]},
-                message=_STR,
+    # A site's report, as central_hub.fleetview.parse_report reads it.
+    "SiteReport": {
+        **_obj(
+            ["v", "site", "time", "applied_version", "applied_head"],
+            v={"const": 1},
+            site=_ID,
+            time=_NUM,
+            applied_version=_INT,
+            applied_head=_TEXT,
+            rejections=_items(
+                _obj(
+                    ["reason", "at"],
+                    reason=_TEXT,
+                    message=_TEXT_OR_NULL,
+                    version={**_INT, "type": ["integer", "null"]},
+                    at=_NUM,
+                )
             ),
-        },
-    ),
-    "TokenRequest": _obj(
+            hosts=_items(
+                _obj(
+                    ["host_id", "alive"],
+                    host_id=_TEXT,
+                    alive=_BOOL,
+                    instances=_items(
+                        _obj(
+                            ["app", "instance_id", "state"],
+                            app=_TEXT,
+                            instance_id=_TEXT,
+                            service=_TEXT_OR_NULL,
+                            version=_TEXT_OR_NULL,
+                            state=_TEXT,
+                            ready=_BOOL,
+                            restarts=_INT,
+                        )
+                    ),
+                    agent_version=_TEXT,
+                    protocol=_INT,
+                    resources=_obj(
+                        [], load1=_NUM, memory_used_pct=_NUM, disk_used_pct=_NUM, at=_NUM
+                    ),
+                )
+            ),
+            apps={
+                "type": "object",
+                "maxProperties": MAX_ITEMS,
+                "additionalProperties": _obj(
+                    ["version", "state"],
+                    version=_TEXT,
+                    desired=_INT,
+                    ready=_INT,
+                    state={"enum": ["healthy", "progressing", "failed"]},
+                    message=_TEXT_OR_NULL,
+                ),
+            },
+            agent_upgrade={
+                "oneOf": [
+                    _obj(
+                        ["version", "state"],
+                        version=_TEXT,
+                        state=_TEXT,
+                        current=_TEXT_OR_NULL,
+                        hosts_upgraded=_INT,
+                        hosts=_INT,
+                        failed={
+                            "type": ["object", "null"],
+                            "properties": {"host": _TEXT},
+                            "required": ["host"],
+                        },
+                    ),
+                    {"type": "null"},
+                ],
+            },
+            decommission={
+                "oneOf": [
+                    _obj(
+                        ["state", "version"],
+                        state={"enum": ["running", "stopping", "done"]},
+                        version=_INT,
+                    ),
+                    {"type": "null"},
+                ],
+            },
+        ),
+        "x-error": "bad_report",
+    },
+    "TokenRequest": _closed(
         ["role"],
-        role={"enum": ["viewer", "operator", "admin"]},
-        tenant={"type": "string", "description": '"*" for every tenant (fleet admins)'},
-        description=_STR,
-        expires_in_s={"type": "number", "exclusiveMinimum": 0},
+        role={"enum": ["viewer", "operator", "admin"], "x-error": "bad_role"},
+        tenant={
+            "type": "string",
+            "pattern": f"^(?:\\*|{ID_PATTERN})$",
+            "description": '"*" for every tenant (fleet admins)',
+            "x-error": "bad_tenant",
+        },
+        description=_DESCRIPTION,
+        expires_in_s={
+            "type": "number",
+            "exclusiveMinimum": 0,
+            "exclusiveMaximum": 100 * 365 * 86400,
+            "x-error": "bad_request",
+        },
     ),
     "Token": _obj(
         ["id", "role", "tenant", "created_at"],
@@ -201,7 +300,7 @@ SCHEMAS: dict[str, Schema] = {
         ]
     },
     "TokenList": _obj(["tokens", "next_cursor"], tokens=_list(_ref("Token")), next_cursor=_CURSOR),
-    "TenantRequest": _obj(["id"], id=_ID, description=_STR),
+    "TenantRequest": _closed(["id"], id={**_ID, "x-error": "bad_tenant"}, description=_DESCRIPTION),
     "Tenant": _obj(
         ["id", "description", "created_at", "quota"],
         id=_ID,
@@ -213,12 +312,15 @@ SCHEMAS: dict[str, Schema] = {
         ["tenants", "next_cursor"], tenants=_list(_ref("Tenant")), next_cursor=_CURSOR
     ),
     "TenantDeleted": _obj(["deleted"], deleted=_ID, revoked_tokens=_list(_STR)),
-    "Quota": _obj(
-        [],
-        cpu_millis={"type": ["integer", "null"], "minimum": 0},
-        memory_bytes={"type": ["integer", "null"], "minimum": 0},
-        instances={"type": ["integer", "null"], "minimum": 0},
-    ),
+    "Quota": {
+        **_closed(
+            [],
+            cpu_millis={"type": ["integer", "null"], "minimum": 0, "maximum": MAX_CPU_MILLIS},
+            memory_bytes={"type": ["integer", "null"], "minimum": 0, "maximum": MAX_MEMORY_BYTES},
+            instances={"type": ["integer", "null"], "minimum": 0, "maximum": MAX_INSTANCES},
+        ),
+        "x-error": "bad_quota",
+    },
     "QuotaSet": _obj(
         ["tenant", "quota"],
         tenant=_ID,
@@ -243,9 +345,14 @@ SCHEMAS: dict[str, Schema] = {
     ),
     "AuditList": _obj(["entries", "last"], entries=_list(_ref("AuditEntry")), last=_INT),
     "Deleted": _obj(["deleted"], deleted=_STR),
-    "Labels": _LABELS,
+    "Labels": {**_LABELS_IN, "x-not-object-error": "bad_labels"},
     "SiteLabels": _obj(["id", "labels"], id=_ID, labels=_LABELS),
-    "SiteRequest": _obj(["id"], id=_ID, labels=_LABELS, public_key=_HEX64),
+    "SiteRequest": _closed(
+        ["id"],
+        id={**_ID, "x-error": "bad_site_id"},
+        labels=_LABELS_IN,
+        public_key={**_HEX64, "x-error": "bad_public_key"},
+    ),
     "NewSite": _obj(
         ["id", "labels", "public_key"],
         id=_ID,
@@ -312,28 +419,54 @@ SCHEMAS: dict[str, Schema] = {
             ),
         ]
     },
-    "Placement": _obj(
-        [],
-        match=_LABELS,
-        expressions=_list(
-            _obj(
-                ["key", "op"],
-                key=_STR,
-                op={"enum": ["in", "not in", "exists", "not exists"]},
-                values=_list(_STR),
-            )
+    "Placement": {
+        **_closed(
+            [],
+            match={**_LABELS_IN, "x-error": "bad_placement"},
+            expressions={
+                **_list(
+                    {
+                        "oneOf": [
+                            _closed(
+                                ["key", "op", "values"],
+                                key=_pattern(LABEL_KEY_PATTERN),
+                                op={"enum": ["in", "not in"]},
+                                values={
+                                    **_list(_STR),
+                                    "minItems": 1,
+                                    "maxItems": placement.MAX_VALUES,
+                                },
+                            ),
+                            _closed(
+                                ["key", "op"],
+                                key=_pattern(LABEL_KEY_PATTERN),
+                                op={"enum": ["exists", "not exists"]},
+                                values={"type": ["array", "null"], "maxItems": 0},
+                            ),
+                        ]
+                    }
+                ),
+                "maxItems": placement.MAX_EXPRESSIONS,
+            },
+            sites={**_list(_ID), "minItems": 1, "maxItems": placement.MAX_SITES},
+            max_parallel={
+                "type": "integer",
+                "minimum": 1,
+                "maximum": placement.MAX_PARALLEL,
+                "default": placement.DEFAULT_MAX_PARALLEL,
+            },
         ),
-        sites=_list(_ID),
-        max_parallel={"type": "integer", "minimum": 1, "maximum": 1000, "default": 10},
-    ),
-    "AppRequest": _obj(
+        "x-error": "bad_placement",
+    },
+    "AppRequest": _closed(
         ["spec"],
         spec={
             "oneOf": [{"type": "object"}, {"type": "string"}],
             "description": "the application spec (docs/app-spec.md) as JSON or YAML/JSON text",
+            "x-error": "bad_spec",
         },
         placement=_ref("Placement"),
-        tenant=_ID,
+        tenant={**_ID, "x-error": "bad_tenant"},
     ),
     "SiteProgress": _obj(
         ["state", "message"],
@@ -345,7 +478,7 @@ SCHEMAS: dict[str, Schema] = {
         id=_STR,
         app=_ID,
         version=_STR,
-        digest=_HEX64,
+        digest=_DIGEST,
         tenant=_ID,
         placement=_ref("Placement"),
         state={"enum": ["running", "succeeded", "failed", "superseded"]},
@@ -363,7 +496,7 @@ SCHEMAS: dict[str, Schema] = {
         name=_ID,
         tenant=_ID,
         version=_STR,
-        digest=_HEX64,
+        digest=_DIGEST,
         deployment={"type": ["object", "null"]},
         sites=_list(_ID),
     ),
@@ -373,7 +506,7 @@ SCHEMAS: dict[str, Schema] = {
         name=_ID,
         tenant=_ID,
         version=_STR,
-        digest=_HEX64,
+        digest=_DIGEST,
         spec={"type": "object"},
         placement=_ref("Placement"),
         deployment={"oneOf": [_ref("Deployment"), {"type": "null"}]},
@@ -407,6 +540,7 @@ _SECURITY_SCHEMES = {
     },
 }
 
+_BASE64 = "([A-Za-z0-9+/]{4})*([A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?"
 # The vault's shapes (central_hub.vault_api): secrets, lock-down, escrow.
 _SECRET_SITE = _obj(
     ["state"], sent_version={"type": ["integer", "null"]}, delta={"type": ["integer", "null"]},
@@ -414,10 +548,21 @@ _SECRET_SITE = _obj(
 )  # fmt: skip
 SCHEMAS.update(
     {
-        "SecretRequest": _obj(
-            ["name"], name=_STR, value=_STR, value_b64=_STR, tenant=_ID,
-            placement=_ref("Placement"),
-        ),
+        "SecretRequest": {
+            **_closed(
+                ["name"], name={**_pattern(SECRET_NAME_PATTERN), "x-error": "bad_name"},
+                value={"type": "string", "minLength": 1, "maxLength": MAX_SECRET_BYTES,
+                       "description": f"UTF-8 text of 1 to {MAX_SECRET_BYTES} bytes",
+                       "x-error": "bad_value"},
+                value_b64={**_pattern(_BASE64, minLength=4,
+                                      maxLength=(MAX_SECRET_BYTES + 2) // 3 * 4),
+                           "x-error": "bad_value"},
+                tenant={**_ID, "x-error": "bad_tenant"}, placement=_ref("Placement"),
+            ),
+            "oneOf": [{"required": ["value"]}, {"required": ["value_b64"]}],
+            "x-error": "bad_value",
+            "x-unknown-field-error": "bad_request",
+        },
         "Secret": _obj(
             ["tenant", "name", "version"], tenant=_ID, name=_STR, version=_INT,
             placement={"type": "object"}, created_at=_NUM, updated_at=_NUM,
@@ -439,8 +584,14 @@ SCHEMAS.update(
             signed_by=_HEX64, escrowed={"type": ["string", "null"]},
             unseal_approved=_BOOL, locked_down=_BOOL,
         ),
-        "EscrowUpload": _obj(["sealed", "ssk_public"], sealed=_STR, ssk_public=_HEX64),
-        "UnsealRequest": _obj(["public_key"], public_key=_HEX64),
+        "EscrowUpload": {
+            **_obj(["sealed", "ssk_public"], sealed=_STR, ssk_public=_HEX64),
+            "x-error": "bad_escrow",
+        },
+        "UnsealRequest": {
+            **_closed(["public_key"], public_key={**_HEX64, "x-error": "bad_public_key"}),
+            "x-unknown-field-error": "bad_request",
+        },
         "SealedKey": _obj(["sealed_key"], sealed_key=_STR),
     }
 )  # fmt: skip
@@ -471,10 +622,16 @@ SCHEMAS.update(
             ["positions"], positions={"type": "object", "additionalProperties": _INT},
             refused={"type": "object", "additionalProperties": _STR},
         ),
-        "StreamPush": _obj(["streams"], streams=_list(_obj(
-            ["stream", "dropped_through", "chunks"], stream=_STR, dropped_through=_INT,
-            chunks=_list(_obj(["first", "data"], first=_INT, data=_STR)),
-        ))),
+        "StreamPush": {**_closed(["streams"], streams={**_list(_closed(
+            ["stream", "dropped_through", "chunks"],
+            stream=_pattern(f"{ID_PATTERN}/{ID_PATTERN}/{ID_PATTERN}"), dropped_through=_INT,
+            chunks=_list(_closed(
+                ["first", "data"], first={"type": "integer", "minimum": 1},
+                data={**_pattern(_BASE64), "description": "base64 of an encoded chunk "
+                      "(meshorch.streams.model)"},
+            )),
+        )), "maxItems": MAX_PUSH_STREAMS}), "x-error": "bad_streams",
+            "x-unknown-field-error": "bad_streams"},
     }
 )  # fmt: skip
 
@@ -510,10 +667,11 @@ SCHEMAS["SiteHold"] = _obj(
 
 _ERRORS = {
     "none": (400,),
-    "enroll": (400, 403),
-    "site": (400, 401, 413),
+    "enroll": (400, 403, 404, 409, 413),
+    "site": (400, 401, 403, 404, 409, 413, 503),
 }
-_TOKEN_ERRORS = (400, 401, 403, 404, 409, 413)
+# 429: failed authentications from the caller's address are rate-limited.
+_TOKEN_ERRORS = (400, 401, 403, 404, 409, 413, 429)
 
 
 def document(routes: Sequence[Route]) -> dict[str, Any]:
@@ -524,7 +682,7 @@ def document(routes: Sequence[Route]) -> dict[str, Any]:
             "operationId": route.handler.__name__,
             "x-auth": route.auth,
             "responses": {
-                str(route.status): _answer(route.response),
+                **{str(code): _answer(route.response) for code in (route.status, *route.also)},
                 **{str(code): _answer("Error") for code in _ERRORS.get(route.auth, _TOKEN_ERRORS)},
             },
         }
@@ -536,8 +694,14 @@ def document(routes: Sequence[Route]) -> dict[str, Any]:
             operation["security"] = [{"siteSignature": []}]
         else:
             operation["security"] = []
+        declared = {q.name: q for q in route.path_params}
         parameters = [
-            {"name": name, "in": "path", "required": True, "schema": _STR}
+            {
+                "name": name,
+                "in": "path",
+                "required": True,
+                "schema": declared[name].schema() if name in declared else _STR,
+            }
             for name in re.findall(r"{(\w+)}", route.path)
         ]
         parameters += [
@@ -545,7 +709,7 @@ def document(routes: Sequence[Route]) -> dict[str, Any]:
                 "name": q.name,
                 "in": "query",
                 "required": False,
-                "schema": {"type": q.type},
+                "schema": q.schema(),
                 "description": q.description,
             }
             for q in route.query

@@ -27,6 +27,14 @@ from dataclasses import dataclass
 import orjson
 
 from central_hub.errors import ApiError
+from central_hub.model import LABEL_KEY_PATTERN
+
+# What the API documents and checks before parsing (central_hub.contract): a selector's
+# keys and values are label keys and non-empty label values, optionally spaced.
+_LABEL_VALUE = r"[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?"
+_TERM = rf" *(!? *{LABEL_KEY_PATTERN}|{LABEL_KEY_PATTERN} *(!=|==|=) *{_LABEL_VALUE}) *"
+SELECTOR_PATTERN = rf"({_TERM}(,{_TERM})*)?"
+CURSOR_PATTERN = r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+"
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000

@@ -1,24 +1,26 @@
 """Route declarations and the request helpers shared by the hub's HTTP route modules.
 
-``Route`` and ``Query`` declare a route (``central_hub.api`` registers them and
-``central_hub.openapi`` documents them); the helpers read what a guarded request carries
-(the hub, the caller's token or site, a size-limited body, query parameters) and answer
-JSON. The route modules (``central_hub.api``, ``vault_api``, ``logs_api``, ``releases``)
-import from here, never from each other.
+``Route`` and ``Query`` (``central_hub.contract``) declare a route: ``central_hub.api``
+registers it and checks its query and body against the declaration before the handler
+runs, ``central_hub.openapi`` documents the same declaration. The helpers read what a
+guarded request carries (the hub, the caller's token or site, a size-limited body, the
+checked query parameters) and answer JSON. The route modules (``central_hub.api``,
+``vault_api``, ``logs_api``, ``releases``) import from here, never from each other.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
 
 from central_hub import authz, paging
+from central_hub.contract import Query as Query  # re-exported: route modules declare with it
 from central_hub.errors import ApiError
-from central_hub.model import validate_tenant
+from central_hub.model import ID_PATTERN
 from central_hub.tokens import TokenRecord
 
 if TYPE_CHECKING:
@@ -31,16 +33,12 @@ TOKEN_KEY: web.RequestKey[TokenRecord] = web.RequestKey("token", TokenRecord)
 SITE_KEY: web.RequestKey[str] = web.RequestKey("site", str)
 # The public key (hex) a site request was verified with.
 SIGNER_KEY: web.RequestKey[str] = web.RequestKey("site_signer", str)
+# The route's declared query parameters present in the request, converted and checked.
+QUERY_KEY: web.RequestKey[dict[str, object]] = web.RequestKey("query", dict)
+BODY_KEY: web.RequestKey[object] = web.RequestKey("json_body", object)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Auth = str  # "none", "site", "enroll", or an action of authz.POLICY
-
-
-@dataclass(frozen=True, slots=True)
-class Query:
-    name: str
-    type: Literal["integer", "number", "string"]
-    description: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,10 +48,12 @@ class Route:
     handler: Handler
     auth: Auth
     summary: str
-    request: str | None = None  # a schema name of openapi.SCHEMAS
+    request: str | None = None  # a schema name of openapi.SCHEMAS: the body, checked
     response: str = "Empty"
     status: int = 200
     query: tuple[Query, ...] = ()
+    path_params: tuple[Query, ...] = ()  # those not declared are any string
+    also: tuple[int, ...] = ()  # other success statuses, with the same response schema
     max_body: int = 0  # bytes; 0: the hub's --max-body
 
 
@@ -107,12 +107,18 @@ async def read(request: web.Request, max_bytes: int = 0) -> bytes:
     return body
 
 
-async def read_json(request: web.Request) -> object:
-    body = await read(request)
+async def read_json(request: web.Request, max_bytes: int = 0) -> object:
+    """The body parsed as JSON (400 ``bad_json``); parsed once per request, so checking
+    it against the route's contract and handling it read it once."""
+    if BODY_KEY in request:
+        return request[BODY_KEY]
+    body = await read(request, max_bytes)
     try:
-        return orjson.loads(body)
+        data: object = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise ApiError(400, "bad_json", f"the body is not JSON: {exc}") from None
+    request[BODY_KEY] = data
+    return data
 
 
 async def read_object(request: web.Request, allowed: set[str]) -> dict[str, Any]:
@@ -121,31 +127,10 @@ async def read_object(request: web.Request, allowed: set[str]) -> dict[str, Any]
     return authz.only_fields(await read_json(request), allowed, "this request")
 
 
-def query_tenant(request: web.Request) -> str | None:
-    raw = request.query.get("tenant")
-    return None if raw is None else validate_tenant(raw)
-
-
-def query_int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    if not raw.isascii() or not raw.isdigit() or not low <= int(raw) <= high:
-        raise ApiError(400, f"bad_{name}", f"{name} must be an integer from {low} to {high}")
-    return int(raw)
-
-
-def query_seconds(request: web.Request, name: str, default: float, high: float) -> float:
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value <= high:  # also refuses NaN
-        raise ApiError(400, f"bad_{name}", f"{name} must be a number of seconds from 0 to {high}")
-    return value
+def query_value(request: web.Request, name: str, default: object = None) -> Any:
+    """The route's declared query parameter ``name``, checked against its declaration
+    before the handler ran (``default`` when the request did not give it)."""
+    return request[QUERY_KEY].get(name, default)
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,15 +157,15 @@ def page_query(request: web.Request, listing: str, *, selector: bool = False) ->
     ``selector`` on a listing without labels is refused."""
     tenant = token_of(request).tenant
     key = paging.cursor_key(hub_of(request).vault.keys.master)
-    raw_selector = request.query.get("selector")
-    if raw_selector is not None and not selector:
+    raw_selector = query_value(request, "selector")
+    if "selector" in request.query and not selector:  # a listing that did not declare it
         raise ApiError(400, "bad_selector", f"{listing} have no labels to select by")
     return PageQuery(
         listing,
         tenant,
         key,
-        paging.read_cursor(key, request.query.get("cursor"), listing, tenant),
-        paging.parse_limit(request.query.get("limit")),
+        paging.read_cursor(key, query_value(request, "cursor"), listing, tenant),
+        query_value(request, "limit", paging.DEFAULT_LIMIT),
         paging.parse_selector(raw_selector),
     )
 
@@ -191,12 +176,16 @@ PAGE_QUERIES = (
         "integer",
         f"at most this many items (1-{paging.MAX_LIMIT}, default {paging.DEFAULT_LIMIT}); a "
         "filtered page may hold fewer while more follow",
+        minimum=1,
+        maximum=paging.MAX_LIMIT,
     ),
     Query(
         "cursor",
         "string",
         "the next_cursor of the previous page (opaque; good for this listing and the "
         "caller's tenant only: 400 bad_cursor otherwise)",
+        pattern=paging.CURSOR_PATTERN,
+        max_length=paging.MAX_CURSOR_CHARS,
     ),
 )
 SELECTOR_QUERY = Query(
@@ -204,4 +193,13 @@ SELECTOR_QUERY = Query(
     "string",
     "label selector: key=value, key!=value, key (has the label) or !key, comma-separated, "
     "all must hold",
+    pattern=paging.SELECTOR_PATTERN,
+    max_length=paging.MAX_SELECTOR_CHARS,
+)
+TENANT_QUERY = Query(
+    "tenant",
+    "string",
+    "only this tenant's (fleet-wide tokens)",
+    pattern=ID_PATTERN,
+    error="bad_tenant",
 )

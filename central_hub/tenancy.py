@@ -45,6 +45,8 @@ def parse_quota_request(data: object) -> dict[str, int | None] | None:
     """``{"cpu_millis", "memory_bytes", "instances"}`` of PUT /v1/tenants/{id}/quota: each
     an integer or null (unlimited; a field left out is null). None when all are null."""
     body = only_fields(data, QUOTA_FIELDS, "a quota")
+    # JSON has one number type: 5.0 is the integer 5 (as the API's JSON Schema reads it).
+    body = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in body.items()}
     quota = parse_quota(body)
     if quota.unlimited:
         return None
@@ -58,4 +60,4 @@ def quota_op(tenant: str, quota: dict[str, int | None] | None) -> dict[str, Any]
 
 
 def unknown_tenant(tenant: str) -> ApiError:
-    return ApiError(400, "unknown_tenant", f"no tenant {tenant!r}: a fleet admin creates it first")
+    return ApiError(404, "unknown_tenant", f"no tenant {tenant!r}: a fleet admin creates it first")

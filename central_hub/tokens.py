@@ -31,6 +31,7 @@ from central_hub.authz import (
     Role,
     authorize,
     field_not_allowed,
+    field_not_permitted,
     is_fleet,
     permits,
     reaches,
@@ -45,6 +46,7 @@ __all__ = [
     "Role",
     "authorize",
     "field_not_allowed",
+    "field_not_permitted",
     "is_fleet",
     "permits",
     "reaches",
@@ -252,14 +254,14 @@ def parse_token_request(data: object, caller: TokenRecord) -> TokenRequest:
         raise field_not_allowed(unknown, f"a token request has only {sorted(REQUEST_FIELDS)}")
     role = _role(data.get("role"))
     if ROLES.index(role) > ROLES.index(caller.role):
-        raise field_not_allowed(["role"], f"a {caller.role} token cannot create a {role} token")
+        raise field_not_permitted(["role"], f"a {caller.role} token cannot create a {role} token")
     fleet = caller.tenant == ALL_TENANTS
     default = caller.tenant
     if fleet:
         default = ALL_TENANTS if role == "admin" else "default"
     tenant = data.get("tenant", default)
     if not fleet and tenant != caller.tenant:
-        raise field_not_allowed(
+        raise field_not_permitted(
             ["tenant"], f"a token of tenant {caller.tenant!r} creates tokens of that tenant only"
         )
     if tenant != ALL_TENANTS:

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from central_hub import vault
 from central_hub.errors import ApiError
+from central_hub.model import ID_PATTERN
 from central_hub.routing import (
     PAGE_QUERIES,
     Handler,
@@ -20,16 +21,13 @@ from central_hub.routing import (
     hub_of,
     json_response,
     page_query,
+    query_value,
     read,
     read_json,
     site_of,
     token_of,
 )
-
-
-def _tenant_query(request: web.Request) -> str | None:
-    raw = request.query.get("tenant")
-    return None if raw is None else vault.check_tenant(raw)
+from meshorch.secrets.keyring import SECRET_NAME_PATTERN
 
 
 def _name(request: web.Request) -> str:
@@ -49,12 +47,12 @@ async def list_secrets(request: web.Request) -> web.Response:
 
 
 async def get_secret(request: web.Request) -> web.Response:
-    hub, name, tenant = hub_of(request), _name(request), _tenant_query(request)
+    hub, name, tenant = hub_of(request), _name(request), query_value(request, "tenant")
     return json_response(hub.vault.get_secret(token_of(request), name, tenant))
 
 
 async def delete_secret(request: web.Request) -> web.Response:
-    hub, name, tenant = hub_of(request), _name(request), _tenant_query(request)
+    hub, name, tenant = hub_of(request), _name(request), query_value(request, "tenant")
     return json_response(await hub.vault.delete_secret(token_of(request), name, tenant))
 
 
@@ -103,22 +101,31 @@ async def link_unseal(request: web.Request) -> web.Response:
     return json_response(await hub_of(request).vault.unseal_request(site_of(request), key))
 
 
-_TENANT = Query("tenant", "string", "the secret's tenant (default: the token's, or 'default')")
+_TENANT = Query(
+    "tenant",
+    "string",
+    "the secret's tenant (default: the token's, or 'default')",
+    pattern=ID_PATTERN,
+    error="bad_tenant",
+)
+
+_NAME = Query("name", "string", "the secret's name", pattern=SECRET_NAME_PATTERN)
 
 VAULT_ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/secrets", create_secret, "secrets.write",
           "Create a secret or a new version of it (operator+ of its tenant); it is sealed "
           "to each target site's key and sent in a secret.put delta (201 new, 200 update)",
-          request="SecretRequest", response="Secret", status=201),
+          request="SecretRequest", response="Secret", status=201, also=(200,)),
     Route("GET", "/v1/secrets", list_secrets, "secrets.read",
           "The secrets the token's tenants can see: versions, target sites, per-site "
           "delivery state (never a value); paginated", response="SecretList",
           query=PAGE_QUERIES),
     Route("GET", "/v1/secrets/{name}", get_secret, "secrets.read",
-          "One secret (never its value)", response="Secret", query=(_TENANT,)),
+          "One secret (never its value)", response="Secret", query=(_TENANT,),
+          path_params=(_NAME,)),
     Route("DELETE", "/v1/secrets/{name}", delete_secret, "secrets.write",
           "Delete a secret (secret.delete delta to the sites that have it)",
-          response="SecretDeleted", query=(_TENANT,)),
+          response="SecretDeleted", query=(_TENANT,), path_params=(_NAME,)),
     Route("POST", "/v1/sites/{id}/lockdown", _site_route("site.lockdown"), "fleet.lockdown",
           "Lock a site down (site.lockdown delta): it drops its keys, stops serving "
           "secrets and starts nothing until unlocked and unsealed", response="SiteOp"),

@@ -259,7 +259,7 @@ class VaultService:
         tenant = self._tenant_of(token, request.tenant)
         if request.tenant is not None and not tokens.reaches(token, request.tenant):
             # Mass assignment, as for applications: a body may not name another tenant.
-            raise tokens.field_not_allowed(
+            raise tokens.field_not_permitted(
                 ["tenant"], f"a token of tenant {token.tenant!r} writes that tenant only"
             )
         check_access(token, "secrets.write", tenant)

@@ -75,7 +75,8 @@ SETTINGS_KEY = b"settings"
 
 SSK_CONTEXT = "meshorch/ssk"
 
-_SECRET_NAME_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,126}[A-Za-z0-9])?")
+SECRET_NAME_PATTERN = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,126}[A-Za-z0-9])?"
+_SECRET_NAME_RE = re.compile(SECRET_NAME_PATTERN)
 _TENANT_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _FILE_PART_RE = re.compile(r"[A-Za-z0-9._-]{1,255}")
 SECRET_NAME_RULE = (

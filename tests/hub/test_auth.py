@@ -81,7 +81,7 @@ async def test_a_tenant_token_sees_only_its_tenant(admin: Operator, make_site: M
     status, answer = await admin.call(
         "POST", "/v1/apps", {"spec": spec_text(), "tenant": "default"}, token=blue
     )
-    assert status == 400 and answer["error"]["code"] == "field_not_allowed"
+    assert status == 403 and answer["error"]["code"] == "field_not_allowed"
     status, answer = await admin.call("POST", "/v1/apps", {"spec": spec_text(name="b")}, token=blue)
     assert status == 202 and answer["tenant"] == "blue"
 

@@ -184,7 +184,7 @@ async def test_operator_errors_are_clear(
 
 async def test_bad_spec_lists_problems(tmp_path: Path) -> None:
     spec = tmp_path / "app.yaml"
-    spec.write_text("name: x\nversion: 1\nplacement: {match: {region: [eu]}}\n")
+    spec.write_text("name: x\nversion: 1\nplacement: {match: {region: eu}}\n")
     async with fleet(tmp_path, {}) as hub:
         code, out, err = await cli(hub, "deploy", "-f", str(spec))
         assert code == 2, out + err
