@@ -23,13 +23,14 @@ from aiohttp import web
 
 from central_hub import holds, pending
 from central_hub.errors import ApiError
-from central_hub.model import validate_site_id
+from central_hub.model import ID_PATTERN, validate_site_id
 from central_hub.routing import (
+    SITE_ID_PATH,
     Query,
     Route,
     hub_of,
     json_response,
-    query_int,
+    query_value,
     read,
     token_of,
 )
@@ -42,10 +43,9 @@ PENDING_PAGE = 500
 
 async def export_deltas(request: web.Request) -> web.Response:
     hub = hub_of(request)
-    after = query_int(request, "after", 0, 0, 2**63)
-    limit = query_int(request, "limit", MAX_EXPORT_LIMIT, 1, MAX_EXPORT_LIMIT)
-    raw_site = request.query.get("site")
-    site = None if raw_site is None else validate_site_id(raw_site)
+    after = int(query_value(request, "after", 0))
+    limit = int(query_value(request, "limit", MAX_EXPORT_LIMIT))
+    site = query_value(request, "site")
     compacted = hub.snapshots.compacted
     if after < compacted:
         raise ApiError(
@@ -128,20 +128,24 @@ DELTAS_ROUTES: tuple[Route, ...] = (
           "The signed delta envelopes after a version, as sites receive them (each a JSON "
           "string, byte for byte), a page at a time (follow next_after); 410 compacted "
           "below the snapshot base (compacted)", response="DeltaExport",
-          query=(Query("after", "integer", "only deltas with a version greater than this"),
-                 Query("limit", "integer", f"at most this many (1-{MAX_EXPORT_LIMIT})"),
+          query=(Query("after", "integer", "only deltas with a version greater than this",
+                       minimum=0, maximum=2**63 - 1),
+                 Query("limit", "integer", f"at most this many (1-{MAX_EXPORT_LIMIT})",
+                       minimum=1, maximum=MAX_EXPORT_LIMIT),
                  Query("site", "string", "the envelopes as this site receives them (format "
-                       "2 deltas that do not target it without their operations)"))),
+                       "2 deltas that do not target it without their operations)",
+                       pattern=ID_PATTERN, error="bad_site_id"))),
     Route("GET", "/v1/sites/{id}/pending", site_pending, "deltas.read",
           "What the site will do when it next applies the deltas it has not applied: apps "
           "added, removed, upgraded (from, to), secrets, lock-down, agent upgrade, quotas, "
           "with the delta versions causing each; from its last report (report_age_s, "
           "stale) and the log (at most 2000 deltas read: complete, scanned_through)",
-          response="SitePending"),
+          response="SitePending", path_params=(SITE_ID_PATH,)),
     Route("POST", "/v1/sites/{id}/hold", hold_site, "sites.write",
           "Hold a site: deltas keep accumulating, the site applies none until released "
-          "(its poll answers no delta, held: true); idempotent", response="SiteHold"),
+          "(its poll answers no delta, held: true); idempotent", response="SiteHold",
+          path_params=(SITE_ID_PATH,)),
     Route("POST", "/v1/sites/{id}/release", release_site, "sites.write",
           "Release a held site: its next poll gets the deltas; idempotent",
-          response="SiteHold"),
+          response="SiteHold", path_params=(SITE_ID_PATH,)),
 )  # fmt: skip

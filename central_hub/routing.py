@@ -196,6 +196,13 @@ SELECTOR_QUERY = Query(
     pattern=paging.SELECTOR_PATTERN,
     max_length=paging.MAX_SELECTOR_CHARS,
 )
+SITE_ID_PATH = Query(
+    "id",
+    "string",
+    "the site's id",
+    pattern=ID_PATTERN,
+    error="bad_site_id",
+)
 TENANT_QUERY = Query(
     "tenant",
     "string",

@@ -13,7 +13,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from central_hub.model import validate_site_id
-from central_hub.routing import Route, hub_of, json_response
+from central_hub.routing import SITE_ID_PATH, Route, hub_of, json_response
 
 
 async def site_trends(request: web.Request) -> web.Response:
@@ -36,5 +36,5 @@ TRENDS_ROUTES: tuple[Route, ...] = (
           "The site's recent trends, oldest first: per sample (at most one per every_s, "
           "the last window_s) the busiest live host's cpu_pct (1-minute load per core), "
           "memory_pct and disk_pct (null: not reported) and restarts, the sum of its "
-          "instances' restart counts", response="Object"),
+          "instances' restart counts", response="Object", path_params=(SITE_ID_PATH,)),
 )  # fmt: skip
