@@ -34,7 +34,6 @@ from typing import TYPE_CHECKING
 
 import orjson
 from aiohttp import web
-from prometheus_client import CollectorRegistry
 
 from central_hub import authz, holds, openapi, tenancy, tokens
 from central_hub.audit import CALLER
@@ -95,6 +94,7 @@ from meshorch.fleet.link_auth import (
     verify_request,
 )
 from meshorch.fleet.sitekey import MAX_ROTATION_BODY, RotationRefused, check_rotation
+from meshorch.promtext import Registry
 
 if TYPE_CHECKING:
     from central_hub.parts import HubParts
@@ -158,7 +158,7 @@ def build_app(
     for route in ROUTES:
         app.router.add_route(route.method, route.path, _guarded(route))
     add_dashboard(app)  # the web UI (not part of the API: not in ROUTES)
-    registry = CollectorRegistry()
+    registry = Registry()
     registry.register(HubCollector(hub))
     http_metrics.install(app, registry, "meshorch_hub")  # GET /metrics, latency by route
     return app

@@ -1,4 +1,5 @@
-"""Prometheus ``GET /metrics`` for an aiohttp app, and a latency histogram of its routes.
+"""Prometheus ``GET /metrics`` for an aiohttp app, and a latency histogram of its routes
+(``meshorch.promtext``: the text format without prometheus-client's import cost).
 
 Shared by the agent's and the hub's APIs; what each exports is its own collector.
 """
@@ -9,24 +10,26 @@ import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+
+from meshorch.promtext import CONTENT_TYPE, Histogram, Registry, render
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-_REGISTRY: web.AppKey[CollectorRegistry] = web.AppKey("metrics_registry")
+_REGISTRY: web.AppKey[Registry] = web.AppKey("metrics_registry")
 _LATENCY: web.AppKey[Histogram] = web.AppKey("metrics_latency")
 
 
-def latency_histogram(registry: CollectorRegistry, prefix: str) -> Histogram:
-    return Histogram(
+def latency_histogram(registry: Registry, prefix: str) -> Histogram:
+    histogram = Histogram(
         f"{prefix}_api_request_seconds",
         "API request latency by route and status class",
         ["route", "status"],
-        registry=registry,
         buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
     )
+    registry.register(histogram)
+    return histogram
 
 
-def install(app: web.Application, registry: CollectorRegistry, prefix: str) -> None:
+def install(app: web.Application, registry: Registry, prefix: str) -> None:
     """``GET /metrics`` from ``registry`` and a latency histogram of every other route."""
     app[_REGISTRY] = registry
     app[_LATENCY] = latency_histogram(registry, prefix)
@@ -54,5 +57,5 @@ async def _timing(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[_REGISTRY])
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    body = render(request.app[_REGISTRY])
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})

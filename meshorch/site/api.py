@@ -17,11 +17,11 @@ import secrets
 from collections.abc import Awaitable, Callable, Sequence
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry
 
 from meshorch import http_metrics
 from meshorch.apps.records import host_protocols
 from meshorch.errors import RemoteInputError
+from meshorch.promtext import Registry
 from meshorch.secrets.service import SecretsRefused
 from meshorch.site.access_api import add_access_routes
 from meshorch.site.app_api import add_app_routes
@@ -125,7 +125,7 @@ def build_app(services: SiteServices, guard: Guard) -> web.Application:
     add_secret_routes(app)
     add_stream_routes(app, services.streams)
     add_host_routes(app, services.hosts)
-    registry = CollectorRegistry()
+    registry = Registry()
     registry.register(services.metrics)
     http_metrics.install(app, registry, "meshorch_agent")
     return app

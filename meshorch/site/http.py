@@ -12,13 +12,13 @@ from typing import Protocol
 
 import orjson
 from aiohttp import web
-from prometheus_client.registry import Collector
 
 from meshorch.fleet.delta import DeltaRejected
 from meshorch.fleet.site_link import SiteLink
 from meshorch.images.service import SiteImages
 from meshorch.join.admission import Admission
 from meshorch.join.password_rotation import PasswordRotation
+from meshorch.promtext import Collector
 from meshorch.secrets.service import SiteSecrets
 from meshorch.site.host_api import HostRoutes
 from meshorch.state.ports import Members, SiteState

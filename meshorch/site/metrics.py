@@ -12,12 +12,11 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
-
 from meshorch.apps.records import STATUS_PREFIX, InstanceReport
 from meshorch.apps.resources import sample
 from meshorch.fleet.site_link import SiteLink
+from meshorch.promtext import CounterMetricFamily, GaugeMetricFamily
+from meshorch.promtext import MetricFamily as Metric
 from meshorch.state.ports import Members, SiteState
 from meshorch.state.tables import APPS_TABLE
 from meshorch.streams.site import SiteStreams
@@ -29,7 +28,7 @@ def _gauge(name: str, doc: str, value: float, **labels: str) -> GaugeMetricFamil
     return family
 
 
-class AgentCollector(Collector):
+class AgentCollector:
     def __init__(
         self,
         site: SiteState,
