@@ -369,6 +369,19 @@ async def stop_workers(workers: list[Worker]) -> None:
             await asyncio.gather(worker.reader, return_exceptions=True)
 
 
+async def link_sites(workers: list[Worker], collector: Collector, timeout_s: float) -> None:
+    """Tell the workers their sites are registered (GO), then wait until every site has
+    reported once (READY from every worker)."""
+    for worker in workers:
+        assert worker.process.stdin is not None
+        worker.process.stdin.write(b"GO\n")
+        await worker.process.stdin.drain()
+        worker.reader = asyncio.create_task(read_worker(worker, collector))
+    await collector.wait(
+        lambda: collector.ready_workers == len(workers), timeout_s, "every site reporting once"
+    )
+
+
 async def register_sites(admin: Admin, workers: list[Worker]) -> None:
     limit = asyncio.Semaphore(8)
 
@@ -454,14 +467,7 @@ async def run_fanout(
             workers = await start_workers(args, hub.url, root_key, sites, pids)
             await register_sites(admin, workers)
             log(f"registered {len(sites)} sites with their public keys")
-            for worker in workers:
-                assert worker.process.stdin is not None
-                worker.process.stdin.write(b"GO\n")
-                await worker.process.stdin.drain()
-                worker.reader = asyncio.create_task(read_worker(worker, collector))
-            await collector.wait(
-                lambda: collector.ready_workers == len(workers), 60, "sites connecting"
-            )
+            await link_sites(workers, collector, 60)
             await asyncio.sleep(1.0)  # every site's long-poll is waiting at the hub
             log("every site linked (report accepted, long-poll waiting)")
             deployments = []

@@ -52,13 +52,14 @@ from bench.deploy_fanout import (
     Worker,
     deploy_once,
     kill_leftovers,
+    link_sites,
     percentile,
-    read_worker,
     register_sites,
     start_workers,
     stop_workers,
 )
 from bench.hubcluster import Cluster, cluster
+from bench.raft_write import rss_mb
 
 GOAL_CORES = 1.0
 GOAL_API_P99_S = 0.050
@@ -96,13 +97,6 @@ class Figures:
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICK  # utime, stime
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def replica_pids(running: Cluster) -> list[int]:
@@ -158,15 +152,7 @@ async def run_size(
             started = time.monotonic()
             await register_sites(admin, workers)
             log(f"registered {sites_count} sites in {time.monotonic() - started:.1f} s")
-            for worker in workers:
-                assert worker.process.stdin is not None
-                worker.process.stdin.write(b"GO\n")
-                await worker.process.stdin.drain()
-                worker.reader = asyncio.create_task(read_worker(worker, collector))
-            await collector.wait(
-                lambda: collector.ready_workers == len(workers), args.link_timeout,
-                "every site reporting once",
-            )  # fmt: skip
+            await link_sites(workers, collector, args.link_timeout)
             log(f"every site linked after {time.monotonic() - started:.1f} s; measuring")
             await asyncio.sleep(3.0)  # past the first burst of reports
             hub = replica_pids(running)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,12 +20,7 @@ import orjson
 from central_hub.front import SERVED_BY_HEADER
 from central_hub.replica import HUB_DIR
 from central_hub.tls import load as load_tls
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+from meshorch.demo.localsite import free_port
 
 
 @dataclass

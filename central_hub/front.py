@@ -27,9 +27,9 @@ import logging
 from collections.abc import Awaitable, Callable
 
 import aiohttp
-import orjson
 from aiohttp import web
 
+from central_hub.routing import error_response
 from meshorch.http_body import read_limited
 
 logger = logging.getLogger(__name__)
@@ -92,13 +92,10 @@ def forwarded_client(key: bytes) -> Callable[..., Awaitable[web.StreamResponse]]
 
 
 def _error(status: int, code: str, message: str) -> web.Response:
-    headers = {"Retry-After": RETRY_AFTER_S} if status == 503 else {}
-    return web.Response(
-        status=status,
-        body=orjson.dumps({"error": {"code": code, "message": message}}),
-        content_type="application/json",
-        headers=headers,
-    )
+    response = error_response(status, code, message)
+    if status == 503:
+        response.headers["Retry-After"] = RETRY_AFTER_S
+    return response
 
 
 class Front:

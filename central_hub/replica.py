@@ -49,7 +49,7 @@ from central_hub.tls import load as load_tls
 from meshorch.dirlock import DataDirLock, hold
 from meshorch.errors import ConfigurationError
 from raft.config import RaftConfig, datacenter_preset
-from raft.node import RaftNode
+from raft.node import RaftNode, RaftStatus
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +101,7 @@ class HubReplica:
         self._watch: asyncio.Task[None] | None = None
         self._lost = asyncio.Event()  # the hub's store lost the writer's claim
         self._key = b""
+        self._leader: str | None = None  # the Raft leader's address, as the node last said
         self._peer_tls: aiohttp.Fingerprint | bool = True
 
     async def __aenter__(self) -> HubReplica:
@@ -118,7 +119,11 @@ class HubReplica:
 
     @property
     def is_leader(self) -> bool:
-        return self._node is not None and self._node.status().is_leader
+        return self._node is not None and self._leader == self.replica.raft_address
+
+    def _leader_changed(self, status: RaftStatus) -> None:
+        # Kept here: every request asks where to go, a status snapshot costs more.
+        self._leader = status.leader_address
 
     async def start(self) -> None:
         config, replica = self.config, self.replica
@@ -165,6 +170,7 @@ class HubReplica:
             )
         )
         (data_dir / RAFT_DIR).mkdir(mode=0o700, exist_ok=True)
+        node.on_leader_change(self._leader_changed)
         await node.start()
         self._node = node
         if not config.insecure_http:
@@ -218,8 +224,7 @@ class HubReplica:
     def _route(self) -> tuple[Target | web.Application | None, bool]:
         if self.hub is not None and not self._lost.is_set():
             return self.hub.app, True
-        node = self._node
-        leader = None if node is None else node.status().leader_address
+        leader = self._leader
         if leader is None or leader == self.replica.raft_address:
             return None, False
         url = self.replica.peers.get(leader)
