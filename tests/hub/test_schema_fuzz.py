@@ -13,7 +13,8 @@ the operations each caller may use answer 2xx at least once.
 Values no JSON Schema can describe are given real ones when the generated value is valid
 by the document (an invalid one is left, to be refused): a listing's ``cursor`` (under the
 hub's MAC) by one the hub gave for that listing and caller, a log query's ``regex`` (RE2's
-grammar) by a valid regex, an application ``spec`` by a valid spec (docs/app-spec.md). A
+grammar) by a valid regex, an application ``spec`` by a valid spec (docs/app-spec.md), a new
+site's id by one not taken, a quota's tenant by one that exists. A
 log cursor is dropped (the hub holds no logs here); the link's long-poll ``wait`` is 0.
 A link request is signed by the site's key when schemathesis gave it a signature header.
 """
@@ -156,6 +157,7 @@ class RunState:
 
     cursors: dict[str, str] = field(default_factory=dict)
     signature: SiteSignature | None = None
+    new_sites: int = 0
 
 
 RUN = RunState()
@@ -189,7 +191,7 @@ def _set_up(url: str, admin: str, caller: str) -> str:
     _call(url, token, "GET", "/v1/fleet")  # the token works
     if caller == "tenant_admin":  # a second token of its tenant: its listing has two pages
         _call(url, token, "POST", "/v1/tokens", {"role": "viewer"})
-    RUN.cursors = {}
+    RUN.cursors, RUN.new_sites = {}, 0
     for listing in LISTINGS:
         response = requests.get(
             f"{url}{listing}?limit=1", headers={"Authorization": f"Bearer {token}"}, timeout=20
@@ -252,6 +254,10 @@ def _schema(url: str, token: str) -> Any:
     return schemathesis.openapi.from_url(f"{url}/v1/openapi.json", config=config)
 
 
+def _valid_id(value: object) -> bool:
+    return isinstance(value, str) and _ID_RE.fullmatch(value) is not None
+
+
 def _valid_cursor(value: object) -> bool:
     return (
         isinstance(value, str)
@@ -287,8 +293,14 @@ def before_call(context: Any, case: Any, kwargs: dict[str, Any]) -> None:
         and isinstance(body.get("spec"), str | dict)
     ):
         case.body = {**body, "spec": spec_text("web")}
+    if label == "POST /v1/sites" and isinstance(body, dict) and _valid_id(body.get("id")):
+        RUN.new_sites += 1  # a generated id may be taken (409): a new site gets a new one
+        case.body = {**body, "id": f"fuzz-{RUN.new_sites}"}
+    path_id = (case.path_parameters or {}).get("id")
+    if label == "PUT /v1/tenants/{id}/quota" and _valid_id(path_id):
+        case.path_parameters = {**case.path_parameters, "id": "blue"}  # a tenant that exists
     site = body.get("site") if isinstance(body, dict) else None
-    if label == "POST /v1/link/report" and isinstance(site, str) and _ID_RE.fullmatch(site):
+    if label == "POST /v1/link/report" and _valid_id(site):
         case.body = {**body, "site": LINK_SITE}  # a site reports for itself only
     # A request that carries a signature (a generated one) gets the site's real one; one
     # that schemathesis sent without, to see it refused, stays without.

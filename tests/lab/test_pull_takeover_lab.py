@@ -86,7 +86,12 @@ def lab_netns_cat(netns: str, path: str) -> str:
 
 def largest_partial(data_dir: Path) -> tuple[str, int]:
     partial = data_dir / "images" / "partial"
-    sizes = [(p.name, p.stat().st_size) for p in partial.iterdir()] if partial.exists() else []
+    sizes = []
+    for path in partial.iterdir() if partial.exists() else []:
+        try:
+            sizes.append((path.name, path.stat().st_size))
+        except FileNotFoundError:  # a download finished (or restarted) between the two calls
+            continue
     return max(sizes, key=lambda item: item[1], default=("", 0))
 
 
