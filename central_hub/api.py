@@ -54,6 +54,7 @@ from central_hub.placement import parse_policy
 from central_hub.releases import RELEASES_ROUTES
 from central_hub.replay import NonceCache, ReplayCacheFull
 from central_hub.routing import (
+    CONFIRM_QUERY,
     HUB_KEY,
     MAX_BODY_KEY,
     PAGE_QUERIES,
@@ -119,7 +120,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     try:
         return await handler(request)
     except ApiError as exc:
-        response = error_response(exc.status, exc.code, exc.message)
+        response = error_response(exc.status, exc.code, exc.message, details=exc.details)
         response.headers.update(exc.headers)
         if exc.status == 413:
             response.force_close()  # do not linger reading the rest of a huge body
@@ -537,7 +538,10 @@ async def acknowledge_alert(request: web.Request) -> web.Response:
 
 async def decommission_site(request: web.Request) -> web.Response:
     site = request.match_info["id"]
-    return json_response(await hub_of(request).sites.decommission_site(token_of(request), site))
+    confirm = query_value(request, "confirm")
+    return json_response(
+        await hub_of(request).sites.decommission_site(token_of(request), site, confirm)
+    )
 
 
 async def delete_site(request: web.Request) -> web.Response:
@@ -567,7 +571,7 @@ async def create_app(request: web.Request) -> web.Response:
     spec = parse_app_spec(text, tenant=tenant)
     policy = parse_policy(data.get("placement"))
     status, deployment = await deployments.deploy(
-        token_of(request), spec, spec_digest(spec), policy, tenant
+        token_of(request), spec, spec_digest(spec), policy, tenant, query_value(request, "confirm")
     )
     return json_response(deployment, status)
 
@@ -587,8 +591,10 @@ async def get_app(request: web.Request) -> web.Response:
 
 
 async def delete_app(request: web.Request) -> web.Response:
-    name = request.match_info["name"]
-    return json_response(await hub_of(request).deployments.delete_app(token_of(request), name))
+    name, confirm = request.match_info["name"], query_value(request, "confirm")
+    return json_response(
+        await hub_of(request).deployments.delete_app(token_of(request), name, confirm)
+    )
 
 
 async def get_deployment(request: web.Request) -> web.Response:
@@ -711,13 +717,17 @@ ROUTES: tuple[Route, ...] = (
           response="Object"),
     Route("POST", "/v1/sites/{id}/decommission", decommission_site, "sites.delete",
           "Decommission a site (site.decommission delta): it stops every application, wipes "
-          "its secrets and reports it; the hub then forgets the site", response="Object"),
+          "its secrets and reports it; the hub then forgets the site. Refused (409) unless "
+          "confirmed when it stops an application at too many of its sites",
+          response="Object", query=(CONFIRM_QUERY,)),
     Route("DELETE", "/v1/sites/{id}", delete_site, "sites.delete", "Forget a site",
           response="Deleted"),
     Route("POST", "/v1/apps", create_app, "apps.write",
           "Deploy an application version with a placement policy (202 new, 200 repeated); "
-          "tenant: the token's (a fleet-wide token may name one; default 'default')",
-          request="AppRequest", response="Deployment", status=202, also=(200,)),
+          "tenant: the token's (a fleet-wide token may name one; default 'default'). A "
+          "placement that removes it from too many sites is refused (409) unless confirmed",
+          request="AppRequest", response="Deployment", status=202, also=(200,),
+          query=(CONFIRM_QUERY,)),
     Route("GET", "/v1/apps", list_apps, "apps.read",
           "List the tenant's applications, in name order, paginated",
           response="AppList", query=(_TENANT_FILTER, *PAGE_QUERIES)),
@@ -725,8 +735,9 @@ ROUTES: tuple[Route, ...] = (
           "An application: spec, placement, current deployment, per-site status",
           response="AppDetail"),
     Route("DELETE", "/v1/apps/{name}", delete_app, "apps.delete",
-          "Delete an application (app.delete delta to the sites that have it)",
-          response="AppDeleted"),
+          "Delete an application (app.delete delta to the sites that have it); refused "
+          "(409) unless confirmed when it stops at too many sites or empties a site",
+          response="AppDeleted", query=(CONFIRM_QUERY,)),
     Route("GET", "/v1/deployments/{id}", get_deployment, "apps.read", "One deployment",
           response="Deployment"),
 )  # fmt: skip

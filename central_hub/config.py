@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from central_hub import interlock
 from central_hub.alerts import Thresholds
 from central_hub.deltaformat import Mode
 from central_hub.errors import HubConfigError
@@ -43,6 +44,8 @@ class HubConfig:
     self-signed certificate in the data dir; plain HTTP only with ``insecure_http``.
     ``legacy_link_signatures`` accepts site signatures without a nonce (older agents) on
     the link's GET routes (``central_hub.api``).
+    ``interlock`` says when a change that stops applications needs the operator's
+    confirmation (``central_hub.interlock``).
     The delta log is compacted (``central_hub.snapshots``) every
     ``compact_every_s`` below what every enrolled site applied, or to its last
     ``delta_keep`` deltas (None: never compacted). ``delta_format`` is the format of the
@@ -58,6 +61,7 @@ class HubConfig:
     wave_timeout_s: float = 600.0
     site_stale_s: float = 30.0
     alert_thresholds: Thresholds = field(default_factory=Thresholds)
+    interlock: interlock.Thresholds = field(default_factory=interlock.Thresholds)
     enroll_ttl_s: float = 7 * DAY_S
     rejection_window_s: float = 600.0
     tick_s: float = 0.2
@@ -117,6 +121,10 @@ class HubConfig:
         }
         if self.delta_keep is not None and self.delta_keep < 0:
             problems.append("delta_keep: must be >= 0")
+        if not 0 <= self.interlock.fraction <= 1:
+            problems.append("interlock fraction: must be 0-1")
+        if self.interlock.max_sites < 0:
+            problems.append("interlock max sites: must be >= 0")
         if self.logs_max_age_s is not None:
             positive["logs_max_age_s"] = self.logs_max_age_s
         if self.logs_max_bytes is not None:

@@ -9,11 +9,11 @@ steps every running deployment from the sites' reports (``central_hub.reports``)
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from central_hub import fleetview, placement, tokens, waves
+from central_hub import fleetview, interlock, placement, tokens, waves
 from central_hub.accounts import Accounts
 from central_hub.errors import ApiError, InputProblems
 from central_hub.ledger import Ledger, Txn
@@ -45,12 +45,14 @@ class Deployments:
         reports: Reports,
         wave_timeout_s: float,
         on_activate: Callable[[], None] | None = None,
+        thresholds: interlock.Thresholds | None = None,
     ) -> None:
         self.ledger = ledger
         self.accounts = accounts
         self.reports = reports
         self.wave_timeout_s = wave_timeout_s
         self.on_activate = on_activate
+        self.thresholds = thresholds or interlock.Thresholds()  # of the deletion interlock
         self.active: set[str] = set()  # apps whose current deployment may be running
 
     def restore(self, store: Store) -> None:
@@ -169,6 +171,44 @@ class Deployments:
             )
         return tenant
 
+    def confirm_removals(
+        self,
+        losing: Mapping[str, Collection[str]],
+        confirm: int | None,
+        what: str,
+        *,
+        tenant: str | None = None,
+        emptying_counts: bool = True,
+    ) -> int | None:
+        """In a transaction's plan, before its writes: the deletion interlock for a change
+        that stops the applications ``losing`` (site -> names) holds, or 409
+        (``central_hub.interlock``); the ``confirmed`` stamp for its operations.
+        ``emptying_counts``: a site left running nothing needs confirming (not for a
+        decommission, whose purpose it is), counting the apps of ``tenant`` only if given
+        (the caller's, for a tenant token)."""
+        if not losing and confirm is None:
+            return None
+        apps = {
+            app["name"]: app
+            for app in self.ledger.store.values_json("apps")
+            if tenant is None or app.get("tenant", DEFAULT_TENANT) == tenant
+        }
+        by_app: dict[str, set[str]] = {}
+        for site, names in losing.items():
+            for name in names:
+                by_app.setdefault(name, set()).add(site)
+        removals = [
+            interlock.Removal(name, frozenset(sites), len(apps.get(name, {}).get("sites", ())))
+            for name, sites in by_app.items()
+        ]
+        emptied = (
+            interlock.left_empty(losing, ((n, a["sites"]) for n, a in apps.items()))
+            if emptying_counts
+            else frozenset()
+        )
+        assessment = interlock.assess(removals, emptied, self.thresholds, tenant or "")
+        return interlock.confirmation(assessment, confirm, what)
+
     async def deploy(
         self,
         token: TokenRecord,
@@ -176,6 +216,7 @@ class Deployments:
         digest: str,
         policy: placement.Policy,
         tenant: str | None,
+        confirm: int | None = None,
     ) -> tuple[int, dict[str, Any]]:
         """Start a deployment; (202, deployment), or (200, the same one) when repeated.
 
@@ -231,6 +272,12 @@ class Deployments:
                 txn.put("deployments", old.id, old.to_json())
             had = set() if app is None else set(app["sites"])
             removed = sorted(had - set(targets))
+            confirmed = self.confirm_removals(
+                {site: (spec.name,) for site in removed},
+                confirm,
+                f"this placement of {spec.name}",
+                tenant=None if tokens.is_fleet(token) else tenant,
+            )
             record = {
                 "name": spec.name,
                 "tenant": tenant,
@@ -247,21 +294,28 @@ class Deployments:
             txn.put("apps", spec.name, record)
             dep = self._issue_wave(txn, record, dep, first)
             if removed:
-                version = txn.delta(
-                    [{"op": "app.delete", "name": spec.name}], Target(sites=frozenset(removed))
-                )
+                op = interlock.stamp({"op": "app.delete", "name": spec.name}, confirmed)
+                version = txn.delta([op], Target(sites=frozenset(removed)))
                 dep = replace(dep, deltas=(*dep.deltas, version))
             txn.put("deployments", dep_id, dep.to_json())
             txn.put("meta", "deployment_seq", seq)
-            txn.changed("app", spec.name, tenant, f"deployment {dep_id} of {spec.version}")
+            confirmation = "" if confirmed is None else f", confirmed: stops at {confirmed} site(s)"
+            txn.changed(
+                "app", spec.name, tenant, f"deployment {dep_id} of {spec.version}{confirmation}"
+            )
             txn.after.append(lambda: self._activate(spec.name))
             return 202, dep.to_json()
 
         return await self.ledger.transact(plan)
 
-    async def delete_app(self, token: TokenRecord, name: str) -> dict[str, Any]:
+    async def delete_app(
+        self, token: TokenRecord, name: str, confirm: int | None = None
+    ) -> dict[str, Any]:
         def plan(txn: Txn) -> dict[str, Any]:
             app = self._app(token, name, "apps.delete")
+            losing = {site: (name,) for site in app["sites"]}
+            whose = None if tokens.is_fleet(token) else app["tenant"]
+            confirmed = self.confirm_removals(losing, confirm, f"deleting {name}", tenant=whose)
             dep = self.deployment_or_none(app["deployment"])
             if dep is not None and dep.state == "running":
                 old = waves.supersede(dep, "application deleted", txn.now)
@@ -269,9 +323,11 @@ class Deployments:
             version = None
             if app["sites"]:
                 op = {"op": "app.delete", "name": name, "tenant": app["tenant"]}
+                op = interlock.stamp(op, confirmed)
                 version = txn.delta([op], Target(sites=frozenset(app["sites"])))
             txn.delete("apps", name)
-            txn.changed("app", name, app["tenant"], "deleted")
+            confirmation = "" if confirmed is None else f", confirmed: {confirmed} site(s)"
+            txn.changed("app", name, app["tenant"], f"deleted{confirmation}")
             return {"deleted": name, "delta": version, "sites": app["sites"]}
 
         return await self.ledger.transact(plan)

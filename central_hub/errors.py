@@ -14,6 +14,7 @@ Parsers of remote input raise ``meshorch.errors.RemoteInputError`` (answered 400
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from meshorch.errors import RemoteInputError
 
@@ -28,16 +29,24 @@ class HubConfigError(HubError):
 
 class ApiError(HubError):
     """Answered as ``{"error": {"code": code, "message": message}}`` with ``status`` (and
-    ``headers``, e.g. a 429's ``Retry-After``)."""
+    ``headers``, e.g. a 429's ``Retry-After``; ``details``, an object the error carries as
+    ``error.details``, e.g. what a change needing confirmation would stop)."""
 
     def __init__(
-        self, status: int, code: str, message: str, *, headers: Mapping[str, str] | None = None
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        details: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.headers = dict(headers or {})
+        self.details = None if details is None else dict(details)
 
 
 class InputProblems(RemoteInputError):

@@ -90,7 +90,17 @@ SCHEMAS: dict[str, Schema] = {
     "Object": {"type": "object", "additionalProperties": True},
     "Error": _obj(
         ["error"],
-        error=_obj(["code", "message"], code=_STR, message=_STR, problems=_list(_STR)),
+        error=_obj(
+            ["code", "message"],
+            code=_STR,
+            message=_STR,
+            problems=_list(_STR),
+            details={
+                "type": "object",
+                "description": "what the error is about, e.g. a 409 confirmation_required's "
+                "list of what the change would stop (docs/interlock.md)",
+            },
+        ),
     ),
     "Fleet": _obj(
         ["fleet", "root_key", "head"], fleet=_STR, root_key=_HEX64, head=_INT, head_hash=_HEX64

@@ -39,7 +39,12 @@ class HubParts:
         self.accounts = Accounts(self.ledger)
         self.reports = Reports(self.ledger, on_report=wake)
         self.deployments = Deployments(
-            self.ledger, self.accounts, self.reports, c.wave_timeout_s, on_activate=wake
+            self.ledger,
+            self.accounts,
+            self.reports,
+            c.wave_timeout_s,
+            on_activate=wake,
+            thresholds=c.interlock,
         )
         self.vault = VaultService(self.ledger, self.reports)
         self.logs = HubLogs(

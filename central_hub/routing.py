@@ -62,11 +62,17 @@ def json_response(data: object, status: int = 200) -> web.Response:
 
 
 def error_response(
-    status: int, code: str, message: str, problems: list[str] | None = None
+    status: int,
+    code: str,
+    message: str,
+    problems: list[str] | None = None,
+    details: dict[str, Any] | None = None,
 ) -> web.Response:
     error: dict[str, Any] = {"code": code, "message": message}
     if problems:
         error["problems"] = problems
+    if details is not None:
+        error["details"] = details
     return json_response({"error": error}, status)
 
 
@@ -187,6 +193,15 @@ PAGE_QUERIES = (
         pattern=paging.CURSOR_PATTERN,
         max_length=paging.MAX_CURSOR_CHARS,
     ),
+)
+CONFIRM_QUERY = Query(
+    "confirm",
+    "integer",
+    "the number of sites the change touches, typed by the operator after a 409 "
+    "confirmation_required listed what it would stop (docs/interlock.md); one that does "
+    "not match is refused (409 confirmation_mismatch)",
+    minimum=1,
+    maximum=10_000_000,
 )
 SELECTOR_QUERY = Query(
     "selector",

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from central_hub import fleetview, tokens
+from central_hub import fleetview, interlock, tokens
 from central_hub.deployments import Deployments
 from central_hub.errors import ApiError
 from central_hub.gossip import HubGossip
@@ -249,14 +249,26 @@ class Sites:
 
         return await self.ledger.transact(plan)
 
-    async def decommission_site(self, token: TokenRecord, site_id: str) -> dict[str, Any]:
+    async def decommission_site(
+        self, token: TokenRecord, site_id: str, confirm: int | None = None
+    ) -> dict[str, Any]:
         """Send ``site.decommission``: the site stops its work and wipes its secrets, then
-        says so in a report, and the hub forgets it (``record_report``)."""
+        says so in a report, and the hub forgets it (``record_report``). The deletion
+        interlock holds for the applications it stops (``central_hub.interlock``)."""
         tokens.authorize(token, "sites.delete")
 
         def plan(txn: Txn) -> dict[str, Any]:
             record = self.site(site_id)
-            version = txn.delta([{"op": "site.decommission"}], Target(sites=frozenset({site_id})))
+            running = [a["name"] for a in self.ledger.store.values_json("apps")
+                       if site_id in a["sites"]]  # fmt: skip
+            confirmed = self.deployments.confirm_removals(
+                {site_id: running} if running else {},
+                confirm,
+                f"decommissioning {site_id}",
+                emptying_counts=False,
+            )
+            op = interlock.stamp({"op": "site.decommission"}, confirmed)
+            version = txn.delta([op], Target(sites=frozenset({site_id})))
             record["decommission"] = {"delta": version, "requested_at": txn.now}
             txn.put("sites", site_id, record)
             txn.changed("site", site_id, None, "decommissioning")

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 import yaml
@@ -56,6 +57,7 @@ def add_fleet_commands(commands: Any) -> None:
     )
     deploy.add_argument("-f", "--file", type=Path, required=True, help="the spec (YAML/JSON)")
     deploy.add_argument("--wait", action="store_true", help="follow the rollout to its end")
+    _confirm_flag(deploy, "a placement that stops the app at sites")
     deploy.add_argument(
         "--timeout", type=float, default=900.0, metavar="SECONDS",
         help="with --wait: give up after this long (default %(default)s)",
@@ -84,11 +86,31 @@ def add_fleet_commands(commands: Any) -> None:
         "on each site.",
     )  # fmt: skip
     apps.add_argument("name", nargs="?", help="an application: show it per site")
+    apps.add_argument(
+        "--delete", action="store_true",
+        help="delete the application NAME from the fleet (its sites stop it)",
+    )  # fmt: skip
+    _confirm_flag(apps, "a deletion")
     _page_flags(apps)
     add_output_flag(apps)
     _hub_flags(apps)
     apps.set_defaults(handler=run_apps)
     _add_tenancy_commands(commands)
+
+
+def _confirm_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--confirm", type=int, metavar="N",
+        help=f"confirm {what} that the hub refused as too large (more than 10%% of an "
+        "app's sites, more than 50 sites, or a site left running nothing): N is the number "
+        "of sites the hub said it touches, typed after reading its list",
+    )  # fmt: skip
+
+
+def confirmed_path(path: str, args: argparse.Namespace) -> str:
+    """``path`` with the operator's ``--confirm N``, if given."""
+    confirm = getattr(args, "confirm", None)
+    return path if confirm is None else f"{path}?confirm={int(confirm)}"
 
 
 def _add_tenancy_commands(commands: Any) -> None:
@@ -267,10 +289,32 @@ def hub_call(args: argparse.Namespace, method: str, path: str, body: object = No
             message = f"{error['code']}: {error['message']}"
             if error.get("problems") and error["problems"][0] not in message:
                 message += "".join(f"\n  - {p}" for p in error["problems"])
+            if isinstance(error.get("details"), dict) and "removals" in error["details"]:
+                message += what_would_stop(error["details"])
         except (orjson.JSONDecodeError, KeyError, TypeError):
             message = raw[:200].decode(errors="replace")
         raise HubError(f"the hub refused ({status}) {message}")
     return orjson.loads(raw)
+
+
+def what_would_stop(details: dict[str, Any]) -> str:
+    """A 409 confirmation_required's list (central_hub.interlock), for a terminal."""
+    shown = 20  # site ids per line; the JSON answer (-o json) has them all
+    lines = []
+    for removal in details["removals"]:
+        ids = removal["sites"]
+        more = removal["stops_at"] - min(len(ids), shown)
+        tail = f" and {more} more" if more > 0 else ""
+        lines.append(
+            f"\n  {removal['app']}: stops at {removal['stops_at']} of {removal['of']} site(s): "
+            f"{', '.join(ids[:shown])}{tail}"
+        )
+    emptied = details.get("emptied") or []
+    if emptied:
+        tail = f" and {len(emptied) - shown} more" if len(emptied) > shown else ""
+        lines.append(f"\n  left running nothing: {', '.join(emptied[:shown])}{tail}")
+    lines.append(f"\n  to go ahead, repeat with --confirm {details['sites']}")
+    return "".join(lines)
 
 
 class _Retry(Exception):
@@ -327,7 +371,9 @@ def read_deploy_file(path: Path) -> dict[str, Any]:
 
 
 def run_deploy(args: argparse.Namespace) -> int:
-    deployment = hub_call(args, "POST", "/v1/apps", read_deploy_file(args.file))
+    deployment = hub_call(
+        args, "POST", confirmed_path("/v1/apps", args), read_deploy_file(args.file)
+    )
     waves = deployment["waves"]
     print(
         f"deployment {deployment['id']}: {deployment['app']} {deployment['version']} "
@@ -422,6 +468,13 @@ def _fraction(count: dict[str, int] | None, part: str) -> str:
 
 
 def run_apps(args: argparse.Namespace) -> int:
+    if args.delete or args.confirm is not None:
+        if not args.name or not args.delete:
+            raise ConfigurationError("--delete NAME deletes an application; --confirm goes with it")
+        path = confirmed_path(f"/v1/apps/{quote(args.name, safe='')}", args)
+        deleted = hub_call(args, "DELETE", path)
+        print(f"{args.name} deleted: delta {deleted['delta']} to {len(deleted['sites'])} site(s)")
+        return 0
     if args.name:
         app = hub_call(args, "GET", f"/v1/apps/{args.name}")
         deployment = app["deployment"]

@@ -28,7 +28,14 @@ from pathlib import Path
 from typing import Any
 
 from meshorch.cli.agent_client import AGENT_HELP, agent_address, call_agent
-from meshorch.cli.fleet import HUB_ENV, TOKEN_ENV, HubError, hub_call, hub_list
+from meshorch.cli.fleet import (
+    HUB_ENV,
+    TOKEN_ENV,
+    HubError,
+    confirmed_path,
+    hub_call,
+    hub_list,
+)
 from meshorch.errors import ConfigurationError
 
 KEY_BYTES = 32
@@ -96,6 +103,11 @@ def add_site_commands(commands: Any) -> None:
         "the hub then forgets the site. With --wait, follow it until the hub has forgotten it.",
     )
     decommission.add_argument("--wait", action="store_true", help="until the hub forgot it")
+    decommission.add_argument(
+        "--confirm", type=int, metavar="N",
+        help="confirm a decommission the hub refused because it stops an app at too many of "
+        "its sites: N is the number of sites the hub said it touches (1)",
+    )  # fmt: skip
     decommission.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS")
     decommission.set_defaults(handler=run_decommission)
     from meshorch.cli.deltas import add_site_diff  # a view of the hub's delta log
@@ -198,7 +210,8 @@ def run_unlock(args: argparse.Namespace) -> int:
 def run_decommission(args: argparse.Namespace) -> int:
     if not _hub_mode(args):
         raise ConfigurationError("decommission goes through the hub: give --hub URL (and --token)")
-    answer = _site_op(args, "decommission")
+    path = confirmed_path(f"/v1/sites/{args.site}/decommission", args)
+    answer = dict(hub_call(args, "POST", path, {}))
     print(f"decommission of {args.site} sent in delta {answer['delta']}", flush=True)
     if not args.wait:
         return 0

@@ -51,7 +51,7 @@ from meshorch.apps.rollout import RolloutState
 from meshorch.apps.scheduler import HostInfo, Placement
 from meshorch.apps.spec import AppSpec, SpecError, from_json, require_own_secrets, spec_digest
 from meshorch.errors import RemoteInputError
-from meshorch.fleet import decommission
+from meshorch.fleet import decommission, interlock
 from meshorch.fleet import upgrade as agent_upgrade
 from meshorch.fleet.client import HubTrust, normalize_fingerprint
 from meshorch.fleet.delta import (
@@ -361,13 +361,16 @@ def plan_apply(
     site_id: str,
     read: Reader,
     envelopes: Sequence[bytes] = (),
+    running: Collection[str] = (),
 ) -> ApplyPlan:
     """Raft operations that apply ``deltas`` (verified, consecutive) at this site.
 
     ``read(table, key)`` returns the current value; ``trust_index`` is the Raft index
     of the trust record the deltas were verified against (the compare-and-set guard).
     ``envelopes`` (one per delta, as applied: ``as_applied``) are kept in the record of
-    the last ``APPLIED_KEEP`` versions, in the same guarded proposal.
+    the last ``APPLIED_KEEP`` versions, in the same guarded proposal. ``running``: the
+    names of the applications the site has (a delta that would delete them all without
+    the operator's confirmation has its deletions refused: ``meshorch.fleet.interlock``).
     """
     plan = ApplyPlan()
     if envelopes:
@@ -381,7 +384,11 @@ def plan_apply(
             continue
         plan.for_site.append(delta.version)
         ops.extend((delta.version, index, op) for index, op in enumerate(delta.ops))
-    return _plan_ops(plan, ops, new_state, trust_index, site_id, read)
+    by_version: dict[int, list[Mapping[str, Any]]] = {}
+    for version, _, op in ops:
+        by_version.setdefault(version, []).append(op)
+    refused = interlock.refused_groups(by_version.items(), running)
+    return _plan_ops(plan, ops, new_state, trust_index, site_id, read, running, refused)
 
 
 def plan_snapshot(
@@ -390,12 +397,14 @@ def plan_snapshot(
     trust_index: int,
     site_id: str,
     read: Reader,
+    running: Collection[str] = (),
 ) -> ApplyPlan:
     """Raft operations that make a verified snapshot the site's desired state, in one
     proposal guarded like ``plan_apply``: each of its operations is written as a delta's
     would be (an application it deletes is deleted, the last version of each put), then
     the trust state at the snapshot's version and head. An operation this site refuses is
-    skipped and reported (``OpError``, its index in the snapshot)."""
+    skipped and reported (``OpError``, its index in the snapshot). The snapshot is one
+    change for the deletion interlock (``plan_apply``'s ``running``)."""
     plan = ApplyPlan(applied=[snapshot.version], for_site=[snapshot.version])
     # The envelopes kept lead to the versions the snapshot skips: the record starts anew.
     before = read(SYSTEM_TABLE, TRUST_KEY)
@@ -403,7 +412,10 @@ def plan_snapshot(
     first = max(1, applied - APPLIED_KEEP + 1)
     plan.ops.extend(Delete(SYSTEM_TABLE, applied_key(v)) for v in range(first, applied + 1))
     ops = [(item.at, index, item.op) for index, item in enumerate(snapshot.ops)]
-    return _plan_ops(plan, ops, new_state, trust_index, site_id, read)
+    whole = [(snapshot.version, [item.op for item in snapshot.ops])]
+    refused = interlock.refused_groups(whole, running)
+    refused_at = {at for at, _, _ in ops} if refused else set()
+    return _plan_ops(plan, ops, new_state, trust_index, site_id, read, running, refused_at)
 
 
 def applied_key(version: int) -> bytes:
@@ -456,7 +468,10 @@ def _plan_ops(
     trust_index: int,
     site_id: str,
     read: Reader,
+    running: Collection[str] = (),
+    refused: Collection[int] = (),
 ) -> ApplyPlan:
+    """``refused``: the versions whose ``app.delete`` operations the interlock refuses."""
     overlay: dict[tuple[str, bytes], bytes | None] = {}
 
     def current(table: str, key: bytes) -> bytes | None:
@@ -466,6 +481,10 @@ def _plan_ops(
 
     for version, index, op in ops:
         name = str(op.get("op"))
+        if name == "app.delete" and version in refused:
+            message = interlock.REFUSAL.format(count=len(running))
+            plan.op_errors.append(OpError(version, index, name, message))
+            continue
         try:
             writes = _op_writes(op, current, site_id, version)
         except RemoteInputError as exc:

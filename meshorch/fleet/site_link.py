@@ -605,7 +605,9 @@ class SiteLink(LinkRecords):
                 entry = rejection_entry(f"snapshot_{exc.reason}", exc.message, exc.version, now)
                 await self._record([entry])
                 return outcome
-            plan = plan_snapshot(snapshot, after, trust_index, self.site_id, self._read)
+            plan = plan_snapshot(
+                snapshot, after, trust_index, self.site_id, self._read, self._app_names()
+            )
             results = await raft.propose(plan.ops)
             if not results[0].ok:
                 outcome.conflict = True
@@ -760,6 +762,7 @@ class SiteLink(LinkRecords):
                     self.site_id,
                     self._read,
                     applied,
+                    self._app_names(),
                 )
                 results = await raft.propose(plan.ops)
                 if not results[0].ok:  # the guard: another leader applied first
@@ -796,6 +799,11 @@ class SiteLink(LinkRecords):
             self._recent.move_to_end(delta.version)
         while len(self._recent) > RECENT_ENVELOPES:
             self._recent.popitem(last=False)
+
+    def _app_names(self) -> list[str]:
+        """The applications this site has (their records), for the deletion interlock."""
+        records, _ = self.site.view.scan(APPS_TABLE, APP_PREFIX, 1_000_000)
+        return [key[len(APP_PREFIX) :].decode(errors="replace") for key, _ in records]
 
     def _read(self, table: str, key: bytes) -> bytes | None:
         record = self.site.view.get(table, key)

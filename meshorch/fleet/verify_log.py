@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from meshorch.fleet import delta as deltas
+from meshorch.fleet import interlock
 from meshorch.fleet.delta import Delta, DeltaRejected, Target, TrustState
 
 Anchor = Literal["genesis", "first_prev"]
@@ -322,7 +323,12 @@ def describe(delta: Delta) -> list[str]:
         return [f"operations not in this view (for {target_text(delta.target)})"]
     if not delta.ops:
         return ["heartbeat (no operations)"]
-    return [describe_op(op) for op in delta.ops]
+    return [describe_op(op) + _confirmation(op) for op in delta.ops]
+
+
+def _confirmation(op: Mapping[str, Any]) -> str:
+    """An operator's confirmation of a large removal (``meshorch.fleet.interlock``)."""
+    return f" (confirmed: {op['confirmed']} site(s))" if interlock.is_confirmed(op) else ""
 
 
 def describe_op(op: Mapping[str, Any]) -> str:

@@ -129,7 +129,7 @@ def test_ops_of_a_delta_for_other_sites_are_ignored_but_the_version_advances() -
 def test_delete_and_the_overlay_of_earlier_deltas_in_the_batch() -> None:
     raws = chain(
         [{"op": "app.put", "spec": spec_json("1")}],
-        [{"op": "app.delete", "name": "web"}],
+        [{"op": "app.delete", "name": "web", "confirmed": 1}],  # the site's only app
         [{"op": "app.put", "spec": spec_json("1", replicas=3)}],  # same version, new content
     )
     deltas, state = verified(raws)
@@ -333,9 +333,9 @@ def test_an_app_name_belongs_to_one_tenant() -> None:
         [{"op": "app.put", "spec": spec_json("1"), "tenant": "acme"}],
         [{"op": "app.put", "spec": spec_json("2"), "tenant": "globex"}],  # refused
         [{"op": "app.put", "spec": spec_json("2")}],  # default tenant: refused too
-        [{"op": "app.delete", "name": "web", "tenant": "globex"}],  # refused
+        [{"op": "app.delete", "name": "web", "tenant": "globex", "confirmed": 1}],  # refused
         [{"op": "app.put", "spec": spec_json("2"), "tenant": "acme"}],  # its owner: fine
-        [{"op": "app.delete", "name": "web", "tenant": "acme"}],
+        [{"op": "app.delete", "name": "web", "tenant": "acme", "confirmed": 1}],
         [{"op": "app.put", "spec": spec_json("1", replicas=4), "tenant": "globex"}],  # free now
     )
     deltas, state = verified(raws)

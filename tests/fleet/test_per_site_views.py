@@ -159,7 +159,7 @@ async def test_a_site_receives_only_what_concerns_it(hub: LocalHub, root: Path) 
             # A long-poll of the probe is not woken by a delta only for shop-b ...
             poll = asyncio.create_task(raw_fetch(probe, head, POLL_S))
             await asyncio.sleep(0.5)
-            await fleet.call("DELETE", "/v1/apps/redapp")
+            await fleet.call("DELETE", "/v1/apps/redapp?confirm=1")
             await until("redapp gone at shop-b", lambda: _gone(shop_b, "redapp"), 30)
             body, took = await poll
             print(f"VIEWS poll with a delta for another site only: answered in {took:.2f} s")

@@ -165,7 +165,7 @@ async def test_relay_attacks_rotation_and_link_config(agent: Agent) -> None:
             next_delta("acme", 3, hub.head_hash, [], ALL_SITES, time.time(), 60), [ROOT]
         )
         await refused(old_signed, 400, "unknown_key")
-        hub.publish([{"op": "app.delete", "name": "relayed"}, {"op": "bogus"}])
+        hub.publish([{"op": "app.delete", "name": "relayed", "confirmed": 1}, {"op": "bogus"}])
         status, body = await post(hub.envelopes[3])
         assert status == 200 and body["applied"] == [4], body
         assert [e["reason"] for e in body["op_errors"]] == ["bad_op"]

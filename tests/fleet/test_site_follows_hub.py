@@ -145,7 +145,8 @@ async def follow(site: LocalSite, hub: StubHub, session: aiohttp.ClientSession) 
     await wait_ready(session, rest, members=3, not_leader=leader.host_id)
     new_leader = await leader_of(session, rest)
     reports_before = len(hub.reports)
-    hub.publish([{"op": "app.delete", "name": "web"}], target=Target(sites=frozenset({SITE})))
+    deleted = {"op": "app.delete", "name": "web", "confirmed": 1}  # its last app: confirmed
+    hub.publish([deleted], target=Target(sites=frozenset({SITE})))
     await until("version 5 on the new leader", lambda: trust_version_is(5, new_leader.url), 20)
     await until(
         "a report from the new leader",

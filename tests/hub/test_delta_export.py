@@ -58,7 +58,7 @@ async def issue_deltas(hub: Hub, admin: Operator, make_site: MakeSite) -> Site:
     quota = {"cpu_millis": 2000, "memory_bytes": None, "instances": 5}
     await admin.ok("PUT", "/v1/tenants/blue/quota", quota)
     await admin.ok("POST", "/v1/fleet/rotate")
-    await admin.ok("DELETE", "/v1/apps/till")
+    await admin.ok("DELETE", "/v1/apps/till?confirm=1")
     return shop
 
 
@@ -96,7 +96,7 @@ async def test_export_then_verify_prints_what_each_delta_did(
         assert "app.put default/till version 1.0" in out
         assert "tenant.quota blue: cpu_millis=2000, instances=5, memory_bytes=None" in out
         assert f"root.rotate to key {hub.root_key}" in out
-        assert "app.delete default/till" in out
+        assert "app.delete default/till (confirmed: 1 site(s))" in out
     # From a version on (as after a compaction): anchored at its first delta.
     later = tmp_path / "later.jsonl"
     await export(hub, later, "--since", "2")

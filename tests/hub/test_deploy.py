@@ -113,7 +113,7 @@ async def test_a_new_version_supersedes_and_unmatched_sites_get_a_delete(
     first = await admin.ok("POST", "/v1/apps", {"spec": spec_text()}, 202)
     second = await admin.ok(
         "POST",
-        "/v1/apps",
+        "/v1/apps?confirm=1",  # it stops at b: the deletion interlock's confirmation
         {"spec": spec_text(version="2.0"), "placement": {"match": {"region": "eu"}}},
         202,
     )
@@ -125,7 +125,7 @@ async def test_a_new_version_supersedes_and_unmatched_sites_get_a_delete(
         {"sites": ["a"]},
         {"sites": ["b"]},
     ]
-    assert deltas[2]["ops"] == [{"op": "app.delete", "name": "web"}]
+    assert deltas[2]["ops"] == [{"op": "app.delete", "name": "web", "confirmed": 1}]
     result = await a.sync()
     assert [d.version for d in result.accepted] == [1, 2, 3]
 
@@ -135,7 +135,7 @@ async def test_delete_app_sends_app_delete_to_the_sites_that_have_it(
 ) -> None:
     await make_site("a")
     await admin.ok("POST", "/v1/apps", {"spec": spec_text()}, 202)
-    answer = await admin.ok("DELETE", "/v1/apps/web")
+    answer = await admin.ok("DELETE", "/v1/apps/web?confirm=1")
     assert answer == {"deleted": "web", "delta": 2, "sites": ["a"]}
     status, _ = await admin.call("GET", "/v1/apps/web")
     assert status == 404

@@ -133,7 +133,7 @@ async def test_a_sites_pending_changes_from_its_report_and_the_log(
     # Meanwhile (the shop is offline): what it has not applied yet.
     await deploy("web", "2.0")
     await deploy("till", "1", shop="two")
-    await admin.ok("DELETE", "/v1/apps/old")
+    await admin.ok("DELETE", "/v1/apps/old?confirm=1")
     await admin.ok("POST", "/v1/sites/shop-1/lockdown", {})
     await admin.ok("POST", "/v1/fleet/rotate")
     head = hub.head.version

@@ -68,7 +68,7 @@ async def test_a_snapshot_holds_only_the_sites_own_desired_state(
     snapshot, _ = verify_snapshot(raw, rotations, red_site.trust, "shop-r", time.time())
     assert [op.op["spec"]["name"] for op in snapshot.ops if op.op["op"] == "app.put"] == ["redapp"]
     # The tail chains onto it: a delta issued now is accepted from the snapshot's state.
-    await admin.ok("DELETE", "/v1/apps/blueapp")
+    await admin.ok("DELETE", "/v1/apps/blueapp?confirm=1")
     blue_site.trust = after
     result = await blue_site.sync()
     assert result.accepted[-1].version == hub.head.version

@@ -99,8 +99,11 @@ async def new_site_key(world: World) -> tuple[str, object, str | None, bool]:
 
 async def new_app_of_a(world: World) -> tuple[str, object, str | None, bool]:
     name = world.fresh("app-of-aa")
-    await world.admin.ok("POST", "/v1/apps", {"spec": spec_text(name), "tenant": TA}, 202)
-    return f"/v1/apps/{name}", None, TA, False
+    body = {"spec": spec_text(name), "tenant": TA}
+    deployment = await world.admin.ok("POST", "/v1/apps", body, 202)
+    sites = len(deployment["waves"][0]) if deployment["waves"] else 0
+    confirm = f"?confirm={sites}" if sites else ""  # the deletion interlock's
+    return f"/v1/apps/{name}{confirm}", None, TA, False
 
 
 async def create_app_of_a(world: World) -> tuple[str, object, str | None, bool]:

@@ -31,7 +31,7 @@ async def test_default_exists_and_tenants_live_and_die(
     await admin.ok("POST", "/v1/apps", {"spec": spec_text(), "tenant": "blue"}, 202)
     status, answer = await admin.call("DELETE", "/v1/tenants/blue")
     assert status == 409 and answer["error"]["code"] == "tenant_in_use"
-    await admin.ok("DELETE", "/v1/apps/web")
+    await admin.ok("DELETE", "/v1/apps/web?confirm=1")
     deleted = await admin.ok("DELETE", "/v1/tenants/blue")
     assert len(deleted["revoked_tokens"]) == 1
     assert (await admin.call("GET", "/v1/apps", token=blue))[0] == 401  # revoked with it
@@ -63,7 +63,7 @@ async def test_app_ops_carry_the_tenant(admin: Operator, make_site: MakeSite) ->
     await make_site("s1")
     await admin.ok("POST", "/v1/tenants", {"id": "blue"}, 201)
     await admin.ok("POST", "/v1/apps", {"spec": spec_text(), "tenant": "blue"}, 202)
-    await admin.ok("DELETE", "/v1/apps/web")
+    await admin.ok("DELETE", "/v1/apps/web?confirm=1")
     ops = [d["ops"][0] for d in (await admin.ok("GET", "/v1/deltas"))["deltas"]]
     assert [(op["op"], op["tenant"]) for op in ops] == [("app.put", "blue"), ("app.delete", "blue")]
 
