@@ -125,6 +125,8 @@ def parse_policy(data: object) -> Policy:
     expressions = _expressions(data.get("expressions", []), problems)
     sites = _sites(data.get("sites"), problems)
     max_parallel = data.get("max_parallel", DEFAULT_MAX_PARALLEL)
+    if isinstance(max_parallel, float) and max_parallel.is_integer():
+        max_parallel = int(max_parallel)  # 5.0 is an integer to JSON Schema too
     if type(max_parallel) is not int or not 1 <= max_parallel <= MAX_PARALLEL:
         problems.append(f"placement.max_parallel: an integer from 1 to {MAX_PARALLEL}")
     if problems:

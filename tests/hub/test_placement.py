@@ -129,3 +129,10 @@ def test_in_and_not_in_partition_the_fleet(
     outside = select(make_policy(expressions=[Expression(key, "not in", tuple(values))]), fleet)
     assert sorted(inside + outside) == sorted(fleet)
     assert not set(inside) & set(outside)
+
+
+def test_max_parallel_takes_what_json_schema_calls_an_integer() -> None:
+    assert parse_policy({"max_parallel": 5.0}).max_parallel == 5  # the document allows it
+    for bad in (5.5, True, "5", 0.0):
+        with pytest.raises(PlacementError):
+            parse_policy({"max_parallel": bad})
