@@ -61,9 +61,10 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
+from pysyncobj import FAIL_REASON, SyncObjConf, replicated
 from pysyncobj.poller import POLL_EVENT_TYPE
 
+from raft.append_fix import SafeAppendsSyncObj
 from raft.commands import Append, Barrier, Op, Put, Session, encode_ops, join_encoded
 from raft.config import RaftConfig
 from raft.errors import (
@@ -220,8 +221,11 @@ class _LoopPoller:
             self._on_event()
 
 
-class _SyncObj(SyncObj):  # type: ignore[misc]
+class _SyncObj(SafeAppendsSyncObj):
     """The pysyncobj object; its one replicated method hands bytes to ``on_apply``.
+
+    A follower keeps the entries it holds when an append comes late or twice
+    (``raft.append_fix``).
 
     Its ``_poller`` (the attribute through which pysyncobj's transport and
     wake-up pipe register their file descriptors) is the event loop's.
