@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -112,8 +113,19 @@ async def fleet_of(admin: Operator, count: int, old: int) -> None:
 EVERYWHERE = {"max_parallel": 1000}  # one wave: every site gets the app at once
 
 
+async def cli(hub: Hub, *args: str) -> tuple[int, str, str]:
+    env = {**os.environ, "MESHORCH_HUB": hub.url, "MESHORCH_TOKEN": admin_token(hub)}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "meshorch", *args, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
 async def test_a_label_change_removing_an_app_from_60_of_100_sites_needs_confirm_60(
-    hub: Hub, admin: Operator
+    hub: Hub, admin: Operator, tmp_path: Path
 ) -> None:
     await fleet_of(admin, 100, old=60)
     await admin.ok("POST", "/v1/apps", {"spec": spec_text(), "placement": EVERYWHERE}, 202)
@@ -138,7 +150,18 @@ async def test_a_label_change_removing_an_app_from_60_of_100_sites_needs_confirm
     assert status == 409 and answer["error"]["code"] == "confirmation_mismatch"
     assert hub.head.version == head
 
-    accepted = await admin.ok("POST", "/v1/apps?confirm=60", narrower, 202)
+    # The operator's way: the CLI shows the list, then takes --confirm 60.
+    deploy_file = tmp_path / "web-2.yaml"
+    deploy_file.write_text(
+        spec_text(version="2.0") + "placement:\n  match: {tier: new}\n  max_parallel: 1000\n"
+    )
+    code, _, err = await cli(hub, "deploy", "-f", str(deploy_file))
+    assert code != 0 and "web: stops at 60 of 100 site(s): shop-000, shop-001" in err, err
+    assert "and 40 more" in err and "repeat with --confirm 60" in err
+    assert hub.head.version == head
+    code, out, err = await cli(hub, "deploy", "-f", str(deploy_file), "--confirm", "60")
+    assert code == 0 and "deployment" in out, err
+    accepted = (await admin.ok("GET", "/v1/apps/web"))["deployment"]
     deltas = (await admin.ok("GET", f"/v1/deltas?after={head}"))["deltas"]
     deleted = [d for d in deltas if d["ops"][0]["op"] == "app.delete"]
     assert [d["ops"] for d in deleted] == [[{"op": "app.delete", "name": "web", "confirmed": 60}]]
@@ -199,26 +222,13 @@ async def test_strangers_are_refused_before_the_interlock_looks(hub: Hub, admin:
     await admin.ok("GET", "/v1/apps/web")
 
 
-async def test_the_cli_prints_what_would_stop_and_takes_confirm(
-    hub: Hub, admin: Operator, tmp_path: Any
-) -> None:
+async def test_the_cli_deletes_an_app_with_confirm(hub: Hub, admin: Operator) -> None:
     await fleet_of(admin, 4, old=0)
     await admin.ok("POST", "/v1/apps", {"spec": spec_text(), "placement": EVERYWHERE}, 202)
-    env = {**os.environ, "MESHORCH_HUB": hub.url, "MESHORCH_TOKEN": admin_token(hub)}
-
-    async def cli(*args: str) -> tuple[int, str, str]:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "meshorch", *args, env=env,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        out, err = await proc.communicate()
-        assert proc.returncode is not None
-        return proc.returncode, out.decode(), err.decode()
-
-    code, out, err = await cli("apps", "web", "--delete")
+    code, out, err = await cli(hub, "apps", "web", "--delete")
     assert code != 0 and "confirmation_required" in err, (out, err)
     assert "web: stops at 4 of 4 site(s): shop-000, shop-001, shop-002, shop-003" in err
     assert "repeat with --confirm 4" in err
-    code, out, err = await cli("apps", "web", "--delete", "--confirm", "4")
+    code, out, err = await cli(hub, "apps", "web", "--delete", "--confirm", "4")
     assert code == 0 and "web deleted" in out, err
     assert (await admin.call("GET", "/v1/apps/web"))[0] == 404
