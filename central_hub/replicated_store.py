@@ -106,8 +106,8 @@ class ReplicatedStore(Store):
     def _read(self, db: str) -> Any:
         if db in SOFT_DBS:
             return self._local._read(db)
-        env, handle = self._node.view.reader(db)
-        return env.begin(db=handle)
+        view = self._node.view
+        return view.read_txn(view.reader(db))  # from a worker thread too: see raft.view
 
     def _skip(self, db: str) -> int:
         return 0 if db in SOFT_DBS else RECORD_HEAD_BYTES

@@ -13,10 +13,13 @@ called periodically and at shutdown.
 Size: the LMDB map (the most the file may grow to) starts at ``map_size`` and
 doubles, up to ``max_map_size``, whenever the pages in use pass three quarters
 of it after a write, or when a write meets ``MDB_MAP_FULL`` (then the write is
-retried). ``set_mapsize`` needs no transaction open in the process: every
-transaction of the view is opened and closed on the event loop thread, and the
-map only grows between them. A write that still does not fit raises
-``ViewFullError``. The view also keeps the logical size of the state (see
+retried). ``set_mapsize`` needs no transaction open in the process: writes run on
+the event loop thread, and read transactions, which other threads may open too (a
+hub replica reads its state in a worker thread while the loop applies entries), go
+through ``read_txn``, which counts them: the map grows once none is open, new ones
+waiting meanwhile (a growth that is only due, not forced by ``MDB_MAP_FULL``, waits
+for no reader: it is tried again after a later write). A write that still does not
+fit raises ``ViewFullError``. The view also keeps the logical size of the state (see
 ``raft.state_machine``) in its metadata, updated in the transaction of each
 entry, and recounts it from the records when it is missing.
 """
@@ -26,7 +29,9 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -55,6 +60,7 @@ DEFAULT_MAP_SIZE = 1 << 30
 DEFAULT_MAX_MAP_SIZE = 16 << 30
 # Grow the map once the pages in use pass this fraction of it.
 GROW_AT = 0.75
+READERS_WAIT_S = 30.0  # the longest a forced growth waits for read transactions to close
 
 T = TypeVar("T")
 
@@ -81,6 +87,10 @@ class StateView:
             metasync=False,
             max_readers=256,
         )
+        # Read transactions open (any thread) and whether the map is being resized.
+        self._reads = threading.Condition()
+        self._open_reads = 0
+        self._resizing = False
         # Checked after every write: kept here rather than asked of LMDB each time.
         self._page_bytes = int(self._env.stat()["psize"])
         self._map_bytes = self.map_size()
@@ -117,18 +127,35 @@ class StateView:
         return self._changes[table]
 
     def applied_index(self) -> int:
-        with self._env.begin(db=self._meta) as txn:
+        with self.read_txn(self._meta) as txn:
             raw = txn.get(_APPLIED_KEY)
         return 0 if raw is None else int(_INDEX.unpack(raw)[0])
 
-    def reader(self, table: str) -> tuple[lmdb.Environment, lmdb._Database]:
-        """The environment and database of ``table`` for readers that decode records
-        themselves (each value is ``Record.encode``: the index, ``RECORD_HEAD_BYTES``,
-        then the value). Read transactions only, on the event loop thread (see Size)."""
-        return self._env, self._dbs[table]
+    @contextmanager
+    def read_txn(self, db: lmdb._Database | None = None) -> Iterator[lmdb.Transaction[bytes]]:
+        """A read transaction, from any thread; the map is not resized while it is open
+        (see Size). For readers that decode records themselves (``reader``)."""
+        with self._reads:
+            while self._resizing:
+                self._reads.wait()
+            self._open_reads += 1
+        try:
+            with self._env.begin(db=db) as txn:
+                yield txn
+        finally:
+            with self._reads:
+                self._open_reads -= 1
+                if not self._open_reads:
+                    self._reads.notify_all()
+
+    def reader(self, table: str) -> lmdb._Database:
+        """The database of ``table`` for readers that decode records themselves (each
+        value is ``Record.encode``: the index, ``RECORD_HEAD_BYTES``, then the value),
+        in a ``read_txn``."""
+        return self._dbs[table]
 
     def get(self, table: str, key: bytes) -> Record | None:
-        with self._env.begin(db=self._dbs[table]) as txn:
+        with self.read_txn(self._dbs[table]) as txn:
             raw = txn.get(key)
         return None if raw is None else Record.decode(raw)
 
@@ -147,7 +174,7 @@ class StateView:
         (the record covering ``start`` when keys are range starts)."""
         found: list[tuple[bytes, Record]] = []
         begin = prefix if start is None or start < prefix else start
-        with self._env.begin(db=self._dbs[table]) as txn:
+        with self.read_txn(self._dbs[table]) as txn:
             cursor = txn.cursor()
             positioned = cursor.set_range(begin)
             if preceding and start is not None:
@@ -205,7 +232,7 @@ class StateView:
 
     def evaluate(self, compute: Callable[[StoredReader, ValueReader, int], Applied]) -> Applied:
         """What ``apply_indexed`` would compute now, without storing anything."""
-        with self._env.begin() as txn:
+        with self.read_txn() as txn:
             return compute(*self._readers(txn), self._logical)
 
     def _readers(self, txn: lmdb.Transaction[bytes]) -> tuple[StoredReader, ValueReader]:
@@ -260,7 +287,7 @@ class StateView:
                 with self._env.begin(write=True) as txn:
                     outcome = run(txn)
             except lmdb.MapFullError as exc:
-                if not self._grow():
+                if not self._grow(forced=True):
                     raise ViewFullError(
                         f"the view does not fit in its map of {self.map_size()} bytes "
                         f"(max_view_bytes {self.max_map_size})"
@@ -275,14 +302,29 @@ class StateView:
         if size < self.max_map_size and self.size_bytes() > size * GROW_AT:
             self._grow()
 
-    def _grow(self, at_least: int = 0) -> bool:
+    def _grow(self, at_least: int = 0, *, forced: bool = False) -> bool:
         """Double the map (or more, to ``at_least``), up to ``max_map_size``; False if it
-        is there already. No transaction of this process may be open (see above)."""
+        is there already, or if readers are open and the growth is not ``forced`` (it
+        waits for them when it is: see Size)."""
         current = self.map_size()
         wanted = min(self.max_map_size, max(current * 2, at_least))
         if wanted <= current:
             return False
-        self._env.set_mapsize(wanted)
+        with self._reads:
+            if self._open_reads and not forced:
+                return False
+            self._resizing = True
+            try:
+                # A reader of this very thread would never close: say so, not hang.
+                if not self._reads.wait_for(lambda: not self._open_reads, READERS_WAIT_S):
+                    raise ViewFullError(
+                        f"the view's map must grow but {self._open_reads} read "
+                        f"transaction(s) stayed open for {READERS_WAIT_S:g} s"
+                    )
+                self._env.set_mapsize(wanted)
+            finally:
+                self._resizing = False
+                self._reads.notify_all()
         grown = self._map_bytes = self.map_size()
         logger.info("view map grown from %d to %d bytes", current, grown)
         return grown > current
@@ -351,7 +393,7 @@ class StateView:
         # The old pages are freed when the transaction commits: room for both.
         dump_bytes = int((dump.info()["last_pgno"] + 1) * dump.stat()["psize"])
         if self.size_bytes() + 2 * dump_bytes > self.map_size() * GROW_AT:
-            self._grow(at_least=int((self.size_bytes() + 2 * dump_bytes) / GROW_AT))
+            self._grow(at_least=int((self.size_bytes() + 2 * dump_bytes) / GROW_AT), forced=True)
 
         def install(txn: lmdb.Transaction[bytes]) -> int:
             total = 0

@@ -1,3 +1,5 @@
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -212,3 +214,67 @@ def test_changes_count_the_writes_of_each_table_and_snapshots(tmp_path: Path) ->
     assert view.changes("sys") != sys and view.get("sys", b"access/x") is None
     for each in (view, leader):
         each.close()
+
+
+def test_the_map_grows_only_once_readers_of_other_threads_are_done(tmp_path: Path) -> None:
+    view = StateView(tmp_path / "v", ("kv",), map_size=MIB, max_map_size=64 * MIB)
+    view.apply(1, [Write("kv", b"a", Record(1, b"x"))])
+    opened, release = threading.Event(), threading.Event()
+
+    def hold_a_read() -> None:
+        with view.read_txn(view.reader("kv")) as txn:
+            assert txn.get(b"a") is not None
+            opened.set()
+            release.wait(30)
+
+    reader = threading.Thread(target=hold_a_read)
+    reader.start()
+    assert opened.wait(10)
+    before = view.map_size()
+    # Only due (pages past three quarters): put off while a reader is open.
+    assert view._grow() is False and view.map_size() == before
+    # Forced (a write met MDB_MAP_FULL): waits for the reader, then grows.
+    writer = threading.Thread(target=lambda: view.apply(2, [Write("kv", b"big",
+                              Record(2, b"y" * (2 * MIB)))]))  # fmt: skip
+    writer.start()
+    time.sleep(0.3)
+    assert writer.is_alive() and view.map_size() == before  # waiting, not resized
+    release.set()
+    writer.join(30)
+    reader.join(30)
+    assert not writer.is_alive() and view.map_size() > before
+    assert view.get("kv", b"big") == Record(2, b"y" * (2 * MIB))
+    view.close()
+
+
+def test_reads_from_threads_while_the_map_grows_many_times(tmp_path: Path) -> None:
+    view = StateView(tmp_path / "v", ("kv",), map_size=MIB, max_map_size=256 * MIB)
+    stop = threading.Event()
+    seen: list[int] = []
+    errors: list[BaseException] = []
+
+    def read_all_the_time() -> None:
+        try:
+            while not stop.is_set():
+                found, _ = view.scan("kv", b"k/", 200)
+                seen.append(len(found))
+                assert all(r.value == b"v" * 4096 for _, r in found[:50])
+                time.sleep(0.001)
+        except BaseException as exc:
+            errors.append(exc)
+
+    readers = [threading.Thread(target=read_all_the_time) for _ in range(3)]
+    for thread in readers:
+        thread.start()
+    start = view.map_size()
+    for index in range(1, 121):  # 120 x 100 KiB: the map doubles several times
+        writes = [Write("kv", b"k/%06d/%02d" % (index, i), Record(index, b"v" * 4096))
+                  for i in range(25)]  # fmt: skip
+        view.apply(index, writes)
+    stop.set()
+    for thread in readers:
+        thread.join(30)
+    assert not errors, errors
+    assert view.map_size() >= 8 * start and seen and max(seen) == 200
+    assert len(view.scan("kv", b"k/", 1_000_000)[0]) == 120 * 25
+    view.close()
