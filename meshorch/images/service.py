@@ -46,7 +46,11 @@ SYNC_INTERVAL_S = 0.5
 
 
 class SiteImages:
-    """Keeps every image of the site's catalogue on this host, copied from site peers."""
+    """Keeps every image of the site's catalogue on this host, copied from site peers.
+
+    The counters are added to after a copy returns, never with ``+= await``: that reads
+    the counter before the await, and a copy finishing meanwhile (the reconciler's, the
+    sync loop's) would be overwritten."""
 
     def __init__(
         self,
@@ -173,7 +177,8 @@ class SiteImages:
             self._wake.set()
 
         async def from_peers(blob: Descriptor) -> None:
-            self.fetched_bytes += await self._copy_partial(session, blob.digest, blob.size, None)
+            copied = await self._copy_partial(session, blob.digest, blob.size, None)
+            self.fetched_bytes += copied
 
         self.pulls_running += 1
         try:
@@ -253,9 +258,8 @@ class SiteImages:
             # blob).
             for digest, size in record.blobs:
                 if not self.blobs.has(digest):
-                    self.fetched_bytes += await self._copy_partial(
-                        session, digest, size, record.host
-                    )
+                    copied = await self._copy_partial(session, digest, size, record.host)
+                    self.fetched_bytes += copied
                     if not self.blobs.has(digest):
                         break
 
@@ -310,7 +314,8 @@ class SiteImages:
                     self.fetched_bytes += swarm.fetched
                     self.swarm_bytes += swarm.fetched
                     continue
-                self.fetched_bytes += await self.blobs.fetch(session, urls, digest, size, self.sign)
+                copied = await self.blobs.fetch(session, urls, digest, size, self.sign)
+                self.fetched_bytes += copied
             logger.info("copied image %s from a site peer", manifest.ref)
         if self.host_id not in self.holders(manifest.digest):
             await self.site.propose(

@@ -24,6 +24,7 @@ from meshorch.lab.commands import (
     teardown_commands,
 )
 from meshorch.lab.errors import LabError, LabLookupError, LabPlanError, LabStateError
+from meshorch.lab.parse import parse_net_dev
 from meshorch.lab.partition import partition_tag, plan_partition, rules_to_delete
 from meshorch.lab.plan import (
     DEFAULT_PREFIX,
@@ -370,6 +371,13 @@ class Lab:
         return self.runner.run(
             ["ip", "netns", "exec", netns, *argv], check=check, timeout_s=timeout_s
         )
+
+    def interface_bytes(self, node: str, ifname: str) -> tuple[int, int]:
+        """(bytes received, bytes sent) by ``ifname`` in ``node`` so far (its counters)."""
+        counters = parse_net_dev(self.run(node, ["cat", "/proc/net/dev"], check=True).stdout)
+        if ifname not in counters:
+            raise LabLookupError(f"no interface {ifname!r} in {node}: {sorted(counters)}")
+        return counters[ifname]
 
     # --- status ----------------------------------------------------------------------
 

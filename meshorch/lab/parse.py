@@ -29,6 +29,17 @@ def parse_link_names(text: str) -> list[str]:
     return out
 
 
+def parse_net_dev(text: str) -> dict[str, tuple[int, int]]:
+    """Interface -> (bytes received, bytes sent) from ``/proc/net/dev``."""
+    counters: dict[str, tuple[int, int]] = {}
+    for line in text.splitlines():
+        name, colon, rest = line.partition(":")
+        fields = rest.split()
+        if colon and len(fields) >= 9 and fields[0].isdigit():
+            counters[name.strip()] = (int(fields[0]), int(fields[8]))
+    return counters
+
+
 @dataclass(frozen=True, slots=True)
 class ProcStat:
     state: str  # R, S, D, Z (zombie), X (dead), ...

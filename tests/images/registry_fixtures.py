@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from meshorch.apps.settings import podman_dirs
 from meshorch.images.oci import Platform, platform_of_machine
+from meshorch.lab.pusher import Pusher
 from meshorch.lab.registry import LabRegistry
 from meshorch.runtime.images import build_busybox_rootfs
 from tests.runtime.helpers import free_port
@@ -33,16 +33,15 @@ class PushedImages:
     registry: LabRegistry
     work: Path
     digests: dict[str, str]  # "base", "app", "victim": manifest digests as pushed
-    podman: list[str]
+    pusher: Pusher
+
+    @property
+    def podman(self) -> list[str]:
+        return self.pusher.argv
 
     def push(self, local: str, remote: str) -> str:
         """Push ``localhost/<local>`` as ``<registry>/<remote>``; return the manifest digest."""
-        digest_file = self.work / "pushed.digest"
-        creds = ["--tls-verify=false", "--creds", f"{USER}:{PASSWORD}"]
-        target = f"{self.host}/{remote}"
-        digest_flag = ["--digestfile", str(digest_file)]
-        run([*self.podman, "push", *creds, *digest_flag, f"localhost/{local}", target])
-        return digest_file.read_text().strip()
+        return self.pusher.push(f"localhost/{local}", f"{self.host}/{remote}")
 
     @property
     def host(self) -> str:
@@ -60,10 +59,6 @@ class PushedImages:
         )
 
 
-def podman_argv(root: Path, runroot: Path) -> list[str]:
-    return ["podman", "--root", str(root), "--runroot", str(runroot), "--runtime", "runc"]
-
-
 def run(argv: list[str], cwd: Path | None = None) -> str:
     result = subprocess.run(argv, capture_output=True, text=True, cwd=cwd, timeout=300)
     if result.returncode != 0:
@@ -71,15 +66,11 @@ def run(argv: list[str], cwd: Path | None = None) -> str:
     return result.stdout
 
 
-def _build(podman: list[str], context: Path, base: str, name: str, files: dict[str, str]) -> None:
+def _build(pusher: Pusher, context: Path, base: str, name: str, files: dict[str, str]) -> None:
     context.mkdir(parents=True, exist_ok=True)
-    lines = [f"FROM {base}"]
     for file_name, content in files.items():
         (context / file_name).write_text(content)
-        lines.append(f"COPY {file_name} /{file_name}")
-    lines.append('CMD ["cat", "/hello.txt"]')
-    (context / "Containerfile").write_text("\n".join(lines) + "\n")
-    run([*podman, "build", "-q", "--pull=never", "-t", name, str(context)])
+    pusher.build(name, base, context, list(files), ["cat", "/hello.txt"])
 
 
 @contextlib.contextmanager
@@ -88,27 +79,22 @@ def registry_with_images(work: Path, registry: LabRegistry | None = None) -> Ite
     registry's namespace); stop and clean up at the end."""
     if registry is None:
         registry = LabRegistry(work / "registry", f"127.0.0.1:{free_port()}", {USER: PASSWORD})
-    root, runroot = podman_dirs(work / "pusher")
-    podman = podman_argv(root, runroot)
-    if registry.netns is not None:
-        podman = ["ip", "netns", "exec", registry.netns, *podman]
+    pusher = Pusher(work / "pusher", registry.netns, (USER, PASSWORD))
+    podman = pusher.argv
     try:
         registry.start()
         rootfs = build_busybox_rootfs(work / "rootfs.tar")
-        run([*podman, "import", "-q", str(rootfs), "localhost/base:1"])
-        _build(podman, work / "ctx-app", "localhost/base:1", "localhost/app:1",
+        pusher.import_rootfs(rootfs, "localhost/base:1")
+        _build(pusher, work / "ctx-app", "localhost/base:1", "localhost/app:1",
                {"hello.txt": "hello from the registry\n"})  # fmt: skip
-        _build(podman, work / "ctx-app2", "localhost/base:1", "localhost/app:2",
+        _build(pusher, work / "ctx-app2", "localhost/base:1", "localhost/app:2",
                {"hello.txt": "hello again, second build\n"})  # fmt: skip
-        _build(podman, work / "ctx-victim", "localhost/base:1", "localhost/victim:1",
+        _build(pusher, work / "ctx-victim", "localhost/base:1", "localhost/victim:1",
                {"hello.txt": "victim\n", "victim.bin": "v" * 4096})  # fmt: skip
         creds = ["--tls-verify=false", "--creds", f"{USER}:{PASSWORD}"]
         digests = {}
         for name in ("base", "app", "victim"):
-            digest_file = work / f"{name}.digest"
-            run([*podman, "push", *creds, "--digestfile", str(digest_file),
-                 f"localhost/{name}:1", f"{registry.host}/lab/{name}:1"])  # fmt: skip
-            digests[name] = digest_file.read_text().strip()
+            digests[name] = pusher.push(f"localhost/{name}:1", f"{registry.host}/lab/{name}:1")
         arch, other = HOST_PLATFORM, OTHER_PLATFORM
         run([*podman, "manifest", "create", "localhost/multi:1"])
         run([*podman, "manifest", "add", "--os", arch.os, "--arch", arch.architecture,
@@ -119,7 +105,7 @@ def registry_with_images(work: Path, registry: LabRegistry | None = None) -> Ite
         run([*podman, "manifest", "push", "--all", *creds, "--digestfile", str(digest_file),
              "localhost/multi:1", f"docker://{registry.host}/lab/multi:1"])  # fmt: skip
         digests["multi"] = digest_file.read_text().strip()
-        yield PushedImages(registry, work, digests, podman)
+        yield PushedImages(registry, work, digests, pusher)
     finally:
         registry.stop()
-        subprocess.run([*podman, "system", "reset", "--force"], capture_output=True, timeout=300)
+        pusher.reset()

@@ -71,17 +71,7 @@ def lab_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LabAgen
 
 def wan_rx_bytes(lab: Lab) -> int:
     """Bytes the site's router received from the WAN (its NAT side)."""
-    router = lab.plan.sites[0].router_netns
-    text = lab_netns_cat(router, "/proc/net/dev")
-    for line in text.splitlines():
-        name, _, counters = line.partition(":")
-        if name.strip() == ROUTER_WAN_IFNAME:
-            return int(counters.split()[0])
-    raise AssertionError(f"no {ROUTER_WAN_IFNAME} in {router}: {text}")
-
-
-def lab_netns_cat(netns: str, path: str) -> str:
-    return run(["ip", "netns", "exec", netns, "cat", path])
+    return lab.interface_bytes(lab.plan.sites[0].router_name, ROUTER_WAN_IFNAME)[0]
 
 
 def largest_partial(data_dir: Path) -> tuple[str, int]:

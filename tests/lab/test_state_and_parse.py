@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 
 from meshorch.lab import LabState, LabStateError, ProcessRecord, format_status
-from meshorch.lab.parse import parse_link_names, parse_netns_list, parse_pids, parse_proc_stat
+from meshorch.lab.parse import (
+    parse_link_names,
+    parse_net_dev,
+    parse_netns_list,
+    parse_pids,
+    parse_proc_stat,
+)
 from meshorch.lab.probe import checksum, echo_request, parse_echo_reply
 from meshorch.lab.state import StateStore, decode_state, encode_state
 from meshorch.lab.status import LabStatus, NodeStatus, ProcessStatus
@@ -80,6 +86,14 @@ def test_parsers() -> None:
     fields = " ".join(["S", *[str(n) for n in range(4, 22)], "99887766", "0"])
     stat = parse_proc_stat(f"4242 (my (odd) prog) {fields}")
     assert (stat.state, stat.start_ticks) == ("S", 99887766)
+    net_dev = (
+        "Inter-|   Receive                            |  Transmit\n"
+        " face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets\n"
+        "    lo:     120       2    0    0    0     0          0         0      120       2"
+        "    0    0    0     0       0          0\n"
+        "  wan0: 209715200 145000 0 0 0 0 0 0 5242880 70000 0 0 0 0 0 0\n"
+    )
+    assert parse_net_dev(net_dev) == {"lo": (120, 120), "wan0": (209715200, 5242880)}
 
 
 def test_icmp_packets() -> None:
