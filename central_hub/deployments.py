@@ -179,20 +179,21 @@ class Deployments:
         *,
         tenant: str | None = None,
         emptying_counts: bool = True,
+        apps: Mapping[str, dict[str, Any]] | None = None,
     ) -> int | None:
         """In a transaction's plan, before its writes: the deletion interlock for a change
         that stops the applications ``losing`` (site -> names) holds, or 409
         (``central_hub.interlock``); the ``confirmed`` stamp for its operations.
         ``emptying_counts``: a site left running nothing needs confirming (not for a
         decommission, whose purpose it is), counting the apps of ``tenant`` only if given
-        (the caller's, for a tenant token)."""
+        (the caller's, for a tenant token). ``apps``: every application by name, when the
+        caller has read them already."""
         if not losing and confirm is None:
             return None
-        apps = {
-            app["name"]: app
-            for app in self.ledger.store.values_json("apps")
-            if tenant is None or app.get("tenant", DEFAULT_TENANT) == tenant
-        }
+        if apps is None:
+            apps = {app["name"]: app for app in self.ledger.store.values_json("apps")}
+        if tenant is not None:
+            apps = {n: a for n, a in apps.items() if a.get("tenant", DEFAULT_TENANT) == tenant}
         by_app: dict[str, set[str]] = {}
         for site, names in losing.items():
             for name in names:

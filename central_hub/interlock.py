@@ -25,11 +25,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from central_hub.errors import ApiError
+from meshorch.fleet.interlock import CONFIRMED_FIELD
 
 DEFAULT_FRACTION = 0.10
 DEFAULT_MAX_SITES = 50
 MAX_LISTED_SITES = 1000  # site ids named in one refusal; the counts are always whole
-CONFIRMED_FIELD = "confirmed"
 
 
 @dataclass(frozen=True, slots=True)

@@ -259,13 +259,14 @@ class Sites:
 
         def plan(txn: Txn) -> dict[str, Any]:
             record = self.site(site_id)
-            running = [a["name"] for a in self.ledger.store.values_json("apps")
-                       if site_id in a["sites"]]  # fmt: skip
+            apps = {a["name"]: a for a in self.ledger.store.values_json("apps")}
+            running = [name for name, app in apps.items() if site_id in app["sites"]]
             confirmed = self.deployments.confirm_removals(
                 {site_id: running} if running else {},
                 confirm,
                 f"decommissioning {site_id}",
                 emptying_counts=False,
+                apps=apps,
             )
             op = interlock.stamp({"op": "site.decommission"}, confirmed)
             version = txn.delta([op], Target(sites=frozenset({site_id})))

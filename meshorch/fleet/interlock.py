@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-CONFIRMED_FIELD = "confirmed"  # central_hub.interlock.CONFIRMED_FIELD
+CONFIRMED_FIELD = "confirmed"  # on the app.delete ops of a confirmed change
 REFUSAL = (
     "refused: the delta would remove every application this site runs ({count}) and "
     "carries no operator confirmation; confirm the change at the hub (confirm=N)"

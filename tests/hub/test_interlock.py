@@ -5,8 +5,6 @@ operations of a confirmed change carry the confirmation (real hub, real HTTP, LM
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +13,9 @@ import pytest
 from central_hub import Hub, interlock
 from central_hub.interlock import Assessment, Removal, Thresholds, assess, left_empty
 from meshorch.fleet.interlock import refused_groups
-from tests.hub.conftest import MakeSite, admin_token
+from tests.hub.conftest import MakeSite
 from tests.hub.helpers import Operator, spec_text
+from tests.hub.test_delta_export import cli, hub_env
 
 # -- pure ------------------------------------------------------------------------------
 
@@ -113,15 +112,8 @@ async def fleet_of(admin: Operator, count: int, old: int) -> None:
 EVERYWHERE = {"max_parallel": 1000}  # one wave: every site gets the app at once
 
 
-async def cli(hub: Hub, *args: str) -> tuple[int, str, str]:
-    env = {**os.environ, "MESHORCH_HUB": hub.url, "MESHORCH_TOKEN": admin_token(hub)}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "meshorch", *args, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+async def admin_cli(hub: Hub, *args: str) -> tuple[int, str, str]:
+    return await cli(*args, env=hub_env(hub))
 
 
 async def test_a_label_change_removing_an_app_from_60_of_100_sites_needs_confirm_60(
@@ -155,11 +147,11 @@ async def test_a_label_change_removing_an_app_from_60_of_100_sites_needs_confirm
     deploy_file.write_text(
         spec_text(version="2.0") + "placement:\n  match: {tier: new}\n  max_parallel: 1000\n"
     )
-    code, _, err = await cli(hub, "deploy", "-f", str(deploy_file))
+    code, _, err = await admin_cli(hub, "deploy", "-f", str(deploy_file))
     assert code != 0 and "web: stops at 60 of 100 site(s): shop-000, shop-001" in err, err
     assert "and 40 more" in err and "repeat with --confirm 60" in err
     assert hub.head.version == head
-    code, out, err = await cli(hub, "deploy", "-f", str(deploy_file), "--confirm", "60")
+    code, out, err = await admin_cli(hub, "deploy", "-f", str(deploy_file), "--confirm", "60")
     assert code == 0 and "deployment" in out, err
     accepted = (await admin.ok("GET", "/v1/apps/web"))["deployment"]
     deltas = (await admin.ok("GET", f"/v1/deltas?after={head}"))["deltas"]
@@ -211,6 +203,11 @@ async def test_strangers_are_refused_before_the_interlock_looks(hub: Hub, admin:
         got, answer = await admin.call("DELETE", "/v1/apps/web?confirm=3", token=token)
         assert got == status, answer
         assert "details" not in answer["error"]  # nothing of the fleet's layout leaks
+    # A decommission is a fleet admin's: a tenant's admin and a viewer get no list either.
+    for token in (red, viewer):
+        path = "/v1/sites/shop-000/decommission"
+        got, answer = await admin.call("POST", path, {}, token=token)
+        assert got == 403 and "details" not in answer["error"], answer
     assert hub.head.version == head
     status, answer = await admin.call("DELETE", "/v1/apps/web?confirm=0")
     assert status == 400 and answer["error"]["code"] == "bad_confirm"
@@ -225,10 +222,10 @@ async def test_strangers_are_refused_before_the_interlock_looks(hub: Hub, admin:
 async def test_the_cli_deletes_an_app_with_confirm(hub: Hub, admin: Operator) -> None:
     await fleet_of(admin, 4, old=0)
     await admin.ok("POST", "/v1/apps", {"spec": spec_text(), "placement": EVERYWHERE}, 202)
-    code, out, err = await cli(hub, "apps", "web", "--delete")
+    code, out, err = await admin_cli(hub, "apps", "web", "--delete")
     assert code != 0 and "confirmation_required" in err, (out, err)
     assert "web: stops at 4 of 4 site(s): shop-000, shop-001, shop-002, shop-003" in err
     assert "repeat with --confirm 4" in err
-    code, out, err = await cli(hub, "apps", "web", "--delete", "--confirm", "4")
+    code, out, err = await admin_cli(hub, "apps", "web", "--delete", "--confirm", "4")
     assert code == 0 and "web deleted" in out, err
     assert (await admin.call("GET", "/v1/apps/web"))[0] == 404
