@@ -2,7 +2,8 @@
 
 The data directory holds the hub's keys: ``fleet-root.key`` (and, during a root rotation,
 ``fleet-root.key.new``; old ones as ``fleet-root.key.<n>.retired``), ``secrets.key``,
-``escrow.key`` and ``gossip.key``. Each is written sealed (``nacl.secret.SecretBox``) with
+``escrow.key``, ``gossip.key`` and the self-signed certificate's ``tls.key``
+(``LOCAL_KEY_FILES``: each replica of a replicated hub has its own). Each is written sealed (``nacl.secret.SecretBox``) with
 the KEK, so a copy of the data directory or of its backup holds no key::
 
     meshorch-sealed-key 1 kek=<KEK id, 16 hex>
@@ -54,6 +55,8 @@ PLAIN_KEY_FILES = (
     "escrow.key",
     "gossip.key",
 )
+# Key files of this data dir only: never replicated between hub replicas.
+LOCAL_KEY_FILES = ("tls.key",)
 
 
 @dataclass(frozen=True)
@@ -210,7 +213,8 @@ def write_key_text(path: Path, text: str, kek: Kek | None) -> None:
 
 def key_files(data_dir: Path) -> list[Path]:
     """Every key file of the data directory, sorted."""
-    found = [data_dir / name for name in PLAIN_KEY_FILES if (data_dir / name).is_file()]
+    names = PLAIN_KEY_FILES + LOCAL_KEY_FILES
+    found = [data_dir / name for name in names if (data_dir / name).is_file()]
     found += [p for p in data_dir.glob("fleet-root.key.*.retired") if p.is_file()]
     return sorted(found)
 

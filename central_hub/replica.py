@@ -175,7 +175,7 @@ class HubReplica:
         self._node = node
         if not config.insecure_http:
             self.tls = await asyncio.to_thread(
-                load_tls, data_dir, config.tls_cert, config.tls_key, config.host
+                load_tls, data_dir, config.tls_cert, config.tls_key, config.host, config.kek
             )
             # Replicas share one certificate (README): a follower pins it on the leader.
             self._peer_tls = aiohttp.Fingerprint(bytes.fromhex(self.tls.fingerprint))

@@ -213,7 +213,12 @@ class Hub:
             try:
                 config = self.config
                 self.tls = await asyncio.to_thread(
-                    load_tls, self.data_dir, config.tls_cert, config.tls_key, config.host
+                    load_tls,
+                    self.data_dir,
+                    config.tls_cert,
+                    config.tls_key,
+                    config.host,
+                    config.kek,
                 )
             except BaseException:
                 await self._close_runner_and_store()

@@ -6,6 +6,11 @@ certificate kept in the data dir (``tls.crt``, ``tls.key`` 0600), made at the fi
 and kept across restarts; its SHA-256 fingerprint, printed at every start, is what sites
 pin at enrollment (``--hub-fingerprint``) and what the CLI pins on first use
 (``meshorch.cli.known_hubs``). Plain HTTP only with ``--insecure-http``.
+
+The self-signed certificate's key is a key file like the others (``central_hub.keyfiles``):
+sealed with the KEK when there is one, so a copy of the data dir cannot impersonate the
+hub to the sites pinned on it. It is opened into memory (a memfd) for OpenSSL, which
+loads keys only from files. An operator's ``--tls-key`` is read as given.
 """
 
 from __future__ import annotations
@@ -13,13 +18,16 @@ from __future__ import annotations
 import datetime
 import hashlib
 import ipaddress
+import os
 import socket
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from central_hub import keyfiles
 from central_hub.errors import HubConfigError
+from central_hub.keyfiles import Kek
 from raft.durable import write_durably
 
 CERT_FILE = "tls.crt"
@@ -35,20 +43,26 @@ class HubTLS:
     self_signed: bool
 
 
-def load(data_dir: Path, cert: Path | None, key: Path | None, host: str) -> HubTLS:
+def load(
+    data_dir: Path, cert: Path | None, key: Path | None, host: str, kek: Kek | None = None
+) -> HubTLS:
     """The server context: the operator's files, or the data dir's self-signed pair
-    (made now if absent). Raises HubConfigError saying what is wrong."""
+    (made now if absent; its key sealed with ``kek``). Raises HubConfigError saying what
+    is wrong."""
     if (cert is None) != (key is None):
         raise HubConfigError("give both --tls-cert and --tls-key, or neither")
     self_signed = cert is None
     if cert is None or key is None:
         cert, key = data_dir / CERT_FILE, data_dir / KEY_FILE
         if not cert.exists() or not key.exists():
-            _make_self_signed(cert, key, host)
+            _make_self_signed(cert, key, host, kek)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
-        context.load_cert_chain(cert, key)
+        if self_signed:
+            _load_sealed_chain(context, cert, key, kek)
+        else:
+            context.load_cert_chain(cert, key)
         pem = cert.read_text()
     except (OSError, ssl.SSLError, ValueError) as exc:
         raise HubConfigError(
@@ -58,13 +72,31 @@ def load(data_dir: Path, cert: Path | None, key: Path | None, host: str) -> HubT
     return HubTLS(context, cert, hashlib.sha256(der).hexdigest(), self_signed)
 
 
-def _make_self_signed(cert_path: Path, key_path: Path, host: str) -> None:
-    make_self_signed(cert_path, key_path, [host])
+def _load_sealed_chain(
+    context: ssl.SSLContext, cert: Path, key: Path, kek: Kek | None
+) -> None:
+    """Load the data dir's pair, the key opened with ``kek`` (a plain key is sealed now
+    when there is one: a data dir of an older hub)."""
+    text = keyfiles.read_key_text(key, kek, "TLS key") + "\n"
+    if kek is not None and keyfiles.sealed_by(key.read_text()) is None:
+        keyfiles.write_key_text(key, text, kek)
+    memory = os.memfd_create("meshorch-tls-key", os.MFD_CLOEXEC)
+    try:
+        os.write(memory, text.encode())
+        context.load_cert_chain(cert, f"/proc/self/fd/{memory}")
+    finally:
+        os.close(memory)
 
 
-def make_self_signed(cert_path: Path, key_path: Path, hosts: Sequence[str]) -> None:
+def _make_self_signed(cert_path: Path, key_path: Path, host: str, kek: Kek | None) -> None:
+    make_self_signed(cert_path, key_path, [host], kek)
+
+
+def make_self_signed(
+    cert_path: Path, key_path: Path, hosts: Sequence[str], kek: Kek | None = None
+) -> None:
     """A self-signed certificate for ``hosts`` (names or addresses; localhost and this
-    machine's name always), and its key (0600)."""
+    machine's name always), and its key (0600; sealed with ``kek`` when given)."""
     # cryptography is the hub's only: the agent never imports this module.
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -105,5 +137,5 @@ def make_self_signed(cert_path: Path, key_path: Path, hosts: Sequence[str]) -> N
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    write_durably(key_path, key_pem, 0o600)
+    keyfiles.write_key_text(key_path, key_pem.decode(), kek)
     write_durably(cert_path, certificate.public_bytes(serialization.Encoding.PEM), 0o644)

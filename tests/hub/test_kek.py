@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from nacl.signing import SigningKey
 
-from central_hub import Hub, HubConfigError, keyfiles
+from central_hub import Hub, HubConfigError, keyfiles, tls
 from central_hub import cli as hub_cli
 from central_hub.keyfiles import PENDING_SUFFIX, ROTATION_MARKER, Kek, key_files, new_kek_file
 from meshorch.demo.localsite import LocalHub
@@ -181,3 +181,46 @@ async def test_meshorch_hub_without_a_kek_uses_a_kek_file_beside_the_data_dir(
     root = keyfiles.read_key_text(data_dir / "fleet-root.key", kek)
     assert SigningKey(bytes.fromhex(root)).verify_key.encode().hex() == root_key
     assert "NO KEK GIVEN" in hub.logs()
+
+
+async def test_the_self_signed_tls_key_is_sealed_and_served(tmp_path: Path) -> None:
+    """A copy of the data dir holds no TLS private key (it would impersonate the hub to
+    every site pinned on its certificate); the hub still serves that certificate."""
+    data_dir = tmp_path / "hub"
+    kek = new_kek_file(tmp_path / "hub.kek")
+    config = hub_config(data_dir, kek=kek, insecure_http=False, gossip=False)
+    async with Hub(config) as hub:
+        first = hub.tls_fingerprint
+        assert first is not None
+        fingerprint = aiohttp.Fingerprint(bytes.fromhex(first))
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(hub.url + "/v1/fleet", ssl=fingerprint) as response,
+        ):
+            assert response.status == 200
+    key_text = (data_dir / "tls.key").read_text()
+    assert key_text.startswith(f"meshorch-sealed-key 1 kek={kek.id}\n")
+    assert b"PRIVATE KEY" not in on_disk(data_dir)
+    async with Hub(config) as hub:
+        assert hub.tls_fingerprint == first  # the sealed key opens: the same certificate
+    with pytest.raises(HubConfigError, match=r"escrow.key is sealed by KEK .* no KEK was given"):
+        async with Hub(hub_config(data_dir, insecure_http=False, gossip=False)):
+            pass
+    with pytest.raises(HubConfigError, match=r"tls.key is sealed by KEK .* no KEK was given"):
+        tls.load(data_dir, None, None, "127.0.0.1", None)
+    wrong = new_kek_file(tmp_path / "wrong.kek")
+    with pytest.raises(HubConfigError, match=r"tls.key is sealed by KEK .*wrong KEK"):
+        tls.load(data_dir, None, None, "127.0.0.1", wrong)
+
+
+async def test_a_plain_tls_key_of_an_older_hub_is_sealed_at_the_next_start(
+    tmp_path: Path,
+) -> None:
+    data_dir = tmp_path / "hub"
+    async with Hub(hub_config(data_dir, insecure_http=False, gossip=False)) as hub:
+        plain = hub.tls_fingerprint
+    assert "PRIVATE KEY" in (data_dir / "tls.key").read_text()
+    kek = new_kek_file(tmp_path / "hub.kek")
+    async with Hub(hub_config(data_dir, kek=kek, insecure_http=False, gossip=False)) as hub:
+        assert hub.tls_fingerprint == plain
+    assert b"PRIVATE KEY" not in on_disk(data_dir)
