@@ -3,8 +3,9 @@
 The data directory holds the hub's keys: ``fleet-root.key`` (and, during a root rotation,
 ``fleet-root.key.new``; old ones as ``fleet-root.key.<n>.retired``), ``secrets.key``,
 ``escrow.key``, ``gossip.key`` and the self-signed certificate's ``tls.key``
-(``LOCAL_KEY_FILES``: each replica of a replicated hub has its own). Each is written sealed (``nacl.secret.SecretBox``) with
-the KEK, so a copy of the data directory or of its backup holds no key::
+(``LOCAL_KEY_FILES``: each replica of a replicated hub has its own). Each is written
+sealed (``nacl.secret.SecretBox``) with the KEK, so a copy of the data directory or of
+its backup holds no key::
 
     meshorch-sealed-key 1 kek=<KEK id, 16 hex>
     <base64 of nonce + ciphertext of the file's plain text>
