@@ -72,9 +72,7 @@ def load(
     return HubTLS(context, cert, hashlib.sha256(der).hexdigest(), self_signed)
 
 
-def _load_sealed_chain(
-    context: ssl.SSLContext, cert: Path, key: Path, kek: Kek | None
-) -> None:
+def _load_sealed_chain(context: ssl.SSLContext, cert: Path, key: Path, kek: Kek | None) -> None:
     """Load the data dir's pair, the key opened with ``kek`` (a plain key is sealed now
     when there is one: a data dir of an older hub)."""
     text = keyfiles.read_key_text(key, kek, "TLS key") + "\n"
