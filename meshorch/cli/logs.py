@@ -7,7 +7,10 @@ import datetime
 import sys
 import time
 import urllib.parse
+from collections.abc import Callable
 from typing import Any
+
+import orjson
 
 from meshorch.cli.fleet import _hub_flags, hub_call
 
@@ -50,6 +53,11 @@ def add_logs_command(commands: Any) -> None:
     logs.add_argument("--limit", type=int, default=100, help="at most this many lines (newest)")
     logs.add_argument("--count", action="store_true", help="also print how many lines match")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    logs.add_argument(
+        "-o", "--output", choices=("text", "json"), default="text",
+        help="text for people (default) or json: one JSON object per line (JSON Lines, "
+        "also with --follow), as GET /v1/logs answers them",
+    )  # fmt: skip
     _hub_flags(logs)
     logs.set_defaults(handler=run_logs)
 
@@ -89,6 +97,16 @@ def format_hit(hit: dict[str, Any]) -> str:
     return f"{when} {hit['site']}/{hit['host']} {app} {severity:6} {hit['text']}"
 
 
+def _printer(output: str) -> Callable[[dict[str, Any]], None]:
+    def as_text(hit: dict[str, Any]) -> None:
+        print(format_hit(hit), flush=True)
+
+    def as_json_line(hit: dict[str, Any]) -> None:
+        print(orjson.dumps(hit).decode(), flush=True)
+
+    return as_json_line if output == "json" else as_text
+
+
 def run_logs(args: argparse.Namespace) -> int:
     if args.limit < 1:
         print("--limit must be at least 1", file=sys.stderr)
@@ -96,8 +114,9 @@ def run_logs(args: argparse.Namespace) -> int:
     params = _params(args)
     hits, total = _fetch(args, params, args.limit)
     seen = {(h["site"], h["stream"], h["seq"]) for h in hits}
+    show = _printer(args.output)
     for hit in reversed(hits):
-        print(format_hit(hit), flush=True)
+        show(hit)
     if total is not None:
         print(f"{total} matching lines", file=sys.stderr)
     if not args.follow:
@@ -112,7 +131,7 @@ def run_logs(args: argparse.Namespace) -> int:
                 key = (hit["site"], hit["stream"], hit["seq"])
                 if key not in seen:
                     seen.add(key)
-                    print(format_hit(hit), flush=True)
+                    show(hit)
             newest = max([newest, *(h["time"] for h in fresh)])
     except KeyboardInterrupt:
         return 0

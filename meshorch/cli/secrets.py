@@ -27,11 +27,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from meshorch.cli.agent_client import AGENT_HELP, agent_address, call_agent
+from meshorch.cli.agent_client import (
+    AGENT_HELP,
+    add_output_flag,
+    agent_address,
+    call_agent,
+    print_json,
+)
 from meshorch.cli.fleet import (
     HUB_ENV,
     TOKEN_ENV,
     HubError,
+    _page_flags,
     confirmed_path,
     hub_call,
     hub_list,
@@ -270,10 +277,13 @@ def add_secrets_commands(commands: Any) -> None:
     put.add_argument("--tenant", help="the secret's tenant (default: the token's)")
     put.set_defaults(handler=run_secrets_set)
     listing = action("list", "the secrets, their versions and delivery per site")
+    _page_flags(listing)
+    add_output_flag(listing)
     listing.set_defaults(handler=run_secrets_list)
     show = action("show", "one secret, per site")
     show.add_argument("name")
     show.add_argument("--tenant")
+    add_output_flag(show)
     show.set_defaults(handler=run_secrets_show)
     delete = action("delete", "delete a secret from the hub and its sites")
     delete.add_argument("name")
@@ -313,13 +323,21 @@ def _print_secret(secret: dict[str, Any]) -> None:
 
 
 def run_secrets_list(args: argparse.Namespace) -> int:
-    for secret in hub_list(args, "/v1/secrets", "secrets"):
+    secrets = hub_list(args, "/v1/secrets", "secrets")
+    if args.output == "json":
+        print_json(list(secrets))
+        return 0
+    for secret in secrets:
         _print_secret(secret)
     return 0
 
 
 def run_secrets_show(args: argparse.Namespace) -> int:
-    _print_secret(hub_call(args, "GET", f"/v1/secrets/{args.name}{_tenant_query(args)}"))
+    secret = hub_call(args, "GET", f"/v1/secrets/{args.name}{_tenant_query(args)}")
+    if args.output == "json":
+        print_json(secret)
+    else:
+        _print_secret(secret)
     return 0
 
 

@@ -282,6 +282,12 @@ async def test_application_output_is_captured_and_found_with_meshorch_logs(
     times = [line.split(" ", 1)[0] for line in lines]
     assert times == sorted(times)  # oldest first, ending with the newest
     assert "matching lines" in done.stderr
+    command = [*base, "--grep", "hello", "--since", "10m", "--limit", "3", "--output", "json"]
+    done = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    hits = [orjson.loads(line) for line in done.stdout.splitlines()]
+    assert len(hits) == 3 and all(h["text"].startswith("hello") for h in hits), hits
+    assert [h["time"] for h in hits] == sorted(h["time"] for h in hits)
     bad = await asyncio.to_thread(
         subprocess.run, [*base, "--regex", "("], capture_output=True, text=True
     )

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import orjson
 import pytest
 
 from central_hub import Hub, HubConfig
@@ -38,6 +39,12 @@ async def test_cli_through_the_hub(
     assert "default/tls.key version 2 -> s1" in capsys.readouterr().out
     assert await run("secrets", "list") == 0
     assert "default/tls.key  v2  s1: waiting_for_site_key" in capsys.readouterr().out
+    assert await run("secrets", "list", "-o", "json") == 0
+    listed = orjson.loads(capsys.readouterr().out)
+    assert [(s["tenant"], s["name"], s["version"]) for s in listed] == [("default", "tls.key", 2)]
+    assert await run("secrets", "show", "tls.key", "--output", "json") == 0
+    shown = orjson.loads(capsys.readouterr().out)
+    assert shown["sites"]["s1"]["state"] == "waiting_for_site_key" and "value" not in shown
 
     head = hub.head.version
     assert await run("site", "lockdown", "s1") == 0
