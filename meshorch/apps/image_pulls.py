@@ -40,7 +40,8 @@ from meshorch.state.tables import APPS_TABLE
 
 logger = logging.getLogger(__name__)
 
-TICK_S = 2.0
+TICK_S = 0.2  # a pass scans the apps only when something it depends on changed ...
+FULL_PASS_S = 2.0  # ... or this long after the last one (anything it cannot observe)
 RETRY_INITIAL_S = 5.0
 RETRY_MAX_S = 300.0
 PULL_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=15, sock_connect=15, sock_read=60)
@@ -79,6 +80,27 @@ def images_to_pull(apps: Iterable[AppRecord], known: Callable[[str], bool]) -> l
     return list(wanted.values())
 
 
+@dataclass
+class PassGate:
+    """Whether the next pass is worth its scan of the apps (pure): what a pass decides
+    from (``observed``: the apps table's change count, the reachable hosts) changed, a
+    retry is due, or ``full_pass_s`` went by. So an app naming a new image is pulled
+    within a tick, not a full pass, at the cost of one cheap comparison per tick."""
+
+    full_pass_s: float
+    _seen: object = None
+    _last: float = float("-inf")
+
+    def due(self, observed: object, now: float, retry_at: float) -> bool:
+        if observed == self._seen and now - self._last < self.full_pass_s and now < retry_at:
+            return False
+        self._seen, self._last = observed, now
+        return True
+
+    def reset(self) -> None:
+        self._seen, self._last = None, float("-inf")
+
+
 class LeaderImagePulls:
     """On the Raft leader: pull what the apps need and the catalogue lacks."""
 
@@ -98,19 +120,34 @@ class LeaderImagePulls:
         self._retry: dict[str, tuple[float, float]] = {}  # ref -> (next attempt, delay)
 
     async def run(self) -> None:
+        gate = PassGate(FULL_PASS_S)
         async with aiohttp.ClientSession(timeout=PULL_TIMEOUT) as session:
             while True:
-                if self.site.status().is_leader:
-                    try:
-                        await self.tick(session)
-                    except Exception:
-                        logger.exception("image pulls failed")
+                if not self.site.status().is_leader:
+                    gate.reset()
+                else:
+                    # Read before the pass: a change during it makes the next tick pass.
+                    observed = (
+                        self.site.view.changes(APPS_TABLE),
+                        frozenset(self.images.members.reachable_hosts()),
+                    )
+                    if gate.due(observed, self.clock(), self._retry_at()):
+                        try:
+                            await self.tick(session)
+                        except Exception:
+                            gate.reset()
+                            logger.exception("image pulls failed")
                 await asyncio.sleep(TICK_S)
+
+    def _retry_at(self) -> float:
+        return min((at for at, _ in self._retry.values()), default=float("inf"))
 
     async def tick(self, session: aiohttp.ClientSession) -> None:
         records, _ = self.site.view.scan(APPS_TABLE, APP_PREFIX, 1_000_000)
         apps = [decode_app(record.value) for _, record in records]
         wanted = images_to_pull(apps, lambda ref: self.images.find(ref) is not None)
+        refs = {image.ref for image in wanted}  # a retry of what is no longer wanted is moot
+        self._retry = {ref: due for ref, due in self._retry.items() if ref in refs}
         if not wanted:
             return
         try:

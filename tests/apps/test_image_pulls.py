@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from meshorch.apps.image_pulls import WantedImage, images_to_pull, pullable
+from meshorch.apps.image_pulls import PassGate, WantedImage, images_to_pull, pullable
 from meshorch.apps.records import AppRecord
 from meshorch.apps.spec import SpecError, parse_app_spec, to_json
 
@@ -59,3 +59,19 @@ def test_pull_secret_is_in_the_canonical_spec_only_when_given() -> None:
         assert any("pull_secret" in problem for problem in exc.problems), exc.problems
     else:
         raise AssertionError("a bad pull_secret was accepted")
+
+
+def test_a_pass_runs_when_what_it_decides_from_changes_a_retry_is_due_or_time_passed() -> None:
+    gate = PassGate(full_pass_s=2.0)
+    never = float("inf")
+    assert gate.due((1, frozenset({"h1"})), 0.0, never)  # the first pass
+    assert not gate.due((1, frozenset({"h1"})), 0.2, never)  # nothing changed
+    assert gate.due((2, frozenset({"h1"})), 0.4, never)  # an app or image record written
+    assert not gate.due((2, frozenset({"h1"})), 0.6, never)
+    assert gate.due((2, frozenset()), 0.8, never)  # a host (maybe the puller) went away
+    assert not gate.due((2, frozenset()), 1.0, 5.0)
+    assert gate.due((2, frozenset()), 1.2, 1.1)  # a failed pull's retry is due
+    assert not gate.due((2, frozenset()), 3.1, never)
+    assert gate.due((2, frozenset()), 3.2, never)  # the full pass, 2 s after the last
+    gate.reset()  # leadership lost, or a pass failed
+    assert gate.due((2, frozenset()), 3.3, never)
