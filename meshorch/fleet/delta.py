@@ -29,6 +29,14 @@ others it gets the *header* (``body`` and ``sigs`` alone) and applies it as a no
 advances its trust state. ``view_for`` makes the view of one site; ``full_view`` says
 whether an envelope carries its operations.
 
+Merkle targets (format 2 only): a delta for many sites signs ``"target": {"merkle":
+"<root>", "count": N}``, the root of a Merkle tree over the sorted site ids
+(``meshorch.fleet.merkle``), instead of listing them. The hub's full envelope carries the
+list beside the body (``"targets": [...]``, checked against the root); a site's view
+carries instead its proof (``"proof": {...}``: member or not, 1-2 KB at 10,000 sites).
+A site decides from the proof whether the delta is for it; a view relayed by another site
+holds that site's proof, not this one's (``proof_missing``: fetch it from the hub).
+
 A site applies a delta only when (checked in this order, first failure wins):
 
     too_large       the envelope is over MAX_DELTA_BYTES
@@ -42,6 +50,8 @@ A site applies a delta only when (checked in this order, first failure wins):
     ops_mismatch    (format 2) the ``ops`` carried do not hash to the signed ``ops_hash``
     ops_missing     (format 2) a delta that targets this site came without its ``ops``
                     (a header relayed by a site it does not target): fetch it from the hub
+    proof_missing   (Merkle target) no proof of whether the delta is for this site (a
+                    view relayed by another site): fetch it from the hub
     gap             newer than the next version: fetch the missing ones first (not an attack)
     chain_mismatch  ``prev`` is not the hash of the delta the site applied last
     expired         past ``expires_at`` -- unless a later delta of the same batch is still
@@ -56,6 +66,7 @@ Operations are not interpreted here: the site's applier decides what an ``app.pu
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -66,7 +77,12 @@ import orjson
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
+from meshorch.fleet import merkle
+
 MAX_DELTA_BYTES = 256 * 1024
+# A full envelope's list of a Merkle target's sites (the hub's copy, an export) is not
+# counted in MAX_DELTA_BYTES; this bounds it (about 250,000 site ids).
+MAX_TARGETS_BYTES = 16 * 1024 * 1024
 MAX_SIGNATURES = 4
 MAX_OPS = 256
 FORMAT_VERSION = 1  # of the trust state, and of the first delta format
@@ -84,6 +100,7 @@ Reason = Literal[
     "bad_signature",
     "ops_mismatch",
     "ops_missing",
+    "proof_missing",
     "replay",
     "rollback",
     "gap",
@@ -108,16 +125,42 @@ class DeltaRejected(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """Which sites a delta's operations are for. ``sites`` is empty when ``all``."""
+    """Which sites a delta's operations are for. ``sites`` is empty when ``all``.
+
+    A Merkle target (``root``, ``count``: what is signed) holds in ``sites`` what is known
+    of it: every site (``complete``: the hub's copy, from the full envelope's list), or,
+    from a site's view, the site its proof is about (``proven``) if a member."""
 
     all: bool = False
     sites: frozenset[str] = frozenset()
+    root: str = ""  # a Merkle target: the root of the sorted site ids ...
+    count: int = 0  # ... and how many they are
+    complete: bool = True
+    proven: str | None = None
+
+    @staticmethod
+    def merkle_of(sites: Iterable[str]) -> Target:
+        tree = merkle.Tree.of(sites)
+        return Target(sites=frozenset(tree.ids), root=tree.root, count=tree.count)
 
     def includes(self, site_id: str) -> bool:
+        """Whether ``site_id`` is targeted (False also when unknown: ``decides``)."""
         return self.all or site_id in self.sites
 
+    def decides(self, site_id: str) -> bool:
+        """Whether what is known says if ``site_id`` is targeted or not."""
+        return not self.root or self.complete or self.proven == site_id
+
     def to_json(self) -> dict[str, Any]:
+        if self.root:
+            return {"merkle": self.root, "count": self.count}
         return {"all": True} if self.all else {"sites": sorted(self.sites)}
+
+    def describe(self) -> dict[str, Any]:
+        """For people: a Merkle target with the sites known of it."""
+        if self.root:
+            return {**self.to_json(), "sites": sorted(self.sites)}
+        return self.to_json()
 
 
 ALL_SITES = Target(all=True)
@@ -253,6 +296,8 @@ def sign(delta: Delta, keys: Sequence[SigningKey]) -> tuple[bytes, Delta]:
     if delta.format == DELTA_V2:
         ops_text = encode_ops(delta.ops)
         delta = replace(delta, ops_hash=digest_of(ops_text))
+    if delta.target.root and (delta.format != DELTA_V2 or not delta.target.complete):
+        raise ValueError("a Merkle target needs format 2 and every site it names")
     body = encode_body(delta)
     sigs = [{"key": key_id(k), "sig": k.sign(body).signature.hex()} for k in keys]
     wire: dict[str, Any] = {"body": body.decode(), "sigs": sigs}
@@ -261,6 +306,11 @@ def sign(delta: Delta, keys: Sequence[SigningKey]) -> tuple[bytes, Delta]:
     envelope = orjson.dumps(wire)
     if len(envelope) > MAX_DELTA_BYTES:
         raise ValueError(f"delta is {len(envelope)} bytes, over {MAX_DELTA_BYTES}")
+    if delta.target.root:
+        targets = orjson.dumps(sorted(delta.target.sites))
+        if len(targets) > MAX_TARGETS_BYTES:
+            raise ValueError(f"its target list is {len(targets)} bytes, over {MAX_TARGETS_BYTES}")
+        envelope = orjson.dumps({**wire, "targets": orjson.Fragment(targets)})
     return envelope, replace(delta, digest=digest_of(body))
 
 
@@ -289,30 +339,57 @@ def next_delta(
 # -- per-site views (format 2) -------------------------------------------------------
 
 
-def view_for(raw: bytes, site: str) -> bytes:
+def view_for(raw: bytes, site: str, tree: merkle.Tree | None = None) -> bytes:
     """The envelope as ``site`` may see it: a format 2 delta that does not target it
-    without its ``ops`` (the header); anything else as it is. Raises DeltaRejected
-    (too_large, malformed) for what does not parse."""
-    parsed = _parse(raw)
-    if parsed.ops_text is None or parsed.delta.target.includes(site):
+    without its ``ops`` (the header); a Merkle target's with ``site``'s proof instead of
+    the list (``tree``: its tree, when the caller keeps it); anything else as it is.
+    Raises DeltaRejected (too_large, malformed; proof_missing for a view made for
+    another site)."""
+    return view_of(_parse(raw, full=True), raw, site, tree)
+
+
+def view_of(parsed: _Parsed, raw: bytes, site: str, tree: merkle.Tree | None = None) -> bytes:
+    """``view_for`` of an envelope already parsed."""
+    target = parsed.delta.target
+    if target.root:
+        if not target.decides(site):
+            raise DeltaRejected(
+                "proof_missing", f"this view of the delta is not {site}'s", parsed.delta.version
+            )
+        proof: object = parsed.proof
+        if target.complete:
+            proof = (tree or merkle.Tree.of(target.sites)).proof(site)
+        member = target.includes(site)
+        return _envelope(parsed, with_ops=member, proof=proof)
+    if parsed.ops_text is None or target.includes(site):
         return raw
     return header_of(parsed)
 
 
+def _envelope(parsed: _Parsed, *, with_ops: bool, proof: object = None) -> bytes:
+    wire: dict[str, Any] = {
+        "body": parsed.body.decode(),
+        "sigs": [{"key": k, "sig": s.hex()} for k, s in parsed.sigs],
+    }
+    if with_ops and parsed.ops_text is not None:
+        wire["ops"] = parsed.ops_text.decode()
+    if proof is not None:
+        wire["proof"] = proof
+    return orjson.dumps(wire)
+
+
 def parse_full(raw: bytes) -> _Parsed:
     """Parse an envelope without trusting it (for ``header_of``). Raises DeltaRejected."""
-    return _parse(raw)
+    return _parse(raw, full=True)
 
 
 def header_of(parsed: _Parsed) -> bytes:
-    return orjson.dumps(
-        {"body": parsed.body.decode(), "sigs": [{"key": k, "sig": s.hex()} for k, s in parsed.sigs]}
-    )
+    return _envelope(parsed, with_ops=False)
 
 
 def full_view(raw: bytes) -> bool:
     """Whether ``raw`` carries its operations (always for format 1)."""
-    return _parse(raw).delta.has_ops
+    return _parse(raw, full=True).delta.has_ops
 
 
 # -- parsing and verification (the sites) ---------------------------------------------
@@ -324,11 +401,13 @@ class _Parsed:
     body: bytes
     sigs: tuple[tuple[str, bytes], ...]
     ops_text: bytes | None = None  # format 2: the ``ops`` string carried (None: a header)
+    proof: object = None  # a Merkle target's view: the proof it carries (checked)
 
 
 def parse(raw: bytes) -> tuple[Delta, bytes, tuple[tuple[str, bytes], ...]]:
-    """Parse an envelope without trusting it. Raises DeltaRejected (too_large, malformed)."""
-    parsed = _parse(raw)
+    """Parse an envelope without trusting it (a full one, with a Merkle target's list, may
+    exceed MAX_DELTA_BYTES by that list). Raises DeltaRejected (too_large, malformed)."""
+    parsed = _parse(raw, full=True)
     return parsed.delta, parsed.body, parsed.sigs
 
 
@@ -336,15 +415,34 @@ def _malformed(message: str) -> DeltaRejected:
     return DeltaRejected("malformed", message)
 
 
-def _parse(raw: bytes) -> _Parsed:
-    if len(raw) > MAX_DELTA_BYTES:
-        raise DeltaRejected("too_large", f"{len(raw)} bytes, the limit is {MAX_DELTA_BYTES}")
+_ENVELOPE_EXTRAS = {"ops", "targets", "proof"}
+
+
+def _too_large(size: int) -> DeltaRejected:
+    return DeltaRejected("too_large", f"{size} bytes, the limit is {MAX_DELTA_BYTES}")
+
+
+def _parse(raw: bytes, *, full: bool = False) -> _Parsed:
+    """``full``: the envelope may carry a Merkle target's list beyond MAX_DELTA_BYTES (the
+    hub's copy; never what a site verifies, so a stranger's bytes cost a site at most
+    MAX_DELTA_BYTES of parsing)."""
+    if len(raw) > MAX_DELTA_BYTES + (MAX_TARGETS_BYTES if full else 0):
+        raise _too_large(len(raw))
     try:
         envelope = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
+        if len(raw) > MAX_DELTA_BYTES:
+            raise _too_large(len(raw)) from None
         raise _malformed(f"envelope is not JSON ({exc})") from None
-    if not isinstance(envelope, dict) or set(envelope) - {"ops"} != {"body", "sigs"}:
-        raise _malformed("an envelope is an object with 'body', 'sigs' and (format 2) 'ops'")
+    if not isinstance(envelope, dict) or set(envelope) - _ENVELOPE_EXTRAS != {"body", "sigs"}:
+        raise _malformed(
+            "an envelope is an object with 'body', 'sigs' and (format 2) 'ops', and "
+            "'targets' or 'proof' (Merkle targets)"
+        )
+    targets = envelope.get("targets")
+    size = len(raw) if targets is None else len(raw) - len(orjson.dumps(targets))
+    if size > MAX_DELTA_BYTES:
+        raise _too_large(size)
     body_text, raw_sigs = envelope["body"], envelope["sigs"]
     ops_text = envelope.get("ops")
     if ops_text is not None and not isinstance(ops_text, str):
@@ -360,7 +458,40 @@ def _parse(raw: bytes) -> _Parsed:
     except orjson.JSONDecodeError as exc:
         raise _malformed(f"body is not JSON ({exc})") from None
     ops_bytes = None if ops_text is None else ops_text.encode()
-    return _Parsed(_parse_body(data, digest_of(body), ops_bytes), body, sigs, ops_bytes)
+    delta = _parse_body(data, digest_of(body), ops_bytes)
+    proof = envelope.get("proof")
+    if delta.target.root:
+        delta = replace(delta, target=_known_targets(delta, targets, proof))
+    elif targets is not None or proof is not None:
+        raise _malformed("'targets' and 'proof' go only with a Merkle target")
+    return _Parsed(delta, body, sigs, ops_bytes, proof)
+
+
+def _known_targets(delta: Delta, targets: object, proof: object) -> Target:
+    """What the full list or the proof beside a Merkle target says (checked against the
+    signed root and count); DeltaRejected (malformed) when it does not hold."""
+    target = delta.target
+    if targets is not None and proof is not None:
+        raise _malformed("an envelope carries a Merkle target's list or a proof, not both")
+    if targets is not None:
+        if (
+            not isinstance(targets, list)
+            or not all(isinstance(t, str) and t for t in targets)
+            or len(targets) != target.count
+            or any(a >= b for a, b in itertools.pairwise(targets))
+        ):
+            raise _malformed("'targets' is the sorted list of the target's site ids")
+        if merkle.Tree.of(targets).root != target.root:
+            raise _malformed("'targets' does not hash to the signed Merkle root")
+        return replace(target, sites=frozenset(targets), complete=True)
+    if proof is None:
+        return replace(target, complete=False)
+    try:
+        site, member = merkle.verify(proof, target.root, target.count)
+    except merkle.BadProof as exc:
+        raise _malformed(f"the Merkle proof does not hold: {exc}") from None
+    sites = frozenset({site}) if member else frozenset()
+    return replace(target, sites=sites, complete=False, proven=site)
 
 
 def parse_signature(item: object) -> tuple[str, bytes]:
@@ -425,7 +556,7 @@ def _parse_body(data: object, digest: str, ops_text: bytes | None = None) -> Del
         prev=prev,
         issued_at=float(issued_at),
         expires_at=float(expires_at),
-        target=_parse_target(data["target"]),
+        target=_parse_target(data["target"], form),
         ops=tuple(ops),
         digest=digest,
         format=form,
@@ -442,14 +573,21 @@ def _parse_body(data: object, digest: str, ops_text: bytes | None = None) -> Del
     return delta
 
 
-def _parse_target(target: object) -> Target:
+def _parse_target(target: object, form: int) -> Target:
     if target == {"all": True}:
         return ALL_SITES
     if isinstance(target, dict) and set(target) == {"sites"}:
         sites = target["sites"]
         if isinstance(sites, list) and all(isinstance(s, str) and s for s in sites):
             return Target(sites=frozenset(sites))
-    raise _malformed('\'target\' is {"all": true} or {"sites": [names]}')
+    if isinstance(target, dict) and set(target) == {"merkle", "count"} and form == DELTA_V2:
+        root, count = target["merkle"], target["count"]
+        valid_root = isinstance(root, str) and len(root) == 64 and is_hex(root)
+        if valid_root and type(count) is int and 1 <= count < 2**merkle.MAX_DEPTH:
+            return Target(root=root, count=count, complete=False)
+    raise _malformed(
+        '\'target\' is {"all": true}, {"sites": [names]} or (format 2) {"merkle": root, "count": n}'
+    )
 
 
 def _check_signatures(parsed: _Parsed, state: TrustState) -> None:
@@ -522,6 +660,12 @@ def _check_ops(parsed: _Parsed, site: str | None) -> Delta:
     delta = parsed.delta
     if delta.format != DELTA_V2:
         return delta
+    if site is not None and not delta.target.decides(site):
+        raise DeltaRejected(
+            "proof_missing",
+            "no proof of whether this delta (a Merkle target) is for this site",
+            delta.version,
+        )
     targeted = site is None or delta.target.includes(site)
     if parsed.ops_text is not None:
         if digest_of(parsed.ops_text) != delta.ops_hash:
@@ -539,11 +683,11 @@ def _check_ops(parsed: _Parsed, site: str | None) -> Delta:
 
 
 def verify_chain(
-    raw: bytes, state: TrustState, site: str | None = None
+    raw: bytes, state: TrustState, site: str | None = None, *, full: bool = False
 ) -> tuple[Delta, TrustState]:
     """Every check but expiry. Returns the delta (as ``site`` applies it: ``_check_ops``)
-    and the state after applying it."""
-    parsed = _parse(raw)
+    and the state after applying it. ``full``: a full envelope (``_parse``) is taken."""
+    parsed = _parse(raw, full=full)
     if parsed.delta.fleet != state.fleet:
         raise DeltaRejected(
             "wrong_fleet",

@@ -199,7 +199,7 @@ def _walk(
     """Verify every line in order into ``report``; False at the first problem."""
     for position, (line, raw) in enumerate(numbered):
         try:
-            delta, after = deltas.verify_chain(raw, state, site)
+            delta, after = deltas.verify_chain(raw, state, site, full=site is None)
         except DeltaRejected as exc:
             # A version out of place is said as such, even when its signature failed first
             # (the keys rotated between), then the site's own reason.
