@@ -322,7 +322,7 @@ async def list_deltas(request: web.Request) -> web.Response:
                 "prev": delta.prev,
                 "issued_at": delta.issued_at,
                 "expires_at": delta.expires_at,
-                "target": delta.target.to_json(),
+                "target": delta.target.describe(),
                 "ops": [dict(op) for op in delta.ops],
                 "signed_by": [key for key, _ in sigs],
             }

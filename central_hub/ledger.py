@@ -45,17 +45,21 @@ from meshorch.fleet.delta import (
     DELTA_V2,
     ROTATE_OP,
     DeltaRejected,
+    ParsedEnvelope,
     Target,
     header_of,
     key_id,
     parse_full,
+    view_of,
 )
+from meshorch.fleet.merkle import Tree
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 MAX_DELTA_RESPONSE_BYTES = 8 * 1024 * 1024
 VIEW_CACHE = 4096  # deltas whose target and header are kept (per-site views)
+TREE_CACHE = 16  # deltas with a Merkle target whose tree is kept
 ALL = "*"  # the waiters' index entry of a delta that targets every site
 CALLER = audit.CALLER
 
@@ -116,7 +120,7 @@ class Txn:
                 self.head,
                 ledger.fleet,
                 ops,
-                target,
+                ledger.signed_target(target),
                 self.now,
                 ledger.delta_ttl_s,
                 keys or ledger.signing_keys,
@@ -158,6 +162,8 @@ class Ledger:
         self.link_waiters = 0  # long-polls waiting for a delta right now
         # The format of the next delta (``central_hub.deltaformat`` sets it).
         self.delta_format: Callable[[], int] = lambda: DELTA_V1
+        # How the next delta names its sites: a list, or a Merkle root (deltaformat sets it).
+        self.signed_target: Callable[[Target], Target] = lambda target: target
         # Per-site views (module docstring): waiters by site id (ALL: any delta), the
         # newest version for each site and for all, the version below which nothing is known.
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
@@ -165,6 +171,8 @@ class Ledger:
         self._all_last = 0
         self._known_from = 0
         self._views: OrderedDict[int, tuple[Target, bytes] | None] = OrderedDict()
+        # Merkle targets: the parsed envelope and its tree, for the proofs of the views.
+        self._trees: OrderedDict[int, tuple[ParsedEnvelope, Tree]] = OrderedDict()
         self._store: Store | None = None
         self._lock = asyncio.Lock()
         self._rotate_lock = asyncio.Lock()
@@ -357,9 +365,25 @@ class Ledger:
             self._views[version] = cached
             if len(self._views) > VIEW_CACHE:
                 self._views.popitem(last=False)
+        if cached is not None and cached[0].root:
+            return self._merkle_view(version, raw, site)
         if cached is None or cached[0].includes(site):
             return raw
         return cached[1]
+
+    def _merkle_view(self, version: int, raw: bytes, site: str) -> bytes:
+        """A Merkle target's view: ``site``'s proof (O(log sites)) from the tree kept for
+        the newest ``TREE_CACHE`` such deltas (a tree is 10,000 hashes at 10,000 sites)."""
+        kept = self._trees.get(version)
+        if kept is None:
+            parsed = parse_full(raw)
+            kept = parsed, Tree.of(parsed.delta.target.sites)
+            self._trees[version] = kept
+            if len(self._trees) > TREE_CACHE:
+                self._trees.popitem(last=False)
+        else:
+            self._trees.move_to_end(version)
+        return view_of(kept[0], raw, site, kept[1])
 
     def views_after(self, after: int, limit: int, site: str) -> list[bytes]:
         return [self.view(v, raw, site) for v, raw in self.deltas_after(after, limit)]

@@ -121,6 +121,15 @@ SCHEMAS: dict[str, Schema] = {
             "description": "format 2: the operations (canonical JSON, hashed by the body's "
             "ops_hash); only in the deltas that target the site (docs/fleet-link.md)",
         },
+        targets={
+            **_list(_STR),
+            "description": "a Merkle target's sites, sorted (the hub's full envelope)",
+        },
+        proof={
+            "type": "object",
+            "description": "a Merkle target's proof that the site is or is not one of its "
+            "sites (a site's view; docs/fleet-link.md)",
+        },
     ),
     "DeltaList": _obj(
         ["head", "deltas"],
@@ -134,7 +143,11 @@ SCHEMAS: dict[str, Schema] = {
                 prev=_HEX64,
                 issued_at=_NUM,
                 expires_at=_NUM,
-                target={"type": "object", "description": '{"all": true} or {"sites": [ids]}'},
+                target={
+                    "type": "object",
+                    "description": '{"all": true}, {"sites": [ids]} or {"merkle": root, '
+                    '"count": n, "sites": [ids]} (signed: the root and the count)',
+                },
                 ops=_list({"type": "object"}),
                 signed_by=_list(_HEX64),
             )

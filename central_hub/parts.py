@@ -66,6 +66,7 @@ class HubParts:
             self.reports.latest,
         )
         self.ledger.delta_format = self.delta_format.current
+        self.ledger.signed_target = self.delta_format.signed_target
         self.sites.listeners.append(self.delta_format.site_changed)
         self.trends = TrendBook()
         self.reports.listeners.append(self._sample_trend)

@@ -348,7 +348,9 @@ def view_for(raw: bytes, site: str, tree: merkle.Tree | None = None) -> bytes:
     return view_of(_parse(raw, full=True), raw, site, tree)
 
 
-def view_of(parsed: _Parsed, raw: bytes, site: str, tree: merkle.Tree | None = None) -> bytes:
+def view_of(
+    parsed: ParsedEnvelope, raw: bytes, site: str, tree: merkle.Tree | None = None
+) -> bytes:
     """``view_for`` of an envelope already parsed."""
     target = parsed.delta.target
     if target.root:
@@ -366,7 +368,7 @@ def view_of(parsed: _Parsed, raw: bytes, site: str, tree: merkle.Tree | None = N
     return header_of(parsed)
 
 
-def _envelope(parsed: _Parsed, *, with_ops: bool, proof: object = None) -> bytes:
+def _envelope(parsed: ParsedEnvelope, *, with_ops: bool, proof: object = None) -> bytes:
     wire: dict[str, Any] = {
         "body": parsed.body.decode(),
         "sigs": [{"key": k, "sig": s.hex()} for k, s in parsed.sigs],
@@ -378,12 +380,12 @@ def _envelope(parsed: _Parsed, *, with_ops: bool, proof: object = None) -> bytes
     return orjson.dumps(wire)
 
 
-def parse_full(raw: bytes) -> _Parsed:
+def parse_full(raw: bytes) -> ParsedEnvelope:
     """Parse an envelope without trusting it (for ``header_of``). Raises DeltaRejected."""
     return _parse(raw, full=True)
 
 
-def header_of(parsed: _Parsed) -> bytes:
+def header_of(parsed: ParsedEnvelope) -> bytes:
     return _envelope(parsed, with_ops=False)
 
 
@@ -396,7 +398,7 @@ def full_view(raw: bytes) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
-class _Parsed:
+class ParsedEnvelope:
     delta: Delta
     body: bytes
     sigs: tuple[tuple[str, bytes], ...]
@@ -422,7 +424,7 @@ def _too_large(size: int) -> DeltaRejected:
     return DeltaRejected("too_large", f"{size} bytes, the limit is {MAX_DELTA_BYTES}")
 
 
-def _parse(raw: bytes, *, full: bool = False) -> _Parsed:
+def _parse(raw: bytes, *, full: bool = False) -> ParsedEnvelope:
     """``full``: the envelope may carry a Merkle target's list beyond MAX_DELTA_BYTES (the
     hub's copy; never what a site verifies, so a stranger's bytes cost a site at most
     MAX_DELTA_BYTES of parsing)."""
@@ -464,7 +466,7 @@ def _parse(raw: bytes, *, full: bool = False) -> _Parsed:
         delta = replace(delta, target=_known_targets(delta, targets, proof))
     elif targets is not None or proof is not None:
         raise _malformed("'targets' and 'proof' go only with a Merkle target")
-    return _Parsed(delta, body, sigs, ops_bytes, proof)
+    return ParsedEnvelope(delta, body, sigs, ops_bytes, proof)
 
 
 def _known_targets(delta: Delta, targets: object, proof: object) -> Target:
@@ -590,7 +592,7 @@ def _parse_target(target: object, form: int) -> Target:
     )
 
 
-def _check_signatures(parsed: _Parsed, state: TrustState) -> None:
+def _check_signatures(parsed: ParsedEnvelope, state: TrustState) -> None:
     check_signatures(parsed.delta, parsed.body, parsed.sigs, state.trusted_keys)
 
 
@@ -653,7 +655,7 @@ def _advance(delta: Delta, state: TrustState) -> TrustState:
     return replace(state, version=delta.version, head=delta.digest, trusted_keys=trusted)
 
 
-def _check_ops(parsed: _Parsed, site: str | None) -> Delta:
+def _check_ops(parsed: ParsedEnvelope, site: str | None) -> Delta:
     """A format 2 delta's operations against its signed ``ops_hash``; the delta as
     ``site`` applies it (a header for a delta that does not target it). ``site`` None:
     the operations must be there (the hub, a check of the full view)."""

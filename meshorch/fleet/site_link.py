@@ -262,6 +262,8 @@ class SiteLink(LinkRecords):
         version = after + 1
         while version in self._recent:
             raw, delta = self._recent[version]
+            if not delta.target.decides(requester):
+                break  # a Merkle target: this site holds its own proof, not the requester's
             if delta.format == DELTA_V2 and delta.target.includes(requester):
                 if not delta.has_ops:
                     break  # its operations were never here: the requester asks the hub
@@ -741,7 +743,7 @@ class SiteLink(LinkRecords):
             if result.rejected is not None:
                 rejected = result.rejected
                 # Not attacks: a relay that lacks the next deltas, or this site's operations.
-                fetch_elsewhere = rejected.reason in ("gap", "ops_missing")
+                fetch_elsewhere = rejected.reason in ("gap", "ops_missing", "proof_missing")
                 log = logger.info if fetch_elsewhere else logger.warning
                 log("fleet link: delta %s refused: %s", rejected.version, rejected)
                 stuck = rejected.reason == "expired" and not result.accepted

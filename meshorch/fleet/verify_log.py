@@ -218,7 +218,7 @@ def _walk(
 
 def _problem(exc: DeltaRejected, line: int, site: str | None = None) -> Problem:
     message = exc.message
-    if exc.reason == "ops_missing" and site is None:
+    if exc.reason in ("ops_missing", "proof_missing") and site is None:
         message += " (a site's view? give the site it was exported for)"
     if exc.reason == "unknown_key":
         message = "not signed by a key trusted at this point of the log"
@@ -311,6 +311,13 @@ def _reaches(report: LogReport, head: int | None, head_hash: str | None) -> Prob
 def target_text(target: Target) -> str:
     if target.all:
         return "all sites"
+    if target.root and not target.complete:
+        member = (
+            ""
+            if target.proven is None
+            else (f", {target.proven} {'among them' if target.sites else 'not among them'}")
+        )
+        return f"{target.count} sites (Merkle root {target.root[:12]}...{member})"
     sites = sorted(target.sites)
     shown = ",".join(sites[:MAX_SITES_SHOWN])
     more = len(sites) - MAX_SITES_SHOWN

@@ -33,7 +33,9 @@ def add_fleet_routes(app: web.Application) -> None:
     app.router.add_get("/v1/fleet/applied", get_fleet_applied)
 
 
-ORDER_REASONS = frozenset({"replay", "rollback", "gap", "chain_mismatch", "expired", "ops_missing"})
+ORDER_REASONS = frozenset(
+    {"replay", "rollback", "gap", "chain_mismatch", "expired", "ops_missing", "proof_missing"}
+)
 
 
 async def get_fleet(request: web.Request) -> web.Response:

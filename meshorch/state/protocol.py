@@ -20,6 +20,9 @@ Protocols:
        (``central_hub.deltaformat``); nothing on the site waits for it
     6  images pulled from a registry (``meshorch.images.registry``): their catalogue record
        names several blobs, which a host on 5 would take for one archive; pulls wait
+    7  Merkle targets of fleet deltas (``meshorch.fleet.merkle``): a host on 6 refuses
+       them, so the hub names many sites by a Merkle root only once every host of every
+       site reports 7 (``central_hub.deltaformat``); nothing on the site waits for it
 """
 
 from __future__ import annotations
@@ -28,13 +31,14 @@ from collections.abc import Mapping
 
 from meshorch.errors import ServiceError
 
-PROTOCOL = 6
+PROTOCOL = 7
 FEATURES: dict[str, int] = {
     "streams": 2,
     "peer_auth": 3,
     "sessions": 4,
     "delta_v2": 5,
     "oci_images": 6,
+    "merkle_targets": 7,
 }
 
 
