@@ -154,7 +154,7 @@ def build_app(
     )
     app[HUB_KEY] = hub
     app[MAX_BODY_KEY] = max_body_bytes
-    app[NONCES_KEY] = NonceCache()
+    app[NONCES_KEY] = NonceCache(started_at=hub.ledger.now())
     app[LEGACY_SIGNATURES_KEY] = legacy_signatures
     for route in ROUTES:
         app.router.add_route(route.method, route.path, _guarded(route))
@@ -263,8 +263,17 @@ def _verify_site(hub: HubParts, request: web.Request, body: bytes) -> str:
             )
         _warn_legacy(site)
     else:
+        nonces = request.app[NONCES_KEY]
+        if request.method != "GET" and not nonces.remembers(signed_at):
+            raise ApiError(
+                401,
+                "signed_before_start",
+                f"this request of site {site!r} was signed before the hub started: the "
+                "record of the requests it accepted before is gone, so it could be a "
+                "replay; sign it again (the site link does when it retries)",
+            )
         try:
-            fresh = request.app[NONCES_KEY].check_and_add(site, nonce, signed_at, now)
+            fresh = nonces.check_and_add(site, nonce, signed_at, now)
         except ReplayCacheFull as exc:
             logger.error("site request refused: replay cache full (%s)", exc)
             raise ApiError(503, "busy", "too many site requests in the window") from None

@@ -11,6 +11,11 @@ nonces over the ~600 s a nonce may live (signed up to 300 s ahead of the hub's c
 at ~70 bytes each, ~140 MiB at worst, ~1M and half of that with clocks in step.
 ``capacity`` bounds it: past it, new requests are refused (503, retried by the sites)
 rather than old nonces forgotten, which would make their requests replayable.
+
+The nonces live in memory, so a restarted hub (or a new leader of a replicated hub) does
+not know those its earlier run accepted. ``started_at``: requests that change something
+(not GET) signed before it are refused (``remembers``) -- a request captured before the
+restart could only be such a one; the sites sign anew when they retry.
 """
 
 from __future__ import annotations
@@ -30,16 +35,24 @@ class ReplayCacheFull(Exception):
 
 class NonceCache:
     def __init__(
-        self, window_s: float = MAX_CLOCK_SKEW_S, capacity: int = DEFAULT_CAPACITY
+        self,
+        window_s: float = MAX_CLOCK_SKEW_S,
+        capacity: int = DEFAULT_CAPACITY,
+        started_at: float = -math.inf,
     ) -> None:
         self.window_s = window_s
         self.capacity = capacity
+        self.started_at = started_at
         self._buckets: dict[int, set[int]] = {}
         self._size = 0
         self._oldest = math.inf  # the smallest bucket index held
 
     def __len__(self) -> int:
         return self._size
+
+    def remembers(self, signed_at: float) -> bool:
+        """Whether a nonce signed at ``signed_at`` would be here had it been seen."""
+        return signed_at >= self.started_at
 
     def check_and_add(self, site: str, nonce: str, signed_at: float, now: float) -> bool:
         """Record the nonce; False when it was seen already (a replay)."""
