@@ -13,7 +13,13 @@ between modes) with:
   answer, a vote, the leader's own appends: ``raft.transport``) and before a client is
   told its write committed (``raft.node``), so a group-commit batch costs one sync;
 * the term and vote stored durably before they are used (temporary file fsync'd,
-  renamed, directory fsync'd), and the commit index too when it is saved.
+  renamed, directory fsync'd), and the commit index too when it is saved;
+* the file grown ahead of the entries by writing zeros (``PREALLOCATE_BYTES`` at a time).
+  pysyncobj grows it with ``ftruncate``, which leaves a hole: every ``fdatasync`` after a
+  write into a hole also commits the filesystem's block allocation (ext4: a journal
+  commit, 3 ms here, against 0.15 ms for a write into blocks already allocated and
+  written). ``fallocate`` would not do: its blocks are "unwritten" and the first write to
+  each converts them, a metadata change again.
 
 ``durability="process"`` keeps pysyncobj's behaviour (survives the agent's death, not
 the machine's). The factory below is how pysyncobj gets the journal: it calls
@@ -37,6 +43,12 @@ from raft.durable import fsync_directory, write_durably
 Durability = Literal["power", "process"]
 DURABILITIES: tuple[Durability, ...] = ("power", "process")
 
+# How far the journal file is written ahead of its last entry, and grown at a time: one
+# allocation (and one slower fdatasync) per 4 MiB of entries, about 30,000 group commits.
+PREALLOCATE_BYTES = 4 << 20
+_ZEROS = bytes(1 << 20)
+_RECORD_OVERHEAD = 4 + 16 + 4  # pysyncobj's record: length, index and term, length
+
 _registered: dict[str, Durability] = {}
 _lock = threading.Lock()
 
@@ -49,12 +61,44 @@ class DurableJournal(FileJournal):  # type: ignore[misc]
         self._path = Path(journal_file)
         self._dirty = False
         self.syncs = 0  # fdatasync calls made (the benchmark reports it)
+        self._allocated = 0  # bytes of the file written (zeros or entries) from the start
+        self._preallocate(0)
+        os.fdatasync(self._fileno())  # the zeros, and the entries read back, are on disk
+        self._dirty = False
         fsync_directory(self._path.parent)  # the journal file itself, if just created
 
     def _fileno(self) -> int:
         resizable = self._FileJournal__journalFile
         fileno: int = resizable._ResizableFile__f.fileno()
         return fileno
+
+    def _preallocate(self, record_bytes: int) -> None:
+        """Make sure the next ``record_bytes`` land in blocks already written, growing the
+        file by ``PREALLOCATE_BYTES`` of zeros when they would not (pysyncobj's mmap then
+        follows the file's size)."""
+        end: int = self._FileJournal__currentOffset + record_bytes
+        if end <= self._allocated:
+            return
+        resizable = self._FileJournal__journalFile
+        mm = resizable._ResizableFile__mm
+        fd = self._fileno()
+        size = os.fstat(fd).st_size
+        target = max(size, end + PREALLOCATE_BYTES)
+        # Rewrite from the end of what is surely written (the holes pysyncobj left are
+        # zeros when read; content past the last entry means nothing).
+        offset = min(self._allocated or self._FileJournal__currentOffset, size)
+        while offset < target:
+            chunk = min(len(_ZEROS), target - offset)
+            if offset < size:
+                # Blocks mapped by pysyncobj: write them through the map, not around it.
+                chunk = min(chunk, size - offset)
+                mm[offset : offset + chunk] = _ZEROS[:chunk]
+            else:
+                os.pwrite(fd, _ZEROS[:chunk], offset)
+            offset += chunk
+        mm.resize(target)
+        self._allocated = target
+        self._dirty = True
 
     def sync(self) -> None:
         """``fdatasync`` the journal if it changed since the last call (mmap'd pages are the
@@ -67,6 +111,7 @@ class DurableJournal(FileJournal):  # type: ignore[misc]
     # -- what changes the file ---------------------------------------------------------
 
     def add(self, command: bytes, idx: int, term: int) -> None:
+        self._preallocate(len(command) + _RECORD_OVERHEAD)
         super().add(command, idx, term)
         self._dirty = True
 
