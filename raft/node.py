@@ -432,6 +432,7 @@ class RaftNode:
             syncobj.doTick(0.0)
         except Exception:
             logger.exception("pysyncobj tick failed")
+            syncobj.sync_journal()  # a tick cut short skipped _on_tick's sync
         if handed_over:
             # pysyncobj appends new commands at the end of a tick and commits them in a
             # later one. Peers' acks bring that tick; a lone node has none, so tick again
@@ -778,7 +779,10 @@ class RaftNode:
         syncobj = self._syncobj
         assert syncobj is not None and self._loop is not None
         # Results committed in this tick reach their callers only after it returns: the
-        # entries behind them are on disk first (a one-member cluster sends nothing).
+        # entries behind them are on disk first (a one-member cluster sends nothing). The
+        # entries a leader appended in this tick went to its followers unsynced
+        # (raft.transport.unsynced_send_allowed): it counts itself towards their commit in
+        # a later tick only, after this sync.
         syncobj.sync_journal()
         leader = syncobj._getLeader()
         leader_address = leader.address if leader is not None else None
