@@ -9,9 +9,11 @@ have lost entries it acknowledged, or forgotten a vote and vote twice in one ter
 between modes) with:
 
 * ``sync()``: one ``fdatasync`` of the journal file if anything was written since the
-  last one. The node calls it before any Raft message leaves this host (an append
-  answer, a vote, the leader's own appends: ``raft.transport``) and before a client is
-  told its write committed (``raft.node``), so a group-commit batch costs one sync;
+  last one. The node calls it before any Raft message that vouches for the journal
+  leaves this host (an append's answer, a vote: ``raft.transport``; a leader's appends
+  leave first and its sync runs while the followers write), at the end of every tick,
+  and so before a client is told its write committed (``raft.node``): a group-commit
+  batch costs one sync;
 * the term and vote stored durably before they are used (temporary file fsync'd,
   renamed, directory fsync'd), and the commit index too when it is saved;
 * the file grown ahead of the entries by writing zeros (``PREALLOCATE_BYTES`` at a time).
