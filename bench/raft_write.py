@@ -9,6 +9,15 @@ meshorch/etcd, each agent's resident memory after the run, and the servers'
 CPU time per write at concurrency 64, summed over the members (less sensitive
 than writes/s to whatever else the machine runs meanwhile).
 
+Both acknowledge a write once it is on disk: the agents run with ``--durability
+power`` (each member fdatasyncs its Raft journal before it answers an append or
+acknowledges a write; a leader's appends leave before its own sync, which runs
+meanwhile, as etcd's leader writes its WAL while it replicates), etcd fsyncs its WAL.
+The writes name no client session: the agent puts each in one of its own pooled
+sessions, so that it can resend it safely across a leader change (that work is in
+meshorch's figures). On a shared machine compare the ratios of one run, not figures
+across runs.
+
     python bench/raft_write.py            # full run (about 2 minutes)
     python bench/raft_write.py --quick    # under 45 s
 """

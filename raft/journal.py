@@ -9,11 +9,19 @@ have lost entries it acknowledged, or forgotten a vote and vote twice in one ter
 between modes) with:
 
 * ``sync()``: one ``fdatasync`` of the journal file if anything was written since the
-  last one. The node calls it before any Raft message leaves this host (an append
-  answer, a vote, the leader's own appends: ``raft.transport``) and before a client is
-  told its write committed (``raft.node``), so a group-commit batch costs one sync;
+  last one. The node calls it before any Raft message that vouches for the journal
+  leaves this host (an append's answer, a vote: ``raft.transport``; a leader's appends
+  leave first and its sync runs while the followers write), at the end of every tick,
+  and so before a client is told its write committed (``raft.node``): a group-commit
+  batch costs one sync;
 * the term and vote stored durably before they are used (temporary file fsync'd,
-  renamed, directory fsync'd), and the commit index too when it is saved.
+  renamed, directory fsync'd), and the commit index too when it is saved;
+* the file grown ahead of the entries by writing zeros (``PREALLOCATE_BYTES`` at a time).
+  pysyncobj grows it with ``ftruncate``, which leaves a hole: every ``fdatasync`` after a
+  write into a hole also commits the filesystem's block allocation (ext4: a journal
+  commit, 3 ms here, against 0.15 ms for a write into blocks already allocated and
+  written). ``fallocate`` would not do: its blocks are "unwritten" and the first write to
+  each converts them, a metadata change again.
 
 ``durability="process"`` keeps pysyncobj's behaviour (survives the agent's death, not
 the machine's). The factory below is how pysyncobj gets the journal: it calls
@@ -24,18 +32,27 @@ its path first.
 from __future__ import annotations
 
 import os
+import struct
 import threading
 from pathlib import Path
 from typing import Any, Literal
 
 import pysyncobj.syncobj
-from pysyncobj.journal import FileJournal, createJournal
-from pysyncobj.pickle import dumps
+from pysyncobj.journal import LAST_RECORD_OFFSET_OFFSET, FileJournal, createJournal
+from pysyncobj.pickle import dumps, to_bytes
 
 from raft.durable import fsync_directory, write_durably
 
 Durability = Literal["power", "process"]
 DURABILITIES: tuple[Durability, ...] = ("power", "process")
+
+# How far the journal file is written ahead of its last entry, and grown at a time: one
+# allocation (and one slower fdatasync) per 4 MiB of entries, about 30,000 group commits.
+PREALLOCATE_BYTES = 4 << 20
+_ZEROS = bytes(1 << 20)
+# pysyncobj's record: length, index and term, command, length (little-endian).
+_LENGTH = struct.Struct("<I")
+_INDEX_TERM = struct.Struct("<QQ")
 
 _registered: dict[str, Durability] = {}
 _lock = threading.Lock()
@@ -44,17 +61,47 @@ _lock = threading.Lock()
 class DurableJournal(FileJournal):  # type: ignore[misc]
     """``FileJournal`` whose writes reach the disk at ``sync()``, and whose meta at once."""
 
+    _FileJournal__currentOffset: int  # pysyncobj's: where the next record goes
+    _FileJournal__journal: list[tuple[bytes, int, int]]  # its entries, in memory
+
     def __init__(self, journal_file: str) -> None:
         super().__init__(journal_file)
         self._path = Path(journal_file)
         self._dirty = False
         self.syncs = 0  # fdatasync calls made (the benchmark reports it)
+        self._allocated = 0  # bytes of the file written (zeros or entries) from the start
+        self._preallocate(0)
+        os.fdatasync(self._fileno())  # the zeros, and the entries read back, are on disk
+        self._dirty = False
         fsync_directory(self._path.parent)  # the journal file itself, if just created
 
     def _fileno(self) -> int:
         resizable = self._FileJournal__journalFile
         fileno: int = resizable._ResizableFile__f.fileno()
         return fileno
+
+    def _preallocate(self, record_bytes: int) -> None:
+        """Make sure the next ``record_bytes`` land in blocks already written, growing the
+        file by ``PREALLOCATE_BYTES`` of zeros when they would not (pysyncobj's mmap then
+        follows the file's size)."""
+        end = self._FileJournal__currentOffset + record_bytes
+        if end <= self._allocated:
+            return
+        resizable = self._FileJournal__journalFile
+        mm = resizable._ResizableFile__mm
+        fd = self._fileno()
+        size = os.fstat(fd).st_size
+        target = max(size, end + PREALLOCATE_BYTES)
+        # Rewrite from the end of what is surely written (the holes pysyncobj left are
+        # zeros when read; content past the last entry means nothing).
+        offset = min(self._allocated or self._FileJournal__currentOffset, size)
+        while offset < target:
+            chunk = min(len(_ZEROS), target - offset)
+            os.pwrite(fd, _ZEROS[:chunk], offset)  # the page cache pysyncobj's map reads
+            offset += chunk
+        mm.resize(target)
+        self._allocated = target
+        self._dirty = True
 
     def sync(self) -> None:
         """``fdatasync`` the journal if it changed since the last call (mmap'd pages are the
@@ -67,7 +114,20 @@ class DurableJournal(FileJournal):  # type: ignore[misc]
     # -- what changes the file ---------------------------------------------------------
 
     def add(self, command: bytes, idx: int, term: int) -> None:
-        super().add(command, idx, term)
+        """``FileJournal.add`` (same record, same offsets) written with ``pwrite`` rather
+        than through the map: an fdatasync after writes to mapped pages took 0.7 ms here,
+        0.13 ms after the same writes made with pwrite (the map reads them all the same:
+        one page cache)."""
+        data = _INDEX_TERM.pack(idx, term) + to_bytes(command)
+        length = _LENGTH.pack(len(data))
+        record = length + data + length
+        self._preallocate(len(record))
+        fd = self._fileno()
+        offset = self._FileJournal__currentOffset
+        os.pwrite(fd, record, offset)
+        self._FileJournal__journal.append((command, idx, term))
+        self._FileJournal__currentOffset = end = offset + len(record)
+        os.pwrite(fd, _LENGTH.pack(end), LAST_RECORD_OFFSET_OFFSET)
         self._dirty = True
 
     def clear(self) -> None:

@@ -2,8 +2,8 @@
 
 pysyncobj keeps the Raft state; this module is the seam:
 
-* pysyncobj runs without its own thread (``autoTick=False``): its sockets, and
-  the pipe it uses to wake itself, are watched by the event loop
+* pysyncobj runs without its own thread (``autoTick=False``): its sockets are
+  watched by the event loop
   (``_LoopPoller``), and the node ticks it after every batch of socket events,
   after every proposal and every ``tick_interval_s`` (timers: heartbeats,
   elections, reconnections). Everything therefore runs on the event loop
@@ -242,6 +242,7 @@ class _SyncObj(SafeAppendsSyncObj):
         ring: PasswordRing,
     ) -> None:
         self._on_apply = on_apply
+        self._appends_sent: tuple[int, int] | None = None  # (last index, commit index)
         self.__dict__["_loop_poller"] = poller
         self.__dict__["_password_ring"] = ring  # before the transport reads it
         transport = functools.partial(
@@ -257,6 +258,17 @@ class _SyncObj(SafeAppendsSyncObj):
     @_poller.setter
     def _poller(self, _ignored: object) -> None:
         """SyncObj's constructor makes a ``select.poll`` poller: the loop's is kept."""
+
+    def send_appends(self) -> None:
+        """As leader, send what this tick changed (entries appended, the commit index
+        advanced) to every follower, once; pysyncobj's heartbeat carries the rest."""
+        if not self._isLeader():
+            self._appends_sent = None
+            return
+        state = (self._SyncObj__getCurrentLogIndex(), self._SyncObj__raftCommitIndex)
+        if state != self._appends_sent:
+            self._appends_sent = state
+            self._SyncObj__sendAppendEntries()
 
     def sync_journal(self) -> None:
         """Put the journal on disk if it changed (a no-op unless it is durable)."""
@@ -339,8 +351,10 @@ class RaftNode:
             serializer=self._write_dump,
             deserializer=self._read_dump,
             dynamicMembershipChange=True,
-            # Send each entry at once: batching happens above, in propose().
-            appendEntriesUseBatch=False,
+            # pysyncobj sends appends on its heartbeat timer only: the entries and the
+            # commit index of a tick leave at its end, in one append per follower
+            # (_SyncObj.send_appends), not one per command added and one more per apply.
+            appendEntriesUseBatch=True,
             # An entry larger than this travels as a pickled dump in pieces, which is
             # several times slower: keep every entry group commit makes below it.
             appendEntriesBatchSizeBytes=2 * self.config.max_batch_bytes,
@@ -432,6 +446,7 @@ class RaftNode:
             syncobj.doTick(0.0)
         except Exception:
             logger.exception("pysyncobj tick failed")
+            syncobj.sync_journal()  # a tick cut short skipped _on_tick's sync
         if handed_over:
             # pysyncobj appends new commands at the end of a tick and commits them in a
             # later one. Peers' acks bring that tick; a lone node has none, so tick again
@@ -778,7 +793,11 @@ class RaftNode:
         syncobj = self._syncobj
         assert syncobj is not None and self._loop is not None
         # Results committed in this tick reach their callers only after it returns: the
-        # entries behind them are on disk first (a one-member cluster sends nothing).
+        # entries behind them are on disk first (a one-member cluster sends nothing). The
+        # entries a leader appended in this tick went to its followers unsynced
+        # (raft.transport.unsynced_send_allowed): it counts itself towards their commit in
+        # a later tick only, after this sync.
+        syncobj.send_appends()  # before the sync: followers write while the leader does
         syncobj.sync_journal()
         leader = syncobj._getLeader()
         leader_address = leader.address if leader is not None else None

@@ -217,3 +217,43 @@ class Sessions:
         self.count -= 1
         self.watermark = max(self.watermark, record.last_index)
         self._save_meta()
+
+
+class SessionPool:
+    """Sessions for a proposer's own anonymous requests, reused one request at a time.
+
+    A request nobody named still goes through a session, so that resending it is safe;
+    a new session per request would add a session record per write and make the table
+    turn over every ``MAX_SESSIONS`` writes (each turn dropping the least recently used,
+    a named client's too). A pooled session takes the next number for each request;
+    ``give_back`` once its request is answered, whatever the answer (a late copy of an
+    answered request is then refused as stale), except when the state refused it as
+    expired: take a ``fresh`` one instead. ``new_client`` makes a client id, ``floor`` a
+    new session's floor (the commit index the proposer knows)."""
+
+    def __init__(
+        self, new_client: Callable[[], bytes], floor: Callable[[], int], max_idle: int = 256
+    ) -> None:
+        self._new_client = new_client
+        self._floor = floor
+        self._max_idle = max_idle
+        self._idle: list[ClientRequest] = []  # the last request of each idle session
+
+    def take(self) -> ClientRequest:
+        if self._idle:
+            last = self._idle.pop()
+            return ClientRequest(last.client, last.seq + 1, last.floor)
+        return self.fresh()
+
+    def give_back(self, request: ClientRequest) -> None:
+        if len(self._idle) < self._max_idle:
+            self._idle.append(request)
+
+    def fresh(self) -> ClientRequest:
+        """The first request of a new session (the one taken was refused as expired: it is
+        not given back)."""
+        return ClientRequest(self._new_client(), 1, self._floor())
+
+    @property
+    def idle(self) -> int:
+        return len(self._idle)

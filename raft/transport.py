@@ -32,8 +32,9 @@ The transport also
 * refuses pysyncobj's utility commands (status, add or remove a member, hand over
   leadership) and read-only followers, which meshorch does not use: the password alone
   must not open them;
-* calls ``before_send`` before any message leaves (``raft.journal``: the journal is
-  fdatasync'd first when writes must survive a power cut).
+* calls ``before_send`` before any message leaves but a leader's appends
+  (``raft.journal``: the journal is fdatasync'd first when writes must survive a power
+  cut; ``unsynced_send_allowed`` says why a leader's appends need not wait).
 
 The patch is narrow: it overrides ``TcpConnection.__processRead`` (the
 recv step, name-mangled ``_TcpConnection__processRead``) and nothing else, and
@@ -70,6 +71,24 @@ def message_cap(max_entry_bytes: int, append_batch_bytes: int) -> int:
     (up to ``append_batch_bytes``, plus the entry that crosses it), pickled,
     compressed (incompressible data grows a little) and encrypted (base64: 4/3)."""
     return 2 * (append_batch_bytes + max_entry_bytes) + (1 << 20)
+
+
+# What a leader sends that vouches for nothing of its own journal: its appends (the
+# entries go to the followers while its own fdatasync runs, as the Raft dissertation allows,
+# section 10.2.1) and the index it gave a follower's forwarded command.
+_UNSYNCED_TYPES = frozenset({"append_entries", "apply_command_response"})
+
+
+def unsynced_send_allowed(message: Any) -> bool:
+    """May ``message`` leave before this member's journal is on disk?
+
+    A leader's append carries entries and its commit index. The entries need not be on the
+    leader's disk: the leader counts itself towards a commit only in the tick after it
+    appended them, and every tick ends with an fdatasync (``raft.node``), so the commit
+    index it sends, and any acknowledgement to a client, never covers an entry only in its
+    page cache. Everything else (a follower's answer, a vote, a request for one) reflects
+    this member's journal and waits for it."""
+    return isinstance(message, dict) and message.get("type") in _UNSYNCED_TYPES
 
 
 class CappedTcpConnection(TcpConnection):  # type: ignore[misc]
@@ -122,8 +141,9 @@ class CappedTransport(TCPTransport):  # type: ignore[misc]
 
     def send(self, node: Any, message: Any) -> bool:
         # Every Raft message (an append, its answer, a vote) goes out here: what it
-        # reflects must be on disk first (raft.journal.DurableJournal.sync).
-        if self._before_send is not None:
+        # vouches for must be on disk first (raft.journal.DurableJournal.sync), except
+        # what only a leader sends: see ``unsynced_send_allowed``.
+        if self._before_send is not None and not unsynced_send_allowed(message):
             self._before_send()
         sent: bool = super().send(node, message)
         return sent

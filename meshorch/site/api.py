@@ -33,6 +33,7 @@ from meshorch.site.http import (
     MAX_LIST_LIMIT,
     SERVICES,
     ApiError,
+    ApiNode,
     DeltaApiError,
     SiteServices,
     consistent_read,
@@ -45,11 +46,12 @@ from meshorch.site.secret_api import add_secret_routes
 from meshorch.site.stream_api import add_stream_routes
 from meshorch.state.protocol import FEATURES, FeatureUnavailable, require, site_protocol
 from meshorch.state.tables import (
+    APPS_TABLE,
     KV_TABLE,
     MAX_VALUE_BYTES,
     validate_kv_key,
 )
-from raft import ClientRequest, Delete, Op, OpResult, Put
+from raft import ClientRequest, Delete, Op, OpResult, Put, StateView
 from raft.errors import (
     EntryTooLargeError,
     NotCommittedError,
@@ -57,7 +59,7 @@ from raft.errors import (
     SessionError,
     StateFullError,
 )
-from raft.sessions import SESSION_EXPIRED, SESSION_STALE
+from raft.sessions import SESSION_EXPIRED, SESSION_STALE, SessionPool
 from raft.state_machine import NO_SPACE
 
 logger = logging.getLogger(__name__)
@@ -111,12 +113,38 @@ def add_kv_and_status_routes(app: web.Application) -> None:
     app.router.add_post("/v1/sessions", new_session)
 
 
+# The agent's own sessions, for requests that name none (raft.sessions.SessionPool).
+SESSION_POOL: web.AppKey[SessionPool] = web.AppKey("session_pool")
+
+
+class _HostProtocols:
+    """``host_protocols`` of the view, read again only once the hosts' table changed (every
+    write asks which protocol the site speaks)."""
+
+    def __init__(self) -> None:
+        self._changes = -1
+        self._protocols: dict[str, int] = {}
+
+    def of(self, view: StateView) -> dict[str, int]:
+        changes = view.changes(APPS_TABLE)
+        if changes != self._changes:
+            self._protocols = host_protocols(view)
+            self._changes = changes
+        return self._protocols
+
+
+PROTOCOLS: web.AppKey[_HostProtocols] = web.AppKey("host_protocols")
+
+
 def build_app(services: SiteServices, guard: Guard) -> web.Application:
     """``guard`` refuses what the caller may not do before any handler runs."""
     app = web.Application(
         middlewares=[errors_middleware, guard.middleware], client_max_size=MAX_VALUE_BYTES + 1
     )
     app[SERVICES] = services
+    node = services.node
+    app[SESSION_POOL] = SessionPool(_new_client, lambda: _floor(node))
+    app[PROTOCOLS] = _HostProtocols()
     add_kv_and_status_routes(app)
     add_access_routes(app)
     add_member_routes(app)
@@ -251,17 +279,25 @@ def session_floor(request: web.Request) -> int:
     """A new session's floor: the commit index this host knows (every entry of the session
     comes later). Not the applied index: a host catching up would give a floor below
     sessions dropped meanwhile, and its writes would be refused as expired."""
-    node = services(request).node
+    return _floor(services(request).node)
+
+
+def _new_client() -> bytes:
+    return b"agent." + secrets.token_bytes(16)
+
+
+def _floor(node: ApiNode) -> int:
     return max(node.view.applied_index(), node.status().commit_index)
 
 
 def client_request(request: web.Request) -> tuple[ClientRequest, bool]:
-    """The caller's session request from its headers, or one made for this request alone
-    (so that resending it inside the agent is safe); True if the caller named it."""
+    """The caller's session request from its headers, or the next request of one of the
+    agent's own sessions (so that resending it inside the agent is safe: ``SessionPool``);
+    True if the caller named it."""
     client = request.headers.get(CLIENT_HEADER)
     seq = request.headers.get(SEQ_HEADER)
     if client is None and seq is None:
-        return ClientRequest(b"agent." + secrets.token_bytes(16), 1, session_floor(request)), False
+        return session_pool(request).take(), False
     match = _CLIENT_ID.fullmatch(client or "")
     if match is None or seq is None or not seq.isdigit() or not 0 < int(seq) < 2**63:
         raise ApiError(
@@ -274,12 +310,42 @@ def client_request(request: web.Request) -> tuple[ClientRequest, bool]:
     return ClientRequest(client.encode(), int(seq), int(match.group(1))), True
 
 
+def session_pool(request: web.Request) -> SessionPool:
+    return request.app[SESSION_POOL]
+
+
 async def propose_request(request: web.Request, ops: Sequence[Op]) -> list[OpResult]:
     """Commit a client's write exactly once. The node resends it under its session until
     it gets an answer (leader changes included); what is left unknown is said in words."""
     session, named = client_request(request)
+    if named:
+        return await _propose_session(request, ops, session, named=True)
+    pool = session_pool(request)
+    for attempt in (1, 2):
+        try:
+            results = await _propose_session(request, ops, session, named=False)
+        except ApiError as exc:
+            if exc.code == SESSION_EXPIRED and attempt == 1:
+                # The state dropped this reused session (unused for long, or too many
+                # sessions): nothing was applied, and a new session cannot be expired.
+                session = pool.fresh()
+                continue
+            if exc.code != SESSION_EXPIRED:
+                pool.give_back(session)
+            raise
+        except Exception:
+            pool.give_back(session)
+            raise
+        pool.give_back(session)
+        return results
+    raise AssertionError("unreachable: the second attempt returns or raises")
+
+
+async def _propose_session(
+    request: web.Request, ops: Sequence[Op], session: ClientRequest, *, named: bool
+) -> list[OpResult]:
     node = services(request).node
-    protocols = host_protocols(node.view)
+    protocols = request.app[PROTOCOLS].of(node.view)
     if site_protocol(protocols) < FEATURES["sessions"]:
         if named:
             require("sessions", protocols)

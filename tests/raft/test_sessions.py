@@ -137,3 +137,53 @@ def test_session_records_never_refuse_a_delete_and_are_undone_with_a_refused_uni
     # A delete with a session frees more than nothing: it applies, its session is kept.
     done = run(state, 4, Session(b"c", 1, 0, 1), Delete("kv", b"big"), max_bytes=used)
     assert done.results[1].ok and ("kv", b"big") not in state and sessions_in(state) == 1
+
+
+def test_a_pool_reuses_each_session_one_request_at_a_time() -> None:
+    made = iter(b"client-%d" % i for i in range(100))
+    pool = sessions.SessionPool(lambda: next(made), lambda: 40, max_idle=2)
+    first, second = pool.take(), pool.take()  # both outstanding: two sessions
+    assert {first.client, second.client} == {b"client-0", b"client-1"}
+    assert (first.seq, first.floor) == (1, 40)
+    pool.give_back(first)
+    again = pool.take()  # the next request of an idle session: same client, next number
+    assert (again.client, again.seq, again.floor) == (b"client-0", 2, 40)
+    for request in (again, second, pool.take()):
+        pool.give_back(request)
+    assert pool.idle == 2  # no more than max_idle kept
+    assert pool.fresh().client == b"client-3"
+
+
+def test_pooled_sessions_keep_the_table_small_and_an_expired_one_changes_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sessions, "MAX_SESSIONS", 4)
+    state: State = {}
+    index = 10
+    made = iter(b"pooled-%d" % i for i in range(100))
+    pool = sessions.SessionPool(lambda: next(made), lambda: index - 1)
+    for _ in range(50):
+        taken = [pool.take(), pool.take()]  # two writers at a time
+        for request in taken:
+            s = Session(request.client, request.seq, request.floor, 1)
+            assert run(state, index, s, Append("kv", b"n", b"x", 1)).results[1].ok
+            index += 1
+        for request in taken:
+            pool.give_back(request)
+    assert counter(state, b"n") == 100 and sessions_in(state) == 2
+    # Named clients crowd the pool's sessions out of the table: a pooled request is then
+    # refused, not applied; a fresh session goes through.
+    for i in range(5):
+        run(state, index, Session(b"named-%d" % i, 1, index - 1, 1), Put("kv", b"k", b"v"))
+        index += 1
+    stale = pool.take()
+    refused = run(
+        state, index, Session(stale.client, stale.seq, stale.floor, 1), Append("kv", b"n", b"x", 1)
+    )
+    assert refused.results[1].error == SESSION_EXPIRED and counter(state, b"n") == 100
+    index += 1
+    fresh = pool.fresh()
+    applied = run(
+        state, index, Session(fresh.client, fresh.seq, fresh.floor, 1), Append("kv", b"n", b"x", 1)
+    )
+    assert applied.results[1].ok and counter(state, b"n") == 101
