@@ -1,4 +1,4 @@
-"""A registry image to every host of a site: time, bytes from outside, two anchors (root: lab).
+"""A registry image to every host of a site: time, bytes from outside, three anchors (root: lab).
 
 For each host count N (``--hosts 3,8``) a site of N hosts behind its NAT router runs
 agents in mesh mode, and a registry (Debian's docker-registry, anonymous) serves on the

@@ -15,6 +15,7 @@ import pytest
 
 from meshorch.errors import RemoteInputError
 from meshorch.images.follow import Follow, FollowSlots, parse_follow, parse_start
+from meshorch.images.store import signed_target
 
 DATA = os.urandom(3 * (1 << 20) + 4321)
 
@@ -103,3 +104,9 @@ def test_a_peer_holds_a_few_follows_at_once() -> None:
     assert slots.take("h3")
     slots.give("h2")
     assert slots.take("h2")
+
+
+def test_a_peer_signature_covers_the_query() -> None:
+    url = "http://10.99.0.2:7700/v1/images/partials/sha256:ab?follow=42"
+    assert signed_target(url) == "/v1/images/partials/sha256:ab?follow=42"
+    assert signed_target("http://10.99.0.2:7700/v1/images/blobs/x") == "/v1/images/blobs/x"
