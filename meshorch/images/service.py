@@ -8,7 +8,7 @@ import logging
 import platform
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 import aiohttp
@@ -233,6 +233,18 @@ class SiteImages:
         """The blob as ``member`` receives it (served while it arrives, up to ``size``)."""
         return f"{self.partial_url(member, digest)}?follow={size}"
 
+    def _chain_urls(
+        self, origin: str, digest: str, size: int, members: Mapping[str, MemberRecord]
+    ) -> list[str]:
+        """Where this host follows ``digest`` in the chain of the live hosts that starts at
+        ``origin`` (where it entered the site): its predecessor, then the hosts before it.
+        Empty for the origin itself, or when the origin is not live."""
+        live = self.members.reachable_hosts() & members.keys()
+        order = chain.sources(origin, live, self.host_id)
+        if order is None or origin not in live:
+            return []
+        return [self.follow_url(members[h], digest, size) for h in order.in_order()]
+
     def declared_size(self, digest: str) -> int | None:
         """The size the site's records give ``digest``: a pull under way, else the
         catalogue; None when none names it."""
@@ -272,16 +284,14 @@ class SiteImages:
         still receives it; from the hosts before it when it breaks off or stalls. What
         arrives is kept as a partial file, which this host's successor follows."""
         members = {m.host_id: m for m in self.members.members()}
-        live = self.members.reachable_hosts() & members.keys()
         for record in self.pulls_in_progress().values():
-            order = chain.sources(record.host, live, self.host_id)
-            if order is None or record.host not in live:
-                continue
             # In the order the puller fetches them: the chain is busy with the first blob
             # not whole here; the next ones are followed once it is.
             for digest, size in record.blobs:
                 if not self.blobs.has(digest):
-                    urls = [self.follow_url(members[h], digest, size) for h in order.in_order()]
+                    urls = self._chain_urls(record.host, digest, size, members)
+                    if not urls:
+                        break  # this host pulls it, or the puller is gone
                     try:
                         copied = await self.blobs.fetch(session, urls, digest, size, self.sign)
                     except ImageTransferError as exc:
@@ -342,6 +352,11 @@ class SiteImages:
                     self.fetched_bytes += swarm.fetched
                     self.swarm_bytes += swarm.fetched
                     continue
+                if len(urls) < 2:
+                    # Still spreading from the host it entered at: along the chain, as
+                    # during the pull (a registry faster than the overlay ends it first).
+                    chained = self._chain_urls(manifest.added_by, digest, size, members)
+                    urls = [*chained, *urls]
                 copied = await self.blobs.fetch(session, urls, digest, size, self.sign)
                 self.fetched_bytes += copied
             logger.info("copied image %s from a site peer", manifest.ref)

@@ -130,7 +130,7 @@ async def every_host_holds(session: aiohttp.ClientSession, site: LocalSite) -> N
 async def test_the_layer_crosses_each_host_once_along_the_chain(
     ready_site: LocalSite, session: aiohttp.ClientSession, registry: Any
 ) -> None:
-    served, ref = await registry(0.03)  # 8 MiB in about 2 s
+    served, ref = await registry(0.03)  # 8 MiB in about 2 s: the others follow the pull
     served.gate.set()
     h1 = ready_site.members[0]
     await pull(session, h1.url, ref)
@@ -205,3 +205,20 @@ async def test_the_follow_route_refuses_before_any_wait_and_streams_as_bytes_arr
     await puller
     await every_host_holds(session, ready_site)
     assert served.layer_requests == 1
+
+
+async def test_a_pull_done_before_the_others_start_still_spreads_along_the_chain(
+    ready_site: LocalSite, session: aiohttp.ClientSession, registry: Any
+) -> None:
+    served, ref = await registry(0.0)  # the registry faster than the others' next round
+    served.gate.set()
+    await pull(session, ready_site.members[0].url, ref)
+    await every_host_holds(session, ready_site)
+    assert (served.layer_requests, served.layer_bytes) == (1, len(LAYER))
+    counters = {h.host_id: (await local(session, h.url))["local"] for h in ready_site.members}
+    sent = {host: c["followed_bytes"] for host, c in counters.items()}
+    # h2 follows h1 (one holder: no swarm); h3 follows h2, unless h2 was listed as a
+    # holder by then and h3 took pieces from both (a swarm: half from each).
+    assert len(LAYER) <= sent["h1"], counters
+    assert sent["h2"] + counters["h3"]["swarm_bytes"] >= len(LAYER), counters
+    assert sent["h3"] == 0, counters
