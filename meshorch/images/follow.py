@@ -100,11 +100,11 @@ class Follow:
     def __exit__(self, *exc: object) -> None:
         self._close()
 
-    async def wait_for_file(self) -> bool:
-        """Wait (at most ``idle_s``) for the blob or its partial to be here; False if not:
+    async def wait_for_file(self, wait_s: float) -> bool:
+        """Wait (at most ``wait_s``) for the blob or its partial to be here; False if not:
         a follower may ask before this host has begun receiving."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.idle_s
+        deadline = loop.time() + wait_s
         while not self._reopen():
             if loop.time() >= deadline:
                 return False

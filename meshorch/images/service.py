@@ -245,18 +245,22 @@ class SiteImages:
             return []
         return [self.follow_url(members[h], digest, size) for h in order.in_order()]
 
-    def declared_size(self, digest: str) -> int | None:
-        """The size the site's records give ``digest``: a pull under way, else the
-        catalogue; None when none names it."""
+    def declared_size(self, digest: str) -> tuple[int, bool] | None:
+        """The size the site's records give ``digest`` (a pull under way, else the
+        catalogue), and whether this host is getting it (not only in images it gave up);
+        None when none names it."""
         for record in self.pulls_in_progress().values():
             for named, size in record.blobs:
                 if named == digest:
-                    return size
+                    return size, True
+        found = None
         for manifest in self.manifests():
             for named, size in manifest.blob_sizes():
                 if named == digest:
-                    return size
-        return None
+                    if manifest.digest not in self.evicted:
+                        return size, True
+                    found = size, False
+        return found
 
     def pulls_in_progress(self) -> dict[str, PullInProgress]:
         records, _ = self.site.view.scan(APPS_TABLE, PULLING_PREFIX, 100_000)

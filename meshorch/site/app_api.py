@@ -49,7 +49,7 @@ from meshorch.fleet.apply import (
     app_view,
 )
 from meshorch.http_body import read_limited
-from meshorch.images.follow import Follow, parse_follow, parse_start
+from meshorch.images.follow import IDLE_S, Follow, parse_follow, parse_start
 from meshorch.images.oci import BadManifest, NoMatchingPlatform
 from meshorch.images.reference import parse_reference
 from meshorch.images.registry import Credentials, RegistryError, credentials_from_secret
@@ -205,14 +205,15 @@ async def _follow_blob(
     declared = images.declared_size(digest)
     if declared is None:
         raise ApiError(404, "not_found", f"no pull or image of the site has {digest}")
-    if declared != size:
-        raise ApiError(400, "bad_follow", f"follow: {digest} is {declared} bytes, not {size}")
+    if declared[0] != size:
+        raise ApiError(400, "bad_follow", f"follow: {digest} is {declared[0]} bytes, not {size}")
     peer = caller_of(request).name or request.remote or "?"
     if not images.follows.take(peer):
         raise ApiError(429, "too_many_follows", f"at most {images.follows.per_peer} at once")
     try:
         with Follow(images.blobs.path(digest), images.blobs.partial_path(digest), start, size) as f:
-            if not await f.wait_for_file():
+            # Waited for only if this host is getting it (not an image it gave up).
+            if not await f.wait_for_file(IDLE_S if declared[1] else 0.0):
                 raise ApiError(404, "not_found", f"this host has nothing of {digest}")
             response = web.StreamResponse(
                 status=206 if start else 200, headers={"Content-Type": "application/octet-stream"}

@@ -40,7 +40,7 @@ async def test_a_follow_reads_a_partial_as_it_grows_and_through_its_rename(
     blob, partial = tmp_path / "blob", tmp_path / "partial"
     with Follow(blob, partial, 1000, len(DATA), idle_s=2.0, poll_s=0.01) as follow:
         writer = asyncio.create_task(write_slowly(partial, DATA, then=blob))
-        assert await follow.wait_for_file()
+        assert await follow.wait_for_file(1.0)
         got = await collect(follow)
         await writer
     assert got == DATA[1000:]
@@ -52,7 +52,7 @@ async def test_a_follow_ends_short_when_nothing_arrives_for_its_idle_time(
     partial = tmp_path / "partial"
     partial.write_bytes(DATA[:5000])
     with Follow(tmp_path / "blob", partial, 0, len(DATA), idle_s=0.3, poll_s=0.01) as follow:
-        assert await follow.wait_for_file()
+        assert await follow.wait_for_file(1.0)
         started = time.monotonic()
         got = await collect(follow)
     assert got == DATA[:5000]
@@ -65,20 +65,20 @@ async def test_a_follow_ends_when_the_partial_is_removed_and_waits_only_so_long_
     partial = tmp_path / "partial"
     partial.write_bytes(DATA[:5000])
     with Follow(tmp_path / "blob", partial, 0, len(DATA), idle_s=30.0, poll_s=0.01) as follow:
-        assert await follow.wait_for_file()
+        assert await follow.wait_for_file(1.0)
         partial.unlink()  # a transfer that failed its digest
         started = time.monotonic()
         assert await collect(follow) == DATA[:5000]
         assert time.monotonic() - started < 1.0
     with Follow(tmp_path / "b", tmp_path / "p", 0, 10, idle_s=0.2, poll_s=0.01) as nothing:
-        assert not await nothing.wait_for_file()
+        assert not await nothing.wait_for_file(0.2)
 
 
 async def test_a_follow_never_sends_past_its_size(tmp_path: Path) -> None:
     blob = tmp_path / "blob"
     blob.write_bytes(DATA + b"more than the blob")
     with Follow(blob, tmp_path / "partial", 0, len(DATA), idle_s=0.2) as follow:
-        assert await follow.wait_for_file()
+        assert await follow.wait_for_file(1.0)
         assert await collect(follow) == DATA
 
 
