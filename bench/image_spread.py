@@ -1,4 +1,4 @@
-"""A registry image to every host of a site: time, bytes from outside, two anchors (root: lab).
+"""A registry image to every host of a site: time, bytes from outside, three anchors (root: lab).
 
 For each host count N (``--hosts 3,8``) a site of N hosts behind its NAT router runs
 agents in mesh mode, and a registry (Debian's docker-registry, anonymous) serves on the
@@ -16,6 +16,9 @@ it from their peers over the WireGuard overlay. Measured in each run:
 - anchor, one transfer: as many bytes sent once from the leader to another host over
   their WireGuard addresses (python's http.server to curl), the limit of one path:
   ``ratio_vs_one_transfer`` = spread_s / one_transfer_s;
+- anchor, N-1 plain transfers at once: the same bytes from each host to the next (the
+  leader first, then the others by id: each host sends one copy and receives one), the
+  floor of any spread where the overlay is CPU bound: ``ratio_vs_parallel_transfers``;
 - anchor, each pulls: every host pulling the image from the registry itself, all at
   once, with meshorch's registry client and no peers: ``ratio_vs_each_pulls`` =
   spread_s / each_pulls_s, and its outside bytes (``each_outside_ratio``, about N).
@@ -36,8 +39,9 @@ whether the site copies the image in one pass.
 
 Per host count a line ``N=... spread_s=... ...`` (medians of the runs); last line
 ``RESULT spread_s=... outside_bytes_ratio=... ratio_vs_one_transfer=...
-ratio_vs_each_pulls=...`` for the largest N, then per N the same keys and
-``ratio_vs_serial_transfers``, ``one_transfer_s`` (``spread_s_3=``...).
+ratio_vs_each_pulls=... ratio_vs_parallel_transfers=...`` for the largest N, then per N
+the same keys and ``ratio_vs_serial_transfers``, ``one_transfer_s``,
+``parallel_transfers_s`` (``spread_s_3=``...).
 Targets: outside_bytes_ratio <= 1.05, ratio_vs_one_transfer <= 1.5.
 """
 
@@ -45,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import os
 import secrets
 import shutil
@@ -153,6 +158,7 @@ class Run:
     spread: Spread
     one_transfer_s: float
     one_transfer_cpu: float
+    parallel_transfers_s: float
     each_pulls_s: float
     each_outside: int
 
@@ -285,35 +291,53 @@ def overlay_ips(site: Site) -> dict[str, str]:
     return {m["host_id"]: m["overlay_ip"] for m in status["members"] if m.get("host_id")}
 
 
-def one_transfer(site: Site, size: int, source: str, target: str) -> float:
-    """Seconds to send ``size`` random bytes from ``source`` to ``target`` over the overlay
-    with plain tools: python's http.server there, curl here, into the target's data dir."""
+def plain_transfers(site: Site, size: int, pairs: list[tuple[str, str]]) -> float:
+    """Seconds to send ``size`` random bytes from each source to its target over the
+    overlay, all pairs at once, with plain tools: python's http.server at the source,
+    curl at the target, into the target's data dir."""
     ips = overlay_ips(site)
-    served = site.lab.store.data_dir(source) / "anchor"
-    served.mkdir(exist_ok=True)
-    with open(served / "blob", "wb") as handle:
-        for offset in range(0, size, MIB):
-            handle.write(os.urandom(min(MIB, size - offset)))
-    received = site.lab.store.data_dir(target) / "anchor.blob"
-    url = f"http://{ips[source]}:{ANCHOR_PORT}/blob"
-    server = subprocess.Popen(
-        [*netns_exec(site, source), sys.executable, "-m", "http.server", str(ANCHOR_PORT),
-         "--bind", ips[source], "--directory", str(served)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+    servers: list[subprocess.Popen[bytes]] = []
+    transfers: list[subprocess.Popen[bytes]] = []
+    received = [site.lab.store.data_dir(target) / "anchor.blob" for _, target in pairs]
     try:
-        head = ["curl", "-sSfI", "--retry", "50", "--retry-delay", "0", "--retry-connrefused", url]
-        site.lab.run(target, head, check=True)
+        for source, _ in pairs:
+            served = site.lab.store.data_dir(source) / "anchor"
+            served.mkdir(exist_ok=True)
+            with open(served / "blob", "wb") as handle:
+                for offset in range(0, size, MIB):
+                    handle.write(os.urandom(min(MIB, size - offset)))
+            servers.append(subprocess.Popen(
+                [*netns_exec(site, source), sys.executable, "-m", "http.server",
+                 str(ANCHOR_PORT), "--bind", ips[source], "--directory", str(served)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            ))  # fmt: skip
+        urls = [f"http://{ips[source]}:{ANCHOR_PORT}/blob" for source, _ in pairs]
+        for (_, target), url in zip(pairs, urls, strict=True):
+            head = ["curl", "-sSfI", "--retry", "50", "--retry-delay", "0",
+                    "--retry-connrefused", url]  # fmt: skip
+            site.lab.run(target, head, check=True)
         started = time.monotonic()
-        site.lab.run(target, ["curl", "-sSf", "-o", str(received), url], check=True)
+        transfers = [
+            subprocess.Popen([*netns_exec(site, target), "curl", "-sSf", "-o", str(path), url])
+            for (_, target), path, url in zip(pairs, received, urls, strict=True)
+        ]
+        if any(t.wait(900) != 0 for t in transfers):
+            raise SystemExit("a plain transfer failed")
         elapsed = time.monotonic() - started
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(10)
-    if received.stat().st_size != size:
-        raise SystemExit(f"the one transfer moved {received.stat().st_size} of {size} bytes")
-    received.unlink()
-    shutil.rmtree(served)
+        for process in transfers:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        for server in servers:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(10)
+    for path in received:
+        if path.stat().st_size != size:
+            raise SystemExit(f"a plain transfer moved {path.stat().st_size} of {size} bytes")
+        path.unlink()
+    for source, _ in pairs:
+        shutil.rmtree(site.lab.store.data_dir(source) / "anchor")
     return elapsed
 
 
@@ -375,14 +399,19 @@ def measure(site: Site, args: argparse.Namespace) -> list[Run]:
         leader = site.call(site.names[0], "GET", "/v1/status")["leader"]
         target = next(h for h in site.names if h != leader)
         cpu = CpuMeter()
-        one_s = one_transfer(site, size, leader, target)
+        one_s = plain_transfers(site, size, [(leader, target)])
         one_cpu = cpu.busy()
         log(f"  one transfer {leader} -> {target} over the overlay: {one_s:.2f}s, "
             f"{one_cpu:.2f} cores busy")  # fmt: skip
+        # N-1 at once, each host sending at most one and receiving at most one.
+        order = [leader, *sorted(h for h in site.names if h != leader)]
+        parallel_s = plain_transfers(site, size, list(itertools.pairwise(order)))
+        log(f"  {site.hosts - 1} plain transfers at once along {'->'.join(order)}: "
+            f"{parallel_s:.2f}s")  # fmt: skip
         each_s, each_outside = each_pulls(site, ref)
         log(f"  every host pulling by itself: {each_s:.2f}s, {each_outside / size:.2f} copies")
         site.call(site.names[0], "DELETE", f"/v1/apps/spread{index}")
-        runs.append(Run(done, one_s, one_cpu, each_s, each_outside))
+        runs.append(Run(done, one_s, one_cpu, parallel_s, each_s, each_outside))
     return runs
 
 
@@ -400,7 +429,13 @@ def summary(hosts: int, runs: list[Run]) -> dict[str, float]:
         "ratio_vs_serial_transfers": median(
             [r.spread.seconds / ((hosts - 1) * r.one_transfer_s) for r in runs]
         ),
+        # Against N-1 plain transfers at once, host to host (each sends and receives at
+        # most one): the floor of any spread on the lab, whose overlay is CPU bound.
+        "ratio_vs_parallel_transfers": median(
+            [r.spread.seconds / r.parallel_transfers_s for r in runs]
+        ),
         "one_transfer_s": median([r.one_transfer_s for r in runs]),
+        "parallel_transfers_s": median([r.parallel_transfers_s for r in runs]),
         "each_pulls_s": median([r.each_pulls_s for r in runs]),
         "each_outside_ratio": median([r.each_outside / r.spread.size for r in runs]),
         "pulled_s": median([r.spread.pulled_s for r in runs]),
@@ -466,8 +501,11 @@ def main() -> int:
                 site.down()
             line = " ".join(f"{k}={v:.3f}" for k, v in results[hosts].items())
             print(f"N={hosts} {line}", flush=True)
-    keys = ("spread_s", "outside_bytes_ratio", "ratio_vs_one_transfer", "ratio_vs_each_pulls")
-    more = ("ratio_vs_serial_transfers", "one_transfer_s")
+    keys = (
+        "spread_s", "outside_bytes_ratio", "ratio_vs_one_transfer", "ratio_vs_each_pulls",
+        "ratio_vs_parallel_transfers",
+    )  # fmt: skip
+    more = ("ratio_vs_serial_transfers", "one_transfer_s", "parallel_transfers_s")
     largest = results[max(counts)]
     fields = [f"{k}={largest[k]:.3f}" for k in keys]
     fields += [f"{k}_{n}={results[n][k]:.3f}" for n in counts for k in (*keys, *more)]

@@ -21,7 +21,6 @@ import asyncio
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -38,6 +37,7 @@ from meshorch.images.pull import pull, write_oci_layout
 from meshorch.images.reference import parse_reference
 from meshorch.images.registry import Credentials, RegistryClient
 from meshorch.images.store import BlobStore
+from meshorch.lab.pusher import Pusher
 from meshorch.lab.registry import LabRegistry
 from meshorch.runtime import PodmanRuntime, build_busybox_rootfs
 
@@ -48,12 +48,6 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def run(argv: list[str], cwd: Path | None = None) -> None:
-    done = subprocess.run(argv, capture_output=True, text=True, cwd=cwd, timeout=600)
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(argv[:6])}...: {done.stderr[-1000:]}")
-
-
 def missing() -> list[str]:
     tools = ("podman", "runc", "docker-registry", "htpasswd")
     problems = [f"{tool!r} is not installed" for tool in tools if shutil.which(tool) is None]
@@ -62,7 +56,7 @@ def missing() -> list[str]:
     return problems
 
 
-def build_images(work: Path, podman: list[str], size_mb: int) -> None:
+def build_images(work: Path, pusher: Pusher, size_mb: int) -> None:
     rootfs = build_busybox_rootfs(work / "rootfs.tar")
     payload = work / "payload.bin"
     with open(payload, "wb") as handle:
@@ -70,12 +64,11 @@ def build_images(work: Path, podman: list[str], size_mb: int) -> None:
             handle.write(os.urandom(1 << 20))
     with tarfile.open(rootfs, "a") as tar:
         tar.add(payload, "payload.bin")
-    run([*podman, "import", "-q", str(rootfs), "localhost/bench-base:1"])
+    pusher.import_rootfs(rootfs, "localhost/bench-base:1")
     context = work / "ctx"
     context.mkdir()
     (context / "hello.txt").write_text("hello\n")
-    (context / "Containerfile").write_text("FROM localhost/bench-base:1\nCOPY hello.txt /\n")
-    run([*podman, "build", "-q", "--pull=never", "-t", "localhost/bench-app:1", str(context)])
+    pusher.build("localhost/bench-app:1", "localhost/bench-base:1", context, ["hello.txt"])
 
 
 async def measure(registry: str, work: Path) -> dict[str, float]:
@@ -120,27 +113,24 @@ def main() -> int:
         return 2
     with tempfile.TemporaryDirectory(prefix="registry-bench-") as tmp:
         work = Path(tmp)
-        pusher = podman_dirs(work / "pusher")
-        podman = ["podman", "--root", str(pusher[0]), "--runroot", str(pusher[1])]
-        anchor = podman_dirs(work / "anchor")
-        anchor_podman = ["podman", "--root", str(anchor[0]), "--runroot", str(anchor[1])]
+        pusher = Pusher(work / "pusher", credentials=(USER, PASSWORD))
+        anchor = Pusher(work / "anchor")  # podman pulling, into a storage of its own
         registry = LabRegistry(work / "registry", "127.0.0.1:15999", {USER: PASSWORD})
         try:
             registry.start()
             log(f"building a {args.size_mb} MB image")
-            build_images(work, podman, args.size_mb)
-            creds = ["--tls-verify=false", "--creds", f"{USER}:{PASSWORD}"]
+            build_images(work, pusher, args.size_mb)
             for name in ("base", "app"):
-                run([*podman, "push", *creds, f"localhost/bench-{name}:1",
-                     f"{registry.host}/bench/{name}:1"])  # fmt: skip
+                pusher.push(f"localhost/bench-{name}:1", f"{registry.host}/bench/{name}:1")
             results = asyncio.run(measure(registry.host, work))
             started = time.monotonic()
-            run([*anchor_podman, "pull", "-q", *creds, f"{registry.host}/bench/app:1"])
+            anchor.run("pull", "-q", "--tls-verify=false", "--creds", f"{USER}:{PASSWORD}",
+                       f"{registry.host}/bench/app:1")  # fmt: skip
             results["podman_pull_s"] = time.monotonic() - started
         finally:
             registry.stop()
-            for argv in (podman, anchor_podman):
-                subprocess.run([*argv, "system", "reset", "--force"], capture_output=True)
+            pusher.reset()
+            anchor.reset()
     results["ratio_vs_podman"] = (results["pull_s"] + results["load_s"]) / results["podman_pull_s"]
     print("RESULT " + " ".join(f"{k}={v:.3f}" for k, v in sorted(results.items())))
     return 0

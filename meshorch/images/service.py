@@ -8,12 +8,14 @@ import logging
 import platform
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 import aiohttp
 import orjson
 
+from meshorch.images import chain
+from meshorch.images.follow import FollowSlots
 from meshorch.images.oci import Descriptor, platform_of_machine
 from meshorch.images.pull import PulledImage, write_oci_layout
 from meshorch.images.pull import pull as pull_image
@@ -69,6 +71,7 @@ class SiteImages:
         self.fetched_bytes = 0
         self.pulled_bytes = 0  # from registries
         self.swarm_bytes = 0  # of fetched_bytes, those fetched in pieces from several peers
+        self.followed_bytes = 0  # sent to peers following a blob as it arrived here
         self.removed_bytes = 0  # by garbage collection (meshorch.apps.image_gc)
         self.evicted_images = 0  # copies given up under disk pressure
         self.platform = platform_of_machine(platform.machine())
@@ -77,6 +80,7 @@ class SiteImages:
         # back (an instance placed here still has them copied, by ``ensure``).
         self.evicted: set[str] = set()
         self.pulls_running = 0  # a pull's blobs are stored before its record: not orphans
+        self.follows = FollowSlots()  # peers following a blob here (``?follow=``)
 
     def counters(self) -> dict[str, int]:
         return {
@@ -84,6 +88,7 @@ class SiteImages:
             "fetched_bytes": self.fetched_bytes,
             "pulled_bytes": self.pulled_bytes,
             "swarm_bytes": self.swarm_bytes,
+            "followed_bytes": self.followed_bytes,
             "removed_bytes": self.removed_bytes,
             "evicted_images": self.evicted_images,
         }
@@ -177,7 +182,7 @@ class SiteImages:
             self._wake.set()
 
         async def from_peers(blob: Descriptor) -> None:
-            copied = await self._copy_partial(session, blob.digest, blob.size, None)
+            copied = await self._copy_partial(session, blob.digest, blob.size)
             self.fetched_bytes += copied
 
         self.pulls_running += 1
@@ -224,19 +229,49 @@ class SiteImages:
     def partial_url(self, member: MemberRecord, digest: str) -> str:
         return self.blob_url(member, digest).replace("/v1/images/blobs/", "/v1/images/partials/")
 
+    def follow_url(self, member: MemberRecord, digest: str, size: int) -> str:
+        """The blob as ``member`` receives it (served while it arrives, up to ``size``)."""
+        return f"{self.partial_url(member, digest)}?follow={size}"
+
+    def _chain_urls(
+        self, origin: str, digest: str, size: int, members: Mapping[str, MemberRecord]
+    ) -> list[str]:
+        """Where this host follows ``digest`` in the chain of the live hosts that starts at
+        ``origin`` (where it entered the site): its predecessor, then the hosts before it.
+        Empty for the origin itself, or when the origin is not live."""
+        live = self.members.reachable_hosts() & members.keys()
+        order = chain.sources(origin, live, self.host_id)
+        if order is None or origin not in live:
+            return []
+        return [self.follow_url(members[h], digest, size) for h in order.in_order()]
+
+    def declared_size(self, digest: str) -> tuple[int, bool] | None:
+        """The size the site's records give ``digest`` (a pull under way, else the
+        catalogue), and whether this host is getting it (not only in images it gave up);
+        None when none names it."""
+        for record in self.pulls_in_progress().values():
+            for named, size in record.blobs:
+                if named == digest:
+                    return size, True
+        found = None
+        for manifest in self.manifests():
+            for named, size in manifest.blob_sizes():
+                if named == digest:
+                    if manifest.digest not in self.evicted:
+                        return size, True
+                    found = size, False
+        return found
+
     def pulls_in_progress(self) -> dict[str, PullInProgress]:
         records, _ = self.site.view.scan(APPS_TABLE, PULLING_PREFIX, 100_000)
         return {r.ref: r for r in (PullInProgress.decode(v.value) for _, v in records)}
 
-    async def _copy_partial(
-        self, session: aiohttp.ClientSession, digest: str, size: int, only: str | None
-    ) -> int:
-        """Copy what peers have of ``digest`` (whole or in part, kept as a partial file);
-        ``only``: from that host alone. Returns the bytes copied; never raises for a peer
-        that has less, or nothing."""
+    async def _copy_partial(self, session: aiohttp.ClientSession, digest: str, size: int) -> int:
+        """Copy what peers have of ``digest`` (whole or in part, kept as a partial file).
+        Returns the bytes copied; never raises for a peer that has less, or nothing."""
         copied = 0
         for member in self.members.members():
-            if member.host_id == self.host_id or (only is not None and member.host_id != only):
+            if member.host_id == self.host_id:
                 continue
             url = self.partial_url(member, digest)
             try:
@@ -248,17 +283,24 @@ class SiteImages:
         return copied
 
     async def follow_pulls(self, session: aiohttp.ClientSession) -> None:
-        """Copy what the hosts pulling images have fetched so far."""
-        live = {m.host_id for m in self.members.members()}
+        """Copy the blobs of the pulls under way as they arrive, each from this host's
+        predecessor in the pull's chain (``meshorch.images.chain``) while the predecessor
+        still receives it; from the hosts before it when it breaks off or stalls. What
+        arrives is kept as a partial file, which this host's successor follows."""
+        members = {m.host_id: m for m in self.members.members()}
         for record in self.pulls_in_progress().values():
-            if record.host == self.host_id or record.host not in live:
-                continue
-            # In the order the puller fetches them: past the first blob not whole here,
-            # the puller has nothing yet (one request per follower and round, not one per
-            # blob).
+            # In the order the puller fetches them: the chain is busy with the first blob
+            # not whole here; the next ones are followed once it is.
             for digest, size in record.blobs:
                 if not self.blobs.has(digest):
-                    copied = await self._copy_partial(session, digest, size, record.host)
+                    urls = self._chain_urls(record.host, digest, size, members)
+                    if not urls:
+                        break  # this host pulls it, or the puller is gone
+                    try:
+                        copied = await self.blobs.fetch(session, urls, digest, size, self.sign)
+                    except ImageTransferError as exc:
+                        copied = exc.fetched
+                        logger.info("%s not followed yet: %s", digest, exc)
                     self.fetched_bytes += copied
                     if not self.blobs.has(digest):
                         break
@@ -314,6 +356,11 @@ class SiteImages:
                     self.fetched_bytes += swarm.fetched
                     self.swarm_bytes += swarm.fetched
                     continue
+                if len(urls) < 2:
+                    # Still spreading from the host it entered at: along the chain, as
+                    # during the pull (a registry faster than the overlay ends it first).
+                    chained = self._chain_urls(manifest.added_by, digest, size, members)
+                    urls = [*chained, *urls]
                 copied = await self.blobs.fetch(session, urls, digest, size, self.sign)
                 self.fetched_bytes += copied
             logger.info("copied image %s from a site peer", manifest.ref)
@@ -324,7 +371,8 @@ class SiteImages:
 
     async def run(self) -> None:
         """Background loop: copy every catalogued image this host does not have yet."""
-        timeout = aiohttp.ClientTimeout(total=None, sock_read=30)
+        # A peer that does not answer its connection is given up on (the next is asked).
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=30)
         await self._forget_own_pulls()
         async with aiohttp.ClientSession(timeout=timeout) as session:
             while True:

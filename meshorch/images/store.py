@@ -19,7 +19,7 @@ import re
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -27,8 +27,17 @@ import orjson
 
 from meshorch.errors import MeshorchError, RemoteInputError
 
-# Headers proving this host to a peer, for a method and path (``PeerSigner.headers``).
+# Headers proving this host to a peer, for a method and path with its query
+# (``PeerSigner.headers``).
 Signer = Callable[[str, str], Mapping[str, str]]
+
+
+def signed_target(url: str) -> str:
+    """What a peer request's signature covers of ``url``: the path and the query, as the
+    receiving host reads them (``request.path_qs``), so neither can be altered on the way."""
+    parts = urlsplit(url)
+    return f"{parts.path}?{parts.query}" if parts.query else parts.path
+
 
 logger = logging.getLogger(__name__)
 
@@ -358,7 +367,7 @@ class BlobStore:
             have = 0
         headers = {"Range": f"bytes={have}-"} if 0 < have < size else {}
         if sign is not None:
-            headers.update(sign("GET", urlsplit(url).path))
+            headers.update(sign("GET", signed_target(url)))
         hasher = hashlib.sha256()
         fetched = 0
         if have == size:
@@ -379,7 +388,7 @@ class BlobStore:
                         partial.unlink(missing_ok=True)
                         raise ImageTransferError("more bytes than the manifest says", True)
                     hasher.update(chunk)
-                    await asyncio.to_thread(handle.write, chunk)
+                    await asyncio.to_thread(_write_through, handle, chunk)
                     fetched += len(chunk)
         if have + fetched != size:
             raise ImageTransferError(
@@ -425,6 +434,12 @@ class BlobStore:
         for path in self._partial.iterdir():
             with contextlib.suppress(OSError):
                 path.unlink()
+
+
+def _write_through(handle: BinaryIO, chunk: bytes) -> None:
+    """Write and flush: a peer may be following the file as it grows."""
+    handle.write(chunk)
+    handle.flush()
 
 
 def _hash_prefix(hasher: Any, path: Path, length: int) -> None:

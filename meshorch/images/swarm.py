@@ -22,11 +22,16 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import aiohttp
 
-from meshorch.images.store import CHUNK_BYTES, BlobStore, ImageTransferError, Signer
+from meshorch.images.store import (
+    CHUNK_BYTES,
+    BlobStore,
+    ImageTransferError,
+    Signer,
+    signed_target,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +147,7 @@ async def _fetch_range(
 ) -> int:
     headers = {"Range": f"bytes={start}-{end - 1}"}
     if sign is not None:
-        headers.update(sign("GET", urlsplit(url).path))
+        headers.update(sign("GET", signed_target(url)))
     offset = start
     async with session.get(url, headers=headers) as response:
         if response.status != 206:

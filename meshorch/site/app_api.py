@@ -49,11 +49,14 @@ from meshorch.fleet.apply import (
     app_view,
 )
 from meshorch.http_body import read_limited
+from meshorch.images.follow import IDLE_S, Follow, parse_follow, parse_start
 from meshorch.images.oci import BadManifest, NoMatchingPlatform
 from meshorch.images.reference import parse_reference
 from meshorch.images.registry import Credentials, RegistryError, credentials_from_secret
+from meshorch.images.service import MAX_IMAGE_BYTES, SiteImages
 from meshorch.images.store import CHUNK_BYTES, validate_digest, validate_ref
 from meshorch.secrets.keyring import SecretUnavailable, is_secret_name
+from meshorch.site.guard import caller_of
 from meshorch.site.http import (
     ApiError,
     SiteServices,
@@ -177,13 +180,54 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
 
 async def get_partial_blob(request: web.Request) -> web.StreamResponse:
     """A blob as far as this host has it: whole, or the part a pull has fetched so far
-    (with HTTP Range: a peer asks for what it lacks). Peers follow a pull with it."""
+    (with HTTP Range: a peer asks for what it lacks). Peers follow a pull with it.
+
+    ``?follow=SIZE`` (SIZE: the blob's size): the bytes as this host receives them, from
+    the Range offset up to SIZE, ended short after a while without any
+    (``meshorch.images.follow``): the next host of a pull's chain copies it so."""
     digest = validate_digest(request.match_info["digest"])
-    blobs = services(request).images.blobs
+    images = services(request).images
+    raw_follow = request.query.get("follow")
+    if raw_follow is not None:
+        return await _follow_blob(request, images, digest, raw_follow)
+    blobs = images.blobs
     for path in (blobs.path(digest), blobs.partial_path(digest)):
         if path.exists():
             return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
     raise ApiError(404, "not_found", f"this host has nothing of {digest}")
+
+
+async def _follow_blob(
+    request: web.Request, images: SiteImages, digest: str, raw_follow: str
+) -> web.StreamResponse:
+    size = parse_follow(raw_follow, MAX_IMAGE_BYTES)
+    start = parse_start(request.headers.get("Range"), size)
+    declared = images.declared_size(digest)
+    if declared is None:
+        raise ApiError(404, "not_found", f"no pull or image of the site has {digest}")
+    if declared[0] != size:
+        raise ApiError(400, "bad_follow", f"follow: {digest} is {declared[0]} bytes, not {size}")
+    peer = caller_of(request).name or request.remote or "?"
+    if not images.follows.take(peer):
+        raise ApiError(429, "too_many_follows", f"at most {images.follows.per_peer} at once")
+    try:
+        with Follow(images.blobs.path(digest), images.blobs.partial_path(digest), start, size) as f:
+            # Waited for only if this host is getting it (not an image it gave up).
+            if not await f.wait_for_file(IDLE_S if declared[1] else 0.0):
+                raise ApiError(404, "not_found", f"this host has nothing of {digest}")
+            response = web.StreamResponse(
+                status=206 if start else 200, headers={"Content-Type": "application/octet-stream"}
+            )
+            if start:
+                response.headers["Content-Range"] = f"bytes {start}-{size - 1}/{size}"
+            await response.prepare(request)  # no length: a follow may end short
+            async for chunk in f.chunks():
+                await response.write(chunk)
+                images.followed_bytes += len(chunk)
+            await response.write_eof()
+            return response
+    finally:
+        images.follows.give(peer)
 
 
 MAX_SPEC_BODY = 1 << 20
