@@ -39,7 +39,7 @@ from meshorch.images.swarm import fetch_from_swarm
 from meshorch.state.ports import Members, SiteState
 from meshorch.state.tables import APPS_TABLE, MemberRecord
 from raft import Delete, Put
-from raft.errors import ProposalError
+from raft.errors import OutcomeUnknownError, ProposalError
 
 logger = logging.getLogger(__name__)
 
@@ -98,16 +98,31 @@ class SiteImages:
         digest, size = await self.blobs.add_stream(chunks, MAX_IMAGE_BYTES)
         self.uploaded_bytes += size
         manifest = ImageManifest(ref, digest, size, self.host_id, time.time())
-        await self.site.propose(
-            [
-                Put(APPS_TABLE, manifest.key(), manifest.encode()),
-                Put(APPS_TABLE, holder_key(digest, self.host_id), b""),
-            ],
-            idempotent=True,
-        )
+        ops = [
+            Put(APPS_TABLE, manifest.key(), manifest.encode()),
+            Put(APPS_TABLE, holder_key(digest, self.host_id), b""),
+        ]
+        try:
+            await self.site.propose(ops, idempotent=True)
+        except OutcomeUnknownError as exc:
+            # The leader changed while the record was in flight. Once a barrier of the
+            # new leader is applied here, the state says whether it was committed; if
+            # not it never will be, and sending it again gives the uploader an answer.
+            logger.info("image %s: record of unknown outcome (%s); checking", ref, exc)
+            await self.site.barrier()
+            if self._recorded(manifest) is None:
+                await self.site.propose(ops, idempotent=True)
         logger.info("image %s (%s, %d bytes) added", ref, digest, size)
         self._wake.set()
         return manifest
+
+    def _recorded(self, manifest: ImageManifest) -> ImageManifest | None:
+        """``manifest`` as the state holds it, with this host a holder; None if not."""
+        record = self.site.view.get(APPS_TABLE, manifest.key())
+        if record is None or self.host_id not in self.holders(manifest.digest):
+            return None
+        held = ImageManifest.decode(record.value)
+        return held if held == manifest else None
 
     def manifests(self) -> list[ImageManifest]:
         records, _ = self.site.view.scan(APPS_TABLE, IMAGE_PREFIX, 100_000)

@@ -163,3 +163,41 @@ async def test_a_callers_resend_gets_the_first_answer_and_older_numbers_are_refu
         async with client.put(f"{base}/v1/kv/k", headers={"X-Meshorch-Seq": "3"}) as response:
             assert response.status == 400
             assert (await response.json())["error"]["code"] == "bad_session"
+
+
+UPLOAD_ROUNDS = 12
+
+
+async def post_image(session: aiohttp.ClientSession, url: str, data: bytes) -> tuple[int, str]:
+    async with session.post(url, data=data) as response:
+        return response.status, await response.text()
+
+
+async def test_an_image_upload_with_the_leader_paused_gets_a_definite_answer(
+    ready_site: LocalSite, session: aiohttp.ClientSession
+) -> None:
+    """The image record's proposal may be in flight when the leader stops: the agent
+    settles the unknown outcome itself (a barrier, then the state) and answers 200."""
+    site = ready_site
+    rng = random.Random(22)
+    for round_ in range(UPLOAD_ROUNDS):
+        statuses = await wait_ready(session, site.members)
+        leader = site.host(next(iter(statuses.values()))["leader"])
+        target = rng.choice([h for h in site.members if h is not leader])
+        ref = f"shop/paused:{round_}"
+        data = rng.randbytes(64 * 1024)
+
+        sent = asyncio.create_task(post_image(session, f"{target.url}/v1/images?ref={ref}", data))
+        await asyncio.sleep(rng.uniform(0.0, 0.02))
+        site.signal(leader, signal.SIGSTOP)
+        try:
+            if round_ % 2:  # back before or after the others elect a new leader
+                await asyncio.sleep(rng.uniform(0.05, 1.2))
+                site.signal(leader, signal.SIGCONT)
+            status, body = await sent  # else: stopped until the new leader answers
+        finally:
+            site.signal(leader, signal.SIGCONT)
+        assert status == 200, f"round {round_}: {status} {body}"
+        async with session.get(f"{target.url}/v1/images") as response:
+            images = {i["ref"]: i for i in (await response.json())["images"]}
+        assert target.host_id in images[ref]["holders"], images[ref]
