@@ -67,8 +67,9 @@ REPORT_PATH = "/v1/link/report"
 RELAY_HEADER = "X-Meshorch-Relay"
 RELAY_VERSION = 1
 PUSH_EVERY_S = 1.0
-# A site waits this long for the leader's answer to its urgent report (then 503, retried).
-WAIT_S = 10.0
+# A site waits this long for the leader's answer to its urgent report, then 503: less than
+# a site's own report timeout (4 s, ``meshorch.fleet.site_link``), so it is answered.
+WAIT_S = 3.0
 MAX_PUSH = 2000  # reports per push; more wait for the next one
 MAX_RELAY_BYTES = 64 * 1024 * 1024
 RELAY_WINDOW_S = 30.0  # a push is accepted this long after it was made
