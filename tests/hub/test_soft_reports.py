@@ -54,8 +54,10 @@ async def _send(
     body: bytes,
     host: str | None = None,
     headers: dict[str, str] | None = None,
+    local: bool = True,
 ) -> tuple[int, Any]:
-    """A signed report request to ``replica`` (signed for ``host``, by default its own)."""
+    """A signed report request to ``replica`` (signed for ``host``, by default its own);
+    ``local``: answered by the front of ``replica`` itself, not by a leader's hub."""
     signed_for = host or url_host(replica.url)
     if headers is None:
         headers = sign_request(key, site, "POST", REPORT, body, time.time(), host=signed_for)
@@ -63,7 +65,9 @@ async def _send(
     async with running.session.post(
         replica.url + REPORT, data=body, headers=headers, ssl=fingerprint
     ) as resp:
-        assert resp.headers.get(SERVED_BY_HEADER) is None or resp.status != 200
+        # Answered by a follower itself: no leader's hub says it served it.
+        served_by = resp.headers.get(SERVED_BY_HEADER)
+        assert not local or served_by is None, served_by
         return resp.status, orjson.loads(await resp.read())
 
 
@@ -136,8 +140,14 @@ async def test_a_follower_answers_reports_and_refuses_bad_ones_before_any_work(
         await until(moved, 5, "the leader to see the follower's report")
         seen_after_s = time.monotonic() - sent_at
         assert seen_after_s < 2.0, seen_after_s
-        # None of this reached the leader's hub as a report request.
+        # None of this reached the leader's hub as a report request; one sent to the
+        # leader itself does (the count counts).
         assert await _report_count(running, leader.url) == handled_before
+        status, answer = await _send(
+            running, leader, key, "shop-x", orjson.dumps(_report("shop-x")), local=False
+        )
+        assert status == 200, answer
+        assert await _report_count(running, leader.url) == handled_before + 1
         print(f"a follower's report seen by the leader after {seen_after_s:.2f} s")
 
 
