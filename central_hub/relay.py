@@ -100,14 +100,20 @@ def relay_header(key: bytes, now: float, body: bytes) -> str:
     return f"{sent_at} {_tag(key, sent_at, body)}"
 
 
+def relay_recent(header: str, now: float) -> bool:
+    """Whether ``header`` says its push was made within RELAY_WINDOW_S (checked before
+    the body is read: a stale or malformed header costs no read)."""
+    try:
+        at = float(header.partition(" ")[0])
+    except ValueError:
+        return False
+    return abs(now - at) <= RELAY_WINDOW_S  # False for NaN
+
+
 def relay_authentic(key: bytes, header: str, body: bytes, now: float) -> bool:
     """Whether ``header`` proves a replica made ``body`` less than RELAY_WINDOW_S ago."""
     sent_at, _, tag = header.partition(" ")
-    try:
-        at = float(sent_at)
-    except ValueError:
-        return False
-    if not abs(now - at) <= RELAY_WINDOW_S:
+    if not relay_recent(header, now):
         return False
     return hmac.compare_digest(tag, _tag(key, sent_at, body))
 

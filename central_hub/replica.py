@@ -57,6 +57,7 @@ from central_hub.relay import (
     parse_push,
     relay_authentic,
     relay_header,
+    relay_recent,
 )
 from central_hub.replay import NonceCache
 from central_hub.replicated_store import REPLICATED_DBS, ReplicatedStore
@@ -295,12 +296,11 @@ class HubReplica:
     async def _take(self, request: web.Request) -> web.StreamResponse:
         """A follower's push: authenticated before its body is looked at."""
         header = request.headers.get(RELAY_HEADER)
-        if header is None or len(header) > 200:
-            return error_response(401, "bad_relay", f"a push carries {RELAY_HEADER}")
+        now = self.config.clock()
+        if header is None or len(header) > 200 or not relay_recent(header, now):
+            return error_response(401, "bad_relay", f"a push carries a recent {RELAY_HEADER}")
         body = await read_limited(request.content, MAX_RELAY_BYTES)
-        if len(body) > MAX_RELAY_BYTES or not relay_authentic(
-            self._key, header, body, self.config.clock()
-        ):
+        if len(body) > MAX_RELAY_BYTES or not relay_authentic(self._key, header, body, now):
             return error_response(401, "bad_relay", "the push is not a replica's")
         hub = self._leading_hub()
         if hub is None:

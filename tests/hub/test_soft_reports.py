@@ -15,6 +15,7 @@ from nacl.signing import SigningKey
 
 from bench.hubcluster import Cluster, Replica, cluster, until
 from central_hub.front import SERVED_BY_HEADER
+from central_hub.relay import RELAY_HEADER, RELAY_PATH
 from meshorch.fleet.link_auth import sign_request, url_host
 from tests.hub.helpers import spec_text
 from tests.hub.test_replicated_hub import _async, light_sites
@@ -140,6 +141,20 @@ async def test_a_follower_answers_reports_and_refuses_bad_ones_before_any_work(
         await until(moved, 5, "the leader to see the follower's report")
         seen_after_s = time.monotonic() - sent_at
         assert seen_after_s < 2.0, seen_after_s
+        # A push that is not a replica's is refused by the leader, and records nothing.
+        fingerprint = aiohttp.Fingerprint(bytes.fromhex(running.fingerprint))
+        push = orjson.dumps(
+            {"v": 1, "reports": [{"site": "shop-x", "report": _report("shop-x", applied=99),
+                                  "nonce": "ab" * 16, "signed_at": time.time()}]}
+        )  # fmt: skip
+        forged = f"{time.time():.3f} {'0' * 64}"
+        for headers in ({}, {RELAY_HEADER: forged}, {RELAY_HEADER: "junk"}):
+            async with session.post(
+                leader.url + RELAY_PATH, data=push, headers=headers, ssl=fingerprint
+            ) as resp:
+                assert resp.status == 401, await resp.text()
+        status, site = await running.call(leader.url, "GET", "/v1/sites/shop-x")
+        assert site["applied_version"] == 0, site
         # None of this reached the leader's hub as a report request; one sent to the
         # leader itself does (the count counts).
         assert await _report_count(running, leader.url) == handled_before
