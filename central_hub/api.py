@@ -145,8 +145,13 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 
 def build_app(
-    hub: HubParts, max_body_bytes: int, legacy_signatures: bool = True
+    hub: HubParts,
+    max_body_bytes: int,
+    legacy_signatures: bool = True,
+    nonces: NonceCache | None = None,
 ) -> web.Application:
+    """The hub's application; ``nonces``: the replay cache (a replica keeps one across
+    its terms as leader, ``central_hub.replica``)."""
     app = web.Application(
         middlewares=[errors_middleware],
         client_max_size=max_body_bytes,
@@ -154,7 +159,8 @@ def build_app(
     )
     app[HUB_KEY] = hub
     app[MAX_BODY_KEY] = max_body_bytes
-    app[NONCES_KEY] = NonceCache(started_at=hub.ledger.now())
+    # Requests signed before the cache began could have been taken by an earlier run.
+    app[NONCES_KEY] = NonceCache(started_at=hub.ledger.now()) if nonces is None else nonces
     app[LEGACY_SIGNATURES_KEY] = legacy_signatures
     for route in ROUTES:
         app.router.add_route(route.method, route.path, _guarded(route))

@@ -12,6 +12,12 @@ client travels with a forwarded request in ``X-Meshorch-Client``, authenticated 
 every replica derives from the KEK (``client_header``/``trusted_client``). A header that
 does not verify is dropped: a client cannot choose the address it is counted under.
 
+Some requests a replica answers itself (``handlers``, given by the replica): a follower
+answers the sites' reports (``central_hub.relay``), the leader takes the followers'
+batches of them. A site request (``X-Meshorch-Site``) whose signed ``Host`` names another
+replica is refused (421 ``misdirected_request``): a request captured at one replica
+cannot be replayed to another, whose replay cache never saw it.
+
 Bounded: a request body larger than the hub's limit is refused here (413) before anything
 is forwarded; a request already forwarded by a replica is never forwarded again (503
 ``no_leader`` instead of a loop); without a known leader, 503 ``no_leader`` with
@@ -24,12 +30,13 @@ import hashlib
 import hmac
 import ipaddress
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 import aiohttp
 from aiohttp import web
 
 from central_hub.routing import error_response
+from meshorch.fleet.link_auth import SITE_HEADER
 from meshorch.http_body import read_limited
 
 logger = logging.getLogger(__name__)
@@ -50,6 +57,9 @@ RETRY_AFTER_S = "1"
 
 # Where a request goes: (base URL, TLS setting for aiohttp), None when no leader is known.
 Target = tuple[str, "aiohttp.Fingerprint | bool"]
+# A request the replica answers itself: its answer, the body it read (to forward), or
+# None (not its own: handled as any other, its body unread).
+Handler = Callable[[web.Request], Awaitable["web.StreamResponse | bytes | None"]]
 
 
 def forwarding_key(kek: bytes) -> bytes:
@@ -109,9 +119,15 @@ class Front:
         route: Callable[[], tuple[Target | web.Application | None, bool]],
         max_body_bytes: int,
         name: str = "",
+        handlers: Mapping[tuple[str, str], Handler] | None = None,
+        other_hosts: frozenset[str] = frozenset(),
     ) -> None:
+        """``handlers``: by (method, path); ``other_hosts``: the other replicas'
+        ``host:port`` as sites sign them."""
         self._key = key
         self._name = name
+        self._handlers = handlers or {}
+        self._other_hosts = other_hosts
         self._route = route
         self._max_body = max_body_bytes
         self._session: aiohttp.ClientSession | None = None
@@ -135,17 +151,35 @@ class Front:
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
         forwarded = trusted_client(self._key, request.headers.get(CLIENT_HEADER))
+        body: bytes | None = None
+        if forwarded is None:
+            if SITE_HEADER in request.headers and request.host.lower() in self._other_hosts:
+                return _error(
+                    421,
+                    "misdirected_request",
+                    f"this request is signed for the hub replica at {request.host[:100]!r}, "
+                    "not this one: send it there",
+                )
+            handler = self._handlers.get((request.method, request.path))
+            if handler is not None:
+                got = await handler(request)
+                if isinstance(got, web.StreamResponse):
+                    return got
+                body = got
         target, local = self._route()
         if target is None or (forwarded is not None and not local):
             return _error(503, "no_leader", "no hub replica is the leader right now: retry")
         if isinstance(target, web.Application):
+            if body is not None:  # read for forwarding, and this replica leads meanwhile
+                return _error(503, "no_leader", "the hub's leader changed: retry")
             # This replica's own hub: no second HTTP hop (its routes bound their bodies);
             # a follower's authenticated client address is taken by its middleware.
             response = await target._handle(request)
             if self._name and not response.prepared:
                 response.headers[SERVED_BY_HEADER] = self._name
             return response
-        body = await read_limited(request.content, self._max_body)
+        if body is None:
+            body = await read_limited(request.content, self._max_body)
         if len(body) > self._max_body:
             return _error(413, "body_too_large", f"the body exceeds {self._max_body} bytes")
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _NOT_FORWARDED}

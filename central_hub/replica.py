@@ -22,9 +22,12 @@ The KEK (``--kek-file``) is required and is the cluster's one secret: it seals t
 files in the replicated state, and the Raft password and the front's forwarding key are
 derived from it. Each replica holds a copy (the ceremony is in README.md).
 
-Soft state stays on the replica it reaches: site reports (the leader's, since every
-request is forwarded there), fleet logs and uploaded agent wheels. After a fail-over, sites
-report again within seconds; logs and wheels sent to the old leader are not on the new one.
+Soft state stays on the replica it reaches: a follower answers the site reports that
+reach it and pushes what changed to the leader once a second (``central_hub.relay``);
+the leader keeps them as its own (its LMDB, never through Raft). Fleet logs and uploaded
+agent wheels stay where they land. After a fail-over, sites report again within seconds;
+logs and wheels sent to the old leader are not on the new one. One replay cache per
+replica serves its relay and, while it leads, its hub.
 """
 
 from __future__ import annotations
@@ -34,20 +37,39 @@ import contextlib
 import hashlib
 import logging
 from dataclasses import dataclass, replace
+from typing import Any
 
 import aiohttp
+import orjson
 from aiohttp import web
 
 from central_hub.config import LISTEN_BACKLOG, HubConfig
 from central_hub.errors import HubConfigError
 from central_hub.front import Front, Target, forwarding_key
+from central_hub.relay import (
+    MAX_RELAY_BYTES,
+    RELAY_HEADER,
+    RELAY_PATH,
+    REPORT_PATH,
+    RelayError,
+    ReportRelay,
+    merge,
+    parse_push,
+    relay_authentic,
+    relay_header,
+    relay_recent,
+)
+from central_hub.replay import NonceCache
 from central_hub.replicated_store import REPLICATED_DBS, ReplicatedStore
+from central_hub.routing import error_response
 from central_hub.service import Hub
 from central_hub.store import Store
 from central_hub.tls import HubTLS
 from central_hub.tls import load as load_tls
 from meshorch.dirlock import DataDirLock, hold
 from meshorch.errors import ConfigurationError
+from meshorch.fleet.link_auth import url_host
+from meshorch.http_body import read_limited
 from raft.config import RaftConfig, datacenter_preset
 from raft.node import RaftNode, RaftStatus
 
@@ -57,6 +79,7 @@ RAFT_DIR = "raft"
 HUB_DIR = "hub"
 SOFT_DIR = "soft.lmdb"
 WATCH_S = 0.1
+PUSH_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -103,6 +126,11 @@ class HubReplica:
         self._key = b""
         self._leader: str | None = None  # the Raft leader's address, as the node last said
         self._peer_tls: aiohttp.Fingerprint | bool = True
+        # The relay's and, while this replica leads, its hub's; requests that change
+        # something signed before this process started are refused (central_hub.replay).
+        self.nonces = NonceCache(started_at=config.clock())
+        self.relay: ReportRelay | None = None
+        self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> HubReplica:
         await self.start()
@@ -179,7 +207,26 @@ class HubReplica:
             )
             # Replicas share one certificate (README): a follower pins it on the leader.
             self._peer_tls = aiohttp.Fingerprint(bytes.fromhex(self.tls.fingerprint))
-        front = Front(self._key, self._route, config.max_body_bytes, replica.raft_address)
+        own = url_host(replica.peers[replica.raft_address])
+        others = frozenset(
+            url_host(url)
+            for address, url in replica.peers.items()
+            if address != replica.raft_address
+        )
+        view = ReplicatedStore(node, self._local, data_dir / HUB_DIR, on_lost=lambda: None)
+        self.relay = ReportRelay(
+            own, view, self._push, config.clock, self.nonces, config.max_body_bytes
+        )
+        await self.relay.start()
+        handlers = {("POST", REPORT_PATH): self._site_report, ("POST", RELAY_PATH): self._take}
+        front = Front(
+            self._key,
+            self._route,
+            config.max_body_bytes,
+            replica.raft_address,
+            handlers=handlers,
+            other_hosts=others,
+        )
         self._runner = web.AppRunner(front.app(), access_log=None, shutdown_timeout=2.0)
         await self._runner.setup()
         site = web.TCPSite(
@@ -205,10 +252,16 @@ class HubReplica:
             self._watch.cancel()
             await asyncio.gather(self._watch, return_exceptions=True)
             self._watch = None
+        if self.relay is not None:
+            await self.relay.stop()
+            self.relay = None
         await self._step_down()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
         if self._node is not None:
             await self._node.stop()
             self._node = None
@@ -231,6 +284,68 @@ class HubReplica:
         if url is None:
             return None, False
         return (url.rstrip("/"), self._peer_tls), False
+
+    # -- the sites' reports (central_hub.relay) -------------------------------------------
+
+    def _leading_hub(self) -> Hub | None:
+        return None if self._lost.is_set() else self.hub
+
+    async def _site_report(self, request: web.Request) -> web.StreamResponse | bytes | None:
+        if self._leading_hub() is not None or self.relay is None:
+            return None  # the leader's hub takes it in-process
+        return await self.relay.handle(request)
+
+    async def _take(self, request: web.Request) -> web.StreamResponse:
+        """A follower's push: authenticated before its body is looked at."""
+        header = request.headers.get(RELAY_HEADER)
+        now = self.config.clock()
+        if header is None or len(header) > 200 or not relay_recent(header, now):
+            return error_response(401, "bad_relay", f"a push carries a recent {RELAY_HEADER}")
+        body = await read_limited(request.content, MAX_RELAY_BYTES)
+        if len(body) > MAX_RELAY_BYTES or not relay_authentic(self._key, header, body, now):
+            return error_response(401, "bad_relay", "the push is not a replica's")
+        hub = self._leading_hub()
+        if hub is None:
+            response = error_response(503, "no_leader", "this replica does not lead")
+            response.headers["Retry-After"] = "1"
+            return response
+        try:
+            entries = parse_push(body)
+        except ValueError as exc:
+            return error_response(400, "bad_relay", str(exc))
+        answer = await merge(hub.parts, self.nonces, entries)
+        return web.Response(body=answer, content_type="application/json")
+
+    async def _push(self, body: bytes) -> dict[str, Any]:
+        """A push to the leader: in-process when this replica leads."""
+        hub = self._leading_hub()
+        if hub is not None:
+            answer = await merge(hub.parts, self.nonces, parse_push(body))
+            return dict(orjson.loads(answer))
+        target, _ = self._route()
+        if not isinstance(target, tuple):
+            raise RelayError("no hub replica is the leader right now")
+        base, tls = target
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=4))
+        headers = {
+            RELAY_HEADER: relay_header(self._key, self.config.clock(), body),
+            "Content-Type": "application/json",
+        }
+        timeout = aiohttp.ClientTimeout(total=PUSH_TIMEOUT_S)
+        try:
+            async with self._session.post(
+                base + RELAY_PATH, data=body, headers=headers, ssl=tls, timeout=timeout
+            ) as resp:
+                raw = await resp.read()
+                if resp.status != 200:
+                    raise RelayError(f"the leader answered {resp.status}: {raw[:200]!r}")
+                answer = orjson.loads(raw)
+        except (aiohttp.ClientError, TimeoutError, OSError, orjson.JSONDecodeError) as exc:
+            raise RelayError(f"the leader at {base} did not answer: {exc}") from None
+        if not isinstance(answer, dict):
+            raise RelayError("the leader's answer is not an object")
+        return answer
 
     # -- leadership -----------------------------------------------------------------------
 
@@ -273,7 +388,12 @@ class HubReplica:
             gossip_host=config.gossip_address[0],
             gossip_port=config.gossip_address[1],
         )
-        hub = Hub(hub_config, store_factory=lambda _path: store, forwarding_key=self._key)
+        hub = Hub(
+            hub_config,
+            store_factory=lambda _path: store,
+            forwarding_key=self._key,
+            nonces=self.nonces,
+        )
         await hub.start()
         self.hub = hub
         logger.info("hub replica %s leads (term %d)", self.replica.raft_address, status.term)

@@ -59,6 +59,7 @@ from central_hub.gossip import HubGossip
 from central_hub.ledger import Ledger, Txn
 from central_hub.logs import HubLogs
 from central_hub.parts import HubParts
+from central_hub.replay import NonceCache
 from central_hub.sites import Sites
 from central_hub.store import Store, put_json
 from central_hub.tls import HubTLS
@@ -84,6 +85,7 @@ class Hub:
         *,
         store_factory: Callable[[Path], Store] = Store,
         forwarding_key: bytes | None = None,
+        nonces: NonceCache | None = None,
     ) -> None:
         """``store_factory`` opens the store (a replica's is replicated); with
         ``forwarding_key`` the client address a replica's front forwards is trusted
@@ -91,6 +93,7 @@ class Hub:
         self.config = config
         self._store_factory = store_factory
         self._forwarding_key = forwarding_key
+        self._nonces = nonces
         self.url = ""
         self._wake = asyncio.Event()
         self.parts = HubParts(config, wake=self._wake.set)
@@ -228,6 +231,7 @@ class Hub:
                 self.parts,
                 self.config.max_body_bytes,
                 legacy_signatures=self.config.legacy_link_signatures,
+                nonces=self._nonces,
             )
             if self._forwarding_key is not None:
                 app.middlewares.insert(0, forwarded_client(self._forwarding_key))

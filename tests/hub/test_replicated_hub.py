@@ -50,12 +50,14 @@ class Sites:
 
 
 @contextlib.asynccontextmanager
-async def light_sites(running: Cluster, names: list[str]) -> AsyncIterator[Sites]:
+async def light_sites(
+    running: Cluster, names: list[str], urls: str | None = None
+) -> AsyncIterator[Sites]:
     """``names`` registered at the hub and linked (each reported once), given every
-    replica's URL (bench/fanout_site.py)."""
+    replica's URL (bench/fanout_site.py), or ``urls``."""
     fleet = running.fleet
     process = await asyncio.create_subprocess_exec(
-        sys.executable, str(REPO / "bench" / "fanout_site.py"), "--hub", running.urls,
+        sys.executable, str(REPO / "bench" / "fanout_site.py"), "--hub", urls or running.urls,
         "--hub-fingerprint", running.fingerprint, "--fleet", fleet["fleet"],
         "--root-key", fleet["root_key"], "--sites", ",".join(names),
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,

@@ -1,0 +1,407 @@
+"""Site reports handled by the hub replica they reach (soft state stays soft).
+
+A report is soft state: the latest one of each site, sent again every few seconds. A
+follower replica of a replicated hub (``central_hub.replica``) therefore answers ``POST
+/v1/link/report`` itself instead of forwarding it to the leader over a second TLS hop:
+
+- it checks the site's signature with the site's key from its own replicated view, the
+  nonce in its own replay cache, and the report's shape (the route's contract and
+  ``parse_report``): a refused request costs no work beyond that and changes nothing;
+- it keeps the site's latest report in memory (``ReportRelay.latest``) and pushes what
+  changed to the leader in one batched request every ``PUSH_EVERY_S``
+  (``POST RELAY_PATH``, authenticated with the replicas' forwarding key);
+- the leader merges a batch as if each report had reached it (``merge``: the same
+  ``Sites.record_report``, so alerts, the vault's triggers and the rollout driver see it)
+  and answers, per site, what the site's report answer carries (``site_head``, ``held``)
+  with the fleet's head; the follower answers the site from that.
+
+A report the leader must see at once waits for its push, which starts at once: the
+site's first report at this replica (no answer known yet) and a report whose progress
+changed (applied version, applications, rejections, agent upgrade, decommission, secrets;
+``progress``): a rollout waiting for sites' acknowledged versions is not slowed down.
+
+Replays: a link request's signature covers the ``Host`` it was sent to, and each replica
+handles only requests signed for itself (its own URL's host; the front refuses one naming
+another replica, ``misdirected``), so a request captured at one replica and replayed to
+another is refused, and one replayed to the same replica is in its replay cache, which
+the replica keeps across leadership changes (its hub uses the same cache). The leader
+checks every merged report's nonce in that cache too (a replayed batch records nothing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from aiohttp import web
+
+from central_hub.contract import BodyContract
+from central_hub.errors import InputProblems
+from central_hub.fleetview import parse_report
+from central_hub.openapi import SCHEMAS
+from central_hub.replay import NonceCache, ReplayCacheFull
+from central_hub.routing import error_response, json_response
+from central_hub.store import Store
+from central_hub.vault import parse_report_secrets
+from meshorch.fleet.link_auth import (
+    LinkAuthError,
+    claimed_site,
+    is_legacy,
+    verify_request,
+)
+from meshorch.http_body import read_limited
+
+if TYPE_CHECKING:
+    from central_hub.parts import HubParts
+
+logger = logging.getLogger(__name__)
+
+RELAY_PATH = "/v1/replica/reports"
+REPORT_PATH = "/v1/link/report"
+RELAY_HEADER = "X-Meshorch-Relay"
+RELAY_VERSION = 1
+PUSH_EVERY_S = 1.0
+# A site waits this long for the leader's answer to its urgent report, then 503: less than
+# a site's own report timeout (4 s, ``meshorch.fleet.site_link``), so it is answered.
+WAIT_S = 3.0
+MAX_PUSH = 2000  # reports per push; more wait for the next one
+MAX_RELAY_BYTES = 64 * 1024 * 1024
+RELAY_WINDOW_S = 30.0  # a push is accepted this long after it was made
+# What a report answer says of one site: the newest version that concerns it (None:
+# the site is served the whole fleet log), whether the hub holds it.
+SiteAnswer = tuple[int | None, bool]
+# Posts a push's body to the leader, returns its answer (RelayError when it cannot).
+Sender = Callable[[bytes], Awaitable[dict[str, Any]]]
+
+
+class RelayError(Exception):
+    """The leader did not take a push (none known, unreachable, or it refused)."""
+
+
+class UnknownSite(RelayError):
+    """The leader does not know the site (deleted since this replica checked it)."""
+
+
+# -- the push's authentication ----------------------------------------------------------
+
+
+def _tag(key: bytes, sent_at: str, body: bytes) -> str:
+    return hmac.new(key, sent_at.encode() + b"\n" + body, hashlib.sha256).hexdigest()
+
+
+def relay_header(key: bytes, now: float, body: bytes) -> str:
+    sent_at = f"{now:.3f}"
+    return f"{sent_at} {_tag(key, sent_at, body)}"
+
+
+def relay_recent(header: str, now: float) -> bool:
+    """Whether ``header`` says its push was made within RELAY_WINDOW_S (checked before
+    the body is read: a stale or malformed header costs no read)."""
+    try:
+        at = float(header.partition(" ")[0])
+    except ValueError:
+        return False
+    return abs(now - at) <= RELAY_WINDOW_S  # False for NaN
+
+
+def relay_authentic(key: bytes, header: str, body: bytes, now: float) -> bool:
+    """Whether ``header`` proves a replica made ``body`` less than RELAY_WINDOW_S ago."""
+    sent_at, _, tag = header.partition(" ")
+    if not relay_recent(header, now):
+        return False
+    return hmac.compare_digest(tag, _tag(key, sent_at, body))
+
+
+# -- what a report answer carries ---------------------------------------------------------
+
+
+def answer_of(head: int, site: SiteAnswer, report: Mapping[str, Any]) -> dict[str, Any]:
+    """The answer ``api.link_report`` gives (held: the site's own version as the head)."""
+    site_head, held = site
+    if held:
+        applied = int(report["applied_version"])
+        return {"head": applied, "site_head": applied, "held": True}
+    if site_head is None:
+        return {"head": head}
+    return {"head": head, "site_head": site_head}
+
+
+def progress(report: Mapping[str, Any]) -> tuple[object, ...]:
+    """What of a report the leader must see at once when it changes: all but the time
+    and the hosts' resource samples (the hosts' liveness and agents stay)."""
+    hosts = tuple(
+        (h["host_id"], h["alive"], h.get("agent_version")) for h in report.get("hosts", ())
+    )
+    rest = orjson.dumps(
+        {k: v for k, v in report.items() if k not in ("time", "hosts")},
+        option=orjson.OPT_SORT_KEYS,
+    )
+    return hosts, rest
+
+
+# -- the leader's side ----------------------------------------------------------------------
+
+
+def parse_push(body: bytes) -> list[dict[str, Any]]:
+    """The reports of a push (ValueError when it is not one)."""
+    data = orjson.loads(body)
+    if not isinstance(data, dict) or data.get("v") != RELAY_VERSION:
+        raise ValueError(f"a push is an object of version {RELAY_VERSION}")
+    reports = data.get("reports")
+    if not isinstance(reports, list):
+        raise ValueError("a push carries a list of reports")
+    for entry in reports:
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("site"), str)
+            and isinstance(entry.get("report"), dict)
+            and isinstance(entry.get("nonce"), str)
+            and isinstance(entry.get("signed_at"), int | float)
+        ):
+            raise ValueError("a pushed report is {site, report, nonce, signed_at}")
+    return reports
+
+
+async def merge(parts: HubParts, nonces: NonceCache, entries: list[dict[str, Any]]) -> bytes:
+    """Keep the pushed reports as if they had reached this hub (``link_report`` after the
+    follower's checks); the answer: the fleet's head and each site's ``SiteAnswer``."""
+    ledger = parts.ledger
+    answers: dict[str, SiteAnswer] = {}
+    for entry in entries:
+        site, report = entry["site"], entry["report"]
+        if parts.sites.site_public_key(site) is None:
+            continue  # deleted (or its key withdrawn) since the follower checked it
+        try:
+            fresh = nonces.check_and_add(site, entry["nonce"], entry["signed_at"], ledger.now())
+        except ReplayCacheFull:
+            fresh = False
+        if fresh:
+            await parts.sites.record_report(site, report)
+        held = is_held(parts, site)
+        site_head = ledger.site_head(site) if parts.delta_format.site_ready(site) else None
+        answers[site] = (site_head, held)
+    return orjson.dumps({"v": RELAY_VERSION, "head": ledger.head.version, "sites": answers})
+
+
+def is_held(parts: HubParts, site: str) -> bool:
+    from central_hub import holds  # holds imports the sites' module, which is heavier
+
+    return holds.is_held(parts.ledger, site)
+
+
+# -- the follower's side --------------------------------------------------------------------
+
+
+@dataclass
+class _Pending:
+    report: dict[str, Any]
+    nonce: str
+    signed_at: float
+    waiters: list[asyncio.Future[SiteAnswer]] = field(default_factory=list)
+
+
+class ReportRelay:
+    """A replica's reports (module docstring). ``authority``: this replica's own
+    ``host:port`` as sites sign it; ``store``: the replicated view (the sites' keys);
+    ``send``: posts a push to the leader; ``nonces``: the replica's replay cache."""
+
+    def __init__(
+        self,
+        authority: str,
+        store: Store,
+        send: Sender,
+        clock: Callable[[], float],
+        nonces: NonceCache,
+        max_body_bytes: int,
+        push_every_s: float = PUSH_EVERY_S,
+    ) -> None:
+        self.authority = authority.lower()
+        self._store = store
+        self._send = send
+        self._clock = clock
+        self.nonces = nonces
+        self._max_body = max_body_bytes
+        self._every_s = push_every_s
+        self._contract = BodyContract("SiteReport", SCHEMAS)
+        self.latest: dict[str, dict[str, Any]] = {}  # site -> its latest report here
+        self._progress: dict[str, tuple[object, ...]] = {}
+        self._answers: dict[str, SiteAnswer] = {}
+        self._head = 0
+        self._pending: dict[str, _Pending] = {}
+        self._now = asyncio.Event()  # a report waits for its push
+        self._task: asyncio.Task[None] | None = None
+        self.handled = 0  # reports answered here
+        self.pushes = 0  # pushes the leader took
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._push_loop(), name="report-relay")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        for entry in self._pending.values():
+            for waiter in entry.waiters:
+                if not waiter.done():
+                    waiter.set_exception(RelayError("the replica is stopping"))
+        self._pending.clear()
+
+    def forget_answers(self) -> None:
+        """The leader changed: what it answered is asked again with the next reports."""
+        self._answers.clear()
+
+    # -- a site's report ----------------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.StreamResponse | bytes:
+        """Answer a site's report here, or its body to forward (signed for another host
+        name than this replica's, e.g. a name every replica shares)."""
+        body = await read_limited(request.content, self._max_body)
+        if len(body) > self._max_body:
+            return error_response(413, "body_too_large", f"the body exceeds {self._max_body} bytes")
+        if request.host.lower() != self.authority:
+            return body
+        now = self._clock()
+        try:
+            site = claimed_site(request.headers)
+            record = self._store.get_json("sites", site) if len(site) <= 200 else None
+            key = None if record is None else record.get("public_key")
+            if not isinstance(key, str):
+                raise LinkAuthError(f"site {site[:64]!r} is unknown or not enrolled")
+            if is_legacy(request.headers):
+                return error_response(
+                    401,
+                    "signature_outdated",
+                    f"site {site!r} signs without a nonce (an agent older than the hub): "
+                    f"never accepted on {request.method} {request.path}; upgrade its agents",
+                )
+            signed_at, nonce = verify_request(
+                key, request.headers, request.method, request.host, request.raw_path, body, now
+            )
+        except LinkAuthError as exc:
+            return error_response(401, "bad_site_signature", str(exc))
+        if not self.nonces.remembers(signed_at):
+            return error_response(
+                401,
+                "signed_before_start",
+                f"this request of site {site!r} was signed before this replica started: "
+                "sign it again (the site link does when it retries)",
+            )
+        try:
+            fresh = self.nonces.check_and_add(site, nonce, signed_at, now)
+        except ReplayCacheFull:
+            return error_response(503, "busy", "too many site requests in the window")
+        if not fresh:
+            return error_response(
+                401,
+                "replayed_request",
+                f"this request of site {site!r} (nonce {nonce}) was received already: a "
+                "signed request is accepted once",
+            )
+        try:
+            data: object = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            return error_response(400, "bad_json", f"the body is not JSON: {exc}")
+        try:
+            self._contract.check(data)
+            report = parse_report(data, site)
+        except InputProblems as exc:
+            return error_response(400, exc.code, str(exc), exc.problems)
+        report.update(parse_report_secrets(data))
+        return await self._keep(site, report, nonce, signed_at)
+
+    async def _keep(
+        self, site: str, report: dict[str, Any], nonce: str, signed_at: float
+    ) -> web.Response:
+        self.latest[site] = report
+        moved = progress(report)
+        urgent = self._progress.get(site) != moved or site not in self._answers
+        self._progress[site] = moved
+        entry = self._pending.get(site)
+        waiters = [] if entry is None else entry.waiters
+        self._pending[site] = _Pending(report, nonce, signed_at, waiters)
+        if urgent:
+            waiter: asyncio.Future[SiteAnswer] = asyncio.get_running_loop().create_future()
+            waiters.append(waiter)
+            self._now.set()
+            try:
+                async with asyncio.timeout(WAIT_S):
+                    answer = await waiter
+            except UnknownSite as exc:
+                return error_response(401, "bad_site_signature", str(exc))
+            except (TimeoutError, RelayError) as exc:
+                self._progress.pop(site, None)  # the next report is urgent again
+                response = error_response(
+                    503, "leader_unreachable", f"the hub's leader did not take the report: {exc}"
+                )
+                response.headers["Retry-After"] = "1"
+                return response
+        else:
+            answer = self._answers[site]
+        self.handled += 1
+        return json_response(answer_of(self._head, answer, report))
+
+    # -- the pushes ---------------------------------------------------------------------
+
+    async def _push_loop(self) -> None:
+        while True:
+            try:
+                async with asyncio.timeout(self._every_s):
+                    await self._now.wait()
+            except TimeoutError:
+                pass
+            self._now.clear()
+            if self._pending:
+                await self.push()
+
+    async def push(self) -> None:
+        """Send what changed since the last push (at most MAX_PUSH reports)."""
+        sites = list(self._pending)[:MAX_PUSH]
+        taken = {site: self._pending.pop(site) for site in sites}
+        body = orjson.dumps(
+            {
+                "v": RELAY_VERSION,
+                "reports": [
+                    {"site": s, "report": e.report, "nonce": e.nonce, "signed_at": e.signed_at}
+                    for s, e in taken.items()
+                ],
+            }
+        )
+        try:
+            answer = await self._send(body)
+            head, answers = answer["head"], answer["sites"]
+            if type(head) is not int or not isinstance(answers, dict):
+                raise RelayError(f"the leader's answer is not a push answer: {answer!r:.200}")
+        except RelayError as exc:
+            logger.info("report push of %d sites not taken: %s", len(taken), exc)
+            for site, entry in taken.items():
+                for waiter in entry.waiters:
+                    if not waiter.done():
+                        waiter.set_exception(exc)
+                # Kept for the next push unless a newer report took its place.
+                if site not in self._pending:
+                    self._pending[site] = _Pending(entry.report, entry.nonce, entry.signed_at)
+            return
+        self.pushes += 1
+        self._head = head
+        for site, entry in taken.items():
+            got = answers.get(site)
+            if isinstance(got, list) and len(got) == 2:
+                self._answers[site] = (got[0] if type(got[0]) is int else None, got[1] is True)
+            else:  # the leader no longer knows the site: ask again with its next report
+                self._answers.pop(site, None)
+            for waiter in entry.waiters:
+                if waiter.done():
+                    continue
+                if site in self._answers:
+                    waiter.set_result(self._answers[site])
+                else:
+                    waiter.set_exception(UnknownSite(f"site {site!r} is unknown or not enrolled"))
+        if self._pending and len(taken) >= MAX_PUSH:
+            self._now.set()
