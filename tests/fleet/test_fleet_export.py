@@ -16,6 +16,7 @@ import pytest
 
 from meshorch.demo.localsite import LocalHub, LocalSite, wait_ready
 from tests.agent_token import HEADERS
+from tests.fleet.hubs import running_hub
 from tests.fleet.test_site_follows_hub import spec
 from tests.fleet.test_snapshot_catch_up import Fleet, caught_up
 
@@ -29,13 +30,8 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def hub(root: Path) -> Iterator[LocalHub]:
-    hub = LocalHub(root / "hub", fleet="acme", extra_args=["--delta-format", "2"])
-    hub.start()
-    try:
-        yield hub
-    finally:
-        hub.stop()
-        print(hub.logs())
+    with running_hub(root, "--delta-format", "2") as running:
+        yield running
 
 
 async def cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, bytes, str]:

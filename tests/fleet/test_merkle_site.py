@@ -17,6 +17,7 @@ import pytest
 from central_hub.deltaformat import MERKLE_ABOVE
 from meshorch.demo.localsite import LocalHub, LocalSite
 from meshorch.state.protocol import FEATURES
+from tests.fleet.hubs import running_hub
 from tests.fleet.test_site_follows_hub import spec
 from tests.fleet.test_snapshot_catch_up import Fleet, app_version, caught_up, fleet_status
 from tests.hub.helpers import Site
@@ -30,13 +31,8 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def hub(root: Path) -> Iterator[LocalHub]:
-    hub = LocalHub(root / "hub", fleet="acme")
-    hub.start()
-    try:
-        yield hub
-    finally:
-        hub.stop()
-        print(hub.logs())
+    with running_hub(root) as running:
+        yield running
 
 
 def hosts() -> list[dict[str, Any]]:

@@ -36,6 +36,7 @@ from meshorch.fleet.link_auth import sign_request, url_host
 from meshorch.site.agent import Agent
 from tests.agent_token import HEADERS
 from tests.agents_util import lone_agent_config
+from tests.fleet.hubs import running_hub
 from tests.fleet.test_relay import SPEC as RELAYED
 from tests.fleet.test_site_follows_hub import spec
 from tests.fleet.test_snapshot_catch_up import Fleet, app_version, caught_up, fleet_status
@@ -53,13 +54,8 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def hub(root: Path) -> Iterator[LocalHub]:
-    hub = LocalHub(root / "hub", fleet="acme")
-    hub.start()
-    try:
-        yield hub
-    finally:
-        hub.stop()
-        print(hub.logs())
+    with running_hub(root) as running:
+        yield running
 
 
 def probe_hosts(protocol: int) -> list[dict[str, Any]]:

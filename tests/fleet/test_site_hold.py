@@ -17,6 +17,7 @@ import pytest
 from meshorch.demo.localsite import LocalHub, LocalSite
 from meshorch.fleet.site_link import HUB_FIRST_S, relay_refusal
 from tests.agent_token import HEADERS
+from tests.fleet.hubs import running_hub
 from tests.fleet.test_site_follows_hub import spec
 from tests.fleet.test_snapshot_catch_up import Fleet, app_version, caught_up, fleet_status
 from tests.waiting import until
@@ -31,13 +32,8 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def hub(root: Path) -> Iterator[LocalHub]:
-    hub = LocalHub(root / "hub", fleet="acme")
-    hub.start()
-    try:
-        yield hub
-    finally:
-        hub.stop()
-        print(hub.logs())
+    with running_hub(root) as running:
+        yield running
 
 
 async def test_a_held_site_applies_nothing_until_released(hub: LocalHub, root: Path) -> None:

@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 
 from meshorch.demo.localsite import LocalHub, LocalSite, wait_ready
+from tests.fleet.hubs import running_hub
 from tests.fleet.test_site_follows_hub import spec
 from tests.waiting import until
 
@@ -31,13 +32,8 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def hub(root: Path) -> Iterator[LocalHub]:
-    hub = LocalHub(root / "hub", fleet="acme", extra_args=["--delta-ttl", str(TTL_S)])
-    hub.start()
-    try:
-        yield hub
-    finally:
-        hub.stop()
-        print(hub.logs())
+    with running_hub(root, "--delta-ttl", str(TTL_S)) as running:
+        yield running
 
 
 def new_site(root: Path, name: str) -> LocalSite:
