@@ -26,7 +26,12 @@ log, the log going past P:
 
 A large entry (over ``appendEntriesBatchSizeBytes``) travels in pieces (``transmission``
 start, process, finish) and is resent like any append; the last piece is that append
-with its one entry, so it is assembled here and checked the same way.
+with its one entry, so it is assembled here and checked the same way. pysyncobj's leader
+labels a piece "finish" by comparing with the command's length, not the pickled entry's:
+when the last piece starts within the pickle's few bytes of overhead, the piece before it
+says "finish" too. Unpickled then, the entry is incomplete, every resend repeats it and
+the follower never gets the entry. A "finish" whose pieces do not unpickle (a strict
+prefix of a pickle never does: its last byte is the STOP opcode) is taken as "process".
 ``SafeAppendsSyncObj`` is pysyncobj's ``SyncObj`` with this message handler.
 """
 
@@ -56,7 +61,11 @@ class SafeAppendsSyncObj(SyncObj):  # type: ignore[misc]
             return
         transmission = message.get("transmission")
         if transmission == "finish":
-            message = self._assembled(message)
+            assembled = self._assembled(message)
+            if assembled is None:  # labelled "finish" before the last piece (docstring)
+                handle(self, node, {**message, "transmission": "process"})
+                return
+            message = assembled
         elif transmission is not None:  # the first pieces of an entry: nothing to compare
             handle(self, node, message)
             return
@@ -104,10 +113,15 @@ class SafeAppendsSyncObj(SyncObj):  # type: ignore[misc]
         self._SyncObj__leaderCommitIndex = leader_commit  # what the leader said, as pysyncobj
         self._SyncObj__sendNextNodeIdx(node, nextNodeIdx=vouched + 1, success=True)
 
-    def _assembled(self, finish: dict[str, Any]) -> dict[str, Any]:
-        """The last piece of a large entry as the plain append it completes."""
+    def _assembled(self, finish: dict[str, Any]) -> dict[str, Any] | None:
+        """The last piece of a large entry as the plain append it completes; None when
+        the pieces so far are not a whole entry yet (nothing changed)."""
         data = self._SyncObj__recvTransmission + finish["data"]
+        try:
+            entry = pysyncobj.pickle.loads(data)
+        except Exception:  # a truncated pickle fails in many ways (EOF, imports, opcodes)
+            return None
         self._SyncObj__recvTransmission = ""  # as pysyncobj, once the entry is whole
         plain = {k: v for k, v in finish.items() if k not in ("transmission", "data")}
-        plain["entries"] = [pysyncobj.pickle.loads(data)]
+        plain["entries"] = [entry]
         return plain

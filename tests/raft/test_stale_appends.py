@@ -205,6 +205,28 @@ async def test_a_large_entry_sent_again_in_pieces_truncates_nothing(
     assert f.log() == [*log, (12, 1)]
 
 
+async def test_a_large_entry_whose_last_pieces_both_say_finish_is_appended(
+    follower: Follower,
+) -> None:
+    """pysyncobj's leader labels pieces by the command's length, not the pickle's: when
+    the last piece starts within the pickle's overhead, the one before says "finish" too."""
+    f = follower
+    await holding_2_to_11(f)
+    log = f.log()
+    data = pysyncobj.pickle.dumps(f.entry(12, 1))
+    pieces = [data[:10], data[10:-3], data[-3:]]
+    steps = ["start", "finish", "finish"]
+    for attempt in range(2):  # the leader resends the same pieces: each time the same
+        place = {"term": 1, "commit_index": 9, "prevLogIdx": 11, "prevLogTerm": 1}
+        answers = [
+            f.deliver({"type": "append_entries", "transmission": step, "data": piece, **place})
+            for step, piece in zip(steps, pieces, strict=True)
+        ]
+        assert answers[1]["success"] is False and answers[1]["reset"] is False, attempt
+        assert answers[-1] == ok(13), attempt
+        assert f.log() == [*log, (12, 1)]
+
+
 class Replayer:
     """Between a node and its transport: every append the node receives is delivered,
     then again after 1 to 8 later messages, as a duplicating and reordering network
