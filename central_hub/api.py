@@ -52,7 +52,7 @@ from central_hub.model import (
 )
 from central_hub.placement import parse_policy
 from central_hub.releases import RELEASES_ROUTES
-from central_hub.replay import NonceCache, ReplayCacheFull
+from central_hub.replay import NonceCache, admit
 from central_hub.routing import (
     CONFIRM_QUERY,
     HUB_KEY,
@@ -269,27 +269,8 @@ def _verify_site(hub: HubParts, request: web.Request, body: bytes) -> str:
             )
         _warn_legacy(site)
     else:
-        nonces = request.app[NONCES_KEY]
-        if request.method != "GET" and not nonces.remembers(signed_at):
-            raise ApiError(
-                401,
-                "signed_before_start",
-                f"this request of site {site!r} was signed before the hub started: the "
-                "record of the requests it accepted before is gone, so it could be a "
-                "replay; sign it again (the site link does when it retries)",
-            )
-        try:
-            fresh = nonces.check_and_add(site, nonce, signed_at, now)
-        except ReplayCacheFull as exc:
-            logger.error("site request refused: replay cache full (%s)", exc)
-            raise ApiError(503, "busy", "too many site requests in the window") from None
-        if not fresh:
-            raise ApiError(
-                401,
-                "replayed_request",
-                f"this request of site {site!r} (nonce {nonce}) was received already: a "
-                "signed request is accepted once",
-            )
+        changes = request.method != "GET"
+        admit(request.app[NONCES_KEY], site, nonce, signed_at, now, changes=changes)
     request[SIGNER_KEY] = key
     return site
 

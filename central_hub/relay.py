@@ -42,10 +42,10 @@ import orjson
 from aiohttp import web
 
 from central_hub.contract import BodyContract
-from central_hub.errors import InputProblems
+from central_hub.errors import ApiError, InputProblems
 from central_hub.fleetview import parse_report
 from central_hub.openapi import SCHEMAS
-from central_hub.replay import NonceCache, ReplayCacheFull
+from central_hub.replay import NonceCache, ReplayCacheFull, admit
 from central_hub.routing import error_response, json_response
 from central_hub.store import Store
 from central_hub.vault import parse_report_secrets
@@ -286,24 +286,10 @@ class ReportRelay:
             )
         except LinkAuthError as exc:
             return error_response(401, "bad_site_signature", str(exc))
-        if not self.nonces.remembers(signed_at):
-            return error_response(
-                401,
-                "signed_before_start",
-                f"this request of site {site!r} was signed before this replica started: "
-                "sign it again (the site link does when it retries)",
-            )
         try:
-            fresh = self.nonces.check_and_add(site, nonce, signed_at, now)
-        except ReplayCacheFull:
-            return error_response(503, "busy", "too many site requests in the window")
-        if not fresh:
-            return error_response(
-                401,
-                "replayed_request",
-                f"this request of site {site!r} (nonce {nonce}) was received already: a "
-                "signed request is accepted once",
-            )
+            admit(self.nonces, site, nonce, signed_at, now, changes=True)
+        except ApiError as exc:
+            return error_response(exc.status, exc.code, exc.message)
         try:
             data: object = orjson.loads(body)
         except orjson.JSONDecodeError as exc:

@@ -21,9 +21,13 @@ restart could only be such a one; the sites sign anew when they retry.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 
+from central_hub.errors import ApiError
 from meshorch.fleet.link_auth import MAX_CLOCK_SKEW_S
+
+logger = logging.getLogger(__name__)
 
 BUCKET_S = 10.0
 DEFAULT_CAPACITY = 4_000_000
@@ -85,3 +89,31 @@ class NonceCache:
                 break
         if self._buckets and self._oldest == math.inf:  # pragma: no cover - defensive
             self._oldest = min(self._buckets)
+
+
+def admit(
+    nonces: NonceCache, site: str, nonce: str, signed_at: float, now: float, *, changes: bool
+) -> None:
+    """Record a site request's nonce, or refuse the request (ApiError): 401
+    ``signed_before_start`` for one that ``changes`` something signed before the cache
+    began, 401 ``replayed_request`` for a nonce seen already, 503 ``busy`` when full."""
+    if changes and not nonces.remembers(signed_at):
+        raise ApiError(
+            401,
+            "signed_before_start",
+            f"this request of site {site!r} was signed before the hub started: the record "
+            "of the requests it accepted before is gone, so it could be a replay; sign it "
+            "again (the site link does when it retries)",
+        )
+    try:
+        fresh = nonces.check_and_add(site, nonce, signed_at, now)
+    except ReplayCacheFull as exc:
+        logger.error("site request refused: replay cache full (%s)", exc)
+        raise ApiError(503, "busy", "too many site requests in the window") from None
+    if not fresh:
+        raise ApiError(
+            401,
+            "replayed_request",
+            f"this request of site {site!r} (nonce {nonce}) was received already: a signed "
+            "request is accepted once",
+        )
