@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
@@ -20,7 +19,7 @@ from meshorch.state.protocol import FEATURES
 from tests.fleet.hubs import running_hub
 from tests.fleet.test_site_follows_hub import spec
 from tests.fleet.test_snapshot_catch_up import Fleet, app_version, caught_up, fleet_status
-from tests.hub.helpers import Site
+from tests.hub.helpers import Site, probe_hosts
 from tests.waiting import until
 
 
@@ -35,19 +34,6 @@ def hub(root: Path) -> Iterator[LocalHub]:
         yield running
 
 
-def hosts() -> list[dict[str, Any]]:
-    protocol = FEATURES["merkle_targets"]
-    return [
-        {
-            "host_id": "h1",
-            "alive": True,
-            "instances": [],
-            "agent_version": "t",
-            "protocol": protocol,
-        }
-    ]
-
-
 async def test_real_sites_apply_a_delta_named_by_a_merkle_root(hub: LocalHub, root: Path) -> None:
     shop_a = LocalSite(hosts=1, site="shop-a", root=root / "shop-a")
     shop_b = LocalSite(hosts=1, site="shop-b", root=root / "shop-b")
@@ -59,7 +45,7 @@ async def test_real_sites_apply_a_delta_named_by_a_merkle_root(hub: LocalHub, ro
             probe = Site(session, hub.url, f"probe-{i:02d}", "acme", root_key)
             body = {"id": probe.id, "labels": {"tier": "edge"}, "public_key": probe.public_key}
             await fleet.call("POST", "/v1/sites", body)
-            status, answer = await probe.report({}, hosts=hosts())
+            status, answer = await probe.report({}, hosts=probe_hosts(FEATURES["merkle_targets"]))
             assert status == 200, answer
             probes.append(probe)
         try:

@@ -40,7 +40,7 @@ from tests.fleet.hubs import running_hub
 from tests.fleet.test_relay import SPEC as RELAYED
 from tests.fleet.test_site_follows_hub import spec
 from tests.fleet.test_snapshot_catch_up import Fleet, app_version, caught_up, fleet_status
-from tests.hub.helpers import Site
+from tests.hub.helpers import Site, probe_hosts
 from tests.waiting import until
 
 SECRET_ENV = "red-env-value-7731"
@@ -56,13 +56,6 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def hub(root: Path) -> Iterator[LocalHub]:
     with running_hub(root) as running:
         yield running
-
-
-def probe_hosts(protocol: int) -> list[dict[str, Any]]:
-    return [
-        {"host_id": "h1", "alive": True, "instances": [], "agent_version": "t",
-         "protocol": protocol}
-    ]  # fmt: skip
 
 
 async def raw_fetch(probe: Site, after: int, wait: int = 0) -> tuple[bytes, float]:

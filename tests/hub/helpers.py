@@ -116,6 +116,13 @@ class Site:
         return await self.request("POST", "/v1/link/report", orjson.dumps(report))
 
 
+def probe_hosts(protocol: int) -> list[dict[str, Any]]:
+    """A report's one host, speaking site ``protocol`` (what the hub reads to choose the
+    delta format)."""
+    host = {"host_id": "h1", "alive": True, "instances": [], "agent_version": "t"}
+    return [{**host, "protocol": protocol}]
+
+
 def healthy(version: str) -> dict[str, Any]:
     return {"version": version, "desired": 1, "ready": 1, "state": "healthy", "message": ""}
 

@@ -4,8 +4,6 @@ hub; and only once every site can read one."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import orjson
 
 from central_hub import Hub
@@ -13,29 +11,17 @@ from central_hub.deltaformat import MERKLE_ABOVE
 from meshorch.fleet.delta import parse, verify_batch
 from meshorch.state.protocol import FEATURES
 from tests.hub.conftest import MakeSite
-from tests.hub.helpers import Operator, Site, spec_text
+from tests.hub.helpers import Operator, Site, probe_hosts, spec_text
 
 SITES = MERKLE_ABOVE + 16
 ALL = {"max_parallel": SITES}  # one wave: every site in the first delta
-
-
-def hosts(protocol: int) -> list[dict[str, Any]]:
-    return [
-        {
-            "host_id": "h1",
-            "alive": True,
-            "instances": [],
-            "agent_version": "t",
-            "protocol": protocol,
-        }
-    ]
 
 
 async def fleet(make_site: MakeSite, protocol: int, count: int = SITES) -> list[Site]:
     sites = []
     for i in range(count):
         site = await make_site(f"shop-{i:03d}", region="eu" if i < count - 4 else "us")
-        status, answer = await site.report({}, hosts=hosts(protocol))
+        status, answer = await site.report({}, hosts=probe_hosts(protocol))
         assert status == 200, answer
         sites.append(site)
     return sites
@@ -93,7 +79,7 @@ async def test_a_site_that_cannot_read_a_root_keeps_the_list(
 ) -> None:
     sites = await fleet(make_site, FEATURES["merkle_targets"])
     old = sites[-1]  # a site still on the release before Merkle targets
-    status, _ = await old.report({}, hosts=hosts(FEATURES["merkle_targets"] - 1))
+    status, _ = await old.report({}, hosts=probe_hosts(FEATURES["merkle_targets"] - 1))
     assert status == 200
     await admin.ok("POST", "/v1/apps", {"spec": spec_text(), "placement": ALL}, 202)
     listed = await admin.ok("GET", "/v1/deltas")
@@ -102,7 +88,7 @@ async def test_a_site_that_cannot_read_a_root_keeps_the_list(
     assert (await old.sync()).accepted[0].has_ops
 
     # Upgraded: the next wide delta names its sites by a root.
-    status, _ = await old.report({}, hosts=hosts(FEATURES["merkle_targets"]))
+    status, _ = await old.report({}, hosts=probe_hosts(FEATURES["merkle_targets"]))
     assert status == 200
     await admin.ok("POST", "/v1/apps", {"spec": spec_text(version="2.0"), "placement": ALL}, 202)
     listed = await admin.ok("GET", "/v1/deltas")
