@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
+
+import orjson
 
 from central_hub import fleetview, interlock, placement, tokens, waves
 from central_hub.accounts import Accounts
@@ -26,6 +28,28 @@ from meshorch.apps.spec import AppSpec, foreign_secrets, to_json
 from meshorch.fleet.delta import Target
 
 logger = logging.getLogger(__name__)
+
+
+# A change of a running deployment's progress alone is written at most this often.
+PROGRESS_WRITE_S = 1.0
+
+
+@dataclass(slots=True)
+class _Working:
+    """A running deployment as the driver steps it: the stored records it was read from
+    (raw, to tell when they change) and its progress since (maybe not written yet)."""
+
+    app_raw: bytes
+    app: dict[str, Any]
+    dep_raw: bytes
+    dep: waves.Deployment
+    written_at: float  # when the stored record was read (written by the last step)
+    fresh: bool = True  # no step since it was read: every site of the wave is looked at
+    unwritten: bool = False  # ``dep`` has progress the stored record has not
+    current_wave: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        self.current_wave = frozenset(self.dep.waves[self.dep.wave])
 
 
 def name_unavailable(name: str) -> ApiError:
@@ -54,6 +78,11 @@ class Deployments:
         self.on_activate = on_activate
         self.thresholds = thresholds or interlock.Thresholds()  # of the deletion interlock
         self.active: set[str] = set()  # apps whose current deployment may be running
+        # The running deployments as the driver last stepped them, and the sites that
+        # reported since (``advance``).
+        self._working: dict[str, _Working] = {}
+        self._reported_sites: set[str] = set()
+        reports.listeners.append(self._reported)
 
     def restore(self, store: Store) -> None:
         self.active = set(store.keys("apps"))  # narrowed by the first rollout step
@@ -345,19 +374,67 @@ class Deployments:
                 app["sites"] = [s for s in app["sites"] if s != site_id]
                 txn.put("apps", app["name"], app)
 
+    def _reported(self, site: str, _previous: object, _report: object) -> None:
+        if self._working:
+            self._reported_sites.add(site)
+
+    def _running(self, name: str, now: float) -> _Working | None:
+        """The running deployment of app ``name``, from the working copy while the stored
+        records are those it was read from (no decoding: a record of a deployment to
+        10,000 sites is about 0.5 MB of JSON), else read again (every site of its
+        current wave to be looked at). None: no deployment of the app is running."""
+        store = self.ledger.store
+        app_raw = store.get("apps", name.encode())
+        work = self._working.get(name)
+        if work is not None and app_raw == work.app_raw:
+            dep_raw = store.get("deployments", work.dep.id.encode())
+            if dep_raw == work.dep_raw:
+                return work
+        self._working.pop(name, None)
+        if app_raw is None:
+            return None
+        app = orjson.loads(app_raw)
+        dep_id = app["deployment"]
+        dep_raw = None if dep_id is None else store.get("deployments", dep_id.encode())
+        if dep_raw is None:
+            return None
+        dep = waves.Deployment.from_json(orjson.loads(dep_raw))
+        if dep.state != "running":
+            return None
+        work = self._working[name] = _Working(app_raw, app, dep_raw, dep, now)
+        return work
+
     def advance(self, txn: Txn) -> None:
-        """In ``txn``: step every running deployment (the hub's driver, every tick)."""
+        """In ``txn``: step every running deployment (the hub's driver, every tick).
+
+        O(sites whose report changed) a tick for a deployment whose wave goes on: only
+        their progress is computed again, and a change of progress alone (no new wave, no
+        end) is written at most every ``PROGRESS_WRITE_S`` (it is derived from the
+        reports, which a new leader has again within seconds)."""
+        reported, self._reported_sites = self._reported_sites, set()
         for name in sorted(self.active):
-            app = self.ledger.store.get_json("apps", name)
-            dep = None if app is None else self.deployment_or_none(app["deployment"])
-            if app is None or dep is None or dep.state != "running":
+            work = self._running(name, txn.now)
+            if work is None:
                 self.active.discard(name)
                 continue
-            statuses = {site: self._status(site, dep.app) for site in dep.waves[dep.wave]}
-            stepped, issue = waves.step(dep, statuses, txn.now, self.wave_timeout_s)
-            if stepped == dep:
+            dep = work.dep
+            current = dep.waves[dep.wave]
+            if work.fresh or len(reported) > len(current):
+                sites: Collection[str] = current
+            else:
+                sites = [site for site in reported if site in work.current_wave]
+            work.fresh = False
+            statuses = {site: self._status(site, dep.app) for site in sites}
+            stepped, issue = waves.step(dep, statuses, txn.now, self.wave_timeout_s, sites)
+            if stepped is dep and not work.unwritten:
                 continue
-            stepped = self._issue_wave(txn, app, stepped, issue)
+            moved_on = issue or stepped.state != dep.state or stepped.wave != dep.wave
+            if not moved_on and txn.now - work.written_at < PROGRESS_WRITE_S:
+                work.dep = stepped  # written with the next change, or in a moment
+                work.unwritten = work.unwritten or stepped is not dep
+                continue
+            self._working.pop(name, None)  # read again once written
+            stepped = self._issue_wave(txn, dict(work.app), stepped, issue)
             txn.put("deployments", stepped.id, stepped.to_json())
             if stepped.state != "running":
                 logger.info(

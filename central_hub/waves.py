@@ -15,7 +15,7 @@ appends an ``app.put`` delta targeting exactly those sites).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -150,41 +150,52 @@ def step(
     statuses: Mapping[str, AppStatus | None],
     now: float,
     wave_timeout_s: float,
+    sites: Collection[str] | None = None,
 ) -> tuple[Deployment, list[str]]:
     """Advance a running deployment: its new state and the sites of a wave to issue now.
 
     ``statuses`` maps a site to its latest report of this application (None: no report).
+    ``sites``: the sites of the current wave whose report may have changed since the
+    deployment's progress was computed (None: every site of the wave); the others keep
+    their progress. ``deployment`` itself is returned when nothing changed.
     """
     if deployment.state != "running":
         return deployment, []
     current = deployment.waves[deployment.wave]
-    progress = dict(deployment.progress)
-    for site in current:
-        progress[site] = _site_progress(deployment, statuses.get(site))
-    changed = replace(deployment, progress=progress)
-    failed = [site for site in current if progress[site].state == "failed"]
+    progress: dict[str, SiteProgress] | None = None  # copied at the first change
+    for site in current if sites is None else sites:
+        site_progress = _site_progress(deployment, statuses.get(site))
+        if deployment.progress.get(site) != site_progress:
+            if progress is None:
+                progress = dict(deployment.progress)
+            progress[site] = site_progress
+    moved = progress is not None
+    changed = deployment if progress is None else replace(deployment, progress=progress)
+    now_progress = changed.progress
+    failed = [site for site in current if now_progress[site].state == "failed"]
     if failed:
         site = failed[0]
-        message = progress[site].message or "no message"
+        message = now_progress[site].message or "no message"
         return _finish(changed, "failed", f"site {site} failed: {message}", now), []
-    waiting = [site for site in current if progress[site].state != "healthy"]
+    waiting = [site for site in current if now_progress[site].state != "healthy"]
     if not waiting:
         if deployment.wave + 1 >= len(deployment.waves):
             return _finish(changed, "succeeded", "", now), []
         following = deployment.waves[deployment.wave + 1]
-        progress.update({site: SiteProgress("updating") for site in following})
+        started = dict(now_progress)
+        started.update({site: SiteProgress("updating") for site in following})
         advanced = replace(
             changed,
             wave=deployment.wave + 1,
             wave_started_at=now,
             updated_at=now,
-            progress=progress,
+            progress=started,
         )
         return advanced, list(following)
     if now - deployment.wave_started_at >= wave_timeout_s:
         reason = f"timeout waiting for sites {', '.join(waiting)}"
         return _finish(changed, "failed", reason, now), []
-    if progress != deployment.progress:
+    if moved:
         changed = replace(changed, updated_at=now)
     return changed, []
 

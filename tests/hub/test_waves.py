@@ -95,3 +95,32 @@ def test_deployments_round_trip_through_json() -> None:
     dep, _ = started([["a", "b"], ["c"]])
     dep, _ = waves.step(dep, {"a": HEALTHY, "b": AppStatus("2.0", "failed", "x")}, 1.0, 600.0)
     assert Deployment.from_json(dep.to_json()) == dep
+
+
+def test_a_step_over_the_sites_that_reported_equals_a_step_over_the_wave() -> None:
+    """The driver steps only the sites whose report changed: the others keep their
+    progress, so the outcome is the one of a step over the whole wave."""
+    wave = [f"s{i}" for i in range(50)]
+    dep, _ = started([wave, ["last"]])
+    statuses: dict[str, AppStatus | None] = {site: None for site in wave}
+    for round_, now in enumerate((110.0, 120.0, 130.0, 140.0, 150.0)):
+        changed = wave[round_ * 10 : round_ * 10 + 10]
+        statuses.update({site: HEALTHY for site in changed})
+        whole, whole_issue = waves.step(dep, statuses, now, 600.0)
+        part, part_issue = waves.step(dep, statuses, now, 600.0, changed)
+        assert (part, part_issue) == (whole, whole_issue)
+        dep = part
+    assert dep.wave == 1 and whole_issue == ["last"]
+
+
+def test_a_step_that_changes_nothing_returns_the_deployment_itself() -> None:
+    dep, _ = started([["a", "b"], ["c"]])
+    dep, _ = waves.step(dep, {"a": HEALTHY, "b": None}, 110.0, 600.0)
+    same, issue = waves.step(dep, {"a": HEALTHY, "b": None}, 120.0, 600.0)
+    assert same is dep and issue == []
+    assert waves.step(dep, {}, 130.0, 600.0, sites=[])[0] is dep
+    moved, _ = waves.step(
+        dep, {"b": AppStatus("2.0", "progressing", "pulling")}, 140.0, 600.0, ["b"]
+    )
+    assert moved is not dep and moved.progress["b"].message == "pulling"
+    assert moved.updated_at == 140.0 and moved.progress["a"] is dep.progress["a"]
