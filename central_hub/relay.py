@@ -253,6 +253,12 @@ class ReportRelay:
                     waiter.set_exception(RelayError("the replica is stopping"))
         self._pending.clear()
 
+    def knows_views(self, site: str) -> bool:
+        """Whether the leader's answer to ``site``'s latest report here said it knows
+        per-site views (it carried ``site_head``: ``DeltaFormat.site_ready``)."""
+        answer = self._answers.get(site)
+        return answer is not None and answer[0] is not None
+
     def forget_answers(self) -> None:
         """The leader changed: what it answered is asked again with the next reports."""
         self._answers.clear()

@@ -60,6 +60,7 @@ from central_hub.relay import (
     relay_recent,
 )
 from central_hub.replay import NonceCache
+from central_hub.replica_polls import POLL_PATH, FollowerPolls
 from central_hub.replicated_store import REPLICATED_DBS, ReplicatedStore
 from central_hub.routing import error_response
 from central_hub.service import Hub
@@ -130,6 +131,7 @@ class HubReplica:
         # something signed before this process started are refused (central_hub.replay).
         self.nonces = NonceCache(started_at=config.clock())
         self.relay: ReportRelay | None = None
+        self.polls: FollowerPolls | None = None
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> HubReplica:
@@ -151,7 +153,10 @@ class HubReplica:
 
     def _leader_changed(self, status: RaftStatus) -> None:
         # Kept here: every request asks where to go, a status snapshot costs more.
+        changed = status.leader_address != self._leader
         self._leader = status.leader_address
+        if changed and self.polls is not None:
+            self.polls.interrupt()  # the polls waiting here answer now
 
     async def start(self) -> None:
         config, replica = self.config, self.replica
@@ -218,7 +223,16 @@ class HubReplica:
             own, view, self._push, config.clock, self.nonces, config.max_body_bytes
         )
         await self.relay.start()
-        handlers = {("POST", REPORT_PATH): self._site_report, ("POST", RELAY_PATH): self._take}
+        self.polls = FollowerPolls(
+            own, view, self.nonces, self.relay, config.clock, config.max_body_bytes
+        )
+        await self.polls.start()
+        node.on_applied(self.polls.applied)
+        handlers = {
+            ("POST", REPORT_PATH): self._site_report,
+            ("POST", RELAY_PATH): self._take,
+            ("GET", POLL_PATH): self._site_poll,
+        }
         front = Front(
             self._key,
             self._route,
@@ -255,6 +269,8 @@ class HubReplica:
         if self.relay is not None:
             await self.relay.stop()
             self.relay = None
+        if self.polls is not None:
+            await self.polls.stop()  # the polls waiting here answer (the view is open)
         await self._step_down()
         if self._runner is not None:
             await self._runner.cleanup()
@@ -294,6 +310,12 @@ class HubReplica:
         if self._leading_hub() is not None or self.relay is None:
             return None  # the leader's hub takes it in-process
         return await self.relay.handle(request)
+
+    async def _site_poll(self, request: web.Request) -> web.StreamResponse | bytes | None:
+        """A site's long-poll: answered here by a follower (``central_hub.replica_polls``)."""
+        if self._leading_hub() is not None or self.is_leader or self.polls is None:
+            return None  # the leader's hub takes it in-process
+        return await self.polls.handle(request)
 
     async def _take(self, request: web.Request) -> web.StreamResponse:
         """A follower's push: authenticated before its body is looked at."""
