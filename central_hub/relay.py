@@ -253,11 +253,12 @@ class ReportRelay:
                     waiter.set_exception(RelayError("the replica is stopping"))
         self._pending.clear()
 
-    def knows_views(self, site: str) -> bool:
+    def knows_views(self, site: str) -> bool | None:
         """Whether the leader's answer to ``site``'s latest report here said it knows
-        per-site views (it carried ``site_head``: ``DeltaFormat.site_ready``)."""
+        per-site views (it carried ``site_head``: ``DeltaFormat.site_ready``); None when
+        there is no such answer."""
         answer = self._answers.get(site)
-        return answer is not None and answer[0] is not None
+        return None if answer is None else answer[0] is not None
 
     def forget_answers(self) -> None:
         """The leader changed: what it answered is asked again with the next reports."""

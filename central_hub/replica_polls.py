@@ -21,11 +21,13 @@ only the long-polls of the sites connected to it:
 What the answer depends on that only the leader holds, and how a follower does without:
 
 - whether the site knows per-site views (``DeltaFormat.site_ready``, from the site's
-  latest report, which only the leader keeps): the follower uses what the leader answered
-  to the site's latest report through this replica (``ReportRelay.knows_views``; a change
-  of the site's protocols is urgent, so known before that report is answered). A site
-  the follower has no such answer for (it reports elsewhere, or an old agent) is
-  forwarded to the leader, as is a site that does not know per-site views;
+  latest report, which only the leader keeps) decides which deltas wake its poll (its
+  own, or any: an agent older than per-site views), never what the answer holds: the
+  follower uses what the leader answered to the site's latest report through this
+  replica (``ReportRelay.knows_views``; a change of the site's protocols is urgent, so
+  known before that report is answered). A site the follower has no such answer for
+  (it reports to another replica, or has not reported since this replica started) is
+  forwarded to the leader;
 - holds are replicated (the site's record): a held site is forwarded (the leader's
   ``held_poll``), a hold set while the poll waited answers ``held`` as at the leader;
 - compaction: a poll whose deltas right after ``after`` are gone is forwarded (the
@@ -190,13 +192,17 @@ class FollowerPolls:
         after: int = query.get("after", 0)  # type: ignore[assignment]
         wait_s = float(query.get("wait", DEFAULT_WAIT_S))  # type: ignore[arg-type]
         limit: int = query.get("limit", MAX_LINK_LIMIT)  # type: ignore[assignment]
+        knows_views = self._relay.knows_views(site)
         if (
             record.get(holds.HELD) is not None
-            or not self._relay.knows_views(site)
+            or knows_views is None
             or self._compacted_after(after)
         ):
             return body  # the leader's answer (module docstring)
-        await self.views.wait(site, after, wait_s)
+        if knows_views:
+            await self.views.wait(site, after, wait_s)
+        else:  # as the leader's ``wait_for_deltas``: any delta
+            await self.views.wait_any(after, wait_s, lambda: self._indexed)
         if holds.held_record(self._store.get_json("sites", site)):
             response = json_response(holds.held_answer(after))  # held while it waited
         else:

@@ -9,7 +9,8 @@ answered with the same bytes wherever it waits.
 it without its operations, ``meshorch.fleet.delta.view_for``; a Merkle target with the
 site's proof; cached by version). Long-polls of sites that know such views wait for a delta
 that targets their site (or all sites): the waiters are indexed by site id, so a delta
-wakes its sites' polls only, and the newest version that concerns each site is kept in
+wakes its sites' polls only (and those of sites that do not know such views, which wait
+for any delta: ``wait_any``), and the newest version that concerns each site is kept in
 memory (``site_head``; for the deltas before the index began, the head then).
 
 ``answer`` is a long-poll's answer body (the head and the site's views of the deltas).
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -146,15 +148,23 @@ class SiteViews:
     async def wait(self, site: str, after: int, wait_s: float) -> None:
         """Return once a delta after ``after`` targets ``site`` (or all sites), after
         ``wait_s`` at most, or at once when stopping or interrupted."""
+        await self._wait(site, lambda: self.site_head(site) > after, wait_s)
+
+    async def wait_any(self, after: int, wait_s: float, head: Callable[[], int]) -> None:
+        """``wait`` for any delta after ``after`` (a site that does not know per-site
+        views); ``head``: the newest version indexed."""
+        await self._wait(ALL, lambda: head() > after, wait_s)
+
+    async def _wait(self, key: str, done: Callable[[], bool], wait_s: float) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
         interrupts = self._interrupts
-        while self.site_head(site) <= after and not self.closing and self._interrupts == interrupts:
+        while not done() and not self.closing and self._interrupts == interrupts:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
             future: asyncio.Future[None] = loop.create_future()
-            waiters = self._waiters.setdefault(site, set())
+            waiters = self._waiters.setdefault(key, set())
             waiters.add(future)
             self.waiting += 1
             try:
@@ -165,5 +175,5 @@ class SiteViews:
             finally:
                 self.waiting -= 1
                 waiters.discard(future)
-                if not waiters and self._waiters.get(site) is waiters:
-                    del self._waiters[site]
+                if not waiters and self._waiters.get(key) is waiters:
+                    del self._waiters[key]

@@ -73,9 +73,12 @@ async def _head(running: Cluster, url: str) -> int:
     return head
 
 
-async def _two_sites(running: Cluster, follower: Replica) -> dict[str, SigningKey]:
-    """shop-a and shop-b registered, each reporting (protocol 9) to ``follower`` once."""
-    keys = {name: SigningKey.generate() for name in ("shop-a", "shop-b")}
+async def _two_sites(
+    running: Cluster, follower: Replica, names: tuple[str, ...] = ("shop-a", "shop-b")
+) -> dict[str, SigningKey]:
+    """``names`` registered, each reporting to ``follower`` once (protocol 9; a name
+    starting with ``old`` without a protocol, as agents before per-site views)."""
+    keys = {name: SigningKey.generate() for name in names}
     leader = await running.leader()
     for name, key in keys.items():
         body = {"id": name, "labels": {}, "public_key": key.verify_key.encode().hex()}
@@ -83,8 +86,12 @@ async def _two_sites(running: Cluster, follower: Replica) -> dict[str, SigningKe
         assert status == 201, answer
     await asyncio.sleep(0.5)  # the registrations applied on every replica
     for name, key in keys.items():
-        status, answer = await _send(running, follower, key, name, orjson.dumps(_report(name)))
-        assert status == 200 and "site_head" in answer, answer  # knows per-site views
+        report = _report(name)
+        if name.startswith("old"):
+            del report["hosts"][0]["protocol"]
+        status, answer = await _send(running, follower, key, name, orjson.dumps(report))
+        assert status == 200, answer
+        assert ("site_head" in answer) is not name.startswith("old"), answer  # per-site views
     return keys
 
 
@@ -151,6 +158,49 @@ async def test_a_follower_answers_a_sites_long_poll_with_the_leaders_bytes(
             f"a follower's long-poll woken {woken_after_s:.2f} s after the deployment; "
             f"the other site's answered after its {taken_b:.1f} s wait"
         )
+
+
+async def test_a_site_without_per_site_views_is_woken_at_a_follower_by_any_delta(
+    tmp_path: Any, session: aiohttp.ClientSession
+) -> None:
+    async with cluster(tmp_path, session) as running:
+        await running.ready(running.replicas[0].url)
+        leader = await running.leader()
+        follower = next(r for r in running.replicas if r is not leader)
+        keys = await _two_sites(running, follower, ("shop-a", "old-b"))
+        head = await _head(running, leader.url)
+        await asyncio.sleep(0.5)
+        polls_before = await _route_count(running, leader.url, POLL)
+        poll = asyncio.create_task(_poll(running, follower, keys["old-b"], "old-b", head, 20))
+        await asyncio.sleep(0.5)
+        assert not poll.done()
+        app = {"spec": spec_text("pos", "1.0"), "placement": {"sites": ["shop-a"]}}
+        status, answer = await running.call(leader.url, "POST", "/v1/apps", app)
+        assert status == 202, answer
+        status, body, taken, _ = await poll
+        assert status == 200 and taken < 5.0, (status, taken, body)
+        assert orjson.loads(body)["head"] > head
+        assert await _route_count(running, leader.url, POLL) == polls_before
+        status, at_leader, _, _ = await _poll(running, leader, keys["old-b"], "old-b", head, 0)
+        assert status == 200 and at_leader == body, (at_leader, body)
+
+        # Holds are replicated: a held site's poll is the leader's (forwarded); a hold set
+        # while a poll waits at the follower answers it held there, as at the leader.
+        head = orjson.loads(body)["head"]
+        status, answer = await running.call(leader.url, "POST", "/v1/sites/old-b/hold")
+        assert status == 200, answer
+        await asyncio.sleep(0.5)
+        counted = await _route_count(running, leader.url, POLL)
+        status, body, _, _ = await _poll(running, follower, keys["old-b"], "old-b", head, 1)
+        assert (status, orjson.loads(body)) == (200, {"head": head, "deltas": [], "held": True})
+        assert await _route_count(running, leader.url, POLL) == counted + 1
+        poll = asyncio.create_task(_poll(running, follower, keys["shop-a"], "shop-a", head, 3))
+        await asyncio.sleep(0.5)
+        status, answer = await running.call(leader.url, "POST", "/v1/sites/shop-a/hold")
+        assert status == 200, answer
+        status, body, _, _ = await poll
+        assert (status, orjson.loads(body)) == (200, {"head": head, "deltas": [], "held": True})
+        assert await _route_count(running, leader.url, POLL) == counted + 1
 
 
 async def test_the_leaders_kill_answers_the_polls_waiting_at_a_follower(
