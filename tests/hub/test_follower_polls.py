@@ -15,9 +15,10 @@ import orjson
 from nacl.signing import SigningKey
 from yarl import URL
 
-from bench.hubcluster import Cluster, Replica, cluster
+from bench.hubcluster import Cluster, Replica, cluster, until
 from meshorch.fleet.link_auth import sign_request, url_host
 from tests.hub.helpers import spec_text
+from tests.hub.test_replicated_hub import _async, light_sites
 from tests.hub.test_soft_reports import _report, _send
 
 POLL = "/v1/link/deltas"
@@ -229,3 +230,30 @@ async def test_the_leaders_kill_answers_the_polls_waiting_at_a_follower(
         status, body, taken, _ = await _poll(running, follower, keys["shop-b"], "shop-b", head, 0)
         assert status == 200 and taken < 2.0, body
         print(f"a poll waiting at a follower answered {answered_after_s:.1f} s after the kill")
+
+
+async def test_light_sites_at_the_followers_wait_there_through_a_rollout(
+    tmp_path: Any, session: aiohttp.ClientSession
+) -> None:
+    async with cluster(tmp_path, session) as running:
+        await running.ready(running.replicas[0].url)
+        leader = await running.leader()
+        followers = ",".join(r.url for r in running.replicas if r is not leader)
+        names = [f"shop-{n:02d}" for n in range(20)]
+        async with light_sites(running, names, followers) as sites:
+
+            async def roll_out(version: str) -> None:
+                app = {"spec": spec_text("pos", version), "placement": {"max_parallel": 20}}
+                status, answer = await running.call(leader.url, "POST", "/v1/apps", app)
+                assert status == 202, answer
+                every_site = _async(lambda: set(sites.applied.values()) == {version})
+                await until(every_site, 60, f"every site to apply {version}")
+                assert sorted(sites.applied) == names
+
+            await roll_out("1.0")
+            # The polls opened before the sites' first reports (forwarded) are done.
+            polls = await _route_count(running, leader.url, POLL)
+            await roll_out("2.0")
+            assert sites.rejected == [], sites.rejected
+            # The second rollout reached every site through the followers' own polls.
+            assert await _route_count(running, leader.url, POLL) == polls
