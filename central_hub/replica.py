@@ -6,6 +6,7 @@ log, the audit log, alerts, the sealed key files. One process per replica::
 
     RaftNode      the replicated tables (``central_hub.replicated_store``), DATA_DIR/raft
     Front         the public address: every request to the leader (``central_hub.front``)
+                  but the sites' reports and long-polls a follower answers itself
     Hub           only on the leader: the hub itself (API, site link, driver, gossip), over
                   the replicated store, its key files in DATA_DIR/hub; the front hands it
                   requests in-process
@@ -24,7 +25,10 @@ derived from it. Each replica holds a copy (the ceremony is in README.md).
 
 Soft state stays on the replica it reaches: a follower answers the site reports that
 reach it and pushes what changed to the leader once a second (``central_hub.relay``);
-the leader keeps them as its own (its LMDB, never through Raft). Fleet logs and uploaded
+the leader keeps them as its own (its LMDB, never through Raft). A follower also answers
+the sites' long-polls for deltas from its replicated log, woken by the deltas it applies
+for each site (``central_hub.replica_polls``; the leader's answer, byte for byte), and
+answers them all at once when the leader changes or it stops. Fleet logs and uploaded
 agent wheels stay where they land. After a fail-over, sites report again within seconds;
 logs and wheels sent to the old leader are not on the new one. One replay cache per
 replica serves its relay and, while it leads, its hub.
@@ -224,7 +228,13 @@ class HubReplica:
         )
         await self.relay.start()
         self.polls = FollowerPolls(
-            own, view, self.nonces, self.relay, config.clock, config.max_body_bytes
+            own,
+            view,
+            self.nonces,
+            self.relay,
+            config.clock,
+            config.max_body_bytes,
+            leading=lambda: self.is_leader,
         )
         await self.polls.start()
         node.on_applied(self.polls.applied)
@@ -315,6 +325,10 @@ class HubReplica:
         """A site's long-poll: answered here by a follower (``central_hub.replica_polls``)."""
         if self._leading_hub() is not None or self.is_leader or self.polls is None:
             return None  # the leader's hub takes it in-process
+        if self._leader is None:
+            # Maybe cut off from the others (its log behind theirs): 503 no_leader, and
+            # the site fails over to another replica.
+            return None
         return await self.polls.handle(request)
 
     async def _take(self, request: web.Request) -> web.StreamResponse:

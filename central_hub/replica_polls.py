@@ -32,6 +32,9 @@ What the answer depends on that only the leader holds, and how a follower does w
   ``held_poll``), a hold set while the poll waited answers ``held`` as at the leader;
 - compaction: a poll whose deltas right after ``after`` are gone is forwarded (the
   leader's 410 ``compacted``); detected from the lowest stored delta, O(1);
+- while the replica knows no leader (it may be cut off from the others, its log behind
+  theirs), a poll is not answered here (503 ``no_leader``: the site fails over to another
+  replica); the polls waiting when the leader is lost answer at once;
 - requests signed for a name other than this replica's, and legacy signatures (an agent
   before nonces; once checked here) are forwarded.
 
@@ -73,7 +76,8 @@ _ROUTE = next(r for r in ROUTES if r.method == "GET" and r.path == POLL_PATH)
 
 class FollowerPolls:
     """A follower's long-polls (module docstring). ``authority``: this replica's own
-    ``host:port`` as sites sign it; ``store``: the replicated view."""
+    ``host:port`` as sites sign it; ``store``: the replicated view; ``leading``: whether
+    this replica leads now (its hub answers the polls: nothing to index here)."""
 
     def __init__(
         self,
@@ -83,6 +87,7 @@ class FollowerPolls:
         relay: ReportRelay,
         clock: Callable[[], float],
         max_body_bytes: int,
+        leading: Callable[[], bool] = lambda: False,
     ) -> None:
         self.authority = authority.lower()
         self._store = store
@@ -90,6 +95,7 @@ class FollowerPolls:
         self._relay = relay
         self._clock = clock
         self._max_body = max_body_bytes
+        self._leading = leading
         self._queries = QueryContract(_ROUTE.query)
         self.views = SiteViews()
         self._indexed = 0  # the replicated head this replica indexed up to
@@ -139,7 +145,9 @@ class FollowerPolls:
             head = self._head()
             if head <= self._indexed:
                 return
-            if head - self._indexed > CATCH_UP:  # e.g. a full dump installed
+            if self._leading() or head - self._indexed > CATCH_UP:
+                # The leader's hub answers the polls (its ledger indexes its deltas), or
+                # too much to index (a full dump installed): known from the head on.
                 self._indexed = head
                 self.views.known_from(head)
                 return
