@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 import orjson
 from aiohttp import web
 
-from central_hub import authz, holds, openapi, tenancy, tokens
+from central_hub import authz, holds, openapi, siteviews, tenancy, tokens
 from central_hub.audit import CALLER
 from central_hub.contract import BodyContract, QueryContract
 from central_hub.dashboard import add_dashboard
@@ -365,8 +365,7 @@ async def link_deltas(request: web.Request) -> web.Response:
         head, envelopes = await hub.ledger.wait_for_deltas(after, wait_s, limit, site)
     if holds.is_held(hub.ledger, site):  # held while the poll waited
         return json_response(holds.held_answer(after))
-    body = {"head": head, "deltas": [orjson.Fragment(e) for e in envelopes]}
-    return json_response(body)
+    return json_response(siteviews.answer(head, envelopes))
 
 
 async def link_snapshot(request: web.Request) -> web.Response:

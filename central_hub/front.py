@@ -13,10 +13,14 @@ every replica derives from the KEK (``client_header``/``trusted_client``). A hea
 does not verify is dropped: a client cannot choose the address it is counted under.
 
 Some requests a replica answers itself (``handlers``, given by the replica): a follower
-answers the sites' reports (``central_hub.relay``), the leader takes the followers'
-batches of them. A site request (``X-Meshorch-Site``) whose signed ``Host`` names another
-replica is refused (421 ``misdirected_request``): a request captured at one replica
-cannot be replayed to another, whose replay cache never saw it.
+answers the sites' reports (``central_hub.relay``) and their long-polls for deltas
+(``central_hub.replica_polls``, from its replicated log: the leader holds only the polls of
+the sites connected to it), the leader takes the followers' batches of reports. What such
+a handler does not answer (e.g. a held site's poll) is forwarded like any request.
+
+A site request (``X-Meshorch-Site``) whose signed ``Host`` names another replica is
+refused (421 ``misdirected_request``): a request captured at one replica cannot be
+replayed to another, whose replay cache never saw it.
 
 Bounded: a request body larger than the hub's limit is refused here (413) before anything
 is forwarded; a request already forwarded by a replica is never forwarded again (503
@@ -51,7 +55,7 @@ _NOT_FORWARDED = frozenset(
         "trailer", "transfer-encoding", "upgrade", "content-length", CLIENT_HEADER.lower(),
     }
 )  # fmt: skip
-# A long-poll waits up to 60 s at the hub; forwarded reads may take that long.
+# A long-poll forwarded to the leader waits there up to 30 s; forwarded reads may take that.
 UPSTREAM_READ_S = 120.0
 RETRY_AFTER_S = "1"
 

@@ -32,8 +32,12 @@ CHECK_S = 0.5  # how soon a held poll notices the release or the hub stopping
 def is_held(ledger: Ledger, site: str) -> bool:
     if not ledger.is_open:
         return False
-    record = site_or_none(ledger.store, site)
-    return record is not None and record.get(HELD) is not None
+    return held_record(site_or_none(ledger.store, site))
+
+
+def held_record(record: object) -> bool:
+    """Whether a site's record (None: no such site) says it is held."""
+    return isinstance(record, dict) and record.get(HELD) is not None
 
 
 def hold_of(ledger: Ledger, site: str) -> dict[str, Any] | None:

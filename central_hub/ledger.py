@@ -9,11 +9,9 @@ answered. The plan runs in a shielded task, so a caller that goes away never lea
 commit half-applied in memory. A delta is visible (``deltas_after``, long-polls woken by
 ``wait_for_deltas``, the ``on_append`` hook) only once its commit is durable.
 
-Per-site views: ``view`` is a stored delta as one site may see it (a format 2 delta that
-does not target it without its operations, ``meshorch.fleet.delta.view_for``; cached by
-version). Long-polls of sites that know such views wait for a delta that targets their site
-(or all sites): the waiters are indexed by site id, and the newest version that concerns
-each site is kept in memory (``site_head``; from the head at start for the deltas before).
+Per-site views (``central_hub.siteviews``, shared with a follower replica): ``view`` is
+a stored delta as one site may see it; a site's long-poll (``wait_for_site``) waits for a
+delta that targets it (or all sites), woken by that delta only.
 
 The ledger knows nothing of sites, applications or tenants: the hub's parts
 (``central_hub.accounts``, ``sites``, ``deployments``, ``vault_service``, ...) plan their
@@ -24,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -37,30 +34,21 @@ from central_hub.authz import Principal
 from central_hub.deltalog import Head
 from central_hub.errors import ApiError
 from central_hub.keyfiles import Kek
+from central_hub.siteviews import SiteViews
 from central_hub.store import Store, Write, delete, put_json, version_key
 from central_hub.tokens import TokenRecord
 from meshorch.fleet.delta import (
     ALL_SITES,
     DELTA_V1,
-    DELTA_V2,
     ROTATE_OP,
-    DeltaRejected,
-    ParsedEnvelope,
     Target,
-    header_of,
     key_id,
-    parse_full,
-    view_of,
 )
-from meshorch.fleet.merkle import Tree
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 MAX_DELTA_RESPONSE_BYTES = 8 * 1024 * 1024
-VIEW_CACHE = 4096  # deltas whose target and header are kept (per-site views)
-TREE_CACHE = 16  # deltas with a Merkle target whose tree is kept
-ALL = "*"  # the waiters' index entry of a delta that targets every site
 CALLER = audit.CALLER
 
 
@@ -159,20 +147,12 @@ class Ledger:
         self.signing_keys: list[SigningKey] = []
         self.closing = False
         self.pending: set[asyncio.Future[Any]] = set()  # awaited before the store closes
-        self.link_waiters = 0  # long-polls waiting for a delta right now
+        self._fleet_waiters = 0  # long-polls waiting for any delta right now
         # The format of the next delta (``central_hub.deltaformat`` sets it).
         self.delta_format: Callable[[], int] = lambda: DELTA_V1
         # How the next delta names its sites: a list, or a Merkle root (deltaformat sets it).
         self.signed_target: Callable[[Target], Target] = lambda target: target
-        # Per-site views (module docstring): waiters by site id (ALL: any delta), the
-        # newest version for each site and for all, the version below which nothing is known.
-        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
-        self._site_last: dict[str, int] = {}
-        self._all_last = 0
-        self._known_from = 0
-        self._views: OrderedDict[int, tuple[Target, bytes] | None] = OrderedDict()
-        # Merkle targets: the parsed envelope and its tree, for the proofs of the views.
-        self._trees: OrderedDict[int, tuple[ParsedEnvelope, Tree]] = OrderedDict()
+        self.views = SiteViews()  # per-site views and their long-polls (module docstring)
         self._store: Store | None = None
         self._lock = asyncio.Lock()
         self._rotate_lock = asyncio.Lock()
@@ -206,7 +186,7 @@ class Ledger:
         self.fleet = fleet
         self.signing_keys = list(signing_keys)
         self.head = head
-        self._known_from = head.version
+        self.views.known_from(head.version)
         self._audit_seq = store.last_sequence("audit")
         self._store = store
 
@@ -230,7 +210,7 @@ class Ledger:
         """The hub is stopping: long-polls answer now, and wait no more."""
         self.closing = True
         self._notify_appended()
-        self._wake(None)
+        self.views.close()
 
     # -- changes --------------------------------------------------------------------------
 
@@ -262,7 +242,7 @@ class Ledger:
                         action()
                     if appended:
                         for version, target in txn.targets:
-                            self._index(version, target)
+                            self.views.index(version, target)
                         self._notify_appended()
                 return result
 
@@ -329,64 +309,20 @@ class Ledger:
 
     # -- per-site views -------------------------------------------------------------------
 
-    def _index(self, version: int, target: Target) -> None:
-        if target.all:
-            self._all_last = version
-            self._wake(None)
-            return
-        for site in target.sites:
-            self._site_last[site] = version
-            self._wake(site)
-
-    def _wake(self, site: str | None) -> None:
-        """Wake the long-polls of ``site`` and those waiting for any delta (None: all)."""
-        keys = list(self._waiters) if site is None else [site, ALL]
-        for key in keys:
-            for future in self._waiters.pop(key, ()):
-                if not future.done():
-                    future.set_result(None)
+    @property
+    def link_waiters(self) -> int:
+        """Long-polls waiting for a delta right now."""
+        return self._fleet_waiters + self.views.waiting
 
     def site_head(self, site: str) -> int:
-        """The newest version that targets ``site`` or all sites (for the deltas issued
-        before this hub started: its head then)."""
-        return max(self._known_from, self._all_last, self._site_last.get(site, 0))
+        """The newest version that targets ``site`` or all sites (``SiteViews.site_head``)."""
+        return self.views.site_head(site)
 
     def view(self, version: int, raw: bytes, site: str) -> bytes:
-        """The stored delta ``version`` (``raw``) as ``site`` may see it (module docstring)."""
-        cached = self._views.get(version)
-        if cached is None and version not in self._views:
-            try:
-                parsed = parse_full(raw)
-            except DeltaRejected:  # never stored by the hub
-                cached = None
-            else:
-                delta = parsed.delta
-                cached = (delta.target, header_of(parsed)) if delta.format == DELTA_V2 else None
-            self._views[version] = cached
-            if len(self._views) > VIEW_CACHE:
-                self._views.popitem(last=False)
-        if cached is not None and cached[0].root:
-            return self._merkle_view(version, raw, site)
-        if cached is None or cached[0].includes(site):
-            return raw
-        return cached[1]
-
-    def _merkle_view(self, version: int, raw: bytes, site: str) -> bytes:
-        """A Merkle target's view: ``site``'s proof (O(log sites)) from the tree kept for
-        the newest ``TREE_CACHE`` such deltas (a tree is 10,000 hashes at 10,000 sites)."""
-        kept = self._trees.get(version)
-        if kept is None:
-            parsed = parse_full(raw)
-            kept = parsed, Tree.of(parsed.delta.target.sites)
-            self._trees[version] = kept
-            if len(self._trees) > TREE_CACHE:
-                self._trees.popitem(last=False)
-        else:
-            self._trees.move_to_end(version)
-        return view_of(kept[0], raw, site, kept[1])
+        return self.views.view(version, raw, site)
 
     def views_after(self, after: int, limit: int, site: str) -> list[bytes]:
-        return [self.view(v, raw, site) for v, raw in self.deltas_after(after, limit)]
+        return self.views.views(self.deltas_after(after, limit), site)
 
     async def wait_for_site(
         self, site: str, after: int, wait_s: float, limit: int
@@ -394,26 +330,7 @@ class Ledger:
         """``site``'s long-poll: its view of the deltas after ``after``, at once when one
         of them targets it (or all sites); otherwise after waiting up to ``wait_s`` for
         one, with whatever was issued for other sites meanwhile (their headers)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait_s
-        while self.site_head(site) <= after and not self.closing:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
-            future: asyncio.Future[None] = loop.create_future()
-            waiters = self._waiters.setdefault(site, set())
-            waiters.add(future)
-            self.link_waiters += 1
-            try:
-                async with asyncio.timeout(remaining):
-                    await future
-            except TimeoutError:
-                break
-            finally:
-                self.link_waiters -= 1
-                waiters.discard(future)
-                if not waiters and self._waiters.get(site) is waiters:
-                    del self._waiters[site]
+        await self.views.wait(site, after, wait_s)
         head = self.head.version
         if self._store is None:
             return head, []
@@ -431,14 +348,14 @@ class Ledger:
             if remaining <= 0:
                 break
             appended = self._appended
-            self.link_waiters += 1
+            self._fleet_waiters += 1
             try:
                 async with asyncio.timeout(remaining):
                     await appended.wait()
             except TimeoutError:
                 break
             finally:
-                self.link_waiters -= 1
+                self._fleet_waiters -= 1
         head = self.head.version
         if self._store is None:
             return head, []

@@ -15,6 +15,10 @@ follower replica of a replicated hub (``central_hub.replica``) therefore answers
   and answers, per site, what the site's report answer carries (``site_head``, ``held``)
   with the fleet's head; the follower answers the site from that.
 
+The leader's answers kept here also tell the follower's long-polls which deltas wake a
+site's poll (``knows_views``: the site knows per-site views; ``central_hub.replica_polls``):
+a site's long-polls are answered by the replica its reports reach, not forwarded.
+
 A report the leader must see at once waits for its push, which starts at once: the
 site's first report at this replica (no answer known yet) and a report whose progress
 changed (applied version, applications, rejections, agent upgrade, decommission, secrets;
@@ -252,6 +256,13 @@ class ReportRelay:
                 if not waiter.done():
                     waiter.set_exception(RelayError("the replica is stopping"))
         self._pending.clear()
+
+    def knows_views(self, site: str) -> bool | None:
+        """Whether the leader's answer to ``site``'s latest report here said it knows
+        per-site views (it carried ``site_head``: ``DeltaFormat.site_ready``); None when
+        there is no such answer."""
+        answer = self._answers.get(site)
+        return None if answer is None else answer[0] is not None
 
     def forget_answers(self) -> None:
         """The leader changed: what it answered is asked again with the next reports."""

@@ -6,6 +6,7 @@ log, the audit log, alerts, the sealed key files. One process per replica::
 
     RaftNode      the replicated tables (``central_hub.replicated_store``), DATA_DIR/raft
     Front         the public address: every request to the leader (``central_hub.front``)
+                  but the sites' reports and long-polls a follower answers itself
     Hub           only on the leader: the hub itself (API, site link, driver, gossip), over
                   the replicated store, its key files in DATA_DIR/hub; the front hands it
                   requests in-process
@@ -24,7 +25,10 @@ derived from it. Each replica holds a copy (the ceremony is in README.md).
 
 Soft state stays on the replica it reaches: a follower answers the site reports that
 reach it and pushes what changed to the leader once a second (``central_hub.relay``);
-the leader keeps them as its own (its LMDB, never through Raft). Fleet logs and uploaded
+the leader keeps them as its own (its LMDB, never through Raft). A follower also answers
+the sites' long-polls for deltas from its replicated log, woken by the deltas it applies
+for each site (``central_hub.replica_polls``; the leader's answer, byte for byte), and
+answers them all at once when the leader changes or it stops. Fleet logs and uploaded
 agent wheels stay where they land. After a fail-over, sites report again within seconds;
 logs and wheels sent to the old leader are not on the new one. One replay cache per
 replica serves its relay and, while it leads, its hub.
@@ -60,6 +64,7 @@ from central_hub.relay import (
     relay_recent,
 )
 from central_hub.replay import NonceCache
+from central_hub.replica_polls import POLL_PATH, FollowerPolls
 from central_hub.replicated_store import REPLICATED_DBS, ReplicatedStore
 from central_hub.routing import error_response
 from central_hub.service import Hub
@@ -130,6 +135,7 @@ class HubReplica:
         # something signed before this process started are refused (central_hub.replay).
         self.nonces = NonceCache(started_at=config.clock())
         self.relay: ReportRelay | None = None
+        self.polls: FollowerPolls | None = None
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> HubReplica:
@@ -151,7 +157,10 @@ class HubReplica:
 
     def _leader_changed(self, status: RaftStatus) -> None:
         # Kept here: every request asks where to go, a status snapshot costs more.
+        changed = status.leader_address != self._leader
         self._leader = status.leader_address
+        if changed and self.polls is not None:
+            self.polls.interrupt()  # the polls waiting here answer now
 
     async def start(self) -> None:
         config, replica = self.config, self.replica
@@ -218,7 +227,22 @@ class HubReplica:
             own, view, self._push, config.clock, self.nonces, config.max_body_bytes
         )
         await self.relay.start()
-        handlers = {("POST", REPORT_PATH): self._site_report, ("POST", RELAY_PATH): self._take}
+        self.polls = FollowerPolls(
+            own,
+            view,
+            self.nonces,
+            self.relay,
+            config.clock,
+            config.max_body_bytes,
+            leading=lambda: self.is_leader,
+        )
+        await self.polls.start()
+        node.on_applied(self.polls.applied)
+        handlers = {
+            ("POST", REPORT_PATH): self._site_report,
+            ("POST", RELAY_PATH): self._take,
+            ("GET", POLL_PATH): self._site_poll,
+        }
         front = Front(
             self._key,
             self._route,
@@ -255,6 +279,8 @@ class HubReplica:
         if self.relay is not None:
             await self.relay.stop()
             self.relay = None
+        if self.polls is not None:
+            await self.polls.stop()  # the polls waiting here answer (the view is open)
         await self._step_down()
         if self._runner is not None:
             await self._runner.cleanup()
@@ -294,6 +320,16 @@ class HubReplica:
         if self._leading_hub() is not None or self.relay is None:
             return None  # the leader's hub takes it in-process
         return await self.relay.handle(request)
+
+    async def _site_poll(self, request: web.Request) -> web.StreamResponse | bytes | None:
+        """A site's long-poll: answered here by a follower (``central_hub.replica_polls``)."""
+        if self._leading_hub() is not None or self.is_leader or self.polls is None:
+            return None  # the leader's hub takes it in-process
+        if self._leader is None:
+            # Maybe cut off from the others (its log behind theirs): 503 no_leader, and
+            # the site fails over to another replica.
+            return None
+        return await self.polls.handle(request)
 
     async def _take(self, request: web.Request) -> web.StreamResponse:
         """A follower's push: authenticated before its body is looked at."""

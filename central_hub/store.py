@@ -332,6 +332,12 @@ class Store:
                 total += len(value)
         return found
 
+    def first_sequence(self, db: str) -> int:
+        """The lowest big-endian u64 key of ``db`` (0 when empty)."""
+        with self._read(db) as txn:
+            cursor = txn.cursor()
+            return _VERSION.unpack(bytes(cursor.key()))[0] if cursor.first() else 0
+
     def last_sequence(self, db: str) -> int:
         """The highest big-endian u64 key of ``db`` (0 when empty)."""
         with self._read(db) as txn:

@@ -325,6 +325,7 @@ class RaftNode:
         self._compaction_asked = False
         self._handed_over = False  # commands given to pysyncobj since the last tick
         self._leader_listeners: list[Callable[[RaftStatus], None]] = []
+        self._apply_listeners: list[Callable[[], None]] = []
         self._stopped = False
         self.failure: RaftError | None = None  # why the node stopped itself
         self._failure_stop: asyncio.Task[None] | None = None
@@ -788,6 +789,12 @@ class RaftNode:
         """Call ``listener`` on the event loop whenever the known leader or term changes."""
         self._leader_listeners.append(listener)
 
+    def on_applied(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` on the event loop after each entry is applied to the view
+        (during a tick: it must be cheap, e.g. schedule its work). Not called when a full
+        dump replaces the view."""
+        self._apply_listeners.append(listener)
+
     def _on_tick(self) -> None:
         # Called by pysyncobj at the end of every tick; keep it cheap.
         syncobj = self._syncobj
@@ -860,6 +867,11 @@ class RaftNode:
             self._fail(exc, index)
             raise
         self._applied_index = index
+        for listener in self._apply_listeners:
+            try:
+                listener()
+            except Exception:
+                logger.exception("apply listener failed")
         return list(applied.results)
 
     def _fail(self, error: RaftError, index: int) -> None:
