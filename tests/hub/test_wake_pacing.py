@@ -37,7 +37,8 @@ async def test_polls_are_woken_in_batches_with_other_work_between() -> None:
     await asyncio.wait_for(asyncio.gather(*polls), timeout=10)
     between = sorted({n for n in seen if 0 < n < POLLS})
     assert len(between) >= POLLS // WAKE_BATCH - 1, seen
-    assert all(b - a <= WAKE_BATCH for a, b in zip([0, *between], [*between, POLLS], strict=True)), seen
+    steps = zip([0, *between], [*between, POLLS], strict=True)
+    assert all(b - a <= WAKE_BATCH for a, b in steps), seen
 
 
 async def test_a_stop_answers_every_poll_at_once() -> None:
