@@ -412,6 +412,13 @@ class Deployments:
         end) is written at most every ``PROGRESS_WRITE_S`` (it is derived from the
         reports, which a new leader has again within seconds)."""
         reported, self._reported_sites = self._reported_sites, set()
+        try:
+            self._advance(txn, reported)
+        except Exception:
+            self._working.clear()  # the sites that reported are not all stepped: read again
+            raise
+
+    def _advance(self, txn: Txn, reported: set[str]) -> None:
         for name in sorted(self.active):
             work = self._running(name, txn.now)
             if work is None:
