@@ -18,23 +18,10 @@ from yarl import URL
 from bench.hubcluster import Cluster, Replica, cluster, until
 from meshorch.fleet.link_auth import sign_request, url_host
 from tests.hub.helpers import spec_text
+from tests.hub.replicas import route_count, send_report, site_report
 from tests.hub.test_replicated_hub import _async, light_sites
-from tests.hub.test_soft_reports import _report, _send
 
 POLL = "/v1/link/deltas"
-
-
-async def _route_count(running: Cluster, url: str, path: str) -> int:
-    """The requests of ``path`` the hub at ``url`` handled itself (its route histogram)."""
-    fingerprint = aiohttp.Fingerprint(bytes.fromhex(running.fingerprint))
-    async with running.session.get(url + "/metrics", ssl=fingerprint) as resp:
-        assert resp.status == 200
-        text = await resp.text()
-    return sum(
-        int(float(line.rsplit(" ", 1)[1]))
-        for line in text.splitlines()
-        if "_count{" in line and f'"{path}"' in line
-    )
 
 
 async def _poll(
@@ -87,10 +74,10 @@ async def _two_sites(
         assert status == 201, answer
     await asyncio.sleep(0.5)  # the registrations applied on every replica
     for name, key in keys.items():
-        report = _report(name)
+        report = site_report(name)
         if name.startswith("old"):
             del report["hosts"][0]["protocol"]
-        status, answer = await _send(running, follower, key, name, orjson.dumps(report))
+        status, answer = await send_report(running, follower, key, name, orjson.dumps(report))
         assert status == 200, answer
         assert ("site_head" in answer) is not name.startswith("old"), answer  # per-site views
     return keys
@@ -106,7 +93,7 @@ async def test_a_follower_answers_a_sites_long_poll_with_the_leaders_bytes(
         keys = await _two_sites(running, follower)
         head = await _head(running, leader.url)
         await asyncio.sleep(0.5)  # the follower applied the log up to it
-        polls_before = await _route_count(running, leader.url, POLL)
+        polls_before = await route_count(running, leader.url, POLL)
 
         # Attacker's view: refused at the follower before any wait (wait=30 asked).
         key_a, key_b = keys["shop-a"], keys["shop-b"]
@@ -149,12 +136,12 @@ async def test_a_follower_answers_a_sites_long_poll_with_the_leaders_bytes(
         assert body_b != body_a  # shop-b sees shop-a's delta without its operations
 
         # Both answered by the follower itself, the leader's bytes for the same requests.
-        assert await _route_count(running, leader.url, POLL) == polls_before
+        assert await route_count(running, leader.url, POLL) == polls_before
         for name, key, body in (("shop-a", key_a, body_a), ("shop-b", key_b, body_b)):
             status, at_leader, _, _ = await _poll(running, leader, key, name, head, 0)
             assert status == 200, at_leader
             assert at_leader == body, (name, at_leader, body)
-        assert await _route_count(running, leader.url, POLL) == polls_before + 2
+        assert await route_count(running, leader.url, POLL) == polls_before + 2
         print(
             f"a follower's long-poll woken {woken_after_s:.2f} s after the deployment; "
             f"the other site's answered after its {taken_b:.1f} s wait"
@@ -171,7 +158,7 @@ async def test_a_site_without_per_site_views_is_woken_at_a_follower_by_any_delta
         keys = await _two_sites(running, follower, ("shop-a", "old-b"))
         head = await _head(running, leader.url)
         await asyncio.sleep(0.5)
-        polls_before = await _route_count(running, leader.url, POLL)
+        polls_before = await route_count(running, leader.url, POLL)
         poll = asyncio.create_task(_poll(running, follower, keys["old-b"], "old-b", head, 20))
         await asyncio.sleep(0.5)
         assert not poll.done()
@@ -181,7 +168,7 @@ async def test_a_site_without_per_site_views_is_woken_at_a_follower_by_any_delta
         status, body, taken, _ = await poll
         assert status == 200 and taken < 5.0, (status, taken, body)
         assert orjson.loads(body)["head"] > head
-        assert await _route_count(running, leader.url, POLL) == polls_before
+        assert await route_count(running, leader.url, POLL) == polls_before
         status, at_leader, _, _ = await _poll(running, leader, keys["old-b"], "old-b", head, 0)
         assert status == 200 and at_leader == body, (at_leader, body)
 
@@ -191,17 +178,17 @@ async def test_a_site_without_per_site_views_is_woken_at_a_follower_by_any_delta
         status, answer = await running.call(leader.url, "POST", "/v1/sites/old-b/hold")
         assert status == 200, answer
         await asyncio.sleep(0.5)
-        counted = await _route_count(running, leader.url, POLL)
+        counted = await route_count(running, leader.url, POLL)
         status, body, _, _ = await _poll(running, follower, keys["old-b"], "old-b", head, 1)
         assert (status, orjson.loads(body)) == (200, {"head": head, "deltas": [], "held": True})
-        assert await _route_count(running, leader.url, POLL) == counted + 1
+        assert await route_count(running, leader.url, POLL) == counted + 1
         poll = asyncio.create_task(_poll(running, follower, keys["shop-a"], "shop-a", head, 3))
         await asyncio.sleep(0.5)
         status, answer = await running.call(leader.url, "POST", "/v1/sites/shop-a/hold")
         assert status == 200, answer
         status, body, _, _ = await poll
         assert (status, orjson.loads(body)) == (200, {"head": head, "deltas": [], "held": True})
-        assert await _route_count(running, leader.url, POLL) == counted + 1
+        assert await route_count(running, leader.url, POLL) == counted + 1
 
 
 async def test_the_leaders_kill_answers_the_polls_waiting_at_a_follower(
@@ -214,11 +201,11 @@ async def test_the_leaders_kill_answers_the_polls_waiting_at_a_follower(
         keys = await _two_sites(running, follower)
         head = await _head(running, leader.url)
         await asyncio.sleep(0.5)
-        polls_before = await _route_count(running, leader.url, POLL)
+        polls_before = await route_count(running, leader.url, POLL)
         poll = asyncio.create_task(_poll(running, follower, keys["shop-a"], "shop-a", head, 25))
         await asyncio.sleep(1.0)
         assert not poll.done()
-        assert await _route_count(running, leader.url, POLL) == polls_before  # not forwarded
+        assert await route_count(running, leader.url, POLL) == polls_before  # not forwarded
         await leader.kill()
         killed_at = time.monotonic()
         status, body, _, _ = await poll
@@ -257,8 +244,8 @@ async def test_light_sites_at_the_followers_wait_there_through_a_rollout(
 
             await roll_out("1.0")
             # The polls opened before the sites' first reports (forwarded) are done.
-            polls = await _route_count(running, leader.url, POLL)
+            polls = await route_count(running, leader.url, POLL)
             await roll_out("2.0")
             assert sites.rejected == [], sites.rejected
             # The second rollout reached every site through the followers' own polls.
-            assert await _route_count(running, leader.url, POLL) == polls
+            assert await route_count(running, leader.url, POLL) == polls

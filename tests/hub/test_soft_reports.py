@@ -13,63 +13,12 @@ import aiohttp
 import orjson
 from nacl.signing import SigningKey
 
-from bench.hubcluster import Cluster, Replica, cluster, until
-from central_hub.front import SERVED_BY_HEADER
+from bench.hubcluster import Cluster, cluster, until
 from central_hub.relay import RELAY_HEADER, RELAY_PATH
 from meshorch.fleet.link_auth import sign_request, url_host
 from tests.hub.helpers import spec_text
+from tests.hub.replicas import REPORT, route_count, send_report, site_report
 from tests.hub.test_replicated_hub import _async, light_sites
-
-REPORT = "/v1/link/report"
-
-
-async def _report_count(running: Cluster, url: str) -> int:
-    """The report requests the leader's hub handled itself (its route histogram)."""
-    fingerprint = aiohttp.Fingerprint(bytes.fromhex(running.fingerprint))
-    async with running.session.get(url + "/metrics", ssl=fingerprint) as resp:
-        assert resp.status == 200
-        text = await resp.text()
-    return sum(
-        int(float(line.rsplit(" ", 1)[1]))
-        for line in text.splitlines()
-        if "_count{" in line and f'"{REPORT}"' in line
-    )
-
-
-def _report(site: str, applied: int = 0, app_version: str | None = None) -> dict[str, Any]:
-    apps = {}
-    if app_version is not None:
-        apps["pos"] = {"version": app_version, "desired": 1, "ready": 1, "state": "healthy"}
-    return {
-        "v": 1, "site": site, "time": time.time(), "applied_version": applied,
-        "applied_head": "", "rejections": [], "hosts": [{"host_id": "h1", "alive": True,
-        "instances": [], "agent_version": "1", "protocol": 9}], "apps": apps,
-    }  # fmt: skip
-
-
-async def _send(
-    running: Cluster,
-    replica: Replica,
-    key: SigningKey,
-    site: str,
-    body: bytes,
-    host: str | None = None,
-    headers: dict[str, str] | None = None,
-    local: bool = True,
-) -> tuple[int, Any]:
-    """A signed report request to ``replica`` (signed for ``host``, by default its own);
-    ``local``: answered by the front of ``replica`` itself, not by a leader's hub."""
-    signed_for = host or url_host(replica.url)
-    if headers is None:
-        headers = sign_request(key, site, "POST", REPORT, body, time.time(), host=signed_for)
-    fingerprint = aiohttp.Fingerprint(bytes.fromhex(running.fingerprint))
-    async with running.session.post(
-        replica.url + REPORT, data=body, headers=headers, ssl=fingerprint
-    ) as resp:
-        # Answered by a follower itself: no leader's hub says it served it.
-        served_by = resp.headers.get(SERVED_BY_HEADER)
-        assert not local or served_by is None, served_by
-        return resp.status, orjson.loads(await resp.read())
 
 
 async def _last_seen(running: Cluster, url: str, site: str) -> float | None:
@@ -91,21 +40,21 @@ async def test_a_follower_answers_reports_and_refuses_bad_ones_before_any_work(
         status, answer = await running.call(leader.url, "POST", "/v1/sites", body)
         assert status == 201, answer
         await asyncio.sleep(0.5)  # the registration applied on every replica
-        handled_before = await _report_count(running, leader.url)
-        good = orjson.dumps(_report("shop-x"))
+        handled_before = await route_count(running, leader.url, REPORT)
+        good = orjson.dumps(site_report("shop-x"))
 
         # Refused at the follower, and nothing recorded: unsigned, signed by another key,
         # for another site's name, malformed, and a request signed for another replica.
-        status, answer = await _send(running, follower, key, "shop-x", good, headers={})
+        status, answer = await send_report(running, follower, key, "shop-x", good, headers={})
         assert (status, answer["error"]["code"]) == (401, "bad_site_signature")
-        status, answer = await _send(running, follower, SigningKey.generate(), "shop-x", good)
+        status, answer = await send_report(running, follower, SigningKey.generate(), "shop-x", good)
         assert (status, answer["error"]["code"]) == (401, "bad_site_signature")
-        status, answer = await _send(running, follower, key, "shop-y", good)
+        status, answer = await send_report(running, follower, key, "shop-y", good)
         assert (status, answer["error"]["code"]) == (401, "bad_site_signature")
-        status, answer = await _send(running, follower, key, "shop-x", b"{not json")
+        status, answer = await send_report(running, follower, key, "shop-x", b"{not json")
         assert (status, answer["error"]["code"]) == (400, "bad_json")
-        wrong = orjson.dumps({**_report("shop-x"), "applied_version": "seven"})
-        status, answer = await _send(running, follower, key, "shop-x", wrong)
+        wrong = orjson.dumps({**site_report("shop-x"), "applied_version": "seven"})
+        status, answer = await send_report(running, follower, key, "shop-x", wrong)
         assert status == 400, answer
         await asyncio.sleep(1.5)  # a push would have gone by now
         assert await _last_seen(running, leader.url, "shop-x") is None
@@ -115,7 +64,7 @@ async def test_a_follower_answers_reports_and_refuses_bad_ones_before_any_work(
         headers = sign_request(
             key, "shop-x", "POST", REPORT, good, time.time(), host=url_host(follower.url)
         )
-        status, answer = await _send(running, follower, key, "shop-x", good, headers=headers)
+        status, answer = await send_report(running, follower, key, "shop-x", good, headers=headers)
         assert status == 200, answer
         assert type(answer["head"]) is int and "site_head" in answer, answer
         assert await _last_seen(running, leader.url, "shop-x") is not None
@@ -123,7 +72,9 @@ async def test_a_follower_answers_reports_and_refuses_bad_ones_before_any_work(
         # The same request again: a replay, at the follower it reached and at the others
         # (it names the follower's address, which it is signed for).
         for replica in (follower, other, leader):
-            status, answer = await _send(running, replica, key, "shop-x", good, headers=headers)
+            status, answer = await send_report(
+                running, replica, key, "shop-x", good, headers=headers
+            )
             expected = "replayed_request" if replica is follower else "misdirected_request"
             assert answer["error"]["code"] == expected, (replica.url, status, answer)
 
@@ -131,8 +82,8 @@ async def test_a_follower_answers_reports_and_refuses_bad_ones_before_any_work(
         # the leader sees it within about a push.
         seen_before = await _last_seen(running, leader.url, "shop-x")
         sent_at = time.monotonic()
-        later = orjson.dumps(_report("shop-x"))
-        status, answer = await _send(running, follower, key, "shop-x", later)
+        later = orjson.dumps(site_report("shop-x"))
+        status, answer = await send_report(running, follower, key, "shop-x", later)
         assert status == 200, answer
 
         async def moved() -> bool:
@@ -144,7 +95,7 @@ async def test_a_follower_answers_reports_and_refuses_bad_ones_before_any_work(
         # A push that is not a replica's is refused by the leader, and records nothing.
         fingerprint = aiohttp.Fingerprint(bytes.fromhex(running.fingerprint))
         push = orjson.dumps(
-            {"v": 1, "reports": [{"site": "shop-x", "report": _report("shop-x", applied=99),
+            {"v": 1, "reports": [{"site": "shop-x", "report": site_report("shop-x", applied=99),
                                   "nonce": "ab" * 16, "signed_at": time.time()}]}
         )  # fmt: skip
         forged = f"{time.time():.3f} {'0' * 64}"
@@ -157,12 +108,12 @@ async def test_a_follower_answers_reports_and_refuses_bad_ones_before_any_work(
         assert site["applied_version"] == 0, site
         # None of this reached the leader's hub as a report request; one sent to the
         # leader itself does (the count counts).
-        assert await _report_count(running, leader.url) == handled_before
-        status, answer = await _send(
-            running, leader, key, "shop-x", orjson.dumps(_report("shop-x")), local=False
+        assert await route_count(running, leader.url, REPORT) == handled_before
+        status, answer = await send_report(
+            running, leader, key, "shop-x", orjson.dumps(site_report("shop-x")), local=False
         )
         assert status == 200, answer
-        assert await _report_count(running, leader.url) == handled_before + 1
+        assert await route_count(running, leader.url, REPORT) == handled_before + 1
         print(f"a follower's report seen by the leader after {seen_after_s:.2f} s")
 
 
@@ -176,9 +127,9 @@ async def test_a_rollout_to_sites_reporting_to_followers_survives_the_leaders_ki
         names = [f"shop-{n:02d}" for n in range(20)]
         # Every site knows the followers only, so none of its reports reaches the leader.
         async with light_sites(running, names, ",".join(r.url for r in followers)) as sites:
-            handled = await _report_count(running, leader.url)
+            handled = await route_count(running, leader.url, REPORT)
             await asyncio.sleep(4)  # every site reports again
-            assert await _report_count(running, leader.url) == handled  # none forwarded
+            assert await route_count(running, leader.url, REPORT) == handled  # none forwarded
             body = {"spec": spec_text("pos", "2.0"), "placement": {"max_parallel": 5}}
             status, answer = await running.call(followers[0].url, "POST", "/v1/apps", body)
             assert status == 202, answer
