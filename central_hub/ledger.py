@@ -147,7 +147,6 @@ class Ledger:
         self.signing_keys: list[SigningKey] = []
         self.closing = False
         self.pending: set[asyncio.Future[Any]] = set()  # awaited before the store closes
-        self._fleet_waiters = 0  # long-polls waiting for any delta right now
         # The format of the next delta (``central_hub.deltaformat`` sets it).
         self.delta_format: Callable[[], int] = lambda: DELTA_V1
         # How the next delta names its sites: a list, or a Merkle root (deltaformat sets it).
@@ -156,7 +155,6 @@ class Ledger:
         self._store: Store | None = None
         self._lock = asyncio.Lock()
         self._rotate_lock = asyncio.Lock()
-        self._appended = asyncio.Event()
         self._txn: Txn | None = None  # the change being planned (under the lock)
         self._audit_seq = 0
 
@@ -251,8 +249,6 @@ class Ledger:
         return await asyncio.shield(task)
 
     def _notify_appended(self) -> None:
-        appended, self._appended = self._appended, asyncio.Event()
-        appended.set()
         if self.on_append is not None:
             self.on_append()
 
@@ -312,14 +308,11 @@ class Ledger:
     @property
     def link_waiters(self) -> int:
         """Long-polls waiting for a delta right now."""
-        return self._fleet_waiters + self.views.waiting
+        return self.views.waiting
 
     def site_head(self, site: str) -> int:
         """The newest version that targets ``site`` or all sites (``SiteViews.site_head``)."""
         return self.views.site_head(site)
-
-    def view(self, version: int, raw: bytes, site: str) -> bytes:
-        return self.views.view(version, raw, site)
 
     def views_after(self, after: int, limit: int, site: str) -> list[bytes]:
         return self.views.views(self.deltas_after(after, limit), site)
@@ -340,22 +333,8 @@ class Ledger:
         self, after: int, wait_s: float, limit: int, site: str | None = None
     ) -> tuple[int, list[bytes]]:
         """Deltas after ``after`` (``site``'s view when given); when there is none, wait up
-        to ``wait_s`` for one."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait_s
-        while self.head.version <= after and not self.closing:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
-            appended = self._appended
-            self._fleet_waiters += 1
-            try:
-                async with asyncio.timeout(remaining):
-                    await appended.wait()
-            except TimeoutError:
-                break
-            finally:
-                self._fleet_waiters -= 1
+        to ``wait_s`` for one (``SiteViews.wait_any``, as a follower's poll waits)."""
+        await self.views.wait_any(after, wait_s, lambda: self.head.version)
         head = self.head.version
         if self._store is None:
             return head, []

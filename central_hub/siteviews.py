@@ -81,6 +81,8 @@ class SiteViews:
         for site in target.sites:
             self._site_last[site] = version
             self._wake(site)
+        if not target.sites:
+            self._wake(ALL)  # no site's: the polls waiting for any delta still wake
 
     def index_envelope(self, version: int, raw: bytes) -> None:
         """``index`` a stored delta by the target its envelope names."""

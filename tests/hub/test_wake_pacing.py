@@ -59,3 +59,17 @@ async def test_a_poll_that_timed_out_while_queued_is_skipped() -> None:
     assert all(p.done() for p in short) and views.waiting == WAKE_BATCH
     views.index(1, Target(all=True))
     await asyncio.wait_for(asyncio.gather(*long), timeout=5)
+
+
+async def test_a_poll_waiting_for_any_delta_wakes_for_every_delta() -> None:
+    """The leader's and a follower's polls of sites without per-site views wait for any
+    delta (``wait_any``): one for a single site wakes them, and so does one for no site."""
+    views = SiteViews()
+    indexed = [0]  # the newest version indexed
+    for version, target in ((1, Target(sites=frozenset({"a"}))), (2, Target())):
+        poll = asyncio.create_task(views.wait_any(indexed[0], 30, lambda: indexed[0]))
+        await asyncio.sleep(0.05)
+        assert not poll.done()
+        indexed[0] = version
+        views.index(version, target)
+        await asyncio.wait_for(poll, timeout=5)
