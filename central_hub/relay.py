@@ -210,6 +210,18 @@ class _Pending:
     waiters: list[asyncio.Future[SiteAnswer]] = field(default_factory=list)
 
 
+def enrolled_site(store: Store, headers: Mapping[str, str]) -> tuple[str, str, dict[str, Any]]:
+    """The site a link request claims to come from, its public key and its record, from
+    the replicated view (O(1)); LinkAuthError if it is unknown or not enrolled."""
+    site = claimed_site(headers)
+    found = store.get_json("sites", site) if len(site) <= 200 else None
+    record: dict[str, Any] = found if isinstance(found, dict) else {}
+    key = record.get("public_key")
+    if not isinstance(key, str):
+        raise LinkAuthError(f"site {site[:64]!r} is unknown or not enrolled")
+    return site, key, record
+
+
 class ReportRelay:
     """A replica's reports (module docstring). ``authority``: this replica's own
     ``host:port`` as sites sign it; ``store``: the replicated view (the sites' keys);
@@ -280,11 +292,7 @@ class ReportRelay:
             return body
         now = self._clock()
         try:
-            site = claimed_site(request.headers)
-            record = self._store.get_json("sites", site) if len(site) <= 200 else None
-            key = None if record is None else record.get("public_key")
-            if not isinstance(key, str):
-                raise LinkAuthError(f"site {site[:64]!r} is unknown or not enrolled")
+            site, key, _record = enrolled_site(self._store, request.headers)
             if is_legacy(request.headers):
                 return error_response(
                     401,

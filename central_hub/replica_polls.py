@@ -49,7 +49,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any
 
 from aiohttp import web
 
@@ -58,12 +57,12 @@ from central_hub.api import DEFAULT_WAIT_S, MAX_LINK_LIMIT, ROUTES
 from central_hub.contract import QueryContract
 from central_hub.errors import ApiError, InputProblems
 from central_hub.ledger import MAX_DELTA_RESPONSE_BYTES
-from central_hub.relay import ReportRelay
+from central_hub.relay import ReportRelay, enrolled_site
 from central_hub.replay import NonceCache, admit
 from central_hub.routing import error_response, json_response
 from central_hub.siteviews import SiteViews
 from central_hub.store import Store
-from meshorch.fleet.link_auth import LinkAuthError, claimed_site, is_legacy, verify_request
+from meshorch.fleet.link_auth import LinkAuthError, is_legacy, verify_request
 from meshorch.http_body import read_limited
 
 logger = logging.getLogger(__name__)
@@ -176,12 +175,7 @@ class FollowerPolls:
             return error_response(413, "body_too_large", f"the body exceeds {self._max_body} bytes")
         now = self._clock()
         try:
-            site = claimed_site(request.headers)
-            found = self._store.get_json("sites", site) if len(site) <= 200 else None
-            record: dict[str, Any] = found if isinstance(found, dict) else {}
-            key = record.get("public_key")
-            if not isinstance(key, str):
-                raise LinkAuthError(f"site {site[:64]!r} is unknown or not enrolled")
+            site, key, record = enrolled_site(self._store, request.headers)
             signed_at, nonce = verify_request(
                 key, request.headers, request.method, request.host, request.raw_path, body, now
             )
