@@ -100,7 +100,6 @@ class FollowerPolls:
         self._indexed = 0  # the replicated head this replica indexed up to
         self._scheduled = False
         self._task: asyncio.Task[None] | None = None
-        self.handled = 0  # long-polls answered here
 
     def _head(self) -> int:
         head = self._store.get_json("meta", "head")
@@ -195,24 +194,17 @@ class FollowerPolls:
         wait_s = float(query.get("wait", DEFAULT_WAIT_S))  # type: ignore[arg-type]
         limit: int = query.get("limit", MAX_LINK_LIMIT)  # type: ignore[assignment]
         knows_views = self._relay.knows_views(site)
-        if (
-            record.get(holds.HELD) is not None
-            or knows_views is None
-            or self._compacted_after(after)
-        ):
+        if holds.held_record(record) or knows_views is None or self._compacted_after(after):
             return body  # the leader's answer (module docstring)
         if knows_views:
             await self.views.wait(site, after, wait_s)
         else:  # as the leader's ``wait_for_deltas``: any delta
             await self.views.wait_any(after, wait_s, lambda: self._indexed)
         if holds.held_record(self._store.get_json("sites", site)):
-            response = json_response(holds.held_answer(after))  # held while it waited
-        else:
-            head = self._head()
-            deltas = self._store.deltas_after(after, limit, MAX_DELTA_RESPONSE_BYTES)
-            response = json_response(siteviews.answer(head, self.views.views(deltas, site)))
-        self.handled += 1
-        return response
+            return json_response(holds.held_answer(after))  # held while it waited
+        head = self._head()
+        deltas = self._store.deltas_after(after, limit, MAX_DELTA_RESPONSE_BYTES)
+        return json_response(siteviews.answer(head, self.views.views(deltas, site)))
 
     def _compacted_after(self, after: int) -> bool:
         """Whether deltas right after ``after`` may be gone (compacted into a snapshot)."""
