@@ -101,11 +101,14 @@ async def test_a_follower_answers_a_sites_long_poll_with_the_leaders_bytes(
             await _poll(running, follower, key_a, "shop-a", head, 30, headers={}),
             await _poll(running, follower, key_b, "shop-a", head, 30),  # another site's key
             await _poll(running, follower, key_a, "shop-a", head, 30, host=url_host(other.url)),
+            # A site not enrolled (or deleted: its record is gone) signing with its own key.
+            await _poll(running, follower, SigningKey.generate(), "shop-z", head, 30),
         ]
         assert [(s, _code(b)) for s, b, _, _ in refused] == [
             (401, "bad_site_signature"),
             (401, "bad_site_signature"),
             (421, "misdirected_request"),
+            (401, "bad_site_signature"),
         ], refused
         status, body, _, sent = await _poll(running, follower, key_a, "shop-a", head, 0)
         assert status == 200, body
