@@ -147,6 +147,9 @@ async def test_the_audit_log_is_pruned_by_count_and_age_in_batches(
 
     await hub.ledger.transact(many)
     retention = hub.audit_retention
+    # Only this test's calls prune: the hub's tick would otherwise prune too once the clock
+    # jumps, with the bounds of that moment (it took entry 351 while max_entries was 50).
+    retention.every_s = float("inf")
     retention.max_entries, retention.max_age_s = 50, 3600.0
     retention.batch, retention.max_batches = 30, 2
     assert await retention.prune() == 60  # two batches a run, then the next run goes on
@@ -170,6 +173,26 @@ async def test_the_audit_log_is_pruned_by_count_and_age_in_batches(
     entries = (await admin.ok("GET", "/v1/audit?after=0&limit=500"))["entries"]
     assert [e["action"] for e in entries] == ["tenants.create"]
     assert hub.store.get_json("meta", "audit_pruned_through") == 400
+
+
+async def test_the_hubs_own_tick_prunes_the_audit_log(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    config = hub_config(tmp_path / "hub", audit_max_entries=5, heartbeat_s=3600.0)
+    async with Hub(config) as hub:
+        admin = Operator(session, hub.url, admin_token(hub))
+        hub.audit_retention.every_s = 0.05
+        for name in ("blue", "green", "red", "amber", "grey", "teal", "plum"):
+            await admin.ok("POST", "/v1/tenants", {"id": name}, 201)
+        deadline = time.monotonic() + 30
+        entries = (await admin.ok("GET", "/v1/audit?after=0&limit=500"))["entries"]
+        while len(entries) > 5 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            entries = (await admin.ok("GET", "/v1/audit?after=0&limit=500"))["entries"]
+        assert len(entries) == 5, entries
+        assert hub.audit_retention.pruned >= 2
+        assert [e["action"] for e in entries][-1] == "tenants.create"
+        assert entries[-1]["seq"] == hub.store.last_sequence("audit")
 
 
 def test_the_store_map_grows_before_it_fills_while_readers_read(tmp_path: Path) -> None:
