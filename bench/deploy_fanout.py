@@ -49,6 +49,7 @@ from nacl.signing import SigningKey, VerifyKey
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from central_hub.placement import MAX_PARALLEL
 from meshorch.apps.spec import from_json, to_json
 from meshorch.demo.localsite import LocalHub
 from meshorch.fleet.delta import (
@@ -402,7 +403,8 @@ async def deploy_once(
 ) -> Deployment:
     version = str(index)
     # One wave up to the API's largest (placement.MAX_PARALLEL), then waves of that many.
-    body = {"spec": app_spec(version), "placement": {"max_parallel": min(len(sites), 1000)}}
+    wave = min(len(sites), MAX_PARALLEL)
+    body = {"spec": app_spec(version), "placement": {"max_parallel": wave}}
     t0 = time.time()
     status, answer = await admin.call("POST", "/v1/apps", body)
     api_s = time.time() - t0

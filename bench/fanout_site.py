@@ -41,9 +41,11 @@ from nacl.signing import SigningKey
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from meshorch import __version__
 from meshorch.apps.spec import SpecError, from_json
 from meshorch.fleet.client import HubTrust, LinkClient, LinkError
 from meshorch.fleet.delta import TrustState, verify_batch
+from meshorch.state.protocol import PROTOCOL
 
 REPORT_EVERY_S = 3.0
 COUNT_EVERY_S = 2.0
@@ -73,6 +75,15 @@ class LightSite:
              "state": "running", "ready": True, "restarts": 0}
             for name, version in sorted(self.apps.items())
         ]  # fmt: skip
+        # What an agent of this release says of its host: the hub serves the site its own
+        # view of the log (per-site deltas, Merkle targets) as it serves a real site.
+        host = {
+            "host_id": "h1",
+            "alive": True,
+            "agent_version": __version__,
+            "protocol": PROTOCOL,
+            "instances": instances,
+        }
         return {
             "v": 1,
             "site": self.site_id,
@@ -80,7 +91,7 @@ class LightSite:
             "applied_version": self.trust.version,
             "applied_head": self.trust.head,
             "rejections": self.rejections[-20:],
-            "hosts": [{"host_id": "h1", "alive": True, "instances": instances}],
+            "hosts": [host],
             "apps": {
                 name: {
                     "version": version,
@@ -95,7 +106,7 @@ class LightSite:
 
     def apply(self, raws: list[bytes], now: float) -> list[tuple[str, str, int]]:
         """Verify and apply a batch; returns (app, version, delta version) put here."""
-        result = verify_batch(raws, self.trust, now)
+        result = verify_batch(raws, self.trust, now, self.site_id)
         if result.rejected is not None:
             exc = result.rejected
             self.rejections.append({**exc.to_json(), "at": now})

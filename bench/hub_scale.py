@@ -3,8 +3,9 @@
 A replicated hub (``bench/hubcluster.py``: three ``meshorch hub --raft`` processes, TLS,
 fsync'd Raft journal) and ``--sites`` light sites (``bench/fanout_site.py``: the real link
 protocol: signed requests, long-polls, verified deltas, a report every 3 s) spread over
-``--workers`` processes, each worker's sites given the replicas' URLs starting with a
-different one, so the load lands on every replica's front. For each size:
+``--workers`` processes, each site given every replica's URL (as an agent is): a site
+starts at the replica its id picks (``meshorch.fleet.client.first_replica``), so the load
+lands on every replica's front. For each size:
 
 1. register every site (with its key) through the API, start the sites, wait until each
    has reported once;
@@ -140,13 +141,9 @@ async def run_size(
         )
         log(f"{sites_count} sites: starting {worker_args.workers} site worker(s)")
 
-        def rotated(index: int) -> str:
-            turn = index % len(urls)
-            return ",".join(urls[turn:] + urls[:turn])
-
         try:
             workers = await start_workers(
-                worker_args, rotated, fleet["root_key"], sites, pids,
+                worker_args, ",".join(urls), fleet["root_key"], sites, pids,
                 "--hub-fingerprint", running.fingerprint,
             )  # fmt: skip
             started = time.monotonic()
@@ -181,7 +178,9 @@ async def run_size(
                 p99 = percentile(deployment.acked, 0.99)
                 log(
                     f"deployment {index}: API {deployment.api_s * 1000:.0f} ms, every site "
-                    f"{deployment.all_sites_s:.2f} s (p99 {p99:.2f} s)"
+                    f"{deployment.all_sites_s:.2f} s (p50 {percentile(deployment.acked, 0.5):.2f}"
+                    f" s, p99 {p99:.2f} s; fetched p50 {percentile(deployment.fetched, 0.5):.2f}"
+                    f" s, p99 {percentile(deployment.fetched, 0.99):.2f} s)"
                 )
             if collector.rejected:
                 raise RuntimeError(f"sites rejected deltas: {collector.rejected[:5]}")

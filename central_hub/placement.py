@@ -34,7 +34,7 @@ _OPS: dict[str, Op] = {
     "not_exists": "not exists",
 }
 DEFAULT_MAX_PARALLEL = 10
-MAX_PARALLEL = 1000
+MAX_PARALLEL = 10_000  # one wave can reach a fleet of this many sites at once
 MAX_EXPRESSIONS = 32
 MAX_VALUES = 256
 MAX_SITES = 10_000

@@ -174,6 +174,14 @@ def parse_gossip_info(data: Mapping[str, Any]) -> GossipInfo:
     return GossipInfo(cert, hub_id, hub_addr, str(preset), peers)
 
 
+def first_replica(site_id: str, replicas: int) -> int:
+    """Which of a replicated hub's URLs a site calls first: spread over the replicas by
+    its id (each replica carries its share of the reports and long-polls, not all of them
+    the first one listed), and the same after a restart."""
+    digest = hashlib.blake2b(site_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % replicas
+
+
 class LinkClient:
     """``async with LinkClient(hub, site_id, key) as client: head, raws = await client.fetch(0)``.
 
@@ -195,7 +203,6 @@ class LinkClient:
         self.hub_urls = [url.strip().rstrip("/") for url in hub_url.split(",") if url.strip()]
         if not self.hub_urls:
             raise ValueError("no hub URL")
-        self.hub_url = self.hub_urls[0]
         self.site_id = site_id
         self.key = key
         self.clock = clock
@@ -203,7 +210,7 @@ class LinkClient:
         self.site_head: int | None = None  # from the last report's answer (``report``)
         self.held = False  # the hub holds this site (its last poll's or report's answer)
         self.trust = trust or HubTrust()
-        self._use(0)
+        self._use(first_replica(site_id, len(self.hub_urls)))
         self._session = session
         self._own_session = session is None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 
 import pytest
 from aiohttp import web
@@ -15,6 +16,7 @@ from meshorch.fleet.client import (
     LinkClient,
     LinkRefused,
     LinkUnauthorized,
+    first_replica,
 )
 from meshorch.fleet.delta import TrustState, key_id, verify_batch
 from tests.fleet.hubstub import StubHub
@@ -89,14 +91,27 @@ async def test_several_hub_urls_fail_over_to_the_next() -> None:
     async with StubHub("acme", ROOT) as hub:
         hub.tokens.add("tok")
         dead = f"http://127.0.0.1:{free_port()}"
-        async with LinkClient(f"{dead}, {hub.url}/", "shop-1", SITE_KEY) as client:
+        # The site whose id sends it to the first URL first (``first_replica``).
+        site = next(f"shop-{n}" for n in range(100) if first_replica(f"shop-{n}", 2) == 0)
+        async with LinkClient(f"{dead}, {hub.url}/", site, SITE_KEY) as client:
             assert client.hub_urls == [dead, hub.url]
+            assert client.hub_url == dead
             with pytest.raises(HubUnreachable):
                 await client.enroll("tok")  # the dead replica
             assert client.hub_url == hub.url
-            assert await client.enroll("tok") == "shop-1"
+            assert await client.enroll("tok") == site
             hub.publish([])
             head, raws = await client.fetch(0, wait_s=0)
             assert head == 1 and len(raws) == 1
     with pytest.raises(ValueError):
         LinkClient(" , ", "shop-1", SITE_KEY)
+
+
+def test_sites_start_at_replicas_spread_by_their_ids() -> None:
+    urls = ",".join(f"https://hub-{n}.example:8443" for n in range(3))
+    starts = collections.Counter(
+        LinkClient(urls, f"site-{n:05d}", SITE_KEY).hub_url for n in range(3000)
+    )
+    assert len(starts) == 3 and min(starts.values()) > 900, starts
+    again = LinkClient(urls, "site-00042", SITE_KEY).hub_url
+    assert again == LinkClient(urls, "site-00042", SITE_KEY).hub_url  # stable across restarts
