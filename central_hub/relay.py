@@ -8,12 +8,17 @@ follower replica of a replicated hub (``central_hub.replica``) therefore answers
   nonce in its own replay cache, and the report's shape (the route's contract and
   ``parse_report``): a refused request costs no work beyond that and changes nothing;
 - it keeps the site's latest report in memory (``ReportRelay.latest``) and pushes what
-  changed to the leader in one batched request every ``PUSH_EVERY_S``
-  (``POST RELAY_PATH``, authenticated with the replicas' forwarding key);
+  it received to the leader in one batched request every ``PUSH_EVERY_S``
+  (``POST RELAY_PATH``, authenticated with the replicas' forwarding key): a report whose
+  ``progress`` did not change goes as a compact mark (``seen``: the site, its nonce, its
+  clock), in full at most every ``FULL_EVERY_S`` (its hosts' resource samples);
 - the leader merges a batch as if each report had reached it (``merge``: the same
   ``Sites.record_report``, so alerts, the vault's triggers and the rollout driver see it)
   and answers, per site, what the site's report answer carries (``site_head``, ``held``)
-  with the fleet's head; the follower answers the site from that.
+  with the fleet's head; the follower answers the site from that. A mark renews the
+  leader's kept report (``Reports.seen``: its time, when the site was heard) and nothing
+  else; a mark for a site whose report the leader does not keep (a new leader) is not
+  answered, so that site's next report goes in full.
 
 The leader's answers kept here also tell the follower's long-polls which deltas wake a
 site's poll (``knows_views``: the site knows per-site views; ``central_hub.replica_polls``):
@@ -75,6 +80,10 @@ PUSH_EVERY_S = 1.0
 # a site's own report timeout (4 s, ``meshorch.fleet.site_link``), so it is answered.
 WAIT_S = 3.0
 MAX_PUSH = 2000  # reports per push; more wait for the next one
+MAX_SEEN = 20_000  # marks per push (about 80 bytes each)
+# An unchanged report goes in full this often (its hosts' resource samples, which the
+# leader's host alerts read): well inside the hub's ``site_stale_s``.
+FULL_EVERY_S = 15.0
 MAX_RELAY_BYTES = 64 * 1024 * 1024
 RELAY_WINDOW_S = 30.0  # a push is accepted this long after it was made
 # What a report answer says of one site: the newest version that concerns it (None:
@@ -152,8 +161,24 @@ def progress(report: Mapping[str, Any]) -> tuple[object, ...]:
 # -- the leader's side ----------------------------------------------------------------------
 
 
-def parse_push(body: bytes) -> list[dict[str, Any]]:
-    """The reports of a push (ValueError when it is not one)."""
+@dataclass(frozen=True, slots=True)
+class Push:
+    """A follower's push: reports in full, and marks of unchanged ones (``Seen``)."""
+
+    reports: list[dict[str, Any]]
+    seen: list[Seen]
+
+
+# A mark: the site, its request's nonce and signing time, the report's own ``time``.
+Seen = tuple[str, str, float, float]
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def parse_push(body: bytes) -> Push:
+    """The reports and marks of a push (ValueError when it is not one)."""
     data = orjson.loads(body)
     if not isinstance(data, dict) or data.get("v") != RELAY_VERSION:
         raise ValueError(f"a push is an object of version {RELAY_VERSION}")
@@ -166,30 +191,58 @@ def parse_push(body: bytes) -> list[dict[str, Any]]:
             and isinstance(entry.get("site"), str)
             and isinstance(entry.get("report"), dict)
             and isinstance(entry.get("nonce"), str)
-            and isinstance(entry.get("signed_at"), int | float)
+            and _is_number(entry.get("signed_at"))
         ):
             raise ValueError("a pushed report is {site, report, nonce, signed_at}")
-    return reports
+    marks = data.get("seen", [])  # absent in a push of an older replica
+    if not isinstance(marks, list):
+        raise ValueError("a push's marks are a list")
+    seen: list[Seen] = []
+    for mark in marks:
+        if not (
+            isinstance(mark, list)
+            and len(mark) == 4
+            and isinstance(mark[0], str)
+            and isinstance(mark[1], str)
+            and _is_number(mark[2])
+            and _is_number(mark[3])
+        ):
+            raise ValueError("a pushed mark is [site, nonce, signed_at, time]")
+        seen.append((mark[0], mark[1], float(mark[2]), float(mark[3])))
+    return Push(reports, seen)
 
 
-async def merge(parts: HubParts, nonces: NonceCache, entries: list[dict[str, Any]]) -> bytes:
+async def merge(parts: HubParts, nonces: NonceCache, push: Push) -> bytes:
     """Keep the pushed reports as if they had reached this hub (``link_report`` after the
-    follower's checks); the answer: the fleet's head and each site's ``SiteAnswer``."""
+    follower's checks) and renew the marked ones; the answer: the fleet's head and each
+    site's ``SiteAnswer`` (none for a mark of a site whose report is not kept here)."""
     ledger = parts.ledger
     answers: dict[str, SiteAnswer] = {}
-    for entry in entries:
-        site, report = entry["site"], entry["report"]
-        if parts.sites.site_public_key(site) is None:
-            continue  # deleted (or its key withdrawn) since the follower checked it
+
+    def fresh(site: str, nonce: str, signed_at: float) -> bool:
         try:
-            fresh = nonces.check_and_add(site, entry["nonce"], entry["signed_at"], ledger.now())
+            return nonces.check_and_add(site, nonce, signed_at, ledger.now())
         except ReplayCacheFull:
-            fresh = False
-        if fresh:
-            await parts.sites.record_report(site, report)
+            return False
+
+    def answer(site: str) -> None:
         held = is_held(parts, site)
         site_head = ledger.site_head(site) if parts.delta_format.site_ready(site) else None
         answers[site] = (site_head, held)
+
+    for entry in push.reports:
+        site = entry["site"]
+        if parts.sites.site_public_key(site) is None:
+            continue  # deleted (or its key withdrawn) since the follower checked it
+        if fresh(site, entry["nonce"], entry["signed_at"]):
+            await parts.sites.record_report(site, entry["report"])
+        answer(site)
+    for site, nonce, signed_at, site_time in push.seen:
+        if parts.sites.site_public_key(site) is None:
+            continue
+        if fresh(site, nonce, signed_at) and not parts.sites.reports.seen(site, site_time):
+            continue  # no report kept here to renew: the site's next one comes in full
+        answer(site)
     return orjson.dumps({"v": RELAY_VERSION, "head": ledger.head.version, "sites": answers})
 
 
@@ -249,7 +302,9 @@ class ReportRelay:
         self._progress: dict[str, tuple[object, ...]] = {}
         self._answers: dict[str, SiteAnswer] = {}
         self._head = 0
-        self._pending: dict[str, _Pending] = {}
+        self._pending: dict[str, _Pending] = {}  # reports to push in full
+        self._seen: dict[str, Seen] = {}  # unchanged reports to push as marks
+        self._full_at: dict[str, float] = {}  # when the leader took a site's report in full
         self._now = asyncio.Event()  # a report waits for its push
         self._task: asyncio.Task[None] | None = None
         self.handled = 0  # reports answered here
@@ -275,10 +330,6 @@ class ReportRelay:
         there is no such answer."""
         answer = self._answers.get(site)
         return None if answer is None else answer[0] is not None
-
-    def forget_answers(self) -> None:
-        """The leader changed: what it answered is asked again with the next reports."""
-        self._answers.clear()
 
     # -- a site's report ----------------------------------------------------------------
 
@@ -319,16 +370,22 @@ class ReportRelay:
         except InputProblems as exc:
             return error_response(400, exc.code, str(exc), exc.problems)
         report.update(parse_report_secrets(data))
-        return await self._keep(site, report, nonce, signed_at)
+        return await self._keep(site, report, nonce, signed_at, now)
 
     async def _keep(
-        self, site: str, report: dict[str, Any], nonce: str, signed_at: float
+        self, site: str, report: dict[str, Any], nonce: str, signed_at: float, now: float
     ) -> web.Response:
         self.latest[site] = report
         moved = progress(report)
         urgent = self._progress.get(site) != moved or site not in self._answers
         self._progress[site] = moved
         entry = self._pending.get(site)
+        if entry is None and not urgent and now - self._full_at.get(site, -1e18) < FULL_EVERY_S:
+            # Unchanged, and the leader has its report from less than FULL_EVERY_S ago.
+            self._seen[site] = (site, nonce, signed_at, float(report["time"]))
+            self.handled += 1
+            return json_response(answer_of(self._head, self._answers[site], report))
+        self._seen.pop(site, None)
         waiters = [] if entry is None else entry.waiters
         self._pending[site] = _Pending(report, nonce, signed_at, waiters)
         if urgent:
@@ -362,13 +419,16 @@ class ReportRelay:
             except TimeoutError:
                 pass
             self._now.clear()
-            if self._pending:
+            if self._pending or self._seen:
                 await self.push()
 
     async def push(self) -> None:
-        """Send what changed since the last push (at most MAX_PUSH reports)."""
+        """Send what was received since the last push (at most MAX_PUSH reports in full
+        and MAX_SEEN marks)."""
         sites = list(self._pending)[:MAX_PUSH]
         taken = {site: self._pending.pop(site) for site in sites}
+        marked = [self._seen.pop(site) for site in list(self._seen)[:MAX_SEEN]]
+        pushed_at = self._clock()
         body = orjson.dumps(
             {
                 "v": RELAY_VERSION,
@@ -376,6 +436,7 @@ class ReportRelay:
                     {"site": s, "report": e.report, "nonce": e.nonce, "signed_at": e.signed_at}
                     for s, e in taken.items()
                 ],
+                "seen": marked,
             }
         )
         try:
@@ -392,15 +453,17 @@ class ReportRelay:
                 # Kept for the next push unless a newer report took its place.
                 if site not in self._pending:
                     self._pending[site] = _Pending(entry.report, entry.nonce, entry.signed_at)
+            for mark in marked:
+                if mark[0] not in self._pending:
+                    self._seen.setdefault(mark[0], mark)
             return
         self.pushes += 1
         self._head = head
+        for site, *_ in marked:
+            self._take_answer(site, answers.get(site))
         for site, entry in taken.items():
-            got = answers.get(site)
-            if isinstance(got, list) and len(got) == 2:
-                self._answers[site] = (got[0] if type(got[0]) is int else None, got[1] is True)
-            else:  # the leader no longer knows the site: ask again with its next report
-                self._answers.pop(site, None)
+            if self._take_answer(site, answers.get(site)):
+                self._full_at[site] = pushed_at
             for waiter in entry.waiters:
                 if waiter.done():
                     continue
@@ -408,5 +471,15 @@ class ReportRelay:
                     waiter.set_result(self._answers[site])
                 else:
                     waiter.set_exception(UnknownSite(f"site {site!r} is unknown or not enrolled"))
-        if self._pending and len(taken) >= MAX_PUSH:
+        if (self._pending and len(taken) >= MAX_PUSH) or (self._seen and len(marked) >= MAX_SEEN):
             self._now.set()
+
+    def _take_answer(self, site: str, got: object) -> bool:
+        """Keep the leader's answer for ``site``; False when there is none (the leader no
+        longer knows the site, or keeps no report of it): its next report goes in full."""
+        if isinstance(got, list) and len(got) == 2:
+            self._answers[site] = (got[0] if type(got[0]) is int else None, got[1] is True)
+            return True
+        self._answers.pop(site, None)
+        self._full_at.pop(site, None)
+        return False

@@ -346,10 +346,10 @@ class HubReplica:
             response.headers["Retry-After"] = "1"
             return response
         try:
-            entries = parse_push(body)
+            push = parse_push(body)
         except ValueError as exc:
             return error_response(400, "bad_relay", str(exc))
-        answer = await merge(hub.parts, self.nonces, entries)
+        answer = await merge(hub.parts, self.nonces, push)
         return web.Response(body=answer, content_type="application/json")
 
     async def _push(self, body: bytes) -> dict[str, Any]:

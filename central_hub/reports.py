@@ -76,6 +76,20 @@ class Reports:
             self._saving = asyncio.ensure_future(self._save_later())
         return True
 
+    def seen(self, site_id: str, site_time: float) -> bool:
+        """A replica's word that ``site_id`` reported again with nothing changed but its
+        clock and its hosts' resource samples (``central_hub.relay``): the kept report
+        takes the new ``time`` and the site counts as heard now; nothing else moves, so no
+        listener is told and nothing is written. False: no report is kept to renew."""
+        kept = self._reports.get(site_id)
+        if kept is None:
+            return False
+        report, _received_at = kept
+        if site_time > float(report["time"]):
+            report = {**report, "time": site_time}
+        self._reports[site_id] = (report, self.ledger.now())
+        return True
+
     async def _save_later(self) -> None:
         await asyncio.sleep(PERSIST_EVERY_S)
         await self.save()

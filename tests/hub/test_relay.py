@@ -1,16 +1,30 @@
-"""The pure parts of the report relay (``central_hub.relay``): the push's authentication,
-what a report answer carries, when a report must reach the leader at once, the push's
-shape. The relay itself runs in real replicas: tests/hub/test_soft_reports.py."""
+"""The report relay (``central_hub.relay``): the push's authentication, what a report
+answer carries, when a report must reach the leader at once, the push's shape, and what a
+follower pushes for each report. The relay runs in real replicas in
+tests/hub/test_soft_reports.py."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
-from central_hub.relay import answer_of, parse_push, progress, relay_authentic, relay_header
+from central_hub.relay import (
+    FULL_EVERY_S,
+    Push,
+    ReportRelay,
+    answer_of,
+    parse_push,
+    progress,
+    relay_authentic,
+    relay_header,
+)
+from central_hub.replay import NonceCache
+from central_hub.store import Store
 
 KEY = b"k" * 32
 
@@ -70,6 +84,12 @@ def test_progress_ignores_the_time_and_resource_samples_only() -> None:
         b'{"v":1}',
         b'{"v":1,"reports":[{"site":"s","report":{},"nonce":"n"}]}',
         b'{"v":1,"reports":[{"site":1,"report":{},"nonce":"n","signed_at":1}]}',
+        b'{"v":1,"reports":[{"site":"s","report":{},"nonce":"n","signed_at":true}]}',
+        b'{"v":1,"reports":[],"seen":{}}',
+        b'{"v":1,"reports":[],"seen":[["s","n",1]]}',
+        b'{"v":1,"reports":[],"seen":[["s","n",1,"later"]]}',
+        b'{"v":1,"reports":[],"seen":[[1,"n",1,2]]}',
+        b'{"v":1,"reports":[],"seen":[["s","n",false,2]]}',
     ],
 )
 def test_a_malformed_push_is_refused(body: bytes) -> None:
@@ -79,4 +99,62 @@ def test_a_malformed_push_is_refused(body: bytes) -> None:
 
 def test_a_push_is_parsed() -> None:
     entry = {"site": "s", "report": _report(), "nonce": "ab", "signed_at": 1.5}
-    assert parse_push(orjson.dumps({"v": 1, "reports": [entry]})) == [entry]
+    # An older replica's push has no marks.
+    assert parse_push(orjson.dumps({"v": 1, "reports": [entry]})) == Push([entry], [])
+    marks = [["t", "cd", 2, 3.5]]
+    pushed = parse_push(orjson.dumps({"v": 1, "reports": [], "seen": marks}))
+    assert pushed == Push([], [("t", "cd", 2.0, 3.5)])
+
+
+async def test_a_follower_pushes_unchanged_reports_as_marks_and_in_full_now_and_then(
+    tmp_path: Path,
+) -> None:
+    """The follower's choice per report (``ReportRelay._keep``), against a leader that
+    answers pushes as ``merge`` does: a mark of a site whose report it keeps is answered,
+    another is not."""
+    pushes: list[Push] = []
+    kept = {"s"}  # the sites whose report the leader keeps
+
+    async def leader(body: bytes) -> dict[str, Any]:
+        push = parse_push(body)
+        pushes.append(push)
+        answers = {entry["site"]: [7, False] for entry in push.reports}
+        answers.update({site: [7, False] for site, *_ in push.seen if site in kept})
+        return {"v": 1, "head": 9, "sites": answers}
+
+    clock = [1000.0]
+    relay = ReportRelay(
+        "hub:1", Store(tmp_path / "store"), leader, lambda: clock[0], NonceCache(), 1 << 20,
+        push_every_s=0.01,
+    )  # fmt: skip
+    await relay.start()
+    try:
+
+        async def report(seconds_later: float, applied: int = 3) -> tuple[dict[str, Any], Push]:
+            clock[0] += seconds_later
+            sent = {**_report(), "time": clock[0], "applied_version": applied}
+            before = len(pushes)
+            response = await relay._keep("s", sent, f"n{clock[0]}", clock[0], clock[0])
+            assert response.status == 200 and response.body is not None
+            for _ in range(500):
+                if len(pushes) > before:
+                    break
+                await asyncio.sleep(0.01)
+            return orjson.loads(bytes(response.body)), pushes[-1]  # type: ignore[arg-type]
+
+        answer, push = await report(0)  # the first: in full, answered after its push
+        assert answer == {"head": 9, "site_head": 7} and [e["site"] for e in push.reports] == ["s"]
+        answer, push = await report(3)  # unchanged: a mark, with the report's own time
+        assert answer == {"head": 9, "site_head": 7}
+        assert push.reports == [] and push.seen == [("s", "n1003.0", 1003.0, 1003.0)]
+        answer, push = await report(FULL_EVERY_S)  # unchanged, but its samples are old
+        assert [e["site"] for e in push.reports] == ["s"] and push.seen == []
+        kept.clear()  # a new leader, which keeps no report of the site
+        answer, push = await report(3)
+        assert push.reports == [] and [site for site, *_ in push.seen] == ["s"]
+        answer, push = await report(3)  # not answered: this one goes in full
+        assert [e["site"] for e in push.reports] == ["s"] and push.seen == []
+        answer, push = await report(1, applied=4)  # progress: in full at once
+        assert [e["report"]["applied_version"] for e in push.reports] == [4]
+    finally:
+        await relay.stop()
