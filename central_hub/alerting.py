@@ -100,6 +100,7 @@ class Alerting:
         self._everyone = True  # the first pass evaluates every site
         self.deadlines: Deadlines[str] = Deadlines()
         reports.listeners.append(lambda site, _previous, _report: self.mark(site))
+        reports.watchers.append(lambda report: alerts.over_thresholds(report, self.thresholds))
         sites.listeners.append(self.mark)
 
     def mark(self, site: str) -> None:

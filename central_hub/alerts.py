@@ -210,6 +210,22 @@ def conditions(
     return found
 
 
+def over_thresholds(report: Mapping[str, Any], thresholds: Thresholds) -> tuple[object, ...]:
+    """Which of the report's hosts are over the disk and memory thresholds: what of its
+    resource samples moves a host alert (``Reports`` tells its listeners when it changes)."""
+    flags: list[object] = []
+    for host in report.get("hosts", []):
+        use = host.get("resources") or {}
+        for field, limit in (
+            ("disk_used_pct", thresholds.disk_used_pct),
+            ("memory_used_pct", thresholds.memory_used_pct),
+        ):
+            value = use.get(field)
+            if isinstance(value, int | float) and value >= limit:
+                flags.append((host["host_id"], field))
+    return tuple(flags)
+
+
 class AlertBook:
     """Active alerts and the recently resolved ones."""
 

@@ -30,6 +30,8 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from typing import Any, Literal
 
+import orjson
+
 from central_hub.errors import InputProblems
 from central_hub.waves import AppStatus
 
@@ -214,6 +216,16 @@ def parse_report(data: object, site_id: str) -> dict[str, Any]:
 
 
 REORDER_WINDOW_S = 5.0
+
+
+def progress(report: Mapping[str, Any]) -> bytes:
+    """What of a report moves anything when it changes: all but its time and the hosts'
+    resource samples, which change with every report (``Reports.record`` and the report
+    relay treat a report with the same ``progress`` as a renewal)."""
+    hosts = [{k: v for k, v in h.items() if k != "resources"} for h in report.get("hosts", ())]
+    rest = {k: v for k, v in report.items() if k != "time"}
+    rest["hosts"] = hosts
+    return orjson.dumps(rest, option=orjson.OPT_SORT_KEYS)
 
 
 def is_stale_report(

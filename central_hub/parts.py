@@ -20,7 +20,7 @@ from central_hub.deployments import Deployments
 from central_hub.gossip import HubGossip
 from central_hub.ledger import Ledger
 from central_hub.logs import HubLogs, LogLimits
-from central_hub.reports import Reports
+from central_hub.reports import Reports, renew_after
 from central_hub.sites import Sites, SiteTimes
 from central_hub.snapshots import Snapshots, registered_sites
 from central_hub.trends import TrendBook
@@ -37,7 +37,7 @@ class HubParts:
         self.ledger = Ledger(c.data_dir, c.clock, c.delta_ttl_s, on_append=self._appended)
         self.ledger.kek = c.kek
         self.accounts = Accounts(self.ledger)
-        self.reports = Reports(self.ledger, on_report=wake)
+        self.reports = Reports(self.ledger, on_report=wake, renew_s=renew_after(c.site_stale_s))
         self.deployments = Deployments(
             self.ledger,
             self.accounts,

@@ -11,7 +11,8 @@ follower replica of a replicated hub (``central_hub.replica``) therefore answers
   it received to the leader in one batched request every ``PUSH_EVERY_S``
   (``POST RELAY_PATH``, authenticated with the replicas' forwarding key): a report whose
   ``progress`` did not change goes as a compact mark (``seen``: the site, its nonce, its
-  clock), in full at most every ``FULL_EVERY_S`` (its hosts' resource samples);
+  clock), in full at least every ``full_every_s`` (its hosts' resource samples; the
+  leader's ``Reports.renew_s``);
 - the leader merges a batch as if each report had reached it (``merge``: the same
   ``Sites.record_report``, so alerts, the vault's triggers and the rollout driver see it)
   and answers, per site, what the site's report answer carries (``site_head``, ``held``)
@@ -52,9 +53,10 @@ from aiohttp import web
 
 from central_hub.contract import BodyContract
 from central_hub.errors import ApiError, InputProblems
-from central_hub.fleetview import parse_report
+from central_hub.fleetview import parse_report, progress
 from central_hub.openapi import SCHEMAS
 from central_hub.replay import NonceCache, ReplayCacheFull, admit
+from central_hub.reports import RENEW_S
 from central_hub.routing import error_response, json_response
 from central_hub.store import Store
 from central_hub.vault import parse_report_secrets
@@ -81,9 +83,6 @@ PUSH_EVERY_S = 1.0
 WAIT_S = 3.0
 MAX_PUSH = 2000  # reports per push; more wait for the next one
 MAX_SEEN = 20_000  # marks per push (about 80 bytes each)
-# An unchanged report goes in full this often (its hosts' resource samples, which the
-# leader's host alerts read): well inside the hub's ``site_stale_s``.
-FULL_EVERY_S = 15.0
 MAX_RELAY_BYTES = 64 * 1024 * 1024
 RELAY_WINDOW_S = 30.0  # a push is accepted this long after it was made
 # What a report answer says of one site: the newest version that concerns it (None:
@@ -143,19 +142,6 @@ def answer_of(head: int, site: SiteAnswer, report: Mapping[str, Any]) -> dict[st
     if site_head is None:
         return {"head": head}
     return {"head": head, "site_head": site_head}
-
-
-def progress(report: Mapping[str, Any]) -> tuple[object, ...]:
-    """What of a report the leader must see at once when it changes: all but the time
-    and the hosts' resource samples (the hosts' liveness and agents stay)."""
-    hosts = tuple(
-        (h["host_id"], h["alive"], h.get("agent_version")) for h in report.get("hosts", ())
-    )
-    rest = orjson.dumps(
-        {k: v for k, v in report.items() if k not in ("time", "hosts")},
-        option=orjson.OPT_SORT_KEYS,
-    )
-    return hosts, rest
 
 
 # -- the leader's side ----------------------------------------------------------------------
@@ -278,7 +264,10 @@ def enrolled_site(store: Store, headers: Mapping[str, str]) -> tuple[str, str, d
 class ReportRelay:
     """A replica's reports (module docstring). ``authority``: this replica's own
     ``host:port`` as sites sign it; ``store``: the replicated view (the sites' keys);
-    ``send``: posts a push to the leader; ``nonces``: the replica's replay cache."""
+    ``send``: posts a push to the leader; ``nonces``: the replica's replay cache;
+    ``watch``: what else of a report, besides its ``progress``, the leader must see at
+    once when it changes (which hosts are over the alert thresholds); ``full_every_s``:
+    how often an unchanged report goes in full (the leader's ``Reports.renew_s``)."""
 
     def __init__(
         self,
@@ -289,6 +278,8 @@ class ReportRelay:
         nonces: NonceCache,
         max_body_bytes: int,
         push_every_s: float = PUSH_EVERY_S,
+        watch: Callable[[dict[str, Any]], object] = lambda _report: None,
+        full_every_s: float = RENEW_S,
     ) -> None:
         self.authority = authority.lower()
         self._store = store
@@ -297,9 +288,11 @@ class ReportRelay:
         self.nonces = nonces
         self._max_body = max_body_bytes
         self._every_s = push_every_s
+        self._watch = watch  # what else of a report the leader must see at once
+        self._full_every_s = full_every_s
         self._contract = BodyContract("SiteReport", SCHEMAS)
         self.latest: dict[str, dict[str, Any]] = {}  # site -> its latest report here
-        self._progress: dict[str, tuple[object, ...]] = {}
+        self._progress: dict[str, tuple[bytes, object]] = {}
         self._answers: dict[str, SiteAnswer] = {}
         self._head = 0
         self._pending: dict[str, _Pending] = {}  # reports to push in full
@@ -376,12 +369,13 @@ class ReportRelay:
         self, site: str, report: dict[str, Any], nonce: str, signed_at: float, now: float
     ) -> web.Response:
         self.latest[site] = report
-        moved = progress(report)
+        moved = progress(report), self._watch(report)
         urgent = self._progress.get(site) != moved or site not in self._answers
         self._progress[site] = moved
         entry = self._pending.get(site)
-        if entry is None and not urgent and now - self._full_at.get(site, -1e18) < FULL_EVERY_S:
-            # Unchanged, and the leader has its report from less than FULL_EVERY_S ago.
+        full_at = self._full_at.get(site, -1e18)
+        if entry is None and not urgent and now - full_at < self._full_every_s:
+            # Unchanged, and the leader has its report from less than full_every_s ago.
             self._seen[site] = (site, nonce, signed_at, float(report["time"]))
             self.handled += 1
             return json_response(answer_of(self._head, self._answers[site], report))

@@ -47,6 +47,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from central_hub.alerts import over_thresholds
 from central_hub.config import LISTEN_BACKLOG, HubConfig
 from central_hub.errors import HubConfigError
 from central_hub.front import Front, Target, forwarding_key
@@ -66,6 +67,7 @@ from central_hub.relay import (
 from central_hub.replay import NonceCache
 from central_hub.replica_polls import POLL_PATH, FollowerPolls
 from central_hub.replicated_store import REPLICATED_DBS, ReplicatedStore
+from central_hub.reports import renew_after
 from central_hub.routing import error_response
 from central_hub.service import Hub
 from central_hub.store import Store
@@ -223,9 +225,12 @@ class HubReplica:
             if address != replica.raft_address
         )
         view = ReplicatedStore(node, self._local, data_dir / HUB_DIR, on_lost=lambda: None)
+        thresholds = config.alert_thresholds
         self.relay = ReportRelay(
-            own, view, self._push, config.clock, self.nonces, config.max_body_bytes
-        )
+            own, view, self._push, config.clock, self.nonces, config.max_body_bytes,
+            watch=lambda report: over_thresholds(report, thresholds),
+            full_every_s=renew_after(config.site_stale_s),
+        )  # fmt: skip
         await self.relay.start()
         self.polls = FollowerPolls(
             own,

@@ -5,6 +5,13 @@ written to the store in batches: the sites whose report changed are written toge
 ``PERSIST_EVERY_S`` after the first of them, in one transaction without a flush, and at
 stop (``close``). A crash loses at most that much; a lost report is sent again seconds
 later. A report overtaken by a newer one (``fleetview.is_stale_report``) is ignored.
+
+A report that only renews the last one (the same ``fleetview.progress``: nothing changed
+but its time and its hosts' resource samples, and the same for each of ``watchers``, e.g.
+which hosts are over the alert thresholds) is kept without telling the listeners or
+writing it, unless the last report they were told of is ``renew_s`` old: a site that
+reports every few seconds costs them one call per ``renew_s``, and one per change. A site
+heard again after a silence of ``renew_s`` is always told of (its alerts clear).
 """
 
 from __future__ import annotations
@@ -21,6 +28,17 @@ from central_hub.store import Store, put_json
 logger = logging.getLogger(__name__)
 
 PERSIST_EVERY_S = 1.0
+# An unchanged report reaches the listeners (the host alerts and trends read its resource
+# samples) and the store at least this often (``renew_after``).
+RENEW_S = 15.0
+
+
+def renew_after(site_stale_s: float) -> float:
+    """How long an unchanged report is a renewal: at most half the stale window, so a
+    site that was offline is heard of again with its first report."""
+    return min(RENEW_S, site_stale_s / 2)
+
+
 Received = tuple[dict[str, Any], float]  # a report and when the hub received it
 # Called when a report is kept: the site, its previous report (None: none), the new one.
 Listener = Callable[[str, dict[str, Any] | None, dict[str, Any]], None]
@@ -31,12 +49,21 @@ class Reports:
     when a report is kept (the hub wakes its rollout driver); each of ``listeners`` with
     the site and its previous and new reports (the alerts, the vault: O(1) each)."""
 
-    def __init__(self, ledger: Ledger, on_report: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        ledger: Ledger,
+        on_report: Callable[[], None] | None = None,
+        renew_s: float = RENEW_S,
+    ) -> None:
         self.ledger = ledger
         self.on_report = on_report
+        self.renew_s = renew_s
         self._reports: dict[str, Received] = {}
         self.listeners: list[Listener] = []
         self._unsaved: set[str] = set()  # sites whose latest report is not in the store
+        self._told: dict[str, tuple[object, float]] = {}  # what listeners saw, and when
+        # What else of a report must reach the listeners at once when it changes.
+        self.watchers: list[Callable[[dict[str, Any]], object]] = []
         self._saving: asyncio.Task[None] | None = None
 
     def restore(self, store: Store) -> None:
@@ -57,6 +84,7 @@ class Reports:
 
     def forget(self, site_id: str) -> None:
         self._reports.pop(site_id, None)
+        self._told.pop(site_id, None)
 
     async def record(self, site_id: str, report: dict[str, Any]) -> bool:
         """Keep ``report`` as the site's latest (False: a newer one is kept, it is ignored)."""
@@ -66,6 +94,11 @@ class Reports:
             logger.info("site %s: a report overtaken by a newer one, ignored", site_id)
             return False
         self._reports[site_id] = (report, now)
+        moved = (fleetview.progress(report), *(watch(report) for watch in self.watchers))
+        told = self._told.get(site_id)
+        if told is not None and told[0] == moved and 0 <= now - told[1] < self.renew_s:
+            return True  # a renewal: nothing a listener reads has moved
+        self._told[site_id] = (moved, now)
         for listener in self.listeners:
             listener(site_id, None if previous is None else previous[0], report)
         if self.on_report is not None:

@@ -102,11 +102,11 @@ async def test_an_alert_pass_reads_only_the_sites_that_changed_or_fell_due(
     ledger: Ledger, clock: Clock
 ) -> None:
     _, reports, _, sites = parts(ledger)
+    counting = CountingSites(sites)
+    alerting = Alerting(ledger, reports, counting, Thresholds(), hold_s=30.0, stale_s=30.0)
     for n in range(50):
         await sites.register_site(f"s{n}", {}, "ab" * 32)
         await reports.record(f"s{n}", report(f"s{n}", ledger.head.version, clock()))
-    counting = CountingSites(sites)
-    alerting = Alerting(ledger, reports, counting, Thresholds(), hold_s=30.0, stale_s=30.0)
     alerting.restore(ledger.store, started_at=clock())
     alerting.refresh()  # the first pass looks at every site once
     assert len(counting.read) == 50 and alerting.book.active == {}
@@ -114,9 +114,19 @@ async def test_an_alert_pass_reads_only_the_sites_that_changed_or_fell_due(
     counting.read.clear()
     alerting.refresh()
     assert counting.read == []  # nothing changed, nothing due: O(0)
+    clock.now += 3
     await reports.record("s7", report("s7", ledger.head.version, clock()))
     alerting.refresh()
-    assert counting.read == ["s7"]  # one report: one site evaluated
+    assert counting.read == []  # the same report again: a renewal, nothing to evaluate
+    failed = {"pos": {"version": "1", "desired": 1, "ready": 0, "state": "failed"}}
+    await reports.record("s7", report("s7", ledger.head.version, clock(), apps=failed))
+    alerting.refresh()
+    assert counting.read == ["s7"]  # one report that moved something: one site evaluated
+    assert sorted(alerting.book.active) == ["app_unhealthy:s7:pos"]
+    await reports.record("s7", report("s7", ledger.head.version, clock()))
+    alerting.refresh()
+    assert alerting.book.active == {}
+    counting.read.clear()
 
     counting.read.clear()
     clock.now += 20
@@ -125,7 +135,7 @@ async def test_an_alert_pass_reads_only_the_sites_that_changed_or_fell_due(
     alerting.refresh()
     assert sorted(counting.read) == sorted(f"s{n}" for n in range(10))
     counting.read.clear()
-    clock.now += 15  # 35 s after the others' last report: past the 30 s stale window
+    clock.now += 15  # 38 s after the others' last report: past the 30 s stale window
     alerting.refresh()
     assert len(counting.read) == 40  # exactly the sites whose deadline passed
     assert sorted(alerting.book.active) == sorted(f"site_offline:s{n}" for n in range(10, 50))

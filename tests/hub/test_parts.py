@@ -27,7 +27,7 @@ from central_hub.fleetview import parse_report
 from central_hub.ledger import Ledger, Txn
 from central_hub.logs import HubLogs, LogLimits
 from central_hub.placement import parse_policy
-from central_hub.reports import PERSIST_EVERY_S, Reports
+from central_hub.reports import PERSIST_EVERY_S, RENEW_S, Reports
 from central_hub.sites import ENROLL_PREFIX, Sites, SiteTimes
 from central_hub.store import Store
 from central_hub.tokens import TokenRecord, TokenRequest
@@ -188,6 +188,46 @@ async def test_reports_are_saved_a_second_after_the_first_unsaved_one(
     assert ledger.store.keys("reports") == []
     await asyncio.sleep(PERSIST_EVERY_S + 0.5)
     assert ledger.store.keys("reports") == ["s1", "s2", "s3"]  # in one transaction
+    await reports.close()
+
+
+async def test_a_report_that_only_renews_the_last_reaches_listeners_once_per_renewal(
+    ledger: Ledger, clock: Clock
+) -> None:
+    reports = Reports(ledger)
+    told: list[tuple[str, int, float]] = []
+    reports.listeners.append(lambda site, _old, new: told.append((site, 0, new["time"])))
+
+    def sampled(applied: int, load: float) -> Any:
+        sent = report("s1", applied=applied, at=clock())
+        sent["hosts"][0]["resources"] = {"load1": load, "cpu_count": 2}
+        return sent
+
+    assert await reports.record("s1", sampled(1, 0.5))
+    first_at = clock()
+    clock.now += 3
+    assert await reports.record("s1", sampled(1, 0.9))  # new samples only: a renewal
+    assert len(told) == 1
+    latest, received_at = reports.view_args("s1")
+    assert latest is not None and latest["hosts"][0]["resources"]["load1"] == 0.9
+    assert received_at == clock() and latest["time"] == clock()  # kept, and heard now
+    clock.now += 3
+    assert await reports.record("s1", sampled(2, 0.9))  # progress: told at once
+    assert [at for *_, at in told] == [first_at, clock()]
+    clock.now += RENEW_S - 1
+    assert await reports.record("s1", sampled(2, 0.1))
+    assert len(told) == 2
+    clock.now += 1  # the last one told of is RENEW_S old: this one is told of
+    assert await reports.record("s1", sampled(2, 0.2))
+    assert len(told) == 3
+    # A follower's mark (``central_hub.relay``): the kept report's time and when the site
+    # was heard move, nothing else, and no listener is told; none for a site not kept.
+    clock.now += 3
+    assert reports.seen("s1", clock() - 0.5)
+    latest, received_at = reports.view_args("s1")
+    assert latest is not None and latest["time"] == clock() - 0.5 and received_at == clock()
+    assert latest["hosts"][0]["resources"]["load1"] == 0.2 and len(told) == 3
+    assert not reports.seen("s2", clock())
     await reports.close()
 
 

@@ -14,7 +14,6 @@ import orjson
 import pytest
 
 from central_hub.relay import (
-    FULL_EVERY_S,
     Push,
     ReportRelay,
     answer_of,
@@ -24,6 +23,7 @@ from central_hub.relay import (
     relay_header,
 )
 from central_hub.replay import NonceCache
+from central_hub.reports import RENEW_S
 from central_hub.store import Store
 
 KEY = b"k" * 32
@@ -147,7 +147,7 @@ async def test_a_follower_pushes_unchanged_reports_as_marks_and_in_full_now_and_
         answer, push = await report(3)  # unchanged: a mark, with the report's own time
         assert answer == {"head": 9, "site_head": 7}
         assert push.reports == [] and push.seen == [("s", "n1003.0", 1003.0, 1003.0)]
-        answer, push = await report(FULL_EVERY_S)  # unchanged, but its samples are old
+        answer, push = await report(RENEW_S)  # unchanged, but its samples are old
         assert [e["site"] for e in push.reports] == ["s"] and push.seen == []
         kept.clear()  # a new leader, which keeps no report of the site
         answer, push = await report(3)
