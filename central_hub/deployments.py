@@ -49,7 +49,8 @@ class _Working:
     current_wave: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
-        self.current_wave = frozenset(self.dep.waves[self.dep.wave])
+        if not self.current_wave:
+            self.current_wave = frozenset(self.dep.waves[self.dep.wave])
 
 
 def name_unavailable(name: str) -> ApiError:
@@ -183,7 +184,10 @@ class Deployments:
             return dep
         op = {"op": "app.put", "spec": app["spec"], "tenant": app.get("tenant", DEFAULT_TENANT)}
         version = txn.delta([op], Target(sites=frozenset(sites)))
-        app["sites"] = sorted(set(app["sites"]) | set(sites))
+        known = set(app["sites"])
+        new = [site for site in dict.fromkeys(sites) if site not in known]
+        if new:  # both runs sorted: the sort merges them in O(sites)
+            app["sites"] = sorted([*app["sites"], *new])
         txn.put("apps", app["name"], app)
         return replace(dep, deltas=(*dep.deltas, version))
 
@@ -275,7 +279,7 @@ class Deployments:
                         f"version {spec.version!r} of {spec.name!r} was deployed with another "
                         "spec: give the changed spec a new version",
                     )
-            current = None if app is None else self.deployment_or_none(app["deployment"])
+            current = None if app is None else self._current(spec.name, app["deployment"])
             if (
                 current is not None
                 and current.digest == digest
@@ -302,6 +306,7 @@ class Deployments:
                 txn.put("deployments", old.id, old.to_json())
             had = set() if app is None else set(app["sites"])
             removed = sorted(had - set(targets))
+            gone = set(removed)
             confirmed = self.confirm_removals(
                 {site: (spec.name,) for site in removed},
                 confirm,
@@ -316,7 +321,7 @@ class Deployments:
                 "spec": to_json(spec),
                 "placement": policy.to_json(),
                 "deployment": dep_id,
-                "sites": sorted(had - set(removed)),
+                "sites": [] if app is None else sorted(s for s in app["sites"] if s not in gone),
                 "versions": {**({} if app is None else app["versions"]), spec.version: digest},
                 "created_at": txn.now if app is None else app["created_at"],
                 "updated_at": txn.now,
@@ -327,14 +332,20 @@ class Deployments:
                 op = interlock.stamp({"op": "app.delete", "name": spec.name}, confirmed)
                 version = txn.delta([op], Target(sites=frozenset(removed)))
                 dep = replace(dep, deltas=(*dep.deltas, version))
-            txn.put("deployments", dep_id, dep.to_json())
+            answer = dep.to_json()  # encoded once: stored, and the answer
+            dep_raw = orjson.dumps(answer)
+            txn.put("deployments", dep_id, orjson.Fragment(dep_raw))
             txn.put("meta", "deployment_seq", seq)
             confirmation = "" if confirmed is None else f", confirmed: stops at {confirmed} site(s)"
             txn.changed(
                 "app", spec.name, tenant, f"deployment {dep_id} of {spec.version}{confirmation}"
             )
+            if dep.state == "running":
+                # The driver steps this copy (every site of the wave first): nothing to read.
+                work = _Working(orjson.dumps(record), record, dep_raw, dep, txn.now)
+                txn.after.append(lambda: self._working.__setitem__(spec.name, work))
             txn.after.append(lambda: self._activate(spec.name))
-            return 202, dep.to_json()
+            return 202, answer
 
         return await self.ledger.transact(plan)
 
@@ -346,7 +357,7 @@ class Deployments:
             losing = {site: (name,) for site in app["sites"]}
             whose = None if tokens.is_fleet(token) else app["tenant"]
             confirmed = self.confirm_removals(losing, confirm, f"deleting {name}", tenant=whose)
-            dep = self.deployment_or_none(app["deployment"])
+            dep = self._current(name, app["deployment"])
             if dep is not None and dep.state == "running":
                 old = waves.supersede(dep, "application deleted", txn.now)
                 txn.put("deployments", old.id, old.to_json())
@@ -377,6 +388,19 @@ class Deployments:
     def _reported(self, site: str, _previous: object, _report: object) -> None:
         if self._working:
             self._reported_sites.add(site)
+
+    def _current(self, name: str, deployment_id: str | None) -> waves.Deployment | None:
+        """``deployment_or_none``, from the driver's copy while the stored record is the
+        one it was read from (or written as): its progress is at least as new."""
+        work = self._working.get(name)
+        store = self.ledger.store
+        if (
+            work is not None
+            and deployment_id == work.dep.id
+            and store.get("deployments", deployment_id.encode()) == work.dep_raw
+        ):
+            return work.dep
+        return self.deployment_or_none(deployment_id)
 
     def _running(self, name: str, now: float) -> _Working | None:
         """The running deployment of app ``name``, from the working copy while the stored
@@ -426,12 +450,12 @@ class Deployments:
                 continue
             dep = work.dep
             current = dep.waves[dep.wave]
-            if work.fresh or len(reported) > len(current):
-                sites: Collection[str] = current
-            else:
+            sites: Collection[str] | None = None  # every site of the wave
+            if not work.fresh and len(reported) <= len(current):
                 sites = [site for site in reported if site in work.current_wave]
             work.fresh = False
-            statuses = {site: self._status(site, dep.app) for site in sites}
+            looked_at = current if sites is None else sites
+            statuses = {site: self._status(site, dep.app) for site in looked_at}
             stepped, issue = waves.step(dep, statuses, txn.now, self.wave_timeout_s, sites)
             if stepped is dep and not work.unwritten:
                 continue
@@ -440,10 +464,26 @@ class Deployments:
                 work.dep = stepped  # written with the next change, or in a moment
                 work.unwritten = work.unwritten or stepped is not dep
                 continue
-            self._working.pop(name, None)  # read again once written
-            stepped = self._issue_wave(txn, dict(work.app), stepped, issue)
-            txn.put("deployments", stepped.id, stepped.to_json())
+            app = dict(work.app)
+            stepped = self._issue_wave(txn, app, stepped, issue)
+            dep_raw = orjson.dumps(stepped.to_json())
+            txn.put("deployments", stepped.id, orjson.Fragment(dep_raw))
             if stepped.state != "running":
+                self._working.pop(name, None)
                 logger.info(
                     "deployment %s of %s: %s %s", dep.id, dep.app, stepped.state, stepped.reason
                 )
+                continue
+            # Kept as written (no decoding next tick; should the commit fail, the stored
+            # records differ and are read again); a new wave is looked at whole.
+            app_raw = orjson.dumps(app) if issue else work.app_raw
+            same_wave = stepped.wave == dep.wave
+            self._working[name] = _Working(
+                app_raw,
+                app,
+                dep_raw,
+                stepped,
+                txn.now,
+                fresh=not same_wave,
+                current_wave=work.current_wave if same_wave else frozenset(),
+            )
