@@ -84,9 +84,29 @@ class Deployments:
         self._working: dict[str, _Working] = {}
         self._reported_sites: set[str] = set()
         reports.listeners.append(self._reported)
+        # Every registered site's labels, for placement: read at the first deployment, then
+        # kept up to date by the sites' changes (``site_changed``), O(1) each.
+        self._labels: dict[str, Mapping[str, str]] | None = None
 
     def restore(self, store: Store) -> None:
         self.active = set(store.keys("apps"))  # narrowed by the first rollout step
+
+    def site_changed(self, site: str) -> None:
+        """A site was registered, changed or deleted (``Sites.listeners``)."""
+        if self._labels is None:
+            return
+        record = self.ledger.store.get_json("sites", site)
+        if record is None:
+            self._labels.pop(site, None)
+        else:
+            self._labels[site] = record["labels"]
+
+    def site_labels(self) -> Mapping[str, Mapping[str, str]]:
+        """Every registered site's labels (site id -> labels)."""
+        if self._labels is None:
+            records = self.ledger.store.values_json("sites")
+            self._labels = {site["id"]: site["labels"] for site in records}
+        return self._labels
 
     def _activate(self, app: str) -> None:
         self.active.add(app)
@@ -287,8 +307,7 @@ class Deployments:
                 and current.state in ("running", "succeeded")
             ):
                 return 200, current.to_json()
-            sites = {s["id"]: s["labels"] for s in store.values_json("sites")}
-            targets = placement.select(policy, sites)
+            targets = placement.select(policy, self.site_labels())
             seq = int(store.get_json("meta", "deployment_seq") or 0) + 1
             dep_id = f"dep-{seq}"
             dep, first = waves.start(
