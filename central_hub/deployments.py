@@ -474,7 +474,8 @@ class Deployments:
                 sites = [site for site in reported if site in work.current_wave]
             work.fresh = False
             looked_at = current if sites is None else sites
-            statuses = {site: self._status(site, dep.app) for site in looked_at}
+            latest, app_status = self.reports.latest, fleetview.app_status
+            statuses = {site: app_status(latest(site), dep.app) for site in looked_at}
             stepped, issue = waves.step(dep, statuses, txn.now, self.wave_timeout_s, sites)
             if stepped is dep and not work.unwritten:
                 continue
