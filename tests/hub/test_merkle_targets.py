@@ -82,7 +82,8 @@ async def test_the_hub_hashes_a_merkle_target_once(
     hub: Hub, admin: Operator, make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The tree the hub builds as it signs a Merkle target serves its sites' proofs: it is
-    not built again from the stored list (20,000 hashes at 10,000 sites)."""
+    not built again from the stored list (20,000 hashes at 10,000 sites), nor for the
+    next version deployed to the same sites."""
     sites = await fleet(make_site, FEATURES["merkle_targets"])
     built = 0
     tree_of = merkle.Tree.of
@@ -93,11 +94,15 @@ async def test_the_hub_hashes_a_merkle_target_once(
         return tree_of(ids)
 
     monkeypatch.setattr(merkle.Tree, "of", staticmethod(counting))
-    await admin.ok("POST", "/v1/apps", {"spec": spec_text(), "placement": ALL}, 202)
-    for site in (sites[0], sites[-1]):
-        assert "proof" in orjson.loads(await raw_view(site))
-        result = await site.sync()
-        assert [d.version for d in result.accepted] == [1]
+    for version in (1, 2):
+        body = {"spec": spec_text(version=f"{version}.0"), "placement": ALL}
+        await admin.ok("POST", "/v1/apps", body, 202)
+        for site in (sites[0], sites[-1]):
+            result = await site.sync()
+            assert [d.version for d in result.accepted] == [version]
+            (delta,) = result.accepted
+            assert delta.target.root and delta.target.includes(site.id)
+            assert delta.ops[0]["spec"]["version"] == f"{version}.0"
     assert built == 1
 
 
