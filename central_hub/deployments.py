@@ -133,6 +133,22 @@ class Deployments:
     def _status(self, site: str, app: str) -> waves.AppStatus | None:
         return fleetview.app_status(self.reports.latest(site), app)
 
+    def _statuses(
+        self, dep: waves.Deployment, sites: Collection[str]
+    ) -> dict[str, waves.AppStatus | None]:
+        """The sites' statuses of ``dep``'s app for a step; a report of another version is
+        as good as none to it (the site is updating), and is not decoded."""
+        latest, app, version = self.reports.latest, dep.app, dep.version
+        statuses: dict[str, waves.AppStatus | None] = {}
+        for site in sites:
+            report = latest(site)
+            status = None if report is None else report["apps"].get(app)
+            if status is not None and str(status["version"]) == version:
+                statuses[site] = fleetview.app_status(report, app)
+            else:
+                statuses[site] = None
+        return statuses
+
     def list_apps(self, token: TokenRecord, tenant: str | None = None) -> list[dict[str, Any]]:
         return self.page_apps(token, tenant, None, 2**62)[0]
 
@@ -473,9 +489,7 @@ class Deployments:
             if not work.fresh and len(reported) <= len(current):
                 sites = [site for site in reported if site in work.current_wave]
             work.fresh = False
-            looked_at = current if sites is None else sites
-            latest, app_status = self.reports.latest, fleetview.app_status
-            statuses = {site: app_status(latest(site), dep.app) for site in looked_at}
+            statuses = self._statuses(dep, current if sites is None else sites)
             stepped, issue = waves.step(dep, statuses, txn.now, self.wave_timeout_s, sites)
             if stepped is dep and not work.unwritten:
                 continue
