@@ -45,6 +45,9 @@ class _Working:
     dep: waves.Deployment
     written_at: float  # when the stored record was read (written by the last step)
     fresh: bool = True  # no step since it was read: every site of the wave is looked at
+    # ``dep``'s current wave has just started (every site of it updating): of a fresh copy,
+    # only the sites that report the deployed version are looked at.
+    wave_started: bool = False
     unwritten: bool = False  # ``dep`` has progress the stored record has not
     current_wave: frozenset[str] = frozenset()
 
@@ -83,6 +86,9 @@ class Deployments:
         # reported since (``advance``).
         self._working: dict[str, _Working] = {}
         self._reported_sites: set[str] = set()
+        # The sites whose latest report lists an app at a version ((app, version) -> sites):
+        # built when a wave first starts, then kept up to date by the reports, O(apps) each.
+        self._reporting: dict[tuple[str, str], set[str]] | None = None
         reports.listeners.append(self._reported)
         # Every registered site's labels, for placement: read at the first deployment, then
         # kept up to date by the sites' changes (``site_changed``), O(1) each.
@@ -377,7 +383,9 @@ class Deployments:
             )
             if dep.state == "running":
                 # The driver steps this copy (every site of the wave first): nothing to read.
-                work = _Working(orjson.dumps(record), record, dep_raw, dep, txn.now)
+                work = _Working(
+                    orjson.dumps(record), record, dep_raw, dep, txn.now, wave_started=True
+                )
                 txn.after.append(lambda: self._working.__setitem__(spec.name, work))
             txn.after.append(lambda: self._activate(spec.name))
             return 202, answer
@@ -420,9 +428,40 @@ class Deployments:
                 app["sites"] = [s for s in app["sites"] if s != site_id]
                 txn.put("apps", app["name"], app)
 
-    def _reported(self, site: str, _previous: object, _report: object) -> None:
+    def _reported(
+        self, site: str, previous: Mapping[str, Any] | None, report: Mapping[str, Any]
+    ) -> None:
         if self._working:
             self._reported_sites.add(site)
+        if self._reporting is not None:
+            self._index_report(self._reporting, site, previous, report)
+
+    @staticmethod
+    def _index_report(
+        reporting: dict[tuple[str, str], set[str]],
+        site: str,
+        previous: Mapping[str, Any] | None,
+        report: Mapping[str, Any],
+    ) -> None:
+        if previous is not None:
+            for app, status in previous["apps"].items():
+                key = (app, str(status["version"]))
+                sites = reporting.get(key)
+                if sites is not None:
+                    sites.discard(site)
+                    if not sites:
+                        del reporting[key]
+        for app, status in report["apps"].items():
+            reporting.setdefault((app, str(status["version"])), set()).add(site)
+
+    def _reporting_version(self, dep: waves.Deployment) -> set[str]:
+        """The sites whose latest report lists ``dep``'s app at its version (maybe sites
+        deleted since, too)."""
+        if self._reporting is None:
+            self._reporting = {}
+            for site, report in self.reports.all().items():
+                self._index_report(self._reporting, site, None, report)
+        return self._reporting.get((dep.app, dep.version), set())
 
     def _current(self, name: str, deployment_id: str | None) -> waves.Deployment | None:
         """``deployment_or_none``, from the driver's copy while the stored record is the
@@ -486,7 +525,11 @@ class Deployments:
             dep = work.dep
             current = dep.waves[dep.wave]
             sites: Collection[str] | None = None  # every site of the wave
-            if not work.fresh and len(reported) <= len(current):
+            if work.fresh and work.wave_started:
+                # A site not at the version is updating, as the wave's start left it.
+                wave = work.current_wave
+                sites = [site for site in self._reporting_version(dep) if site in wave]
+            elif not work.fresh and len(reported) <= len(current):
                 sites = [site for site in reported if site in work.current_wave]
             work.fresh = False
             statuses = self._statuses(dep, current if sites is None else sites)
@@ -519,5 +562,6 @@ class Deployments:
                 stepped,
                 txn.now,
                 fresh=not same_wave,
+                wave_started=not same_wave,
                 current_wave=work.current_wave if same_wave else frozenset(),
             )

@@ -169,8 +169,9 @@ def step(
 
     ``statuses`` maps a site to its latest report of this application (None: no report).
     ``sites``: the sites of the current wave whose report may have changed since a step
-    over the whole wave returned ``deployment`` (None: every site of the wave); the others
-    keep their progress, and the step costs O(``sites``) unless they all turned healthy.
+    over the whole wave returned ``deployment``, or since its wave started (None: every
+    site of the wave); the others keep their progress, and the step costs O(``sites``)
+    unless they all turned healthy.
     ``deployment`` itself is returned when nothing changed.
     """
     if deployment.state != "running":
