@@ -419,7 +419,7 @@ class Deployments:
     def drop_site(self, txn: Txn, site_id: str) -> None:
         """In ``txn``: a deleted site leaves every deployment and application."""
         for app in self.ledger.store.values_json("apps"):
-            dep = self.deployment_or_none(app["deployment"])
+            dep = self._current(app["name"], app["deployment"])
             if dep is not None and site_id in dep.progress:
                 dep, issue = waves.drop_site(dep, site_id, txn.now)
                 dep = self._issue_wave(txn, app, dep, issue)
@@ -552,7 +552,7 @@ class Deployments:
                 )
                 continue
             # Kept as written (no decoding next tick; should the commit fail, the stored
-            # records differ and are read again); a new wave is looked at whole.
+            # records differ and are read again).
             app_raw = orjson.dumps(app) if issue else work.app_raw
             same_wave = stepped.wave == dep.wave
             self._working[name] = _Working(

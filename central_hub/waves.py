@@ -191,12 +191,12 @@ def step(
     changed = deployment if progress is None else replace(deployment, progress=progress)
     now_progress = changed.progress
     if sites is not None and not moved:
-        # As the step that returned ``deployment`` left it: nothing failed, some waiting.
+        # As a step over the wave, or its start, left it: nothing failed, some waiting.
         if now - deployment.wave_started_at >= wave_timeout_s:
             return _timed_out(changed, now), []
         return changed, []
-    # A site not looked at did not fail (the step that returned ``deployment`` would have
-    # ended it): only the sites looked at can fail now; the first of the wave is named.
+    # A site not looked at did not fail (a step over the wave would have ended it, a start
+    # left it updating): only the sites looked at can fail now; the first of the wave is named.
     failing = {site for site in looked_at if now_progress[site].state == "failed"}
     if failing:
         site = next(site for site in current if site in failing)
