@@ -116,6 +116,7 @@ class DeltaFormat:
         self._report = report  # a site's latest report
         self._v2 = _HeldBack(V2_PROTOCOL, sites, registered, report)
         self._merkle = _HeldBack(MERKLE_PROTOCOL, sites, registered, report)
+        self._last_merkle: Target | None = None  # the last Merkle target signed
 
     def site_ready(self, site: str) -> bool:
         """Whether ``site`` is served as a site that knows per-site views."""
@@ -145,7 +146,13 @@ class DeltaFormat:
         Merkle root once every site can read one, else as it is."""
         if target.all or target.root or len(target.sites) <= MERKLE_ABOVE:
             return target
-        return Target.merkle_of(target.sites) if self.merkle_ready() else target
+        if not self.merkle_ready():
+            return target
+        last = self._last_merkle
+        if last is not None and last.sites == target.sites:
+            return last  # a new version for the same sites: the same tree, not hashed again
+        self._last_merkle = Target.merkle_of(target.sites)
+        return self._last_merkle
 
     def current(self) -> int:
         """The format of the next delta."""

@@ -45,11 +45,15 @@ class _Working:
     dep: waves.Deployment
     written_at: float  # when the stored record was read (written by the last step)
     fresh: bool = True  # no step since it was read: every site of the wave is looked at
+    # ``dep``'s current wave has just started (every site of it updating): of a fresh copy,
+    # only the sites that report the deployed version are looked at.
+    wave_started: bool = False
     unwritten: bool = False  # ``dep`` has progress the stored record has not
     current_wave: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
-        self.current_wave = frozenset(self.dep.waves[self.dep.wave])
+        if not self.current_wave:
+            self.current_wave = frozenset(self.dep.waves[self.dep.wave])
 
 
 def name_unavailable(name: str) -> ApiError:
@@ -82,10 +86,33 @@ class Deployments:
         # reported since (``advance``).
         self._working: dict[str, _Working] = {}
         self._reported_sites: set[str] = set()
+        # The sites whose latest report lists an app at a version ((app, version) -> sites):
+        # built when a wave first starts, then kept up to date by the reports, O(apps) each.
+        self._reporting: dict[tuple[str, str], set[str]] | None = None
         reports.listeners.append(self._reported)
+        # Every registered site's labels, for placement: read at the first deployment, then
+        # kept up to date by the sites' changes (``site_changed``), O(1) each.
+        self._labels: dict[str, Mapping[str, str]] | None = None
 
     def restore(self, store: Store) -> None:
         self.active = set(store.keys("apps"))  # narrowed by the first rollout step
+
+    def site_changed(self, site: str) -> None:
+        """A site was registered, changed or deleted (``Sites.listeners``)."""
+        if self._labels is None:
+            return
+        record = self.ledger.store.get_json("sites", site)
+        if record is None:
+            self._labels.pop(site, None)
+        else:
+            self._labels[site] = record["labels"]
+
+    def site_labels(self) -> Mapping[str, Mapping[str, str]]:
+        """Every registered site's labels (site id -> labels)."""
+        if self._labels is None:
+            records = self.ledger.store.values_json("sites")
+            self._labels = {site["id"]: site["labels"] for site in records}
+        return self._labels
 
     def _activate(self, app: str) -> None:
         self.active.add(app)
@@ -111,6 +138,22 @@ class Deployments:
 
     def _status(self, site: str, app: str) -> waves.AppStatus | None:
         return fleetview.app_status(self.reports.latest(site), app)
+
+    def _statuses(
+        self, dep: waves.Deployment, sites: Collection[str]
+    ) -> dict[str, waves.AppStatus | None]:
+        """The sites' statuses of ``dep``'s app for a step; a report of another version is
+        as good as none to it (the site is updating), and is not decoded."""
+        latest, app, version = self.reports.latest, dep.app, dep.version
+        statuses: dict[str, waves.AppStatus | None] = {}
+        for site in sites:
+            report = latest(site)
+            status = None if report is None else report["apps"].get(app)
+            if status is not None and str(status["version"]) == version:
+                statuses[site] = fleetview.app_status(report, app)
+            else:
+                statuses[site] = None
+        return statuses
 
     def list_apps(self, token: TokenRecord, tenant: str | None = None) -> list[dict[str, Any]]:
         return self.page_apps(token, tenant, None, 2**62)[0]
@@ -183,7 +226,10 @@ class Deployments:
             return dep
         op = {"op": "app.put", "spec": app["spec"], "tenant": app.get("tenant", DEFAULT_TENANT)}
         version = txn.delta([op], Target(sites=frozenset(sites)))
-        app["sites"] = sorted(set(app["sites"]) | set(sites))
+        known = set(app["sites"])
+        new = [site for site in dict.fromkeys(sites) if site not in known]
+        if new:  # both runs sorted: the sort merges them in O(sites)
+            app["sites"] = sorted([*app["sites"], *new])
         txn.put("apps", app["name"], app)
         return replace(dep, deltas=(*dep.deltas, version))
 
@@ -275,7 +321,7 @@ class Deployments:
                         f"version {spec.version!r} of {spec.name!r} was deployed with another "
                         "spec: give the changed spec a new version",
                     )
-            current = None if app is None else self.deployment_or_none(app["deployment"])
+            current = None if app is None else self._current(spec.name, app["deployment"])
             if (
                 current is not None
                 and current.digest == digest
@@ -283,8 +329,7 @@ class Deployments:
                 and current.state in ("running", "succeeded")
             ):
                 return 200, current.to_json()
-            sites = {s["id"]: s["labels"] for s in store.values_json("sites")}
-            targets = placement.select(policy, sites)
+            targets = placement.select(policy, self.site_labels())
             seq = int(store.get_json("meta", "deployment_seq") or 0) + 1
             dep_id = f"dep-{seq}"
             dep, first = waves.start(
@@ -302,6 +347,7 @@ class Deployments:
                 txn.put("deployments", old.id, old.to_json())
             had = set() if app is None else set(app["sites"])
             removed = sorted(had - set(targets))
+            gone = set(removed)
             confirmed = self.confirm_removals(
                 {site: (spec.name,) for site in removed},
                 confirm,
@@ -316,7 +362,7 @@ class Deployments:
                 "spec": to_json(spec),
                 "placement": policy.to_json(),
                 "deployment": dep_id,
-                "sites": sorted(had - set(removed)),
+                "sites": [] if app is None else sorted(s for s in app["sites"] if s not in gone),
                 "versions": {**({} if app is None else app["versions"]), spec.version: digest},
                 "created_at": txn.now if app is None else app["created_at"],
                 "updated_at": txn.now,
@@ -327,14 +373,22 @@ class Deployments:
                 op = interlock.stamp({"op": "app.delete", "name": spec.name}, confirmed)
                 version = txn.delta([op], Target(sites=frozenset(removed)))
                 dep = replace(dep, deltas=(*dep.deltas, version))
-            txn.put("deployments", dep_id, dep.to_json())
+            answer = dep.to_json()  # encoded once: stored, and the answer
+            dep_raw = orjson.dumps(answer)
+            txn.put("deployments", dep_id, orjson.Fragment(dep_raw))
             txn.put("meta", "deployment_seq", seq)
             confirmation = "" if confirmed is None else f", confirmed: stops at {confirmed} site(s)"
             txn.changed(
                 "app", spec.name, tenant, f"deployment {dep_id} of {spec.version}{confirmation}"
             )
+            if dep.state == "running":
+                # The driver steps this copy (every site of the wave first): nothing to read.
+                work = _Working(
+                    orjson.dumps(record), record, dep_raw, dep, txn.now, wave_started=True
+                )
+                txn.after.append(lambda: self._working.__setitem__(spec.name, work))
             txn.after.append(lambda: self._activate(spec.name))
-            return 202, dep.to_json()
+            return 202, answer
 
         return await self.ledger.transact(plan)
 
@@ -346,7 +400,7 @@ class Deployments:
             losing = {site: (name,) for site in app["sites"]}
             whose = None if tokens.is_fleet(token) else app["tenant"]
             confirmed = self.confirm_removals(losing, confirm, f"deleting {name}", tenant=whose)
-            dep = self.deployment_or_none(app["deployment"])
+            dep = self._current(name, app["deployment"])
             if dep is not None and dep.state == "running":
                 old = waves.supersede(dep, "application deleted", txn.now)
                 txn.put("deployments", old.id, old.to_json())
@@ -365,7 +419,7 @@ class Deployments:
     def drop_site(self, txn: Txn, site_id: str) -> None:
         """In ``txn``: a deleted site leaves every deployment and application."""
         for app in self.ledger.store.values_json("apps"):
-            dep = self.deployment_or_none(app["deployment"])
+            dep = self._current(app["name"], app["deployment"])
             if dep is not None and site_id in dep.progress:
                 dep, issue = waves.drop_site(dep, site_id, txn.now)
                 dep = self._issue_wave(txn, app, dep, issue)
@@ -374,9 +428,53 @@ class Deployments:
                 app["sites"] = [s for s in app["sites"] if s != site_id]
                 txn.put("apps", app["name"], app)
 
-    def _reported(self, site: str, _previous: object, _report: object) -> None:
+    def _reported(
+        self, site: str, previous: Mapping[str, Any] | None, report: Mapping[str, Any]
+    ) -> None:
         if self._working:
             self._reported_sites.add(site)
+        if self._reporting is not None:
+            self._index_report(self._reporting, site, previous, report)
+
+    @staticmethod
+    def _index_report(
+        reporting: dict[tuple[str, str], set[str]],
+        site: str,
+        previous: Mapping[str, Any] | None,
+        report: Mapping[str, Any],
+    ) -> None:
+        if previous is not None:
+            for app, status in previous["apps"].items():
+                key = (app, str(status["version"]))
+                sites = reporting.get(key)
+                if sites is not None:
+                    sites.discard(site)
+                    if not sites:
+                        del reporting[key]
+        for app, status in report["apps"].items():
+            reporting.setdefault((app, str(status["version"])), set()).add(site)
+
+    def _reporting_version(self, dep: waves.Deployment) -> set[str]:
+        """The sites whose latest report lists ``dep``'s app at its version (maybe sites
+        deleted since, too)."""
+        if self._reporting is None:
+            self._reporting = {}
+            for site, report in self.reports.all().items():
+                self._index_report(self._reporting, site, None, report)
+        return self._reporting.get((dep.app, dep.version), set())
+
+    def _current(self, name: str, deployment_id: str | None) -> waves.Deployment | None:
+        """``deployment_or_none``, from the driver's copy while the stored record is the
+        one it was read from (or written as): its progress is at least as new."""
+        work = self._working.get(name)
+        store = self.ledger.store
+        if (
+            work is not None
+            and deployment_id == work.dep.id
+            and store.get("deployments", deployment_id.encode()) == work.dep_raw
+        ):
+            return work.dep
+        return self.deployment_or_none(deployment_id)
 
     def _running(self, name: str, now: float) -> _Working | None:
         """The running deployment of app ``name``, from the working copy while the stored
@@ -426,12 +524,15 @@ class Deployments:
                 continue
             dep = work.dep
             current = dep.waves[dep.wave]
-            if work.fresh or len(reported) > len(current):
-                sites: Collection[str] = current
-            else:
+            sites: Collection[str] | None = None  # every site of the wave
+            if work.fresh and work.wave_started:
+                # A site not at the version is updating, as the wave's start left it.
+                wave = work.current_wave
+                sites = [site for site in self._reporting_version(dep) if site in wave]
+            elif not work.fresh and len(reported) <= len(current):
                 sites = [site for site in reported if site in work.current_wave]
             work.fresh = False
-            statuses = {site: self._status(site, dep.app) for site in sites}
+            statuses = self._statuses(dep, current if sites is None else sites)
             stepped, issue = waves.step(dep, statuses, txn.now, self.wave_timeout_s, sites)
             if stepped is dep and not work.unwritten:
                 continue
@@ -440,10 +541,27 @@ class Deployments:
                 work.dep = stepped  # written with the next change, or in a moment
                 work.unwritten = work.unwritten or stepped is not dep
                 continue
-            self._working.pop(name, None)  # read again once written
-            stepped = self._issue_wave(txn, dict(work.app), stepped, issue)
-            txn.put("deployments", stepped.id, stepped.to_json())
+            app = dict(work.app)
+            stepped = self._issue_wave(txn, app, stepped, issue)
+            dep_raw = orjson.dumps(stepped.to_json())
+            txn.put("deployments", stepped.id, orjson.Fragment(dep_raw))
             if stepped.state != "running":
+                self._working.pop(name, None)
                 logger.info(
                     "deployment %s of %s: %s %s", dep.id, dep.app, stepped.state, stepped.reason
                 )
+                continue
+            # Kept as written (no decoding next tick; should the commit fail, the stored
+            # records differ and are read again).
+            app_raw = orjson.dumps(app) if issue else work.app_raw
+            same_wave = stepped.wave == dep.wave
+            self._working[name] = _Working(
+                app_raw,
+                app,
+                dep_raw,
+                stepped,
+                txn.now,
+                fresh=not same_wave,
+                wave_started=not same_wave,
+                current_wave=work.current_wave if same_wave else frozenset(),
+            )

@@ -103,12 +103,13 @@ class Txn:
         keys: Sequence[SigningKey] | None = None,
     ) -> int:
         ledger = self.ledger
+        signed = ledger.signed_target(target)  # a Merkle target keeps its tree for the views
         try:
             envelope, head = deltalog.build_delta(
                 self.head,
                 ledger.fleet,
                 ops,
-                ledger.signed_target(target),
+                signed,
                 self.now,
                 ledger.delta_ttl_s,
                 keys or ledger.signing_keys,
@@ -117,7 +118,7 @@ class Txn:
         except ValueError as exc:
             raise ApiError(413, "delta_too_large", str(exc)) from None
         self.writes.append(("deltas", version_key(head.version), envelope))
-        self.targets.append((head.version, target))
+        self.targets.append((head.version, signed))
         self.head = head
         self.put("meta", "head", head.to_json())
         return head.version

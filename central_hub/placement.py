@@ -188,7 +188,11 @@ def _sites(raw: object, problems: list[str]) -> list[str] | None:
 
 def select(policy: Policy, sites: Mapping[str, Mapping[str, str]]) -> list[str]:
     """The ids of the sites (id -> labels) the policy selects, sorted."""
-    return sorted(site for site, labels in sites.items() if policy.matches(site, labels))
+    # O(sites named) for a list of sites; no per-site test when nothing is asked of labels.
+    chosen = sites if policy.sites is None else [s for s in policy.sites if s in sites]
+    if not policy.match and not policy.expressions:
+        return sorted(chosen)
+    return sorted(site for site in chosen if policy.matches(site, sites[site]))
 
 
 def plan_waves(site_ids: Sequence[str], max_parallel: int) -> list[list[str]]:

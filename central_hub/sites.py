@@ -89,8 +89,8 @@ class Sites:
         self.secrets = secrets
         self.gossip = gossip
         # Called with a site's id once a change of it is committed (registered, labels,
-        # key, decommission, deleted): the vault and the alerts update from it.
-        self.listeners: list[Callable[[str], None]] = []
+        # key, decommission, deleted): placement's labels, the vault and the alerts update.
+        self.listeners: list[Callable[[str], None]] = [deployments.site_changed]
 
     def _changed(self, txn: Txn, site_id: str) -> None:
         def notify() -> None:

@@ -63,8 +63,10 @@ class SiteViews:
         self._known_from = 0
         self._interrupts = 0  # ``interrupt`` calls: a poll waiting through one answers
         self._views: OrderedDict[int, tuple[Target, bytes] | None] = OrderedDict()
-        # Merkle targets: the parsed envelope and its tree, for the proofs of the views.
+        # Merkle targets: the parsed envelope and its tree, for the proofs of the views; and
+        # the trees the hub built as it signed them, until their first view.
         self._trees: OrderedDict[int, tuple[ParsedEnvelope, Tree]] = OrderedDict()
+        self._built: OrderedDict[int, Tree] = OrderedDict()
 
     def known_from(self, version: int) -> None:
         """Nothing is known of the deltas up to ``version``: each site's head is at least
@@ -78,11 +80,15 @@ class SiteViews:
             self._all_last = version
             self._wake(None)
             return
-        for site in target.sites:
-            self._site_last[site] = version
+        if target.tree is not None:
+            self._built[version] = target.tree
+            if len(self._built) > TREE_CACHE:
+                self._built.popitem(last=False)
+        self._site_last.update(dict.fromkeys(target.sites, version))
+        # O(sites waiting) rather than O(sites targeted): a delta may target 10,000.
+        for site in self._waiters.keys() & target.sites:
             self._wake(site)
-        if not target.sites:
-            self._wake(ALL)  # no site's: the polls waiting for any delta still wake
+        self._wake(ALL)  # the polls waiting for any delta wake too
 
     def index_envelope(self, version: int, raw: bytes) -> None:
         """``index`` a stored delta by the target its envelope names."""
@@ -144,12 +150,14 @@ class SiteViews:
         cached = self._views.get(version)
         if cached is None and version not in self._views:
             try:
-                parsed = parse_full(raw)
+                parsed = parse_full(raw, self._built.get(version))
             except DeltaRejected:  # never stored by the hub
                 cached = None
             else:
                 delta = parsed.delta
                 cached = (delta.target, header_of(parsed)) if delta.format == DELTA_V2 else None
+                if delta.target.root:
+                    self._keep_tree(version, parsed)
             self._views[version] = cached
             if len(self._views) > VIEW_CACHE:
                 self._views.popitem(last=False)
@@ -164,14 +172,21 @@ class SiteViews:
         the newest ``TREE_CACHE`` such deltas (a tree is 10,000 hashes at 10,000 sites)."""
         kept = self._trees.get(version)
         if kept is None:
-            parsed = parse_full(raw)
-            kept = parsed, Tree.of(parsed.delta.target.sites)
-            self._trees[version] = kept
-            if len(self._trees) > TREE_CACHE:
-                self._trees.popitem(last=False)
+            kept = self._keep_tree(version, parse_full(raw, self._built.get(version)))
         else:
             self._trees.move_to_end(version)
         return view_of(kept[0], raw, site, kept[1])
+
+    def _keep_tree(self, version: int, parsed: ParsedEnvelope) -> tuple[ParsedEnvelope, Tree]:
+        """Keep a Merkle target's tree: the one the hub built as it signed it, if any."""
+        built = self._built.pop(version, None)
+        target = parsed.delta.target
+        tree = built if built is not None and built.root == target.root else None
+        kept = parsed, tree or Tree.of(target.sites)
+        self._trees[version] = kept
+        if len(self._trees) > TREE_CACHE:
+            self._trees.popitem(last=False)
+        return kept
 
     def views(self, deltas: list[tuple[int, bytes]], site: str) -> list[bytes]:
         return [self.view(version, raw, site) for version, raw in deltas]

@@ -114,6 +114,24 @@ async def test_labels_decide_the_next_deployment(admin: Operator, make_site: Mak
     assert dep["waves"] == [["a", "b"]]
 
 
+async def test_sites_changed_after_a_deployment_decide_the_next_one(
+    admin: Operator, make_site: MakeSite
+) -> None:
+    """The labels placement reads are kept up to date: relabelled, new, deleted sites."""
+    await make_site("a", region="eu")
+    await make_site("b", region="us")
+    eu = {"match": {"region": "eu"}}
+    first = await admin.ok("POST", "/v1/apps", {"spec": spec_text(), "placement": eu}, 202)
+    assert first["waves"] == [["a"]]
+    await admin.ok("PUT", "/v1/sites/b/labels", {"region": "eu"})
+    await make_site("c", region="eu")
+    await make_site("d", region="us")
+    await admin.ok("DELETE", "/v1/sites/a")
+    body = {"spec": spec_text(version="2.0"), "placement": eu}
+    second = await admin.ok("POST", "/v1/apps", body, 202)
+    assert second["waves"] == [["b", "c"]]
+
+
 async def test_deleting_a_site_lets_its_wave_finish(
     hub: Hub, admin: Operator, make_site: MakeSite
 ) -> None:

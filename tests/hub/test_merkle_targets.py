@@ -4,10 +4,14 @@ hub; and only once every site can read one."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import orjson
+import pytest
 
 from central_hub import Hub
 from central_hub.deltaformat import MERKLE_ABOVE
+from meshorch.fleet import merkle
 from meshorch.fleet.delta import parse, verify_batch
 from meshorch.state.protocol import FEATURES
 from tests.hub.conftest import MakeSite
@@ -72,6 +76,34 @@ async def test_a_deployment_to_many_sites_sends_each_its_proof(
     relayed = verify_batch([await raw_view(member)], eu[1].trust, member.clock(), eu[1].id)
     assert relayed.rejected is not None and relayed.rejected.reason == "proof_missing"
     assert relayed.accepted == []
+
+
+async def test_the_hub_hashes_a_merkle_target_once(
+    hub: Hub, admin: Operator, make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tree the hub builds as it signs a Merkle target serves its sites' proofs: it is
+    not built again from the stored list (20,000 hashes at 10,000 sites), nor for the
+    next version deployed to the same sites."""
+    sites = await fleet(make_site, FEATURES["merkle_targets"])
+    built = 0
+    tree_of = merkle.Tree.of
+
+    def counting(ids: Iterable[str]) -> merkle.Tree:
+        nonlocal built
+        built += 1
+        return tree_of(ids)
+
+    monkeypatch.setattr(merkle.Tree, "of", staticmethod(counting))
+    for version in (1, 2):
+        body = {"spec": spec_text(version=f"{version}.0"), "placement": ALL}
+        await admin.ok("POST", "/v1/apps", body, 202)
+        for site in (sites[0], sites[-1]):
+            result = await site.sync()
+            assert [d.version for d in result.accepted] == [version]
+            (delta,) = result.accepted
+            assert delta.target.root and delta.target.includes(site.id)
+            assert delta.ops[0]["spec"]["version"] == f"{version}.0"
+    assert built == 1
 
 
 async def test_a_site_that_cannot_read_a_root_keeps_the_list(

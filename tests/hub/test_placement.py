@@ -119,6 +119,16 @@ def test_selection_and_waves_properties(
     assert select(make_policy(), fleet) == sorted(fleet)
 
 
+@given(_fleets, st.lists(_names, min_size=1, max_size=8), _labels)
+def test_a_list_of_sites_selects_those_registered_that_match(
+    fleet: dict[str, dict[str, str]], listed: list[str], match: dict[str, str]
+) -> None:
+    picked = select(make_policy(match=match, sites=listed), fleet)
+    assert picked == sorted(
+        s for s in set(listed) & set(fleet) if all(fleet[s].get(k) == v for k, v in match.items())
+    )
+
+
 @given(_fleets, st.sampled_from(["region", "tier"]), st.lists(st.sampled_from("abc")))
 def test_in_and_not_in_partition_the_fleet(
     fleet: dict[str, dict[str, str]], key: str, values: list[str]

@@ -104,3 +104,34 @@ async def test_a_deployment_changed_by_an_operator_is_read_again(
         await site.report({"web": healthy("2.0")})
     done = await wait_for(admin, second["id"], lambda d: d["state"] != "running")
     assert done["state"] == "succeeded"
+
+
+async def test_a_wave_counts_at_once_the_sites_already_at_its_version(
+    hub: Hub, admin: Operator, make_site: MakeSite
+) -> None:
+    """A wave's start looks only at the sites whose report lists the version deployed (the
+    others are updating, as the start left them): a site that already runs it healthy, or
+    failed, counts at once, with no report after the deployment."""
+    sites = [await make_site(f"s{i}") for i in range(3)]
+    one_wave = {"max_parallel": 100}
+    first = await admin.ok("POST", "/v1/apps", {"spec": spec_text(), "placement": one_wave}, 202)
+    for site in sites:
+        await site.sync()
+        await site.report({"web": healthy("1.0")})
+    await wait_for(admin, first["id"], lambda d: d["state"] == "succeeded")
+    # The same version in waves of two: both waves find their sites healthy already.
+    again = await admin.ok(
+        "POST", "/v1/apps", {"spec": spec_text(), "placement": {"max_parallel": 2}}, 202
+    )
+    assert again["id"] != first["id"] and again["waves"] == [["s0", "s1"], ["s2"]]
+    done = await wait_for(admin, again["id"], lambda d: d["state"] != "running")
+    assert done["state"] == "succeeded" and len(done["deltas"]) == 2
+
+    second = {"spec": spec_text(version="2.0"), "placement": one_wave}
+    await admin.ok("POST", "/v1/apps", second, 202)
+    failed = {**healthy("2.0"), "state": "failed", "message": "crash loop"}
+    await sites[1].sync()
+    await sites[1].report({"web": failed})
+    retried = await admin.ok("POST", "/v1/apps", {**second, "placement": {"max_parallel": 50}}, 202)
+    done = await wait_for(admin, retried["id"], lambda d: d["state"] != "running")
+    assert done["state"] == "failed" and done["reason"] == "site s1 failed: crash loop"

@@ -124,3 +124,26 @@ def test_a_step_that_changes_nothing_returns_the_deployment_itself() -> None:
     )
     assert moved is not dep and moved.progress["b"].message == "pulling"
     assert moved.updated_at == 140.0 and moved.progress["a"] is dep.progress["a"]
+
+
+def test_a_wave_just_started_is_stepped_by_the_sites_at_its_version() -> None:
+    """Every site of a wave that just started is updating: a step over the sites that
+    report the version deployed has the outcome of a step over the whole wave."""
+    wave = [f"s{i}" for i in range(20)]
+    dep, _ = started([["a"], wave])
+    dep, issue = waves.step(dep, {"a": HEALTHY}, 110.0, 600.0)
+    assert issue == wave
+    statuses: dict[str, AppStatus | None] = {
+        "s3": HEALTHY,
+        "s9": AppStatus("1.0", "healthy"),  # another version: updating
+    }
+    for at_version in (["s3"], ["s3", "s7"]):
+        if "s7" in at_version:
+            statuses["s7"] = AppStatus("2.0", "failed", "crash loop")
+        whole = waves.step(dep, statuses, 120.0, 600.0)
+        assert waves.step(dep, statuses, 120.0, 600.0, at_version) == whole
+    assert whole[0].state == "failed" and whole[0].reason == "site s7 failed: crash loop"
+    every = {site: HEALTHY for site in wave}
+    done = waves.step(dep, every, 120.0, 600.0, wave)
+    assert done == waves.step(dep, every, 120.0, 600.0) and done[0].state == "succeeded"
+    assert waves.step(dep, {}, 800.0, 600.0, [])[0].state == "failed"  # its own timeout
