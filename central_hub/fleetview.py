@@ -27,6 +27,7 @@ Health of a site:
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Collection, Mapping
 from typing import Any, Literal
 
@@ -226,6 +227,12 @@ def progress(report: Mapping[str, Any]) -> bytes:
     rest = {k: v for k, v in report.items() if k != "time"}
     rest["hosts"] = hosts
     return orjson.dumps(rest, option=orjson.OPT_SORT_KEYS)
+
+
+def progress_digest(report: Mapping[str, Any]) -> str:
+    """A short digest of ``progress(report)``: a follower's mark names the report it
+    renews by it (``central_hub.relay``)."""
+    return hashlib.blake2b(progress(report), digest_size=12).hexdigest()
 
 
 def is_stale_report(

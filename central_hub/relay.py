@@ -11,8 +11,8 @@ follower replica of a replicated hub (``central_hub.replica``) therefore answers
   it received to the leader in one batched request every ``PUSH_EVERY_S``
   (``POST RELAY_PATH``, authenticated with the replicas' forwarding key): a report whose
   ``progress`` did not change goes as a compact mark (``seen``: the site, its nonce, its
-  clock), in full at least every ``full_every_s`` (its hosts' resource samples; the
-  leader's ``Reports.renew_s``);
+  clock, the digest of the report it renews), in full at least every ``full_every_s``
+  (its hosts' resource samples; the leader's ``Reports.renew_s``);
 - the leader merges a batch as if each report had reached it (``merge``: the same
   ``Sites.record_report``, so alerts, the vault's triggers and the rollout driver see it)
   and answers, per site, what the site's report answer carries (``site_head``, ``held``)
@@ -53,7 +53,7 @@ from aiohttp import web
 
 from central_hub.contract import BodyContract
 from central_hub.errors import ApiError, InputProblems
-from central_hub.fleetview import parse_report, progress
+from central_hub.fleetview import parse_report, progress, progress_digest
 from central_hub.openapi import SCHEMAS
 from central_hub.replay import NonceCache, ReplayCacheFull, admit
 from central_hub.reports import RENEW_S
@@ -82,7 +82,7 @@ PUSH_EVERY_S = 1.0
 # a site's own report timeout (4 s, ``meshorch.fleet.site_link``), so it is answered.
 WAIT_S = 3.0
 MAX_PUSH = 2000  # reports per push; more wait for the next one
-MAX_SEEN = 20_000  # marks per push (about 80 bytes each)
+MAX_SEEN = 20_000  # marks per push (about 110 bytes each)
 MAX_RELAY_BYTES = 64 * 1024 * 1024
 RELAY_WINDOW_S = 30.0  # a push is accepted this long after it was made
 # What a report answer says of one site: the newest version that concerns it (None:
@@ -155,8 +155,9 @@ class Push:
     seen: list[Seen]
 
 
-# A mark: the site, its request's nonce and signing time, the report's own ``time``.
-Seen = tuple[str, str, float, float]
+# A mark: the site, its request's nonce and signing time, the report's own ``time``, and
+# the ``progress_digest`` of the report it renews.
+Seen = tuple[str, str, float, float, str]
 
 
 def _is_number(value: object) -> bool:
@@ -187,14 +188,15 @@ def parse_push(body: bytes) -> Push:
     for mark in marks:
         if not (
             isinstance(mark, list)
-            and len(mark) == 4
+            and len(mark) == 5
             and isinstance(mark[0], str)
             and isinstance(mark[1], str)
             and _is_number(mark[2])
             and _is_number(mark[3])
+            and isinstance(mark[4], str)
         ):
-            raise ValueError("a pushed mark is [site, nonce, signed_at, time]")
-        seen.append((mark[0], mark[1], float(mark[2]), float(mark[3])))
+            raise ValueError("a pushed mark is [site, nonce, signed_at, time, digest]")
+        seen.append((mark[0], mark[1], float(mark[2]), float(mark[3]), mark[4]))
     return Push(reports, seen)
 
 
@@ -223,11 +225,11 @@ async def merge(parts: HubParts, nonces: NonceCache, push: Push) -> bytes:
         if fresh(site, entry["nonce"], entry["signed_at"]):
             await parts.sites.record_report(site, entry["report"])
         answer(site)
-    for site, nonce, signed_at, site_time in push.seen:
+    for site, nonce, signed_at, site_time, digest in push.seen:
         if parts.sites.site_public_key(site) is None:
             continue
-        if fresh(site, nonce, signed_at) and not parts.sites.reports.seen(site, site_time):
-            continue  # no report kept here to renew: the site's next one comes in full
+        if fresh(site, nonce, signed_at) and not parts.sites.reports.seen(site, site_time, digest):
+            continue  # not the report kept here (a new leader): the site's next one in full
         answer(site)
     return orjson.dumps({"v": RELAY_VERSION, "head": ledger.head.version, "sites": answers})
 
@@ -376,7 +378,8 @@ class ReportRelay:
         full_at = self._full_at.get(site, -1e18)
         if entry is None and not urgent and now - full_at < self._full_every_s:
             # Unchanged, and the leader has its report from less than full_every_s ago.
-            self._seen[site] = (site, nonce, signed_at, float(report["time"]))
+            mark = (site, nonce, signed_at, float(report["time"]), progress_digest(report))
+            self._seen[site] = mark
             self.handled += 1
             return json_response(answer_of(self._head, self._answers[site], report))
         self._seen.pop(site, None)

@@ -109,15 +109,19 @@ class Reports:
             self._saving = asyncio.ensure_future(self._save_later())
         return True
 
-    def seen(self, site_id: str, site_time: float) -> bool:
+    def seen(self, site_id: str, site_time: float, digest: str) -> bool:
         """A replica's word that ``site_id`` reported again with nothing changed but its
-        clock and its hosts' resource samples (``central_hub.relay``): the kept report
-        takes the new ``time`` and the site counts as heard now; nothing else moves, so no
-        listener is told and nothing is written. False: no report is kept to renew."""
+        clock and its hosts' resource samples (``central_hub.relay``) since the report of
+        ``fleetview.progress_digest`` ``digest``: if that is the kept one, it takes the
+        new ``time`` and the site counts as heard now; nothing else moves, so no listener
+        is told and nothing is written. False: the kept report is another (or none, or one
+        restored from an earlier run): nothing renewed."""
         kept = self._reports.get(site_id)
-        if kept is None:
+        if kept is None or site_id not in self._told:
             return False
         report, _received_at = kept
+        if fleetview.progress_digest(report) != digest:
+            return False
         if site_time > float(report["time"]):
             report = {**report, "time": site_time}
         self._reports[site_id] = (report, self.ledger.now())

@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 import pytest
 
+from central_hub.fleetview import progress_digest
 from central_hub.relay import (
     Push,
     ReportRelay,
@@ -86,10 +87,11 @@ def test_progress_ignores_the_time_and_resource_samples_only() -> None:
         b'{"v":1,"reports":[{"site":1,"report":{},"nonce":"n","signed_at":1}]}',
         b'{"v":1,"reports":[{"site":"s","report":{},"nonce":"n","signed_at":true}]}',
         b'{"v":1,"reports":[],"seen":{}}',
-        b'{"v":1,"reports":[],"seen":[["s","n",1]]}',
-        b'{"v":1,"reports":[],"seen":[["s","n",1,"later"]]}',
-        b'{"v":1,"reports":[],"seen":[[1,"n",1,2]]}',
-        b'{"v":1,"reports":[],"seen":[["s","n",false,2]]}',
+        b'{"v":1,"reports":[],"seen":[["s","n",1,2]]}',
+        b'{"v":1,"reports":[],"seen":[["s","n",1,2,3]]}',
+        b'{"v":1,"reports":[],"seen":[["s","n",1,"later","d"]]}',
+        b'{"v":1,"reports":[],"seen":[[1,"n",1,2,"d"]]}',
+        b'{"v":1,"reports":[],"seen":[["s","n",false,2,"d"]]}',
     ],
 )
 def test_a_malformed_push_is_refused(body: bytes) -> None:
@@ -101,9 +103,9 @@ def test_a_push_is_parsed() -> None:
     entry = {"site": "s", "report": _report(), "nonce": "ab", "signed_at": 1.5}
     # An older replica's push has no marks.
     assert parse_push(orjson.dumps({"v": 1, "reports": [entry]})) == Push([entry], [])
-    marks = [["t", "cd", 2, 3.5]]
+    marks = [["t", "cd", 2, 3.5, "ef"]]
     pushed = parse_push(orjson.dumps({"v": 1, "reports": [], "seen": marks}))
-    assert pushed == Push([], [("t", "cd", 2.0, 3.5)])
+    assert pushed == Push([], [("t", "cd", 2.0, 3.5, "ef")])
 
 
 async def test_a_follower_pushes_unchanged_reports_as_marks_and_in_full_now_and_then(
@@ -146,7 +148,8 @@ async def test_a_follower_pushes_unchanged_reports_as_marks_and_in_full_now_and_
         assert answer == {"head": 9, "site_head": 7} and [e["site"] for e in push.reports] == ["s"]
         answer, push = await report(3)  # unchanged: a mark, with the report's own time
         assert answer == {"head": 9, "site_head": 7}
-        assert push.reports == [] and push.seen == [("s", "n1003.0", 1003.0, 1003.0)]
+        digest = progress_digest({**_report(), "time": 0.0})
+        assert push.reports == [] and push.seen == [("s", "n1003.0", 1003.0, 1003.0, digest)]
         answer, push = await report(RENEW_S)  # unchanged, but its samples are old
         assert [e["site"] for e in push.reports] == ["s"] and push.seen == []
         kept.clear()  # a new leader, which keeps no report of the site
