@@ -1,15 +1,17 @@
-"""The collector's policy (central_hub.gcpolicy): its rules, and what holding it does."""
+"""The collector's policy (central_hub.gcpolicy): its rules, and a started hub holding it."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
 import weakref
+from pathlib import Path
 
 import pytest
 
-from central_hub import gcpolicy
+from central_hub import Hub, gcpolicy
 from central_hub.gcpolicy import RECLAIM_MIN_GROWTH, RECLAIM_S, YOUNG_THRESHOLD
+from tests.hub.conftest import hub_config
 
 
 class Cycle:
@@ -32,6 +34,21 @@ def test_reclaim_when_old_or_grown() -> None:
     small = 1_000  # a small heap grows by at least RECLAIM_MIN_GROWTH first
     assert not gcpolicy.reclaim_due(frozen=small + RECLAIM_MIN_GROWTH, live=small, since_s=1.0)
     assert gcpolicy.reclaim_due(frozen=small + RECLAIM_MIN_GROWTH + 1, live=small, since_s=1.0)
+
+
+async def test_a_started_hub_holds_the_policy(tmp_path: Path) -> None:
+    before = gc.get_threshold()
+    assert gc.get_freeze_count() == 0
+    async with Hub(hub_config(tmp_path / "one")) as hub:
+        assert gc.get_threshold() == gcpolicy.thresholds(before)
+        frozen = gc.get_freeze_count()
+        assert frozen > 0  # the hub's state, loaded, is out of the collector's way
+        async with Hub(hub_config(tmp_path / "two")):
+            assert gc.get_freeze_count() >= frozen
+        assert gc.get_freeze_count() > 0  # one hub still holds it
+        assert hub.url
+    assert gc.get_freeze_count() == 0
+    assert gc.get_threshold() == before
 
 
 async def test_garbage_is_collected_not_frozen() -> None:
