@@ -47,6 +47,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from central_hub import gcpolicy
 from central_hub.alerts import over_thresholds
 from central_hub.config import LISTEN_BACKLOG, HubConfig
 from central_hub.errors import HubConfigError
@@ -139,6 +140,7 @@ class HubReplica:
         self.relay: ReportRelay | None = None
         self.polls: FollowerPolls | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._gc_held = False
 
     async def __aenter__(self) -> HubReplica:
         await self.start()
@@ -184,6 +186,8 @@ class HubReplica:
         except BaseException:
             await self.stop()
             raise
+        gcpolicy.hold()  # central_hub.gcpolicy; its hub, while it leads, holds it too
+        self._gc_held = True
         logger.info(
             "hub replica %s serving on %s, peers %s",
             replica.raft_address,
@@ -302,6 +306,9 @@ class HubReplica:
         lock, self._lock = self._lock, None
         if lock is not None:
             lock.release()
+        if self._gc_held:
+            self._gc_held = False
+            await gcpolicy.release()
 
     # -- where requests go ----------------------------------------------------------------
 

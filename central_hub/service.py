@@ -27,6 +27,8 @@ Ordering rules:
   alerts every ``ALERTS_EVERY_S``, starts the fleet logs' retention when it is due,
   prunes the audit log (``central_hub.audit_retention``) and
   compacts the delta log every ``compact_every_s`` (``central_hub.snapshots``).
+- The collector's policy (``central_hub.gcpolicy``) is held once the hub serves, its
+  state loaded, and released after it stops.
 - On stop, long-polls answer at once; the failed authentications counted since the last
   sample are audited (``central_hub.authguard``); the store closes after every pending
   write.
@@ -42,7 +44,7 @@ from pathlib import Path
 from aiohttp import web
 from nacl.signing import SigningKey
 
-from central_hub import deltalog, keyfiles, tokens
+from central_hub import deltalog, gcpolicy, keyfiles, tokens
 from central_hub.accounts import Accounts, adopt_tenants
 from central_hub.alerting import Alerting
 from central_hub.alerts import AlertBook
@@ -106,6 +108,7 @@ class Hub:
         self._driver: asyncio.Task[None] | None = None
         self._data_dir_lock: DataDirLock | None = None
         self.tls: HubTLS | None = None  # None: plain HTTP (``insecure_http``)
+        self._gc_held = False
 
     # -- the parts, and what callers read -------------------------------------------------
 
@@ -279,6 +282,9 @@ class Hub:
             gossip.listeners.append(self.parts.alerting.mark)  # a summary moves its alerts
             self.parts.gossip = gossip
         self._driver = asyncio.create_task(self._drive(), name="hub-rollouts")
+        # Its state loaded: out of the collector's way (central_hub.gcpolicy).
+        gcpolicy.hold()
+        self._gc_held = True
         logger.info(
             "hub of fleet %r serving on %s, head %d", self.fleet, self.url, self.head.version
         )
@@ -294,6 +300,9 @@ class Hub:
         if gossip is not None:
             await gossip.stop()
         await self._close_runner_and_store()
+        if self._gc_held:
+            self._gc_held = False
+            await gcpolicy.release()
 
     async def _close_runner_and_store(self) -> None:
         if self._runner is not None:

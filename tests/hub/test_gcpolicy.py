@@ -1,0 +1,85 @@
+"""The collector's policy (central_hub.gcpolicy): its rules, and a started hub holding it."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import weakref
+from pathlib import Path
+
+import pytest
+
+from central_hub import Hub, gcpolicy
+from central_hub.gcpolicy import RECLAIM_MIN_GROWTH, RECLAIM_S, YOUNG_THRESHOLD
+from tests.hub.conftest import hub_config
+
+
+class Cycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_thresholds_raise_generation_0_only() -> None:
+    assert gcpolicy.thresholds((700, 10, 10)) == (YOUNG_THRESHOLD, 10, 10)
+    assert gcpolicy.thresholds((700, 5, 20), young=3000) == (3000, 5, 20)
+    assert gcpolicy.thresholds((50_000, 10, 10)) == (50_000, 10, 10)  # higher: kept
+    assert gcpolicy.thresholds((0, 10, 10)) == (0, 10, 10)  # automatic collection off
+
+
+def test_reclaim_when_old_or_grown() -> None:
+    assert not gcpolicy.reclaim_due(frozen=200_000, live=200_000, since_s=1.0)
+    assert gcpolicy.reclaim_due(frozen=200_000, live=200_000, since_s=RECLAIM_S)
+    assert gcpolicy.reclaim_due(frozen=400_001, live=200_000, since_s=1.0)  # doubled
+    assert not gcpolicy.reclaim_due(frozen=400_000, live=200_000, since_s=1.0)
+    small = 1_000  # a small heap grows by at least RECLAIM_MIN_GROWTH first
+    assert not gcpolicy.reclaim_due(frozen=small + RECLAIM_MIN_GROWTH, live=small, since_s=1.0)
+    assert gcpolicy.reclaim_due(frozen=small + RECLAIM_MIN_GROWTH + 1, live=small, since_s=1.0)
+
+
+async def test_a_started_hub_holds_the_policy(tmp_path: Path) -> None:
+    before = gc.get_threshold()
+    assert gc.get_freeze_count() == 0
+    async with Hub(hub_config(tmp_path / "one")) as hub:
+        assert gc.get_threshold() == gcpolicy.thresholds(before)
+        frozen = gc.get_freeze_count()
+        assert frozen > 0  # the hub's state, loaded, is out of the collector's way
+        async with Hub(hub_config(tmp_path / "two")):
+            assert gc.get_freeze_count() >= frozen
+        assert gc.get_freeze_count() > 0  # one hub still holds it
+        assert hub.url
+    assert gc.get_freeze_count() == 0
+    assert gc.get_threshold() == before
+
+
+async def test_garbage_is_collected_not_frozen() -> None:
+    garbage = Cycle()
+    gone = weakref.ref(garbage)
+    del garbage
+    live = Cycle()
+    kept = weakref.ref(live)
+    gcpolicy.hold()
+    try:
+        assert gone() is None  # collected before the freeze
+        assert kept() is live and gc.get_freeze_count() > 0
+        del live  # garbage once frozen: only a reclaim finds it
+        gc.collect()
+        assert kept() is not None
+        gcpolicy._policy.reclaim()
+        assert kept() is None
+        assert gc.get_freeze_count() > 0
+    finally:
+        await gcpolicy.release()
+    assert gc.get_freeze_count() == 0
+
+
+async def test_what_lives_on_is_frozen_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gcpolicy, "REFREEZE_S", 0.01)
+    gcpolicy.hold()
+    try:
+        new = Cycle()  # e.g. a site's report received after the start
+        assert any(o is new for o in gc.get_objects())
+        await asyncio.sleep(0.1)
+        assert not any(o is new for o in gc.get_objects())  # frozen: no collection walks it
+    finally:
+        await gcpolicy.release()
+    assert any(o is new for o in gc.get_objects())
