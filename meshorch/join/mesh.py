@@ -58,7 +58,9 @@ DEFAULT_WG_PORT = 51820
 KEEPALIVE_S = 25
 RECONCILE_INTERVAL_S = 0.3
 RESYNC_INTERVAL_S = 10.0
-JOIN_ROUNDS = 10  # rounds over the peers while they answer 503 (busy: retry later)
+# Rounds over the peers while they answer 503 (busy) or 504 (no commit: the site's leader
+# was lost, e.g. while another host's join changes the membership): retry later.
+JOIN_ROUNDS = 10
 JOIN_RETRY_S = 2.0
 
 
@@ -238,7 +240,8 @@ async def join_membership(
             if answered is not None:
                 return answered
             if busy and attempt + 1 < JOIN_ROUNDS:
-                # Every peer was busy (503: e.g. changing the cluster password): wait.
+                # A peer was busy (503: e.g. changing the cluster password) or could not
+                # commit (504: no leader for a moment): wait.
                 logger.info("could not join yet (%s); retrying", last_error)
                 await asyncio.sleep(JOIN_RETRY_S)
                 continue
@@ -254,7 +257,9 @@ async def _ask_peers(
     keypair: KeyPair,
 ) -> tuple[Prepared | None, str, bool]:
     """The first peer's answer; None when no peer gave one, with why the last did not and
-    whether some peer was busy (503: worth another round)."""
+    whether some peer was busy (503, or 504 when the site could not commit: worth another
+    round: the same host asking again is admitted as the same member, and a single-use
+    token spent by the first try is refused with a clear error)."""
     last_error, busy = "no peer answered", False
     for peer in sorted(peers.values(), key=lambda p: p.host):
         url = f"http://{peer.join_endpoint}/v1/join"
@@ -273,7 +278,7 @@ async def _ask_peers(
                 f"site {request.site} refused the join: {error.get('message', response.status)}",
             )
         last_error = f"{peer.host}: {response.status} {error.get('message', '')}"
-        busy = busy or response.status == 503
+        busy = busy or response.status in (503, 504)
     return None, last_error, busy
 
 
