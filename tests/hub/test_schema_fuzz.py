@@ -14,7 +14,8 @@ Values no JSON Schema can describe are given real ones when the generated value 
 by the document (an invalid one is left, to be refused): a listing's ``cursor`` (under the
 hub's MAC) by one the hub gave for that listing and caller, a log query's ``regex`` (RE2's
 grammar) by a valid regex, an application ``spec`` by a valid spec (docs/app-spec.md), a new
-site's id by one not taken, a quota's tenant by one that exists. A
+site's id by one not taken, a quota's tenant by one that exists (and a deletion of that
+tenant, or of the caller's own token, goes to an id that does not exist). A
 log cursor is dropped (the hub holds no logs here); the link's long-poll ``wait`` is 0.
 A link request is signed by the site's key when schemathesis gave it a signature header.
 """
@@ -158,6 +159,7 @@ class RunState:
     cursors: dict[str, str] = field(default_factory=dict)
     signature: SiteSignature | None = None
     new_sites: int = 0
+    own_token_id: str = ""  # the caller's token: not deleted mid-run (its later calls 401)
 
 
 RUN = RunState()
@@ -192,6 +194,7 @@ def _set_up(url: str, admin: str, caller: str) -> str:
     if caller == "tenant_admin":  # a second token of its tenant: its listing has two pages
         _call(url, token, "POST", "/v1/tokens", {"role": "viewer"})
     RUN.cursors, RUN.new_sites = {}, 0
+    RUN.own_token_id = token.split("_")[1]  # mht_<id>_<secret>
     for listing in LISTINGS:
         response = requests.get(
             f"{url}{listing}?limit=1", headers={"Authorization": f"Bearer {token}"}, timeout=20
@@ -299,6 +302,12 @@ def before_call(context: Any, case: Any, kwargs: dict[str, Any]) -> None:
     path_id = (case.path_parameters or {}).get("id")
     if label == "PUT /v1/tenants/{id}/quota" and _valid_id(path_id):
         case.path_parameters = {**case.path_parameters, "id": "blue"}  # a tenant that exists
+    # What the run's later calls need stays: the quota's tenant, the caller's own token (a
+    # deletion of either, in whichever order the run went, left the quota no 2xx).
+    kept = label == "DELETE /v1/tenants/{id}" and path_id == "blue"
+    kept = kept or (label == "DELETE /v1/tokens/{id}" and path_id == RUN.own_token_id)
+    if kept:
+        case.path_parameters = {**case.path_parameters, "id": "fuzz-none"}
     site = body.get("site") if isinstance(body, dict) else None
     if label == "POST /v1/link/report" and _valid_id(site):
         case.body = {**body, "site": LINK_SITE}  # a site reports for itself only
