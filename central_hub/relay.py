@@ -378,7 +378,7 @@ class ReportRelay:
         full_at = self._full_at.get(site, -1e18)
         if entry is None and not urgent and now - full_at < self._full_every_s:
             # Unchanged, and the leader has its report from less than full_every_s ago.
-            mark = (site, nonce, signed_at, float(report["time"]), progress_digest(report))
+            mark = (site, nonce, signed_at, float(report["time"]), progress_digest(moved[0]))
             self._seen[site] = mark
             self.handled += 1
             return json_response(answer_of(self._head, self._answers[site], report))

@@ -61,7 +61,8 @@ class Reports:
         self._reports: dict[str, Received] = {}
         self.listeners: list[Listener] = []
         self._unsaved: set[str] = set()  # sites whose latest report is not in the store
-        self._told: dict[str, tuple[object, float]] = {}  # what listeners saw, and when
+        # What listeners saw (the progress, then each watcher's), and when.
+        self._told: dict[str, tuple[tuple[object, ...], float]] = {}
         # What else of a report must reach the listeners at once when it changes.
         self.watchers: list[Callable[[dict[str, Any]], object]] = []
         self._saving: asyncio.Task[None] | None = None
@@ -111,17 +112,22 @@ class Reports:
 
     def seen(self, site_id: str, site_time: float, digest: str) -> bool:
         """A replica's word that ``site_id`` reported again with nothing changed but its
-        clock and its hosts' resource samples (``central_hub.relay``) since the report of
-        ``fleetview.progress_digest`` ``digest``: if that is the kept one, it takes the
-        new ``time`` and the site counts as heard now; nothing else moves, so no listener
+        clock and its hosts' resource samples (``central_hub.relay``) since the report whose
+        progress has ``fleetview.progress_digest`` ``digest``: if that is the kept one, it
+        takes the new ``time`` and the site counts as heard now; nothing else moves, so no listener
         is told and nothing is written. False: the kept report is another (or none, or one
         restored from an earlier run): nothing renewed."""
-        kept = self._reports.get(site_id)
-        if kept is None or site_id not in self._told:
+        kept, told = self._reports.get(site_id), self._told.get(site_id)
+        if kept is None or told is None:
+            return False
+        # The kept report's progress is the one listeners were told of (a renewal keeps it).
+        told_progress = told[0][0]
+        if (
+            not isinstance(told_progress, bytes)
+            or fleetview.progress_digest(told_progress) != digest
+        ):
             return False
         report, _received_at = kept
-        if fleetview.progress_digest(report) != digest:
-            return False
         if site_time > float(report["time"]):
             report = {**report, "time": site_time}
         self._reports[site_id] = (report, self.ledger.now())

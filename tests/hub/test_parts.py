@@ -23,7 +23,7 @@ from central_hub.alerts import Thresholds
 from central_hub.deltalog import Head
 from central_hub.deployments import Deployments
 from central_hub.errors import ApiError
-from central_hub.fleetview import parse_report, progress_digest
+from central_hub.fleetview import parse_report, progress, progress_digest
 from central_hub.ledger import Ledger, Txn
 from central_hub.logs import HubLogs, LogLimits
 from central_hub.placement import parse_policy
@@ -225,13 +225,13 @@ async def test_a_report_that_only_renews_the_last_reaches_listeners_once_per_ren
     clock.now += 3
     kept = reports.latest("s1")
     assert kept is not None
-    assert reports.seen("s1", clock() - 0.5, progress_digest(kept))
+    assert reports.seen("s1", clock() - 0.5, progress_digest(progress(kept)))
     latest, received_at = reports.view_args("s1")
     assert latest is not None and latest["time"] == clock() - 0.5 and received_at == clock()
     assert latest["hosts"][0]["resources"]["load1"] == 0.2 and len(told) == 3
-    assert not reports.seen("s2", clock(), progress_digest(kept))
+    assert not reports.seen("s2", clock(), progress_digest(progress(kept)))
     # A mark renewing another report (one a former leader kept) renews nothing.
-    other = progress_digest(sampled(1, 0.2))
+    other = progress_digest(progress(sampled(1, 0.2)))
     assert not reports.seen("s1", clock() + 1, other)
     assert reports.view_args("s1") == (latest, received_at)
     await reports.close()
@@ -239,7 +239,9 @@ async def test_a_report_that_only_renews_the_last_reaches_listeners_once_per_ren
     again = Reports(ledger)
     again.restore(ledger.store)
     assert again.latest("s1") is not None
-    assert not again.seen("s1", clock() + 1, progress_digest(again.latest("s1") or {}))
+    assert not again.seen(
+        "s1", clock() + 1, progress_digest(progress(again.latest("s1") or {"hosts": []}))
+    )
 
 
 # -- sites -----------------------------------------------------------------------------------

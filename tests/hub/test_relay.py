@@ -148,7 +148,7 @@ async def test_a_follower_pushes_unchanged_reports_as_marks_and_in_full_now_and_
         assert answer == {"head": 9, "site_head": 7} and [e["site"] for e in push.reports] == ["s"]
         answer, push = await report(3)  # unchanged: a mark, with the report's own time
         assert answer == {"head": 9, "site_head": 7}
-        digest = progress_digest({**_report(), "time": 0.0})
+        digest = progress_digest(progress({**_report(), "time": 0.0}))
         assert push.reports == [] and push.seen == [("s", "n1003.0", 1003.0, 1003.0, digest)]
         answer, push = await report(RENEW_S)  # unchanged, but its samples are old
         assert [e["site"] for e in push.reports] == ["s"] and push.seen == []
