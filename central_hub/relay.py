@@ -7,8 +7,7 @@ follower replica of a replicated hub (``central_hub.replica``) therefore answers
 - it checks the site's signature with the site's key from its own replicated view, the
   nonce in its own replay cache, and the report's shape (the route's contract and
   ``parse_report``): a refused request costs no work beyond that and changes nothing;
-- it keeps the site's latest report in memory (``ReportRelay.latest``) and pushes what
-  it received to the leader in one batched request every ``PUSH_EVERY_S``
+- it pushes what it received to the leader in one batched request every ``PUSH_EVERY_S``
   (``POST RELAY_PATH``, authenticated with the replicas' forwarding key): a report whose
   ``progress`` did not change goes as a compact mark (``seen``: the site, its nonce, its
   clock, the digest of the report it renews), in full at least every ``full_every_s``
@@ -293,7 +292,6 @@ class ReportRelay:
         self._watch = watch  # what else of a report the leader must see at once
         self._full_every_s = full_every_s
         self._contract = BodyContract("SiteReport", SCHEMAS)
-        self.latest: dict[str, dict[str, Any]] = {}  # site -> its latest report here
         self._progress: dict[str, tuple[bytes, object]] = {}
         self._answers: dict[str, SiteAnswer] = {}
         self._head = 0
@@ -302,8 +300,6 @@ class ReportRelay:
         self._full_at: dict[str, float] = {}  # when the leader took a site's report in full
         self._now = asyncio.Event()  # a report waits for its push
         self._task: asyncio.Task[None] | None = None
-        self.handled = 0  # reports answered here
-        self.pushes = 0  # pushes the leader took
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._push_loop(), name="report-relay")
@@ -370,7 +366,6 @@ class ReportRelay:
     async def _keep(
         self, site: str, report: dict[str, Any], nonce: str, signed_at: float, now: float
     ) -> web.Response:
-        self.latest[site] = report
         moved = progress(report), self._watch(report)
         urgent = self._progress.get(site) != moved or site not in self._answers
         self._progress[site] = moved
@@ -380,7 +375,6 @@ class ReportRelay:
             # Unchanged, and the leader has its report from less than full_every_s ago.
             mark = (site, nonce, signed_at, float(report["time"]), progress_digest(moved[0]))
             self._seen[site] = mark
-            self.handled += 1
             return json_response(answer_of(self._head, self._answers[site], report))
         self._seen.pop(site, None)
         waiters = [] if entry is None else entry.waiters
@@ -403,7 +397,6 @@ class ReportRelay:
                 return response
         else:
             answer = self._answers[site]
-        self.handled += 1
         return json_response(answer_of(self._head, answer, report))
 
     # -- the pushes ---------------------------------------------------------------------
@@ -454,7 +447,6 @@ class ReportRelay:
                 if mark[0] not in self._pending:
                     self._seen.setdefault(mark[0], mark)
             return
-        self.pushes += 1
         self._head = head
         for site, *_ in marked:
             self._take_answer(site, answers.get(site))
