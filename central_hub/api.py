@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
@@ -53,6 +53,7 @@ from central_hub.model import (
 from central_hub.placement import parse_policy
 from central_hub.releases import RELEASES_ROUTES
 from central_hub.replay import NonceCache, admit
+from central_hub.report_stream import STREAM_PATH, Answer, Streams
 from central_hub.routing import (
     CONFIRM_QUERY,
     HUB_KEY,
@@ -67,6 +68,7 @@ from central_hub.routing import (
     Handler,
     Query,
     Route,
+    error_body,
     error_response,
     hub_of,
     json_response,
@@ -113,6 +115,8 @@ NONCES_KEY = web.AppKey("nonces", NonceCache)
 # Whether format 1 site signatures (agents before nonces, replayable) are accepted on the
 # link's GET routes: the deprecation window of docs/fleet-link.md. Never on other routes.
 LEGACY_SIGNATURES_KEY = web.AppKey("legacy_signatures", bool)
+STREAMS_KEY = web.AppKey("report_streams", Streams)
+REPORT_CONTRACT_KEY = web.AppKey("report_contract", BodyContract)
 
 
 @web.middleware
@@ -162,6 +166,13 @@ def build_app(
     # Requests signed before the cache began could have been taken by an earlier run.
     app[NONCES_KEY] = NonceCache(started_at=hub.ledger.now()) if nonces is None else nonces
     app[LEGACY_SIGNATURES_KEY] = legacy_signatures
+    streams = app[STREAMS_KEY] = Streams()
+    app[REPORT_CONTRACT_KEY] = BodyContract("SiteReport", openapi.SCHEMAS)
+
+    async def close_streams(_app: web.Application) -> None:
+        await streams.close_all()
+
+    app.on_shutdown.append(close_streams)
     for route in ROUTES:
         app.router.add_route(route.method, route.path, _guarded(route))
     add_dashboard(app)  # the web UI (not part of the API: not in ROUTES)
@@ -380,18 +391,49 @@ async def link_gossip(request: web.Request) -> web.Response:
 
 
 async def link_report(request: web.Request) -> web.Response:
-    site = site_of(request)
-    data = await read_json(request)
+    return json_response(
+        await _take_report(hub_of(request), site_of(request), await read_json(request))
+    )
+
+
+async def _take_report(hub: HubParts, site: str, data: object) -> dict[str, Any]:
+    """Keep ``site``'s report ``data`` (checked against the route's contract); its answer."""
     report = parse_report(data, site)
     report.update(parse_report_secrets(data))  # the secrets part (central_hub.vault)
-    hub = hub_of(request)
     head = await hub.sites.record_report(site, report)
     if holds.is_held(hub.ledger, site):
-        return json_response(holds.held_report_answer(report))
+        return holds.held_report_answer(report)
     if not hub.delta_format.site_ready(site):
-        return json_response({"head": head})
+        return {"head": head}
     # The newest version for this site: its poll is answered at once only for those.
-    return json_response({"head": head, "site_head": hub.ledger.site_head(site)})
+    return {"head": head, "site_head": hub.ledger.site_head(site)}
+
+
+async def link_report_stream(request: web.Request) -> web.StreamResponse:
+    """The site's reports on one WebSocket (``central_hub.report_stream``): its upgrade was
+    signed and checked like any link request; each message answered as ``link_report``."""
+    hub, site, key = hub_of(request), site_of(request), signer_of(request)
+    contract = request.app[REPORT_CONTRACT_KEY]
+
+    async def handle(body: bytes) -> Answer:
+        try:
+            data = orjson.loads(body)
+            contract.check(data)
+            return 200, await _take_report(hub, site, data)
+        except orjson.JSONDecodeError as exc:
+            return 400, error_body("bad_json", f"the body is not JSON: {exc}")
+        except InputProblems as exc:
+            return 400, error_body(exc.code, str(exc), exc.problems)
+        except ApiError as exc:
+            return exc.status, error_body(exc.code, exc.message, details=exc.details)
+
+    return await request.app[STREAMS_KEY].serve(
+        request,
+        site,
+        lambda: hub.sites.site_public_key(site) == key,
+        handle,
+        request.app[MAX_BODY_KEY],
+    )
 
 
 async def link_key(request: web.Request) -> web.Response:
@@ -642,6 +684,11 @@ ROUTES: tuple[Route, ...] = (
                        "after it come with the snapshot", minimum=0, maximum=MAX_VERSION),)),
     Route("POST", "/v1/link/report", link_report, "site", "A site's report of its state",
           request="SiteReport", response="Head"),
+    Route("GET", STREAM_PATH, link_report_stream, "site",
+          "The site's reports on one WebSocket, signed once at the upgrade: each message a "
+          "SiteReport, each answered with one message {status, body}, body as POST "
+          "/v1/link/report answers (426 upgrade_required without the upgrade; "
+          "docs/fleet-link.md)", response="Empty", status=101, errors=(426,)),
     Route("POST", "/v1/link/key", link_key, "site",
           "Move the site to a new identity key: signed by the current key, with the new "
           "key's proof; the old key is refused from then on (409 key_reused for a key the "

@@ -706,7 +706,10 @@ def document(routes: Sequence[Route]) -> dict[str, Any]:
             "x-auth": route.auth,
             "responses": {
                 **{str(code): _answer(route.response) for code in (route.status, *route.also)},
-                **{str(code): _answer("Error") for code in _ERRORS.get(route.auth, _TOKEN_ERRORS)},
+                **{
+                    str(code): _answer("Error")
+                    for code in (*_ERRORS.get(route.auth, _TOKEN_ERRORS), *route.errors)
+                },
             },
         }
         if route.auth not in _ERRORS:

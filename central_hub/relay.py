@@ -43,6 +43,7 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -55,8 +56,9 @@ from central_hub.errors import ApiError, InputProblems
 from central_hub.fleetview import parse_report, progress, progress_digest
 from central_hub.openapi import SCHEMAS
 from central_hub.replay import NonceCache, ReplayCacheFull, admit
+from central_hub.report_stream import Answer, Streams
 from central_hub.reports import RENEW_S
-from central_hub.routing import error_response, json_response
+from central_hub.routing import error_body, error_response, json_response
 from central_hub.store import Store
 from central_hub.vault import parse_report_secrets
 from meshorch.fleet.link_auth import (
@@ -250,6 +252,13 @@ class _Pending:
     waiters: list[asyncio.Future[SiteAnswer]] = field(default_factory=list)
 
 
+def site_key(store: Store, site: str) -> str | None:
+    """The public key ``site`` is enrolled with in the replicated view (None: none)."""
+    found = store.get_json("sites", site)
+    key = found.get("public_key") if isinstance(found, dict) else None
+    return key if isinstance(key, str) else None
+
+
 def enrolled_site(store: Store, headers: Mapping[str, str]) -> tuple[str, str, dict[str, Any]]:
     """The site a link request claims to come from, its public key and its record, from
     the replicated view (O(1)); LinkAuthError if it is unknown or not enrolled."""
@@ -300,6 +309,7 @@ class ReportRelay:
         self._full_at: dict[str, float] = {}  # when the leader took a site's report in full
         self._now = asyncio.Event()  # a report waits for its push
         self._task: asyncio.Task[None] | None = None
+        self.streams = Streams()  # the sites' report streams open here
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._push_loop(), name="report-relay")
@@ -309,6 +319,7 @@ class ReportRelay:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+        await self.streams.close_all()
         for entry in self._pending.values():
             for waiter in entry.waiters:
                 if not waiter.done():
@@ -351,21 +362,67 @@ class ReportRelay:
             admit(self.nonces, site, nonce, signed_at, now, changes=True)
         except ApiError as exc:
             return error_response(exc.status, exc.code, exc.message)
+        status, answer = await self._report(site, body, nonce, signed_at, now)
+        response = json_response(answer, status)
+        if status == 503:
+            response.headers["Retry-After"] = "1"
+        return response
+
+    async def handle_stream(self, request: web.Request) -> web.StreamResponse:
+        """A site's report stream (``central_hub.report_stream``): its upgrade request
+        checked as ``handle`` checks a report, before the upgrade; each message then
+        answered as a report here."""
+        if request.host.lower() != self.authority:
+            # Signed for a name every replica shares: a stream is not forwarded; the
+            # site sends its reports with POST instead.
+            return error_response(
+                421, "misdirected_request", f"a report stream is opened at {self.authority}"
+            )
+        body = await read_limited(request.content, self._max_body)
+        now = self._clock()
+        try:
+            site, key, _record = enrolled_site(self._store, request.headers)
+            if is_legacy(request.headers):
+                return error_response(401, "signature_outdated", "a stream is signed with a nonce")
+            signed_at, nonce = verify_request(
+                key, request.headers, request.method, request.host, request.raw_path, body, now
+            )
+        except LinkAuthError as exc:
+            return error_response(401, "bad_site_signature", str(exc))
+        try:
+            admit(self.nonces, site, nonce, signed_at, now, changes=True)
+        except ApiError as exc:
+            return error_response(exc.status, exc.code, exc.message)
+
+        async def one(report: bytes) -> Answer:
+            # No signature per message: the stream's TLS connection is the site's alone.
+            # A nonce of the replica's own, for the leader's replay cache.
+            at = self._clock()
+            return await self._report(site, report, secrets.token_hex(16), at, at)
+
+        return await self.streams.serve(
+            request, site, lambda: site_key(self._store, site) == key, one, self._max_body
+        )
+
+    async def _report(
+        self, site: str, body: bytes, nonce: str, signed_at: float, now: float
+    ) -> Answer:
+        """A report's body, its signature (or its stream's) checked: its answer."""
         try:
             data: object = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
-            return error_response(400, "bad_json", f"the body is not JSON: {exc}")
+            return 400, error_body("bad_json", f"the body is not JSON: {exc}")
         try:
             self._contract.check(data)
             report = parse_report(data, site)
         except InputProblems as exc:
-            return error_response(400, exc.code, str(exc), exc.problems)
+            return 400, error_body(exc.code, str(exc), exc.problems)
         report.update(parse_report_secrets(data))
         return await self._keep(site, report, nonce, signed_at, now)
 
     async def _keep(
         self, site: str, report: dict[str, Any], nonce: str, signed_at: float, now: float
-    ) -> web.Response:
+    ) -> Answer:
         moved = progress(report), self._watch(report)
         urgent = self._progress.get(site) != moved or site not in self._answers
         self._progress[site] = moved
@@ -375,7 +432,7 @@ class ReportRelay:
             # Unchanged, and the leader has its report from less than full_every_s ago.
             mark = (site, nonce, signed_at, float(report["time"]), progress_digest(moved[0]))
             self._seen[site] = mark
-            return json_response(answer_of(self._head, self._answers[site], report))
+            return 200, answer_of(self._head, self._answers[site], report)
         self._seen.pop(site, None)
         waiters = [] if entry is None else entry.waiters
         self._pending[site] = _Pending(report, nonce, signed_at, waiters)
@@ -387,17 +444,14 @@ class ReportRelay:
                 async with asyncio.timeout(WAIT_S):
                     answer = await waiter
             except UnknownSite as exc:
-                return error_response(401, "bad_site_signature", str(exc))
+                return 401, error_body("bad_site_signature", str(exc))
             except (TimeoutError, RelayError) as exc:
                 self._progress.pop(site, None)  # the next report is urgent again
-                response = error_response(
-                    503, "leader_unreachable", f"the hub's leader did not take the report: {exc}"
-                )
-                response.headers["Retry-After"] = "1"
-                return response
+                message = f"the hub's leader did not take the report: {exc}"
+                return 503, error_body("leader_unreachable", message)
         else:
             answer = self._answers[site]
-        return json_response(answer_of(self._head, answer, report))
+        return 200, answer_of(self._head, answer, report)
 
     # -- the pushes ---------------------------------------------------------------------
 

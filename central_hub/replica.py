@@ -68,6 +68,7 @@ from central_hub.relay import (
 from central_hub.replay import NonceCache
 from central_hub.replica_polls import POLL_PATH, FollowerPolls
 from central_hub.replicated_store import REPLICATED_DBS, ReplicatedStore
+from central_hub.report_stream import STREAM_PATH
 from central_hub.reports import renew_after
 from central_hub.routing import error_response
 from central_hub.service import Hub
@@ -251,6 +252,7 @@ class HubReplica:
             ("POST", REPORT_PATH): self._site_report,
             ("POST", RELAY_PATH): self._take,
             ("GET", POLL_PATH): self._site_poll,
+            ("GET", STREAM_PATH): self._site_stream,
         }
         front = Front(
             self._key,
@@ -332,6 +334,12 @@ class HubReplica:
         if self._leading_hub() is not None or self.relay is None:
             return None  # the leader's hub takes it in-process
         return await self.relay.handle(request)
+
+    async def _site_stream(self, request: web.Request) -> web.StreamResponse | bytes | None:
+        """A site's report stream (``central_hub.report_stream``), kept here by a follower."""
+        if self._leading_hub() is not None or self.relay is None:
+            return None  # the leader's hub takes it in-process
+        return await self.relay.handle_stream(request)
 
     async def _site_poll(self, request: web.Request) -> web.StreamResponse | bytes | None:
         """A site's long-poll: answered here by a follower (``central_hub.replica_polls``)."""
@@ -444,6 +452,9 @@ class HubReplica:
         )
         await hub.start()
         self.hub = hub
+        if self.relay is not None:
+            # Its streams' reports now go to the hub in-process: the sites reopen them.
+            await self.relay.streams.close_all()
         logger.info("hub replica %s leads (term %d)", self.replica.raft_address, status.term)
 
     async def _step_down(self) -> None:

@@ -10,7 +10,7 @@ checked query parameters) and answer JSON. The route modules (``central_hub.api`
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +54,7 @@ class Route:
     query: tuple[Query, ...] = ()
     path_params: tuple[Query, ...] = ()  # those not declared are any string
     also: tuple[int, ...] = ()  # other success statuses, with the same response schema
+    errors: tuple[int, ...] = ()  # error statuses beyond those of its auth scheme
     max_body: int = 0  # bytes; 0: the hub's --max-body
 
 
@@ -68,12 +69,22 @@ def error_response(
     problems: list[str] | None = None,
     details: dict[str, Any] | None = None,
 ) -> web.Response:
+    return json_response(error_body(code, message, problems, details), status)
+
+
+def error_body(
+    code: str,
+    message: str,
+    problems: list[str] | None = None,
+    details: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """``{"error": {"code": ..., "message": ...}}``, as every error is answered."""
     error: dict[str, Any] = {"code": code, "message": message}
     if problems:
         error["problems"] = problems
     if details is not None:
-        error["details"] = details
-    return json_response({"error": error}, status)
+        error["details"] = dict(details)
+    return {"error": error}
 
 
 def hub_of(request: web.Request) -> HubParts:

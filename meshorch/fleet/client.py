@@ -46,6 +46,13 @@ DEFAULT_WAIT_S = 20.0
 MAX_WAIT_S = 30.0
 REQUEST_TIMEOUT_S = 10.0
 MAX_ANSWER_BYTES = 512 * 1024 * 1024
+# Reports go on one WebSocket per site (docs/fleet-link.md), signed once when it opens;
+# a hub that refuses the upgrade (an older hub: 404) is asked again after this long,
+# its reports meanwhile sent with POST.
+STREAM_PATH = "/v1/link/reports"
+NO_STREAM_S = 300.0
+MAX_STREAM_ANSWER_BYTES = 64 * 1024
+STREAM_CLOSE_S = 2.0  # for the hub's answer to a close
 
 
 MAX_RELEASE_BYTES = 64 * 1024 * 1024
@@ -213,6 +220,11 @@ class LinkClient:
         self._use(first_replica(site_id, len(self.hub_urls)))
         self._session = session
         self._own_session = session is None
+        self._stream: aiohttp.ClientWebSocketResponse | None = None
+        self._stream_url = ""  # the replica it is open to
+        self._stream_lock = asyncio.Lock()  # one report on it at a time: answers in order
+        self._no_stream_until: dict[str, float] = {}  # by hub URL (monotonic)
+        self._closing: set[asyncio.Task[Any]] = set()
 
     def _use(self, index: int) -> None:
         self._current = index % len(self.hub_urls)
@@ -234,6 +246,9 @@ class LinkClient:
         await self.close()
 
     async def close(self) -> None:
+        await self._drop_stream()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
         if self._own_session and self._session is not None:
             await self._session.close()
         self._session = None
@@ -241,7 +256,9 @@ class LinkClient:
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=4), raise_for_status=False
+                # 4 for requests, and the report stream's
+                connector=aiohttp.TCPConnector(limit=5),
+                raise_for_status=False,
             )
             self._own_session = True
         return self._session
@@ -290,10 +307,12 @@ class LinkClient:
         return orjson.dumps(snapshot), [orjson.dumps(r) for r in rotations]
 
     async def report(self, report: dict[str, Any], timeout_s: float | None = None) -> int:
-        """Send a site report; returns the hub's head version."""
-        answer = await self._request(
-            "POST", "/v1/link/report", "", orjson.dumps(report), timeout_s=timeout_s
-        )
+        """Send a site report (on the site's report stream, else with POST); returns the
+        hub's head version."""
+        body = orjson.dumps(report)
+        answer = await self._report_on_stream(body, timeout_s or self.request_timeout_s)
+        if answer is None:
+            answer = await self._request("POST", "/v1/link/report", "", body, timeout_s=timeout_s)
         head, site_head = answer.get("head"), answer.get("site_head")
         if type(head) is not int:
             raise BadHubAnswer(f"report answer without an integer 'head': {answer!r}")
@@ -374,6 +393,96 @@ class LinkClient:
         if status != 200 or len(data) > MAX_RELEASE_BYTES:
             raise LinkRefused(status, "release", f"the hub answered {status} for {digest[:12]}")
         return data
+
+    # -- the report stream ---------------------------------------------------------------
+
+    async def _report_on_stream(self, body: bytes, timeout_s: float) -> dict[str, Any] | None:
+        """The hub's answer to a report sent on the stream; None when this replica offers
+        no stream or closed it (the report then goes with POST, which says why if the
+        hub refuses it). Errors as ``_request`` raises them."""
+        if time.monotonic() < self._no_stream_until.get(self.hub_url, 0.0):
+            return None
+        async with self._stream_lock:
+            what = f"report on {self.hub_url}{STREAM_PATH}"
+            try:
+                async with asyncio.timeout(timeout_s):
+                    ws = await self._open_stream()
+                    if ws is None:
+                        return None
+                    await ws.send_bytes(body)
+                    message = await ws.receive()
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                self._drop_stream_soon()
+                unreachable = self._unreachable(what, exc)
+                self._fail_over()
+                raise unreachable from exc
+            except BaseException:
+                self._drop_stream_soon()  # cancelled: its answer must not be a later one's
+                raise
+            if message.type not in (aiohttp.WSMsgType.BINARY, aiohttp.WSMsgType.TEXT):
+                await self._drop_stream()  # closed by the hub (stopping, moved, key changed)
+                return None
+            try:
+                data = orjson.loads(message.data)
+                status, answer = data["status"], data["body"]
+                if type(status) is not int or not isinstance(answer, dict):
+                    raise TypeError(status)
+            except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+                await self._drop_stream()
+                raise BadHubAnswer(f"{what}: an answer is {{status, body}}") from exc
+        if status >= 500:
+            await self._drop_stream()
+            self._fail_over()
+            raise HubUnreachable(f"{what}: hub answered {status}")
+        if status >= 400:
+            code, text = _error_of(answer, status)
+            raise (LinkUnauthorized if status == 401 else LinkRefused)(status, code, text)
+        return answer
+
+    async def _open_stream(self) -> aiohttp.ClientWebSocketResponse | None:
+        """The stream to the current replica, opened (signed) if it is not; None when
+        the replica refuses the upgrade with a 4xx (remembered for NO_STREAM_S)."""
+        ws = self._stream
+        if ws is not None and not ws.closed and self._stream_url == self.hub_url:
+            return ws
+        await self._drop_stream()
+        full_path = self._base.path.rstrip("/") + STREAM_PATH
+        headers = sign_request(
+            self.key, self.site_id, "GET", full_path, b"", self.clock(), host=self._host
+        )
+        try:
+            ws = await self._client().ws_connect(
+                self._base.with_path(full_path, encoded=True),
+                headers=headers,
+                ssl=self._ssl,
+                max_msg_size=MAX_STREAM_ANSWER_BYTES,
+                timeout=aiohttp.ClientWSTimeout(ws_close=STREAM_CLOSE_S),
+            )
+        except aiohttp.WSServerHandshakeError as exc:
+            if exc.status >= 500:
+                raise
+            logger.info(
+                "hub %s refused a report stream (%d): reports go with POST",
+                self.hub_url,
+                exc.status,
+            )
+            self._no_stream_until[self.hub_url] = time.monotonic() + NO_STREAM_S
+            return None
+        self._stream, self._stream_url = ws, self.hub_url
+        return ws
+
+    async def _drop_stream(self) -> None:
+        ws, self._stream = self._stream, None
+        if ws is not None:
+            await ws.close()
+
+    def _drop_stream_soon(self) -> None:
+        """``_drop_stream`` from a task that may be cancelled: closed in the background."""
+        ws, self._stream = self._stream, None
+        if ws is not None:
+            task = asyncio.get_running_loop().create_task(ws.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     # -- plumbing ----------------------------------------------------------------------
 

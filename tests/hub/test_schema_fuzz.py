@@ -239,7 +239,9 @@ def _schema(url: str, token: str) -> Any:
             # refused: a release wheel, a sealed escrow box (does it open?), a key rotation's
             # proof (a signature, a time near the hub's clock), pushed stream chunks (a binary
             # codec, sequences without gaps). The other checks still run on them; their
-            # refusals are tested in tests/fleet, tests/vault, tests/streams.
+            # refusals are tested in tests/fleet, tests/vault, tests/streams. And the report
+            # stream, a WebSocket that plain requests cannot open (426; its refusals in
+            # tests/hub/test_report_stream.py).
             "operations": [
                 {
                     "include-name": name,
@@ -250,6 +252,7 @@ def _schema(url: str, token: str) -> Any:
                     "POST /v1/link/escrow",
                     "POST /v1/link/key",
                     "POST /v1/link/streams",
+                    "GET /v1/link/reports",
                 )
             ],
         }
