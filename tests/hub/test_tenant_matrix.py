@@ -164,6 +164,7 @@ CASES: dict[tuple[str, str], tuple[Setup, int]] = {
     ("GET", "/v1/link/deltas"): (fixed("/v1/link/deltas?wait=0"), 401),  # not signed
     ("GET", "/v1/link/snapshot"): (fixed("/v1/link/snapshot?after=0"), 401),  # not signed
     ("POST", "/v1/link/report"): (fixed("/v1/link/report", {}), 401),
+    ("GET", "/v1/link/reports"): (fixed("/v1/link/reports"), 401),  # not signed
     ("GET", "/v1/link/gossip"): (fixed("/v1/link/gossip"), 401),
     ("POST", "/v1/link/key"): (fixed("/v1/link/key", {}), 401),
     ("POST", "/v1/tokens"): (create_token_of_a, 201),
