@@ -45,13 +45,13 @@ from meshorch import __version__
 from meshorch.apps.spec import SpecError, from_json
 from meshorch.fleet.client import HubTrust, LinkClient, LinkError
 from meshorch.fleet.delta import TrustState, verify_batch
+from meshorch.fleet.site_link import REPORT_RETRY_S, REPORT_TIMEOUT_S, Backoff
 from meshorch.state.protocol import PROTOCOL
 
 REPORT_EVERY_S = 3.0
 COUNT_EVERY_S = 2.0
 acknowledged_reports = 0  # since the last REPORTS line
 FETCH_WAIT_S = 20.0
-RETRY_S = 0.5
 
 
 def emit(*fields: object) -> None:
@@ -160,12 +160,12 @@ async def run_site(
                 carried = pending[:]
                 del pending[:]
                 try:
-                    await client.report(site.report())
-                except LinkError as exc:
+                    await client.report(site.report(), REPORT_TIMEOUT_S)
+                except LinkError as exc:  # retried as an agent retries (site_link)
                     emit("ERROR", site.site_id, f"report: {exc}".replace("\n", " "))
                     pending[:0] = carried
                     report_now.set()
-                    await asyncio.sleep(RETRY_S)
+                    await asyncio.sleep(REPORT_RETRY_S)
                     continue
                 acked = time.time()
                 global acknowledged_reports
@@ -178,14 +178,16 @@ async def run_site(
                     connected.put_nowait(site.site_id)
 
         reporting = asyncio.create_task(reporter())
+        backoff = Backoff()  # an agent's, capped and jittered
         try:
             while not stop.is_set():
                 try:
                     _, raws = await client.fetch(site.trust.version, FETCH_WAIT_S)
                 except LinkError as exc:
                     emit("ERROR", site.site_id, f"fetch: {exc}".replace("\n", " "))
-                    await asyncio.sleep(RETRY_S)
+                    await asyncio.sleep(backoff.next_s())
                     continue
+                backoff.reset()
                 if raws:
                     fetched = time.time()
                     applied = site.apply(raws, fetched)
