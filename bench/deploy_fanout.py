@@ -32,11 +32,13 @@ import asyncio
 import contextlib
 import math
 import os
+import re
 import signal
 import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -220,6 +222,7 @@ class Collector:
     rejected: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     ready_workers: int = 0
+    linked: dict[str, int] = field(default_factory=dict)  # by worker, until it is READY
     reports: int = 0  # site reports the hub acknowledged (the workers' REPORTS lines)
     dead_workers: list[str] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -238,6 +241,8 @@ class Collector:
             self.ready_workers += 1
         elif parts[0] == "REPORTS" and len(parts) == 2:
             self.reports += int(parts[1])
+        elif parts[0] == "LINKED" and len(parts) == 2:
+            self.linked[worker] = int(parts[1])
         elif parts[0] == "REJECTED":
             self.rejected.append(line)
             log(f"{worker}: {line}")
@@ -378,9 +383,29 @@ async def link_sites(workers: list[Worker], collector: Collector, timeout_s: flo
         worker.process.stdin.write(b"GO\n")
         await worker.process.stdin.drain()
         worker.reader = asyncio.create_task(read_worker(worker, collector))
-    await collector.wait(
-        lambda: collector.ready_workers == len(workers), timeout_s, "every site reporting once"
-    )
+
+    async def show_progress() -> None:
+        started = time.monotonic()
+        while True:
+            await asyncio.sleep(10.0)
+            linked = sum(collector.linked.values())
+            kinds = Counter(
+                re.sub(r"site-\d+|\d+", "N", " ".join(e.split()[2:])[:90])
+                for e in collector.errors[-1000:]
+            )
+            log(
+                f"  {time.monotonic() - started:.0f} s: {collector.ready_workers} of "
+                f"{len(workers)} workers' sites all linked; others' linked so far: {linked}; "
+                f"link errors {len(collector.errors)}, lately: {kinds.most_common(3)}"
+            )
+
+    progress = asyncio.create_task(show_progress())
+    try:
+        await collector.wait(
+            lambda: collector.ready_workers == len(workers), timeout_s, "every site reporting once"
+        )
+    finally:
+        progress.cancel()
 
 
 async def register_sites(admin: Admin, workers: list[Worker]) -> None:

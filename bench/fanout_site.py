@@ -16,6 +16,7 @@ Protocol with the driver (one line each, on stdout; the driver writes to stdin):
     REJECTED <site> <reason> <version>  a delta failed verification (never expected)
     ERROR <site> <message>              a link error (the site retries)
     REPORTS <n>                         reports the hub acknowledged since the last such line
+    LINKED <n>                          sites of this worker that reported once, so far
 
 ``t_*`` are ``time.time()``: the fetch answer arrived, the batch was verified and
 applied, the hub acknowledged the report carrying it. The worker exits when its stdin
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import random
 import signal
 import sys
 import time
@@ -217,12 +219,19 @@ async def main_async(args: argparse.Namespace) -> int:
     if await read_line(reader) != "GO":
         return 1
     connected: asyncio.Queue[str] = asyncio.Queue()
+    linked = [0]  # sites that reported once
     tls = HubTrust(fingerprint=args.hub_fingerprint)
-    tasks = [asyncio.create_task(run_site(s, args.hub, connected, stop, tls)) for s in sites]
+
+    async def start(site: LightSite) -> None:
+        await asyncio.sleep(random.uniform(0.0, args.start_within))
+        await run_site(site, args.hub, connected, stop, tls)
+
+    tasks = [asyncio.create_task(start(s)) for s in sites]
 
     async def announce_ready() -> None:
         for _ in sites:
             await connected.get()
+            linked[0] += 1
         emit("READY")
 
     async def until_stdin_closes() -> None:
@@ -236,6 +245,8 @@ async def main_async(args: argparse.Namespace) -> int:
             await asyncio.sleep(COUNT_EVERY_S)
             count, acknowledged_reports = acknowledged_reports, 0
             emit("REPORTS", count)
+            if linked[0] < len(sites):
+                emit("LINKED", linked[0])
 
     helpers = [
         asyncio.create_task(announce_ready()),
@@ -260,6 +271,13 @@ def main() -> int:
     parser.add_argument("--fleet", required=True, help="the fleet name")
     parser.add_argument("--root-key", required=True, help="the fleet root public key (hex)")
     parser.add_argument("--sites", required=True, help="comma-separated site ids")
+    parser.add_argument(
+        "--start-within",
+        type=float,
+        default=0.0,
+        help="each site starts at a random moment within this many seconds after GO "
+        "(sites of a fleet come up spread out, not in one instant; default all at once)",
+    )
     args = parser.parse_args()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(main_async(args))

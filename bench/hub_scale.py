@@ -145,6 +145,7 @@ async def run_size(
             workers = await start_workers(
                 worker_args, ",".join(urls), fleet["root_key"], sites, pids,
                 "--hub-fingerprint", running.fingerprint,
+                "--start-within", str(sites_count / args.start_rate),
             )  # fmt: skip
             started = time.monotonic()
             await register_sites(admin, workers)
@@ -219,6 +220,13 @@ def main() -> int:
         "--sizes", default="1000,10000", help="site counts, comma-separated (default %(default)s)"
     )
     parser.add_argument("--measure", type=float, default=30.0, help="steady-state seconds")
+    parser.add_argument(
+        "--start-rate",
+        type=float,
+        default=100.0,
+        help="sites coming up per second, spread at random (default %(default)g: each "
+        "opens two TLS connections, and the simulators share this machine's cores)",
+    )
     parser.add_argument("--deployments", type=int, default=3, help="deployments per size")
     parser.add_argument("--workers", type=int, default=2, help="site worker processes (at least)")
     parser.add_argument("--timeout", type=float, default=120.0, help="per deployment (s)")

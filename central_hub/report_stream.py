@@ -86,7 +86,12 @@ class Streams:
         ws = web.WebSocketResponse(
             max_msg_size=max_body, receive_timeout=IDLE_S, compress=False, timeout=CLOSE_WAIT_S
         )
-        await ws.prepare(request)
+        try:
+            await ws.prepare(request)
+        except ConnectionResetError:
+            # The site went away meanwhile (e.g. it timed out): aiohttp finds the
+            # connection gone when it writes this, and drops it.
+            return web.Response(status=400)
         older = self._open.get(site)
         self._open[site] = ws
         if older is not None:
@@ -95,6 +100,8 @@ class Streams:
             await self._answer_each(ws, enrolled, handle)
         except TimeoutError:
             await ws.close(code=CLOSE_STOPPING, message=b"no report for too long")
+        except ConnectionResetError:
+            pass  # the site closed its end while its answer was on the way
         finally:
             if self._open.get(site) is ws:
                 del self._open[site]
