@@ -269,8 +269,10 @@ def _verify_site(hub: HubParts, request: web.Request, body: bytes) -> str:
         )
     except LinkAuthError as exc:
         raise ApiError(401, "bad_site_signature", str(exc)) from None
+    # The report stream is read with GET but carries writes: never a replayable signature.
+    changes = request.method != "GET" or request.path == STREAM_PATH
     if is_legacy(request.headers):
-        if request.method != "GET" or not request.app[LEGACY_SIGNATURES_KEY]:
+        if changes or not request.app[LEGACY_SIGNATURES_KEY]:
             raise ApiError(
                 401,
                 "signature_outdated",
@@ -280,7 +282,6 @@ def _verify_site(hub: HubParts, request: web.Request, body: bytes) -> str:
             )
         _warn_legacy(site)
     else:
-        changes = request.method != "GET"
         admit(request.app[NONCES_KEY], site, nonce, signed_at, now, changes=changes)
     request[SIGNER_KEY] = key
     return site

@@ -344,6 +344,47 @@ class ReportRelay:
         if request.host.lower() != self.authority:
             return body
         now = self._clock()
+        admitted = self._admitted(request, body, now)
+        if isinstance(admitted, web.Response):
+            return admitted
+        site, _key, nonce, signed_at = admitted
+        status, answer = await self._report(site, body, nonce, signed_at, now)
+        response = json_response(answer, status)
+        if status == 503:
+            response.headers["Retry-After"] = "1"
+        return response
+
+    async def handle_stream(self, request: web.Request) -> web.StreamResponse:
+        """A site's report stream (``central_hub.report_stream``): its upgrade request
+        checked as ``handle`` checks a report, before the upgrade; each message then
+        answered as a report here."""
+        if request.host.lower() != self.authority:
+            # Signed for a name every replica shares: a stream is not forwarded; the
+            # site sends its reports with POST instead.
+            return error_response(
+                421, "misdirected_request", f"a report stream is opened at {self.authority}"
+            )
+        body = await read_limited(request.content, self._max_body)
+        admitted = self._admitted(request, body, self._clock())
+        if isinstance(admitted, web.Response):
+            return admitted
+        site, key, _nonce, _signed_at = admitted
+
+        async def one(report: bytes) -> Answer:
+            # No signature per message: the stream's TLS connection is the site's alone.
+            # A nonce of the replica's own, for the leader's replay cache.
+            at = self._clock()
+            return await self._report(site, report, secrets.token_hex(16), at, at)
+
+        return await self.streams.serve(
+            request, site, lambda: site_key(self._store, site) == key, one, self._max_body
+        )
+
+    def _admitted(
+        self, request: web.Request, body: bytes, now: float
+    ) -> tuple[str, str, str, float] | web.Response:
+        """The site a link request to this replica comes from, its key, the request's
+        nonce and signing time; or the refusal (401, replayed), before any work."""
         try:
             site, key, _record = enrolled_site(self._store, request.headers)
             if is_legacy(request.headers):
@@ -362,47 +403,7 @@ class ReportRelay:
             admit(self.nonces, site, nonce, signed_at, now, changes=True)
         except ApiError as exc:
             return error_response(exc.status, exc.code, exc.message)
-        status, answer = await self._report(site, body, nonce, signed_at, now)
-        response = json_response(answer, status)
-        if status == 503:
-            response.headers["Retry-After"] = "1"
-        return response
-
-    async def handle_stream(self, request: web.Request) -> web.StreamResponse:
-        """A site's report stream (``central_hub.report_stream``): its upgrade request
-        checked as ``handle`` checks a report, before the upgrade; each message then
-        answered as a report here."""
-        if request.host.lower() != self.authority:
-            # Signed for a name every replica shares: a stream is not forwarded; the
-            # site sends its reports with POST instead.
-            return error_response(
-                421, "misdirected_request", f"a report stream is opened at {self.authority}"
-            )
-        body = await read_limited(request.content, self._max_body)
-        now = self._clock()
-        try:
-            site, key, _record = enrolled_site(self._store, request.headers)
-            if is_legacy(request.headers):
-                return error_response(401, "signature_outdated", "a stream is signed with a nonce")
-            signed_at, nonce = verify_request(
-                key, request.headers, request.method, request.host, request.raw_path, body, now
-            )
-        except LinkAuthError as exc:
-            return error_response(401, "bad_site_signature", str(exc))
-        try:
-            admit(self.nonces, site, nonce, signed_at, now, changes=True)
-        except ApiError as exc:
-            return error_response(exc.status, exc.code, exc.message)
-
-        async def one(report: bytes) -> Answer:
-            # No signature per message: the stream's TLS connection is the site's alone.
-            # A nonce of the replica's own, for the leader's replay cache.
-            at = self._clock()
-            return await self._report(site, report, secrets.token_hex(16), at, at)
-
-        return await self.streams.serve(
-            request, site, lambda: site_key(self._store, site) == key, one, self._max_body
-        )
+        return site, key, nonce, signed_at
 
     async def _report(
         self, site: str, body: bytes, nonce: str, signed_at: float, now: float

@@ -21,7 +21,7 @@ from central_hub import Hub
 from central_hub.api import STREAMS_KEY
 from central_hub.report_stream import CLOSE_REPLACED, CLOSE_REVOKED, STREAM_PATH
 from meshorch.fleet.client import HubTrust, LinkClient
-from meshorch.fleet.link_auth import sign_request, url_host
+from meshorch.fleet.link_auth import sign_request, sign_request_v1, url_host
 from tests.hub.conftest import MakeSite
 from tests.hub.helpers import Operator, Site, until
 from tests.hub.replicas import site_report
@@ -83,6 +83,11 @@ async def test_strangers_are_refused_before_the_upgrade(
         with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
             await session.ws_connect(url, headers=headers)
         assert refused.value.status == 401, headers
+    # A format 1 signature (no nonce: replayable) opens no stream, though it is a GET.
+    legacy = sign_request_v1(site.key, site.id, "GET", STREAM_PATH, b"", time.time())
+    with pytest.raises(aiohttp.WSServerHandshakeError) as outdated:
+        await session.ws_connect(url, headers=legacy)
+    assert outdated.value.status == 401
     replayed = _signed(site, hub.url)
     async with session.ws_connect(url, headers=replayed):
         pass
@@ -189,6 +194,10 @@ async def test_a_follower_keeps_the_stream_and_the_leader_sees_its_reports(
         with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
             await session.ws_connect(follower.url + STREAM_PATH, headers=stranger, ssl=fingerprint)
         assert refused.value.status == 401
+        legacy = sign_request_v1(key, "shop-x", "GET", STREAM_PATH, b"", time.time())
+        with pytest.raises(aiohttp.WSServerHandshakeError) as outdated:
+            await session.ws_connect(follower.url + STREAM_PATH, headers=legacy, ssl=fingerprint)
+        assert outdated.value.status == 401
         trust = HubTrust(fingerprint=running.fingerprint)
         async with LinkClient(follower.url, "shop-x", key, trust=trust) as client:
             await client.report(site_report("shop-x"))
