@@ -425,8 +425,13 @@ async def link_report_stream(request: web.Request) -> web.StreamResponse:
             return 400, error_body("bad_json", f"the body is not JSON: {exc}")
         except InputProblems as exc:
             return 400, error_body(exc.code, str(exc), exc.problems)
+        except RemoteInputError as exc:
+            return 400, error_body(exc.code, str(exc))
         except ApiError as exc:
             return exc.status, error_body(exc.code, exc.message, details=exc.details)
+        except Exception:  # as errors_middleware answers it: the stream stays open
+            logger.exception("unhandled error in a report on %s's stream", site)
+            return 500, error_body("internal", "internal error, see the hub log")
 
     return await request.app[STREAMS_KEY].serve(
         request,
