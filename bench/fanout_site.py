@@ -47,7 +47,12 @@ from meshorch import __version__
 from meshorch.apps.spec import SpecError, from_json
 from meshorch.fleet.client import HubTrust, LinkClient, LinkError
 from meshorch.fleet.delta import TrustState, verify_batch
-from meshorch.fleet.site_link import REPORT_RETRY_S, REPORT_TIMEOUT_S, Backoff
+from meshorch.fleet.site_link import (
+    REPORT_RETRY_MAX_S,
+    REPORT_RETRY_S,
+    REPORT_TIMEOUT_S,
+    Backoff,
+)
 from meshorch.state.protocol import PROTOCOL
 
 REPORT_EVERY_S = 3.0
@@ -155,6 +160,7 @@ async def run_site(
 
         async def reporter() -> None:
             linked = False
+            retry = Backoff(REPORT_RETRY_S, REPORT_RETRY_MAX_S)
             while not stop.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(report_now.wait(), REPORT_EVERY_S)
@@ -167,8 +173,9 @@ async def run_site(
                     emit("ERROR", site.site_id, f"report: {exc}".replace("\n", " "))
                     pending[:0] = carried
                     report_now.set()
-                    await asyncio.sleep(REPORT_RETRY_S)
+                    await asyncio.sleep(retry.next_s())
                     continue
+                retry.reset()
                 acked = time.time()
                 global acknowledged_reports
                 acknowledged_reports += 1

@@ -114,7 +114,8 @@ REPORT_INTERVAL_S = 3.0
 # A report is small: one that takes longer has met a dead connection (a cut uplink);
 # the next one is tried soon, as its answer (the hub's head) is what unblocks a lost poll.
 REPORT_TIMEOUT_S = 4.0
-REPORT_RETRY_S = 1.0
+REPORT_RETRY_S = 1.0  # the first retry of a report the hub did not take; then backing
+REPORT_RETRY_MAX_S = 5.0  # off, jittered: a fleet's sites do not retry in step
 BACKOFF_MIN_S = 0.25
 BACKOFF_MAX_S = 5.0  # a healed link is used again within this (plus a fetch)
 REJECTED_RETRY_S = 5.0  # after the hub served only deltas this site refuses
@@ -658,6 +659,7 @@ class SiteLink(LinkRecords):
     async def _report_loop(self, client: LinkClient) -> None:
         await self._enrolled.wait()
         interval_s = 0.0
+        retry = Backoff(REPORT_RETRY_S, REPORT_RETRY_MAX_S)
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(interval_s):
@@ -671,11 +673,12 @@ class SiteLink(LinkRecords):
                 self.hub_head = await client.report(report, REPORT_TIMEOUT_S)
             except HubUnreachable as exc:
                 self._lost(exc)
-                interval_s = REPORT_RETRY_S
+                interval_s = retry.next_s()
                 continue
             except RemoteLinkError as exc:
                 logger.warning("fleet link: report: %s", exc)
                 continue
+            retry.reset()
             self._contact()
             self._set_held(client.held)
             self.site_head = client.site_head
