@@ -17,6 +17,7 @@ from aiohttp import web
 from nacl.signing import SigningKey
 
 from bench.hubcluster import cluster
+from bench.hubcluster import until as until_answered
 from central_hub import Hub
 from central_hub.api import STREAMS_KEY
 from central_hub.report_stream import CLOSE_REPLACED, CLOSE_REVOKED, STREAM_PATH
@@ -207,12 +208,5 @@ async def test_a_follower_keeps_the_stream_and_the_leader_sees_its_reports(
                 status, answer = await running.call(leader.url, "GET", "/v1/sites/shop-x")
                 return status == 200 and answer["last_seen"] is not None
 
-            await until_async(seen)
+            await until_answered(seen, 10.0, "the leader to see the follower's report")
             await client.report(site_report("shop-x"))  # unchanged: answered by the follower
-
-
-async def until_async(check: Any, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await check():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.1)
