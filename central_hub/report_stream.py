@@ -21,7 +21,6 @@ status and body are what ``POST /v1/link/report`` would have answered.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -29,8 +28,6 @@ import orjson
 from aiohttp import WSMsgType, web
 
 from central_hub.routing import error_response
-
-logger = logging.getLogger(__name__)
 
 STREAM_PATH = "/v1/link/reports"
 IDLE_S = 60.0  # a site reports every few seconds
