@@ -50,6 +50,7 @@ from meshorch.chaos.invariants import (
 )
 from meshorch.chaos.report import FaultRecord, ScenarioReport, timeline_svg
 from meshorch.chaos.scenarios import get_scenario, plan_scenario
+from meshorch.chaos.workload import DEFAULT_RESENDS
 from meshorch.lab.agents import FleetFlags, LabAgents, LabHub
 from meshorch.lab.lab import Lab
 
@@ -62,6 +63,7 @@ APP_REPLICAS = 2
 STREAM_TENANT_APP = "chaos/wl"
 POLL_S = 0.25
 LEADER_LOOKAHEAD_S = 1.5
+WORKER_START_S = 15.0  # a Python process importing aiohttp in a namespace, on a busy machine
 
 Say = Callable[[str], None]
 
@@ -75,6 +77,7 @@ class ChaosSettings:
     keys: int = 6
     events: bool = True
     request_timeout_s: float = 8.0  # > the agent's 5 s commit timeout: 504s come back
+    resends: int = DEFAULT_RESENDS  # of a write whose outcome is unknown, to another host
     recovery_timeout_s: float = 60.0
     app_bound_s: float = 60.0
     checker_budget: int = 2_000_000
@@ -91,11 +94,19 @@ class ChaosSettings:
     # agent's identity, keys) may not have reached the disk yet when the power goes.
     sync_setup: bool = True
 
+    def last_operation_bound_s(self) -> float:
+        """How long past its duration the workload may run: an operation started just
+        before the end has each of its attempts (the first and every resend) time out,
+        as when the site is back up but without a leader; plus the worker's own start."""
+        return (1 + self.resends) * self.request_timeout_s + WORKER_START_S
+
     def validate(self) -> None:
         if self.hosts < 3:
             raise ValueError("chaos needs at least 3 hosts (a majority must survive a fault)")
         if self.clients < 1 or self.keys < 1:
             raise ValueError("at least one client and one key")
+        if self.resends < 0:
+            raise ValueError(f"resends cannot be negative, not {self.resends}")
         if self.read_consistency not in ("linearizable", "local"):
             raise ValueError(
                 f"read consistency is linearizable or local, not {self.read_consistency!r}"
@@ -417,6 +428,7 @@ class ChaosLab:
                 "--clients", str(settings.clients), "--duration", str(duration_s),
                 "--seed", str(seed), "--out", str(history_path),
                 "--timeout", str(settings.request_timeout_s),
+                "--retries", str(settings.resends),
                 "--read-consistency", settings.read_consistency,
             ]  # fmt: skip
             with open(worker_log, "wb") as log_file:
@@ -466,7 +478,7 @@ class ChaosLab:
             self.say(f"[{name} seed={seed}] faults done; workload runs to {duration_s:g}s")
             try:
                 worker.wait(timeout=max(0.0, report.t0 + duration_s - time.monotonic())
-                            + settings.request_timeout_s + 15)  # fmt: skip
+                            + settings.last_operation_bound_s())  # fmt: skip
             except subprocess.TimeoutExpired:
                 report.errors.append("the workload did not stop in time; terminated")
         except Exception as exc:

@@ -47,6 +47,7 @@ import aiohttp
 
 API_PORT = 7700
 THINK_S = (0.01, 0.05)  # pause between a client's operations: a busy, not a saturated, site
+DEFAULT_RESENDS = 3  # resends of a write whose outcome is unknown (--retries)
 
 
 def classify_answer(kind: str, status: int, body: bytes) -> tuple[str, str]:
@@ -424,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--duration", type=float, required=True)
             p.add_argument("--seed", type=int, default=0)
             p.add_argument(
-                "--retries", type=int, default=3,
+                "--retries", type=int, default=DEFAULT_RESENDS,
                 help="resends of a write whose outcome is unknown, under its client session",
             )  # fmt: skip
             p.add_argument("--out", required=True, help="JSON lines, one per operation")
