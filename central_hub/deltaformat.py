@@ -24,9 +24,9 @@ Merkle targets (``meshorch.fleet.merkle``): a format 2 delta for more than
 the list (1-2 KB instead of 15 bytes per site named), once every host of every registered
 site reported protocol 7 (``merkle_ready``; held back like format 2, by the same rules).
 
-The registered sites are read once (when first needed); then the sets of those holding
-format 2 and Merkle targets back are kept up to date by the sites' changes and reports,
-O(1) each.
+The registered sites are read once (``warm``, when the hub opens its store, or when first
+needed); then the sets of those holding format 2 and Merkle targets back are kept up to
+date by the sites' changes and reports, O(1) each.
 """
 
 from __future__ import annotations
@@ -117,6 +117,12 @@ class DeltaFormat:
         self._v2 = _HeldBack(V2_PROTOCOL, sites, registered, report)
         self._merkle = _HeldBack(MERKLE_PROTOCOL, sites, registered, report)
         self._last_merkle: Target | None = None  # the last Merkle target signed
+
+    def warm(self) -> None:
+        """Read the registered sites now (before the hub serves), not in the first delta's
+        transaction: O(sites), 20 ms at 3,000 sites."""
+        self._v2.get()
+        self._merkle.get()
 
     def site_ready(self, site: str) -> bool:
         """Whether ``site`` is served as a site that knows per-site views."""

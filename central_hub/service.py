@@ -215,6 +215,13 @@ class Hub:
         except BaseException:
             self._release_data_dir()
             raise
+        try:
+            # O(sites) indexes a first deployment would otherwise build in its request; in
+            # a thread, as nothing uses the parts before the app below serves them.
+            await asyncio.to_thread(self._warm)
+        except BaseException:
+            await self._close_runner_and_store()
+            raise
         if not self.config.insecure_http:
             try:
                 config = self.config
@@ -366,6 +373,10 @@ class Hub:
             store.close()
             raise
         self.ledger.attach(store, str(fleet), [root], head)
+
+    def _warm(self) -> None:
+        self.parts.deployments.warm()
+        self.parts.delta_format.warm()
 
     def _initialise(self, store: Store) -> tuple[str, SigningKey]:
         fleet = self.config.fleet or DEFAULT_FLEET
