@@ -20,6 +20,7 @@ from nacl.exceptions import CryptoError
 from nacl.public import PrivateKey, SealedBox
 
 from meshorch.apps.settings import WorkloadSettings
+from meshorch.secrets.keyring import hostkey_key
 from meshorch.site.agent import Agent
 from meshorch.state.tables import SECRETS_TABLE
 from tests.agent_token import HEADERS
@@ -188,6 +189,14 @@ async def test_bad_input_changes_nothing(agent: Agent, tmp_path: Path) -> None:
             return status == 200 and body["trust"] is not None
 
         await until("the lone host created the site's keys", unsealed)
+        # The host registers its own key (a Raft write to the secrets table) in a later tick
+        # than the one that created the site's keys: before it, an unseal request for it is
+        # 404 no_host_key, and the table below would change under the test (seen in CI).
+        host_key_record = hostkey_key(agent.config.host_id)
+        await until(
+            "the host registered its key",
+            lambda: agent.raft.view.get(SECRETS_TABLE, host_key_record) is not None,
+        )
         await until("the fleet link is configured", configured)
         before = table(agent)
         for method, path, body, status, code in BAD:
