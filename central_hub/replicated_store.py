@@ -18,6 +18,14 @@ is still its claim. A deposed leader's late proposals therefore change nothing a
 unknown raises ``UnsureCommit``; either way the replica's hub stops and is rebuilt from the
 replicated state (its in-memory head may be behind the log).
 
+A slow commit is not an unknown outcome. Under load a commit can take longer than the
+proposal timeout while this replica still leads: its entry is in its own log, and Raft
+reports it once that index is applied, so the write waits for that answer (up to
+``SETTLE_S`` more) instead of stopping the hub: stopping it would close every site's
+stream and long-poll on the replica that is busiest already. A change still queued behind
+earlier ones when its time runs out was never proposed: it raises ``Backlogged`` (retry)
+and the hub goes on.
+
 Key files: the hub keeps its keys in files sealed with the KEK (``central_hub.keyfiles``).
 Each write also carries every key file whose content changed since the last one
 (``meta/keyfile:NAME``, the sealed text; a deleted file, a delete), so a key created or
@@ -40,9 +48,9 @@ from central_hub.keyfiles import PLAIN_KEY_FILES
 from central_hub.store import DBS, Store, Write
 from raft.commands import Delete, Guard, Op, Put
 from raft.durable import write_durably
-from raft.errors import NotCommittedError, ProposalError
+from raft.errors import BackloggedError, NotCommittedError, OutcomeUnknownError, ProposalError
 from raft.node import RaftNode
-from raft.state_machine import NO_SPACE, RECORD_HEAD_BYTES
+from raft.state_machine import NO_SPACE, RECORD_HEAD_BYTES, OpResult
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +58,9 @@ SOFT_DBS = frozenset({"reports"})
 REPLICATED_DBS = tuple(db for db in DBS if db not in SOFT_DBS)
 WRITER_KEY = b"writer"
 KEYFILE_PREFIX = "keyfile:"
+# How much longer than the proposal timeout a slow commit of this replica's own is awaited
+# before the hub gives up on it (and is rebuilt from the replicated state).
+SETTLE_S = 30.0
 
 
 class Deposed(ApiError):
@@ -77,6 +88,18 @@ class UnsureCommit(ApiError):
         )
 
 
+class Backlogged(ApiError):
+    """The change waited behind earlier ones until its time ran out: never proposed."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(
+            503,
+            "hub_busy",
+            f"the hub is committing earlier changes; this one was not applied: retry it ({detail})",
+            headers={"Retry-After": "1"},
+        )
+
+
 class StoreFull(ApiError):
     """The replicated state's budget refused the change."""
 
@@ -100,6 +123,7 @@ class ReplicatedStore(Store):
         self._published: dict[str, bytes | None] = {}  # key file -> what the state holds
         self._loop: asyncio.AbstractEventLoop | None = None
         self.grown = 0
+        self.slow_commits = 0  # commits answered after the proposal timeout
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -132,7 +156,7 @@ class ReplicatedStore(Store):
         """Become the writer: every change proposed after this is fenced by this claim."""
         self._loop = asyncio.get_running_loop()
         record = orjson.dumps({"replica": replica, "term": term})
-        results = await self._node.propose([Put("meta", WRITER_KEY, record)])
+        results = await self._propose([Put("meta", WRITER_KEY, record)])
         self._claim_index = results[0].index
         self._published = {
             name: self.get("meta", (KEYFILE_PREFIX + name).encode()) for name in PLAIN_KEY_FILES
@@ -186,7 +210,9 @@ class ReplicatedStore(Store):
         ops += list(files)
         fenced: list[Op] = [Guard("meta", WRITER_KEY, self._claim_index, len(ops)), *ops]
         try:
-            results = await self._node.propose(fenced)
+            results = await self._propose(fenced)
+        except BackloggedError as exc:
+            raise Backlogged(str(exc)) from exc  # nothing proposed: the hub is in step
         except NotCommittedError as exc:
             self._lose()
             raise Deposed(f"not committed: {exc}") from exc
@@ -202,6 +228,21 @@ class ReplicatedStore(Store):
         for op in files:
             name = op.key.decode()[len(KEYFILE_PREFIX) :]
             self._published[name] = op.value if isinstance(op, Put) else None
+
+    async def _propose(self, ops: list[Op]) -> list[OpResult]:
+        """``RaftNode.propose``, waiting out a slow commit (module docstring)."""
+        try:
+            return await self._node.propose(ops)
+        except OutcomeUnknownError as unknown:
+            if unknown.outcome is None:
+                raise
+            self.slow_commits += 1
+            logger.warning("hub change slow to commit (%s); waiting for its outcome", unknown)
+            try:
+                async with asyncio.timeout(SETTLE_S):
+                    return await unknown.outcome
+            except TimeoutError:
+                raise OutcomeUnknownError(f"{unknown}; no outcome {SETTLE_S:g}s later") from None
 
     def _lose(self) -> None:
         self._claim_index = 0

@@ -18,6 +18,7 @@ from raft.commands import (
 )
 from raft.config import ConfigError, RaftConfig, local_preset
 from raft.errors import (
+    BackloggedError,
     CommandDecodeError,
     EntryTooLargeError,
     NotCommittedError,
@@ -36,6 +37,7 @@ from raft.view import StateView
 
 __all__ = [
     "Append",
+    "BackloggedError",
     "Barrier",
     "Batch",
     "ClientRequest",

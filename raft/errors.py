@@ -7,12 +7,19 @@ RaftError
 └── ProposalError           a proposal that was not acknowledged
     ├── NotCommittedError   definitely not applied (queue full, discarded, denied)
     │   ├── EntryTooLargeError  larger than ``max_entry_bytes``: refused, nothing proposed
-    │   └── StateFullError      would take the state past ``max_state_bytes``: refused
+    │   ├── StateFullError      would take the state past ``max_state_bytes``: refused
+    │   └── BackloggedError     its time ran out behind earlier proposals: never proposed
     ├── OutcomeUnknownError may or may not be applied later (timeout, leader lost)
     └── SessionError        a client session's request refused: expired, stale or malformed
 """
 
 from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from raft.state_machine import OpResult
 
 
 class RaftError(Exception):
@@ -64,10 +71,27 @@ class StateFullError(NotCommittedError):
     code = "no_space"
 
 
+class BackloggedError(NotCommittedError):
+    """The proposal's time ran out while it waited behind earlier ones (``max_batches_in_flight``
+    entries already in flight): it was never handed to Raft, so nothing was applied."""
+
+    code = "backlogged"
+
+
 class OutcomeUnknownError(ProposalError):
-    """No answer in time: the command may still be committed later."""
+    """No answer in time: the command may still be committed later.
+
+    ``outcome``, when set, is that later answer: the entry reached this member's Raft
+    layer, which reports every entry it took once that log index is applied (the
+    results, or NotCommittedError if another leader's entry took the index). A caller
+    that must know may wait for it; None when it cannot be learnt (the leader changed
+    while a follower waited, the node stopped)."""
 
     code = "outcome_unknown"
+
+    def __init__(self, message: str, outcome: asyncio.Future[list[OpResult]] | None = None) -> None:
+        super().__init__(message)
+        self.outcome = outcome
 
 
 class SessionError(ProposalError):

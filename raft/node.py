@@ -68,6 +68,7 @@ from raft.append_fix import SafeAppendsSyncObj
 from raft.commands import Append, Barrier, Op, Put, Session, encode_ops, join_encoded
 from raft.config import RaftConfig
 from raft.errors import (
+    BackloggedError,
     EntryTooLargeError,
     NotCommittedError,
     OutcomeUnknownError,
@@ -113,6 +114,11 @@ def retryable(error: ProposalError, *, idempotent: bool, read_only: bool) -> boo
     return read_only
 
 
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 def final_error(error: ProposalError, earlier: OutcomeUnknownError | None) -> ProposalError:
     """What a proposal sent more than once answers: a last attempt that certainly did
     nothing says nothing of an earlier one whose outcome was unknown."""
@@ -146,8 +152,11 @@ class RaftStatus:
 @dataclass(slots=True)
 class _Proposal:
     count: int  # operations
-    body: bytes  # the operations, encoded once (``encode_ops``)
+    body: bytes  # the operations, encoded once (``encode_ops``); dropped once handed over
     future: asyncio.Future[list[OpResult]]
+    handed: bool = False  # given to pysyncobj: from then on it may be applied
+    # Set when its caller was told the outcome is unknown: the answer that came later.
+    outcome: asyncio.Future[list[OpResult]] | None = None
 
 
 @dataclass(slots=True)
@@ -156,6 +165,11 @@ class _InFlight:
     proposals: list[_Proposal]
     timer: asyncio.TimerHandle | None = None
     done: bool = False
+
+
+# Batches past their time whose outcome is still awaited (``_InFlight`` late): at most
+# this many are remembered, the oldest then answered as unknown for good.
+_MAX_LATE_BATCHES = 1024
 
 
 EventCallback = Callable[[int, int], None]
@@ -311,6 +325,7 @@ class RaftNode:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: deque[_Proposal] = deque()
         self._batches: dict[int, _InFlight] = {}
+        self._late: dict[int, _InFlight] = {}  # out of their slot, outcome still awaited
         self._next_batch = 0
         self._flush_scheduled = False
         self._tick_scheduled = False
@@ -418,7 +433,7 @@ class RaftNode:
             syncobj.destroy()  # closes its sockets and journal at once (no tick thread)
         if self._poller is not None:
             self._poller.close()
-        for batch in list(self._batches.values()):
+        for batch in [*self._batches.values(), *self._late.values()]:
             self._finish_batch(batch, None, OutcomeUnknownError("node stopped"))
         for proposal in self._pending:
             if not proposal.future.done():
@@ -568,25 +583,45 @@ class RaftNode:
         loop = self._loop
         assert loop is not None
         future: asyncio.Future[list[OpResult]] = loop.create_future()
-        self._pending.append(_Proposal(count, body, future))
+        proposal = _Proposal(count, body, future)
+        self._pending.append(proposal)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
         # A plain timer rather than asyncio.wait_for: far cheaper per proposal.
-        timer = loop.call_at(deadline, self._expire, future)
+        timer = loop.call_at(deadline, self._expire, proposal)
         try:
             return await future
         finally:
             timer.cancel()
 
-    def _expire(self, future: asyncio.Future[list[OpResult]]) -> None:
-        if not future.done():
-            future.set_exception(
-                OutcomeUnknownError(
-                    f"no commit within {self.config.proposal_timeout_s:g}s "
-                    "(no quorum or leader lost?)"
+    def _expire(self, proposal: _Proposal) -> None:
+        if proposal.future.done():
+            return
+        if not proposal.handed:  # ``_flush`` skips it from now on: nothing can apply it
+            proposal.future.set_exception(
+                BackloggedError(
+                    f"not proposed within {self.config.proposal_timeout_s:g}s: earlier "
+                    "proposals were still in flight"
                 )
             )
+            return
+        proposal.future.set_exception(self._unknown(proposal))
+
+    def _unknown(self, proposal: _Proposal) -> OutcomeUnknownError:
+        """The error of a handed-over proposal past its time, with the future its later
+        outcome will resolve (pysyncobj reports every entry it took, once its index is
+        applied: see ``_finish_batch``)."""
+        assert self._loop is not None
+        if proposal.outcome is None:
+            proposal.outcome = self._loop.create_future()
+            # Nobody may wait for it: its error must not be logged as never retrieved.
+            proposal.outcome.add_done_callback(_retrieve)
+        return OutcomeUnknownError(
+            f"no commit within {self.config.proposal_timeout_s:g}s "
+            "(no quorum, leader lost, or a slow commit?)",
+            proposal.outcome,
+        )
 
     async def barrier(self) -> int:
         """Return once every entry committed before the call is applied locally."""
@@ -624,20 +659,32 @@ class RaftNode:
             batch = _InFlight(self._next_batch, live)
             self._next_batch += 1
             self._batches[batch.batch_id] = batch
-            batch.timer = loop.call_later(
-                self.config.proposal_timeout_s,
-                self._finish_batch,
-                batch,
-                None,
-                OutcomeUnknownError(
-                    f"no commit within {self.config.proposal_timeout_s:g}s "
-                    "(no quorum or leader lost?)"
-                ),
-            )
+            batch.timer = loop.call_later(self.config.proposal_timeout_s, self._expire_batch, batch)
             payload = join_encoded(ops_count, [p.body for p in live])
+            for proposal in live:
+                proposal.handed = True
+                proposal.body = b""
             syncobj.apply_entry(payload, callback=self._result_callback(batch))
             self._handed_over = True
         self._schedule_tick()
+
+    def _expire_batch(self, batch: _InFlight) -> None:
+        """A batch past its time frees its slot for the next one; its callers learn that
+        the outcome is unknown, with a future for the answer pysyncobj gives later."""
+        if batch.done:
+            return
+        batch.timer = None
+        self._batches.pop(batch.batch_id, None)
+        for proposal in batch.proposals:
+            if not proposal.future.done():
+                proposal.future.set_exception(self._unknown(proposal))
+        if len(self._late) >= _MAX_LATE_BATCHES:
+            oldest = self._late[next(iter(self._late))]
+            self._finish_batch(oldest, None, OutcomeUnknownError("no answer kept for so long"))
+        self._late[batch.batch_id] = batch
+        if self._pending and not self._flush_scheduled and self._loop is not None:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
 
     def _result_callback(self, batch: _InFlight) -> Callable[[Any, int], None]:
         def on_result(result: Any, error: int) -> None:
@@ -661,17 +708,20 @@ class RaftNode:
         if batch.timer is not None:
             batch.timer.cancel()
         self._batches.pop(batch.batch_id, None)
+        self._late.pop(batch.batch_id, None)
         if error is None and results is None:
             error = OutcomeUnknownError("entry applied without results (undecodable?)")
         offset = 0
         for proposal in batch.proposals:
             count = proposal.count
-            if not proposal.future.done():
+            # Its caller's future, or if that was answered "unknown", the later outcome.
+            waiting = proposal.future if not proposal.future.done() else proposal.outcome
+            if waiting is not None and not waiting.done():
                 if error is not None:
-                    proposal.future.set_exception(error)
+                    waiting.set_exception(error)
                 else:
                     assert results is not None
-                    proposal.future.set_result(results[offset : offset + count])
+                    waiting.set_result(results[offset : offset + count])
             offset += count
         if self._pending and not self._flush_scheduled and self._loop is not None:
             self._flush_scheduled = True

@@ -138,3 +138,69 @@ async def test_commit_from_a_worker_thread_goes_through_raft(
     assert orjson.loads(writer.get("tokens", b"t1") or b"null") == {"id": "t1"}
     with pytest.raises(RuntimeError, match="event loop"):
         writer.commit([put_json("tokens", "t2", {"id": "t2"})], sync=True)
+
+
+@pytest.fixture
+async def slow_nodes(tmp_path: Path) -> AsyncIterator[list[RaftNode]]:
+    """Nodes whose every commit takes longer than their proposal timeout (0.1 ms), with
+    two operations an entry (a writer's guard and one write)."""
+    addresses = [f"127.0.0.1:{free_port()}" for _ in range(3)]
+    started = [
+        RaftNode(
+            RaftConfig(
+                self_address=address,
+                partners=tuple(a for a in addresses if a != address),
+                data_dir=tmp_path / f"n{i}",
+                password=PASSWORD,
+                tables=REPLICATED_DBS,
+                **local_preset(proposal_timeout_s=0.0001, max_batch_ops=2),  # type: ignore[arg-type]
+            )
+        )
+        for i, address in enumerate(addresses)
+    ]
+    for node in started:
+        await node.start()
+    try:
+        await wait_for(lambda: any(node.status().is_leader for node in started))
+        yield started
+    finally:
+        for node in started:
+            await node.stop()
+
+
+async def test_a_slow_commit_is_awaited_and_the_writer_keeps_its_hub(
+    slow_nodes: list[RaftNode], tmp_path: Path
+) -> None:
+    """Under load a commit can outlast the proposal timeout while the replica still leads:
+    the write waits for its outcome instead of stopping the hub (``on_lost``)."""
+    leader = leader_of(slow_nodes)
+    lost: list[str] = []
+    writer = store_on(leader, tmp_path, "a", lost)
+    await writer.claim("a", leader.status().term)
+    await writer.apply([put_json("meta", "head", {"version": 1})], sync=True)
+    assert writer.get_json("meta", "head") == {"version": 1}
+    assert writer.slow_commits == 2  # the claim and the write, both past their time
+    assert lost == []
+
+
+async def test_a_change_queued_past_its_time_is_refused_and_changes_nothing(
+    slow_nodes: list[RaftNode], tmp_path: Path
+) -> None:
+    leader = leader_of(slow_nodes)
+    lost: list[str] = []
+    writer = store_on(leader, tmp_path, "a", lost)
+    await writer.claim("a", leader.status().term)
+    first, second = await asyncio.gather(
+        writer.apply([put_json("sites", "shop-1", {"id": "shop-1"})], sync=True),
+        writer.apply([put_json("sites", "shop-2", {"id": "shop-2"})], sync=True),
+        return_exceptions=True,
+    )
+    assert first is None  # applied, after waiting for its slow commit
+    assert isinstance(second, ApiError) and (second.status, second.code) == (503, "hub_busy")
+    assert second.headers.get("Retry-After") == "1"
+    assert lost == []  # nothing was applied behind the hub's back: it goes on
+    await writer.apply([put_json("sites", "shop-3", {"id": "shop-3"})], sync=True)
+    await wait_for(lambda: all(n.view.get("sites", b"shop-3") is not None for n in slow_nodes))
+    for node in slow_nodes:
+        assert node.view.get("sites", b"shop-1") is not None
+        assert node.view.get("sites", b"shop-2") is None
