@@ -240,7 +240,8 @@ class ReplicatedStore(Store):
             logger.warning("hub change slow to commit (%s); waiting for its outcome", unknown)
             try:
                 async with asyncio.timeout(SETTLE_S):
-                    return await unknown.outcome
+                    results: list[OpResult] = await unknown.outcome
+                    return results
             except TimeoutError:
                 raise OutcomeUnknownError(f"{unknown}; no outcome {SETTLE_S:g}s later") from None
 

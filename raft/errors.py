@@ -16,10 +16,7 @@ RaftError
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from raft.state_machine import OpResult
+from typing import Any
 
 
 class RaftError(Exception):
@@ -84,12 +81,13 @@ class OutcomeUnknownError(ProposalError):
     ``outcome``, when set, is that later answer: the entry reached this member's Raft
     layer, which reports every entry it took once that log index is applied (the
     results, or NotCommittedError if another leader's entry took the index). A caller
-    that must know may wait for it; None when it cannot be learnt (the leader changed
-    while a follower waited, the node stopped)."""
+    that must know may wait for it (a ``list[OpResult]``; not spelled out: this module
+    comes before ``raft.state_machine``); None when it cannot be learnt (the leader
+    changed while a follower waited, the node stopped)."""
 
     code = "outcome_unknown"
 
-    def __init__(self, message: str, outcome: asyncio.Future[list[OpResult]] | None = None) -> None:
+    def __init__(self, message: str, outcome: asyncio.Future[Any] | None = None) -> None:
         super().__init__(message)
         self.outcome = outcome
 
