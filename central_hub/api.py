@@ -198,7 +198,7 @@ def _guarded(route: Route) -> Handler:
             return await _with_token(hub, request, route.path, checked, action)
         if route.auth == "site":
             body = await read(request, route.max_body)
-            request[SITE_KEY] = _verify_site(hub, request, body)
+            request[SITE_KEY] = _verify_site(hub, request, body, changes=route.changes)
         reset = CALLER.set((None, "sites.enroll") if route.auth == "enroll" else None)
         try:
             return await checked(request)
@@ -255,9 +255,10 @@ async def _with_token(
         CALLER.reset(reset)
 
 
-def _verify_site(hub: HubParts, request: web.Request, body: bytes) -> str:
+def _verify_site(hub: HubParts, request: web.Request, body: bytes, *, changes: bool) -> str:
     """The site, its signature checked (the key it was checked with kept on the request,
-    ``signer_of``) and its nonce never seen before; 401 otherwise."""
+    ``signer_of``) and its nonce never seen before; 401 otherwise. A request that
+    ``changes`` state is never accepted with a replayable signature."""
     now = hub.ledger.now()
     try:
         site = claimed_site(request.headers)
@@ -269,8 +270,6 @@ def _verify_site(hub: HubParts, request: web.Request, body: bytes) -> str:
         )
     except LinkAuthError as exc:
         raise ApiError(401, "bad_site_signature", str(exc)) from None
-    # The report stream is read with GET but carries writes: never a replayable signature.
-    changes = request.method != "GET" or request.path == STREAM_PATH
     if is_legacy(request.headers):
         if changes or not request.app[LEGACY_SIGNATURES_KEY]:
             raise ApiError(
@@ -694,7 +693,8 @@ ROUTES: tuple[Route, ...] = (
           "The site's reports on one WebSocket, signed once at the upgrade: each message a "
           "SiteReport, each answered with one message {status, body}, body as POST "
           "/v1/link/report answers (426 upgrade_required without the upgrade; "
-          "docs/fleet-link.md)", response="Empty", status=101, errors=(426,)),
+          "docs/fleet-link.md)", response="Empty", status=101, errors=(426,),
+          writes_on_get=True),
     Route("POST", "/v1/link/key", link_key, "site",
           "Move the site to a new identity key: signed by the current key, with the new "
           "key's proof; the old key is refused from then on (409 key_reused for a key the "

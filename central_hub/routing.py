@@ -56,6 +56,13 @@ class Route:
     also: tuple[int, ...] = ()  # other success statuses, with the same response schema
     errors: tuple[int, ...] = ()  # error statuses beyond those of its auth scheme
     max_body: int = 0  # bytes; 0: the hub's --max-body
+    # A GET that changes state (the report stream): its site signature is held to what a
+    # POST's is (never a replayable one), like every method but GET.
+    writes_on_get: bool = False
+
+    @property
+    def changes(self) -> bool:
+        return self.method != "GET" or self.writes_on_get
 
 
 def json_response(data: object, status: int = 200) -> web.Response:
