@@ -180,14 +180,16 @@ class Deployments:
         apps, last = self.ledger.store.page("apps", after, mine, limit, scan_bound(limit))
         found = []
         for app in apps:
-            dep = self.deployment_or_none(app["deployment"])
+            # Its id and state only: not the progress of each of its sites.
+            dep_id = app["deployment"]
+            dep = None if dep_id is None else self.ledger.store.get_json("deployments", dep_id)
             found.append(
                 {
                     "name": app["name"],
                     "tenant": app["tenant"],
                     "version": app["version"],
                     "digest": app["digest"],
-                    "deployment": None if dep is None else {"id": dep.id, "state": dep.state},
+                    "deployment": None if dep is None else {"id": dep["id"], "state": dep["state"]},
                     "sites": app["sites"],
                 }
             )
@@ -352,7 +354,7 @@ class Deployments:
             )
             if current is not None and current.state == "running":
                 old = waves.supersede(current, f"superseded by {dep_id}", txn.now)
-                txn.put("deployments", old.id, old.to_json())
+                txn.put("deployments", old.id, old.to_record())
             had = set() if app is None else set(app["sites"])
             removed = sorted(had - set(targets))
             gone = set(removed)
@@ -381,8 +383,8 @@ class Deployments:
                 op = interlock.stamp({"op": "app.delete", "name": spec.name}, confirmed)
                 version = txn.delta([op], Target(sites=frozenset(removed)))
                 dep = replace(dep, deltas=(*dep.deltas, version))
-            answer = dep.to_json()  # encoded once: stored, and the answer
-            dep_raw = orjson.dumps(answer)
+            answer = dep.to_json()
+            dep_raw = orjson.dumps(dep.to_record())
             txn.put("deployments", dep_id, orjson.Fragment(dep_raw))
             txn.put("meta", "deployment_seq", seq)
             confirmation = "" if confirmed is None else f", confirmed: stops at {confirmed} site(s)"
@@ -411,7 +413,7 @@ class Deployments:
             dep = self._current(name, app["deployment"])
             if dep is not None and dep.state == "running":
                 old = waves.supersede(dep, "application deleted", txn.now)
-                txn.put("deployments", old.id, old.to_json())
+                txn.put("deployments", old.id, old.to_record())
             version = None
             if app["sites"]:
                 op = {"op": "app.delete", "name": name, "tenant": app["tenant"]}
@@ -431,7 +433,7 @@ class Deployments:
             if dep is not None and site_id in dep.progress:
                 dep, issue = waves.drop_site(dep, site_id, txn.now)
                 dep = self._issue_wave(txn, app, dep, issue)
-                txn.put("deployments", dep.id, dep.to_json())
+                txn.put("deployments", dep.id, dep.to_record())
             if site_id in app["sites"]:
                 app["sites"] = [s for s in app["sites"] if s != site_id]
                 txn.put("apps", app["name"], app)
@@ -554,7 +556,7 @@ class Deployments:
                 continue
             app = dict(work.app)
             stepped = self._issue_wave(txn, app, stepped, issue)
-            dep_raw = orjson.dumps(stepped.to_json())
+            dep_raw = orjson.dumps(stepped.to_record())
             txn.put("deployments", stepped.id, orjson.Fragment(dep_raw))
             if stepped.state != "running":
                 self._working.pop(name, None)

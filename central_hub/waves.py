@@ -49,6 +49,11 @@ PLAIN: dict[str, SiteProgress] = {state: SiteProgress(state) for state in _SITE_
 PENDING, UPDATING, HEALTHY = PLAIN["pending"], PLAIN["updating"], PLAIN["healthy"]
 
 
+# How a deployment's record stores each site's state: one letter (``Deployment.to_record``).
+_LETTER: dict[SiteState, str] = {"pending": "p", "updating": "u", "healthy": "h", "failed": "f"}
+_PLAIN_OF_LETTER = {letter: PLAIN[state] for state, letter in _LETTER.items()}
+
+
 def _progress_of(data: Mapping[str, Any]) -> SiteProgress:
     message = data["message"]
     if not message:
@@ -80,7 +85,31 @@ class Deployment:
         return [site for wave in self.waves for site in wave]
 
     def to_json(self) -> dict[str, Any]:
+        """As the API shows it: every site's progress an object of its own."""
         progress = self.progress
+        return {
+            **self._fields(),
+            "progress": {
+                site: {"state": (p := progress[site]).state, "message": p.message}
+                for site in sorted(progress)
+            },
+        }
+
+    def to_record(self) -> dict[str, Any]:
+        """As the hub stores it: each site's state one letter, one string a wave in the
+        wave's order (``states``), and the messages there are by site. A running
+        deployment is written again every second or so: at 10,000 sites its progress
+        takes 10 KB this way, 500 KB as ``to_json`` shows it."""
+        progress = self.progress
+        return {
+            **self._fields(),
+            "states": ["".join(_LETTER[progress[site].state] for site in w) for w in self.waves],
+            "messages": {
+                site: message for site in sorted(progress) if (message := progress[site].message)
+            },
+        }
+
+    def _fields(self) -> dict[str, Any]:
         return {
             "id": self.id,
             "app": self.app,
@@ -95,17 +124,18 @@ class Deployment:
             "wave_started_at": self.wave_started_at,
             "created_at": self.created_at,
             "updated_at": self.updated_at,
-            "progress": {
-                site: {"state": (p := progress[site]).state, "message": p.message}
-                for site in sorted(progress)
-            },
             "deltas": list(self.deltas),
         }
 
     @staticmethod
     def from_json(data: Mapping[str, Any]) -> Deployment:
+        """From ``to_record`` (or ``to_json``: records written before ``to_record``)."""
         state = next(s for s in _STATES if s == data["state"])
-        progress = {str(site): _progress_of(p) for site, p in data["progress"].items()}
+        waves = tuple(tuple(str(s) for s in w) for w in data["waves"])
+        if "states" in data:
+            progress = _progress_of_letters(waves, data["states"], data["messages"])
+        else:
+            progress = {str(site): _progress_of(p) for site, p in data["progress"].items()}
         return Deployment(
             id=str(data["id"]),
             app=str(data["app"]),
@@ -113,7 +143,7 @@ class Deployment:
             digest=str(data["digest"]),
             tenant=str(data["tenant"]),
             placement=dict(data["placement"]),
-            waves=tuple(tuple(str(s) for s in w) for w in data["waves"]),
+            waves=waves,
             created_at=float(data["created_at"]),
             state=state,
             reason=str(data["reason"]),
@@ -123,6 +153,19 @@ class Deployment:
             progress=progress,
             deltas=tuple(int(v) for v in data["deltas"]),
         )
+
+
+def _progress_of_letters(
+    waves: Sequence[Sequence[str]], states: Sequence[str], messages: Mapping[str, str]
+) -> dict[str, SiteProgress]:
+    """ValueError if the letters do not match the waves, KeyError if one is not a state."""
+    progress: dict[str, SiteProgress] = {}
+    for wave, letters in zip(waves, states, strict=True):
+        progress.update(zip(wave, map(_PLAIN_OF_LETTER.__getitem__, letters), strict=True))
+    for site, message in messages.items():
+        if message:
+            progress[site] = SiteProgress(progress[site].state, str(message))
+    return progress
 
 
 def start(

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import orjson
+import pytest
+
 from central_hub import waves
 from central_hub.waves import AppStatus, Deployment
 
@@ -94,7 +97,40 @@ def test_dropping_the_last_site_of_a_wave_starts_the_next() -> None:
 def test_deployments_round_trip_through_json() -> None:
     dep, _ = started([["a", "b"], ["c"]])
     dep, _ = waves.step(dep, {"a": HEALTHY, "b": AppStatus("2.0", "failed", "x")}, 1.0, 600.0)
-    assert Deployment.from_json(dep.to_json()) == dep
+    assert Deployment.from_json(dep.to_json()) == dep  # a record stored before to_record
+    assert Deployment.from_json(orjson.loads(orjson.dumps(dep.to_record()))) == dep
+
+
+def test_a_record_stores_each_sites_state_as_a_letter() -> None:
+    dep, _ = started([["a", "b", "c"], ["d"]])
+    dep, _ = waves.step(
+        dep,
+        {"a": HEALTHY, "b": AppStatus("2.0", "progressing", "pulling"), "c": None},
+        1.0,
+        600.0,
+    )
+    record = dep.to_record()
+    assert "progress" not in record
+    assert record["states"] == ["huu", "p"] and record["messages"] == {"b": "pulling"}
+    assert dep.to_json()["progress"]["b"] == {"state": "updating", "message": "pulling"}
+    assert Deployment.from_json(record) == dep
+
+
+def test_a_large_deployments_record_is_a_fraction_of_what_the_api_shows() -> None:
+    sites = [f"shop-{i:05d}" for i in range(10_000)]
+    dep, _ = started([sites[:100], sites[100:]])
+    stored, shown = len(orjson.dumps(dep.to_record())), len(orjson.dumps(dep.to_json()))
+    assert stored * 4 < shown, (stored, shown)
+
+
+def test_a_record_whose_states_do_not_match_its_waves_is_refused() -> None:
+    dep, _ = started([["a", "b"], ["c"]])
+    short = {**dep.to_record(), "states": ["uu", ""]}
+    with pytest.raises(ValueError):
+        Deployment.from_json(short)
+    unknown = {**dep.to_record(), "states": ["ux", "p"]}
+    with pytest.raises(KeyError):
+        Deployment.from_json(unknown)
 
 
 def test_a_step_over_the_sites_that_reported_equals_a_step_over_the_wave() -> None:
