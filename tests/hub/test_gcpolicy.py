@@ -106,3 +106,24 @@ async def test_what_lives_on_is_frozen_again(monkeypatch: pytest.MonkeyPatch) ->
     finally:
         await gcpolicy.release()
     assert any(o is new for o in gc.get_objects())
+
+
+async def test_a_refreeze_walks_nothing() -> None:
+    """Freezing again every second does not collect: a collection would walk every object
+    made since the last freeze (thousands of sites' new long-polls after a deployment)."""
+    gcpolicy.hold()
+    collections: list[dict[str, int]] = []
+
+    def record(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            collections.append(info)
+
+    young = [Cycle() for _ in range(1000)]  # something a collection would walk
+    gc.callbacks.append(record)
+    try:
+        gcpolicy._policy.refreeze()
+    finally:
+        gc.callbacks.remove(record)
+        await gcpolicy.release()
+    assert collections == []
+    del young
