@@ -35,6 +35,15 @@ def is_held(ledger: Ledger, site: str) -> bool:
     return held_record(site_or_none(ledger.store, site))
 
 
+def key_and_hold(ledger: Ledger, site: str) -> tuple[str | None, bool]:
+    """The site's public key (None: no such site, or not enrolled) and whether it is held,
+    from one read of its record."""
+    record = site_or_none(ledger.store, site) if ledger.is_open else None
+    if record is None:
+        return None, False
+    return record.get("public_key"), held_record(record)
+
+
 def held_record(record: object) -> bool:
     """Whether a site's record (None: no such site) says it is held."""
     return isinstance(record, dict) and record.get(HELD) is not None

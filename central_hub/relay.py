@@ -214,31 +214,34 @@ async def merge(parts: HubParts, nonces: NonceCache, push: Push) -> bytes:
         except ReplayCacheFull:
             return False
 
-    def answer(site: str) -> None:
-        held = is_held(parts, site)
+    def answer(site: str, held: bool) -> None:
         site_head = ledger.site_head(site) if parts.delta_format.site_ready(site) else None
         answers[site] = (site_head, held)
 
+    # One read of each site's record: its key (deleted, or its key withdrawn, since the
+    # follower checked it: skipped) and whether it is held.
     for entry in push.reports:
         site = entry["site"]
-        if parts.sites.site_public_key(site) is None:
-            continue  # deleted (or its key withdrawn) since the follower checked it
+        key, held = key_and_hold(parts, site)
+        if key is None:
+            continue
         if fresh(site, entry["nonce"], entry["signed_at"]):
             await parts.sites.record_report(site, entry["report"])
-        answer(site)
+        answer(site, held)
     for site, nonce, signed_at, site_time, digest in push.seen:
-        if parts.sites.site_public_key(site) is None:
+        key, held = key_and_hold(parts, site)
+        if key is None:
             continue
         if fresh(site, nonce, signed_at) and not parts.sites.reports.seen(site, site_time, digest):
             continue  # not the report kept here (a new leader): the site's next one in full
-        answer(site)
+        answer(site, held)
     return orjson.dumps({"v": RELAY_VERSION, "head": ledger.head.version, "sites": answers})
 
 
-def is_held(parts: HubParts, site: str) -> bool:
+def key_and_hold(parts: HubParts, site: str) -> tuple[str | None, bool]:
     from central_hub import holds  # holds imports the sites' module, which is heavier
 
-    return holds.is_held(parts.ledger, site)
+    return holds.key_and_hold(parts.ledger, site)
 
 
 # -- the follower's side --------------------------------------------------------------------

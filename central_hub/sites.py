@@ -281,8 +281,12 @@ class Sites:
     async def record_report(self, site_id: str, report: dict[str, Any]) -> int:
         """Keep a site's report; the answer is the head of the delta log."""
         ending = report.get("decommission")
-        record = site_or_none(self.ledger.store, site_id)
-        if ending and ending["state"] == "done" and record and record.get("decommission"):
+        if (
+            ending
+            and ending["state"] == "done"
+            and (record := site_or_none(self.ledger.store, site_id))
+            and record.get("decommission")
+        ):  # the site's record read only then: a report is taken thousands of times a second
             logger.warning("site %s is decommissioned: forgetting it", site_id)
             await self.delete_site(site_id)
             return self.ledger.head.version
