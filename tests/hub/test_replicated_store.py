@@ -14,15 +14,15 @@ from central_hub.replicated_store import KEYFILE_PREFIX, REPLICATED_DBS, Replica
 from central_hub.store import Store, put_json, version_key
 from meshorch.demo.localsite import free_port
 from raft import RaftConfig, RaftNode, local_preset
-from tests.raft.test_node import wait_for
+from tests.raft.test_node import running, wait_for
 
 PASSWORD = "test-password-0123456789"
 
 
-@pytest.fixture
-async def nodes(tmp_path: Path) -> AsyncIterator[list[RaftNode]]:
+def hub_nodes(tmp_path: Path, **overrides: object) -> list[RaftNode]:
+    """Three nodes with the hub's replicated tables."""
     addresses = [f"127.0.0.1:{free_port()}" for _ in range(3)]
-    started = [
+    return [
         RaftNode(
             RaftConfig(
                 self_address=address,
@@ -30,19 +30,17 @@ async def nodes(tmp_path: Path) -> AsyncIterator[list[RaftNode]]:
                 data_dir=tmp_path / f"n{i}",
                 password=PASSWORD,
                 tables=REPLICATED_DBS,
-                **local_preset(),  # type: ignore[arg-type]
+                **local_preset(**overrides),  # type: ignore[arg-type]
             )
         )
         for i, address in enumerate(addresses)
     ]
-    for node in started:
-        await node.start()
-    try:
-        await wait_for(lambda: any(node.status().is_leader for node in started))
+
+
+@pytest.fixture
+async def nodes(tmp_path: Path) -> AsyncIterator[list[RaftNode]]:
+    async with running(hub_nodes(tmp_path)) as started:
         yield started
-    finally:
-        for node in started:
-            await node.stop()
 
 
 def leader_of(nodes: list[RaftNode]) -> RaftNode:
@@ -144,28 +142,8 @@ async def test_commit_from_a_worker_thread_goes_through_raft(
 async def slow_nodes(tmp_path: Path) -> AsyncIterator[list[RaftNode]]:
     """Nodes whose every commit takes longer than their proposal timeout (0.1 ms), with
     two operations an entry (a writer's guard and one write)."""
-    addresses = [f"127.0.0.1:{free_port()}" for _ in range(3)]
-    started = [
-        RaftNode(
-            RaftConfig(
-                self_address=address,
-                partners=tuple(a for a in addresses if a != address),
-                data_dir=tmp_path / f"n{i}",
-                password=PASSWORD,
-                tables=REPLICATED_DBS,
-                **local_preset(proposal_timeout_s=0.0001, max_batch_ops=2),  # type: ignore[arg-type]
-            )
-        )
-        for i, address in enumerate(addresses)
-    ]
-    for node in started:
-        await node.start()
-    try:
-        await wait_for(lambda: any(node.status().is_leader for node in started))
+    async with running(hub_nodes(tmp_path, proposal_timeout_s=0.0001, max_batch_ops=2)) as started:
         yield started
-    finally:
-        for node in started:
-            await node.stop()
 
 
 async def test_a_slow_commit_is_awaited_and_the_writer_keeps_its_hub(

@@ -1,6 +1,7 @@
 """Real pysyncobj nodes in one process, on loopback."""
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -46,17 +47,23 @@ async def wait_for(predicate: object, timeout_s: float = 20.0) -> None:
         await asyncio.sleep(0.05)
 
 
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[list[RaftNode]]:
-    nodes = make_nodes(tmp_path, 3)
-    for node in nodes:
-        await node.start()
+@contextlib.asynccontextmanager
+async def running(nodes: list[RaftNode]) -> AsyncIterator[list[RaftNode]]:
+    """``nodes`` started, once one of them leads; stopped after, whatever happened."""
     try:
+        for node in nodes:
+            await node.start()
         await wait_for(lambda: sum(n.status().is_leader for n in nodes) == 1)
         yield nodes
     finally:
         for node in nodes:
             await node.stop()
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[list[RaftNode]]:
+    async with running(make_nodes(tmp_path, 3)) as nodes:
+        yield nodes
 
 
 async def test_a_write_on_any_node_is_applied_everywhere(cluster: list[RaftNode]) -> None:

@@ -17,20 +17,13 @@ from raft import (
 from raft.node import final_error
 from raft.sessions import SESSIONS_TABLE
 from raft.state_machine import decode_counter
-from tests.raft.test_node import make_nodes, wait_for
+from tests.raft.test_node import make_nodes, running
 
 
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[list[RaftNode]]:
-    nodes = make_nodes(tmp_path, 3)
-    for node in nodes:
-        await node.start()
-    try:
-        await wait_for(lambda: sum(n.status().is_leader for n in nodes) == 1)
+    async with running(make_nodes(tmp_path, 3)) as nodes:
         yield nodes
-    finally:
-        for node in nodes:
-            await node.stop()
 
 
 def counted(node: RaftNode, key: bytes) -> int:

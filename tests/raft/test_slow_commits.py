@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from raft import BackloggedError, OutcomeUnknownError, Put, RaftNode
-from tests.raft.test_node import make_nodes, wait_for
+from tests.raft.test_node import make_nodes, running, wait_for
 
 TINY_TIMEOUT_S = 0.0001
 
@@ -23,14 +23,8 @@ TINY_TIMEOUT_S = 0.0001
 async def slow(tmp_path: Path) -> AsyncIterator[list[RaftNode]]:
     # Two operations an entry: a second proposal made with a full first one waits for it.
     nodes = make_nodes(tmp_path, 3, proposal_timeout_s=TINY_TIMEOUT_S, max_batch_ops=2)
-    for node in nodes:
-        await node.start()
-    try:
-        await wait_for(lambda: sum(n.status().is_leader for n in nodes) == 1)
+    async with running(nodes):
         yield nodes
-    finally:
-        for node in nodes:
-            await node.stop()
 
 
 def leader_of(nodes: list[RaftNode]) -> RaftNode:
@@ -75,11 +69,7 @@ async def test_a_proposal_queued_past_its_time_is_never_applied(slow: list[RaftN
 
 async def test_a_late_outcome_is_settled_when_the_node_stops(tmp_path: Path) -> None:
     """A node that stops answers the outcomes still awaited (nobody waits forever)."""
-    nodes = make_nodes(tmp_path, 3, proposal_timeout_s=TINY_TIMEOUT_S)
-    for node in nodes:
-        await node.start()
-    try:
-        await wait_for(lambda: sum(n.status().is_leader for n in nodes) == 1)
+    async with running(make_nodes(tmp_path, 3, proposal_timeout_s=TINY_TIMEOUT_S)) as nodes:
         leader = leader_of(nodes)
         for other in nodes:
             if other is not leader:
@@ -91,6 +81,3 @@ async def test_a_late_outcome_is_settled_when_the_node_stops(tmp_path: Path) -> 
         await leader.stop()
         with pytest.raises(OutcomeUnknownError, match="node stopped"):
             await asyncio.wait_for(outcome, 5)
-    finally:
-        for node in nodes:
-            await node.stop()
