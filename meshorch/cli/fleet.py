@@ -260,7 +260,8 @@ def hub_call(args: argparse.Namespace, method: str, path: str, body: object = No
     https the hub's certificate is pinned on first use (``meshorch.cli.known_hubs``).
     ``--hub`` may list a replicated hub's URLs, comma-separated: a replica that cannot be
     reached, or that answers that the request was not applied (no leader yet, the leader
-    changed), hands the request to the next one, for up to ``FAILOVER_S``."""
+    changed, the leader busy), hands the request to the next one, for up to
+    ``FAILOVER_S``."""
     if not args.hub:
         raise ConfigurationError(f"give the hub with --hub URL or ${HUB_ENV}")
     if not args.token:
@@ -322,7 +323,7 @@ class _Retry(Exception):
 
 
 # 503 codes of a replicated hub that guarantee the request was not applied.
-_NOT_APPLIED = frozenset({"no_leader", "leader_unreachable", "leader_changed"})
+_NOT_APPLIED = frozenset({"no_leader", "leader_unreachable", "leader_changed", "hub_busy"})
 
 
 def _request_hub(
