@@ -176,8 +176,8 @@ async def test_sites_gossip_summaries_and_a_cut_off_site_catches_up_from_neighbo
     blocked = {"s1"}
     verify = hub_api._verify_site
 
-    def refusing(hub_: HubParts, request: Any, body: bytes) -> str:
-        site = verify(hub_, request, body)
+    def refusing(hub_: HubParts, request: Any, body: bytes, *, changes: bool) -> str:
+        site = verify(hub_, request, body, changes=changes)
         if site in blocked and request.path != "/v1/link/gossip":
             raise ApiError(503, "unavailable", "refused by the test")
         return site
