@@ -140,9 +140,9 @@ async def test_commit_from_a_worker_thread_goes_through_raft(
 
 @pytest.fixture
 async def slow_nodes(tmp_path: Path) -> AsyncIterator[list[RaftNode]]:
-    """Nodes whose every commit takes longer than their proposal timeout (0.1 ms), with
-    two operations an entry (a writer's guard and one write)."""
-    async with running(hub_nodes(tmp_path, proposal_timeout_s=0.0001, max_batch_ops=2)) as started:
+    """Nodes whose every commit takes longer than their proposal timeout (1 ns: see
+    tests/raft/test_slow_commits.py), two operations an entry (a guard and one write)."""
+    async with running(hub_nodes(tmp_path, proposal_timeout_s=1e-9, max_batch_ops=2)) as started:
         yield started
 
 

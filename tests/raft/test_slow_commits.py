@@ -1,9 +1,10 @@
 """Commits slower than the proposal timeout, on real nodes: the caller is told the outcome
 is unknown and can still learn it; a proposal that never left the queue did nothing.
 
-The nodes' proposal timeout (0.1 ms) is shorter than any commit (a network round trip
-between the nodes at least), so every proposal runs past its time: the timers of one
-event-loop turn run after the hand-over scheduled before them, which fixes the order."""
+The nodes' proposal timeout (1 ns) has passed by the next turn of the event loop, and a
+commit takes several (a network round trip between the nodes at least), so every proposal
+runs past its time: in that turn the timers run after the hand-over scheduled before them,
+which fixes the order."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 from raft import BackloggedError, OutcomeUnknownError, Put, RaftNode
 from tests.raft.test_node import make_nodes, running, wait_for
 
-TINY_TIMEOUT_S = 0.0001
+TINY_TIMEOUT_S = 1e-9
 
 
 @pytest.fixture
