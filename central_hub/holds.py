@@ -30,9 +30,7 @@ CHECK_S = 0.5  # how soon a held poll notices the release or the hub stopping
 
 
 def is_held(ledger: Ledger, site: str) -> bool:
-    if not ledger.is_open:
-        return False
-    return held_record(site_or_none(ledger.store, site))
+    return key_and_hold(ledger, site)[1]
 
 
 def key_and_hold(ledger: Ledger, site: str) -> tuple[str | None, bool]:
