@@ -53,6 +53,12 @@ STREAM_PATH = "/v1/link/reports"
 NO_STREAM_S = 300.0
 MAX_STREAM_ANSWER_BYTES = 64 * 1024
 STREAM_CLOSE_S = 2.0  # for the hub's answer to a close
+# A report the replica did not take on an open stream (a 5xx answer: a follower whose
+# leader is slow or cut off; no answer in time: a busy replica) keeps the stream: a late
+# answer is read and dropped before the next one. The site moves to the next replica after
+# this many in a row. Dropping the stream at the first one sent a saturated hub a burst of
+# new TLS connections and signed upgrades, which kept it saturated.
+STREAM_FAIL_OVER_AFTER = 3
 
 
 MAX_RELEASE_BYTES = 64 * 1024 * 1024
@@ -223,6 +229,8 @@ class LinkClient:
         self._stream: aiohttp.ClientWebSocketResponse | None = None
         self._stream_url = ""  # the replica it is open to
         self._stream_lock = asyncio.Lock()  # one report on it at a time: answers in order
+        self._stream_misses = 0  # reports in a row the open stream's replica did not take
+        self._stream_owed = 0  # answers still to come of reports whose wait ran out
         self._no_stream_until: dict[str, float] = {}  # by hub URL (monotonic)
         self._closing: set[asyncio.Task[Any]] = set()
 
@@ -404,14 +412,24 @@ class LinkClient:
             return None
         async with self._stream_lock:
             what = f"report on {self.hub_url}{STREAM_PATH}"
+            sent = False
             try:
                 async with asyncio.timeout(timeout_s):
                     ws = await self._open_stream()
                     if ws is None:
                         return None
                     await ws.send_bytes(body)
-                    message = await ws.receive()
-            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                    sent = True
+                    message = await self._next_answer(ws)
+            except TimeoutError as exc:
+                if sent and self._missed():
+                    self._stream_owed += 1  # the stream stays: its answer is read later
+                    raise HubUnreachable(f"{what}: no answer within {timeout_s:g} s") from exc
+                self._drop_stream_soon()
+                unreachable = self._unreachable(what, exc)
+                self._fail_over()
+                raise unreachable from exc
+            except (aiohttp.ClientError, OSError) as exc:
                 self._drop_stream_soon()
                 unreachable = self._unreachable(what, exc)
                 self._fail_over()
@@ -431,9 +449,11 @@ class LinkClient:
                 await self._drop_stream()
                 raise BadHubAnswer(f"{what}: an answer is {{status, body}}") from exc
         if status >= 500:
-            await self._drop_stream()
-            self._fail_over()
-            raise HubUnreachable(f"{what}: hub answered {status}")
+            if not self._missed():
+                await self._drop_stream()
+                self._fail_over()
+            raise HubUnreachable(f"{what}: hub answered {status} ({_error_of(answer, status)[0]})")
+        self._stream_misses = 0
         if status >= 400:
             code, text = _error_of(answer, status)
             raise (LinkUnauthorized if status == 401 else LinkRefused)(status, code, text)
@@ -469,7 +489,27 @@ class LinkClient:
             self._no_stream_until[self.hub_url] = time.monotonic() + NO_STREAM_S
             return None
         self._stream, self._stream_url = ws, self.hub_url
+        self._stream_misses = self._stream_owed = 0
         return ws
+
+    async def _next_answer(self, ws: aiohttp.ClientWebSocketResponse) -> aiohttp.WSMessage:
+        """The answer to the report just sent: the late answers of earlier reports (the
+        replica answers in order) are read first and dropped."""
+        while True:
+            message = await ws.receive()
+            if self._stream_owed and message.type in (
+                aiohttp.WSMsgType.BINARY,
+                aiohttp.WSMsgType.TEXT,
+            ):
+                self._stream_owed -= 1
+                continue
+            return message
+
+    def _missed(self) -> bool:
+        """Count a report the open stream's replica did not take; False when that makes
+        STREAM_FAIL_OVER_AFTER in a row: the caller drops the stream and fails over."""
+        self._stream_misses += 1
+        return self._stream_misses < STREAM_FAIL_OVER_AFTER
 
     async def _drop_stream(self) -> None:
         ws, self._stream = self._stream, None
