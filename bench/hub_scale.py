@@ -32,12 +32,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import random
 import resource
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,7 +131,7 @@ async def run_size(
     workers: list[Worker] = []
     async with (
         aiohttp.ClientSession() as session,
-        cluster(root, session, 3, "--fleet", FLEET) as running,
+        cluster(root, session, 3, "--fleet", FLEET, *log_flags(args)) as running,
     ):
         pids.extend(replica_pids(running))
         fleet = await running.ready(running.replicas[0].url)
@@ -206,6 +208,26 @@ async def run_size(
     )
 
 
+def log_flags(args: argparse.Namespace) -> list[str]:
+    """The replicas log warnings only, unless the run is kept to be read afterwards."""
+    return ["--log-level", "info"] if args.keep else []
+
+
+@contextlib.contextmanager
+def run_dir(keep: Path | None) -> Iterator[Path]:
+    """Where the replicas' data directories and logs go: ``keep`` (left in place), else
+    a temporary directory removed at the end."""
+    if keep is None:
+        with tempfile.TemporaryDirectory(prefix="meshorch-hubscale-") as tmp:
+            yield Path(tmp)
+        return
+    keep.mkdir(parents=True, exist_ok=True)
+    if any(keep.iterdir()):
+        raise SystemExit(f"hub_scale: --keep {keep}: not empty (each run needs its own)")
+    yield keep
+    log(f"kept: the replicas' data directories and info-level logs in {keep}/<sites>/")
+
+
 def verdict(value: float, goal: float) -> str:
     return "met" if value <= goal else "MISSED"
 
@@ -233,6 +255,14 @@ def main() -> int:
     parser.add_argument(
         "--link-timeout", type=float, default=300.0, help="for every site to report once (s)"
     )
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        metavar="DIR",
+        help="run in DIR (new or empty) and keep it: each size's replica data directories "
+        "and logs (rN.log, at info level: leader changes, slow commits, relay pushes not "
+        "taken), to find out afterwards why a run failed",
+    )
     args = parser.parse_args()
     try:
         sizes = [int(size) for size in args.sizes.split(",")]
@@ -247,11 +277,11 @@ def main() -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # children inherit it
     figures: list[Figures] = []
     pids: list[int] = []
-    with tempfile.TemporaryDirectory(prefix="meshorch-hubscale-") as tmp:
+    with run_dir(args.keep) as tmp:
         try:
             with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
                 for size in sizes:
-                    figures.append(runner.run(run_size(args, size, Path(tmp) / str(size), pids)))
+                    figures.append(runner.run(run_size(args, size, tmp / str(size), pids)))
         except (KeyboardInterrupt, asyncio.CancelledError):
             log("interrupted: the hub and the sites are stopped")
             return 130
