@@ -223,7 +223,7 @@ class Collector:
     errors: list[str] = field(default_factory=list)
     ready_workers: int = 0
     linked: dict[str, int] = field(default_factory=dict)  # by worker, until it is READY
-    reports: int = 0  # site reports the hub acknowledged (the workers' REPORTS lines)
+    reports: int = 0  # site reports the hub took (the workers' REPORTS lines)
     dead_workers: list[str] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 

@@ -15,7 +15,8 @@ Protocol with the driver (one line each, on stdout; the driver writes to stdin):
     APPLIED <site> <app> <app version> <delta version> <t_fetched> <t_verified> <t_acked>
     REJECTED <site> <reason> <version>  a delta failed verification (never expected)
     ERROR <site> <message>              a link error (the site retries)
-    REPORTS <n>                         reports the hub acknowledged since the last such line
+    REPORTS <n>                         reports taken since the last such line (asked ones
+                                        answered 200, quiet ones sent with no error back)
     LINKED <n>                          sites of this worker that reported once, so far
 
 ``t_*`` are ``time.time()``: the fetch answer arrived, the batch was verified and
@@ -162,13 +163,16 @@ async def run_site(
             linked = False
             retry = Backoff(REPORT_RETRY_S, REPORT_RETRY_MAX_S)
             while not stop.is_set():
+                # As an agent reports: one asked for (applied deltas, the first, a retry)
+                # waits for the hub's answer; the routine ones are sent quiet.
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(report_now.wait(), REPORT_EVERY_S)
+                routine = not report_now.is_set()
                 report_now.clear()
                 carried = pending[:]
                 del pending[:]
                 try:
-                    await client.report(site.report(), REPORT_TIMEOUT_S)
+                    await client.report(site.report(), REPORT_TIMEOUT_S, quiet=routine)
                 except LinkError as exc:  # retried as an agent retries (site_link)
                     emit("ERROR", site.site_id, f"report: {exc}".replace("\n", " "))
                     pending[:0] = carried

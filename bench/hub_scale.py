@@ -10,7 +10,8 @@ lands on every replica's front. For each size:
 1. register every site (with its key) through the API, start the sites, wait until each
    has reported once;
 2. steady state for ``--measure`` seconds: the replicas' CPU time (``/proc``), their memory
-   (RSS), the reports the sites had acknowledged (against the N/3 per second they send),
+   (RSS), the reports the hub took (against the N/3 per second the sites send; a
+   routine report is sent quiet, as an agent sends it, and counts when no error came back),
    and operator API latency sampled meanwhile (``GET /v1/sites?limit=100``, ``GET
    /v1/sites/ID``);
 3. ``--deployments`` deployments of one application to every site (one wave): the deploy
@@ -172,7 +173,7 @@ async def run_size(
             log(
                 f"steady state: hub {cores:.2f} cores (the site simulators {sites_cores:.2f} of "
                 f"this machine's {os.cpu_count()}), {memory:.0f} MB RSS, "
-                f"{reports_per_s:.0f} reports/s acknowledged (sent: {sites_count / 3:.0f}/s)"
+                f"{reports_per_s:.0f} reports/s taken (sent: {sites_count / 3:.0f}/s)"
             )
             deployments = []
             for index in range(1, args.deployments + 1):

@@ -16,6 +16,14 @@ site: a newer one closes the older (``CLOSE_REPLACED``), so a stranger cannot ho
 sockets than there are sites with keys it holds. A stream with no report for
 ``IDLE_S`` is closed. The answer of a message is ``{"status": N, "body": ...}`` where
 status and body are what ``POST /v1/link/report`` would have answered.
+
+Quiet reports: a site that offers the WebSocket subprotocol ``QUIET_PROTOCOL`` prefixes
+each report with ``ASK`` (answer it) or ``QUIET`` (answer it only if the answer is not
+the 200 answer last sent on this stream), and each answer carries ``n``, the number of
+the report it answers on this stream. Why: in steady state a report's answer (the fleet
+head, the site's head, its hold) is the same as the last one, and sending it was an
+eighth of every replica's CPU at 3,000 sites (one TLS record and one send each, in a
+py-spy profile). A site without the subprotocol gets every report answered, in order.
 """
 
 from __future__ import annotations
@@ -28,23 +36,23 @@ import orjson
 from aiohttp import WSMsgType, web
 
 from central_hub.routing import error_response
+from meshorch.fleet.report_stream import ASK, QUIET, QUIET_PROTOCOL
+from meshorch.fleet.report_stream import STREAM_PATH as STREAM_PATH  # re-exported
+from meshorch.fleet.report_stream import Answer as Answer  # re-exported
 
-STREAM_PATH = "/v1/link/reports"
 IDLE_S = 60.0  # a site reports every few seconds
 CLOSE_REVOKED = 4401  # the site is no longer enrolled with the key that opened the stream
 CLOSE_REPLACED = 4409  # the site opened a newer stream
 CLOSE_WAIT_S = 2.0  # for the site's answer to a close, then the socket is dropped
 CLOSE_STOPPING = 1001  # going away: the hub stops or its replica's role changed
 
-# One report's answer: the status and body ``POST /v1/link/report`` would answer.
-Answer = tuple[int, dict[str, Any]]
 # Takes a report's raw body; its answer.
 ReportHandler = Callable[[bytes], Awaitable[Answer]]
 
 
 def upgrade_refusal(request: web.Request) -> web.Response | None:
     """426 when the request is no WebSocket upgrade (checked before ``Streams.serve``)."""
-    if web.WebSocketResponse().can_prepare(request).ok:
+    if web.WebSocketResponse(protocols=(QUIET_PROTOCOL,)).can_prepare(request).ok:
         return None
     response = error_response(
         426, "upgrade_required", f"GET {STREAM_PATH} is a WebSocket: send each report on it"
@@ -53,9 +61,44 @@ def upgrade_refusal(request: web.Request) -> web.Response | None:
     return response
 
 
-def encode_answer(answer: Answer) -> bytes:
+def encode_answer(answer: Answer, number: int | None = None) -> bytes:
     status, body = answer
-    return orjson.dumps({"status": status, "body": body})
+    if number is None:
+        return orjson.dumps({"status": status, "body": body})
+    return orjson.dumps({"status": status, "body": body, "n": number})
+
+
+class Quieter:
+    """A quiet stream's rule (``QUIET_PROTOCOL``): which answers are sent. Pure."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        self._last: dict[str, Any] | None = None  # the last 200 answer sent
+
+    def split(self, message: bytes) -> tuple[bool, bytes | None]:
+        """(quiet, report body) of a message; body None when it has no valid prefix."""
+        self.received += 1
+        prefix = message[:1]
+        return prefix == QUIET, message[1:] if prefix in (ASK, QUIET) else None
+
+    def send(self, quiet: bool, answer: Answer) -> bool:
+        status, body = answer
+        if status != 200:
+            return True
+        if quiet and body == self._last:
+            return False
+        self._last = body
+        return True
+
+
+def no_prefix() -> Answer:
+    return 400, {
+        "error": {
+            "code": "bad_message",
+            "message": f"on a {QUIET_PROTOCOL} stream a report starts with "
+            f"{ASK.decode()!r} (answer it) or {QUIET.decode()!r} (answer only a change)",
+        }
+    }
 
 
 class Streams:
@@ -81,7 +124,11 @@ class Streams:
         if refused is not None:
             return refused
         ws = web.WebSocketResponse(
-            max_msg_size=max_body, receive_timeout=IDLE_S, compress=False, timeout=CLOSE_WAIT_S
+            max_msg_size=max_body,
+            receive_timeout=IDLE_S,
+            compress=False,
+            timeout=CLOSE_WAIT_S,
+            protocols=(QUIET_PROTOCOL,),
         )
         try:
             await ws.prepare(request)
@@ -108,6 +155,7 @@ class Streams:
     async def _answer_each(
         ws: web.WebSocketResponse, enrolled: Callable[[], bool], handle: ReportHandler
     ) -> None:
+        quieter = Quieter() if ws.ws_protocol == QUIET_PROTOCOL else None
         async for message in ws:
             if message.type is WSMsgType.BINARY:
                 body: bytes = message.data
@@ -118,7 +166,13 @@ class Streams:
             if not enrolled():
                 await ws.close(code=CLOSE_REVOKED, message=b"site unknown or its key changed")
                 return
-            await ws.send_bytes(encode_answer(await handle(body)))
+            if quieter is None:
+                await ws.send_bytes(encode_answer(await handle(body)))
+                continue
+            quiet, report = quieter.split(body)
+            answer = no_prefix() if report is None else await handle(report)
+            if quieter.send(quiet, answer):
+                await ws.send_bytes(encode_answer(answer, quieter.received))
 
     async def close_all(self) -> None:
         """Close every stream (the hub stops, or the replica's role changed): the sites

@@ -38,6 +38,7 @@ from yarl import URL
 
 from meshorch.errors import MeshorchError
 from meshorch.fleet.link_auth import sign_request, url_host
+from meshorch.fleet.report_stream import QUIET_PROTOCOL, STREAM_PATH, ReportStream, StreamClosed
 from meshorch.http_body import read_limited
 
 logger = logging.getLogger(__name__)
@@ -46,10 +47,9 @@ DEFAULT_WAIT_S = 20.0
 MAX_WAIT_S = 30.0
 REQUEST_TIMEOUT_S = 10.0
 MAX_ANSWER_BYTES = 512 * 1024 * 1024
-# Reports go on one WebSocket per site (docs/fleet-link.md), signed once when it opens;
-# a hub that refuses the upgrade (an older hub: 404) is asked again after this long,
-# its reports meanwhile sent with POST.
-STREAM_PATH = "/v1/link/reports"
+# Reports go on one WebSocket per site (docs/fleet-link.md, meshorch.fleet.report_stream),
+# signed once when it opens; a hub that refuses the upgrade (an older hub: 404) is asked
+# again after this long, its reports meanwhile sent with POST.
 NO_STREAM_S = 300.0
 MAX_STREAM_ANSWER_BYTES = 64 * 1024
 STREAM_CLOSE_S = 2.0  # for the hub's answer to a close
@@ -59,6 +59,10 @@ STREAM_CLOSE_S = 2.0  # for the hub's answer to a close
 # this many in a row. Dropping the stream at the first one sent a saturated hub a burst of
 # new TLS connections and signed upgrades, which kept it saturated.
 STREAM_FAIL_OVER_AFTER = 3
+# A quiet report (``report(..., quiet=True)``) is not waited for, unless no answer came on
+# the stream for this long: the hub answers only changes, and this is how a site still
+# finds out, within a bounded time, that its replica stopped answering.
+QUIET_MAX_S = 30.0
 
 
 MAX_RELEASE_BYTES = 64 * 1024 * 1024
@@ -226,11 +230,9 @@ class LinkClient:
         self._use(first_replica(site_id, len(self.hub_urls)))
         self._session = session
         self._own_session = session is None
-        self._stream: aiohttp.ClientWebSocketResponse | None = None
-        self._stream_url = ""  # the replica it is open to
-        self._stream_lock = asyncio.Lock()  # one report on it at a time: answers in order
-        self._stream_misses = 0  # reports in a row the open stream's replica did not take
-        self._stream_owed = 0  # answers still to come of reports whose wait ran out
+        self._stream: ReportStream | None = None
+        self._stream_lock = asyncio.Lock()  # one report on it at a time
+        self._last_answer: dict[str, Any] = {}  # the hub's last 200 answer to a report
         self._no_stream_until: dict[str, float] = {}  # by hub URL (monotonic)
         self._closing: set[asyncio.Task[Any]] = set()
 
@@ -314,13 +316,19 @@ class LinkClient:
             raise BadHubAnswer("a snapshot answer is {'snapshot': {...}, 'rotations': [...]}")
         return orjson.dumps(snapshot), [orjson.dumps(r) for r in rotations]
 
-    async def report(self, report: dict[str, Any], timeout_s: float | None = None) -> int:
+    async def report(
+        self, report: dict[str, Any], timeout_s: float | None = None, *, quiet: bool = False
+    ) -> int:
         """Send a site report (on the site's report stream, else with POST); returns the
-        hub's head version."""
+        hub's head version. ``quiet``: a routine report whose answer the site need not
+        wait for; on a hub that answers only changes it returns at once, with what the
+        hub last answered (or answered since), and the error of an earlier quiet report
+        is raised by the next call."""
         body = orjson.dumps(report)
-        answer = await self._report_on_stream(body, timeout_s or self.request_timeout_s)
+        answer = await self._report_on_stream(body, timeout_s or self.request_timeout_s, quiet)
         if answer is None:
             answer = await self._request("POST", "/v1/link/report", "", body, timeout_s=timeout_s)
+        self._last_answer = answer
         head, site_head = answer.get("head"), answer.get("site_head")
         if type(head) is not int:
             raise BadHubAnswer(f"report answer without an integer 'head': {answer!r}")
@@ -404,7 +412,9 @@ class LinkClient:
 
     # -- the report stream ---------------------------------------------------------------
 
-    async def _report_on_stream(self, body: bytes, timeout_s: float) -> dict[str, Any] | None:
+    async def _report_on_stream(
+        self, body: bytes, timeout_s: float, quiet: bool
+    ) -> dict[str, Any] | None:
         """The hub's answer to a report sent on the stream; None when this replica offers
         no stream or closed it (the report then goes with POST, which says why if the
         hub refuses it). Errors as ``_request`` raises them."""
@@ -412,59 +422,75 @@ class LinkClient:
             return None
         async with self._stream_lock:
             what = f"report on {self.hub_url}{STREAM_PATH}"
-            sent = False
+            stream: ReportStream | None = None
+            number = 0
             try:
                 async with asyncio.timeout(timeout_s):
-                    ws = await self._open_stream()
-                    if ws is None:
+                    stream = await self._open_stream()
+                    if stream is None:
                         return None
-                    await ws.send_bytes(body)
-                    sent = True
-                    message = await self._next_answer(ws)
+                    answer = stream.take_news()  # an earlier quiet report's error: raised
+                    if answer is not None and answer[0] == 200:
+                        self._last_answer, answer = answer[1], None
+                    if answer is None:
+                        stale = time.monotonic() - stream.answered_at >= QUIET_MAX_S
+                        ask = not quiet or stream.sent == 0 or stale or not self._last_answer
+                        number, waiter = await stream.send(body, quiet=not ask)
+                        if waiter is None:
+                            return self._last_answer
+                        answer = await waiter
             except TimeoutError as exc:
-                if sent and self._missed():
-                    self._stream_owed += 1  # the stream stays: its answer is read later
+                if stream is not None and number and self._missed(stream):
+                    stream.give_up(number)  # the stream stays: a late answer is news
                     raise HubUnreachable(f"{what}: no answer within {timeout_s:g} s") from exc
                 self._drop_stream_soon()
                 unreachable = self._unreachable(what, exc)
                 self._fail_over()
                 raise unreachable from exc
+            except StreamClosed as exc:
+                await self._drop_stream()
+                if exc.malformed:
+                    raise BadHubAnswer(f"{what}: {exc}") from None
+                return None  # closed by the hub (stopping, moved, key changed)
             except (aiohttp.ClientError, OSError) as exc:
                 self._drop_stream_soon()
                 unreachable = self._unreachable(what, exc)
                 self._fail_over()
                 raise unreachable from exc
             except BaseException:
-                self._drop_stream_soon()  # cancelled: its answer must not be a later one's
+                self._drop_stream_soon()  # cancelled while sending: the stream may be cut
                 raise
-            if message.type not in (aiohttp.WSMsgType.BINARY, aiohttp.WSMsgType.TEXT):
-                await self._drop_stream()  # closed by the hub (stopping, moved, key changed)
-                return None
-            try:
-                data = orjson.loads(message.data)
-                status, answer = data["status"], data["body"]
-                if type(status) is not int or not isinstance(answer, dict):
-                    raise TypeError(status)
-            except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
-                await self._drop_stream()
-                raise BadHubAnswer(f"{what}: an answer is {{status, body}}") from exc
+            return await self._stream_answer(stream, answer, what)
+
+    async def _stream_answer(
+        self, stream: ReportStream, answer: tuple[int, dict[str, Any]], what: str
+    ) -> dict[str, Any]:
+        """A report's answer read from the stream: its body, or the error it says."""
+        status, body = answer
         if status >= 500:
-            if not self._missed():
+            if not self._missed(stream):
                 await self._drop_stream()
                 self._fail_over()
-            raise HubUnreachable(f"{what}: hub answered {status} ({_error_of(answer, status)[0]})")
-        self._stream_misses = 0
+            raise HubUnreachable(f"{what}: hub answered {status} ({_error_of(body, status)[0]})")
+        stream.misses = 0
         if status >= 400:
-            code, text = _error_of(answer, status)
+            code, text = _error_of(body, status)
             raise (LinkUnauthorized if status == 401 else LinkRefused)(status, code, text)
-        return answer
+        return body
 
-    async def _open_stream(self) -> aiohttp.ClientWebSocketResponse | None:
+    @staticmethod
+    def _missed(stream: ReportStream) -> bool:
+        """Count a report the stream's replica did not take; False when that makes
+        STREAM_FAIL_OVER_AFTER in a row: the caller drops the stream and fails over."""
+        stream.misses += 1
+        return stream.misses < STREAM_FAIL_OVER_AFTER
+
+    async def _open_stream(self) -> ReportStream | None:
         """The stream to the current replica, opened (signed) if it is not; None when
         the replica refuses the upgrade with a 4xx (remembered for NO_STREAM_S)."""
-        ws = self._stream
-        if ws is not None and not ws.closed and self._stream_url == self.hub_url:
-            return ws
+        stream = self._stream
+        if stream is not None and not stream.closed and stream.url == self.hub_url:
+            return stream
         await self._drop_stream()
         full_path = self._base.path.rstrip("/") + STREAM_PATH
         headers = sign_request(
@@ -477,6 +503,7 @@ class LinkClient:
                 ssl=self._ssl,
                 max_msg_size=MAX_STREAM_ANSWER_BYTES,
                 timeout=aiohttp.ClientWSTimeout(ws_close=STREAM_CLOSE_S),
+                protocols=(QUIET_PROTOCOL,),
             )
         except aiohttp.WSServerHandshakeError as exc:
             if exc.status >= 500:
@@ -488,39 +515,19 @@ class LinkClient:
             )
             self._no_stream_until[self.hub_url] = time.monotonic() + NO_STREAM_S
             return None
-        self._stream, self._stream_url = ws, self.hub_url
-        self._stream_misses = self._stream_owed = 0
-        return ws
-
-    async def _next_answer(self, ws: aiohttp.ClientWebSocketResponse) -> aiohttp.WSMessage:
-        """The answer to the report just sent: the late answers of earlier reports (the
-        replica answers in order) are read first and dropped."""
-        while True:
-            message = await ws.receive()
-            if self._stream_owed and message.type in (
-                aiohttp.WSMsgType.BINARY,
-                aiohttp.WSMsgType.TEXT,
-            ):
-                self._stream_owed -= 1
-                continue
-            return message
-
-    def _missed(self) -> bool:
-        """Count a report the open stream's replica did not take; False when that makes
-        STREAM_FAIL_OVER_AFTER in a row: the caller drops the stream and fails over."""
-        self._stream_misses += 1
-        return self._stream_misses < STREAM_FAIL_OVER_AFTER
+        self._stream = ReportStream(ws, self.hub_url)
+        return self._stream
 
     async def _drop_stream(self) -> None:
-        ws, self._stream = self._stream, None
-        if ws is not None:
-            await ws.close()
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            await stream.close()
 
     def _drop_stream_soon(self) -> None:
         """``_drop_stream`` from a task that may be cancelled: closed in the background."""
-        ws, self._stream = self._stream, None
-        if ws is not None:
-            task = asyncio.get_running_loop().create_task(ws.close())
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            task = asyncio.get_running_loop().create_task(stream.close())
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
 

@@ -5,6 +5,7 @@ processes), and every way a stranger or a revoked site is refused."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,10 +22,12 @@ from bench.hubcluster import until as until_answered
 from central_hub import Hub
 from central_hub.api import STREAMS_KEY
 from central_hub.report_stream import CLOSE_REPLACED, CLOSE_REVOKED, STREAM_PATH
-from meshorch.fleet.client import HubTrust, LinkClient
+from meshorch.fleet import client as client_module
+from meshorch.fleet.client import HubTrust, LinkClient, LinkRefused
 from meshorch.fleet.link_auth import sign_request, sign_request_v1, url_host
+from meshorch.fleet.report_stream import ASK, QUIET, QUIET_PROTOCOL
 from tests.hub.conftest import MakeSite
-from tests.hub.helpers import Operator, Site, until
+from tests.hub.helpers import Operator, Site, spec_text, until
 from tests.hub.replicas import site_report
 
 
@@ -210,3 +213,95 @@ async def test_a_follower_keeps_the_stream_and_the_leader_sees_its_reports(
 
             await until_answered(seen, 10.0, "the leader to see the follower's report")
             await client.report(site_report("shop-x"))  # unchanged: answered by the follower
+
+
+async def _no_answer(ws: aiohttp.ClientWebSocketResponse, within_s: float = 0.3) -> bool:
+    with contextlib.suppress(TimeoutError):
+        await ws.receive(timeout=within_s)
+        return False
+    return True
+
+
+async def test_a_quiet_stream_answers_asked_reports_changes_and_errors_only(
+    hub: Hub, make_site: MakeSite, admin: Operator, session: aiohttp.ClientSession
+) -> None:
+    site = await make_site("shop-1")
+    report = orjson.dumps(site_report(site.id))
+    async with session.ws_connect(
+        hub.url + STREAM_PATH, headers=_signed(site, hub.url), protocols=(QUIET_PROTOCOL,)
+    ) as ws:
+        assert ws.protocol == QUIET_PROTOCOL
+        await ws.send_bytes(ASK + report)
+        first = orjson.loads((await ws.receive()).data)
+        assert first["status"] == 200 and first["n"] == 1
+        assert first["body"]["head"] == hub.head.version == 0
+        await ws.send_bytes(QUIET + report)  # the same answer: not sent
+        assert await _no_answer(ws)
+        await ws.send_bytes(ASK + report)  # asked: sent, though the same
+        assert orjson.loads((await ws.receive()).data)["n"] == 3
+        await admin.ok("POST", "/v1/apps", {"spec": spec_text()}, 202)  # a new head
+        await until(lambda: hub.head.version == 1)
+        await ws.send_bytes(QUIET + report)  # a change: sent
+        changed = orjson.loads((await ws.receive()).data)
+        assert changed["n"] == 4 and changed["body"]["head"] == 1
+        await ws.send_bytes(QUIET + report)
+        assert await _no_answer(ws)
+        await ws.send_bytes(QUIET + b"{not json")  # an error: always sent
+        error = orjson.loads((await ws.receive()).data)
+        assert error["n"] == 6 and error["status"] == 400
+        assert error["body"]["error"]["code"] == "bad_json"
+        await ws.send_bytes(report)  # no prefix: refused, nothing kept
+        refused = orjson.loads((await ws.receive()).data)
+        assert refused["n"] == 7 and refused["body"]["error"]["code"] == "bad_message"
+        # A stream without the subprotocol (an older site) gets every answer, unnumbered.
+    async with session.ws_connect(hub.url + STREAM_PATH, headers=_signed(site, hub.url)) as old:
+        assert old.protocol is None
+        for _ in range(2):
+            await old.send_bytes(report)
+            answer = orjson.loads((await old.receive()).data)
+            assert answer["status"] == 200 and answer["body"]["head"] == 1 and "n" not in answer
+
+
+async def test_the_client_sends_routine_reports_quiet_and_learns_changes(
+    hub: Hub, make_site: MakeSite, admin: Operator
+) -> None:
+    site = await make_site("shop-1")
+    async with LinkClient(hub.url, site.id, site.key) as client:
+        assert await client.report(site_report(site.id), quiet=True) == 0  # the first: asked
+        stream = client._stream
+        assert stream is not None and stream.quiet
+        for _ in range(3):
+            assert await client.report(site_report(site.id), quiet=True) == 0
+        assert stream.sent == 4 and stream.misses == 0
+        await admin.ok("POST", "/v1/apps", {"spec": spec_text()}, 202)
+        await until(lambda: hub.head.version == 1)
+        await client.report(site_report(site.id), quiet=True)  # its answer, a change, comes
+        await until(lambda: stream.news is not None)
+        assert await client.report(site_report(site.id), quiet=True) == 1  # learnt
+        # A quiet report the hub refuses: the next call raises its error, sends nothing.
+        bad = {**site_report(site.id), "applied_version": "seven"}
+        assert await client.report(bad, quiet=True) == 1
+        await until(lambda: stream.news is not None)
+        with pytest.raises(LinkRefused) as refused:
+            await client.report(site_report(site.id), quiet=True)
+        assert refused.value.status == 400 and stream.sent == 7  # not sent
+        assert await client.report(site_report(site.id)) == 1  # asked: answered
+        assert client._stream is stream  # one stream throughout
+
+
+async def test_a_quiet_report_is_asked_once_no_answer_came_for_a_while(
+    hub: Hub, make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A quiet site still finds out, within QUIET_MAX_S, that its replica stopped
+    answering: past it the report waits for its answer."""
+    site = await make_site("shop-1")
+    async with LinkClient(hub.url, site.id, site.key) as client:
+        await client.report(site_report(site.id))
+        stream = client._stream
+        assert stream is not None
+        answered = stream.answered_at
+        await client.report(site_report(site.id), quiet=True)
+        assert stream.answered_at == answered  # not answered: nothing changed
+        monkeypatch.setattr(client_module, "QUIET_MAX_S", 0.0)
+        await client.report(site_report(site.id), quiet=True)
+        assert stream.answered_at > answered  # asked, and answered
