@@ -54,10 +54,10 @@ NO_STREAM_S = 300.0
 MAX_STREAM_ANSWER_BYTES = 64 * 1024
 STREAM_CLOSE_S = 2.0  # for the hub's answer to a close
 # A report the replica did not take on an open stream (a 5xx answer: a follower whose
-# leader is slow or cut off; no answer in time: a busy replica) keeps the stream: a late
-# answer is read and dropped before the next one. The site moves to the next replica after
-# this many in a row. Dropping the stream at the first one sent a saturated hub a burst of
-# new TLS connections and signed upgrades, which kept it saturated.
+# leader is slow or cut off; no answer in time: a busy replica) keeps the stream (answers
+# are numbered: a late one is not taken for the next report's). The site moves to the next
+# replica after this many in a row. Dropping the stream at the first one sent a saturated
+# hub a burst of new TLS connections and signed upgrades, which kept it saturated.
 STREAM_FAIL_OVER_AFTER = 3
 # A quiet report (``report(..., quiet=True)``) is not waited for, unless no answer came on
 # the stream for this long: the hub answers only changes, and this is how a site still
@@ -458,7 +458,10 @@ class LinkClient:
                 self._fail_over()
                 raise unreachable from exc
             except BaseException:
-                self._drop_stream_soon()  # cancelled while sending: the stream may be cut
+                if stream is not None and number:
+                    stream.give_up(number)  # cancelled while waiting: the stream is sound
+                else:
+                    self._drop_stream_soon()  # cancelled while sending: it may be cut
                 raise
             return await self._stream_answer(stream, answer, what)
 

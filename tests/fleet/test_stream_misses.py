@@ -6,6 +6,7 @@ made on demand from a real hub)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import orjson
@@ -14,6 +15,7 @@ from aiohttp import WSMsgType, web
 from nacl.signing import SigningKey
 
 from meshorch.fleet.client import STREAM_FAIL_OVER_AFTER, HubUnreachable, LinkClient, first_replica
+from tests.hub.helpers import until
 
 KEY = SigningKey(b"k" * 32)
 # A site whose id sends it to the first of two URLs first.
@@ -126,3 +128,19 @@ async def test_a_late_answer_is_dropped_and_the_next_report_gets_its_own(spare: 
             await client.report(REPORT, timeout_s=0.2)
         assert client.hub_url == spare.url
         assert await client.report(REPORT) == 1
+
+
+async def test_a_report_cancelled_while_waiting_keeps_the_stream(spare: Replica) -> None:
+    async with (
+        Replica(["hold", 200]) as slow,
+        LinkClient(f"{slow.url},{spare.url}", SITE, KEY) as client,
+    ):
+        task = asyncio.create_task(client.report(REPORT, timeout_s=30.0))
+        await until(lambda: slow.reports == 1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        stream = client._stream
+        assert stream is not None and not stream.closed
+        assert await client.report(REPORT) == 2  # its own answer, on the same stream
+        assert client._stream is stream and slow.upgrades == 1
