@@ -33,6 +33,7 @@ class Replica:
         self.script = script
         self.upgrades = 0
         self.reports = 0
+        self.bodies: list[bytes] = []
         self.url = ""
         self._runner: web.AppRunner | None = None
 
@@ -53,6 +54,7 @@ class Replica:
             if message.type is not WSMsgType.BINARY:
                 break
             self.reports += 1
+            self.bodies.append(message.data)
             step = self.script.pop(0) if self.script else 200
             if step == "hold":
                 held.append(self._answer(200))
@@ -144,3 +146,16 @@ async def test_a_report_cancelled_while_waiting_keeps_the_stream(spare: Replica)
         assert stream is not None and not stream.closed
         assert await client.report(REPORT) == 2  # its own answer, on the same stream
         assert client._stream is stream and slow.upgrades == 1
+
+
+async def test_a_hub_without_quiet_reports_answers_and_is_awaited_each_time(
+    spare: Replica,
+) -> None:
+    """A hub of a release before quiet reports (no subprotocol): a quiet report is sent
+    as before, unprefixed, and waits for its answer."""
+    async with LinkClient(spare.url, SITE, KEY) as client:
+        for number in (1, 2, 3):
+            assert await client.report(REPORT, quiet=True) == number
+        assert client._stream is not None and not client._stream.quiet
+        assert spare.upgrades == 1 and spare.reports == 3
+        assert all(body.startswith(b"{") for body in spare.bodies)  # no prefix
