@@ -231,28 +231,30 @@ async def test_a_quiet_stream_answers_asked_reports_changes_and_errors_only(
         hub.url + STREAM_PATH, headers=_signed(site, hub.url), protocols=(QUIET_PROTOCOL,)
     ) as ws:
         assert ws.protocol == QUIET_PROTOCOL
+        await ws.send_bytes(report)  # no prefix: refused, nothing kept
+        refused = orjson.loads((await ws.receive()).data)
+        assert refused["n"] == 1 and refused["body"]["error"]["code"] == "bad_message"
+        assert await _last_seen(admin, site.id) is None
         await ws.send_bytes(ASK + report)
         first = orjson.loads((await ws.receive()).data)
-        assert first["status"] == 200 and first["n"] == 1
+        assert first["status"] == 200 and first["n"] == 2
         assert first["body"]["head"] == hub.head.version == 0
+        assert await _last_seen(admin, site.id) is not None
         await ws.send_bytes(QUIET + report)  # the same answer: not sent
         assert await _no_answer(ws)
         await ws.send_bytes(ASK + report)  # asked: sent, though the same
-        assert orjson.loads((await ws.receive()).data)["n"] == 3
+        assert orjson.loads((await ws.receive()).data)["n"] == 4
         await admin.ok("POST", "/v1/apps", {"spec": spec_text()}, 202)  # a new head
         await until(lambda: hub.head.version == 1)
         await ws.send_bytes(QUIET + report)  # a change: sent
         changed = orjson.loads((await ws.receive()).data)
-        assert changed["n"] == 4 and changed["body"]["head"] == 1
+        assert changed["n"] == 5 and changed["body"]["head"] == 1
         await ws.send_bytes(QUIET + report)
         assert await _no_answer(ws)
         await ws.send_bytes(QUIET + b"{not json")  # an error: always sent
         error = orjson.loads((await ws.receive()).data)
-        assert error["n"] == 6 and error["status"] == 400
+        assert error["n"] == 7 and error["status"] == 400
         assert error["body"]["error"]["code"] == "bad_json"
-        await ws.send_bytes(report)  # no prefix: refused, nothing kept
-        refused = orjson.loads((await ws.receive()).data)
-        assert refused["n"] == 7 and refused["body"]["error"]["code"] == "bad_message"
         # A stream without the subprotocol (an older site) gets every answer, unnumbered.
     async with session.ws_connect(hub.url + STREAM_PATH, headers=_signed(site, hub.url)) as old:
         assert old.protocol is None
