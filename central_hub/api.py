@@ -53,7 +53,7 @@ from central_hub.model import (
 from central_hub.placement import parse_policy
 from central_hub.releases import RELEASES_ROUTES
 from central_hub.replay import NonceCache, admit
-from central_hub.report_stream import STREAM_PATH, Answer, Streams
+from central_hub.report_stream import STREAM_PATH, Answer, Streams, enrolled_with
 from central_hub.routing import (
     CONFIRM_QUERY,
     HUB_KEY,
@@ -435,7 +435,7 @@ async def link_report_stream(request: web.Request) -> web.StreamResponse:
     return await request.app[STREAMS_KEY].serve(
         request,
         site,
-        lambda: hub.sites.site_public_key(site) == key,
+        enrolled_with(hub.ledger.store, site, key),
         handle,
         request.app[MAX_BODY_KEY],
     )

@@ -56,7 +56,7 @@ from central_hub.errors import ApiError, InputProblems
 from central_hub.fleetview import parse_report, progress, progress_digest
 from central_hub.openapi import SCHEMAS
 from central_hub.replay import NonceCache, ReplayCacheFull, admit
-from central_hub.report_stream import Answer, Streams
+from central_hub.report_stream import Answer, Streams, enrolled_with
 from central_hub.reports import RENEW_S
 from central_hub.routing import error_body, error_response, json_response
 from central_hub.store import Store
@@ -255,13 +255,6 @@ class _Pending:
     waiters: list[asyncio.Future[SiteAnswer]] = field(default_factory=list)
 
 
-def site_key(store: Store, site: str) -> str | None:
-    """The public key ``site`` is enrolled with in the replicated view (None: none)."""
-    found = store.get_json("sites", site)
-    key = found.get("public_key") if isinstance(found, dict) else None
-    return key if isinstance(key, str) else None
-
-
 def enrolled_site(store: Store, headers: Mapping[str, str]) -> tuple[str, str, dict[str, Any]]:
     """The site a link request claims to come from, its public key and its record, from
     the replicated view (O(1)); LinkAuthError if it is unknown or not enrolled."""
@@ -380,7 +373,7 @@ class ReportRelay:
             return await self._report(site, report, secrets.token_hex(16), at, at)
 
         return await self.streams.serve(
-            request, site, lambda: site_key(self._store, site) == key, one, self._max_body
+            request, site, enrolled_with(self._store, site, key), one, self._max_body
         )
 
     def _admitted(

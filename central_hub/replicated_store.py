@@ -136,6 +136,12 @@ class ReplicatedStore(Store):
     def _skip(self, db: str) -> int:
         return 0 if db in SOFT_DBS else RECORD_HEAD_BYTES
 
+    def generation(self, db: str) -> int:
+        if db in SOFT_DBS:
+            return self._local.generation(db)
+        # Entries apply on the event loop's thread, where the readers of this count are.
+        return self._node.view.changes(db)
+
     @property
     def map_size(self) -> int:
         return self._node.view.map_size()

@@ -36,6 +36,7 @@ import orjson
 from aiohttp import WSMsgType, web
 
 from central_hub.routing import error_response
+from central_hub.store import Store
 from meshorch.fleet.report_stream import ASK, QUIET, QUIET_PROTOCOL
 from meshorch.fleet.report_stream import STREAM_PATH as STREAM_PATH  # re-exported
 from meshorch.fleet.report_stream import Answer as Answer  # re-exported
@@ -59,6 +60,24 @@ def upgrade_refusal(request: web.Request) -> web.Response | None:
     )
     response.headers["Upgrade"] = "websocket"
     return response
+
+
+def enrolled_with(store: Store, site: str, key: str) -> Callable[[], bool]:
+    """A stream's check, before each message, that ``site`` is still enrolled with the
+    ``key`` that signed its upgrade. The site's record is read again only after the sites
+    table changed (``Store.generation``): a steady stream's reports cost no read of it."""
+    passed_at = [-1]  # the table's generation when the check last passed
+
+    def enrolled() -> bool:
+        generation = store.generation("sites")
+        if generation == passed_at[0]:
+            return True
+        found = store.get_json("sites", site)
+        ok = isinstance(found, dict) and found.get("public_key") == key
+        passed_at[0] = generation if ok else -1
+        return ok
+
+    return enrolled
 
 
 def encode_answer(answer: Answer, number: int | None = None) -> bytes:

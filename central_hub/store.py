@@ -167,6 +167,7 @@ class Store:
         self._dbs = {name: self._env.open_db(name.encode()) for name in DBS}
         self._grow_lock = threading.Lock()
         self.grown = 0  # times the map grew since open
+        self._generations = dict.fromkeys(DBS, 0)
 
     @property
     def map_size(self) -> int:
@@ -220,6 +221,15 @@ class Store:
                     txn.delete(key, db=self._dbs[db])
                 else:
                     txn.put(key, value, db=self._dbs[db])
+        # Counted once the writes are visible (this may run in a worker thread): a reader
+        # that read the count, then a value, re-reads after any later change.
+        for db in {db for db, _, _ in writes}:
+            self._generations[db] += 1
+
+    def generation(self, db: str) -> int:
+        """A count that changes after every commit that writes ``db``: a value read from
+        ``db`` after reading the count is current for as long as the count stays."""
+        return self._generations[db]
 
     # -- reads (``central_hub.replicated_store`` reads other environments) -----------------
 

@@ -213,6 +213,31 @@ async def test_a_follower_keeps_the_stream_and_the_leader_sees_its_reports(
 
             await until_answered(seen, 10.0, "the leader to see the follower's report")
             await client.report(site_report("shop-x"))  # unchanged: answered by the follower
+        # The follower checks each message against its replicated view (cached until the
+        # sites table changes there): a site deleted at the leader is closed out.
+        report = orjson.dumps(site_report("shop-x"))
+        async with session.ws_connect(
+            follower.url + STREAM_PATH, headers=_signed(("shop-x", key), follower.url),
+            ssl=fingerprint, protocols=(QUIET_PROTOCOL,),
+        ) as ws:  # fmt: skip
+            for _ in range(2):
+                await ws.send_bytes(ASK + report)
+                assert orjson.loads((await ws.receive()).data)["status"] == 200
+            status, answer = await running.call(
+                leader.url, "DELETE", "/v1/sites/shop-x?confirm=true"
+            )
+            assert status == 200, answer
+
+            async def closed_out() -> bool:
+                await ws.send_bytes(QUIET + report)  # unanswered while the site is known
+                try:
+                    message = await ws.receive(timeout=0.5)
+                except TimeoutError:
+                    return False
+                return message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+
+            await until_answered(closed_out, 10.0, "the follower to close the stream")
+            assert ws.close_code == CLOSE_REVOKED
 
 
 async def _no_answer(ws: aiohttp.ClientWebSocketResponse, within_s: float = 0.3) -> bool:
