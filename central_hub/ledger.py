@@ -47,6 +47,12 @@ from meshorch.fleet.delta import (
 
 logger = logging.getLogger(__name__)
 
+
+def _outcome_unread(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.info("a change whose caller went away was not made: %s", task.exception())
+
+
 T = TypeVar("T")
 MAX_DELTA_RESPONSE_BYTES = 8 * 1024 * 1024
 CALLER = audit.CALLER
@@ -247,7 +253,13 @@ class Ledger:
 
         task = asyncio.ensure_future(run())
         self.track(task)
-        return await asyncio.shield(task)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # The caller went (its client hung up, the hub stops): the change carries on,
+            # and its outcome, which nobody else reads, is logged here.
+            task.add_done_callback(_outcome_unread)
+            raise
 
     def _notify_appended(self) -> None:
         if self.on_append is not None:

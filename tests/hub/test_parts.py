@@ -7,6 +7,7 @@ The parts (``central_hub.ledger``, ``accounts``, ``reports``, ``sites``, ``deplo
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -345,3 +346,37 @@ async def test_logs_retention_starts_once_per_period(ledger: Ledger, clock: Cloc
         await ledger.drain()
     finally:
         logs.close()
+
+
+async def test_a_change_whose_caller_went_away_logs_its_failure_once(
+    tmp_path: Path, clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A change carries on when its caller is cancelled (a client that hung up); its
+    failure, which nobody else reads, is logged, not left as an unretrieved exception."""
+    ledger = open_ledger(tmp_path, clock)
+    committing = asyncio.Event()
+
+    async def failing_apply(writes: Any, *, sync: bool) -> None:
+        committing.set()
+        await asyncio.sleep(0.05)
+        raise ApiError(503, "hub_busy", "not applied")
+
+    ledger.store.apply = failing_apply  # type: ignore[method-assign]
+    unretrieved: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, context: unretrieved.append(context))
+    try:
+        caller = asyncio.create_task(ledger.transact(lambda txn: txn.put("meta", "k", 1)))
+        await committing.wait()
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        with caplog.at_level("INFO", logger="central_hub.ledger"):
+            await ledger.drain()
+            await asyncio.sleep(0)
+        gc.collect()  # an unretrieved exception is reported when its task is collected
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(None)
+    assert unretrieved == []
+    assert "a change whose caller went away was not made: not applied" in caplog.text
