@@ -53,11 +53,10 @@ MAX_ANSWER_BYTES = 512 * 1024 * 1024
 NO_STREAM_S = 300.0
 MAX_STREAM_ANSWER_BYTES = 64 * 1024
 STREAM_CLOSE_S = 2.0  # for the hub's answer to a close
-# A report the replica did not take on an open stream (a 5xx answer: a follower whose
-# leader is slow or cut off; no answer in time: a busy replica) keeps the stream (answers
-# are numbered: a late one is not taken for the next report's). The site moves to the next
-# replica after this many in a row. Dropping the stream at the first one sent a saturated
-# hub a burst of new TLS connections and signed upgrades, which kept it saturated.
+# A report the replica answered with a 5xx on an open stream (a follower whose leader is
+# slow or cut off) keeps the stream: the answer shows the connection works. The site moves
+# to the next replica after this many in a row. Dropping the stream at the first one sent
+# a saturated hub a burst of new TLS connections and signed upgrades.
 STREAM_FAIL_OVER_AFTER = 3
 # A quiet report (``report(..., quiet=True)``) is not waited for, unless no answer came on
 # the stream for this long: the hub answers only changes, and this is how a site still
@@ -440,9 +439,8 @@ class LinkClient:
                             return self._last_answer
                         answer = await waiter
             except TimeoutError as exc:
-                if stream is not None and number and self._missed(stream):
-                    stream.give_up(number)  # the stream stays: a late answer is news
-                    raise HubUnreachable(f"{what}: no answer within {timeout_s:g} s") from exc
+                # No answer proves nothing of the connection (a cut uplink leaves it
+                # half-open): a new one, at the next replica, is what finds out.
                 self._drop_stream_soon()
                 unreachable = self._unreachable(what, exc)
                 self._fail_over()

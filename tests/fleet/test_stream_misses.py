@@ -111,25 +111,18 @@ async def test_5xx_answers_keep_the_stream_until_several_in_a_row(spare: Replica
         assert spare.upgrades == 1 and busy.reports == 6
 
 
-async def test_a_late_answer_is_dropped_and_the_next_report_gets_its_own(spare: Replica) -> None:
+async def test_no_answer_in_time_moves_to_the_next_replica_at_once(spare: Replica) -> None:
+    """Silence proves nothing of the connection (a cut uplink leaves it half-open): the
+    stream is dropped and the next report goes to the next replica on a new one."""
     async with (
-        Replica(["hold", 200, "hold", "hold", "hold"]) as slow,
+        Replica(["hold"]) as slow,
         LinkClient(f"{slow.url},{spare.url}", SITE, KEY) as client,
     ):
-        with pytest.raises(HubUnreachable, match="no answer within"):
-            await client.report(REPORT, timeout_s=0.2)
-        assert client._stream is not None  # kept, its answer owed
-        # The first report's late answer ({"head": 1}) comes first: it is not this one's.
-        assert await client.report(REPORT, timeout_s=5.0) == 2
-        for _ in range(STREAM_FAIL_OVER_AFTER - 1):
-            with pytest.raises(HubUnreachable):
-                await client.report(REPORT, timeout_s=0.2)
-            assert client.hub_url == slow.url
-        assert slow.upgrades == 1
         with pytest.raises(HubUnreachable):
             await client.report(REPORT, timeout_s=0.2)
-        assert client.hub_url == spare.url
+        assert client.hub_url == spare.url and client._stream is None
         assert await client.report(REPORT) == 1
+        assert spare.upgrades == 1
 
 
 async def test_a_report_cancelled_while_waiting_keeps_the_stream(spare: Replica) -> None:
