@@ -6,7 +6,7 @@ A reader task takes every answer as it arrives and hands it to the report waitin
 by number. Where the hub speaks ``QUIET_PROTOCOL`` a report may be sent quiet: nobody
 waits for it, and the hub answers it only when the answer is not the last one it sent
 (a new head, a hold) or is an error; such an answer, and the late answer of a report
-whose wait ran out, is kept as the stream's ``news``. A hub without the subprotocol
+whose waiter was cancelled, is kept as the stream's ``news``. A hub without the subprotocol
 answers every report in order: its answers are numbered by that order.
 """
 
@@ -50,7 +50,7 @@ class ReportStream:
         self.news: Answer | None = None
         self._read_count = 0  # numbers the answers of a stream without QUIET_PROTOCOL
         self._waiters: dict[int, asyncio.Future[Answer]] = {}
-        self._given_up: set[int] = set()  # asked reports whose wait ran out
+        self._given_up: set[int] = set()  # asked reports whose waiter was cancelled
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
     @property
@@ -72,8 +72,8 @@ class ReportStream:
         return number, waiter
 
     def give_up(self, number: int) -> None:
-        """No longer wait for report ``number``'s answer (its time ran out): when it comes,
-        a 200 is news, an error is dropped (the caller counted the miss already)."""
+        """No longer wait for report ``number``'s answer (its caller was cancelled): when
+        it comes, a 200 is news, an error is dropped (nobody is left to tell)."""
         if self._waiters.pop(number, None) is not None:
             self._given_up.add(number)
 
