@@ -163,13 +163,16 @@ async def run_site(
             linked = False
             retry = Backoff(REPORT_RETRY_S, REPORT_RETRY_MAX_S)
             while not stop.is_set():
+                # As an agent reports: one asked for (applied deltas, the first, a retry)
+                # waits for the hub's answer; the routine ones are sent quiet.
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(report_now.wait(), REPORT_EVERY_S)
+                routine = not report_now.is_set()
                 report_now.clear()
                 carried = pending[:]
                 del pending[:]
                 try:
-                    await client.report(site.report(), REPORT_TIMEOUT_S)
+                    await client.report(site.report(), REPORT_TIMEOUT_S, quiet=routine)
                 except LinkError as exc:  # retried as an agent retries (site_link)
                     emit("ERROR", site.site_id, f"report: {exc}".replace("\n", " "))
                     pending[:0] = carried

@@ -367,14 +367,14 @@ async def link_deltas(request: web.Request) -> web.Response:
     limit = query_value(request, "limit", MAX_LINK_LIMIT)
     hub = hub_of(request)
     site = site_of(request)
-    if holds.is_held(hub.ledger, site):
+    if hub.site_facts.is_held(site):
         return json_response(await holds.held_poll(hub.ledger, site, after, wait_s))
     hub.snapshots.require_deltas_after(after)
     if hub.delta_format.site_ready(site):  # waits for this site's deltas only
         head, envelopes = await hub.ledger.wait_for_site(site, after, wait_s, limit)
     else:
         head, envelopes = await hub.ledger.wait_for_deltas(after, wait_s, limit, site)
-    if holds.is_held(hub.ledger, site):  # held while the poll waited
+    if hub.site_facts.is_held(site):  # held while the poll waited
         return json_response(holds.held_answer(after))
     return json_response(siteviews.answer(head, envelopes))
 
@@ -401,7 +401,7 @@ async def _take_report(hub: HubParts, site: str, data: object) -> dict[str, Any]
     report = parse_report(data, site)
     report.update(parse_report_secrets(data))  # the secrets part (central_hub.vault)
     head = await hub.sites.record_report(site, report)
-    if holds.is_held(hub.ledger, site):
+    if hub.site_facts.is_held(site):
         return holds.held_report_answer(report)
     if not hub.delta_format.site_ready(site):
         return {"head": head}

@@ -33,6 +33,41 @@ def is_held(ledger: Ledger, site: str) -> bool:
     return key_and_hold(ledger, site)[1]
 
 
+class SiteFacts:
+    """``key_and_hold`` for the link's hot paths (every report, every poll), read from a
+    site's record once per change of the sites table (``Store.generation``): a report
+    costs no read transaction and no decode of the record while no site changes, and
+    any committed change of any site (a hold, a release, a new key, a deletion) is seen
+    by the next call. At most one entry per registered site; an unknown site is never
+    kept. Used on the event loop's thread (a replica's view counts its changes there)."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self._ledger = ledger
+        self._store: object = None  # the store the entries were read from
+        self._generation = -1
+        self._facts: dict[str, tuple[str | None, bool]] = {}
+
+    def of(self, site: str) -> tuple[str | None, bool]:
+        """The site's public key (None: no such site, or not enrolled) and whether it is held."""
+        if not self._ledger.is_open:
+            return None, False
+        store = self._ledger.store
+        generation = store.generation("sites")
+        if store is not self._store or generation != self._generation:
+            self._facts.clear()
+            self._store, self._generation = store, generation
+        facts = self._facts.get(site)
+        if facts is None:
+            record = site_or_none(store, site)
+            if record is None:
+                return None, False
+            facts = self._facts[site] = (record.get("public_key"), held_record(record))
+        return facts
+
+    def is_held(self, site: str) -> bool:
+        return self.of(site)[1]
+
+
 def key_and_hold(ledger: Ledger, site: str) -> tuple[str | None, bool]:
     """The site's public key (None: no such site, or not enrolled) and whether it is held,
     from one read of its record."""

@@ -18,6 +18,7 @@ from central_hub.config import HubConfig
 from central_hub.deltaformat import DeltaFormat
 from central_hub.deployments import Deployments
 from central_hub.gossip import HubGossip
+from central_hub.holds import SiteFacts
 from central_hub.ledger import Ledger
 from central_hub.logs import HubLogs, LogLimits
 from central_hub.reports import Reports, renew_after
@@ -58,6 +59,7 @@ class HubParts:
             secrets=self.vault.site_view,
             gossip=lambda: self.gossip,
         )
+        self.site_facts = SiteFacts(self.ledger)  # a site's key and hold, per report
         self.snapshots = Snapshots(self.ledger, self.reports, c.delta_keep, c.compact_every_s)
         self.delta_format = DeltaFormat(
             c.delta_format,

@@ -222,26 +222,20 @@ async def merge(parts: HubParts, nonces: NonceCache, push: Push) -> bytes:
     # follower checked it: skipped) and whether it is held.
     for entry in push.reports:
         site = entry["site"]
-        key, held = key_and_hold(parts, site)
+        key, held = parts.site_facts.of(site)
         if key is None:
             continue
         if fresh(site, entry["nonce"], entry["signed_at"]):
             await parts.sites.record_report(site, entry["report"])
         answer(site, held)
     for site, nonce, signed_at, site_time, digest in push.seen:
-        key, held = key_and_hold(parts, site)
+        key, held = parts.site_facts.of(site)
         if key is None:
             continue
         if fresh(site, nonce, signed_at) and not parts.sites.reports.seen(site, site_time, digest):
             continue  # not the report kept here (a new leader): the site's next one in full
         answer(site, held)
     return orjson.dumps({"v": RELAY_VERSION, "head": ledger.head.version, "sites": answers})
-
-
-def key_and_hold(parts: HubParts, site: str) -> tuple[str | None, bool]:
-    from central_hub import holds  # holds imports the sites' module, which is heavier
-
-    return holds.key_and_hold(parts.ledger, site)
 
 
 # -- the follower's side --------------------------------------------------------------------

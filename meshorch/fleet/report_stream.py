@@ -8,11 +8,19 @@ waits for it, and the hub answers it only when the answer is not the last one it
 (a new head, a hold) or is an error; such an answer, and the late answer of a report
 whose waiter was cancelled, is kept as the stream's ``news``. A hub without the subprotocol
 answers every report in order: its answers are numbered by that order.
+
+A stream whose reports go unanswered may be cut (an uplink down leaves the connection
+half-open: nothing says so until TCP gives up, minutes later) or its replica may be busy.
+The kernel knows which: ``stalled`` reads the connection's TCP state (Linux ``TCP_INFO``):
+bytes sent and not acknowledged for ``STALLED_S`` mean the packets do not reach the hub's
+host; everything acknowledged means they do, and the replica is slow to answer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 import time
 from typing import Any
 
@@ -25,6 +33,36 @@ ASK, QUIET = b"a", b"q"  # a report's first byte on a quiet stream: answer it / 
 
 # A report's answer: the status and body ``POST /v1/link/report`` would answer.
 Answer = tuple[int, dict[str, Any]]
+
+# A path is cut when sent bytes wait for an acknowledgement after two retransmission
+# timeouts in a row (the first is at least 200 ms: one lost packet on a sound path is
+# acknowledged after one) and no acknowledgement came for this long: under the 3 s
+# between reports, so the report after a cut finds it.
+STALLED_S = 2.0
+STALLED_RETRANSMITS = 2
+# struct tcp_info (linux/tcp.h), ABI: tcpi_retransmits (RTO retransmissions of the oldest
+# unacknowledged segment, reset by any progress), tcpi_unacked (segments not acknowledged)
+# and tcpi_last_ack_recv (ms since an acknowledgement last arrived).
+_TCP_INFO = getattr(socket, "TCP_INFO", None)
+_RETRANSMITS_AT, _UNACKED_AT, _LAST_ACK_RECV_AT, _TCP_INFO_BYTES = 2, 24, 56, 60
+
+
+def tcp_stalled(sock: Any) -> bool | None:
+    """Whether bytes sent on ``sock`` wait for an acknowledgement that does not come (see
+    ``STALLED_S``); None when the kernel does not say (not Linux, not TCP, no socket).
+    Bytes sent a moment ago, still in flight, are not a stall."""
+    if _TCP_INFO is None or sock is None:
+        return None
+    try:
+        info: bytes = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_BYTES)
+    except (OSError, AttributeError, TypeError):
+        return None
+    if len(info) < _TCP_INFO_BYTES:
+        return None
+    retransmits = info[_RETRANSMITS_AT]
+    (unacked,) = struct.unpack_from("=I", info, _UNACKED_AT)
+    (last_ack_ms,) = struct.unpack_from("=I", info, _LAST_ACK_RECV_AT)
+    return unacked > 0 and retransmits >= STALLED_RETRANSMITS and last_ack_ms >= STALLED_S * 1000
 
 
 class StreamClosed(Exception):
@@ -52,6 +90,8 @@ class ReportStream:
         self._waiters: dict[int, asyncio.Future[Answer]] = {}
         self._given_up: set[int] = set()  # asked reports whose waiter was cancelled
         self._reader = asyncio.get_running_loop().create_task(self._read())
+        # Whether the kernel tells this connection's cut (``stalled``): quiet reports need it.
+        self.watched = self.stalled() is not None
 
     @property
     def closed(self) -> bool:
@@ -70,6 +110,11 @@ class ReportStream:
         prefix = (QUIET if quiet else ASK) if self.quiet else b""
         await self.ws.send_bytes(prefix + body)
         return number, waiter
+
+    def stalled(self) -> bool | None:
+        """Whether the connection's sent bytes wait unacknowledged (``tcp_stalled``): True
+        for a cut path, False for a sound one, None when the kernel does not say."""
+        return tcp_stalled(self.ws.get_extra_info("socket"))
 
     def give_up(self, number: int) -> None:
         """No longer wait for report ``number``'s answer (its caller was cancelled): when

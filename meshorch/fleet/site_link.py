@@ -660,25 +660,31 @@ class SiteLink(LinkRecords):
         await self._enrolled.wait()
         interval_s = 0.0
         retry = Backoff(REPORT_RETRY_S, REPORT_RETRY_MAX_S)
+        # The first report, one asked for (deltas applied) and a retry wait for the hub to
+        # take them; the others, every REPORT_INTERVAL_S, are routine: sent quiet (the hub
+        # answers only a change: a new head, a hold).
+        wait_answer = True
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(interval_s):
                     await self._report_now.wait()
+                    wait_answer = True
             self._report_now.clear()
             interval_s = REPORT_INTERVAL_S
             report = self.report()
             if report is None:
                 continue
             try:
-                self.hub_head = await client.report(report, REPORT_TIMEOUT_S)
+                self.hub_head = await client.report(report, REPORT_TIMEOUT_S, quiet=not wait_answer)
             except HubUnreachable as exc:
                 self._lost(exc)
-                interval_s = retry.next_s()
+                interval_s, wait_answer = retry.next_s(), True
                 continue
             except RemoteLinkError as exc:
                 logger.warning("fleet link: report: %s", exc)
                 continue
             retry.reset()
+            wait_answer = False
             self._contact()
             self._set_held(client.held)
             self.site_head = client.site_head

@@ -20,12 +20,14 @@ class FlakyHub:
     def __init__(self, failures: int) -> None:
         self.failures = failures
         self.calls: list[float] = []
+        self.quiet: list[bool] = []
         self.held = False
         self.site_head = None
         self.seven = asyncio.Event()  # set at the seventh call
 
-    async def report(self, report: dict[str, Any], timeout_s: float) -> int:
+    async def report(self, report: dict[str, Any], timeout_s: float, *, quiet: bool) -> int:
         self.calls.append(time.monotonic())
+        self.quiet.append(quiet)
         if len(self.calls) >= 7:
             self.seven.set()
         if len(self.calls) <= self.failures:
@@ -56,3 +58,6 @@ async def test_failed_reports_back_off_then_the_pace_resumes(
     # The sixth call was taken: the next report comes at the normal interval.
     assert gaps[5] >= 1.5 - 0.01
     assert link.connected
+    # The first report and the retries wait for the hub's answer; the routine report on
+    # the interval after one was taken is sent quiet.
+    assert hub.quiet[:6] == [False] * 6 and hub.quiet[6] is True

@@ -1,8 +1,11 @@
-"""A report the replica did not take on an open report stream (a 5xx answer, or no answer
-in time) keeps the stream; the site moves to the next replica only after
-``STREAM_FAIL_OVER_AFTER`` in a row. Real WebSocket servers on loopback stand in for the
-replicas, their answers scripted (a follower whose leader is slow or cut off cannot be
-made on demand from a real hub)."""
+"""A report the replica did not take on an open report stream whose path is sound (a 5xx
+answer, or no answer in time while the hub's host acknowledged every byte) keeps the
+stream; the site moves to the next replica only after ``STREAM_FAIL_OVER_AFTER`` in a row.
+A cut path (``ReportStream.stalled``) moves it at once. Real WebSocket servers on loopback
+stand in for the replicas, their answers scripted (a follower whose leader is slow or cut
+off cannot be made on demand from a real hub). Loopback is never cut: a cut is what
+``stalled`` says in the tests that need one (the kernel's side of it, on a real cut, is
+``tests/lab/test_tcp_stall_lab.py``)."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from aiohttp import WSMsgType, web
 from nacl.signing import SigningKey
 
 from meshorch.fleet.client import STREAM_FAIL_OVER_AFTER, HubUnreachable, LinkClient, first_replica
+from meshorch.fleet.report_stream import ReportStream
 from tests.hub.helpers import until
 
 KEY = SigningKey(b"k" * 32)
@@ -111,9 +115,71 @@ async def test_5xx_answers_keep_the_stream_until_several_in_a_row(spare: Replica
         assert spare.upgrades == 1 and busy.reports == 6
 
 
-async def test_no_answer_in_time_moves_to_the_next_replica_at_once(spare: Replica) -> None:
-    """Silence proves nothing of the connection (a cut uplink leaves it half-open): the
-    stream is dropped and the next report goes to the next replica on a new one."""
+async def test_no_answer_on_a_sound_path_keeps_the_stream_until_several_in_a_row(
+    spare: Replica,
+) -> None:
+    """A busy replica: the hub's host took the report (loopback acknowledges at once), its
+    answer comes late. The stream stays; the late answer is not taken for the next report's."""
+    async with (
+        Replica(["hold", 200, "hold", "hold", "hold"]) as slow,
+        LinkClient(f"{slow.url},{spare.url}", SITE, KEY) as client,
+    ):
+        with pytest.raises(HubUnreachable, match="no answer within"):
+            await client.report(REPORT, timeout_s=0.2)
+        assert client._stream is not None and client._stream.stalled() is False
+        # The first report's late answer ({"head": 1}) comes first: it is not this one's.
+        assert await client.report(REPORT, timeout_s=5.0) == 2
+        for _ in range(STREAM_FAIL_OVER_AFTER - 1):
+            with pytest.raises(HubUnreachable):
+                await client.report(REPORT, timeout_s=0.2)
+            assert client.hub_url == slow.url
+        assert slow.upgrades == 1
+        with pytest.raises(HubUnreachable):
+            await client.report(REPORT, timeout_s=0.2)  # the third in a row
+        assert client.hub_url == spare.url
+        assert await client.report(REPORT) == 1
+
+
+async def test_no_answer_on_a_cut_path_moves_to_the_next_replica_at_once(
+    spare: Replica, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with (
+        Replica(["hold"]) as slow,
+        LinkClient(f"{slow.url},{spare.url}", SITE, KEY) as client,
+    ):
+        # Cut once the report is sent: its bytes wait unacknowledged.
+        monkeypatch.setattr(
+            ReportStream, "stalled", lambda self: self.url == slow.url and slow.reports > 0
+        )
+        with pytest.raises(HubUnreachable):
+            await client.report(REPORT, timeout_s=0.2)
+        assert client.hub_url == spare.url and client._stream is None
+        assert await client.report(REPORT) == 1
+        assert spare.upgrades == 1 and slow.upgrades == 1
+
+
+async def test_a_path_cut_since_the_last_report_is_left_before_sending(
+    spare: Replica, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The report after a cut goes to the next replica on a new connection, in the same
+    call: nothing is sent into the cut path, and no timeout is waited for."""
+    cut = False
+    monkeypatch.setattr(ReportStream, "stalled", lambda self: cut and self.url == slow.url)
+    async with (
+        Replica([]) as slow,
+        LinkClient(f"{slow.url},{spare.url}", SITE, KEY) as client,
+    ):
+        assert await client.report(REPORT) == 1
+        cut = True
+        assert await client.report(REPORT, timeout_s=5.0) == 1  # the spare's first
+        assert client.hub_url == spare.url and slow.reports == 1
+
+
+async def test_where_the_kernel_says_nothing_no_answer_moves_at_once(
+    spare: Replica, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without TCP_INFO a cut cannot be told from a busy replica: a new connection."""
+    monkeypatch.setattr(ReportStream, "stalled", lambda self: None)
     async with (
         Replica(["hold"]) as slow,
         LinkClient(f"{slow.url},{spare.url}", SITE, KEY) as client,
@@ -122,7 +188,6 @@ async def test_no_answer_in_time_moves_to_the_next_replica_at_once(spare: Replic
             await client.report(REPORT, timeout_s=0.2)
         assert client.hub_url == spare.url and client._stream is None
         assert await client.report(REPORT) == 1
-        assert spare.upgrades == 1
 
 
 async def test_a_report_cancelled_while_waiting_keeps_the_stream(spare: Replica) -> None:
