@@ -448,15 +448,20 @@ class LinkClient:
                             return self._last_answer
                         answer = await waiter
             except TimeoutError as exc:
-                if stream is not None and number and self._outwaits_silence(stream):
+                if stream is None or not number:
+                    why = f"not sent within {timeout_s:g} s"
+                elif self._outwaits_silence(stream):
                     stream.give_up(number)  # the stream stays: a late answer is news
                     raise HubUnreachable(f"{what}: no answer within {timeout_s:g} s") from exc
-                # A cut path (or one the kernel says nothing of): a new connection, at the
-                # next replica, is what finds out.
+                elif stream.watched:
+                    why = f"no answer within {timeout_s:g} s: the path is cut"
+                else:
+                    why = f"no answer within {timeout_s:g} s"
+                # Not sent, or a cut path (or one the kernel says nothing of): a new
+                # connection, at the next replica, is what finds out.
                 self._drop_stream_soon()
-                unreachable = self._unreachable(what, exc)
                 self._fail_over()
-                raise unreachable from exc
+                raise HubUnreachable(f"{what}: {why}") from exc
             except StreamClosed as exc:
                 await self._drop_stream()
                 if exc.malformed:
