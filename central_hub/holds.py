@@ -30,16 +30,18 @@ CHECK_S = 0.5  # how soon a held poll notices the release or the hub stopping
 
 
 def is_held(ledger: Ledger, site: str) -> bool:
-    return key_and_hold(ledger, site)[1]
+    """Whether ``site`` is held, read from its record now (``SiteFacts`` for hot paths)."""
+    return ledger.is_open and held_record(site_or_none(ledger.store, site))
 
 
 class SiteFacts:
-    """``key_and_hold`` for the link's hot paths (every report, every poll), read from a
-    site's record once per change of the sites table (``Store.generation``): a report
-    costs no read transaction and no decode of the record while no site changes, and
-    any committed change of any site (a hold, a release, a new key, a deletion) is seen
-    by the next call. At most one entry per registered site; an unknown site is never
-    kept. Used on the event loop's thread (a replica's view counts its changes there)."""
+    """A site's public key and whether it is held, for the link's hot paths (every
+    report, every poll), read from its record once per change of the sites table
+    (``Store.generation``): a report costs no read transaction and no decode of the record
+    while no site changes, and any committed change of any site (a hold, a release, a new
+    key, a deletion) is seen by the next call. At most one entry per registered site; an
+    unknown site is never kept. Used on the event loop's thread (a replica's view counts
+    its changes there)."""
 
     def __init__(self, ledger: Ledger) -> None:
         self._ledger = ledger
@@ -66,15 +68,6 @@ class SiteFacts:
 
     def is_held(self, site: str) -> bool:
         return self.of(site)[1]
-
-
-def key_and_hold(ledger: Ledger, site: str) -> tuple[str | None, bool]:
-    """The site's public key (None: no such site, or not enrolled) and whether it is held,
-    from one read of its record."""
-    record = site_or_none(ledger.store, site) if ledger.is_open else None
-    if record is None:
-        return None, False
-    return record.get("public_key"), held_record(record)
 
 
 def held_record(record: object) -> bool:

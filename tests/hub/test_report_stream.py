@@ -296,7 +296,7 @@ async def test_the_client_sends_routine_reports_quiet_and_learns_changes(
     async with LinkClient(hub.url, site.id, site.key) as client:
         assert await client.report(site_report(site.id), quiet=True) == 0  # the first: asked
         stream = client._stream
-        assert stream is not None and stream.quiet
+        assert stream is not None and stream.quiet and stream.watched
         for _ in range(3):
             assert await client.report(site_report(site.id), quiet=True) == 0
         assert stream.sent == 4 and stream.misses == 0
