@@ -40,6 +40,7 @@ checks every merged report's nonce in that cache too (a replayed batch records n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -83,6 +84,9 @@ PUSH_EVERY_S = 1.0
 # a site's own report timeout (4 s, ``meshorch.fleet.site_link``), so it is answered.
 WAIT_S = 3.0
 MAX_PUSH = 2000  # reports per push; more wait for the next one
+# How long a site's poll waits at a follower for the leader's answer to the site's first
+# report there (the two usually set out together): a push and the leader's answer.
+FIRST_ANSWER_WAIT_S = 3.0
 MAX_SEEN = 20_000  # marks per push (about 110 bytes each)
 MAX_RELAY_BYTES = 64 * 1024 * 1024
 RELAY_WINDOW_S = 30.0  # a push is accepted this long after it was made
@@ -293,6 +297,8 @@ class ReportRelay:
         self._contract = BodyContract("SiteReport", SCHEMAS)
         self._progress: dict[str, tuple[bytes, object]] = {}
         self._answers: dict[str, SiteAnswer] = {}
+        # Polls waiting for a site's first answer here (``views_known``): one per site.
+        self._first_answer: dict[str, asyncio.Future[None]] = {}
         self._head = 0
         self._pending: dict[str, _Pending] = {}  # reports to push in full
         self._seen: dict[str, Seen] = {}  # unchanged reports to push as marks
@@ -315,6 +321,10 @@ class ReportRelay:
                 if not waiter.done():
                     waiter.set_exception(RelayError("the replica is stopping"))
         self._pending.clear()
+        for answered in self._first_answer.values():
+            if not answered.done():
+                answered.set_result(None)  # their polls go on to the leader (or answer 503)
+        self._first_answer.clear()
 
     def knows_views(self, site: str) -> bool | None:
         """Whether the leader's answer to ``site``'s latest report here said it knows
@@ -322,6 +332,27 @@ class ReportRelay:
         there is no such answer."""
         answer = self._answers.get(site)
         return None if answer is None else answer[0] is not None
+
+    async def views_known(self, site: str, wait_s: float) -> bool | None:
+        """``knows_views``, waiting up to ``wait_s`` for the leader's answer to a report
+        of ``site`` here when there is none yet: a site that connects sends its first
+        report and its first poll together, and a poll forwarded to the leader then holds
+        a second connection there for its whole wait. Only an authenticated site's poll
+        calls this: at most one waiting entry per enrolled site."""
+        known = self.knows_views(site)
+        if known is not None or wait_s <= 0:
+            return known
+        answered = self._first_answer.get(site)
+        if answered is None:
+            answered = self._first_answer[site] = asyncio.get_running_loop().create_future()
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait_s):
+                    await asyncio.shield(answered)
+        finally:  # not answered in time, or the poll went: nothing is left behind
+            if not answered.done() and self._first_answer.get(site) is answered:
+                del self._first_answer[site]
+        return self.knows_views(site)
 
     # -- a site's report ----------------------------------------------------------------
 
@@ -513,6 +544,9 @@ class ReportRelay:
         longer knows the site, or keeps no report of it): its next report goes in full."""
         if isinstance(got, list) and len(got) == 2:
             self._answers[site] = (got[0] if type(got[0]) is int else None, got[1] is True)
+            answered = self._first_answer.pop(site, None)
+            if answered is not None and not answered.done():
+                answered.set_result(None)
             return True
         self._answers.pop(site, None)
         self._full_at.pop(site, None)

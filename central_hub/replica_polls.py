@@ -25,9 +25,11 @@ What the answer depends on that only the leader holds, and how a follower does w
   own, or any: an agent older than per-site views), never what the answer holds: the
   follower uses what the leader answered to the site's latest report through this
   replica (``ReportRelay.knows_views``; a change of the site's protocols is urgent, so
-  known before that report is answered). A site the follower has no such answer for
-  (it reports to another replica, or has not reported since this replica started) is
-  forwarded to the leader;
+  known before that report is answered). A poll that finds no such answer waits for one
+  up to ``relay.FIRST_ANSWER_WAIT_S`` (out of its own wait): a site that connects sends
+  its first report and its first poll together. A site the follower still has no answer
+  for (it reports to another replica, or has not reported since this replica started)
+  is forwarded to the leader;
 - holds are replicated (the site's record): a held site is forwarded (the leader's
   ``held_poll``), a hold set while the poll waited answers ``held`` as at the leader;
 - compaction: a poll whose deltas right after ``after`` are gone is forwarded (the
@@ -48,6 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 from aiohttp import web
@@ -57,7 +60,7 @@ from central_hub.api import DEFAULT_WAIT_S, MAX_LINK_LIMIT, ROUTES
 from central_hub.contract import QueryContract
 from central_hub.errors import ApiError, InputProblems
 from central_hub.ledger import MAX_DELTA_RESPONSE_BYTES
-from central_hub.relay import ReportRelay, enrolled_site
+from central_hub.relay import FIRST_ANSWER_WAIT_S, ReportRelay, enrolled_site
 from central_hub.replay import NonceCache, admit
 from central_hub.routing import error_response, json_response
 from central_hub.siteviews import SiteViews
@@ -193,9 +196,13 @@ class FollowerPolls:
         after: int = query.get("after", 0)  # type: ignore[assignment]
         wait_s = float(query.get("wait", DEFAULT_WAIT_S))  # type: ignore[arg-type]
         limit: int = query.get("limit", MAX_LINK_LIMIT)  # type: ignore[assignment]
-        knows_views = self._relay.knows_views(site)
-        if holds.held_record(record) or knows_views is None or self._compacted_after(after):
+        if holds.held_record(record) or self._compacted_after(after):
             return body  # the leader's answer (module docstring)
+        started = time.monotonic()
+        knows_views = await self._relay.views_known(site, min(wait_s, FIRST_ANSWER_WAIT_S))
+        if knows_views is None:
+            return body  # no report of the site here: the leader's answer
+        wait_s = max(0.0, wait_s - (time.monotonic() - started))
         if knows_views:
             await self.views.wait(site, after, wait_s)
         else:  # as the leader's ``wait_for_deltas``: any delta

@@ -16,6 +16,7 @@ from nacl.signing import SigningKey
 from yarl import URL
 
 from bench.hubcluster import Cluster, Replica, cluster, until
+from central_hub.relay import FIRST_ANSWER_WAIT_S
 from meshorch.fleet.link_auth import sign_request, url_host
 from tests.hub.helpers import spec_text
 from tests.hub.replicas import route_count, send_report, site_report
@@ -192,6 +193,48 @@ async def test_a_site_without_per_site_views_is_woken_at_a_follower_by_any_delta
         status, body, _, _ = await poll
         assert (status, orjson.loads(body)) == (200, {"head": head, "deltas": [], "held": True})
         assert await route_count(running, leader.url, POLL) == counted + 1
+
+
+async def test_a_new_sites_first_poll_waits_at_the_follower_for_its_first_report(
+    tmp_path: Any, session: aiohttp.ClientSession
+) -> None:
+    """A site that connects sends its first poll and its first report together: the poll
+    waits at the follower for the leader's answer to the report (up to
+    FIRST_ANSWER_WAIT_S) instead of holding a second connection at the leader. A site that
+    reports elsewhere is still forwarded, once that wait is over."""
+    async with cluster(tmp_path, session) as running:
+        await running.ready(running.replicas[0].url)
+        leader = await running.leader()
+        follower = next(r for r in running.replicas if r is not leader)
+        keys = {name: SigningKey.generate() for name in ("shop-new", "shop-elsewhere")}
+        for name, key in keys.items():
+            body = {"id": name, "labels": {}, "public_key": key.verify_key.encode().hex()}
+            status, answer = await running.call(leader.url, "POST", "/v1/sites", body)
+            assert status == 201, answer
+        head = await _head(running, leader.url)
+        await asyncio.sleep(0.5)  # the registrations applied on every replica
+        polls_before = await route_count(running, leader.url, POLL)
+        key = keys["shop-new"]
+        poll = asyncio.create_task(_poll(running, follower, key, "shop-new", head, 20))
+        await asyncio.sleep(0.3)  # the poll first, as a race may have it
+        report = orjson.dumps(site_report("shop-new"))
+        status, answer = await send_report(running, follower, key, "shop-new", report)
+        assert status == 200, answer
+        app = {"spec": spec_text("pos", "1.0"), "placement": {"sites": ["shop-new"]}}
+        status, answer = await running.call(leader.url, "POST", "/v1/apps", app)
+        assert status == 202, answer
+        status, body, taken, _ = await poll
+        assert status == 200 and taken < 10.0, (status, taken, body)
+        assert len(orjson.loads(body)["deltas"]) >= 1
+        assert await route_count(running, leader.url, POLL) == polls_before  # not forwarded
+
+        # No report of this site here: forwarded once the wait for one is over.
+        head = orjson.loads(body)["head"]
+        other = keys["shop-elsewhere"]
+        status, body, taken, _ = await _poll(running, follower, other, "shop-elsewhere", head, 4)
+        assert status == 200, body
+        assert taken >= FIRST_ANSWER_WAIT_S - 0.2, taken
+        assert await route_count(running, leader.url, POLL) == polls_before + 1
 
 
 async def test_the_leaders_kill_answers_the_polls_waiting_at_a_follower(
